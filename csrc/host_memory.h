@@ -1,0 +1,21 @@
+// Host memory for V: free bytes as the machine reports them, and (CUDA builds) pinned,
+// device-mapped allocations.
+#pragma once
+
+#include <cstdint>
+
+#include <torch/types.h>
+
+namespace kcache_ops {
+
+// MemAvailable from /proc/meminfo in bytes, or -1 where it cannot be read.
+int64_t host_bytes_available();
+
+#ifdef KCACHE_OPS_WITH_CUDA
+// True when at least one CUDA device is visible.
+bool cuda_device_present();
+// cudaHostAlloc(mapped | portable) as a CPU tensor whose deleter frees it (csrc/cuda/host_alloc.cu).
+at::Tensor alloc_pinned_mapped(at::IntArrayRef shape, at::ScalarType dtype);
+#endif
+
+}  // namespace kcache_ops

@@ -1,0 +1,120 @@
+"""Public functions over the kcache_ops::* operators, with their shapes, and the fake (meta)
+implementations that let torch.compile and torch.library.opcheck trace them."""
+import math
+
+import torch
+
+
+def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False):
+    """Exact scores ``scale * q·Kᵀ`` over all valid keys, and the top ``n`` of them.
+
+    Parameters
+    ----------
+    q : Tensor [B, Hq, D]
+        Query of the decode step (float32, float16 or bfloat16; D in {64, 128}).
+    k_cache : Tensor [B, Hkv, S, D]
+        Keys, same dtype and device as ``q``; ``Hq`` must be a multiple of ``Hkv`` (GQA).
+    seq_lens : Tensor [B] int32
+        Valid keys per sequence, ``0 <= L_b <= S``.
+    n : int
+        How many entries to keep per head (>= 1).
+    scale : float, optional
+        Defaults to ``1 / sqrt(D)``.
+    group_select : bool
+        False: each query head keeps its own top ``n``. True: one index set per KV head, ranked by
+        the attention mass the key carries for the whole group, ``Σ_h exp(s_h − lse_h)``.
+
+    Returns
+    -------
+    scores : Tensor [B, Hq, n] float32
+        Scores at the selected keys, descending (by group mass in group mode), ties to the lower
+        index; padding (``L_b < n``) is ``-inf``.
+    indices : Tensor [B, Hq, n] int32
+        Key positions, ``-1`` for padding.
+    lse : Tensor [B, Hq] float32
+        ``log Σ_{j<L_b} exp(s_j)`` over all valid keys (``-inf`` when ``L_b = 0``).
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return torch.ops.kcache_ops.qk_topn(q, k_cache, seq_lens, n, float(scale), group_select)
+
+
+def sparse_attn_v(scores, indices, v_cache, lse=None, renormalize=True):
+    """Attention output from the selected V rows.
+
+    Parameters
+    ----------
+    scores : Tensor [B, Hq, N] float32
+    indices : Tensor [B, Hq, N] int32
+        Rows of ``v_cache`` per head, ``-1`` for padding (ignored).
+    v_cache : Tensor [B, Hkv, S, D]
+        On the CUDA path: pinned, device-mapped host memory (see :func:`alloc_host`), read by the
+        kernel directly. On the CPU path: a CPU tensor.
+    lse : Tensor [B, Hq] float32, optional
+        Needed when ``renormalize=False``.
+    renormalize : bool
+        True: softmax over the valid selected scores. False: ``exp(score − lse)``, the weights of
+        the full softmax (the mass outside the top N is dropped).
+
+    Returns
+    -------
+    out : Tensor [B, Hq, D], dtype of ``v_cache``, on the device of ``scores``
+        ``Σ_i p_i · v_cache[b, h / G, indices_i]``; zeros for a head with no valid entry.
+    """
+    return torch.ops.kcache_ops.sparse_attn_v(scores, indices, v_cache, lse, renormalize)
+
+
+def gather_rows(src, indices):
+    """Gather rows of ``src`` per head: ``dst[b, h, i] = src[b, h / G, indices[b, h, i]]``.
+
+    Parameters
+    ----------
+    src : Tensor [B, Hs, S, D]
+        On the CUDA path: pinned, device-mapped host memory, read zero-copy.
+    indices : Tensor [B, H, N] int32
+        ``H`` a multiple of ``Hs``; ``-1`` gives a zero row.
+
+    Returns
+    -------
+    dst : Tensor [B, H, N, D], dtype of ``src``, on the device of ``indices``
+    """
+    return torch.ops.kcache_ops.gather_rows(src, indices)
+
+
+def alloc_host(shape, dtype):
+    """A pinned, device-mapped CPU tensor of ``shape`` and ``dtype`` (uninitialised).
+
+    Where no GPU is present (or the build is CPU-only) it is an ordinary CPU tensor. The memory is
+    freed when the tensor dies. A failed allocation raises an error naming the bytes asked for.
+    """
+    return torch.ops.kcache_ops.alloc_host(list(shape), dtype)
+
+
+def built_with_cuda():
+    """True when the loaded kcache_ops._C was compiled with its CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("kcache_ops::qk_topn", "CUDA")
+
+
+@torch.library.register_fake("kcache_ops::qk_topn")
+def _(q, k_cache, seq_lens, n, scale, group_select=False):
+    B, Hq, _ = q.shape
+    return (q.new_empty((B, Hq, n), dtype=torch.float32),
+            q.new_empty((B, Hq, n), dtype=torch.int32),
+            q.new_empty((B, Hq), dtype=torch.float32))
+
+
+@torch.library.register_fake("kcache_ops::sparse_attn_v")
+def _(scores, indices, v_cache, lse=None, renormalize=True):
+    B, Hq, _ = scores.shape
+    return scores.new_empty((B, Hq, v_cache.shape[-1]), dtype=v_cache.dtype)
+
+
+@torch.library.register_fake("kcache_ops::gather_rows")
+def _(src, indices):
+    B, H, N = indices.shape
+    return indices.new_empty((B, H, N, src.shape[-1]), dtype=src.dtype)
+
+
+@torch.library.register_fake("kcache_ops::alloc_host")
+def _(shape, dtype):
+    return torch.empty(shape, dtype=dtype, device="cpu")

@@ -1,0 +1,94 @@
+"""Build kcache_ops._C with torch.utils.cpp_extension.
+
+The CUDA sources are compiled whenever torch is a CUDA build and a CUDA toolkit (nvcc) is found,
+whether or not a GPU is present. KCACHE_OPS_CUDA=1 forces the CUDA build (and fails if it cannot be
+done), KCACHE_OPS_CUDA=0 forces a CPU-only build. With no GPU visible, TORCH_CUDA_ARCH_LIST defaults
+to 9.0 (Hopper).
+"""
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _is_toolkit(home):
+    return bool(home) and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")) and (
+        os.path.isfile(os.path.join(home, "bin", "nvcc")))
+
+
+def find_cuda_home():
+    """The real CUDA toolkit folder, or None.
+
+    torch derives CUDA_HOME from the nvcc on PATH; where that nvcc is a wrapper script (as on our
+    machines, `exec /usr/local/cuda-13.0/bin/nvcc "$@"`) it finds the wrong folder. So follow the
+    wrapper to the real nvcc before torch.utils.cpp_extension is imported.
+    """
+    if _is_toolkit(os.environ.get("CUDA_HOME")):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        nvcc = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(nvcc)))
+        with open(nvcc, "rb") as f:
+            head = f.read(4096)
+        if head.startswith(b"#!"):
+            candidates += [os.path.dirname(os.path.dirname(p.decode()))
+                           for p in re.findall(rb"(/[^\s\"']+/bin/nvcc)\b", head)]
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    return next((c for c in candidates if _is_toolkit(c)), None)
+
+
+def want_cuda(torch_cuda_version, cuda_home):
+    forced = os.environ.get("KCACHE_OPS_CUDA")
+    possible = torch_cuda_version is not None and cuda_home is not None
+    if forced == "0":
+        return False
+    if forced == "1" and not possible:
+        sys.exit(f"KCACHE_OPS_CUDA=1 but a CUDA build is impossible: torch.version.cuda="
+                 f"{torch_cuda_version}, CUDA toolkit={cuda_home}")
+    return possible
+
+
+CUDA_HOME = find_cuda_home()
+if CUDA_HOME:
+    os.environ["CUDA_HOME"] = CUDA_HOME
+
+import torch  # noqa: E402  (after CUDA_HOME is set)
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+WITH_CUDA = want_cuda(torch.version.cuda, CUDA_HOME)
+if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+
+
+def sources():
+    """Every source file under csrc/; CMakeLists.txt globs the same patterns."""
+    files = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    if WITH_CUDA:
+        files += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    return files
+
+
+define_macros = [("KCACHE_OPS_WITH_CUDA", None)] if WITH_CUDA else []
+extra_compile_args = {"cxx": ["-O3"],
+                      "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]}
+Extension = CUDAExtension if WITH_CUDA else CppExtension
+print(f"kcache_ops: building {'with CUDA (' + CUDA_HOME + ')' if WITH_CUDA else 'CPU-only'}")
+
+setup(
+    name="kcache_ops",
+    version="0.1.0",
+    description="KCache: K on the GPU, V in pinned host RAM, top-N sparse attention for decoding",
+    packages=["kcache_ops", "kcache_ops.model"],
+    ext_modules=[Extension("kcache_ops._C", sources(), define_macros=define_macros,
+                           extra_compile_args=extra_compile_args)],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.10",
+    entry_points={"console_scripts": ["kcache-ops=kcache_ops.__main__:main"]},
+)
