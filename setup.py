@@ -11,7 +11,7 @@ import re
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -85,7 +85,7 @@ setup(
     name="kcache_ops",
     version="0.1.0",
     description="KCache: K on the GPU, V in pinned host RAM, top-N sparse attention for decoding",
-    packages=["kcache_ops", "kcache_ops.model"],
+    packages=find_packages(include=["kcache_ops", "kcache_ops.*"]),
     ext_modules=[Extension("kcache_ops._C", sources(), define_macros=define_macros,
                            extra_compile_args=extra_compile_args)],
     cmdclass={"build_ext": BuildExtension},
