@@ -7,12 +7,13 @@
 
 #include "../shape_checks.h"
 #include "common.h"
+#include "isa.h"
 
 namespace kcache_ops::cpu {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kChunk = 256;  // keys scored before each online-lse update (stays in L1)
+constexpr int64_t kTile = 64;  // keys per tile: 64 K rows (<= 32 KiB) stay in L1 across head passes
 
 // One candidate of a selection: its ranking key and its position.
 struct Cand {
@@ -26,60 +27,62 @@ inline bool better(const Cand& a, const Cand& b) {
 }
 
 // The min(n, len) best of keys[0, len) into heap, sorted best first. A heap whose top is the worst
-// kept candidate; positions come in ascending order, so an equal key never displaces it.
+// kept candidate (full whenever j < len); positions come in ascending order, so an equal key
+// never displaces it.
+template <class Isa>
 void top_n(const float* keys, int64_t len, int64_t n, std::vector<Cand>& heap) {
   heap.clear();
   const int64_t first = std::min(len, n);
   for (int64_t j = 0; j < first; ++j) heap.push_back({keys[j], static_cast<int32_t>(j)});
   std::make_heap(heap.begin(), heap.end(), better);
-  for (int64_t j = first; j < len; ++j) {
-    if (keys[j] > heap.front().key) {
-      std::pop_heap(heap.begin(), heap.end(), better);
-      heap.back() = {keys[j], static_cast<int32_t>(j)};
-      std::push_heap(heap.begin(), heap.end(), better);
-    }
+  for (int64_t j = first; j < len && (j = Isa::first_above(keys, j, len, heap.front().key)) < len;
+       ++j) {
+    std::pop_heap(heap.begin(), heap.end(), better);
+    heap.back() = {keys[j], static_cast<int32_t>(j)};
+    std::push_heap(heap.begin(), heap.end(), better);
   }
   std::sort(heap.begin(), heap.end(), better);
 }
 
-// <a, b> over kD floats with 16 independent lanes (vectorisable without reassociation).
-template <int64_t kD>
-inline float dot(const float* a, const float* b) {
-  float acc[16] = {};
-  for (int64_t d = 0; d < kD; d += 16) {
-    for (int64_t l = 0; l < 16; ++l) acc[l] += a[d + l] * b[d + l];
+// Scores `rows` keys for the first 8, 4, 2 or 1 of the `heads` left (as many as fit); returns how
+// many. q [heads, kD] float32; s[h * s_stride + j] as Isa::score_rows.
+template <class Isa, typename scalar_t, int64_t kD>
+int64_t score_heads(const float* q, int64_t heads, const scalar_t* k, int64_t k_stride,
+                    int64_t rows, float scale, float* s, int64_t s_stride) {
+  if (heads >= 8) {
+    Isa::template score_rows<scalar_t, kD, 8>(q, k, k_stride, rows, scale, s, s_stride);
+    return 8;
   }
-  float sum = 0.f;
-  for (int64_t l = 0; l < 16; ++l) sum += acc[l];
-  return sum;
+  if (heads >= 4) {
+    Isa::template score_rows<scalar_t, kD, 4>(q, k, k_stride, rows, scale, s, s_stride);
+    return 4;
+  }
+  if (heads >= 2) {
+    Isa::template score_rows<scalar_t, kD, 2>(q, k, k_stride, rows, scale, s, s_stride);
+    return 2;
+  }
+  Isa::template score_rows<scalar_t, kD, 1>(q, k, k_stride, rows, scale, s, s_stride);
+  return 1;
 }
 
 // Scores of one group: s[h * L + j] = scale * <q_h, k_j> for h < G, j < L, and lse[h] over them.
-// q: G rows of kD (row stride q_stride); k: L rows of kD (row stride k_stride).
-template <typename scalar_t, int64_t kD>
-void group_scores(const scalar_t* q, int64_t q_stride, const scalar_t* k, int64_t k_stride,
-                  int64_t G, int64_t L, float scale, float* s /* [G, L] */,
-                  float* lse /* [G] */) {
-  std::vector<float> qf(G * kD);  // [G, kD] float32 copy of the queries
-  for (int64_t h = 0; h < G; ++h) {
-    for (int64_t d = 0; d < kD; ++d) qf[h * kD + d] = to_float(q[h * q_stride + d]);
-  }
+// qf [G, kD] float32; k: L rows of kD (row stride k_stride). Tiles of kTile keys: all head passes
+// over a tile read its K rows from L1, then each head's online log-sum-exp absorbs the tile.
+template <class Isa, typename scalar_t, int64_t kD>
+void group_scores(const float* qf, const scalar_t* k, int64_t k_stride, int64_t G, int64_t L,
+                  float scale, float* s /* [G, L] */, float* lse /* [G] */) {
   std::vector<float> run_max(G, kNegInf), run_sum(G, 0.f);  // [G] online lse state
-  float kf[kD];                                               // one K row in float32
-  for (int64_t j0 = 0; j0 < L; j0 += kChunk) {
-    const int64_t j1 = std::min(L, j0 + kChunk);
-    for (int64_t j = j0; j < j1; ++j) {
-      const scalar_t* row = k + j * k_stride;
-      for (int64_t d = 0; d < kD; ++d) kf[d] = to_float(row[d]);
-      for (int64_t h = 0; h < G; ++h) s[h * L + j] = dot<kD>(&qf[h * kD], kf) * scale;
+  for (int64_t j0 = 0; j0 < L; j0 += kTile) {
+    const int64_t rows = std::min(kTile, L - j0);
+    for (int64_t h = 0; h < G;) {
+      h += score_heads<Isa, scalar_t, kD>(qf + h * kD, G - h, k + j0 * k_stride, k_stride, rows,
+                                          scale, s + h * L + j0, L);
     }
     for (int64_t h = 0; h < G; ++h) {
-      const float* sh = s + h * L;
-      const float m = std::max(run_max[h], *std::max_element(sh + j0, sh + j1));
-      float sum = run_sum[h] * std::exp(run_max[h] - m);
-      for (int64_t j = j0; j < j1; ++j) sum += std::exp(sh[j] - m);
+      const float* tile = s + h * L + j0;
+      const float m = std::max(run_max[h], Isa::max_of(tile, rows));
+      run_sum[h] = run_sum[h] * std::exp(run_max[h] - m) + Isa::sum_exp(tile, rows, m);
       run_max[h] = m;
-      run_sum[h] = sum;
     }
   }
   for (int64_t h = 0; h < G; ++h) lse[h] = L > 0 ? run_max[h] + std::log(run_sum[h]) : kNegInf;
@@ -98,52 +101,69 @@ void write_head(const std::vector<Cand>& pick, const float* s_head, int64_t n,
   std::fill(indices + m, indices + n, -1);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(const at::Tensor& q,  // [B, Hq, D]
-                                                           const at::Tensor& k_cache,  // [B, Hkv, S, D]
-                                                           const at::Tensor& seq_lens,  // [B] int32
-                                                           int64_t n, double scale,
-                                                           bool group_select) {
+// Per-thread buffers of one group's selection.
+struct Scratch {
+  std::vector<float> qf;    // [G, kD] the group's queries in float32
+  std::vector<float> s;     // [G, L] scores
+  std::vector<float> mass;  // [L] c_j of group_select
+  std::vector<Cand> heap;   // [<= n] selection
+};
+
+// One (batch, kv head): q [G, kD] (row stride q_stride), k [L, kD] (row stride k_stride) ->
+// scores/indices [G, n], lse [G].
+template <class Isa, typename scalar_t, int64_t kD>
+void select_group(const scalar_t* q, int64_t q_stride, const scalar_t* k, int64_t k_stride,
+                  int64_t G, int64_t L, int64_t n, float scale, bool group_select,
+                  Scratch& tmp, float* scores, int32_t* indices, float* lse) {
+  tmp.qf.resize(G * kD);
+  for (int64_t h = 0; h < G; ++h) {
+    for (int64_t d = 0; d < kD; ++d) tmp.qf[h * kD + d] = to_float(q[h * q_stride + d]);
+  }
+  tmp.s.resize(G * L);
+  group_scores<Isa, scalar_t, kD>(tmp.qf.data(), k, k_stride, G, L, scale, tmp.s.data(), lse);
+  if (group_select) {
+    tmp.mass.assign(L, 0.f);
+    for (int64_t h = 0; h < G; ++h) Isa::add_exp(tmp.mass.data(), &tmp.s[h * L], L, lse[h]);
+    top_n<Isa>(tmp.mass.data(), L, n, tmp.heap);
+  }
+  for (int64_t h = 0; h < G; ++h) {
+    if (!group_select) top_n<Isa>(&tmp.s[h * L], L, n, tmp.heap);
+    write_head(tmp.heap, &tmp.s[h * L], n, scores + h * n, indices + h * n);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
+    const at::Tensor& q,         // [B, Hq, D]
+    const at::Tensor& k_cache,   // [B, Hkv, S, D]
+    const at::Tensor& seq_lens,  // [B] int32
+    int64_t n, double scale, bool group_select) {
   const QkTopnDims dim = check_qk_topn_args(q, k_cache, seq_lens, n);
   KC_CHECK_CPU("qk_topn", q);
   KC_CHECK_CPU("qk_topn", k_cache);
   KC_CHECK_CPU("qk_topn", seq_lens);
   check_seq_lens_values(seq_lens, dim.S);
   const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor scores = at::empty({dim.B, dim.Hq, n}, f32);                        // [B, Hq, n]
-  at::Tensor indices = at::empty({dim.B, dim.Hq, n}, f32.dtype(at::kInt));       // [B, Hq, n]
-  at::Tensor lse = at::empty({dim.B, dim.Hq}, f32);                              // [B, Hq]
+  at::Tensor scores = at::empty({dim.B, dim.Hq, n}, f32);                   // [B, Hq, n]
+  at::Tensor indices = at::empty({dim.B, dim.Hq, n}, f32.dtype(at::kInt));  // [B, Hq, n]
+  at::Tensor lse = at::empty({dim.B, dim.Hq}, f32);                         // [B, Hq]
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t G = dim.G;
   KC_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "qk_topn", [&] {
     KC_HEAD_DIM_SWITCH(dim.D, [&] {
-      at::parallel_for(0, dim.B * dim.Hkv, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> s;     // [G, L] scores of the group
-        std::vector<float> mass;  // [L] c_j of group_select
-        std::vector<Cand> heap;   // [<= n] selection
-        for (int64_t bg = begin; bg < end; ++bg) {
-          const int64_t b = bg / dim.Hkv, g = bg % dim.Hkv;
-          const int64_t L = lens[b * seq_lens.stride(0)];
-          s.resize(G * L);
-          const scalar_t* qp = q.data_ptr<scalar_t>() + b * q.stride(0) + g * G * q.stride(1);
-          const scalar_t* kp =
-              k_cache.data_ptr<scalar_t>() + b * k_cache.stride(0) + g * k_cache.stride(1);
-          float* lse_p = lse.data_ptr<float>() + b * dim.Hq + g * G;
-          group_scores<scalar_t, kD>(qp, q.stride(1), kp, k_cache.stride(2), G, L,
-                                     static_cast<float>(scale), s.data(), lse_p);
-          float* out_s = scores.data_ptr<float>() + (b * dim.Hq + g * G) * n;
-          int32_t* out_i = indices.data_ptr<int32_t>() + (b * dim.Hq + g * G) * n;
-          if (group_select) {
-            mass.assign(L, 0.f);
-            for (int64_t h = 0; h < G; ++h) {
-              for (int64_t j = 0; j < L; ++j) mass[j] += std::exp(s[h * L + j] - lse_p[h]);
-            }
-            top_n(mass.data(), L, n, heap);
+      KC_ISA_SWITCH([&] {
+        at::parallel_for(0, dim.B * dim.Hkv, 1, [&](int64_t begin, int64_t end) {
+          Scratch tmp;
+          for (int64_t bg = begin; bg < end; ++bg) {
+            const int64_t b = bg / dim.Hkv, g = bg % dim.Hkv;
+            const int64_t head0 = b * dim.Hq + g * G;  // first query head of the group
+            select_group<Isa, scalar_t, kD>(
+                q.data_ptr<scalar_t>() + b * q.stride(0) + g * G * q.stride(1), q.stride(1),
+                k_cache.data_ptr<scalar_t>() + b * k_cache.stride(0) + g * k_cache.stride(1),
+                k_cache.stride(2), G, lens[b * seq_lens.stride(0)], n, static_cast<float>(scale),
+                group_select, tmp, scores.data_ptr<float>() + head0 * n,
+                indices.data_ptr<int32_t>() + head0 * n, lse.data_ptr<float>() + head0);
           }
-          for (int64_t h = 0; h < G; ++h) {
-            if (!group_select) top_n(&s[h * L], L, n, heap);
-            write_head(heap, &s[h * L], n, out_s + h * n, out_i + h * n);
-          }
-        }
+        });
       });
     });
   });

@@ -1,0 +1,153 @@
+"""CPU speed of qk_topn and of a decode step (qk_topn + sparse_attn_v) against the PyTorch way
+(matmul + logsumexp + topk + index + softmax + matmul), with K's read bandwidth as a fraction of a
+memory-copy bandwidth measured in the same run.
+
+    python bench/cpu_ops.py [--batch 1 4 8] [--tokens 4096 16384 32768] [--runs 7]
+
+Prints one line per configuration; writes bench/results/cpu_ops.{json,md}.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import kcache_ops
+
+HQ, HKV, D, N = 32, 8, 128, 64
+ROTATE_BYTES = 256 << 20  # inputs rotate over at least this many bytes, beyond the 32 MiB L3
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def torch_qk(q, k_cache, seq_lens, n, scale):
+    """The PyTorch way of qk_topn -> scores, indices [B, Hkv, G, n], lse [B, Hkv, G]."""
+    B, Hq, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    s = torch.matmul(q.view(B, Hkv, Hq // Hkv, D), k_cache.transpose(-1, -2))  # [B, Hkv, G, S]
+    s = s.float() * scale
+    invalid = torch.arange(S) >= seq_lens[:, None].long()  # [B, S]
+    s.masked_fill_(invalid[:, None, None], float("-inf"))
+    scores, indices = s.topk(n, dim=-1)  # [B, Hkv, G, n]
+    return scores, indices, s.logsumexp(dim=-1)
+
+
+def torch_decode(q, k_cache, v_cache, seq_lens, n, scale):
+    """The PyTorch way of a decode step -> out [B, Hq, D]."""
+    scores, indices, _ = torch_qk(q, k_cache, seq_lens, n, scale)  # [B, Hkv, G, n]
+    B, Hkv, G, _ = indices.shape
+    b = torch.arange(B)[:, None, None, None]
+    h = torch.arange(Hkv)[None, :, None, None]
+    v = v_cache[b, h, indices].float()  # [B, Hkv, G, n, D]
+    p = torch.softmax(scores, dim=-1)  # [B, Hkv, G, n]
+    out = torch.matmul(p[..., None, :], v).squeeze(-2)  # [B, Hkv, G, D]
+    return out.reshape(B, Hkv * G, -1).to(v_cache.dtype)
+
+
+def kcache_decode(q, k_cache, v_cache, seq_lens, n, scale):
+    scores, indices, lse = kcache_ops.qk_topn(q, k_cache, seq_lens, n, scale)
+    return kcache_ops.sparse_attn_v(scores, indices, v_cache, lse)
+
+
+def median_ms(fn, inputs, runs, warmup=2):
+    """Median wall time of fn(*inputs[i % len(inputs)]) in ms, after warm-up."""
+    for i in range(warmup):
+        fn(*inputs[i % len(inputs)])
+    times = []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        fn(*inputs[i % len(inputs)])
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def copy_gbps(runs, nbytes=1 << 30):
+    """Bandwidth of a large tensor copy, bytes read + written per second (GB/s)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), [()], runs)
+    return 2 * nbytes / ms / 1e6
+
+
+def machine():
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), platform.processor())
+    return {"cpu": model, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def bench_config(B, S, dtype, runs, copy):
+    """One configuration's rows: qk_topn and the decode step, ours against the PyTorch way."""
+    scale = 1 / math.sqrt(D)
+    k_bytes = B * HKV * S * D * dtype.itemsize
+    copies = max(1, math.ceil(ROTATE_BYTES / (2 * k_bytes)))
+    inputs = [(torch.randn(B, HQ, D).to(dtype), torch.randn(B, HKV, S, D).to(dtype),
+               torch.randn(B, HKV, S, D).to(dtype), torch.full((B,), S, dtype=torch.int32))
+              for _ in range(copies)]
+    qk_inputs = [(q, k, lens, N, scale) for q, k, _, lens in inputs]
+    dec_inputs = [(q, k, v, lens, N, scale) for q, k, v, lens in inputs]
+    rows = []
+    for what, ours, base, args in (("qk_topn", kcache_ops.qk_topn, torch_qk, qk_inputs),
+                                   ("decode", kcache_decode, torch_decode, dec_inputs)):
+        ms = median_ms(ours, args, runs)
+        base_ms = median_ms(base, args, runs)
+        gbps = k_bytes / ms / 1e6
+        rows.append({"op": what, "B": B, "S": S, "Hq": HQ, "Hkv": HKV, "D": D, "N": N,
+                     "dtype": str(dtype).removeprefix("torch."), "ms": round(ms, 3),
+                     "torch_ms": round(base_ms, 3), "k_gbps": round(gbps, 2),
+                     "pct_copy": round(100 * gbps / copy, 1), "speedup": round(base_ms / ms, 2)})
+    return rows
+
+
+def line(r):
+    return (f"{r['op']:8s} B={r['B']} S={r['S']:<6d} Hq={r['Hq']} Hkv={r['Hkv']} D={r['D']} "
+            f"N={r['N']} {r['dtype']:9s} {r['ms']:9.3f} ms  K {r['k_gbps']:6.2f} GB/s "
+            f"({r['pct_copy']:5.1f}% of copy)  torch {r['torch_ms']:9.3f} ms  "
+            f"speedup {r['speedup']:5.2f}x")
+
+
+def markdown(info, copy, rows):
+    out = [f"CPU: {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch "
+           f"{info['torch']} ({info['capability']}); copy bandwidth {copy:.1f} GB/s "
+           f"(read + write). Hq={HQ}, Hkv={HKV}, D={D}, N={N}.", "",
+           "| op | B | S | dtype | ms | K GB/s | % of copy | torch ms | speedup |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    out += [f"| {r['op']} | {r['B']} | {r['S']} | {r['dtype']} | {r['ms']:.3f} | "
+            f"{r['k_gbps']:.2f} | {r['pct_copy']:.1f} | {r['torch_ms']:.3f} | "
+            f"{r['speedup']:.2f}x |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--no-save", action="store_true", help="print only")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    info = machine()
+    copy = copy_gbps(args.runs)
+    print(f"{info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch "
+          f"{info['torch']}; copy bandwidth {copy:.1f} GB/s (read + write)")
+    rows = []
+    for dtype in (getattr(torch, d) for d in args.dtypes):
+        for S in args.tokens:
+            for B in args.batch:
+                for r in bench_config(B, S, dtype, args.runs, copy):
+                    print(line(r), flush=True)
+                    rows.append(r)
+    if not args.no_save:
+        os.makedirs(RESULTS, exist_ok=True)
+        with open(os.path.join(RESULTS, "cpu_ops.json"), "w") as f:
+            json.dump({"machine": info, "copy_gbps": round(copy, 2), "rows": rows}, f, indent=1)
+        with open(os.path.join(RESULTS, "cpu_ops.md"), "w") as f:
+            f.write(markdown(info, copy, rows))
+
+
+if __name__ == "__main__":
+    main()

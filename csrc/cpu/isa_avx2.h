@@ -1,0 +1,141 @@
+// The inner loops of the CPU ops with AVX2 + FMA + F16C intrinsics (x86-64 only). Only these
+// functions are compiled for that ISA (function target attributes, no global -mavx2), and
+// KC_ISA_SWITCH (isa.h) calls them only where the CPU reports the features. Same interface as
+// GenericIsa (isa_generic.h).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#define KC_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+namespace kcache_ops::cpu {
+
+struct Avx2Isa {
+  // 8 consecutive values as float32
+  KC_AVX2 static __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+  KC_AVX2 static __m256 load8(const c10::Half* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  KC_AVX2 static __m256 load8(const c10::BFloat16* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+
+  KC_AVX2 static float hsum(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+  }
+
+  // exp of 8 floats (Cephes polynomial, about 1 ulp); 0 below -87.3 (where float32 denormals
+  // begin), inputs above 88 are clamped there.
+  KC_AVX2 static __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3365f);
+    const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i pow2 = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2)));
+  }
+
+  // Lanes i < n of x [n < 8]; the others -inf.
+  KC_AVX2 static __m256 load_tail(const float* x, int64_t n) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane);
+    return _mm256_blendv_ps(_mm256_set1_ps(-__builtin_inff()), _mm256_maskload_ps(x, mask),
+                            _mm256_castsi256_ps(mask));
+  }
+
+  // s[h * s_stride + j] = scale * <q_h, k_j> for h < kH, j < rows.
+  // q [kH, kD] float32; k: rows of kD (row stride k_stride). Each K row is read once for kH heads.
+  template <typename scalar_t, int64_t kD, int64_t kH>
+  KC_AVX2 static void score_rows(const float* q, const scalar_t* k, int64_t k_stride,
+                                 int64_t rows, float scale, float* s, int64_t s_stride) {
+    for (int64_t j = 0; j < rows; ++j) {
+      const scalar_t* row = k + j * k_stride;
+      __m256 acc[kH];
+      for (int64_t h = 0; h < kH; ++h) acc[h] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < kD; d += 8) {
+        const __m256 kv = load8(row + d);
+        for (int64_t h = 0; h < kH; ++h) {
+          acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * kD + d), kv, acc[h]);
+        }
+      }
+      for (int64_t h = 0; h < kH; ++h) s[h * s_stride + j] = hsum(acc[h]) * scale;
+    }
+  }
+
+  // max of x [n], n >= 1
+  KC_AVX2 static float max_of(const float* x, int64_t n) {
+    __m256 m = _mm256_set1_ps(-__builtin_inff());
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+    if (i < n) m = _mm256_max_ps(m, load_tail(x + i, n - i));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  }
+
+  // sum_i exp(x_i - shift) over x [n]
+  KC_AVX2 static float sum_exp(const float* x, int64_t n, float shift) {
+    const __m256 sh = _mm256_set1_ps(shift);
+    __m256 sum = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) sum = _mm256_add_ps(sum, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh)));
+    if (i < n) sum = _mm256_add_ps(sum, exp8(_mm256_sub_ps(load_tail(x + i, n - i), sh)));
+    return hsum(sum);
+  }
+
+  // acc [n] += exp(x [n] - shift)
+  KC_AVX2 static void add_exp(float* acc, const float* x, int64_t n, float shift) {
+    const __m256 sh = _mm256_set1_ps(shift);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
+      _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), e));
+    }
+    if (i < n) {
+      alignas(32) float e[8];
+      _mm256_store_ps(e, exp8(_mm256_sub_ps(load_tail(x + i, n - i), sh)));
+      for (int64_t l = 0; i + l < n; ++l) acc[i + l] += e[l];
+    }
+  }
+
+  // The first i in [begin, end) with x[i] > thr, or end; 8 keys per compare.
+  KC_AVX2 static int64_t first_above(const float* x, int64_t begin, int64_t end, float thr) {
+    const __m256 t = _mm256_set1_ps(thr);
+    for (; begin + 8 <= end; begin += 8) {
+      const int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + begin), t, _CMP_GT_OQ));
+      if (hits) return begin + __builtin_ctz(hits);
+    }
+    while (begin < end && !(x[begin] > thr)) ++begin;
+    return begin;
+  }
+
+  // acc [kD] += p * row [kD]
+  template <typename scalar_t, int64_t kD>
+  KC_AVX2 static void axpy(float* acc, float p, const scalar_t* row) {
+    const __m256 pv = _mm256_set1_ps(p);
+    for (int64_t d = 0; d < kD; d += 8) {
+      _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pv, load8(row + d), _mm256_loadu_ps(acc + d)));
+    }
+  }
+};
+
+}  // namespace kcache_ops::cpu

@@ -1,0 +1,61 @@
+// The portable inner loops of the CPU ops: plain C++ the compiler vectorises for the baseline ISA.
+// Same interface as Avx2Isa (isa_avx2.h); KC_ISA_SWITCH (isa.h) picks one at run time.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+
+#include "common.h"
+
+namespace kcache_ops::cpu {
+
+struct GenericIsa {
+  // s[h * s_stride + j] = scale * <q_h, k_j> for h < kH, j < rows.
+  // q [kH, kD] float32; k: rows of kD (row stride k_stride).
+  template <typename scalar_t, int64_t kD, int64_t kH>
+  static void score_rows(const float* q, const scalar_t* k, int64_t k_stride, int64_t rows,
+                         float scale, float* s, int64_t s_stride) {
+    float kf[kD];  // one K row in float32
+    for (int64_t j = 0; j < rows; ++j) {
+      for (int64_t d = 0; d < kD; ++d) kf[d] = to_float(k[j * k_stride + d]);
+      for (int64_t h = 0; h < kH; ++h) {
+        float acc[16] = {};  // independent lanes: vectorisable without reassociation
+        for (int64_t d = 0; d < kD; d += 16) {
+          for (int64_t l = 0; l < 16; ++l) acc[l] += q[h * kD + d + l] * kf[d + l];
+        }
+        float sum = 0.f;
+        for (int64_t l = 0; l < 16; ++l) sum += acc[l];
+        s[h * s_stride + j] = sum * scale;
+      }
+    }
+  }
+
+  // max of x [n], n >= 1
+  static float max_of(const float* x, int64_t n) { return *std::max_element(x, x + n); }
+
+  // sum_i exp(x_i - shift) over x [n]
+  static float sum_exp(const float* x, int64_t n, float shift) {
+    float sum = 0.f;
+    for (int64_t i = 0; i < n; ++i) sum += std::exp(x[i] - shift);
+    return sum;
+  }
+
+  // acc [n] += exp(x [n] - shift)
+  static void add_exp(float* acc, const float* x, int64_t n, float shift) {
+    for (int64_t i = 0; i < n; ++i) acc[i] += std::exp(x[i] - shift);
+  }
+
+  // The first i in [begin, end) with x[i] > thr, or end.
+  static int64_t first_above(const float* x, int64_t begin, int64_t end, float thr) {
+    while (begin < end && !(x[begin] > thr)) ++begin;
+    return begin;
+  }
+
+  // acc [kD] += p * row [kD]
+  template <typename scalar_t, int64_t kD>
+  static void axpy(float* acc, float p, const scalar_t* row) {
+    for (int64_t d = 0; d < kD; ++d) acc[d] += p * to_float(row[d]);
+  }
+};
+
+}  // namespace kcache_ops::cpu
