@@ -1,14 +1,18 @@
-"""The portable CPU loops (GenericIsa) pass the same checks as the AVX2 ones that this machine
-picks: the op tests rerun in a process with KCACHE_OPS_CPU_ISA=generic."""
+"""Every level of the CPU inner loops passes the op tests: this machine picks its best level
+(AVX-512, AVX2 or the portable loops, csrc/cpu/isa.h); the tests rerun in processes with
+KCACHE_OPS_CPU_ISA capping the level at avx2 and at generic."""
 import os
 import subprocess
 import sys
 
+import pytest
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
-def test_generic_loops_match_reference():
-    env = dict(os.environ, KCACHE_OPS_CPU_ISA="generic")
+@pytest.mark.parametrize("level", ["avx2", "generic"])
+def test_capped_level_matches_reference(level):
+    env = dict(os.environ, KCACHE_OPS_CPU_ISA=level)
     files = [os.path.join(TESTS, f) for f in ("test_qk_topn.py", "test_sparse_attn_v.py")]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                           "-k", "cpu and not random", *files],

@@ -1,5 +1,6 @@
-// Run-time choice of the inner loops: Avx2Isa where the CPU has AVX2, FMA and F16C, GenericIsa
-// otherwise. KCACHE_OPS_CPU_ISA=generic forces the portable loops (the tests use it to cover them).
+// Run-time choice of the inner loops: Avx512Isa where the CPU has AVX-512 F/BW/BF16, Avx2Isa where
+// it has AVX2, FMA and F16C, GenericIsa otherwise. KCACHE_OPS_CPU_ISA=avx2 or =generic caps the
+// choice (the tests use it to cover every level on one machine).
 #pragma once
 
 #include <cstdlib>
@@ -8,40 +9,56 @@
 #include "isa_generic.h"
 #if defined(__x86_64__)
 #include "isa_avx2.h"
+#include "isa_avx512.h"
 #endif
 
 namespace kcache_ops::cpu {
 
-inline bool use_avx2() {
+enum class IsaLevel { kGeneric, kAvx2, kAvx512 };
+
+inline IsaLevel isa_level() {
 #if defined(__x86_64__)
-  static const bool yes = [] {
-    const char* forced = std::getenv("KCACHE_OPS_CPU_ISA");
-    if (forced != nullptr && std::strcmp(forced, "generic") == 0) return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
+  static const IsaLevel level = [] {
+    const char* cap = std::getenv("KCACHE_OPS_CPU_ISA");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16");
+    if (cap != nullptr && std::strcmp(cap, "generic") == 0) return IsaLevel::kGeneric;
+    if (avx512 && (cap == nullptr || std::strcmp(cap, "avx2") != 0)) return IsaLevel::kAvx512;
+    return avx2 ? IsaLevel::kAvx2 : IsaLevel::kGeneric;
   }();
-  return yes;
+  return level;
 #else
-  return false;
+  return IsaLevel::kGeneric;
 #endif
 }
 
-// Calls body() with `Isa` bound to Avx2Isa or GenericIsa.
+// Calls body() with `Isa` bound to Avx512Isa, Avx2Isa or GenericIsa.
 #if defined(__x86_64__)
-#define KC_ISA_SWITCH(...)      \
-  [&] {                         \
-    if (use_avx2()) {           \
-      using Isa = Avx2Isa;      \
-      return __VA_ARGS__();     \
-    }                           \
-    using Isa = GenericIsa;     \
-    return __VA_ARGS__();       \
+#define KC_ISA_SWITCH(...)                       \
+  [&] {                                          \
+    switch (isa_level()) {                       \
+      case IsaLevel::kAvx512: {                  \
+        using Isa = Avx512Isa;                   \
+        return __VA_ARGS__();                    \
+      }                                          \
+      case IsaLevel::kAvx2: {                    \
+        using Isa = Avx2Isa;                     \
+        return __VA_ARGS__();                    \
+      }                                          \
+      default: {                                 \
+        using Isa = GenericIsa;                  \
+        return __VA_ARGS__();                    \
+      }                                          \
+    }                                            \
   }()
 #else
-#define KC_ISA_SWITCH(...)      \
-  [&] {                         \
-    using Isa = GenericIsa;     \
-    return __VA_ARGS__();       \
+#define KC_ISA_SWITCH(...)  \
+  [&] {                     \
+    using Isa = GenericIsa; \
+    return __VA_ARGS__();   \
   }()
 #endif
 

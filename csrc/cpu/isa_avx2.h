@@ -12,21 +12,26 @@
 #include <c10/util/Half.h>
 
 #define KC_AVX2 __attribute__((target("avx2,fma,f16c")))
+// For the per-row helpers: inlined into their (AVX2) callers, never called through the PLT.
+#define KC_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
 
 namespace kcache_ops::cpu {
 
 struct Avx2Isa {
+  static constexpr int64_t kAhead = 32;  // K rows prefetched ahead of the one being scored
+
   // 8 consecutive values as float32
-  KC_AVX2 static __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-  KC_AVX2 static __m256 load8(const c10::Half* p) {
+  KC_AVX2_INLINE static __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+  KC_AVX2_INLINE static __m256 load8(const c10::Half* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
-  KC_AVX2 static __m256 load8(const c10::BFloat16* p) {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  KC_AVX2_INLINE static __m256 load8(const c10::BFloat16* p) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m256i wide = _mm256_cvtepu16_epi32(raw);
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
 
-  KC_AVX2 static float hsum(__m256 v) {
+  KC_AVX2_INLINE static float hsum(__m256 v) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
@@ -34,7 +39,7 @@ struct Avx2Isa {
 
   // exp of 8 floats (Cephes polynomial, about 1 ulp); 0 below -87.3 (where float32 denormals
   // begin), inputs above 88 are clamped there.
-  KC_AVX2 static __m256 exp8(__m256 x) {
+  KC_AVX2_INLINE static __m256 exp8(__m256 x) {
     const __m256 lo = _mm256_set1_ps(-87.3365f);
     const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
     x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), lo);
@@ -55,11 +60,47 @@ struct Avx2Isa {
   }
 
   // Lanes i < n of x [n < 8]; the others -inf.
-  KC_AVX2 static __m256 load_tail(const float* x, int64_t n) {
+  KC_AVX2_INLINE static __m256 load_tail(const float* x, int64_t n) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane);
     return _mm256_blendv_ps(_mm256_set1_ps(-__builtin_inff()), _mm256_maskload_ps(x, mask),
                             _mm256_castsi256_ps(mask));
+  }
+
+  // Prefetches the kR rows kAhead rows past k (row stride k_stride), so memory streams ahead of
+  // the scoring (a prefetch past the end of the cache is harmless).
+  template <typename scalar_t, int64_t kD, int64_t kR>
+  KC_AVX2_INLINE static void prefetch_ahead(const scalar_t* k, int64_t k_stride) {
+    for (int64_t r = 0; r < kR; ++r) {
+      const char* ahead = reinterpret_cast<const char*>(k + (r + kAhead) * k_stride);
+      for (int64_t b = 0; b < kD * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+        _mm_prefetch(ahead + b, _MM_HINT_T0);
+      }
+    }
+  }
+
+  // s[h * s_stride + r] = scale * <q_h, k_r> for h < kH, r < kR: kR rows at once share each q
+  // load, and their kR * kH accumulators are independent FMA chains.
+  template <typename scalar_t, int64_t kD, int64_t kH, int64_t kR>
+  KC_AVX2_INLINE static void score_step(const float* q, const scalar_t* k, int64_t k_stride,
+                                        float scale, float* s, int64_t s_stride) {
+    __m256 acc[kR][kH];
+    for (int64_t r = 0; r < kR; ++r) {
+      for (int64_t h = 0; h < kH; ++h) acc[r][h] = _mm256_setzero_ps();
+    }
+    prefetch_ahead<scalar_t, kD, kR>(k, k_stride);
+#pragma GCC unroll 16
+    for (int64_t d = 0; d < kD; d += 8) {
+      __m256 kv[kR];
+      for (int64_t r = 0; r < kR; ++r) kv[r] = load8(k + r * k_stride + d);
+      for (int64_t h = 0; h < kH; ++h) {
+        const __m256 qv = _mm256_loadu_ps(q + h * kD + d);
+        for (int64_t r = 0; r < kR; ++r) acc[r][h] = _mm256_fmadd_ps(qv, kv[r], acc[r][h]);
+      }
+    }
+    for (int64_t r = 0; r < kR; ++r) {
+      for (int64_t h = 0; h < kH; ++h) s[h * s_stride + r] = hsum(acc[r][h]) * scale;
+    }
   }
 
   // s[h * s_stride + j] = scale * <q_h, k_j> for h < kH, j < rows.
@@ -67,17 +108,13 @@ struct Avx2Isa {
   template <typename scalar_t, int64_t kD, int64_t kH>
   KC_AVX2 static void score_rows(const float* q, const scalar_t* k, int64_t k_stride,
                                  int64_t rows, float scale, float* s, int64_t s_stride) {
-    for (int64_t j = 0; j < rows; ++j) {
-      const scalar_t* row = k + j * k_stride;
-      __m256 acc[kH];
-      for (int64_t h = 0; h < kH; ++h) acc[h] = _mm256_setzero_ps();
-      for (int64_t d = 0; d < kD; d += 8) {
-        const __m256 kv = load8(row + d);
-        for (int64_t h = 0; h < kH; ++h) {
-          acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * kD + d), kv, acc[h]);
-        }
-      }
-      for (int64_t h = 0; h < kH; ++h) s[h * s_stride + j] = hsum(acc[h]) * scale;
+    constexpr int64_t kR = kH >= 8 ? 1 : kH == 4 ? 2 : 4;  // rows per step: <= 8 accumulators
+    int64_t j = 0;
+    for (; j + kR <= rows; j += kR) {
+      score_step<scalar_t, kD, kH, kR>(q, k + j * k_stride, k_stride, scale, s + j, s_stride);
+    }
+    for (; j < rows; ++j) {
+      score_step<scalar_t, kD, kH, 1>(q, k + j * k_stride, k_stride, scale, s + j, s_stride);
     }
   }
 
@@ -97,7 +134,9 @@ struct Avx2Isa {
     const __m256 sh = _mm256_set1_ps(shift);
     __m256 sum = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) sum = _mm256_add_ps(sum, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh)));
+    for (; i + 8 <= n; i += 8) {
+      sum = _mm256_add_ps(sum, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh)));
+    }
     if (i < n) sum = _mm256_add_ps(sum, exp8(_mm256_sub_ps(load_tail(x + i, n - i), sh)));
     return hsum(sum);
   }

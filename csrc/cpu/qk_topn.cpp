@@ -22,26 +22,36 @@ struct Cand {
 };
 
 // Descending key, ties to the lower index.
-inline bool better(const Cand& a, const Cand& b) {
-  return a.key > b.key || (a.key == b.key && a.idx < b.idx);
+struct Better {
+  bool operator()(const Cand& a, const Cand& b) const {
+    return a.key > b.key || (a.key == b.key && a.idx < b.idx);
+  }
+};
+
+// Keeps the n best of buf (more than n) and returns the key of the worst kept.
+float keep_best(std::vector<Cand>& buf, int64_t n) {
+  std::nth_element(buf.begin(), buf.begin() + (n - 1), buf.end(), Better());
+  buf.resize(n);
+  return buf[n - 1].key;
 }
 
-// The min(n, len) best of keys[0, len) into heap, sorted best first. A heap whose top is the worst
-// kept candidate (full whenever j < len); positions come in ascending order, so an equal key
-// never displaces it.
+// The min(n, len) best of keys[0, len) into buf, sorted best first. Keys above a threshold gather
+// in buf; whenever it holds 2n, the best n stay and the threshold rises to the worst of them.
+// Positions come in ascending order, so a later key equal to the threshold ranks below it.
 template <class Isa>
-void top_n(const float* keys, int64_t len, int64_t n, std::vector<Cand>& heap) {
-  heap.clear();
+void top_n(const float* keys, int64_t len, int64_t n, std::vector<Cand>& buf) {
+  buf.clear();
   const int64_t first = std::min(len, n);
-  for (int64_t j = 0; j < first; ++j) heap.push_back({keys[j], static_cast<int32_t>(j)});
-  std::make_heap(heap.begin(), heap.end(), better);
-  for (int64_t j = first; j < len && (j = Isa::first_above(keys, j, len, heap.front().key)) < len;
-       ++j) {
-    std::pop_heap(heap.begin(), heap.end(), better);
-    heap.back() = {keys[j], static_cast<int32_t>(j)};
-    std::push_heap(heap.begin(), heap.end(), better);
+  for (int64_t j = 0; j < first; ++j) {  // NaN ranks last, so the order stays strict
+    buf.push_back({std::isnan(keys[j]) ? kNegInf : keys[j], static_cast<int32_t>(j)});
   }
-  std::sort(heap.begin(), heap.end(), better);
+  float thr = kNegInf;
+  for (int64_t j = first; j < len && (j = Isa::first_above(keys, j, len, thr)) < len; ++j) {
+    buf.push_back({keys[j], static_cast<int32_t>(j)});
+    if (static_cast<int64_t>(buf.size()) == 2 * n) thr = keep_best(buf, n);
+  }
+  if (static_cast<int64_t>(buf.size()) > n) keep_best(buf, n);
+  std::sort(buf.begin(), buf.end(), Better());
 }
 
 // Scores `rows` keys for the first 8, 4, 2 or 1 of the `heads` left (as many as fit); returns how
@@ -101,12 +111,13 @@ void write_head(const std::vector<Cand>& pick, const float* s_head, int64_t n,
   std::fill(indices + m, indices + n, -1);
 }
 
-// Per-thread buffers of one group's selection.
+// Buffers of one group's selection, kept per thread across calls (no allocation and page faults
+// per call; about G * S * 4 bytes per thread).
 struct Scratch {
   std::vector<float> qf;    // [G, kD] the group's queries in float32
   std::vector<float> s;     // [G, L] scores
   std::vector<float> mass;  // [L] c_j of group_select
-  std::vector<Cand> heap;   // [<= n] selection
+  std::vector<Cand> top;    // [<= 2n] selection
 };
 
 // One (batch, kv head): q [G, kD] (row stride q_stride), k [L, kD] (row stride k_stride) ->
@@ -124,11 +135,11 @@ void select_group(const scalar_t* q, int64_t q_stride, const scalar_t* k, int64_
   if (group_select) {
     tmp.mass.assign(L, 0.f);
     for (int64_t h = 0; h < G; ++h) Isa::add_exp(tmp.mass.data(), &tmp.s[h * L], L, lse[h]);
-    top_n<Isa>(tmp.mass.data(), L, n, tmp.heap);
+    top_n<Isa>(tmp.mass.data(), L, n, tmp.top);
   }
   for (int64_t h = 0; h < G; ++h) {
-    if (!group_select) top_n<Isa>(&tmp.s[h * L], L, n, tmp.heap);
-    write_head(tmp.heap, &tmp.s[h * L], n, scores + h * n, indices + h * n);
+    if (!group_select) top_n<Isa>(&tmp.s[h * L], L, n, tmp.top);
+    write_head(tmp.top, &tmp.s[h * L], n, scores + h * n, indices + h * n);
   }
 }
 
@@ -152,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
     KC_HEAD_DIM_SWITCH(dim.D, [&] {
       KC_ISA_SWITCH([&] {
         at::parallel_for(0, dim.B * dim.Hkv, 1, [&](int64_t begin, int64_t end) {
-          Scratch tmp;
+          static thread_local Scratch tmp;
           for (int64_t bg = begin; bg < end; ++bg) {
             const int64_t b = bg / dim.Hkv, g = bg % dim.Hkv;
             const int64_t head0 = b * dim.Hq + g * G;  // first query head of the group

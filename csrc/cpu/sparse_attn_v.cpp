@@ -48,7 +48,8 @@ void attend_group(const at::Tensor& scores, const at::Tensor& indices, const at:
   const scalar_t* v = v_cache.data_ptr<scalar_t>() + b * v_cache.stride(0) + g * v_cache.stride(1);
   for (int64_t h = g * dim.G; h < (g + 1) * dim.G; ++h) {
     const float* s = scores.data_ptr<float>() + b * scores.stride(0) + h * scores.stride(1);
-    const int32_t* idx = indices.data_ptr<int32_t>() + b * indices.stride(0) + h * indices.stride(1);
+    const int32_t* idx =
+        indices.data_ptr<int32_t>() + b * indices.stride(0) + h * indices.stride(1);
     const float head_lse =
         renormalize ? 0.f : lse->data_ptr<float>()[b * lse->stride(0) + h * lse->stride(1)];
     attend_head<Isa, scalar_t, kD>(s, idx, dim.N, v, v_cache.stride(2), renormalize, head_lse,
