@@ -1,6 +1,7 @@
 // kcache_ops::qk_topn on the CPU: per (batch, kv head), the scores of all G query heads of the
 // group reading each K row once, an online log-sum-exp, and a bounded-heap top-N selection.
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -35,23 +36,52 @@ float keep_best(std::vector<Cand>& buf, int64_t n) {
   return buf[n - 1].key;
 }
 
-// The min(n, len) best of keys[0, len) into buf, sorted best first. Keys above a threshold gather
-// in buf; whenever it holds 2n, the best n stay and the threshold rises to the worst of them.
-// Positions come in ascending order, so a later key equal to the threshold ranks below it.
+// Buffers of a selection, reused across calls.
+struct TopN {
+  std::vector<Cand> best;       // [<= 2n] candidates; after select(), the best min(n, len) sorted
+  std::vector<float> tile_max;  // [tiles] max key of each kTile-key tile
+  std::vector<float> ranked;    // [tiles] tile_max, reordered by nth_element
+};
+
+// The min(n, len) best of keys[0, len) into top.best, sorted best first.
+// Keys above a threshold gather in top.best; whenever it holds 2n, the best n stay and the
+// threshold rises to the worst of them (positions come in ascending order, so a later key equal
+// to the threshold ranks below it). The threshold starts just under the n-th largest tile max:
+// n distinct keys reach it, so nothing below it is among the n best, and tiles whose max stays
+// below the threshold are skipped whole.
 template <class Isa>
-void top_n(const float* keys, int64_t len, int64_t n, std::vector<Cand>& buf) {
-  buf.clear();
-  const int64_t first = std::min(len, n);
-  for (int64_t j = 0; j < first; ++j) {  // NaN ranks last, so the order stays strict
-    buf.push_back({std::isnan(keys[j]) ? kNegInf : keys[j], static_cast<int32_t>(j)});
+void top_n(const float* keys, int64_t len, int64_t n, TopN& top) {
+  const int64_t tiles = (len + kTile - 1) / kTile;
+  top.tile_max.resize(tiles);
+  for (int64_t t = 0; t < tiles; ++t) {  // a NaN max (bad input) never skips its tile
+    const float m = Isa::max_of(keys + t * kTile, std::min(kTile, len - t * kTile));
+    top.tile_max[t] = std::isnan(m) ? std::numeric_limits<float>::infinity() : m;
   }
-  float thr = kNegInf;
-  for (int64_t j = first; j < len && (j = Isa::first_above(keys, j, len, thr)) < len; ++j) {
-    buf.push_back({keys[j], static_cast<int32_t>(j)});
-    if (static_cast<int64_t>(buf.size()) == 2 * n) thr = keep_best(buf, n);
+  float thr = kNegInf;  // keys <= thr at later positions are not among the n best
+  if (tiles >= n) {
+    top.ranked = top.tile_max;
+    std::nth_element(top.ranked.begin(), top.ranked.begin() + (n - 1), top.ranked.end(),
+                     std::greater<float>());
+    thr = std::nextafter(top.ranked[n - 1], kNegInf);
   }
-  if (static_cast<int64_t>(buf.size()) > n) keep_best(buf, n);
-  std::sort(buf.begin(), buf.end(), Better());
+  top.best.clear();
+  const int64_t first = std::min(len, n);  // always candidates, so min(n, len) come out
+  for (int64_t j = 0; j < first; ++j) {    // NaN ranks last, so the order stays strict
+    top.best.push_back({std::isnan(keys[j]) ? kNegInf : keys[j], static_cast<int32_t>(j)});
+  }
+  for (int64_t t = first / kTile; t < tiles; ++t) {
+    if (!(top.tile_max[t] > thr)) continue;
+    const int64_t end = std::min(len, (t + 1) * kTile);
+    for (int64_t j = std::max(first, t * kTile); (j = Isa::first_above(keys, j, end, thr)) < end;
+         ++j) {
+      top.best.push_back({keys[j], static_cast<int32_t>(j)});
+      if (static_cast<int64_t>(top.best.size()) == 2 * n) {
+        thr = std::max(thr, keep_best(top.best, n));
+      }
+    }
+  }
+  if (static_cast<int64_t>(top.best.size()) > n) keep_best(top.best, n);
+  std::sort(top.best.begin(), top.best.end(), Better());
 }
 
 // Scores `rows` keys for the first 8, 4, 2 or 1 of the `heads` left (as many as fit); returns how
@@ -117,7 +147,7 @@ struct Scratch {
   std::vector<float> qf;    // [G, kD] the group's queries in float32
   std::vector<float> s;     // [G, L] scores
   std::vector<float> mass;  // [L] c_j of group_select
-  std::vector<Cand> top;    // [<= 2n] selection
+  TopN top;                 // selection
 };
 
 // One (batch, kv head): q [G, kD] (row stride q_stride), k [L, kD] (row stride k_stride) ->
@@ -139,7 +169,7 @@ void select_group(const scalar_t* q, int64_t q_stride, const scalar_t* k, int64_
   }
   for (int64_t h = 0; h < G; ++h) {
     if (!group_select) top_n<Isa>(&tmp.s[h * L], L, n, tmp.top);
-    write_head(tmp.top, &tmp.s[h * L], n, scores + h * n, indices + h * n);
+    write_head(tmp.top.best, &tmp.s[h * L], n, scores + h * n, indices + h * n);
   }
 }
 
