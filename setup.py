@@ -76,7 +76,9 @@ def sources():
 
 
 define_macros = [("KCACHE_OPS_WITH_CUDA", None)] if WITH_CUDA else []
-extra_compile_args = {"cxx": ["-O3"],
+# -fopenmp: at::parallel_for is inline and runs serially unless the extension itself is compiled
+# with OpenMP (its GOMP calls bind to the libgomp torch has loaded).
+extra_compile_args = {"cxx": ["-O3", "-fopenmp"],
                       "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]}
 Extension = CUDAExtension if WITH_CUDA else CppExtension
 print(f"kcache_ops: building {'with CUDA (' + CUDA_HOME + ')' if WITH_CUDA else 'CPU-only'}")
@@ -87,7 +89,7 @@ setup(
     description="KCache: K on the GPU, V in pinned host RAM, top-N sparse attention for decoding",
     packages=find_packages(include=["kcache_ops", "kcache_ops.*"]),
     ext_modules=[Extension("kcache_ops._C", sources(), define_macros=define_macros,
-                           extra_compile_args=extra_compile_args)],
+                           extra_compile_args=extra_compile_args, extra_link_args=["-fopenmp"])],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
     entry_points={"console_scripts": ["kcache-ops=kcache_ops.__main__:main"]},

@@ -1,11 +1,14 @@
-"""Every level of the CPU inner loops passes the op tests: this machine picks its best level
-(AVX-512, AVX2 or the portable loops, csrc/cpu/isa.h); the tests rerun in processes with
-KCACHE_OPS_CPU_ISA capping the level at avx2 and at generic."""
+"""How the CPU ops are built: every level of the inner loops passes the op tests (this machine
+picks its best level, AVX-512, AVX2 or the portable loops, csrc/cpu/isa.h; the tests rerun in
+processes with KCACHE_OPS_CPU_ISA capping it at avx2 and at generic), and the parallel loops
+are compiled with OpenMP."""
 import os
 import subprocess
 import sys
 
 import pytest
+
+import kcache_ops
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -18,3 +21,9 @@ def test_capped_level_matches_reference(level):
                           "-k", "cpu and not random", *files],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_parallel_for_is_built_with_openmp():
+    """at::parallel_for is inline: compiled without -fopenmp the CPU ops would run on one thread."""
+    with open(kcache_ops._C.__file__, "rb") as f:
+        assert b"GOMP_parallel" in f.read()
