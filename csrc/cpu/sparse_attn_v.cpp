@@ -19,6 +19,13 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 template <class Isa, typename scalar_t, int64_t kD>
 void attend_head(const float* scores, const int32_t* idx, int64_t N, const scalar_t* v,
                  int64_t v_stride, bool renormalize, float lse, scalar_t* out) {
+  for (int64_t i = 0; i < N; ++i) {  // all rows in flight at once: they are scattered in memory
+    if (idx[i] < 0) continue;
+    const char* row = reinterpret_cast<const char*>(v + idx[i] * v_stride);
+    for (int64_t b = 0; b < kD * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+      __builtin_prefetch(row + b);
+    }
+  }
   float acc[kD] = {};
   float shift = lse;  // exp(score - shift) are the weights
   if (renormalize) {
