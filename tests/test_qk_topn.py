@@ -93,16 +93,26 @@ def test_lengths_and_padding(device, n, group_select):
 def test_ties_exact(device, group_select):
     """Integer-valued q and k with scale 1 tie exactly: indices and scores equal the reference's.
     In group mode the heads of a group share q, so equal scores give bit-equal masses."""
-    B, Hkv, G, S, D, n = 2, 2, 4, 300, 64, 40
+    B, Hkv, G, S, D, n = 2, 2, 4, 3000, 64, 40  # S >= 64 n: the selection's tile-max threshold
     q = torch.randint(-2, 3, (B, Hkv, 1 if group_select else G, D)).float()
     q = q.expand(B, Hkv, G, D).reshape(B, Hkv * G, D).to(device)
     k = torch.randint(-2, 3, (B, Hkv, S, D)).float().to(device)
-    lens = seq_lens_tensor([S, 123], device)
+    lens = seq_lens_tensor([S, 2777], device)
     scores, idx, lse = kcache_ops.qk_topn(q, k, lens, n, 1.0, group_select)
     ref_scores, ref_idx, ref_lse = R.qk_topn(q.cpu(), k.cpu(), lens.cpu(), n, 1.0, group_select)
     assert torch.equal(idx.cpu(), ref_idx)
     assert torch.equal(scores.cpu(), ref_scores)
     torch.testing.assert_close(lse.cpu(), ref_lse)
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+@pytest.mark.parametrize("n", [16, 1024])
+def test_long_sequences(device, n, group_select):
+    """70K keys, N up to 1024: the selection starts from the n-th largest tile max."""
+    q, k = make_qk(1, 4, 1, 70001, 64, torch.bfloat16, device)
+    lens = seq_lens_tensor([70001], device)
+    out = kcache_ops.qk_topn(q, k, lens, n, None, group_select)
+    check_topn(q, k, lens, n, 1 / 8, group_select, out, TOL[torch.bfloat16])
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])

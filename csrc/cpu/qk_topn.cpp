@@ -1,8 +1,8 @@
 // kcache_ops::qk_topn on the CPU: per (batch, kv head), the scores of all G query heads of the
-// group reading each K row once, an online log-sum-exp, and a bounded-heap top-N selection.
+// group reading each K row once, an online log-sum-exp, and a threshold-filtered top-N selection.
 #include <algorithm>
-#include <functional>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -38,7 +38,7 @@ float keep_best(std::vector<Cand>& buf, int64_t n) {
 
 // Buffers of a selection, reused across calls.
 struct TopN {
-  std::vector<Cand> best;       // [<= 2n] candidates; after select(), the best min(n, len) sorted
+  std::vector<Cand> best;       // [<= 2n] candidates; after top_n(), the best min(n, len) sorted
   std::vector<float> tile_max;  // [tiles] max key of each kTile-key tile
   std::vector<float> ranked;    // [tiles] tile_max, reordered by nth_element
 };
