@@ -14,11 +14,18 @@
 
 namespace kcache_ops::cpu {
 
+// maskz_cvtph_ps and extractf32x8 stand in for cvtph_ps, castps512_ps256 and reduce_add_ps, on
+// which GCC 12 warns falsely (-Wmaybe-uninitialized on _mm256_undefined_*).
 struct Avx512Isa : Avx2Isa {
   // 16 consecutive values as float32
   KC_AVX512_INLINE static __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
   KC_AVX512_INLINE static __m512 load16(const c10::Half* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+
+  // The two 8-lane halves of v added.
+  KC_AVX512_INLINE static __m256 fold8(__m512 v) {
+    return _mm256_add_ps(_mm512_extractf32x8_ps(v, 0), _mm512_extractf32x8_ps(v, 1));
   }
 
   // Lane i of the result is the sum of the lanes of v[i], for 8 vectors.
@@ -41,8 +48,7 @@ struct Avx512Isa : Avx2Isa {
       for (int64_t i = 0; i < kHalves; ++i) half[i] = _mm256_setzero_ps();
       for (int64_t h = 0; h < kH; ++h) {
         for (int64_t r = 0; r < kR; ++r) {
-          half[h * kR + r] = _mm256_add_ps(_mm512_castps512_ps256(acc[h][r]),
-                                           _mm512_extractf32x8_ps(acc[h][r], 1));
+          half[h * kR + r] = fold8(acc[h][r]);
         }
       }
       for (int64_t h = 0; h < kH; h += 2) {  // heads h and h + 1
@@ -53,7 +59,7 @@ struct Avx512Isa : Avx2Isa {
     } else {
       for (int64_t h = 0; h < kH; ++h) {
         for (int64_t r = 0; r < kR; ++r) {
-          s[h * s_stride + r] = _mm512_reduce_add_ps(acc[h][r]) * scale;
+          s[h * s_stride + r] = hsum(fold8(acc[h][r])) * scale;
         }
       }
     }
