@@ -64,3 +64,16 @@ def test_write_combined_allocation(monkeypatch):
     v.copy_(src)
     idx = torch.randint(-1, 300, (2, 4, 50), device="cuda", dtype=torch.int32)
     assert torch.equal(kcache_ops.gather_rows(v, idx).cpu(), reference.gather_rows(src, idx.cpu()))
+
+
+def test_interior_and_strided_host_views():
+    """A slice of a larger host allocation (interior pointer, strided dims) is read in place."""
+    big = kcache_ops.alloc_host((3, 4, 700, 64), torch.bfloat16)
+    big.copy_(torch.randn(big.shape))
+    v = big[1:, :, 50:650]  # [2, 4, 600, 64], offset and strided
+    idx = torch.randint(-1, 600, (2, 8, 40), device="cuda", dtype=torch.int32)
+    scores = torch.randn(2, 8, 40, device="cuda")
+    assert torch.equal(kcache_ops.gather_rows(v, idx).cpu(), reference.gather_rows(v, idx.cpu()))
+    want = reference.sparse_attn_v(scores.cpu(), idx.cpu(), v)
+    torch.testing.assert_close(kcache_ops.sparse_attn_v(scores, idx, v).cpu().float(),
+                               want.float(), atol=1.6e-2, rtol=1.6e-2)

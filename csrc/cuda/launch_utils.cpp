@@ -22,14 +22,11 @@ const void* host_mapped_device_ptr(const at::Tensor& t, const char* op, const ch
     TORCH_CHECK(false, op, ": ", name, " must be pinned, device-mapped host memory (allocate it "
                 "with kcache_ops.alloc_host), got pageable CPU memory; the op never copies it");
   }
-  void* dev = nullptr;
-  err = cudaHostGetDevicePointer(&dev, host, 0);
-  if (err != cudaSuccess || dev == nullptr) {
-    cudaGetLastError();
-    TORCH_CHECK(false, op, ": ", name, " is pinned but not mapped into the device address space "
-                "(allocate it with kcache_ops.alloc_host): ", cudaGetErrorString(err));
-  }
-  return dev;
+  // The address through which kernels reach `host` (an interior pointer maps to the interior
+  // address); null when the pinned memory is not mapped into the device address space.
+  TORCH_CHECK(attr.devicePointer != nullptr, op, ": ", name, " is pinned but not mapped into the "
+              "device address space (allocate it with kcache_ops.alloc_host)");
+  return attr.devicePointer;
 }
 
 void check_vec16_aligned(const at::Tensor& t, const char* op, const char* name) {

@@ -59,7 +59,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
     const int chunk = score_chunk(dims.s, dims.b * dims.hkv * slices,
                                   multiprocessor_count(q.get_device()));
     const int num_chunks = static_cast<int>(ceil_div<int64_t>(dims.s, chunk));
-    at::Tensor scratch = at::empty({dims.b, dims.hq, dims.s}, fopts);  // [B, Hq, S] scores
+    const int64_t score_stride = ceil_div<int64_t>(dims.s, 4) * 4;  // 16-byte aligned rows
+    at::Tensor scratch = at::empty({dims.b, dims.hq, score_stride}, fopts);  // [B, Hq, stride]
     // [B, Hq, num_chunks] (max, sumexp) pairs
     at::Tensor partials = at::empty({dims.b, dims.hq, num_chunks, 2}, fopts);
     if (num_chunks > 0) {
@@ -71,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
                            k_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1),
                            k_cache.stride(2), seq_lens.data_ptr<int32_t>(), seq_lens.stride(0),
                            scratch.data_ptr<float>(),
-                           reinterpret_cast<MaxSum*>(partials.data_ptr<float>()),
+                           reinterpret_cast<MaxSum*>(partials.data_ptr<float>()), score_stride,
                            static_cast<int>(dims.hq), static_cast<int>(dims.hkv),
                            static_cast<int>(dims.s), chunk, num_chunks, slices,
                            static_cast<float>(scale)};
@@ -83,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
       });
     }
     QkSelectParams sp{scratch.data_ptr<float>(),
-                      reinterpret_cast<const MaxSum*>(partials.data_ptr<float>()),
+                      reinterpret_cast<const MaxSum*>(partials.data_ptr<float>()), score_stride,
                       seq_lens.data_ptr<int32_t>(), seq_lens.stride(0),
                       scores.data_ptr<float>(), indices.data_ptr<int32_t>(), lse.data_ptr<float>(),
                       static_cast<int>(dims.hq), static_cast<int>(dims.hkv),

@@ -7,7 +7,7 @@
 //    (max, sumexp) per head.
 // 2. qk_select_kernel — one block per (query head, or KV head in group mode; sequence). It merges the
 //    chunks' (max, sumexp) into lse, then finds the N-th largest ranking key by a 3-pass radix select
-//    (11 + 11 + 10 bits) over the row, collects the entries above it plus the lowest-index entries
+//    (11 + 11 + 10 bits) over the row (16-byte loads of the scratch), collects the entries above it plus the lowest-index entries
 //    equal to it, sorts these <= N candidates by (key desc, index asc) with a bitonic sort in shared
 //    memory and writes scores, indices and padding. The ranking key is s (per head) or
 //    c_j = sum_h exp(s_hj - lse_h) (group mode), recomputed from the scratch rows on every pass.
@@ -34,8 +34,9 @@ struct QkScoresParams {
   int64_t k_sb, k_sh, k_ss;  // strides in elements
   const int32_t* seq_lens;   // [B], clamped to [0, S] here
   int64_t seq_stride;        // in elements
-  float* scores;             // [B, Hq, S] scratch, written for j < L_b
+  float* scores;             // [B, Hq, score_stride] scratch, written for j < L_b
   MaxSum* partials;          // [B, Hq, num_chunks] (max, sumexp) of each chunk
+  int64_t score_stride;      // S rounded up to a multiple of 4 (16-byte aligned rows)
   int hq, hkv, s, chunk, num_chunks, slices;
   float scale;
 };
@@ -88,7 +89,7 @@ __global__ void __launch_bounds__(kScoreThreads) qk_scores_kernel(QkScoresParams
   for (int h = 0; h < GS; ++h) run[h] = {-INFINITY, 0.0f};
 
   const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + kvh * p.k_sh + sub * kVec;
-  float* sb = p.scores + (static_cast<int64_t>(b) * p.hq + h0) * p.s;  // [gs, S] rows of this block
+  float* sb = p.scores + (static_cast<int64_t>(b) * p.hq + h0) * p.score_stride;  // [gs, stride]
   constexpr int kKeysPerIter = score_keys_per_iter<T, D>();
   for (int base = chunk_begin; base < chunk_end; base += kKeysPerIter) {  // block-uniform loop
     uint4 raw[kScoreUnroll];
@@ -118,7 +119,7 @@ __global__ void __launch_bounds__(kScoreThreads) qk_scores_kernel(QkScoresParams
         for (int h = 0; h < GS; ++h) {
           if (h < gs) {
             const float s = dot[h] * p.scale;
-            sb[h * p.s + j] = s;
+            sb[h * p.score_stride + j] = s;
             run[h] = maxsum_merge(run[h], MaxSum{s, 1.0f});
           }
         }
@@ -142,8 +143,9 @@ __global__ void __launch_bounds__(kScoreThreads) qk_scores_kernel(QkScoresParams
 }
 
 struct QkSelectParams {
-  const float* scores;       // [B, Hq, S] scratch from qk_scores_kernel
+  const float* scores;       // [B, Hq, score_stride] scratch from qk_scores_kernel
   const MaxSum* partials;    // [B, Hq, num_chunks]
+  int64_t score_stride;      // multiple of 4
   const int32_t* seq_lens;   // [B]
   int64_t seq_stride;        // in elements
   float* out_scores;         // [B, Hq, N] contiguous
@@ -163,22 +165,26 @@ struct SelectShared {
   int digit, remaining, n_gt;
 };
 
-// Sum of v over the threads with a higher threadIdx.x (exclusive suffix sum); ends with a barrier,
-// so every thread must call it.
-__device__ __forceinline__ int block_suffix_exclusive(int v, SelectShared& sh) {
+// Exclusive prefix sum of v over threadIdx.x, and the block's total; ends with a barrier, so every
+// thread must call it.
+__device__ __forceinline__ int block_exclusive_scan(int v, int& total, SelectShared& sh) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   int inc = v;
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
-    const int t = __shfl_down_sync(kFullMask, inc, off);
-    if (lane + off < 32) inc += t;
+    const int t = __shfl_up_sync(kFullMask, inc, off);
+    if (lane >= off) inc += t;
   }
-  if (lane == 0) sh.warp_total[warp] = inc;
+  if (lane == 31) sh.warp_total[warp] = inc;
   __syncthreads();
-  int above = inc - v;
-  for (int w = warp + 1; w < kSelectThreads / 32; ++w) above += sh.warp_total[w];
+  int before = inc - v;
+  total = 0;
+  for (int w = 0; w < kSelectThreads / 32; ++w) {
+    before += w < warp ? sh.warp_total[w] : 0;
+    total += sh.warp_total[w];
+  }
   __syncthreads();
-  return above;
+  return before;
 }
 
 // (max, sumexp) over a row of chunk partials -> lse; every thread must call it.
@@ -203,23 +209,40 @@ __global__ void __launch_bounds__(kSelectThreads) qk_select_kernel(QkSelectParam
   const int nh = p.group_select ? g : 1;
   const int len = clamped_len(p.seq_lens, p.seq_stride, b, p.s);
   const int64_t row0 = static_cast<int64_t>(b) * p.hq + h0;
-  const float* srow = p.scores + row0 * p.s;  // [nh, S]
+  const float* srow = p.scores + row0 * p.score_stride;  // [nh, score_stride], 16-byte aligned rows
 
   for (int h = 0; h < nh; ++h) {
     const float lse = block_lse(p.partials + (row0 + h) * p.num_chunks, p.num_chunks, sh);
     if (threadIdx.x == 0) {
       p.out_lse[row0 + h] = lse;
-      if (p.group_select) sh.lse[h] = lse;  // read by key_at after the barriers below
+      if (p.group_select) sh.lse[h] = lse;  // read by keys4 after the barriers below
     }
   }
 
-  // Ranking key of key j (j < len).
-  auto key_at = [&](int j) -> uint32_t {
-    if (!p.group_select) return float_key(srow[j]);
-    float c = 0.0f;
-    for (int h = 0; h < nh; ++h) c += expf(srow[h * p.s + j] - sh.lse[h]);
-    return float_key(c);
+  // Ranking keys of keys 4·q .. 4·q + 3 (one 16-byte load per scratch row; entries at or past len
+  // are read from the row's padding or beyond L and must be ignored by the caller).
+  auto keys4 = [&](int q4, uint32_t* key) {
+    if (!p.group_select) {
+      const float4 v = *reinterpret_cast<const float4*>(srow + 4 * q4);
+      key[0] = float_key(v.x);
+      key[1] = float_key(v.y);
+      key[2] = float_key(v.z);
+      key[3] = float_key(v.w);
+      return;
+    }
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int h = 0; h < nh; ++h) {
+      const float4 v = *reinterpret_cast<const float4*>(srow + h * p.score_stride + 4 * q4);
+      const float lse = sh.lse[h];
+      c[0] += expf(v.x - lse);
+      c[1] += expf(v.y - lse);
+      c[2] += expf(v.z - lse);
+      c[3] += expf(v.w - lse);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) key[e] = float_key(c[e]);
   };
+  const int len4 = (len + 3) / 4;  // 16-byte groups of keys holding the valid ones
 
   const int count = min(p.n, len);          // valid outputs
   int sort_size = 1;                        // power of two >= count
@@ -240,9 +263,15 @@ __global__ void __launch_bounds__(kSelectThreads) qk_select_kernel(QkSelectParam
       const uint32_t digit_mask = (1u << kBits[pass]) - 1u;
       for (int i = threadIdx.x; i < kSelectBins; i += kSelectThreads) sh.hist[i] = 0;
       __syncthreads();
-      for (int j = threadIdx.x; j < len; j += kSelectThreads) {
-        const uint32_t key = key_at(j);
-        if ((key & hi_mask) == threshold) atomicAdd(&sh.hist[(key >> kShift[pass]) & digit_mask], 1);
+#pragma unroll 2
+      for (int q4 = threadIdx.x; q4 < len4; q4 += kSelectThreads) {
+        uint32_t key[4];
+        keys4(q4, key);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (4 * q4 + e < len && (key[e] & hi_mask) == threshold)
+            atomicAdd(&sh.hist[(key[e] >> kShift[pass]) & digit_mask], 1);
+        }
       }
       __syncthreads();
       // Thread t owns bins [4t, 4t + 4); the digit is where the count from the top reaches remaining.
@@ -250,7 +279,9 @@ __global__ void __launch_bounds__(kSelectThreads) qk_select_kernel(QkSelectParam
       int mine = 0;
 #pragma unroll
       for (int i = 0; i < kBinsPerThread; ++i) mine += sh.hist[threadIdx.x * kBinsPerThread + i];
-      int above = block_suffix_exclusive(mine, sh);
+      int total;
+      const int below = block_exclusive_scan(mine, total, sh);
+      int above = total - below - mine;  // keys in the bins of higher threads
 #pragma unroll
       for (int i = kBinsPerThread - 1; i >= 0; --i) {
         const int bin = threadIdx.x * kBinsPerThread + i;
@@ -270,35 +301,41 @@ __global__ void __launch_bounds__(kSelectThreads) qk_select_kernel(QkSelectParam
   }
   const int n_gt = count - need_eq;  // keys strictly above the threshold
 
-  // Collect: keys above the threshold in any order (the sort orders them), keys equal to it by
-  // index order through a block-wide scan, tile by tile.
+  // Collect: keys above the threshold in any order (the sort orders them), keys equal to it in
+  // index order through a block-wide scan, 4·kSelectThreads keys per tile.
   if (threadIdx.x == 0) sh.n_gt = 0;
   __syncthreads();
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   int eq_base = 0;  // keys equal to the threshold in earlier tiles (the same in every thread)
-  for (int base = 0; base < len; base += kSelectThreads) {  // block-uniform loop
-    const int j = base + threadIdx.x;
-    const uint32_t key = j < len ? key_at(j) : 0u;
-    const unsigned long long packed =
-        (static_cast<unsigned long long>(key) << 32) | static_cast<uint32_t>(~j);
-    if (j < len && key > threshold) {
-      const int pos = atomicAdd(&sh.n_gt, 1);
-      if (pos < n_gt) sh.cand[pos] = packed;
+  for (int base4 = 0; base4 < len4; base4 += kSelectThreads) {  // block-uniform loop
+    const int q4 = base4 + threadIdx.x;
+    uint32_t key[4] = {0u, 0u, 0u, 0u};
+    if (q4 < len4) keys4(q4, key);
+    int my_eq = 0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = 4 * q4 + e;
+      if (j < len && key[e] > threshold) {
+        const int pos = atomicAdd(&sh.n_gt, 1);
+        if (pos < n_gt)
+          sh.cand[pos] = (static_cast<unsigned long long>(key[e]) << 32) | static_cast<uint32_t>(~j);
+      }
+      my_eq += j < len && need_eq > 0 && key[e] == threshold;
     }
-    const bool eq = j < len && need_eq > 0 && key == threshold;
-    const unsigned ballot = __ballot_sync(kFullMask, eq);
-    if (lane == 0) sh.warp_total[warp] = __popc(ballot);
-    __syncthreads();
-    int rank = eq_base + __popc(ballot & ((1u << lane) - 1u));
-    int tile_total = 0;
-    for (int w = 0; w < kSelectThreads / 32; ++w) {
-      rank += w < warp ? sh.warp_total[w] : 0;
-      tile_total += sh.warp_total[w];
+    int tile_total;
+    int rank = eq_base + block_exclusive_scan(my_eq, tile_total, sh);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = 4 * q4 + e;
+      if (j < len && need_eq > 0 && key[e] == threshold) {
+        if (rank < need_eq)
+          sh.cand[n_gt + rank] =
+              (static_cast<unsigned long long>(key[e]) << 32) | static_cast<uint32_t>(~j);
+        ++rank;
+      }
     }
-    if (eq && rank < need_eq) sh.cand[n_gt + rank] = packed;
     eq_base += tile_total;
-    __syncthreads();  // warp_total is rewritten in the next tile
   }
+  __syncthreads();
 
   // Bitonic sort of cand[0, sort_size) in descending order.
   for (int k = 2; k <= sort_size; k <<= 1) {
@@ -324,7 +361,7 @@ __global__ void __launch_bounds__(kSelectThreads) qk_select_kernel(QkSelectParam
     for (int h = 0; h < nh; ++h) {
       const int64_t o = (row0 + h) * p.n + i;
       p.out_indices[o] = valid ? j : -1;
-      p.out_scores[o] = valid ? srow[h * p.s + j] : -INFINITY;
+      p.out_scores[o] = valid ? srow[h * p.score_stride + j] : -INFINITY;
     }
   }
 }
