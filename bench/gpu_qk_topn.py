@@ -20,7 +20,7 @@ def torch_way(q, k, lens, n, scale):
     """Scores by matmul, masked, then topk (no lse)."""
     B, Hq, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    s = torch.matmul(q.view(B, Hkv, Hq // Hkv, 1, D), k[:, :, None].transpose(-1, -2))
+    s = torch.matmul(q.view(B, Hkv, Hq // Hkv, D), k.transpose(-1, -2))  # [B, Hkv, G, S]
     s = s.view(B, Hq, S).float() * scale
     s = s.masked_fill(torch.arange(S, device=q.device) >= lens[:, None, None], float("-inf"))
     return torch.topk(s, min(n, S), dim=-1)
