@@ -32,13 +32,13 @@ def dense_step(q, k, v, lens):
 
 
 def host_v(B, S):
-    """Pinned mapped V [B, Hkv, S, D] bf16 with random values (one block filled, then copied)."""
+    """Pinned mapped V [B, Hkv, S, D] bf16: one random block of 64M values repeated."""
     v = kcache_ops.alloc_host((B, Hkv, S, D), torch.bfloat16)
     flat = v.view(-1)
-    block = torch.randn(min(flat.numel(), 64 << 20)).to(torch.bfloat16)
-    for start in range(0, flat.numel(), block.numel()):
-        end = min(flat.numel(), start + block.numel())
-        flat[start:end] = block[: end - start]
+    pattern = torch.randn(min(flat.numel(), 64 << 20)).to(torch.bfloat16)
+    for start in range(0, flat.numel(), pattern.numel()):
+        end = min(flat.numel(), start + pattern.numel())
+        flat[start:end] = pattern[: end - start]
     return v
 
 

@@ -80,5 +80,17 @@ def check_topn(scores, indices, lse, s_ref, lse_ref, seq_lens, n, group=None, at
             assert (picked >= kth * (1 - rel) - 1e-30).all(), "a pick below the n-th group mass"
             assert (picked[:, 1:] <= picked[:, :-1] * (1 + rel) + 1e-30).all(), "not descending"
 
+def host_random(shape, dtype, block=1 << 24):
+    """Pinned mapped host tensor (kcache_ops.alloc_host) of random values, filled by repeating one
+    random block of `block` elements (a serial CPU generator would take seconds per GiB)."""
+    t = kcache_ops.alloc_host(shape, dtype)
+    flat = t.view(-1)
+    pattern = torch.randn(min(block, flat.numel())).to(dtype)
+    for start in range(0, flat.numel(), pattern.numel()):
+        end = min(flat.numel(), start + pattern.numel())
+        flat[start:end] = pattern[: end - start]
+    return t
+
+
 def default_scale(D):
     return 1.0 / math.sqrt(D)

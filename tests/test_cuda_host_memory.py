@@ -5,7 +5,7 @@ import torch
 
 import kcache_ops
 from kcache_ops import reference
-from cuda_checks import requires_cuda
+from cuda_checks import host_random, requires_cuda
 
 pytestmark = requires_cuda
 
@@ -20,8 +20,7 @@ def test_v_only_in_host_ram():
     B, Hq, Hkv, S, D, n = 8, 32, 8, 32768, 128, 64
     torch.cuda.synchronize()
     free_before = torch.cuda.mem_get_info()[0]
-    v = kcache_ops.alloc_host((B, Hkv, S, D), torch.bfloat16)  # 1 GiB
-    v.uniform_(-1, 1)
+    v = host_random((B, Hkv, S, D), torch.bfloat16)  # 1 GiB
     q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
     lens = torch.full((B,), S, device="cuda", dtype=torch.int32)

@@ -5,7 +5,8 @@ import torch
 
 import kcache_ops
 from kcache_ops import reference
-from cuda_checks import check_topn, default_scale, random_case, ref_scores, requires_cuda
+from cuda_checks import (check_topn, default_scale, host_random, random_case, ref_scores,
+                         requires_cuda)
 
 pytestmark = requires_cuda
 
@@ -123,8 +124,7 @@ def test_decode_long(B, S, n):
     """qk_topn + sparse_attn_v at long context, group mode, V only in host RAM."""
     Hq, Hkv, D = 32, 8, 128
     q, k, lens = random_case(B, Hq, Hkv, S, D, torch.bfloat16, seed=S)
-    v = kcache_ops.alloc_host((B, Hkv, S, D), torch.bfloat16)
-    v.normal_()
+    v = host_random((B, Hkv, S, D), torch.bfloat16)
     scores, idx, lse = kcache_ops.qk_topn(q, k, lens, n, None, True)
     out = kcache_ops.sparse_attn_v(scores, idx, v, lse)
     want = light_sparse_attn_v(scores.cpu(), idx.cpu(), v, lse.cpu(), True)
