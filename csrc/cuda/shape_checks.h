@@ -3,7 +3,7 @@
 // launchers need.
 #pragma once
 
-#include <c10/util/Optional.h>
+#include <optional>
 
 #include "../checks.h"
 
@@ -45,7 +45,7 @@ struct AttnDims {
 // (required when renormalize is false).
 inline AttnDims check_sparse_attn_v_args(const at::Tensor& scores, const at::Tensor& indices,
                                          const at::Tensor& v_cache,
-                                         const c10::optional<at::Tensor>& lse, bool renormalize) {
+                                         const std::optional<at::Tensor>& lse, bool renormalize) {
   KC_CHECK_DIM(scores, 3);
   KC_CHECK_DIM(indices, 3);
   KC_CHECK_DIM(v_cache, 4);

@@ -18,7 +18,7 @@ at::Tensor sparse_attn_v_cuda(
     const at::Tensor& scores,              // [B, Hq, N] float32, CUDA
     const at::Tensor& indices,             // [B, Hq, N] int32, CUDA
     const at::Tensor& v_cache,             // [B, Hkv, S, D], pinned mapped host memory
-    const c10::optional<at::Tensor>& lse,  // [B, Hq] float32, CUDA; needed unless renormalize
+    const std::optional<at::Tensor>& lse,  // [B, Hq] float32, CUDA; needed unless renormalize
     bool renormalize) {
   constexpr const char* kOp = "sparse_attn_v";
   const AttnDims dims = check_sparse_attn_v_args(scores, indices, v_cache, lse, renormalize);
