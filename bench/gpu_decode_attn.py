@@ -91,12 +91,9 @@ def main():
                 if pts:
                     ax.plot([r["S"] for r in pts], [r["ratio_vs_dense"] for r in pts],
                             "o-" if gsel else "x--", label=f"B={B} group_select={gsel}")
-        ax.axhline(0.6, color="k", lw=1, ls="--", label="target 0.6")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("tokens S")
-        ax.set_ylabel(f"KCache step / dense step ({backend})")
 
-    timing.save("gpu_decode_attn", meta, rows, plot)
+    timing.save("gpu_decode_attn", meta, rows, plot, "tokens S",
+                f"KCache step / dense step ({backend})", (0.6, "target 0.6"))
 
 
 if __name__ == "__main__":

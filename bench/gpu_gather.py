@@ -86,12 +86,9 @@ def main():
             ax.plot([r["row_bytes"] for r in pts], [r["row_bytes"] * n_rows * B * H /
                                                     r["torch_us"] / 1e3 for r in pts], "x--",
                     label=f"torch CPU gather + copy, {n_rows} rows/head")
-        ax.axhline(ceiling, color="k", lw=1, label="pinned memcpy H2D")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("row bytes")
-        ax.set_ylabel("GB/s")
 
-    timing.save("gpu_gather", meta, rows, plot)
+    timing.save("gpu_gather", meta, rows, plot, "row bytes", "GB/s",
+                (ceiling, "pinned memcpy H2D"))
 
 
 if __name__ == "__main__":

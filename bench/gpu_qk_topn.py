@@ -75,12 +75,9 @@ def main():
                 if pts:
                     ax.plot([r["S"] for r in pts], [r["pct_ceiling"] for r in pts], "o-",
                             label=f"{shape} B={B} N=64")
-        ax.axhline(70, color="k", lw=1, ls="--", label="target 70%")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("tokens S")
-        ax.set_ylabel("% of HBM ceiling (K bytes / d2d bandwidth)")
 
-    timing.save("gpu_qk_topn", meta, rows, plot)
+    timing.save("gpu_qk_topn", meta, rows, plot, "tokens S",
+                "% of HBM ceiling (K bytes / d2d bandwidth)", (70, "target 70%"))
 
 
 if __name__ == "__main__":

@@ -71,8 +71,9 @@ def line(**fields):
     return fields
 
 
-def save(name, meta, rows, plot):
-    """bench/results/<name>.json and <name>.png; `plot(ax, rows)` draws the figure."""
+def save(name, meta, rows, plot, xlabel, ylabel, hline):
+    """bench/results/<name>.json and <name>.png: `plot(ax, rows)` draws the curves over a log2 x
+    axis; hline = (y, label) marks the ceiling or target."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -81,6 +82,10 @@ def save(name, meta, rows, plot):
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     fig, ax = plt.subplots(figsize=(8, 5))
     plot(ax, rows)
+    ax.axhline(hline[0], color="k", lw=1, ls="--", label=hline[1])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(f"{name} — {meta['gpu']}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
