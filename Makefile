@@ -38,5 +38,9 @@ cmake-build: $(VENV)/.ready
 bench-cpu: build
 	$(PY) bench/cpu_ops.py
 
+# needs a CUDA GPU: tests, compute-sanitizer subset and the GPU benchmarks; logs and results in $OUT
+bench-gpu: build
+	PYTHON=$(abspath $(PY)) bash bench/run_gpu.sh tests sanitize bench
+
 clean:
 	rm -rf build build-cmake kcache_ops/*.so *.egg-info

@@ -14,7 +14,8 @@ int64_t host_bytes_available();
 #ifdef KCACHE_OPS_WITH_CUDA
 // True when at least one CUDA device is visible.
 bool cuda_device_present();
-// cudaHostAlloc(mapped | portable) as a CPU tensor whose deleter frees it (csrc/cuda/host_alloc.cu).
+// cudaHostAlloc(mapped | portable; KCACHE_OPS_HOST_ALLOC_WC=1 adds write-combined) as a CPU tensor
+// whose deleter frees it (csrc/cuda/host_alloc.cu).
 at::Tensor alloc_pinned_mapped(at::IntArrayRef shape, at::ScalarType dtype);
 #endif
 

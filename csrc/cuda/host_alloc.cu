@@ -1,4 +1,7 @@
 // Pinned, device-mapped host memory for V (zero-copy reads from GPU kernels).
+#include <cstdlib>
+#include <cstring>
+
 #include <cuda_runtime.h>
 
 #include <c10/core/CPUAllocator.h>
@@ -21,7 +24,12 @@ at::Tensor alloc_pinned_mapped(at::IntArrayRef shape, at::ScalarType dtype) {
   void* ptr = nullptr;
   if (bytes > 0) {
     // Mapped: kernels read it through its device pointer. Portable: every device sees it.
-    cudaError_t err = cudaHostAlloc(&ptr, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
+    // KCACHE_OPS_HOST_ALLOC_WC=1 adds write-combining (bench/gpu_gather.py compares the two for GPU
+    // reads; WC memory is very slow for the CPU to read, so it is not the default).
+    const char* wc = std::getenv("KCACHE_OPS_HOST_ALLOC_WC");
+    const unsigned flags = cudaHostAllocMapped | cudaHostAllocPortable |
+                           (wc != nullptr && std::strcmp(wc, "1") == 0 ? cudaHostAllocWriteCombined : 0u);
+    cudaError_t err = cudaHostAlloc(&ptr, bytes, flags);
     if (err != cudaSuccess) {
       cudaGetLastError();  // clear the error so later calls are not blamed for it
       TORCH_CHECK(false, "alloc_host: cudaHostAlloc of ", bytes, " bytes (shape ", shape, " ",

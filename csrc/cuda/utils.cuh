@@ -1,5 +1,5 @@
-// Shared CUDA helpers: error checks that name the op, ceil_div. No torch headers here beyond c10's
-// exception macro, so kernels stay plain CUDA.
+// Launcher-side CUDA helpers: error checks that name the op (usable from .cpp and .cu files). Device
+// helpers (vector loads, reductions, ceil_div) are in kernel_utils.cuh, which has no torch headers.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -18,12 +18,3 @@
     cudaError_t err_ = cudaGetLastError();                                           \
     TORCH_CHECK(err_ == cudaSuccess, op ": kernel launch failed: ", cudaGetErrorString(err_)); \
   } while (0)
-
-namespace kcache_ops {
-
-template <typename T>
-__host__ __device__ constexpr T ceil_div(T a, T b) {
-  return (a + b - 1) / b;
-}
-
-}  // namespace kcache_ops

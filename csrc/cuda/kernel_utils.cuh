@@ -1,0 +1,115 @@
+// Device helpers shared by the kernels: 16-byte vector loads and conversions, the order-preserving
+// float->uint32 key, warp reductions. Plain CUDA: no torch headers (flashinfer keeps torch out of
+// its kernels), so the *_kernel.cuh headers stay independent of the launchers.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace kcache_ops {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <typename T>
+__host__ __device__ constexpr T ceil_div(T a, T b) {
+  return (a + b - 1) / b;
+}
+
+// Elements of T in one 16-byte vector, and its conversion to float32.
+template <typename T>
+struct Vec16;
+
+template <>
+struct Vec16<float> {
+  static constexpr int kElems = 4;
+  __device__ __forceinline__ static void to_float(const uint4& raw, float* out) {
+    out[0] = __uint_as_float(raw.x);
+    out[1] = __uint_as_float(raw.y);
+    out[2] = __uint_as_float(raw.z);
+    out[3] = __uint_as_float(raw.w);
+  }
+  __device__ __forceinline__ static float one(float x) { return x; }
+  __device__ __forceinline__ static float from(float x) { return x; }
+};
+
+template <>
+struct Vec16<__half> {
+  static constexpr int kElems = 8;
+  __device__ __forceinline__ static void to_float(const uint4& raw, float* out) {
+    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(h[i]);
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
+  }
+  __device__ __forceinline__ static float one(__half x) { return __half2float(x); }
+  __device__ __forceinline__ static __half from(float x) { return __float2half_rn(x); }
+};
+
+template <>
+struct Vec16<__nv_bfloat16> {
+  static constexpr int kElems = 8;
+  __device__ __forceinline__ static void to_float(const uint4& raw, float* out) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
+  }
+  __device__ __forceinline__ static float one(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ __forceinline__ static __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
+};
+
+// One 16-byte load (LDG.E.128); p must be 16-byte aligned.
+__device__ __forceinline__ uint4 load16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+
+// Order-preserving map float -> uint32 (a < b  <=>  key(a) < key(b)); -0 is folded into +0 so that
+// equal scores tie (and tie to the lower index) as they do in torch.sort.
+__device__ __forceinline__ uint32_t float_key(float f) {
+  const uint32_t bits = __float_as_uint(f == 0.0f ? 0.0f : f);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// Running (max, sum of exp(x - max)) of a stream of scores; merging is exact up to rounding and
+// never produces NaN for empty (-inf, 0) states.
+struct MaxSum {
+  float m;
+  float l;
+};
+
+__device__ __forceinline__ MaxSum maxsum_merge(MaxSum a, MaxSum b) {
+  const float m = fmaxf(a.m, b.m);
+  if (m == -INFINITY) return {-INFINITY, 0.0f};
+  return {m, a.l * expf(a.m - m) + b.l * expf(b.m - m)};
+}
+
+// Butterfly reduction over the 32 lanes: every lane ends with the same value.
+__device__ __forceinline__ MaxSum warp_maxsum(MaxSum v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    MaxSum o{__shfl_xor_sync(kFullMask, v.m, off), __shfl_xor_sync(kFullMask, v.l, off)};
+    v = maxsum_merge(v, o);
+  }
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, off));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+}  // namespace kcache_ops

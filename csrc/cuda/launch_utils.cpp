@@ -1,0 +1,66 @@
+// Host-memory, alignment and value checks shared by the CUDA launchers (declared in launch_utils.h).
+#include "launch_utils.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#include <ATen/ATen.h>
+
+#include "utils.cuh"
+
+namespace kcache_ops {
+
+const void* host_mapped_device_ptr(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor in pinned, device-mapped "
+              "host memory (allocate it with kcache_ops.alloc_host), got a tensor on ", t.device());
+  if (t.numel() == 0) return nullptr;
+  void* host = t.data_ptr();
+  cudaPointerAttributes attr{};
+  cudaError_t err = cudaPointerGetAttributes(&attr, host);
+  if (err != cudaSuccess || attr.type != cudaMemoryTypeHost) {
+    cudaGetLastError();  // an expected failure must not be blamed on the next launch
+    TORCH_CHECK(false, op, ": ", name, " must be pinned, device-mapped host memory (allocate it "
+                "with kcache_ops.alloc_host), got pageable CPU memory; the op never copies it");
+  }
+  // The address through which kernels reach `host` (an interior pointer maps to the interior
+  // address); null when the pinned memory is not mapped into the device address space.
+  TORCH_CHECK(attr.devicePointer != nullptr, op, ": ", name, " is pinned but not mapped into the "
+              "device address space (allocate it with kcache_ops.alloc_host)");
+  return attr.devicePointer;
+}
+
+void check_vec16_aligned(const at::Tensor& t, const char* op, const char* name) {
+  const int64_t esize = t.element_size();
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.size(-1) * esize % 16 == 0;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) ok = ok && (t.size(i) <= 1 || t.stride(i) * esize % 16 == 0);
+  TORCH_CHECK(ok || t.numel() == 0, op, ": ", name, " rows must be 16-byte aligned for vector "
+              "loads (data pointer, row bytes and every stride a multiple of 16 bytes), got ",
+              "sizes ", t.sizes(), ", strides ", t.strides(), ", ", t.element_size(),
+              "-byte elements");
+}
+
+bool should_validate_values(cudaStream_t stream) {
+  const char* env = std::getenv("KCACHE_OPS_VALIDATE");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  KC_CUDA_CHECK("kcache_ops", cudaStreamIsCapturing(stream, &status));
+  return status == cudaStreamCaptureStatusNone;
+}
+
+void check_values_in_range(const at::Tensor& t, int64_t lo, int64_t hi, const char* op,
+                           const char* what) {
+  if (t.numel() == 0) return;
+  auto [mn, mx] = at::aminmax(t);
+  const at::Tensor both = at::stack({mn, mx}).to(at::kCPU, at::kLong);
+  const int64_t vmin = both[0].item<int64_t>(), vmax = both[1].item<int64_t>();
+  TORCH_CHECK(vmin >= lo && vmax <= hi, op, ": ", what, " must lie in [", lo, ", ", hi,
+              "], got values from ", vmin, " to ", vmax);
+}
+
+int multiprocessor_count(int device) {
+  int sms = 0;
+  KC_CUDA_CHECK("kcache_ops", cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+}  // namespace kcache_ops

@@ -1,0 +1,65 @@
+// What the CUDA launchers share: host-memory and alignment checks, the sync-free value-validation
+// policy, and the dtype / head-dim / group-slice dispatch that turns runtime values into template
+// constants.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <torch/types.h>
+
+namespace kcache_ops {
+
+// The device address of a pinned, device-mapped CPU tensor (from kcache_ops.alloc_host), or an
+// error naming `name` that says how to allocate it. Never copies. nullptr for an empty tensor.
+const void* host_mapped_device_ptr(const at::Tensor& t, const char* op, const char* name);
+
+// Data pointer and the strides of every dim but the last are multiples of 16 bytes, so that rows
+// can be read with 16-byte vector loads.
+void check_vec16_aligned(const at::Tensor& t, const char* op, const char* name);
+
+// Values (seq_lens, indices) can only be checked against their range by reading them back, which
+// needs a host synchronisation. They are checked when the stream is not being captured into a CUDA
+// graph and KCACHE_OPS_VALIDATE is not "0"; the kernels themselves clamp every such value, so bad
+// input never reads out of bounds either way (see bench/NOTES.md).
+bool should_validate_values(cudaStream_t stream);
+
+// Error unless lo <= every element of t <= hi (one reduction and one device->host copy).
+void check_values_in_range(const at::Tensor& t, int64_t lo, int64_t hi, const char* op,
+                           const char* what);
+
+// Multiprocessors of the device.
+int multiprocessor_count(int device);
+
+// f(static_cast<T*>(nullptr)) with T the CUDA type of the dtype (float, __half, __nv_bfloat16).
+template <typename F>
+void dispatch_float_dtype(at::ScalarType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(static_cast<float*>(nullptr)); break;
+    case at::kHalf: f(static_cast<__half*>(nullptr)); break;
+    case at::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
+    default: TORCH_CHECK(false, op, ": dtype must be float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
+// f(std::integral_constant<int, D>{}) for D in {64, 128}.
+template <typename F>
+void dispatch_head_dim(int64_t d, const char* op, F&& f) {
+  if (d == 64) return f(std::integral_constant<int, 64>{});
+  if (d == 128) return f(std::integral_constant<int, 128>{});
+  TORCH_CHECK(false, op, ": head dim must be 64 or 128, got ", d);
+}
+
+// Query heads one block handles together: 4 for groups up to 4, else 8 (larger groups take
+// several slices of 8).
+template <typename F>
+void dispatch_group_slice(int64_t g, F&& f) {
+  if (g <= 4) return f(std::integral_constant<int, 4>{});
+  return f(std::integral_constant<int, 8>{});
+}
+
+}  // namespace kcache_ops

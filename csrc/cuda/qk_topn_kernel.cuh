@@ -1,0 +1,369 @@
+// qk_topn on the GPU, in two kernels (bytes and design: bench/NOTES.md).
+//
+// 1. qk_scores_kernel — one block per (chunk of keys, KV head, slice of <= GS query heads of its
+//    group, sequence). Each K row is read once with 16-byte loads and dotted with all the group's
+//    query heads held in registers. It writes the float32 scores s[b, h, j] (j < L_b) to a scratch
+//    buffer (G·4 bytes per key against D·sizeof(T) bytes of K: 6% for Llama-3 bf16) and the chunk's
+//    (max, sumexp) per head.
+// 2. qk_select_kernel — one block per (query head, or KV head in group mode; sequence). It merges the
+//    chunks' (max, sumexp) into lse, then finds the N-th largest ranking key by a 3-pass radix select
+//    (11 + 11 + 10 bits) over the row (16-byte loads of the scratch), collects the entries above it plus the lowest-index entries
+//    equal to it, sorts these <= N candidates by (key desc, index asc) with a bitonic sort in shared
+//    memory and writes scores, indices and padding. The ranking key is s (per head) or
+//    c_j = sum_h exp(s_hj - lse_h) (group mode), recomputed from the scratch rows on every pass.
+// Everything is deterministic: no float atomics, reductions in a fixed order, ties by index.
+#pragma once
+
+#include <cstdint>
+
+#include "kernel_utils.cuh"
+
+namespace kcache_ops {
+
+constexpr int kScoreThreads = 256;  // 8 warps
+constexpr int kScoreUnroll = 4;     // independent 16-byte K loads in flight per thread
+constexpr int kSelectThreads = 512;
+constexpr int kSelectBins = 2048;     // 11-bit radix digits
+constexpr int kMaxTopN = 4096;        // candidates sorted in shared memory (32 KiB)
+constexpr int kMaxGroupSelect = 128;  // query heads per KV head in group mode (lse in shared memory)
+
+struct QkScoresParams {
+  const void* q;             // [B, Hq, D] of T, last dim contiguous
+  int64_t q_sb, q_sh;        // strides in elements
+  const void* k;             // [B, Hkv, S, D] of T, last dim contiguous, rows 16-byte aligned
+  int64_t k_sb, k_sh, k_ss;  // strides in elements
+  const int32_t* seq_lens;   // [B], clamped to [0, S] here
+  int64_t seq_stride;        // in elements
+  float* scores;             // [B, Hq, score_stride] scratch, written for j < L_b
+  MaxSum* partials;          // [B, Hq, num_chunks] (max, sumexp) of each chunk
+  int64_t score_stride;      // S rounded up to a multiple of 4 (16-byte aligned rows)
+  int hq, hkv, s, chunk, num_chunks, slices;
+  float scale;
+};
+
+// Keys of one block-iteration for element type T and head dim D (the chunk is a multiple of it).
+template <typename T, int D>
+constexpr int score_keys_per_iter() {
+  return (kScoreThreads / 32) * (32 / (D / Vec16<T>::kElems)) * kScoreUnroll;
+}
+
+__device__ __forceinline__ int clamped_len(const int32_t* seq_lens, int64_t stride, int b, int s) {
+  const int l = seq_lens[b * stride];
+  return l < 0 ? 0 : (l > s ? s : l);
+}
+
+// grid (num_chunks, Hkv * slices, B), block kScoreThreads.
+template <typename T, int D, int GS>
+__global__ void __launch_bounds__(kScoreThreads) qk_scores_kernel(QkScoresParams p) {
+  constexpr int kVec = Vec16<T>::kElems;  // elements per 16-byte load
+  constexpr int kLanesPerKey = D / kVec;  // 8, 16 or 32 lanes share one key row
+  constexpr int kKeysPerLoad = 32 / kLanesPerKey;
+  static_assert(D % kVec == 0 && 32 % kLanesPerKey == 0, "unsupported head dim");
+
+  const int b = blockIdx.z;
+  const int kvh = blockIdx.y / p.slices;
+  const int g = p.hq / p.hkv;
+  const int h0 = kvh * g + (blockIdx.y % p.slices) * GS;  // first query head of this block
+  const int gs = min(GS, kvh * g + g - h0);               // query heads in this block
+  const int len = clamped_len(p.seq_lens, p.seq_stride, b, p.s);
+  const int chunk_begin = blockIdx.x * p.chunk;
+  const int chunk_end = min(chunk_begin + p.chunk, len);
+
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int sub = lane % kLanesPerKey;  // which 16-byte piece of the row this lane reads
+  const int kslot = lane / kLanesPerKey;
+
+  // This lane's slice of each query head, float32.
+  float qf[GS][kVec];
+  const T* q = static_cast<const T*>(p.q) + b * p.q_sb;
+#pragma unroll
+  for (int h = 0; h < GS; ++h) {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e)
+      qf[h][e] = h < gs ? Vec16<T>::one(q[(h0 + h) * p.q_sh + sub * kVec + e]) : 0.0f;
+  }
+
+  MaxSum run[GS];
+#pragma unroll
+  for (int h = 0; h < GS; ++h) run[h] = {-INFINITY, 0.0f};
+
+  const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + kvh * p.k_sh + sub * kVec;
+  float* sb = p.scores + (static_cast<int64_t>(b) * p.hq + h0) * p.score_stride;  // [gs, stride]
+  constexpr int kKeysPerIter = score_keys_per_iter<T, D>();
+  for (int base = chunk_begin; base < chunk_end; base += kKeysPerIter) {  // block-uniform loop
+    uint4 raw[kScoreUnroll];
+#pragma unroll
+    for (int u = 0; u < kScoreUnroll; ++u) {
+      const int j = base + (warp * kScoreUnroll + u) * kKeysPerLoad + kslot;
+      raw[u] = j < chunk_end ? load16(kb + j * p.k_ss) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kScoreUnroll; ++u) {
+      const int j = base + (warp * kScoreUnroll + u) * kKeysPerLoad + kslot;
+      float kf[kVec];
+      Vec16<T>::to_float(raw[u], kf);
+      float dot[GS];
+#pragma unroll
+      for (int h = 0; h < GS; ++h) {
+        dot[h] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) dot[h] = fmaf(qf[h][e], kf[e], dot[h]);
+        // Sum over the lanes of this key (xor offsets below kLanesPerKey stay inside the group).
+#pragma unroll
+        for (int off = kLanesPerKey / 2; off > 0; off >>= 1)
+          dot[h] += __shfl_xor_sync(kFullMask, dot[h], off);
+      }
+      if (sub == 0 && j < chunk_end) {
+#pragma unroll
+        for (int h = 0; h < GS; ++h) {
+          if (h < gs) {
+            const float s = dot[h] * p.scale;
+            sb[h * p.score_stride + j] = s;
+            run[h] = maxsum_merge(run[h], MaxSum{s, 1.0f});
+          }
+        }
+      }
+    }
+  }
+
+  // Block reduction of (max, sumexp) per head in a fixed order.
+  __shared__ MaxSum warp_part[kScoreThreads / 32][GS];
+#pragma unroll
+  for (int h = 0; h < GS; ++h) {
+    const MaxSum r = warp_maxsum(run[h]);
+    if (lane == 0) warp_part[warp][h] = r;
+  }
+  __syncthreads();
+  if (threadIdx.x < gs) {
+    MaxSum r = warp_part[0][threadIdx.x];
+    for (int w = 1; w < kScoreThreads / 32; ++w) r = maxsum_merge(r, warp_part[w][threadIdx.x]);
+    p.partials[(static_cast<int64_t>(b) * p.hq + h0 + threadIdx.x) * p.num_chunks + blockIdx.x] = r;
+  }
+}
+
+struct QkSelectParams {
+  const float* scores;       // [B, Hq, score_stride] scratch from qk_scores_kernel
+  const MaxSum* partials;    // [B, Hq, num_chunks]
+  int64_t score_stride;      // multiple of 4
+  const int32_t* seq_lens;   // [B]
+  int64_t seq_stride;        // in elements
+  float* out_scores;         // [B, Hq, N] contiguous
+  int32_t* out_indices;      // [B, Hq, N] contiguous
+  float* out_lse;            // [B, Hq] contiguous
+  int hq, hkv, s, n, num_chunks;
+  bool group_select;
+};
+
+// Shared state of one select block.
+struct SelectShared {
+  unsigned long long cand[kMaxTopN];  // (key << 32) | ~index, sorted descending
+  int hist[kSelectBins];
+  float lse[kMaxGroupSelect];
+  MaxSum part[kSelectThreads / 32];
+  int warp_total[kSelectThreads / 32];
+  int digit, remaining, n_gt;
+};
+
+// Exclusive prefix sum of v over threadIdx.x, and the block's total; ends with a barrier, so every
+// thread must call it.
+__device__ __forceinline__ int block_exclusive_scan(int v, int& total, SelectShared& sh) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int inc = v;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int t = __shfl_up_sync(kFullMask, inc, off);
+    if (lane >= off) inc += t;
+  }
+  if (lane == 31) sh.warp_total[warp] = inc;
+  __syncthreads();
+  int before = inc - v;
+  total = 0;
+  for (int w = 0; w < kSelectThreads / 32; ++w) {
+    before += w < warp ? sh.warp_total[w] : 0;
+    total += sh.warp_total[w];
+  }
+  __syncthreads();
+  return before;
+}
+
+// (max, sumexp) over a row of chunk partials -> lse; every thread must call it.
+__device__ __forceinline__ float block_lse(const MaxSum* part, int num_chunks, SelectShared& sh) {
+  MaxSum r{-INFINITY, 0.0f};
+  for (int c = threadIdx.x; c < num_chunks; c += kSelectThreads) r = maxsum_merge(r, part[c]);
+  r = warp_maxsum(r);
+  if (threadIdx.x % 32 == 0) sh.part[threadIdx.x / 32] = r;
+  __syncthreads();
+  r = sh.part[0];
+  for (int w = 1; w < kSelectThreads / 32; ++w) r = maxsum_merge(r, sh.part[w]);
+  __syncthreads();
+  return r.m == -INFINITY ? -INFINITY : r.m + logf(r.l);
+}
+
+// grid (Hq, or Hkv in group mode; B), block kSelectThreads.
+__global__ void __launch_bounds__(kSelectThreads) qk_select_kernel(QkSelectParams p) {
+  __shared__ SelectShared sh;
+  const int b = blockIdx.y;
+  const int g = p.hq / p.hkv;
+  const int h0 = p.group_select ? blockIdx.x * g : blockIdx.x;  // first query head of this row
+  const int nh = p.group_select ? g : 1;
+  const int len = clamped_len(p.seq_lens, p.seq_stride, b, p.s);
+  const int64_t row0 = static_cast<int64_t>(b) * p.hq + h0;
+  const float* srow = p.scores + row0 * p.score_stride;  // [nh, score_stride], 16-byte aligned rows
+
+  for (int h = 0; h < nh; ++h) {
+    const float lse = block_lse(p.partials + (row0 + h) * p.num_chunks, p.num_chunks, sh);
+    if (threadIdx.x == 0) {
+      p.out_lse[row0 + h] = lse;
+      if (p.group_select) sh.lse[h] = lse;  // read by keys4 after the barriers below
+    }
+  }
+
+  // Ranking keys of keys 4·q .. 4·q + 3 (one 16-byte load per scratch row; entries at or past len
+  // are read from the row's padding or beyond L and must be ignored by the caller).
+  auto keys4 = [&](int q4, uint32_t* key) {
+    if (!p.group_select) {
+      const float4 v = *reinterpret_cast<const float4*>(srow + 4 * q4);
+      key[0] = float_key(v.x);
+      key[1] = float_key(v.y);
+      key[2] = float_key(v.z);
+      key[3] = float_key(v.w);
+      return;
+    }
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int h = 0; h < nh; ++h) {
+      const float4 v = *reinterpret_cast<const float4*>(srow + h * p.score_stride + 4 * q4);
+      const float lse = sh.lse[h];
+      c[0] += expf(v.x - lse);
+      c[1] += expf(v.y - lse);
+      c[2] += expf(v.z - lse);
+      c[3] += expf(v.w - lse);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) key[e] = float_key(c[e]);
+  };
+  const int len4 = (len + 3) / 4;  // 16-byte groups of keys holding the valid ones
+
+  const int count = min(p.n, len);          // valid outputs
+  int sort_size = 1;                        // power of two >= count
+  while (sort_size < count) sort_size <<= 1;
+  for (int i = threadIdx.x; i < sort_size; i += kSelectThreads) sh.cand[i] = 0ull;  // sorts last
+
+  // threshold: the count-th largest key; need_eq: how many keys equal to it are taken (lowest
+  // indices first). When every valid key is taken, threshold 0 lies below every key.
+  uint32_t threshold = 0;
+  int need_eq = 0;
+  if (len > p.n) {  // block-uniform
+    int remaining = p.n;
+    constexpr int kShift[3] = {21, 10, 0};
+    constexpr int kBits[3] = {11, 11, 10};
+#pragma unroll
+    for (int pass = 0; pass < 3; ++pass) {
+      const uint32_t hi_mask = pass == 0 ? 0u : ~0u << (kShift[pass] + kBits[pass]);
+      const uint32_t digit_mask = (1u << kBits[pass]) - 1u;
+      for (int i = threadIdx.x; i < kSelectBins; i += kSelectThreads) sh.hist[i] = 0;
+      __syncthreads();
+#pragma unroll 2
+      for (int q4 = threadIdx.x; q4 < len4; q4 += kSelectThreads) {
+        uint32_t key[4];
+        keys4(q4, key);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (4 * q4 + e < len && (key[e] & hi_mask) == threshold)
+            atomicAdd(&sh.hist[(key[e] >> kShift[pass]) & digit_mask], 1);
+        }
+      }
+      __syncthreads();
+      // Thread t owns bins [4t, 4t + 4); the digit is where the count from the top reaches remaining.
+      constexpr int kBinsPerThread = kSelectBins / kSelectThreads;
+      int mine = 0;
+#pragma unroll
+      for (int i = 0; i < kBinsPerThread; ++i) mine += sh.hist[threadIdx.x * kBinsPerThread + i];
+      int total;
+      const int below = block_exclusive_scan(mine, total, sh);
+      int above = total - below - mine;  // keys in the bins of higher threads
+#pragma unroll
+      for (int i = kBinsPerThread - 1; i >= 0; --i) {
+        const int bin = threadIdx.x * kBinsPerThread + i;
+        const int c = sh.hist[bin];
+        if (above < remaining && above + c >= remaining) {
+          sh.digit = bin;
+          sh.remaining = remaining - above;
+        }
+        above += c;
+      }
+      __syncthreads();
+      threshold |= static_cast<uint32_t>(sh.digit) << kShift[pass];
+      remaining = sh.remaining;
+      __syncthreads();  // sh.digit / sh.remaining are rewritten in the next pass
+    }
+    need_eq = remaining;
+  }
+  const int n_gt = count - need_eq;  // keys strictly above the threshold
+
+  // Collect: keys above the threshold in any order (the sort orders them), keys equal to it in
+  // index order through a block-wide scan, 4·kSelectThreads keys per tile.
+  if (threadIdx.x == 0) sh.n_gt = 0;
+  __syncthreads();
+  int eq_base = 0;  // keys equal to the threshold in earlier tiles (the same in every thread)
+  for (int base4 = 0; base4 < len4; base4 += kSelectThreads) {  // block-uniform loop
+    const int q4 = base4 + threadIdx.x;
+    uint32_t key[4] = {0u, 0u, 0u, 0u};
+    if (q4 < len4) keys4(q4, key);
+    int my_eq = 0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = 4 * q4 + e;
+      if (j < len && key[e] > threshold) {
+        const int pos = atomicAdd(&sh.n_gt, 1);
+        if (pos < n_gt)
+          sh.cand[pos] = (static_cast<unsigned long long>(key[e]) << 32) | static_cast<uint32_t>(~j);
+      }
+      my_eq += j < len && need_eq > 0 && key[e] == threshold;
+    }
+    int tile_total;
+    int rank = eq_base + block_exclusive_scan(my_eq, tile_total, sh);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = 4 * q4 + e;
+      if (j < len && need_eq > 0 && key[e] == threshold) {
+        if (rank < need_eq)
+          sh.cand[n_gt + rank] =
+              (static_cast<unsigned long long>(key[e]) << 32) | static_cast<uint32_t>(~j);
+        ++rank;
+      }
+    }
+    eq_base += tile_total;
+  }
+  __syncthreads();
+
+  // Bitonic sort of cand[0, sort_size) in descending order.
+  for (int k = 2; k <= sort_size; k <<= 1) {
+    for (int stride = k >> 1; stride > 0; stride >>= 1) {
+      for (int i = threadIdx.x; i < sort_size; i += kSelectThreads) {
+        const int partner = i ^ stride;
+        if (partner > i) {
+          const unsigned long long a = sh.cand[i], c = sh.cand[partner];
+          const bool descending = (i & k) == 0;
+          if (descending ? a < c : a > c) {
+            sh.cand[i] = c;
+            sh.cand[partner] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+
+  for (int i = threadIdx.x; i < p.n; i += kSelectThreads) {
+    const int j = i < count ? static_cast<int>(~static_cast<uint32_t>(sh.cand[i])) : -1;
+    const bool valid = j >= 0 && j < len;
+    for (int h = 0; h < nh; ++h) {
+      const int64_t o = (row0 + h) * p.n + i;
+      p.out_indices[o] = valid ? j : -1;
+      p.out_scores[o] = valid ? srow[h * p.score_stride + j] : -INFINITY;
+    }
+  }
+}
+
+}  // namespace kcache_ops

@@ -1,0 +1,174 @@
+"""The CUDA kernels against the float32 reference: odd sizes, GQA slices, N up to 4096, exact ties,
+strided inputs, long sequences (32K-128K tokens, batch up to 64, N up to 1024) and the value checks."""
+import pytest
+import torch
+
+import kcache_ops
+from kcache_ops import reference
+from cuda_checks import (check_topn, default_scale, host_random, random_case, ref_scores,
+                         requires_cuda)
+
+pytestmark = requires_cuda
+
+# (Hq, Hkv, D): Llama-3-8B, SmolLM2, MHA, a group of 16 (two slices of 8 query heads)
+SHAPES = [(32, 8, 128), (9, 3, 64), (4, 4, 64), (16, 1, 128)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# sparse_attn_v output against the float32 reference (output rounded to the dtype of V)
+OUT_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def host_copy(t):
+    """t as pinned, device-mapped host memory (kcache_ops.alloc_host)."""
+    h = kcache_ops.alloc_host(t.shape, t.dtype)
+    h.copy_(t)
+    return h
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("S", [1, 97, 1025, 5000])
+@pytest.mark.parametrize("n", [1, 64, 1024])
+@pytest.mark.parametrize("group_select", [False, True])
+def test_qk_topn_matches_reference(dtype, shape, S, n, group_select):
+    Hq, Hkv, D = shape
+    q, k, lens = random_case(3, Hq, Hkv, S, D, dtype, lens=[S, S // 2, 0], seed=S * n + Hq)
+    scale = default_scale(D)
+    scores, idx, lse = kcache_ops.qk_topn(q, k, lens, n, scale, group_select)
+    s_ref, lse_ref = ref_scores(q, k, lens, scale)
+    check_topn(scores, idx, lse, s_ref, lse_ref, lens.cpu(), n, Hq // Hkv if group_select else None)
+
+
+@pytest.mark.parametrize("group_select", [False, True])
+@pytest.mark.parametrize("n", [1, 7, 300, 4096])
+def test_qk_topn_exact_ties(group_select, n):
+    """Integer-valued scores (many ties): exactly the reference's indices, ties to the lower index."""
+    Hq, Hkv, D, S = 8, 2, 64, 6000
+    q, k, lens = random_case(2, Hq, Hkv, S, D, torch.float32, lens=[S, 4500], integer=True, seed=n)
+    if group_select:  # identical queries in a group keep the group mass a function of s alone
+        q = q.view(2, Hkv, Hq // Hkv, D)[:, :, :1].expand(2, Hkv, Hq // Hkv, D).reshape(2, Hq, D)
+    got = kcache_ops.qk_topn(q, k, lens, n, 1.0, group_select)
+    want = reference.qk_topn(q, k, lens, n, 1.0, group_select)
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(got[0], want[0])
+
+
+def test_qk_topn_strided_inputs():
+    """k_cache a slice of a larger cache along S, q a slice along D: strides are honoured."""
+    q_big = torch.randn(2, 8, 192, device="cuda", dtype=torch.bfloat16)
+    k_big = torch.randn(2, 2, 3000, 128, device="cuda", dtype=torch.bfloat16)
+    q, k = q_big[:, :, :128], k_big[:, :, :2500]
+    lens = torch.tensor([2500, 1999], device="cuda", dtype=torch.int32)
+    scores, idx, lse = kcache_ops.qk_topn(q, k, lens, 50)
+    s_ref, lse_ref = ref_scores(q, k, lens, default_scale(128))
+    check_topn(scores, idx, lse, s_ref, lse_ref, lens.cpu(), 50)
+
+
+# (B, S, n, (Hq, Hkv, D)): long sequences, large batch, N up to 1024
+LONG = [(1, 131072, 1024, (32, 8, 128)), (4, 65536, 64, (32, 8, 128)),
+        (64, 32768, 1024, (32, 8, 128)), (16, 32768, 256, (9, 3, 64))]
+
+
+@pytest.mark.parametrize("B,S,n,shape", LONG, ids=str)
+@pytest.mark.parametrize("group_select", [False, True])
+def test_qk_topn_long(B, S, n, shape, group_select):
+    Hq, Hkv, D = shape
+    q, k, lens = random_case(B, Hq, Hkv, S, D, torch.bfloat16, seed=B + S)
+    lens[0] = S
+    scores, idx, lse = kcache_ops.qk_topn(q, k, lens, n, default_scale(D), group_select)
+    s_ref, lse_ref = ref_scores(q, k, lens, default_scale(D))
+    check_topn(scores, idx, lse, s_ref, lse_ref, lens.cpu(), n, Hq // Hkv if group_select else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("group_select", [False, True])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_sparse_attn_v_matches_reference(dtype, shape, group_select, renormalize):
+    Hq, Hkv, D = shape
+    B, S, n = 3, 777, 100
+    q, k, lens = random_case(B, Hq, Hkv, S, D, dtype, lens=[S, 40, 0], seed=Hq * D)
+    v = host_copy(torch.randn(B, Hkv, S, D, dtype=dtype))
+    scores, idx, lse = kcache_ops.qk_topn(q, k, lens, n, None, group_select)
+    out = kcache_ops.sparse_attn_v(scores, idx, v, lse, renormalize)
+    want = reference.sparse_attn_v(scores.cpu(), idx.cpu(), v, lse.cpu(), renormalize)
+    assert out.is_cuda and out.dtype == dtype and out.shape == (B, Hq, D)
+    torch.testing.assert_close(out.cpu().float(), want.float(), atol=OUT_TOL[dtype],
+                               rtol=OUT_TOL[dtype])
+    assert (out[2] == 0).all()  # no valid entry: zeros
+
+
+@pytest.mark.parametrize("N", [1, 33, 1024])
+def test_sparse_attn_v_random_indices(N):
+    """Indices with padding anywhere, per-head rows, strided scores."""
+    B, Hq, Hkv, S, D = 2, 6, 2, 3000, 128
+    v = host_copy(torch.randn(B, Hkv, S, D, dtype=torch.float16))
+    idx = torch.randint(-1, S, (B, Hq, N), device="cuda", dtype=torch.int32)
+    scores = torch.randn(B, Hq, 2 * N, device="cuda")[:, :, ::2]
+    out = kcache_ops.sparse_attn_v(scores, idx, v)
+    want = reference.sparse_attn_v(scores.cpu(), idx.cpu(), v)
+    torch.testing.assert_close(out.cpu().float(), want.float(), atol=2e-3, rtol=2e-3)
+
+
+def light_sparse_attn_v(scores, indices, v_cache, lse, renormalize):
+    """reference.sparse_attn_v without its [B, Hq, S, D] copy of V: gathers only the N rows."""
+    p = reference.attn_weights(scores, indices, lse, renormalize)  # [B, Hq, N]
+    B, Hq, _ = indices.shape
+    bi = torch.arange(B)[:, None, None]
+    hi = (torch.arange(Hq) // (Hq // v_cache.shape[1]))[None, :, None]
+    rows = v_cache[bi, hi, indices.long().clamp(min=0)].float()  # [B, Hq, N, D]
+    return torch.einsum("bhn,bhnd->bhd", p, rows)
+
+
+@pytest.mark.parametrize("B,S,n", [(4, 131072, 1024), (32, 32768, 64)], ids=str)
+def test_decode_long(B, S, n):
+    """qk_topn + sparse_attn_v at long context, group mode, V only in host RAM."""
+    Hq, Hkv, D = 32, 8, 128
+    q, k, lens = random_case(B, Hq, Hkv, S, D, torch.bfloat16, seed=S)
+    v = host_random((B, Hkv, S, D), torch.bfloat16)
+    scores, idx, lse = kcache_ops.qk_topn(q, k, lens, n, None, True)
+    out = kcache_ops.sparse_attn_v(scores, idx, v, lse)
+    want = light_sparse_attn_v(scores.cpu(), idx.cpu(), v, lse.cpu(), True)
+    torch.testing.assert_close(out.cpu().float(), want, atol=1.6e-2, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int16], ids=str)
+@pytest.mark.parametrize("D", [8, 64, 128, 1024])
+def test_gather_rows_is_a_copy(dtype, D):
+    """Any row of a multiple of 16 bytes; -1 gives zeros; GQA head mapping."""
+    B, Hs, H, S, N = 2, 3, 9, 500, 77
+    src = host_copy(torch.randn(B, Hs, S, D).to(dtype))
+    idx = torch.randint(-1, S, (B, H, N), device="cuda", dtype=torch.int32)
+    got = kcache_ops.gather_rows(src, idx)
+    assert torch.equal(got.cpu(), reference.gather_rows(src, idx.cpu()))
+
+
+def test_value_checks():
+    q, k, lens = random_case(2, 4, 2, 100, 64, torch.float16)
+    with pytest.raises(RuntimeError, match="seq_lens"):
+        kcache_ops.qk_topn(q, k, torch.tensor([101, 5], device="cuda", dtype=torch.int32), 8)
+    with pytest.raises(RuntimeError, match="seq_lens"):
+        kcache_ops.qk_topn(q, k, torch.tensor([-1, 5], device="cuda", dtype=torch.int32), 8)
+    with pytest.raises(RuntimeError, match="at most 4096"):
+        kcache_ops.qk_topn(q, k, lens, 4097)
+    v = host_copy(torch.randn(2, 2, 100, 64, dtype=torch.float16))
+    bad = torch.full((2, 4, 8), 100, device="cuda", dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="indices"):
+        kcache_ops.sparse_attn_v(torch.zeros(2, 4, 8, device="cuda"), bad, v)
+    with pytest.raises(RuntimeError, match="indices"):
+        kcache_ops.gather_rows(v, bad)
+
+
+def test_out_of_range_values_never_read_out_of_bounds(monkeypatch):
+    """With the value checks off (as under graph capture) the kernels clamp seq_lens and skip bad
+    indices instead of reading outside the tensors."""
+    monkeypatch.setenv("KCACHE_OPS_VALIDATE", "0")
+    q, k, _ = random_case(1, 4, 2, 100, 64, torch.float16)
+    scores, idx, lse = kcache_ops.qk_topn(q, k, torch.tensor([10**6], device="cuda",
+                                                             dtype=torch.int32), 8)
+    want = kcache_ops.qk_topn(q, k, torch.tensor([100], device="cuda", dtype=torch.int32), 8)
+    assert torch.equal(idx, want[1])
+    v = host_copy(torch.randn(1, 2, 100, 64, dtype=torch.float16))
+    bad = torch.tensor([[[5, 100, -7, 10**9]] * 4], device="cuda", dtype=torch.int32)
+    out = kcache_ops.gather_rows(v, bad)
+    assert (out[:, :, 1:] == 0).all() and torch.equal(out[0, 0, 0].cpu(), v[0, 0, 5])
+    torch.cuda.synchronize()
