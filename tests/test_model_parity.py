@@ -53,3 +53,13 @@ def test_prefill_decode_match_forward(pair):
             for s in range(steps + 1):
                 torch.testing.assert_close(got[s][b], ref[n - 1 + s], atol=2e-5, rtol=1e-4)
     assert cache.seq_lens.tolist() == [n + steps for n in lens]
+
+
+def test_prefill_leaves_lens_alone(pair):
+    _, model = pair
+    lens = torch.tensor([3, 5], dtype=torch.int32)
+    cache = model.new_cache("dense", 2, 8)
+    with torch.no_grad():
+        model.prefill(torch.randint(0, 96, (2, 5)), lens, cache)
+        model.decode(torch.tensor([1, 2]), cache)
+    assert lens.tolist() == [3, 5] and cache.seq_lens.tolist() == [4, 6]

@@ -31,6 +31,11 @@ class DenseCache:
         Sequences, and tokens per sequence the cache can hold.
     device, dtype
         Of the cached K and V (the model's).
+
+    Attributes
+    ----------
+    k, v : list of Tensor [B, Hkv, S, D], one per layer, on ``device``
+    seq_lens : Tensor [B] int32 on ``device``
     """
 
     def __init__(self, config: LlamaConfig, batch: int, capacity: int, device, dtype):
@@ -44,22 +49,30 @@ class DenseCache:
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)  # [B]
         self._max_len = 0  # host copy of seq_lens.max(), so decode checks capacity without a sync
 
+    def store_prompt(self, layer, k, v):
+        """Store a prompt's K and V for ``layer`` without attending (the store half of prefill;
+        call it for every layer, then :meth:`finish_prefill`).
+
+        k, v [B, Hkv, T, D], RoPE applied, right-padded, T <= capacity.
+        """
+        t = k.shape[2]
+        if t > self.capacity:
+            raise ValueError(f"prompt of {t} tokens exceeds the cache capacity ({self.capacity})")
+        self.k[layer][:, :, :t] = k
+        self.v[layer][:, :, :t] = v
+
     def prefill(self, layer, q, k, v, lens):
         """Causal attention over the prompt and store its K/V.
 
         q [B, Hq, T, D], k and v [B, Hkv, T, D], lens [B] int32 -> out [B, Hq, T, D]. Prompts are
         right-padded, so plain causal attention is exact on every row ``t < lens[b]``.
         """
-        t = q.shape[2]
-        if t > self.capacity:
-            raise ValueError(f"prompt of {t} tokens exceeds the cache capacity ({self.capacity})")
-        self.k[layer][:, :, :t] = k
-        self.v[layer][:, :, :t] = v
+        self.store_prompt(layer, k, v)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
     def finish_prefill(self, lens):
-        """After the last layer's prefill: ``seq_lens = lens`` ([B] int32)."""
-        self.seq_lens = lens.to(device=self.seq_lens.device, dtype=torch.int32)
+        """After the last layer's prefill: ``seq_lens = lens`` ([B] int32, copied)."""
+        self.seq_lens = lens.to(device=self.seq_lens.device, dtype=torch.int32, copy=True)
         self._max_len = int(lens.max())
 
     def decode(self, layer, q, k, v):
