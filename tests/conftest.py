@@ -1,8 +1,10 @@
-"""Devices, dtypes and tolerances shared by the op tests."""
+"""Devices, dtypes, tolerances and input helpers shared by the op tests."""
+import zlib
+
 import pytest
 import torch
 
-import kcache_ops  # noqa: F401  (registers the ops)
+import kcache_ops
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -18,3 +20,30 @@ def device(request):
 @pytest.fixture(params=DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def dtype(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """Fresh random inputs in every case, reproducible from the test's id."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def host_tensor(t, device):
+    """``t`` where the op reads it from host memory (v_cache, src): on the CUDA path a pinned,
+    device-mapped copy made by kcache_ops.alloc_host, on the CPU path ``t`` on the CPU."""
+    t = t.cpu()
+    if device == "cpu":
+        return t
+    return kcache_ops.alloc_host(t.shape, t.dtype).copy_(t)
+
+
+def poison_allocator(device, shape, dtype):
+    """Frees a NaN-filled block the size of an op's output just before the op runs, so an output
+    element the op fails to write is likely to read back as NaN (always on the CUDA caching
+    allocator; where the CPU allocator reuses the block)."""
+    torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def seq_lens_tensor(lens, device):
+    """[B] int32 per-sequence lengths on ``device``."""
+    return torch.tensor(lens, dtype=torch.int32, device=device)

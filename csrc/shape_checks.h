@@ -1,0 +1,102 @@
+// Device-independent argument checks of the ops (ranks, shapes, dtypes, head dims, strides), shared
+// by the CPU implementations and the CUDA launchers. Device placement and checks that read tensor
+// values (seq_lens, indices) are device-specific and live next to each implementation.
+#pragma once
+
+#include <optional>
+
+#include "checks.h"
+
+namespace kcache_ops {
+
+// Sizes of a qk_topn call.
+struct QkTopnDims {
+  int64_t B, Hq, Hkv, G, S, D, n;
+};
+
+// q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B] int32, n >= 1.
+inline QkTopnDims check_qk_topn_args(const at::Tensor& q, const at::Tensor& k_cache,
+                                     const at::Tensor& seq_lens, int64_t n) {
+  KC_CHECK_DIM(q, 3);
+  KC_CHECK_DIM(k_cache, 4);
+  KC_CHECK_DIM(seq_lens, 1);
+  KC_CHECK_FLOATING(q);
+  KC_CHECK_SAME_DTYPE(q, k_cache);
+  KC_CHECK_DTYPE(seq_lens, at::kInt);
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = k_cache.size(1), S = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(0) == B, "k_cache batch (", k_cache.size(0), ") must equal q batch (",
+              B, ")");
+  TORCH_CHECK(seq_lens.size(0) == B, "seq_lens must have shape [", B, "] (q batch), got ",
+              seq_lens.sizes());
+  TORCH_CHECK(k_cache.size(3) == D, "k_cache head dim (", k_cache.size(3),
+              ") must equal q head dim (", D, ")");
+  KC_CHECK_GQA(Hq, Hkv, "q", "k_cache");
+  KC_CHECK_HEAD_DIM(q, D);
+  TORCH_CHECK(n >= 1, "n must be >= 1, got ", n);
+  KC_CHECK_LAST_CONTIGUOUS(q);
+  KC_CHECK_LAST_CONTIGUOUS(k_cache);
+  return {B, Hq, Hkv, Hq / Hkv, S, D, n};
+}
+
+// Sizes of a sparse_attn_v call.
+struct SparseAttnVDims {
+  int64_t B, Hq, Hkv, G, N, S, D;
+};
+
+// scores [B, Hq, N] float32, indices [B, Hq, N] int32, v_cache [B, Hkv, S, D],
+// lse [B, Hq] float32 (required when renormalize is false).
+inline SparseAttnVDims check_sparse_attn_v_args(const at::Tensor& scores,
+                                                const at::Tensor& indices,
+                                                const at::Tensor& v_cache,
+                                                const std::optional<at::Tensor>& lse,
+                                                bool renormalize) {
+  KC_CHECK_DIM(scores, 3);
+  KC_CHECK_DIM(indices, 3);
+  KC_CHECK_DIM(v_cache, 4);
+  KC_CHECK_DTYPE(scores, at::kFloat);
+  KC_CHECK_DTYPE(indices, at::kInt);
+  KC_CHECK_FLOATING(v_cache);
+  TORCH_CHECK(indices.sizes() == scores.sizes(), "indices must have the shape of scores ",
+              scores.sizes(), ", got ", indices.sizes());
+  const int64_t B = scores.size(0), Hq = scores.size(1), N = scores.size(2);
+  const int64_t Hkv = v_cache.size(1), S = v_cache.size(2), D = v_cache.size(3);
+  TORCH_CHECK(v_cache.size(0) == B, "v_cache batch (", v_cache.size(0),
+              ") must equal scores batch (", B, ")");
+  KC_CHECK_GQA(Hq, Hkv, "scores", "v_cache");
+  KC_CHECK_HEAD_DIM(v_cache, D);
+  KC_CHECK_LAST_CONTIGUOUS(scores);
+  KC_CHECK_LAST_CONTIGUOUS(indices);
+  KC_CHECK_LAST_CONTIGUOUS(v_cache);
+  TORCH_CHECK(renormalize || lse.has_value(),
+              "lse is required when renormalize=False, got None");
+  if (lse.has_value()) {
+    KC_CHECK_DTYPE(*lse, at::kFloat);
+    TORCH_CHECK(lse->dim() == 2 && lse->size(0) == B && lse->size(1) == Hq,
+                "lse must have shape [", B, ", ", Hq, "] (scores batch, heads), got ",
+                lse->sizes());
+  }
+  return {B, Hq, Hkv, Hq / Hkv, N, S, D};
+}
+
+// Sizes of a gather_rows call.
+struct GatherRowsDims {
+  int64_t B, H, Hs, G, N, S, D;
+};
+
+// src [B, Hs, S, D] (any dtype; a gather is a copy), indices [B, H, N] int32.
+inline GatherRowsDims check_gather_rows_args(const at::Tensor& src, const at::Tensor& indices) {
+  KC_CHECK_DIM(src, 4);
+  KC_CHECK_DIM(indices, 3);
+  KC_CHECK_DTYPE(indices, at::kInt);
+  const int64_t B = indices.size(0), H = indices.size(1), N = indices.size(2);
+  const int64_t Hs = src.size(1), S = src.size(2), D = src.size(3);
+  TORCH_CHECK(src.size(0) == B, "src batch (", src.size(0), ") must equal indices batch (", B,
+              ")");
+  KC_CHECK_GQA(H, Hs, "indices", "src");
+  KC_CHECK_LAST_CONTIGUOUS(src);
+  KC_CHECK_LAST_CONTIGUOUS(indices);
+  return {B, H, Hs, H / Hs, N, S, D};
+}
+
+}  // namespace kcache_ops

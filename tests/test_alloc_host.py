@@ -1,0 +1,51 @@
+"""kcache_ops.alloc_host: pinned, device-mapped host memory where a GPU is present (an ordinary CPU
+tensor otherwise), usable as v_cache/src, and clear errors for impossible requests."""
+import pytest
+import torch
+from conftest import DTYPES
+
+import kcache_ops
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 97, 64), (5,), (0, 4)])
+def test_shape_dtype_and_placement(dtype, shape):
+    t = kcache_ops.alloc_host(shape, dtype)  # [*shape]
+    assert t.shape == shape and t.dtype == dtype and t.device.type == "cpu"
+    assert t.is_contiguous()
+    if torch.cuda.is_available():
+        assert t.is_pinned()
+
+
+def test_round_trip(dtype):
+    src = torch.randn(3, 2, 50, 128).to(dtype)  # [B, H, S, D]
+    t = kcache_ops.alloc_host(src.shape, dtype).copy_(src)
+    assert torch.equal(t, src)
+
+
+def test_memory_lives_with_the_tensor():
+    views = [kcache_ops.alloc_host((1024, 1024), torch.float32).fill_(i)[i] for i in range(4)]
+    for i, row in enumerate(views):
+        assert (row == i).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_kernel_reads_it_zero_copy():
+    src = kcache_ops.alloc_host((1, 1, 8, 64), torch.float32).copy_(torch.randn(1, 1, 8, 64))
+    indices = torch.tensor([[[7, -1, 0]]], dtype=torch.int32, device="cuda")
+    dst = kcache_ops.gather_rows(src, indices)  # [1, 1, 3, 64] on cuda
+    assert torch.equal(dst[0, 0, 0].cpu(), src[0, 0, 7])
+
+
+def test_negative_size():
+    with pytest.raises(RuntimeError, match="alloc_host: shape must have no negative size"):
+        kcache_ops.alloc_host((3, -1), torch.float32)
+
+
+def test_impossible_size_names_the_bytes():
+    with pytest.raises(RuntimeError, match=r"could not allocate 4503599627370496 bytes"):
+        kcache_ops.alloc_host((1 << 50,), torch.float32)
+
+
+def test_every_dtype_is_accepted():
+    for dtype in DTYPES + [torch.int32, torch.uint8]:
+        assert kcache_ops.alloc_host((4,), dtype).dtype == dtype

@@ -1,0 +1,54 @@
+"""kcache_ops.gather_rows is an exact row copy: torch.equal with the reference over dtypes, GQA
+ratios, padding rows, strided sources and random shapes."""
+import pytest
+import torch
+from conftest import DEVICES, DTYPES, host_tensor, poison_allocator
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kcache_ops
+from kcache_ops import reference as R
+
+
+def make_indices(B, H, N, S, device, pad_fraction=0.25):
+    """[B, H, N] int32 in [0, S), about ``pad_fraction`` of them -1."""
+    indices = torch.randint(0, S, (B, H, N), dtype=torch.int32, device=device)
+    indices[torch.rand(B, H, N, device=device) < pad_fraction] = -1
+    return indices
+
+
+def check_gather(src, indices):
+    poison_allocator(indices.device, (*indices.shape, src.shape[-1]), src.dtype)
+    dst = kcache_ops.gather_rows(src, indices)  # [B, H, N, D]
+    assert dst.device == indices.device and dst.dtype == src.dtype
+    assert torch.equal(dst.cpu(), R.gather_rows(src.cpu(), indices.cpu()))
+
+
+@pytest.mark.parametrize("G", [1, 3, 4, 8])
+@pytest.mark.parametrize("D", [64, 128])
+def test_matches_reference(device, dtype, G, D):
+    src = host_tensor(torch.randn(2, 2, 1025, D).to(dtype), device)
+    check_gather(src, make_indices(2, 2 * G, 97, 1025, device))
+
+
+def test_all_padding_gives_zeros(device):
+    src = host_tensor(torch.randn(1, 2, 10, 64), device)
+    indices = torch.full((1, 4, 5), -1, dtype=torch.int32, device=device)
+    assert torch.equal(kcache_ops.gather_rows(src, indices).cpu(), torch.zeros(1, 4, 5, 64))
+
+
+def test_strided_inputs(device, dtype):
+    """src sliced on heads and S, indices a transposed view."""
+    src = host_tensor(torch.randn(2, 4, 120, 128).to(dtype), device)[:, ::2, 7:104]
+    indices = make_indices(6, 2, 33, 97, device).transpose(0, 1)
+    check_gather(src, indices)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), Hs=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4, 8]),
+       S=st.integers(1, 300), N=st.integers(1, 70), D=st.sampled_from([64, 128]),
+       dtype=st.sampled_from(DTYPES), pad_fraction=st.sampled_from([0.0, 0.5, 1.0]))
+def test_random_shapes(B, Hs, G, S, N, D, dtype, pad_fraction):
+    for device in DEVICES:
+        src = host_tensor(torch.randn(B, Hs, S, D).to(dtype), device)
+        check_gather(src, make_indices(B, Hs * G, N, S, device, pad_fraction))

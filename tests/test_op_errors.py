@@ -1,0 +1,113 @@
+"""Bad input gets a Python exception naming the argument, what was expected and what came."""
+import pytest
+import torch
+from conftest import host_tensor, seq_lens_tensor
+
+import kcache_ops
+
+B, HKV, G, S, D, N = 2, 2, 2, 16, 64, 4
+
+
+@pytest.fixture
+def qk(device):
+    """Valid qk_topn arguments: q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B]."""
+    return (torch.randn(B, HKV * G, D, device=device), torch.randn(B, HKV, S, D, device=device),
+            seq_lens_tensor([S, 3], device))
+
+
+@pytest.fixture
+def attn(device):
+    """Valid sparse_attn_v arguments: scores, indices [B, Hq, N], v_cache [B, Hkv, S, D], lse."""
+    return (torch.randn(B, HKV * G, N, device=device),
+            torch.randint(0, S, (B, HKV * G, N), dtype=torch.int32, device=device),
+            host_tensor(torch.randn(B, HKV, S, D), device), torch.randn(B, HKV * G, device=device))
+
+
+def change(args, i, value):
+    return tuple(value if j == i else a for j, a in enumerate(args))
+
+
+@pytest.mark.parametrize("i, bad, message", [
+    (0, lambda q: q.double(), "q must be float32, float16 or bfloat16, got Double"),
+    (1, lambda k: k.half(), "q and k_cache must have the same dtype, got Float and Half"),
+    (2, lambda lens: lens.long(), "seq_lens must be Int, got Long"),
+    (0, lambda q: q[0], r"q must have 3 dims, got shape \[4, 64\]"),
+    (1, lambda k: k[0], r"k_cache must have 4 dims, got shape \[2, 16, 64\]"),
+    (2, lambda lens: lens[None], r"seq_lens must have 1 dims, got shape \[1, 2\]"),
+    (1, lambda k: k[:1], r"k_cache batch \(1\) must equal q batch \(2\)"),
+    (2, lambda lens: lens[:1], r"seq_lens must have shape \[2\] \(q batch\), got \[1\]"),
+    (1, lambda k: k[:, :, :, :32], r"k_cache head dim \(32\) must equal q head dim \(64\)"),
+    (0, lambda q: q[:, :3], r"q heads \(3\) must be a multiple of k_cache heads \(2\)"),
+    (2, lambda lens: lens - 4, r"seq_lens\[1\] must be in \[0, 16\] \(k_cache capacity\), got -1"),
+    (2, lambda lens: lens + 1, r"seq_lens\[0\] must be in \[0, 16\] \(k_cache capacity\), got 17"),
+    (1, lambda k: k.transpose(2, 3).contiguous().transpose(2, 3),
+     "k_cache must be contiguous in its last dim"),
+    (0, lambda q: q.transpose(1, 2).contiguous().transpose(1, 2),
+     "q must be contiguous in its last dim"),
+])
+def test_qk_topn_bad_arguments(qk, i, bad, message):
+    with pytest.raises(RuntimeError, match=message):
+        kcache_ops.qk_topn(*change(qk, i, bad(qk[i])), N)
+
+
+def test_qk_topn_bad_n_and_head_dim(device, qk):
+    with pytest.raises(RuntimeError, match="n must be >= 1, got 0"):
+        kcache_ops.qk_topn(*qk, 0)
+    q, k = torch.randn(B, 4, 80, device=device), torch.randn(B, 2, S, 80, device=device)
+    with pytest.raises(RuntimeError, match="q: head dim must be 64 or 128, got 80"):
+        kcache_ops.qk_topn(q, k, qk[2], N)
+
+
+@pytest.mark.parametrize("i, bad, message", [
+    (0, lambda s: s.half(), "scores must be Float, got Half"),
+    (1, lambda idx: idx.long(), "indices must be Int, got Long"),
+    (2, lambda v: v.int(), "v_cache must be float32, float16 or bfloat16, got Int"),
+    (0, lambda s: s[0], r"scores must have 3 dims, got shape \[4, 4\]"),
+    (2, lambda v: v[0], r"v_cache must have 4 dims, got shape \[2, 16, 64\]"),
+    (1, lambda idx: idx[:, :, :3], r"indices must have the shape of scores \[2, 4, 4\], got"),
+    (2, lambda v: v[:1], r"v_cache batch \(1\) must equal scores batch \(2\)"),
+    (2, lambda v: v[:, :, :, :48], "v_cache: head dim must be 64 or 128, got 48"),
+    (1, lambda idx: idx - S, r"indices\[0, 0, 0\] must be -1 \(padding\) or in \[0, 16\)"),
+    (1, lambda idx: idx + S, r"must be -1 \(padding\) or in \[0, 16\) \(v_cache capacity\)"),
+    (3, lambda lse: lse[:, :2], r"lse must have shape \[2, 4\] \(scores batch, heads\)"),
+    (3, lambda lse: lse.double(), "lse must be Float, got Double"),
+    (2, lambda v: v.transpose(2, 3).contiguous().transpose(2, 3),
+     "v_cache must be contiguous in its last dim"),
+])
+def test_sparse_attn_v_bad_arguments(attn, i, bad, message):
+    with pytest.raises(RuntimeError, match=message):
+        kcache_ops.sparse_attn_v(*change(attn, i, bad(attn[i])), renormalize=False)
+
+
+def test_sparse_attn_v_heads_and_lse(attn):
+    scores, indices, v, lse = attn
+    with pytest.raises(RuntimeError, match=r"scores heads \(3\) must be a multiple of v_cache"):
+        kcache_ops.sparse_attn_v(scores[:, :3], indices[:, :3], v, lse[:, :3])
+    with pytest.raises(RuntimeError, match="lse is required when renormalize=False, got None"):
+        kcache_ops.sparse_attn_v(scores, indices, v, None, renormalize=False)
+
+
+def test_gather_rows_bad_arguments(attn):
+    _, indices, src, _ = attn
+    cases = [
+        ((src, indices.long()), "indices must be Int, got Long"),
+        ((src[0], indices), r"src must have 4 dims, got shape \[2, 16, 64\]"),
+        ((src, indices[0]), r"indices must have 3 dims, got shape \[4, 4\]"),
+        ((src[:1], indices), r"src batch \(1\) must equal indices batch \(2\)"),
+        ((src, indices[:, :3]), r"indices heads \(3\) must be a multiple of src heads \(2\)"),
+        ((src, indices - S), r"indices\[0, 0, 0\] must be -1 \(padding\) or in \[0, 16\)"),
+        ((src, indices + S), r"\(src capacity\)"),
+        ((src.transpose(2, 3).contiguous().transpose(2, 3), indices),
+         "src must be contiguous in its last dim"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            kcache_ops.gather_rows(*args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_mixed_devices():
+    q = torch.randn(B, 4, D, device="cuda")
+    k = torch.randn(B, 2, S, D)
+    with pytest.raises(RuntimeError, match="k_cache|cuda|CUDA"):
+        kcache_ops.qk_topn(q, k, seq_lens_tensor([S, 3], "cuda"), N)

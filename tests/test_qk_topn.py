@@ -1,0 +1,130 @@
+"""kcache_ops.qk_topn against the float32 reference: per-head and group_select selection, lse,
+padding, ties, GQA ratios, odd lengths, strided inputs, random shapes."""
+import math
+
+import pytest
+import torch
+from conftest import DEVICES, DTYPES, TOL, poison_allocator, seq_lens_tensor
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kcache_ops
+from kcache_ops import reference as R
+
+
+def make_qk(B, Hq, Hkv, S, D, dtype, device):
+    """Random q [B, Hq, D] and k_cache [B, Hkv, S, D] in ``dtype``."""
+    q = torch.randn(B, Hq, D, device=device).to(dtype)
+    k = torch.randn(B, Hkv, S, D, device=device).to(dtype)
+    return q, k
+
+
+def selection_keys(s, lse, Hkv, group_select):
+    """What the op ranks by: the scores s [B, Hq, S], or in group mode each group's mass
+    c_j = Σ_h exp(s_hj − lse_h), repeated over the group's heads -> [B, Hq, S]."""
+    if not group_select:
+        return s
+    B, Hq, S = s.shape
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # [B, Hq, S]
+    c = p.view(B, Hkv, Hq // Hkv, S).sum(dim=2)  # [B, Hkv, S]
+    return c.repeat_interleave(Hq // Hkv, dim=1)
+
+
+def check_topn(q, k_cache, seq_lens, n, scale, group_select, out, tol):
+    """A valid top-n of the reference's exact scores, within ``tol`` for near-ties."""
+    scores, idx, lse = (t.cpu() for t in out)  # [B, Hq, n], [B, Hq, n], [B, Hq]
+    q, k_cache, seq_lens = q.cpu(), k_cache.cpu(), seq_lens.cpu()
+    B, Hq, _ = q.shape
+    Hkv = k_cache.shape[1]
+    assert scores.shape == idx.shape == (B, Hq, n) and lse.shape == (B, Hq)
+    assert scores.dtype == lse.dtype == torch.float32 and idx.dtype == torch.int32
+    s_ref, lse_ref = R.qk_scores(q, k_cache, seq_lens, scale)  # [B, Hq, S], [B, Hq]
+    torch.testing.assert_close(lse, lse_ref, atol=tol, rtol=tol)
+    key = selection_keys(s_ref, lse_ref, Hkv, group_select)  # [B, Hq, S]
+    _, ref_idx, _ = R.qk_topn(q, k_cache, seq_lens, n, scale, group_select)  # [B, Hq, n]
+    if group_select:
+        grouped = idx.view(B, Hkv, Hq // Hkv, n)
+        assert (grouped == grouped[:, :, :1]).all(), "heads of a group must share indices"
+    for b, L in enumerate(seq_lens.tolist()):
+        m = min(L, n)
+        assert (idx[b, :, m:] == -1).all() and (scores[b, :, m:] == float("-inf")).all()
+        if m == 0:
+            continue
+        sel = idx[b, :, :m].long()  # [Hq, m]
+        assert ((sel >= 0) & (sel < L)).all()
+        assert (sel.sort(dim=-1).values.diff(dim=-1) > 0).all(), "indices must be distinct"
+        torch.testing.assert_close(scores[b, :, :m], s_ref[b].gather(-1, sel), atol=tol, rtol=tol)
+        k_sel = key[b].gather(-1, sel)  # [Hq, m]
+        kth = key[b, :, :L].sort(dim=-1, descending=True).values[:, m - 1:m]  # [Hq, 1]
+        slack = tol * (1 + kth.abs())  # [Hq, 1]
+        assert (k_sel[:, 1:] <= k_sel[:, :-1] + slack).all(), "must be sorted descending"
+        assert (k_sel >= kth - slack).all(), "every pick must clear the n-th best"
+        missed = ~(ref_idx[b, :, :m, None].long() == sel[:, None, :]).any(-1)  # [Hq, m]
+        ref_keys = key[b].gather(-1, ref_idx[b, :, :m].long())  # [Hq, m]
+        assert (ref_keys[missed] <= (kth + slack).expand_as(missed)[missed]).all(), (
+            "only near-ties of the n-th best may differ from the reference")
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("G", [1, 3, 4, 8])
+def test_matches_reference(device, dtype, G, D, group_select):
+    Hkv, S, n = 2, 1025, 64
+    q, k = make_qk(3, Hkv * G, Hkv, S, D, dtype, device)
+    lens = seq_lens_tensor([1025, 97, 1], device)
+    poison_allocator(device, (3, Hkv * G, n), torch.float32)
+    out = kcache_ops.qk_topn(q, k, lens, n, None, group_select)
+    check_topn(q, k, lens, n, 1 / math.sqrt(D), group_select, out, TOL[dtype])
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+@pytest.mark.parametrize("n", [1, 97, 300])
+def test_lengths_and_padding(device, n, group_select):
+    """L = 0, 1, n - 1, n, n + 1 and far beyond, in one batch; N = 1 and N >= L."""
+    lens = [0, 1, max(n - 1, 0), n, n + 1, 1000]
+    q, k = make_qk(len(lens), 8, 2, 1000, 64, torch.float32, device)
+    lens = seq_lens_tensor(lens, device)
+    out = kcache_ops.qk_topn(q, k, lens, n, 0.3, group_select)
+    check_topn(q, k, lens, n, 0.3, group_select, out, TOL[torch.float32])
+    assert out[2][0].isneginf().all(), "L = 0 gives lse = -inf"
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_ties_exact(device, group_select):
+    """Integer-valued q and k with scale 1 tie exactly: indices and scores equal the reference's.
+    In group mode the heads of a group share q, so equal scores give bit-equal masses."""
+    B, Hkv, G, S, D, n = 2, 2, 4, 300, 64, 40
+    q = torch.randint(-2, 3, (B, Hkv, 1 if group_select else G, D)).float()
+    q = q.expand(B, Hkv, G, D).reshape(B, Hkv * G, D).to(device)
+    k = torch.randint(-2, 3, (B, Hkv, S, D)).float().to(device)
+    lens = seq_lens_tensor([S, 123], device)
+    scores, idx, lse = kcache_ops.qk_topn(q, k, lens, n, 1.0, group_select)
+    ref_scores, ref_idx, ref_lse = R.qk_topn(q.cpu(), k.cpu(), lens.cpu(), n, 1.0, group_select)
+    assert torch.equal(idx.cpu(), ref_idx)
+    assert torch.equal(scores.cpu(), ref_scores)
+    torch.testing.assert_close(lse.cpu(), ref_lse)
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_strided_inputs(device, dtype, group_select):
+    """k_cache sliced on S and on heads, q a transposed view: strides honoured, nothing copied."""
+    B, Hkv, G, S, D, n = 2, 2, 3, 97, 128, 16
+    k = torch.randn(B, 2 * Hkv, S + 11, D, device=device).to(dtype)[:, ::2, 5:S + 5]
+    q = torch.randn(Hkv * G, B, D, device=device).to(dtype).transpose(0, 1)
+    lens = seq_lens_tensor([S, 50], device)
+    assert not k.is_contiguous() and not q.is_contiguous()
+    out = kcache_ops.qk_topn(q, k, lens, n, None, group_select)
+    check_topn(q, k, lens, n, 1 / math.sqrt(D), group_select, out, TOL[dtype])
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4, 8]),
+       S=st.integers(1, 600), n=st.integers(1, 80), D=st.sampled_from([64, 128]),
+       dtype=st.sampled_from(DTYPES), group_select=st.booleans(), data=st.data())
+def test_random_shapes(B, Hkv, G, S, n, D, dtype, group_select, data):
+    lens = data.draw(st.lists(st.integers(0, S), min_size=B, max_size=B))
+    for device in DEVICES:
+        q, k = make_qk(B, Hkv * G, Hkv, S, D, dtype, device)
+        seq_lens = seq_lens_tensor(lens, device)
+        out = kcache_ops.qk_topn(q, k, seq_lens, n, None, group_select)
+        check_topn(q, k, seq_lens, n, 1 / math.sqrt(D), group_select, out, TOL[dtype])
