@@ -108,7 +108,8 @@ def write_gguf(path, hf_model, qtype, rope_factors=None, chat_template=None):
     for i in range(c.num_hidden_layers):
         for hf, ours in [("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"),
                          ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
-                         ("self_attn.o_proj", "attn_output"), ("post_attention_layernorm", "ffn_norm"),
+                         ("self_attn.o_proj", "attn_output"),
+                         ("post_attention_layernorm", "ffn_norm"),
                          ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
                          ("mlp.down_proj", "ffn_down")]:
             names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{ours}"
@@ -132,8 +133,9 @@ def write_gguf(path, hf_model, qtype, rope_factors=None, chat_template=None):
     return path
 
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = ("{% for m in messages %}"
+                 "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def save_tiny_tokenizer(path, vocab_size):

@@ -125,7 +125,8 @@ def make_cache(backend: str, config: LlamaConfig, batch: int, capacity: int, dev
     if backend == "kcache":
         unknown = sorted(set(options) - set(KCACHE_OPTIONS))
         if unknown:
-            raise ValueError(f"unknown kcache options {unknown}; allowed: {', '.join(KCACHE_OPTIONS)}")
+            raise ValueError(f"unknown kcache options {unknown}; "
+                             f"allowed: {', '.join(KCACHE_OPTIONS)}")
         from ..cache import KCache  # the manager is built on the compiled ops; import on demand
         return KCache(config, batch, capacity, device, dtype, **options)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,5 +1,5 @@
-"""LlamaConfig: the hyper-parameters of a Llama-architecture decoder, from a Hugging Face config.json
-or from GGUF metadata."""
+"""LlamaConfig: the hyper-parameters of a Llama-architecture decoder, from a Hugging Face
+config.json or from GGUF metadata."""
 from dataclasses import dataclass, field
 
 from .errors import UnsupportedModelError

@@ -52,7 +52,8 @@ def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row permutation.
 
     w : [heads * D, ...] (a weight [heads*D, E] or a bias [heads*D]), whose rows within each head
-    are ordered (0, D/2, 1, D/2+1, ...) -> the same with rows in Hugging Face order (0, 1, ..., D-1).
+    are ordered (0, D/2, 1, D/2+1, ...) -> the same with rows in Hugging Face order
+    (0, 1, ..., D-1).
     """
     rest = w.shape[1:]
     d = w.shape[0] // heads

@@ -114,7 +114,8 @@ class Llama(nn.Module):
             state[name] = tensor.to(device=device, dtype=dtype)
         missing = sorted(set(expected) - set(state))
         if missing:
-            raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+            raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors, "
+                                  f"e.g. {missing[:3]}")
         model.load_state_dict(state, assign=True)
         return model.eval()
 

@@ -23,7 +23,8 @@ def default_model_path() -> str:
     """
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError(f"the default model is not installed; install it with: {INSTALL_HINT}")
+        raise CheckpointError("the default model is not installed; "
+                              f"install it with: {INSTALL_HINT}")
     path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
