@@ -91,9 +91,13 @@ class DenseCache:
         keys = self.k[layer][:, :, :s]                                      # [B, Hkv, s, D]
         values = self.v[layer][:, :, :s]                                    # [B, Hkv, s, D]
         valid = torch.arange(s, device=q.device) <= pos[:, None]            # [B, s]
-        out = F.scaled_dot_product_attention(q[:, :, None], keys, values,   # [B, Hq, 1, D]
-                                             attn_mask=valid[:, None, None], enable_gqa=True)
-        return out[:, :, 0]
+        # The G query heads of a KV head go in as G query rows of that head, so K and V are read
+        # once per KV head and any SDPA kernel that takes a mask serves (no GQA support needed).
+        b, hq, d = q.shape
+        hkv = keys.shape[1]
+        out = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), keys, values,
+                                             attn_mask=valid[:, None, None])  # [B, Hkv, G, D]
+        return out.reshape(b, hq, d)
 
     def finish_decode(self):
         """After the last layer's decode: every sequence holds one more token."""

