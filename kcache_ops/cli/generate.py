@@ -5,9 +5,9 @@ import sys
 import torch
 
 from ..model import generate, load_model
+from ..model.attention import KCACHE_OPTIONS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-KCACHE_FLAGS = ("topn", "group_select", "renormalize", "dense_layers")
 
 
 def dense_layer_list(text):
@@ -44,7 +44,7 @@ def add_arguments(parser):
 
 def cache_options(args):
     """The kcache options given on the command line; an error if given with --backend dense."""
-    given = {k: getattr(args, k) for k in KCACHE_FLAGS if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in KCACHE_OPTIONS if getattr(args, k) is not None}
     if given and args.backend != "kcache":
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise SystemExit(f"error: {flags} apply to --backend kcache only")
