@@ -94,3 +94,5 @@ def test_cli_dense_and_kcache(folder, capsys):
     assert capsys.readouterr().out.count("--- [") == 2
     with pytest.raises(SystemExit, match="--topn apply to --backend kcache only"):
         main(["generate", "--model", str(folder), "--prompt", "a", "--topn", "8"])
+    with pytest.raises(SystemExit, match="error: no such model file or folder"):
+        main(["generate", "--model", str(folder / "missing.gguf"), "--prompt", "a"])

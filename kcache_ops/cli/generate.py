@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from ..model import generate, load_model
+from ..model import CheckpointError, UnsupportedModelError, generate, load_model
 from ..model.attention import KCACHE_OPTIONS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -58,7 +58,10 @@ def run(args):
             texts = [f.read()]
     else:
         texts = args.prompt
-    model, tokenizer = load_model(args.model, args.device, DTYPES.get(args.dtype))
+    try:
+        model, tokenizer = load_model(args.model, args.device, DTYPES.get(args.dtype))
+    except (CheckpointError, UnsupportedModelError) as e:
+        raise SystemExit(f"error: {e}") from e
     prompts = [tokenizer.encode_prompt(t, chat=args.chat) for t in texts]
     stream = len(prompts) == 1
 
