@@ -121,10 +121,12 @@ class Llama(nn.Module):
 
     @property
     def device(self):
+        """Where the weights are, and so where the model runs."""
         return self.embed_tokens.weight.device
 
     @property
     def dtype(self):
+        """The weights' dtype (logits are returned in float32 regardless)."""
         return self.embed_tokens.weight.dtype
 
     def _run(self, tokens, positions, attend_layer):
