@@ -131,6 +131,6 @@ def make_cache(backend: str, config: LlamaConfig, batch: int, capacity: int, dev
         if unknown:
             raise ValueError(f"unknown kcache options {unknown}; "
                              f"allowed: {', '.join(KCACHE_OPTIONS)}")
-        from ..cache import KCache  # the manager is built on the compiled ops; import on demand
+        from ..cache import KCache  # on first use: the dense backend does not depend on it
         return KCache(config, batch, capacity, device, dtype, **options)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
