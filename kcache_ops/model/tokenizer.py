@@ -1,0 +1,132 @@
+"""The tokenizer: ``tokenizers`` from a tokenizer.json, or a byte-level BPE rebuilt from a GGUF
+file's vocabulary and merges; plus the model's chat template, rendered with jinja2."""
+import json
+import os
+
+import jinja2.sandbox
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors
+
+from .errors import CheckpointError, UnsupportedModelError
+
+# GGUF token types that are special (never split, dropped from decoded text): CONTROL, USER_DEFINED
+SPECIAL_TOKEN_TYPES = (3, 4)
+# GGUF pre-tokenizer name -> the pre-tokenizers of the same split, in front of the byte mapping
+GGUF_PRE_TOKENIZERS = {
+    "gpt2": [],
+    "smollm": [pre_tokenizers.Digits(individual_digits=True)],  # digits one by one, then GPT-2's
+}
+
+
+class Tokenizer:
+    """Text <-> token ids, the special ids, and the chat template.
+
+    Parameters
+    ----------
+    tok : tokenizers.Tokenizer
+        Adds the BOS token itself (its post-processor) where the model wants one.
+    bos_id : int or None
+    eos_ids : tuple of int
+        Tokens that end a generation.
+    chat_template : str or None
+        A jinja2 template over ``messages``, as Hugging Face and GGUF files ship them.
+    """
+
+    def __init__(self, tok: tokenizers.Tokenizer, bos_id, eos_ids, chat_template):
+        self.tok = tok
+        self.bos_id = bos_id
+        self.eos_ids = tuple(eos_ids)
+        self.chat_template = chat_template
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids of ``text``; ``add_special`` adds the BOS token where the model wants one."""
+        return self.tok.encode(text, add_special_tokens=add_special).ids
+
+    def decode(self, ids) -> str:
+        """Text of ``ids``, special tokens dropped."""
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def render_chat(self, user_text: str) -> str:
+        """``user_text`` as one user turn in the chat template, ready for the assistant's reply.
+        Raises ValueError if the model has no template."""
+        if self.chat_template is None:
+            raise ValueError("this model has no chat template")
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(message):
+            raise ValueError(f"chat template: {message}")
+        template = env.from_string(self.chat_template)
+        name = self.tok.id_to_token
+        return template.render(
+            messages=[{"role": "user", "content": user_text}], add_generation_prompt=True,
+            bos_token=name(self.bos_id) if self.bos_id is not None else "",
+            eos_token=name(self.eos_ids[0]) if self.eos_ids else "",
+            raise_exception=raise_exception)
+
+    def encode_prompt(self, text: str, chat: bool) -> list[int]:
+        """Token ids of a prompt: in the chat template if ``chat`` and the model has one (the
+        template writes its own special tokens), else plain text with BOS where wanted."""
+        if chat and self.chat_template is not None:
+            return self.encode(self.render_chat(text), add_special=False)
+        return self.encode(text)
+
+    @classmethod
+    def from_folder(cls, folder: str, eos_ids=()) -> "Tokenizer":
+        """From ``tokenizer.json`` (and ``tokenizer_config.json`` if present) in ``folder``;
+        ``eos_ids`` from the model config are added to the tokenizer's own EOS."""
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise CheckpointError(f"no tokenizer.json in {folder}")
+        try:
+            tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+            raise CheckpointError(f"{path}: cannot read the tokenizer ({e})") from e
+        cfg_path = os.path.join(folder, "tokenizer_config.json")
+        cfg = {}
+        if os.path.isfile(cfg_path):
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+
+        def token_id(key):  # the id of a special token named in tokenizer_config.json, if any
+            value = cfg.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            return None if value is None else tok.token_to_id(value)
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates: take "default", else the first
+            template = next((t["template"] for t in template if t["name"] == "default"),
+                            template[0]["template"])
+        eos = token_id("eos_token")
+        return cls(tok, token_id("bos_token"),
+                   tuple(eos_ids) + ((eos,) if eos is not None and eos not in eos_ids else ()),
+                   template)
+
+    @classmethod
+    def from_gguf(cls, reader) -> "Tokenizer":
+        """A byte-level BPE (GPT-2 style, ``tokenizer.ggml.model`` "gpt2") rebuilt from the
+        vocabulary, merges and special tokens of a GGUF file."""
+        def field(key, default=None):
+            f = reader.fields.get(key)
+            return default if f is None else f.contents()
+        kind, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre", "gpt2")
+        if kind != "gpt2" or pre not in GGUF_PRE_TOKENIZERS:
+            raise UnsupportedModelError(
+                f"unsupported GGUF tokenizer: model {kind!r}, pre-tokenizer {pre!r} (supported: "
+                f"model 'gpt2' with pre-tokenizer {', '.join(GGUF_PRE_TOKENIZERS)})")
+        tokens = field("tokenizer.ggml.tokens")
+        types = field("tokenizer.ggml.token_type", [1] * len(tokens))
+        merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges", [])]
+        try:
+            bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges)
+        except Exception as e:  # tokenizers raises a bare Exception on inconsistent merges
+            raise CheckpointError(f"the GGUF vocabulary and merges do not fit together: {e}") from e
+        tok = tokenizers.Tokenizer(bpe)
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            GGUF_PRE_TOKENIZERS[pre] + [pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                                for t, ty in zip(tokens, types) if ty in SPECIAL_TOKEN_TYPES])
+        bos, eos = field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
+        if bos is not None and field("tokenizer.ggml.add_bos_token", False):
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{tokens[bos]} $A", special_tokens=[(tokens[bos], bos)])
+        return cls(tok, bos, () if eos is None else (eos,), field("tokenizer.chat_template"))

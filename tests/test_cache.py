@@ -1,0 +1,242 @@
+"""KCache manager at the protocol level: random q/k/v per layer and step, checked against exact
+attention over each sequence's history computed independently in float64."""
+import math
+
+import pytest
+import torch
+
+from kcache_ops import reference
+from kcache_ops.cache import KCache
+from kcache_ops.model.config import LlamaConfig
+
+from conftest import TOL
+
+LAYERS, HQ, HKV, D = 3, 4, 2, 64
+LENS = [5, 17, 11]  # varlen, right-padded to T = 17
+STEPS = 6
+
+
+def tiny_config():
+    return LlamaConfig(vocab_size=32, hidden_size=HQ * D, intermediate_size=64,
+                       num_layers=LAYERS, num_heads=HQ, num_kv_heads=HKV, head_dim=D)
+
+
+def exact_attention(q, keys, values):
+    """q [Hq, D], keys/values [Hkv, L, D] -> [Hq, D] float64: softmax(q·Kᵀ/√D)·V per head."""
+    g = q.shape[0] // keys.shape[0]
+    k = keys.double().repeat_interleave(g, dim=0)  # [Hq, L, D]
+    v = values.double().repeat_interleave(g, dim=0)  # [Hq, L, D]
+    p = torch.softmax(torch.einsum("hd,hld->hl", q.double(), k) / math.sqrt(q.shape[-1]), -1)
+    return torch.einsum("hl,hld->hd", p, v)
+
+
+class Run:
+    """Drives a cache through a prefill of LENS and decode steps on random inputs, keeping every
+    sequence's K/V history ([Hkv, L, D] per layer and sequence, on the CPU) for the oracle."""
+
+    def __init__(self, cache, device, dtype, seed=0):
+        self.cache, self.device, self.dtype = cache, device, dtype
+        self.gen = torch.Generator().manual_seed(seed)
+        self.hist_k = [[None] * len(LENS) for _ in range(LAYERS)]
+        self.hist_v = [[None] * len(LENS) for _ in range(LAYERS)]
+
+    def rand(self, *shape):
+        return torch.randn(*shape, generator=self.gen).to(self.device, self.dtype)
+
+    def prefill(self):
+        """-> outputs per layer, [B, Hq, T, D] each."""
+        B, T = len(LENS), max(LENS)
+        lens = torch.tensor(LENS, dtype=torch.int32, device=self.device)  # [B]
+        outs = []
+        for layer in range(LAYERS):
+            q, k, v = self.rand(B, HQ, T, D), self.rand(B, HKV, T, D), self.rand(B, HKV, T, D)
+            outs.append((q, self.cache.prefill(layer, q, k, v, lens)))
+            for b, n in enumerate(LENS):
+                self.hist_k[layer][b], self.hist_v[layer][b] = k[b, :, :n].cpu(), v[b, :, :n].cpu()
+        self.cache.finish_prefill(lens)
+        return outs
+
+    def step(self):
+        """-> (q [B, Hq, D], out [B, Hq, D]) per layer."""
+        B = len(LENS)
+        outs = []
+        for layer in range(LAYERS):
+            q, k, v = self.rand(B, HQ, D), self.rand(B, HKV, D), self.rand(B, HKV, D)
+            outs.append((q, self.cache.decode(layer, q, k, v)))
+            for b in range(B):
+                self.hist_k[layer][b] = torch.cat([self.hist_k[layer][b], k[b, :, None].cpu()], 1)
+                self.hist_v[layer][b] = torch.cat([self.hist_v[layer][b], v[b, :, None].cpu()], 1)
+        self.cache.finish_decode()
+        return outs
+
+    def exact(self, layer, b, q):
+        """q [Hq, D] -> exact attention [Hq, D] float64 on the CPU over sequence b's history."""
+        return exact_attention(q.cpu(), self.hist_k[layer][b], self.hist_v[layer][b])
+
+
+def make(device, dtype=torch.float32, capacity=32, **options):
+    return KCache(tiny_config(), len(LENS), capacity, device, dtype, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("group_select", [False, True])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_topn_at_least_length_is_exact(device, dtype, group_select, renormalize):
+    """N >= L captures all the mass: every layer, prefill row and decode step equals exact
+    attention (renormalize=False too, since the dropped mass is zero)."""
+    run = Run(make(device, dtype, topn=64, group_select=group_select, renormalize=renormalize),
+              device, dtype)
+    tol = TOL[dtype]
+    for layer, (q, out) in enumerate(run.prefill()):
+        for b, n in enumerate(LENS):
+            t = n - 1  # the last prompt row sees the whole prompt
+            want = run.exact(layer, b, q[b, :, t])
+            torch.testing.assert_close(out[b, :, t].double().cpu(), want, atol=tol, rtol=tol)
+    for _ in range(STEPS):
+        for layer, (q, out) in enumerate(run.step()):
+            for b in range(len(LENS)):
+                want = run.exact(layer, b, q[b])
+                torch.testing.assert_close(out[b].double().cpu(), want, atol=tol, rtol=tol)
+    assert run.cache.seq_lens.tolist() == [n + STEPS for n in LENS]
+
+
+@pytest.mark.parametrize("group_select", [False, True])
+def test_small_topn_matches_reference_ops(device, group_select):
+    """N < L: each decode step equals the reference qk_topn + sparse_attn_v over the history."""
+    topn = 4
+    run = Run(make(device, topn=topn, group_select=group_select), device, torch.float32)
+    run.prefill()
+    for _ in range(STEPS):
+        for layer, (q, out) in enumerate(run.step()):
+            for b in range(len(LENS)):
+                k = run.hist_k[layer][b][None]  # [1, Hkv, L, D]
+                v = run.hist_v[layer][b][None]  # [1, Hkv, L, D]
+                lens = torch.tensor([k.shape[2]], dtype=torch.int32)  # [1]
+                want = reference.decode_attention(q[b][None].cpu(), k, v, lens, topn,
+                                                  group_select=group_select)  # [1, Hq, D]
+                torch.testing.assert_close(out[b][None].cpu(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_layers_are_exact_and_hold_device_v(device):
+    """With N = 2, only the dense layer stays exact; it alone holds V on the device."""
+    run = Run(make(device, topn=2, dense_layers=[1]), device, torch.float32)
+    run.prefill()
+    assert set(run.cache.v_device) == {1} and set(run.cache.v_host) == {0, 2}
+    errors = [0.0] * LAYERS
+    for _ in range(STEPS):
+        for layer, (q, out) in enumerate(run.step()):
+            for b in range(len(LENS)):
+                err = (out[b].double().cpu() - run.exact(layer, b, q[b])).abs().max().item()
+                errors[layer] = max(errors[layer], err)
+    assert errors[1] < 1e-5
+    assert errors[0] > 1e-2 and errors[2] > 1e-2  # top-2 of ~20 keys is not exact
+
+
+def test_memory_accounting_is_exact(device):
+    B, S = len(LENS), 40
+    row = B * HKV * S * D * 2  # bytes of one [B, Hkv, S, D] bfloat16 buffer
+    cache = make(device, torch.bfloat16, capacity=S, dense_layers=(0,))
+    assert cache.device_bytes() == LAYERS * row + row  # K of every layer, V of layer 0
+    assert cache.host_bytes() == (LAYERS - 1) * row
+    assert make(device, capacity=S).device_bytes() == LAYERS * B * HKV * S * D * 4
+    run = Run(cache, device, torch.bfloat16)
+    run.prefill()
+    run.step()
+    assert cache.device_bytes() == LAYERS * row + row
+    assert cache.host_bytes() == (LAYERS - 1) * row
+
+
+def test_capacity_overflow(device):
+    with pytest.raises(ValueError, match="capacity overflow: a prompt of 17 tokens"):
+        Run(make(device, capacity=16), device, torch.float32).prefill()
+    run = Run(make(device, capacity=max(LENS) + 2), device, torch.float32)
+    run.prefill()
+    run.step()
+    run.step()
+    with pytest.raises(ValueError, match="capacity overflow: a sequence of 19 tokens"):
+        run.step()
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"topn": 0}, ValueError, "topn must be an integer >= 1, got 0"),
+    ({"topn": 2.5}, ValueError, "topn must be an integer >= 1, got 2.5"),
+    ({"dense_layers": (1, 3)}, ValueError, r"dense_layers \[3\] out of range .* 3 layers"),
+    ({"dense_layers": (-1,)}, ValueError, r"dense_layers \[-1\] out of range"),
+    ({"top_n": 8}, TypeError, "unknown option.* top_n; the options are topn"),
+    ({"capacity": 0}, ValueError, "capacity must be >= 1"),
+])
+def test_bad_options(options, error, message):
+    args = {"capacity": 32, **options}
+    with pytest.raises(error, match=message):
+        KCache(tiny_config(), 2, device="cpu", dtype=torch.float32, **args)
+
+
+def test_lens_beyond_the_prompt_are_rejected():
+    cache = make("cpu")
+    Run(cache, "cpu", torch.float32).prefill()  # T = 17
+    with pytest.raises(ValueError, match="lens reach 18 tokens but the prompt had 17"):
+        cache.finish_prefill(torch.tensor([18, 1, 1], dtype=torch.int32))
+
+
+def test_attention_mass(device):
+    """Off by default (NaN: nothing recorded); 1 at N >= L; strictly inside (0, 1) at N = 2;
+    dense layers report 1."""
+    full = Run(make(device, topn=64), device, torch.float32)
+    full.prefill()
+    full.step()
+    assert torch.isnan(full.cache.attention_mass()).all()
+    full.cache.record_mass = True
+    for _ in range(3):
+        full.step()
+    torch.testing.assert_close(full.cache.attention_mass(), torch.ones(LAYERS))
+    sparse = Run(make(device, topn=2, dense_layers=[2]), device, torch.float32)
+    sparse.cache.record_mass = True
+    sparse.prefill()
+    sparse.step()
+    mass = sparse.cache.attention_mass()  # [layers]
+    assert ((mass[:2] > 0) & (mass[:2] < 1)).all() and mass[2] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_hand_off_releases_device_v():
+    """After prefill the cache holds no device V: the caller's V returns to the allocator once its
+    copy is done, and host V (pinned) holds exactly what was handed off."""
+    cache = make("cuda", topn=64)
+    assert all(v.is_pinned() for v in cache.v_host.values())
+    B, T = len(LENS), max(LENS)
+    lens = torch.tensor(LENS, dtype=torch.int32, device="cuda")  # [B]
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    handed = []
+    for layer in range(LAYERS):
+        v_cpu = torch.randn(B, HKV, T, D)  # [B, Hkv, T, D]
+        q, k = torch.randn(B, HQ, T, D, device="cuda"), torch.randn(B, HKV, T, D, device="cuda")
+        out = cache.prefill(layer, q, k, v_cpu.cuda(), lens)  # [B, Hq, T, D]
+        handed.append(v_cpu)
+        del q, k, out
+    cache.finish_prefill(lens)
+    torch.cuda.synchronize()
+    probe = torch.empty(1, device="cuda")  # an allocation makes the allocator retire V's blocks
+    assert torch.cuda.memory_allocated() == base + 512  # the probe's block, rounded to 512 bytes
+    for layer, v_cpu in enumerate(handed):
+        assert torch.equal(cache.v_host[layer][:, :, :T], v_cpu)
+
+
+def test_store_prompt_then_decode_equals_prefill(device):
+    """The store half of prefill (used to fork one prefill into many caches) leaves the same
+    state: both caches decode identically."""
+    prefilled, stored = make(device, topn=4), make(device, topn=4)
+    run = Run(prefilled, device, torch.float32)
+    run.prefill()
+    for layer in range(LAYERS):
+        k = torch.stack([torch.nn.functional.pad(h, (0, 0, 0, max(LENS) - h.shape[1]))
+                         for h in run.hist_k[layer]]).to(device)  # [B, Hkv, T, D]
+        v = torch.stack([torch.nn.functional.pad(h, (0, 0, 0, max(LENS) - h.shape[1]))
+                         for h in run.hist_v[layer]]).to(device)  # [B, Hkv, T, D]
+        stored.store_prompt(layer, k, v)
+    stored.finish_prefill(torch.tensor(LENS, dtype=torch.int32, device=device))
+    for layer, (q, out) in enumerate(run.step()):
+        k, v = run.hist_k[layer], run.hist_v[layer]
+        new_k = torch.stack([h[:, -1] for h in k]).to(device)  # [B, Hkv, D]
+        new_v = torch.stack([h[:, -1] for h in v]).to(device)  # [B, Hkv, D]
+        torch.testing.assert_close(stored.decode(layer, q, new_k, new_v), out, atol=0, rtol=0)

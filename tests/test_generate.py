@@ -1,0 +1,98 @@
+"""Batched generation (greedy, sampled, EOS, streaming) and the ``generate`` command line."""
+import pytest
+import torch
+
+from kcache_ops.__main__ import main
+from kcache_ops.model import load_model
+from kcache_ops.model.generate import generate, sample
+from model_helpers import save_tiny_hf, save_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny Llama with head dim 64 (the kcache ops need 64 or 128) and a tokenizer."""
+    path = tmp_path_factory.mktemp("gen")
+    save_tiny_hf(path, num_key_value_heads=2, head_dim=64)
+    save_tiny_tokenizer(path, 96)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(folder):
+    return load_model(folder, "cpu")
+
+
+PROMPTS = [[5, 17, 30, 41, 8, 9, 60], [3], [70, 71, 72, 20]]
+
+
+def test_batched_varlen_equals_one_by_one(loaded):
+    model, _ = loaded
+    batched = generate(model, PROMPTS, 12)
+    for p, tokens in zip(PROMPTS, batched.tokens):
+        assert generate(model, [p], 12).tokens[0] == tokens
+    assert batched.decode_tokens == 3 * 11 and batched.prefill_s > 0 and batched.tokens_per_s > 0
+
+
+def test_stop_on_eos_per_sequence(loaded):
+    model, _ = loaded
+    free = generate(model, PROMPTS, 10).tokens
+    eos = free[0][3]
+    stopped = generate(model, PROMPTS, 10, eos_ids=[eos]).tokens
+    for full, cut in zip(free, stopped):
+        assert cut == (full[:full.index(eos)] if eos in full else full)
+
+
+def test_sampling_seeded_and_nucleus(loaded):
+    model, _ = loaded
+    first = generate(model, PROMPTS, 8, temperature=1.0, seed=1).tokens
+    assert generate(model, PROMPTS, 8, temperature=1.0, seed=1).tokens == first
+    assert generate(model, PROMPTS, 8, temperature=1.0, seed=2).tokens != first
+    # a nucleus this small holds only the most likely token: greedy
+    assert generate(model, PROMPTS, 8, temperature=1.0, top_p=1e-6, seed=3).tokens == \
+        generate(model, PROMPTS, 8).tokens
+
+
+def test_sample_keeps_to_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, 4)  # [B, V]
+    drawn = sample(logits, 1.0, 0.75, torch.Generator().manual_seed(0))       # [B]
+    assert set(drawn.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.75; 2 and 3 are out
+    assert sample(logits, 0.0).eq(0).all()
+
+
+def test_streaming_pieces_make_the_texts(loaded):
+    model, tokenizer = loaded
+    prompts = [tokenizer.encode("the t"), tokenizer.encode("ok")]
+    pieces = ["", ""]
+
+    def collect(i, text):
+        pieces[i] += text
+    result = generate(model, prompts, 15, tokenizer=tokenizer, on_text=collect)
+    assert pieces == result.texts == [tokenizer.decode(t) for t in result.tokens]
+
+
+def test_bad_arguments(loaded):
+    model, tokenizer = loaded
+    for kwargs in ({"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0},
+                   {"on_text": print}):
+        with pytest.raises(ValueError):
+            generate(model, PROMPTS, **{"max_new_tokens": 4, **kwargs})
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(model, [[1], []], 4)
+
+
+def test_cli_dense_and_kcache(folder, capsys):
+    args = ["generate", "--model", str(folder), "--prompt", "the t", "--max-new-tokens", "6",
+            "--chat"]
+    assert main(args) == 0
+    dense = capsys.readouterr()
+    assert "tokens/s" in dense.err and "dense on cpu float32" in dense.err
+    assert main(args + ["--backend", "kcache", "--topn", "4", "--dense-layers", "0"]) == 0
+    kcache = capsys.readouterr()
+    assert "kcache on cpu" in kcache.err and "MiB host memory" in kcache.err
+    assert main(["generate", "--model", str(folder), "--prompt", "a", "--prompt", "bc d",
+                 "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.count("--- [") == 2
+    with pytest.raises(SystemExit, match="--topn apply to --backend kcache only"):
+        main(["generate", "--model", str(folder), "--prompt", "a", "--topn", "8"])
+    with pytest.raises(SystemExit, match="error: no such model file or folder"):
+        main(["generate", "--model", str(folder / "missing.gguf"), "--prompt", "a"])

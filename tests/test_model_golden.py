@@ -1,0 +1,41 @@
+"""The embedded SmolLM2-135M-Instruct (Q4_1 GGUF) end to end: tokenizer, GGUF loading and greedy
+generation, against outputs recorded once (float32, CPU)."""
+import pytest
+import torch
+
+from kcache_ops.model import load_model
+from kcache_ops.model.generate import generate
+
+PLAIN = "The capital of France is"
+PLAIN_IDS = [504, 3575, 282, 4649, 314]
+CHAT = "What is the capital of France?"
+# recorded greedy outputs, both prompts in one batch
+GOLDEN_TOKENS = [[7042, 30, 198, 198, 504, 2988, 314, 42],
+                 [504, 3575, 282, 4649, 314, 7042, 30]]
+GOLDEN_TEXTS = [" Paris.\n\nThe answer is:", "The capital of France is Paris."]
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load_model(None, "cpu", torch.float32)
+
+
+def test_config_and_tokenizer(smollm):
+    model, tok = smollm
+    c = model.config
+    assert (c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta) == \
+        (30, 9, 3, 64, 100000.0)
+    assert c.tie_word_embeddings and c.max_position_embeddings == 8192
+    assert tok.encode(PLAIN) == PLAIN_IDS
+    text = "Digits 12345, ünïcödé and <|im_start|> tokens."
+    assert tok.decode(tok.encode(text)) == text.replace("<|im_start|>", "")
+    assert 1 in tok.encode(text) and tok.eos_ids == (2,)
+    assert tok.render_chat("hi").endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_greedy_golden(smollm):
+    model, tok = smollm
+    prompts = [tok.encode_prompt(PLAIN, chat=False), tok.encode_prompt(CHAT, chat=True)]
+    result = generate(model, prompts, 8, eos_ids=tok.eos_ids, tokenizer=tok)
+    assert result.tokens == GOLDEN_TOKENS
+    assert result.texts == GOLDEN_TEXTS

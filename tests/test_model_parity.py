@@ -1,0 +1,65 @@
+"""The decoder's logits against transformers' on the same weights, and the cached paths against
+the decoder's own full-sequence forward."""
+import pytest
+import torch
+
+from kcache_ops.model.hf import load_hf_model
+from model_helpers import LLAMA3_ROPE, save_tiny_hf
+
+VARIANTS = {
+    "mha": ("llama", {}),
+    "gqa": ("llama", {"num_key_value_heads": 2}),
+    "llama3_rope": ("llama", {"num_key_value_heads": 1, "rope_parameters": LLAMA3_ROPE}),
+    "tied": ("llama", {"tie_word_embeddings": True}),
+    "qwen2_bias": ("qwen2", {"num_key_value_heads": 2}),
+}
+
+
+@pytest.fixture(params=list(VARIANTS), scope="module")
+def pair(request, tmp_path_factory):
+    """(transformers model, our model) on the same random weights."""
+    variant, overrides = VARIANTS[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    oracle = save_tiny_hf(path, variant, **overrides)
+    return oracle, load_hf_model(str(path), "cpu", torch.float32)
+
+
+def test_forward_matches_transformers(pair):
+    oracle, model = pair
+    tokens = torch.randint(0, 96, (2, 40))                                   # [B, T]
+    with torch.no_grad():
+        expected = oracle(tokens).logits                                     # [B, T, V]
+        got = model(tokens)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_prefill_decode_match_forward(pair):
+    """Batched varlen prefill, then decode steps: logits equal forward() on each sequence."""
+    _, model = pair
+    lens = [7, 12, 3]
+    steps = 6
+    full = [torch.randint(0, 96, (n + steps,)) for n in lens]                # per-sequence tokens
+    prompts = torch.zeros(3, max(lens), dtype=torch.long)                    # [B, T] right-padded
+    for b, n in enumerate(lens):
+        prompts[b, :n] = full[b][:n]
+    cache = model.new_cache("dense", 3, max(lens) + steps)
+    with torch.no_grad():
+        got = [model.prefill(prompts, torch.tensor(lens, dtype=torch.int32), cache)]  # [B, V]
+        for s in range(steps):
+            nxt = torch.stack([full[b][n + s] for b, n in enumerate(lens)])  # [B]
+            got.append(model.decode(nxt, cache))
+        for b, n in enumerate(lens):
+            ref = model(full[b][None])[0]                                    # [T_b, V]
+            for s in range(steps + 1):
+                torch.testing.assert_close(got[s][b], ref[n - 1 + s], atol=2e-5, rtol=1e-4)
+    assert cache.seq_lens.tolist() == [n + steps for n in lens]
+
+
+def test_prefill_leaves_lens_alone(pair):
+    _, model = pair
+    lens = torch.tensor([3, 5], dtype=torch.int32)
+    cache = model.new_cache("dense", 2, 8)
+    with torch.no_grad():
+        model.prefill(torch.randint(0, 96, (2, 5)), lens, cache)
+        model.decode(torch.tensor([1, 2]), cache)
+    assert lens.tolist() == [3, 5] and cache.seq_lens.tolist() == [4, 6]
