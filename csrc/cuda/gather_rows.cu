@@ -8,7 +8,7 @@
 
 #include "gather_rows_kernel.cuh"
 #include "launch_utils.h"
-#include "shape_checks.h"
+#include "../shape_checks.h"
 #include "utils.cuh"
 
 namespace kcache_ops {
@@ -17,30 +17,30 @@ namespace {
 at::Tensor gather_rows_cuda(const at::Tensor& src,       // [B, Hs, S, D], pinned mapped host memory
                             const at::Tensor& indices) {  // [B, H, N] int32, CUDA
   constexpr const char* kOp = "gather_rows";
-  const GatherDims dims = check_gather_rows_args(src, indices);
+  const GatherRowsDims dims = check_gather_rows_args(src, indices);
   TORCH_CHECK(indices.is_cuda(), "indices must be a CUDA tensor, got ", indices.device());
   const c10::cuda::CUDAGuard guard(indices.device());
   const void* src_dev = host_mapped_device_ptr(src, kOp, "src");
   check_vec16_aligned(src, kOp, "src");
-  TORCH_CHECK(dims.s < (int64_t{1} << 31) && dims.h < (int64_t{1} << 31) &&
-                  dims.n < (int64_t{1} << 31),
-              "gather_rows: sizes out of range for the CUDA kernel: H=", dims.h, ", S=", dims.s,
-              ", N=", dims.n);
+  TORCH_CHECK(dims.S < (int64_t{1} << 31) && dims.H < (int64_t{1} << 31) &&
+                  dims.N < (int64_t{1} << 31),
+              "gather_rows: sizes out of range for the CUDA kernel: H=", dims.H, ", S=", dims.S,
+              ", N=", dims.N);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor dst = at::empty({dims.b, dims.h, dims.n, dims.d},
+  at::Tensor dst = at::empty({dims.B, dims.H, dims.N, dims.D},
                              indices.options().dtype(src.scalar_type()));  // [B, H, N, D]
   if (dst.numel() == 0) return dst;
   if (should_validate_values(stream))
-    check_values_in_range(indices, -1, dims.s - 1, kOp, "indices (rows of src, -1 = padding)");
+    check_values_in_range(indices, -1, dims.S - 1, kOp, "indices (rows of src, -1 = padding)");
 
   const int64_t esize = src.element_size();
-  const int64_t row_pieces = dims.d * esize / 16;
+  const int64_t row_pieces = dims.D * esize / 16;
   GatherParams p{static_cast<const char*>(src_dev), src.stride(0) * esize, src.stride(1) * esize,
                  src.stride(2) * esize, indices.data_ptr<int32_t>(), indices.stride(0),
                  indices.stride(1), indices.stride(2), static_cast<uint4*>(dst.data_ptr()),
-                 dst.numel() * esize / 16, static_cast<int>(dims.h), static_cast<int>(dims.n),
-                 static_cast<int>(dims.h / dims.hs), static_cast<int>(dims.s),
+                 dst.numel() * esize / 16, static_cast<int>(dims.H), static_cast<int>(dims.N),
+                 static_cast<int>(dims.H / dims.Hs), static_cast<int>(dims.S),
                  static_cast<int>(row_pieces)};
   const int64_t blocks = ceil_div<int64_t>(p.total, kGatherThreads * kGatherUnroll);
   TORCH_CHECK(blocks < (int64_t{1} << 31), "gather_rows: output too large: ", dst.sizes());

@@ -7,7 +7,7 @@
 #include <torch/library.h>
 
 #include "launch_utils.h"
-#include "shape_checks.h"
+#include "../shape_checks.h"
 #include "sparse_attn_v_kernel.cuh"
 #include "utils.cuh"
 
@@ -21,25 +21,25 @@ at::Tensor sparse_attn_v_cuda(
     const std::optional<at::Tensor>& lse,  // [B, Hq] float32, CUDA; needed unless renormalize
     bool renormalize) {
   constexpr const char* kOp = "sparse_attn_v";
-  const AttnDims dims = check_sparse_attn_v_args(scores, indices, v_cache, lse, renormalize);
+  const SparseAttnVDims dims = check_sparse_attn_v_args(scores, indices, v_cache, lse, renormalize);
   TORCH_CHECK(scores.is_cuda(), "scores must be a CUDA tensor, got ", scores.device());
   KC_CHECK_DEVICE(indices, scores.device());
   if (lse.has_value()) KC_CHECK_DEVICE((*lse), scores.device());
   const c10::cuda::CUDAGuard guard(scores.device());
   const void* v_dev = host_mapped_device_ptr(v_cache, kOp, "v_cache");
   check_vec16_aligned(v_cache, kOp, "v_cache");
-  TORCH_CHECK(dims.s < (int64_t{1} << 31) && dims.b < 65536 && dims.n < (int64_t{1} << 31),
-              "sparse_attn_v: sizes out of range for the CUDA kernel: B=", dims.b, ", S=", dims.s,
-              ", N=", dims.n);
+  TORCH_CHECK(dims.S < (int64_t{1} << 31) && dims.B < 65536 && dims.N < (int64_t{1} << 31),
+              "sparse_attn_v: sizes out of range for the CUDA kernel: B=", dims.B, ", S=", dims.S,
+              ", N=", dims.N);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor out = at::empty({dims.b, dims.hq, dims.d},
+  at::Tensor out = at::empty({dims.B, dims.Hq, dims.D},
                              scores.options().dtype(v_cache.scalar_type()));  // [B, Hq, D]
   if (out.numel() == 0) return out;
   if (should_validate_values(stream))
-    check_values_in_range(indices, -1, dims.s - 1, kOp, "indices (rows of v_cache, -1 = padding)");
+    check_values_in_range(indices, -1, dims.S - 1, kOp, "indices (rows of v_cache, -1 = padding)");
 
-  const int64_t g = dims.hq / dims.hkv;
+  const int64_t g = dims.Hq / dims.Hkv;
   const float* lse_ptr = renormalize ? nullptr : lse->data_ptr<float>();
   const int64_t lse_sb = renormalize ? 0 : lse->stride(0), lse_sh = renormalize ? 0 : lse->stride(1);
   dispatch_group_slice(g, [&](auto gs_tag) {
@@ -47,16 +47,16 @@ at::Tensor sparse_attn_v_cuda(
     const int slices = static_cast<int>(ceil_div<int64_t>(g, GS));
     dispatch_float_dtype(v_cache.scalar_type(), kOp, [&](auto type_tag) {
       using T = std::remove_pointer_t<decltype(type_tag)>;
-      dispatch_head_dim(dims.d, kOp, [&](auto d_tag) {
+      dispatch_head_dim(dims.D, kOp, [&](auto d_tag) {
         constexpr int D = decltype(d_tag)::value;
         SparseAttnParams p{scores.data_ptr<float>(), scores.stride(0), scores.stride(1),
                            scores.stride(2), indices.data_ptr<int32_t>(), indices.stride(0),
                            indices.stride(1), indices.stride(2), v_dev, v_cache.stride(0),
                            v_cache.stride(1), v_cache.stride(2), lse_ptr, lse_sb, lse_sh,
-                           out.data_ptr(), static_cast<int>(dims.hq), static_cast<int>(dims.hkv),
-                           static_cast<int>(dims.s), static_cast<int>(dims.n), slices,
+                           out.data_ptr(), static_cast<int>(dims.Hq), static_cast<int>(dims.Hkv),
+                           static_cast<int>(dims.S), static_cast<int>(dims.N), slices,
                            renormalize};
-        const dim3 grid(static_cast<unsigned>(dims.hkv * slices), static_cast<unsigned>(dims.b));
+        const dim3 grid(static_cast<unsigned>(dims.Hkv * slices), static_cast<unsigned>(dims.B));
         sparse_attn_v_kernel<T, D, GS><<<grid, kAttnThreads, 0, stream>>>(p);
         KC_CHECK_LAUNCH("sparse_attn_v");
       });
