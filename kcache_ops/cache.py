@@ -21,18 +21,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from .model.attention import exact_decode_attention
 from .ops import alloc_host, qk_topn, sparse_attn_v
-
-
-def _exact_decode(q, k, v, lens):
-    """Exact attention of one new token per sequence over its first lens[b] keys (dense layers).
-
-    q [B, Hq, D], k/v [B, Hkv, L, D], lens [B] int32 (<= L) -> out [B, Hq, D].
-    """
-    valid = torch.arange(k.shape[2], device=k.device)[None, :] < lens[:, None]  # [B, L] bool
-    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=valid[:, None, None, :],
-                                         enable_gqa=True)  # [B, Hq, 1, D]
-    return out[:, :, 0]
 
 
 def _mapped_view(host, device):
@@ -219,7 +209,7 @@ class KCache:
             v_cache = self.v_device[layer]  # [B, Hkv, S, D]
             v_cache[self._rows, :, pos] = v
             width = self._longest + 1
-            return _exact_decode(q, k_cache[:, :, :width], v_cache[:, :, :width],
+            return exact_decode_attention(q, k_cache[:, :, :width], v_cache[:, :, :width],
                                  self._attend_lens)
         # same stream as sparse_attn_v below, which may pick the new token among the top N
         self._v_writable[layer][self._rows, :, pos] = v

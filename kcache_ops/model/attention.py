@@ -21,6 +21,21 @@ BACKENDS = ("dense", "kcache")
 KCACHE_OPTIONS = ("topn", "group_select", "renormalize", "dense_layers")
 
 
+def exact_decode_attention(q, keys, values, lens):
+    """Exact attention of one new token per sequence over its first ``lens[b]`` keys.
+
+    q [B, Hq, D], keys and values [B, Hkv, L, D], lens [B] int (<= L) -> out [B, Hq, D].
+    The G query heads of a KV head go in as G query rows of that head, so K and V are read once
+    per KV head and any SDPA kernel that takes a mask serves (no GQA support needed).
+    """
+    b, hq, d = q.shape
+    hkv, length = keys.shape[1], keys.shape[2]
+    valid = torch.arange(length, device=q.device) < lens[:, None]       # [B, L] bool
+    out = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), keys, values,
+                                         attn_mask=valid[:, None, None])  # [B, Hkv, G, D]
+    return out.reshape(b, hq, d)
+
+
 class DenseCache:
     """Full K and V of every layer in device memory, attention by SDPA: the baseline backend.
 
@@ -88,16 +103,8 @@ class DenseCache:
         self.k[layer][rows, :, pos] = k
         self.v[layer][rows, :, pos] = v
         s = self._max_len + 1                                               # keys worth reading
-        keys = self.k[layer][:, :, :s]                                      # [B, Hkv, s, D]
-        values = self.v[layer][:, :, :s]                                    # [B, Hkv, s, D]
-        valid = torch.arange(s, device=q.device) <= pos[:, None]            # [B, s]
-        # The G query heads of a KV head go in as G query rows of that head, so K and V are read
-        # once per KV head and any SDPA kernel that takes a mask serves (no GQA support needed).
-        b, hq, d = q.shape
-        hkv = keys.shape[1]
-        out = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), keys, values,
-                                             attn_mask=valid[:, None, None])  # [B, Hkv, G, D]
-        return out.reshape(b, hq, d)
+        return exact_decode_attention(q, self.k[layer][:, :, :s], self.v[layer][:, :, :s],
+                                      self.seq_lens + 1)
 
     def finish_decode(self):
         """After the last layer's decode: every sequence holds one more token."""
