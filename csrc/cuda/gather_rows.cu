@@ -32,7 +32,7 @@ at::Tensor gather_rows_cuda(const at::Tensor& src,       // [B, Hs, S, D], pinne
                              indices.options().dtype(src.scalar_type()));  // [B, H, N, D]
   if (dst.numel() == 0) return dst;
   if (should_validate_values(stream))
-    check_values_in_range(indices, -1, dims.S - 1, kOp, "indices (rows of src, -1 = padding)");
+    check_indices_on_device(indices, dims.S, "src");
 
   const int64_t esize = src.element_size();
   const int64_t row_pieces = dims.D * esize / 16;

@@ -21,25 +21,23 @@ at::Tensor alloc_pinned_mapped(at::IntArrayRef shape, at::ScalarType dtype) {
   int64_t numel = 1;
   for (int64_t s : shape) numel *= s;
   const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  // Mapped: kernels read it through its device pointer. Portable: every device sees it.
+  // KCACHE_OPS_HOST_ALLOC_WC=1 adds write-combining (bench/gpu_gather.py compares the two for GPU
+  // reads; WC memory is very slow for the CPU to read, so it is not the default).
+  const char* wc = std::getenv("KCACHE_OPS_HOST_ALLOC_WC");
+  const unsigned flags = cudaHostAllocMapped | cudaHostAllocPortable |
+                         (wc != nullptr && std::strcmp(wc, "1") == 0 ? cudaHostAllocWriteCombined : 0u);
+  // An empty tensor still gets a (1-byte) pinned block: torch's is_pinned() is false for a null
+  // data pointer.
   void* ptr = nullptr;
-  if (bytes > 0) {
-    // Mapped: kernels read it through its device pointer. Portable: every device sees it.
-    // KCACHE_OPS_HOST_ALLOC_WC=1 adds write-combining (bench/gpu_gather.py compares the two for GPU
-    // reads; WC memory is very slow for the CPU to read, so it is not the default).
-    const char* wc = std::getenv("KCACHE_OPS_HOST_ALLOC_WC");
-    const unsigned flags = cudaHostAllocMapped | cudaHostAllocPortable |
-                           (wc != nullptr && std::strcmp(wc, "1") == 0 ? cudaHostAllocWriteCombined : 0u);
-    cudaError_t err = cudaHostAlloc(&ptr, bytes, flags);
-    if (err != cudaSuccess) {
-      cudaGetLastError();  // clear the error so later calls are not blamed for it
-      TORCH_CHECK(false, "alloc_host: cudaHostAlloc of ", bytes, " bytes (shape ", shape, " ",
-                  dtype, ") failed: ", cudaGetErrorString(err), "; the machine reports ",
-                  host_bytes_available(), " bytes available");
-    }
+  cudaError_t err = cudaHostAlloc(&ptr, bytes > 0 ? bytes : 1, flags);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear the error so later calls are not blamed for it
+    TORCH_CHECK(false, "alloc_host: could not allocate ", bytes, " bytes of pinned host memory ",
+                "for shape ", shape, " ", dtype, " (cudaHostAlloc: ", cudaGetErrorString(err),
+                "); the machine reports ", host_bytes_available(), " bytes available");
   }
-  auto deleter = [](void* p) {
-    if (p) cudaFreeHost(p);
-  };
+  auto deleter = [](void* p) { cudaFreeHost(p); };
   return at::from_blob(ptr, shape, deleter, at::TensorOptions().dtype(dtype).device(at::kCPU));
 }
 

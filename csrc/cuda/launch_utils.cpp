@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include "../cpu/common.h"
 #include "utils.cuh"
 
 namespace kcache_ops {
@@ -47,14 +48,25 @@ bool should_validate_values(cudaStream_t stream) {
   return status == cudaStreamCaptureStatusNone;
 }
 
-void check_values_in_range(const at::Tensor& t, int64_t lo, int64_t hi, const char* op,
-                           const char* what) {
-  if (t.numel() == 0) return;
+namespace {
+
+// lo <= every element of t <= hi.
+bool values_in_range(const at::Tensor& t, int64_t lo, int64_t hi) {
+  if (t.numel() == 0) return true;
   auto [mn, mx] = at::aminmax(t);
   const at::Tensor both = at::stack({mn, mx}).to(at::kCPU, at::kLong);
-  const int64_t vmin = both[0].item<int64_t>(), vmax = both[1].item<int64_t>();
-  TORCH_CHECK(vmin >= lo && vmax <= hi, op, ": ", what, " must lie in [", lo, ", ", hi,
-              "], got values from ", vmin, " to ", vmax);
+  return both[0].item<int64_t>() >= lo && both[1].item<int64_t>() <= hi;
+}
+
+}  // namespace
+
+void check_seq_lens_on_device(const at::Tensor& seq_lens, int64_t S) {
+  if (!values_in_range(seq_lens, 0, S)) cpu::check_seq_lens_values(seq_lens.cpu().contiguous(), S);
+}
+
+void check_indices_on_device(const at::Tensor& indices, int64_t S, const char* src_name) {
+  if (!values_in_range(indices, -1, S - 1))
+    cpu::check_index_values(indices.cpu().contiguous(), S, src_name);
 }
 
 int multiprocessor_count(int device) {

@@ -28,9 +28,11 @@ void check_vec16_aligned(const at::Tensor& t, const char* op, const char* name);
 // input never reads out of bounds either way (see bench/NOTES.md).
 bool should_validate_values(cudaStream_t stream);
 
-// Error unless lo <= every element of t <= hi (one reduction and one device->host copy).
-void check_values_in_range(const at::Tensor& t, int64_t lo, int64_t hi, const char* op,
-                           const char* what);
+// Error unless every seq_lens value lies in [0, S] / every index in [-1, S): one reduction and one
+// device->host copy. A bad value copies the tensor to the host and fails with the CPU op's message
+// (csrc/cpu/common.h), which names the first bad element.
+void check_seq_lens_on_device(const at::Tensor& seq_lens, int64_t S);
+void check_indices_on_device(const at::Tensor& indices, int64_t S, const char* src_name);
 
 // Multiprocessors of the device.
 int multiprocessor_count(int device);

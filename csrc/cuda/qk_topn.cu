@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
   at::Tensor lse = at::empty({dims.B, dims.Hq}, fopts);                        // [B, Hq]
   if (dims.B == 0 || dims.Hq == 0) return {scores, indices, lse};
   if (should_validate_values(stream))
-    check_values_in_range(seq_lens, 0, dims.S, kOp, "seq_lens (valid keys per sequence)");
+    check_seq_lens_on_device(seq_lens, dims.S);
 
   dispatch_group_slice(g, [&](auto gs_tag) {
     constexpr int GS = decltype(gs_tag)::value;

@@ -37,7 +37,7 @@ at::Tensor sparse_attn_v_cuda(
                              scores.options().dtype(v_cache.scalar_type()));  // [B, Hq, D]
   if (out.numel() == 0) return out;
   if (should_validate_values(stream))
-    check_values_in_range(indices, -1, dims.S - 1, kOp, "indices (rows of v_cache, -1 = padding)");
+    check_indices_on_device(indices, dims.S, "v_cache");
 
   const int64_t g = dims.Hq / dims.Hkv;
   const float* lse_ptr = renormalize ? nullptr : lse->data_ptr<float>();
