@@ -50,6 +50,8 @@ def add_arguments(parser):
                              "haystacks up to 8000 tokens")
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (1 is faster on a CPU that others share)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rewrite REPORT.md and the plots from the JSON in --out")
     parser.add_argument("--out", default=report.RESULTS,
                         help=f"folder of the JSON, plots and REPORT.md (default {report.RESULTS})")
 
@@ -69,6 +71,10 @@ def settings(args):
 
 
 def run(args):
+    if args.report_only:
+        report.write(args.out)
+        print(f"# wrote {os.path.join(args.out, 'REPORT.md')}")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     s = settings(args)

@@ -4,7 +4,7 @@ import json
 import os
 
 from . import mass, perplexity
-from .runner import Config
+from .runner import Config, grid
 
 RESULTS = os.path.join("bench", "results")
 EVAL_JSON, BENCH_JSON, GATHER_JSON = "eval.json", "bench.json", "gpu_gather.json"
@@ -62,6 +62,8 @@ def plot_accuracy(data, path):
         ax.set_title(titles[i])
         ax.grid(alpha=0.3)
     axes[0].set_yscale("symlog", linthresh=1.0)
+    for ax in axes[1:]:
+        ax.set_ylim(-5, 105)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -101,10 +103,24 @@ def eval_section(data):
                    f"{perplexity.delta(ppl, dense['long']['perplexity']):+.2f}% | {hits}/{total} | "
                    + (f"{100 * a['match_rate']:.1f}% | {a['first_divergence']:.1f} | " if a
                       else "— | — | ") + f"{r['seconds']:.0f} |")
+    missing = not_run(results)
+    if missing:
+        out += ["", f"**Cut for time: {len(missing)} of {len(missing) + len(results) - 1} KCache "
+                "configurations did not run** (the run saves after each configuration, the most "
+                "telling first): " + ", ".join(c.name for c in missing) + "."]
     out += ["", "![accuracy vs N](eval_accuracy.png)", "",
             "![attention mass per layer](eval_mass.png)", "", "### Where it breaks", ""]
     out += verdicts(results)
     return out
+
+
+def not_run(results):
+    """The configurations of the grid spanned by the values seen in ``results`` that have no
+    result (a run cut short)."""
+    done = [Config.from_dict(r["config"]) for r in results[1:]]
+    spanned = grid(sorted({c.topn for c in done}), sorted({c.group_select for c in done}),
+                   sorted({c.renormalize for c in done}), sorted({c.dense_layers for c in done}))
+    return [c for c in spanned if c not in done]
 
 
 def verdicts(results):
@@ -189,7 +205,10 @@ def write(results_dir=RESULTS):
     evaluation = _load(results_dir, EVAL_JSON)
     if evaluation and evaluation["results"]:
         plot_accuracy(evaluation, os.path.join(results_dir, "eval_accuracy.png"))
-        mass.plot(evaluation["results"], os.path.join(results_dir, "eval_mass.png"))
+        needles = sorted((k for k in evaluation["results"][0] if k.startswith("needle-")),
+                         key=lambda k: int(k.split("-")[1]))
+        mass.plot(evaluation["results"], os.path.join(results_dir, "eval_mass.png"),
+                  ("long",) + tuple(needles[-1:]))
         lines += eval_section(evaluation) + [""]
     else:
         lines += ["## Accuracy", "", "Not run yet: `python -m kcache_ops eval`.", ""]
