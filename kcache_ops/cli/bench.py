@@ -152,14 +152,10 @@ def time_decode(model, backend, options, batch, context, steps):
     return seconds, cache.device_bytes(), cache.host_bytes(), peak
 
 
-@torch.inference_mode()
-def time_hf(config, device, dtype, batch, context, steps):
-    """Seconds per decode step of transformers' LlamaForCausalLM (SDPA, StaticCache of
-    ``context + steps + 2`` tokens) at ``batch``, or None where transformers is missing.
-
-    A 16-token prefill fills the cache's first rows; the timed steps then write at positions
-    ``context`` on: a static cache attends over its whole length, so the cost is that of a full
-    cache. RoPE scaling is left at the default (it does not change the timing)."""
+def hf_model(config, device, dtype, max_len):
+    """transformers' LlamaForCausalLM of ``config`` (SDPA attention, random weights) on
+    ``device`` in ``dtype``, or None where transformers is not installed. RoPE scaling is left at
+    the default (it does not change the timing)."""
     try:
         import transformers
     except ImportError:
@@ -168,17 +164,29 @@ def time_hf(config, device, dtype, batch, context, steps):
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
-        head_dim=config.head_dim, max_position_embeddings=context + steps + 2,
+        head_dim=config.head_dim, max_position_embeddings=max_len,
         tie_word_embeddings=config.tie_word_embeddings, attn_implementation="sdpa")
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = transformers.LlamaForCausalLM(hf_config).eval()
+            return transformers.LlamaForCausalLM(hf_config).eval()
     finally:
         torch.set_default_dtype(default)
-    cache = transformers.StaticCache(config=hf_config, max_cache_len=context + steps + 2)
-    ids = torch.randint(0, config.vocab_size, (batch, 16), device=device)  # [B, 16]
+
+
+@torch.inference_mode()
+def time_hf(model, batch, context, steps):
+    """Seconds per decode step of the transformers ``model`` with a StaticCache of
+    ``context + steps + 2`` tokens at ``batch``.
+
+    A 16-token prefill fills the cache's first rows; the timed steps then write at positions
+    ``context`` on: a static cache attends over its whole length, so the cost is that of a full
+    cache."""
+    import transformers
+    device = model.device
+    cache = transformers.StaticCache(config=model.config, max_cache_len=context + steps + 2)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 16), device=device)  # [B, 16]
     model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(16, device=device),
           use_cache=True, logits_to_keep=1)
     token = ids[:, :1]  # [B, 1]
@@ -194,6 +202,36 @@ def time_hf(config, device, dtype, batch, context, steps):
         step(context + 2 + t)
     sync(device)
     return (time.perf_counter() - start) / steps
+
+
+def compare_with_hf(config, device, dtype, dense_rows, steps):
+    """Time transformers at the batch and context of each dense row (our model already freed, so
+    both fit the same memory) and add ``hf_decode_tok_s`` and ``dense_vs_hf`` to the rows."""
+    model = hf_model(config, device, dtype, max(r["context"] for r in dense_rows) + steps + 2)
+    if model is None:
+        return
+    for row in dense_rows:
+        try:
+            hf_s = time_hf(model, row["batch"], row["context"], steps)
+        except torch.OutOfMemoryError as e:
+            row["hf_error"] = f"out of memory: {e}".splitlines()[0]
+            print(f"{row['model']:13s} ctx {row['context']:6d} transformers: {row['hf_error']}")
+            continue
+        row["hf_decode_tok_s"] = row["batch"] / hf_s
+        row["dense_vs_hf"] = hf_s / (row["decode_step_ms"] / 1e3)
+        print(f"{row['model']:13s} ctx {row['context']:6d} transformers batch {row['batch']:4d}  "
+              f"decode {row['hf_decode_tok_s']:9.1f} tok/s  (dense backend "
+              f"{row['dense_vs_hf']:.2f}x of it)", flush=True)
+
+
+def host_available():
+    """Bytes of host RAM available (MemAvailable), or None where /proc/meminfo is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+        return kib * 1024
+    except (OSError, StopIteration):
+        return None
 
 
 def budget_bytes(args, device):
@@ -248,16 +286,22 @@ def run(args):
     command = "python -m kcache_ops bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"]
                                                         else sys.argv[1:])
     rows = []
+    host_budget = host_available()
+    host_budget = None if host_budget is None else int(0.8 * host_budget)
     for name in models:
         config = SHAPES[name]
         model = random_model(config, device, dtype)
         budget = budget_bytes(args, device)
-        print(f"# {name}: budget {budget / GiB:.2f} GiB for the cache", flush=True)
+        print(f"# {name}: budget {budget / GiB:.3f} GiB for the cache", flush=True)
+        dense_rows = []
         for context in contexts:
             dense_row = None
             for backend, options in (("dense", {}), ("kcache", kc_options)):
                 per_token, host_per_token = bytes_per_token(model, backend, options)
-                batch = min(args.max_batch, budget // (per_token * (context + args.steps + 2)))
+                capacity = context + args.steps + 2
+                batch = min(args.max_batch, budget // (per_token * capacity))
+                if host_per_token and host_budget is not None:
+                    batch = min(batch, host_budget // (host_per_token * capacity))
                 if batch < 1:
                     print(f"{name:13s} ctx {context:6d} {backend:6s}: one sequence does not fit "
                           f"the budget", flush=True)
@@ -276,11 +320,7 @@ def run(args):
                                                if backend == "kcache" else 0)}
                 if backend == "dense":
                     dense_row = row
-                    if args.hf:
-                        hf_s = time_hf(config, device, dtype, batch, context, args.steps)
-                        if hf_s is not None:
-                            row["hf_decode_tok_s"] = batch / hf_s
-                            row["dense_vs_hf"] = hf_s / step_s
+                    dense_rows.append(row)
                 elif dense_row is not None:
                     row["vs_dense"] = row["decode_tok_s"] / dense_row["decode_tok_s"]
                 rows.append(row)
@@ -288,11 +328,13 @@ def run(args):
                       f"{row['prefill_tok_s']:9.0f} tok/s  decode {row['decode_tok_s']:9.1f} tok/s "
                       f"({row['decode_step_ms']:.1f} ms/step)  cache dev {dev / GiB:.3f} GiB  "
                       f"host {host / GiB:.3f} GiB  PCIe {row['pcie_bytes_per_step'] / 2**20:.2f} "
-                      f"MiB/step" + (f"  HF {row['hf_decode_tok_s']:.1f} tok/s (dense/HF "
-                                     f"{row['dense_vs_hf']:.2f}x)" if "hf_decode_tok_s" in row
-                                     else "") + (f"  vs dense {row['vs_dense']:.2f}x"
-                                                 if "vs_dense" in row else ""), flush=True)
+                      f"MiB/step" + (f"  vs dense {row['vs_dense']:.2f}x" if "vs_dense" in row
+                                     else ""), flush=True)
         del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if args.hf and dense_rows:
+            compare_with_hf(config, device, dtype, dense_rows, args.steps)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, report.BENCH_JSON), "w") as f:
         json.dump({"machine": info, "command": command, "small": args.small, "rows": rows}, f,

@@ -18,6 +18,12 @@ def _load(results_dir, name):
         return json.load(f)
 
 
+def _ran_on(m, tail):
+    """The machine line of a section: CPU, threads, device (GPU name), torch, then ``tail``."""
+    return (f"Ran on {m['cpu']} (torch threads: {m['cores']}), device {m['device']}"
+            f"{', ' + m['gpu'] if 'gpu' in m else ''}, torch {m['torch']}{tail}")
+
+
 def _needle_hits(result):
     """(correct, total) over every needle group of ``result``."""
     groups = [v for k, v in result.items() if k.startswith("needle-")]
@@ -75,9 +81,7 @@ def eval_section(data):
     s, m, results = data["settings"], data["machine"], data["results"]
     dense = results[0]
     d_hits, d_total = _needle_hits(dense)
-    out = ["## Accuracy (SmolLM2-135M-Instruct)", "",
-           f"Ran on {m['cpu']} ({m['cores']} threads), device {m['device']}"
-           f"{', ' + m['gpu'] if 'gpu' in m else ''}, torch {m['torch']}, model {m['model']}.",
+    out = ["## Accuracy (SmolLM2-135M-Instruct)", "", _ran_on(m, f", model {m['model']}."),
            f"Command: `{data['command']}`", "",
            f"* perplexity: {s['ppl_rows']} windows of essay text, {s['prefill']} tokens of "
            f"prefill, then {s['steps']} teacher-forced decode steps each (every scored "
@@ -159,24 +163,25 @@ def bench_section(data):
     """Markdown of the throughput benchmark (the JSON of ``python -m kcache_ops bench``)."""
     m = data["machine"]
     out = ["## Throughput (reference decoder, random weights)", "",
-           f"Ran on {m['cpu']} ({m['cores']} threads), device {m['device']}"
-           f"{', ' + m['gpu'] if 'gpu' in m else ''}, torch {m['torch']}"
-           f"{', transformers ' + m['transformers'] if m.get('transformers') else ''}.",
+           _ran_on(m, f", transformers {m['transformers']}." if m.get("transformers") else "."),
            f"Command: `{data['command']}`", ""]
     if data.get("small"):
         out += ["**This is the CPU smoke run at tiny sizes (`--small`)**: it tests the machinery, "
                 "its numbers say nothing about a GPU. The GPU run is still to be done (command "
                 "below).", ""]
     out += ["| model | context | backend | batch | budget GiB | cache dev GiB | host GiB | "
-            "prefill tok/s | decode tok/s | PCIe MiB/step | vs dense |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "prefill tok/s | decode tok/s | transformers tok/s | PCIe MiB/step | vs dense |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     gib = 2 ** 30
     for r in data["rows"]:
+        hf = (f"{r['hf_decode_tok_s']:.1f} (dense {r['dense_vs_hf']:.2f}× of it)"
+              if "hf_decode_tok_s" in r else "—")
+        ratio = f"{r['vs_dense']:.2f}×" if "vs_dense" in r else "—"
         out.append(f"| {r['model']} | {r['context']} | {r['backend']} | {r['batch']} | "
-                   f"{r['budget_bytes'] / gib:.2f} | {r['cache_device_bytes'] / gib:.3f} | "
-                   f"{r['host_bytes'] / gib:.3f} | {r.get('prefill_tok_s', float('nan')):.0f} | "
-                   f"{r['decode_tok_s']:.1f} | {r['pcie_bytes_per_step'] / 2**20:.2f} | "
-                   f"{r.get('vs_dense', float('nan')):.2f}× |")
+                   f"{r['budget_bytes'] / gib:.3f} | {r['cache_device_bytes'] / gib:.3f} | "
+                   f"{r['host_bytes'] / gib:.3f} | {r['prefill_tok_s']:.0f} | "
+                   f"{r['decode_tok_s']:.1f} | {hf} | {r['pcie_bytes_per_step'] / 2**20:.2f} | "
+                   f"{ratio} |")
     out += ["", "![throughput vs context](bench_throughput.png)", ""]
     return out
 
