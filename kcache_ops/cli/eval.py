@@ -1,0 +1,101 @@
+"""``python -m kcache_ops eval``: accuracy of KCache against dense on the embedded SmolLM2 (or
+another model): perplexity, needle retrieval, greedy agreement, attention mass, over a grid of
+N x group_select x renormalize x dense_layers. Writes bench/results/eval.json, the plots and
+REPORT.md; the results are saved after each configuration.
+
+The defaults run the full grid (40 configurations + dense) in about half an hour on two CPU cores;
+``--quick`` is a seconds-long smoke run; ``--gpu-sizes`` longer texts for a GPU.
+"""
+import os
+import shlex
+import sys
+
+import torch
+
+from ..eval import report
+from ..eval.runner import grid
+from ..eval.suite import Settings, evaluate, machine, save_json
+from ..model import load_model
+from .generate import DTYPES, dense_layer_list
+
+
+def _ints(text):
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", help="a .gguf file or a Hugging Face folder "
+                                        "(default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", help="default: cuda where available, else cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="default: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--topn", type=_ints, default=(16, 32, 64, 128, 256),
+                        help="comma-separated N values (default 16,32,64,128,256)")
+    parser.add_argument("--dense-layers", type=dense_layer_list, default=(0, 1),
+                        help="the dense_layers variant besides none (default 0,1)")
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="only N varies; group_select, renormalize, dense_layers stay at "
+                             "their defaults")
+    parser.add_argument("--ppl-rows", type=int, help="perplexity windows (default 6)")
+    parser.add_argument("--agree-rows", type=int, help="agreement prompts (default 2)")
+    parser.add_argument("--prefill", type=int, help="prefill tokens of those rows (default 1536)")
+    parser.add_argument("--steps", type=int, help="decode steps of those rows (default 256)")
+    parser.add_argument("--needle-lengths", type=_ints,
+                        help="haystack lengths in tokens (default 1024,2048,4096,8000)")
+    parser.add_argument("--answer-steps", type=int, help="decode steps of a needle answer (16)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and N in {16, 64}: a smoke run of the machinery")
+    parser.add_argument("--gpu-sizes", action="store_true",
+                        help="larger texts for a GPU: 16 windows of 4096 + 512 steps, "
+                             "haystacks up to 8000 tokens")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (1 is faster on a CPU that others share)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rewrite REPORT.md and the plots from the JSON in --out")
+    parser.add_argument("--out", default=report.RESULTS,
+                        help=f"folder of the JSON, plots and REPORT.md (default {report.RESULTS})")
+
+
+def settings(args):
+    """Settings from the presets and the explicit size options (explicit ones win)."""
+    s = Settings()
+    if args.quick:
+        s = Settings(ppl_rows=2, agree_rows=1, prefill=96, steps=16, needle_lengths=(200,),
+                     needle_depths=(0.2, 0.8), answer_steps=12)
+    elif args.gpu_sizes:
+        s = Settings(ppl_rows=16, agree_rows=8, prefill=4096, steps=512)
+    for name in ("ppl_rows", "agree_rows", "prefill", "steps", "needle_lengths", "answer_steps"):
+        if getattr(args, name) is not None:
+            setattr(s, name, getattr(args, name))
+    return s
+
+
+def run(args):
+    if args.report_only:
+        report.write(args.out)
+        print(f"# wrote {os.path.join(args.out, 'REPORT.md')}")
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = settings(args)
+    topns = (16, 64) if args.quick and args.topn == (16, 32, 64, 128, 256) else args.topn
+    if args.defaults_only:
+        configs = grid(topns, group_select=(False,), renormalize=(True,))
+    else:
+        configs = grid(topns, dense_layers=((), args.dense_layers) if args.dense_layers
+                       else ((),))
+    model, tokenizer = load_model(args.model, args.device, DTYPES.get(args.dtype))
+    info = {**machine(model.device), "model": args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF)"}
+    command = "python -m kcache_ops eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"]
+                                                       else sys.argv[1:])
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, report.EVAL_JSON)
+
+    def save(results):
+        save_json(path, s, info, results, command)
+        report.write(args.out)
+
+    print(f"# {len(configs)} KCache configurations + dense on {info['device']}; "
+          f"results in {path}", flush=True)
+    evaluate(model, tokenizer, s, configs, save)
+    print(f"# wrote {path} and {os.path.join(args.out, 'REPORT.md')}")
