@@ -11,6 +11,7 @@ def plot(results, path, groups=("long",)):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 4), squeeze=False)
+    topns = sorted({r["config"]["topn"] for r in results if r["config"]["backend"] == "kcache"})
     for ax, group in zip(axes[0], groups):
         for r in results:
             c = r["config"]
@@ -20,6 +21,7 @@ def plot(results, path, groups=("long",)):
             if mass is None:
                 continue
             ax.plot(range(len(mass)), mass, "--" if c["group_select"] else "-",
+                    color=f"C{topns.index(c['topn']) % 10}",
                     label=f"N={c['topn']}{' group' if c['group_select'] else ''}")
         ax.set_xlabel("layer")
         ax.set_ylabel("attention mass in the top N")

@@ -156,6 +156,16 @@ def verdicts(results):
         if passing and failing:
             head += f" Smallest N that meets it: {min(passing)}."
         lines.append(head)
+    masses = sorted(((Config.from_dict(r["config"]), r["mass"]["long"]) for r in results[1:]
+                     if "long" in r.get("mass", {})),
+                    key=lambda x: (x[0].group_select, x[0].topn))
+    for c, long in masses:
+        if _variant(c) in ("default", "gs"):
+            low = min(range(len(long)), key=long.__getitem__)
+            lines.append(f"* attention mass in the top {c.topn}"
+                         f"{' (group select)' if c.group_select else ''}: mean "
+                         f"{sum(long) / len(long):.3f} over layers, lowest in layer {low} "
+                         f"({long[low]:.3f}).")
     return lines
 
 
@@ -198,8 +208,9 @@ def gather_section(data):
     return out + ["", "![gather bandwidth vs row size](gpu_gather.png)", ""]
 
 
-GPU_COMMAND = ("python -m kcache_ops bench --device cuda   # Llama-3-8B and SmolLM2 shapes, "
-               "contexts 8K/32K/64K, then: python bench/gpu_gather.py")
+GPU_COMMAND = ("make build && .venv/bin/python -m kcache_ops bench --device cuda && "
+               ".venv/bin/python bench/gpu_gather.py && "
+               ".venv/bin/python -m kcache_ops eval --report-only")
 
 
 def write(results_dir=RESULTS):
@@ -220,7 +231,8 @@ def write(results_dir=RESULTS):
     bench = _load(results_dir, BENCH_JSON)
     lines += bench_section(bench) if bench else ["## Throughput", "", "Not run yet.", ""]
     if not bench or bench.get("small"):
-        lines += ["On a GPU machine (not available to the session that wrote this):", "",
+        lines += ["The GPU run (Llama-3-8B and SmolLM2 shapes, contexts 8K / 32K / 64K, one "
+                  "H100), not yet run: no GPU was available to the session that wrote this:", "",
                   f"    {GPU_COMMAND}", ""]
     gather = _load(results_dir, GATHER_JSON)
     lines += gather_section(gather) if gather else [
