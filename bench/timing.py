@@ -39,7 +39,6 @@ def d2d_bandwidth_gbs(nbytes=2 << 30):
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
     us = time_us(lambda: dst.copy_(src), [()], warmup=3, iters=10)
-    del src, dst
     return 2 * nbytes / us / 1e3
 
 

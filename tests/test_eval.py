@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kcache_ops.cli import eval as eval_cli
-from kcache_ops.eval import agreement, needle, perplexity, report
+from kcache_ops.eval import agreement, needle, perplexity
 from kcache_ops.eval.runner import Config, fork, grid, prefill_snapshot, step_through
 from kcache_ops.model import Llama, LlamaConfig
 
