@@ -2,7 +2,7 @@
 their JSON form and (through :mod:`kcache_ops.cli.args`) their command-line flags.
 
 A new option is one more field of :class:`KCacheOptions`: its default, a ``help`` line (the flag's
-help) and a ``short`` name (its part of a label) in the field's metadata, and its check in
+help; the default is added) and a ``short`` name (its part of a label) in the field's metadata, and its check in
 ``__post_init__`` (or in :meth:`KCacheOptions.check` where it depends on the model or device). The
 flag, the label, the JSON round trip and the eval grid's ordering follow from the field.
 """
@@ -30,7 +30,7 @@ class KCacheOptions:
         normalized; the range is checked against the model by :meth:`check`).
     """
     topn: int = field(default=64, metadata={
-        "short": "N", "help": "V rows read per head and decode step (default 64)"})
+        "short": "N", "help": "V rows read per head and decode step"})
     group_select: bool = field(default=False, metadata={
         "short": "gs", "help": "one index set per KV head (GQA group)"})
     renormalize: bool = field(default=True, metadata={

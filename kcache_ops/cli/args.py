@@ -54,9 +54,11 @@ def add_kcache_arguments(parser, skip=()):
         if isinstance(f.default, bool):
             group.add_argument(_flag(f), dest=f.name, action="store_const", const=not f.default,
                                help=help_text)
+        elif isinstance(f.default, tuple):
+            group.add_argument(_flag(f), dest=f.name, type=int_list, help=help_text)
         else:
-            group.add_argument(_flag(f), dest=f.name, help=help_text,
-                               type=int_list if isinstance(f.default, tuple) else type(f.default))
+            group.add_argument(_flag(f), dest=f.name, type=type(f.default),
+                               help=f"{help_text} (default {f.default})")
 
 
 def given_kcache_options(args):
