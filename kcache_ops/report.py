@@ -6,7 +6,7 @@ each ran on and the commands to reproduce. The ``eval`` and ``bench`` commands c
 import os
 
 from .eval import report as eval_report
-from .results import RESULTS_DIR, load_json
+from .results import RESULTS_DIR, load_json, ran_on
 from .throughput import report as throughput_report
 
 GATHER_JSON = "gpu_gather.json"
@@ -17,9 +17,9 @@ GPU_COMMAND = ("make build && .venv/bin/python -m kcache_ops bench --device cuda
 
 def gather_section(data):
     """Markdown of bench/gpu_gather.py's JSON, where it is present."""
+    meta = data["meta"]  # results.machine() and the ceiling
     out = ["## Gather bandwidth (bench/gpu_gather.py)", "",
-           f"GPU {data['meta']['gpu']}, torch {data['meta']['torch']}, pinned memcpy H2D ceiling "
-           f"{data['meta']['h2d_ceiling_GBs']:.1f} GB/s.", "",
+           ran_on(meta, f", pinned memcpy H2D ceiling {meta['h2d_ceiling_GBs']:.1f} GB/s."), "",
            "| row bytes | rows/head | memory | GB/s | % of ceiling |", "|---|---|---|---|---|"]
     for r in data["rows"]:
         out.append(f"| {r['row_bytes']} | {r['rows_per_head']} | {r['mem']} | {r['GBs']:.1f} | "
