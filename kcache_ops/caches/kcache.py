@@ -81,7 +81,6 @@ class KCache:
         self.config = config
         self.capacity = capacity
         self.options = options
-        self.dense_layers = frozenset(options.dense_layers)
         self.record_mass = False
         shape = (batch, config.num_kv_heads, capacity, config.head_dim)  # [B, Hkv, S, D]
         # zeros on the device: the exact attention of dense layers multiplies masked rows by 0,
@@ -91,7 +90,7 @@ class KCache:
         self.v_device = {i: torch.zeros(shape, device=self.device, dtype=dtype)
                          for i in options.dense_layers}  # each [B, Hkv, S, D], device
         self.v_host = {i: alloc_host(shape, dtype) for i in range(n_layers)
-                       if i not in self.dense_layers}  # each [B, Hkv, S, D], host RAM
+                       if i not in options.dense_layers}  # each [B, Hkv, S, D], host RAM
         on_cuda = self.device.type == "cuda"
         # what kernels on `device` write V through: the mapped view on CUDA, the tensor on the CPU
         self._v_writable = {i: _mapped_view(v, self.device) if on_cuda else v
@@ -127,7 +126,7 @@ class KCache:
         T = k.shape[2]
         self.lengths.store_prompt(T)
         self.k[layer][:, :, :T] = k
-        if layer in self.dense_layers:
+        if layer in self.options.dense_layers:
             self.v_device[layer][:, :, :T] = v
         else:
             self._hand_off_v(layer, v)
@@ -175,7 +174,7 @@ class KCache:
         """
         lengths = self.lengths
         lengths.check_room()
-        if layer in self.dense_layers:
+        if layer in self.options.dense_layers:
             return append_and_attend(lengths, self.k[layer], self.v_device[layer], q, k, v)
         pos = lengths.seq_lens.long()  # [B]
         k_cache = self.k[layer]  # [B, Hkv, S, D]
@@ -222,5 +221,5 @@ class KCache:
         layer with no recorded step."""
         steps = torch.tensor(self._mass_steps, dtype=torch.float32)  # [layers]
         mass = self._mass_sum.cpu() / steps  # [layers]
-        mass[sorted(self.dense_layers)] = 1.0
+        mass[list(self.options.dense_layers)] = 1.0
         return mass
