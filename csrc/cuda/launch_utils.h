@@ -12,6 +12,8 @@
 
 #include <torch/types.h>
 
+#include "launch_grid.h"
+
 namespace kcache_ops {
 
 // The device address of a pinned, device-mapped CPU tensor (from kcache_ops.alloc_host), or an
@@ -56,12 +58,16 @@ void dispatch_head_dim(int64_t d, const char* op, F&& f) {
   TORCH_CHECK(false, op, ": head dim must be 64 or 128, got ", d);
 }
 
-// Query heads one block handles together: 4 for groups up to 4, else 8 (larger groups take
-// several slices of 8).
+// f(std::integral_constant<int, GS>{}) for a plan's group_slice GS (group_slice_width: 4 or 8).
 template <typename F>
-void dispatch_group_slice(int64_t g, F&& f) {
-  if (g <= 4) return f(std::integral_constant<int, 4>{});
+void dispatch_group_slice(int group_slice, F&& f) {
+  if (group_slice == 4) return f(std::integral_constant<int, 4>{});
   return f(std::integral_constant<int, 8>{});
+}
+
+// A plan's grid as a dim3 (the launchers check the sizes against the CUDA limits first).
+inline dim3 to_dim3(const GridSize& g) {
+  return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
 }
 
 }  // namespace kcache_ops
