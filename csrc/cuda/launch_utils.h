@@ -31,8 +31,8 @@ void check_vec16_aligned(const at::Tensor& t, const char* op, const char* name);
 bool should_validate_values(cudaStream_t stream);
 
 // Error unless every seq_lens value lies in [0, S] / every index in [-1, S): one reduction and one
-// device->host copy. A bad value copies the tensor to the host and fails with the CPU op's message
-// (csrc/cpu/common.h), which names the first bad element.
+// device->host copy. A bad value copies the tensor to the host and fails with the message of
+// csrc/value_checks.h, which names the first bad element.
 void check_seq_lens_on_device(const at::Tensor& seq_lens, int64_t S);
 void check_indices_on_device(const at::Tensor& indices, int64_t S, const char* src_name);
 
@@ -66,8 +66,9 @@ void dispatch_group_slice(int group_slice, F&& f) {
 }
 
 // A plan's grid as a dim3 (the launchers check the sizes against the CUDA limits first).
-inline dim3 to_dim3(const GridSize& g) {
-  return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
+inline dim3 to_dim3(const GridSize& grid) {
+  return dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y),
+              static_cast<unsigned>(grid.z));
 }
 
 }  // namespace kcache_ops
