@@ -1,5 +1,6 @@
 """The CUDA kernels against the float32 reference: odd sizes, GQA slices, N up to 4096, exact ties,
-strided inputs, long sequences (32K-128K tokens, batch up to 64, N up to 1024) and the value checks."""
+NaN inputs, strided inputs, long sequences (32K-128K tokens, batch up to 64, N up to 1024) and the
+value checks."""
 import pytest
 import torch
 
@@ -50,6 +51,27 @@ def test_qk_topn_exact_ties(group_select, n):
     want = reference.qk_topn(q, k, lens, n, 1.0, group_select)
     assert torch.equal(got[1], want[1])
     assert torch.equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("group_select", [False, True])
+def test_qk_topn_nan_across_chunks(group_select):
+    """A NaN in q, or in one K row far into a long row (another chunk of the score pass, another
+    warp of the merges), gives NaN lse for the heads it reaches and otherwise the reference's exact
+    outputs; a NaN past L_b is never read."""
+    Hq, Hkv, D, S, n = 8, 2, 128, 6000, 300
+    q, k, lens = random_case(3, Hq, Hkv, S, D, torch.float32, lens=[S, 4500, S], integer=True,
+                             seed=7)
+    q = q.view(3, Hkv, Hq // Hkv, D)[:, :, :1].expand(3, Hkv, Hq // Hkv, D).reshape(3, Hq, D)
+    q = q.clone()
+    q[2, 6, 100] = float("nan")
+    k[0, 1, 5321, 7] = float("nan")
+    k[1, 0, 4700, 0] = float("nan")  # past L_1 = 4500
+    got = kcache_ops.qk_topn(q, k, lens, n, 1.0, group_select)
+    want = reference.qk_topn(q.cpu(), k.cpu(), lens.cpu(), n, 1.0, group_select)
+    assert got[2].isnan().sum() == Hq // Hkv + 1
+    torch.testing.assert_close(got[2].cpu(), want[2], equal_nan=True)
+    assert torch.equal(got[1].cpu(), want[1])
+    torch.testing.assert_close(got[0].cpu(), want[0], atol=0, rtol=0, equal_nan=True)
 
 
 def test_qk_topn_strided_inputs():
@@ -156,6 +178,41 @@ def test_value_checks():
         kcache_ops.sparse_attn_v(torch.zeros(2, 4, 8, device="cuda"), bad, v)
     with pytest.raises(RuntimeError, match="indices"):
         kcache_ops.gather_rows(v, bad)
+
+
+def test_no_host_sync_without_value_checks(monkeypatch):
+    """check_values=False, as the KCache decode path passes it: qk_topn and sparse_attn_v run under
+    torch.cuda.set_sync_debug_mode("error"); with the checks on, the same call synchronises."""
+    monkeypatch.delenv("KCACHE_OPS_VALIDATE", raising=False)
+    q, k, lens = random_case(2, 8, 2, 500, 128, torch.bfloat16, lens=[500, 123])
+    v = host_copy(torch.randn(2, 2, 500, 128, dtype=torch.bfloat16))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        scores, idx, lse = kcache_ops.qk_topn(q, k, lens, 64, None, True, check_values=False)
+        out = kcache_ops.sparse_attn_v(scores, idx, v, lse, check_values=False)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            kcache_ops.qk_topn(q, k, lens, 64, None, True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = reference.sparse_attn_v(scores.cpu(), idx.cpu(), v, lse.cpu())
+    torch.testing.assert_close(out.cpu().float(), want.float(), atol=1.6e-2, rtol=1.6e-2)
+
+
+def test_unchecked_values_never_read_out_of_bounds():
+    """check_values=False with seq_lens past S and indices outside [-1, S): clamped and skipped."""
+    q, k, _ = random_case(1, 4, 2, 100, 64, torch.float16)
+    big = torch.tensor([10**6], device="cuda", dtype=torch.int32)
+    scores, idx, lse = kcache_ops.qk_topn(q, k, big, 8, check_values=False)
+    want = kcache_ops.qk_topn(q, k, torch.tensor([100], device="cuda", dtype=torch.int32), 8)
+    assert torch.equal(idx, want[1]) and torch.equal(lse, want[2])
+    v = host_copy(torch.randn(1, 2, 100, 64, dtype=torch.float16))
+    bad = torch.tensor([[[5, 100, -7, 10**9]] * 4], device="cuda", dtype=torch.int32)
+    w = torch.randn(1, 4, 4, device="cuda")
+    out = kcache_ops.sparse_attn_v(w, bad, v, check_values=False)
+    only = kcache_ops.sparse_attn_v(w, torch.tensor([[[5, -1, -1, -1]] * 4], device="cuda",
+                                                    dtype=torch.int32), v)
+    torch.testing.assert_close(out, only)
 
 
 def test_out_of_range_values_never_read_out_of_bounds(monkeypatch):
