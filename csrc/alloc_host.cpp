@@ -1,5 +1,6 @@
 // kcache_ops::alloc_host — pinned, device-mapped host memory where a GPU is present, an ordinary
-// CPU tensor otherwise. Registered for every backend: the op takes no tensor to dispatch on.
+// CPU tensor otherwise — and kcache_ops::host_bytes_available, the host RAM free for it. Registered
+// for every backend: neither op takes a tensor to dispatch on.
 #include <fstream>
 #include <string>
 
@@ -42,6 +43,9 @@ at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kcache_ops, CompositeExplicitAutograd, m) { m.impl("alloc_host", &alloc_host); }
+TORCH_LIBRARY_IMPL(kcache_ops, CompositeExplicitAutograd, m) {
+  m.impl("alloc_host", &alloc_host);
+  m.impl("host_bytes_available", &host_bytes_available);
+}
 
 }  // namespace kcache_ops

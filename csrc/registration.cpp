@@ -22,4 +22,6 @@ TORCH_LIBRARY(kcache_ops, m) {
   m.def("gather_rows(Tensor src, Tensor indices) -> Tensor");
   // a pinned, device-mapped CPU tensor (an ordinary CPU tensor where no GPU is present)
   m.def("alloc_host(int[] shape, ScalarType dtype) -> Tensor");
+  // MemAvailable of /proc/meminfo in bytes, -1 where it cannot be read
+  m.def("host_bytes_available() -> int");
 }

@@ -104,6 +104,13 @@ def alloc_host(shape, dtype):
     return torch.ops.kcache_ops.alloc_host(list(shape), dtype)
 
 
+def host_bytes_available():
+    """Bytes of host RAM available for :func:`alloc_host` (MemAvailable of /proc/meminfo), or None
+    where the machine does not report it. The same number ``alloc_host``'s error message quotes."""
+    available = torch.ops.kcache_ops.host_bytes_available()
+    return None if available < 0 else available
+
+
 def built_with_cuda():
     """True when the loaded kcache_ops._C was compiled with its CUDA kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("kcache_ops::qk_topn", "CUDA")

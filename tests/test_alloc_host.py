@@ -49,3 +49,13 @@ def test_impossible_size_names_the_bytes():
 def test_every_dtype_is_accepted():
     for dtype in DTYPES + [torch.int32, torch.uint8]:
         assert kcache_ops.alloc_host((4,), dtype).dtype == dtype
+
+
+def test_host_bytes_available_reads_the_machine():
+    available = kcache_ops.host_bytes_available()  # bytes, or None where not reported
+    if available is None:
+        pytest.skip("this machine does not report MemAvailable")
+    with open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+    # both read at nearly the same moment: within 10% of each other
+    assert abs(available - kib * 1024) <= 0.1 * kib * 1024

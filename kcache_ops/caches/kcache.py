@@ -182,13 +182,17 @@ class KCache:
         # same stream as sparse_attn_v below, which may pick the new token among the top N
         self._v_writable[layer][lengths.rows, :, pos] = v
         o = self.options
+        # check_values=False: the lengths are the cache's own, checked at prefill, and the indices
+        # come from qk_topn; checking them would cost a device->host sync per layer and step
         scores, indices, lse = qk_topn(q, k_cache, lengths.attend_lens, o.topn,
-                                       group_select=o.group_select)  # [B,Hq,N] x2, [B,Hq]
+                                       group_select=o.group_select,
+                                       check_values=False)  # [B,Hq,N] x2, [B,Hq]
         if self.record_mass:
             mass = torch.exp(scores - lse[..., None]).sum(-1)  # [B, Hq]; padding adds 0
             self._mass_sum[layer] += mass.mean()
             self._mass_steps[layer] += 1
-        return sparse_attn_v(scores, indices, self.v_host[layer], lse, o.renormalize)
+        return sparse_attn_v(scores, indices, self.v_host[layer], lse, o.renormalize,
+                             check_values=False)
 
     def finish_decode(self):
         """Every sequence has one more token: seq_lens += 1."""

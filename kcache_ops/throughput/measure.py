@@ -7,6 +7,7 @@ import torch
 
 from ..caches import make_cache
 from ..devices import sync
+from ..ops import host_bytes_available
 from .shapes import SHAPES, random_model
 from .transformers_baseline import compare_with_hf
 
@@ -67,16 +68,6 @@ def time_decode(model, backend, options, batch, context, steps):
     return seconds, cache, peak
 
 
-def host_available():
-    """Bytes of host RAM available (MemAvailable), or None where /proc/meminfo is missing."""
-    try:
-        with open("/proc/meminfo") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
-        return kib * 1024
-    except (OSError, StopIteration):
-        return None
-
-
 def device_budget(device, budget_gb=None, reserve_gb=6.0):
     """The device-memory budget for the cache in bytes: ``budget_gb`` where given, else what is
     free on a CUDA device less ``reserve_gb``."""
@@ -106,7 +97,7 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
     pcie_bytes_per_step; vs_dense for KCache, hf_decode_tok_s and dense_vs_hf for dense where
     transformers ran). ``log`` gets one line per configuration."""
     rows = []
-    host_budget = host_available()
+    host_budget = host_bytes_available()
     host_budget = None if host_budget is None else int(0.8 * host_budget)
     for name in models:
         config = SHAPES[name]
