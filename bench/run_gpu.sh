@@ -99,7 +99,7 @@ stage() {  # stage NAME LIMIT COMMAND...: run under min(LIMIT, budget left), log
   [ "$limit" -le "$left" ] || limit=$left
   say "==== $name (limit $limit s): $*"
   local t=$SECONDS
-  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG" > "$WORK/$name.txt"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG" "$WORK/$name.txt"
   local rc=${PIPESTATUS[0]} status=ok
   case $rc in
     0) ;;
@@ -201,11 +201,13 @@ sanitize() {
 
 bench() {
   say "bench: bench/gpu_gather.py, gpu_qk_topn.py, gpu_decode_attn.py --out $WORK/results"
-  if [ "$DRY" = 1 ]; then
-    local b
-    for b in gpu_gather gpu_qk_topn gpu_decode_attn; do
-      stage "plan_$b" 60 "$PY" "bench/$b.py" --dry-run
-    done
+  if [ "$DRY" = 1 ]; then  # the three plans in one interpreter (one torch import)
+    stage plan_benchmarks 60 "$PY" -c "import runpy, sys
+sys.path.insert(0, 'bench')
+for script in sys.argv[1:]:
+    sys.argv = [script, '--dry-run']
+    runpy.run_path(script, run_name='__main__')" bench/gpu_gather.py bench/gpu_qk_topn.py \
+      bench/gpu_decode_attn.py
   fi
   gpu_here bench || return 0
   ensure_build bench || return 0

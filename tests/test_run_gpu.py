@@ -30,14 +30,14 @@ def test_dry_run_lists_every_stage_and_packs_out(tmp_path):
     for name in STAGES:
         assert f"no GPU: {name} not run (dry run)" in log
     stages = (work / "stages.txt").read_text()
-    for name in ("collect_tests", "collect_sanitizer_cases", "plan_gpu_gather", "plan_gpu_qk_topn",
-                 "plan_gpu_decode_attn", "e2e_arguments"):
+    for name in ("collect_tests", "collect_sanitizer_cases", "plan_benchmarks", "e2e_arguments"):
         assert any(line.split()[:2] == [name, "ok"] for line in stages.splitlines()), stages
-    assert "decode step: 9 configurations" in log  # the benchmarks' plans reach the log
+    for plan in ("gather_rows: 22", "qk_topn: 24", "decode step: 9"):  # the benchmarks' plans
+        assert f"# {plan} configurations" in log
     assert sorted(os.listdir(out)) == ["gpu_results.tar.gz", "run_gpu.log"]
     with tarfile.open(out / "gpu_results.tar.gz") as tar:
         names = tar.getnames()
-    assert "gpu_logs/stages.txt" in names and "gpu_logs/plan_gpu_qk_topn.txt" in names
+    assert "gpu_logs/stages.txt" in names and "gpu_logs/plan_benchmarks.txt" in names
 
 
 def test_unknown_stage_is_refused(tmp_path):
