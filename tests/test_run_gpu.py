@@ -15,7 +15,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BENCH)
 import baselines  # noqa: E402  (bench/ is a folder of scripts, not a package)
 
-STAGES = ("build", "tests", "slow", "sanitize", "bench", "e2e")
+STAGES = ("build", "tests", "e2e", "slow", "sanitize", "bench")
 
 
 def test_dry_run_lists_every_stage_and_packs_out(tmp_path):
