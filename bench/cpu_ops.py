@@ -18,7 +18,7 @@ import torch
 import kcache_ops
 from kcache_ops import results
 
-from baselines import torch_decode, torch_qk_topn
+import baselines
 
 HQ, HKV, D, N = 32, 8, 128, 64
 ROTATE_BYTES = 256 << 20  # inputs rotate over at least this many bytes, beyond the 32 MiB L3
@@ -62,8 +62,9 @@ def bench_config(B, S, dtype, runs):
     qk_inputs = [(q, k, lens, N, scale) for q, k, _, lens in inputs]
     dec_inputs = [(q, k, v, lens, N, scale) for q, k, v, lens in inputs]
     rows = []
-    for what, ours, base, args in (("qk_topn", kcache_ops.qk_topn, torch_qk_topn, qk_inputs),
-                                   ("decode", kcache_decode, torch_decode, dec_inputs)):
+    for what, ours, base, args in (
+            ("qk_topn", kcache_ops.qk_topn, baselines.torch_qk_topn, qk_inputs),
+            ("decode", kcache_decode, baselines.torch_decode, dec_inputs)):
         ms = median_ms(ours, args, runs)
         base_ms = median_ms(base, args, runs)
         gbps = k_bytes / ms / 1e6
@@ -101,7 +102,7 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--out", default=results.RESULTS_DIR,
-                        help=f"folder of cpu_ops.json and cpu_ops.md (default {results.RESULTS_DIR})")
+                        help=f"folder of cpu_ops.json and .md (default {results.RESULTS_DIR})")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -13,8 +13,9 @@ import os
 
 import torch
 
-import baselines
 import kcache_ops
+
+import baselines
 import timing
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}

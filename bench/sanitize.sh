@@ -49,7 +49,8 @@ cases() {  # cases TOOL: the node ids of TOOL's cases
 
 case ${1:-} in
   --where)
-    find_sanitizer || echo "compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin)"
+    find_sanitizer ||
+      echo "compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin, beside nvcc)"
     exit 0 ;;
   --collect)  # every case must exist: -p no:cacheprovider, no GPU needed to collect
     # shellcheck disable=SC2046  # node ids hold no spaces
