@@ -22,7 +22,7 @@ MEMCHECK=("$F::test_gather_rows_is_a_copy" "$F::test_sparse_attn_v_random_indice
   "$F::test_out_of_range_values_never_read_out_of_bounds")
 # racecheck and synccheck are slower per launch: one case of each kernel and selection mode
 RACECHECK=("$F::test_qk_topn_exact_ties[300-False]" "$F::test_qk_topn_exact_ties[300-True]"
-  "$F::test_sparse_attn_v_random_indices[33]" "$F::test_gather_rows_is_a_copy[64-dtype1]")
+  "$F::test_sparse_attn_v_random_indices[33]" "$F::test_gather_rows_is_a_copy[64-torch.bfloat16]")
 SYNCCHECK=("${RACECHECK[@]}")
 
 find_sanitizer() {
@@ -52,10 +52,20 @@ case ${1:-} in
     find_sanitizer ||
       echo "compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin, beside nvcc)"
     exit 0 ;;
-  --collect)  # every case must exist: -p no:cacheprovider, no GPU needed to collect
-    # shellcheck disable=SC2046  # node ids hold no spaces
-    exec "$PY" -m pytest -q --collect-only -p no:cacheprovider \
-      $(printf '%s\n' "${MEMCHECK[@]}" "${RACECHECK[@]}" "${SYNCCHECK[@]}" | sort -u) ;;
+  --collect)  # every case must exist (pytest accepts a missing id beside its whole function)
+    all=$(printf '%s\n' "${MEMCHECK[@]}" "${RACECHECK[@]}" "${SYNCCHECK[@]}" | sort -u)
+    # shellcheck disable=SC2086  # node ids hold no spaces
+    listed=$("$PY" -m pytest -q --collect-only -p no:cacheprovider $all) || {
+      echo "$listed"
+      exit 1
+    }
+    echo "$listed"
+    missing=0
+    for id in $all; do
+      grep -qxF -e "$id" <<< "$listed" || grep -qF "$id[" <<< "$listed" ||
+        { echo "not collected: $id"; missing=1; }
+    done
+    exit $missing ;;
 esac
 
 SAN=$(find_sanitizer) || { echo "compute-sanitizer not found"; exit 1; }
