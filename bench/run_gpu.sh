@@ -47,6 +47,10 @@
 # (tool lookup, collecting the tests and the sanitizer's cases, the benchmarks' plans, the
 # throughput command's arguments), reports "no GPU" instead of the GPU work and succeeds; $OUT is
 # packed as in a real run. A real run where no GPU is visible does the same and exits 3.
+#
+# Exit status: 0 when every stage ran and passed; 1 when one failed, timed out at its own limit
+# ("TIMED OUT"), was cut short by BUDGET ("cut: budget") or did not start ("no time"); the last
+# lines printed are the stage table (gpu_logs/stages.txt).
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -97,9 +101,11 @@ stage() {  # stage NAME LIMIT COMMAND...: run under min(LIMIT, budget left), log
   local left=$((BUDGET - (SECONDS - T0)))
   if [ "$left" -lt 15 ]; then
     record "$name" "no time" 0 "$limit"
+    FAILED=1
     return 1
   fi
-  [ "$limit" -le "$left" ] || limit=$left
+  local cut=0
+  [ "$limit" -le "$left" ] || { limit=$left; cut=1; }
   say "==== $name (limit $limit s): $*"
   local t=$SECONDS
   timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG" "$WORK/$name.txt"
@@ -107,7 +113,7 @@ stage() {  # stage NAME LIMIT COMMAND...: run under min(LIMIT, budget left), log
   case $rc in
     0) ;;
     5) status="no tests" ;;  # pytest: nothing collected
-    124 | 137) status="TIMED OUT"; FAILED=1 ;;
+    124 | 137) status="TIMED OUT"; [ $cut = 0 ] || status="cut: budget"; FAILED=1 ;;
     *) status="FAILED rc=$rc"; FAILED=1 ;;
   esac
   record "$name" "$status" $((SECONDS - t)) "$limit"
@@ -163,6 +169,8 @@ OP_TESTS=$(ls tests/test_qk_topn.py tests/test_sparse_attn_v.py tests/test_gathe
 # the rest of the suite, the CMake rebuild last
 SLOW_TESTS=$(ls tests/test_*.py | grep -vxF -e "$CUDA_TESTS" -e "$OP_TESTS" | grep -v cmake_build)
 TIMEOUT_ARGS=()
+# -v: one line per test as it finishes, so a file cut off at its limit still shows what passed
+PYTEST=(-m pytest -v --tb=short -rfEs -p no:cacheprovider)
 
 tests() {
   say "tests: $(echo $CUDA_TESTS $OP_TESTS)"
@@ -176,8 +184,8 @@ tests() {
   for f in $CUDA_TESTS $OP_TESTS; do
     name=$(basename "$f" .py)
     stage "$name" "$([ "$name" = test_cuda_ops ] && echo "${LIMIT_CUDA_OPS:-150}" ||
-      echo "${LIMIT_TEST:-60}")" "$PY" -m pytest -q -rfEs -p no:cacheprovider \
-      "${TIMEOUT_ARGS[@]}" --junitxml "$WORK/junit_$name.xml" "$f"
+      echo "${LIMIT_TEST:-60}")" "$PY" "${PYTEST[@]}" "${TIMEOUT_ARGS[@]}" \
+      --junitxml "$WORK/junit_$name.xml" "$f"
   done
 }
 
@@ -196,11 +204,11 @@ slow() {
   say "slow: $(echo $SLOW_TESTS) tests/test_cmake_build.py"
   gpu_here slow || return 0
   ensure_build slow || return 0
-  stage slow_tests "${LIMIT_SLOW:-300}" "$PY" -m pytest -q -rfEs -p no:cacheprovider \
-    "${TIMEOUT_ARGS[@]}" --junitxml "$WORK/junit_slow.xml" $SLOW_TESTS
+  stage slow_tests "${LIMIT_SLOW:-300}" "$PY" "${PYTEST[@]}" "${TIMEOUT_ARGS[@]}" \
+    --junitxml "$WORK/junit_slow.xml" $SLOW_TESTS
   [ ! -f tests/test_cmake_build.py ] ||
-    stage test_cmake_build "${LIMIT_CMAKE:-200}" "$PY" -m pytest -q -rfEs -p no:cacheprovider \
-      "${TIMEOUT_ARGS[@]}" --junitxml "$WORK/junit_cmake.xml" tests/test_cmake_build.py
+    stage test_cmake_build "${LIMIT_CMAKE:-200}" "$PY" "${PYTEST[@]}" "${TIMEOUT_ARGS[@]}" \
+      --junitxml "$WORK/junit_cmake.xml" tests/test_cmake_build.py
 }
 
 sanitize() {
