@@ -41,7 +41,7 @@
 #           qk_topn 75 (~50), decode 75 (~40)
 # Each limit can be set: BUDGET, LIMIT_BUILD, LIMIT_CUDA_OPS, LIMIT_TEST, LIMIT_E2E, LIMIT_SLOW,
 # LIMIT_CMAKE, LIMIT_MEMCHECK, LIMIT_RACECHECK, LIMIT_SYNCCHECK, LIMIT_GATHER, LIMIT_QK_TOPN,
-# LIMIT_DECODE; PER_TEST (120 s) is pytest's per-test time-out.
+# LIMIT_DECODE; PER_TEST (60 s) is pytest's per-test time-out (5x for the slow stage).
 #
 # Dry run (--dry-run or DRY_RUN=1), for a machine without a GPU: every stage does its CPU-side part
 # (tool lookup, collecting the tests and the sanitizer's cases, the benchmarks' plans, the
@@ -70,7 +70,7 @@ LOG=$OUT/run_gpu.log
 ARCHIVE=$OUT/gpu_results.tar.gz
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-360}
-PER_TEST=${PER_TEST:-120}
+PER_TEST=${PER_TEST:-60}
 E2E_ARGS=${E2E_ARGS:---models llama3-8b --contexts 32768 --budget 40 --steps 16}
 rm -rf "$WORK"
 mkdir -p "$OUT" "$WORK/results"
@@ -168,7 +168,8 @@ OP_TESTS=$(ls tests/test_qk_topn.py tests/test_sparse_attn_v.py tests/test_gathe
   tests/test_op_errors.py tests/test_alloc_host.py 2> /dev/null)
 # the rest of the suite, the CMake rebuild last
 SLOW_TESTS=$(ls tests/test_*.py | grep -vxF -e "$CUDA_TESTS" -e "$OP_TESTS" | grep -v cmake_build)
-TIMEOUT_ARGS=()
+TIMEOUT_ARGS=()  # per-test time-outs: PER_TEST for the CUDA and op tests, 5x that for the rest
+SLOW_TIMEOUT_ARGS=()
 # -v: one line per test as it finishes, so a file cut off at its limit still shows what passed
 PYTEST=(-m pytest -v --tb=short -rfEs -p no:cacheprovider)
 
@@ -204,10 +205,10 @@ slow() {
   say "slow: $(echo $SLOW_TESTS) tests/test_cmake_build.py"
   gpu_here slow || return 0
   ensure_build slow || return 0
-  stage slow_tests "${LIMIT_SLOW:-300}" "$PY" "${PYTEST[@]}" "${TIMEOUT_ARGS[@]}" \
+  stage slow_tests "${LIMIT_SLOW:-300}" "$PY" "${PYTEST[@]}" "${SLOW_TIMEOUT_ARGS[@]}" \
     --junitxml "$WORK/junit_slow.xml" $SLOW_TESTS
   [ ! -f tests/test_cmake_build.py ] ||
-    stage test_cmake_build "${LIMIT_CMAKE:-200}" "$PY" "${PYTEST[@]}" "${TIMEOUT_ARGS[@]}" \
+    stage test_cmake_build "${LIMIT_CMAKE:-200}" "$PY" "${PYTEST[@]}" "${SLOW_TIMEOUT_ARGS[@]}" \
       --junitxml "$WORK/junit_cmake.xml" tests/test_cmake_build.py
 }
 
@@ -265,6 +266,7 @@ else
   fi
   if "$PY" -c "import pytest_timeout" 2> /dev/null; then
     TIMEOUT_ARGS=(--timeout "$PER_TEST" --timeout-method thread)
+    SLOW_TIMEOUT_ARGS=(--timeout $((5 * PER_TEST)) --timeout-method thread)
   else
     say "pytest-timeout is not installed: each test file's limit alone bounds a hanging test"
   fi
