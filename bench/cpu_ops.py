@@ -1,50 +1,27 @@
 """CPU speed of qk_topn and of a decode step (qk_topn + sparse_attn_v) against the PyTorch way
-(matmul + logsumexp + topk + index + softmax + matmul), with K's read bandwidth as a fraction of a
-memory-copy bandwidth measured in the same run.
+(matmul + logsumexp + topk + index + softmax + matmul, bench/baselines.py), with K's read bandwidth
+as a fraction of a memory-copy bandwidth measured in the same run.
 
-    python bench/cpu_ops.py [--batch 1 4 8] [--tokens 4096 16384 32768] [--runs 7]
+    python bench/cpu_ops.py [--batch 1 4 8] [--tokens 4096 16384 32768] [--runs 7] [--out DIR]
 
-Prints one line per configuration; writes bench/results/cpu_ops.{json,md}.
+Prints one line per configuration; writes cpu_ops.json (after each configuration) and cpu_ops.md
+to bench/results/ (the results folder of kcache_ops.results) or --out.
 """
 import argparse
-import json
 import math
 import os
-import platform
 import statistics
 import time
 
 import torch
 
 import kcache_ops
+from kcache_ops import results
+
+import baselines
 
 HQ, HKV, D, N = 32, 8, 128, 64
 ROTATE_BYTES = 256 << 20  # inputs rotate over at least this many bytes, beyond the 32 MiB L3
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def torch_qk(q, k_cache, seq_lens, n, scale):
-    """The PyTorch way of qk_topn -> scores, indices [B, Hkv, G, n], lse [B, Hkv, G]."""
-    B, Hq, D = q.shape
-    Hkv, S = k_cache.shape[1], k_cache.shape[2]
-    s = torch.matmul(q.view(B, Hkv, Hq // Hkv, D), k_cache.transpose(-1, -2))  # [B, Hkv, G, S]
-    s = s.float() * scale
-    invalid = torch.arange(S) >= seq_lens[:, None].long()  # [B, S]
-    s.masked_fill_(invalid[:, None, None], float("-inf"))
-    scores, indices = s.topk(n, dim=-1)  # [B, Hkv, G, n]
-    return scores, indices, s.logsumexp(dim=-1)
-
-
-def torch_decode(q, k_cache, v_cache, seq_lens, n, scale):
-    """The PyTorch way of a decode step -> out [B, Hq, D]."""
-    scores, indices, _ = torch_qk(q, k_cache, seq_lens, n, scale)  # [B, Hkv, G, n]
-    B, Hkv, G, _ = indices.shape
-    b = torch.arange(B)[:, None, None, None]
-    h = torch.arange(Hkv)[None, :, None, None]
-    v = v_cache[b, h, indices].float()  # [B, Hkv, G, n, D]
-    p = torch.softmax(scores, dim=-1)  # [B, Hkv, G, n]
-    out = torch.matmul(p[..., None, :], v).squeeze(-2)  # [B, Hkv, G, D]
-    return out.reshape(B, Hkv * G, -1).to(v_cache.dtype)
 
 
 def kcache_decode(q, k_cache, v_cache, seq_lens, n, scale):
@@ -72,13 +49,6 @@ def copy_gbps(runs, nbytes=1 << 30):
     return 2 * nbytes / ms / 1e6
 
 
-def machine():
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                  if line.startswith("model name")), platform.processor())
-    return {"cpu": model, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability()}
-
-
 def bench_config(B, S, dtype, runs):
     """One configuration's rows: qk_topn and the decode step, ours against the PyTorch way, and
     the copy bandwidth measured right before (it drifts with the neighbours of a shared host)."""
@@ -92,8 +62,9 @@ def bench_config(B, S, dtype, runs):
     qk_inputs = [(q, k, lens, N, scale) for q, k, _, lens in inputs]
     dec_inputs = [(q, k, v, lens, N, scale) for q, k, v, lens in inputs]
     rows = []
-    for what, ours, base, args in (("qk_topn", kcache_ops.qk_topn, torch_qk, qk_inputs),
-                                   ("decode", kcache_decode, torch_decode, dec_inputs)):
+    for what, ours, base, args in (
+            ("qk_topn", kcache_ops.qk_topn, baselines.torch_qk_topn, qk_inputs),
+            ("decode", kcache_decode, baselines.torch_decode, dec_inputs)):
         ms = median_ms(ours, args, runs)
         base_ms = median_ms(base, args, runs)
         gbps = k_bytes / ms / 1e6
@@ -113,9 +84,9 @@ def line(r):
 
 
 def markdown(info, rows):
-    out = [f"CPU: {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch "
-           f"{info['torch']} ({info['capability']}). Hq={HQ}, Hkv={HKV}, D={D}, N={N}. Copy: a "
-           "1 GiB tensor copy (read + write) right before each configuration.", "",
+    out = [results.ran_on(info, f" ({info['capability']}), {info['cpu_count']} CPUs. Hq={HQ}, "
+                          f"Hkv={HKV}, D={D}, N={N}. Copy: a 1 GiB tensor copy (read + write) "
+                          "right before each configuration."), "",
            "| op | B | S | dtype | ms | K GB/s | copy GB/s | % of copy | torch ms | speedup |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     out += [f"| {r['op']} | {r['B']} | {r['S']} | {r['dtype']} | {r['ms']:.3f} | "
@@ -130,12 +101,14 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--out", default=results.RESULTS_DIR,
+                        help=f"folder of cpu_ops.json and .md (default {results.RESULTS_DIR})")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args()
     torch.manual_seed(0)
-    info = machine()
-    print(f"{info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch "
-          f"{info['torch']}; copy = GB/s of a 1 GiB copy (read + write) before each line")
+    info = {**results.machine("cpu"), "cpu_count": os.cpu_count(),
+            "capability": torch.backends.cpu.get_cpu_capability()}
+    print(results.ran_on(info, "; copy = GB/s of a 1 GiB copy (read + write) before each line"))
     rows = []
     for dtype in (getattr(torch, d) for d in args.dtypes):
         for S in args.tokens:
@@ -143,11 +116,11 @@ def main():
                 for r in bench_config(B, S, dtype, args.runs):
                     print(line(r), flush=True)
                     rows.append(r)
+                if not args.no_save:  # after each configuration: a run cut short keeps them
+                    results.write_json(os.path.join(args.out, "cpu_ops.json"),
+                                       {"machine": info, "rows": rows})
     if not args.no_save:
-        os.makedirs(RESULTS, exist_ok=True)
-        with open(os.path.join(RESULTS, "cpu_ops.json"), "w") as f:
-            json.dump({"machine": info, "rows": rows}, f, indent=1)
-        with open(os.path.join(RESULTS, "cpu_ops.md"), "w") as f:
+        with open(os.path.join(args.out, "cpu_ops.md"), "w") as f:
             f.write(markdown(info, rows))
 
 

@@ -1,7 +1,11 @@
 """One decode attention step: KCache (qk_topn + sparse_attn_v, N=64, V in pinned host memory, both
-selection modes) against dense decode attention over K and V in GPU memory (FlashAttention's
-flash_attn_with_kvcache if importable, else torch SDPA), Llama-3-8B shape, bf16, 4K-128K tokens,
-batch 1-32.
+selection modes) against the fastest exact dense decode attention on the machine over K and V in
+GPU memory (SDPA's flash, memory-efficient and cuDNN back-ends, and a split-KV variant at batch 1,
+bench/baselines.py; each checked against the first before it is timed, the winner named per
+configuration). Llama-3-8B shape, bf16, 4K-128K tokens, batch 1-32, every sequence full; every
+call is timed inside a CUDA graph.
+
+    python bench/gpu_decode_attn.py [--seq ...] [--batch ...] [--n N] [--out DIR] [--dry-run]
 
 Target (issue 3): KCache step <= 0.6x the dense step at 32K tokens, batch 8, group_select.
 """
@@ -10,90 +14,99 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
 import kcache_ops
+
+import baselines
 import timing
 
 Hq, Hkv, D = 32, 8, 128
-try:
-    from flash_attn import flash_attn_with_kvcache
-except ImportError:
-    flash_attn_with_kvcache = None
+AGREE = 2e-2  # largest |difference| a dense candidate may show against the first one (bf16)
 
 
-def dense_step(q, k, v, lens):
-    """Exact attention of q [B, Hq, D] over K, V [B, Hkv, S, D] in GPU memory -> [B, Hq, D]."""
-    if flash_attn_with_kvcache is not None:  # wants [B, S, H, D]; a transposed view is honoured
-        out = flash_attn_with_kvcache(q[:, None], k.transpose(1, 2), v.transpose(1, 2),
-                                      cache_seqlens=lens)
-        return out[:, 0]
-    return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
-
-
-def host_v(B, S):
-    """Pinned mapped V [B, Hkv, S, D] bf16: one random block of 64M values repeated."""
-    v = kcache_ops.alloc_host((B, Hkv, S, D), torch.bfloat16)
-    flat = v.view(-1)
-    pattern = torch.randn(min(flat.numel(), 64 << 20)).to(torch.bfloat16)
-    for start in range(0, flat.numel(), pattern.numel()):
-        end = min(flat.numel(), start + pattern.numel())
-        flat[start:end] = pattern[: end - start]
-    return v
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--seq", type=int, nargs="+", default=[4096, 32768, 131072])
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--n", type=int, default=64)
-    args = ap.parse_args()
-    os.environ["KCACHE_OPS_VALIDATE"] = "0"  # no host sync for the value range checks
-    gpu = timing.header("decode attention step")
-    backend = "flash_attn" if flash_attn_with_kvcache is not None else "torch SDPA"
-    print(f"# dense baseline: {backend}")
-    v_all = host_v(max(args.batch), max(args.seq))  # [Bmax, Hkv, Smax, D]; slices are strided views
-    scale = 1 / math.sqrt(D)
-    rows = []
+def configs(args):
+    """(S, B) in run order with the device bytes each needs: K and V sets + qk_topn's scores."""
+    out = []
     for S in args.seq:
         for B in args.batch:
             kv_bytes = B * Hkv * S * D * 2
-            sets_n = timing.rotations(2 * kv_bytes)
-            need = 2 * kv_bytes * sets_n + B * Hq * S * 4
-            if not timing.fits_on_device(need):
-                print(f"# skip S={S} B={B}: needs {need / 2**30:.1f} GiB")
-                continue
-            v = v_all[:B, :, :S]
-            lens = torch.full((B,), S, device="cuda", dtype=torch.int32)
-            sets = [(torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16),
-                     torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16),
-                     torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16))
-                    for _ in range(sets_n)]
-            dense_us = timing.time_us(lambda q, k, vd: dense_step(q, k, vd, lens), sets)
-            for group_select in (False, True):
-                def step(q, k, _vd):
-                    scores, idx, lse = kcache_ops.qk_topn(q, k, lens, args.n, scale, group_select)
-                    return kcache_ops.sparse_attn_v(scores, idx, v, lse)
-                us = timing.time_us(step, sets)
-                host_bytes = B * (Hkv if group_select else Hq) * args.n * D * 2
-                rows.append(timing.line(
-                    op="decode_step", B=B, S=S, n=args.n, group_select=group_select, us=us,
-                    dense_us=dense_us, ratio_vs_dense=us / dense_us,
-                    k_GBs=kv_bytes / us / 1e3, host_MiB=host_bytes / 2**20,
-                    device_MiB_saved=kv_bytes / 2**20))
-            del sets
-    meta = {"gpu": gpu, "torch": torch.__version__, "dense": backend, "n": args.n}
+            out.append({"S": S, "B": B, "kv_bytes": kv_bytes,
+                        "bytes": 2 * kv_bytes * timing.rotations(2 * kv_bytes) + B * Hq * S * 4})
+    return out
+
+
+def fastest_dense(sets, B):
+    """Time every dense candidate on ``sets`` [(q, k, v)] -> (name of the fastest, its µs,
+    {name: µs or the reason it was not timed})."""
+    times, first = {}, None
+    for name, fn in baselines.dense_candidates(B).items():
+        try:
+            out = fn(*sets[0])  # [B, Hq, D]
+        except RuntimeError as e:  # "No available kernel" and the like
+            times[name] = "unavailable: " + str(e).splitlines()[0][:120]
+            continue
+        if first is None:
+            first = out
+        elif (out.float() - first.float()).abs().max().item() > AGREE:
+            times[name] = "disagrees with the first candidate"
+            continue
+        times[name] = timing.time_us(fn, sets)[0]
+    timed = {k: v for k, v in times.items() if isinstance(v, float)}
+    if not timed:
+        raise RuntimeError(f"no dense attention ran: {times}")
+    best = min(timed, key=timed.get)
+    return best, timed[best], times
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seq", type=int, nargs="+", default=[32768, 4096, 131072])
+    ap.add_argument("--batch", type=int, nargs="+", default=[8, 1, 32])
+    ap.add_argument("--n", type=int, default=64)
+    timing.add_common_arguments(ap)
+    args = ap.parse_args()
+    todo = configs(args)
+    if args.dry_run:
+        timing.plan("decode step", [{k: c[k] for k in ("S", "B", "bytes")} for c in todo])
+        print(f"# dense candidates at batch 1: {', '.join(baselines.dense_candidates(1))}")
+        return
+    os.environ["KCACHE_OPS_VALIDATE"] = "0"  # no host sync for the value range checks
+    rec = timing.Recorder("gpu_decode_attn", args.out, "decode attention step", n=args.n)
+    # V [Bmax, Hkv, Smax, D] in pinned host memory; each configuration reads a strided slice
+    v_all = timing.host_random((max(args.batch), Hkv, max(args.seq), D), torch.bfloat16)
+    scale = 1 / math.sqrt(D)
+    for c in todo:
+        B, S = c["B"], c["S"]
+        if not timing.fits_on_device(c["bytes"]):
+            print(f"# skip S={S} B={B}: needs {c['bytes'] / 2**30:.1f} GiB")
+            continue
+        v = v_all[:B, :, :S]  # [B, Hkv, S, D]
+        lens = torch.full((B,), S, device="cuda", dtype=torch.int32)
+        sets = [(torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16),
+                 torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16),
+                 torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16))
+                for _ in range(timing.rotations(2 * c["kv_bytes"]))]
+        dense, dense_us, tried = fastest_dense(sets, B)
+        for group_select in (False, True):
+            def step(q, k, _v_device):
+                scores, idx, lse = kcache_ops.qk_topn(q, k, lens, args.n, scale, group_select)
+                return kcache_ops.sparse_attn_v(scores, idx, v, lse)
+            us, mode = timing.time_us(step, sets)
+            host_bytes = B * (Hkv if group_select else Hq) * args.n * D * 2
+            rec.add(op="decode_step", B=B, S=S, n=args.n, group_select=group_select, us=us,
+                    timed=mode, dense=dense, dense_us=dense_us, ratio_vs_dense=us / dense_us,
+                    dense_tried=tried, k_GBs=c["kv_bytes"] / us / 1e3,
+                    host_MiB=host_bytes / 2**20, device_MiB_saved=c["kv_bytes"] / 2**20)
 
     def plot(ax, rs):
         for B in args.batch:
             for gsel in (False, True):
-                pts = [r for r in rs if r["B"] == B and r["group_select"] == gsel]
+                pts = sorted((r["S"], r["ratio_vs_dense"]) for r in rs
+                             if r["B"] == B and r["group_select"] == gsel)
                 if pts:
-                    ax.plot([r["S"] for r in pts], [r["ratio_vs_dense"] for r in pts],
-                            "o-" if gsel else "x--", label=f"B={B} group_select={gsel}")
+                    ax.plot(*zip(*pts), "o-" if gsel else "x--", label=f"B={B} group_select={gsel}")
 
-    timing.save("gpu_decode_attn", meta, rows, plot, "tokens S",
-                f"KCache step / dense step ({backend})", (0.6, "target 0.6"))
+    rec.finish(plot, "tokens S", "KCache step / fastest dense step", (0.6, "target 0.6"))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,20 @@
-"""What the GPU benchmarks share: CUDA-event timing (warm-up, median, inputs rotated beyond L2), the
-ceilings measured in the same run (device-to-device copy, pinned host-to-device copy), memory-fit
-checks, one printed line per configuration, and the JSON + PNG written under bench/results/."""
-import json
+"""What the GPU benchmarks share: CUDA-event timing (warm-up, median, inputs rotated beyond L2, the
+calls captured in a CUDA graph where they can be), the ceilings measured in the same run
+(device-to-device copy, pinned host-to-device copy), pinned host buffers filled from the GPU,
+memory-fit checks, and :class:`Recorder`, which prints one line per configuration and rewrites
+the benchmark's JSON after each one (the machine description and the folder come from
+:mod:`kcache_ops.results`)."""
 import os
 import statistics
 import time
 
 import torch
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-L2_ROTATE_BYTES = 256 << 20  # rotate inputs until this many bytes are touched (L2 is 50 MB)
+import kcache_ops
+from kcache_ops import results
+
+L2_ROTATE_BYTES = 256 << 20  # rotate inputs until this many bytes are touched (L2 is 50-60 MB)
+GRAPH_CALLS = 8  # at least this many calls in one captured graph
 
 
 def rotations(bytes_per_set, max_sets=64):
@@ -17,10 +22,9 @@ def rotations(bytes_per_set, max_sets=64):
     return max(1, min(max_sets, -(-L2_ROTATE_BYTES // max(1, bytes_per_set))))
 
 
-def time_us(fn, args_list, warmup=5, iters=30):
-    """Median µs of fn(*args) over `iters` calls, rotating through args_list, each call between
-    two CUDA events on the current stream (a call that does host work is timed whole: the start
-    event fires at once on an idle device)."""
+def _eager_us(fn, args_list, warmup, iters):
+    """Median µs of fn(*args) launched from Python, each call between two CUDA events (a call that
+    does host work is timed whole: the start event fires at once on an idle device)."""
     for i in range(warmup):
         fn(*args_list[i % len(args_list)])
     torch.cuda.synchronize()
@@ -34,21 +38,81 @@ def time_us(fn, args_list, warmup=5, iters=30):
     return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
 
 
+def _graph_us(fn, args_list, warmup, iters):
+    """Median µs per call of a CUDA graph holding fn(*args) once per input set (at least
+    GRAPH_CALLS calls), replayed `iters` times: no Python or launch gaps between the calls, as in a
+    captured decode step. Raises RuntimeError where fn cannot be captured (it syncs the host)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream (lazy init, library handles)
+        for i in range(warmup):
+            fn(*args_list[i % len(args_list)])
+    torch.cuda.current_stream().wait_stream(side)
+    calls = len(args_list) * -(-GRAPH_CALLS // len(args_list))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(*args_list[i % len(args_list)])
+    us = _eager_us(graph.replay, [()], 2, iters) / calls
+    del graph
+    torch.cuda.empty_cache()
+    return us
+
+
+def time_us(fn, args_list, warmup=5, iters=20, graph=True):
+    """Median µs of one call fn(*args), rotating through args_list -> (µs, "graph" | "eager").
+
+    With ``graph`` the calls are captured into a CUDA graph and replayed (a short op is otherwise
+    launch-bound and measures Python); where capture fails the calls are timed as launched.
+    """
+    if graph:
+        try:
+            return _graph_us(fn, args_list, warmup, iters), "graph"
+        except RuntimeError as e:
+            torch.cuda.synchronize()
+            print(f"# graph capture failed, timing launches: {str(e).splitlines()[0]}")
+    return _eager_us(fn, args_list, warmup, iters), "eager"
+
+
 def d2d_bandwidth_gbs(nbytes=2 << 30):
     """Device memory ceiling: a large device-to-device copy, bytes read + written per second."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
-    us = time_us(lambda: dst.copy_(src), [()], warmup=3, iters=10)
+    us = _eager_us(lambda: dst.copy_(src), [()], 3, 10)
     return 2 * nbytes / us / 1e3
 
 
 def h2d_bandwidth_gbs(nbytes=1 << 30):
-    """Host->device ceiling: a large copy from pinned host memory."""
-    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-    src.random_()
+    """Host->device ceiling: a large copy from pinned host memory (filled from the GPU)."""
+    src = host_random((nbytes,), torch.uint8)
     dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    us = time_us(lambda: dst.copy_(src, non_blocking=True), [()], warmup=2, iters=8)
+    us = _eager_us(lambda: dst.copy_(src, non_blocking=True), [()], 2, 8)
     return nbytes / us / 1e3
+
+
+def host_random(shape, dtype, write_combined=False, block_values=64 << 20):
+    """Pinned, device-mapped host tensor of ``shape`` (kcache_ops.alloc_host; write-combined when
+    asked) holding one random block made on the GPU, repeated: a device->host copy per block and
+    no CPU arithmetic, so gigabytes fill in a fraction of a second. Never zeros."""
+    before = os.environ.get("KCACHE_OPS_HOST_ALLOC_WC")
+    os.environ["KCACHE_OPS_HOST_ALLOC_WC"] = "1" if write_combined else "0"
+    try:
+        buf = kcache_ops.alloc_host(tuple(shape), dtype)
+    finally:
+        if before is None:
+            del os.environ["KCACHE_OPS_HOST_ALLOC_WC"]
+        else:
+            os.environ["KCACHE_OPS_HOST_ALLOC_WC"] = before
+    flat = buf.view(-1)
+    count = min(flat.numel(), block_values)
+    if dtype.is_floating_point:
+        block = torch.randn(count, device="cuda").to(dtype)  # [count]
+    else:
+        block = torch.randint(1, 100, (count,), device="cuda").to(dtype)
+    for start in range(0, flat.numel(), count):
+        end = min(flat.numel(), start + count)
+        flat[start:end].copy_(block[: end - start])
+    return buf
 
 
 def fits_on_device(nbytes, reserve=4 << 30):
@@ -57,37 +121,67 @@ def fits_on_device(nbytes, reserve=4 << 30):
     return nbytes + reserve < torch.cuda.mem_get_info()[0]
 
 
-def header(title):
-    name = torch.cuda.get_device_name()
-    print(f"# {title} on {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
-    return name
+class Recorder:
+    """The rows of one benchmark: each printed as one line of key=value pairs and added to
+    ``<out>/<name>.json`` = {"meta": machine description (kcache_ops.results.machine) and the
+    benchmark's ceilings and settings, "complete": bool, "rows": [...]}, rewritten after every
+    configuration (a run cut off at its time limit keeps what finished; "complete" turns true in
+    :meth:`finish`)."""
+
+    def __init__(self, name, out, title, **meta):
+        self.name, self.out = name, out
+        self.meta = {**results.machine("cuda"), **meta}  # the machine, then ceilings and settings
+        self.rows = []
+        print(f"# {title}: {results.ran_on(self.meta)}, {time.strftime('%Y-%m-%d %H:%M')}")
+
+    def _write(self, complete):
+        results.write_json(os.path.join(self.out, self.name + ".json"),
+                           {"meta": self.meta, "complete": complete, "rows": self.rows})
+
+    def add(self, **fields):
+        """Print and record one configuration; returns the fields."""
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in fields.items()), flush=True)
+        self.rows.append(fields)
+        self._write(False)
+        return fields
+
+    def finish(self, plot, xlabel, ylabel, hline):
+        """Mark the JSON complete and draw ``<out>/<name>.png``: ``plot(ax, rows)`` draws the
+        curves over a log2 x axis; hline = (y, label) marks the ceiling or target."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        self._write(True)
+        fig, ax = plt.subplots(figsize=(8, 5))
+        plot(ax, self.rows)
+        ax.axhline(hline[0], color="k", lw=1, ls="--", label=hline[1])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{self.name} — {self.meta['gpu']}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(self.out, self.name)
+        fig.savefig(path + ".png", dpi=120)
+        plt.close(fig)
+        print(f"# wrote {path}.json and .png")
 
 
-def line(**fields):
-    """One configuration as one printed line of key=value pairs; returns the fields."""
-    print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in fields.items()), flush=True)
-    return fields
+def add_common_arguments(parser):
+    """--out (results folder) and --dry-run (print the plan, touch no GPU) for every benchmark."""
+    parser.add_argument("--out", default=results.RESULTS_DIR,
+                        help=f"folder of the JSON and plot (default {results.RESULTS_DIR})")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the configurations and their device memory, run nothing on "
+                             "a GPU")
 
 
-def save(name, meta, rows, plot, xlabel, ylabel, hline):
-    """bench/results/<name>.json and <name>.png: `plot(ax, rows)` draws the curves over a log2 x
-    axis; hline = (y, label) marks the ceiling or target."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, name + ".json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    plot(ax, rows)
-    ax.axhline(hline[0], color="k", lw=1, ls="--", label=hline[1])
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(f"{name} — {meta['gpu']}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, name + ".png"), dpi=120)
-    print(f"# wrote {os.path.join(RESULTS, name)}.json and .png")
+def plan(name, configs):
+    """The dry run of a benchmark: one line per configuration (dicts with a "bytes" entry, the
+    device memory it needs)."""
+    print(f"# {name}: {len(configs)} configurations (dry run, no GPU work)")
+    for c in configs:
+        print("  " + "  ".join(f"{k}={v / 2**30:.2f}GiB" if k == "bytes" else f"{k}={v}"
+                               for k, v in c.items()))

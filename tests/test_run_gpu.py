@@ -1,0 +1,86 @@
+"""bench/run_gpu.sh in its dry run on the CPU (every stage's CPU-side part, "no GPU" for the GPU
+work, the log and the archive in $OUT), and the PyTorch baselines of bench/baselines.py against
+kcache_ops.reference on fresh random inputs."""
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+
+from kcache_ops import reference
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+import baselines  # noqa: E402  (bench/ is a folder of scripts, not a package)
+
+STAGES = ("build", "tests", "e2e", "slow", "sanitize", "bench")
+
+
+def test_dry_run_lists_every_stage_and_packs_out(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "gpu_logs"
+    env = {**os.environ, "OUT": str(out), "WORK": str(work), "PYTHON": sys.executable,
+           "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(["bash", os.path.join(BENCH, "run_gpu.sh"), "--dry-run"], env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    log = (out / "run_gpu.log").read_text()
+    assert "dry run" in log
+    for name in STAGES:
+        assert f"no GPU: {name} not run (dry run)" in log
+    stages = (work / "stages.txt").read_text()
+    for name in ("collect_tests", "collect_sanitizer_cases", "plan_benchmarks", "e2e_arguments"):
+        assert any(line.split()[:2] == [name, "ok"] for line in stages.splitlines()), stages
+    for plan in ("gather_rows: 22", "qk_topn: 24", "decode step: 9"):  # the benchmarks' plans
+        assert f"# {plan} configurations" in log
+    assert sorted(os.listdir(out)) == ["gpu_results.tar.gz", "run_gpu.log"]
+    with tarfile.open(out / "gpu_results.tar.gz") as tar:
+        names = tar.getnames()
+    assert "gpu_logs/stages.txt" in names and "gpu_logs/plan_benchmarks.txt" in names
+
+
+def test_unknown_stage_is_refused(tmp_path):
+    run = subprocess.run(["bash", os.path.join(BENCH, "run_gpu.sh"), "--dry-run", "bild"],
+                         env={**os.environ, "OUT": str(tmp_path)}, capture_output=True,
+                         text=True, timeout=30)
+    assert run.returncode == 2 and "unknown stage 'bild'" in run.stdout
+
+
+def random_qkv(B=2, Hq=8, Hkv=2, S=384, D=64):
+    """q [B, Hq, D], k and v [B, Hkv, S, D] float32, fresh random values."""
+    return torch.randn(B, Hq, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+
+
+def test_torch_qk_topn_and_decode_match_reference():
+    q, k, v = random_qkv()
+    lens = torch.tensor([384, 100], dtype=torch.int32)
+    scores, indices, lse = baselines.torch_qk_topn(q, k, lens, 32, 0.125)
+    want = reference.qk_topn(q, k, lens, 32, 0.125)
+    assert torch.equal(indices.int(), want[1])
+    torch.testing.assert_close(scores, want[0])
+    torch.testing.assert_close(lse, want[2])
+    torch.testing.assert_close(baselines.torch_decode(q, k, v, lens, 32, 0.125),
+                               reference.decode_attention(q, k, v, lens, 32, 0.125))
+
+
+@pytest.mark.parametrize("chunk", [128, 384, 4096])
+def test_dense_baselines_are_exact_attention(chunk):
+    q, k, v = random_qkv()
+    S = k.shape[2]
+    lens = torch.full((2,), S, dtype=torch.int32)
+    want = reference.decode_attention(q, k, v, lens, S)  # every key picked: exact attention
+    torch.testing.assert_close(baselines.split_kv_attention(q, k, v, chunk), want)
+    torch.testing.assert_close(baselines.dense_attention(q, k, v), want)
+
+
+def test_split_kv_refuses_uneven_chunks():
+    with pytest.raises(ValueError, match="multiple of chunk"):
+        baselines.split_kv_attention(*random_qkv(S=300), chunk=128)
+
+
+def test_torch_gather_rows_is_a_copy():
+    src = torch.randn(2, 3, 50, 16)
+    indices = torch.randint(0, 50, (2, 9, 7), dtype=torch.int32)
+    assert torch.equal(baselines.torch_gather_rows(src, indices),
+                       reference.gather_rows(src, indices))
