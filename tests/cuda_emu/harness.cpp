@@ -10,6 +10,7 @@
 #include "case.h"
 #include "gather_rows_kernel.cuh"
 #include "qk_topn_kernel.cuh"
+#include "selftest_kernels.cuh"
 #include "sparse_attn_v_kernel.cuh"
 
 namespace emu {
@@ -158,9 +159,26 @@ Outputs run_gather_rows(const Case& c) {
   return {{"dst", dst}};
 }
 
+// The emulator's own checks (selftest_kernels.cuh), by name.
+Outputs run_selftest(const Case& c) {
+  const std::pair<const char*, void (*)(int*)> kKernels[] = {
+      {"clean", emu_selftest::clean},
+      {"partial_warp", emu_selftest::partial_warp},
+      {"barrier_after_exit", emu_selftest::barrier_after_exit},
+      {"divergent_barrier", emu_selftest::divergent_barrier},
+      {"missing_barrier", emu_selftest::missing_barrier},
+      {"stale_shared", emu_selftest::stale_shared}};
+  const auto& [name, kernel] = kKernels[static_cast<int>(c.scalar("kernel"))];
+  Tensor out = make_tensor(DType::kI32, {2, 64}, 0x7f);  // [blocks, threads]
+  int* o = static_cast<int*>(out.data());
+  launch(dim3(2), dim3(64), name, [&] { kernel(o); });
+  return {{"out", out}};
+}
+
 }  // namespace
 
 Outputs run_case(const Case& c) {
+  if (c.op == "selftest") return run_selftest(c);
   if (c.op == "qk_topn") return run_qk_topn(c);
   if (c.op == "sparse_attn_v") return run_sparse_attn_v(c);
   if (c.op == "gather_rows") return run_gather_rows(c);

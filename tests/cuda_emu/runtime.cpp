@@ -84,12 +84,22 @@ struct Shadow {
 
 constexpr size_t kStackBytes = EMU_ASAN ? (512u << 10) : (64u << 10);
 
+// A warp exchange in progress: the lanes arrived so far and where they wait.
+struct WarpWait {
+  unsigned arrived;
+  unsigned mask;
+  const char* file;
+  int line;
+  const char* kind;
+};
+
 struct Launch {
   const char* kernel = "";
   void (*body)(void*) = nullptr;
   void* ctx = nullptr;
   int nthreads = 0;
   std::vector<Fiber> fibers;
+  std::vector<WarpWait> warps;
   std::vector<int> runnable;
   int current = -1;
   int done = 0;
@@ -135,15 +145,21 @@ std::string run_tool(const std::string& cmd) {
   return out;
 }
 
+// This executable's path (for the tools below; /proc/self/exe would name the tool itself).
+std::string self_path() {
+  char buf[4096];
+  const ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
+  return n > 0 ? std::string(buf, n) : std::string("/proc/self/exe");
+}
+
 // "function at file:line" of a code address in this executable (addr2line), or the bare offset.
 std::string where_code(const void* pc) {
   Dl_info info{};
   if (!pc || !dladdr(pc, &info) || !info.dli_fbase) return "?";
-  char cmd[256];
+  char off_hex[32];
   const uintptr_t off = reinterpret_cast<uintptr_t>(pc) - reinterpret_cast<uintptr_t>(info.dli_fbase) - 1;
-  snprintf(cmd, sizeof cmd, "addr2line -C -f -i -p -e /proc/self/exe 0x%lx 2>/dev/null",
-           static_cast<unsigned long>(off));
-  std::string s = run_tool(cmd);
+  snprintf(off_hex, sizeof off_hex, "0x%lx", static_cast<unsigned long>(off));
+  std::string s = run_tool("addr2line -C -f -i -p -e '" + self_path() + "' " + off_hex + " 2>/dev/null");
   return s.empty() ? std::string("pc offset ") + std::to_string(off) : s;
 }
 
@@ -152,7 +168,7 @@ std::string where_shared(uintptr_t addr) {
   Dl_info info{};
   if (!dladdr(reinterpret_cast<void*>(&where_shared), &info)) return "?";
   const uintptr_t base = reinterpret_cast<uintptr_t>(info.dli_fbase);
-  const std::string table = run_tool("nm -C -n /proc/self/exe 2>/dev/null");
+  const std::string table = run_tool("nm -C -n '" + self_path() + "' 2>/dev/null");
   std::string best = "?";
   uintptr_t best_addr = 0;
   size_t pos = 0;
@@ -222,14 +238,10 @@ void fiber_entry() {
   if (g.block_arrived > 0)
     die("exited while %d threads wait at __syncthreads (%s:%d): every thread of the block must "
         "reach it", g.block_arrived, base_name(g.block_file), g.block_line);
-  const int warp = f.linear / 32, lane = f.linear % 32;
-  for (int l = 0; l < 32; ++l) {
-    const int t = warp * 32 + l;
-    if (t < g.nthreads && g.fibers[t].state == State::kWarpBarrier &&
-        (g.fibers[t].mask >> lane & 1u))
-      die("exited while lane %d waits for it at %s (%s:%d)", l, g.fibers[t].kind,
-          base_name(g.fibers[t].file), g.fibers[t].line);
-  }
+  const WarpWait& w = g.warps[f.linear / 32];
+  if (w.arrived != 0 && (w.mask >> (f.linear % 32) & 1u))
+    die("exited while other lanes of its warp wait for it at %s (%s:%d)", w.kind,
+        base_name(w.file), w.line);
   switch_to_scheduler(f, true);
   die("a finished fiber was resumed");
 }
@@ -292,6 +304,7 @@ void run_block() {
   g.runnable.clear();
   g.done = 0;
   g.block_arrived = 0;
+  for (WarpWait& w : g.warps) w.arrived = 0;
   g.epoch += 1;
   g.block_first_epoch = g.epoch;
   g.epoch_file = "block start";
@@ -410,6 +423,7 @@ void launch_raw(dim3 grid, dim3 block, const char* kernel, void (*body)(void*), 
   g.ctx = ctx;
   g.nthreads = nthreads;
   g.fibers.assign(nthreads, Fiber{});
+  g.warps.assign((nthreads + 31) / 32, WarpWait{});
   for (int t = 0; t < nthreads; ++t) g.fibers[t].stack = g_stacks + t * kStackBytes;
   gridDim = grid;
   blockDim = block;
@@ -486,29 +500,29 @@ uint64_t shuffle(unsigned mask, uint64_t bits, int src, const char* kind, const 
   f.mask = mask;
   f.src = src;
   f.deposit = bits;
-  unsigned arrived = 0;
-  for (int l = 0; l < warp_size; ++l) {
-    const Fiber& o = g.fibers[warp * 32 + l];
-    if (!(mask >> l & 1u)) continue;
-    if (o.state == State::kDone)
-      die("%s (%s:%d): lane %d of the mask has exited; a shuffle must be reached by every lane of "
-          "its mask", kind, base_name(file), line, l);
-    if (o.state == State::kWarpBarrier) {
-      if (o.line != line || o.mask != mask || (o.file != file && strcmp(o.file, file) != 0))
-        die("divergent warp: lane %d is at %s (%s:%d, mask 0x%08x), lane %d at %s (%s:%d, mask "
-            "0x%08x)", lane, kind, base_name(file), line, mask, l, o.kind, base_name(o.file),
-            o.line, o.mask);
-      arrived |= 1u << l;
-    }
+  WarpWait& w = g.warps[warp];
+  if (w.arrived == 0) {
+    w = {0u, mask, file, line, kind};
+  } else if (w.line != line || w.mask != mask || (w.file != file && strcmp(w.file, file) != 0)) {
+    die("divergent warp: lane %d is at %s (%s:%d, mask 0x%08x) while other lanes wait at %s "
+        "(%s:%d, mask 0x%08x)", lane, kind, base_name(file), line, mask, w.kind,
+        base_name(w.file), w.line, w.mask);
   }
-  if (arrived == mask) {
+  if (g.done > 0) {
+    for (int l = 0; l < warp_size; ++l)
+      if ((mask >> l & 1u) && g.fibers[warp * 32 + l].state == State::kDone)
+        die("%s (%s:%d): lane %d of the mask has exited; a shuffle must be reached by every lane "
+            "of its mask", kind, base_name(file), line, l);
+  }
+  w.arrived |= 1u << lane;
+  if (w.arrived == mask) {
+    w.arrived = 0;
     for (int l = 0; l < warp_size; ++l) {
       if (!(mask >> l & 1u)) continue;
       Fiber& o = g.fibers[warp * 32 + l];
       o.result = o.src < 0 ? o.deposit : g.fibers[warp * 32 + o.src].deposit;
-      if (l != lane) make_runnable(warp * 32 + l);
+      make_runnable(warp * 32 + l);
     }
-    make_runnable(g.current);
   }
   suspend();
   return g.fibers[g.current].result;
