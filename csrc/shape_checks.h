@@ -1,6 +1,6 @@
 // Device-independent argument checks of the ops (ranks, shapes, dtypes, head dims, strides), shared
-// by the CPU implementations and the CUDA launchers. Device placement and checks that read tensor
-// values (seq_lens, indices) are device-specific and live next to each implementation.
+// by the CPU implementations and the CUDA launchers. Device placement is checked next to each
+// implementation; the values of seq_lens and indices in value_checks.h.
 #pragma once
 
 #include <optional>

@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "../shape_checks.h"
+#include "../value_checks.h"
 #include "common.h"
 
 namespace kcache_ops::cpu {
@@ -10,23 +11,23 @@ namespace {
 
 at::Tensor gather_rows_cpu(const at::Tensor& src,       // [B, Hs, S, D]
                            const at::Tensor& indices) {  // [B, H, N] int32
-  const GatherRowsDims dim = check_gather_rows_args(src, indices);
+  const GatherRowsDims dims = check_gather_rows_args(src, indices);
   KC_CHECK_CPU("gather_rows", src);
   KC_CHECK_CPU("gather_rows", indices);
-  check_index_values(indices, dim.S, "src");
-  at::Tensor dst = at::empty({dim.B, dim.H, dim.N, dim.D}, src.options());  // [B, H, N, D]
+  check_index_values(indices, dims.S, "src");
+  at::Tensor dst = at::empty({dims.B, dims.H, dims.N, dims.D}, src.options());  // [B, H, N, D]
   const int64_t elem = static_cast<int64_t>(src.element_size());
-  const int64_t row_bytes = dim.D * elem;
+  const int64_t row_bytes = dims.D * elem;
   const char* src_p = static_cast<const char*>(src.data_ptr());
   char* dst_p = static_cast<char*>(dst.data_ptr());
-  at::parallel_for(0, dim.B * dim.H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, dims.B * dims.H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / dim.H, h = bh % dim.H;
-      const char* head = src_p + (b * src.stride(0) + (h / dim.G) * src.stride(1)) * elem;
+      const int64_t b = bh / dims.H, h = bh % dims.H;
+      const char* head = src_p + (b * src.stride(0) + (h / dims.G) * src.stride(1)) * elem;
       const int32_t* idx =
           indices.data_ptr<int32_t>() + b * indices.stride(0) + h * indices.stride(1);
-      char* out = dst_p + bh * dim.N * row_bytes;
-      for (int64_t i = 0; i < dim.N; ++i, out += row_bytes) {
+      char* out = dst_p + bh * dims.N * row_bytes;
+      for (int64_t i = 0; i < dims.N; ++i, out += row_bytes) {
         if (idx[i] < 0) {
           std::memset(out, 0, row_bytes);
         } else {

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "../shape_checks.h"
+#include "../value_checks.h"
 #include "common.h"
 #include "isa.h"
 
@@ -178,28 +179,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
     const at::Tensor& k_cache,   // [B, Hkv, S, D]
     const at::Tensor& seq_lens,  // [B] int32
     int64_t n, double scale, bool group_select) {
-  const QkTopnDims dim = check_qk_topn_args(q, k_cache, seq_lens, n);
+  const QkTopnDims dims = check_qk_topn_args(q, k_cache, seq_lens, n);
   KC_CHECK_CPU("qk_topn", q);
   KC_CHECK_CPU("qk_topn", k_cache);
   KC_CHECK_CPU("qk_topn", seq_lens);
-  check_seq_lens_values(seq_lens, dim.S);
+  check_seq_lens_values(seq_lens, dims.S);
   const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor scores = at::empty({dim.B, dim.Hq, n}, f32);                   // [B, Hq, n]
-  at::Tensor indices = at::empty({dim.B, dim.Hq, n}, f32.dtype(at::kInt));  // [B, Hq, n]
-  at::Tensor lse = at::empty({dim.B, dim.Hq}, f32);                         // [B, Hq]
+  at::Tensor scores = at::empty({dims.B, dims.Hq, n}, f32);                   // [B, Hq, n]
+  at::Tensor indices = at::empty({dims.B, dims.Hq, n}, f32.dtype(at::kInt));  // [B, Hq, n]
+  at::Tensor lse = at::empty({dims.B, dims.Hq}, f32);                         // [B, Hq]
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  const int64_t G = dim.G;
+  const int64_t G = dims.G;
   KC_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "qk_topn", [&] {
-    KC_HEAD_DIM_SWITCH(dim.D, [&] {
+    KC_HEAD_DIM_SWITCH(dims.D, [&] {
       KC_ISA_SWITCH([&] {
-        at::parallel_for(0, dim.B * dim.Hkv, 1, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, dims.B * dims.Hkv, 1, [&](int64_t begin, int64_t end) {
           static thread_local Scratch tmp;
           for (int64_t bg = begin; bg < end; ++bg) {
-            const int64_t b = bg / dim.Hkv, g = bg % dim.Hkv;
-            const int64_t head0 = b * dim.Hq + g * G;  // first query head of the group
+            const int64_t b = bg / dims.Hkv, kvh = bg % dims.Hkv;
+            const int64_t head0 = b * dims.Hq + kvh * G;  // first query head of the group
             select_group<Isa, scalar_t, kD>(
-                q.data_ptr<scalar_t>() + b * q.stride(0) + g * G * q.stride(1), q.stride(1),
-                k_cache.data_ptr<scalar_t>() + b * k_cache.stride(0) + g * k_cache.stride(1),
+                q.data_ptr<scalar_t>() + b * q.stride(0) + kvh * G * q.stride(1), q.stride(1),
+                k_cache.data_ptr<scalar_t>() + b * k_cache.stride(0) + kvh * k_cache.stride(1),
                 k_cache.stride(2), G, lens[b * seq_lens.stride(0)], n, static_cast<float>(scale),
                 group_select, tmp, scores.data_ptr<float>() + head0 * n,
                 indices.data_ptr<int32_t>() + head0 * n, lse.data_ptr<float>() + head0);

@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "../shape_checks.h"
+#include "../value_checks.h"
 #include "common.h"
 #include "isa.h"
 
@@ -47,20 +48,21 @@ void attend_head(const float* scores, const int32_t* idx, int64_t N, const scala
   for (int64_t d = 0; d < kD; ++d) out[d] = static_cast<scalar_t>(acc[d] * norm);
 }
 
-// The G query heads of batch b, kv head g; arguments as sparse_attn_v_cpu.
+// The G query heads of batch b, KV head kvh; arguments as sparse_attn_v_cpu.
 template <class Isa, typename scalar_t, int64_t kD>
 void attend_group(const at::Tensor& scores, const at::Tensor& indices, const at::Tensor& v_cache,
                   const std::optional<at::Tensor>& lse, bool renormalize,
-                  const SparseAttnVDims& dim, int64_t b, int64_t g, at::Tensor& out) {
-  const scalar_t* v = v_cache.data_ptr<scalar_t>() + b * v_cache.stride(0) + g * v_cache.stride(1);
-  for (int64_t h = g * dim.G; h < (g + 1) * dim.G; ++h) {
+                  const SparseAttnVDims& dims, int64_t b, int64_t kvh, at::Tensor& out) {
+  const scalar_t* v =
+      v_cache.data_ptr<scalar_t>() + b * v_cache.stride(0) + kvh * v_cache.stride(1);
+  for (int64_t h = kvh * dims.G; h < (kvh + 1) * dims.G; ++h) {
     const float* s = scores.data_ptr<float>() + b * scores.stride(0) + h * scores.stride(1);
     const int32_t* idx =
         indices.data_ptr<int32_t>() + b * indices.stride(0) + h * indices.stride(1);
     const float head_lse =
         renormalize ? 0.f : lse->data_ptr<float>()[b * lse->stride(0) + h * lse->stride(1)];
-    attend_head<Isa, scalar_t, kD>(s, idx, dim.N, v, v_cache.stride(2), renormalize, head_lse,
-                                   out.data_ptr<scalar_t>() + (b * dim.Hq + h) * dim.D);
+    attend_head<Isa, scalar_t, kD>(s, idx, dims.N, v, v_cache.stride(2), renormalize, head_lse,
+                                   out.data_ptr<scalar_t>() + (b * dims.Hq + h) * dims.D);
   }
 }
 
@@ -69,20 +71,20 @@ at::Tensor sparse_attn_v_cpu(const at::Tensor& scores,   // [B, Hq, N] float32
                              const at::Tensor& v_cache,  // [B, Hkv, S, D]
                              const std::optional<at::Tensor>& lse,  // [B, Hq] float32
                              bool renormalize) {
-  const SparseAttnVDims dim = check_sparse_attn_v_args(scores, indices, v_cache, lse, renormalize);
+  const SparseAttnVDims dims = check_sparse_attn_v_args(scores, indices, v_cache, lse, renormalize);
   KC_CHECK_CPU("sparse_attn_v", scores);
   KC_CHECK_CPU("sparse_attn_v", indices);
   KC_CHECK_CPU("sparse_attn_v", v_cache);
   if (lse.has_value()) KC_CHECK_CPU("sparse_attn_v", *lse);
-  check_index_values(indices, dim.S, "v_cache");
-  at::Tensor out = at::empty({dim.B, dim.Hq, dim.D}, v_cache.options());  // [B, Hq, D]
+  check_index_values(indices, dims.S, "v_cache");
+  at::Tensor out = at::empty({dims.B, dims.Hq, dims.D}, v_cache.options());  // [B, Hq, D]
   KC_DISPATCH_FLOAT_HALF_BF16(v_cache.scalar_type(), "sparse_attn_v", [&] {
-    KC_HEAD_DIM_SWITCH(dim.D, [&] {
+    KC_HEAD_DIM_SWITCH(dims.D, [&] {
       KC_ISA_SWITCH([&] {
-        at::parallel_for(0, dim.B * dim.Hkv, 1, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, dims.B * dims.Hkv, 1, [&](int64_t begin, int64_t end) {
           for (int64_t bg = begin; bg < end; ++bg) {
-            attend_group<Isa, scalar_t, kD>(scores, indices, v_cache, lse, renormalize, dim,
-                                            bg / dim.Hkv, bg % dim.Hkv, out);
+            attend_group<Isa, scalar_t, kD>(scores, indices, v_cache, lse, renormalize, dims,
+                                            bg / dims.Hkv, bg % dims.Hkv, out);
           }
         });
       });

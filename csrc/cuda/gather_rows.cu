@@ -1,12 +1,12 @@
 // kcache_ops::gather_rows on CUDA: checks (src must be pinned, device-mapped host memory), device
-// guard, current stream, one launch of gather_rows_kernel.cuh (any dtype, any row of a multiple of
-// 16 bytes). No host synchronisation except the optional index range check outside graph capture
-// (launch_utils.h).
+// guard, current stream, one launch of gather_rows_kernel.cuh as gather_rows_launch.h plans it (any
+// dtype, any row of a multiple of 16 bytes). No host synchronisation except the optional index
+// range check outside graph capture (launch_utils.h).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "gather_rows_kernel.cuh"
+#include "gather_rows_launch.h"
 #include "launch_utils.h"
 #include "../shape_checks.h"
 #include "utils.cuh"
@@ -34,17 +34,27 @@ at::Tensor gather_rows_cuda(const at::Tensor& src,       // [B, Hs, S, D], pinne
   if (should_validate_values(stream))
     check_indices_on_device(indices, dims.S, "src");
 
-  const int64_t esize = src.element_size();
-  const int64_t row_pieces = dims.D * esize / 16;
-  GatherParams p{static_cast<const char*>(src_dev), src.stride(0) * esize, src.stride(1) * esize,
-                 src.stride(2) * esize, indices.data_ptr<int32_t>(), indices.stride(0),
-                 indices.stride(1), indices.stride(2), static_cast<uint4*>(dst.data_ptr()),
-                 dst.numel() * esize / 16, static_cast<int>(dims.H), static_cast<int>(dims.N),
-                 static_cast<int>(dims.H / dims.Hs), static_cast<int>(dims.S),
-                 static_cast<int>(row_pieces)};
-  const int64_t blocks = ceil_div<int64_t>(p.total, kGatherThreads * kGatherUnroll);
-  TORCH_CHECK(blocks < (int64_t{1} << 31), "gather_rows: output too large: ", dst.sizes());
-  gather_rows_kernel<<<static_cast<unsigned>(blocks), kGatherThreads, 0, stream>>>(p);
+  const GatherRowsArgs args{
+      .src = src_dev,
+      .src_sb = src.stride(0),
+      .src_sh = src.stride(1),
+      .src_ss = src.stride(2),
+      .elem_bytes = src.element_size(),
+      .indices = indices.data_ptr<int32_t>(),
+      .ix_sb = indices.stride(0),
+      .ix_sh = indices.stride(1),
+      .ix_sn = indices.stride(2),
+      .dst = dst.data_ptr(),
+      .B = dims.B,
+      .H = dims.H,
+      .Hs = dims.Hs,
+      .S = dims.S,
+      .N = dims.N,
+      .D = dims.D,
+  };
+  const GatherRowsPlan plan = plan_gather_rows(args);
+  TORCH_CHECK(plan.grid.x < (int64_t{1} << 31), "gather_rows: output too large: ", dst.sizes());
+  gather_rows_kernel<<<to_dim3(plan.grid), plan.block, 0, stream>>>(plan.params);
   KC_CHECK_LAUNCH("gather_rows");
   return dst;
 }

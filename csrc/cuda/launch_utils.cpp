@@ -6,7 +6,7 @@
 
 #include <ATen/ATen.h>
 
-#include "../cpu/common.h"
+#include "../value_checks.h"
 #include "utils.cuh"
 
 namespace kcache_ops {
@@ -61,12 +61,12 @@ bool values_in_range(const at::Tensor& t, int64_t lo, int64_t hi) {
 }  // namespace
 
 void check_seq_lens_on_device(const at::Tensor& seq_lens, int64_t S) {
-  if (!values_in_range(seq_lens, 0, S)) cpu::check_seq_lens_values(seq_lens.cpu().contiguous(), S);
+  if (!values_in_range(seq_lens, 0, S)) check_seq_lens_values(seq_lens.cpu().contiguous(), S);
 }
 
 void check_indices_on_device(const at::Tensor& indices, int64_t S, const char* src_name) {
   if (!values_in_range(indices, -1, S - 1))
-    cpu::check_index_values(indices.cpu().contiguous(), S, src_name);
+    check_index_values(indices.cpu().contiguous(), S, src_name);
 }
 
 int multiprocessor_count(int device) {

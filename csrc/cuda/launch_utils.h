@@ -12,6 +12,8 @@
 
 #include <torch/types.h>
 
+#include "launch_grid.h"
+
 namespace kcache_ops {
 
 // The device address of a pinned, device-mapped CPU tensor (from kcache_ops.alloc_host), or an
@@ -29,8 +31,8 @@ void check_vec16_aligned(const at::Tensor& t, const char* op, const char* name);
 bool should_validate_values(cudaStream_t stream);
 
 // Error unless every seq_lens value lies in [0, S] / every index in [-1, S): one reduction and one
-// device->host copy. A bad value copies the tensor to the host and fails with the CPU op's message
-// (csrc/cpu/common.h), which names the first bad element.
+// device->host copy. A bad value copies the tensor to the host and fails with the message of
+// csrc/value_checks.h, which names the first bad element.
 void check_seq_lens_on_device(const at::Tensor& seq_lens, int64_t S);
 void check_indices_on_device(const at::Tensor& indices, int64_t S, const char* src_name);
 
@@ -56,12 +58,17 @@ void dispatch_head_dim(int64_t d, const char* op, F&& f) {
   TORCH_CHECK(false, op, ": head dim must be 64 or 128, got ", d);
 }
 
-// Query heads one block handles together: 4 for groups up to 4, else 8 (larger groups take
-// several slices of 8).
+// f(std::integral_constant<int, GS>{}) for a plan's group_slice GS (group_slice_width: 4 or 8).
 template <typename F>
-void dispatch_group_slice(int64_t g, F&& f) {
-  if (g <= 4) return f(std::integral_constant<int, 4>{});
+void dispatch_group_slice(int group_slice, F&& f) {
+  if (group_slice == 4) return f(std::integral_constant<int, 4>{});
   return f(std::integral_constant<int, 8>{});
+}
+
+// A plan's grid as a dim3 (the launchers check the sizes against the CUDA limits first).
+inline dim3 to_dim3(const GridSize& grid) {
+  return dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y),
+              static_cast<unsigned>(grid.z));
 }
 
 }  // namespace kcache_ops

@@ -1,28 +1,21 @@
-// kcache_ops::qk_topn on CUDA: checks, device guard, current stream, dtype / head-dim / group
-// dispatch, and the two launches of qk_topn_kernel.cuh. No host synchronisation except the optional
-// seq_lens range check outside graph capture (launch_utils.h).
-#include <algorithm>
+// kcache_ops::qk_topn on CUDA: checks, device guard, current stream, scratch allocation, dtype /
+// head-dim / group dispatch, and the two launches of qk_topn_kernel.cuh as qk_topn_launch.h plans
+// them. No host synchronisation except the optional seq_lens range check outside graph capture
+// (launch_utils.h).
 #include <tuple>
+#include <type_traits>
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "launch_utils.h"
-#include "qk_topn_kernel.cuh"
+#include "qk_topn_launch.h"
 #include "../shape_checks.h"
 #include "utils.cuh"
 
 namespace kcache_ops {
 namespace {
-
-// Keys per block of the score pass: at least 4 blocks per multiprocessor over the whole grid, at
-// least 512 keys per block (a multiple of every kernel's keys per iteration).
-int score_chunk(int64_t s, int64_t blocks_per_chunk, int sms) {
-  const int64_t want_chunks = ceil_div<int64_t>(4 * sms, blocks_per_chunk);
-  const int64_t chunk = ceil_div<int64_t>(ceil_div<int64_t>(s, want_chunks), 256) * 256;
-  return static_cast<int>(std::max<int64_t>(chunk, 512));
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
     const at::Tensor& q,         // [B, Hq, D], CUDA
@@ -36,9 +29,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
   KC_CHECK_DEVICE(seq_lens, q.device());
   check_vec16_aligned(k_cache, kOp, "k_cache");
   TORCH_CHECK(n <= kMaxTopN, "n must be at most ", kMaxTopN, " on CUDA, got ", n);
-  const int64_t g = dims.Hq / dims.Hkv;
-  TORCH_CHECK(!group_select || g <= kMaxGroupSelect, "group_select supports at most ",
-              kMaxGroupSelect, " query heads per KV head, got ", g);
+  TORCH_CHECK(!group_select || dims.G <= kMaxGroupSelect, "group_select supports at most ",
+              kMaxGroupSelect, " query heads per KV head, got ", dims.G);
   TORCH_CHECK(dims.S < (int64_t{1} << 31) && dims.B < 65536 && dims.Hq < 65536,
               "qk_topn: sizes out of range for the CUDA kernels: B=", dims.B, ", Hq=", dims.Hq,
               ", S=", dims.S);
@@ -53,47 +45,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
   if (should_validate_values(stream))
     check_seq_lens_on_device(seq_lens, dims.S);
 
-  dispatch_group_slice(g, [&](auto gs_tag) {
-    constexpr int GS = decltype(gs_tag)::value;
-    const int slices = static_cast<int>(ceil_div<int64_t>(g, GS));
-    const int chunk = score_chunk(dims.S, dims.B * dims.Hkv * slices,
-                                  multiprocessor_count(q.get_device()));
-    const int num_chunks = static_cast<int>(ceil_div<int64_t>(dims.S, chunk));
-    const int64_t score_stride = ceil_div<int64_t>(dims.S, 4) * 4;  // 16-byte aligned rows
-    at::Tensor scratch = at::empty({dims.B, dims.Hq, score_stride}, fopts);  // [B, Hq, stride]
-    // [B, Hq, num_chunks] (max, sumexp) pairs
-    at::Tensor partials = at::empty({dims.B, dims.Hq, num_chunks, 2}, fopts);
-    if (num_chunks > 0) {
+  const QkTopnArgs args{
+      .q = q.data_ptr(),
+      .q_sb = q.stride(0),
+      .q_sh = q.stride(1),
+      .k = k_cache.data_ptr(),
+      .k_sb = k_cache.stride(0),
+      .k_sh = k_cache.stride(1),
+      .k_ss = k_cache.stride(2),
+      .seq_lens = seq_lens.data_ptr<int32_t>(),
+      .seq_stride = seq_lens.stride(0),
+      .out_scores = scores.data_ptr<float>(),
+      .out_indices = indices.data_ptr<int32_t>(),
+      .out_lse = lse.data_ptr<float>(),
+      .B = dims.B,
+      .Hq = dims.Hq,
+      .Hkv = dims.Hkv,
+      .S = dims.S,
+      .n = n,
+      .scale = static_cast<float>(scale),
+      .group_select = group_select,
+  };
+  const QkTopnPlan plan = plan_qk_topn(args, multiprocessor_count(q.get_device()));
+  at::Tensor scratch = at::empty({dims.B, dims.Hq, plan.score_stride}, fopts);  // [B, Hq, stride]
+  // [B, Hq, num_chunks] (max, sumexp) pairs
+  at::Tensor partials = at::empty({dims.B, dims.Hq, plan.num_chunks, 2}, fopts);
+  auto* partials_ptr = reinterpret_cast<MaxSum*>(partials.data_ptr<float>());
+
+  if (plan.num_chunks > 0) {
+    const QkScoresParams p = qk_scores_params(args, plan, scratch.data_ptr<float>(), partials_ptr);
+    dispatch_group_slice(plan.group_slice, [&](auto gs_tag) {
+      constexpr int GS = decltype(gs_tag)::value;
       dispatch_float_dtype(q.scalar_type(), kOp, [&](auto type_tag) {
         using T = std::remove_pointer_t<decltype(type_tag)>;
         dispatch_head_dim(dims.D, kOp, [&](auto d_tag) {
           constexpr int D = decltype(d_tag)::value;
-          QkScoresParams p{q.data_ptr(), q.stride(0), q.stride(1),
-                           k_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1),
-                           k_cache.stride(2), seq_lens.data_ptr<int32_t>(), seq_lens.stride(0),
-                           scratch.data_ptr<float>(),
-                           reinterpret_cast<MaxSum*>(partials.data_ptr<float>()), score_stride,
-                           static_cast<int>(dims.Hq), static_cast<int>(dims.Hkv),
-                           static_cast<int>(dims.S), chunk, num_chunks, slices,
-                           static_cast<float>(scale)};
-          const dim3 grid(num_chunks, static_cast<unsigned>(dims.Hkv * slices),
-                          static_cast<unsigned>(dims.B));
-          qk_scores_kernel<T, D, GS><<<grid, kScoreThreads, 0, stream>>>(p);
+          qk_scores_kernel<T, D, GS>
+              <<<to_dim3(plan.scores_grid), plan.scores_block, 0, stream>>>(p);
           KC_CHECK_LAUNCH("qk_topn (scores)");
         });
       });
-    }
-    QkSelectParams sp{scratch.data_ptr<float>(),
-                      reinterpret_cast<const MaxSum*>(partials.data_ptr<float>()), score_stride,
-                      seq_lens.data_ptr<int32_t>(), seq_lens.stride(0),
-                      scores.data_ptr<float>(), indices.data_ptr<int32_t>(), lse.data_ptr<float>(),
-                      static_cast<int>(dims.Hq), static_cast<int>(dims.Hkv),
-                      static_cast<int>(dims.S), static_cast<int>(n), num_chunks, group_select};
-    const dim3 grid(static_cast<unsigned>(group_select ? dims.Hkv : dims.Hq),
-                    static_cast<unsigned>(dims.B));
-    qk_select_kernel<<<grid, kSelectThreads, 0, stream>>>(sp);
-    KC_CHECK_LAUNCH("qk_topn (select)");
-  });
+    });
+  }
+  const QkSelectParams sp = qk_select_params(args, plan, scratch.data_ptr<float>(), partials_ptr);
+  qk_select_kernel<<<to_dim3(plan.select_grid), plan.select_block, 0, stream>>>(sp);
+  KC_CHECK_LAUNCH("qk_topn (select)");
   return {scores, indices, lse};
 }
 

@@ -5,12 +5,13 @@
 //    query heads held in registers. It writes the float32 scores s[b, h, j] (j < L_b) to a scratch
 //    buffer (G·4 bytes per key against D·sizeof(T) bytes of K: 6% for Llama-3 bf16) and the chunk's
 //    (max, sumexp) per head.
-// 2. qk_select_kernel — one block per (query head, or KV head in group mode; sequence). It merges the
-//    chunks' (max, sumexp) into lse, then finds the N-th largest ranking key by a 3-pass radix select
-//    (11 + 11 + 10 bits) over the row (16-byte loads of the scratch), collects the entries above it plus the lowest-index entries
-//    equal to it, sorts these <= N candidates by (key desc, index asc) with a bitonic sort in shared
-//    memory and writes scores, indices and padding. The ranking key is s (per head) or
-//    c_j = sum_h exp(s_hj - lse_h) (group mode), recomputed from the scratch rows on every pass.
+// 2. qk_select_kernel — one block per (query head, or KV head in group mode; sequence), in five
+//    phases: select_lse merges the chunks' (max, sumexp) into lse; radix_select finds the N-th
+//    largest ranking key by a 3-pass radix select (11 + 11 + 10 bits) over the row (16-byte loads
+//    of the scratch); collect_candidates gathers the entries above it plus the lowest-index entries
+//    equal to it; bitonic_sort_desc sorts these <= N candidates by (key desc, index asc) in shared
+//    memory; write_selection writes scores, indices and padding. The ranking key is s (per head)
+//    or c_j = sum_h exp(s_hj - lse_h) (group mode), recomputed from the scratch rows on every pass.
 // Everything is deterministic: no float atomics, reductions in a fixed order, ties by index.
 #pragma once
 
@@ -62,9 +63,9 @@ __global__ void __launch_bounds__(kScoreThreads) qk_scores_kernel(QkScoresParams
 
   const int b = blockIdx.z;
   const int kvh = blockIdx.y / p.slices;
-  const int g = p.hq / p.hkv;
-  const int h0 = kvh * g + (blockIdx.y % p.slices) * GS;  // first query head of this block
-  const int gs = min(GS, kvh * g + g - h0);               // query heads in this block
+  const int G = p.hq / p.hkv;
+  const int h0 = kvh * G + (blockIdx.y % p.slices) * GS;  // first query head of this block
+  const int gs = min(GS, kvh * G + G - h0);               // query heads in this block
   const int len = clamped_len(p.seq_lens, p.seq_stride, b, p.s);
   const int chunk_begin = blockIdx.x * p.chunk;
   const int chunk_end = min(chunk_begin + p.chunk, len);
@@ -200,170 +201,221 @@ __device__ __forceinline__ float block_lse(const MaxSum* part, int num_chunks, S
   return r.m == -INFINITY ? -INFINITY : r.m + logf(r.l);
 }
 
-// grid (Hq, or Hkv in group mode; B), block kSelectThreads.
-__global__ void __launch_bounds__(kSelectThreads) qk_select_kernel(QkSelectParams p) {
-  __shared__ SelectShared sh;
-  const int b = blockIdx.y;
-  const int g = p.hq / p.hkv;
-  const int h0 = p.group_select ? blockIdx.x * g : blockIdx.x;  // first query head of this row
-  const int nh = p.group_select ? g : 1;
-  const int len = clamped_len(p.seq_lens, p.seq_stride, b, p.s);
-  const int64_t row0 = static_cast<int64_t>(b) * p.hq + h0;
-  const float* srow = p.scores + row0 * p.score_stride;  // [nh, score_stride], 16-byte aligned rows
+// One row of the selection: the scratch rows ranked together and their valid length.
+struct SelectRow {
+  const float* scores;   // [nh, score_stride] scratch rows, 16-byte aligned
+  int64_t score_stride;  // multiple of 4
+  int nh;                // query heads ranked together: G in group mode, else 1
+  int len;               // valid keys, L_b clamped to [0, S]
+  bool group_select;
+};
 
+// The count-th largest ranking key of a row and how many keys equal to it are taken (lowest
+// indices first); the keys strictly above it are the other count - need_eq picks.
+struct SelectThreshold {
+  uint32_t key;
+  int need_eq;
+};
+
+// Phase 1: lse of each of the row's heads rows0 .. rows0 + nh - 1 from their chunk partials, into
+// out_lse and, in group mode, sh.lse (read by ranking_keys4 once later barriers have passed).
+__device__ __forceinline__ void select_lse(const QkSelectParams& p, int64_t row0, int nh,
+                                           SelectShared& sh) {
   for (int h = 0; h < nh; ++h) {
     const float lse = block_lse(p.partials + (row0 + h) * p.num_chunks, p.num_chunks, sh);
     if (threadIdx.x == 0) {
       p.out_lse[row0 + h] = lse;
-      if (p.group_select) sh.lse[h] = lse;  // read by keys4 after the barriers below
+      if (p.group_select) sh.lse[h] = lse;
     }
   }
+}
 
-  // Ranking keys of keys 4·q .. 4·q + 3 (one 16-byte load per scratch row; entries at or past len
-  // are read from the row's padding or beyond L and must be ignored by the caller).
-  auto keys4 = [&](int q4, uint32_t* key) {
-    if (!p.group_select) {
-      const float4 v = *reinterpret_cast<const float4*>(srow + 4 * q4);
-      key[0] = float_key(v.x);
-      key[1] = float_key(v.y);
-      key[2] = float_key(v.z);
-      key[3] = float_key(v.w);
-      return;
-    }
-    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int h = 0; h < nh; ++h) {
-      const float4 v = *reinterpret_cast<const float4*>(srow + h * p.score_stride + 4 * q4);
-      const float lse = sh.lse[h];
-      c[0] += expf(v.x - lse);
-      c[1] += expf(v.y - lse);
-      c[2] += expf(v.z - lse);
-      c[3] += expf(v.w - lse);
-    }
+// Ranking keys of keys 4·q4 .. 4·q4 + 3 (one 16-byte load per scratch row): float_key of the score
+// (per head) or of the group mass c_j = sum_h exp(s_hj - lse_h) (group mode). Entries at or past
+// len are read from the row's padding or beyond L and must be ignored by the caller.
+__device__ __forceinline__ void ranking_keys4(const SelectRow& row, const SelectShared& sh, int q4,
+                                              uint32_t* key) {
+  if (!row.group_select) {
+    const float4 v = *reinterpret_cast<const float4*>(row.scores + 4 * q4);
+    key[0] = float_key(v.x);
+    key[1] = float_key(v.y);
+    key[2] = float_key(v.z);
+    key[3] = float_key(v.w);
+    return;
+  }
+  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int h = 0; h < row.nh; ++h) {
+    const float4 v = *reinterpret_cast<const float4*>(row.scores + h * row.score_stride + 4 * q4);
+    const float lse = sh.lse[h];
+    c[0] += expf(v.x - lse);
+    c[1] += expf(v.y - lse);
+    c[2] += expf(v.z - lse);
+    c[3] += expf(v.w - lse);
+  }
 #pragma unroll
-    for (int e = 0; e < 4; ++e) key[e] = float_key(c[e]);
-  };
-  const int len4 = (len + 3) / 4;  // 16-byte groups of keys holding the valid ones
+  for (int e = 0; e < 4; ++e) key[e] = float_key(c[e]);
+}
 
-  const int count = min(p.n, len);          // valid outputs
-  int sort_size = 1;                        // power of two >= count
-  while (sort_size < count) sort_size <<= 1;
-  for (int i = threadIdx.x; i < sort_size; i += kSelectThreads) sh.cand[i] = 0ull;  // sorts last
-
-  // threshold: the count-th largest key; need_eq: how many keys equal to it are taken (lowest
-  // indices first). When every valid key is taken, threshold 0 lies below every key.
-  uint32_t threshold = 0;
-  int need_eq = 0;
-  if (len > p.n) {  // block-uniform
-    int remaining = p.n;
-    constexpr int kShift[3] = {21, 10, 0};
-    constexpr int kBits[3] = {11, 11, 10};
+// Phase 2: the threshold of the n best keys of the row by a 3-pass radix select (11 + 11 + 10
+// bits) over histograms in shared memory. When every valid key is taken (len <= n), threshold 0
+// lies below every key. Block-uniform; every thread must call it.
+__device__ __forceinline__ SelectThreshold radix_select(const SelectRow& row, int n,
+                                                        SelectShared& sh) {
+  SelectThreshold thr{0u, 0};
+  if (row.len <= n) return thr;
+  const int len4 = (row.len + 3) / 4;  // 16-byte groups of keys holding the valid ones
+  int remaining = n;
+  constexpr int kShift[3] = {21, 10, 0};
+  constexpr int kBits[3] = {11, 11, 10};
 #pragma unroll
-    for (int pass = 0; pass < 3; ++pass) {
-      const uint32_t hi_mask = pass == 0 ? 0u : ~0u << (kShift[pass] + kBits[pass]);
-      const uint32_t digit_mask = (1u << kBits[pass]) - 1u;
-      for (int i = threadIdx.x; i < kSelectBins; i += kSelectThreads) sh.hist[i] = 0;
-      __syncthreads();
+  for (int pass = 0; pass < 3; ++pass) {
+    const uint32_t hi_mask = pass == 0 ? 0u : ~0u << (kShift[pass] + kBits[pass]);
+    const uint32_t digit_mask = (1u << kBits[pass]) - 1u;
+    for (int i = threadIdx.x; i < kSelectBins; i += kSelectThreads) sh.hist[i] = 0;
+    __syncthreads();
 #pragma unroll 2
-      for (int q4 = threadIdx.x; q4 < len4; q4 += kSelectThreads) {
-        uint32_t key[4];
-        keys4(q4, key);
+    for (int q4 = threadIdx.x; q4 < len4; q4 += kSelectThreads) {
+      uint32_t key[4];
+      ranking_keys4(row, sh, q4, key);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if (4 * q4 + e < len && (key[e] & hi_mask) == threshold)
-            atomicAdd(&sh.hist[(key[e] >> kShift[pass]) & digit_mask], 1);
-        }
+      for (int e = 0; e < 4; ++e) {
+        if (4 * q4 + e < row.len && (key[e] & hi_mask) == thr.key)
+          atomicAdd(&sh.hist[(key[e] >> kShift[pass]) & digit_mask], 1);
       }
-      __syncthreads();
-      // Thread t owns bins [4t, 4t + 4); the digit is where the count from the top reaches remaining.
-      constexpr int kBinsPerThread = kSelectBins / kSelectThreads;
-      int mine = 0;
-#pragma unroll
-      for (int i = 0; i < kBinsPerThread; ++i) mine += sh.hist[threadIdx.x * kBinsPerThread + i];
-      int total;
-      const int below = block_exclusive_scan(mine, total, sh);
-      int above = total - below - mine;  // keys in the bins of higher threads
-#pragma unroll
-      for (int i = kBinsPerThread - 1; i >= 0; --i) {
-        const int bin = threadIdx.x * kBinsPerThread + i;
-        const int c = sh.hist[bin];
-        if (above < remaining && above + c >= remaining) {
-          sh.digit = bin;
-          sh.remaining = remaining - above;
-        }
-        above += c;
-      }
-      __syncthreads();
-      threshold |= static_cast<uint32_t>(sh.digit) << kShift[pass];
-      remaining = sh.remaining;
-      __syncthreads();  // sh.digit / sh.remaining are rewritten in the next pass
     }
-    need_eq = remaining;
+    __syncthreads();
+    // Thread t owns bins [4t, 4t + 4); the digit is where the count from the top reaches remaining.
+    constexpr int kBinsPerThread = kSelectBins / kSelectThreads;
+    int mine = 0;
+#pragma unroll
+    for (int i = 0; i < kBinsPerThread; ++i) mine += sh.hist[threadIdx.x * kBinsPerThread + i];
+    int total;
+    const int below = block_exclusive_scan(mine, total, sh);
+    int above = total - below - mine;  // keys in the bins of higher threads
+#pragma unroll
+    for (int i = kBinsPerThread - 1; i >= 0; --i) {
+      const int bin = threadIdx.x * kBinsPerThread + i;
+      const int c = sh.hist[bin];
+      if (above < remaining && above + c >= remaining) {
+        sh.digit = bin;
+        sh.remaining = remaining - above;
+      }
+      above += c;
+    }
+    __syncthreads();
+    thr.key |= static_cast<uint32_t>(sh.digit) << kShift[pass];
+    remaining = sh.remaining;
+    __syncthreads();  // sh.digit / sh.remaining are rewritten in the next pass
   }
-  const int n_gt = count - need_eq;  // keys strictly above the threshold
+  thr.need_eq = remaining;
+  return thr;
+}
 
-  // Collect: keys above the threshold in any order (the sort orders them), keys equal to it in
-  // index order through a block-wide scan, 4·kSelectThreads keys per tile.
+// A candidate as sorted: (key << 32) | ~index, so that equal keys order by ascending index.
+__device__ __forceinline__ unsigned long long candidate(uint32_t key, int j) {
+  return (static_cast<unsigned long long>(key) << 32) | static_cast<uint32_t>(~j);
+}
+
+// Phase 3: the count picks into sh.cand[0, count): keys above the threshold in any order (the sort
+// orders them), keys equal to it in index order through a block-wide scan, 4·kSelectThreads keys
+// per tile. Every thread must call it.
+__device__ __forceinline__ void collect_candidates(const SelectRow& row, SelectThreshold thr,
+                                                   int count, SelectShared& sh) {
+  const int len4 = (row.len + 3) / 4;
+  const int n_gt = count - thr.need_eq;  // keys strictly above the threshold
   if (threadIdx.x == 0) sh.n_gt = 0;
   __syncthreads();
   int eq_base = 0;  // keys equal to the threshold in earlier tiles (the same in every thread)
   for (int base4 = 0; base4 < len4; base4 += kSelectThreads) {  // block-uniform loop
     const int q4 = base4 + threadIdx.x;
     uint32_t key[4] = {0u, 0u, 0u, 0u};
-    if (q4 < len4) keys4(q4, key);
+    if (q4 < len4) ranking_keys4(row, sh, q4, key);
     int my_eq = 0;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int j = 4 * q4 + e;
-      if (j < len && key[e] > threshold) {
+      if (j < row.len && key[e] > thr.key) {
         const int pos = atomicAdd(&sh.n_gt, 1);
-        if (pos < n_gt)
-          sh.cand[pos] = (static_cast<unsigned long long>(key[e]) << 32) | static_cast<uint32_t>(~j);
+        if (pos < n_gt) sh.cand[pos] = candidate(key[e], j);
       }
-      my_eq += j < len && need_eq > 0 && key[e] == threshold;
+      my_eq += j < row.len && thr.need_eq > 0 && key[e] == thr.key;
     }
     int tile_total;
     int rank = eq_base + block_exclusive_scan(my_eq, tile_total, sh);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int j = 4 * q4 + e;
-      if (j < len && need_eq > 0 && key[e] == threshold) {
-        if (rank < need_eq)
-          sh.cand[n_gt + rank] =
-              (static_cast<unsigned long long>(key[e]) << 32) | static_cast<uint32_t>(~j);
+      if (j < row.len && thr.need_eq > 0 && key[e] == thr.key) {
+        if (rank < thr.need_eq) sh.cand[n_gt + rank] = candidate(key[e], j);
         ++rank;
       }
     }
     eq_base += tile_total;
   }
   __syncthreads();
+}
 
-  // Bitonic sort of cand[0, sort_size) in descending order.
+// Phase 4: bitonic sort of cand[0, sort_size) (a power of two) in descending order. Every thread
+// must call it; ends with a barrier.
+__device__ __forceinline__ void bitonic_sort_desc(unsigned long long* cand, int sort_size) {
   for (int k = 2; k <= sort_size; k <<= 1) {
     for (int stride = k >> 1; stride > 0; stride >>= 1) {
       for (int i = threadIdx.x; i < sort_size; i += kSelectThreads) {
         const int partner = i ^ stride;
         if (partner > i) {
-          const unsigned long long a = sh.cand[i], c = sh.cand[partner];
+          const unsigned long long a = cand[i], c = cand[partner];
           const bool descending = (i & k) == 0;
           if (descending ? a < c : a > c) {
-            sh.cand[i] = c;
-            sh.cand[partner] = a;
+            cand[i] = c;
+            cand[partner] = a;
           }
         }
       }
       __syncthreads();
     }
   }
+}
 
+// Phase 5: n entries per head of the row: the count sorted picks with their scores, then padding
+// (-1, -inf).
+__device__ __forceinline__ void write_selection(const QkSelectParams& p, const SelectRow& row,
+                                                int64_t row0, int count, const SelectShared& sh) {
   for (int i = threadIdx.x; i < p.n; i += kSelectThreads) {
     const int j = i < count ? static_cast<int>(~static_cast<uint32_t>(sh.cand[i])) : -1;
-    const bool valid = j >= 0 && j < len;
-    for (int h = 0; h < nh; ++h) {
+    const bool valid = j >= 0 && j < row.len;
+    for (int h = 0; h < row.nh; ++h) {
       const int64_t o = (row0 + h) * p.n + i;
       p.out_indices[o] = valid ? j : -1;
-      p.out_scores[o] = valid ? srow[h * p.score_stride + j] : -INFINITY;
+      p.out_scores[o] = valid ? row.scores[h * row.score_stride + j] : -INFINITY;
     }
   }
+}
+
+// grid (Hq, or Hkv in group mode; B), block kSelectThreads.
+__global__ void __launch_bounds__(kSelectThreads) qk_select_kernel(QkSelectParams p) {
+  __shared__ SelectShared sh;
+  const int b = blockIdx.y;
+  const int G = p.hq / p.hkv;
+  const int h0 = p.group_select ? blockIdx.x * G : blockIdx.x;  // first query head of this row
+  const int64_t row0 = static_cast<int64_t>(b) * p.hq + h0;
+  const SelectRow row{
+      .scores = p.scores + row0 * p.score_stride,
+      .score_stride = p.score_stride,
+      .nh = p.group_select ? G : 1,
+      .len = clamped_len(p.seq_lens, p.seq_stride, b, p.s),
+      .group_select = p.group_select,
+  };
+  select_lse(p, row0, row.nh, sh);
+
+  const int count = min(p.n, row.len);  // valid outputs
+  int sort_size = 1;                    // power of two >= count
+  while (sort_size < count) sort_size <<= 1;
+  for (int i = threadIdx.x; i < sort_size; i += kSelectThreads) sh.cand[i] = 0ull;  // sorts last
+
+  const SelectThreshold thr = radix_select(row, p.n, sh);
+  collect_candidates(row, thr, count, sh);
+  bitonic_sort_desc(sh.cand, sort_size);
+  write_selection(p, row, row0, count, sh);
 }
 
 }  // namespace kcache_ops

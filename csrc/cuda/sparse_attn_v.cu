@@ -1,14 +1,16 @@
 // kcache_ops::sparse_attn_v on CUDA: checks (v_cache must be pinned, device-mapped host memory),
 // device guard, current stream, dtype / head-dim / group dispatch, one launch of
-// sparse_attn_v_kernel.cuh. No host synchronisation except the optional index range check outside
-// graph capture (launch_utils.h).
+// sparse_attn_v_kernel.cuh as sparse_attn_v_launch.h plans it. No host synchronisation except the
+// optional index range check outside graph capture (launch_utils.h).
+#include <type_traits>
+
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "launch_utils.h"
 #include "../shape_checks.h"
-#include "sparse_attn_v_kernel.cuh"
+#include "sparse_attn_v_launch.h"
 #include "utils.cuh"
 
 namespace kcache_ops {
@@ -39,25 +41,39 @@ at::Tensor sparse_attn_v_cuda(
   if (should_validate_values(stream))
     check_indices_on_device(indices, dims.S, "v_cache");
 
-  const int64_t g = dims.Hq / dims.Hkv;
-  const float* lse_ptr = renormalize ? nullptr : lse->data_ptr<float>();
-  const int64_t lse_sb = renormalize ? 0 : lse->stride(0), lse_sh = renormalize ? 0 : lse->stride(1);
-  dispatch_group_slice(g, [&](auto gs_tag) {
+  const SparseAttnVArgs args{
+      .scores = scores.data_ptr<float>(),
+      .sc_sb = scores.stride(0),
+      .sc_sh = scores.stride(1),
+      .sc_sn = scores.stride(2),
+      .indices = indices.data_ptr<int32_t>(),
+      .ix_sb = indices.stride(0),
+      .ix_sh = indices.stride(1),
+      .ix_sn = indices.stride(2),
+      .v = v_dev,
+      .v_sb = v_cache.stride(0),
+      .v_sh = v_cache.stride(1),
+      .v_ss = v_cache.stride(2),
+      .lse = renormalize ? nullptr : lse->data_ptr<float>(),
+      .lse_sb = renormalize ? 0 : lse->stride(0),
+      .lse_sh = renormalize ? 0 : lse->stride(1),
+      .out = out.data_ptr(),
+      .B = dims.B,
+      .Hq = dims.Hq,
+      .Hkv = dims.Hkv,
+      .S = dims.S,
+      .N = dims.N,
+      .renormalize = renormalize,
+  };
+  const SparseAttnVPlan plan = plan_sparse_attn_v(args);
+  dispatch_group_slice(plan.group_slice, [&](auto gs_tag) {
     constexpr int GS = decltype(gs_tag)::value;
-    const int slices = static_cast<int>(ceil_div<int64_t>(g, GS));
     dispatch_float_dtype(v_cache.scalar_type(), kOp, [&](auto type_tag) {
       using T = std::remove_pointer_t<decltype(type_tag)>;
       dispatch_head_dim(dims.D, kOp, [&](auto d_tag) {
         constexpr int D = decltype(d_tag)::value;
-        SparseAttnParams p{scores.data_ptr<float>(), scores.stride(0), scores.stride(1),
-                           scores.stride(2), indices.data_ptr<int32_t>(), indices.stride(0),
-                           indices.stride(1), indices.stride(2), v_dev, v_cache.stride(0),
-                           v_cache.stride(1), v_cache.stride(2), lse_ptr, lse_sb, lse_sh,
-                           out.data_ptr(), static_cast<int>(dims.Hq), static_cast<int>(dims.Hkv),
-                           static_cast<int>(dims.S), static_cast<int>(dims.N), slices,
-                           renormalize};
-        const dim3 grid(static_cast<unsigned>(dims.Hkv * slices), static_cast<unsigned>(dims.B));
-        sparse_attn_v_kernel<T, D, GS><<<grid, kAttnThreads, 0, stream>>>(p);
+        sparse_attn_v_kernel<T, D, GS>
+            <<<to_dim3(plan.grid), plan.block, 0, stream>>>(plan.params);
         KC_CHECK_LAUNCH("sparse_attn_v");
       });
     });

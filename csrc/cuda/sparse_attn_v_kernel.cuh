@@ -50,9 +50,9 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
 
   const int b = blockIdx.y;
   const int kvh = blockIdx.x / p.slices;
-  const int g = p.hq / p.hkv;
-  const int h0 = kvh * g + (blockIdx.x % p.slices) * GS;  // first query head of this block
-  const int gs = min(GS, kvh * g + g - h0);
+  const int G = p.hq / p.hkv;
+  const int h0 = kvh * G + (blockIdx.x % p.slices) * GS;  // first query head of this block
+  const int gs = min(GS, kvh * G + G - h0);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 
   const float* sc = p.scores + b * p.sc_sb + h0 * p.sc_sh;   // head h, entry i: h*sc_sh + i*sc_sn

@@ -1,0 +1,125 @@
+// qk_topn's launch arithmetic on plain numbers: the score pass's chunk of keys, the scratch sizes,
+// both grids and both kernels' parameters. No torch and no CUDA runtime calls (the multiprocessor
+// count is an argument), so the launcher (qk_topn.cu) and the CPU harness of the kernels share it.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "launch_grid.h"
+#include "qk_topn_kernel.cuh"
+
+namespace kcache_ops {
+
+// One qk_topn call: data pointers, strides in elements, sizes (G = Hq / Hkv).
+struct QkTopnArgs {
+  const void* q;               // [B, Hq, D] of T, last dim contiguous
+  int64_t q_sb, q_sh;
+  const void* k;               // [B, Hkv, S, D] of T, last dim contiguous, rows 16-byte aligned
+  int64_t k_sb, k_sh, k_ss;
+  const int32_t* seq_lens;     // [B], clamped to [0, S] by the kernels
+  int64_t seq_stride;
+  float* out_scores;           // [B, Hq, n] contiguous
+  int32_t* out_indices;        // [B, Hq, n] contiguous
+  float* out_lse;              // [B, Hq] contiguous
+  int64_t B, Hq, Hkv, S, n;
+  float scale;
+  bool group_select;
+};
+
+// Sizes of the two launches and of their scratch buffers.
+struct QkTopnPlan {
+  int group_slice;             // GS of qk_scores_kernel: group_slice_width(G)
+  int slices;                  // score blocks per KV head and chunk: ceil(G / GS)
+  int chunk;                   // keys per score block
+  int num_chunks;              // chunks per row: ceil(S / chunk), 0 when S = 0 (no score launch)
+  int64_t score_stride;        // S rounded up to a multiple of 4 (16-byte aligned scratch rows)
+  int64_t scratch_floats;      // scores scratch [B, Hq, score_stride] float32
+  int64_t partial_count;       // partials [B, Hq, num_chunks] MaxSum
+  GridSize scores_grid;        // (num_chunks, Hkv * slices, B)
+  int scores_block;            // kScoreThreads
+  GridSize select_grid;        // (Hq, or Hkv in group mode; B)
+  int select_block;            // kSelectThreads
+};
+
+// Keys per block of the score pass over S keys when one chunk of keys takes `blocks_per_chunk`
+// blocks: at least 4 blocks per multiprocessor over the whole grid, at least 512 keys per block, a
+// multiple of 256 (and so of every kernel's score_keys_per_iter).
+inline int qk_score_chunk(int64_t S, int64_t blocks_per_chunk, int sms) {
+  const int64_t want_chunks = ceil_div<int64_t>(4 * int64_t{sms}, blocks_per_chunk);
+  const int64_t chunk = ceil_div<int64_t>(ceil_div<int64_t>(S, want_chunks), 256) * 256;
+  return static_cast<int>(std::max<int64_t>(chunk, 512));
+}
+
+// The plan of a call with B, Hq > 0 on a device of `sms` multiprocessors.
+inline QkTopnPlan plan_qk_topn(const QkTopnArgs& a, int sms) {
+  const int64_t G = a.Hq / a.Hkv;
+  const int gs = group_slice_width(G);
+  const int slices = static_cast<int>(ceil_div<int64_t>(G, gs));
+  const int chunk = qk_score_chunk(a.S, a.B * a.Hkv * slices, sms);
+  const int num_chunks = static_cast<int>(ceil_div<int64_t>(a.S, chunk));
+  const int64_t score_stride = ceil_div<int64_t>(a.S, 4) * 4;
+  return {
+      .group_slice = gs,
+      .slices = slices,
+      .chunk = chunk,
+      .num_chunks = num_chunks,
+      .score_stride = score_stride,
+      .scratch_floats = a.B * a.Hq * score_stride,
+      .partial_count = a.B * a.Hq * num_chunks,
+      .scores_grid = {.x = num_chunks, .y = a.Hkv * slices, .z = a.B},
+      .scores_block = kScoreThreads,
+      .select_grid = {.x = a.group_select ? a.Hkv : a.Hq, .y = a.B},
+      .select_block = kSelectThreads,
+  };
+}
+
+// Parameters of qk_scores_kernel. scratch [B, Hq, score_stride] float32, partials [B, Hq,
+// num_chunks] (sizes from the plan).
+inline QkScoresParams qk_scores_params(const QkTopnArgs& a, const QkTopnPlan& plan,
+                                       float* scratch, MaxSum* partials) {
+  return {
+      .q = a.q,
+      .q_sb = a.q_sb,
+      .q_sh = a.q_sh,
+      .k = a.k,
+      .k_sb = a.k_sb,
+      .k_sh = a.k_sh,
+      .k_ss = a.k_ss,
+      .seq_lens = a.seq_lens,
+      .seq_stride = a.seq_stride,
+      .scores = scratch,
+      .partials = partials,
+      .score_stride = plan.score_stride,
+      .hq = static_cast<int>(a.Hq),
+      .hkv = static_cast<int>(a.Hkv),
+      .s = static_cast<int>(a.S),
+      .chunk = plan.chunk,
+      .num_chunks = plan.num_chunks,
+      .slices = plan.slices,
+      .scale = a.scale,
+  };
+}
+
+// Parameters of qk_select_kernel over the scratch and partials that qk_scores_kernel wrote.
+inline QkSelectParams qk_select_params(const QkTopnArgs& a, const QkTopnPlan& plan,
+                                       const float* scratch, const MaxSum* partials) {
+  return {
+      .scores = scratch,
+      .partials = partials,
+      .score_stride = plan.score_stride,
+      .seq_lens = a.seq_lens,
+      .seq_stride = a.seq_stride,
+      .out_scores = a.out_scores,
+      .out_indices = a.out_indices,
+      .out_lse = a.out_lse,
+      .hq = static_cast<int>(a.Hq),
+      .hkv = static_cast<int>(a.Hkv),
+      .s = static_cast<int>(a.S),
+      .n = static_cast<int>(a.n),
+      .num_chunks = plan.num_chunks,
+      .group_select = a.group_select,
+  };
+}
+
+}  // namespace kcache_ops
