@@ -289,6 +289,15 @@ def test_asan_sparse_attn_v_and_gather_rows(asan_exe):
                        R.gather_rows(v, indices))
 
 
+def test_asan_catches_a_misaligned_load(asan_exe):
+    """UBSan's alignment check is live: a source 4 bytes off a 16-byte boundary stops the run at
+    the kernel's 16-byte load (the launcher rejects such a tensor before it reaches a GPU)."""
+    src = torch.randn(2 * 2 * 50 * 64 + 1)[1:].view(2, 2, 50, 64)
+    indices = make_indices(2, 2, 5, 50, "cpu", pad_fraction=0.0)
+    with pytest.raises(emu.EmulatorError, match="misaligned address"):
+        run_gather_rows(asan_exe, src, indices, seeds=(1,))
+
+
 # ---- the emulator's own checks ------------------------------------------------------------------
 
 SELFTESTS = ["clean", "partial_warp", "barrier_after_exit", "divergent_barrier", "missing_barrier",

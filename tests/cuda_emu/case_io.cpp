@@ -1,7 +1,10 @@
 // The harness's command line and its files: reads a case (case.h) written by emu.py, runs it under
 // each requested schedule seed, checks that every seed gives bit-identical outputs, and writes them.
 //
-//   emu_harness CASE OUT [--seeds 1,2,3] [--skip-barrier FILE:LINE]
+//   emu_harness CASE OUT [--seeds 1,2,3] [--skip-barrier FILE:LINE] [--no-race-check]
+//
+// --skip-barrier: calls of the __syncthreads at FILE:LINE do nothing (a mutant with that barrier
+// removed); the number of skipped calls is printed. --no-race-check: no shared-memory shadow.
 //
 // Exit status 0: outputs written; 3: the emulator found an error (message on stderr); 2: bad use.
 #include <cstdio>
@@ -18,6 +21,7 @@ namespace emu {
 extern std::string g_skip_file;  // runtime.cpp
 extern int g_skip_line;
 extern long g_skip_hits;
+extern bool g_race_check;
 
 size_t dtype_size(DType d) { return d == DType::kF16 || d == DType::kBF16 ? 2 : 4; }
 
@@ -133,12 +137,19 @@ void write_outputs(const char* path, const Outputs& outs) {
 
 int main(int argc, char** argv) {
   if (argc < 3) {
-    fprintf(stderr, "usage: %s CASE OUT [--seeds 1,2,3] [--skip-barrier FILE:LINE]\n", argv[0]);
+    fprintf(stderr, "usage: %s CASE OUT [--seeds 1,2,3] [--skip-barrier FILE:LINE] "
+            "[--no-race-check]\n", argv[0]);
     return 2;
   }
   std::string seeds = "1";
-  for (int i = 3; i + 1 < argc; i += 2) {
-    if (!strcmp(argv[i], "--seeds")) {
+  for (int i = 3; i < argc; i += 2) {
+    if (!strcmp(argv[i], "--no-race-check")) {
+      emu::g_race_check = false;
+      --i;
+    } else if (i + 1 == argc) {
+      fprintf(stderr, "option %s needs a value\n", argv[i]);
+      return 2;
+    } else if (!strcmp(argv[i], "--seeds")) {
       seeds = argv[i + 1];
     } else if (!strcmp(argv[i], "--skip-barrier")) {
       const std::string site = argv[i + 1];

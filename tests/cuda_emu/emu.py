@@ -2,6 +2,7 @@
 system g++, write a case file, run it under some schedule seeds, read the outputs back as tensors."""
 import hashlib
 import os
+import re
 import struct
 import subprocess
 import tempfile
@@ -153,10 +154,14 @@ def read_outputs(path):
     return out
 
 
-def run(exe, op, scalars, tensors, seeds=(1, 2, 3), skip_barrier=None, timeout=300):
+def run(exe, op, scalars, tensors, seeds=(1, 2, 3), skip_barrier=None, race_check=True,
+        stats=None, timeout=300):
     """Runs one case under each seed (outputs must agree bit for bit) -> {name: tensor}.
 
     skip_barrier: 'file.cuh:LINE', a __syncthreads the run treats as absent (a mutant).
+    race_check: False turns the shared-memory shadow off (the schedule alone must then expose a
+    race through wrong or schedule-dependent outputs).
+    stats: a dict that receives 'skip_hits', the calls of skip_barrier that were skipped.
     Raises EmulatorError when the emulator or a sanitizer stops the run.
     """
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,11 +170,15 @@ def run(exe, op, scalars, tensors, seeds=(1, 2, 3), skip_barrier=None, timeout=3
         cmd = [str(exe), str(case), str(out), "--seeds", ",".join(map(str, seeds))]
         if skip_barrier:
             cmd += ["--skip-barrier", skip_barrier]
+        if not race_check:
+            cmd.append("--no-race-check")
         env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=3",
                    UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=3")
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        if res.returncode == ERROR_EXIT:
+        if res.returncode == ERROR_EXIT or res.returncode < 0:
             raise EmulatorError(f"{op} {dict(scalars)}: {res.stderr[-4000:]}")
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited with {res.returncode}: {res.stderr[-4000:]}")
+        if stats is not None:
+            stats["skip_hits"] = int(re.search(r"skip-hits (\d+)", res.stdout).group(1))
         return read_outputs(out)
