@@ -1,5 +1,6 @@
 """The CUDA kernels against the float32 reference: odd sizes, GQA slices, N up to 4096, exact ties,
-strided inputs, long sequences (32K-128K tokens, batch up to 64, N up to 1024) and the value checks."""
+NaN inputs, strided inputs, long sequences (32K-128K tokens, batch up to 64, N up to 1024) and the
+value checks."""
 import pytest
 import torch
 
@@ -50,6 +51,27 @@ def test_qk_topn_exact_ties(group_select, n):
     want = reference.qk_topn(q, k, lens, n, 1.0, group_select)
     assert torch.equal(got[1], want[1])
     assert torch.equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("group_select", [False, True])
+def test_qk_topn_nan_across_chunks(group_select):
+    """A NaN in q, or in one K row far into a long row (another chunk of the score pass, another
+    warp of the merges), gives NaN lse for the heads it reaches and otherwise the reference's exact
+    outputs; a NaN past L_b is never read."""
+    Hq, Hkv, D, S, n = 8, 2, 128, 6000, 300
+    q, k, lens = random_case(3, Hq, Hkv, S, D, torch.float32, lens=[S, 4500, S], integer=True,
+                             seed=7)
+    q = q.view(3, Hkv, Hq // Hkv, D)[:, :, :1].expand(3, Hkv, Hq // Hkv, D).reshape(3, Hq, D)
+    q = q.clone()
+    q[2, 6, 100] = float("nan")
+    k[0, 1, 5321, 7] = float("nan")
+    k[1, 0, 4700, 0] = float("nan")  # past L_1 = 4500
+    got = kcache_ops.qk_topn(q, k, lens, n, 1.0, group_select)
+    want = reference.qk_topn(q.cpu(), k.cpu(), lens.cpu(), n, 1.0, group_select)
+    assert got[2].isnan().sum() == Hq // Hkv + 1
+    torch.testing.assert_close(got[2].cpu(), want[2], equal_nan=True)
+    assert torch.equal(got[1].cpu(), want[1])
+    torch.testing.assert_close(got[0].cpu(), want[0], atol=0, rtol=0, equal_nan=True)
 
 
 def test_qk_topn_strided_inputs():

@@ -1,5 +1,5 @@
 """kcache_ops.qk_topn against the float32 reference: per-head and group_select selection, lse,
-padding, ties, GQA ratios, odd lengths, strided inputs, random shapes."""
+padding, ties, NaN inputs, GQA ratios, odd lengths, strided inputs, random shapes."""
 import math
 
 import pytest
@@ -40,6 +40,7 @@ def check_topn(q, k_cache, seq_lens, n, scale, group_select, out, tol):
     assert scores.dtype == lse.dtype == torch.float32 and idx.dtype == torch.int32
     s_ref, lse_ref = R.qk_scores(q, k_cache, seq_lens, scale)  # [B, Hq, S], [B, Hq]
     torch.testing.assert_close(lse, lse_ref, atol=tol, rtol=tol)
+    assert not scores.isnan().any() and not lse.isnan().any(), "finite inputs gave a NaN"
     key = selection_keys(s_ref, lse_ref, Hkv, group_select)  # [B, Hq, S]
     _, ref_idx, _ = R.qk_topn(q, k_cache, seq_lens, n, scale, group_select)  # [B, Hq, n]
     if group_select:
@@ -103,6 +104,32 @@ def test_ties_exact(device, group_select):
     assert torch.equal(idx.cpu(), ref_idx)
     assert torch.equal(scores.cpu(), ref_scores)
     torch.testing.assert_close(lse.cpu(), ref_lse)
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_nan_as_reference(device, dtype, where, group_select):
+    """NaN in, NaN out, exactly as the reference: a NaN in a query head, or in a valid K row of a
+    KV head, makes the lse of every head it reaches NaN; per head its NaN scores rank first (ties
+    to the lower index), in group mode such a head adds nothing to the group mass; a NaN past L_b
+    changes nothing. Integer-valued inputs shared by a group's heads make the rest exact."""
+    B, Hkv, G, S, D, n = 2, 2, 4, 300, 64, 40
+    q = torch.randint(-2, 3, (B, Hkv, 1, D)).float().expand(B, Hkv, G, D).reshape(B, Hkv * G, D)
+    q = q.clone()  # [B, Hq, D]
+    k = torch.randint(-2, 3, (B, Hkv, S, D)).float()  # [B, Hkv, S, D]
+    lens = seq_lens_tensor([S, 201], device)
+    if where == "q":
+        q[0, 1, 5] = float("nan")  # query head 1 of sequence 0
+    else:
+        k[1, 1, 17, 3] = float("nan")  # a valid key of KV head 1 of sequence 1
+    k[1, 0, 250, 0] = float("nan")  # past L_1 = 201: never read
+    q, k = q.to(dtype).to(device), k.to(dtype).to(device)
+    scores, idx, lse = kcache_ops.qk_topn(q, k, lens, n, 1.0, group_select)
+    ref_scores, ref_idx, ref_lse = R.qk_topn(q.cpu(), k.cpu(), lens.cpu(), n, 1.0, group_select)
+    assert lse.isnan().sum() == (1 if where == "q" else G)
+    torch.testing.assert_close(lse.cpu(), ref_lse, equal_nan=True)
+    assert torch.equal(idx.cpu(), ref_idx)
+    torch.testing.assert_close(scores.cpu(), ref_scores, atol=0, rtol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])

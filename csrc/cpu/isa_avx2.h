@@ -38,11 +38,12 @@ struct Avx2Isa {
   }
 
   // exp of 8 floats (Cephes polynomial, about 1 ulp); 0 below -87.3 (where float32 denormals
-  // begin), inputs above 88 are clamped there.
+  // begin), inputs above 88 are clamped there, NaN stays NaN (min/max return their second operand
+  // when one is NaN).
   KC_AVX2_INLINE static __m256 exp8(__m256 x) {
     const __m256 lo = _mm256_set1_ps(-87.3365f);
     const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), lo);
+    x = _mm256_max_ps(lo, _mm256_min_ps(_mm256_set1_ps(88.f), x));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -118,12 +119,22 @@ struct Avx2Isa {
     }
   }
 
-  // max of x [n], n >= 1
+  // max of x [n], n >= 1; NaN when an x_i is NaN (vmaxps alone would drop it)
   KC_AVX2 static float max_of(const float* x, int64_t n) {
     __m256 m = _mm256_set1_ps(-__builtin_inff());
+    __m256 nan = _mm256_setzero_ps();  // lanes that have seen a NaN
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
-    if (i < n) m = _mm256_max_ps(m, load_tail(x + i, n - i));
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_loadu_ps(x + i);
+      m = _mm256_max_ps(m, v);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    if (i < n) {
+      const __m256 v = load_tail(x + i, n - i);
+      m = _mm256_max_ps(m, v);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    if (_mm256_movemask_ps(nan) != 0) return __builtin_nanf("");
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
@@ -141,17 +152,22 @@ struct Avx2Isa {
     return hsum(sum);
   }
 
-  // acc [n] += exp(x [n] - shift)
+  // exp(d), 0 in the lanes where d is NaN
+  KC_AVX2_INLINE static __m256 exp8_nan_to_zero(__m256 d) {
+    return _mm256_andnot_ps(_mm256_cmp_ps(d, d, _CMP_UNORD_Q), exp8(d));
+  }
+
+  // acc [n] += exp(x [n] - shift), 0 where that is NaN (a NaN x_i or shift)
   KC_AVX2 static void add_exp(float* acc, const float* x, int64_t n, float shift) {
     const __m256 sh = _mm256_set1_ps(shift);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
+      const __m256 e = exp8_nan_to_zero(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
       _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), e));
     }
     if (i < n) {
       alignas(32) float e[8];
-      _mm256_store_ps(e, exp8(_mm256_sub_ps(load_tail(x + i, n - i), sh)));
+      _mm256_store_ps(e, exp8_nan_to_zero(_mm256_sub_ps(load_tail(x + i, n - i), sh)));
       for (int64_t l = 0; i + l < n; ++l) acc[i + l] += e[l];
     }
   }

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "common.h"
 
@@ -30,8 +31,16 @@ struct GenericIsa {
     }
   }
 
-  // max of x [n], n >= 1
-  static float max_of(const float* x, int64_t n) { return *std::max_element(x, x + n); }
+  // max of x [n], n >= 1; NaN when an x_i is NaN
+  static float max_of(const float* x, int64_t n) {
+    float m = x[0];
+    bool nan = false;
+    for (int64_t i = 0; i < n; ++i) {
+      m = std::max(m, x[i]);
+      nan = nan || std::isnan(x[i]);
+    }
+    return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+  }
 
   // sum_i exp(x_i - shift) over x [n]
   static float sum_exp(const float* x, int64_t n, float shift) {
@@ -40,9 +49,12 @@ struct GenericIsa {
     return sum;
   }
 
-  // acc [n] += exp(x [n] - shift)
+  // acc [n] += exp(x [n] - shift), 0 where that is NaN (a NaN x_i or shift)
   static void add_exp(float* acc, const float* x, int64_t n, float shift) {
-    for (int64_t i = 0; i < n; ++i) acc[i] += std::exp(x[i] - shift);
+    for (int64_t i = 0; i < n; ++i) {
+      const float e = std::exp(x[i] - shift);
+      acc[i] += std::isnan(e) ? 0.f : e;
+    }
   }
 
   // The first i in [begin, end) with x[i] > thr, or end.

@@ -30,6 +30,15 @@ struct Better {
   }
 };
 
+// As Better, with NaN above every number (torch.sort ranks NaN first in descending order).
+struct BetterNanFirst {
+  bool operator()(const Cand& a, const Cand& b) const {
+    const bool a_nan = std::isnan(a.key), b_nan = std::isnan(b.key);
+    if (a_nan || b_nan) return a_nan && (!b_nan || a.idx < b.idx);
+    return Better()(a, b);
+  }
+};
+
 // Keeps the n best of buf (more than n) and returns the key of the worst kept.
 float keep_best(std::vector<Cand>& buf, int64_t n) {
   std::nth_element(buf.begin(), buf.begin() + (n - 1), buf.end(), Better());
@@ -44,20 +53,31 @@ struct TopN {
   std::vector<float> ranked;    // [tiles] tile_max, reordered by nth_element
 };
 
+// top_n of a row that holds a NaN key (bad input): every key ranked by BetterNanFirst.
+void top_n_with_nan(const float* keys, int64_t len, int64_t n, TopN& top) {
+  top.best.clear();
+  for (int64_t j = 0; j < len; ++j) top.best.push_back({keys[j], static_cast<int32_t>(j)});
+  const int64_t m = std::min(n, len);
+  std::partial_sort(top.best.begin(), top.best.begin() + m, top.best.end(), BetterNanFirst());
+  top.best.resize(m);
+}
+
 // The min(n, len) best of keys[0, len) into top.best, sorted best first.
 // Keys above a threshold gather in top.best; whenever it holds 2n, the best n stay and the
 // threshold rises to the worst of them (positions come in ascending order, so a later key equal
 // to the threshold ranks below it). The threshold starts just under the n-th largest tile max:
 // n distinct keys reach it, so nothing below it is among the n best, and tiles whose max stays
-// below the threshold are skipped whole.
+// below the threshold are skipped whole. A row with a NaN key goes to top_n_with_nan.
 template <class Isa>
 void top_n(const float* keys, int64_t len, int64_t n, TopN& top) {
   const int64_t tiles = (len + kTile - 1) / kTile;
   top.tile_max.resize(tiles);
-  for (int64_t t = 0; t < tiles; ++t) {  // a NaN max (bad input) never skips its tile
-    const float m = Isa::max_of(keys + t * kTile, std::min(kTile, len - t * kTile));
-    top.tile_max[t] = std::isnan(m) ? std::numeric_limits<float>::infinity() : m;
+  bool has_nan = false;
+  for (int64_t t = 0; t < tiles; ++t) {
+    top.tile_max[t] = Isa::max_of(keys + t * kTile, std::min(kTile, len - t * kTile));
+    has_nan = has_nan || std::isnan(top.tile_max[t]);
   }
+  if (has_nan) return top_n_with_nan(keys, len, n, top);
   float thr = kNegInf;  // keys <= thr at later positions are not among the n best
   if (tiles >= n) {
     top.ranked = top.tile_max;
@@ -67,9 +87,7 @@ void top_n(const float* keys, int64_t len, int64_t n, TopN& top) {
   }
   top.best.clear();
   const int64_t first = std::min(len, n);  // always candidates, so min(n, len) come out
-  for (int64_t j = 0; j < first; ++j) {    // NaN ranks last, so the order stays strict
-    top.best.push_back({std::isnan(keys[j]) ? kNegInf : keys[j], static_cast<int32_t>(j)});
-  }
+  for (int64_t j = 0; j < first; ++j) top.best.push_back({keys[j], static_cast<int32_t>(j)});
   for (int64_t t = first / kTile; t < tiles; ++t) {
     if (!(top.tile_max[t] > thr)) continue;
     const int64_t end = std::min(len, (t + 1) * kTile);
@@ -108,7 +126,8 @@ int64_t score_heads(const float* q, int64_t heads, const scalar_t* k, int64_t k_
 
 // Scores of one group: s[h * L + j] = scale * <q_h, k_j> for h < G, j < L, and lse[h] over them.
 // qf [G, kD] float32; k: L rows of kD (row stride k_stride). Tiles of kTile keys: all head passes
-// over a tile read its K rows from L1, then each head's online log-sum-exp absorbs the tile.
+// over a tile read its K rows from L1, then each head's online log-sum-exp absorbs the tile (a NaN
+// score makes the head's running max, and so its lse, NaN for good).
 template <class Isa, typename scalar_t, int64_t kD>
 void group_scores(const float* qf, const scalar_t* k, int64_t k_stride, int64_t G, int64_t L,
                   float scale, float* s /* [G, L] */, float* lse /* [G] */) {
@@ -121,7 +140,9 @@ void group_scores(const float* qf, const scalar_t* k, int64_t k_stride, int64_t 
     }
     for (int64_t h = 0; h < G; ++h) {
       const float* tile = s + h * L + j0;
-      const float m = std::max(run_max[h], Isa::max_of(tile, rows));
+      const float tile_max = Isa::max_of(tile, rows);
+      // std::max keeps a NaN running max (its first argument); a NaN tile max is taken here
+      const float m = std::isnan(tile_max) ? tile_max : std::max(run_max[h], tile_max);
       run_sum[h] = run_sum[h] * std::exp(run_max[h] - m) + Isa::sum_exp(tile, rows, m);
       run_max[h] = m;
     }

@@ -71,20 +71,24 @@ struct Vec16<__nv_bfloat16> {
 __device__ __forceinline__ uint4 load16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 
 // Order-preserving map float -> uint32 (a < b  <=>  key(a) < key(b)); -0 is folded into +0 so that
-// equal scores tie (and tie to the lower index) as they do in torch.sort.
+// equal scores tie (and tie to the lower index) as they do in torch.sort, and every NaN, whatever its
+// sign, maps to the largest key, above +inf: torch.sort ranks NaN first in descending order.
 __device__ __forceinline__ uint32_t float_key(float f) {
+  if (isnan(f)) return 0xffffffffu;
   const uint32_t bits = __float_as_uint(f == 0.0f ? 0.0f : f);
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
 // Running (max, sum of exp(x - max)) of a stream of scores; merging is exact up to rounding and
-// never produces NaN for empty (-inf, 0) states.
+// never produces NaN for empty (-inf, 0) states. A NaN score makes the state (NaN, NaN) for good
+// (fmaxf alone would drop it), so its row's lse is NaN, as the reference's logsumexp.
 struct MaxSum {
   float m;
   float l;
 };
 
 __device__ __forceinline__ MaxSum maxsum_merge(MaxSum a, MaxSum b) {
+  if (isnan(a.m) || isnan(b.m)) return {NAN, NAN};
   const float m = fmaxf(a.m, b.m);
   if (m == -INFINITY) return {-INFINITY, 0.0f};
   return {m, a.l * expf(a.m - m) + b.l * expf(b.m - m)};

@@ -12,6 +12,8 @@
 //    equal to it; bitonic_sort_desc sorts these <= N candidates by (key desc, index asc) in shared
 //    memory; write_selection writes scores, indices and padding. The ranking key is s (per head)
 //    or c_j = sum_h exp(s_hj - lse_h) (group mode), recomputed from the scratch rows on every pass.
+// NaN as the reference: a NaN score makes its row's lse NaN and ranks above every number (per
+// head); a NaN term of the group mass counts 0.
 // Everything is deterministic: no float atomics, reductions in a fixed order, ties by index.
 #pragma once
 
@@ -230,9 +232,16 @@ __device__ __forceinline__ void select_lse(const QkSelectParams& p, int64_t row0
   }
 }
 
+// A head's share exp(s - lse) of the group mass, 0 where it is NaN (a NaN score or lse), as the
+// reference's nan_to_num: a head with a NaN lse does not rank its group's keys.
+__device__ __forceinline__ float head_mass(float s, float lse) {
+  const float p = expf(s - lse);
+  return isnan(p) ? 0.0f : p;
+}
+
 // Ranking keys of keys 4·q4 .. 4·q4 + 3 (one 16-byte load per scratch row): float_key of the score
-// (per head) or of the group mass c_j = sum_h exp(s_hj - lse_h) (group mode). Entries at or past
-// len are read from the row's padding or beyond L and must be ignored by the caller.
+// (per head) or of the group mass c_j = sum_h head_mass(s_hj, lse_h) (group mode). Entries at or
+// past len are read from the row's padding or beyond L and must be ignored by the caller.
 __device__ __forceinline__ void ranking_keys4(const SelectRow& row, const SelectShared& sh, int q4,
                                               uint32_t* key) {
   if (!row.group_select) {
@@ -247,10 +256,10 @@ __device__ __forceinline__ void ranking_keys4(const SelectRow& row, const Select
   for (int h = 0; h < row.nh; ++h) {
     const float4 v = *reinterpret_cast<const float4*>(row.scores + h * row.score_stride + 4 * q4);
     const float lse = sh.lse[h];
-    c[0] += expf(v.x - lse);
-    c[1] += expf(v.y - lse);
-    c[2] += expf(v.z - lse);
-    c[3] += expf(v.w - lse);
+    c[0] += head_mass(v.x, lse);
+    c[1] += head_mass(v.y, lse);
+    c[2] += head_mass(v.z, lse);
+    c[3] += head_mass(v.w, lse);
   }
 #pragma unroll
   for (int e = 0; e < 4; ++e) key[e] = float_key(c[e]);
