@@ -124,6 +124,29 @@ def test_qk_topn_ties_exact(race_exe, group_select):
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_qk_topn_nan_as_reference(race_exe, where, group_select):
+    """NaN in, NaN out, as the reference (test_qk_topn.test_nan_as_reference), with the NaN key in
+    the second of three score chunks so that it crosses the merge of the chunks' partials."""
+    B, Hkv, G, S, D, n = 2, 2, 4, 1100, 64, 40
+    q = torch.randint(-2, 3, (B, Hkv, 1, D)).float().expand(B, Hkv, G, D).reshape(B, Hkv * G, D)
+    q = q.clone()  # [B, Hq, D]
+    k = torch.randint(-2, 3, (B, Hkv, S, D)).float()  # [B, Hkv, S, D]
+    lens = seq_lens_tensor([S, 901], "cpu")
+    if where == "q":
+        q[0, 1, 5] = float("nan")  # query head 1 of sequence 0
+    else:
+        k[1, 1, 700, 3] = float("nan")  # a valid key of KV head 1 of sequence 1
+    k[1, 0, 950, 0] = float("nan")  # past L_1 = 901: never read
+    scores, idx, lse = run_qk_topn(race_exe, q, k, lens, n, 1.0, group_select)
+    ref_scores, ref_idx, ref_lse = R.qk_topn(q, k, lens, n, 1.0, group_select)
+    assert lse.isnan().sum() == (1 if where == "q" else G)
+    torch.testing.assert_close(lse, ref_lse, equal_nan=True)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(scores, ref_scores, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_qk_topn_n_1024(race_exe, group_select):
     """N = 1024 < L: the radix select and a 1024-entry bitonic sort."""
     q, k = make_qk(1, 4, 2, 1500, 64, torch.bfloat16, "cpu")

@@ -127,19 +127,28 @@ def cases():
     ]
 
 
+def describe(message):
+    """The kind of an emulator error and where, in a few words."""
+    m = re.search(r"EMU-ERROR (?:\S+ block \S+ thread \S+ seed \S+: )?(.*)", message)
+    text = m.group(1) if m else message
+    text = re.split(r" \(byte | with thread |; access at |: every thread", text)[0]
+    text = re.sub(r"kcache_ops::(\w+(?:<[^>]*>)?)\([^)]*\)::", r"\1::", text)
+    return re.sub(r"\s+", " ", text).strip()[:90]
+
+
 def judge(exe, case_list, seeds, race_check, skip=None):
-    """-> (verdict, detail): 'caught' with the first failure, or 'missed'; and the skip count."""
+    """-> (verdict, how, skip count): 'caught' with the first case that failed and how, or
+    'missed' with the number of times the removed barrier was reached."""
     hits = 0
     for name, run in case_list:
         stats = {}
         try:
             run(exe, seeds=seeds, skip_barrier=skip, race_check=race_check, stats=stats)
         except emu.EmulatorError as e:
-            msg = str(e)
-            kind = re.search(r"EMU-ERROR (?:\S+ block \S+ thread \S+ seed \S+: )?([^:(]+)", msg)
-            return "caught", f"{name}: {kind.group(1).strip() if kind else msg[:80]}", None
+            return "caught", f"{name}: {describe(str(e))}", None
         except AssertionError as e:
-            return "caught", f"{name}: wrong result ({str(e).splitlines()[0][:60]})", None
+            first = (str(e).strip().splitlines() or ["?"])[0]
+            return "caught", f"{name}: wrong result ({first[:50]})", None
         hits += stats.get("skip_hits", 0)
     return "missed", "", hits
 
@@ -149,9 +158,13 @@ def main():
     ap.add_argument("--seeds", default="1,2,3,4,5,6")
     ap.add_argument("--rebuild", action="store_true",
                     help="compile a copy of the kernels with the barrier deleted, per mutant")
+    ap.add_argument("--only", default="",
+                    help="comma-separated FILE:LINE sites to test (default: every barrier)")
     args = ap.parse_args()
     seeds = tuple(int(s) for s in args.seeds.split(","))
     barriers = find_barriers(emu.KERNEL_DIR)
+    if args.only:
+        barriers = [b for b in barriers if f"{b[0]}:{b[1]}" in args.only.split(",")]
     case_list = cases()
     exe = emu.build("race")
     for name, run in case_list:  # the unmodified kernels must pass every case
@@ -177,7 +190,7 @@ def main():
 
     caught = sum(r[3][0] == "caught" for r in rows)
     caught_plain = sum(r[4][0] == "caught" for r in rows)
-    print("| barrier | function | with race check | results only | first catch |")
+    print("| barrier | function | race check | results only | first catch (race check; results only) |")
     print("|---|---|---|---|---|")
     for site, function, src, with_check, without in rows:
         if with_check[1]:
@@ -188,6 +201,8 @@ def main():
             note = "never reached by the cases"
         else:
             note = f"reached {with_check[2]} times, not caught"
+        if without[1]:
+            note += f"; {without[1]}"
         print(f"| `{site}` | `{function}` | {with_check[0]} | {without[0]} | {note} |")
     print(f"\ncaught with the race check: {caught} of {len(rows)} "
           f"({100 * caught / max(len(rows), 1):.0f}%); by results alone: {caught_plain} of "

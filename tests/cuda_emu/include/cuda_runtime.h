@@ -2,6 +2,8 @@
 // with g++ and run them on the CPU under the fiber emulator (../emu.h, ../runtime.cpp).
 #pragma once
 
+#include <math.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
