@@ -189,7 +189,8 @@ Outputs run_selftest(const Case& c) {
       {"barrier_after_exit", emu_selftest::barrier_after_exit},
       {"divergent_barrier", emu_selftest::divergent_barrier},
       {"missing_barrier", emu_selftest::missing_barrier},
-      {"stale_shared", emu_selftest::stale_shared}};
+      {"stale_shared", emu_selftest::stale_shared},
+      {"split_warp", emu_selftest::split_warp}};
   const auto& [name, kernel] = kKernels[static_cast<int>(c.scalar("kernel"))];
   Tensor out = make_tensor(DType::kI32, {2, 64}, 0x7f);  // [blocks, threads]
   int* o = static_cast<int*>(out.data());

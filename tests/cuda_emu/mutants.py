@@ -131,7 +131,7 @@ def describe(message):
     """The kind of an emulator error and where, in a few words."""
     m = re.search(r"EMU-ERROR (?:\S+ block \S+ thread \S+ seed \S+: )?(.*)", message)
     text = m.group(1) if m else message
-    text = re.split(r" \(byte | with thread |; access at |: every thread", text)[0]
+    text = re.split(r" \(byte | with thread |; access at |: every thread| \(it holds", text)[0]
     text = re.sub(r"kcache_ops::(\w+(?:<[^>]*>)?)\([^)]*\)::", r"\1::", text)
     return re.sub(r"\s+", " ", text).strip()[:90]
 
@@ -190,8 +190,8 @@ def main():
 
     caught = sum(r[3][0] == "caught" for r in rows)
     caught_plain = sum(r[4][0] == "caught" for r in rows)
-    print("| barrier | function | race check | results only | first catch (race check; results only) |")
-    print("|---|---|---|---|---|")
+    print("| barrier | function | race check | first catch | results only | first catch |")
+    print("|---|---|---|---|---|---|")
     for site, function, src, with_check, without in rows:
         if with_check[1]:
             note = with_check[1]
@@ -201,9 +201,8 @@ def main():
             note = "never reached by the cases"
         else:
             note = f"reached {with_check[2]} times, not caught"
-        if without[1]:
-            note += f"; {without[1]}"
-        print(f"| `{site}` | `{function}` | {with_check[0]} | {without[0]} | {note} |")
+        print(f"| `{site}` | `{function}` | {with_check[0]} | {note} | {without[0]} | "
+              f"{without[1]} |")
     print(f"\ncaught with the race check: {caught} of {len(rows)} "
           f"({100 * caught / max(len(rows), 1):.0f}%); by results alone: {caught_plain} of "
           f"{len(rows)} ({100 * caught_plain / max(len(rows), 1):.0f}%); seeds {args.seeds}"

@@ -24,6 +24,17 @@ __global__ void partial_warp(int* out) {
   out[blockIdx.x * 64 + threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1, 1);
 }
 
+// Half of each warp shuffles while the other half waits at a block barrier.
+__global__ void split_warp(int* out) {
+  int v = 1;
+  if (threadIdx.x % 32 < 16) {
+    v = __shfl_xor_sync(0xffffffffu, v, 1);
+  } else {
+    __syncthreads();
+  }
+  out[blockIdx.x * 64 + threadIdx.x] = v;
+}
+
 // Thread 0 returns; the others wait for it at a barrier.
 __global__ void barrier_after_exit(int* out) {
   if (threadIdx.x == 0) return;
