@@ -1,5 +1,5 @@
-"""The CUDA kernels of csrc/cuda/*_kernel.cuh, compiled unmodified with the system g++ and run on the
-CPU by the fiber emulator of tests/cuda_emu (README.md there), against the float32 reference.
+"""The CUDA kernels of csrc/cuda/*_kernel.cuh, compiled unmodified with the system g++ and run on
+the CPU by the fiber emulator of tests/cuda_emu (README.md there), against the float32 reference.
 
 Every case runs under three schedule seeds (uniform random, random with switches at shared-memory
 accesses, run-ahead) whose outputs must agree bit for bit, with a shared-memory race check; a subset

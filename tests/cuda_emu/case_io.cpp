@@ -1,5 +1,5 @@
 // The harness's command line and its files: reads a case (case.h) written by emu.py, runs it under
-// each requested schedule seed, checks that every seed gives bit-identical outputs, and writes them.
+// each requested schedule seed, checks that all seeds give bit-identical outputs, writes them.
 //
 //   emu_harness CASE OUT [--seeds 1,2,3] [--skip-barrier FILE:LINE] [--no-race-check]
 //
@@ -101,9 +101,11 @@ Case read_case(const char* path) {
     t.offset = r.get<int64_t>();
     t.bytes = r.get<uint64_t>();
     void* p = nullptr;
-    if (posix_memalign(&p, 64, t.bytes ? t.bytes : 1) != 0) throw std::runtime_error("out of memory");
+    if (posix_memalign(&p, 64, t.bytes ? t.bytes : 1) != 0)
+      throw std::runtime_error("out of memory");
     t.storage.reset(static_cast<char*>(p), free);
-    if (t.bytes && fread(p, 1, t.bytes, f) != t.bytes) throw std::runtime_error("truncated case file");
+    if (t.bytes && fread(p, 1, t.bytes, f) != t.bytes)
+      throw std::runtime_error("truncated case file");
     c.inputs[name] = std::move(t);
   }
   fclose(f);

@@ -47,7 +47,8 @@ emu_context_switch:
 
 // A context that starts entry() (which must never return) on the given stack.
 inline void context_start(Context& c, char* stack, size_t size, void (*entry)()) {
-  auto* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t{15});
+  const uintptr_t top_addr = reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t{15};
+  auto* top = reinterpret_cast<uint64_t*>(top_addr);
   *--top = 0;                                   // entry's return address: none
   *--top = reinterpret_cast<uint64_t>(entry);   // popped by ret
   for (int i = 0; i < 6; ++i) *--top = 0;       // rbp rbx r12 r13 r14 r15

@@ -39,7 +39,8 @@ int sync_block(int pred, int mode, const char* file, int line);
 
 // A warp-synchronous exchange: every lane in mask deposits `bits` and receives the value of lane
 // `src` (its own for src < 0). kind names the intrinsic in messages.
-uint64_t shuffle(unsigned mask, uint64_t bits, int src, const char* kind, const char* file, int line);
+uint64_t shuffle(unsigned mask, uint64_t bits, int src, const char* kind, const char* file,
+                 int line);
 
 // The caller's lane (threadIdx linearised, modulo 32).
 int lane_id();

@@ -1,8 +1,9 @@
 """Build and drive the CPU emulator of the CUDA kernels (README.md): compile the harness with the
-system g++, write a case file, run it under some schedule seeds, read the outputs back as tensors."""
+system g++, write a case file, run it under some schedule seeds, read the outputs back."""
 import hashlib
 import os
 import re
+import shutil
 import struct
 import subprocess
 import tempfile
@@ -77,7 +78,7 @@ def build(flavour="race", kernel_dir=KERNEL_DIR, cache_dir=None):
     try:
         os.replace(tmp, out_dir)
     except OSError:  # built concurrently by another process
-        pass
+        shutil.rmtree(tmp, ignore_errors=True)
     return exe
 
 
@@ -178,7 +179,8 @@ def run(exe, op, scalars, tensors, seeds=(1, 2, 3), skip_barrier=None, race_chec
         if res.returncode == ERROR_EXIT or res.returncode < 0:
             raise EmulatorError(f"{op} {dict(scalars)}: {res.stderr[-4000:]}")
         if res.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} exited with {res.returncode}: {res.stderr[-4000:]}")
+            raise RuntimeError(
+                f"{' '.join(cmd)} exited with {res.returncode}: {res.stderr[-4000:]}")
         if stats is not None:
             stats["skip_hits"] = int(re.search(r"skip-hits (\d+)", res.stdout).group(1))
         return read_outputs(out)

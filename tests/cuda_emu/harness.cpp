@@ -76,7 +76,8 @@ Outputs run_qk_topn(const Case& c) {
       .scale = static_cast<float>(c.scalar("scale")),
       .group_select = c.scalar("group_select") != 0,
   };
-  const kcache_ops::QkTopnPlan plan = kcache_ops::plan_qk_topn(args, static_cast<int>(c.scalar("sms")));
+  const kcache_ops::QkTopnPlan plan =
+      kcache_ops::plan_qk_topn(args, static_cast<int>(c.scalar("sms")));
   Tensor scratch = make_tensor(DType::kF32, {plan.scratch_floats}, 0xff);     // [B, Hq, stride]
   Tensor partials = make_tensor(DType::kF32, {plan.partial_count, 2}, 0xff);  // [B, Hq, chunks]
   auto* partials_ptr = static_cast<kcache_ops::MaxSum*>(partials.data());

@@ -161,9 +161,11 @@ std::string where_code(const void* pc) {
   Dl_info info{};
   if (!pc || !dladdr(pc, &info) || !info.dli_fbase) return "?";
   char off_hex[32];
-  const uintptr_t off = reinterpret_cast<uintptr_t>(pc) - reinterpret_cast<uintptr_t>(info.dli_fbase) - 1;
+  const uintptr_t off =
+      reinterpret_cast<uintptr_t>(pc) - reinterpret_cast<uintptr_t>(info.dli_fbase) - 1;
   snprintf(off_hex, sizeof off_hex, "0x%lx", static_cast<unsigned long>(off));
-  std::string s = run_tool("addr2line -C -f -i -p -e '" + self_path() + "' " + off_hex + " 2>/dev/null");
+  std::string s =
+      run_tool("addr2line -C -f -i -p -e '" + self_path() + "' " + off_hex + " 2>/dev/null");
   return s.empty() ? std::string("pc offset ") + std::to_string(off) : s;
 }
 
@@ -322,6 +324,10 @@ void run_block() {
     f.linear = t;
     f.priority = static_cast<int>(g.rng() % 1000000) + 1000000;
     f.fake_stack = nullptr;
+#if EMU_ASAN
+    // The previous block's frames on this stack never returned; clear their redzones.
+    __asan_unpoison_memory_region(f.stack, kStackBytes);
+#endif
     context_start(f.ctx, f.stack, kStackBytes, fiber_entry);
     make_runnable(t);
   }
@@ -386,7 +392,8 @@ void shared_access(uintptr_t addr, size_t size, int kind, const void* pc) {
       }
     } else {
       if (written_now && !(kind == 2 && s.w_atomic))
-        race(kind == 2 ? "atomic-after-write race" : "write-after-write race", off + i, s.w_tid, pc);
+        race(kind == 2 ? "atomic-after-write race" : "write-after-write race", off + i, s.w_tid,
+             pc);
       if (read_now) race("write-after-read race", off + i, s.r_tid, pc);
       s.w_epoch = e;
       s.w_tid = me;
@@ -443,7 +450,8 @@ void set_schedule(uint64_t seed) {
 void launch_raw(dim3 grid, dim3 block, const char* kernel, void (*body)(void*), void* ctx) {
   const int nthreads = static_cast<int>(block.x * block.y * block.z);
   if (nthreads < 1 || nthreads > 1024) die("block of %d threads", nthreads);
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 ||
+      grid.z > 65535)
     die("invalid grid (%u,%u,%u)", grid.x, grid.y, grid.z);
   install_fault_handler();
   if (EMU_SHADOW && g_shadow.size() != shared_size()) g_shadow.assign(shared_size(), Shadow{});
@@ -516,7 +524,8 @@ int sync_block(int pred, int mode, const char* file, int line) {
   return static_cast<int>(g.fibers[g.current].result);
 }
 
-uint64_t shuffle(unsigned mask, uint64_t bits, int src, const char* kind, const char* file, int line) {
+uint64_t shuffle(unsigned mask, uint64_t bits, int src, const char* kind, const char* file,
+                 int line) {
   if (g.current < 0) fail("warp intrinsic outside a kernel", file, line);
   Fiber& f = g.fibers[g.current];
   const int warp = f.linear / 32, lane = f.linear % 32;
@@ -624,7 +633,9 @@ void __tsan_write_range(void* p, size_t n) {
 int __tsan_atomic32_fetch_add(volatile int* p, int v, int) {
   return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
 }
-int __tsan_atomic32_load(const volatile int* p, int) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+int __tsan_atomic32_load(const volatile int* p, int) {
+  return __atomic_load_n(p, __ATOMIC_SEQ_CST);
+}
 void __tsan_init() {}
 void __tsan_func_entry(void*) {}
 void __tsan_func_exit() {}

@@ -1,13 +1,13 @@
 // Small kernels that misuse barriers, warps and shared memory on purpose, and one that uses them
-// correctly: the emulator must stop each broken one with a message (never hang), and run the correct
-// one to the expected result. Launched with 64 threads per block, 2 blocks; out [2, 64] int32.
+// correctly: the emulator must stop each broken one with a message (never hang) and run the
+// correct one to the expected result. Launched with 2 blocks of 64 threads; out [2, 64] int32.
 #pragma once
 
 #include <cuda_runtime.h>
 
 namespace emu_selftest {
 
-// out[b, t] = sum over the warp of (63 - t + b) read back through shared memory: barrier + shuffles.
+// out[b, t] = the sum over t's warp of (63 - t + b), read back via shared memory and shuffles.
 __global__ void clean(int* out) {
   __shared__ int buf[64];
   const int t = threadIdx.x;

@@ -1,5 +1,5 @@
 // Stand-in for cuda_bf16.h: __nv_bfloat16 / __nv_bfloat162 as bit patterns (the upper half of a
-// float32); float -> bfloat16 rounds to nearest even and keeps NaN a NaN, as the CUDA intrinsics do.
+// float32); float -> bfloat16 rounds to nearest even and keeps a NaN a NaN, as CUDA's intrinsics.
 #pragma once
 
 #include <cstdint>

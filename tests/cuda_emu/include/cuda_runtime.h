@@ -113,7 +113,8 @@ template <typename T>
 T shfl_up(const char* file, int line, unsigned mask, T v, unsigned delta, int width = 32) {
   check_width(width, file, line);
   const int lane = ::emu::lane_id();
-  const int src = (lane & (width - 1)) >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : -1;
+  const int d = static_cast<int>(delta);
+  const int src = (lane & (width - 1)) >= d ? lane - d : -1;
   return exchange(mask, v, src, "__shfl_up_sync", file, line);
 }
 
