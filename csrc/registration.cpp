@@ -2,17 +2,22 @@
 // csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA), csrc/alloc_host.cpp (device-independent).
 #include <torch/library.h>
 
+// check_values=False: the CUDA implementations skip the range check of seq_lens / indices, a
+// device->host read-back (a synchronisation) per call; their kernels clamp those values, so nothing
+// is read out of bounds, but a bad value is not reported. The CPU implementations read the values
+// on the host anyway and always check them.
 TORCH_LIBRARY(kcache_ops, m) {
   // q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B] int32
   //   -> scores [B, Hq, n] float32, indices [B, Hq, n] int32, lse [B, Hq] float32
   m.def(
       "qk_topn(Tensor q, Tensor k_cache, Tensor seq_lens, int n, float scale, "
-      "bool group_select=False) -> (Tensor scores, Tensor indices, Tensor lse)");
+      "bool group_select=False, bool check_values=True) "
+      "-> (Tensor scores, Tensor indices, Tensor lse)");
   // scores [B, Hq, N] float32, indices [B, Hq, N] int32, v_cache [B, Hkv, S, D],
   // lse [B, Hq] float32 -> out [B, Hq, D] (dtype of v_cache)
   m.def(
       "sparse_attn_v(Tensor scores, Tensor indices, Tensor v_cache, Tensor? lse=None, "
-      "bool renormalize=True) -> Tensor");
+      "bool renormalize=True, bool check_values=True) -> Tensor");
   // src [B, Hs, S, D], indices [B, H, N] int32 -> dst [B, H, N, D] on the device of indices
   m.def("gather_rows(Tensor src, Tensor indices) -> Tensor");
   // a pinned, device-mapped CPU tensor (an ordinary CPU tensor where no GPU is present)

@@ -5,7 +5,7 @@ import math
 import torch
 
 
-def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False):
+def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_values=True):
     """Exact scores ``scale * q·Kᵀ`` over all valid keys, and the top ``n`` of them.
 
     Parameters
@@ -23,6 +23,12 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False):
     group_select : bool
         False: each query head keeps its own top ``n``. True: one index set per KV head, ranked by
         the attention mass the key carries for the whole group, ``Σ_h exp(s_h − lse_h)``.
+    check_values : bool
+        True: a ``seq_lens`` value outside ``[0, S]`` raises an error naming it. On CUDA this reads
+        the values back, a device→host synchronisation per call (also skipped under CUDA graph
+        capture and with ``KCACHE_OPS_VALIDATE=0``). False skips that read-back on CUDA: the kernels
+        clamp each length to ``[0, S]``, so nothing is read out of bounds, but a bad length is not
+        reported. The CPU path always checks (it reads the values on the host anyway).
 
     Returns
     -------
@@ -36,10 +42,11 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False):
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return torch.ops.kcache_ops.qk_topn(q, k_cache, seq_lens, n, float(scale), group_select)
+    return torch.ops.kcache_ops.qk_topn(q, k_cache, seq_lens, n, float(scale), group_select,
+                                        check_values)
 
 
-def sparse_attn_v(scores, indices, v_cache, lse=None, renormalize=True):
+def sparse_attn_v(scores, indices, v_cache, lse=None, renormalize=True, check_values=True):
     """Attention output from the selected V rows.
 
     Parameters
@@ -55,13 +62,20 @@ def sparse_attn_v(scores, indices, v_cache, lse=None, renormalize=True):
     renormalize : bool
         True: softmax over the valid selected scores. False: ``exp(score − lse)``, the weights of
         the full softmax (the mass outside the top N is dropped).
+    check_values : bool
+        True: an index outside ``[-1, S)`` raises an error naming it. On CUDA this reads the
+        indices back, a device→host synchronisation per call (also skipped under CUDA graph capture
+        and with ``KCACHE_OPS_VALIDATE=0``). False skips that read-back on CUDA: the kernel skips
+        every index outside ``[0, S)`` like padding, so nothing is read out of bounds, but a bad
+        index is not reported. The CPU path always checks.
 
     Returns
     -------
     out : Tensor [B, Hq, D], dtype of ``v_cache``, on the device of ``scores``
         ``Σ_i p_i · v_cache[b, h / G, indices_i]``; zeros for a head with no valid entry.
     """
-    return torch.ops.kcache_ops.sparse_attn_v(scores, indices, v_cache, lse, renormalize)
+    return torch.ops.kcache_ops.sparse_attn_v(scores, indices, v_cache, lse, renormalize,
+                                              check_values)
 
 
 def gather_rows(src, indices):
@@ -96,7 +110,7 @@ def built_with_cuda():
 
 
 @torch.library.register_fake("kcache_ops::qk_topn")
-def _(q, k_cache, seq_lens, n, scale, group_select=False):
+def _(q, k_cache, seq_lens, n, scale, group_select=False, check_values=True):
     B, Hq, _ = q.shape
     return (q.new_empty((B, Hq, n), dtype=torch.float32),
             q.new_empty((B, Hq, n), dtype=torch.int32),
@@ -104,7 +118,7 @@ def _(q, k_cache, seq_lens, n, scale, group_select=False):
 
 
 @torch.library.register_fake("kcache_ops::sparse_attn_v")
-def _(scores, indices, v_cache, lse=None, renormalize=True):
+def _(scores, indices, v_cache, lse=None, renormalize=True, check_values=True):
     B, Hq, _ = scores.shape
     return scores.new_empty((B, Hq, v_cache.shape[-1]), dtype=v_cache.dtype)
 

@@ -180,6 +180,41 @@ def test_value_checks():
         kcache_ops.gather_rows(v, bad)
 
 
+def test_no_host_sync_without_value_checks(monkeypatch):
+    """check_values=False, as the KCache decode path passes it: qk_topn and sparse_attn_v run under
+    torch.cuda.set_sync_debug_mode("error"); with the checks on, the same call synchronises."""
+    monkeypatch.delenv("KCACHE_OPS_VALIDATE", raising=False)
+    q, k, lens = random_case(2, 8, 2, 500, 128, torch.bfloat16, lens=[500, 123])
+    v = host_copy(torch.randn(2, 2, 500, 128, dtype=torch.bfloat16))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        scores, idx, lse = kcache_ops.qk_topn(q, k, lens, 64, None, True, check_values=False)
+        out = kcache_ops.sparse_attn_v(scores, idx, v, lse, check_values=False)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            kcache_ops.qk_topn(q, k, lens, 64, None, True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = reference.sparse_attn_v(scores.cpu(), idx.cpu(), v, lse.cpu())
+    torch.testing.assert_close(out.cpu().float(), want.float(), atol=1.6e-2, rtol=1.6e-2)
+
+
+def test_unchecked_values_never_read_out_of_bounds():
+    """check_values=False with seq_lens past S and indices outside [-1, S): clamped and skipped."""
+    q, k, _ = random_case(1, 4, 2, 100, 64, torch.float16)
+    big = torch.tensor([10**6], device="cuda", dtype=torch.int32)
+    scores, idx, lse = kcache_ops.qk_topn(q, k, big, 8, check_values=False)
+    want = kcache_ops.qk_topn(q, k, torch.tensor([100], device="cuda", dtype=torch.int32), 8)
+    assert torch.equal(idx, want[1]) and torch.equal(lse, want[2])
+    v = host_copy(torch.randn(1, 2, 100, 64, dtype=torch.float16))
+    bad = torch.tensor([[[5, 100, -7, 10**9]] * 4], device="cuda", dtype=torch.int32)
+    w = torch.randn(1, 4, 4, device="cuda")
+    out = kcache_ops.sparse_attn_v(w, bad, v, check_values=False)
+    only = kcache_ops.sparse_attn_v(w, torch.tensor([[[5, -1, -1, -1]] * 4], device="cuda",
+                                                    dtype=torch.int32), v)
+    torch.testing.assert_close(out, only)
+
+
 def test_out_of_range_values_never_read_out_of_bounds(monkeypatch):
     """With the value checks off (as under graph capture) the kernels clamp seq_lens and skip bad
     indices instead of reading outside the tensors."""

@@ -105,6 +105,17 @@ def test_gather_rows_bad_arguments(attn):
             kcache_ops.gather_rows(*args)
 
 
+@pytest.mark.parametrize("device", ["cpu"])
+def test_cpu_checks_values_whatever_check_values(qk, attn):
+    """check_values=False only skips the CUDA read-back: the CPU ops still name a bad value."""
+    q, k, lens = qk
+    with pytest.raises(RuntimeError, match=r"seq_lens\[0\] must be in \[0, 16\]"):
+        kcache_ops.qk_topn(q, k, lens + 1, N, check_values=False)
+    scores, indices, v, lse = attn
+    with pytest.raises(RuntimeError, match=r"indices\[0, 0, 0\] must be -1 \(padding\)"):
+        kcache_ops.sparse_attn_v(scores, indices - S - 1, v, lse, check_values=False)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
 def test_mixed_devices():
     q = torch.randn(B, 4, D, device="cuda")

@@ -154,6 +154,17 @@ def test_strided_inputs(device, dtype, group_select):
     check_topn(q, k, lens, n, 1 / math.sqrt(D), group_select, out, TOL[dtype])
 
 
+def test_check_values_off(device):
+    """check_values=False (no value read-back on CUDA) changes no output and passes opcheck."""
+    q, k = make_qk(2, 8, 2, 97, 64, torch.float32, device)
+    lens = seq_lens_tensor([97, 30], device)
+    want = kcache_ops.qk_topn(q, k, lens, 16, 0.125, True)
+    got = kcache_ops.qk_topn(q, k, lens, 16, 0.125, True, check_values=False)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    torch.library.opcheck(torch.ops.kcache_ops.qk_topn.default,
+                          (q, k, lens, 16, 0.125, True, False))
+
+
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 3), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4, 8]),
        S=st.integers(1, 600), n=st.integers(1, 80), D=st.sampled_from([64, 128]),

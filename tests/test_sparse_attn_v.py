@@ -91,6 +91,18 @@ def test_decode_step(device, dtype, group_select):
     torch.testing.assert_close(out[0].cpu().float(), dense[0], atol=TOL[dtype], rtol=TOL[dtype])
 
 
+def test_check_values_off(device):
+    """check_values=False (no index read-back on CUDA) changes no output and passes opcheck."""
+    scores, indices, lse = make_selection(2, 8, 16, 97, device)
+    v = host_tensor(torch.randn(2, 2, 97, 64), device)
+    for renormalize in (True, False):
+        want = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize)
+        got = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize, check_values=False)
+        assert torch.equal(got, want)
+    torch.library.opcheck(torch.ops.kcache_ops.sparse_attn_v.default,
+                          (scores, indices, v, lse, False, False))
+
+
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 3), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4, 8]),
        S=st.integers(1, 400), N=st.integers(1, 80), D=st.sampled_from([64, 128]),

@@ -199,7 +199,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
     const at::Tensor& q,         // [B, Hq, D]
     const at::Tensor& k_cache,   // [B, Hkv, S, D]
     const at::Tensor& seq_lens,  // [B] int32
-    int64_t n, double scale, bool group_select) {
+    int64_t n, double scale, bool group_select,
+    bool /*check_values*/) {  // seq_lens are on the host: always checked, no sync to save
   const QkTopnDims dims = check_qk_topn_args(q, k_cache, seq_lens, n);
   KC_CHECK_CPU("qk_topn", q);
   KC_CHECK_CPU("qk_topn", k_cache);

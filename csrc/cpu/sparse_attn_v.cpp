@@ -70,7 +70,8 @@ at::Tensor sparse_attn_v_cpu(const at::Tensor& scores,   // [B, Hq, N] float32
                              const at::Tensor& indices,  // [B, Hq, N] int32
                              const at::Tensor& v_cache,  // [B, Hkv, S, D]
                              const std::optional<at::Tensor>& lse,  // [B, Hq] float32
-                             bool renormalize) {
+                             bool renormalize,
+                             bool /*check_values*/) {  // indices are on the host: always checked
   const SparseAttnVDims dims = check_sparse_attn_v_args(scores, indices, v_cache, lse, renormalize);
   KC_CHECK_CPU("sparse_attn_v", scores);
   KC_CHECK_CPU("sparse_attn_v", indices);

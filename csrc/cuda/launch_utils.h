@@ -25,9 +25,10 @@ const void* host_mapped_device_ptr(const at::Tensor& t, const char* op, const ch
 void check_vec16_aligned(const at::Tensor& t, const char* op, const char* name);
 
 // Values (seq_lens, indices) can only be checked against their range by reading them back, which
-// needs a host synchronisation. They are checked when the stream is not being captured into a CUDA
-// graph and KCACHE_OPS_VALIDATE is not "0"; the kernels themselves clamp every such value, so bad
-// input never reads out of bounds either way (see bench/NOTES.md).
+// needs a host synchronisation. They are checked unless the op's check_values argument is false
+// (qk_topn, sparse_attn_v), the stream is being captured into a CUDA graph or KCACHE_OPS_VALIDATE
+// is "0"; the kernels themselves clamp every such value, so bad input never reads out of bounds
+// either way (see bench/NOTES.md).
 bool should_validate_values(cudaStream_t stream);
 
 // Error unless every seq_lens value lies in [0, S] / every index in [-1, S): one reduction and one

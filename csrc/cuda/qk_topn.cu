@@ -1,6 +1,6 @@
 // kcache_ops::qk_topn on CUDA: checks, device guard, current stream, scratch allocation, dtype /
 // head-dim / group dispatch, and the two launches of qk_topn_kernel.cuh as qk_topn_launch.h plans
-// them. No host synchronisation except the optional seq_lens range check outside graph capture
+// them. No host synchronisation except the seq_lens range check, which check_values=False skips
 // (launch_utils.h).
 #include <tuple>
 #include <type_traits>
@@ -21,7 +21,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
     const at::Tensor& q,         // [B, Hq, D], CUDA
     const at::Tensor& k_cache,   // [B, Hkv, S, D], CUDA, same dtype
     const at::Tensor& seq_lens,  // [B] int32, CUDA
-    int64_t n, double scale, bool group_select) {
+    int64_t n, double scale, bool group_select, bool check_values) {
   constexpr const char* kOp = "qk_topn";
   const QkTopnDims dims = check_qk_topn_args(q, k_cache, seq_lens, n);
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
@@ -42,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
   at::Tensor indices = at::empty({dims.B, dims.Hq, n}, fopts.dtype(at::kInt)); // [B, Hq, N]
   at::Tensor lse = at::empty({dims.B, dims.Hq}, fopts);                        // [B, Hq]
   if (dims.B == 0 || dims.Hq == 0) return {scores, indices, lse};
-  if (should_validate_values(stream))
+  if (check_values && should_validate_values(stream))
     check_seq_lens_on_device(seq_lens, dims.S);
 
   const QkTopnArgs args{

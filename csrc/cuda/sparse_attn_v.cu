@@ -1,7 +1,7 @@
 // kcache_ops::sparse_attn_v on CUDA: checks (v_cache must be pinned, device-mapped host memory),
 // device guard, current stream, dtype / head-dim / group dispatch, one launch of
 // sparse_attn_v_kernel.cuh as sparse_attn_v_launch.h plans it. No host synchronisation except the
-// optional index range check outside graph capture (launch_utils.h).
+// index range check, which check_values=False skips (launch_utils.h).
 #include <type_traits>
 
 #include <c10/cuda/CUDAGuard.h>
@@ -21,7 +21,7 @@ at::Tensor sparse_attn_v_cuda(
     const at::Tensor& indices,             // [B, Hq, N] int32, CUDA
     const at::Tensor& v_cache,             // [B, Hkv, S, D], pinned mapped host memory
     const std::optional<at::Tensor>& lse,  // [B, Hq] float32, CUDA; needed unless renormalize
-    bool renormalize) {
+    bool renormalize, bool check_values) {
   constexpr const char* kOp = "sparse_attn_v";
   const SparseAttnVDims dims = check_sparse_attn_v_args(scores, indices, v_cache, lse, renormalize);
   TORCH_CHECK(scores.is_cuda(), "scores must be a CUDA tensor, got ", scores.device());
@@ -38,7 +38,7 @@ at::Tensor sparse_attn_v_cuda(
   at::Tensor out = at::empty({dims.B, dims.Hq, dims.D},
                              scores.options().dtype(v_cache.scalar_type()));  // [B, Hq, D]
   if (out.numel() == 0) return out;
-  if (should_validate_values(stream))
+  if (check_values && should_validate_values(stream))
     check_indices_on_device(indices, dims.S, "v_cache");
 
   const SparseAttnVArgs args{
