@@ -324,7 +324,7 @@ def test_asan_catches_a_misaligned_load(asan_exe):
 # ---- the emulator's own checks ------------------------------------------------------------------
 
 SELFTESTS = ["clean", "partial_warp", "barrier_after_exit", "divergent_barrier", "missing_barrier",
-             "stale_shared", "split_warp"]
+             "stale_shared", "split_warp", "double_write"]
 
 
 @pytest.mark.parametrize("kernel,message", [
@@ -334,6 +334,7 @@ SELFTESTS = ["clean", "partial_warp", "barrier_after_exit", "divergent_barrier",
     ("missing_barrier", "race|not written in this block"),
     ("stale_shared", "not written in this block"),
     ("split_warp", "deadlock"),
+    ("double_write", "written twice"),
 ])
 def test_emulator_reports_misuse(race_exe, kernel, message):
     """Each misuse stops the run with a message naming it: never a hang, never a silent result."""

@@ -2,6 +2,7 @@
 // (harness.cpp) call. Implemented in runtime.cpp, which is compiled without instrumentation.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 // CUDA's index and vector types (the real ones are declared in vector_types.h).
@@ -30,6 +31,10 @@ template <typename F>
 void launch(dim3 grid, dim3 block, const char* kernel, F&& body) {
   launch_raw(grid, block, kernel, [](void* c) { (*static_cast<F*>(c))(); }, &body);
 }
+
+// Until the end of the next launch, [p, p + bytes) is an output of it that every byte of which must
+// be written by at most one thread (race-checking build; `name` is for messages).
+void watch_output(void* p, size_t bytes, const char* name);
 
 // Seeded schedule of the following launches.
 void set_schedule(uint64_t seed);

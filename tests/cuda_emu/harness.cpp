@@ -90,6 +90,8 @@ Outputs run_qk_topn(const Case& c) {
         using T = std::remove_pointer_t<decltype(type_tag)>;
         dispatch_head_dim(D, [&](auto d_tag) {
           constexpr int kD = decltype(d_tag)::value;
+          watch_output(scratch.data(), scratch.bytes, "scores scratch");
+          watch_output(partials.data(), partials.bytes, "partials");
           launch(to_dim3(plan.scores_grid), dim3(plan.scores_block), "qk_scores_kernel",
                  [&] { kcache_ops::qk_scores_kernel<T, kD, GS>(p); });
         });
@@ -98,6 +100,9 @@ Outputs run_qk_topn(const Case& c) {
   }
   const kcache_ops::QkSelectParams sp = kcache_ops::qk_select_params(
       args, plan, static_cast<const float*>(scratch.data()), partials_ptr);
+  watch_output(scores.data(), scores.bytes, "scores");
+  watch_output(indices.data(), indices.bytes, "indices");
+  watch_output(lse.data(), lse.bytes, "lse");
   launch(to_dim3(plan.select_grid), dim3(plan.select_block), "qk_select_kernel",
          [&] { kcache_ops::qk_select_kernel(sp); });
   return {{"scores", scores}, {"indices", indices}, {"lse", lse}};
@@ -144,6 +149,7 @@ Outputs run_sparse_attn_v(const Case& c) {
       using T = std::remove_pointer_t<decltype(type_tag)>;
       dispatch_head_dim(D, [&](auto d_tag) {
         constexpr int kD = decltype(d_tag)::value;
+        watch_output(out.data(), out.bytes, "out");
         launch(to_dim3(plan.grid), dim3(plan.block), "sparse_attn_v_kernel",
                [&] { kcache_ops::sparse_attn_v_kernel<T, kD, GS>(plan.params); });
       });
@@ -177,6 +183,7 @@ Outputs run_gather_rows(const Case& c) {
       .D = D,
   };
   const kcache_ops::GatherRowsPlan plan = kcache_ops::plan_gather_rows(args);
+  watch_output(dst.data(), dst.bytes, "dst");
   launch(to_dim3(plan.grid), dim3(plan.block), "gather_rows_kernel",
          [&] { kcache_ops::gather_rows_kernel(plan.params); });
   return {{"dst", dst}};
@@ -191,10 +198,12 @@ Outputs run_selftest(const Case& c) {
       {"divergent_barrier", emu_selftest::divergent_barrier},
       {"missing_barrier", emu_selftest::missing_barrier},
       {"stale_shared", emu_selftest::stale_shared},
-      {"split_warp", emu_selftest::split_warp}};
+      {"split_warp", emu_selftest::split_warp},
+      {"double_write", emu_selftest::double_write}};
   const auto& [name, kernel] = kKernels[static_cast<int>(c.scalar("kernel"))];
   Tensor out = make_tensor(DType::kI32, {2, 64}, 0x7f);  // [blocks, threads]
   int* o = static_cast<int*>(out.data());
+  watch_output(o, out.bytes, "out");
   launch(dim3(2), dim3(64), name, [&] { kernel(o); });
   return {{"out", out}};
 }

@@ -133,6 +133,16 @@ size_t g_sched_stack_size = 0;
 char* g_stacks = nullptr;
 size_t g_stack_count = 0;
 std::vector<Shadow> g_shadow;
+
+// An output buffer of the running launch and, per byte, its writer (block * 1024 + thread + 1).
+struct Watched {
+  uintptr_t lo = 0;
+  size_t bytes = 0;
+  const char* name = "";
+  std::vector<uint32_t> writer;
+};
+std::vector<Watched> g_watched;
+uint32_t g_block_linear = 0;
 uint64_t g_seed = 1;
 
 uintptr_t shared_lo() { return reinterpret_cast<uintptr_t>(__start_emu_shared); }
@@ -433,9 +443,39 @@ void install_fault_handler() {
   sigaction(SIGFPE, &sa, nullptr);
 }
 
+// A write into a watched output: a byte another thread of the launch wrote already is an error
+// (two threads, or two blocks, computing the same output element).
+void output_write(uintptr_t addr, size_t size, const void* pc) {
+  if (g.current < 0) return;
+  for (Watched& w : g_watched) {
+    if (addr - w.lo >= w.bytes) continue;
+    const uint32_t me =
+        g_block_linear * 1024u + static_cast<uint32_t>(g.fibers[g.current].linear) + 1u;
+    for (size_t i = 0; i < size && addr - w.lo + i < w.bytes; ++i) {
+      uint32_t& prev = w.writer[addr - w.lo + i];
+      if (prev != 0 && prev != me)
+        die("output %s byte %zu written twice in one launch: by block %u thread %u and by this "
+            "thread; access at %s", w.name, static_cast<size_t>(addr - w.lo + i), (prev - 1) / 1024,
+            (prev - 1) % 1024, where_code(pc).c_str());
+      prev = me;
+    }
+    return;
+  }
+}
+
 }  // namespace
 
 // ---- the interface of emu.h ---------------------------------------------------------------------
+
+void watch_output(void* p, size_t bytes, const char* name) {
+  if (!EMU_SHADOW || bytes == 0) return;
+  Watched w;
+  w.lo = reinterpret_cast<uintptr_t>(p);
+  w.bytes = bytes;
+  w.name = name;
+  w.writer.assign(bytes, 0u);
+  g_watched.push_back(std::move(w));
+}
 
 void set_schedule(uint64_t seed) {
   g_seed = seed;
@@ -475,8 +515,10 @@ void launch_raw(dim3 grid, dim3 block, const char* kernel, void (*body)(void*), 
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = {x, y, z};
+        g_block_linear = (z * grid.y + y) * grid.x + x;
         run_block();
       }
+  g_watched.clear();
 }
 
 int sync_block(int pred, int mode, const char* file, int line) {
@@ -613,7 +655,11 @@ void fail(const char* what, const char* file, int line) {
 namespace emu {
 inline void shared_access_hook(void* p, size_t n, int kind, const void* pc) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  if (a - shared_lo() < shared_size()) shared_access(a, n, kind, pc);
+  if (a - shared_lo() < shared_size()) {
+    shared_access(a, n, kind, pc);
+  } else if (kind == 1 && !g_watched.empty()) {
+    output_write(a, n, pc);
+  }
 }
 }  // namespace emu
 

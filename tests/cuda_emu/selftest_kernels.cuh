@@ -67,4 +67,7 @@ __global__ void stale_shared(int* out) {
   out[blockIdx.x * 64 + threadIdx.x] = buf[threadIdx.x];
 }
 
+// Both blocks write the same output row.
+__global__ void double_write(int* out) { out[threadIdx.x] = blockIdx.x; }
+
 }  // namespace emu_selftest
