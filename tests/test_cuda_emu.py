@@ -4,8 +4,9 @@ the CPU by the fiber emulator of tests/cuda_emu (README.md there), against the f
 Every case runs under three schedule seeds (uniform random, random with switches at shared-memory
 accesses, run-ahead) whose outputs must agree bit for bit, with a shared-memory race check; a subset
 runs again under AddressSanitizer + UBSan. The emulator's own checks (a shuffle by part of a warp, a
-barrier after an exit, divergent barriers, races, stale shared memory) and its power to find a
-missing barrier are tested here too; tests/cuda_emu/mutants.py measures that power per barrier."""
+barrier after an exit, divergent barriers, races, stale shared memory, an output written twice)
+and its power to find a missing barrier are tested here too; tests/cuda_emu/mutants.py measures
+that power per barrier."""
 import math
 import re
 import shutil
@@ -39,12 +40,17 @@ def asan_exe():
 
 
 def run_qk_topn(exe, q, k, seq_lens, n, scale, group_select, sms=SMS, seeds=SEEDS):
+    """qk_topn on the emulator: q [B, Hq, D], k [B, Hkv, S, D], seq_lens [B] int32 (any strides)
+    -> scores [B, Hq, n] float32, indices [B, Hq, n] int32, lse [B, Hq] float32. sms: the
+    multiprocessor count the chunk sizing is given."""
     out = emu.run(exe, "qk_topn", dict(n=n, scale=scale, group_select=int(group_select), sms=sms),
                   dict(q=q, k_cache=k, seq_lens=seq_lens), seeds=seeds)
     return out["scores"], out["indices"], out["lse"]  # [B, Hq, n], [B, Hq, n], [B, Hq]
 
 
 def run_sparse_attn_v(exe, scores, indices, v, lse, renormalize, seeds=SEEDS):
+    """sparse_attn_v on the emulator: scores [B, Hq, N] float32, indices [B, Hq, N] int32,
+    v [B, Hkv, S, D], lse [B, Hq] float32 or None -> out [B, Hq, D] in v's dtype."""
     tensors = dict(scores=scores, indices=indices, v_cache=v)
     if lse is not None:
         tensors["lse"] = lse
@@ -53,6 +59,7 @@ def run_sparse_attn_v(exe, scores, indices, v, lse, renormalize, seeds=SEEDS):
 
 
 def run_gather_rows(exe, src, indices, seeds=SEEDS):
+    """gather_rows on the emulator: src [B, Hs, S, D], indices [B, H, N] int32 -> [B, H, N, D]."""
     return emu.run(exe, "gather_rows", {}, dict(src=src, indices=indices), seeds=seeds)["dst"]
 
 
