@@ -13,8 +13,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import TOL, seq_lens_tensor
+from conftest import DTYPES, TOL, seq_lens_tensor
 from cuda_emu import emu
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_gather_rows import make_indices
 from test_qk_topn import check_topn, make_qk
 from test_sparse_attn_v import check_attn, make_selection
@@ -183,6 +185,18 @@ def test_qk_topn_strided_inputs(race_exe, group_select):
     check_topn(q, k, lens, n, 1 / math.sqrt(D), group_select, out, TOL[torch.bfloat16])
 
 
+@settings(max_examples=6, deadline=None)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 5, 8]),
+       S=st.integers(1, 700), n=st.integers(1, 80), D=st.sampled_from([64, 128]),
+       dtype=st.sampled_from(DTYPES), group_select=st.booleans(), sms=st.sampled_from([1, 132]),
+       data=st.data())
+def test_qk_topn_random_shapes(race_exe, B, Hkv, G, S, n, D, dtype, group_select, sms, data):
+    lens = seq_lens_tensor(data.draw(st.lists(st.integers(0, S), min_size=B, max_size=B)), "cpu")
+    q, k = make_qk(B, Hkv * G, Hkv, S, D, dtype, "cpu")
+    out = run_qk_topn(race_exe, q, k, lens, n, 1 / math.sqrt(D), group_select, sms=sms)
+    check_topn(q, k, lens, n, 1 / math.sqrt(D), group_select, out, TOL[dtype])
+
+
 # ---- sparse_attn_v ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype,D,G,renormalize", [
@@ -254,6 +268,19 @@ def test_sparse_attn_v_n_1024(race_exe):
     v = torch.randn(1, 1, 1500, 128)
     out = run_sparse_attn_v(race_exe, scores, indices, v, lse, True)
     check_attn(scores, indices, v, lse, True, out, TOL[torch.float32])
+
+
+@settings(max_examples=6, deadline=None)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 5, 8]),
+       S=st.integers(1, 300), N=st.integers(1, 200), D=st.sampled_from([64, 128]),
+       dtype=st.sampled_from(DTYPES), renormalize=st.booleans(),
+       pad_fraction=st.sampled_from([0.0, 0.5, 1.0]))
+def test_sparse_attn_v_random_shapes(race_exe, B, Hkv, G, S, N, D, dtype, renormalize,
+                                     pad_fraction):
+    scores, indices, lse = make_selection(B, Hkv * G, N, S, "cpu", pad_fraction)
+    v = torch.randn(B, Hkv, S, D).to(dtype)
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, renormalize)
+    check_attn(scores, indices, v, lse, renormalize, out, TOL[dtype])
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
