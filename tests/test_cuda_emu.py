@@ -75,10 +75,13 @@ def run_gather_rows(exe, src, indices, seeds=SEEDS):
     (torch.bfloat16, 128, 3, False),
     (torch.float16, 64, 8, False),
     (torch.bfloat16, 64, 4, True),
+    (torch.float32, 64, 12, True),
+    (torch.float16, 128, 12, False),
 ], ids=lambda v: str(v).removeprefix("torch."))
 def test_qk_topn_matches_reference(race_exe, dtype, D, G, group_select):
-    """Several score chunks (S > 512), L = S, L < S and L = 1 in one batch."""
-    Hkv, S, n = 1 if G == 8 else 2, 1100, 64
+    """Several score chunks (S > 512), L = S, L < S and L = 1 in one batch; G = 12 takes two
+    score blocks per KV head (a slice of 8 query heads and one of 4)."""
+    Hkv, S, n = 1 if G >= 8 else 2, 1100, 64
     q, k = make_qk(3, Hkv * G, Hkv, S, D, dtype, "cpu")
     lens = seq_lens_tensor([S, 97, 1], "cpu")
     out = run_qk_topn(race_exe, q, k, lens, n, 1 / math.sqrt(D), group_select)
@@ -206,8 +209,10 @@ def test_qk_topn_random_shapes(race_exe, B, Hkv, G, S, n, D, dtype, group_select
     (torch.float32, 128, 8, False),
     (torch.bfloat16, 128, 8, True),
     (torch.float16, 64, 3, True),
+    (torch.bfloat16, 64, 12, False),
 ], ids=lambda v: str(v).removeprefix("torch."))
 def test_sparse_attn_v_matches_reference(race_exe, dtype, D, G, renormalize):
+    """G = 12: two blocks per KV head (a slice of 8 query heads and one of 4)."""
     B, Hkv, S, N = 2, 2, 300, 64
     scores, indices, lse = make_selection(B, Hkv * G, N, S, "cpu")
     v = torch.randn(B, Hkv, S, D).to(dtype)
