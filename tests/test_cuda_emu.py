@@ -238,6 +238,15 @@ def test_sparse_attn_v_no_valid_entry_gives_zeros(race_exe, renormalize):
     check_attn(scores, indices, v, lse, renormalize, out, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])
+def test_sparse_attn_v_empty_selection(race_exe, renormalize):
+    """N = 0: every head yields zeros."""
+    scores, indices, lse = make_selection(2, 6, 0, 40, "cpu")  # [2, 6, 0], [2, 6, 0], [2, 6]
+    v = torch.randn(2, 2, 40, 64)
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, renormalize)
+    assert torch.equal(out, torch.zeros(2, 6, 64))
+
+
 @pytest.mark.parametrize("group_shared", [False, True], ids=["own_rows", "group_rows"])
 def test_sparse_attn_v_out_of_range_indices_are_skipped(race_exe, group_shared):
     """Indices >= S or < -1 (which the launcher rejects outside graph capture) are skipped like
