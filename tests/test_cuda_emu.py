@@ -10,6 +10,7 @@ that power per barrier."""
 import math
 import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -23,7 +24,8 @@ from test_sparse_attn_v import check_attn, make_selection
 
 from kcache_ops import reference as R
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs the system g++")
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None or not sys.platform.startswith("linux"),
+                                reason="needs Linux (ELF link script) and the system g++")
 
 SEEDS = (1, 2, 3)  # one seed of each schedule kind (runtime.cpp set_schedule)
 SMS = 132  # the multiprocessor count the launch arithmetic is given (H100 SXM)
