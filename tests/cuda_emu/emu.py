@@ -173,7 +173,8 @@ def run(exe, op, scalars, tensors, seeds=(1, 2, 3), skip_barrier=None, race_chec
             cmd += ["--skip-barrier", skip_barrier]
         if not race_check:
             cmd.append("--no-race-check")
-        env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=3",
+        env = dict(os.environ,
+                   ASAN_OPTIONS="detect_leaks=0:detect_stack_use_after_return=1:exitcode=3",
                    UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=3")
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         if res.returncode == ERROR_EXIT or res.returncode < 0:
