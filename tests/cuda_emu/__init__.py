@@ -1,0 +1,1 @@
+"""CPU execution harness for the CUDA kernels of csrc/cuda (see README.md)."""

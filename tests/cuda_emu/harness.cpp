@@ -1,0 +1,221 @@
+// The kernels of csrc/cuda/*_kernel.cuh, compiled unmodified against the stand-in CUDA headers of
+// include/, launched on the tensors of a case through the launchers' own arithmetic (grid and chunk
+// sizing, parameter packing: csrc/cuda/*_launch.h), with the launchers' dispatch over dtype, head
+// dim and group slice repeated here (launch_utils.h holds it next to torch). The only translation
+// unit that holds kernel code: its static data is the kernels' __shared__ memory (shared.ld), and
+// it is the one compiled with the access instrumentation that feeds the race check of runtime.cpp.
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "case.h"
+#include "gather_rows_launch.h"
+#include "qk_topn_launch.h"
+#include "selftest_kernels.cuh"
+#include "sparse_attn_v_launch.h"
+
+namespace emu {
+namespace {
+
+template <typename F>
+void dispatch_dtype(DType d, F&& f) {
+  switch (d) {
+    case DType::kF32: return f(static_cast<float*>(nullptr));
+    case DType::kF16: return f(static_cast<__half*>(nullptr));
+    case DType::kBF16: return f(static_cast<__nv_bfloat16*>(nullptr));
+    default: throw std::runtime_error("dtype must be float32, float16 or bfloat16");
+  }
+}
+
+template <typename F>
+void dispatch_head_dim(int64_t d, F&& f) {
+  if (d == 64) return f(std::integral_constant<int, 64>{});
+  if (d == 128) return f(std::integral_constant<int, 128>{});
+  throw std::runtime_error("head dim must be 64 or 128, got " + std::to_string(d));
+}
+
+template <typename F>
+void dispatch_group_slice(int group_slice, F&& f) {
+  if (group_slice == 4) return f(std::integral_constant<int, 4>{});
+  if (group_slice == 8) return f(std::integral_constant<int, 8>{});
+  throw std::runtime_error("group slice must be 4 or 8, got " + std::to_string(group_slice));
+}
+
+dim3 to_dim3(const kcache_ops::GridSize& g) {
+  return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
+}
+
+Outputs run_qk_topn(const Case& c) {
+  const Tensor& q = c.input("q");               // [B, Hq, D]
+  const Tensor& k = c.input("k_cache");         // [B, Hkv, S, D]
+  const Tensor& seq_lens = c.input("seq_lens");  // [B] int32
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t n = static_cast<int64_t>(c.scalar("n"));
+  Tensor scores = make_tensor(DType::kF32, {B, Hq, n}, 0xff);   // [B, Hq, N], NaN
+  Tensor indices = make_tensor(DType::kI32, {B, Hq, n}, 0x7f);  // [B, Hq, N]
+  Tensor lse = make_tensor(DType::kF32, {B, Hq}, 0xff);         // [B, Hq], NaN
+  if (B == 0 || Hq == 0) return {{"scores", scores}, {"indices", indices}, {"lse", lse}};
+  const kcache_ops::QkTopnArgs args{
+      .q = q.data(),
+      .q_sb = q.stride(0),
+      .q_sh = q.stride(1),
+      .k = k.data(),
+      .k_sb = k.stride(0),
+      .k_sh = k.stride(1),
+      .k_ss = k.stride(2),
+      .seq_lens = static_cast<const int32_t*>(seq_lens.data()),
+      .seq_stride = seq_lens.stride(0),
+      .out_scores = static_cast<float*>(scores.data()),
+      .out_indices = static_cast<int32_t*>(indices.data()),
+      .out_lse = static_cast<float*>(lse.data()),
+      .B = B,
+      .Hq = Hq,
+      .Hkv = k.size(1),
+      .S = k.size(2),
+      .n = n,
+      .scale = static_cast<float>(c.scalar("scale")),
+      .group_select = c.scalar("group_select") != 0,
+  };
+  const kcache_ops::QkTopnPlan plan =
+      kcache_ops::plan_qk_topn(args, static_cast<int>(c.scalar("sms")));
+  Tensor scratch = make_tensor(DType::kF32, {plan.scratch_floats}, 0xff);     // [B, Hq, stride]
+  Tensor partials = make_tensor(DType::kF32, {plan.partial_count, 2}, 0xff);  // [B, Hq, chunks]
+  auto* partials_ptr = static_cast<kcache_ops::MaxSum*>(partials.data());
+  if (plan.num_chunks > 0) {
+    const kcache_ops::QkScoresParams p =
+        kcache_ops::qk_scores_params(args, plan, static_cast<float*>(scratch.data()), partials_ptr);
+    dispatch_group_slice(plan.group_slice, [&](auto gs_tag) {
+      constexpr int GS = decltype(gs_tag)::value;
+      dispatch_dtype(q.dtype, [&](auto type_tag) {
+        using T = std::remove_pointer_t<decltype(type_tag)>;
+        dispatch_head_dim(D, [&](auto d_tag) {
+          constexpr int kD = decltype(d_tag)::value;
+          watch_output(scratch.data(), scratch.bytes, "scores scratch");
+          watch_output(partials.data(), partials.bytes, "partials");
+          launch(to_dim3(plan.scores_grid), dim3(plan.scores_block), "qk_scores_kernel",
+                 [&] { kcache_ops::qk_scores_kernel<T, kD, GS>(p); });
+        });
+      });
+    });
+  }
+  const kcache_ops::QkSelectParams sp = kcache_ops::qk_select_params(
+      args, plan, static_cast<const float*>(scratch.data()), partials_ptr);
+  watch_output(scores.data(), scores.bytes, "scores");
+  watch_output(indices.data(), indices.bytes, "indices");
+  watch_output(lse.data(), lse.bytes, "lse");
+  launch(to_dim3(plan.select_grid), dim3(plan.select_block), "qk_select_kernel",
+         [&] { kcache_ops::qk_select_kernel(sp); });
+  return {{"scores", scores}, {"indices", indices}, {"lse", lse}};
+}
+
+Outputs run_sparse_attn_v(const Case& c) {
+  const Tensor& scores = c.input("scores");    // [B, Hq, N] float32
+  const Tensor& indices = c.input("indices");  // [B, Hq, N] int32
+  const Tensor& v = c.input("v_cache");        // [B, Hkv, S, D]
+  const bool renormalize = c.scalar("renormalize") != 0;
+  const int64_t B = scores.size(0), Hq = scores.size(1), D = v.size(3);
+  Tensor out = make_tensor(v.dtype, {B, Hq, D}, 0xff);  // [B, Hq, D], NaN
+  if (out.numel() == 0) return {{"out", out}};
+  const Tensor* lse = c.has_input("lse") ? &c.input("lse") : nullptr;  // [B, Hq] float32
+  if (!renormalize && !lse) throw std::runtime_error("lse is required when renormalize=False");
+  const kcache_ops::SparseAttnVArgs args{
+      .scores = static_cast<const float*>(scores.data()),
+      .sc_sb = scores.stride(0),
+      .sc_sh = scores.stride(1),
+      .sc_sn = scores.stride(2),
+      .indices = static_cast<const int32_t*>(indices.data()),
+      .ix_sb = indices.stride(0),
+      .ix_sh = indices.stride(1),
+      .ix_sn = indices.stride(2),
+      .v = v.data(),
+      .v_sb = v.stride(0),
+      .v_sh = v.stride(1),
+      .v_ss = v.stride(2),
+      .lse = renormalize ? nullptr : static_cast<const float*>(lse->data()),
+      .lse_sb = renormalize ? 0 : lse->stride(0),
+      .lse_sh = renormalize ? 0 : lse->stride(1),
+      .out = out.data(),
+      .B = B,
+      .Hq = Hq,
+      .Hkv = v.size(1),
+      .S = v.size(2),
+      .N = scores.size(2),
+      .renormalize = renormalize,
+  };
+  const kcache_ops::SparseAttnVPlan plan = kcache_ops::plan_sparse_attn_v(args);
+  dispatch_group_slice(plan.group_slice, [&](auto gs_tag) {
+    constexpr int GS = decltype(gs_tag)::value;
+    dispatch_dtype(v.dtype, [&](auto type_tag) {
+      using T = std::remove_pointer_t<decltype(type_tag)>;
+      dispatch_head_dim(D, [&](auto d_tag) {
+        constexpr int kD = decltype(d_tag)::value;
+        watch_output(out.data(), out.bytes, "out");
+        launch(to_dim3(plan.grid), dim3(plan.block), "sparse_attn_v_kernel",
+               [&] { kcache_ops::sparse_attn_v_kernel<T, kD, GS>(plan.params); });
+      });
+    });
+  });
+  return {{"out", out}};
+}
+
+Outputs run_gather_rows(const Case& c) {
+  const Tensor& src = c.input("src");          // [B, Hs, S, D]
+  const Tensor& indices = c.input("indices");  // [B, H, N] int32
+  const int64_t B = indices.size(0), H = indices.size(1), N = indices.size(2), D = src.size(3);
+  Tensor dst = make_tensor(src.dtype, {B, H, N, D}, 0xff);  // [B, H, N, D]
+  if (dst.numel() == 0) return {{"dst", dst}};
+  const kcache_ops::GatherRowsArgs args{
+      .src = src.data(),
+      .src_sb = src.stride(0),
+      .src_sh = src.stride(1),
+      .src_ss = src.stride(2),
+      .elem_bytes = static_cast<int64_t>(dtype_size(src.dtype)),
+      .indices = static_cast<const int32_t*>(indices.data()),
+      .ix_sb = indices.stride(0),
+      .ix_sh = indices.stride(1),
+      .ix_sn = indices.stride(2),
+      .dst = dst.data(),
+      .B = B,
+      .H = H,
+      .Hs = src.size(1),
+      .S = src.size(2),
+      .N = N,
+      .D = D,
+  };
+  const kcache_ops::GatherRowsPlan plan = kcache_ops::plan_gather_rows(args);
+  watch_output(dst.data(), dst.bytes, "dst");
+  launch(to_dim3(plan.grid), dim3(plan.block), "gather_rows_kernel",
+         [&] { kcache_ops::gather_rows_kernel(plan.params); });
+  return {{"dst", dst}};
+}
+
+// The emulator's own checks (selftest_kernels.cuh), by name.
+Outputs run_selftest(const Case& c) {
+  const std::pair<const char*, void (*)(int*)> kKernels[] = {
+      {"clean", emu_selftest::clean},
+      {"partial_warp", emu_selftest::partial_warp},
+      {"barrier_after_exit", emu_selftest::barrier_after_exit},
+      {"divergent_barrier", emu_selftest::divergent_barrier},
+      {"missing_barrier", emu_selftest::missing_barrier},
+      {"stale_shared", emu_selftest::stale_shared},
+      {"split_warp", emu_selftest::split_warp},
+      {"double_write", emu_selftest::double_write}};
+  const auto& [name, kernel] = kKernels[static_cast<int>(c.scalar("kernel"))];
+  Tensor out = make_tensor(DType::kI32, {2, 64}, 0x7f);  // [blocks, threads]
+  int* o = static_cast<int*>(out.data());
+  watch_output(o, out.bytes, "out");
+  launch(dim3(2), dim3(64), name, [&] { kernel(o); });
+  return {{"out", out}};
+}
+
+}  // namespace
+
+Outputs run_case(const Case& c) {
+  if (c.op == "selftest") return run_selftest(c);
+  if (c.op == "qk_topn") return run_qk_topn(c);
+  if (c.op == "sparse_attn_v") return run_sparse_attn_v(c);
+  if (c.op == "gather_rows") return run_gather_rows(c);
+  throw std::runtime_error("unknown op " + c.op);
+}
+
+}  // namespace emu

@@ -1,0 +1,690 @@
+// The emulator's runtime: every thread of a block is a fiber (context.h) with its own stack, blocks
+// run one after another on one OS thread, and a seeded scheduler decides which runnable fiber runs
+// next. A fiber gives up the CPU only at a block barrier, a warp exchange (shuffle), or, in the
+// race-checking build, at a randomly chosen shared-memory access. Shared memory (the function-local
+// statics of the kernels, gathered by shared.ld) is poisoned before every block, and in the
+// race-checking build every access to it is checked against a per-byte shadow: a read or write of a
+// byte that another thread wrote, or a write of a byte another thread read, with no __syncthreads
+// in between, is a race; so is a read of a byte not yet written in this block. This file is
+// compiled without instrumentation; harness.cpp (the kernels) is compiled with -fsanitize=thread
+// for its instrumentation only, and the __tsan_* entry points below receive its memory accesses.
+#include <dlfcn.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "context.h"
+#include "emu.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+#else
+#define EMU_ASAN 0
+#endif
+
+// 1 in the race-checking build (harness.cpp instrumented), 0 in the sanitizer build.
+#ifndef EMU_SHADOW
+#define EMU_SHADOW 1
+#endif
+
+uint3 threadIdx, blockIdx;
+dim3 blockDim, gridDim;
+
+extern "C" char __start_emu_shared[], __stop_emu_shared[];  // shared.ld
+
+namespace emu {
+
+// Set by main (case_io.cpp) from the command line: the barrier whose calls are skipped (a mutant).
+std::string g_skip_file;
+int g_skip_line = -1;
+long g_skip_hits = 0;
+// Cleared by --no-race-check: the shadow of shared memory is not consulted (a mutant caught then
+// was caught by its wrong or schedule-dependent results alone).
+bool g_race_check = true;
+
+namespace {
+
+enum class State { kRunnable, kBlockBarrier, kWarpBarrier, kDone };
+
+struct Fiber {
+  Context ctx;
+  char* stack = nullptr;
+  void* fake_stack = nullptr;  // ASan's fake stack while switched out
+  State state = State::kDone;
+  uint3 tid{};
+  int linear = 0;
+  int priority = 0;
+  // What it waits at.
+  const char* file = nullptr;
+  int line = 0;
+  const char* kind = nullptr;
+  int pred = 0;
+  unsigned mask = 0;
+  int src = -1;
+  uint64_t deposit = 0;
+  uint64_t result = 0;
+};
+
+// One byte of shared memory: the last write and the last read(s) in the current epoch.
+struct Shadow {
+  uint32_t w_epoch;
+  uint32_t r_epoch;
+  uint16_t w_tid;
+  uint16_t r_tid;
+  uint8_t w_atomic;
+  uint8_t r_multi;
+};
+
+constexpr size_t kStackBytes = EMU_ASAN ? (512u << 10) : (64u << 10);
+
+// A warp exchange in progress: the lanes arrived so far and where they wait.
+struct WarpWait {
+  unsigned arrived;
+  unsigned mask;
+  const char* file;
+  int line;
+  const char* kind;
+};
+
+struct Launch {
+  const char* kernel = "";
+  void (*body)(void*) = nullptr;
+  void* ctx = nullptr;
+  int nthreads = 0;
+  std::vector<Fiber> fibers;
+  std::vector<WarpWait> warps;
+  std::vector<int> runnable;
+  int current = -1;
+  int done = 0;
+  // Block barrier in progress.
+  int block_arrived = 0;
+  const char* block_file = nullptr;
+  int block_line = 0;
+  // Epochs: one per barrier interval, global over the run so old shadow entries never match.
+  uint32_t epoch = 1;
+  uint32_t block_first_epoch = 1;
+  const char* epoch_file = "block start";
+  int epoch_line = 0;
+  // Schedule.
+  std::mt19937_64 rng{1};
+  int mode = 0;          // 0: uniform random pick, 1: run-ahead (highest priority first)
+  unsigned yield_per_2_16 = 0;  // chance (out of 65536) to yield at a shared-memory access
+  int low_priority = 0;
+  unsigned char poison = 0xff;
+  uint64_t block_counter = 0;
+};
+
+Launch g;
+Context g_sched_ctx;
+void* g_sched_fake_stack = nullptr;
+const void* g_sched_stack_bottom = nullptr;
+size_t g_sched_stack_size = 0;
+char* g_stacks = nullptr;
+size_t g_stack_count = 0;
+std::vector<Shadow> g_shadow;
+
+// An output buffer of the running launch and, per byte, its writer (block * 1024 + thread + 1).
+struct Watched {
+  uintptr_t lo = 0;
+  size_t bytes = 0;
+  const char* name = "";
+  std::vector<uint32_t> writer;
+};
+std::vector<Watched> g_watched;
+uint32_t g_block_linear = 0;
+uint64_t g_seed = 1;
+
+uintptr_t shared_lo() { return reinterpret_cast<uintptr_t>(__start_emu_shared); }
+size_t shared_size() { return static_cast<size_t>(__stop_emu_shared - __start_emu_shared); }
+
+std::string run_tool(const std::string& cmd) {
+  std::string out;
+  if (FILE* f = popen(cmd.c_str(), "r")) {
+    char buf[512];
+    while (fgets(buf, sizeof buf, f)) out += buf;
+    pclose(f);
+  }
+  while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
+  return out;
+}
+
+// This executable's path (for the tools below; /proc/self/exe would name the tool itself).
+std::string self_path() {
+  char buf[4096];
+  const ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
+  return n > 0 ? std::string(buf, n) : std::string("/proc/self/exe");
+}
+
+// "function at file:line" of a code address in this executable (addr2line), or the bare offset.
+std::string where_code(const void* pc) {
+  Dl_info info{};
+  if (!pc || !dladdr(pc, &info) || !info.dli_fbase) return "?";
+  char off_hex[32];
+  const uintptr_t off =
+      reinterpret_cast<uintptr_t>(pc) - reinterpret_cast<uintptr_t>(info.dli_fbase) - 1;
+  snprintf(off_hex, sizeof off_hex, "0x%lx", static_cast<unsigned long>(off));
+  std::string s =
+      run_tool("addr2line -C -f -i -p -e '" + self_path() + "' " + off_hex + " 2>/dev/null");
+  return s.empty() ? std::string("pc offset ") + std::to_string(off) : s;
+}
+
+// "variable+offset" of a shared-memory address (nm over this executable).
+std::string where_shared(uintptr_t addr) {
+  Dl_info info{};
+  if (!dladdr(reinterpret_cast<void*>(&where_shared), &info)) return "?";
+  const uintptr_t base = reinterpret_cast<uintptr_t>(info.dli_fbase);
+  const std::string table = run_tool("nm -C -n '" + self_path() + "' 2>/dev/null");
+  std::string best = "?";
+  uintptr_t best_addr = 0;
+  size_t pos = 0;
+  while (pos < table.size()) {
+    size_t end = table.find('\n', pos);
+    if (end == std::string::npos) end = table.size();
+    const std::string row = table.substr(pos, end - pos);
+    pos = end + 1;
+    char* rest = nullptr;
+    const unsigned long a = strtoul(row.c_str(), &rest, 16);
+    if (rest == row.c_str() || row.size() < 20 || row.compare(19, 2, "__") == 0) continue;
+    if (base + a <= addr && base + a >= best_addr) {
+      best_addr = base + a;
+      best = row.substr(19);
+    }
+  }
+  return best + "+" + std::to_string(addr - best_addr);
+}
+
+[[noreturn]] void die(const char* fmt, ...) {
+  fflush(stdout);
+  fprintf(stderr, "EMU-ERROR %s block (%u,%u,%u) thread %d seed %llu: ", g.kernel, blockIdx.x,
+          blockIdx.y, blockIdx.z, g.current >= 0 ? g.fibers[g.current].linear : -1,
+          static_cast<unsigned long long>(g_seed));
+  va_list ap;
+  va_start(ap, fmt);
+  vfprintf(stderr, fmt, ap);
+  va_end(ap);
+  fprintf(stderr, "\n");
+  fflush(stderr);
+  _exit(3);
+}
+
+const char* base_name(const char* path) {
+  const char* s = strrchr(path, '/');
+  return s ? s + 1 : path;
+}
+
+bool skipped(const char* file, int line) {
+  if (line != g_skip_line || g_skip_file != base_name(file)) return false;
+  ++g_skip_hits;
+  return true;
+}
+
+// ---- fibers -------------------------------------------------------------------------------------
+
+void switch_to_scheduler(Fiber& f, bool finished) {
+#if EMU_ASAN
+  __sanitizer_start_switch_fiber(finished ? nullptr : &f.fake_stack, g_sched_stack_bottom,
+                                 g_sched_stack_size);
+#endif
+  context_switch(f.ctx, g_sched_ctx);
+#if EMU_ASAN
+  __sanitizer_finish_switch_fiber(f.fake_stack, &g_sched_stack_bottom, &g_sched_stack_size);
+#endif
+  (void)finished;
+}
+
+void fiber_entry() {
+#if EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &g_sched_stack_bottom, &g_sched_stack_size);
+#endif
+  g.body(g.ctx);
+  Fiber& f = g.fibers[g.current];
+  f.state = State::kDone;
+  ++g.done;
+  if (g.block_arrived > 0)
+    die("exited while %d threads wait at __syncthreads (%s:%d): every thread of the block must "
+        "reach it", g.block_arrived, base_name(g.block_file), g.block_line);
+  const WarpWait& w = g.warps[f.linear / 32];
+  if (w.arrived != 0 && (w.mask >> (f.linear % 32) & 1u))
+    die("exited while other lanes of its warp wait for it at %s (%s:%d)", w.kind,
+        base_name(w.file), w.line);
+  switch_to_scheduler(f, true);
+  die("a finished fiber was resumed");
+}
+
+// Suspends the running fiber (its state says why) and runs the scheduler.
+void suspend() { switch_to_scheduler(g.fibers[g.current], false); }
+
+void make_runnable(int t) {
+  g.fibers[t].state = State::kRunnable;
+  g.runnable.push_back(t);
+}
+
+int pick_next() {
+  size_t k = 0;
+  if (g.mode == 0) {
+    k = std::uniform_int_distribution<size_t>(0, g.runnable.size() - 1)(g.rng);
+  } else {
+    for (size_t i = 1; i < g.runnable.size(); ++i)
+      if (g.fibers[g.runnable[i]].priority > g.fibers[g.runnable[k]].priority) k = i;
+  }
+  const int t = g.runnable[k];
+  g.runnable[k] = g.runnable.back();
+  g.runnable.pop_back();
+  return t;
+}
+
+std::string describe_waits() {
+  std::string s;
+  for (const Fiber& f : g.fibers) {
+    if (f.state != State::kBlockBarrier && f.state != State::kWarpBarrier) continue;
+    char buf[200];
+    snprintf(buf, sizeof buf, "\n  thread %d at %s (%s:%d)", f.linear,
+             f.state == State::kBlockBarrier ? "__syncthreads" : f.kind, base_name(f.file), f.line);
+    s += buf;
+    if (s.size() > 2000) break;
+  }
+  return s;
+}
+
+void poison_shared() {
+  char* lo = __start_emu_shared;
+  const size_t n = shared_size();
+#if EMU_ASAN
+  // Skip the redzones the address sanitizer keeps between the variables.
+  char* p = lo;
+  while (p < lo + n) {
+    char* bad = static_cast<char*>(__asan_region_is_poisoned(p, lo + n - p));
+    char* stop = bad ? bad : lo + n;
+    memset(p, g.poison, stop - p);
+    if (!bad) break;
+    p = bad;
+    while (p < lo + n && __asan_address_is_poisoned(p)) ++p;
+  }
+#else
+  memset(lo, g.poison, n);
+#endif
+}
+
+void run_block() {
+  g.runnable.clear();
+  g.done = 0;
+  g.block_arrived = 0;
+  for (WarpWait& w : g.warps) w.arrived = 0;
+  g.epoch += 1;
+  g.block_first_epoch = g.epoch;
+  g.epoch_file = "block start";
+  g.epoch_line = 0;
+  static const unsigned char kPoison[3] = {0xff, 0xab, 0x7f};  // NaN / -1, junk, huge
+  g.poison = kPoison[(g.block_counter++ + g_seed) % 3];
+  poison_shared();
+  for (int t = 0; t < g.nthreads; ++t) {
+    Fiber& f = g.fibers[t];
+    f.tid = {t % blockDim.x, (t / blockDim.x) % blockDim.y, t / (blockDim.x * blockDim.y)};
+    f.linear = t;
+    f.priority = static_cast<int>(g.rng() % 1000000) + 1000000;
+    f.fake_stack = nullptr;
+#if EMU_ASAN
+    // The previous block's frames on this stack never returned; clear their redzones.
+    __asan_unpoison_memory_region(f.stack, kStackBytes);
+#endif
+    context_start(f.ctx, f.stack, kStackBytes, fiber_entry);
+    make_runnable(t);
+  }
+  g.low_priority = 1000000;
+  while (g.done < g.nthreads) {
+    if (g.runnable.empty())
+      die("deadlock: no thread can run; %d of %d finished, the others wait at different "
+          "barriers:%s", g.done, g.nthreads, describe_waits().c_str());
+    const int t = pick_next();
+    g.current = t;
+    threadIdx = g.fibers[t].tid;
+#if EMU_ASAN
+    __sanitizer_start_switch_fiber(&g_sched_fake_stack, g.fibers[t].stack, kStackBytes);
+#endif
+    context_switch(g_sched_ctx, g.fibers[t].ctx);
+#if EMU_ASAN
+    __sanitizer_finish_switch_fiber(g_sched_fake_stack, nullptr, nullptr);
+#endif
+  }
+  g.current = -1;
+}
+
+// ---- shared-memory shadow -----------------------------------------------------------------------
+
+[[noreturn]] void race(const char* what, size_t off, int other, const void* pc) {
+  die("%s on shared memory %s (byte %zu of the shared section) with thread %d, both after the "
+      "barrier at %s:%d with no __syncthreads in between; access at %s", what,
+      where_shared(shared_lo() + off).c_str(), off, other, base_name(g.epoch_file), g.epoch_line,
+      where_code(pc).c_str());
+}
+
+void maybe_yield() {
+  if (g.yield_per_2_16 == 0 || (g.rng() & 0xffff) >= g.yield_per_2_16) return;
+  Fiber& f = g.fibers[g.current];
+  if (g.mode == 1) f.priority = --g.low_priority;  // run-ahead: the yielding thread goes last
+  make_runnable(g.current);
+  suspend();
+}
+
+// kind: 0 read, 1 write, 2 atomic read-modify-write.
+void shared_access(uintptr_t addr, size_t size, int kind, const void* pc) {
+  const uintptr_t off = addr - shared_lo();
+  if (!EMU_SHADOW || off >= shared_size() || g.current < 0) return;
+  if (!g_race_check) return maybe_yield();
+  const uint16_t me = static_cast<uint16_t>(g.fibers[g.current].linear);
+  const uint32_t e = g.epoch;
+  for (size_t i = 0; i < size && off + i < g_shadow.size(); ++i) {
+    Shadow& s = g_shadow[off + i];
+    const bool written_now = s.w_epoch == e && s.w_tid != me;
+    const bool read_now = s.r_epoch == e && (s.r_tid != me || s.r_multi);
+    if (kind != 1 && s.w_epoch < g.block_first_epoch)
+      die("read of shared memory %s not written in this block (it holds the poison of the "
+          "previous block); access at %s", where_shared(addr + i).c_str(), where_code(pc).c_str());
+    if (kind == 0) {
+      if (written_now) race("read-after-write race", off + i, s.w_tid, pc);
+      if (s.r_epoch != e) {
+        s.r_epoch = e;
+        s.r_tid = me;
+        s.r_multi = 0;
+      } else if (s.r_tid != me) {
+        s.r_multi = 1;
+      }
+    } else {
+      if (written_now && !(kind == 2 && s.w_atomic))
+        race(kind == 2 ? "atomic-after-write race" : "write-after-write race", off + i, s.w_tid,
+             pc);
+      if (read_now) race("write-after-read race", off + i, s.r_tid, pc);
+      s.w_epoch = e;
+      s.w_tid = me;
+      s.w_atomic = kind == 2;
+    }
+  }
+  maybe_yield();
+}
+
+// A kernel that faults (an out-of-bounds shared or global access the address sanitizer does not
+// watch in this build) is reported like the other errors, with its block and thread.
+void on_fault(int sig) {
+  char msg[256];
+  const int n = snprintf(msg, sizeof msg,
+                         "EMU-ERROR %s block (%u,%u,%u) thread %d seed %llu: signal %d (%s) in the "
+                         "kernel\n", g.kernel, blockIdx.x, blockIdx.y, blockIdx.z,
+                         g.current >= 0 ? g.fibers[g.current].linear : -1,
+                         static_cast<unsigned long long>(g_seed), sig, strsignal(sig));
+  if (n > 0) (void)!write(2, msg, static_cast<size_t>(n));
+  _exit(3);
+}
+
+void install_fault_handler() {
+  static bool done = false;
+  if (done || EMU_ASAN) return;
+  done = true;
+  static char alt_stack[1 << 16];
+  stack_t ss{};
+  ss.ss_sp = alt_stack;
+  ss.ss_size = sizeof alt_stack;
+  sigaltstack(&ss, nullptr);
+  struct sigaction sa {};
+  sa.sa_handler = on_fault;
+  sa.sa_flags = SA_ONSTACK;
+  sigaction(SIGSEGV, &sa, nullptr);
+  sigaction(SIGBUS, &sa, nullptr);
+  sigaction(SIGFPE, &sa, nullptr);
+}
+
+// A write into a watched output: a byte another thread of the launch wrote already is an error
+// (two threads, or two blocks, computing the same output element).
+void output_write(uintptr_t addr, size_t size, const void* pc) {
+  if (g.current < 0) return;
+  for (Watched& w : g_watched) {
+    if (addr - w.lo >= w.bytes) continue;
+    const uint32_t me =
+        g_block_linear * 1024u + static_cast<uint32_t>(g.fibers[g.current].linear) + 1u;
+    for (size_t i = 0; i < size && addr - w.lo + i < w.bytes; ++i) {
+      uint32_t& prev = w.writer[addr - w.lo + i];
+      if (prev != 0 && prev != me)
+        die("output %s byte %zu written twice in one launch: by block %u thread %u and by this "
+            "thread; access at %s", w.name, static_cast<size_t>(addr - w.lo + i), (prev - 1) / 1024,
+            (prev - 1) % 1024, where_code(pc).c_str());
+      prev = me;
+    }
+    return;
+  }
+}
+
+}  // namespace
+
+// ---- the interface of emu.h ---------------------------------------------------------------------
+
+void watch_output(void* p, size_t bytes, const char* name) {
+  if (!EMU_SHADOW || bytes == 0) return;
+  Watched w;
+  w.lo = reinterpret_cast<uintptr_t>(p);
+  w.bytes = bytes;
+  w.name = name;
+  w.writer.assign(bytes, 0u);
+  g_watched.push_back(std::move(w));
+}
+
+void set_schedule(uint64_t seed) {
+  g_seed = seed;
+  g.rng.seed(seed * 0x9e3779b97f4a7c15ull + 12345);
+  // Three schedules in turn: uniform random picks; random picks that also switch at 1 in 8
+  // shared-memory accesses; run-ahead (one thread runs as far as it can before the next starts,
+  // in a random order) with rare switches at shared-memory accesses.
+  g.mode = seed % 3 == 2 ? 1 : 0;
+  g.yield_per_2_16 = seed % 3 == 0 ? 0 : seed % 3 == 1 ? 8192 : 256;
+}
+
+void launch_raw(dim3 grid, dim3 block, const char* kernel, void (*body)(void*), void* ctx) {
+  const int nthreads = static_cast<int>(block.x * block.y * block.z);
+  if (nthreads < 1 || nthreads > 1024) die("block of %d threads", nthreads);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 ||
+      grid.z > 65535)
+    die("invalid grid (%u,%u,%u)", grid.x, grid.y, grid.z);
+  install_fault_handler();
+  if (EMU_SHADOW && g_shadow.size() != shared_size()) g_shadow.assign(shared_size(), Shadow{});
+  if (g_stack_count < static_cast<size_t>(nthreads)) {
+    if (g_stacks) munmap(g_stacks, g_stack_count * kStackBytes);
+    g_stacks = static_cast<char*>(mmap(nullptr, nthreads * kStackBytes, PROT_READ | PROT_WRITE,
+                                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+    if (g_stacks == MAP_FAILED) die("cannot map fiber stacks");
+    g_stack_count = nthreads;
+  }
+  g.kernel = kernel;
+  g.body = body;
+  g.ctx = ctx;
+  g.nthreads = nthreads;
+  g.fibers.assign(nthreads, Fiber{});
+  g.warps.assign((nthreads + 31) / 32, WarpWait{});
+  for (int t = 0; t < nthreads; ++t) g.fibers[t].stack = g_stacks + t * kStackBytes;
+  gridDim = grid;
+  blockDim = block;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = {x, y, z};
+        g_block_linear = (z * grid.y + y) * grid.x + x;
+        run_block();
+      }
+  g_watched.clear();
+}
+
+int sync_block(int pred, int mode, const char* file, int line) {
+  if (g.current < 0) fail("__syncthreads outside a kernel", file, line);
+  if (skipped(file, line)) return pred;
+  if (g.done > 0) {
+    for (int t = 0; t < g.nthreads; ++t)
+      if (g.fibers[t].state == State::kDone)
+        die("reached __syncthreads (%s:%d) after thread %d of the block exited", base_name(file),
+            line, t);
+  }
+  if (g.block_arrived == 0) {
+    g.block_file = file;
+    g.block_line = line;
+  } else if (g.block_line != line || (g.block_file != file && strcmp(g.block_file, file) != 0)) {
+    die("divergent __syncthreads: this thread is at %s:%d, others wait at %s:%d",
+        base_name(file), line, base_name(g.block_file), g.block_line);
+  }
+  Fiber& f = g.fibers[g.current];
+  f.state = State::kBlockBarrier;
+  f.file = file;
+  f.line = line;
+  f.pred = pred;
+  if (++g.block_arrived == g.nthreads) {
+    int all = 1, any = 0, count = 0;
+    for (const Fiber& o : g.fibers) {
+      all &= o.pred != 0;
+      any |= o.pred != 0;
+      count += o.pred != 0;
+    }
+    const int result = mode == 1 ? all : mode == 2 ? any : count;
+    g.block_arrived = 0;
+    g.epoch += 1;
+    g.epoch_file = file;
+    g.epoch_line = line;
+    // Every thread resumes in a random order (the runnable set is drawn from at random, or by
+    // fresh random priorities in run-ahead mode).
+    for (int t = 0; t < g.nthreads; ++t) {
+      g.fibers[t].result = static_cast<uint64_t>(result);
+      g.fibers[t].priority = static_cast<int>(g.rng() % 1000000) + 1000000;
+      make_runnable(t);
+    }
+  }
+  suspend();
+  return static_cast<int>(g.fibers[g.current].result);
+}
+
+uint64_t shuffle(unsigned mask, uint64_t bits, int src, const char* kind, const char* file,
+                 int line) {
+  if (g.current < 0) fail("warp intrinsic outside a kernel", file, line);
+  Fiber& f = g.fibers[g.current];
+  const int warp = f.linear / 32, lane = f.linear % 32;
+  const int warp_size = std::min(32, g.nthreads - warp * 32);
+  const unsigned live = warp_size == 32 ? 0xffffffffu : (1u << warp_size) - 1u;
+  if (!(mask >> lane & 1u)) die("%s (%s:%d) with a mask 0x%08x that excludes the calling lane %d",
+                                kind, base_name(file), line, mask, lane);
+  if (mask & ~live) die("%s (%s:%d) with mask 0x%08x names lanes past the end of the block", kind,
+                        base_name(file), line, mask);
+  if (src >= 0 && !(mask >> src & 1u))
+    die("%s (%s:%d) reads lane %d, which is not in the mask 0x%08x", kind, base_name(file), line,
+        src, mask);
+  f.state = State::kWarpBarrier;
+  f.file = file;
+  f.line = line;
+  f.kind = kind;
+  f.mask = mask;
+  f.src = src;
+  f.deposit = bits;
+  WarpWait& w = g.warps[warp];
+  if (w.arrived == 0) {
+    w = {0u, mask, file, line, kind};
+  } else if (w.line != line || w.mask != mask || (w.file != file && strcmp(w.file, file) != 0)) {
+    die("divergent warp: lane %d is at %s (%s:%d, mask 0x%08x) while other lanes wait at %s "
+        "(%s:%d, mask 0x%08x)", lane, kind, base_name(file), line, mask, w.kind,
+        base_name(w.file), w.line, w.mask);
+  }
+  if (g.done > 0) {
+    for (int l = 0; l < warp_size; ++l)
+      if ((mask >> l & 1u) && g.fibers[warp * 32 + l].state == State::kDone)
+        die("%s (%s:%d): lane %d of the mask has exited; a shuffle must be reached by every lane "
+            "of its mask", kind, base_name(file), line, l);
+  }
+  w.arrived |= 1u << lane;
+  if (w.arrived == mask) {
+    w.arrived = 0;
+    for (int l = 0; l < warp_size; ++l) {
+      if (!(mask >> l & 1u)) continue;
+      Fiber& o = g.fibers[warp * 32 + l];
+      o.result = o.src < 0 ? o.deposit : g.fibers[warp * 32 + o.src].deposit;
+      make_runnable(warp * 32 + l);
+    }
+  }
+  suspend();
+  return g.fibers[g.current].result;
+}
+
+int lane_id() { return g.current < 0 ? 0 : g.fibers[g.current].linear % 32; }
+
+int atomic_add(int* p, int v) {
+  shared_access(reinterpret_cast<uintptr_t>(p), sizeof(int), 2, __builtin_return_address(0));
+  const int old = *p;
+  *p = old + v;
+  return old;
+}
+
+void fail(const char* what, const char* file, int line) {
+  die("%s (%s:%d)", what, base_name(file), line);
+}
+
+}  // namespace emu
+
+// ---- entry points of GCC's -fsanitize=thread instrumentation (harness.cpp only) -----------------
+
+#define EMU_TSAN_ACCESS(n)                                                                        \
+  void __tsan_read##n(void* p) {                                                                  \
+    emu::shared_access_hook(p, n, 0, __builtin_return_address(0));                               \
+  }                                                                                               \
+  void __tsan_write##n(void* p) {                                                                 \
+    emu::shared_access_hook(p, n, 1, __builtin_return_address(0));                               \
+  }                                                                                               \
+  void __tsan_unaligned_read##n(void* p) {                                                        \
+    emu::shared_access_hook(p, n, 0, __builtin_return_address(0));                               \
+  }                                                                                               \
+  void __tsan_unaligned_write##n(void* p) {                                                       \
+    emu::shared_access_hook(p, n, 1, __builtin_return_address(0));                               \
+  }                                                                                               \
+  void __tsan_volatile_read##n(void* p) {                                                         \
+    emu::shared_access_hook(p, n, 0, __builtin_return_address(0));                               \
+  }                                                                                               \
+  void __tsan_volatile_write##n(void* p) {                                                        \
+    emu::shared_access_hook(p, n, 1, __builtin_return_address(0));                               \
+  }
+
+namespace emu {
+inline void shared_access_hook(void* p, size_t n, int kind, const void* pc) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (a - shared_lo() < shared_size()) {
+    shared_access(a, n, kind, pc);
+  } else if (kind == 1 && !g_watched.empty()) {
+    output_write(a, n, pc);
+  }
+}
+}  // namespace emu
+
+extern "C" {
+EMU_TSAN_ACCESS(1)
+EMU_TSAN_ACCESS(2)
+EMU_TSAN_ACCESS(4)
+EMU_TSAN_ACCESS(8)
+EMU_TSAN_ACCESS(16)
+void __tsan_read_range(void* p, size_t n) {
+  emu::shared_access_hook(p, n, 0, __builtin_return_address(0));
+}
+void __tsan_write_range(void* p, size_t n) {
+  emu::shared_access_hook(p, n, 1, __builtin_return_address(0));
+}
+// Atomics of the C++ library (shared_ptr reference counts) in harness.cpp; never shared memory.
+int __tsan_atomic32_fetch_add(volatile int* p, int v, int) {
+  return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}
+int __tsan_atomic32_load(const volatile int* p, int) {
+  return __atomic_load_n(p, __ATOMIC_SEQ_CST);
+}
+void __tsan_init() {}
+void __tsan_func_entry(void*) {}
+void __tsan_func_exit() {}
+void __tsan_vptr_update(void**, void*) {}
+void __tsan_vptr_read(void**) {}
+}

@@ -1,0 +1,421 @@
+"""The CUDA kernels of csrc/cuda/*_kernel.cuh, compiled unmodified with the system g++ and run on
+the CPU by the fiber emulator of tests/cuda_emu (README.md there), against the float32 reference.
+
+Every case runs under three schedule seeds (uniform random, random with switches at shared-memory
+accesses, run-ahead) whose outputs must agree bit for bit, with a shared-memory race check; a subset
+runs again under AddressSanitizer + UBSan. The emulator's own checks (a shuffle by part of a warp, a
+barrier after an exit, divergent barriers, races, stale shared memory, an output written twice)
+and its power to find a missing barrier are tested here too; tests/cuda_emu/mutants.py measures
+that power per barrier."""
+import math
+import re
+import shutil
+import sys
+
+import pytest
+import torch
+from conftest import DTYPES, TOL, seq_lens_tensor
+from cuda_emu import emu
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_gather_rows import make_indices
+from test_qk_topn import check_topn, make_qk
+from test_sparse_attn_v import check_attn, make_selection
+
+from kcache_ops import reference as R
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None or not sys.platform.startswith("linux"),
+                                reason="needs Linux (ELF link script) and the system g++")
+
+SEEDS = (1, 2, 3)  # one seed of each schedule kind (runtime.cpp set_schedule)
+SMS = 132  # the multiprocessor count the launch arithmetic is given (H100 SXM)
+
+
+@pytest.fixture(scope="session")
+def race_exe():
+    """The harness with the shared-memory race check (compiled once per source digest)."""
+    return emu.build("race")
+
+
+@pytest.fixture(scope="session")
+def asan_exe():
+    """The harness under AddressSanitizer + UBSan."""
+    return emu.build("asan")
+
+
+def run_qk_topn(exe, q, k, seq_lens, n, scale, group_select, sms=SMS, seeds=SEEDS):
+    """qk_topn on the emulator: q [B, Hq, D], k [B, Hkv, S, D], seq_lens [B] int32 (any strides)
+    -> scores [B, Hq, n] float32, indices [B, Hq, n] int32, lse [B, Hq] float32. sms: the
+    multiprocessor count the chunk sizing is given."""
+    out = emu.run(exe, "qk_topn", dict(n=n, scale=scale, group_select=int(group_select), sms=sms),
+                  dict(q=q, k_cache=k, seq_lens=seq_lens), seeds=seeds)
+    return out["scores"], out["indices"], out["lse"]  # [B, Hq, n], [B, Hq, n], [B, Hq]
+
+
+def run_sparse_attn_v(exe, scores, indices, v, lse, renormalize, seeds=SEEDS):
+    """sparse_attn_v on the emulator: scores [B, Hq, N] float32, indices [B, Hq, N] int32,
+    v [B, Hkv, S, D], lse [B, Hq] float32 or None -> out [B, Hq, D] in v's dtype."""
+    tensors = dict(scores=scores, indices=indices, v_cache=v)
+    if lse is not None:
+        tensors["lse"] = lse
+    return emu.run(exe, "sparse_attn_v", dict(renormalize=int(renormalize)), tensors,
+                   seeds=seeds)["out"]  # [B, Hq, D]
+
+
+def run_gather_rows(exe, src, indices, seeds=SEEDS):
+    """gather_rows on the emulator: src [B, Hs, S, D], indices [B, H, N] int32 -> [B, H, N, D]."""
+    return emu.run(exe, "gather_rows", {}, dict(src=src, indices=indices), seeds=seeds)["dst"]
+
+
+# ---- qk_topn ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,D,G,group_select", [
+    (torch.float32, 64, 1, False),
+    (torch.float16, 128, 3, True),
+    (torch.bfloat16, 64, 4, False),
+    (torch.float32, 128, 8, True),
+    (torch.bfloat16, 128, 3, False),
+    (torch.float16, 64, 8, False),
+    (torch.bfloat16, 64, 4, True),
+    (torch.float32, 64, 12, True),
+    (torch.float16, 128, 12, False),
+], ids=lambda v: str(v).removeprefix("torch."))
+def test_qk_topn_matches_reference(race_exe, dtype, D, G, group_select):
+    """Several score chunks (S > 512), L = S, L < S and L = 1 in one batch; G = 12 takes two
+    score blocks per KV head (a slice of 8 query heads and one of 4)."""
+    Hkv, S, n = 1 if G >= 8 else 2, 1100, 64
+    q, k = make_qk(3, Hkv * G, Hkv, S, D, dtype, "cpu")
+    lens = seq_lens_tensor([S, 97, 1], "cpu")
+    out = run_qk_topn(race_exe, q, k, lens, n, 1 / math.sqrt(D), group_select)
+    check_topn(q, k, lens, n, 1 / math.sqrt(D), group_select, out, TOL[dtype])
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+@pytest.mark.parametrize("n", [1, 97])
+def test_qk_topn_lengths_and_padding(race_exe, n, group_select):
+    """L = 0, 1, n - 1, n, n + 1 and S in one batch; N = 1 and N >= L."""
+    S = 600
+    lens = seq_lens_tensor([0, 1, max(n - 1, 0), n, n + 1, S], "cpu")
+    q, k = make_qk(6, 4, 2, S, 64, torch.float32, "cpu")
+    out = run_qk_topn(race_exe, q, k, lens, n, 0.3, group_select)
+    check_topn(q, k, lens, n, 0.3, group_select, out, TOL[torch.float32])
+    assert out[2][0].isneginf().all(), "L = 0 gives lse = -inf"
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_qk_topn_out_of_range_lengths_are_clamped(race_exe, group_select):
+    """seq_lens beyond S or negative (which the launcher rejects outside graph capture) are
+    clamped to [0, S] by the kernels, never read out of bounds."""
+    S, n = 300, 16
+    q, k = make_qk(3, 6, 2, S, 64, torch.float32, "cpu")
+    out = run_qk_topn(race_exe, q, k, seq_lens_tensor([S + 50, -7, 40], "cpu"), n, 0.2,
+                      group_select)
+    clamped = seq_lens_tensor([S, 0, 40], "cpu")
+    check_topn(q, k, clamped, n, 0.2, group_select, out, TOL[torch.float32])
+
+
+def test_qk_topn_empty_cache(race_exe):
+    """S = 0: no score blocks at all; everything is padding and lse = -inf."""
+    q, k = make_qk(2, 4, 2, 0, 64, torch.float32, "cpu")
+    scores, idx, lse = run_qk_topn(race_exe, q, k, seq_lens_tensor([0, 0], "cpu"), 5, 0.1, False)
+    assert (idx == -1).all() and scores.isneginf().all() and lse.isneginf().all()
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_qk_topn_ties_exact(race_exe, group_select):
+    """Integer-valued q and k with scale 1 tie exactly: indices and scores equal the reference's
+    (ties to the lower index). In group mode the heads of a group share q."""
+    B, Hkv, G, S, D, n = 2, 1, 4, 1300, 64, 40
+    q = torch.randint(-2, 3, (B, Hkv, 1 if group_select else G, D)).float()
+    q = q.expand(B, Hkv, G, D).reshape(B, Hkv * G, D)
+    k = torch.randint(-2, 3, (B, Hkv, S, D)).float()
+    lens = seq_lens_tensor([S, 777], "cpu")
+    scores, idx, lse = run_qk_topn(race_exe, q, k, lens, n, 1.0, group_select)
+    ref_scores, ref_idx, ref_lse = R.qk_topn(q, k, lens, n, 1.0, group_select)
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(scores, ref_scores)
+    torch.testing.assert_close(lse, ref_lse)
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_qk_topn_nan_as_reference(race_exe, where, group_select):
+    """NaN in, NaN out, as the reference (test_qk_topn.test_nan_as_reference), with the NaN key in
+    the second of three score chunks so that it crosses the merge of the chunks' partials."""
+    B, Hkv, G, S, D, n = 2, 2, 4, 1100, 64, 40
+    q = torch.randint(-2, 3, (B, Hkv, 1, D)).float().expand(B, Hkv, G, D).reshape(B, Hkv * G, D)
+    q = q.clone()  # [B, Hq, D]
+    k = torch.randint(-2, 3, (B, Hkv, S, D)).float()  # [B, Hkv, S, D]
+    lens = seq_lens_tensor([S, 901], "cpu")
+    if where == "q":
+        q[0, 1, 5] = float("nan")  # query head 1 of sequence 0
+    else:
+        k[1, 1, 700, 3] = float("nan")  # a valid key of KV head 1 of sequence 1
+    k[1, 0, 950, 0] = float("nan")  # past L_1 = 901: never read
+    scores, idx, lse = run_qk_topn(race_exe, q, k, lens, n, 1.0, group_select)
+    ref_scores, ref_idx, ref_lse = R.qk_topn(q, k, lens, n, 1.0, group_select)
+    assert lse.isnan().sum() == (1 if where == "q" else G)
+    torch.testing.assert_close(lse, ref_lse, equal_nan=True)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(scores, ref_scores, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_qk_topn_n_1024(race_exe, group_select):
+    """N = 1024 < L: the radix select and a 1024-entry bitonic sort."""
+    q, k = make_qk(1, 4, 2, 1500, 64, torch.bfloat16, "cpu")
+    lens = seq_lens_tensor([1500], "cpu")
+    out = run_qk_topn(race_exe, q, k, lens, 1024, 1 / 8, group_select)
+    check_topn(q, k, lens, 1024, 1 / 8, group_select, out, TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("sms", [1, 16])
+def test_qk_topn_chunking(race_exe, sms):
+    """One long chunk per block (few multiprocessors) and many short ones."""
+    q, k = make_qk(1, 3, 1, 2100, 128, torch.float16, "cpu")
+    lens = seq_lens_tensor([2051], "cpu")
+    out = run_qk_topn(race_exe, q, k, lens, 30, 1 / math.sqrt(128), False, sms=sms)
+    check_topn(q, k, lens, 30, 1 / math.sqrt(128), False, out, TOL[torch.float16])
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_qk_topn_strided_inputs(race_exe, group_select):
+    """k_cache sliced on S and heads, q a transposed view, seq_lens every other element."""
+    B, Hkv, G, S, D, n = 2, 2, 3, 97, 128, 16
+    k = torch.randn(B, 2 * Hkv, S + 11, D).to(torch.bfloat16)[:, ::2, 5:S + 5]
+    q = torch.randn(Hkv * G, B, D).to(torch.bfloat16).transpose(0, 1)
+    lens = seq_lens_tensor([S, 0, 50, 0], "cpu")[::2]
+    assert not k.is_contiguous() and not q.is_contiguous() and not lens.is_contiguous()
+    out = run_qk_topn(race_exe, q, k, lens, n, 1 / math.sqrt(D), group_select)
+    check_topn(q, k, lens, n, 1 / math.sqrt(D), group_select, out, TOL[torch.bfloat16])
+
+
+@settings(max_examples=6, deadline=None)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 5, 8]),
+       S=st.integers(1, 700), n=st.integers(1, 80), D=st.sampled_from([64, 128]),
+       dtype=st.sampled_from(DTYPES), group_select=st.booleans(), sms=st.sampled_from([1, 132]),
+       data=st.data())
+def test_qk_topn_random_shapes(race_exe, B, Hkv, G, S, n, D, dtype, group_select, sms, data):
+    lens = seq_lens_tensor(data.draw(st.lists(st.integers(0, S), min_size=B, max_size=B)), "cpu")
+    q, k = make_qk(B, Hkv * G, Hkv, S, D, dtype, "cpu")
+    out = run_qk_topn(race_exe, q, k, lens, n, 1 / math.sqrt(D), group_select, sms=sms)
+    check_topn(q, k, lens, n, 1 / math.sqrt(D), group_select, out, TOL[dtype])
+
+
+# ---- sparse_attn_v ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,D,G,renormalize", [
+    (torch.float32, 64, 1, True),
+    (torch.float16, 128, 3, False),
+    (torch.bfloat16, 64, 4, True),
+    (torch.float32, 128, 8, False),
+    (torch.bfloat16, 128, 8, True),
+    (torch.float16, 64, 3, True),
+    (torch.bfloat16, 64, 12, False),
+], ids=lambda v: str(v).removeprefix("torch."))
+def test_sparse_attn_v_matches_reference(race_exe, dtype, D, G, renormalize):
+    """G = 12: two blocks per KV head (a slice of 8 query heads and one of 4)."""
+    B, Hkv, S, N = 2, 2, 300, 64
+    scores, indices, lse = make_selection(B, Hkv * G, N, S, "cpu")
+    v = torch.randn(B, Hkv, S, D).to(dtype)
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, renormalize)
+    check_attn(scores, indices, v, lse, renormalize, out, TOL[dtype])
+
+
+def test_sparse_attn_v_lse_ignored_when_renormalizing(race_exe):
+    scores, indices, lse = make_selection(2, 4, 8, 50, "cpu")
+    v = torch.randn(2, 2, 50, 64)
+    with_lse = run_sparse_attn_v(race_exe, scores, indices, v, lse, True)
+    assert torch.equal(with_lse, run_sparse_attn_v(race_exe, scores, indices, v, None, True))
+    check_attn(scores, indices, v, None, True, with_lse, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])
+def test_sparse_attn_v_no_valid_entry_gives_zeros(race_exe, renormalize):
+    scores, indices, lse = make_selection(2, 4, 8, 50, "cpu", pad_fraction=0.0)
+    indices[0, 1], scores[0, 1], lse[0, 1] = -1, float("-inf"), float("-inf")
+    v = torch.randn(2, 2, 50, 64)
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, renormalize)
+    assert torch.equal(out[0, 1], torch.zeros(64))
+    check_attn(scores, indices, v, lse, renormalize, out, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])
+def test_sparse_attn_v_empty_selection(race_exe, renormalize):
+    """N = 0: every head yields zeros."""
+    scores, indices, lse = make_selection(2, 6, 0, 40, "cpu")  # [2, 6, 0], [2, 6, 0], [2, 6]
+    v = torch.randn(2, 2, 40, 64)
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, renormalize)
+    assert torch.equal(out, torch.zeros(2, 6, 64))
+
+
+@pytest.mark.parametrize("group_shared", [False, True], ids=["own_rows", "group_rows"])
+def test_sparse_attn_v_out_of_range_indices_are_skipped(race_exe, group_shared):
+    """Indices >= S or < -1 (which the launcher rejects outside graph capture) are skipped like
+    padding, never read; with one index row per group the rows are read once for the group."""
+    B, Hkv, G, S, N = 2, 2, 4, 60, 24
+    scores, indices, lse = make_selection(B, Hkv * G, N, S, "cpu")
+    rows = indices.view(B, Hkv, G, N)
+    if group_shared:
+        rows = rows[:, :, :1]
+    rows = rows.masked_fill(torch.rand(rows.shape) < 0.2, S + 3)
+    rows[0, 0, 0, 0], rows[1, -1, -1, -1] = -5, 1 << 30
+    indices = rows.expand(B, Hkv, G, N).reshape(B, Hkv * G, N)
+    v = torch.randn(B, Hkv, S, 128).to(torch.float16)
+    for renormalize in (True, False):
+        out = run_sparse_attn_v(race_exe, scores, indices, v, lse, renormalize)
+        cleaned = indices.masked_fill((indices < 0) | (indices >= S), -1)
+        check_attn(scores, cleaned, v, lse, renormalize, out, TOL[torch.float16])
+
+
+def test_sparse_attn_v_strided_inputs(race_exe):
+    """v_cache sliced on S and heads, scores / indices / lse transposed views."""
+    B, Hkv, G, S, D, N = 2, 2, 4, 97, 64, 16
+    scores, indices, lse = make_selection(Hkv * G, B, N, S, "cpu")
+    scores, indices, lse = scores.transpose(0, 1), indices.transpose(0, 1), lse.t()
+    v = torch.randn(B, 2 * Hkv, S + 9, D).to(torch.bfloat16)[:, 1::2, 3:S + 3]
+    for renormalize in (True, False):
+        out = run_sparse_attn_v(race_exe, scores, indices, v, lse, renormalize)
+        check_attn(scores, indices, v, lse, renormalize, out, TOL[torch.bfloat16])
+
+
+def test_sparse_attn_v_n_1024(race_exe):
+    scores, indices, lse = make_selection(1, 3, 1024, 1500, "cpu")
+    v = torch.randn(1, 1, 1500, 128)
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, True)
+    check_attn(scores, indices, v, lse, True, out, TOL[torch.float32])
+
+
+@settings(max_examples=6, deadline=None)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 5, 8]),
+       S=st.integers(1, 300), N=st.integers(1, 200), D=st.sampled_from([64, 128]),
+       dtype=st.sampled_from(DTYPES), renormalize=st.booleans(),
+       pad_fraction=st.sampled_from([0.0, 0.5, 1.0]))
+def test_sparse_attn_v_random_shapes(race_exe, B, Hkv, G, S, N, D, dtype, renormalize,
+                                     pad_fraction):
+    scores, indices, lse = make_selection(B, Hkv * G, N, S, "cpu", pad_fraction)
+    v = torch.randn(B, Hkv, S, D).to(dtype)
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, renormalize)
+    check_attn(scores, indices, v, lse, renormalize, out, TOL[dtype])
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_decode_step(race_exe, group_select):
+    """qk_topn then sparse_attn_v on the emulator equals the reference decode step."""
+    B, Hkv, G, S, D, n = 2, 2, 4, 700, 64, 32
+    q, k = make_qk(B, Hkv * G, Hkv, S, D, torch.bfloat16, "cpu")
+    v = torch.randn(B, Hkv, S, D).to(torch.bfloat16)
+    lens = seq_lens_tensor([S, 97], "cpu")
+    scores, indices, lse = run_qk_topn(race_exe, q, k, lens, n, 1 / 8, group_select)
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, True)
+    ref = R.decode_attention(q, k, v, lens, n, 1 / 8, group_select)
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[torch.bfloat16],
+                               rtol=TOL[torch.bfloat16])
+
+
+# ---- gather_rows --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,D,G", [
+    (torch.float32, 64, 1), (torch.float16, 128, 3), (torch.bfloat16, 64, 8),
+    (torch.float32, 128, 4),
+], ids=lambda v: str(v).removeprefix("torch."))
+def test_gather_rows_matches_reference(race_exe, dtype, D, G):
+    src = torch.randn(2, 2, 300, D).to(dtype)
+    indices = make_indices(2, 2 * G, 97, 300, "cpu")
+    assert torch.equal(run_gather_rows(race_exe, src, indices), R.gather_rows(src, indices))
+
+
+def test_gather_rows_strided_and_out_of_range(race_exe):
+    """src sliced on heads and S, indices a transposed view; indices >= S or < -1 give zero rows."""
+    src = torch.randn(2, 4, 120, 128).to(torch.bfloat16)[:, ::2, 7:104]
+    indices = make_indices(6, 2, 33, 97, "cpu")
+    indices[0, 0, :3] = torch.tensor([97, -2, 1 << 30], dtype=torch.int32)
+    indices = indices.transpose(0, 1)
+    cleaned = indices.masked_fill((indices < 0) | (indices >= 97), -1)
+    assert torch.equal(run_gather_rows(race_exe, src, indices), R.gather_rows(src, cleaned))
+
+
+# ---- under AddressSanitizer + UBSan -------------------------------------------------------------
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_asan_qk_topn(asan_exe, group_select):
+    """Strided K, clamped lengths, several chunks, N >= L in one batch, one seed."""
+    B, Hkv, G, S, D, n = 3, 1, 3, 1030, 64, 40
+    k = torch.randn(B, Hkv, S + 4, D).to(torch.float16)[:, :, 4:]
+    q = torch.randn(B, Hkv * G, D).to(torch.float16)
+    lens = seq_lens_tensor([S + 9, 30, 700], "cpu")
+    out = run_qk_topn(asan_exe, q, k, lens, n, 1 / 8, group_select, seeds=(2,))
+    check_topn(q, k, seq_lens_tensor([S, 30, 700], "cpu"), n, 1 / 8, group_select, out,
+               TOL[torch.float16])
+
+
+def test_asan_sparse_attn_v_and_gather_rows(asan_exe):
+    """The last row of V and of src is read (an overrun would leave the buffer)."""
+    B, Hkv, G, S, D, N = 2, 2, 3, 80, 128, 20
+    scores, indices, lse = make_selection(B, Hkv * G, N, S, "cpu")
+    indices[:, :, 0] = S - 1
+    v = torch.randn(B, Hkv, S, D).to(torch.bfloat16)
+    for renormalize in (True, False):
+        out = run_sparse_attn_v(asan_exe, scores, indices, v, lse, renormalize, seeds=(1,))
+        check_attn(scores, indices, v, lse, renormalize, out, TOL[torch.bfloat16])
+    assert torch.equal(run_gather_rows(asan_exe, v, indices, seeds=(1,)),
+                       R.gather_rows(v, indices))
+
+
+def test_asan_catches_a_misaligned_load(asan_exe):
+    """UBSan's alignment check is live: a source 4 bytes off a 16-byte boundary stops the run at
+    the kernel's 16-byte load (the launcher rejects such a tensor before it reaches a GPU)."""
+    src = torch.randn(2 * 2 * 50 * 64 + 1)[1:].view(2, 2, 50, 64)
+    indices = make_indices(2, 2, 5, 50, "cpu", pad_fraction=0.0)
+    with pytest.raises(emu.EmulatorError, match="misaligned address"):
+        run_gather_rows(asan_exe, src, indices, seeds=(1,))
+
+
+# ---- the emulator's own checks ------------------------------------------------------------------
+
+SELFTESTS = ["clean", "partial_warp", "barrier_after_exit", "divergent_barrier", "missing_barrier",
+             "stale_shared", "split_warp", "double_write"]
+
+
+@pytest.mark.parametrize("kernel,message", [
+    ("partial_warp", "exited while other lanes|has exited"),
+    ("barrier_after_exit", "exited"),
+    ("divergent_barrier", "divergent __syncthreads"),
+    ("missing_barrier", "race|not written in this block"),
+    ("stale_shared", "not written in this block"),
+    ("split_warp", "deadlock"),
+    ("double_write", "written twice"),
+])
+def test_emulator_reports_misuse(race_exe, kernel, message):
+    """Each misuse stops the run with a message naming it: never a hang, never a silent result."""
+    with pytest.raises(emu.EmulatorError, match=message):
+        emu.run(race_exe, "selftest", dict(kernel=SELFTESTS.index(kernel)), {}, timeout=60)
+
+
+def test_emulator_runs_a_correct_kernel(race_exe):
+    out = emu.run(race_exe, "selftest", dict(kernel=SELFTESTS.index("clean")), {})["out"]
+    b = torch.arange(2)[:, None]  # [2, 1]
+    t = torch.arange(64)[None, :]  # [1, 64]
+    read = 63 - t + b  # [2, 64]: what each thread read back
+    expected = read.view(2, 2, 32).sum(-1, keepdim=True).expand(2, 2, 32).reshape(2, 64)
+    assert torch.equal(out, expected.to(torch.int32))
+
+
+def _barrier_after(path, marker):
+    """'file:line' of the first __syncthreads after the line containing ``marker``."""
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if marker in line)
+    line = next(i for i in range(start, len(lines)) if re.search(r"__syncthreads\(\)", lines[i]))
+    return f"{path.name}:{line + 1}"
+
+
+def test_missing_barrier_is_caught(race_exe):
+    """The barrier between the radix histogram's atomics and its read (qk_select_kernel) removed:
+    the race check must stop the run (tests/cuda_emu/mutants.py does this for every barrier)."""
+    site = _barrier_after(emu.KERNEL_DIR / "qk_topn_kernel.cuh", "atomicAdd(&sh.hist")
+    q, k = make_qk(1, 4, 2, 700, 64, torch.float32, "cpu")
+    args = dict(n=50, scale=0.1, group_select=0, sms=SMS)
+    tensors = dict(q=q, k_cache=k, seq_lens=seq_lens_tensor([700], "cpu"))
+    emu.run(race_exe, "qk_topn", args, tensors)  # the unmodified kernel passes
+    with pytest.raises(emu.EmulatorError, match="race"):
+        emu.run(race_exe, "qk_topn", args, tensors, skip_barrier=site)
