@@ -12,6 +12,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 kt = pytest.importorskip("kcache_ops.integrations.transformers")
 
+pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+
 VOCAB = 128
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=64,
@@ -175,17 +177,9 @@ def test_needs_kcache_attention():
         kt.KCacheCache(tiny_model("llama"), 32)
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (dict(head_dim=32), "head dim 32 is not supported"),
-    (dict(head_dim=64, hidden_size=64, num_hidden_layers=1), None),
-])
-def test_head_dim(overrides, match):
-    model = tiny_model("llama", **overrides)
-    if match is None:
-        kt.enable(model)
-        return
-    with pytest.raises(ValueError, match=match):
-        kt.enable(model)
+def test_unsupported_head_dim():
+    with pytest.raises(ValueError, match="llama head dim 32 is not supported"):
+        kt.enable(tiny_model("llama", head_dim=32))
 
 
 def test_sliding_window_must_not_bind():

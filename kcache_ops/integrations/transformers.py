@@ -144,7 +144,7 @@ class _KCacheLayer(CacheLayerMixin):
         return self.seen
 
     def get_max_length(self):
-        return self.owner.max_cache_len
+        return self.owner.capacity
 
     def reset(self):
         self.seen = 0
@@ -217,7 +217,7 @@ class KCacheCache(Cache):
                 "kcache_ops.integrations.transformers.enable(model) first")
         n_layers = config.num_hidden_layers
         super().__init__(layers=[_KCacheLayer(self, i) for i in range(n_layers)])
-        self.max_cache_len = max_cache_len
+        self.capacity = max_cache_len  # S: tokens per sequence (padded)
         self._config = config
         self._shape = SimpleNamespace(num_layers=n_layers, num_heads=config.num_attention_heads,
                                       num_kv_heads=config.num_key_value_heads,
@@ -243,21 +243,23 @@ class KCacheCache(Cache):
                 f"attn_implementation={ATTN_IMPLEMENTATION!r}, or the forward stopped early; call "
                 "reset() before reusing this cache")
         seen, t = self.layers[layer].seen, key.shape[2]
-        if seen == 0 and layer == 0:
-            self._start(key)
-        elif seen == 0 or self.kcache is None:
-            raise RuntimeError(f"KCacheCache: layer {layer} ran before layer 0 on an empty cache")
-        elif t != 1:
+        if seen > 0 and t != 1:
             raise NotImplementedError(
                 f"KCacheCache: a forward of {t} tokens after the prefill (chunked prefill, "
                 "assisted or speculative generation, a continued conversation) is not supported; "
                 "decode one token per step, or reset() and prefill again")
+        if seen + t > self.capacity:
+            raise ValueError(f"KCacheCache: capacity overflow: {seen + t} tokens per sequence "
+                             f"(padding included) exceed max_cache_len={self.capacity}")
+        if layer == 0:
+            if seen == 0:
+                self._start(key)
+        elif self.layers[0].seen != seen + t:
+            raise RuntimeError(f"KCacheCache: layer {layer} ran out of order (layer 0 holds "
+                               f"{self.layers[0].seen} tokens, this layer {seen})")
         if key.shape[0] != self.kcache.seq_lens.shape[0]:
             raise ValueError(f"KCacheCache: a batch of {key.shape[0]} sequences, but the prefill "
                              f"had {self.kcache.seq_lens.shape[0]}")
-        if seen + t > self.max_cache_len:
-            raise ValueError(f"KCacheCache: capacity overflow: {seen + t} tokens per sequence "
-                             f"(padding included) exceed max_cache_len={self.max_cache_len}")
         self.layers[layer].seen = seen + t
         self._pending = (layer, key)
         _active.cache = self
@@ -266,7 +268,7 @@ class KCacheCache(Cache):
     def _start(self, key):
         """A new prefill: a fresh KCache for key's batch, device and dtype."""
         self.kcache = None  # free the previous generation's buffers before allocating
-        self.kcache = KCache(self._shape, key.shape[0], self.max_cache_len, key.device, key.dtype,
+        self.kcache = KCache(self._shape, key.shape[0], self.capacity, key.device, key.dtype,
                              **self._options)
 
     def reset(self):
