@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kcache_ops import reference
-from kcache_ops.cache import KCache
+from kcache_ops.caches import KCache, KCacheOptions
 from kcache_ops.model.config import LlamaConfig
 
 from conftest import TOL
@@ -75,7 +75,7 @@ class Run:
 
 
 def make(device, dtype=torch.float32, capacity=32, **options):
-    return KCache(tiny_config(), len(LENS), capacity, device, dtype, **options)
+    return KCache(tiny_config(), len(LENS), capacity, device, dtype, KCacheOptions(**options))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -167,8 +167,9 @@ def test_capacity_overflow(device):
 ])
 def test_bad_options(options, error, message):
     args = {"capacity": 32, **options}
+    capacity = args.pop("capacity")
     with pytest.raises(error, match=message):
-        KCache(tiny_config(), 2, device="cpu", dtype=torch.float32, **args)
+        KCache(tiny_config(), 2, capacity, "cpu", torch.float32, KCacheOptions.from_dict(args))
 
 
 def test_lens_beyond_the_prompt_are_rejected():

@@ -3,6 +3,7 @@ dense backend's when N covers the whole sequence, for batched varlen prompts."""
 import pytest
 import torch
 
+from kcache_ops.caches import KCacheOptions, make_cache
 from kcache_ops.model import Llama, LlamaConfig
 
 LENS = [9, 30, 17]
@@ -20,7 +21,8 @@ def model():
 def teacher_forced_logits(model, backend, tokens, lens, forced, **options):
     """Prefill tokens [B, T] (lens [B]), then decode forced [STEPS, B] one step at a time
     -> logits [STEPS + 1, B, V]: after the prompt, then after each forced token."""
-    cache = model.new_cache(backend, tokens.shape[0], tokens.shape[1] + STEPS, **options)
+    cache = make_cache(backend, model.config, tokens.shape[0], tokens.shape[1] + STEPS,
+                       model.device, model.dtype, KCacheOptions(**options) if options else None)
     with torch.no_grad():
         logits = [model.prefill(tokens, lens, cache)]  # [B, V]
         for step in forced:

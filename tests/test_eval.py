@@ -34,7 +34,7 @@ def run(model, snapshot, config, first, forced):
 
 def test_decode_path_perplexity_matches_full_forward(tiny):
     model, snapshot, first, targets = tiny
-    _, logprob = run(model, snapshot, Config(backend="dense"), first, targets)  # [3, S]
+    _, logprob = run(model, snapshot, Config.dense(), first, targets)  # [3, S]
     tokens = torch.cat([snapshot.tokens, first[:, None], targets], 1)  # [3, P + S + 1]
     with torch.inference_mode():
         full = torch.log_softmax(model.forward(tokens), -1)  # [3, P + S + 1, V]
@@ -44,22 +44,24 @@ def test_decode_path_perplexity_matches_full_forward(tiny):
 
 def test_kcache_with_n_at_least_length_equals_dense_perplexity(tiny):
     model, snapshot, first, targets = tiny
-    _, dense = run(model, snapshot, Config(backend="dense"), first, targets)
-    _, exact = run(model, snapshot, Config(topn=PREFILL + STEPS), first, targets)
-    _, sparse = run(model, snapshot, Config(topn=4), first, targets)
+    _, dense = run(model, snapshot, Config.dense(), first, targets)
+    _, exact = run(model, snapshot, Config.kcache(topn=PREFILL + STEPS), first, targets)
+    _, sparse = run(model, snapshot, Config.kcache(topn=4), first, targets)
     torch.testing.assert_close(exact, dense, atol=1e-4, rtol=1e-4)
     d = perplexity.summarize(dense)
     assert perplexity.delta(perplexity.summarize(exact), d) == pytest.approx(0.0, abs=1e-3)
     assert abs(perplexity.delta(perplexity.summarize(sparse), d)) > 1e-3  # the measure sees N
 
 
-@pytest.mark.parametrize("config", [Config(topn=1024), Config(topn=1024, group_select=True),
-                                    Config(topn=1024, renormalize=False),
-                                    Config(topn=1024, dense_layers=(0, 1))], ids=lambda c: c.name)
+@pytest.mark.parametrize("config", [Config.kcache(topn=1024),
+                                    Config.kcache(topn=1024, group_select=True),
+                                    Config.kcache(topn=1024, renormalize=False),
+                                    Config.kcache(topn=1024, dense_layers=(0, 1))],
+                         ids=lambda c: c.name)
 def test_agreement_is_complete_at_n_at_least_length(tiny, config):
     model, snapshot, first, _ = tiny
     greedy = torch.full((first.shape[0], STEPS), -1)
-    reference, _ = run(model, snapshot, Config(backend="dense"), first, greedy)  # [3, S]
+    reference, _ = run(model, snapshot, Config.dense(), first, greedy)  # [3, S]
     argmax, _ = run(model, snapshot, config, first, reference)
     a = agreement.summarize(argmax, reference)
     assert a["match_rate"] == 1.0 and a["first_divergence"] == STEPS
@@ -86,8 +88,9 @@ def test_needle_answer_and_score():
 def test_grid_order_and_size():
     configs = grid((16, 32, 64, 128, 256), dense_layers=((), (0, 1)))
     assert len(configs) == 40 and len(set(configs)) == 40
-    assert configs[0] == Config(topn=64)
-    assert configs[-1].group_select and not configs[-1].renormalize and configs[-1].dense_layers
+    assert configs[0] == Config.kcache(topn=64)
+    assert configs[-1].options.group_select and not configs[-1].options.renormalize and \
+        configs[-1].options.dense_layers
 
 
 def test_suite_on_the_default_model(tmp_path):

@@ -4,7 +4,7 @@ import torch
 
 from kcache_ops.__main__ import main
 from kcache_ops.model import load_model
-from kcache_ops.model.generate import generate, sample
+from kcache_ops.generate import generate, sample
 from model_helpers import save_tiny_hf, save_tiny_tokenizer
 
 

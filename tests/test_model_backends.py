@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from kcache_ops.model import LlamaConfig, make_cache
+from kcache_ops.caches import KCacheOptions, make_cache
+from kcache_ops.model import LlamaConfig
 
 CONFIG = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=48, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=64)
@@ -12,9 +13,10 @@ def test_bad_backends_and_options():
     with pytest.raises(ValueError, match="unknown attention backend 'sparse'"):
         make_cache("sparse", CONFIG, 1, 8, "cpu", torch.float32)
     with pytest.raises(ValueError, match="'dense' takes no options"):
-        make_cache("dense", CONFIG, 1, 8, "cpu", torch.float32, topn=4)
-    with pytest.raises(ValueError, match=r"unknown kcache options \['top_n'\]"):
-        make_cache("kcache", CONFIG, 1, 8, "cpu", torch.float32, top_n=4)
+        make_cache("dense", CONFIG, 1, 8, "cpu", torch.float32, KCacheOptions(topn=4))
+    with pytest.raises(TypeError, match="unknown option.* top_n; the options are topn"):
+        make_cache("kcache", CONFIG, 1, 8, "cpu", torch.float32,
+                   KCacheOptions.from_dict({"top_n": 4}))
     with pytest.raises(ValueError, match="capacity"):
         make_cache("dense", CONFIG, 1, 0, "cpu", torch.float32)
 

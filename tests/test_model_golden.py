@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kcache_ops.model import load_model
-from kcache_ops.model.generate import generate
+from kcache_ops.generate import generate
 
 PLAIN = "The capital of France is"
 PLAIN_IDS = [504, 3575, 282, 4649, 314]

@@ -3,6 +3,7 @@ the decoder's own full-sequence forward."""
 import pytest
 import torch
 
+from kcache_ops.caches import make_cache
 from kcache_ops.model.hf import load_hf_model
 from model_helpers import LLAMA3_ROPE, save_tiny_hf
 
@@ -42,7 +43,7 @@ def test_prefill_decode_match_forward(pair):
     prompts = torch.zeros(3, max(lens), dtype=torch.long)                    # [B, T] right-padded
     for b, n in enumerate(lens):
         prompts[b, :n] = full[b][:n]
-    cache = model.new_cache("dense", 3, max(lens) + steps)
+    cache = make_cache("dense", model.config, 3, max(lens) + steps, model.device, model.dtype)
     with torch.no_grad():
         got = [model.prefill(prompts, torch.tensor(lens, dtype=torch.int32), cache)]  # [B, V]
         for s in range(steps):
@@ -58,7 +59,7 @@ def test_prefill_decode_match_forward(pair):
 def test_prefill_leaves_lens_alone(pair):
     _, model = pair
     lens = torch.tensor([3, 5], dtype=torch.int32)
-    cache = model.new_cache("dense", 2, 8)
+    cache = make_cache("dense", model.config, 2, 8, model.device, model.dtype)
     with torch.no_grad():
         model.prefill(torch.randint(0, 96, (2, 5)), lens, cache)
         model.decode(torch.tensor([1, 2]), cache)

@@ -9,17 +9,16 @@ CPU cores with the embedded SmolLM2-135M-Instruct.
 from tqdm import tqdm
 
 from ..data import essays_text
-from ..model import generate, load_model
-from .generate import DTYPES, dense_layer_list
+from ..eval import needle
+from ..generate import generate
+from ..model import describe_model, load_model
+from .args import add_kcache_arguments, add_model_arguments, dtype_of, kcache_options
 
 PASSKEY = "71432"
-NEEDLE = f"The pass key is {PASSKEY}. Remember it. {PASSKEY} is the pass key. "
-QUESTION = "What is the pass key? Answer with the number only."
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", help="a .gguf file or a Hugging Face folder "
-                                        "(default: the embedded SmolLM2-135M-Instruct)")
+    add_model_arguments(parser)
     parser.add_argument("--prompt-tokens", type=int, default=2000,
                         help="tokens of essay text in the prompt (default: 2000)")
     parser.add_argument("--depth", type=float, default=0.5,
@@ -27,36 +26,23 @@ def add_arguments(parser):
                              "default: 0.5")
     parser.add_argument("--new-tokens", type=int, default=48,
                         help="tokens to generate (default: 48)")
-    parser.add_argument("--topn", type=int, default=64, help="KCache: V rows read per head (64)")
-    parser.add_argument("--group-select", action="store_true",
-                        help="KCache: one index set per KV head (GQA group)")
-    parser.add_argument("--no-renormalize", dest="renormalize", action="store_false",
-                        help="KCache: full-softmax weights, the mass outside the top N dropped")
-    parser.add_argument("--dense-layers", type=dense_layer_list, default=(),
-                        help="KCache: comma-separated layers that keep V on the device")
-    parser.add_argument("--device", help="default: cuda where available, else cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--no-chat", dest="chat", action="store_false",
                         help="plain text, not the model's chat template")
+    add_kcache_arguments(parser)
 
 
 def build_prompt(tokenizer, n_tokens, depth, chat):
     """Token ids of about ``n_tokens`` of essay text with the needle at ``depth`` (at a sentence
     start), followed by the question."""
-    text = essays_text()
-    ids = tokenizer.encode(text[:n_tokens * 8], add_special=False)[:n_tokens]
-    haystack = tokenizer.decode(ids)
-    cut = haystack.rfind(". ", 0, int(len(haystack) * depth))  # the sentence end before depth
-    cut = cut + 2 if cut >= 0 else 0
-    document = haystack[:cut] + NEEDLE + haystack[cut:]
-    return tokenizer.encode_prompt(f"{document}\n\n{QUESTION}", chat=chat)
+    ids = tokenizer.encode(essays_text()[:n_tokens * 8], add_special=False)[:n_tokens]
+    return needle.prompt(tokenizer, ids, depth, PASSKEY, chat)
 
 
 def generate_with_progress(model, tokenizer, prompt, backend, options, new_tokens):
     """Greedy generation of ``new_tokens`` with ``backend`` -> Generation, with a progress bar."""
     with tqdm(total=new_tokens, desc=f"{backend:6s} prefill {len(prompt)} tokens + decode",
               unit="tok", leave=False) as bar:
-        result = generate(model, [prompt], new_tokens, backend=backend, cache_options=options,
+        result = generate(model, [prompt], new_tokens, backend=backend, options=options,
                           eos_ids=tokenizer.eos_ids, tokenizer=tokenizer,
                           on_text=lambda _, piece: bar.update(1))
     return result
@@ -71,20 +57,19 @@ def first_difference(a, b):
 
 
 def run(args):
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    model, tokenizer = load_model(args.model, args.device, dtype)
+    options = kcache_options(args)
+    model, tokenizer = load_model(args.model, args.device, dtype_of(args))
     c = model.config
     prompt = build_prompt(tokenizer, args.prompt_tokens, args.depth, args.chat)
-    kcache_options = {"topn": args.topn, "group_select": args.group_select,
-                      "renormalize": args.renormalize, "dense_layers": args.dense_layers}
-    print(f"model: {c.num_layers} layers, {c.num_heads} query / {c.num_kv_heads} KV heads, "
+    print(f"model: {describe_model(args.model)}")
+    print(f"       {c.num_layers} layers, {c.num_heads} query / {c.num_kv_heads} KV heads, "
           f"head dim {c.head_dim}, on {model.device} in {str(model.dtype).removeprefix('torch.')}")
     print(f"prompt: {len(prompt)} tokens, pass key {PASSKEY} at {args.depth:.0%} depth; "
           f"{args.new_tokens} new tokens, greedy")
-    print("kcache: " + ", ".join(f"{k}={v}" for k, v in kcache_options.items()))
-    runs = {backend: generate_with_progress(model, tokenizer, prompt, backend, options,
+    print(f"kcache: {options.summary()}")
+    runs = {backend: generate_with_progress(model, tokenizer, prompt, backend, backend_options,
                                             args.new_tokens)
-            for backend, options in (("dense", {}), ("kcache", kcache_options))}
+            for backend, backend_options in (("dense", None), ("kcache", options))}
     for backend, result in runs.items():
         print(f"\n--- {backend} ---\n{result.texts[0]}")
     print(f"\n{'backend':8s} {'prefill s':>10s} {'decode tok/s':>13s} {'cache device MiB':>17s} "

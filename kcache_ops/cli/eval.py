@@ -12,26 +12,21 @@ import sys
 
 import torch
 
-from ..eval import report
+from .. import report
+from ..eval.report import EVAL_JSON
 from ..eval.runner import grid
-from ..eval.suite import Settings, evaluate, machine, save_json
+from ..eval.suite import Settings, evaluate, save_json
 from ..model import load_model
-from .generate import DTYPES, dense_layer_list
-
-
-def _ints(text):
-    return tuple(int(x) for x in text.split(",") if x.strip())
+from ..model.load import DEFAULT_NAME
+from ..results import RESULTS_DIR, machine
+from .args import add_model_arguments, dtype_of, int_list
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", help="a .gguf file or a Hugging Face folder "
-                                        "(default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--device", help="default: cuda where available, else cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES),
-                        help="default: bfloat16 on CUDA, float32 on the CPU")
-    parser.add_argument("--topn", type=_ints, default=(16, 32, 64, 128, 256),
+    add_model_arguments(parser)
+    parser.add_argument("--topn", type=int_list, default=(16, 32, 64, 128, 256),
                         help="comma-separated N values (default 16,32,64,128,256)")
-    parser.add_argument("--dense-layers", type=dense_layer_list, default=(0, 1),
+    parser.add_argument("--dense-layers", type=int_list, default=(0, 1),
                         help="the dense_layers variant besides none (default 0,1)")
     parser.add_argument("--defaults-only", action="store_true",
                         help="only N varies; group_select, renormalize, dense_layers stay at "
@@ -40,7 +35,7 @@ def add_arguments(parser):
     parser.add_argument("--agree-rows", type=int, help="agreement prompts (default 2)")
     parser.add_argument("--prefill", type=int, help="prefill tokens of those rows (default 1536)")
     parser.add_argument("--steps", type=int, help="decode steps of those rows (default 256)")
-    parser.add_argument("--needle-lengths", type=_ints,
+    parser.add_argument("--needle-lengths", type=int_list,
                         help="haystack lengths in tokens (default 1024,2048,4096,8000)")
     parser.add_argument("--answer-steps", type=int, help="decode steps of a needle answer (16)")
     parser.add_argument("--quick", action="store_true",
@@ -52,8 +47,9 @@ def add_arguments(parser):
                         help="torch CPU threads (1 is faster on a CPU that others share)")
     parser.add_argument("--report-only", action="store_true",
                         help="only rewrite REPORT.md and the plots from the JSON in --out")
-    parser.add_argument("--out", default=report.RESULTS,
-                        help=f"folder of the JSON, plots and REPORT.md (default {report.RESULTS})")
+    parser.add_argument("--out", default=RESULTS_DIR,
+                        help="folder of the JSON, plots and REPORT.md (default bench/results of "
+                             "the source tree)")
 
 
 def settings(args):
@@ -84,12 +80,11 @@ def run(args):
     else:
         configs = grid(topns, dense_layers=((), args.dense_layers) if args.dense_layers
                        else ((),))
-    model, tokenizer = load_model(args.model, args.device, DTYPES.get(args.dtype))
-    info = {**machine(model.device), "model": args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF)"}
+    model, tokenizer = load_model(args.model, args.device, dtype_of(args))
+    info = {**machine(model.device), "model": args.model or DEFAULT_NAME}
     command = "python -m kcache_ops eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"]
                                                        else sys.argv[1:])
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, report.EVAL_JSON)
+    path = os.path.join(args.out, EVAL_JSON)
 
     def save(results):
         save_json(path, s, info, results, command)

@@ -2,53 +2,39 @@
 streaming it, then print the timing and the memory the cache holds."""
 import sys
 
-import torch
-
-from ..model import CheckpointError, UnsupportedModelError, generate, load_model
-from ..model.attention import KCACHE_OPTIONS
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def dense_layer_list(text):
-    """'0,1' -> (0, 1)."""
-    return tuple(int(x) for x in text.split(",") if x.strip())
+from ..caches import BACKENDS
+from ..generate import generate
+from ..model import CheckpointError, UnsupportedModelError, load_model
+from .args import add_kcache_arguments, add_model_arguments, dtype_of, given_kcache_options, \
+    kcache_options
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", help="a .gguf file or a Hugging Face folder "
-                                        "(default: the embedded SmolLM2-135M-Instruct)")
+    add_model_arguments(parser)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append",
                      help="prompt text; repeat for a batch of prompts of different lengths")
     src.add_argument("--prompt-file", help="read the prompt from this file")
-    parser.add_argument("--backend", choices=("dense", "kcache"), default="dense")
-    parser.add_argument("--topn", type=int,
-                        help="kcache: V rows read per head and step (default 64)")
-    parser.add_argument("--group-select", action="store_const", const=True,
-                        help="kcache: one index set per KV head (GQA group)")
-    parser.add_argument("--no-renormalize", dest="renormalize", action="store_const", const=False,
-                        help="kcache: full-softmax weights, mass outside the top N dropped")
-    parser.add_argument("--dense-layers", type=dense_layer_list,
-                        help="kcache: comma-separated layers that keep V on the device, e.g. 0,1")
+    parser.add_argument("--backend", choices=BACKENDS, default="dense")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, help="seed of the sampling generator")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt in the model's chat template, where it has one")
-    parser.add_argument("--device", help="default: cuda where available, else cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES),
-                        help="default: bfloat16 on CUDA, float32 on the CPU")
+    add_kcache_arguments(parser)
 
 
 def cache_options(args):
-    """The kcache options given on the command line; an error if given with --backend dense."""
-    given = {k: getattr(args, k) for k in KCACHE_OPTIONS if getattr(args, k) is not None}
-    if given and args.backend != "kcache":
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise SystemExit(f"error: {flags} apply to --backend kcache only")
-    return given
+    """The KCacheOptions of --backend kcache (None for dense); an error if KCache flags are
+    given with --backend dense."""
+    given = given_kcache_options(args)
+    if args.backend != "kcache":
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise SystemExit(f"error: {flags} apply to --backend kcache only")
+        return None
+    return kcache_options(args)
 
 
 def run(args):
@@ -59,7 +45,7 @@ def run(args):
     else:
         texts = args.prompt
     try:
-        model, tokenizer = load_model(args.model, args.device, DTYPES.get(args.dtype))
+        model, tokenizer = load_model(args.model, args.device, dtype_of(args))
     except (CheckpointError, UnsupportedModelError) as e:
         raise SystemExit(f"error: {e}") from e
     prompts = [tokenizer.encode_prompt(t, chat=args.chat) for t in texts]
@@ -69,7 +55,7 @@ def run(args):
         sys.stdout.write(text)
         sys.stdout.flush()
     result = generate(model, prompts, args.max_new_tokens, backend=args.backend,
-                      cache_options=options, temperature=args.temperature, top_p=args.top_p,
+                      options=options, temperature=args.temperature, top_p=args.top_p,
                       seed=args.seed, eos_ids=tokenizer.eos_ids, tokenizer=tokenizer,
                       on_text=show if stream else None)
     if stream:

@@ -13,7 +13,8 @@ QUESTION = "What is the pass key? Answer with the number only."
 
 def prompt(tokenizer, haystack_ids, depth, key, chat=True):
     """Token ids of ``haystack_ids`` (essay text) with the needle inserted at a sentence start
-    near ``depth`` (0 = start, 1 = end), then the question, in the chat template."""
+    near ``depth`` (0 = start, 1 = end), then the question; in the chat template where ``chat``
+    (the demo's prompt too)."""
     haystack = tokenizer.decode(haystack_ids)
     cut = haystack.rfind(". ", 0, int(len(haystack) * depth))  # the sentence end before depth
     cut = cut + 2 if cut >= 0 else 0

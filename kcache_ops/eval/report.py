@@ -1,40 +1,20 @@
-"""bench/results/REPORT.md, generated from the JSON the ``eval`` and ``bench`` commands write
-(never edited by hand): tables, plots, the machine each ran on and the commands to reproduce."""
-import json
+"""The accuracy section of bench/results/REPORT.md (assembled by :mod:`kcache_ops.report`) from the
+``eval`` command's JSON: the table, the plots, the verdicts."""
 import os
 
+from ..caches import KCacheOptions
+from ..results import ran_on
 from . import mass, perplexity
 from .runner import Config, grid
 
-RESULTS = os.path.join("bench", "results")
-EVAL_JSON, BENCH_JSON, GATHER_JSON = "eval.json", "bench.json", "gpu_gather.json"
-
-
-def _load(results_dir, name):
-    path = os.path.join(results_dir, name)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def _ran_on(m, tail):
-    """The machine line of a section: CPU, threads, device (GPU name), torch, then ``tail``."""
-    return (f"Ran on {m['cpu']} (torch threads: {m['cores']}), device {m['device']}"
-            f"{', ' + m['gpu'] if 'gpu' in m else ''}, torch {m['torch']}{tail}")
+EVAL_JSON = "eval.json"
+DEFAULT_TOPN = KCacheOptions().topn
 
 
 def _needle_hits(result):
     """(correct, total) over every needle group of ``result``."""
     groups = [v for k, v in result.items() if k.startswith("needle-")]
     return sum(sum(g["correct"]) for g in groups), sum(len(g["correct"]) for g in groups)
-
-
-def _variant(c):
-    """The options other than N, as a label: "default" or e.g. "gs, rn=0"."""
-    parts = (["gs"] if c.group_select else []) + ([] if c.renormalize else ["rn=0"]) + (
-        [f"dl={','.join(map(str, c.dense_layers))}"] if c.dense_layers else [])
-    return ", ".join(parts) or "default"
 
 
 def plot_accuracy(data, path):
@@ -47,9 +27,9 @@ def plot_accuracy(data, path):
     dense = results[0]
     curves = {}
     for r in results[1:]:
-        c = Config.from_dict(r["config"])
+        c = Config.from_dict(r["config"]).options
         hits, total = _needle_hits(r)
-        curves.setdefault(_variant(c), []).append(
+        curves.setdefault(c.variant, []).append(
             (c.topn, perplexity.delta(r["long"]["perplexity"], dense["long"]["perplexity"]),
              100 * hits / max(total, 1), 100 * r["long"]["agreement"]["match_rate"]))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -81,7 +61,7 @@ def eval_section(data):
     s, m, results = data["settings"], data["machine"], data["results"]
     dense = results[0]
     d_hits, d_total = _needle_hits(dense)
-    out = ["## Accuracy (SmolLM2-135M-Instruct)", "", _ran_on(m, f", model {m['model']}."),
+    out = ["## Accuracy (SmolLM2-135M-Instruct)", "", ran_on(m, f", model {m['model']}."),
            f"Command: `{data['command']}`", "",
            f"* perplexity: {s['ppl_rows']} windows of essay text, {s['prefill']} tokens of "
            f"prefill, then {s['steps']} teacher-forced decode steps each (every scored "
@@ -122,30 +102,33 @@ def not_run(results):
     """The configurations of the grid spanned by the values seen in ``results`` that have no
     result (a run cut short)."""
     done = [Config.from_dict(r["config"]) for r in results[1:]]
-    spanned = grid(sorted({c.topn for c in done}), sorted({c.group_select for c in done}),
-                   sorted({c.renormalize for c in done}), sorted({c.dense_layers for c in done}))
+    options = [c.options for c in done]
+    spanned = grid(sorted({o.topn for o in options}), sorted({o.group_select for o in options}),
+                   sorted({o.renormalize for o in options}),
+                   sorted({o.dense_layers for o in options}))
     return [c for c in spanned if c not in done]
 
 
 def verdicts(results):
-    """Plain sentences: the N=64 target, and the smallest N of each variant that meets it."""
+    """Plain sentences: the target at the default N, and the smallest N of each variant that
+    meets it."""
     dense = results[0]
     d_hits, _ = _needle_hits(dense)
     meets, lines = {}, []
     for r in results[1:]:
-        c = Config.from_dict(r["config"])
+        c = Config.from_dict(r["config"]).options
         hits, total = _needle_hits(r)
         d = perplexity.delta(r["long"]["perplexity"], dense["long"]["perplexity"])
         ok = d <= 1.0 and hits >= d_hits
-        meets.setdefault(_variant(c), []).append((c.topn, ok, d, hits, total))
+        meets.setdefault(c.variant, []).append((c.topn, ok, d, hits, total))
     for variant, rows in meets.items():
         rows.sort()
-        at64 = [x for x in rows if x[0] == 64]
+        at_default = [x for x in rows if x[0] == DEFAULT_TOPN]
         passing = [x[0] for x in rows if x[1]]
         head = f"* **{variant}**: "
-        if at64:
-            n, ok, d, hits, total = at64[0]
-            head += (f"N=64 {'meets' if ok else 'MISSES'} the target (Δ ppl {d:+.2f}%, needle "
+        if at_default:
+            n, ok, d, hits, total = at_default[0]
+            head += (f"N={n} {'meets' if ok else 'MISSES'} the target (Δ ppl {d:+.2f}%, needle "
                      f"{hits}/{total} vs dense {d_hits}/{total}). ")
         failing = [x for x in rows if not x[1]]
         if failing:
@@ -156,11 +139,11 @@ def verdicts(results):
         if passing and failing:
             head += f" Smallest N that meets it: {min(passing)}."
         lines.append(head)
-    masses = sorted(((Config.from_dict(r["config"]), r["mass"]["long"]) for r in results[1:]
-                     if "long" in r.get("mass", {})),
+    masses = sorted(((Config.from_dict(r["config"]).options, r["mass"]["long"])
+                     for r in results[1:] if "long" in r.get("mass", {})),
                     key=lambda x: (x[0].group_select, x[0].topn))
     for c, long in masses:
-        if _variant(c) in ("default", "gs"):
+        if c.variant in ("default", "gs"):
             low = min(range(len(long)), key=long.__getitem__)
             lines.append(f"* attention mass in the top {c.topn}"
                          f"{' (group select)' if c.group_select else ''}: mean "
@@ -169,74 +152,10 @@ def verdicts(results):
     return lines
 
 
-def bench_section(data):
-    """Markdown of the throughput benchmark (the JSON of ``python -m kcache_ops bench``)."""
-    m = data["machine"]
-    out = ["## Throughput (reference decoder, random weights)", "",
-           _ran_on(m, f", transformers {m['transformers']}." if m.get("transformers") else "."),
-           f"Command: `{data['command']}`", ""]
-    if data.get("small"):
-        out += ["**This is the CPU smoke run at tiny sizes (`--small`)**: it tests the machinery, "
-                "its numbers say nothing about a GPU. The GPU run is still to be done (command "
-                "below).", ""]
-    out += ["| model | context | backend | batch | budget GiB | cache dev GiB | host GiB | "
-            "prefill tok/s | decode tok/s | transformers tok/s | PCIe MiB/step | vs dense |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    gib = 2 ** 30
-    for r in data["rows"]:
-        hf = (f"{r['hf_decode_tok_s']:.1f} (dense {r['dense_vs_hf']:.2f}× of it)"
-              if "hf_decode_tok_s" in r else "—")
-        ratio = f"{r['vs_dense']:.2f}×" if "vs_dense" in r else "—"
-        out.append(f"| {r['model']} | {r['context']} | {r['backend']} | {r['batch']} | "
-                   f"{r['budget_bytes'] / gib:.3f} | {r['cache_device_bytes'] / gib:.3f} | "
-                   f"{r['host_bytes'] / gib:.3f} | {r['prefill_tok_s']:.0f} | "
-                   f"{r['decode_tok_s']:.1f} | {hf} | {r['pcie_bytes_per_step'] / 2**20:.2f} | "
-                   f"{ratio} |")
-    out += ["", "![throughput vs context](bench_throughput.png)", ""]
-    return out
-
-
-def gather_section(data):
-    """Markdown of bench/gpu_gather.py's JSON, where it is present."""
-    out = ["## Gather bandwidth (bench/gpu_gather.py)", "",
-           f"GPU {data['meta']['gpu']}, torch {data['meta']['torch']}, pinned memcpy H2D ceiling "
-           f"{data['meta']['h2d_ceiling_GBs']:.1f} GB/s.", "",
-           "| row bytes | rows/head | memory | GB/s | % of ceiling |", "|---|---|---|---|---|"]
-    for r in data["rows"]:
-        out.append(f"| {r['row_bytes']} | {r['rows_per_head']} | {r['mem']} | {r['GBs']:.1f} | "
-                   f"{r['pct_ceiling']:.0f}% |")
-    return out + ["", "![gather bandwidth vs row size](gpu_gather.png)", ""]
-
-
-GPU_COMMAND = ("make build && .venv/bin/python -m kcache_ops bench --device cuda && "
-               ".venv/bin/python bench/gpu_gather.py && "
-               ".venv/bin/python -m kcache_ops eval --report-only")
-
-
-def write(results_dir=RESULTS):
-    """(Re)write ``results_dir``/REPORT.md and the eval plots from the JSON files present."""
-    lines = ["# KCache: accuracy and throughput", "",
-             "Generated by `python -m kcache_ops eval` and `python -m kcache_ops bench` from the "
-             "JSON files beside this page; do not edit by hand.", ""]
-    evaluation = _load(results_dir, EVAL_JSON)
-    if evaluation and evaluation["results"]:
-        plot_accuracy(evaluation, os.path.join(results_dir, "eval_accuracy.png"))
-        needles = sorted((k for k in evaluation["results"][0] if k.startswith("needle-")),
-                         key=lambda k: int(k.split("-")[1]))
-        mass.plot(evaluation["results"], os.path.join(results_dir, "eval_mass.png"),
-                  ("long",) + tuple(needles[-1:]))
-        lines += eval_section(evaluation) + [""]
-    else:
-        lines += ["## Accuracy", "", "Not run yet: `python -m kcache_ops eval`.", ""]
-    bench = _load(results_dir, BENCH_JSON)
-    lines += bench_section(bench) if bench else ["## Throughput", "", "Not run yet.", ""]
-    if not bench or bench.get("small"):
-        lines += ["The GPU run (Llama-3-8B and SmolLM2 shapes, contexts 8K / 32K / 64K, one "
-                  "H100), not yet run: no GPU was available to the session that wrote this:", "",
-                  f"    {GPU_COMMAND}", ""]
-    gather = _load(results_dir, GATHER_JSON)
-    lines += gather_section(gather) if gather else [
-        "## Gather bandwidth", "", "bench/results/gpu_gather.json is not here yet "
-        "(`python bench/gpu_gather.py` on a GPU).", ""]
-    with open(os.path.join(results_dir, "REPORT.md"), "w") as f:
-        f.write("\n".join(lines))
+def write_plots(data, results_dir):
+    """eval_accuracy.png and eval_mass.png in ``results_dir`` from the eval JSON ``data``."""
+    plot_accuracy(data, os.path.join(results_dir, "eval_accuracy.png"))
+    needles = sorted((k for k in data["results"][0] if k.startswith("needle-")),
+                     key=lambda k: int(k.split("-")[1]))
+    mass.plot(data["results"], os.path.join(results_dir, "eval_mass.png"),
+              ("long",) + tuple(needles[-1:]))

@@ -10,55 +10,60 @@ from itertools import product
 
 import torch
 
+from ..caches import KCacheOptions, make_cache
+from ..model import pad_prompts
+
 
 @dataclass(frozen=True)
 class Config:
-    """One attention configuration: ``backend`` "dense", or "kcache" with its options."""
-    backend: str = "kcache"
-    topn: int = 64
-    group_select: bool = False
-    renormalize: bool = True
-    dense_layers: tuple = ()
+    """One attention configuration: ``backend`` "dense" (``options`` None), or "kcache" with its
+    ``options``."""
+    backend: str
+    options: KCacheOptions | None
+
+    def __post_init__(self):
+        if (self.backend == "dense") != (self.options is None):
+            raise ValueError(f"Config: backend {self.backend!r} with options {self.options}: "
+                             "dense takes none, kcache needs them")
+
+    @classmethod
+    def dense(cls):
+        """The dense baseline."""
+        return cls("dense", None)
+
+    @classmethod
+    def kcache(cls, **options):
+        """KCache with ``options`` by name (KCacheOptions' fields; the rest at their defaults)."""
+        return cls("kcache", KCacheOptions.from_dict(options))
 
     @classmethod
     def from_dict(cls, d):
-        """The inverse of ``dataclasses.asdict`` after a JSON round trip (lists back to tuples)."""
-        return cls(**{**d, "dense_layers": tuple(d["dense_layers"])})
+        """The inverse of :meth:`to_dict` (after a JSON round trip)."""
+        if d["backend"] == "dense":
+            return cls.dense()
+        return cls(d["backend"], KCacheOptions.from_dict(
+            {k: v for k, v in d.items() if k != "backend"}))
+
+    def to_dict(self):
+        """{"backend", and the KCache options} for JSON."""
+        return {"backend": self.backend, **(self.options.to_dict() if self.options else {})}
 
     @property
     def name(self):
         """A short label, e.g. ``kcache N=64 gs rn=0 dl=0,1`` or ``dense``."""
-        if self.backend == "dense":
-            return "dense"
-        parts = [f"kcache N={self.topn}"]
-        parts += ["gs"] if self.group_select else []
-        parts += ["rn=0"] if not self.renormalize else []
-        parts += [f"dl={','.join(map(str, self.dense_layers))}"] if self.dense_layers else []
-        return " ".join(parts)
-
-    @property
-    def options(self):
-        """Keyword options of ``Llama.new_cache`` for this configuration."""
-        if self.backend == "dense":
-            return {}
-        return dict(topn=self.topn, group_select=self.group_select,
-                    renormalize=self.renormalize, dense_layers=self.dense_layers)
+        return "dense" if self.options is None else f"kcache {self.options.label}"
 
 
 def grid(topns, group_select=(False, True), renormalize=(True, False), dense_layers=((),)):
     """Every KCache configuration of the given values, the paper-literal defaults first.
 
     Ordered so that a run cut short has the most telling results: the configurations that
-    change fewest options from (N=64, no group select, renormalize, no dense layers) come first,
-    and among them N=64 first.
+    change fewest options from the defaults come first, and among them the default N first
+    (:meth:`KCacheOptions.distance`).
     """
-    configs = [Config(topn=n, group_select=g, renormalize=r, dense_layers=tuple(d))
+    options = [KCacheOptions(topn=n, group_select=g, renormalize=r, dense_layers=d)
                for n, g, r, d in product(topns, group_select, renormalize, dense_layers)]
-
-    def distance(c):
-        return (c.group_select + (not c.renormalize) + bool(c.dense_layers), c.topn != 64,
-                c.topn)
-    return sorted(configs, key=distance)
+    return [Config("kcache", o) for o in sorted(options, key=KCacheOptions.distance)]
 
 
 @dataclass
@@ -76,21 +81,13 @@ class Snapshot:
     logits: torch.Tensor = field(repr=False)
 
 
-def pad_batch(prompts):
-    """list of B token-id lists -> tokens [B, T] long right-padded with 0, lens [B] int32."""
-    longest = max(len(p) for p in prompts)
-    tokens = torch.zeros(len(prompts), longest, dtype=torch.long)  # [B, T]
-    for b, p in enumerate(prompts):
-        tokens[b, :len(p)] = torch.tensor(p)
-    return tokens, torch.tensor([len(p) for p in prompts], dtype=torch.int32)  # [B]
-
-
 @torch.inference_mode()
 def prefill_snapshot(model, prompts):
     """Prefill ``prompts`` (list of token-id lists) once with the dense backend -> Snapshot."""
-    tokens, lens = pad_batch(prompts)  # [B, T], [B]
+    tokens, lens = pad_prompts(prompts)  # [B, T], [B]
     tokens, lens = tokens.to(model.device), lens.to(model.device)
-    cache = model.new_cache("dense", tokens.shape[0], tokens.shape[1])
+    cache = make_cache("dense", model.config, tokens.shape[0], tokens.shape[1], model.device,
+                       model.dtype)
     logits = model.prefill(tokens, lens, cache)  # [B, V]
     return Snapshot(tokens, lens, cache.k, cache.v, logits)
 
@@ -100,7 +97,8 @@ def fork(model, snapshot, config, steps, record_mass=False):
     """A fresh cache of ``config`` holding the snapshot's prompts, with room for ``steps`` more
     tokens per sequence; ``record_mass`` switches on KCache's attention-mass record."""
     batch, length = snapshot.tokens.shape
-    cache = model.new_cache(config.backend, batch, length + steps, **config.options)
+    cache = make_cache(config.backend, model.config, batch, length + steps, model.device,
+                       model.dtype, config.options)
     for layer, (k, v) in enumerate(zip(snapshot.k, snapshot.v)):
         cache.store_prompt(layer, k, v)  # k, v [B, Hkv, T, D]
     cache.finish_prefill(snapshot.lens)

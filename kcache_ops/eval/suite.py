@@ -5,8 +5,6 @@ short keeps what finished).
 Batches ("groups"): ``long`` holds the perplexity windows and the agreement prompts together
 (both decode ``steps`` tokens); ``needle-<L>`` holds one prompt per depth at haystack length L.
 """
-import json
-import platform
 import time
 from dataclasses import asdict, dataclass
 
@@ -14,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import essays_text
+from ..results import write_json
 from . import agreement, needle, perplexity
 from .runner import Config, fork, prefill_snapshot, step_through
 
@@ -29,21 +28,6 @@ class Settings:
     needle_depths: tuple = (0.1, 0.3, 0.5, 0.7, 0.9)
     answer_steps: int = 16
     seed: int = 0
-
-
-def machine(device):
-    """What the run ran on: CPU model, cores, torch version, GPU name where on one."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__,
-            "device": str(device)}
-    if torch.device(device).type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def build_groups(tokenizer, settings):
@@ -109,9 +93,9 @@ def evaluate(model, tokenizer, settings, configs, save, log=print):
         snapshots[g["name"]] = prefill_snapshot(model, g["prompts"])
     steps = sum(g["forced"].numel() // len(g["prompts"]) for g in groups)
     results, dense = [], None
-    for config in [Config(backend="dense")] + list(configs):
+    for config in [Config.dense()] + list(configs):
         start = time.perf_counter()
-        result = {"config": asdict(config), "mass": {}}
+        result = {"config": config.to_dict(), "mass": {}}
         with tqdm(total=steps, desc=f"{config.name:28s}", unit="step", leave=False) as bar:
             for g in groups:
                 out = run_group(model, tokenizer, g, snapshots[g["name"]], config, dense, bar)
@@ -147,6 +131,5 @@ def line(result, dense):
 
 def save_json(path, settings, info, results, command):
     """Write the settings, the machine, the command and the results to ``path``."""
-    with open(path, "w") as f:
-        json.dump({"settings": asdict(settings), "machine": info, "command": command,
-                   "results": results}, f, indent=1)
+    write_json(path, {"settings": asdict(settings), "machine": info, "command": command,
+                      "results": results})

@@ -1,12 +1,11 @@
-"""The reference Llama decoder with pluggable attention backends (``dense``, ``kcache``), its
-checkpoint loaders (Hugging Face safetensors, GGUF), tokenizer and batched generation."""
-from .attention import DenseCache, make_cache
+"""The reference Llama decoder, its checkpoint loaders (Hugging Face safetensors, GGUF) and
+tokenizer. It runs on any cache of the protocol of kcache_ops.caches.protocol and imports no cache
+(layers: cli -> eval / throughput / generate -> model -> caches -> ops)."""
 from .config import LlamaConfig
 from .errors import CheckpointError, UnsupportedModelError
-from .generate import Generation, generate
-from .llama import Llama
-from .load import default_model_path, load_model
+from .llama import Llama, pad_prompts
+from .load import default_model_path, describe_model, load_model
 from .tokenizer import Tokenizer
 
-__all__ = ["CheckpointError", "DenseCache", "Generation", "Llama", "LlamaConfig", "Tokenizer",
-           "UnsupportedModelError", "default_model_path", "generate", "load_model", "make_cache"]
+__all__ = ["CheckpointError", "Llama", "LlamaConfig", "Tokenizer", "UnsupportedModelError",
+           "default_model_path", "describe_model", "load_model", "pad_prompts"]

@@ -1,15 +1,16 @@
 """A compact reference Llama decoder (also Qwen2: the same with a bias on Q, K and V).
 
 Shapes: B batch, T tokens, E hidden size, F MLP size, V vocabulary, Hq query heads, Hkv KV heads,
-D head dim. The attention of each layer goes through a cache backend (see attention.py), so the same
-weights run with the ``dense`` KV cache or with KCache. Module names follow Hugging Face's (minus
-its ``model.`` prefix), so a Hugging Face state dict loads as it is.
+D head dim. The attention of each layer goes through the cache the caller passes in, any object of
+the protocol of kcache_ops/caches/protocol.py (the model imports no cache; callers build one with
+``kcache_ops.caches.make_cache``), so the same weights run with the ``dense`` KV cache or with
+KCache. Module names follow Hugging Face's (minus its ``model.`` prefix), so a Hugging Face state
+dict loads as it is.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import make_cache
 from .config import LlamaConfig
 from .errors import CheckpointError
 from .rope import apply_rope, inv_frequencies, rope_cos_sin
@@ -155,11 +156,6 @@ class Llama(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self._logits(self._run(tokens, positions, causal))
 
-    def new_cache(self, backend: str, batch: int, capacity: int, **options):
-        """A KV cache for this model on its device and dtype: ``backend`` ``"dense"`` or
-        ``"kcache"`` (options ``topn``, ``group_select``, ``renormalize``, ``dense_layers``)."""
-        return make_cache(backend, self.config, batch, capacity, self.device, self.dtype, **options)
-
     def prefill(self, tokens, lens, cache, all_logits=False):
         """Run right-padded prompts into an empty cache.
 
@@ -167,7 +163,8 @@ class Llama(nn.Module):
         ----------
         tokens : Tensor [B, T] long, right-padded (the pad values are don't-care)
         lens : Tensor [B] int32, prompt lengths, 1 <= lens[b] <= T
-        cache : a cache from :meth:`new_cache`
+        cache : an empty cache of the protocol of kcache_ops.caches.protocol, for at least
+            ``B`` sequences of ``T`` tokens
         all_logits : bool
 
         Returns
@@ -197,3 +194,13 @@ class Llama(nn.Module):
         h = self._run(tokens[:, None], positions, attend)                    # [B, 1, E]
         cache.finish_decode()
         return self._logits(h[:, 0])                                         # [B, V]
+
+
+def pad_prompts(prompts):
+    """The input of :meth:`Llama.prefill` from B token-id lists: tokens [B, T] long right-padded
+    with 0 (T the longest prompt), lens [B] int32."""
+    longest = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), longest, dtype=torch.long)           # [B, T]
+    for b, p in enumerate(prompts):
+        tokens[b, :len(p)] = torch.tensor(p)
+    return tokens, torch.tensor([len(p) for p in prompts], dtype=torch.int32)  # [B]

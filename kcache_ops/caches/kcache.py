@@ -13,16 +13,17 @@ Where V lives, per device:
 * CPU: "device" is the CPU, V is an ordinary host tensor, and every copy is synchronous. The same
   code writes V through the same indexing, so the CPU tests exercise the logic of the CUDA path.
 
-Same protocol as ``kcache_ops.model.attention.DenseCache`` (prefill / finish_prefill / decode /
-finish_decode / seq_lens / device_bytes / host_bytes), so the model runs on either.
+It follows the cache protocol (protocol.py), as the dense cache does, so the model runs on either;
+its dense layers run the dense cache's decode step (``dense.append_and_attend``).
 """
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
-from .model.attention import exact_decode_attention
-from .ops import alloc_host, qk_topn, sparse_attn_v
+from ..ops import alloc_host, qk_topn, sparse_attn_v
+from .dense import append_and_attend, prompt_attention
+from .lengths import SeqLengths
+from .options import KCacheOptions
 
 
 def _mapped_view(host, device):
@@ -43,7 +44,7 @@ def _mapped_view(host, device):
 
 
 class KCache:
-    """K in device memory and V in host RAM for every layer but ``dense_layers``.
+    """K in device memory and V in host RAM for every layer but ``options.dense_layers``.
 
     Parameters
     ----------
@@ -55,14 +56,9 @@ class KCache:
         Tokens ``S`` per sequence, prompt and generated together.
     device, dtype
         Where and in what dtype the model runs (K, dense-layer V, seq_lens live on ``device``).
-    topn : int
-        ``N``, the V rows each decode step reads per head (>= 1).
-    group_select : bool
-        One index set per KV head, chosen by the mass of the whole GQA group (DESIGN.md §3).
-    renormalize : bool
-        Softmax over the top N (True) or the full-softmax weights with the rest dropped (False).
-    dense_layers : iterable of int
-        Layers that keep K and V on the device and attend exactly.
+    options : KCacheOptions
+        N, group select, renormalization, dense layers; checked here against the model's layer
+        count and the device (a bad option fails when the cache is built).
 
     Attributes
     ----------
@@ -74,27 +70,17 @@ class KCache:
         (see :meth:`attention_mass`). Off by default; costs a few small device ops per layer.
     """
 
-    def __init__(self, config, batch, capacity, device, dtype, topn=64, group_select=False,
-                 renormalize=True, dense_layers=(), **unknown):
-        if unknown:
-            raise TypeError(f"KCache: unknown option(s) {', '.join(sorted(unknown))}; the options "
-                            "are topn, group_select, renormalize, dense_layers")
-        if isinstance(topn, bool) or not isinstance(topn, int) or topn < 1:
-            raise ValueError(f"KCache: topn must be an integer >= 1, got {topn!r}")
-        if capacity < 1 or batch < 1:
-            raise ValueError(f"KCache: batch and capacity must be >= 1, got {batch} and {capacity}")
-        n_layers = config.num_layers
-        dense_layers = frozenset(dense_layers)
-        outside = sorted(i for i in dense_layers if not 0 <= i < n_layers)
-        if outside:
-            raise ValueError(f"KCache: dense_layers {outside} out of range for a model of "
-                             f"{n_layers} layers (0..{n_layers - 1})")
+    def __init__(self, config, batch, capacity, device, dtype, options=KCacheOptions()):
+        if not isinstance(options, KCacheOptions):
+            raise TypeError(f"KCache: options must be a KCacheOptions, got "
+                            f"{type(options).__name__}")
         self.device = torch.device(device)
+        options.check(config.num_layers, self.device)
+        self.lengths = SeqLengths("KCache", batch, capacity, self.device)
+        n_layers = config.num_layers
+        self.config = config
         self.capacity = capacity
-        self.topn = topn
-        self.group_select = group_select
-        self.renormalize = renormalize
-        self.dense_layers = dense_layers
+        self.options = options
         self.record_mass = False
         shape = (batch, config.num_kv_heads, capacity, config.head_dim)  # [B, Hkv, S, D]
         # zeros on the device: the exact attention of dense layers multiplies masked rows by 0,
@@ -102,22 +88,22 @@ class KCache:
         self.k = [torch.zeros(shape, device=self.device, dtype=dtype)
                   for _ in range(n_layers)]  # each [B, Hkv, S, D], device
         self.v_device = {i: torch.zeros(shape, device=self.device, dtype=dtype)
-                         for i in sorted(dense_layers)}  # each [B, Hkv, S, D], device
+                         for i in options.dense_layers}  # each [B, Hkv, S, D], device
         self.v_host = {i: alloc_host(shape, dtype) for i in range(n_layers)
-                       if i not in dense_layers}  # each [B, Hkv, S, D], host RAM
+                       if i not in options.dense_layers}  # each [B, Hkv, S, D], host RAM
         on_cuda = self.device.type == "cuda"
         # what kernels on `device` write V through: the mapped view on CUDA, the tensor on the CPU
         self._v_writable = {i: _mapped_view(v, self.device) if on_cuda else v
                             for i, v in self.v_host.items()}  # each [B, Hkv, S, D]
         self._copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
         self._v_copied = None  # CUDA event: every V hand-off queued so far has landed in host RAM
-        self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=self.device)  # [B]
-        self._attend_lens = self.seq_lens + 1  # [B] int32: keys a decode step attends over
-        self._rows = torch.arange(batch, device=self.device)  # [B]: batch index of the appends
-        self._longest = 0  # max(seq_lens), mirrored on the host so no step syncs to check capacity
-        self._prompt_len = 0
         self._mass_sum = torch.zeros(n_layers, dtype=torch.float32, device=self.device)  # [layers]
         self._mass_steps = [0] * n_layers
+
+    @property
+    def seq_lens(self):
+        """[B] int32 on the device: tokens cached per sequence."""
+        return self.lengths.seq_lens
 
     # -- prefill ---------------------------------------------------------------------------------
 
@@ -128,8 +114,7 @@ class KCache:
         -> out [B, Hq, T, D]. Call for each layer in order, then :meth:`finish_prefill`.
         """
         # the dense backend's attention: right padding makes plain causal exact on rows t < lens[b]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             enable_gqa=True)  # [B, Hq, T, D]
+        out = prompt_attention(q, k, v)  # [B, Hq, T, D]
         self.store_prompt(layer, k, v)  # after the attention: V's hand-off is ordered behind it
         return out
 
@@ -139,12 +124,9 @@ class KCache:
         K goes into device memory; V is handed off to host RAM (dense layers: kept on the device).
         """
         T = k.shape[2]
-        if T > self.capacity:
-            raise ValueError(f"KCache: capacity overflow: a prompt of {T} tokens does not fit the "
-                             f"capacity of {self.capacity} tokens")
-        self._prompt_len = T
+        self.lengths.store_prompt(T)
         self.k[layer][:, :, :T] = k
-        if layer in self.dense_layers:
+        if layer in self.options.dense_layers:
             self.v_device[layer][:, :, :T] = v
         else:
             self._hand_off_v(layer, v)
@@ -180,16 +162,7 @@ class KCache:
         if self._v_copied is not None:
             torch.cuda.current_stream(self.device).wait_event(self._v_copied)
             self._v_copied = None
-        longest = int(lens.max())
-        if longest > self._prompt_len:
-            raise ValueError(f"KCache: lens reach {longest} tokens but the prompt had "
-                             f"{self._prompt_len}")
-        self.seq_lens.copy_(lens)
-        self._set_lengths(longest)
-
-    def _set_lengths(self, longest):
-        self._longest = longest
-        self._attend_lens = self.seq_lens + 1  # [B] int32
+        self.lengths.finish_prefill(lens)
 
     # -- decode ----------------------------------------------------------------------------------
 
@@ -199,32 +172,27 @@ class KCache:
         q [B, Hq, D], k/v [B, Hkv, D] -> out [B, Hq, D]. KCache layers: exact scores over all
         keys, top N, N V rows from host RAM. Dense layers: exact attention on the device.
         """
-        if self._longest >= self.capacity:
-            raise ValueError(f"KCache: capacity overflow: a sequence of {self._longest} tokens "
-                             f"cannot grow past the capacity of {self.capacity} tokens")
-        pos = self.seq_lens.long()  # [B]
+        lengths = self.lengths
+        lengths.check_room()
+        if layer in self.options.dense_layers:
+            return append_and_attend(lengths, self.k[layer], self.v_device[layer], q, k, v)
+        pos = lengths.seq_lens.long()  # [B]
         k_cache = self.k[layer]  # [B, Hkv, S, D]
-        k_cache[self._rows, :, pos] = k
-        if layer in self.dense_layers:
-            v_cache = self.v_device[layer]  # [B, Hkv, S, D]
-            v_cache[self._rows, :, pos] = v
-            width = self._longest + 1
-            return exact_decode_attention(q, k_cache[:, :, :width], v_cache[:, :, :width],
-                                 self._attend_lens)
+        k_cache[lengths.rows, :, pos] = k
         # same stream as sparse_attn_v below, which may pick the new token among the top N
-        self._v_writable[layer][self._rows, :, pos] = v
-        scores, indices, lse = qk_topn(q, k_cache, self._attend_lens, self.topn,
-                                       group_select=self.group_select)  # [B,Hq,N] x2, [B,Hq]
+        self._v_writable[layer][lengths.rows, :, pos] = v
+        o = self.options
+        scores, indices, lse = qk_topn(q, k_cache, lengths.attend_lens, o.topn,
+                                       group_select=o.group_select)  # [B,Hq,N] x2, [B,Hq]
         if self.record_mass:
             mass = torch.exp(scores - lse[..., None]).sum(-1)  # [B, Hq]; padding adds 0
             self._mass_sum[layer] += mass.mean()
             self._mass_steps[layer] += 1
-        return sparse_attn_v(scores, indices, self.v_host[layer], lse, self.renormalize)
+        return sparse_attn_v(scores, indices, self.v_host[layer], lse, o.renormalize)
 
     def finish_decode(self):
         """Every sequence has one more token: seq_lens += 1."""
-        self.seq_lens += 1
-        self._set_lengths(self._longest + 1)
+        self.lengths.finish_decode()
 
     # -- accounting ------------------------------------------------------------------------------
 
@@ -236,11 +204,22 @@ class KCache:
         """Bytes of the V buffers held in host RAM (every layer but the dense ones)."""
         return sum(t.nbytes for t in self.v_host.values())
 
+    def host_bytes_read_per_step(self):
+        """Bytes a decode step moves between host RAM and the device: per KCache layer and
+        sequence, the N V rows of each query head (of each KV head with group select) read, and
+        the new token's V rows (one per KV head) written. An upper bound while a sequence holds
+        fewer than N tokens."""
+        c, o = self.config, self.options
+        heads = c.num_kv_heads if o.group_select else c.num_heads
+        rows = heads * o.topn + c.num_kv_heads  # read rows + appended rows
+        batch = self.lengths.seq_lens.shape[0]
+        return len(self.v_host) * batch * rows * c.head_dim * self.k[0].element_size()
+
     def attention_mass(self):
         """Running mean per layer of the attention mass the top N captured while ``record_mass``
         was on -> [num_layers] float32 on the CPU; 1 for dense layers (exact), NaN for a KCache
         layer with no recorded step."""
         steps = torch.tensor(self._mass_steps, dtype=torch.float32)  # [layers]
         mass = self._mass_sum.cpu() / steps  # [layers]
-        mass[sorted(self.dense_layers)] = 1.0
+        mass[list(self.options.dense_layers)] = 1.0
         return mass

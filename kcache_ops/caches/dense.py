@@ -1,0 +1,121 @@
+"""The ``dense`` cache: K and V of every layer in device memory, exact attention by SDPA. Its
+decode step (:func:`append_and_attend`) also serves KCache's dense layers."""
+import torch
+import torch.nn.functional as F
+
+from .lengths import SeqLengths
+
+
+def exact_decode_attention(q, keys, values, lens):
+    """Exact attention of one new token per sequence over its first ``lens[b]`` keys.
+
+    q [B, Hq, D], keys and values [B, Hkv, L, D], lens [B] int (<= L) -> out [B, Hq, D].
+    The G query heads of a KV head go in as G query rows of that head, so K and V are read once
+    per KV head and any SDPA kernel that takes a mask serves (no GQA support needed).
+    """
+    b, hq, d = q.shape
+    hkv, length = keys.shape[1], keys.shape[2]
+    valid = torch.arange(length, device=q.device) < lens[:, None]       # [B, L] bool
+    out = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), keys, values,
+                                         attn_mask=valid[:, None, None])  # [B, Hkv, G, D]
+    return out.reshape(b, hq, d)
+
+
+def append_and_attend(lengths, k_cache, v_cache, q, k, v):
+    """One decode step of a layer held whole on the device: store the new token's k and v
+    [B, Hkv, D] at position ``seq_lens[b]`` of k_cache and v_cache [B, Hkv, S, D], then attend
+    exactly over ``seq_lens[b] + 1`` tokens; q [B, Hq, D] -> out [B, Hq, D].
+
+    ``lengths`` is the cache's :class:`SeqLengths`; only the first ``longest + 1`` keys are read.
+    """
+    pos = lengths.seq_lens.long()  # [B]
+    k_cache[lengths.rows, :, pos] = k
+    v_cache[lengths.rows, :, pos] = v
+    width = lengths.longest + 1
+    return exact_decode_attention(q, k_cache[:, :, :width], v_cache[:, :, :width],
+                                  lengths.attend_lens)
+
+
+def prompt_attention(q, k, v):
+    """Causal attention over right-padded prompts, the prefill of every cache: q [B, Hq, T, D],
+    k and v [B, Hkv, T, D] -> [B, Hq, T, D], exact on every row ``t < lens[b]``."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+class DenseCache:
+    """Full K and V of every layer in device memory, attention by SDPA: the baseline backend.
+
+    Parameters
+    ----------
+    config : kcache_ops.model.config.LlamaConfig
+        Uses ``num_layers``, ``num_kv_heads``, ``head_dim``.
+    batch, capacity : int
+        Sequences ``B``, and tokens ``S`` per sequence the cache can hold.
+    device, dtype
+        Of the cached K and V (the model's).
+
+    Attributes
+    ----------
+    k, v : list of Tensor [B, Hkv, S, D], one per layer, on ``device``
+    seq_lens : Tensor [B] int32 on ``device``
+    """
+
+    def __init__(self, config, batch, capacity, device, dtype):
+        self.lengths = SeqLengths("DenseCache", batch, capacity, device)
+        self.capacity = capacity
+        shape = (batch, config.num_kv_heads, capacity, config.head_dim)  # [B, Hkv, S, D]
+        # zeros, not empty: masked positions get weight 0, and 0 * NaN from stale memory is NaN
+        self.k = [torch.zeros(shape, device=device, dtype=dtype)            # [B, Hkv, S, D] each
+                  for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype)            # [B, Hkv, S, D] each
+                  for _ in range(config.num_layers)]
+
+    @property
+    def seq_lens(self):
+        """[B] int32 on the device: tokens cached per sequence."""
+        return self.lengths.seq_lens
+
+    def store_prompt(self, layer, k, v):
+        """Store a prompt's k and v [B, Hkv, T, D] (RoPE applied, right-padded, T <= capacity)
+        for ``layer`` without attending; call it for every layer, then :meth:`finish_prefill`."""
+        t = k.shape[2]
+        self.lengths.store_prompt(t)
+        self.k[layer][:, :, :t] = k
+        self.v[layer][:, :, :t] = v
+
+    def prefill(self, layer, q, k, v, lens):
+        """Causal attention over the prompt and store its K/V.
+
+        q [B, Hq, T, D], k and v [B, Hkv, T, D], lens [B] int32 -> out [B, Hq, T, D]. Prompts are
+        right-padded, so plain causal attention is exact on every row ``t < lens[b]``.
+        """
+        self.store_prompt(layer, k, v)
+        return prompt_attention(q, k, v)
+
+    def finish_prefill(self, lens):
+        """After the last layer's prompt: ``seq_lens = lens`` ([B] int32, copied)."""
+        self.lengths.finish_prefill(lens)
+
+    def decode(self, layer, q, k, v):
+        """Store one new token per sequence and attend over all cached tokens.
+
+        q [B, Hq, D], k and v [B, Hkv, D] -> out [B, Hq, D].
+        """
+        self.lengths.check_room()
+        return append_and_attend(self.lengths, self.k[layer], self.v[layer], q, k, v)
+
+    def finish_decode(self):
+        """After the last layer's decode: every sequence holds one more token."""
+        self.lengths.finish_decode()
+
+    def device_bytes(self):
+        """Bytes of device memory held by the cached K and V."""
+        return sum(t.nbytes for t in self.k + self.v)
+
+    def host_bytes(self):
+        """Bytes of host memory held (none: dense keeps everything on the device)."""
+        return 0
+
+    def host_bytes_read_per_step(self):
+        """Bytes a decode step moves between host RAM and the device (none)."""
+        return 0

@@ -1,0 +1,113 @@
+"""The options of KCache, defined once: their defaults, their validation, their labels in reports,
+their JSON form and (through :mod:`kcache_ops.cli.args`) their command-line flags.
+
+A new option is one more field of :class:`KCacheOptions`: its default, a ``help`` line (the flag's
+help; the default is added) and a ``short`` name (its part of a label) in the field's metadata, and its check in
+``__post_init__`` (or in :meth:`KCacheOptions.check` where it depends on the model or device). The
+flag, the label, the JSON round trip and the eval grid's ordering follow from the field.
+"""
+from dataclasses import dataclass, field, fields
+
+import torch
+
+# kMaxTopN in csrc/cuda/qk_topn_kernel.cuh: the CUDA select sorts at most this many candidates per
+# head in shared memory, so N may not exceed it on a CUDA device (the CPU path has no limit).
+MAX_TOPN = 4096
+
+
+@dataclass(frozen=True)
+class KCacheOptions:
+    """How KCache selects and weights the V rows of a decode step (DESIGN.md §3).
+
+    topn : int >= 1 (<= MAX_TOPN on CUDA)
+        ``N``, the V rows each decode step reads per head (per KV head with ``group_select``).
+    group_select : bool
+        One index set per KV head, chosen by the attention mass of its whole GQA group.
+    renormalize : bool
+        Softmax over the top N (True), or the full-softmax weights with the rest dropped (False).
+    dense_layers : tuple of int, sorted, no repeats
+        Layers that keep K and V on the device and attend exactly (any iterable is accepted and
+        normalized; the range is checked against the model by :meth:`check`).
+    """
+    topn: int = field(default=64, metadata={
+        "short": "N", "help": "V rows read per head and decode step"})
+    group_select: bool = field(default=False, metadata={
+        "short": "gs", "help": "one index set per KV head (GQA group)"})
+    renormalize: bool = field(default=True, metadata={
+        "short": "rn", "help": "full-softmax weights, the mass outside the top N dropped"})
+    dense_layers: tuple = field(default=(), metadata={
+        "short": "dl", "help": "comma-separated layers that keep V on the device, e.g. 0,1"})
+
+    def __post_init__(self):
+        if isinstance(self.topn, bool) or not isinstance(self.topn, int) or self.topn < 1:
+            raise ValueError(f"KCache: topn must be an integer >= 1, got {self.topn!r}")
+        for name in ("group_select", "renormalize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"KCache: {name} must be a bool, got {getattr(self, name)!r}")
+        layers = tuple(self.dense_layers)
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+            raise ValueError(f"KCache: dense_layers must be integers, got {layers!r}")
+        object.__setattr__(self, "dense_layers", tuple(sorted(set(layers))))
+
+    def check(self, num_layers, device):
+        """Raise ValueError where the options do not fit a model of ``num_layers`` layers on
+        ``device``: a dense layer out of range, or N above the CUDA limit (:data:`MAX_TOPN`)."""
+        outside = [i for i in self.dense_layers if not 0 <= i < num_layers]
+        if outside:
+            raise ValueError(f"KCache: dense_layers {outside} out of range for a model of "
+                             f"{num_layers} layers (0..{num_layers - 1})")
+        if torch.device(device).type == "cuda" and self.topn > MAX_TOPN:
+            raise ValueError(f"KCache: topn must be at most {MAX_TOPN} on CUDA, got {self.topn}")
+
+    @property
+    def variant(self):
+        """The options other than N that differ from the defaults, as a label: "default" or
+        e.g. "gs, rn=0, dl=0,1"."""
+        return ", ".join(self._parts()[1:]) or "default"
+
+    @property
+    def label(self):
+        """A short label of every option that is not at its default, N always: e.g.
+        "N=64 gs rn=0 dl=0,1"."""
+        return " ".join(self._parts())
+
+    def _parts(self):
+        parts = []
+        for f in fields(self):
+            value, short = getattr(self, f.name), f.metadata["short"]
+            if f.name == "topn":
+                parts.append(f"{short}={value}")
+            elif value == f.default:
+                continue
+            elif isinstance(value, bool):
+                parts.append(short if value else f"{short}=0")
+            else:
+                parts.append(f"{short}={','.join(map(str, value))}")
+        return parts
+
+    def summary(self):
+        """Every option as ``name=value``, e.g. "topn=64, group_select=False, ...": for people."""
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+
+    def to_dict(self):
+        """The options as a JSON-ready dict (``dense_layers`` a list)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, options):
+        """The inverse of :meth:`to_dict` (also takes keyword options given by name); an unknown
+        name raises TypeError listing the options."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(f"KCache: unknown option(s) {', '.join(unknown)}; the options are "
+                            f"{', '.join(names)}")
+        return cls(**options)
+
+    def distance(self):
+        """How far from the defaults: (options other than N changed, N changed, N), the order in
+        which the eval grid runs its configurations (the most telling first)."""
+        default = type(self)()
+        changed = sum(getattr(self, f.name) != f.default for f in fields(self) if f.name != "topn")
+        return changed, self.topn != default.topn, self.topn

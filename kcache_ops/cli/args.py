@@ -1,0 +1,76 @@
+"""The command-line arguments the commands share: the model, device and dtype; the KCache options
+(one flag per field of KCacheOptions, generated from the field); integer lists."""
+import argparse
+from dataclasses import fields
+
+from ..caches import KCacheOptions
+from ..devices import DTYPES
+
+
+def int_list(text):
+    """'0,1' -> (0, 1)."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def add_model_arguments(parser):
+    """--model, and the device arguments (:func:`add_device_arguments`)."""
+    parser.add_argument("--model", help="a .gguf file or a Hugging Face folder "
+                                        "(default: the embedded SmolLM2-135M-Instruct)")
+    add_device_arguments(parser)
+
+
+def add_device_arguments(parser, dtype_default=None):
+    """--device, --dtype (default ``dtype_default``; None: bfloat16 on CUDA, float32 on the CPU,
+    as load_model picks)."""
+    parser.add_argument("--device", help="default: cuda where available, else cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=dtype_default,
+                        help=f"default: {dtype_default}" if dtype_default else
+                        "default: bfloat16 on CUDA, float32 on the CPU")
+
+
+def dtype_of(args):
+    """The torch dtype of --dtype, or None where it was not given."""
+    return DTYPES[args.dtype] if args.dtype else None
+
+
+def _flag(f):
+    """The flag of a KCacheOptions field: --name, or --no-name for a bool that defaults to True."""
+    name = f.name.replace("_", "-")
+    return f"--no-{name}" if f.default is True else f"--{name}"
+
+
+def add_kcache_arguments(parser, skip=()):
+    """One flag per KCacheOptions field (but those in ``skip``): --topn, --group-select,
+    --no-renormalize, --dense-layers. Unset flags stay None, so :func:`kcache_options` can tell
+    what was given."""
+    group = parser.add_argument_group("KCache options")
+    for f in fields(KCacheOptions):
+        if f.name in skip:
+            continue
+        help_text = f.metadata["help"]
+        if isinstance(f.default, bool):
+            group.add_argument(_flag(f), dest=f.name, action="store_const", const=not f.default,
+                               help=help_text)
+        elif isinstance(f.default, tuple):
+            group.add_argument(_flag(f), dest=f.name, type=int_list, help=help_text)
+        else:
+            group.add_argument(_flag(f), dest=f.name, type=type(f.default),
+                               help=f"{help_text} (default {f.default})")
+
+
+def given_kcache_options(args):
+    """{field: value} of the KCache flags given on the command line."""
+    return {f.name: getattr(args, f.name) for f in fields(KCacheOptions)
+            if getattr(args, f.name, None) is not None}
+
+
+def kcache_options(args):
+    """KCacheOptions from the flags given (the defaults for the rest); a bad value exits with
+    the error."""
+    try:
+        return KCacheOptions(**given_kcache_options(args))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e

@@ -1,0 +1,50 @@
+"""The results layer: the folder results go to, the machine a run ran on, and the JSON files the
+``eval`` and ``bench`` commands and the scripts in bench/ write there (REPORT.md is generated from
+them by :mod:`kcache_ops.report`)."""
+import json
+import os
+import platform
+
+import torch
+
+# bench/results of the source tree (the package is imported from its checkout: `make build`).
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                           "results")
+
+
+def machine(device):
+    """What a run ran on -> {"cpu": model name, "cores": torch threads, "torch": version,
+    "device": str(device), and "gpu": its name where ``device`` is a CUDA device}."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__,
+            "device": str(device)}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def ran_on(m, tail=""):
+    """The machine line of a report section from a :func:`machine` dict ``m``: CPU, threads,
+    device (GPU name), torch, then ``tail``."""
+    return (f"Ran on {m['cpu']} (torch threads: {m['cores']}), device {m['device']}"
+            f"{', ' + m['gpu'] if 'gpu' in m else ''}, torch {m['torch']}{tail}")
+
+
+def write_json(path, obj):
+    """Write ``obj`` as JSON to ``path``, creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def load_json(path):
+    """The JSON object at ``path``, or None where the file is not there."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,15 @@
+"""Decode throughput of the reference decoder with the ``dense`` backend against KCache at one
+device-memory budget (``python -m kcache_ops bench``): random bf16 weights (their values do not
+change the timing), Llama-3-8B and SmolLM2-135M shapes, contexts 8K / 32K / 64K.
+
+For each (model, context) and backend: the largest batch whose cache fits the budget (from the
+cache's own bytes per token: dense holds K and V on the device, KCache holds K plus the V of its
+dense layers), the prefill timed at batch 1 and the decode timed at that batch, device and host
+memory, and the bytes crossing PCIe per decode step (the cache's ``host_bytes_read_per_step``).
+In the same run, Hugging Face transformers' LlamaForCausalLM (static cache, SDPA) decodes the dense
+shape, so the dense baseline is checked against a common implementation.
+
+shapes.py: the model shapes and random-weight models; measure.py: the timing and the budget
+fitting; transformers_baseline.py: the transformers comparison; report.py: the REPORT.md section
+and the plot.
+"""

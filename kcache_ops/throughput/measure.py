@@ -1,0 +1,159 @@
+"""The throughput measurement: the largest batch of each backend that fits the device-memory
+budget, the prefill and decode timings, the memory and PCIe traffic of each (model, context,
+backend), and the transformers comparison of the dense rows."""
+import time
+
+import torch
+
+from ..caches import make_cache
+from ..devices import sync
+from .shapes import SHAPES, random_model
+from .transformers_baseline import compare_with_hf
+
+GiB = 2 ** 30
+
+
+def new_cache(model, backend, options, batch, capacity):
+    """A cache of ``backend`` (``options`` for kcache) for ``model``."""
+    return make_cache(backend, model.config, batch, capacity, model.device, model.dtype, options)
+
+
+def bytes_per_token(model, backend, options):
+    """(device bytes, host bytes) one token of one sequence costs in a cache of ``backend``."""
+    cache = new_cache(model, backend, options, 1, 1)
+    return cache.device_bytes(), cache.host_bytes()
+
+
+@torch.inference_mode()
+def time_prefill(model, backend, options, context):
+    """Seconds of one prefill of ``context`` random tokens at batch 1 (after a 64-token
+    warm-up prefill)."""
+    for length in (min(64, context), context):
+        cache = new_cache(model, backend, options, 1, length + 1)
+        tokens = torch.randint(0, model.config.vocab_size, (1, length),
+                               device=model.device)  # [1, T]
+        lens = torch.full((1,), length, dtype=torch.int32, device=model.device)  # [1]
+        sync(model.device)
+        start = time.perf_counter()
+        model.prefill(tokens, lens, cache)
+        sync(model.device)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def time_decode(model, backend, options, batch, context, steps):
+    """Fill a cache of ``batch`` sequences with ``context`` random K/V rows, then time ``steps``
+    decode steps -> (seconds per step, the cache, peak device bytes)."""
+    c, device = model.config, model.device
+    cache = new_cache(model, backend, options, batch, context + steps + 2)
+    kv = torch.randn(batch, c.num_kv_heads, context, c.head_dim, device=device,
+                     dtype=model.dtype)  # [B, Hkv, T, D]; the same rows serve every layer
+    for layer in range(c.num_layers):
+        cache.store_prompt(layer, kv, kv)
+    del kv
+    cache.finish_prefill(torch.full((batch,), context, dtype=torch.int32, device=device))
+    token = torch.randint(0, c.vocab_size, (batch,), device=device)  # [B]
+    model.decode(token, cache)  # warm-up
+    model.decode(token, cache)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        model.decode(token, cache)
+    sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
+    return seconds, cache, peak
+
+
+def host_available():
+    """Bytes of host RAM available (MemAvailable), or None where /proc/meminfo is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+        return kib * 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def device_budget(device, budget_gb=None, reserve_gb=6.0):
+    """The device-memory budget for the cache in bytes: ``budget_gb`` where given, else what is
+    free on a CUDA device less ``reserve_gb``."""
+    if budget_gb is not None:
+        return int(budget_gb * 1e9)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return int(torch.cuda.mem_get_info(device)[0] - reserve_gb * 1e9)
+    raise ValueError("give a budget (GB) on the CPU")
+
+
+def fit_batch(model, backend, options, capacity, budget, host_budget, max_batch):
+    """The largest batch (<= ``max_batch``) whose cache of ``capacity`` tokens per sequence fits
+    ``budget`` device bytes and ``host_budget`` host bytes (None: unchecked); 0 if none fits."""
+    per_token, host_per_token = bytes_per_token(model, backend, options)
+    batch = min(max_batch, budget // (per_token * capacity))
+    if host_per_token and host_budget is not None:
+        batch = min(batch, host_budget // (host_per_token * capacity))
+    return batch
+
+
+def measure(models, contexts, device, dtype, options, steps, budget_gb=None, reserve_gb=6.0,
+            max_batch=256, hf=True, log=print):
+    """Every (model shape name, context) with ``dense`` and KCache (``options``) -> list of row
+    dicts (model, context, backend, batch, options, budget_bytes, cache_device_bytes,
+    host_bytes, peak_device_bytes, prefill_tok_s, decode_step_ms, decode_tok_s,
+    pcie_bytes_per_step; vs_dense for KCache, hf_decode_tok_s and dense_vs_hf for dense where
+    transformers ran). ``log`` gets one line per configuration."""
+    rows = []
+    host_budget = host_available()
+    host_budget = None if host_budget is None else int(0.8 * host_budget)
+    for name in models:
+        config = SHAPES[name]
+        model = random_model(config, device, dtype)
+        budget = device_budget(device, budget_gb, reserve_gb)
+        log(f"# {name}: budget {budget / GiB:.3f} GiB for the cache")
+        dense_rows = []
+        for context in contexts:
+            dense_row = None
+            for backend, backend_options in (("dense", None), ("kcache", options)):
+                batch = fit_batch(model, backend, backend_options, context + steps + 2, budget,
+                                  host_budget, max_batch)
+                if batch < 1:
+                    log(f"{name:13s} ctx {context:6d} {backend:6s}: one sequence does not fit "
+                        f"the budget")
+                    continue
+                prefill_s = time_prefill(model, backend, backend_options, context)
+                step_s, cache, peak = time_decode(model, backend, backend_options, batch,
+                                                  context, steps)
+                row = {"model": name, "context": context, "backend": backend, "batch": batch,
+                       "options": backend_options.to_dict() if backend_options else {},
+                       "budget_bytes": budget, "cache_device_bytes": cache.device_bytes(),
+                       "host_bytes": cache.host_bytes(), "peak_device_bytes": peak,
+                       "prefill_tok_s": context / prefill_s, "decode_step_ms": 1e3 * step_s,
+                       "decode_tok_s": batch / step_s,
+                       "pcie_bytes_per_step": cache.host_bytes_read_per_step()}
+                del cache
+                if backend == "dense":
+                    dense_row = row
+                    dense_rows.append(row)
+                elif dense_row is not None:
+                    row["vs_dense"] = row["decode_tok_s"] / dense_row["decode_tok_s"]
+                rows.append(row)
+                log(row_line(row))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if hf and dense_rows:
+            compare_with_hf(config, device, dtype, dense_rows, steps, log)
+    return rows
+
+
+def row_line(row):
+    """One printed line per configuration."""
+    return (f"{row['model']:13s} ctx {row['context']:6d} {row['backend']:6s} batch "
+            f"{row['batch']:4d}  prefill {row['prefill_tok_s']:9.0f} tok/s  decode "
+            f"{row['decode_tok_s']:9.1f} tok/s ({row['decode_step_ms']:.1f} ms/step)  cache dev "
+            f"{row['cache_device_bytes'] / GiB:.3f} GiB  host {row['host_bytes'] / GiB:.3f} GiB  "
+            f"PCIe {row['pcie_bytes_per_step'] / 2**20:.2f} MiB/step"
+            + (f"  vs dense {row['vs_dense']:.2f}x" if "vs_dense" in row else ""))

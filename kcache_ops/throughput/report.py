@@ -1,0 +1,55 @@
+"""The throughput section of bench/results/REPORT.md (assembled by :mod:`kcache_ops.report`) and
+its plot, from the ``bench`` command's JSON."""
+from ..results import ran_on
+
+BENCH_JSON, BENCH_PLOT = "bench.json", "bench_throughput.png"
+
+
+def bench_section(data):
+    """Markdown of the throughput benchmark (the JSON of ``python -m kcache_ops bench``)."""
+    m = data["machine"]
+    out = ["## Throughput (reference decoder, random weights)", "",
+           ran_on(m, f", transformers {m['transformers']}." if m.get("transformers") else "."),
+           f"Command: `{data['command']}`", ""]
+    if data.get("small"):
+        out += ["**This is the CPU smoke run at tiny sizes (`--small`)**: it tests the machinery, "
+                "its numbers say nothing about a GPU. The GPU run is still to be done (command "
+                "below).", ""]
+    out += ["| model | context | backend | batch | budget GiB | cache dev GiB | host GiB | "
+            "prefill tok/s | decode tok/s | transformers tok/s | PCIe MiB/step | vs dense |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    gib = 2 ** 30
+    for r in data["rows"]:
+        hf = (f"{r['hf_decode_tok_s']:.1f} (dense {r['dense_vs_hf']:.2f}× of it)"
+              if "hf_decode_tok_s" in r else "—")
+        ratio = f"{r['vs_dense']:.2f}×" if "vs_dense" in r else "—"
+        out.append(f"| {r['model']} | {r['context']} | {r['backend']} | {r['batch']} | "
+                   f"{r['budget_bytes'] / gib:.3f} | {r['cache_device_bytes'] / gib:.3f} | "
+                   f"{r['host_bytes'] / gib:.3f} | {r['prefill_tok_s']:.0f} | "
+                   f"{r['decode_tok_s']:.1f} | {hf} | {r['pcie_bytes_per_step'] / 2**20:.2f} | "
+                   f"{ratio} |")
+    out += ["", f"![throughput vs context]({BENCH_PLOT})", ""]
+    return out
+
+
+def plot(rows, path):
+    """Decode tokens/s against context, one curve per (model, backend)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in sorted({(r["model"], r["backend"]) for r in rows}):
+        pts = sorted((r["context"], r["decode_tok_s"]) for r in rows
+                     if (r["model"], r["backend"]) == key)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{key[0]} {key[1]}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode tokens/s (whole batch)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Decode throughput at one device-memory budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,80 @@
+"""The dense baseline checked against a common implementation: Hugging Face transformers'
+LlamaForCausalLM (static cache, SDPA) of the same shape, timed at the dense rows' batch and
+context."""
+import time
+
+import torch
+
+from ..devices import sync
+
+
+def hf_model(config, device, dtype, max_len):
+    """transformers' LlamaForCausalLM of ``config`` (SDPA attention, random weights) on
+    ``device`` in ``dtype``, or None where transformers is not installed. RoPE scaling is left at
+    the default (it does not change the timing)."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim, max_position_embeddings=max_len,
+        tie_word_embeddings=config.tie_word_embeddings, attn_implementation="sdpa")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return transformers.LlamaForCausalLM(hf_config).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+@torch.inference_mode()
+def time_hf(model, batch, context, steps):
+    """Seconds per decode step of the transformers ``model`` with a StaticCache of
+    ``context + steps + 2`` tokens at ``batch``.
+
+    A 16-token prefill fills the cache's first rows; the timed steps then write at positions
+    ``context`` on: a static cache attends over its whole length, so the cost is that of a full
+    cache."""
+    import transformers
+    device = model.device
+    cache = transformers.StaticCache(config=model.config, max_cache_len=context + steps + 2)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 16), device=device)  # [B, 16]
+    model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(16, device=device),
+          use_cache=True, logits_to_keep=1)
+    token = ids[:, :1]  # [B, 1]
+
+    def step(pos):
+        model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1,
+              cache_position=torch.tensor([pos], device=device))
+    step(context)  # warm-up
+    step(context + 1)
+    sync(device)
+    start = time.perf_counter()
+    for t in range(steps):
+        step(context + 2 + t)
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def compare_with_hf(config, device, dtype, dense_rows, steps, log=print):
+    """Time transformers at the batch and context of each dense row (our model already freed, so
+    both fit the same memory) and add ``hf_decode_tok_s`` and ``dense_vs_hf`` to the rows."""
+    model = hf_model(config, device, dtype, max(r["context"] for r in dense_rows) + steps + 2)
+    if model is None:
+        return
+    for row in dense_rows:
+        try:
+            hf_s = time_hf(model, row["batch"], row["context"], steps)
+        except torch.OutOfMemoryError as e:
+            row["hf_error"] = f"out of memory: {e}".splitlines()[0]
+            log(f"{row['model']:13s} ctx {row['context']:6d} transformers: {row['hf_error']}")
+            continue
+        row["hf_decode_tok_s"] = row["batch"] / hf_s
+        row["dense_vs_hf"] = hf_s / (row["decode_step_ms"] / 1e3)
+        log(f"{row['model']:13s} ctx {row['context']:6d} transformers batch {row['batch']:4d}  "
+            f"decode {row['hf_decode_tok_s']:9.1f} tok/s  (dense backend "
+            f"{row['dense_vs_hf']:.2f}x of it)")

@@ -1,0 +1,89 @@
+"""KCacheOptions: defaults, validation when built and when a cache is built, labels, the JSON round
+trip, the CUDA limit on N matching the C++ constant; the protocol and host traffic of both caches;
+the shared command-line flags."""
+import argparse
+import pathlib
+import re
+
+import pytest
+import torch
+
+from kcache_ops.caches import MAX_TOPN, Cache, KCacheOptions, make_cache
+from kcache_ops.cli.args import add_kcache_arguments, given_kcache_options, kcache_options
+from kcache_ops.model import LlamaConfig
+
+CONFIG = LlamaConfig(vocab_size=16, hidden_size=256, intermediate_size=48, num_layers=3,
+                     num_heads=4, num_kv_heads=2, head_dim=64)
+KERNEL = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "qk_topn_kernel.cuh"
+
+
+def test_defaults_and_normalization():
+    o = KCacheOptions(dense_layers=[2, 0, 2])
+    assert (o.topn, o.group_select, o.renormalize, o.dense_layers) == (64, False, True, (0, 2))
+    assert o == KCacheOptions(dense_layers=(0, 2)) and hash(o) == hash(KCacheOptions(
+        dense_layers=(2, 0)))
+    with pytest.raises(AttributeError):
+        o.topn = 8  # frozen
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"topn": 0}, "topn must be an integer >= 1, got 0"),
+    ({"topn": True}, "topn must be an integer >= 1, got True"),
+    ({"group_select": 1}, "group_select must be a bool, got 1"),
+    ({"dense_layers": ("0",)}, "dense_layers must be integers"),
+])
+def test_bad_values_fail_when_built(options, message):
+    with pytest.raises(ValueError, match=message):
+        KCacheOptions(**options)
+
+
+def test_model_dependent_checks_fail_when_the_cache_is_built():
+    with pytest.raises(ValueError, match=r"dense_layers \[3\] out of range .* 3 layers"):
+        make_cache("kcache", CONFIG, 1, 8, "cpu", torch.float32, KCacheOptions(dense_layers=(3,)))
+    big = KCacheOptions(topn=MAX_TOPN + 1)
+    big.check(CONFIG.num_layers, "cpu")  # the CPU path has no limit on N
+    with pytest.raises(ValueError, match=f"at most {MAX_TOPN} on CUDA, got {MAX_TOPN + 1}"):
+        big.check(CONFIG.num_layers, "cuda")
+
+
+def test_max_topn_is_the_kernel_constant():
+    value = re.search(r"constexpr int kMaxTopN = (\d+);", KERNEL.read_text()).group(1)
+    assert MAX_TOPN == int(value)
+
+
+def test_labels_and_json():
+    o = KCacheOptions(topn=16, group_select=True, renormalize=False, dense_layers=(1, 0))
+    assert o.label == "N=16 gs rn=0 dl=0,1" and o.variant == "gs, rn=0, dl=0,1"
+    assert KCacheOptions().label == "N=64" and KCacheOptions(topn=8).variant == "default"
+    assert o.to_dict() == {"topn": 16, "group_select": True, "renormalize": False,
+                           "dense_layers": [0, 1]}
+    assert KCacheOptions.from_dict(o.to_dict()) == o
+    with pytest.raises(TypeError, match="unknown option.* top_n; the options are topn"):
+        KCacheOptions.from_dict({"top_n": 4})
+
+
+def test_both_caches_follow_the_protocol_and_report_host_traffic():
+    dense = make_cache("dense", CONFIG, 2, 8, "cpu", torch.float32)
+    kc = make_cache("kcache", CONFIG, 2, 8, "cpu", torch.bfloat16,
+                    KCacheOptions(topn=4, dense_layers=(1,)))
+    gs = make_cache("kcache", CONFIG, 2, 8, "cpu", torch.bfloat16,
+                    KCacheOptions(topn=4, group_select=True))
+    assert isinstance(dense, Cache) and isinstance(kc, Cache)
+    assert dense.host_bytes_read_per_step() == 0
+    # 2 KCache layers x 2 sequences x (4 query heads x 4 rows read + 2 rows written) x 64 x 2 B
+    assert kc.host_bytes_read_per_step() == 2 * 2 * (4 * 4 + 2) * 64 * 2
+    assert gs.host_bytes_read_per_step() == 3 * 2 * (2 * 4 + 2) * 64 * 2
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_kcache_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_flags_follow_the_fields():
+    args = parse(["--topn", "8", "--group-select", "--no-renormalize", "--dense-layers", "1,0"])
+    assert kcache_options(args) == KCacheOptions(8, True, False, (0, 1))
+    assert given_kcache_options(parse([])) == {} and kcache_options(parse([])) == KCacheOptions()
+    with pytest.raises(SystemExit, match="topn must be an integer >= 1, got 0"):
+        kcache_options(parse(["--topn", "0"]))

@@ -1,0 +1,26 @@
+"""The results layer: the machine description and its report line, the JSON files, and REPORT.md
+assembled from whichever JSON files are present (here only the GPU gather script's)."""
+from kcache_ops import report
+from kcache_ops.results import load_json, machine, ran_on, write_json
+
+
+def test_machine_and_json_round_trip(tmp_path):
+    m = machine("cpu")
+    assert {"cpu", "cores", "torch", "device"} <= set(m) and "gpu" not in m
+    assert ran_on(m, ".").startswith(f"Ran on {m['cpu']} (torch threads: {m['cores']}), device cpu")
+    path = tmp_path / "new" / "x.json"
+    write_json(path, {"machine": m, "rows": [1, 2]})
+    assert load_json(path) == {"machine": m, "rows": [1, 2]}
+    assert load_json(tmp_path / "missing.json") is None
+
+
+def test_report_from_the_gather_json_alone(tmp_path):
+    meta = {**machine("cpu"), "gpu": "Test GPU", "h2d_ceiling_GBs": 50.0}
+    rows = [{"row_bytes": 256, "rows_per_head": 64, "mem": "pinned", "GBs": 20.0,
+             "pct_ceiling": 40.0}]
+    write_json(tmp_path / report.GATHER_JSON, {"meta": meta, "rows": rows})
+    report.write(tmp_path)
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "Not run yet: `python -m kcache_ops eval`" in text and "## Throughput" in text
+    assert "Test GPU" in text and "H2D ceiling 50.0 GB/s" in text
+    assert "| 256 | 64 | pinned | 20.0 | 40% |" in text
