@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from kcache_ops.caches import KCacheOptions, make_cache
+
 transformers = pytest.importorskip("transformers")
 kt = pytest.importorskip("kcache_ops.integrations.transformers")
 
@@ -129,7 +131,8 @@ def test_small_n_matches_our_kcache(pair, name):
     right = torch.zeros(len(lens), max(lens), dtype=torch.long)
     for b, p in enumerate(prompts):
         right[b, :len(p)] = torch.tensor(p)
-    cache = ours.new_cache("kcache", len(lens), max(lens) + STEPS, **options)
+    cache = make_cache("kcache", ours.config, len(lens), max(lens) + STEPS, ours.device,
+                       ours.dtype, KCacheOptions(**options))
     with torch.no_grad():
         expected = [ours.prefill(right, torch.tensor(lens, dtype=torch.int32), cache)]
         for s in range(STEPS - 1):
@@ -204,6 +207,17 @@ def test_bad_options(options, match):
         kt.KCacheCache(model, **{"max_cache_len": 32, **options})
 
 
+def test_options_by_name_or_object():
+    model = kt.enable(tiny_model("llama"))
+    options = KCacheOptions(topn=8, group_select=True)
+    assert kt.KCacheCache(model, 32, options).options == options
+    assert kt.KCacheCache(model, 32, topn=8, group_select=True).options == options
+    with pytest.raises(TypeError, match="unknown option.*top_n"):
+        kt.KCacheCache(model, 32, top_n=8)
+    with pytest.raises(TypeError, match="not both"):
+        kt.KCacheCache(model, 32, options, topn=8)
+
+
 def test_refused_generation_features():
     model = kt.enable(tiny_model("llama"))
     ids = torch.randint(3, VOCAB, (1, 8))
@@ -229,7 +243,7 @@ def test_version_check():
 
 
 def test_kcache_ops_does_not_import_transformers():
-    code = ("import sys, kcache_ops, kcache_ops.cache, kcache_ops.integrations, kcache_ops.model; "
+    code = ("import sys, kcache_ops, kcache_ops.caches, kcache_ops.integrations, kcache_ops.model; "
             "sys.exit('transformers' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

@@ -11,7 +11,7 @@ How transformers' two extension points meet. Every attention layer of a Llama-fa
 ``update`` returned. :meth:`KCacheCache.update` stores nothing itself: it returns k and v as they
 came and notes them as the layer's pending call; :func:`kcache_attention` claims that call (the
 same key tensor object, so a call can only pair with its own update) and runs the layer through the
-cache's :class:`kcache_ops.cache.KCache`:
+cache's :class:`kcache_ops.caches.KCache`:
 
 * prefill (the first forward into an empty cache): exact attention — transformers' own SDPA
   function with transformers' mask — then each sequence's prompt K and V, compacted (its left
@@ -59,7 +59,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import sdpa_mask  # noqa: E402
 
-from ..cache import KCache  # noqa: E402
+from ..caches import KCache, KCacheOptions  # noqa: E402
 
 ATTN_IMPLEMENTATION = "kcache"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -186,12 +186,14 @@ class KCacheCache(Cache):
         Tokens per sequence the cache holds, the padded prompt and the new tokens together.
         Default: ``model.config.max_position_embeddings``. K is allocated on the model's device and
         V in host RAM for this many tokens at the prefill.
-    topn, group_select, renormalize, dense_layers
-        The options of :class:`kcache_ops.cache.KCache` (same names, same defaults).
+    options : kcache_ops.caches.KCacheOptions, optional
+        N, group select, renormalization, dense layers (DESIGN.md §3); or give them by name
+        (``topn=64, group_select=False, renormalize=True, dense_layers=()``), not both.
 
     Attributes
     ----------
-    kcache : kcache_ops.cache.KCache or None
+    options : KCacheOptions
+    kcache : kcache_ops.caches.KCache or None
         The cache of the current generation (None before the first prefill): K [B, Hkv, S, D] per
         layer on the device, V in host RAM, ``seq_lens`` [B] int32 without padding.
 
@@ -200,8 +202,12 @@ class KCacheCache(Cache):
     after the prefill (chunked prefill, continuing from a filled cache: call :meth:`reset` first).
     """
 
-    def __init__(self, model, max_cache_len=None, *, topn=64, group_select=False,
-                 renormalize=True, dense_layers=()):
+    def __init__(self, model, max_cache_len=None, options=None, **named_options):
+        if options is None:
+            options = KCacheOptions.from_dict(named_options)
+        elif named_options:
+            raise TypeError(f"KCacheCache: give the options as a KCacheOptions or by name, not "
+                            f"both (got options= and {', '.join(sorted(named_options))})")
         config = model.config
         if max_cache_len is None:
             max_cache_len = config.max_position_embeddings
@@ -216,14 +222,14 @@ class KCacheCache(Cache):
                 f"with attn_implementation={ATTN_IMPLEMENTATION!r} or call "
                 "kcache_ops.integrations.transformers.enable(model) first")
         n_layers = config.num_hidden_layers
+        options.check(n_layers, model.device)
         super().__init__(layers=[_KCacheLayer(self, i) for i in range(n_layers)])
         self.capacity = max_cache_len  # S: tokens per sequence (padded)
         self._config = config
         self._shape = SimpleNamespace(num_layers=n_layers, num_heads=config.num_attention_heads,
                                       num_kv_heads=config.num_key_value_heads,
                                       head_dim=_head_dim(config))
-        self._options = dict(topn=topn, group_select=group_select, renormalize=renormalize,
-                             dense_layers=tuple(dense_layers))
+        self.options = options
         self.kcache = None
         self._pending = None  # (layer, key tensor) of the update whose attention has not run
         self._prompt = None   # at the prefill: (order [B, T] long, lens [B] int32), device
@@ -269,7 +275,7 @@ class KCacheCache(Cache):
         """A new prefill: a fresh KCache for key's batch, device and dtype."""
         self.kcache = None  # free the previous generation's buffers before allocating
         self.kcache = KCache(self._shape, key.shape[0], self.capacity, key.device, key.dtype,
-                             **self._options)
+                             self.options)
 
     def reset(self):
         """Forget the cached tokens (the buffers go with them); the next forward is a prefill."""
