@@ -98,7 +98,7 @@ setup(
                            extra_compile_args=extra_compile_args, extra_link_args=["-fopenmp"])],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
-    # kcache_ops.integrations.transformers; gguf lets transformers load GGUF checkpoints
-    extras_require={"transformers": [transformers_requirement(), "gguf"]},
+    # kcache_ops.integrations.transformers; gguf and accelerate let transformers load GGUF files
+    extras_require={"transformers": [transformers_requirement(), "gguf", "accelerate"]},
     entry_points={"console_scripts": ["kcache-ops=kcache_ops.__main__:main"]},
 )
