@@ -97,7 +97,7 @@ def test_large_n_equals_dense(family):
     tokens, logits, cache = kcache_greedy(model, prompts, topn=64)
     torch.testing.assert_close(logits, dense_logits, atol=2e-5, rtol=1e-4)
     assert torch.equal(tokens, dense_tokens)
-    assert cache.host_bytes() > 0 and cache.kcache.seq_lens.tolist() == [9 + STEPS - 1,
+    assert cache.host_bytes() > 0 and cache.inner.seq_lens.tolist() == [9 + STEPS - 1,
                                                                          14 + STEPS - 1]
 
 

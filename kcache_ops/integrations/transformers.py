@@ -44,7 +44,8 @@ def check_transformers_version(found):
         raise ImportError(
             f"kcache_ops.integrations.transformers is tested with {TRANSFORMERS_REQUIREMENT}, but "
             f"transformers {found} is installed; install a tested version with "
-            f"pip install 'kcache_ops[transformers]' (or 'pip install \"{TRANSFORMERS_REQUIREMENT}\"')")
+            f"pip install 'kcache_ops[transformers]' (or pip install "
+            f"'{TRANSFORMERS_REQUIREMENT}')")
 
 
 try:
@@ -173,10 +174,151 @@ class _KCacheLayer(CacheLayerMixin):
         self._refuse("offloading (V already lives in host RAM)")
 
 
-class KCacheCache(Cache):
+class CacheBridge(Cache):
+    """A transformers cache whose attention layers run through one of kcache_ops' caches (their
+    protocol: ``store_prompt``, ``finish_prefill``, ``decode``, ``finish_decode``; see
+    kcache_ops.caches.protocol), for a model with ``attn_implementation="kcache"``.
+
+    :class:`KCacheCache` builds a KCache at each prefill; the transformers engine of the
+    evaluation (transformers_engine.py) hands in the cache it built itself.
+
+    Parameters
+    ----------
+    model : transformers PreTrainedModel
+        Llama, Mistral, Qwen2, Qwen3 (SmolLM is Llama); see :func:`check_model`.
+    capacity : int
+        Tokens per sequence transformers may put in, padding included.
+    inner : kcache_ops cache, optional
+        The cache to run through; None: made at the prefill by :meth:`_make_inner`.
+    seen : int
+        Tokens per sequence ``inner`` already holds as transformers counts them (0: the next
+        forward is the prefill).
+
+    Attributes
+    ----------
+    inner : kcache_ops cache or None
+        The cache the layers run through: K [B, Hkv, S, D] per layer on the device, V in host RAM
+        (KCache), ``seq_lens`` [B] int32 without padding.
+
+    Not supported (each raises NotImplementedError): beam search, more than one sequence per
+    prompt after the prefill, assisted/speculative generation, a forward of more than one token
+    after the prefill (chunked prefill, continuing from a filled cache: call :meth:`reset` first).
+    """
+
+    def __init__(self, model, capacity, inner=None, seen=0):
+        config = model.config
+        check_model(model, capacity)
+        if config._attn_implementation != ATTN_IMPLEMENTATION:
+            raise ValueError(
+                f"{type(self).__name__}: the model attends with {config._attn_implementation!r}; "
+                f"load it with attn_implementation={ATTN_IMPLEMENTATION!r} or call "
+                "kcache_ops.integrations.transformers.enable(model) first")
+        super().__init__(layers=[_KCacheLayer(self, i) for i in range(config.num_hidden_layers)])
+        for layer in self.layers:
+            layer.seen = seen
+        self.capacity = capacity  # S: tokens per sequence, padding included
+        self.inner = inner
+        self._config = config
+        self._pending = None  # (layer, key tensor) of the update whose attention has not run
+        self._prompt = None   # at the prefill: (order [B, T] long or None, lens [B] int32)
+
+    def _make_inner(self, batch, device, dtype):
+        """The cache a prefill of ``batch`` sequences runs into: the one given."""
+        if self.inner is None:
+            raise RuntimeError(f"{type(self).__name__}: no cache to prefill into")
+        return self.inner
+
+    # -- transformers' side ---------------------------------------------------------------------
+
+    def _update(self, layer, key, value):
+        """``update`` of layer ``layer`` with key/value [B, Hkv, T, D] (RoPE applied): checks, and
+        marks the call pending for :func:`kcache_attention`; returns (key, value) unchanged."""
+        name = type(self).__name__
+        if self._config._attn_implementation != ATTN_IMPLEMENTATION:
+            raise RuntimeError(f"{name}: the model now attends with "
+                               f"{self._config._attn_implementation!r}; it needs "
+                               f"attn_implementation={ATTN_IMPLEMENTATION!r}")
+        if self._pending is not None:
+            raise RuntimeError(f"{name}: the attention of layer {self._pending[0]} did not run "
+                               f"through attn_implementation={ATTN_IMPLEMENTATION!r}, or the "
+                               "forward stopped early; call reset() before reusing this cache")
+        seen, t = self.layers[layer].seen, key.shape[2]
+        if seen > 0 and t != 1:
+            raise NotImplementedError(
+                f"{name}: a forward of {t} tokens after the prefill (chunked prefill, assisted or "
+                "speculative generation, a continued conversation) is not supported; decode one "
+                "token per step, or reset() and prefill again")
+        if seen + t > self.capacity:
+            raise ValueError(f"{name}: capacity overflow: {seen + t} tokens per sequence (padding "
+                             f"included) exceed max_cache_len={self.capacity}")
+        if layer == 0:
+            if seen == 0:
+                self.inner = self._make_inner(key.shape[0], key.device, key.dtype)
+        elif self.layers[0].seen != seen + t:
+            raise RuntimeError(f"{name}: layer {layer} ran out of order (layer 0 holds "
+                               f"{self.layers[0].seen} tokens, this layer {seen})")
+        if key.shape[0] != self.inner.seq_lens.shape[0]:
+            raise ValueError(f"{name}: a batch of {key.shape[0]} sequences, but the prefill had "
+                             f"{self.inner.seq_lens.shape[0]}")
+        self.layers[layer].seen = seen + t
+        self._pending = (layer, key)
+        _active.cache = self
+        return key, value
+
+    def reset(self):
+        """Forget the cached tokens (the buffers go with them); the next forward is a prefill."""
+        super().reset()
+        self.inner = None
+        self._pending = None
+        self._prompt = None
+
+    # -- the attention ------------------------------------------------------------------------
+
+    def _attend(self, module, query, key, value, attention_mask, dropout, scaling, kwargs):
+        """The attention of the pending layer. query [B, Hq, T, D], key/value [B, Hkv, T, D]
+        -> ([B, T, Hq, D], None), transformers' attention output convention."""
+        layer = self._pending[0]
+        self._pending = None
+        if getattr(module, "layer_idx", layer) != layer:
+            raise RuntimeError(f"{type(self).__name__}: the attention of layer "
+                               f"{module.layer_idx} ran after the cache update of layer {layer}")
+        last = layer == len(self.layers) - 1
+        if self.layers[layer].seen == key.shape[2]:  # the prefill
+            head_dim = query.shape[-1]
+            if scaling is not None and not math.isclose(scaling, head_dim ** -0.5):
+                raise ValueError(f"KCache: attention scaling {scaling} is not 1/sqrt(head_dim) "
+                                 f"= {head_dim ** -0.5}, which the kcache ops use")
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                            dropout=dropout, scaling=scaling, **kwargs)
+            if layer == 0:
+                self._prompt = _prompt_layout(attention_mask, key)
+            order, lens = self._prompt
+            self.inner.store_prompt(layer, _compact(key, order), _compact(value, order))
+            if last:
+                self.inner.finish_prefill(lens)
+                self._prompt = None
+            return out, None
+        out = self.inner.decode(layer, query[:, :, 0], key[:, :, 0], value[:, :, 0])  # [B,Hq,D]
+        if last:
+            self.inner.finish_decode()
+        return out[:, None], None  # [B, 1, Hq, D]
+
+    # -- accounting -----------------------------------------------------------------------------
+
+    def device_bytes(self):
+        """Bytes of the K (and dense-layer V) buffers in device memory; 0 before the prefill."""
+        return 0 if self.inner is None else self.inner.device_bytes()
+
+    def host_bytes(self):
+        """Bytes of the V buffers in host RAM; 0 before the prefill."""
+        return 0 if self.inner is None else self.inner.host_bytes()
+
+
+class KCacheCache(CacheBridge):
     """A transformers cache that runs a Llama-family model with KCache: pass it to
     ``model.generate(..., past_key_values=cache)`` (or to the model's forward) on a model loaded
-    with ``attn_implementation="kcache"`` (or switched by :func:`enable`).
+    with ``attn_implementation="kcache"`` (or switched by :func:`enable`). Each prefill builds a
+    fresh :class:`kcache_ops.caches.KCache` (``cache.inner``) for its batch.
 
     Parameters
     ----------
@@ -190,16 +332,7 @@ class KCacheCache(Cache):
         N, group select, renormalization, dense layers (DESIGN.md §3); or give them by name
         (``topn=64, group_select=False, renormalize=True, dense_layers=()``), not both.
 
-    Attributes
-    ----------
-    options : KCacheOptions
-    kcache : kcache_ops.caches.KCache or None
-        The cache of the current generation (None before the first prefill): K [B, Hkv, S, D] per
-        layer on the device, V in host RAM, ``seq_lens`` [B] int32 without padding.
-
-    Not supported (each raises NotImplementedError): beam search, more than one sequence per
-    prompt after the prefill, assisted/speculative generation, a forward of more than one token
-    after the prefill (chunked prefill, continuing from a filled cache: call :meth:`reset` first).
+    The rest is :class:`CacheBridge`'s (``inner``, what is not supported).
     """
 
     def __init__(self, model, max_cache_len=None, options=None, **named_options):
@@ -215,115 +348,19 @@ class KCacheCache(Cache):
                 max_cache_len < 1):
             raise ValueError(f"KCacheCache: max_cache_len must be an integer >= 1, got "
                              f"{max_cache_len!r}")
-        check_model(model, max_cache_len)
-        if config._attn_implementation != ATTN_IMPLEMENTATION:
-            raise ValueError(
-                f"KCacheCache: the model attends with {config._attn_implementation!r}; load it "
-                f"with attn_implementation={ATTN_IMPLEMENTATION!r} or call "
-                "kcache_ops.integrations.transformers.enable(model) first")
-        n_layers = config.num_hidden_layers
-        options.check(n_layers, model.device)
-        super().__init__(layers=[_KCacheLayer(self, i) for i in range(n_layers)])
-        self.capacity = max_cache_len  # S: tokens per sequence (padded)
-        self._config = config
-        self._shape = SimpleNamespace(num_layers=n_layers, num_heads=config.num_attention_heads,
+        super().__init__(model, max_cache_len)
+        options.check(config.num_hidden_layers, model.device)
+        self.options = options
+        self._shape = SimpleNamespace(num_layers=config.num_hidden_layers,
+                                      num_heads=config.num_attention_heads,
                                       num_kv_heads=config.num_key_value_heads,
                                       head_dim=_head_dim(config))
-        self.options = options
-        self.kcache = None
-        self._pending = None  # (layer, key tensor) of the update whose attention has not run
-        self._prompt = None   # at the prefill: (order [B, T] long, lens [B] int32), device
 
-    # -- transformers' side ---------------------------------------------------------------------
+    def _make_inner(self, batch, device, dtype):
+        """A fresh KCache for the batch (the previous generation's buffers freed first)."""
+        self.inner = None
+        return KCache(self._shape, batch, self.capacity, device, dtype, self.options)
 
-    def _update(self, layer, key, value):
-        """``update`` of layer ``layer`` with key/value [B, Hkv, T, D] (RoPE applied): checks, and
-        marks the call pending for :func:`kcache_attention`; returns (key, value) unchanged."""
-        if self._config._attn_implementation != ATTN_IMPLEMENTATION:
-            raise RuntimeError(
-                f"KCacheCache: the model now attends with {self._config._attn_implementation!r}; "
-                f"KCacheCache needs attn_implementation={ATTN_IMPLEMENTATION!r}")
-        if self._pending is not None:
-            raise RuntimeError(
-                f"KCacheCache: the attention of layer {self._pending[0]} did not run through "
-                f"attn_implementation={ATTN_IMPLEMENTATION!r}, or the forward stopped early; call "
-                "reset() before reusing this cache")
-        seen, t = self.layers[layer].seen, key.shape[2]
-        if seen > 0 and t != 1:
-            raise NotImplementedError(
-                f"KCacheCache: a forward of {t} tokens after the prefill (chunked prefill, "
-                "assisted or speculative generation, a continued conversation) is not supported; "
-                "decode one token per step, or reset() and prefill again")
-        if seen + t > self.capacity:
-            raise ValueError(f"KCacheCache: capacity overflow: {seen + t} tokens per sequence "
-                             f"(padding included) exceed max_cache_len={self.capacity}")
-        if layer == 0:
-            if seen == 0:
-                self._start(key)
-        elif self.layers[0].seen != seen + t:
-            raise RuntimeError(f"KCacheCache: layer {layer} ran out of order (layer 0 holds "
-                               f"{self.layers[0].seen} tokens, this layer {seen})")
-        if key.shape[0] != self.kcache.seq_lens.shape[0]:
-            raise ValueError(f"KCacheCache: a batch of {key.shape[0]} sequences, but the prefill "
-                             f"had {self.kcache.seq_lens.shape[0]}")
-        self.layers[layer].seen = seen + t
-        self._pending = (layer, key)
-        _active.cache = self
-        return key, value
-
-    def _start(self, key):
-        """A new prefill: a fresh KCache for key's batch, device and dtype."""
-        self.kcache = None  # free the previous generation's buffers before allocating
-        self.kcache = KCache(self._shape, key.shape[0], self.capacity, key.device, key.dtype,
-                             self.options)
-
-    def reset(self):
-        """Forget the cached tokens (the buffers go with them); the next forward is a prefill."""
-        super().reset()
-        self.kcache = None
-        self._pending = None
-        self._prompt = None
-
-    # -- the attention ------------------------------------------------------------------------
-
-    def _attend(self, module, query, key, value, attention_mask, dropout, scaling, kwargs):
-        """The attention of the pending layer. query [B, Hq, T, D], key/value [B, Hkv, T, D]
-        -> ([B, T, Hq, D], None), transformers' attention output convention."""
-        layer = self._pending[0]
-        self._pending = None
-        if getattr(module, "layer_idx", layer) != layer:
-            raise RuntimeError(f"KCacheCache: the attention of layer {module.layer_idx} ran after "
-                               f"the cache update of layer {layer}")
-        last = layer == len(self.layers) - 1
-        if self.layers[layer].seen == key.shape[2]:  # the prefill
-            head_dim = query.shape[-1]
-            if scaling is not None and not math.isclose(scaling, head_dim ** -0.5):
-                raise ValueError(f"KCache: attention scaling {scaling} is not 1/sqrt(head_dim) "
-                                 f"= {head_dim ** -0.5}, which the kcache ops use")
-            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
-                                            dropout=dropout, scaling=scaling, **kwargs)
-            if layer == 0:
-                self._prompt = _prompt_layout(attention_mask, key)
-            order, lens = self._prompt
-            self.kcache.store_prompt(layer, _compact(key, order), _compact(value, order))
-            if last:
-                self.kcache.finish_prefill(lens)
-                self._prompt = None
-            return out, None
-        out = self.kcache.decode(layer, query[:, :, 0], key[:, :, 0], value[:, :, 0])  # [B,Hq,D]
-        if last:
-            self.kcache.finish_decode()
-        return out[:, None], None  # [B, 1, Hq, D]
-
-    # -- accounting -----------------------------------------------------------------------------
-
-    def device_bytes(self):
-        """Bytes of the K (and dense-layer V) buffers in device memory; 0 before the prefill."""
-        return 0 if self.kcache is None else self.kcache.device_bytes()
-
-    def host_bytes(self):
-        """Bytes of the V buffers in host RAM; 0 before the prefill."""
-        return 0 if self.kcache is None else self.kcache.host_bytes()
 
 
 def _prompt_layout(attention_mask, key):
