@@ -294,3 +294,30 @@ def test_smollm2_gguf_finds_the_pass_key():
     ours = generate(load_gguf_model(reader, "cpu", torch.float32), [prompt], steps,
                     backend="kcache", options=options)
     assert tokens == ours.tokens[0]
+
+
+# -- the transformers engine of the evaluation ---------------------------------------------------
+
+@pytest.mark.parametrize("config", ["dense", "kcache"])
+def test_engine_runs_the_eval_machinery_like_our_decoder(pair, config):
+    """The evaluation's prefill-once / fork / teacher-forced steps on the transformers engine
+    give our decoder's logits on the same weights, for the dense cache and for KCache."""
+    from kcache_ops.eval.runner import Config, fork, prefill_snapshot, step_through
+    from kcache_ops.integrations.transformers_engine import TransformersDecoder
+    model, ours = pair
+    engine = TransformersDecoder(model)
+    try:
+        prompts = random_prompts([11, 6, 9])
+        setting = Config.dense() if config == "dense" else Config.kcache(topn=3,
+                                                                          group_select=True)
+        forced = torch.randint(3, VOCAB, (3, STEPS))
+        results = []
+        for decoder in (engine, ours):
+            snapshot = prefill_snapshot(decoder, prompts)
+            cache = fork(decoder, snapshot, setting, STEPS)
+            results.append((snapshot.logits,
+                            *step_through(decoder, cache, forced[:, 0], forced[:, 1:])))
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    finally:
+        model.set_attn_implementation("sdpa")

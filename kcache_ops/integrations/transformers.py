@@ -97,7 +97,7 @@ def check_model(model, max_cache_len=None):
                 f"tokens, and KCache attends over every cached token; that is exact only while a "
                 f"sequence fits the window, so max_cache_len must be <= {window} (got "
                 f"{max_cache_len})")
-    head_dim = _head_dim(config)
+    head_dim = head_dim_of(config)
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"KCache: {model_type} head dim {head_dim} is not supported; the kcache "
                          f"ops serve head dims {HEAD_DIMS}")
@@ -115,7 +115,8 @@ def enable(model):
     return model
 
 
-def _head_dim(config):
+def head_dim_of(config):
+    """The head dim D of a transformers config (``head_dim``, else hidden size / heads)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
@@ -354,7 +355,7 @@ class KCacheCache(CacheBridge):
         self._shape = SimpleNamespace(num_layers=config.num_hidden_layers,
                                       num_heads=config.num_attention_heads,
                                       num_kv_heads=config.num_key_value_heads,
-                                      head_dim=_head_dim(config))
+                                      head_dim=head_dim_of(config))
 
     def _make_inner(self, batch, device, dtype):
         """A fresh KCache for the batch (the previous generation's buffers freed first)."""
