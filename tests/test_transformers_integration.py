@@ -321,3 +321,28 @@ def test_engine_runs_the_eval_machinery_like_our_decoder(pair, config):
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     finally:
         model.set_attn_implementation("sdpa")
+
+
+def test_eval_command_with_the_transformers_engine(tmp_path, monkeypatch):
+    """`python -m kcache_ops eval --engine transformers` end to end on a tiny checkpoint (and a
+    stand-in essay text): KCache with N above every length gives dense's perplexity."""
+    import argparse
+    import json
+
+    from kcache_ops.cli import eval as eval_cli
+    from kcache_ops.eval import suite
+    from model_helpers import save_tiny_tokenizer
+    model = tiny_model("llama", vocab_size=96)
+    model.save_pretrained(tmp_path)
+    save_tiny_tokenizer(tmp_path, 96)
+    monkeypatch.setattr(suite, "essays_text", lambda: "Start small. Then grow it. " * 200)
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    out = tmp_path / "out"
+    eval_cli.run(parser.parse_args(["--model", str(tmp_path), "--engine", "transformers",
+                                    "--quick", "--topn", "1024", "--defaults-only",
+                                    "--out", str(out)]))
+    dense, kc = json.loads((out / "eval.json").read_text())["results"]
+    assert kc["long"]["perplexity"]["ppl"] == pytest.approx(dense["long"]["perplexity"]["ppl"],
+                                                           rel=1e-4)
+    assert "via transformers" in (out / "REPORT.md").read_text()
