@@ -8,18 +8,19 @@ implementation ``"kcache"`` (DESIGN.md §1, §3, §4; issue 11).
 
 How transformers' two extension points meet. Every attention layer of a Llama-family model calls
 ``cache.update(k, v, layer)`` and then the attention function with the keys and values that
-``update`` returned. :meth:`KCacheCache.update` stores nothing itself: it returns k and v as they
-came and notes them as the layer's pending call; :func:`kcache_attention` claims that call (the
-same key tensor object, so a call can only pair with its own update) and runs the layer through the
-cache's :class:`kcache_ops.caches.KCache`:
+``update`` returned. The cache's ``update`` (:class:`CacheBridge`) stores nothing itself: it
+returns k and v as they came and notes them as the layer's pending call; :func:`kcache_attention`
+claims that call (the same key tensor object, so a call can only pair with its own update) and runs
+the layer through the kcache_ops cache the bridge holds (for :class:`KCacheCache`, a
+:class:`kcache_ops.caches.KCache` built at the prefill):
 
 * prefill (the first forward into an empty cache): exact attention — transformers' own SDPA
-  function with transformers' mask — then each sequence's prompt K and V, compacted (its left
+  function with transformers' mask — then each sequence's prompt K and V, compacted (its
   padding dropped: K already carries RoPE, so the row a key sits in does not matter), go to
-  ``KCache.store_prompt``: K in device memory, V handed off to ``alloc_host`` memory (CUDA: on the
+  ``store_prompt``: K in device memory, V handed off to ``alloc_host`` memory (CUDA: on the
   side stream, behind this layer's attention).
-* decode (one new token per sequence): ``KCache.decode`` stores the token and attends through
-  ``qk_topn`` + ``sparse_attn_v``; no host sync.
+* decode (one new token per sequence): ``decode`` stores the token and attends (KCache: through
+  ``qk_topn`` + ``sparse_attn_v``); no host sync.
 
 transformers' own bookkeeping (positions, masks, ``get_seq_length``) keeps counting the padded
 length; the KCache keeps the true per-sequence lengths. Without a KCacheCache (a plain forward, or
@@ -361,7 +362,6 @@ class KCacheCache(CacheBridge):
         """A fresh KCache for the batch (the previous generation's buffers freed first)."""
         self.inner = None
         return KCache(self._shape, batch, self.capacity, device, dtype, self.options)
-
 
 
 def _prompt_layout(attention_mask, key):
