@@ -1,7 +1,7 @@
 """The attention caches, below the model: the protocol the decoder calls (protocol.py), the
-``dense`` cache (dense.py), KCache (kcache.py), KCache's options (options.py) and the factory
-(factory.py). The model (kcache_ops.model) knows only the protocol; whoever runs it builds the
-cache with :func:`make_cache` and passes it in."""
+``dense`` cache (dense.py), KCache (kcache.py), KCache's options (options.py), the per-sequence
+lengths both keep (lengths.py) and the factory (factory.py). The model (kcache_ops.model) knows
+only the protocol; whoever runs it builds the cache with :func:`make_cache` and passes it in."""
 from .dense import DenseCache
 from .factory import BACKENDS, make_cache
 from .kcache import KCache

@@ -2,7 +2,7 @@
 their JSON form and (through :mod:`kcache_ops.cli.args`) their command-line flags.
 
 A new option is one more field of :class:`KCacheOptions`: its default, a ``help`` line (the flag's
-help; the default is added) and a ``short`` name (its part of a label) in the field's metadata, and its check in
+help) and a ``short`` name (its part of a label) in the field's metadata, and its check in
 ``__post_init__`` (or in :meth:`KCacheOptions.check` where it depends on the model or device). The
 flag, the label, the JSON round trip and the eval grid's ordering follow from the field.
 """
@@ -81,8 +81,10 @@ class KCacheOptions:
                 continue
             elif isinstance(value, bool):
                 parts.append(short if value else f"{short}=0")
-            else:
+            elif isinstance(value, tuple):
                 parts.append(f"{short}={','.join(map(str, value))}")
+            else:
+                parts.append(f"{short}={value}")
         return parts
 
     def summary(self):

@@ -7,6 +7,8 @@ Shapes: ``B`` sequences, ``Hq`` query heads, ``Hkv`` KV heads, ``T`` prompt toke
 """
 from typing import Protocol, runtime_checkable
 
+import torch
+
 
 @runtime_checkable
 class Cache(Protocol):
@@ -23,7 +25,7 @@ class Cache(Protocol):
     layer, then :meth:`finish_decode` once. Overflowing the capacity raises ValueError.
     """
 
-    seq_lens: object
+    seq_lens: torch.Tensor
 
     def prefill(self, layer, q, k, v, lens):
         """Causal attention over the prompt, and store its K/V.
