@@ -67,6 +67,12 @@ if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.i
     os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
 
 
+def transformers_requirement():
+    """The tested transformers range, read (not imported) from kcache_ops/integrations/__init__.py."""
+    with open(os.path.join(ROOT, "kcache_ops", "integrations", "__init__.py")) as f:
+        return re.search(r'^TRANSFORMERS_REQUIREMENT = "([^"]+)"', f.read(), re.M).group(1)
+
+
 def sources():
     """Every source file under csrc/; CMakeLists.txt globs the same patterns."""
     files = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
@@ -92,5 +98,7 @@ setup(
                            extra_compile_args=extra_compile_args, extra_link_args=["-fopenmp"])],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
+    # kcache_ops.integrations.transformers; gguf and accelerate let transformers load GGUF files
+    extras_require={"transformers": [transformers_requirement(), "gguf", "accelerate"]},
     entry_points={"console_scripts": ["kcache-ops=kcache_ops.__main__:main"]},
 )

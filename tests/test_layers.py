@@ -1,6 +1,6 @@
-"""The package reads top-down: cli -> report -> eval / throughput / generate -> model -> caches ->
-ops (devices, results and data below all of them). The model knows the cache protocol only: it
-imports no cache implementation."""
+"""The package reads top-down: cli -> report -> eval / throughput / generate / integrations ->
+model -> caches -> ops (devices, results and data below all of them). The model knows the cache
+protocol only: it imports no cache implementation."""
 import ast
 import pathlib
 import subprocess
@@ -8,8 +8,8 @@ import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "kcache_ops"
 RANK = {"ops": 0, "reference": 0, "devices": 0, "results": 0, "data": 0, "_C": 0,
-        "caches": 1, "model": 2, "generate": 3, "eval": 3, "throughput": 3, "report": 4,
-        "cli": 5, "__main__": 6}
+        "caches": 1, "model": 2, "generate": 3, "eval": 3, "throughput": 3, "integrations": 3,
+        "report": 4, "cli": 5, "__main__": 6}
 
 
 def component(parts):

