@@ -26,3 +26,24 @@ def test_bench_small_on_cpu(tmp_path):
             assert "hf_decode_tok_s" in r or "transformers" not in data["machine"]
     assert (tmp_path / "bench_throughput.png").is_file()
     assert "Throughput" in (tmp_path / "REPORT.md").read_text()
+
+
+def test_bench_small_through_transformers(tmp_path):
+    """--engine transformers: the same caches under transformers' model code of the same shapes
+    give the same batches, memory and PCIe bytes per step (they depend on the cache alone)."""
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    runs = {}
+    for engine in ("kcache_ops", "transformers"):
+        out = tmp_path / engine
+        bench.run(parser.parse_args(["--device", "cpu", "--small", "--steps", "2", "--no-hf",
+                                     "--contexts", "256", "--engine", engine, "--out", str(out)]))
+        data = json.loads((out / "bench.json").read_text())
+        assert data["machine"]["engine"] == engine
+        runs[engine] = {r["backend"]: r for r in data["rows"]}
+    assert set(runs["transformers"]) == {"dense", "kcache"}
+    for backend, ours in runs["kcache_ops"].items():
+        theirs = runs["transformers"][backend]
+        for key in ("batch", "cache_device_bytes", "host_bytes", "pcie_bytes_per_step"):
+            assert theirs[key] == ours[key], (backend, key)
+        assert theirs["decode_tok_s"] > 0

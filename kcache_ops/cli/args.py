@@ -31,6 +31,18 @@ def add_device_arguments(parser, dtype_default=None):
                         "default: bfloat16 on CUDA, float32 on the CPU")
 
 
+ENGINES = ("kcache_ops", "transformers")
+
+
+def add_engine_argument(parser):
+    """--engine: the model code that runs on the caches, kcache_ops' own decoder or transformers'
+    (through kcache_ops.integrations.transformers)."""
+    parser.add_argument("--engine", choices=ENGINES, default=ENGINES[0],
+                        help="run the model with kcache_ops' own decoder (default) or with "
+                             "transformers' model code on the same caches (needs "
+                             "pip install 'kcache_ops[transformers]')")
+
+
 def dtype_of(args):
     """The torch dtype of --dtype, or None where it was not given."""
     return DTYPES[args.dtype] if args.dtype else None

@@ -1,6 +1,7 @@
 """``python -m kcache_ops bench``: decode throughput of the reference decoder with the ``dense``
 backend against KCache at one device-memory budget (see :mod:`kcache_ops.throughput`). One line
 per configuration, then bench/results/bench.json, bench_throughput.png and REPORT.md.
+``--engine transformers`` runs the same caches under transformers' LlamaForCausalLM of each shape.
 
 ``--device cpu --small`` runs tiny shapes and short contexts: a smoke test of the machinery.
 """
@@ -17,7 +18,8 @@ from ..results import RESULTS_DIR, machine, write_json
 from ..throughput.measure import measure
 from ..throughput.report import BENCH_JSON, BENCH_PLOT, plot
 from ..throughput.shapes import SHAPES
-from .args import add_device_arguments, add_kcache_arguments, dtype_of, int_list, kcache_options
+from .args import (add_device_arguments, add_engine_argument, add_kcache_arguments, dtype_of,
+                   int_list, kcache_options)
 
 
 def add_arguments(parser):
@@ -34,6 +36,7 @@ def add_arguments(parser):
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps (default 32)")
     add_kcache_arguments(parser)
+    add_engine_argument(parser)
     parser.add_argument("--no-hf", dest="hf", action="store_false",
                         help="skip the Hugging Face transformers comparison")
     parser.add_argument("--small", action="store_true",
@@ -50,7 +53,7 @@ def run(args):
         budget, steps = budget or 0.004, min(steps, 8)
     if budget is None and device.type != "cuda":
         raise SystemExit("error: give --budget (GB) on the CPU, or --small")
-    info = machine(device)
+    info = {**machine(device), "engine": args.engine}
     try:
         import transformers
         info["transformers"] = transformers.__version__
@@ -59,7 +62,7 @@ def run(args):
     command = "python -m kcache_ops bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"]
                                                         else sys.argv[1:])
     rows = measure(models, contexts, device, dtype_of(args), kcache_options(args), steps,
-                   budget, args.reserve, args.max_batch, args.hf,
+                   budget, args.reserve, args.max_batch, args.hf, args.engine,
                    log=functools.partial(print, flush=True))
     path = os.path.join(args.out, BENCH_JSON)
     write_json(path, {"machine": info, "command": command, "small": args.small, "rows": rows})

@@ -19,15 +19,12 @@ from ..eval.suite import Settings, evaluate, save_json
 from ..model import load_model
 from ..model.load import DEFAULT_NAME
 from ..results import RESULTS_DIR, machine
-from .args import add_model_arguments, dtype_of, int_list
+from .args import add_engine_argument, add_model_arguments, dtype_of, int_list
 
 
 def add_arguments(parser):
     add_model_arguments(parser)
-    parser.add_argument("--engine", choices=("kcache_ops", "transformers"), default="kcache_ops",
-                        help="run the model with kcache_ops' own decoder (default) or with "
-                             "transformers' model code on the same caches (needs "
-                             "pip install 'kcache_ops[transformers]')")
+    add_engine_argument(parser)
     parser.add_argument("--topn", type=int_list, default=(16, 32, 64, 128, 256),
                         help="comma-separated N values (default 16,32,64,128,256)")
     parser.add_argument("--dense-layers", type=int_list, default=(0, 1),

@@ -9,7 +9,7 @@ from ..caches import make_cache
 from ..devices import sync
 from ..ops import host_bytes_available
 from .shapes import SHAPES, random_model
-from .transformers_baseline import compare_with_hf
+from .transformers_baseline import compare_with_hf, hf_model
 
 GiB = 2 ** 30
 
@@ -89,9 +89,20 @@ def fit_batch(model, backend, options, capacity, budget, host_budget, max_batch)
     return batch
 
 
+def build_model(config, device, dtype, engine, max_len):
+    """A random-weight model of ``config`` on ``device`` in ``dtype``: kcache_ops' own decoder
+    (``engine`` "kcache_ops"), or transformers' LlamaForCausalLM of the same shape run on our caches
+    (``engine`` "transformers", positions up to ``max_len``)."""
+    if engine == "kcache_ops":
+        return random_model(config, device, dtype)
+    from ..integrations.transformers_engine import TransformersDecoder  # transformers is optional
+    return TransformersDecoder(hf_model(config, device, dtype, max_len))
+
+
 def measure(models, contexts, device, dtype, options, steps, budget_gb=None, reserve_gb=6.0,
-            max_batch=256, hf=True, log=print):
-    """Every (model shape name, context) with ``dense`` and KCache (``options``) -> list of row
+            max_batch=256, hf=True, engine="kcache_ops", log=print):
+    """Every (model shape name, context) with ``dense`` and KCache (``options``), the model code
+    of ``engine`` (see :func:`build_model`) -> list of row
     dicts (model, context, backend, batch, options, budget_bytes, cache_device_bytes,
     host_bytes, peak_device_bytes, prefill_tok_s, decode_step_ms, decode_tok_s,
     pcie_bytes_per_step; vs_dense for KCache, hf_decode_tok_s and dense_vs_hf for dense where
@@ -101,7 +112,7 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
     host_budget = None if host_budget is None else int(0.8 * host_budget)
     for name in models:
         config = SHAPES[name]
-        model = random_model(config, device, dtype)
+        model = build_model(config, device, dtype, engine, max(contexts) + steps + 2)
         budget = device_budget(device, budget_gb, reserve_gb)
         log(f"# {name}: budget {budget / GiB:.3f} GiB for the cache")
         dense_rows = []
