@@ -15,8 +15,9 @@ SASS (cuobjdump -sass) and the registers (cuobjdump -res-usage), and counts:
 
 Model (stated, not measured):
 * issue bound = warp-instructions / (SMs x 4 issue slots per cycle (4 warp schedulers, one issue
-  each per cycle) x clock), times the wave quantisation of the grid (ceil(waves) / waves) with the
-  blocks per SM that the registers allow; a block's own work cannot spread over several SMs, so the
+  each per cycle) x clock), times the wave quantisation of the grid (ceil(waves) / waves) in waves
+  of kScoreBlocksPerSm = 2 blocks per SM (fewer if the registers allow fewer; the launch bounds ask
+  for 2, the chunk plan assumes 2); a block's own work cannot spread over several SMs, so the
   select bound is at least one block's instructions / (4 x clock).
 * byte bound = bytes that must cross HBM / HBM bandwidth. Score pass: K once + the float32 score
   scratch written (G x 4 B per key per KV head). Select pass: the scratch read 4 times (an upper
@@ -60,6 +61,8 @@ REGS_PER_SM = 65536
 MAX_THREADS_PER_SM = 2048
 SCORE_THREADS = 256  # kScoreThreads
 SCORE_UNROLL = 4  # kScoreUnroll
+SCORE_BLOCKS_PER_SM = 2  # kScoreBlocksPerSm: the residency the launch bounds and the chunk plan use
+SCORE_BLOCK_OVERHEAD_KEYS = 128  # kScoreBlockOverheadKeys
 SELECT_THREADS = 512  # kSelectThreads
 SELECT_PASSES = 4  # 3 radix passes + the collect pass read the scratch
 
@@ -84,10 +87,15 @@ def group_slice_width(g):
 
 
 def score_chunk(s, blocks_per_chunk, sms):
-    """qk_score_chunk of qk_topn_launch.h."""
-    want_chunks = -(-4 * sms // blocks_per_chunk)
-    chunk = -(-(-(-s // want_chunks)) // 256) * 256
-    return max(chunk, 512)
+    """qk_score_chunk of qk_topn_launch.h: the chunk (multiple of 256, >= 512) with the fewest
+    whole waves x (chunk + overhead)."""
+    wave = sms * SCORE_BLOCKS_PER_SM
+    best, best_cost = 512, None
+    for chunk in range(512, max(-(-s // 256) * 256, 512) + 1, 256):
+        cost = -(-blocks_per_chunk * -(-s // chunk) // wave) * (chunk + SCORE_BLOCK_OVERHEAD_KEYS)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = chunk, cost
+    return best
 
 
 def find_tool(name):
@@ -226,7 +234,7 @@ def predict(shape, s, b, gpu, score, select, group_select):
     slices = -(-g // gs)
     chunk = score_chunk(s, b * shape.hkv * slices, gpu.sms)
     blocks = -(-s // chunk) * shape.hkv * slices * b
-    bps = blocks_per_sm(score["regs"], SCORE_THREADS)
+    bps = min(SCORE_BLOCKS_PER_SM, blocks_per_sm(score["regs"], SCORE_THREADS))
     waves = blocks / (gpu.sms * bps)
     quant = math.ceil(waves) / waves
     issue_rate = gpu.sms * ISSUE_PER_SM_CYCLE * gpu.clock_hz

@@ -25,6 +25,7 @@ namespace kcache_ops {
 
 constexpr int kScoreThreads = 256;  // 8 warps
 constexpr int kScoreUnroll = 4;     // independent 16-byte K loads in flight per thread
+constexpr int kScoreBlocksPerSm = 2;  // launch bounds: registers for 2 blocks (16 warps) per SM
 constexpr int kSelectThreads = 512;
 constexpr int kSelectBins = 2048;     // 11-bit radix digits
 constexpr int kMaxTopN = 4096;        // candidates sorted in shared memory (32 KiB)
@@ -55,12 +56,44 @@ __device__ __forceinline__ int clamped_len(const int32_t* seq_lens, int64_t stri
   return l < 0 ? 0 : (l > s ? s : l);
 }
 
-// grid (num_chunks, Hkv * slices, B), block kScoreThreads.
+// The GS per-head partial dots v[0, GS) of one key, summed over the kLanes lanes that share the key
+// and scattered over them: at each butterfly step a lane keeps half of its values (the upper lane of
+// a pair the upper half) and adds its partner's copy of them, so lane `sub` ends with the full dot
+// of head sub / (kLanes / GS) in v[0]. GS - 1 + log2(kLanes / GS) shuffles instead of
+// GS · log2(kLanes). Every lane of the warp must call it.
+template <int GS, int kLanes>
+__device__ __forceinline__ float reduce_scatter_heads(float (&v)[GS], int sub) {
+  static_assert(GS <= kLanes && (GS & (GS - 1)) == 0, "one head per lane needs GS <= kLanes");
+#pragma unroll
+  for (int step = 0; (kLanes >> (step + 1)) > 0; ++step) {
+    const int off = kLanes >> (step + 1);
+    const int half = (GS >> step) / 2;  // values kept after this step (0: only v[0] is left)
+    if (half == 0) {
+      v[0] += __shfl_xor_sync(kFullMask, v[0], off);
+      continue;
+    }
+    const bool upper = (sub & off) != 0;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const float send = upper ? v[i] : v[i + half];
+      const float keep = upper ? v[i + half] : v[i];
+      v[i] = keep + __shfl_xor_sync(kFullMask, send, off);
+    }
+  }
+  return v[0];
+}
+
+// grid (num_chunks, Hkv * slices, B), block kScoreThreads, kScoreBlocksPerSm blocks per SM.
+// Per key: each lane dots its 16-byte piece of the row with the GS query heads, the dots are
+// reduce-scattered over the key's lanes (one head per lane), and every lane then updates the running
+// (max, sumexp) of its own head with one exp2; one lane per head writes the score.
 template <typename T, int D, int GS>
-__global__ void __launch_bounds__(kScoreThreads) qk_scores_kernel(QkScoresParams p) {
+__global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
+    qk_scores_kernel(QkScoresParams p) {
   constexpr int kVec = Vec16<T>::kElems;  // elements per 16-byte load
   constexpr int kLanesPerKey = D / kVec;  // 8, 16 or 32 lanes share one key row
   constexpr int kKeysPerLoad = 32 / kLanesPerKey;
+  constexpr int kLanesPerHead = kLanesPerKey / GS;  // lanes of a key holding the same head's dot
   static_assert(D % kVec == 0 && 32 % kLanesPerKey == 0, "unsupported head dim");
 
   const int b = blockIdx.z;
@@ -76,6 +109,9 @@ __global__ void __launch_bounds__(kScoreThreads) qk_scores_kernel(QkScoresParams
   const int warp = threadIdx.x / 32;
   const int sub = lane % kLanesPerKey;  // which 16-byte piece of the row this lane reads
   const int kslot = lane / kLanesPerKey;
+  const int my_head = sub / kLanesPerHead;  // the head whose score this lane ends up with
+  const bool has_head = my_head < gs;
+  const bool writer = has_head && sub % kLanesPerHead == 0;
 
   // This lane's slice of each query head, float32.
   float qf[GS][kVec];
@@ -87,23 +123,30 @@ __global__ void __launch_bounds__(kScoreThreads) qk_scores_kernel(QkScoresParams
       qf[h][e] = h < gs ? Vec16<T>::one(q[(h0 + h) * p.q_sh + sub * kVec + e]) : 0.0f;
   }
 
-  MaxSum run[GS];
-#pragma unroll
-  for (int h = 0; h < GS; ++h) run[h] = {-INFINITY, 0.0f};
+  MaxSum run = maxsum_empty();  // of my_head over this lane's keys
 
   const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + kvh * p.k_sh + sub * kVec;
-  float* sb = p.scores + (static_cast<int64_t>(b) * p.hq + h0) * p.score_stride;  // [gs, stride]
+  // [score_stride] scratch row of my_head (written only when has_head)
+  float* my_scores =
+      p.scores + (static_cast<int64_t>(b) * p.hq + h0 + (has_head ? my_head : 0)) * p.score_stride;
   constexpr int kKeysPerIter = score_keys_per_iter<T, D>();
-  for (int base = chunk_begin; base < chunk_end; base += kKeysPerIter) {  // block-uniform loop
+  // This lane's piece of its first row (key j of u = 0) in each iteration; the rows of u > 0 follow
+  // at u · kKeysPerLoad keys. Advanced by a pointer step, not a 64-bit multiply per load.
+  const int first_key = warp * kScoreUnroll * kKeysPerLoad + kslot;
+  const int64_t u_step = kKeysPerLoad * p.k_ss;     // elements from the row of u to that of u + 1
+  const int64_t iter_step = kKeysPerIter * p.k_ss;  // elements from one iteration to the next
+  const T* krow = kb + static_cast<int64_t>(chunk_begin + first_key) * p.k_ss;
+  // Block-uniform loop.
+  for (int base = chunk_begin; base < chunk_end; base += kKeysPerIter, krow += iter_step) {
     uint4 raw[kScoreUnroll];
 #pragma unroll
     for (int u = 0; u < kScoreUnroll; ++u) {
-      const int j = base + (warp * kScoreUnroll + u) * kKeysPerLoad + kslot;
-      raw[u] = j < chunk_end ? load16(kb + j * p.k_ss) : make_uint4(0, 0, 0, 0);
+      const int j = base + first_key + u * kKeysPerLoad;
+      raw[u] = j < chunk_end ? load16(krow + u * u_step) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < kScoreUnroll; ++u) {
-      const int j = base + (warp * kScoreUnroll + u) * kKeysPerLoad + kslot;
+      const int j = base + first_key + u * kKeysPerLoad;
       float kf[kVec];
       Vec16<T>::to_float(raw[u], kf);
       float dot[GS];
@@ -112,31 +155,23 @@ __global__ void __launch_bounds__(kScoreThreads) qk_scores_kernel(QkScoresParams
         dot[h] = 0.0f;
 #pragma unroll
         for (int e = 0; e < kVec; ++e) dot[h] = fmaf(qf[h][e], kf[e], dot[h]);
-        // Sum over the lanes of this key (xor offsets below kLanesPerKey stay inside the group).
-#pragma unroll
-        for (int off = kLanesPerKey / 2; off > 0; off >>= 1)
-          dot[h] += __shfl_xor_sync(kFullMask, dot[h], off);
       }
-      if (sub == 0 && j < chunk_end) {
-#pragma unroll
-        for (int h = 0; h < GS; ++h) {
-          if (h < gs) {
-            const float s = dot[h] * p.scale;
-            sb[h * p.score_stride + j] = s;
-            run[h] = maxsum_merge(run[h], MaxSum{s, 1.0f});
-          }
-        }
+      const float s = reduce_scatter_heads<GS, kLanesPerKey>(dot, sub) * p.scale;
+      if (has_head && j < chunk_end) {
+        if (writer) my_scores[j] = s;
+        maxsum_add(run, s);
       }
     }
   }
 
-  // Block reduction of (max, sumexp) per head in a fixed order.
-  __shared__ MaxSum warp_part[kScoreThreads / 32][GS];
+  // Merge the lanes of a head that saw other keys (other kslot), then the warps in a fixed order.
+  run = maxsum_finish(run);
 #pragma unroll
-  for (int h = 0; h < GS; ++h) {
-    const MaxSum r = warp_maxsum(run[h]);
-    if (lane == 0) warp_part[warp][h] = r;
-  }
+  for (int off = kLanesPerKey; off < 32; off <<= 1)
+    run = maxsum_merge(run, {__shfl_xor_sync(kFullMask, run.m, off),
+                             __shfl_xor_sync(kFullMask, run.l, off)});
+  __shared__ MaxSum warp_part[kScoreThreads / 32][GS];
+  if (writer && kslot == 0) warp_part[warp][my_head] = run;
   __syncthreads();
   if (threadIdx.x < gs) {
     MaxSum r = warp_part[0][threadIdx.x];

@@ -42,13 +42,27 @@ struct QkTopnPlan {
   int select_block;            // kSelectThreads
 };
 
+// A score block's fixed cost (q load, block reduction, partials, its share of the launch) counted
+// as this many keys of its loop, for the wave model of qk_score_chunk.
+constexpr int64_t kScoreBlockOverheadKeys = 128;
+
 // Keys per block of the score pass over S keys when one chunk of keys takes `blocks_per_chunk`
-// blocks: at least 4 blocks per multiprocessor over the whole grid, at least 512 keys per block, a
-// multiple of 256 (and so of every kernel's score_keys_per_iter).
+// blocks: the multiple of 256 (at least 512, so of every kernel's score_keys_per_iter) that
+// minimises the grid's time in whole waves of kScoreBlocksPerSm blocks per multiprocessor,
+// ceil(blocks / wave) · (chunk + kScoreBlockOverheadKeys); the smallest such chunk on ties.
 inline int qk_score_chunk(int64_t S, int64_t blocks_per_chunk, int sms) {
-  const int64_t want_chunks = ceil_div<int64_t>(4 * int64_t{sms}, blocks_per_chunk);
-  const int64_t chunk = ceil_div<int64_t>(ceil_div<int64_t>(S, want_chunks), 256) * 256;
-  return static_cast<int>(std::max<int64_t>(chunk, 512));
+  const int64_t wave = int64_t{sms} * kScoreBlocksPerSm;  // blocks resident at once
+  const int64_t max_chunk = std::max<int64_t>(ceil_div<int64_t>(S, 256) * 256, 512);
+  int64_t best = 512, best_cost = -1;
+  for (int64_t chunk = 512; chunk <= max_chunk; chunk += 256) {
+    const int64_t blocks = blocks_per_chunk * ceil_div<int64_t>(S, chunk);
+    const int64_t cost = ceil_div<int64_t>(blocks, wave) * (chunk + kScoreBlockOverheadKeys);
+    if (best_cost < 0 || cost < best_cost) {
+      best = chunk;
+      best_cost = cost;
+    }
+  }
+  return static_cast<int>(best);
 }
 
 // The plan of a call with B, Hq > 0 on a device of `sms` multiprocessors.
