@@ -8,10 +8,11 @@ SASS (cuobjdump -sass) and the registers (cuobjdump -res-usage), and counts:
   around its 16-byte K loads) divided by the keys one warp covers per iteration = warp-instruction
   issues per key per block (one block serves one slice of <= GS query heads). Every instruction of
   the loop body is counted, including the cold NaN paths, so this is an upper bound of the issues.
-* select pass: per innermost loop of qk_select_kernel around a 16-byte scratch load, its static
-  instructions per load; a load covers 4 floats per lane, 128 per warp. Loops with an `ex2` rank by
-  the group mass (group mode), the others by the score (per-head mode). Issues per scratch float =
-  sum over the passes of the mode / 128 (the 4 passes: 3 radix + collect).
+* select pass: per innermost loop of qk_select_kernel around a 16-byte load of the ranked row (3
+  radix passes + the collect pass), its static instructions per load / 128 floats (a load is 4
+  floats x 32 lanes), summed over the loops = issues per ranked float. Group mode ranks the group
+  mass, which qk_group_mass_kernel writes first: its head loop per load / 128 = issues per score
+  float.
 
 Model (stated, not measured):
 * issue bound = warp-instructions / (SMs x 4 issue slots per cycle (4 warp schedulers, one issue
@@ -20,12 +21,13 @@ Model (stated, not measured):
   for 2, the chunk plan assumes 2); a block's own work cannot spread over several SMs, so the
   select bound is at least one block's instructions / (4 x clock).
 * byte bound = bytes that must cross HBM / HBM bandwidth. Score pass: K once + the float32 score
-  scratch written (G x 4 B per key per KV head). Select pass: the scratch read 4 times (an upper
-  bound: right after the score pass much of it is still in L2).
+  scratch written (G x 4 B per key per KV head). Select pass: the ranked rows read 4 times, and in
+  group mode the scores read once and the mass written (an upper bound: right after the score
+  pass much of the scratch is still in L2).
 Both are lower bounds of the time; the kernel is issue-bound where the first is the larger, and the
 issue's target is issue bound <= HBM bound / 1.3 (bound_ratio = byte / issue >= 1.3).
 
-Usage: python bench/sass_bounds.py [--label before] [--out bench/results] [--notes bench/NOTES.md]
+Usage: python bench/sass_bounds.py [--label before] [--out bench/results]
 """
 import argparse
 import json
@@ -189,29 +191,14 @@ def score_loop_count(code, elem_bytes, d):
     return n / keys, n, keys
 
 
-def select_loop_counts(code):
-    """Warp-instructions per scratch float read over the 4 passes, per mode.
-
-    The compiler nests the loops: each pass's loop over 16-byte groups of keys (outer) holds the
-    group mode's loop over the heads (inner, with the `ex2`s). Group: the inner body per load. Per
-    head: the outer body outside the inner loops per load outside them (an upper bound: it also
-    holds the group mode's per-key work after the head loop)."""
-    all_loops = loops(code)
-    group, per_head = [], []
+def per_float(code):
+    """[warp-instructions per float read] of each innermost loop around a 16-byte load: its body
+    per load / 128 (a load: 4 floats x 32 lanes)."""
+    out = []
     for lo, hi in innermost_loops_with(code, r"LDG\.E\.128"):
-        inner = body(code, lo, hi)
-        group.append(len(inner) / sum("LDG.E.128" in t for t in inner) / 128)
-        outer = min(((l2, h2) for l2, h2 in all_loops if l2 < lo and hi < h2),
-                    key=lambda r: r[1] - r[0], default=None)
-        if outer is None:
-            continue
-        rest = [t for a, t in code if outer[0] <= a <= outer[1] and not lo <= a <= hi
-                and not t.startswith("NOP")]
-        loads = sum("LDG.E.128" in t for t in rest)
-        if loads:
-            per_head.append(len(rest) / loads / 128)
-    mean = lambda v: sum(v) / len(v) * SELECT_PASSES  # noqa: E731 (the loops found stand for the passes)
-    return {"per_head": mean(per_head), "group": mean(group)}
+        insns = body(code, lo, hi)
+        out.append(len(insns) / sum("LDG.E.128" in t for t in insns) / 128)
+    return out
 
 
 def mangled_scores(t, d, gs):
@@ -220,6 +207,7 @@ def mangled_scores(t, d, gs):
 
 
 SELECT_NAME = "_ZN10kcache_ops16qk_select_kernelENS_14QkSelectParamsE"
+MASS_NAME = "_ZN10kcache_ops20qk_group_mass_kernelENS_12QkMassParamsE"
 
 
 def blocks_per_sm(regs, threads):
@@ -243,13 +231,18 @@ def predict(shape, s, b, gpu, score, select, group_select):
     scratch_bytes = b * shape.hq * s * 4
     score_bytes = (k_bytes + scratch_bytes) / gpu.hbm_bytes_s
 
-    mode = "group" if group_select else "per_head"
+    # Select: one block per ranked row (the KV head's group mass in group mode), its 4 passes over
+    # the row; group mode first writes the mass in a wide pass over all the scores.
     rows = b * (shape.hkv if group_select else shape.hq)
-    floats = b * shape.hq * s  # scratch floats, each read once per pass
-    sel_instr = floats * select[mode]
+    sel_instr = rows * s * select["passes_per_float"]
     per_block = sel_instr / rows / (ISSUE_PER_SM_CYCLE * gpu.clock_hz)
     select_issue = max(sel_instr / issue_rate, per_block)
-    select_bytes = SELECT_PASSES * scratch_bytes / gpu.hbm_bytes_s
+    select_bytes = SELECT_PASSES * rows * s * 4
+    if group_select:
+        select_issue += b * shape.hq * s * select["mass_per_float"] / issue_rate
+        select_bytes += scratch_bytes + rows * s * 4  # the scores read once, the mass written
+    select_bytes /= gpu.hbm_bytes_s
+    mode = "group" if group_select else "per_head"
     us = 1e6
     return {
         "gpu": gpu.name, "shape": shape.name, "tokens": s, "batch": b, "select": mode,
@@ -281,10 +274,10 @@ def analyse(instances_for_shapes=SHAPES, workdir=None):
         counts[f"qk_scores_kernel<{t},{d},{gs}>"] = {
             "regs": regs[name], "loop_insns": n, "keys_per_warp_iter": keys,
             "per_key": round(per_key, 2)}
-    sel = select_loop_counts(funcs[SELECT_NAME])
+    mass = per_float(funcs[MASS_NAME])
     counts["qk_select_kernel"] = {"regs": regs[SELECT_NAME],
-                                  "per_head": round(sel["per_head"], 3),
-                                  "group": round(sel["group"], 3)}
+                                  "passes_per_float": round(sum(per_float(funcs[SELECT_NAME])), 3),
+                                  "mass_per_float": round(sum(mass) / len(mass), 3)}
     rows = []
     for sh in instances_for_shapes:
         score = counts[f"qk_scores_kernel<{sh.ctype},{sh.d},{group_slice_width(sh.hq // sh.hkv)}>"]
@@ -304,7 +297,8 @@ def markdown(result, label):
         if "per_key" in c:
             what = f"{c['per_key']} ({c['loop_insns']} in the loop / {c['keys_per_warp_iter']} keys)"
         else:
-            what = f"per head {c['per_head']}, group {c['group']} (per head of the group)"
+            what = (f"{c['passes_per_float']} per ranked float, 4 passes; group mass "
+                    f"{c['mass_per_float']} per score float")
         out.append(f"| `{name}` | {c['regs']} | {what} |")
     out += ["", "| GPU | shape | tokens × batch | score blocks (per SM, waves) | score issue µs | "
             "score bytes µs | bytes / issue | select (group) issue µs | select bytes µs |",

@@ -20,7 +20,7 @@ def test_one_instance(tmp_path):
     assert c["keys_per_warp_iter"] == sb.SCORE_UNROLL * 4  # D 64 bf16: 8 lanes per key
     assert 5 < c["per_key"] < 500 and 16 < c["regs"] <= 255
     sel = result["counts"]["qk_select_kernel"]
-    assert 0 < sel["group"] < 50 and 0 < sel["per_head"] < 50
+    assert 0 < sel["passes_per_float"] < 50 and 0 < sel["mass_per_float"] < 50
     assert len(result["rows"]) == len(sb.LENGTHS) * len(sb.GPUS)
     for r in result["rows"]:
         assert r["score_issue_us"] > 0 and r["score_bytes_us"] > r["k_floor_us"] > 0

@@ -1,17 +1,20 @@
-// qk_topn on the GPU, in two kernels (bytes and design: bench/NOTES.md).
+// qk_topn on the GPU, in two kernels, three in group mode (bytes and design: bench/NOTES.md).
 //
 // 1. qk_scores_kernel — one block per (chunk of keys, KV head, slice of <= GS query heads of its
 //    group, sequence). Each K row is read once with 16-byte loads and dotted with all the group's
 //    query heads held in registers. It writes the float32 scores s[b, h, j] (j < L_b) to a scratch
 //    buffer (G·4 bytes per key against D·sizeof(T) bytes of K: 6% for Llama-3 bf16) and the chunk's
 //    (max, sumexp) per head.
+// 1b. qk_group_mass_kernel (group mode only) — one block per (slice of keys, KV head, sequence):
+//    merges the chunks' (max, sumexp) of the group's heads into lse and writes the group mass
+//    c_j = sum_h exp(s_hj - lse_h) once, to a [B, Hkv, S↑4] buffer, with many blocks per row.
 // 2. qk_select_kernel — one block per (query head, or KV head in group mode; sequence), in five
 //    phases: select_lse merges the chunks' (max, sumexp) into lse; radix_select finds the N-th
 //    largest ranking key by a 3-pass radix select (11 + 11 + 10 bits) over the row (16-byte loads
 //    of the scratch); collect_candidates gathers the entries above it plus the lowest-index entries
 //    equal to it; bitonic_sort_desc sorts these <= N candidates by (key desc, index asc) in shared
 //    memory; write_selection writes scores, indices and padding. The ranking key is s (per head)
-//    or c_j = sum_h exp(s_hj - lse_h) (group mode), recomputed from the scratch rows on every pass.
+//    or the group mass c_j that qk_group_mass_kernel wrote (group mode).
 // NaN as the reference: a NaN score makes its row's lse NaN and ranks above every number (per
 // head); a NaN term of the group mass counts 0.
 // Everything is deterministic: no float atomics, reductions in a fixed order, ties by index.
@@ -183,6 +186,7 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
 struct QkSelectParams {
   const float* scores;       // [B, Hq, score_stride] scratch from qk_scores_kernel
   const MaxSum* partials;    // [B, Hq, num_chunks]
+  const float* mass;         // [B, Hkv, score_stride] group mass (group mode; else unused)
   int64_t score_stride;      // multiple of 4
   const int32_t* seq_lens;   // [B]
   int64_t seq_stride;        // in elements
@@ -197,7 +201,6 @@ struct QkSelectParams {
 struct SelectShared {
   unsigned long long cand[kMaxTopN];  // (key << 32) | ~index, sorted descending
   int hist[kSelectBins];
-  float lse[kMaxGroupSelect];
   MaxSum part[kSelectThreads / 32];
   int warp_total[kSelectThreads / 32];
   int digit, remaining, n_gt;
@@ -225,26 +228,81 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int& total, SelectSha
   return before;
 }
 
-// (max, sumexp) over a row of chunk partials -> lse; every thread must call it.
-__device__ __forceinline__ float block_lse(const MaxSum* part, int num_chunks, SelectShared& sh) {
+// (max, sumexp) over a row of chunk partials -> lse, by a block of kSelectThreads threads (the
+// select and the group-mass kernels, so both find the same lse); warp_part [kSelectThreads / 32] in
+// shared memory. Every thread must call it.
+__device__ __forceinline__ float block_lse(const MaxSum* part, int num_chunks, MaxSum* warp_part) {
   MaxSum r{-INFINITY, 0.0f};
   for (int c = threadIdx.x; c < num_chunks; c += kSelectThreads) r = maxsum_merge(r, part[c]);
   r = warp_maxsum(r);
-  if (threadIdx.x % 32 == 0) sh.part[threadIdx.x / 32] = r;
+  if (threadIdx.x % 32 == 0) warp_part[threadIdx.x / 32] = r;
   __syncthreads();
-  r = sh.part[0];
-  for (int w = 1; w < kSelectThreads / 32; ++w) r = maxsum_merge(r, sh.part[w]);
+  r = warp_part[0];
+  for (int w = 1; w < kSelectThreads / 32; ++w) r = maxsum_merge(r, warp_part[w]);
   __syncthreads();
   return r.m == -INFINITY ? -INFINITY : r.m + logf(r.l);
 }
 
+// A head's share exp(s - lse) of the group mass, 0 where it is NaN (a NaN score or lse), as the
+// reference's nan_to_num: a head with a NaN lse does not rank its group's keys.
+__device__ __forceinline__ float head_mass(float s, float lse) {
+  const float p = expf(s - lse);
+  return isnan(p) ? 0.0f : p;
+}
+
+struct QkMassParams {
+  const float* scores;       // [B, Hq, score_stride] scratch from qk_scores_kernel
+  const MaxSum* partials;    // [B, Hq, num_chunks]
+  int64_t score_stride;      // multiple of 4
+  const int32_t* seq_lens;   // [B]
+  int64_t seq_stride;        // in elements
+  float* mass;               // [B, Hkv, score_stride], written for j < L_b rounded up to 4
+  int hq, hkv, s, num_chunks;
+  int keys_per_block;        // multiple of 4
+};
+
+// grid (ceil(S / keys_per_block), Hkv, B), block kSelectThreads. The group mass
+// c_j = sum_h head_mass(s_hj, lse_h) (h in the KV head's group, in order) of the block's keys, one
+// 16-byte group of keys per thread and step.
+__global__ void __launch_bounds__(kSelectThreads) qk_group_mass_kernel(QkMassParams p) {
+  __shared__ MaxSum warp_part[kSelectThreads / 32];
+  __shared__ float lse[kMaxGroupSelect];
+  const int b = blockIdx.z, kvh = blockIdx.y;
+  const int G = p.hq / p.hkv;
+  const int64_t row0 = static_cast<int64_t>(b) * p.hq + kvh * G;  // first query head of the group
+  const int len = clamped_len(p.seq_lens, p.seq_stride, b, p.s);
+  const int begin = blockIdx.x * p.keys_per_block;
+  const int end = min(begin + p.keys_per_block, len);
+  if (begin >= end) return;  // block-uniform, before any barrier
+
+  for (int h = 0; h < G; ++h) {
+    const float l = block_lse(p.partials + (row0 + h) * p.num_chunks, p.num_chunks, warp_part);
+    if (threadIdx.x == 0) lse[h] = l;
+  }
+  __syncthreads();
+  const float* rows = p.scores + row0 * p.score_stride;  // [G, score_stride]
+  float* mass = p.mass + (static_cast<int64_t>(b) * p.hkv + kvh) * p.score_stride;
+  for (int q4 = begin / 4 + threadIdx.x; q4 < (end + 3) / 4; q4 += kSelectThreads) {
+    float4 c = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int h = 0; h < G; ++h) {
+      const float4 v = *reinterpret_cast<const float4*>(rows + h * p.score_stride + 4 * q4);
+      const float l = lse[h];
+      c.x += head_mass(v.x, l);
+      c.y += head_mass(v.y, l);
+      c.z += head_mass(v.z, l);
+      c.w += head_mass(v.w, l);
+    }
+    *reinterpret_cast<float4*>(mass + 4 * q4) = c;
+  }
+}
+
 // One row of the selection: the scratch rows ranked together and their valid length.
 struct SelectRow {
-  const float* scores;   // [nh, score_stride] scratch rows, 16-byte aligned
+  const float* scores;   // [nh, score_stride] scratch rows of the heads, 16-byte aligned
+  const float* rank;     // [score_stride] what is ranked: the score row, or the group mass row
   int64_t score_stride;  // multiple of 4
   int nh;                // query heads ranked together: G in group mode, else 1
   int len;               // valid keys, L_b clamped to [0, S]
-  bool group_select;
 };
 
 // The count-th largest ranking key of a row and how many keys equal to it are taken (lowest
@@ -255,49 +313,24 @@ struct SelectThreshold {
 };
 
 // Phase 1: lse of each of the row's heads rows0 .. rows0 + nh - 1 from their chunk partials, into
-// out_lse and, in group mode, sh.lse (read by ranking_keys4 once later barriers have passed).
+// out_lse.
 __device__ __forceinline__ void select_lse(const QkSelectParams& p, int64_t row0, int nh,
                                            SelectShared& sh) {
   for (int h = 0; h < nh; ++h) {
-    const float lse = block_lse(p.partials + (row0 + h) * p.num_chunks, p.num_chunks, sh);
-    if (threadIdx.x == 0) {
-      p.out_lse[row0 + h] = lse;
-      if (p.group_select) sh.lse[h] = lse;
-    }
+    const float lse = block_lse(p.partials + (row0 + h) * p.num_chunks, p.num_chunks, sh.part);
+    if (threadIdx.x == 0) p.out_lse[row0 + h] = lse;
   }
 }
 
-// A head's share exp(s - lse) of the group mass, 0 where it is NaN (a NaN score or lse), as the
-// reference's nan_to_num: a head with a NaN lse does not rank its group's keys.
-__device__ __forceinline__ float head_mass(float s, float lse) {
-  const float p = expf(s - lse);
-  return isnan(p) ? 0.0f : p;
-}
-
-// Ranking keys of keys 4·q4 .. 4·q4 + 3 (one 16-byte load per scratch row): float_key of the score
-// (per head) or of the group mass c_j = sum_h head_mass(s_hj, lse_h) (group mode). Entries at or
-// past len are read from the row's padding or beyond L and must be ignored by the caller.
-__device__ __forceinline__ void ranking_keys4(const SelectRow& row, const SelectShared& sh, int q4,
-                                              uint32_t* key) {
-  if (!row.group_select) {
-    const float4 v = *reinterpret_cast<const float4*>(row.scores + 4 * q4);
-    key[0] = float_key(v.x);
-    key[1] = float_key(v.y);
-    key[2] = float_key(v.z);
-    key[3] = float_key(v.w);
-    return;
-  }
-  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int h = 0; h < row.nh; ++h) {
-    const float4 v = *reinterpret_cast<const float4*>(row.scores + h * row.score_stride + 4 * q4);
-    const float lse = sh.lse[h];
-    c[0] += head_mass(v.x, lse);
-    c[1] += head_mass(v.y, lse);
-    c[2] += head_mass(v.z, lse);
-    c[3] += head_mass(v.w, lse);
-  }
-#pragma unroll
-  for (int e = 0; e < 4; ++e) key[e] = float_key(c[e]);
+// Ranking keys of keys 4·q4 .. 4·q4 + 3 (one 16-byte load of the ranked row): float_key of the
+// score (per head) or of the group mass. Entries at or past len are read from the row's padding
+// or beyond L and must be ignored by the caller.
+__device__ __forceinline__ void ranking_keys4(const SelectRow& row, int q4, uint32_t* key) {
+  const float4 v = *reinterpret_cast<const float4*>(row.rank + 4 * q4);
+  key[0] = float_key(v.x);
+  key[1] = float_key(v.y);
+  key[2] = float_key(v.z);
+  key[3] = float_key(v.w);
 }
 
 // Phase 2: the threshold of the n best keys of the row by a 3-pass radix select (11 + 11 + 10
@@ -320,7 +353,7 @@ __device__ __forceinline__ SelectThreshold radix_select(const SelectRow& row, in
 #pragma unroll 2
     for (int q4 = threadIdx.x; q4 < len4; q4 += kSelectThreads) {
       uint32_t key[4];
-      ranking_keys4(row, sh, q4, key);
+      ranking_keys4(row, q4, key);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         if (4 * q4 + e < row.len && (key[e] & hi_mask) == thr.key)
@@ -373,7 +406,7 @@ __device__ __forceinline__ void collect_candidates(const SelectRow& row, SelectT
   for (int base4 = 0; base4 < len4; base4 += kSelectThreads) {  // block-uniform loop
     const int q4 = base4 + threadIdx.x;
     uint32_t key[4] = {0u, 0u, 0u, 0u};
-    if (q4 < len4) ranking_keys4(row, sh, q4, key);
+    if (q4 < len4) ranking_keys4(row, q4, key);
     int my_eq = 0;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
@@ -442,12 +475,15 @@ __global__ void __launch_bounds__(kSelectThreads) qk_select_kernel(QkSelectParam
   const int G = p.hq / p.hkv;
   const int h0 = p.group_select ? blockIdx.x * G : blockIdx.x;  // first query head of this row
   const int64_t row0 = static_cast<int64_t>(b) * p.hq + h0;
+  const float* scores = p.scores + row0 * p.score_stride;  // [nh, score_stride]
   const SelectRow row{
-      .scores = p.scores + row0 * p.score_stride,
+      .scores = scores,
+      .rank = p.group_select
+                  ? p.mass + (static_cast<int64_t>(b) * p.hkv + blockIdx.x) * p.score_stride
+                  : scores,
       .score_stride = p.score_stride,
       .nh = p.group_select ? G : 1,
       .len = clamped_len(p.seq_lens, p.seq_stride, b, p.s),
-      .group_select = p.group_select,
   };
   select_lse(p, row0, row.nh, sh);
 

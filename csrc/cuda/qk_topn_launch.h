@@ -1,5 +1,5 @@
 // qk_topn's launch arithmetic on plain numbers: the score pass's chunk of keys, the scratch sizes,
-// both grids and both kernels' parameters. No torch and no CUDA runtime calls (the multiprocessor
+// the grids and the kernels' parameters. No torch and no CUDA runtime calls (the multiprocessor
 // count is an argument), so the launcher (qk_topn.cu) and the CPU harness of the kernels share it.
 #pragma once
 
@@ -38,6 +38,10 @@ struct QkTopnPlan {
   int64_t partial_count;       // partials [B, Hq, num_chunks] MaxSum
   GridSize scores_grid;        // (num_chunks, Hkv * slices, B)
   int scores_block;            // kScoreThreads
+  int64_t mass_floats;         // group mass [B, Hkv, score_stride] float32, 0 unless group mode
+  int mass_keys_per_block;     // keys per block of qk_group_mass_kernel, a multiple of 2048
+  GridSize mass_grid;          // (ceil(S / mass_keys_per_block), Hkv, B), launched in group mode
+  int mass_block;              // kSelectThreads
   GridSize select_grid;        // (Hq, or Hkv in group mode; B)
   int select_block;            // kSelectThreads
 };
@@ -65,6 +69,17 @@ inline int qk_score_chunk(int64_t S, int64_t blocks_per_chunk, int sms) {
   return static_cast<int>(best);
 }
 
+// Keys per block of the group-mass pass over S keys with `rows` (B · Hkv) rows: at least 2 blocks
+// per multiprocessor over the grid, a multiple of 4 · kSelectThreads (one 16-byte group per thread
+// and step).
+inline int qk_mass_keys_per_block(int64_t S, int64_t rows, int sms) {
+  constexpr int64_t kStep = 4 * kSelectThreads;
+  const int64_t blocks_per_row = std::max<int64_t>(1, ceil_div<int64_t>(2 * int64_t{sms}, rows));
+  return static_cast<int>(
+      std::max<int64_t>(ceil_div<int64_t>(ceil_div<int64_t>(S, blocks_per_row), kStep), 1) *
+      kStep);
+}
+
 // The plan of a call with B, Hq > 0 on a device of `sms` multiprocessors.
 inline QkTopnPlan plan_qk_topn(const QkTopnArgs& a, int sms) {
   const int64_t G = a.Hq / a.Hkv;
@@ -73,6 +88,7 @@ inline QkTopnPlan plan_qk_topn(const QkTopnArgs& a, int sms) {
   const int chunk = qk_score_chunk(a.S, a.B * a.Hkv * slices, sms);
   const int num_chunks = static_cast<int>(ceil_div<int64_t>(a.S, chunk));
   const int64_t score_stride = ceil_div<int64_t>(a.S, 4) * 4;
+  const int mass_keys = qk_mass_keys_per_block(a.S, a.B * a.Hkv, sms);
   return {
       .group_slice = gs,
       .slices = slices,
@@ -83,6 +99,10 @@ inline QkTopnPlan plan_qk_topn(const QkTopnArgs& a, int sms) {
       .partial_count = a.B * a.Hq * num_chunks,
       .scores_grid = {.x = num_chunks, .y = a.Hkv * slices, .z = a.B},
       .scores_block = kScoreThreads,
+      .mass_floats = a.group_select ? a.B * a.Hkv * score_stride : 0,
+      .mass_keys_per_block = mass_keys,
+      .mass_grid = {.x = ceil_div<int64_t>(a.S, mass_keys), .y = a.Hkv, .z = a.B},
+      .mass_block = kSelectThreads,
       .select_grid = {.x = a.group_select ? a.Hkv : a.Hq, .y = a.B},
       .select_block = kSelectThreads,
   };
@@ -115,12 +135,34 @@ inline QkScoresParams qk_scores_params(const QkTopnArgs& a, const QkTopnPlan& pl
   };
 }
 
-// Parameters of qk_select_kernel over the scratch and partials that qk_scores_kernel wrote.
-inline QkSelectParams qk_select_params(const QkTopnArgs& a, const QkTopnPlan& plan,
-                                       const float* scratch, const MaxSum* partials) {
+// Parameters of qk_group_mass_kernel: the group mass [B, Hkv, score_stride] (plan.mass_floats)
+// from the scratch and partials that qk_scores_kernel wrote.
+inline QkMassParams qk_mass_params(const QkTopnArgs& a, const QkTopnPlan& plan,
+                                   const float* scratch, const MaxSum* partials, float* mass) {
   return {
       .scores = scratch,
       .partials = partials,
+      .score_stride = plan.score_stride,
+      .seq_lens = a.seq_lens,
+      .seq_stride = a.seq_stride,
+      .mass = mass,
+      .hq = static_cast<int>(a.Hq),
+      .hkv = static_cast<int>(a.Hkv),
+      .s = static_cast<int>(a.S),
+      .num_chunks = plan.num_chunks,
+      .keys_per_block = plan.mass_keys_per_block,
+  };
+}
+
+// Parameters of qk_select_kernel over the scratch and partials that qk_scores_kernel wrote and, in
+// group mode, the mass of qk_group_mass_kernel (else nullptr).
+inline QkSelectParams qk_select_params(const QkTopnArgs& a, const QkTopnPlan& plan,
+                                       const float* scratch, const MaxSum* partials,
+                                       const float* mass) {
+  return {
+      .scores = scratch,
+      .partials = partials,
+      .mass = mass,
       .score_stride = plan.score_stride,
       .seq_lens = a.seq_lens,
       .seq_stride = a.seq_stride,

@@ -98,8 +98,18 @@ Outputs run_qk_topn(const Case& c) {
       });
     });
   }
+  Tensor mass = make_tensor(DType::kF32, {plan.mass_floats}, 0xff);  // [B, Hkv, stride]
+  if (args.group_select && plan.num_chunks > 0) {
+    const kcache_ops::QkMassParams mp = kcache_ops::qk_mass_params(
+        args, plan, static_cast<const float*>(scratch.data()), partials_ptr,
+        static_cast<float*>(mass.data()));
+    watch_output(mass.data(), mass.bytes, "group mass");
+    launch(to_dim3(plan.mass_grid), dim3(plan.mass_block), "qk_group_mass_kernel",
+           [&] { kcache_ops::qk_group_mass_kernel(mp); });
+  }
   const kcache_ops::QkSelectParams sp = kcache_ops::qk_select_params(
-      args, plan, static_cast<const float*>(scratch.data()), partials_ptr);
+      args, plan, static_cast<const float*>(scratch.data()), partials_ptr,
+      static_cast<const float*>(mass.data()));
   watch_output(scores.data(), scores.bytes, "scores");
   watch_output(indices.data(), indices.bytes, "indices");
   watch_output(lse.data(), lse.bytes, "lse");
