@@ -12,7 +12,9 @@ SASS (cuobjdump -sass) and the registers (cuobjdump -res-usage), and counts:
   radix passes + the collect pass), its static instructions per load / 128 floats (a load is 4
   floats x 32 lanes), summed over the loops = issues per ranked float. Group mode ranks the group
   mass, which qk_group_mass_kernel writes first: its head loop per load / 128 = issues per score
-  float.
+  float. The count is static: the early exits of the select (after a radix pass whose threshold bin
+  holds exactly the keys still needed; no index-order scan in the collect when every key equal to
+  the threshold is taken) are not modelled, so the select's count is an upper bound.
 
 Model (stated, not measured):
 * issue bound = warp-instructions / (SMs x 4 issue slots per cycle (4 warp schedulers, one issue
@@ -275,8 +277,10 @@ def analyse(instances_for_shapes=SHAPES, workdir=None):
             "regs": regs[name], "loop_insns": n, "keys_per_warp_iter": keys,
             "per_key": round(per_key, 2)}
     mass = per_float(funcs[MASS_NAME])
+    passes = per_float(funcs[SELECT_NAME])  # in code order: 3 radix passes, then the collect
     counts["qk_select_kernel"] = {"regs": regs[SELECT_NAME],
-                                  "passes_per_float": round(sum(per_float(funcs[SELECT_NAME])), 3),
+                                  "per_pass_per_float": [round(x, 3) for x in passes],
+                                  "passes_per_float": round(sum(passes), 3),
                                   "mass_per_float": round(sum(mass) / len(mass), 3)}
     rows = []
     for sh in instances_for_shapes:

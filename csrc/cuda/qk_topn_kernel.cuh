@@ -203,7 +203,7 @@ struct SelectShared {
   int hist[kSelectBins];
   MaxSum part[kSelectThreads / 32];
   int warp_total[kSelectThreads / 32];
-  int digit, remaining, n_gt;
+  int digit, remaining, bin_count, n_gt;
 };
 
 // Exclusive prefix sum of v over threadIdx.x, and the block's total; ends with a barrier, so every
@@ -305,11 +305,15 @@ struct SelectRow {
   int len;               // valid keys, L_b clamped to [0, S]
 };
 
-// The count-th largest ranking key of a row and how many keys equal to it are taken (lowest
-// indices first); the keys strictly above it are the other count - need_eq picks.
+// The count-th largest ranking key of a row on the bits of `mask`, and how many keys equal to it
+// there (key & mask == key) are taken, lowest indices first; the keys above it there are the
+// other count - need_eq picks. An early exit of the radix select leaves low bits out of the mask
+// when every key of the threshold's bin is taken (take_all_eq): then no index order is needed.
 struct SelectThreshold {
-  uint32_t key;
+  uint32_t key;      // the threshold's bits under mask
+  uint32_t mask;     // the key bits the radix passes decided
   int need_eq;
+  bool take_all_eq;  // need_eq is every key equal to the threshold under mask
 };
 
 // Phase 1: lse of each of the row's heads rows0 .. rows0 + nh - 1 from their chunk partials, into
@@ -334,11 +338,12 @@ __device__ __forceinline__ void ranking_keys4(const SelectRow& row, int q4, uint
 }
 
 // Phase 2: the threshold of the n best keys of the row by a 3-pass radix select (11 + 11 + 10
-// bits) over histograms in shared memory. When every valid key is taken (len <= n), threshold 0
-// lies below every key. Block-uniform; every thread must call it.
+// bits) over histograms in shared memory, ending early when the threshold's bin holds exactly the
+// keys still needed. When every valid key is taken (len <= n), threshold 0 lies below every key.
+// Block-uniform; every thread must call it.
 __device__ __forceinline__ SelectThreshold radix_select(const SelectRow& row, int n,
                                                         SelectShared& sh) {
-  SelectThreshold thr{0u, 0};
+  SelectThreshold thr{.key = 0u, .mask = ~0u, .need_eq = 0, .take_all_eq = false};
   if (row.len <= n) return thr;
   const int len4 = (row.len + 3) / 4;  // 16-byte groups of keys holding the valid ones
   int remaining = n;
@@ -376,13 +381,21 @@ __device__ __forceinline__ SelectThreshold radix_select(const SelectRow& row, in
       if (above < remaining && above + c >= remaining) {
         sh.digit = bin;
         sh.remaining = remaining - above;
+        sh.bin_count = c;
       }
       above += c;
     }
     __syncthreads();
     thr.key |= static_cast<uint32_t>(sh.digit) << kShift[pass];
     remaining = sh.remaining;
-    __syncthreads();  // sh.digit / sh.remaining are rewritten in the next pass
+    const bool bin_taken = sh.bin_count == remaining;  // every key of the bin is a pick
+    __syncthreads();  // sh.digit / sh.remaining / sh.bin_count are rewritten in the next pass
+    if (bin_taken) {  // block-uniform early exit
+      thr.mask = ~0u << kShift[pass];
+      thr.need_eq = remaining;
+      thr.take_all_eq = true;
+      return thr;
+    }
   }
   thr.need_eq = remaining;
   return thr;
@@ -394,12 +407,15 @@ __device__ __forceinline__ unsigned long long candidate(uint32_t key, int j) {
 }
 
 // Phase 3: the count picks into sh.cand[0, count): keys above the threshold in any order (the sort
-// orders them), keys equal to it in index order through a block-wide scan, 4·kSelectThreads keys
-// per tile. Every thread must call it.
+// orders them), keys equal to it (under thr.mask) in index order through a block-wide scan,
+// 4·kSelectThreads keys per tile; when all of those are taken (take_all_eq), in any order with the
+// keys above it, and no scan. Every thread must call it.
 __device__ __forceinline__ void collect_candidates(const SelectRow& row, SelectThreshold thr,
                                                    int count, SelectShared& sh) {
   const int len4 = (row.len + 3) / 4;
   const int n_gt = count - thr.need_eq;  // keys strictly above the threshold
+  const int unordered = thr.take_all_eq ? count : n_gt;  // picks taken in any order
+  const bool ordered_eq = thr.need_eq > 0 && !thr.take_all_eq;
   if (threadIdx.x == 0) sh.n_gt = 0;
   __syncthreads();
   int eq_base = 0;  // keys equal to the threshold in earlier tiles (the same in every thread)
@@ -411,18 +427,20 @@ __device__ __forceinline__ void collect_candidates(const SelectRow& row, SelectT
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int j = 4 * q4 + e;
-      if (j < row.len && key[e] > thr.key) {
+      const uint32_t top = key[e] & thr.mask;
+      if (j < row.len && (top > thr.key || (thr.take_all_eq && top == thr.key))) {
         const int pos = atomicAdd(&sh.n_gt, 1);
-        if (pos < n_gt) sh.cand[pos] = candidate(key[e], j);
+        if (pos < unordered) sh.cand[pos] = candidate(key[e], j);
       }
-      my_eq += j < row.len && thr.need_eq > 0 && key[e] == thr.key;
+      my_eq += ordered_eq && j < row.len && top == thr.key;
     }
+    if (!ordered_eq) continue;  // block-uniform
     int tile_total;
     int rank = eq_base + block_exclusive_scan(my_eq, tile_total, sh);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int j = 4 * q4 + e;
-      if (j < row.len && thr.need_eq > 0 && key[e] == thr.key) {
+      if (j < row.len && (key[e] & thr.mask) == thr.key) {
         if (rank < thr.need_eq) sh.cand[n_gt + rank] = candidate(key[e], j);
         ++rank;
       }
