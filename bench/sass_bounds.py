@@ -21,7 +21,8 @@ Model (stated, not measured):
   each per cycle) x clock), times the wave quantisation of the grid (ceil(waves) / waves) in waves
   of kScoreBlocksPerSm = 2 blocks per SM (fewer if the registers allow fewer; the launch bounds ask
   for 2, the chunk plan assumes 2); a block's own work cannot spread over several SMs, so the
-  select bound is at least one block's instructions / (4 x clock).
+  select bound is at least one row's instructions / (4 x clock): its radix passes divided by the
+  blocks per row they are split over (qk_select_slices), its collect pass whole.
 * byte bound = bytes that must cross HBM / HBM bandwidth. Score pass: K once + the float32 score
   scratch written (G x 4 B per key per KV head). Select pass: the ranked rows read 4 times, and in
   group mode the scores read once and the mass written (an upper bound: right after the score
@@ -100,6 +101,13 @@ def score_chunk(s, blocks_per_chunk, sms):
         if best_cost is None or cost < best_cost:
             best, best_cost = chunk, cost
     return best
+
+
+def select_slices(s, rows, sms):
+    """qk_select_slices of qk_topn_launch.h: blocks per ranked row of each radix pass."""
+    if rows >= 2 * sms:
+        return 1
+    return min(-(-2 * sms // rows), max(1, s // (4 * SELECT_THREADS)))
 
 
 def find_tool(name):
@@ -233,12 +241,15 @@ def predict(shape, s, b, gpu, score, select, group_select):
     scratch_bytes = b * shape.hq * s * 4
     score_bytes = (k_bytes + scratch_bytes) / gpu.hbm_bytes_s
 
-    # Select: one block per ranked row (the KV head's group mass in group mode), its 4 passes over
-    # the row; group mode first writes the mass in a wide pass over all the scores.
+    # Select: per ranked row (the KV head's group mass in group mode) 3 radix passes, split over
+    # `slices` blocks when the rows are few, then the collect pass in one block per row; group mode
+    # first writes the mass in a wide pass over all the scores.
     rows = b * (shape.hkv if group_select else shape.hq)
-    sel_instr = rows * s * select["passes_per_float"]
-    per_block = sel_instr / rows / (ISSUE_PER_SM_CYCLE * gpu.clock_hz)
-    select_issue = max(sel_instr / issue_rate, per_block)
+    slices = select_slices(s, rows, gpu.sms)
+    radix, collect = sum(select["per_pass_per_float"][:3]), select["per_pass_per_float"][3]
+    sel_instr = rows * s * (radix + collect)
+    per_row = s * (radix / slices + collect) / (ISSUE_PER_SM_CYCLE * gpu.clock_hz)
+    select_issue = max(sel_instr / issue_rate, per_row)
     select_bytes = SELECT_PASSES * rows * s * 4
     if group_select:
         select_issue += b * shape.hq * s * select["mass_per_float"] / issue_rate
@@ -251,7 +262,7 @@ def predict(shape, s, b, gpu, score, select, group_select):
         "score_blocks": blocks, "score_blocks_per_sm": bps, "score_waves": round(waves, 2),
         "score_issue_us": round(score_issue * us, 1), "score_bytes_us": round(score_bytes * us, 1),
         "score_bound_ratio": round(score_bytes / score_issue, 2),
-        "select_blocks": rows, "select_issue_us": round(select_issue * us, 1),
+        "select_blocks": rows, "select_slices": slices, "select_issue_us": round(select_issue * us, 1),
         "select_bytes_us": round(select_bytes * us, 1),
         "k_floor_us": round(k_bytes / gpu.hbm_bytes_s * us, 1),
     }

@@ -95,8 +95,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
     qk_group_mass_kernel<<<to_dim3(plan.mass_grid), plan.mass_block, 0, stream>>>(mp);
     KC_CHECK_LAUNCH("qk_topn (group mass)");
   }
+  // [B, ranked rows, 3, 2048] radix histograms of a split select (else empty)
+  at::Tensor hist = at::zeros({plan.hist_ints}, fopts.dtype(at::kInt));
   const QkSelectParams sp = qk_select_params(args, plan, scratch.data_ptr<float>(), partials_ptr,
-                                             mass.data_ptr<float>());
+                                             mass.data_ptr<float>(), hist.data_ptr<int32_t>());
+  if (plan.select_slices > 1) {
+    const dim3 hist_grid = to_dim3(plan.hist_grid);
+    qk_select_hist_kernel<0><<<hist_grid, plan.select_block, 0, stream>>>(sp);
+    qk_select_hist_kernel<1><<<hist_grid, plan.select_block, 0, stream>>>(sp);
+    qk_select_hist_kernel<2><<<hist_grid, plan.select_block, 0, stream>>>(sp);
+    KC_CHECK_LAUNCH("qk_topn (select histograms)");
+  }
   qk_select_kernel<<<to_dim3(plan.select_grid), plan.select_block, 0, stream>>>(sp);
   KC_CHECK_LAUNCH("qk_topn (select)");
   return {scores, indices, lse};

@@ -187,6 +187,8 @@ struct QkSelectParams {
   const float* scores;       // [B, Hq, score_stride] scratch from qk_scores_kernel
   const MaxSum* partials;    // [B, Hq, num_chunks]
   const float* mass;         // [B, Hkv, score_stride] group mass (group mode; else unused)
+  int* hist;                 // [B, ranked rows, kRadixPasses, kSelectBins] radix histograms summed
+                             // by qk_select_hist_kernel, zeroed before; nullptr: not split
   int64_t score_stride;      // multiple of 4
   const int32_t* seq_lens;   // [B]
   int64_t seq_stride;        // in elements
@@ -337,68 +339,110 @@ __device__ __forceinline__ void ranking_keys4(const SelectRow& row, int q4, uint
   key[3] = float_key(v.w);
 }
 
-// Phase 2: the threshold of the n best keys of the row by a 3-pass radix select (11 + 11 + 10
-// bits) over histograms in shared memory, ending early when the threshold's bin holds exactly the
-// keys still needed. When every valid key is taken (len <= n), threshold 0 lies below every key.
-// Block-uniform; every thread must call it.
-__device__ __forceinline__ SelectThreshold radix_select(const SelectRow& row, int n,
-                                                        SelectShared& sh) {
-  SelectThreshold thr{.key = 0u, .mask = ~0u, .need_eq = 0, .take_all_eq = false};
-  if (row.len <= n) return thr;
-  const int len4 = (row.len + 3) / 4;  // 16-byte groups of keys holding the valid ones
-  int remaining = n;
-  constexpr int kShift[3] = {21, 10, 0};
-  constexpr int kBits[3] = {11, 11, 10};
-#pragma unroll
-  for (int pass = 0; pass < 3; ++pass) {
-    const uint32_t hi_mask = pass == 0 ? 0u : ~0u << (kShift[pass] + kBits[pass]);
-    const uint32_t digit_mask = (1u << kBits[pass]) - 1u;
-    for (int i = threadIdx.x; i < kSelectBins; i += kSelectThreads) sh.hist[i] = 0;
-    __syncthreads();
+// The radix select's digits: 11 + 11 + 10 bits from the top.
+constexpr int kRadixPasses = 3;
+__host__ __device__ constexpr int radix_shift(int pass) { return pass == 0 ? 21 : pass == 1 ? 10 : 0; }
+__host__ __device__ constexpr int radix_bits(int pass) { return pass == 2 ? 10 : 11; }
+
+// The radix select between passes: the threshold's bits decided so far, the picks still needed
+// at or below them, and whether the threshold is final (an early exit).
+struct RadixState {
+  SelectThreshold thr;
+  int remaining;
+  bool done;
+};
+
+// Histogram into sh.hist (zeroed here) of pass `pass`'s digit of the keys of 16-byte groups
+// [q4_begin, q4_end) of the row (and < len) whose bits above the digit equal the prefix. Every
+// thread must call it; ends with a barrier.
+__device__ __forceinline__ void radix_histogram(const SelectRow& row, uint32_t prefix, int pass,
+                                                int q4_begin, int q4_end, SelectShared& sh) {
+  const uint32_t hi_mask = pass == 0 ? 0u : ~0u << (radix_shift(pass) + radix_bits(pass));
+  const uint32_t digit_mask = (1u << radix_bits(pass)) - 1u;
+  for (int i = threadIdx.x; i < kSelectBins; i += kSelectThreads) sh.hist[i] = 0;
+  __syncthreads();
 #pragma unroll 2
-    for (int q4 = threadIdx.x; q4 < len4; q4 += kSelectThreads) {
-      uint32_t key[4];
-      ranking_keys4(row, q4, key);
+  for (int q4 = q4_begin + threadIdx.x; q4 < q4_end; q4 += kSelectThreads) {
+    uint32_t key[4];
+    ranking_keys4(row, q4, key);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        if (4 * q4 + e < row.len && (key[e] & hi_mask) == thr.key)
-          atomicAdd(&sh.hist[(key[e] >> kShift[pass]) & digit_mask], 1);
-      }
-    }
-    __syncthreads();
-    // Thread t owns bins [4t, 4t + 4); the digit is where the count from the top reaches remaining.
-    constexpr int kBinsPerThread = kSelectBins / kSelectThreads;
-    int mine = 0;
-#pragma unroll
-    for (int i = 0; i < kBinsPerThread; ++i) mine += sh.hist[threadIdx.x * kBinsPerThread + i];
-    int total;
-    const int below = block_exclusive_scan(mine, total, sh);
-    int above = total - below - mine;  // keys in the bins of higher threads
-#pragma unroll
-    for (int i = kBinsPerThread - 1; i >= 0; --i) {
-      const int bin = threadIdx.x * kBinsPerThread + i;
-      const int c = sh.hist[bin];
-      if (above < remaining && above + c >= remaining) {
-        sh.digit = bin;
-        sh.remaining = remaining - above;
-        sh.bin_count = c;
-      }
-      above += c;
-    }
-    __syncthreads();
-    thr.key |= static_cast<uint32_t>(sh.digit) << kShift[pass];
-    remaining = sh.remaining;
-    const bool bin_taken = sh.bin_count == remaining;  // every key of the bin is a pick
-    __syncthreads();  // sh.digit / sh.remaining / sh.bin_count are rewritten in the next pass
-    if (bin_taken) {  // block-uniform early exit
-      thr.mask = ~0u << kShift[pass];
-      thr.need_eq = remaining;
-      thr.take_all_eq = true;
-      return thr;
+    for (int e = 0; e < 4; ++e) {
+      if (4 * q4 + e < row.len && (key[e] & hi_mask) == prefix)
+        atomicAdd(&sh.hist[(key[e] >> radix_shift(pass)) & digit_mask], 1);
     }
   }
-  thr.need_eq = remaining;
-  return thr;
+  __syncthreads();
+}
+
+// Pass `pass`'s digit from the histogram in sh.hist: the bin where the count from the top reaches
+// st.remaining; ends the select (st.done) when that bin holds exactly the keys still needed.
+// Block-uniform; every thread must call it; ends with a barrier.
+__device__ __forceinline__ void radix_digit(int pass, RadixState& st, SelectShared& sh) {
+  // Thread t owns bins [4t, 4t + 4).
+  constexpr int kBinsPerThread = kSelectBins / kSelectThreads;
+  int mine = 0;
+#pragma unroll
+  for (int i = 0; i < kBinsPerThread; ++i) mine += sh.hist[threadIdx.x * kBinsPerThread + i];
+  int total;
+  const int below = block_exclusive_scan(mine, total, sh);
+  int above = total - below - mine;  // keys in the bins of higher threads
+#pragma unroll
+  for (int i = kBinsPerThread - 1; i >= 0; --i) {
+    const int bin = threadIdx.x * kBinsPerThread + i;
+    const int c = sh.hist[bin];
+    if (above < st.remaining && above + c >= st.remaining) {
+      sh.digit = bin;
+      sh.remaining = st.remaining - above;
+      sh.bin_count = c;
+    }
+    above += c;
+  }
+  __syncthreads();
+  st.thr.key |= static_cast<uint32_t>(sh.digit) << radix_shift(pass);
+  st.remaining = sh.remaining;
+  const bool bin_taken = sh.bin_count == st.remaining;  // every key of the bin is a pick
+  __syncthreads();  // sh.digit / sh.remaining / sh.bin_count are rewritten in the next pass
+  if (bin_taken || pass == kRadixPasses - 1) {
+    st.thr.mask = ~0u << radix_shift(pass);
+    st.thr.need_eq = st.remaining;
+    st.thr.take_all_eq = bin_taken;
+    st.done = true;
+  }
+}
+
+// Copies pass `pass`'s histogram of a row, summed over its slices by qk_select_hist_kernel, into
+// sh.hist. Every thread must call it; ends with a barrier.
+__device__ __forceinline__ void load_histogram(const int* row_hist, int pass, SelectShared& sh) {
+  for (int i = threadIdx.x; i < kSelectBins; i += kSelectThreads)
+    sh.hist[i] = row_hist[pass * kSelectBins + i];
+  __syncthreads();
+}
+
+// The radix select's state before any pass; already final (threshold 0, below every key) when
+// every valid key is taken (len <= n).
+__device__ __forceinline__ RadixState radix_start(const SelectRow& row, int n) {
+  return {.thr = {.key = 0u, .mask = ~0u, .need_eq = 0, .take_all_eq = false},
+          .remaining = n,
+          .done = row.len <= n};
+}
+
+// Phase 2: the threshold of the n best keys of the row by a 3-pass radix select over histograms
+// in shared memory, ending early when the threshold's bin holds exactly the keys still needed.
+// row_hist [kRadixPasses, kSelectBins]: the histograms that qk_select_hist_kernel summed over the
+// row's slices, or nullptr to histogram the row here. Block-uniform; every thread must call it.
+__device__ __forceinline__ SelectThreshold radix_select(const SelectRow& row, int n,
+                                                        const int* row_hist, SelectShared& sh) {
+  RadixState st = radix_start(row, n);
+#pragma unroll
+  for (int pass = 0; pass < kRadixPasses && !st.done; ++pass) {
+    if (row_hist != nullptr) {
+      load_histogram(row_hist, pass, sh);
+    } else {
+      radix_histogram(row, st.thr.key, pass, 0, (row.len + 3) / 4, sh);
+    }
+    radix_digit(pass, st, sh);
+  }
+  return st.thr;
 }
 
 // A candidate as sorted: (key << 32) | ~index, so that equal keys order by ascending index.
@@ -486,23 +530,57 @@ __device__ __forceinline__ void write_selection(const QkSelectParams& p, const S
   }
 }
 
-// grid (Hq, or Hkv in group mode; B), block kSelectThreads.
-__global__ void __launch_bounds__(kSelectThreads) qk_select_kernel(QkSelectParams p) {
-  __shared__ SelectShared sh;
-  const int b = blockIdx.y;
+// The ranked row `x` (query head, or KV head in group mode) of sequence b, and the index of its
+// first query head in [B, Hq] (row0).
+__device__ __forceinline__ SelectRow select_row(const QkSelectParams& p, int b, int x,
+                                                int64_t& row0) {
   const int G = p.hq / p.hkv;
-  const int h0 = p.group_select ? blockIdx.x * G : blockIdx.x;  // first query head of this row
-  const int64_t row0 = static_cast<int64_t>(b) * p.hq + h0;
+  row0 = static_cast<int64_t>(b) * p.hq + (p.group_select ? x * G : x);
   const float* scores = p.scores + row0 * p.score_stride;  // [nh, score_stride]
-  const SelectRow row{
+  return {
       .scores = scores,
-      .rank = p.group_select
-                  ? p.mass + (static_cast<int64_t>(b) * p.hkv + blockIdx.x) * p.score_stride
-                  : scores,
+      .rank = p.group_select ? p.mass + (static_cast<int64_t>(b) * p.hkv + x) * p.score_stride
+                             : scores,
       .score_stride = p.score_stride,
       .nh = p.group_select ? G : 1,
       .len = clamped_len(p.seq_lens, p.seq_stride, b, p.s),
   };
+}
+
+// grid (hist_slices, Hq or Hkv in group mode, B), block kSelectThreads; launched for kPass = 0, 1,
+// 2 in turn when a row's radix select is split over hist_slices blocks. Each block replays the
+// earlier passes' digits from the summed histograms, histograms its slice of the row for pass kPass
+// and adds it to p.hist (integer atomics: the sums do not depend on the order).
+template <int kPass>
+__global__ void __launch_bounds__(kSelectThreads) qk_select_hist_kernel(QkSelectParams p) {
+  __shared__ SelectShared sh;
+  const int b = blockIdx.z;
+  int64_t row0;
+  const SelectRow row = select_row(p, b, blockIdx.y, row0);
+  int* row_hist = p.hist + (static_cast<int64_t>(b) * gridDim.y + blockIdx.y) * kRadixPasses *
+                               kSelectBins;  // [kRadixPasses, kSelectBins]
+  RadixState st = radix_start(row, p.n);
+#pragma unroll
+  for (int pass = 0; pass < kPass && !st.done; ++pass) {
+    load_histogram(row_hist, pass, sh);
+    radix_digit(pass, st, sh);
+  }
+  if (st.done) return;  // block-uniform
+  const int len4 = (row.len + 3) / 4;
+  const int per_slice = ceil_div(len4, static_cast<int>(gridDim.x));  // 16-byte groups
+  const int q4_begin = min(len4, static_cast<int>(blockIdx.x) * per_slice);
+  radix_histogram(row, st.thr.key, kPass, q4_begin, min(len4, q4_begin + per_slice), sh);
+  for (int i = threadIdx.x; i < kSelectBins; i += kSelectThreads) {
+    if (sh.hist[i] != 0) atomicAdd(&row_hist[kPass * kSelectBins + i], sh.hist[i]);
+  }
+}
+
+// grid (Hq, or Hkv in group mode; B), block kSelectThreads.
+__global__ void __launch_bounds__(kSelectThreads) qk_select_kernel(QkSelectParams p) {
+  __shared__ SelectShared sh;
+  const int b = blockIdx.y;
+  int64_t row0;
+  const SelectRow row = select_row(p, b, blockIdx.x, row0);
   select_lse(p, row0, row.nh, sh);
 
   const int count = min(p.n, row.len);  // valid outputs
@@ -510,7 +588,12 @@ __global__ void __launch_bounds__(kSelectThreads) qk_select_kernel(QkSelectParam
   while (sort_size < count) sort_size <<= 1;
   for (int i = threadIdx.x; i < sort_size; i += kSelectThreads) sh.cand[i] = 0ull;  // sorts last
 
-  const SelectThreshold thr = radix_select(row, p.n, sh);
+  const int* row_hist =  // [kRadixPasses, kSelectBins] from qk_select_hist_kernel, or none
+      p.hist == nullptr
+          ? nullptr
+          : p.hist + (static_cast<int64_t>(b) * gridDim.x + blockIdx.x) * kRadixPasses *
+                         kSelectBins;
+  const SelectThreshold thr = radix_select(row, p.n, row_hist, sh);
   collect_candidates(row, thr, count, sh);
   bitonic_sort_desc(sh.cand, sort_size);
   write_selection(p, row, row0, count, sh);

@@ -42,6 +42,10 @@ struct QkTopnPlan {
   int mass_keys_per_block;     // keys per block of qk_group_mass_kernel, a multiple of 2048
   GridSize mass_grid;          // (ceil(S / mass_keys_per_block), Hkv, B), launched in group mode
   int mass_block;              // kSelectThreads
+  int select_slices;           // blocks per ranked row of each radix pass; 1: no split
+  int64_t hist_ints;           // radix histograms [B, ranked rows, 3, kSelectBins] int32 (zeroed),
+                               // 0 when select_slices = 1
+  GridSize hist_grid;          // (select_slices, ranked rows, B): qk_select_hist_kernel<0, 1, 2>
   GridSize select_grid;        // (Hq, or Hkv in group mode; B)
   int select_block;            // kSelectThreads
 };
@@ -80,6 +84,14 @@ inline int qk_mass_keys_per_block(int64_t S, int64_t rows, int sms) {
       kStep);
 }
 
+// Blocks per ranked row for the radix passes of the select: 1 when the rows fill 2 blocks per
+// multiprocessor by themselves, else enough for that, each slice at least 4 · kSelectThreads keys.
+inline int qk_select_slices(int64_t S, int64_t rows, int sms) {
+  if (rows >= 2 * int64_t{sms}) return 1;
+  const int64_t by_size = std::max<int64_t>(1, S / (4 * kSelectThreads));
+  return static_cast<int>(std::min(ceil_div<int64_t>(2 * int64_t{sms}, rows), by_size));
+}
+
 // The plan of a call with B, Hq > 0 on a device of `sms` multiprocessors.
 inline QkTopnPlan plan_qk_topn(const QkTopnArgs& a, int sms) {
   const int64_t G = a.Hq / a.Hkv;
@@ -89,6 +101,8 @@ inline QkTopnPlan plan_qk_topn(const QkTopnArgs& a, int sms) {
   const int num_chunks = static_cast<int>(ceil_div<int64_t>(a.S, chunk));
   const int64_t score_stride = ceil_div<int64_t>(a.S, 4) * 4;
   const int mass_keys = qk_mass_keys_per_block(a.S, a.B * a.Hkv, sms);
+  const int64_t ranked_rows = a.group_select ? a.Hkv : a.Hq;  // per sequence
+  const int select_slices = qk_select_slices(a.S, a.B * ranked_rows, sms);
   return {
       .group_slice = gs,
       .slices = slices,
@@ -103,7 +117,10 @@ inline QkTopnPlan plan_qk_topn(const QkTopnArgs& a, int sms) {
       .mass_keys_per_block = mass_keys,
       .mass_grid = {.x = ceil_div<int64_t>(a.S, mass_keys), .y = a.Hkv, .z = a.B},
       .mass_block = kSelectThreads,
-      .select_grid = {.x = a.group_select ? a.Hkv : a.Hq, .y = a.B},
+      .select_slices = select_slices,
+      .hist_ints = select_slices > 1 ? a.B * ranked_rows * kRadixPasses * kSelectBins : 0,
+      .hist_grid = {.x = select_slices, .y = ranked_rows, .z = a.B},
+      .select_grid = {.x = ranked_rows, .y = a.B},
       .select_block = kSelectThreads,
   };
 }
@@ -154,15 +171,17 @@ inline QkMassParams qk_mass_params(const QkTopnArgs& a, const QkTopnPlan& plan,
   };
 }
 
-// Parameters of qk_select_kernel over the scratch and partials that qk_scores_kernel wrote and, in
-// group mode, the mass of qk_group_mass_kernel (else nullptr).
+// Parameters of qk_select_hist_kernel and qk_select_kernel over the scratch and partials that
+// qk_scores_kernel wrote, in group mode the mass of qk_group_mass_kernel (else nullptr), and the
+// zeroed radix histograms [plan.hist_ints] when plan.select_slices > 1 (else nullptr).
 inline QkSelectParams qk_select_params(const QkTopnArgs& a, const QkTopnPlan& plan,
                                        const float* scratch, const MaxSum* partials,
-                                       const float* mass) {
+                                       const float* mass, int* hist) {
   return {
       .scores = scratch,
       .partials = partials,
       .mass = mass,
+      .hist = plan.select_slices > 1 ? hist : nullptr,
       .score_stride = plan.score_stride,
       .seq_lens = a.seq_lens,
       .seq_stride = a.seq_stride,
