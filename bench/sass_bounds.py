@@ -58,7 +58,8 @@ class Gpu:
 # H100 SXM5: 132 SMs, 1.98 GHz max boost (NVIDIA H100 datasheet / whitepaper); HBM3 3.35 TB/s
 # datasheet, ~3.0 TB/s measured by device-to-device copies (bench/NOTES.md, DESIGN.md §6).
 # H200 SXM: the same processor (132 SMs, 1.98 GHz; .library/device/KINDS.md read 132 SMs and an SM
-# clock of 1980 MHz under load); HBM3e 4.8 TB/s datasheet, ~4.3 TB/s moved by a device copy (KINDS.md).
+# clock of 1980 MHz under load); HBM3e 4.8 TB/s datasheet, ~4.3 TB/s moved by a device copy
+# (KINDS.md).
 GPUS = (Gpu("H100", 132, 1.98e9, 3.0e12), Gpu("H200", 132, 1.98e9, 4.3e12))
 
 ISSUE_PER_SM_CYCLE = 4  # 4 warp schedulers, one warp-instruction each per cycle
@@ -262,7 +263,8 @@ def predict(shape, s, b, gpu, score, select, group_select):
         "score_blocks": blocks, "score_blocks_per_sm": bps, "score_waves": round(waves, 2),
         "score_issue_us": round(score_issue * us, 1), "score_bytes_us": round(score_bytes * us, 1),
         "score_bound_ratio": round(score_bytes / score_issue, 2),
-        "select_blocks": rows, "select_slices": slices, "select_issue_us": round(select_issue * us, 1),
+        "select_blocks": rows, "select_slices": slices,
+        "select_issue_us": round(select_issue * us, 1),
         "select_bytes_us": round(select_bytes * us, 1),
         "k_floor_us": round(k_bytes / gpu.hbm_bytes_s * us, 1),
     }

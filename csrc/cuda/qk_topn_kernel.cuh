@@ -1,17 +1,23 @@
-// qk_topn on the GPU, in two kernels, three in group mode (bytes and design: bench/NOTES.md).
+// qk_topn on the GPU: a score kernel, a select kernel, and when the work is short of blocks a
+// group-mass kernel (group mode) and split radix passes (bytes and design: bench/NOTES.md).
 //
 // 1. qk_scores_kernel — one block per (chunk of keys, KV head, slice of <= GS query heads of its
-//    group, sequence). Each K row is read once with 16-byte loads and dotted with all the group's
-//    query heads held in registers. It writes the float32 scores s[b, h, j] (j < L_b) to a scratch
-//    buffer (G·4 bytes per key against D·sizeof(T) bytes of K: 6% for Llama-3 bf16) and the chunk's
-//    (max, sumexp) per head.
+//    group, sequence), the chunks sized to whole waves of 2 blocks per SM. Each K row is read once
+//    with 16-byte loads and dotted with all the slice's query heads held in registers; the dots are
+//    reduce-scattered over the row's lanes so that each lane ends with one head's score and updates
+//    that head's running (max, sumexp) with one exp2. It writes the float32 scores s[b, h, j]
+//    (j < L_b) to a scratch buffer (G·4 bytes per key against D·sizeof(T) bytes of K: 6% for
+//    Llama-3 bf16) and the chunk's (max, sumexp) per head.
 // 1b. qk_group_mass_kernel (group mode only) — one block per (slice of keys, KV head, sequence):
 //    merges the chunks' (max, sumexp) of the group's heads into lse and writes the group mass
 //    c_j = sum_h exp(s_hj - lse_h) once, to a [B, Hkv, S↑4] buffer, with many blocks per row.
+// 1c. qk_select_hist_kernel<pass> (when the ranked rows are fewer than 2 per SM) — the radix
+//    select's three histogram passes split over several blocks per row, summed in global memory.
 // 2. qk_select_kernel — one block per (query head, or KV head in group mode; sequence), in five
 //    phases: select_lse merges the chunks' (max, sumexp) into lse; radix_select finds the N-th
-//    largest ranking key by a 3-pass radix select (11 + 11 + 10 bits) over the row (16-byte loads
-//    of the scratch); collect_candidates gathers the entries above it plus the lowest-index entries
+//    largest ranking key by a 3-pass radix select (11 + 11 + 10 bits; over the row with 16-byte
+//    loads, or from 1c's histograms), ending early when the threshold's bin holds exactly the keys
+//    still needed; collect_candidates gathers the entries above it plus the lowest-index entries
 //    equal to it; bitonic_sort_desc sorts these <= N candidates by (key desc, index asc) in shared
 //    memory; write_selection writes scores, indices and padding. The ranking key is s (per head)
 //    or the group mass c_j that qk_group_mass_kernel wrote (group mode).
@@ -341,7 +347,9 @@ __device__ __forceinline__ void ranking_keys4(const SelectRow& row, int q4, uint
 
 // The radix select's digits: 11 + 11 + 10 bits from the top.
 constexpr int kRadixPasses = 3;
-__host__ __device__ constexpr int radix_shift(int pass) { return pass == 0 ? 21 : pass == 1 ? 10 : 0; }
+__host__ __device__ constexpr int radix_shift(int pass) {
+  return pass == 0 ? 21 : pass == 1 ? 10 : 0;
+}
 __host__ __device__ constexpr int radix_bits(int pass) { return pass == 2 ? 10 : 11; }
 
 // The radix select between passes: the threshold's bits decided so far, the picks still needed
