@@ -65,45 +65,51 @@ __device__ __forceinline__ int clamped_len(const int32_t* seq_lens, int64_t stri
   return l < 0 ? 0 : (l > s ? s : l);
 }
 
-// The GS per-head partial dots v[0, GS) of one key, summed over the kLanes lanes that share the key
-// and scattered over them: at each butterfly step a lane keeps half of its values (the upper lane of
-// a pair the upper half) and adds its partner's copy of them, so lane `sub` ends with the full dot
-// of head sub / (kLanes / GS) in v[0]. GS - 1 + log2(kLanes / GS) shuffles instead of
-// GS · log2(kLanes). Every lane of the warp must call it.
-template <int GS, int kLanes>
-__device__ __forceinline__ float reduce_scatter_heads(float (&v)[GS], int sub) {
-  static_assert(GS <= kLanes && (GS & (GS - 1)) == 0, "one head per lane needs GS <= kLanes");
+// kValues partial dots v (of several keys and heads) whose lanes are the kLanes lanes that share a
+// key, summed over those lanes and scattered over them: at each butterfly step a lane keeps half of
+// its values (the upper lane of a pair the upper half) and adds its partner's copy of them, so lane
+// `sub` ends with the full sum of value sub / (kLanes / kValues) in v[0]. kValues - 1 +
+// log2(kLanes / kValues) shuffles instead of kValues · log2(kLanes). Every lane of the warp must
+// call it.
+template <int kValues, int kLanes>
+__device__ __forceinline__ float reduce_scatter(float (&v)[kValues], int sub) {
+  static_assert(kValues <= kLanes && (kValues & (kValues - 1)) == 0, "one value per lane");
+  constexpr int kSteps = kLanes >= 32 ? 5 : kLanes >= 16 ? 4 : kLanes >= 8 ? 3 : 2;  // log2
 #pragma unroll
-  for (int step = 0; (kLanes >> (step + 1)) > 0; ++step) {
+  for (int step = 0; step < kSteps; ++step) {
     const int off = kLanes >> (step + 1);
-    const int half = (GS >> step) / 2;  // values kept after this step (0: only v[0] is left)
-    if (half == 0) {
-      v[0] += __shfl_xor_sync(kFullMask, v[0], off);
-      continue;
-    }
     const bool upper = (sub & off) != 0;
 #pragma unroll
-    for (int i = 0; i < half; ++i) {
-      const float send = upper ? v[i] : v[i + half];
-      const float keep = upper ? v[i + half] : v[i];
-      v[i] = keep + __shfl_xor_sync(kFullMask, send, off);
+    for (int i = 0; i < kValues / 2; ++i) {
+      const int half = (kValues >> step) / 2;  // values kept after this step (0: only v[0] is left)
+      if (i < half) {
+        const float send = upper ? v[i] : v[i + half];
+        const float keep = upper ? v[i + half] : v[i];
+        v[i] = keep + __shfl_xor_sync(kFullMask, send, off);
+      }
     }
+    if ((kValues >> step) / 2 == 0) v[0] += __shfl_xor_sync(kFullMask, v[0], off);
   }
   return v[0];
 }
 
 // grid (num_chunks, Hkv * slices, B), block kScoreThreads, kScoreBlocksPerSm blocks per SM.
-// Per key: each lane dots its 16-byte piece of the row with the GS query heads, the dots are
-// reduce-scattered over the key's lanes (one head per lane), and every lane then updates the running
-// (max, sumexp) of its own head with one exp2; one lane per head writes the score.
+// Per group of kJoint keys a lane covers (u = g·kJoint ...): each lane dots its 16-byte piece of
+// each row with the GS query heads, the kJoint · GS dots are reduce-scattered over the key's lanes
+// (one (key, head) per lane), and every lane then updates the running (max, sumexp) of its own
+// head with one exp2; one lane per (key, head) writes the score.
 template <typename T, int D, int GS>
 __global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
     qk_scores_kernel(QkScoresParams p) {
   constexpr int kVec = Vec16<T>::kElems;  // elements per 16-byte load
   constexpr int kLanesPerKey = D / kVec;  // 8, 16 or 32 lanes share one key row
   constexpr int kKeysPerLoad = 32 / kLanesPerKey;
-  constexpr int kLanesPerHead = kLanesPerKey / GS;  // lanes of a key holding the same head's dot
+  // Keys (of this lane's kScoreUnroll) reduced together: at most one (key, head) value per lane.
+  constexpr int kJoint = kLanesPerKey / GS < kScoreUnroll ? kLanesPerKey / GS : kScoreUnroll;
+  constexpr int kValues = kJoint * GS;              // [kJoint, GS] dots per reduction
+  constexpr int kDup = kLanesPerKey / kValues;      // lanes of a key ending with the same value
   static_assert(D % kVec == 0 && 32 % kLanesPerKey == 0, "unsupported head dim");
+  static_assert(kScoreUnroll % kJoint == 0, "whole groups of keys");
 
   const int b = blockIdx.z;
   const int kvh = blockIdx.y / p.slices;
@@ -118,9 +124,11 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
   const int warp = threadIdx.x / 32;
   const int sub = lane % kLanesPerKey;  // which 16-byte piece of the row this lane reads
   const int kslot = lane / kLanesPerKey;
-  const int my_head = sub / kLanesPerHead;  // the head whose score this lane ends up with
+  const int my_value = sub / kDup;  // the (key, head) this lane ends up with, of each group
+  const int my_head = my_value % GS;
+  const int my_joint = my_value / GS;  // which key of the group: u = g · kJoint + my_joint
   const bool has_head = my_head < gs;
-  const bool writer = has_head && sub % kLanesPerHead == 0;
+  const bool writer = has_head && sub % kDup == 0;
 
   // This lane's slice of each query head, float32.
   float qf[GS][kVec];
@@ -154,18 +162,22 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
       raw[u] = j < chunk_end ? load16(krow + u * u_step) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
-    for (int u = 0; u < kScoreUnroll; ++u) {
-      const int j = base + first_key + u * kKeysPerLoad;
-      float kf[kVec];
-      Vec16<T>::to_float(raw[u], kf);
-      float dot[GS];
+    for (int g = 0; g < kScoreUnroll / kJoint; ++g) {
+      float dot[kValues];  // [kJoint, GS]
 #pragma unroll
-      for (int h = 0; h < GS; ++h) {
-        dot[h] = 0.0f;
+      for (int t = 0; t < kJoint; ++t) {
+        float kf[kVec];
+        Vec16<T>::to_float(raw[g * kJoint + t], kf);
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) dot[h] = fmaf(qf[h][e], kf[e], dot[h]);
+        for (int h = 0; h < GS; ++h) {
+          float d = 0.0f;
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) d = fmaf(qf[h][e], kf[e], d);
+          dot[t * GS + h] = d;
+        }
       }
-      const float s = reduce_scatter_heads<GS, kLanesPerKey>(dot, sub) * p.scale;
+      const float s = reduce_scatter<kValues, kLanesPerKey>(dot, sub) * p.scale;
+      const int j = base + first_key + (g * kJoint + my_joint) * kKeysPerLoad;
       if (has_head && j < chunk_end) {
         if (writer) my_scores[j] = s;
         maxsum_add(run, s);
@@ -173,14 +185,15 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
     }
   }
 
-  // Merge the lanes of a head that saw other keys (other kslot), then the warps in a fixed order.
+  // Merge the lanes of a head that saw other keys (other my_joint, other kslot: the lane bits from
+  // kDup · GS up), then the warps in a fixed order.
   run = maxsum_finish(run);
 #pragma unroll
-  for (int off = kLanesPerKey; off < 32; off <<= 1)
+  for (int off = kDup * GS; off < 32; off <<= 1)
     run = maxsum_merge(run, {__shfl_xor_sync(kFullMask, run.m, off),
                              __shfl_xor_sync(kFullMask, run.l, off)});
   __shared__ MaxSum warp_part[kScoreThreads / 32][GS];
-  if (writer && kslot == 0) warp_part[warp][my_head] = run;
+  if (writer && lane < kDup * GS) warp_part[warp][my_head] = run;
   __syncthreads();
   if (threadIdx.x < gs) {
     MaxSum r = warp_part[0][threadIdx.x];
