@@ -178,6 +178,33 @@ def test_qk_topn_chunking(race_exe, sms):
     check_topn(q, k, lens, 30, 1 / math.sqrt(128), False, out, TOL[torch.float16])
 
 
+def test_qk_topn_group_mass_blocks(race_exe):
+    """Group mode with the group mass in two blocks of 4096 keys per row (4 rows on 4
+    multiprocessors): one row ends inside its second block, the other inside its first, so that
+    row's second block returns early."""
+    q, k = make_qk(2, 8, 2, 4500, 64, torch.bfloat16, "cpu")
+    lens = seq_lens_tensor([4500, 2051], "cpu")
+    out = run_qk_topn(race_exe, q, k, lens, 40, 1 / 8, True, sms=4)
+    check_topn(q, k, lens, 40, 1 / 8, True, out, TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_qk_topn_split_select(race_exe, group_select, ties):
+    """Few rows on 8 multiprocessors: the radix passes split over 4 blocks per row
+    (qk_select_hist_kernel), one row shorter than S; small-integer inputs give many equal scores
+    (the collect's index-order path)."""
+    B, Hkv, G, S, D, n = 2, 1, 2, 9000, 64, 60
+    if ties:
+        q = torch.randint(-2, 3, (B, Hkv * G, D)).float()  # [B, Hq, D]
+        k = torch.randint(-2, 3, (B, Hkv, S, D)).float()  # [B, Hkv, S, D]
+    else:
+        q, k = make_qk(B, Hkv * G, Hkv, S, D, torch.float32, "cpu")
+    lens = seq_lens_tensor([S, 6001], "cpu")
+    out = run_qk_topn(race_exe, q, k, lens, n, 1 / 8, group_select, sms=8)
+    check_topn(q, k, lens, n, 1 / 8, group_select, out, TOL[torch.float32])
+
+
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_qk_topn_strided_inputs(race_exe, group_select):
     """k_cache sliced on S and heads, q a transposed view, seq_lens every other element."""

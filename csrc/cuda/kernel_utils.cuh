@@ -3,6 +3,7 @@
 // its kernels), so the *_kernel.cuh headers stay independent of the launchers.
 #pragma once
 
+#include <cfloat>
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -92,6 +93,28 @@ __device__ __forceinline__ MaxSum maxsum_merge(MaxSum a, MaxSum b) {
   const float m = fmaxf(a.m, b.m);
   if (m == -INFINITY) return {-INFINITY, 0.0f};
   return {m, a.l * expf(a.m - m) + b.l * expf(b.m - m)};
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// The state of an empty stream for maxsum_add: a finite max, so that adding -inf never computes
+// -inf - (-inf). maxsum_finish turns it back into (-inf, 0).
+__device__ __forceinline__ MaxSum maxsum_empty() { return {-FLT_MAX, 0.0f}; }
+
+// Adds one score s with one exp (exp2): the smaller of (s, max) relative to the larger. A NaN score
+// (or +inf added to +inf) makes l NaN for good; maxsum_finish turns that into (NaN, NaN).
+__device__ __forceinline__ void maxsum_add(MaxSum& r, float s) {
+  const bool up = s > r.m;
+  const float e = exp2f((up ? r.m - s : s - r.m) * kLog2e);
+  r.l = up ? fmaf(r.l, e, 1.0f) : r.l + e;
+  r.m = up ? s : r.m;
+}
+
+// A maxsum_add state as maxsum_merge takes it: (-inf, 0) when nothing was added, (NaN, NaN) after
+// a NaN.
+__device__ __forceinline__ MaxSum maxsum_finish(MaxSum r) {
+  if (isnan(r.l)) return {NAN, NAN};
+  return r.l == 0.0f ? MaxSum{-INFINITY, 0.0f} : r;
 }
 
 // Butterfly reduction over the 32 lanes: every lane ends with the same value.

@@ -1,7 +1,7 @@
 // kcache_ops::qk_topn on CUDA: checks, device guard, current stream, scratch allocation, dtype /
-// head-dim / group dispatch, and the two launches of qk_topn_kernel.cuh as qk_topn_launch.h plans
-// them. No host synchronisation except the seq_lens range check, which check_values=False skips
-// (launch_utils.h).
+// head-dim / group dispatch, and the launches (two; three in group mode) of qk_topn_kernel.cuh as
+// qk_topn_launch.h plans them. No host synchronisation except the seq_lens range check, which
+// check_values=False skips (launch_utils.h).
 #include <tuple>
 #include <type_traits>
 
@@ -87,7 +87,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
       });
     });
   }
-  const QkSelectParams sp = qk_select_params(args, plan, scratch.data_ptr<float>(), partials_ptr);
+  // [B, Hkv, score_stride] group mass (group mode, else empty)
+  at::Tensor mass = at::empty({plan.mass_floats}, fopts);
+  if (group_select && plan.num_chunks > 0) {
+    const QkMassParams mp = qk_mass_params(args, plan, scratch.data_ptr<float>(), partials_ptr,
+                                           mass.data_ptr<float>());
+    qk_group_mass_kernel<<<to_dim3(plan.mass_grid), plan.mass_block, 0, stream>>>(mp);
+    KC_CHECK_LAUNCH("qk_topn (group mass)");
+  }
+  // [B, ranked rows, 3, 2048] radix histograms of a split select (else empty)
+  at::Tensor hist = at::zeros({plan.hist_ints}, fopts.dtype(at::kInt));
+  const QkSelectParams sp = qk_select_params(args, plan, scratch.data_ptr<float>(), partials_ptr,
+                                             mass.data_ptr<float>(), hist.data_ptr<int32_t>());
+  if (plan.select_slices > 1) {
+    const dim3 hist_grid = to_dim3(plan.hist_grid);
+    qk_select_hist_kernel<0><<<hist_grid, plan.select_block, 0, stream>>>(sp);
+    qk_select_hist_kernel<1><<<hist_grid, plan.select_block, 0, stream>>>(sp);
+    qk_select_hist_kernel<2><<<hist_grid, plan.select_block, 0, stream>>>(sp);
+    KC_CHECK_LAUNCH("qk_topn (select histograms)");
+  }
   qk_select_kernel<<<to_dim3(plan.select_grid), plan.select_block, 0, stream>>>(sp);
   KC_CHECK_LAUNCH("qk_topn (select)");
   return {scores, indices, lse};

@@ -1,17 +1,26 @@
-// qk_topn on the GPU, in two kernels (bytes and design: bench/NOTES.md).
+// qk_topn on the GPU: a score kernel, a select kernel, and when the work is short of blocks a
+// group-mass kernel (group mode) and split radix passes (bytes and design: bench/NOTES.md).
 //
 // 1. qk_scores_kernel — one block per (chunk of keys, KV head, slice of <= GS query heads of its
-//    group, sequence). Each K row is read once with 16-byte loads and dotted with all the group's
-//    query heads held in registers. It writes the float32 scores s[b, h, j] (j < L_b) to a scratch
-//    buffer (G·4 bytes per key against D·sizeof(T) bytes of K: 6% for Llama-3 bf16) and the chunk's
-//    (max, sumexp) per head.
+//    group, sequence), the chunks sized to whole waves of 2 blocks per SM. Each K row is read once
+//    with 16-byte loads and dotted with all the slice's query heads held in registers; the dots are
+//    reduce-scattered over the row's lanes so that each lane ends with one head's score and updates
+//    that head's running (max, sumexp) with one exp2. It writes the float32 scores s[b, h, j]
+//    (j < L_b) to a scratch buffer (G·4 bytes per key against D·sizeof(T) bytes of K: 6% for
+//    Llama-3 bf16) and the chunk's (max, sumexp) per head.
+// 1b. qk_group_mass_kernel (group mode only) — one block per (slice of keys, KV head, sequence):
+//    merges the chunks' (max, sumexp) of the group's heads into lse and writes the group mass
+//    c_j = sum_h exp(s_hj - lse_h) once, to a [B, Hkv, S↑4] buffer, with many blocks per row.
+// 1c. qk_select_hist_kernel<pass> (when the ranked rows are fewer than 2 per SM) — the radix
+//    select's three histogram passes split over several blocks per row, summed in global memory.
 // 2. qk_select_kernel — one block per (query head, or KV head in group mode; sequence), in five
 //    phases: select_lse merges the chunks' (max, sumexp) into lse; radix_select finds the N-th
-//    largest ranking key by a 3-pass radix select (11 + 11 + 10 bits) over the row (16-byte loads
-//    of the scratch); collect_candidates gathers the entries above it plus the lowest-index entries
+//    largest ranking key by a 3-pass radix select (11 + 11 + 10 bits; over the row with 16-byte
+//    loads, or from 1c's histograms), ending early when the threshold's bin holds exactly the keys
+//    still needed; collect_candidates gathers the entries above it plus the lowest-index entries
 //    equal to it; bitonic_sort_desc sorts these <= N candidates by (key desc, index asc) in shared
 //    memory; write_selection writes scores, indices and padding. The ranking key is s (per head)
-//    or c_j = sum_h exp(s_hj - lse_h) (group mode), recomputed from the scratch rows on every pass.
+//    or the group mass c_j that qk_group_mass_kernel wrote (group mode).
 // NaN as the reference: a NaN score makes its row's lse NaN and ranks above every number (per
 // head); a NaN term of the group mass counts 0.
 // Everything is deterministic: no float atomics, reductions in a fixed order, ties by index.
@@ -25,6 +34,7 @@ namespace kcache_ops {
 
 constexpr int kScoreThreads = 256;  // 8 warps
 constexpr int kScoreUnroll = 4;     // independent 16-byte K loads in flight per thread
+constexpr int kScoreBlocksPerSm = 2;  // launch bounds: registers for 2 blocks (16 warps) per SM
 constexpr int kSelectThreads = 512;
 constexpr int kSelectBins = 2048;     // 11-bit radix digits
 constexpr int kMaxTopN = 4096;        // candidates sorted in shared memory (32 KiB)
@@ -55,13 +65,51 @@ __device__ __forceinline__ int clamped_len(const int32_t* seq_lens, int64_t stri
   return l < 0 ? 0 : (l > s ? s : l);
 }
 
-// grid (num_chunks, Hkv * slices, B), block kScoreThreads.
+// kValues partial dots v (of several keys and heads) whose lanes are the kLanes lanes that share a
+// key, summed over those lanes and scattered over them: at each butterfly step a lane keeps half of
+// its values (the upper lane of a pair the upper half) and adds its partner's copy of them, so lane
+// `sub` ends with the full sum of value sub / (kLanes / kValues) in v[0]. kValues - 1 +
+// log2(kLanes / kValues) shuffles instead of kValues · log2(kLanes). Every lane of the warp must
+// call it.
+template <int kValues, int kLanes>
+__device__ __forceinline__ float reduce_scatter(float (&v)[kValues], int sub) {
+  static_assert(kValues <= kLanes && (kValues & (kValues - 1)) == 0, "one value per lane");
+  constexpr int kSteps = kLanes >= 32 ? 5 : kLanes >= 16 ? 4 : kLanes >= 8 ? 3 : 2;  // log2
+#pragma unroll
+  for (int step = 0; step < kSteps; ++step) {
+    const int off = kLanes >> (step + 1);
+    const bool upper = (sub & off) != 0;
+#pragma unroll
+    for (int i = 0; i < kValues / 2; ++i) {
+      const int half = (kValues >> step) / 2;  // values kept after this step (0: only v[0] is left)
+      if (i < half) {
+        const float send = upper ? v[i] : v[i + half];
+        const float keep = upper ? v[i + half] : v[i];
+        v[i] = keep + __shfl_xor_sync(kFullMask, send, off);
+      }
+    }
+    if ((kValues >> step) / 2 == 0) v[0] += __shfl_xor_sync(kFullMask, v[0], off);
+  }
+  return v[0];
+}
+
+// grid (num_chunks, Hkv * slices, B), block kScoreThreads, kScoreBlocksPerSm blocks per SM.
+// Per group of kJoint keys a lane covers (u = g·kJoint ...): each lane dots its 16-byte piece of
+// each row with the GS query heads, the kJoint · GS dots are reduce-scattered over the key's lanes
+// (one (key, head) per lane), and every lane then updates the running (max, sumexp) of its own
+// head with one exp2; one lane per (key, head) writes the score.
 template <typename T, int D, int GS>
-__global__ void __launch_bounds__(kScoreThreads) qk_scores_kernel(QkScoresParams p) {
+__global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
+    qk_scores_kernel(QkScoresParams p) {
   constexpr int kVec = Vec16<T>::kElems;  // elements per 16-byte load
   constexpr int kLanesPerKey = D / kVec;  // 8, 16 or 32 lanes share one key row
   constexpr int kKeysPerLoad = 32 / kLanesPerKey;
+  // Keys (of this lane's kScoreUnroll) reduced together: at most one (key, head) value per lane.
+  constexpr int kJoint = kLanesPerKey / GS < kScoreUnroll ? kLanesPerKey / GS : kScoreUnroll;
+  constexpr int kValues = kJoint * GS;              // [kJoint, GS] dots per reduction
+  constexpr int kDup = kLanesPerKey / kValues;      // lanes of a key ending with the same value
   static_assert(D % kVec == 0 && 32 % kLanesPerKey == 0, "unsupported head dim");
+  static_assert(kScoreUnroll % kJoint == 0, "whole groups of keys");
 
   const int b = blockIdx.z;
   const int kvh = blockIdx.y / p.slices;
@@ -76,6 +124,11 @@ __global__ void __launch_bounds__(kScoreThreads) qk_scores_kernel(QkScoresParams
   const int warp = threadIdx.x / 32;
   const int sub = lane % kLanesPerKey;  // which 16-byte piece of the row this lane reads
   const int kslot = lane / kLanesPerKey;
+  const int my_value = sub / kDup;  // the (key, head) this lane ends up with, of each group
+  const int my_head = my_value % GS;
+  const int my_joint = my_value / GS;  // which key of the group: u = g · kJoint + my_joint
+  const bool has_head = my_head < gs;
+  const bool writer = has_head && sub % kDup == 0;
 
   // This lane's slice of each query head, float32.
   float qf[GS][kVec];
@@ -87,56 +140,60 @@ __global__ void __launch_bounds__(kScoreThreads) qk_scores_kernel(QkScoresParams
       qf[h][e] = h < gs ? Vec16<T>::one(q[(h0 + h) * p.q_sh + sub * kVec + e]) : 0.0f;
   }
 
-  MaxSum run[GS];
-#pragma unroll
-  for (int h = 0; h < GS; ++h) run[h] = {-INFINITY, 0.0f};
+  MaxSum run = maxsum_empty();  // of my_head over this lane's keys
 
   const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + kvh * p.k_sh + sub * kVec;
-  float* sb = p.scores + (static_cast<int64_t>(b) * p.hq + h0) * p.score_stride;  // [gs, stride]
+  // [score_stride] scratch row of my_head (written only when has_head)
+  float* my_scores =
+      p.scores + (static_cast<int64_t>(b) * p.hq + h0 + (has_head ? my_head : 0)) * p.score_stride;
   constexpr int kKeysPerIter = score_keys_per_iter<T, D>();
-  for (int base = chunk_begin; base < chunk_end; base += kKeysPerIter) {  // block-uniform loop
+  // This lane's piece of its first row (key j of u = 0) in each iteration; the rows of u > 0 follow
+  // at u · kKeysPerLoad keys. Advanced by a pointer step, not a 64-bit multiply per load.
+  const int first_key = warp * kScoreUnroll * kKeysPerLoad + kslot;
+  const int64_t u_step = kKeysPerLoad * p.k_ss;     // elements from the row of u to that of u + 1
+  const int64_t iter_step = kKeysPerIter * p.k_ss;  // elements from one iteration to the next
+  const T* krow = kb + static_cast<int64_t>(chunk_begin + first_key) * p.k_ss;
+  // Block-uniform loop.
+  for (int base = chunk_begin; base < chunk_end; base += kKeysPerIter, krow += iter_step) {
     uint4 raw[kScoreUnroll];
 #pragma unroll
     for (int u = 0; u < kScoreUnroll; ++u) {
-      const int j = base + (warp * kScoreUnroll + u) * kKeysPerLoad + kslot;
-      raw[u] = j < chunk_end ? load16(kb + j * p.k_ss) : make_uint4(0, 0, 0, 0);
+      const int j = base + first_key + u * kKeysPerLoad;
+      raw[u] = j < chunk_end ? load16(krow + u * u_step) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
-    for (int u = 0; u < kScoreUnroll; ++u) {
-      const int j = base + (warp * kScoreUnroll + u) * kKeysPerLoad + kslot;
-      float kf[kVec];
-      Vec16<T>::to_float(raw[u], kf);
-      float dot[GS];
+    for (int g = 0; g < kScoreUnroll / kJoint; ++g) {
+      float dot[kValues];  // [kJoint, GS]
 #pragma unroll
-      for (int h = 0; h < GS; ++h) {
-        dot[h] = 0.0f;
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) dot[h] = fmaf(qf[h][e], kf[e], dot[h]);
-        // Sum over the lanes of this key (xor offsets below kLanesPerKey stay inside the group).
-#pragma unroll
-        for (int off = kLanesPerKey / 2; off > 0; off >>= 1)
-          dot[h] += __shfl_xor_sync(kFullMask, dot[h], off);
-      }
-      if (sub == 0 && j < chunk_end) {
+      for (int t = 0; t < kJoint; ++t) {
+        float kf[kVec];
+        Vec16<T>::to_float(raw[g * kJoint + t], kf);
 #pragma unroll
         for (int h = 0; h < GS; ++h) {
-          if (h < gs) {
-            const float s = dot[h] * p.scale;
-            sb[h * p.score_stride + j] = s;
-            run[h] = maxsum_merge(run[h], MaxSum{s, 1.0f});
-          }
+          float d = 0.0f;
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) d = fmaf(qf[h][e], kf[e], d);
+          dot[t * GS + h] = d;
         }
+      }
+      const float s = reduce_scatter<kValues, kLanesPerKey>(dot, sub) * p.scale;
+      const int j = base + first_key + (g * kJoint + my_joint) * kKeysPerLoad;
+      if (has_head && j < chunk_end) {
+        if (writer) my_scores[j] = s;
+        maxsum_add(run, s);
       }
     }
   }
 
-  // Block reduction of (max, sumexp) per head in a fixed order.
-  __shared__ MaxSum warp_part[kScoreThreads / 32][GS];
+  // Merge the lanes of a head that saw other keys (other my_joint, other kslot: the lane bits from
+  // kDup · GS up), then the warps in a fixed order.
+  run = maxsum_finish(run);
 #pragma unroll
-  for (int h = 0; h < GS; ++h) {
-    const MaxSum r = warp_maxsum(run[h]);
-    if (lane == 0) warp_part[warp][h] = r;
-  }
+  for (int off = kDup * GS; off < 32; off <<= 1)
+    run = maxsum_merge(run, {__shfl_xor_sync(kFullMask, run.m, off),
+                             __shfl_xor_sync(kFullMask, run.l, off)});
+  __shared__ MaxSum warp_part[kScoreThreads / 32][GS];
+  if (writer && lane < kDup * GS) warp_part[warp][my_head] = run;
   __syncthreads();
   if (threadIdx.x < gs) {
     MaxSum r = warp_part[0][threadIdx.x];
@@ -148,6 +205,9 @@ __global__ void __launch_bounds__(kScoreThreads) qk_scores_kernel(QkScoresParams
 struct QkSelectParams {
   const float* scores;       // [B, Hq, score_stride] scratch from qk_scores_kernel
   const MaxSum* partials;    // [B, Hq, num_chunks]
+  const float* mass;         // [B, Hkv, score_stride] group mass (group mode; else unused)
+  int* hist;                 // [B, ranked rows, kRadixPasses, kSelectBins] radix histograms summed
+                             // by qk_select_hist_kernel, zeroed before; nullptr: not split
   int64_t score_stride;      // multiple of 4
   const int32_t* seq_lens;   // [B]
   int64_t seq_stride;        // in elements
@@ -162,10 +222,9 @@ struct QkSelectParams {
 struct SelectShared {
   unsigned long long cand[kMaxTopN];  // (key << 32) | ~index, sorted descending
   int hist[kSelectBins];
-  float lse[kMaxGroupSelect];
   MaxSum part[kSelectThreads / 32];
   int warp_total[kSelectThreads / 32];
-  int digit, remaining, n_gt;
+  int digit, remaining, bin_count, n_gt;
 };
 
 // Exclusive prefix sum of v over threadIdx.x, and the block's total; ends with a barrier, so every
@@ -190,46 +249,19 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int& total, SelectSha
   return before;
 }
 
-// (max, sumexp) over a row of chunk partials -> lse; every thread must call it.
-__device__ __forceinline__ float block_lse(const MaxSum* part, int num_chunks, SelectShared& sh) {
+// (max, sumexp) over a row of chunk partials -> lse, by a block of kSelectThreads threads (the
+// select and the group-mass kernels, so both find the same lse); warp_part [kSelectThreads / 32] in
+// shared memory. Every thread must call it.
+__device__ __forceinline__ float block_lse(const MaxSum* part, int num_chunks, MaxSum* warp_part) {
   MaxSum r{-INFINITY, 0.0f};
   for (int c = threadIdx.x; c < num_chunks; c += kSelectThreads) r = maxsum_merge(r, part[c]);
   r = warp_maxsum(r);
-  if (threadIdx.x % 32 == 0) sh.part[threadIdx.x / 32] = r;
+  if (threadIdx.x % 32 == 0) warp_part[threadIdx.x / 32] = r;
   __syncthreads();
-  r = sh.part[0];
-  for (int w = 1; w < kSelectThreads / 32; ++w) r = maxsum_merge(r, sh.part[w]);
+  r = warp_part[0];
+  for (int w = 1; w < kSelectThreads / 32; ++w) r = maxsum_merge(r, warp_part[w]);
   __syncthreads();
   return r.m == -INFINITY ? -INFINITY : r.m + logf(r.l);
-}
-
-// One row of the selection: the scratch rows ranked together and their valid length.
-struct SelectRow {
-  const float* scores;   // [nh, score_stride] scratch rows, 16-byte aligned
-  int64_t score_stride;  // multiple of 4
-  int nh;                // query heads ranked together: G in group mode, else 1
-  int len;               // valid keys, L_b clamped to [0, S]
-  bool group_select;
-};
-
-// The count-th largest ranking key of a row and how many keys equal to it are taken (lowest
-// indices first); the keys strictly above it are the other count - need_eq picks.
-struct SelectThreshold {
-  uint32_t key;
-  int need_eq;
-};
-
-// Phase 1: lse of each of the row's heads rows0 .. rows0 + nh - 1 from their chunk partials, into
-// out_lse and, in group mode, sh.lse (read by ranking_keys4 once later barriers have passed).
-__device__ __forceinline__ void select_lse(const QkSelectParams& p, int64_t row0, int nh,
-                                           SelectShared& sh) {
-  for (int h = 0; h < nh; ++h) {
-    const float lse = block_lse(p.partials + (row0 + h) * p.num_chunks, p.num_chunks, sh);
-    if (threadIdx.x == 0) {
-      p.out_lse[row0 + h] = lse;
-      if (p.group_select) sh.lse[h] = lse;
-    }
-  }
 }
 
 // A head's share exp(s - lse) of the group mass, 0 where it is NaN (a NaN score or lse), as the
@@ -239,85 +271,199 @@ __device__ __forceinline__ float head_mass(float s, float lse) {
   return isnan(p) ? 0.0f : p;
 }
 
-// Ranking keys of keys 4·q4 .. 4·q4 + 3 (one 16-byte load per scratch row): float_key of the score
-// (per head) or of the group mass c_j = sum_h head_mass(s_hj, lse_h) (group mode). Entries at or
-// past len are read from the row's padding or beyond L and must be ignored by the caller.
-__device__ __forceinline__ void ranking_keys4(const SelectRow& row, const SelectShared& sh, int q4,
-                                              uint32_t* key) {
-  if (!row.group_select) {
-    const float4 v = *reinterpret_cast<const float4*>(row.scores + 4 * q4);
-    key[0] = float_key(v.x);
-    key[1] = float_key(v.y);
-    key[2] = float_key(v.z);
-    key[3] = float_key(v.w);
-    return;
+struct QkMassParams {
+  const float* scores;       // [B, Hq, score_stride] scratch from qk_scores_kernel
+  const MaxSum* partials;    // [B, Hq, num_chunks]
+  int64_t score_stride;      // multiple of 4
+  const int32_t* seq_lens;   // [B]
+  int64_t seq_stride;        // in elements
+  float* mass;               // [B, Hkv, score_stride], written for j < L_b rounded up to 4
+  int hq, hkv, s, num_chunks;
+  int keys_per_block;        // multiple of 4
+};
+
+// grid (ceil(S / keys_per_block), Hkv, B), block kSelectThreads. The group mass
+// c_j = sum_h head_mass(s_hj, lse_h) (h in the KV head's group, in order) of the block's keys, one
+// 16-byte group of keys per thread and step.
+__global__ void __launch_bounds__(kSelectThreads) qk_group_mass_kernel(QkMassParams p) {
+  __shared__ MaxSum warp_part[kSelectThreads / 32];
+  __shared__ float lse[kMaxGroupSelect];
+  const int b = blockIdx.z, kvh = blockIdx.y;
+  const int G = p.hq / p.hkv;
+  const int64_t row0 = static_cast<int64_t>(b) * p.hq + kvh * G;  // first query head of the group
+  const int len = clamped_len(p.seq_lens, p.seq_stride, b, p.s);
+  const int begin = blockIdx.x * p.keys_per_block;
+  const int end = min(begin + p.keys_per_block, len);
+  if (begin >= end) return;  // block-uniform, before any barrier
+
+  for (int h = 0; h < G; ++h) {
+    const float l = block_lse(p.partials + (row0 + h) * p.num_chunks, p.num_chunks, warp_part);
+    if (threadIdx.x == 0) lse[h] = l;
   }
-  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int h = 0; h < row.nh; ++h) {
-    const float4 v = *reinterpret_cast<const float4*>(row.scores + h * row.score_stride + 4 * q4);
-    const float lse = sh.lse[h];
-    c[0] += head_mass(v.x, lse);
-    c[1] += head_mass(v.y, lse);
-    c[2] += head_mass(v.z, lse);
-    c[3] += head_mass(v.w, lse);
+  __syncthreads();
+  const float* rows = p.scores + row0 * p.score_stride;  // [G, score_stride]
+  float* mass = p.mass + (static_cast<int64_t>(b) * p.hkv + kvh) * p.score_stride;
+  for (int q4 = begin / 4 + threadIdx.x; q4 < (end + 3) / 4; q4 += kSelectThreads) {
+    float4 c = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int h = 0; h < G; ++h) {
+      const float4 v = *reinterpret_cast<const float4*>(rows + h * p.score_stride + 4 * q4);
+      const float l = lse[h];
+      c.x += head_mass(v.x, l);
+      c.y += head_mass(v.y, l);
+      c.z += head_mass(v.z, l);
+      c.w += head_mass(v.w, l);
+    }
+    *reinterpret_cast<float4*>(mass + 4 * q4) = c;
   }
-#pragma unroll
-  for (int e = 0; e < 4; ++e) key[e] = float_key(c[e]);
 }
 
-// Phase 2: the threshold of the n best keys of the row by a 3-pass radix select (11 + 11 + 10
-// bits) over histograms in shared memory. When every valid key is taken (len <= n), threshold 0
-// lies below every key. Block-uniform; every thread must call it.
-__device__ __forceinline__ SelectThreshold radix_select(const SelectRow& row, int n,
-                                                        SelectShared& sh) {
-  SelectThreshold thr{0u, 0};
-  if (row.len <= n) return thr;
-  const int len4 = (row.len + 3) / 4;  // 16-byte groups of keys holding the valid ones
-  int remaining = n;
-  constexpr int kShift[3] = {21, 10, 0};
-  constexpr int kBits[3] = {11, 11, 10};
-#pragma unroll
-  for (int pass = 0; pass < 3; ++pass) {
-    const uint32_t hi_mask = pass == 0 ? 0u : ~0u << (kShift[pass] + kBits[pass]);
-    const uint32_t digit_mask = (1u << kBits[pass]) - 1u;
-    for (int i = threadIdx.x; i < kSelectBins; i += kSelectThreads) sh.hist[i] = 0;
-    __syncthreads();
-#pragma unroll 2
-    for (int q4 = threadIdx.x; q4 < len4; q4 += kSelectThreads) {
-      uint32_t key[4];
-      ranking_keys4(row, sh, q4, key);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        if (4 * q4 + e < row.len && (key[e] & hi_mask) == thr.key)
-          atomicAdd(&sh.hist[(key[e] >> kShift[pass]) & digit_mask], 1);
-      }
-    }
-    __syncthreads();
-    // Thread t owns bins [4t, 4t + 4); the digit is where the count from the top reaches remaining.
-    constexpr int kBinsPerThread = kSelectBins / kSelectThreads;
-    int mine = 0;
-#pragma unroll
-    for (int i = 0; i < kBinsPerThread; ++i) mine += sh.hist[threadIdx.x * kBinsPerThread + i];
-    int total;
-    const int below = block_exclusive_scan(mine, total, sh);
-    int above = total - below - mine;  // keys in the bins of higher threads
-#pragma unroll
-    for (int i = kBinsPerThread - 1; i >= 0; --i) {
-      const int bin = threadIdx.x * kBinsPerThread + i;
-      const int c = sh.hist[bin];
-      if (above < remaining && above + c >= remaining) {
-        sh.digit = bin;
-        sh.remaining = remaining - above;
-      }
-      above += c;
-    }
-    __syncthreads();
-    thr.key |= static_cast<uint32_t>(sh.digit) << kShift[pass];
-    remaining = sh.remaining;
-    __syncthreads();  // sh.digit / sh.remaining are rewritten in the next pass
+// One row of the selection: the scratch rows ranked together and their valid length.
+struct SelectRow {
+  const float* scores;   // [nh, score_stride] scratch rows of the heads, 16-byte aligned
+  const float* rank;     // [score_stride] what is ranked: the score row, or the group mass row
+  int64_t score_stride;  // multiple of 4
+  int nh;                // query heads ranked together: G in group mode, else 1
+  int len;               // valid keys, L_b clamped to [0, S]
+};
+
+// The count-th largest ranking key of a row on the bits of `mask`, and how many keys equal to it
+// there (key & mask == key) are taken, lowest indices first; the keys above it there are the
+// other count - need_eq picks. An early exit of the radix select leaves low bits out of the mask
+// when every key of the threshold's bin is taken (take_all_eq): then no index order is needed.
+struct SelectThreshold {
+  uint32_t key;      // the threshold's bits under mask
+  uint32_t mask;     // the key bits the radix passes decided
+  int need_eq;
+  bool take_all_eq;  // need_eq is every key equal to the threshold under mask
+};
+
+// Phase 1: lse of each of the row's heads rows0 .. rows0 + nh - 1 from their chunk partials, into
+// out_lse.
+__device__ __forceinline__ void select_lse(const QkSelectParams& p, int64_t row0, int nh,
+                                           SelectShared& sh) {
+  for (int h = 0; h < nh; ++h) {
+    const float lse = block_lse(p.partials + (row0 + h) * p.num_chunks, p.num_chunks, sh.part);
+    if (threadIdx.x == 0) p.out_lse[row0 + h] = lse;
   }
-  thr.need_eq = remaining;
-  return thr;
+}
+
+// Ranking keys of keys 4·q4 .. 4·q4 + 3 (one 16-byte load of the ranked row): float_key of the
+// score (per head) or of the group mass. Entries at or past len are read from the row's padding
+// or beyond L and must be ignored by the caller.
+__device__ __forceinline__ void ranking_keys4(const SelectRow& row, int q4, uint32_t* key) {
+  const float4 v = *reinterpret_cast<const float4*>(row.rank + 4 * q4);
+  key[0] = float_key(v.x);
+  key[1] = float_key(v.y);
+  key[2] = float_key(v.z);
+  key[3] = float_key(v.w);
+}
+
+// The radix select's digits: 11 + 11 + 10 bits from the top.
+constexpr int kRadixPasses = 3;
+__host__ __device__ constexpr int radix_shift(int pass) {
+  return pass == 0 ? 21 : pass == 1 ? 10 : 0;
+}
+__host__ __device__ constexpr int radix_bits(int pass) { return pass == 2 ? 10 : 11; }
+
+// The radix select between passes: the threshold's bits decided so far, the picks still needed
+// at or below them, and whether the threshold is final (an early exit).
+struct RadixState {
+  SelectThreshold thr;
+  int remaining;
+  bool done;
+};
+
+// Histogram into sh.hist (zeroed here) of pass `pass`'s digit of the keys of 16-byte groups
+// [q4_begin, q4_end) of the row (and < len) whose bits above the digit equal the prefix. Every
+// thread must call it; ends with a barrier.
+__device__ __forceinline__ void radix_histogram(const SelectRow& row, uint32_t prefix, int pass,
+                                                int q4_begin, int q4_end, SelectShared& sh) {
+  const uint32_t hi_mask = pass == 0 ? 0u : ~0u << (radix_shift(pass) + radix_bits(pass));
+  const uint32_t digit_mask = (1u << radix_bits(pass)) - 1u;
+  for (int i = threadIdx.x; i < kSelectBins; i += kSelectThreads) sh.hist[i] = 0;
+  __syncthreads();
+#pragma unroll 2
+  for (int q4 = q4_begin + threadIdx.x; q4 < q4_end; q4 += kSelectThreads) {
+    uint32_t key[4];
+    ranking_keys4(row, q4, key);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (4 * q4 + e < row.len && (key[e] & hi_mask) == prefix)
+        atomicAdd(&sh.hist[(key[e] >> radix_shift(pass)) & digit_mask], 1);
+    }
+  }
+  __syncthreads();
+}
+
+// Pass `pass`'s digit from the histogram in sh.hist: the bin where the count from the top reaches
+// st.remaining; ends the select (st.done) when that bin holds exactly the keys still needed.
+// Block-uniform; every thread must call it; ends with a barrier.
+__device__ __forceinline__ void radix_digit(int pass, RadixState& st, SelectShared& sh) {
+  // Thread t owns bins [4t, 4t + 4).
+  constexpr int kBinsPerThread = kSelectBins / kSelectThreads;
+  int mine = 0;
+#pragma unroll
+  for (int i = 0; i < kBinsPerThread; ++i) mine += sh.hist[threadIdx.x * kBinsPerThread + i];
+  int total;
+  const int below = block_exclusive_scan(mine, total, sh);
+  int above = total - below - mine;  // keys in the bins of higher threads
+#pragma unroll
+  for (int i = kBinsPerThread - 1; i >= 0; --i) {
+    const int bin = threadIdx.x * kBinsPerThread + i;
+    const int c = sh.hist[bin];
+    if (above < st.remaining && above + c >= st.remaining) {
+      sh.digit = bin;
+      sh.remaining = st.remaining - above;
+      sh.bin_count = c;
+    }
+    above += c;
+  }
+  __syncthreads();
+  st.thr.key |= static_cast<uint32_t>(sh.digit) << radix_shift(pass);
+  st.remaining = sh.remaining;
+  const bool bin_taken = sh.bin_count == st.remaining;  // every key of the bin is a pick
+  __syncthreads();  // sh.digit / sh.remaining / sh.bin_count are rewritten in the next pass
+  if (bin_taken || pass == kRadixPasses - 1) {
+    st.thr.mask = ~0u << radix_shift(pass);
+    st.thr.need_eq = st.remaining;
+    st.thr.take_all_eq = bin_taken;
+    st.done = true;
+  }
+}
+
+// Copies pass `pass`'s histogram of a row, summed over its slices by qk_select_hist_kernel, into
+// sh.hist. Every thread must call it; ends with a barrier.
+__device__ __forceinline__ void load_histogram(const int* row_hist, int pass, SelectShared& sh) {
+  for (int i = threadIdx.x; i < kSelectBins; i += kSelectThreads)
+    sh.hist[i] = row_hist[pass * kSelectBins + i];
+  __syncthreads();
+}
+
+// The radix select's state before any pass; already final (threshold 0, below every key) when
+// every valid key is taken (len <= n).
+__device__ __forceinline__ RadixState radix_start(const SelectRow& row, int n) {
+  return {.thr = {.key = 0u, .mask = ~0u, .need_eq = 0, .take_all_eq = false},
+          .remaining = n,
+          .done = row.len <= n};
+}
+
+// Phase 2: the threshold of the n best keys of the row by a 3-pass radix select over histograms
+// in shared memory, ending early when the threshold's bin holds exactly the keys still needed.
+// row_hist [kRadixPasses, kSelectBins]: the histograms that qk_select_hist_kernel summed over the
+// row's slices, or nullptr to histogram the row here. Block-uniform; every thread must call it.
+__device__ __forceinline__ SelectThreshold radix_select(const SelectRow& row, int n,
+                                                        const int* row_hist, SelectShared& sh) {
+  RadixState st = radix_start(row, n);
+#pragma unroll
+  for (int pass = 0; pass < kRadixPasses && !st.done; ++pass) {
+    if (row_hist != nullptr) {
+      load_histogram(row_hist, pass, sh);
+    } else {
+      radix_histogram(row, st.thr.key, pass, 0, (row.len + 3) / 4, sh);
+    }
+    radix_digit(pass, st, sh);
+  }
+  return st.thr;
 }
 
 // A candidate as sorted: (key << 32) | ~index, so that equal keys order by ascending index.
@@ -326,35 +472,40 @@ __device__ __forceinline__ unsigned long long candidate(uint32_t key, int j) {
 }
 
 // Phase 3: the count picks into sh.cand[0, count): keys above the threshold in any order (the sort
-// orders them), keys equal to it in index order through a block-wide scan, 4·kSelectThreads keys
-// per tile. Every thread must call it.
+// orders them), keys equal to it (under thr.mask) in index order through a block-wide scan,
+// 4·kSelectThreads keys per tile; when all of those are taken (take_all_eq), in any order with the
+// keys above it, and no scan. Every thread must call it.
 __device__ __forceinline__ void collect_candidates(const SelectRow& row, SelectThreshold thr,
                                                    int count, SelectShared& sh) {
   const int len4 = (row.len + 3) / 4;
   const int n_gt = count - thr.need_eq;  // keys strictly above the threshold
+  const int unordered = thr.take_all_eq ? count : n_gt;  // picks taken in any order
+  const bool ordered_eq = thr.need_eq > 0 && !thr.take_all_eq;
   if (threadIdx.x == 0) sh.n_gt = 0;
   __syncthreads();
   int eq_base = 0;  // keys equal to the threshold in earlier tiles (the same in every thread)
   for (int base4 = 0; base4 < len4; base4 += kSelectThreads) {  // block-uniform loop
     const int q4 = base4 + threadIdx.x;
     uint32_t key[4] = {0u, 0u, 0u, 0u};
-    if (q4 < len4) ranking_keys4(row, sh, q4, key);
+    if (q4 < len4) ranking_keys4(row, q4, key);
     int my_eq = 0;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int j = 4 * q4 + e;
-      if (j < row.len && key[e] > thr.key) {
+      const uint32_t top = key[e] & thr.mask;
+      if (j < row.len && (top > thr.key || (thr.take_all_eq && top == thr.key))) {
         const int pos = atomicAdd(&sh.n_gt, 1);
-        if (pos < n_gt) sh.cand[pos] = candidate(key[e], j);
+        if (pos < unordered) sh.cand[pos] = candidate(key[e], j);
       }
-      my_eq += j < row.len && thr.need_eq > 0 && key[e] == thr.key;
+      my_eq += ordered_eq && j < row.len && top == thr.key;
     }
+    if (!ordered_eq) continue;  // block-uniform
     int tile_total;
     int rank = eq_base + block_exclusive_scan(my_eq, tile_total, sh);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int j = 4 * q4 + e;
-      if (j < row.len && thr.need_eq > 0 && key[e] == thr.key) {
+      if (j < row.len && (key[e] & thr.mask) == thr.key) {
         if (rank < thr.need_eq) sh.cand[n_gt + rank] = candidate(key[e], j);
         ++rank;
       }
@@ -400,20 +551,57 @@ __device__ __forceinline__ void write_selection(const QkSelectParams& p, const S
   }
 }
 
+// The ranked row `x` (query head, or KV head in group mode) of sequence b, and the index of its
+// first query head in [B, Hq] (row0).
+__device__ __forceinline__ SelectRow select_row(const QkSelectParams& p, int b, int x,
+                                                int64_t& row0) {
+  const int G = p.hq / p.hkv;
+  row0 = static_cast<int64_t>(b) * p.hq + (p.group_select ? x * G : x);
+  const float* scores = p.scores + row0 * p.score_stride;  // [nh, score_stride]
+  return {
+      .scores = scores,
+      .rank = p.group_select ? p.mass + (static_cast<int64_t>(b) * p.hkv + x) * p.score_stride
+                             : scores,
+      .score_stride = p.score_stride,
+      .nh = p.group_select ? G : 1,
+      .len = clamped_len(p.seq_lens, p.seq_stride, b, p.s),
+  };
+}
+
+// grid (hist_slices, Hq or Hkv in group mode, B), block kSelectThreads; launched for kPass = 0, 1,
+// 2 in turn when a row's radix select is split over hist_slices blocks. Each block replays the
+// earlier passes' digits from the summed histograms, histograms its slice of the row for pass kPass
+// and adds it to p.hist (integer atomics: the sums do not depend on the order).
+template <int kPass>
+__global__ void __launch_bounds__(kSelectThreads) qk_select_hist_kernel(QkSelectParams p) {
+  __shared__ SelectShared sh;
+  const int b = blockIdx.z;
+  int64_t row0;
+  const SelectRow row = select_row(p, b, blockIdx.y, row0);
+  int* row_hist = p.hist + (static_cast<int64_t>(b) * gridDim.y + blockIdx.y) * kRadixPasses *
+                               kSelectBins;  // [kRadixPasses, kSelectBins]
+  RadixState st = radix_start(row, p.n);
+#pragma unroll
+  for (int pass = 0; pass < kPass && !st.done; ++pass) {
+    load_histogram(row_hist, pass, sh);
+    radix_digit(pass, st, sh);
+  }
+  if (st.done) return;  // block-uniform
+  const int len4 = (row.len + 3) / 4;
+  const int per_slice = ceil_div(len4, static_cast<int>(gridDim.x));  // 16-byte groups
+  const int q4_begin = min(len4, static_cast<int>(blockIdx.x) * per_slice);
+  radix_histogram(row, st.thr.key, kPass, q4_begin, min(len4, q4_begin + per_slice), sh);
+  for (int i = threadIdx.x; i < kSelectBins; i += kSelectThreads) {
+    if (sh.hist[i] != 0) atomicAdd(&row_hist[kPass * kSelectBins + i], sh.hist[i]);
+  }
+}
+
 // grid (Hq, or Hkv in group mode; B), block kSelectThreads.
 __global__ void __launch_bounds__(kSelectThreads) qk_select_kernel(QkSelectParams p) {
   __shared__ SelectShared sh;
   const int b = blockIdx.y;
-  const int G = p.hq / p.hkv;
-  const int h0 = p.group_select ? blockIdx.x * G : blockIdx.x;  // first query head of this row
-  const int64_t row0 = static_cast<int64_t>(b) * p.hq + h0;
-  const SelectRow row{
-      .scores = p.scores + row0 * p.score_stride,
-      .score_stride = p.score_stride,
-      .nh = p.group_select ? G : 1,
-      .len = clamped_len(p.seq_lens, p.seq_stride, b, p.s),
-      .group_select = p.group_select,
-  };
+  int64_t row0;
+  const SelectRow row = select_row(p, b, blockIdx.x, row0);
   select_lse(p, row0, row.nh, sh);
 
   const int count = min(p.n, row.len);  // valid outputs
@@ -421,7 +609,12 @@ __global__ void __launch_bounds__(kSelectThreads) qk_select_kernel(QkSelectParam
   while (sort_size < count) sort_size <<= 1;
   for (int i = threadIdx.x; i < sort_size; i += kSelectThreads) sh.cand[i] = 0ull;  // sorts last
 
-  const SelectThreshold thr = radix_select(row, p.n, sh);
+  const int* row_hist =  // [kRadixPasses, kSelectBins] from qk_select_hist_kernel, or none
+      p.hist == nullptr
+          ? nullptr
+          : p.hist + (static_cast<int64_t>(b) * gridDim.x + blockIdx.x) * kRadixPasses *
+                         kSelectBins;
+  const SelectThreshold thr = radix_select(row, p.n, row_hist, sh);
   collect_candidates(row, thr, count, sh);
   bitonic_sort_desc(sh.cand, sort_size);
   write_selection(p, row, row0, count, sh);

@@ -1,5 +1,5 @@
 // qk_topn's launch arithmetic on plain numbers: the score pass's chunk of keys, the scratch sizes,
-// both grids and both kernels' parameters. No torch and no CUDA runtime calls (the multiprocessor
+// the grids and the kernels' parameters. No torch and no CUDA runtime calls (the multiprocessor
 // count is an argument), so the launcher (qk_topn.cu) and the CPU harness of the kernels share it.
 #pragma once
 
@@ -38,17 +38,58 @@ struct QkTopnPlan {
   int64_t partial_count;       // partials [B, Hq, num_chunks] MaxSum
   GridSize scores_grid;        // (num_chunks, Hkv * slices, B)
   int scores_block;            // kScoreThreads
+  int64_t mass_floats;         // group mass [B, Hkv, score_stride] float32, 0 unless group mode
+  int mass_keys_per_block;     // keys per block of qk_group_mass_kernel, a multiple of 2048
+  GridSize mass_grid;          // (ceil(S / mass_keys_per_block), Hkv, B), launched in group mode
+  int mass_block;              // kSelectThreads
+  int select_slices;           // blocks per ranked row of each radix pass; 1: no split
+  int64_t hist_ints;           // radix histograms [B, ranked rows, 3, kSelectBins] int32 (zeroed),
+                               // 0 when select_slices = 1
+  GridSize hist_grid;          // (select_slices, ranked rows, B): qk_select_hist_kernel<0, 1, 2>
   GridSize select_grid;        // (Hq, or Hkv in group mode; B)
   int select_block;            // kSelectThreads
 };
 
+// A score block's fixed cost (q load, block reduction, partials, its share of the launch) counted
+// as this many keys of its loop, for the wave model of qk_score_chunk.
+constexpr int64_t kScoreBlockOverheadKeys = 128;
+
 // Keys per block of the score pass over S keys when one chunk of keys takes `blocks_per_chunk`
-// blocks: at least 4 blocks per multiprocessor over the whole grid, at least 512 keys per block, a
-// multiple of 256 (and so of every kernel's score_keys_per_iter).
+// blocks: the multiple of 256 (at least 512, so of every kernel's score_keys_per_iter) that
+// minimises the grid's time in whole waves of kScoreBlocksPerSm blocks per multiprocessor,
+// ceil(blocks / wave) · (chunk + kScoreBlockOverheadKeys); the smallest such chunk on ties.
 inline int qk_score_chunk(int64_t S, int64_t blocks_per_chunk, int sms) {
-  const int64_t want_chunks = ceil_div<int64_t>(4 * int64_t{sms}, blocks_per_chunk);
-  const int64_t chunk = ceil_div<int64_t>(ceil_div<int64_t>(S, want_chunks), 256) * 256;
-  return static_cast<int>(std::max<int64_t>(chunk, 512));
+  const int64_t wave = int64_t{sms} * kScoreBlocksPerSm;  // blocks resident at once
+  const int64_t max_chunk = std::max<int64_t>(ceil_div<int64_t>(S, 256) * 256, 512);
+  int64_t best = 512, best_cost = -1;
+  for (int64_t chunk = 512; chunk <= max_chunk; chunk += 256) {
+    const int64_t blocks = blocks_per_chunk * ceil_div<int64_t>(S, chunk);
+    const int64_t cost = ceil_div<int64_t>(blocks, wave) * (chunk + kScoreBlockOverheadKeys);
+    if (best_cost < 0 || cost < best_cost) {
+      best = chunk;
+      best_cost = cost;
+    }
+  }
+  return static_cast<int>(best);
+}
+
+// Keys per block of the group-mass pass over S keys with `rows` (B · Hkv) rows: at least 2 blocks
+// per multiprocessor over the grid, a multiple of 4 · kSelectThreads (one 16-byte group per thread
+// and step).
+inline int qk_mass_keys_per_block(int64_t S, int64_t rows, int sms) {
+  constexpr int64_t kStep = 4 * kSelectThreads;
+  const int64_t blocks_per_row = std::max<int64_t>(1, ceil_div<int64_t>(2 * int64_t{sms}, rows));
+  return static_cast<int>(
+      std::max<int64_t>(ceil_div<int64_t>(ceil_div<int64_t>(S, blocks_per_row), kStep), 1) *
+      kStep);
+}
+
+// Blocks per ranked row for the radix passes of the select: 1 when the rows fill 2 blocks per
+// multiprocessor by themselves, else enough for that, each slice at least 4 · kSelectThreads keys.
+inline int qk_select_slices(int64_t S, int64_t rows, int sms) {
+  if (rows >= 2 * int64_t{sms}) return 1;
+  const int64_t by_size = std::max<int64_t>(1, S / (4 * kSelectThreads));
+  return static_cast<int>(std::min(ceil_div<int64_t>(2 * int64_t{sms}, rows), by_size));
 }
 
 // The plan of a call with B, Hq > 0 on a device of `sms` multiprocessors.
@@ -59,6 +100,9 @@ inline QkTopnPlan plan_qk_topn(const QkTopnArgs& a, int sms) {
   const int chunk = qk_score_chunk(a.S, a.B * a.Hkv * slices, sms);
   const int num_chunks = static_cast<int>(ceil_div<int64_t>(a.S, chunk));
   const int64_t score_stride = ceil_div<int64_t>(a.S, 4) * 4;
+  const int mass_keys = qk_mass_keys_per_block(a.S, a.B * a.Hkv, sms);
+  const int64_t ranked_rows = a.group_select ? a.Hkv : a.Hq;  // per sequence
+  const int select_slices = qk_select_slices(a.S, a.B * ranked_rows, sms);
   return {
       .group_slice = gs,
       .slices = slices,
@@ -69,7 +113,14 @@ inline QkTopnPlan plan_qk_topn(const QkTopnArgs& a, int sms) {
       .partial_count = a.B * a.Hq * num_chunks,
       .scores_grid = {.x = num_chunks, .y = a.Hkv * slices, .z = a.B},
       .scores_block = kScoreThreads,
-      .select_grid = {.x = a.group_select ? a.Hkv : a.Hq, .y = a.B},
+      .mass_floats = a.group_select ? a.B * a.Hkv * score_stride : 0,
+      .mass_keys_per_block = mass_keys,
+      .mass_grid = {.x = ceil_div<int64_t>(a.S, mass_keys), .y = a.Hkv, .z = a.B},
+      .mass_block = kSelectThreads,
+      .select_slices = select_slices,
+      .hist_ints = select_slices > 1 ? a.B * ranked_rows * kRadixPasses * kSelectBins : 0,
+      .hist_grid = {.x = select_slices, .y = ranked_rows, .z = a.B},
+      .select_grid = {.x = ranked_rows, .y = a.B},
       .select_block = kSelectThreads,
   };
 }
@@ -101,12 +152,36 @@ inline QkScoresParams qk_scores_params(const QkTopnArgs& a, const QkTopnPlan& pl
   };
 }
 
-// Parameters of qk_select_kernel over the scratch and partials that qk_scores_kernel wrote.
-inline QkSelectParams qk_select_params(const QkTopnArgs& a, const QkTopnPlan& plan,
-                                       const float* scratch, const MaxSum* partials) {
+// Parameters of qk_group_mass_kernel: the group mass [B, Hkv, score_stride] (plan.mass_floats)
+// from the scratch and partials that qk_scores_kernel wrote.
+inline QkMassParams qk_mass_params(const QkTopnArgs& a, const QkTopnPlan& plan,
+                                   const float* scratch, const MaxSum* partials, float* mass) {
   return {
       .scores = scratch,
       .partials = partials,
+      .score_stride = plan.score_stride,
+      .seq_lens = a.seq_lens,
+      .seq_stride = a.seq_stride,
+      .mass = mass,
+      .hq = static_cast<int>(a.Hq),
+      .hkv = static_cast<int>(a.Hkv),
+      .s = static_cast<int>(a.S),
+      .num_chunks = plan.num_chunks,
+      .keys_per_block = plan.mass_keys_per_block,
+  };
+}
+
+// Parameters of qk_select_hist_kernel and qk_select_kernel over the scratch and partials that
+// qk_scores_kernel wrote, in group mode the mass of qk_group_mass_kernel (else nullptr), and the
+// zeroed radix histograms [plan.hist_ints] when plan.select_slices > 1 (else nullptr).
+inline QkSelectParams qk_select_params(const QkTopnArgs& a, const QkTopnPlan& plan,
+                                       const float* scratch, const MaxSum* partials,
+                                       const float* mass, int* hist) {
+  return {
+      .scores = scratch,
+      .partials = partials,
+      .mass = mass,
+      .hist = plan.select_slices > 1 ? hist : nullptr,
       .score_stride = plan.score_stride,
       .seq_lens = a.seq_lens,
       .seq_stride = a.seq_stride,

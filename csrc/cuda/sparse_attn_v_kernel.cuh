@@ -3,11 +3,14 @@
 //
 // One block per (KV head, slice of <= GS query heads of its group, sequence). The block first turns
 // each head's N scores into softmax statistics (renormalize: max and sum over the valid entries;
-// else the given lse). When every head of the slice has the same index row (group_select) each V
-// row is read once over PCIe for all of them; otherwise each head reads its own rows. Each lane
-// reads one 16-byte piece of a row, kLanesPerRow lanes cover a row, and each thread keeps kUnroll
-// row loads in flight before it uses any. Partial sums are reduced across lanes and warps in a
-// fixed order (deterministic) and only out [B, Hq, D] is written.
+// else the given lse). The rows to read form one list: when every head of the slice has the same
+// index row (group_select) the N rows, each weighted for all heads; otherwise the gs · N rows of
+// the heads one after another, each weighted for its own head. The list is read in tiles of
+// kAttnTile rows: the block stages each tile's row numbers and per-head weights (exp once per head
+// and entry) in shared memory, then every thread issues its kAttnUnroll 16-byte row loads
+// (32 KiB per block in flight) before it uses any, so all heads of a slice share one pipelined pass.
+// kLanesPerRow lanes cover a row. Partial sums are reduced across lanes and warps in a fixed order
+// (deterministic) and only out [B, Hq, D] is written.
 #pragma once
 
 #include <cstdint>
@@ -17,7 +20,8 @@
 namespace kcache_ops {
 
 constexpr int kAttnThreads = 128;  // 4 warps
-constexpr int kAttnUnroll = 8;     // independent 16-byte host loads in flight per thread
+constexpr int kAttnUnroll = 16;    // independent 16-byte host loads in flight per thread (32 KiB
+                                   // per block)
 
 struct SparseAttnParams {
   const float* scores;             // [B, Hq, N] float32
@@ -33,6 +37,21 @@ struct SparseAttnParams {
   bool renormalize;
 };
 
+// Rows of the list one block iteration reads (each thread one 16-byte piece of kAttnUnroll rows).
+template <typename T, int D>
+constexpr int attn_tile_rows() {
+  return (kAttnThreads / 32) * (32 / (D / Vec16<T>::kElems)) * kAttnUnroll;
+}
+
+// One tile of the row list in shared memory: row numbers (-1: skipped), the reading head and each
+// head's weight.
+template <int GS, int kTile>
+struct AttnTile {
+  int row[kTile];           // V row index, -1 for padding / out of range
+  int head[kTile];          // the one head that reads the row, -1 when all heads do (shared rows)
+  float weight[GS][kTile];  // p of head h for this row, 0 where the head does not read it
+};
+
 // grid (Hkv * slices, B), block kAttnThreads.
 template <typename T, int D, int GS>
 __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnParams p) {
@@ -40,12 +59,13 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
   constexpr int kLanesPerRow = D / kVec;  // 8, 16 or 32
   constexpr int kRowsPerLoad = 32 / kLanesPerRow;
   constexpr int kWarps = kAttnThreads / 32;
-  constexpr int kRowsPerIter = kWarps * kRowsPerLoad * kAttnUnroll;
+  constexpr int kTile = attn_tile_rows<T, D>();
   static_assert(D % kVec == 0 && 32 % kLanesPerRow == 0, "unsupported head dim");
 
   __shared__ float stat_bias[GS];   // p = exp(s - bias) * mult
   __shared__ float stat_mult[GS];
   __shared__ float red[kWarps];
+  __shared__ AttnTile<GS, kTile> tile;
   __shared__ float partial[kWarps][GS][D];
 
   const int b = blockIdx.y;
@@ -105,6 +125,24 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
   }
   const bool shared_rows = __syncthreads_and(same);  // also publishes stat_bias / stat_mult
 
+  // Weight of head h for entry i of its selection: 0 for padding, out-of-range rows and -inf.
+  auto weight = [&](int h, int i) {
+    const float sv = sc[h * p.sc_sh + i * p.sc_sn];
+    return !valid_index(h, i) || sv == -INFINITY ? 0.0f
+                                                 : expf(sv - stat_bias[h]) * stat_mult[h];
+  };
+  // Entry e of the row list: shared rows: entry e of every head; else entry e % n of head e / n.
+  auto stage_entry = [&](int t, int e) {
+    const int src = shared_rows ? 0 : e / p.n, i = shared_rows ? e : e % p.n;
+    tile.row[t] = valid_index(src, i) ? ix[src * p.ix_sh + i * p.ix_sn] : -1;
+    tile.head[t] = shared_rows ? -1 : src;
+#pragma unroll
+    for (int h = 0; h < GS; ++h) {
+      const bool reads = h < gs && (shared_rows || h == src);
+      tile.weight[h][t] = reads ? weight(h, i) : 0.0f;
+    }
+  };
+
   const int sub = lane % kLanesPerRow;  // which 16-byte piece of a row
   const int rslot = lane / kLanesPerRow;
   const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + kvh * p.v_sh + sub * kVec;
@@ -115,38 +153,40 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
     for (int e = 0; e < kVec; ++e) acc[h][e] = 0.0f;
   }
 
-  // Pass over the rows of head `src` (relative to h0), adding them to heads [lo, hi).
-  const int passes = shared_rows ? 1 : gs;
-  for (int pass = 0; pass < passes; ++pass) {
-    const int src = shared_rows ? 0 : pass;
-    const int lo = shared_rows ? 0 : pass, hi = shared_rows ? gs : pass + 1;
-    for (int base = 0; base < p.n; base += kRowsPerIter) {
-      uint4 raw[kAttnUnroll];
-#pragma unroll
-      for (int u = 0; u < kAttnUnroll; ++u) {
-        const int i = base + (warp * kAttnUnroll + u) * kRowsPerLoad + rslot;
-        raw[u] = make_uint4(0, 0, 0, 0);
-        if (i < p.n && valid_index(src, i))
-          raw[u] = load16(vb + static_cast<int64_t>(ix[src * p.ix_sh + i * p.ix_sn]) * p.v_ss);
+  const int entries = shared_rows ? p.n : gs * p.n;  // length of the row list
+  for (int base = 0; base < entries; base += kTile) {  // block-uniform loop
+    for (int t = threadIdx.x; t < kTile; t += kAttnThreads) {
+      if (base + t < entries) {
+        stage_entry(t, base + t);
+      } else {
+        tile.row[t] = -1;
       }
+    }
+    __syncthreads();
+    uint4 raw[kAttnUnroll];
 #pragma unroll
-      for (int u = 0; u < kAttnUnroll; ++u) {
-        const int i = base + (warp * kAttnUnroll + u) * kRowsPerLoad + rslot;
-        if (i < p.n && valid_index(src, i)) {
-          float vf[kVec];
-          Vec16<T>::to_float(raw[u], vf);
+    for (int u = 0; u < kAttnUnroll; ++u) {
+      const int j = tile.row[(warp * kAttnUnroll + u) * kRowsPerLoad + rslot];
+      raw[u] = j >= 0 ? load16(vb + static_cast<int64_t>(j) * p.v_ss) : make_uint4(0, 0, 0, 0);
+    }
 #pragma unroll
-          for (int h = 0; h < GS; ++h) {
-            if (h >= lo && h < hi) {
-              const float sv = sc[h * p.sc_sh + i * p.sc_sn];
-              const float w = sv == -INFINITY ? 0.0f : expf(sv - stat_bias[h]) * stat_mult[h];
+    for (int u = 0; u < kAttnUnroll; ++u) {
+      const int t = (warp * kAttnUnroll + u) * kRowsPerLoad + rslot;
+      if (tile.row[t] >= 0) {
+        float vf[kVec];
+        Vec16<T>::to_float(raw[u], vf);
+        const int only = tile.head[t];
 #pragma unroll
-              for (int e = 0; e < kVec; ++e) acc[h][e] = fmaf(w, vf[e], acc[h][e]);
-            }
+        for (int h = 0; h < GS; ++h) {
+          if (only < 0 || only == h) {  // a head never touches another head's rows (inf · 0)
+            const float w = tile.weight[h][t];
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) acc[h][e] = fmaf(w, vf[e], acc[h][e]);
           }
         }
       }
     }
+    __syncthreads();  // the tile is restaged in the next iteration
   }
 
   // Sum the row slots of each warp (lanes with the same `sub`), then the warps in order.

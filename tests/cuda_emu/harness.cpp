@@ -98,8 +98,28 @@ Outputs run_qk_topn(const Case& c) {
       });
     });
   }
+  Tensor mass = make_tensor(DType::kF32, {plan.mass_floats}, 0xff);  // [B, Hkv, stride]
+  if (args.group_select && plan.num_chunks > 0) {
+    const kcache_ops::QkMassParams mp = kcache_ops::qk_mass_params(
+        args, plan, static_cast<const float*>(scratch.data()), partials_ptr,
+        static_cast<float*>(mass.data()));
+    watch_output(mass.data(), mass.bytes, "group mass");
+    launch(to_dim3(plan.mass_grid), dim3(plan.mass_block), "qk_group_mass_kernel",
+           [&] { kcache_ops::qk_group_mass_kernel(mp); });
+  }
+  Tensor hist = make_tensor(DType::kI32, {plan.hist_ints}, 0);  // [B, rows, 3, 2048], zeroed
   const kcache_ops::QkSelectParams sp = kcache_ops::qk_select_params(
-      args, plan, static_cast<const float*>(scratch.data()), partials_ptr);
+      args, plan, static_cast<const float*>(scratch.data()), partials_ptr,
+      static_cast<const float*>(mass.data()), static_cast<int*>(hist.data()));
+  if (plan.select_slices > 1) {
+    const dim3 hist_grid = to_dim3(plan.hist_grid);
+    launch(hist_grid, dim3(plan.select_block), "qk_select_hist_kernel<0>",
+           [&] { kcache_ops::qk_select_hist_kernel<0>(sp); });
+    launch(hist_grid, dim3(plan.select_block), "qk_select_hist_kernel<1>",
+           [&] { kcache_ops::qk_select_hist_kernel<1>(sp); });
+    launch(hist_grid, dim3(plan.select_block), "qk_select_hist_kernel<2>",
+           [&] { kcache_ops::qk_select_hist_kernel<2>(sp); });
+  }
   watch_output(scores.data(), scores.bytes, "scores");
   watch_output(indices.data(), indices.bytes, "indices");
   watch_output(lse.data(), lse.bytes, "lse");

@@ -77,8 +77,10 @@ def cases():
     """(name, run(exe, **opts) -> raises on a wrong result) covering every kernel and branch."""
     torch.manual_seed(1234)
 
-    def topn(B, Hkv, G, S, D, n, lens, group_select, dtype=torch.float32, sms=132):
+    def topn(B, Hkv, G, S, D, n, lens, group_select, dtype=torch.float32, sms=132, ties=False):
         q, k = make_qk(B, Hkv * G, Hkv, S, D, dtype, "cpu")
+        if ties:  # small integers: many equal scores, the collect's index-order path
+            q, k = q.uniform_(-2, 3).floor(), k.uniform_(-2, 3).floor()
         lens = seq_lens_tensor(lens, "cpu")
         scale = 1 / math.sqrt(D)
 
@@ -119,6 +121,8 @@ def cases():
         ("qk_topn n=600 (sort over 1024)", topn(1, 1, 2, 1500, 64, 600, [1500], False)),
         ("qk_topn L > 2048 (two collect tiles)", topn(1, 1, 2, 2600, 64, 20, [2600], False,
                                                       sms=4)),
+        ("qk_topn split select, ties", topn(1, 1, 2, 9000, 64, 60, [9000], False, sms=8,
+                                            ties=True)),
         ("sparse_attn_v renormalize", attn(2, 2, 3, 200, 64, 70, True, False)),
         ("sparse_attn_v lse, group rows", attn(2, 1, 4, 200, 128, 40, False, True)),
         ("sparse_attn_v renormalize, group rows", attn(1, 1, 8, 200, 64, 300, True, True,

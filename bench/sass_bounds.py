@@ -1,0 +1,348 @@
+"""Predicted issue-bound and byte-bound times of qk_topn's kernels, from their SASS, without a GPU.
+
+Compiles the torch-free kernel header csrc/cuda/qk_topn_kernel.cuh for sm_90 (nvcc -cubin, one
+explicit instance per template instance the launcher uses for the configurations below), reads the
+SASS (cuobjdump -sass) and the registers (cuobjdump -res-usage), and counts:
+
+* score pass: the static instructions of qk_scores_kernel's key loop (the innermost backward branch
+  around its 16-byte K loads) divided by the keys one warp covers per iteration = warp-instruction
+  issues per key per block (one block serves one slice of <= GS query heads). Every instruction of
+  the loop body is counted, including the cold NaN paths, so this is an upper bound of the issues.
+* select pass: per innermost loop of qk_select_kernel around a 16-byte load of the ranked row (3
+  radix passes + the collect pass), its static instructions per load / 128 floats (a load is 4
+  floats x 32 lanes), summed over the loops = issues per ranked float. Group mode ranks the group
+  mass, which qk_group_mass_kernel writes first: its head loop per load / 128 = issues per score
+  float. The count is static: the early exits of the select (after a radix pass whose threshold bin
+  holds exactly the keys still needed; no index-order scan in the collect when every key equal to
+  the threshold is taken) are not modelled, so the select's count is an upper bound.
+
+Model (stated, not measured):
+* issue bound = warp-instructions / (SMs x 4 issue slots per cycle (4 warp schedulers, one issue
+  each per cycle) x clock), times the wave quantisation of the grid (ceil(waves) / waves) in waves
+  of kScoreBlocksPerSm = 2 blocks per SM (fewer if the registers allow fewer; the launch bounds ask
+  for 2, the chunk plan assumes 2); a block's own work cannot spread over several SMs, so the
+  select bound is at least one row's instructions / (4 x clock): its radix passes divided by the
+  blocks per row they are split over (qk_select_slices), its collect pass whole.
+* byte bound = bytes that must cross HBM / HBM bandwidth. Score pass: K once + the float32 score
+  scratch written (G x 4 B per key per KV head). Select pass: the ranked rows read 4 times, and in
+  group mode the scores read once and the mass written (an upper bound: right after the score
+  pass much of the scratch is still in L2).
+Both are lower bounds of the time; the kernel is issue-bound where the first is the larger, and the
+issue's target is issue bound <= HBM bound / 1.3 (bound_ratio = byte / issue >= 1.3).
+
+Usage: python bench/sass_bounds.py [--label before] [--out bench/results]
+"""
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNEL_DIR = os.path.join(ROOT, "csrc", "cuda")
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    sms: int
+    clock_hz: float  # SM clock under load
+    hbm_bytes_s: float  # achievable device-memory bandwidth
+
+
+# H100 SXM5: 132 SMs, 1.98 GHz max boost (NVIDIA H100 datasheet / whitepaper); HBM3 3.35 TB/s
+# datasheet, ~3.0 TB/s measured by device-to-device copies (bench/NOTES.md, DESIGN.md §6).
+# H200 SXM: the same processor (132 SMs, 1.98 GHz; .library/device/KINDS.md read 132 SMs and an SM
+# clock of 1980 MHz under load); HBM3e 4.8 TB/s datasheet, ~4.3 TB/s moved by a device copy
+# (KINDS.md).
+GPUS = (Gpu("H100", 132, 1.98e9, 3.0e12), Gpu("H200", 132, 1.98e9, 4.3e12))
+
+ISSUE_PER_SM_CYCLE = 4  # 4 warp schedulers, one warp-instruction each per cycle
+REGS_PER_SM = 65536
+MAX_THREADS_PER_SM = 2048
+SCORE_THREADS = 256  # kScoreThreads
+SCORE_UNROLL = 4  # kScoreUnroll
+SCORE_BLOCKS_PER_SM = 2  # kScoreBlocksPerSm: the residency the launch bounds and the chunk plan use
+SCORE_BLOCK_OVERHEAD_KEYS = 128  # kScoreBlockOverheadKeys
+SELECT_THREADS = 512  # kSelectThreads
+SELECT_PASSES = 4  # 3 radix passes + the collect pass read the scratch
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    hq: int
+    hkv: int
+    d: int
+    elem_bytes: int = 2  # bf16
+    ctype: str = "__nv_bfloat16"
+
+
+SHAPES = (Shape("Llama-3-8B", 32, 8, 128), Shape("SmolLM2", 9, 3, 64))
+LENGTHS = ((32768, 8), (131072, 1))  # (tokens, batch)
+
+
+def group_slice_width(g):
+    """GS of launch_grid.h."""
+    return 4 if g <= 4 else 8
+
+
+def score_chunk(s, blocks_per_chunk, sms):
+    """qk_score_chunk of qk_topn_launch.h: the chunk (multiple of 256, >= 512) with the fewest
+    whole waves x (chunk + overhead)."""
+    wave = sms * SCORE_BLOCKS_PER_SM
+    best, best_cost = 512, None
+    for chunk in range(512, max(-(-s // 256) * 256, 512) + 1, 256):
+        cost = -(-blocks_per_chunk * -(-s // chunk) // wave) * (chunk + SCORE_BLOCK_OVERHEAD_KEYS)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = chunk, cost
+    return best
+
+
+def select_slices(s, rows, sms):
+    """qk_select_slices of qk_topn_launch.h: blocks per ranked row of each radix pass."""
+    if rows >= 2 * sms:
+        return 1
+    return min(-(-2 * sms // rows), max(1, s // (4 * SELECT_THREADS)))
+
+
+def find_tool(name):
+    """nvcc / cuobjdump: the CUDA toolkit's, else (cuobjdump) the copy Triton's package carries."""
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda-13.0", "/usr/local/cuda"):
+        if home and os.path.isfile(os.path.join(home, "bin", name)):
+            return os.path.join(home, "bin", name)
+    found = shutil.which(name)
+    if found:
+        return found
+    try:
+        import triton  # noqa: PLC0415 (optional: only for its cuobjdump)
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+        return path if os.path.isfile(path) else None
+    except ImportError:
+        return None
+
+
+def compile_instances(instances, workdir, nvcc):
+    """cubin of qk_topn_kernel.cuh with qk_scores_kernel<T, D, GS> for each (T, D, GS)."""
+    src = os.path.join(workdir, "qk_topn_instances.cu")
+    lines = ['#include "qk_topn_kernel.cuh"', "namespace kcache_ops {"]
+    lines += [f"template __global__ void qk_scores_kernel<{t}, {d}, {gs}>(QkScoresParams);"
+              for t, d, gs in instances]
+    lines.append("}")
+    with open(src, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    cubin = os.path.join(workdir, "qk_topn.cubin")
+    subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                    "-I", KERNEL_DIR, "-o", cubin, src], check=True)
+    return cubin
+
+
+_INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def sass_functions(cuobjdump, cubin):
+    """{mangled name: [(address, instruction text)]} from cuobjdump -sass."""
+    out = subprocess.run([cuobjdump, "-sass", cubin], check=True, capture_output=True,
+                         text=True).stdout
+    funcs, cur = {}, None
+    for line in out.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            cur = funcs.setdefault(m.group(1), [])
+            continue
+        m = _INSN.search(line)
+        if m and cur is not None:
+            cur.append((int(m.group(1), 16), m.group(2)))
+    return funcs
+
+
+def registers(cuobjdump, cubin):
+    """{mangled name: registers per thread} from cuobjdump -res-usage."""
+    out = subprocess.run([cuobjdump, "-res-usage", cubin], check=True, capture_output=True,
+                         text=True).stdout
+    return {m.group(1): int(m.group(2))
+            for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+)", out)}
+
+
+def loops(code):
+    """(start, end) address ranges of the backward branches: [target, branch] of each loop."""
+    out = []
+    for addr, text in code:
+        m = re.match(r"(?:@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) <= addr:
+            out.append((int(m.group(1), 16), addr))
+    return out
+
+
+def body(code, lo, hi):
+    """Instructions in [lo, hi], NOPs excluded."""
+    return [t for a, t in code if lo <= a <= hi and not t.startswith("NOP")]
+
+
+def innermost_loops_with(code, pattern):
+    """Loops whose body holds an instruction matching pattern and no smaller such loop."""
+    hits = [(lo, hi) for lo, hi in loops(code) if any(re.search(pattern, t)
+                                                       for t in body(code, lo, hi))]
+    return [(lo, hi) for lo, hi in hits
+            if not any((l2, h2) != (lo, hi) and lo <= l2 and h2 <= hi for l2, h2 in hits)]
+
+
+def score_loop_count(code, elem_bytes, d):
+    """(warp-instructions per key, loop body size, keys per warp iteration) of the K loop."""
+    inner = innermost_loops_with(code, r"LDG\.E\.128")
+    lo, hi = min(inner, key=lambda r: r[1] - r[0])
+    n = len(body(code, lo, hi))
+    lanes_per_key = d * elem_bytes // 16
+    keys = SCORE_UNROLL * (32 // lanes_per_key)
+    return n / keys, n, keys
+
+
+def per_float(code):
+    """[warp-instructions per float read] of each innermost loop around a 16-byte load: its body
+    per load / 128 (a load: 4 floats x 32 lanes)."""
+    out = []
+    for lo, hi in innermost_loops_with(code, r"LDG\.E\.128"):
+        insns = body(code, lo, hi)
+        out.append(len(insns) / sum("LDG.E.128" in t for t in insns) / 128)
+    return out
+
+
+def mangled_scores(t, d, gs):
+    tmangle = {"__nv_bfloat16": "13__nv_bfloat16", "__half": "6__half", "float": "f"}[t]
+    return f"_ZN10kcache_ops16qk_scores_kernelI{tmangle}Li{d}ELi{gs}EEEvNS_14QkScoresParamsE"
+
+
+SELECT_NAME = "_ZN10kcache_ops16qk_select_kernelENS_14QkSelectParamsE"
+MASS_NAME = "_ZN10kcache_ops20qk_group_mass_kernelENS_12QkMassParamsE"
+
+
+def blocks_per_sm(regs, threads):
+    regs_alloc = -(-regs // 8) * 8  # registers are allocated per warp in units of 256 (8/thread)
+    return max(1, min(REGS_PER_SM // (regs_alloc * threads), MAX_THREADS_PER_SM // threads))
+
+
+def predict(shape, s, b, gpu, score, select, group_select):
+    """One row of the table: the two bounds of each pass (microseconds) and their ratios."""
+    g = shape.hq // shape.hkv
+    gs = group_slice_width(g)
+    slices = -(-g // gs)
+    chunk = score_chunk(s, b * shape.hkv * slices, gpu.sms)
+    blocks = -(-s // chunk) * shape.hkv * slices * b
+    bps = min(SCORE_BLOCKS_PER_SM, blocks_per_sm(score["regs"], SCORE_THREADS))
+    waves = blocks / (gpu.sms * bps)
+    quant = math.ceil(waves) / waves
+    issue_rate = gpu.sms * ISSUE_PER_SM_CYCLE * gpu.clock_hz
+    score_issue = b * shape.hkv * slices * s * score["per_key"] / issue_rate * quant
+    k_bytes = b * shape.hkv * s * shape.d * shape.elem_bytes
+    scratch_bytes = b * shape.hq * s * 4
+    score_bytes = (k_bytes + scratch_bytes) / gpu.hbm_bytes_s
+
+    # Select: per ranked row (the KV head's group mass in group mode) 3 radix passes, split over
+    # `slices` blocks when the rows are few, then the collect pass in one block per row; group mode
+    # first writes the mass in a wide pass over all the scores.
+    rows = b * (shape.hkv if group_select else shape.hq)
+    slices = select_slices(s, rows, gpu.sms)
+    radix, collect = sum(select["per_pass_per_float"][:3]), select["per_pass_per_float"][3]
+    sel_instr = rows * s * (radix + collect)
+    per_row = s * (radix / slices + collect) / (ISSUE_PER_SM_CYCLE * gpu.clock_hz)
+    select_issue = max(sel_instr / issue_rate, per_row)
+    select_bytes = SELECT_PASSES * rows * s * 4
+    if group_select:
+        select_issue += b * shape.hq * s * select["mass_per_float"] / issue_rate
+        select_bytes += scratch_bytes + rows * s * 4  # the scores read once, the mass written
+    select_bytes /= gpu.hbm_bytes_s
+    mode = "group" if group_select else "per_head"
+    us = 1e6
+    return {
+        "gpu": gpu.name, "shape": shape.name, "tokens": s, "batch": b, "select": mode,
+        "score_blocks": blocks, "score_blocks_per_sm": bps, "score_waves": round(waves, 2),
+        "score_issue_us": round(score_issue * us, 1), "score_bytes_us": round(score_bytes * us, 1),
+        "score_bound_ratio": round(score_bytes / score_issue, 2),
+        "select_blocks": rows, "select_slices": slices,
+        "select_issue_us": round(select_issue * us, 1),
+        "select_bytes_us": round(select_bytes * us, 1),
+        "k_floor_us": round(k_bytes / gpu.hbm_bytes_s * us, 1),
+    }
+
+
+def analyse(instances_for_shapes=SHAPES, workdir=None):
+    """Compile, count, predict. Returns {"counts": ..., "rows": [...]}."""
+    nvcc, cuobjdump = find_tool("nvcc"), find_tool("cuobjdump")
+    if nvcc is None or cuobjdump is None:
+        raise RuntimeError(f"needs nvcc and cuobjdump (found nvcc={nvcc}, cuobjdump={cuobjdump})")
+    insts = sorted({(sh.ctype, sh.d, group_slice_width(sh.hq // sh.hkv))
+                    for sh in instances_for_shapes})
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        cubin = compile_instances(insts, tmp, nvcc)
+        funcs = sass_functions(cuobjdump, cubin)
+        regs = registers(cuobjdump, cubin)
+    counts = {}
+    for t, d, gs in insts:
+        name = mangled_scores(t, d, gs)
+        elem = 4 if t == "float" else 2
+        per_key, n, keys = score_loop_count(funcs[name], elem, d)
+        counts[f"qk_scores_kernel<{t},{d},{gs}>"] = {
+            "regs": regs[name], "loop_insns": n, "keys_per_warp_iter": keys,
+            "per_key": round(per_key, 2)}
+    mass = per_float(funcs[MASS_NAME])
+    passes = per_float(funcs[SELECT_NAME])  # in code order: 3 radix passes, then the collect
+    counts["qk_select_kernel"] = {"regs": regs[SELECT_NAME],
+                                  "per_pass_per_float": [round(x, 3) for x in passes],
+                                  "passes_per_float": round(sum(passes), 3),
+                                  "mass_per_float": round(sum(mass) / len(mass), 3)}
+    rows = []
+    for sh in instances_for_shapes:
+        score = counts[f"qk_scores_kernel<{sh.ctype},{sh.d},{group_slice_width(sh.hq // sh.hkv)}>"]
+        for s, b in LENGTHS:
+            for gpu in GPUS:
+                rows.append(predict(sh, s, b, gpu, score, counts["qk_select_kernel"], True))
+    return {"model": {"issue_slots_per_sm_cycle": ISSUE_PER_SM_CYCLE,
+                      "gpus": [asdict(g) for g in GPUS], "select_passes": SELECT_PASSES},
+            "counts": counts, "rows": rows}
+
+
+def markdown(result, label):
+    """The counts and the table of bounds as markdown."""
+    out = [f"### {label}", "", "| kernel | regs | SASS per key (score) / per scratch float, "
+           "4 passes (select) |", "|---|---|---|"]
+    for name, c in result["counts"].items():
+        if "per_key" in c:
+            what = f"{c['per_key']} ({c['loop_insns']} in the loop / {c['keys_per_warp_iter']} keys)"
+        else:
+            what = (f"{c['passes_per_float']} per ranked float, 4 passes; group mass "
+                    f"{c['mass_per_float']} per score float")
+        out.append(f"| `{name}` | {c['regs']} | {what} |")
+    out += ["", "| GPU | shape | tokens × batch | score blocks (per SM, waves) | score issue µs | "
+            "score bytes µs | bytes / issue | select (group) issue µs | select bytes µs |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        out.append(
+            f"| {r['gpu']} | {r['shape']} | {r['tokens'] // 1024}K × {r['batch']} | "
+            f"{r['score_blocks']} ({r['score_blocks_per_sm']}, {r['score_waves']}) | "
+            f"{r['score_issue_us']} | {r['score_bytes_us']} | {r['score_bound_ratio']} | "
+            f"{r['select_issue_us']} | {r['select_bytes_us']} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--label", default="current", help="name of this state (before, after, ...)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    args = ap.parse_args(argv)
+    result = analyse()
+    result["label"] = args.label
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"sass_bounds_{args.label}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    sys.stdout.write(markdown(result, args.label))
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
