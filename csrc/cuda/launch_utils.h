@@ -66,6 +66,18 @@ void dispatch_group_slice(int group_slice, F&& f) {
   return f(std::integral_constant<int, 8>{});
 }
 
+// f(type_tag, d_tag, gs_tag) for a kernel templated on <T, D, GS>: the three dispatches above,
+// nested (T from `dtype`, D from `d`, GS from a plan's `group_slice`).
+template <typename F>
+void dispatch_kernel_instance(at::ScalarType dtype, int64_t d, int group_slice, const char* op,
+                              F&& f) {
+  dispatch_group_slice(group_slice, [&](auto gs_tag) {
+    dispatch_float_dtype(dtype, op, [&](auto type_tag) {
+      dispatch_head_dim(d, op, [&](auto d_tag) { f(type_tag, d_tag, gs_tag); });
+    });
+  });
+}
+
 // A plan's grid as a dim3 (the launchers check the sizes against the CUDA limits first).
 inline dim3 to_dim3(const GridSize& grid) {
   return dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y),

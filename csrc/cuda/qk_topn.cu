@@ -74,17 +74,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
 
   if (plan.num_chunks > 0) {
     const QkScoresParams p = qk_scores_params(args, plan, scratch.data_ptr<float>(), partials_ptr);
-    dispatch_group_slice(plan.group_slice, [&](auto gs_tag) {
-      constexpr int GS = decltype(gs_tag)::value;
-      dispatch_float_dtype(q.scalar_type(), kOp, [&](auto type_tag) {
-        using T = std::remove_pointer_t<decltype(type_tag)>;
-        dispatch_head_dim(dims.D, kOp, [&](auto d_tag) {
-          constexpr int D = decltype(d_tag)::value;
-          qk_scores_kernel<T, D, GS>
-              <<<to_dim3(plan.scores_grid), plan.scores_block, 0, stream>>>(p);
-          KC_CHECK_LAUNCH("qk_topn (scores)");
-        });
-      });
+    dispatch_kernel_instance(q.scalar_type(), dims.D, plan.group_slice, kOp,
+                             [&](auto type_tag, auto d_tag, auto gs_tag) {
+      using T = std::remove_pointer_t<decltype(type_tag)>;
+      qk_scores_kernel<T, decltype(d_tag)::value, decltype(gs_tag)::value>
+          <<<to_dim3(plan.scores_grid), plan.scores_block, 0, stream>>>(p);
+      KC_CHECK_LAUNCH("qk_topn (scores)");
     });
   }
   // [B, Hkv, score_stride] group mass (group mode, else empty)

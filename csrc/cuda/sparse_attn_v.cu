@@ -66,17 +66,12 @@ at::Tensor sparse_attn_v_cuda(
       .renormalize = renormalize,
   };
   const SparseAttnVPlan plan = plan_sparse_attn_v(args);
-  dispatch_group_slice(plan.group_slice, [&](auto gs_tag) {
-    constexpr int GS = decltype(gs_tag)::value;
-    dispatch_float_dtype(v_cache.scalar_type(), kOp, [&](auto type_tag) {
-      using T = std::remove_pointer_t<decltype(type_tag)>;
-      dispatch_head_dim(dims.D, kOp, [&](auto d_tag) {
-        constexpr int D = decltype(d_tag)::value;
-        sparse_attn_v_kernel<T, D, GS>
-            <<<to_dim3(plan.grid), plan.block, 0, stream>>>(plan.params);
-        KC_CHECK_LAUNCH("sparse_attn_v");
-      });
-    });
+  dispatch_kernel_instance(v_cache.scalar_type(), dims.D, plan.group_slice, kOp,
+                           [&](auto type_tag, auto d_tag, auto gs_tag) {
+    using T = std::remove_pointer_t<decltype(type_tag)>;
+    sparse_attn_v_kernel<T, decltype(d_tag)::value, decltype(gs_tag)::value>
+        <<<to_dim3(plan.grid), plan.block, 0, stream>>>(plan.params);
+    KC_CHECK_LAUNCH("sparse_attn_v");
   });
   return out;
 }

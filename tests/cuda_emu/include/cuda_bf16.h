@@ -2,8 +2,8 @@
 // float32); float -> bfloat16 rounds to nearest even and keeps a NaN a NaN, as CUDA's intrinsics.
 #pragma once
 
+#include <bit>
 #include <cstdint>
-#include <cstring>
 
 #include "cuda_runtime.h"
 
@@ -15,14 +15,10 @@ struct alignas(4) __nv_bfloat162 {
 };
 
 inline float __bfloat162float(__nv_bfloat16 h) {
-  const uint32_t bits = static_cast<uint32_t>(h.__x) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+  return std::bit_cast<float>(static_cast<uint32_t>(h.__x) << 16);
 }
 inline __nv_bfloat16 __float2bfloat16_rn(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
+  uint32_t bits = std::bit_cast<uint32_t>(x);
   if ((bits & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((bits >> 16) | 0x0040u)};
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return {static_cast<uint16_t>(bits >> 16)};
