@@ -172,11 +172,13 @@ def test_bad_options(options, error, message):
         KCache(tiny_config(), 2, capacity, "cpu", torch.float32, KCacheOptions.from_dict(args))
 
 
-def test_lens_beyond_the_prompt_are_rejected():
+def test_lens_out_of_range_are_rejected():
     cache = make("cpu")
     Run(cache, "cpu", torch.float32).prefill()  # T = 17
     with pytest.raises(ValueError, match="lens reach 18 tokens but the prompt had 17"):
         cache.finish_prefill(torch.tensor([18, 1, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="lens must be >= 0, got -2"):
+        cache.finish_prefill(torch.tensor([5, -2, 1], dtype=torch.int32))
 
 
 def test_attention_mass(device):

@@ -39,8 +39,13 @@ class SeqLengths:
         self.prompt_len = length
 
     def finish_prefill(self, lens):
-        """``seq_lens = lens`` ([B] int32 on the device, each <= the stored prompt's length)."""
-        longest = int(lens.max())
+        """``seq_lens = lens`` ([B] int32 on the device, each in [0, the stored prompt's length]).
+
+        The one place the lengths are checked (one host sync, at prefill): the decode steps trust
+        them (KCache passes ``check_values=False`` to the ops)."""
+        shortest, longest = torch.stack(torch.aminmax(lens)).tolist()
+        if shortest < 0:
+            raise ValueError(f"{self.owner}: lens must be >= 0, got {shortest}")
         if longest > self.prompt_len:
             raise ValueError(f"{self.owner}: lens reach {longest} tokens but the prompt had "
                              f"{self.prompt_len}")

@@ -22,12 +22,20 @@ from .args import (add_device_arguments, add_engine_argument, add_kcache_argumen
                    int_list, kcache_options)
 
 
+DEFAULT_MODELS = ["llama3-8b", "smollm2-135m"]
+DEFAULT_CONTEXTS = (8192, 32768, 65536)
+SMALL_CONTEXTS = (256, 512, 1024)
+
+
 def add_arguments(parser):
     add_device_arguments(parser, dtype_default="bfloat16")
-    parser.add_argument("--models", default="llama3-8b,smollm2-135m",
-                        help=f"comma-separated, of {', '.join(SHAPES)}")
-    parser.add_argument("--contexts", type=int_list, default=(8192, 32768, 65536),
-                        help="prompt lengths in tokens (default 8192,32768,65536)")
+    parser.add_argument("--models",
+                        help=f"comma-separated, of {', '.join(SHAPES)} (default "
+                             f"{','.join(DEFAULT_MODELS)}; tiny with --small)")
+    parser.add_argument("--contexts", type=int_list,
+                        help=f"prompt lengths in tokens (default "
+                             f"{','.join(map(str, DEFAULT_CONTEXTS))}; "
+                             f"{','.join(map(str, SMALL_CONTEXTS))} with --small)")
     parser.add_argument("--budget", type=float,
                         help="GB of device memory for the cache (default: what is free after the "
                              "weights, less --reserve)")
@@ -40,16 +48,17 @@ def add_arguments(parser):
     parser.add_argument("--no-hf", dest="hf", action="store_false",
                         help="skip the Hugging Face transformers comparison")
     parser.add_argument("--small", action="store_true",
-                        help="tiny shapes, contexts 256/512/1024, a 4 MB budget: tests the "
-                             "machinery on a CPU")
+                        help="tiny shapes, short contexts, a 4 MB budget and at most 8 steps "
+                             "(unless given): tests the machinery on a CPU")
     parser.add_argument("--out", default=RESULTS_DIR)
 
 
 def run(args):
     device = torch.device(args.device) if args.device else default_device()
-    models, contexts, budget, steps = args.models.split(","), args.contexts, args.budget, args.steps
+    models = args.models.split(",") if args.models else ["tiny"] if args.small else DEFAULT_MODELS
+    contexts = args.contexts or (SMALL_CONTEXTS if args.small else DEFAULT_CONTEXTS)
+    budget, steps = args.budget, args.steps
     if args.small:
-        models, contexts = ["tiny"], (256, 512, 1024)
         budget, steps = budget or 0.004, min(steps, 8)
     if budget is None and device.type != "cuda":
         raise SystemExit("error: give --budget (GB) on the CPU, or --small")
