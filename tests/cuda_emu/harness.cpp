@@ -41,6 +41,17 @@ void dispatch_group_slice(int group_slice, F&& f) {
   throw std::runtime_error("group slice must be 4 or 8, got " + std::to_string(group_slice));
 }
 
+// f(type_tag, d_tag, gs_tag) for a kernel templated on <T, D, GS>: the three dispatches above
+// nested, as csrc/cuda/launch_utils.h's dispatch_kernel_instance does for the launchers.
+template <typename F>
+void dispatch_kernel_instance(DType dtype, int64_t d, int group_slice, F&& f) {
+  dispatch_group_slice(group_slice, [&](auto gs_tag) {
+    dispatch_dtype(dtype, [&](auto type_tag) {
+      dispatch_head_dim(d, [&](auto d_tag) { f(type_tag, d_tag, gs_tag); });
+    });
+  });
+}
+
 dim3 to_dim3(const kcache_ops::GridSize& g) {
   return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
 }
@@ -84,17 +95,13 @@ Outputs run_qk_topn(const Case& c) {
   if (plan.num_chunks > 0) {
     const kcache_ops::QkScoresParams p =
         kcache_ops::qk_scores_params(args, plan, static_cast<float*>(scratch.data()), partials_ptr);
-    dispatch_group_slice(plan.group_slice, [&](auto gs_tag) {
-      constexpr int GS = decltype(gs_tag)::value;
-      dispatch_dtype(q.dtype, [&](auto type_tag) {
-        using T = std::remove_pointer_t<decltype(type_tag)>;
-        dispatch_head_dim(D, [&](auto d_tag) {
-          constexpr int kD = decltype(d_tag)::value;
-          watch_output(scratch.data(), scratch.bytes, "scores scratch");
-          watch_output(partials.data(), partials.bytes, "partials");
-          launch(to_dim3(plan.scores_grid), dim3(plan.scores_block), "qk_scores_kernel",
-                 [&] { kcache_ops::qk_scores_kernel<T, kD, GS>(p); });
-        });
+    dispatch_kernel_instance(q.dtype, D, plan.group_slice,
+                             [&](auto type_tag, auto d_tag, auto gs_tag) {
+      using T = std::remove_pointer_t<decltype(type_tag)>;
+      watch_output(scratch.data(), scratch.bytes, "scores scratch");
+      watch_output(partials.data(), partials.bytes, "partials");
+      launch(to_dim3(plan.scores_grid), dim3(plan.scores_block), "qk_scores_kernel", [&] {
+        kcache_ops::qk_scores_kernel<T, decltype(d_tag)::value, decltype(gs_tag)::value>(p);
       });
     });
   }
@@ -163,16 +170,13 @@ Outputs run_sparse_attn_v(const Case& c) {
       .renormalize = renormalize,
   };
   const kcache_ops::SparseAttnVPlan plan = kcache_ops::plan_sparse_attn_v(args);
-  dispatch_group_slice(plan.group_slice, [&](auto gs_tag) {
-    constexpr int GS = decltype(gs_tag)::value;
-    dispatch_dtype(v.dtype, [&](auto type_tag) {
-      using T = std::remove_pointer_t<decltype(type_tag)>;
-      dispatch_head_dim(D, [&](auto d_tag) {
-        constexpr int kD = decltype(d_tag)::value;
-        watch_output(out.data(), out.bytes, "out");
-        launch(to_dim3(plan.grid), dim3(plan.block), "sparse_attn_v_kernel",
-               [&] { kcache_ops::sparse_attn_v_kernel<T, kD, GS>(plan.params); });
-      });
+  dispatch_kernel_instance(v.dtype, D, plan.group_slice,
+                           [&](auto type_tag, auto d_tag, auto gs_tag) {
+    using T = std::remove_pointer_t<decltype(type_tag)>;
+    watch_output(out.data(), out.bytes, "out");
+    launch(to_dim3(plan.grid), dim3(plan.block), "sparse_attn_v_kernel", [&] {
+      kcache_ops::sparse_attn_v_kernel<T, decltype(d_tag)::value, decltype(gs_tag)::value>(
+          plan.params);
     });
   });
   return {{"out", out}};

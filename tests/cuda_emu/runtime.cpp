@@ -632,25 +632,18 @@ void fail(const char* what, const char* file, int line) {
 
 // ---- entry points of GCC's -fsanitize=thread instrumentation (harness.cpp only) -----------------
 
-#define EMU_TSAN_ACCESS(n)                                                                        \
-  void __tsan_read##n(void* p) {                                                                  \
-    emu::shared_access_hook(p, n, 0, __builtin_return_address(0));                               \
-  }                                                                                               \
-  void __tsan_write##n(void* p) {                                                                 \
-    emu::shared_access_hook(p, n, 1, __builtin_return_address(0));                               \
-  }                                                                                               \
-  void __tsan_unaligned_read##n(void* p) {                                                        \
-    emu::shared_access_hook(p, n, 0, __builtin_return_address(0));                               \
-  }                                                                                               \
-  void __tsan_unaligned_write##n(void* p) {                                                       \
-    emu::shared_access_hook(p, n, 1, __builtin_return_address(0));                               \
-  }                                                                                               \
-  void __tsan_volatile_read##n(void* p) {                                                         \
-    emu::shared_access_hook(p, n, 0, __builtin_return_address(0));                               \
-  }                                                                                               \
-  void __tsan_volatile_write##n(void* p) {                                                        \
-    emu::shared_access_hook(p, n, 1, __builtin_return_address(0));                               \
+// One entry point: __tsan_<kind><n>(p), a read (is_write 0) or write (1) of n bytes at p.
+#define EMU_TSAN_ENTRY(kind, n, is_write)                                                         \
+  void __tsan_##kind##n(void* p) {                                                                \
+    emu::shared_access_hook(p, n, is_write, __builtin_return_address(0));                        \
   }
+#define EMU_TSAN_ACCESS(n)                                                                        \
+  EMU_TSAN_ENTRY(read, n, 0)                                                                      \
+  EMU_TSAN_ENTRY(write, n, 1)                                                                     \
+  EMU_TSAN_ENTRY(unaligned_read, n, 0)                                                            \
+  EMU_TSAN_ENTRY(unaligned_write, n, 1)                                                           \
+  EMU_TSAN_ENTRY(volatile_read, n, 0)                                                             \
+  EMU_TSAN_ENTRY(volatile_write, n, 1)
 
 namespace emu {
 inline void shared_access_hook(void* p, size_t n, int kind, const void* pc) {
