@@ -88,15 +88,100 @@ def gather_rows(src, indices):
     return dst.masked_fill((indices < 0)[..., None], 0)
 
 
-def sparse_attn_v(scores, indices, v_cache, lse=None, renormalize=True):
+def sparse_attn_v(scores, indices, v_cache, lse=None, renormalize=True, v_sum=None,
+                  seq_lens=None):
     """Reference of kcache_ops.sparse_attn_v.
 
     scores [B, Hq, N] float32, indices [B, Hq, N] int32, v_cache [B, Hkv, S, D], lse [B, Hq]
     -> out [B, Hq, D] (dtype of v_cache) on the device of scores.
+
+    With ``v_sum`` [B, Hkv, D] float32 (the sum of the V rows ``j < L_b``) and ``seq_lens`` [B]
+    (``renormalize=False`` only), the mean tail is added: the mass the selected rows miss,
+    ``1 − Σ_i p_i``, times the mean of the rows not selected (:func:`mean_tail`).
     """
     p = attn_weights(scores, indices, lse, renormalize)  # [B, Hq, N]
-    v = gather_rows(v_cache, indices).float()  # [B, Hq, N, D]
-    return torch.einsum("bhn,bhnd->bhd", p, v).to(v_cache.dtype)
+    v = gather_rows(v_cache, indices).float()  # [B, Hq, N, D]; zero rows at padding
+    out = torch.einsum("bhn,bhnd->bhd", p, v)  # [B, Hq, D]
+    if v_sum is not None:
+        if renormalize:
+            raise ValueError("the mean tail (v_sum) needs renormalize=False")
+        out = out + mean_tail(p, v, indices, v_sum, seq_lens)
+    return out.to(v_cache.dtype)
+
+
+def mean_tail(p, v, indices, v_sum, seq_lens):
+    """The mean tail: ``(1 − Σ_i p_i) · (v_sum − Σ_i v_i) / (L_b − n)`` per head, where the sums
+    run over the ``n`` valid selected entries; zero where no row is left (``L_b <= n``).
+
+    p [B, Hq, N] float32 (0 at padding), v [B, Hq, N, D] float32 (the selected rows, 0 at
+    padding), indices [B, Hq, N], v_sum [B, Hkv, D] float32, seq_lens [B] -> [B, Hq, D] float32.
+    The mass is clamped at 0 (rounding can make ``Σ p_i`` exceed 1 by an ulp).
+    """
+    Hq, Hkv = p.shape[1], v_sum.shape[1]
+    n = (indices >= 0).sum(-1)  # [B, Hq]
+    rest = seq_lens.long().to(p.device)[:, None] - n  # [B, Hq] rows not selected
+    total = v_sum.float().to(p.device).repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, D]
+    mean = (total - v.sum(2)) / rest.clamp(min=1)[..., None]  # [B, Hq, D]
+    mass = (1.0 - p.sum(-1)).clamp(min=0.0)  # [B, Hq]
+    return torch.where(rest[..., None] > 0, mass[..., None] * mean, 0.0)
+
+
+def quantize_rows(v, bits):
+    """Reference of kcache_ops.quantize_rows: each row of ``D`` values to ``bits``-bit codes
+    with its own scale and offset (asymmetric min/max, the low-bit copy of V).
+
+    v [..., D] (float32, float16 or bfloat16), bits in {2, 4}
+    -> codes [..., D * bits / 8] uint8, meta [..., 2] bfloat16 (scale, min).
+
+    ``scale = (max − min) / (2^bits − 1)`` and ``min`` are rounded to bfloat16 first; then
+    ``code_d = clamp(round_half_even((v_d − min) / scale), 0, 2^bits − 1)`` in float32 with the
+    rounded values (0 where scale is 0). Code ``d`` sits in byte ``d // (8 / bits)`` at bit
+    ``(d % (8 / bits)) * bits``.
+    """
+    x = v.float()  # [..., D]
+    levels = (1 << bits) - 1
+    lo = x.amin(-1)  # [...]
+    meta = torch.stack([(x.amax(-1) - lo) / levels, lo], -1).to(torch.bfloat16)  # [..., 2]
+    step, base = meta[..., 0].float()[..., None], meta[..., 1].float()[..., None]  # [..., 1]
+    code = torch.where(step > 0, torch.round((x - base) / step), 0.0).clamp(0, levels)
+    per = 8 // bits
+    code = code.to(torch.int32).unflatten(-1, (x.shape[-1] // per, per))  # [..., D/per, per]
+    shift = torch.arange(per, device=v.device, dtype=torch.int32) * bits  # [per]
+    return (code << shift).sum(-1).to(torch.uint8), meta
+
+
+def dequantize_rows(codes, meta, dim):
+    """The inverse of :func:`quantize_rows`: codes [..., dim * bits / 8] uint8, meta [..., 2]
+    -> v [..., dim] float32, ``min + scale · code``."""
+    bits = codes.shape[-1] * 8 // dim
+    per = 8 // bits
+    shift = torch.arange(per, device=codes.device, dtype=torch.int32) * bits  # [per]
+    code = (codes.int()[..., None] >> shift) & ((1 << bits) - 1)  # [..., dim/per, per]
+    meta = meta.float()
+    return meta[..., 1:2] + meta[..., 0:1] * code.flatten(-2).float()
+
+
+def lowbit_tail(q, k_cache, seq_lens, lse, indices, v_codes, v_meta, scale=None):
+    """Reference of kcache_ops.lowbit_tail: the low-bit tail, the attention of every valid row
+    that is not selected, with its exact full-softmax weight, over the low-bit copy of V.
+
+    q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B], lse [B, Hq] float32 (from qk_topn),
+    indices [B, Hq, N] int32 (-1 padding), v_codes [B, Hkv, S, D * bits / 8] uint8,
+    v_meta [B, Hkv, S, 2] -> out [B, Hq, D] float32:
+    ``Σ_{j < L_b, j ∉ indices[b, h]} exp(s_bhj − lse_bh) · dequant(v)[b, h / G, j]``.
+    Rows ``j >= L_b`` are never read (their contents may be anything).
+    """
+    B, Hq, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    s, _ = qk_scores(q, k_cache, seq_lens, scale)  # [B, Hq, S]
+    p = torch.exp(s - lse.float()[..., None]).nan_to_num(0.0)  # [B, Hq, S]; 0 past L_b
+    chosen = torch.zeros(B, Hq, S + 1, dtype=torch.bool, device=q.device)  # slot S: padding
+    chosen.scatter_(-1, torch.where(indices >= 0, indices, S).long(), True)
+    p = p.masked_fill(chosen[..., :S], 0.0)
+    valid = _valid_mask(seq_lens.to(q.device), S)[..., None]  # [B, 1, S, 1]
+    v = dequantize_rows(v_codes, v_meta, D).to(q.device).masked_fill(~valid, 0.0)
+    v = v.repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, S, D]
+    return torch.einsum("bhs,bhsd->bhd", p, v)
 
 
 def decode_attention(q, k_cache, v_cache, seq_lens, n, scale=None, group_select=False,
