@@ -5,7 +5,7 @@ only the protocol; whoever runs it builds the cache with :func:`make_cache` and 
 from .dense import DenseCache
 from .factory import BACKENDS, make_cache
 from .kcache import KCache
-from .options import MAX_TOPN, KCacheOptions
+from .options import MAX_TOPN, TAILS, KCacheOptions
 from .protocol import Cache
 
-__all__ = ["BACKENDS", "MAX_TOPN", "Cache", "DenseCache", "KCache", "KCacheOptions", "make_cache"]
+__all__ = ["BACKENDS", "MAX_TOPN", "TAILS", "Cache", "DenseCache", "KCache", "KCacheOptions", "make_cache"]

@@ -14,6 +14,9 @@ import torch
 # head in shared memory, so N may not exceed it on a CUDA device (the CPU path has no limit).
 MAX_TOPN = 4096
 
+# the tail terms: none, the mean V of the rows not read, or a 2- / 4-bit copy of V on the device
+TAILS = ("none", "mean", "int2", "int4")
+
 
 @dataclass(frozen=True)
 class KCacheOptions:
@@ -24,7 +27,14 @@ class KCacheOptions:
     group_select : bool
         One index set per KV head, chosen by the attention mass of its whole GQA group.
     renormalize : bool
-        Softmax over the top N (True), or the full-softmax weights with the rest dropped (False).
+        True: the weights of a step sum to 1 — with ``tail="none"`` a softmax over the top N; with
+        a tail the top N get their exact full-softmax weights and the tail carries the rest.
+        False (``tail="none"`` only): the full-softmax weights of the top N, the rest dropped.
+    tail : str, one of :data:`TAILS`
+        The attention mass of the rows not read from host RAM, accounted for on the device:
+        ``"none"`` (the paper), ``"mean"`` (their mean V, from a running sum of V per KV head) or
+        ``"int2"`` / ``"int4"`` (each with its exact weight, over a 2- or 4-bit copy of V kept on
+        the device beside K).
     dense_layers : tuple of int, sorted, no repeats
         Layers that keep K and V on the device and attend exactly (any iterable is accepted and
         normalized; the range is checked against the model by :meth:`check`).
@@ -35,6 +45,8 @@ class KCacheOptions:
         "short": "gs", "help": "one index set per KV head (GQA group)"})
     renormalize: bool = field(default=True, metadata={
         "short": "rn", "help": "full-softmax weights, the mass outside the top N dropped"})
+    tail: str = field(default="none", metadata={
+        "short": "tail", "help": "the mass of the rows not read: none, mean, int2 or int4"})
     dense_layers: tuple = field(default=(), metadata={
         "short": "dl", "help": "comma-separated layers that keep V on the device, e.g. 0,1"})
 
@@ -44,6 +56,11 @@ class KCacheOptions:
         for name in ("group_select", "renormalize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"KCache: {name} must be a bool, got {getattr(self, name)!r}")
+        if self.tail not in TAILS:
+            raise ValueError(f"KCache: tail must be one of {', '.join(TAILS)}, got {self.tail!r}")
+        if self.tail != "none" and not self.renormalize:
+            raise ValueError(f"KCache: renormalize=False drops the mass outside the top N, which "
+                             f"tail={self.tail!r} accounts for; use it with tail='none'")
         layers = tuple(self.dense_layers)
         if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
             raise ValueError(f"KCache: dense_layers must be integers, got {layers!r}")
