@@ -31,6 +31,8 @@ def test_defaults_and_normalization():
     ({"topn": True}, "topn must be an integer >= 1, got True"),
     ({"group_select": 1}, "group_select must be a bool, got 1"),
     ({"dense_layers": ("0",)}, "dense_layers must be integers"),
+    ({"tail": "int3"}, "tail must be one of none, mean, int2, int4, got 'int3'"),
+    ({"tail": "int2", "renormalize": False}, "renormalize=False drops the mass outside the top N"),
 ])
 def test_bad_values_fail_when_built(options, message):
     with pytest.raises(ValueError, match=message):
@@ -56,7 +58,7 @@ def test_labels_and_json():
     assert o.label == "N=16 gs rn=0 dl=0,1" and o.variant == "gs, rn=0, dl=0,1"
     assert KCacheOptions().label == "N=64" and KCacheOptions(topn=8).variant == "default"
     assert o.to_dict() == {"topn": 16, "group_select": True, "renormalize": False,
-                           "dense_layers": [0, 1]}
+                           "dense_layers": [0, 1], "tail": "none"}
     assert KCacheOptions.from_dict(o.to_dict()) == o
     with pytest.raises(TypeError, match="unknown option.* top_n; the options are topn"):
         KCacheOptions.from_dict({"top_n": 4})

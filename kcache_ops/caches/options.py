@@ -30,14 +30,14 @@ class KCacheOptions:
         True: the weights of a step sum to 1 — with ``tail="none"`` a softmax over the top N; with
         a tail the top N get their exact full-softmax weights and the tail carries the rest.
         False (``tail="none"`` only): the full-softmax weights of the top N, the rest dropped.
+    dense_layers : tuple of int, sorted, no repeats
+        Layers that keep K and V on the device and attend exactly (any iterable is accepted and
+        normalized; the range is checked against the model by :meth:`check`).
     tail : str, one of :data:`TAILS`
         The attention mass of the rows not read from host RAM, accounted for on the device:
         ``"none"`` (the paper), ``"mean"`` (their mean V, from a running sum of V per KV head) or
         ``"int2"`` / ``"int4"`` (each with its exact weight, over a 2- or 4-bit copy of V kept on
         the device beside K).
-    dense_layers : tuple of int, sorted, no repeats
-        Layers that keep K and V on the device and attend exactly (any iterable is accepted and
-        normalized; the range is checked against the model by :meth:`check`).
     """
     topn: int = field(default=64, metadata={
         "short": "N", "help": "V rows read per head and decode step"})
@@ -45,10 +45,10 @@ class KCacheOptions:
         "short": "gs", "help": "one index set per KV head (GQA group)"})
     renormalize: bool = field(default=True, metadata={
         "short": "rn", "help": "full-softmax weights, the mass outside the top N dropped"})
-    tail: str = field(default="none", metadata={
-        "short": "tail", "help": "the mass of the rows not read: none, mean, int2 or int4"})
     dense_layers: tuple = field(default=(), metadata={
         "short": "dl", "help": "comma-separated layers that keep V on the device, e.g. 0,1"})
+    tail: str = field(default="none", metadata={
+        "short": "tail", "help": "the mass of the rows not read: none, mean, int2 or int4"})
 
     def __post_init__(self):
         if isinstance(self.topn, bool) or not isinstance(self.topn, int) or self.topn < 1:
