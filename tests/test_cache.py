@@ -7,6 +7,7 @@ import torch
 
 from kcache_ops import reference
 from kcache_ops.caches import KCache, KCacheOptions
+from kcache_ops.caches.budget import mass_prefix
 from kcache_ops.model.config import LlamaConfig
 
 from conftest import TOL
@@ -80,12 +81,13 @@ def make(device, dtype=torch.float32, capacity=32, **options):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("group_select", [False, True])
-@pytest.mark.parametrize("renormalize", [True, False])
-def test_topn_at_least_length_is_exact(device, dtype, group_select, renormalize):
+@pytest.mark.parametrize("renormalize, tail", [(True, "none"), (False, "none"), (True, "mean"),
+                                               (True, "int2"), (True, "int4")])
+def test_topn_at_least_length_is_exact(device, dtype, group_select, renormalize, tail):
     """N >= L captures all the mass: every layer, prefill row and decode step equals exact
-    attention (renormalize=False too, since the dropped mass is zero)."""
-    run = Run(make(device, dtype, topn=64, group_select=group_select, renormalize=renormalize),
-              device, dtype)
+    attention (renormalize=False too, since the dropped mass is zero; a tail adds nothing)."""
+    run = Run(make(device, dtype, topn=64, group_select=group_select, renormalize=renormalize,
+                   tail=tail), device, dtype)
     tol = TOL[dtype]
     for layer, (q, out) in enumerate(run.prefill()):
         for b, n in enumerate(LENS):
@@ -100,21 +102,105 @@ def test_topn_at_least_length_is_exact(device, dtype, group_select, renormalize)
     assert run.cache.seq_lens.tolist() == [n + STEPS for n in LENS]
 
 
+def reference_step(q, k, v, topn, group_select, tail, top_p=1.0):
+    """The reference ops of one KCache decode step over one sequence's whole history.
+
+    q [1, Hq, D], k/v [1, Hkv, L, D] float32 -> out [1, Hq, D] float32.
+    """
+    lens = torch.tensor([k.shape[2]], dtype=torch.int32)  # [1]
+    scores, indices, lse = reference.qk_topn(q, k, lens, topn, group_select=group_select)
+    if top_p < 1:
+        scores, indices = prefix_by_loop(scores, indices, lse, top_p)
+    if tail == "none":
+        return reference.sparse_attn_v(scores, indices, v, lse)
+    if tail == "mean":
+        return reference.sparse_attn_v(scores, indices, v, lse, renormalize=False,
+                                       v_sum=v.sum(2), seq_lens=lens)
+    codes, meta = reference.quantize_rows(v, {"int2": 2, "int4": 4}[tail])
+    top = reference.sparse_attn_v(scores, indices, v, lse, renormalize=False)  # [1, Hq, D]
+    return top + reference.lowbit_tail(q, k, lens, lse, indices, codes, meta)
+
+
 @pytest.mark.parametrize("group_select", [False, True])
-def test_small_topn_matches_reference_ops(device, group_select):
-    """N < L: each decode step equals the reference qk_topn + sparse_attn_v over the history."""
+@pytest.mark.parametrize("tail", ["none", "mean", "int2", "int4"])
+def test_small_topn_matches_reference_ops(device, group_select, tail):
+    """N < L: each decode step equals the reference qk_topn + sparse_attn_v (+ the tail) over
+    the history, whose low-bit copy or V sum the cache kept through prefill and appends."""
     topn = 4
-    run = Run(make(device, topn=topn, group_select=group_select), device, torch.float32)
+    run = Run(make(device, topn=topn, group_select=group_select, tail=tail), device,
+              torch.float32)
     run.prefill()
     for _ in range(STEPS):
         for layer, (q, out) in enumerate(run.step()):
             for b in range(len(LENS)):
                 k = run.hist_k[layer][b][None]  # [1, Hkv, L, D]
                 v = run.hist_v[layer][b][None]  # [1, Hkv, L, D]
-                lens = torch.tensor([k.shape[2]], dtype=torch.int32)  # [1]
-                want = reference.decode_attention(q[b][None].cpu(), k, v, lens, topn,
-                                                  group_select=group_select)  # [1, Hq, D]
+                want = reference_step(q[b][None].cpu(), k, v, topn, group_select, tail)
                 torch.testing.assert_close(out[b][None].cpu(), want, atol=1e-5, rtol=1e-5)
+
+
+def prefix_by_loop(scores, indices, lse, top_p):
+    """mass_prefix written as a loop over heads and entries, for the test."""
+    scores, indices = scores.clone(), indices.clone()
+    B, Hq, N = scores.shape
+    for b in range(B):
+        for h in range(Hq):
+            total = 0.0
+            for i in range(N):
+                if total >= top_p:
+                    scores[b, h, i], indices[b, h, i] = float("-inf"), -1
+                elif indices[b, h, i] >= 0:
+                    total += math.exp(scores[b, h, i] - lse[b, h])
+    return scores, indices
+
+
+def test_mass_prefix_keeps_the_shortest_prefix_reaching_top_p():
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 4, 64, generator=gen), torch.randn(2, 2, 50, 64, generator=gen) * 3
+    lens = torch.tensor([50, 0], dtype=torch.int32)  # [B]; the second sequence is empty
+    scores, indices, lse = reference.qk_topn(q, k, lens, 16)
+    for top_p in (0.3, 0.8, 1.0):
+        got = mass_prefix(scores, indices, lse, top_p)
+        want = prefix_by_loop(scores, indices, lse, top_p)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    kept = (mass_prefix(scores, indices, lse, 0.3)[1] >= 0).sum(-1)  # [B, Hq]
+    assert (kept[0] >= 1).all() and (kept[0] < 16).any() and (kept[1] == 0).all()
+
+
+@pytest.mark.parametrize("tail", ["none", "int2"])
+def test_top_p_reads_fewer_rows_and_matches_reference_ops(device, tail):
+    """top_p < 1: the rows past each head's mass prefix are not read (rows_read < N); the step
+    equals the reference ops on the prefix (the tail takes the rest)."""
+    run = Run(make(device, topn=8, tail=tail, top_p=0.5), device, torch.float32)
+    run.cache.record_mass = True
+    run.prefill()
+    for _ in range(2):
+        for layer, (q, out) in enumerate(run.step()):
+            for b in range(len(LENS)):
+                k = run.hist_k[layer][b][None]  # [1, Hkv, L, D]
+                v = run.hist_v[layer][b][None]  # [1, Hkv, L, D]
+                want = reference_step(q[b][None].cpu(), k, v, 8, False, tail, top_p=0.5)
+                torch.testing.assert_close(out[b][None].cpu(), want, atol=1e-5, rtol=1e-5)
+    rows = run.cache.rows_read()  # [layers]
+    assert ((rows >= 1) & (rows < 8)).all(), rows
+
+
+def test_tails_bring_a_small_topn_close_to_exact(device):
+    """At N = 2 of ~20 keys the low-bit tails cut the error against exact attention several
+    fold (the rows not read come from the copy with their exact weights); the mean tail less."""
+    errors = {}
+    for tail in ("none", "mean", "int2", "int4"):
+        run = Run(make(device, topn=2, tail=tail), device, torch.float32)
+        run.prefill()
+        err = 0.0
+        for _ in range(STEPS):
+            for layer, (q, out) in enumerate(run.step()):
+                for b in range(len(LENS)):
+                    err = max(err, (out[b].double().cpu() - run.exact(layer, b, q[b])).abs().max()
+                              .item())
+        errors[tail] = err
+    assert errors["int4"] < errors["int2"] < errors["none"] / 2, errors
+    assert errors["int4"] < errors["none"] / 8, errors
 
 
 def test_dense_layers_are_exact_and_hold_device_v(device):
@@ -144,6 +230,11 @@ def test_memory_accounting_is_exact(device):
     run.step()
     assert cache.device_bytes() == LAYERS * row + row
     assert cache.host_bytes() == (LAYERS - 1) * row
+    for tail, extra in [("mean", B * HKV * D * 4),  # the V sum, float32
+                        ("int2", B * HKV * S * (D // 4 + 4)),  # codes, bf16 scale and min
+                        ("int4", B * HKV * S * (D // 2 + 4))]:
+        with_tail = make(device, torch.bfloat16, capacity=S, dense_layers=(0,), tail=tail)
+        assert with_tail.device_bytes() == LAYERS * row + row + (LAYERS - 1) * extra
 
 
 def test_capacity_overflow(device):
@@ -163,6 +254,8 @@ def test_capacity_overflow(device):
     ({"dense_layers": (1, 3)}, ValueError, r"dense_layers \[3\] out of range .* 3 layers"),
     ({"dense_layers": (-1,)}, ValueError, r"dense_layers \[-1\] out of range"),
     ({"top_n": 8}, TypeError, "unknown option.* top_n; the options are topn"),
+    ({"tail": "int8"}, ValueError, "tail must be one of none, mean, int2, int4, got 'int8'"),
+    ({"tail": "mean", "renormalize": False}, ValueError, "renormalize=False drops the mass"),
     ({"capacity": 0}, ValueError, "capacity must be >= 1"),
 ])
 def test_bad_options(options, error, message):
@@ -231,13 +324,14 @@ def test_store_prompt_then_decode_equals_prefill(device):
     prefilled, stored = make(device, topn=4), make(device, topn=4)
     run = Run(prefilled, device, torch.float32)
     run.prefill()
+    lens = torch.tensor(LENS, dtype=torch.int32, device=device)  # [B]
     for layer in range(LAYERS):
         k = torch.stack([torch.nn.functional.pad(h, (0, 0, 0, max(LENS) - h.shape[1]))
                          for h in run.hist_k[layer]]).to(device)  # [B, Hkv, T, D]
         v = torch.stack([torch.nn.functional.pad(h, (0, 0, 0, max(LENS) - h.shape[1]))
                          for h in run.hist_v[layer]]).to(device)  # [B, Hkv, T, D]
-        stored.store_prompt(layer, k, v)
-    stored.finish_prefill(torch.tensor(LENS, dtype=torch.int32, device=device))
+        stored.store_prompt(layer, k, v, lens)
+    stored.finish_prefill(lens)
     for layer, (q, out) in enumerate(run.step()):
         k, v = run.hist_k[layer], run.hist_v[layer]
         new_k = torch.stack([h[:, -1] for h in k]).to(device)  # [B, Hkv, D]

@@ -32,6 +32,9 @@ def test_defaults_and_normalization():
     ({"group_select": 1}, "group_select must be a bool, got 1"),
     ({"dense_layers": ("0",)}, "dense_layers must be integers"),
     ({"tail": "int3"}, "tail must be one of none, mean, int2, int4, got 'int3'"),
+    ({"top_p": 0}, "top_p must be a number in \\(0, 1\\], got 0"),
+    ({"top_p": 1.5}, "top_p must be a number in \\(0, 1\\], got 1.5"),
+    ({"top_p": True}, "top_p must be a number in"),
     ({"tail": "int2", "renormalize": False}, "renormalize=False drops the mass outside the top N"),
 ])
 def test_bad_values_fail_when_built(options, message):
@@ -58,7 +61,7 @@ def test_labels_and_json():
     assert o.label == "N=16 gs rn=0 dl=0,1" and o.variant == "gs, rn=0, dl=0,1"
     assert KCacheOptions().label == "N=64" and KCacheOptions(topn=8).variant == "default"
     assert o.to_dict() == {"topn": 16, "group_select": True, "renormalize": False,
-                           "dense_layers": [0, 1], "tail": "none"}
+                           "dense_layers": [0, 1], "tail": "none", "top_p": 1.0}
     assert KCacheOptions.from_dict(o.to_dict()) == o
     with pytest.raises(TypeError, match="unknown option.* top_n; the options are topn"):
         KCacheOptions.from_dict({"top_n": 4})

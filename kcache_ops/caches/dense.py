@@ -75,9 +75,10 @@ class DenseCache:
         """[B] int32 on the device: tokens cached per sequence."""
         return self.lengths.seq_lens
 
-    def store_prompt(self, layer, k, v):
-        """Store a prompt's k and v [B, Hkv, T, D] (RoPE applied, right-padded, T <= capacity)
-        for ``layer`` without attending; call it for every layer, then :meth:`finish_prefill`."""
+    def store_prompt(self, layer, k, v, lens):
+        """Store a prompt's k and v [B, Hkv, T, D] (RoPE applied, right-padded, T <= capacity;
+        lens [B] int32, unused: the rows past it are masked by seq_lens) for ``layer`` without
+        attending; call it for every layer, then :meth:`finish_prefill`."""
         t = k.shape[2]
         self.lengths.store_prompt(t)
         self.k[layer][:, :, :t] = k
@@ -89,7 +90,7 @@ class DenseCache:
         q [B, Hq, T, D], k and v [B, Hkv, T, D], lens [B] int32 -> out [B, Hq, T, D]. Prompts are
         right-padded, so plain causal attention is exact on every row ``t < lens[b]``.
         """
-        self.store_prompt(layer, k, v)
+        self.store_prompt(layer, k, v, lens)
         return prompt_attention(q, k, v)
 
     def finish_prefill(self, lens):

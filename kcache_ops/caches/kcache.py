@@ -2,7 +2,8 @@
 
 Prefill attends with the full K and V in device memory; then each KCache layer hands its V to host
 RAM and keeps only K on the device. Every decode step scores all cached keys exactly
-(``kcache_ops.qk_topn``) and reads only the top-N V rows from host RAM (``kcache_ops.sparse_attn_v``).
+(``kcache_ops.qk_topn``) and reads only the top-N V rows from host RAM (``kcache_ops.sparse_attn_v``);
+the tail term (tail.py) accounts on the device for the attention mass of the rows not read.
 
 Where V lives, per device:
 
@@ -20,10 +21,12 @@ from types import SimpleNamespace
 
 import torch
 
-from ..ops import alloc_host, qk_topn, sparse_attn_v
+from ..ops import alloc_host, qk_topn
 from .dense import append_and_attend, prompt_attention
 from .lengths import SeqLengths
+from .budget import mass_prefix
 from .options import KCacheOptions
+from .tail import make_tail
 
 
 def _mapped_view(host, device):
@@ -57,17 +60,18 @@ class KCache:
     device, dtype
         Where and in what dtype the model runs (K, dense-layer V, seq_lens live on ``device``).
     options : KCacheOptions
-        N, group select, renormalization, dense layers; checked here against the model's layer
-        count and the device (a bad option fails when the cache is built).
+        N, group select, renormalization, dense layers, tail; checked here against the model's
+        layer count and the device (a bad option fails when the cache is built).
 
     Attributes
     ----------
     seq_lens : Tensor [B] int32 on ``device``
         Tokens cached per sequence.
     record_mass : bool
-        When True, each decode step adds the attention mass the top N capture,
-        ``Σ_i exp(score_i − lse)`` averaged over sequences and heads, to a per-layer running mean
-        (see :meth:`attention_mass`). Off by default; costs a few small device ops per layer.
+        When True, each decode step adds the attention mass the rows read from host capture,
+        ``Σ_i exp(score_i − lse)``, and the number of rows read, each averaged over sequences and
+        heads, to per-layer running means (see :meth:`attention_mass`, :meth:`rows_read`). Off by
+        default; costs a few small device ops per layer.
     """
 
     def __init__(self, config, batch, capacity, device, dtype, options=KCacheOptions()):
@@ -97,7 +101,10 @@ class KCache:
                             for i, v in self.v_host.items()}  # each [B, Hkv, S, D]
         self._copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
         self._v_copied = None  # CUDA event: every V hand-off queued so far has landed in host RAM
+        self.tails = {i: make_tail(options, batch, config.num_kv_heads, capacity, config.head_dim,
+                                   self.device) for i in self.v_host}  # per KCache layer
         self._mass_sum = torch.zeros(n_layers, dtype=torch.float32, device=self.device)  # [layers]
+        self._rows_sum = torch.zeros(n_layers, dtype=torch.float32, device=self.device)  # [layers]
         self._mass_steps = [0] * n_layers
 
     @property
@@ -115,13 +122,16 @@ class KCache:
         """
         # the dense backend's attention: right padding makes plain causal exact on rows t < lens[b]
         out = prompt_attention(q, k, v)  # [B, Hq, T, D]
-        self.store_prompt(layer, k, v)  # after the attention: V's hand-off is ordered behind it
+        self.store_prompt(layer, k, v, lens)  # after the attention: V's hand-off is behind it
         return out
 
-    def store_prompt(self, layer, k, v):
-        """Store a prompt's k/v [B, Hkv, T, D] for ``layer`` without attending (prefill's store).
+    def store_prompt(self, layer, k, v, lens):
+        """Store a prompt's k/v [B, Hkv, T, D] (lens [B] int32 valid rows) for ``layer`` without
+        attending (prefill's store).
 
-        K goes into device memory; V is handed off to host RAM (dense layers: kept on the device).
+        K goes into device memory; V is handed off to host RAM (dense layers: kept on the device)
+        and the tail keeps what it needs of V (its low-bit copy, or the sum of the valid rows) on
+        the device, on the current stream, before V's device memory can be reused.
         """
         T = k.shape[2]
         self.lengths.store_prompt(T)
@@ -129,6 +139,7 @@ class KCache:
         if layer in self.options.dense_layers:
             self.v_device[layer][:, :, :T] = v
         else:
+            self.tails[layer].store_prompt(v, lens)
             self._hand_off_v(layer, v)
 
     def _hand_off_v(self, layer, v):
@@ -181,18 +192,23 @@ class KCache:
         k_cache[lengths.rows, :, pos] = k
         # same stream as sparse_attn_v below, which may pick the new token among the top N
         self._v_writable[layer][lengths.rows, :, pos] = v
+        tail = self.tails[layer]
+        tail.append(lengths.rows, pos, v)
         o = self.options
         # check_values=False: the lengths are the cache's own, checked at prefill, and the indices
         # come from qk_topn; checking them would cost a device->host sync per layer and step
         scores, indices, lse = qk_topn(q, k_cache, lengths.attend_lens, o.topn,
                                        group_select=o.group_select,
                                        check_values=False)  # [B,Hq,N] x2, [B,Hq]
+        if o.top_p < 1:
+            scores, indices = mass_prefix(scores, indices, lse, o.top_p)  # [B, Hq, N] each
         if self.record_mass:
             mass = torch.exp(scores - lse[..., None]).sum(-1)  # [B, Hq]; padding adds 0
             self._mass_sum[layer] += mass.mean()
+            self._rows_sum[layer] += (indices >= 0).sum(-1).float().mean()
             self._mass_steps[layer] += 1
-        return sparse_attn_v(scores, indices, self.v_host[layer], lse, o.renormalize,
-                             check_values=False)
+        return tail.attend(q, k_cache, lengths.attend_lens, scores, indices, lse,
+                           self.v_host[layer])  # [B, Hq, D]
 
     def finish_decode(self):
         """Every sequence has one more token: seq_lens += 1."""
@@ -201,8 +217,10 @@ class KCache:
     # -- accounting ------------------------------------------------------------------------------
 
     def device_bytes(self):
-        """Bytes of the K and V buffers held in device memory (all K, V of dense layers)."""
-        return sum(t.nbytes for t in self.k) + sum(t.nbytes for t in self.v_device.values())
+        """Bytes held in device memory: all K, the V of dense layers, and the tails (the low-bit
+        copy of V, or the V sums)."""
+        return (sum(t.nbytes for t in self.k) + sum(t.nbytes for t in self.v_device.values())
+                + sum(t.nbytes for t in self.tails.values()))
 
     def host_bytes(self):
         """Bytes of the V buffers held in host RAM (every layer but the dense ones)."""
@@ -212,7 +230,7 @@ class KCache:
         """Bytes a decode step moves between host RAM and the device: per KCache layer and
         sequence, the N V rows of each query head (of each KV head with group select) read, and
         the new token's V rows (one per KV head) written. An upper bound while a sequence holds
-        fewer than N tokens."""
+        fewer than N tokens or with ``top_p < 1`` (:meth:`rows_read` measures the rows read)."""
         c, o = self.config, self.options
         heads = c.num_kv_heads if o.group_select else c.num_heads
         rows = heads * o.topn + c.num_kv_heads  # read rows + appended rows
@@ -227,3 +245,13 @@ class KCache:
         mass = self._mass_sum.cpu() / steps  # [layers]
         mass[list(self.options.dense_layers)] = 1.0
         return mass
+
+    def rows_read(self):
+        """Running mean per layer of the V rows read from host RAM per head and decode step while
+        ``record_mass`` was on (below N with ``top_p`` or while a sequence is shorter than N)
+        -> [num_layers] float32 on the CPU; 0 for dense layers, NaN for a KCache layer with no
+        recorded step."""
+        steps = torch.tensor(self._mass_steps, dtype=torch.float32)  # [layers]
+        rows = self._rows_sum.cpu() / steps  # [layers]
+        rows[list(self.options.dense_layers)] = 0.0
+        return rows

@@ -38,6 +38,10 @@ class KCacheOptions:
         ``"none"`` (the paper), ``"mean"`` (their mean V, from a running sum of V per KV head) or
         ``"int2"`` / ``"int4"`` (each with its exact weight, over a 2- or 4-bit copy of V kept on
         the device beside K).
+    top_p : float in (0, 1]
+        An adaptive budget: per head only the shortest prefix of the N selected rows (in their
+        order) whose full-softmax mass reaches ``top_p`` is read from host RAM; the rest become
+        padding (and go to the tail, if any). 1 reads all N.
     """
     topn: int = field(default=64, metadata={
         "short": "N", "help": "V rows read per head and decode step"})
@@ -49,6 +53,8 @@ class KCacheOptions:
         "short": "dl", "help": "comma-separated layers that keep V on the device, e.g. 0,1"})
     tail: str = field(default="none", metadata={
         "short": "tail", "help": "the mass of the rows not read: none, mean, int2 or int4"})
+    top_p: float = field(default=1.0, metadata={
+        "short": "p", "help": "read per head only the top rows whose mass reaches this"})
 
     def __post_init__(self):
         if isinstance(self.topn, bool) or not isinstance(self.topn, int) or self.topn < 1:
@@ -61,6 +67,10 @@ class KCacheOptions:
         if self.tail != "none" and not self.renormalize:
             raise ValueError(f"KCache: renormalize=False drops the mass outside the top N, which "
                              f"tail={self.tail!r} accounts for; use it with tail='none'")
+        if (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
+                or not 0 < self.top_p <= 1):
+            raise ValueError(f"KCache: top_p must be a number in (0, 1], got {self.top_p!r}")
+        object.__setattr__(self, "top_p", float(self.top_p))
         layers = tuple(self.dense_layers)
         if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
             raise ValueError(f"KCache: dense_layers must be integers, got {layers!r}")

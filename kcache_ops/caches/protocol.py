@@ -34,9 +34,10 @@ class Cache(Protocol):
         -> out [B, Hq, T, D]; rows ``t >= lens[b]`` are don't-care.
         """
 
-    def store_prompt(self, layer, k, v):
-        """Store a prompt's k and v [B, Hkv, T, D] (RoPE applied, right-padded) for ``layer``
-        without attending: the store half of :meth:`prefill`."""
+    def store_prompt(self, layer, k, v, lens):
+        """Store a prompt's k and v [B, Hkv, T, D] (RoPE applied, right-padded; lens [B] int32,
+        the valid rows, as :meth:`finish_prefill` will get) for ``layer`` without attending: the
+        store half of :meth:`prefill`."""
 
     def finish_prefill(self, lens):
         """After the last layer's prompt: ``seq_lens = lens`` (lens [B] int32, each <= T)."""

@@ -100,7 +100,7 @@ def fork(model, snapshot, config, steps, record_mass=False):
     cache = make_cache(config.backend, model.config, batch, length + steps, model.device,
                        model.dtype, config.options)
     for layer, (k, v) in enumerate(zip(snapshot.k, snapshot.v)):
-        cache.store_prompt(layer, k, v)  # k, v [B, Hkv, T, D]
+        cache.store_prompt(layer, k, v, snapshot.lens)  # k, v [B, Hkv, T, D]
     cache.finish_prefill(snapshot.lens)
     if record_mass and config.backend == "kcache":
         cache.record_mass = True

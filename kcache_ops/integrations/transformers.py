@@ -295,7 +295,7 @@ class CacheBridge(Cache):
             if layer == 0:
                 self._prompt = _prompt_layout(attention_mask, key)
             order, lens = self._prompt
-            self.inner.store_prompt(layer, _compact(key, order), _compact(value, order))
+            self.inner.store_prompt(layer, _compact(key, order), _compact(value, order), lens)
             if last:
                 self.inner.finish_prefill(lens)
                 self._prompt = None

@@ -19,10 +19,15 @@ def new_cache(model, backend, options, batch, capacity):
     return make_cache(backend, model.config, batch, capacity, model.device, model.dtype, options)
 
 
-def bytes_per_token(model, backend, options):
-    """(device bytes, host bytes) one token of one sequence costs in a cache of ``backend``."""
-    cache = new_cache(model, backend, options, 1, 1)
-    return cache.device_bytes(), cache.host_bytes()
+def sequence_bytes(model, backend, options, capacity):
+    """(device bytes, host bytes) one sequence of ``capacity`` tokens costs in a cache of
+    ``backend``: per token (K, V, a low-bit copy of V) and per sequence (a V sum), measured on
+    caches of one and two tokens."""
+    one, two = (new_cache(model, backend, options, 1, n) for n in (1, 2))
+    device_token = two.device_bytes() - one.device_bytes()
+    host_token = two.host_bytes() - one.host_bytes()
+    return (one.device_bytes() + (capacity - 1) * device_token,
+            one.host_bytes() + (capacity - 1) * host_token)
 
 
 @torch.inference_mode()
@@ -49,10 +54,11 @@ def time_decode(model, backend, options, batch, context, steps):
     cache = new_cache(model, backend, options, batch, context + steps + 2)
     kv = torch.randn(batch, c.num_kv_heads, context, c.head_dim, device=device,
                      dtype=model.dtype)  # [B, Hkv, T, D]; the same rows serve every layer
+    lens = torch.full((batch,), context, dtype=torch.int32, device=device)  # [B]
     for layer in range(c.num_layers):
-        cache.store_prompt(layer, kv, kv)
+        cache.store_prompt(layer, kv, kv, lens)
     del kv
-    cache.finish_prefill(torch.full((batch,), context, dtype=torch.int32, device=device))
+    cache.finish_prefill(lens)
     token = torch.randint(0, c.vocab_size, (batch,), device=device)  # [B]
     model.decode(token, cache)  # warm-up
     model.decode(token, cache)
@@ -82,10 +88,10 @@ def device_budget(device, budget_gb=None, reserve_gb=6.0):
 def fit_batch(model, backend, options, capacity, budget, host_budget, max_batch):
     """The largest batch (<= ``max_batch``) whose cache of ``capacity`` tokens per sequence fits
     ``budget`` device bytes and ``host_budget`` host bytes (None: unchecked); 0 if none fits."""
-    per_token, host_per_token = bytes_per_token(model, backend, options)
-    batch = min(max_batch, budget // (per_token * capacity))
-    if host_per_token and host_budget is not None:
-        batch = min(batch, host_budget // (host_per_token * capacity))
+    device, host = sequence_bytes(model, backend, options, capacity)
+    batch = min(max_batch, budget // device)
+    if host and host_budget is not None:
+        batch = min(batch, host_budget // host)
     return batch
 
 

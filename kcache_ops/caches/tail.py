@@ -1,0 +1,118 @@
+"""The tail term of a KCache layer (``KCacheOptions.tail``): what the decode step does with the
+attention mass of the rows it does not read from host RAM.
+
+Every decode step knows the exact score of every key and the exact ``lse`` (K is on the device),
+so the top N rows can get their exact full-softmax weights ``p_i = exp(s_i − lse)`` and the mass
+they miss, ``1 − Σ p_i``, can be accounted for on the device:
+
+* :class:`NoTail` (``"none"``, the paper): softmax over the top N (``renormalize``), or their
+  exact weights with the rest dropped.
+* :class:`MeanTail` (``"mean"``): the rest gets the mean V of the rows not read, from a running
+  sum of V per (sequence, KV head) — D floats of device memory, no extra PCIe bytes
+  (``sparse_attn_v``'s ``v_sum``).
+* :class:`LowBitTail` (``"int2"``, ``"int4"``): a 2- or 4-bit copy of V stays on the device
+  (``quantize_rows``, written at the hand-off and at each append, on the stream that computes V);
+  every row not read contributes with its exact weight over its dequantized copy
+  (``lowbit_tail``).
+
+Each tail stores the prompt (:meth:`store_prompt`), appends a token (:meth:`append`) and attends
+(:meth:`attend`); ``nbytes`` is the device memory it holds.
+"""
+import torch
+
+from ..ops import lowbit_tail, quantize_rows, sparse_attn_v
+
+
+class NoTail:
+    """No tail: the top N rows alone (DESIGN.md §3, the paper's KCache)."""
+
+    nbytes = 0
+
+    def __init__(self, renormalize):
+        self.renormalize = renormalize
+
+    def store_prompt(self, v, lens):
+        """Nothing to keep."""
+
+    def append(self, rows, pos, v):
+        """Nothing to keep."""
+
+    def attend(self, q, k_cache, lens, scores, indices, lse, v_host):
+        """The top N rows of ``v_host`` -> out [B, Hq, D] (dtype of V)."""
+        return sparse_attn_v(scores, indices, v_host, lse, self.renormalize, check_values=False)
+
+
+class MeanTail:
+    """The mass outside the top N goes to the mean V of the rows not read.
+
+    v_sum : Tensor [B, Hkv, D] float32 on the device — Σ of the V rows ``j < L_b``.
+    """
+
+    def __init__(self, batch, num_kv_heads, head_dim, device):
+        self.v_sum = torch.zeros(batch, num_kv_heads, head_dim, dtype=torch.float32,
+                                 device=device)  # [B, Hkv, D]
+        self.nbytes = self.v_sum.nbytes
+
+    def store_prompt(self, v, lens):
+        """v [B, Hkv, T, D] right-padded, lens [B] int32: the sum of the rows ``t < lens[b]``."""
+        T = v.shape[2]
+        valid = torch.arange(T, device=v.device)[None, :] < lens.to(v.device)[:, None]  # [B, T]
+        self.v_sum.copy_(torch.einsum("bt,bhtd->bhd", valid.float(), v.float()))
+
+    def append(self, rows, pos, v):
+        """Add one token's v [B, Hkv, D] to the sum (rows, pos: where it is stored)."""
+        self.v_sum += v.float()
+
+    def attend(self, q, k_cache, lens, scores, indices, lse, v_host):
+        """Exact weights on the top N rows of ``v_host`` plus the mean tail -> out [B, Hq, D]."""
+        return sparse_attn_v(scores, indices, v_host, lse, renormalize=False, check_values=False,
+                             v_sum=self.v_sum, seq_lens=lens)
+
+
+class LowBitTail:
+    """Every row not read contributes with its exact weight, over a low-bit copy of V.
+
+    codes : Tensor [B, Hkv, S, D * bits / 8] uint8 on the device
+    meta : Tensor [B, Hkv, S, 2] bfloat16 on the device — (scale, min) per row
+    Rows ``j >= L_b`` are never read, so the buffers start uninitialised.
+    """
+
+    def __init__(self, bits, batch, num_kv_heads, capacity, head_dim, device):
+        self.bits = bits
+        shape = (batch, num_kv_heads, capacity)
+        self.codes = torch.empty(*shape, head_dim * bits // 8, dtype=torch.uint8,
+                                 device=device)  # [B, Hkv, S, D * bits / 8]
+        self.meta = torch.empty(*shape, 2, dtype=torch.bfloat16, device=device)  # [B, Hkv, S, 2]
+        self.nbytes = self.codes.nbytes + self.meta.nbytes
+
+    def store_prompt(self, v, lens):
+        """Quantize the prompt's v [B, Hkv, T, D] into positions ``0..T-1``."""
+        codes, meta = quantize_rows(v, self.bits)  # [B, Hkv, T, D * bits / 8], [B, Hkv, T, 2]
+        T = v.shape[2]
+        self.codes[:, :, :T] = codes
+        self.meta[:, :, :T] = meta
+
+    def append(self, rows, pos, v):
+        """Quantize one token's v [B, Hkv, D] into position ``pos[b]`` of each sequence ``rows``."""
+        codes, meta = quantize_rows(v, self.bits)  # [B, Hkv, D * bits / 8], [B, Hkv, 2]
+        self.codes[rows, :, pos] = codes
+        self.meta[rows, :, pos] = meta
+
+    def attend(self, q, k_cache, lens, scores, indices, lse, v_host):
+        """Exact weights on the top N rows of ``v_host`` plus every other valid row over the copy
+        -> out [B, Hq, D] (dtype of V)."""
+        top = sparse_attn_v(scores, indices, v_host, lse, renormalize=False,
+                            check_values=False)  # [B, Hq, D]
+        rest = lowbit_tail(q, k_cache, lens, lse, indices, self.codes, self.meta,
+                           check_values=False)  # [B, Hq, D] float32
+        return (top.float() + rest).to(top.dtype)
+
+
+def make_tail(options, batch, num_kv_heads, capacity, head_dim, device):
+    """The tail of one KCache layer for ``options.tail``."""
+    if options.tail == "none":
+        return NoTail(options.renormalize)
+    if options.tail == "mean":
+        return MeanTail(batch, num_kv_heads, head_dim, device)
+    bits = {"int2": 2, "int4": 4}[options.tail]
+    return LowBitTail(bits, batch, num_kv_heads, capacity, head_dim, device)
