@@ -194,14 +194,7 @@ class KCache:
         self._v_writable[layer][lengths.rows, :, pos] = v
         tail = self.tails[layer]
         tail.append(lengths.rows, pos, v)
-        o = self.options
-        # check_values=False: the lengths are the cache's own, checked at prefill, and the indices
-        # come from qk_topn; checking them would cost a device->host sync per layer and step
-        scores, indices, lse = qk_topn(q, k_cache, lengths.attend_lens, o.topn,
-                                       group_select=o.group_select,
-                                       check_values=False)  # [B,Hq,N] x2, [B,Hq]
-        if o.top_p < 1:
-            scores, indices = mass_prefix(scores, indices, lse, o.top_p)  # [B, Hq, N] each
+        scores, indices, lse = self.select(q, k_cache, lengths.attend_lens)  # [B,Hq,N] x2, [B,Hq]
         if self.record_mass:
             mass = torch.exp(scores - lse[..., None]).sum(-1)  # [B, Hq]; padding adds 0
             self._mass_sum[layer] += mass.mean()
@@ -209,6 +202,22 @@ class KCache:
             self._mass_steps[layer] += 1
         return tail.attend(q, k_cache, lengths.attend_lens, scores, indices, lse,
                            self.v_host[layer])  # [B, Hq, D]
+
+    def select(self, q, k_cache, lens):
+        """The V rows a decode step reads from host RAM, and their scores.
+
+        q [B, Hq, D], k_cache [B, Hkv, S, D], lens [B] int32 -> scores [B, Hq, N] float32,
+        indices [B, Hq, N] int32 (-1 padding), lse [B, Hq] float32: the top N by exact score
+        (by group mass with ``group_select``), cut to their mass prefix with ``top_p``.
+        """
+        o = self.options
+        # check_values=False: the lengths are the cache's own, checked at prefill, and the indices
+        # come from qk_topn; checking them would cost a device->host sync per layer and step
+        scores, indices, lse = qk_topn(q, k_cache, lens, o.topn, group_select=o.group_select,
+                                       check_values=False)  # [B,Hq,N] x2, [B,Hq]
+        if o.top_p < 1:
+            scores, indices = mass_prefix(scores, indices, lse, o.top_p)  # [B, Hq, N] each
+        return scores, indices, lse
 
     def finish_decode(self):
         """Every sequence has one more token: seq_lens += 1."""
