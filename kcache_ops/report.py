@@ -41,6 +41,7 @@ def write(results_dir=RESULTS_DIR):
     bench = load_json(os.path.join(results_dir, throughput_report.BENCH_JSON))
     lines += (throughput_report.bench_section(bench) if bench
               else ["## Throughput", "", "Not run yet.", ""])
+    lines += throughput_report.memory_section()
     if not bench or bench.get("small"):
         lines += ["The GPU run (Llama-3-8B and SmolLM2 shapes, contexts 8K / 32K / 64K, one "
                   "H100), not yet run: no GPU was available to the session that wrote this:", "",

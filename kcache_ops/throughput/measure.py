@@ -19,11 +19,11 @@ def new_cache(model, backend, options, batch, capacity):
     return make_cache(backend, model.config, batch, capacity, model.device, model.dtype, options)
 
 
-def sequence_bytes(model, backend, options, capacity):
+def sequence_bytes(config, backend, options, capacity, dtype):
     """(device bytes, host bytes) one sequence of ``capacity`` tokens costs in a cache of
-    ``backend``: per token (K, V, a low-bit copy of V) and per sequence (a V sum), measured on
-    caches of one and two tokens."""
-    one, two = (new_cache(model, backend, options, 1, n) for n in (1, 2))
+    ``backend`` for a model of ``config`` in ``dtype``: per token (K, V, a low-bit copy of V) and
+    per sequence (a V sum), counted on CPU caches of one and two tokens."""
+    one, two = (make_cache(backend, config, 1, n, "cpu", dtype, options) for n in (1, 2))
     device_token = two.device_bytes() - one.device_bytes()
     host_token = two.host_bytes() - one.host_bytes()
     return (one.device_bytes() + (capacity - 1) * device_token,
@@ -88,7 +88,7 @@ def device_budget(device, budget_gb=None, reserve_gb=6.0):
 def fit_batch(model, backend, options, capacity, budget, host_budget, max_batch):
     """The largest batch (<= ``max_batch``) whose cache of ``capacity`` tokens per sequence fits
     ``budget`` device bytes and ``host_budget`` host bytes (None: unchecked); 0 if none fits."""
-    device, host = sequence_bytes(model, backend, options, capacity)
+    device, host = sequence_bytes(model.config, backend, options, capacity, model.dtype)
     batch = min(max_batch, budget // device)
     if host and host_budget is not None:
         batch = min(batch, host_budget // host)

@@ -1,6 +1,11 @@
 """The throughput section of bench/results/REPORT.md (assembled by :mod:`kcache_ops.report`) and
 its plot, from the ``bench`` command's JSON."""
+import torch
+
+from ..caches import TAILS, KCacheOptions
 from ..results import ran_on
+from .measure import sequence_bytes
+from .shapes import SHAPES
 
 BENCH_JSON, BENCH_PLOT = "bench.json", "bench_throughput.png"
 
@@ -30,6 +35,29 @@ def bench_section(data):
                    f"{ratio} |")
     out += ["", f"![throughput vs context]({BENCH_PLOT})", ""]
     return out
+
+
+def memory_section(capacity=32768, dtype=torch.bfloat16):
+    """Markdown: device bytes per token of each cache for the benchmark's model shapes, and the
+    capacity gain over dense at one device budget (what the batch fitting gives KCache)."""
+    gib = 2 ** 30
+    out = ["## Device memory per token", "",
+           "Device bytes per token (all layers, bfloat16) from the caches' own accounting: K, "
+           "device V, the tail's low-bit copy (the V sum of `mean` is per sequence, spread here "
+           f"over {capacity} tokens); N does not change it. In brackets, for dense the GiB of "
+           f"one {capacity}-token sequence, for KCache the capacity gain: how many times more "
+           "sequences fit one device budget than with dense attention.", "",
+           "| model | dense | " + " | ".join(f"KCache tail={t}" for t in TAILS) + " |",
+           "|---|---|" + "---|" * len(TAILS)]
+    for name in ("llama3-8b", "smollm2-135m"):
+        dense = sequence_bytes(SHAPES[name], "dense", None, capacity, dtype)[0]
+        cells = []
+        for tail in TAILS:
+            kc = sequence_bytes(SHAPES[name], "kcache", KCacheOptions(tail=tail), capacity, dtype)[0]
+            cells.append(f"{kc / capacity:.0f} B ({dense / kc:.2f}×)")
+        out.append(f"| {name} | {dense / capacity:.0f} B ({dense / gib:.2f} GiB) | "
+                   + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def plot(rows, path):
