@@ -149,6 +149,43 @@ def test_sparse_attn_v_mean_tail(dtype, shape, group_select):
     assert (out[2] == 0).all()
 
 
+def test_sparse_attn_v_mean_tail_graph_replay():
+    """The decode step with the mean tail captured in a CUDA graph (no sync, no value-dependent
+    allocation) and replayed on new lengths, V and v_sum copied into its static buffers."""
+    B, Hq, Hkv, S, D, n = 4, 8, 2, 1000, 128, 64
+    dtype = torch.bfloat16
+    q = torch.randn(B, Hq, D, device="cuda", dtype=dtype)  # static inputs
+    k = torch.randn(B, Hkv, S, D, device="cuda", dtype=dtype)
+    lens = torch.tensor([S, 700, 40, 0], device="cuda", dtype=torch.int32)
+    v = host_copy(torch.randn(B, Hkv, S, D, dtype=dtype))
+    v_sum = row_sums(v, lens)
+
+    def step():
+        scores, idx, lse = kcache_ops.qk_topn(q, k, lens, n, None, True, check_values=False)
+        out = kcache_ops.sparse_attn_v(scores, idx, v, lse, False, check_values=False,
+                                       v_sum=v_sum, seq_lens=lens)
+        return out, scores, idx, lse
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, scores, idx, lse = step()
+    for trial in range(3):
+        lens.copy_(torch.randint(0, S + 1, (B,), dtype=torch.int32))
+        v.copy_(torch.randn(B, Hkv, S, D, dtype=dtype))
+        v_sum.copy_(row_sums(v, lens))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = reference.sparse_attn_v(scores.cpu(), idx.cpu(), v, lse.cpu(), False, v_sum.cpu(),
+                                       lens.cpu())
+        torch.testing.assert_close(out.cpu().float(), want.float(), atol=1.6e-2, rtol=1.6e-2,
+                                   msg=lambda m: f"trial {trial}: {m}")
+
+
 @pytest.mark.parametrize("N", [1, 33, 1024])
 def test_sparse_attn_v_random_indices(N):
     """Indices with padding anywhere, per-head rows, strided scores."""
