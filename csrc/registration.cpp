@@ -14,10 +14,12 @@ TORCH_LIBRARY(kcache_ops, m) {
       "bool group_select=False, bool check_values=True) "
       "-> (Tensor scores, Tensor indices, Tensor lse)");
   // scores [B, Hq, N] float32, indices [B, Hq, N] int32, v_cache [B, Hkv, S, D],
-  // lse [B, Hq] float32 -> out [B, Hq, D] (dtype of v_cache)
+  // lse [B, Hq] float32, the mean tail's v_sum [B, Hkv, D] float32 and seq_lens [B] int32
+  //   -> out [B, Hq, D] (dtype of v_cache)
   m.def(
       "sparse_attn_v(Tensor scores, Tensor indices, Tensor v_cache, Tensor? lse=None, "
-      "bool renormalize=True, bool check_values=True) -> Tensor");
+      "bool renormalize=True, bool check_values=True, Tensor? v_sum=None, "
+      "Tensor? seq_lens=None) -> Tensor");
   // src [B, Hs, S, D], indices [B, H, N] int32 -> dst [B, H, N, D] on the device of indices
   m.def("gather_rows(Tensor src, Tensor indices) -> Tensor");
   // a pinned, device-mapped CPU tensor (an ordinary CPU tensor where no GPU is present)

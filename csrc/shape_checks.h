@@ -42,15 +42,19 @@ inline QkTopnDims check_qk_topn_args(const at::Tensor& q, const at::Tensor& k_ca
 // Sizes of a sparse_attn_v call.
 struct SparseAttnVDims {
   int64_t B, Hq, Hkv, G, N, S, D;
+  bool tail;  // the mean tail is added (v_sum and seq_lens given)
 };
 
 // scores [B, Hq, N] float32, indices [B, Hq, N] int32, v_cache [B, Hkv, S, D],
-// lse [B, Hq] float32 (required when renormalize is false).
+// lse [B, Hq] float32 (required when renormalize is false); the mean tail's v_sum [B, Hkv, D]
+// float32 and seq_lens [B] int32, both or neither, only with renormalize=False.
 inline SparseAttnVDims check_sparse_attn_v_args(const at::Tensor& scores,
                                                 const at::Tensor& indices,
                                                 const at::Tensor& v_cache,
                                                 const std::optional<at::Tensor>& lse,
-                                                bool renormalize) {
+                                                bool renormalize,
+                                                const std::optional<at::Tensor>& v_sum,
+                                                const std::optional<at::Tensor>& seq_lens) {
   KC_CHECK_DIM(scores, 3);
   KC_CHECK_DIM(indices, 3);
   KC_CHECK_DIM(v_cache, 4);
@@ -68,6 +72,11 @@ inline SparseAttnVDims check_sparse_attn_v_args(const at::Tensor& scores,
   KC_CHECK_LAST_CONTIGUOUS(scores);
   KC_CHECK_LAST_CONTIGUOUS(indices);
   KC_CHECK_LAST_CONTIGUOUS(v_cache);
+  TORCH_CHECK(v_sum.has_value() == seq_lens.has_value(),
+              "v_sum and seq_lens must be given together (the mean tail), got ",
+              v_sum.has_value() ? "v_sum without seq_lens" : "seq_lens without v_sum");
+  TORCH_CHECK(!v_sum.has_value() || !renormalize,
+              "the mean tail (v_sum) needs renormalize=False, got renormalize=True");
   TORCH_CHECK(renormalize || lse.has_value(),
               "lse is required when renormalize=False, got None");
   if (lse.has_value()) {
@@ -76,7 +85,21 @@ inline SparseAttnVDims check_sparse_attn_v_args(const at::Tensor& scores,
                 "lse must have shape [", B, ", ", Hq, "] (scores batch, heads), got ",
                 lse->sizes());
   }
-  return {B, Hq, Hkv, Hq / Hkv, N, S, D};
+  if (v_sum.has_value()) {
+    TORCH_CHECK(v_sum->scalar_type() == at::kFloat, "v_sum must be Float, got ",
+                v_sum->scalar_type());
+    TORCH_CHECK(v_sum->dim() == 3 && v_sum->size(0) == B && v_sum->size(1) == Hkv &&
+                    v_sum->size(2) == D,
+                "v_sum must have shape [", B, ", ", Hkv, ", ", D,
+                "] (v_cache batch, heads, head dim), got ", v_sum->sizes());
+    TORCH_CHECK(v_sum->stride(2) == 1, "v_sum must be contiguous in its last dim, got strides ",
+                v_sum->strides());
+    TORCH_CHECK(seq_lens->scalar_type() == at::kInt, "seq_lens must be Int, got ",
+                seq_lens->scalar_type());
+    TORCH_CHECK(seq_lens->dim() == 1 && seq_lens->size(0) == B, "seq_lens must have shape [", B,
+                "] (scores batch), got ", seq_lens->sizes());
+  }
+  return {B, Hq, Hkv, Hq / Hkv, N, S, D, v_sum.has_value()};
 }
 
 // Sizes of a gather_rows call.

@@ -9,13 +9,15 @@
 
 namespace kcache_ops {
 
-// seq_lens [B] int32 (strided, on the host): every 0 <= L_b <= S.
-inline void check_seq_lens_values(const at::Tensor& seq_lens, int64_t S) {
+// seq_lens [B] int32 (strided, on the host): every 0 <= L_b <= S, S the capacity of the tensor
+// named src_name.
+inline void check_seq_lens_values(const at::Tensor& seq_lens, int64_t S,
+                                  const char* src_name = "k_cache") {
   const int32_t* p = seq_lens.data_ptr<int32_t>();
   for (int64_t b = 0; b < seq_lens.size(0); ++b) {
     const int32_t len = p[b * seq_lens.stride(0)];
     TORCH_CHECK(len >= 0 && len <= S, "seq_lens[", b, "] must be in [0, ", S,
-                "] (k_cache capacity), got ", len);
+                "] (", src_name, " capacity), got ", len);
   }
 }
 

@@ -46,8 +46,9 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_value
                                         check_values)
 
 
-def sparse_attn_v(scores, indices, v_cache, lse=None, renormalize=True, check_values=True):
-    """Attention output from the selected V rows.
+def sparse_attn_v(scores, indices, v_cache, lse=None, renormalize=True, check_values=True,
+                  v_sum=None, seq_lens=None):
+    """Attention output from the selected V rows, optionally with the mean tail.
 
     Parameters
     ----------
@@ -61,21 +62,32 @@ def sparse_attn_v(scores, indices, v_cache, lse=None, renormalize=True, check_va
         Needed when ``renormalize=False``.
     renormalize : bool
         True: softmax over the valid selected scores. False: ``exp(score − lse)``, the weights of
-        the full softmax (the mass outside the top N is dropped).
+        the full softmax (the mass outside the top N is dropped, unless the mean tail adds it).
     check_values : bool
-        True: an index outside ``[-1, S)`` raises an error naming it. On CUDA this reads the
-        indices back, a device→host synchronisation per call (also skipped under CUDA graph capture
-        and with ``KCACHE_OPS_VALIDATE=0``). False skips that read-back on CUDA: the kernel skips
-        every index outside ``[0, S)`` like padding, so nothing is read out of bounds, but a bad
-        index is not reported. The CPU path always checks.
+        True: an index outside ``[-1, S)`` or a ``seq_lens`` value outside ``[0, S]`` raises an
+        error naming it. On CUDA this reads the values back, a device→host synchronisation per
+        call (also skipped under CUDA graph capture and with ``KCACHE_OPS_VALIDATE=0``). False
+        skips that read-back on CUDA: the kernel skips every index outside ``[0, S)`` like padding
+        and clamps each length to ``[0, S]``, so nothing is read out of bounds, but a bad value is
+        not reported. The CPU path always checks.
+    v_sum : Tensor [B, Hkv, D] float32, optional
+        The sum of the V rows ``j < L_b`` per sequence and KV head, on the device of ``scores``.
+        Given with ``seq_lens`` (and ``renormalize=False``), the mean tail is added: the mass the
+        selected rows miss, ``1 − Σ_i p_i`` (clamped at 0), times the mean of the rows not
+        selected, ``(v_sum − Σ_i v_i) / (L_b − n)`` over the ``n`` valid entries; nothing where
+        ``L_b <= n``. The rows are read once (the sum of the selected rows comes from the same
+        reads).
+    seq_lens : Tensor [B] int32, optional
+        Valid rows per sequence ``L_b``, on the device of ``scores``; given with ``v_sum``.
 
     Returns
     -------
     out : Tensor [B, Hq, D], dtype of ``v_cache``, on the device of ``scores``
-        ``Σ_i p_i · v_cache[b, h / G, indices_i]``; zeros for a head with no valid entry.
+        ``Σ_i p_i · v_cache[b, h / G, indices_i]`` (plus the mean tail); zeros for a head with no
+        valid entry and no tail.
     """
     return torch.ops.kcache_ops.sparse_attn_v(scores, indices, v_cache, lse, renormalize,
-                                              check_values)
+                                              check_values, v_sum, seq_lens)
 
 
 def gather_rows(src, indices):
@@ -125,7 +137,8 @@ def _(q, k_cache, seq_lens, n, scale, group_select=False, check_values=True):
 
 
 @torch.library.register_fake("kcache_ops::sparse_attn_v")
-def _(scores, indices, v_cache, lse=None, renormalize=True, check_values=True):
+def _(scores, indices, v_cache, lse=None, renormalize=True, check_values=True, v_sum=None,
+      seq_lens=None):
     B, Hq, _ = scores.shape
     return scores.new_empty((B, Hq, v_cache.shape[-1]), dtype=v_cache.dtype)
 

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_gather_rows import make_indices
 from test_qk_topn import check_topn, make_qk
-from test_sparse_attn_v import check_attn, make_selection
+from test_sparse_attn_v import check_attn, check_tail, make_selection, make_tail_case
 
 from kcache_ops import reference as R
 
@@ -52,12 +52,16 @@ def run_qk_topn(exe, q, k, seq_lens, n, scale, group_select, sms=SMS, seeds=SEED
     return out["scores"], out["indices"], out["lse"]  # [B, Hq, n], [B, Hq, n], [B, Hq]
 
 
-def run_sparse_attn_v(exe, scores, indices, v, lse, renormalize, seeds=SEEDS):
+def run_sparse_attn_v(exe, scores, indices, v, lse, renormalize, seeds=SEEDS, v_sum=None,
+                      seq_lens=None):
     """sparse_attn_v on the emulator: scores [B, Hq, N] float32, indices [B, Hq, N] int32,
-    v [B, Hkv, S, D], lse [B, Hq] float32 or None -> out [B, Hq, D] in v's dtype."""
+    v [B, Hkv, S, D], lse [B, Hq] float32 or None, the mean tail's v_sum [B, Hkv, D] float32 and
+    seq_lens [B] int32 or None -> out [B, Hq, D] in v's dtype."""
     tensors = dict(scores=scores, indices=indices, v_cache=v)
     if lse is not None:
         tensors["lse"] = lse
+    if v_sum is not None:
+        tensors.update(v_sum=v_sum, seq_lens=seq_lens)
     return emu.run(exe, "sparse_attn_v", dict(renormalize=int(renormalize)), tensors,
                    seeds=seeds)["out"]  # [B, Hq, D]
 
@@ -340,6 +344,100 @@ def test_decode_step(race_exe, group_select):
                                rtol=TOL[torch.bfloat16])
 
 
+# ---- sparse_attn_v with the mean tail ------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,D,G", [
+    (torch.float32, 64, 1), (torch.float16, 128, 3), (torch.bfloat16, 64, 4),
+    (torch.float32, 128, 8), (torch.bfloat16, 128, 12), (torch.float16, 64, 2),
+], ids=lambda v: str(v).removeprefix("torch."))
+def test_mean_tail_matches_reference(race_exe, dtype, D, G):
+    """L_b > N, L_b <= N (no tail) and L_b = 0; G = 12: two blocks per KV head."""
+    B, Hkv, S, N = 4, 2, 300, 40
+    lens = [300, 150, 25, 0]
+    scores, indices, lse, v, v_sum, seq_lens = make_tail_case(B, Hkv, G, N, S, lens, dtype, "cpu",
+                                                              D=D)
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, False, v_sum=v_sum,
+                            seq_lens=seq_lens)
+    check_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[dtype])
+    assert torch.equal(out[3], torch.zeros(Hkv * G, D, dtype=dtype))
+
+
+def test_mean_tail_group_rows(race_exe):
+    """One index row per group (group_select): each row read once for all heads, each head with
+    its own weights and tail factor."""
+    B, Hkv, G, S, N = 2, 2, 4, 200, 24
+    scores, indices, lse, v, v_sum, seq_lens = make_tail_case(B, Hkv, G, N, S, [200, 60],
+                                                              torch.bfloat16, "cpu")
+    indices = indices.view(B, Hkv, G, N)[:, :, :1].expand(B, Hkv, G, N).reshape(B, Hkv * G, N)
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, False, v_sum=v_sum,
+                            seq_lens=seq_lens)
+    check_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[torch.bfloat16])
+
+
+def test_mean_tail_out_of_range_lengths_and_indices(race_exe):
+    """seq_lens beyond S or negative are clamped to [0, S]; indices outside [0, S) are skipped
+    (neither counted nor read), as the launcher lets them through with check_values=False."""
+    B, Hkv, G, S, N = 3, 1, 3, 80, 16
+    scores, indices, lse, v, v_sum, seq_lens = make_tail_case(B, Hkv, G, N, S, [80, 80, 0],
+                                                              torch.float32, "cpu")
+    indices[0, 0, :2] = torch.tensor([S, -9], dtype=torch.int32)
+    bad_lens = seq_lens_tensor([S + 50, 1 << 30, -4], "cpu")
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, False, v_sum=v_sum,
+                            seq_lens=bad_lens)
+    cleaned = indices.masked_fill((indices < 0) | (indices >= S), -1)
+    check_tail(scores, cleaned, v, lse, v_sum, seq_lens, out, TOL[torch.float32])
+
+
+def test_mean_tail_strided_and_empty(race_exe):
+    """v_cache a [:, :, :T] slice, v_sum / seq_lens / scores strided; N = 0 gives the mean of all
+    L_b rows."""
+    B, Hkv, G, S, N = 3, 2, 3, 97, 16
+    lens = [97, 40, 9]
+    scores, indices, lse, v, v_sum, seq_lens = make_tail_case(B, Hkv, G, N, S, lens,
+                                                              torch.float16, "cpu")
+    buf = torch.randn(B, Hkv, S + 31, 64).to(torch.float16)
+    buf[:, :, :S] = v
+    v = buf[:, :, :S]
+    v_sum_strided = torch.stack([v_sum, torch.randn_like(v_sum)], 1)[:, 0]
+    lens_strided = seq_lens.repeat_interleave(2)[::2]
+    out = run_sparse_attn_v(race_exe, scores.transpose(0, 1).contiguous().transpose(0, 1),
+                            indices, v, lse, False, v_sum=v_sum_strided, seq_lens=lens_strided)
+    check_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[torch.float16])
+    empty_scores, empty_indices = scores[:, :, :0].contiguous(), indices[:, :, :0].contiguous()
+    out = run_sparse_attn_v(race_exe, empty_scores, empty_indices, v, lse, False, v_sum=v_sum,
+                            seq_lens=seq_lens)
+    want = (v_sum / seq_lens[:, None, None]).repeat_interleave(G, 1)  # [B, Hq, D]
+    torch.testing.assert_close(out.float(), want, atol=TOL[torch.float16],
+                               rtol=TOL[torch.float16])
+
+
+@settings(max_examples=6, deadline=None)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 5, 8]),
+       S=st.integers(1, 300), N=st.integers(1, 200), D=st.sampled_from([64, 128]),
+       dtype=st.sampled_from(DTYPES), pad_fraction=st.sampled_from([0.0, 0.5, 1.0]),
+       data=st.data())
+def test_mean_tail_random_shapes(race_exe, B, Hkv, G, S, N, D, dtype, pad_fraction, data):
+    lens = data.draw(st.lists(st.integers(0, S), min_size=B, max_size=B))
+    scores, indices, lse, v, v_sum, seq_lens = make_tail_case(B, Hkv, G, N, S, lens, dtype, "cpu",
+                                                              pad_fraction, D=D)
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, False, v_sum=v_sum,
+                            seq_lens=seq_lens)
+    check_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[dtype])
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_mean_tail_decode_step(race_exe, group_select):
+    """qk_topn then sparse_attn_v with the mean tail on the emulator, against the reference."""
+    B, Hkv, G, S, D, n = 2, 2, 4, 700, 64, 32
+    q, k = make_qk(B, Hkv * G, Hkv, S, D, torch.bfloat16, "cpu")
+    v = torch.randn(B, Hkv, S, D).to(torch.bfloat16)
+    lens = seq_lens_tensor([S, 97], "cpu")
+    v_sum = torch.stack([v[b, :, :L].float().sum(1) for b, L in enumerate(lens.tolist())])
+    scores, indices, lse = run_qk_topn(race_exe, q, k, lens, n, 1 / 8, group_select)
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, False, v_sum=v_sum, seq_lens=lens)
+    check_tail(scores, indices, v, lse, v_sum, lens, out, TOL[torch.bfloat16])
+
+
 # ---- gather_rows --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype,D,G", [
@@ -387,6 +485,18 @@ def test_asan_sparse_attn_v_and_gather_rows(asan_exe):
         check_attn(scores, indices, v, lse, renormalize, out, TOL[torch.bfloat16])
     assert torch.equal(run_gather_rows(asan_exe, v, indices, seeds=(1,)),
                        R.gather_rows(v, indices))
+
+
+def test_asan_sparse_attn_v_mean_tail(asan_exe):
+    """The mean tail under ASan + UBSan: the last row of V read, v_sum and seq_lens strided."""
+    B, Hkv, G, S, N = 2, 2, 3, 80, 20
+    scores, indices, lse, v, v_sum, seq_lens = make_tail_case(B, Hkv, G, N, S, [S, 33],
+                                                              torch.bfloat16, "cpu", D=128)
+    indices[0, :, 0] = S - 1
+    out = run_sparse_attn_v(asan_exe, scores, indices, v, lse, False, seeds=(1,),
+                            v_sum=torch.stack([v_sum, v_sum], 1)[:, 1],
+                            seq_lens=seq_lens.repeat_interleave(2)[1::2])
+    check_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[torch.bfloat16])
 
 
 def test_asan_catches_a_misaligned_load(asan_exe):

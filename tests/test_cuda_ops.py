@@ -1,6 +1,6 @@
 """The CUDA kernels against the float32 reference: odd sizes, GQA slices, N up to 4096, exact ties,
-NaN inputs, strided inputs, long sequences (32K-128K tokens, batch up to 64, N up to 1024) and the
-value checks."""
+NaN inputs, strided inputs, long sequences (32K-128K tokens, batch up to 64, N up to 1024), the
+mean tail of sparse_attn_v and the value checks."""
 import pytest
 import torch
 
@@ -119,6 +119,73 @@ def test_sparse_attn_v_matches_reference(dtype, shape, group_select, renormalize
     assert (out[2] == 0).all()  # no valid entry: zeros
 
 
+def row_sums(v_cache, seq_lens):
+    """v_sum [B, Hkv, D] float32 on the GPU: the sum of the rows j < L_b of host v_cache."""
+    return torch.stack([v_cache[b, :, :L].float().sum(1)
+                        for b, L in enumerate(seq_lens.tolist())]).cuda()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("group_select", [False, True])
+def test_sparse_attn_v_mean_tail(dtype, shape, group_select):
+    """The decode step as the cache runs it with tail="mean": L_b > n, L_b <= n (exact attention)
+    and L_b = 0 (zeros)."""
+    Hq, Hkv, D = shape
+    B, S, n = 3, 777, 100
+    q, k, lens = random_case(B, Hq, Hkv, S, D, dtype, lens=[S, 40, 0], seed=Hq * D + 1)
+    v = host_copy(torch.randn(B, Hkv, S, D, dtype=dtype))
+    v_sum = row_sums(v, lens)
+    scores, idx, lse = kcache_ops.qk_topn(q, k, lens, n, None, group_select, check_values=False)
+    out = kcache_ops.sparse_attn_v(scores, idx, v, lse, False, check_values=False, v_sum=v_sum,
+                                   seq_lens=lens)
+    want = reference.sparse_attn_v(scores.cpu(), idx.cpu(), v, lse.cpu(), False, v_sum.cpu(),
+                                   lens.cpu())
+    assert out.is_cuda and out.dtype == dtype and out.shape == (B, Hq, D)
+    torch.testing.assert_close(out.cpu().float(), want.float(), atol=OUT_TOL[dtype],
+                               rtol=OUT_TOL[dtype])
+    exact = kcache_ops.sparse_attn_v(scores, idx, v, lse, False)
+    torch.testing.assert_close(out[1], exact[1])  # every row selected: no tail
+    assert (out[2] == 0).all()
+
+
+def test_sparse_attn_v_mean_tail_graph_replay():
+    """The decode step with the mean tail captured in a CUDA graph (no sync, no value-dependent
+    allocation) and replayed on new lengths, V and v_sum copied into its static buffers."""
+    B, Hq, Hkv, S, D, n = 4, 8, 2, 1000, 128, 64
+    dtype = torch.bfloat16
+    q = torch.randn(B, Hq, D, device="cuda", dtype=dtype)  # static inputs
+    k = torch.randn(B, Hkv, S, D, device="cuda", dtype=dtype)
+    lens = torch.tensor([S, 700, 40, 0], device="cuda", dtype=torch.int32)
+    v = host_copy(torch.randn(B, Hkv, S, D, dtype=dtype))
+    v_sum = row_sums(v, lens)
+
+    def step():
+        scores, idx, lse = kcache_ops.qk_topn(q, k, lens, n, None, True, check_values=False)
+        out = kcache_ops.sparse_attn_v(scores, idx, v, lse, False, check_values=False,
+                                       v_sum=v_sum, seq_lens=lens)
+        return out, scores, idx, lse
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, scores, idx, lse = step()
+    for trial in range(3):
+        lens.copy_(torch.randint(0, S + 1, (B,), dtype=torch.int32))
+        v.copy_(torch.randn(B, Hkv, S, D, dtype=dtype))
+        v_sum.copy_(row_sums(v, lens))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = reference.sparse_attn_v(scores.cpu(), idx.cpu(), v, lse.cpu(), False, v_sum.cpu(),
+                                       lens.cpu())
+        torch.testing.assert_close(out.cpu().float(), want.float(), atol=1.6e-2, rtol=1.6e-2,
+                                   msg=lambda m: f"trial {trial}: {m}")
+
+
 @pytest.mark.parametrize("N", [1, 33, 1024])
 def test_sparse_attn_v_random_indices(N):
     """Indices with padding anywhere, per-head rows, strided scores."""
@@ -178,6 +245,14 @@ def test_value_checks():
         kcache_ops.sparse_attn_v(torch.zeros(2, 4, 8, device="cuda"), bad, v)
     with pytest.raises(RuntimeError, match="indices"):
         kcache_ops.gather_rows(v, bad)
+    lse = torch.zeros(2, 4, device="cuda")
+    good = torch.zeros(2, 4, 8, device="cuda", dtype=torch.int32)
+    v_sum = torch.randn(2, 2, 64, device="cuda")
+    for lens in ([101, 5], [-1, 5]):
+        with pytest.raises(RuntimeError, match=r"seq_lens\[0\] .*\(v_cache capacity\)"):
+            kcache_ops.sparse_attn_v(torch.zeros(2, 4, 8, device="cuda"), good, v, lse, False,
+                                     v_sum=v_sum, seq_lens=torch.tensor(lens, device="cuda",
+                                                                        dtype=torch.int32))
 
 
 def test_no_host_sync_without_value_checks(monkeypatch):
@@ -186,17 +261,23 @@ def test_no_host_sync_without_value_checks(monkeypatch):
     monkeypatch.delenv("KCACHE_OPS_VALIDATE", raising=False)
     q, k, lens = random_case(2, 8, 2, 500, 128, torch.bfloat16, lens=[500, 123])
     v = host_copy(torch.randn(2, 2, 500, 128, dtype=torch.bfloat16))
+    v_sum = row_sums(v, lens)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         scores, idx, lse = kcache_ops.qk_topn(q, k, lens, 64, None, True, check_values=False)
         out = kcache_ops.sparse_attn_v(scores, idx, v, lse, check_values=False)
+        tail = kcache_ops.sparse_attn_v(scores, idx, v, lse, False, check_values=False,
+                                        v_sum=v_sum, seq_lens=lens)
         with pytest.raises(RuntimeError, match="synchroniz"):
             kcache_ops.qk_topn(q, k, lens, 64, None, True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     want = reference.sparse_attn_v(scores.cpu(), idx.cpu(), v, lse.cpu())
     torch.testing.assert_close(out.cpu().float(), want.float(), atol=1.6e-2, rtol=1.6e-2)
+    want = reference.sparse_attn_v(scores.cpu(), idx.cpu(), v, lse.cpu(), False, v_sum.cpu(),
+                                   lens.cpu())
+    torch.testing.assert_close(tail.cpu().float(), want.float(), atol=1.6e-2, rtol=1.6e-2)
 
 
 def test_unchecked_values_never_read_out_of_bounds():
@@ -212,6 +293,14 @@ def test_unchecked_values_never_read_out_of_bounds():
     out = kcache_ops.sparse_attn_v(w, bad, v, check_values=False)
     only = kcache_ops.sparse_attn_v(w, torch.tensor([[[5, -1, -1, -1]] * 4], device="cuda",
                                                     dtype=torch.int32), v)
+    torch.testing.assert_close(out, only)
+    lse, v_sum = torch.randn(1, 4, device="cuda") + 3, torch.randn(1, 2, 64, device="cuda")
+    out = kcache_ops.sparse_attn_v(w, bad, v, lse, False, check_values=False, v_sum=v_sum,
+                                   seq_lens=big)
+    only = kcache_ops.sparse_attn_v(w, torch.tensor([[[5, -1, -1, -1]] * 4], device="cuda",
+                                                    dtype=torch.int32), v, lse, False,
+                                    v_sum=v_sum, seq_lens=torch.tensor([100], device="cuda",
+                                                                       dtype=torch.int32))
     torch.testing.assert_close(out, only)
 
 

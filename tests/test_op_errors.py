@@ -87,6 +87,52 @@ def test_sparse_attn_v_heads_and_lse(attn):
         kcache_ops.sparse_attn_v(scores, indices, v, None, renormalize=False)
 
 
+@pytest.fixture
+def tail(device):
+    """Valid mean-tail arguments of sparse_attn_v: v_sum [B, Hkv, D] float32, seq_lens [B]."""
+    return torch.randn(B, HKV, D, device=device), seq_lens_tensor([S, 3], device)
+
+
+@pytest.mark.parametrize("i, bad, message", [
+    (0, lambda vs: vs.half(), "v_sum must be Float, got Half"),
+    (0, lambda vs: vs[:, :1], r"v_sum must have shape \[2, 2, 64\] \(v_cache batch, heads, head "
+     r"dim\), got \[2, 1, 64\]"),
+    (0, lambda vs: vs[0], r"v_sum must have shape \[2, 2, 64\] .*, got \[2, 64\]"),
+    (0, lambda vs: vs.transpose(1, 2).contiguous().transpose(1, 2),
+     "v_sum must be contiguous in its last dim"),
+    (1, lambda lens: lens.long(), "seq_lens must be Int, got Long"),
+    (1, lambda lens: lens[:1], r"seq_lens must have shape \[2\] \(scores batch\), got \[1\]"),
+    (1, lambda lens: lens - 4,
+     r"seq_lens\[1\] must be in \[0, 16\] \(v_cache capacity\), got -1"),
+    (1, lambda lens: lens + 1,
+     r"seq_lens\[0\] must be in \[0, 16\] \(v_cache capacity\), got 17"),
+])
+def test_sparse_attn_v_bad_tail_arguments(attn, tail, i, bad, message):
+    v_sum, seq_lens = change(tail, i, bad(tail[i]))
+    with pytest.raises(RuntimeError, match=message):
+        kcache_ops.sparse_attn_v(*attn, renormalize=False, v_sum=v_sum, seq_lens=seq_lens)
+
+
+def test_sparse_attn_v_tail_combinations(attn, tail):
+    """v_sum and seq_lens only together, only with renormalize=False, and with lse."""
+    scores, indices, v, lse = attn
+    v_sum, seq_lens = tail
+    cases = [
+        (dict(lse=lse, renormalize=False, v_sum=v_sum),
+         r"v_sum and seq_lens must be given together \(the mean tail\), got v_sum without "
+         "seq_lens"),
+        (dict(lse=lse, renormalize=False, seq_lens=seq_lens),
+         "v_sum and seq_lens must be given together .*, got seq_lens without v_sum"),
+        (dict(lse=lse, renormalize=True, v_sum=v_sum, seq_lens=seq_lens),
+         r"the mean tail \(v_sum\) needs renormalize=False, got renormalize=True"),
+        (dict(renormalize=False, v_sum=v_sum, seq_lens=seq_lens),
+         "lse is required when renormalize=False, got None"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            kcache_ops.sparse_attn_v(scores, indices, v, **kwargs)
+
+
 def test_gather_rows_bad_arguments(attn):
     _, indices, src, _ = attn
     cases = [
@@ -114,6 +160,9 @@ def test_cpu_checks_values_whatever_check_values(qk, attn):
     scores, indices, v, lse = attn
     with pytest.raises(RuntimeError, match=r"indices\[0, 0, 0\] must be -1 \(padding\)"):
         kcache_ops.sparse_attn_v(scores, indices - S - 1, v, lse, check_values=False)
+    with pytest.raises(RuntimeError, match=r"seq_lens\[0\] must be in \[0, 16\]"):
+        kcache_ops.sparse_attn_v(scores, indices, v, lse, False, False,
+                                 torch.randn(B, HKV, D), seq_lens_tensor([S + 1, 3], "cpu"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
@@ -122,3 +171,11 @@ def test_mixed_devices():
     k = torch.randn(B, 2, S, D)
     with pytest.raises(RuntimeError, match="k_cache|cuda|CUDA"):
         kcache_ops.qk_topn(q, k, seq_lens_tensor([S, 3], "cuda"), N)
+    scores, indices = torch.randn(B, 4, N, device="cuda"), torch.zeros(B, 4, N, dtype=torch.int32,
+                                                                       device="cuda")
+    v, lse = host_tensor(torch.randn(B, 2, S, D), "cuda"), torch.randn(B, 4, device="cuda")
+    for v_sum, lens, name in [(torch.randn(B, 2, D), seq_lens_tensor([S, 3], "cuda"), "v_sum"),
+                              (torch.randn(B, 2, D, device="cuda"), seq_lens_tensor([S, 3], "cpu"),
+                               "seq_lens")]:
+        with pytest.raises(RuntimeError, match=f"{name} must be on cuda:0"):
+            kcache_ops.sparse_attn_v(scores, indices, v, lse, False, v_sum=v_sum, seq_lens=lens)

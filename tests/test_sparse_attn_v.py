@@ -1,5 +1,7 @@
 """kcache_ops.sparse_attn_v against the float32 reference: renormalize on and off, padding,
-heads with no valid entry, GQA ratios, strided inputs, a full decode step, random shapes."""
+heads with no valid entry, GQA ratios, strided inputs, a full decode step, random shapes; the mean
+tail (v_sum, seq_lens) over the same, L_b <= N, L_b = 0, the mass clamp and exactness when the
+rows not read are all equal."""
 import pytest
 import torch
 from conftest import DEVICES, DTYPES, TOL, host_tensor, poison_allocator, seq_lens_tensor
@@ -114,3 +116,165 @@ def test_random_shapes(B, Hkv, G, S, N, D, dtype, renormalize, pad_fraction):
         v = host_tensor(torch.randn(B, Hkv, S, D).to(dtype), device)
         out = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize)
         check_attn(scores, indices, v, lse, renormalize, out, TOL[dtype])
+
+
+# ---- the mean tail ------------------------------------------------------------------------------
+
+def make_tail_case(B, Hkv, G, N, S, lens, dtype, device, pad_fraction=0.25, D=64):
+    """A selection as qk_topn makes it, with the mean tail's inputs.
+
+    -> scores [B, Hq, N] float32, indices [B, Hq, N] int32 (distinct rows j < L_b per head,
+    ``-1`` at about ``pad_fraction`` of the places and past L_b), lse [B, Hq] above every score,
+    v [B, Hkv, S, D] on the CPU (rows j >= L_b NaN: never to be read into the output),
+    v_sum [B, Hkv, D] float32 (sum of the rows j < L_b) and seq_lens [B] int32, on ``device``.
+    """
+    Hq = Hkv * G
+    scores, _, lse = make_selection(B, Hq, N, S, device)
+    indices = torch.full((B, Hq, N), -1, dtype=torch.int32)
+    for b, L in enumerate(lens):
+        for h in range(Hq):
+            rows = torch.randperm(L)[:N].to(torch.int32)
+            indices[b, h, :len(rows)] = rows
+    indices[torch.rand(B, Hq, N) < pad_fraction] = -1
+    indices = indices.to(device)
+    v = torch.randn(B, Hkv, S, D).to(dtype)
+    v_sum = torch.empty(B, Hkv, D)  # [B, Hkv, D]
+    for b, L in enumerate(lens):
+        v_sum[b] = v[b, :, :L].float().sum(1)
+        v[b, :, L:] = float("nan")
+    return scores, indices, lse, v, v_sum.to(device), seq_lens_tensor(lens, device)
+
+
+def check_tail(scores, indices, v_cache, lse, v_sum, seq_lens, out, tol):
+    """out [B, Hq, D] in v's dtype, close to the float32 reference with the mean tail."""
+    assert out.dtype == v_cache.dtype and out.device == scores.device
+    assert out.shape == (*scores.shape[:2], v_cache.shape[-1])
+    v = v_cache.float().nan_to_num(0.0)  # rows past L_b: the reference multiplies them by 0
+    ref = R.sparse_attn_v(scores.cpu(), indices.cpu(), v, lse.cpu(), False, v_sum.cpu(),
+                          seq_lens.cpu())
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.cpu().float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("G", [1, 2, 3, 4, 8])
+def test_mean_tail_matches_reference(device, dtype, G, D):
+    """Sequences with L_b > N, L_b <= N (no tail: every row selected or padding) and L_b = 0."""
+    B, Hkv, S, N = 4, 2, 301, 32
+    lens = [301, 97, 20, 0]
+    scores, indices, lse, v, v_sum, seq_lens = make_tail_case(B, Hkv, G, N, S, lens, dtype,
+                                                              device, D=D)
+    v = host_tensor(v, device)
+    poison_allocator(device, (B, Hkv * G, D), dtype)
+    out = kcache_ops.sparse_attn_v(scores, indices, v, lse, False, v_sum=v_sum,
+                                   seq_lens=seq_lens)
+    check_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[dtype])
+    assert torch.equal(out[3].cpu(), torch.zeros(Hkv * G, D, dtype=dtype))  # L_b = 0
+
+
+def test_mean_tail_mass_clamped(device):
+    """An lse below the selected scores' log-sum-exp (sum p > 1): no tail, not a negative one."""
+    scores, indices, lse, v, v_sum, seq_lens = make_tail_case(2, 2, 3, 16, 90, [90, 50],
+                                                              torch.float32, device)
+    lse = scores.masked_fill(indices < 0, float("-inf")).logsumexp(-1) - 0.05
+    v = host_tensor(v, device)
+    out = kcache_ops.sparse_attn_v(scores, indices, v, lse, False, v_sum=v_sum,
+                                   seq_lens=seq_lens)
+    check_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[torch.float32])
+    plain = kcache_ops.sparse_attn_v(scores, indices, v, lse, False)
+    torch.testing.assert_close(out, plain, atol=1e-6, rtol=1e-6)
+
+
+def test_mean_tail_strided_inputs(device, dtype):
+    """v_cache a [:, :, :T] slice of a larger buffer, v_sum and seq_lens strided, scores /
+    indices / lse transposed views."""
+    B, Hkv, G, S, N = 3, 2, 4, 97, 16
+    lens = [97, 40, 9]
+    scores, indices, lse, v, v_sum, seq_lens = make_tail_case(B, Hkv, G, N, S, lens, dtype,
+                                                              device)
+    buf = torch.randn(B, Hkv, S + 31, 64).to(dtype)
+    buf[:, :, :S] = v
+    v = host_tensor(buf, device)[:, :, :S]
+    scores, indices = scores.transpose(0, 1).contiguous().transpose(0, 1), \
+        indices.transpose(0, 1).contiguous().transpose(0, 1)
+    lse = lse.t().contiguous().t()
+    v_sum = torch.stack([v_sum, torch.randn_like(v_sum)], 1)[:, 0]  # [B, Hkv, D], batch stride x2
+    seq_lens = seq_lens.repeat_interleave(2)[::2]
+    out = kcache_ops.sparse_attn_v(scores, indices, v, lse, False, v_sum=v_sum,
+                                   seq_lens=seq_lens)
+    check_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[dtype])
+
+
+def test_mean_tail_empty(device):
+    """B = 0 gives an empty output; N = 0 gives the mean of all L_b rows times the whole mass."""
+    scores, indices, lse, v, v_sum, seq_lens = make_tail_case(0, 2, 2, 8, 30, [], torch.float32,
+                                                              device)
+    out = kcache_ops.sparse_attn_v(scores, indices, host_tensor(v, device), lse, False,
+                                   v_sum=v_sum, seq_lens=seq_lens)
+    assert out.shape == (0, 4, 64)
+    scores, indices, lse, v, v_sum, seq_lens = make_tail_case(2, 2, 2, 0, 30, [30, 7],
+                                                              torch.float32, device)
+    out = kcache_ops.sparse_attn_v(scores, indices, host_tensor(v, device), lse, False,
+                                   v_sum=v_sum, seq_lens=seq_lens)
+    want = (v_sum / seq_lens[:, None, None]).repeat_interleave(2, 1)  # [B, Hq, D]
+    torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_mean_tail_decode_step(device, dtype, group_select):
+    """qk_topn then sparse_attn_v with the tail, as the cache calls them (check_values=False):
+    equal to the reference; N >= L_b gives exact attention, and with group selection so does a
+    V whose rows not selected are all equal (the mean is then exact)."""
+    B, Hkv, G, S, D, n = 3, 2, 3, 300, 64, 32
+    q = torch.randn(B, Hkv * G, D, device=device).to(dtype)
+    k = torch.randn(B, Hkv, S, D, device=device).to(dtype)
+    lens = seq_lens_tensor([300, 97, 20], device)
+    v = torch.randn(B, Hkv, S, D).to(dtype)
+    scores, indices, lse = kcache_ops.qk_topn(q, k, lens, n, None, group_select,
+                                              check_values=False)
+    if group_select:  # every row not selected of (b, kv head) gets one common value
+        chosen = torch.zeros(B, Hkv, S + 1, dtype=torch.bool)
+        idx = indices.cpu().view(B, Hkv, G, n)[:, :, 0].long()
+        chosen.scatter_(-1, torch.where(idx >= 0, idx, S), True)
+        v = torch.where(chosen[..., :S, None], v, torch.randn(B, Hkv, 1, D).to(dtype))
+    v_sum = torch.stack([v[b, :, :L].float().sum(1) for b, L in enumerate(lens.tolist())])
+    v_sum = v_sum.to(device)
+    out = kcache_ops.sparse_attn_v(scores, indices, host_tensor(v, device), lse, False,
+                                   check_values=False, v_sum=v_sum, seq_lens=lens)
+    check_tail(scores, indices, v, lse, v_sum, lens, out, TOL[dtype])
+    mask = torch.arange(S)[None, :] < lens.cpu()[:, None]  # [B, S]
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q.cpu().float()[:, :, None], k.cpu().float().repeat_interleave(G, 1),
+        v.float().repeat_interleave(G, 1), attn_mask=mask[:, None, None])[:, :, 0]  # [B, Hq, D]
+    exact = [2] + ([0, 1] if group_select else [])  # L_b <= n; equal rows outside the top n
+    torch.testing.assert_close(out[exact].cpu().float(), dense[exact], atol=2 * TOL[dtype],
+                               rtol=2 * TOL[dtype])
+
+
+def test_mean_tail_check_values_off(device):
+    """check_values=False changes no output; opcheck with the tail's arguments."""
+    scores, indices, lse, v, v_sum, seq_lens = make_tail_case(2, 2, 4, 16, 97, [97, 30],
+                                                              torch.float32, device)
+    v = host_tensor(v, device)
+    want = kcache_ops.sparse_attn_v(scores, indices, v, lse, False, v_sum=v_sum,
+                                    seq_lens=seq_lens)
+    got = kcache_ops.sparse_attn_v(scores, indices, v, lse, False, check_values=False,
+                                   v_sum=v_sum, seq_lens=seq_lens)
+    assert torch.equal(got, want)
+    torch.library.opcheck(torch.ops.kcache_ops.sparse_attn_v.default,
+                          (scores, indices, v, lse, False, False, v_sum, seq_lens))
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4, 8]),
+       S=st.integers(1, 300), N=st.integers(1, 80), dtype=st.sampled_from(DTYPES),
+       pad_fraction=st.sampled_from([0.0, 0.5, 1.0]), data=st.data())
+def test_mean_tail_random_shapes(B, Hkv, G, S, N, dtype, pad_fraction, data):
+    lens = data.draw(st.lists(st.integers(0, S), min_size=B, max_size=B))
+    for device in DEVICES:
+        scores, indices, lse, v, v_sum, seq_lens = make_tail_case(B, Hkv, G, N, S, lens, dtype,
+                                                                  device, pad_fraction)
+        v = host_tensor(v, device)
+        out = kcache_ops.sparse_attn_v(scores, indices, v, lse, False, v_sum=v_sum,
+                                       seq_lens=seq_lens)
+        check_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[dtype])

@@ -60,8 +60,9 @@ bool values_in_range(const at::Tensor& t, int64_t lo, int64_t hi) {
 
 }  // namespace
 
-void check_seq_lens_on_device(const at::Tensor& seq_lens, int64_t S) {
-  if (!values_in_range(seq_lens, 0, S)) check_seq_lens_values(seq_lens.cpu().contiguous(), S);
+void check_seq_lens_on_device(const at::Tensor& seq_lens, int64_t S, const char* src_name) {
+  if (!values_in_range(seq_lens, 0, S))
+    check_seq_lens_values(seq_lens.cpu().contiguous(), S, src_name);
 }
 
 void check_indices_on_device(const at::Tensor& indices, int64_t S, const char* src_name) {

@@ -1,7 +1,8 @@
 // kcache_ops::sparse_attn_v on CUDA: checks (v_cache must be pinned, device-mapped host memory),
 // device guard, current stream, dtype / head-dim / group dispatch, one launch of
-// sparse_attn_v_kernel.cuh as sparse_attn_v_launch.h plans it. No host synchronisation except the
-// index range check, which check_values=False skips (launch_utils.h).
+// sparse_attn_v_kernel.cuh as sparse_attn_v_launch.h plans it (the mean tail included). No host
+// synchronisation except the index and seq_lens range checks, which check_values=False skips
+// (launch_utils.h).
 #include <type_traits>
 
 #include <c10/cuda/CUDAGuard.h>
@@ -21,12 +22,21 @@ at::Tensor sparse_attn_v_cuda(
     const at::Tensor& indices,             // [B, Hq, N] int32, CUDA
     const at::Tensor& v_cache,             // [B, Hkv, S, D], pinned mapped host memory
     const std::optional<at::Tensor>& lse,  // [B, Hq] float32, CUDA; needed unless renormalize
-    bool renormalize, bool check_values) {
+    bool renormalize, bool check_values,
+    const std::optional<at::Tensor>& v_sum,      // [B, Hkv, D] float32, CUDA; the mean tail
+    const std::optional<at::Tensor>& seq_lens) {  // [B] int32, CUDA; given with v_sum
   constexpr const char* kOp = "sparse_attn_v";
-  const SparseAttnVDims dims = check_sparse_attn_v_args(scores, indices, v_cache, lse, renormalize);
+  const SparseAttnVDims dims =
+      check_sparse_attn_v_args(scores, indices, v_cache, lse, renormalize, v_sum, seq_lens);
   TORCH_CHECK(scores.is_cuda(), "scores must be a CUDA tensor, got ", scores.device());
   KC_CHECK_DEVICE(indices, scores.device());
   if (lse.has_value()) KC_CHECK_DEVICE((*lse), scores.device());
+  if (dims.tail) {
+    TORCH_CHECK(v_sum->device() == scores.device(), "sparse_attn_v: v_sum must be on ",
+                scores.device(), " (the device of scores), got ", v_sum->device());
+    TORCH_CHECK(seq_lens->device() == scores.device(), "sparse_attn_v: seq_lens must be on ",
+                scores.device(), " (the device of scores), got ", seq_lens->device());
+  }
   const c10::cuda::CUDAGuard guard(scores.device());
   const void* v_dev = host_mapped_device_ptr(v_cache, kOp, "v_cache");
   check_vec16_aligned(v_cache, kOp, "v_cache");
@@ -38,8 +48,10 @@ at::Tensor sparse_attn_v_cuda(
   at::Tensor out = at::empty({dims.B, dims.Hq, dims.D},
                              scores.options().dtype(v_cache.scalar_type()));  // [B, Hq, D]
   if (out.numel() == 0) return out;
-  if (check_values && should_validate_values(stream))
+  if (check_values && should_validate_values(stream)) {
     check_indices_on_device(indices, dims.S, "v_cache");
+    if (dims.tail) check_seq_lens_on_device(*seq_lens, dims.S, "v_cache");
+  }
 
   const SparseAttnVArgs args{
       .scores = scores.data_ptr<float>(),
@@ -57,6 +69,11 @@ at::Tensor sparse_attn_v_cuda(
       .lse = renormalize ? nullptr : lse->data_ptr<float>(),
       .lse_sb = renormalize ? 0 : lse->stride(0),
       .lse_sh = renormalize ? 0 : lse->stride(1),
+      .v_sum = dims.tail ? v_sum->data_ptr<float>() : nullptr,
+      .vs_sb = dims.tail ? v_sum->stride(0) : 0,
+      .vs_sh = dims.tail ? v_sum->stride(1) : 0,
+      .seq_lens = dims.tail ? seq_lens->data_ptr<int32_t>() : nullptr,
+      .seq_stride = dims.tail ? seq_lens->stride(0) : 0,
       .out = out.data_ptr(),
       .B = dims.B,
       .Hq = dims.Hq,

@@ -1,15 +1,19 @@
 // sparse_attn_v on the GPU: out[b, h] = sum_i p_i · V[b, h / G, idx_i], V read zero-copy from
-// pinned, device-mapped host memory (bytes and design: bench/NOTES.md).
+// pinned, device-mapped host memory (bytes and design: bench/NOTES.md), plus the mean tail
+// c_h · (v_sum[b, h / G] - sum_valid V[b, h / G, idx_i]) when v_sum is given.
 //
 // One block per (KV head, slice of <= GS query heads of its group, sequence). The block first turns
 // each head's N scores into softmax statistics (renormalize: max and sum over the valid entries;
-// else the given lse). The rows to read form one list: when every head of the slice has the same
-// index row (group_select) the N rows, each weighted for all heads; otherwise the gs · N rows of
-// the heads one after another, each weighted for its own head. The list is read in tiles of
-// kAttnTile rows: the block stages each tile's row numbers and per-head weights (exp once per head
-// and entry) in shared memory, then every thread issues its kAttnUnroll 16-byte row loads
-// (32 KiB per block in flight) before it uses any, so all heads of a slice share one pipelined pass.
-// kLanesPerRow lanes cover a row. Partial sums are reduced across lanes and warps in a fixed order
+// else the given lse) and, with the tail, its factor c_h = max(0, 1 - sum_i p_i) / (L_b - n_h)
+// (0 when L_b <= n_h, n_h the valid entries). The tail is folded into the row weights: each valid
+// row of head h weighs p_i - c_h and c_h · v_sum is added at the end, so the unweighted sum of the
+// selected rows comes from the same reads (no second pass over host memory). The rows to read form
+// one list: when every head of the slice has the same index row (group_select) the N rows, each
+// weighted for all heads; otherwise the gs · N rows of the heads one after another, each weighted
+// for its own head. The list is read in tiles of kAttnTile rows: the block stages each tile's row
+// numbers and per-head weights (exp once per head and entry) in shared memory, then every thread
+// issues its kAttnUnroll 16-byte row loads (32 KiB per block in flight) before it uses any, so all
+// heads of a slice share one pipelined pass. kLanesPerRow lanes cover a row. Partial sums are reduced across lanes and warps in a fixed order
 // (deterministic) and only out [B, Hq, D] is written.
 #pragma once
 
@@ -32,6 +36,10 @@ struct SparseAttnParams {
   int64_t v_sb, v_sh, v_ss;        // strides in elements
   const float* lse;                // [B, Hq] float32, or nullptr when renormalize
   int64_t lse_sb, lse_sh;          // strides in elements
+  const float* v_sum;              // [B, Hkv, D] float32 (last dim contiguous), or nullptr: no tail
+  int64_t vs_sb, vs_sh;            // strides in elements
+  const int32_t* seq_lens;         // [B] int32 with v_sum (clamped to [0, S] here), else nullptr
+  int64_t seq_stride;              // stride in elements
   void* out;                       // [B, Hq, D] of T, contiguous
   int hq, hkv, s, n, slices;
   bool renormalize;
@@ -64,7 +72,9 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
 
   __shared__ float stat_bias[GS];   // p = exp(s - bias) * mult
   __shared__ float stat_mult[GS];
+  __shared__ float stat_tail[GS];   // the mean tail's c_h, 0 without a tail
   __shared__ float red[kWarps];
+  __shared__ float red_count[kWarps];
   __shared__ AttnTile<GS, kTile> tile;
   __shared__ float partial[kWarps][GS][D];
 
@@ -112,9 +122,37 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
       bias = p.lse[b * p.lse_sb + (h0 + h) * p.lse_sh];
       mult = 1.0f;
     }
+    float tail = 0.0f;
+    if (p.v_sum != nullptr) {  // renormalize is false: weights exp(s - lse)
+      float mass = 0.0f, count = 0.0f;  // sum_i p_i and n_h (exact in float for n < 2^24)
+      for (int i = threadIdx.x; i < p.n; i += kAttnThreads) {
+        if (!valid_index(h, i)) continue;
+        count += 1.0f;
+        const float sv = sc[h * p.sc_sh + i * p.sc_sn];
+        if (sv != -INFINITY) mass += expf(sv - bias);
+      }
+      mass = warp_sum(mass);
+      count = warp_sum(count);
+      if (lane == 0) {
+        red[warp] = mass;
+        red_count[warp] = count;
+      }
+      __syncthreads();
+      mass = red[0];
+      count = red_count[0];
+      for (int w = 1; w < kWarps; ++w) {
+        mass += red[w];
+        count += red_count[w];
+      }
+      __syncthreads();
+      const int len = min(max(p.seq_lens[b * p.seq_stride], 0), p.s);  // L_b clamped to [0, S]
+      const int rest = len - static_cast<int>(count);                   // rows not selected
+      tail = rest > 0 ? fmaxf(0.0f, 1.0f - mass) / static_cast<float>(rest) : 0.0f;
+    }
     if (threadIdx.x == 0) {
       stat_bias[h] = bias;
       stat_mult[h] = mult;
+      stat_tail[h] = tail;
     }
   }
   // Do all heads of the slice share their index rows (group_select)?
@@ -123,13 +161,14 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
     const int j0 = ix[i * p.ix_sn];
     for (int h = 1; h < gs; ++h) same = same && ix[h * p.ix_sh + i * p.ix_sn] == j0;
   }
-  const bool shared_rows = __syncthreads_and(same);  // also publishes stat_bias / stat_mult
+  const bool shared_rows = __syncthreads_and(same);  // also publishes stat_bias / _mult / _tail
 
-  // Weight of head h for entry i of its selection: 0 for padding, out-of-range rows and -inf.
+  // Weight of head h for entry i of its selection: 0 for padding and out-of-range rows; else
+  // p_i - c_h, p_i = 0 for a -inf score.
   auto weight = [&](int h, int i) {
+    if (!valid_index(h, i)) return 0.0f;
     const float sv = sc[h * p.sc_sh + i * p.sc_sn];
-    return !valid_index(h, i) || sv == -INFINITY ? 0.0f
-                                                 : expf(sv - stat_bias[h]) * stat_mult[h];
+    return (sv == -INFINITY ? 0.0f : expf(sv - stat_bias[h]) * stat_mult[h]) - stat_tail[h];
   };
   // Entry e of the row list: shared rows: entry e of every head; else entry e % n of head e / n.
   auto stage_entry = [&](int t, int e) {
@@ -211,6 +250,8 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
   for (int t = threadIdx.x; t < gs * D; t += kAttnThreads) {
     float sum = partial[0][t / D][t % D];
     for (int w = 1; w < kWarps; ++w) sum += partial[w][t / D][t % D];
+    const float tail = stat_tail[t / D];  // nonzero only with v_sum
+    if (tail != 0.0f) sum = fmaf(tail, p.v_sum[b * p.vs_sb + kvh * p.vs_sh + t % D], sum);
     out[t] = Vec16<T>::from(sum);
   }
 }

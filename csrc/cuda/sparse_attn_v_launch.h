@@ -20,6 +20,10 @@ struct SparseAttnVArgs {
   int64_t v_sb, v_sh, v_ss;
   const float* lse;             // [B, Hq] float32, nullptr when renormalize
   int64_t lse_sb, lse_sh;
+  const float* v_sum;           // [B, Hkv, D] float32, last dim contiguous; nullptr: no tail
+  int64_t vs_sb, vs_sh;
+  const int32_t* seq_lens;      // [B] int32 with v_sum, else nullptr
+  int64_t seq_stride;
   void* out;                    // [B, Hq, D] of T, contiguous
   int64_t B, Hq, Hkv, S, N;
   bool renormalize;
@@ -58,6 +62,11 @@ inline SparseAttnVPlan plan_sparse_attn_v(const SparseAttnVArgs& a) {
           .lse = a.lse,
           .lse_sb = a.lse_sb,
           .lse_sh = a.lse_sh,
+          .v_sum = a.v_sum,
+          .vs_sb = a.vs_sb,
+          .vs_sh = a.vs_sh,
+          .seq_lens = a.seq_lens,
+          .seq_stride = a.seq_stride,
           .out = a.out,
           .hq = static_cast<int>(a.Hq),
           .hkv = static_cast<int>(a.Hkv),

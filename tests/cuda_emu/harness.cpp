@@ -145,6 +145,10 @@ Outputs run_sparse_attn_v(const Case& c) {
   if (out.numel() == 0) return {{"out", out}};
   const Tensor* lse = c.has_input("lse") ? &c.input("lse") : nullptr;  // [B, Hq] float32
   if (!renormalize && !lse) throw std::runtime_error("lse is required when renormalize=False");
+  // the mean tail: v_sum [B, Hkv, D] float32 and seq_lens [B] int32, both or neither
+  const Tensor* v_sum = c.has_input("v_sum") ? &c.input("v_sum") : nullptr;
+  const Tensor* seq_lens = c.has_input("seq_lens") ? &c.input("seq_lens") : nullptr;
+  if (!v_sum != !seq_lens) throw std::runtime_error("v_sum and seq_lens must be given together");
   const kcache_ops::SparseAttnVArgs args{
       .scores = static_cast<const float*>(scores.data()),
       .sc_sb = scores.stride(0),
@@ -161,6 +165,11 @@ Outputs run_sparse_attn_v(const Case& c) {
       .lse = renormalize ? nullptr : static_cast<const float*>(lse->data()),
       .lse_sb = renormalize ? 0 : lse->stride(0),
       .lse_sh = renormalize ? 0 : lse->stride(1),
+      .v_sum = v_sum ? static_cast<const float*>(v_sum->data()) : nullptr,
+      .vs_sb = v_sum ? v_sum->stride(0) : 0,
+      .vs_sh = v_sum ? v_sum->stride(1) : 0,
+      .seq_lens = seq_lens ? static_cast<const int32_t*>(seq_lens->data()) : nullptr,
+      .seq_stride = seq_lens ? seq_lens->stride(0) : 0,
       .out = out.data(),
       .B = B,
       .Hq = Hq,
