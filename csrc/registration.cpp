@@ -26,4 +26,7 @@ TORCH_LIBRARY(kcache_ops, m) {
   m.def("alloc_host(int[] shape, ScalarType dtype) -> Tensor");
   // MemAvailable of /proc/meminfo in bytes, -1 where it cannot be read
   m.def("host_bytes_available() -> int");
+  // v [..., D] (D a multiple of 8 / bits), bits in {2, 4}
+  //   -> codes [..., D * bits / 8] uint8, meta [..., 2] bfloat16 (scale, min), on the device of v
+  m.def("quantize_rows(Tensor v, int bits) -> (Tensor codes, Tensor meta)");
 }

@@ -122,4 +122,22 @@ inline GatherRowsDims check_gather_rows_args(const at::Tensor& src, const at::Te
   return {B, H, Hs, H / Hs, N, S, D};
 }
 
+// Sizes of a quantize_rows call: rows = the product of v's leading dims.
+struct QuantizeRowsDims {
+  int64_t rows, D, bits, code_bytes;  // code_bytes = D * bits / 8 per row
+};
+
+// v [..., D] (at least 1 dim; float32, float16 or bfloat16; last dim contiguous), bits in {2, 4},
+// D a positive multiple of 8 / bits (the codes of one byte never straddle two rows).
+inline QuantizeRowsDims check_quantize_rows_args(const at::Tensor& v, int64_t bits) {
+  TORCH_CHECK(v.dim() >= 1, "v must have at least 1 dim ([..., D]), got a 0-dim tensor");
+  KC_CHECK_FLOATING(v);
+  TORCH_CHECK(bits == 2 || bits == 4, "bits must be 2 or 4, got ", bits);
+  const int64_t D = v.size(-1), per_byte = 8 / bits;
+  TORCH_CHECK(D > 0 && D % per_byte == 0, "v: last dim (D) must be a positive multiple of ",
+              per_byte, " (8 / bits) for bits=", bits, ", got ", D);
+  KC_CHECK_LAST_CONTIGUOUS(v);
+  return {v.numel() / D, D, bits, D * bits / 8};
+}
+
 }  // namespace kcache_ops

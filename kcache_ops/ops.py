@@ -123,6 +123,39 @@ def host_bytes_available():
     return None if available < 0 else available
 
 
+def quantize_rows(v, bits):
+    """Each row of ``v`` to ``bits``-bit codes with its own scale and min (asymmetric min/max):
+    the low-bit copy of V that the ``int2`` / ``int4`` tail reads.
+
+    ``scale = (max − min) / (2^bits − 1)`` and ``min`` are rounded to bfloat16 first; then
+    ``code_d = clamp(round_half_even((v_d − min) / scale), 0, 2^bits − 1)`` in float32 with the
+    rounded values (0 where scale is 0), code ``d`` in byte ``d // (8 / bits)`` at bit
+    ``(d % (8 / bits)) * bits``; bit for bit :func:`kcache_ops.reference.quantize_rows`.
+    ``min + scale · code`` is within ``scale / 2`` of ``v`` up to the bfloat16 rounding of scale
+    and min. On CUDA: one launch, no host synchronisation, safe to capture in a CUDA graph.
+
+    Non-finite input never makes the op fail or read out of bounds: NaN elements are left out of
+    the row's min and max and get code 0 (a row of NaN only gets scale -inf, min +inf); an
+    infinite element gives an infinite or NaN scale and min and meaningless codes. Every code
+    stays in ``[0, 2^bits − 1]``.
+
+    Parameters
+    ----------
+    v : Tensor [..., D]
+        float32, float16 or bfloat16, at least 1 dim, any strides but a contiguous last dim;
+        ``D`` a positive multiple of ``8 / bits`` (4 for 2 bits, 2 for 4 bits).
+    bits : int
+        2 or 4.
+
+    Returns
+    -------
+    codes : Tensor [..., D * bits / 8] uint8, contiguous, on the device of ``v``
+    meta : Tensor [..., 2] bfloat16, contiguous, on the device of ``v``
+        ``(scale, min)`` of each row.
+    """
+    return torch.ops.kcache_ops.quantize_rows(v, bits)
+
+
 def built_with_cuda():
     """True when the loaded kcache_ops._C was compiled with its CUDA kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("kcache_ops::qk_topn", "CUDA")
@@ -152,3 +185,10 @@ def _(src, indices):
 @torch.library.register_fake("kcache_ops::alloc_host")
 def _(shape, dtype):
     return torch.empty(shape, dtype=dtype, device="cpu")
+
+
+@torch.library.register_fake("kcache_ops::quantize_rows")
+def _(v, bits):
+    lead = v.shape[:-1]
+    return (v.new_empty((*lead, v.shape[-1] * bits // 8), dtype=torch.uint8),
+            v.new_empty((*lead, 2), dtype=torch.bfloat16))

@@ -151,6 +151,28 @@ def test_gather_rows_bad_arguments(attn):
             kcache_ops.gather_rows(*args)
 
 
+@pytest.mark.parametrize("v, bits, message", [
+    (lambda d: torch.randn(4, 64, device=d), 3, "bits must be 2 or 4, got 3"),
+    (lambda d: torch.randn(4, 64, device=d), 8, "bits must be 2 or 4, got 8"),
+    (lambda d: torch.randn(4, 6, device=d), 2,
+     r"v: last dim \(D\) must be a positive multiple of 4 \(8 / bits\) for bits=2, got 6"),
+    (lambda d: torch.randn(4, 5, device=d), 4,
+     r"v: last dim \(D\) must be a positive multiple of 2 \(8 / bits\) for bits=4, got 5"),
+    (lambda d: torch.randn(4, 0, device=d), 4,
+     r"v: last dim \(D\) must be a positive multiple of 2 \(8 / bits\) for bits=4, got 0"),
+    (lambda d: torch.randn(4, 64, device=d).double(), 2,
+     "v must be float32, float16 or bfloat16, got Double"),
+    (lambda d: torch.randint(0, 9, (4, 64), device=d), 2,
+     "v must be float32, float16 or bfloat16, got Long"),
+    (lambda d: torch.tensor(1.5, device=d), 2,
+     r"v must have at least 1 dim \(\[\.\.\., D\]\), got a 0-dim tensor"),
+    (lambda d: torch.randn(64, 4, device=d).t(), 2, "v must be contiguous in its last dim"),
+])
+def test_quantize_rows_bad_arguments(device, v, bits, message):
+    with pytest.raises(RuntimeError, match=message):
+        kcache_ops.quantize_rows(v(device), bits)
+
+
 @pytest.mark.parametrize("device", ["cpu"])
 def test_cpu_checks_values_whatever_check_values(qk, attn):
     """check_values=False only skips the CUDA read-back: the CPU ops still name a bad value."""
