@@ -22,6 +22,12 @@ TORCH_LIBRARY(kcache_ops, m) {
       "Tensor? seq_lens=None) -> Tensor");
   // src [B, Hs, S, D], indices [B, H, N] int32 -> dst [B, H, N, D] on the device of indices
   m.def("gather_rows(Tensor src, Tensor indices) -> Tensor");
+  // q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B] int32, lse [B, Hq] float32,
+  // indices [B, Hq, N] int32, v_codes [B, Hkv, S, D * bits / 8] uint8 (bits 2 or 4),
+  // v_meta [B, Hkv, S, 2] bfloat16 -> out [B, Hq, D] float32
+  m.def(
+      "lowbit_tail(Tensor q, Tensor k_cache, Tensor seq_lens, Tensor lse, Tensor indices, "
+      "Tensor v_codes, Tensor v_meta, float scale, bool check_values=True) -> Tensor");
   // a pinned, device-mapped CPU tensor (an ordinary CPU tensor where no GPU is present)
   m.def("alloc_host(int[] shape, ScalarType dtype) -> Tensor");
   // MemAvailable of /proc/meminfo in bytes, -1 where it cannot be read

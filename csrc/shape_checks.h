@@ -140,4 +140,46 @@ inline QuantizeRowsDims check_quantize_rows_args(const at::Tensor& v, int64_t bi
   return {v.numel() / D, D, bits, D * bits / 8};
 }
 
+// Sizes of a lowbit_tail call: those of qk_topn (n: the index slots N) and the code bits.
+struct LowbitTailDims {
+  int64_t B, Hq, Hkv, G, S, D, N, bits;
+};
+
+// q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B] int32 as qk_topn's; lse [B, Hq] float32,
+// indices [B, Hq, N] int32, v_codes [B, Hkv, S, D * bits / 8] uint8 (bits 2 or 4),
+// v_meta [B, Hkv, S, 2] bfloat16.
+inline LowbitTailDims check_lowbit_tail_args(const at::Tensor& q, const at::Tensor& k_cache,
+                                             const at::Tensor& seq_lens, const at::Tensor& lse,
+                                             const at::Tensor& indices,
+                                             const at::Tensor& v_codes,
+                                             const at::Tensor& v_meta) {
+  const QkTopnDims qk = check_qk_topn_args(q, k_cache, seq_lens, /*n=*/1);
+  const int64_t B = qk.B, Hq = qk.Hq, Hkv = qk.Hkv, S = qk.S, D = qk.D;
+  KC_CHECK_DTYPE(lse, at::kFloat);
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == Hq, "lse must have shape [",
+              B, ", ", Hq, "] (q batch, heads), got ", lse.sizes());
+  KC_CHECK_DIM(indices, 3);
+  KC_CHECK_DTYPE(indices, at::kInt);
+  TORCH_CHECK(indices.size(0) == B && indices.size(1) == Hq, "indices must have shape [", B,
+              ", ", Hq, ", N] (q batch, heads), got ", indices.sizes());
+  KC_CHECK_DIM(v_codes, 4);
+  KC_CHECK_DTYPE(v_codes, at::kByte);
+  KC_CHECK_DIM(v_meta, 4);
+  KC_CHECK_DTYPE(v_meta, at::kBFloat16);
+  TORCH_CHECK(v_codes.size(0) == B && v_codes.size(1) == Hkv && v_codes.size(2) == S,
+              "v_codes must have shape [", B, ", ", Hkv, ", ", S,
+              ", D * bits / 8] (k_cache batch, heads, capacity), got ", v_codes.sizes());
+  const int64_t code_bytes = v_codes.size(3);
+  TORCH_CHECK(code_bytes == D / 4 || code_bytes == D / 2, "v_codes last dim must be D * bits / 8 ",
+              "with bits 2 or 4 (", D / 4, " or ", D / 2, " for D = ", D, "), got ", code_bytes);
+  TORCH_CHECK(v_meta.size(0) == B && v_meta.size(1) == Hkv && v_meta.size(2) == S &&
+                  v_meta.size(3) == 2,
+              "v_meta must have shape [", B, ", ", Hkv, ", ", S,
+              ", 2] (k_cache batch, heads, capacity; scale and min), got ", v_meta.sizes());
+  KC_CHECK_LAST_CONTIGUOUS(indices);
+  KC_CHECK_LAST_CONTIGUOUS(v_codes);
+  KC_CHECK_LAST_CONTIGUOUS(v_meta);
+  return {B, Hq, Hkv, qk.G, S, D, indices.size(2), code_bytes * 8 / D};
+}
+
 }  // namespace kcache_ops

@@ -107,6 +107,51 @@ def gather_rows(src, indices):
     return torch.ops.kcache_ops.gather_rows(src, indices)
 
 
+def lowbit_tail(q, k_cache, seq_lens, lse, indices, v_codes, v_meta, scale=None,
+                check_values=True):
+    """The low-bit tail: the attention of every valid key a head did not select, with its exact
+    full-softmax weight, over the low-bit copy of V (the unread rows' share of the output).
+
+    Parameters
+    ----------
+    q : Tensor [B, Hq, D]
+        Query of the decode step (float32, float16 or bfloat16; D in {64, 128}).
+    k_cache : Tensor [B, Hkv, S, D]
+        Keys, same dtype and device as ``q``; the scores are qk_topn's, ``scale · q·k``.
+    seq_lens : Tensor [B] int32
+        Valid keys per sequence, ``0 <= L_b <= S``; rows ``j >= L_b`` are never read.
+    lse : Tensor [B, Hq] float32
+        ``log Σ_{j<L_b} exp(s_j)`` from :func:`qk_topn`.
+    indices : Tensor [B, Hq, N] int32
+        The keys each head selected (read exactly from host), ``-1`` for padding; they are left
+        out of the tail.
+    v_codes : Tensor [B, Hkv, S, D * bits / 8] uint8
+        The low-bit copy of V (``bits`` 2 or 4, from ``reference.quantize_rows``), on the device of
+        ``q``.
+    v_meta : Tensor [B, Hkv, S, 2] bfloat16
+        Per row ``(scale, min)``: ``v_d = min + scale · code_d``.
+    scale : float, optional
+        Defaults to ``1 / sqrt(D)``, as in :func:`qk_topn`.
+    check_values : bool
+        True: a ``seq_lens`` value outside ``[0, S]`` or an index outside ``[-1, S)`` raises an
+        error naming it. On CUDA this reads the values back, a device→host synchronisation per
+        call (also skipped under CUDA graph capture and with ``KCACHE_OPS_VALIDATE=0``). False
+        skips that read-back on CUDA: the kernel clamps each length to ``[0, S]`` and ignores
+        every index outside ``[0, L_b)``, so nothing is read out of bounds, but a bad value is not
+        reported. The CPU path always checks.
+
+    Returns
+    -------
+    out : Tensor [B, Hq, D] float32
+        ``Σ_{j < L_b, j ∉ indices[b, h]} exp(s_j − lse) · dequant(v)[b, h / G, j]``; zeros where
+        every valid key is selected (``L_b <= N``) or ``L_b = 0``.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return torch.ops.kcache_ops.lowbit_tail(q, k_cache, seq_lens, lse, indices, v_codes, v_meta,
+                                            float(scale), check_values)
+
+
 def alloc_host(shape, dtype):
     """A pinned, device-mapped CPU tensor of ``shape`` and ``dtype`` (uninitialised).
 
@@ -192,3 +237,8 @@ def _(v, bits):
     lead = v.shape[:-1]
     return (v.new_empty((*lead, v.shape[-1] * bits // 8), dtype=torch.uint8),
             v.new_empty((*lead, 2), dtype=torch.bfloat16))
+
+
+@torch.library.register_fake("kcache_ops::lowbit_tail")
+def _(q, k_cache, seq_lens, lse, indices, v_codes, v_meta, scale, check_values=True):
+    return q.new_empty(q.shape, dtype=torch.float32)

@@ -16,7 +16,8 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 @pytest.mark.parametrize("level", ["avx2", "generic"])
 def test_capped_level_matches_reference(level):
     env = dict(os.environ, KCACHE_OPS_CPU_ISA=level)
-    files = [os.path.join(TESTS, f) for f in ("test_qk_topn.py", "test_sparse_attn_v.py")]
+    files = [os.path.join(TESTS, f)
+             for f in ("test_qk_topn.py", "test_sparse_attn_v.py", "test_lowbit_tail.py")]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                           "-k", "cpu and not random", *files],
                          env=env, capture_output=True, text=True, timeout=300)

@@ -201,3 +201,50 @@ def test_mixed_devices():
                                "seq_lens")]:
         with pytest.raises(RuntimeError, match=f"{name} must be on cuda:0"):
             kcache_ops.sparse_attn_v(scores, indices, v, lse, False, v_sum=v_sum, seq_lens=lens)
+
+
+@pytest.fixture
+def tail(device, qk):
+    """Valid lowbit_tail arguments: q, k_cache, seq_lens as qk, lse [B, Hq], indices [B, Hq, N],
+    v_codes [B, Hkv, S, D / 4] (2 bits), v_meta [B, Hkv, S, 2] bfloat16."""
+    return (*qk, torch.randn(B, HKV * G, device=device),
+            torch.randint(0, S, (B, HKV * G, N), dtype=torch.int32, device=device),
+            torch.randint(0, 256, (B, HKV, S, D // 4), dtype=torch.uint8, device=device),
+            torch.randn(B, HKV, S, 2, device=device).bfloat16())
+
+
+@pytest.mark.parametrize("i, bad, message", [
+    (1, lambda k: k.half(), "q and k_cache must have the same dtype, got Float and Half"),
+    (2, lambda lens: lens + 1, r"seq_lens\[0\] must be in \[0, 16\] \(k_cache capacity\), got 17"),
+    (3, lambda lse: lse.double(), "lse must be Float, got Double"),
+    (3, lambda lse: lse[:, :2], r"lse must have shape \[2, 4\] \(q batch, heads\), got \[2, 2\]"),
+    (4, lambda idx: idx.long(), "indices must be Int, got Long"),
+    (4, lambda idx: idx[0], r"indices must have 3 dims, got shape \[4, 4\]"),
+    (4, lambda idx: idx[:, :3], r"indices must have shape \[2, 4, N\] \(q batch, heads\), got "
+     r"\[2, 3, 4\]"),
+    (4, lambda idx: idx - S - 1, r"indices\[0, 0, 0\] must be -1 \(padding\) or in \[0, 16\) "
+     r"\(k_cache capacity\)"),
+    (5, lambda c: c.int(), "v_codes must be Byte, got Int"),
+    (5, lambda c: c[0], r"v_codes must have 4 dims, got shape \[2, 16, 16\]"),
+    (5, lambda c: c[:, :, :15], r"v_codes must have shape \[2, 2, 16, D \* bits / 8\] \(k_cache "
+     r"batch, heads, capacity\), got \[2, 2, 15, 16\]"),
+    (5, lambda c: torch.cat([c, c[..., :8]], -1), r"v_codes last dim must be D \* bits / 8 with "
+     r"bits 2 or 4 \(16 or 32 for D = 64\), got 24"),
+    (5, lambda c: c.transpose(2, 3).contiguous().transpose(2, 3),
+     "v_codes must be contiguous in its last dim"),
+    (6, lambda m: m.float(), "v_meta must be BFloat16, got Float"),
+    (6, lambda m: m[:, :1], r"v_meta must have shape \[2, 2, 16, 2\] \(k_cache batch, heads, "
+     r"capacity; scale and min\), got \[2, 1, 16, 2\]"),
+    (6, lambda m: m.transpose(2, 3).contiguous().transpose(2, 3),
+     "v_meta must be contiguous in its last dim"),
+])
+def test_lowbit_tail_bad_arguments(tail, i, bad, message):
+    with pytest.raises(RuntimeError, match=message):
+        kcache_ops.lowbit_tail(*change(tail, i, bad(tail[i])))
+
+
+@pytest.mark.parametrize("device", ["cpu"])
+def test_lowbit_tail_cpu_checks_values(tail):
+    """check_values=False only skips the CUDA read-back: the CPU op still names a bad value."""
+    with pytest.raises(RuntimeError, match=r"indices\[0, 0, 0\] must be -1 \(padding\)"):
+        kcache_ops.lowbit_tail(*change(tail, 4, tail[4] - S - 1), check_values=False)

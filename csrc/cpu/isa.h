@@ -1,8 +1,10 @@
 // Run-time choice of the inner loops: Avx512Isa where the CPU has AVX-512 F/BW/BF16, Avx2Isa where
 // it has AVX2, FMA and F16C, GenericIsa otherwise. KCACHE_OPS_CPU_ISA=avx2 or =generic caps the
-// choice (the tests use it to cover every level on one machine).
+// choice (the tests use it to cover every level on one machine). score_heads: the head-count
+// dispatch of Isa::score_rows shared by qk_topn and lowbit_tail (the same scores in both).
 #pragma once
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -61,5 +63,26 @@ inline IsaLevel isa_level() {
     return __VA_ARGS__();   \
   }()
 #endif
+
+// Scores `rows` keys for the first 8, 4, 2 or 1 of the `heads` left (as many as fit); returns how
+// many. q [heads, kD] float32; s[h * s_stride + j] as Isa::score_rows.
+template <class Isa, typename scalar_t, int64_t kD>
+int64_t score_heads(const float* q, int64_t heads, const scalar_t* k, int64_t k_stride,
+                    int64_t rows, float scale, float* s, int64_t s_stride) {
+  if (heads >= 8) {
+    Isa::template score_rows<scalar_t, kD, 8>(q, k, k_stride, rows, scale, s, s_stride);
+    return 8;
+  }
+  if (heads >= 4) {
+    Isa::template score_rows<scalar_t, kD, 4>(q, k, k_stride, rows, scale, s, s_stride);
+    return 4;
+  }
+  if (heads >= 2) {
+    Isa::template score_rows<scalar_t, kD, 2>(q, k, k_stride, rows, scale, s, s_stride);
+    return 2;
+  }
+  Isa::template score_rows<scalar_t, kD, 1>(q, k, k_stride, rows, scale, s, s_stride);
+  return 1;
+}
 
 }  // namespace kcache_ops::cpu

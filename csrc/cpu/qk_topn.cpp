@@ -103,27 +103,6 @@ void top_n(const float* keys, int64_t len, int64_t n, TopN& top) {
   std::sort(top.best.begin(), top.best.end(), Better());
 }
 
-// Scores `rows` keys for the first 8, 4, 2 or 1 of the `heads` left (as many as fit); returns how
-// many. q [heads, kD] float32; s[h * s_stride + j] as Isa::score_rows.
-template <class Isa, typename scalar_t, int64_t kD>
-int64_t score_heads(const float* q, int64_t heads, const scalar_t* k, int64_t k_stride,
-                    int64_t rows, float scale, float* s, int64_t s_stride) {
-  if (heads >= 8) {
-    Isa::template score_rows<scalar_t, kD, 8>(q, k, k_stride, rows, scale, s, s_stride);
-    return 8;
-  }
-  if (heads >= 4) {
-    Isa::template score_rows<scalar_t, kD, 4>(q, k, k_stride, rows, scale, s, s_stride);
-    return 4;
-  }
-  if (heads >= 2) {
-    Isa::template score_rows<scalar_t, kD, 2>(q, k, k_stride, rows, scale, s, s_stride);
-    return 2;
-  }
-  Isa::template score_rows<scalar_t, kD, 1>(q, k, k_stride, rows, scale, s, s_stride);
-  return 1;
-}
-
 // Scores of one group: s[h * L + j] = scale * <q_h, k_j> for h < G, j < L, and lse[h] over them.
 // qf [G, kD] float32; k: L rows of kD (row stride k_stride). Tiles of kTile keys: all head passes
 // over a tile read its K rows from L1, then each head's online log-sum-exp absorbs the tile (a NaN

@@ -1,0 +1,199 @@
+"""kcache_ops.lowbit_tail against the float32 reference: indices from qk_topn (per head and group
+selection) and arbitrary ones (padding, repeats, past L_b), L_b <= N giving zeros, the tail plus
+the selected rows equal to attention over the mixed V, rows past L_b never read, strided inputs,
+GQA ratios, both bit widths, random shapes; on CUDA long rows, determinism and graph replay."""
+import math
+
+import pytest
+import torch
+from conftest import DEVICES, DTYPES, TOL, poison_allocator, seq_lens_tensor
+from cuda_checks import requires_cuda
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kcache_ops
+from kcache_ops import reference as R
+
+# the op accumulates in float32 whatever the dtype of q and K: the float32 tolerance for all
+OUT_TOL = TOL[torch.float32]
+
+
+def make_case(B, Hkv, G, S, D, bits, dtype, device, lens):
+    """Fresh random q [B, Hq, D], k [B, Hkv, S, D] (dtype), seq_lens [B], and the low-bit copy
+    of a random V: codes [B, Hkv, S, D * bits / 8] uint8, meta [B, Hkv, S, 2] bfloat16. Rows
+    j >= L_b of k and meta are NaN and their codes random: a read of one shows in the output."""
+    q = torch.randn(B, Hkv * G, D).to(dtype)
+    k = torch.randn(B, Hkv, S, D).to(dtype)
+    codes, meta = R.quantize_rows(torch.randn(B, Hkv, S, D) * 2 + 0.5, bits)
+    past = torch.arange(S)[None, :] >= torch.tensor(lens)[:, None]  # [B, S]
+    k[past[:, None, :, None].expand_as(k)] = float("nan")
+    meta[past[:, None, :, None].expand_as(meta)] = float("nan")
+    return (q.to(device), k.to(device), seq_lens_tensor(lens, device), codes.to(device),
+            meta.to(device))
+
+
+def check_tail(q, k, lens, lse, indices, codes, meta, scale, out):
+    """out [B, Hq, D] float32 on q's device, close to the reference, no NaN."""
+    assert out.dtype == torch.float32 and out.device == q.device and out.shape == q.shape
+    ref = R.lowbit_tail(q.cpu(), k.cpu(), lens.cpu(), lse.cpu(), indices.cpu(), codes.cpu(),
+                        meta.cpu(), scale)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.cpu(), ref, atol=OUT_TOL, rtol=OUT_TOL)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("G", [1, 2, 3, 4, 8])
+def test_matches_reference(device, dtype, G, D, group_select, bits):
+    """Indices and lse from qk_topn; L_b = 0, 1, N, N + 1, odd and full in one batch."""
+    Hkv, S, n = 2, 1025, 64
+    lens = [1025, 0, 1, n, n + 1, 97]
+    q, k, seq_lens, codes, meta = make_case(len(lens), Hkv, G, S, D, bits, dtype, device, lens)
+    _, indices, lse = kcache_ops.qk_topn(q, k, seq_lens, n, None, group_select)
+    poison_allocator(device, q.shape, torch.float32)
+    out = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta)
+    check_tail(q, k, seq_lens, lse, indices, codes, meta, 1 / math.sqrt(D), out)
+    assert torch.equal(out[1:4].cpu(), torch.zeros(3, *out.shape[1:])), "L_b <= N gives zeros"
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_arbitrary_indices(device, dtype, bits):
+    """Random indices with padding, repeats and positions in [L_b, S) (ignored), a given scale."""
+    B, Hkv, G, S, D, N = 3, 2, 4, 300, 64, 40
+    lens = [300, 123, 7]
+    q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, bits, dtype, device, lens)
+    indices = torch.randint(0, S, (B, Hkv * G, N), dtype=torch.int32)
+    indices[torch.rand(B, Hkv * G, N) < 0.3] = -1
+    indices[:, :, 1] = indices[:, :, 0]  # a repeat
+    indices = indices.to(device)
+    _, lse = R.qk_scores(q.cpu(), k.cpu(), seq_lens.cpu(), 0.2)
+    out = kcache_ops.lowbit_tail(q, k, seq_lens, lse.to(device), indices, codes, meta, 0.2)
+    check_tail(q, k, seq_lens, lse, indices, codes, meta, 0.2, out)
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_completes_exact_attention(device, dtype, group_select):
+    """sparse_attn_v over the selected rows (full-softmax weights) plus the tail is attention over
+    V whose unselected rows are their low-bit copies; with no row selected the tail alone is it."""
+    B, Hkv, G, S, D, n, bits = 2, 2, 3, 500, 128, 32, 2
+    lens = [500, 251]
+    q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, bits, dtype, device, lens)
+    v = torch.randn(B, Hkv, S, D)  # the exact rows read from host
+    scores, indices, lse = kcache_ops.qk_topn(q, k, seq_lens, n, None, group_select)
+    head = kcache_ops.sparse_attn_v(scores, indices, v.to(device), lse, renormalize=False)
+    tail = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta)
+    low = R.dequantize_rows(codes.cpu(), meta.cpu(), D).repeat_interleave(G, 1)  # [B, Hq, S, D]
+    idx = indices.cpu().long()  # [B, Hq, n]
+    chosen = torch.zeros(B, Hkv * G, S + 1, dtype=torch.bool)  # slot S: padding
+    chosen.scatter_(-1, torch.where(idx >= 0, idx, S), True)
+    mixed = torch.where(chosen[..., :S, None], v.repeat_interleave(G, 1), low)  # [B, Hq, S, D]
+    s, _ = R.qk_scores(q.cpu(), k.cpu(), seq_lens.cpu())  # [B, Hq, S]
+    want = torch.einsum("bhs,bhsd->bhd", torch.softmax(s, -1), mixed.nan_to_num(0.0))
+    torch.testing.assert_close(head.cpu().float() + tail.cpu(), want, atol=OUT_TOL, rtol=OUT_TOL)
+    none = torch.full_like(indices, -1)
+    alone = kcache_ops.lowbit_tail(q, k, seq_lens, lse, none, codes, meta)
+    want = torch.einsum("bhs,bhsd->bhd", torch.softmax(s, -1), low.nan_to_num(0.0))
+    torch.testing.assert_close(alone.cpu(), want, atol=OUT_TOL, rtol=OUT_TOL)
+
+
+def test_strided_inputs(device, dtype):
+    """The cache's views: k, codes and meta [:, :, :T] slices of wider buffers (and every other
+    head), q, lse and indices transposed views; strides honoured, nothing copied."""
+    B, Hkv, G, S, D, n, bits = 2, 2, 3, 97, 64, 16, 4
+    lens = [97, 50]
+    q, k, _, codes, meta = make_case(B, 2 * Hkv, G, S + 11, D, bits, dtype, device,
+                                     [L + 5 for L in lens])
+    k, codes, meta = (t[:, ::2, 5:S + 5] for t in (k, codes, meta))
+    seq_lens = seq_lens_tensor(lens, device)
+    q = q.view(B, 2 * Hkv, G, D)[:, ::2].reshape(B, Hkv * G, D).transpose(0, 1).contiguous()
+    q = q.transpose(0, 1)
+    scores, indices, lse = kcache_ops.qk_topn(q, k, seq_lens, n, None, False)
+    indices = indices.transpose(0, 1).contiguous().transpose(0, 1)
+    lse = lse.t().contiguous().t()
+    assert not any(t.is_contiguous() for t in (q, k, codes, meta, indices, lse))
+    out = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta)
+    check_tail(q, k, seq_lens, lse, indices, codes, meta, 1 / math.sqrt(D), out)
+
+
+def test_empty_batch(device):
+    q, k, seq_lens, codes, meta = make_case(0, 2, 2, 16, 64, 2, torch.float32, device, [])
+    lse = torch.zeros(0, 4, device=device)
+    indices = torch.zeros(0, 4, 3, dtype=torch.int32, device=device)
+    out = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta)
+    assert out.shape == (0, 4, 64) and out.dtype == torch.float32
+
+
+def test_check_values_off(device):
+    """check_values=False (no value read-back on CUDA) changes no output and passes opcheck."""
+    q, k, seq_lens, codes, meta = make_case(2, 2, 4, 97, 64, 2, torch.float32, device, [97, 30])
+    _, indices, lse = kcache_ops.qk_topn(q, k, seq_lens, 16, 0.125, True)
+    want = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta, 0.125)
+    got = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta, 0.125,
+                                 check_values=False)
+    assert torch.equal(got, want)
+    torch.library.opcheck(torch.ops.kcache_ops.lowbit_tail.default,
+                          (q, k, seq_lens, lse, indices, codes, meta, 0.125, False))
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4, 8]),
+       S=st.integers(1, 600), n=st.integers(1, 80), D=st.sampled_from([64, 128]),
+       bits=st.sampled_from([2, 4]), dtype=st.sampled_from(DTYPES), group_select=st.booleans(),
+       data=st.data())
+def test_random_shapes(B, Hkv, G, S, n, D, bits, dtype, group_select, data):
+    lens = data.draw(st.lists(st.integers(0, S), min_size=B, max_size=B))
+    for device in DEVICES:
+        q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, bits, dtype, device, lens)
+        _, indices, lse = kcache_ops.qk_topn(q, k, seq_lens, n, None, group_select)
+        out = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta)
+        check_tail(q, k, seq_lens, lse, indices, codes, meta, 1 / math.sqrt(D), out)
+
+
+@requires_cuda
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+@pytest.mark.parametrize("shape", [(32, 8, 128), (9, 3, 64)], ids=str)
+def test_cuda_long_rows_deterministic(shape, group_select):
+    """128K keys at batch 1 and 32K at batch 4 (keys split across blocks, partials reduced in a
+    fixed order): the reference's output, bit-identical on a second run."""
+    Hq, Hkv, D = shape
+    for B, S in ((1, 131072), (4, 32768)):
+        lens = [S] + [S - 1001 * b for b in range(1, B)]
+        q, k, seq_lens, codes, meta = make_case(B, Hkv, Hq // Hkv, S, D, 2, torch.bfloat16,
+                                                "cuda", lens)
+        _, indices, lse = kcache_ops.qk_topn(q, k, seq_lens, 64, None, group_select)
+        out = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta)
+        check_tail(q, k, seq_lens, lse, indices, codes, meta, 1 / math.sqrt(D), out)
+        again = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta)
+        assert torch.equal(out, again), "not deterministic"
+
+
+@requires_cuda
+def test_cuda_graph_replay():
+    """qk_topn and lowbit_tail with check_values=False captured in a CUDA graph, replayed on new
+    values in the static buffers (lengths included)."""
+    B, Hkv, G, S, D, n, bits = 3, 2, 4, 4096, 128, 64, 4
+    q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, bits, torch.bfloat16, "cuda",
+                                            [S] * B)
+
+    def step():
+        _, indices, lse = kcache_ops.qk_topn(q, k, seq_lens, n, None, True, check_values=False)
+        out = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta,
+                                     check_values=False)
+        return out, indices, lse
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, indices, lse = step()
+    for lens in ([S, 3000, 17], [0, 64, 4095]):
+        fresh = make_case(B, Hkv, G, S, D, bits, torch.bfloat16, "cuda", lens)
+        for static, new in zip((q, k, seq_lens, codes, meta), fresh):
+            static.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        check_tail(q, k, seq_lens, lse, indices, codes, meta, 1 / math.sqrt(D), out)
