@@ -36,13 +36,17 @@ def plot_budget(data, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(11, 6))
+    labels_at = {}  # host KiB -> labels placed there so far (configurations of the same N)
     for i, r in enumerate(data["results"][1:]):
         s, color = r["summary"], f"C{i % 10}"
         x = s["host_bytes_per_step"] / 1024
+        ax.plot([x, x], [s["dppl"][c] for c in CONTEXTS], "-", color=color, lw=0.6)
         for context, marker in zip(CONTEXTS, "o^"):
             ax.plot([x], [s["dppl"][context]], marker, color=color, ms=7)
+        shift = labels_at.get(x, 0)
+        labels_at[x] = shift + 1
         ax.annotate(_name(r).removeprefix("kcache "), (x, s["dppl"]["long"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points", color=color)
+                    xytext=(5, 3 - 9 * shift), textcoords="offset points", color=color)
     for y in (-recommend.MAX_DPPL, recommend.MAX_DPPL):
         ax.axhline(y, color="k", ls="--", lw=0.8)
     ax.plot([], [], "ko", label=f"{data['settings']['prefill']}-token context")
@@ -125,7 +129,9 @@ def eval_section(data):
             "* costs, per sequence, of the cache of the long-context windows: V rows read from "
             "host per head and decode step (N), the bytes `host_bytes_read_per_step` counts "
             "(those rows and the new token's V written), and the cache's device bytes (K, V of "
-            "dense layers, the low-bit copy or V sum of a tail) per token of capacity;",
+            "dense layers, the low-bit copy or V sum of a tail) per token of capacity, in the "
+            "model's dtype (float32 on the CPU: a 2- or 4-bit copy weighs half as much against "
+            "dense as it would against bfloat16);",
             "* every text is prefilled once (dense, full attention — as KCache's prefill) and "
             "its K/V forked into each configuration; texts do not overlap (the needle haystacks of "
             "different lengths share their start).", "",
@@ -197,12 +203,13 @@ def recommendation(rec):
 
 
 def options_summary(results):
-    """One line per configuration with a tail, group selection or dense layers: its numbers next
-    to those of the same selection without that option (the same options with ``tail="none"``
-    where it ran, else the paper-literal N=64), and at which context it helps."""
+    """Per tail, in how many of its configurations it brings Δ ppl closer to dense at each
+    context; then one line per configuration but the paper-literal one: its numbers next to those
+    of the same selection without a tail where that ran, else the paper-literal N=64's, and at
+    which context it is closer to dense; then the attention mass the top N capture."""
     by_config = {Config.from_dict(r["config"]): r for r in results[1:]}
     paper = by_config.get(Config("kcache", PAPER_LITERAL))
-    out = ["### What each option does", ""]
+    lines, helps = [], {}  # helps: tail -> [contexts where closer to dense] per configuration
     for config, r in by_config.items():
         o = config.options
         if o == PAPER_LITERAL:
@@ -211,25 +218,33 @@ def options_summary(results):
         if plain is None or plain is r:
             plain = paper if paper is not r else None  # the paper-literal N=64 where it ran
         x = r["summary"]
-        line = (f"* **{display_name(config)}**: Δ ppl {_dppl(x)}, needle {x['needle']}/"
+        line = (f"* {display_name(config)}: Δ ppl {_dppl(x)}, needle {x['needle']}/"
                 f"{x['needle_total']}, {x['host_rows']} host rows, {x['device_ratio']:.2f}x dense "
                 "device bytes")
         if plain is not None:
             p = plain["summary"]
             better = [c for c in CONTEXTS if abs(x["dppl"][c]) < abs(p["dppl"][c])]
+            helps.setdefault(o.tail, []).append(better)
             where = " and ".join(f"the {c} context" for c in better) or "neither context"
             line += (f"; against {_name(plain)} (Δ ppl {_dppl(p)}, needle {p['needle']}/"
                      f"{p['needle_total']}): closer to dense at {where}")
-        out.append(line + ".")
+        lines.append(line + ".")
+    out = ["### What each option does", ""]
+    for tail, better in sorted(helps.items()):
+        if tail != "none":
+            out.append(f"* **tail={tail}**, against the same selection without a tail (or the "
+                       f"paper-literal N=64): closer to dense in " + ", ".join(
+                           f"{sum(c in b for b in better)} of {len(better)} at the {c} context"
+                           for c in CONTEXTS) + ".")
     masses = sorted({(c.options.topn, c.options.group_select): r["mass"]["long"]
                      for c, r in by_config.items()
                      if not c.options.dense_layers and "long" in r.get("mass", {})}.items())
     for (topn, gs), long in masses:
         low = min(range(len(long)), key=long.__getitem__)
-        out.append(f"* attention mass in the top {topn}{' (group select)' if gs else ''}, long "
-                   f"context: mean {sum(long) / len(long):.3f} over layers, lowest in layer {low} "
-                   f"({long[low]:.3f}).")
-    return out
+        lines.append(f"* attention mass in the top {topn}{' (group select)' if gs else ''}, long "
+                     f"context: mean {sum(long) / len(long):.3f} over layers, lowest in layer "
+                     f"{low} ({long[low]:.3f}).")
+    return out + lines
 
 
 def write_plots(data, results_dir):
