@@ -1,6 +1,7 @@
 """The accuracy evaluation's machinery at small sizes: KCache with N >= the sequence length equals
-dense through the decode path (perplexity, agreement), the measures' arithmetic, and a short run of
-the whole suite on the real default model (needle included)."""
+dense through the decode path (perplexity, agreement), with and without a tail; the measures'
+arithmetic, the grids, the needle's phrasings, the recommendation rule; and a short run of the
+whole suite on the real default model (needle included)."""
 import argparse
 import json
 import math
@@ -9,8 +10,10 @@ import pytest
 import torch
 
 from kcache_ops.cli import eval as eval_cli
-from kcache_ops.eval import agreement, needle, perplexity
-from kcache_ops.eval.runner import Config, fork, grid, prefill_snapshot, step_through
+from kcache_ops.caches import KCacheOptions
+from kcache_ops.eval import agreement, needle, perplexity, recommend
+from kcache_ops.eval.grid import PAPER_LITERAL, default_grid, display_name, product_grid
+from kcache_ops.eval.runner import Config, fork, prefill_snapshot, step_through
 from kcache_ops.model import Llama, LlamaConfig
 
 TINY = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=3,
@@ -56,7 +59,10 @@ def test_kcache_with_n_at_least_length_equals_dense_perplexity(tiny):
 @pytest.mark.parametrize("config", [Config.kcache(topn=1024),
                                     Config.kcache(topn=1024, group_select=True),
                                     Config.kcache(topn=1024, renormalize=False),
-                                    Config.kcache(topn=1024, dense_layers=(0, 1))],
+                                    Config.kcache(topn=1024, dense_layers=(0, 1)),
+                                    Config.kcache(topn=1024, tail="mean"),
+                                    Config.kcache(topn=1024, tail="int2"),
+                                    Config.kcache(topn=1024, tail="int4", group_select=True)],
                          ids=lambda c: c.name)
 def test_agreement_is_complete_at_n_at_least_length(tiny, config):
     model, snapshot, first, _ = tiny
@@ -85,12 +91,91 @@ def test_needle_answer_and_score():
     assert s["correct"] == [True, False] and s["accuracy"] == 0.5
 
 
-def test_grid_order_and_size():
-    configs = grid((16, 32, 64, 128, 256), dense_layers=((), (0, 1)))
-    assert len(configs) == 40 and len(set(configs)) == 40
-    assert configs[0] == Config.kcache(topn=64)
-    assert configs[-1].options.group_select and not configs[-1].options.renormalize and \
-        configs[-1].options.dense_layers
+def test_default_grid():
+    configs = default_grid()
+    options = [c.options for c in configs]
+    assert len(configs) == 13 and len(set(configs)) == 13
+    assert options[0] == PAPER_LITERAL and display_name(configs[0]).endswith("(paper-literal)")
+    assert [o.tail for o in options[1:4]] == ["int2", "mean", "int4"]
+    assert {o.topn for o in options if o.tail == "int2" and not o.group_select} == {8, 16, 32, 64}
+    assert KCacheOptions(topn=8, tail="int2", group_select=True) in options
+    assert KCacheOptions(topn=64, tail="mean", dense_layers=(0,)) in options
+    assert {KCacheOptions(topn=256), KCacheOptions(topn=128, tail="mean")} <= set(options)
+    assert all(o.renormalize for o in options)
+
+
+def test_product_grid_order_and_size():
+    configs = product_grid((16, 64), ("none", "int2"), (False, True), ((), (0,)))
+    assert len(configs) == 16 and len(set(configs)) == 16
+    assert configs[0] == Config.kcache(topn=64, tail=KCacheOptions().tail)
+    last = configs[-1].options
+    assert last.group_select and last.dense_layers and last.tail != KCacheOptions().tail
+
+
+def test_tails_flag():
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    args = parser.parse_args(["--topn", "8,64", "--tails", "none,int2"])
+    assert [c.options for c in eval_cli.configs(args)] == \
+        [c.options for c in product_grid((8, 64), ("none", "int2"))]
+    assert eval_cli.configs(parser.parse_args([])) == default_grid()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--tails", "int3"])
+
+
+class FakeTokenizer:
+    """Characters as token ids; the chat template is the text itself."""
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
+    def encode_prompt(self, text, chat=True):
+        return [ord(ch) for ch in text]
+
+
+def test_needle_phrasings():
+    ids = [ord(ch) for ch in "Some essay text. " * 40]
+    depths = (0.1, 0.5, 0.9)
+    prompts, keys, phrasings = needle.prompts(FakeTokenizer(), ids, 400, depths, seed=3)
+    assert len(needle.PHRASINGS) >= 3 and len(prompts) == len(keys) == 3 * len(needle.PHRASINGS)
+    assert phrasings == [p for p in needle.PHRASINGS for _ in depths]
+    for p, key, name in zip(prompts, keys, phrasings):
+        sentence, question = needle.PHRASINGS[name]
+        text = FakeTokenizer().decode(p)
+        assert sentence.format(key=key) in text and text.endswith(question)
+        assert len(key) == 5 and needle.answer(sentence.format(key=key)) == key
+    first = FakeTokenizer().decode(prompts[0]).index(keys[0])
+    last = FakeTokenizer().decode(prompts[2]).index(keys[2])
+    assert first < 100 < 300 < last  # depth 0.1 near the start, 0.9 near the end
+
+
+def fake_result(topn, dppl_short, dppl_long, needle_by_length, device_ratio, tail="none"):
+    """A result with only what the recommendation reads (its summary and config)."""
+    return {"config": Config.kcache(topn=topn, tail=tail).to_dict() if topn else
+            Config.dense().to_dict(),
+            "summary": {"host_rows": topn, "host_bytes_per_step": 1000.0 * topn,
+                        "device_bytes_per_token": 100.0 * device_ratio,
+                        "device_ratio": device_ratio,
+                        "dppl": {"short": dppl_short, "long": dppl_long},
+                        "needle": sum(needle_by_length.values()), "needle_total": 6,
+                        "needle_by_length": needle_by_length, "needle_by_phrasing": {}}}
+
+
+def test_recommendation_rule():
+    dense = fake_result(0, 0.0, 0.0, {"1024": 3, "8000": 2}, 1.0)
+    paper = fake_result(64, 12.0, 18.0, {"1024": 3, "8000": 1}, 0.5)
+    int2_64 = fake_result(64, 0.1, -0.2, {"1024": 3, "8000": 2}, 0.58, "int2")
+    int2_32 = fake_result(32, -0.25, 0.2, {"1024": 3, "8000": 3}, 0.58, "int2")
+    int2_8 = fake_result(8, 0.4, 0.6, {"1024": 3, "8000": 2}, 0.58, "int2")
+    n256 = fake_result(256, 0.1, 0.1, {"1024": 3, "8000": 2}, 0.5)
+    rec = recommend.recommend([dense, paper, int2_64, int2_32, int2_8, n256])
+    assert rec["meets_all"] and rec["config"] == int2_32["config"] and not rec["misses"]
+    assert rec["numbers"]["host_rows"] == 32
+    small = rec["small_budget"]
+    assert small["config"] == int2_8["config"] and not small["met"]  # 0.6% > 0.5% at long
+    rec = recommend.recommend([dense, paper, int2_8, n256])
+    assert not rec["meets_all"] and rec["config"] == n256["config"]
+    assert rec["misses"] == [recommend.TARGETS["host_rows"]]
+    assert recommend.recommend([dense]) is None
 
 
 def test_suite_on_the_default_model(tmp_path):
@@ -98,16 +183,25 @@ def test_suite_on_the_default_model(tmp_path):
     it must equal dense on every measure, and the report must be written."""
     parser = argparse.ArgumentParser()
     eval_cli.add_arguments(parser)
-    eval_cli.run(parser.parse_args(["--quick", "--topn", "1024", "--defaults-only", "--out",
-                                    str(tmp_path)]))
+    eval_cli.run(parser.parse_args(["--quick", "--topn", "1024", "--out", str(tmp_path)]))
     data = json.loads((tmp_path / "eval.json").read_text())
     dense, kc = data["results"]
-    assert kc["long"]["agreement"]["match_rate"] == 1.0
-    assert math.isclose(kc["long"]["perplexity"]["ppl"], dense["long"]["perplexity"]["ppl"],
-                        rel_tol=1e-4)
+    assert kc["short"]["agreement"]["match_rate"] == 1.0
+    for context in ("short", "long"):
+        assert math.isclose(kc[context]["perplexity"]["ppl"], dense[context]["perplexity"]["ppl"],
+                            rel_tol=1e-4)
+        assert kc["summary"]["dppl"][context] == pytest.approx(0.0, abs=1e-2)
+    assert dense["summary"]["host_rows"] == 0 and dense["summary"]["host_bytes_per_step"] == 0
+    assert kc["summary"]["host_rows"] == 1024 and kc["summary"]["host_bytes_per_step"] > 0
+    assert kc["summary"]["device_ratio"] == pytest.approx(0.5)  # K only, V in host RAM
+    assert sum(kc["summary"]["needle_by_phrasing"].values()) == kc["summary"]["needle"]
+    assert set(dense["summary"]["needle_by_phrasing"]) == set(needle.PHRASINGS)
+    assert data["recommended"]["config"] == kc["config"]
+    assert data["planned"] == [kc["config"]]
     needles = [k for k in dense if k.startswith("needle-")]
     assert needles and all(kc[k]["answers"] == dense[k]["answers"] for k in needles)
     assert any(any(dense[k]["correct"]) for k in needles)  # the model does find the key
     assert all(m == pytest.approx(1.0, abs=1e-5) for m in kc["mass"]["long"])
     text = (tmp_path / "REPORT.md").read_text()
-    assert "kcache N=1024" in text and (tmp_path / "eval_accuracy.png").is_file()
+    assert "kcache N=1024" in text and "Recommended setting" in text
+    assert all((tmp_path / f"eval_{p}.png").is_file() for p in ("accuracy", "budget", "mass"))

@@ -340,7 +340,7 @@ def test_eval_command_with_the_transformers_engine(tmp_path, monkeypatch):
     eval_cli.add_arguments(parser)
     out = tmp_path / "out"
     eval_cli.run(parser.parse_args(["--model", str(tmp_path), "--engine", "transformers",
-                                    "--quick", "--topn", "1024", "--defaults-only",
+                                    "--quick", "--topn", "1024",
                                     "--out", str(out)]))
     dense, kc = json.loads((out / "eval.json").read_text())["results"]
     assert kc["long"]["perplexity"]["ppl"] == pytest.approx(dense["long"]["perplexity"]["ppl"],

@@ -1,11 +1,15 @@
 """``python -m kcache_ops eval``: accuracy of KCache against dense on the embedded SmolLM2 (or
-another model): perplexity, needle retrieval, greedy agreement, attention mass, over a grid of
-N x group_select x renormalize x dense_layers. Writes bench/results/eval.json, the plots and
-REPORT.md; the results are saved after each configuration.
+another model): perplexity at a short and a long context, needle retrieval in three phrasings,
+greedy agreement, attention mass, and each configuration's host and device bytes; the recommended
+setting chosen from them by the rule of issue 12 (:mod:`kcache_ops.eval.recommend`). Writes
+bench/results/eval.json, the plots and REPORT.md; the results are saved after each configuration.
 
-The defaults run the full grid (40 configurations + dense) in about half an hour on two CPU cores;
-``--quick`` is a seconds-long smoke run; ``--gpu-sizes`` longer texts for a GPU.
+The defaults run the curated grid (:func:`kcache_ops.eval.grid.default_grid`, 13 configurations +
+dense) in under an hour on two CPU cores; ``--topn`` / ``--tails`` / ``--group-select`` /
+``--dense-layers`` run their product instead; ``--quick`` is a seconds-long smoke run;
+``--gpu-sizes`` more and longer texts for a GPU.
 """
+import argparse
 import os
 import shlex
 import sys
@@ -13,8 +17,10 @@ import sys
 import torch
 
 from .. import report
+from ..caches.options import TAILS
+from ..eval import recommend
+from ..eval.grid import default_grid, product_grid, quick_grid
 from ..eval.report import EVAL_JSON
-from ..eval.runner import grid
 from ..eval.suite import Settings, evaluate, save_json
 from ..model import load_model
 from ..model.load import DEFAULT_NAME
@@ -22,28 +28,47 @@ from ..results import RESULTS_DIR, machine
 from .args import add_engine_argument, add_model_arguments, dtype_of, int_list
 
 
+def tail_list(text):
+    """'none,int2' -> ("none", "int2"), each one of TAILS."""
+    tails = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [t for t in tails if t not in TAILS]
+    if bad or not tails:
+        raise argparse.ArgumentTypeError(f"--tails: expected comma-separated values of {', '.join(TAILS)}, got "
+                         f"{text!r}")
+    return tails
+
+
 def add_arguments(parser):
     add_model_arguments(parser)
     add_engine_argument(parser)
-    parser.add_argument("--topn", type=int_list, default=(16, 32, 64, 128, 256),
-                        help="comma-separated N values (default 16,32,64,128,256)")
-    parser.add_argument("--dense-layers", type=int_list, default=(0, 1),
-                        help="the dense_layers variant besides none (default 0,1)")
-    parser.add_argument("--defaults-only", action="store_true",
-                        help="only N varies; group_select, renormalize, dense_layers stay at "
-                             "their defaults")
-    parser.add_argument("--ppl-rows", type=int, help="perplexity windows (default 6)")
+    parser.add_argument("--topn", type=int_list,
+                        help="comma-separated N values; with any of --tails, --group-select, "
+                             "--dense-layers: run the product of the values given (N default "
+                             "64) instead of the curated grid")
+    parser.add_argument("--tails", type=tail_list,
+                        help=f"comma-separated tails of the product ({', '.join(TAILS)}; "
+                             "default none)")
+    parser.add_argument("--group-select", action="store_true",
+                        help="the product also has each configuration with group_select")
+    parser.add_argument("--dense-layers", type=int_list,
+                        help="the product also has each configuration with these dense layers, "
+                             "e.g. 0,1")
+    parser.add_argument("--ppl-rows", type=int, help="short-context perplexity windows (6)")
     parser.add_argument("--agree-rows", type=int, help="agreement prompts (default 2)")
     parser.add_argument("--prefill", type=int, help="prefill tokens of those rows (default 1536)")
     parser.add_argument("--steps", type=int, help="decode steps of those rows (default 256)")
+    parser.add_argument("--long-rows", type=int, help="long-context perplexity windows (3)")
+    parser.add_argument("--long-prefill", type=int, help="their prefill tokens (default 6144)")
+    parser.add_argument("--long-steps", type=int, help="their decode steps (default 96)")
     parser.add_argument("--needle-lengths", type=int_list,
                         help="haystack lengths in tokens (default 1024,2048,4096,8000)")
     parser.add_argument("--answer-steps", type=int, help="decode steps of a needle answer (16)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes and N in {16, 64}: a smoke run of the machinery")
+                        help="tiny sizes and N=16 without and with the 2-bit tail: a smoke run "
+                             "of the machinery")
     parser.add_argument("--gpu-sizes", action="store_true",
-                        help="larger texts for a GPU: 16 windows of 4096 + 512 steps, "
-                             "haystacks up to 8000 tokens")
+                        help="more and longer texts for a GPU: 16 windows of 4096 + 512 steps, "
+                             "8 windows of 6144 + 256 steps")
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (1 is faster on a CPU that others share)")
     parser.add_argument("--report-only", action="store_true",
@@ -57,14 +82,27 @@ def settings(args):
     """Settings from the presets and the explicit size options (explicit ones win)."""
     s = Settings()
     if args.quick:
-        s = Settings(ppl_rows=2, agree_rows=1, prefill=96, steps=16, needle_lengths=(200,),
+        s = Settings(ppl_rows=2, agree_rows=1, prefill=96, steps=16, long_rows=1,
+                     long_prefill=320, long_steps=8, needle_lengths=(200,),
                      needle_depths=(0.2, 0.8), answer_steps=12)
     elif args.gpu_sizes:
-        s = Settings(ppl_rows=16, agree_rows=8, prefill=4096, steps=512)
-    for name in ("ppl_rows", "agree_rows", "prefill", "steps", "needle_lengths", "answer_steps"):
+        s = Settings(ppl_rows=16, agree_rows=8, prefill=4096, steps=512, long_rows=8,
+                     long_steps=256)
+    for name in ("ppl_rows", "agree_rows", "prefill", "steps", "long_rows", "long_prefill",
+                 "long_steps", "needle_lengths", "answer_steps"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
     return s
+
+
+def configs(args):
+    """The KCache configurations: the product of the values given, else the quick or the
+    curated default grid."""
+    if args.topn or args.tails or args.group_select or args.dense_layers:
+        return product_grid(args.topn or (64,), args.tails or ("none",),
+                            (False, True) if args.group_select else (False,),
+                            ((), args.dense_layers) if args.dense_layers else ((),))
+    return quick_grid() if args.quick else default_grid()
 
 
 def run(args):
@@ -74,13 +112,7 @@ def run(args):
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    s = settings(args)
-    topns = (16, 64) if args.quick and args.topn == (16, 32, 64, 128, 256) else args.topn
-    if args.defaults_only:
-        configs = grid(topns, group_select=(False,), renormalize=(True,))
-    else:
-        configs = grid(topns, dense_layers=((), args.dense_layers) if args.dense_layers
-                       else ((),))
+    s, planned = settings(args), configs(args)
     if args.engine == "transformers":
         from ..integrations.transformers_engine import load_transformers_model
         model, tokenizer = load_transformers_model(args.model, args.device, dtype_of(args))
@@ -93,10 +125,15 @@ def run(args):
     path = os.path.join(args.out, EVAL_JSON)
 
     def save(results):
-        save_json(path, s, info, results, command)
+        save_json(path, s, info, results, command, planned, recommend.recommend(results))
         report.write(args.out)
 
-    print(f"# {len(configs)} KCache configurations + dense on {info['device']}; "
+    print(f"# {len(planned)} KCache configurations + dense on {info['device']}; "
           f"results in {path}", flush=True)
-    evaluate(model, tokenizer, s, configs, save)
+    results = evaluate(model, tokenizer, s, planned, save)
+    rec = recommend.recommend(results)
+    if rec:
+        verdict = ("meets every target" if rec["meets_all"]
+                   else "the closest; misses " + "; ".join(rec["misses"]))
+        print(f"# recommended: {rec['name']} ({verdict})")
     print(f"# wrote {path} and {os.path.join(args.out, 'REPORT.md')}")

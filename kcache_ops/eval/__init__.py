@@ -1,4 +1,6 @@
 """Accuracy of KCache against dense attention on a real model (``python -m kcache_ops eval``):
-long-text perplexity through the decode path, needle retrieval, greedy agreement and the attention
-mass the top N capture; one module per measure, :mod:`.suite` runs them all, :mod:`.report` writes
-their section of bench/results/REPORT.md."""
+perplexity through the decode path at a short and a long context, needle retrieval in several
+phrasings, greedy agreement and the attention mass the top N capture; one module per measure,
+:mod:`.grid` the configurations, :mod:`.suite` runs them all, :mod:`.summary` the numbers each is
+judged on (with its host and device bytes), :mod:`.recommend` the recommended setting,
+:mod:`.report` their section of bench/results/REPORT.md."""

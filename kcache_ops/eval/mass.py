@@ -3,26 +3,29 @@ decode steps, sequences and heads, as KCache records it (``KCache.record_mass``)
 
 
 def plot(results, path, groups=("long",)):
-    """Mass per layer, one panel per group name in ``groups`` and one curve per KCache
-    configuration without dense layers, from the ``results`` list (each a dict with "config" and
-    "mass" {group: [layers] floats}) -> PNG at ``path``."""
+    """Mass per layer, one panel per group name in ``groups`` and one curve per selection (N and
+    group select) of the KCache configurations without dense layers, from the ``results`` list
+    (each a dict with "config" and "mass" {group: [layers] floats}) -> PNG at ``path``. The tail
+    does not change which rows are picked, so configurations that differ only in it share a
+    curve."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 4), squeeze=False)
-    topns = sorted({r["config"]["topn"] for r in results if r["config"]["backend"] == "kcache"})
+    selections = {}  # (N, group select) -> mass {group: [layers]}, the first result of each
+    for r in results:
+        c = r["config"]
+        if c["backend"] == "kcache" and not c["dense_layers"]:
+            selections.setdefault((c["topn"], c["group_select"]), r.get("mass", {}))
+    topns = sorted({n for n, _ in selections})
     for ax, group in zip(axes[0], groups):
-        for r in results:
-            c = r["config"]
-            if c["backend"] != "kcache" or c["dense_layers"] or not c["renormalize"]:
-                continue  # renormalize does not change which keys are picked; dense layers exact
-            mass = r.get("mass", {}).get(group)
+        for (topn, gs), masses in sorted(selections.items()):
+            mass = masses.get(group)
             if mass is None:
                 continue
-            ax.plot(range(len(mass)), mass, "--" if c["group_select"] else "-",
-                    color=f"C{topns.index(c['topn']) % 10}",
-                    label=f"N={c['topn']}{' group' if c['group_select'] else ''}")
+            ax.plot(range(len(mass)), mass, "--" if gs else "-",
+                    color=f"C{topns.index(topn) % 10}", label=f"N={topn}{' group' if gs else ''}")
         ax.set_xlabel("layer")
         ax.set_ylabel("attention mass in the top N")
         ax.set_ylim(0, 1.02)

@@ -1,34 +1,50 @@
-"""Needle retrieval: a random pass key hidden at several depths of essay text, asked for at the
-end in the model's chat template; exact match of the greedy answer.
+"""Needle retrieval: a random 5-digit key hidden at several depths of essay text in several
+wordings (:data:`PHRASINGS`), asked for at the end in the model's chat template; exact match of
+the first number of the greedy answer.
 
-All prompts of one haystack length form one batch (one dense prefill, forked per configuration);
-the answer is generated greedily through the decode path.
+All prompts of one haystack length (every phrasing at every depth) form one batch (one dense
+prefill, forked per configuration); the answer is generated greedily through the decode path.
 """
 import random
 import re
 
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
-QUESTION = "What is the pass key? Answer with the number only."
+# name -> (the needle sentence with {key}, the question): the pass key of the original benchmark,
+# and two wordings a new user might write (the question without the "number only" hint)
+PHRASINGS = {
+    "pass key": ("The pass key is {key}. Remember it. {key} is the pass key. ",
+                 "What is the pass key? Answer with the number only."),
+    "vault": ("The secret code for the vault is {key}. ",
+              "What is the secret code for the vault?"),
+    "magic number": ("Remember this number: {key}. It is the magic number. ",
+                     "What was the magic number?"),
+}
 
 
-def prompt(tokenizer, haystack_ids, depth, key, chat=True):
-    """Token ids of ``haystack_ids`` (essay text) with the needle inserted at a sentence start
-    near ``depth`` (0 = start, 1 = end), then the question; in the chat template where ``chat``
-    (the demo's prompt too)."""
+def prompt(tokenizer, haystack_ids, depth, key, chat=True, phrasing="pass key"):
+    """Token ids of ``haystack_ids`` (essay text) with the needle sentence of ``phrasing`` (a
+    name in :data:`PHRASINGS`) inserted at a sentence start near ``depth`` (0 = start, 1 = end),
+    then its question; in the chat template where ``chat`` (the demo's prompt too)."""
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"needle: phrasing must be one of {', '.join(PHRASINGS)}, got "
+                         f"{phrasing!r}")
+    sentence, question = PHRASINGS[phrasing]
     haystack = tokenizer.decode(haystack_ids)
     cut = haystack.rfind(". ", 0, int(len(haystack) * depth))  # the sentence end before depth
     cut = cut + 2 if cut >= 0 else 0
-    document = haystack[:cut] + NEEDLE.format(key=key) + haystack[cut:]
-    return tokenizer.encode_prompt(f"{document}\n\n{QUESTION}", chat=chat)
+    document = haystack[:cut] + sentence.format(key=key) + haystack[cut:]
+    return tokenizer.encode_prompt(f"{document}\n\n{question}", chat=chat)
 
 
-def prompts(tokenizer, ids, length, depths, seed, offset=0):
-    """One prompt per depth over ``length`` tokens of ``ids`` (from ``offset``), each with its own
-    random 5-digit key -> (list of token-id lists, list of keys)."""
+def prompts(tokenizer, ids, length, depths, seed, offset=0, phrasings=tuple(PHRASINGS)):
+    """One prompt per phrasing and depth (phrasing-major) over ``length`` tokens of ``ids`` (from
+    ``offset``), each with its own random 5-digit key -> (list of token-id lists, list of keys,
+    list of phrasing names)."""
     rng = random.Random(seed * 1000003 + length)
-    keys = [str(rng.randrange(10000, 100000)) for _ in depths]
+    cases = [(p, d) for p in phrasings for d in depths]
+    keys = [str(rng.randrange(10000, 100000)) for _ in cases]
     haystack = ids[offset: offset + length]
-    return [prompt(tokenizer, haystack, d, k) for d, k in zip(depths, keys)], keys
+    return ([prompt(tokenizer, haystack, d, k, phrasing=p) for (p, d), k in zip(cases, keys)], keys,
+            [p for p, _ in cases])
 
 
 def answer(text):

@@ -1,55 +1,102 @@
 """The accuracy section of bench/results/REPORT.md (assembled by :mod:`kcache_ops.report`) from the
-``eval`` command's JSON: the table, the plots, the verdicts."""
+``eval`` command's JSON: the settings, the table of accuracy and costs, the recommended setting,
+what each option does, the plots."""
 import os
 
-from ..caches import KCacheOptions
 from ..results import ran_on
-from . import mass, perplexity
-from .runner import Config, grid
+from . import mass, recommend
+from .grid import PAPER_LITERAL, display_name
+from .needle import PHRASINGS
+from .runner import Config
+from .summary import CONTEXTS
 
 EVAL_JSON = "eval.json"
-DEFAULT_TOPN = KCacheOptions().topn
 
 
-def _needle_hits(result):
-    """(correct, total) over every needle group of ``result``."""
-    groups = [v for k, v in result.items() if k.startswith("needle-")]
-    return sum(sum(g["correct"]) for g in groups), sum(len(g["correct"]) for g in groups)
+def _name(result):
+    """The display name of a result's configuration."""
+    return display_name(Config.from_dict(result["config"]))
 
 
-def plot_accuracy(data, path):
-    """Δ perplexity (%), needle accuracy and greedy match rate against N, one curve per variant."""
+def _dppl(s):
+    """'+0.12% / -0.30%': Δ ppl at the short and the long context."""
+    return " / ".join(f"{s['dppl'][c]:+.2f}%" for c in CONTEXTS)
+
+
+def _kib(n):
+    """Bytes as KiB with one decimal."""
+    return f"{n / 1024:.1f}"
+
+
+def plot_budget(data, path):
+    """Δ perplexity at both contexts (symlog y) against host bytes read per decode step and
+    sequence (log x), one marker pair per KCache configuration, labelled -> PNG at ``path``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = data["results"]
-    dense = results[0]
+    fig, ax = plt.subplots(figsize=(11, 6))
+    labels_at = {}  # host KiB -> labels placed there so far (configurations of the same N)
+    for i, r in enumerate(data["results"][1:]):
+        s, color = r["summary"], f"C{i % 10}"
+        x = s["host_bytes_per_step"] / 1024
+        ax.plot([x, x], [s["dppl"][c] for c in CONTEXTS], "-", color=color, lw=0.6)
+        for context, marker in zip(CONTEXTS, "o^"):
+            ax.plot([x], [s["dppl"][context]], marker, color=color, ms=7)
+        shift = labels_at.get(x, 0)
+        labels_at[x] = shift + 1
+        ax.annotate(_name(r).removeprefix("kcache "), (x, s["dppl"]["long"]), fontsize=7,
+                    xytext=(5, 3 - 9 * shift), textcoords="offset points", color=color)
+    for y in (-recommend.MAX_DPPL, recommend.MAX_DPPL):
+        ax.axhline(y, color="k", ls="--", lw=0.8)
+    ax.plot([], [], "ko", label=f"{data['settings']['prefill']}-token context")
+    ax.plot([], [], "k^", label=f"{data['settings']['long_prefill']}-token context")
+    ax.plot([], [], "k--", lw=0.8, label=f"target ±{recommend.MAX_DPPL}%")
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=0.3)
+    ax.set_xlabel("host bytes read per decode step and sequence (KiB)")
+    ax.set_ylabel("Δ perplexity vs dense (%)")
+    ax.set_title("Accuracy against the PCIe budget")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy(data, path):
+    """Δ perplexity at both contexts and needle accuracy against N, one curve per variant (the
+    options other than N) -> PNG at ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     curves = {}
-    for r in results[1:]:
-        c = Config.from_dict(r["config"]).options
-        hits, total = _needle_hits(r)
-        curves.setdefault(c.variant, []).append(
-            (c.topn, perplexity.delta(r["long"]["perplexity"], dense["long"]["perplexity"]),
-             100 * hits / max(total, 1), 100 * r["long"]["agreement"]["match_rate"]))
+    for r in data["results"][1:]:
+        s = r["summary"]
+        curves.setdefault(Config.from_dict(r["config"]).options.variant, []).append(
+            (s["host_rows"], s["dppl"]["short"], s["dppl"]["long"],
+             100 * s["needle"] / max(s["needle_total"], 1)))
+    dense = data["results"][0]["summary"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    titles = ["Δ perplexity vs dense (%)", "needle accuracy (%)", "greedy match rate (%)"]
-    hits, total = _needle_hits(dense)
-    refs = [1.0, 100 * hits / max(total, 1), None]
+    titles = [f"Δ perplexity, {data['settings']['prefill']}-token context (%)",
+              f"Δ perplexity, {data['settings']['long_prefill']}-token context (%)",
+              "needle accuracy (%)"]
+    refs = [recommend.MAX_DPPL, recommend.MAX_DPPL,
+            100 * dense["needle"] / max(dense["needle_total"], 1)]
     for i, ax in enumerate(axes):
         for label, pts in curves.items():
             pts = sorted(pts)
             ax.plot([p[0] for p in pts], [p[i + 1] for p in pts], "o-", label=label)
-        if refs[i] is not None:
-            ax.axhline(refs[i], color="k", ls="--", lw=1,
-                       label="target (+1%)" if i == 0 else "dense")
+        ax.axhline(refs[i], color="k", ls="--", lw=1,
+                   label=f"target (+{recommend.MAX_DPPL}%)" if i < 2 else "dense")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("N (top-N V rows per head)")
-        ax.set_title(titles[i])
+        ax.set_xlabel("N (host V rows per head and step)")
+        ax.set_title(titles[i], fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].set_yscale("symlog", linthresh=1.0)
-    for ax in axes[1:]:
-        ax.set_ylim(-5, 105)
+    for ax in axes[:2]:
+        ax.set_yscale("symlog", linthresh=0.3)
+    axes[2].set_ylim(-5, 105)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -59,103 +106,155 @@ def plot_accuracy(data, path):
 def eval_section(data):
     """Markdown of the accuracy evaluation (the JSON of ``python -m kcache_ops eval``)."""
     s, m, results = data["settings"], data["machine"], data["results"]
-    dense = results[0]
-    d_hits, d_total = _needle_hits(dense)
-    out = ["## Accuracy (SmolLM2-135M-Instruct)", "", ran_on(m, f", model {m['model']}."),
-           f"Command: `{data['command']}`", "",
-           f"* perplexity: {s['ppl_rows']} windows of essay text, {s['prefill']} tokens of "
-           f"prefill, then {s['steps']} teacher-forced decode steps each (every scored "
-           "prediction comes from a decode step);",
-           f"* agreement: {s['agree_rows']} prompts of {s['prefill']} tokens, {s['steps']} "
-           "tokens generated greedily by dense; the others are teacher-forced along them "
-           "(first mismatch = tokens until the first divergence of free greedy generation);",
-           f"* needle: a random 5-digit pass key at depths {s['needle_depths']} of "
-           f"{s['needle_lengths']} tokens of essay text, chat template, greedy answer of up to "
-           f"{s['answer_steps'] + 1} tokens, exact match;",
-           "* every text is prefilled once (dense, full attention — as KCache's prefill) and its "
-           "K/V forked into each configuration.", "",
-           f"Dense: perplexity {dense['long']['perplexity']['ppl']:.4f}, needle "
-           f"{d_hits}/{d_total}.", "",
-           "| configuration | ppl | Δ ppl | needle | match rate | tokens to 1st divergence | s |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["## Accuracy (SmolLM2-135M-Instruct)", ""]
+    if "summary" not in results[0]:
+        return out + ["eval.json is from an earlier version of the evaluation (no tails, one "
+                      "context length); `python -m kcache_ops eval` reruns it.", ""]
+    dense = results[0]["summary"]
+    phrasings = list(dense["needle_by_phrasing"])
+    lengths = list(dense["needle_by_length"])
+    out += [ran_on(m, f", model {m['model']}."), f"Command: `{data['command']}`", "",
+            f"* perplexity, short context: {s['ppl_rows']} windows of essay text, {s['prefill']} "
+            f"tokens of prefill, then {s['steps']} teacher-forced decode steps each (every scored "
+            "prediction comes from a decode step);",
+            f"* perplexity, long context: {s['long_rows']} windows of {s['long_prefill']} tokens "
+            f"of prefill, then {s['long_steps']} teacher-forced decode steps each;",
+            f"* agreement: {s['agree_rows']} prompts of {s['prefill']} tokens, {s['steps']} "
+            "tokens generated greedily by dense; the others are teacher-forced along them "
+            "(first mismatch = tokens until the first divergence of free greedy generation);",
+            f"* needle: a random 5-digit key in {len(s['needle_phrasings'])} phrasings "
+            f"({', '.join(s['needle_phrasings'])}) at depths {s['needle_depths']} of "
+            f"{s['needle_lengths']} tokens of essay text, chat template, greedy answer of up to "
+            f"{s['answer_steps'] + 1} tokens, exact match of its first number;",
+            "* costs, per sequence, of the cache of the long-context windows: V rows read from "
+            "host per head and decode step (N), the bytes `host_bytes_read_per_step` counts "
+            "(those rows and the new token's V written), and the cache's device bytes (K, V of "
+            "dense layers, the low-bit copy or V sum of a tail) per token of capacity, in the "
+            "model's dtype (float32 on the CPU: a 2- or 4-bit copy weighs half as much against "
+            "dense as it would against bfloat16);",
+            "* every text is prefilled once (dense, full attention — as KCache's prefill) and "
+            "its K/V forked into each configuration; texts do not overlap (the needle haystacks of "
+            "different lengths share their start).", "",
+            f"Dense: perplexity {dense['ppl']['short']:.4f} (short), {dense['ppl']['long']:.4f} "
+            f"(long), needle {dense['needle']}/{dense['needle_total']}.", "",
+            "| configuration | host rows /head/step | host KiB /step/seq | device KiB /token "
+            "(× dense) | Δ ppl short | Δ ppl long | needle " + "/".join(lengths)
+            + " | match rate | s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        c = Config.from_dict(r["config"])
-        hits, total = _needle_hits(r)
-        ppl = r["long"]["perplexity"]
-        a = r["long"].get("agreement")
-        out.append(f"| {c.name} | {ppl['ppl']:.4f} | "
-                   f"{perplexity.delta(ppl, dense['long']['perplexity']):+.2f}% | {hits}/{total} | "
-                   + (f"{100 * a['match_rate']:.1f}% | {a['first_divergence']:.1f} | " if a
-                      else "— | — | ") + f"{r['seconds']:.0f} |")
-    missing = not_run(results)
+        x = r["summary"]
+        a = r["short"].get("agreement")
+        out.append(f"| {_name(r)} | {x['host_rows']} | {_kib(x['host_bytes_per_step'])} | "
+                   f"{_kib(x['device_bytes_per_token'])} ({x['device_ratio']:.2f}) | "
+                   f"{x['dppl']['short']:+.2f}% | {x['dppl']['long']:+.2f}% | "
+                   + "/".join(str(x["needle_by_length"][n]) for n in lengths)
+                   + f" = {x['needle']}/{x['needle_total']} | "
+                   + (f"{100 * a['match_rate']:.1f}% | " if a else "— | ")
+                   + f"{r['seconds']:.0f} |")
+    out += ["", "Needle hits per phrasing (" + ", ".join(
+        f"{p}: “{PHRASINGS[p][1]}”" for p in phrasings) + "):", "",
+        "| configuration | " + " | ".join(phrasings) + " |", "|---" * (len(phrasings) + 1) + "|"]
+    for r in results:
+        x = r["summary"]["needle_by_phrasing"]
+        out.append(f"| {_name(r)} | " + " | ".join(str(x[p]) for p in phrasings) + " |")
+    missing = not_run(data)
     if missing:
-        out += ["", f"**Cut for time: {len(missing)} of {len(missing) + len(results) - 1} KCache "
+        out += ["", f"**Cut short: {len(missing)} of {len(data['planned'])} KCache "
                 "configurations did not run** (the run saves after each configuration, the most "
-                "telling first): " + ", ".join(c.name for c in missing) + "."]
-    out += ["", "![accuracy vs N](eval_accuracy.png)", "",
-            "![attention mass per layer](eval_mass.png)", "", "### Where it breaks", ""]
-    out += verdicts(results)
+                "telling first): " + ", ".join(display_name(c) for c in missing) + "."]
+    out += ["", "![Δ perplexity against host bytes per step](eval_budget.png)", "",
+            "![accuracy vs N](eval_accuracy.png)", "",
+            "![attention mass per layer](eval_mass.png)", ""]
+    out += recommendation(data.get("recommended")) + options_summary(results)
     return out
 
 
-def not_run(results):
-    """The configurations of the grid spanned by the values seen in ``results`` that have no
-    result (a run cut short)."""
-    done = [Config.from_dict(r["config"]) for r in results[1:]]
-    options = [c.options for c in done]
-    spanned = grid(sorted({o.topn for o in options}), sorted({o.group_select for o in options}),
-                   sorted({o.renormalize for o in options}),
-                   sorted({o.dense_layers for o in options}))
-    return [c for c in spanned if c not in done]
+def not_run(data):
+    """The planned configurations of ``data`` that have no result (a run cut short)."""
+    done = [Config.from_dict(r["config"]) for r in data["results"]]
+    return [c for c in map(Config.from_dict, data["planned"]) if c not in done]
 
 
-def verdicts(results):
-    """Plain sentences: the target at the default N, and the smallest N of each variant that
-    meets it."""
-    dense = results[0]
-    d_hits, _ = _needle_hits(dense)
-    meets, lines = {}, []
-    for r in results[1:]:
-        c = Config.from_dict(r["config"]).options
-        hits, total = _needle_hits(r)
-        d = perplexity.delta(r["long"]["perplexity"], dense["long"]["perplexity"])
-        ok = d <= 1.0 and hits >= d_hits
-        meets.setdefault(c.variant, []).append((c.topn, ok, d, hits, total))
-    for variant, rows in meets.items():
-        rows.sort()
-        at_default = [x for x in rows if x[0] == DEFAULT_TOPN]
-        passing = [x[0] for x in rows if x[1]]
-        head = f"* **{variant}**: "
-        if at_default:
-            n, ok, d, hits, total = at_default[0]
-            head += (f"N={n} {'meets' if ok else 'MISSES'} the target (Δ ppl {d:+.2f}%, needle "
-                     f"{hits}/{total} vs dense {d_hits}/{total}). ")
-        failing = [x for x in rows if not x[1]]
-        if failing:
-            head += "Breaks at N ∈ {" + ", ".join(
-                f"{n} (Δ ppl {d:+.2f}%, needle {h}/{t})" for n, _, d, h, t in failing) + "}."
-        else:
-            head += f"Meets the target at every N measured ({', '.join(str(x[0]) for x in rows)})."
-        if passing and failing:
-            head += f" Smallest N that meets it: {min(passing)}."
-        lines.append(head)
-    masses = sorted(((Config.from_dict(r["config"]).options, r["mass"]["long"])
-                     for r in results[1:] if "long" in r.get("mass", {})),
-                    key=lambda x: (x[0].group_select, x[0].topn))
-    for c, long in masses:
-        if c.variant in ("default", "gs"):
-            low = min(range(len(long)), key=long.__getitem__)
-            lines.append(f"* attention mass in the top {c.topn}"
-                         f"{' (group select)' if c.group_select else ''}: mean "
-                         f"{sum(long) / len(long):.3f} over layers, lowest in layer {low} "
-                         f"({long[low]:.3f}).")
-    return lines
+def recommendation(rec):
+    """The recommended setting in words, with its numbers, the rule and the ≤ 8 rows verdict."""
+    out = ["### Recommended setting", ""]
+    if rec is None:
+        return out + ["No KCache configuration has run yet.", ""]
+    n, d = rec["numbers"], rec["dense"]
+    numbers = (f"{n['host_rows']} host rows per head and step, {_kib(n['host_bytes_per_step'])} "
+               f"KiB per step and sequence, {n['device_ratio']:.2f}x dense device bytes per token,"
+               f" Δ ppl {_dppl(n)} (short / long context), needle {n['needle']}/"
+               f"{n['needle_total']} (dense {d['needle']}/{d['needle_total']}; per length "
+               + ", ".join(f"{k}: {v} vs {d['needle_by_length'][k]}"
+                           for k, v in n["needle_by_length"].items()) + ")")
+    if rec["meets_all"]:
+        out.append(f"**{rec['name']}** meets every target: {numbers}.")
+    else:
+        out.append(f"**No configuration meets every target.** The closest, **{rec['name']}**, "
+                   f"misses: {'; '.join(rec['misses'])}. Its numbers: {numbers}.")
+    out += ["", f"Rule: {rec['rule']}.", ""]
+    small = rec.get("small_budget")
+    if small:
+        out.append(f"At ≤ {recommend.SMALL_ROWS} host rows ({small['target']}): the best is "
+                   f"{small['name']}, Δ ppl {_dppl(small)} — "
+                   f"{'meets' if small['met'] else 'MISSES'} it.")
+    else:
+        out.append(f"No configuration at ≤ {recommend.SMALL_ROWS} host rows ran.")
+    return out + [""]
+
+
+def options_summary(results):
+    """Per tail, in how many of its configurations it brings Δ ppl closer to dense at each
+    context; then one line per configuration but the paper-literal one: its numbers next to those
+    of the same selection without a tail where that ran, else the paper-literal N=64's, and at
+    which context it is closer to dense; then the attention mass the top N capture."""
+    by_config = {Config.from_dict(r["config"]): r for r in results[1:]}
+    paper = by_config.get(Config("kcache", PAPER_LITERAL))
+    lines, helps = [], {}  # helps: tail -> [contexts where closer to dense] per configuration
+    for config, r in by_config.items():
+        o = config.options
+        if o == PAPER_LITERAL:
+            continue
+        plain = by_config.get(Config.kcache(**{**o.to_dict(), "tail": "none"}))
+        if plain is None or plain is r:
+            plain = paper if paper is not r else None  # the paper-literal N=64 where it ran
+        x = r["summary"]
+        line = (f"* {display_name(config)}: Δ ppl {_dppl(x)}, needle {x['needle']}/"
+                f"{x['needle_total']}, {x['host_rows']} host rows, {x['device_ratio']:.2f}x dense "
+                "device bytes")
+        if plain is not None:
+            p = plain["summary"]
+            better = [c for c in CONTEXTS if abs(x["dppl"][c]) < abs(p["dppl"][c])]
+            helps.setdefault(o.tail, []).append(better)
+            where = " and ".join(f"the {c} context" for c in better) or "neither context"
+            line += (f"; against {_name(plain)} (Δ ppl {_dppl(p)}, needle {p['needle']}/"
+                     f"{p['needle_total']}): closer to dense at {where}")
+        lines.append(line + ".")
+    out = ["### What each option does", ""]
+    for tail, better in sorted(helps.items()):
+        if tail != "none":
+            out.append(f"* **tail={tail}**, against the same selection without a tail (or the "
+                       f"paper-literal N=64): closer to dense in " + ", ".join(
+                           f"{sum(c in b for b in better)} of {len(better)} at the {c} context"
+                           for c in CONTEXTS) + ".")
+    masses = sorted({(c.options.topn, c.options.group_select): r["mass"]["long"]
+                     for c, r in by_config.items()
+                     if not c.options.dense_layers and "long" in r.get("mass", {})}.items())
+    for (topn, gs), long in masses:
+        low = min(range(len(long)), key=long.__getitem__)
+        lines.append(f"* attention mass in the top {topn}{' (group select)' if gs else ''}, long "
+                     f"context: mean {sum(long) / len(long):.3f} over layers, lowest in layer "
+                     f"{low} ({long[low]:.3f}).")
+    return out + lines
 
 
 def write_plots(data, results_dir):
-    """eval_accuracy.png and eval_mass.png in ``results_dir`` from the eval JSON ``data``."""
-    plot_accuracy(data, os.path.join(results_dir, "eval_accuracy.png"))
-    needles = sorted((k for k in data["results"][0] if k.startswith("needle-")),
-                     key=lambda k: int(k.split("-")[1]))
+    """eval_budget.png, eval_accuracy.png and eval_mass.png in ``results_dir`` from the eval JSON
+    ``data`` (nothing for the JSON of an earlier version)."""
+    if "summary" not in data["results"][0]:
+        return
+    if len(data["results"]) > 1:
+        plot_budget(data, os.path.join(results_dir, "eval_budget.png"))
+        plot_accuracy(data, os.path.join(results_dir, "eval_accuracy.png"))
+    needles = [k for k in data["results"][0]["summary"]["needle_by_length"]]
     mass.plot(data["results"], os.path.join(results_dir, "eval_mass.png"),
-              ("long",) + tuple(needles[-1:]))
+              CONTEXTS + tuple(f"needle-{n}" for n in needles[-1:]))

@@ -3,10 +3,9 @@ attention), fork that K/V into one cache per configuration, and step through tea
 greedy decode steps.
 
 The prefill is the same for every backend (KCache attends with the full K and V in prefill), so
-forking its K/V is exact and saves re-running a long prefill for each of the ~40 configurations.
+forking its K/V is exact and saves re-running a long prefill for each configuration.
 """
 from dataclasses import dataclass, field
-from itertools import product
 
 import torch
 
@@ -52,18 +51,6 @@ class Config:
     def name(self):
         """A short label, e.g. ``kcache N=64 gs rn=0 dl=0,1`` or ``dense``."""
         return "dense" if self.options is None else f"kcache {self.options.label}"
-
-
-def grid(topns, group_select=(False, True), renormalize=(True, False), dense_layers=((),)):
-    """Every KCache configuration of the given values, the paper-literal defaults first.
-
-    Ordered so that a run cut short has the most telling results: the configurations that
-    change fewest options from the defaults come first, and among them the default N first
-    (:meth:`KCacheOptions.distance`).
-    """
-    options = [KCacheOptions(topn=n, group_select=g, renormalize=r, dense_layers=d)
-               for n, g, r, d in product(topns, group_select, renormalize, dense_layers)]
-    return [Config("kcache", o) for o in sorted(options, key=KCacheOptions.distance)]
 
 
 @dataclass

@@ -1,0 +1,46 @@
+"""The numbers each configuration is judged on, from its result and dense's: Δ perplexity at both
+context lengths, needle hits per length and per phrasing, and what it costs — host V rows and
+bytes per decode step, device bytes per token and their ratio to dense.
+
+The costs are read off the cache itself (:func:`costs`), after the long-context group ran on it.
+"""
+from . import perplexity
+
+CONTEXTS = ("short", "long")  # the perplexity groups: 1.5K windows (+ agreement), 6K windows
+
+
+def costs(cache, host_rows):
+    """What a cache costs per sequence: {"host_rows" (V rows read from host per head and step, the
+    ``host_rows`` given), "host_bytes_per_step" (``host_bytes_read_per_step`` / batch),
+    "device_bytes_per_token" (``device_bytes`` / (batch · capacity))}."""
+    batch = cache.seq_lens.shape[0]
+    return {"host_rows": host_rows,
+            "host_bytes_per_step": cache.host_bytes_read_per_step() / batch,
+            "device_bytes_per_token": cache.device_bytes() / (batch * cache.capacity)}
+
+
+def needle_groups(result):
+    """The needle group names of ``result``, shortest haystack first."""
+    return sorted((k for k in result if k.startswith("needle-")), key=lambda k: int(k[7:]))
+
+
+def summarize(result, dense):
+    """A flat dict of ``result``'s numbers against ``dense`` (a result of the same run): "dppl"
+    {context: %}, "ppl" {context: value}, "needle" (hits), "needle_total", "needle_by_length"
+    {haystack tokens: hits}, "needle_by_phrasing" {phrasing: hits}, "host_rows",
+    "host_bytes_per_step", "device_bytes_per_token", "device_ratio" (to dense)."""
+    out = {"ppl": {c: result[c]["perplexity"]["ppl"] for c in CONTEXTS},
+           "dppl": {c: perplexity.delta(result[c]["perplexity"], dense[c]["perplexity"])
+                    for c in CONTEXTS},
+           "needle_by_length": {}, "needle_by_phrasing": {}}
+    for name in needle_groups(result):
+        g = result[name]
+        out["needle_by_length"][name[7:]] = sum(g["correct"])
+        for phrasing, ok in zip(g["phrasing"], g["correct"]):
+            out["needle_by_phrasing"][phrasing] = out["needle_by_phrasing"].get(phrasing, 0) + ok
+    out["needle"] = sum(out["needle_by_length"].values())
+    out["needle_total"] = sum(len(result[n]["correct"]) for n in needle_groups(result))
+    out.update(result["costs"])
+    out["device_ratio"] = (result["costs"]["device_bytes_per_token"]
+                           / dense["costs"]["device_bytes_per_token"])
+    return out
