@@ -88,7 +88,7 @@ def test_sparse_attn_v_heads_and_lse(attn):
 
 
 @pytest.fixture
-def tail(device):
+def mean_tail(device):
     """Valid mean-tail arguments of sparse_attn_v: v_sum [B, Hkv, D] float32, seq_lens [B]."""
     return torch.randn(B, HKV, D, device=device), seq_lens_tensor([S, 3], device)
 
@@ -107,16 +107,16 @@ def tail(device):
     (1, lambda lens: lens + 1,
      r"seq_lens\[0\] must be in \[0, 16\] \(v_cache capacity\), got 17"),
 ])
-def test_sparse_attn_v_bad_tail_arguments(attn, tail, i, bad, message):
-    v_sum, seq_lens = change(tail, i, bad(tail[i]))
+def test_sparse_attn_v_bad_tail_arguments(attn, mean_tail, i, bad, message):
+    v_sum, seq_lens = change(mean_tail, i, bad(mean_tail[i]))
     with pytest.raises(RuntimeError, match=message):
         kcache_ops.sparse_attn_v(*attn, renormalize=False, v_sum=v_sum, seq_lens=seq_lens)
 
 
-def test_sparse_attn_v_tail_combinations(attn, tail):
+def test_sparse_attn_v_tail_combinations(attn, mean_tail):
     """v_sum and seq_lens only together, only with renormalize=False, and with lse."""
     scores, indices, v, lse = attn
-    v_sum, seq_lens = tail
+    v_sum, seq_lens = mean_tail
     cases = [
         (dict(lse=lse, renormalize=False, v_sum=v_sum),
          r"v_sum and seq_lens must be given together \(the mean tail\), got v_sum without "
@@ -204,7 +204,7 @@ def test_mixed_devices():
 
 
 @pytest.fixture
-def tail(device, qk):
+def low_tail(device, qk):
     """Valid lowbit_tail arguments: q, k_cache, seq_lens as qk, lse [B, Hq], indices [B, Hq, N],
     v_codes [B, Hkv, S, D / 4] (2 bits), v_meta [B, Hkv, S, 2] bfloat16."""
     return (*qk, torch.randn(B, HKV * G, device=device),
@@ -238,13 +238,13 @@ def tail(device, qk):
     (6, lambda m: m.transpose(2, 3).contiguous().transpose(2, 3),
      "v_meta must be contiguous in its last dim"),
 ])
-def test_lowbit_tail_bad_arguments(tail, i, bad, message):
+def test_lowbit_tail_bad_arguments(low_tail, i, bad, message):
     with pytest.raises(RuntimeError, match=message):
-        kcache_ops.lowbit_tail(*change(tail, i, bad(tail[i])))
+        kcache_ops.lowbit_tail(*change(low_tail, i, bad(low_tail[i])))
 
 
 @pytest.mark.parametrize("device", ["cpu"])
-def test_lowbit_tail_cpu_checks_values(tail):
+def test_lowbit_tail_cpu_checks_values(low_tail):
     """check_values=False only skips the CUDA read-back: the CPU op still names a bad value."""
     with pytest.raises(RuntimeError, match=r"indices\[0, 0, 0\] must be -1 \(padding\)"):
-        kcache_ops.lowbit_tail(*change(tail, 4, tail[4] - S - 1), check_values=False)
+        kcache_ops.lowbit_tail(*change(low_tail, 4, low_tail[4] - S - 1), check_values=False)

@@ -235,14 +235,15 @@ class KCache:
         """Bytes of the V buffers held in host RAM (every layer but the dense ones)."""
         return sum(t.nbytes for t in self.v_host.values())
 
-    def host_bytes_read_per_step(self):
+    def host_bytes_read_per_step(self, rows=None):
         """Bytes a decode step moves between host RAM and the device: per KCache layer and
-        sequence, the N V rows of each query head (of each KV head with group select) read, and
-        the new token's V rows (one per KV head) written. An upper bound while a sequence holds
-        fewer than N tokens or with ``top_p < 1`` (:meth:`rows_read` measures the rows read)."""
+        sequence, ``rows`` (default N) V rows of each query head (of each KV head with group
+        select) read, and the new token's V rows (one per KV head) written. With the default, an
+        upper bound while a sequence holds fewer than N tokens or with ``top_p < 1``; pass the
+        measured :meth:`rows_read` for the bytes actually read."""
         c, o = self.config, self.options
         heads = c.num_kv_heads if o.group_select else c.num_heads
-        rows = heads * o.topn + c.num_kv_heads  # read rows + appended rows
+        rows = heads * (o.topn if rows is None else rows) + c.num_kv_heads  # read + appended
         batch = self.lengths.seq_lens.shape[0]
         return len(self.v_host) * batch * rows * c.head_dim * self.k[0].element_size()
 

@@ -4,7 +4,7 @@ greedy agreement, attention mass, and each configuration's host and device bytes
 setting chosen from them by the rule of issue 12 (:mod:`kcache_ops.eval.recommend`). Writes
 bench/results/eval.json, the plots and REPORT.md; the results are saved after each configuration.
 
-The defaults run the curated grid (:func:`kcache_ops.eval.grid.default_grid`, 13 configurations +
+The defaults run the curated grid (:func:`kcache_ops.eval.grid.default_grid`, 15 configurations +
 dense) in under an hour on two CPU cores; ``--topn`` / ``--tails`` / ``--group-select`` /
 ``--dense-layers`` run their product instead; ``--quick`` is a seconds-long smoke run;
 ``--gpu-sizes`` more and longer texts for a GPU.

@@ -14,10 +14,11 @@ PAPER_LITERAL = KCacheOptions(topn=64, group_select=False, renormalize=True, den
 
 
 def default_grid():
-    """The default configurations (13 + dense), most telling first: the paper-literal N=64, the
+    """The default configurations (15 + dense), most telling first: the paper-literal N=64, the
     three tails at N=64, the 2-bit tail at smaller budgets, the 4-bit tail at N=8, group selection
-    with the 2-bit tail, the mean tail with layer 0 dense, and the old way to accuracy (a larger N
-    without a tail, N=128 with the mean tail)."""
+    with the 2-bit tail, the mean tail with layer 0 dense, the old way to accuracy (a larger N
+    without a tail, N=128 with the mean tail), and the adaptive budget (top_p) on the 2-bit
+    tail."""
     kc = Config.kcache
     return [Config("kcache", PAPER_LITERAL),
             kc(topn=64, tail="int2"), kc(topn=64, tail="mean"), kc(topn=64, tail="int4"),
@@ -25,7 +26,8 @@ def default_grid():
             kc(topn=8, tail="int4"),
             kc(topn=64, tail="int2", group_select=True), kc(topn=8, tail="int2", group_select=True),
             kc(topn=64, tail="mean", dense_layers=(0,)),
-            kc(topn=256, tail="none"), kc(topn=128, tail="mean")]
+            kc(topn=256, tail="none"), kc(topn=128, tail="mean"),
+            kc(topn=64, tail="int2", top_p=0.9), kc(topn=64, tail="int2", top_p=0.5)]
 
 
 def quick_grid():

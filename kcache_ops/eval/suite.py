@@ -129,8 +129,7 @@ def evaluate(model, tokenizer, settings, configs, save, log=print):
                     result["mass"][g["name"]] = out.pop("mass")
                 result[g["name"]] = out
                 if g["name"] == "long":
-                    rows = config.options.topn if config.options else 0
-                    result["costs"] = summary.costs(cache, rows)
+                    result["costs"] = summary.costs(cache)
                 del cache
         result["seconds"] = time.perf_counter() - start
         if dense is None:

@@ -9,13 +9,17 @@ from . import perplexity
 CONTEXTS = ("short", "long")  # the perplexity groups: 1.5K windows (+ agreement), 6K windows
 
 
-def costs(cache, host_rows):
-    """What a cache costs per sequence: {"host_rows" (V rows read from host per head and step, the
-    ``host_rows`` given), "host_bytes_per_step" (``host_bytes_read_per_step`` / batch),
-    "device_bytes_per_token" (``device_bytes`` / (batch · capacity))}."""
+def costs(cache):
+    """What a cache costs per sequence: {"host_rows" (V rows read from host per head and step,
+    measured by KCache's record over its KCache layers: N, or fewer with ``top_p``; 0 for dense),
+    "host_bytes_per_step" (``host_bytes_read_per_step(rows)`` / batch), "device_bytes_per_token"
+    (``device_bytes`` / (batch · capacity))}."""
     batch = cache.seq_lens.shape[0]
-    return {"host_rows": host_rows,
-            "host_bytes_per_step": cache.host_bytes_read_per_step() / batch,
+    rows, host = 0.0, 0.0
+    if hasattr(cache, "rows_read"):
+        rows = float(cache.rows_read()[list(cache.v_host)].mean())
+        host = cache.host_bytes_read_per_step(rows) / batch
+    return {"host_rows": rows, "host_bytes_per_step": host,
             "device_bytes_per_token": cache.device_bytes() / (batch * cache.capacity)}
 
 
