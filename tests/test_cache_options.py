@@ -2,6 +2,7 @@
 trip, the CUDA limit on N matching the C++ constant; the protocol and host traffic of both caches;
 the shared command-line flags."""
 import argparse
+from dataclasses import replace
 import pathlib
 import re
 
@@ -92,3 +93,24 @@ def test_flags_follow_the_fields():
     assert given_kcache_options(parse([])) == {} and kcache_options(parse([])) == KCacheOptions()
     with pytest.raises(SystemExit, match="topn must be an integer >= 1, got 0"):
         kcache_options(parse(["--topn", "0"]))
+
+
+def test_paper_literal_is_one_flag_away():
+    """--paper-literal gives KCache as the paper states it whatever the defaults; other KCache
+    flags given with it change it."""
+    paper = KCacheOptions.paper_literal()
+    assert (paper.topn, paper.renormalize, paper.tail, paper.top_p) == (64, True, "none", 1.0)
+    assert kcache_options(parse(["--paper-literal"])) == paper
+    assert kcache_options(parse(["--paper-literal", "--topn", "32"])) == KCacheOptions(
+        topn=32, tail="none")
+    with pytest.raises(SystemExit, match="tail must be one of"):
+        kcache_options(parse(["--paper-literal", "--tail", "int3"]))
+
+
+def test_a_field_with_its_own_flag():
+    """top_p's flag is --attn-top-p (generate's --top-p samples): parsed into top_p, and named
+    as typed among the flags given."""
+    from kcache_ops.cli.args import given_kcache_flags
+    args = parse(["--attn-top-p", "0.9", "--tail", "int2", "--paper-literal"])
+    assert kcache_options(args) == replace(KCacheOptions.paper_literal(), top_p=0.9, tail="int2")
+    assert given_kcache_flags(args) == ["--tail", "--attn-top-p", "--paper-literal"]

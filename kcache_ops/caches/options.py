@@ -54,7 +54,8 @@ class KCacheOptions:
     tail: str = field(default="none", metadata={
         "short": "tail", "help": "the mass of the rows not read: none, mean, int2 or int4"})
     top_p: float = field(default=1.0, metadata={
-        "short": "p", "help": "read per head only the top rows whose mass reaches this"})
+        "short": "p", "flag": "--attn-top-p",  # --top-p is the sampling option of generate
+        "help": "read per head only the top rows whose attention mass reaches this"})
 
     def __post_init__(self):
         if isinstance(self.topn, bool) or not isinstance(self.topn, int) or self.topn < 1:
@@ -85,6 +86,13 @@ class KCacheOptions:
                              f"{num_layers} layers (0..{num_layers - 1})")
         if torch.device(device).type == "cuda" and self.topn > MAX_TOPN:
             raise ValueError(f"KCache: topn must be at most {MAX_TOPN} on CUDA, got {self.topn}")
+
+    @classmethod
+    def paper_literal(cls):
+        """KCache as the paper states it, whatever the defaults: the top 64 rows per head, a
+        softmax over them, nothing for the rest (no tail, no dense layer, no adaptive budget)."""
+        return cls(topn=64, group_select=False, renormalize=True, dense_layers=(), tail="none",
+                   top_p=1.0)
 
     @property
     def variant(self):

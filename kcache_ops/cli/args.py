@@ -1,7 +1,7 @@
 """The command-line arguments the commands share: the model, device and dtype; the KCache options
 (one flag per field of KCacheOptions, generated from the field); integer lists."""
 import argparse
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from ..caches import KCacheOptions
 from ..devices import DTYPES
@@ -49,40 +49,62 @@ def dtype_of(args):
 
 
 def _flag(f):
-    """The flag of a KCacheOptions field: --name, or --no-name for a bool that defaults to True."""
+    """The flag of a KCacheOptions field: its metadata's "flag" where it has one, else --name, or
+    --no-name for a bool that defaults to True."""
+    if "flag" in f.metadata:
+        return f.metadata["flag"]
     name = f.name.replace("_", "-")
     return f"--no-{name}" if f.default is True else f"--{name}"
 
 
+def _dest(f):
+    """Where argparse keeps a KCacheOptions field's flag: the field's name, or the name of its
+    own flag where it has one (so that it does not meet another option of the same name)."""
+    return f.metadata["flag"].lstrip("-").replace("-", "_") if "flag" in f.metadata else f.name
+
+
 def add_kcache_arguments(parser, skip=()):
-    """One flag per KCacheOptions field (but those in ``skip``): --topn, --group-select,
-    --no-renormalize, --dense-layers. Unset flags stay None, so :func:`kcache_options` can tell
+    """--paper-literal, and one flag per KCacheOptions field (but those in ``skip``): --topn,
+    --group-select, --no-renormalize, --dense-layers, --tail, --attn-top-p. Unset flags stay None, so :func:`kcache_options` can tell
     what was given."""
     group = parser.add_argument_group("KCache options")
+    group.add_argument("--paper-literal", action="store_true",
+                       help="KCache as the paper states it: N=64, a softmax over the top N, no "
+                            "tail (the KCache flags below, where given, change it)")
     for f in fields(KCacheOptions):
         if f.name in skip:
             continue
         help_text = f.metadata["help"]
         if isinstance(f.default, bool):
-            group.add_argument(_flag(f), dest=f.name, action="store_const", const=not f.default,
-                               help=help_text)
+            group.add_argument(_flag(f), dest=_dest(f), action="store_const",
+                               const=not f.default, help=help_text)
         elif isinstance(f.default, tuple):
-            group.add_argument(_flag(f), dest=f.name, type=int_list, help=help_text)
+            group.add_argument(_flag(f), dest=_dest(f), type=int_list, help=help_text)
         else:
-            group.add_argument(_flag(f), dest=f.name, type=type(f.default),
+            group.add_argument(_flag(f), dest=_dest(f), type=type(f.default),
                                help=f"{help_text} (default {f.default})")
 
 
 def given_kcache_options(args):
     """{field: value} of the KCache flags given on the command line."""
-    return {f.name: getattr(args, f.name) for f in fields(KCacheOptions)
-            if getattr(args, f.name, None) is not None}
+    return {f.name: getattr(args, _dest(f)) for f in fields(KCacheOptions)
+            if getattr(args, _dest(f), None) is not None}
+
+
+def given_kcache_flags(args):
+    """The KCache flags given on the command line, as typed: e.g. ["--topn", "--paper-literal"]."""
+    flags = [_flag(f) for f in fields(KCacheOptions) if getattr(args, _dest(f), None) is not None]
+    return flags + (["--paper-literal"] if getattr(args, "paper_literal", False) else [])
 
 
 def kcache_options(args):
-    """KCacheOptions from the flags given (the defaults for the rest); a bad value exits with
-    the error."""
+    """KCacheOptions from the flags given, the rest from the defaults (from
+    :meth:`KCacheOptions.paper_literal` with --paper-literal); a bad value exits with the
+    error."""
+    base = KCacheOptions.paper_literal() if getattr(args, "paper_literal", False) else None
     try:
+        if base is not None:
+            return replace(base, **given_kcache_options(args))
         return KCacheOptions(**given_kcache_options(args))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from e

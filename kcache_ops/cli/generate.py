@@ -5,7 +5,7 @@ import sys
 from ..caches import BACKENDS
 from ..generate import generate
 from ..model import CheckpointError, UnsupportedModelError, load_model
-from .args import add_kcache_arguments, add_model_arguments, dtype_of, given_kcache_options, \
+from .args import add_kcache_arguments, add_model_arguments, dtype_of, given_kcache_flags, \
     kcache_options
 
 
@@ -28,11 +28,10 @@ def add_arguments(parser):
 def cache_options(args):
     """The KCacheOptions of --backend kcache (None for dense); an error if KCache flags are
     given with --backend dense."""
-    given = given_kcache_options(args)
+    flags = given_kcache_flags(args)
     if args.backend != "kcache":
-        if given:
-            flags = ", ".join("--" + k.replace("_", "-") for k in given)
-            raise SystemExit(f"error: {flags} apply to --backend kcache only")
+        if flags:
+            raise SystemExit(f"error: {', '.join(flags)} apply to --backend kcache only")
         return None
     return kcache_options(args)
 

@@ -7,10 +7,8 @@ from itertools import product
 from ..caches import KCacheOptions
 from .runner import Config
 
-# KCache as the paper states it: top 64 per head, a softmax over them, nothing for the rest. Fixed
-# here (not KCacheOptions()) so that it keeps its meaning when the cache's defaults change.
-PAPER_LITERAL = KCacheOptions(topn=64, group_select=False, renormalize=True, dense_layers=(),
-                              tail="none")
+# KCache as the paper states it: top 64 per head, a softmax over them, nothing for the rest
+PAPER_LITERAL = KCacheOptions.paper_literal()
 
 
 def default_grid():
