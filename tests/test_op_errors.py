@@ -126,7 +126,7 @@ def test_mixed_devices():
 
 
 @pytest.fixture
-def tail(device, qk):
+def low_tail(device, qk):
     """Valid lowbit_tail arguments: q, k_cache, seq_lens as qk, lse [B, Hq], indices [B, Hq, N],
     v_codes [B, Hkv, S, D / 4] (2 bits), v_meta [B, Hkv, S, 2] bfloat16."""
     return (*qk, torch.randn(B, HKV * G, device=device),
@@ -160,16 +160,16 @@ def tail(device, qk):
     (6, lambda m: m.transpose(2, 3).contiguous().transpose(2, 3),
      "v_meta must be contiguous in its last dim"),
 ])
-def test_lowbit_tail_bad_arguments(tail, i, bad, message):
+def test_lowbit_tail_bad_arguments(low_tail, i, bad, message):
     with pytest.raises(RuntimeError, match=message):
-        kcache_ops.lowbit_tail(*change(tail, i, bad(tail[i])))
+        kcache_ops.lowbit_tail(*change(low_tail, i, bad(low_tail[i])))
 
 
 @pytest.mark.parametrize("device", ["cpu"])
-def test_lowbit_tail_cpu_checks_values(tail):
+def test_lowbit_tail_cpu_checks_values(low_tail):
     """check_values=False only skips the CUDA read-back: the CPU op still names a bad value."""
     with pytest.raises(RuntimeError, match=r"indices\[0, 0, 0\] must be -1 \(padding\)"):
-        kcache_ops.lowbit_tail(*change(tail, 4, tail[4] - S - 1), check_values=False)
+        kcache_ops.lowbit_tail(*change(low_tail, 4, low_tail[4] - S - 1), check_values=False)
 
 
 @requires_cuda
