@@ -19,6 +19,7 @@ from cuda_emu import emu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_gather_rows import make_indices
+from test_lowbit_tail import check_tail, make_case
 from test_qk_topn import check_topn, make_qk
 from test_sparse_attn_v import check_attn, check_tail, make_selection, make_tail_case
 
@@ -556,3 +557,164 @@ def test_missing_barrier_is_caught(race_exe):
     emu.run(race_exe, "qk_topn", args, tensors)  # the unmodified kernel passes
     with pytest.raises(emu.EmulatorError, match="race"):
         emu.run(race_exe, "qk_topn", args, tensors, skip_barrier=site)
+
+
+# ---- lowbit_tail --------------------------------------------------------------------------------
+
+def run_lowbit_tail(exe, q, k, seq_lens, lse, indices, codes, meta, scale, sms=SMS,
+                    seeds=SEEDS, skip_barrier=None):
+    """lowbit_tail on the emulator: q [B, Hq, D], k [B, Hkv, S, D], seq_lens [B] int32, lse
+    [B, Hq] float32, indices [B, Hq, N] int32, codes [B, Hkv, S, D * bits / 8] uint8 (sent as
+    int32 words: the case format has no uint8), meta [B, Hkv, S, 2] bfloat16 -> out [B, Hq, D]
+    float32. skip_barrier: as emu.run's (a mutant)."""
+    tensors = dict(q=q, k_cache=k, seq_lens=seq_lens, lse=lse, indices=indices,
+                   v_codes_words=codes.view(torch.int32), v_meta=meta)
+    return emu.run(exe, "lowbit_tail", dict(scale=scale, sms=sms), tensors, seeds=seeds,
+                   skip_barrier=skip_barrier)["out"]
+
+
+def lowbit_case(B, Hkv, G, S, D, bits, dtype, lens, n, group_select, scale):
+    """make_case's inputs plus the indices and lse of the reference qk_topn over them."""
+    q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, bits, dtype, "cpu", lens)
+    _, indices, lse = R.qk_topn(q, k, seq_lens, n, scale, group_select)
+    return q, k, seq_lens, lse, indices, codes, meta
+
+
+@pytest.mark.parametrize("dtype,D,G,bits,group_select", [
+    (torch.float32, 64, 1, 2, False),
+    (torch.float16, 128, 3, 4, True),
+    (torch.bfloat16, 64, 4, 4, False),
+    (torch.float32, 128, 8, 2, True),
+    (torch.bfloat16, 128, 8, 2, False),
+    (torch.float16, 64, 2, 2, True),
+    (torch.bfloat16, 64, 12, 4, True),
+], ids=lambda v: str(v).removeprefix("torch."))
+def test_lowbit_tail_matches_reference(race_exe, dtype, D, G, bits, group_select):
+    """Several chunks (partials and the reduce kernel), L = S, odd, N + 1, N, 1 and 0 in one
+    batch; G = 12 takes two blocks per KV head (a slice of 8 query heads and one of 4)."""
+    Hkv, S, n = 1 if G >= 8 else 2, 700, 16
+    lens = [S, 97, n + 1, n, 1, 0]
+    args = lowbit_case(len(lens), Hkv, G, S, D, bits, dtype, lens, n, group_select, 0.1)
+    out = run_lowbit_tail(race_exe, *args, 0.1)
+    check_tail(*args, 0.1, out)
+    assert torch.equal(out[3:], torch.zeros(3, *out.shape[1:])), "L_b <= N gives zeros"
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_lowbit_tail_single_chunk(race_exe, bits):
+    """One multiprocessor: a single chunk per row, written to out without the reduce kernel."""
+    args = lowbit_case(2, 2, 4, 300, 128, bits, torch.bfloat16, [300, 211], 24, False, 0.09)
+    out = run_lowbit_tail(race_exe, *args, 0.09, sms=1)
+    check_tail(*args, 0.09, out)
+
+
+def test_lowbit_tail_full_bitmap(race_exe):
+    """Chunks of kTailMaxChunk = 4096 keys (one multiprocessor, 12288 keys): every word of the
+    selection bitmap, for a slice of 8 heads, with 1024 selected keys per head."""
+    args = lowbit_case(1, 1, 8, 12288, 64, 2, torch.float32, [12288], 1024, False, 0.125)
+    out = run_lowbit_tail(race_exe, *args, 0.125, sms=1)
+    check_tail(*args, 0.125, out)
+
+
+def test_lowbit_tail_arbitrary_indices(race_exe):
+    """Indices repeated, -1, in [L_b, S), >= S and < -1 (the last two rejected by the launcher
+    outside graph capture): only the valid ones in [0, L_b) are left out, nothing else is read."""
+    B, Hkv, G, S, D, N = 2, 2, 3, 300, 64, 40
+    q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, 4, torch.float16, "cpu", [300, 150])
+    indices = torch.randint(0, S, (B, Hkv * G, N), dtype=torch.int32)
+    indices[:, :, 1] = indices[:, :, 0]
+    indices[torch.rand(B, Hkv * G, N) < 0.2] = -1
+    indices[0, 0, 2], indices[1, 2, 3], indices[1, 1, 4] = S + 3, -7, 1 << 30
+    _, lse = R.qk_scores(q, k, seq_lens, 0.2)
+    out = run_lowbit_tail(race_exe, q, k, seq_lens, lse, indices, codes, meta, 0.2)
+    cleaned = indices.masked_fill((indices < 0) | (indices >= S), -1)
+    check_tail(q, k, seq_lens, lse, cleaned, codes, meta, 0.2, out)
+
+
+def test_lowbit_tail_out_of_range_lengths_are_clamped(race_exe):
+    """seq_lens beyond S or negative (rejected by the launcher outside graph capture) are clamped
+    to [0, S], never read out of bounds."""
+    S = 300
+    q, k, _, codes, meta = make_case(3, 2, 2, S, 64, 2, torch.float32, "cpu", [S, S, 40])
+    clamped = seq_lens_tensor([S, 0, 40], "cpu")
+    _, indices, lse = R.qk_topn(q, k, clamped, 8, 0.2)
+    out = run_lowbit_tail(race_exe, q, k, seq_lens_tensor([S + 50, -7, 40], "cpu"), lse, indices,
+                          codes, meta, 0.2)
+    check_tail(q, k, clamped, lse, indices, codes, meta, 0.2, out)
+
+
+def test_lowbit_tail_strided_inputs(race_exe):
+    """The cache's views: k, codes and meta sliced on S and heads; q, lse and indices transposed
+    views; seq_lens every other element."""
+    B, Hkv, G, S, D, n = 2, 2, 3, 97, 128, 16
+    q, k, _, codes, meta = make_case(B, 2 * Hkv, G, S + 11, D, 4, torch.bfloat16, "cpu",
+                                     [S + 5, 55])
+    k, codes, meta = (t[:, 1::2, 5:S + 5] for t in (k, codes, meta))
+    q = q.view(B, 2 * Hkv, G, D)[:, 1::2].reshape(B, Hkv * G, D).transpose(0, 1).contiguous()
+    q = q.transpose(0, 1)
+    lens = seq_lens_tensor([S, 0, 50, 0], "cpu")[::2]
+    _, indices, lse = R.qk_topn(q, k, lens, n, 0.1)
+    indices = indices.transpose(0, 1).contiguous().transpose(0, 1)
+    lse = lse.t().contiguous().t()
+    assert not any(t.is_contiguous() for t in (q, k, codes, meta, indices, lse, lens))
+    out = run_lowbit_tail(race_exe, q, k, lens, lse, indices, codes, meta, 0.1)
+    check_tail(q, k, lens, lse, indices, codes, meta, 0.1, out)
+
+
+def test_lowbit_tail_empty_cache(race_exe):
+    """S = 0: no block at all, zeros out."""
+    args = lowbit_case(2, 2, 2, 0, 64, 2, torch.float32, [0, 0], 4, False, 0.1)
+    assert torch.equal(run_lowbit_tail(race_exe, *args, 0.1), torch.zeros(2, 4, 64))
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_lowbit_tail_decode_step(race_exe, group_select):
+    """qk_topn then lowbit_tail on the emulator equals the reference tail of the reference
+    selection."""
+    B, Hkv, G, S, D, n = 2, 2, 4, 700, 64, 32
+    q, k, lens, codes, meta = make_case(B, Hkv, G, S, D, 2, torch.bfloat16, "cpu", [S, 97])
+    _, indices, lse = run_qk_topn(race_exe, q, k, lens, n, 1 / 8, group_select)
+    out = run_lowbit_tail(race_exe, q, k, lens, lse, indices, codes, meta, 1 / 8)
+    check_tail(q, k, lens, lse, indices, codes, meta, 1 / 8, out)
+
+
+@settings(max_examples=6, deadline=None)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 5, 8]),
+       S=st.integers(1, 700), n=st.integers(1, 80), D=st.sampled_from([64, 128]),
+       bits=st.sampled_from([2, 4]), dtype=st.sampled_from(DTYPES), group_select=st.booleans(),
+       sms=st.sampled_from([1, 132]), data=st.data())
+def test_lowbit_tail_random_shapes(race_exe, B, Hkv, G, S, n, D, bits, dtype, group_select, sms,
+                                   data):
+    lens = data.draw(st.lists(st.integers(0, S), min_size=B, max_size=B))
+    args = lowbit_case(B, Hkv, G, S, D, bits, dtype, lens, n, group_select, 1 / math.sqrt(D))
+    out = run_lowbit_tail(race_exe, *args, 1 / math.sqrt(D), sms=sms)
+    check_tail(*args, 1 / math.sqrt(D), out)
+
+
+@pytest.mark.parametrize("sms", [1, 132], ids=["one_chunk", "chunks"])
+def test_asan_lowbit_tail(asan_exe, sms):
+    """Strided inputs ending at the last row of their storage, both bit widths, one seed."""
+    for bits, dtype in ((2, torch.float16), (4, torch.float32)):
+        q, k, lens, codes, meta = make_case(2, 1, 3, 610, 64, bits, dtype, "cpu", [610, 333])
+        k, codes, meta = (t[:, :, 10:] for t in (k, codes, meta))
+        lens = seq_lens_tensor([600, 323], "cpu")
+        _, indices, lse = R.qk_topn(q, k, lens, 30, 0.1)
+        out = run_lowbit_tail(asan_exe, q, k, lens, lse, indices, codes, meta, 0.1, sms=sms,
+                              seeds=(1,))
+        check_tail(q, k, lens, lse, indices, codes, meta, 0.1, out)
+
+
+def _lowbit_tail_barriers():
+    """'file:line' of every __syncthreads in lowbit_tail_kernel.cuh."""
+    path = emu.KERNEL_DIR / "lowbit_tail_kernel.cuh"
+    return [f"{path.name}:{i + 1}" for i, line in enumerate(path.read_text().splitlines())
+            if re.search(r"__syncthreads\(\)", line)]
+
+
+@pytest.mark.parametrize("site", _lowbit_tail_barriers())
+def test_lowbit_tail_missing_barrier_is_caught(race_exe, site):
+    """Each barrier of lowbit_tail_kernel removed in turn: the race check stops the run."""
+    args = lowbit_case(1, 1, 4, 600, 64, 2, torch.float32, [600], 40, False, 0.1)
+    run_lowbit_tail(race_exe, *args, 0.1, seeds=(1,))  # the unmodified kernel passes
+    with pytest.raises(emu.EmulatorError, match="race|not written in this block"):
+        run_lowbit_tail(race_exe, *args, 0.1, seeds=(1,), skip_barrier=site)

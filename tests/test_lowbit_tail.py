@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES, DTYPES, TOL, poison_allocator, seq_lens_tensor
+from conftest import DEVICES, DTYPES, TOL, host_tensor, poison_allocator, seq_lens_tensor
 from cuda_checks import requires_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -135,6 +135,20 @@ def test_check_values_off(device):
     torch.library.opcheck(torch.ops.kcache_ops.lowbit_tail.default,
                           (q, k, seq_lens, lse, indices, codes, meta, 0.125, False))
 
+
+def test_compile_decode_step_with_tail(device):
+    """torch.compile (fullgraph) over qk_topn, sparse_attn_v with full-softmax weights and the
+    tail: the same output as eager."""
+    def decode(q, k, v, lens, codes, meta):
+        scores, indices, lse = kcache_ops.qk_topn(q, k, lens, 8)
+        head = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize=False)
+        return head.float() + kcache_ops.lowbit_tail(q, k, lens, lse, indices, codes, meta)
+
+    q, k, lens, codes, meta = make_case(3, 1, 4, 97, 128, 4, torch.float32, device, [97, 5, 0])
+    v = host_tensor(torch.randn(3, 1, 97, 128), device)
+    compiled = torch.compile(decode, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(q, k, v, lens, codes, meta),
+                               decode(q, k, v, lens, codes, meta))
 
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 3), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4, 8]),

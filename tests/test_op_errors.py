@@ -2,6 +2,7 @@
 import pytest
 import torch
 from conftest import host_tensor, seq_lens_tensor
+from cuda_checks import requires_cuda
 
 import kcache_ops
 
@@ -248,3 +249,22 @@ def test_lowbit_tail_cpu_checks_values(low_tail):
     """check_values=False only skips the CUDA read-back: the CPU op still names a bad value."""
     with pytest.raises(RuntimeError, match=r"indices\[0, 0, 0\] must be -1 \(padding\)"):
         kcache_ops.lowbit_tail(*change(low_tail, 4, low_tail[4] - S - 1), check_values=False)
+
+
+@requires_cuda
+def test_lowbit_tail_cuda_alignment():
+    """The CUDA kernel reads each row's (scale, min) as one 4-byte word and the codes with vector
+    loads: misaligned rows are refused with a message that says so."""
+    q, k = torch.randn(B, HKV * G, D, device="cuda"), torch.randn(B, HKV, S, D, device="cuda")
+    lens = seq_lens_tensor([S, 3], "cuda")
+    lse = torch.randn(B, HKV * G, device="cuda")
+    indices = torch.randint(0, S, (B, HKV * G, N), dtype=torch.int32, device="cuda")
+    codes = torch.randint(0, 256, (B, HKV, S, D // 4), dtype=torch.uint8, device="cuda")
+    meta = torch.randn(B, HKV, S, 3, device="cuda").bfloat16()[..., :2]  # rows 6 bytes apart
+    with pytest.raises(RuntimeError, match="v_meta rows must be 4-byte aligned"):
+        kcache_ops.lowbit_tail(q, k, lens, lse, indices, codes, meta)
+    meta = meta.contiguous()
+    codes = torch.randint(0, 256, (B, HKV, S, D // 4 + 1), dtype=torch.uint8,
+                          device="cuda")[..., 1:]  # rows 17 bytes apart
+    with pytest.raises(RuntimeError, match="v_codes rows must be 16-byte aligned"):
+        kcache_ops.lowbit_tail(q, k, lens, lse, indices, codes, meta)

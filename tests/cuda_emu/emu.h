@@ -53,6 +53,9 @@ int lane_id();
 // atomicAdd on an int in shared or global memory (an atomic access for the race check).
 int atomic_add(int* p, int v);
 
+// atomicOr on an unsigned int in shared or global memory (an atomic access, as atomic_add).
+unsigned atomic_or(unsigned* p, unsigned v);
+
 // Fails the run with a message (shim misuse, unsupported feature).
 [[noreturn]] void fail(const char* what, const char* file, int line);
 

@@ -10,6 +10,7 @@
 
 #include "case.h"
 #include "gather_rows_launch.h"
+#include "lowbit_tail_launch.h"
 #include "qk_topn_launch.h"
 #include "selftest_kernels.cuh"
 #include "sparse_attn_v_launch.h"
@@ -222,6 +223,82 @@ Outputs run_gather_rows(const Case& c) {
   return {{"dst", dst}};
 }
 
+Outputs run_lowbit_tail(const Case& c) {
+  const Tensor& q = c.input("q");                // [B, Hq, D]
+  const Tensor& k = c.input("k_cache");          // [B, Hkv, S, D]
+  const Tensor& seq_lens = c.input("seq_lens");  // [B] int32
+  const Tensor& lse = c.input("lse");            // [B, Hq] float32
+  const Tensor& indices = c.input("indices");    // [B, Hq, N] int32
+  // [B, Hkv, S, D * bits / 32] int32: the uint8 codes [B, Hkv, S, D * bits / 8] seen as 4-byte
+  // words (the case format has no uint8 dtype); its strides times 4 are the codes' byte strides
+  const Tensor& codes = c.input("v_codes_words");
+  const Tensor& meta = c.input("v_meta");        // [B, Hkv, S, 2] bfloat16
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  Tensor out = make_tensor(DType::kF32, {B, Hq, D}, 0xff);  // [B, Hq, D], NaN
+  if (out.numel() == 0) return {{"out", out}};
+  const kcache_ops::LowbitTailArgs args{
+      .q = q.data(),
+      .q_sb = q.stride(0),
+      .q_sh = q.stride(1),
+      .k = k.data(),
+      .k_sb = k.stride(0),
+      .k_sh = k.stride(1),
+      .k_ss = k.stride(2),
+      .codes = static_cast<const uint8_t*>(codes.data()),
+      .c_sb = codes.stride(0) * 4,
+      .c_sh = codes.stride(1) * 4,
+      .c_ss = codes.stride(2) * 4,
+      .meta = meta.data(),
+      .m_sb = meta.stride(0),
+      .m_sh = meta.stride(1),
+      .m_ss = meta.stride(2),
+      .seq_lens = static_cast<const int32_t*>(seq_lens.data()),
+      .seq_stride = seq_lens.stride(0),
+      .lse = static_cast<const float*>(lse.data()),
+      .lse_sb = lse.stride(0),
+      .lse_sh = lse.stride(1),
+      .indices = static_cast<const int32_t*>(indices.data()),
+      .ix_sb = indices.stride(0),
+      .ix_sh = indices.stride(1),
+      .ix_sn = indices.stride(2),
+      .out = static_cast<float*>(out.data()),
+      .B = B,
+      .Hq = Hq,
+      .Hkv = k.size(1),
+      .S = k.size(2),
+      .D = D,
+      .N = indices.size(2),
+      .bits = codes.size(3) * 32 / D,
+      .scale = static_cast<float>(c.scalar("scale")),
+  };
+  const kcache_ops::LowbitTailPlan plan =
+      kcache_ops::plan_lowbit_tail(args, static_cast<int>(c.scalar("sms")));
+  if (plan.num_chunks == 0) return {{"out", make_tensor(DType::kF32, {B, Hq, D}, 0)}};  // S = 0
+  Tensor partials = make_tensor(DType::kF32, {plan.partial_floats}, 0xff);  // [B, Hq, chunks, D]
+  const kcache_ops::LowbitTailParams p =
+      kcache_ops::lowbit_tail_params(args, plan, static_cast<float*>(partials.data()));
+  dispatch_kernel_instance(q.dtype, D, plan.group_slice,
+                           [&](auto type_tag, auto d_tag, auto gs_tag) {
+    using T = std::remove_pointer_t<decltype(type_tag)>;
+    if (plan.num_chunks == 1) {
+      watch_output(out.data(), out.bytes, "out");
+    } else {
+      watch_output(partials.data(), partials.bytes, "partials");
+    }
+    launch(to_dim3(plan.tail_grid), dim3(plan.tail_block), "lowbit_tail_kernel", [&] {
+      kcache_ops::lowbit_tail_kernel<T, decltype(d_tag)::value, decltype(gs_tag)::value>(p);
+    });
+  });
+  if (plan.num_chunks > 1) {
+    const kcache_ops::LowbitTailReduceParams rp = kcache_ops::lowbit_tail_reduce_params(
+        args, plan, static_cast<const float*>(partials.data()));
+    watch_output(out.data(), out.bytes, "out");
+    launch(to_dim3(plan.reduce_grid), dim3(plan.reduce_block), "lowbit_tail_reduce_kernel",
+           [&] { kcache_ops::lowbit_tail_reduce_kernel(rp); });
+  }
+  return {{"out", out}};
+}
+
 // The emulator's own checks (selftest_kernels.cuh), by name.
 Outputs run_selftest(const Case& c) {
   const std::pair<const char*, void (*)(int*)> kKernels[] = {
@@ -248,6 +325,7 @@ Outputs run_case(const Case& c) {
   if (c.op == "qk_topn") return run_qk_topn(c);
   if (c.op == "sparse_attn_v") return run_sparse_attn_v(c);
   if (c.op == "gather_rows") return run_gather_rows(c);
+  if (c.op == "lowbit_tail") return run_lowbit_tail(c);
   throw std::runtime_error("unknown op " + c.op);
 }
 

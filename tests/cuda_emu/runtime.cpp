@@ -624,6 +624,13 @@ int atomic_add(int* p, int v) {
   return old;
 }
 
+unsigned atomic_or(unsigned* p, unsigned v) {
+  shared_access(reinterpret_cast<uintptr_t>(p), sizeof(unsigned), 2, __builtin_return_address(0));
+  const unsigned old = *p;
+  *p = old | v;
+  return old;
+}
+
 void fail(const char* what, const char* file, int line) {
   die("%s (%s:%d)", what, base_name(file), line);
 }

@@ -137,3 +137,4 @@ inline void syncwarp(const char* file, int line, unsigned mask = 0xffffffffu) {
 }  // namespace emu::detail
 
 inline int atomicAdd(int* p, int v) { return ::emu::atomic_add(p, v); }
+inline unsigned atomicOr(unsigned* p, unsigned v) { return ::emu::atomic_or(p, v); }

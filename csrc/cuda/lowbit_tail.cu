@@ -1,0 +1,119 @@
+// kcache_ops::lowbit_tail on CUDA: checks, device guard, current stream, the partials' allocation,
+// dtype / head-dim / group dispatch, and the launches (one, or two when the keys take several
+// chunks) of lowbit_tail_kernel.cuh as lowbit_tail_launch.h plans them. No host synchronisation
+// except the seq_lens / index range checks, which check_values=False skips (launch_utils.h).
+#include <type_traits>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "launch_utils.h"
+#include "lowbit_tail_launch.h"
+#include "../shape_checks.h"
+#include "utils.cuh"
+
+namespace kcache_ops {
+namespace {
+
+at::Tensor lowbit_tail_cuda(const at::Tensor& q,         // [B, Hq, D], CUDA
+                            const at::Tensor& k_cache,   // [B, Hkv, S, D], CUDA, same dtype
+                            const at::Tensor& seq_lens,  // [B] int32, CUDA
+                            const at::Tensor& lse,       // [B, Hq] float32, CUDA
+                            const at::Tensor& indices,   // [B, Hq, N] int32, CUDA
+                            const at::Tensor& v_codes,   // [B, Hkv, S, D * bits / 8] uint8, CUDA
+                            const at::Tensor& v_meta,    // [B, Hkv, S, 2] bfloat16, CUDA
+                            double scale, bool check_values) {
+  constexpr const char* kOp = "lowbit_tail";
+  const LowbitTailDims dims =
+      check_lowbit_tail_args(q, k_cache, seq_lens, lse, indices, v_codes, v_meta);
+  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
+  KC_CHECK_DEVICE(k_cache, q.device());
+  KC_CHECK_DEVICE(seq_lens, q.device());
+  KC_CHECK_DEVICE(lse, q.device());
+  KC_CHECK_DEVICE(indices, q.device());
+  KC_CHECK_DEVICE(v_codes, q.device());
+  KC_CHECK_DEVICE(v_meta, q.device());
+  check_vec16_aligned(k_cache, kOp, "k_cache");
+  check_vec16_aligned(v_codes, kOp, "v_codes");
+  bool meta_aligned = reinterpret_cast<uintptr_t>(v_meta.data_ptr()) % 4 == 0;
+  for (int64_t i = 0; i < 3; ++i)
+    meta_aligned = meta_aligned && (v_meta.size(i) <= 1 || v_meta.stride(i) % 2 == 0);
+  TORCH_CHECK(meta_aligned || v_meta.numel() == 0, kOp, ": v_meta rows must be 4-byte aligned "
+              "(data pointer and every stride but the last a multiple of 4 bytes), got strides ",
+              v_meta.strides());
+  TORCH_CHECK(dims.S < (int64_t{1} << 31) && dims.B < 65536 && dims.Hq < 65536 &&
+                  dims.N < (int64_t{1} << 31),
+              "lowbit_tail: sizes out of range for the CUDA kernels: B=", dims.B, ", Hq=", dims.Hq,
+              ", S=", dims.S, ", N=", dims.N);
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto fopts = q.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({dims.B, dims.Hq, dims.D}, fopts);  // [B, Hq, D]
+  if (out.numel() == 0) return out;
+  if (check_values && should_validate_values(stream)) {
+    check_seq_lens_on_device(seq_lens, dims.S);
+    check_indices_on_device(indices, dims.S, "k_cache");
+  }
+
+  const LowbitTailArgs args{
+      .q = q.data_ptr(),
+      .q_sb = q.stride(0),
+      .q_sh = q.stride(1),
+      .k = k_cache.data_ptr(),
+      .k_sb = k_cache.stride(0),
+      .k_sh = k_cache.stride(1),
+      .k_ss = k_cache.stride(2),
+      .codes = v_codes.data_ptr<uint8_t>(),
+      .c_sb = v_codes.stride(0),
+      .c_sh = v_codes.stride(1),
+      .c_ss = v_codes.stride(2),
+      .meta = v_meta.data_ptr(),
+      .m_sb = v_meta.stride(0),
+      .m_sh = v_meta.stride(1),
+      .m_ss = v_meta.stride(2),
+      .seq_lens = seq_lens.data_ptr<int32_t>(),
+      .seq_stride = seq_lens.stride(0),
+      .lse = lse.data_ptr<float>(),
+      .lse_sb = lse.stride(0),
+      .lse_sh = lse.stride(1),
+      .indices = indices.data_ptr<int32_t>(),
+      .ix_sb = indices.stride(0),
+      .ix_sh = indices.stride(1),
+      .ix_sn = indices.stride(2),
+      .out = out.data_ptr<float>(),
+      .B = dims.B,
+      .Hq = dims.Hq,
+      .Hkv = dims.Hkv,
+      .S = dims.S,
+      .D = dims.D,
+      .N = dims.N,
+      .bits = dims.bits,
+      .scale = static_cast<float>(scale),
+  };
+  const LowbitTailPlan plan = plan_lowbit_tail(args, multiprocessor_count(q.get_device()));
+  if (plan.num_chunks == 0) return out.zero_();  // S = 0: no key
+  at::Tensor partials = at::empty({plan.partial_floats}, fopts);  // [B, Hq, num_chunks, D]
+  const LowbitTailParams p = lowbit_tail_params(args, plan, partials.data_ptr<float>());
+  dispatch_kernel_instance(q.scalar_type(), dims.D, plan.group_slice, kOp,
+                           [&](auto type_tag, auto d_tag, auto gs_tag) {
+    using T = std::remove_pointer_t<decltype(type_tag)>;
+    lowbit_tail_kernel<T, decltype(d_tag)::value, decltype(gs_tag)::value>
+        <<<to_dim3(plan.tail_grid), plan.tail_block, 0, stream>>>(p);
+    KC_CHECK_LAUNCH("lowbit_tail");
+  });
+  if (plan.num_chunks > 1) {
+    const LowbitTailReduceParams rp =
+        lowbit_tail_reduce_params(args, plan, partials.data_ptr<float>());
+    lowbit_tail_reduce_kernel<<<to_dim3(plan.reduce_grid), plan.reduce_block, 0, stream>>>(rp);
+    KC_CHECK_LAUNCH("lowbit_tail (reduce)");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kcache_ops, CUDA, m) { m.impl("lowbit_tail", &lowbit_tail_cuda); }
+
+}  // namespace kcache_ops

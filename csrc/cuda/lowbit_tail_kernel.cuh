@@ -1,0 +1,253 @@
+// lowbit_tail on the GPU: out[b, h] = sum over j < L_b not selected by head h of
+// exp(s_hj - lse_h) · dequant(v)[b, h / G, j], over the low-bit copy of V in device memory (bytes
+// and design: bench/NOTES.md).
+//
+// 1. lowbit_tail_kernel — one block per (chunk of keys, KV head, slice of <= GS query heads of its
+//    group, sequence), the chunks sized to whole waves (lowbit_tail_launch.h). The block first
+//    marks the keys of its chunk that each head selected in a bitmap in shared memory (one bit per
+//    key and head, from the heads' index rows; integer atomicOr, so the bits do not depend on the
+//    order; indices outside the chunk, and so outside [0, L_b), change nothing). Then each K row
+//    is read once with 16-byte loads, together with its code row and its (scale, min), and dotted
+//    with all the slice's query heads held in registers, as qk_scores_kernel does (the dots summed
+//    over the key's lanes by a butterfly, so every lane holds every head's score bit-identically).
+//    Each head that did not select the key weights the key's dequantized row by exp(s - lse) and
+//    adds it to its accumulators: a selected key is left out exactly, never added and subtracted.
+//    The lanes and warps are summed in a fixed order into the chunk's partial [gs, D].
+// 2. lowbit_tail_reduce_kernel — sums each head's chunk partials in chunk order into out. With a
+//    single chunk the launcher skips it: kernel 1 writes out itself.
+// The weights need no running max: lse is given and every weight is at most 1 up to rounding. A
+// NaN weight (a NaN score or lse, or L_b = 0) counts 0, as the reference's nan_to_num. Rows
+// j >= L_b of K, codes and meta are never read. Deterministic: no float atomics.
+#pragma once
+
+#include <cfloat>
+#include <cstdint>
+
+#include "kernel_utils.cuh"
+
+namespace kcache_ops {
+
+constexpr int kTailThreads = 128;      // 4 warps
+constexpr int kTailUnroll = 4;         // keys in flight per thread (16-byte K loads, codes, meta)
+constexpr int kTailBlocksPerSm = 3;    // launch bounds: registers for 3 blocks (12 warps) per SM
+constexpr int kTailMaxChunk = 4096;    // keys per block at most: the bitmap is GS · 512 bytes
+constexpr int kTailChunkStep = 256;    // chunks are multiples of it (and of every keys-per-iter)
+constexpr int kTailReduceThreads = 256;
+
+struct LowbitTailParams {
+  const void* q;                 // [B, Hq, D] of T, last dim contiguous
+  int64_t q_sb, q_sh;            // strides in elements
+  const void* k;                 // [B, Hkv, S, D] of T, last dim contiguous, rows 16-byte aligned
+  int64_t k_sb, k_sh, k_ss;      // strides in elements
+  const uint8_t* codes;          // [B, Hkv, S, D * bits / 8] uint8, rows 16-byte aligned
+  int64_t c_sb, c_sh, c_ss;      // strides in bytes
+  const uint32_t* meta;          // [B, Hkv, S] (scale, min) bfloat16 pairs, one 4-byte word each
+  int64_t m_sb, m_sh, m_ss;      // strides in words
+  const int32_t* seq_lens;       // [B], clamped to [0, S] here
+  int64_t seq_stride;            // in elements
+  const float* lse;              // [B, Hq] float32
+  int64_t lse_sb, lse_sh;        // strides in elements
+  const int32_t* indices;        // [B, Hq, N] int32; outside [0, L_b) ignored
+  int64_t ix_sb, ix_sh, ix_sn;   // strides in elements
+  float* partials;               // [B, Hq, num_chunks, D] float32 (out when num_chunks == 1)
+  int hq, hkv, s, n, chunk, num_chunks, slices, bits;
+  float scale;
+};
+
+// Keys of one block-iteration of lowbit_tail_kernel for element type T and head dim D.
+template <typename T, int D>
+constexpr int tail_keys_per_iter() {
+  return (kTailThreads / 32) * (32 / (D / Vec16<T>::kElems)) * kTailUnroll;
+}
+
+// This lane's kVec codes of a row (bits · kVec bits from `c`, code e at bit e · bits), as one word.
+template <int kVec>
+__device__ __forceinline__ uint32_t load_codes(const uint8_t* c, int bits) {
+  if (kVec == 8) {
+    return bits == 4 ? *reinterpret_cast<const uint32_t*>(c)
+                     : uint32_t{*reinterpret_cast<const uint16_t*>(c)};
+  }
+  return bits == 4 ? uint32_t{*reinterpret_cast<const uint16_t*>(c)} : uint32_t{*c};
+}
+
+// grid (num_chunks, Hkv * slices, B), block kTailThreads, kTailBlocksPerSm blocks per SM.
+template <typename T, int D, int GS>
+__global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
+    lowbit_tail_kernel(LowbitTailParams p) {
+  constexpr int kVec = Vec16<T>::kElems;  // elements per 16-byte load
+  constexpr int kLanesPerKey = D / kVec;  // 8, 16 or 32 lanes share one key row
+  constexpr int kKeysPerLoad = 32 / kLanesPerKey;
+  constexpr int kWarps = kTailThreads / 32;
+  constexpr int kWords = kTailMaxChunk / 32;
+  static_assert(D % kVec == 0 && 32 % kLanesPerKey == 0, "unsupported head dim");
+
+  __shared__ uint32_t selected[GS][kWords];  // bit (j - chunk_begin): head h selected key j
+  __shared__ float partial[kWarps][GS][D];   // each warp's sums
+
+  const int b = blockIdx.z;
+  const int kvh = blockIdx.y / p.slices;
+  const int G = p.hq / p.hkv;
+  const int h0 = kvh * G + (blockIdx.y % p.slices) * GS;  // first query head of this block
+  const int gs = min(GS, kvh * G + G - h0);               // query heads in this block
+  const int raw_len = p.seq_lens[b * p.seq_stride];
+  const int len = raw_len < 0 ? 0 : (raw_len > p.s ? p.s : raw_len);
+  const int chunk_begin = blockIdx.x * p.chunk;
+  const int chunk_end = min(chunk_begin + p.chunk, len);
+  const int words = (p.chunk + 31) / 32;
+
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int sub = lane % kLanesPerKey;  // which 16-byte piece of the row this lane reads
+  const int kslot = lane / kLanesPerKey;
+
+  // The selection bitmap of the chunk.
+  for (int t = threadIdx.x; t < GS * words; t += kTailThreads) selected[t / words][t % words] = 0u;
+  __syncthreads();
+  const int32_t* ix = p.indices + b * p.ix_sb + h0 * p.ix_sh;  // head h, entry i: h*ix_sh + i*ix_sn
+  for (int t = threadIdx.x; t < gs * p.n; t += kTailThreads) {
+    const int h = t / p.n, i = t % p.n;
+    const int j = ix[h * p.ix_sh + i * p.ix_sn];
+    if (j >= chunk_begin && j < chunk_end) {
+      atomicOr(&selected[h][(j - chunk_begin) / 32], 1u << ((j - chunk_begin) % 32));
+    }
+  }
+
+  // This lane's slice of each query head (float32) and each head's lse.
+  float qf[GS][kVec];
+  float lse[GS];
+  const T* q = static_cast<const T*>(p.q) + b * p.q_sb;
+#pragma unroll
+  for (int h = 0; h < GS; ++h) {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e)
+      qf[h][e] = h < gs ? Vec16<T>::one(q[(h0 + h) * p.q_sh + sub * kVec + e]) : 0.0f;
+    lse[h] = h < gs ? p.lse[b * p.lse_sb + (h0 + h) * p.lse_sh] : 0.0f;
+  }
+  float acc[GS][kVec];
+#pragma unroll
+  for (int h = 0; h < GS; ++h) {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) acc[h][e] = 0.0f;
+  }
+  __syncthreads();  // the bitmap is complete
+
+  const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + kvh * p.k_sh + sub * kVec;
+  const uint8_t* cb = p.codes + b * p.c_sb + kvh * p.c_sh + sub * kVec * p.bits / 8;
+  const uint32_t* mb = p.meta + b * p.m_sb + kvh * p.m_sh;
+  const uint32_t code_mask = (1u << p.bits) - 1u;
+  constexpr int kKeysPerIter = tail_keys_per_iter<T, D>();
+  // This lane's first row (key j of u = 0) in each iteration; the rows of u > 0 follow at
+  // u · kKeysPerLoad keys. K, code and meta rows advance by pointer steps, not a 64-bit multiply
+  // per load.
+  const int first_key = warp * kTailUnroll * kKeysPerLoad + kslot;
+  const int64_t row0 = chunk_begin + first_key;
+  const T* krow = kb + row0 * p.k_ss;
+  const uint8_t* crow = cb + row0 * p.c_ss;
+  const uint32_t* mrow = mb + row0 * p.m_ss;
+  // Block-uniform loop: every lane takes part in every shuffle.
+  for (int base = chunk_begin; base < chunk_end; base += kKeysPerIter,
+           krow += kKeysPerIter * p.k_ss, crow += kKeysPerIter * p.c_ss,
+           mrow += kKeysPerIter * p.m_ss) {
+    uint4 raw[kTailUnroll];
+    uint32_t code[kTailUnroll], meta[kTailUnroll];
+#pragma unroll
+    for (int u = 0; u < kTailUnroll; ++u) {
+      const bool in = base + first_key + u * kKeysPerLoad < chunk_end;
+      raw[u] = in ? load16(krow + u * kKeysPerLoad * p.k_ss) : make_uint4(0, 0, 0, 0);
+      code[u] = in ? load_codes<kVec>(crow + u * kKeysPerLoad * p.c_ss, p.bits) : 0u;
+      meta[u] = in ? mrow[u * kKeysPerLoad * p.m_ss] : 0u;
+    }
+#pragma unroll
+    for (int u = 0; u < kTailUnroll; ++u) {
+      const int j = base + first_key + u * kKeysPerLoad;
+      float kf[kVec];
+      Vec16<T>::to_float(raw[u], kf);
+      float dot[GS];
+#pragma unroll
+      for (int h = 0; h < GS; ++h) {
+        float d = 0.0f;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) d = fmaf(qf[h][e], kf[e], d);
+        dot[h] = d;
+      }
+#pragma unroll
+      for (int off = kLanesPerKey / 2; off > 0; off >>= 1) {
+#pragma unroll
+        for (int h = 0; h < GS; ++h) dot[h] += __shfl_xor_sync(kFullMask, dot[h], off);
+      }
+      if (j < chunk_end) {
+        const int bit = j - chunk_begin;
+        float w[GS];
+        bool any = false;
+#pragma unroll
+        for (int h = 0; h < GS; ++h) {
+          const bool skip = h >= gs || ((selected[h][bit / 32] >> (bit % 32)) & 1u) != 0u;
+          // exp(s - lse) with s = scale · q·k as qk_topn computes it
+          const float e = skip ? 0.0f : exp2f((dot[h] * p.scale - lse[h]) * kLog2e);
+          w[h] = e > 0.0f ? fminf(e, FLT_MAX) : 0.0f;  // NaN -> 0
+          any = any || w[h] != 0.0f;
+        }
+        if (any) {
+          const float step = __uint_as_float(meta[u] << 16);         // bfloat16 scale
+          const float lo = __uint_as_float(meta[u] & 0xffff0000u);  // bfloat16 min
+          float v[kVec];
+#pragma unroll
+          for (int e = 0; e < kVec; ++e)
+            v[e] = fmaf(step, static_cast<float>((code[u] >> (e * p.bits)) & code_mask), lo);
+#pragma unroll
+          for (int h = 0; h < GS; ++h) {
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) acc[h][e] = fmaf(w[h], v[e], acc[h][e]);
+          }
+        }
+      }
+    }
+  }
+
+  // Sum the key slots of each warp (lanes with the same `sub`), then the warps in order.
+#pragma unroll
+  for (int h = 0; h < GS; ++h) {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+#pragma unroll
+      for (int off = kLanesPerKey; off < 32; off <<= 1)
+        acc[h][e] += __shfl_xor_sync(kFullMask, acc[h][e], off);
+    }
+  }
+  if (kslot == 0) {
+#pragma unroll
+    for (int h = 0; h < GS; ++h) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) partial[warp][h][sub * kVec + e] = acc[h][e];
+    }
+  }
+  __syncthreads();
+  // head h of this block: [D] at out + h * num_chunks * D
+  float* out = p.partials + ((static_cast<int64_t>(b) * p.hq + h0) * p.num_chunks + blockIdx.x) * D;
+  for (int t = threadIdx.x; t < gs * D; t += kTailThreads) {
+    float sum = partial[0][t / D][t % D];
+    for (int w = 1; w < kWarps; ++w) sum += partial[w][t / D][t % D];
+    out[static_cast<int64_t>(t / D) * p.num_chunks * D + t % D] = sum;
+  }
+}
+
+struct LowbitTailReduceParams {
+  const float* partials;  // [rows, num_chunks, d] float32 from lowbit_tail_kernel
+  float* out;             // [rows, d] float32, contiguous
+  int64_t total;          // rows · d
+  int num_chunks, d;
+};
+
+// grid (ceil(total / kTailReduceThreads)), block kTailReduceThreads: out[r, e] = the sum over c of
+// partials[r, c, e], in chunk order.
+__global__ void __launch_bounds__(kTailReduceThreads)
+    lowbit_tail_reduce_kernel(LowbitTailReduceParams p) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kTailReduceThreads + threadIdx.x;
+  if (t >= p.total) return;
+  const float* src = p.partials + (t / p.d) * p.num_chunks * p.d + t % p.d;
+  float sum = src[0];
+  for (int c = 1; c < p.num_chunks; ++c) sum += src[static_cast<int64_t>(c) * p.d];
+  p.out[t] = sum;
+}
+
+}  // namespace kcache_ops

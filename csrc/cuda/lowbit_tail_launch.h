@@ -1,0 +1,150 @@
+// lowbit_tail's launch arithmetic on plain numbers: the chunk of keys per block, the partials'
+// size, the grids and the kernels' parameters. No torch and no CUDA runtime calls (the
+// multiprocessor count is an argument), so the launcher (lowbit_tail.cu) and the CPU harness of
+// the kernels share it.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "launch_grid.h"
+#include "lowbit_tail_kernel.cuh"
+
+namespace kcache_ops {
+
+// One lowbit_tail call: data pointers, strides (in elements unless said), sizes (G = Hq / Hkv).
+struct LowbitTailArgs {
+  const void* q;               // [B, Hq, D] of T, last dim contiguous
+  int64_t q_sb, q_sh;
+  const void* k;               // [B, Hkv, S, D] of T, last dim contiguous, rows 16-byte aligned
+  int64_t k_sb, k_sh, k_ss;
+  const uint8_t* codes;        // [B, Hkv, S, D * bits / 8] uint8, rows 16-byte aligned
+  int64_t c_sb, c_sh, c_ss;
+  const void* meta;            // [B, Hkv, S, 2] bfloat16, each row's pair 4-byte aligned
+  int64_t m_sb, m_sh, m_ss;    // even (whole pairs)
+  const int32_t* seq_lens;     // [B], clamped to [0, S] by the kernel
+  int64_t seq_stride;
+  const float* lse;            // [B, Hq] float32
+  int64_t lse_sb, lse_sh;
+  const int32_t* indices;      // [B, Hq, N] int32; outside [0, L_b) ignored
+  int64_t ix_sb, ix_sh, ix_sn;
+  float* out;                  // [B, Hq, D] float32, contiguous
+  int64_t B, Hq, Hkv, S, D, N, bits;
+  float scale;
+};
+
+// Sizes of the two launches and of the partials.
+struct LowbitTailPlan {
+  int group_slice;             // GS of lowbit_tail_kernel: group_slice_width(G)
+  int slices;                  // blocks per KV head and chunk: ceil(G / GS)
+  int chunk;                   // keys per block, a multiple of kTailChunkStep, <= kTailMaxChunk
+  int num_chunks;              // ceil(S / chunk), 0 when S = 0 (no launch: out is zeros)
+  int64_t partial_floats;      // partials [B, Hq, num_chunks, D] float32; 0 when num_chunks <= 1
+                               // (lowbit_tail_kernel then writes out directly)
+  GridSize tail_grid;          // (num_chunks, Hkv * slices, B)
+  int tail_block;              // kTailThreads
+  GridSize reduce_grid;        // (ceil(B · Hq · D / kTailReduceThreads)), when num_chunks > 1
+  int reduce_block;            // kTailReduceThreads
+};
+
+// A block's fixed cost (bitmap, q load, block reduction, its share of the launch and of the
+// reduction) counted as this many keys of its loop, for the wave model of lowbit_tail_chunk.
+constexpr int64_t kTailBlockOverheadKeys = 128;
+
+// Keys per block over S keys when one chunk of keys takes `blocks_per_chunk` blocks: the multiple
+// of kTailChunkStep up to kTailMaxChunk that minimises the grid's time in whole waves of
+// kTailBlocksPerSm blocks per multiprocessor, ceil(blocks / wave) · (chunk + overhead); the
+// smallest such chunk on ties.
+inline int lowbit_tail_chunk(int64_t S, int64_t blocks_per_chunk, int sms) {
+  const int64_t wave = int64_t{sms} * kTailBlocksPerSm;  // blocks resident at once
+  const int64_t max_chunk = std::min<int64_t>(
+      std::max<int64_t>(ceil_div<int64_t>(S, kTailChunkStep), 1) * kTailChunkStep, kTailMaxChunk);
+  int64_t best = kTailChunkStep, best_cost = -1;
+  for (int64_t chunk = kTailChunkStep; chunk <= max_chunk; chunk += kTailChunkStep) {
+    const int64_t blocks = blocks_per_chunk * ceil_div<int64_t>(S, chunk);
+    const int64_t cost = ceil_div<int64_t>(blocks, wave) * (chunk + kTailBlockOverheadKeys);
+    if (best_cost < 0 || cost < best_cost) {
+      best = chunk;
+      best_cost = cost;
+    }
+  }
+  return static_cast<int>(best);
+}
+
+// The plan of a call with B, Hq > 0 on a device of `sms` multiprocessors.
+inline LowbitTailPlan plan_lowbit_tail(const LowbitTailArgs& a, int sms) {
+  const int64_t G = a.Hq / a.Hkv;
+  const int gs = group_slice_width(G);
+  const int slices = static_cast<int>(ceil_div<int64_t>(G, gs));
+  const int chunk = lowbit_tail_chunk(a.S, a.B * a.Hkv * slices, sms);
+  const int num_chunks = static_cast<int>(ceil_div<int64_t>(a.S, chunk));
+  return {
+      .group_slice = gs,
+      .slices = slices,
+      .chunk = chunk,
+      .num_chunks = num_chunks,
+      .partial_floats = num_chunks > 1 ? a.B * a.Hq * num_chunks * a.D : 0,
+      .tail_grid = {.x = num_chunks, .y = a.Hkv * slices, .z = a.B},
+      .tail_block = kTailThreads,
+      .reduce_grid = {.x = ceil_div<int64_t>(a.B * a.Hq * a.D, kTailReduceThreads)},
+      .reduce_block = kTailReduceThreads,
+  };
+}
+
+// Parameters of lowbit_tail_kernel. partials [B, Hq, num_chunks, D] float32 (plan.partial_floats),
+// or a.out when plan.num_chunks == 1.
+inline LowbitTailParams lowbit_tail_params(const LowbitTailArgs& a, const LowbitTailPlan& plan,
+                                           float* partials) {
+  return {
+      .q = a.q,
+      .q_sb = a.q_sb,
+      .q_sh = a.q_sh,
+      .k = a.k,
+      .k_sb = a.k_sb,
+      .k_sh = a.k_sh,
+      .k_ss = a.k_ss,
+      .codes = a.codes,
+      .c_sb = a.c_sb,
+      .c_sh = a.c_sh,
+      .c_ss = a.c_ss,
+      .meta = static_cast<const uint32_t*>(a.meta),
+      .m_sb = a.m_sb / 2,
+      .m_sh = a.m_sh / 2,
+      .m_ss = a.m_ss / 2,
+      .seq_lens = a.seq_lens,
+      .seq_stride = a.seq_stride,
+      .lse = a.lse,
+      .lse_sb = a.lse_sb,
+      .lse_sh = a.lse_sh,
+      .indices = a.indices,
+      .ix_sb = a.ix_sb,
+      .ix_sh = a.ix_sh,
+      .ix_sn = a.ix_sn,
+      .partials = plan.num_chunks == 1 ? a.out : partials,
+      .hq = static_cast<int>(a.Hq),
+      .hkv = static_cast<int>(a.Hkv),
+      .s = static_cast<int>(a.S),
+      .n = static_cast<int>(a.N),
+      .chunk = plan.chunk,
+      .num_chunks = plan.num_chunks,
+      .slices = plan.slices,
+      .bits = static_cast<int>(a.bits),
+      .scale = a.scale,
+  };
+}
+
+// Parameters of lowbit_tail_reduce_kernel (launched when plan.num_chunks > 1) over the partials
+// that lowbit_tail_kernel wrote.
+inline LowbitTailReduceParams lowbit_tail_reduce_params(const LowbitTailArgs& a,
+                                                        const LowbitTailPlan& plan,
+                                                        const float* partials) {
+  return {
+      .partials = partials,
+      .out = a.out,
+      .total = a.B * a.Hq * a.D,
+      .num_chunks = plan.num_chunks,
+      .d = static_cast<int>(a.D),
+  };
+}
+
+}  // namespace kcache_ops
