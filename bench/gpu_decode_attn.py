@@ -1,9 +1,9 @@
 """One decode attention step: KCache (qk_topn + sparse_attn_v, N=64, V in pinned host memory, both
-selection modes) against the fastest exact dense decode attention on the machine over K and V in
-GPU memory (SDPA's flash, memory-efficient and cuDNN back-ends, and a split-KV variant at batch 1,
-bench/baselines.py; each checked against the first before it is timed, the winner named per
-configuration). Llama-3-8B shape, bf16, 4K-128K tokens, batch 1-32, every sequence full; every
-call is timed inside a CUDA graph.
+selection modes, and group selection with the mean tail) against the fastest exact dense decode
+attention on the machine over K and V in GPU memory (SDPA's flash, memory-efficient and cuDNN
+back-ends, and a split-KV variant at batch 1, bench/baselines.py; each checked against the first
+before it is timed, the winner named per configuration). Llama-3-8B shape, bf16, 4K-128K tokens,
+batch 1-32, every sequence full; every call is timed inside a CUDA graph.
 
     python bench/gpu_decode_attn.py [--seq ...] [--batch ...] [--n N] [--out DIR] [--dry-run]
 
@@ -87,24 +87,29 @@ def main():
                  torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16))
                 for _ in range(timing.rotations(2 * c["kv_bytes"]))]
         dense, dense_us, tried = fastest_dense(sets, B)
-        for group_select in (False, True):
+        v_sum = torch.randn(B, Hkv, D, device="cuda")  # the mean tail's row sums [B, Hkv, D]
+        for group_select, tail in ((False, "none"), (True, "none"), (True, "mean")):
             def step(q, k, _v_device):
                 scores, idx, lse = kcache_ops.qk_topn(q, k, lens, args.n, scale, group_select)
+                if tail == "mean":
+                    return kcache_ops.sparse_attn_v(scores, idx, v, lse, False, v_sum=v_sum,
+                                                    seq_lens=lens)
                 return kcache_ops.sparse_attn_v(scores, idx, v, lse)
             us, mode = timing.time_us(step, sets)
             host_bytes = B * (Hkv if group_select else Hq) * args.n * D * 2
-            rec.add(op="decode_step", B=B, S=S, n=args.n, group_select=group_select, us=us,
-                    timed=mode, dense=dense, dense_us=dense_us, ratio_vs_dense=us / dense_us,
+            rec.add(op="decode_step", B=B, S=S, n=args.n, group_select=group_select, tail=tail,
+                    us=us, timed=mode, dense=dense, dense_us=dense_us, ratio_vs_dense=us / dense_us,
                     dense_tried=tried, k_GBs=c["kv_bytes"] / us / 1e3,
                     host_MiB=host_bytes / 2**20, device_MiB_saved=c["kv_bytes"] / 2**20)
 
     def plot(ax, rs):
         for B in args.batch:
-            for gsel in (False, True):
-                pts = sorted((r["S"], r["ratio_vs_dense"]) for r in rs
-                             if r["B"] == B and r["group_select"] == gsel)
+            for gsel, tail in ((False, "none"), (True, "none"), (True, "mean")):
+                pts = sorted((r["S"], r["ratio_vs_dense"]) for r in rs if r["B"] == B and
+                             r["group_select"] == gsel and r.get("tail", "none") == tail)
                 if pts:
-                    ax.plot(*zip(*pts), "o-" if gsel else "x--", label=f"B={B} group_select={gsel}")
+                    ax.plot(*zip(*pts), {"none": "o-" if gsel else "x--", "mean": "s:"}[tail],
+                            label=f"B={B} group_select={gsel} tail={tail}")
 
     rec.finish(plot, "tokens S", "KCache step / fastest dense step", (0.6, "target 0.6"))
 

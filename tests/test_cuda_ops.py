@@ -188,11 +188,12 @@ def test_sparse_attn_v_mean_tail_graph_replay():
 
 @pytest.mark.parametrize("N", [1, 33, 1024])
 def test_sparse_attn_v_random_indices(N):
-    """Indices with padding anywhere, per-head rows, strided scores."""
+    """Indices with padding anywhere, per-head rows, scores strided on the heads (the last dim
+    must be contiguous)."""
     B, Hq, Hkv, S, D = 2, 6, 2, 3000, 128
     v = host_copy(torch.randn(B, Hkv, S, D, dtype=torch.float16))
     idx = torch.randint(-1, S, (B, Hq, N), device="cuda", dtype=torch.int32)
-    scores = torch.randn(B, Hq, 2 * N, device="cuda")[:, :, ::2]
+    scores = torch.randn(B, 2 * Hq, N, device="cuda")[:, ::2]
     out = kcache_ops.sparse_attn_v(scores, idx, v)
     want = reference.sparse_attn_v(scores.cpu(), idx.cpu(), v)
     torch.testing.assert_close(out.cpu().float(), want.float(), atol=2e-3, rtol=2e-3)

@@ -26,7 +26,8 @@ from conftest import TOL, seq_lens_tensor  # noqa: E402
 from cuda_emu import emu  # noqa: E402
 from test_gather_rows import make_indices  # noqa: E402
 from test_qk_topn import check_topn, make_qk  # noqa: E402
-from test_sparse_attn_v import check_attn, make_selection  # noqa: E402
+from test_sparse_attn_v import (check_attn, check_tail, make_selection,  # noqa: E402
+                                make_tail_case)
 
 from kcache_ops import reference as R  # noqa: E402
 
@@ -104,6 +105,17 @@ def cases():
             check_attn(scores, indices, v, lse, renormalize, out["out"], TOL[dtype])
         return run
 
+    def tail(B, Hkv, G, S, N, lens):
+        scores, indices, lse, v, v_sum, lens = make_tail_case(B, Hkv, G, N, S, lens,
+                                                              torch.float32, "cpu")
+
+        def run(exe, **opts):
+            out = emu.run(exe, "sparse_attn_v", dict(renormalize=0),
+                          dict(scores=scores, indices=indices, v_cache=v, lse=lse, v_sum=v_sum,
+                               seq_lens=lens), **opts)
+            check_tail(scores, indices, v, lse, v_sum, lens, out["out"], TOL[torch.float32])
+        return run
+
     def gather(B, Hs, G, S, D, N):
         src = torch.randn(B, Hs, S, D)
         indices = make_indices(B, Hs * G, N, S, "cpu")
@@ -127,6 +139,7 @@ def cases():
         ("sparse_attn_v lse, group rows", attn(2, 1, 4, 200, 128, 40, False, True)),
         ("sparse_attn_v renormalize, group rows", attn(1, 1, 8, 200, 64, 300, True, True,
                                                        torch.float16)),
+        ("sparse_attn_v mean tail", tail(2, 1, 3, 300, 150, [300, 200])),
         ("gather_rows", gather(2, 2, 2, 100, 64, 50)),
     ]
 
