@@ -20,8 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_gather_rows import make_indices
 from test_qk_topn import check_topn, make_qk
+from test_quantize_rows import make_rows
 from test_sparse_attn_v import check_attn, make_selection
 
+import kcache_ops
 from kcache_ops import reference as R
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None or not sys.platform.startswith("linux"),
@@ -360,6 +362,102 @@ def test_gather_rows_strided_and_out_of_range(race_exe):
     indices = indices.transpose(0, 1)
     cleaned = indices.masked_fill((indices < 0) | (indices >= 97), -1)
     assert torch.equal(run_gather_rows(race_exe, src, indices), R.gather_rows(src, cleaned))
+
+
+# ---- quantize_rows ------------------------------------------------------------------------------
+
+def run_quantize_rows(exe, v, bits, seeds=SEEDS):
+    """quantize_rows on the emulator: v [..., D] (any strides, last dim contiguous)
+    -> codes [..., D * bits / 8] uint8, meta [..., 2] bfloat16."""
+    out = emu.run(exe, "quantize_rows", dict(bits=bits), dict(v=v), seeds=seeds)
+    return out["codes"], out["meta"]
+
+
+def check_quantize_emu(exe, v, bits, seeds=SEEDS):
+    """The kernel's codes and meta equal the reference's bit for bit."""
+    codes, meta = run_quantize_rows(exe, v, bits, seeds)
+    ref_codes, ref_meta = R.quantize_rows(v, bits)
+    assert torch.equal(meta, ref_meta)
+    assert torch.equal(codes, ref_codes)
+
+
+@pytest.mark.parametrize("dtype,D,bits", [
+    (torch.float32, 64, 2), (torch.float16, 128, 4), (torch.bfloat16, 128, 2),
+    (torch.float32, 200, 4), (torch.float16, 8, 2), (torch.bfloat16, 6, 4),
+    (torch.float32, 4, 2), (torch.bfloat16, 72, 4),
+], ids=lambda v: str(v).removeprefix("torch."))
+def test_quantize_rows_matches_reference(race_exe, dtype, D, bits):
+    """D beyond 64 / 128: fewer than 32 values per row (idle lanes), more than 32 bytes of codes
+    (lanes loop), D = 6 with 4 bits (not a multiple of 4); 3 x 5 x 7 rows, the last block part
+    full."""
+    check_quantize_emu(race_exe, make_rows((3, 5, 7, D), dtype, "cpu"), bits)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("lead", [(), (1,), (3,), (1, 2, 1, 3)], ids=str)
+def test_quantize_rows_leading_shapes(race_exe, lead, bits):
+    """One row, a decode step's few rows (one block, idle warps), size-1 dims between others.
+    (No rows: the launchers return before any launch; test_quantize_rows covers it.)"""
+    v = make_rows((*lead, 128), torch.bfloat16, "cpu")
+    codes, meta = run_quantize_rows(race_exe, v, bits)
+    assert codes.shape == (*lead, 16 * bits) and meta.shape == (*lead, 2)
+    check_quantize_emu(race_exe, v, bits)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantize_rows_strided_inputs(race_exe, bits):
+    """The prefill hand-off's [:, :, :T] slice, transposed and expanded (stride 0) views, a slice
+    along D, four leading dims that do not merge (the most the kernel indexes), and six that merge
+    into two."""
+    B, Hkv, S, T, D = 2, 3, 20, 13, 64
+    buf = make_rows((B, Hkv, S, D), torch.float16, "cpu")
+    four = make_rows((2, 3, 2, 3, 8), torch.float16, "cpu").permute(3, 2, 1, 0, 4)
+    six = make_rows((2, 1, 3, 2, 2, 5, 8), torch.float16, "cpu")[:, :, :, :, :, 1:4]
+    views = [buf[:, :, :T], buf.transpose(1, 2), buf[:, :1].expand(B, 4, S, D), buf[..., 16:48],
+             four, six]
+    for v in views:
+        check_quantize_emu(race_exe, v, bits)
+
+
+def test_quantize_rows_round_half_to_even(race_exe):
+    """Exact halves between two codes (scale 1, min 0) round to the even code, as the reference
+    (test_quantize_rows.test_round_half_to_even)."""
+    row2 = torch.tensor([[0, 3, 0.5, 1.5, 2.5, 1, 2, 0.5]])  # [1, 8]
+    row4 = torch.tensor([[0, 15, 0.5, 1.5, 2.5, 13.5, 14.5, 7.5]])  # [1, 8]
+    check_quantize_emu(race_exe, row2, 2)
+    check_quantize_emu(race_exe, row4, 4)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantize_rows_non_finite_as_cpu(race_exe, bits):
+    """NaN and inf elements, a row of NaN, a row of inf and -inf: the kernel follows the CPU op's
+    documented rules bit for bit (no read out of bounds, every code in range)."""
+    v = make_rows((6, 128), torch.float32, "cpu")
+    v[1, 7], v[2, :], v[3, 9], v[4, 0] = float("nan"), float("nan"), float("inf"), float("-inf")
+    v[5, 3], v[5, 4] = float("inf"), float("-inf")
+    codes, meta = run_quantize_rows(race_exe, v, bits)
+    want_codes, want_meta = kcache_ops.quantize_rows(v, bits)
+    assert torch.equal(codes, want_codes)
+    assert torch.equal(meta.view(torch.int16), want_meta.view(torch.int16))
+
+
+@settings(max_examples=6, deadline=None)
+@given(lead=st.lists(st.integers(1, 6), min_size=0, max_size=4), groups=st.integers(1, 40),
+       bits=st.sampled_from([2, 4]), dtype=st.sampled_from(DTYPES), transpose=st.booleans())
+def test_quantize_rows_random_shapes(race_exe, lead, groups, bits, dtype, transpose):
+    v = make_rows((*lead, groups * 8 // bits), dtype, "cpu")
+    if transpose and v.dim() >= 3:
+        v = v.transpose(0, -2)
+    check_quantize_emu(race_exe, v, bits)
+
+
+def test_asan_quantize_rows(asan_exe):
+    """The last element of the storage is the last one read: a strided slice that ends there and
+    an odd D (an overrun of the row or of the codes would leave the buffer)."""
+    buf = make_rows((2, 3, 9, 200), torch.bfloat16, "cpu")
+    for bits in (2, 4):
+        check_quantize_emu(asan_exe, buf[:, 1:, 4:], bits, seeds=(1,))
+        check_quantize_emu(asan_exe, make_rows((5, 4), torch.float32, "cpu"), bits, seeds=(2,))
 
 
 # ---- under AddressSanitizer + UBSan -------------------------------------------------------------
