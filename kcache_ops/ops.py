@@ -175,14 +175,17 @@ def quantize_rows(v, bits):
     ``scale = (max − min) / (2^bits − 1)`` and ``min`` are rounded to bfloat16 first; then
     ``code_d = clamp(round_half_even((v_d − min) / scale), 0, 2^bits − 1)`` in float32 with the
     rounded values (0 where scale is 0), code ``d`` in byte ``d // (8 / bits)`` at bit
-    ``(d % (8 / bits)) * bits``; bit for bit :func:`kcache_ops.reference.quantize_rows`.
+    ``(d % (8 / bits)) * bits``; bit for bit :func:`kcache_ops.reference.quantize_rows` on
+    finite input.
     ``min + scale · code`` is within ``scale / 2`` of ``v`` up to the bfloat16 rounding of scale
     and min. On CUDA: one launch, no host synchronisation, safe to capture in a CUDA graph.
 
-    Non-finite input never makes the op fail or read out of bounds: NaN elements are left out of
-    the row's min and max and get code 0 (a row of NaN only gets scale -inf, min +inf); an
-    infinite element gives an infinite or NaN scale and min and meaningless codes. Every code
-    stays in ``[0, 2^bits − 1]``.
+    Non-finite input never makes the op fail or read out of bounds (the reference differs here):
+    NaN elements are left out of the row's min and max and get code 0 (a row of NaN only gets
+    scale -inf, min +inf and codes 0); an infinite element makes the row's scale infinite (NaN
+    when every element is the same infinity), its min -inf where one is -inf, and its codes
+    meaningless. Every code stays in ``[0, 2^bits − 1]``; the CPU and CUDA ops give the same
+    codes and meta (a NaN scale may differ in its payload bits).
 
     Parameters
     ----------

@@ -19,10 +19,14 @@ from cuda_emu import emu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_gather_rows import make_indices
-from test_lowbit_tail import check_tail, make_case
+from test_lowbit_tail import check_tail as check_lowbit_tail
+from test_lowbit_tail import make_case as make_lowbit_case
 from test_qk_topn import check_topn, make_qk
-from test_sparse_attn_v import check_attn, check_tail, make_selection, make_tail_case
+from test_quantize_rows import make_rows
+from test_sparse_attn_v import check_attn, make_selection, make_tail_case
+from test_sparse_attn_v import check_tail as check_mean_tail
 
+import kcache_ops
 from kcache_ops import reference as R
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None or not sys.platform.startswith("linux"),
@@ -359,7 +363,7 @@ def test_mean_tail_matches_reference(race_exe, dtype, D, G):
                                                               D=D)
     out = run_sparse_attn_v(race_exe, scores, indices, v, lse, False, v_sum=v_sum,
                             seq_lens=seq_lens)
-    check_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[dtype])
+    check_mean_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[dtype])
     assert torch.equal(out[3], torch.zeros(Hkv * G, D, dtype=dtype))
 
 
@@ -372,7 +376,7 @@ def test_mean_tail_group_rows(race_exe):
     indices = indices.view(B, Hkv, G, N)[:, :, :1].expand(B, Hkv, G, N).reshape(B, Hkv * G, N)
     out = run_sparse_attn_v(race_exe, scores, indices, v, lse, False, v_sum=v_sum,
                             seq_lens=seq_lens)
-    check_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[torch.bfloat16])
+    check_mean_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[torch.bfloat16])
 
 
 def test_mean_tail_out_of_range_lengths_and_indices(race_exe):
@@ -386,7 +390,7 @@ def test_mean_tail_out_of_range_lengths_and_indices(race_exe):
     out = run_sparse_attn_v(race_exe, scores, indices, v, lse, False, v_sum=v_sum,
                             seq_lens=bad_lens)
     cleaned = indices.masked_fill((indices < 0) | (indices >= S), -1)
-    check_tail(scores, cleaned, v, lse, v_sum, seq_lens, out, TOL[torch.float32])
+    check_mean_tail(scores, cleaned, v, lse, v_sum, seq_lens, out, TOL[torch.float32])
 
 
 def test_mean_tail_strided_and_empty(race_exe):
@@ -403,7 +407,7 @@ def test_mean_tail_strided_and_empty(race_exe):
     lens_strided = seq_lens.repeat_interleave(2)[::2]
     out = run_sparse_attn_v(race_exe, scores.transpose(0, 1).contiguous().transpose(0, 1),
                             indices, v, lse, False, v_sum=v_sum_strided, seq_lens=lens_strided)
-    check_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[torch.float16])
+    check_mean_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[torch.float16])
     empty_scores, empty_indices = scores[:, :, :0].contiguous(), indices[:, :, :0].contiguous()
     out = run_sparse_attn_v(race_exe, empty_scores, empty_indices, v, lse, False, v_sum=v_sum,
                             seq_lens=seq_lens)
@@ -423,7 +427,7 @@ def test_mean_tail_random_shapes(race_exe, B, Hkv, G, S, N, D, dtype, pad_fracti
                                                               pad_fraction, D=D)
     out = run_sparse_attn_v(race_exe, scores, indices, v, lse, False, v_sum=v_sum,
                             seq_lens=seq_lens)
-    check_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[dtype])
+    check_mean_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[dtype])
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
@@ -436,7 +440,7 @@ def test_mean_tail_decode_step(race_exe, group_select):
     v_sum = torch.stack([v[b, :, :L].float().sum(1) for b, L in enumerate(lens.tolist())])
     scores, indices, lse = run_qk_topn(race_exe, q, k, lens, n, 1 / 8, group_select)
     out = run_sparse_attn_v(race_exe, scores, indices, v, lse, False, v_sum=v_sum, seq_lens=lens)
-    check_tail(scores, indices, v, lse, v_sum, lens, out, TOL[torch.bfloat16])
+    check_mean_tail(scores, indices, v, lse, v_sum, lens, out, TOL[torch.bfloat16])
 
 
 # ---- gather_rows --------------------------------------------------------------------------------
@@ -459,6 +463,102 @@ def test_gather_rows_strided_and_out_of_range(race_exe):
     indices = indices.transpose(0, 1)
     cleaned = indices.masked_fill((indices < 0) | (indices >= 97), -1)
     assert torch.equal(run_gather_rows(race_exe, src, indices), R.gather_rows(src, cleaned))
+
+
+# ---- quantize_rows ------------------------------------------------------------------------------
+
+def run_quantize_rows(exe, v, bits, seeds=SEEDS):
+    """quantize_rows on the emulator: v [..., D] (any strides, last dim contiguous)
+    -> codes [..., D * bits / 8] uint8, meta [..., 2] bfloat16."""
+    out = emu.run(exe, "quantize_rows", dict(bits=bits), dict(v=v), seeds=seeds)
+    return out["codes"], out["meta"]
+
+
+def check_quantize_emu(exe, v, bits, seeds=SEEDS):
+    """The kernel's codes and meta equal the reference's bit for bit."""
+    codes, meta = run_quantize_rows(exe, v, bits, seeds)
+    ref_codes, ref_meta = R.quantize_rows(v, bits)
+    assert torch.equal(meta, ref_meta)
+    assert torch.equal(codes, ref_codes)
+
+
+@pytest.mark.parametrize("dtype,D,bits", [
+    (torch.float32, 64, 2), (torch.float16, 128, 4), (torch.bfloat16, 128, 2),
+    (torch.float32, 200, 4), (torch.float16, 8, 2), (torch.bfloat16, 6, 4),
+    (torch.float32, 4, 2), (torch.bfloat16, 72, 4),
+], ids=lambda v: str(v).removeprefix("torch."))
+def test_quantize_rows_matches_reference(race_exe, dtype, D, bits):
+    """D beyond 64 / 128: fewer than 32 values per row (idle lanes), more than 32 bytes of codes
+    (lanes loop), D = 6 with 4 bits (not a multiple of 4); 3 x 5 x 7 rows, the last block part
+    full."""
+    check_quantize_emu(race_exe, make_rows((3, 5, 7, D), dtype, "cpu"), bits)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("lead", [(), (1,), (3,), (1, 2, 1, 3)], ids=str)
+def test_quantize_rows_leading_shapes(race_exe, lead, bits):
+    """One row, a decode step's few rows (one block, idle warps), size-1 dims between others.
+    (No rows: the launchers return before any launch; test_quantize_rows covers it.)"""
+    v = make_rows((*lead, 128), torch.bfloat16, "cpu")
+    codes, meta = run_quantize_rows(race_exe, v, bits)
+    assert codes.shape == (*lead, 16 * bits) and meta.shape == (*lead, 2)
+    check_quantize_emu(race_exe, v, bits)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantize_rows_strided_inputs(race_exe, bits):
+    """The prefill hand-off's [:, :, :T] slice, transposed and expanded (stride 0) views, a slice
+    along D, four leading dims that do not merge (the most the kernel indexes), and six that merge
+    into two."""
+    B, Hkv, S, T, D = 2, 3, 20, 13, 64
+    buf = make_rows((B, Hkv, S, D), torch.float16, "cpu")
+    four = make_rows((2, 3, 2, 3, 8), torch.float16, "cpu").permute(3, 2, 1, 0, 4)
+    six = make_rows((2, 1, 3, 2, 2, 5, 8), torch.float16, "cpu")[:, :, :, :, :, 1:4]
+    views = [buf[:, :, :T], buf.transpose(1, 2), buf[:, :1].expand(B, 4, S, D), buf[..., 16:48],
+             four, six]
+    for v in views:
+        check_quantize_emu(race_exe, v, bits)
+
+
+def test_quantize_rows_round_half_to_even(race_exe):
+    """Exact halves between two codes (scale 1, min 0) round to the even code, as the reference
+    (test_quantize_rows.test_round_half_to_even)."""
+    row2 = torch.tensor([[0, 3, 0.5, 1.5, 2.5, 1, 2, 0.5]])  # [1, 8]
+    row4 = torch.tensor([[0, 15, 0.5, 1.5, 2.5, 13.5, 14.5, 7.5]])  # [1, 8]
+    check_quantize_emu(race_exe, row2, 2)
+    check_quantize_emu(race_exe, row4, 4)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantize_rows_non_finite_as_cpu(race_exe, bits):
+    """NaN and inf elements, a row of NaN, a row of inf and -inf: the kernel follows the CPU op's
+    documented rules bit for bit (no read out of bounds, every code in range)."""
+    v = make_rows((6, 128), torch.float32, "cpu")
+    v[1, 7], v[2, :], v[3, 9], v[4, 0] = float("nan"), float("nan"), float("inf"), float("-inf")
+    v[5, 3], v[5, 4] = float("inf"), float("-inf")
+    codes, meta = run_quantize_rows(race_exe, v, bits)
+    want_codes, want_meta = kcache_ops.quantize_rows(v, bits)
+    assert torch.equal(codes, want_codes)
+    assert torch.equal(meta.view(torch.int16), want_meta.view(torch.int16))
+
+
+@settings(max_examples=6, deadline=None)
+@given(lead=st.lists(st.integers(1, 6), min_size=0, max_size=4), groups=st.integers(1, 40),
+       bits=st.sampled_from([2, 4]), dtype=st.sampled_from(DTYPES), transpose=st.booleans())
+def test_quantize_rows_random_shapes(race_exe, lead, groups, bits, dtype, transpose):
+    v = make_rows((*lead, groups * 8 // bits), dtype, "cpu")
+    if transpose and v.dim() >= 3:
+        v = v.transpose(0, -2)
+    check_quantize_emu(race_exe, v, bits)
+
+
+def test_asan_quantize_rows(asan_exe):
+    """The last element of the storage is the last one read: a strided slice that ends there and
+    an odd D (an overrun of the row or of the codes would leave the buffer)."""
+    buf = make_rows((2, 3, 9, 200), torch.bfloat16, "cpu")
+    for bits in (2, 4):
+        check_quantize_emu(asan_exe, buf[:, 1:, 4:], bits, seeds=(1,))
+        check_quantize_emu(asan_exe, make_rows((5, 4), torch.float32, "cpu"), bits, seeds=(2,))
 
 
 # ---- under AddressSanitizer + UBSan -------------------------------------------------------------
@@ -497,7 +597,7 @@ def test_asan_sparse_attn_v_mean_tail(asan_exe):
     out = run_sparse_attn_v(asan_exe, scores, indices, v, lse, False, seeds=(1,),
                             v_sum=torch.stack([v_sum, v_sum], 1)[:, 1],
                             seq_lens=seq_lens.repeat_interleave(2)[1::2])
-    check_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[torch.bfloat16])
+    check_mean_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[torch.bfloat16])
 
 
 def test_asan_catches_a_misaligned_load(asan_exe):
@@ -574,8 +674,8 @@ def run_lowbit_tail(exe, q, k, seq_lens, lse, indices, codes, meta, scale, sms=S
 
 
 def lowbit_case(B, Hkv, G, S, D, bits, dtype, lens, n, group_select, scale):
-    """make_case's inputs plus the indices and lse of the reference qk_topn over them."""
-    q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, bits, dtype, "cpu", lens)
+    """make_lowbit_case's inputs plus the indices and lse of the reference qk_topn over them."""
+    q, k, seq_lens, codes, meta = make_lowbit_case(B, Hkv, G, S, D, bits, dtype, "cpu", lens)
     _, indices, lse = R.qk_topn(q, k, seq_lens, n, scale, group_select)
     return q, k, seq_lens, lse, indices, codes, meta
 
@@ -596,7 +696,7 @@ def test_lowbit_tail_matches_reference(race_exe, dtype, D, G, bits, group_select
     lens = [S, 97, n + 1, n, 1, 0]
     args = lowbit_case(len(lens), Hkv, G, S, D, bits, dtype, lens, n, group_select, 0.1)
     out = run_lowbit_tail(race_exe, *args, 0.1)
-    check_tail(*args, 0.1, out)
+    check_lowbit_tail(*args, 0.1, out)
     assert torch.equal(out[3:], torch.zeros(3, *out.shape[1:])), "L_b <= N gives zeros"
 
 
@@ -605,7 +705,7 @@ def test_lowbit_tail_single_chunk(race_exe, bits):
     """One multiprocessor: a single chunk per row, written to out without the reduce kernel."""
     args = lowbit_case(2, 2, 4, 300, 128, bits, torch.bfloat16, [300, 211], 24, False, 0.09)
     out = run_lowbit_tail(race_exe, *args, 0.09, sms=1)
-    check_tail(*args, 0.09, out)
+    check_lowbit_tail(*args, 0.09, out)
 
 
 def test_lowbit_tail_full_bitmap(race_exe):
@@ -613,14 +713,14 @@ def test_lowbit_tail_full_bitmap(race_exe):
     selection bitmap, for a slice of 8 heads, with 1024 selected keys per head."""
     args = lowbit_case(1, 1, 8, 12288, 64, 2, torch.float32, [12288], 1024, False, 0.125)
     out = run_lowbit_tail(race_exe, *args, 0.125, sms=1)
-    check_tail(*args, 0.125, out)
+    check_lowbit_tail(*args, 0.125, out)
 
 
 def test_lowbit_tail_arbitrary_indices(race_exe):
     """Indices repeated, -1, in [L_b, S), >= S and < -1 (the last two rejected by the launcher
     outside graph capture): only the valid ones in [0, L_b) are left out, nothing else is read."""
     B, Hkv, G, S, D, N = 2, 2, 3, 300, 64, 40
-    q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, 4, torch.float16, "cpu", [300, 150])
+    q, k, seq_lens, codes, meta = make_lowbit_case(B, Hkv, G, S, D, 4, torch.float16, "cpu", [300, 150])
     indices = torch.randint(0, S, (B, Hkv * G, N), dtype=torch.int32)
     indices[:, :, 1] = indices[:, :, 0]
     indices[torch.rand(B, Hkv * G, N) < 0.2] = -1
@@ -628,26 +728,26 @@ def test_lowbit_tail_arbitrary_indices(race_exe):
     _, lse = R.qk_scores(q, k, seq_lens, 0.2)
     out = run_lowbit_tail(race_exe, q, k, seq_lens, lse, indices, codes, meta, 0.2)
     cleaned = indices.masked_fill((indices < 0) | (indices >= S), -1)
-    check_tail(q, k, seq_lens, lse, cleaned, codes, meta, 0.2, out)
+    check_lowbit_tail(q, k, seq_lens, lse, cleaned, codes, meta, 0.2, out)
 
 
 def test_lowbit_tail_out_of_range_lengths_are_clamped(race_exe):
     """seq_lens beyond S or negative (rejected by the launcher outside graph capture) are clamped
     to [0, S], never read out of bounds."""
     S = 300
-    q, k, _, codes, meta = make_case(3, 2, 2, S, 64, 2, torch.float32, "cpu", [S, S, 40])
+    q, k, _, codes, meta = make_lowbit_case(3, 2, 2, S, 64, 2, torch.float32, "cpu", [S, S, 40])
     clamped = seq_lens_tensor([S, 0, 40], "cpu")
     _, indices, lse = R.qk_topn(q, k, clamped, 8, 0.2)
     out = run_lowbit_tail(race_exe, q, k, seq_lens_tensor([S + 50, -7, 40], "cpu"), lse, indices,
                           codes, meta, 0.2)
-    check_tail(q, k, clamped, lse, indices, codes, meta, 0.2, out)
+    check_lowbit_tail(q, k, clamped, lse, indices, codes, meta, 0.2, out)
 
 
 def test_lowbit_tail_strided_inputs(race_exe):
     """The cache's views: k, codes and meta sliced on S and heads; q, lse and indices transposed
     views; seq_lens every other element."""
     B, Hkv, G, S, D, n = 2, 2, 3, 97, 128, 16
-    q, k, _, codes, meta = make_case(B, 2 * Hkv, G, S + 11, D, 4, torch.bfloat16, "cpu",
+    q, k, _, codes, meta = make_lowbit_case(B, 2 * Hkv, G, S + 11, D, 4, torch.bfloat16, "cpu",
                                      [S + 5, 55])
     k, codes, meta = (t[:, 1::2, 5:S + 5] for t in (k, codes, meta))
     q = q.view(B, 2 * Hkv, G, D)[:, 1::2].reshape(B, Hkv * G, D).transpose(0, 1).contiguous()
@@ -658,7 +758,7 @@ def test_lowbit_tail_strided_inputs(race_exe):
     lse = lse.t().contiguous().t()
     assert not any(t.is_contiguous() for t in (q, k, codes, meta, indices, lse, lens))
     out = run_lowbit_tail(race_exe, q, k, lens, lse, indices, codes, meta, 0.1)
-    check_tail(q, k, lens, lse, indices, codes, meta, 0.1, out)
+    check_lowbit_tail(q, k, lens, lse, indices, codes, meta, 0.1, out)
 
 
 def test_lowbit_tail_empty_cache(race_exe):
@@ -672,10 +772,10 @@ def test_lowbit_tail_decode_step(race_exe, group_select):
     """qk_topn then lowbit_tail on the emulator equals the reference tail of the reference
     selection."""
     B, Hkv, G, S, D, n = 2, 2, 4, 700, 64, 32
-    q, k, lens, codes, meta = make_case(B, Hkv, G, S, D, 2, torch.bfloat16, "cpu", [S, 97])
+    q, k, lens, codes, meta = make_lowbit_case(B, Hkv, G, S, D, 2, torch.bfloat16, "cpu", [S, 97])
     _, indices, lse = run_qk_topn(race_exe, q, k, lens, n, 1 / 8, group_select)
     out = run_lowbit_tail(race_exe, q, k, lens, lse, indices, codes, meta, 1 / 8)
-    check_tail(q, k, lens, lse, indices, codes, meta, 1 / 8, out)
+    check_lowbit_tail(q, k, lens, lse, indices, codes, meta, 1 / 8, out)
 
 
 @settings(max_examples=6, deadline=None)
@@ -688,20 +788,20 @@ def test_lowbit_tail_random_shapes(race_exe, B, Hkv, G, S, n, D, bits, dtype, gr
     lens = data.draw(st.lists(st.integers(0, S), min_size=B, max_size=B))
     args = lowbit_case(B, Hkv, G, S, D, bits, dtype, lens, n, group_select, 1 / math.sqrt(D))
     out = run_lowbit_tail(race_exe, *args, 1 / math.sqrt(D), sms=sms)
-    check_tail(*args, 1 / math.sqrt(D), out)
+    check_lowbit_tail(*args, 1 / math.sqrt(D), out)
 
 
 @pytest.mark.parametrize("sms", [1, 132], ids=["one_chunk", "chunks"])
 def test_asan_lowbit_tail(asan_exe, sms):
     """Strided inputs ending at the last row of their storage, both bit widths, one seed."""
     for bits, dtype in ((2, torch.float16), (4, torch.float32)):
-        q, k, lens, codes, meta = make_case(2, 1, 3, 610, 64, bits, dtype, "cpu", [610, 333])
+        q, k, lens, codes, meta = make_lowbit_case(2, 1, 3, 610, 64, bits, dtype, "cpu", [610, 333])
         k, codes, meta = (t[:, :, 10:] for t in (k, codes, meta))
         lens = seq_lens_tensor([600, 323], "cpu")
         _, indices, lse = R.qk_topn(q, k, lens, 30, 0.1)
         out = run_lowbit_tail(asan_exe, q, k, lens, lse, indices, codes, meta, 0.1, sms=sms,
                               seeds=(1,))
-        check_tail(q, k, lens, lse, indices, codes, meta, 0.1, out)
+        check_lowbit_tail(q, k, lens, lse, indices, codes, meta, 0.1, out)
 
 
 def _lowbit_tail_barriers():

@@ -62,12 +62,14 @@ def test_leading_shapes(device, bits, lead):
 
 @pytest.mark.parametrize("bits", BITS)
 def test_strided_inputs(device, dtype, bits):
-    """The prefill hand-off's [:, :, :T] slice of a [B, Hkv, S, D] buffer, a transposed view, a
-    view with a stride-0 (expanded) dim and a slice along D: strides are honoured."""
+    """The prefill hand-off's [:, :, :T] slice of a [B, Hkv, S, D] buffer, transposed views, a
+    view with a stride-0 (expanded) dim, a slice along D, one row, and five leading dims that do
+    not merge (more than the CUDA kernel indexes: its launcher copies v): strides are honoured."""
     B, Hkv, S, T, D = 2, 3, 50, 37, 128
     buf = make_rows((B, Hkv, S, D), dtype, device)
+    five = make_rows((2, 3, 2, 3, 2, 64), dtype, device).permute(4, 3, 2, 1, 0, 5)
     views = [buf[:, :, :T], buf.transpose(1, 2), buf[:, 1:, 5:9].transpose(0, 2),
-             buf[:, :1].expand(B, 4, S, D), buf[..., 32:96], buf[0, 0, 3]]
+             buf[:, :1].expand(B, 4, S, D), buf[..., 32:96], buf[0, 0, 3], five]
     for v in views:
         assert not v.is_contiguous() or v.dim() == 1
         check_quantize(v, bits)

@@ -12,7 +12,7 @@
 
 namespace emu {
 
-enum class DType { kF32, kF16, kBF16, kI32 };
+enum class DType { kF32, kF16, kBF16, kI32, kU8 };
 
 size_t dtype_size(DType d);
 

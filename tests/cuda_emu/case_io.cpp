@@ -23,7 +23,10 @@ extern int g_skip_line;
 extern long g_skip_hits;
 extern bool g_race_check;
 
-size_t dtype_size(DType d) { return d == DType::kF16 || d == DType::kBF16 ? 2 : 4; }
+size_t dtype_size(DType d) {
+  if (d == DType::kU8) return 1;
+  return d == DType::kF16 || d == DType::kBF16 ? 2 : 4;
+}
 
 int64_t Tensor::numel() const {
   int64_t n = 1;

@@ -16,7 +16,8 @@ REPO = HERE.parents[1]
 KERNEL_DIR = REPO / "csrc" / "cuda"
 
 # The binary's dtype codes (case.h DType).
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int32: 3}
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int32: 3,
+               torch.uint8: 4}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 
 # The race-checking build: harness.cpp carries -fsanitize=thread's access instrumentation, whose

@@ -12,6 +12,7 @@
 #include "gather_rows_launch.h"
 #include "lowbit_tail_launch.h"
 #include "qk_topn_launch.h"
+#include "quantize_rows_launch.h"
 #include "selftest_kernels.cuh"
 #include "sparse_attn_v_launch.h"
 
@@ -299,6 +300,39 @@ Outputs run_lowbit_tail(const Case& c) {
   return {{"out", out}};
 }
 
+Outputs run_quantize_rows(const Case& c) {
+  const Tensor& v = c.input("v");  // [..., D]
+  const int64_t bits = static_cast<int64_t>(c.scalar("bits"));
+  std::vector<int64_t> codes_shape = v.sizes, meta_shape = v.sizes;
+  codes_shape.back() = v.sizes.back() * bits / 8;
+  meta_shape.back() = 2;
+  Tensor codes = make_tensor(DType::kU8, codes_shape, 0x7f);  // [..., D * bits / 8]
+  Tensor meta = make_tensor(DType::kBF16, meta_shape, 0xff);  // [..., 2], NaN
+  if (meta.numel() == 0) return {{"codes", codes}, {"meta", meta}};
+  const kcache_ops::QuantizeRowsPlan plan = kcache_ops::plan_quantize_rows({
+      .v = v.data(),
+      .sizes = v.sizes.data(),
+      .strides = v.strides.data(),
+      .ndim = static_cast<int64_t>(v.sizes.size()),
+      .codes = static_cast<uint8_t*>(codes.data()),
+      .meta = meta.data(),
+      .bits = bits,
+  });
+  if (!plan.fits) throw std::runtime_error("v's leading dims do not merge into the kernel's 4 "
+                                           "(the launcher copies such a v first)");
+  dispatch_dtype(v.dtype, [&](auto type_tag) {
+    using T = std::remove_pointer_t<decltype(type_tag)>;
+    kcache_ops::dispatch_quant_bits(bits, [&](auto bits_tag) {
+      watch_output(codes.data(), codes.bytes, "codes");
+      watch_output(meta.data(), meta.bytes, "meta");
+      launch(to_dim3(plan.grid), dim3(plan.block), "quantize_rows_kernel", [&] {
+        kcache_ops::quantize_rows_kernel<T, decltype(bits_tag)::value>(plan.params);
+      });
+    });
+  });
+  return {{"codes", codes}, {"meta", meta}};
+}
+
 // The emulator's own checks (selftest_kernels.cuh), by name.
 Outputs run_selftest(const Case& c) {
   const std::pair<const char*, void (*)(int*)> kKernels[] = {
@@ -326,6 +360,7 @@ Outputs run_case(const Case& c) {
   if (c.op == "sparse_attn_v") return run_sparse_attn_v(c);
   if (c.op == "gather_rows") return run_gather_rows(c);
   if (c.op == "lowbit_tail") return run_lowbit_tail(c);
+  if (c.op == "quantize_rows") return run_quantize_rows(c);
   throw std::runtime_error("unknown op " + c.op);
 }
 

@@ -62,6 +62,7 @@ inline int __float_as_int(float f) { return static_cast<int>(__float_as_uint(f))
 inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __frcp_rn(float x) { return 1.0f / x; }
 
 // Block barriers; the call site names the barrier in messages and in the mutant runs.
