@@ -1,5 +1,6 @@
-"""Helpers of the CUDA-only tests: the skip marker, a memory-light float32 reference of the scores,
-and the top-N checks that tolerate rounding (values at the picks, threshold, order, padding)."""
+"""Helpers of the CUDA-only tests: the skip marker, CUDA graph capture, a memory-light float32
+reference of the scores, and the top-N checks that tolerate rounding (values at the picks,
+threshold, order, padding)."""
 import math
 
 import pytest
@@ -10,6 +11,21 @@ import kcache_ops
 requires_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() and kcache_ops.built_with_cuda()),
     reason="needs a CUDA GPU and kcache_ops built with its CUDA kernels")
+
+
+def capture_graph(step):
+    """Runs step() once on a side stream (the warm-up torch.cuda.graphs recommends), then captures
+    a call of it in a CUDA graph; returns (graph, what the captured call returned: its static
+    outputs, rewritten by each graph.replay())."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs
 
 
 def ref_scores(q, k_cache, seq_lens, scale):

@@ -335,13 +335,19 @@ def test_sparse_attn_v_random_shapes(race_exe, B, Hkv, G, S, N, D, dtype, renorm
     check_attn(scores, indices, v, lse, renormalize, out, TOL[dtype])
 
 
-@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
-def test_decode_step(race_exe, group_select):
-    """qk_topn then sparse_attn_v on the emulator equals the reference decode step."""
+def decode_step_inputs():
+    """Fresh bfloat16 inputs of the emulated decode steps: q [2, 8, 64], k and v [2, 2, 700, 64],
+    seq_lens [2] = (700, 97), and n = 32."""
     B, Hkv, G, S, D, n = 2, 2, 4, 700, 64, 32
     q, k = make_qk(B, Hkv * G, Hkv, S, D, torch.bfloat16, "cpu")
     v = torch.randn(B, Hkv, S, D).to(torch.bfloat16)
-    lens = seq_lens_tensor([S, 97], "cpu")
+    return q, k, v, seq_lens_tensor([S, 97], "cpu"), n
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_decode_step(race_exe, group_select):
+    """qk_topn then sparse_attn_v on the emulator equals the reference decode step."""
+    q, k, v, lens, n = decode_step_inputs()
     scores, indices, lse = run_qk_topn(race_exe, q, k, lens, n, 1 / 8, group_select)
     out = run_sparse_attn_v(race_exe, scores, indices, v, lse, True)
     ref = R.decode_attention(q, k, v, lens, n, 1 / 8, group_select)
@@ -433,10 +439,7 @@ def test_mean_tail_random_shapes(race_exe, B, Hkv, G, S, N, D, dtype, pad_fracti
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_mean_tail_decode_step(race_exe, group_select):
     """qk_topn then sparse_attn_v with the mean tail on the emulator, against the reference."""
-    B, Hkv, G, S, D, n = 2, 2, 4, 700, 64, 32
-    q, k = make_qk(B, Hkv * G, Hkv, S, D, torch.bfloat16, "cpu")
-    v = torch.randn(B, Hkv, S, D).to(torch.bfloat16)
-    lens = seq_lens_tensor([S, 97], "cpu")
+    q, k, v, lens, n = decode_step_inputs()
     v_sum = torch.stack([v[b, :, :L].float().sum(1) for b, L in enumerate(lens.tolist())])
     scores, indices, lse = run_qk_topn(race_exe, q, k, lens, n, 1 / 8, group_select)
     out = run_sparse_attn_v(race_exe, scores, indices, v, lse, False, v_sum=v_sum, seq_lens=lens)

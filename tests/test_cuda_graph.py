@@ -6,7 +6,7 @@ import torch
 
 import kcache_ops
 from kcache_ops import reference
-from cuda_checks import requires_cuda
+from cuda_checks import capture_graph, requires_cuda
 
 pytestmark = requires_cuda
 
@@ -29,14 +29,7 @@ def test_decode_step_graph_replay(group_select, renormalize):
         scores, idx, lse = kcache_ops.qk_topn(q, k, lens, n, None, group_select)
         return kcache_ops.sparse_attn_v(scores, idx, v, lse, renormalize), idx
 
-    side = torch.cuda.Stream()  # warm up on a side stream, as torch.cuda.graphs recommends
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, idx = step()
+    graph, (out, idx) = capture_graph(step)
 
     for trial in range(3):
         q.copy_(torch.randn(B, Hq, D, device="cuda", dtype=dtype))

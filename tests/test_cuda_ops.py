@@ -6,8 +6,8 @@ import torch
 
 import kcache_ops
 from kcache_ops import reference
-from cuda_checks import (check_topn, default_scale, host_random, random_case, ref_scores,
-                         requires_cuda)
+from cuda_checks import (capture_graph, check_topn, default_scale, host_random, random_case,
+                         ref_scores, requires_cuda)
 
 pytestmark = requires_cuda
 
@@ -166,14 +166,7 @@ def test_sparse_attn_v_mean_tail_graph_replay():
                                        v_sum=v_sum, seq_lens=lens)
         return out, scores, idx, lse
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, scores, idx, lse = step()
+    graph, (out, scores, idx, lse) = capture_graph(step)
     for trial in range(3):
         lens.copy_(torch.randint(0, S + 1, (B,), dtype=torch.int32))
         v.copy_(torch.randn(B, Hkv, S, D, dtype=dtype))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICES, DTYPES, TOL, host_tensor, poison_allocator, seq_lens_tensor
-from cuda_checks import requires_cuda
+from cuda_checks import capture_graph, requires_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -196,14 +196,7 @@ def test_cuda_graph_replay():
                                      check_values=False)
         return out, indices, lse
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, indices, lse = step()
+    graph, (out, indices, lse) = capture_graph(step)
     for lens in ([S, 3000, 17], [0, 64, 4095]):
         fresh = make_case(B, Hkv, G, S, D, bits, torch.bfloat16, "cuda", lens)
         for static, new in zip((q, k, seq_lens, codes, meta), fresh):

@@ -1,13 +1,15 @@
 // Run-time choice of the inner loops: Avx512Isa where the CPU has AVX-512 F/BW/BF16, Avx2Isa where
 // it has AVX2, FMA and F16C, GenericIsa otherwise. KCACHE_OPS_CPU_ISA=avx2 or =generic caps the
-// choice (the tests use it to cover every level on one machine). score_heads: the head-count
-// dispatch of Isa::score_rows shared by qk_topn and lowbit_tail (the same scores in both).
+// choice (the tests use it to cover every level on one machine). Shared by qk_topn and lowbit_tail:
+// score_heads, the head-count dispatch of Isa::score_rows (the same scores in both), and
+// for_each_kv_group, their dispatch and parallel loop over the (sequence, KV head) groups.
 #pragma once
 
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
+#include "common.h"
 #include "isa_generic.h"
 #if defined(__x86_64__)
 #include "isa_avx2.h"
@@ -83,6 +85,27 @@ int64_t score_heads(const float* q, int64_t heads, const scalar_t* k, int64_t k_
   }
   Isa::template score_rows<scalar_t, kD, 1>(q, k, k_stride, rows, scale, s, s_stride);
   return 1;
+}
+
+// Calls group.template operator()<Isa, scalar_t, kD>(b, kvh, tmp) for every sequence b < B and KV
+// head kvh < Hkv, in parallel (at::parallel_for over the B · Hkv groups), with scalar_t bound to
+// `dtype` (float, Half or BFloat16) and kD to `head_dim` (64 or 128), both checked before
+// (check_qk_topn_args), and Isa as KC_ISA_SWITCH picks it; tmp is this thread's Scratch, kept from
+// one call to the next.
+template <class Scratch, class Group>
+void for_each_kv_group(at::ScalarType dtype, int64_t head_dim, int64_t B, int64_t Hkv,
+                       const Group& group) {
+  KC_DISPATCH_FLOAT_HALF_BF16(dtype, "for_each_kv_group", [&] {
+    KC_HEAD_DIM_SWITCH(head_dim, [&] {
+      KC_ISA_SWITCH([&] {
+        at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+          static thread_local Scratch tmp;
+          for (int64_t bg = begin; bg < end; ++bg)
+            group.template operator()<Isa, scalar_t, kD>(bg / Hkv, bg % Hkv, tmp);
+        });
+      });
+    });
+  });
 }
 
 }  // namespace kcache_ops::cpu

@@ -109,31 +109,23 @@ at::Tensor lowbit_tail_cpu(const at::Tensor& q,         // [B, Hq, D]
   at::Tensor out = at::empty({dims.B, dims.Hq, dims.D}, q.options().dtype(at::kFloat));
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t G = dims.G;
-  KC_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "lowbit_tail", [&] {
-    KC_HEAD_DIM_SWITCH(dims.D, [&] {
-      KC_ISA_SWITCH([&] {
-        at::parallel_for(0, dims.B * dims.Hkv, 1, [&](int64_t begin, int64_t end) {
-          static thread_local Scratch tmp;
-          for (int64_t bg = begin; bg < end; ++bg) {
-            const int64_t b = bg / dims.Hkv, kvh = bg % dims.Hkv;
-            const int64_t h0 = kvh * G;  // first query head of the group
-            tail_group<Isa, scalar_t, kD>(
-                q.data_ptr<scalar_t>() + b * q.stride(0) + h0 * q.stride(1), q.stride(1),
-                k_cache.data_ptr<scalar_t>() + b * k_cache.stride(0) + kvh * k_cache.stride(1),
-                k_cache.stride(2),
-                v_codes.data_ptr<uint8_t>() + b * v_codes.stride(0) + kvh * v_codes.stride(1),
-                v_codes.stride(2),
-                v_meta.data_ptr<c10::BFloat16>() + b * v_meta.stride(0) + kvh * v_meta.stride(1),
-                v_meta.stride(2), dims.bits,
-                lse.data_ptr<float>() + b * lse.stride(0) + h0 * lse.stride(1), lse.stride(1),
-                indices.data_ptr<int32_t>() + b * indices.stride(0) + h0 * indices.stride(1),
-                indices.stride(1), G, dims.N, lens[b * seq_lens.stride(0)],
-                static_cast<float>(scale), tmp,
-                out.data_ptr<float>() + (b * dims.Hq + h0) * dims.D);
-          }
-        });
-      });
-    });
+  for_each_kv_group<Scratch>(q.scalar_type(), dims.D, dims.B, dims.Hkv,
+                            [&]<class Isa, typename scalar_t, int64_t kD>(
+                                int64_t b, int64_t kvh, Scratch& tmp) {
+    const int64_t h0 = kvh * G;  // first query head of the group
+    tail_group<Isa, scalar_t, kD>(
+        q.data_ptr<scalar_t>() + b * q.stride(0) + h0 * q.stride(1), q.stride(1),
+        k_cache.data_ptr<scalar_t>() + b * k_cache.stride(0) + kvh * k_cache.stride(1),
+        k_cache.stride(2),
+        v_codes.data_ptr<uint8_t>() + b * v_codes.stride(0) + kvh * v_codes.stride(1),
+        v_codes.stride(2),
+        v_meta.data_ptr<c10::BFloat16>() + b * v_meta.stride(0) + kvh * v_meta.stride(1),
+        v_meta.stride(2), dims.bits,
+        lse.data_ptr<float>() + b * lse.stride(0) + h0 * lse.stride(1), lse.stride(1),
+        indices.data_ptr<int32_t>() + b * indices.stride(0) + h0 * indices.stride(1),
+        indices.stride(1), G, dims.N, lens[b * seq_lens.stride(0)],
+        static_cast<float>(scale), tmp,
+        out.data_ptr<float>() + (b * dims.Hq + h0) * dims.D);
   });
   return out;
 }

@@ -191,24 +191,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
   at::Tensor lse = at::empty({dims.B, dims.Hq}, f32);                         // [B, Hq]
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t G = dims.G;
-  KC_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "qk_topn", [&] {
-    KC_HEAD_DIM_SWITCH(dims.D, [&] {
-      KC_ISA_SWITCH([&] {
-        at::parallel_for(0, dims.B * dims.Hkv, 1, [&](int64_t begin, int64_t end) {
-          static thread_local Scratch tmp;
-          for (int64_t bg = begin; bg < end; ++bg) {
-            const int64_t b = bg / dims.Hkv, kvh = bg % dims.Hkv;
-            const int64_t head0 = b * dims.Hq + kvh * G;  // first query head of the group
-            select_group<Isa, scalar_t, kD>(
-                q.data_ptr<scalar_t>() + b * q.stride(0) + kvh * G * q.stride(1), q.stride(1),
-                k_cache.data_ptr<scalar_t>() + b * k_cache.stride(0) + kvh * k_cache.stride(1),
-                k_cache.stride(2), G, lens[b * seq_lens.stride(0)], n, static_cast<float>(scale),
-                group_select, tmp, scores.data_ptr<float>() + head0 * n,
-                indices.data_ptr<int32_t>() + head0 * n, lse.data_ptr<float>() + head0);
-          }
-        });
-      });
-    });
+  for_each_kv_group<Scratch>(q.scalar_type(), dims.D, dims.B, dims.Hkv,
+                            [&]<class Isa, typename scalar_t, int64_t kD>(
+                                int64_t b, int64_t kvh, Scratch& tmp) {
+    const int64_t head0 = b * dims.Hq + kvh * G;  // first query head of the group
+    select_group<Isa, scalar_t, kD>(
+        q.data_ptr<scalar_t>() + b * q.stride(0) + kvh * G * q.stride(1), q.stride(1),
+        k_cache.data_ptr<scalar_t>() + b * k_cache.stride(0) + kvh * k_cache.stride(1),
+        k_cache.stride(2), G, lens[b * seq_lens.stride(0)], n, static_cast<float>(scale),
+        group_select, tmp, scores.data_ptr<float>() + head0 * n,
+        indices.data_ptr<int32_t>() + head0 * n, lse.data_ptr<float>() + head0);
   });
   return {scores, indices, lse};
 }

@@ -1,6 +1,8 @@
 // Device helpers shared by the kernels: 16-byte vector loads and conversions, the order-preserving
-// float->uint32 key, warp reductions. Plain CUDA: no torch headers (flashinfer keeps torch out of
-// its kernels), so the *_kernel.cuh headers stay independent of the launchers.
+// float->uint32 key, warp reductions, a sequence's clamped length, and the per-lane q slices and
+// dot products of the kernels that score key rows against a group of query heads. Plain CUDA: no
+// torch headers (flashinfer keeps torch out of its kernels), so the *_kernel.cuh headers stay
+// independent of the launchers.
 #pragma once
 
 #include <cfloat>
@@ -137,6 +139,65 @@ __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
   return v;
+}
+
+// L_b = seq_lens[b · stride] clamped to [0, s].
+__device__ __forceinline__ int clamped_len(const int32_t* seq_lens, int64_t stride, int b, int s) {
+  const int l = seq_lens[b * stride];
+  return l < 0 ? 0 : (l > s ? s : l);
+}
+
+// What one block of a grid (num_chunks, Hkv · slices, B) covers, where each KV head's group of
+// hq / hkv query heads is cut into `slices` slices of up to GS heads and the keys into chunks of
+// `chunk`: sequence b, KV head kvh, query heads h0 .. h0 + gs - 1, keys chunk_begin ..
+// chunk_end - 1 (chunk_end at most L_b; chunk_begin >= chunk_end leaves the block no key).
+struct ChunkBlock {
+  int b, kvh, h0, gs, chunk_begin, chunk_end;
+};
+
+template <int GS>
+__device__ __forceinline__ ChunkBlock chunk_block(const int32_t* seq_lens, int64_t seq_stride,
+                                                  int hq, int hkv, int s, int slices, int chunk) {
+  const int b = blockIdx.z;
+  const int kvh = blockIdx.y / slices;
+  const int G = hq / hkv;
+  const int h0 = kvh * G + (blockIdx.y % slices) * GS;
+  const int len = clamped_len(seq_lens, seq_stride, b, s);
+  const int chunk_begin = blockIdx.x * chunk;
+  return {.b = b,
+          .kvh = kvh,
+          .h0 = h0,
+          .gs = min(GS, kvh * G + G - h0),
+          .chunk_begin = chunk_begin,
+          .chunk_end = min(chunk_begin + chunk, len)};
+}
+
+// This lane's piece `sub` (kVec elements from sub · kVec) of the query heads h0 .. h0 + GS - 1 as
+// float32; heads from gs on are zeros. q: one sequence's rows [Hq, D] of T, head stride q_sh.
+template <typename T, int GS, int kVec>
+__device__ __forceinline__ void load_q_slice(float (&qf)[GS][kVec],  // [GS, kVec] out
+                                             const T* q, int64_t q_sh, int h0, int gs, int sub) {
+#pragma unroll
+  for (int h = 0; h < GS; ++h) {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e)
+      qf[h][e] = h < gs ? Vec16<T>::one(q[(h0 + h) * q_sh + sub * kVec + e]) : 0.0f;
+  }
+}
+
+// This lane's partial dots of its piece of a key row with each of the GS heads' pieces
+// (fmaf over e in order; the lanes of a key then sum them).
+template <int GS, int kVec>
+__device__ __forceinline__ void dot_heads(const float (&qf)[GS][kVec],  // [GS, kVec]
+                                          const float (&kf)[kVec],      // [kVec]
+                                          float* dot) {                 // [GS] out
+#pragma unroll
+  for (int h = 0; h < GS; ++h) {
+    float d = 0.0f;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) d = fmaf(qf[h][e], kf[e], d);
+    dot[h] = d;
+  }
 }
 
 }  // namespace kcache_ops

@@ -1,5 +1,5 @@
-// What the launch plans of the ops share: the size of a grid and the query-head slice width of the
-// GQA kernels. Plain C++ (no torch, no CUDA runtime), like the *_launch.h headers that use it.
+// What the launch plans of the ops share: the size of a grid, the query-head slice width of the
+// GQA kernels and the wave model that picks their chunk of keys per block. Plain C++ (no torch, no CUDA runtime), like the *_launch.h headers that use it.
 #pragma once
 
 #include <cstdint>
@@ -15,5 +15,23 @@ struct GridSize {
 // GQA group of `group_size` query heads: 4 for groups up to 4, else 8 (larger groups take several
 // slices of 8). The launchers dispatch on it to the kernels' template constant.
 constexpr int group_slice_width(int64_t group_size) { return group_size <= 4 ? 4 : 8; }
+
+// Keys per block over S keys, when one chunk of keys takes `blocks_per_chunk` blocks and `wave`
+// blocks are resident at once: of first, first + step, ... up to last, the chunk that minimises
+// the grid's time in whole waves, ceil(blocks / wave) · (chunk + overhead_keys), where
+// overhead_keys counts a block's fixed cost in keys of its loop; the smallest such chunk on ties.
+inline int64_t wave_chunk(int64_t S, int64_t blocks_per_chunk, int64_t wave, int64_t first,
+                          int64_t step, int64_t last, int64_t overhead_keys) {
+  int64_t best = first, best_cost = -1;
+  for (int64_t chunk = first; chunk <= last; chunk += step) {
+    const int64_t blocks = blocks_per_chunk * ((S + chunk - 1) / chunk);
+    const int64_t cost = (blocks + wave - 1) / wave * (chunk + overhead_keys);
+    if (best_cost < 0 || cost < best_cost) {
+      best = chunk;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
 
 }  // namespace kcache_ops

@@ -58,13 +58,7 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& q,         // [B, Hq, D], CUDA
   }
 
   const LowbitTailArgs args{
-      .q = q.data_ptr(),
-      .q_sb = q.stride(0),
-      .q_sh = q.stride(1),
-      .k = k_cache.data_ptr(),
-      .k_sb = k_cache.stride(0),
-      .k_sh = k_cache.stride(1),
-      .k_ss = k_cache.stride(2),
+      .in = qk_inputs(q, k_cache, seq_lens),
       .codes = v_codes.data_ptr<uint8_t>(),
       .c_sb = v_codes.stride(0),
       .c_sh = v_codes.stride(1),
@@ -73,8 +67,6 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& q,         // [B, Hq, D], CUDA
       .m_sb = v_meta.stride(0),
       .m_sh = v_meta.stride(1),
       .m_ss = v_meta.stride(2),
-      .seq_lens = seq_lens.data_ptr<int32_t>(),
-      .seq_stride = seq_lens.stride(0),
       .lse = lse.data_ptr<float>(),
       .lse_sb = lse.stride(0),
       .lse_sh = lse.stride(1),

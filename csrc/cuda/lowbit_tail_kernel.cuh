@@ -24,6 +24,7 @@
 #include <cstdint>
 
 #include "kernel_utils.cuh"
+#include "qk_inputs.h"
 
 namespace kcache_ops {
 
@@ -35,16 +36,11 @@ constexpr int kTailChunkStep = 256;    // chunks are multiples of it (and of eve
 constexpr int kTailReduceThreads = 256;
 
 struct LowbitTailParams {
-  const void* q;                 // [B, Hq, D] of T, last dim contiguous
-  int64_t q_sb, q_sh;            // strides in elements
-  const void* k;                 // [B, Hkv, S, D] of T, last dim contiguous, rows 16-byte aligned
-  int64_t k_sb, k_sh, k_ss;      // strides in elements
+  QkInputs in;                   // q [B, Hq, D], k [B, Hkv, S, D], seq_lens [B]
   const uint8_t* codes;          // [B, Hkv, S, D * bits / 8] uint8, rows 16-byte aligned
   int64_t c_sb, c_sh, c_ss;      // strides in bytes
   const uint32_t* meta;          // [B, Hkv, S] (scale, min) bfloat16 pairs, one 4-byte word each
   int64_t m_sb, m_sh, m_ss;      // strides in words
-  const int32_t* seq_lens;       // [B], clamped to [0, S] here
-  int64_t seq_stride;            // in elements
   const float* lse;              // [B, Hq] float32
   int64_t lse_sb, lse_sh;        // strides in elements
   const int32_t* indices;        // [B, Hq, N] int32; outside [0, L_b) ignored
@@ -84,15 +80,9 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   __shared__ uint32_t selected[GS][kWords];  // bit (j - chunk_begin): head h selected key j
   __shared__ float partial[kWarps][GS][D];   // each warp's sums
 
-  const int b = blockIdx.z;
-  const int kvh = blockIdx.y / p.slices;
-  const int G = p.hq / p.hkv;
-  const int h0 = kvh * G + (blockIdx.y % p.slices) * GS;  // first query head of this block
-  const int gs = min(GS, kvh * G + G - h0);               // query heads in this block
-  const int raw_len = p.seq_lens[b * p.seq_stride];
-  const int len = raw_len < 0 ? 0 : (raw_len > p.s ? p.s : raw_len);
-  const int chunk_begin = blockIdx.x * p.chunk;
-  const int chunk_end = min(chunk_begin + p.chunk, len);
+  // sequence, KV head, first query head and query heads of this block, its keys
+  const auto [b, kvh, h0, gs, chunk_begin, chunk_end] = chunk_block<GS>(
+      p.in.seq_lens, p.in.seq_stride, p.hq, p.hkv, p.s, p.slices, p.chunk);
   const int words = (p.chunk + 31) / 32;
 
   const int lane = threadIdx.x % 32;
@@ -114,15 +104,11 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
 
   // This lane's slice of each query head (float32) and each head's lse.
   float qf[GS][kVec];
+  load_q_slice<T, GS, kVec>(qf, static_cast<const T*>(p.in.q) + b * p.in.q_sb, p.in.q_sh, h0, gs,
+                            sub);
   float lse[GS];
-  const T* q = static_cast<const T*>(p.q) + b * p.q_sb;
 #pragma unroll
-  for (int h = 0; h < GS; ++h) {
-#pragma unroll
-    for (int e = 0; e < kVec; ++e)
-      qf[h][e] = h < gs ? Vec16<T>::one(q[(h0 + h) * p.q_sh + sub * kVec + e]) : 0.0f;
-    lse[h] = h < gs ? p.lse[b * p.lse_sb + (h0 + h) * p.lse_sh] : 0.0f;
-  }
+  for (int h = 0; h < GS; ++h) lse[h] = h < gs ? p.lse[b * p.lse_sb + (h0 + h) * p.lse_sh] : 0.0f;
   float acc[GS][kVec];
 #pragma unroll
   for (int h = 0; h < GS; ++h) {
@@ -131,7 +117,7 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   }
   __syncthreads();  // the bitmap is complete
 
-  const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + kvh * p.k_sh + sub * kVec;
+  const T* kb = static_cast<const T*>(p.in.k) + b * p.in.k_sb + kvh * p.in.k_sh + sub * kVec;
   const uint8_t* cb = p.codes + b * p.c_sb + kvh * p.c_sh + sub * kVec * p.bits / 8;
   const uint32_t* mb = p.meta + b * p.m_sb + kvh * p.m_sh;
   const uint32_t code_mask = (1u << p.bits) - 1u;
@@ -141,19 +127,19 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   // per load.
   const int first_key = warp * kTailUnroll * kKeysPerLoad + kslot;
   const int64_t row0 = chunk_begin + first_key;
-  const T* krow = kb + row0 * p.k_ss;
+  const T* krow = kb + row0 * p.in.k_ss;
   const uint8_t* crow = cb + row0 * p.c_ss;
   const uint32_t* mrow = mb + row0 * p.m_ss;
   // Block-uniform loop: every lane takes part in every shuffle.
   for (int base = chunk_begin; base < chunk_end; base += kKeysPerIter,
-           krow += kKeysPerIter * p.k_ss, crow += kKeysPerIter * p.c_ss,
+           krow += kKeysPerIter * p.in.k_ss, crow += kKeysPerIter * p.c_ss,
            mrow += kKeysPerIter * p.m_ss) {
     uint4 raw[kTailUnroll];
     uint32_t code[kTailUnroll], meta[kTailUnroll];
 #pragma unroll
     for (int u = 0; u < kTailUnroll; ++u) {
       const bool in = base + first_key + u * kKeysPerLoad < chunk_end;
-      raw[u] = in ? load16(krow + u * kKeysPerLoad * p.k_ss) : make_uint4(0, 0, 0, 0);
+      raw[u] = in ? load16(krow + u * kKeysPerLoad * p.in.k_ss) : make_uint4(0, 0, 0, 0);
       code[u] = in ? load_codes<kVec>(crow + u * kKeysPerLoad * p.c_ss, p.bits) : 0u;
       meta[u] = in ? mrow[u * kKeysPerLoad * p.m_ss] : 0u;
     }
@@ -163,13 +149,7 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
       float kf[kVec];
       Vec16<T>::to_float(raw[u], kf);
       float dot[GS];
-#pragma unroll
-      for (int h = 0; h < GS; ++h) {
-        float d = 0.0f;
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) d = fmaf(qf[h][e], kf[e], d);
-        dot[h] = d;
-      }
+      dot_heads<GS, kVec>(qf, kf, dot);
 #pragma unroll
       for (int off = kLanesPerKey / 2; off > 0; off >>= 1) {
 #pragma unroll

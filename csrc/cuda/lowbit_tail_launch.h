@@ -9,21 +9,17 @@
 
 #include "launch_grid.h"
 #include "lowbit_tail_kernel.cuh"
+#include "qk_inputs.h"
 
 namespace kcache_ops {
 
 // One lowbit_tail call: data pointers, strides (in elements unless said), sizes (G = Hq / Hkv).
 struct LowbitTailArgs {
-  const void* q;               // [B, Hq, D] of T, last dim contiguous
-  int64_t q_sb, q_sh;
-  const void* k;               // [B, Hkv, S, D] of T, last dim contiguous, rows 16-byte aligned
-  int64_t k_sb, k_sh, k_ss;
+  QkInputs in;                 // q [B, Hq, D], k [B, Hkv, S, D], seq_lens [B]
   const uint8_t* codes;        // [B, Hkv, S, D * bits / 8] uint8, rows 16-byte aligned
   int64_t c_sb, c_sh, c_ss;
   const void* meta;            // [B, Hkv, S, 2] bfloat16, each row's pair 4-byte aligned
   int64_t m_sb, m_sh, m_ss;    // even (whole pairs)
-  const int32_t* seq_lens;     // [B], clamped to [0, S] by the kernel
-  int64_t seq_stride;
   const float* lse;            // [B, Hq] float32
   int64_t lse_sb, lse_sh;
   const int32_t* indices;      // [B, Hq, N] int32; outside [0, L_b) ignored
@@ -59,16 +55,8 @@ inline int lowbit_tail_chunk(int64_t S, int64_t blocks_per_chunk, int sms) {
   const int64_t wave = int64_t{sms} * kTailBlocksPerSm;  // blocks resident at once
   const int64_t max_chunk = std::min<int64_t>(
       std::max<int64_t>(ceil_div<int64_t>(S, kTailChunkStep), 1) * kTailChunkStep, kTailMaxChunk);
-  int64_t best = kTailChunkStep, best_cost = -1;
-  for (int64_t chunk = kTailChunkStep; chunk <= max_chunk; chunk += kTailChunkStep) {
-    const int64_t blocks = blocks_per_chunk * ceil_div<int64_t>(S, chunk);
-    const int64_t cost = ceil_div<int64_t>(blocks, wave) * (chunk + kTailBlockOverheadKeys);
-    if (best_cost < 0 || cost < best_cost) {
-      best = chunk;
-      best_cost = cost;
-    }
-  }
-  return static_cast<int>(best);
+  return static_cast<int>(wave_chunk(S, blocks_per_chunk, wave, kTailChunkStep, kTailChunkStep,
+                                     max_chunk, kTailBlockOverheadKeys));
 }
 
 // The plan of a call with B, Hq > 0 on a device of `sms` multiprocessors.
@@ -96,13 +84,7 @@ inline LowbitTailPlan plan_lowbit_tail(const LowbitTailArgs& a, int sms) {
 inline LowbitTailParams lowbit_tail_params(const LowbitTailArgs& a, const LowbitTailPlan& plan,
                                            float* partials) {
   return {
-      .q = a.q,
-      .q_sb = a.q_sb,
-      .q_sh = a.q_sh,
-      .k = a.k,
-      .k_sb = a.k_sb,
-      .k_sh = a.k_sh,
-      .k_ss = a.k_ss,
+      .in = a.in,
       .codes = a.codes,
       .c_sb = a.c_sb,
       .c_sh = a.c_sh,
@@ -111,8 +93,6 @@ inline LowbitTailParams lowbit_tail_params(const LowbitTailArgs& a, const Lowbit
       .m_sb = a.m_sb / 2,
       .m_sh = a.m_sh / 2,
       .m_ss = a.m_ss / 2,
-      .seq_lens = a.seq_lens,
-      .seq_stride = a.seq_stride,
       .lse = a.lse,
       .lse_sb = a.lse_sb,
       .lse_sh = a.lse_sh,

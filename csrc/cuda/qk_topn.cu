@@ -46,15 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
     check_seq_lens_on_device(seq_lens, dims.S);
 
   const QkTopnArgs args{
-      .q = q.data_ptr(),
-      .q_sb = q.stride(0),
-      .q_sh = q.stride(1),
-      .k = k_cache.data_ptr(),
-      .k_sb = k_cache.stride(0),
-      .k_sh = k_cache.stride(1),
-      .k_ss = k_cache.stride(2),
-      .seq_lens = seq_lens.data_ptr<int32_t>(),
-      .seq_stride = seq_lens.stride(0),
+      .in = qk_inputs(q, k_cache, seq_lens),
       .out_scores = scores.data_ptr<float>(),
       .out_indices = indices.data_ptr<int32_t>(),
       .out_lse = lse.data_ptr<float>(),

@@ -29,6 +29,7 @@
 #include <cstdint>
 
 #include "kernel_utils.cuh"
+#include "qk_inputs.h"
 
 namespace kcache_ops {
 
@@ -41,12 +42,7 @@ constexpr int kMaxTopN = 4096;        // candidates sorted in shared memory (32 
 constexpr int kMaxGroupSelect = 128;  // query heads per KV head in group mode (lse in shared memory)
 
 struct QkScoresParams {
-  const void* q;             // [B, Hq, D] of T, last dim contiguous
-  int64_t q_sb, q_sh;        // strides in elements
-  const void* k;             // [B, Hkv, S, D] of T, last dim contiguous, rows 16-byte aligned
-  int64_t k_sb, k_sh, k_ss;  // strides in elements
-  const int32_t* seq_lens;   // [B], clamped to [0, S] here
-  int64_t seq_stride;        // in elements
+  QkInputs in;               // q [B, Hq, D], k [B, Hkv, S, D], seq_lens [B]
   float* scores;             // [B, Hq, score_stride] scratch, written for j < L_b
   MaxSum* partials;          // [B, Hq, num_chunks] (max, sumexp) of each chunk
   int64_t score_stride;      // S rounded up to a multiple of 4 (16-byte aligned rows)
@@ -58,11 +54,6 @@ struct QkScoresParams {
 template <typename T, int D>
 constexpr int score_keys_per_iter() {
   return (kScoreThreads / 32) * (32 / (D / Vec16<T>::kElems)) * kScoreUnroll;
-}
-
-__device__ __forceinline__ int clamped_len(const int32_t* seq_lens, int64_t stride, int b, int s) {
-  const int l = seq_lens[b * stride];
-  return l < 0 ? 0 : (l > s ? s : l);
 }
 
 // kValues partial dots v (of several keys and heads) whose lanes are the kLanes lanes that share a
@@ -111,14 +102,9 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
   static_assert(D % kVec == 0 && 32 % kLanesPerKey == 0, "unsupported head dim");
   static_assert(kScoreUnroll % kJoint == 0, "whole groups of keys");
 
-  const int b = blockIdx.z;
-  const int kvh = blockIdx.y / p.slices;
-  const int G = p.hq / p.hkv;
-  const int h0 = kvh * G + (blockIdx.y % p.slices) * GS;  // first query head of this block
-  const int gs = min(GS, kvh * G + G - h0);               // query heads in this block
-  const int len = clamped_len(p.seq_lens, p.seq_stride, b, p.s);
-  const int chunk_begin = blockIdx.x * p.chunk;
-  const int chunk_end = min(chunk_begin + p.chunk, len);
+  // sequence, KV head, first query head and query heads of this block, its keys
+  const auto [b, kvh, h0, gs, chunk_begin, chunk_end] = chunk_block<GS>(
+      p.in.seq_lens, p.in.seq_stride, p.hq, p.hkv, p.s, p.slices, p.chunk);
 
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
@@ -132,17 +118,12 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
 
   // This lane's slice of each query head, float32.
   float qf[GS][kVec];
-  const T* q = static_cast<const T*>(p.q) + b * p.q_sb;
-#pragma unroll
-  for (int h = 0; h < GS; ++h) {
-#pragma unroll
-    for (int e = 0; e < kVec; ++e)
-      qf[h][e] = h < gs ? Vec16<T>::one(q[(h0 + h) * p.q_sh + sub * kVec + e]) : 0.0f;
-  }
+  load_q_slice<T, GS, kVec>(qf, static_cast<const T*>(p.in.q) + b * p.in.q_sb, p.in.q_sh, h0, gs,
+                            sub);
 
   MaxSum run = maxsum_empty();  // of my_head over this lane's keys
 
-  const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + kvh * p.k_sh + sub * kVec;
+  const T* kb = static_cast<const T*>(p.in.k) + b * p.in.k_sb + kvh * p.in.k_sh + sub * kVec;
   // [score_stride] scratch row of my_head (written only when has_head)
   float* my_scores =
       p.scores + (static_cast<int64_t>(b) * p.hq + h0 + (has_head ? my_head : 0)) * p.score_stride;
@@ -150,9 +131,9 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
   // This lane's piece of its first row (key j of u = 0) in each iteration; the rows of u > 0 follow
   // at u · kKeysPerLoad keys. Advanced by a pointer step, not a 64-bit multiply per load.
   const int first_key = warp * kScoreUnroll * kKeysPerLoad + kslot;
-  const int64_t u_step = kKeysPerLoad * p.k_ss;     // elements from the row of u to that of u + 1
-  const int64_t iter_step = kKeysPerIter * p.k_ss;  // elements from one iteration to the next
-  const T* krow = kb + static_cast<int64_t>(chunk_begin + first_key) * p.k_ss;
+  const int64_t u_step = kKeysPerLoad * p.in.k_ss;  // elements from the row of u to that of u + 1
+  const int64_t iter_step = kKeysPerIter * p.in.k_ss;  // from one iteration to the next
+  const T* krow = kb + static_cast<int64_t>(chunk_begin + first_key) * p.in.k_ss;
   // Block-uniform loop.
   for (int base = chunk_begin; base < chunk_end; base += kKeysPerIter, krow += iter_step) {
     uint4 raw[kScoreUnroll];
@@ -168,13 +149,7 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
       for (int t = 0; t < kJoint; ++t) {
         float kf[kVec];
         Vec16<T>::to_float(raw[g * kJoint + t], kf);
-#pragma unroll
-        for (int h = 0; h < GS; ++h) {
-          float d = 0.0f;
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) d = fmaf(qf[h][e], kf[e], d);
-          dot[t * GS + h] = d;
-        }
+        dot_heads<GS, kVec>(qf, kf, dot + t * GS);
       }
       const float s = reduce_scatter<kValues, kLanesPerKey>(dot, sub) * p.scale;
       const int j = base + first_key + (g * kJoint + my_joint) * kKeysPerLoad;

@@ -7,18 +7,14 @@
 #include <cstdint>
 
 #include "launch_grid.h"
+#include "qk_inputs.h"
 #include "qk_topn_kernel.cuh"
 
 namespace kcache_ops {
 
 // One qk_topn call: data pointers, strides in elements, sizes (G = Hq / Hkv).
 struct QkTopnArgs {
-  const void* q;               // [B, Hq, D] of T, last dim contiguous
-  int64_t q_sb, q_sh;
-  const void* k;               // [B, Hkv, S, D] of T, last dim contiguous, rows 16-byte aligned
-  int64_t k_sb, k_sh, k_ss;
-  const int32_t* seq_lens;     // [B], clamped to [0, S] by the kernels
-  int64_t seq_stride;
+  QkInputs in;                 // q [B, Hq, D], k [B, Hkv, S, D], seq_lens [B]
   float* out_scores;           // [B, Hq, n] contiguous
   int32_t* out_indices;        // [B, Hq, n] contiguous
   float* out_lse;              // [B, Hq] contiguous
@@ -61,16 +57,8 @@ constexpr int64_t kScoreBlockOverheadKeys = 128;
 inline int qk_score_chunk(int64_t S, int64_t blocks_per_chunk, int sms) {
   const int64_t wave = int64_t{sms} * kScoreBlocksPerSm;  // blocks resident at once
   const int64_t max_chunk = std::max<int64_t>(ceil_div<int64_t>(S, 256) * 256, 512);
-  int64_t best = 512, best_cost = -1;
-  for (int64_t chunk = 512; chunk <= max_chunk; chunk += 256) {
-    const int64_t blocks = blocks_per_chunk * ceil_div<int64_t>(S, chunk);
-    const int64_t cost = ceil_div<int64_t>(blocks, wave) * (chunk + kScoreBlockOverheadKeys);
-    if (best_cost < 0 || cost < best_cost) {
-      best = chunk;
-      best_cost = cost;
-    }
-  }
-  return static_cast<int>(best);
+  return static_cast<int>(
+      wave_chunk(S, blocks_per_chunk, wave, 512, 256, max_chunk, kScoreBlockOverheadKeys));
 }
 
 // Keys per block of the group-mass pass over S keys with `rows` (B · Hkv) rows: at least 2 blocks
@@ -130,15 +118,7 @@ inline QkTopnPlan plan_qk_topn(const QkTopnArgs& a, int sms) {
 inline QkScoresParams qk_scores_params(const QkTopnArgs& a, const QkTopnPlan& plan,
                                        float* scratch, MaxSum* partials) {
   return {
-      .q = a.q,
-      .q_sb = a.q_sb,
-      .q_sh = a.q_sh,
-      .k = a.k,
-      .k_sb = a.k_sb,
-      .k_sh = a.k_sh,
-      .k_ss = a.k_ss,
-      .seq_lens = a.seq_lens,
-      .seq_stride = a.seq_stride,
+      .in = a.in,
       .scores = scratch,
       .partials = partials,
       .score_stride = plan.score_stride,
@@ -160,8 +140,8 @@ inline QkMassParams qk_mass_params(const QkTopnArgs& a, const QkTopnPlan& plan,
       .scores = scratch,
       .partials = partials,
       .score_stride = plan.score_stride,
-      .seq_lens = a.seq_lens,
-      .seq_stride = a.seq_stride,
+      .seq_lens = a.in.seq_lens,
+      .seq_stride = a.in.seq_stride,
       .mass = mass,
       .hq = static_cast<int>(a.Hq),
       .hkv = static_cast<int>(a.Hkv),
@@ -183,8 +163,8 @@ inline QkSelectParams qk_select_params(const QkTopnArgs& a, const QkTopnPlan& pl
       .mass = mass,
       .hist = plan.select_slices > 1 ? hist : nullptr,
       .score_stride = plan.score_stride,
-      .seq_lens = a.seq_lens,
-      .seq_stride = a.seq_stride,
+      .seq_lens = a.in.seq_lens,
+      .seq_stride = a.in.seq_stride,
       .out_scores = a.out_scores,
       .out_indices = a.out_indices,
       .out_lse = a.out_lse,

@@ -58,6 +58,21 @@ dim3 to_dim3(const kcache_ops::GridSize& g) {
   return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
 }
 
+// q [B, Hq, D], k [B, Hkv, S, D] and seq_lens [B] int32 as the kernels read them.
+kcache_ops::QkInputs qk_inputs(const Tensor& q, const Tensor& k, const Tensor& seq_lens) {
+  return {
+      .q = q.data(),
+      .q_sb = q.stride(0),
+      .q_sh = q.stride(1),
+      .k = k.data(),
+      .k_sb = k.stride(0),
+      .k_sh = k.stride(1),
+      .k_ss = k.stride(2),
+      .seq_lens = static_cast<const int32_t*>(seq_lens.data()),
+      .seq_stride = seq_lens.stride(0),
+  };
+}
+
 Outputs run_qk_topn(const Case& c) {
   const Tensor& q = c.input("q");               // [B, Hq, D]
   const Tensor& k = c.input("k_cache");         // [B, Hkv, S, D]
@@ -69,15 +84,7 @@ Outputs run_qk_topn(const Case& c) {
   Tensor lse = make_tensor(DType::kF32, {B, Hq}, 0xff);         // [B, Hq], NaN
   if (B == 0 || Hq == 0) return {{"scores", scores}, {"indices", indices}, {"lse", lse}};
   const kcache_ops::QkTopnArgs args{
-      .q = q.data(),
-      .q_sb = q.stride(0),
-      .q_sh = q.stride(1),
-      .k = k.data(),
-      .k_sb = k.stride(0),
-      .k_sh = k.stride(1),
-      .k_ss = k.stride(2),
-      .seq_lens = static_cast<const int32_t*>(seq_lens.data()),
-      .seq_stride = seq_lens.stride(0),
+      .in = qk_inputs(q, k, seq_lens),
       .out_scores = static_cast<float*>(scores.data()),
       .out_indices = static_cast<int32_t*>(indices.data()),
       .out_lse = static_cast<float*>(lse.data()),
@@ -238,13 +245,7 @@ Outputs run_lowbit_tail(const Case& c) {
   Tensor out = make_tensor(DType::kF32, {B, Hq, D}, 0xff);  // [B, Hq, D], NaN
   if (out.numel() == 0) return {{"out", out}};
   const kcache_ops::LowbitTailArgs args{
-      .q = q.data(),
-      .q_sb = q.stride(0),
-      .q_sh = q.stride(1),
-      .k = k.data(),
-      .k_sb = k.stride(0),
-      .k_sh = k.stride(1),
-      .k_ss = k.stride(2),
+      .in = qk_inputs(q, k, seq_lens),
       .codes = static_cast<const uint8_t*>(codes.data()),
       .c_sb = codes.stride(0) * 4,
       .c_sh = codes.stride(1) * 4,
@@ -253,8 +254,6 @@ Outputs run_lowbit_tail(const Case& c) {
       .m_sb = meta.stride(0),
       .m_sh = meta.stride(1),
       .m_ss = meta.stride(2),
-      .seq_lens = static_cast<const int32_t*>(seq_lens.data()),
-      .seq_stride = seq_lens.stride(0),
       .lse = static_cast<const float*>(lse.data()),
       .lse_sb = lse.stride(0),
       .lse_sh = lse.stride(1),
