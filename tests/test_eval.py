@@ -154,7 +154,7 @@ def fake_result(topn, dppl_short, dppl_long, needle_by_length, device_ratio, tai
             Config.dense().to_dict(),
             "summary": {"host_rows": topn, "host_bytes_per_step": 1000.0 * topn,
                         "device_bytes_per_token": 100.0 * device_ratio,
-                        "device_ratio": device_ratio,
+                        "device_ratio": device_ratio, "device_ratio_bf16": device_ratio,
                         "dppl": {"short": dppl_short, "long": dppl_long},
                         "needle": sum(needle_by_length.values()), "needle_total": 6,
                         "needle_by_length": needle_by_length, "needle_by_phrasing": {}}}
@@ -198,6 +198,7 @@ def test_suite_on_the_default_model(tmp_path):
     assert kc["summary"]["host_rows"] == sum(s["long_prefill"] + t + 1 for t in steps) / len(steps)
     assert kc["summary"]["host_bytes_per_step"] > 0
     assert kc["summary"]["device_ratio"] == pytest.approx(0.5)  # K only, V in host RAM
+    assert kc["summary"]["device_ratio_bf16"] == pytest.approx(0.5)
     assert sum(kc["summary"]["needle_by_phrasing"].values()) == kc["summary"]["needle"]
     assert set(dense["summary"]["needle_by_phrasing"]) == set(needle.PHRASINGS)
     assert data["recommended"]["config"] == kc["config"]
@@ -209,3 +210,14 @@ def test_suite_on_the_default_model(tmp_path):
     text = (tmp_path / "REPORT.md").read_text()
     assert "kcache N=1024" in text and "Recommended setting" in text
     assert all((tmp_path / f"eval_{p}.png").is_file() for p in ("accuracy", "budget", "mass"))
+
+
+def test_the_memory_target_holds_in_bfloat16_too():
+    """A copy that fits 0.6x dense against float32 K (the CPU run) but not against bfloat16 K (a
+    GPU) misses the device-memory target."""
+    dense = fake_result(0, 0.0, 0.0, {"1024": 3}, 1.0)
+    light = fake_result(64, 0.1, 0.1, {"1024": 3}, 0.57, tail="int4")
+    light["summary"]["device_ratio_bf16"] = 0.64
+    assert recommend.assess(light["summary"], dense["summary"])["device_ratio"] is False
+    light["summary"]["device_ratio_bf16"] = 0.58
+    assert recommend.assess(light["summary"], dense["summary"])["device_ratio"] is True

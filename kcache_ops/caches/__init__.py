@@ -3,9 +3,11 @@
 lengths both keep (lengths.py) and the factory (factory.py). The model (kcache_ops.model) knows
 only the protocol; whoever runs it builds the cache with :func:`make_cache` and passes it in."""
 from .dense import DenseCache
-from .factory import BACKENDS, make_cache
+from .factory import BACKENDS, make_cache, sequence_bytes
 from .kcache import KCache
 from .options import MAX_TOPN, TAILS, KCacheOptions
 from .protocol import Cache
 
-__all__ = ["BACKENDS", "MAX_TOPN", "TAILS", "Cache", "DenseCache", "KCache", "KCacheOptions", "make_cache"]
+__all__ = ["BACKENDS", "MAX_TOPN", "TAILS", "Cache", "DenseCache", "KCache", "KCacheOptions",
+           "make_cache",
+           "sequence_bytes"]

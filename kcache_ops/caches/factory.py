@@ -22,3 +22,14 @@ def make_cache(backend, config, batch, capacity, device, dtype, options=None):
         return KCache(config, batch, capacity, device, dtype,
                       KCacheOptions() if options is None else options)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def sequence_bytes(backend, config, options, capacity, dtype):
+    """(device bytes, host bytes) one sequence of ``capacity`` tokens costs in a cache of
+    ``backend`` for a model of ``config`` in ``dtype``: per token (K, V, a low-bit copy of V) and
+    per sequence (a V sum), counted on CPU caches of one and two tokens."""
+    one, two = (make_cache(backend, config, 1, n, "cpu", dtype, options) for n in (1, 2))
+    device_token = two.device_bytes() - one.device_bytes()
+    host_token = two.host_bytes() - one.host_bytes()
+    return (one.device_bytes() + (capacity - 1) * device_token,
+            one.host_bytes() + (capacity - 1) * host_token)

@@ -131,7 +131,8 @@ def eval_section(data):
             "(those rows and the new token's V written), and the cache's device bytes (K, V of "
             "dense layers, the low-bit copy or V sum of a tail) per token of capacity, in the "
             "model's dtype (float32 on the CPU: a 2- or 4-bit copy weighs half as much against "
-            "dense as it would against bfloat16);",
+            "dense as it would against bfloat16), and the ratio to dense of the same caches in "
+            "bfloat16 (the memory target must hold in both);",
             "* every text is prefilled once (dense, full attention — as KCache's prefill) and "
             "its K/V forked into each configuration; texts do not overlap (the needle haystacks of "
             "different lengths share their start).", "",
@@ -144,7 +145,8 @@ def eval_section(data):
         x = r["summary"]
         a = r["short"].get("agreement")
         out.append(f"| {_name(r)} | {x['host_rows']} | {_kib(x['host_bytes_per_step'])} | "
-                   f"{_kib(x['device_bytes_per_token'])} ({x['device_ratio']:.2f}) | "
+                   f"{_kib(x['device_bytes_per_token'])} ({x['device_ratio']:.2f}; bf16 "
+                   f"{x['device_ratio_bf16']:.2f}) | "
                    f"{x['dppl']['short']:+.2f}% | {x['dppl']['long']:+.2f}% | "
                    + "/".join(str(x["needle_by_length"][n]) for n in lengths)
                    + f" = {x['needle']}/{x['needle_total']} | "
@@ -181,7 +183,8 @@ def recommendation(rec):
         return out + ["No KCache configuration has run yet.", ""]
     n, d = rec["numbers"], rec["dense"]
     numbers = (f"{n['host_rows']} host rows per head and step, {_kib(n['host_bytes_per_step'])} "
-               f"KiB per step and sequence, {n['device_ratio']:.2f}x dense device bytes per token,"
+               f"KiB per step and sequence, {n['device_ratio']:.2f}x dense device bytes per token"
+               f" ({n['device_ratio_bf16']:.2f}x in bfloat16),"
                f" Δ ppl {_dppl(n)} (short / long context), needle {n['needle']}/"
                f"{n['needle_total']} (dense {d['needle']}/{d['needle_total']}; per length "
                + ", ".join(f"{k}: {v} vs {d['needle_by_length'][k]}"

@@ -129,7 +129,7 @@ def evaluate(model, tokenizer, settings, configs, save, log=print):
                     result["mass"][g["name"]] = out.pop("mass")
                 result[g["name"]] = out
                 if g["name"] == "long":
-                    result["costs"] = summary.costs(cache)
+                    result["costs"] = summary.costs(cache, model.config, config)
                 del cache
         result["seconds"] = time.perf_counter() - start
         if dense is None:

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from ..caches import make_cache
+from ..caches import make_cache, sequence_bytes
 from ..devices import sync
 from ..ops import host_bytes_available
 from .shapes import SHAPES, random_model
@@ -17,17 +17,6 @@ GiB = 2 ** 30
 def new_cache(model, backend, options, batch, capacity):
     """A cache of ``backend`` (``options`` for kcache) for ``model``."""
     return make_cache(backend, model.config, batch, capacity, model.device, model.dtype, options)
-
-
-def sequence_bytes(config, backend, options, capacity, dtype):
-    """(device bytes, host bytes) one sequence of ``capacity`` tokens costs in a cache of
-    ``backend`` for a model of ``config`` in ``dtype``: per token (K, V, a low-bit copy of V) and
-    per sequence (a V sum), counted on CPU caches of one and two tokens."""
-    one, two = (make_cache(backend, config, 1, n, "cpu", dtype, options) for n in (1, 2))
-    device_token = two.device_bytes() - one.device_bytes()
-    host_token = two.host_bytes() - one.host_bytes()
-    return (one.device_bytes() + (capacity - 1) * device_token,
-            one.host_bytes() + (capacity - 1) * host_token)
 
 
 @torch.inference_mode()
@@ -88,7 +77,7 @@ def device_budget(device, budget_gb=None, reserve_gb=6.0):
 def fit_batch(model, backend, options, capacity, budget, host_budget, max_batch):
     """The largest batch (<= ``max_batch``) whose cache of ``capacity`` tokens per sequence fits
     ``budget`` device bytes and ``host_budget`` host bytes (None: unchecked); 0 if none fits."""
-    device, host = sequence_bytes(model.config, backend, options, capacity, model.dtype)
+    device, host = sequence_bytes(backend, model.config, options, capacity, model.dtype)
     batch = min(max_batch, budget // device)
     if host and host_budget is not None:
         batch = min(batch, host_budget // host)

@@ -2,9 +2,8 @@
 its plot, from the ``bench`` command's JSON."""
 import torch
 
-from ..caches import TAILS, KCacheOptions
+from ..caches import TAILS, KCacheOptions, sequence_bytes
 from ..results import ran_on
-from .measure import sequence_bytes
 from .shapes import SHAPES
 
 BENCH_JSON, BENCH_PLOT = "bench.json", "bench_throughput.png"
@@ -50,10 +49,11 @@ def memory_section(capacity=32768, dtype=torch.bfloat16):
            "| model | dense | " + " | ".join(f"KCache tail={t}" for t in TAILS) + " |",
            "|---|---|" + "---|" * len(TAILS)]
     for name in ("llama3-8b", "smollm2-135m"):
-        dense = sequence_bytes(SHAPES[name], "dense", None, capacity, dtype)[0]
+        dense = sequence_bytes("dense", SHAPES[name], None, capacity, dtype)[0]
         cells = []
         for tail in TAILS:
-            kc = sequence_bytes(SHAPES[name], "kcache", KCacheOptions(tail=tail), capacity, dtype)[0]
+            kc = sequence_bytes("kcache", SHAPES[name], KCacheOptions(tail=tail), capacity,
+                                dtype)[0]
             cells.append(f"{kc / capacity:.0f} B ({dense / kc:.2f}×)")
         out.append(f"| {name} | {dense / capacity:.0f} B ({dense / gib:.2f} GiB) | "
                    + " | ".join(cells) + " |")
