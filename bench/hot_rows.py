@@ -10,9 +10,10 @@ tokens of context, the same windows, prefill and teacher forcing as ``python -m 
 against the same tails without hot rows. Results: bench/results/hot_rows.json and a table printed
 per configuration; the verdict is in bench/results/REPORT.md's accuracy section and bench/NOTES.md.
 
-    python bench/hot_rows.py [--threads 1] [--quick]
+    python bench/hot_rows.py [--threads 1] [--quick] [--resume]
 """
 import argparse
+import json
 import math
 import os
 import time
@@ -87,9 +88,10 @@ def new_cache(model, snapshot, options, hot, steps):
 
 def configurations():
     """(label, options, hot rows) pairs: no tail and the mean tail at N = 64 (the issue's
-    prototypes), the 2-bit tail at N = 8, each with and without hot rows; dense first."""
+    prototypes), the 2-bit tail at N = 8 and N = 64, each with and without hot rows; dense
+    first."""
     out = [("dense", None, False)]
-    for n, tail in [(64, "none"), (64, "mean"), (8, "int2")]:
+    for n, tail in [(64, "none"), (64, "mean"), (8, "int2"), (64, "int2")]:
         options = KCacheOptions(topn=n, tail=tail)
         out += [(options.label, options, False),
                 (f"{options.label} + sinks {SINKS} + window {WINDOW}", options, True)]
@@ -101,6 +103,8 @@ def main():
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="tiny windows: a smoke run")
     parser.add_argument("--out", default=RESULTS_DIR)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in the JSON (same labels), run the others")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,8 +115,17 @@ def main():
     model, tokenizer = load_model()
     groups = [g for g in build_groups(tokenizer, s) if "ppl_rows" in g]  # the perplexity windows
     snapshots = {g["name"]: prefill_snapshot(model, g["prompts"]) for g in groups}
+    path = os.path.join(args.out, "hot_rows.json")
+    done = {}
+    if args.resume and os.path.exists(path):
+        with open(path) as f:
+            done = {r["label"]: r for r in json.load(f)["rows"]}
     rows, dense = [], None
     for label, options, hot in tqdm(configurations(), desc="hot rows", unit="config"):
+        if label in done:
+            rows.append(done[label])
+            dense = dense or done[label]
+            continue
         start = time.perf_counter()
         row = {"label": label, "options": options and options.to_dict(), "hot_rows": hot}
         for g in groups:
@@ -127,7 +140,7 @@ def main():
         rows.append(row)
         print(f"{label:45s} " + "  ".join(f"{name} Δppl {d:+6.2f}%"
                                            for name, d in row["dppl"].items()), flush=True)
-        write_json(os.path.join(args.out, "hot_rows.json"),
+        write_json(path,
                    {"machine": machine(model.device), "settings": asdict(s), "sinks": SINKS,
                     "window": WINDOW, "rows": rows})
 

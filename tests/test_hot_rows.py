@@ -44,3 +44,19 @@ def test_select_is_hot_rows_plus_the_top_n_cold_rows():
                 else:
                     assert scores[b, h, slot] == float("-inf")
             assert sum(i >= 0 for i in indices[b, h, :n].tolist()) == min(n, len(cold))
+
+
+def test_report_shows_the_prototype(tmp_path):
+    """REPORT.md gets a section of bench/results/hot_rows.json where it is present."""
+    import json
+
+    from kcache_ops import report
+    rows = [{"label": "dense", "dppl": {"short": 0.0, "long": 0.0}},
+            {"label": "N=8 tail=int2 + sinks 4 + window 60", "dppl": {"short": 0.75, "long": 0.04}}]
+    (tmp_path / "hot_rows.json").write_text(json.dumps({
+        "machine": {"cpu": "x", "cores": 1, "torch": "2", "device": "cpu"}, "sinks": 4,
+        "window": 60, "rows": rows}))
+    report.write(str(tmp_path))
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "## Hot rows next to the tail" in text
+    assert "| N=8 tail=int2 + sinks 4 + window 60 | +0.75% | +0.04% |" in text
