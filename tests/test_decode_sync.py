@@ -16,6 +16,9 @@ pytestmark = requires_cuda
     ("dense", None),
     ("kcache", KCacheOptions(topn=8)),
     ("kcache", KCacheOptions(topn=8, group_select=True, renormalize=False, dense_layers=(0,))),
+    ("kcache", KCacheOptions(topn=8, tail="mean")),
+    ("kcache", KCacheOptions(topn=8, tail="int2", group_select=True)),
+    ("kcache", KCacheOptions(topn=8, tail="int4", top_p=0.5)),
 ])
 def test_decode_step_never_syncs(backend, options):
     torch.manual_seed(0)
