@@ -9,5 +9,4 @@ from .options import MAX_TOPN, TAILS, KCacheOptions
 from .protocol import Cache
 
 __all__ = ["BACKENDS", "MAX_TOPN", "TAILS", "Cache", "DenseCache", "KCache", "KCacheOptions",
-           "make_cache",
-           "sequence_bytes"]
+           "make_cache", "sequence_bytes"]

@@ -22,9 +22,9 @@ from types import SimpleNamespace
 import torch
 
 from ..ops import alloc_host, qk_topn
+from .budget import mass_prefix
 from .dense import append_and_attend, prompt_attention
 from .lengths import SeqLengths
-from .budget import mass_prefix
 from .options import KCacheOptions
 from .tail import make_tail
 
@@ -251,17 +251,19 @@ class KCache:
         """Running mean per layer of the attention mass the top N captured while ``record_mass``
         was on -> [num_layers] float32 on the CPU; 1 for dense layers (exact), NaN for a KCache
         layer with no recorded step."""
-        steps = torch.tensor(self._mass_steps, dtype=torch.float32)  # [layers]
-        mass = self._mass_sum.cpu() / steps  # [layers]
-        mass[list(self.options.dense_layers)] = 1.0
-        return mass
+        return self._recorded_mean(self._mass_sum, dense=1.0)
 
     def rows_read(self):
         """Running mean per layer of the V rows read from host RAM per head and decode step while
         ``record_mass`` was on (below N with ``top_p`` or while a sequence is shorter than N)
         -> [num_layers] float32 on the CPU; 0 for dense layers, NaN for a KCache layer with no
         recorded step."""
+        return self._recorded_mean(self._rows_sum, dense=0.0)
+
+    def _recorded_mean(self, sums, dense):
+        """sums [layers] (device) over the recorded steps -> [layers] on the CPU, ``dense`` at the
+        dense layers."""
         steps = torch.tensor(self._mass_steps, dtype=torch.float32)  # [layers]
-        rows = self._rows_sum.cpu() / steps  # [layers]
-        rows[list(self.options.dense_layers)] = 0.0
-        return rows
+        mean = sums.cpu() / steps  # [layers]
+        mean[list(self.options.dense_layers)] = dense
+        return mean

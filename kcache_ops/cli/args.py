@@ -65,8 +65,8 @@ def _dest(f):
 
 def add_kcache_arguments(parser, skip=()):
     """--paper-literal, and one flag per KCacheOptions field (but those in ``skip``): --topn,
-    --group-select, --no-renormalize, --dense-layers, --tail, --attn-top-p. Unset flags stay None, so :func:`kcache_options` can tell
-    what was given."""
+    --group-select, --no-renormalize, --dense-layers, --tail, --attn-top-p. Unset flags stay None,
+    so :func:`kcache_options` can tell what was given."""
     group = parser.add_argument_group("KCache options")
     group.add_argument("--paper-literal", action="store_true",
                        help="KCache as the paper states it: N=64, a softmax over the top N, no "
@@ -101,10 +101,9 @@ def kcache_options(args):
     """KCacheOptions from the flags given, the rest from the defaults (from
     :meth:`KCacheOptions.paper_literal` with --paper-literal); a bad value exits with the
     error."""
-    base = KCacheOptions.paper_literal() if getattr(args, "paper_literal", False) else None
+    base = KCacheOptions.paper_literal() if getattr(args, "paper_literal", False) \
+        else KCacheOptions()
     try:
-        if base is not None:
-            return replace(base, **given_kcache_options(args))
-        return KCacheOptions(**given_kcache_options(args))
+        return replace(base, **given_kcache_options(args))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from e
