@@ -10,7 +10,6 @@ from .results import RESULTS_DIR, load_json, ran_on
 from .throughput import report as throughput_report
 
 GATHER_JSON = "gpu_gather.json"
-HOT_ROWS_JSON = "hot_rows.json"
 GPU_COMMAND = ("make build && .venv/bin/python -m kcache_ops bench --device cuda && "
                ".venv/bin/python bench/gpu_gather.py && "
                ".venv/bin/python -m kcache_ops eval --report-only")
@@ -28,20 +27,6 @@ def gather_section(data):
     return out + ["", "![gather bandwidth vs row size](gpu_gather.png)", ""]
 
 
-def hot_rows_section(data):
-    """Markdown of bench/hot_rows.py's JSON (the hot-rows prototype of issue 12), where present."""
-    out = ["## Hot rows next to the tail (bench/hot_rows.py, prototype)", "",
-           ran_on(data["machine"], "."),
-           f"The first {data['sinks']} and the last {data['window']} positions attended exactly "
-           "beside the top N of the other rows (N host rows per head and step either way), on "
-           "the accuracy section's perplexity windows. Not a KCache option: a prototype, to "
-           "see whether hot rows earn their place next to the tail term.", "",
-           "| configuration | Δ ppl short | Δ ppl long |", "|---|---|---|"]
-    for r in data["rows"]:
-        out.append(f"| {r['label']} | {r['dppl']['short']:+.2f}% | {r['dppl']['long']:+.2f}% |")
-    return out + [""]
-
-
 def write(results_dir=RESULTS_DIR):
     """(Re)write ``results_dir``/REPORT.md and the eval plots from the JSON files present."""
     lines = ["# KCache: accuracy and throughput", "",
@@ -53,9 +38,6 @@ def write(results_dir=RESULTS_DIR):
         lines += eval_report.eval_section(evaluation) + [""]
     else:
         lines += ["## Accuracy", "", "Not run yet: `python -m kcache_ops eval`.", ""]
-    hot_rows = load_json(os.path.join(results_dir, HOT_ROWS_JSON))
-    if hot_rows:
-        lines += hot_rows_section(hot_rows)
     bench = load_json(os.path.join(results_dir, throughput_report.BENCH_JSON))
     lines += (throughput_report.bench_section(bench) if bench
               else ["## Throughput", "", "Not run yet.", ""])

@@ -1,6 +1,7 @@
 """KCache manager at the protocol level: random q/k/v per layer and step, checked against exact
 attention over each sequence's history computed independently in float64."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -70,13 +71,27 @@ class Run:
         self.cache.finish_decode()
         return outs
 
+    def check_steps(self, want, steps=STEPS):
+        """Prefill, then check each decode step's output per sequence against ``want(q, k, v)``:
+        q [1, Hq, D] and that sequence's history k/v [1, Hkv, L, D], on the CPU -> [1, Hq, D]."""
+        self.prefill()
+        for _ in range(steps):
+            for layer, (q, out) in enumerate(self.step()):
+                for b in range(len(LENS)):
+                    k = self.hist_k[layer][b][None]  # [1, Hkv, L, D]
+                    v = self.hist_v[layer][b][None]  # [1, Hkv, L, D]
+                    torch.testing.assert_close(out[b][None].cpu(), want(q[b][None].cpu(), k, v),
+                                               atol=1e-5, rtol=1e-5)
+
     def exact(self, layer, b, q):
         """q [Hq, D] -> exact attention [Hq, D] float64 on the CPU over sequence b's history."""
         return exact_attention(q.cpu(), self.hist_k[layer][b], self.hist_v[layer][b])
 
 
 def make(device, dtype=torch.float32, capacity=32, **options):
-    return KCache(tiny_config(), len(LENS), capacity, device, dtype, KCacheOptions(**options))
+    """A KCache whose options are the paper's but those given (whatever the defaults)."""
+    return KCache(tiny_config(), len(LENS), capacity, device, dtype,
+                  replace(KCacheOptions.paper_literal(), **options))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -129,14 +144,7 @@ def test_small_topn_matches_reference_ops(device, group_select, tail):
     topn = 4
     run = Run(make(device, topn=topn, group_select=group_select, tail=tail), device,
               torch.float32)
-    run.prefill()
-    for _ in range(STEPS):
-        for layer, (q, out) in enumerate(run.step()):
-            for b in range(len(LENS)):
-                k = run.hist_k[layer][b][None]  # [1, Hkv, L, D]
-                v = run.hist_v[layer][b][None]  # [1, Hkv, L, D]
-                want = reference_step(q[b][None].cpu(), k, v, topn, group_select, tail)
-                torch.testing.assert_close(out[b][None].cpu(), want, atol=1e-5, rtol=1e-5)
+    run.check_steps(lambda q, k, v: reference_step(q, k, v, topn, group_select, tail))
 
 
 def prefix_by_loop(scores, indices, lse, top_p):
@@ -173,14 +181,7 @@ def test_top_p_reads_fewer_rows_and_matches_reference_ops(device, tail):
     equals the reference ops on the prefix (the tail takes the rest)."""
     run = Run(make(device, topn=8, tail=tail, top_p=0.5), device, torch.float32)
     run.cache.record_mass = True
-    run.prefill()
-    for _ in range(2):
-        for layer, (q, out) in enumerate(run.step()):
-            for b in range(len(LENS)):
-                k = run.hist_k[layer][b][None]  # [1, Hkv, L, D]
-                v = run.hist_v[layer][b][None]  # [1, Hkv, L, D]
-                want = reference_step(q[b][None].cpu(), k, v, 8, False, tail, top_p=0.5)
-                torch.testing.assert_close(out[b][None].cpu(), want, atol=1e-5, rtol=1e-5)
+    run.check_steps(lambda q, k, v: reference_step(q, k, v, 8, False, tail, top_p=0.5), steps=2)
     rows = run.cache.rows_read()  # [layers]
     assert ((rows >= 1) & (rows < 8)).all(), rows
 

@@ -1,5 +1,7 @@
 """KCache inside the decoder: on a tiny random Llama, the logits of every decode step equal the
 dense backend's when N covers the whole sequence, for batched varlen prompts."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -18,11 +20,11 @@ def model():
     return Llama(config).eval()
 
 
-def teacher_forced_logits(model, backend, tokens, lens, forced, **options):
+def teacher_forced_logits(model, backend, tokens, lens, forced, options=None):
     """Prefill tokens [B, T] (lens [B]), then decode forced [STEPS, B] one step at a time
     -> logits [STEPS + 1, B, V]: after the prompt, then after each forced token."""
     cache = make_cache(backend, model.config, tokens.shape[0], tokens.shape[1] + STEPS,
-                       model.device, model.dtype, KCacheOptions(**options) if options else None)
+                       model.device, model.dtype, options)
     with torch.no_grad():
         logits = [model.prefill(tokens, lens, cache)]  # [B, V]
         for step in forced:
@@ -40,21 +42,26 @@ def prompts(model):
     return tokens, lens, forced, teacher_forced_logits(model, "dense", tokens, lens, forced)
 
 
+PAPER = KCacheOptions.paper_literal()
+
+
 @pytest.mark.parametrize("options", [
-    {"topn": 64},
-    {"topn": 42, "group_select": True},
-    {"topn": 64, "renormalize": False},
-    {"topn": 1, "dense_layers": (0, 1, 2)},
-], ids=["topn64", "group_select", "no_renormalize", "all_dense"])
+    replace(PAPER, topn=64),
+    replace(PAPER, topn=42, group_select=True),
+    replace(PAPER, topn=64, renormalize=False),
+    replace(PAPER, topn=1, dense_layers=(0, 1, 2)),
+    KCacheOptions(),
+], ids=["topn64", "group_select", "no_renormalize", "all_dense", "defaults"])
 def test_kcache_covering_every_key_equals_dense(model, prompts, options):
+    """N (with the defaults: the hot rows) covering every key is exact."""
     tokens, lens, forced, dense = prompts
-    got = teacher_forced_logits(model, "kcache", tokens, lens, forced, **options)
+    got = teacher_forced_logits(model, "kcache", tokens, lens, forced, options)
     torch.testing.assert_close(got, dense, atol=2e-5, rtol=1e-4)
 
 
 def test_small_topn_changes_the_logits(model, prompts):
     """N = 2 of up to 42 keys is an approximation: the logits move (the sparse path is live)."""
     tokens, lens, forced, dense = prompts
-    got = teacher_forced_logits(model, "kcache", tokens, lens, forced, topn=2)
+    got = teacher_forced_logits(model, "kcache", tokens, lens, forced, replace(PAPER, topn=2))
     torch.testing.assert_close(got[0], dense[0], atol=2e-5, rtol=1e-4)  # prefill is exact
     assert (got[1:] - dense[1:]).abs().max() > 1e-3

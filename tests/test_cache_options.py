@@ -46,7 +46,7 @@ def test_bad_values_fail_when_built(options, message):
 def test_model_dependent_checks_fail_when_the_cache_is_built():
     with pytest.raises(ValueError, match=r"dense_layers \[3\] out of range .* 3 layers"):
         make_cache("kcache", CONFIG, 1, 8, "cpu", torch.float32, KCacheOptions(dense_layers=(3,)))
-    big = KCacheOptions(topn=MAX_TOPN + 1)
+    big = replace(KCacheOptions.paper_literal(), topn=MAX_TOPN + 1)
     big.check(CONFIG.num_layers, "cpu")  # the CPU path has no limit on N
     with pytest.raises(ValueError, match=f"at most {MAX_TOPN} on CUDA, got {MAX_TOPN + 1}"):
         big.check(CONFIG.num_layers, "cuda")
@@ -58,11 +58,15 @@ def test_max_topn_is_the_kernel_constant():
 
 
 def test_labels_and_json():
-    o = KCacheOptions(topn=16, group_select=True, renormalize=False, dense_layers=(1, 0))
+    """Labels name what differs from the paper's KCache, whatever the defaults."""
+    paper = KCacheOptions.paper_literal()
+    o = replace(paper, topn=16, group_select=True, renormalize=False, dense_layers=(1, 0))
     assert o.label == "N=16 gs rn=0 dl=0,1" and o.variant == "gs, rn=0, dl=0,1"
-    assert KCacheOptions().label == "N=64" and KCacheOptions(topn=8).variant == "default"
+    assert paper.label == "N=64" and replace(paper, topn=8).variant == "paper"
+    assert replace(paper, tail="int2", sinks=4, window=60).label == "N=64 tail=int2 sinks=4 win=60"
     assert o.to_dict() == {"topn": 16, "group_select": True, "renormalize": False,
-                           "dense_layers": [0, 1], "tail": "none", "top_p": 1.0}
+                           "dense_layers": [0, 1], "tail": "none", "top_p": 1.0, "sinks": 0,
+                           "window": 0}
     assert KCacheOptions.from_dict(o.to_dict()) == o
     with pytest.raises(TypeError, match="unknown option.* top_n; the options are topn"):
         KCacheOptions.from_dict({"top_n": 4})
@@ -88,8 +92,10 @@ def parse(argv):
 
 
 def test_flags_follow_the_fields():
-    args = parse(["--topn", "8", "--group-select", "--no-renormalize", "--dense-layers", "1,0"])
-    assert kcache_options(args) == KCacheOptions(8, True, False, (0, 1))
+    args = parse(["--topn", "8", "--group-select", "--no-renormalize", "--dense-layers", "1,0",
+                  "--tail", "none"])
+    assert kcache_options(args) == replace(KCacheOptions(), topn=8, group_select=True,
+                                           renormalize=False, dense_layers=(0, 1), tail="none")
     assert given_kcache_options(parse([])) == {} and kcache_options(parse([])) == KCacheOptions()
     with pytest.raises(SystemExit, match="topn must be an integer >= 1, got 0"):
         kcache_options(parse(["--topn", "0"]))
@@ -101,8 +107,7 @@ def test_paper_literal_is_one_flag_away():
     paper = KCacheOptions.paper_literal()
     assert (paper.topn, paper.renormalize, paper.tail, paper.top_p) == (64, True, "none", 1.0)
     assert kcache_options(parse(["--paper-literal"])) == paper
-    assert kcache_options(parse(["--paper-literal", "--topn", "32"])) == KCacheOptions(
-        topn=32, tail="none")
+    assert kcache_options(parse(["--paper-literal", "--topn", "32"])) == replace(paper, topn=32)
     with pytest.raises(SystemExit, match="tail must be one of"):
         kcache_options(parse(["--paper-literal", "--tail", "int3"]))
 
@@ -114,3 +119,10 @@ def test_a_field_with_its_own_flag():
     args = parse(["--attn-top-p", "0.9", "--tail", "int2", "--paper-literal"])
     assert kcache_options(args) == replace(KCacheOptions.paper_literal(), top_p=0.9, tail="int2")
     assert given_kcache_flags(args) == ["--tail", "--attn-top-p", "--paper-literal"]
+
+
+def test_hot_rows_flags():
+    args = parse(["--sinks", "4", "--window", "60", "--tail", "int2"])
+    assert kcache_options(args) == replace(KCacheOptions(), sinks=4, window=60, tail="int2")
+    with pytest.raises(SystemExit, match="the mean tail takes the mean of every row not read"):
+        kcache_options(parse(["--window", "8", "--tail", "mean"]))

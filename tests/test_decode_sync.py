@@ -2,6 +2,8 @@
 ``Llama.decode`` runs under ``torch.cuda.set_sync_debug_mode("error")``, which turns any
 device->host synchronisation (``.item()``, ``.cpu()``, a value check that reads back) into an
 error. On the CPU the same path is exercised for correctness by the cache tests."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -12,13 +14,19 @@ from cuda_checks import requires_cuda
 pytestmark = requires_cuda
 
 
+PAPER = KCacheOptions.paper_literal()
+
+
 @pytest.mark.parametrize("backend,options", [
     ("dense", None),
-    ("kcache", KCacheOptions(topn=8)),
-    ("kcache", KCacheOptions(topn=8, group_select=True, renormalize=False, dense_layers=(0,))),
-    ("kcache", KCacheOptions(topn=8, tail="mean")),
-    ("kcache", KCacheOptions(topn=8, tail="int2", group_select=True)),
-    ("kcache", KCacheOptions(topn=8, tail="int4", top_p=0.5)),
+    ("kcache", KCacheOptions()),
+    ("kcache", replace(PAPER, topn=8)),
+    ("kcache", replace(PAPER, topn=8, group_select=True, renormalize=False, dense_layers=(0,))),
+    ("kcache", replace(PAPER, topn=8, tail="mean")),
+    ("kcache", replace(PAPER, topn=8, tail="int2", group_select=True)),
+    ("kcache", replace(PAPER, topn=8, tail="int4", top_p=0.5)),
+    ("kcache", replace(PAPER, topn=8, tail="int2", sinks=4, window=8)),
+    ("kcache", replace(PAPER, topn=8, sinks=2, window=4, group_select=True)),
 ])
 def test_decode_step_never_syncs(backend, options):
     torch.manual_seed(0)

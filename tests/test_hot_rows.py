@@ -1,62 +1,171 @@
-"""The hot-rows prototype of bench/hot_rows.py (issue 12, item 2): its selection is the hot rows
-(the first sinks and the last window positions) plus the top N of the other rows by exact score,
-without repeats, and it leaves N host rows per head."""
-import math
-import pathlib
-import sys
+"""Hot rows (KCacheOptions.sinks / window): V of the first sinks and the last window positions kept
+on the device and attended exactly, the top N chosen among the other positions, the tail (if any)
+taking the rest. Each decode step is checked against the reference ops over the selection the
+design defines, built here by loops over the positions."""
+from dataclasses import replace
 
+import pytest
 import torch
 
 from kcache_ops import reference
-from kcache_ops.caches import KCacheOptions
-from kcache_ops.model.config import LlamaConfig
+from kcache_ops.caches import KCacheOptions, sequence_bytes
+from kcache_ops.caches.hot import HotRows
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
-from hot_rows import HotRowsKCache  # noqa: E402
+from test_cache import HKV, HQ, LAYERS, LENS, D, Run, make, tiny_config
 
-HQ, HKV, D = 4, 2, 64
+SINKS, WINDOW, TOPN = 2, 3, 3  # the ring of 3 wraps twice over the decode steps
 
 
-def test_select_is_hot_rows_plus_the_top_n_cold_rows():
-    config = LlamaConfig(vocab_size=16, hidden_size=HQ * D, intermediate_size=32, num_layers=1,
-                         num_heads=HQ, num_kv_heads=HKV, head_dim=D)
-    sinks, window, n = 2, 3, 4
-    lens = torch.tensor([40, 6, 1], dtype=torch.int32)  # [B]; short ones overlap sinks/window
-    cache = HotRowsKCache(config, 3, 48, "cpu", torch.float32, KCacheOptions(topn=n), sinks,
-                          window)
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(3, HQ, D, generator=gen)  # [B, Hq, D]
-    k = torch.randn(3, HKV, 48, D, generator=gen)  # [B, Hkv, S, D]
-    scores, indices, lse = cache.select(q, k, lens)  # [B, Hq, n + 5] x2, [B, Hq]
-    s, want_lse = reference.qk_scores(q, k, lens)  # [B, Hq, S]
-    torch.testing.assert_close(lse, want_lse)
+def hot_positions(length, sinks, window):
+    """The hot positions of a sequence of ``length`` tokens."""
+    return {j for j in range(length) if j < sinks or j >= length - window}
+
+
+@pytest.mark.parametrize("sinks, window", [(2, 3), (0, 4), (3, 0), (1, 1)])
+def test_slots_hold_the_first_and_last_positions(sinks, window):
+    """Slot j holds a hot position, every hot position has a slot, whatever the length."""
+    hot = HotRows(sinks, window, 1, 1, 64, "cpu", torch.float32)
+    for length in range(0, 20):
+        pos, valid = hot.positions(torch.tensor([length], dtype=torch.int32))  # [1, H] each
+        held = [p for p, ok in zip(pos[0].tolist(), valid[0].tolist()) if ok]
+        assert len(held) == len(set(held)) and set(held) == hot_positions(length, sinks, window)
+        for j, p in enumerate(held):
+            if j < sinks:
+                assert p == j
+            else:
+                assert (p - sinks) % window == j - sinks
+
+
+def selection(scores, lse, length, group_select, topn=TOPN, sinks=SINKS, window=WINDOW):
+    """What one step of sequence ``length`` attends exactly, by loops: scores [Hq, L], lse [Hq]
+    -> per head the top ``topn`` cold positions (by score, or by group mass) and every hot
+    position, as (scores [Hq, M], indices [Hq, M]) padded with -inf / -1."""
+    hot = sorted(hot_positions(length, sinks, window))
+    cold = [j for j in range(length) if j not in hot]
+    g = HQ // HKV
+    rows = []
+    for h in range(HQ):
+        if group_select:
+            heads = range(h // g * g, h // g * g + g)
+            rank = {j: sum(torch.exp(scores[x, j] - lse[x]).item() for x in heads) for j in cold}
+        else:
+            rank = {j: scores[h, j].item() for j in cold}
+        top = sorted(cold, key=lambda j: (-rank[j], j))[:topn]
+        rows.append(top + hot)
+    width = max(len(r) for r in rows)
+    idx = torch.full((HQ, width), -1, dtype=torch.int32)
+    for h, r in enumerate(rows):
+        idx[h, :len(r)] = torch.tensor(r, dtype=torch.int32)
+    sel = torch.where(idx >= 0, torch.gather(scores, 1, idx.long().clamp(min=0)),
+                      torch.tensor(float("-inf")))  # [Hq, M]
+    return sel, idx
+
+
+def reference_step(q, k, v, group_select, renormalize, tail, **hot):
+    """One step of one sequence by the reference ops over :func:`selection`: q [1, Hq, D], k/v
+    [1, Hkv, L, D] float32 -> out [1, Hq, D]."""
+    lens = torch.tensor([k.shape[2]], dtype=torch.int32)  # [1]
+    scores, lse = reference.qk_scores(q, k, lens)  # [1, Hq, L], [1, Hq]
+    sel, idx = selection(scores[0], lse[0], k.shape[2], group_select, **hot)
+    sel, idx = sel[None], idx[None]  # [1, Hq, M]
+    if tail == "none":
+        return reference.sparse_attn_v(sel, idx, v, lse, renormalize)
+    codes, meta = reference.quantize_rows(v, {"int2": 2, "int4": 4}[tail])
+    top = reference.sparse_attn_v(sel, idx, v, lse, renormalize=False)  # [1, Hq, D]
+    return top + reference.lowbit_tail(q, k, lens, lse, idx, codes, meta)
+
+
+@pytest.mark.parametrize("group_select", [False, True])
+@pytest.mark.parametrize("renormalize, tail", [(True, "none"), (False, "none"), (True, "int2"),
+                                               (True, "int4")])
+def test_step_matches_reference_ops_over_hot_and_top_cold(device, group_select, renormalize,
+                                                          tail):
+    """Each decode step (the ring wrapping, sequences shorter than sinks + window + N among
+    them) equals the reference ops over the hot rows and the top N cold rows, with the tail over
+    every other row."""
+    run = Run(make(device, topn=TOPN, group_select=group_select, renormalize=renormalize,
+                   tail=tail, sinks=SINKS, window=WINDOW), device, torch.float32)
+    run.check_steps(lambda q, k, v: reference_step(q, k, v, group_select, renormalize, tail))
+
+
+@pytest.mark.parametrize("sinks, window", [(0, 4), (3, 0)])
+def test_sinks_or_window_alone(device, sinks, window):
+    run = Run(make(device, topn=TOPN, tail="int2", sinks=sinks, window=window), device,
+              torch.float32)
+    run.check_steps(lambda q, k, v: reference_step(q, k, v, False, True, "int2", sinks=sinks,
+                                                   window=window))
+
+
+def test_select_reads_n_host_rows_of_cold_positions(device):
+    """The host rows of a step are the top N cold ones: never a hot position, N of them once a
+    sequence has N cold positions."""
+    cache = make(device, topn=TOPN, sinks=SINKS, window=WINDOW)
+    gen = torch.Generator().manual_seed(1)
+    lens = torch.tensor([30, 6, 1], dtype=torch.int32, device=device)  # [B]
+    q = torch.randn(3, HQ, D, generator=gen).to(device)  # [B, Hq, D]
+    k = torch.randn(3, HKV, 32, D, generator=gen).to(device)  # [B, Hkv, S, D]
+    scores, indices, lse = cache.select(q, k, lens)  # [B, Hq, N] x2, [B, Hq]
+    assert indices.shape == (3, HQ, TOPN)
+    s, want_lse = reference.qk_scores(q.cpu(), k.cpu(), lens.cpu())  # [B, Hq, S], [B, Hq]
+    torch.testing.assert_close(lse.cpu(), want_lse)
     for b, length in enumerate(lens.tolist()):
-        hot = {j for j in range(length) if j < sinks or j >= length - window}
-        cold = [j for j in range(length) if j not in hot]
+        _, idx = selection(s[b, :, :length], want_lse[b], length, False)
+        cold = len(range(SINKS, max(SINKS, length - WINDOW)))
         for h in range(HQ):
-            top = sorted(cold, key=lambda j: -s[b, h, j].item())[:n]
             got = [i for i in indices[b, h].tolist() if i >= 0]
-            assert len(got) == len(set(got)) and set(got) == hot | set(top), (b, h)
-            for slot, i in enumerate(indices[b, h].tolist()):
-                if i >= 0:
-                    assert math.isclose(scores[b, h, slot].item(), s[b, h, i].item(),
-                                        rel_tol=1e-4, abs_tol=1e-4)
-                else:
-                    assert scores[b, h, slot] == float("-inf")
-            assert sum(i >= 0 for i in indices[b, h, :n].tolist()) == min(n, len(cold))
+            assert got == idx[h, :min(TOPN, cold)].tolist(), (b, h)
 
 
-def test_report_shows_the_prototype(tmp_path):
-    """REPORT.md gets a section of bench/results/hot_rows.json where it is present."""
-    import json
+def test_all_rows_hot_is_exact(device):
+    """sinks + window >= L: every row is attended exactly from the device (no host row read),
+    so the step equals exact attention."""
+    run = Run(make(device, topn=1, sinks=4, window=30), device, torch.float32)
+    run.prefill()
+    for _ in range(2):
+        for layer, (q, out) in enumerate(run.step()):
+            for b in range(len(LENS)):
+                want = run.exact(layer, b, q[b])
+                torch.testing.assert_close(out[b].double().cpu(), want, atol=1e-5, rtol=1e-5)
 
-    from kcache_ops import report
-    rows = [{"label": "dense", "dppl": {"short": 0.0, "long": 0.0}},
-            {"label": "N=8 tail=int2 + sinks 4 + window 60", "dppl": {"short": 0.75, "long": 0.04}}]
-    (tmp_path / "hot_rows.json").write_text(json.dumps({
-        "machine": {"cpu": "x", "cores": 1, "torch": "2", "device": "cpu"}, "sinks": 4,
-        "window": 60, "rows": rows}))
-    report.write(str(tmp_path))
-    text = (tmp_path / "REPORT.md").read_text()
-    assert "## Hot rows next to the tail" in text
-    assert "| N=8 tail=int2 + sinks 4 + window 60 | +0.75% | +0.04% |" in text
+
+def test_hot_rows_count_in_device_memory(device):
+    """Per KCache layer and sequence, sinks + window V rows on the device: a per-sequence cost,
+    not a per-token one."""
+    B, S = len(LENS), 32
+    extra = make(device, capacity=S, sinks=SINKS, window=WINDOW).device_bytes() - \
+        make(device, capacity=S).device_bytes()
+    assert extra == LAYERS * B * HKV * (SINKS + WINDOW) * D * 4
+    config = tiny_config()
+    options = KCacheOptions(topn=TOPN, tail="int2", sinks=SINKS, window=WINDOW)
+    plain = replace(options, sinks=0, window=0)
+    for capacity in (100, 1000):
+        hot = sequence_bytes("kcache", config, options, capacity, torch.bfloat16)[0]
+        assert hot - sequence_bytes("kcache", config, plain, capacity, torch.bfloat16)[0] == \
+            LAYERS * HKV * (SINKS + WINDOW) * D * 2
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(tail="mean", sinks=4), "the mean tail takes the mean of every row not read"),
+    (dict(sinks=-1), "sinks must be an integer >= 0, got -1"),
+    (dict(window=True), "window must be an integer >= 0, got True"),
+    (dict(window=2.5), "window must be an integer >= 0, got 2.5"),
+])
+def test_bad_hot_rows_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        KCacheOptions(**options)
+
+
+def test_cuda_limit_counts_the_hot_rows():
+    """The hot rows are selected with the top N, so N + sinks + window is what the CUDA select
+    sorts (checked without a GPU: the check is on the device type)."""
+    KCacheOptions(topn=4000, sinks=4, window=92).check(2, "cuda")
+    with pytest.raises(ValueError, match=r"topn \+ sinks \+ window must be at most 4096 on CUDA, "
+                                         r"got 4000 \+ 4 \+ 93"):
+        KCacheOptions(topn=4000, sinks=4, window=93).check(2, "cuda")
+
+
+def test_label_and_paper_literal():
+    paper = KCacheOptions.paper_literal()
+    assert replace(paper, topn=8, tail="int2", sinks=4, window=60).label == \
+        "N=8 tail=int2 sinks=4 win=60"
+    assert KCacheOptions.paper_literal().hot_rows == 0

@@ -101,11 +101,13 @@ def test_large_n_equals_dense(family):
                                                                          14 + STEPS - 1]
 
 
+PAPER = KCacheOptions.paper_literal().to_dict()  # the paper's options, by name
 OPTIONS = {
-    "default": dict(topn=4),
-    "group_select": dict(topn=4, group_select=True),
-    "no_renormalize": dict(topn=3, renormalize=False),
-    "dense_layer": dict(topn=2, dense_layers=(1,)),
+    "paper": dict(PAPER, topn=4),
+    "group_select": dict(PAPER, topn=4, group_select=True),
+    "no_renormalize": dict(PAPER, topn=3, renormalize=False),
+    "dense_layer": dict(PAPER, topn=2, dense_layers=(1,)),
+    "defaults": dict(topn=2, sinks=1, window=2),  # the default tail and top_p; few hot rows
 }
 
 

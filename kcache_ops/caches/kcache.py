@@ -3,7 +3,9 @@
 Prefill attends with the full K and V in device memory; then each KCache layer hands its V to host
 RAM and keeps only K on the device. Every decode step scores all cached keys exactly
 (``kcache_ops.qk_topn``) and reads only the top-N V rows from host RAM (``kcache_ops.sparse_attn_v``);
-the tail term (tail.py) accounts on the device for the attention mass of the rows not read.
+the tail term (tail.py) accounts on the device for the attention mass of the rows not read, and
+the hot rows (hot.py), V of the first and last positions kept on the device too, are attended
+exactly beside the top N.
 
 Where V lives, per device:
 
@@ -24,6 +26,7 @@ import torch
 from ..ops import alloc_host, qk_topn
 from .budget import mass_prefix
 from .dense import append_and_attend, prompt_attention
+from .hot import HotRows, top_cold
 from .lengths import SeqLengths
 from .options import KCacheOptions
 from .tail import make_tail
@@ -60,18 +63,19 @@ class KCache:
     device, dtype
         Where and in what dtype the model runs (K, dense-layer V, seq_lens live on ``device``).
     options : KCacheOptions
-        N, group select, renormalization, dense layers, tail; checked here against the model's
-        layer count and the device (a bad option fails when the cache is built).
+        N, group select, renormalization, dense layers, tail, top_p, hot rows; checked here
+        against the model's layer count and the device (a bad option fails when the cache is
+        built).
 
     Attributes
     ----------
     seq_lens : Tensor [B] int32 on ``device``
         Tokens cached per sequence.
     record_mass : bool
-        When True, each decode step adds the attention mass the rows read from host capture,
-        ``Σ_i exp(score_i − lse)``, and the number of rows read, each averaged over sequences and
-        heads, to per-layer running means (see :meth:`attention_mass`, :meth:`rows_read`). Off by
-        default; costs a few small device ops per layer.
+        When True, each decode step adds the attention mass the rows read from host capture (not
+        the hot rows'), ``Σ_i exp(score_i − lse)``, and the number of rows read, each averaged
+        over sequences and heads, to per-layer running means (see :meth:`attention_mass`,
+        :meth:`rows_read`). Off by default; costs a few small device ops per layer.
     """
 
     def __init__(self, config, batch, capacity, device, dtype, options=KCacheOptions()):
@@ -103,6 +107,9 @@ class KCache:
         self._v_copied = None  # CUDA event: every V hand-off queued so far has landed in host RAM
         self.tails = {i: make_tail(options, batch, config.num_kv_heads, capacity, config.head_dim,
                                    self.device) for i in self.v_host}  # per KCache layer
+        self.hot = {i: HotRows(options.sinks, options.window, batch, config.num_kv_heads,
+                               config.head_dim, self.device, dtype)
+                    for i in self.v_host if options.hot_rows}  # per KCache layer, if any
         self._mass_sum = torch.zeros(n_layers, dtype=torch.float32, device=self.device)  # [layers]
         self._rows_sum = torch.zeros(n_layers, dtype=torch.float32, device=self.device)  # [layers]
         self._mass_steps = [0] * n_layers
@@ -130,8 +137,9 @@ class KCache:
         attending (prefill's store).
 
         K goes into device memory; V is handed off to host RAM (dense layers: kept on the device)
-        and the tail keeps what it needs of V (its low-bit copy, or the sum of the valid rows) on
-        the device, on the current stream, before V's device memory can be reused.
+        and the tail keeps what it needs of V (its low-bit copy, or the sum of the valid rows) and
+        the hot rows theirs on the device, on the current stream, before V's device memory can be
+        reused.
         """
         T = k.shape[2]
         self.lengths.store_prompt(T)
@@ -140,6 +148,8 @@ class KCache:
             self.v_device[layer][:, :, :T] = v
         else:
             self.tails[layer].store_prompt(v, lens)
+            if layer in self.hot:
+                self.hot[layer].store_prompt(v, lens)
             self._hand_off_v(layer, v)
 
     def _hand_off_v(self, layer, v):
@@ -181,7 +191,8 @@ class KCache:
         """Store the new token at position seq_lens[b] and attend over seq_lens[b] + 1 tokens.
 
         q [B, Hq, D], k/v [B, Hkv, D] -> out [B, Hq, D]. KCache layers: exact scores over all
-        keys, top N, N V rows from host RAM. Dense layers: exact attention on the device.
+        keys, top N, N V rows from host RAM (the hot rows exactly from the device, the tail for
+        the rest). Dense layers: exact attention on the device.
         """
         lengths = self.lengths
         lengths.check_room()
@@ -194,27 +205,37 @@ class KCache:
         self._v_writable[layer][lengths.rows, :, pos] = v
         tail = self.tails[layer]
         tail.append(lengths.rows, pos, v)
-        scores, indices, lse = self.select(q, k_cache, lengths.attend_lens)  # [B,Hq,N] x2, [B,Hq]
+        hot = self.hot.get(layer)
+        if hot is not None:
+            hot.append(lengths.rows, pos, v)
+        lens = lengths.attend_lens  # [B]
+        scores, indices, lse = self.select(q, k_cache, lens)  # [B, Hq, N] x2, [B, Hq]
         if self.record_mass:
             mass = torch.exp(scores - lse[..., None]).sum(-1)  # [B, Hq]; padding adds 0
             self._mass_sum[layer] += mass.mean()
             self._rows_sum[layer] += (indices >= 0).sum(-1).float().mean()
             self._mass_steps[layer] += 1
-        return tail.attend(q, k_cache, lengths.attend_lens, scores, indices, lse,
-                           self.v_host[layer])  # [B, Hq, D]
+        hot_part = None if hot is None else hot.attend(q, k_cache, lens, lse)
+        return tail.attend(q, k_cache, lens, scores, indices, lse, self.v_host[layer],
+                           hot_part)  # [B, Hq, D]
 
     def select(self, q, k_cache, lens):
         """The V rows a decode step reads from host RAM, and their scores.
 
         q [B, Hq, D], k_cache [B, Hkv, S, D], lens [B] int32 -> scores [B, Hq, N] float32,
-        indices [B, Hq, N] int32 (-1 padding), lse [B, Hq] float32: the top N by exact score
-        (by group mass with ``group_select``), cut to their mass prefix with ``top_p``.
+        indices [B, Hq, N] int32 (-1 padding), lse [B, Hq] float32 (over all keys): the top N
+        by exact score (by group mass with ``group_select``) among the positions that are not hot
+        rows, cut to their mass prefix with ``top_p``.
         """
         o = self.options
         # check_values=False: the lengths are the cache's own, checked at prefill, and the indices
         # come from qk_topn; checking them would cost a device->host sync per layer and step
-        scores, indices, lse = qk_topn(q, k_cache, lens, o.topn, group_select=o.group_select,
-                                       check_values=False)  # [B,Hq,N] x2, [B,Hq]
+        scores, indices, lse = qk_topn(q, k_cache, lens, o.topn + o.hot_rows,
+                                       group_select=o.group_select,
+                                       check_values=False)  # [B, Hq, N + H] x2, [B, Hq]
+        if o.hot_rows:
+            scores, indices = top_cold(scores, indices, lens, o.topn, o.sinks,
+                                       o.window)  # [B, Hq, N] each
         if o.top_p < 1:
             scores, indices = mass_prefix(scores, indices, lse, o.top_p)  # [B, Hq, N] each
         return scores, indices, lse
@@ -226,10 +247,11 @@ class KCache:
     # -- accounting ------------------------------------------------------------------------------
 
     def device_bytes(self):
-        """Bytes held in device memory: all K, the V of dense layers, and the tails (the low-bit
-        copy of V, or the V sums)."""
+        """Bytes held in device memory: all K, the V of dense layers, the tails (the low-bit
+        copy of V, or the V sums) and the hot rows."""
         return (sum(t.nbytes for t in self.k) + sum(t.nbytes for t in self.v_device.values())
-                + sum(t.nbytes for t in self.tails.values()))
+                + sum(t.nbytes for t in self.tails.values())
+                + sum(h.nbytes for h in self.hot.values()))
 
     def host_bytes(self):
         """Bytes of the V buffers held in host RAM (every layer but the dense ones)."""

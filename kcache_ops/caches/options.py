@@ -41,14 +41,20 @@ class KCacheOptions:
     top_p : float in (0, 1]
         An adaptive budget: per head only the shortest prefix of the N selected rows (in their
         order) whose full-softmax mass reaches ``top_p`` is read from host RAM; the rest become
-        padding (and go to the tail, if any). 1 reads all N.
+        padding (and go to the tail, if any). 1 reads all N. The prefix counts the selected
+        rows' mass only, not the hot rows'.
+    sinks, window : int >= 0
+        Hot rows: V of the first ``sinks`` and the last ``window`` positions of each sequence stays
+        on the device as well, attended exactly every step; the top N are chosen among the other
+        positions (N host rows per head stay N). Not with ``tail="mean"``.
     """
     topn: int = field(default=64, metadata={
         "short": "N", "help": "V rows read per head and decode step"})
     group_select: bool = field(default=False, metadata={
         "short": "gs", "help": "one index set per KV head (GQA group)"})
     renormalize: bool = field(default=True, metadata={
-        "short": "rn", "help": "full-softmax weights, the mass outside the top N dropped"})
+        "short": "rn", "help": "full-softmax weights, the mass outside the top N dropped (with "
+                              "--tail none)"})
     dense_layers: tuple = field(default=(), metadata={
         "short": "dl", "help": "comma-separated layers that keep V on the device, e.g. 0,1"})
     tail: str = field(default="none", metadata={
@@ -56,6 +62,10 @@ class KCacheOptions:
     top_p: float = field(default=1.0, metadata={
         "short": "p", "flag": "--attn-top-p",  # --top-p is the sampling option of generate
         "help": "read per head only the top rows whose attention mass reaches this"})
+    sinks: int = field(default=0, metadata={
+        "short": "sinks", "help": "V of the first this many positions also kept on the device"})
+    window: int = field(default=0, metadata={
+        "short": "win", "help": "V of the last this many positions also kept on the device"})
 
     def __post_init__(self):
         if isinstance(self.topn, bool) or not isinstance(self.topn, int) or self.topn < 1:
@@ -72,6 +82,14 @@ class KCacheOptions:
                 or not 0 < self.top_p <= 1):
             raise ValueError(f"KCache: top_p must be a number in (0, 1], got {self.top_p!r}")
         object.__setattr__(self, "top_p", float(self.top_p))
+        for name in ("sinks", "window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"KCache: {name} must be an integer >= 0, got {value!r}")
+        if self.tail == "mean" and self.hot_rows:
+            raise ValueError(f"KCache: the mean tail takes the mean of every row not read from "
+                             f"host RAM, hot rows included; use sinks/window with tail none, int2 "
+                             f"or int4 (got sinks={self.sinks}, window={self.window})")
         layers = tuple(self.dense_layers)
         if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
             raise ValueError(f"KCache: dense_layers must be integers, got {layers!r}")
@@ -84,35 +102,44 @@ class KCacheOptions:
         if outside:
             raise ValueError(f"KCache: dense_layers {outside} out of range for a model of "
                              f"{num_layers} layers (0..{num_layers - 1})")
-        if torch.device(device).type == "cuda" and self.topn > MAX_TOPN:
+        if torch.device(device).type == "cuda" and self.topn + self.hot_rows > MAX_TOPN:
+            if self.hot_rows:  # the hot rows are selected with the top N, then set aside
+                raise ValueError(f"KCache: topn + sinks + window must be at most {MAX_TOPN} on "
+                                 f"CUDA, got {self.topn} + {self.sinks} + {self.window}")
             raise ValueError(f"KCache: topn must be at most {MAX_TOPN} on CUDA, got {self.topn}")
+
+    @property
+    def hot_rows(self):
+        """Rows per sequence and KV head whose V stays on the device: ``sinks + window``."""
+        return self.sinks + self.window
 
     @classmethod
     def paper_literal(cls):
         """KCache as the paper states it, whatever the defaults: the top 64 rows per head, a
-        softmax over them, nothing for the rest (no tail, no dense layer, no adaptive budget)."""
+        softmax over them, nothing for the rest (no tail, no dense layer, no adaptive budget, no
+        hot rows)."""
         return cls(topn=64, group_select=False, renormalize=True, dense_layers=(), tail="none",
-                   top_p=1.0)
+                   top_p=1.0, sinks=0, window=0)
 
     @property
     def variant(self):
-        """The options other than N that differ from the defaults, as a label: "default" or
-        e.g. "gs, rn=0, dl=0,1"."""
-        return ", ".join(self._parts()[1:]) or "default"
+        """The options other than N that differ from the paper's (:meth:`paper_literal`), as a
+        label: "paper" or e.g. "gs, tail=int2"."""
+        return ", ".join(self._parts()[1:]) or "paper"
 
     @property
     def label(self):
-        """A short label of every option that is not at its default, N always: e.g.
-        "N=64 gs rn=0 dl=0,1"."""
+        """A short label: N, and every option that differs from the paper's
+        (:meth:`paper_literal`, whatever the defaults), e.g. "N=64 tail=int2 sinks=4 win=60"."""
         return " ".join(self._parts())
 
     def _parts(self):
-        parts = []
+        parts, paper = [], self.paper_literal()
         for f in fields(self):
             value, short = getattr(self, f.name), f.metadata["short"]
             if f.name == "topn":
                 parts.append(f"{short}={value}")
-            elif value == f.default:
+            elif value == getattr(paper, f.name):
                 continue
             elif isinstance(value, bool):
                 parts.append(short if value else f"{short}=0")

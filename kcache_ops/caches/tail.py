@@ -16,7 +16,8 @@ they miss, ``1 − Σ p_i``, can be accounted for on the device:
   (``lowbit_tail``).
 
 Each tail stores the prompt (:meth:`store_prompt`), appends a token (:meth:`append`) and attends
-(:meth:`attend`); ``nbytes`` is the device memory it holds.
+(:meth:`attend`); ``nbytes`` is the device memory it holds. With hot rows (hot.py), ``attend`` also
+takes their exact part (a :data:`~.hot.HotPart`) and adds it; the low-bit tail leaves them out.
 """
 import torch
 
@@ -37,9 +38,18 @@ class NoTail:
     def append(self, rows, pos, v):
         """Nothing to keep."""
 
-    def attend(self, q, k_cache, lens, scores, indices, lse, v_host):
-        """The top N rows of ``v_host`` -> out [B, Hq, D] (dtype of V)."""
-        return sparse_attn_v(scores, indices, v_host, lse, self.renormalize, check_values=False)
+    def attend(self, q, k_cache, lens, scores, indices, lse, v_host, hot=None):
+        """The top N rows of ``v_host`` (and the hot rows) -> out [B, Hq, D] (dtype of V)."""
+        if hot is None:
+            return sparse_attn_v(scores, indices, v_host, lse, self.renormalize,
+                                 check_values=False)
+        top = sparse_attn_v(scores, indices, v_host, lse, renormalize=False,
+                            check_values=False)  # [B, Hq, D]
+        out = top.float() + hot.out  # [B, Hq, D]
+        if self.renormalize:  # a softmax over the top N and the hot rows together
+            mass = torch.exp(scores - lse[..., None]).sum(-1) + hot.mass  # [B, Hq]; padding 0
+            out = out / mass.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+        return out.to(top.dtype)
 
 
 class MeanTail:
@@ -63,8 +73,9 @@ class MeanTail:
         """Add one token's v [B, Hkv, D] to the sum (rows, pos: where it is stored)."""
         self.v_sum += v.float()
 
-    def attend(self, q, k_cache, lens, scores, indices, lse, v_host):
-        """Exact weights on the top N rows of ``v_host`` plus the mean tail -> out [B, Hq, D]."""
+    def attend(self, q, k_cache, lens, scores, indices, lse, v_host, hot=None):
+        """Exact weights on the top N rows of ``v_host`` plus the mean tail -> out [B, Hq, D]
+        (no hot rows: KCacheOptions refuses them with this tail)."""
         return sparse_attn_v(scores, indices, v_host, lse, renormalize=False, check_values=False,
                              v_sum=self.v_sum, seq_lens=lens)
 
@@ -98,14 +109,16 @@ class LowBitTail:
         self.codes[rows, :, pos] = codes
         self.meta[rows, :, pos] = meta
 
-    def attend(self, q, k_cache, lens, scores, indices, lse, v_host):
-        """Exact weights on the top N rows of ``v_host`` plus every other valid row over the copy
-        -> out [B, Hq, D] (dtype of V)."""
+    def attend(self, q, k_cache, lens, scores, indices, lse, v_host, hot=None):
+        """Exact weights on the top N rows of ``v_host`` (and the hot rows) plus every other valid
+        row over the copy -> out [B, Hq, D] (dtype of V)."""
         top = sparse_attn_v(scores, indices, v_host, lse, renormalize=False,
                             check_values=False)  # [B, Hq, D]
-        rest = lowbit_tail(q, k_cache, lens, lse, indices, self.codes, self.meta,
+        read = indices if hot is None else torch.cat([indices, hot.indices], -1)  # [B, Hq, N(+H)]
+        rest = lowbit_tail(q, k_cache, lens, lse, read, self.codes, self.meta,
                            check_values=False)  # [B, Hq, D] float32
-        return (top.float() + rest).to(top.dtype)
+        out = top.float() + rest  # [B, Hq, D]
+        return (out if hot is None else out + hot.out).to(top.dtype)
 
 
 def make_tail(options, batch, num_kv_heads, capacity, head_dim, device):

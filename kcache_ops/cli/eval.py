@@ -4,9 +4,9 @@ greedy agreement, attention mass, and each configuration's host and device bytes
 setting chosen from them by the rule of issue 12 (:mod:`kcache_ops.eval.recommend`). Writes
 bench/results/eval.json, the plots and REPORT.md; the results are saved after each configuration.
 
-The defaults run the curated grid (:func:`kcache_ops.eval.grid.default_grid`, 15 configurations +
-dense): about 20 minutes of prefill and 3-8 minutes per configuration on one CPU thread (the
-low-bit tails are the slow ones on the CPU), so more than an hour; ``--topn`` / ``--tails`` / ``--group-select`` /
+The defaults run the curated grid (:func:`kcache_ops.eval.grid.default_grid`, 12 configurations +
+dense): with ``--threads 2`` on a 2-core machine about 12 minutes of prefill and 2-3 minutes per
+configuration, under an hour in all; ``--topn`` / ``--tails`` / ``--group-select`` /
 ``--dense-layers`` run their product instead; ``--quick`` is a seconds-long smoke run;
 ``--gpu-sizes`` more and longer texts for a GPU.
 """

@@ -2,6 +2,7 @@
 paper-literal setting, the tail terms at a small V budget, a few controls), ordered most telling
 first so that a run cut short keeps the results that matter; or, from the command line, the product
 of given N values, tails and variants."""
+from dataclasses import replace
 from itertools import product
 
 from ..caches import KCacheOptions
@@ -10,22 +11,23 @@ from .runner import Config
 # KCache as the paper states it: top 64 per head, a softmax over them, nothing for the rest
 PAPER_LITERAL = KCacheOptions.paper_literal()
 
+# the hot rows the grid tries: the first 4 positions (the attention sinks) and the last 60
+HOT = dict(sinks=4, window=60)
+
 
 def default_grid():
-    """The default configurations (15 + dense), most telling first: the paper-literal N=64, the
-    three tails at N=64, the 2-bit tail at smaller budgets, the 4-bit tail at N=8, group selection
-    with the 2-bit tail, the mean tail with layer 0 dense, the old way to accuracy (a larger N
-    without a tail, N=128 with the mean tail), and the adaptive budget (top_p) on the 2-bit
-    tail."""
-    kc = Config.kcache
+    """The default configurations (12 + dense), most telling first: the paper-literal N=64; the
+    2-bit tail with and without hot rows at N=64 and N=8; the 4-bit tail at N=8; the mean tail;
+    hot rows without a tail; group selection and the adaptive budget (top_p) on the 2-bit tail
+    with hot rows; a wider window at N=8; the old way to accuracy (N=256, no tail)."""
+    p = Config.kcache  # each named by what it changes from the paper's KCache
     return [Config("kcache", PAPER_LITERAL),
-            kc(topn=64, tail="int2"), kc(topn=64, tail="mean"), kc(topn=64, tail="int4"),
-            kc(topn=8, tail="int2"), kc(topn=16, tail="int2"), kc(topn=32, tail="int2"),
-            kc(topn=8, tail="int4"),
-            kc(topn=64, tail="int2", group_select=True), kc(topn=8, tail="int2", group_select=True),
-            kc(topn=64, tail="mean", dense_layers=(0,)),
-            kc(topn=256, tail="none"), kc(topn=128, tail="mean"),
-            kc(topn=64, tail="int2", top_p=0.9), kc(topn=64, tail="int2", top_p=0.5)]
+            p(tail="int2", **HOT), p(tail="int2"),
+            p(topn=8, tail="int2", **HOT), p(topn=8, tail="int2"), p(topn=8, tail="int4"),
+            p(tail="mean"), p(**HOT),
+            p(tail="int2", group_select=True, **HOT), p(tail="int2", top_p=0.9, **HOT),
+            p(topn=8, tail="int2", sinks=4, window=124),
+            p(topn=256)]
 
 
 def quick_grid():
@@ -34,10 +36,10 @@ def quick_grid():
 
 
 def product_grid(topns, tails=("none",), group_select=(False,), dense_layers=((),)):
-    """Every KCache configuration of the given values (renormalized), those that change fewest
-    options from the defaults first and the default N first among them
-    (:meth:`KCacheOptions.distance`)."""
-    options = [KCacheOptions(topn=n, tail=t, group_select=g, dense_layers=d)
+    """Every KCache configuration of the given values, each from :data:`PAPER_LITERAL` (the other
+    options as the paper has them), those that change fewest options from the defaults first and
+    the default N first among them (:meth:`KCacheOptions.distance`)."""
+    options = [replace(PAPER_LITERAL, topn=n, tail=t, group_select=g, dense_layers=d)
                for n, t, g, d in product(topns, tails, group_select, dense_layers)]
     return [Config("kcache", o) for o in sorted(set(options), key=KCacheOptions.distance)]
 

@@ -7,7 +7,8 @@ lengths, and needle hits at least dense's at every haystack length. Among the co
 meet all of them, the one that reads the fewest host bytes per step is recommended; where none
 does, the closest is named (fewest targets missed, then the smallest perplexity excess, then the
 fewest host bytes) with the targets it misses. Separately, the small-budget verdict: the best
-configuration at most 8 host rows, and whether its |Δ perplexity| is at most 0.5% at both lengths.
+configuration at most 8 host rows within the device memory target, whether its |Δ perplexity| is
+at most 0.5% at both lengths, and the best one over the memory target where that does better.
 """
 from .grid import display_name
 from .runner import Config
@@ -33,11 +34,16 @@ RULE = ("meets every target (" + "; ".join(TARGETS.values()) + "), then the fewe
         "then the fewest host bytes")
 
 
+def fits_memory(summary):
+    """Whether a configuration's device bytes per token are at most :data:`MAX_DEVICE_RATIO` of
+    dense's, in the eval's dtype and in bfloat16."""
+    return max(summary["device_ratio"], summary["device_ratio_bf16"]) <= MAX_DEVICE_RATIO
+
+
 def assess(summary, dense_summary):
     """{target name: met} for one configuration's summary (:func:`.summary.summarize`)."""
     return {"host_rows": summary["host_rows"] <= MAX_HOST_ROWS,
-            "device_ratio": max(summary["device_ratio"],
-                                summary["device_ratio_bf16"]) <= MAX_DEVICE_RATIO,
+            "device_ratio": fits_memory(summary),
             "dppl_short": abs(summary["dppl"]["short"]) <= MAX_DPPL,
             "dppl_long": abs(summary["dppl"]["long"]) <= MAX_DPPL,
             "needle": all(summary["needle_by_length"][n] >= hits
@@ -77,16 +83,30 @@ def recommend(results):
 
 
 def small_budget(results):
-    """The verdict of the ≤ 8 host rows target: the configuration at most :data:`SMALL_ROWS` rows
-    with the smallest worse-context |Δ ppl| -> {"name", "config", "met", "dppl"}, or None where no
-    such configuration ran."""
+    """The verdict of the ≤ 8 host rows target: among the configurations at most
+    :data:`SMALL_ROWS` rows that meet the memory target (:func:`fits_memory`; all of them where
+    none does), the one with the smallest worse-context |Δ ppl| -> {"name", "config", "met",
+    "dppl", "fits_memory", "target", "over_memory" (the best configuration over the memory target
+    where it is closer to dense, in the same form without "over_memory"; else None)}, or None
+    where no such configuration ran."""
     small = [r for r in results[1:] if r["summary"]["host_rows"] <= SMALL_ROWS]
     if not small:
         return None
-    best = min(small, key=lambda r: (_excess(r["summary"], 0.0),
-                                     r["summary"]["host_bytes_per_step"]))
-    return {"name": display_name(Config.from_dict(best["config"])), "config": best["config"],
-            "met": _excess(best["summary"], SMALL_MAX_DPPL) == 0.0,
-            "dppl": best["summary"]["dppl"],
+
+    def best(rs):
+        return min(rs, key=lambda r: (_excess(r["summary"], 0.0),
+                                      r["summary"]["host_bytes_per_step"]))
+
+    def verdict(r):
+        return {"name": display_name(Config.from_dict(r["config"])), "config": r["config"],
+                "met": _excess(r["summary"], SMALL_MAX_DPPL) == 0.0, "dppl": r["summary"]["dppl"],
+                "fits_memory": fits_memory(r["summary"]),
+                "device_ratio_bf16": r["summary"]["device_ratio_bf16"]}
+
+    fits = [r for r in small if fits_memory(r["summary"])]
+    chosen = best(fits or small)
+    over = best([r for r in small if r not in fits] or [chosen])
+    closer = _excess(over["summary"], 0.0) < _excess(chosen["summary"], 0.0)
+    return {**verdict(chosen), "over_memory": verdict(over) if closer else None,
             "target": f"|Δ ppl| ≤ {SMALL_MAX_DPPL}% at both contexts with ≤ {SMALL_ROWS} host "
-                      "rows"}
+                      f"rows, within the memory target"}

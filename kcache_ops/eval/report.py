@@ -2,6 +2,7 @@
 ``eval`` command's JSON: the settings, the table of accuracy and costs, the recommended setting,
 what each option does, the plots."""
 import os
+from dataclasses import replace
 
 from ..results import ran_on
 from . import mass, recommend
@@ -129,7 +130,8 @@ def eval_section(data):
             "* costs, per sequence, of the cache of the long-context windows: V rows read from "
             "host per head and decode step (N), the bytes `host_bytes_read_per_step` counts "
             "(those rows and the new token's V written), and the cache's device bytes (K, V of "
-            "dense layers, the low-bit copy or V sum of a tail) per token of capacity, in the "
+            "dense layers, the low-bit copy or V sum of a tail, the V of hot rows) per token of "
+            "capacity, in the "
             "model's dtype (float32 on the CPU: a 2- or 4-bit copy weighs half as much against "
             "dense as it would against bfloat16), and the ratio to dense of the same caches in "
             "bfloat16 (the memory target must hold in both);",
@@ -144,7 +146,7 @@ def eval_section(data):
     for r in results:
         x = r["summary"]
         a = r["short"].get("agreement")
-        out.append(f"| {_name(r)} | {x['host_rows']} | {_kib(x['host_bytes_per_step'])} | "
+        out.append(f"| {_name(r)} | {x['host_rows']:.1f} | {_kib(x['host_bytes_per_step'])} | "
                    f"{_kib(x['device_bytes_per_token'])} ({x['device_ratio']:.2f}; bf16 "
                    f"{x['device_ratio_bf16']:.2f}) | "
                    f"{x['dppl']['short']:+.2f}% | {x['dppl']['long']:+.2f}% | "
@@ -182,7 +184,8 @@ def recommendation(rec):
     if rec is None:
         return out + ["No KCache configuration has run yet.", ""]
     n, d = rec["numbers"], rec["dense"]
-    numbers = (f"{n['host_rows']} host rows per head and step, {_kib(n['host_bytes_per_step'])} "
+    numbers = (f"{n['host_rows']:.1f} host rows per head and step, "
+               f"{_kib(n['host_bytes_per_step'])} "
                f"KiB per step and sequence, {n['device_ratio']:.2f}x dense device bytes per token"
                f" ({n['device_ratio_bf16']:.2f}x in bfloat16),"
                f" Δ ppl {_dppl(n)} (short / long context), needle {n['needle']}/"
@@ -197,51 +200,71 @@ def recommendation(rec):
     out += ["", f"Rule: {rec['rule']}.", ""]
     small = rec.get("small_budget")
     if small:
+        memory = "" if small["fits_memory"] else " (none at so few rows fits the memory target)"
         out.append(f"At ≤ {recommend.SMALL_ROWS} host rows ({small['target']}): the best is "
-                   f"{small['name']}, Δ ppl {_dppl(small)} — "
+                   f"{small['name']}{memory}, Δ ppl {_dppl(small)} — "
                    f"{'meets' if small['met'] else 'MISSES'} it.")
+        over = small.get("over_memory")
+        if over:
+            within = f" (within {recommend.SMALL_MAX_DPPL}%)" if over["met"] else ""
+            out.append(f"Over the memory target, {over['name']} ({over['device_ratio_bf16']:.2f}x "
+                       f"dense device bytes in bfloat16) comes closer: Δ ppl {_dppl(over)}"
+                       f"{within}.")
     else:
         out.append(f"No configuration at ≤ {recommend.SMALL_ROWS} host rows ran.")
     return out + [""]
 
 
+# each option the evaluation judges, and how to take it away from a configuration
+WITHOUT = {"tail": lambda o: replace(o, tail="none"),
+           "hot rows": lambda o: replace(o, sinks=0, window=0),
+           "top_p": lambda o: replace(o, top_p=1.0)}
+
+
 def options_summary(results):
-    """Per tail, in how many of its configurations it brings Δ ppl closer to dense at each
-    context; then one line per configuration but the paper-literal one: its numbers next to those
-    of the same selection without a tail where that ran, else the paper-literal N=64's, and at
-    which context it is closer to dense; then the attention mass the top N capture."""
+    """Per option (tail, hot rows, top_p), in how many of its configurations it brings Δ ppl
+    closer to dense at each context, against the same configuration without it (for a tail, the
+    paper-literal N=64 where that did not run); then one line per configuration but the
+    paper-literal one with those comparisons; then the attention mass the top N capture."""
     by_config = {Config.from_dict(r["config"]): r for r in results[1:]}
     paper = by_config.get(Config("kcache", PAPER_LITERAL))
-    lines, helps = [], {}  # helps: tail -> [contexts where closer to dense] per configuration
+    lines, helps = [], {}  # helps: option label -> [contexts where closer to dense] per config
     for config, r in by_config.items():
         o = config.options
         if o == PAPER_LITERAL:
             continue
-        plain = by_config.get(Config.kcache(**{**o.to_dict(), "tail": "none"}))
-        if plain is None or plain is r:
-            plain = paper if paper is not r else None  # the paper-literal N=64 where it ran
         x = r["summary"]
         line = (f"* {display_name(config)}: Δ ppl {_dppl(x)}, needle {x['needle']}/"
-                f"{x['needle_total']}, {x['host_rows']} host rows, {x['device_ratio']:.2f}x dense "
-                "device bytes")
-        if plain is not None:
+                f"{x['needle_total']}, {x['host_rows']:.1f} host rows, {x['device_ratio']:.2f}x "
+                "dense device bytes")
+        for option, take_away in WITHOUT.items():
+            base = take_away(o)
+            if base == o:
+                continue
+            plain = by_config.get(Config("kcache", base))
+            if plain is None and option == "tail":
+                plain = paper
+            if plain is None or plain is r:
+                continue
             p = plain["summary"]
             better = [c for c in CONTEXTS if abs(x["dppl"][c]) < abs(p["dppl"][c])]
-            helps.setdefault(o.tail, []).append(better)
+            label = f"tail={o.tail}" if option == "tail" else option
+            helps.setdefault(label, []).append(better)
             where = " and ".join(f"the {c} context" for c in better) or "neither context"
-            line += (f"; against {_name(plain)} (Δ ppl {_dppl(p)}, needle {p['needle']}/"
-                     f"{p['needle_total']}): closer to dense at {where}")
+            line += (f"; its {option} against {_name(plain)} (Δ ppl {_dppl(p)}, needle "
+                     f"{p['needle']}/{p['needle_total']}, {p['host_rows']:.1f} host rows): "
+                     f"closer to dense at {where}")
         lines.append(line + ".")
     out = ["### What each option does", ""]
-    for tail, better in sorted(helps.items()):
-        if tail != "none":
-            out.append(f"* **tail={tail}**, against the same selection without a tail (or the "
-                       f"paper-literal N=64): closer to dense in " + ", ".join(
-                           f"{sum(c in b for b in better)} of {len(better)} at the {c} context"
-                           for c in CONTEXTS) + ".")
+    for label, better in sorted(helps.items()):
+        out.append(f"* **{label}**, against the same configuration without it (a tail: or the "
+                   f"paper-literal N=64): closer to dense in " + ", ".join(
+                       f"{sum(c in b for b in better)} of {len(better)} at the {c} context"
+                       for c in CONTEXTS) + ".")
     masses = sorted({(c.options.topn, c.options.group_select): r["mass"]["long"]
                      for c, r in by_config.items()
-                     if not c.options.dense_layers and "long" in r.get("mass", {})}.items())
+                     if not c.options.dense_layers and not c.options.hot_rows
+                     and "long" in r.get("mass", {})}.items())
     for (topn, gs), long in masses:
         low = min(range(len(long)), key=long.__getitem__)
         lines.append(f"* attention mass in the top {topn}{' (group select)' if gs else ''}, long "

@@ -32,8 +32,11 @@ class Config:
 
     @classmethod
     def kcache(cls, **options):
-        """KCache with ``options`` by name (KCacheOptions' fields; the rest at their defaults)."""
-        return cls("kcache", KCacheOptions.from_dict(options))
+        """KCache with ``options`` by name (KCacheOptions' fields), the rest as the paper has them
+        (:meth:`KCacheOptions.paper_literal`, whatever the defaults): a configuration is named by
+        what it changes from the paper's KCache, as its label is."""
+        return cls("kcache", KCacheOptions.from_dict({**KCacheOptions.paper_literal().to_dict(),
+                                                      **options}))
 
     @classmethod
     def from_dict(cls, d):

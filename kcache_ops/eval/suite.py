@@ -151,7 +151,7 @@ def line(result):
     if "agreement" in result["short"]:
         a = result["short"]["agreement"]
         parts.append(f"agree {100 * a['match_rate']:5.1f}%")
-    parts += [f"host {s['host_rows']} rows {s['host_bytes_per_step'] / 1024:7.1f} KiB/step",
+    parts += [f"host {s['host_rows']:.1f} rows {s['host_bytes_per_step'] / 1024:7.1f} KiB/step",
               f"device {s['device_bytes_per_token'] / 1024:6.1f} KiB/token "
               f"({s['device_ratio']:.2f}x dense)", f"{result['seconds']:6.1f}s"]
     return "  ".join(parts)

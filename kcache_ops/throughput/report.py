@@ -1,5 +1,7 @@
 """The throughput section of bench/results/REPORT.md (assembled by :mod:`kcache_ops.report`) and
 its plot, from the ``bench`` command's JSON."""
+from dataclasses import replace
+
 import torch
 
 from ..caches import TAILS, KCacheOptions, sequence_bytes
@@ -52,8 +54,8 @@ def memory_section(capacity=32768, dtype=torch.bfloat16):
         dense = sequence_bytes("dense", SHAPES[name], None, capacity, dtype)[0]
         cells = []
         for tail in TAILS:
-            kc = sequence_bytes("kcache", SHAPES[name], KCacheOptions(tail=tail), capacity,
-                                dtype)[0]
+            options = replace(KCacheOptions.paper_literal(), tail=tail)
+            kc = sequence_bytes("kcache", SHAPES[name], options, capacity, dtype)[0]
             cells.append(f"{kc / capacity:.0f} B ({dense / kc:.2f}×)")
         out.append(f"| {name} | {dense / capacity:.0f} B ({dense / gib:.2f} GiB) | "
                    + " | ".join(cells) + " |")

@@ -1,0 +1,102 @@
+"""Hot rows of a KCache layer (``KCacheOptions.sinks`` / ``window``): V of the first ``sinks`` and
+the last ``window`` positions of each sequence, kept on the device beside K.
+
+Those positions carry much of the attention at every step (the attention sinks at the start, the
+recent tokens at the end), so a decode step attends to them exactly from device memory and reads
+from host RAM the top N among the other ("cold") positions only: N host rows per head stay N.
+The hot and the host part share the step's exact ``lse``, so their exact weights
+``exp(s − lse)`` add up (the merge by lse); the tail (tail.py) takes every row neither part read.
+
+Slots: ``0 .. sinks-1`` hold positions ``0 .. sinks-1``; the ``window`` slots after them are a ring
+over positions ``>= sinks`` (position ``p`` in slot ``sinks + (p − sinks) mod window``), so an
+append overwrites the position that just left the window.
+"""
+from collections import namedtuple
+
+import torch
+
+# the exact attention of a step's hot rows: out [B, Hq, D] float32 = Σ exp(s − lse) · v,
+# mass [B, Hq] float32 = Σ exp(s − lse), indices [B, Hq, H] int32 (their positions, -1 empty)
+HotPart = namedtuple("HotPart", "out mass indices")
+
+
+def top_cold(scores, indices, lens, n, sinks, window):
+    """The first ``n`` cold entries of a selection of ``n + sinks + window`` rows per head.
+
+    scores [B, Hq, M] float32, indices [B, Hq, M] int32 (``qk_topn``'s top M = n + sinks + window,
+    in rank order), lens [B] int32 -> scores, indices [B, Hq, n]: in rank order the entries naming
+    a cold position (``sinks <= i < L_b − window``), -inf / -1 padding where fewer remain. At most
+    ``sinks + window`` of the M are hot or padding, so these are the top n of the cold rows.
+    """
+    L = lens.long()[:, None, None]  # [B, 1, 1]
+    cold = (indices >= sinks) & (indices < L - window)  # [B, Hq, M]
+    order = torch.sort((~cold).to(torch.int8), dim=-1, stable=True).indices[..., :n]  # [B, Hq, n]
+    kept = torch.gather(cold, -1, order)  # [B, Hq, n]
+    return (torch.gather(scores, -1, order).masked_fill(~kept, float("-inf")),
+            torch.gather(indices, -1, order).masked_fill(~kept, -1))
+
+
+class HotRows:
+    """The device V of one layer's hot rows.
+
+    v : Tensor [B, Hkv, H, D] on the device, H = sinks + window — slot ``j`` holds the position
+        :meth:`positions` gives it; slots whose position is not (yet) valid hold zeros.
+    """
+
+    def __init__(self, sinks, window, batch, num_kv_heads, head_dim, device, dtype):
+        self.sinks, self.window = sinks, window
+        self.size = sinks + window
+        self.v = torch.zeros(batch, num_kv_heads, self.size, head_dim, dtype=dtype,
+                             device=device)  # [B, Hkv, H, D]
+        self.nbytes = self.v.nbytes
+        self._slots = torch.arange(self.size, device=device)  # [H]
+
+    def positions(self, lens):
+        """lens [B] int32 -> (pos [B, H] int64, the position each slot holds at length L_b,
+        clamped to >= 0; valid [B, H] bool, that position is < L_b)."""
+        L = lens.long()[:, None]  # [B, 1]
+        j = self._slots[None, :]  # [1, H]
+        sinks, window = self.sinks, max(self.window, 1)
+        ring = j - sinks  # [1, H]: the ring slot of j >= sinks
+        behind = L - 1 - sinks - ring  # [B, H]: how far the newest position of that ring slot lies
+        newest = sinks + ring + window * torch.div(behind, window, rounding_mode="floor")  # [B, H]
+        pos = torch.where(j < sinks, j, newest)  # [B, H]
+        valid = (pos < L) & ((j < sinks) | (behind >= 0))  # [B, H]
+        return pos.clamp(min=0), valid
+
+    def store_prompt(self, v, lens):
+        """Keep the hot rows of the prompt's v [B, Hkv, T, D] (right-padded, lens [B] int32)."""
+        pos, valid = self.positions(lens)  # [B, H] each
+        B, Hkv, T, D = v.shape
+        rows = pos.clamp(max=T - 1)[:, None, :, None].expand(B, Hkv, self.size, D)  # [B,Hkv,H,D]
+        hot = torch.gather(v, 2, rows)  # [B, Hkv, H, D]
+        self.v.copy_(hot.masked_fill(~valid[:, None, :, None], 0))
+
+    def append(self, rows, pos, v):
+        """Keep one token's v [B, Hkv, D], stored at position pos[b] of each sequence ``rows``,
+        in its slot (a position past the sinks with ``window = 0`` has none: nothing changes)."""
+        if self.window:
+            slot = torch.where(pos < self.sinks, pos, self.sinks + (pos - self.sinks) % self.window)
+            self.v[rows, :, slot] = v
+        else:
+            slot = pos.clamp(max=self.sinks - 1)  # [B]
+            keep = (pos < self.sinks)[:, None, None]  # [B, 1, 1]
+            self.v[rows, :, slot] = torch.where(keep, v, self.v[rows, :, slot])
+
+    def attend(self, q, k_cache, lens, lse):
+        """The exact attention of the hot rows: q [B, Hq, D], k_cache [B, Hkv, S, D], lens [B]
+        int32 (this step's lengths), lse [B, Hq] float32 (over all keys, from ``qk_topn``) ->
+        :data:`HotPart`."""
+        pos, valid = self.positions(lens)  # [B, H] each
+        B, Hq, D = q.shape
+        Hkv = k_cache.shape[1]
+        group, H = Hq // Hkv, self.size
+        rows = pos[:, None, :, None].expand(B, Hkv, H, D)  # [B, Hkv, H, D]
+        k = torch.gather(k_cache, 2, rows).float()  # [B, Hkv, H, D]
+        qg = q.float().reshape(B, Hkv, group, D)  # [B, Hkv, G, D]
+        s = torch.einsum("bkgd,bkjd->bkgj", qg, k) * D ** -0.5  # [B, Hkv, G, H], qk_topn's scale
+        p = torch.exp(s - lse.reshape(B, Hkv, group, 1))  # [B, Hkv, G, H]
+        p = p.masked_fill(~valid[:, None, None, :], 0.0)
+        out = torch.einsum("bkgj,bkjd->bkgd", p, self.v.float()).reshape(B, Hq, D)  # [B, Hq, D]
+        indices = torch.where(valid, pos, -1).to(torch.int32)[:, None, :].expand(B, Hq, H)
+        return HotPart(out, p.sum(-1).reshape(B, Hq), indices)
