@@ -168,4 +168,5 @@ def test_label_and_paper_literal():
     paper = KCacheOptions.paper_literal()
     assert replace(paper, topn=8, tail="int2", sinks=4, window=60).label == \
         "N=8 tail=int2 sinks=4 win=60"
+    assert KCacheOptions().label == "N=64 tail=int2 p=0.9 sinks=4 win=60"  # the defaults
     assert KCacheOptions.paper_literal().hot_rows == 0

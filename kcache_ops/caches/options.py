@@ -22,6 +22,11 @@ TAILS = ("none", "mean", "int2", "int4")
 class KCacheOptions:
     """How KCache selects and weights the V rows of a decode step (DESIGN.md §3).
 
+    The defaults are the setting the accuracy evaluation recommends (issue 12; measured in
+    bench/results/REPORT.md): the top 64 cold rows per head with the 2-bit tail, the adaptive
+    budget at 0.9 and 4 sinks + 60 recent positions on the device. :meth:`paper_literal` is
+    KCache as the paper states it (top 64, a softmax over them, nothing else).
+
     topn : int >= 1 (<= MAX_TOPN on CUDA)
         ``N``, the V rows each decode step reads per head (per KV head with ``group_select``).
     group_select : bool
@@ -57,14 +62,14 @@ class KCacheOptions:
                               "--tail none)"})
     dense_layers: tuple = field(default=(), metadata={
         "short": "dl", "help": "comma-separated layers that keep V on the device, e.g. 0,1"})
-    tail: str = field(default="none", metadata={
+    tail: str = field(default="int2", metadata={
         "short": "tail", "help": "the mass of the rows not read: none, mean, int2 or int4"})
-    top_p: float = field(default=1.0, metadata={
+    top_p: float = field(default=0.9, metadata={
         "short": "p", "flag": "--attn-top-p",  # --top-p is the sampling option of generate
         "help": "read per head only the top rows whose attention mass reaches this"})
-    sinks: int = field(default=0, metadata={
+    sinks: int = field(default=4, metadata={
         "short": "sinks", "help": "V of the first this many positions also kept on the device"})
-    window: int = field(default=0, metadata={
+    window: int = field(default=60, metadata={
         "short": "win", "help": "V of the last this many positions also kept on the device"})
 
     def __post_init__(self):
@@ -77,7 +82,8 @@ class KCacheOptions:
             raise ValueError(f"KCache: tail must be one of {', '.join(TAILS)}, got {self.tail!r}")
         if self.tail != "none" and not self.renormalize:
             raise ValueError(f"KCache: renormalize=False drops the mass outside the top N, which "
-                             f"tail={self.tail!r} accounts for; use it with tail='none'")
+                             f"tail={self.tail!r} accounts for (the default tail is 'int2'); use "
+                             f"it with tail='none'")
         if (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
                 or not 0 < self.top_p <= 1):
             raise ValueError(f"KCache: top_p must be a number in (0, 1], got {self.top_p!r}")
