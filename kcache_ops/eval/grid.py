@@ -2,7 +2,6 @@
 paper-literal setting, the tail terms at a small V budget, a few controls), ordered most telling
 first so that a run cut short keeps the results that matter; or, from the command line, the product
 of given N values, tails and variants."""
-from dataclasses import replace
 from itertools import product
 
 from ..caches import KCacheOptions
@@ -36,12 +35,12 @@ def quick_grid():
 
 
 def product_grid(topns, tails=("none",), group_select=(False,), dense_layers=((),)):
-    """Every KCache configuration of the given values, each from :data:`PAPER_LITERAL` (the other
-    options as the paper has them), those that change fewest options from the defaults first and
-    the default N first among them (:meth:`KCacheOptions.distance`)."""
-    options = [replace(PAPER_LITERAL, topn=n, tail=t, group_select=g, dense_layers=d)
-               for n, t, g, d in product(topns, tails, group_select, dense_layers)]
-    return [Config("kcache", o) for o in sorted(set(options), key=KCacheOptions.distance)]
+    """Every KCache configuration of the given values (:meth:`Config.kcache`: the other options
+    as the paper has them), those that change fewest options from the defaults first and the
+    default N first among them (:meth:`KCacheOptions.distance`)."""
+    configs = dict.fromkeys(Config.kcache(topn=n, tail=t, group_select=g, dense_layers=d)
+                            for n, t, g, d in product(topns, tails, group_select, dense_layers))
+    return sorted(configs, key=lambda c: c.options.distance())  # ties: in the product's order
 
 
 def display_name(config):

@@ -104,9 +104,11 @@ def small_budget(results):
                 "device_ratio_bf16": r["summary"]["device_ratio_bf16"]}
 
     fits = [r for r in small if fits_memory(r["summary"])]
+    over = [r for r in small if r not in fits]
     chosen = best(fits or small)
-    over = best([r for r in small if r not in fits] or [chosen])
-    closer = _excess(over["summary"], 0.0) < _excess(chosen["summary"], 0.0)
-    return {**verdict(chosen), "over_memory": verdict(over) if closer else None,
+    closer = best(over) if over else None
+    if closer is not None and _excess(closer["summary"], 0.0) >= _excess(chosen["summary"], 0.0):
+        closer = None  # over the memory target and no closer to dense: not worth naming
+    return {**verdict(chosen), "over_memory": verdict(closer) if closer else None,
             "target": f"|Δ ppl| ≤ {SMALL_MAX_DPPL}% at both contexts with ≤ {SMALL_ROWS} host "
                       f"rows, within the memory target"}

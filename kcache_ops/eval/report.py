@@ -131,10 +131,9 @@ def eval_section(data):
             "host per head and decode step (N), the bytes `host_bytes_read_per_step` counts "
             "(those rows and the new token's V written), and the cache's device bytes (K, V of "
             "dense layers, the low-bit copy or V sum of a tail, the V of hot rows) per token of "
-            "capacity, in the "
-            "model's dtype (float32 on the CPU: a 2- or 4-bit copy weighs half as much against "
-            "dense as it would against bfloat16), and the ratio to dense of the same caches in "
-            "bfloat16 (the memory target must hold in both);",
+            "capacity, in the model's dtype (float32 on the CPU: a 2- or 4-bit copy weighs half "
+            "as much against dense as it would against bfloat16), and the ratio to dense of the "
+            "same caches in bfloat16 (the memory target must hold in both);",
             "* every text is prefilled once (dense, full attention — as KCache's prefill) and "
             "its K/V forked into each configuration; texts do not overlap (the needle haystacks of "
             "different lengths share their start).", "",
@@ -185,8 +184,8 @@ def recommendation(rec):
         return out + ["No KCache configuration has run yet.", ""]
     n, d = rec["numbers"], rec["dense"]
     numbers = (f"{n['host_rows']:.1f} host rows per head and step, "
-               f"{_kib(n['host_bytes_per_step'])} "
-               f"KiB per step and sequence, {n['device_ratio']:.2f}x dense device bytes per token"
+               f"{_kib(n['host_bytes_per_step'])} KiB per step and sequence, "
+               f"{n['device_ratio']:.2f}x dense device bytes per token"
                f" ({n['device_ratio_bf16']:.2f}x in bfloat16),"
                f" Δ ppl {_dppl(n)} (short / long context), needle {n['needle']}/"
                f"{n['needle_total']} (dense {d['needle']}/{d['needle_total']}; per length "
