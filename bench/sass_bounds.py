@@ -27,6 +27,13 @@ Model (stated, not measured):
   scratch written (G x 4 B per key per KV head). Select pass: the ranked rows read 4 times, and in
   group mode the scores read once and the mass written (an upper bound: right after the score
   pass much of the scratch is still in L2).
+* latency bound (score pass) = K bytes / the rate at which the warps keep loads in flight: a warp's
+  iteration moves SCORE_UNROLL x 512 B (one 16-byte load per lane per row) and takes L + C with one
+  stage (load, wait L, compute C) or max(L / (stages - 1), C) with K staged `stages` iterations
+  deep (stages - 1 iterations' loads in flight while one computes), C = the loop's instructions at
+  one per cycle; rate = SMs x warps per SM x bytes per iteration / that time, at a loaded
+  device-memory latency L of 1 and 2 us (leads: the unloaded latency is ~0.5-0.8 us and rises
+  under load).
 Both are lower bounds of the time; the kernel is issue-bound where the first is the larger, and the
 issue's target is issue bound <= HBM bound / 1.3 (bound_ratio = byte / issue >= 1.3).
 
@@ -66,7 +73,9 @@ ISSUE_PER_SM_CYCLE = 4  # 4 warp schedulers, one warp-instruction each per cycle
 REGS_PER_SM = 65536
 MAX_THREADS_PER_SM = 2048
 SCORE_THREADS = 256  # kScoreThreads
-SCORE_UNROLL = 4  # kScoreUnroll
+SCORE_UNROLL = 4  # kScoreUnroll: K rows per thread per loop iteration
+SCORE_STAGES = 3  # kScoreStages: iterations of K rows staged in shared memory (2 in flight)
+LOADED_LATENCY_S = (1.0e-6, 2.0e-6)  # device-memory latency under full load (a lead, not measured)
 SCORE_BLOCKS_PER_SM = 2  # kScoreBlocksPerSm: the residency the launch bounds and the chunk plan use
 SCORE_BLOCK_OVERHEAD_KEYS = 128  # kScoreBlockOverheadKeys
 SELECT_THREADS = 512  # kSelectThreads
@@ -192,14 +201,19 @@ def innermost_loops_with(code, pattern):
             if not any((l2, h2) != (lo, hi) and lo <= l2 and h2 <= hi for l2, h2 in hits)]
 
 
+# A 16-byte load of K in the score loop: an asynchronous copy to shared memory (cp.async), or a
+# load to registers.
+K_LOAD = r"LDGSTS\.E(?:\.\w+)*\.128|LDG\.E\.128"
+
+
 def score_loop_count(code, elem_bytes, d):
     """(warp-instructions per key, loop body size, keys per warp iteration) of the K loop."""
-    inner = innermost_loops_with(code, r"LDG\.E\.128")
+    inner = innermost_loops_with(code, K_LOAD)
     lo, hi = min(inner, key=lambda r: r[1] - r[0])
-    n = len(body(code, lo, hi))
+    insns = body(code, lo, hi)
     lanes_per_key = d * elem_bytes // 16
     keys = SCORE_UNROLL * (32 // lanes_per_key)
-    return n / keys, n, keys
+    return len(insns) / keys, len(insns), keys
 
 
 def per_float(code):
@@ -226,6 +240,24 @@ def blocks_per_sm(regs, threads):
     return max(1, min(REGS_PER_SM // (regs_alloc * threads), MAX_THREADS_PER_SM // threads))
 
 
+def latency_rate(score, blocks, gpu, latency_s):
+    """Bytes per second the score pass's warps keep moving when every load waits latency_s (the
+    latency bound of the module docstring)."""
+    compute_s = score["loop_insns"] / gpu.clock_hz
+    if SCORE_STAGES == 1:  # load, wait, compute
+        iter_s = latency_s + compute_s
+    else:  # SCORE_STAGES - 1 iterations' loads in flight while one computes
+        iter_s = max(latency_s / (SCORE_STAGES - 1), compute_s)
+    warps = blocks * SCORE_THREADS // 32
+    return gpu.sms * warps * SCORE_UNROLL * 512 / iter_s
+
+
+def inflight_kib(blocks):
+    """K bytes per SM in flight: (while the warps compute, at most)."""
+    per_stage = blocks * SCORE_THREADS * SCORE_UNROLL * 16 / 1024
+    return [per_stage * (SCORE_STAGES - 1), per_stage * SCORE_STAGES]
+
+
 def predict(shape, s, b, gpu, score, select, group_select):
     """One row of the table: the two bounds of each pass (microseconds) and their ratios."""
     g = shape.hq // shape.hkv
@@ -241,6 +273,7 @@ def predict(shape, s, b, gpu, score, select, group_select):
     k_bytes = b * shape.hkv * s * shape.d * shape.elem_bytes
     scratch_bytes = b * shape.hq * s * 4
     score_bytes = (k_bytes + scratch_bytes) / gpu.hbm_bytes_s
+    latency = [k_bytes / latency_rate(score, bps, gpu, lat) for lat in LOADED_LATENCY_S]
 
     # Select: per ranked row (the KV head's group mass in group mode) 3 radix passes, split over
     # `slices` blocks when the rows are few, then the collect pass in one block per row; group mode
@@ -263,6 +296,8 @@ def predict(shape, s, b, gpu, score, select, group_select):
         "score_blocks": blocks, "score_blocks_per_sm": bps, "score_waves": round(waves, 2),
         "score_issue_us": round(score_issue * us, 1), "score_bytes_us": round(score_bytes * us, 1),
         "score_bound_ratio": round(score_bytes / score_issue, 2),
+        "score_latency_us": [round(t * us, 1) for t in latency],
+        "score_inflight_kib": inflight_kib(bps),
         "select_blocks": rows, "select_slices": slices,
         "select_issue_us": round(select_issue * us, 1),
         "select_bytes_us": round(select_bytes * us, 1),
@@ -318,13 +353,16 @@ def markdown(result, label):
                     f"{c['mass_per_float']} per score float")
         out.append(f"| `{name}` | {c['regs']} | {what} |")
     out += ["", "| GPU | shape | tokens × batch | score blocks (per SM, waves) | score issue µs | "
-            "score bytes µs | bytes / issue | select (group) issue µs | select bytes µs |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "score bytes µs | bytes / issue | score latency µs (L 1 / 2 µs; KiB in flight per SM) | "
+            "select (group) issue µs | select bytes µs |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         out.append(
             f"| {r['gpu']} | {r['shape']} | {r['tokens'] // 1024}K × {r['batch']} | "
             f"{r['score_blocks']} ({r['score_blocks_per_sm']}, {r['score_waves']}) | "
             f"{r['score_issue_us']} | {r['score_bytes_us']} | {r['score_bound_ratio']} | "
+            f"{' / '.join(map(str, r['score_latency_us']))} "
+            f"({' – '.join(f'{k:g}' for k in r['score_inflight_kib'])}) | "
             f"{r['select_issue_us']} | {r['select_bytes_us']} |")
     return "\n".join(out) + "\n"
 

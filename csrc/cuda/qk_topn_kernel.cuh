@@ -28,13 +28,16 @@
 
 #include <cstdint>
 
+#include <cuda_pipeline_primitives.h>
+
 #include "kernel_utils.cuh"
 #include "qk_inputs.h"
 
 namespace kcache_ops {
 
 constexpr int kScoreThreads = 256;  // 8 warps
-constexpr int kScoreUnroll = 4;     // independent 16-byte K loads in flight per thread
+constexpr int kScoreUnroll = 4;     // K rows per thread per iteration of the key loop
+constexpr int kScoreStages = 3;     // iterations of K rows in shared memory (2 in flight)
 constexpr int kScoreBlocksPerSm = 2;  // launch bounds: registers for 2 blocks (16 warps) per SM
 constexpr int kSelectThreads = 512;
 constexpr int kSelectBins = 2048;     // 11-bit radix digits
@@ -82,6 +85,29 @@ __device__ __forceinline__ float reduce_scatter(float (&v)[kValues], int sub) {
     if ((kValues >> step) / 2 == 0) v[0] += __shfl_xor_sync(kFullMask, v[0], off);
   }
   return v[0];
+}
+
+// Shared memory of a score block: the K stages, then (after the key loop) the warps' (max, sumexp)
+// per head. 48 KiB, the static limit: 2 blocks per SM use 98 of its 228 KiB.
+template <int GS>
+union ScoreShared {
+  uint4 stage[kScoreStages][kScoreUnroll][kScoreThreads];  // [stage, u, thread] 16-byte pieces
+  MaxSum warp_part[kScoreThreads / 32][GS];
+};
+
+// Starts the asynchronous copies of this thread's 16-byte pieces of kScoreUnroll K rows into its
+// slots of one stage: row u is key j0 + u · keys_per_load at krow + u · u_step. A key at or past
+// `end` is not copied: its slot keeps what it held (zeros, or a row of an earlier iteration), and
+// its score is computed but not used.
+template <typename T>
+__device__ __forceinline__ void stage_key_rows(uint4 (&slots)[kScoreUnroll][kScoreThreads],
+                                               const T* krow, int64_t u_step, int j0,
+                                               int keys_per_load, int end) {
+#pragma unroll
+  for (int u = 0; u < kScoreUnroll; ++u) {
+    if (j0 + u * keys_per_load < end)
+      __pipeline_memcpy_async(&slots[u][threadIdx.x], krow + u * u_step, 16);
+  }
 }
 
 // grid (num_chunks, Hkv * slices, B), block kScoreThreads, kScoreBlocksPerSm blocks per SM.
@@ -134,14 +160,34 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
   const int64_t u_step = kKeysPerLoad * p.in.k_ss;  // elements from the row of u to that of u + 1
   const int64_t iter_step = kKeysPerIter * p.in.k_ss;  // from one iteration to the next
   const T* krow = kb + static_cast<int64_t>(chunk_begin + first_key) * p.in.k_ss;
-  // Block-uniform loop.
-  for (int base = chunk_begin; base < chunk_end; base += kKeysPerIter, krow += iter_step) {
+  // K rows staged through shared memory by asynchronous copies (cp.async), kScoreStages - 1
+  // iterations ahead of the one being scored, so 2 · kScoreUnroll 16-byte loads per thread stay in
+  // flight while it computes, in shared memory rather than registers. Each thread copies its own
+  // pieces and reads back only those: no barrier in the loop. The loop is block-uniform.
+  __shared__ ScoreShared<GS> sh;
+#pragma unroll
+  for (int st = 0; st < kScoreStages; ++st) {
+#pragma unroll
+    for (int u = 0; u < kScoreUnroll; ++u) sh.stage[st][u][threadIdx.x] = make_uint4(0, 0, 0, 0);
+  }
+  const T* kstage = krow;  // this lane's piece of the first row of the next iteration to stage
+  for (int st = 0; st < kScoreStages - 1; ++st, kstage += iter_step) {
+    const int ahead = chunk_begin + st * kKeysPerIter;
+    if (ahead < chunk_end)
+      stage_key_rows(sh.stage[st], kstage, u_step, ahead + first_key, kKeysPerLoad, chunk_end);
+    __pipeline_commit();  // an empty group past the chunk keeps the wait counts uniform
+  }
+  int slot = 0;  // the stage this iteration scores
+  for (int base = chunk_begin; base < chunk_end; base += kKeysPerIter, kstage += iter_step) {
+    const int ahead = base + (kScoreStages - 1) * kKeysPerIter;
+    const int fill = slot == 0 ? kScoreStages - 1 : slot - 1;  // scored in the last iteration
+    if (ahead < chunk_end)
+      stage_key_rows(sh.stage[fill], kstage, u_step, ahead + first_key, kKeysPerLoad, chunk_end);
+    __pipeline_commit();
+    __pipeline_wait_prior(kScoreStages - 1);  // this iteration's rows have landed
     uint4 raw[kScoreUnroll];
 #pragma unroll
-    for (int u = 0; u < kScoreUnroll; ++u) {
-      const int j = base + first_key + u * kKeysPerLoad;
-      raw[u] = j < chunk_end ? load16(krow + u * u_step) : make_uint4(0, 0, 0, 0);
-    }
+    for (int u = 0; u < kScoreUnroll; ++u) raw[u] = sh.stage[slot][u][threadIdx.x];
 #pragma unroll
     for (int g = 0; g < kScoreUnroll / kJoint; ++g) {
       float dot[kValues];  // [kJoint, GS]
@@ -158,7 +204,10 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
         maxsum_add(run, s);
       }
     }
+    slot = slot == kScoreStages - 1 ? 0 : slot + 1;
   }
+  __pipeline_wait_prior(0);
+  __syncthreads();  // every warp is done with the stages before they hold warp_part
 
   // Merge the lanes of a head that saw other keys (other my_joint, other kslot: the lane bits from
   // kDup · GS up), then the warps in a fixed order.
@@ -167,12 +216,11 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
   for (int off = kDup * GS; off < 32; off <<= 1)
     run = maxsum_merge(run, {__shfl_xor_sync(kFullMask, run.m, off),
                              __shfl_xor_sync(kFullMask, run.l, off)});
-  __shared__ MaxSum warp_part[kScoreThreads / 32][GS];
-  if (writer && lane < kDup * GS) warp_part[warp][my_head] = run;
+  if (writer && lane < kDup * GS) sh.warp_part[warp][my_head] = run;
   __syncthreads();
   if (threadIdx.x < gs) {
-    MaxSum r = warp_part[0][threadIdx.x];
-    for (int w = 1; w < kScoreThreads / 32; ++w) r = maxsum_merge(r, warp_part[w][threadIdx.x]);
+    MaxSum r = sh.warp_part[0][threadIdx.x];
+    for (int w = 1; w < kScoreThreads / 32; ++w) r = maxsum_merge(r, sh.warp_part[w][threadIdx.x]);
     p.partials[(static_cast<int64_t>(b) * p.hq + h0 + threadIdx.x) * p.num_chunks + blockIdx.x] = r;
   }
 }
