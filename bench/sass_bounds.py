@@ -22,7 +22,9 @@ Model (stated, not measured):
   of kScoreBlocksPerSm = 2 blocks per SM (fewer if the registers allow fewer; the launch bounds ask
   for 2, the chunk plan assumes 2); a block's own work cannot spread over several SMs, so the
   select bound is at least one row's instructions / (4 x clock): its radix passes divided by the
-  blocks per row they are split over (qk_select_slices), its collect pass whole.
+  blocks per row they are split over (qk_select_slices), and so is the collect pass (the select
+  kernel then only sorts the gathered candidates; its index-order scan for keys equal to the
+  threshold, rare with real-valued scores, is not modelled).
 * byte bound = bytes that must cross HBM / HBM bandwidth. Score pass: K once + the float32 score
   scratch written (G x 4 B per key per KV head). Select pass: the ranked rows read 4 times, and in
   group mode the scores read once and the mass written (an upper bound: right after the score
@@ -79,6 +81,7 @@ LOADED_LATENCY_S = (1.0e-6, 2.0e-6)  # device-memory latency under full load (a 
 SCORE_BLOCKS_PER_SM = 2  # kScoreBlocksPerSm: the residency the launch bounds and the chunk plan use
 SCORE_BLOCK_OVERHEAD_KEYS = 128  # kScoreBlockOverheadKeys
 SELECT_THREADS = 512  # kSelectThreads
+SELECT_SLICE_KEYS = 8 * SELECT_THREADS  # kSelectSliceKeys: the fewest keys per slice of a split select
 SELECT_PASSES = 4  # 3 radix passes + the collect pass read the scratch
 
 
@@ -114,10 +117,11 @@ def score_chunk(s, blocks_per_chunk, sms):
 
 
 def select_slices(s, rows, sms):
-    """qk_select_slices of qk_topn_launch.h: blocks per ranked row of each radix pass."""
+    """qk_select_slices of qk_topn_launch.h: blocks per ranked row of the radix passes and the
+    collect."""
     if rows >= 2 * sms:
         return 1
-    return min(-(-2 * sms // rows), max(1, s // (4 * SELECT_THREADS)))
+    return min(-(-2 * sms // rows), max(1, s // SELECT_SLICE_KEYS))
 
 
 def find_tool(name):
@@ -282,7 +286,7 @@ def predict(shape, s, b, gpu, score, select, group_select):
     slices = select_slices(s, rows, gpu.sms)
     radix, collect = sum(select["per_pass_per_float"][:3]), select["per_pass_per_float"][3]
     sel_instr = rows * s * (radix + collect)
-    per_row = s * (radix / slices + collect) / (ISSUE_PER_SM_CYCLE * gpu.clock_hz)
+    per_row = s * (radix + collect) / slices / (ISSUE_PER_SM_CYCLE * gpu.clock_hz)
     select_issue = max(sel_instr / issue_rate, per_row)
     select_bytes = SELECT_PASSES * rows * s * 4
     if group_select:

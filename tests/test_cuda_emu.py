@@ -200,16 +200,17 @@ def test_qk_topn_group_mass_blocks(race_exe):
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_qk_topn_split_select(race_exe, group_select, ties):
-    """Few rows on 8 multiprocessors: the radix passes split over 4 blocks per row
-    (qk_select_hist_kernel), one row shorter than S; small-integer inputs give many equal scores
-    (the collect's index-order path)."""
-    B, Hkv, G, S, D, n = 2, 1, 2, 9000, 64, 60
+    """Few rows on 8 multiprocessors: the radix passes and the collect split over 4 blocks per row
+    (qk_select_hist_kernel, qk_select_collect_kernel: S >= 4 slices of 4096 keys), one row shorter
+    than S; small-integer inputs give many equal scores (the select's index-order path after a
+    split collect)."""
+    B, Hkv, G, S, D, n = 2, 1, 2, 16400, 64, 60
     if ties:
         q = torch.randint(-2, 3, (B, Hkv * G, D)).float()  # [B, Hq, D]
         k = torch.randint(-2, 3, (B, Hkv, S, D)).float()  # [B, Hkv, S, D]
     else:
         q, k = make_qk(B, Hkv * G, Hkv, S, D, torch.float32, "cpu")
-    lens = seq_lens_tensor([S, 6001], "cpu")
+    lens = seq_lens_tensor([S, 10001], "cpu")
     out = run_qk_topn(race_exe, q, k, lens, n, 1 / 8, group_select, sms=8)
     check_topn(q, k, lens, n, 1 / 8, group_select, out, TOL[torch.float32])
 

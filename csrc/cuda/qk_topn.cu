@@ -1,7 +1,8 @@
 // kcache_ops::qk_topn on CUDA: checks, device guard, current stream, scratch allocation, dtype /
-// head-dim / group dispatch, and the launches (two; three in group mode) of qk_topn_kernel.cuh as
-// qk_topn_launch.h plans them. No host synchronisation except the seq_lens range check, which
-// check_values=False skips (launch_utils.h).
+// head-dim / group dispatch, and the launches of qk_topn_kernel.cuh as qk_topn_launch.h plans them
+// (scores, the group mass in group mode, the split select's passes when the rows are few, the
+// select). No host synchronisation except the seq_lens range check, which check_values=False skips
+// (launch_utils.h).
 #include <tuple>
 #include <type_traits>
 
@@ -82,16 +83,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
     qk_group_mass_kernel<<<to_dim3(plan.mass_grid), plan.mass_block, 0, stream>>>(mp);
     KC_CHECK_LAUNCH("qk_topn (group mass)");
   }
-  // [B, ranked rows, 3, 2048] radix histograms of a split select (else empty)
-  at::Tensor hist = at::zeros({plan.hist_ints}, fopts.dtype(at::kInt));
+  // [B, ranked rows, split_row_ints(n)] workspace of a split select (else empty)
+  at::Tensor split = at::zeros({plan.split_ints}, fopts.dtype(at::kInt));
   const QkSelectParams sp = qk_select_params(args, plan, scratch.data_ptr<float>(), partials_ptr,
-                                             mass.data_ptr<float>(), hist.data_ptr<int32_t>());
+                                             mass.data_ptr<float>(), split.data_ptr<int32_t>());
   if (plan.select_slices > 1) {
     const dim3 hist_grid = to_dim3(plan.hist_grid);
     qk_select_hist_kernel<0><<<hist_grid, plan.select_block, 0, stream>>>(sp);
     qk_select_hist_kernel<1><<<hist_grid, plan.select_block, 0, stream>>>(sp);
     qk_select_hist_kernel<2><<<hist_grid, plan.select_block, 0, stream>>>(sp);
-    KC_CHECK_LAUNCH("qk_topn (select histograms)");
+    qk_select_collect_kernel<<<hist_grid, plan.select_block, 0, stream>>>(sp);
+    KC_CHECK_LAUNCH("qk_topn (split select)");
   }
   qk_select_kernel<<<to_dim3(plan.select_grid), plan.select_block, 0, stream>>>(sp);
   KC_CHECK_LAUNCH("qk_topn (select)");

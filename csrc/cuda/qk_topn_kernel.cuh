@@ -11,14 +11,16 @@
 // 1b. qk_group_mass_kernel (group mode only) — one block per (slice of keys, KV head, sequence):
 //    merges the chunks' (max, sumexp) of the group's heads into lse and writes the group mass
 //    c_j = sum_h exp(s_hj - lse_h) once, to a [B, Hkv, S↑4] buffer, with many blocks per row.
-// 1c. qk_select_hist_kernel<pass> (when the ranked rows are fewer than 2 per SM) — the radix
-//    select's three histogram passes split over several blocks per row, summed in global memory.
+// 1c. qk_select_hist_kernel<pass> and qk_select_collect_kernel (when the ranked rows are fewer
+//    than 2 per SM) — the radix select's three histogram passes split over several blocks per row,
+//    summed in global memory, then the collect of the keys above the threshold over the same
+//    slices.
 // 2. qk_select_kernel — one block per (query head, or KV head in group mode; sequence), in five
 //    phases: select_lse merges the chunks' (max, sumexp) into lse; radix_select finds the N-th
 //    largest ranking key by a 3-pass radix select (11 + 11 + 10 bits; over the row with 16-byte
 //    loads, or from 1c's histograms), ending early when the threshold's bin holds exactly the keys
-//    still needed; collect_candidates gathers the entries above it plus the lowest-index entries
-//    equal to it; bitonic_sort_desc sorts these <= N candidates by (key desc, index asc) in shared
+//    still needed; collect_candidates gathers the entries above it (or takes those 1c gathered)
+//    plus the lowest-index entries equal to it; bitonic_sort_desc sorts these <= N candidates by (key desc, index asc) in shared
 //    memory; write_selection writes scores, indices and padding. The ranking key is s (per head)
 //    or the group mass c_j that qk_group_mass_kernel wrote (group mode).
 // NaN as the reference: a NaN score makes its row's lse NaN and ranks above every number (per
@@ -229,8 +231,8 @@ struct QkSelectParams {
   const float* scores;       // [B, Hq, score_stride] scratch from qk_scores_kernel
   const MaxSum* partials;    // [B, Hq, num_chunks]
   const float* mass;         // [B, Hkv, score_stride] group mass (group mode; else unused)
-  int* hist;                 // [B, ranked rows, kRadixPasses, kSelectBins] radix histograms summed
-                             // by qk_select_hist_kernel, zeroed before; nullptr: not split
+  int* split;                // [B, ranked rows, split_row_ints(n)] zeroed workspace of a split
+                             // select (split_row); nullptr: not split
   int64_t score_stride;      // multiple of 4
   const int32_t* seq_lens;   // [B]
   int64_t seq_stride;        // in elements
@@ -388,6 +390,16 @@ __host__ __device__ constexpr int radix_shift(int pass) {
 }
 __host__ __device__ constexpr int radix_bits(int pass) { return pass == 2 ? 10 : 11; }
 
+// A ranked row's part of a split select's workspace (int32, zeroed before the select): the radix
+// histograms [kRadixPasses, kSelectBins] that qk_select_hist_kernel sums over the row's slices, the
+// count of candidates that qk_select_collect_kernel found, and from a 16-byte boundary those
+// candidates [n] (unsigned 64-bit, in no particular order).
+constexpr int64_t kSplitCount = kRadixPasses * kSelectBins;  // offset of the count, in ints
+constexpr int64_t kSplitCandidates = kSplitCount + 4;        // offset of the candidates, in ints
+__host__ __device__ constexpr int64_t split_row_ints(int64_t n) {
+  return kSplitCandidates + 2 * n;
+}
+
 // The radix select between passes: the threshold's bits decided so far, the picks still needed
 // at or below them, and whether the threshold is final (an early exit).
 struct RadixState {
@@ -473,7 +485,7 @@ __device__ __forceinline__ RadixState radix_start(const SelectRow& row, int n) {
 // Phase 2: the threshold of the n best keys of the row by a 3-pass radix select over histograms
 // in shared memory, ending early when the threshold's bin holds exactly the keys still needed.
 // row_hist [kRadixPasses, kSelectBins]: the histograms that qk_select_hist_kernel summed over the
-// row's slices, or nullptr to histogram the row here. Block-uniform; every thread must call it.
+// row's slices (the start of its split_row), or nullptr to histogram the row here. Block-uniform; every thread must call it.
 __device__ __forceinline__ SelectThreshold radix_select(const SelectRow& row, int n,
                                                         const int* row_hist, SelectShared& sh) {
   RadixState st = radix_start(row, n);
@@ -494,16 +506,38 @@ __device__ __forceinline__ unsigned long long candidate(uint32_t key, int j) {
   return (static_cast<unsigned long long>(key) << 32) | static_cast<uint32_t>(~j);
 }
 
+// Whether key j of a row, with ranking key `key`, is a pick that may be taken in any order: above
+// the threshold, or equal to it when every such key is taken (take_all_eq).
+__device__ __forceinline__ bool unordered_pick(const SelectRow& row, SelectThreshold thr,
+                                               uint32_t key, int j) {
+  const uint32_t top = key & thr.mask;
+  return j < row.len && (top > thr.key || (thr.take_all_eq && top == thr.key));
+}
+
+// The picks taken in any order (unordered_pick): count - need_eq, or count when take_all_eq.
+__device__ __forceinline__ int unordered_picks(SelectThreshold thr, int count) {
+  return thr.take_all_eq ? count : count - thr.need_eq;
+}
+
 // Phase 3: the count picks into sh.cand[0, count): keys above the threshold in any order (the sort
 // orders them), keys equal to it (under thr.mask) in index order through a block-wide scan,
 // 4·kSelectThreads keys per tile; when all of those are taken (take_all_eq), in any order with the
-// keys above it, and no scan. Every thread must call it.
+// keys above it, and no scan. `gathered`: the unordered picks that qk_select_collect_kernel already
+// found (a split select), copied instead of scanned for; nullptr: scan the row for them. Every
+// thread must call it.
 __device__ __forceinline__ void collect_candidates(const SelectRow& row, SelectThreshold thr,
-                                                   int count, SelectShared& sh) {
-  const int len4 = (row.len + 3) / 4;
+                                                   int count,
+                                                   const unsigned long long* gathered,
+                                                   SelectShared& sh) {
   const int n_gt = count - thr.need_eq;  // keys strictly above the threshold
-  const int unordered = thr.take_all_eq ? count : n_gt;  // picks taken in any order
+  const int unordered = unordered_picks(thr, count);
   const bool ordered_eq = thr.need_eq > 0 && !thr.take_all_eq;
+  if (gathered != nullptr) {
+    for (int i = threadIdx.x; i < unordered; i += kSelectThreads) sh.cand[i] = gathered[i];
+  }
+  // the row is scanned for the unordered picks unless they were gathered, for the ordered ones
+  // (keys equal to the threshold in index order) if there are any
+  const int len4 = gathered == nullptr || ordered_eq ? (row.len + 3) / 4 : 0;
   if (threadIdx.x == 0) sh.n_gt = 0;
   __syncthreads();
   int eq_base = 0;  // keys equal to the threshold in earlier tiles (the same in every thread)
@@ -515,12 +549,11 @@ __device__ __forceinline__ void collect_candidates(const SelectRow& row, SelectT
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int j = 4 * q4 + e;
-      const uint32_t top = key[e] & thr.mask;
-      if (j < row.len && (top > thr.key || (thr.take_all_eq && top == thr.key))) {
+      if (gathered == nullptr && unordered_pick(row, thr, key[e], j)) {
         const int pos = atomicAdd(&sh.n_gt, 1);
         if (pos < unordered) sh.cand[pos] = candidate(key[e], j);
       }
-      my_eq += ordered_eq && j < row.len && top == thr.key;
+      my_eq += ordered_eq && j < row.len && (key[e] & thr.mask) == thr.key;
     }
     if (!ordered_eq) continue;  // block-uniform
     int tile_total;
@@ -591,6 +624,33 @@ __device__ __forceinline__ SelectRow select_row(const QkSelectParams& p, int b, 
   };
 }
 
+// Row x of sequence b's part of the split select's workspace, of `rows` ranked rows per sequence.
+__device__ __forceinline__ int* split_row(const QkSelectParams& p, int b, int x, int rows) {
+  return p.split + (static_cast<int64_t>(b) * rows + x) * split_row_ints(p.n);
+}
+
+__device__ __forceinline__ int* split_count(int* split_row) { return split_row + kSplitCount; }
+
+__device__ __forceinline__ unsigned long long* split_candidates(int* split_row) {
+  return reinterpret_cast<unsigned long long*>(split_row + kSplitCandidates);
+}
+
+__device__ __forceinline__ const unsigned long long* split_candidates(const int* split_row) {
+  return reinterpret_cast<const unsigned long long*>(split_row + kSplitCandidates);
+}
+
+// The 16-byte groups [begin, end) of a row's slice blockIdx.x of gridDim.x (a split select).
+struct Q4Range {
+  int begin, end;
+};
+
+__device__ __forceinline__ Q4Range row_slice(const SelectRow& row) {
+  const int len4 = (row.len + 3) / 4;
+  const int per_slice = ceil_div(len4, static_cast<int>(gridDim.x));
+  const int begin = min(len4, static_cast<int>(blockIdx.x) * per_slice);
+  return {begin, min(len4, begin + per_slice)};
+}
+
 // grid (hist_slices, Hq or Hkv in group mode, B), block kSelectThreads; launched for kPass = 0, 1,
 // 2 in turn when a row's radix select is split over hist_slices blocks. Each block replays the
 // earlier passes' digits from the summed histograms, histograms its slice of the row for pass kPass
@@ -601,8 +661,7 @@ __global__ void __launch_bounds__(kSelectThreads) qk_select_hist_kernel(QkSelect
   const int b = blockIdx.z;
   int64_t row0;
   const SelectRow row = select_row(p, b, blockIdx.y, row0);
-  int* row_hist = p.hist + (static_cast<int64_t>(b) * gridDim.y + blockIdx.y) * kRadixPasses *
-                               kSelectBins;  // [kRadixPasses, kSelectBins]
+  int* row_hist = split_row(p, b, blockIdx.y, gridDim.y);  // [kRadixPasses, kSelectBins]
   RadixState st = radix_start(row, p.n);
 #pragma unroll
   for (int pass = 0; pass < kPass && !st.done; ++pass) {
@@ -610,12 +669,38 @@ __global__ void __launch_bounds__(kSelectThreads) qk_select_hist_kernel(QkSelect
     radix_digit(pass, st, sh);
   }
   if (st.done) return;  // block-uniform
-  const int len4 = (row.len + 3) / 4;
-  const int per_slice = ceil_div(len4, static_cast<int>(gridDim.x));  // 16-byte groups
-  const int q4_begin = min(len4, static_cast<int>(blockIdx.x) * per_slice);
-  radix_histogram(row, st.thr.key, kPass, q4_begin, min(len4, q4_begin + per_slice), sh);
+  const Q4Range slice = row_slice(row);
+  radix_histogram(row, st.thr.key, kPass, slice.begin, slice.end, sh);
   for (int i = threadIdx.x; i < kSelectBins; i += kSelectThreads) {
     if (sh.hist[i] != 0) atomicAdd(&row_hist[kPass * kSelectBins + i], sh.hist[i]);
+  }
+}
+
+// grid (hist_slices, Hq or Hkv in group mode, B), block kSelectThreads; launched after the three
+// qk_select_hist_kernel passes. Each block finds the row's threshold from the summed histograms
+// (the same digits and early exit as the select) and appends the keys of its slice that are picks
+// in any order (unordered_pick) to the row's candidates, at slots from an integer atomic counter:
+// the slots depend on the schedule, the sort that follows does not.
+__global__ void __launch_bounds__(kSelectThreads) qk_select_collect_kernel(QkSelectParams p) {
+  __shared__ SelectShared sh;
+  const int b = blockIdx.z;
+  int64_t row0;
+  const SelectRow row = select_row(p, b, blockIdx.y, row0);
+  int* split = split_row(p, b, blockIdx.y, gridDim.y);
+  const SelectThreshold thr = radix_select(row, p.n, split, sh);
+  const int unordered = unordered_picks(thr, min(p.n, row.len));
+  unsigned long long* cand = split_candidates(split);  // [n]
+  const Q4Range slice = row_slice(row);
+  for (int q4 = slice.begin + threadIdx.x; q4 < slice.end; q4 += kSelectThreads) {
+    uint32_t key[4];
+    ranking_keys4(row, q4, key);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (unordered_pick(row, thr, key[e], 4 * q4 + e)) {
+        const int pos = atomicAdd(split_count(split), 1);
+        if (pos < unordered) cand[pos] = candidate(key[e], 4 * q4 + e);
+      }
+    }
   }
 }
 
@@ -632,13 +717,10 @@ __global__ void __launch_bounds__(kSelectThreads) qk_select_kernel(QkSelectParam
   while (sort_size < count) sort_size <<= 1;
   for (int i = threadIdx.x; i < sort_size; i += kSelectThreads) sh.cand[i] = 0ull;  // sorts last
 
-  const int* row_hist =  // [kRadixPasses, kSelectBins] from qk_select_hist_kernel, or none
-      p.hist == nullptr
-          ? nullptr
-          : p.hist + (static_cast<int64_t>(b) * gridDim.x + blockIdx.x) * kRadixPasses *
-                         kSelectBins;
-  const SelectThreshold thr = radix_select(row, p.n, row_hist, sh);
-  collect_candidates(row, thr, count, sh);
+  // a split select's workspace row (radix histograms, gathered candidates), or none
+  const int* split = p.split == nullptr ? nullptr : split_row(p, b, blockIdx.x, gridDim.x);
+  const SelectThreshold thr = radix_select(row, p.n, split, sh);
+  collect_candidates(row, thr, count, split == nullptr ? nullptr : split_candidates(split), sh);
   bitonic_sort_desc(sh.cand, sort_size);
   write_selection(p, row, row0, count, sh);
 }

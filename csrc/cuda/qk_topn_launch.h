@@ -38,10 +38,12 @@ struct QkTopnPlan {
   int mass_keys_per_block;     // keys per block of qk_group_mass_kernel, a multiple of 2048
   GridSize mass_grid;          // (ceil(S / mass_keys_per_block), Hkv, B), launched in group mode
   int mass_block;              // kSelectThreads
-  int select_slices;           // blocks per ranked row of each radix pass; 1: no split
-  int64_t hist_ints;           // radix histograms [B, ranked rows, 3, kSelectBins] int32 (zeroed),
-                               // 0 when select_slices = 1
+  int select_slices;           // blocks per ranked row of the radix passes and the collect; 1: no
+                               // split
+  int64_t split_ints;          // split select workspace [B, ranked rows, split_row_ints(n)] int32
+                               // (zeroed), 0 when select_slices = 1
   GridSize hist_grid;          // (select_slices, ranked rows, B): qk_select_hist_kernel<0, 1, 2>
+                               // and qk_select_collect_kernel
   GridSize select_grid;        // (Hq, or Hkv in group mode; B)
   int select_block;            // kSelectThreads
 };
@@ -72,11 +74,14 @@ inline int qk_mass_keys_per_block(int64_t S, int64_t rows, int sms) {
       kStep);
 }
 
-// Blocks per ranked row for the radix passes of the select: 1 when the rows fill 2 blocks per
-// multiprocessor by themselves, else enough for that, each slice at least 4 · kSelectThreads keys.
+// Blocks per ranked row for the radix passes and the collect of the select: 1 when the rows fill 2
+// blocks per multiprocessor by themselves, else enough for that, each slice at least
+// kSelectSliceKeys keys (below that the four more launches cost more than the passes they split).
+constexpr int64_t kSelectSliceKeys = 8 * kSelectThreads;
+
 inline int qk_select_slices(int64_t S, int64_t rows, int sms) {
   if (rows >= 2 * int64_t{sms}) return 1;
-  const int64_t by_size = std::max<int64_t>(1, S / (4 * kSelectThreads));
+  const int64_t by_size = std::max<int64_t>(1, S / kSelectSliceKeys);
   return static_cast<int>(std::min(ceil_div<int64_t>(2 * int64_t{sms}, rows), by_size));
 }
 
@@ -106,7 +111,7 @@ inline QkTopnPlan plan_qk_topn(const QkTopnArgs& a, int sms) {
       .mass_grid = {.x = ceil_div<int64_t>(a.S, mass_keys), .y = a.Hkv, .z = a.B},
       .mass_block = kSelectThreads,
       .select_slices = select_slices,
-      .hist_ints = select_slices > 1 ? a.B * ranked_rows * kRadixPasses * kSelectBins : 0,
+      .split_ints = select_slices > 1 ? a.B * ranked_rows * split_row_ints(a.n) : 0,
       .hist_grid = {.x = select_slices, .y = ranked_rows, .z = a.B},
       .select_grid = {.x = ranked_rows, .y = a.B},
       .select_block = kSelectThreads,
@@ -151,17 +156,18 @@ inline QkMassParams qk_mass_params(const QkTopnArgs& a, const QkTopnPlan& plan,
   };
 }
 
-// Parameters of qk_select_hist_kernel and qk_select_kernel over the scratch and partials that
-// qk_scores_kernel wrote, in group mode the mass of qk_group_mass_kernel (else nullptr), and the
-// zeroed radix histograms [plan.hist_ints] when plan.select_slices > 1 (else nullptr).
+// Parameters of qk_select_hist_kernel, qk_select_collect_kernel and qk_select_kernel over the
+// scratch and partials that qk_scores_kernel wrote, in group mode the mass of qk_group_mass_kernel
+// (else nullptr), and the zeroed split workspace [plan.split_ints] when plan.select_slices > 1
+// (else nullptr).
 inline QkSelectParams qk_select_params(const QkTopnArgs& a, const QkTopnPlan& plan,
                                        const float* scratch, const MaxSum* partials,
-                                       const float* mass, int* hist) {
+                                       const float* mass, int* split) {
   return {
       .scores = scratch,
       .partials = partials,
       .mass = mass,
-      .hist = plan.select_slices > 1 ? hist : nullptr,
+      .split = plan.select_slices > 1 ? split : nullptr,
       .score_stride = plan.score_stride,
       .seq_lens = a.in.seq_lens,
       .seq_stride = a.in.seq_stride,

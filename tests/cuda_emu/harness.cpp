@@ -123,10 +123,10 @@ Outputs run_qk_topn(const Case& c) {
     launch(to_dim3(plan.mass_grid), dim3(plan.mass_block), "qk_group_mass_kernel",
            [&] { kcache_ops::qk_group_mass_kernel(mp); });
   }
-  Tensor hist = make_tensor(DType::kI32, {plan.hist_ints}, 0);  // [B, rows, 3, 2048], zeroed
+  Tensor split = make_tensor(DType::kI32, {plan.split_ints}, 0);  // [B, rows, ...], zeroed
   const kcache_ops::QkSelectParams sp = kcache_ops::qk_select_params(
       args, plan, static_cast<const float*>(scratch.data()), partials_ptr,
-      static_cast<const float*>(mass.data()), static_cast<int*>(hist.data()));
+      static_cast<const float*>(mass.data()), static_cast<int*>(split.data()));
   if (plan.select_slices > 1) {
     const dim3 hist_grid = to_dim3(plan.hist_grid);
     launch(hist_grid, dim3(plan.select_block), "qk_select_hist_kernel<0>",
@@ -135,6 +135,8 @@ Outputs run_qk_topn(const Case& c) {
            [&] { kcache_ops::qk_select_hist_kernel<1>(sp); });
     launch(hist_grid, dim3(plan.select_block), "qk_select_hist_kernel<2>",
            [&] { kcache_ops::qk_select_hist_kernel<2>(sp); });
+    launch(hist_grid, dim3(plan.select_block), "qk_select_collect_kernel",
+           [&] { kcache_ops::qk_select_collect_kernel(sp); });
   }
   watch_output(scores.data(), scores.bytes, "scores");
   watch_output(indices.data(), indices.bytes, "indices");
