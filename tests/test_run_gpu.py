@@ -1,7 +1,7 @@
 """bench/run_gpu.sh in its dry run on the CPU (every stage's CPU-side part, "no GPU" for the GPU
 work, the log and the archive in $OUT), the PyTorch baselines of bench/baselines.py against
 kcache_ops.reference on fresh random inputs, and the decode steps of bench/decode_steps.py (which
-the GPU benchmark times) on the CPU at a small shape."""
+the GPU benchmark and the profile time) on the CPU at a small shape."""
 import os
 import subprocess
 import sys
@@ -17,7 +17,7 @@ sys.path.insert(0, BENCH)
 import baselines  # noqa: E402  (bench/ is a folder of scripts, not a package)
 import decode_steps  # noqa: E402
 
-STAGES = ("build", "tests", "e2e", "slow", "sanitize", "bench")
+STAGES = ("build", "tests", "e2e", "slow", "profile", "bench", "sanitize")
 
 
 def test_dry_run_lists_every_stage_and_packs_out(tmp_path):
@@ -32,10 +32,13 @@ def test_dry_run_lists_every_stage_and_packs_out(tmp_path):
     for name in STAGES:
         assert f"no GPU: {name} not run (dry run)" in log
     stages = (work / "stages.txt").read_text()
-    for name in ("collect_tests", "collect_sanitizer_cases", "plan_benchmarks", "e2e_arguments"):
+    for name in ("collect_tests", "collect_sanitizer_cases", "plan_benchmarks", "e2e_arguments",
+                 "plan_profile"):
         assert any(line.split()[:2] == [name, "ok"] for line in stages.splitlines()), stages
-    for plan in ("gather_rows: 22", "qk_topn: 24", "decode step: 9"):  # the benchmarks' plans
+    for plan in ("gather_rows: 22", "qk_topn: 24", "decode step: 9",  # the benchmarks' plans
+                 "profile_step, method torch, 3 step(s) of each variant: 1"):
         assert f"# {plan} configurations" in log
+    assert "--profile-from-start off --clock-control none" in log  # the ncu command, printed
     assert sorted(os.listdir(out)) == ["gpu_results.tar.gz", "run_gpu.log"]
     with tarfile.open(out / "gpu_results.tar.gz") as tar:
         names = tar.getnames()
