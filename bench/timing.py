@@ -146,13 +146,17 @@ class Recorder:
         self._write(False)
         return fields
 
+    def done(self):
+        """Mark the JSON complete (every configuration ran)."""
+        self._write(True)
+
     def finish(self, plot, xlabel, ylabel, hline):
         """Mark the JSON complete and draw ``<out>/<name>.png``: ``plot(ax, rows)`` draws the
         curves over a log2 x axis; hline = (y, label) marks the ceiling or target."""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        self._write(True)
+        self.done()
         fig, ax = plt.subplots(figsize=(8, 5))
         plot(ax, self.rows)
         ax.axhline(hline[0], color="k", lw=1, ls="--", label=hline[1])

@@ -1,6 +1,7 @@
 """bench/run_gpu.sh in its dry run on the CPU (every stage's CPU-side part, "no GPU" for the GPU
-work, the log and the archive in $OUT), and the PyTorch baselines of bench/baselines.py against
-kcache_ops.reference on fresh random inputs."""
+work, the log and the archive in $OUT), the PyTorch baselines of bench/baselines.py against
+kcache_ops.reference on fresh random inputs, and the decode steps of bench/decode_steps.py (which
+the GPU benchmark and the profile time) on the CPU at a small shape."""
 import os
 import subprocess
 import sys
@@ -14,8 +15,9 @@ from kcache_ops import reference
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 sys.path.insert(0, BENCH)
 import baselines  # noqa: E402  (bench/ is a folder of scripts, not a package)
+import decode_steps  # noqa: E402
 
-STAGES = ("build", "tests", "e2e", "slow", "sanitize", "bench")
+STAGES = ("build", "tests", "e2e", "slow", "profile", "bench", "sanitize")
 
 
 def test_dry_run_lists_every_stage_and_packs_out(tmp_path):
@@ -30,10 +32,13 @@ def test_dry_run_lists_every_stage_and_packs_out(tmp_path):
     for name in STAGES:
         assert f"no GPU: {name} not run (dry run)" in log
     stages = (work / "stages.txt").read_text()
-    for name in ("collect_tests", "collect_sanitizer_cases", "plan_benchmarks", "e2e_arguments"):
+    for name in ("collect_tests", "collect_sanitizer_cases", "plan_benchmarks", "e2e_arguments",
+                 "plan_profile"):
         assert any(line.split()[:2] == [name, "ok"] for line in stages.splitlines()), stages
-    for plan in ("gather_rows: 22", "qk_topn: 24", "decode step: 9"):  # the benchmarks' plans
+    for plan in ("gather_rows: 22", "qk_topn: 24", "decode step: 9",  # the benchmarks' plans
+                 "profile_step, method torch, 3 step(s) of each variant: 1"):
         assert f"# {plan} configurations" in log
+    assert "--profile-from-start off --clock-control none" in log  # the ncu command, printed
     assert sorted(os.listdir(out)) == ["gpu_results.tar.gz", "run_gpu.log"]
     with tarfile.open(out / "gpu_results.tar.gz") as tar:
         names = tar.getnames()
@@ -84,3 +89,30 @@ def test_torch_gather_rows_is_a_copy():
     indices = torch.randint(0, 50, (2, 9, 7), dtype=torch.int32)
     assert torch.equal(baselines.torch_gather_rows(src, indices),
                        reference.gather_rows(src, indices))
+
+
+def test_decode_steps_split_into_their_parts():
+    """The op-level step is its qk_topn and its sparse_attn_v; the default layer step
+    (KCache.decode) is its host part, its low-bit tail and its hot rows, each called alone."""
+    B, Hq, Hkv, S, D = 2, 8, 2, 256, 64
+    sets = [(torch.randn(B, Hq, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D))
+            for _ in range(2)]
+    q, k, v = sets[0]
+    lens = torch.full((B,), S, dtype=torch.int32)
+    for group_select, tail in decode_steps.MODES:
+        step = decode_steps.OpStep(v, lens, 64, group_select, tail, torch.randn(B, Hkv, D))
+        selection = step.select(q, k)
+        assert torch.equal(step(q, k), step.attend(*selection))
+        heads = Hkv if group_select else Hq
+        assert decode_steps.host_row_bytes(selection[1], v, group_select) == B * heads * 64 * D * 4
+    layer = decode_steps.DefaultLayer(sets)
+    i, q, _, _ = layer.inputs[1]
+    out = layer.cache.decode(*layer.inputs[1])  # [B, Hq, D]
+    scores, indices, lse = layer.select(i, q)
+    assert indices.shape == (B, Hq, 64) and layer.qk_topn(i, q)[1].shape == (B, Hq, 128)
+    hot = layer.cache.hot[i].attend(q, layer.cache.k[i], layer.lens, lse)
+    parts = (layer.attend_host(i, scores, indices, lse) + hot.out
+             + layer.lowbit_tail(*layer.tail_args(i, q, indices, lse)))
+    torch.testing.assert_close(parts, out)
+    assert layer.device_bytes_beside_k() == decode_steps.default_layer_bytes(
+        B, Hq, Hkv, S, D, torch.float32) - k.nbytes

@@ -1,0 +1,140 @@
+"""The decode steps that bench/gpu_decode_attn.py times and bench/profile_step.py profiles, built
+on random data without a model, on any device the ops run on (tests/test_run_gpu.py runs them on
+the CPU at a small shape).
+
+* :class:`OpStep`: the op-level step, ``qk_topn`` + ``sparse_attn_v`` with N rows per head, in
+  one of :data:`MODES`, over V in host memory; its two halves can be called (and timed) alone.
+* :class:`DefaultLayer`: KCache layers with the library's default options (``KCacheOptions()``:
+  N = 64, the 2-bit tail, top_p 0.9, 4 sinks + 60 recent rows on the device), built through the
+  public API (``make_cache``, ``store_prompt``, ``finish_prefill``); its step is ``KCache.decode``,
+  the whole per-layer step of a model's decode, and its parts can be called alone.
+"""
+import torch
+
+import kcache_ops
+from kcache_ops.caches import KCacheOptions, make_cache, sequence_bytes
+from kcache_ops.model import LlamaConfig
+
+# (group_select, tail) of the op-level step, in run order
+MODES = ((False, "none"), (True, "none"), (True, "mean"))
+
+
+def layers_config(q, k, layers):
+    """The model config of a cache of ``layers`` layers for q [B, Hq, D], k [B, Hkv, S, D]
+    (heads and head dim from the shapes; the cache reads nothing else)."""
+    Hq, D = q.shape[1], q.shape[2]
+    return LlamaConfig(vocab_size=1, hidden_size=Hq * D, intermediate_size=1, num_layers=layers,
+                       num_heads=Hq, num_kv_heads=k.shape[1], head_dim=D)
+
+
+def default_layer_bytes(B, Hq, Hkv, S, D, dtype):
+    """Device bytes of one :class:`DefaultLayer` layer (K, the tail's low-bit copy, the hot rows)
+    for B sequences of S tokens, as the library counts them (``caches.sequence_bytes``)."""
+    config = layers_config(torch.empty(1, Hq, D), torch.empty(1, Hkv, 1, D), 1)
+    return B * sequence_bytes("kcache", config, KCacheOptions(), S, dtype)[0]
+
+
+def host_row_bytes(indices, v, group_select):
+    """Bytes of V a step reads from host memory for ``indices`` [B, Hq, N] int32 (-1 padding)
+    over v [B, Hkv, S, D]: every valid entry once per query head, or once per KV head with
+    group_select (the G heads of a group share one index row)."""
+    group = indices.shape[1] // v.shape[1] if group_select else 1
+    rows = int((indices >= 0).sum()) // group
+    return rows * v.shape[-1] * v.element_size()
+
+
+class OpStep:
+    """qk_topn + sparse_attn_v in one of :data:`MODES` over a fixed V.
+
+    v [B, Hkv, S, D] host V (pinned and mapped on CUDA), lens [B] int32 valid keys, n the rows per
+    head (per KV head with group_select), v_sum [B, Hkv, D] float32 the mean tail's row sums.
+    ``step(q, k)`` is ``step.attend(*step.select(q, k))``.
+    """
+
+    def __init__(self, v, lens, n, group_select, tail, v_sum=None):
+        self.v, self.lens, self.n = v, lens, n
+        self.group_select, self.tail, self.v_sum = group_select, tail, v_sum
+
+    def select(self, q, k):
+        """q [B, Hq, D], k [B, Hkv, S, D] -> scores [B, Hq, N] float32, indices [B, Hq, N]
+        int32, lse [B, Hq] float32 (qk_topn)."""
+        return kcache_ops.qk_topn(q, k, self.lens, self.n, None, self.group_select)
+
+    def attend(self, scores, indices, lse):
+        """The selected rows of host V -> out [B, Hq, D] (sparse_attn_v; the mean tail adds the
+        rest's mean)."""
+        if self.tail == "mean":
+            return kcache_ops.sparse_attn_v(scores, indices, self.v, lse, False,
+                                            v_sum=self.v_sum, seq_lens=self.lens)
+        return kcache_ops.sparse_attn_v(scores, indices, self.v, lse)
+
+    def __call__(self, q, k):
+        return self.attend(*self.select(q, k))
+
+
+class DefaultLayer:
+    """One KCache layer per input set, with the default options (``KCacheOptions()``).
+
+    sets: [(q [B, Hq, D], k [B, Hkv, S, D], v [B, Hkv, S, D])] on the cache's device. Layer i
+    stores set i's first S - 1 tokens as a prompt (K on the device, V handed off to host RAM, the
+    tail's low-bit copy and the hot rows kept on the device); :attr:`inputs` holds each layer's
+    step arguments (layer, q, new k [B, Hkv, D], new v [B, Hkv, D]). A step,
+    ``cache.decode(*inputs[i])``, stores the new token at position S - 1 and attends over all S
+    keys; ``seq_lens`` never advances, so every step is the same step. One step per layer runs
+    here, so position S - 1 holds its token before any part is called alone.
+    """
+
+    def __init__(self, sets):
+        q, k, _ = sets[0]
+        B, S = k.shape[0], k.shape[2]
+        self.cache = make_cache("kcache", layers_config(q, k, len(sets)), B, S, k.device,
+                                k.dtype, KCacheOptions())
+        prompt = torch.full((B,), S - 1, dtype=torch.int32, device=k.device)  # [B]
+        for layer, (_, k_set, v_set) in enumerate(sets):
+            self.cache.store_prompt(layer, k_set[:, :, :S - 1], v_set[:, :, :S - 1], prompt)
+        self.cache.finish_prefill(prompt)
+        self.inputs = [(layer, q, torch.randn_like(k[:, :, 0]), torch.randn_like(v[:, :, 0]))
+                       for layer, (q, k, v) in enumerate(sets)]
+        for args in self.inputs:
+            self.cache.decode(*args)
+
+    @property
+    def lens(self):
+        """[B] int32: the keys a step attends over (S)."""
+        return self.cache.lengths.attend_lens
+
+    def qk_topn(self, layer, q):
+        """The step's qk_topn alone: top N + sinks + window of q [B, Hq, D] over the layer's K
+        -> scores, indices [B, Hq, N + H], lse [B, Hq]."""
+        o = self.cache.options
+        return kcache_ops.qk_topn(q, self.cache.k[layer], self.lens, o.topn + o.hot_rows, None,
+                                  o.group_select, check_values=False)
+
+    def select(self, layer, q):
+        """The step's selection (qk_topn, the top N cold rows, the top_p prefix) -> scores,
+        indices [B, Hq, N] (-1 padding), lse [B, Hq]."""
+        return self.cache.select(q, self.cache.k[layer], self.lens)
+
+    def attend_host(self, layer, scores, indices, lse):
+        """The step's sparse_attn_v alone: the selected rows of the layer's host V with their
+        full-softmax weights -> [B, Hq, D]."""
+        return kcache_ops.sparse_attn_v(scores, indices, self.cache.v_host[layer], lse,
+                                        renormalize=False, check_values=False)
+
+    def tail_args(self, layer, q, indices, lse):
+        """The arguments of the step's lowbit_tail for a selection: (q, K, lens, lse, the rows
+        read [B, Hq, N + H] (the selection and the hot rows), codes, meta)."""
+        lens, k = self.lens, self.cache.k[layer]
+        hot = self.cache.hot[layer].attend(q, k, lens, lse)
+        tail = self.cache.tails[layer]
+        return (q, k, lens, lse, torch.cat([indices, hot.indices], -1), tail.codes, tail.meta)
+
+    @staticmethod
+    def lowbit_tail(q, k, lens, lse, read, codes, meta):
+        """The step's lowbit_tail alone (arguments from :meth:`tail_args`) -> [B, Hq, D] float32."""
+        return kcache_ops.lowbit_tail(q, k, lens, lse, read, codes, meta, check_values=False)
+
+    def device_bytes_beside_k(self):
+        """Device bytes one layer holds besides K: the tail's low-bit copy and the hot rows."""
+        c = self.cache
+        return (c.device_bytes() - sum(k.nbytes for k in c.k)) // len(c.k)
