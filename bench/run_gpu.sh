@@ -9,9 +9,11 @@
 # Stages run in the order given:
 #   build     python setup.py build_ext --inplace (MAX_JOBS=16), then a check that kcache_ops has
 #             its CUDA kernels
-#   tests     tests/test_cuda_*.py, then the op tests (test_qk_topn, test_sparse_attn_v,
-#             test_gather_rows, test_op_errors, test_alloc_host): one pytest per file under
-#             `timeout`, and a per-test time-out (--timeout, pytest-timeout is installed there)
+#   tests     tests/test_cuda_*.py but the CPU emulator's, then the op tests (test_qk_topn,
+#             test_sparse_attn_v; the default decode path's test_lowbit_tail, test_quantize_rows,
+#             test_decode_sync, test_hot_rows; test_gather_rows, test_op_errors, test_alloc_host):
+#             one pytest per file under `timeout`, and a per-test time-out (--timeout,
+#             pytest-timeout is installed there)
 #   e2e       python -m kcache_ops bench --device cuda on a grid that fits ($E2E_ARGS)
 #   slow      the rest of the suite (model tests, nested pytest runs), the CMake rebuild last
 #   profile   where the decode step's time goes, kernel by kernel (bench/profile_step.py, 32K x 8:
@@ -181,9 +183,11 @@ ensure_build() {  # ensure_build STAGE: build first where this machine has no CU
   return 1
 }
 
-CUDA_TESTS=$(ls tests/test_cuda_*.py)
-OP_TESTS=$(ls tests/test_qk_topn.py tests/test_sparse_attn_v.py tests/test_gather_rows.py \
-  tests/test_op_errors.py tests/test_alloc_host.py 2> /dev/null)
+# the CUDA test files (not the CPU emulator's), then the op tests, the default decode path's first
+CUDA_TESTS=$(ls tests/test_cuda_*.py | grep -v test_cuda_emu)
+OP_TESTS=$(ls tests/test_qk_topn.py tests/test_sparse_attn_v.py tests/test_lowbit_tail.py \
+  tests/test_quantize_rows.py tests/test_decode_sync.py tests/test_hot_rows.py \
+  tests/test_gather_rows.py tests/test_op_errors.py tests/test_alloc_host.py 2> /dev/null)
 # the rest of the suite, the CMake rebuild last
 SLOW_TESTS=$(ls tests/test_*.py | grep -vxF -e "$CUDA_TESTS" -e "$OP_TESTS" | grep -v cmake_build)
 TIMEOUT_ARGS=()  # per-test time-outs: PER_TEST for the CUDA and op tests, 5x that for the rest
