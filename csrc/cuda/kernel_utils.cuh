@@ -10,6 +10,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
 
 namespace kcache_ops {
@@ -72,6 +73,23 @@ struct Vec16<__nv_bfloat16> {
 
 // One 16-byte load (LDG.E.128); p must be 16-byte aligned.
 __device__ __forceinline__ uint4 load16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+
+// Starts an asynchronous 16-byte copy from global to shared memory (cp.async, bypassing L1) of
+// data read once, marked evict-first in L2 so that it does not push out data read again soon;
+// complete after __pipeline_commit and __pipeline_wait_prior. Both pointers 16-byte aligned.
+// Before sm_80 (and in the CPU emulator, tests/cuda_emu) a plain __pipeline_memcpy_async.
+__device__ __forceinline__ void copy16_async_evict_first(void* dst_shared, const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint64_t policy;  // no side effect: computed once per kernel
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(
+                   static_cast<unsigned>(__cvta_generic_to_shared(dst_shared))),
+               "l"(src), "l"(policy)
+               : "memory");
+#else
+  __pipeline_memcpy_async(dst_shared, src, 16);
+#endif
+}
 
 // Order-preserving map float -> uint32 (a < b  <=>  key(a) < key(b)); -0 is folded into +0 so that
 // equal scores tie (and tie to the lower index) as they do in torch.sort, and every NaN, whatever its

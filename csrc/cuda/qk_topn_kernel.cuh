@@ -30,8 +30,6 @@
 
 #include <cstdint>
 
-#include <cuda_pipeline_primitives.h>
-
 #include "kernel_utils.cuh"
 #include "qk_inputs.h"
 
@@ -100,7 +98,8 @@ union ScoreShared {
 // Starts the asynchronous copies of this thread's 16-byte pieces of kScoreUnroll K rows into its
 // slots of one stage: row u is key j0 + u · keys_per_load at krow + u · u_step. A key at or past
 // `end` is not copied: its slot keeps what it held (zeros, or a row of an earlier iteration), and
-// its score is computed but not used.
+// its score is computed but not used. K is read once per step: evict-first in L2, so that the
+// score scratch this pass writes stays there for the select (and the group mass) that read it.
 template <typename T>
 __device__ __forceinline__ void stage_key_rows(uint4 (&slots)[kScoreUnroll][kScoreThreads],
                                                const T* krow, int64_t u_step, int j0,
@@ -108,7 +107,7 @@ __device__ __forceinline__ void stage_key_rows(uint4 (&slots)[kScoreUnroll][kSco
 #pragma unroll
   for (int u = 0; u < kScoreUnroll; ++u) {
     if (j0 + u * keys_per_load < end)
-      __pipeline_memcpy_async(&slots[u][threadIdx.x], krow + u * u_step, 16);
+      copy16_async_evict_first(&slots[u][threadIdx.x], krow + u * u_step);
   }
 }
 
