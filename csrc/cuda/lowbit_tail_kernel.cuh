@@ -8,10 +8,12 @@
 //    key and head, from the heads' index rows; integer atomicOr, so the bits do not depend on the
 //    order; indices outside the chunk, and so outside [0, L_b), change nothing). Then each K row
 //    is read once with 16-byte loads, together with its code row and its (scale, min), and dotted
-//    with all the slice's query heads held in registers, as qk_scores_kernel does (the dots summed
-//    over the key's lanes by a butterfly, so every lane holds every head's score bit-identically).
-//    Each head that did not select the key weights the key's dequantized row by exp(s - lse) and
-//    adds it to its accumulators: a selected key is left out exactly, never added and subtracted.
+//    with all the slice's query heads held in registers, as qk_scores_kernel does: the dots of a
+//    few keys are reduce-scattered over the key's lanes so that each lane holds one (key, head)
+//    score, the same bits as qk_topn's, and computes that pair's weight (one bitmap test and one
+//    exp); the key's lanes then take its heads' weights by shuffles. Each head that did not
+//    select the key weights the key's dequantized row by exp(s - lse) and adds it to its
+//    accumulators: a selected key is left out exactly, never added and subtracted.
 //    The lanes and warps are summed in a fixed order into the chunk's partial [gs, D].
 // 2. lowbit_tail_reduce_kernel — sums each head's chunk partials in chunk order into out. With a
 //    single chunk the launcher skips it: kernel 1 writes out itself.
@@ -75,7 +77,13 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   constexpr int kKeysPerLoad = 32 / kLanesPerKey;
   constexpr int kWarps = kTailThreads / 32;
   constexpr int kWords = kTailMaxChunk / 32;
+  // Keys (of this lane's kTailUnroll) whose dots are reduced together: at most one (key, head)
+  // value per lane, as in qk_scores_kernel.
+  constexpr int kJoint = kLanesPerKey / GS < kTailUnroll ? kLanesPerKey / GS : kTailUnroll;
+  constexpr int kValues = kJoint * GS;          // [kJoint, GS] dots per reduction
+  constexpr int kDup = kLanesPerKey / kValues;  // lanes of a key ending with the same value
   static_assert(D % kVec == 0 && 32 % kLanesPerKey == 0, "unsupported head dim");
+  static_assert(kTailUnroll % kJoint == 0, "whole groups of keys");
 
   __shared__ uint32_t selected[GS][kWords];  // bit (j - chunk_begin): head h selected key j
   __shared__ float partial[kWarps][GS][D];   // each warp's sums
@@ -89,6 +97,10 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   const int warp = threadIdx.x / 32;
   const int sub = lane % kLanesPerKey;  // which 16-byte piece of the row this lane reads
   const int kslot = lane / kLanesPerKey;
+  const int key_lane0 = lane - sub;     // the first lane of this lane's key
+  const int my_value = sub / kDup;      // the (key, head) whose weight this lane computes
+  const int my_head = my_value % GS;
+  const int my_joint = my_value / GS;   // which key of a group: u = g · kJoint + my_joint
 
   // The selection bitmap of the chunk.
   for (int t = threadIdx.x; t < GS * words; t += kTailThreads) selected[t / words][t % words] = 0u;
@@ -106,9 +118,8 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   float qf[GS][kVec];
   load_q_slice<T, GS, kVec>(qf, static_cast<const T*>(p.in.q) + b * p.in.q_sb, p.in.q_sh, h0, gs,
                             sub);
-  float lse[GS];
-#pragma unroll
-  for (int h = 0; h < GS; ++h) lse[h] = h < gs ? p.lse[b * p.lse_sb + (h0 + h) * p.lse_sh] : 0.0f;
+  const bool has_head = my_head < gs;
+  const float my_lse = has_head ? p.lse[b * p.lse_sb + (h0 + my_head) * p.lse_sh] : 0.0f;
   float acc[GS][kVec];
 #pragma unroll
   for (int h = 0; h < GS; ++h) {
@@ -144,27 +155,35 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
       meta[u] = in ? mrow[u * kKeysPerLoad * p.m_ss] : 0u;
     }
 #pragma unroll
-    for (int u = 0; u < kTailUnroll; ++u) {
-      const int j = base + first_key + u * kKeysPerLoad;
-      float kf[kVec];
-      Vec16<T>::to_float(raw[u], kf);
-      float dot[GS];
-      dot_heads<GS, kVec>(qf, kf, dot);
+    for (int g = 0; g < kTailUnroll / kJoint; ++g) {
+      // The dots of the group's kJoint keys, reduce-scattered over each key's lanes: this lane
+      // ends with the score of (key my_joint, head my_head), exactly as qk_topn computes it, and
+      // computes that pair's weight alone.
+      float dot[kValues];  // [kJoint, GS]
 #pragma unroll
-      for (int off = kLanesPerKey / 2; off > 0; off >>= 1) {
-#pragma unroll
-        for (int h = 0; h < GS; ++h) dot[h] += __shfl_xor_sync(kFullMask, dot[h], off);
+      for (int t = 0; t < kJoint; ++t) {
+        float kf[kVec];
+        Vec16<T>::to_float(raw[g * kJoint + t], kf);
+        dot_heads<GS, kVec>(qf, kf, dot + t * GS);
       }
-      if (j < chunk_end) {
-        const int bit = j - chunk_begin;
-        float w[GS];
+      const float s = reduce_scatter<kValues, kLanesPerKey>(dot, sub) * p.scale;
+      const int my_j = base + first_key + (g * kJoint + my_joint) * kKeysPerLoad;
+      float my_w = 0.0f;  // exp(s - lse), 0 where the head selected the key or it is not valid
+      if (has_head && my_j < chunk_end) {
+        const int bit = my_j - chunk_begin;
+        if (((selected[my_head][bit / 32] >> (bit % 32)) & 1u) == 0u) {
+          const float e = exp2f((s - my_lse) * kLog2e);
+          my_w = e > 0.0f ? fminf(e, FLT_MAX) : 0.0f;  // NaN -> 0
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < kJoint; ++t) {
+        const int u = g * kJoint + t;
+        float w[GS];  // each head's weight of key u, from the lanes that computed them
         bool any = false;
 #pragma unroll
         for (int h = 0; h < GS; ++h) {
-          const bool skip = h >= gs || ((selected[h][bit / 32] >> (bit % 32)) & 1u) != 0u;
-          // exp(s - lse) with s = scale · q·k as qk_topn computes it
-          const float e = skip ? 0.0f : exp2f((dot[h] * p.scale - lse[h]) * kLog2e);
-          w[h] = e > 0.0f ? fminf(e, FLT_MAX) : 0.0f;  // NaN -> 0
+          w[h] = __shfl_sync(kFullMask, my_w, key_lane0 + (t * GS + h) * kDup);
           any = any || w[h] != 0.0f;
         }
         if (any) {

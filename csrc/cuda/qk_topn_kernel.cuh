@@ -59,34 +59,6 @@ constexpr int score_keys_per_iter() {
   return (kScoreThreads / 32) * (32 / (D / Vec16<T>::kElems)) * kScoreUnroll;
 }
 
-// kValues partial dots v (of several keys and heads) whose lanes are the kLanes lanes that share a
-// key, summed over those lanes and scattered over them: at each butterfly step a lane keeps half of
-// its values (the upper lane of a pair the upper half) and adds its partner's copy of them, so lane
-// `sub` ends with the full sum of value sub / (kLanes / kValues) in v[0]. kValues - 1 +
-// log2(kLanes / kValues) shuffles instead of kValues · log2(kLanes). Every lane of the warp must
-// call it.
-template <int kValues, int kLanes>
-__device__ __forceinline__ float reduce_scatter(float (&v)[kValues], int sub) {
-  static_assert(kValues <= kLanes && (kValues & (kValues - 1)) == 0, "one value per lane");
-  constexpr int kSteps = kLanes >= 32 ? 5 : kLanes >= 16 ? 4 : kLanes >= 8 ? 3 : 2;  // log2
-#pragma unroll
-  for (int step = 0; step < kSteps; ++step) {
-    const int off = kLanes >> (step + 1);
-    const bool upper = (sub & off) != 0;
-#pragma unroll
-    for (int i = 0; i < kValues / 2; ++i) {
-      const int half = (kValues >> step) / 2;  // values kept after this step (0: only v[0] is left)
-      if (i < half) {
-        const float send = upper ? v[i] : v[i + half];
-        const float keep = upper ? v[i + half] : v[i];
-        v[i] = keep + __shfl_xor_sync(kFullMask, send, off);
-      }
-    }
-    if ((kValues >> step) / 2 == 0) v[0] += __shfl_xor_sync(kFullMask, v[0], off);
-  }
-  return v[0];
-}
-
 // Shared memory of a score block: the K stages, then (after the key loop) the warps' (max, sumexp)
 // per head. 48 KiB, the static limit: 2 blocks per SM use 98 of its 228 KiB.
 template <int GS>
