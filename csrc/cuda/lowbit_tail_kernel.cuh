@@ -31,7 +31,8 @@
 namespace kcache_ops {
 
 constexpr int kTailThreads = 128;      // 4 warps
-constexpr int kTailUnroll = 4;         // keys in flight per thread (16-byte K loads, codes, meta)
+constexpr int kTailUnroll = 4;         // keys per thread per iteration (16-byte K pieces, codes, meta)
+constexpr int kTailStages = 3;         // iterations staged in shared memory (2 in flight)
 constexpr int kTailBlocksPerSm = 3;    // launch bounds: registers for 3 blocks (12 warps) per SM
 constexpr int kTailMaxChunk = 4096;    // keys per block at most: the bitmap is GS · 512 bytes
 constexpr int kTailChunkStep = 256;    // chunks are multiples of it (and of every keys-per-iter)
@@ -58,14 +59,40 @@ constexpr int tail_keys_per_iter() {
   return (kTailThreads / 32) * (32 / (D / Vec16<T>::kElems)) * kTailUnroll;
 }
 
-// This lane's kVec codes of a row (bits · kVec bits from `c`, code e at bit e · bits), as one word.
-template <int kVec>
-__device__ __forceinline__ uint32_t load_codes(const uint8_t* c, int bits) {
-  if (kVec == 8) {
-    return bits == 4 ? *reinterpret_cast<const uint32_t*>(c)
-                     : uint32_t{*reinterpret_cast<const uint16_t*>(c)};
+// The staged rows of a block: per stage, thread and row u of its iteration, its 16-byte piece of
+// the K row, the aligned 4-byte word of the code row that holds its codes, and the row's
+// (scale, min) word. Each thread copies and reads back only its own slots.
+struct TailStage {
+  uint4 k[kTailStages][kTailUnroll][kTailThreads];
+  uint32_t code[kTailStages][kTailUnroll][kTailThreads];
+  uint32_t meta[kTailStages][kTailUnroll][kTailThreads];
+};
+
+// Shared memory of a tail block: the stages during the key loop, the warps' sums after it.
+template <int GS, int D>
+union TailShared {
+  TailStage stage;
+  float partial[kTailThreads / 32][GS][D];  // [warp, head, D]
+};
+
+// Starts the asynchronous copies of this thread's pieces of kTailUnroll rows into one stage: row
+// u is key j0 + u · keys_per_load, its K piece at krow + u · k_step, its code word at crow +
+// u · c_step bytes, its meta word at mrow + u · m_step. A key at or past `end` is not copied (its
+// slots keep older rows; the loop gives it no weight).
+template <typename T>
+__device__ __forceinline__ void stage_tail_rows(TailStage& st, int slot, const T* krow,
+                                                int64_t k_step, const uint8_t* crow,
+                                                int64_t c_step, const uint32_t* mrow,
+                                                int64_t m_step, int j0, int keys_per_load,
+                                                int end) {
+#pragma unroll
+  for (int u = 0; u < kTailUnroll; ++u) {
+    if (j0 + u * keys_per_load < end) {
+      copy16_async_evict_first(&st.k[slot][u][threadIdx.x], krow + u * k_step);
+      __pipeline_memcpy_async(&st.code[slot][u][threadIdx.x], crow + u * c_step, 4);
+      __pipeline_memcpy_async(&st.meta[slot][u][threadIdx.x], mrow + u * m_step, 4);
+    }
   }
-  return bits == 4 ? uint32_t{*reinterpret_cast<const uint16_t*>(c)} : uint32_t{*c};
 }
 
 // grid (num_chunks, Hkv * slices, B), block kTailThreads, kTailBlocksPerSm blocks per SM.
@@ -86,7 +113,7 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   static_assert(kTailUnroll % kJoint == 0, "whole groups of keys");
 
   __shared__ uint32_t selected[GS][kWords];  // bit (j - chunk_begin): head h selected key j
-  __shared__ float partial[kWarps][GS][D];   // each warp's sums
+  __shared__ TailShared<GS, D> sh;
 
   // sequence, KV head, first query head and query heads of this block, its keys
   const auto [b, kvh, h0, gs, chunk_begin, chunk_end] = chunk_block<GS>(
@@ -129,7 +156,11 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   __syncthreads();  // the bitmap is complete
 
   const T* kb = static_cast<const T*>(p.in.k) + b * p.in.k_sb + kvh * p.in.k_sh + sub * kVec;
-  const uint8_t* cb = p.codes + b * p.c_sb + kvh * p.c_sh + sub * kVec * p.bits / 8;
+  // this lane's codes: bits · kVec bits from byte sub · kVec · bits / 8 of a code row, inside the
+  // aligned 4-byte word at code_byte & ~3 (code rows are 16-byte aligned)
+  const int code_byte = sub * kVec * p.bits / 8;
+  const int code_shift = (code_byte & 3) * 8;
+  const uint8_t* cb = p.codes + b * p.c_sb + kvh * p.c_sh + (code_byte & ~3);
   const uint32_t* mb = p.meta + b * p.m_sb + kvh * p.m_sh;
   const uint32_t code_mask = (1u << p.bits) - 1u;
   constexpr int kKeysPerIter = tail_keys_per_iter<T, D>();
@@ -138,22 +169,53 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   // per load.
   const int first_key = warp * kTailUnroll * kKeysPerLoad + kslot;
   const int64_t row0 = chunk_begin + first_key;
+  const int64_t k_step = kKeysPerLoad * p.in.k_ss, c_step = kKeysPerLoad * p.c_ss,
+                m_step = kKeysPerLoad * p.m_ss;  // from row u to row u + 1
+  // the next iteration to stage: this lane's rows of u = 0
   const T* krow = kb + row0 * p.in.k_ss;
   const uint8_t* crow = cb + row0 * p.c_ss;
   const uint32_t* mrow = mb + row0 * p.m_ss;
+  // K, code and meta rows staged through shared memory by asynchronous copies, kTailStages - 1
+  // iterations ahead of the one being weighted (as qk_scores_kernel stages K); each thread reads
+  // back only its own slots. Slots never copied hold zeros.
+#pragma unroll
+  for (int st = 0; st < kTailStages; ++st) {
+#pragma unroll
+    for (int u = 0; u < kTailUnroll; ++u) {
+      sh.stage.k[st][u][threadIdx.x] = make_uint4(0, 0, 0, 0);
+      sh.stage.code[st][u][threadIdx.x] = 0u;
+      sh.stage.meta[st][u][threadIdx.x] = 0u;
+    }
+  }
+  for (int st = 0; st < kTailStages - 1; ++st, krow += kKeysPerIter * p.in.k_ss,
+           crow += kKeysPerIter * p.c_ss, mrow += kKeysPerIter * p.m_ss) {
+    const int ahead = chunk_begin + st * kKeysPerIter;
+    if (ahead < chunk_end)
+      stage_tail_rows(sh.stage, st, krow, k_step, crow, c_step, mrow, m_step, ahead + first_key,
+                      kKeysPerLoad, chunk_end);
+    __pipeline_commit();  // an empty group past the chunk keeps the wait counts uniform
+  }
+  int slot = 0;  // the stage this iteration weights
   // Block-uniform loop: every lane takes part in every shuffle.
   for (int base = chunk_begin; base < chunk_end; base += kKeysPerIter,
            krow += kKeysPerIter * p.in.k_ss, crow += kKeysPerIter * p.c_ss,
            mrow += kKeysPerIter * p.m_ss) {
+    const int ahead = base + (kTailStages - 1) * kKeysPerIter;
+    const int fill = slot == 0 ? kTailStages - 1 : slot - 1;  // weighted in the last iteration
+    if (ahead < chunk_end)
+      stage_tail_rows(sh.stage, fill, krow, k_step, crow, c_step, mrow, m_step, ahead + first_key,
+                      kKeysPerLoad, chunk_end);
+    __pipeline_commit();
+    __pipeline_wait_prior(kTailStages - 1);  // this iteration's rows have landed
     uint4 raw[kTailUnroll];
     uint32_t code[kTailUnroll], meta[kTailUnroll];
 #pragma unroll
     for (int u = 0; u < kTailUnroll; ++u) {
-      const bool in = base + first_key + u * kKeysPerLoad < chunk_end;
-      raw[u] = in ? load16(krow + u * kKeysPerLoad * p.in.k_ss) : make_uint4(0, 0, 0, 0);
-      code[u] = in ? load_codes<kVec>(crow + u * kKeysPerLoad * p.c_ss, p.bits) : 0u;
-      meta[u] = in ? mrow[u * kKeysPerLoad * p.m_ss] : 0u;
+      raw[u] = sh.stage.k[slot][u][threadIdx.x];
+      code[u] = sh.stage.code[slot][u][threadIdx.x] >> code_shift;
+      meta[u] = sh.stage.meta[slot][u][threadIdx.x];
     }
+    slot = slot == kTailStages - 1 ? 0 : slot + 1;
 #pragma unroll
     for (int g = 0; g < kTailUnroll / kJoint; ++g) {
       // The dots of the group's kJoint keys, reduce-scattered over each key's lanes: this lane
@@ -203,6 +265,9 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
     }
   }
 
+  __pipeline_wait_prior(0);
+  __syncthreads();  // every warp is done with the stages before they hold the warps' sums
+
   // Sum the key slots of each warp (lanes with the same `sub`), then the warps in order.
 #pragma unroll
   for (int h = 0; h < GS; ++h) {
@@ -217,15 +282,15 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
 #pragma unroll
     for (int h = 0; h < GS; ++h) {
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) partial[warp][h][sub * kVec + e] = acc[h][e];
+      for (int e = 0; e < kVec; ++e) sh.partial[warp][h][sub * kVec + e] = acc[h][e];
     }
   }
   __syncthreads();
   // head h of this block: [D] at out + h * num_chunks * D
   float* out = p.partials + ((static_cast<int64_t>(b) * p.hq + h0) * p.num_chunks + blockIdx.x) * D;
   for (int t = threadIdx.x; t < gs * D; t += kTailThreads) {
-    float sum = partial[0][t / D][t % D];
-    for (int w = 1; w < kWarps; ++w) sum += partial[w][t / D][t % D];
+    float sum = sh.partial[0][t / D][t % D];
+    for (int w = 1; w < kWarps; ++w) sum += sh.partial[w][t / D][t % D];
     out[static_cast<int64_t>(t / D) * p.num_chunks * D + t % D] = sum;
   }
 }
