@@ -247,4 +247,22 @@ __device__ __forceinline__ void dot_heads(const float (&qf)[GS][kVec],  // [GS, 
   }
 }
 
+// The score of this lane's (key, head) pair among kJoint keys and GS query heads: raw [kJoint]
+// are this lane's 16-byte pieces of the keys' rows, qf its pieces of the heads; the kJoint · GS
+// dots are reduce-scattered over the kLanes lanes of a key (reduce_scatter), times scale. Every
+// lane of the warp must call it.
+template <typename T, int GS, int kJoint, int kLanes>
+__device__ __forceinline__ float joint_score(const float (&qf)[GS][Vec16<T>::kElems],
+                                             const uint4* raw, int sub, float scale) {
+  constexpr int kVec = Vec16<T>::kElems;
+  float dot[kJoint * GS];  // [kJoint, GS]
+#pragma unroll
+  for (int t = 0; t < kJoint; ++t) {
+    float kf[kVec];
+    Vec16<T>::to_float(raw[t], kf);
+    dot_heads<GS, kVec>(qf, kf, dot + t * GS);
+  }
+  return reduce_scatter<kJoint * GS, kLanes>(dot, sub) * scale;
+}
+
 }  // namespace kcache_ops

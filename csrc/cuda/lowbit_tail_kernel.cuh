@@ -221,14 +221,7 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
       // The dots of the group's kJoint keys, reduce-scattered over each key's lanes: this lane
       // ends with the score of (key my_joint, head my_head), exactly as qk_topn computes it, and
       // computes that pair's weight alone.
-      float dot[kValues];  // [kJoint, GS]
-#pragma unroll
-      for (int t = 0; t < kJoint; ++t) {
-        float kf[kVec];
-        Vec16<T>::to_float(raw[g * kJoint + t], kf);
-        dot_heads<GS, kVec>(qf, kf, dot + t * GS);
-      }
-      const float s = reduce_scatter<kValues, kLanesPerKey>(dot, sub) * p.scale;
+      const float s = joint_score<T, GS, kJoint, kLanesPerKey>(qf, raw + g * kJoint, sub, p.scale);
       const int my_j = base + first_key + (g * kJoint + my_joint) * kKeysPerLoad;
       float my_w = 0.0f;  // exp(s - lse), 0 where the head selected the key or it is not valid
       if (has_head && my_j < chunk_end) {

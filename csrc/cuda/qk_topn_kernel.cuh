@@ -163,14 +163,7 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
     for (int u = 0; u < kScoreUnroll; ++u) raw[u] = sh.stage[slot][u][threadIdx.x];
 #pragma unroll
     for (int g = 0; g < kScoreUnroll / kJoint; ++g) {
-      float dot[kValues];  // [kJoint, GS]
-#pragma unroll
-      for (int t = 0; t < kJoint; ++t) {
-        float kf[kVec];
-        Vec16<T>::to_float(raw[g * kJoint + t], kf);
-        dot_heads<GS, kVec>(qf, kf, dot + t * GS);
-      }
-      const float s = reduce_scatter<kValues, kLanesPerKey>(dot, sub) * p.scale;
+      const float s = joint_score<T, GS, kJoint, kLanesPerKey>(qf, raw + g * kJoint, sub, p.scale);
       const int j = base + first_key + (g * kJoint + my_joint) * kKeysPerLoad;
       if (has_head && j < chunk_end) {
         if (writer) my_scores[j] = s;

@@ -133,7 +133,7 @@ def cases():
         ("qk_topn n=600 (sort over 1024)", topn(1, 1, 2, 1500, 64, 600, [1500], False)),
         ("qk_topn L > 2048 (two collect tiles)", topn(1, 1, 2, 2600, 64, 20, [2600], False,
                                                       sms=4)),
-        ("qk_topn split select, ties", topn(1, 1, 2, 9000, 64, 60, [9000], False, sms=8,
+        ("qk_topn split select, ties", topn(1, 1, 2, 16400, 64, 60, [16400], False, sms=8,
                                             ties=True)),
         ("sparse_attn_v renormalize", attn(2, 2, 3, 200, 64, 70, True, False)),
         ("sparse_attn_v lse, group rows", attn(2, 1, 4, 200, 128, 40, False, True)),
