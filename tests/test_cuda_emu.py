@@ -579,6 +579,16 @@ def test_asan_qk_topn(asan_exe, group_select):
                TOL[torch.float16])
 
 
+def test_asan_qk_topn_split_select(asan_exe):
+    """The split select (two blocks per row for the radix passes and the collect) on a row that
+    ends inside its last K stage: every workspace and scratch access in bounds."""
+    B, Hkv, G, S, D, n = 1, 1, 2, 8299, 64, 50
+    q, k = make_qk(B, Hkv * G, Hkv, S, D, torch.float32, "cpu")
+    lens = seq_lens_tensor([S], "cpu")
+    out = run_qk_topn(asan_exe, q, k, lens, n, 1 / 8, True, sms=4, seeds=(1,))
+    check_topn(q, k, lens, n, 1 / 8, True, out, TOL[torch.float32])
+
+
 def test_asan_sparse_attn_v_and_gather_rows(asan_exe):
     """The last row of V and of src is read (an overrun would leave the buffer)."""
     B, Hkv, G, S, D, N = 2, 2, 3, 80, 128, 20
