@@ -1,9 +1,10 @@
-// qk_topn on the GPU: a score kernel, a select kernel, and when the work is short of blocks a
-// group-mass kernel (group mode) and split radix passes (bytes and design: bench/NOTES.md).
+// qk_topn on the GPU: a score kernel, a select kernel, a group-mass kernel in group mode, and when
+// the ranked rows are few a split select (bytes and design: bench/NOTES.md).
 //
 // 1. qk_scores_kernel — one block per (chunk of keys, KV head, slice of <= GS query heads of its
-//    group, sequence), the chunks sized to whole waves of 2 blocks per SM. Each K row is read once
-//    with 16-byte loads and dotted with all the slice's query heads held in registers; the dots are
+//    group, sequence), the chunks sized to whole waves of 2 blocks per SM. Each K row is read once,
+//    by 16-byte asynchronous copies into shared memory two iterations ahead of its use (evict-first
+//    in L2), and dotted with all the slice's query heads held in registers; the dots are
 //    reduce-scattered over the row's lanes so that each lane ends with one head's score and updates
 //    that head's running (max, sumexp) with one exp2. It writes the float32 scores s[b, h, j]
 //    (j < L_b) to a scratch buffer (G·4 bytes per key against D·sizeof(T) bytes of K: 6% for
@@ -132,7 +133,6 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
   const int first_key = warp * kScoreUnroll * kKeysPerLoad + kslot;
   const int64_t u_step = kKeysPerLoad * p.in.k_ss;  // elements from the row of u to that of u + 1
   const int64_t iter_step = kKeysPerIter * p.in.k_ss;  // from one iteration to the next
-  const T* krow = kb + static_cast<int64_t>(chunk_begin + first_key) * p.in.k_ss;
   // K rows staged through shared memory by asynchronous copies (cp.async), kScoreStages - 1
   // iterations ahead of the one being scored, so 2 · kScoreUnroll 16-byte loads per thread stay in
   // flight while it computes, in shared memory rather than registers. Each thread copies its own
@@ -143,7 +143,8 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
 #pragma unroll
     for (int u = 0; u < kScoreUnroll; ++u) sh.stage[st][u][threadIdx.x] = make_uint4(0, 0, 0, 0);
   }
-  const T* kstage = krow;  // this lane's piece of the first row of the next iteration to stage
+  // this lane's piece of the first row of the next iteration to stage
+  const T* kstage = kb + static_cast<int64_t>(chunk_begin + first_key) * p.in.k_ss;
   for (int st = 0; st < kScoreStages - 1; ++st, kstage += iter_step) {
     const int ahead = chunk_begin + st * kKeysPerIter;
     if (ahead < chunk_end)
