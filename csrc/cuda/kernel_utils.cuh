@@ -92,6 +92,20 @@ __device__ __forceinline__ void copy16_async_evict_first(void* dst_shared, const
 #endif
 }
 
+// Stores a float that is read again soon (by the next kernel), marked evict-last in L2, so that
+// data streamed through L2 meanwhile (marked evict-first) does not push it out. Before sm_80 (and
+// in the CPU emulator) a plain store.
+__device__ __forceinline__ void store_evict_last(float* p, float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint64_t policy;  // no side effect: computed once per kernel
+  asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+  asm volatile("st.global.L2::cache_hint.f32 [%0], %1, %2;" ::"l"(p), "f"(v), "l"(policy)
+               : "memory");
+#else
+  *p = v;
+#endif
+}
+
 // Order-preserving map float -> uint32 (a < b  <=>  key(a) < key(b)); -0 is folded into +0 so that
 // equal scores tie (and tie to the lower index) as they do in torch.sort, and every NaN, whatever its
 // sign, maps to the largest key, above +inf: torch.sort ranks NaN first in descending order.

@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
       const float s = joint_score<T, GS, kJoint, kLanesPerKey>(qf, raw + g * kJoint, sub, p.scale);
       const int j = base + first_key + (g * kJoint + my_joint) * kKeysPerLoad;
       if (has_head && j < chunk_end) {
-        if (writer) my_scores[j] = s;
+        if (writer) store_evict_last(my_scores + j, s);  // read next by the mass / the select
         maxsum_add(run, s);
       }
     }
