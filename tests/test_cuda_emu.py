@@ -23,7 +23,7 @@ from test_lowbit_tail import check_tail as check_lowbit_tail
 from test_lowbit_tail import make_case as make_lowbit_case
 from test_qk_topn import check_topn, make_qk
 from test_quantize_rows import make_rows
-from test_sparse_attn_v import check_attn, make_selection, make_tail_case
+from test_sparse_attn_v import check_attn, make_selection, make_tail_case, overlapping_indices
 from test_sparse_attn_v import check_tail as check_mean_tail
 
 import kcache_ops
@@ -323,6 +323,89 @@ def test_sparse_attn_v_n_1024(race_exe):
     check_attn(scores, indices, v, lse, True, out, TOL[torch.float32])
 
 
+# The most entries (gs · N) of a per-head slice whose distinct rows are read once.
+UNION_CAP = int(re.search(r"kAttnUnionCap = (\d+);",
+                          (emu.KERNEL_DIR / "sparse_attn_v_kernel.cuh").read_text()).group(1))
+
+
+@pytest.mark.parametrize("dtype,D,G,kind,renormalize", [
+    (torch.bfloat16, 128, 3, "half", True),
+    (torch.float32, 64, 3, "same", False),
+    (torch.float32, 128, 8, "half", False),
+    (torch.bfloat16, 64, 8, "same", True),
+    (torch.float16, 128, 12, "half", True),
+], ids=lambda v: str(v).removeprefix("torch."))
+def test_sparse_attn_v_heads_sharing_rows(race_exe, dtype, D, G, kind, renormalize):
+    """Per-head selections overlapping within a group: half of each head's rows common to its
+    group, or all the same rows in another order per head (not group_select's shared row); each
+    distinct row is read once for the heads that chose it. G = 12: slices of 8 and 4 heads."""
+    B, Hkv, S, N = 2, 2, 300, 64
+    scores, _, lse = make_selection(B, Hkv * G, N, S, "cpu")
+    indices = overlapping_indices(B, Hkv, G, N, S, kind, "cpu")
+    v = torch.randn(B, Hkv, S, D).to(dtype)
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, renormalize)
+    check_attn(scores, indices, v, lse, renormalize, out, TOL[dtype])
+
+
+@pytest.mark.parametrize("G", [3, 8])
+def test_sparse_attn_v_shared_rows_with_duplicates_and_padding(race_exe, G):
+    """Overlapping heads whose rows also hold padding, indices >= S or < -1, rows repeated within
+    a head (their weights add up) and, in sequence 1, a head with no valid entry (zeros)."""
+    B, Hkv, S, N, D = 2, 2, 120, 24, 128
+    scores, _, lse = make_selection(B, Hkv * G, N, S, "cpu")
+    indices = overlapping_indices(B, Hkv, G, N, S, "half", "cpu")
+    indices[torch.rand(indices.shape) < 0.15] = -1
+    indices[torch.rand(indices.shape) < 0.1] = S + 3
+    indices[0, 0, :3] = torch.tensor([-5, S, 1 << 30], dtype=torch.int32)
+    indices[:, :, 5] = indices[:, :, 4]  # a repeated row in every head
+    indices[0, 1, 8:12] = indices[0, 1, 7]
+    indices[1, G + 1] = -1
+    v = torch.randn(B, Hkv, S, D).to(torch.float16)
+    cleaned = indices.masked_fill((indices < 0) | (indices >= S), -1)
+    for renormalize in (True, False):
+        out = run_sparse_attn_v(race_exe, scores, indices, v, lse, renormalize)
+        check_attn(scores, cleaned, v, lse, renormalize, out, TOL[torch.float16])
+        if renormalize:
+            assert torch.equal(out[1, G + 1], torch.zeros(D, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])
+@pytest.mark.parametrize("G", [3, 8])
+def test_sparse_attn_v_rows_of_other_heads_are_not_touched(race_exe, G, renormalize):
+    """A NaN row chosen by head 0 alone and an inf row chosen by head 1 alone, among rows the
+    heads of the group share: heads 0 and 1 get the reference's NaN and inf, every other head
+    stays finite and equal to the reference (a row is never multiplied by the 0 weight of a head
+    that did not choose it)."""
+    B, Hkv, S, N, D = 1, 2, 200, 16, 64
+    scores, _, lse = make_selection(B, Hkv * G, N, S, "cpu", pad_fraction=0.0)
+    indices = overlapping_indices(B, Hkv, G, N, S - 2, "half", "cpu")  # rows < S - 2
+    indices[0, 0, 0], indices[0, 1, 3] = S - 2, S - 1
+    v = torch.randn(B, Hkv, S, D)
+    v[0, 0, S - 2], v[0, 0, S - 1] = float("nan"), float("inf")
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, renormalize)
+    ref = R.sparse_attn_v(scores, indices, v, lse, renormalize)  # [B, Hq, D]
+    assert out[0, 0].isnan().all() and out[0, 1].isposinf().all()
+    assert out[0, 2:].isfinite().all()
+    torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=TOL[torch.float32],
+                               equal_nan=True)
+
+
+@pytest.mark.parametrize("G,N", [(8, UNION_CAP // 8), (8, UNION_CAP // 8 + 1),
+                                 (3, UNION_CAP // 3), (3, UNION_CAP // 3 + 1)],
+                         ids=["G8_at_cap", "G8_above", "G3_at_cap", "G3_above"])
+def test_sparse_attn_v_row_union_cap(race_exe, G, N):
+    """gs · N at the row union's cap (2048 entries for G = 8; 2046, sorted as 2048, for G = 3)
+    and one entry per head above it (each head's rows read on their own)."""
+    B, Hkv, S = 1, 1, 3000
+    dtype, D = (torch.bfloat16, 128) if G == 8 else (torch.float32, 64)
+    scores, _, lse = make_selection(B, Hkv * G, N, S, "cpu")
+    indices = overlapping_indices(B, Hkv, G, N, S, "half", "cpu")
+    indices[torch.rand(indices.shape) < 0.1] = -1
+    v = torch.randn(B, Hkv, S, D).to(dtype)
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, G == 8)
+    check_attn(scores, indices, v, lse, G == 8, out, TOL[dtype])
+
+
 @settings(max_examples=6, deadline=None)
 @given(B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 5, 8]),
        S=st.integers(1, 300), N=st.integers(1, 200), D=st.sampled_from([64, 128]),
@@ -384,6 +467,22 @@ def test_mean_tail_group_rows(race_exe):
     out = run_sparse_attn_v(race_exe, scores, indices, v, lse, False, v_sum=v_sum,
                             seq_lens=seq_lens)
     check_mean_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype,D,G,kind", [
+    (torch.bfloat16, 128, 3, "half"), (torch.float32, 64, 8, "same"),
+], ids=lambda v: str(v).removeprefix("torch."))
+def test_mean_tail_heads_sharing_rows(race_exe, dtype, D, G, kind):
+    """The mean tail with per-head rows overlapping within a group (each distinct row read once,
+    weighted p_i - c_h for each head that chose it), with padding; L_b > N and L_b < S."""
+    B, Hkv, S, N = 2, 2, 300, 40
+    lens = [300, 150]
+    scores, _, lse, v, v_sum, seq_lens = make_tail_case(B, Hkv, G, N, S, lens, dtype, "cpu", D=D)
+    indices = overlapping_indices(B, Hkv, G, N, S, kind, "cpu", lens=lens)
+    indices[torch.rand(indices.shape) < 0.2] = -1
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, False, v_sum=v_sum,
+                            seq_lens=seq_lens)
+    check_mean_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[dtype])
 
 
 def test_mean_tail_out_of_range_lengths_and_indices(race_exe):
@@ -612,6 +711,20 @@ def test_asan_sparse_attn_v_mean_tail(asan_exe):
                             v_sum=torch.stack([v_sum, v_sum], 1)[:, 1],
                             seq_lens=seq_lens.repeat_interleave(2)[1::2])
     check_mean_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[torch.bfloat16])
+
+
+def test_asan_sparse_attn_v_row_union(asan_exe):
+    """The row union at its cap under ASan + UBSan (2048 keys sorted, 2049 run starts), the last
+    row of V read, strided V."""
+    B, Hkv, G, S, D = 1, 2, 8, 700, 128
+    N = UNION_CAP // G
+    scores, _, lse = make_selection(B, Hkv * G, N, S, "cpu")
+    indices = overlapping_indices(B, Hkv, G, N, S, "half", "cpu")
+    indices[torch.rand(indices.shape) < 0.1] = -1
+    indices[0, :, 0] = S - 1
+    v = torch.randn(B, Hkv, S + 3, D).to(torch.bfloat16)[:, :, 3:]
+    out = run_sparse_attn_v(asan_exe, scores, indices, v, lse, True, seeds=(1,))
+    check_attn(scores, indices, v, lse, True, out, TOL[torch.bfloat16])
 
 
 def test_asan_catches_a_misaligned_load(asan_exe):

@@ -1,5 +1,6 @@
 """kcache_ops.sparse_attn_v against the float32 reference: renormalize on and off, padding,
-heads with no valid entry, GQA ratios, strided inputs, a full decode step, random shapes; the mean
+heads with no valid entry, GQA ratios, heads of a group sharing rows, strided inputs, a full decode
+step, random shapes; the mean
 tail (v_sum, seq_lens) over the same, L_b <= N, L_b = 0, the mass clamp and exactness when the
 rows not read are all equal."""
 import pytest
@@ -22,6 +23,31 @@ def make_selection(B, Hq, N, S, device, pad_fraction=0.25):
     return scores, indices, lse
 
 
+def overlapping_indices(B, Hkv, G, N, S, kind, device, lens=None):
+    """Per-head index rows [B, Hkv * G, N] int32 in [0, L_b) (L_b = lens[b], else S; L_b >= 1)
+    whose heads of a group overlap, as a real model's heads do (bench/head_overlap.py).
+
+    ``"half"``: each head has the N // 2 rows common to its group in its own order and N - N // 2
+    rows of its own drawn at random (which may repeat a row); ``"same"``: every head of a group has
+    the same N distinct rows (N <= L_b), head h rotated by h places: never all in one order, which
+    would be group_select's shared index row.
+    """
+    indices = torch.empty(B, Hkv, G, N, dtype=torch.int32)
+    for b in range(B):
+        L = S if lens is None else lens[b]
+        for kvh in range(Hkv):
+            if kind == "same":
+                rows = torch.randperm(L)[:N]
+                for h in range(G):
+                    indices[b, kvh, h] = rows.roll(h)
+            else:
+                common = torch.randperm(L)[:N // 2]
+                for h in range(G):
+                    own = torch.randint(0, L, (N - N // 2,))
+                    indices[b, kvh, h] = torch.cat([common, own])[torch.randperm(N)]
+    return indices.view(B, Hkv * G, N).to(device)
+
+
 def check_attn(scores, indices, v_cache, lse, renormalize, out, tol):
     """out [B, Hq, D] in v's dtype, close to the float32 reference, no NaN."""
     assert out.dtype == v_cache.dtype and out.device == scores.device
@@ -42,6 +68,21 @@ def test_matches_reference(device, dtype, G, D, renormalize):
     poison_allocator(device, (B, Hkv * G, D), dtype)
     out = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize)
     check_attn(scores, indices, v, lse, renormalize, out, TOL[dtype])
+
+
+@pytest.mark.parametrize("kind", ["half", "same"])
+@pytest.mark.parametrize("G", [3, 8])
+def test_heads_sharing_rows(device, dtype, G, kind):
+    """Per-head selections that overlap within a group (on CUDA each distinct row is read once for
+    the heads that chose it), with padding."""
+    B, Hkv, S, D, N = 2, 2, 300, 128, 64
+    scores, _, lse = make_selection(B, Hkv * G, N, S, device)
+    indices = overlapping_indices(B, Hkv, G, N, S, kind, device)
+    indices[torch.rand(indices.shape, device=device) < 0.1] = -1
+    v = host_tensor(torch.randn(B, Hkv, S, D).to(dtype), device)
+    for renormalize in (True, False):
+        out = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize)
+        check_attn(scores, indices, v, lse, renormalize, out, TOL[dtype])
 
 
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])

@@ -7,14 +7,25 @@
 // else the given lse) and, with the tail, its factor c_h = max(0, 1 - sum_i p_i) / (L_b - n_h)
 // (0 when L_b <= n_h, n_h the valid entries). The tail is folded into the row weights: each valid
 // row of head h weighs p_i - c_h and c_h · v_sum is added at the end, so the unweighted sum of the
-// selected rows comes from the same reads (no second pass over host memory). The rows to read form
-// one list: when every head of the slice has the same index row (group_select) the N rows, each
-// weighted for all heads; otherwise the gs · N rows of the heads one after another, each weighted
-// for its own head. The list is read in tiles of kAttnTile rows: the block stages each tile's row
-// numbers and per-head weights (exp once per head and entry) in shared memory, then every thread
+// selected rows comes from the same reads (no second pass over host memory).
+//
+// The rows to read form one list, each row with the heads that read it (a bit mask) and their
+// weights:
+//   * group_select (all heads of the slice have the same index row): the N rows, for all heads;
+//   * per head, gs > 1 and gs · N <= kAttnUnionCap: the distinct rows of the slice's gs index rows
+//     in ascending order, each read once for the heads that chose it (heads of a group often choose
+//     the same rows: bench/NOTES.md). The valid entries are sorted as keys row << 32 | head << 16 |
+//     entry in shared memory (bitonic), the first entry of each row's run numbered by a block scan;
+//     a head's weight for a row sums its entries that chose it;
+//   * otherwise the gs · N rows of the heads one after another, each for its own head.
+// A head only ever accumulates rows whose bit it holds: a row another head chose is never
+// multiplied by a 0 weight (inf · 0 = NaN).
+// The list is read in tiles of attn_tile_rows() rows: the block stages each tile's row numbers,
+// masks and per-head weights (exp once per head and entry) in shared memory, then every thread
 // issues its kAttnUnroll 16-byte row loads (32 KiB per block in flight) before it uses any, so all
-// heads of a slice share one pipelined pass. kLanesPerRow lanes cover a row. Partial sums are reduced across lanes and warps in a fixed order
-// (deterministic) and only out [B, Hq, D] is written.
+// heads of a slice share one pipelined pass. kLanesPerRow lanes cover a row. Each thread
+// accumulates its rows in list order and the partial sums are reduced across lanes and warps in a
+// fixed order (deterministic, no atomics); only out [B, Hq, D] is written.
 #pragma once
 
 #include <cstdint>
@@ -51,14 +62,127 @@ constexpr int attn_tile_rows() {
   return (kAttnThreads / 32) * (32 / (D / Vec16<T>::kElems)) * kAttnUnroll;
 }
 
-// One tile of the row list in shared memory: row numbers (-1: skipped), the reading head and each
-// head's weight.
+// One tile of the row list in shared memory: row numbers (-1: skipped), the heads that read each
+// row and their weights.
 template <int GS, int kTile>
 struct AttnTile {
   int row[kTile];           // V row index, -1 for padding / out of range
-  int head[kTile];          // the one head that reads the row, -1 when all heads do (shared rows)
-  float weight[GS][kTile];  // p of head h for this row, 0 where the head does not read it
+  unsigned mask[kTile];     // bit h: head h of the slice selected the row
+  float weight[GS][kTile];  // weight of head h for this row, 0 where its bit is clear
 };
+
+// Most entries (gs · N) of a per-head slice whose distinct rows are found (24 KiB of shared
+// memory); a larger slice reads each head's rows on their own.
+constexpr int kAttnUnionCap = 2048;
+
+// The union of the index rows of a per-head slice: each valid entry (head h, entry i choosing row
+// j) as the key j << 32 | h << 16 | i, sorted ascending, so that the entries of a row form one run
+// (its heads in order); the runs are numbered in row order.
+struct RowUnion {
+  unsigned long long key[kAttnUnionCap];  // [sort size], kNoKey past the valid entries
+  int start[kAttnUnionCap + 1];           // [distinct + 1]: run d is key[start[d], start[d + 1])
+};
+
+constexpr unsigned long long kNoKey = ~0ull;  // sorts after every valid key (rows are < 2^31)
+
+__device__ __forceinline__ unsigned long long union_key(int row, int h, int i) {
+  return static_cast<unsigned long long>(row) << 32 | static_cast<unsigned>(h) << 16 |
+         static_cast<unsigned>(i);
+}
+__device__ __forceinline__ unsigned key_row(unsigned long long k) {
+  return static_cast<unsigned>(k >> 32);
+}
+__device__ __forceinline__ int key_head(unsigned long long k) { return (k >> 16) & 0xffff; }
+__device__ __forceinline__ int key_entry(unsigned long long k) { return k & 0xffff; }
+
+// The union (before the row loop) and each warp's partial sums (after it) share their memory.
+template <int GS, int D>
+union AttnScratch {
+  RowUnion rows;
+  float partial[kAttnThreads / 32][GS][D];
+};
+
+// Sorts key[0, size) ascending, size a power of two: a bitonic network of
+// log2(size) · (log2(size) + 1) / 2 compare-exchange stages, one barrier each, every thread taking
+// size / 2 / kAttnThreads pairs of a stage. Every thread must call it; ends with a barrier.
+__device__ __forceinline__ void bitonic_sort_asc(unsigned long long* key, int size) {
+  for (int k = 2; k <= size; k <<= 1) {
+    for (int stride = k >> 1; stride > 0; stride >>= 1) {
+      for (int q = threadIdx.x; q < size / 2; q += kAttnThreads) {
+        const int i = 2 * q - (q & (stride - 1));  // q with a 0 inserted at bit log2(stride)
+        const unsigned long long a = key[i], c = key[i + stride];
+        const bool ascending = (i & k) == 0;
+        if (ascending ? a > c : a < c) {
+          key[i] = c;
+          key[i + stride] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Exclusive prefix sum of v over threadIdx.x and the block's total, in a fixed order;
+// warp_total [kAttnThreads / 32] in shared memory. Every thread must call it. It reads warp_total
+// after its only barrier: a second call needs a barrier in between (build_row_union calls it once).
+__device__ __forceinline__ int attn_block_scan(int v, int& total, int* warp_total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int inc = v;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int t = __shfl_up_sync(kFullMask, inc, off);
+    if (lane >= off) inc += t;
+  }
+  if (lane == 31) warp_total[warp] = inc;
+  __syncthreads();
+  int before = inc - v;
+  total = 0;
+  for (int w = 0; w < kAttnThreads / 32; ++w) {
+    before += w < warp ? warp_total[w] : 0;
+    total += warp_total[w];
+  }
+  return before;
+}
+
+// Builds u from the index rows of a slice's gs heads (entry i of head h: ix[h · ix_sh + i · ix_sn],
+// skipped outside [0, s)), gs · n <= kAttnUnionCap; returns the number of distinct rows. Every
+// thread must call it; ends with a barrier.
+__device__ __forceinline__ int build_row_union(const int32_t* ix, int64_t ix_sh, int64_t ix_sn,
+                                               int gs, int n, int s, RowUnion& u,
+                                               int* warp_total) {
+  const int entries = gs * n;
+  int size = 1;  // the sort size: the next power of two
+  while (size < entries) size <<= 1;
+  for (int e = threadIdx.x; e < size; e += kAttnThreads) {
+    unsigned long long k = kNoKey;
+    if (e < entries) {
+      const int h = e / n, i = e % n;
+      const int j = ix[h * ix_sh + i * ix_sn];
+      if (j >= 0 && j < s) k = union_key(j, h, i);
+    }
+    u.key[e] = k;
+  }
+  __syncthreads();
+  bitonic_sort_asc(u.key, size);
+  // The first key of each run starts a distinct row: count them over contiguous pieces of the
+  // sorted keys, number them by a scan, record where each starts.
+  auto first_of_run = [&](int k) {
+    return u.key[k] != kNoKey && (k == 0 || key_row(u.key[k]) != key_row(u.key[k - 1]));
+  };
+  const int per = ceil_div(size, kAttnThreads);
+  const int lo = min(static_cast<int>(threadIdx.x) * per, size), hi = min(lo + per, size);
+  int mine = 0;
+  for (int k = lo; k < hi; ++k) mine += first_of_run(k);
+  int distinct;
+  int d = attn_block_scan(mine, distinct, warp_total);
+  for (int k = lo; k < hi; ++k) {
+    if (first_of_run(k)) u.start[d++] = k;
+    if (u.key[k] != kNoKey && (k + 1 == size || u.key[k + 1] == kNoKey))
+      u.start[distinct] = k + 1;  // the end of the last run
+  }
+  __syncthreads();
+  return distinct;
+}
 
 // grid (Hkv * slices, B), block kAttnThreads.
 template <typename T, int D, int GS>
@@ -75,8 +199,9 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
   __shared__ float stat_tail[GS];   // the mean tail's c_h, 0 without a tail
   __shared__ float red[kWarps];
   __shared__ float red_count[kWarps];
+  __shared__ int warp_total[kWarps];
   __shared__ AttnTile<GS, kTile> tile;
-  __shared__ float partial[kWarps][GS][D];
+  __shared__ AttnScratch<GS, D> scratch;  // the row union, then the warps' partial sums
 
   const int b = blockIdx.y;
   const int kvh = blockIdx.x / p.slices;
@@ -163,6 +288,12 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
   }
   const bool shared_rows = __syncthreads_and(same);  // also publishes stat_bias / _mult / _tail
 
+  // Per head: the distinct rows of the slice, each read once for the heads that chose it, when
+  // the union fits in shared memory (a single head has no other head's rows to share).
+  const bool row_union = !shared_rows && gs > 1 && p.n <= kAttnUnionCap / gs;
+  const int distinct =
+      row_union ? build_row_union(ix, p.ix_sh, p.ix_sn, gs, p.n, p.s, scratch.rows, warp_total) : 0;
+
   // Weight of head h for entry i of its selection: 0 for padding and out-of-range rows; else
   // p_i - c_h, p_i = 0 for a -inf score.
   auto weight = [&](int h, int i) {
@@ -170,11 +301,28 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
     const float sv = sc[h * p.sc_sh + i * p.sc_sn];
     return (sv == -INFINITY ? 0.0f : expf(sv - stat_bias[h]) * stat_mult[h]) - stat_tail[h];
   };
-  // Entry e of the row list: shared rows: entry e of every head; else entry e % n of head e / n.
+  // Entry e of the row list into tile slot t. Shared rows: entry e of every head. Row union: the
+  // e-th distinct row, weighted for each head by the sum over its entries that chose the row (in
+  // entry order). Else: entry e % n of head e / n, for that head alone.
   auto stage_entry = [&](int t, int e) {
+    if (row_union) {
+      const RowUnion& u = scratch.rows;
+#pragma unroll
+      for (int h = 0; h < GS; ++h) tile.weight[h][t] = 0.0f;
+      unsigned mask = 0;
+      for (int k = u.start[e]; k < u.start[e + 1]; ++k) {  // the run of keys of this row
+        const int h = key_head(u.key[k]);
+        mask |= 1u << h;
+        tile.weight[h][t] += weight(h, key_entry(u.key[k]));
+      }
+      tile.row[t] = key_row(u.key[u.start[e]]);
+      tile.mask[t] = mask;
+      return;
+    }
     const int src = shared_rows ? 0 : e / p.n, i = shared_rows ? e : e % p.n;
-    tile.row[t] = valid_index(src, i) ? ix[src * p.ix_sh + i * p.ix_sn] : -1;
-    tile.head[t] = shared_rows ? -1 : src;
+    const bool valid = valid_index(src, i);
+    tile.row[t] = valid ? ix[src * p.ix_sh + i * p.ix_sn] : -1;
+    tile.mask[t] = !valid ? 0u : shared_rows ? (1u << gs) - 1 : 1u << src;
 #pragma unroll
     for (int h = 0; h < GS; ++h) {
       const bool reads = h < gs && (shared_rows || h == src);
@@ -192,13 +340,14 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
     for (int e = 0; e < kVec; ++e) acc[h][e] = 0.0f;
   }
 
-  const int entries = shared_rows ? p.n : gs * p.n;  // length of the row list
+  const int entries = shared_rows ? p.n : row_union ? distinct : gs * p.n;  // the row list
   for (int base = 0; base < entries; base += kTile) {  // block-uniform loop
     for (int t = threadIdx.x; t < kTile; t += kAttnThreads) {
       if (base + t < entries) {
         stage_entry(t, base + t);
       } else {
         tile.row[t] = -1;
+        tile.mask[t] = 0;
       }
     }
     __syncthreads();
@@ -211,13 +360,15 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
 #pragma unroll
     for (int u = 0; u < kAttnUnroll; ++u) {
       const int t = (warp * kAttnUnroll + u) * kRowsPerLoad + rslot;
-      if (tile.row[t] >= 0) {
+      const unsigned mask = tile.mask[t];  // 0 for a skipped row
+      // (Without this outer test ptxas if-converts the head tests and sinks each fp32 load next
+      // to its first use: one load in flight instead of kAttnUnroll.)
+      if (mask != 0) {
         float vf[kVec];
         Vec16<T>::to_float(raw[u], vf);
-        const int only = tile.head[t];
 #pragma unroll
         for (int h = 0; h < GS; ++h) {
-          if (only < 0 || only == h) {  // a head never touches another head's rows (inf · 0)
+          if (mask >> h & 1u) {  // a head never touches another head's rows (inf · 0)
             const float w = tile.weight[h][t];
 #pragma unroll
             for (int e = 0; e < kVec; ++e) acc[h][e] = fmaf(w, vf[e], acc[h][e]);
@@ -242,14 +393,14 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
 #pragma unroll
     for (int h = 0; h < GS; ++h) {
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) partial[warp][h][sub * kVec + e] = acc[h][e];
+      for (int e = 0; e < kVec; ++e) scratch.partial[warp][h][sub * kVec + e] = acc[h][e];
     }
   }
   __syncthreads();
   T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.hq + h0) * D;  // [gs, D]
   for (int t = threadIdx.x; t < gs * D; t += kAttnThreads) {
-    float sum = partial[0][t / D][t % D];
-    for (int w = 1; w < kWarps; ++w) sum += partial[w][t / D][t % D];
+    float sum = scratch.partial[0][t / D][t % D];
+    for (int w = 1; w < kWarps; ++w) sum += scratch.partial[w][t / D][t % D];
     const float tail = stat_tail[t / D];  // nonzero only with v_sum
     if (tail != 0.0f) sum = fmaf(tail, p.v_sum[b * p.vs_sb + kvh * p.vs_sh + t % D], sum);
     out[t] = Vec16<T>::from(sum);
