@@ -279,4 +279,27 @@ __device__ __forceinline__ float joint_score(const float (&qf)[GS][Vec16<T>::kEl
   return reduce_scatter<kJoint * GS, kLanes>(dot, sub) * scale;
 }
 
+// Exclusive prefix sum of v over the kThreads threads of a block, in a fixed order, and the
+// block's total; warp_total [kThreads / 32] in shared memory. Every thread must call it. It reads
+// warp_total after its only barrier: a second call needs a barrier in between.
+template <int kThreads>
+__device__ __forceinline__ int block_scan(int v, int& total, int* warp_total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int inc = v;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int t = __shfl_up_sync(kFullMask, inc, off);
+    if (lane >= off) inc += t;
+  }
+  if (lane == 31) warp_total[warp] = inc;
+  __syncthreads();
+  int before = inc - v;
+  total = 0;
+  for (int w = 0; w < kThreads / 32; ++w) {
+    before += w < warp ? warp_total[w] : 0;
+    total += warp_total[w];
+  }
+  return before;
+}
+
 }  // namespace kcache_ops

@@ -217,24 +217,10 @@ struct SelectShared {
   int digit, remaining, bin_count, n_gt;
 };
 
-// Exclusive prefix sum of v over threadIdx.x, and the block's total; ends with a barrier, so every
-// thread must call it.
+// Exclusive prefix sum of v over threadIdx.x, and the block's total (block_scan); ends with a
+// barrier, so that it can be called again at once. Every thread must call it.
 __device__ __forceinline__ int block_exclusive_scan(int v, int& total, SelectShared& sh) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  int inc = v;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const int t = __shfl_up_sync(kFullMask, inc, off);
-    if (lane >= off) inc += t;
-  }
-  if (lane == 31) sh.warp_total[warp] = inc;
-  __syncthreads();
-  int before = inc - v;
-  total = 0;
-  for (int w = 0; w < kSelectThreads / 32; ++w) {
-    before += w < warp ? sh.warp_total[w] : 0;
-    total += sh.warp_total[w];
-  }
+  const int before = block_scan<kSelectThreads>(v, total, sh.warp_total);
   __syncthreads();
   return before;
 }

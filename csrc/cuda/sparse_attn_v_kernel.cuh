@@ -122,28 +122,6 @@ __device__ __forceinline__ void bitonic_sort_asc(unsigned long long* key, int si
   }
 }
 
-// Exclusive prefix sum of v over threadIdx.x and the block's total, in a fixed order;
-// warp_total [kAttnThreads / 32] in shared memory. Every thread must call it. It reads warp_total
-// after its only barrier: a second call needs a barrier in between (build_row_union calls it once).
-__device__ __forceinline__ int attn_block_scan(int v, int& total, int* warp_total) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  int inc = v;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const int t = __shfl_up_sync(kFullMask, inc, off);
-    if (lane >= off) inc += t;
-  }
-  if (lane == 31) warp_total[warp] = inc;
-  __syncthreads();
-  int before = inc - v;
-  total = 0;
-  for (int w = 0; w < kAttnThreads / 32; ++w) {
-    before += w < warp ? warp_total[w] : 0;
-    total += warp_total[w];
-  }
-  return before;
-}
-
 // Builds u from the index rows of a slice's gs heads (entry i of head h: ix[h · ix_sh + i · ix_sn],
 // skipped outside [0, s)), gs · n <= kAttnUnionCap; returns the number of distinct rows. Every
 // thread must call it; ends with a barrier.
@@ -174,7 +152,7 @@ __device__ __forceinline__ int build_row_union(const int32_t* ix, int64_t ix_sh,
   int mine = 0;
   for (int k = lo; k < hi; ++k) mine += first_of_run(k);
   int distinct;
-  int d = attn_block_scan(mine, distinct, warp_total);
+  int d = block_scan<kAttnThreads>(mine, distinct, warp_total);
   for (int k = lo; k < hi; ++k) {
     if (first_of_run(k)) u.start[d++] = k;
     if (u.key[k] != kNoKey && (k + 1 == size || u.key[k + 1] == kNoKey))
