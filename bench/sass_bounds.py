@@ -81,7 +81,7 @@ LOADED_LATENCY_S = (1.0e-6, 2.0e-6)  # device-memory latency under full load (a 
 SCORE_BLOCKS_PER_SM = 2  # kScoreBlocksPerSm: the residency the launch bounds and the chunk plan use
 SCORE_BLOCK_OVERHEAD_KEYS = 128  # kScoreBlockOverheadKeys
 SELECT_THREADS = 512  # kSelectThreads
-SELECT_SLICE_KEYS = 8 * SELECT_THREADS  # kSelectSliceKeys: the fewest keys per slice of a split select
+SELECT_SLICE_KEYS = 8 * SELECT_THREADS  # kSelectSliceKeys: fewest keys per slice of a split
 SELECT_PASSES = 4  # 3 radix passes + the collect pass read the scratch
 
 

@@ -302,4 +302,26 @@ __device__ __forceinline__ int block_scan(int v, int& total, int* warp_total) {
   return before;
 }
 
+// Sorts key[0, size) by a block of kThreads threads, size a power of two, descending if
+// kDescending else ascending: a bitonic network of log2(size) · (log2(size) + 1) / 2
+// compare-exchange stages, one barrier each, every thread taking size / 2 / kThreads pairs of a
+// stage. Every thread must call it; ends with a barrier.
+template <int kThreads, bool kDescending>
+__device__ __forceinline__ void block_bitonic_sort(unsigned long long* key, int size) {
+  for (int k = 2; k <= size; k <<= 1) {
+    for (int stride = k >> 1; stride > 0; stride >>= 1) {
+      for (int q = threadIdx.x; q < size / 2; q += kThreads) {
+        const int i = 2 * q - (q & (stride - 1));  // q with a 0 inserted at bit log2(stride)
+        const unsigned long long a = key[i], c = key[i + stride];
+        const bool ascending = ((i & k) == 0) != kDescending;  // this pair's direction
+        if (ascending ? a > c : a < c) {
+          key[i] = c;
+          key[i + stride] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
 }  // namespace kcache_ops

@@ -31,7 +31,7 @@
 namespace kcache_ops {
 
 constexpr int kTailThreads = 128;      // 4 warps
-constexpr int kTailUnroll = 4;         // keys per thread per iteration (16-byte K pieces, codes, meta)
+constexpr int kTailUnroll = 4;         // keys per thread and iteration (K pieces, codes, meta)
 constexpr int kTailStages = 3;         // iterations staged in shared memory (2 in flight)
 constexpr int kTailBlocksPerSm = 3;    // launch bounds: registers for 3 blocks (12 warps) per SM
 constexpr int kTailMaxChunk = 4096;    // keys per block at most: the bitmap is GS · 512 bytes

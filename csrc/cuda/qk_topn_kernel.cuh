@@ -21,9 +21,10 @@
 //    largest ranking key by a 3-pass radix select (11 + 11 + 10 bits; over the row with 16-byte
 //    loads, or from 1c's histograms), ending early when the threshold's bin holds exactly the keys
 //    still needed; collect_candidates gathers the entries above it (or takes those 1c gathered)
-//    plus the lowest-index entries equal to it; bitonic_sort_desc sorts these <= N candidates by (key desc, index asc) in shared
-//    memory; write_selection writes scores, indices and padding. The ranking key is s (per head)
-//    or the group mass c_j that qk_group_mass_kernel wrote (group mode).
+//    plus the lowest-index entries equal to it; block_bitonic_sort sorts these <= N candidates by
+//    (key desc, index asc) in shared memory; write_selection writes scores, indices and padding.
+//    The ranking key is s (per head) or the group mass c_j that qk_group_mass_kernel wrote (group
+//    mode).
 // NaN as the reference: a NaN score makes its row's lse NaN and ranks above every number (per
 // head); a NaN term of the group mass counts 0.
 // Everything is deterministic: no float atomics, reductions in a fixed order, ties by index.
@@ -436,7 +437,8 @@ __device__ __forceinline__ RadixState radix_start(const SelectRow& row, int n) {
 // Phase 2: the threshold of the n best keys of the row by a 3-pass radix select over histograms
 // in shared memory, ending early when the threshold's bin holds exactly the keys still needed.
 // row_hist [kRadixPasses, kSelectBins]: the histograms that qk_select_hist_kernel summed over the
-// row's slices (the start of its split_row), or nullptr to histogram the row here. Block-uniform; every thread must call it.
+// row's slices (the start of its split_row), or nullptr to histogram the row here. Block-uniform;
+// every thread must call it.
 __device__ __forceinline__ SelectThreshold radix_select(const SelectRow& row, int n,
                                                         const int* row_hist, SelectShared& sh) {
   RadixState st = radix_start(row, n);
@@ -520,27 +522,6 @@ __device__ __forceinline__ void collect_candidates(const SelectRow& row, SelectT
     eq_base += tile_total;
   }
   __syncthreads();
-}
-
-// Phase 4: bitonic sort of cand[0, sort_size) (a power of two) in descending order. Every thread
-// must call it; ends with a barrier.
-__device__ __forceinline__ void bitonic_sort_desc(unsigned long long* cand, int sort_size) {
-  for (int k = 2; k <= sort_size; k <<= 1) {
-    for (int stride = k >> 1; stride > 0; stride >>= 1) {
-      for (int i = threadIdx.x; i < sort_size; i += kSelectThreads) {
-        const int partner = i ^ stride;
-        if (partner > i) {
-          const unsigned long long a = cand[i], c = cand[partner];
-          const bool descending = (i & k) == 0;
-          if (descending ? a < c : a > c) {
-            cand[i] = c;
-            cand[partner] = a;
-          }
-        }
-      }
-      __syncthreads();
-    }
-  }
 }
 
 // Phase 5: n entries per head of the row: the count sorted picks with their scores, then padding
@@ -672,7 +653,7 @@ __global__ void __launch_bounds__(kSelectThreads) qk_select_kernel(QkSelectParam
   const int* split = p.split == nullptr ? nullptr : split_row(p, b, blockIdx.x, gridDim.x);
   const SelectThreshold thr = radix_select(row, p.n, split, sh);
   collect_candidates(row, thr, count, split == nullptr ? nullptr : split_candidates(split), sh);
-  bitonic_sort_desc(sh.cand, sort_size);
+  block_bitonic_sort<kSelectThreads, true>(sh.cand, sort_size);  // phase 4: descending
   write_selection(p, row, row0, count, sh);
 }
 

@@ -102,26 +102,6 @@ union AttnScratch {
   float partial[kAttnThreads / 32][GS][D];
 };
 
-// Sorts key[0, size) ascending, size a power of two: a bitonic network of
-// log2(size) · (log2(size) + 1) / 2 compare-exchange stages, one barrier each, every thread taking
-// size / 2 / kAttnThreads pairs of a stage. Every thread must call it; ends with a barrier.
-__device__ __forceinline__ void bitonic_sort_asc(unsigned long long* key, int size) {
-  for (int k = 2; k <= size; k <<= 1) {
-    for (int stride = k >> 1; stride > 0; stride >>= 1) {
-      for (int q = threadIdx.x; q < size / 2; q += kAttnThreads) {
-        const int i = 2 * q - (q & (stride - 1));  // q with a 0 inserted at bit log2(stride)
-        const unsigned long long a = key[i], c = key[i + stride];
-        const bool ascending = (i & k) == 0;
-        if (ascending ? a > c : a < c) {
-          key[i] = c;
-          key[i + stride] = a;
-        }
-      }
-      __syncthreads();
-    }
-  }
-}
-
 // Builds u from the index rows of a slice's gs heads (entry i of head h: ix[h · ix_sh + i · ix_sn],
 // skipped outside [0, s)), gs · n <= kAttnUnionCap; returns the number of distinct rows. Every
 // thread must call it; ends with a barrier.
@@ -141,7 +121,7 @@ __device__ __forceinline__ int build_row_union(const int32_t* ix, int64_t ix_sh,
     u.key[e] = k;
   }
   __syncthreads();
-  bitonic_sort_asc(u.key, size);
+  block_bitonic_sort<kAttnThreads, false>(u.key, size);  // ascending
   // The first key of each run starts a distinct row: count them over contiguous pieces of the
   // sorted keys, number them by a scan, record where each starts.
   auto first_of_run = [&](int k) {
