@@ -81,7 +81,8 @@ def test_completes_exact_attention(device, dtype, group_select):
     q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, bits, dtype, device, lens)
     v = torch.randn(B, Hkv, S, D)  # the exact rows read from host
     scores, indices, lse = kcache_ops.qk_topn(q, k, seq_lens, n, None, group_select)
-    head = kcache_ops.sparse_attn_v(scores, indices, v.to(device), lse, renormalize=False)
+    head = kcache_ops.sparse_attn_v(scores, indices, host_tensor(v, device), lse,
+                                  renormalize=False)
     tail = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta)
     low = R.dequantize_rows(codes.cpu(), meta.cpu(), D).repeat_interleave(G, 1)  # [B, Hq, S, D]
     idx = indices.cpu().long()  # [B, Hq, n]
@@ -149,6 +150,7 @@ def test_compile_decode_step_with_tail(device):
     compiled = torch.compile(decode, fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(q, k, v, lens, codes, meta),
                                decode(q, k, v, lens, codes, meta))
+
 
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 3), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4, 8]),
