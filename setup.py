@@ -9,7 +9,9 @@ import glob
 import os
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
 
 from setuptools import find_packages, setup
 
@@ -55,6 +57,47 @@ def want_cuda(torch_cuda_version, cuda_home):
     return possible
 
 
+def links_shared_libstdcxx(cxx):
+    """True where `cxx` links the C++ runtime as the shared libstdc++.so, as torch's libraries do.
+
+    A compiler set up to link it statically (a wrapper adding -static-libstdc++, met on one GPU
+    machine) gives the extension a second copy of the runtime in a process whose torch uses the
+    shared one, and the process dies on the first error message that formats a number. Checked by
+    linking a small shared library and looking for libstdc++.so among what it needs. Where `cxx`
+    cannot link at all, True: the build itself then reports the compiler.
+    """
+    with tempfile.TemporaryDirectory() as d:
+        src, lib = os.path.join(d, "probe.cpp"), os.path.join(d, "probe.so")
+        with open(src, "w") as f:
+            f.write("#include <sstream>\n"
+                    "std::string probe(long x) { std::ostringstream s; s << x; return s.str(); }\n")
+        try:
+            subprocess.run([cxx, "-shared", "-fPIC", src, "-o", lib], check=True,
+                           capture_output=True)
+        except (OSError, subprocess.CalledProcessError):
+            return True
+        with open(lib, "rb") as f:
+            return b"libstdc++.so" in f.read()
+
+
+def use_shared_runtime_compiler():
+    """Keep $CXX (torch's default: c++) where it links libstdc++.so; else switch CXX and CC (nvcc's
+    host compiler) to the system g++/gcc if that one does; else stop with what to set."""
+    cxx = os.environ.get("CXX", "c++")
+    if links_shared_libstdcxx(cxx):
+        return
+    for alt_cxx, alt_cc in (("/usr/bin/g++", "/usr/bin/gcc"), ("/usr/bin/c++", "/usr/bin/cc")):
+        if os.path.isfile(alt_cxx) and links_shared_libstdcxx(alt_cxx):
+            print(f"kcache_ops: {cxx} links the C++ runtime statically (a second copy beside "
+                  f"torch's, which crashes on error messages): building with CXX={alt_cxx} "
+                  f"CC={alt_cc}")
+            os.environ["CXX"], os.environ["CC"] = alt_cxx, alt_cc
+            return
+    sys.exit(f"kcache_ops: {cxx} links the C++ runtime (libstdc++) statically, which crashes "
+             "beside torch's shared one; set CXX and CC to a compiler that links libstdc++.so")
+
+
+use_shared_runtime_compiler()
 CUDA_HOME = find_cuda_home()
 if CUDA_HOME:
     os.environ["CUDA_HOME"] = CUDA_HOME

@@ -4,16 +4,21 @@
 # benchmarks and compute-sanitizer.
 #
 #     bash bench/run_gpu.sh [--dry-run] [STAGE...]
-#                           (default: build tests e2e slow profile bench sanitize)
+#                           (default: build toolchain tests e2e slow profile bench sanitize)
 #
 # Stages run in the order given:
 #   build     python setup.py build_ext --inplace (MAX_JOBS=16), then a check that kcache_ops has
 #             its CUDA kernels
+#   toolchain bench/toolchain.sh: the error paths (integer and shape messages) and alloc_host's
+#             pinning on this build, with the compilers and C++ runtime; where it fails (the
+#             process dies), cuda-gdb's backtrace, then a rebuild with $FALLBACK_CXX (/usr/bin/g++)
+#             that the later stages use
 #   tests     tests/test_cuda_*.py but the CPU emulator's, then the op tests (test_qk_topn,
 #             test_sparse_attn_v; the default decode path's test_lowbit_tail, test_quantize_rows,
 #             test_decode_sync, test_hot_rows; test_gather_rows, test_op_errors, test_alloc_host):
 #             one pytest per file under `timeout`, and a per-test time-out (--timeout,
-#             pytest-timeout is installed there)
+#             pytest-timeout is installed there); their CUDA cases only
+#             (KCACHE_OPS_TEST_DEVICES=cuda: CI runs the CPU ones)
 #   e2e       python -m kcache_ops bench --device cuda on a grid that fits ($E2E_ARGS)
 #   slow      the rest of the suite (model tests, nested pytest runs), the CMake rebuild last
 #   profile   where the decode step's time goes, kernel by kernel (bench/profile_step.py, 32K x 8:
@@ -74,12 +79,13 @@ STAGES=()
 for arg in "$@"; do
   case $arg in
     --dry-run) DRY=1 ;;
-    build | tests | e2e | slow | profile | bench | sanitize) STAGES+=("$arg") ;;
-    *) echo "unknown stage '$arg' (build, tests, e2e, slow, profile, bench, sanitize; --dry-run)"
+    build | toolchain | tests | e2e | slow | profile | bench | sanitize) STAGES+=("$arg") ;;
+    *) echo "unknown stage '$arg' (build, toolchain, tests, e2e, slow, profile, bench, sanitize;" \
+      "--dry-run)"
       exit 2 ;;
   esac
 done
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(build tests e2e slow profile bench sanitize)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(build toolchain tests e2e slow profile bench sanitize)
 OUT=${OUT:-$ROOT/gpu_out}
 WORK=${WORK:-$ROOT/gpu_logs}  # per-stage logs and results, packed into $OUT after each stage
 LOG=$OUT/run_gpu.log
@@ -96,7 +102,8 @@ rm -rf "$WORK"
 mkdir -p "$OUT" "$WORK/results"
 : > "$WORK/stages.txt"
 : > "$LOG"
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+# the op tests' CUDA cases only: CI runs their CPU cases
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} KCACHE_OPS_TEST_DEVICES=${KCACHE_OPS_TEST_DEVICES:-cuda}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 T0=$SECONDS
 FAILED=0
@@ -152,6 +159,28 @@ gpu_here() {  # gpu_here STAGE: true where GPU work may run, else records "no GP
   fi
   record "$1" "no GPU" 0 -
   return 1
+}
+
+toolchain() {  # the error paths and alloc_host's pinning on this build (bench/toolchain.sh); where
+  # they fail, a rebuild with $FALLBACK_CXX (default /usr/bin/g++, if it is another compiler) that
+  # the later stages then use
+  local cxx=${FALLBACK_CXX:-/usr/bin/g++} used
+  say "toolchain: bash bench/toolchain.sh; if it fails, a rebuild with CXX=$cxx CC=${cxx/%g++/gcc}"
+  if [ "$DRY" = 1 ]; then
+    stage toolchain 60 bash bench/toolchain.sh
+    return 0
+  fi
+  gpu_here toolchain || return 0
+  ensure_build toolchain || return 0
+  stage toolchain 150 bash bench/toolchain.sh && return 0
+  used=$(readlink -f "$(command -v "${CXX:-c++}")")
+  if [ ! -x "$cxx" ] || [ "$(readlink -f "$cxx")" = "$used" ]; then
+    say "toolchain: no other compiler to rebuild with ($cxx; the build used $used)"
+    return 0
+  fi
+  rm -rf build kcache_ops/_C*.so
+  stage build_fallback "${LIMIT_BUILD:-240}" env CXX="$cxx" CC="${cxx/%g++/gcc}" "$PY" setup.py -q \
+    build_ext --inplace && stage toolchain_fallback 150 bash bench/toolchain.sh
 }
 
 BUILD=unknown  # ok or failed once known: a failed build is not retried in the same call
