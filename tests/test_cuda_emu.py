@@ -188,9 +188,9 @@ def test_qk_topn_chunking(race_exe, sms):
 
 
 def test_qk_topn_group_mass_blocks(race_exe):
-    """Group mode with the group mass in two blocks of 4096 keys per row (4 rows on 4
-    multiprocessors): one row ends inside its second block, the other inside its first, so that
-    row's second block returns early."""
+    """Group mode with the group mass in blocks of 2048 keys (4 rows on 4 multiprocessors, 4
+    blocks per multiprocessor wanted: 3 per row): one row ends inside its third block, the other
+    inside its second, so that row's third block returns early."""
     q, k = make_qk(2, 8, 2, 4500, 64, torch.bfloat16, "cpu")
     lens = seq_lens_tensor([4500, 2051], "cpu")
     out = run_qk_topn(race_exe, q, k, lens, 40, 1 / 8, True, sms=4)

@@ -259,9 +259,18 @@ struct QkMassParams {
   int keys_per_block;        // multiple of 4
 };
 
+// Score-scratch loads (16 bytes: 4 keys of one head) a thread of qk_group_mass_kernel issues
+// before it waits for any: kMassLoads heads of its keys, so that a multiprocessor full of its
+// warps has 64 · 32 · 4 · 16 B = 128 KiB in flight, above the ≈ 32 KiB per multiprocessor that
+// the H200's bandwidth × latency needs (one load in flight per thread left it at 1.2 TB/s).
+constexpr int kMassLoads = 4;
+// Blocks of qk_group_mass_kernel per multiprocessor over its grid: all 4 resident at once (512
+// threads, 32 registers: the whole multiprocessor), so one wave.
+constexpr int kMassBlocksPerSm = 4;
+
 // grid (ceil(S / keys_per_block), Hkv, B), block kSelectThreads. The group mass
 // c_j = sum_h head_mass(s_hj, lse_h) (h in the KV head's group, in order) of the block's keys, one
-// 16-byte group of keys per thread and step.
+// 16-byte group of keys per thread and step, kMassLoads heads' loads at a time.
 __global__ void __launch_bounds__(kSelectThreads) qk_group_mass_kernel(QkMassParams p) {
   __shared__ MaxSum warp_part[kSelectThreads / 32];
   __shared__ float lse[kMaxGroupSelect];
@@ -282,13 +291,22 @@ __global__ void __launch_bounds__(kSelectThreads) qk_group_mass_kernel(QkMassPar
   float* mass = p.mass + (static_cast<int64_t>(b) * p.hkv + kvh) * p.score_stride;
   for (int q4 = begin / 4 + threadIdx.x; q4 < (end + 3) / 4; q4 += kSelectThreads) {
     float4 c = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int h = 0; h < G; ++h) {
-      const float4 v = *reinterpret_cast<const float4*>(rows + h * p.score_stride + 4 * q4);
-      const float l = lse[h];
-      c.x += head_mass(v.x, l);
-      c.y += head_mass(v.y, l);
-      c.z += head_mass(v.z, l);
-      c.w += head_mass(v.w, l);
+    for (int h0 = 0; h0 < G; h0 += kMassLoads) {
+      float4 v[kMassLoads];  // heads h0 .. h0 + kMassLoads - 1 at the thread's 4 keys
+#pragma unroll
+      for (int u = 0; u < kMassLoads; ++u) {  // the loads first, all in flight together
+        if (h0 + u < G)
+          v[u] = *reinterpret_cast<const float4*>(rows + (h0 + u) * p.score_stride + 4 * q4);
+      }
+#pragma unroll
+      for (int u = 0; u < kMassLoads; ++u) {
+        if (h0 + u >= G) break;
+        const float l = lse[h0 + u];
+        c.x += head_mass(v[u].x, l);
+        c.y += head_mass(v[u].y, l);
+        c.z += head_mass(v[u].z, l);
+        c.w += head_mass(v[u].w, l);
+      }
     }
     *reinterpret_cast<float4*>(mass + 4 * q4) = c;
   }

@@ -63,12 +63,13 @@ inline int qk_score_chunk(int64_t S, int64_t blocks_per_chunk, int sms) {
       wave_chunk(S, blocks_per_chunk, wave, 512, 256, max_chunk, kScoreBlockOverheadKeys));
 }
 
-// Keys per block of the group-mass pass over S keys with `rows` (B · Hkv) rows: at least 2 blocks
-// per multiprocessor over the grid, a multiple of 4 · kSelectThreads (one 16-byte group per thread
-// and step).
+// Keys per block of the group-mass pass over S keys with `rows` (B · Hkv) rows: at least
+// kMassBlocksPerSm blocks per multiprocessor over the grid, a multiple of 4 · kSelectThreads (one
+// 16-byte group per thread and step).
 inline int qk_mass_keys_per_block(int64_t S, int64_t rows, int sms) {
   constexpr int64_t kStep = 4 * kSelectThreads;
-  const int64_t blocks_per_row = std::max<int64_t>(1, ceil_div<int64_t>(2 * int64_t{sms}, rows));
+  const int64_t blocks_per_row =
+      std::max<int64_t>(1, ceil_div<int64_t>(kMassBlocksPerSm * int64_t{sms}, rows));
   return static_cast<int>(
       std::max<int64_t>(ceil_div<int64_t>(ceil_div<int64_t>(S, blocks_per_row), kStep), 1) *
       kStep);
