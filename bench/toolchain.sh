@@ -17,7 +17,8 @@ import torch, kcache_ops
 checks = [
     ("alloc_host((3, -1))", lambda: kcache_ops.alloc_host((3, -1), torch.float32)),
     ("qk_topn(q [4, 64])", lambda: kcache_ops.qk_topn(
-        torch.randn(4, 64), torch.randn(2, 2, 16, 64), torch.tensor([16, 3], dtype=torch.int32), 4)),
+        torch.randn(4, 64), torch.randn(2, 2, 16, 64), torch.tensor([16, 3], dtype=torch.int32),
+        4)),
 ]
 for name, call in checks:
     try:
@@ -32,7 +33,8 @@ if torch.cuda.is_available():
 print("smoke test passed")
 '
 so=$(ls kcache_ops/_C*.so 2> /dev/null | head -1)
-echo "CC=${CC:-} CXX=${CXX:-}; c++ is $(command -v c++ || echo none), g++ is $(command -v g++ || echo none)"
+echo "CC=${CC:-} CXX=${CXX:-}; c++ is $(command -v c++ || echo none)," \
+  "g++ is $(command -v g++ || echo none)"
 "${CXX:-c++}" --version 2>&1 | head -1
 "${CXX:-c++}" -v 2>&1 | grep -o -e '--with-default-libstdcxx-abi=[a-z0-9-]*' -e '^gcc version.*'
 "$PY" -c "import re, torch; c = torch.__config__.show(); print('torch', torch.__version__,
