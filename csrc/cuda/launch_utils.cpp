@@ -1,8 +1,11 @@
-// Host-memory, alignment and value checks shared by the CUDA launchers (declared in launch_utils.h).
+// Host-memory, alignment and value checks and the device queries (multiprocessors, resident
+// blocks) shared by the CUDA launchers (declared in launch_utils.h).
 #include "launch_utils.h"
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <unordered_map>
 
 #include <ATen/ATen.h>
 
@@ -68,6 +71,19 @@ void check_seq_lens_on_device(const at::Tensor& seq_lens, int64_t S, const char*
 void check_indices_on_device(const at::Tensor& indices, int64_t S, const char* src_name) {
   if (!values_in_range(indices, -1, S - 1))
     check_index_values(indices.cpu().contiguous(), S, src_name);
+}
+
+int resident_blocks_per_sm(const void* kernel, int threads) {
+  static std::mutex mutex;
+  static std::unordered_map<const void*, int> known;  // kernel -> blocks per multiprocessor
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(kernel);
+  if (found != known.end()) return found->second;
+  int blocks = 0;
+  KC_CUDA_CHECK("kcache_ops",
+                cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
+  known.emplace(kernel, blocks);
+  return blocks;
 }
 
 int multiprocessor_count(int device) {

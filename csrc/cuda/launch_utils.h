@@ -59,6 +59,11 @@ inline QkInputs qk_inputs(const at::Tensor& q, const at::Tensor& k_cache,
 // Multiprocessors of the device.
 int multiprocessor_count(int device);
 
+// Blocks of `threads` threads of `kernel` (a __global__ function, no dynamic shared memory)
+// resident on one multiprocessor of the current device at once, as its registers and shared
+// memory allow; asked of the runtime once per kernel (the process's first device decides).
+int resident_blocks_per_sm(const void* kernel, int threads);
+
 // f(static_cast<T*>(nullptr)) with T the CUDA type of the dtype (float, __half, __nv_bfloat16).
 template <typename F>
 void dispatch_float_dtype(at::ScalarType dtype, const char* op, F&& f) {

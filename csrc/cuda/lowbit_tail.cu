@@ -84,7 +84,18 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& q,         // [B, Hq, D], CUDA
       .bits = dims.bits,
       .scale = static_cast<float>(scale),
   };
-  const LowbitTailPlan plan = plan_lowbit_tail(args, multiprocessor_count(q.get_device()));
+  const int group_slice = group_slice_width(dims.Hq / dims.Hkv);
+  int blocks_per_sm = kTailBlocksPerSm;  // of the instance this call launches
+  dispatch_kernel_instance(q.scalar_type(), dims.D, group_slice, kOp,
+                           [&](auto type_tag, auto d_tag, auto gs_tag) {
+    using T = std::remove_pointer_t<decltype(type_tag)>;
+    blocks_per_sm = resident_blocks_per_sm(
+        reinterpret_cast<const void*>(
+            lowbit_tail_kernel<T, decltype(d_tag)::value, decltype(gs_tag)::value>),
+        kTailThreads);
+  });
+  const LowbitTailPlan plan =
+      plan_lowbit_tail(args, multiprocessor_count(q.get_device()), blocks_per_sm);
   if (plan.num_chunks == 0) return out.zero_();  // S = 0: no key
   at::Tensor partials = at::empty({plan.partial_floats}, fopts);  // [B, Hq, num_chunks, D]
   const LowbitTailParams p = lowbit_tail_params(args, plan, partials.data_ptr<float>());

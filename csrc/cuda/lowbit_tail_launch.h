@@ -49,22 +49,25 @@ constexpr int64_t kTailBlockOverheadKeys = 128;
 
 // Keys per block over S keys when one chunk of keys takes `blocks_per_chunk` blocks: the multiple
 // of kTailChunkStep up to kTailMaxChunk that minimises the grid's time in whole waves of
-// kTailBlocksPerSm blocks per multiprocessor, ceil(blocks / wave) · (chunk + overhead); the
+// `blocks_per_sm` blocks per multiprocessor, ceil(blocks / wave) · (chunk + overhead); the
 // smallest such chunk on ties.
-inline int lowbit_tail_chunk(int64_t S, int64_t blocks_per_chunk, int sms) {
-  const int64_t wave = int64_t{sms} * kTailBlocksPerSm;  // blocks resident at once
+inline int lowbit_tail_chunk(int64_t S, int64_t blocks_per_chunk, int sms, int blocks_per_sm) {
+  const int64_t wave = int64_t{sms} * blocks_per_sm;  // blocks resident at once
   const int64_t max_chunk = std::min<int64_t>(
       std::max<int64_t>(ceil_div<int64_t>(S, kTailChunkStep), 1) * kTailChunkStep, kTailMaxChunk);
   return static_cast<int>(wave_chunk(S, blocks_per_chunk, wave, kTailChunkStep, kTailChunkStep,
                                      max_chunk, kTailBlockOverheadKeys));
 }
 
-// The plan of a call with B, Hq > 0 on a device of `sms` multiprocessors.
-inline LowbitTailPlan plan_lowbit_tail(const LowbitTailArgs& a, int sms) {
+// The plan of a call with B, Hq > 0 on a device of `sms` multiprocessors, where `blocks_per_sm`
+// blocks of the kernel instance fit on one at once (its occupancy: at least kTailBlocksPerSm, the
+// launch bounds, and more where its registers and shared memory allow; the H200 ran 4 of the
+// bf16 D 128 instance, and a grid planned for 3 ran in 1.45 waves).
+inline LowbitTailPlan plan_lowbit_tail(const LowbitTailArgs& a, int sms, int blocks_per_sm) {
   const int64_t G = a.Hq / a.Hkv;
   const int gs = group_slice_width(G);
   const int slices = static_cast<int>(ceil_div<int64_t>(G, gs));
-  const int chunk = lowbit_tail_chunk(a.S, a.B * a.Hkv * slices, sms);
+  const int chunk = lowbit_tail_chunk(a.S, a.B * a.Hkv * slices, sms, blocks_per_sm);
   const int num_chunks = static_cast<int>(ceil_div<int64_t>(a.S, chunk));
   return {
       .group_slice = gs,

@@ -274,7 +274,8 @@ Outputs run_lowbit_tail(const Case& c) {
       .scale = static_cast<float>(c.scalar("scale")),
   };
   const kcache_ops::LowbitTailPlan plan =
-      kcache_ops::plan_lowbit_tail(args, static_cast<int>(c.scalar("sms")));
+      kcache_ops::plan_lowbit_tail(args, static_cast<int>(c.scalar("sms")),
+                                   kcache_ops::kTailBlocksPerSm);
   if (plan.num_chunks == 0) return {{"out", make_tensor(DType::kF32, {B, Hq, D}, 0)}};  // S = 0
   Tensor partials = make_tensor(DType::kF32, {plan.partial_floats}, 0xff);  // [B, Hq, chunks, D]
   const kcache_ops::LowbitTailParams p =
