@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import kcache_ops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,3 +49,21 @@ def test_cmake_build_runs_the_ops(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_cmake_refuses_a_static_libstdcxx_compiler(tmp_path):
+    """A compiler that links libstdc++ statically (a second C++ runtime beside torch's) stops the
+    configure with what to set, before anything is built."""
+    cmake, gxx = shutil.which("cmake"), shutil.which("g++")
+    if not (cmake and gxx):
+        pytest.skip("needs cmake and g++")
+    wrapper = tmp_path / "g++"
+    wrapper.write_text(f'#!/bin/sh\nexec {gxx} "$@" -static-libstdc++\n')
+    wrapper.chmod(0o755)
+    done = subprocess.run([cmake, "-S", ROOT, "-B", tmp_path / "build",
+                           f"-DCMAKE_CXX_COMPILER={wrapper}",
+                           f"-DPython3_EXECUTABLE={sys.executable}"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0
+    said = " ".join((done.stdout + done.stderr).split())  # CMake wraps its messages
+    assert "links the C++ runtime (libstdc++) statically" in said
