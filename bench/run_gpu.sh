@@ -10,9 +10,9 @@
 #   build     python setup.py build_ext --inplace (MAX_JOBS=16), then a check that kcache_ops has
 #             its CUDA kernels
 #   toolchain bench/toolchain.sh: the error paths (integer and shape messages) and alloc_host's
-#             pinning on this build, with the compilers and C++ runtime; where it fails (the
-#             process dies), cuda-gdb's backtrace, then a rebuild with $FALLBACK_CXX (/usr/bin/g++)
-#             that the later stages use
+#             pinning on this build, with the compilers and C++ runtime; where the process dies,
+#             cuda-gdb's backtrace (setup.py already refuses a compiler that links libstdc++
+#             statically, the cause of such deaths on the H200)
 #   tests     tests/test_cuda_*.py but the CPU emulator's, then the op tests (test_qk_topn,
 #             test_sparse_attn_v; the default decode path's test_lowbit_tail, test_quantize_rows,
 #             test_decode_sync, test_hot_rows; test_gather_rows, test_op_errors, test_alloc_host):
@@ -50,9 +50,9 @@
 # what is left of it and none starts with less than 15 s left, so a call ends by BUDGET plus ~10 s
 # of packing, inside timeout_s 450 (the machine's start, 1-2 min, comes on top: ~8 min a call).
 # Limits (expected) in seconds:
-#   call 1  build 240 + check 30 (37-56 measured on an H200); toolchain 150 (~25, +~75 where it
-#           rebuilds); tests: test_cuda_ops 150 (10-18), each other file 60 (5-51, lowbit_tail the
-#           longest); e2e 90 (~60); slow: what is left, the CMake rebuild last
+#   call 1  build 240 + check 30 (37-56 measured on an H200); toolchain 150 (~25); tests:
+#           test_cuda_ops 150 (10-18), each other file 60 (5-51, lowbit_tail the longest); e2e 90
+#           (~60); slow: what is left, the CMake rebuild last
 #   call 2  build 240 + 30 only on a fresh machine; profile: torch.profiler 40 (~20), the ncu
 #           runs and their CSV imports together 90 (~50); bench: decode 110 (~70), qk_topn 60
 #           (~50), gather 40 (~30); sanitize last, with what is left (~140 expected): memcheck 70,
@@ -163,26 +163,15 @@ gpu_here() {  # gpu_here STAGE: true where GPU work may run, else records "no GP
   return 1
 }
 
-toolchain() {  # the error paths and alloc_host's pinning on this build (bench/toolchain.sh); where
-  # they fail, a rebuild with $FALLBACK_CXX (default /usr/bin/g++, if it is another compiler) that
-  # the later stages then use
-  local cxx=${FALLBACK_CXX:-/usr/bin/g++} used
-  say "toolchain: bash bench/toolchain.sh; if it fails, a rebuild with CXX=$cxx CC=${cxx/%g++/gcc}"
+toolchain() {  # the error paths and alloc_host's pinning on this build (bench/toolchain.sh)
+  say "toolchain: bash bench/toolchain.sh"
   if [ "$DRY" = 1 ]; then
     stage toolchain 60 bash bench/toolchain.sh
     return 0
   fi
   gpu_here toolchain || return 0
   ensure_build toolchain || return 0
-  stage toolchain 150 bash bench/toolchain.sh && return 0
-  used=$(readlink -f "$(command -v "${CXX:-c++}")")
-  if [ ! -x "$cxx" ] || [ "$(readlink -f "$cxx")" = "$used" ]; then
-    say "toolchain: no other compiler to rebuild with ($cxx; the build used $used)"
-    return 0
-  fi
-  rm -rf build kcache_ops/_C*.so
-  stage build_fallback "${LIMIT_BUILD:-240}" env CXX="$cxx" CC="${cxx/%g++/gcc}" "$PY" setup.py -q \
-    build_ext --inplace && stage toolchain_fallback 150 bash bench/toolchain.sh
+  stage toolchain 150 bash bench/toolchain.sh
 }
 
 BUILD=unknown  # ok or failed once known: a failed build is not retried in the same call

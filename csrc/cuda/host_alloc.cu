@@ -27,11 +27,11 @@ at::Tensor alloc_pinned_mapped(at::IntArrayRef shape, at::ScalarType dtype) {
   const char* wc = std::getenv("KCACHE_OPS_HOST_ALLOC_WC");
   const unsigned flags = cudaHostAllocMapped | cudaHostAllocPortable |
                          (wc != nullptr && std::strcmp(wc, "1") == 0 ? cudaHostAllocWriteCombined : 0u);
-  // An empty tensor still gets a (1-byte) pinned block: torch's is_pinned() is false for a null
-  // data pointer.
   // torch's CUDA state first: torch reports no pointer as pinned (Tensor.is_pinned()) until it has
   // initialised the device itself, which our own cudaHostAlloc does not do.
   at::globalContext().lazyInitDevice(c10::DeviceType::CUDA);
+  // An empty tensor still gets a (1-byte) pinned block: torch's is_pinned() is false for a null
+  // data pointer.
   void* ptr = nullptr;
   cudaError_t err = cudaHostAlloc(&ptr, bytes > 0 ? bytes : 1, flags);
   if (err != cudaSuccess) {

@@ -2,6 +2,7 @@
 // blocks) shared by the CUDA launchers (declared in launch_utils.h).
 #include "launch_utils.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -82,6 +83,7 @@ int resident_blocks_per_sm(const void* kernel, int threads) {
   int blocks = 0;
   KC_CUDA_CHECK("kcache_ops",
                 cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
+  blocks = std::max(blocks, 1);  // 0: the launch itself then reports why the kernel cannot run
   known.emplace(kernel, blocks);
   return blocks;
 }

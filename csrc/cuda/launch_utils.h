@@ -61,7 +61,8 @@ int multiprocessor_count(int device);
 
 // Blocks of `threads` threads of `kernel` (a __global__ function, no dynamic shared memory)
 // resident on one multiprocessor of the current device at once, as its registers and shared
-// memory allow; asked of the runtime once per kernel (the process's first device decides).
+// memory allow (at least 1, so that a plan never divides by 0); asked of the runtime once per
+// kernel (the process's first device decides).
 int resident_blocks_per_sm(const void* kernel, int threads);
 
 // f(static_cast<T*>(nullptr)) with T the CUDA type of the dtype (float, __half, __nv_bfloat16).
