@@ -73,7 +73,9 @@ class OpStep:
 
 
 class DefaultLayer:
-    """One KCache layer per input set, with the default options (``KCacheOptions()``).
+    """One KCache layer per input set, with the default options (``KCacheOptions()``, or
+    ``options``: bench/step_ops.py also counts the paper-literal step; the parts below assume
+    the defaults' int2 tail and hot rows).
 
     sets: [(q [B, Hq, D], k [B, Hkv, S, D], v [B, Hkv, S, D])] on the cache's device. Layer i
     stores set i's first S - 1 tokens as a prompt (K on the device, V handed off to host RAM, the
@@ -84,11 +86,11 @@ class DefaultLayer:
     here, so position S - 1 holds its token before any part is called alone.
     """
 
-    def __init__(self, sets):
+    def __init__(self, sets, options=KCacheOptions()):
         q, k, _ = sets[0]
         B, S = k.shape[0], k.shape[2]
         self.cache = make_cache("kcache", layers_config(q, k, len(sets)), B, S, k.device,
-                                k.dtype, KCacheOptions())
+                                k.dtype, options)
         prompt = torch.full((B,), S - 1, dtype=torch.int32, device=k.device)  # [B]
         for layer, (_, k_set, v_set) in enumerate(sets):
             self.cache.store_prompt(layer, k_set[:, :, :S - 1], v_set[:, :, :S - 1], prompt)
@@ -125,7 +127,7 @@ class DefaultLayer:
         """The arguments of the step's lowbit_tail for a selection: (q, K, lens, lse, the rows
         read [B, Hq, N + H] (the selection and the hot rows), codes, meta)."""
         lens, k = self.lens, self.cache.k[layer]
-        hot = self.cache.hot[layer].attend(q, k, lens, lse)
+        hot = self.cache.hot[layer].attend(q, k, lse)
         tail = self.cache.tails[layer]
         return (q, k, lens, lse, torch.cat([indices, hot.indices], -1), tail.codes, tail.meta)
 

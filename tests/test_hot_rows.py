@@ -11,7 +11,7 @@ from kcache_ops import reference
 from kcache_ops.caches import KCacheOptions, sequence_bytes
 from kcache_ops.caches.hot import HotRows
 
-from test_cache import HKV, HQ, LAYERS, LENS, D, Run, make, tiny_config
+from test_cache import HKV, HQ, LAYERS, LENS, STEPS, D, Run, make, tiny_config
 
 SINKS, WINDOW, TOPN = 2, 3, 3  # the ring of 3 wraps twice over the decode steps
 
@@ -34,6 +34,20 @@ def test_slots_hold_the_first_and_last_positions(sinks, window):
                 assert p == j
             else:
                 assert (p - sinks) % window == j - sinks
+
+
+@pytest.mark.parametrize("sinks, window", [(2, 3), (0, 4), (3, 0)])
+def test_appends_keep_the_held_positions(device, sinks, window):
+    """``held``, which a decode step reads instead of recomputing the slots' positions, is what
+    ``positions`` gives at every length: after the prefill and after each append."""
+    run = Run(make(device, topn=TOPN, sinks=sinks, window=window), device, torch.float32)
+    run.prefill()
+    for step in range(STEPS + 1):
+        for hot in run.cache.hot.values():
+            pos, valid = hot.positions(run.cache.seq_lens)  # [B, H] each
+            assert torch.equal(hot.held.long(), torch.where(valid, pos, -1)), step
+        if step < STEPS:
+            run.step()
 
 
 def selection(scores, lse, length, group_select, topn=TOPN, sinks=SINKS, window=WINDOW):

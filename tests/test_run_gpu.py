@@ -1,7 +1,8 @@
 """bench/run_gpu.sh in its dry run on the CPU (every stage's CPU-side part, "no GPU" for the GPU
 work, the log and the archive in $OUT), the PyTorch baselines of bench/baselines.py against
 kcache_ops.reference on fresh random inputs, and the decode steps of bench/decode_steps.py (which
-the GPU benchmark and the profile time) on the CPU at a small shape."""
+the GPU benchmark and the profile time) on the CPU at a small shape, with the count of the
+ops a default step launches (bench/step_ops.py)."""
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BENCH)
 import baselines  # noqa: E402  (bench/ is a folder of scripts, not a package)
 import decode_steps  # noqa: E402
+import step_ops  # noqa: E402
 
 STAGES = ("build", "tests", "e2e", "slow", "profile", "bench", "sanitize")
 
@@ -110,9 +112,29 @@ def test_decode_steps_split_into_their_parts():
     out = layer.cache.decode(*layer.inputs[1])  # [B, Hq, D]
     scores, indices, lse = layer.select(i, q)
     assert indices.shape == (B, Hq, 64) and layer.qk_topn(i, q)[1].shape == (B, Hq, 128)
-    hot = layer.cache.hot[i].attend(q, layer.cache.k[i], layer.lens, lse)
+    hot = layer.cache.hot[i].attend(q, layer.cache.k[i], lse)
     parts = (layer.attend_host(i, scores, indices, lse) + hot.out
              + layer.lowbit_tail(*layer.tail_args(i, q, indices, lse)))
     torch.testing.assert_close(parts, out)
     assert layer.device_bytes_beside_k() == decode_steps.default_layer_bytes(
         B, Hq, Hkv, S, D, torch.float32) - k.nbytes
+
+
+def test_step_ops_count_the_launches_of_a_decode_step():
+    """bench/step_ops.py records the ops that are not views, each at its line of the cache: the
+    paper-literal step is its appends and its two kernels; the default step runs all four of the
+    library's kernels and does not recompute the hot rows' positions (it reads them)."""
+    from kcache_ops.caches import KCacheOptions
+
+    literal = step_ops.step_ops(1, 128, "cpu", KCacheOptions.paper_literal())
+    assert [op for _, op in literal if op.startswith("kcache_ops::")] == [
+        "kcache_ops::qk_topn", "kcache_ops::sparse_attn_v"]
+    assert all(site.split()[0].startswith("kcache.py:") or op.startswith("kcache_ops::")
+               for site, op in literal)
+    default = step_ops.step_ops(1, 128, "cpu", KCacheOptions())
+    sites = {site for site, _ in default}
+    kernels = {op for _, op in default if op.startswith("kcache_ops::")}
+    assert kernels == {"kcache_ops::qk_topn", "kcache_ops::sparse_attn_v",
+                       "kcache_ops::lowbit_tail", "kcache_ops::quantize_rows"}
+    assert "(outside the cache)" not in sites
+    assert not any(site.endswith(" positions") for site in sites)

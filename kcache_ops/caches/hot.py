@@ -28,12 +28,13 @@ def top_cold(scores, indices, lens, n, sinks, window):
     a cold position (``sinks <= i < L_b − window``), -inf / -1 padding where fewer remain. At most
     ``sinks + window`` of the M are hot or padding, so these are the top n of the cold rows.
     """
-    L = lens.long()[:, None, None]  # [B, 1, 1]
-    cold = (indices >= sinks) & (indices < L - window)  # [B, Hq, M]
-    order = torch.sort((~cold).to(torch.int8), dim=-1, stable=True).indices[..., :n]  # [B, Hq, n]
-    kept = torch.gather(cold, -1, order)  # [B, Hq, n]
-    return (torch.gather(scores, -1, order).masked_fill(~kept, float("-inf")),
-            torch.gather(indices, -1, order).masked_fill(~kept, -1))
+    recent = (lens - window)[:, None, None]  # [B, 1, 1] int32: the first position of the window
+    hot = (indices < sinks) | (indices >= recent)  # [B, Hq, M]; padding (-1) counts as hot
+    # a stable sort keeps the rank order within the cold entries, which come first
+    order = torch.sort(hot.to(torch.int8), dim=-1, stable=True).indices[..., :n]  # [B, Hq, n]
+    drop = torch.gather(hot, -1, order)  # [B, Hq, n]
+    return (torch.gather(scores, -1, order).masked_fill(drop, float("-inf")),
+            torch.gather(indices, -1, order).masked_fill(drop, -1))
 
 
 class HotRows:
@@ -41,6 +42,10 @@ class HotRows:
 
     v : Tensor [B, Hkv, H, D] on the device, H = sinks + window — slot ``j`` holds the position
         :meth:`positions` gives it; slots whose position is not (yet) valid hold zeros.
+    held : Tensor [B, H] int32 on the device — the position each slot holds, -1 where none: what
+        :meth:`positions` gives at the current length, kept up to date by the appends so that a
+        decode step reads it instead of recomputing it (bookkeeping, like the cache's lengths:
+        not counted in ``nbytes``).
     """
 
     def __init__(self, sinks, window, batch, num_kv_heads, head_dim, device, dtype):
@@ -48,6 +53,8 @@ class HotRows:
         self.size = sinks + window
         self.v = torch.zeros(batch, num_kv_heads, self.size, head_dim, dtype=dtype,
                              device=device)  # [B, Hkv, H, D]
+        self.held = torch.full((batch, self.size), -1, dtype=torch.int32,
+                               device=device)  # [B, H]
         self.nbytes = self.v.nbytes
         self._slots = torch.arange(self.size, device=device)  # [H]
 
@@ -71,6 +78,7 @@ class HotRows:
         rows = pos.clamp(max=T - 1)[:, None, :, None].expand(B, Hkv, self.size, D)  # [B,Hkv,H,D]
         hot = torch.gather(v, 2, rows)  # [B, Hkv, H, D]
         self.v.copy_(hot.masked_fill(~valid[:, None, :, None], 0))
+        self.held.copy_(torch.where(valid, pos, -1))
 
     def append(self, rows, pos, v):
         """Keep one token's v [B, Hkv, D], stored at position pos[b] of each sequence ``rows``,
@@ -78,25 +86,26 @@ class HotRows:
         if self.window:
             slot = torch.where(pos < self.sinks, pos, self.sinks + (pos - self.sinks) % self.window)
             self.v[rows, :, slot] = v
+            self.held[rows, slot] = pos.to(torch.int32)
         else:
             slot = pos.clamp(max=self.sinks - 1)  # [B]
-            keep = (pos < self.sinks)[:, None, None]  # [B, 1, 1]
-            self.v[rows, :, slot] = torch.where(keep, v, self.v[rows, :, slot])
+            keep = pos < self.sinks  # [B]
+            self.v[rows, :, slot] = torch.where(keep[:, None, None], v, self.v[rows, :, slot])
+            self.held[rows, slot] = torch.where(keep, pos, self.held[rows, slot]).to(torch.int32)
 
-    def attend(self, q, k_cache, lens, lse):
-        """The exact attention of the hot rows: q [B, Hq, D], k_cache [B, Hkv, S, D], lens [B]
-        int32 (this step's lengths), lse [B, Hq] float32 (over all keys, from ``qk_topn``) ->
-        :data:`HotPart`."""
-        pos, valid = self.positions(lens)  # [B, H] each
+    def attend(self, q, k_cache, lse):
+        """The exact attention of the hot rows this step holds (:attr:`held`, its new token
+        appended): q [B, Hq, D], k_cache [B, Hkv, S, D], lse [B, Hq] float32 (over all keys, from
+        ``qk_topn``) -> :data:`HotPart`."""
         B, Hq, D = q.shape
         Hkv = k_cache.shape[1]
         group, H = Hq // Hkv, self.size
-        rows = pos[:, None, :, None].expand(B, Hkv, H, D)  # [B, Hkv, H, D]
+        rows = self.held.clamp(min=0).long()[:, None, :, None].expand(B, Hkv, H, D)  # [B,Hkv,H,D]
         k = torch.gather(k_cache, 2, rows).float()  # [B, Hkv, H, D]
         qg = q.float().reshape(B, Hkv, group, D)  # [B, Hkv, G, D]
         s = torch.einsum("bkgd,bkjd->bkgj", qg, k) * D ** -0.5  # [B, Hkv, G, H], qk_topn's scale
-        p = torch.exp(s - lse.reshape(B, Hkv, group, 1))  # [B, Hkv, G, H]
-        p = p.masked_fill(~valid[:, None, None, :], 0.0)
+        valid = (self.held >= 0)[:, None, None, :]  # [B, 1, 1, H]
+        p = torch.exp(s - lse.reshape(B, Hkv, group, 1)) * valid  # [B, Hkv, G, H]
         out = torch.einsum("bkgj,bkjd->bkgd", p, self.v.float()).reshape(B, Hq, D)  # [B, Hq, D]
-        indices = torch.where(valid, pos, -1).to(torch.int32)[:, None, :].expand(B, Hq, H)
+        indices = self.held[:, None, :].expand(B, Hq, H)  # [B, Hq, H] int32, -1 empty
         return HotPart(out, p.sum(-1).reshape(B, Hq), indices)

@@ -45,7 +45,7 @@ class NoTail:
                                  check_values=False)
         top = sparse_attn_v(scores, indices, v_host, lse, renormalize=False,
                             check_values=False)  # [B, Hq, D]
-        out = top.float() + hot.out  # [B, Hq, D]
+        out = hot.out + top  # [B, Hq, D] float32 (the add promotes top: no separate cast)
         if self.renormalize:  # a softmax over the top N and the hot rows together
             mass = torch.exp(scores - lse[..., None]).sum(-1) + hot.mass  # [B, Hq]; padding 0
             out = out / mass.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
@@ -117,7 +117,7 @@ class LowBitTail:
         read = indices if hot is None else torch.cat([indices, hot.indices], -1)  # [B, Hq, N(+H)]
         rest = lowbit_tail(q, k_cache, lens, lse, read, self.codes, self.meta,
                            check_values=False)  # [B, Hq, D] float32
-        out = top.float() + rest  # [B, Hq, D]
+        out = rest + top  # [B, Hq, D] float32 (the add promotes top: no separate cast)
         return (out if hot is None else out + hot.out).to(top.dtype)
 
 
