@@ -124,17 +124,23 @@ class DefaultLayer:
                                         renormalize=False, check_values=False)
 
     def tail_args(self, layer, q, indices, lse):
-        """The arguments of the step's lowbit_tail for a selection: (q, K, lens, lse, the rows
-        read [B, Hq, N + H] (the selection and the hot rows), codes, meta)."""
+        """The arguments of the step's lowbit_tail for a selection: (every score [B, Hq, S] of the
+        step's qk_topn, lens, lse, the rows read [B, Hq, N + H] (the selection and the hot rows),
+        codes, meta, bits)."""
         lens, k = self.lens, self.cache.k[layer]
+        o = self.cache.options
+        every = kcache_ops.qk_topn(q, k, lens, o.topn + o.hot_rows, None, o.group_select,
+                                   check_values=False, return_scores=True)[3]  # [B, Hq, S]
         hot = self.cache.hot[layer].attend(q, k, lse)
         tail = self.cache.tails[layer]
-        return (q, k, lens, lse, torch.cat([indices, hot.indices], -1), tail.codes, tail.meta)
+        return (every, lens, lse, torch.cat([indices, hot.indices], -1), tail.codes, tail.meta,
+                tail.bits)
 
     @staticmethod
-    def lowbit_tail(q, k, lens, lse, read, codes, meta):
+    def lowbit_tail(every, lens, lse, read, codes, meta, bits):
         """The step's lowbit_tail alone (arguments from :meth:`tail_args`) -> [B, Hq, D] float32."""
-        return kcache_ops.lowbit_tail(q, k, lens, lse, read, codes, meta, check_values=False)
+        return kcache_ops.lowbit_tail(every, lens, lse, read, codes, meta, bits,
+                                      check_values=False)
 
     def device_bytes_beside_k(self):
         """Device bytes one layer holds besides K: the tail's low-bit copy and the hot rows."""

@@ -8,11 +8,13 @@
 // on the host anyway and always check them.
 TORCH_LIBRARY(kcache_ops, m) {
   // q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B] int32
-  //   -> scores [B, Hq, n] float32, indices [B, Hq, n] int32, lse [B, Hq] float32
+  //   -> scores [B, Hq, n] float32, indices [B, Hq, n] int32, lse [B, Hq] float32,
+  //      all_scores [B, Hq, S] float32 with return_scores (rows 16-byte aligned: a view of
+  //      [B, Hq, S rounded up to 4]; only j < seq_lens[b] defined), else [0]
   m.def(
       "qk_topn(Tensor q, Tensor k_cache, Tensor seq_lens, int n, float scale, "
-      "bool group_select=False, bool check_values=True) "
-      "-> (Tensor scores, Tensor indices, Tensor lse)");
+      "bool group_select=False, bool check_values=True, bool return_scores=False) "
+      "-> (Tensor scores, Tensor indices, Tensor lse, Tensor all_scores)");
   // scores [B, Hq, N] float32, indices [B, Hq, N] int32, v_cache [B, Hkv, S, D],
   // lse [B, Hq] float32, the mean tail's v_sum [B, Hkv, D] float32 and seq_lens [B] int32
   //   -> out [B, Hq, D] (dtype of v_cache)
@@ -22,12 +24,12 @@ TORCH_LIBRARY(kcache_ops, m) {
       "Tensor? seq_lens=None) -> Tensor");
   // src [B, Hs, S, D], indices [B, H, N] int32 -> dst [B, H, N, D] on the device of indices
   m.def("gather_rows(Tensor src, Tensor indices) -> Tensor");
-  // q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B] int32, lse [B, Hq] float32,
+  // scores [B, Hq, S] float32 (qk_topn's all_scores), seq_lens [B] int32, lse [B, Hq] float32,
   // indices [B, Hq, N] int32, v_codes [B, Hkv, S, D * bits / 8] uint8 (bits 2 or 4),
   // v_meta [B, Hkv, S, 2] bfloat16 -> out [B, Hq, D] float32
   m.def(
-      "lowbit_tail(Tensor q, Tensor k_cache, Tensor seq_lens, Tensor lse, Tensor indices, "
-      "Tensor v_codes, Tensor v_meta, float scale, bool check_values=True) -> Tensor");
+      "lowbit_tail(Tensor scores, Tensor seq_lens, Tensor lse, Tensor indices, Tensor v_codes, "
+      "Tensor v_meta, int bits, bool check_values=True) -> Tensor");
   // a pinned, device-mapped CPU tensor (an ordinary CPU tensor where no GPU is present)
   m.def("alloc_host(int[] shape, ScalarType dtype) -> Tensor");
   // MemAvailable of /proc/meminfo in bytes, -1 where it cannot be read

@@ -140,46 +140,53 @@ inline QuantizeRowsDims check_quantize_rows_args(const at::Tensor& v, int64_t bi
   return {v.numel() / D, D, bits, D * bits / 8};
 }
 
-// Sizes of a lowbit_tail call: those of qk_topn (n: the index slots N) and the code bits.
+// Sizes of a lowbit_tail call (N: the index slots, D: the head dim of the codes).
 struct LowbitTailDims {
   int64_t B, Hq, Hkv, G, S, D, N, bits;
 };
 
-// q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B] int32 as qk_topn's; lse [B, Hq] float32,
-// indices [B, Hq, N] int32, v_codes [B, Hkv, S, D * bits / 8] uint8 (bits 2 or 4),
+// scores [B, Hq, S] float32 (qk_topn's return_scores), seq_lens [B] int32, lse [B, Hq] float32,
+// indices [B, Hq, N] int32, v_codes [B, Hkv, S, D * bits / 8] uint8 (bits 2 or 4, D 64 or 128),
 // v_meta [B, Hkv, S, 2] bfloat16.
-inline LowbitTailDims check_lowbit_tail_args(const at::Tensor& q, const at::Tensor& k_cache,
-                                             const at::Tensor& seq_lens, const at::Tensor& lse,
-                                             const at::Tensor& indices,
+inline LowbitTailDims check_lowbit_tail_args(const at::Tensor& scores, const at::Tensor& seq_lens,
+                                             const at::Tensor& lse, const at::Tensor& indices,
                                              const at::Tensor& v_codes,
-                                             const at::Tensor& v_meta) {
-  const QkTopnDims qk = check_qk_topn_args(q, k_cache, seq_lens, /*n=*/1);
-  const int64_t B = qk.B, Hq = qk.Hq, Hkv = qk.Hkv, S = qk.S, D = qk.D;
+                                             const at::Tensor& v_meta, int64_t bits) {
+  KC_CHECK_DIM(scores, 3);
+  KC_CHECK_DTYPE(scores, at::kFloat);
+  KC_CHECK_DIM(seq_lens, 1);
+  KC_CHECK_DTYPE(seq_lens, at::kInt);
+  const int64_t B = scores.size(0), Hq = scores.size(1), S = scores.size(2);
+  TORCH_CHECK(seq_lens.size(0) == B, "seq_lens must have shape [", B, "] (scores batch), got ",
+              seq_lens.sizes());
   KC_CHECK_DTYPE(lse, at::kFloat);
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == Hq, "lse must have shape [",
-              B, ", ", Hq, "] (q batch, heads), got ", lse.sizes());
+              B, ", ", Hq, "] (scores batch, heads), got ", lse.sizes());
   KC_CHECK_DIM(indices, 3);
   KC_CHECK_DTYPE(indices, at::kInt);
   TORCH_CHECK(indices.size(0) == B && indices.size(1) == Hq, "indices must have shape [", B,
-              ", ", Hq, ", N] (q batch, heads), got ", indices.sizes());
+              ", ", Hq, ", N] (scores batch, heads), got ", indices.sizes());
+  TORCH_CHECK(bits == 2 || bits == 4, "bits must be 2 or 4, got ", bits);
   KC_CHECK_DIM(v_codes, 4);
   KC_CHECK_DTYPE(v_codes, at::kByte);
   KC_CHECK_DIM(v_meta, 4);
   KC_CHECK_DTYPE(v_meta, at::kBFloat16);
-  TORCH_CHECK(v_codes.size(0) == B && v_codes.size(1) == Hkv && v_codes.size(2) == S,
-              "v_codes must have shape [", B, ", ", Hkv, ", ", S,
-              ", D * bits / 8] (k_cache batch, heads, capacity), got ", v_codes.sizes());
-  const int64_t code_bytes = v_codes.size(3);
-  TORCH_CHECK(code_bytes == D / 4 || code_bytes == D / 2, "v_codes last dim must be D * bits / 8 ",
-              "with bits 2 or 4 (", D / 4, " or ", D / 2, " for D = ", D, "), got ", code_bytes);
+  const int64_t Hkv = v_codes.size(1), code_bytes = v_codes.size(3);
+  TORCH_CHECK(v_codes.size(0) == B && v_codes.size(2) == S, "v_codes must have shape [", B,
+              ", Hkv, ", S, ", D * bits / 8] (scores batch, -, keys), got ", v_codes.sizes());
+  KC_CHECK_GQA(Hq, Hkv, "scores", "v_codes");
+  const int64_t D = code_bytes * 8 / bits;
+  TORCH_CHECK(code_bytes * 8 == D * bits && (D == 64 || D == 128), "v_codes last dim must be ",
+              "D * bits / 8 with D 64 or 128 (", 64 * bits / 8, " or ", 128 * bits / 8,
+              " bytes for bits = ", bits, "), got ", code_bytes);
   TORCH_CHECK(v_meta.size(0) == B && v_meta.size(1) == Hkv && v_meta.size(2) == S &&
                   v_meta.size(3) == 2,
               "v_meta must have shape [", B, ", ", Hkv, ", ", S,
-              ", 2] (k_cache batch, heads, capacity; scale and min), got ", v_meta.sizes());
+              ", 2] (v_codes batch, heads, keys; scale and min), got ", v_meta.sizes());
   KC_CHECK_LAST_CONTIGUOUS(indices);
   KC_CHECK_LAST_CONTIGUOUS(v_codes);
   KC_CHECK_LAST_CONTIGUOUS(v_meta);
-  return {B, Hq, Hkv, qk.G, S, D, indices.size(2), code_bytes * 8 / D};
+  return {B, Hq, Hkv, Hq / Hkv, S, D, indices.size(2), bits};
 }
 
 }  // namespace kcache_ops

@@ -5,7 +5,8 @@ import math
 import torch
 
 
-def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_values=True):
+def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_values=True,
+            return_scores=False):
     """Exact scores ``scale * q·Kᵀ`` over all valid keys, and the top ``n`` of them.
 
     Parameters
@@ -29,6 +30,10 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_value
         capture and with ``KCACHE_OPS_VALIDATE=0``). False skips that read-back on CUDA: the kernels
         clamp each length to ``[0, S]``, so nothing is read out of bounds, but a bad length is not
         reported. The CPU path always checks (it reads the values on the host anyway).
+    return_scores : bool
+        True: also return every score (for :func:`lowbit_tail`, which then need not read K
+        again). On CUDA this is the score pass's own scratch, kept instead of freed: no extra
+        work.
 
     Returns
     -------
@@ -39,11 +44,15 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_value
         Key positions, ``-1`` for padding.
     lse : Tensor [B, Hq] float32
         ``log Σ_{j<L_b} exp(s_j)`` over all valid keys (``-inf`` when ``L_b = 0``).
+    all_scores : Tensor [B, Hq, S] float32, only with ``return_scores``
+        ``s_j`` of every key ``j < L_b`` (the same values as ``scores``); entries ``j >= L_b`` are
+        undefined. Its rows are 16-byte aligned: a view of ``[B, Hq, S rounded up to 4]``.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return torch.ops.kcache_ops.qk_topn(q, k_cache, seq_lens, n, float(scale), group_select,
-                                        check_values)
+    out = torch.ops.kcache_ops.qk_topn(q, k_cache, seq_lens, n, float(scale), group_select,
+                                       check_values, return_scores)
+    return out if return_scores else out[:3]
 
 
 def sparse_attn_v(scores, indices, v_cache, lse=None, renormalize=True, check_values=True,
@@ -107,17 +116,19 @@ def gather_rows(src, indices):
     return torch.ops.kcache_ops.gather_rows(src, indices)
 
 
-def lowbit_tail(q, k_cache, seq_lens, lse, indices, v_codes, v_meta, scale=None,
-                check_values=True):
+def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True):
     """The low-bit tail: the attention of every valid key a head did not select, with its exact
     full-softmax weight, over the low-bit copy of V (the unread rows' share of the output).
 
+    It reads the scores, not K: ``qk_topn(..., return_scores=True)`` gives them from the pass that
+    selected the rows (on CUDA its scratch, 4 bytes per key and query head where K is
+    ``2 · D / G`` bytes).
+
     Parameters
     ----------
-    q : Tensor [B, Hq, D]
-        Query of the decode step (float32, float16 or bfloat16; D in {64, 128}).
-    k_cache : Tensor [B, Hkv, S, D]
-        Keys, same dtype and device as ``q``; the scores are qk_topn's, ``scale · q·k``.
+    scores : Tensor [B, Hq, S] float32
+        Every score ``s_j = scale · q·k_j``: ``all_scores`` of :func:`qk_topn`; entries
+        ``j >= L_b`` are never read.
     seq_lens : Tensor [B] int32
         Valid keys per sequence, ``0 <= L_b <= S``; rows ``j >= L_b`` are never read.
     lse : Tensor [B, Hq] float32
@@ -126,12 +137,12 @@ def lowbit_tail(q, k_cache, seq_lens, lse, indices, v_codes, v_meta, scale=None,
         The keys each head selected (read exactly from host), ``-1`` for padding; they are left
         out of the tail.
     v_codes : Tensor [B, Hkv, S, D * bits / 8] uint8
-        The low-bit copy of V (``bits`` 2 or 4, from ``reference.quantize_rows``), on the device of
-        ``q``.
+        The low-bit copy of V (from :func:`quantize_rows`; ``Hq`` a multiple of ``Hkv``, D 64 or
+        128), on the device of ``scores``.
     v_meta : Tensor [B, Hkv, S, 2] bfloat16
         Per row ``(scale, min)``: ``v_d = min + scale · code_d``.
-    scale : float, optional
-        Defaults to ``1 / sqrt(D)``, as in :func:`qk_topn`.
+    bits : int
+        2 or 4, the code width ``v_codes`` was written with.
     check_values : bool
         True: a ``seq_lens`` value outside ``[0, S]`` or an index outside ``[-1, S)`` raises an
         error naming it. On CUDA this reads the values back, a device→host synchronisation per
@@ -146,10 +157,8 @@ def lowbit_tail(q, k_cache, seq_lens, lse, indices, v_codes, v_meta, scale=None,
         ``Σ_{j < L_b, j ∉ indices[b, h]} exp(s_j − lse) · dequant(v)[b, h / G, j]``; zeros where
         every valid key is selected (``L_b <= N``) or ``L_b = 0``.
     """
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    return torch.ops.kcache_ops.lowbit_tail(q, k_cache, seq_lens, lse, indices, v_codes, v_meta,
-                                            float(scale), check_values)
+    return torch.ops.kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta,
+                                            bits, check_values)
 
 
 def alloc_host(shape, dtype):
@@ -210,11 +219,18 @@ def built_with_cuda():
 
 
 @torch.library.register_fake("kcache_ops::qk_topn")
-def _(q, k_cache, seq_lens, n, scale, group_select=False, check_values=True):
+def _(q, k_cache, seq_lens, n, scale, group_select=False, check_values=True,
+      return_scores=False):
     B, Hq, _ = q.shape
+    S = k_cache.shape[2]
+    if return_scores:  # [B, Hq, S] of [B, Hq, S rounded up to 4]
+        row = (S + 3) // 4 * 4
+        all_scores = q.new_empty((B, Hq, row), dtype=torch.float32)[..., :S]
+    else:
+        all_scores = q.new_empty((0,), dtype=torch.float32)
     return (q.new_empty((B, Hq, n), dtype=torch.float32),
             q.new_empty((B, Hq, n), dtype=torch.int32),
-            q.new_empty((B, Hq), dtype=torch.float32))
+            q.new_empty((B, Hq), dtype=torch.float32), all_scores)
 
 
 @torch.library.register_fake("kcache_ops::sparse_attn_v")
@@ -243,5 +259,6 @@ def _(v, bits):
 
 
 @torch.library.register_fake("kcache_ops::lowbit_tail")
-def _(q, k_cache, seq_lens, lse, indices, v_codes, v_meta, scale, check_values=True):
-    return q.new_empty(q.shape, dtype=torch.float32)
+def _(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True):
+    B, Hq, _ = scores.shape
+    return scores.new_empty((B, Hq, v_codes.shape[-1] * 8 // bits))

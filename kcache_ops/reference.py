@@ -161,26 +161,27 @@ def dequantize_rows(codes, meta, dim):
     return meta[..., 1:2] + meta[..., 0:1] * code.flatten(-2).float()
 
 
-def lowbit_tail(q, k_cache, seq_lens, lse, indices, v_codes, v_meta, scale=None):
+def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits):
     """Reference of kcache_ops.lowbit_tail: the low-bit tail, the attention of every valid row
     that is not selected, with its exact full-softmax weight, over the low-bit copy of V.
 
-    q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B], lse [B, Hq] float32 (from qk_topn),
-    indices [B, Hq, N] int32 (-1 padding), v_codes [B, Hkv, S, D * bits / 8] uint8,
-    v_meta [B, Hkv, S, 2] -> out [B, Hq, D] float32:
+    scores [B, Hq, S] float32 (every score, as :func:`qk_scores` gives them; entries
+    ``j >= L_b`` are never read), seq_lens [B], lse [B, Hq] float32 (from qk_topn), indices
+    [B, Hq, N] int32 (-1 padding), v_codes [B, Hkv, S, D * bits / 8] uint8, v_meta [B, Hkv, S, 2]
+    -> out [B, Hq, D] float32:
     ``Σ_{j < L_b, j ∉ indices[b, h]} exp(s_bhj − lse_bh) · dequant(v)[b, h / G, j]``.
     Rows ``j >= L_b`` are never read (their contents may be anything).
     """
-    B, Hq, D = q.shape
-    Hkv, S = k_cache.shape[1], k_cache.shape[2]
-    s, _ = qk_scores(q, k_cache, seq_lens, scale)  # [B, Hq, S]
+    B, Hq, S = scores.shape
+    Hkv, D = v_codes.shape[1], v_codes.shape[-1] * 8 // bits
+    valid = _valid_mask(seq_lens.to(scores.device), S)  # [B, 1, S]
+    s = scores.float().masked_fill(~valid, float("-inf"))  # [B, Hq, S]
     p = torch.exp(s - lse.float()[..., None]).nan_to_num(0.0)  # [B, Hq, S]; 0 past L_b
-    chosen = torch.zeros(B, Hq, S + 1, dtype=torch.bool, device=q.device)  # slot S: padding
+    chosen = torch.zeros(B, Hq, S + 1, dtype=torch.bool, device=scores.device)  # slot S: padding
     chosen.scatter_(-1, torch.where(indices >= 0, indices, S).long(), True)
     p = p.masked_fill(chosen[..., :S], 0.0)
-    valid = _valid_mask(seq_lens.to(q.device), S)[..., None]  # [B, 1, S, 1]
-    v = dequantize_rows(v_codes, v_meta, D).to(q.device).masked_fill(~valid, 0.0)
-    v = v.repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, S, D]
+    v = dequantize_rows(v_codes, v_meta, D).to(scores.device)  # [B, Hkv, S, D]
+    v = v.masked_fill(~valid[..., None], 0.0).repeat_interleave(Hq // Hkv, dim=1)  # [B,Hq,S,D]
     return torch.einsum("bhs,bhsd->bhd", p, v)
 
 

@@ -131,9 +131,11 @@ def reference_step(q, k, v, topn, group_select, tail, top_p=1.0):
     if tail == "mean":
         return reference.sparse_attn_v(scores, indices, v, lse, renormalize=False,
                                        v_sum=v.sum(2), seq_lens=lens)
-    codes, meta = reference.quantize_rows(v, {"int2": 2, "int4": 4}[tail])
+    bits = {"int2": 2, "int4": 4}[tail]
+    codes, meta = reference.quantize_rows(v, bits)
     top = reference.sparse_attn_v(scores, indices, v, lse, renormalize=False)  # [1, Hq, D]
-    return top + reference.lowbit_tail(q, k, lens, lse, indices, codes, meta)
+    every, _ = reference.qk_scores(q, k, lens)  # [1, Hq, L]
+    return top + reference.lowbit_tail(every, lens, lse, indices, codes, meta, bits)
 
 
 @pytest.mark.parametrize("group_select", [False, True])

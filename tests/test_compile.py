@@ -13,7 +13,7 @@ def test_opcheck(device):
     lens = seq_lens_tensor([40, 7], device)  # [B]
     ops = torch.ops.kcache_ops
     torch.library.opcheck(ops.qk_topn.default, (q, k, lens, 16, 0.125, True))
-    scores, indices, lse = ops.qk_topn(q, k, lens, 16, 0.125, False)
+    scores, indices, lse, _ = ops.qk_topn(q, k, lens, 16, 0.125, False)
     torch.library.opcheck(ops.sparse_attn_v.default, (scores, indices, v, lse, False))
     torch.library.opcheck(ops.gather_rows.default, (v, indices))
     torch.library.opcheck(ops.alloc_host.default, ([2, 3], torch.bfloat16),

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from test_gather_rows import make_indices
 from test_lowbit_tail import check_tail as check_lowbit_tail
 from test_lowbit_tail import make_case as make_lowbit_case
+from test_lowbit_tail import reference_scores as lowbit_reference_scores
 from test_qk_topn import check_topn, make_qk
 from test_quantize_rows import make_rows
 from test_sparse_attn_v import check_attn, make_selection, make_tail_case, overlapping_indices
@@ -48,13 +49,19 @@ def asan_exe():
     return emu.build("asan")
 
 
-def run_qk_topn(exe, q, k, seq_lens, n, scale, group_select, sms=SMS, seeds=SEEDS):
+def run_qk_topn(exe, q, k, seq_lens, n, scale, group_select, sms=SMS, seeds=SEEDS,
+                return_scores=False):
     """qk_topn on the emulator: q [B, Hq, D], k [B, Hkv, S, D], seq_lens [B] int32 (any strides)
-    -> scores [B, Hq, n] float32, indices [B, Hq, n] int32, lse [B, Hq] float32. sms: the
+    -> scores [B, Hq, n] float32, indices [B, Hq, n] int32, lse [B, Hq] float32, and with
+    return_scores the score scratch as the launcher returns it, [B, Hq, S] float32. sms: the
     multiprocessor count the chunk sizing is given."""
     out = emu.run(exe, "qk_topn", dict(n=n, scale=scale, group_select=int(group_select), sms=sms),
                   dict(q=q, k_cache=k, seq_lens=seq_lens), seeds=seeds)
-    return out["scores"], out["indices"], out["lse"]  # [B, Hq, n], [B, Hq, n], [B, Hq]
+    picked = out["scores"], out["indices"], out["lse"]  # [B, Hq, n], [B, Hq, n], [B, Hq]
+    if not return_scores:
+        return picked
+    B, Hq, S = q.shape[0], q.shape[1], k.shape[2]
+    return (*picked, out["scratch"].view(B, Hq, -1)[..., :S])
 
 
 def run_sparse_attn_v(exe, scores, indices, v, lse, renormalize, seeds=SEEDS, v_sum=None,
@@ -788,23 +795,25 @@ def test_missing_barrier_is_caught(race_exe):
 
 # ---- lowbit_tail --------------------------------------------------------------------------------
 
-def run_lowbit_tail(exe, q, k, seq_lens, lse, indices, codes, meta, scale, sms=SMS,
+def run_lowbit_tail(exe, scores, seq_lens, lse, indices, codes, meta, bits, sms=SMS,
                     seeds=SEEDS, skip_barrier=None):
-    """lowbit_tail on the emulator: q [B, Hq, D], k [B, Hkv, S, D], seq_lens [B] int32, lse
-    [B, Hq] float32, indices [B, Hq, N] int32, codes [B, Hkv, S, D * bits / 8] uint8 (sent as
-    int32 words: the case format has no uint8), meta [B, Hkv, S, 2] bfloat16 -> out [B, Hq, D]
+    """lowbit_tail on the emulator: scores [B, Hq, S] float32, seq_lens [B] int32, lse [B, Hq]
+    float32, indices [B, Hq, N] int32, codes [B, Hkv, S, D * bits / 8] uint8 (sent as int32
+    words: the case format has no uint8), meta [B, Hkv, S, 2] bfloat16 -> out [B, Hq, D]
     float32. skip_barrier: as emu.run's (a mutant)."""
-    tensors = dict(q=q, k_cache=k, seq_lens=seq_lens, lse=lse, indices=indices,
+    tensors = dict(scores=scores, seq_lens=seq_lens, lse=lse, indices=indices,
                    v_codes_words=codes.view(torch.int32), v_meta=meta)
-    return emu.run(exe, "lowbit_tail", dict(scale=scale, sms=sms), tensors, seeds=seeds,
+    return emu.run(exe, "lowbit_tail", dict(bits=bits, sms=sms), tensors, seeds=seeds,
                    skip_barrier=skip_barrier)["out"]
 
 
 def lowbit_case(B, Hkv, G, S, D, bits, dtype, lens, n, group_select, scale):
-    """make_lowbit_case's inputs plus the indices and lse of the reference qk_topn over them."""
+    """(scores [B, Hq, S] (the reference's, NaN past L_b), seq_lens, lse, indices, codes, meta):
+    make_lowbit_case's low-bit copy and the reference qk_topn's selection over its q and K."""
     q, k, seq_lens, codes, meta = make_lowbit_case(B, Hkv, G, S, D, bits, dtype, "cpu", lens)
     _, indices, lse = R.qk_topn(q, k, seq_lens, n, scale, group_select)
-    return q, k, seq_lens, lse, indices, codes, meta
+    scores, _ = lowbit_reference_scores(q, k, seq_lens, scale)
+    return scores, seq_lens, lse, indices, codes, meta
 
 
 @pytest.mark.parametrize("dtype,D,G,bits,group_select", [
@@ -822,8 +831,8 @@ def test_lowbit_tail_matches_reference(race_exe, dtype, D, G, bits, group_select
     Hkv, S, n = 1 if G >= 8 else 2, 700, 16
     lens = [S, 97, n + 1, n, 1, 0]
     args = lowbit_case(len(lens), Hkv, G, S, D, bits, dtype, lens, n, group_select, 0.1)
-    out = run_lowbit_tail(race_exe, *args, 0.1)
-    check_lowbit_tail(*args, 0.1, out)
+    out = run_lowbit_tail(race_exe, *args, bits)
+    check_lowbit_tail(*args, bits, out)
     assert torch.equal(out[3:], torch.zeros(3, *out.shape[1:])), "L_b <= N gives zeros"
 
 
@@ -831,31 +840,32 @@ def test_lowbit_tail_matches_reference(race_exe, dtype, D, G, bits, group_select
 def test_lowbit_tail_single_chunk(race_exe, bits):
     """One multiprocessor: a single chunk per row, written to out without the reduce kernel."""
     args = lowbit_case(2, 2, 4, 300, 128, bits, torch.bfloat16, [300, 211], 24, False, 0.09)
-    out = run_lowbit_tail(race_exe, *args, 0.09, sms=1)
-    check_lowbit_tail(*args, 0.09, out)
+    out = run_lowbit_tail(race_exe, *args, bits, sms=1)
+    check_lowbit_tail(*args, bits, out)
 
 
 def test_lowbit_tail_full_bitmap(race_exe):
     """Chunks of kTailMaxChunk = 4096 keys (one multiprocessor, 12288 keys): every word of the
     selection bitmap, for a slice of 8 heads, with 1024 selected keys per head."""
     args = lowbit_case(1, 1, 8, 12288, 64, 2, torch.float32, [12288], 1024, False, 0.125)
-    out = run_lowbit_tail(race_exe, *args, 0.125, sms=1)
-    check_lowbit_tail(*args, 0.125, out)
+    out = run_lowbit_tail(race_exe, *args, 2, sms=1)
+    check_lowbit_tail(*args, 2, out)
 
 
 def test_lowbit_tail_arbitrary_indices(race_exe):
     """Indices repeated, -1, in [L_b, S), >= S and < -1 (the last two rejected by the launcher
     outside graph capture): only the valid ones in [0, L_b) are left out, nothing else is read."""
     B, Hkv, G, S, D, N = 2, 2, 3, 300, 64, 40
-    q, k, seq_lens, codes, meta = make_lowbit_case(B, Hkv, G, S, D, 4, torch.float16, "cpu", [300, 150])
+    q, k, seq_lens, codes, meta = make_lowbit_case(B, Hkv, G, S, D, 4, torch.float16, "cpu",
+                                                   [300, 150])
     indices = torch.randint(0, S, (B, Hkv * G, N), dtype=torch.int32)
     indices[:, :, 1] = indices[:, :, 0]
     indices[torch.rand(B, Hkv * G, N) < 0.2] = -1
     indices[0, 0, 2], indices[1, 2, 3], indices[1, 1, 4] = S + 3, -7, 1 << 30
-    _, lse = R.qk_scores(q, k, seq_lens, 0.2)
-    out = run_lowbit_tail(race_exe, q, k, seq_lens, lse, indices, codes, meta, 0.2)
+    scores, lse = lowbit_reference_scores(q, k, seq_lens, 0.2)
+    out = run_lowbit_tail(race_exe, scores, seq_lens, lse, indices, codes, meta, 4)
     cleaned = indices.masked_fill((indices < 0) | (indices >= S), -1)
-    check_lowbit_tail(q, k, seq_lens, lse, cleaned, codes, meta, 0.2, out)
+    check_lowbit_tail(scores, seq_lens, lse, cleaned, codes, meta, 4, out)
 
 
 def test_lowbit_tail_out_of_range_lengths_are_clamped(race_exe):
@@ -865,44 +875,53 @@ def test_lowbit_tail_out_of_range_lengths_are_clamped(race_exe):
     q, k, _, codes, meta = make_lowbit_case(3, 2, 2, S, 64, 2, torch.float32, "cpu", [S, S, 40])
     clamped = seq_lens_tensor([S, 0, 40], "cpu")
     _, indices, lse = R.qk_topn(q, k, clamped, 8, 0.2)
-    out = run_lowbit_tail(race_exe, q, k, seq_lens_tensor([S + 50, -7, 40], "cpu"), lse, indices,
-                          codes, meta, 0.2)
-    check_lowbit_tail(q, k, clamped, lse, indices, codes, meta, 0.2, out)
+    scores, _ = lowbit_reference_scores(q, k, clamped, 0.2)
+    out = run_lowbit_tail(race_exe, scores, seq_lens_tensor([S + 50, -7, 40], "cpu"), lse,
+                          indices, codes, meta, 2)
+    check_lowbit_tail(scores, clamped, lse, indices, codes, meta, 2, out)
 
 
 def test_lowbit_tail_strided_inputs(race_exe):
-    """The cache's views: k, codes and meta sliced on S and heads; q, lse and indices transposed
-    views; seq_lens every other element."""
+    """The cache's views: codes and meta sliced on S and heads; scores every other head's of a
+    wider buffer; lse and indices transposed views; seq_lens every other element."""
     B, Hkv, G, S, D, n = 2, 2, 3, 97, 128, 16
     q, k, _, codes, meta = make_lowbit_case(B, 2 * Hkv, G, S + 11, D, 4, torch.bfloat16, "cpu",
-                                     [S + 5, 55])
+                                            [S + 5, 55])
     k, codes, meta = (t[:, 1::2, 5:S + 5] for t in (k, codes, meta))
-    q = q.view(B, 2 * Hkv, G, D)[:, 1::2].reshape(B, Hkv * G, D).transpose(0, 1).contiguous()
-    q = q.transpose(0, 1)
+    q = q.view(B, 2 * Hkv, G, D)[:, 1::2].reshape(B, Hkv * G, D)
     lens = seq_lens_tensor([S, 0, 50, 0], "cpu")[::2]
     _, indices, lse = R.qk_topn(q, k, lens, n, 0.1)
+    scores, _ = lowbit_reference_scores(q, k, lens, 0.1)
+    wide = torch.full((B, 2 * Hkv * G, S + 7), float("nan"))
+    wide[:, 1::2, 3:S + 3] = scores
+    scores = wide[:, 1::2, 3:S + 3]
     indices = indices.transpose(0, 1).contiguous().transpose(0, 1)
     lse = lse.t().contiguous().t()
-    assert not any(t.is_contiguous() for t in (q, k, codes, meta, indices, lse, lens))
-    out = run_lowbit_tail(race_exe, q, k, lens, lse, indices, codes, meta, 0.1)
-    check_lowbit_tail(q, k, lens, lse, indices, codes, meta, 0.1, out)
+    assert not any(t.is_contiguous() for t in (scores, codes, meta, indices, lse, lens))
+    out = run_lowbit_tail(race_exe, scores, lens, lse, indices, codes, meta, 4)
+    check_lowbit_tail(scores, lens, lse, indices, codes, meta, 4, out)
 
 
 def test_lowbit_tail_empty_cache(race_exe):
     """S = 0: no block at all, zeros out."""
     args = lowbit_case(2, 2, 2, 0, 64, 2, torch.float32, [0, 0], 4, False, 0.1)
-    assert torch.equal(run_lowbit_tail(race_exe, *args, 0.1), torch.zeros(2, 4, 64))
+    assert torch.equal(run_lowbit_tail(race_exe, *args, 2), torch.zeros(2, 4, 64))
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_lowbit_tail_decode_step(race_exe, group_select):
-    """qk_topn then lowbit_tail on the emulator equals the reference tail of the reference
-    selection."""
+    """qk_topn then lowbit_tail on the emulator, over qk_topn's own score scratch (as KCache
+    passes it): the reference tail of the reference selection."""
     B, Hkv, G, S, D, n = 2, 2, 4, 700, 64, 32
     q, k, lens, codes, meta = make_lowbit_case(B, Hkv, G, S, D, 2, torch.bfloat16, "cpu", [S, 97])
-    _, indices, lse = run_qk_topn(race_exe, q, k, lens, n, 1 / 8, group_select)
-    out = run_lowbit_tail(race_exe, q, k, lens, lse, indices, codes, meta, 1 / 8)
-    check_lowbit_tail(q, k, lens, lse, indices, codes, meta, 1 / 8, out)
+    _, indices, lse, every = run_qk_topn(race_exe, q, k, lens, n, 1 / 8, group_select,
+                                         return_scores=True)
+    out = run_lowbit_tail(race_exe, every, lens, lse, indices, codes, meta, 2)
+    check_lowbit_tail(every, lens, lse, indices, codes, meta, 2, out)
+    want, _ = R.qk_scores(q, k, lens, 1 / 8)  # [B, Hq, S]
+    for b, L in enumerate(lens.tolist()):
+        torch.testing.assert_close(every[b, :, :L], want[b, :, :L], atol=TOL[torch.bfloat16],
+                                   rtol=TOL[torch.bfloat16])
 
 
 @settings(max_examples=6, deadline=None)
@@ -914,21 +933,24 @@ def test_lowbit_tail_random_shapes(race_exe, B, Hkv, G, S, n, D, bits, dtype, gr
                                    data):
     lens = data.draw(st.lists(st.integers(0, S), min_size=B, max_size=B))
     args = lowbit_case(B, Hkv, G, S, D, bits, dtype, lens, n, group_select, 1 / math.sqrt(D))
-    out = run_lowbit_tail(race_exe, *args, 1 / math.sqrt(D), sms=sms)
-    check_lowbit_tail(*args, 1 / math.sqrt(D), out)
+    out = run_lowbit_tail(race_exe, *args, bits, sms=sms)
+    check_lowbit_tail(*args, bits, out)
 
 
 @pytest.mark.parametrize("sms", [1, 132], ids=["one_chunk", "chunks"])
 def test_asan_lowbit_tail(asan_exe, sms):
     """Strided inputs ending at the last row of their storage, both bit widths, one seed."""
     for bits, dtype in ((2, torch.float16), (4, torch.float32)):
-        q, k, lens, codes, meta = make_lowbit_case(2, 1, 3, 610, 64, bits, dtype, "cpu", [610, 333])
+        q, k, lens, codes, meta = make_lowbit_case(2, 1, 3, 610, 64, bits, dtype, "cpu",
+                                                   [610, 333])
         k, codes, meta = (t[:, :, 10:] for t in (k, codes, meta))
         lens = seq_lens_tensor([600, 323], "cpu")
         _, indices, lse = R.qk_topn(q, k, lens, 30, 0.1)
-        out = run_lowbit_tail(asan_exe, q, k, lens, lse, indices, codes, meta, 0.1, sms=sms,
+        scores, _ = lowbit_reference_scores(q, k, lens, 0.1)
+        scores = torch.cat([torch.zeros(2, 3, 10), scores], -1)[..., 10:]  # ends at its storage's
+        out = run_lowbit_tail(asan_exe, scores, lens, lse, indices, codes, meta, bits, sms=sms,
                               seeds=(1,))
-        check_lowbit_tail(q, k, lens, lse, indices, codes, meta, 0.1, out)
+        check_lowbit_tail(scores, lens, lse, indices, codes, meta, bits, out)
 
 
 def _lowbit_tail_barriers():
@@ -942,6 +964,6 @@ def _lowbit_tail_barriers():
 def test_lowbit_tail_missing_barrier_is_caught(race_exe, site):
     """Each barrier of lowbit_tail_kernel removed in turn: the race check stops the run."""
     args = lowbit_case(1, 1, 4, 600, 64, 2, torch.float32, [600], 40, False, 0.1)
-    run_lowbit_tail(race_exe, *args, 0.1, seeds=(1,))  # the unmodified kernel passes
+    run_lowbit_tail(race_exe, *args, 2, seeds=(1,))  # the unmodified kernel passes
     with pytest.raises(emu.EmulatorError, match="race|not written in this block"):
-        run_lowbit_tail(race_exe, *args, 0.1, seeds=(1,), skip_barrier=site)
+        run_lowbit_tail(race_exe, *args, 2, seeds=(1,), skip_barrier=site)

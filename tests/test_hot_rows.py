@@ -84,9 +84,11 @@ def reference_step(q, k, v, group_select, renormalize, tail, **hot):
     sel, idx = sel[None], idx[None]  # [1, Hq, M]
     if tail == "none":
         return reference.sparse_attn_v(sel, idx, v, lse, renormalize)
-    codes, meta = reference.quantize_rows(v, {"int2": 2, "int4": 4}[tail])
+    bits = {"int2": 2, "int4": 4}[tail]
+    codes, meta = reference.quantize_rows(v, bits)
     top = reference.sparse_attn_v(sel, idx, v, lse, renormalize=False)  # [1, Hq, D]
-    return top + reference.lowbit_tail(q, k, lens, lse, idx, codes, meta)
+    every, _ = reference.qk_scores(q, k, lens)  # [1, Hq, L]
+    return top + reference.lowbit_tail(every, lens, lse, idx, codes, meta, bits)
 
 
 @pytest.mark.parametrize("group_select", [False, True])

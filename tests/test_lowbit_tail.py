@@ -1,9 +1,8 @@
-"""kcache_ops.lowbit_tail against the float32 reference: indices from qk_topn (per head and group
-selection) and arbitrary ones (padding, repeats, past L_b), L_b <= N giving zeros, the tail plus
-the selected rows equal to attention over the mixed V, rows past L_b never read, strided inputs,
-GQA ratios, both bit widths, random shapes; on CUDA long rows, determinism and graph replay."""
-import math
-
+"""kcache_ops.lowbit_tail against the float32 reference: scores, indices and lse from qk_topn (per
+head and group selection) and arbitrary indices (padding, repeats, past L_b), L_b <= N giving
+zeros, the tail plus the selected rows equal to attention over the mixed V, scores and rows past
+L_b never read, strided inputs, GQA ratios, both bit widths, random shapes; on CUDA long rows,
+determinism and graph replay."""
 import pytest
 import torch
 from conftest import DEVICES, DTYPES, TOL, host_tensor, poison_allocator, seq_lens_tensor
@@ -14,7 +13,7 @@ from hypothesis import strategies as st
 import kcache_ops
 from kcache_ops import reference as R
 
-# the op accumulates in float32 whatever the dtype of q and K: the float32 tolerance for all
+# the op sums float32 scores and codes whatever the model's dtype: the float32 tolerance for all
 OUT_TOL = TOL[torch.float32]
 
 
@@ -32,11 +31,28 @@ def make_case(B, Hkv, G, S, D, bits, dtype, device, lens):
             meta.to(device))
 
 
-def check_tail(q, k, lens, lse, indices, codes, meta, scale, out):
-    """out [B, Hq, D] float32 on q's device, close to the reference, no NaN."""
-    assert out.dtype == torch.float32 and out.device == q.device and out.shape == q.shape
-    ref = R.lowbit_tail(q.cpu(), k.cpu(), lens.cpu(), lse.cpu(), indices.cpu(), codes.cpu(),
-                        meta.cpu(), scale)
+def selection(q, k, seq_lens, n, group_select, scale=None):
+    """qk_topn's (all_scores [B, Hq, S], indices [B, Hq, n], lse [B, Hq]) for lowbit_tail."""
+    _, indices, lse, all_scores = kcache_ops.qk_topn(q, k, seq_lens, n, scale, group_select,
+                                                     return_scores=True)
+    return all_scores, indices, lse
+
+
+def reference_scores(q, k, seq_lens, scale):
+    """Every score [B, Hq, S] float32 of the reference and lse [B, Hq], on q's device, with NaN
+    past L_b (lowbit_tail must not read them)."""
+    s, lse = R.qk_scores(q.cpu(), k.cpu(), seq_lens.cpu(), scale)  # [B, Hq, S], [B, Hq]
+    return s.nan_to_num(float("nan"), neginf=float("nan")).to(q.device), lse.to(q.device)
+
+
+def check_tail(scores, lens, lse, indices, codes, meta, bits, out):
+    """out [B, Hq, D] float32 on scores' device, close to the reference, no NaN."""
+    B, Hq, _ = scores.shape
+    D = codes.shape[-1] * 8 // bits
+    assert out.dtype == torch.float32 and out.device == scores.device
+    assert out.shape == (B, Hq, D)
+    ref = R.lowbit_tail(scores.cpu(), lens.cpu(), lse.cpu(), indices.cpu(), codes.cpu(),
+                        meta.cpu(), bits)
     assert not out.isnan().any()
     torch.testing.assert_close(out.cpu(), ref, atol=OUT_TOL, rtol=OUT_TOL)
 
@@ -50,16 +66,17 @@ def test_matches_reference(device, dtype, G, D, group_select, bits):
     Hkv, S, n = 2, 1025, 64
     lens = [1025, 0, 1, n, n + 1, 97]
     q, k, seq_lens, codes, meta = make_case(len(lens), Hkv, G, S, D, bits, dtype, device, lens)
-    _, indices, lse = kcache_ops.qk_topn(q, k, seq_lens, n, None, group_select)
+    scores, indices, lse = selection(q, k, seq_lens, n, group_select)
     poison_allocator(device, q.shape, torch.float32)
-    out = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta)
-    check_tail(q, k, seq_lens, lse, indices, codes, meta, 1 / math.sqrt(D), out)
+    out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits)
+    check_tail(scores, seq_lens, lse, indices, codes, meta, bits, out)
     assert torch.equal(out[1:4].cpu(), torch.zeros(3, *out.shape[1:])), "L_b <= N gives zeros"
 
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_arbitrary_indices(device, dtype, bits):
-    """Random indices with padding, repeats and positions in [L_b, S) (ignored), a given scale."""
+    """Random indices with padding, repeats and positions in [L_b, S) (ignored); the reference's
+    scores, NaN past L_b."""
     B, Hkv, G, S, D, N = 3, 2, 4, 300, 64, 40
     lens = [300, 123, 7]
     q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, bits, dtype, device, lens)
@@ -67,9 +84,9 @@ def test_arbitrary_indices(device, dtype, bits):
     indices[torch.rand(B, Hkv * G, N) < 0.3] = -1
     indices[:, :, 1] = indices[:, :, 0]  # a repeat
     indices = indices.to(device)
-    _, lse = R.qk_scores(q.cpu(), k.cpu(), seq_lens.cpu(), 0.2)
-    out = kcache_ops.lowbit_tail(q, k, seq_lens, lse.to(device), indices, codes, meta, 0.2)
-    check_tail(q, k, seq_lens, lse, indices, codes, meta, 0.2, out)
+    scores, lse = reference_scores(q, k, seq_lens, 0.2)
+    out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits)
+    check_tail(scores, seq_lens, lse, indices, codes, meta, bits, out)
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
@@ -80,10 +97,11 @@ def test_completes_exact_attention(device, dtype, group_select):
     lens = [500, 251]
     q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, bits, dtype, device, lens)
     v = torch.randn(B, Hkv, S, D)  # the exact rows read from host
-    scores, indices, lse = kcache_ops.qk_topn(q, k, seq_lens, n, None, group_select)
+    scores, indices, lse, every = kcache_ops.qk_topn(q, k, seq_lens, n, None, group_select,
+                                                     return_scores=True)
     head = kcache_ops.sparse_attn_v(scores, indices, host_tensor(v, device), lse,
                                   renormalize=False)
-    tail = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta)
+    tail = kcache_ops.lowbit_tail(every, seq_lens, lse, indices, codes, meta, bits)
     low = R.dequantize_rows(codes.cpu(), meta.cpu(), D).repeat_interleave(G, 1)  # [B, Hq, S, D]
     idx = indices.cpu().long()  # [B, Hq, n]
     chosen = torch.zeros(B, Hkv * G, S + 1, dtype=torch.bool)  # slot S: padding
@@ -93,14 +111,15 @@ def test_completes_exact_attention(device, dtype, group_select):
     want = torch.einsum("bhs,bhsd->bhd", torch.softmax(s, -1), mixed.nan_to_num(0.0))
     torch.testing.assert_close(head.cpu().float() + tail.cpu(), want, atol=OUT_TOL, rtol=OUT_TOL)
     none = torch.full_like(indices, -1)
-    alone = kcache_ops.lowbit_tail(q, k, seq_lens, lse, none, codes, meta)
+    alone = kcache_ops.lowbit_tail(every, seq_lens, lse, none, codes, meta, bits)
     want = torch.einsum("bhs,bhsd->bhd", torch.softmax(s, -1), low.nan_to_num(0.0))
     torch.testing.assert_close(alone.cpu(), want, atol=OUT_TOL, rtol=OUT_TOL)
 
 
 def test_strided_inputs(device, dtype):
-    """The cache's views: k, codes and meta [:, :, :T] slices of wider buffers (and every other
-    head), q, lse and indices transposed views; strides honoured, nothing copied."""
+    """The cache's views: codes and meta [:, :, :T] slices of wider buffers (and every other
+    head), scores a slice of every other head's, lse and indices transposed views; strides
+    honoured, nothing copied."""
     B, Hkv, G, S, D, n, bits = 2, 2, 3, 97, 64, 16, 4
     lens = [97, 50]
     q, k, _, codes, meta = make_case(B, 2 * Hkv, G, S + 11, D, bits, dtype, device,
@@ -109,41 +128,45 @@ def test_strided_inputs(device, dtype):
     seq_lens = seq_lens_tensor(lens, device)
     q = q.view(B, 2 * Hkv, G, D)[:, ::2].reshape(B, Hkv * G, D).transpose(0, 1).contiguous()
     q = q.transpose(0, 1)
-    scores, indices, lse = kcache_ops.qk_topn(q, k, seq_lens, n, None, False)
+    scores, indices, lse = selection(q, k, seq_lens, n, False)
+    wide = torch.full((B, 2 * Hkv * G, S + 3), float("nan"), device=device)  # [B, 2 Hq, S + 3]
+    wide[:, ::2, 2:S + 2] = scores
+    scores = wide[:, ::2, 2:S + 2]  # [B, Hq, S]
     indices = indices.transpose(0, 1).contiguous().transpose(0, 1)
     lse = lse.t().contiguous().t()
-    assert not any(t.is_contiguous() for t in (q, k, codes, meta, indices, lse))
-    out = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta)
-    check_tail(q, k, seq_lens, lse, indices, codes, meta, 1 / math.sqrt(D), out)
+    assert not any(t.is_contiguous() for t in (scores, codes, meta, indices, lse))
+    out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits)
+    check_tail(scores, seq_lens, lse, indices, codes, meta, bits, out)
 
 
 def test_empty_batch(device):
-    q, k, seq_lens, codes, meta = make_case(0, 2, 2, 16, 64, 2, torch.float32, device, [])
+    _, _, seq_lens, codes, meta = make_case(0, 2, 2, 16, 64, 2, torch.float32, device, [])
+    scores = torch.zeros(0, 4, 16, device=device)
     lse = torch.zeros(0, 4, device=device)
     indices = torch.zeros(0, 4, 3, dtype=torch.int32, device=device)
-    out = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta)
+    out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, 2)
     assert out.shape == (0, 4, 64) and out.dtype == torch.float32
 
 
 def test_check_values_off(device):
     """check_values=False (no value read-back on CUDA) changes no output and passes opcheck."""
     q, k, seq_lens, codes, meta = make_case(2, 2, 4, 97, 64, 2, torch.float32, device, [97, 30])
-    _, indices, lse = kcache_ops.qk_topn(q, k, seq_lens, 16, 0.125, True)
-    want = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta, 0.125)
-    got = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta, 0.125,
+    scores, indices, lse = selection(q, k, seq_lens, 16, True, 0.125)
+    want = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, 2)
+    got = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, 2,
                                  check_values=False)
     assert torch.equal(got, want)
     torch.library.opcheck(torch.ops.kcache_ops.lowbit_tail.default,
-                          (q, k, seq_lens, lse, indices, codes, meta, 0.125, False))
+                          (scores, seq_lens, lse, indices, codes, meta, 2, False))
 
 
 def test_compile_decode_step_with_tail(device):
     """torch.compile (fullgraph) over qk_topn, sparse_attn_v with full-softmax weights and the
     tail: the same output as eager."""
     def decode(q, k, v, lens, codes, meta):
-        scores, indices, lse = kcache_ops.qk_topn(q, k, lens, 8)
+        scores, indices, lse, every = kcache_ops.qk_topn(q, k, lens, 8, return_scores=True)
         head = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize=False)
-        return head.float() + kcache_ops.lowbit_tail(q, k, lens, lse, indices, codes, meta)
+        return head.float() + kcache_ops.lowbit_tail(every, lens, lse, indices, codes, meta, 4)
 
     q, k, lens, codes, meta = make_case(3, 1, 4, 97, 128, 4, torch.float32, device, [97, 5, 0])
     v = host_tensor(torch.randn(3, 1, 97, 128), device)
@@ -161,9 +184,9 @@ def test_random_shapes(B, Hkv, G, S, n, D, bits, dtype, group_select, data):
     lens = data.draw(st.lists(st.integers(0, S), min_size=B, max_size=B))
     for device in DEVICES:
         q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, bits, dtype, device, lens)
-        _, indices, lse = kcache_ops.qk_topn(q, k, seq_lens, n, None, group_select)
-        out = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta)
-        check_tail(q, k, seq_lens, lse, indices, codes, meta, 1 / math.sqrt(D), out)
+        scores, indices, lse = selection(q, k, seq_lens, n, group_select)
+        out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits)
+        check_tail(scores, seq_lens, lse, indices, codes, meta, bits, out)
 
 
 @requires_cuda
@@ -177,10 +200,10 @@ def test_cuda_long_rows_deterministic(shape, group_select):
         lens = [S] + [S - 1001 * b for b in range(1, B)]
         q, k, seq_lens, codes, meta = make_case(B, Hkv, Hq // Hkv, S, D, 2, torch.bfloat16,
                                                 "cuda", lens)
-        _, indices, lse = kcache_ops.qk_topn(q, k, seq_lens, 64, None, group_select)
-        out = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta)
-        check_tail(q, k, seq_lens, lse, indices, codes, meta, 1 / math.sqrt(D), out)
-        again = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta)
+        scores, indices, lse = selection(q, k, seq_lens, 64, group_select)
+        out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, 2)
+        check_tail(scores, seq_lens, lse, indices, codes, meta, 2, out)
+        again = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, 2)
         assert torch.equal(out, again), "not deterministic"
 
 
@@ -193,16 +216,17 @@ def test_cuda_graph_replay():
                                             [S] * B)
 
     def step():
-        _, indices, lse = kcache_ops.qk_topn(q, k, seq_lens, n, None, True, check_values=False)
-        out = kcache_ops.lowbit_tail(q, k, seq_lens, lse, indices, codes, meta,
+        _, indices, lse, every = kcache_ops.qk_topn(q, k, seq_lens, n, None, True,
+                                                    check_values=False, return_scores=True)
+        out = kcache_ops.lowbit_tail(every, seq_lens, lse, indices, codes, meta, bits,
                                      check_values=False)
-        return out, indices, lse
+        return out, every, indices, lse
 
-    graph, (out, indices, lse) = capture_graph(step)
+    graph, (out, every, indices, lse) = capture_graph(step)
     for lens in ([S, 3000, 17], [0, 64, 4095]):
         fresh = make_case(B, Hkv, G, S, D, bits, torch.bfloat16, "cuda", lens)
         for static, new in zip((q, k, seq_lens, codes, meta), fresh):
             static.copy_(new)
         graph.replay()
         torch.cuda.synchronize()
-        check_tail(q, k, seq_lens, lse, indices, codes, meta, 1 / math.sqrt(D), out)
+        check_tail(every, seq_lens, lse, indices, codes, meta, bits, out)

@@ -205,39 +205,49 @@ def test_mixed_devices():
 
 
 @pytest.fixture
-def low_tail(device, qk):
-    """Valid lowbit_tail arguments: q, k_cache, seq_lens as qk, lse [B, Hq], indices [B, Hq, N],
-    v_codes [B, Hkv, S, D / 4] (2 bits), v_meta [B, Hkv, S, 2] bfloat16."""
-    return (*qk, torch.randn(B, HKV * G, device=device),
+def low_tail(device):
+    """Valid lowbit_tail arguments: scores [B, Hq, S] float32, seq_lens [B], lse [B, Hq],
+    indices [B, Hq, N], v_codes [B, Hkv, S, D / 4] (2 bits), v_meta [B, Hkv, S, 2] bfloat16,
+    bits."""
+    return (torch.randn(B, HKV * G, S, device=device), seq_lens_tensor([S, 3], device),
+            torch.randn(B, HKV * G, device=device),
             torch.randint(0, S, (B, HKV * G, N), dtype=torch.int32, device=device),
             torch.randint(0, 256, (B, HKV, S, D // 4), dtype=torch.uint8, device=device),
-            torch.randn(B, HKV, S, 2, device=device).bfloat16())
+            torch.randn(B, HKV, S, 2, device=device).bfloat16(), 2)
 
 
 @pytest.mark.parametrize("i, bad, message", [
-    (1, lambda k: k.half(), "q and k_cache must have the same dtype, got Float and Half"),
-    (2, lambda lens: lens + 1, r"seq_lens\[0\] must be in \[0, 16\] \(k_cache capacity\), got 17"),
-    (3, lambda lse: lse.double(), "lse must be Float, got Double"),
-    (3, lambda lse: lse[:, :2], r"lse must have shape \[2, 4\] \(q batch, heads\), got \[2, 2\]"),
-    (4, lambda idx: idx.long(), "indices must be Int, got Long"),
-    (4, lambda idx: idx[0], r"indices must have 3 dims, got shape \[4, 4\]"),
-    (4, lambda idx: idx[:, :3], r"indices must have shape \[2, 4, N\] \(q batch, heads\), got "
-     r"\[2, 3, 4\]"),
-    (4, lambda idx: idx - S - 1, r"indices\[0, 0, 0\] must be -1 \(padding\) or in \[0, 16\) "
-     r"\(k_cache capacity\)"),
-    (5, lambda c: c.int(), "v_codes must be Byte, got Int"),
-    (5, lambda c: c[0], r"v_codes must have 4 dims, got shape \[2, 16, 16\]"),
-    (5, lambda c: c[:, :, :15], r"v_codes must have shape \[2, 2, 16, D \* bits / 8\] \(k_cache "
-     r"batch, heads, capacity\), got \[2, 2, 15, 16\]"),
-    (5, lambda c: torch.cat([c, c[..., :8]], -1), r"v_codes last dim must be D \* bits / 8 with "
-     r"bits 2 or 4 \(16 or 32 for D = 64\), got 24"),
-    (5, lambda c: c.transpose(2, 3).contiguous().transpose(2, 3),
+    (0, lambda s: s.double(), "scores must be Float, got Double"),
+    (0, lambda s: s[0], r"scores must have 3 dims, got shape \[4, 16\]"),
+    (1, lambda lens: lens + 1, r"seq_lens\[0\] must be in \[0, 16\] \(v_codes capacity\), got 17"),
+    (1, lambda lens: lens[:1], r"seq_lens must have shape \[2\] \(scores batch\), got \[1\]"),
+    (2, lambda lse: lse.double(), "lse must be Float, got Double"),
+    (2, lambda lse: lse[:, :2], r"lse must have shape \[2, 4\] \(scores batch, heads\), got "
+     r"\[2, 2\]"),
+    (3, lambda idx: idx.long(), "indices must be Int, got Long"),
+    (3, lambda idx: idx[0], r"indices must have 3 dims, got shape \[4, 4\]"),
+    (3, lambda idx: idx[:, :3], r"indices must have shape \[2, 4, N\] \(scores batch, heads\), "
+     r"got \[2, 3, 4\]"),
+    (3, lambda idx: idx - S - 1, r"indices\[0, 0, 0\] must be -1 \(padding\) or in \[0, 16\) "
+     r"\(v_codes capacity\)"),
+    (4, lambda c: c.int(), "v_codes must be Byte, got Int"),
+    (4, lambda c: c[0], r"v_codes must have 4 dims, got shape \[2, 16, 16\]"),
+    (4, lambda c: c[:, :, :15], r"v_codes must have shape \[2, Hkv, 16, D \* bits / 8\] "
+     r"\(scores batch, -, keys\), got \[2, 2, 15, 16\]"),
+    (4, lambda c: torch.cat([c, c], 1)[:, :3], r"scores heads \(4\) must be a multiple of "
+     r"v_codes heads \(3\)"),
+    (4, lambda c: torch.cat([c, c[..., :8]], -1), r"v_codes last dim must be D \* bits / 8 with "
+     r"D 64 or 128 \(16 or 32 bytes for bits = 2\), got 24"),
+    (4, lambda c: c.transpose(2, 3).contiguous().transpose(2, 3),
      "v_codes must be contiguous in its last dim"),
-    (6, lambda m: m.float(), "v_meta must be BFloat16, got Float"),
-    (6, lambda m: m[:, :1], r"v_meta must have shape \[2, 2, 16, 2\] \(k_cache batch, heads, "
-     r"capacity; scale and min\), got \[2, 1, 16, 2\]"),
-    (6, lambda m: m.transpose(2, 3).contiguous().transpose(2, 3),
+    (5, lambda m: m.float(), "v_meta must be BFloat16, got Float"),
+    (5, lambda m: m[:, :1], r"v_meta must have shape \[2, 2, 16, 2\] \(v_codes batch, heads, "
+     r"keys; scale and min\), got \[2, 1, 16, 2\]"),
+    (5, lambda m: m.transpose(2, 3).contiguous().transpose(2, 3),
      "v_meta must be contiguous in its last dim"),
+    (6, lambda bits: 3, "bits must be 2 or 4, got 3"),
+    (6, lambda bits: 4, r"v_codes last dim must be D \* bits / 8 with D 64 or 128 \(32 or 64 "
+     r"bytes for bits = 4\), got 16"),
 ])
 def test_lowbit_tail_bad_arguments(low_tail, i, bad, message):
     with pytest.raises(RuntimeError, match=message):
@@ -248,23 +258,23 @@ def test_lowbit_tail_bad_arguments(low_tail, i, bad, message):
 def test_lowbit_tail_cpu_checks_values(low_tail):
     """check_values=False only skips the CUDA read-back: the CPU op still names a bad value."""
     with pytest.raises(RuntimeError, match=r"indices\[0, 0, 0\] must be -1 \(padding\)"):
-        kcache_ops.lowbit_tail(*change(low_tail, 4, low_tail[4] - S - 1), check_values=False)
+        kcache_ops.lowbit_tail(*change(low_tail, 3, low_tail[3] - S - 1), check_values=False)
 
 
 @requires_cuda
 def test_lowbit_tail_cuda_alignment():
     """The CUDA kernel reads each row's (scale, min) as one 4-byte word and the codes with vector
     loads: misaligned rows are refused with a message that says so."""
-    q, k = torch.randn(B, HKV * G, D, device="cuda"), torch.randn(B, HKV, S, D, device="cuda")
+    scores = torch.randn(B, HKV * G, S, device="cuda")
     lens = seq_lens_tensor([S, 3], "cuda")
     lse = torch.randn(B, HKV * G, device="cuda")
     indices = torch.randint(0, S, (B, HKV * G, N), dtype=torch.int32, device="cuda")
     codes = torch.randint(0, 256, (B, HKV, S, D // 4), dtype=torch.uint8, device="cuda")
     meta = torch.randn(B, HKV, S, 3, device="cuda").bfloat16()[..., :2]  # rows 6 bytes apart
     with pytest.raises(RuntimeError, match="v_meta rows must be 4-byte aligned"):
-        kcache_ops.lowbit_tail(q, k, lens, lse, indices, codes, meta)
+        kcache_ops.lowbit_tail(scores, lens, lse, indices, codes, meta, 2)
     meta = meta.contiguous()
     codes = torch.randint(0, 256, (B, HKV, S, D // 4 + 1), dtype=torch.uint8,
                           device="cuda")[..., 1:]  # rows 17 bytes apart
     with pytest.raises(RuntimeError, match="v_codes rows must be 16-byte aligned"):
-        kcache_ops.lowbit_tail(q, k, lens, lse, indices, codes, meta)
+        kcache_ops.lowbit_tail(scores, lens, lse, indices, codes, meta, 2)

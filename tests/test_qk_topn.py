@@ -1,5 +1,6 @@
 """kcache_ops.qk_topn against the float32 reference: per-head and group_select selection, lse,
-padding, ties, NaN inputs, GQA ratios, odd lengths, strided inputs, random shapes."""
+padding, ties, NaN inputs, GQA ratios, odd lengths, strided inputs, every score on request,
+random shapes."""
 import math
 
 import pytest
@@ -163,6 +164,31 @@ def test_check_values_off(device):
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     torch.library.opcheck(torch.ops.kcache_ops.qk_topn.default,
                           (q, k, lens, 16, 0.125, True, False))
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+@pytest.mark.parametrize("S", [1, 97, 1000])
+def test_return_scores(device, dtype, group_select, S):
+    """return_scores: every score at j < L_b as the reference computes it (the same bits as the
+    selected scores), rows padded to a multiple of 4 floats; the selection unchanged; opcheck."""
+    q, k = make_qk(3, 12, 3, S, 128, dtype, device)
+    lens = seq_lens_tensor([S, S // 2, 0], device)
+    plain = kcache_ops.qk_topn(q, k, lens, 16, 0.1, group_select)
+    scores, indices, lse, every = kcache_ops.qk_topn(q, k, lens, 16, 0.1, group_select,
+                                                     return_scores=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, (scores, indices, lse)))
+    assert every.shape == (3, 12, S) and every.dtype == torch.float32
+    assert every.stride() == (12 * ((S + 3) // 4 * 4), (S + 3) // 4 * 4, 1)
+    s_ref, _ = R.qk_scores(q.cpu(), k.cpu(), lens.cpu(), 0.1)  # [B, Hq, S]
+    for b, L in enumerate(lens.tolist()):
+        torch.testing.assert_close(every[b, :, :L].cpu(), s_ref[b, :, :L], atol=TOL[dtype],
+                                   rtol=TOL[dtype])
+    valid = indices >= 0  # [B, Hq, 16]
+    at = every.gather(-1, indices.clamp(min=0).long())  # [B, Hq, 16]
+    assert torch.equal(at[valid], scores[valid]), "the same scores as the selection's"
+    full = seq_lens_tensor([S] * 3, device)  # every entry defined, so runs compare equal
+    torch.library.opcheck(torch.ops.kcache_ops.qk_topn.default,
+                          (q, k, full, 16, 0.1, group_select, True, True))
 
 
 @settings(max_examples=25, deadline=None)

@@ -1,6 +1,6 @@
-// kcache_ops::lowbit_tail on the CPU: per (batch, kv head), tiles of keys scored for the G query
-// heads of the group as qk_topn scores them, then each valid key that a head did not select adds
-// exp(s - lse) times its dequantized low-bit V row to that head's output.
+// kcache_ops::lowbit_tail on the CPU: per (batch, kv head), each valid key that a head of the
+// group did not select adds exp(s - lse), from qk_topn's scores, times its dequantized low-bit V
+// row (dequantized once per key) to that head's output.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -13,8 +13,6 @@
 
 namespace kcache_ops::cpu {
 namespace {
-
-constexpr int64_t kTile = 64;  // keys per tile: the tile's K rows stay in L1 across head passes
 
 // row [kD] = min + scale * code_d, the codes of one row packed 8 / bits to a byte (low bits first).
 // codes [kD * bits / 8]; meta [2] bfloat16 (scale, min).
@@ -31,25 +29,18 @@ void dequantize_row(const uint8_t* codes, const c10::BFloat16* meta, int64_t bit
 
 // Buffers of one group, kept per thread across calls.
 struct Scratch {
-  std::vector<float> qf;          // [G, kD] the group's queries in float32
-  std::vector<float> s;           // [G, kTile] scores of one tile
   std::vector<float> acc;         // [G, kD] the heads' outputs
   std::vector<uint8_t> selected;  // [G, L] 1 where the head selected the key
 };
 
-// One (batch, kv head): q [G, kD] (row stride q_stride), k [L, kD] (row stride k_stride),
+// One (batch, kv head): s [G, L] the heads' scores (row stride s_head, key stride s_key),
 // codes [L, kD * bits / 8] (row stride c_stride), meta [L, 2] (row stride m_stride),
 // lse [G] (stride lse_stride), idx [G, N] (row stride idx_stride) -> out [G, kD] float32.
-template <class Isa, typename scalar_t, int64_t kD>
-void tail_group(const scalar_t* q, int64_t q_stride, const scalar_t* k, int64_t k_stride,
-                const uint8_t* codes, int64_t c_stride, const c10::BFloat16* meta,
-                int64_t m_stride, int64_t bits, const float* lse, int64_t lse_stride,
-                const int32_t* idx, int64_t idx_stride, int64_t G, int64_t N, int64_t L,
-                float scale, Scratch& tmp, float* out) {
-  tmp.qf.resize(G * kD);
-  for (int64_t h = 0; h < G; ++h) {
-    for (int64_t d = 0; d < kD; ++d) tmp.qf[h * kD + d] = to_float(q[h * q_stride + d]);
-  }
+template <class Isa, int64_t kD>
+void tail_group(const float* s, int64_t s_head, int64_t s_key, const uint8_t* codes,
+                int64_t c_stride, const c10::BFloat16* meta, int64_t m_stride, int64_t bits,
+                const float* lse, int64_t lse_stride, const int32_t* idx, int64_t idx_stride,
+                int64_t G, int64_t N, int64_t L, Scratch& tmp, float* out) {
   tmp.selected.assign(G * L, 0);
   for (int64_t h = 0; h < G; ++h) {
     for (int64_t i = 0; i < N; ++i) {
@@ -57,74 +48,62 @@ void tail_group(const scalar_t* q, int64_t q_stride, const scalar_t* k, int64_t 
       if (j >= 0 && j < L) tmp.selected[h * L + j] = 1;
     }
   }
-  tmp.s.resize(G * kTile);
   tmp.acc.assign(G * kD, 0.f);
   float v[kD];  // one dequantized row
-  for (int64_t j0 = 0; j0 < L; j0 += kTile) {
-    const int64_t rows = std::min(kTile, L - j0);
-    for (int64_t h = 0; h < G;) {
-      h += score_heads<Isa, scalar_t, kD>(tmp.qf.data() + h * kD, G - h, k + j0 * k_stride,
-                                          k_stride, rows, scale, tmp.s.data() + h * kTile, kTile);
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t j = j0 + r;
-      bool have_row = false;  // dequantized once, for the first head that needs it
-      for (int64_t h = 0; h < G; ++h) {
-        // exp(s - lse) <= 1 with qk_topn's lse; a NaN weight counts 0 as in the reference
-        const float p = std::exp(tmp.s[h * kTile + r] - lse[h * lse_stride]);
-        if (tmp.selected[h * L + j] || !(p > 0.f)) continue;
-        if (!have_row) {
-          dequantize_row<kD>(codes + j * c_stride, meta + j * m_stride, bits, v);
-          have_row = true;
-        }
-        Isa::template axpy<float, kD>(tmp.acc.data() + h * kD,
-                                      std::min(p, std::numeric_limits<float>::max()), v);
+  for (int64_t j = 0; j < L; ++j) {
+    bool have_row = false;  // dequantized once, for the first head that needs it
+    for (int64_t h = 0; h < G; ++h) {
+      // exp(s - lse) <= 1 with qk_topn's lse; a NaN weight counts 0 as in the reference
+      const float p = std::exp(s[h * s_head + j * s_key] - lse[h * lse_stride]);
+      if (tmp.selected[h * L + j] || !(p > 0.f)) continue;
+      if (!have_row) {
+        dequantize_row<kD>(codes + j * c_stride, meta + j * m_stride, bits, v);
+        have_row = true;
       }
+      Isa::template axpy<float, kD>(tmp.acc.data() + h * kD,
+                                    std::min(p, std::numeric_limits<float>::max()), v);
     }
   }
   std::copy(tmp.acc.begin(), tmp.acc.end(), out);
 }
 
-at::Tensor lowbit_tail_cpu(const at::Tensor& q,         // [B, Hq, D]
-                           const at::Tensor& k_cache,   // [B, Hkv, S, D]
+at::Tensor lowbit_tail_cpu(const at::Tensor& scores,    // [B, Hq, S] float32
                            const at::Tensor& seq_lens,  // [B] int32
                            const at::Tensor& lse,       // [B, Hq] float32
                            const at::Tensor& indices,   // [B, Hq, N] int32
                            const at::Tensor& v_codes,   // [B, Hkv, S, D * bits / 8] uint8
                            const at::Tensor& v_meta,    // [B, Hkv, S, 2] bfloat16
-                           double scale,
+                           int64_t bits,
                            bool /*check_values*/) {  // values are on the host: always checked
   const LowbitTailDims dims =
-      check_lowbit_tail_args(q, k_cache, seq_lens, lse, indices, v_codes, v_meta);
-  KC_CHECK_CPU("lowbit_tail", q);
-  KC_CHECK_CPU("lowbit_tail", k_cache);
+      check_lowbit_tail_args(scores, seq_lens, lse, indices, v_codes, v_meta, bits);
+  KC_CHECK_CPU("lowbit_tail", scores);
   KC_CHECK_CPU("lowbit_tail", seq_lens);
   KC_CHECK_CPU("lowbit_tail", lse);
   KC_CHECK_CPU("lowbit_tail", indices);
   KC_CHECK_CPU("lowbit_tail", v_codes);
   KC_CHECK_CPU("lowbit_tail", v_meta);
-  check_seq_lens_values(seq_lens, dims.S);
-  check_index_values(indices, dims.S, "k_cache");
+  check_seq_lens_values(seq_lens, dims.S, "v_codes");
+  check_index_values(indices, dims.S, "v_codes");
   // [B, Hq, D] float32
-  at::Tensor out = at::empty({dims.B, dims.Hq, dims.D}, q.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({dims.B, dims.Hq, dims.D}, scores.options());
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t G = dims.G;
-  for_each_kv_group<Scratch>(q.scalar_type(), dims.D, dims.B, dims.Hkv,
+  // scores are float32 whatever the model's dtype: one instance per head dim (scalar_t = float)
+  for_each_kv_group<Scratch>(at::kFloat, dims.D, dims.B, dims.Hkv,
                             [&]<class Isa, typename scalar_t, int64_t kD>(
                                 int64_t b, int64_t kvh, Scratch& tmp) {
     const int64_t h0 = kvh * G;  // first query head of the group
-    tail_group<Isa, scalar_t, kD>(
-        q.data_ptr<scalar_t>() + b * q.stride(0) + h0 * q.stride(1), q.stride(1),
-        k_cache.data_ptr<scalar_t>() + b * k_cache.stride(0) + kvh * k_cache.stride(1),
-        k_cache.stride(2),
+    tail_group<Isa, kD>(
+        scores.data_ptr<float>() + b * scores.stride(0) + h0 * scores.stride(1),
+        scores.stride(1), scores.stride(2),
         v_codes.data_ptr<uint8_t>() + b * v_codes.stride(0) + kvh * v_codes.stride(1),
         v_codes.stride(2),
         v_meta.data_ptr<c10::BFloat16>() + b * v_meta.stride(0) + kvh * v_meta.stride(1),
         v_meta.stride(2), dims.bits,
         lse.data_ptr<float>() + b * lse.stride(0) + h0 * lse.stride(1), lse.stride(1),
         indices.data_ptr<int32_t>() + b * indices.stride(0) + h0 * indices.stride(1),
-        indices.stride(1), G, dims.N, lens[b * seq_lens.stride(0)],
-        static_cast<float>(scale), tmp,
+        indices.stride(1), G, dims.N, lens[b * seq_lens.stride(0)], tmp,
         out.data_ptr<float>() + (b * dims.Hq + h0) * dims.D);
   });
   return out;

@@ -152,17 +152,22 @@ struct Scratch {
 };
 
 // One (batch, kv head): q [G, kD] (row stride q_stride), k [L, kD] (row stride k_stride) ->
-// scores/indices [G, n], lse [G].
+// scores/indices [G, n], lse [G], and every score into all [G, >= L] (row stride all_stride)
+// unless all is nullptr.
 template <class Isa, typename scalar_t, int64_t kD>
 void select_group(const scalar_t* q, int64_t q_stride, const scalar_t* k, int64_t k_stride,
                   int64_t G, int64_t L, int64_t n, float scale, bool group_select,
-                  Scratch& tmp, float* scores, int32_t* indices, float* lse) {
+                  Scratch& tmp, float* scores, int32_t* indices, float* lse, float* all,
+                  int64_t all_stride) {
   tmp.qf.resize(G * kD);
   for (int64_t h = 0; h < G; ++h) {
     for (int64_t d = 0; d < kD; ++d) tmp.qf[h * kD + d] = to_float(q[h * q_stride + d]);
   }
   tmp.s.resize(G * L);
   group_scores<Isa, scalar_t, kD>(tmp.qf.data(), k, k_stride, G, L, scale, tmp.s.data(), lse);
+  if (all != nullptr) {
+    for (int64_t h = 0; h < G; ++h) std::copy_n(&tmp.s[h * L], L, all + h * all_stride);
+  }
   if (group_select) {
     tmp.mass.assign(L, 0.f);
     for (int64_t h = 0; h < G; ++h) Isa::add_exp(tmp.mass.data(), &tmp.s[h * L], L, lse[h]);
@@ -174,12 +179,13 @@ void select_group(const scalar_t* q, int64_t q_stride, const scalar_t* k, int64_
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
     const at::Tensor& q,         // [B, Hq, D]
     const at::Tensor& k_cache,   // [B, Hkv, S, D]
     const at::Tensor& seq_lens,  // [B] int32
     int64_t n, double scale, bool group_select,
-    bool /*check_values*/) {  // seq_lens are on the host: always checked, no sync to save
+    bool /*check_values*/,  // seq_lens are on the host: always checked, no sync to save
+    bool return_scores) {
   const QkTopnDims dims = check_qk_topn_args(q, k_cache, seq_lens, n);
   KC_CHECK_CPU("qk_topn", q);
   KC_CHECK_CPU("qk_topn", k_cache);
@@ -189,6 +195,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
   at::Tensor scores = at::empty({dims.B, dims.Hq, n}, f32);                   // [B, Hq, n]
   at::Tensor indices = at::empty({dims.B, dims.Hq, n}, f32.dtype(at::kInt));  // [B, Hq, n]
   at::Tensor lse = at::empty({dims.B, dims.Hq}, f32);                         // [B, Hq]
+  // every score: [B, Hq, S] of [B, Hq, S rounded up to 4], the layout of the CUDA score scratch
+  // that the CUDA op returns; or [0]
+  const int64_t row = (dims.S + 3) / 4 * 4;
+  at::Tensor all = return_scores ? at::empty({dims.B, dims.Hq, row}, f32).narrow(2, 0, dims.S)
+                                 : at::empty({0}, f32);
+  float* all_ptr = return_scores ? all.data_ptr<float>() : nullptr;
+  const int64_t all_stride = return_scores ? all.stride(1) : 0;
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t G = dims.G;
   for_each_kv_group<Scratch>(q.scalar_type(), dims.D, dims.B, dims.Hkv,
@@ -200,9 +213,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
         k_cache.data_ptr<scalar_t>() + b * k_cache.stride(0) + kvh * k_cache.stride(1),
         k_cache.stride(2), G, lens[b * seq_lens.stride(0)], n, static_cast<float>(scale),
         group_select, tmp, scores.data_ptr<float>() + head0 * n,
-        indices.data_ptr<int32_t>() + head0 * n, lse.data_ptr<float>() + head0);
+        indices.data_ptr<int32_t>() + head0 * n, lse.data_ptr<float>() + head0,
+        all_ptr == nullptr ? nullptr : all_ptr + head0 * all_stride, all_stride);
   });
-  return {scores, indices, lse};
+  return {scores, indices, lse, all};
 }
 
 }  // namespace

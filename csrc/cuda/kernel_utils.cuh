@@ -1,9 +1,10 @@
 // Device helpers shared by the kernels: 16-byte vector loads and conversions, asynchronous
 // evict-first copies to shared memory, the order-preserving float->uint32 key, warp reductions, a
-// sequence's clamped length, and the per-lane q slices, dot products and reduce-scatter of the
-// kernels that score key rows against a group of query heads (qk_topn, lowbit_tail). Plain CUDA: no
-// torch headers (flashinfer keeps torch out of its kernels), so the *_kernel.cuh headers stay
-// independent of the launchers.
+// sequence's clamped length, a block's chunk of keys and slice of query heads (qk_topn,
+// lowbit_tail), and the per-lane q slices, dot products and reduce-scatter of qk_topn's score
+// kernel, which scores key rows against a group of query heads. Plain CUDA: no torch headers
+// (flashinfer keeps torch out of its kernels), so the *_kernel.cuh headers stay independent of
+// the launchers.
 #pragma once
 
 #include <cfloat>

@@ -1,6 +1,6 @@
 // What the CUDA launchers share: host-memory and alignment checks, the sync-free value-validation
-// policy, the q / K / seq_lens view that qk_topn and lowbit_tail pass their kernels, and the
-// dtype / head-dim / group-slice dispatch that turns runtime values into template constants.
+// policy, the q / K / seq_lens view that qk_topn passes its score kernel, and the dtype /
+// head-dim / group-slice dispatch that turns runtime values into template constants.
 #pragma once
 
 #include <cstdint>
@@ -100,6 +100,15 @@ void dispatch_kernel_instance(at::ScalarType dtype, int64_t d, int group_slice, 
     dispatch_float_dtype(dtype, op, [&](auto type_tag) {
       dispatch_head_dim(d, op, [&](auto d_tag) { f(type_tag, d_tag, gs_tag); });
     });
+  });
+}
+
+// f(d_tag, gs_tag) for lowbit_tail_kernel<D, GS> (its scores are float32 whatever the model's
+// dtype): dispatch_head_dim and dispatch_group_slice, nested.
+template <typename F>
+void dispatch_tail_instance(int64_t d, int group_slice, const char* op, F&& f) {
+  dispatch_group_slice(group_slice, [&](auto gs_tag) {
+    dispatch_head_dim(d, op, [&](auto d_tag) { f(d_tag, gs_tag); });
   });
 }
 

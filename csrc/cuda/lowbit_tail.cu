@@ -1,9 +1,7 @@
 // kcache_ops::lowbit_tail on CUDA: checks, device guard, current stream, the partials' allocation,
-// dtype / head-dim / group dispatch, and the launches (one, or two when the keys take several
+// head-dim / group dispatch, and the launches (one, or two when the keys take several
 // chunks) of lowbit_tail_kernel.cuh as lowbit_tail_launch.h plans them. No host synchronisation
 // except the seq_lens / index range checks, which check_values=False skips (launch_utils.h).
-#include <type_traits>
-
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -16,25 +14,22 @@
 namespace kcache_ops {
 namespace {
 
-at::Tensor lowbit_tail_cuda(const at::Tensor& q,         // [B, Hq, D], CUDA
-                            const at::Tensor& k_cache,   // [B, Hkv, S, D], CUDA, same dtype
+at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, CUDA
                             const at::Tensor& seq_lens,  // [B] int32, CUDA
                             const at::Tensor& lse,       // [B, Hq] float32, CUDA
                             const at::Tensor& indices,   // [B, Hq, N] int32, CUDA
                             const at::Tensor& v_codes,   // [B, Hkv, S, D * bits / 8] uint8, CUDA
                             const at::Tensor& v_meta,    // [B, Hkv, S, 2] bfloat16, CUDA
-                            double scale, bool check_values) {
+                            int64_t bits, bool check_values) {
   constexpr const char* kOp = "lowbit_tail";
   const LowbitTailDims dims =
-      check_lowbit_tail_args(q, k_cache, seq_lens, lse, indices, v_codes, v_meta);
-  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
-  KC_CHECK_DEVICE(k_cache, q.device());
-  KC_CHECK_DEVICE(seq_lens, q.device());
-  KC_CHECK_DEVICE(lse, q.device());
-  KC_CHECK_DEVICE(indices, q.device());
-  KC_CHECK_DEVICE(v_codes, q.device());
-  KC_CHECK_DEVICE(v_meta, q.device());
-  check_vec16_aligned(k_cache, kOp, "k_cache");
+      check_lowbit_tail_args(scores, seq_lens, lse, indices, v_codes, v_meta, bits);
+  TORCH_CHECK(scores.is_cuda(), "scores must be a CUDA tensor, got ", scores.device());
+  KC_CHECK_DEVICE(seq_lens, scores.device());
+  KC_CHECK_DEVICE(lse, scores.device());
+  KC_CHECK_DEVICE(indices, scores.device());
+  KC_CHECK_DEVICE(v_codes, scores.device());
+  KC_CHECK_DEVICE(v_meta, scores.device());
   check_vec16_aligned(v_codes, kOp, "v_codes");
   bool meta_aligned = reinterpret_cast<uintptr_t>(v_meta.data_ptr()) % 4 == 0;
   for (int64_t i = 0; i < 3; ++i)
@@ -47,18 +42,23 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& q,         // [B, Hq, D], CUDA
               "lowbit_tail: sizes out of range for the CUDA kernels: B=", dims.B, ", Hq=", dims.Hq,
               ", S=", dims.S, ", N=", dims.N);
 
-  const c10::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::CUDAGuard guard(scores.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const auto fopts = q.options().dtype(at::kFloat);
+  const auto fopts = scores.options();
   at::Tensor out = at::empty({dims.B, dims.Hq, dims.D}, fopts);  // [B, Hq, D]
   if (out.numel() == 0) return out;
   if (check_values && should_validate_values(stream)) {
-    check_seq_lens_on_device(seq_lens, dims.S);
-    check_indices_on_device(indices, dims.S, "k_cache");
+    check_seq_lens_on_device(seq_lens, dims.S, "v_codes");
+    check_indices_on_device(indices, dims.S, "v_codes");
   }
 
   const LowbitTailArgs args{
-      .in = qk_inputs(q, k_cache, seq_lens),
+      .scores = scores.data_ptr<float>(),
+      .s_sb = scores.stride(0),
+      .s_sh = scores.stride(1),
+      .s_ss = scores.stride(2),
+      .seq_lens = seq_lens.data_ptr<int32_t>(),
+      .seq_stride = seq_lens.stride(0),
       .codes = v_codes.data_ptr<uint8_t>(),
       .c_sb = v_codes.stride(0),
       .c_sh = v_codes.stride(1),
@@ -82,27 +82,23 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& q,         // [B, Hq, D], CUDA
       .D = dims.D,
       .N = dims.N,
       .bits = dims.bits,
-      .scale = static_cast<float>(scale),
   };
-  const int group_slice = group_slice_width(dims.Hq / dims.Hkv);
-  int blocks_per_sm = kTailBlocksPerSm;  // of the instance this call launches
-  dispatch_kernel_instance(q.scalar_type(), dims.D, group_slice, kOp,
-                           [&](auto type_tag, auto d_tag, auto gs_tag) {
-    using T = std::remove_pointer_t<decltype(type_tag)>;
+  // the instance this call launches, and how many of its blocks fit on a multiprocessor
+  const int group_slice = group_slice_width(dims.G);
+  int blocks_per_sm = kTailBlocksPerSm;
+  dispatch_tail_instance(dims.D, group_slice, kOp, [&](auto d_tag, auto gs_tag) {
     blocks_per_sm = resident_blocks_per_sm(
         reinterpret_cast<const void*>(
-            lowbit_tail_kernel<T, decltype(d_tag)::value, decltype(gs_tag)::value>),
+            lowbit_tail_kernel<decltype(d_tag)::value, decltype(gs_tag)::value>),
         kTailThreads);
   });
   const LowbitTailPlan plan =
-      plan_lowbit_tail(args, multiprocessor_count(q.get_device()), blocks_per_sm);
+      plan_lowbit_tail(args, multiprocessor_count(scores.get_device()), blocks_per_sm);
   if (plan.num_chunks == 0) return out.zero_();  // S = 0: no key
   at::Tensor partials = at::empty({plan.partial_floats}, fopts);  // [B, Hq, num_chunks, D]
   const LowbitTailParams p = lowbit_tail_params(args, plan, partials.data_ptr<float>());
-  dispatch_kernel_instance(q.scalar_type(), dims.D, plan.group_slice, kOp,
-                           [&](auto type_tag, auto d_tag, auto gs_tag) {
-    using T = std::remove_pointer_t<decltype(type_tag)>;
-    lowbit_tail_kernel<T, decltype(d_tag)::value, decltype(gs_tag)::value>
+  dispatch_tail_instance(dims.D, plan.group_slice, kOp, [&](auto d_tag, auto gs_tag) {
+    lowbit_tail_kernel<decltype(d_tag)::value, decltype(gs_tag)::value>
         <<<to_dim3(plan.tail_grid), plan.tail_block, 0, stream>>>(p);
     KC_CHECK_LAUNCH("lowbit_tail");
   });

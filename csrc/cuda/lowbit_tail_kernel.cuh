@@ -1,37 +1,39 @@
 // lowbit_tail on the GPU: out[b, h] = sum over j < L_b not selected by head h of
-// exp(s_hj - lse_h) · dequant(v)[b, h / G, j], over the low-bit copy of V in device memory (bytes
-// and design: bench/NOTES.md).
+// exp(s_hj - lse_h) · dequant(v)[b, h / G, j], over the low-bit copy of V in device memory and the
+// scores qk_topn computed (its score scratch: K is not read again; bytes and design:
+// bench/NOTES.md).
 //
 // 1. lowbit_tail_kernel — one block per (chunk of keys, KV head, slice of <= GS query heads of its
 //    group, sequence), the chunks sized to whole waves (lowbit_tail_launch.h). The block first
 //    marks the keys of its chunk that each head selected in a bitmap in shared memory (one bit per
 //    key and head, from the heads' index rows; integer atomicOr, so the bits do not depend on the
-//    order; indices outside the chunk, and so outside [0, L_b), change nothing). Then each K row
-//    is read once with 16-byte loads, together with its code row and its (scale, min), and dotted
-//    with all the slice's query heads held in registers, as qk_scores_kernel does: the dots of a
-//    few keys are reduce-scattered over the key's lanes so that each lane holds one (key, head)
-//    score, the same bits as qk_topn's, and computes that pair's weight (one bitmap test and one
-//    exp); the key's lanes then take its heads' weights by shuffles. Each head that did not
-//    select the key weights the key's dequantized row by exp(s - lse) and adds it to its
-//    accumulators: a selected key is left out exactly, never added and subtracted.
-//    The lanes and warps are summed in a fixed order into the chunk's partial [gs, D].
+//    order; indices outside the chunk, and so outside [0, L_b), change nothing). Then
+//    D / kTailVec lanes share a key, each holding kTailVec codes of its row (one aligned 4-byte
+//    word of the code row) and the row's (scale, min) word; the scores of a few keys are spread
+//    over the key's lanes so that each lane loads one (key, head) score, the bits qk_topn ranked
+//    by, and computes that pair's weight (one bitmap test and one exp); the key's lanes then take
+//    its heads' weights by shuffles. Code words, meta words and scores are staged in shared memory
+//    by asynchronous copies kTailStages - 1 iterations ahead. Each head that did not select the
+//    key weights the key's dequantized row by exp(s - lse) and adds it to its accumulators: a
+//    selected key is left out exactly, never added and subtracted. The lanes and warps are summed
+//    in a fixed order into the chunk's partial [gs, D].
 // 2. lowbit_tail_reduce_kernel — sums each head's chunk partials in chunk order into out. With a
 //    single chunk the launcher skips it: kernel 1 writes out itself.
 // The weights need no running max: lse is given and every weight is at most 1 up to rounding. A
-// NaN weight (a NaN score or lse, or L_b = 0) counts 0, as the reference's nan_to_num. Rows
-// j >= L_b of K, codes and meta are never read. Deterministic: no float atomics.
+// NaN weight (a NaN score or lse, or L_b = 0) counts 0, as the reference's nan_to_num. Entries
+// j >= L_b of the scores, codes and meta are never read. Deterministic: no float atomics.
 #pragma once
 
 #include <cfloat>
 #include <cstdint>
 
 #include "kernel_utils.cuh"
-#include "qk_inputs.h"
 
 namespace kcache_ops {
 
 constexpr int kTailThreads = 128;      // 4 warps
-constexpr int kTailUnroll = 4;         // keys per thread and iteration (K pieces, codes, meta)
+constexpr int kTailVec = 8;            // elements of a row per lane: 2 or 4 bytes of codes
+constexpr int kTailUnroll = 8;         // keys per lane and iteration
 constexpr int kTailStages = 3;         // iterations staged in shared memory (2 in flight)
 constexpr int kTailBlocksPerSm = 3;    // launch bounds: registers for 3 blocks (12 warps) per SM
 constexpr int kTailMaxChunk = 4096;    // keys per block at most: the bitmap is GS · 512 bytes
@@ -39,7 +41,10 @@ constexpr int kTailChunkStep = 256;    // chunks are multiples of it (and of eve
 constexpr int kTailReduceThreads = 256;
 
 struct LowbitTailParams {
-  QkInputs in;                   // q [B, Hq, D], k [B, Hkv, S, D], seq_lens [B]
+  const float* scores;           // [B, Hq, S] float32; entries j >= L_b never read
+  int64_t s_sb, s_sh, s_ss;      // strides in elements
+  const int32_t* seq_lens;       // [B], clamped to [0, S]
+  int64_t seq_stride;            // in elements
   const uint8_t* codes;          // [B, Hkv, S, D * bits / 8] uint8, rows 16-byte aligned
   int64_t c_sb, c_sh, c_ss;      // strides in bytes
   const uint32_t* meta;          // [B, Hkv, S] (scale, min) bfloat16 pairs, one 4-byte word each
@@ -50,22 +55,22 @@ struct LowbitTailParams {
   int64_t ix_sb, ix_sh, ix_sn;   // strides in elements
   float* partials;               // [B, Hq, num_chunks, D] float32 (out when num_chunks == 1)
   int hq, hkv, s, n, chunk, num_chunks, slices, bits;
-  float scale;
 };
 
-// Keys of one block-iteration of lowbit_tail_kernel for element type T and head dim D.
-template <typename T, int D>
+// Keys of one block-iteration of lowbit_tail_kernel for head dim D.
+template <int D>
 constexpr int tail_keys_per_iter() {
-  return (kTailThreads / 32) * (32 / (D / Vec16<T>::kElems)) * kTailUnroll;
+  return (kTailThreads / 32) * (32 / (D / kTailVec)) * kTailUnroll;
 }
 
-// The staged rows of a block: per stage, thread and row u of its iteration, its 16-byte piece of
-// the K row, the aligned 4-byte word of the code row that holds its codes, and the row's
-// (scale, min) word. Each thread copies and reads back only its own slots.
+// The staged rows of a block: per stage, thread and row u of its iteration, the aligned 4-byte word
+// of the code row that holds its codes, the row's (scale, min) word and (for u < the iteration's
+// groups of keys) the score of the (key, head) whose weight the thread computes. Each thread copies
+// and reads back only its own slots.
 struct TailStage {
-  uint4 k[kTailStages][kTailUnroll][kTailThreads];
   uint32_t code[kTailStages][kTailUnroll][kTailThreads];
   uint32_t meta[kTailStages][kTailUnroll][kTailThreads];
+  float score[kTailStages][kTailUnroll][kTailThreads];
 };
 
 // Shared memory of a tail block: the stages during the key loop, the warps' sums after it.
@@ -75,54 +80,65 @@ union TailShared {
   float partial[kTailThreads / 32][GS][D];  // [warp, head, D]
 };
 
-// Starts the asynchronous copies of this thread's pieces of kTailUnroll rows into one stage: row
-// u is key j0 + u · keys_per_load, its K piece at krow + u · k_step, its code word at crow +
-// u · c_step bytes, its meta word at mrow + u · m_step. A key at or past `end` is not copied (its
-// slots keep older rows; the loop gives it no weight).
-template <typename T>
-__device__ __forceinline__ void stage_tail_rows(TailStage& st, int slot, const T* krow,
-                                                int64_t k_step, const uint8_t* crow,
+// Starts the asynchronous copies of one iteration into stage `slot`: row u (key j0 + u ·
+// keys_per_load) its code word at crow + u · c_step bytes and its meta word at mrow + u · m_step;
+// group g (of `groups`) the score of key j0 + (g · joint + my_joint) · keys_per_load at
+// srow + key · s_ss, where this thread weighs a head (has_head). A key at or past `end` is not
+// copied (its slots keep older values; the loop gives it no weight).
+__device__ __forceinline__ void stage_tail_rows(TailStage& st, int slot, const uint8_t* crow,
                                                 int64_t c_step, const uint32_t* mrow,
-                                                int64_t m_step, int j0, int keys_per_load,
-                                                int end) {
+                                                int64_t m_step, const float* srow, int64_t s_ss,
+                                                int j0, int keys_per_load, int end, int groups,
+                                                int joint, int my_joint, bool has_head) {
 #pragma unroll
   for (int u = 0; u < kTailUnroll; ++u) {
     if (j0 + u * keys_per_load < end) {
-      copy16_async_evict_first(&st.k[slot][u][threadIdx.x], krow + u * k_step);
       __pipeline_memcpy_async(&st.code[slot][u][threadIdx.x], crow + u * c_step, 4);
       __pipeline_memcpy_async(&st.meta[slot][u][threadIdx.x], mrow + u * m_step, 4);
     }
   }
+  for (int g = 0; g < groups; ++g) {
+    const int j = j0 + (g * joint + my_joint) * keys_per_load;
+    if (has_head && j < end) __pipeline_memcpy_async(&st.score[slot][g][threadIdx.x],
+                                                     srow + j * s_ss, 4);
+  }
+}
+
+// Code e (bits wide, e < kTailVec) of a lane's code word as a float: exact for codes < 2^23, by
+// the bits of 2^23 + code minus 2^23 (an integer op and an add at full rate, where an integer to
+// float conversion issues at 1/8 of it).
+__device__ __forceinline__ float code_value(uint32_t word, int e, int bits, uint32_t mask) {
+  return __uint_as_float(0x4b000000u | ((word >> (e * bits)) & mask)) - 8388608.0f;
 }
 
 // grid (num_chunks, Hkv * slices, B), block kTailThreads, kTailBlocksPerSm blocks per SM.
-template <typename T, int D, int GS>
+template <int D, int GS>
 __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
     lowbit_tail_kernel(LowbitTailParams p) {
-  constexpr int kVec = Vec16<T>::kElems;  // elements per 16-byte load
-  constexpr int kLanesPerKey = D / kVec;  // 8, 16 or 32 lanes share one key row
+  constexpr int kLanesPerKey = D / kTailVec;  // 8 or 16 lanes share one key row
   constexpr int kKeysPerLoad = 32 / kLanesPerKey;
   constexpr int kWarps = kTailThreads / 32;
   constexpr int kWords = kTailMaxChunk / 32;
-  // Keys (of this lane's kTailUnroll) whose dots are reduced together: at most one (key, head)
-  // value per lane, as in qk_scores_kernel.
+  // Keys (of this lane's kTailUnroll) whose weights are computed together: at most one
+  // (key, head) pair per lane.
   constexpr int kJoint = kLanesPerKey / GS < kTailUnroll ? kLanesPerKey / GS : kTailUnroll;
-  constexpr int kValues = kJoint * GS;          // [kJoint, GS] dots per reduction
-  constexpr int kDup = kLanesPerKey / kValues;  // lanes of a key ending with the same value
-  static_assert(D % kVec == 0 && 32 % kLanesPerKey == 0, "unsupported head dim");
+  constexpr int kValues = kJoint * GS;          // [kJoint, GS] weights per group of keys
+  constexpr int kDup = kLanesPerKey / kValues;  // lanes of a key computing the same weight
+  constexpr int kGroups = kTailUnroll / kJoint;
+  static_assert(D % kTailVec == 0 && 32 % kLanesPerKey == 0, "unsupported head dim");
   static_assert(kTailUnroll % kJoint == 0, "whole groups of keys");
 
   __shared__ uint32_t selected[GS][kWords];  // bit (j - chunk_begin): head h selected key j
   __shared__ TailShared<GS, D> sh;
 
   // sequence, KV head, first query head and query heads of this block, its keys
-  const auto [b, kvh, h0, gs, chunk_begin, chunk_end] = chunk_block<GS>(
-      p.in.seq_lens, p.in.seq_stride, p.hq, p.hkv, p.s, p.slices, p.chunk);
+  const auto [b, kvh, h0, gs, chunk_begin, chunk_end] =
+      chunk_block<GS>(p.seq_lens, p.seq_stride, p.hq, p.hkv, p.s, p.slices, p.chunk);
   const int words = (p.chunk + 31) / 32;
 
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
-  const int sub = lane % kLanesPerKey;  // which 16-byte piece of the row this lane reads
+  const int sub = lane % kLanesPerKey;  // which kTailVec elements of the row this lane holds
   const int kslot = lane / kLanesPerKey;
   const int key_lane0 = lane - sub;     // the first lane of this lane's key
   const int my_value = sub / kDup;      // the (key, head) whose weight this lane computes
@@ -141,93 +157,87 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
     }
   }
 
-  // This lane's slice of each query head (float32) and each head's lse.
-  float qf[GS][kVec];
-  load_q_slice<T, GS, kVec>(qf, static_cast<const T*>(p.in.q) + b * p.in.q_sb, p.in.q_sh, h0, gs,
-                            sub);
   const bool has_head = my_head < gs;
   const float my_lse = has_head ? p.lse[b * p.lse_sb + (h0 + my_head) * p.lse_sh] : 0.0f;
-  float acc[GS][kVec];
+  float acc[GS][kTailVec];
 #pragma unroll
   for (int h = 0; h < GS; ++h) {
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) acc[h][e] = 0.0f;
+    for (int e = 0; e < kTailVec; ++e) acc[h][e] = 0.0f;
   }
   __syncthreads();  // the bitmap is complete
 
-  const T* kb = static_cast<const T*>(p.in.k) + b * p.in.k_sb + kvh * p.in.k_sh + sub * kVec;
-  // this lane's codes: bits · kVec bits from byte sub · kVec · bits / 8 of a code row, inside the
-  // aligned 4-byte word at code_byte & ~3 (code rows are 16-byte aligned)
-  const int code_byte = sub * kVec * p.bits / 8;
+  // this lane's codes: bits · kTailVec bits from byte sub · kTailVec · bits / 8 of a code row,
+  // inside the aligned 4-byte word at code_byte & ~3 (code rows are 16-byte aligned)
+  const int code_byte = sub * kTailVec * p.bits / 8;
   const int code_shift = (code_byte & 3) * 8;
   const uint8_t* cb = p.codes + b * p.c_sb + kvh * p.c_sh + (code_byte & ~3);
   const uint32_t* mb = p.meta + b * p.m_sb + kvh * p.m_sh;
+  // the score row of the head whose weights this lane computes (head h0 for a lane without one:
+  // never copied)
+  const float* srow = p.scores + b * p.s_sb + (h0 + (has_head ? my_head : 0)) * p.s_sh;
   const uint32_t code_mask = (1u << p.bits) - 1u;
-  constexpr int kKeysPerIter = tail_keys_per_iter<T, D>();
+  constexpr int kKeysPerIter = tail_keys_per_iter<D>();
   // This lane's first row (key j of u = 0) in each iteration; the rows of u > 0 follow at
-  // u · kKeysPerLoad keys. K, code and meta rows advance by pointer steps, not a 64-bit multiply
-  // per load.
+  // u · kKeysPerLoad keys. Code and meta rows advance by pointer steps, not a 64-bit multiply per
+  // load.
   const int first_key = warp * kTailUnroll * kKeysPerLoad + kslot;
   const int64_t row0 = chunk_begin + first_key;
-  const int64_t k_step = kKeysPerLoad * p.in.k_ss, c_step = kKeysPerLoad * p.c_ss,
-                m_step = kKeysPerLoad * p.m_ss;  // from row u to row u + 1
+  const int64_t c_step = kKeysPerLoad * p.c_ss, m_step = kKeysPerLoad * p.m_ss;  // row u -> u + 1
   // the next iteration to stage: this lane's rows of u = 0
-  const T* krow = kb + row0 * p.in.k_ss;
   const uint8_t* crow = cb + row0 * p.c_ss;
   const uint32_t* mrow = mb + row0 * p.m_ss;
-  // K, code and meta rows staged through shared memory by asynchronous copies, kTailStages - 1
-  // iterations ahead of the one being weighted (as qk_scores_kernel stages K); each thread reads
-  // back only its own slots. Slots never copied hold zeros.
+  // Code words, meta words and scores staged through shared memory by asynchronous copies,
+  // kTailStages - 1 iterations ahead of the one being weighted; each thread reads back only its
+  // own slots. Slots never copied hold zeros.
 #pragma unroll
   for (int st = 0; st < kTailStages; ++st) {
 #pragma unroll
     for (int u = 0; u < kTailUnroll; ++u) {
-      sh.stage.k[st][u][threadIdx.x] = make_uint4(0, 0, 0, 0);
       sh.stage.code[st][u][threadIdx.x] = 0u;
       sh.stage.meta[st][u][threadIdx.x] = 0u;
+      sh.stage.score[st][u][threadIdx.x] = 0.0f;
     }
   }
-  for (int st = 0; st < kTailStages - 1; ++st, krow += kKeysPerIter * p.in.k_ss,
-           crow += kKeysPerIter * p.c_ss, mrow += kKeysPerIter * p.m_ss) {
+  for (int st = 0; st < kTailStages - 1;
+       ++st, crow += kKeysPerIter * p.c_ss, mrow += kKeysPerIter * p.m_ss) {
     const int ahead = chunk_begin + st * kKeysPerIter;
     if (ahead < chunk_end)
-      stage_tail_rows(sh.stage, st, krow, k_step, crow, c_step, mrow, m_step, ahead + first_key,
-                      kKeysPerLoad, chunk_end);
+      stage_tail_rows(sh.stage, st, crow, c_step, mrow, m_step, srow, p.s_ss, ahead + first_key,
+                      kKeysPerLoad, chunk_end, kGroups, kJoint, my_joint, has_head);
     __pipeline_commit();  // an empty group past the chunk keeps the wait counts uniform
   }
   int slot = 0;  // the stage this iteration weights
   // Block-uniform loop: every lane takes part in every shuffle.
-  for (int base = chunk_begin; base < chunk_end; base += kKeysPerIter,
-           krow += kKeysPerIter * p.in.k_ss, crow += kKeysPerIter * p.c_ss,
-           mrow += kKeysPerIter * p.m_ss) {
+  for (int base = chunk_begin; base < chunk_end;
+       base += kKeysPerIter, crow += kKeysPerIter * p.c_ss, mrow += kKeysPerIter * p.m_ss) {
     const int ahead = base + (kTailStages - 1) * kKeysPerIter;
     const int fill = slot == 0 ? kTailStages - 1 : slot - 1;  // weighted in the last iteration
     if (ahead < chunk_end)
-      stage_tail_rows(sh.stage, fill, krow, k_step, crow, c_step, mrow, m_step, ahead + first_key,
-                      kKeysPerLoad, chunk_end);
+      stage_tail_rows(sh.stage, fill, crow, c_step, mrow, m_step, srow, p.s_ss,
+                      ahead + first_key, kKeysPerLoad, chunk_end, kGroups, kJoint, my_joint,
+                      has_head);
     __pipeline_commit();
     __pipeline_wait_prior(kTailStages - 1);  // this iteration's rows have landed
-    uint4 raw[kTailUnroll];
     uint32_t code[kTailUnroll], meta[kTailUnroll];
+    float score[kGroups];
 #pragma unroll
     for (int u = 0; u < kTailUnroll; ++u) {
-      raw[u] = sh.stage.k[slot][u][threadIdx.x];
       code[u] = sh.stage.code[slot][u][threadIdx.x] >> code_shift;
       meta[u] = sh.stage.meta[slot][u][threadIdx.x];
     }
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) score[g] = sh.stage.score[slot][g][threadIdx.x];
     slot = slot == kTailStages - 1 ? 0 : slot + 1;
 #pragma unroll
-    for (int g = 0; g < kTailUnroll / kJoint; ++g) {
-      // The dots of the group's kJoint keys, reduce-scattered over each key's lanes: this lane
-      // ends with the score of (key my_joint, head my_head), exactly as qk_topn computes it, and
-      // computes that pair's weight alone.
-      const float s = joint_score<T, GS, kJoint, kLanesPerKey>(qf, raw + g * kJoint, sub, p.scale);
+    for (int g = 0; g < kGroups; ++g) {
+      // This lane's (key my_joint of the group, head my_head) pair: its weight, computed once.
       const int my_j = base + first_key + (g * kJoint + my_joint) * kKeysPerLoad;
       float my_w = 0.0f;  // exp(s - lse), 0 where the head selected the key or it is not valid
       if (has_head && my_j < chunk_end) {
         const int bit = my_j - chunk_begin;
         if (((selected[my_head][bit / 32] >> (bit % 32)) & 1u) == 0u) {
-          const float e = exp2f((s - my_lse) * kLog2e);
+          const float e = exp2f((score[g] - my_lse) * kLog2e);
           my_w = e > 0.0f ? fminf(e, FLT_MAX) : 0.0f;  // NaN -> 0
         }
       }
@@ -244,14 +254,14 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
         if (any) {
           const float step = __uint_as_float(meta[u] << 16);         // bfloat16 scale
           const float lo = __uint_as_float(meta[u] & 0xffff0000u);  // bfloat16 min
-          float v[kVec];
+          float v[kTailVec];
 #pragma unroll
-          for (int e = 0; e < kVec; ++e)
-            v[e] = fmaf(step, static_cast<float>((code[u] >> (e * p.bits)) & code_mask), lo);
+          for (int e = 0; e < kTailVec; ++e)
+            v[e] = fmaf(step, code_value(code[u], e, p.bits, code_mask), lo);
 #pragma unroll
           for (int h = 0; h < GS; ++h) {
 #pragma unroll
-            for (int e = 0; e < kVec; ++e) acc[h][e] = fmaf(w[h], v[e], acc[h][e]);
+            for (int e = 0; e < kTailVec; ++e) acc[h][e] = fmaf(w[h], v[e], acc[h][e]);
           }
         }
       }
@@ -265,7 +275,7 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
 #pragma unroll
   for (int h = 0; h < GS; ++h) {
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) {
+    for (int e = 0; e < kTailVec; ++e) {
 #pragma unroll
       for (int off = kLanesPerKey; off < 32; off <<= 1)
         acc[h][e] += __shfl_xor_sync(kFullMask, acc[h][e], off);
@@ -275,7 +285,7 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
 #pragma unroll
     for (int h = 0; h < GS; ++h) {
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) sh.partial[warp][h][sub * kVec + e] = acc[h][e];
+      for (int e = 0; e < kTailVec; ++e) sh.partial[warp][h][sub * kTailVec + e] = acc[h][e];
     }
   }
   __syncthreads();

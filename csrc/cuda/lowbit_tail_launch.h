@@ -9,13 +9,15 @@
 
 #include "launch_grid.h"
 #include "lowbit_tail_kernel.cuh"
-#include "qk_inputs.h"
 
 namespace kcache_ops {
 
 // One lowbit_tail call: data pointers, strides (in elements unless said), sizes (G = Hq / Hkv).
 struct LowbitTailArgs {
-  QkInputs in;                 // q [B, Hq, D], k [B, Hkv, S, D], seq_lens [B]
+  const float* scores;         // [B, Hq, S] float32
+  int64_t s_sb, s_sh, s_ss;
+  const int32_t* seq_lens;     // [B] int32
+  int64_t seq_stride;
   const uint8_t* codes;        // [B, Hkv, S, D * bits / 8] uint8, rows 16-byte aligned
   int64_t c_sb, c_sh, c_ss;
   const void* meta;            // [B, Hkv, S, 2] bfloat16, each row's pair 4-byte aligned
@@ -26,7 +28,6 @@ struct LowbitTailArgs {
   int64_t ix_sb, ix_sh, ix_sn;
   float* out;                  // [B, Hq, D] float32, contiguous
   int64_t B, Hq, Hkv, S, D, N, bits;
-  float scale;
 };
 
 // Sizes of the two launches and of the partials.
@@ -43,8 +44,8 @@ struct LowbitTailPlan {
   int reduce_block;            // kTailReduceThreads
 };
 
-// A block's fixed cost (bitmap, q load, block reduction, its share of the launch and of the
-// reduction) counted as this many keys of its loop, for the wave model of lowbit_tail_chunk.
+// A block's fixed cost (bitmap, block reduction, its share of the launch and of the reduction)
+// counted as this many keys of its loop, for the wave model of lowbit_tail_chunk.
 constexpr int64_t kTailBlockOverheadKeys = 128;
 
 // Keys per block over S keys when one chunk of keys takes `blocks_per_chunk` blocks: the multiple
@@ -61,8 +62,8 @@ inline int lowbit_tail_chunk(int64_t S, int64_t blocks_per_chunk, int sms, int b
 
 // The plan of a call with B, Hq > 0 on a device of `sms` multiprocessors, where `blocks_per_sm`
 // blocks of the kernel instance fit on one at once (its occupancy: at least kTailBlocksPerSm, the
-// launch bounds, and more where its registers and shared memory allow; the H200 ran 4 of the
-// bf16 D 128 instance, and a grid planned for 3 ran in 1.45 waves).
+// launch bounds, and more where its registers and shared memory allow: an earlier kernel's grid,
+// planned for 3 where the H200 held 4, ran in 1.45 waves).
 inline LowbitTailPlan plan_lowbit_tail(const LowbitTailArgs& a, int sms, int blocks_per_sm) {
   const int64_t G = a.Hq / a.Hkv;
   const int gs = group_slice_width(G);
@@ -87,7 +88,12 @@ inline LowbitTailPlan plan_lowbit_tail(const LowbitTailArgs& a, int sms, int blo
 inline LowbitTailParams lowbit_tail_params(const LowbitTailArgs& a, const LowbitTailPlan& plan,
                                            float* partials) {
   return {
-      .in = a.in,
+      .scores = a.scores,
+      .s_sb = a.s_sb,
+      .s_sh = a.s_sh,
+      .s_ss = a.s_ss,
+      .seq_lens = a.seq_lens,
+      .seq_stride = a.seq_stride,
       .codes = a.codes,
       .c_sb = a.c_sb,
       .c_sh = a.c_sh,
@@ -112,7 +118,6 @@ inline LowbitTailParams lowbit_tail_params(const LowbitTailArgs& a, const Lowbit
       .num_chunks = plan.num_chunks,
       .slices = plan.slices,
       .bits = static_cast<int>(a.bits),
-      .scale = a.scale,
   };
 }
 

@@ -1,6 +1,6 @@
-// The inputs that qk_topn's score kernel and lowbit_tail's kernel both read: q, the K cache and
-// seq_lens, as pointers and strides. Plain C++ (no torch, no CUDA runtime), so the kernels, the
-// launch plans and the CPU harness of the kernels share it.
+// The inputs that qk_topn's score kernel reads: q, the K cache and seq_lens, as pointers and
+// strides. Plain C++ (no torch, no CUDA runtime), so the kernels, the launch plans and the CPU
+// harness of the kernels share it.
 #pragma once
 
 #include <cstdint>

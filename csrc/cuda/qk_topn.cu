@@ -18,11 +18,11 @@
 namespace kcache_ops {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
     const at::Tensor& q,         // [B, Hq, D], CUDA
     const at::Tensor& k_cache,   // [B, Hkv, S, D], CUDA, same dtype
     const at::Tensor& seq_lens,  // [B] int32, CUDA
-    int64_t n, double scale, bool group_select, bool check_values) {
+    int64_t n, double scale, bool group_select, bool check_values, bool return_scores) {
   constexpr const char* kOp = "qk_topn";
   const QkTopnDims dims = check_qk_topn_args(q, k_cache, seq_lens, n);
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
@@ -42,7 +42,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
   at::Tensor scores = at::empty({dims.B, dims.Hq, n}, fopts);                  // [B, Hq, N]
   at::Tensor indices = at::empty({dims.B, dims.Hq, n}, fopts.dtype(at::kInt)); // [B, Hq, N]
   at::Tensor lse = at::empty({dims.B, dims.Hq}, fopts);                        // [B, Hq]
-  if (dims.B == 0 || dims.Hq == 0) return {scores, indices, lse};
+  // every score: the score pass's scratch [B, Hq, S rounded up to 4] seen as [B, Hq, S]
+  at::Tensor scratch = at::empty({dims.B, dims.Hq, qk_score_stride(dims.S)}, fopts);
+  at::Tensor all_scores = return_scores ? scratch.narrow(2, 0, dims.S) : at::empty({0}, fopts);
+  if (dims.B == 0 || dims.Hq == 0) return {scores, indices, lse, all_scores};
   if (check_values && should_validate_values(stream))
     check_seq_lens_on_device(seq_lens, dims.S);
 
@@ -60,7 +63,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
       .group_select = group_select,
   };
   const QkTopnPlan plan = plan_qk_topn(args, multiprocessor_count(q.get_device()));
-  at::Tensor scratch = at::empty({dims.B, dims.Hq, plan.score_stride}, fopts);  // [B, Hq, stride]
   // [B, Hq, num_chunks] (max, sumexp) pairs
   at::Tensor partials = at::empty({dims.B, dims.Hq, plan.num_chunks, 2}, fopts);
   auto* partials_ptr = reinterpret_cast<MaxSum*>(partials.data_ptr<float>());
@@ -97,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
   }
   qk_select_kernel<<<to_dim3(plan.select_grid), plan.select_block, 0, stream>>>(sp);
   KC_CHECK_LAUNCH("qk_topn (select)");
-  return {scores, indices, lse};
+  return {scores, indices, lse, all_scores};
 }
 
 }  // namespace

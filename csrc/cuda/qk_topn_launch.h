@@ -48,6 +48,10 @@ struct QkTopnPlan {
   int select_block;            // kSelectThreads
 };
 
+// The score scratch's row stride for S keys: S rounded up to a multiple of 4 floats, so that
+// every row is 16-byte aligned (the select's float4 loads).
+inline int64_t qk_score_stride(int64_t S) { return ceil_div<int64_t>(S, 4) * 4; }
+
 // A score block's fixed cost (q load, block reduction, partials, its share of the launch) counted
 // as this many keys of its loop, for the wave model of qk_score_chunk.
 constexpr int64_t kScoreBlockOverheadKeys = 128;
@@ -93,7 +97,7 @@ inline QkTopnPlan plan_qk_topn(const QkTopnArgs& a, int sms) {
   const int slices = static_cast<int>(ceil_div<int64_t>(G, gs));
   const int chunk = qk_score_chunk(a.S, a.B * a.Hkv * slices, sms);
   const int num_chunks = static_cast<int>(ceil_div<int64_t>(a.S, chunk));
-  const int64_t score_stride = ceil_div<int64_t>(a.S, 4) * 4;
+  const int64_t score_stride = qk_score_stride(a.S);
   const int mass_keys = qk_mass_keys_per_block(a.S, a.B * a.Hkv, sms);
   const int64_t ranked_rows = a.group_select ? a.Hkv : a.Hq;  // per sequence
   const int select_slices = qk_select_slices(a.S, a.B * ranked_rows, sms);

@@ -209,36 +209,39 @@ class KCache:
         if hot is not None:
             hot.append(lengths.rows, pos, v)
         lens = lengths.attend_lens  # [B]
-        scores, indices, lse = self.select(q, k_cache, lens)  # [B, Hq, N] x2, [B, Hq]
+        selection = self.select(q, k_cache, lens, return_scores=tail.needs_scores)
+        scores, indices, lse = selection[:3]  # [B, Hq, N] x2, [B, Hq]
+        all_scores = selection[3] if tail.needs_scores else None  # [B, Hq, S]
         if self.record_mass:
             mass = torch.exp(scores - lse[..., None]).sum(-1)  # [B, Hq]; padding adds 0
             self._mass_sum[layer] += mass.mean()
             self._rows_sum[layer] += (indices >= 0).sum(-1).float().mean()
             self._mass_steps[layer] += 1
         hot_part = None if hot is None else hot.attend(q, k_cache, lse)
-        return tail.attend(q, k_cache, lens, scores, indices, lse, self.v_host[layer],
+        return tail.attend(all_scores, lens, scores, indices, lse, self.v_host[layer],
                            hot_part)  # [B, Hq, D]
 
-    def select(self, q, k_cache, lens):
+    def select(self, q, k_cache, lens, return_scores=False):
         """The V rows a decode step reads from host RAM, and their scores.
 
         q [B, Hq, D], k_cache [B, Hkv, S, D], lens [B] int32 -> scores [B, Hq, N] float32,
         indices [B, Hq, N] int32 (-1 padding), lse [B, Hq] float32 (over all keys): the top N
         by exact score (by group mass with ``group_select``) among the positions that are not hot
-        rows, cut to their mass prefix with ``top_p``.
+        rows, cut to their mass prefix with ``top_p``; with ``return_scores`` also every score,
+        [B, Hq, S] float32 (``qk_topn``'s all_scores, defined at j < lens[b]).
         """
         o = self.options
         # check_values=False: the lengths are the cache's own, checked at prefill, and the indices
         # come from qk_topn; checking them would cost a device->host sync per layer and step
-        scores, indices, lse = qk_topn(q, k_cache, lens, o.topn + o.hot_rows,
-                                       group_select=o.group_select,
-                                       check_values=False)  # [B, Hq, N + H] x2, [B, Hq]
+        out = qk_topn(q, k_cache, lens, o.topn + o.hot_rows, group_select=o.group_select,
+                      check_values=False, return_scores=return_scores)
+        scores, indices, lse = out[:3]  # [B, Hq, N + H] x2, [B, Hq]
         if o.hot_rows:
             scores, indices = top_cold(scores, indices, lens, o.topn, o.sinks,
                                        o.window)  # [B, Hq, N] each
         if o.top_p < 1:
             scores, indices = mass_prefix(scores, indices, lse, o.top_p)  # [B, Hq, N] each
-        return scores, indices, lse
+        return (scores, indices, lse) + out[3:]
 
     def finish_decode(self):
         """Every sequence has one more token: seq_lens += 1."""

@@ -13,10 +13,11 @@ they miss, ``1 − Σ p_i``, can be accounted for on the device:
 * :class:`LowBitTail` (``"int2"``, ``"int4"``): a 2- or 4-bit copy of V stays on the device
   (``quantize_rows``, written at the hand-off and at each append, on the stream that computes V);
   every row not read contributes with its exact weight over its dequantized copy
-  (``lowbit_tail``).
+  (``lowbit_tail``, over the scores the selection computed: ``needs_scores``).
 
 Each tail stores the prompt (:meth:`store_prompt`), appends a token (:meth:`append`) and attends
-(:meth:`attend`); ``nbytes`` is the device memory it holds. With hot rows (hot.py), ``attend`` also
+(:meth:`attend`, given every score of the step when its ``needs_scores`` is True, else None);
+``nbytes`` is the device memory it holds. With hot rows (hot.py), ``attend`` also
 takes their exact part (a :data:`~.hot.HotPart`) and adds it; the low-bit tail leaves them out.
 """
 import torch
@@ -28,6 +29,7 @@ class NoTail:
     """No tail: the top N rows alone (DESIGN.md §3, the paper's KCache)."""
 
     nbytes = 0
+    needs_scores = False
 
     def __init__(self, renormalize):
         self.renormalize = renormalize
@@ -38,7 +40,7 @@ class NoTail:
     def append(self, rows, pos, v):
         """Nothing to keep."""
 
-    def attend(self, q, k_cache, lens, scores, indices, lse, v_host, hot=None):
+    def attend(self, all_scores, lens, scores, indices, lse, v_host, hot=None):
         """The top N rows of ``v_host`` (and the hot rows) -> out [B, Hq, D] (dtype of V)."""
         if hot is None:
             return sparse_attn_v(scores, indices, v_host, lse, self.renormalize,
@@ -58,6 +60,8 @@ class MeanTail:
     v_sum : Tensor [B, Hkv, D] float32 on the device — Σ of the V rows ``j < L_b``.
     """
 
+    needs_scores = False
+
     def __init__(self, batch, num_kv_heads, head_dim, device):
         self.v_sum = torch.zeros(batch, num_kv_heads, head_dim, dtype=torch.float32,
                                  device=device)  # [B, Hkv, D]
@@ -73,7 +77,7 @@ class MeanTail:
         """Add one token's v [B, Hkv, D] to the sum (rows, pos: where it is stored)."""
         self.v_sum += v.float()
 
-    def attend(self, q, k_cache, lens, scores, indices, lse, v_host, hot=None):
+    def attend(self, all_scores, lens, scores, indices, lse, v_host, hot=None):
         """Exact weights on the top N rows of ``v_host`` plus the mean tail -> out [B, Hq, D]
         (no hot rows: KCacheOptions refuses them with this tail)."""
         return sparse_attn_v(scores, indices, v_host, lse, renormalize=False, check_values=False,
@@ -87,6 +91,8 @@ class LowBitTail:
     meta : Tensor [B, Hkv, S, 2] bfloat16 on the device — (scale, min) per row
     Rows ``j >= L_b`` are never read, so the buffers start uninitialised.
     """
+
+    needs_scores = True  # the weights of the rows not read come from the step's scores
 
     def __init__(self, bits, batch, num_kv_heads, capacity, head_dim, device):
         self.bits = bits
@@ -109,13 +115,14 @@ class LowBitTail:
         self.codes[rows, :, pos] = codes
         self.meta[rows, :, pos] = meta
 
-    def attend(self, q, k_cache, lens, scores, indices, lse, v_host, hot=None):
+    def attend(self, all_scores, lens, scores, indices, lse, v_host, hot=None):
         """Exact weights on the top N rows of ``v_host`` (and the hot rows) plus every other valid
-        row over the copy -> out [B, Hq, D] (dtype of V)."""
+        row over the copy, weighted from all_scores [B, Hq, S] float32 (every score of the step)
+        -> out [B, Hq, D] (dtype of V)."""
         top = sparse_attn_v(scores, indices, v_host, lse, renormalize=False,
                             check_values=False)  # [B, Hq, D]
         read = indices if hot is None else torch.cat([indices, hot.indices], -1)  # [B, Hq, N(+H)]
-        rest = lowbit_tail(q, k_cache, lens, lse, read, self.codes, self.meta,
+        rest = lowbit_tail(all_scores, lens, lse, read, self.codes, self.meta, self.bits,
                            check_values=False)  # [B, Hq, D] float32
         out = rest + top  # [B, Hq, D] float32 (the add promotes top: no separate cast)
         return (out if hot is None else out + hot.out).to(top.dtype)

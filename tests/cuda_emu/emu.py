@@ -150,7 +150,8 @@ def read_outputs(path):
         pos += 8 * ndim
         (nbytes,) = struct.unpack_from("<Q", data, pos)
         pos += 8
-        raw = torch.frombuffer(bytearray(data[pos:pos + nbytes]), dtype=torch.uint8)
+        raw = (torch.frombuffer(bytearray(data[pos:pos + nbytes]), dtype=torch.uint8)
+               if nbytes else torch.empty(0, dtype=torch.uint8))  # frombuffer refuses 0 bytes
         pos += nbytes
         out[name] = raw.view(CODE_DTYPES[code]).reshape(shape)
     return out

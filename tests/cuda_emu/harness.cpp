@@ -143,7 +143,8 @@ Outputs run_qk_topn(const Case& c) {
   watch_output(lse.data(), lse.bytes, "lse");
   launch(to_dim3(plan.select_grid), dim3(plan.select_block), "qk_select_kernel",
          [&] { kcache_ops::qk_select_kernel(sp); });
-  return {{"scores", scores}, {"indices", indices}, {"lse", lse}};
+  // the score scratch [B, Hq, score_stride]: what the launcher returns as all_scores
+  return {{"scores", scores}, {"indices", indices}, {"lse", lse}, {"scratch", scratch}};
 }
 
 Outputs run_sparse_attn_v(const Case& c) {
@@ -234,8 +235,7 @@ Outputs run_gather_rows(const Case& c) {
 }
 
 Outputs run_lowbit_tail(const Case& c) {
-  const Tensor& q = c.input("q");                // [B, Hq, D]
-  const Tensor& k = c.input("k_cache");          // [B, Hkv, S, D]
+  const Tensor& scores = c.input("scores");      // [B, Hq, S] float32
   const Tensor& seq_lens = c.input("seq_lens");  // [B] int32
   const Tensor& lse = c.input("lse");            // [B, Hq] float32
   const Tensor& indices = c.input("indices");    // [B, Hq, N] int32
@@ -243,11 +243,18 @@ Outputs run_lowbit_tail(const Case& c) {
   // words (the case format has no uint8 dtype); its strides times 4 are the codes' byte strides
   const Tensor& codes = c.input("v_codes_words");
   const Tensor& meta = c.input("v_meta");        // [B, Hkv, S, 2] bfloat16
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t B = scores.size(0), Hq = scores.size(1);
+  const int64_t bits = static_cast<int64_t>(c.scalar("bits"));
+  const int64_t D = codes.size(3) * 32 / bits;
   Tensor out = make_tensor(DType::kF32, {B, Hq, D}, 0xff);  // [B, Hq, D], NaN
   if (out.numel() == 0) return {{"out", out}};
   const kcache_ops::LowbitTailArgs args{
-      .in = qk_inputs(q, k, seq_lens),
+      .scores = static_cast<const float*>(scores.data()),
+      .s_sb = scores.stride(0),
+      .s_sh = scores.stride(1),
+      .s_ss = scores.stride(2),
+      .seq_lens = static_cast<const int32_t*>(seq_lens.data()),
+      .seq_stride = seq_lens.stride(0),
       .codes = static_cast<const uint8_t*>(codes.data()),
       .c_sb = codes.stride(0) * 4,
       .c_sh = codes.stride(1) * 4,
@@ -266,12 +273,11 @@ Outputs run_lowbit_tail(const Case& c) {
       .out = static_cast<float*>(out.data()),
       .B = B,
       .Hq = Hq,
-      .Hkv = k.size(1),
-      .S = k.size(2),
+      .Hkv = codes.size(1),
+      .S = codes.size(2),
       .D = D,
       .N = indices.size(2),
-      .bits = codes.size(3) * 32 / D,
-      .scale = static_cast<float>(c.scalar("scale")),
+      .bits = bits,
   };
   const kcache_ops::LowbitTailPlan plan =
       kcache_ops::plan_lowbit_tail(args, static_cast<int>(c.scalar("sms")),
@@ -280,16 +286,16 @@ Outputs run_lowbit_tail(const Case& c) {
   Tensor partials = make_tensor(DType::kF32, {plan.partial_floats}, 0xff);  // [B, Hq, chunks, D]
   const kcache_ops::LowbitTailParams p =
       kcache_ops::lowbit_tail_params(args, plan, static_cast<float*>(partials.data()));
-  dispatch_kernel_instance(q.dtype, D, plan.group_slice,
-                           [&](auto type_tag, auto d_tag, auto gs_tag) {
-    using T = std::remove_pointer_t<decltype(type_tag)>;
-    if (plan.num_chunks == 1) {
-      watch_output(out.data(), out.bytes, "out");
-    } else {
-      watch_output(partials.data(), partials.bytes, "partials");
-    }
-    launch(to_dim3(plan.tail_grid), dim3(plan.tail_block), "lowbit_tail_kernel", [&] {
-      kcache_ops::lowbit_tail_kernel<T, decltype(d_tag)::value, decltype(gs_tag)::value>(p);
+  dispatch_head_dim(D, [&](auto d_tag) {
+    dispatch_group_slice(plan.group_slice, [&](auto gs_tag) {
+      if (plan.num_chunks == 1) {
+        watch_output(out.data(), out.bytes, "out");
+      } else {
+        watch_output(partials.data(), partials.bytes, "partials");
+      }
+      launch(to_dim3(plan.tail_grid), dim3(plan.tail_block), "lowbit_tail_kernel", [&] {
+        kcache_ops::lowbit_tail_kernel<decltype(d_tag)::value, decltype(gs_tag)::value>(p);
+      });
     });
   });
   if (plan.num_chunks > 1) {

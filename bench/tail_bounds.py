@@ -1,0 +1,164 @@
+"""Predicted issue-bound and byte-bound times of lowbit_tail's kernel, from its SASS, without a GPU.
+
+Compiles csrc/cuda/lowbit_tail_kernel.cuh for sm_90 (nvcc -cubin, one explicit instance
+lowbit_tail_kernel<D, GS> per shape of bench/sass_bounds.py), reads its SASS and resources
+(cuobjdump) and counts the key loop: the innermost backward branch around its asynchronous copies,
+divided by the keys one warp covers per iteration = warp-instruction issues per key per block (a
+block serves one KV head's slice of <= GS query heads). Every instruction of the body counts, the
+paths for keys a head selected included: an upper bound.
+
+Model (stated, not measured), per configuration and GPU:
+* residency = blocks of the instance per SM as its registers and shared memory allow;
+* the plan's chunk (lowbit_tail_launch.h: the wave model of launch_grid.h at that residency) gives
+  the blocks; an SM runs at most ceil(blocks / SMs) of them, and its 4 schedulers issue one
+  warp-instruction each per cycle, so issue bound = ceil(blocks / SMs) x chunk x per key / (4 x
+  clock) (a block's work cannot spread over SMs);
+* byte bound = per key and KV head, G float32 scores + D * bits / 8 code bytes + 4 meta bytes,
+  over the HBM bandwidth (an upper bound: the scores were just written by qk_topn with an
+  evict-last hint and may still be in L2).
+
+    python bench/tail_bounds.py [--bits 2|4] [--out bench/results]
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import sass_bounds as sb
+
+TAIL_THREADS = 128  # kTailThreads
+TAIL_VEC = 8  # kTailVec: elements of a row per lane
+TAIL_UNROLL = 8  # kTailUnroll: keys per lane and iteration
+TAIL_CHUNK_STEP = 256  # kTailChunkStep
+TAIL_MAX_CHUNK = 4096  # kTailMaxChunk
+TAIL_BLOCK_OVERHEAD_KEYS = 128  # kTailBlockOverheadKeys
+SHARED_PER_SM = 228 * 1024  # bytes of shared memory per SM (H100 / H200)
+
+
+def mangled(d, gs):
+    return f"_ZN10kcache_ops18lowbit_tail_kernelILi{d}ELi{gs}EEEvNS_16LowbitTailParamsE"
+
+
+def compile_instances(instances, workdir, nvcc):
+    """cubin of lowbit_tail_kernel.cuh with lowbit_tail_kernel<D, GS> for each (D, GS)."""
+    src = os.path.join(workdir, "lowbit_tail_instances.cu")
+    lines = ['#include "lowbit_tail_kernel.cuh"', "namespace kcache_ops {"]
+    lines += [f"template __global__ void lowbit_tail_kernel<{d}, {gs}>(LowbitTailParams);"
+              for d, gs in instances]
+    lines.append("}")
+    with open(src, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    cubin = os.path.join(workdir, "lowbit_tail.cubin")
+    subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                    "-I", sb.KERNEL_DIR, "-o", cubin, src], check=True)
+    return cubin
+
+
+def resources(cuobjdump, cubin):
+    """{mangled name: (registers per thread, static shared bytes)} from cuobjdump -res-usage."""
+    out = subprocess.run([cuobjdump, "-res-usage", cubin], check=True, capture_output=True,
+                         text=True).stdout
+    return {m.group(1): (int(m.group(2)), int(m.group(3)))
+            for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+)\s.*?SHARED:(\d+)", out)}
+
+
+def loop_count(code, d):
+    """(warp-instructions per key, loop body size, keys per warp iteration) of the key loop."""
+    inner = sb.innermost_loops_with(code, r"LDGSTS")
+    lo, hi = max(inner, key=lambda r: r[1] - r[0])
+    n = len(sb.body(code, lo, hi))
+    keys = TAIL_UNROLL * (32 // (d // TAIL_VEC))
+    return n / keys, n, keys
+
+
+def residency(regs, shared):
+    """Blocks of TAIL_THREADS threads per SM as registers and shared memory (cuobjdump's figure,
+    the runtime's 1 KiB per block included) allow."""
+    return min(sb.blocks_per_sm(regs, TAIL_THREADS), SHARED_PER_SM // shared)
+
+
+def tail_chunk(s, blocks_per_chunk, wave):
+    """lowbit_tail_chunk of lowbit_tail_launch.h (wave_chunk of launch_grid.h)."""
+    last = min(max(-(-s // TAIL_CHUNK_STEP), 1) * TAIL_CHUNK_STEP, TAIL_MAX_CHUNK)
+    best, best_cost = TAIL_CHUNK_STEP, None
+    for chunk in range(TAIL_CHUNK_STEP, last + 1, TAIL_CHUNK_STEP):
+        cost = -(-blocks_per_chunk * -(-s // chunk) // wave) * (chunk + TAIL_BLOCK_OVERHEAD_KEYS)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = chunk, cost
+    return best
+
+
+def predict(shape, s, b, gpu, count, bits):
+    """One row: the plan's grid, the issue and byte bounds (microseconds)."""
+    g = shape.hq // shape.hkv
+    slices = -(-g // sb.group_slice_width(g))
+    bps = count["blocks_per_sm"]
+    chunk = tail_chunk(s, b * shape.hkv * slices, gpu.sms * bps)
+    blocks = -(-s // chunk) * shape.hkv * slices * b
+    busiest = -(-blocks // gpu.sms) * chunk * count["per_key"]  # warp-instructions
+    issue = busiest / (sb.ISSUE_PER_SM_CYCLE * gpu.clock_hz)
+    per_key_bytes = g * 4 + shape.d * bits // 8 + 4
+    byte = b * shape.hkv * s * per_key_bytes / gpu.hbm_bytes_s
+    return {"gpu": gpu.name, "shape": shape.name, "tokens": s, "batch": b, "bits": bits,
+            "chunk": chunk, "blocks": blocks, "waves": round(blocks / (gpu.sms * bps), 2),
+            "bytes_per_key": per_key_bytes, "issue_us": round(issue * 1e6, 1),
+            "bytes_us": round(byte * 1e6, 1)}
+
+
+def analyse(shapes=sb.SHAPES, bits=2, workdir=None):
+    """Compile, count, predict -> {"counts": {instance: ...}, "rows": [...]}."""
+    nvcc, cuobjdump = sb.find_tool("nvcc"), sb.find_tool("cuobjdump")
+    if nvcc is None or cuobjdump is None:
+        raise RuntimeError(f"needs nvcc and cuobjdump (found nvcc={nvcc}, cuobjdump={cuobjdump})")
+    insts = sorted({(sh.d, sb.group_slice_width(sh.hq // sh.hkv)) for sh in shapes})
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        cubin = compile_instances(insts, tmp, nvcc)
+        funcs = sb.sass_functions(cuobjdump, cubin)
+        res = resources(cuobjdump, cubin)
+    counts = {}
+    for d, gs in insts:
+        regs, shared = res[mangled(d, gs)]
+        per_key, n, keys = loop_count(funcs[mangled(d, gs)], d)
+        counts[f"lowbit_tail_kernel<{d},{gs}>"] = {
+            "regs": regs, "shared": shared, "blocks_per_sm": residency(regs, shared),
+            "loop_insns": n, "keys_per_warp_iter": keys, "per_key": round(per_key, 2)}
+    rows = [predict(sh, s, b, gpu, counts[
+                f"lowbit_tail_kernel<{sh.d},{sb.group_slice_width(sh.hq // sh.hkv)}>"], bits)
+            for sh in shapes for s, b in sb.LENGTHS for gpu in sb.GPUS]
+    return {"counts": counts, "rows": rows}
+
+
+def markdown(result):
+    """The counts and the bounds as markdown tables."""
+    out = ["| kernel | regs | shared B | blocks / SM | SASS per key |", "|---|---|---|---|---|"]
+    for name, c in result["counts"].items():
+        out.append(f"| `{name}` | {c['regs']} | {c['shared']} | {c['blocks_per_sm']} | "
+                   f"{c['per_key']} ({c['loop_insns']} / {c['keys_per_warp_iter']} keys) |")
+    out += ["", "| GPU | shape | tokens × batch | bits | chunk, blocks (waves) | bytes per key | "
+            "issue µs | bytes µs |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        out.append(f"| {r['gpu']} | {r['shape']} | {r['tokens'] // 1024}K × {r['batch']} | "
+                   f"{r['bits']} | {r['chunk']}, {r['blocks']} ({r['waves']}) | "
+                   f"{r['bytes_per_key']} | {r['issue_us']} | {r['bytes_us']} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bits", type=int, choices=(2, 4), default=2)
+    ap.add_argument("--out", default=os.path.join(sb.ROOT, "bench", "results"))
+    args = ap.parse_args(argv)
+    result = analyse(bits=args.bits)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"tail_bounds_int{args.bits}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    sys.stdout.write(markdown(result))
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
