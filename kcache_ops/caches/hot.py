@@ -16,7 +16,8 @@ from collections import namedtuple
 import torch
 
 # the exact attention of a step's hot rows: out [B, Hq, D] float32 = Σ exp(s − lse) · v,
-# mass [B, Hq] float32 = Σ exp(s − lse), indices [B, Hq, H] int32 (their positions, -1 empty)
+# mass [B, Hq] float32 = Σ exp(s − lse), indices [B, Hq, H] int32 (their positions, -1 empty: a
+# view of HotRows.held, valid until the next append)
 HotPart = namedtuple("HotPart", "out mass indices")
 
 
@@ -104,8 +105,8 @@ class HotRows:
         k = torch.gather(k_cache, 2, rows).float()  # [B, Hkv, H, D]
         qg = q.float().reshape(B, Hkv, group, D)  # [B, Hkv, G, D]
         s = torch.einsum("bkgd,bkjd->bkgj", qg, k) * D ** -0.5  # [B, Hkv, G, H], qk_topn's scale
-        valid = (self.held >= 0)[:, None, None, :]  # [B, 1, 1, H]
-        p = torch.exp(s - lse.reshape(B, Hkv, group, 1)) * valid  # [B, Hkv, G, H]
+        empty = (self.held < 0)[:, None, None, :]  # [B, 1, 1, H]
+        p = torch.exp(s - lse.reshape(B, Hkv, group, 1)).masked_fill(empty, 0.0)  # [B,Hkv,G,H]
         out = torch.einsum("bkgj,bkjd->bkgd", p, self.v.float()).reshape(B, Hq, D)  # [B, Hq, D]
         indices = self.held[:, None, :].expand(B, Hq, H)  # [B, Hq, H] int32, -1 empty
         return HotPart(out, p.sum(-1).reshape(B, Hq), indices)
