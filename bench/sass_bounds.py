@@ -104,16 +104,22 @@ def group_slice_width(g):
     return 4 if g <= 4 else 8
 
 
-def score_chunk(s, blocks_per_chunk, sms):
-    """qk_score_chunk of qk_topn_launch.h: the chunk (multiple of 256, >= 512) with the fewest
-    whole waves x (chunk + overhead)."""
-    wave = sms * SCORE_BLOCKS_PER_SM
-    best, best_cost = 512, None
-    for chunk in range(512, max(-(-s // 256) * 256, 512) + 1, 256):
-        cost = -(-blocks_per_chunk * -(-s // chunk) // wave) * (chunk + SCORE_BLOCK_OVERHEAD_KEYS)
+def wave_chunk(s, blocks_per_chunk, wave, first, step, last, overhead_keys):
+    """wave_chunk of launch_grid.h: of first, first + step, ... up to last, the chunk of keys with
+    the fewest whole waves x (chunk + overhead_keys); the smallest on ties."""
+    best, best_cost = first, None
+    for chunk in range(first, last + 1, step):
+        cost = -(-blocks_per_chunk * -(-s // chunk) // wave) * (chunk + overhead_keys)
         if best_cost is None or cost < best_cost:
             best, best_cost = chunk, cost
     return best
+
+
+def score_chunk(s, blocks_per_chunk, sms):
+    """qk_score_chunk of qk_topn_launch.h: the chunk (multiple of 256, >= 512) with the fewest
+    whole waves x (chunk + overhead)."""
+    return wave_chunk(s, blocks_per_chunk, sms * SCORE_BLOCKS_PER_SM, 512, 256,
+                      max(-(-s // 256) * 256, 512), SCORE_BLOCK_OVERHEAD_KEYS)
 
 
 def select_slices(s, rows, sms):
@@ -140,19 +146,24 @@ def find_tool(name):
         return None
 
 
-def compile_instances(instances, workdir, nvcc):
-    """cubin of qk_topn_kernel.cuh with qk_scores_kernel<T, D, GS> for each (T, D, GS)."""
-    src = os.path.join(workdir, "qk_topn_instances.cu")
-    lines = ['#include "qk_topn_kernel.cuh"', "namespace kcache_ops {"]
-    lines += [f"template __global__ void qk_scores_kernel<{t}, {d}, {gs}>(QkScoresParams);"
-              for t, d, gs in instances]
-    lines.append("}")
+def compile_cubin(header, instantiations, workdir, nvcc):
+    """cubin for sm_90 of csrc/cuda/<header>.cuh with the explicit instantiations given (lines of
+    C++ inside namespace kcache_ops)."""
+    src = os.path.join(workdir, f"{header}_instances.cu")
+    lines = [f'#include "{header}.cuh"', "namespace kcache_ops {", *instantiations, "}"]
     with open(src, "w") as f:
         f.write("\n".join(lines) + "\n")
-    cubin = os.path.join(workdir, "qk_topn.cubin")
+    cubin = os.path.join(workdir, f"{header}.cubin")
     subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-O3", "-std=c++17", "--expt-relaxed-constexpr",
                     "-I", KERNEL_DIR, "-o", cubin, src], check=True)
     return cubin
+
+
+def compile_instances(instances, workdir, nvcc):
+    """cubin of qk_topn_kernel.cuh with qk_scores_kernel<T, D, GS> for each (T, D, GS)."""
+    return compile_cubin("qk_topn_kernel", [
+        f"template __global__ void qk_scores_kernel<{t}, {d}, {gs}>(QkScoresParams);"
+        for t, d, gs in instances], workdir, nvcc)
 
 
 _INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -174,12 +185,13 @@ def sass_functions(cuobjdump, cubin):
     return funcs
 
 
-def registers(cuobjdump, cubin):
-    """{mangled name: registers per thread} from cuobjdump -res-usage."""
+def resources(cuobjdump, cubin):
+    """{mangled name: (registers per thread, static shared bytes)} from cuobjdump -res-usage (the
+    shared figure includes the runtime's 1 KiB per block)."""
     out = subprocess.run([cuobjdump, "-res-usage", cubin], check=True, capture_output=True,
                          text=True).stdout
-    return {m.group(1): int(m.group(2))
-            for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+)", out)}
+    return {m.group(1): (int(m.group(2)), int(m.group(3)))
+            for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+)\s.*?SHARED:(\d+)", out)}
 
 
 def loops(code):
@@ -319,7 +331,7 @@ def analyse(instances_for_shapes=SHAPES, workdir=None):
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         cubin = compile_instances(insts, tmp, nvcc)
         funcs = sass_functions(cuobjdump, cubin)
-        regs = registers(cuobjdump, cubin)
+        regs = {name: r for name, (r, _) in resources(cuobjdump, cubin).items()}
     counts = {}
     for t, d, gs in insts:
         name = mangled_scores(t, d, gs)

@@ -22,8 +22,6 @@ Model (stated, not measured), per configuration and GPU:
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
 
@@ -44,25 +42,9 @@ def mangled(d, gs):
 
 def compile_instances(instances, workdir, nvcc):
     """cubin of lowbit_tail_kernel.cuh with lowbit_tail_kernel<D, GS> for each (D, GS)."""
-    src = os.path.join(workdir, "lowbit_tail_instances.cu")
-    lines = ['#include "lowbit_tail_kernel.cuh"', "namespace kcache_ops {"]
-    lines += [f"template __global__ void lowbit_tail_kernel<{d}, {gs}>(LowbitTailParams);"
-              for d, gs in instances]
-    lines.append("}")
-    with open(src, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    cubin = os.path.join(workdir, "lowbit_tail.cubin")
-    subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-O3", "-std=c++17", "--expt-relaxed-constexpr",
-                    "-I", sb.KERNEL_DIR, "-o", cubin, src], check=True)
-    return cubin
-
-
-def resources(cuobjdump, cubin):
-    """{mangled name: (registers per thread, static shared bytes)} from cuobjdump -res-usage."""
-    out = subprocess.run([cuobjdump, "-res-usage", cubin], check=True, capture_output=True,
-                         text=True).stdout
-    return {m.group(1): (int(m.group(2)), int(m.group(3)))
-            for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+)\s.*?SHARED:(\d+)", out)}
+    return sb.compile_cubin("lowbit_tail_kernel", [
+        f"template __global__ void lowbit_tail_kernel<{d}, {gs}>(LowbitTailParams);"
+        for d, gs in instances], workdir, nvcc)
 
 
 def loop_count(code, d):
@@ -81,14 +63,11 @@ def residency(regs, shared):
 
 
 def tail_chunk(s, blocks_per_chunk, wave):
-    """lowbit_tail_chunk of lowbit_tail_launch.h (wave_chunk of launch_grid.h)."""
+    """lowbit_tail_chunk of lowbit_tail_launch.h: a multiple of TAIL_CHUNK_STEP up to
+    TAIL_MAX_CHUNK, by the wave model."""
     last = min(max(-(-s // TAIL_CHUNK_STEP), 1) * TAIL_CHUNK_STEP, TAIL_MAX_CHUNK)
-    best, best_cost = TAIL_CHUNK_STEP, None
-    for chunk in range(TAIL_CHUNK_STEP, last + 1, TAIL_CHUNK_STEP):
-        cost = -(-blocks_per_chunk * -(-s // chunk) // wave) * (chunk + TAIL_BLOCK_OVERHEAD_KEYS)
-        if best_cost is None or cost < best_cost:
-            best, best_cost = chunk, cost
-    return best
+    return sb.wave_chunk(s, blocks_per_chunk, wave, TAIL_CHUNK_STEP, TAIL_CHUNK_STEP, last,
+                         TAIL_BLOCK_OVERHEAD_KEYS)
 
 
 def predict(shape, s, b, gpu, count, bits):
@@ -117,7 +96,7 @@ def analyse(shapes=sb.SHAPES, bits=2, workdir=None):
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         cubin = compile_instances(insts, tmp, nvcc)
         funcs = sb.sass_functions(cuobjdump, cubin)
-        res = resources(cuobjdump, cubin)
+        res = sb.resources(cuobjdump, cubin)
     counts = {}
     for d, gs in insts:
         regs, shared = res[mangled(d, gs)]
