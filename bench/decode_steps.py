@@ -123,14 +123,12 @@ class DefaultLayer:
         return kcache_ops.sparse_attn_v(scores, indices, self.cache.v_host[layer], lse,
                                         renormalize=False, check_values=False)
 
-    def tail_args(self, layer, q, indices, lse):
-        """The arguments of the step's lowbit_tail for a selection: (every score [B, Hq, S] of the
-        step's qk_topn, lens, lse, the rows read [B, Hq, N + H] (the selection and the hot rows),
-        codes, meta, bits)."""
+    def tail_args(self, layer, q):
+        """The arguments of the step's lowbit_tail for query q [B, Hq, D]: (every score
+        [B, Hq, S] of the step's selection, lens, lse, the rows read [B, Hq, N + H] (the selection
+        and the hot rows), codes, meta, bits), from one selection as the step makes it."""
         lens, k = self.lens, self.cache.k[layer]
-        o = self.cache.options
-        every = kcache_ops.qk_topn(q, k, lens, o.topn + o.hot_rows, None, o.group_select,
-                                   check_values=False, return_scores=True)[3]  # [B, Hq, S]
+        _, indices, lse, every = self.cache.select(q, k, lens, return_scores=True)
         hot = self.cache.hot[layer].attend(q, k, lse)
         tail = self.cache.tails[layer]
         return (every, lens, lse, torch.cat([indices, hot.indices], -1), tail.codes, tail.meta,

@@ -126,7 +126,7 @@ def default_step(rec, c, sets, dense, ceilings):
     B, S = c["B"], c["S"]
     layer = decode_steps.DefaultLayer(sets)
     fresh = [(i, torch.randn_like(q)) for i, (q, _, _) in enumerate(sets)]  # (layer, q)
-    tails = [layer.tail_args(i, q, *layer.select(i, q)[1:]) for i, q in fresh]
+    tails = [layer.tail_args(i, q) for i, q in fresh]
     most_bytes = B * Hq * DEFAULT.topn * D * 2  # every selected row read
     selections = [(i % len(sets), *layer.select(i % len(sets), torch.randn_like(sets[0][0])))
                   for i in range(timing.rotations(most_bytes))]  # (layer, scores, indices, lse)

@@ -114,7 +114,7 @@ def test_decode_steps_split_into_their_parts():
     assert indices.shape == (B, Hq, 64) and layer.qk_topn(i, q)[1].shape == (B, Hq, 128)
     hot = layer.cache.hot[i].attend(q, layer.cache.k[i], lse)
     parts = (layer.attend_host(i, scores, indices, lse) + hot.out
-             + layer.lowbit_tail(*layer.tail_args(i, q, indices, lse)))
+             + layer.lowbit_tail(*layer.tail_args(i, q)))
     torch.testing.assert_close(parts, out)
     assert layer.device_bytes_beside_k() == decode_steps.default_layer_bytes(
         B, Hq, Hkv, S, D, torch.float32) - k.nbytes
