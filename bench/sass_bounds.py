@@ -8,27 +8,29 @@ SASS (cuobjdump -sass) and the registers (cuobjdump -res-usage), and counts:
   around its 16-byte K loads) divided by the keys one warp covers per iteration = warp-instruction
   issues per key per block (one block serves one slice of <= GS query heads). Every instruction of
   the loop body is counted, including the cold NaN paths, so this is an upper bound of the issues.
-* select pass: per innermost loop of qk_select_kernel around a 16-byte load of the ranked row (3
-  radix passes + the collect pass), its static instructions per load / 128 floats (a load is 4
-  floats x 32 lanes), summed over the loops = issues per ranked float. Group mode ranks the group
-  mass, which qk_group_mass_kernel writes first: its head loop per load / 128 = issues per score
-  float. The count is static: the early exits of the select (after a radix pass whose threshold bin
-  holds exactly the keys still needed; no index-order scan in the collect when every key equal to
-  the threshold is taken) are not modelled, so the select's count is an upper bound.
+* select pass: per innermost loop of qk_select_kernel around a 16-byte load (in code order: the
+  group mass's head loop, the 3 radix passes, the collect pass), its static instructions per load /
+  128 floats (a load is 4 floats x 32 lanes) = issues per float read; the radix and collect loops
+  summed = issues per ranked float. Group mode ranks the group mass, which each select block
+  writes for its slice first: issues per score float. The count is static: the early exits of the
+  select (after a radix pass whose threshold bin holds exactly the keys still needed; no
+  index-order scan in the collect when every key equal to the threshold is taken) are not
+  modelled, so the select's count is an upper bound. The merge of split rows (a sort of slices x N
+  picks per row) is not counted.
 
 Model (stated, not measured):
 * issue bound = warp-instructions / (SMs x 4 issue slots per cycle (4 warp schedulers, one issue
   each per cycle) x clock), times the wave quantisation of the grid (ceil(waves) / waves) in waves
   of kScoreBlocksPerSm = 2 blocks per SM (fewer if the registers allow fewer; the launch bounds ask
   for 2, the chunk plan assumes 2); a block's own work cannot spread over several SMs, so the
-  select bound is at least one row's instructions / (4 x clock): its radix passes divided by the
-  blocks per row they are split over (qk_select_slices), and so is the collect pass (the select
-  kernel then only sorts the gathered candidates; its index-order scan for keys equal to the
-  threshold, rare with real-valued scores, is not modelled).
+  select bound is at least one block's instructions / (4 x clock): its slice of a row
+  (qk_select_slices, at N = SELECT_N) times the issues per ranked float, plus in group mode G
+  times the mass's issues per score float (the index-order scan for keys equal to the threshold,
+  rare with real-valued scores, is not modelled).
 * byte bound = bytes that must cross HBM / HBM bandwidth. Score pass: K once + the float32 score
   scratch written (G x 4 B per key per KV head). Select pass: the ranked rows read 4 times, and in
   group mode the scores read once and the mass written (an upper bound: right after the score
-  pass much of the scratch is still in L2).
+  pass much of the scratch is still in L2, and a block re-reads its own slice of the mass).
 * latency bound (score pass) = K bytes / the rate at which the warps keep loads in flight: a warp's
   iteration moves SCORE_UNROLL x 512 B (one 16-byte load per lane per row) and takes L + C with one
   stage (load, wait L, compute C) or max(L / (stages - 1), C) with K staged `stages` iterations
@@ -81,8 +83,11 @@ LOADED_LATENCY_S = (1.0e-6, 2.0e-6)  # device-memory latency under full load (a 
 SCORE_BLOCKS_PER_SM = 2  # kScoreBlocksPerSm: the residency the launch bounds and the chunk plan use
 SCORE_BLOCK_OVERHEAD_KEYS = 128  # kScoreBlockOverheadKeys
 SELECT_THREADS = 512  # kSelectThreads
-SELECT_SLICE_KEYS = 8 * SELECT_THREADS  # kSelectSliceKeys: fewest keys per slice of a split
-SELECT_PASSES = 4  # 3 radix passes + the collect pass read the scratch
+SELECT_SLICE_KEYS = 4 * SELECT_THREADS  # kSelectSliceKeys: fewest keys per slice of a split
+SELECT_BLOCKS_PER_SM = 4  # kSelectBlocksPerSm
+MAX_TOP_N = 4096  # kMaxTopN: the merge sorts at most this many picks
+SELECT_N = 64  # the N of the predictions (the decode step's)
+SELECT_PASSES = 4  # 3 radix passes + the collect pass read the ranked row
 
 
 @dataclass(frozen=True)
@@ -122,12 +127,13 @@ def score_chunk(s, blocks_per_chunk, sms):
                       max(-(-s // 256) * 256, 512), SCORE_BLOCK_OVERHEAD_KEYS)
 
 
-def select_slices(s, rows, sms):
-    """qk_select_slices of qk_topn_launch.h: blocks per ranked row of the radix passes and the
-    collect."""
-    if rows >= 2 * sms:
-        return 1
-    return min(-(-2 * sms // rows), max(1, s // SELECT_SLICE_KEYS))
+def select_slices(s, rows, n, sms):
+    """(slices, keys per slice) of a ranked row of s keys, as plan_qk_topn of qk_topn_launch.h
+    (qk_select_slices, qk_select_slice_keys)."""
+    want = min(max(1, SELECT_BLOCKS_PER_SM * sms // rows), max(1, s // SELECT_SLICE_KEYS),
+               max(1, MAX_TOP_N // max(n, 1)))
+    keys = max(1, -(-(-(-s // want)) // SELECT_SLICE_KEYS)) * SELECT_SLICE_KEYS
+    return max(1, -(-s // keys)), keys
 
 
 def find_tool(name):
@@ -248,7 +254,6 @@ def mangled_scores(t, d, gs):
 
 
 SELECT_NAME = "_ZN10kcache_ops16qk_select_kernelENS_14QkSelectParamsE"
-MASS_NAME = "_ZN10kcache_ops20qk_group_mass_kernelENS_12QkMassParamsE"
 
 
 def blocks_per_sm(regs, threads):
@@ -291,18 +296,17 @@ def predict(shape, s, b, gpu, score, select, group_select):
     score_bytes = (k_bytes + scratch_bytes) / gpu.hbm_bytes_s
     latency = [k_bytes / latency_rate(score, bps, gpu, lat) for lat in LOADED_LATENCY_S]
 
-    # Select: per ranked row (the KV head's group mass in group mode) 3 radix passes, split over
-    # `slices` blocks when the rows are few, then the collect pass in one block per row; group mode
-    # first writes the mass in a wide pass over all the scores.
+    # Select: each block ranks a slice of a row (the KV head's group mass in group mode, which it
+    # writes first from its slice of the G heads' scores) by 3 radix passes and the collect.
     rows = b * (shape.hkv if group_select else shape.hq)
-    slices = select_slices(s, rows, gpu.sms)
-    radix, collect = sum(select["per_pass_per_float"][:3]), select["per_pass_per_float"][3]
-    sel_instr = rows * s * (radix + collect)
-    per_row = s * (radix + collect) / slices / (ISSUE_PER_SM_CYCLE * gpu.clock_hz)
-    select_issue = max(sel_instr / issue_rate, per_row)
+    slices, slice_keys = select_slices(s, rows, SELECT_N, gpu.sms)
+    ranked = select["passes_per_float"]
+    mass = select["mass_per_float"] * g if group_select else 0.0
+    sel_instr = rows * s * (ranked + mass)
+    per_block = min(s, slice_keys) * (ranked + mass) / (ISSUE_PER_SM_CYCLE * gpu.clock_hz)
+    select_issue = max(sel_instr / issue_rate, per_block)
     select_bytes = SELECT_PASSES * rows * s * 4
     if group_select:
-        select_issue += b * shape.hq * s * select["mass_per_float"] / issue_rate
         select_bytes += scratch_bytes + rows * s * 4  # the scores read once, the mass written
     select_bytes /= gpu.hbm_bytes_s
     mode = "group" if group_select else "per_head"
@@ -340,12 +344,12 @@ def analyse(instances_for_shapes=SHAPES, workdir=None):
         counts[f"qk_scores_kernel<{t},{d},{gs}>"] = {
             "regs": regs[name], "loop_insns": n, "keys_per_warp_iter": keys,
             "per_key": round(per_key, 2)}
-    mass = per_float(funcs[MASS_NAME])
-    passes = per_float(funcs[SELECT_NAME])  # in code order: 3 radix passes, then the collect
+    # in code order: the group mass's head loop, 3 radix passes, the collect
+    mass, *passes = per_float(funcs[SELECT_NAME])
     counts["qk_select_kernel"] = {"regs": regs[SELECT_NAME],
                                   "per_pass_per_float": [round(x, 3) for x in passes],
                                   "passes_per_float": round(sum(passes), 3),
-                                  "mass_per_float": round(sum(mass) / len(mass), 3)}
+                                  "mass_per_float": round(mass, 3)}
     rows = []
     for sh in instances_for_shapes:
         score = counts[f"qk_scores_kernel<{sh.ctype},{sh.d},{group_slice_width(sh.hq // sh.hkv)}>"]

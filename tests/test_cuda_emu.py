@@ -194,10 +194,11 @@ def test_qk_topn_chunking(race_exe, sms):
     check_topn(q, k, lens, 30, 1 / math.sqrt(128), False, out, TOL[torch.float16])
 
 
-def test_qk_topn_group_mass_blocks(race_exe):
-    """Group mode with the group mass in blocks of 2048 keys (4 rows on 4 multiprocessors, 4
-    blocks per multiprocessor wanted: 3 per row): one row ends inside its third block, the other
-    inside its second, so that row's third block returns early."""
+def test_qk_topn_group_mass_slices(race_exe):
+    """Group mode with rows split in slices of 4096 keys (4 rows on 4 multiprocessors, 4 blocks
+    per multiprocessor wanted: 2 slices per row), each block writing its slice's group mass before
+    ranking it: one row ends inside its second slice, the other inside its first, so that row's
+    second slice is empty (n padding picks)."""
     q, k = make_qk(2, 8, 2, 4500, 64, torch.bfloat16, "cpu")
     lens = seq_lens_tensor([4500, 2051], "cpu")
     out = run_qk_topn(race_exe, q, k, lens, 40, 1 / 8, True, sms=4)
@@ -207,10 +208,11 @@ def test_qk_topn_group_mass_blocks(race_exe):
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_qk_topn_split_select(race_exe, group_select, ties):
-    """Few rows on 8 multiprocessors: the radix passes and the collect split over 4 blocks per row
-    (qk_select_hist_kernel, qk_select_collect_kernel: S >= 4 slices of 4096 keys), one row shorter
-    than S; small-integer inputs give many equal scores (the select's index-order path after a
-    split collect)."""
+    """Few rows on 8 multiprocessors: each row's select split over 5 slices of 4096 keys (the last
+    holds 16; qk_select_kernel), their picks merged (qk_select_merge_kernel), one row shorter than
+    S, so that its last two slices are empty;
+    small-integer inputs give many equal scores (the index-order path within a slice, and equal
+    keys across slices ordered by the merge)."""
     B, Hkv, G, S, D, n = 2, 1, 2, 16400, 64, 60
     if ties:
         q = torch.randint(-2, 3, (B, Hkv * G, D)).float()  # [B, Hq, D]
@@ -220,6 +222,16 @@ def test_qk_topn_split_select(race_exe, group_select, ties):
     lens = seq_lens_tensor([S, 10001], "cpu")
     out = run_qk_topn(race_exe, q, k, lens, n, 1 / 8, group_select, sms=8)
     check_topn(q, k, lens, n, 1 / 8, group_select, out, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_qk_topn_split_select_short_slices(race_exe, group_select):
+    """n larger than a slice's valid keys: the rows' last slices (4500 - 4096 and 4300 - 4096 keys)
+    are taken whole, without a radix pass, and merged with the first slices' 600 picks."""
+    q, k = make_qk(2, 2, 1, 4500, 64, torch.float32, "cpu")
+    lens = seq_lens_tensor([4500, 4300], "cpu")
+    out = run_qk_topn(race_exe, q, k, lens, 600, 1 / 8, group_select, sms=4)
+    check_topn(q, k, lens, 600, 1 / 8, group_select, out, TOL[torch.float32])
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])

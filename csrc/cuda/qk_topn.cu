@@ -1,7 +1,7 @@
 // kcache_ops::qk_topn on CUDA: checks, device guard, current stream, scratch allocation, dtype /
 // head-dim / group dispatch, and the launches of qk_topn_kernel.cuh as qk_topn_launch.h plans them
-// (scores, the group mass in group mode, the split select's passes when the rows are few, the
-// select). No host synchronisation except the seq_lens range check, which check_values=False skips
+// (scores; the select, which in group mode writes the group mass first; the merge of the select's
+// slices when a row is split). No host synchronisation except the seq_lens range check, which check_values=False skips
 // (launch_utils.h).
 #include <tuple>
 #include <type_traits>
@@ -79,26 +79,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
   }
   // [B, Hkv, score_stride] group mass (group mode, else empty)
   at::Tensor mass = at::empty({plan.mass_floats}, fopts);
-  if (group_select && plan.num_chunks > 0) {
-    const QkMassParams mp = qk_mass_params(args, plan, scratch.data_ptr<float>(), partials_ptr,
-                                           mass.data_ptr<float>());
-    qk_group_mass_kernel<<<to_dim3(plan.mass_grid), plan.mass_block, 0, stream>>>(mp);
-    KC_CHECK_LAUNCH("qk_topn (group mass)");
-  }
-  // [B, ranked rows, split_row_ints(n)] workspace of a split select (else empty)
-  at::Tensor split = at::zeros({plan.split_ints}, fopts.dtype(at::kInt));
-  const QkSelectParams sp = qk_select_params(args, plan, scratch.data_ptr<float>(), partials_ptr,
-                                             mass.data_ptr<float>(), split.data_ptr<int32_t>());
-  if (plan.select_slices > 1) {
-    const dim3 hist_grid = to_dim3(plan.hist_grid);
-    qk_select_hist_kernel<0><<<hist_grid, plan.select_block, 0, stream>>>(sp);
-    qk_select_hist_kernel<1><<<hist_grid, plan.select_block, 0, stream>>>(sp);
-    qk_select_hist_kernel<2><<<hist_grid, plan.select_block, 0, stream>>>(sp);
-    qk_select_collect_kernel<<<hist_grid, plan.select_block, 0, stream>>>(sp);
-    KC_CHECK_LAUNCH("qk_topn (split select)");
-  }
+  // [B, ranked rows, select_slices, n] unsigned 64-bit picks of a split select (else empty)
+  at::Tensor picks = at::empty({plan.pick_count}, fopts.dtype(at::kLong));
+  const QkSelectParams sp =
+      qk_select_params(args, plan, scratch.data_ptr<float>(), partials_ptr,
+                       mass.data_ptr<float>(),
+                       reinterpret_cast<unsigned long long*>(picks.data_ptr<int64_t>()));
   qk_select_kernel<<<to_dim3(plan.select_grid), plan.select_block, 0, stream>>>(sp);
   KC_CHECK_LAUNCH("qk_topn (select)");
+  if (plan.select_slices > 1) {
+    qk_select_merge_kernel<<<to_dim3(plan.merge_grid), plan.select_block, 0, stream>>>(sp);
+    KC_CHECK_LAUNCH("qk_topn (select merge)");
+  }
   return {scores, indices, lse, all_scores};
 }
 

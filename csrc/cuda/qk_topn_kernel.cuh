@@ -1,5 +1,5 @@
-// qk_topn on the GPU: a score kernel, a select kernel, a group-mass kernel in group mode, and when
-// the ranked rows are few a split select (bytes and design: bench/NOTES.md).
+// qk_topn on the GPU: a score kernel, a select kernel and, when a row's select is split over
+// several blocks, a merge kernel (bytes and design: bench/NOTES.md).
 //
 // 1. qk_scores_kernel — one block per (chunk of keys, KV head, slice of <= GS query heads of its
 //    group, sequence), the chunks sized to whole waves of 2 blocks per SM. Each K row is read once,
@@ -9,22 +9,20 @@
 //    that head's running (max, sumexp) with one exp2. It writes the float32 scores s[b, h, j]
 //    (j < L_b) to a scratch buffer (G·4 bytes per key against D·sizeof(T) bytes of K: 6% for
 //    Llama-3 bf16) and the chunk's (max, sumexp) per head.
-// 1b. qk_group_mass_kernel (group mode only) — one block per (slice of keys, KV head, sequence):
-//    merges the chunks' (max, sumexp) of the group's heads into lse and writes the group mass
-//    c_j = sum_h exp(s_hj - lse_h) once, to a [B, Hkv, S↑4] buffer, with many blocks per row.
-// 1c. qk_select_hist_kernel<pass> and qk_select_collect_kernel (when the ranked rows are fewer
-//    than 2 per SM) — the radix select's three histogram passes split over several blocks per row,
-//    summed in global memory, then the collect of the keys above the threshold over the same
-//    slices.
-// 2. qk_select_kernel — one block per (query head, or KV head in group mode; sequence), in five
-//    phases: select_lse merges the chunks' (max, sumexp) into lse; radix_select finds the N-th
-//    largest ranking key by a 3-pass radix select (11 + 11 + 10 bits; over the row with 16-byte
-//    loads, or from 1c's histograms), ending early when the threshold's bin holds exactly the keys
-//    still needed; collect_candidates gathers the entries above it (or takes those 1c gathered)
-//    plus the lowest-index entries equal to it; block_bitonic_sort sorts these <= N candidates by
-//    (key desc, index asc) in shared memory; write_selection writes scores, indices and padding.
-//    The ranking key is s (per head) or the group mass c_j that qk_group_mass_kernel wrote (group
-//    mode).
+// 2. qk_select_kernel — one block per (slice of keys, query head or KV head in group mode,
+//    sequence), the slices sized so that the grid fills 4 blocks per SM. In group mode it first
+//    merges the chunks' (max, sumexp) of the group's heads into lse and writes its slice's group
+//    mass c_j = sum_h exp(s_hj - lse_h) once, to a [B, Hkv, S↑4] buffer that it then ranks.
+//    radix_select finds the slice's N-th largest ranking key by a 3-pass radix select (11 + 11 + 10
+//    bits, histograms in shared memory, the slice re-read from L2), ending early when the
+//    threshold's bin holds exactly the keys still needed; collect_candidates gathers the keys above
+//    it plus the lowest-index keys equal to it. With one slice per row these are sorted by
+//    (key desc, index asc) with a bitonic sort in shared memory and written (scores, indices, lse,
+//    padding); with several, each slice's N best go to a picks buffer.
+// 3. qk_select_merge_kernel (rows split over several slices) — one block per ranked row: lse, and
+//    the sort of its slices' slices · N picks, of which the first N are the row's N best (every key
+//    of those is among its own slice's N best).
+//    The ranking key is s (per head) or the group mass c_j (group mode).
 // NaN as the reference: a NaN score makes its row's lse NaN and ranks above every number (per
 // head); a NaN term of the group mass counts 0.
 // Everything is deterministic: no float atomics, reductions in a fixed order, ties by index.
@@ -45,6 +43,7 @@ constexpr int kSelectThreads = 512;
 constexpr int kSelectBins = 2048;     // 11-bit radix digits
 constexpr int kMaxTopN = 4096;        // candidates sorted in shared memory (32 KiB)
 constexpr int kMaxGroupSelect = 128;  // query heads per KV head in group mode (lse in shared memory)
+constexpr int kSelectBlocksPerSm = 4;  // launch bounds of qk_select_kernel: 32 registers
 
 struct QkScoresParams {
   QkInputs in;               // q [B, Hq, D], k [B, Hkv, S, D], seq_lens [B]
@@ -196,9 +195,10 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
 struct QkSelectParams {
   const float* scores;       // [B, Hq, score_stride] scratch from qk_scores_kernel
   const MaxSum* partials;    // [B, Hq, num_chunks]
-  const float* mass;         // [B, Hkv, score_stride] group mass (group mode; else unused)
-  int* split;                // [B, ranked rows, split_row_ints(n)] zeroed workspace of a split
-                             // select (split_row); nullptr: not split
+  float* mass;               // [B, Hkv, score_stride] group mass, written by qk_select_kernel
+                             // (group mode; else unused)
+  unsigned long long* picks; // [B, ranked rows, slices, n] each slice's picks for
+                             // qk_select_merge_kernel; nullptr when slices = 1
   int64_t score_stride;      // multiple of 4
   const int32_t* seq_lens;   // [B]
   int64_t seq_stride;        // in elements
@@ -206,6 +206,8 @@ struct QkSelectParams {
   int32_t* out_indices;      // [B, Hq, N] contiguous
   float* out_lse;            // [B, Hq] contiguous
   int hq, hkv, s, n, num_chunks;
+  int slices;                // blocks per ranked row of qk_select_kernel
+  int64_t slice_keys;        // keys per slice, a multiple of 4 · kSelectThreads
   bool group_select;
 };
 
@@ -215,6 +217,7 @@ struct SelectShared {
   int hist[kSelectBins];
   MaxSum part[kSelectThreads / 32];
   int warp_total[kSelectThreads / 32];
+  float lse[kMaxGroupSelect];         // of the ranked row's heads
   int digit, remaining, bin_count, n_gt;
 };
 
@@ -226,9 +229,8 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int& total, SelectSha
   return before;
 }
 
-// (max, sumexp) over a row of chunk partials -> lse, by a block of kSelectThreads threads (the
-// select and the group-mass kernels, so both find the same lse); warp_part [kSelectThreads / 32] in
-// shared memory. Every thread must call it.
+// (max, sumexp) over a row of chunk partials -> lse, by a block of kSelectThreads threads;
+// warp_part [kSelectThreads / 32] in shared memory. Every thread must call it.
 __device__ __forceinline__ float block_lse(const MaxSum* part, int num_chunks, MaxSum* warp_part) {
   MaxSum r{-INFINITY, 0.0f};
   for (int c = threadIdx.x; c < num_chunks; c += kSelectThreads) r = maxsum_merge(r, part[c]);
@@ -248,77 +250,23 @@ __device__ __forceinline__ float head_mass(float s, float lse) {
   return isnan(p) ? 0.0f : p;
 }
 
-struct QkMassParams {
-  const float* scores;       // [B, Hq, score_stride] scratch from qk_scores_kernel
-  const MaxSum* partials;    // [B, Hq, num_chunks]
-  int64_t score_stride;      // multiple of 4
-  const int32_t* seq_lens;   // [B]
-  int64_t seq_stride;        // in elements
-  float* mass;               // [B, Hkv, score_stride], written for j < L_b rounded up to 4
-  int hq, hkv, s, num_chunks;
-  int keys_per_block;        // multiple of 4
-};
+// Score-scratch loads (16 bytes: 4 keys of one head) a thread issues for the group mass before it
+// waits for any: kMassLoads heads of its keys, so that a multiprocessor full of select warps (4
+// blocks) has 64 · 32 · 2 · 16 B = 64 KiB in flight, above the ≈ 32 KiB per multiprocessor that the
+// H200's bandwidth × latency needs (one load in flight per thread left it at 1.2 TB/s). 4 loads
+// would need more than the 32 registers of 4 blocks per SM.
+constexpr int kMassLoads = 2;
 
-// Score-scratch loads (16 bytes: 4 keys of one head) a thread of qk_group_mass_kernel issues
-// before it waits for any: kMassLoads heads of its keys, so that a multiprocessor full of its
-// warps has 64 · 32 · 4 · 16 B = 128 KiB in flight, above the ≈ 32 KiB per multiprocessor that
-// the H200's bandwidth × latency needs (one load in flight per thread left it at 1.2 TB/s).
-constexpr int kMassLoads = 4;
-// Blocks of qk_group_mass_kernel per multiprocessor over its grid: all 4 resident at once (512
-// threads, 32 registers: the whole multiprocessor), so one wave.
-constexpr int kMassBlocksPerSm = 4;
-
-// grid (ceil(S / keys_per_block), Hkv, B), block kSelectThreads. The group mass
-// c_j = sum_h head_mass(s_hj, lse_h) (h in the KV head's group, in order) of the block's keys, one
-// 16-byte group of keys per thread and step, kMassLoads heads' loads at a time.
-__global__ void __launch_bounds__(kSelectThreads) qk_group_mass_kernel(QkMassParams p) {
-  __shared__ MaxSum warp_part[kSelectThreads / 32];
-  __shared__ float lse[kMaxGroupSelect];
-  const int b = blockIdx.z, kvh = blockIdx.y;
-  const int G = p.hq / p.hkv;
-  const int64_t row0 = static_cast<int64_t>(b) * p.hq + kvh * G;  // first query head of the group
-  const int len = clamped_len(p.seq_lens, p.seq_stride, b, p.s);
-  const int begin = blockIdx.x * p.keys_per_block;
-  const int end = min(begin + p.keys_per_block, len);
-  if (begin >= end) return;  // block-uniform, before any barrier
-
-  for (int h = 0; h < G; ++h) {
-    const float l = block_lse(p.partials + (row0 + h) * p.num_chunks, p.num_chunks, warp_part);
-    if (threadIdx.x == 0) lse[h] = l;
-  }
-  __syncthreads();
-  const float* rows = p.scores + row0 * p.score_stride;  // [G, score_stride]
-  float* mass = p.mass + (static_cast<int64_t>(b) * p.hkv + kvh) * p.score_stride;
-  for (int q4 = begin / 4 + threadIdx.x; q4 < (end + 3) / 4; q4 += kSelectThreads) {
-    float4 c = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int h0 = 0; h0 < G; h0 += kMassLoads) {
-      float4 v[kMassLoads];  // heads h0 .. h0 + kMassLoads - 1 at the thread's 4 keys
-#pragma unroll
-      for (int u = 0; u < kMassLoads; ++u) {  // the loads first, all in flight together
-        if (h0 + u < G)
-          v[u] = *reinterpret_cast<const float4*>(rows + (h0 + u) * p.score_stride + 4 * q4);
-      }
-#pragma unroll
-      for (int u = 0; u < kMassLoads; ++u) {
-        if (h0 + u >= G) break;
-        const float l = lse[h0 + u];
-        c.x += head_mass(v[u].x, l);
-        c.y += head_mass(v[u].y, l);
-        c.z += head_mass(v[u].z, l);
-        c.w += head_mass(v[u].w, l);
-      }
-    }
-    *reinterpret_cast<float4*>(mass + 4 * q4) = c;
-  }
-}
-
-// One row of the selection: the scratch rows ranked together and their valid length.
+// The keys a select block ranks: its slice [begin, end) of one ranked row (the whole row when the
+// row is not split), the scratch rows of the heads ranked together, and what is ranked.
 struct SelectRow {
   const float* scores;   // [nh, score_stride] scratch rows of the heads, 16-byte aligned
   const float* rank;     // [score_stride] what is ranked: the score row, or the group mass row
   int64_t score_stride;  // multiple of 4
   int nh;                // query heads ranked together: G in group mode, else 1
-  int len;               // valid keys, L_b clamped to [0, S]
+  int len;               // valid keys of the row, L_b clamped to [0, S]
+  int begin, end;        // the block's keys: begin a multiple of 4, end <= len (end <= begin:
+                         // none)
 };
 
 // The count-th largest ranking key of a row on the bits of `mask`, and how many keys equal to it
@@ -332,19 +280,54 @@ struct SelectThreshold {
   bool take_all_eq;  // need_eq is every key equal to the threshold under mask
 };
 
-// Phase 1: lse of each of the row's heads rows0 .. rows0 + nh - 1 from their chunk partials, into
-// out_lse.
-__device__ __forceinline__ void select_lse(const QkSelectParams& p, int64_t row0, int nh,
+// lse of the row's heads row0 .. row0 + nh - 1 from their chunk partials, into sh.lse (and into
+// out_lse when `out`). Every thread must call it; ends with a barrier.
+__device__ __forceinline__ void select_lse(const QkSelectParams& p, int64_t row0, int nh, bool out,
                                            SelectShared& sh) {
   for (int h = 0; h < nh; ++h) {
     const float lse = block_lse(p.partials + (row0 + h) * p.num_chunks, p.num_chunks, sh.part);
-    if (threadIdx.x == 0) p.out_lse[row0 + h] = lse;
+    if (threadIdx.x == 0) {
+      sh.lse[h] = lse;
+      if (out) p.out_lse[row0 + h] = lse;
+    }
+  }
+  __syncthreads();
+}
+
+// Group mode: the group mass c_j = sum_h head_mass(s_hj, lse_h) (h in the KV head's group, in
+// order; lse in sh.lse) of the block's keys [begin, end) rounded up to 4, written to its ranked
+// row (the mass buffer), one 16-byte group of keys per thread and step, kMassLoads heads' loads at
+// a time. No barrier: the block reads these writes back in radix_select and collect_candidates,
+// which both pass a barrier before their first read of the ranked row.
+__device__ __forceinline__ void group_mass(const SelectRow& row, float* mass,
+                                           const SelectShared& sh) {
+  for (int q4 = row.begin / 4 + threadIdx.x; q4 < (row.end + 3) / 4; q4 += kSelectThreads) {
+    float4 c = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int h0 = 0; h0 < row.nh; h0 += kMassLoads) {
+      float4 v[kMassLoads];  // heads h0 .. h0 + kMassLoads - 1 at the thread's 4 keys
+#pragma unroll
+      for (int u = 0; u < kMassLoads; ++u) {  // the loads first, all in flight together
+        if (h0 + u < row.nh)
+          v[u] = *reinterpret_cast<const float4*>(row.scores + (h0 + u) * row.score_stride +
+                                                  4 * q4);
+      }
+#pragma unroll
+      for (int u = 0; u < kMassLoads; ++u) {
+        if (h0 + u >= row.nh) break;
+        const float l = sh.lse[h0 + u];
+        c.x += head_mass(v[u].x, l);
+        c.y += head_mass(v[u].y, l);
+        c.z += head_mass(v[u].z, l);
+        c.w += head_mass(v[u].w, l);
+      }
+    }
+    *reinterpret_cast<float4*>(mass + 4 * q4) = c;
   }
 }
 
 // Ranking keys of keys 4·q4 .. 4·q4 + 3 (one 16-byte load of the ranked row): float_key of the
-// score (per head) or of the group mass. Entries at or past len are read from the row's padding
-// or beyond L and must be ignored by the caller.
+// score (per head) or of the group mass. Entries at or past the block's end are read from the
+// row's padding, another slice or beyond L and must be ignored by the caller.
 __device__ __forceinline__ void ranking_keys4(const SelectRow& row, int q4, uint32_t* key) {
   const float4 v = *reinterpret_cast<const float4*>(row.rank + 4 * q4);
   key[0] = float_key(v.x);
@@ -353,22 +336,16 @@ __device__ __forceinline__ void ranking_keys4(const SelectRow& row, int q4, uint
   key[3] = float_key(v.w);
 }
 
+// Whether key j is one of the block's (begin <= j < end; begin is a multiple of 4 and the loops
+// start there, so only the end is checked).
+__device__ __forceinline__ bool in_block(const SelectRow& row, int j) { return j < row.end; }
+
 // The radix select's digits: 11 + 11 + 10 bits from the top.
 constexpr int kRadixPasses = 3;
 __host__ __device__ constexpr int radix_shift(int pass) {
   return pass == 0 ? 21 : pass == 1 ? 10 : 0;
 }
 __host__ __device__ constexpr int radix_bits(int pass) { return pass == 2 ? 10 : 11; }
-
-// A ranked row's part of a split select's workspace (int32, zeroed before the select): the radix
-// histograms [kRadixPasses, kSelectBins] that qk_select_hist_kernel sums over the row's slices, the
-// count of candidates that qk_select_collect_kernel found, and from a 16-byte boundary those
-// candidates [n] (unsigned 64-bit, in no particular order).
-constexpr int64_t kSplitCount = kRadixPasses * kSelectBins;  // offset of the count, in ints
-constexpr int64_t kSplitCandidates = kSplitCount + 4;        // offset of the candidates, in ints
-__host__ __device__ constexpr int64_t split_row_ints(int64_t n) {
-  return kSplitCandidates + 2 * n;
-}
 
 // The radix select between passes: the threshold's bits decided so far, the picks still needed
 // at or below them, and whether the threshold is final (an early exit).
@@ -378,22 +355,21 @@ struct RadixState {
   bool done;
 };
 
-// Histogram into sh.hist (zeroed here) of pass `pass`'s digit of the keys of 16-byte groups
-// [q4_begin, q4_end) of the row (and < len) whose bits above the digit equal the prefix. Every
-// thread must call it; ends with a barrier.
+// Histogram into sh.hist (zeroed here) of pass `pass`'s digit of the block's keys whose bits above
+// the digit equal the prefix. Every thread must call it; ends with a barrier.
 __device__ __forceinline__ void radix_histogram(const SelectRow& row, uint32_t prefix, int pass,
-                                                int q4_begin, int q4_end, SelectShared& sh) {
+                                                SelectShared& sh) {
   const uint32_t hi_mask = pass == 0 ? 0u : ~0u << (radix_shift(pass) + radix_bits(pass));
   const uint32_t digit_mask = (1u << radix_bits(pass)) - 1u;
   for (int i = threadIdx.x; i < kSelectBins; i += kSelectThreads) sh.hist[i] = 0;
   __syncthreads();
 #pragma unroll 2
-  for (int q4 = q4_begin + threadIdx.x; q4 < q4_end; q4 += kSelectThreads) {
+  for (int q4 = row.begin / 4 + threadIdx.x; q4 < (row.end + 3) / 4; q4 += kSelectThreads) {
     uint32_t key[4];
     ranking_keys4(row, q4, key);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      if (4 * q4 + e < row.len && (key[e] & hi_mask) == prefix)
+      if (in_block(row, 4 * q4 + e) && (key[e] & hi_mask) == prefix)
         atomicAdd(&sh.hist[(key[e] >> radix_shift(pass)) & digit_mask], 1);
     }
   }
@@ -436,95 +412,57 @@ __device__ __forceinline__ void radix_digit(int pass, RadixState& st, SelectShar
   }
 }
 
-// Copies pass `pass`'s histogram of a row, summed over its slices by qk_select_hist_kernel, into
-// sh.hist. Every thread must call it; ends with a barrier.
-__device__ __forceinline__ void load_histogram(const int* row_hist, int pass, SelectShared& sh) {
-  for (int i = threadIdx.x; i < kSelectBins; i += kSelectThreads)
-    sh.hist[i] = row_hist[pass * kSelectBins + i];
-  __syncthreads();
-}
-
-// The radix select's state before any pass; already final (threshold 0, below every key) when
-// every valid key is taken (len <= n).
-__device__ __forceinline__ RadixState radix_start(const SelectRow& row, int n) {
-  return {.thr = {.key = 0u, .mask = ~0u, .need_eq = 0, .take_all_eq = false},
-          .remaining = n,
-          .done = row.len <= n};
-}
-
-// Phase 2: the threshold of the n best keys of the row by a 3-pass radix select over histograms
-// in shared memory, ending early when the threshold's bin holds exactly the keys still needed.
-// row_hist [kRadixPasses, kSelectBins]: the histograms that qk_select_hist_kernel summed over the
-// row's slices (the start of its split_row), or nullptr to histogram the row here. Block-uniform;
-// every thread must call it.
+// Phase 2: the threshold of the block's n best keys by a 3-pass radix select over histograms in
+// shared memory, ending early when the threshold's bin holds exactly the keys still needed;
+// already final (threshold 0, below every key) when every key is taken (end - begin <= n).
+// Block-uniform; every thread must call it.
 __device__ __forceinline__ SelectThreshold radix_select(const SelectRow& row, int n,
-                                                        const int* row_hist, SelectShared& sh) {
-  RadixState st = radix_start(row, n);
+                                                        SelectShared& sh) {
+  RadixState st = {.thr = {.key = 0u, .mask = ~0u, .need_eq = 0, .take_all_eq = false},
+                   .remaining = n,
+                   .done = row.end - row.begin <= n};
 #pragma unroll
   for (int pass = 0; pass < kRadixPasses && !st.done; ++pass) {
-    if (row_hist != nullptr) {
-      load_histogram(row_hist, pass, sh);
-    } else {
-      radix_histogram(row, st.thr.key, pass, 0, (row.len + 3) / 4, sh);
-    }
+    radix_histogram(row, st.thr.key, pass, sh);
     radix_digit(pass, st, sh);
   }
   return st.thr;
 }
 
-// A candidate as sorted: (key << 32) | ~index, so that equal keys order by ascending index.
+// A candidate as sorted: (key << 32) | ~index, so that equal keys order by ascending index. 0, the
+// padding, sorts below every candidate.
 __device__ __forceinline__ unsigned long long candidate(uint32_t key, int j) {
   return (static_cast<unsigned long long>(key) << 32) | static_cast<uint32_t>(~j);
 }
 
-// Whether key j of a row, with ranking key `key`, is a pick that may be taken in any order: above
-// the threshold, or equal to it when every such key is taken (take_all_eq).
-__device__ __forceinline__ bool unordered_pick(const SelectRow& row, SelectThreshold thr,
-                                               uint32_t key, int j) {
-  const uint32_t top = key & thr.mask;
-  return j < row.len && (top > thr.key || (thr.take_all_eq && top == thr.key));
-}
-
-// The picks taken in any order (unordered_pick): count - need_eq, or count when take_all_eq.
-__device__ __forceinline__ int unordered_picks(SelectThreshold thr, int count) {
-  return thr.take_all_eq ? count : count - thr.need_eq;
-}
-
-// Phase 3: the count picks into sh.cand[0, count): keys above the threshold in any order (the sort
-// orders them), keys equal to it (under thr.mask) in index order through a block-wide scan,
-// 4·kSelectThreads keys per tile; when all of those are taken (take_all_eq), in any order with the
-// keys above it, and no scan. `gathered`: the unordered picks that qk_select_collect_kernel already
-// found (a split select), copied instead of scanned for; nullptr: scan the row for them. Every
-// thread must call it.
+// Phase 3: the block's count picks into sh.cand[0, count), in no order: keys above the threshold
+// at slots from a shared counter, keys equal to it (under thr.mask) in index order through a
+// block-wide scan, 4·kSelectThreads keys per tile; when all of those are taken (take_all_eq), at
+// counter slots with the keys above it, and no scan. Every thread must call it; ends with a
+// barrier.
 __device__ __forceinline__ void collect_candidates(const SelectRow& row, SelectThreshold thr,
-                                                   int count,
-                                                   const unsigned long long* gathered,
-                                                   SelectShared& sh) {
+                                                   int count, SelectShared& sh) {
   const int n_gt = count - thr.need_eq;  // keys strictly above the threshold
-  const int unordered = unordered_picks(thr, count);
+  const int unordered = thr.take_all_eq ? count : n_gt;  // picks taken in any order
   const bool ordered_eq = thr.need_eq > 0 && !thr.take_all_eq;
-  if (gathered != nullptr) {
-    for (int i = threadIdx.x; i < unordered; i += kSelectThreads) sh.cand[i] = gathered[i];
-  }
-  // the row is scanned for the unordered picks unless they were gathered, for the ordered ones
-  // (keys equal to the threshold in index order) if there are any
-  const int len4 = gathered == nullptr || ordered_eq ? (row.len + 3) / 4 : 0;
   if (threadIdx.x == 0) sh.n_gt = 0;
   __syncthreads();
   int eq_base = 0;  // keys equal to the threshold in earlier tiles (the same in every thread)
-  for (int base4 = 0; base4 < len4; base4 += kSelectThreads) {  // block-uniform loop
+  const int end4 = (row.end + 3) / 4;
+  for (int base4 = row.begin / 4; base4 < end4; base4 += kSelectThreads) {  // block-uniform
     const int q4 = base4 + threadIdx.x;
     uint32_t key[4] = {0u, 0u, 0u, 0u};
-    if (q4 < len4) ranking_keys4(row, q4, key);
+    if (q4 < end4) ranking_keys4(row, q4, key);
     int my_eq = 0;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int j = 4 * q4 + e;
-      if (gathered == nullptr && unordered_pick(row, thr, key[e], j)) {
+      const uint32_t top = key[e] & thr.mask;
+      if (in_block(row, j) && (top > thr.key || (thr.take_all_eq && top == thr.key))) {
         const int pos = atomicAdd(&sh.n_gt, 1);
         if (pos < unordered) sh.cand[pos] = candidate(key[e], j);
       }
-      my_eq += ordered_eq && j < row.len && (key[e] & thr.mask) == thr.key;
+      my_eq += ordered_eq && in_block(row, j) && top == thr.key;
     }
     if (!ordered_eq) continue;  // block-uniform
     int tile_total;
@@ -532,7 +470,7 @@ __device__ __forceinline__ void collect_candidates(const SelectRow& row, SelectT
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int j = 4 * q4 + e;
-      if (j < row.len && (key[e] & thr.mask) == thr.key) {
+      if (in_block(row, j) && (key[e] & thr.mask) == thr.key) {
         if (rank < thr.need_eq) sh.cand[n_gt + rank] = candidate(key[e], j);
         ++rank;
       }
@@ -542,10 +480,13 @@ __device__ __forceinline__ void collect_candidates(const SelectRow& row, SelectT
   __syncthreads();
 }
 
-// Phase 5: n entries per head of the row: the count sorted picks with their scores, then padding
-// (-1, -inf).
+// Phases 4 and 5: sorts sh.cand[0, size) (size a power of two) by (key desc, index asc) and writes
+// n entries per head of the row: the count best picks with their scores, then padding (-1, -inf).
+// Every thread must call it.
 __device__ __forceinline__ void write_selection(const QkSelectParams& p, const SelectRow& row,
-                                                int64_t row0, int count, const SelectShared& sh) {
+                                                int64_t row0, int count, int size,
+                                                SelectShared& sh) {
+  block_bitonic_sort<kSelectThreads, true>(sh.cand, size);
   for (int i = threadIdx.x; i < p.n; i += kSelectThreads) {
     const int j = i < count ? static_cast<int>(~static_cast<uint32_t>(sh.cand[i])) : -1;
     const bool valid = j >= 0 && j < row.len;
@@ -557,122 +498,89 @@ __device__ __forceinline__ void write_selection(const QkSelectParams& p, const S
   }
 }
 
-// The ranked row `x` (query head, or KV head in group mode) of sequence b, and the index of its
-// first query head in [B, Hq] (row0).
-__device__ __forceinline__ SelectRow select_row(const QkSelectParams& p, int b, int x,
+// The smallest power of two >= count (1 for count <= 1): the bitonic sort's size.
+__device__ __forceinline__ int sort_size(int count) {
+  int size = 1;
+  while (size < count) size <<= 1;
+  return size;
+}
+
+// The ranked row `x` (query head, or KV head in group mode) of sequence b, its keys [begin, end)
+// for slice `slice`, and the index of its first query head in [B, Hq] (row0).
+__device__ __forceinline__ SelectRow select_row(const QkSelectParams& p, int b, int x, int slice,
                                                 int64_t& row0) {
   const int G = p.hq / p.hkv;
   row0 = static_cast<int64_t>(b) * p.hq + (p.group_select ? x * G : x);
   const float* scores = p.scores + row0 * p.score_stride;  // [nh, score_stride]
+  const int len = clamped_len(p.seq_lens, p.seq_stride, b, p.s);
+  const int64_t begin = slice * p.slice_keys;  // < S for every launched slice
   return {
       .scores = scores,
       .rank = p.group_select ? p.mass + (static_cast<int64_t>(b) * p.hkv + x) * p.score_stride
                              : scores,
       .score_stride = p.score_stride,
       .nh = p.group_select ? G : 1,
-      .len = clamped_len(p.seq_lens, p.seq_stride, b, p.s),
+      .len = len,
+      .begin = static_cast<int>(begin),
+      .end = static_cast<int>(min(static_cast<int64_t>(len), begin + p.slice_keys)),
   };
 }
 
-// Row x of sequence b's part of the split select's workspace, of `rows` ranked rows per sequence.
-__device__ __forceinline__ int* split_row(const QkSelectParams& p, int b, int x, int rows) {
-  return p.split + (static_cast<int64_t>(b) * rows + x) * split_row_ints(p.n);
+// Slice blockIdx.x of ranked row blockIdx.y of sequence b's n slots in p.picks.
+__device__ __forceinline__ unsigned long long* slice_picks(const QkSelectParams& p, int b) {
+  return p.picks + ((static_cast<int64_t>(b) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) *
+                       p.n;
 }
 
-__device__ __forceinline__ int* split_count(int* split_row) { return split_row + kSplitCount; }
-
-__device__ __forceinline__ unsigned long long* split_candidates(int* split_row) {
-  return reinterpret_cast<unsigned long long*>(split_row + kSplitCandidates);
-}
-
-__device__ __forceinline__ const unsigned long long* split_candidates(const int* split_row) {
-  return reinterpret_cast<const unsigned long long*>(split_row + kSplitCandidates);
-}
-
-// The 16-byte groups [begin, end) of a row's slice blockIdx.x of gridDim.x (a split select).
-struct Q4Range {
-  int begin, end;
-};
-
-__device__ __forceinline__ Q4Range row_slice(const SelectRow& row) {
-  const int len4 = (row.len + 3) / 4;
-  const int per_slice = ceil_div(len4, static_cast<int>(gridDim.x));
-  const int begin = min(len4, static_cast<int>(blockIdx.x) * per_slice);
-  return {begin, min(len4, begin + per_slice)};
-}
-
-// grid (hist_slices, Hq or Hkv in group mode, B), block kSelectThreads; launched for kPass = 0, 1,
-// 2 in turn when a row's radix select is split over hist_slices blocks. Each block replays the
-// earlier passes' digits from the summed histograms, histograms its slice of the row for pass kPass
-// and adds it to p.hist (integer atomics: the sums do not depend on the order).
-template <int kPass>
-__global__ void __launch_bounds__(kSelectThreads) qk_select_hist_kernel(QkSelectParams p) {
+// grid (slices, Hq or Hkv in group mode, B), block kSelectThreads, kSelectBlocksPerSm per SM.
+// Each block ranks its slice of a row: in group mode it first merges the heads' lse and writes the
+// slice's group mass; then radix_select and collect_candidates take the slice's min(n, keys) best
+// keys. With one slice that is the row's selection, sorted and written here; with several, the
+// slice's picks (n slots, padded with 0) go to p.picks for qk_select_merge_kernel: every key of
+// the row's n best is among its slice's n best.
+__global__ void __launch_bounds__(kSelectThreads, kSelectBlocksPerSm)
+    qk_select_kernel(QkSelectParams p) {
   __shared__ SelectShared sh;
   const int b = blockIdx.z;
+  const bool whole_row = gridDim.x == 1;
   int64_t row0;
-  const SelectRow row = select_row(p, b, blockIdx.y, row0);
-  int* row_hist = split_row(p, b, blockIdx.y, gridDim.y);  // [kRadixPasses, kSelectBins]
-  RadixState st = radix_start(row, p.n);
-#pragma unroll
-  for (int pass = 0; pass < kPass && !st.done; ++pass) {
-    load_histogram(row_hist, pass, sh);
-    radix_digit(pass, st, sh);
+  const SelectRow row = select_row(p, b, blockIdx.y, blockIdx.x, row0);
+  if (p.group_select || whole_row) select_lse(p, row0, row.nh, whole_row, sh);
+  if (p.group_select) {
+    group_mass(row, p.mass + (static_cast<int64_t>(b) * p.hkv + blockIdx.y) * p.score_stride,
+               sh);
   }
-  if (st.done) return;  // block-uniform
-  const Q4Range slice = row_slice(row);
-  radix_histogram(row, st.thr.key, kPass, slice.begin, slice.end, sh);
-  for (int i = threadIdx.x; i < kSelectBins; i += kSelectThreads) {
-    if (sh.hist[i] != 0) atomicAdd(&row_hist[kPass * kSelectBins + i], sh.hist[i]);
+  const int count = max(0, min(p.n, row.end - row.begin));  // the block's picks
+  const int size = sort_size(count);
+  if (whole_row) {
+    for (int i = threadIdx.x; i < size; i += kSelectThreads) sh.cand[i] = 0ull;  // sorts last
   }
+  const SelectThreshold thr = radix_select(row, p.n, sh);
+  collect_candidates(row, thr, count, sh);
+  if (whole_row) {
+    write_selection(p, row, row0, count, size, sh);
+    return;
+  }
+  unsigned long long* picks = slice_picks(p, b);  // [n]
+  for (int i = threadIdx.x; i < p.n; i += kSelectThreads) picks[i] = i < count ? sh.cand[i] : 0ull;
 }
 
-// grid (hist_slices, Hq or Hkv in group mode, B), block kSelectThreads; launched after the three
-// qk_select_hist_kernel passes. Each block finds the row's threshold from the summed histograms
-// (the same digits and early exit as the select) and appends the keys of its slice that are picks
-// in any order (unordered_pick) to the row's candidates, at slots from an integer atomic counter:
-// the slots depend on the schedule, the sort that follows does not.
-__global__ void __launch_bounds__(kSelectThreads) qk_select_collect_kernel(QkSelectParams p) {
-  __shared__ SelectShared sh;
-  const int b = blockIdx.z;
-  int64_t row0;
-  const SelectRow row = select_row(p, b, blockIdx.y, row0);
-  int* split = split_row(p, b, blockIdx.y, gridDim.y);
-  const SelectThreshold thr = radix_select(row, p.n, split, sh);
-  const int unordered = unordered_picks(thr, min(p.n, row.len));
-  unsigned long long* cand = split_candidates(split);  // [n]
-  const Q4Range slice = row_slice(row);
-  for (int q4 = slice.begin + threadIdx.x; q4 < slice.end; q4 += kSelectThreads) {
-    uint32_t key[4];
-    ranking_keys4(row, q4, key);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      if (unordered_pick(row, thr, key[e], 4 * q4 + e)) {
-        const int pos = atomicAdd(split_count(split), 1);
-        if (pos < unordered) cand[pos] = candidate(key[e], 4 * q4 + e);
-      }
-    }
-  }
-}
-
-// grid (Hq, or Hkv in group mode; B), block kSelectThreads.
-__global__ void __launch_bounds__(kSelectThreads) qk_select_kernel(QkSelectParams p) {
+// grid (Hq, or Hkv in group mode; B), block kSelectThreads; launched after qk_select_kernel when
+// rows are split (slices > 1). Merges the row's lse and sorts its slices' slices · n <= kMaxTopN
+// picks (with their padding) to write the row's selection.
+__global__ void __launch_bounds__(kSelectThreads) qk_select_merge_kernel(QkSelectParams p) {
   __shared__ SelectShared sh;
   const int b = blockIdx.y;
   int64_t row0;
-  const SelectRow row = select_row(p, b, blockIdx.x, row0);
-  select_lse(p, row0, row.nh, sh);
-
-  const int count = min(p.n, row.len);  // valid outputs
-  int sort_size = 1;                    // power of two >= count
-  while (sort_size < count) sort_size <<= 1;
-  for (int i = threadIdx.x; i < sort_size; i += kSelectThreads) sh.cand[i] = 0ull;  // sorts last
-
-  // a split select's workspace row (radix histograms, gathered candidates), or none
-  const int* split = p.split == nullptr ? nullptr : split_row(p, b, blockIdx.x, gridDim.x);
-  const SelectThreshold thr = radix_select(row, p.n, split, sh);
-  collect_candidates(row, thr, count, split == nullptr ? nullptr : split_candidates(split), sh);
-  block_bitonic_sort<kSelectThreads, true>(sh.cand, sort_size);  // phase 4: descending
-  write_selection(p, row, row0, count, sh);
+  const SelectRow row = select_row(p, b, blockIdx.x, 0, row0);
+  select_lse(p, row0, row.nh, true, sh);
+  const int total = p.slices * p.n;  // the slices' pick slots
+  const int size = sort_size(total);
+  const unsigned long long* picks =
+      p.picks + (static_cast<int64_t>(b) * gridDim.x + blockIdx.x) * total;  // [slices, n]
+  for (int i = threadIdx.x; i < size; i += kSelectThreads) sh.cand[i] = i < total ? picks[i] : 0ull;
+  __syncthreads();
+  write_selection(p, row, row0, min(p.n, row.len), size, sh);
 }
 
 }  // namespace kcache_ops

@@ -35,16 +35,13 @@ struct QkTopnPlan {
   GridSize scores_grid;        // (num_chunks, Hkv * slices, B)
   int scores_block;            // kScoreThreads
   int64_t mass_floats;         // group mass [B, Hkv, score_stride] float32, 0 unless group mode
-  int mass_keys_per_block;     // keys per block of qk_group_mass_kernel, a multiple of 2048
-  GridSize mass_grid;          // (ceil(S / mass_keys_per_block), Hkv, B), launched in group mode
-  int mass_block;              // kSelectThreads
-  int select_slices;           // blocks per ranked row of the radix passes and the collect; 1: no
-                               // split
-  int64_t split_ints;          // split select workspace [B, ranked rows, split_row_ints(n)] int32
-                               // (zeroed), 0 when select_slices = 1
-  GridSize hist_grid;          // (select_slices, ranked rows, B): qk_select_hist_kernel<0, 1, 2>
-                               // and qk_select_collect_kernel
-  GridSize select_grid;        // (Hq, or Hkv in group mode; B)
+  int select_slices;           // blocks per ranked row of qk_select_kernel; > 1:
+                               // qk_select_merge_kernel merges their picks
+  int64_t select_slice_keys;   // keys per slice, a multiple of kSelectSliceKeys
+  int64_t pick_count;          // picks [B, ranked rows, select_slices, n] (unsigned 64-bit), 0
+                               // when select_slices = 1
+  GridSize select_grid;        // (select_slices, Hq or Hkv in group mode, B)
+  GridSize merge_grid;         // (Hq or Hkv in group mode, B), launched when select_slices > 1
   int select_block;            // kSelectThreads
 };
 
@@ -67,27 +64,24 @@ inline int qk_score_chunk(int64_t S, int64_t blocks_per_chunk, int sms) {
       wave_chunk(S, blocks_per_chunk, wave, 512, 256, max_chunk, kScoreBlockOverheadKeys));
 }
 
-// Keys per block of the group-mass pass over S keys with `rows` (B · Hkv) rows: at least
-// kMassBlocksPerSm blocks per multiprocessor over the grid, a multiple of 4 · kSelectThreads (one
-// 16-byte group per thread and step).
-inline int qk_mass_keys_per_block(int64_t S, int64_t rows, int sms) {
-  constexpr int64_t kStep = 4 * kSelectThreads;
-  const int64_t blocks_per_row =
-      std::max<int64_t>(1, ceil_div<int64_t>(kMassBlocksPerSm * int64_t{sms}, rows));
-  return static_cast<int>(
-      std::max<int64_t>(ceil_div<int64_t>(ceil_div<int64_t>(S, blocks_per_row), kStep), 1) *
-      kStep);
+// Slices of a ranked row for qk_select_kernel: as many as one wave of kSelectBlocksPerSm blocks per
+// multiprocessor holds (all resident at once: 512 threads, 41 KiB of shared memory each), each
+// slice at least kSelectSliceKeys keys (one 16-byte group per thread), and slices · n picks within
+// the merge's sort (kMaxTopN).
+constexpr int64_t kSelectSliceKeys = 4 * kSelectThreads;
+
+inline int qk_select_slices(int64_t S, int64_t rows, int64_t n, int sms) {
+  const int64_t want = std::max<int64_t>(1, kSelectBlocksPerSm * int64_t{sms} / rows);
+  const int64_t by_size = std::max<int64_t>(1, S / kSelectSliceKeys);
+  const int64_t by_merge = std::max<int64_t>(1, kMaxTopN / std::max<int64_t>(n, 1));
+  return static_cast<int>(std::min({want, by_size, by_merge}));
 }
 
-// Blocks per ranked row for the radix passes and the collect of the select: 1 when the rows fill 2
-// blocks per multiprocessor by themselves, else enough for that, each slice at least
-// kSelectSliceKeys keys (below that the four more launches cost more than the passes they split).
-constexpr int64_t kSelectSliceKeys = 8 * kSelectThreads;
-
-inline int qk_select_slices(int64_t S, int64_t rows, int sms) {
-  if (rows >= 2 * int64_t{sms}) return 1;
-  const int64_t by_size = std::max<int64_t>(1, S / kSelectSliceKeys);
-  return static_cast<int>(std::min(ceil_div<int64_t>(2 * int64_t{sms}, rows), by_size));
+// Keys per slice when a row of S keys is split in about `slices`: a multiple of kSelectSliceKeys
+// (so of 4: 16-byte aligned slices), at least one.
+inline int64_t qk_select_slice_keys(int64_t S, int slices) {
+  return std::max<int64_t>(1, ceil_div<int64_t>(ceil_div<int64_t>(S, slices), kSelectSliceKeys)) *
+         kSelectSliceKeys;
 }
 
 // The plan of a call with B, Hq > 0 on a device of `sms` multiprocessors.
@@ -98,9 +92,11 @@ inline QkTopnPlan plan_qk_topn(const QkTopnArgs& a, int sms) {
   const int chunk = qk_score_chunk(a.S, a.B * a.Hkv * slices, sms);
   const int num_chunks = static_cast<int>(ceil_div<int64_t>(a.S, chunk));
   const int64_t score_stride = qk_score_stride(a.S);
-  const int mass_keys = qk_mass_keys_per_block(a.S, a.B * a.Hkv, sms);
   const int64_t ranked_rows = a.group_select ? a.Hkv : a.Hq;  // per sequence
-  const int select_slices = qk_select_slices(a.S, a.B * ranked_rows, sms);
+  const int64_t slice_keys =
+      qk_select_slice_keys(a.S, qk_select_slices(a.S, a.B * ranked_rows, a.n, sms));
+  const int select_slices =
+      static_cast<int>(std::max<int64_t>(1, ceil_div<int64_t>(a.S, slice_keys)));
   return {
       .group_slice = gs,
       .slices = slices,
@@ -112,13 +108,11 @@ inline QkTopnPlan plan_qk_topn(const QkTopnArgs& a, int sms) {
       .scores_grid = {.x = num_chunks, .y = a.Hkv * slices, .z = a.B},
       .scores_block = kScoreThreads,
       .mass_floats = a.group_select ? a.B * a.Hkv * score_stride : 0,
-      .mass_keys_per_block = mass_keys,
-      .mass_grid = {.x = ceil_div<int64_t>(a.S, mass_keys), .y = a.Hkv, .z = a.B},
-      .mass_block = kSelectThreads,
       .select_slices = select_slices,
-      .split_ints = select_slices > 1 ? a.B * ranked_rows * split_row_ints(a.n) : 0,
-      .hist_grid = {.x = select_slices, .y = ranked_rows, .z = a.B},
-      .select_grid = {.x = ranked_rows, .y = a.B},
+      .select_slice_keys = slice_keys,
+      .pick_count = select_slices > 1 ? a.B * ranked_rows * select_slices * a.n : 0,
+      .select_grid = {.x = select_slices, .y = ranked_rows, .z = a.B},
+      .merge_grid = {.x = ranked_rows, .y = a.B},
       .select_block = kSelectThreads,
   };
 }
@@ -142,37 +136,17 @@ inline QkScoresParams qk_scores_params(const QkTopnArgs& a, const QkTopnPlan& pl
   };
 }
 
-// Parameters of qk_group_mass_kernel: the group mass [B, Hkv, score_stride] (plan.mass_floats)
-// from the scratch and partials that qk_scores_kernel wrote.
-inline QkMassParams qk_mass_params(const QkTopnArgs& a, const QkTopnPlan& plan,
-                                   const float* scratch, const MaxSum* partials, float* mass) {
-  return {
-      .scores = scratch,
-      .partials = partials,
-      .score_stride = plan.score_stride,
-      .seq_lens = a.in.seq_lens,
-      .seq_stride = a.in.seq_stride,
-      .mass = mass,
-      .hq = static_cast<int>(a.Hq),
-      .hkv = static_cast<int>(a.Hkv),
-      .s = static_cast<int>(a.S),
-      .num_chunks = plan.num_chunks,
-      .keys_per_block = plan.mass_keys_per_block,
-  };
-}
-
-// Parameters of qk_select_hist_kernel, qk_select_collect_kernel and qk_select_kernel over the
-// scratch and partials that qk_scores_kernel wrote, in group mode the mass of qk_group_mass_kernel
-// (else nullptr), and the zeroed split workspace [plan.split_ints] when plan.select_slices > 1
-// (else nullptr).
+// Parameters of qk_select_kernel and qk_select_merge_kernel over the scratch and partials that
+// qk_scores_kernel wrote, the group mass buffer [plan.mass_floats] in group mode (else nullptr), and
+// the picks [plan.pick_count] when plan.select_slices > 1 (else nullptr).
 inline QkSelectParams qk_select_params(const QkTopnArgs& a, const QkTopnPlan& plan,
-                                       const float* scratch, const MaxSum* partials,
-                                       const float* mass, int* split) {
+                                       const float* scratch, const MaxSum* partials, float* mass,
+                                       unsigned long long* picks) {
   return {
       .scores = scratch,
       .partials = partials,
       .mass = mass,
-      .split = plan.select_slices > 1 ? split : nullptr,
+      .picks = plan.select_slices > 1 ? picks : nullptr,
       .score_stride = plan.score_stride,
       .seq_lens = a.in.seq_lens,
       .seq_stride = a.in.seq_stride,
@@ -184,6 +158,8 @@ inline QkSelectParams qk_select_params(const QkTopnArgs& a, const QkTopnPlan& pl
       .s = static_cast<int>(a.S),
       .n = static_cast<int>(a.n),
       .num_chunks = plan.num_chunks,
+      .slices = plan.select_slices,
+      .slice_keys = plan.select_slice_keys,
       .group_select = a.group_select,
   };
 }

@@ -115,34 +115,25 @@ Outputs run_qk_topn(const Case& c) {
     });
   }
   Tensor mass = make_tensor(DType::kF32, {plan.mass_floats}, 0xff);  // [B, Hkv, stride]
-  if (args.group_select && plan.num_chunks > 0) {
-    const kcache_ops::QkMassParams mp = kcache_ops::qk_mass_params(
-        args, plan, static_cast<const float*>(scratch.data()), partials_ptr,
-        static_cast<float*>(mass.data()));
-    watch_output(mass.data(), mass.bytes, "group mass");
-    launch(to_dim3(plan.mass_grid), dim3(plan.mass_block), "qk_group_mass_kernel",
-           [&] { kcache_ops::qk_group_mass_kernel(mp); });
-  }
-  Tensor split = make_tensor(DType::kI32, {plan.split_ints}, 0);  // [B, rows, ...], zeroed
+  Tensor picks = make_tensor(DType::kI32, {2 * plan.pick_count}, 0xff);  // [B, rows, slices, n]
   const kcache_ops::QkSelectParams sp = kcache_ops::qk_select_params(
       args, plan, static_cast<const float*>(scratch.data()), partials_ptr,
-      static_cast<const float*>(mass.data()), static_cast<int*>(split.data()));
-  if (plan.select_slices > 1) {
-    const dim3 hist_grid = to_dim3(plan.hist_grid);
-    launch(hist_grid, dim3(plan.select_block), "qk_select_hist_kernel<0>",
-           [&] { kcache_ops::qk_select_hist_kernel<0>(sp); });
-    launch(hist_grid, dim3(plan.select_block), "qk_select_hist_kernel<1>",
-           [&] { kcache_ops::qk_select_hist_kernel<1>(sp); });
-    launch(hist_grid, dim3(plan.select_block), "qk_select_hist_kernel<2>",
-           [&] { kcache_ops::qk_select_hist_kernel<2>(sp); });
-    launch(hist_grid, dim3(plan.select_block), "qk_select_collect_kernel",
-           [&] { kcache_ops::qk_select_collect_kernel(sp); });
-  }
-  watch_output(scores.data(), scores.bytes, "scores");
-  watch_output(indices.data(), indices.bytes, "indices");
-  watch_output(lse.data(), lse.bytes, "lse");
+      static_cast<float*>(mass.data()), static_cast<unsigned long long*>(picks.data()));
+  auto watch_selection = [&] {
+    watch_output(scores.data(), scores.bytes, "scores");
+    watch_output(indices.data(), indices.bytes, "indices");
+    watch_output(lse.data(), lse.bytes, "lse");
+  };
+  watch_output(mass.data(), mass.bytes, "group mass");
+  watch_output(picks.data(), picks.bytes, "picks");
+  if (plan.select_slices == 1) watch_selection();  // else written by the merge
   launch(to_dim3(plan.select_grid), dim3(plan.select_block), "qk_select_kernel",
          [&] { kcache_ops::qk_select_kernel(sp); });
+  if (plan.select_slices > 1) {
+    watch_selection();
+    launch(to_dim3(plan.merge_grid), dim3(plan.select_block), "qk_select_merge_kernel",
+           [&] { kcache_ops::qk_select_merge_kernel(sp); });
+  }
   // the score scratch [B, Hq, score_stride]: what the launcher returns as all_scores
   return {{"scores", scores}, {"indices", indices}, {"lse", lse}, {"scratch", scratch}};
 }

@@ -135,6 +135,7 @@ def cases():
                                                       sms=4)),
         ("qk_topn split select, ties", topn(1, 1, 2, 16400, 64, 60, [16400], False, sms=8,
                                             ties=True)),
+        ("qk_topn group, split select", topn(2, 2, 2, 4500, 64, 40, [4500, 2051], True, sms=4)),
         ("sparse_attn_v renormalize", attn(2, 2, 3, 200, 64, 70, True, False)),
         ("sparse_attn_v lse, group rows", attn(2, 1, 4, 200, 128, 40, False, True)),
         ("sparse_attn_v renormalize, group rows", attn(1, 1, 8, 200, 64, 300, True, True,
