@@ -1,11 +1,14 @@
-"""One KCache decode step (qk_topn + sparse_attn_v) captured in a CUDA graph and replayed with new
-inputs copied into its static buffers: the ops launch on the current stream, allocate through the
+"""KCache decode steps captured in CUDA graphs: the ops alone (qk_topn + sparse_attn_v) replayed
+with new inputs copied into their static buffers, and a default KCache layer step (two streams)
+replayed against its eager output. The ops launch on the current stream, allocate through the
 caching allocator and never synchronise with the host while capturing."""
 import pytest
 import torch
 
 import kcache_ops
 from kcache_ops import reference
+from kcache_ops.caches import KCache, KCacheOptions
+from kcache_ops.model.config import LlamaConfig
 from cuda_checks import capture_graph, requires_cuda
 
 pytestmark = requires_cuda
@@ -45,3 +48,28 @@ def test_decode_step_graph_replay(group_select, renormalize):
         agree = (idx == want_idx).float().mean().item()
         assert agree > 0.99, f"trial {trial}: only {agree:.3f} of the indices agree"
         torch.testing.assert_close(out.cpu().float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_default_layer_step_graph_replay():
+    """KCache.decode with the default options (hot rows, the int2 tail, whose sparse_attn_v runs
+    on the side stream beside lowbit_tail) captured in a CUDA graph: the fork and join of the two
+    streams are captured as graph branches, and a replay gives the eager step's output."""
+    B, Hq, Hkv, S, D = 3, 8, 2, 3000, 64
+    config = LlamaConfig(vocab_size=16, hidden_size=Hq * D, intermediate_size=32, num_layers=1,
+                         num_heads=Hq, num_kv_heads=Hkv, head_dim=D)
+    cache = KCache(config, B, S, "cuda", torch.bfloat16, KCacheOptions())
+    lens = torch.tensor([2900, 1500, 300], dtype=torch.int32, device="cuda")  # [B]
+    T = int(lens.max())
+    cache.store_prompt(0, torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16),
+                       torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16), lens)
+    cache.finish_prefill(lens)
+    q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16)   # static inputs
+    k = torch.randn(B, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    eager = cache.decode(0, q, k, v)  # stores the token at seq_lens; no finish_decode: same step
+    graph, out = capture_graph(lambda: cache.decode(0, q, k, v))
+    for _ in range(2):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, eager, atol=0, rtol=0)

@@ -201,7 +201,8 @@ class KCache:
         pos = lengths.seq_lens.long()  # [B]
         k_cache = self.k[layer]  # [B, Hkv, S, D]
         k_cache[lengths.rows, :, pos] = k
-        # same stream as sparse_attn_v below, which may pick the new token among the top N
+        # ordered before sparse_attn_v below (the same stream, or one forked after this write),
+        # which may pick the new token among the top N
         self._v_writable[layer][lengths.rows, :, pos] = v
         tail = self.tails[layer]
         tail.append(lengths.rows, pos, v)

@@ -13,7 +13,9 @@ they miss, ``1 − Σ p_i``, can be accounted for on the device:
 * :class:`LowBitTail` (``"int2"``, ``"int4"``): a 2- or 4-bit copy of V stays on the device
   (``quantize_rows``, written at the hand-off and at each append, on the stream that computes V);
   every row not read contributes with its exact weight over its dequantized copy
-  (``lowbit_tail``, over the scores the selection computed: ``needs_scores``).
+  (``lowbit_tail``, over the scores the selection computed: ``needs_scores``). On CUDA its
+  ``sparse_attn_v`` (PCIe-bound) runs on a side stream beside ``lowbit_tail`` (device-memory
+  bound): side_stream.py.
 
 Each tail stores the prompt (:meth:`store_prompt`), appends a token (:meth:`append`) and attends
 (:meth:`attend`, given every score of the step when its ``needs_scores`` is True, else None);
@@ -23,6 +25,7 @@ takes their exact part (a :data:`~.hot.HotPart`) and adds it; the low-bit tail l
 import torch
 
 from ..ops import lowbit_tail, quantize_rows, sparse_attn_v
+from .side_stream import side_stream
 
 
 class NoTail:
@@ -101,6 +104,7 @@ class LowBitTail:
                                  device=device)  # [B, Hkv, S, D * bits / 8]
         self.meta = torch.empty(*shape, 2, dtype=torch.bfloat16, device=device)  # [B, Hkv, S, 2]
         self.nbytes = self.codes.nbytes + self.meta.nbytes
+        self.side = side_stream(device)  # the host reads' stream, beside lowbit_tail's
 
     def store_prompt(self, v, lens):
         """Quantize the prompt's v [B, Hkv, T, D] into positions ``0..T-1``."""
@@ -118,12 +122,14 @@ class LowBitTail:
     def attend(self, all_scores, lens, scores, indices, lse, v_host, hot=None):
         """Exact weights on the top N rows of ``v_host`` (and the hot rows) plus every other valid
         row over the copy, weighted from all_scores [B, Hq, S] float32 (every score of the step)
-        -> out [B, Hq, D] (dtype of V)."""
-        top = sparse_attn_v(scores, indices, v_host, lse, renormalize=False,
-                            check_values=False)  # [B, Hq, D]
+        -> out [B, Hq, D] (dtype of V). The host reads and the tail overlap (side stream)."""
+        with self.side.fork():
+            top = sparse_attn_v(scores, indices, v_host, lse, renormalize=False,
+                                check_values=False)  # [B, Hq, D]
         read = indices if hot is None else torch.cat([indices, hot.indices], -1)  # [B, Hq, N(+H)]
         rest = lowbit_tail(all_scores, lens, lse, read, self.codes, self.meta, self.bits,
                            check_values=False)  # [B, Hq, D] float32
+        self.side.join()
         out = rest + top  # [B, Hq, D] float32 (the add promotes top: no separate cast)
         return (out if hot is None else out + hot.out).to(top.dtype)
 
