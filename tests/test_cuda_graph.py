@@ -8,6 +8,7 @@ import torch
 import kcache_ops
 from kcache_ops import reference
 from kcache_ops.caches import KCache, KCacheOptions
+from kcache_ops.caches import tail as tail_module
 from kcache_ops.model.config import LlamaConfig
 from cuda_checks import capture_graph, requires_cuda
 
@@ -50,26 +51,44 @@ def test_decode_step_graph_replay(group_select, renormalize):
         torch.testing.assert_close(out.cpu().float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
-def test_default_layer_step_graph_replay():
+def test_default_layer_step_graph_replay(monkeypatch):
     """KCache.decode with the default options (hot rows, the int2 tail, whose sparse_attn_v runs
-    on the side stream beside lowbit_tail) captured in a CUDA graph: the fork and join of the two
-    streams are captured as graph branches, and a replay gives the eager step's output."""
+    on the cache's side stream beside lowbit_tail) captured in a CUDA graph: the fork and the join
+    are captured as graph branches, and replays with new inputs copied into the static ones give
+    what the same step gives eagerly on a twin cache."""
     B, Hq, Hkv, S, D = 3, 8, 2, 3000, 64
     config = LlamaConfig(vocab_size=16, hidden_size=Hq * D, intermediate_size=32, num_layers=1,
                          num_heads=Hq, num_kv_heads=Hkv, head_dim=D)
-    cache = KCache(config, B, S, "cuda", torch.bfloat16, KCacheOptions())
     lens = torch.tensor([2900, 1500, 300], dtype=torch.int32, device="cuda")  # [B]
     T = int(lens.max())
-    cache.store_prompt(0, torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16),
-                       torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16), lens)
-    cache.finish_prefill(lens)
+    prompt_k = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16)
+    prompt_v = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16)
+    caches = []
+    for _ in range(2):  # the graph's, and the eager twin
+        cache = KCache(config, B, S, "cuda", torch.bfloat16, KCacheOptions())
+        cache.store_prompt(0, prompt_k, prompt_v, lens)
+        cache.finish_prefill(lens)
+        caches.append(cache)
+    graphed, eager = caches
+
+    streams = []  # where the tail's sparse_attn_v ran
+    real = tail_module.sparse_attn_v
+
+    def spy(*args, **kwargs):
+        streams.append(torch.cuda.current_stream())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tail_module, "sparse_attn_v", spy)
     q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16)   # static inputs
     k = torch.randn(B, Hkv, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(B, Hkv, D, device="cuda", dtype=torch.bfloat16)
-    eager = cache.decode(0, q, k, v)  # stores the token at seq_lens; no finish_decode: same step
-    graph, out = capture_graph(lambda: cache.decode(0, q, k, v))
-    for _ in range(2):
-        out.zero_()
+    graph, out = capture_graph(lambda: graphed.decode(0, q, k, v))  # no finish_decode: one step
+    assert streams and all(s == graphed._side.stream for s in streams)
+    for _ in range(3):
+        q.normal_()
+        k.normal_()
+        v.normal_()
         graph.replay()
+        want = eager.decode(0, q, k, v)  # the same position, the same new token
         torch.cuda.synchronize()
-        torch.testing.assert_close(out, eager, atol=0, rtol=0)
+        torch.testing.assert_close(out, want, atol=0, rtol=0)

@@ -29,6 +29,7 @@ from .dense import append_and_attend, prompt_attention
 from .hot import HotRows, top_cold
 from .lengths import SeqLengths
 from .options import KCacheOptions
+from .side_stream import SideStream
 from .tail import make_tail
 
 
@@ -103,10 +104,11 @@ class KCache:
         # what kernels on `device` write V through: the mapped view on CUDA, the tensor on the CPU
         self._v_writable = {i: _mapped_view(v, self.device) if on_cuda else v
                             for i, v in self.v_host.items()}  # each [B, Hkv, S, D]
-        self._copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
+        # the V hand-offs of prefill, and the low-bit tail's host reads at decode
+        self._side = SideStream(self.device)
         self._v_copied = None  # CUDA event: every V hand-off queued so far has landed in host RAM
         self.tails = {i: make_tail(options, batch, config.num_kv_heads, capacity, config.head_dim,
-                                   self.device) for i in self.v_host}  # per KCache layer
+                                   self.device, self._side) for i in self.v_host}  # per layer
         self.hot = {i: HotRows(options.sinks, options.window, batch, config.num_kv_heads,
                                config.head_dim, self.device, dtype)
                     for i in self.v_host if options.hot_rows}  # per KCache layer, if any
@@ -162,17 +164,18 @@ class KCache:
         CPU: a synchronous copy.
         """
         dst = self._v_writable[layer][:, :, :v.shape[2]]  # [B, Hkv, T, D]
-        if self._copy_stream is None:
+        side = self._side.stream
+        if side is None:
             dst.copy_(v)
             return
         attended = torch.cuda.Event()
         attended.record(torch.cuda.current_stream(self.device))
-        self._copy_stream.wait_event(attended)
-        with torch.cuda.stream(self._copy_stream):
+        side.wait_event(attended)
+        with torch.cuda.stream(side):
             dst.copy_(v)  # a copy kernel writing through the mapped view: async, no staging
-            v.record_stream(self._copy_stream)
+            v.record_stream(side)
             self._v_copied = torch.cuda.Event()
-            self._v_copied.record(self._copy_stream)
+            self._v_copied.record(side)
 
     def finish_prefill(self, lens):
         """Set seq_lens to the prompt lengths lens [B] int32; later work waits for the V copies.

@@ -14,8 +14,8 @@ they miss, ``1 − Σ p_i``, can be accounted for on the device:
   (``quantize_rows``, written at the hand-off and at each append, on the stream that computes V);
   every row not read contributes with its exact weight over its dequantized copy
   (``lowbit_tail``, over the scores the selection computed: ``needs_scores``). On CUDA its
-  ``sparse_attn_v`` (PCIe-bound) runs on a side stream beside ``lowbit_tail`` (device-memory
-  bound): side_stream.py.
+  ``sparse_attn_v`` (PCIe-bound) runs on the cache's side stream beside ``lowbit_tail``
+  (device-memory bound): side_stream.py.
 
 Each tail stores the prompt (:meth:`store_prompt`), appends a token (:meth:`append`) and attends
 (:meth:`attend`, given every score of the step when its ``needs_scores`` is True, else None);
@@ -25,7 +25,6 @@ takes their exact part (a :data:`~.hot.HotPart`) and adds it; the low-bit tail l
 import torch
 
 from ..ops import lowbit_tail, quantize_rows, sparse_attn_v
-from .side_stream import side_stream
 
 
 class NoTail:
@@ -97,14 +96,14 @@ class LowBitTail:
 
     needs_scores = True  # the weights of the rows not read come from the step's scores
 
-    def __init__(self, bits, batch, num_kv_heads, capacity, head_dim, device):
+    def __init__(self, bits, batch, num_kv_heads, capacity, head_dim, device, side):
         self.bits = bits
         shape = (batch, num_kv_heads, capacity)
         self.codes = torch.empty(*shape, head_dim * bits // 8, dtype=torch.uint8,
                                  device=device)  # [B, Hkv, S, D * bits / 8]
         self.meta = torch.empty(*shape, 2, dtype=torch.bfloat16, device=device)  # [B, Hkv, S, 2]
         self.nbytes = self.codes.nbytes + self.meta.nbytes
-        self.side = side_stream(device)  # the host reads' stream, beside lowbit_tail's
+        self.side = side  # SideStream: the host reads beside lowbit_tail
 
     def store_prompt(self, v, lens):
         """Quantize the prompt's v [B, Hkv, T, D] into positions ``0..T-1``."""
@@ -126,19 +125,21 @@ class LowBitTail:
         with self.side.fork():
             top = sparse_attn_v(scores, indices, v_host, lse, renormalize=False,
                                 check_values=False)  # [B, Hq, D]
-        read = indices if hot is None else torch.cat([indices, hot.indices], -1)  # [B, Hq, N(+H)]
-        rest = lowbit_tail(all_scores, lens, lse, read, self.codes, self.meta, self.bits,
-                           check_values=False)  # [B, Hq, D] float32
-        self.side.join()
+        try:
+            read = indices if hot is None else torch.cat([indices, hot.indices], -1)  # [B,Hq,N(+H)]
+            rest = lowbit_tail(all_scores, lens, lse, read, self.codes, self.meta, self.bits,
+                               check_values=False)  # [B, Hq, D] float32
+        finally:
+            self.side.join(top)
         out = rest + top  # [B, Hq, D] float32 (the add promotes top: no separate cast)
         return (out if hot is None else out + hot.out).to(top.dtype)
 
 
-def make_tail(options, batch, num_kv_heads, capacity, head_dim, device):
-    """The tail of one KCache layer for ``options.tail``."""
+def make_tail(options, batch, num_kv_heads, capacity, head_dim, device, side):
+    """The tail of one KCache layer for ``options.tail`` (side: the cache's SideStream)."""
     if options.tail == "none":
         return NoTail(options.renormalize)
     if options.tail == "mean":
         return MeanTail(batch, num_kv_heads, head_dim, device)
     bits = {"int2": 2, "int4": 4}[options.tail]
-    return LowBitTail(bits, batch, num_kv_heads, capacity, head_dim, device)
+    return LowBitTail(bits, batch, num_kv_heads, capacity, head_dim, device, side)
