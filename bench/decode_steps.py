@@ -106,14 +106,15 @@ class DefaultLayer:
         return self.cache.lengths.attend_lens
 
     def qk_topn(self, layer, q):
-        """The step's qk_topn alone: top N + sinks + window of q [B, Hq, D] over the layer's K
-        -> scores, indices [B, Hq, N + H], lse [B, Hq]."""
+        """The step's qk_topn alone: the top N cold rows (the hot ones skipped) of q [B, Hq, D]
+        over the layer's K -> scores, indices [B, Hq, N], lse [B, Hq]."""
         o = self.cache.options
-        return kcache_ops.qk_topn(q, self.cache.k[layer], self.lens, o.topn + o.hot_rows, None,
-                                  o.group_select, check_values=False)
+        return kcache_ops.qk_topn(q, self.cache.k[layer], self.lens, o.topn, None,
+                                  o.group_select, check_values=False, skip_first=o.sinks,
+                                  skip_last=o.window)
 
     def select(self, layer, q):
-        """The step's selection (qk_topn, the top N cold rows, the top_p prefix) -> scores,
+        """The step's selection (qk_topn over the cold rows, the top_p prefix) -> scores,
         indices [B, Hq, N] (-1 padding), lse [B, Hq]."""
         return self.cache.select(q, self.cache.k[layer], self.lens)
 

@@ -10,7 +10,7 @@ layer step (KCache.decode with KCacheOptions(), built through the public API on 
 bench/decode_steps.py). Beside each whole step its parts are timed alone in the same run:
 qk_topn (K GB/s and % of a device-to-device copy) and sparse_attn_v on precomputed selections
 (host-row GB/s and % of a pinned host-to-device copy), both ceilings measured in the same run;
-the default step adds its selection (qk_topn + top_cold + top_p) and its lowbit_tail.
+the default step adds its selection (qk_topn over the cold rows + top_p) and its lowbit_tail.
 
     python bench/gpu_decode_attn.py [--seq ...] [--batch ...] [--n N] [--out DIR] [--dry-run]
 
@@ -121,7 +121,7 @@ def op_steps(rec, c, sets, v, n, dense, ceilings):
 
 def default_step(rec, c, sets, dense, ceilings):
     """Time the default layer step (KCache.decode, one layer per input set) and its parts alone:
-    qk_topn (N + sinks + window), the selection (+ top_cold, top_p) and lowbit_tail on a fresh
+    qk_topn (the top N cold rows), the selection (+ top_p) and lowbit_tail on a fresh
     query per layer, sparse_attn_v on selections of fresh queries rotated beyond L2. One row."""
     B, S = c["B"], c["S"]
     layer = decode_steps.DefaultLayer(sets)

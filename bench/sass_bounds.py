@@ -86,7 +86,8 @@ SELECT_THREADS = 512  # kSelectThreads
 SELECT_SLICE_KEYS = 4 * SELECT_THREADS  # kSelectSliceKeys: fewest keys per slice of a split
 SELECT_BLOCKS_PER_SM = 4  # kSelectBlocksPerSm
 MAX_TOP_N = 4096  # kMaxTopN: the merge sorts at most this many picks
-SELECT_N = 64  # the N of the predictions (the decode step's)
+SELECT_N = 64  # the N of the predictions (the group_select step's; the default step's 128, N + hot
+# rows, gives the same slices at these shapes)
 SELECT_PASSES = 4  # 3 radix passes + the collect pass read the ranked row
 
 
@@ -132,7 +133,7 @@ def select_slices(s, rows, n, sms):
     (qk_select_slices, qk_select_slice_keys)."""
     want = min(max(1, SELECT_BLOCKS_PER_SM * sms // rows), max(1, s // SELECT_SLICE_KEYS),
                max(1, MAX_TOP_N // max(n, 1)))
-    keys = max(1, -(-(-(-s // want)) // SELECT_SLICE_KEYS)) * SELECT_SLICE_KEYS
+    keys = max(1, -(-(-(-s // want)) // 4)) * 4
     return max(1, -(-s // keys)), keys
 
 
@@ -345,7 +346,11 @@ def analyse(instances_for_shapes=SHAPES, workdir=None):
             "regs": regs[name], "loop_insns": n, "keys_per_warp_iter": keys,
             "per_key": round(per_key, 2)}
     # in code order: the group mass's head loop, 3 radix passes, the collect
-    mass, *passes = per_float(funcs[SELECT_NAME])
+    loops = per_float(funcs[SELECT_NAME])
+    if len(loops) != 5:
+        raise RuntimeError(f"qk_select_kernel: expected 5 loops around 16-byte loads (the group "
+                           f"mass, 3 radix passes, the collect), found {len(loops)}")
+    mass, *passes = loops
     counts["qk_select_kernel"] = {"regs": regs[SELECT_NAME],
                                   "per_pass_per_float": [round(x, 3) for x in passes],
                                   "passes_per_float": round(sum(passes), 3),

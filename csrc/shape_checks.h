@@ -14,9 +14,11 @@ struct QkTopnDims {
   int64_t B, Hq, Hkv, G, S, D, n;
 };
 
-// q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B] int32, n >= 1.
+// q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B] int32, n >= 1, skip_first / skip_last
+// >= 0.
 inline QkTopnDims check_qk_topn_args(const at::Tensor& q, const at::Tensor& k_cache,
-                                     const at::Tensor& seq_lens, int64_t n) {
+                                     const at::Tensor& seq_lens, int64_t n, int64_t skip_first,
+                                     int64_t skip_last) {
   KC_CHECK_DIM(q, 3);
   KC_CHECK_DIM(k_cache, 4);
   KC_CHECK_DIM(seq_lens, 1);
@@ -34,6 +36,10 @@ inline QkTopnDims check_qk_topn_args(const at::Tensor& q, const at::Tensor& k_ca
   KC_CHECK_GQA(Hq, Hkv, "q", "k_cache");
   KC_CHECK_HEAD_DIM(q, D);
   TORCH_CHECK(n >= 1, "n must be >= 1, got ", n);
+  TORCH_CHECK(skip_first >= 0 && skip_first < (int64_t{1} << 31),
+              "skip_first must be in [0, 2^31), got ", skip_first);
+  TORCH_CHECK(skip_last >= 0 && skip_last < (int64_t{1} << 31),
+              "skip_last must be in [0, 2^31), got ", skip_last);
   KC_CHECK_LAST_CONTIGUOUS(q);
   KC_CHECK_LAST_CONTIGUOUS(k_cache);
   return {B, Hq, Hkv, Hq / Hkv, S, D, n};

@@ -6,7 +6,7 @@ import torch
 
 
 def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_values=True,
-            return_scores=False):
+            return_scores=False, skip_first=0, skip_last=0):
     """Exact scores ``scale * q·Kᵀ`` over all valid keys, and the top ``n`` of them.
 
     Parameters
@@ -34,12 +34,16 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_value
         True: also return every score (for :func:`lowbit_tail`, which then need not read K
         again). On CUDA this is the score pass's own scratch, kept instead of freed: no extra
         work.
+    skip_first, skip_last : int >= 0
+        Rank only the keys ``skip_first <= j < L_b − skip_last`` (KCache's cold rows: its hot
+        rows, the first and the last positions, are attended from the device); ``lse`` and
+        ``all_scores`` still cover every ``j < L_b``.
 
     Returns
     -------
     scores : Tensor [B, Hq, n] float32
         Scores at the selected keys, descending (by group mass in group mode), ties to the lower
-        index; padding (``L_b < n``) is ``-inf``.
+        index; padding (fewer than ``n`` ranked keys) is ``-inf``.
     indices : Tensor [B, Hq, n] int32
         Key positions, ``-1`` for padding.
     lse : Tensor [B, Hq] float32
@@ -51,7 +55,7 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_value
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     out = torch.ops.kcache_ops.qk_topn(q, k_cache, seq_lens, n, float(scale), group_select,
-                                       check_values, return_scores)
+                                       check_values, return_scores, skip_first, skip_last)
     return out if return_scores else out[:3]
 
 
@@ -220,7 +224,7 @@ def built_with_cuda():
 
 @torch.library.register_fake("kcache_ops::qk_topn")
 def _(q, k_cache, seq_lens, n, scale, group_select=False, check_values=True,
-      return_scores=False):
+      return_scores=False, skip_first=0, skip_last=0):
     B, Hq, _ = q.shape
     S = k_cache.shape[2]
     if return_scores:  # [B, Hq, S] of [B, Hq, S rounded up to 4]

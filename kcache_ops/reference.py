@@ -26,36 +26,44 @@ def qk_scores(q, k_cache, seq_lens, scale=None):
     return s, torch.logsumexp(s, dim=-1)
 
 
-def _top(keys, n):
-    """Descending order of keys [..., S], ties to the lower index -> order [..., min(n, S)]."""
-    return torch.sort(keys, dim=-1, descending=True, stable=True).indices[..., :n]
+def _top(keys, ranked, n):
+    """The keys [..., S] where ranked [..., S] (bool, broadcast) in descending order, ties to the
+    lower index, then the others -> order [..., min(n, S)]."""
+    order = torch.sort(keys, dim=-1, descending=True, stable=True).indices  # [..., S]
+    ranked = torch.gather(ranked.expand_as(keys), -1, order)  # [..., S] in that order
+    first = torch.sort(ranked.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    return torch.gather(order, -1, first)[..., :n]
 
 
-def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False):
+def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, skip_first=0, skip_last=0):
     """Reference of kcache_ops.qk_topn.
 
     q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B]
     -> scores [B, Hq, n] float32, indices [B, Hq, n] int32, lse [B, Hq] float32.
-    Entries past L_b are padding: index -1, score -inf.
+    The top n of the keys skip_first <= j < L_b - skip_last; lse over all j < L_b. Entries past
+    those keys are padding: index -1, score -inf.
     """
     B, Hq, _ = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
     s, lse = qk_scores(q, k_cache, seq_lens, scale)  # [B, Hq, S], [B, Hq]
+    j = torch.arange(S, device=q.device)  # [S]
+    end = seq_lens.long().to(q.device) - skip_last  # [B]
+    ranked = ((j[None, :] >= skip_first) & (j[None, :] < end[:, None]))[:, None, :]  # [B, 1, S]
+    count = ranked.sum(-1)  # [B, 1]: ranked keys per sequence
     if group_select:
         p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # [B, Hq, S]; L_b = 0 gives 0
         c = p.view(B, Hkv, G, S).sum(dim=2)  # [B, Hkv, S]
-        c = c.masked_fill(~_valid_mask(seq_lens, S), float("-inf"))
-        idx = _top(c, n).repeat_interleave(G, dim=1)  # [B, Hq, min(n, S)]
+        idx = _top(c, ranked, n).repeat_interleave(G, dim=1)  # [B, Hq, min(n, S)]
     else:
-        idx = _top(s, n)  # [B, Hq, min(n, S)]
+        idx = _top(s, ranked, n)  # [B, Hq, min(n, S)]
     scores = torch.gather(s, -1, idx)  # [B, Hq, min(n, S)]
     pad = n - idx.shape[-1]
     if pad > 0:
         idx = torch.nn.functional.pad(idx, (0, pad), value=-1)
         scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
     slot = torch.arange(n, device=q.device)  # [n]
-    padding = slot[None, None, :] >= seq_lens.long().to(q.device)[:, None, None]  # [B, 1, n]
+    padding = slot[None, None, :] >= count[:, :, None]  # [B, 1, n]
     idx = idx.masked_fill(padding, -1).to(torch.int32)
     scores = scores.masked_fill(padding, float("-inf"))
     return scores, idx, lse

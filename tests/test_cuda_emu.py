@@ -50,12 +50,13 @@ def asan_exe():
 
 
 def run_qk_topn(exe, q, k, seq_lens, n, scale, group_select, sms=SMS, seeds=SEEDS,
-                return_scores=False):
+                return_scores=False, skip_first=0, skip_last=0):
     """qk_topn on the emulator: q [B, Hq, D], k [B, Hkv, S, D], seq_lens [B] int32 (any strides)
     -> scores [B, Hq, n] float32, indices [B, Hq, n] int32, lse [B, Hq] float32, and with
     return_scores the score scratch as the launcher returns it, [B, Hq, S] float32. sms: the
     multiprocessor count the chunk sizing is given."""
-    out = emu.run(exe, "qk_topn", dict(n=n, scale=scale, group_select=int(group_select), sms=sms),
+    out = emu.run(exe, "qk_topn", dict(n=n, scale=scale, group_select=int(group_select), sms=sms,
+                                       skip_first=skip_first, skip_last=skip_last),
                   dict(q=q, k_cache=k, seq_lens=seq_lens), seeds=seeds)
     picked = out["scores"], out["indices"], out["lse"]  # [B, Hq, n], [B, Hq, n], [B, Hq]
     if not return_scores:
@@ -195,10 +196,10 @@ def test_qk_topn_chunking(race_exe, sms):
 
 
 def test_qk_topn_group_mass_slices(race_exe):
-    """Group mode with rows split in slices of 4096 keys (4 rows on 4 multiprocessors, 4 blocks
-    per multiprocessor wanted: 2 slices per row), each block writing its slice's group mass before
-    ranking it: one row ends inside its second slice, the other inside its first, so that row's
-    second slice is empty (n padding picks)."""
+    """Group mode with rows split in slices of 2252 keys (4 rows on 4 multiprocessors, 4 blocks
+    per multiprocessor wanted: 2 slices per row, S / 2048 at most), each block writing its slice's
+    group mass before ranking it: one row ends inside its second slice, the other inside its first,
+    so that row's second slice is empty (n padding picks)."""
     q, k = make_qk(2, 8, 2, 4500, 64, torch.bfloat16, "cpu")
     lens = seq_lens_tensor([4500, 2051], "cpu")
     out = run_qk_topn(race_exe, q, k, lens, 40, 1 / 8, True, sms=4)
@@ -208,9 +209,9 @@ def test_qk_topn_group_mass_slices(race_exe):
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_qk_topn_split_select(race_exe, group_select, ties):
-    """Few rows on 8 multiprocessors: each row's select split over 5 slices of 4096 keys (the last
-    holds 16; qk_select_kernel), their picks merged (qk_select_merge_kernel), one row shorter than
-    S, so that its last two slices are empty;
+    """Few rows on 8 multiprocessors: each row's select split over 8 slices of 2052 keys
+    (qk_select_kernel), their picks merged (qk_select_merge_kernel), one row shorter than S, so that
+    its last three slices are empty;
     small-integer inputs give many equal scores (the index-order path within a slice, and equal
     keys across slices ordered by the merge)."""
     B, Hkv, G, S, D, n = 2, 1, 2, 16400, 64, 60
@@ -226,12 +227,25 @@ def test_qk_topn_split_select(race_exe, group_select, ties):
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_qk_topn_split_select_short_slices(race_exe, group_select):
-    """n larger than a slice's valid keys: the rows' last slices (4500 - 4096 and 4300 - 4096 keys)
-    are taken whole, without a radix pass, and merged with the first slices' 600 picks."""
+    """n larger than a slice's valid keys: the rows' second slices (2400 - 2252 and 2300 - 2252
+    keys) are taken whole, without a radix pass, and merged with the first slices' 600 picks."""
     q, k = make_qk(2, 2, 1, 4500, 64, torch.float32, "cpu")
-    lens = seq_lens_tensor([4500, 4300], "cpu")
+    lens = seq_lens_tensor([2400, 2300], "cpu")
     out = run_qk_topn(race_exe, q, k, lens, 600, 1 / 8, group_select, sms=4)
     check_topn(q, k, lens, 600, 1 / 8, group_select, out, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("sms", [8, 132], ids=["split", "whole_row"])
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_qk_topn_skipped_keys(race_exe, group_select, sms):
+    """skip_first = 5 (inside a 16-byte group) and skip_last = 60: only the keys between are
+    ranked, in rows split in two slices of 2252 keys (the second starting below L_b - 60 for the
+    first row only) and in whole rows; rows with 2 ranked keys and with none."""
+    q, k = make_qk(4, 4, 2, 4500, 64, torch.float32, "cpu")
+    lens = seq_lens_tensor([4500, 2100, 67, 40], "cpu")
+    out = run_qk_topn(race_exe, q, k, lens, 40, 1 / 8, group_select, sms=sms, skip_first=5,
+                      skip_last=60)
+    check_topn(q, k, lens, 40, 1 / 8, group_select, out, TOL[torch.float32], 5, 60)
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])

@@ -59,6 +59,13 @@ def test_qk_topn_bad_n_and_head_dim(device, qk):
         kcache_ops.qk_topn(q, k, qk[2], N)
 
 
+def test_qk_topn_bad_skips(device, qk):
+    with pytest.raises(RuntimeError, match=r"skip_first must be in \[0, 2\^31\), got -1"):
+        kcache_ops.qk_topn(*qk, N, skip_first=-1)
+    with pytest.raises(RuntimeError, match=r"skip_last must be in \[0, 2\^31\), got 2147483648"):
+        kcache_ops.qk_topn(*qk, N, skip_last=2 ** 31)
+
+
 @pytest.mark.parametrize("i, bad, message", [
     (0, lambda s: s.half(), "scores must be Float, got Half"),
     (1, lambda idx: idx.long(), "indices must be Int, got Long"),

@@ -31,8 +31,10 @@ def selection_keys(s, lse, Hkv, group_select):
     return c.repeat_interleave(Hq // Hkv, dim=1)
 
 
-def check_topn(q, k_cache, seq_lens, n, scale, group_select, out, tol):
-    """A valid top-n of the reference's exact scores, within ``tol`` for near-ties."""
+def check_topn(q, k_cache, seq_lens, n, scale, group_select, out, tol, skip_first=0,
+               skip_last=0):
+    """A valid top-n of the reference's exact scores among the keys skip_first <= j < L_b -
+    skip_last, within ``tol`` for near-ties."""
     scores, idx, lse = (t.cpu() for t in out)  # [B, Hq, n], [B, Hq, n], [B, Hq]
     q, k_cache, seq_lens = q.cpu(), k_cache.cpu(), seq_lens.cpu()
     B, Hq, _ = q.shape
@@ -43,21 +45,24 @@ def check_topn(q, k_cache, seq_lens, n, scale, group_select, out, tol):
     torch.testing.assert_close(lse, lse_ref, atol=tol, rtol=tol)
     assert not scores.isnan().any() and not lse.isnan().any(), "finite inputs gave a NaN"
     key = selection_keys(s_ref, lse_ref, Hkv, group_select)  # [B, Hq, S]
-    _, ref_idx, _ = R.qk_topn(q, k_cache, seq_lens, n, scale, group_select)  # [B, Hq, n]
+    _, ref_idx, _ = R.qk_topn(q, k_cache, seq_lens, n, scale, group_select, skip_first,
+                              skip_last)  # [B, Hq, n]
     if group_select:
         grouped = idx.view(B, Hkv, Hq // Hkv, n)
         assert (grouped == grouped[:, :, :1]).all(), "heads of a group must share indices"
     for b, L in enumerate(seq_lens.tolist()):
-        m = min(L, n)
+        lo = min(skip_first, L)  # the ranked keys [lo, hi)
+        hi = max(lo, L - skip_last)
+        m = min(hi - lo, n)
         assert (idx[b, :, m:] == -1).all() and (scores[b, :, m:] == float("-inf")).all()
         if m == 0:
             continue
         sel = idx[b, :, :m].long()  # [Hq, m]
-        assert ((sel >= 0) & (sel < L)).all()
+        assert ((sel >= lo) & (sel < hi)).all()
         assert (sel.sort(dim=-1).values.diff(dim=-1) > 0).all(), "indices must be distinct"
         torch.testing.assert_close(scores[b, :, :m], s_ref[b].gather(-1, sel), atol=tol, rtol=tol)
         k_sel = key[b].gather(-1, sel)  # [Hq, m]
-        kth = key[b, :, :L].sort(dim=-1, descending=True).values[:, m - 1:m]  # [Hq, 1]
+        kth = key[b, :, lo:hi].sort(dim=-1, descending=True).values[:, m - 1:m]  # [Hq, 1]
         slack = tol * (1 + kth.abs())  # [Hq, 1]
         assert (k_sel[:, 1:] <= k_sel[:, :-1] + slack).all(), "must be sorted descending"
         assert (k_sel >= kth - slack).all(), "every pick must clear the n-th best"
@@ -89,6 +94,20 @@ def test_lengths_and_padding(device, n, group_select):
     out = kcache_ops.qk_topn(q, k, lens, n, 0.3, group_select)
     check_topn(q, k, lens, n, 0.3, group_select, out, TOL[torch.float32])
     assert out[2][0].isneginf().all(), "L = 0 gives lse = -inf"
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+@pytest.mark.parametrize("skip_first, skip_last", [(4, 60), (0, 7), (5, 0), (2000, 0), (0, 2000)])
+def test_skipped_keys_are_not_ranked(device, dtype, group_select, skip_first, skip_last):
+    """skip_first / skip_last (KCache's hot rows): the top n of the keys skip_first <= j <
+    L_b - skip_last only, padding where fewer remain (L_b = 0, below skip_first + skip_last, at
+    it, one above), lse over every key."""
+    lens = [1500, 0, 64, 66, 67, 120]
+    q, k = make_qk(len(lens), 8, 2, 1500, 64, dtype, device)
+    lens = seq_lens_tensor(lens, device)
+    out = kcache_ops.qk_topn(q, k, lens, 50, None, group_select, skip_first=skip_first,
+                             skip_last=skip_last)
+    check_topn(q, k, lens, 50, 1 / 8, group_select, out, TOL[dtype], skip_first, skip_last)
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])

@@ -111,7 +111,9 @@ def test_decode_steps_split_into_their_parts():
     i, q, _, _ = layer.inputs[1]
     out = layer.cache.decode(*layer.inputs[1])  # [B, Hq, D]
     scores, indices, lse = layer.select(i, q)
-    assert indices.shape == (B, Hq, 64) and layer.qk_topn(i, q)[1].shape == (B, Hq, 128)
+    picked = layer.qk_topn(i, q)[1]  # [B, Hq, 64]: the cold rows only, before the top_p cut
+    assert indices.shape == picked.shape == (B, Hq, 64)
+    assert ((picked >= 4) & (picked < S - 60)).all()  # sinks 4, window 60: never a hot row
     hot = layer.cache.hot[i].attend(q, layer.cache.k[i], lse)
     parts = (layer.attend_host(i, scores, indices, lse) + hot.out
              + layer.lowbit_tail(*layer.tail_args(i, q)))

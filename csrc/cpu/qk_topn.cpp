@@ -151,13 +151,21 @@ struct Scratch {
   TopN top;                 // selection
 };
 
+// The min(n, hi - lo) best of keys[lo, hi) into top.best, sorted best first, with their
+// positions in keys.
+template <class Isa>
+void top_n_in(const float* keys, int64_t lo, int64_t hi, int64_t n, TopN& top) {
+  top_n<Isa>(keys + lo, hi - lo, n, top);
+  for (Cand& c : top.best) c.idx += static_cast<int32_t>(lo);
+}
+
 // One (batch, kv head): q [G, kD] (row stride q_stride), k [L, kD] (row stride k_stride) ->
-// scores/indices [G, n], lse [G], and every score into all [G, >= L] (row stride all_stride)
-// unless all is nullptr.
+// scores/indices [G, n] (the top n of keys skip_first <= j < L - skip_last), lse [G] (over all
+// j < L), and every score into all [G, >= L] (row stride all_stride) unless all is nullptr.
 template <class Isa, typename scalar_t, int64_t kD>
 void select_group(const scalar_t* q, int64_t q_stride, const scalar_t* k, int64_t k_stride,
                   int64_t G, int64_t L, int64_t n, float scale, bool group_select,
-                  Scratch& tmp, float* scores, int32_t* indices, float* lse, float* all,
+                  int64_t skip_first, int64_t skip_last, Scratch& tmp, float* scores, int32_t* indices, float* lse, float* all,
                   int64_t all_stride) {
   tmp.qf.resize(G * kD);
   for (int64_t h = 0; h < G; ++h) {
@@ -168,13 +176,15 @@ void select_group(const scalar_t* q, int64_t q_stride, const scalar_t* k, int64_
   if (all != nullptr) {
     for (int64_t h = 0; h < G; ++h) std::copy_n(&tmp.s[h * L], L, all + h * all_stride);
   }
+  const int64_t lo = std::min(skip_first, L);                 // the ranked keys [lo, hi)
+  const int64_t hi = std::max(lo, L - std::min(skip_last, L));
   if (group_select) {
     tmp.mass.assign(L, 0.f);
     for (int64_t h = 0; h < G; ++h) Isa::add_exp(tmp.mass.data(), &tmp.s[h * L], L, lse[h]);
-    top_n<Isa>(tmp.mass.data(), L, n, tmp.top);
+    top_n_in<Isa>(tmp.mass.data(), lo, hi, n, tmp.top);
   }
   for (int64_t h = 0; h < G; ++h) {
-    if (!group_select) top_n<Isa>(&tmp.s[h * L], L, n, tmp.top);
+    if (!group_select) top_n_in<Isa>(&tmp.s[h * L], lo, hi, n, tmp.top);
     write_head(tmp.top.best, &tmp.s[h * L], n, scores + h * n, indices + h * n);
   }
 }
@@ -185,8 +195,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
     const at::Tensor& seq_lens,  // [B] int32
     int64_t n, double scale, bool group_select,
     bool /*check_values*/,  // seq_lens are on the host: always checked, no sync to save
-    bool return_scores) {
-  const QkTopnDims dims = check_qk_topn_args(q, k_cache, seq_lens, n);
+    bool return_scores, int64_t skip_first, int64_t skip_last) {
+  const QkTopnDims dims = check_qk_topn_args(q, k_cache, seq_lens, n, skip_first, skip_last);
   KC_CHECK_CPU("qk_topn", q);
   KC_CHECK_CPU("qk_topn", k_cache);
   KC_CHECK_CPU("qk_topn", seq_lens);
@@ -212,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
         q.data_ptr<scalar_t>() + b * q.stride(0) + kvh * G * q.stride(1), q.stride(1),
         k_cache.data_ptr<scalar_t>() + b * k_cache.stride(0) + kvh * k_cache.stride(1),
         k_cache.stride(2), G, lens[b * seq_lens.stride(0)], n, static_cast<float>(scale),
-        group_select, tmp, scores.data_ptr<float>() + head0 * n,
+        group_select, skip_first, skip_last, tmp, scores.data_ptr<float>() + head0 * n,
         indices.data_ptr<int32_t>() + head0 * n, lse.data_ptr<float>() + head0,
         all_ptr == nullptr ? nullptr : all_ptr + head0 * all_stride, all_stride);
   });

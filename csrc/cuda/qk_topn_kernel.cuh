@@ -10,15 +10,16 @@
 //    (j < L_b) to a scratch buffer (G·4 bytes per key against D·sizeof(T) bytes of K: 6% for
 //    Llama-3 bf16) and the chunk's (max, sumexp) per head.
 // 2. qk_select_kernel — one block per (slice of keys, query head or KV head in group mode,
-//    sequence), the slices sized so that the grid fills 4 blocks per SM. In group mode it first
-//    merges the chunks' (max, sumexp) of the group's heads into lse and writes its slice's group
-//    mass c_j = sum_h exp(s_hj - lse_h) once, to a [B, Hkv, S↑4] buffer that it then ranks.
-//    radix_select finds the slice's N-th largest ranking key by a 3-pass radix select (11 + 11 + 10
-//    bits, histograms in shared memory, the slice re-read from L2), ending early when the
-//    threshold's bin holds exactly the keys still needed; collect_candidates gathers the keys above
-//    it plus the lowest-index keys equal to it. With one slice per row these are sorted by
-//    (key desc, index asc) with a bitonic sort in shared memory and written (scores, indices, lse,
-//    padding); with several, each slice's N best go to a picks buffer.
+//    sequence), the slices (>= 2048 keys) sized so that the grid fills up to 4 blocks per SM. In
+//    group mode it first merges the chunks' (max, sumexp) of the group's heads into lse (a warp
+//    per head) and writes its slice's group mass c_j = sum_h exp(s_hj - lse_h) once, to a
+//    [B, Hkv, S↑4] buffer that it then ranks. radix_select finds the slice's N-th largest ranking
+//    key by a 3-pass radix select (11 + 11 + 10 bits, histograms in shared memory, the slice
+//    re-read from L2), ending early when the threshold's bin holds exactly the keys still needed;
+//    collect_candidates gathers the keys above it plus the lowest-index keys equal to it. With one
+//    slice per row these are sorted by (key desc, index asc) with a bitonic sort in shared memory
+//    and written (scores, indices, lse, padding); with several, each slice's N best go to a picks
+//    buffer.
 // 3. qk_select_merge_kernel (rows split over several slices) — one block per ranked row: lse, and
 //    the sort of its slices' slices · N picks, of which the first N are the row's N best (every key
 //    of those is among its own slice's N best).
@@ -206,8 +207,9 @@ struct QkSelectParams {
   int32_t* out_indices;      // [B, Hq, N] contiguous
   float* out_lse;            // [B, Hq] contiguous
   int hq, hkv, s, n, num_chunks;
+  int skip_first, skip_last; // the ranked keys of row b: skip_first <= j < L_b - skip_last
   int slices;                // blocks per ranked row of qk_select_kernel
-  int64_t slice_keys;        // keys per slice, a multiple of 4 · kSelectThreads
+  int64_t slice_keys;        // keys per slice, a multiple of 4
   bool group_select;
 };
 
@@ -215,7 +217,6 @@ struct QkSelectParams {
 struct SelectShared {
   unsigned long long cand[kMaxTopN];  // (key << 32) | ~index, sorted descending
   int hist[kSelectBins];
-  MaxSum part[kSelectThreads / 32];
   int warp_total[kSelectThreads / 32];
   float lse[kMaxGroupSelect];         // of the ranked row's heads
   int digit, remaining, bin_count, n_gt;
@@ -227,20 +228,6 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int& total, SelectSha
   const int before = block_scan<kSelectThreads>(v, total, sh.warp_total);
   __syncthreads();
   return before;
-}
-
-// (max, sumexp) over a row of chunk partials -> lse, by a block of kSelectThreads threads;
-// warp_part [kSelectThreads / 32] in shared memory. Every thread must call it.
-__device__ __forceinline__ float block_lse(const MaxSum* part, int num_chunks, MaxSum* warp_part) {
-  MaxSum r{-INFINITY, 0.0f};
-  for (int c = threadIdx.x; c < num_chunks; c += kSelectThreads) r = maxsum_merge(r, part[c]);
-  r = warp_maxsum(r);
-  if (threadIdx.x % 32 == 0) warp_part[threadIdx.x / 32] = r;
-  __syncthreads();
-  r = warp_part[0];
-  for (int w = 1; w < kSelectThreads / 32; ++w) r = maxsum_merge(r, warp_part[w]);
-  __syncthreads();
-  return r.m == -INFINITY ? -INFINITY : r.m + logf(r.l);
 }
 
 // A head's share exp(s - lse) of the group mass, 0 where it is NaN (a NaN score or lse), as the
@@ -257,16 +244,16 @@ __device__ __forceinline__ float head_mass(float s, float lse) {
 // would need more than the 32 registers of 4 blocks per SM.
 constexpr int kMassLoads = 2;
 
-// The keys a select block ranks: its slice [begin, end) of one ranked row (the whole row when the
-// row is not split), the scratch rows of the heads ranked together, and what is ranked.
+// The keys a select block ranks: [first, end) of one ranked row, within its slice (the whole row
+// when the row is not split), the scratch rows of the heads ranked together, and what is ranked.
+// The loops over them start at the 16-byte group of `first` (first / 4) and skip the keys before.
 struct SelectRow {
   const float* scores;   // [nh, score_stride] scratch rows of the heads, 16-byte aligned
   const float* rank;     // [score_stride] what is ranked: the score row, or the group mass row
   int64_t score_stride;  // multiple of 4
   int nh;                // query heads ranked together: G in group mode, else 1
   int len;               // valid keys of the row, L_b clamped to [0, S]
-  int begin, end;        // the block's keys: begin a multiple of 4, end <= len (end <= begin:
-                         // none)
+  int first, end;        // the block's ranked keys, end <= len (end <= first: none)
 };
 
 // The count-th largest ranking key of a row on the bits of `mask`, and how many keys equal to it
@@ -281,12 +268,21 @@ struct SelectThreshold {
 };
 
 // lse of the row's heads row0 .. row0 + nh - 1 from their chunk partials, into sh.lse (and into
-// out_lse when `out`). Every thread must call it; ends with a barrier.
+// out_lse when `out`): warp w merges head w's (then w + 16's, ...) partials, its lanes strided over
+// the chunks, then a butterfly (a fixed order: deterministic, and the same lse in the select and
+// the merge kernels). Every thread must call it; ends with a barrier.
 __device__ __forceinline__ void select_lse(const QkSelectParams& p, int64_t row0, int nh, bool out,
                                            SelectShared& sh) {
-  for (int h = 0; h < nh; ++h) {
-    const float lse = block_lse(p.partials + (row0 + h) * p.num_chunks, p.num_chunks, sh.part);
-    if (threadIdx.x == 0) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll 1
+  for (int h = warp; h < nh; h += kSelectThreads / 32) {
+    const MaxSum* part = p.partials + (row0 + h) * p.num_chunks;  // [num_chunks]
+    MaxSum r{-INFINITY, 0.0f};
+#pragma unroll 1
+    for (int c = lane; c < p.num_chunks; c += 32) r = maxsum_merge(r, part[c]);
+    r = warp_maxsum(r);
+    if (lane == 0) {
+      const float lse = r.m == -INFINITY ? -INFINITY : r.m + logf(r.l);
       sh.lse[h] = lse;
       if (out) p.out_lse[row0 + h] = lse;
     }
@@ -295,13 +291,13 @@ __device__ __forceinline__ void select_lse(const QkSelectParams& p, int64_t row0
 }
 
 // Group mode: the group mass c_j = sum_h head_mass(s_hj, lse_h) (h in the KV head's group, in
-// order; lse in sh.lse) of the block's keys [begin, end) rounded up to 4, written to its ranked
-// row (the mass buffer), one 16-byte group of keys per thread and step, kMassLoads heads' loads at
-// a time. No barrier: the block reads these writes back in radix_select and collect_candidates,
+// order; lse in sh.lse) of the block's keys [first, end) widened to 16-byte groups (within its
+// slice: slices are multiples of 4 keys), written to its ranked row (the mass buffer), one 16-byte
+// group of keys per thread and step, kMassLoads heads' loads at a time. No barrier: the block reads these writes back in radix_select and collect_candidates,
 // which both pass a barrier before their first read of the ranked row.
 __device__ __forceinline__ void group_mass(const SelectRow& row, float* mass,
                                            const SelectShared& sh) {
-  for (int q4 = row.begin / 4 + threadIdx.x; q4 < (row.end + 3) / 4; q4 += kSelectThreads) {
+  for (int q4 = row.first / 4 + threadIdx.x; q4 < (row.end + 3) / 4; q4 += kSelectThreads) {
     float4 c = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     for (int h0 = 0; h0 < row.nh; h0 += kMassLoads) {
       float4 v[kMassLoads];  // heads h0 .. h0 + kMassLoads - 1 at the thread's 4 keys
@@ -336,9 +332,10 @@ __device__ __forceinline__ void ranking_keys4(const SelectRow& row, int q4, uint
   key[3] = float_key(v.w);
 }
 
-// Whether key j is one of the block's (begin <= j < end; begin is a multiple of 4 and the loops
-// start there, so only the end is checked).
-__device__ __forceinline__ bool in_block(const SelectRow& row, int j) { return j < row.end; }
+// Whether key j (of a 16-byte group the loops visit) is one the block ranks.
+__device__ __forceinline__ bool in_block(const SelectRow& row, int j) {
+  return j >= row.first && j < row.end;
+}
 
 // The radix select's digits: 11 + 11 + 10 bits from the top.
 constexpr int kRadixPasses = 3;
@@ -364,7 +361,7 @@ __device__ __forceinline__ void radix_histogram(const SelectRow& row, uint32_t p
   for (int i = threadIdx.x; i < kSelectBins; i += kSelectThreads) sh.hist[i] = 0;
   __syncthreads();
 #pragma unroll 2
-  for (int q4 = row.begin / 4 + threadIdx.x; q4 < (row.end + 3) / 4; q4 += kSelectThreads) {
+  for (int q4 = row.first / 4 + threadIdx.x; q4 < (row.end + 3) / 4; q4 += kSelectThreads) {
     uint32_t key[4];
     ranking_keys4(row, q4, key);
 #pragma unroll
@@ -414,13 +411,13 @@ __device__ __forceinline__ void radix_digit(int pass, RadixState& st, SelectShar
 
 // Phase 2: the threshold of the block's n best keys by a 3-pass radix select over histograms in
 // shared memory, ending early when the threshold's bin holds exactly the keys still needed;
-// already final (threshold 0, below every key) when every key is taken (end - begin <= n).
+// already final (threshold 0, below every key) when every key is taken (end - first <= n).
 // Block-uniform; every thread must call it.
 __device__ __forceinline__ SelectThreshold radix_select(const SelectRow& row, int n,
                                                         SelectShared& sh) {
   RadixState st = {.thr = {.key = 0u, .mask = ~0u, .need_eq = 0, .take_all_eq = false},
                    .remaining = n,
-                   .done = row.end - row.begin <= n};
+                   .done = row.end - row.first <= n};
 #pragma unroll
   for (int pass = 0; pass < kRadixPasses && !st.done; ++pass) {
     radix_histogram(row, st.thr.key, pass, sh);
@@ -449,7 +446,7 @@ __device__ __forceinline__ void collect_candidates(const SelectRow& row, SelectT
   __syncthreads();
   int eq_base = 0;  // keys equal to the threshold in earlier tiles (the same in every thread)
   const int end4 = (row.end + 3) / 4;
-  for (int base4 = row.begin / 4; base4 < end4; base4 += kSelectThreads) {  // block-uniform
+  for (int base4 = row.first / 4; base4 < end4; base4 += kSelectThreads) {  // block-uniform
     const int q4 = base4 + threadIdx.x;
     uint32_t key[4] = {0u, 0u, 0u, 0u};
     if (q4 < end4) ranking_keys4(row, q4, key);
@@ -505,8 +502,13 @@ __device__ __forceinline__ int sort_size(int count) {
   return size;
 }
 
-// The ranked row `x` (query head, or KV head in group mode) of sequence b, its keys [begin, end)
-// for slice `slice`, and the index of its first query head in [B, Hq] (row0).
+// The end of a row's ranked keys skip_first <= j < len - skip_last (none when that is empty).
+__device__ __forceinline__ int ranked_end(const QkSelectParams& p, int len) {
+  return max(0, len - p.skip_last);
+}
+
+// The ranked row `x` (query head, or KV head in group mode) of sequence b, its ranked keys
+// [first, end) in slice `slice`, and the index of its first query head in [B, Hq] (row0).
 __device__ __forceinline__ SelectRow select_row(const QkSelectParams& p, int b, int x, int slice,
                                                 int64_t& row0) {
   const int G = p.hq / p.hkv;
@@ -514,6 +516,7 @@ __device__ __forceinline__ SelectRow select_row(const QkSelectParams& p, int b, 
   const float* scores = p.scores + row0 * p.score_stride;  // [nh, score_stride]
   const int len = clamped_len(p.seq_lens, p.seq_stride, b, p.s);
   const int64_t begin = slice * p.slice_keys;  // < S for every launched slice
+  const int64_t end = min(static_cast<int64_t>(ranked_end(p, len)), begin + p.slice_keys);
   return {
       .scores = scores,
       .rank = p.group_select ? p.mass + (static_cast<int64_t>(b) * p.hkv + x) * p.score_stride
@@ -521,8 +524,8 @@ __device__ __forceinline__ SelectRow select_row(const QkSelectParams& p, int b, 
       .score_stride = p.score_stride,
       .nh = p.group_select ? G : 1,
       .len = len,
-      .begin = static_cast<int>(begin),
-      .end = static_cast<int>(min(static_cast<int64_t>(len), begin + p.slice_keys)),
+      .first = static_cast<int>(max(begin, static_cast<int64_t>(p.skip_first))),
+      .end = static_cast<int>(end),
   };
 }
 
@@ -550,7 +553,7 @@ __global__ void __launch_bounds__(kSelectThreads, kSelectBlocksPerSm)
     group_mass(row, p.mass + (static_cast<int64_t>(b) * p.hkv + blockIdx.y) * p.score_stride,
                sh);
   }
-  const int count = max(0, min(p.n, row.end - row.begin));  // the block's picks
+  const int count = max(0, min(p.n, row.end - row.first));  // the block's picks
   const int size = sort_size(count);
   if (whole_row) {
     for (int i = threadIdx.x; i < size; i += kSelectThreads) sh.cand[i] = 0ull;  // sorts last
@@ -580,7 +583,8 @@ __global__ void __launch_bounds__(kSelectThreads) qk_select_merge_kernel(QkSelec
       p.picks + (static_cast<int64_t>(b) * gridDim.x + blockIdx.x) * total;  // [slices, n]
   for (int i = threadIdx.x; i < size; i += kSelectThreads) sh.cand[i] = i < total ? picks[i] : 0ull;
   __syncthreads();
-  write_selection(p, row, row0, min(p.n, row.len), size, sh);
+  // the row's picks: min(n, its ranked keys)
+  write_selection(p, row, row0, max(0, min(p.n, ranked_end(p, row.len) - p.skip_first)), size, sh);
 }
 
 }  // namespace kcache_ops

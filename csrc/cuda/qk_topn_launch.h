@@ -21,6 +21,7 @@ struct QkTopnArgs {
   int64_t B, Hq, Hkv, S, n;
   float scale;
   bool group_select;
+  int64_t skip_first, skip_last;  // ranked keys: skip_first <= j < L_b - skip_last (< 2^31 each)
 };
 
 // Sizes of the two launches and of their scratch buffers.
@@ -37,7 +38,7 @@ struct QkTopnPlan {
   int64_t mass_floats;         // group mass [B, Hkv, score_stride] float32, 0 unless group mode
   int select_slices;           // blocks per ranked row of qk_select_kernel; > 1:
                                // qk_select_merge_kernel merges their picks
-  int64_t select_slice_keys;   // keys per slice, a multiple of kSelectSliceKeys
+  int64_t select_slice_keys;   // keys per slice, a multiple of 4
   int64_t pick_count;          // picks [B, ranked rows, select_slices, n] (unsigned 64-bit), 0
                                // when select_slices = 1
   GridSize select_grid;        // (select_slices, Hq or Hkv in group mode, B)
@@ -77,11 +78,10 @@ inline int qk_select_slices(int64_t S, int64_t rows, int64_t n, int sms) {
   return static_cast<int>(std::min({want, by_size, by_merge}));
 }
 
-// Keys per slice when a row of S keys is split in about `slices`: a multiple of kSelectSliceKeys
-// (so of 4: 16-byte aligned slices), at least one.
+// Keys per slice when a row of S keys is split in `slices`: S / slices rounded up to a multiple of
+// 4 (16-byte aligned slices), at least 4.
 inline int64_t qk_select_slice_keys(int64_t S, int slices) {
-  return std::max<int64_t>(1, ceil_div<int64_t>(ceil_div<int64_t>(S, slices), kSelectSliceKeys)) *
-         kSelectSliceKeys;
+  return std::max<int64_t>(1, ceil_div<int64_t>(ceil_div<int64_t>(S, slices), 4)) * 4;
 }
 
 // The plan of a call with B, Hq > 0 on a device of `sms` multiprocessors.
@@ -158,6 +158,8 @@ inline QkSelectParams qk_select_params(const QkTopnArgs& a, const QkTopnPlan& pl
       .s = static_cast<int>(a.S),
       .n = static_cast<int>(a.n),
       .num_chunks = plan.num_chunks,
+      .skip_first = static_cast<int>(a.skip_first),
+      .skip_last = static_cast<int>(a.skip_last),
       .slices = plan.select_slices,
       .slice_keys = plan.select_slice_keys,
       .group_select = a.group_select,

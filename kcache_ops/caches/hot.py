@@ -21,23 +21,6 @@ import torch
 HotPart = namedtuple("HotPart", "out mass indices")
 
 
-def top_cold(scores, indices, lens, n, sinks, window):
-    """The first ``n`` cold entries of a selection of ``n + sinks + window`` rows per head.
-
-    scores [B, Hq, M] float32, indices [B, Hq, M] int32 (``qk_topn``'s top M = n + sinks + window,
-    in rank order), lens [B] int32 -> scores, indices [B, Hq, n]: in rank order the entries naming
-    a cold position (``sinks <= i < L_b − window``), -inf / -1 padding where fewer remain. At most
-    ``sinks + window`` of the M are hot or padding, so these are the top n of the cold rows.
-    """
-    recent = (lens - window)[:, None, None]  # [B, 1, 1] int32: the first position of the window
-    hot = (indices < sinks) | (indices >= recent)  # [B, Hq, M]; padding (-1) counts as hot
-    # a stable sort keeps the rank order within the cold entries, which come first
-    order = torch.sort(hot.to(torch.int8), dim=-1, stable=True).indices[..., :n]  # [B, Hq, n]
-    drop = torch.gather(hot, -1, order)  # [B, Hq, n]
-    return (torch.gather(scores, -1, order).masked_fill(drop, float("-inf")),
-            torch.gather(indices, -1, order).masked_fill(drop, -1))
-
-
 class HotRows:
     """The device V of one layer's hot rows.
 

@@ -26,7 +26,7 @@ import torch
 from ..ops import alloc_host, qk_topn
 from .budget import mass_prefix
 from .dense import append_and_attend, prompt_attention
-from .hot import HotRows, top_cold
+from .hot import HotRows
 from .lengths import SeqLengths
 from .options import KCacheOptions
 from .side_stream import SideStream
@@ -236,13 +236,11 @@ class KCache:
         """
         o = self.options
         # check_values=False: the lengths are the cache's own, checked at prefill, and the indices
-        # come from qk_topn; checking them would cost a device->host sync per layer and step
-        out = qk_topn(q, k_cache, lens, o.topn + o.hot_rows, group_select=o.group_select,
-                      check_values=False, return_scores=return_scores)
-        scores, indices, lse = out[:3]  # [B, Hq, N + H] x2, [B, Hq]
-        if o.hot_rows:
-            scores, indices = top_cold(scores, indices, lens, o.topn, o.sinks,
-                                       o.window)  # [B, Hq, N] each
+        # come from qk_topn; checking them would cost a device->host sync per layer and step.
+        # The hot rows (the first `sinks` and the last `window` positions) are not ranked.
+        out = qk_topn(q, k_cache, lens, o.topn, group_select=o.group_select, check_values=False,
+                      return_scores=return_scores, skip_first=o.sinks, skip_last=o.window)
+        scores, indices, lse = out[:3]  # [B, Hq, N] x2, [B, Hq]
         if o.top_p < 1:
             scores, indices = mass_prefix(scores, indices, lse, o.top_p)  # [B, Hq, N] each
         return (scores, indices, lse) + out[3:]

@@ -108,10 +108,7 @@ class KCacheOptions:
         if outside:
             raise ValueError(f"KCache: dense_layers {outside} out of range for a model of "
                              f"{num_layers} layers (0..{num_layers - 1})")
-        if torch.device(device).type == "cuda" and self.topn + self.hot_rows > MAX_TOPN:
-            if self.hot_rows:  # the hot rows are selected with the top N, then set aside
-                raise ValueError(f"KCache: topn + sinks + window must be at most {MAX_TOPN} on "
-                                 f"CUDA, got {self.topn} + {self.sinks} + {self.window}")
+        if torch.device(device).type == "cuda" and self.topn > MAX_TOPN:
             raise ValueError(f"KCache: topn must be at most {MAX_TOPN} on CUDA, got {self.topn}")
 
     @property

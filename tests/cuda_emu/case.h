@@ -40,6 +40,11 @@ struct Case {
   std::map<std::string, Tensor> inputs;
 
   double scalar(const std::string& name) const;
+  // the scalar `name`, or `fallback` when the case has none (an argument with a default)
+  double scalar(const std::string& name, double fallback) const {
+    auto it = scalars.find(name);
+    return it == scalars.end() ? fallback : it->second;
+  }
   const Tensor& input(const std::string& name) const;
   bool has_input(const std::string& name) const { return inputs.count(name) != 0; }
 };
