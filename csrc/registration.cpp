@@ -11,7 +11,8 @@ TORCH_LIBRARY(kcache_ops, m) {
   //   -> scores [B, Hq, n] float32, indices [B, Hq, n] int32, lse [B, Hq] float32,
   //      all_scores [B, Hq, S] float32 with return_scores (rows 16-byte aligned: a view of
   //      [B, Hq, S rounded up to 4]; only j < seq_lens[b] defined), else [0].
-  // The top n among keys skip_first <= j < seq_lens[b] - skip_last; lse over all j < seq_lens[b].
+  // The top n among keys skip_first <= j < L_b - skip_last, lse over all j < L_b (L_b: seq_lens[b]
+  // clamped to [0, S]).
   m.def(
       "qk_topn(Tensor q, Tensor k_cache, Tensor seq_lens, int n, float scale, "
       "bool group_select=False, bool check_values=True, bool return_scores=False, "

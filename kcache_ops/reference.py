@@ -48,7 +48,7 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, skip_first=
     G = Hq // Hkv
     s, lse = qk_scores(q, k_cache, seq_lens, scale)  # [B, Hq, S], [B, Hq]
     j = torch.arange(S, device=q.device)  # [S]
-    end = seq_lens.long().to(q.device) - skip_last  # [B]
+    end = seq_lens.long().to(q.device).clamp(0, S) - skip_last  # [B]
     ranked = ((j[None, :] >= skip_first) & (j[None, :] < end[:, None]))[:, None, :]  # [B, 1, S]
     count = ranked.sum(-1)  # [B, 1]: ranked keys per sequence
     if group_select:

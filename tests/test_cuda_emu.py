@@ -138,17 +138,21 @@ def test_qk_topn_empty_cache(race_exe):
     assert (idx == -1).all() and scores.isneginf().all() and lse.isneginf().all()
 
 
+@pytest.mark.parametrize("skip_first, skip_last", [(0, 0), (5, 61)])
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
-def test_qk_topn_ties_exact(race_exe, group_select):
+def test_qk_topn_ties_exact(race_exe, group_select, skip_first, skip_last):
     """Integer-valued q and k with scale 1 tie exactly: indices and scores equal the reference's
-    (ties to the lower index). In group mode the heads of a group share q."""
+    (ties to the lower index), with and without skipped keys. In group mode the heads of a group
+    share q."""
     B, Hkv, G, S, D, n = 2, 1, 4, 1300, 64, 40
     q = torch.randint(-2, 3, (B, Hkv, 1 if group_select else G, D)).float()
     q = q.expand(B, Hkv, G, D).reshape(B, Hkv * G, D)
     k = torch.randint(-2, 3, (B, Hkv, S, D)).float()
     lens = seq_lens_tensor([S, 777], "cpu")
-    scores, idx, lse = run_qk_topn(race_exe, q, k, lens, n, 1.0, group_select)
-    ref_scores, ref_idx, ref_lse = R.qk_topn(q, k, lens, n, 1.0, group_select)
+    scores, idx, lse = run_qk_topn(race_exe, q, k, lens, n, 1.0, group_select,
+                                   skip_first=skip_first, skip_last=skip_last)
+    ref_scores, ref_idx, ref_lse = R.qk_topn(q, k, lens, n, 1.0, group_select, skip_first,
+                                             skip_last)
     assert torch.equal(idx, ref_idx)
     assert torch.equal(scores, ref_scores)
     torch.testing.assert_close(lse, ref_lse)
@@ -235,14 +239,15 @@ def test_qk_topn_split_select_short_slices(race_exe, group_select):
     check_topn(q, k, lens, 600, 1 / 8, group_select, out, TOL[torch.float32])
 
 
-@pytest.mark.parametrize("sms", [8, 132], ids=["split", "whole_row"])
+@pytest.mark.parametrize("S, sms", [(4500, 8), (4000, 132)], ids=["split", "whole_row"])
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
-def test_qk_topn_skipped_keys(race_exe, group_select, sms):
+def test_qk_topn_skipped_keys(race_exe, group_select, S, sms):
     """skip_first = 5 (inside a 16-byte group) and skip_last = 60: only the keys between are
     ranked, in rows split in two slices of 2252 keys (the second starting below L_b - 60 for the
-    first row only) and in whole rows; rows with 2 ranked keys and with none."""
-    q, k = make_qk(4, 4, 2, 4500, 64, torch.float32, "cpu")
-    lens = seq_lens_tensor([4500, 2100, 67, 40], "cpu")
+    first row only) and in whole rows (S < 2 · 2048: one slice); rows with 2 ranked keys and with
+    none."""
+    q, k = make_qk(4, 4, 2, S, 64, torch.float32, "cpu")
+    lens = seq_lens_tensor([S, 2100, 67, 40], "cpu")
     out = run_qk_topn(race_exe, q, k, lens, 40, 1 / 8, group_select, sms=sms, skip_first=5,
                       skip_last=60)
     check_topn(q, k, lens, 40, 1 / 8, group_select, out, TOL[torch.float32], 5, 60)

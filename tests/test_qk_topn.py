@@ -101,26 +101,34 @@ def test_lengths_and_padding(device, n, group_select):
 def test_skipped_keys_are_not_ranked(device, dtype, group_select, skip_first, skip_last):
     """skip_first / skip_last (KCache's hot rows): the top n of the keys skip_first <= j <
     L_b - skip_last only, padding where fewer remain (L_b = 0, below skip_first + skip_last, at
-    it, one above), lse over every key."""
+    it, 2 and 3 above), lse and every score (return_scores) over every key."""
     lens = [1500, 0, 64, 66, 67, 120]
     q, k = make_qk(len(lens), 8, 2, 1500, 64, dtype, device)
     lens = seq_lens_tensor(lens, device)
-    out = kcache_ops.qk_topn(q, k, lens, 50, None, group_select, skip_first=skip_first,
-                             skip_last=skip_last)
-    check_topn(q, k, lens, 50, 1 / 8, group_select, out, TOL[dtype], skip_first, skip_last)
+    out = kcache_ops.qk_topn(q, k, lens, 50, None, group_select, return_scores=True,
+                             skip_first=skip_first, skip_last=skip_last)
+    check_topn(q, k, lens, 50, 1 / 8, group_select, out[:3], TOL[dtype], skip_first, skip_last)
+    s_ref, _ = R.qk_scores(q.cpu(), k.cpu(), lens.cpu(), 1 / 8)  # [B, Hq, S]
+    for b, L in enumerate(lens.tolist()):
+        torch.testing.assert_close(out[3][b, :, :L].cpu(), s_ref[b, :, :L], atol=TOL[dtype],
+                                   rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("skip_first, skip_last", [(0, 0), (5, 61)])
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
-def test_ties_exact(device, group_select):
-    """Integer-valued q and k with scale 1 tie exactly: indices and scores equal the reference's.
+def test_ties_exact(device, group_select, skip_first, skip_last):
+    """Integer-valued q and k with scale 1 tie exactly: indices and scores equal the reference's,
+    with and without skipped keys (ties on both sides of skip_first, inside one 16-byte group).
     In group mode the heads of a group share q, so equal scores give bit-equal masses."""
     B, Hkv, G, S, D, n = 2, 2, 4, 3000, 64, 40  # S >= 64 n: the selection's tile-max threshold
     q = torch.randint(-2, 3, (B, Hkv, 1 if group_select else G, D)).float()
     q = q.expand(B, Hkv, G, D).reshape(B, Hkv * G, D).to(device)
     k = torch.randint(-2, 3, (B, Hkv, S, D)).float().to(device)
     lens = seq_lens_tensor([S, 2777], device)
-    scores, idx, lse = kcache_ops.qk_topn(q, k, lens, n, 1.0, group_select)
-    ref_scores, ref_idx, ref_lse = R.qk_topn(q.cpu(), k.cpu(), lens.cpu(), n, 1.0, group_select)
+    scores, idx, lse = kcache_ops.qk_topn(q, k, lens, n, 1.0, group_select,
+                                          skip_first=skip_first, skip_last=skip_last)
+    ref_scores, ref_idx, ref_lse = R.qk_topn(q.cpu(), k.cpu(), lens.cpu(), n, 1.0, group_select,
+                                             skip_first, skip_last)
     assert torch.equal(idx.cpu(), ref_idx)
     assert torch.equal(scores.cpu(), ref_scores)
     torch.testing.assert_close(lse.cpu(), ref_lse)
