@@ -11,7 +11,9 @@ KCacheOptions()). Each variant is warmed up, then a few steps run under a profil
   activity records, no hardware counters: it works where ncu cannot read them). One line per
   kernel and variant: its device µs per step, launches per step and share of the kernels' time;
   then per variant the kernels' sum beside the step timed whole in a CUDA graph
-  (timing.time_us): the difference is the time between the kernels. <out>/profile_step.json.
+  (timing.time_us): the difference is the time between the kernels, negative where kernels
+  overlap (the default step runs sparse_attn_v on a second stream beside lowbit_tail).
+  <out>/profile_step.json.
 --method range: only the steps run between torch.cuda.profiler.start() and stop()
   (cudaProfilerStart / Stop), so that `ncu --profile-from-start off` profiles those kernels and
   none of the set-up; bench/run_gpu.sh's profile stage runs one variant per ncu process.
