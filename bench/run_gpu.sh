@@ -208,7 +208,8 @@ ensure_build() {  # ensure_build STAGE: build first where this machine has no CU
 CUDA_TESTS=$(ls tests/test_cuda_*.py | grep -v test_cuda_emu)
 OP_TESTS=$(ls tests/test_qk_topn.py tests/test_sparse_attn_v.py tests/test_lowbit_tail.py \
   tests/test_quantize_rows.py tests/test_decode_sync.py tests/test_hot_rows.py \
-  tests/test_side_stream.py tests/test_gather_rows.py tests/test_op_errors.py tests/test_alloc_host.py 2> /dev/null)
+  tests/test_side_stream.py tests/test_gather_rows.py tests/test_op_errors.py \
+  tests/test_alloc_host.py 2> /dev/null)
 # the rest of the suite, the CMake rebuild last
 SLOW_TESTS=$(ls tests/test_*.py | grep -vxF -e "$CUDA_TESTS" -e "$OP_TESTS" | grep -v cmake_build)
 TIMEOUT_ARGS=()  # per-test time-outs: PER_TEST for the CUDA and op tests, 5x that for the rest

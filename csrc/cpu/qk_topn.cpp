@@ -165,8 +165,8 @@ void top_n_in(const float* keys, int64_t lo, int64_t hi, int64_t n, TopN& top) {
 template <class Isa, typename scalar_t, int64_t kD>
 void select_group(const scalar_t* q, int64_t q_stride, const scalar_t* k, int64_t k_stride,
                   int64_t G, int64_t L, int64_t n, float scale, bool group_select,
-                  int64_t skip_first, int64_t skip_last, Scratch& tmp, float* scores, int32_t* indices, float* lse, float* all,
-                  int64_t all_stride) {
+                  int64_t skip_first, int64_t skip_last, Scratch& tmp, float* scores,
+                  int32_t* indices, float* lse, float* all, int64_t all_stride) {
   tmp.qf.resize(G * kD);
   for (int64_t h = 0; h < G; ++h) {
     for (int64_t d = 0; d < kD; ++d) tmp.qf[h * kD + d] = to_float(q[h * q_stride + d]);

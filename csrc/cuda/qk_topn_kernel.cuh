@@ -293,8 +293,8 @@ __device__ __forceinline__ void select_lse(const QkSelectParams& p, int64_t row0
 // Group mode: the group mass c_j = sum_h head_mass(s_hj, lse_h) (h in the KV head's group, in
 // order; lse in sh.lse) of the block's keys [first, end) widened to 16-byte groups (within its
 // slice: slices are multiples of 4 keys), written to its ranked row (the mass buffer), one 16-byte
-// group of keys per thread and step, kMassLoads heads' loads at a time. No barrier: the block reads these writes back in radix_select and collect_candidates,
-// which both pass a barrier before their first read of the ranked row.
+// group of keys per thread and step, kMassLoads heads' loads at a time. No barrier: radix_select
+// and collect_candidates each pass one before they read these writes (the ranked row) back.
 __device__ __forceinline__ void group_mass(const SelectRow& row, float* mass,
                                            const SelectShared& sh) {
   for (int q4 = row.first / 4 + threadIdx.x; q4 < (row.end + 3) / 4; q4 += kSelectThreads) {

@@ -137,8 +137,8 @@ inline QkScoresParams qk_scores_params(const QkTopnArgs& a, const QkTopnPlan& pl
 }
 
 // Parameters of qk_select_kernel and qk_select_merge_kernel over the scratch and partials that
-// qk_scores_kernel wrote, the group mass buffer [plan.mass_floats] in group mode (else nullptr), and
-// the picks [plan.pick_count] when plan.select_slices > 1 (else nullptr).
+// qk_scores_kernel wrote, the group mass buffer [plan.mass_floats] in group mode (else nullptr),
+// and the picks [plan.pick_count] when plan.select_slices > 1 (else nullptr).
 inline QkSelectParams qk_select_params(const QkTopnArgs& a, const QkTopnPlan& plan,
                                        const float* scratch, const MaxSum* partials, float* mass,
                                        unsigned long long* picks) {
