@@ -303,6 +303,13 @@ __device__ __forceinline__ int block_scan(int v, int& total, int* warp_total) {
   return before;
 }
 
+// The smallest power of two >= count (1 for count <= 1): block_bitonic_sort's size for count keys.
+__device__ __forceinline__ int bitonic_size(int count) {
+  int size = 1;
+  while (size < count) size <<= 1;
+  return size;
+}
+
 // Sorts key[0, size) by a block of kThreads threads, size a power of two, descending if
 // kDescending else ascending: a bitonic network of log2(size) · (log2(size) + 1) / 2
 // compare-exchange stages, one barrier each, every thread taking size / 2 / kThreads pairs of a

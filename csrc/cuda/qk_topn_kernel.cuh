@@ -495,13 +495,6 @@ __device__ __forceinline__ void write_selection(const QkSelectParams& p, const S
   }
 }
 
-// The smallest power of two >= count (1 for count <= 1): the bitonic sort's size.
-__device__ __forceinline__ int sort_size(int count) {
-  int size = 1;
-  while (size < count) size <<= 1;
-  return size;
-}
-
 // The end of a row's ranked keys skip_first <= j < len - skip_last (none when that is empty).
 __device__ __forceinline__ int ranked_end(const QkSelectParams& p, int len) {
   return max(0, len - p.skip_last);
@@ -554,7 +547,7 @@ __global__ void __launch_bounds__(kSelectThreads, kSelectBlocksPerSm)
                sh);
   }
   const int count = max(0, min(p.n, row.end - row.first));  // the block's picks
-  const int size = sort_size(count);
+  const int size = bitonic_size(count);
   if (whole_row) {
     for (int i = threadIdx.x; i < size; i += kSelectThreads) sh.cand[i] = 0ull;  // sorts last
   }
@@ -578,7 +571,7 @@ __global__ void __launch_bounds__(kSelectThreads) qk_select_merge_kernel(QkSelec
   const SelectRow row = select_row(p, b, blockIdx.x, 0, row0);
   select_lse(p, row0, row.nh, true, sh);
   const int total = p.slices * p.n;  // the slices' pick slots
-  const int size = sort_size(total);
+  const int size = bitonic_size(total);
   const unsigned long long* picks =
       p.picks + (static_cast<int64_t>(b) * gridDim.x + blockIdx.x) * total;  // [slices, n]
   for (int i = threadIdx.x; i < size; i += kSelectThreads) sh.cand[i] = i < total ? picks[i] : 0ull;

@@ -109,8 +109,7 @@ __device__ __forceinline__ int build_row_union(const int32_t* ix, int64_t ix_sh,
                                                int gs, int n, int s, RowUnion& u,
                                                int* warp_total) {
   const int entries = gs * n;
-  int size = 1;  // the sort size: the next power of two
-  while (size < entries) size <<= 1;
+  const int size = bitonic_size(entries);
   for (int e = threadIdx.x; e < size; e += kAttnThreads) {
     unsigned long long k = kNoKey;
     if (e < entries) {
