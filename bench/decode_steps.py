@@ -108,10 +108,7 @@ class DefaultLayer:
     def qk_topn(self, layer, q):
         """The step's qk_topn alone: the top N cold rows (the hot ones skipped) of q [B, Hq, D]
         over the layer's K -> scores, indices [B, Hq, N], lse [B, Hq]."""
-        o = self.cache.options
-        return kcache_ops.qk_topn(q, self.cache.k[layer], self.lens, o.topn, None,
-                                  o.group_select, check_values=False, skip_first=o.sinks,
-                                  skip_last=o.window)
+        return self.cache.top_cold(q, self.cache.k[layer], self.lens)
 
     def select(self, layer, q):
         """The step's selection (qk_topn over the cold rows, the top_p prefix) -> scores,

@@ -106,7 +106,6 @@ class KCache:
                             for i, v in self.v_host.items()}  # each [B, Hkv, S, D]
         # the V hand-offs of prefill, and the low-bit tail's host reads at decode
         self._side = SideStream(self.device)
-        self._v_copied = None  # CUDA event: every V hand-off queued so far has landed in host RAM
         self.tails = {i: make_tail(options, batch, config.num_kv_heads, capacity, config.head_dim,
                                    self.device, self._side) for i in self.v_host}  # per layer
         self.hot = {i: HotRows(options.sinks, options.window, batch, config.num_kv_heads,
@@ -157,25 +156,17 @@ class KCache:
     def _hand_off_v(self, layer, v):
         """Copy v [B, Hkv, T, D] (device) into the host V of ``layer``.
 
-        CUDA: on the side stream, after an event recorded behind this layer's attention, so the copy
-        overlaps the next layers' compute; ``record_stream`` keeps the caching allocator from
-        reusing v's memory before the copy has read it, and the cache holds no reference to v, so
-        the device memory returns to the pool once the caller drops v and the copy is done.
-        CPU: a synchronous copy.
+        CUDA: forked on the side stream behind this layer's attention, so the copy overlaps the
+        next layers' compute (:meth:`finish_prefill` joins it); ``record_stream`` keeps the caching
+        allocator from reusing v's memory before the copy has read it, and the cache holds no
+        reference to v, so the device memory returns to the pool once the caller drops v and the
+        copy is done. CPU: a synchronous copy.
         """
         dst = self._v_writable[layer][:, :, :v.shape[2]]  # [B, Hkv, T, D]
-        side = self._side.stream
-        if side is None:
-            dst.copy_(v)
-            return
-        attended = torch.cuda.Event()
-        attended.record(torch.cuda.current_stream(self.device))
-        side.wait_event(attended)
-        with torch.cuda.stream(side):
-            dst.copy_(v)  # a copy kernel writing through the mapped view: async, no staging
-            v.record_stream(side)
-            self._v_copied = torch.cuda.Event()
-            self._v_copied.record(side)
+        with self._side.fork():
+            dst.copy_(v)  # CUDA: a copy kernel writing through the mapped view, async, no staging
+            if self._side.stream is not None:
+                v.record_stream(self._side.stream)
 
     def finish_prefill(self, lens):
         """Set seq_lens to the prompt lengths lens [B] int32; later work waits for the V copies.
@@ -183,9 +174,7 @@ class KCache:
         The wait is a stream wait (no host sync): decode kernels on the current stream run after
         every hand-off has landed in host RAM.
         """
-        if self._v_copied is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._v_copied)
-            self._v_copied = None
+        self._side.join()
         self.lengths.finish_prefill(lens)
 
     # -- decode ----------------------------------------------------------------------------------
@@ -234,16 +223,22 @@ class KCache:
         rows, cut to their mass prefix with ``top_p``; with ``return_scores`` also every score,
         [B, Hq, S] float32 (``qk_topn``'s all_scores, defined at j < lens[b]).
         """
+        out = self.top_cold(q, k_cache, lens, return_scores)
+        scores, indices, lse = out[:3]  # [B, Hq, N] x2, [B, Hq]
+        if self.options.top_p < 1:
+            scores, indices = mass_prefix(scores, indices, lse,
+                                          self.options.top_p)  # [B, Hq, N] each
+        return (scores, indices, lse) + out[3:]
+
+    def top_cold(self, q, k_cache, lens, return_scores=False):
+        """``qk_topn`` as a decode step calls it: the top N of the positions that are not hot rows
+        (the first ``sinks`` and the last ``window``, which it does not rank), before the
+        ``top_p`` cut of :meth:`select`; same arguments and results."""
         o = self.options
         # check_values=False: the lengths are the cache's own, checked at prefill, and the indices
-        # come from qk_topn; checking them would cost a device->host sync per layer and step.
-        # The hot rows (the first `sinks` and the last `window` positions) are not ranked.
-        out = qk_topn(q, k_cache, lens, o.topn, group_select=o.group_select, check_values=False,
-                      return_scores=return_scores, skip_first=o.sinks, skip_last=o.window)
-        scores, indices, lse = out[:3]  # [B, Hq, N] x2, [B, Hq]
-        if o.top_p < 1:
-            scores, indices = mass_prefix(scores, indices, lse, o.top_p)  # [B, Hq, N] each
-        return (scores, indices, lse) + out[3:]
+        # come from qk_topn; checking them would cost a device->host sync per layer and step
+        return qk_topn(q, k_cache, lens, o.topn, group_select=o.group_select, check_values=False,
+                       return_scores=return_scores, skip_first=o.sinks, skip_last=o.window)
 
     def finish_decode(self):
         """Every sequence has one more token: seq_lens += 1."""
