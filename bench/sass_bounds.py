@@ -9,7 +9,8 @@ SASS (cuobjdump -sass) and the registers (cuobjdump -res-usage), and counts:
   issues per key per block (one block serves one slice of <= GS query heads). Every instruction of
   the loop body is counted, including the cold NaN paths, so this is an upper bound of the issues.
 * select pass: per innermost loop of qk_select_kernel around a 16-byte load (in code order: the
-  group mass's head loop, the 3 radix passes, the collect pass), its static instructions per load /
+  group mass's head loop, the 3 radix passes, the collect pass; the per-head copy of a staged
+  slice to shared memory is left out), its static instructions per load /
   128 floats (a load is 4 floats x 32 lanes) = issues per float read; the radix and collect loops
   summed = issues per ranked float. Group mode ranks the group mass, which each select block
   writes for its slice first: issues per score float. The count is static: the early exits of the
@@ -28,9 +29,10 @@ Model (stated, not measured):
   times the mass's issues per score float (the index-order scan for keys equal to the threshold,
   rare with real-valued scores, is not modelled).
 * byte bound = bytes that must cross HBM / HBM bandwidth. Score pass: K once + the float32 score
-  scratch written (G x 4 B per key per KV head). Select pass: the ranked rows read 4 times, and in
-  group mode the scores read once and the mass written (an upper bound: right after the score
-  pass much of the scratch is still in L2, and a block re-reads its own slice of the mass).
+  scratch written (G x 4 B per key per KV head). Select pass: the scores read once; unless the
+  slice is staged in shared memory (select_staged), the ranked rows read 4 times and in group
+  mode the mass written first (an upper bound: right after the score pass much of the scratch is
+  still in L2, and a block re-reads its own slice of the mass).
 * latency bound (score pass) = K bytes / the rate at which the warps keep loads in flight: a warp's
   iteration moves SCORE_UNROLL x 512 B (one 16-byte load per lane per row) and takes L + C with one
   stage (load, wait L, compute C) or max(L / (stages - 1), C) with K staged `stages` iterations
@@ -88,7 +90,7 @@ SELECT_BLOCKS_PER_SM = 4  # kSelectBlocksPerSm
 MAX_TOP_N = 4096  # kMaxTopN: the merge sorts at most this many picks
 SELECT_N = 64  # the N of the predictions (the group_select step's; the default step's 128, N + hot
 # rows, gives the same slices at these shapes)
-SELECT_PASSES = 4  # 3 radix passes + the collect pass read the ranked row
+SELECT_PASSES = 4  # 3 radix passes + the collect pass read the ranked row (where not staged)
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,15 @@ def select_slices(s, rows, n, sms):
                max(1, MAX_TOP_N // max(n, 1)))
     keys = max(1, -(-(-(-s // want)) // 4)) * 4
     return max(1, -(-s // keys)), keys
+
+
+def select_staged(slice_keys, n):
+    """select_staged of qk_topn_kernel.cuh: a slice's keys fit in the select block's shared memory
+    (kMaxTopN / 2 groups of 4 floats) after the slots of its picks (staged_keys_offset)."""
+    size = 1
+    while size < n:
+        size *= 2
+    return (size + 1) // 2 + slice_keys // 4 <= MAX_TOP_N // 2
 
 
 def find_tool(name):
@@ -239,13 +250,21 @@ def score_loop_count(code, elem_bytes, d):
     return len(insns) / keys, len(insns), keys
 
 
+# A 16-byte load of what the select ranks: from device memory, or generic (the ranked keys are in
+# device memory or, staged, in shared memory: one pointer serves both).
+RANK_LOAD = r"\bLDG?\.E\.128"
+
+
 def per_float(code):
     """[warp-instructions per float read] of each innermost loop around a 16-byte load: its body
-    per load / 128 (a load: 4 floats x 32 lanes)."""
+    per load / 128 (a load: 4 floats x 32 lanes); the loops that only copy a slice to shared memory
+    (per head, staged: their stores are STS.128 and they compute nothing) left out."""
     out = []
-    for lo, hi in innermost_loops_with(code, r"LDG\.E\.128"):
+    for lo, hi in innermost_loops_with(code, RANK_LOAD):
         insns = body(code, lo, hi)
-        out.append(len(insns) / sum("LDG.E.128" in t for t in insns) / 128)
+        if any("STS.128" in t for t in insns) and not any("MUFU" in t for t in insns):
+            continue
+        out.append(len(insns) / sum(bool(re.search(RANK_LOAD, t)) for t in insns) / 128)
     return out
 
 
@@ -298,17 +317,21 @@ def predict(shape, s, b, gpu, score, select, group_select):
     latency = [k_bytes / latency_rate(score, bps, gpu, lat) for lat in LOADED_LATENCY_S]
 
     # Select: each block ranks a slice of a row (the KV head's group mass in group mode, which it
-    # writes first from its slice of the G heads' scores) by 3 radix passes and the collect.
+    # writes first from its slice of the G heads' scores) by 3 radix passes and the collect; where
+    # the slice fits in shared memory (staged) it writes the mass, or copies the scores, there, and
+    # the passes read no device memory.
     rows = b * (shape.hkv if group_select else shape.hq)
     slices, slice_keys = select_slices(s, rows, SELECT_N, gpu.sms)
+    staged = select_staged(slice_keys, SELECT_N)
     ranked = select["passes_per_float"]
     mass = select["mass_per_float"] * g if group_select else 0.0
     sel_instr = rows * s * (ranked + mass)
     per_block = min(s, slice_keys) * (ranked + mass) / (ISSUE_PER_SM_CYCLE * gpu.clock_hz)
     select_issue = max(sel_instr / issue_rate, per_block)
-    select_bytes = SELECT_PASSES * rows * s * 4
-    if group_select:
-        select_bytes += scratch_bytes + rows * s * 4  # the scores read once, the mass written
+    if group_select:  # the scores read once; unstaged, the mass written and read by each pass
+        select_bytes = scratch_bytes + (0 if staged else (1 + SELECT_PASSES) * rows * s * 4)
+    else:  # the scores read once (staged) or by each pass
+        select_bytes = (1 if staged else SELECT_PASSES) * rows * s * 4
     select_bytes /= gpu.hbm_bytes_s
     mode = "group" if group_select else "per_head"
     us = 1e6
@@ -319,7 +342,7 @@ def predict(shape, s, b, gpu, score, select, group_select):
         "score_bound_ratio": round(score_bytes / score_issue, 2),
         "score_latency_us": [round(t * us, 1) for t in latency],
         "score_inflight_kib": inflight_kib(bps),
-        "select_blocks": rows, "select_slices": slices,
+        "select_blocks": rows, "select_slices": slices, "select_staged": staged,
         "select_issue_us": round(select_issue * us, 1),
         "select_bytes_us": round(select_bytes * us, 1),
         "k_floor_us": round(k_bytes / gpu.hbm_bytes_s * us, 1),

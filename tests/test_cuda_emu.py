@@ -229,6 +229,22 @@ def test_qk_topn_split_select(race_exe, group_select, ties):
     check_topn(q, k, lens, n, 1 / 8, group_select, out, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("group_select, sms, split", [
+    (True, 1, False), (True, 2, True), (False, 2, False), (False, 4, True)],
+    ids=["group-whole_row", "group-split", "per_head-whole_row", "per_head-split"])
+def test_qk_topn_unstaged_slices(race_exe, group_select, sms, split):
+    """Slices too long for a select block's shared memory (more than 2048 - 32 groups of 4 keys at
+    n = 40: select_staged), ranked where they are in device memory (the score rows, the group mass
+    rows): 4 or 8 ranked rows of 17000 keys in 4 blocks per multiprocessor give whole rows, or 2
+    slices of 8500 keys; the second sequence ends inside the first slice."""
+    q, k = make_qk(2, 4, 2, 17000, 64, torch.float32, "cpu")
+    lens = seq_lens_tensor([17000, 8001], "cpu")
+    rows = 2 * (2 if group_select else 4)
+    assert (4 * sms // rows == 2) == split  # qk_select_slices: one wave of 4 blocks per SM
+    out = run_qk_topn(race_exe, q, k, lens, 40, 1 / 8, group_select, sms=sms)
+    check_topn(q, k, lens, 40, 1 / 8, group_select, out, TOL[torch.float32])
+
+
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_qk_topn_split_select_short_slices(race_exe, group_select):
     """n larger than a slice's valid keys: the rows' second slices (2400 - 2252 and 2300 - 2252

@@ -304,7 +304,7 @@ __device__ __forceinline__ int block_scan(int v, int& total, int* warp_total) {
 }
 
 // The smallest power of two >= count (1 for count <= 1): block_bitonic_sort's size for count keys.
-__device__ __forceinline__ int bitonic_size(int count) {
+__host__ __device__ constexpr int bitonic_size(int count) {
   int size = 1;
   while (size < count) size <<= 1;
   return size;

@@ -13,9 +13,11 @@
 //    sequence), the slices (>= 2048 keys) sized so that the grid fills up to 4 blocks per SM. In
 //    group mode it first merges the chunks' (max, sumexp) of the group's heads into lse (a warp
 //    per head) and writes its slice's group mass c_j = sum_h exp(s_hj - lse_h) once, to a
-//    [B, Hkv, S↑4] buffer that it then ranks. radix_select finds the slice's N-th largest ranking
-//    key by a 3-pass radix select (11 + 11 + 10 bits, histograms in shared memory, the slice
-//    re-read from L2), ending early when the threshold's bin holds exactly the keys still needed;
+//    [B, Hkv, S↑4] buffer that it then ranks. Where the slice fits in shared memory beside its
+//    picks (`staged`), what it ranks (the group mass, or the head's scores copied once) is kept
+//    there instead, and the passes below never read device memory. radix_select finds the slice's
+//    N-th largest ranking key by a 3-pass radix select (11 + 11 + 10 bits, histograms in shared
+//    memory), ending early when the threshold's bin holds exactly the keys still needed;
 //    collect_candidates gathers the keys above it plus the lowest-index keys equal to it. With one
 //    slice per row these are sorted by (key desc, index asc) with a bitonic sort in shared memory
 //    and written (scores, indices, lse, padding); with several, each slice's N best go to a picks
@@ -197,7 +199,7 @@ struct QkSelectParams {
   const float* scores;       // [B, Hq, score_stride] scratch from qk_scores_kernel
   const MaxSum* partials;    // [B, Hq, num_chunks]
   float* mass;               // [B, Hkv, score_stride] group mass, written by qk_select_kernel
-                             // (group mode; else unused)
+                             // (group mode and not staged; else unused)
   unsigned long long* picks; // [B, ranked rows, slices, n] each slice's picks for
                              // qk_select_merge_kernel; nullptr when slices = 1
   int64_t score_stride;      // multiple of 4
@@ -211,16 +213,32 @@ struct QkSelectParams {
   int slices;                // blocks per ranked row of qk_select_kernel
   int64_t slice_keys;        // keys per slice, a multiple of 4
   bool group_select;
+  bool staged;               // a slice's ranking keys are kept in shared memory (select_staged)
 };
 
 // Shared state of one select block.
 struct SelectShared {
-  unsigned long long cand[kMaxTopN];  // (key << 32) | ~index, sorted descending
+  union {
+    unsigned long long cand[kMaxTopN];  // (key << 32) | ~index, sorted descending
+    float4 keys4[kMaxTopN / 2];         // staged ranking keys, after the picks (staged_keys)
+  };
   int hist[kSelectBins];
   int warp_total[kSelectThreads / 32];
   float lse[kMaxGroupSelect];         // of the ranked row's heads
   int digit, remaining, bin_count, n_gt;
 };
+
+// Where a select block keeps the floats it ranks when they fit in shared memory: in sh.cand, as
+// 16-byte groups, after the slots of its picks (a whole row's sort uses bitonic_size(n) of them),
+// which collect_candidates writes while it reads the staged keys.
+__host__ __device__ constexpr int staged_keys_offset(int n) {
+  return (bitonic_size(n) + 1) / 2;  // float4 slots: 2 picks each
+}
+
+// Whether a slice of slice_keys keys (a multiple of 4) fits there for n picks.
+__host__ __device__ constexpr bool select_staged(int64_t slice_keys, int n) {
+  return staged_keys_offset(n) + slice_keys / 4 <= kMaxTopN / 2;
+}
 
 // Exclusive prefix sum of v over threadIdx.x, and the block's total (block_scan); ends with a
 // barrier, so that it can be called again at once. Every thread must call it.
@@ -249,7 +267,10 @@ constexpr int kMassLoads = 2;
 // The loops over them start at the 16-byte group of `first` (first / 4) and skip the keys before.
 struct SelectRow {
   const float* scores;   // [nh, score_stride] scratch rows of the heads, 16-byte aligned
-  const float* rank;     // [score_stride] what is ranked: the score row, or the group mass row
+  const float4* rank;    // what is ranked, 4 keys per group from key 4 · rank_q4: the score row
+                         // or the group mass row (device memory), or the block's copy of its
+                         // slice of either in shared memory (staged)
+  int rank_q4;           // the 16-byte group of keys that rank[0] holds
   int64_t score_stride;  // multiple of 4
   int nh;                // query heads ranked together: G in group mode, else 1
   int len;               // valid keys of the row, L_b clamped to [0, S]
@@ -292,10 +313,10 @@ __device__ __forceinline__ void select_lse(const QkSelectParams& p, int64_t row0
 
 // Group mode: the group mass c_j = sum_h head_mass(s_hj, lse_h) (h in the KV head's group, in
 // order; lse in sh.lse) of the block's keys [first, end) widened to 16-byte groups (within its
-// slice: slices are multiples of 4 keys), written to its ranked row (the mass buffer), one 16-byte
-// group of keys per thread and step, kMassLoads heads' loads at a time. No barrier: radix_select
-// and collect_candidates each pass one before they read these writes (the ranked row) back.
-__device__ __forceinline__ void group_mass(const SelectRow& row, float* mass,
+// slice: slices are multiples of 4 keys), written to `out`, which row.rank reads (the mass row, or
+// shared memory), one 16-byte group of keys per thread and step, kMassLoads heads' loads at a
+// time. No barrier: radix_select and collect_candidates each pass one before they read it back.
+__device__ __forceinline__ void group_mass(const SelectRow& row, float4* out,
                                            const SelectShared& sh) {
   for (int q4 = row.first / 4 + threadIdx.x; q4 < (row.end + 3) / 4; q4 += kSelectThreads) {
     float4 c = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -317,15 +338,22 @@ __device__ __forceinline__ void group_mass(const SelectRow& row, float* mass,
         c.w += head_mass(v[u].w, l);
       }
     }
-    *reinterpret_cast<float4*>(mass + 4 * q4) = c;
+    out[q4 - row.rank_q4] = c;
   }
 }
 
-// Ranking keys of keys 4·q4 .. 4·q4 + 3 (one 16-byte load of the ranked row): float_key of the
+// Per head, staged: the block's keys of the score row copied to `out` in shared memory (which
+// row.rank reads), 16 bytes per thread and step; no barrier, as in group_mass.
+__device__ __forceinline__ void stage_scores(const SelectRow& row, float4* out) {
+  for (int q4 = row.first / 4 + threadIdx.x; q4 < (row.end + 3) / 4; q4 += kSelectThreads)
+    out[q4 - row.rank_q4] = reinterpret_cast<const float4*>(row.scores)[q4];
+}
+
+// Ranking keys of keys 4·q4 .. 4·q4 + 3 (one 16-byte load of what is ranked): float_key of the
 // score (per head) or of the group mass. Entries at or past the block's end are read from the
 // row's padding, another slice or beyond L and must be ignored by the caller.
 __device__ __forceinline__ void ranking_keys4(const SelectRow& row, int q4, uint32_t* key) {
-  const float4 v = *reinterpret_cast<const float4*>(row.rank + 4 * q4);
+  const float4 v = row.rank[q4 - row.rank_q4];
   key[0] = float_key(v.x);
   key[1] = float_key(v.y);
   key[2] = float_key(v.z);
@@ -500,10 +528,24 @@ __device__ __forceinline__ int ranked_end(const QkSelectParams& p, int len) {
   return max(0, len - p.skip_last);
 }
 
+// Where the block stages its slice's ranking keys, [slice_keys / 4] in sh; nullptr when the plan
+// does not stage them.
+__device__ __forceinline__ float4* staged_keys(const QkSelectParams& p, SelectShared& sh) {
+  return p.staged ? sh.keys4 + staged_keys_offset(p.n) : nullptr;
+}
+
+// Group mode, not staged: the group mass row of KV head x of sequence b, [score_stride / 4].
+__device__ __forceinline__ float4* mass_row(const QkSelectParams& p, int b, int x) {
+  const int64_t row = static_cast<int64_t>(b) * p.hkv + x;  // in [B, Hkv]
+  return reinterpret_cast<float4*>(p.mass + row * p.score_stride);
+}
+
 // The ranked row `x` (query head, or KV head in group mode) of sequence b, its ranked keys
-// [first, end) in slice `slice`, and the index of its first query head in [B, Hq] (row0).
+// [first, end) in slice `slice`, and the index of its first query head in [B, Hq] (row0). What it
+// ranks: `staged` (the slice's copy in shared memory, its first group the slice's first) where
+// not nullptr, else the group mass row or the score row.
 __device__ __forceinline__ SelectRow select_row(const QkSelectParams& p, int b, int x, int slice,
-                                                int64_t& row0) {
+                                                const float4* staged, int64_t& row0) {
   const int G = p.hq / p.hkv;
   row0 = static_cast<int64_t>(b) * p.hq + (p.group_select ? x * G : x);
   const float* scores = p.scores + row0 * p.score_stride;  // [nh, score_stride]
@@ -512,8 +554,10 @@ __device__ __forceinline__ SelectRow select_row(const QkSelectParams& p, int b, 
   const int64_t end = min(static_cast<int64_t>(ranked_end(p, len)), begin + p.slice_keys);
   return {
       .scores = scores,
-      .rank = p.group_select ? p.mass + (static_cast<int64_t>(b) * p.hkv + x) * p.score_stride
-                             : scores,
+      .rank = staged           ? staged
+              : p.group_select ? mass_row(p, b, x)
+                               : reinterpret_cast<const float4*>(scores),
+      .rank_q4 = staged ? static_cast<int>(begin / 4) : 0,
       .score_stride = p.score_stride,
       .nh = p.group_select ? G : 1,
       .len = len,
@@ -539,12 +583,14 @@ __global__ void __launch_bounds__(kSelectThreads, kSelectBlocksPerSm)
   __shared__ SelectShared sh;
   const int b = blockIdx.z;
   const bool whole_row = gridDim.x == 1;
+  float4* staged = staged_keys(p, sh);  // [slice_keys / 4] or nullptr
   int64_t row0;
-  const SelectRow row = select_row(p, b, blockIdx.y, blockIdx.x, row0);
+  const SelectRow row = select_row(p, b, blockIdx.y, blockIdx.x, staged, row0);
   if (p.group_select || whole_row) select_lse(p, row0, row.nh, whole_row, sh);
   if (p.group_select) {
-    group_mass(row, p.mass + (static_cast<int64_t>(b) * p.hkv + blockIdx.y) * p.score_stride,
-               sh);
+    group_mass(row, staged ? staged : mass_row(p, b, blockIdx.y), sh);
+  } else if (staged) {
+    stage_scores(row, staged);
   }
   const int count = max(0, min(p.n, row.end - row.first));  // the block's picks
   const int size = bitonic_size(count);
@@ -568,7 +614,7 @@ __global__ void __launch_bounds__(kSelectThreads) qk_select_merge_kernel(QkSelec
   __shared__ SelectShared sh;
   const int b = blockIdx.y;
   int64_t row0;
-  const SelectRow row = select_row(p, b, blockIdx.x, 0, row0);
+  const SelectRow row = select_row(p, b, blockIdx.x, 0, staged_keys(p, sh), row0);  // not ranked
   select_lse(p, row0, row.nh, true, sh);
   const int total = p.slices * p.n;  // the slices' pick slots
   const int size = bitonic_size(total);

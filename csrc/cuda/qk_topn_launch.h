@@ -36,9 +36,11 @@ struct QkTopnPlan {
   GridSize scores_grid;        // (num_chunks, Hkv * slices, B)
   int scores_block;            // kScoreThreads
   int64_t mass_floats;         // group mass [B, Hkv, score_stride] float32, 0 unless group mode
+                               // and not select_staged
   int select_slices;           // blocks per ranked row of qk_select_kernel; > 1:
                                // qk_select_merge_kernel merges their picks
   int64_t select_slice_keys;   // keys per slice, a multiple of 4
+  bool select_staged;          // a slice's ranking keys fit in a select block's shared memory
   int64_t pick_count;          // picks [B, ranked rows, select_slices, n] (unsigned 64-bit), 0
                                // when select_slices = 1
   GridSize select_grid;        // (select_slices, Hq or Hkv in group mode, B)
@@ -97,6 +99,7 @@ inline QkTopnPlan plan_qk_topn(const QkTopnArgs& a, int sms) {
       qk_select_slice_keys(a.S, qk_select_slices(a.S, a.B * ranked_rows, a.n, sms));
   const int select_slices =
       static_cast<int>(std::max<int64_t>(1, ceil_div<int64_t>(a.S, slice_keys)));
+  const bool staged = select_staged(slice_keys, static_cast<int>(a.n));
   return {
       .group_slice = gs,
       .slices = slices,
@@ -107,9 +110,10 @@ inline QkTopnPlan plan_qk_topn(const QkTopnArgs& a, int sms) {
       .partial_count = a.B * a.Hq * num_chunks,
       .scores_grid = {.x = num_chunks, .y = a.Hkv * slices, .z = a.B},
       .scores_block = kScoreThreads,
-      .mass_floats = a.group_select ? a.B * a.Hkv * score_stride : 0,
+      .mass_floats = a.group_select && !staged ? a.B * a.Hkv * score_stride : 0,
       .select_slices = select_slices,
       .select_slice_keys = slice_keys,
+      .select_staged = staged,
       .pick_count = select_slices > 1 ? a.B * ranked_rows * select_slices * a.n : 0,
       .select_grid = {.x = select_slices, .y = ranked_rows, .z = a.B},
       .merge_grid = {.x = ranked_rows, .y = a.B},
@@ -137,7 +141,7 @@ inline QkScoresParams qk_scores_params(const QkTopnArgs& a, const QkTopnPlan& pl
 }
 
 // Parameters of qk_select_kernel and qk_select_merge_kernel over the scratch and partials that
-// qk_scores_kernel wrote, the group mass buffer [plan.mass_floats] in group mode (else nullptr),
+// qk_scores_kernel wrote, the group mass buffer [plan.mass_floats] (unused when it is empty),
 // and the picks [plan.pick_count] when plan.select_slices > 1 (else nullptr).
 inline QkSelectParams qk_select_params(const QkTopnArgs& a, const QkTopnPlan& plan,
                                        const float* scratch, const MaxSum* partials, float* mass,
@@ -163,6 +167,7 @@ inline QkSelectParams qk_select_params(const QkTopnArgs& a, const QkTopnPlan& pl
       .slices = plan.select_slices,
       .slice_keys = plan.select_slice_keys,
       .group_select = a.group_select,
+      .staged = plan.select_staged,
   };
 }
 
