@@ -182,6 +182,26 @@ def test_qk_topn_nan_as_reference(race_exe, where, group_select):
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_qk_topn_overflowing_scores_as_reference(race_exe, group_select):
+    """Finite q and K whose dots overflow float32 (test_qk_topn.test_overflowing_scores_as_
+    reference): lse -inf where every score is -inf, +inf where several are +inf, in one lane's
+    run, across lanes and across the three chunks' partials; never NaN."""
+    B, Hkv, G, S, D, n = 2, 2, 2, 1100, 64, 8
+    q, k = torch.randn(B, Hkv * G, D), torch.randn(B, Hkv, S, D)
+    q[0, :G], k[0, 0] = 1e20, -1e20  # KV head 0 of sequence 0: every score -inf
+    q[1, G:] = 1e20  # KV head 1 of sequence 1: +inf at 5 keys
+    k[1, 1, [3, 4, 11, 650, 1000]] = 1e20
+    lens = seq_lens_tensor([S, S], "cpu")
+    scores, idx, lse = run_qk_topn(race_exe, q, k, lens, n, 1.0, group_select)
+    ref_scores, ref_idx, ref_lse = R.qk_topn(q, k, lens, n, 1.0, group_select)
+    assert (lse[0, :G] == float("-inf")).all() and (lse[1, G:] == float("inf")).all()
+    assert not lse.isnan().any()
+    torch.testing.assert_close(lse, ref_lse)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=0)  # dots of about 1e40
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_qk_topn_n_1024(race_exe, group_select):
     """N = 1024 < L: the radix select and a 1024-entry bitonic sort."""
     q, k = make_qk(1, 4, 2, 1500, 64, torch.bfloat16, "cpu")
@@ -329,6 +349,33 @@ def test_sparse_attn_v_no_valid_entry_gives_zeros(race_exe, renormalize):
     out = run_sparse_attn_v(race_exe, scores, indices, v, lse, renormalize)
     assert torch.equal(out[0, 1], torch.zeros(64))
     check_attn(scores, indices, v, lse, renormalize, out, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("G", [1, 3], ids=["own_rows", "row_union"])
+@pytest.mark.parametrize("shared", [False, True], ids=["per_head", "group_rows"])
+@pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])
+def test_sparse_attn_v_nan_and_inf_weights_count_zero(race_exe, renormalize, shared, G):
+    """A NaN weight counts 0, as the reference's (test_sparse_attn_v.test_nan_and_inf_weights_
+    count_zero): a valid NaN score, a NaN lse, a +inf score with a +inf lse; in each of the row
+    lists (a head's own rows, the union of a slice's rows, a group's shared rows)."""
+    scores, indices, lse = make_selection(2, 2 * G, 8, 50, "cpu", pad_fraction=0.0)
+    if shared:
+        indices = indices[:, ::G].repeat_interleave(G, dim=1).contiguous()
+    scores[0, 0, 3] = float("nan")
+    lse[0, G] = float("nan")
+    scores[1, G, 5], lse[1, G] = float("inf"), float("inf")
+    v = torch.randn(2, 2, 50, 64)
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, renormalize)
+    check_attn(scores, indices, v, lse, renormalize, out, TOL[torch.float32])
+
+
+def test_sparse_attn_v_mean_tail_nan_weight_counts_zero(race_exe):
+    """The mean tail's mass leaves a NaN weight out, as the reference does."""
+    scores, indices, lse, v, v_sum, lens = make_tail_case(2, 2, 2, 8, 50, [50, 40], torch.float32,
+                                                          "cpu", pad_fraction=0.0)
+    scores[1, 3, 2] = float("nan")
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, False, v_sum=v_sum, seq_lens=lens)
+    check_mean_tail(scores, indices, v, lse, v_sum, lens, out, TOL[torch.float32])
 
 
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])

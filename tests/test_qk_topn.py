@@ -161,6 +161,30 @@ def test_nan_as_reference(device, dtype, where, group_select):
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_overflowing_scores_as_reference(device, group_select):
+    """Finite q and K whose dot products overflow float32: lse as torch.logsumexp gives it, -inf
+    where every score is -inf and +inf where one or more is +inf (several, in several chunks and
+    lanes), never NaN; the selection as the reference's."""
+    B, Hkv, G, S, D, n = 2, 2, 2, 700, 64, 8
+    q = torch.randn(B, Hkv * G, D)  # [B, Hq, D]
+    k = torch.randn(B, Hkv, S, D)  # [B, Hkv, S, D]
+    q[0, :G] = 1e20  # KV head 0 of sequence 0: every score -inf
+    k[0, 0] = -1e20
+    q[1, G:] = 1e20  # KV head 1 of sequence 1: +inf at keys 3, 4 and 650
+    k[1, 1, [3, 4, 650]] = 1e20
+    lens = seq_lens_tensor([S, S], device)
+    q, k = q.to(device), k.to(device)
+    scores, idx, lse = kcache_ops.qk_topn(q, k, lens, n, 1.0, group_select)
+    ref_scores, ref_idx, ref_lse = R.qk_topn(q.cpu(), k.cpu(), lens.cpu(), n, 1.0, group_select)
+    assert (lse[0, :G] == float("-inf")).all() and (lse[1, G:] == float("inf")).all()
+    assert not lse.isnan().any()
+    torch.testing.assert_close(lse.cpu(), ref_lse)
+    assert torch.equal(idx.cpu(), ref_idx)
+    # dots of about 1e40 in another summation order: rounding beyond float32's usual tolerance
+    torch.testing.assert_close(scores.cpu(), ref_scores, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 @pytest.mark.parametrize("n", [16, 1024])
 def test_long_sequences(device, n, group_select):
     """70K keys, N up to 1024: the selection starts from the n-th largest tile max."""

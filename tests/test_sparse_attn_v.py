@@ -98,6 +98,37 @@ def test_no_valid_entry_gives_zeros(device, renormalize):
     check_attn(scores, indices, v, lse, renormalize, out, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])
+def test_nan_and_inf_weights_count_zero(device, renormalize):
+    """As the reference (nan_to_num): a NaN weight counts 0 — a valid NaN score (its entry; with
+    renormalize the whole softmax of its head), a NaN lse (the whole head), a +inf score with the
+    +inf lse that qk_topn gives it (its entry; with renormalize its head); the other heads are
+    unaffected and nothing comes out NaN."""
+    scores, indices, lse = make_selection(2, 6, 8, 50, device, pad_fraction=0.0)
+    scores[0, 0, 3] = float("nan")
+    lse[0, 2] = float("nan")
+    scores[1, 4, 5] = float("inf")
+    lse[1, 4] = float("inf")
+    v = host_tensor(torch.randn(2, 2, 50, 64), device)
+    out = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize)
+    check_attn(scores, indices, v, lse, renormalize, out, TOL[torch.float32])
+    if renormalize:
+        assert torch.equal(out[0, 0].cpu(), torch.zeros(64))
+        assert torch.equal(out[1, 4].cpu(), torch.zeros(64))
+    else:
+        assert torch.equal(out[0, 2].cpu(), torch.zeros(64))
+
+
+def test_mean_tail_nan_weight_counts_zero(device):
+    """The mean tail's mass leaves a NaN weight out, as the reference does."""
+    scores, indices, lse, v, v_sum, lens = make_tail_case(2, 2, 2, 8, 50, [50, 40], torch.float32,
+                                                          device, pad_fraction=0.0)
+    scores[1, 3, 2] = float("nan")
+    out = kcache_ops.sparse_attn_v(scores, indices, host_tensor(v, device), lse, False,
+                                   v_sum=v_sum, seq_lens=lens)
+    check_tail(scores, indices, v, lse, v_sum, lens, out, TOL[torch.float32])
+
+
 def test_lse_ignored_when_renormalizing(device):
     scores, indices, lse = make_selection(2, 4, 8, 50, device)
     v = host_tensor(torch.randn(2, 4, 50, 128), device)

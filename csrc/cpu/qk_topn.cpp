@@ -106,7 +106,8 @@ void top_n(const float* keys, int64_t len, int64_t n, TopN& top) {
 // Scores of one group: s[h * L + j] = scale * <q_h, k_j> for h < G, j < L, and lse[h] over them.
 // qf [G, kD] float32; k: L rows of kD (row stride k_stride). Tiles of kTile keys: all head passes
 // over a tile read its K rows from L1, then each head's online log-sum-exp absorbs the tile (a NaN
-// score makes the head's running max, and so its lse, NaN for good).
+// score makes the head's running max, and so its lse, NaN for good; as torch.logsumexp, an
+// infinite running max is the lse: -inf while every score is -inf, +inf once one is).
 template <class Isa, typename scalar_t, int64_t kD>
 void group_scores(const float* qf, const scalar_t* k, int64_t k_stride, int64_t G, int64_t L,
                   float scale, float* s /* [G, L] */, float* lse /* [G] */) {
@@ -122,11 +123,13 @@ void group_scores(const float* qf, const scalar_t* k, int64_t k_stride, int64_t 
       const float tile_max = Isa::max_of(tile, rows);
       // std::max keeps a NaN running max (its first argument); a NaN tile max is taken here
       const float m = std::isnan(tile_max) ? tile_max : std::max(run_max[h], tile_max);
-      run_sum[h] = run_sum[h] * std::exp(run_max[h] - m) + Isa::sum_exp(tile, rows, m);
+      if (!std::isinf(m))  // exp(s - m) would be exp(inf - inf) for an infinite score
+        run_sum[h] = run_sum[h] * std::exp(run_max[h] - m) + Isa::sum_exp(tile, rows, m);
       run_max[h] = m;
     }
   }
-  for (int64_t h = 0; h < G; ++h) lse[h] = L > 0 ? run_max[h] + std::log(run_sum[h]) : kNegInf;
+  for (int64_t h = 0; h < G; ++h)
+    lse[h] = std::isinf(run_max[h]) ? run_max[h] : run_max[h] + std::log(run_sum[h]);
 }
 
 // Writes n entries of one head: the selected candidates, then padding (-inf, -1).

@@ -17,10 +17,13 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // The weights p_i of one head (DESIGN §3): exp(score_i - shift), 0 for padding and -inf scores
-// and when shift is -inf (no valid entry, or lse = -inf).
+// and when shift is -inf (no valid entry, or lse = -inf); as the reference's nan_to_num(0), a NaN
+// weight (a NaN score or shift, or an infinite score with an infinite shift) counts 0 and +inf
+// the largest float.
 inline float entry_weight(const float* scores, const int32_t* idx, int64_t i, float shift) {
-  return idx[i] < 0 || shift == kNegInf || scores[i] == kNegInf ? 0.f
-                                                                : std::exp(scores[i] - shift);
+  if (idx[i] < 0 || shift == kNegInf || scores[i] == kNegInf) return 0.f;
+  const float p = std::exp(scores[i] - shift);
+  return std::isnan(p) ? 0.f : std::min(p, std::numeric_limits<float>::max());
 }
 
 // The mean tail's factor c = max(0, 1 - sum_i p_i) / (L - n) of one head, n its valid entries;
@@ -55,10 +58,10 @@ void attend_head(const float* scores, const int32_t* idx, int64_t N, const scala
   }
   float acc[kD] = {};
   float shift = lse;  // exp(score - shift) are the weights
-  if (renormalize) {
+  if (renormalize) {  // the softmax's max: NaN once a valid score is NaN (every weight then 0)
     shift = kNegInf;
     for (int64_t i = 0; i < N; ++i) {
-      if (idx[i] >= 0) shift = std::max(shift, scores[i]);
+      if (idx[i] >= 0) shift = std::isnan(scores[i]) ? scores[i] : std::max(shift, scores[i]);
     }
   }
   const float tail = v_sum != nullptr ? tail_factor(scores, idx, N, lse, len) : 0.f;

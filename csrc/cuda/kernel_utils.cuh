@@ -124,10 +124,12 @@ struct MaxSum {
   float l;
 };
 
+// Two (max, sumexp) states as one. An infinite max is the log-sum-exp itself, as torch.logsumexp:
+// (-inf, 0) when every score was -inf, (+inf, 1) once one was +inf (no exp(inf - inf)).
 __device__ __forceinline__ MaxSum maxsum_merge(MaxSum a, MaxSum b) {
   if (isnan(a.m) || isnan(b.m)) return {NAN, NAN};
   const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return {-INFINITY, 0.0f};
+  if (isinf(m)) return {m, m > 0.0f ? 1.0f : 0.0f};
   return {m, a.l * expf(a.m - m) + b.l * expf(b.m - m)};
 }
 
@@ -137,11 +139,12 @@ constexpr float kLog2e = 1.4426950408889634f;
 // -inf - (-inf). maxsum_finish turns it back into (-inf, 0).
 __device__ __forceinline__ MaxSum maxsum_empty() { return {-FLT_MAX, 0.0f}; }
 
-// Adds one score s with one exp (exp2): the smaller of (s, max) relative to the larger. A NaN score
-// (or +inf added to +inf) makes l NaN for good; maxsum_finish turns that into (NaN, NaN).
+// Adds one score s with one exp (exp2): the smaller of (s, max) relative to the larger; s equal to
+// the max adds 1 (so that +inf added to +inf is not exp(inf - inf)). A NaN score makes l NaN for
+// good; maxsum_finish turns that into (NaN, NaN).
 __device__ __forceinline__ void maxsum_add(MaxSum& r, float s) {
   const bool up = s > r.m;
-  const float e = exp2f((up ? r.m - s : s - r.m) * kLog2e);
+  const float e = s == r.m ? 1.0f : exp2f((up ? r.m - s : s - r.m) * kLog2e);
   r.l = up ? fmaf(r.l, e, 1.0f) : r.l + e;
   r.m = up ? s : r.m;
 }

@@ -19,7 +19,7 @@
 //     a head's weight for a row sums its entries that chose it;
 //   * otherwise the gs · N rows of the heads one after another, each for its own head.
 // A head only ever accumulates rows whose bit it holds: a row another head chose is never
-// multiplied by a 0 weight (inf · 0 = NaN).
+// multiplied by a 0 weight (inf · 0 = NaN). A NaN weight counts 0, as in the reference.
 // The list is read in tiles of attn_tile_rows() rows: the block stages each tile's row numbers,
 // masks and per-head weights (exp once per head and entry) in shared memory, then every thread
 // issues its kAttnUnroll 16-byte row loads (32 KiB per block in flight) before it uses any, so all
@@ -84,6 +84,12 @@ struct RowUnion {
 };
 
 constexpr unsigned long long kNoKey = ~0ull;  // sorts after every valid key (rows are < 2^31)
+
+// An entry's weight p_i as the reference's nan_to_num(0) takes it: a NaN weight (a NaN score or
+// lse, or a softmax over a NaN or +inf score) counts 0, +inf the largest float.
+__device__ __forceinline__ float reference_weight(float p) {
+  return isnan(p) ? 0.0f : fminf(p, FLT_MAX);
+}
 
 __device__ __forceinline__ unsigned long long union_key(int row, int h, int i) {
   return static_cast<unsigned long long>(row) << 32 | static_cast<unsigned>(h) << 16 |
@@ -211,7 +217,7 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
         if (!valid_index(h, i)) continue;
         count += 1.0f;
         const float sv = sc[h * p.sc_sh + i * p.sc_sn];
-        if (sv != -INFINITY) mass += expf(sv - bias);
+        if (sv != -INFINITY) mass += reference_weight(expf(sv - bias));
       }
       mass = warp_sum(mass);
       count = warp_sum(count);
@@ -256,7 +262,8 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
   auto weight = [&](int h, int i) {
     if (!valid_index(h, i)) return 0.0f;
     const float sv = sc[h * p.sc_sh + i * p.sc_sn];
-    return (sv == -INFINITY ? 0.0f : expf(sv - stat_bias[h]) * stat_mult[h]) - stat_tail[h];
+    const float pv = sv == -INFINITY ? 0.0f : expf(sv - stat_bias[h]) * stat_mult[h];
+    return reference_weight(pv) - stat_tail[h];
   };
   // Entry e of the row list into tile slot t. Shared rows: entry e of every head. Row union: the
   // e-th distinct row, weighted for each head by the sum over its entries that chose the row (in
