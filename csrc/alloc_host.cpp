@@ -2,7 +2,10 @@
 // CPU tensor otherwise — and kcache_ops::host_bytes_available, the host RAM free for it. Registered
 // for every backend: neither op takes a tensor to dispatch on.
 #include <fstream>
+#include <limits>
 #include <string>
+
+#include <c10/util/safe_numerics.h>
 
 #include "checks.h"
 #include "host_memory.h"
@@ -23,15 +26,18 @@ int64_t host_bytes_available() {
 namespace {
 
 at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
-  int64_t numel = 1;
+  int64_t bytes = static_cast<int64_t>(c10::elementSize(dtype));
+  bool overflow = false, empty = false;
   for (int64_t s : shape) {
     TORCH_CHECK(s >= 0, "alloc_host: shape must have no negative size, got ", shape);
-    numel *= s;
+    overflow = c10::mul_overflows(bytes, s, &bytes) || overflow;
+    empty = empty || s == 0;
   }
+  TORCH_CHECK(empty || !overflow, "alloc_host: shape ", shape, " of ", dtype, " needs more than ",
+              std::numeric_limits<int64_t>::max(), " bytes (its size overflows int64)");
 #ifdef KCACHE_OPS_WITH_CUDA
-  if (cuda_device_present()) return alloc_pinned_mapped(shape, dtype);
+  if (cuda_device_present()) return alloc_pinned_mapped(shape, dtype, bytes);
 #endif
-  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
   try {
     return at::empty(shape, at::TensorOptions().dtype(dtype).device(at::kCPU));
   } catch (const c10::Error&) {

@@ -14,9 +14,10 @@ int64_t host_bytes_available();
 #ifdef KCACHE_OPS_WITH_CUDA
 // True when at least one CUDA device is visible.
 bool cuda_device_present();
-// cudaHostAlloc(mapped | portable; KCACHE_OPS_HOST_ALLOC_WC=1 adds write-combined) as a CPU tensor
-// whose deleter frees it (csrc/cuda/host_alloc.cu).
-at::Tensor alloc_pinned_mapped(at::IntArrayRef shape, at::ScalarType dtype);
+// cudaHostAlloc(mapped | portable; KCACHE_OPS_HOST_ALLOC_WC=1 adds write-combined) of `bytes`
+// (shape's size in dtype, checked by alloc_host) as a CPU tensor whose deleter frees it
+// (csrc/cuda/host_alloc.cu).
+at::Tensor alloc_pinned_mapped(at::IntArrayRef shape, at::ScalarType dtype, int64_t bytes);
 #endif
 
 }  // namespace kcache_ops

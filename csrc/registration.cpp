@@ -1,5 +1,6 @@
 // The one schema block of the kcache_ops library. Implementations register per device:
 // csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA), csrc/alloc_host.cpp (device-independent).
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 // check_values=False: the CUDA implementations skip the range check of seq_lens / indices, a
@@ -40,4 +41,12 @@ TORCH_LIBRARY(kcache_ops, m) {
   // v [..., D] (D a multiple of 8 / bits), bits in {2, 4}
   //   -> codes [..., D * bits / 8] uint8, meta [..., 2] bfloat16 (scale, min), on the device of v
   m.def("quantize_rows(Tensor v, int bits) -> (Tensor codes, Tensor meta)");
+}
+
+// No op is differentiable: a backward through an output raises that the derivative of
+// kcache_ops::<op> is not implemented, instead of passing with no gradient (torch's default for an
+// op without an autograd kernel only warns).
+TORCH_LIBRARY_IMPL(kcache_ops, Autograd, m) {
+  for (const char* op : {"qk_topn", "sparse_attn_v", "gather_rows", "lowbit_tail", "quantize_rows"})
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
 }

@@ -52,8 +52,8 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_value
         ``s_j`` of every key ``j < L_b`` (the same values as ``scores``); entries ``j >= L_b`` are
         undefined. Its rows are 16-byte aligned: a view of ``[B, Hq, S rounded up to 4]``.
     """
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    if scale is None:  # a q of no dims or D = 0 reaches the op, whose shape check names it
+        scale = 1.0 / math.sqrt(max(q.shape[-1], 1)) if q.dim() else 1.0
     out = torch.ops.kcache_ops.qk_topn(q, k_cache, seq_lens, n, float(scale), group_select,
                                        check_values, return_scores, skip_first, skip_last)
     return out if return_scores else out[:3]
@@ -171,7 +171,8 @@ def alloc_host(shape, dtype):
     Where no GPU is present (or the build is CPU-only) it is an ordinary CPU tensor. The memory is
     freed when the tensor dies. A failed allocation raises an error naming the bytes asked for.
     """
-    return torch.ops.kcache_ops.alloc_host(list(shape), dtype)
+    shape = [shape] if isinstance(shape, int) else list(shape)  # as torch.empty(5) takes 5
+    return torch.ops.kcache_ops.alloc_host(shape, dtype)
 
 
 def host_bytes_available():
@@ -222,9 +223,37 @@ def built_with_cuda():
     return torch._C._dispatch_has_kernel_for_dispatch_key("kcache_ops::qk_topn", "CUDA")
 
 
+def _check_fake(op, ranks, host=()):
+    """The checks of an eager op that its fake implementation needs, with the eager messages:
+    each tensor of ``ranks`` (name -> (tensor or None, dims)) has its dims and is on the device of
+    the first; those named in ``host`` (V in host RAM) are on the CPU instead, or on that device
+    when every argument is a meta or fake tensor of it. Without them a bad shape fails deep in the
+    fake, and a meta argument among real ones would give uninitialised outputs on the device of
+    the others."""
+    (first_name, (first, _)), *_ = ranks.items()
+    for name, (t, dims) in ranks.items():
+        if t is None:
+            continue
+        if t.dim() != dims:
+            raise RuntimeError(f"{op}: {name} must have {dims} dims, got shape {list(t.shape)}")
+        if name in host and t.device.type != "cpu" and t.device != first.device:
+            raise RuntimeError(f"{op}: {name} must be in host memory (on cpu), got {t.device}")
+        if name not in host and t.device != first.device:
+            raise RuntimeError(f"{op}: {name} must be on {first.device} (the device of "
+                               f"{first_name}), got {t.device}")
+
+
+def _check_bits(bits):
+    if bits not in (2, 4):
+        raise RuntimeError(f"bits must be 2 or 4, got {bits}")
+
+
 @torch.library.register_fake("kcache_ops::qk_topn")
 def _(q, k_cache, seq_lens, n, scale, group_select=False, check_values=True,
       return_scores=False, skip_first=0, skip_last=0):
+    _check_fake("qk_topn", {"q": (q, 3), "k_cache": (k_cache, 4), "seq_lens": (seq_lens, 1)})
+    if n < 1:
+        raise RuntimeError(f"n must be >= 1, got {n}")
     B, Hq, _ = q.shape
     S = k_cache.shape[2]
     if return_scores:  # [B, Hq, S] of [B, Hq, S rounded up to 4]
@@ -240,23 +269,32 @@ def _(q, k_cache, seq_lens, n, scale, group_select=False, check_values=True,
 @torch.library.register_fake("kcache_ops::sparse_attn_v")
 def _(scores, indices, v_cache, lse=None, renormalize=True, check_values=True, v_sum=None,
       seq_lens=None):
+    _check_fake("sparse_attn_v", {"scores": (scores, 3), "indices": (indices, 3),
+                                  "v_cache": (v_cache, 4), "lse": (lse, 2), "v_sum": (v_sum, 3),
+                                  "seq_lens": (seq_lens, 1)}, host=("v_cache",))
     B, Hq, _ = scores.shape
     return scores.new_empty((B, Hq, v_cache.shape[-1]), dtype=v_cache.dtype)
 
 
 @torch.library.register_fake("kcache_ops::gather_rows")
 def _(src, indices):
+    _check_fake("gather_rows", {"indices": (indices, 3), "src": (src, 4)}, host=("src",))
     B, H, N = indices.shape
     return indices.new_empty((B, H, N, src.shape[-1]), dtype=src.dtype)
 
 
 @torch.library.register_fake("kcache_ops::alloc_host")
 def _(shape, dtype):
+    if any(s < 0 for s in shape):
+        raise RuntimeError(f"alloc_host: shape must have no negative size, got {list(shape)}")
     return torch.empty(shape, dtype=dtype, device="cpu")
 
 
 @torch.library.register_fake("kcache_ops::quantize_rows")
 def _(v, bits):
+    _check_bits(bits)
+    if v.dim() < 1:
+        raise RuntimeError("v must have at least 1 dim ([..., D]), got a 0-dim tensor")
     lead = v.shape[:-1]
     return (v.new_empty((*lead, v.shape[-1] * bits // 8), dtype=torch.uint8),
             v.new_empty((*lead, 2), dtype=torch.bfloat16))
@@ -264,5 +302,9 @@ def _(v, bits):
 
 @torch.library.register_fake("kcache_ops::lowbit_tail")
 def _(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True):
+    _check_bits(bits)
+    _check_fake("lowbit_tail", {"scores": (scores, 3), "seq_lens": (seq_lens, 1), "lse": (lse, 2),
+                                "indices": (indices, 3), "v_codes": (v_codes, 4),
+                                "v_meta": (v_meta, 4)})
     B, Hq, _ = scores.shape
     return scores.new_empty((B, Hq, v_codes.shape[-1] * 8 // bits))

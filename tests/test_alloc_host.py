@@ -41,6 +41,16 @@ def test_negative_size():
         kcache_ops.alloc_host((3, -1), torch.float32)
 
 
+def test_size_overflowing_int64_says_so():
+    with pytest.raises(RuntimeError, match=r"needs more than 9223372036854775807 bytes"):
+        kcache_ops.alloc_host((1 << 62, 4), torch.float32)
+    assert kcache_ops.alloc_host((1 << 62, 0), torch.float32).shape == (1 << 62, 0)
+
+
+def test_an_int_shape():
+    assert kcache_ops.alloc_host(5, torch.float32).shape == (5,)
+
+
 def test_impossible_size_names_the_bytes():
     with pytest.raises(RuntimeError, match=r"could not allocate 4503599627370496 bytes"):
         kcache_ops.alloc_host((1 << 50,), torch.float32)

@@ -1,5 +1,6 @@
 """torch.library.opcheck on each op (schema, fake implementation, dispatch agree), and
 torch.compile over a decode step that calls qk_topn and sparse_attn_v."""
+import pytest
 import torch
 from conftest import host_tensor, seq_lens_tensor
 
@@ -31,3 +32,49 @@ def test_compile_decode_step(device):
     lens = seq_lens_tensor([97, 5, 0], device)  # [B]
     compiled = torch.compile(decode, fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(q, k, v, lens), decode(q, k, v, lens))
+
+
+def test_fake_checks_name_the_argument():
+    """Under FakeTensorMode (torch.compile's tracing) a bad shape or bits gets the eager op's
+    message, not an error from inside the fake implementation."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = torch.ops.kcache_ops
+    with FakeTensorMode():
+        q, k, lens = torch.randn(2, 4, 64), torch.randn(2, 2, 10, 64), torch.zeros(2).int()
+        with pytest.raises(RuntimeError, match=r"q must have 3 dims, got shape \[4, 64\]"):
+            ops.qk_topn(q[0], k, lens, 3, 0.1)
+        with pytest.raises(RuntimeError, match="n must be >= 1, got -1"):
+            ops.qk_topn(q, k, lens, -1, 0.1)
+        scores, indices = torch.randn(2, 4, 3), torch.zeros(2, 4, 3).int()
+        with pytest.raises(RuntimeError, match=r"scores must have 3 dims, got shape \[4, 3\]"):
+            ops.sparse_attn_v(scores[0], indices, torch.randn(2, 2, 10, 64))
+        with pytest.raises(RuntimeError, match=r"indices must have 3 dims, got shape \[4, 3\]"):
+            ops.gather_rows(torch.randn(2, 2, 10, 64), indices[0])
+        with pytest.raises(RuntimeError, match="bits must be 2 or 4, got 0"):
+            ops.quantize_rows(torch.randn(3, 64), 0)
+        with pytest.raises(RuntimeError, match="alloc_host: shape must have no negative size"):
+            ops.alloc_host([3, -1], torch.float32)
+
+
+def test_meta_argument_among_real_ones():
+    """A meta tensor among real ones is refused (the fake implementation would otherwise make
+    uninitialised outputs on the real tensors' device); every argument on meta gives the shapes."""
+    q, k, lens = torch.randn(2, 4, 64), torch.randn(2, 2, 10, 64), seq_lens_tensor([10, 3], "cpu")
+    with pytest.raises(RuntimeError, match="seq_lens must be on cpu .* got meta"):
+        kcache_ops.qk_topn(q, k, lens.to("meta"), 3)
+    with pytest.raises(RuntimeError, match="src must be in host memory .* got meta"):
+        kcache_ops.gather_rows(k.to("meta"), torch.zeros(2, 4, 3, dtype=torch.int32))
+    scores, indices, lse = kcache_ops.qk_topn(q.to("meta"), k.to("meta"), lens.to("meta"), 3)
+    assert scores.shape == indices.shape == (2, 4, 3) and lse.shape == (2, 4)
+    assert scores.device.type == "meta"
+
+
+def test_ops_are_not_differentiable(device):
+    """A backward through an op's output raises instead of leaving the gradient None."""
+    q = torch.randn(2, 4, 64, device=device, requires_grad=True)
+    k = torch.randn(2, 2, 10, 64, device=device)
+    _, _, lse = kcache_ops.qk_topn(q, k, seq_lens_tensor([10, 3], device), 3)
+    with pytest.raises(RuntimeError, match="kcache_ops::qk_topn.*not implemented|not implemented"
+                                           ".*kcache_ops::qk_topn"):
+        lse.sum().backward()

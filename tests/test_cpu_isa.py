@@ -24,6 +24,15 @@ def test_capped_level_matches_reference(level):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
 
+def test_unknown_level_is_an_error():
+    code = ("import torch, kcache_ops; q = torch.randn(1, 1, 64); "
+            "kcache_ops.qk_topn(q, q[:, :, None], torch.ones(1, dtype=torch.int32), 1)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, KCACHE_OPS_CPU_ISA="bogus"))
+    assert run.returncode != 0
+    assert 'KCACHE_OPS_CPU_ISA must be generic, avx2 or avx512, got "bogus"' in run.stderr
+
+
 def test_parallel_for_is_built_with_openmp():
     """at::parallel_for is inline: compiled without -fopenmp the CPU ops would run on one thread."""
     with open(kcache_ops._C.__file__, "rb") as f:

@@ -54,6 +54,8 @@ def test_qk_topn_bad_arguments(qk, i, bad, message):
 def test_qk_topn_bad_n_and_head_dim(device, qk):
     with pytest.raises(RuntimeError, match="n must be >= 1, got 0"):
         kcache_ops.qk_topn(*qk, 0)
+    with pytest.raises(RuntimeError, match=r"q must have 3 dims, got shape \[\]"):
+        kcache_ops.qk_topn(torch.tensor(1.0, device=device), *qk[1:], N)  # the default scale
     q, k = torch.randn(B, 4, 80, device=device), torch.randn(B, 2, S, 80, device=device)
     with pytest.raises(RuntimeError, match="q: head dim must be 64 or 128, got 80"):
         kcache_ops.qk_topn(q, k, qk[2], N)

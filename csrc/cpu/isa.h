@@ -1,6 +1,7 @@
 // Run-time choice of the inner loops: Avx512Isa where the CPU has AVX-512 F/BW/BF16, Avx2Isa where
 // it has AVX2, FMA and F16C, GenericIsa otherwise. KCACHE_OPS_CPU_ISA=avx2 or =generic caps the
-// choice (the tests use it to cover every level on one machine). score_heads, qk_topn's head-count
+// choice (the tests use it to cover every level on one machine; =avx512 is the default, another
+// value an error). score_heads, qk_topn's head-count
 // dispatch of Isa::score_rows; for_each_kv_group, the dispatch and parallel loop over the
 // (sequence, KV head) groups that qk_topn and lowbit_tail share.
 #pragma once
@@ -29,8 +30,12 @@ inline IsaLevel isa_level() {
     const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16");
-    if (cap != nullptr && std::strcmp(cap, "generic") == 0) return IsaLevel::kGeneric;
-    if (avx512 && (cap == nullptr || std::strcmp(cap, "avx2") != 0)) return IsaLevel::kAvx512;
+    const bool capped = cap != nullptr && *cap != '\0';
+    TORCH_CHECK(!capped || std::strcmp(cap, "generic") == 0 || std::strcmp(cap, "avx2") == 0 ||
+                    std::strcmp(cap, "avx512") == 0,
+                "KCACHE_OPS_CPU_ISA must be generic, avx2 or avx512, got \"", cap, "\"");
+    if (capped && std::strcmp(cap, "generic") == 0) return IsaLevel::kGeneric;
+    if (avx512 && (!capped || std::strcmp(cap, "avx2") != 0)) return IsaLevel::kAvx512;
     return avx2 ? IsaLevel::kAvx2 : IsaLevel::kGeneric;
   }();
   return level;

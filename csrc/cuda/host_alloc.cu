@@ -17,10 +17,7 @@ bool cuda_device_present() {
   return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
 }
 
-at::Tensor alloc_pinned_mapped(at::IntArrayRef shape, at::ScalarType dtype) {
-  int64_t numel = 1;
-  for (int64_t s : shape) numel *= s;
-  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+at::Tensor alloc_pinned_mapped(at::IntArrayRef shape, at::ScalarType dtype, int64_t bytes) {
   // Mapped: kernels read it through its device pointer. Portable: every device sees it.
   // KCACHE_OPS_HOST_ALLOC_WC=1 adds write-combining (bench/gpu_gather.py compares the two for GPU
   // reads; WC memory is very slow for the CPU to read, so it is not the default).
@@ -33,7 +30,7 @@ at::Tensor alloc_pinned_mapped(at::IntArrayRef shape, at::ScalarType dtype) {
   // An empty tensor still gets a (1-byte) pinned block: torch's is_pinned() is false for a null
   // data pointer.
   void* ptr = nullptr;
-  cudaError_t err = cudaHostAlloc(&ptr, bytes > 0 ? bytes : 1, flags);
+  cudaError_t err = cudaHostAlloc(&ptr, bytes > 0 ? static_cast<size_t>(bytes) : 1, flags);
   if (err != cudaSuccess) {
     cudaGetLastError();  // clear the error so later calls are not blamed for it
     TORCH_CHECK(false, "alloc_host: could not allocate ", bytes, " bytes of pinned host memory ",
