@@ -160,6 +160,22 @@ def test_nan_as_reference(device, dtype, where, group_select):
     torch.testing.assert_close(scores.cpu(), ref_scores, atol=0, rtol=0, equal_nan=True)
 
 
+def test_subnormal_group_mass_as_reference(device):
+    """Group masses exp(s - lse) between 1e-45 and 1e-38 (float32 subnormals) rank as the
+    reference's: the CPU's vector exp keeps them rather than flushing them to 0, at every
+    instruction-set level (test_cpu_isa reruns this file capped at avx2 and generic)."""
+    S = 41
+    q = torch.zeros(1, 1, 64)  # [B, Hq, D]
+    q[0, 0, 0] = 1.0
+    k = torch.zeros(1, 1, S, 64)  # [B, Hkv, S, D]: score 0 at key 0, then -100 rising by 0.35
+    k[0, 0, 1:, 0] = -100 + 0.35 * torch.arange(S - 1)  # masses >= 26 subnormal steps, 42 % apart
+    lens = seq_lens_tensor([S], device)
+    q, k = q.to(device), k.to(device)
+    _, idx, _ = kcache_ops.qk_topn(q, k, lens, 30, 1.0, True)
+    ref = R.qk_topn(q.cpu(), k.cpu(), lens.cpu(), 30, 1.0, True)[1]  # [[0, 40, 39, ...]]
+    assert ref[0, 0, 1] == S - 1 and torch.equal(idx.cpu(), ref)
+
+
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_overflowing_scores_as_reference(device, group_select):
     """Finite q and K whose dot products overflow float32: lse as torch.logsumexp gives it, -inf

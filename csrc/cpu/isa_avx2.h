@@ -37,11 +37,12 @@ struct Avx2Isa {
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
   }
 
-  // exp of 8 floats (Cephes polynomial, about 1 ulp); 0 below -87.3 (where float32 denormals
-  // begin), inputs above 88 are clamped there, NaN stays NaN (min/max return their second operand
-  // when one is NaN).
+  // exp of 8 floats (Cephes polynomial, about 1 ulp), subnormal results included as std::exp gives
+  // them (2^n applied as 2^(n/2) · 2^(n - n/2), both normal for n down to -150): 0 below -103.98,
+  // where even those round to 0; inputs above 88 are clamped there; NaN stays NaN (min/max return
+  // their second operand when one is NaN).
   KC_AVX2_INLINE static __m256 exp8(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.3365f);
+    const __m256 lo = _mm256_set1_ps(-103.98f);
     const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
     x = _mm256_max_ps(lo, _mm256_min_ps(_mm256_set1_ps(88.f), x));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
@@ -55,9 +56,13 @@ struct Avx2Isa {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    const __m256i pow2 = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2)));
+    const __m256i ni = _mm256_cvtps_epi32(n);
+    const __m256i half = _mm256_srai_epi32(ni, 1);  // n = half + (n - half)
+    const __m256i bias = _mm256_set1_epi32(127);
+    const __m256 pow_a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+    const __m256 pow_b = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), bias), 23));
+    return _mm256_andnot_ps(underflow, _mm256_mul_ps(_mm256_mul_ps(p, pow_a), pow_b));
   }
 
   // Lanes i < n of x [n < 8]; the others -inf.
