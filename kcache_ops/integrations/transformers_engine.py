@@ -20,6 +20,13 @@ from ..model.tokenizer import Tokenizer
 from .transformers import CacheBridge, head_dim_of, enable
 
 
+def cache_arg(model):
+    """The keyword ``model``'s forward takes its cache by: "cache" from transformers 5.2x,
+    "past_key_values" before (which later versions deprecate)."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class TransformersDecoder:
     """A transformers Llama-family model with the calls of :class:`kcache_ops.model.Llama` that run
     it on a kcache_ops cache: ``prefill``, ``decode``, ``forward``, and ``config``, ``device``,
@@ -46,9 +53,7 @@ class TransformersDecoder:
                                       num_kv_heads=c.num_key_value_heads, head_dim=head_dim_of(c),
                                       vocab_size=c.vocab_size,
                                       max_position_embeddings=c.max_position_embeddings)
-        # the forward's name for the cache: "cache" from transformers 5.2x, "past_key_values" before
-        params = inspect.signature(type(model).forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._cache_arg = cache_arg(model)
 
     @property
     def device(self):

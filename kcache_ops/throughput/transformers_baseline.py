@@ -40,15 +40,18 @@ def time_hf(model, batch, context, steps):
     ``context`` on: a static cache attends over its whole length, so the cost is that of a full
     cache."""
     import transformers
+
+    from ..integrations.transformers_engine import cache_arg
     device = model.device
-    cache = transformers.StaticCache(config=model.config, max_cache_len=context + steps + 2)
+    cache = {cache_arg(model): transformers.StaticCache(config=model.config,
+                                                        max_cache_len=context + steps + 2)}
     ids = torch.randint(0, model.config.vocab_size, (batch, 16), device=device)  # [B, 16]
-    model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(16, device=device),
-          use_cache=True, logits_to_keep=1)
+    model(input_ids=ids, **cache, cache_position=torch.arange(16, device=device), use_cache=True,
+          logits_to_keep=1)
     token = ids[:, :1]  # [B, 1]
 
     def step(pos):
-        model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1,
+        model(input_ids=token, **cache, use_cache=True, logits_to_keep=1,
               cache_position=torch.tensor([pos], device=device))
     step(context)  # warm-up
     step(context + 1)
