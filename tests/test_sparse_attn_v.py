@@ -119,6 +119,23 @@ def test_nan_and_inf_weights_count_zero(device, renormalize):
         assert torch.equal(out[0, 2].cpu(), torch.zeros(64))
 
 
+@pytest.mark.parametrize("mean_tail", [False, True], ids=["no_tail", "mean_tail"])
+def test_lse_minus_inf_with_finite_scores(device, mean_tail):
+    """An lse of -inf beside finite scores (inconsistent, but the op takes it): each weight
+    exp(s - lse) = +inf counts as the largest float, as the reference's nan_to_num, and the mean
+    tail's mass clamps to 0; CPU and CUDA as the reference."""
+    scores, indices, lse, v, v_sum, lens = make_tail_case(1, 1, 2, 2, 50, [50], torch.float32,
+                                                          device, pad_fraction=0.0)
+    lse[0, 1] = float("-inf")
+    v = v * 1e-30  # the largest float times a row stays finite
+    kw = dict(v_sum=v_sum * 1e-30, seq_lens=lens) if mean_tail else {}
+    out = kcache_ops.sparse_attn_v(scores, indices, host_tensor(v, device), lse, False, **kw)
+    ref = R.sparse_attn_v(scores.cpu(), indices.cpu(), v.float(), lse.cpu(), False,
+                          *((v_sum.cpu() * 1e-30, lens.cpu()) if mean_tail else ()))
+    assert ref.isfinite().all() and ref[0, 1].abs().max() > 1e6
+    torch.testing.assert_close(out.cpu(), ref, atol=TOL[torch.float32], rtol=TOL[torch.float32])
+
+
 def test_mean_tail_nan_weight_counts_zero(device):
     """The mean tail's mass leaves a NaN weight out, as the reference does."""
     scores, indices, lse, v, v_sum, lens = make_tail_case(2, 2, 2, 8, 50, [50, 40], torch.float32,

@@ -17,11 +17,11 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // The weights p_i of one head (DESIGN §3): exp(score_i - shift), 0 for padding and -inf scores
-// and when shift is -inf (no valid entry, or lse = -inf); as the reference's nan_to_num(0), a NaN
-// weight (a NaN score or shift, or an infinite score with an infinite shift) counts 0 and +inf
-// the largest float.
+// (a softmax's shift is -inf only when every valid score is); as the reference's nan_to_num(0), a
+// NaN weight (a NaN score or shift, or an infinite score with an infinite shift) counts 0 and
+// +inf (a finite score with lse = -inf, say) the largest float.
 inline float entry_weight(const float* scores, const int32_t* idx, int64_t i, float shift) {
-  if (idx[i] < 0 || shift == kNegInf || scores[i] == kNegInf) return 0.f;
+  if (idx[i] < 0 || scores[i] == kNegInf) return 0.f;
   const float p = std::exp(scores[i] - shift);
   return std::isnan(p) ? 0.f : std::min(p, std::numeric_limits<float>::max());
 }
@@ -71,7 +71,7 @@ void attend_head(const float* scores, const int32_t* idx, int64_t N, const scala
   float total = 0.f;  // sum of the weights
   for (int64_t i = 0; i < N; ++i) {
     if (idx[i] < 0) continue;
-    const bool weighted = shift != kNegInf && scores[i] != kNegInf;
+    const bool weighted = scores[i] != kNegInf;
     if (!weighted && tail == 0.f) continue;  // the row adds nothing: not read
     const float p = entry_weight(scores, idx, i, shift);
     Isa::template axpy<scalar_t, kD>(acc, p - tail, v + idx[i] * v_stride);
