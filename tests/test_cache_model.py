@@ -65,3 +65,19 @@ def test_small_topn_changes_the_logits(model, prompts):
     got = teacher_forced_logits(model, "kcache", tokens, lens, forced, replace(PAPER, topn=2))
     torch.testing.assert_close(got[0], dense[0], atol=2e-5, rtol=1e-4)  # prefill is exact
     assert (got[1:] - dense[1:]).abs().max() > 1e-3
+
+
+def test_decode_reuses_the_rope_frequencies(monkeypatch):
+    """A GGUF model's rope_freq_factors (a Python list) become the frequencies once, at the first
+    prefill: a decode step copies nothing from the host (on CUDA such a copy synchronises)."""
+    c = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2,
+                    num_heads=2, num_kv_heads=1, head_dim=64,
+                    rope_freq_factors=[1.0 + i / 8 for i in range(32)])
+    llama = Llama(c).eval()
+    tokens = torch.randint(0, c.vocab_size, (1, 5))  # [B, T]
+    cache = make_cache("dense", c, 1, 8, llama.device, llama.dtype)
+    with torch.inference_mode():
+        llama.prefill(tokens, torch.tensor([5], dtype=torch.int32), cache)
+        monkeypatch.setattr("kcache_ops.model.llama.inv_frequencies",
+                            lambda *a: pytest.fail("decode recomputed the RoPE frequencies"))
+        assert torch.isfinite(llama.decode(tokens[:, 0], cache)).all()

@@ -28,10 +28,12 @@ PAPER = KCacheOptions.paper_literal()
     ("kcache", replace(PAPER, topn=8, tail="int2", sinks=4, window=8)),
     ("kcache", replace(PAPER, topn=8, sinks=2, window=4, group_select=True)),
 ])
-def test_decode_step_never_syncs(backend, options):
+@pytest.mark.parametrize("freq_factors", [None, [1.0 + i / 8 for i in range(32)]],
+                         ids=["rope", "gguf_freq_factors"])
+def test_decode_step_never_syncs(backend, options, freq_factors):
     torch.manual_seed(0)
     c = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=160, num_layers=3,
-                    num_heads=4, num_kv_heads=2, head_dim=64)
+                    num_heads=4, num_kv_heads=2, head_dim=64, rope_freq_factors=freq_factors)
     model = Llama(c).to("cuda", torch.bfloat16).eval()
     lens = torch.tensor([40, 23], dtype=torch.int32, device="cuda")  # [B]
     tokens = torch.randint(0, c.vocab_size, (2, 40), device="cuda")  # [B, T]

@@ -130,10 +130,19 @@ class Llama(nn.Module):
         """The weights' dtype (logits are returned in float32 regardless)."""
         return self.embed_tokens.weight.dtype
 
+    def _inv_frequencies(self):
+        """inv_frequencies [D / 2] on the model's device, computed once (at the first prefill):
+        a decode step then copies nothing from the host (a GGUF's rope_freq_factors list would be
+        a host-to-device copy, a synchronisation, on every step)."""
+        freq = getattr(self, "_inv_freq", None)
+        if freq is None or freq.device != self.device:
+            freq = self._inv_freq = inv_frequencies(self.config, self.device)
+        return freq
+
     def _run(self, tokens, positions, attend_layer):
         """tokens, positions [B, T] long; ``attend_layer(i, q, k, v)`` is layer i's attention.
         Returns the final hidden states [B, T, E], normalised."""
-        cos, sin = rope_cos_sin(positions, inv_frequencies(self.config, self.device))  # [B,1,T,D]
+        cos, sin = rope_cos_sin(positions, self._inv_frequencies())  # [B, 1, T, D]
         x = self.embed_tokens(tokens)                                        # [B, T, E]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, lambda q, k, v, i=i: attend_layer(i, q, k, v))
