@@ -144,6 +144,31 @@ def test_all_rows_hot_is_exact(device):
                 torch.testing.assert_close(out[b].double().cpu(), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tail", ["int2", "none"])
+def test_all_rows_hot_is_exact_at_large_scores(device, tail):
+    """Scores of order 1e5 (q, K and V scaled by 1000), every row hot: the hot rows' weights are
+    taken from the step's own scores (qk_topn's, with the low-bit tail), so they add up to 1 with
+    the lse and the step is exact (recomputed from K, rounding made them 0.5 · V off)."""
+    from kcache_ops.caches import KCache
+    from kcache_ops.model.config import LlamaConfig
+    torch.manual_seed(0)
+    c = LlamaConfig(vocab_size=32, hidden_size=256, intermediate_size=64, num_layers=1,
+                    num_heads=4, num_kv_heads=2, head_dim=64)
+    cache = KCache(c, 1, 16, device, torch.float32, KCacheOptions(top_p=1.0, tail=tail))
+    k, v = (torch.randn(1, 2, 8, 64, device=device) * 1000 for _ in range(2))  # [B, Hkv, T, D]
+    lens = torch.tensor([8], dtype=torch.int32, device=device)
+    cache.store_prompt(0, k, v, lens)
+    cache.finish_prefill(lens)
+    q1 = torch.randn(1, 4, 64, device=device) * 1000  # [B, Hq, D]
+    k1, v1 = (torch.randn(1, 2, 64, device=device) * 1000 for _ in range(2))  # [B, Hkv, D]
+    out = cache.decode(0, q1, k1, v1)  # [B, Hq, D]
+    K = torch.cat([k, k1[:, :, None]], 2).repeat_interleave(2, 1).double()  # [B, Hq, 9, D]
+    V = torch.cat([v, v1[:, :, None]], 2).repeat_interleave(2, 1).double()  # [B, Hq, 9, D]
+    p = torch.softmax(torch.einsum("bhd,bhjd->bhj", q1.double(), K) / 8, -1)  # [B, Hq, 9]
+    want = torch.einsum("bhj,bhjd->bhd", p, V)  # [B, Hq, D]
+    torch.testing.assert_close(out.double(), want, atol=1e-2, rtol=1e-5)
+
+
 def test_hot_rows_count_in_device_memory(device):
     """Per KCache layer and sequence, sinks + window V rows on the device: a per-sequence cost,
     not a per-token one."""

@@ -210,7 +210,7 @@ class KCache:
             self._mass_sum[layer] += mass.mean()
             self._rows_sum[layer] += (indices >= 0).sum(-1).float().mean()
             self._mass_steps[layer] += 1
-        hot_part = None if hot is None else hot.attend(q, k_cache, lse)
+        hot_part = None if hot is None else hot.attend(q, k_cache, lse, all_scores)
         return tail.attend(all_scores, lens, scores, indices, lse, self.v_host[layer],
                            hot_part)  # [B, Hq, D]
 
