@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kcache_ops import reference
-from kcache_ops.caches import KCache, KCacheOptions
+from kcache_ops.caches import KCache, KCacheOptions, make_cache
 from kcache_ops.caches.budget import mass_prefix
 from kcache_ops.model.config import LlamaConfig
 
@@ -275,6 +275,21 @@ def test_lens_out_of_range_are_rejected():
         cache.finish_prefill(torch.tensor([18, 1, 1], dtype=torch.int32))
     with pytest.raises(ValueError, match="lens must be >= 0, got -2"):
         cache.finish_prefill(torch.tensor([5, -2, 1], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", ["kcache", "dense"])
+def test_prompt_batch_must_match_the_cache(backend):
+    """A prompt of batch 1 for a cache of 3 sequences is refused (torch would broadcast it into
+    every sequence), and so are lens of another shape."""
+    cache = make_cache(backend, tiny_config(), 3, 32, "cpu", torch.float32)
+    k = torch.randn(1, HKV, 5, D)  # [1, Hkv, T, D]
+    with pytest.raises(ValueError, match="a prompt of batch 1 for a cache of 3 sequences"):
+        cache.store_prompt(0, k, k, torch.tensor([5], dtype=torch.int32))
+    for layer in range(LAYERS):
+        cache.store_prompt(layer, k.expand(3, -1, -1, -1), k.expand(3, -1, -1, -1),
+                           torch.full((3,), 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"lens must have shape \[3\].*got \[1\]"):
+        cache.finish_prefill(torch.tensor([5], dtype=torch.int32))
 
 
 def test_attention_mass(device):

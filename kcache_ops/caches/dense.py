@@ -80,7 +80,7 @@ class DenseCache:
         lens [B] int32, unused: the rows past it are masked by seq_lens) for ``layer`` without
         attending; call it for every layer, then :meth:`finish_prefill`."""
         t = k.shape[2]
-        self.lengths.store_prompt(t)
+        self.lengths.store_prompt(k.shape[0], t)
         self.k[layer][:, :, :t] = k
         self.v[layer][:, :, :t] = v
 

@@ -143,7 +143,7 @@ class KCache:
         reused.
         """
         T = k.shape[2]
-        self.lengths.store_prompt(T)
+        self.lengths.store_prompt(k.shape[0], T)
         self.k[layer][:, :, :T] = k
         if layer in self.options.dense_layers:
             self.v_device[layer][:, :, :T] = v

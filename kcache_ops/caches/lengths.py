@@ -31,8 +31,12 @@ class SeqLengths:
         self.longest = 0
         self.prompt_len = 0
 
-    def store_prompt(self, length):
-        """A prompt of ``length`` tokens (right-padded) is being stored: check it fits."""
+    def store_prompt(self, batch, length):
+        """A prompt of ``batch`` sequences of ``length`` tokens (right-padded) is being stored:
+        check it is one per cached sequence (torch would broadcast a batch of 1) and fits."""
+        if batch != self.seq_lens.shape[0]:
+            raise ValueError(f"{self.owner}: a prompt of batch {batch} for a cache of "
+                             f"{self.seq_lens.shape[0]} sequences")
         if length > self.capacity:
             raise ValueError(f"{self.owner}: capacity overflow: a prompt of {length} tokens "
                              f"exceeds the cache capacity ({self.capacity} tokens)")
@@ -43,6 +47,9 @@ class SeqLengths:
 
         The one place the lengths are checked (one host sync, at prefill): the decode steps trust
         them (KCache passes ``check_values=False`` to the ops)."""
+        if lens.shape != self.seq_lens.shape:
+            raise ValueError(f"{self.owner}: lens must have shape {list(self.seq_lens.shape)} "
+                             f"(one per cached sequence), got {list(lens.shape)}")
         shortest, longest = torch.stack(torch.aminmax(lens)).tolist()
         if shortest < 0:
             raise ValueError(f"{self.owner}: lens must be >= 0, got {shortest}")
