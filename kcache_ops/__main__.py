@@ -15,7 +15,8 @@ COMMANDS = {
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m kcache_ops", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kcache_ops",
+                                     description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
         sub.add_parser(name, help=help_text)
@@ -27,7 +28,13 @@ def main(argv=None):
     cmd_parser = argparse.ArgumentParser(prog=f"python -m kcache_ops {argv[0]}",
                                          description=COMMANDS[argv[0]])
     module.add_arguments(cmd_parser)
-    return module.run(cmd_parser.parse_args(argv[1:])) or 0
+    args = cmd_parser.parse_args(argv[1:])
+    try:
+        return module.run(args) or 0
+    except (ValueError, OSError) as e:  # bad input found past the flags: a file, a checkpoint, a
+        # value the options or the model refuse (CheckpointError, UnsupportedModelError included)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
 """Batched generation (greedy, sampled, EOS, streaming) and the ``generate`` command line."""
+import re
+
 import pytest
 import torch
 
@@ -94,5 +96,37 @@ def test_cli_dense_and_kcache(folder, capsys):
     assert capsys.readouterr().out.count("--- [") == 2
     with pytest.raises(SystemExit, match="--topn apply to --backend kcache only"):
         main(["generate", "--model", str(folder), "--prompt", "a", "--topn", "8"])
-    with pytest.raises(SystemExit, match="error: no such model file or folder"):
-        main(["generate", "--model", str(folder / "missing.gguf"), "--prompt", "a"])
+    capsys.readouterr()
+    assert main(["generate", "--model", str(folder / "missing.gguf"), "--prompt", "a"]) == 2
+    assert capsys.readouterr().err.startswith("error: no such model file or folder")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "expected an integer >= 1"),
+    (["generate", "--prompt", "hi", "--temperature", "nan"], r"expected a number in \[0.0, inf\)"),
+    (["generate", "--prompt", "hi", "--top-p", "0"], r"expected a number in \(0.0, 1.0\]"),
+    (["demo", "--prompt-tokens", "-5"], "expected an integer >= 1, got '-5'"),
+    (["demo", "--depth", "2"], r"expected a number in \[0.0, 1.0\], got '2'"),
+    (["bench", "--small", "--steps", "0"], "expected an integer >= 1"),
+    (["bench", "--small", "--budget", "-1"], r"expected a number in \(0.0, inf\)"),
+    (["bench", "--small", "--contexts", "0"], "expected comma-separated integers >= 1"),
+    (["eval", "--quick", "--prefill", "0"], "expected an integer >= 1"),
+])
+def test_cli_bad_values_are_usage_errors(argv, message, capsys):
+    """A value a flag cannot take is refused by the flag's parser, before any model loads."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--prompt-file", "/nonexistent/prompt.txt"], "No such file or directory"),
+    (["bench", "--small", "--models", "nosuch"], "--models: unknown nosuch; known: "),
+])
+def test_cli_bad_input_is_an_error_line(argv, message, capsys):
+    """Bad input found past the flags (a file, a name) gives one ``error:`` line and exit 2, not
+    a traceback."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err

@@ -1,6 +1,7 @@
 """The command-line arguments the commands share: the model, device and dtype; the KCache options
 (one flag per field of KCacheOptions, generated from the field); integer lists."""
 import argparse
+import math
 from dataclasses import fields, replace
 
 from ..caches import KCacheOptions
@@ -13,6 +14,41 @@ def int_list(text):
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def positive_int_list(text):
+    """'256,512' -> (256, 512), each >= 1, at least one."""
+    values = int_list(text)
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def positive_int(text):
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def bounded_float(low, high, low_open=False):
+    """An argparse type: a float in [low, high] ((low, high] with low_open; high None: no
+    bound)."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = (value > low if low_open else value >= low) and (high is None or value <= high)
+        if not ok:  # NaN too
+            bounds = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else f'{high}]'}"
+            raise argparse.ArgumentTypeError(f"expected a number in {bounds}, got {text!r}")
+        return value
+    return parse
 
 
 def add_model_arguments(parser):

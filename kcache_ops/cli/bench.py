@@ -18,8 +18,8 @@ from ..results import RESULTS_DIR, machine, write_json
 from ..throughput.measure import measure
 from ..throughput.report import BENCH_JSON, BENCH_PLOT, plot
 from ..throughput.shapes import SHAPES
-from .args import (add_device_arguments, add_engine_argument, add_kcache_arguments, dtype_of,
-                   int_list, kcache_options)
+from .args import (add_device_arguments, add_engine_argument, add_kcache_arguments,
+                   bounded_float, dtype_of, kcache_options, positive_int, positive_int_list)
 
 
 DEFAULT_MODELS = ["llama3-8b", "smollm2-135m"]
@@ -32,17 +32,18 @@ def add_arguments(parser):
     parser.add_argument("--models",
                         help=f"comma-separated, of {', '.join(SHAPES)} (default "
                              f"{','.join(DEFAULT_MODELS)}; tiny with --small)")
-    parser.add_argument("--contexts", type=int_list,
+    parser.add_argument("--contexts", type=positive_int_list,
                         help=f"prompt lengths in tokens (default "
                              f"{','.join(map(str, DEFAULT_CONTEXTS))}; "
                              f"{','.join(map(str, SMALL_CONTEXTS))} with --small)")
-    parser.add_argument("--budget", type=float,
+    parser.add_argument("--budget", type=bounded_float(0.0, None, low_open=True),
                         help="GB of device memory for the cache (default: what is free after the "
                              "weights, less --reserve)")
-    parser.add_argument("--reserve", type=float, default=6.0,
+    parser.add_argument("--reserve", type=bounded_float(0.0, None), default=6.0,
                         help="GB kept free for activations when --budget is not given (default 6)")
-    parser.add_argument("--max-batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=32, help="timed decode steps (default 32)")
+    parser.add_argument("--max-batch", type=positive_int, default=256)
+    parser.add_argument("--steps", type=positive_int, default=32,
+                        help="timed decode steps (default 32)")
     add_kcache_arguments(parser)
     add_engine_argument(parser)
     parser.add_argument("--no-hf", dest="hf", action="store_false",
@@ -56,6 +57,9 @@ def add_arguments(parser):
 def run(args):
     device = torch.device(args.device) if args.device else default_device()
     models = args.models.split(",") if args.models else ["tiny"] if args.small else DEFAULT_MODELS
+    unknown = [m for m in models if m not in SHAPES]
+    if unknown:
+        raise ValueError(f"--models: unknown {', '.join(unknown)}; known: {', '.join(SHAPES)}")
     contexts = args.contexts or (SMALL_CONTEXTS if args.small else DEFAULT_CONTEXTS)
     budget, steps = args.budget, args.steps
     if args.small:

@@ -12,19 +12,20 @@ from ..data import essays_text
 from ..eval import needle
 from ..generate import generate
 from ..model import describe_model, load_model
-from .args import add_kcache_arguments, add_model_arguments, dtype_of, kcache_options
+from .args import (add_kcache_arguments, add_model_arguments, bounded_float, dtype_of,
+                   kcache_options, positive_int)
 
 PASSKEY = "71432"
 
 
 def add_arguments(parser):
     add_model_arguments(parser)
-    parser.add_argument("--prompt-tokens", type=int, default=2000,
+    parser.add_argument("--prompt-tokens", type=positive_int, default=2000,
                         help="tokens of essay text in the prompt (default: 2000)")
-    parser.add_argument("--depth", type=float, default=0.5,
+    parser.add_argument("--depth", type=bounded_float(0.0, 1.0), default=0.5,
                         help="where the pass key sits in the text, 0 (start) to 1 (end); "
                              "default: 0.5")
-    parser.add_argument("--new-tokens", type=int, default=48,
+    parser.add_argument("--new-tokens", type=positive_int, default=48,
                         help="tokens to generate (default: 48)")
     parser.add_argument("--no-chat", dest="chat", action="store_false",
                         help="plain text, not the model's chat template")

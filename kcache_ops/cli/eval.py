@@ -26,7 +26,8 @@ from ..eval.suite import Settings, evaluate, save_json
 from ..model import load_model
 from ..model.load import DEFAULT_NAME
 from ..results import RESULTS_DIR, machine
-from .args import add_engine_argument, add_model_arguments, dtype_of, int_list
+from .args import (add_engine_argument, add_model_arguments, dtype_of, int_list, positive_int,
+                   positive_int_list)
 
 
 def tail_list(text):
@@ -34,15 +35,15 @@ def tail_list(text):
     tails = tuple(t.strip() for t in text.split(",") if t.strip())
     bad = [t for t in tails if t not in TAILS]
     if bad or not tails:
-        raise argparse.ArgumentTypeError(f"--tails: expected comma-separated values of {', '.join(TAILS)}, got "
-                         f"{text!r}")
+        raise argparse.ArgumentTypeError(f"--tails: expected comma-separated values of "
+                                         f"{', '.join(TAILS)}, got {text!r}")
     return tails
 
 
 def add_arguments(parser):
     add_model_arguments(parser)
     add_engine_argument(parser)
-    parser.add_argument("--topn", type=int_list,
+    parser.add_argument("--topn", type=positive_int_list,
                         help="comma-separated N values; with any of --tails, --group-select, "
                              "--dense-layers: run the product of the values given (N default "
                              "64) instead of the curated grid")
@@ -54,23 +55,25 @@ def add_arguments(parser):
     parser.add_argument("--dense-layers", type=int_list,
                         help="the product also has each configuration with these dense layers, "
                              "e.g. 0,1")
-    parser.add_argument("--ppl-rows", type=int, help="short-context perplexity windows (6)")
-    parser.add_argument("--agree-rows", type=int, help="agreement prompts (default 2)")
-    parser.add_argument("--prefill", type=int, help="prefill tokens of those rows (default 1536)")
-    parser.add_argument("--steps", type=int, help="decode steps of those rows (default 256)")
-    parser.add_argument("--long-rows", type=int, help="long-context perplexity windows (3)")
-    parser.add_argument("--long-prefill", type=int, help="their prefill tokens (default 6144)")
-    parser.add_argument("--long-steps", type=int, help="their decode steps (default 96)")
-    parser.add_argument("--needle-lengths", type=int_list,
+    for flag, help_text in (
+            ("--ppl-rows", "short-context perplexity windows (6)"),
+            ("--agree-rows", "agreement prompts (default 2)"),
+            ("--prefill", "prefill tokens of those rows (default 1536)"),
+            ("--steps", "decode steps of those rows (default 256)"),
+            ("--long-rows", "long-context perplexity windows (3)"),
+            ("--long-prefill", "their prefill tokens (default 6144)"),
+            ("--long-steps", "their decode steps (default 96)"),
+            ("--answer-steps", "decode steps of a needle answer (16)")):
+        parser.add_argument(flag, type=positive_int, help=help_text)
+    parser.add_argument("--needle-lengths", type=positive_int_list,
                         help="haystack lengths in tokens (default 1024,2048,4096,8000)")
-    parser.add_argument("--answer-steps", type=int, help="decode steps of a needle answer (16)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and N=16 without and with the 2-bit tail: a smoke run "
                              "of the machinery")
     parser.add_argument("--gpu-sizes", action="store_true",
                         help="more and longer texts for a GPU: 16 windows of 4096 + 512 steps, "
                              "8 windows of 6144 + 256 steps")
-    parser.add_argument("--threads", type=int,
+    parser.add_argument("--threads", type=positive_int,
                         help="torch CPU threads (1 is faster on a CPU that others share)")
     parser.add_argument("--report-only", action="store_true",
                         help="only rewrite REPORT.md and the plots from the JSON in --out")

@@ -4,9 +4,9 @@ import sys
 
 from ..caches import BACKENDS
 from ..generate import generate
-from ..model import CheckpointError, UnsupportedModelError, load_model
-from .args import add_kcache_arguments, add_model_arguments, dtype_of, given_kcache_flags, \
-    kcache_options
+from ..model import load_model
+from .args import (add_kcache_arguments, add_model_arguments, bounded_float, dtype_of,
+                   given_kcache_flags, kcache_options, positive_int)
 
 
 def add_arguments(parser):
@@ -16,9 +16,10 @@ def add_arguments(parser):
                      help="prompt text; repeat for a batch of prompts of different lengths")
     src.add_argument("--prompt-file", help="read the prompt from this file")
     parser.add_argument("--backend", choices=BACKENDS, default="dense")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128)
+    parser.add_argument("--temperature", type=bounded_float(0.0, None), default=0.0,
+                        help="0 (default): greedy")
+    parser.add_argument("--top-p", type=bounded_float(0.0, 1.0, low_open=True), default=1.0)
     parser.add_argument("--seed", type=int, help="seed of the sampling generator")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt in the model's chat template, where it has one")
@@ -43,10 +44,7 @@ def run(args):
             texts = [f.read()]
     else:
         texts = args.prompt
-    try:
-        model, tokenizer = load_model(args.model, args.device, dtype_of(args))
-    except (CheckpointError, UnsupportedModelError) as e:
-        raise SystemExit(f"error: {e}") from e
+    model, tokenizer = load_model(args.model, args.device, dtype_of(args))
     prompts = [tokenizer.encode_prompt(t, chat=args.chat) for t in texts]
     stream = len(prompts) == 1
 
