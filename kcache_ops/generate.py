@@ -102,6 +102,11 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     """
     if max_new_tokens < 1 or not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("need max_new_tokens >= 1 and non-empty prompts")
+    vocab = model.config.vocab_size
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt token ids must be in [0, {vocab}) (the model's vocabulary), "
+                         f"got {bad[:5]}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     if on_text is not None and tokenizer is None:

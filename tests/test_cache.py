@@ -277,6 +277,22 @@ def test_lens_out_of_range_are_rejected():
         cache.finish_prefill(torch.tensor([5, -2, 1], dtype=torch.int32))
 
 
+def test_topn_beyond_the_capacity_and_an_empty_prompt():
+    """N larger than the capacity selects at most the capacity's rows (no step allocates for N),
+    and an empty prompt (T = 0) is stored: the first decode step attends to its own token."""
+    cache = KCache(tiny_config(), 2, 8, "cpu", torch.float32, KCacheOptions(topn=10**9))
+    k = torch.randn(2, HKV, 0, D)  # [B, Hkv, 0, D]
+    lens = torch.zeros(2, dtype=torch.int32)
+    for layer in range(LAYERS):
+        cache.store_prompt(layer, k, k, lens)
+    cache.finish_prefill(lens)
+    scores, indices, _ = cache.select(torch.randn(2, HQ, D), cache.k[0], lens + 1)
+    assert scores.shape == indices.shape == (2, HQ, 8)
+    v1 = torch.randn(2, HKV, D)  # [B, Hkv, D]
+    out = cache.decode(0, torch.randn(2, HQ, D), torch.randn(2, HKV, D), v1)  # [B, Hq, D]
+    torch.testing.assert_close(out, v1.repeat_interleave(HQ // HKV, 1))
+
+
 @pytest.mark.parametrize("backend", ["kcache", "dense"])
 def test_prompt_batch_must_match_the_cache(backend):
     """A prompt of batch 1 for a cache of 3 sequences is refused (torch would broadcast it into

@@ -32,6 +32,7 @@ def test_defaults_and_normalization():
     ({"topn": True}, "topn must be an integer >= 1, got True"),
     ({"group_select": 1}, "group_select must be a bool, got 1"),
     ({"dense_layers": ("0",)}, "dense_layers must be integers"),
+    ({"dense_layers": 5}, "dense_layers must be a sequence of layer indices, got 5"),
     ({"tail": "int3"}, "tail must be one of none, mean, int2, int4, got 'int3'"),
     ({"top_p": 0}, "top_p must be a number in \\(0, 1\\], got 0"),
     ({"top_p": 1.5}, "top_p must be a number in \\(0, 1\\], got 1.5"),

@@ -101,6 +101,12 @@ def test_cli_dense_and_kcache(folder, capsys):
     assert capsys.readouterr().err.startswith("error: no such model file or folder")
 
 
+def test_token_ids_outside_the_vocabulary(loaded):
+    model, _ = loaded
+    with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, 96\).*\[1000000\]"):
+        generate(model, [[5, 10**6]], 2)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "expected an integer >= 1"),
     (["generate", "--prompt", "hi", "--temperature", "nan"], r"expected a number in \[0.0, inf\)"),

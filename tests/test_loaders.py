@@ -105,6 +105,27 @@ def test_truncated_safetensors(tmp_path):
         load_hf_model(str(tmp_path), "cpu", torch.float32)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda cfg: cfg.pop("hidden_size"), "KeyError: 'hidden_size'"),
+    (lambda cfg: cfg.update(num_attention_heads=0, head_dim=None), "ZeroDivisionError"),
+    (lambda cfg: cfg.update(rope_parameters={"rope_type": "llama3", "factor": 8.0},
+                            rope_scaling=None), "low_freq_factor"),
+])
+def test_malformed_config_is_a_checkpoint_error(tmp_path, edit, message):
+    """A config.json with a key missing or a value that cannot be used names the file."""
+    save_tiny_hf(tmp_path)
+    cfg_path = tmp_path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    edit(cfg)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"config.json: not a usable model config .*"
+                                              f"{message}"):
+        load_hf_model(str(tmp_path), "cpu", torch.float32)
+    cfg_path.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="must hold a JSON object, got list"):
+        load_hf_model(str(tmp_path), "cpu", torch.float32)
+
+
 def test_missing_tensor_and_wrong_shape(tmp_path):
     save_tiny_hf(tmp_path)
     cfg_path = tmp_path / "config.json"

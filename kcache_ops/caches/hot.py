@@ -59,6 +59,10 @@ class HotRows:
         """Keep the hot rows of the prompt's v [B, Hkv, T, D] (right-padded, lens [B] int32)."""
         pos, valid = self.positions(lens)  # [B, H] each
         B, Hkv, T, D = v.shape
+        if T == 0:  # an empty prompt: no slot holds a position
+            self.v.zero_()
+            self.held.fill_(-1)
+            return
         rows = pos.clamp(max=T - 1)[:, None, :, None].expand(B, Hkv, self.size, D)  # [B,Hkv,H,D]
         hot = torch.gather(v, 2, rows)  # [B, Hkv, H, D]
         self.v.copy_(hot.masked_fill(~valid[:, None, :, None], 0))

@@ -90,6 +90,7 @@ class KCache:
         self.config = config
         self.capacity = capacity
         self.options = options
+        self._topn = min(options.topn, capacity)  # N of a step: more than S keys are never there
         self.record_mass = False
         shape = (batch, config.num_kv_heads, capacity, config.head_dim)  # [B, Hkv, S, D]
         # zeros on the device: the exact attention of dense layers multiplies masked rows by 0,
@@ -233,12 +234,14 @@ class KCache:
     def top_cold(self, q, k_cache, lens, return_scores=False):
         """``qk_topn`` as a decode step calls it: the top N of the positions that are not hot rows
         (the first ``sinks`` and the last ``window``, which it does not rank), before the
-        ``top_p`` cut of :meth:`select`; same arguments and results."""
+        ``top_p`` cut of :meth:`select`; same arguments and results. N is at most the capacity
+        (no sequence holds more keys), so a large ``topn`` costs no more than reading every row."""
         o = self.options
         # check_values=False: the lengths are the cache's own, checked at prefill, and the indices
         # come from qk_topn; checking them would cost a device->host sync per layer and step
-        return qk_topn(q, k_cache, lens, o.topn, group_select=o.group_select, check_values=False,
-                       return_scores=return_scores, skip_first=o.sinks, skip_last=o.window)
+        return qk_topn(q, k_cache, lens, self._topn, group_select=o.group_select,
+                       check_values=False, return_scores=return_scores, skip_first=o.sinks,
+                       skip_last=o.window)
 
     def finish_decode(self):
         """Every sequence has one more token: seq_lens += 1."""
@@ -265,7 +268,7 @@ class KCache:
         measured :meth:`rows_read` for the bytes actually read."""
         c, o = self.config, self.options
         heads = c.num_kv_heads if o.group_select else c.num_heads
-        rows = heads * (o.topn if rows is None else rows) + c.num_kv_heads  # read + appended
+        rows = heads * (self._topn if rows is None else rows) + c.num_kv_heads  # read + appended
         batch = self.lengths.seq_lens.shape[0]
         return len(self.v_host) * batch * rows * c.head_dim * self.k[0].element_size()
 

@@ -96,7 +96,11 @@ class KCacheOptions:
             raise ValueError(f"KCache: the mean tail takes the mean of every row not read from "
                              f"host RAM, hot rows included; use sinks/window with tail none, int2 "
                              f"or int4 (got sinks={self.sinks}, window={self.window})")
-        layers = tuple(self.dense_layers)
+        try:
+            layers = tuple(self.dense_layers)
+        except TypeError:  # a bare int, say
+            raise ValueError(f"KCache: dense_layers must be a sequence of layer indices, got "
+                             f"{self.dense_layers!r}") from None
         if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
             raise ValueError(f"KCache: dense_layers must be integers, got {layers!r}")
         object.__setattr__(self, "dense_layers", tuple(sorted(set(layers))))

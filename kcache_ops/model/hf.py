@@ -22,7 +22,12 @@ def read_config(folder: str) -> LlamaConfig:
             cfg = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    return LlamaConfig.from_hf(cfg)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    try:
+        return LlamaConfig.from_hf(cfg)
+    except (KeyError, TypeError, ZeroDivisionError) as e:  # a key missing, a wrong type, 0 heads
+        raise CheckpointError(f"{path}: not a usable model config ({type(e).__name__}: {e})") from e
 
 
 def shard_files(folder: str) -> list[str]:
