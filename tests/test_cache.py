@@ -277,6 +277,13 @@ def test_lens_out_of_range_are_rejected():
         cache.finish_prefill(torch.tensor([5, -2, 1], dtype=torch.int32))
 
 
+def test_head_dim_the_ops_cannot_take_fails_when_built():
+    c = LlamaConfig(vocab_size=32, hidden_size=128, intermediate_size=64, num_layers=1,
+                    num_heads=4, num_kv_heads=2, head_dim=32)
+    with pytest.raises(ValueError, match="KCache: head_dim must be 64 or 128, got 32"):
+        KCache(c, 1, 8, "cpu", torch.float32)
+
+
 def test_topn_beyond_the_capacity_and_an_empty_prompt():
     """N larger than the capacity selects at most the capacity's rows (no step allocates for N),
     and an empty prompt (T = 0) is stored: the first decode step attends to its own token."""

@@ -126,6 +126,19 @@ def test_malformed_config_is_a_checkpoint_error(tmp_path, edit, message):
         load_hf_model(str(tmp_path), "cpu", torch.float32)
 
 
+def test_non_finite_weights_are_a_checkpoint_error(tmp_path):
+    """A file of the right size whose bytes are corrupt loads as NaN or inf: refused."""
+    from safetensors.torch import load_file, save_file
+    save_tiny_hf(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(str(path))
+    name = sorted(tensors)[0]
+    tensors[name][..., 0] = float("nan")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="holds non-finite values"):
+        load_hf_model(str(tmp_path), "cpu", torch.float32)
+
+
 def test_missing_tensor_and_wrong_shape(tmp_path):
     save_tiny_hf(tmp_path)
     cfg_path = tmp_path / "config.json"

@@ -85,6 +85,9 @@ class KCache:
                             f"{type(options).__name__}")
         self.device = torch.device(device)
         options.check(config.num_layers, self.device)
+        if config.head_dim not in (64, 128):  # what qk_topn and sparse_attn_v take
+            raise ValueError(f"KCache: head_dim must be 64 or 128, got {config.head_dim} (the "
+                             f"dense cache takes any)")
         self.lengths = SeqLengths("KCache", batch, capacity, self.device)
         n_layers = config.num_layers
         self.config = config

@@ -113,6 +113,9 @@ class Llama(nn.Module):
                 raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the "
                                       f"config implies {tuple(expected[name].shape)}")
             state[name] = tensor.to(device=device, dtype=dtype)
+            if not torch.isfinite(state[name]).all():  # a corrupt file of the right size
+                raise CheckpointError(f"tensor {name!r} holds non-finite values (a corrupt "
+                                      f"checkpoint, or one that overflows {dtype})")
         missing = sorted(set(expected) - set(state))
         if missing:
             raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors, "
