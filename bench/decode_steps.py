@@ -127,7 +127,7 @@ class DefaultLayer:
         and the hot rows), codes, meta, bits), from one selection as the step makes it."""
         lens, k = self.lens, self.cache.k[layer]
         _, indices, lse, every = self.cache.select(q, k, lens, return_scores=True)
-        hot = self.cache.hot[layer].attend(q, k, lse)
+        hot = self.cache.hot[layer].attend(lse, every)
         tail = self.cache.tails[layer]
         return (every, lens, lse, torch.cat([indices, hot.indices], -1), tail.codes, tail.meta,
                 tail.bits)

@@ -147,8 +147,8 @@ def test_all_rows_hot_is_exact(device):
 @pytest.mark.parametrize("tail", ["int2", "none"])
 def test_all_rows_hot_is_exact_at_large_scores(device, tail):
     """Scores of order 1e5 (q, K and V scaled by 1000), every row hot: the hot rows' weights are
-    taken from the step's own scores (qk_topn's, with the low-bit tail), so they add up to 1 with
-    the lse and the step is exact (recomputed from K, rounding made them 0.5 · V off)."""
+    taken from the step's own scores (qk_topn's), so they add up to 1 with the lse and the step is
+    exact (recomputed from K, rounding made them 0.5 · V off)."""
     from kcache_ops.caches import KCache
     from kcache_ops.model.config import LlamaConfig
     torch.manual_seed(0)

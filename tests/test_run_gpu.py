@@ -114,9 +114,9 @@ def test_decode_steps_split_into_their_parts():
     picked = layer.qk_topn(i, q)[1]  # [B, Hq, 64]: the cold rows only, before the top_p cut
     assert indices.shape == picked.shape == (B, Hq, 64)
     assert ((picked >= 4) & (picked < S - 60)).all()  # sinks 4, window 60: never a hot row
-    hot = layer.cache.hot[i].attend(q, layer.cache.k[i], lse)
-    parts = (layer.attend_host(i, scores, indices, lse) + hot.out
-             + layer.lowbit_tail(*layer.tail_args(i, q)))
+    tail_args = layer.tail_args(i, q)  # (every score of the step, ...)
+    hot = layer.cache.hot[i].attend(lse, tail_args[0])
+    parts = layer.attend_host(i, scores, indices, lse) + hot.out + layer.lowbit_tail(*tail_args)
     torch.testing.assert_close(parts, out)
     assert layer.device_bytes_beside_k() == decode_steps.default_layer_bytes(
         B, Hq, Hkv, S, D, torch.float32) - k.nbytes

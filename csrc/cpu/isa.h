@@ -1,9 +1,9 @@
 // Run-time choice of the inner loops: Avx512Isa where the CPU has AVX-512 F/BW/BF16, Avx2Isa where
 // it has AVX2, FMA and F16C, GenericIsa otherwise. KCACHE_OPS_CPU_ISA=avx2 or =generic caps the
 // choice (the tests use it to cover every level on one machine; =avx512 is the default, another
-// value an error). score_heads, qk_topn's head-count
-// dispatch of Isa::score_rows; for_each_kv_group, the dispatch and parallel loop over the
-// (sequence, KV head) groups that qk_topn and lowbit_tail share.
+// value an error). score_heads, qk_topn's head-count dispatch of Isa::score_rows;
+// for_each_kv_group, the dispatch and parallel loop over the (sequence, KV head) groups that
+// qk_topn and lowbit_tail share.
 #pragma once
 
 #include <cstdint>

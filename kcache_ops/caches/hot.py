@@ -81,26 +81,18 @@ class HotRows:
             self.v[rows, :, slot] = torch.where(keep[:, None, None], v, self.v[rows, :, slot])
             self.held[rows, slot] = torch.where(keep, pos, self.held[rows, slot]).to(torch.int32)
 
-    def attend(self, q, k_cache, lse, all_scores=None):
+    def attend(self, lse, all_scores):
         """The exact attention of the hot rows this step holds (:attr:`held`, its new token
-        appended): q [B, Hq, D], k_cache [B, Hkv, S, D], lse [B, Hq] float32 (over all keys, from
-        ``qk_topn``), all_scores [B, Hq, S] float32 (``qk_topn``'s every score, where the step
-        has them) -> :data:`HotPart`. The scores are read from ``all_scores`` where given: the
-        very ones ``lse`` was taken over, so the weights of the hot rows, the top N and the tail
-        add up to 1 however large the scores (recomputed from K they differ by rounding, which
+        appended): lse [B, Hq] float32 (over all keys), all_scores [B, Hq, S] float32 (the step's
+        every score, both from ``qk_topn``) -> :data:`HotPart`. The scores are the very ones
+        ``lse`` was taken over, so the weights of the hot rows, the top N and the tail add up to 1
+        however large the scores (recomputed from K they would differ by rounding, which
         ``exp(s − lse)`` turns into a relative error of the order of |s| · 1e-7)."""
-        B, Hq, D = q.shape
-        Hkv = k_cache.shape[1]
-        group, H = Hq // Hkv, self.size
-        slots = self.held.clamp(min=0).long()  # [B, H]
-        if all_scores is not None:
-            s = torch.gather(all_scores, 2, slots[:, None, :].expand(B, Hq, H))  # [B, Hq, H]
-            s = s.view(B, Hkv, group, H)
-        else:
-            rows = slots[:, None, :, None].expand(B, Hkv, H, D)  # [B, Hkv, H, D]
-            k = torch.gather(k_cache, 2, rows).float()  # [B, Hkv, H, D]
-            qg = q.float().reshape(B, Hkv, group, D)  # [B, Hkv, G, D]
-            s = torch.einsum("bkgd,bkjd->bkgj", qg, k) * D ** -0.5  # [B,Hkv,G,H], qk_topn's scale
+        B, Hq = lse.shape
+        _, Hkv, H, D = self.v.shape
+        group = Hq // Hkv
+        slots = self.held.clamp(min=0).long()[:, None, :].expand(B, Hq, H)  # [B, Hq, H]
+        s = torch.gather(all_scores, 2, slots).view(B, Hkv, group, H)  # [B, Hkv, G, H]
         empty = (self.held < 0)[:, None, None, :]  # [B, 1, 1, H]
         p = torch.exp(s - lse.reshape(B, Hkv, group, 1)).masked_fill(empty, 0.0)  # [B,Hkv,G,H]
         out = torch.einsum("bkgj,bkjd->bkgd", p, self.v.float()).reshape(B, Hq, D)  # [B, Hq, D]

@@ -206,15 +206,16 @@ class KCache:
         if hot is not None:
             hot.append(lengths.rows, pos, v)
         lens = lengths.attend_lens  # [B]
-        selection = self.select(q, k_cache, lens, return_scores=tail.needs_scores)
+        needs_scores = tail.needs_scores or hot is not None  # the tail's weights, the hot rows'
+        selection = self.select(q, k_cache, lens, return_scores=needs_scores)
         scores, indices, lse = selection[:3]  # [B, Hq, N] x2, [B, Hq]
-        all_scores = selection[3] if tail.needs_scores else None  # [B, Hq, S]
+        all_scores = selection[3] if needs_scores else None  # [B, Hq, S]
         if self.record_mass:
             mass = torch.exp(scores - lse[..., None]).sum(-1)  # [B, Hq]; padding adds 0
             self._mass_sum[layer] += mass.mean()
             self._rows_sum[layer] += (indices >= 0).sum(-1).float().mean()
             self._mass_steps[layer] += 1
-        hot_part = None if hot is None else hot.attend(q, k_cache, lse, all_scores)
+        hot_part = None if hot is None else hot.attend(lse, all_scores)
         return tail.attend(all_scores, lens, scores, indices, lse, self.v_host[layer],
                            hot_part)  # [B, Hq, D]
 

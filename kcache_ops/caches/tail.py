@@ -18,7 +18,8 @@ they miss, ``1 − Σ p_i``, can be accounted for on the device:
   (device-memory bound): side_stream.py.
 
 Each tail stores the prompt (:meth:`store_prompt`), appends a token (:meth:`append`) and attends
-(:meth:`attend`, given every score of the step when its ``needs_scores`` is True, else None);
+(:meth:`attend`, given every score of the step when its ``needs_scores`` is True or the layer
+has hot rows, else None);
 ``nbytes`` is the device memory it holds. With hot rows (hot.py), ``attend`` also
 takes their exact part (a :data:`~.hot.HotPart`) and adds it; the low-bit tail leaves them out.
 """
