@@ -1,7 +1,7 @@
 """Predicted issue-bound and byte-bound times of lowbit_tail's kernel, from its SASS, without a GPU.
 
 Compiles csrc/cuda/lowbit_tail_kernel.cuh for sm_90 (nvcc -cubin, one explicit instance
-lowbit_tail_kernel<D, GS> per shape of bench/sass_bounds.py), reads its SASS and resources
+lowbit_tail_kernel<D, GS, bits> per shape of bench/sass_bounds.py), reads its SASS and resources
 (cuobjdump) and counts the key loop: the innermost backward branch around its asynchronous copies,
 divided by the keys one warp covers per iteration = warp-instruction issues per key per block (a
 block serves one KV head's slice of <= GS query heads). Every instruction of the body counts, the
@@ -36,15 +36,17 @@ TAIL_BLOCK_OVERHEAD_KEYS = 128  # kTailBlockOverheadKeys
 SHARED_PER_SM = 228 * 1024  # bytes of shared memory per SM (H100 / H200)
 
 
-def mangled(d, gs):
-    return f"_ZN10kcache_ops18lowbit_tail_kernelILi{d}ELi{gs}EEEvNS_16LowbitTailParamsE"
+def mangled(d, gs, bits):
+    return (f"_ZN10kcache_ops18lowbit_tail_kernelILi{d}ELi{gs}ELi{bits}EEEv"
+            f"NS_16LowbitTailParamsE")
 
 
 def compile_instances(instances, workdir, nvcc):
-    """cubin of lowbit_tail_kernel.cuh with lowbit_tail_kernel<D, GS> for each (D, GS)."""
+    """cubin of lowbit_tail_kernel.cuh with lowbit_tail_kernel<D, GS, bits> for each (D, GS,
+    bits)."""
     return sb.compile_cubin("lowbit_tail_kernel", [
-        f"template __global__ void lowbit_tail_kernel<{d}, {gs}>(LowbitTailParams);"
-        for d, gs in instances], workdir, nvcc)
+        f"template __global__ void lowbit_tail_kernel<{d}, {gs}, {bits}>(LowbitTailParams);"
+        for d, gs, bits in instances], workdir, nvcc)
 
 
 def loop_count(code, d):
@@ -92,20 +94,21 @@ def analyse(shapes=sb.SHAPES, bits=2, workdir=None):
     nvcc, cuobjdump = sb.find_tool("nvcc"), sb.find_tool("cuobjdump")
     if nvcc is None or cuobjdump is None:
         raise RuntimeError(f"needs nvcc and cuobjdump (found nvcc={nvcc}, cuobjdump={cuobjdump})")
-    insts = sorted({(sh.d, sb.group_slice_width(sh.hq // sh.hkv)) for sh in shapes})
+    insts = sorted({(sh.d, sb.group_slice_width(sh.hq // sh.hkv), bits) for sh in shapes})
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         cubin = compile_instances(insts, tmp, nvcc)
         funcs = sb.sass_functions(cuobjdump, cubin)
         res = sb.resources(cuobjdump, cubin)
     counts = {}
-    for d, gs in insts:
-        regs, shared = res[mangled(d, gs)]
-        per_key, n, keys = loop_count(funcs[mangled(d, gs)], d)
-        counts[f"lowbit_tail_kernel<{d},{gs}>"] = {
+    for d, gs, _ in insts:
+        regs, shared = res[mangled(d, gs, bits)]
+        per_key, n, keys = loop_count(funcs[mangled(d, gs, bits)], d)
+        counts[f"lowbit_tail_kernel<{d},{gs},{bits}>"] = {
             "regs": regs, "shared": shared, "blocks_per_sm": residency(regs, shared),
             "loop_insns": n, "keys_per_warp_iter": keys, "per_key": round(per_key, 2)}
     rows = [predict(sh, s, b, gpu, counts[
-                f"lowbit_tail_kernel<{sh.d},{sb.group_slice_width(sh.hq // sh.hkv)}>"], bits)
+                f"lowbit_tail_kernel<{sh.d},{sb.group_slice_width(sh.hq // sh.hkv)},{bits}>"],
+                    bits)
             for sh in shapes for s, b in sb.LENGTHS for gpu in sb.GPUS]
     return {"counts": counts, "rows": rows}
 

@@ -178,7 +178,8 @@ def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits):
     [B, Hq, N] int32 (-1 padding), v_codes [B, Hkv, S, D * bits / 8] uint8, v_meta [B, Hkv, S, 2]
     -> out [B, Hq, D] float32:
     ``Σ_{j < L_b, j ∉ indices[b, h]} exp(s_bhj − lse_bh) · dequant(v)[b, h / G, j]``.
-    Rows ``j >= L_b`` are never read (their contents may be anything).
+    A row left out (selected by the head, ``j >= L_b``, or of weight 0: a score of -inf, NaN or
+    one whose exp underflows) adds nothing, whatever its copy holds (NaN included).
     """
     B, Hq, S = scores.shape
     Hkv, D = v_codes.shape[1], v_codes.shape[-1] * 8 // bits
@@ -187,10 +188,11 @@ def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits):
     p = torch.exp(s - lse.float()[..., None]).nan_to_num(0.0)  # [B, Hq, S]; 0 past L_b
     chosen = torch.zeros(B, Hq, S + 1, dtype=torch.bool, device=scores.device)  # slot S: padding
     chosen.scatter_(-1, torch.where(indices >= 0, indices, S).long(), True)
-    p = p.masked_fill(chosen[..., :S], 0.0)
+    left_out = chosen[..., :S] | ~valid | (p == 0)  # [B, Hq, S]: selected, past L_b, weight 0
+    p = p.masked_fill(left_out, 0.0)
     v = dequantize_rows(v_codes, v_meta, D).to(scores.device)  # [B, Hkv, S, D]
-    v = v.masked_fill(~valid[..., None], 0.0).repeat_interleave(Hq // Hkv, dim=1)  # [B,Hq,S,D]
-    return torch.einsum("bhs,bhsd->bhd", p, v)
+    v = v.repeat_interleave(Hq // Hkv, dim=1).masked_fill(left_out[..., None], 0.0)  # [B,Hq,S,D]
+    return torch.einsum("bhs,bhsd->bhd", p, v)  # a row left out adds 0, whatever its copy holds
 
 
 def decode_attention(q, k_cache, v_cache, seq_lens, n, scale=None, group_select=False,

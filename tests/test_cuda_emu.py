@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_gather_rows import make_indices
 from test_lowbit_tail import check_tail as check_lowbit_tail
+from test_lowbit_tail import nan_row_case
 from test_lowbit_tail import make_case as make_lowbit_case
 from test_lowbit_tail import reference_scores as lowbit_reference_scores
 from test_qk_topn import check_topn, make_qk
@@ -960,6 +961,24 @@ def test_lowbit_tail_arbitrary_indices(race_exe):
     out = run_lowbit_tail(race_exe, scores, seq_lens, lse, indices, codes, meta, 4)
     cleaned = indices.masked_fill((indices < 0) | (indices >= S), -1)
     check_lowbit_tail(scores, seq_lens, lse, cleaned, codes, meta, 4, out)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_lowbit_tail_selected_nan_row_is_left_out(race_exe, bits):
+    """A NaN row (NaN scale and min) that a head selected never meets that head's weight (the
+    weighing lane multiplies w · scale only for a weight that is not 0): its tail stays finite;
+    the heads that did not select the row are NaN, as the reference's, unless their weight of it
+    is 0 (a score of -inf or NaN)."""
+    scores, seq_lens, lse, indices, codes, meta = nan_row_case("cpu", bits)
+    out = run_lowbit_tail(race_exe, scores, seq_lens, lse, indices, codes, meta, bits)
+    ref = R.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits)
+    assert out[0, 2:].isnan().all() and ref[0, 2:].isnan().all()
+    torch.testing.assert_close(out[0, :2], ref[0, :2], atol=1e-5, rtol=1e-5)
+    scores[0, 2, 123], scores[0, 3, 123] = float("-inf"), float("nan")  # weight 0, not selected
+    out = run_lowbit_tail(race_exe, scores, seq_lens, lse, indices, codes, meta, bits)
+    ref = R.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits)
+    assert not out.isnan().any() and not ref.isnan().any()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_lowbit_tail_out_of_range_lengths_are_clamped(race_exe):

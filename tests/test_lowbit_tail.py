@@ -89,6 +89,39 @@ def test_arbitrary_indices(device, dtype, bits):
     check_tail(scores, seq_lens, lse, indices, codes, meta, bits, out)
 
 
+def nan_row_case(device, bits):
+    """(scores, seq_lens, lse, indices, codes, meta): one KV head with 4 query heads, the copy
+    of its row 123 a NaN row's (NaN scale and min, as quantize_rows writes for a V row with
+    NaN), selected by the first 2 heads only."""
+    B, Hkv, G, S, D, n = 1, 1, 4, 600, 128, 8
+    q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, bits, torch.float32, device, [S])
+    scores, indices, lse = selection(q, k, seq_lens, n, False)
+    j = 123
+    indices[0, :2, 0] = j  # heads 0 and 1 select j (in place of their first pick)
+    indices[0, 2:] = torch.where(indices[0, 2:] == j, -1, indices[0, 2:])  # heads 2, 3 do not
+    meta[0, 0, j] = float("nan")
+    return scores, seq_lens, lse, indices, codes, meta
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_selected_nan_row_is_left_out(device, bits):
+    """A row a head selected is left out exactly, even a NaN one: that head's tail stays finite
+    and equal to the reference's, the heads that did not select it are NaN, as the reference's;
+    a head whose weight of the row is 0 (a score of -inf or NaN) leaves it out too."""
+    scores, seq_lens, lse, indices, codes, meta = nan_row_case(device, bits)
+    out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits).cpu()
+    ref = R.lowbit_tail(scores.cpu(), seq_lens.cpu(), lse.cpu(), indices.cpu(), codes.cpu(),
+                        meta.cpu(), bits)
+    assert out[0, 2:].isnan().all() and ref[0, 2:].isnan().all()
+    torch.testing.assert_close(out[0, :2], ref[0, :2], atol=OUT_TOL, rtol=OUT_TOL)
+    scores[0, 2, 123], scores[0, 3, 123] = float("-inf"), float("nan")  # weight 0, not selected
+    out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits).cpu()
+    ref = R.lowbit_tail(scores.cpu(), seq_lens.cpu(), lse.cpu(), indices.cpu(), codes.cpu(),
+                        meta.cpu(), bits)
+    assert not out.isnan().any() and not ref.isnan().any()
+    torch.testing.assert_close(out, ref, atol=OUT_TOL, rtol=OUT_TOL)
+
+
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_completes_exact_attention(device, dtype, group_select):
     """sparse_attn_v over the selected rows (full-softmax weights) plus the tail is attention over

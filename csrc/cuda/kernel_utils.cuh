@@ -93,6 +93,19 @@ __device__ __forceinline__ void copy16_async_evict_first(void* dst_shared, const
 #endif
 }
 
+// a & b as one instruction where nvcc would make two: given (x | c1) & c2 with constants, it
+// rewrites the expression as (x & c2) | (c1 & c2), an AND and an OR; the PTX `and` stays one LOP3.
+// Plain C++ in the CPU emulator.
+__device__ __forceinline__ uint32_t and_u32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("and.b32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+#else
+  return a & b;
+#endif
+}
+
 // Stores a float that is read again soon (by the next kernel), marked evict-last in L2, so that
 // data streamed through L2 meanwhile (marked evict-first) does not push it out. Before sm_80 (and
 // in the CPU emulator) a plain store.

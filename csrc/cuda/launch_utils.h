@@ -103,12 +103,22 @@ void dispatch_kernel_instance(at::ScalarType dtype, int64_t d, int group_slice, 
   });
 }
 
-// f(d_tag, gs_tag) for lowbit_tail_kernel<D, GS> (its scores are float32 whatever the model's
-// dtype): dispatch_head_dim and dispatch_group_slice, nested.
+// f(std::integral_constant<int, Bits>{}) for lowbit_tail's code width Bits in {2, 4}.
 template <typename F>
-void dispatch_tail_instance(int64_t d, int group_slice, const char* op, F&& f) {
+void dispatch_code_bits(int64_t bits, const char* op, F&& f) {
+  if (bits == 2) return f(std::integral_constant<int, 2>{});
+  if (bits == 4) return f(std::integral_constant<int, 4>{});
+  TORCH_CHECK(false, op, ": bits must be 2 or 4, got ", bits);
+}
+
+// f(d_tag, gs_tag, bits_tag) for lowbit_tail_kernel<D, GS, Bits> (its scores are float32 whatever
+// the model's dtype): dispatch_head_dim, dispatch_group_slice and dispatch_code_bits, nested.
+template <typename F>
+void dispatch_tail_instance(int64_t d, int group_slice, int64_t bits, const char* op, F&& f) {
   dispatch_group_slice(group_slice, [&](auto gs_tag) {
-    dispatch_head_dim(d, op, [&](auto d_tag) { f(d_tag, gs_tag); });
+    dispatch_code_bits(bits, op, [&](auto bits_tag) {
+      dispatch_head_dim(d, op, [&](auto d_tag) { f(d_tag, gs_tag, bits_tag); });
+    });
   });
 }
 

@@ -86,10 +86,12 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
   // the instance this call launches, and how many of its blocks fit on a multiprocessor
   const int group_slice = group_slice_width(dims.G);
   int blocks_per_sm = kTailBlocksPerSm;
-  dispatch_tail_instance(dims.D, group_slice, kOp, [&](auto d_tag, auto gs_tag) {
+  dispatch_tail_instance(dims.D, group_slice, dims.bits, kOp,
+                         [&](auto d_tag, auto gs_tag, auto bits_tag) {
     blocks_per_sm = resident_blocks_per_sm(
-        reinterpret_cast<const void*>(
-            lowbit_tail_kernel<decltype(d_tag)::value, decltype(gs_tag)::value>),
+        reinterpret_cast<const void*>(lowbit_tail_kernel<decltype(d_tag)::value,
+                                                         decltype(gs_tag)::value,
+                                                         decltype(bits_tag)::value>),
         kTailThreads);
   });
   const LowbitTailPlan plan =
@@ -97,8 +99,9 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
   if (plan.num_chunks == 0) return out.zero_();  // S = 0: no key
   at::Tensor partials = at::empty({plan.partial_floats}, fopts);  // [B, Hq, num_chunks, D]
   const LowbitTailParams p = lowbit_tail_params(args, plan, partials.data_ptr<float>());
-  dispatch_tail_instance(dims.D, plan.group_slice, kOp, [&](auto d_tag, auto gs_tag) {
-    lowbit_tail_kernel<decltype(d_tag)::value, decltype(gs_tag)::value>
+  dispatch_tail_instance(dims.D, plan.group_slice, dims.bits, kOp,
+                         [&](auto d_tag, auto gs_tag, auto bits_tag) {
+    lowbit_tail_kernel<decltype(d_tag)::value, decltype(gs_tag)::value, decltype(bits_tag)::value>
         <<<to_dim3(plan.tail_grid), plan.tail_block, 0, stream>>>(p);
     KC_CHECK_LAUNCH("lowbit_tail");
   });

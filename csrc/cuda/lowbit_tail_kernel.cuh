@@ -9,14 +9,17 @@
 //    key and head, from the heads' index rows; integer atomicOr, so the bits do not depend on the
 //    order; indices outside the chunk, and so outside [0, L_b), change nothing). Then
 //    D / kTailVec lanes share a key, each holding kTailVec codes of its row (one aligned 4-byte
-//    word of the code row) and the row's (scale, min) word; the scores of a few keys are spread
-//    over the key's lanes so that each lane loads one (key, head) score, the bits qk_topn ranked
-//    by, and computes that pair's weight (one bitmap test and one exp); the key's lanes then take
-//    its heads' weights by shuffles. Code words, meta words and scores are staged in shared memory
-//    by asynchronous copies kTailStages - 1 iterations ahead. Each head that did not select the
-//    key weights the key's dequantized row by exp(s - lse) and adds it to its accumulators: a
-//    selected key is left out exactly, never added and subtracted. The lanes and warps are summed
-//    in a fixed order into the chunk's partial [gs, D].
+//    word of the code row); the scores of a few keys are spread over the key's lanes so that each
+//    lane loads one (key, head) score, the bits qk_topn ranked by, and the row's (scale, min) word,
+//    and computes that pair's weight w = exp(s - lse) (one bitmap test and one exp). A row's
+//    dequantized value is min + scale · code, so w · row = (w · scale) · code + w · min: the
+//    weighing lane adds w · min to its head's sum of mins once per key, and the key's lanes take
+//    the heads' w · scale by shuffles and multiply them by the codes themselves (no dequantized row
+//    is formed: D FMAs per key fewer). Code words, meta words and scores are staged in shared
+//    memory by asynchronous copies kTailStages - 1 iterations ahead. A head that selected the key
+//    weighs it 0: a selected key is left out exactly, never added and subtracted. The lanes and
+//    warps are summed in a fixed order into the chunk's partial [gs, D], each head's sum of mins
+//    added to every element of its row.
 // 2. lowbit_tail_reduce_kernel — sums each head's chunk partials in chunk order into out. With a
 //    single chunk the launcher skips it: kernel 1 writes out itself.
 // The weights need no running max: lse is given and every weight is at most 1 up to rounding. A
@@ -64,9 +67,9 @@ constexpr int tail_keys_per_iter() {
 }
 
 // The staged rows of a block: per stage, thread and row u of its iteration, the aligned 4-byte word
-// of the code row that holds its codes, the row's (scale, min) word and (for u < the iteration's
-// groups of keys) the score of the (key, head) whose weight the thread computes. Each thread copies
-// and reads back only its own slots.
+// of the code row that holds its codes; per group g of keys (g < the iteration's groups), the
+// score of the (key, head) whose weight the thread computes and that key's (scale, min) word. Each
+// thread copies and reads back only its own slots.
 struct TailStage {
   uint32_t code[kTailStages][kTailUnroll][kTailThreads];
   uint32_t meta[kTailStages][kTailUnroll][kTailThreads];
@@ -81,9 +84,9 @@ union TailShared {
 };
 
 // Starts the asynchronous copies of one iteration into stage `slot`: row u (key j0 + u ·
-// keys_per_load) its code word at crow + u · c_step bytes and its meta word at mrow + u · m_step;
-// group g (of `groups`) the score of key j0 + (g · joint + my_joint) · keys_per_load at
-// srow + key · s_ss, where this thread weighs a head (has_head). A key at or past `end` is not
+// keys_per_load) its code word at crow + u · c_step bytes; group g (of `groups`) the score of key
+// j0 + u_g · keys_per_load, u_g = g · joint + my_joint, at srow + key · s_ss and its meta word at
+// mrow + u_g · m_step, where this thread weighs a head (has_head). A key at or past `end` is not
 // copied (its slots keep older values; the loop gives it no weight).
 __device__ __forceinline__ void stage_tail_rows(TailStage& st, int slot, const uint8_t* crow,
                                                 int64_t c_step, const uint32_t* mrow,
@@ -92,27 +95,54 @@ __device__ __forceinline__ void stage_tail_rows(TailStage& st, int slot, const u
                                                 int joint, int my_joint, bool has_head) {
 #pragma unroll
   for (int u = 0; u < kTailUnroll; ++u) {
-    if (j0 + u * keys_per_load < end) {
+    if (j0 + u * keys_per_load < end)
       __pipeline_memcpy_async(&st.code[slot][u][threadIdx.x], crow + u * c_step, 4);
-      __pipeline_memcpy_async(&st.meta[slot][u][threadIdx.x], mrow + u * m_step, 4);
-    }
   }
   for (int g = 0; g < groups; ++g) {
-    const int j = j0 + (g * joint + my_joint) * keys_per_load;
-    if (has_head && j < end) __pipeline_memcpy_async(&st.score[slot][g][threadIdx.x],
-                                                     srow + j * s_ss, 4);
+    const int u = g * joint + my_joint;
+    const int j = j0 + u * keys_per_load;
+    if (has_head && j < end) {
+      __pipeline_memcpy_async(&st.score[slot][g][threadIdx.x], srow + j * s_ss, 4);
+      __pipeline_memcpy_async(&st.meta[slot][g][threadIdx.x], mrow + u * m_step, 4);
+    }
   }
 }
 
-// Code e (bits wide, e < kTailVec) of a lane's code word as a float: exact for codes < 2^23, by
-// the bits of 2^23 + code minus 2^23 (an integer op and an add at full rate, where an integer to
-// float conversion issues at 1/8 of it).
-__device__ __forceinline__ float code_value(uint32_t word, int e, int bits, uint32_t mask) {
-  return __uint_as_float(0x4b000000u | ((word >> (e * bits)) & mask)) - 8388608.0f;
-}
+// A lane's kTailVec codes as floats without a shift or an integer to float conversion (which
+// issues at 1/8 of an FFMA's rate). Once per row, exponent_bits sets the exponent field of the
+// word that holds the codes, Bits wide from bit 0 (Bits = 4: codes 4..7 in the upper half,
+// brought down first); then code e, at bit p < 16, masked in place together with the exponent, is
+// the low part of the mantissa of 2^(23 - kTopBit) · (1 + code · 2^(p - 23)), and subtracting
+// 2^(23 - kTopBit) leaves code · 2^(p - kTopBit) exactly: one logic op and one add per code.
+// kTopBit = 16 - Bits is the highest p; code_unit undoes the power of two on the sums at the end
+// (exact, a power of two; only a product w · scale · code below 2^-112 rounds differently from
+// one without it, as a subnormal).
+template <int Bits>
+struct TailCodes {
+  static constexpr int kPerHalf = 16 / Bits;  // codes in 16 bits
+  static constexpr int kTopBit = 16 - Bits;   // the position of the last of them
+  static constexpr uint32_t kExponent = static_cast<uint32_t>(127 + 23 - kTopBit) << 23;
+  static constexpr float kBase = static_cast<float>(1u << (23 - kTopBit));
 
-// grid (num_chunks, Hkv * slices, B), block kTailThreads, kTailBlocksPerSm blocks per SM.
-template <int D, int GS>
+  // The code word's halves (low, high) with the exponent field set to all ones.
+  __device__ __forceinline__ static uint2 exponent_bits(uint32_t codes) {
+    return make_uint2(codes | 0x7f800000u, (codes >> 16) | 0x7f800000u);
+  }
+  // code e · 2^(p - kTopBit) (Bits = 2 takes only the low half: the compiler drops the high one)
+  __device__ __forceinline__ static float value(uint2 halves, int e) {
+    const int p = Bits * (e % kPerHalf);
+    const uint32_t half = e < kPerHalf ? halves.x : halves.y;
+    return __uint_as_float(and_u32(half, kExponent | (((1u << Bits) - 1u) << p))) - kBase;
+  }
+  // 2^(kTopBit - p) of code e: value(e) · code_unit(e) is the code
+  __host__ __device__ static constexpr float code_unit(int e) {
+    return static_cast<float>(1u << (kTopBit - Bits * (e % kPerHalf)));
+  }
+};
+
+// grid (num_chunks, Hkv * slices, B), block kTailThreads, kTailBlocksPerSm blocks per SM; Bits
+// (2 or 4) is p.bits.
+template <int D, int GS, int Bits>
 __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
     lowbit_tail_kernel(LowbitTailParams p) {
   constexpr int kLanesPerKey = D / kTailVec;  // 8 or 16 lanes share one key row
@@ -144,6 +174,8 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   const int my_value = sub / kDup;      // the (key, head) whose weight this lane computes
   const int my_head = my_value % GS;
   const int my_joint = my_value / GS;   // which key of a group: u = g · kJoint + my_joint
+  // the one lane of a (key, head) pair that adds its w · min (the others compute the same weight)
+  const bool adds_min = sub % kDup == 0;
 
   // The selection bitmap of the chunk.
   for (int t = threadIdx.x; t < GS * words; t += kTailThreads) selected[t / words][t % words] = 0u;
@@ -159,24 +191,26 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
 
   const bool has_head = my_head < gs;
   const float my_lse = has_head ? p.lse[b * p.lse_sb + (h0 + my_head) * p.lse_sh] : 0.0f;
+  using Codes = TailCodes<Bits>;
+  // Σ w · scale · code / Codes::code_unit(e), head h, element sub · kTailVec + e
   float acc[GS][kTailVec];
 #pragma unroll
   for (int h = 0; h < GS; ++h) {
 #pragma unroll
     for (int e = 0; e < kTailVec; ++e) acc[h][e] = 0.0f;
   }
+  float min_sum = 0.0f;  // Σ w · min of the pairs this lane weighs (head my_head)
   __syncthreads();  // the bitmap is complete
 
-  // this lane's codes: bits · kTailVec bits from byte sub · kTailVec · bits / 8 of a code row,
+  // this lane's codes: Bits · kTailVec bits from byte sub · kTailVec · Bits / 8 of a code row,
   // inside the aligned 4-byte word at code_byte & ~3 (code rows are 16-byte aligned)
-  const int code_byte = sub * kTailVec * p.bits / 8;
+  const int code_byte = sub * kTailVec * Bits / 8;
   const int code_shift = (code_byte & 3) * 8;
   const uint8_t* cb = p.codes + b * p.c_sb + kvh * p.c_sh + (code_byte & ~3);
   const uint32_t* mb = p.meta + b * p.m_sb + kvh * p.m_sh;
   // the score row of the head whose weights this lane computes (head h0 for a lane without one:
   // never copied)
   const float* srow = p.scores + b * p.s_sb + (h0 + (has_head ? my_head : 0)) * p.s_sh;
-  const uint32_t code_mask = (1u << p.bits) - 1u;
   constexpr int kKeysPerIter = tail_keys_per_iter<D>();
   // This lane's first row (key j of u = 0) in each iteration; the rows of u > 0 follow at
   // u · kKeysPerLoad keys. Code and meta rows advance by pointer steps, not a 64-bit multiply per
@@ -219,15 +253,16 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
                       has_head);
     __pipeline_commit();
     __pipeline_wait_prior(kTailStages - 1);  // this iteration's rows have landed
-    uint32_t code[kTailUnroll], meta[kTailUnroll];
+    uint32_t code[kTailUnroll], meta[kGroups];
     float score[kGroups];
 #pragma unroll
-    for (int u = 0; u < kTailUnroll; ++u) {
+    for (int u = 0; u < kTailUnroll; ++u)
       code[u] = sh.stage.code[slot][u][threadIdx.x] >> code_shift;
-      meta[u] = sh.stage.meta[slot][u][threadIdx.x];
-    }
 #pragma unroll
-    for (int g = 0; g < kGroups; ++g) score[g] = sh.stage.score[slot][g][threadIdx.x];
+    for (int g = 0; g < kGroups; ++g) {
+      score[g] = sh.stage.score[slot][g][threadIdx.x];
+      meta[g] = sh.stage.meta[slot][g][threadIdx.x];
+    }
     slot = slot == kTailStages - 1 ? 0 : slot + 1;
 #pragma unroll
     for (int g = 0; g < kGroups; ++g) {
@@ -241,27 +276,28 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
           my_w = e > 0.0f ? fminf(e, FLT_MAX) : 0.0f;  // NaN -> 0
         }
       }
+      float my_ws = 0.0f;  // w · scale; a weight of 0 never meets the row's meta (NaN past L_b)
+      if (my_w != 0.0f) {
+        my_ws = my_w * __uint_as_float(meta[g] << 16);  // the bfloat16 scale
+        if (adds_min) min_sum = fmaf(my_w, __uint_as_float(meta[g] & 0xffff0000u), min_sum);
+      }
 #pragma unroll
       for (int t = 0; t < kJoint; ++t) {
         const int u = g * kJoint + t;
-        float w[GS];  // each head's weight of key u, from the lanes that computed them
+        float ws[GS];  // each head's w · scale of key u, from the lanes that computed them
         bool any = false;
 #pragma unroll
         for (int h = 0; h < GS; ++h) {
-          w[h] = __shfl_sync(kFullMask, my_w, key_lane0 + (t * GS + h) * kDup);
-          any = any || w[h] != 0.0f;
+          ws[h] = __shfl_sync(kFullMask, my_ws, key_lane0 + (t * GS + h) * kDup);
+          any = any || ws[h] != 0.0f;
         }
         if (any) {
-          const float step = __uint_as_float(meta[u] << 16);         // bfloat16 scale
-          const float lo = __uint_as_float(meta[u] & 0xffff0000u);  // bfloat16 min
-          float v[kTailVec];
+          const uint2 halves = Codes::exponent_bits(code[u]);
 #pragma unroll
-          for (int e = 0; e < kTailVec; ++e)
-            v[e] = fmaf(step, code_value(code[u], e, p.bits, code_mask), lo);
+          for (int e = 0; e < kTailVec; ++e) {
+            const float c = Codes::value(halves, e);  // code · 2^-(its code_unit)
 #pragma unroll
-          for (int h = 0; h < GS; ++h) {
-#pragma unroll
-            for (int e = 0; e < kTailVec; ++e) acc[h][e] = fmaf(w[h], v[e], acc[h][e]);
+            for (int h = 0; h < GS; ++h) acc[h][e] = fmaf(ws[h], c, acc[h][e]);
           }
         }
       }
@@ -271,7 +307,19 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   __pipeline_wait_prior(0);
   __syncthreads();  // every warp is done with the stages before they hold the warps' sums
 
-  // Sum the key slots of each warp (lanes with the same `sub`), then the warps in order.
+  // Each head's Σ w · min over the warp, added once to each element (on the lanes of key slot 0);
+  // then the key slots of each warp are summed (lanes with the same `sub`), then the warps in
+  // order.
+#pragma unroll
+  for (int h = 0; h < GS; ++h) {
+    float mins = has_head && my_head == h ? min_sum : 0.0f;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) mins += __shfl_xor_sync(kFullMask, mins, off);
+#pragma unroll
+    for (int e = 0; e < kTailVec; ++e)
+      acc[h][e] = kslot == 0 ? fmaf(acc[h][e], Codes::code_unit(e), mins)
+                             : acc[h][e] * Codes::code_unit(e);
+  }
 #pragma unroll
   for (int h = 0; h < GS; ++h) {
 #pragma unroll

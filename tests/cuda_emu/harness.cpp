@@ -43,6 +43,13 @@ void dispatch_group_slice(int group_slice, F&& f) {
   throw std::runtime_error("group slice must be 4 or 8, got " + std::to_string(group_slice));
 }
 
+template <typename F>
+void dispatch_code_bits(int64_t bits, F&& f) {
+  if (bits == 2) return f(std::integral_constant<int, 2>{});
+  if (bits == 4) return f(std::integral_constant<int, 4>{});
+  throw std::runtime_error("bits must be 2 or 4, got " + std::to_string(bits));
+}
+
 // f(type_tag, d_tag, gs_tag) for a kernel templated on <T, D, GS>: the three dispatches above
 // nested, as csrc/cuda/launch_utils.h's dispatch_kernel_instance does for the launchers.
 template <typename F>
@@ -279,15 +286,18 @@ Outputs run_lowbit_tail(const Case& c) {
   Tensor partials = make_tensor(DType::kF32, {plan.partial_floats}, 0xff);  // [B, Hq, chunks, D]
   const kcache_ops::LowbitTailParams p =
       kcache_ops::lowbit_tail_params(args, plan, static_cast<float*>(partials.data()));
+  if (plan.num_chunks == 1) {
+    watch_output(out.data(), out.bytes, "out");
+  } else {
+    watch_output(partials.data(), partials.bytes, "partials");
+  }
   dispatch_head_dim(D, [&](auto d_tag) {
     dispatch_group_slice(plan.group_slice, [&](auto gs_tag) {
-      if (plan.num_chunks == 1) {
-        watch_output(out.data(), out.bytes, "out");
-      } else {
-        watch_output(partials.data(), partials.bytes, "partials");
-      }
-      launch(to_dim3(plan.tail_grid), dim3(plan.tail_block), "lowbit_tail_kernel", [&] {
-        kcache_ops::lowbit_tail_kernel<decltype(d_tag)::value, decltype(gs_tag)::value>(p);
+      dispatch_code_bits(bits, [&](auto bits_tag) {
+        launch(to_dim3(plan.tail_grid), dim3(plan.tail_block), "lowbit_tail_kernel", [&] {
+          kcache_ops::lowbit_tail_kernel<decltype(d_tag)::value, decltype(gs_tag)::value,
+                                         decltype(bits_tag)::value>(p);
+        });
       });
     });
   });
