@@ -1,6 +1,7 @@
 """Batched generation with per-sequence prompt lengths: greedy or sampled, stop on EOS, streaming.
 It builds the cache (above the model and the caches: the model takes the cache it is given)."""
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +117,11 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     eos = set(eos_ids)
     tokens, lens = pad_prompts(prompts)                                     # [B, T], [B]
     batch, longest = tokens.shape
+    trained = model.config.max_position_embeddings
+    if longest + max_new_tokens - 1 > trained:  # the last new token is sampled, never run
+        warnings.warn(f"generate: prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
+                      f"runs past the {trained} positions the model was trained on; the text "
+                      f"beyond them may degrade", stacklevel=2)
     cache = make_cache(backend, model.config, batch, longest + max_new_tokens, device, model.dtype,
                        options)
     streams = [TextStream(tokenizer) for _ in prompts] if on_text else None

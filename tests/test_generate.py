@@ -1,5 +1,6 @@
 """Batched generation (greedy, sampled, EOS, streaming) and the ``generate`` command line."""
 import re
+import warnings
 
 import pytest
 import torch
@@ -99,6 +100,18 @@ def test_cli_dense_and_kcache(folder, capsys):
     capsys.readouterr()
     assert main(["generate", "--model", str(folder / "missing.gguf"), "--prompt", "a"]) == 2
     assert capsys.readouterr().err.startswith("error: no such model file or folder")
+
+
+def test_past_the_trained_positions_warns(loaded):
+    """Generating past max_position_embeddings runs (RoPE has no hard limit) but warns; up to it
+    (the last new token is sampled, never run) it does not."""
+    model, _ = loaded
+    trained = model.config.max_position_embeddings
+    with pytest.warns(UserWarning, match=f"runs past the {trained} positions"):
+        generate(model, [[5] * (trained - 1)], 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(model, [[5] * (trained - 2)], 3)  # positions 0 .. trained - 1
 
 
 def test_token_ids_outside_the_vocabulary(loaded):

@@ -64,3 +64,16 @@ def test_prefill_leaves_lens_alone(pair):
         model.prefill(torch.randint(0, 96, (2, 5)), lens, cache)
         model.decode(torch.tensor([1, 2]), cache)
     assert lens.tolist() == [3, 5] and cache.seq_lens.tolist() == [4, 6]
+
+
+def test_prefill_refuses_an_empty_prompt(pair):
+    """A prompt of 0 tokens has no last token to give logits for: an error, not the logits of a
+    padded position (all_logits, which returns every position, takes it)."""
+    _, model = pair
+    cache = make_cache("dense", model.config, 2, 8, model.device, model.dtype)
+    tokens, lens = torch.randint(0, 96, (2, 5)), torch.tensor([3, 0], dtype=torch.int32)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"lens >= 1.*\[3, 0\]"):
+        model.prefill(tokens, lens, cache)
+    cache = make_cache("dense", model.config, 2, 8, model.device, model.dtype)
+    with torch.no_grad():
+        assert model.prefill(tokens, lens, cache, all_logits=True).shape == (2, 5, 96)

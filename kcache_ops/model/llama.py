@@ -185,6 +185,9 @@ class Llama(nn.Module):
         (rows past ``lens[b]`` are don't-care).
         """
         b, t = tokens.shape
+        if not all_logits and lens.numel() and int(lens.min()) < 1:  # a host read at prefill only
+            raise ValueError(f"prefill: every prompt needs a token to predict from (lens >= 1), "
+                             f"got lens {lens.tolist()}")
         lens = lens.to(device=self.device, dtype=torch.int32)                # [B]
         positions = torch.arange(t, device=self.device).expand(b, t)         # [B, T]
         h = self._run(tokens, positions, lambda i, q, k, v: cache.prefill(i, q, k, v, lens))
