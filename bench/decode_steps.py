@@ -108,7 +108,7 @@ class DefaultLayer:
     def qk_topn(self, layer, q):
         """The step's qk_topn alone: the top N cold rows (the hot ones skipped) of q [B, Hq, D]
         over the layer's K -> scores, indices [B, Hq, N], lse [B, Hq]."""
-        return self.cache.top_cold(q, self.cache.k[layer], self.lens)
+        return self.cache.select(q, self.cache.k[layer], self.lens, top_p=1.0)
 
     def select(self, layer, q):
         """The step's selection (qk_topn over the cold rows, the top_p prefix) -> scores,

@@ -13,11 +13,12 @@ TORCH_LIBRARY(kcache_ops, m) {
   //      all_scores [B, Hq, S] float32 with return_scores (rows 16-byte aligned: a view of
   //      [B, Hq, S rounded up to 4]; only j < seq_lens[b] defined), else [0].
   // The top n among keys skip_first <= j < L_b - skip_last, lse over all j < L_b (L_b: seq_lens[b]
-  // clamped to [0, S]).
+  // clamped to [0, S]); with top_p < 1 each head keeps the shortest prefix of its entries whose
+  // mass sum exp(s - lse) reaches top_p, the rest padding.
   m.def(
       "qk_topn(Tensor q, Tensor k_cache, Tensor seq_lens, int n, float scale, "
       "bool group_select=False, bool check_values=True, bool return_scores=False, "
-      "int skip_first=0, int skip_last=0) "
+      "int skip_first=0, int skip_last=0, float top_p=1.0) "
       "-> (Tensor scores, Tensor indices, Tensor lse, Tensor all_scores)");
   // scores [B, Hq, N] float32, indices [B, Hq, N] int32, v_cache [B, Hkv, S, D],
   // lse [B, Hq] float32, the mean tail's v_sum [B, Hkv, D] float32 and seq_lens [B] int32

@@ -15,10 +15,10 @@ struct QkTopnDims {
 };
 
 // q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B] int32, n >= 1, skip_first / skip_last
-// >= 0.
+// >= 0, top_p in (0, 1] as a float32 (the ops compare in float32).
 inline QkTopnDims check_qk_topn_args(const at::Tensor& q, const at::Tensor& k_cache,
                                      const at::Tensor& seq_lens, int64_t n, int64_t skip_first,
-                                     int64_t skip_last) {
+                                     int64_t skip_last, double top_p) {
   KC_CHECK_DIM(q, 3);
   KC_CHECK_DIM(k_cache, 4);
   KC_CHECK_DIM(seq_lens, 1);
@@ -40,6 +40,8 @@ inline QkTopnDims check_qk_topn_args(const at::Tensor& q, const at::Tensor& k_ca
               "skip_first must be in [0, 2^31), got ", skip_first);
   TORCH_CHECK(skip_last >= 0 && skip_last < (int64_t{1} << 31),
               "skip_last must be in [0, 2^31), got ", skip_last);
+  const float top_p32 = static_cast<float>(top_p);
+  TORCH_CHECK(top_p32 > 0 && top_p32 <= 1, "top_p must be in (0, 1] (as a float32), got ", top_p);
   KC_CHECK_LAST_CONTIGUOUS(q);
   KC_CHECK_LAST_CONTIGUOUS(k_cache);
   return {B, Hq, Hkv, Hq / Hkv, S, D, n};

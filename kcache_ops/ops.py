@@ -6,7 +6,7 @@ import torch
 
 
 def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_values=True,
-            return_scores=False, skip_first=0, skip_last=0):
+            return_scores=False, skip_first=0, skip_last=0, top_p=1.0):
     """Exact scores ``scale * q·Kᵀ`` over all valid keys, and the top ``n`` of them.
 
     Parameters
@@ -38,12 +38,17 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_value
         Rank only the keys ``skip_first <= j < L_b − skip_last`` (KCache's cold rows: its hot
         rows, the first and the last positions, are attended from the device); ``lse`` and
         ``all_scores`` still cover every ``j < L_b``.
+    top_p : float in (0, 1], as a float32
+        Below 1: an adaptive budget — each head keeps only the shortest prefix of its ``n``
+        entries (in their order) whose full-softmax mass ``Σ exp(s − lse)`` (a NaN term counting
+        0) reaches ``top_p``; the entries after it become padding. The first entry is always
+        kept. 1 (or a value that rounds to 1 in float32) keeps all ``n``.
 
     Returns
     -------
     scores : Tensor [B, Hq, n] float32
         Scores at the selected keys, descending (by group mass in group mode), ties to the lower
-        index; padding (fewer than ``n`` ranked keys) is ``-inf``.
+        index; padding (fewer than ``n`` ranked keys, or past the ``top_p`` prefix) is ``-inf``.
     indices : Tensor [B, Hq, n] int32
         Key positions, ``-1`` for padding.
     lse : Tensor [B, Hq] float32
@@ -55,7 +60,8 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_value
     if scale is None:  # a q of no dims or D = 0 reaches the op, whose shape check names it
         scale = 1.0 / math.sqrt(max(q.shape[-1], 1)) if q.dim() else 1.0
     out = torch.ops.kcache_ops.qk_topn(q, k_cache, seq_lens, n, float(scale), group_select,
-                                       check_values, return_scores, skip_first, skip_last)
+                                       check_values, return_scores, skip_first, skip_last,
+                                       float(top_p))
     return out if return_scores else out[:3]
 
 
@@ -250,10 +256,12 @@ def _check_bits(bits):
 
 @torch.library.register_fake("kcache_ops::qk_topn")
 def _(q, k_cache, seq_lens, n, scale, group_select=False, check_values=True,
-      return_scores=False, skip_first=0, skip_last=0):
+      return_scores=False, skip_first=0, skip_last=0, top_p=1.0):
     _check_fake("qk_topn", {"q": (q, 3), "k_cache": (k_cache, 4), "seq_lens": (seq_lens, 1)})
     if n < 1:
         raise RuntimeError(f"n must be >= 1, got {n}")
+    if not 0 < float(torch.tensor(top_p, dtype=torch.float32)) <= 1:
+        raise RuntimeError(f"top_p must be in (0, 1] (as a float32), got {top_p}")
     B, Hq, _ = q.shape
     S = k_cache.shape[2]
     if return_scores:  # [B, Hq, S] of [B, Hq, S rounded up to 4]

@@ -35,13 +35,15 @@ def _top(keys, ranked, n):
     return torch.gather(order, -1, first)[..., :n]
 
 
-def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, skip_first=0, skip_last=0):
+def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, skip_first=0, skip_last=0,
+            top_p=1.0):
     """Reference of kcache_ops.qk_topn.
 
     q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B]
     -> scores [B, Hq, n] float32, indices [B, Hq, n] int32, lse [B, Hq] float32.
     The top n of the keys skip_first <= j < L_b - skip_last; lse over all j < L_b. Entries past
-    those keys are padding: index -1, score -inf.
+    those keys are padding: index -1, score -inf. With top_p < 1, each head keeps only the
+    :func:`mass_prefix` of its entries.
     """
     B, Hq, _ = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
@@ -66,7 +68,24 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, skip_first=
     padding = slot[None, None, :] >= count[:, :, None]  # [B, 1, n]
     idx = idx.masked_fill(padding, -1).to(torch.int32)
     scores = scores.masked_fill(padding, float("-inf"))
+    if top_p < 1:
+        scores, idx = mass_prefix(scores, idx, lse, top_p)
     return scores, idx, lse
+
+
+def mass_prefix(scores, indices, lse, top_p):
+    """Per head, the shortest prefix of the selected entries (in their order) whose full-softmax
+    mass ``Σ exp(score − lse)`` (NaN counting 0) reaches ``top_p``; the rest marked padding.
+
+    scores [B, Hq, N] float32, indices [B, Hq, N] int32 (-1 padding), lse [B, Hq] float32
+    -> (scores [B, Hq, N] with -inf, indices [B, Hq, N] with -1 past the prefix). The masses are
+    float32 and added in float64; ``top_p`` is taken as a float32, as the ops do. The first entry
+    is always kept (nothing is ahead of it).
+    """
+    mass = torch.exp(scores - lse[..., None]).nan_to_num(0.0).double()  # [B, Hq, N]; 0: padding
+    before = mass.cumsum(-1) - mass  # [B, Hq, N] the mass of the entries ahead of each
+    drop = before >= float(torch.tensor(top_p, dtype=torch.float32))  # [B, Hq, N]
+    return scores.masked_fill(drop, float("-inf")), indices.masked_fill(drop, -1)
 
 
 def attn_weights(scores, indices, lse=None, renormalize=True):

@@ -8,7 +8,6 @@ import torch
 
 from kcache_ops import reference
 from kcache_ops.caches import KCache, KCacheOptions, make_cache
-from kcache_ops.caches.budget import mass_prefix
 from kcache_ops.model.config import LlamaConfig
 
 from conftest import TOL
@@ -150,7 +149,7 @@ def test_small_topn_matches_reference_ops(device, group_select, tail):
 
 
 def prefix_by_loop(scores, indices, lse, top_p):
-    """mass_prefix written as a loop over heads and entries, for the test."""
+    """reference.mass_prefix written as a loop over heads and entries, for the test."""
     scores, indices = scores.clone(), indices.clone()
     B, Hq, N = scores.shape
     for b in range(B):
@@ -170,10 +169,10 @@ def test_mass_prefix_keeps_the_shortest_prefix_reaching_top_p():
     lens = torch.tensor([50, 0], dtype=torch.int32)  # [B]; the second sequence is empty
     scores, indices, lse = reference.qk_topn(q, k, lens, 16)
     for top_p in (0.3, 0.8, 1.0):
-        got = mass_prefix(scores, indices, lse, top_p)
+        got = reference.mass_prefix(scores, indices, lse, top_p)
         want = prefix_by_loop(scores, indices, lse, top_p)
         assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
-    kept = (mass_prefix(scores, indices, lse, 0.3)[1] >= 0).sum(-1)  # [B, Hq]
+    kept = (reference.mass_prefix(scores, indices, lse, 0.3)[1] >= 0).sum(-1)  # [B, Hq]
     assert (kept[0] >= 1).all() and (kept[0] < 16).any() and (kept[1] == 0).all()
 
 
@@ -378,3 +377,24 @@ def test_store_prompt_then_decode_equals_prefill(device):
         new_k = torch.stack([h[:, -1] for h in k]).to(device)  # [B, Hkv, D]
         new_v = torch.stack([h[:, -1] for h in v]).to(device)  # [B, Hkv, D]
         torch.testing.assert_close(stored.decode(layer, q, new_k, new_v), out, atol=0, rtol=0)
+
+
+def test_step_tensors_keep_their_addresses(device):
+    """What every layer of a decode step shares — attend_lens, positions, the hot slots — is
+    computed once per step, in place: the same tensors, each step's values (a CUDA graph of
+    whole steps reads them at the addresses it captured)."""
+    run = Run(KCache(tiny_config(), len(LENS), 32, device, torch.float32, KCacheOptions(
+        sinks=2, window=3)), device, torch.float32)
+    lengths, cache = run.cache.lengths, run.cache
+    slots = cache.hot_slots
+    tensors = (lengths.seq_lens, lengths.attend_lens, lengths.positions, slots.slot, slots.held,
+               slots.gather, slots.empty)
+    addresses = [t.data_ptr() for t in tensors]
+    run.prefill()
+    for step in range(STEPS):
+        want = torch.tensor(LENS) + step
+        assert lengths.positions.tolist() == want.tolist()
+        assert lengths.attend_lens.tolist() == (want + 1).tolist()
+        assert slots.slot.tolist() == [p if p < 2 else 2 + (p - 2) % 3 for p in want.tolist()]
+        run.step()
+    assert [t.data_ptr() for t in tensors] == addresses

@@ -34,8 +34,9 @@ def test_defaults_and_normalization():
     ({"dense_layers": ("0",)}, "dense_layers must be integers"),
     ({"dense_layers": 5}, "dense_layers must be a sequence of layer indices, got 5"),
     ({"tail": "int3"}, "tail must be one of none, mean, int2, int4, got 'int3'"),
-    ({"top_p": 0}, "top_p must be a number in \\(0, 1\\], got 0"),
-    ({"top_p": 1.5}, "top_p must be a number in \\(0, 1\\], got 1.5"),
+    ({"top_p": 0}, "top_p must be a number in \\(0, 1\\] \\(as a float32\\), got 0"),
+    ({"top_p": 1.5}, "top_p must be a number in \\(0, 1\\] \\(as a float32\\), got 1.5"),
+    ({"top_p": 1e-46}, "top_p must be a number in \\(0, 1\\] \\(as a float32\\), got 1e-46"),
     ({"top_p": True}, "top_p must be a number in"),
     ({"tail": "int2", "renormalize": False}, "renormalize=False drops the mass outside the top N"),
 ])

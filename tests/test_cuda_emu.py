@@ -23,7 +23,7 @@ from test_lowbit_tail import check_tail as check_lowbit_tail
 from test_lowbit_tail import nan_row_case
 from test_lowbit_tail import make_case as make_lowbit_case
 from test_lowbit_tail import reference_scores as lowbit_reference_scores
-from test_qk_topn import check_topn, make_qk
+from test_qk_topn import check_top_p, check_topn, make_qk
 from test_quantize_rows import make_rows
 from test_sparse_attn_v import check_attn, make_selection, make_tail_case, overlapping_indices
 from test_sparse_attn_v import check_tail as check_mean_tail
@@ -51,13 +51,13 @@ def asan_exe():
 
 
 def run_qk_topn(exe, q, k, seq_lens, n, scale, group_select, sms=SMS, seeds=SEEDS,
-                return_scores=False, skip_first=0, skip_last=0):
+                return_scores=False, skip_first=0, skip_last=0, top_p=1.0):
     """qk_topn on the emulator: q [B, Hq, D], k [B, Hkv, S, D], seq_lens [B] int32 (any strides)
     -> scores [B, Hq, n] float32, indices [B, Hq, n] int32, lse [B, Hq] float32, and with
     return_scores the score scratch as the launcher returns it, [B, Hq, S] float32. sms: the
     multiprocessor count the chunk sizing is given."""
     out = emu.run(exe, "qk_topn", dict(n=n, scale=scale, group_select=int(group_select), sms=sms,
-                                       skip_first=skip_first, skip_last=skip_last),
+                                       skip_first=skip_first, skip_last=skip_last, top_p=top_p),
                   dict(q=q, k_cache=k, seq_lens=seq_lens), seeds=seeds)
     picked = out["scores"], out["indices"], out["lse"]  # [B, Hq, n], [B, Hq, n], [B, Hq]
     if not return_scores:
@@ -874,6 +874,22 @@ def _barrier_after(path, marker):
     start = next(i for i, line in enumerate(lines) if marker in line)
     line = next(i for i in range(start, len(lines)) if re.search(r"__syncthreads\(\)", lines[i]))
     return f"{path.name}:{line + 1}"
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+@pytest.mark.parametrize("sms", [1, SMS], ids=["whole_rows", "split_rows"])
+def test_qk_topn_top_p(race_exe, group_select, sms):
+    """top_p < 1 in the select kernels: on whole rows (one multiprocessor: no split) and in the
+    merge of rows split over slices, each head keeps the mass prefix of the same call's full
+    selection (the reference's cut of it), the first entry always."""
+    lens = seq_lens_tensor([5000, 0, 90], "cpu")
+    q, k = make_qk(3, 4, 1, 5000, 64, torch.float32, "cpu")
+    k = k * 3
+    full = run_qk_topn(race_exe, q, k, lens, 60, 1 / 8, group_select, sms=sms, seeds=(1,))
+    for top_p in (0.3, 0.8):
+        cut = run_qk_topn(race_exe, q, k, lens, 60, 1 / 8, group_select, sms=sms, top_p=top_p)
+        check_top_p(full, cut, top_p)
+        assert (cut[1] >= 0).sum() < (full[1] >= 0).sum(), "top_p must cut somewhere"
 
 
 def test_missing_barrier_is_caught(race_exe):

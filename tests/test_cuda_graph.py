@@ -92,3 +92,44 @@ def test_default_layer_step_graph_replay(monkeypatch):
         want = eager.decode(0, q, k, v)  # the same position, the same new token
         torch.cuda.synchronize()
         torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
+def test_default_decode_steps_graph_replay():
+    """Whole decode steps captured once — a default layer's decode and finish_decode — and
+    replayed step after step: the lengths, the positions and the hot slots are updated in place,
+    so each replay appends at the next position and equals the eager twin's step. (What stays on
+    the host is not replayed: the capacity check, and a dense layer's width; no dense layer
+    here.)"""
+    B, Hq, Hkv, S, D = 2, 8, 2, 2600, 128
+    config = LlamaConfig(vocab_size=16, hidden_size=Hq * D, intermediate_size=32, num_layers=1,
+                         num_heads=Hq, num_kv_heads=Hkv, head_dim=D)
+    lens = torch.tensor([2500, 700], dtype=torch.int32, device="cuda")  # [B]
+    T = int(lens.max())
+    prompt_k = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16)
+    prompt_v = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16)
+    graphed, eager = (KCache(config, B, S, "cuda", torch.bfloat16, KCacheOptions())
+                      for _ in range(2))
+    for cache in (graphed, eager):
+        cache.store_prompt(0, prompt_k, prompt_v, lens)
+        cache.finish_prefill(lens)
+    q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16)   # static inputs
+    k = torch.randn(B, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, Hkv, D, device="cuda", dtype=torch.bfloat16)
+
+    def step(cache):
+        out = cache.decode(0, q, k, v)
+        cache.finish_decode()
+        return out
+
+    step(eager)  # the step capture_graph's warm-up runs on `graphed`
+    graph, out = capture_graph(lambda: step(graphed))
+    for _ in range(4):
+        q.normal_()
+        k.normal_()
+        v.normal_()
+        graph.replay()
+        want = step(eager)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, want, atol=0, rtol=0)
+    assert torch.equal(graphed.seq_lens, eager.seq_lens)
+    assert torch.equal(graphed.seq_lens.cpu(), lens.cpu() + 5)

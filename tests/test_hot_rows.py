@@ -9,7 +9,7 @@ import torch
 
 from kcache_ops import reference
 from kcache_ops.caches import KCacheOptions, sequence_bytes
-from kcache_ops.caches.hot import HotRows
+from kcache_ops.caches.hot import HotSlots
 
 from test_cache import HKV, HQ, LAYERS, LENS, STEPS, D, Run, make, tiny_config
 
@@ -24,7 +24,7 @@ def hot_positions(length, sinks, window):
 @pytest.mark.parametrize("sinks, window", [(2, 3), (0, 4), (3, 0), (1, 1)])
 def test_slots_hold_the_first_and_last_positions(sinks, window):
     """Slot j holds a hot position, every hot position has a slot, whatever the length."""
-    hot = HotRows(sinks, window, 1, 1, 64, "cpu", torch.float32)
+    hot = HotSlots(sinks, window, 1, "cpu")
     for length in range(0, 20):
         pos, valid = hot.positions(torch.tensor([length], dtype=torch.int32))  # [1, H] each
         held = [p for p, ok in zip(pos[0].tolist(), valid[0].tolist()) if ok]
@@ -37,15 +37,20 @@ def test_slots_hold_the_first_and_last_positions(sinks, window):
 
 
 @pytest.mark.parametrize("sinks, window", [(2, 3), (0, 4), (3, 0)])
-def test_appends_keep_the_held_positions(device, sinks, window):
+def test_slots_follow_the_lengths(device, sinks, window):
     """``held``, which a decode step reads instead of recomputing the slots' positions, is what
-    ``positions`` gives at every length: after the prefill and after each append."""
+    ``positions`` gives at the length the next step attends over (its new token included), after
+    the prefill and after each step; ``gather`` and ``empty`` follow it, and every layer shares
+    them."""
     run = Run(make(device, topn=TOPN, sinks=sinks, window=window), device, torch.float32)
     run.prefill()
+    slots = run.cache.hot_slots
+    assert all(hot.slots is slots for hot in run.cache.hot.values())
     for step in range(STEPS + 1):
-        for hot in run.cache.hot.values():
-            pos, valid = hot.positions(run.cache.seq_lens)  # [B, H] each
-            assert torch.equal(hot.held.long(), torch.where(valid, pos, -1)), step
+        pos, valid = slots.positions(run.cache.lengths.attend_lens)  # [B, H] each
+        want = torch.where(valid, pos, -1)  # [B, H]
+        assert torch.equal(slots.held.long(), want), step
+        assert torch.equal(slots.gather, want.clamp(min=0)) and torch.equal(slots.empty, want < 0)
         if step < STEPS:
             run.step()
 

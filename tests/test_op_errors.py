@@ -66,6 +66,9 @@ def test_qk_topn_bad_skips(device, qk):
         kcache_ops.qk_topn(*qk, N, skip_first=-1)
     with pytest.raises(RuntimeError, match=r"skip_last must be in \[0, 2\^31\), got 2147483648"):
         kcache_ops.qk_topn(*qk, N, skip_last=2 ** 31)
+    for top_p in (0.0, -0.5, 1.5, float("nan"), 1e-46):  # 1e-46: 0 as a float32
+        with pytest.raises(RuntimeError, match=r"top_p must be in \(0, 1\] \(as a float32\), got"):
+            kcache_ops.qk_topn(*qk, N, top_p=top_p)
 
 
 @pytest.mark.parametrize("i, bad, message", [

@@ -114,6 +114,45 @@ def test_skipped_keys_are_not_ranked(device, dtype, group_select, skip_first, sk
                                    rtol=TOL[dtype])
 
 
+def check_top_p(full, cut, top_p):
+    """qk_topn's output with top_p (cut) is the mass prefix of the same call's without (full):
+    lse unchanged, each head's entries after it padding, the first entry of a head always kept."""
+    scores, idx, lse = (t.cpu() for t in full)  # [B, Hq, n], [B, Hq, n], [B, Hq]
+    want_scores, want_idx = R.mass_prefix(scores, idx, lse, top_p)
+    assert torch.equal(cut[2].cpu(), lse)
+    assert torch.equal(cut[1].cpu(), want_idx) and torch.equal(cut[0].cpu(), want_scores)
+    assert ((want_idx[..., 0] >= 0) == (idx[..., 0] >= 0)).all()
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+@pytest.mark.parametrize("n", [1, 50, 300])
+def test_top_p_keeps_each_heads_mass_prefix(device, dtype, group_select, n):
+    """top_p < 1 (KCache's adaptive budget): per head, the shortest prefix of its n entries whose
+    mass exp(s - lse) reaches top_p, the rest padding; top_p = 1 keeps all n. Keys scaled so that
+    a few carry most of the mass (L_b = 0, short and long rows, skipped keys)."""
+    lens = [1500, 0, 40, 700]
+    q, k = make_qk(len(lens), 8, 2, 1500, 64, dtype, device)
+    k = k * 3
+    lens = seq_lens_tensor(lens, device)
+    full = kcache_ops.qk_topn(q, k, lens, n, None, group_select, skip_first=3, skip_last=5)
+    ones = kcache_ops.qk_topn(q, k, lens, n, None, group_select, skip_first=3, skip_last=5,
+                              top_p=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(full, ones))
+    kept = []
+    for top_p in (1e-6, 0.3, 0.9, 0.999):
+        cut = kcache_ops.qk_topn(q, k, lens, n, None, group_select, skip_first=3, skip_last=5,
+                                 top_p=top_p)
+        check_top_p(full, cut, top_p)
+        kept.append((cut[1] >= 0).sum().item())
+    assert kept == sorted(kept) and kept[0] >= (full[1][..., 0] >= 0).sum().item()
+    near_one = kcache_ops.qk_topn(q, k, lens, n, None, group_select, skip_first=3, skip_last=5,
+                                  top_p=0.99999999)  # 1 as a float32: no cut, as the reference
+    assert all(torch.equal(a, b) for a, b in zip(full, near_one))
+    check_top_p(full, near_one, 0.99999999)
+    if n > 1:
+        assert kept[1] < (full[1] >= 0).sum().item(), "top_p = 0.3 must cut somewhere"
+
+
 @pytest.mark.parametrize("skip_first, skip_last", [(0, 0), (5, 61)])
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_ties_exact(device, group_select, skip_first, skip_last):

@@ -145,6 +145,23 @@ void write_head(const std::vector<Cand>& pick, const float* s_head, int64_t n,
   std::fill(indices + m, indices + n, -1);
 }
 
+// With top_p < 1: the n entries of one head (written by write_head) cut to the shortest prefix
+// whose mass exp(s - lse) (a NaN term counting 0) reaches top_p, the rest padding. The first
+// entry is always kept: nothing is ahead of it.
+void keep_mass_prefix(float lse, float top_p, int64_t n, float* scores /* [n] */,
+                      int32_t* indices /* [n] */) {
+  double ahead = 0.0;  // the mass of the entries before entry i
+  for (int64_t i = 0; i < n && indices[i] >= 0; ++i) {
+    if (ahead >= top_p) {
+      std::fill(scores + i, scores + n, kNegInf);
+      std::fill(indices + i, indices + n, -1);
+      return;
+    }
+    const float m = std::exp(scores[i] - lse);
+    if (!std::isnan(m)) ahead += m;
+  }
+}
+
 // Buffers of one group's selection, kept per thread across calls (no allocation and page faults
 // per call; about G * S * 4 bytes per thread).
 struct Scratch {
@@ -163,12 +180,13 @@ void top_n_in(const float* keys, int64_t lo, int64_t hi, int64_t n, TopN& top) {
 }
 
 // One (batch, kv head): q [G, kD] (row stride q_stride), k [L, kD] (row stride k_stride) ->
-// scores/indices [G, n] (the top n of keys skip_first <= j < L - skip_last), lse [G] (over all
-// j < L), and every score into all [G, >= L] (row stride all_stride) unless all is nullptr.
+// scores/indices [G, n] (the top n of keys skip_first <= j < L - skip_last; with top_p < 1 each
+// head's mass prefix of them), lse [G] (over all j < L), and every score into all [G, >= L] (row
+// stride all_stride) unless all is nullptr.
 template <class Isa, typename scalar_t, int64_t kD>
 void select_group(const scalar_t* q, int64_t q_stride, const scalar_t* k, int64_t k_stride,
                   int64_t G, int64_t L, int64_t n, float scale, bool group_select,
-                  int64_t skip_first, int64_t skip_last, Scratch& tmp, float* scores,
+                  int64_t skip_first, int64_t skip_last, float top_p, Scratch& tmp, float* scores,
                   int32_t* indices, float* lse, float* all, int64_t all_stride) {
   tmp.qf.resize(G * kD);
   for (int64_t h = 0; h < G; ++h) {
@@ -189,6 +207,7 @@ void select_group(const scalar_t* q, int64_t q_stride, const scalar_t* k, int64_
   for (int64_t h = 0; h < G; ++h) {
     if (!group_select) top_n_in<Isa>(&tmp.s[h * L], lo, hi, n, tmp.top);
     write_head(tmp.top.best, &tmp.s[h * L], n, scores + h * n, indices + h * n);
+    if (top_p < 1.0f) keep_mass_prefix(lse[h], top_p, n, scores + h * n, indices + h * n);
   }
 }
 
@@ -198,8 +217,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
     const at::Tensor& seq_lens,  // [B] int32
     int64_t n, double scale, bool group_select,
     bool /*check_values*/,  // seq_lens are on the host: always checked, no sync to save
-    bool return_scores, int64_t skip_first, int64_t skip_last) {
-  const QkTopnDims dims = check_qk_topn_args(q, k_cache, seq_lens, n, skip_first, skip_last);
+    bool return_scores, int64_t skip_first, int64_t skip_last, double top_p) {
+  const QkTopnDims dims =
+      check_qk_topn_args(q, k_cache, seq_lens, n, skip_first, skip_last, top_p);
   KC_CHECK_CPU("qk_topn", q);
   KC_CHECK_CPU("qk_topn", k_cache);
   KC_CHECK_CPU("qk_topn", seq_lens);
@@ -225,7 +245,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
         q.data_ptr<scalar_t>() + b * q.stride(0) + kvh * G * q.stride(1), q.stride(1),
         k_cache.data_ptr<scalar_t>() + b * k_cache.stride(0) + kvh * k_cache.stride(1),
         k_cache.stride(2), G, lens[b * seq_lens.stride(0)], n, static_cast<float>(scale),
-        group_select, skip_first, skip_last, tmp, scores.data_ptr<float>() + head0 * n,
+        group_select, skip_first, skip_last, static_cast<float>(top_p), tmp,
+        scores.data_ptr<float>() + head0 * n,
         indices.data_ptr<int32_t>() + head0 * n, lse.data_ptr<float>() + head0,
         all_ptr == nullptr ? nullptr : all_ptr + head0 * all_stride, all_stride);
   });

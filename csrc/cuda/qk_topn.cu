@@ -23,9 +23,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
     const at::Tensor& k_cache,   // [B, Hkv, S, D], CUDA, same dtype
     const at::Tensor& seq_lens,  // [B] int32, CUDA
     int64_t n, double scale, bool group_select, bool check_values, bool return_scores,
-    int64_t skip_first, int64_t skip_last) {
+    int64_t skip_first, int64_t skip_last, double top_p) {
   constexpr const char* kOp = "qk_topn";
-  const QkTopnDims dims = check_qk_topn_args(q, k_cache, seq_lens, n, skip_first, skip_last);
+  const QkTopnDims dims =
+      check_qk_topn_args(q, k_cache, seq_lens, n, skip_first, skip_last, top_p);
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
   KC_CHECK_DEVICE(k_cache, q.device());
   KC_CHECK_DEVICE(seq_lens, q.device());
@@ -64,6 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
       .group_select = group_select,
       .skip_first = skip_first,
       .skip_last = skip_last,
+      .top_p = static_cast<float>(top_p),
   };
   const QkTopnPlan plan = plan_qk_topn(args, multiprocessor_count(q.get_device()));
   // [B, Hq, num_chunks] (max, sumexp) pairs

@@ -210,6 +210,7 @@ struct QkSelectParams {
   float* out_lse;            // [B, Hq] contiguous
   int hq, hkv, s, n, num_chunks;
   int skip_first, skip_last; // the ranked keys of row b: skip_first <= j < L_b - skip_last
+  float top_p;               // < 1: each head keeps the shortest prefix reaching this mass
   int slices;                // blocks per ranked row of qk_select_kernel
   int64_t slice_keys;        // keys per slice, a multiple of 4
   bool group_select;
@@ -225,6 +226,7 @@ struct SelectShared {
   int hist[kSelectBins];
   int warp_total[kSelectThreads / 32];
   float lse[kMaxGroupSelect];         // of the ranked row's heads
+  int keep[kMaxGroupSelect];          // with top_p < 1: the entries each head keeps
   int digit, remaining, bin_count, n_gt;
 };
 
@@ -505,20 +507,74 @@ __device__ __forceinline__ void collect_candidates(const SelectRow& row, SelectT
   __syncthreads();
 }
 
+// The key position of candidate c (the low 32 bits hold ~index).
+__device__ __forceinline__ int cand_index(unsigned long long c) {
+  return static_cast<int>(~static_cast<uint32_t>(c));
+}
+
+// Head h's full-softmax mass exp(s_j - lse) of sorted pick i, 0 where it is NaN (as the
+// reference's nan_to_num) or the pick is not a valid key.
+__device__ __forceinline__ double pick_mass(const SelectRow& row, int h, int i,
+                                            const SelectShared& sh) {
+  const int j = cand_index(sh.cand[i]);
+  if (j < 0 || j >= row.len) return 0.0;
+  const float m = expf(row.scores[h * row.score_stride + j] - sh.lse[h]);
+  return isnan(m) ? 0.0 : static_cast<double>(m);
+}
+
+// With top_p < 1, the entries each head of the row keeps, into sh.keep[h]: the shortest prefix of
+// its count sorted picks whose mass reaches top_p (the first pick when count > 0: nothing is
+// ahead of it). Warp w takes heads w, w + 16, ...; lane l the run of picks [l · run, (l + 1) ·
+// run): it adds their masses, the runs' sums are scanned over the lanes (in double), and each lane
+// finds its first pick with at least top_p of mass ahead of it; the first over the lanes ends the
+// prefix. Every thread must call it; ends with a barrier.
+__device__ __forceinline__ void mass_prefix_counts(const QkSelectParams& p, const SelectRow& row,
+                                                   int count, SelectShared& sh) {
+  const int lane = threadIdx.x % 32;
+  const int run = (count + 31) / 32;
+  const int lo = min(count, lane * run), hi = min(count, lo + run);
+  for (int h = threadIdx.x / 32; h < row.nh; h += kSelectThreads / 32) {
+    double sum = 0.0;  // this lane's run
+    for (int i = lo; i < hi; ++i) sum += pick_mass(row, h, i, sh);
+    double ahead = sum;  // inclusive scan over the lanes, then shifted by one: exclusive
+    for (int off = 1; off < 32; off <<= 1) {
+      const double up = __shfl_up_sync(kFullMask, ahead, off);
+      if (lane >= off) ahead += up;
+    }
+    ahead = __shfl_up_sync(kFullMask, ahead, 1);
+    if (lane == 0) ahead = 0.0;
+    int first = count;  // the first pick past the prefix
+    for (int i = lo; i < hi; ++i) {
+      if (ahead >= p.top_p) {
+        first = i;
+        break;
+      }
+      ahead += pick_mass(row, h, i, sh);
+    }
+    for (int off = 16; off > 0; off >>= 1)
+      first = min(first, __shfl_xor_sync(kFullMask, first, off));
+    if (lane == 0) sh.keep[h] = first;
+  }
+  __syncthreads();
+}
+
 // Phases 4 and 5: sorts sh.cand[0, size) (size a power of two) by (key desc, index asc) and writes
-// n entries per head of the row: the count best picks with their scores, then padding (-1, -inf).
-// Every thread must call it.
+// n entries per head of the row: the count best picks with their scores (with top_p < 1, the
+// head's mass prefix of them), then padding (-1, -inf). Every thread must call it.
 __device__ __forceinline__ void write_selection(const QkSelectParams& p, const SelectRow& row,
                                                 int64_t row0, int count, int size,
                                                 SelectShared& sh) {
   block_bitonic_sort<kSelectThreads, true>(sh.cand, size);
+  const bool cut = p.top_p < 1.0f;
+  if (cut) mass_prefix_counts(p, row, count, sh);
   for (int i = threadIdx.x; i < p.n; i += kSelectThreads) {
-    const int j = i < count ? static_cast<int>(~static_cast<uint32_t>(sh.cand[i])) : -1;
+    const int j = i < count ? cand_index(sh.cand[i]) : -1;
     const bool valid = j >= 0 && j < row.len;
     for (int h = 0; h < row.nh; ++h) {
+      const bool kept = valid && (!cut || i < sh.keep[h]);
       const int64_t o = (row0 + h) * p.n + i;
-      p.out_indices[o] = valid ? j : -1;
-      p.out_scores[o] = valid ? row.scores[h * row.score_stride + j] : -INFINITY;
+      p.out_indices[o] = kept ? j : -1;
+      p.out_scores[o] = kept ? row.scores[h * row.score_stride + j] : -INFINITY;
     }
   }
 }

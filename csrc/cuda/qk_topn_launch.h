@@ -22,6 +22,7 @@ struct QkTopnArgs {
   float scale;
   bool group_select;
   int64_t skip_first, skip_last;  // ranked keys: skip_first <= j < L_b - skip_last (< 2^31 each)
+  float top_p;                    // in (0, 1]: below 1, each head's mass prefix is kept
 };
 
 // Sizes of the two launches and of their scratch buffers.
@@ -164,6 +165,7 @@ inline QkSelectParams qk_select_params(const QkTopnArgs& a, const QkTopnPlan& pl
       .num_chunks = plan.num_chunks,
       .skip_first = static_cast<int>(a.skip_first),
       .skip_last = static_cast<int>(a.skip_last),
+      .top_p = a.top_p,
       .slices = plan.select_slices,
       .slice_keys = plan.select_slice_keys,
       .group_select = a.group_select,

@@ -28,7 +28,7 @@ def append_and_attend(lengths, k_cache, v_cache, q, k, v):
 
     ``lengths`` is the cache's :class:`SeqLengths`; only the first ``longest + 1`` keys are read.
     """
-    pos = lengths.seq_lens.long()  # [B]
+    pos = lengths.positions  # [B] long
     k_cache[lengths.rows, :, pos] = k
     v_cache[lengths.rows, :, pos] = v
     width = lengths.longest + 1

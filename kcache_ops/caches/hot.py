@@ -9,7 +9,9 @@ The hot and the host part share the step's exact ``lse``, so their exact weights
 
 Slots: ``0 .. sinks-1`` hold positions ``0 .. sinks-1``; the ``window`` slots after them are a ring
 over positions ``>= sinks`` (position ``p`` in slot ``sinks + (p − sinks) mod window``), so an
-append overwrites the position that just left the window.
+append overwrites the position that just left the window. Which position each slot holds is the
+same for every layer: the cache keeps it once (:class:`HotSlots`), each layer its V
+(:class:`HotRows`).
 """
 from collections import namedtuple
 
@@ -17,29 +19,34 @@ import torch
 
 # the exact attention of a step's hot rows: out [B, Hq, D] float32 = Σ exp(s − lse) · v,
 # mass [B, Hq] float32 = Σ exp(s − lse), indices [B, Hq, H] int32 (their positions, -1 empty: a
-# view of HotRows.held, valid until the next append)
+# view of HotSlots.held, valid until the cache's next finish_decode)
 HotPart = namedtuple("HotPart", "out mass indices")
 
 
-class HotRows:
-    """The device V of one layer's hot rows.
+class HotSlots:
+    """Which position each hot-row slot holds, and where the next token goes. Every layer of a
+    cache appends the same positions, so the cache keeps one of these for all its layers and
+    updates it once per step, when the lengths change (:meth:`start` at the prefill,
+    :meth:`advance` after each step: device ops, in place, no host sync), for the step to come.
 
-    v : Tensor [B, Hkv, H, D] on the device, H = sinks + window — slot ``j`` holds the position
-        :meth:`positions` gives it; slots whose position is not (yet) valid hold zeros.
-    held : Tensor [B, H] int32 on the device — the position each slot holds, -1 where none: what
-        :meth:`positions` gives at the current length, kept up to date by the appends so that a
-        decode step reads it instead of recomputing it (bookkeeping, like the cache's lengths:
-        not counted in ``nbytes``).
+    held : Tensor [B, H] int32 — the position each slot holds during the next decode step (its new
+        token included), -1 where none; H = sinks + window
+    gather : Tensor [B, H] long — ``held`` clamped to >= 0: where each slot's score is in a step's
+        every score
+    empty : Tensor [B, H] bool — ``held < 0``
+    slot : Tensor [B] long — the slot of the next decode step's token
+    keep : Tensor [B] bool — whether that token has a slot (not past the sinks with window = 0)
     """
 
-    def __init__(self, sinks, window, batch, num_kv_heads, head_dim, device, dtype):
+    def __init__(self, sinks, window, batch, device):
         self.sinks, self.window = sinks, window
         self.size = sinks + window
-        self.v = torch.zeros(batch, num_kv_heads, self.size, head_dim, dtype=dtype,
-                             device=device)  # [B, Hkv, H, D]
-        self.held = torch.full((batch, self.size), -1, dtype=torch.int32,
-                               device=device)  # [B, H]
-        self.nbytes = self.v.nbytes
+        self.held = torch.full((batch, self.size), -1, dtype=torch.int32, device=device)
+        self.gather = torch.zeros(batch, self.size, dtype=torch.long, device=device)
+        self.empty = torch.ones(batch, self.size, dtype=torch.bool, device=device)
+        self.slot = torch.zeros(batch, dtype=torch.long, device=device)
+        self.keep = torch.ones(batch, dtype=torch.bool, device=device)
+        self._rows = torch.arange(batch, device=device)  # [B]
         self._slots = torch.arange(self.size, device=device)  # [H]
 
     def positions(self, lens):
@@ -55,34 +62,74 @@ class HotRows:
         valid = (pos < L) & ((j < sinks) | (behind >= 0))  # [B, H]
         return pos.clamp(min=0), valid
 
+    def slot_of(self, pos):
+        """pos [B] long -> slot [B] long: where the token at pos[b] is kept (with window = 0, a
+        position past the sinks has none: the last sink's slot, which is then left alone)."""
+        if self.window:
+            return torch.where(pos < self.sinks, pos, self.sinks + (pos - self.sinks) % self.window)
+        return pos.clamp(max=self.sinks - 1)
+
+    def start(self, lens, pos):
+        """After the prefill: the slots of prompts of lens [B] int32 tokens, and the next token's
+        at pos [B] long (the same lengths)."""
+        held, valid = self.positions(lens)  # [B, H] each
+        self.held.copy_(torch.where(valid, held, -1))
+        self._next(lens, pos)
+
+    def advance(self, lens, pos):
+        """After a decode step: the next token, at pos [B] long (lens [B] int32, the same)."""
+        self._next(lens, pos)
+
+    def _next(self, lens, pos):
+        self.slot.copy_(self.slot_of(pos))
+        if self.window:
+            self.held[self._rows, self.slot] = lens
+        else:
+            torch.lt(pos, self.sinks, out=self.keep)
+            self.held[self._rows, self.slot] = torch.where(self.keep, lens,
+                                                           self.held[self._rows, self.slot])
+        self.gather.copy_(self.held.clamp(min=0))
+        torch.lt(self.held, 0, out=self.empty)
+
+
+class HotRows:
+    """The device V of one layer's hot rows.
+
+    v : Tensor [B, Hkv, H, D] on the device — slot ``j`` holds V of the position ``slots.held``
+        gives it; slots whose position is not (yet) valid hold zeros.
+    slots : HotSlots — the positions, shared by the cache's layers (bookkeeping, like the cache's
+        lengths: not counted in ``nbytes``).
+    """
+
+    def __init__(self, slots, batch, num_kv_heads, head_dim, device, dtype):
+        self.slots = slots
+        self.v = torch.zeros(batch, num_kv_heads, slots.size, head_dim, dtype=dtype,
+                             device=device)  # [B, Hkv, H, D]
+        self.nbytes = self.v.nbytes
+
     def store_prompt(self, v, lens):
         """Keep the hot rows of the prompt's v [B, Hkv, T, D] (right-padded, lens [B] int32)."""
-        pos, valid = self.positions(lens)  # [B, H] each
+        pos, valid = self.slots.positions(lens)  # [B, H] each
         B, Hkv, T, D = v.shape
         if T == 0:  # an empty prompt: no slot holds a position
             self.v.zero_()
-            self.held.fill_(-1)
             return
-        rows = pos.clamp(max=T - 1)[:, None, :, None].expand(B, Hkv, self.size, D)  # [B,Hkv,H,D]
+        H = self.slots.size
+        rows = pos.clamp(max=T - 1)[:, None, :, None].expand(B, Hkv, H, D)  # [B, Hkv, H, D]
         hot = torch.gather(v, 2, rows)  # [B, Hkv, H, D]
         self.v.copy_(hot.masked_fill(~valid[:, None, :, None], 0))
-        self.held.copy_(torch.where(valid, pos, -1))
 
-    def append(self, rows, pos, v):
-        """Keep one token's v [B, Hkv, D], stored at position pos[b] of each sequence ``rows``,
-        in its slot (a position past the sinks with ``window = 0`` has none: nothing changes)."""
-        if self.window:
-            slot = torch.where(pos < self.sinks, pos, self.sinks + (pos - self.sinks) % self.window)
-            self.v[rows, :, slot] = v
-            self.held[rows, slot] = pos.to(torch.int32)
+    def append(self, rows, v):
+        """Keep one token's v [B, Hkv, D] of each sequence ``rows`` in its slot (``slots.slot``;
+        nothing changes for a token without one, ``slots.keep`` False)."""
+        s = self.slots
+        if s.window:
+            self.v[rows, :, s.slot] = v
         else:
-            slot = pos.clamp(max=self.sinks - 1)  # [B]
-            keep = pos < self.sinks  # [B]
-            self.v[rows, :, slot] = torch.where(keep[:, None, None], v, self.v[rows, :, slot])
-            self.held[rows, slot] = torch.where(keep, pos, self.held[rows, slot]).to(torch.int32)
+            self.v[rows, :, s.slot] = torch.where(s.keep[:, None, None], v, self.v[rows, :, s.slot])
 
     def attend(self, lse, all_scores):
-        """The exact attention of the hot rows this step holds (:attr:`held`, its new token
+        """The exact attention of the hot rows this step holds (``slots.held``, its new token
         appended): lse [B, Hq] float32 (over all keys), all_scores [B, Hq, S] float32 (the step's
         every score, both from ``qk_topn``) -> :data:`HotPart`. The scores are the very ones
         ``lse`` was taken over, so the weights of the hot rows, the top N and the tail add up to 1
@@ -91,10 +138,11 @@ class HotRows:
         B, Hq = lse.shape
         _, Hkv, H, D = self.v.shape
         group = Hq // Hkv
-        slots = self.held.clamp(min=0).long()[:, None, :].expand(B, Hq, H)  # [B, Hq, H]
-        s = torch.gather(all_scores, 2, slots).view(B, Hkv, group, H)  # [B, Hkv, G, H]
-        empty = (self.held < 0)[:, None, None, :]  # [B, 1, 1, H]
-        p = torch.exp(s - lse.reshape(B, Hkv, group, 1)).masked_fill(empty, 0.0)  # [B,Hkv,G,H]
+        s = self.slots
+        slots = s.gather[:, None, :].expand(B, Hq, H)  # [B, Hq, H]
+        scores = torch.gather(all_scores, 2, slots).view(B, Hkv, group, H)  # [B, Hkv, G, H]
+        p = torch.exp(scores - lse.reshape(B, Hkv, group, 1))  # [B, Hkv, G, H]
+        p = p.masked_fill(s.empty[:, None, None, :], 0.0)
         out = torch.einsum("bkgj,bkjd->bkgd", p, self.v.float()).reshape(B, Hq, D)  # [B, Hq, D]
-        indices = self.held[:, None, :].expand(B, Hq, H)  # [B, Hq, H] int32, -1 empty
+        indices = s.held[:, None, :].expand(B, Hq, H)  # [B, Hq, H] int32, -1 empty
         return HotPart(out, p.sum(-1).reshape(B, Hq), indices)

@@ -24,9 +24,8 @@ from types import SimpleNamespace
 import torch
 
 from ..ops import alloc_host, qk_topn
-from .budget import mass_prefix
 from .dense import append_and_attend, prompt_attention
-from .hot import HotRows
+from .hot import HotRows, HotSlots
 from .lengths import SeqLengths
 from .options import KCacheOptions
 from .side_stream import SideStream
@@ -112,8 +111,11 @@ class KCache:
         self._side = SideStream(self.device)
         self.tails = {i: make_tail(options, batch, config.num_kv_heads, capacity, config.head_dim,
                                    self.device, self._side) for i in self.v_host}  # per layer
-        self.hot = {i: HotRows(options.sinks, options.window, batch, config.num_kv_heads,
-                               config.head_dim, self.device, dtype)
+        # which position each hot slot holds: the same for every layer, kept once
+        self.hot_slots = (HotSlots(options.sinks, options.window, batch, self.device)
+                          if options.hot_rows and self.v_host else None)
+        self.hot = {i: HotRows(self.hot_slots, batch, config.num_kv_heads, config.head_dim,
+                               self.device, dtype)
                     for i in self.v_host if options.hot_rows}  # per KCache layer, if any
         self._mass_sum = torch.zeros(n_layers, dtype=torch.float32, device=self.device)  # [layers]
         self._rows_sum = torch.zeros(n_layers, dtype=torch.float32, device=self.device)  # [layers]
@@ -180,6 +182,8 @@ class KCache:
         """
         self._side.join()
         self.lengths.finish_prefill(lens)
+        if self.hot_slots is not None:
+            self.hot_slots.start(self.lengths.seq_lens, self.lengths.positions)
 
     # -- decode ----------------------------------------------------------------------------------
 
@@ -194,7 +198,7 @@ class KCache:
         lengths.check_room()
         if layer in self.options.dense_layers:
             return append_and_attend(lengths, self.k[layer], self.v_device[layer], q, k, v)
-        pos = lengths.seq_lens.long()  # [B]
+        pos = lengths.positions  # [B] long
         k_cache = self.k[layer]  # [B, Hkv, S, D]
         k_cache[lengths.rows, :, pos] = k
         # ordered before sparse_attn_v below (the same stream, or one forked after this write),
@@ -204,7 +208,7 @@ class KCache:
         tail.append(lengths.rows, pos, v)
         hot = self.hot.get(layer)
         if hot is not None:
-            hot.append(lengths.rows, pos, v)
+            hot.append(lengths.rows, v)
         lens = lengths.attend_lens  # [B]
         needs_scores = tail.needs_scores or hot is not None  # the tail's weights, the hot rows'
         selection = self.select(q, k_cache, lens, return_scores=needs_scores)
@@ -219,37 +223,31 @@ class KCache:
         return tail.attend(all_scores, lens, scores, indices, lse, self.v_host[layer],
                            hot_part)  # [B, Hq, D]
 
-    def select(self, q, k_cache, lens, return_scores=False):
-        """The V rows a decode step reads from host RAM, and their scores.
+    def select(self, q, k_cache, lens, return_scores=False, top_p=None):
+        """The V rows a decode step reads from host RAM, and their scores: ``qk_topn`` as a
+        decode step calls it.
 
         q [B, Hq, D], k_cache [B, Hkv, S, D], lens [B] int32 -> scores [B, Hq, N] float32,
         indices [B, Hq, N] int32 (-1 padding), lse [B, Hq] float32 (over all keys): the top N
         by exact score (by group mass with ``group_select``) among the positions that are not hot
-        rows, cut to their mass prefix with ``top_p``; with ``return_scores`` also every score,
-        [B, Hq, S] float32 (``qk_topn``'s all_scores, defined at j < lens[b]).
+        rows (the first ``sinks`` and the last ``window``, which qk_topn does not rank), cut to
+        each head's mass prefix with ``top_p`` (None: the options'; qk_topn makes the cut); with
+        ``return_scores`` also every score, [B, Hq, S] float32 (``qk_topn``'s all_scores,
+        defined at j < lens[b]). N is at most the capacity (no sequence holds more keys), so a
+        large ``topn`` costs no more than reading every row.
         """
-        out = self.top_cold(q, k_cache, lens, return_scores)
-        scores, indices, lse = out[:3]  # [B, Hq, N] x2, [B, Hq]
-        if self.options.top_p < 1:
-            scores, indices = mass_prefix(scores, indices, lse,
-                                          self.options.top_p)  # [B, Hq, N] each
-        return (scores, indices, lse) + out[3:]
-
-    def top_cold(self, q, k_cache, lens, return_scores=False):
-        """``qk_topn`` as a decode step calls it: the top N of the positions that are not hot rows
-        (the first ``sinks`` and the last ``window``, which it does not rank), before the
-        ``top_p`` cut of :meth:`select`; same arguments and results. N is at most the capacity
-        (no sequence holds more keys), so a large ``topn`` costs no more than reading every row."""
         o = self.options
         # check_values=False: the lengths are the cache's own, checked at prefill, and the indices
         # come from qk_topn; checking them would cost a device->host sync per layer and step
         return qk_topn(q, k_cache, lens, self._topn, group_select=o.group_select,
                        check_values=False, return_scores=return_scores, skip_first=o.sinks,
-                       skip_last=o.window)
+                       skip_last=o.window, top_p=o.top_p if top_p is None else top_p)
 
     def finish_decode(self):
         """Every sequence has one more token: seq_lens += 1."""
         self.lengths.finish_decode()
+        if self.hot_slots is not None:  # the slots of the next step, once for every layer
+            self.hot_slots.advance(self.lengths.seq_lens, self.lengths.positions)
 
     # -- accounting ------------------------------------------------------------------------------
 

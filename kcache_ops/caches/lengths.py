@@ -13,6 +13,9 @@ class SeqLengths:
         Tokens cached per sequence.
     attend_lens : Tensor [B] int32 on ``device``
         ``seq_lens + 1``: the keys a decode step attends over (its new token included).
+    positions : Tensor [B] long on ``device``
+        ``seq_lens`` as int64: where a decode step stores its token (an index for every layer's
+        appends, converted once per step, not once per layer).
     rows : Tensor [B] long on ``device``
         ``0..B-1``, the batch index of a decode step's appends.
     longest : int
@@ -27,6 +30,7 @@ class SeqLengths:
         self.capacity = capacity
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)  # [B]
         self.attend_lens = self.seq_lens + 1  # [B] int32
+        self.positions = self.seq_lens.long()  # [B]
         self.rows = torch.arange(batch, device=device)  # [B]
         self.longest = 0
         self.prompt_len = 0
@@ -72,5 +76,8 @@ class SeqLengths:
         self._set(self.longest + 1)
 
     def _set(self, longest):
+        """The host's maximum, and the device tensors that follow seq_lens, updated in place (one
+        address each, so that a CUDA graph of decode steps reads their current values)."""
         self.longest = longest
-        self.attend_lens = self.seq_lens + 1  # [B] int32
+        torch.add(self.seq_lens, 1, out=self.attend_lens)
+        self.positions.copy_(self.seq_lens)

@@ -85,8 +85,9 @@ class KCacheOptions:
                              f"tail={self.tail!r} accounts for (the default tail is 'int2'); use "
                              f"it with tail='none'")
         if (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
-                or not 0 < self.top_p <= 1):
-            raise ValueError(f"KCache: top_p must be a number in (0, 1], got {self.top_p!r}")
+                or not 0 < float(torch.tensor(self.top_p, dtype=torch.float32)) <= 1):
+            raise ValueError(f"KCache: top_p must be a number in (0, 1] (as a float32), got "
+                             f"{self.top_p!r}")
         object.__setattr__(self, "top_p", float(self.top_p))
         for name in ("sinks", "window"):
             value = getattr(self, name)

@@ -104,6 +104,7 @@ Outputs run_qk_topn(const Case& c) {
       .group_select = c.scalar("group_select") != 0,
       .skip_first = static_cast<int64_t>(c.scalar("skip_first", 0)),
       .skip_last = static_cast<int64_t>(c.scalar("skip_last", 0)),
+      .top_p = static_cast<float>(c.scalar("top_p", 1.0)),
   };
   const kcache_ops::QkTopnPlan plan =
       kcache_ops::plan_qk_topn(args, static_cast<int>(c.scalar("sms")));

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from conftest import TOL, seq_lens_tensor  # noqa: E402
 from cuda_emu import emu  # noqa: E402
 from test_gather_rows import make_indices  # noqa: E402
-from test_qk_topn import check_topn, make_qk  # noqa: E402
+from test_qk_topn import check_top_p, check_topn, make_qk  # noqa: E402
 from test_sparse_attn_v import (check_attn, check_tail, make_selection,  # noqa: E402
                                 make_tail_case)
 
@@ -78,7 +78,8 @@ def cases():
     """(name, run(exe, **opts) -> raises on a wrong result) covering every kernel and branch."""
     torch.manual_seed(1234)
 
-    def topn(B, Hkv, G, S, D, n, lens, group_select, dtype=torch.float32, sms=132, ties=False):
+    def topn(B, Hkv, G, S, D, n, lens, group_select, dtype=torch.float32, sms=132, ties=False,
+             top_p=1.0):
         q, k = make_qk(B, Hkv * G, Hkv, S, D, dtype, "cpu")
         if ties:  # small integers: many equal scores, the collect's index-order path
             q, k = q.uniform_(-2, 3).floor(), k.uniform_(-2, 3).floor()
@@ -86,11 +87,16 @@ def cases():
         scale = 1 / math.sqrt(D)
 
         def run(exe, **opts):
-            out = emu.run(exe, "qk_topn", dict(n=n, scale=scale, group_select=int(group_select),
-                                               sms=sms), dict(q=q, k_cache=k, seq_lens=lens),
-                          **opts)
-            check_topn(q, k, lens, n, scale, group_select,
-                       (out["scores"], out["indices"], out["lse"]), TOL[dtype])
+            args = dict(n=n, scale=scale, group_select=int(group_select), sms=sms)
+            tensors = dict(q=q, k_cache=k, seq_lens=lens)
+            out = emu.run(exe, "qk_topn", dict(args, top_p=top_p), tensors, **opts)
+            picked = out["scores"], out["indices"], out["lse"]
+            if top_p < 1:  # the cut of the unmodified kernels' full selection
+                full = emu.run(exe, "qk_topn", args, tensors, seeds=(1,))
+                check_top_p((full["scores"], full["indices"], full["lse"]), picked, top_p)
+                assert (picked[1] >= 0).sum() < (full["indices"] >= 0).sum(), "no cut: no case"
+            else:
+                check_topn(q, k, lens, n, scale, group_select, picked, TOL[dtype])
         return run
 
     def attn(B, Hkv, G, S, D, N, renormalize, group_rows, dtype=torch.float32):
@@ -136,6 +142,9 @@ def cases():
         ("qk_topn split select, ties", topn(1, 1, 2, 16400, 64, 60, [16400], False, sms=8,
                                             ties=True)),
         ("qk_topn group, split select", topn(2, 2, 2, 4500, 64, 40, [4500, 2051], True, sms=4)),
+        ("qk_topn top_p, per head", topn(2, 1, 4, 1100, 64, 40, [1100, 30], False, top_p=0.1)),
+        ("qk_topn top_p, group, split select", topn(2, 2, 2, 4500, 64, 40, [4500, 2051], True,
+                                                    sms=4, top_p=0.1)),
         ("sparse_attn_v renormalize", attn(2, 2, 3, 200, 64, 70, True, False)),
         ("sparse_attn_v lse, group rows", attn(2, 1, 4, 200, 128, 40, False, True)),
         ("sparse_attn_v renormalize, group rows", attn(1, 1, 8, 200, 64, 300, True, True,
