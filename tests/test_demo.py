@@ -7,7 +7,7 @@ from model_helpers import save_tiny_hf, save_tiny_tokenizer
 
 def test_demo_runs_both_backends(tmp_path, monkeypatch, capsys):
     save_tiny_hf(tmp_path, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
-                 head_dim=64)
+                 head_dim=64, max_position_embeddings=1024)  # the demo's prompt is ~270 tokens
     save_tiny_tokenizer(tmp_path, 96)
     monkeypatch.setattr(demo, "essays_text", lambda: "Start small. Then grow it. " * 40)
     assert main(["demo", "--model", str(tmp_path), "--prompt-tokens", "150", "--new-tokens", "5",

@@ -300,11 +300,15 @@ def test_return_scores(device, dtype, group_select, S):
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 3), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4, 8]),
        S=st.integers(1, 600), n=st.integers(1, 80), D=st.sampled_from([64, 128]),
-       dtype=st.sampled_from(DTYPES), group_select=st.booleans(), data=st.data())
-def test_random_shapes(B, Hkv, G, S, n, D, dtype, group_select, data):
+       dtype=st.sampled_from(DTYPES), group_select=st.booleans(),
+       top_p=st.floats(0.05, 1.0), data=st.data())
+def test_random_shapes(B, Hkv, G, S, n, D, dtype, group_select, top_p, data):
+    """Random shapes and lengths; with a random top_p, the cut of the same selection."""
     lens = data.draw(st.lists(st.integers(0, S), min_size=B, max_size=B))
     for device in DEVICES:
         q, k = make_qk(B, Hkv * G, Hkv, S, D, dtype, device)
         seq_lens = seq_lens_tensor(lens, device)
         out = kcache_ops.qk_topn(q, k, seq_lens, n, None, group_select)
         check_topn(q, k, seq_lens, n, 1 / math.sqrt(D), group_select, out, TOL[dtype])
+        cut = kcache_ops.qk_topn(q, k, seq_lens, n, None, group_select, top_p=top_p)
+        check_top_p(out, cut, top_p)
