@@ -229,6 +229,12 @@ def built_with_cuda():
     return torch._C._dispatch_has_kernel_for_dispatch_key("kcache_ops::qk_topn", "CUDA")
 
 
+def as_float32(x):
+    """x rounded to float32, as the ops take a float argument such as top_p (their schema's float
+    is a double, which they compare in float32)."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
 def _check_fake(op, ranks, host=()):
     """The checks of an eager op that its fake implementation needs, with the eager messages:
     each tensor of ``ranks`` (name -> (tensor or None, dims)) has its dims and is on the device of
@@ -260,7 +266,7 @@ def _(q, k_cache, seq_lens, n, scale, group_select=False, check_values=True,
     _check_fake("qk_topn", {"q": (q, 3), "k_cache": (k_cache, 4), "seq_lens": (seq_lens, 1)})
     if n < 1:
         raise RuntimeError(f"n must be >= 1, got {n}")
-    if not 0 < float(torch.tensor(top_p, dtype=torch.float32)) <= 1:
+    if not 0 < as_float32(top_p) <= 1:
         raise RuntimeError(f"top_p must be in (0, 1] (as a float32), got {top_p}")
     B, Hq, _ = q.shape
     S = k_cache.shape[2]

@@ -42,8 +42,8 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, skip_first=
     q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B]
     -> scores [B, Hq, n] float32, indices [B, Hq, n] int32, lse [B, Hq] float32.
     The top n of the keys skip_first <= j < L_b - skip_last; lse over all j < L_b. Entries past
-    those keys are padding: index -1, score -inf. With top_p < 1, each head keeps only the
-    :func:`mass_prefix` of its entries.
+    those keys are padding: index -1, score -inf. Each head then keeps the :func:`mass_prefix` of
+    its entries (all of them at top_p = 1).
     """
     B, Hq, _ = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
@@ -68,8 +68,7 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, skip_first=
     padding = slot[None, None, :] >= count[:, :, None]  # [B, 1, n]
     idx = idx.masked_fill(padding, -1).to(torch.int32)
     scores = scores.masked_fill(padding, float("-inf"))
-    if top_p < 1:
-        scores, idx = mass_prefix(scores, idx, lse, top_p)
+    scores, idx = mass_prefix(scores, idx, lse, top_p)
     return scores, idx, lse
 
 
@@ -78,13 +77,16 @@ def mass_prefix(scores, indices, lse, top_p):
     mass ``Σ exp(score − lse)`` (NaN counting 0) reaches ``top_p``; the rest marked padding.
 
     scores [B, Hq, N] float32, indices [B, Hq, N] int32 (-1 padding), lse [B, Hq] float32
-    -> (scores [B, Hq, N] with -inf, indices [B, Hq, N] with -1 past the prefix). The masses are
-    float32 and added in float64; ``top_p`` is taken as a float32, as the ops do. The first entry
-    is always kept (nothing is ahead of it).
+    -> (scores [B, Hq, N] with -inf, indices [B, Hq, N] with -1 past the prefix). ``top_p`` is
+    taken as a float32, as the ops take it: 1 keeps every entry; the masses are float32, added in
+    float64. The first entry is always kept (nothing is ahead of it).
     """
+    top_p = float(torch.tensor(top_p, dtype=torch.float32))  # as the ops take it (ops.as_float32)
+    if top_p >= 1:
+        return scores, indices
     mass = torch.exp(scores - lse[..., None]).nan_to_num(0.0).double()  # [B, Hq, N]; 0: padding
     before = mass.cumsum(-1) - mass  # [B, Hq, N] the mass of the entries ahead of each
-    drop = before >= float(torch.tensor(top_p, dtype=torch.float32))  # [B, Hq, N]
+    drop = before >= top_p  # [B, Hq, N]
     return scores.masked_fill(drop, float("-inf")), indices.masked_fill(drop, -1)
 
 

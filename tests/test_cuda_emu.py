@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_gather_rows import make_indices
 from test_lowbit_tail import check_tail as check_lowbit_tail
-from test_lowbit_tail import nan_row_case
+from test_lowbit_tail import check_nan_row_left_out
 from test_lowbit_tail import make_case as make_lowbit_case
 from test_lowbit_tail import reference_scores as lowbit_reference_scores
 from test_qk_topn import check_top_p, check_topn, make_qk
@@ -985,16 +985,7 @@ def test_lowbit_tail_selected_nan_row_is_left_out(race_exe, bits):
     weighing lane multiplies w · scale only for a weight that is not 0): its tail stays finite;
     the heads that did not select the row are NaN, as the reference's, unless their weight of it
     is 0 (a score of -inf or NaN)."""
-    scores, seq_lens, lse, indices, codes, meta = nan_row_case("cpu", bits)
-    out = run_lowbit_tail(race_exe, scores, seq_lens, lse, indices, codes, meta, bits)
-    ref = R.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits)
-    assert out[0, 2:].isnan().all() and ref[0, 2:].isnan().all()
-    torch.testing.assert_close(out[0, :2], ref[0, :2], atol=1e-5, rtol=1e-5)
-    scores[0, 2, 123], scores[0, 3, 123] = float("-inf"), float("nan")  # weight 0, not selected
-    out = run_lowbit_tail(race_exe, scores, seq_lens, lse, indices, codes, meta, bits)
-    ref = R.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits)
-    assert not out.isnan().any() and not ref.isnan().any()
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    check_nan_row_left_out(lambda *args: run_lowbit_tail(race_exe, *args), "cpu", bits)
 
 
 def test_lowbit_tail_out_of_range_lengths_are_clamped(race_exe):

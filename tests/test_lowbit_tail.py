@@ -103,23 +103,27 @@ def nan_row_case(device, bits):
     return scores, seq_lens, lse, indices, codes, meta
 
 
-@pytest.mark.parametrize("bits", [2, 4])
-def test_selected_nan_row_is_left_out(device, bits):
-    """A row a head selected is left out exactly, even a NaN one: that head's tail stays finite
-    and equal to the reference's, the heads that did not select it are NaN, as the reference's;
-    a head whose weight of the row is 0 (a score of -inf or NaN) leaves it out too."""
-    scores, seq_lens, lse, indices, codes, meta = nan_row_case(device, bits)
-    out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits).cpu()
-    ref = R.lowbit_tail(scores.cpu(), seq_lens.cpu(), lse.cpu(), indices.cpu(), codes.cpu(),
-                        meta.cpu(), bits)
+def check_nan_row_left_out(tail, device, bits):
+    """tail(scores, seq_lens, lse, indices, codes, meta, bits) -> out over :func:`nan_row_case`:
+    the heads that selected the NaN row stay finite and equal to the reference, those that did
+    not are NaN, as the reference's; then, with their weight of the row 0 (a score of -inf or
+    NaN), every head is finite and equal to the reference."""
+    args = nan_row_case(device, bits)
+    out, ref = tail(*args, bits).cpu(), R.lowbit_tail(*(t.cpu() for t in args), bits)
     assert out[0, 2:].isnan().all() and ref[0, 2:].isnan().all()
     torch.testing.assert_close(out[0, :2], ref[0, :2], atol=OUT_TOL, rtol=OUT_TOL)
+    scores = args[0]
     scores[0, 2, 123], scores[0, 3, 123] = float("-inf"), float("nan")  # weight 0, not selected
-    out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits).cpu()
-    ref = R.lowbit_tail(scores.cpu(), seq_lens.cpu(), lse.cpu(), indices.cpu(), codes.cpu(),
-                        meta.cpu(), bits)
+    out, ref = tail(*args, bits).cpu(), R.lowbit_tail(*(t.cpu() for t in args), bits)
     assert not out.isnan().any() and not ref.isnan().any()
     torch.testing.assert_close(out, ref, atol=OUT_TOL, rtol=OUT_TOL)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_selected_nan_row_is_left_out(device, bits):
+    """A row a head selected is left out exactly, even a NaN one; a head whose weight of the
+    row is 0 leaves it out too (:func:`check_nan_row_left_out`)."""
+    check_nan_row_left_out(kcache_ops.lowbit_tail, device, bits)
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])

@@ -153,6 +153,22 @@ def test_top_p_keeps_each_heads_mass_prefix(device, dtype, group_select, n):
         assert kept[1] < (full[1] >= 0).sum().item(), "top_p = 0.3 must cut somewhere"
 
 
+def test_top_p_that_rounds_to_one_keeps_all(device):
+    """One key holds all the mass, so the mass ahead of the second entry is 1: a top_p that is 1
+    as a float32 keeps every entry, in the op and in the reference alike."""
+    q = torch.zeros(1, 1, 64, device=device)
+    q[0, 0, 0] = 1.0
+    k = torch.zeros(1, 1, 8, 64, device=device)
+    k[0, 0, 3, 0] = 1000.0  # score 125 against 0 for the other keys
+    lens = seq_lens_tensor([8], device)
+    for top_p in (1.0, 0.99999999):
+        scores, idx, lse = kcache_ops.qk_topn(q, k, lens, 4, None, top_p=top_p)
+        want = R.qk_topn(q.cpu(), k.cpu(), lens.cpu(), 4, top_p=top_p)
+        assert (idx >= 0).all() and torch.equal(idx.cpu(), want[1])
+    _, idx, _ = kcache_ops.qk_topn(q, k, lens, 4, None, top_p=0.9999)
+    assert idx.tolist() == [[[3, -1, -1, -1]]]
+
+
 @pytest.mark.parametrize("skip_first, skip_last", [(0, 0), (5, 61)])
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_ties_exact(device, group_select, skip_first, skip_last):

@@ -18,9 +18,9 @@ from collections import namedtuple
 import torch
 
 # the exact attention of a step's hot rows: out [B, Hq, D] float32 = Σ exp(s − lse) · v,
-# mass [B, Hq] float32 = Σ exp(s − lse), indices [B, Hq, H] int32 (their positions, -1 empty: a
-# view of HotSlots.held, valid until the cache's next finish_decode)
-HotPart = namedtuple("HotPart", "out mass indices")
+# weights [B, Hq, H] float32 = exp(s − lse) (0 at empty slots), indices [B, Hq, H] int32 (their
+# positions, -1 empty: a view of HotSlots.held, valid until the cache's next finish_decode)
+HotPart = namedtuple("HotPart", "out weights indices")
 
 
 class HotSlots:
@@ -74,13 +74,11 @@ class HotSlots:
         at pos [B] long (the same lengths)."""
         held, valid = self.positions(lens)  # [B, H] each
         self.held.copy_(torch.where(valid, held, -1))
-        self._next(lens, pos)
+        self.advance(lens, pos)
 
     def advance(self, lens, pos):
-        """After a decode step: the next token, at pos [B] long (lens [B] int32, the same)."""
-        self._next(lens, pos)
-
-    def _next(self, lens, pos):
+        """After a decode step (and the prefill): the next token, at pos [B] long (lens [B]
+        int32, the same)."""
         self.slot.copy_(self.slot_of(pos))
         if self.window:
             self.held[self._rows, self.slot] = lens
@@ -145,4 +143,4 @@ class HotRows:
         p = p.masked_fill(s.empty[:, None, None, :], 0.0)
         out = torch.einsum("bkgj,bkjd->bkgd", p, self.v.float()).reshape(B, Hq, D)  # [B, Hq, D]
         indices = s.held[:, None, :].expand(B, Hq, H)  # [B, Hq, H] int32, -1 empty
-        return HotPart(out, p.sum(-1).reshape(B, Hq), indices)
+        return HotPart(out, p.reshape(B, Hq, H), indices)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from ..ops import as_float32
+
 # kMaxTopN in csrc/cuda/qk_topn_kernel.cuh: the CUDA select sorts at most this many candidates per
 # head in shared memory, so N may not exceed it on a CUDA device (the CPU path has no limit).
 MAX_TOPN = 4096
@@ -85,7 +87,7 @@ class KCacheOptions:
                              f"tail={self.tail!r} accounts for (the default tail is 'int2'); use "
                              f"it with tail='none'")
         if (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
-                or not 0 < float(torch.tensor(self.top_p, dtype=torch.float32)) <= 1):
+                or not 0 < as_float32(self.top_p) <= 1):
             raise ValueError(f"KCache: top_p must be a number in (0, 1] (as a float32), got "
                              f"{self.top_p!r}")
         object.__setattr__(self, "top_p", float(self.top_p))

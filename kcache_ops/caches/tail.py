@@ -52,7 +52,8 @@ class NoTail:
                             check_values=False)  # [B, Hq, D]
         out = hot.out + top  # [B, Hq, D] float32 (the add promotes top: no separate cast)
         if self.renormalize:  # a softmax over the top N and the hot rows together
-            mass = torch.exp(scores - lse[..., None]).sum(-1) + hot.mass  # [B, Hq]; padding 0
+            mass = (torch.exp(scores - lse[..., None]).sum(-1)
+                    + hot.weights.sum(-1))  # [B, Hq]; padding 0
             out = out / mass.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
         return out.to(top.dtype)
 
