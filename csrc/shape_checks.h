@@ -9,6 +9,15 @@
 
 namespace kcache_ops {
 
+// The leading and trailing keys an op leaves out (qk_topn's ranking, lowbit_tail's sum): KCache's
+// hot rows. Each is a key count, so the kernels' int positions hold it.
+inline void check_skip_counts(int64_t skip_first, int64_t skip_last) {
+  TORCH_CHECK(skip_first >= 0 && skip_first < (int64_t{1} << 31),
+              "skip_first must be in [0, 2^31), got ", skip_first);
+  TORCH_CHECK(skip_last >= 0 && skip_last < (int64_t{1} << 31),
+              "skip_last must be in [0, 2^31), got ", skip_last);
+}
+
 // Sizes of a qk_topn call.
 struct QkTopnDims {
   int64_t B, Hq, Hkv, G, S, D, n;
@@ -36,10 +45,7 @@ inline QkTopnDims check_qk_topn_args(const at::Tensor& q, const at::Tensor& k_ca
   KC_CHECK_GQA(Hq, Hkv, "q", "k_cache");
   KC_CHECK_HEAD_DIM(q, D);
   TORCH_CHECK(n >= 1, "n must be >= 1, got ", n);
-  TORCH_CHECK(skip_first >= 0 && skip_first < (int64_t{1} << 31),
-              "skip_first must be in [0, 2^31), got ", skip_first);
-  TORCH_CHECK(skip_last >= 0 && skip_last < (int64_t{1} << 31),
-              "skip_last must be in [0, 2^31), got ", skip_last);
+  check_skip_counts(skip_first, skip_last);
   const float top_p32 = static_cast<float>(top_p);
   TORCH_CHECK(top_p32 > 0 && top_p32 <= 1, "top_p must be in (0, 1] (as a float32), got ", top_p);
   KC_CHECK_LAST_CONTIGUOUS(q);
@@ -155,11 +161,12 @@ struct LowbitTailDims {
 
 // scores [B, Hq, S] float32 (qk_topn's return_scores), seq_lens [B] int32, lse [B, Hq] float32,
 // indices [B, Hq, N] int32, v_codes [B, Hkv, S, D * bits / 8] uint8 (bits 2 or 4, D 64 or 128),
-// v_meta [B, Hkv, S, 2] bfloat16.
+// v_meta [B, Hkv, S, 2] bfloat16, skip_first / skip_last >= 0.
 inline LowbitTailDims check_lowbit_tail_args(const at::Tensor& scores, const at::Tensor& seq_lens,
                                              const at::Tensor& lse, const at::Tensor& indices,
-                                             const at::Tensor& v_codes,
-                                             const at::Tensor& v_meta, int64_t bits) {
+                                             const at::Tensor& v_codes, const at::Tensor& v_meta,
+                                             int64_t bits, int64_t skip_first,
+                                             int64_t skip_last) {
   KC_CHECK_DIM(scores, 3);
   KC_CHECK_DTYPE(scores, at::kFloat);
   KC_CHECK_DIM(seq_lens, 1);
@@ -175,6 +182,7 @@ inline LowbitTailDims check_lowbit_tail_args(const at::Tensor& scores, const at:
   TORCH_CHECK(indices.size(0) == B && indices.size(1) == Hq, "indices must have shape [", B,
               ", ", Hq, ", N] (scores batch, heads), got ", indices.sizes());
   TORCH_CHECK(bits == 2 || bits == 4, "bits must be 2 or 4, got ", bits);
+  check_skip_counts(skip_first, skip_last);
   KC_CHECK_DIM(v_codes, 4);
   KC_CHECK_DTYPE(v_codes, at::kByte);
   KC_CHECK_DIM(v_meta, 4);

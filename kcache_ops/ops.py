@@ -126,7 +126,8 @@ def gather_rows(src, indices):
     return torch.ops.kcache_ops.gather_rows(src, indices)
 
 
-def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True):
+def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True,
+                skip_first=0, skip_last=0):
     """The low-bit tail: the attention of every valid key a head did not select, with its exact
     full-softmax weight, over the low-bit copy of V (the unread rows' share of the output).
 
@@ -160,15 +161,20 @@ def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_val
         skips that read-back on CUDA: the kernel clamps each length to ``[0, S]`` and ignores
         every index outside ``[0, L_b)``, so nothing is read out of bounds, but a bad value is not
         reported. The CPU path always checks.
+    skip_first, skip_last : int >= 0
+        Also leave out the keys ``j < skip_first`` and ``j >= L_b − skip_last``, as if every head
+        had selected them: KCache's hot rows, attended exactly from the device (the counts
+        :func:`qk_topn` skipped in its ranking).
 
     Returns
     -------
     out : Tensor [B, Hq, D] float32
-        ``Σ_{j < L_b, j ∉ indices[b, h]} exp(s_j − lse) · dequant(v)[b, h / G, j]``; zeros where
-        every valid key is selected (``L_b <= N``) or ``L_b = 0``.
+        ``Σ_{skip_first <= j < L_b − skip_last, j ∉ indices[b, h]} exp(s_j − lse) ·
+        dequant(v)[b, h / G, j]``; zeros where no such key is left (every one selected or
+        skipped, or ``L_b = 0``).
     """
     return torch.ops.kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta,
-                                            bits, check_values)
+                                            bits, check_values, skip_first, skip_last)
 
 
 def alloc_host(shape, dtype):
@@ -260,12 +266,19 @@ def _check_bits(bits):
         raise RuntimeError(f"bits must be 2 or 4, got {bits}")
 
 
+def _check_skip(skip_first, skip_last):
+    for name, count in (("skip_first", skip_first), ("skip_last", skip_last)):
+        if not 0 <= count < 1 << 31:
+            raise RuntimeError(f"{name} must be in [0, 2^31), got {count}")
+
+
 @torch.library.register_fake("kcache_ops::qk_topn")
 def _(q, k_cache, seq_lens, n, scale, group_select=False, check_values=True,
       return_scores=False, skip_first=0, skip_last=0, top_p=1.0):
     _check_fake("qk_topn", {"q": (q, 3), "k_cache": (k_cache, 4), "seq_lens": (seq_lens, 1)})
     if n < 1:
         raise RuntimeError(f"n must be >= 1, got {n}")
+    _check_skip(skip_first, skip_last)
     if not 0 < as_float32(top_p) <= 1:
         raise RuntimeError(f"top_p must be in (0, 1] (as a float32), got {top_p}")
     B, Hq, _ = q.shape
@@ -315,8 +328,10 @@ def _(v, bits):
 
 
 @torch.library.register_fake("kcache_ops::lowbit_tail")
-def _(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True):
+def _(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True, skip_first=0,
+      skip_last=0):
     _check_bits(bits)
+    _check_skip(skip_first, skip_last)
     _check_fake("lowbit_tail", {"scores": (scores, 3), "seq_lens": (seq_lens, 1), "lse": (lse, 2),
                                 "indices": (indices, 3), "v_codes": (v_codes, 4),
                                 "v_meta": (v_meta, 4)})

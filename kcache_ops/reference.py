@@ -26,6 +26,14 @@ def qk_scores(q, k_cache, seq_lens, scale=None):
     return s, torch.logsumexp(s, dim=-1)
 
 
+def _cold_mask(seq_lens, S, skip_first, skip_last):
+    """seq_lens [B] -> [B, 1, S] bool: the keys ``skip_first <= j < L_b − skip_last`` (L_b
+    clamped to [0, S]), those that are neither past L_b nor among KCache's hot rows."""
+    j = torch.arange(S, device=seq_lens.device)  # [S]
+    end = seq_lens.long().clamp(0, S) - skip_last  # [B]
+    return ((j[None, :] >= skip_first) & (j[None, :] < end[:, None]))[:, None, :]
+
+
 def _top(keys, ranked, n):
     """The keys [..., S] where ranked [..., S] (bool, broadcast) in descending order, ties to the
     lower index, then the others -> order [..., min(n, S)]."""
@@ -49,9 +57,7 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, skip_first=
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
     s, lse = qk_scores(q, k_cache, seq_lens, scale)  # [B, Hq, S], [B, Hq]
-    j = torch.arange(S, device=q.device)  # [S]
-    end = seq_lens.long().to(q.device).clamp(0, S) - skip_last  # [B]
-    ranked = ((j[None, :] >= skip_first) & (j[None, :] < end[:, None]))[:, None, :]  # [B, 1, S]
+    ranked = _cold_mask(seq_lens.to(q.device), S, skip_first, skip_last)  # [B, 1, S]
     count = ranked.sum(-1)  # [B, 1]: ranked keys per sequence
     if group_select:
         p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # [B, Hq, S]; L_b = 0 gives 0
@@ -190,7 +196,7 @@ def dequantize_rows(codes, meta, dim):
     return meta[..., 1:2] + meta[..., 0:1] * code.flatten(-2).float()
 
 
-def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits):
+def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, skip_first=0, skip_last=0):
     """Reference of kcache_ops.lowbit_tail: the low-bit tail, the attention of every valid row
     that is not selected, with its exact full-softmax weight, over the low-bit copy of V.
 
@@ -198,18 +204,19 @@ def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits):
     ``j >= L_b`` are never read), seq_lens [B], lse [B, Hq] float32 (from qk_topn), indices
     [B, Hq, N] int32 (-1 padding), v_codes [B, Hkv, S, D * bits / 8] uint8, v_meta [B, Hkv, S, 2]
     -> out [B, Hq, D] float32:
-    ``Σ_{j < L_b, j ∉ indices[b, h]} exp(s_bhj − lse_bh) · dequant(v)[b, h / G, j]``.
-    A row left out (selected by the head, ``j >= L_b``, or of weight 0: a score of -inf, NaN or
-    one whose exp underflows) adds nothing, whatever its copy holds (NaN included).
+    ``Σ_{skip_first <= j < L_b − skip_last, j ∉ indices[b, h]} exp(s_bhj − lse_bh) ·
+    dequant(v)[b, h / G, j]``. A row left out (selected by the head, skipped, ``j >= L_b``, or of
+    weight 0: a score of -inf, NaN or one whose exp underflows) adds nothing, whatever its copy
+    holds (NaN included).
     """
     B, Hq, S = scores.shape
     Hkv, D = v_codes.shape[1], v_codes.shape[-1] * 8 // bits
-    valid = _valid_mask(seq_lens.to(scores.device), S)  # [B, 1, S]
-    s = scores.float().masked_fill(~valid, float("-inf"))  # [B, Hq, S]
+    cold = _cold_mask(seq_lens.to(scores.device), S, skip_first, skip_last)  # [B, 1, S]
+    s = scores.float().masked_fill(~cold, float("-inf"))  # [B, Hq, S]
     p = torch.exp(s - lse.float()[..., None]).nan_to_num(0.0)  # [B, Hq, S]; 0 past L_b
     chosen = torch.zeros(B, Hq, S + 1, dtype=torch.bool, device=scores.device)  # slot S: padding
     chosen.scatter_(-1, torch.where(indices >= 0, indices, S).long(), True)
-    left_out = chosen[..., :S] | ~valid | (p == 0)  # [B, Hq, S]: selected, past L_b, weight 0
+    left_out = chosen[..., :S] | ~cold | (p == 0)  # [B, Hq, S]: selected, skipped, past L_b, 0
     p = p.masked_fill(left_out, 0.0)
     v = dequantize_rows(v_codes, v_meta, D).to(scores.device)  # [B, Hkv, S, D]
     v = v.repeat_interleave(Hq // Hkv, dim=1).masked_fill(left_out[..., None], 0.0)  # [B,Hq,S,D]

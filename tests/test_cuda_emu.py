@@ -23,6 +23,7 @@ from test_lowbit_tail import check_tail as check_lowbit_tail
 from test_lowbit_tail import check_nan_row_left_out
 from test_lowbit_tail import make_case as make_lowbit_case
 from test_lowbit_tail import reference_scores as lowbit_reference_scores
+from test_lowbit_tail import skipped_case as skipped_lowbit_case
 from test_qk_topn import check_top_p, check_topn, make_qk
 from test_quantize_rows import make_rows
 from test_sparse_attn_v import check_attn, make_selection, make_tail_case, overlapping_indices
@@ -907,14 +908,15 @@ def test_missing_barrier_is_caught(race_exe):
 # ---- lowbit_tail --------------------------------------------------------------------------------
 
 def run_lowbit_tail(exe, scores, seq_lens, lse, indices, codes, meta, bits, sms=SMS,
-                    seeds=SEEDS, skip_barrier=None):
+                    seeds=SEEDS, skip_barrier=None, skip_first=0, skip_last=0):
     """lowbit_tail on the emulator: scores [B, Hq, S] float32, seq_lens [B] int32, lse [B, Hq]
     float32, indices [B, Hq, N] int32, codes [B, Hkv, S, D * bits / 8] uint8 (sent as int32
     words: the case format has no uint8), meta [B, Hkv, S, 2] bfloat16 -> out [B, Hq, D]
     float32. skip_barrier: as emu.run's (a mutant)."""
     tensors = dict(scores=scores, seq_lens=seq_lens, lse=lse, indices=indices,
                    v_codes_words=codes.view(torch.int32), v_meta=meta)
-    return emu.run(exe, "lowbit_tail", dict(bits=bits, sms=sms), tensors, seeds=seeds,
+    scalars = dict(bits=bits, sms=sms, skip_first=skip_first, skip_last=skip_last)
+    return emu.run(exe, "lowbit_tail", scalars, tensors, seeds=seeds,
                    skip_barrier=skip_barrier)["out"]
 
 
@@ -961,6 +963,18 @@ def test_lowbit_tail_full_bitmap(race_exe):
     args = lowbit_case(1, 1, 8, 12288, 64, 2, torch.float32, [12288], 1024, False, 0.125)
     out = run_lowbit_tail(race_exe, *args, 2, sms=1)
     check_lowbit_tail(*args, 2, out)
+
+
+@pytest.mark.parametrize("skip_first, skip_last", [(4, 60), (300, 33), (0, 257), (31, 0)])
+def test_lowbit_tail_skipped_keys(race_exe, skip_first, skip_last):
+    """skip_first / skip_last set the bitmap's bits of the hot rows for every head: ranges that
+    end inside a 32-key word, cover whole chunks (of 256 keys here) or cross into the next one;
+    the skipped rows' copies are NaN, so one weighed shows."""
+    lens = [700, 333, 97, 5, 0]
+    args = skipped_lowbit_case(len(lens), 2, 3, 700, 64, 2, torch.float32, "cpu", lens, 24,
+                               skip_first, skip_last)
+    out = run_lowbit_tail(race_exe, *args, 2, skip_first=skip_first, skip_last=skip_last)
+    check_lowbit_tail(*args, 2, out, skip_first, skip_last)
 
 
 def test_lowbit_tail_arbitrary_indices(race_exe):

@@ -1,8 +1,8 @@
 """kcache_ops.lowbit_tail against the float32 reference: scores, indices and lse from qk_topn (per
 head and group selection) and arbitrary indices (padding, repeats, past L_b), L_b <= N giving
-zeros, the tail plus the selected rows equal to attention over the mixed V, scores and rows past
-L_b never read, strided inputs, GQA ratios, both bit widths, random shapes; on CUDA long rows,
-determinism and graph replay."""
+zeros, the skipped first and last keys (hot rows) left out, the tail plus the selected rows
+equal to attention over the mixed V, scores and rows past L_b never read, strided inputs, GQA
+ratios, both bit widths, random shapes; on CUDA long rows, determinism and graph replay."""
 import pytest
 import torch
 from conftest import DEVICES, DTYPES, TOL, host_tensor, poison_allocator, seq_lens_tensor
@@ -45,14 +45,14 @@ def reference_scores(q, k, seq_lens, scale):
     return s.nan_to_num(float("nan"), neginf=float("nan")).to(q.device), lse.to(q.device)
 
 
-def check_tail(scores, lens, lse, indices, codes, meta, bits, out):
+def check_tail(scores, lens, lse, indices, codes, meta, bits, out, skip_first=0, skip_last=0):
     """out [B, Hq, D] float32 on scores' device, close to the reference, no NaN."""
     B, Hq, _ = scores.shape
     D = codes.shape[-1] * 8 // bits
     assert out.dtype == torch.float32 and out.device == scores.device
     assert out.shape == (B, Hq, D)
     ref = R.lowbit_tail(scores.cpu(), lens.cpu(), lse.cpu(), indices.cpu(), codes.cpu(),
-                        meta.cpu(), bits)
+                        meta.cpu(), bits, skip_first, skip_last)
     assert not out.isnan().any()
     torch.testing.assert_close(out.cpu(), ref, atol=OUT_TOL, rtol=OUT_TOL)
 
@@ -71,6 +71,57 @@ def test_matches_reference(device, dtype, G, D, group_select, bits):
     out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits)
     check_tail(scores, seq_lens, lse, indices, codes, meta, bits, out)
     assert torch.equal(out[1:4].cpu(), torch.zeros(3, *out.shape[1:])), "L_b <= N gives zeros"
+
+
+def skipped_case(B, Hkv, G, S, D, bits, dtype, device, lens, n, skip_first, skip_last,
+                 group_select=False):
+    """(scores, seq_lens, lse, indices, codes, meta) as a KCache step with hot rows has them: the
+    selection from qk_topn over the keys skip_first <= j < L_b - skip_last, and the copies of the
+    skipped rows NaN (a skipped row must never be weighed)."""
+    q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, bits, dtype, device, lens)
+    j = torch.arange(S, device=device)[None, :]  # [1, S]
+    end = seq_lens.long()[:, None] - skip_last  # [B, 1]
+    meta[((j < skip_first) | (j >= end))[:, None, :, None].expand_as(meta)] = float("nan")
+    _, indices, lse, scores = kcache_ops.qk_topn(q, k, seq_lens, n, None, group_select,
+                                                 return_scores=True, skip_first=skip_first,
+                                                 skip_last=skip_last)
+    return scores, seq_lens, lse, indices, codes, meta
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+@pytest.mark.parametrize("skip_first, skip_last", [(4, 60), (0, 7), (31, 33), (5, 0), (2000, 0),
+                                                   (0, 2000)])
+def test_skipped_keys_are_left_out(device, dtype, group_select, skip_first, skip_last):
+    """skip_first / skip_last (KCache's hot rows): the keys j < skip_first and j >= L_b -
+    skip_last are left out as if every head had selected them, NaN copies included; L_b below
+    skip_first + skip_last (all skipped: zeros) and 0 in the batch."""
+    lens = [1025, 700, 64, 40, 0]
+    args = skipped_case(len(lens), 2, 4, 1025, 64, 2, dtype, device, lens, 32, skip_first,
+                        skip_last, group_select)
+    out = kcache_ops.lowbit_tail(*args, 2, skip_first=skip_first, skip_last=skip_last)
+    check_tail(*args, 2, out, skip_first, skip_last)
+    left = [b for b, L in enumerate(lens) if L <= skip_first + skip_last]
+    assert torch.equal(out[left].cpu(), torch.zeros(len(left), *out.shape[1:]))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_skipping_is_selecting(device, bits):
+    """Skipping the first and last keys gives what selecting them in every head gives (how the
+    step left out its hot rows before, by appending their positions to the selection)."""
+    S, first, last = 700, 4, 60
+    lens = [700, 301, 90, 3]
+    scores, seq_lens, lse, indices, codes, meta = skipped_case(
+        len(lens), 2, 3, S, 128, bits, torch.bfloat16, device, lens, 48, first, last)
+    out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits,
+                                 skip_first=first, skip_last=last)
+    B, Hq, _ = indices.shape
+    pos = [list(range(min(first, L))) + list(range(max(first, L - last), L)) for L in lens]
+    hot = torch.full((B, Hq, first + last), -1, dtype=torch.int32)  # [B, Hq, H], -1 padding
+    for b, p in enumerate(pos):
+        hot[b, :, :len(p)] = torch.tensor(p, dtype=torch.int32)
+    read = torch.cat([indices, hot.to(device)], -1)  # [B, Hq, N + H]
+    want = kcache_ops.lowbit_tail(scores, seq_lens, lse, read, codes, meta, bits)
+    torch.testing.assert_close(out, want, atol=OUT_TOL, rtol=OUT_TOL)
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -193,8 +244,9 @@ def test_check_values_off(device):
     got = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, 2,
                                  check_values=False)
     assert torch.equal(got, want)
-    torch.library.opcheck(torch.ops.kcache_ops.lowbit_tail.default,
-                          (scores, seq_lens, lse, indices, codes, meta, 2, False))
+    for skips in ((0, 0), (3, 20)):
+        torch.library.opcheck(torch.ops.kcache_ops.lowbit_tail.default,
+                              (scores, seq_lens, lse, indices, codes, meta, 2, False, *skips))
 
 
 def test_compile_decode_step_with_tail(device):
@@ -216,14 +268,15 @@ def test_compile_decode_step_with_tail(device):
 @given(B=st.integers(1, 3), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4, 8]),
        S=st.integers(1, 600), n=st.integers(1, 80), D=st.sampled_from([64, 128]),
        bits=st.sampled_from([2, 4]), dtype=st.sampled_from(DTYPES), group_select=st.booleans(),
-       data=st.data())
-def test_random_shapes(B, Hkv, G, S, n, D, bits, dtype, group_select, data):
+       skip_first=st.integers(0, 70), skip_last=st.integers(0, 70), data=st.data())
+def test_random_shapes(B, Hkv, G, S, n, D, bits, dtype, group_select, skip_first, skip_last,
+                       data):
     lens = data.draw(st.lists(st.integers(0, S), min_size=B, max_size=B))
     for device in DEVICES:
-        q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, bits, dtype, device, lens)
-        scores, indices, lse = selection(q, k, seq_lens, n, group_select)
-        out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits)
-        check_tail(scores, seq_lens, lse, indices, codes, meta, bits, out)
+        args = skipped_case(B, Hkv, G, S, D, bits, dtype, device, lens, n, skip_first,
+                            skip_last, group_select)
+        out = kcache_ops.lowbit_tail(*args, bits, skip_first=skip_first, skip_last=skip_last)
+        check_tail(*args, bits, out, skip_first, skip_last)
 
 
 @requires_cuda

@@ -266,6 +266,13 @@ def test_lowbit_tail_bad_arguments(low_tail, i, bad, message):
         kcache_ops.lowbit_tail(*change(low_tail, i, bad(low_tail[i])))
 
 
+def test_lowbit_tail_bad_skips(low_tail):
+    with pytest.raises(RuntimeError, match=r"skip_first must be in \[0, 2\^31\), got -3"):
+        kcache_ops.lowbit_tail(*low_tail, skip_first=-3)
+    with pytest.raises(RuntimeError, match=r"skip_last must be in \[0, 2\^31\), got 2147483648"):
+        kcache_ops.lowbit_tail(*low_tail, skip_last=2 ** 31)
+
+
 @pytest.mark.parametrize("device", ["cpu"])
 def test_lowbit_tail_cpu_checks_values(low_tail):
     """check_values=False only skips the CUDA read-back: the CPU op still names a bad value."""

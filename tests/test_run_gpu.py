@@ -116,7 +116,8 @@ def test_decode_steps_split_into_their_parts():
     assert ((picked >= 4) & (picked < S - 60)).all()  # sinks 4, window 60: never a hot row
     tail_args = layer.tail_args(i, q)  # (every score of the step, ...)
     hot = layer.cache.hot[i].attend(lse, tail_args[0])
-    parts = layer.attend_host(i, scores, indices, lse) + hot.out + layer.lowbit_tail(*tail_args)
+    host = layer.attend_host(i, scores, indices, lse)  # [B, Hq, D]
+    parts = hot.add_to(host + layer.lowbit_tail(*tail_args))
     torch.testing.assert_close(parts, out)
     assert layer.device_bytes_beside_k() == decode_steps.default_layer_bytes(
         B, Hq, Hkv, S, D, torch.float32) - k.nbytes

@@ -1,6 +1,6 @@
-// kcache_ops::lowbit_tail on the CPU: per (batch, kv head), each valid key that a head of the
-// group did not select adds exp(s - lse), from qk_topn's scores, times its dequantized low-bit V
-// row (dequantized once per key) to that head's output.
+// kcache_ops::lowbit_tail on the CPU: per (batch, kv head), each valid key outside the skipped
+// first and last keys that a head of the group did not select adds exp(s - lse), from qk_topn's
+// scores, times its dequantized low-bit V row (dequantized once per key) to that head's output.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -35,12 +35,14 @@ struct Scratch {
 
 // One (batch, kv head): s [G, L] the heads' scores (row stride s_head, key stride s_key),
 // codes [L, kD * bits / 8] (row stride c_stride), meta [L, 2] (row stride m_stride),
-// lse [G] (stride lse_stride), idx [G, N] (row stride idx_stride) -> out [G, kD] float32.
+// lse [G] (stride lse_stride), idx [G, N] (row stride idx_stride) -> out [G, kD] float32, over
+// the keys first <= j < end (0 <= first <= end <= L).
 template <class Isa, int64_t kD>
 void tail_group(const float* s, int64_t s_head, int64_t s_key, const uint8_t* codes,
                 int64_t c_stride, const c10::BFloat16* meta, int64_t m_stride, int64_t bits,
                 const float* lse, int64_t lse_stride, const int32_t* idx, int64_t idx_stride,
-                int64_t G, int64_t N, int64_t L, Scratch& tmp, float* out) {
+                int64_t G, int64_t N, int64_t L, int64_t first, int64_t end, Scratch& tmp,
+                float* out) {
   tmp.selected.assign(G * L, 0);
   for (int64_t h = 0; h < G; ++h) {
     for (int64_t i = 0; i < N; ++i) {
@@ -50,7 +52,7 @@ void tail_group(const float* s, int64_t s_head, int64_t s_key, const uint8_t* co
   }
   tmp.acc.assign(G * kD, 0.f);
   float v[kD];  // one dequantized row
-  for (int64_t j = 0; j < L; ++j) {
+  for (int64_t j = first; j < end; ++j) {
     bool have_row = false;  // dequantized once, for the first head that needs it
     for (int64_t h = 0; h < G; ++h) {
       // exp(s - lse) <= 1 with qk_topn's lse; a NaN weight counts 0 as in the reference
@@ -74,9 +76,10 @@ at::Tensor lowbit_tail_cpu(const at::Tensor& scores,    // [B, Hq, S] float32
                            const at::Tensor& v_codes,   // [B, Hkv, S, D * bits / 8] uint8
                            const at::Tensor& v_meta,    // [B, Hkv, S, 2] bfloat16
                            int64_t bits,
-                           bool /*check_values*/) {  // values are on the host: always checked
-  const LowbitTailDims dims =
-      check_lowbit_tail_args(scores, seq_lens, lse, indices, v_codes, v_meta, bits);
+                           bool /*check_values*/,  // values are on the host: always checked
+                           int64_t skip_first, int64_t skip_last) {
+  const LowbitTailDims dims = check_lowbit_tail_args(scores, seq_lens, lse, indices, v_codes,
+                                                     v_meta, bits, skip_first, skip_last);
   KC_CHECK_CPU("lowbit_tail", scores);
   KC_CHECK_CPU("lowbit_tail", seq_lens);
   KC_CHECK_CPU("lowbit_tail", lse);
@@ -94,6 +97,9 @@ at::Tensor lowbit_tail_cpu(const at::Tensor& scores,    // [B, Hq, S] float32
                             [&]<class Isa, typename scalar_t, int64_t kD>(
                                 int64_t b, int64_t kvh, Scratch& tmp) {
     const int64_t h0 = kvh * G;  // first query head of the group
+    const int64_t L = lens[b * seq_lens.stride(0)];
+    const int64_t first = std::min(skip_first, L);  // the summed keys [first, end)
+    const int64_t end = std::max(first, L - std::min(skip_last, L));
     tail_group<Isa, kD>(
         scores.data_ptr<float>() + b * scores.stride(0) + h0 * scores.stride(1),
         scores.stride(1), scores.stride(2),
@@ -103,7 +109,7 @@ at::Tensor lowbit_tail_cpu(const at::Tensor& scores,    // [B, Hq, S] float32
         v_meta.stride(2), dims.bits,
         lse.data_ptr<float>() + b * lse.stride(0) + h0 * lse.stride(1), lse.stride(1),
         indices.data_ptr<int32_t>() + b * indices.stride(0) + h0 * indices.stride(1),
-        indices.stride(1), G, dims.N, lens[b * seq_lens.stride(0)], tmp,
+        indices.stride(1), G, dims.N, L, first, end, tmp,
         out.data_ptr<float>() + (b * dims.Hq + h0) * dims.D);
   });
   return out;

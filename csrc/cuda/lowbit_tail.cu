@@ -20,10 +20,11 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
                             const at::Tensor& indices,   // [B, Hq, N] int32, CUDA
                             const at::Tensor& v_codes,   // [B, Hkv, S, D * bits / 8] uint8, CUDA
                             const at::Tensor& v_meta,    // [B, Hkv, S, 2] bfloat16, CUDA
-                            int64_t bits, bool check_values) {
+                            int64_t bits, bool check_values, int64_t skip_first,
+                            int64_t skip_last) {
   constexpr const char* kOp = "lowbit_tail";
-  const LowbitTailDims dims =
-      check_lowbit_tail_args(scores, seq_lens, lse, indices, v_codes, v_meta, bits);
+  const LowbitTailDims dims = check_lowbit_tail_args(scores, seq_lens, lse, indices, v_codes,
+                                                     v_meta, bits, skip_first, skip_last);
   TORCH_CHECK(scores.is_cuda(), "scores must be a CUDA tensor, got ", scores.device());
   KC_CHECK_DEVICE(seq_lens, scores.device());
   KC_CHECK_DEVICE(lse, scores.device());
@@ -74,6 +75,8 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
       .ix_sb = indices.stride(0),
       .ix_sh = indices.stride(1),
       .ix_sn = indices.stride(2),
+      .skip_first = skip_first,
+      .skip_last = skip_last,
       .out = out.data_ptr<float>(),
       .B = dims.B,
       .Hq = dims.Hq,

@@ -1,13 +1,14 @@
-// lowbit_tail on the GPU: out[b, h] = sum over j < L_b not selected by head h of
-// exp(s_hj - lse_h) · dequant(v)[b, h / G, j], over the low-bit copy of V in device memory and the
-// scores qk_topn computed (its score scratch: K is not read again; bytes and design:
-// bench/NOTES.md).
+// lowbit_tail on the GPU: out[b, h] = sum over skip_first <= j < L_b - skip_last not selected by
+// head h of exp(s_hj - lse_h) · dequant(v)[b, h / G, j], over the low-bit copy of V in device
+// memory and the scores qk_topn computed (its score scratch: K is not read again; bytes and
+// design: bench/NOTES.md).
 //
 // 1. lowbit_tail_kernel — one block per (chunk of keys, KV head, slice of <= GS query heads of its
 //    group, sequence), the chunks sized to whole waves (lowbit_tail_launch.h). The block first
-//    marks the keys of its chunk that each head selected in a bitmap in shared memory (one bit per
-//    key and head, from the heads' index rows; integer atomicOr, so the bits do not depend on the
-//    order; indices outside the chunk, and so outside [0, L_b), change nothing). Then
+//    marks the keys of its chunk that each head leaves out in a bitmap in shared memory (one bit
+//    per key and head: the skipped first and last keys, then the heads' index rows with integer
+//    atomicOr, so the bits do not depend on the order; indices outside the chunk, and so outside
+//    [0, L_b), change nothing). Then
 //    D / kTailVec lanes share a key, each holding kTailVec codes of its row (one aligned 4-byte
 //    word of the code row); the scores of a few keys are spread over the key's lanes so that each
 //    lane loads one (key, head) score, the bits qk_topn ranked by, and the row's (scale, min) word,
@@ -56,6 +57,7 @@ struct LowbitTailParams {
   int64_t lse_sb, lse_sh;        // strides in elements
   const int32_t* indices;        // [B, Hq, N] int32; outside [0, L_b) ignored
   int64_t ix_sb, ix_sh, ix_sn;   // strides in elements
+  int skip_first, skip_last;     // left out as if selected: j < skip_first, j >= L_b - skip_last
   float* partials;               // [B, Hq, num_chunks, D] float32 (out when num_chunks == 1)
   int hq, hkv, s, n, chunk, num_chunks, slices, bits;
 };
@@ -64,6 +66,11 @@ struct LowbitTailParams {
 template <int D>
 constexpr int tail_keys_per_iter() {
   return (kTailThreads / 32) * (32 / (D / kTailVec)) * kTailUnroll;
+}
+
+// Bits 0 .. n - 1 of a word set (none for n <= 0, all for n >= 32).
+__device__ __forceinline__ uint32_t low_bits(int n) {
+  return n >= 32 ? ~0u : (n <= 0 ? 0u : (1u << n) - 1u);
 }
 
 // The staged rows of a block: per stage, thread and row u of its iteration, the aligned 4-byte word
@@ -177,8 +184,12 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   // the one lane of a (key, head) pair that adds its w · min (the others compute the same weight)
   const bool adds_min = sub % kDup == 0;
 
-  // The selection bitmap of the chunk.
-  for (int t = threadIdx.x; t < GS * words; t += kTailThreads) selected[t / words][t % words] = 0u;
+  // The selection bitmap of the chunk, starting from the skipped keys (set for every head).
+  const int cold_end = max(0, clamped_len(p.seq_lens, p.seq_stride, b, p.s) - p.skip_last);
+  for (int t = threadIdx.x; t < GS * words; t += kTailThreads) {
+    const int key0 = chunk_begin + (t % words) * 32;  // the word's first key
+    selected[t / words][t % words] = low_bits(p.skip_first - key0) | ~low_bits(cold_end - key0);
+  }
   __syncthreads();
   const int32_t* ix = p.indices + b * p.ix_sb + h0 * p.ix_sh;  // head h, entry i: h*ix_sh + i*ix_sn
   for (int t = threadIdx.x; t < gs * p.n; t += kTailThreads) {

@@ -26,6 +26,7 @@ struct LowbitTailArgs {
   int64_t lse_sb, lse_sh;
   const int32_t* indices;      // [B, Hq, N] int32; outside [0, L_b) ignored
   int64_t ix_sb, ix_sh, ix_sn;
+  int64_t skip_first, skip_last;  // left out: j < skip_first, j >= L_b - skip_last (< 2^31 each)
   float* out;                  // [B, Hq, D] float32, contiguous
   int64_t B, Hq, Hkv, S, D, N, bits;
 };
@@ -109,6 +110,8 @@ inline LowbitTailParams lowbit_tail_params(const LowbitTailArgs& a, const Lowbit
       .ix_sb = a.ix_sb,
       .ix_sh = a.ix_sh,
       .ix_sn = a.ix_sn,
+      .skip_first = static_cast<int>(a.skip_first),
+      .skip_last = static_cast<int>(a.skip_last),
       .partials = plan.num_chunks == 1 ? a.out : partials,
       .hq = static_cast<int>(a.Hq),
       .hkv = static_cast<int>(a.Hkv),

@@ -17,10 +17,18 @@ from collections import namedtuple
 
 import torch
 
-# the exact attention of a step's hot rows: out [B, Hq, D] float32 = Σ exp(s − lse) · v,
-# weights [B, Hq, H] float32 = exp(s − lse) (0 at empty slots), indices [B, Hq, H] int32 (their
-# positions, -1 empty: a view of HotSlots.held, valid until the cache's next finish_decode)
-HotPart = namedtuple("HotPart", "out weights indices")
+class HotPart(namedtuple("HotPart", "weights v")):
+    """The exact attention of a step's hot rows, added into the step's output where it is formed:
+    weights [B, Hkv, G, H] float32 = exp(s − lse) (0 at empty slots), v [B, Hkv, H, D] float32
+    (the rows the slots hold)."""
+
+    def add_to(self, out):
+        """out [B, Hq, D] float32 (contiguous) + Σ_j weights_j · v_j -> [B, Hq, D] float32, in
+        one batched matmul (the add folded into it)."""
+        B, Hkv, G, H = self.weights.shape
+        D = self.v.shape[-1]
+        return torch.baddbmm(out.view(B * Hkv, G, D), self.weights.view(B * Hkv, G, H),
+                             self.v.view(B * Hkv, H, D)).view(B, Hkv * G, D)
 
 
 class HotSlots:
@@ -129,18 +137,16 @@ class HotRows:
     def attend(self, lse, all_scores):
         """The exact attention of the hot rows this step holds (``slots.held``, its new token
         appended): lse [B, Hq] float32 (over all keys), all_scores [B, Hq, S] float32 (the step's
-        every score, both from ``qk_topn``) -> :data:`HotPart`. The scores are the very ones
+        every score, both from ``qk_topn``) -> :class:`HotPart`. The scores are the very ones
         ``lse`` was taken over, so the weights of the hot rows, the top N and the tail add up to 1
         however large the scores (recomputed from K they would differ by rounding, which
         ``exp(s − lse)`` turns into a relative error of the order of |s| · 1e-7)."""
         B, Hq = lse.shape
-        _, Hkv, H, D = self.v.shape
+        _, Hkv, H, _ = self.v.shape
         group = Hq // Hkv
         s = self.slots
         slots = s.gather[:, None, :].expand(B, Hq, H)  # [B, Hq, H]
         scores = torch.gather(all_scores, 2, slots).view(B, Hkv, group, H)  # [B, Hkv, G, H]
         p = torch.exp(scores - lse.reshape(B, Hkv, group, 1))  # [B, Hkv, G, H]
         p = p.masked_fill(s.empty[:, None, None, :], 0.0)
-        out = torch.einsum("bkgj,bkjd->bkgd", p, self.v.float()).reshape(B, Hq, D)  # [B, Hq, D]
-        indices = s.held[:, None, :].expand(B, Hq, H)  # [B, Hq, H] int32, -1 empty
-        return HotPart(out, p.reshape(B, Hq, H), indices)
+        return HotPart(p, self.v.float())  # [B, Hkv, G, H], [B, Hkv, H, D]

@@ -21,7 +21,8 @@ Each tail stores the prompt (:meth:`store_prompt`), appends a token (:meth:`appe
 (:meth:`attend`, given every score of the step when its ``needs_scores`` is True or the layer
 has hot rows, else None);
 ``nbytes`` is the device memory it holds. With hot rows (hot.py), ``attend`` also
-takes their exact part (a :data:`~.hot.HotPart`) and adds it; the low-bit tail leaves them out.
+takes their exact part (a :class:`~.hot.HotPart`) and adds it; the low-bit tail leaves their
+positions out (``lowbit_tail``'s ``skip_first`` / ``skip_last``, the counts ``qk_topn`` skipped).
 """
 import torch
 
@@ -50,10 +51,10 @@ class NoTail:
                                  check_values=False)
         top = sparse_attn_v(scores, indices, v_host, lse, renormalize=False,
                             check_values=False)  # [B, Hq, D]
-        out = hot.out + top  # [B, Hq, D] float32 (the add promotes top: no separate cast)
+        out = hot.add_to(top.float())  # [B, Hq, D] float32
         if self.renormalize:  # a softmax over the top N and the hot rows together
             mass = (torch.exp(scores - lse[..., None]).sum(-1)
-                    + hot.weights.sum(-1))  # [B, Hq]; padding 0
+                    + hot.weights.sum(-1).flatten(1))  # [B, Hq]; padding 0
             out = out / mass.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
         return out.to(top.dtype)
 
@@ -98,8 +99,9 @@ class LowBitTail:
 
     needs_scores = True  # the weights of the rows not read come from the step's scores
 
-    def __init__(self, bits, batch, num_kv_heads, capacity, head_dim, device, side):
+    def __init__(self, bits, batch, num_kv_heads, capacity, head_dim, device, side, skip):
         self.bits = bits
+        self.skip = skip  # (sinks, window): the hot rows' positions, left out of the tail
         shape = (batch, num_kv_heads, capacity)
         self.codes = torch.empty(*shape, head_dim * bits // 8, dtype=torch.uint8,
                                  device=device)  # [B, Hkv, S, D * bits / 8]
@@ -128,13 +130,13 @@ class LowBitTail:
             top = sparse_attn_v(scores, indices, v_host, lse, renormalize=False,
                                 check_values=False)  # [B, Hq, D]
         try:
-            read = indices if hot is None else torch.cat([indices, hot.indices], -1)  # [B,Hq,N(+H)]
-            rest = lowbit_tail(all_scores, lens, lse, read, self.codes, self.meta, self.bits,
-                               check_values=False)  # [B, Hq, D] float32
+            rest = lowbit_tail(all_scores, lens, lse, indices, self.codes, self.meta, self.bits,
+                               check_values=False, skip_first=self.skip[0],
+                               skip_last=self.skip[1])  # [B, Hq, D] float32
         finally:
             self.side.join(top)
         out = rest + top  # [B, Hq, D] float32 (the add promotes top: no separate cast)
-        return (out if hot is None else out + hot.out).to(top.dtype)
+        return (out if hot is None else hot.add_to(out)).to(top.dtype)
 
 
 def make_tail(options, batch, num_kv_heads, capacity, head_dim, device, side):
@@ -144,4 +146,5 @@ def make_tail(options, batch, num_kv_heads, capacity, head_dim, device, side):
     if options.tail == "mean":
         return MeanTail(batch, num_kv_heads, head_dim, device)
     bits = {"int2": 2, "int4": 4}[options.tail]
-    return LowBitTail(bits, batch, num_kv_heads, capacity, head_dim, device, side)
+    return LowBitTail(bits, batch, num_kv_heads, capacity, head_dim, device, side,
+                      (options.sinks, options.window))

@@ -271,6 +271,8 @@ Outputs run_lowbit_tail(const Case& c) {
       .ix_sb = indices.stride(0),
       .ix_sh = indices.stride(1),
       .ix_sn = indices.stride(2),
+      .skip_first = static_cast<int64_t>(c.scalar("skip_first", 0)),
+      .skip_last = static_cast<int64_t>(c.scalar("skip_last", 0)),
       .out = static_cast<float*>(out.data()),
       .B = B,
       .Hq = Hq,
