@@ -4,12 +4,24 @@ them by :mod:`kcache_ops.report`)."""
 import json
 import os
 import platform
+import tempfile
 
 import torch
 
 # bench/results of the source tree (the package is imported from its checkout: `make build`).
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
                            "results")
+# where a smoke run (``eval --quick``, ``bench --small``) writes unless told: never over the
+# committed results
+SMOKE_DIR = os.path.join(tempfile.gettempdir(), "kcache_ops_smoke")
+
+
+def out_dir(out, smoke):
+    """The folder a command writes its results to: ``out`` where the user gave one, else
+    :data:`SMOKE_DIR` for a smoke run and :data:`RESULTS_DIR` for a real one."""
+    if out is not None:
+        return out
+    return SMOKE_DIR if smoke else RESULTS_DIR
 
 
 def machine(device):

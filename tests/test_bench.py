@@ -3,14 +3,17 @@ transformers' comparison included where it is installed."""
 import argparse
 import json
 
+from kcache_ops import results
 from kcache_ops.cli import bench
 
 
-def test_bench_small_on_cpu(tmp_path):
+def test_bench_small_on_cpu(tmp_path, monkeypatch):
+    """A smoke run with no --out writes to the scratch folder (here tmp_path), never over the
+    committed results."""
+    monkeypatch.setattr(results, "SMOKE_DIR", str(tmp_path))
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    bench.run(parser.parse_args(["--device", "cpu", "--small", "--steps", "2", "--out",
-                                 str(tmp_path)]))
+    bench.run(parser.parse_args(["--device", "cpu", "--small", "--steps", "2"]))
     data = json.loads((tmp_path / "bench.json").read_text())
     rows = {(r["context"], r["backend"]): r for r in data["rows"]}
     assert data["small"] and rows

@@ -1,7 +1,14 @@
-"""The results layer: the machine description and its report line, the JSON files, and REPORT.md
-assembled from whichever JSON files are present (here only the GPU gather script's)."""
+"""The results layer: the machine description and its report line, the JSON files, where a
+command writes them (a smoke run never over the committed results), and REPORT.md assembled from
+whichever JSON files are present (here only the GPU gather script's)."""
+import argparse
+
+import pytest
+
 from kcache_ops import report
-from kcache_ops.results import load_json, machine, ran_on, write_json
+from kcache_ops.cli import bench, eval as eval_cli
+from kcache_ops.results import (RESULTS_DIR, SMOKE_DIR, load_json, machine, out_dir, ran_on,
+                                write_json)
 
 
 def test_machine_and_json_round_trip(tmp_path):
@@ -12,6 +19,17 @@ def test_machine_and_json_round_trip(tmp_path):
     write_json(path, {"machine": m, "rows": [1, 2]})
     assert load_json(path) == {"machine": m, "rows": [1, 2]}
     assert load_json(tmp_path / "missing.json") is None
+
+
+@pytest.mark.parametrize("cli, smoke", [(eval_cli, "--quick"), (bench, "--small")])
+def test_smoke_runs_write_aside(cli, smoke, tmp_path):
+    """``eval --quick`` and ``bench --small`` write to a scratch folder unless --out says where;
+    the full runs to bench/results (the committed results)."""
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert out_dir(parser.parse_args([smoke]).out, True) == SMOKE_DIR != RESULTS_DIR
+    assert out_dir(parser.parse_args([]).out, False) == RESULTS_DIR
+    assert out_dir(parser.parse_args([smoke, "--out", str(tmp_path)]).out, True) == str(tmp_path)
 
 
 def test_report_from_the_gather_json_alone(tmp_path):

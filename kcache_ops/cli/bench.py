@@ -14,7 +14,7 @@ import torch
 
 from .. import report
 from ..devices import default_device
-from ..results import RESULTS_DIR, machine, write_json
+from ..results import SMOKE_DIR, machine, out_dir, write_json
 from ..throughput.measure import measure
 from ..throughput.report import BENCH_JSON, BENCH_PLOT, plot
 from ..throughput.shapes import SHAPES
@@ -51,10 +51,13 @@ def add_arguments(parser):
     parser.add_argument("--small", action="store_true",
                         help="tiny shapes, short contexts, a 4 MB budget and at most 8 steps "
                              "(unless given): tests the machinery on a CPU")
-    parser.add_argument("--out", default=RESULTS_DIR)
+    parser.add_argument("--out",
+                        help="folder of bench.json, its plot and REPORT.md (default bench/results "
+                             f"of the source tree; with --small {SMOKE_DIR})")
 
 
 def run(args):
+    args.out = out_dir(args.out, args.small)
     device = torch.device(args.device) if args.device else default_device()
     models = args.models.split(",") if args.models else ["tiny"] if args.small else DEFAULT_MODELS
     unknown = [m for m in models if m not in SHAPES]

@@ -25,7 +25,7 @@ from ..eval.report import EVAL_JSON
 from ..eval.suite import Settings, evaluate, save_json
 from ..model import load_model
 from ..model.load import DEFAULT_NAME
-from ..results import RESULTS_DIR, machine
+from ..results import SMOKE_DIR, machine, out_dir
 from .args import (add_engine_argument, add_model_arguments, dtype_of, int_list, positive_int,
                    positive_int_list)
 
@@ -77,9 +77,9 @@ def add_arguments(parser):
                         help="torch CPU threads (1 is faster on a CPU that others share)")
     parser.add_argument("--report-only", action="store_true",
                         help="only rewrite REPORT.md and the plots from the JSON in --out")
-    parser.add_argument("--out", default=RESULTS_DIR,
+    parser.add_argument("--out",
                         help="folder of the JSON, plots and REPORT.md (default bench/results of "
-                             "the source tree)")
+                             f"the source tree; with --quick {SMOKE_DIR})")
 
 
 def settings(args):
@@ -110,6 +110,7 @@ def configs(args):
 
 
 def run(args):
+    args.out = out_dir(args.out, args.quick)
     if args.report_only:
         report.write(args.out)
         print(f"# wrote {os.path.join(args.out, 'REPORT.md')}")
