@@ -1,6 +1,7 @@
 // kcache_ops::alloc_host — pinned, device-mapped host memory where a GPU is present, an ordinary
 // CPU tensor otherwise — and kcache_ops::host_bytes_available, the host RAM free for it. Registered
 // for every backend: neither op takes a tensor to dispatch on.
+#include <algorithm>
 #include <fstream>
 #include <limits>
 #include <string>
@@ -26,6 +27,8 @@ int64_t host_bytes_available() {
 namespace {
 
 at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
+  TORCH_CHECK(!c10::isQIntType(dtype) && !c10::isBitsType(dtype),
+              "alloc_host: dtype must be a plain (not quantized, not bits) dtype, got ", dtype);
   int64_t bytes = static_cast<int64_t>(c10::elementSize(dtype));
   bool overflow = false, empty = false;
   for (int64_t s : shape) {
@@ -35,6 +38,13 @@ at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
   }
   TORCH_CHECK(empty || !overflow, "alloc_host: shape ", shape, " of ", dtype, " needs more than ",
               std::numeric_limits<int64_t>::max(), " bytes (its size overflows int64)");
+  // an empty tensor holds no bytes, but its contiguous strides multiply the sizes after the first
+  // (a size 0 counting 1)
+  int64_t stride = 1;
+  for (size_t i = 1; i < shape.size(); ++i) {
+    TORCH_CHECK(!c10::mul_overflows(stride, std::max<int64_t>(shape[i], 1), &stride),
+                "alloc_host: shape ", shape, " has strides that overflow int64");
+  }
 #ifdef KCACHE_OPS_WITH_CUDA
   if (cuda_device_present()) return alloc_pinned_mapped(shape, dtype, bytes);
 #endif

@@ -3,6 +3,7 @@
 // implementation; the values of seq_lens and indices in value_checks.h.
 #pragma once
 
+#include <cmath>
 #include <optional>
 
 #include "checks.h"
@@ -23,11 +24,11 @@ struct QkTopnDims {
   int64_t B, Hq, Hkv, G, S, D, n;
 };
 
-// q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B] int32, n >= 1, skip_first / skip_last
-// >= 0, top_p in (0, 1] as a float32 (the ops compare in float32).
+// q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B] int32, n in [1, 2^31), skip_first /
+// skip_last >= 0, scale finite and top_p in (0, 1], both as float32s (the ops compute in float32).
 inline QkTopnDims check_qk_topn_args(const at::Tensor& q, const at::Tensor& k_cache,
-                                     const at::Tensor& seq_lens, int64_t n, int64_t skip_first,
-                                     int64_t skip_last, double top_p) {
+                                     const at::Tensor& seq_lens, int64_t n, double scale,
+                                     int64_t skip_first, int64_t skip_last, double top_p) {
   KC_CHECK_DIM(q, 3);
   KC_CHECK_DIM(k_cache, 4);
   KC_CHECK_DIM(seq_lens, 1);
@@ -44,7 +45,9 @@ inline QkTopnDims check_qk_topn_args(const at::Tensor& q, const at::Tensor& k_ca
               ") must equal q head dim (", D, ")");
   KC_CHECK_GQA(Hq, Hkv, "q", "k_cache");
   KC_CHECK_HEAD_DIM(q, D);
-  TORCH_CHECK(n >= 1, "n must be >= 1, got ", n);
+  TORCH_CHECK(n >= 1 && n < (int64_t{1} << 31), "n must be in [1, 2^31), got ", n);
+  TORCH_CHECK(std::isfinite(static_cast<float>(scale)), "scale must be finite (as a float32), got ",
+              scale);
   check_skip_counts(skip_first, skip_last);
   const float top_p32 = static_cast<float>(top_p);
   TORCH_CHECK(top_p32 > 0 && top_p32 <= 1, "top_p must be in (0, 1] (as a float32), got ", top_p);

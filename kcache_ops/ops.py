@@ -276,8 +276,10 @@ def _check_skip(skip_first, skip_last):
 def _(q, k_cache, seq_lens, n, scale, group_select=False, check_values=True,
       return_scores=False, skip_first=0, skip_last=0, top_p=1.0):
     _check_fake("qk_topn", {"q": (q, 3), "k_cache": (k_cache, 4), "seq_lens": (seq_lens, 1)})
-    if n < 1:
-        raise RuntimeError(f"n must be >= 1, got {n}")
+    if not 1 <= n < 1 << 31:
+        raise RuntimeError(f"n must be in [1, 2^31), got {n}")
+    if not math.isfinite(as_float32(scale)):
+        raise RuntimeError(f"scale must be finite (as a float32), got {scale}")
     _check_skip(skip_first, skip_last)
     if not 0 < as_float32(top_p) <= 1:
         raise RuntimeError(f"top_p must be in (0, 1] (as a float32), got {top_p}")

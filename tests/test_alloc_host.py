@@ -47,6 +47,19 @@ def test_size_overflowing_int64_says_so():
     assert kcache_ops.alloc_host((1 << 62, 0), torch.float32).shape == (1 << 62, 0)
 
 
+def test_empty_shape_with_overflowing_strides_says_so():
+    """No bytes, but torch's contiguous strides would overflow: an error naming it, not "could not
+    allocate 0 bytes"."""
+    with pytest.raises(RuntimeError, match=r"alloc_host: shape \[0, 4611686018427387904, "
+                                           r"4611686018427387904\] has strides that overflow"):
+        kcache_ops.alloc_host((0, 1 << 62, 1 << 62), torch.float32)
+
+
+def test_quantized_dtype_is_refused():
+    with pytest.raises(RuntimeError, match="alloc_host: dtype must be a plain .* got QUInt8"):
+        kcache_ops.alloc_host((2, 3), torch.quint8)
+
+
 def test_an_int_shape():
     assert kcache_ops.alloc_host(5, torch.float32).shape == (5,)
 

@@ -52,7 +52,7 @@ def test_qk_topn_bad_arguments(qk, i, bad, message):
 
 
 def test_qk_topn_bad_n_and_head_dim(device, qk):
-    with pytest.raises(RuntimeError, match="n must be >= 1, got 0"):
+    with pytest.raises(RuntimeError, match="n must be in \\[1, 2\\^31\\), got 0"):
         kcache_ops.qk_topn(*qk, 0)
     with pytest.raises(RuntimeError, match=r"q must have 3 dims, got shape \[\]"):
         kcache_ops.qk_topn(torch.tensor(1.0, device=device), *qk[1:], N)  # the default scale
@@ -66,6 +66,11 @@ def test_qk_topn_bad_skips(device, qk):
         kcache_ops.qk_topn(*qk, N, skip_first=-1)
     with pytest.raises(RuntimeError, match=r"skip_last must be in \[0, 2\^31\), got 2147483648"):
         kcache_ops.qk_topn(*qk, N, skip_last=2 ** 31)
+    with pytest.raises(RuntimeError, match=r"n must be in \[1, 2\^31\), got 2147483648"):
+        kcache_ops.qk_topn(*qk, 2 ** 31)
+    for scale in (float("nan"), float("inf"), 1e39):  # 1e39: inf as a float32
+        with pytest.raises(RuntimeError, match=r"scale must be finite \(as a float32\), got"):
+            kcache_ops.qk_topn(*qk, N, scale)
     for top_p in (0.0, -0.5, 1.5, float("nan"), 1e-46):  # 1e-46: 0 as a float32
         with pytest.raises(RuntimeError, match=r"top_p must be in \(0, 1\] \(as a float32\), got"):
             kcache_ops.qk_topn(*qk, N, top_p=top_p)

@@ -99,6 +99,22 @@ def test_no_valid_entry_gives_zeros(device, renormalize):
 
 
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])
+def test_rows_near_the_float_range_stay_finite(device, renormalize):
+    """Finite rows of magnitude up to 3e38: the weights are normalised before they meet V, so the
+    output, a convex combination of the rows, stays finite (summed first and divided at the end,
+    it overflowed to inf)."""
+    scores, indices, lse = make_selection(2, 4, 8, 50, device, pad_fraction=0.0)
+    scores[0, 0] = 0.0  # equal weights: 8 rows of 2e38 sum to 1.6e39 before the division
+    lse[0, 0] = torch.tensor(8.0).log()  # their full-softmax weights 1/8
+    v = torch.rand(2, 2, 50, 64) * 2e38 + 1e38  # [B, Hkv, S, D] in [1e38, 3e38]: no cancellation
+    v[0, 0] = 2e38
+    out = kcache_ops.sparse_attn_v(scores, indices, host_tensor(v, device), lse, renormalize)
+    assert out.isfinite().all()
+    check_attn(scores, indices, host_tensor(v, device), lse, renormalize, out,
+               TOL[torch.float32])
+
+
+@pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])
 def test_nan_and_inf_weights_count_zero(device, renormalize):
     """As the reference (nan_to_num): a NaN weight counts 0 — a valid NaN score (its entry; with
     renormalize the whole softmax of its head), a NaN lse (the whole head), a +inf score with the

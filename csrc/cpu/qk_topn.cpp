@@ -219,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
     bool /*check_values*/,  // seq_lens are on the host: always checked, no sync to save
     bool return_scores, int64_t skip_first, int64_t skip_last, double top_p) {
   const QkTopnDims dims =
-      check_qk_topn_args(q, k_cache, seq_lens, n, skip_first, skip_last, top_p);
+      check_qk_topn_args(q, k_cache, seq_lens, n, scale, skip_first, skip_last, top_p);
   KC_CHECK_CPU("qk_topn", q);
   KC_CHECK_CPU("qk_topn", k_cache);
   KC_CHECK_CPU("qk_topn", seq_lens);

@@ -57,28 +57,32 @@ void attend_head(const float* scores, const int32_t* idx, int64_t N, const scala
     }
   }
   float acc[kD] = {};
-  float shift = lse;  // exp(score - shift) are the weights
+  float shift = lse;  // exp(score - shift) · norm are the weights
+  float norm = 1.f;
   if (renormalize) {  // the softmax's max: NaN once a valid score is NaN (every weight then 0)
     shift = kNegInf;
     for (int64_t i = 0; i < N; ++i) {
       if (idx[i] >= 0) shift = std::isnan(scores[i]) ? scores[i] : std::max(shift, scores[i]);
     }
+    // the weights are normalised before they meet V (as on CUDA): the sum is a convex
+    // combination of the rows, finite for finite rows however large (summed first and divided
+    // at the end, rows near the float range would overflow)
+    float total = 0.f;
+    for (int64_t i = 0; i < N; ++i) total += entry_weight(scores, idx, i, shift);
+    norm = total > 0.f ? 1.f / total : 0.f;
   }
   const float tail = v_sum != nullptr ? tail_factor(scores, idx, N, lse, len) : 0.f;
   if (tail != 0.f) {
     for (int64_t d = 0; d < kD; ++d) acc[d] = tail * v_sum[d];
   }
-  float total = 0.f;  // sum of the weights
   for (int64_t i = 0; i < N; ++i) {
     if (idx[i] < 0) continue;
     const bool weighted = scores[i] != kNegInf;
     if (!weighted && tail == 0.f) continue;  // the row adds nothing: not read
-    const float p = entry_weight(scores, idx, i, shift);
+    const float p = entry_weight(scores, idx, i, shift) * norm;
     Isa::template axpy<scalar_t, kD>(acc, p - tail, v + idx[i] * v_stride);
-    total += p;
   }
-  const float norm = renormalize && total > 0.f ? 1.f / total : 1.f;
-  for (int64_t d = 0; d < kD; ++d) out[d] = static_cast<scalar_t>(acc[d] * norm);
+  for (int64_t d = 0; d < kD; ++d) out[d] = static_cast<scalar_t>(acc[d]);
 }
 
 // The G query heads of batch b, KV head kvh; arguments as sparse_attn_v_cpu.

@@ -26,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
     int64_t skip_first, int64_t skip_last, double top_p) {
   constexpr const char* kOp = "qk_topn";
   const QkTopnDims dims =
-      check_qk_topn_args(q, k_cache, seq_lens, n, skip_first, skip_last, top_p);
+      check_qk_topn_args(q, k_cache, seq_lens, n, scale, skip_first, skip_last, top_p);
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
   KC_CHECK_DEVICE(k_cache, q.device());
   KC_CHECK_DEVICE(seq_lens, q.device());
