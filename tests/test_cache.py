@@ -302,16 +302,67 @@ def test_topn_beyond_the_capacity_and_an_empty_prompt():
 @pytest.mark.parametrize("backend", ["kcache", "dense"])
 def test_prompt_batch_must_match_the_cache(backend):
     """A prompt of batch 1 for a cache of 3 sequences is refused (torch would broadcast it into
-    every sequence), and so are lens of another shape."""
+    every sequence), and so are lens of another shape or dtype."""
     cache = make_cache(backend, tiny_config(), 3, 32, "cpu", torch.float32)
     k = torch.randn(1, HKV, 5, D)  # [1, Hkv, T, D]
-    with pytest.raises(ValueError, match="a prompt of batch 1 for a cache of 3 sequences"):
+    with pytest.raises(ValueError, match=rf"k must have shape \[3, {HKV}, 5, {D}\], got "
+                                         rf"\[1, {HKV}, 5, {D}\]"):
         cache.store_prompt(0, k, k, torch.tensor([5], dtype=torch.int32))
     for layer in range(LAYERS):
         cache.store_prompt(layer, k.expand(3, -1, -1, -1), k.expand(3, -1, -1, -1),
                            torch.full((3,), 5, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"lens must have shape \[3\].*got \[1\]"):
         cache.finish_prefill(torch.tensor([5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="lens must be an integer tensor, got torch.float32"):
+        cache.finish_prefill(torch.tensor([5.0, 2.5, 3.0]))
+
+
+@pytest.mark.parametrize("backend", ["kcache", "dense"])
+def test_finish_prefill_takes_the_lens_the_prompt_was_stored_with(backend):
+    """The tails and hot rows keep what the prompt's lens said was valid: other lens at
+    finish_prefill are refused (found at its one host sync), not a silently wrong cache."""
+    cache = make_cache(backend, tiny_config(), 2, 32, "cpu", torch.float32)
+    k = torch.randn(2, HKV, 5, D)  # [B, Hkv, T, D]
+    stored = torch.tensor([5, 3], dtype=torch.int32)
+    for layer in range(LAYERS):
+        cache.store_prompt(layer, k, k, stored)
+    with pytest.raises(ValueError, match=r"lens \[5, 2\] differ from the lens the prompt was "
+                                         r"stored with, \[5, 3\]"):
+        cache.finish_prefill(torch.tensor([5, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"lens must have shape \[2\] .*got \[3\]"):
+        cache.store_prompt(0, k, k, torch.tensor([5, 3, 1], dtype=torch.int32))
+    cache.finish_prefill(stored.clone())
+    assert cache.seq_lens.tolist() == [5, 3]
+
+
+@pytest.mark.parametrize("backend", ["kcache", "dense"])
+def test_layer_inputs_must_match_the_cache(backend):
+    """Every prefill and decode step checks its layer index and the exact shapes of q, k and v
+    (batch, heads, head dim, one T), before it writes anything: a size 1 would broadcast into
+    every sequence or head, another KV-head count would group the heads otherwise."""
+    B, T = 2, 5
+    cache = make_cache(backend, tiny_config(), B, 32, "cpu", torch.float32)
+    q, k = torch.randn(B, HQ, T, D), torch.randn(B, HKV, T, D)  # [B, Hq, T, D], [B, Hkv, T, D]
+    lens = torch.full((B,), T, dtype=torch.int32)
+    bad_prompts = [(q, k[:, :1], k[:, :1]), (q[:, :, :4], k, k), (q[:, :HKV], k, k),
+                   (q, k, k[..., :D // 2])]
+    for bad in bad_prompts:
+        with pytest.raises(ValueError, match="must have shape"):
+            cache.prefill(0, *bad, lens)
+    for layer in (-1, LAYERS, 1.0, True):
+        with pytest.raises(IndexError, match=rf"layer must be an int in \[0, {LAYERS}\), got"):
+            cache.prefill(layer, q, k, k, lens)
+    for layer in range(LAYERS):
+        cache.prefill(layer, q, k, k, lens)
+    cache.finish_prefill(lens)
+    before = [t.clone() for t in cache.k]
+    q1, k1 = torch.randn(B, HQ, D), torch.randn(B, HKV, D)  # [B, Hq, D], [B, Hkv, D]
+    for bad in [(q1, k1[:1], k1), (q1, k1, k1[0]), (q1[:, :1], k1, k1), (q1, k1[:, None], k1)]:
+        with pytest.raises(ValueError, match="must have shape"):
+            cache.decode(0, *bad)
+    with pytest.raises(IndexError, match=r"got -1"):
+        cache.decode(-1, q1, k1, k1)
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.k)), "nothing written"
 
 
 def test_attention_mass(device):

@@ -3,7 +3,7 @@ decode step (:func:`append_and_attend`) also serves KCache's dense layers."""
 import torch
 import torch.nn.functional as F
 
-from .lengths import SeqLengths
+from .lengths import SeqLengths, check_layer_inputs
 
 
 def exact_decode_attention(q, keys, values, lens):
@@ -63,6 +63,7 @@ class DenseCache:
     def __init__(self, config, batch, capacity, device, dtype):
         self.lengths = SeqLengths("DenseCache", batch, capacity, device)
         self.capacity = capacity
+        self.num_heads = config.num_heads
         shape = (batch, config.num_kv_heads, capacity, config.head_dim)  # [B, Hkv, S, D]
         # zeros, not empty: masked positions get weight 0, and 0 * NaN from stale memory is NaN
         self.k = [torch.zeros(shape, device=device, dtype=dtype)            # [B, Hkv, S, D] each
@@ -79,8 +80,9 @@ class DenseCache:
         """Store a prompt's k and v [B, Hkv, T, D] (RoPE applied, right-padded, T <= capacity;
         lens [B] int32, unused: the rows past it are masked by seq_lens) for ``layer`` without
         attending; call it for every layer, then :meth:`finish_prefill`."""
+        check_layer_inputs(self.lengths.owner, self.k, self.num_heads, layer, True, k, v)
         t = k.shape[2]
-        self.lengths.store_prompt(k.shape[0], t)
+        self.lengths.store_prompt(t, lens)
         self.k[layer][:, :, :t] = k
         self.v[layer][:, :, :t] = v
 
@@ -90,6 +92,7 @@ class DenseCache:
         q [B, Hq, T, D], k and v [B, Hkv, T, D], lens [B] int32 -> out [B, Hq, T, D]. Prompts are
         right-padded, so plain causal attention is exact on every row ``t < lens[b]``.
         """
+        check_layer_inputs(self.lengths.owner, self.k, self.num_heads, layer, True, k, v, q)
         self.store_prompt(layer, k, v, lens)
         return prompt_attention(q, k, v)
 
@@ -102,6 +105,7 @@ class DenseCache:
 
         q [B, Hq, D], k and v [B, Hkv, D] -> out [B, Hq, D].
         """
+        check_layer_inputs(self.lengths.owner, self.k, self.num_heads, layer, False, k, v, q)
         self.lengths.check_room()
         return append_and_attend(self.lengths, self.k[layer], self.v[layer], q, k, v)
 

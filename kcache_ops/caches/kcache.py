@@ -2,10 +2,10 @@
 
 Prefill attends with the full K and V in device memory; then each KCache layer hands its V to host
 RAM and keeps only K on the device. Every decode step scores all cached keys exactly
-(``kcache_ops.qk_topn``) and reads only the top-N V rows from host RAM (``kcache_ops.sparse_attn_v``);
-the tail term (tail.py) accounts on the device for the attention mass of the rows not read, and
-the hot rows (hot.py), V of the first and last positions kept on the device too, are attended
-exactly beside the top N.
+(``kcache_ops.qk_topn``) and reads only the top-N V rows from host RAM
+(``kcache_ops.sparse_attn_v``); the tail term (tail.py) accounts on the device for the attention
+mass of the rows not read, and the hot rows (hot.py), V of the first and last positions kept on the
+device too, are attended exactly beside the top N.
 
 Where V lives, per device:
 
@@ -26,7 +26,7 @@ import torch
 from ..ops import alloc_host, qk_topn
 from .dense import append_and_attend, prompt_attention
 from .hot import HotRows, HotSlots
-from .lengths import SeqLengths
+from .lengths import SeqLengths, check_layer_inputs
 from .options import KCacheOptions
 from .side_stream import SideStream
 from .tail import make_tail
@@ -134,6 +134,7 @@ class KCache:
         q [B, Hq, T, D], k/v [B, Hkv, T, D] (RoPE applied, right-padded), lens [B] int32
         -> out [B, Hq, T, D]. Call for each layer in order, then :meth:`finish_prefill`.
         """
+        check_layer_inputs(self.lengths.owner, self.k, self.config.num_heads, layer, True, k, v, q)
         # the dense backend's attention: right padding makes plain causal exact on rows t < lens[b]
         out = prompt_attention(q, k, v)  # [B, Hq, T, D]
         self.store_prompt(layer, k, v, lens)  # after the attention: V's hand-off is behind it
@@ -148,8 +149,9 @@ class KCache:
         the hot rows theirs on the device, on the current stream, before V's device memory can be
         reused.
         """
+        check_layer_inputs(self.lengths.owner, self.k, self.config.num_heads, layer, True, k, v)
         T = k.shape[2]
-        self.lengths.store_prompt(k.shape[0], T)
+        self.lengths.store_prompt(T, lens)
         self.k[layer][:, :, :T] = k
         if layer in self.options.dense_layers:
             self.v_device[layer][:, :, :T] = v
@@ -194,6 +196,7 @@ class KCache:
         keys, top N, N V rows from host RAM (the hot rows exactly from the device, the tail for
         the rest). Dense layers: exact attention on the device.
         """
+        check_layer_inputs(self.lengths.owner, self.k, self.config.num_heads, layer, False, k, v, q)
         lengths = self.lengths
         lengths.check_room()
         if layer in self.options.dense_layers:

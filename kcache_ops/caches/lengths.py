@@ -34,34 +34,47 @@ class SeqLengths:
         self.rows = torch.arange(batch, device=device)  # [B]
         self.longest = 0
         self.prompt_len = 0
+        self.prompt_lens = None  # the lens the prompt was stored with (the last layer's)
 
-    def store_prompt(self, batch, length):
-        """A prompt of ``batch`` sequences of ``length`` tokens (right-padded) is being stored:
-        check it is one per cached sequence (torch would broadcast a batch of 1) and fits."""
-        if batch != self.seq_lens.shape[0]:
-            raise ValueError(f"{self.owner}: a prompt of batch {batch} for a cache of "
-                             f"{self.seq_lens.shape[0]} sequences")
+    def store_prompt(self, length, lens):
+        """A prompt of ``length`` tokens (right-padded; its shapes checked by
+        :func:`check_layer_inputs`) and valid rows lens [B] is being stored: check it fits, and
+        keep lens for :meth:`finish_prefill` to compare."""
         if length > self.capacity:
             raise ValueError(f"{self.owner}: capacity overflow: a prompt of {length} tokens "
                              f"exceeds the cache capacity ({self.capacity} tokens)")
+        self._check_lens_tensor(lens)
         self.prompt_len = length
+        self.prompt_lens = lens
 
     def finish_prefill(self, lens):
-        """``seq_lens = lens`` ([B] int32 on the device, each in [0, the stored prompt's length]).
+        """``seq_lens = lens`` ([B] int32 on the device, each in [0, the stored prompt's length],
+        the lens the prompt was stored with).
 
         The one place the lengths are checked (one host sync, at prefill): the decode steps trust
         them (KCache passes ``check_values=False`` to the ops)."""
-        if lens.shape != self.seq_lens.shape:
-            raise ValueError(f"{self.owner}: lens must have shape {list(self.seq_lens.shape)} "
-                             f"(one per cached sequence), got {list(lens.shape)}")
-        shortest, longest = torch.stack(torch.aminmax(lens)).tolist()
+        self._check_lens_tensor(lens)
+        stored = lens if self.prompt_lens is None else self.prompt_lens.to(lens.device)
+        differ = (lens != stored).any().to(lens.dtype)
+        shortest, longest, differ = torch.stack([*torch.aminmax(lens), differ]).tolist()
         if shortest < 0:
             raise ValueError(f"{self.owner}: lens must be >= 0, got {shortest}")
         if longest > self.prompt_len:
             raise ValueError(f"{self.owner}: lens reach {longest} tokens but the prompt had "
                              f"{self.prompt_len}")
+        if differ:  # the tails and hot rows kept what the stored lens said was valid
+            raise ValueError(f"{self.owner}: lens {lens.tolist()} differ from the lens the prompt "
+                             f"was stored with, {self.prompt_lens.tolist()}")
         self.seq_lens.copy_(lens)
         self._set(longest)
+
+    def _check_lens_tensor(self, lens):
+        """lens: an integer tensor of shape [B]."""
+        if lens.dtype.is_floating_point or lens.dtype.is_complex or lens.dtype == torch.bool:
+            raise ValueError(f"{self.owner}: lens must be an integer tensor, got {lens.dtype}")
+        if lens.shape != self.seq_lens.shape:
+            raise ValueError(f"{self.owner}: lens must have shape {list(self.seq_lens.shape)} "
+                             f"(one per cached sequence), got {list(lens.shape)}")
 
     def check_room(self):
         """Before a decode step: every sequence can take one more token."""
@@ -81,3 +94,20 @@ class SeqLengths:
         self.longest = longest
         torch.add(self.seq_lens, 1, out=self.attend_lens)
         self.positions.copy_(self.seq_lens)
+
+
+
+def check_layer_inputs(owner, k_buffers, num_heads, layer, prompt, k, v, q=None):
+    """Before a cache stores (and attends over) a layer's new rows: ``layer`` indexes k_buffers
+    (the cache's K of each layer, [B, Hkv, S, D]); k, v [B, Hkv, T, D] of a prompt (``prompt``)
+    or [B, Hkv, D] of a decode step, and q [B, num_heads, (T,) D], match it exactly (an index put
+    would broadcast a size 1 into every sequence or head, and a prompt's attention would group
+    the heads otherwise). Shapes only, on the host: no sync."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(k_buffers):
+        raise IndexError(f"{owner}: layer must be an int in [0, {len(k_buffers)}), got {layer!r}")
+    B, Hkv, _, D = k_buffers[layer].shape
+    T = ([k.shape[2]] if k.dim() == 4 else ["T"]) if prompt else []  # a prompt's length
+    for name, t, heads in (("k", k, Hkv), ("v", v, Hkv), ("q", q, num_heads)):
+        if t is not None and list(t.shape) != [B, heads, *T, D]:
+            raise ValueError(f"{owner}: {name} must have shape {[B, heads, *T, D]}, got "
+                             f"{list(t.shape)}")
