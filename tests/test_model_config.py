@@ -1,10 +1,18 @@
-"""LlamaConfig from Hugging Face config dicts of both transformers generations, and its errors."""
+"""LlamaConfig from Hugging Face config dicts of both transformers generations (and from GGUF
+metadata), and its errors."""
 import pytest
 
-from kcache_ops.model import LlamaConfig, UnsupportedModelError
+from kcache_ops.model import CheckpointError, LlamaConfig, UnsupportedModelError
+from kcache_ops.model.config import FLOAT32_TINY
 
 BASE = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
         "num_hidden_layers": 1, "num_attention_heads": 4}
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+GGUF_BASE = {"general.architecture": "llama", "llama.embedding_length": 16,
+             "llama.attention.head_count": 4, "llama.feed_forward_length": 32,
+             "llama.block_count": 1, "llama.attention.layer_norm_rms_epsilon": 1e-5}
+NAN = float("nan")
 
 
 def test_defaults_and_eos_list():
@@ -34,7 +42,107 @@ def test_qwen2_has_qkv_bias():
     ({"mlp_bias": True}, "mlp_bias"),
     ({"model_type": "qwen2", "use_sliding_window": True}, "sliding_window"),
     ({"num_key_value_heads": 3}, "multiple of num_kv_heads"),
+    ({"head_dim": 3}, r"head_dim \(3\) must be even"),
 ])
 def test_unsupported(change, message):
     with pytest.raises(UnsupportedModelError, match=message):
         LlamaConfig.from_hf({**BASE, **change})
+
+
+def test_accepted_value_forms():
+    """Ints where floats are expected, null for optional keys, the smallest eps allowed."""
+    c = LlamaConfig.from_hf({**BASE, "rope_theta": 500000, "rms_norm_eps": FLOAT32_TINY,
+                             "num_key_value_heads": None, "head_dim": None, "rope_scaling": None,
+                             "rope_parameters": None, "tie_word_embeddings": None,
+                             "attention_bias": None, "bos_token_id": 0, "eos_token_id": 0})
+    assert (c.rope_theta, c.rms_norm_eps, c.num_kv_heads, c.head_dim) == (5e5, FLOAT32_TINY, 4, 2)
+    assert not c.tie_word_embeddings and (c.bos_token_id, c.eos_token_ids) == (0, (0,))
+    c = LlamaConfig.from_hf({**BASE, "rope_scaling": {**LLAMA3, "factor": 1, "low_freq_factor": 1}})
+    assert c.rope_scaling == {"factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("change, key, found", [
+    ({"rms_norm_eps": -1}, "rms_norm_eps", -1),
+    ({"rms_norm_eps": 0}, "rms_norm_eps", 0),
+    ({"rms_norm_eps": 1e-300}, "rms_norm_eps", 1e-300),  # 0 in float32
+    ({"rms_norm_eps": NAN}, "rms_norm_eps", NAN),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps", "1e-5"),
+    ({"rms_norm_eps": None}, "rms_norm_eps", None),
+    ({"hidden_size": 128.0}, "hidden_size", 128.0),
+    ({"hidden_size": True}, "hidden_size", True),
+    ({"vocab_size": -5}, "vocab_size", -5),
+    ({"intermediate_size": "16"}, "intermediate_size", "16"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers", 0),
+    ({"num_attention_heads": 0}, "num_attention_heads", 0),
+    ({"num_attention_heads": 4.0}, "num_attention_heads", 4.0),
+    ({"num_key_value_heads": -2}, "num_key_value_heads", -2),
+    ({"head_dim": 2.0}, "head_dim", 2.0),
+    ({"max_position_embeddings": None}, "max_position_embeddings", None),
+    ({"rope_scaling": "linear"}, "rope_scaling", "linear"),
+    ({"rope_parameters": ["default"]}, "rope_parameters", ["default"]),
+    ({"rope_theta": 0}, "rope_theta", 0),
+    ({"rope_theta": -1e4}, "rope_theta", -1e4),
+    ({"rope_theta": NAN}, "rope_theta", NAN),
+    ({"rope_theta": float("inf")}, "rope_theta", float("inf")),
+    ({"rope_theta": 10 ** 400}, "rope_theta", 10 ** 400),  # too large for a float
+    ({"rope_theta": 0.5}, "rope_theta", 0.5),
+    ({"rope_theta": "10000"}, "rope_theta", "10000"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": False}},
+     "rope_parameters.rope_theta", False),
+    ({"rope_scaling": {**LLAMA3, "factor": -1}}, "rope_scaling.factor", -1),
+    ({"rope_scaling": {**LLAMA3, "factor": 0.5}}, "rope_scaling.factor", 0.5),
+    ({"rope_parameters": {**LLAMA3, "low_freq_factor": 0}}, "rope_parameters.low_freq_factor", 0),
+    ({"rope_parameters": {**LLAMA3, "high_freq_factor": NAN}},
+     "rope_parameters.high_freq_factor", NAN),
+    ({"rope_scaling": {**LLAMA3, "original_max_position_embeddings": 8192.0}},
+     "rope_scaling.original_max_position_embeddings", 8192.0),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings", "false"),
+    ({"attention_bias": 1}, "attention_bias", 1),
+    ({"mlp_bias": "no"}, "mlp_bias", "no"),
+    ({"use_sliding_window": 0}, "use_sliding_window", 0),
+    ({"bos_token_id": -1}, "bos_token_id", -1),
+    ({"eos_token_id": 2.0}, "eos_token_id", 2.0),
+    ({"eos_token_id": [2, "</s>"]}, "eos_token_id", "</s>"),
+])
+def test_malformed_value(change, key, found):
+    """A value of the wrong type or out of range: the error names the key and the value."""
+    with pytest.raises(CheckpointError) as e:
+        LlamaConfig.from_hf({**BASE, **change})
+    assert str(e.value).startswith(f"{key} must be ") and str(e.value).endswith(f"got {found!r}")
+
+
+def test_llama3_frequency_band():
+    with pytest.raises(CheckpointError, match=r"rope_scaling.high_freq_factor \(1.0\) must be "
+                                              r"greater than low_freq_factor \(1.0\)"):
+        LlamaConfig.from_hf({**BASE, "rope_scaling": {**LLAMA3, "high_freq_factor": 1.0}})
+
+
+def test_gguf_metadata():
+    c = LlamaConfig.from_gguf(GGUF_BASE, 10, True, False, rope_freq_factors=[1.0, 8])
+    assert (c.vocab_size, c.num_kv_heads, c.head_dim, c.rope_freq_factors) == (10, 4, 4, [1.0, 8.0])
+
+
+@pytest.mark.parametrize("change, key, found", [
+    ({"llama.attention.layer_norm_rms_epsilon": -1.0}, "llama.attention.layer_norm_rms_epsilon",
+     -1.0),
+    ({"llama.block_count": None}, "llama.block_count", None),  # the key is missing
+    ({"llama.attention.head_count": 0}, "llama.attention.head_count", 0),
+    ({"llama.attention.head_count_kv": 2.0}, "llama.attention.head_count_kv", 2.0),
+    ({"llama.rope.freq_base": NAN}, "llama.rope.freq_base", NAN),
+    ({"llama.context_length": "2048"}, "llama.context_length", "2048"),
+    ({"rope_freqs": [1.0, NAN]}, "rope_freqs.weight", NAN),
+    ({"rope_freqs": [1.0, 0.0]}, "rope_freqs.weight", 0.0),
+])
+def test_gguf_malformed_value(change, key, found):
+    """GGUF metadata (and rope_freqs.weight) is checked as config.json is."""
+    meta = {**GGUF_BASE, **change}
+    with pytest.raises(CheckpointError) as e:
+        LlamaConfig.from_gguf(meta, 10, True, False, rope_freq_factors=meta.pop("rope_freqs", None))
+    assert str(e.value).startswith(f"{key} must be ") and str(e.value).endswith(f"got {found!r}")
+
+
+def test_gguf_rope_freqs_length():
+    with pytest.raises(CheckpointError, match="rope_freqs.weight must hold head_dim / 2 = 2 "
+                                              "factors, got 3"):
+        LlamaConfig.from_gguf(GGUF_BASE, 10, True, False, rope_freq_factors=[1.0, 1.0, 1.0])

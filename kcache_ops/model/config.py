@@ -1,11 +1,38 @@
 """LlamaConfig: the hyper-parameters of a Llama-architecture decoder, from a Hugging Face
 config.json or from GGUF metadata."""
+import sys
 from dataclasses import dataclass, field
 
-from .errors import UnsupportedModelError
+from .errors import CheckpointError, UnsupportedModelError
 
 SUPPORTED_HF_TYPES = ("llama", "qwen2")
 SUPPORTED_GGUF_ARCHS = ("llama",)
+# the smallest normal float32: a smaller positive value is 0 (or denormal) in float32 math
+FLOAT32_TINY = 2.0 ** -126
+
+
+def _integer(key: str, value, minimum: int = 1) -> int:
+    """``value``, read from config key ``key``: an int >= ``minimum`` (not a bool, nor a float,
+    even an integral one)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise CheckpointError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(key: str, value, minimum: float) -> float:
+    """``value``, read from config key ``key``: an int or float, finite as a float, >= ``minimum``
+    (NaN fails the comparison)."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not minimum <= value <= sys.float_info.max):
+        raise CheckpointError(f"{key} must be a finite number >= {minimum:.3g}, got {value!r}")
+    return float(value)
+
+
+def _flag(key: str, value) -> bool:
+    """``value``, read from config key ``key``: true or false (null, as if absent: false)."""
+    if value is not None and not isinstance(value, bool):
+        raise CheckpointError(f"{key} must be true or false, got {value!r}")
+    return bool(value)
 
 
 @dataclass
@@ -38,12 +65,21 @@ class LlamaConfig:
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(f"num_heads ({self.num_heads}) must be a multiple of "
                                         f"num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise UnsupportedModelError(f"head_dim ({self.head_dim}) must be even (RoPE rotates "
+                                        "pairs of dimensions)")
         if self.rope_scaling is not None and self.rope_freq_factors is not None:
             raise ValueError("set rope_scaling or rope_freq_factors, not both")
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "LlamaConfig":
-        """From the dict of a Hugging Face config.json (``model_type`` llama or qwen2)."""
+        """From the dict of a Hugging Face config.json (``model_type`` llama or qwen2).
+
+        A required key that is missing raises KeyError; a key of the wrong type or out of range
+        raises CheckpointError naming it. Sizes are ints >= 1; ``rms_norm_eps`` is at least
+        FLOAT32_TINY (0 turns an all-zero hidden state into NaN); ``rope_theta`` and the Llama-3
+        ``factor`` are at least 1 (smaller ones can overflow the float32 RoPE angles to NaN).
+        """
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_HF_TYPES:
             raise UnsupportedModelError(f"unsupported architecture: model_type {model_type!r} "
@@ -51,42 +87,64 @@ class LlamaConfig:
                                         f"{', '.join(SUPPORTED_HF_TYPES)}")
         if cfg.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"unsupported hidden_act {cfg['hidden_act']!r} (need silu)")
-        if cfg.get("mlp_bias"):
+        if _flag("mlp_bias", cfg.get("mlp_bias")):
             raise UnsupportedModelError("unsupported: mlp_bias=true")
-        if cfg.get("use_sliding_window"):
+        if _flag("use_sliding_window", cfg.get("use_sliding_window")):
             raise UnsupportedModelError("unsupported: use_sliding_window=true")
         # transformers >= 5 writes "rope_parameters" (theta and scaling together); older versions
         # write "rope_theta" and "rope_scaling".
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        for key in ("rope_parameters", "rope_scaling"):
+            if not isinstance(cfg.get(key), (dict, type(None))):
+                raise CheckpointError(f"{key} must be an object or null, got {cfg[key]!r}")
+        rope_key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+        rope = dict(cfg.get(rope_key) or {})
+        theta_key = f"{rope_key}.rope_theta" if "rope_theta" in rope else "rope_theta"
+        theta = _number(theta_key, rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)), 1)
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         if rope_type == "default":
             scaling = None
         elif rope_type == "llama3":
-            scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                            "original_max_position_embeddings")}
+            scaling = {
+                "factor": _number(f"{rope_key}.factor", rope["factor"], 1),
+                "low_freq_factor": _number(f"{rope_key}.low_freq_factor", rope["low_freq_factor"],
+                                           FLOAT32_TINY),
+                "high_freq_factor": _number(f"{rope_key}.high_freq_factor",
+                                            rope["high_freq_factor"], FLOAT32_TINY),
+                "original_max_position_embeddings": _integer(
+                    f"{rope_key}.original_max_position_embeddings",
+                    rope["original_max_position_embeddings"]),
+            }
+            if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+                raise CheckpointError(f"{rope_key}.high_freq_factor ({rope['high_freq_factor']}) "
+                                      f"must be greater than low_freq_factor "
+                                      f"({rope['low_freq_factor']})")
         else:
             raise UnsupportedModelError(f"unsupported rope scaling type {rope_type!r} "
                                         "(supported: default, llama3)")
-        heads = cfg["num_attention_heads"]
+        hidden = _integer("hidden_size", cfg["hidden_size"])
+        heads = _integer("num_attention_heads", cfg["num_attention_heads"])
+        bos = cfg.get("bos_token_id")
         eos = cfg.get("eos_token_id")
         return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
+            vocab_size=_integer("vocab_size", cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=_integer("intermediate_size", cfg["intermediate_size"]),
+            num_layers=_integer("num_hidden_layers", cfg["num_hidden_layers"]),
             num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rope_theta=float(theta),
+            num_kv_heads=_integer("num_key_value_heads", cfg.get("num_key_value_heads") or heads),
+            head_dim=_integer("head_dim", cfg.get("head_dim") or hidden // heads),
+            rope_theta=theta,
             rope_scaling=scaling,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            rms_norm_eps=_number("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6), FLOAT32_TINY),
+            max_position_embeddings=_integer("max_position_embeddings",
+                                             cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=_flag("tie_word_embeddings", cfg.get("tie_word_embeddings")),
             # Qwen2 always has a bias on Q, K and V; Llama has one only where attention_bias says so
-            attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias")),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+            attention_bias=(_flag("attention_bias", cfg.get("attention_bias"))
+                            or model_type == "qwen2"),
+            bos_token_id=None if bos is None else _integer("bos_token_id", bos, 0),
+            eos_token_ids=tuple(_integer("eos_token_id", e, 0) for e in
+                                (eos if isinstance(eos, list) else [] if eos is None else [eos])),
         )
 
     @classmethod
@@ -97,7 +155,9 @@ class LlamaConfig:
         ``vocab_size`` is the token count of the vocabulary, ``has_output`` whether the file holds
         its own ``output.weight`` (else the embeddings are tied), ``has_qkv_bias`` whether it holds
         ``attn_q.bias`` and its kin, ``rope_freq_factors`` the
-        contents of ``rope_freqs.weight`` if present.
+        contents of ``rope_freqs.weight`` if present. Values are checked as in :meth:`from_hf`
+        (a required key that is missing is a CheckpointError too), each rope frequency factor
+        like the Llama-3 ``factor``.
         """
         arch = meta.get("general.architecture")
         if arch not in SUPPORTED_GGUF_ARCHS:
@@ -106,23 +166,34 @@ class LlamaConfig:
         scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
         if scaling_type != "none":
             raise UnsupportedModelError(f"unsupported GGUF rope scaling type {scaling_type!r}")
-        hidden = meta[f"{arch}.embedding_length"]
-        heads = meta[f"{arch}.attention.head_count"]
+
+        def get(name, default=None):  # (key, value) of metadata "{arch}.{name}", for the checks
+            return f"{arch}.{name}", meta.get(f"{arch}.{name}", default)
+
+        hidden = _integer(*get("embedding_length"))
+        heads = _integer(*get("attention.head_count"))
+        head_dim = _integer(*get("attention.key_length", hidden // heads))
+        if rope_freq_factors is not None:
+            if len(rope_freq_factors) != head_dim // 2:
+                raise CheckpointError(f"rope_freqs.weight must hold head_dim / 2 = {head_dim // 2} "
+                                      f"factors, got {len(rope_freq_factors)}")
+            rope_freq_factors = [_number("rope_freqs.weight", f, 1) for f in rope_freq_factors]
+        bos = meta.get("tokenizer.ggml.bos_token_id")
         eos = meta.get("tokenizer.ggml.eos_token_id")
         return cls(
-            vocab_size=meta.get(f"{arch}.vocab_size", vocab_size),
+            vocab_size=_integer(*get("vocab_size", vocab_size)),
             hidden_size=hidden,
-            intermediate_size=meta[f"{arch}.feed_forward_length"],
-            num_layers=meta[f"{arch}.block_count"],
+            intermediate_size=_integer(*get("feed_forward_length")),
+            num_layers=_integer(*get("block_count")),
             num_heads=heads,
-            num_kv_heads=meta.get(f"{arch}.attention.head_count_kv", heads),
-            head_dim=meta.get(f"{arch}.attention.key_length", hidden // heads),
-            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+            num_kv_heads=_integer(*get("attention.head_count_kv", heads)),
+            head_dim=head_dim,
+            rope_theta=_number(*get("rope.freq_base", 10000.0), 1),
             rope_freq_factors=rope_freq_factors,
-            rms_norm_eps=float(meta[f"{arch}.attention.layer_norm_rms_epsilon"]),
-            max_position_embeddings=meta.get(f"{arch}.context_length", 2048),
+            rms_norm_eps=_number(*get("attention.layer_norm_rms_epsilon"), FLOAT32_TINY),
+            max_position_embeddings=_integer(*get("context_length", 2048)),
             tie_word_embeddings=not has_output,
             attention_bias=has_qkv_bias,
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=() if eos is None else (eos,),
+            bos_token_id=None if bos is None else _integer("tokenizer.ggml.bos_token_id", bos, 0),
+            eos_token_ids=() if eos is None else (_integer("tokenizer.ggml.eos_token_id", eos, 0),),
         )

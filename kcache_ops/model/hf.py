@@ -26,8 +26,10 @@ def read_config(folder: str) -> LlamaConfig:
         raise CheckpointError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
     try:
         return LlamaConfig.from_hf(cfg)
-    except (KeyError, TypeError, ZeroDivisionError) as e:  # a key missing, a wrong type, 0 heads
+    except (KeyError, TypeError) as e:  # a key missing, a type no check foresaw
         raise CheckpointError(f"{path}: not a usable model config ({type(e).__name__}: {e})") from e
+    except CheckpointError as e:  # a value from_hf refused: name the file too
+        raise CheckpointError(f"{path}: not a usable model config ({e})") from e
 
 
 def shard_files(folder: str) -> list[str]:
