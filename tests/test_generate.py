@@ -95,8 +95,10 @@ def test_cli_dense_and_kcache(folder, capsys):
     assert main(["generate", "--model", str(folder), "--prompt", "a", "--prompt", "bc d",
                  "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.count("--- [") == 2
-    with pytest.raises(SystemExit, match="--topn apply to --backend kcache only"):
+    with pytest.raises(SystemExit, match="--topn applies to --backend kcache only"):
         main(["generate", "--model", str(folder), "--prompt", "a", "--topn", "8"])
+    with pytest.raises(SystemExit, match="--topn, --tail apply to --backend kcache only"):
+        main(["generate", "--model", str(folder), "--prompt", "a", "--tail", "int4", "--topn", "8"])
     capsys.readouterr()
     assert main(["generate", "--model", str(folder / "missing.gguf"), "--prompt", "a"]) == 2
     assert capsys.readouterr().err.startswith("error: no such model file or folder")

@@ -2,13 +2,15 @@
 another model): perplexity at a short and a long context, needle retrieval in three phrasings,
 greedy agreement, attention mass, and each configuration's host and device bytes; the recommended
 setting chosen from them by the rule of issue 12 (:mod:`kcache_ops.eval.recommend`). Writes
-bench/results/eval.json, the plots and REPORT.md; the results are saved after each configuration.
+eval.json, the plots and REPORT.md into bench/results (``--quick``: into
+:data:`kcache_ops.results.SMOKE_DIR`, ``$TMPDIR/kcache_ops_smoke``; ``--out``: where it says); the
+results are saved after each configuration.
 
 The defaults run the curated grid (:func:`kcache_ops.eval.grid.default_grid`, 12 configurations +
 dense): with ``--threads 2`` on a 2-core machine about 12 minutes of prefill and 2-3 minutes per
 configuration, under an hour in all; ``--topn`` / ``--tails`` / ``--group-select`` /
-``--dense-layers`` run their product instead; ``--quick`` is a seconds-long smoke run;
-``--gpu-sizes`` more and longer texts for a GPU.
+``--dense-layers`` run their product instead; ``--quick`` is a smoke run, a few minutes on a
+2-core CPU; ``--gpu-sizes`` more and longer texts for a GPU.
 """
 import argparse
 import os
@@ -56,14 +58,14 @@ def add_arguments(parser):
                         help="the product also has each configuration with these dense layers, "
                              "e.g. 0,1")
     for flag, help_text in (
-            ("--ppl-rows", "short-context perplexity windows (6)"),
+            ("--ppl-rows", "short-context perplexity windows (default 6)"),
             ("--agree-rows", "agreement prompts (default 2)"),
             ("--prefill", "prefill tokens of those rows (default 1536)"),
             ("--steps", "decode steps of those rows (default 256)"),
-            ("--long-rows", "long-context perplexity windows (3)"),
+            ("--long-rows", "long-context perplexity windows (default 3)"),
             ("--long-prefill", "their prefill tokens (default 6144)"),
             ("--long-steps", "their decode steps (default 96)"),
-            ("--answer-steps", "decode steps of a needle answer (16)")):
+            ("--answer-steps", "decode steps of a needle answer (default 16)")):
         parser.add_argument(flag, type=positive_int, help=help_text)
     parser.add_argument("--needle-lengths", type=positive_int_list,
                         help="haystack lengths in tokens (default 1024,2048,4096,8000)")

@@ -15,7 +15,8 @@ def add_arguments(parser):
     src.add_argument("--prompt", action="append",
                      help="prompt text; repeat for a batch of prompts of different lengths")
     src.add_argument("--prompt-file", help="read the prompt from this file")
-    parser.add_argument("--backend", choices=BACKENDS, default="dense")
+    parser.add_argument("--backend", choices=BACKENDS, default="dense",
+                        help="attention backend (default dense)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=128)
     parser.add_argument("--temperature", type=bounded_float(0.0, None), default=0.0,
                         help="0 (default): greedy")
@@ -32,7 +33,9 @@ def cache_options(args):
     flags = given_kcache_flags(args)
     if args.backend != "kcache":
         if flags:
-            raise SystemExit(f"error: {', '.join(flags)} apply to --backend kcache only")
+            raise SystemExit(f"error: {', '.join(flags)} "
+                             f"{'applies' if len(flags) == 1 else 'apply'} to --backend kcache "
+                             "only")
         return None
     return kcache_options(args)
 

@@ -29,6 +29,11 @@ def _kib(n):
     return f"{n / 1024:.1f}"
 
 
+def _count(n, word):
+    """'1 window', '3 windows': ``n`` and ``word``, with an s unless ``n`` is 1."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def plot_budget(data, path):
     """Δ perplexity at both contexts (symlog y) against host bytes read per decode step and
     sequence (log x), one marker pair per KCache configuration, labelled -> PNG at ``path``."""
@@ -115,14 +120,16 @@ def eval_section(data):
     phrasings = list(dense["needle_by_phrasing"])
     lengths = list(dense["needle_by_length"])
     out += [ran_on(m, f", model {m['model']}."), f"Command: `{data['command']}`", "",
-            f"* perplexity, short context: {s['ppl_rows']} windows of essay text, {s['prefill']} "
-            f"tokens of prefill, then {s['steps']} teacher-forced decode steps each (every scored "
-            "prediction comes from a decode step);",
-            f"* perplexity, long context: {s['long_rows']} windows of {s['long_prefill']} tokens "
-            f"of prefill, then {s['long_steps']} teacher-forced decode steps each;",
-            f"* agreement: {s['agree_rows']} prompts of {s['prefill']} tokens, {s['steps']} "
-            "tokens generated greedily by dense; the others are teacher-forced along them "
-            "(first mismatch = tokens until the first divergence of free greedy generation);",
+            f"* perplexity, short context: {_count(s['ppl_rows'], 'window')} of essay text, "
+            f"{s['prefill']} tokens of prefill, then {s['steps']} teacher-forced decode steps each "
+            "(every scored prediction comes from a decode step);",
+            f"* perplexity, long context: {_count(s['long_rows'], 'window')} of "
+            f"{s['long_prefill']} tokens of prefill, then {s['long_steps']} teacher-forced decode "
+            "steps each;",
+            f"* agreement: {_count(s['agree_rows'], 'prompt')} of {s['prefill']} tokens, "
+            f"{s['steps']} tokens generated greedily by dense; the others are teacher-forced "
+            "along them (first mismatch = tokens until the first divergence of free greedy "
+            "generation);",
             f"* needle: a random 5-digit key in {len(s['needle_phrasings'])} phrasings "
             f"({', '.join(s['needle_phrasings'])}) at depths {s['needle_depths']} of "
             f"{s['needle_lengths']} tokens of essay text, chat template, greedy answer of up to "
