@@ -38,13 +38,23 @@ at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
   }
   TORCH_CHECK(empty || !overflow, "alloc_host: shape ", shape, " of ", dtype, " needs more than ",
               std::numeric_limits<int64_t>::max(), " bytes (its size overflows int64)");
-  // an empty tensor holds no bytes, but its contiguous strides multiply the sizes after the first
-  // (a size 0 counting 1)
-  int64_t stride = 1;
-  for (size_t i = 1; i < shape.size(); ++i) {
-    TORCH_CHECK(!c10::mul_overflows(stride, std::max<int64_t>(shape[i], 1), &stride),
-                "alloc_host: shape ", shape, " has strides that overflow int64");
+  // An empty tensor holds no bytes, but torch still multiplies its sizes in order (unsigned: a
+  // product past 2^64 before the 0 is refused) and its contiguous strides, the sizes after the
+  // first with a 0 counting 1.
+  uint64_t elements = 1;
+  bool elements_overflow = false;
+  for (int64_t s : shape) {
+    elements_overflow =
+        c10::mul_overflows(elements, static_cast<uint64_t>(s), &elements) || elements_overflow;
   }
+  int64_t stride = 1;
+  bool stride_overflow = false;
+  for (size_t i = 1; i < shape.size(); ++i) {
+    stride_overflow =
+        c10::mul_overflows(stride, std::max<int64_t>(shape[i], 1), &stride) || stride_overflow;
+  }
+  TORCH_CHECK(!elements_overflow && !stride_overflow, "alloc_host: shape ", shape,
+              " has sizes or strides whose product overflows (as torch computes them)");
 #ifdef KCACHE_OPS_WITH_CUDA
   if (cuda_device_present()) return alloc_pinned_mapped(shape, dtype, bytes);
 #endif

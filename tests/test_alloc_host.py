@@ -48,11 +48,12 @@ def test_size_overflowing_int64_says_so():
 
 
 def test_empty_shape_with_overflowing_strides_says_so():
-    """No bytes, but torch's contiguous strides would overflow: an error naming it, not "could not
-    allocate 0 bytes"."""
-    with pytest.raises(RuntimeError, match=r"alloc_host: shape \[0, 4611686018427387904, "
-                                           r"4611686018427387904\] has strides that overflow"):
-        kcache_ops.alloc_host((0, 1 << 62, 1 << 62), torch.float32)
+    """No bytes, but torch's product of the sizes (in order, before the 0) or its contiguous
+    strides would overflow: an error naming it, not "could not allocate 0 bytes"."""
+    for shape in ((0, 1 << 62, 1 << 62), (1 << 62, 4, 0), (1 << 40, 1 << 30, 0)):
+        with pytest.raises(RuntimeError, match=r"alloc_host: shape \[.*\] has sizes or strides "
+                                               r"whose product overflows"):
+            kcache_ops.alloc_host(shape, torch.float32)
 
 
 def test_quantized_dtype_is_refused():

@@ -320,12 +320,15 @@ def test_prompt_batch_must_match_the_cache(backend):
 @pytest.mark.parametrize("backend", ["kcache", "dense"])
 def test_finish_prefill_takes_the_lens_the_prompt_was_stored_with(backend):
     """The tails and hot rows keep what the prompt's lens said was valid: other lens at
-    finish_prefill are refused (found at its one host sync), not a silently wrong cache."""
+    finish_prefill, or layers stored with different lens, are refused (found at its one host
+    sync), not a silently wrong cache; the buffer the caller passed may change after the store."""
     cache = make_cache(backend, tiny_config(), 2, 32, "cpu", torch.float32)
     k = torch.randn(2, HKV, 5, D)  # [B, Hkv, T, D]
     stored = torch.tensor([5, 3], dtype=torch.int32)
+    buffer = stored.clone()
     for layer in range(LAYERS):
-        cache.store_prompt(layer, k, k, stored)
+        cache.store_prompt(layer, k, k, buffer)
+    buffer.copy_(torch.tensor([5, 2]))  # the cache kept a copy
     with pytest.raises(ValueError, match=r"lens \[5, 2\] differ from the lens the prompt was "
                                          r"stored with, \[5, 3\]"):
         cache.finish_prefill(torch.tensor([5, 2], dtype=torch.int32))
@@ -333,6 +336,11 @@ def test_finish_prefill_takes_the_lens_the_prompt_was_stored_with(backend):
         cache.store_prompt(0, k, k, torch.tensor([5, 3, 1], dtype=torch.int32))
     cache.finish_prefill(stored.clone())
     assert cache.seq_lens.tolist() == [5, 3]
+    other = make_cache(backend, tiny_config(), 2, 32, "cpu", torch.float32)
+    for layer in range(LAYERS):  # the layers disagree: whatever finish_prefill gets is refused
+        other.store_prompt(layer, k, k, stored if layer == 0 else torch.tensor([5, 2]).int())
+    with pytest.raises(ValueError, match="every layer must be stored with the same lens"):
+        other.finish_prefill(torch.tensor([5, 2], dtype=torch.int32))
 
 
 @pytest.mark.parametrize("backend", ["kcache", "dense"])

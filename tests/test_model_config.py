@@ -54,8 +54,10 @@ def test_accepted_value_forms():
     c = LlamaConfig.from_hf({**BASE, "rope_theta": 500000, "rms_norm_eps": FLOAT32_TINY,
                              "num_key_value_heads": None, "head_dim": None, "rope_scaling": None,
                              "rope_parameters": None, "tie_word_embeddings": None,
-                             "attention_bias": None, "bos_token_id": 0, "eos_token_id": 0})
+                             "attention_bias": None, "bos_token_id": 0, "eos_token_id": 0,
+                             "max_position_embeddings": None})
     assert (c.rope_theta, c.rms_norm_eps, c.num_kv_heads, c.head_dim) == (5e5, FLOAT32_TINY, 4, 2)
+    assert c.max_position_embeddings == 2048
     assert not c.tie_word_embeddings and (c.bos_token_id, c.eos_token_ids) == (0, (0,))
     c = LlamaConfig.from_hf({**BASE, "rope_scaling": {**LLAMA3, "factor": 1, "low_freq_factor": 1}})
     assert c.rope_scaling == {"factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -78,7 +80,7 @@ def test_accepted_value_forms():
     ({"num_attention_heads": 4.0}, "num_attention_heads", 4.0),
     ({"num_key_value_heads": -2}, "num_key_value_heads", -2),
     ({"head_dim": 2.0}, "head_dim", 2.0),
-    ({"max_position_embeddings": None}, "max_position_embeddings", None),
+    ({"max_position_embeddings": 0}, "max_position_embeddings", 0),
     ({"rope_scaling": "linear"}, "rope_scaling", "linear"),
     ({"rope_parameters": ["default"]}, "rope_parameters", ["default"]),
     ({"rope_theta": 0}, "rope_theta", 0),

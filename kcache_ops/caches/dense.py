@@ -78,8 +78,9 @@ class DenseCache:
 
     def store_prompt(self, layer, k, v, lens):
         """Store a prompt's k and v [B, Hkv, T, D] (RoPE applied, right-padded, T <= capacity;
-        lens [B] int32, unused: the rows past it are masked by seq_lens) for ``layer`` without
-        attending; call it for every layer, then :meth:`finish_prefill`."""
+        lens [B] int32, the valid rows, as :meth:`finish_prefill` will get them: the rows past
+        them are masked by seq_lens) for ``layer`` without attending; call it for every layer,
+        then :meth:`finish_prefill`."""
         check_layer_inputs(self.lengths.owner, self.k, self.num_heads, layer, True, k, v)
         t = k.shape[2]
         self.lengths.store_prompt(t, lens)

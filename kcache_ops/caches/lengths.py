@@ -34,18 +34,25 @@ class SeqLengths:
         self.rows = torch.arange(batch, device=device)  # [B]
         self.longest = 0
         self.prompt_len = 0
-        self.prompt_lens = None  # the lens the prompt was stored with (the last layer's)
+        self.prompt_lens = None  # the lens the prompt's first layer was stored with (a copy)
+        self._layers_differ = None  # [] bool on the device: a later layer's lens differed
 
     def store_prompt(self, length, lens):
-        """A prompt of ``length`` tokens (right-padded; its shapes checked by
+        """A layer of a prompt of ``length`` tokens (right-padded; its shapes checked by
         :func:`check_layer_inputs`) and valid rows lens [B] is being stored: check it fits, and
-        keep lens for :meth:`finish_prefill` to compare."""
+        keep lens (the first layer's; whether a later layer's differ, on the device, no sync) for
+        :meth:`finish_prefill` to compare."""
         if length > self.capacity:
             raise ValueError(f"{self.owner}: capacity overflow: a prompt of {length} tokens "
                              f"exceeds the cache capacity ({self.capacity} tokens)")
         self._check_lens_tensor(lens)
         self.prompt_len = length
-        self.prompt_lens = lens
+        if self.prompt_lens is None:  # the prompt's first layer
+            self.prompt_lens = lens.clone()
+            self._layers_differ = torch.zeros((), dtype=torch.bool, device=lens.device)
+        else:
+            self._layers_differ |= (lens != self.prompt_lens.to(lens.device)).any().to(
+                self._layers_differ.device)
 
     def finish_prefill(self, lens):
         """``seq_lens = lens`` ([B] int32 on the device, each in [0, the stored prompt's length],
@@ -54,9 +61,12 @@ class SeqLengths:
         The one place the lengths are checked (one host sync, at prefill): the decode steps trust
         them (KCache passes ``check_values=False`` to the ops)."""
         self._check_lens_tensor(lens)
-        stored = lens if self.prompt_lens is None else self.prompt_lens.to(lens.device)
-        differ = (lens != stored).any().to(lens.dtype)
-        shortest, longest, differ = torch.stack([*torch.aminmax(lens), differ]).tolist()
+        differ = torch.zeros((), dtype=torch.bool, device=lens.device)
+        if self.prompt_lens is not None:
+            differ = (lens != self.prompt_lens.to(lens.device)).any()
+            differ |= self._layers_differ.to(lens.device)
+        shortest, longest, differ = torch.stack([*torch.aminmax(lens),
+                                                 differ.to(lens.dtype)]).tolist()
         if shortest < 0:
             raise ValueError(f"{self.owner}: lens must be >= 0, got {shortest}")
         if longest > self.prompt_len:
@@ -64,7 +74,9 @@ class SeqLengths:
                              f"{self.prompt_len}")
         if differ:  # the tails and hot rows kept what the stored lens said was valid
             raise ValueError(f"{self.owner}: lens {lens.tolist()} differ from the lens the prompt "
-                             f"was stored with, {self.prompt_lens.tolist()}")
+                             f"was stored with, {self.prompt_lens.tolist()} (at its first layer; "
+                             "every layer must be stored with the same lens)")
+        self.prompt_lens = self._layers_differ = None  # the next prompt starts afresh
         self.seq_lens.copy_(lens)
         self._set(longest)
 

@@ -125,6 +125,7 @@ class LlamaConfig:
         heads = _integer("num_attention_heads", cfg["num_attention_heads"])
         bos = cfg.get("bos_token_id")
         eos = cfg.get("eos_token_id")
+        max_pos = cfg.get("max_position_embeddings")  # null: unset
         return cls(
             vocab_size=_integer("vocab_size", cfg["vocab_size"]),
             hidden_size=hidden,
@@ -137,7 +138,7 @@ class LlamaConfig:
             rope_scaling=scaling,
             rms_norm_eps=_number("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6), FLOAT32_TINY),
             max_position_embeddings=_integer("max_position_embeddings",
-                                             cfg.get("max_position_embeddings", 2048)),
+                                             2048 if max_pos is None else max_pos),
             tie_word_embeddings=_flag("tie_word_embeddings", cfg.get("tie_word_embeddings")),
             # Qwen2 always has a bias on Q, K and V; Llama has one only where attention_bias says so
             attention_bias=(_flag("attention_bias", cfg.get("attention_bias"))
