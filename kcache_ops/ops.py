@@ -204,7 +204,10 @@ def quantize_rows(v, bits):
     ``(d % (8 / bits)) * bits``; bit for bit :func:`kcache_ops.reference.quantize_rows` on
     finite input.
     ``min + scale · code`` is within ``scale / 2`` of ``v`` up to the bfloat16 rounding of scale
-    and min. On CUDA: one launch, no host synchronisation, safe to capture in a CUDA graph.
+    and min. A finite row's max and min are first clamped to ``±2^125`` (``reference.QUANT_RANGE``,
+    ≈ 4.25e37): so scale, min and every dequantised value stay finite, and so does the low-bit
+    tail, however large finite V is (a value beyond gets an end code). On CUDA: one launch, no host
+    synchronisation, safe to capture in a CUDA graph.
 
     Non-finite input never makes the op fail or read out of bounds (the reference differs here):
     NaN elements are left out of the row's min and max and get code 0 (a row of NaN only gets

@@ -161,6 +161,12 @@ def mean_tail(p, v, indices, v_sum, seq_lens):
     return torch.where(rest[..., None] > 0, mass[..., None] * mean, 0.0)
 
 
+# A row's min and max are taken within [-QUANT_RANGE, QUANT_RANGE] (where finite): scale <=
+# 2^126 / (2^bits - 1) and |min| <= 2^125, so every dequantised value, and the low-bit tail's sums
+# of them, stay finite for finite V; a value beyond it gets an end code.
+QUANT_RANGE = 2.0 ** 125
+
+
 def quantize_rows(v, bits):
     """Reference of kcache_ops.quantize_rows: each row of ``D`` values to ``bits``-bit codes
     with its own scale and offset (asymmetric min/max, the low-bit copy of V).
@@ -168,15 +174,17 @@ def quantize_rows(v, bits):
     v [..., D] (float32, float16 or bfloat16), bits in {2, 4}
     -> codes [..., D * bits / 8] uint8, meta [..., 2] bfloat16 (scale, min).
 
-    ``scale = (max − min) / (2^bits − 1)`` and ``min`` are rounded to bfloat16 first; then
+    ``scale = (max − min) / (2^bits − 1)`` and ``min`` are rounded to bfloat16 first (a finite max
+    and min clamped to ``±QUANT_RANGE``); then
     ``code_d = clamp(round_half_even((v_d − min) / scale), 0, 2^bits − 1)`` in float32 with the
     rounded values (0 where scale is 0). Code ``d`` sits in byte ``d // (8 / bits)`` at bit
     ``(d % (8 / bits)) * bits``.
     """
     x = v.float()  # [..., D]
     levels = (1 << bits) - 1
-    lo = x.amin(-1)  # [...]
-    meta = torch.stack([(x.amax(-1) - lo) / levels, lo], -1).to(torch.bfloat16)  # [..., 2]
+    lo, hi = (torch.where(t.isfinite(), t.clamp(-QUANT_RANGE, QUANT_RANGE), t)
+              for t in (x.amin(-1), x.amax(-1)))  # [...] each; finite ones within the range
+    meta = torch.stack([(hi - lo) / levels, lo], -1).to(torch.bfloat16)  # [..., 2]
     step, base = meta[..., 0].float()[..., None], meta[..., 1].float()[..., None]  # [..., 1]
     code = torch.where(step > 0, torch.round((x - base) / step), 0.0).clamp(0, levels)
     per = 8 // bits

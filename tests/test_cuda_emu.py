@@ -25,7 +25,7 @@ from test_lowbit_tail import make_case as make_lowbit_case
 from test_lowbit_tail import reference_scores as lowbit_reference_scores
 from test_lowbit_tail import skipped_case as skipped_lowbit_case
 from test_qk_topn import check_top_p, check_topn, make_qk
-from test_quantize_rows import make_rows
+from test_quantize_rows import extreme_rows, make_rows
 from test_sparse_attn_v import check_attn, make_selection, make_tail_case, overlapping_indices
 from test_sparse_attn_v import check_tail as check_mean_tail
 
@@ -698,6 +698,14 @@ def test_quantize_rows_matches_reference(race_exe, dtype, D, bits):
     (lanes loop), D = 6 with 4 bits (not a multiple of 4); 3 x 5 x 7 rows, the last block part
     full."""
     check_quantize_emu(race_exe, make_rows((3, 5, 7, D), dtype, "cpu"), bits)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_quantize_rows_near_the_float_range(race_exe, dtype, bits):
+    """Finite rows up to the dtype's largest value, spans past the float range: the kernel clamps
+    the max and min to ±2^125 as the reference does, bit for bit, and the meta is finite."""
+    check_quantize_emu(race_exe, extreme_rows(dtype, "cpu"), bits)
 
 
 @pytest.mark.parametrize("bits", [2, 4])

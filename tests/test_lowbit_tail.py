@@ -177,6 +177,24 @@ def test_selected_nan_row_is_left_out(device, bits):
     check_nan_row_left_out(kcache_ops.lowbit_tail, device, bits)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_v_near_the_float_range_gives_a_finite_tail(device, bits):
+    """Finite V rows up to ±3.4e38 (spans past the float range): quantize_rows keeps their copies
+    finite, so the tail is finite and the reference's (within float32 rounding of ~2^126)."""
+    B, Hkv, G, S, D = 2, 2, 2, 300, 64
+    q, k, seq_lens, _, _ = make_case(B, Hkv, G, S, D, bits, torch.float32, device, [300, 177])
+    top = torch.finfo(torch.float32).max
+    v = (torch.rand(B, Hkv, S, D) * 2 - 1) * top  # [B, Hkv, S, D]
+    v[:, :, ::3] = torch.randn(B, Hkv, (S + 2) // 3, D)  # some rows of ordinary values
+    codes, meta = kcache_ops.quantize_rows(v.to(device), bits)
+    scores, indices, lse = selection(q, k, seq_lens, 16, False)
+    out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits)
+    assert out.isfinite().all()
+    ref = R.lowbit_tail(scores.cpu(), seq_lens.cpu(), lse.cpu(), indices.cpu(), codes.cpu(),
+                        meta.cpu(), bits)
+    torch.testing.assert_close(out.cpu(), ref, atol=2.0 ** 126 * 1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_completes_exact_attention(device, dtype, group_select):
     """sparse_attn_v over the selected rows (full-softmax weights) plus the tail is attention over

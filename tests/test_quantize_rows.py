@@ -112,6 +112,35 @@ def test_constant_rows_get_scale_zero(device, dtype):
     assert torch.equal(meta[:, 1], v[:, 0].to(torch.bfloat16))
 
 
+def extreme_rows(dtype, device):
+    """[6, 64] finite rows near the float range: both signs up to 3.4e38 (a span past the float
+    range), one sign only, all beyond 2^125, and one within it (untouched by the clamp)."""
+    top = torch.finfo(dtype).max
+    v = make_rows((6, 64), torch.float32, "cpu")  # [6, 64]
+    v[0] = torch.linspace(-1, 1, 64) * top
+    v[1] = torch.rand(64) * top
+    v[2] = -torch.rand(64) * top
+    v[3] = top
+    v[4, ::2] = -top
+    v[5] = v[5] * 1e36  # within ±2^125 ≈ 4.25e37
+    return v.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_near_the_float_range_stay_finite(device, dtype, bits):
+    """A finite row's max and min are clamped to ±2^125: scale, min and every dequantised value
+    finite (a span past the float range gave an infinite scale, a NaN copy); bit for bit the
+    reference; a row within the range is quantised as without the clamp."""
+    v = extreme_rows(dtype, device)
+    codes, meta = check_quantize(v, bits)
+    assert meta.isfinite().all()
+    assert R.dequantize_rows(codes.cpu(), meta.cpu(), 64).isfinite().all()
+    within = v[5].float().cpu()
+    step = ((within.max() - within.min()) / ((1 << bits) - 1)).to(torch.bfloat16)
+    assert torch.equal(meta[5].cpu(), torch.stack([step, within.min().to(torch.bfloat16)]))
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_non_finite_input(device, bits):
     """As documented: a NaN element is left out of its row's min and max and gets code 0 (the

@@ -1,7 +1,8 @@
 // kcache_ops::quantize_rows on the CPU: each row of D values to bits-bit codes with its own scale
 // and min, both rounded to bfloat16 before the codes are computed (reference.quantize_rows, bit for
-// bit on finite input). Non-finite input (documented in ops.py): NaN elements are left out of the
-// row's min and max and get code 0; every code stays in [0, 2^bits - 1].
+// bit on finite input; a finite row's min and max within [-2^125, 2^125]). Non-finite input
+// (documented in ops.py): NaN elements are left out of the row's min and max and get code 0;
+// every code stays in [0, 2^bits - 1].
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -15,6 +16,13 @@ namespace kcache_ops::cpu {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+// A finite row's min and max are taken within [-kRange, kRange] (reference.QUANT_RANGE): its
+// scale, min and every dequantised value stay finite (values beyond get the end codes).
+constexpr float kRange = 0x1p125f;
+
+inline float within_range(float x) {
+  return std::isfinite(x) ? std::fmin(std::fmax(x, -kRange), kRange) : x;
+}
 
 // The code of one value: round half to even of (x - base) / step in float32 (0 where step is not
 // positive), clamped to [0, 2^kBits - 1]; a NaN quotient clamps to 0.
@@ -37,6 +45,8 @@ void quantize_row(const scalar_t* x, int64_t D, uint8_t* codes, c10::BFloat16* m
     lo = std::fmin(lo, f);
     hi = std::fmax(hi, f);
   }
+  lo = within_range(lo);
+  hi = within_range(hi);
   meta[0] = c10::BFloat16((hi - lo) / kLevels);
   meta[1] = c10::BFloat16(lo);
   const float step = static_cast<float>(meta[0]), base = static_cast<float>(meta[1]);

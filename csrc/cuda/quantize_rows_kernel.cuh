@@ -1,6 +1,6 @@
 // quantize_rows on the GPU: each row of v [..., D] to kBits-bit codes with its own scale and min,
 // both rounded to bfloat16 before the codes are computed; bit for bit reference.quantize_rows on
-// finite input.
+// finite input (a finite row's min and max within [-2^125, 2^125]).
 //
 // One warp per row, kQuantWarps rows per block, no shared memory and no block barrier. The lanes
 // stride over the row for its min and max (warp butterflies), lane 0 writes the rounded
@@ -25,6 +25,9 @@ namespace kcache_ops {
 constexpr int kQuantThreads = 128;  // 4 warps, one row each
 constexpr int kQuantWarps = kQuantThreads / 32;
 constexpr int kQuantRowDims = 4;    // leading dims the kernel indexes (after merging)
+// A finite row's min and max are taken within [-kQuantRange, kQuantRange]
+// (reference.QUANT_RANGE): its scale, min and every dequantised value stay finite.
+constexpr float kQuantRange = 0x1p125f;
 
 struct QuantRowsParams {
   const void* v;                      // [..., D] of T, last dim contiguous
@@ -35,6 +38,11 @@ struct QuantRowsParams {
   int64_t rows;                       // product of the leading dims
   int d, code_bytes;                  // code_bytes = d * kBits / 8
 };
+
+// x clamped to [-kQuantRange, kQuantRange] where finite (an infinite min or max stays as it is).
+__device__ __forceinline__ float within_quant_range(float x) {
+  return isfinite(x) ? fminf(fmaxf(x, -kQuantRange), kQuantRange) : x;
+}
 
 // The code of one value: rintf((x - base) / step) (0 unless step > 0), clamped to [0, levels].
 template <int kBits>
@@ -68,8 +76,8 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(QuantRowsP
     lo = fminf(lo, f);
     hi = fmaxf(hi, f);
   }
-  lo = -warp_max(-lo);
-  hi = warp_max(hi);
+  lo = within_quant_range(-warp_max(-lo));
+  hi = within_quant_range(warp_max(hi));
   const __nv_bfloat16 scale = __float2bfloat16_rn(__fdiv_rn(hi - lo, kLevels));
   const __nv_bfloat16 base = __float2bfloat16_rn(lo);
   if (lane == 0) {
