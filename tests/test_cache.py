@@ -347,7 +347,8 @@ def test_finish_prefill_takes_the_lens_the_prompt_was_stored_with(backend):
 def test_layer_inputs_must_match_the_cache(backend):
     """Every prefill and decode step checks its layer index and the exact shapes of q, k and v
     (batch, heads, head dim, one T), before it writes anything: a size 1 would broadcast into
-    every sequence or head, another KV-head count would group the heads otherwise."""
+    every sequence or head, another KV-head count would group the heads otherwise. finish_decode
+    waits for every layer's decode step."""
     B, T = 2, 5
     cache = make_cache(backend, tiny_config(), B, 32, "cpu", torch.float32)
     q, k = torch.randn(B, HQ, T, D), torch.randn(B, HKV, T, D)  # [B, Hq, T, D], [B, Hkv, T, D]
@@ -371,6 +372,16 @@ def test_layer_inputs_must_match_the_cache(backend):
     with pytest.raises(IndexError, match=r"got -1"):
         cache.decode(-1, q1, k1, k1)
     assert all(torch.equal(a, b) for a, b in zip(before, cache.k)), "nothing written"
+    with pytest.raises(ValueError, match=r"finish_decode after the decode step of layers \[\] "
+                                         rf"of {LAYERS}: every layer must decode the step first"):
+        cache.finish_decode()  # no layer stored the step's token
+    cache.decode(0, q1, k1, k1)
+    with pytest.raises(ValueError, match=r"layers \[0\] of"):
+        cache.finish_decode()
+    for layer in range(1, LAYERS):
+        cache.decode(layer, q1, k1, k1)
+    cache.finish_decode()
+    assert cache.seq_lens.tolist() == [T + 1] * B
 
 
 def test_attention_mass(device):

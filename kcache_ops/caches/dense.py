@@ -61,7 +61,7 @@ class DenseCache:
     """
 
     def __init__(self, config, batch, capacity, device, dtype):
-        self.lengths = SeqLengths("DenseCache", batch, capacity, device)
+        self.lengths = SeqLengths("DenseCache", batch, capacity, device, config.num_layers)
         self.capacity = capacity
         self.num_heads = config.num_heads
         shape = (batch, config.num_kv_heads, capacity, config.head_dim)  # [B, Hkv, S, D]
@@ -107,7 +107,7 @@ class DenseCache:
         q [B, Hq, D], k and v [B, Hkv, D] -> out [B, Hq, D].
         """
         check_layer_inputs(self.lengths.owner, self.k, self.num_heads, layer, False, k, v, q)
-        self.lengths.check_room()
+        self.lengths.start_decode(layer)
         return append_and_attend(self.lengths, self.k[layer], self.v[layer], q, k, v)
 
     def finish_decode(self):

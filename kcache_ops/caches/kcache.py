@@ -87,7 +87,7 @@ class KCache:
         if config.head_dim not in (64, 128):  # what qk_topn and sparse_attn_v take
             raise ValueError(f"KCache: head_dim must be 64 or 128, got {config.head_dim} (the "
                              f"dense cache takes any)")
-        self.lengths = SeqLengths("KCache", batch, capacity, self.device)
+        self.lengths = SeqLengths("KCache", batch, capacity, self.device, config.num_layers)
         n_layers = config.num_layers
         self.config = config
         self.capacity = capacity
@@ -198,7 +198,7 @@ class KCache:
         """
         check_layer_inputs(self.lengths.owner, self.k, self.config.num_heads, layer, False, k, v, q)
         lengths = self.lengths
-        lengths.check_room()
+        lengths.start_decode(layer)
         if layer in self.options.dense_layers:
             return append_and_attend(lengths, self.k[layer], self.v_device[layer], q, k, v)
         pos = lengths.positions  # [B] long

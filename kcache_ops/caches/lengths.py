@@ -5,7 +5,8 @@ import torch
 
 
 class SeqLengths:
-    """Lengths of ``batch`` sequences in a cache of ``capacity`` tokens each, on ``device``.
+    """Lengths of ``batch`` sequences in a cache of ``num_layers`` layers of ``capacity`` tokens
+    each, on ``device``.
 
     Attributes
     ----------
@@ -22,12 +23,14 @@ class SeqLengths:
         ``max(seq_lens)``, kept on the host.
     """
 
-    def __init__(self, owner, batch, capacity, device):
+    def __init__(self, owner, batch, capacity, device, num_layers):
         if capacity < 1 or batch < 1:
             raise ValueError(f"{owner}: batch and capacity must be >= 1, got {batch} and "
                              f"{capacity}")
         self.owner = owner  # the cache's name, for errors
         self.capacity = capacity
+        self.num_layers = num_layers
+        self._decoded = set()  # the layers that have stored this step's token
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)  # [B]
         self.attend_lens = self.seq_lens + 1  # [B] int32
         self.positions = self.seq_lens.long()  # [B]
@@ -88,15 +91,23 @@ class SeqLengths:
             raise ValueError(f"{self.owner}: lens must have shape {list(self.seq_lens.shape)} "
                              f"(one per cached sequence), got {list(lens.shape)}")
 
-    def check_room(self):
-        """Before a decode step: every sequence can take one more token."""
+    def start_decode(self, layer):
+        """Before ``layer``'s decode step: every sequence can take one more token; the layer
+        counts as stepped for :meth:`finish_decode`."""
         if self.longest >= self.capacity:
             raise ValueError(f"{self.owner}: capacity overflow: a sequence of {self.longest} "
                              f"tokens cannot grow past the capacity of {self.capacity} tokens "
                              "(cache full)")
+        self._decoded.add(layer)
 
     def finish_decode(self):
-        """After a decode step: ``seq_lens += 1``."""
+        """After every layer's decode step: ``seq_lens += 1``. Refused before all of them (the
+        layers not stepped would attend over a position they never stored)."""
+        if len(self._decoded) != self.num_layers:
+            raise ValueError(f"{self.owner}: finish_decode after the decode step of layers "
+                             f"{sorted(self._decoded)} of {self.num_layers}: every layer must "
+                             "decode the step first")
+        self._decoded.clear()
         self.seq_lens += 1
         self._set(self.longest + 1)
 
