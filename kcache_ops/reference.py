@@ -5,10 +5,12 @@ import math
 import torch
 
 
-def _valid_mask(seq_lens, length):
-    """[B] lengths -> [B, 1, length] bool, True for j < L_b."""
-    j = torch.arange(length, device=seq_lens.device)
-    return (j[None, :] < seq_lens.long()[:, None])[:, None, :]
+def _valid_mask(seq_lens, length, skip_first=0, skip_last=0):
+    """[B] lengths -> [B, 1, length] bool, True for ``skip_first <= j < L_b − skip_last`` (L_b
+    clamped to [0, length]): the valid keys, less KCache's hot rows where skips are given."""
+    j = torch.arange(length, device=seq_lens.device)  # [length]
+    end = seq_lens.long().clamp(0, length) - skip_last  # [B]
+    return ((j[None, :] >= skip_first) & (j[None, :] < end[:, None]))[:, None, :]
 
 
 def qk_scores(q, k_cache, seq_lens, scale=None):
@@ -24,14 +26,6 @@ def qk_scores(q, k_cache, seq_lens, scale=None):
     s = torch.einsum("bhd,bhsd->bhs", q.float(), k) * scale  # [B, Hq, S]
     s = s.masked_fill(~_valid_mask(seq_lens, S), float("-inf"))
     return s, torch.logsumexp(s, dim=-1)
-
-
-def _cold_mask(seq_lens, S, skip_first, skip_last):
-    """seq_lens [B] -> [B, 1, S] bool: the keys ``skip_first <= j < L_b − skip_last`` (L_b
-    clamped to [0, S]), those that are neither past L_b nor among KCache's hot rows."""
-    j = torch.arange(S, device=seq_lens.device)  # [S]
-    end = seq_lens.long().clamp(0, S) - skip_last  # [B]
-    return ((j[None, :] >= skip_first) & (j[None, :] < end[:, None]))[:, None, :]
 
 
 def _top(keys, ranked, n):
@@ -57,7 +51,7 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, skip_first=
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
     s, lse = qk_scores(q, k_cache, seq_lens, scale)  # [B, Hq, S], [B, Hq]
-    ranked = _cold_mask(seq_lens.to(q.device), S, skip_first, skip_last)  # [B, 1, S]
+    ranked = _valid_mask(seq_lens.to(q.device), S, skip_first, skip_last)  # [B, 1, S]
     count = ranked.sum(-1)  # [B, 1]: ranked keys per sequence
     if group_select:
         p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # [B, Hq, S]; L_b = 0 gives 0
@@ -219,7 +213,7 @@ def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, skip_firs
     """
     B, Hq, S = scores.shape
     Hkv, D = v_codes.shape[1], v_codes.shape[-1] * 8 // bits
-    cold = _cold_mask(seq_lens.to(scores.device), S, skip_first, skip_last)  # [B, 1, S]
+    cold = _valid_mask(seq_lens.to(scores.device), S, skip_first, skip_last)  # [B, 1, S]
     s = scores.float().masked_fill(~cold, float("-inf"))  # [B, Hq, S]
     p = torch.exp(s - lse.float()[..., None]).nan_to_num(0.0)  # [B, Hq, S]; 0 past L_b
     chosen = torch.zeros(B, Hq, S + 1, dtype=torch.bool, device=scores.device)  # slot S: padding

@@ -31,10 +31,12 @@ def make_case(B, Hkv, G, S, D, bits, dtype, device, lens):
             meta.to(device))
 
 
-def selection(q, k, seq_lens, n, group_select, scale=None):
-    """qk_topn's (all_scores [B, Hq, S], indices [B, Hq, n], lse [B, Hq]) for lowbit_tail."""
+def selection(q, k, seq_lens, n, group_select, scale=None, skip_first=0, skip_last=0):
+    """qk_topn's (all_scores [B, Hq, S], indices [B, Hq, n], lse [B, Hq]) for lowbit_tail, the
+    keys j < skip_first and j >= L_b - skip_last not ranked."""
     _, indices, lse, all_scores = kcache_ops.qk_topn(q, k, seq_lens, n, scale, group_select,
-                                                     return_scores=True)
+                                                     return_scores=True, skip_first=skip_first,
+                                                     skip_last=skip_last)
     return all_scores, indices, lse
 
 
@@ -82,9 +84,8 @@ def skipped_case(B, Hkv, G, S, D, bits, dtype, device, lens, n, skip_first, skip
     j = torch.arange(S, device=device)[None, :]  # [1, S]
     end = seq_lens.long()[:, None] - skip_last  # [B, 1]
     meta[((j < skip_first) | (j >= end))[:, None, :, None].expand_as(meta)] = float("nan")
-    _, indices, lse, scores = kcache_ops.qk_topn(q, k, seq_lens, n, None, group_select,
-                                                 return_scores=True, skip_first=skip_first,
-                                                 skip_last=skip_last)
+    scores, indices, lse = selection(q, k, seq_lens, n, group_select, None, skip_first,
+                                     skip_last)
     return scores, seq_lens, lse, indices, codes, meta
 
 

@@ -119,7 +119,6 @@ class SeqLengths:
         self.positions.copy_(self.seq_lens)
 
 
-
 def check_layer_inputs(owner, k_buffers, num_heads, layer, prompt, k, v, q=None):
     """Before a cache stores (and attends over) a layer's new rows: ``layer`` indexes k_buffers
     (the cache's K of each layer, [B, Hkv, S, D]); k, v [B, Hkv, T, D] of a prompt (``prompt``)
