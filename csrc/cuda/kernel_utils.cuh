@@ -106,6 +106,43 @@ __device__ __forceinline__ uint32_t and_u32(uint32_t a, uint32_t b) {
 #endif
 }
 
+// One warp's D += A · B on the tensor cores (mma.sync m16n8k8, tf32 inputs, float32
+// accumulation): A 16 x 8, B 8 x 8, D 16 x 8. Lane (g, t) = (lane / 4, lane % 4) holds
+// a = {A[g][t], A[g + 8][t], A[g][t + 4], A[g + 8][t + 4]}, b = {B[t][g], B[t + 4][g]} and
+// d = {D[g][2t], D[g][2t + 1], D[g + 8][2t], D[g + 8][2t + 1]}; the inputs are float bits, of which
+// the tensor cores read the tf32 part (the low 13 mantissa bits are ignored). Every lane of the
+// warp calls it. Before sm_80 (and in the CPU emulator) the same product from shuffles, the inputs
+// cut to tf32 in the same way, the 8 products of each element added in k order.
+__device__ __forceinline__ void mma_tf32_m16n8k8(float (&d)[4], const uint32_t (&a)[4],
+                                                 const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  constexpr uint32_t kTf32 = 0xffffe000u;
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    // A[row][k] is a[2 · hi + row / 8] of lane 4 · (row % 8) + from, B[k][col] is b[hi] of lane
+    // 4 · col + from
+    const int from = k % 4, hi = k / 4;
+    const float a_top = __uint_as_float(__shfl_sync(kFullMask, a[2 * hi], 4 * g + from) & kTf32);
+    const float a_low =
+        __uint_as_float(__shfl_sync(kFullMask, a[2 * hi + 1], 4 * g + from) & kTf32);
+    const float b0 = __uint_as_float(__shfl_sync(kFullMask, b[hi], 4 * (2 * t) + from) & kTf32);
+    const float b1 =
+        __uint_as_float(__shfl_sync(kFullMask, b[hi], 4 * (2 * t + 1) + from) & kTf32);
+    d[0] = fmaf(a_top, b0, d[0]);
+    d[1] = fmaf(a_top, b1, d[1]);
+    d[2] = fmaf(a_low, b0, d[2]);
+    d[3] = fmaf(a_low, b1, d[3]);
+  }
+#endif
+}
+
 // Stores a float that is read again soon (by the next kernel), marked evict-last in L2, so that
 // data streamed through L2 meanwhile (marked evict-first) does not push it out. Before sm_80 (and
 // in the CPU emulator) a plain store.

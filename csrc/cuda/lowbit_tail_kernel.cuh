@@ -8,19 +8,20 @@
 //    marks the keys of its chunk that each head leaves out in a bitmap in shared memory (one bit
 //    per key and head: the skipped first and last keys, then the heads' index rows with integer
 //    atomicOr, so the bits do not depend on the order; indices outside the chunk, and so outside
-//    [0, L_b), change nothing). Then
-//    D / kTailVec lanes share a key, each holding kTailVec codes of its row (one aligned 4-byte
-//    word of the code row); the scores of a few keys are spread over the key's lanes so that each
-//    lane loads one (key, head) score, the bits qk_topn ranked by, and the row's (scale, min) word,
-//    and computes that pair's weight w = exp(s - lse) (one bitmap test and one exp). A row's
-//    dequantized value is min + scale · code, so w · row = (w · scale) · code + w · min: the
-//    weighing lane adds w · min to its head's sum of mins once per key, and the key's lanes take
-//    the heads' w · scale by shuffles and multiply them by the codes themselves (no dequantized row
-//    is formed: D FMAs per key fewer). Code words, meta words and scores are staged in shared
-//    memory by asynchronous copies kTailStages - 1 iterations ahead. A head that selected the key
-//    weighs it 0: a selected key is left out exactly, never added and subtracted. The lanes and
-//    warps are summed in a fixed order into the chunk's partial [gs, D], each head's sum of mins
-//    added to every element of its row.
+//    [0, L_b), change nothing). Then the sums run on the tensor cores: a row's dequantized value
+//    is min + scale · code, so Σ_j w_hj · row_j = Σ_j (w_hj · scale_j) · code_j + Σ_j w_hj · min_j,
+//    and the first sum is a matrix product codes^T [D, keys] · (w · scale) [keys, heads] with the
+//    slice's heads as its 8 columns (mma.sync m16n8k8 in tf32, float32 accumulation): the codes
+//    are exact in tf32, and w · scale is split into two tf32 parts (within 2^-21 of it). Lane
+//    (g, t) holds the D / 8 codes of elements [g · D / 8, (g + 1) · D / 8) of keys t + 4u (one
+//    aligned code word per key, two for D 128 at 4 bits: the mma's A fragments, the element order
+//    within a row tile chosen so), and computes the weight w = exp(s - lse) of those keys for head
+//    g (one bitmap test and one exp per (key, head) pair), its w · scale (the B fragment) and
+//    w · min, summed per head. Code words, meta words and scores are staged in shared memory by
+//    asynchronous copies kTailStages - 1 iterations ahead. A head that selected the key weighs it
+//    0: a selected key is left out exactly, never added and subtracted. Each (head, element) sum
+//    of a warp is held by one lane; the warps are summed in a fixed order into the chunk's partial
+//    [gs, D], each head's sum of mins added to every element of its row.
 // 2. lowbit_tail_reduce_kernel — sums each head's chunk partials in chunk order into out. With a
 //    single chunk the launcher skips it: kernel 1 writes out itself.
 // The weights need no running max: lse is given and every weight is at most 1 up to rounding. A
@@ -36,8 +37,7 @@
 namespace kcache_ops {
 
 constexpr int kTailThreads = 128;      // 4 warps
-constexpr int kTailVec = 8;            // elements of a row per lane: 2 or 4 bytes of codes
-constexpr int kTailUnroll = 8;         // keys per lane and iteration
+constexpr int kTailCodeWords = 8;      // 4-byte code words a lane stages per iteration
 constexpr int kTailStages = 3;         // iterations staged in shared memory (2 in flight)
 constexpr int kTailBlocksPerSm = 3;    // launch bounds: registers for 3 blocks (12 warps) per SM
 constexpr int kTailMaxChunk = 4096;    // keys per block at most: the bitmap is GS · 512 bytes
@@ -62,25 +62,37 @@ struct LowbitTailParams {
   int hq, hkv, s, n, chunk, num_chunks, slices, bits;
 };
 
-// Keys of one block-iteration of lowbit_tail_kernel for head dim D.
-template <int D>
-constexpr int tail_keys_per_iter() {
-  return (kTailThreads / 32) * (32 / (D / kTailVec)) * kTailUnroll;
-}
+// Where a lane's data lies in the tensor-core layout of lowbit_tail_kernel<D, GS, Bits>. Lane
+// (g, t) = (lane / 4, lane % 4) holds the D / 8 codes of elements [g · D / 8, (g + 1) · D / 8) of
+// each of its keys, and weighs those keys for head g. In a block iteration a warp covers
+// kWarpKeys keys; the lane's key slot u is key 4u + t of them, so a k-step of 8 keys holds the
+// lane's slots 2ks (key t) and 2ks + 1 (key t + 4), as the mma's A and B fragments want them.
+template <int D, int Bits>
+struct TailLayout {
+  static constexpr int kCodes = D / 8;                          // codes of a row per lane
+  static constexpr int kBitOffset = kCodes * Bits;              // a lane's bits of a row
+  static constexpr int kKeyWords = kCodes * Bits > 32 ? 2 : 1;  // 4-byte words holding them
+  static constexpr int kSlots = kTailCodeWords / kKeyWords;     // keys per lane and iteration
+  static constexpr int kKeySteps = kSlots / 2;                  // mma k-steps of 8 keys
+  static constexpr int kWarpKeys = 4 * kSlots;                  // keys per warp and iteration
+  static constexpr int kBlockKeys = kTailThreads / 32 * kWarpKeys;
+  static constexpr int kTiles = D / 16;                         // mma row tiles of 16 elements
+  static_assert(kKeyWords * 32 == kCodes * Bits || kCodes * Bits <= 32, "whole words");
+  static_assert(kTailChunkStep % kBlockKeys == 0, "chunks of whole iterations");
+};
 
 // Bits 0 .. n - 1 of a word set (none for n <= 0, all for n >= 32).
 __device__ __forceinline__ uint32_t low_bits(int n) {
   return n >= 32 ? ~0u : (n <= 0 ? 0u : (1u << n) - 1u);
 }
 
-// The staged rows of a block: per stage, thread and row u of its iteration, the aligned 4-byte word
-// of the code row that holds its codes; per group g of keys (g < the iteration's groups), the
-// score of the (key, head) whose weight the thread computes and that key's (scale, min) word. Each
-// thread copies and reads back only its own slots.
+// The staged rows of a block: per stage, slot and thread, the code words of the lane's key in
+// that slot (kKeyWords per key), and where the lane weighs a head the key's score for that head
+// and the key's (scale, min) word. Each thread copies and reads back only its own slots.
 struct TailStage {
-  uint32_t code[kTailStages][kTailUnroll][kTailThreads];
-  uint32_t meta[kTailStages][kTailUnroll][kTailThreads];
-  float score[kTailStages][kTailUnroll][kTailThreads];
+  uint32_t code[kTailStages][kTailCodeWords][kTailThreads];
+  uint32_t meta[kTailStages][kTailCodeWords][kTailThreads];
+  float score[kTailStages][kTailCodeWords][kTailThreads];
 };
 
 // Shared memory of a tail block: the stages during the key loop, the warps' sums after it.
@@ -90,43 +102,42 @@ union TailShared {
   float partial[kTailThreads / 32][GS][D];  // [warp, head, D]
 };
 
-// Starts the asynchronous copies of one iteration into stage `slot`: row u (key j0 + u ·
-// keys_per_load) its code word at crow + u · c_step bytes; group g (of `groups`) the score of key
-// j0 + u_g · keys_per_load, u_g = g · joint + my_joint, at srow + key · s_ss and its meta word at
-// mrow + u_g · m_step, where this thread weighs a head (has_head). A key at or past `end` is not
-// copied (its slots keep older values; the loop gives it no weight).
+// Starts the asynchronous copies of one iteration into stage `slot`: the key of slot u is
+// j0 + 4u, its code words at crow + u · c_step bytes, its meta word at mrow + u · m_step and
+// (has_head) its score at srow + key · s_ss. A key at or past `end` is not copied (its slots keep
+// older values; the loop gives it no weight).
+template <class Layout>
 __device__ __forceinline__ void stage_tail_rows(TailStage& st, int slot, const uint8_t* crow,
                                                 int64_t c_step, const uint32_t* mrow,
                                                 int64_t m_step, const float* srow, int64_t s_ss,
-                                                int j0, int keys_per_load, int end, int groups,
-                                                int joint, int my_joint, bool has_head) {
+                                                int j0, int end, bool has_head) {
 #pragma unroll
-  for (int u = 0; u < kTailUnroll; ++u) {
-    if (j0 + u * keys_per_load < end)
-      __pipeline_memcpy_async(&st.code[slot][u][threadIdx.x], crow + u * c_step, 4);
-  }
-  for (int g = 0; g < groups; ++g) {
-    const int u = g * joint + my_joint;
-    const int j = j0 + u * keys_per_load;
-    if (has_head && j < end) {
-      __pipeline_memcpy_async(&st.score[slot][g][threadIdx.x], srow + j * s_ss, 4);
-      __pipeline_memcpy_async(&st.meta[slot][g][threadIdx.x], mrow + u * m_step, 4);
+  for (int u = 0; u < Layout::kSlots; ++u) {
+    const int j = j0 + 4 * u;
+    if (j >= end) continue;
+#pragma unroll
+    for (int w = 0; w < Layout::kKeyWords; ++w)
+      __pipeline_memcpy_async(&st.code[slot][u * Layout::kKeyWords + w][threadIdx.x],
+                              crow + u * c_step + 4 * w, 4);
+    if (has_head) {
+      __pipeline_memcpy_async(&st.score[slot][u][threadIdx.x], srow + j * s_ss, 4);
+      __pipeline_memcpy_async(&st.meta[slot][u][threadIdx.x], mrow + u * m_step, 4);
     }
   }
 }
 
-// A lane's kTailVec codes as floats without a shift or an integer to float conversion (which
-// issues at 1/8 of an FFMA's rate). Once per row, exponent_bits sets the exponent field of the
-// word that holds the codes, Bits wide from bit 0 (Bits = 4: codes 4..7 in the upper half,
-// brought down first); then code e, at bit p < 16, masked in place together with the exponent, is
-// the low part of the mantissa of 2^(23 - kTopBit) · (1 + code · 2^(p - 23)), and subtracting
-// 2^(23 - kTopBit) leaves code · 2^(p - kTopBit) exactly: one logic op and one add per code.
-// kTopBit = 16 - Bits is the highest p; code_unit undoes the power of two on the sums at the end
-// (exact, a power of two; only a product w · scale · code below 2^-112 rounds differently from
-// one without it, as a subnormal).
+// A lane's codes as floats without a shift or an integer to float conversion (which issues at
+// 1/8 of an FFMA's rate). Once per word, exponent_bits sets the exponent field of its halves, Bits
+// wide from bit 0; then code e of the word, at bit p < 16 of its half, masked in place together
+// with the exponent, is the low part of the mantissa of 2^(23 - kTopBit) · (1 + code · 2^(p - 23)),
+// and subtracting 2^(23 - kTopBit) leaves code · 2^(p - kTopBit) exactly: one logic op and one
+// add per code. kTopBit = 16 - Bits is the highest p; code_unit undoes the power of two on the
+// sums at the end (exact, a power of two; only a product w · scale · code below 2^-112 rounds
+// differently from one without it, as a subnormal).
 template <int Bits>
 struct TailCodes {
   static constexpr int kPerHalf = 16 / Bits;  // codes in 16 bits
+  static constexpr int kPerWord = 32 / Bits;
   static constexpr int kTopBit = 16 - Bits;   // the position of the last of them
   static constexpr uint32_t kExponent = static_cast<uint32_t>(127 + 23 - kTopBit) << 23;
   static constexpr float kBase = static_cast<float>(1u << (23 - kTopBit));
@@ -135,11 +146,12 @@ struct TailCodes {
   __device__ __forceinline__ static uint2 exponent_bits(uint32_t codes) {
     return make_uint2(codes | 0x7f800000u, (codes >> 16) | 0x7f800000u);
   }
-  // code e · 2^(p - kTopBit) (Bits = 2 takes only the low half: the compiler drops the high one)
-  __device__ __forceinline__ static float value(uint2 halves, int e) {
+  // code e < kPerWord of the word · 2^(p - kTopBit), as float bits
+  __device__ __forceinline__ static uint32_t value(uint2 halves, int e) {
     const int p = Bits * (e % kPerHalf);
     const uint32_t half = e < kPerHalf ? halves.x : halves.y;
-    return __uint_as_float(and_u32(half, kExponent | (((1u << Bits) - 1u) << p))) - kBase;
+    return __float_as_uint(
+        __uint_as_float(and_u32(half, kExponent | (((1u << Bits) - 1u) << p))) - kBase);
   }
   // 2^(kTopBit - p) of code e: value(e) · code_unit(e) is the code
   __host__ __device__ static constexpr float code_unit(int e) {
@@ -147,23 +159,23 @@ struct TailCodes {
   }
 };
 
+// x as hi + lo, both exact in tf32 (the tensor cores' 10 mantissa bits): hi is x cut to tf32, lo
+// the rest (exact in float) rounded to nearest tf32, so hi + lo is x within 2^-21 · |x|.
+__device__ __forceinline__ uint2 split_tf32(float x) {
+  const float hi = __uint_as_float(__float_as_uint(x) & 0xffffe000u);
+  return make_uint2(__float_as_uint(hi), (__float_as_uint(x - hi) + 0x1000u) & 0xffffe000u);
+}
+
 // grid (num_chunks, Hkv * slices, B), block kTailThreads, kTailBlocksPerSm blocks per SM; Bits
 // (2 or 4) is p.bits.
 template <int D, int GS, int Bits>
 __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
     lowbit_tail_kernel(LowbitTailParams p) {
-  constexpr int kLanesPerKey = D / kTailVec;  // 8 or 16 lanes share one key row
-  constexpr int kKeysPerLoad = 32 / kLanesPerKey;
+  using Layout = TailLayout<D, Bits>;
+  using Codes = TailCodes<Bits>;
   constexpr int kWarps = kTailThreads / 32;
   constexpr int kWords = kTailMaxChunk / 32;
-  // Keys (of this lane's kTailUnroll) whose weights are computed together: at most one
-  // (key, head) pair per lane.
-  constexpr int kJoint = kLanesPerKey / GS < kTailUnroll ? kLanesPerKey / GS : kTailUnroll;
-  constexpr int kValues = kJoint * GS;          // [kJoint, GS] weights per group of keys
-  constexpr int kDup = kLanesPerKey / kValues;  // lanes of a key computing the same weight
-  constexpr int kGroups = kTailUnroll / kJoint;
-  static_assert(D % kTailVec == 0 && 32 % kLanesPerKey == 0, "unsupported head dim");
-  static_assert(kTailUnroll % kJoint == 0, "whole groups of keys");
+  static_assert(GS <= 8, "a slice's heads are the mma's 8 columns");
 
   __shared__ uint32_t selected[GS][kWords];  // bit (j - chunk_begin): head h selected key j
   __shared__ TailShared<GS, D> sh;
@@ -175,61 +187,53 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
 
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
-  const int sub = lane % kLanesPerKey;  // which kTailVec elements of the row this lane holds
-  const int kslot = lane / kLanesPerKey;
-  const int key_lane0 = lane - sub;     // the first lane of this lane's key
-  const int my_value = sub / kDup;      // the (key, head) whose weight this lane computes
-  const int my_head = my_value % GS;
-  const int my_joint = my_value / GS;   // which key of a group: u = g · kJoint + my_joint
-  // the one lane of a (key, head) pair that adds its w · min (the others compute the same weight)
-  const bool adds_min = sub % kDup == 0;
+  const int g = lane / 4;  // the elements [g · D / 8, (g + 1) · D / 8) and the head g it weighs
+  const int t = lane % 4;  // its keys: t + 4u; it sums heads 2t and 2t + 1
 
   // The selection bitmap of the chunk, starting from the skipped keys (set for every head).
   const int cold_end = max(0, clamped_len(p.seq_lens, p.seq_stride, b, p.s) - p.skip_last);
-  for (int t = threadIdx.x; t < GS * words; t += kTailThreads) {
-    const int key0 = chunk_begin + (t % words) * 32;  // the word's first key
-    selected[t / words][t % words] = low_bits(p.skip_first - key0) | ~low_bits(cold_end - key0);
+  for (int i = threadIdx.x; i < GS * words; i += kTailThreads) {
+    const int key0 = chunk_begin + (i % words) * 32;  // the word's first key
+    selected[i / words][i % words] = low_bits(p.skip_first - key0) | ~low_bits(cold_end - key0);
   }
   __syncthreads();
   const int32_t* ix = p.indices + b * p.ix_sb + h0 * p.ix_sh;  // head h, entry i: h*ix_sh + i*ix_sn
-  for (int t = threadIdx.x; t < gs * p.n; t += kTailThreads) {
-    const int h = t / p.n, i = t % p.n;
-    const int j = ix[h * p.ix_sh + i * p.ix_sn];
+  for (int i = threadIdx.x; i < gs * p.n; i += kTailThreads) {
+    const int h = i / p.n, e = i % p.n;
+    const int j = ix[h * p.ix_sh + e * p.ix_sn];
     if (j >= chunk_begin && j < chunk_end) {
       atomicOr(&selected[h][(j - chunk_begin) / 32], 1u << ((j - chunk_begin) % 32));
     }
   }
 
-  const bool has_head = my_head < gs;
-  const float my_lse = has_head ? p.lse[b * p.lse_sb + (h0 + my_head) * p.lse_sh] : 0.0f;
-  using Codes = TailCodes<Bits>;
-  // Σ w · scale · code / Codes::code_unit(e), head h, element sub · kTailVec + e
-  float acc[GS][kTailVec];
+  const bool has_head = g < gs;
+  const float my_lse = has_head ? p.lse[b * p.lse_sb + (h0 + g) * p.lse_sh] : 0.0f;
+  // acc[m]: Σ w · scale · code / Codes::code_unit(e) of elements g · D / 8 + {2m, 2m + 1} (rows
+  // g, g + 8 of row tile m) for heads 2t, 2t + 1: {(2m, 2t), (2m, 2t + 1), (2m + 1, 2t),
+  // (2m + 1, 2t + 1)}
+  float acc[Layout::kTiles][4];
 #pragma unroll
-  for (int h = 0; h < GS; ++h) {
+  for (int m = 0; m < Layout::kTiles; ++m) {
 #pragma unroll
-    for (int e = 0; e < kTailVec; ++e) acc[h][e] = 0.0f;
+    for (int r = 0; r < 4; ++r) acc[m][r] = 0.0f;
   }
-  float min_sum = 0.0f;  // Σ w · min of the pairs this lane weighs (head my_head)
+  float min_sum = 0.0f;  // Σ w · min of the pairs this lane weighs (head g)
   __syncthreads();  // the bitmap is complete
 
-  // this lane's codes: Bits · kTailVec bits from byte sub · kTailVec · Bits / 8 of a code row,
-  // inside the aligned 4-byte word at code_byte & ~3 (code rows are 16-byte aligned)
-  const int code_byte = sub * kTailVec * Bits / 8;
-  const int code_shift = (code_byte & 3) * 8;
-  const uint8_t* cb = p.codes + b * p.c_sb + kvh * p.c_sh + (code_byte & ~3);
+  // this lane's codes: from bit g · kBitOffset of a code row, inside the aligned 4-byte word at
+  // byte (g · kBitOffset / 32) · 4 (code rows are 16-byte aligned)
+  const int code_shift = g * Layout::kBitOffset % 32;
+  const uint8_t* cb = p.codes + b * p.c_sb + kvh * p.c_sh + g * Layout::kBitOffset / 32 * 4;
   const uint32_t* mb = p.meta + b * p.m_sb + kvh * p.m_sh;
-  // the score row of the head whose weights this lane computes (head h0 for a lane without one:
-  // never copied)
-  const float* srow = p.scores + b * p.s_sb + (h0 + (has_head ? my_head : 0)) * p.s_sh;
-  constexpr int kKeysPerIter = tail_keys_per_iter<D>();
-  // This lane's first row (key j of u = 0) in each iteration; the rows of u > 0 follow at
-  // u · kKeysPerLoad keys. Code and meta rows advance by pointer steps, not a 64-bit multiply per
-  // load.
-  const int first_key = warp * kTailUnroll * kKeysPerLoad + kslot;
+  // the score row of the head this lane weighs (head h0 for a lane without one: never copied)
+  const float* srow = p.scores + b * p.s_sb + (h0 + (has_head ? g : 0)) * p.s_sh;
+  constexpr int kKeysPerIter = Layout::kBlockKeys;
+  // This lane's first key in each iteration; slot u is 4u keys further. Code and meta rows
+  // advance by pointer steps, not a 64-bit multiply per load.
+  const int first_key = warp * Layout::kWarpKeys + t;
   const int64_t row0 = chunk_begin + first_key;
-  const int64_t c_step = kKeysPerLoad * p.c_ss, m_step = kKeysPerLoad * p.m_ss;  // row u -> u + 1
-  // the next iteration to stage: this lane's rows of u = 0
+  const int64_t c_step = 4 * p.c_ss, m_step = 4 * p.m_ss;  // slot u -> u + 1
+  // the next iteration to stage: this lane's key of slot 0
   const uint8_t* crow = cb + row0 * p.c_ss;
   const uint32_t* mrow = mb + row0 * p.m_ss;
   // Code words, meta words and scores staged through shared memory by asynchronous copies,
@@ -238,7 +242,7 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
 #pragma unroll
   for (int st = 0; st < kTailStages; ++st) {
 #pragma unroll
-    for (int u = 0; u < kTailUnroll; ++u) {
+    for (int u = 0; u < kTailCodeWords; ++u) {
       sh.stage.code[st][u][threadIdx.x] = 0u;
       sh.stage.meta[st][u][threadIdx.x] = 0u;
       sh.stage.score[st][u][threadIdx.x] = 0.0f;
@@ -248,68 +252,65 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
        ++st, crow += kKeysPerIter * p.c_ss, mrow += kKeysPerIter * p.m_ss) {
     const int ahead = chunk_begin + st * kKeysPerIter;
     if (ahead < chunk_end)
-      stage_tail_rows(sh.stage, st, crow, c_step, mrow, m_step, srow, p.s_ss, ahead + first_key,
-                      kKeysPerLoad, chunk_end, kGroups, kJoint, my_joint, has_head);
+      stage_tail_rows<Layout>(sh.stage, st, crow, c_step, mrow, m_step, srow, p.s_ss,
+                              ahead + first_key, chunk_end, has_head);
     __pipeline_commit();  // an empty group past the chunk keeps the wait counts uniform
   }
   int slot = 0;  // the stage this iteration weights
-  // Block-uniform loop: every lane takes part in every shuffle.
+  // Block-uniform loop: every lane takes part in every mma.
   for (int base = chunk_begin; base < chunk_end;
        base += kKeysPerIter, crow += kKeysPerIter * p.c_ss, mrow += kKeysPerIter * p.m_ss) {
     const int ahead = base + (kTailStages - 1) * kKeysPerIter;
     const int fill = slot == 0 ? kTailStages - 1 : slot - 1;  // weighted in the last iteration
     if (ahead < chunk_end)
-      stage_tail_rows(sh.stage, fill, crow, c_step, mrow, m_step, srow, p.s_ss,
-                      ahead + first_key, kKeysPerLoad, chunk_end, kGroups, kJoint, my_joint,
-                      has_head);
+      stage_tail_rows<Layout>(sh.stage, fill, crow, c_step, mrow, m_step, srow, p.s_ss,
+                              ahead + first_key, chunk_end, has_head);
     __pipeline_commit();
     __pipeline_wait_prior(kTailStages - 1);  // this iteration's rows have landed
-    uint32_t code[kTailUnroll], meta[kGroups];
-    float score[kGroups];
+    uint32_t code[kTailCodeWords];
 #pragma unroll
-    for (int u = 0; u < kTailUnroll; ++u)
-      code[u] = sh.stage.code[slot][u][threadIdx.x] >> code_shift;
+    for (int w = 0; w < kTailCodeWords; ++w)
+      code[w] = sh.stage.code[slot][w][threadIdx.x] >> code_shift;
+    // This lane's (key, head g) weights w = exp(s - lse), 0 where the head selected the key or
+    // it is not valid, as w · scale split into two tf32 parts (the mma's B operand).
+    uint2 ws[Layout::kSlots];
 #pragma unroll
-    for (int g = 0; g < kGroups; ++g) {
-      score[g] = sh.stage.score[slot][g][threadIdx.x];
-      meta[g] = sh.stage.meta[slot][g][threadIdx.x];
+    for (int u = 0; u < Layout::kSlots; ++u) {
+      const int j = base + first_key + 4 * u;
+      float w = 0.0f;
+      if (has_head && j < chunk_end) {
+        const int bit = j - chunk_begin;
+        if (((selected[g][bit / 32] >> (bit % 32)) & 1u) == 0u) {
+          const float e = exp2f((sh.stage.score[slot][u][threadIdx.x] - my_lse) * kLog2e);
+          w = e > 0.0f ? fminf(e, FLT_MAX) : 0.0f;  // NaN -> 0
+        }
+      }
+      float w_scale = 0.0f;  // a weight of 0 never meets the row's meta (NaN past L_b)
+      if (w != 0.0f) {
+        const uint32_t meta = sh.stage.meta[slot][u][threadIdx.x];
+        w_scale = w * __uint_as_float(meta << 16);                        // the bfloat16 scale
+        min_sum = fmaf(w, __uint_as_float(meta & 0xffff0000u), min_sum);  // and min
+      }
+      ws[u] = split_tf32(w_scale);
     }
     slot = slot == kTailStages - 1 ? 0 : slot + 1;
 #pragma unroll
-    for (int g = 0; g < kGroups; ++g) {
-      // This lane's (key my_joint of the group, head my_head) pair: its weight, computed once.
-      const int my_j = base + first_key + (g * kJoint + my_joint) * kKeysPerLoad;
-      float my_w = 0.0f;  // exp(s - lse), 0 where the head selected the key or it is not valid
-      if (has_head && my_j < chunk_end) {
-        const int bit = my_j - chunk_begin;
-        if (((selected[my_head][bit / 32] >> (bit % 32)) & 1u) == 0u) {
-          const float e = exp2f((score[g] - my_lse) * kLog2e);
-          my_w = e > 0.0f ? fminf(e, FLT_MAX) : 0.0f;  // NaN -> 0
-        }
-      }
-      float my_ws = 0.0f;  // w · scale; a weight of 0 never meets the row's meta (NaN past L_b)
-      if (my_w != 0.0f) {
-        my_ws = my_w * __uint_as_float(meta[g] << 16);  // the bfloat16 scale
-        if (adds_min) min_sum = fmaf(my_w, __uint_as_float(meta[g] & 0xffff0000u), min_sum);
-      }
+    for (int ks = 0; ks < Layout::kKeySteps; ++ks) {
+      const uint32_t b_hi[2] = {ws[2 * ks].x, ws[2 * ks + 1].x};
+      const uint32_t b_lo[2] = {ws[2 * ks].y, ws[2 * ks + 1].y};
 #pragma unroll
-      for (int t = 0; t < kJoint; ++t) {
-        const int u = g * kJoint + t;
-        float ws[GS];  // each head's w · scale of key u, from the lanes that computed them
-        bool any = false;
+      for (int w = 0; w < Layout::kKeyWords; ++w) {
+        // the word's codes for keys t and t + 4 of the step (slots 2ks, 2ks + 1)
+        const uint2 key_t = Codes::exponent_bits(code[(2 * ks) * Layout::kKeyWords + w]);
+        const uint2 key_t4 = Codes::exponent_bits(code[(2 * ks + 1) * Layout::kKeyWords + w]);
+        constexpr int kTilesPerWord = Layout::kTiles / Layout::kKeyWords;
 #pragma unroll
-        for (int h = 0; h < GS; ++h) {
-          ws[h] = __shfl_sync(kFullMask, my_ws, key_lane0 + (t * GS + h) * kDup);
-          any = any || ws[h] != 0.0f;
-        }
-        if (any) {
-          const uint2 halves = Codes::exponent_bits(code[u]);
-#pragma unroll
-          for (int e = 0; e < kTailVec; ++e) {
-            const float c = Codes::value(halves, e);  // code · 2^-(its code_unit)
-#pragma unroll
-            for (int h = 0; h < GS; ++h) acc[h][e] = fmaf(ws[h], c, acc[h][e]);
-          }
+        for (int mw = 0; mw < kTilesPerWord; ++mw) {
+          const int e = 2 * mw;  // the word's codes e, e + 1 are rows g, g + 8 of the tile
+          const uint32_t a[4] = {Codes::value(key_t, e), Codes::value(key_t, e + 1),
+                                 Codes::value(key_t4, e), Codes::value(key_t4, e + 1)};
+          mma_tf32_m16n8k8(acc[w * kTilesPerWord + mw], a, b_hi);
+          mma_tf32_m16n8k8(acc[w * kTilesPerWord + mw], a, b_lo);
         }
       }
     }
@@ -318,42 +319,29 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   __pipeline_wait_prior(0);
   __syncthreads();  // every warp is done with the stages before they hold the warps' sums
 
-  // Each head's Σ w · min over the warp, added once to each element (on the lanes of key slot 0);
-  // then the key slots of each warp are summed (lanes with the same `sub`), then the warps in
-  // order.
+  // Each head's Σ w · min over the warp (the lanes (h, t) weigh head h), added once to each of
+  // its elements; each (head, element) of the warp is held by one lane. Then the warps in order.
+  min_sum += __shfl_xor_sync(kFullMask, min_sum, 1);
+  min_sum += __shfl_xor_sync(kFullMask, min_sum, 2);
+  const float mins[2] = {__shfl_sync(kFullMask, min_sum, 4 * (2 * t)),
+                         __shfl_sync(kFullMask, min_sum, 4 * (2 * t + 1))};
 #pragma unroll
-  for (int h = 0; h < GS; ++h) {
-    float mins = has_head && my_head == h ? min_sum : 0.0f;
+  for (int m = 0; m < Layout::kTiles; ++m) {
 #pragma unroll
-    for (int off = 1; off < 32; off <<= 1) mins += __shfl_xor_sync(kFullMask, mins, off);
-#pragma unroll
-    for (int e = 0; e < kTailVec; ++e)
-      acc[h][e] = kslot == 0 ? fmaf(acc[h][e], Codes::code_unit(e), mins)
-                             : acc[h][e] * Codes::code_unit(e);
-  }
-#pragma unroll
-  for (int h = 0; h < GS; ++h) {
-#pragma unroll
-    for (int e = 0; e < kTailVec; ++e) {
-#pragma unroll
-      for (int off = kLanesPerKey; off < 32; off <<= 1)
-        acc[h][e] += __shfl_xor_sync(kFullMask, acc[h][e], off);
-    }
-  }
-  if (kslot == 0) {
-#pragma unroll
-    for (int h = 0; h < GS; ++h) {
-#pragma unroll
-      for (int e = 0; e < kTailVec; ++e) sh.partial[warp][h][sub * kTailVec + e] = acc[h][e];
+    for (int r = 0; r < 4; ++r) {
+      const int e = 2 * m + r / 2, h = 2 * t + r % 2;  // code e of the lane, head h
+      if (h < gs)
+        sh.partial[warp][h][g * Layout::kCodes + e] =
+            fmaf(acc[m][r], Codes::code_unit(e % Codes::kPerWord), mins[r % 2]);
     }
   }
   __syncthreads();
   // head h of this block: [D] at out + h * num_chunks * D
   float* out = p.partials + ((static_cast<int64_t>(b) * p.hq + h0) * p.num_chunks + blockIdx.x) * D;
-  for (int t = threadIdx.x; t < gs * D; t += kTailThreads) {
-    float sum = sh.partial[0][t / D][t % D];
-    for (int w = 1; w < kWarps; ++w) sum += sh.partial[w][t / D][t % D];
-    out[static_cast<int64_t>(t / D) * p.num_chunks * D + t % D] = sum;
+  for (int i = threadIdx.x; i < gs * D; i += kTailThreads) {
+    float sum = sh.partial[0][i / D][i % D];
+    for (int w = 1; w < kWarps; ++w) sum += sh.partial[w][i / D][i % D];
+    out[static_cast<int64_t>(i / D) * p.num_chunks * D + i % D] = sum;
   }
 }
 
