@@ -985,6 +985,26 @@ def test_lowbit_tail_skipped_keys(race_exe, skip_first, skip_last):
     check_lowbit_tail(*args, 2, out, skip_first, skip_last)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_lowbit_tail_v_near_the_float_range(race_exe, bits):
+    """V rows up to ±3.4e38 (scales near 2^126, so w · scale spans the float range): the tensor
+    cores' two tf32 parts of w · scale keep the tail finite and within float32 rounding of the
+    reference's, as on the CPU (test_lowbit_tail.test_v_near_the_float_range_gives_a_finite_tail)."""
+    B, Hkv, G, S, D, n = 2, 1, 3, 300, 128, 16
+    q, k, seq_lens, _, _ = make_lowbit_case(B, Hkv, G, S, D, bits, torch.float32, "cpu",
+                                            [300, 177])
+    top = torch.finfo(torch.float32).max
+    v = (torch.rand(B, Hkv, S, D) * 2 - 1) * top  # [B, Hkv, S, D]
+    v[:, :, ::3] = torch.randn(B, Hkv, (S + 2) // 3, D)  # some rows of ordinary values
+    codes, meta = R.quantize_rows(v, bits)
+    _, indices, lse = R.qk_topn(q, k, seq_lens, n, 0.1)
+    scores, _ = lowbit_reference_scores(q, k, seq_lens, 0.1)
+    out = run_lowbit_tail(race_exe, scores, seq_lens, lse, indices, codes, meta, bits)
+    assert out.isfinite().all()
+    ref = R.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits)
+    torch.testing.assert_close(out, ref, atol=2.0 ** 126 * 1e-5, rtol=1e-5)
+
+
 def test_lowbit_tail_arbitrary_indices(race_exe):
     """Indices repeated, -1, in [L_b, S), >= S and < -1 (the last two rejected by the launcher
     outside graph capture): only the valid ones in [0, L_b) are left out, nothing else is read."""

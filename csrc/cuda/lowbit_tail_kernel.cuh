@@ -294,25 +294,33 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
       ws[u] = split_tf32(w_scale);
     }
     slot = slot == kTailStages - 1 ? 0 : slot + 1;
+    // The codes' words with their exponent fields set (per slot and word).
+    uint2 halves[kTailCodeWords];
 #pragma unroll
-    for (int ks = 0; ks < Layout::kKeySteps; ++ks) {
-      const uint32_t b_hi[2] = {ws[2 * ks].x, ws[2 * ks + 1].x};
-      const uint32_t b_lo[2] = {ws[2 * ks].y, ws[2 * ks + 1].y};
+    for (int w = 0; w < kTailCodeWords; ++w) halves[w] = Codes::exponent_bits(code[w]);
+    // Row tile by row tile, this iteration's k-steps into a fresh fragment, then added to the
+    // running sums in float32: the tensor cores add within an mma with truncation, so a chunk's
+    // 100s of mma into one fragment would drift (up to ~1e-4); a few per fragment do not.
 #pragma unroll
-      for (int w = 0; w < Layout::kKeyWords; ++w) {
-        // the word's codes for keys t and t + 4 of the step (slots 2ks, 2ks + 1)
-        const uint2 key_t = Codes::exponent_bits(code[(2 * ks) * Layout::kKeyWords + w]);
-        const uint2 key_t4 = Codes::exponent_bits(code[(2 * ks + 1) * Layout::kKeyWords + w]);
-        constexpr int kTilesPerWord = Layout::kTiles / Layout::kKeyWords;
+    for (int m = 0; m < Layout::kTiles; ++m) {
+      constexpr int kTilesPerWord = Layout::kTiles / Layout::kKeyWords;
+      const int w = m / kTilesPerWord, e = 2 * (m % kTilesPerWord);  // the word; its codes e,
+                                                                      // e + 1: rows g, g + 8
+      float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-        for (int mw = 0; mw < kTilesPerWord; ++mw) {
-          const int e = 2 * mw;  // the word's codes e, e + 1 are rows g, g + 8 of the tile
-          const uint32_t a[4] = {Codes::value(key_t, e), Codes::value(key_t, e + 1),
-                                 Codes::value(key_t4, e), Codes::value(key_t4, e + 1)};
-          mma_tf32_m16n8k8(acc[w * kTilesPerWord + mw], a, b_hi);
-          mma_tf32_m16n8k8(acc[w * kTilesPerWord + mw], a, b_lo);
-        }
+      for (int ks = 0; ks < Layout::kKeySteps; ++ks) {
+        // keys t and t + 4 of the step: slots 2ks and 2ks + 1
+        const uint2 key_t = halves[(2 * ks) * Layout::kKeyWords + w];
+        const uint2 key_t4 = halves[(2 * ks + 1) * Layout::kKeyWords + w];
+        const uint32_t a[4] = {Codes::value(key_t, e), Codes::value(key_t, e + 1),
+                               Codes::value(key_t4, e), Codes::value(key_t4, e + 1)};
+        const uint32_t b_hi[2] = {ws[2 * ks].x, ws[2 * ks + 1].x};
+        const uint32_t b_lo[2] = {ws[2 * ks].y, ws[2 * ks + 1].y};
+        mma_tf32_m16n8k8(part, a, b_hi);
+        mma_tf32_m16n8k8(part, a, b_lo);
       }
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[m][r] += part[r];
     }
   }
 
