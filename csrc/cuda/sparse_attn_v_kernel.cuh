@@ -2,13 +2,13 @@
 // pinned, device-mapped host memory (bytes and design: bench/NOTES.md), plus the mean tail
 // c_h · (v_sum[b, h / G] - sum_valid V[b, h / G, idx_i]) when v_sum is given.
 //
-// One block per (KV head, slice of <= GS query heads of its group, sequence). The block turns each
-// head's N scores into softmax statistics (renormalize: max and sum over the valid entries; else
-// the given lse) and, with the tail, its factor c_h = max(0, 1 - sum_i p_i) / (L_b - n_h) (0 when
-// L_b <= n_h, n_h the valid entries), while its first host rows are in flight: the rows to read
-// depend on the indices only. The tail is folded into the row weights: each valid row of head h
-// weighs p_i - c_h and c_h · v_sum is added at the end, so the unweighted sum of the selected rows
-// comes from the same reads (no second pass over host memory).
+// One block per (KV head, slice of <= GS query heads of its group, sequence). The block first turns
+// each head's N scores into softmax statistics, one warp per head and all heads at once
+// (renormalize: max and sum over the valid entries; else the given lse) and, with the tail, its
+// factor c_h = max(0, 1 - sum_i p_i) / (L_b - n_h) (0 when L_b <= n_h, n_h the valid entries).
+// The tail is folded into the row weights: each valid row of head h weighs p_i - c_h and
+// c_h · v_sum is added at the end, so the unweighted sum of the selected rows comes from the same
+// reads (no second pass over host memory).
 //
 // The rows to read form one list, each row with the heads that read it (a bit mask) and their
 // weights:
@@ -21,10 +21,9 @@
 //   * otherwise the gs · N rows of the heads one after another, each for its own head.
 // A head only ever accumulates rows whose bit it holds: a row another head chose is never
 // multiplied by a 0 weight (inf · 0 = NaN). A NaN weight counts 0, as in the reference.
-// The list is read in tiles of attn_tile_rows() rows: the block stages each tile's row numbers and
-// masks in shared memory, every thread issues its kAttnUnroll 16-byte row loads (32 KiB per block
-// in flight), and while they travel the block stages the tile's per-head weights (exp once per
-// head and entry; the statistics first, in the first tile); then each thread uses its rows. All
+// The list is read in tiles of attn_tile_rows() rows: the block stages each tile's row numbers,
+// masks and per-head weights (exp once per head and entry) in shared memory, then every thread
+// issues its kAttnUnroll 16-byte row loads (32 KiB per block in flight) before it uses any, so all
 // heads of a slice share one pipelined pass. kLanesPerRow lanes cover a row. Each thread
 // accumulates its rows in list order and the partial sums are reduced across lanes and warps in a
 // fixed order (deterministic, no atomics); only out [B, Hq, D] is written.
@@ -162,8 +161,6 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
   __shared__ float stat_bias[GS];   // p = exp(s - bias) * mult
   __shared__ float stat_mult[GS];
   __shared__ float stat_tail[GS];   // the mean tail's c_h, 0 without a tail
-  __shared__ float red[kWarps];
-  __shared__ float red_count[kWarps];
   __shared__ int warp_total[kWarps];
   __shared__ AttnTile<GS, kTile> tile;
   __shared__ AttnScratch<GS, D> scratch;  // the row union, then the warps' partial sums
@@ -182,87 +179,62 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
     return j >= 0 && j < p.s;
   };
 
+  // Softmax statistics, one warp per head (heads warp, warp + kWarps, ...), all heads at once:
+  // lane-strided passes over the head's N entries and warp reductions, no block barrier (the
+  // __syncthreads_and below publishes them).
+  for (int h = warp; h < gs; h += kWarps) {
+    float bias, mult;
+    if (p.renormalize) {
+      float m = -INFINITY;
+      for (int i = lane; i < p.n; i += 32)
+        if (valid_index(h, i)) m = fmaxf(m, sc[h * p.sc_sh + i * p.sc_sn]);
+      m = warp_max(m);
+      float l = 0.0f;
+      if (m != -INFINITY) {
+        for (int i = lane; i < p.n; i += 32)
+          if (valid_index(h, i)) l += expf(sc[h * p.sc_sh + i * p.sc_sn] - m);
+      }
+      l = warp_sum(l);
+      bias = m;
+      mult = m == -INFINITY ? 0.0f : 1.0f / l;  // no valid entry: zeros
+    } else {
+      bias = p.lse[b * p.lse_sb + (h0 + h) * p.lse_sh];
+      mult = 1.0f;
+    }
+    float tail = 0.0f;
+    if (p.v_sum != nullptr) {  // renormalize is false: weights exp(s - lse)
+      float mass = 0.0f, count = 0.0f;  // sum_i p_i and n_h (exact in float for n < 2^24)
+      for (int i = lane; i < p.n; i += 32) {
+        if (!valid_index(h, i)) continue;
+        count += 1.0f;
+        const float sv = sc[h * p.sc_sh + i * p.sc_sn];
+        if (sv != -INFINITY) mass += reference_weight(expf(sv - bias));
+      }
+      mass = warp_sum(mass);
+      count = warp_sum(count);
+      const int len = min(max(p.seq_lens[b * p.seq_stride], 0), p.s);  // L_b clamped to [0, S]
+      const int rest = len - static_cast<int>(count);                   // rows not selected
+      tail = rest > 0 ? fmaxf(0.0f, 1.0f - mass) / static_cast<float>(rest) : 0.0f;
+    }
+    if (lane == 0) {
+      stat_bias[h] = bias;
+      stat_mult[h] = mult;
+      stat_tail[h] = tail;
+    }
+  }
   // Do all heads of the slice share their index rows (group_select)?
   bool same = true;
   for (int i = threadIdx.x; i < p.n; i += kAttnThreads) {
     const int j0 = ix[i * p.ix_sn];
     for (int h = 1; h < gs; ++h) same = same && ix[h * p.ix_sh + i * p.ix_sn] == j0;
   }
-  const bool shared_rows = __syncthreads_and(same);
+  const bool shared_rows = __syncthreads_and(same);  // also publishes stat_bias / _mult / _tail
 
   // Per head: the distinct rows of the slice, each read once for the heads that chose it, when
   // the union fits in shared memory (a single head has no other head's rows to share).
   const bool row_union = !shared_rows && gs > 1 && p.n <= kAttnUnionCap / gs;
   const int distinct =
       row_union ? build_row_union(ix, p.ix_sh, p.ix_sn, gs, p.n, p.s, scratch.rows, warp_total) : 0;
-
-  // Softmax statistics per head into stat_bias / _mult / _tail; every thread calls it, it ends
-  // with a barrier that publishes them.
-  auto softmax_stats = [&] {
-    for (int h = 0; h < gs; ++h) {
-      float bias, mult;
-      if (p.renormalize) {
-        float m = -INFINITY;
-        for (int i = threadIdx.x; i < p.n; i += kAttnThreads)
-          if (valid_index(h, i)) m = fmaxf(m, sc[h * p.sc_sh + i * p.sc_sn]);
-        m = warp_max(m);
-        if (lane == 0) red[warp] = m;
-        __syncthreads();
-        m = red[0];
-        for (int w = 1; w < kWarps; ++w) m = fmaxf(m, red[w]);
-        __syncthreads();
-        float l = 0.0f;
-        if (m != -INFINITY) {
-          for (int i = threadIdx.x; i < p.n; i += kAttnThreads)
-            if (valid_index(h, i)) l += expf(sc[h * p.sc_sh + i * p.sc_sn] - m);
-        }
-        l = warp_sum(l);
-        if (lane == 0) red[warp] = l;
-        __syncthreads();
-        l = red[0];
-        for (int w = 1; w < kWarps; ++w) l += red[w];
-        __syncthreads();
-        bias = m;
-        mult = m == -INFINITY ? 0.0f : 1.0f / l;  // no valid entry: zeros
-      } else {
-        bias = p.lse[b * p.lse_sb + (h0 + h) * p.lse_sh];
-        mult = 1.0f;
-      }
-      float tail = 0.0f;
-      if (p.v_sum != nullptr) {  // renormalize is false: weights exp(s - lse)
-        float mass = 0.0f, count = 0.0f;  // sum_i p_i and n_h (exact in float for n < 2^24)
-        for (int i = threadIdx.x; i < p.n; i += kAttnThreads) {
-          if (!valid_index(h, i)) continue;
-          count += 1.0f;
-          const float sv = sc[h * p.sc_sh + i * p.sc_sn];
-          if (sv != -INFINITY) mass += reference_weight(expf(sv - bias));
-        }
-        mass = warp_sum(mass);
-        count = warp_sum(count);
-        if (lane == 0) {
-          red[warp] = mass;
-          red_count[warp] = count;
-        }
-        __syncthreads();
-        mass = red[0];
-        count = red_count[0];
-        for (int w = 1; w < kWarps; ++w) {
-          mass += red[w];
-          count += red_count[w];
-        }
-        __syncthreads();
-        const int len = min(max(p.seq_lens[b * p.seq_stride], 0), p.s);  // L_b clamped to [0, S]
-        const int rest = len - static_cast<int>(count);                   // rows not selected
-        tail = rest > 0 ? fmaxf(0.0f, 1.0f - mass) / static_cast<float>(rest) : 0.0f;
-      }
-      if (threadIdx.x == 0) {
-        stat_bias[h] = bias;
-        stat_mult[h] = mult;
-        stat_tail[h] = tail;
-      }
-    }
-    __syncthreads();
-  };
 
   // Weight of head h for entry i of its selection: 0 for padding and out-of-range rows; else
   // p_i - c_h, p_i = 0 for a -inf score.
@@ -272,14 +244,20 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
     const float pv = sv == -INFINITY ? 0.0f : expf(sv - stat_bias[h]) * stat_mult[h];
     return reference_weight(pv) - stat_tail[h];
   };
-  // Entry e of the row list into tile slot t: its row and the heads that read it. Shared rows:
-  // entry e of every head. Row union: the e-th distinct row, for the heads with an entry on it.
-  // Else: entry e % n of head e / n, for that head alone.
-  auto stage_row = [&](int t, int e) {
+  // Entry e of the row list into tile slot t. Shared rows: entry e of every head. Row union: the
+  // e-th distinct row, weighted for each head by the sum over its entries that chose the row (in
+  // entry order). Else: entry e % n of head e / n, for that head alone.
+  auto stage_entry = [&](int t, int e) {
     if (row_union) {
       const RowUnion& u = scratch.rows;
+#pragma unroll
+      for (int h = 0; h < GS; ++h) tile.weight[h][t] = 0.0f;
       unsigned mask = 0;
-      for (int k = u.start[e]; k < u.start[e + 1]; ++k) mask |= 1u << key_head(u.key[k]);
+      for (int k = u.start[e]; k < u.start[e + 1]; ++k) {  // the run of keys of this row
+        const int h = key_head(u.key[k]);
+        mask |= 1u << h;
+        tile.weight[h][t] += weight(h, key_entry(u.key[k]));
+      }
       tile.row[t] = key_row(u.key[u.start[e]]);
       tile.mask[t] = mask;
       return;
@@ -288,22 +266,6 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
     const bool valid = valid_index(src, i);
     tile.row[t] = valid ? ix[src * p.ix_sh + i * p.ix_sn] : -1;
     tile.mask[t] = !valid ? 0u : shared_rows ? (1u << gs) - 1 : 1u << src;
-  };
-  // The heads' weights of entry e in slot t (after the statistics): in the row union a head's
-  // weight sums its entries that chose the row (in entry order); 0 for the heads that do not read
-  // it.
-  auto stage_weights = [&](int t, int e) {
-    if (row_union) {
-      const RowUnion& u = scratch.rows;
-#pragma unroll
-      for (int h = 0; h < GS; ++h) tile.weight[h][t] = 0.0f;
-      for (int k = u.start[e]; k < u.start[e + 1]; ++k) {  // the run of keys of this row
-        const int h = key_head(u.key[k]);
-        tile.weight[h][t] += weight(h, key_entry(u.key[k]));
-      }
-      return;
-    }
-    const int src = shared_rows ? 0 : e / p.n, i = shared_rows ? e : e % p.n;
 #pragma unroll
     for (int h = 0; h < GS; ++h) {
       const bool reads = h < gs && (shared_rows || h == src);
@@ -321,14 +283,11 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
     for (int e = 0; e < kVec; ++e) acc[h][e] = 0.0f;
   }
 
-  // Each tile: its rows staged, their host loads issued, and only then what the loads need not
-  // wait for — the statistics (first tile) and the weights — computed while the rows are on their
-  // way over PCIe. The first tile always runs, so that an empty list still has its statistics.
   const int entries = shared_rows ? p.n : row_union ? distinct : gs * p.n;  // the row list
-  for (int base = 0; base == 0 || base < entries; base += kTile) {  // block-uniform loop
+  for (int base = 0; base < entries; base += kTile) {  // block-uniform loop
     for (int t = threadIdx.x; t < kTile; t += kAttnThreads) {
       if (base + t < entries) {
-        stage_row(t, base + t);
+        stage_entry(t, base + t);
       } else {
         tile.row[t] = -1;
         tile.mask[t] = 0;
@@ -341,10 +300,6 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
       const int j = tile.row[(warp * kAttnUnroll + u) * kRowsPerLoad + rslot];
       raw[u] = j >= 0 ? load16(vb + static_cast<int64_t>(j) * p.v_ss) : make_uint4(0, 0, 0, 0);
     }
-    if (base == 0) softmax_stats();
-    for (int t = threadIdx.x; t < kTile && base + t < entries; t += kAttnThreads)
-      stage_weights(t, base + t);
-    __syncthreads();
 #pragma unroll
     for (int u = 0; u < kAttnUnroll; ++u) {
       const int t = (warp * kAttnUnroll + u) * kRowsPerLoad + rslot;
