@@ -207,6 +207,7 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   }
 
   const bool has_head = g < gs;
+  const int head_row = has_head ? g : 0;  // the bitmap row this lane reads
   const float my_lse = has_head ? p.lse[b * p.lse_sb + (h0 + g) * p.lse_sh] : 0.0f;
   // acc[m]: Σ w · scale · code / Codes::code_unit(e) of elements g · D / 8 + {2m, 2m + 1} (rows
   // g, g + 8 of row tile m) for heads 2t, 2t + 1: {(2m, 2t), (2m, 2t + 1), (2m + 1, 2t),
@@ -276,21 +277,21 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
     uint2 ws[Layout::kSlots];
 #pragma unroll
     for (int u = 0; u < Layout::kSlots; ++u) {
+      // Branch-free, so that the slots' shared-memory reads overlap: every read is of a written
+      // slot (the stages start zeroed), and selects keep what an invalid one gives out.
       const int j = base + first_key + 4 * u;
-      float w = 0.0f;
-      if (has_head && j < chunk_end) {
-        const int bit = j - chunk_begin;
-        if (((selected[g][bit / 32] >> (bit % 32)) & 1u) == 0u) {
-          const float e = exp2f((sh.stage.score[slot][u][threadIdx.x] - my_lse) * kLog2e);
-          w = e > 0.0f ? fminf(e, FLT_MAX) : 0.0f;  // NaN -> 0
-        }
-      }
-      float w_scale = 0.0f;  // a weight of 0 never meets the row's meta (NaN past L_b)
-      if (w != 0.0f) {
-        const uint32_t meta = sh.stage.meta[slot][u][threadIdx.x];
-        w_scale = w * __uint_as_float(meta << 16);                        // the bfloat16 scale
-        min_sum = fmaf(w, __uint_as_float(meta & 0xffff0000u), min_sum);  // and min
-      }
+      const bool valid = has_head && j < chunk_end;
+      const int bit = valid ? j - chunk_begin : 0;
+      const uint32_t word = selected[head_row][bit / 32];
+      const float score = sh.stage.score[slot][u][threadIdx.x];
+      const uint32_t meta = sh.stage.meta[slot][u][threadIdx.x];
+      const float e = exp2f((score - my_lse) * kLog2e);
+      // not selected, and a weight above 0 (a NaN one counts 0)
+      const bool take = valid && ((word >> (bit % 32)) & 1u) == 0u && e > 0.0f;
+      const float w = take ? fminf(e, FLT_MAX) : 0.0f;
+      // a weight of 0 never meets the row's meta (NaN past L_b, or a NaN row)
+      const float w_scale = take ? w * __uint_as_float(meta << 16) : 0.0f;  // the bf16 scale
+      min_sum = take ? fmaf(w, __uint_as_float(meta & 0xffff0000u), min_sum) : min_sum;  // min
       ws[u] = split_tf32(w_scale);
     }
     slot = slot == kTailStages - 1 ? 0 : slot + 1;

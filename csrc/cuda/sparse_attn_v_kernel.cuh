@@ -179,6 +179,16 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
     return j >= 0 && j < p.s;
   };
 
+  // Entry i of head h: its score, and whether its row is valid; both loads are made whatever the
+  // index (a padding entry has a score too), so a lane's loads of several entries overlap.
+  auto entry = [&](int h, int i, bool& valid) {
+    const int j = ix[h * p.ix_sh + i * p.ix_sn];
+    valid = j >= 0 && j < p.s;
+    return sc[h * p.sc_sh + i * p.sc_sn];
+  };
+  // L_b clamped to [0, S], for the mean tail
+  const int len = p.v_sum != nullptr ? min(max(p.seq_lens[b * p.seq_stride], 0), p.s) : 0;
+
   // Softmax statistics, one warp per head (heads warp, warp + kWarps, ...), all heads at once:
   // lane-strided passes over the head's N entries and warp reductions, no block barrier (the
   // __syncthreads_and below publishes them).
@@ -186,13 +196,19 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
     float bias, mult;
     if (p.renormalize) {
       float m = -INFINITY;
-      for (int i = lane; i < p.n; i += 32)
-        if (valid_index(h, i)) m = fmaxf(m, sc[h * p.sc_sh + i * p.sc_sn]);
+      for (int i = lane; i < p.n; i += 32) {
+        bool valid;
+        const float sv = entry(h, i, valid);
+        m = valid ? fmaxf(m, sv) : m;
+      }
       m = warp_max(m);
       float l = 0.0f;
       if (m != -INFINITY) {
-        for (int i = lane; i < p.n; i += 32)
-          if (valid_index(h, i)) l += expf(sc[h * p.sc_sh + i * p.sc_sn] - m);
+        for (int i = lane; i < p.n; i += 32) {
+          bool valid;
+          const float sv = entry(h, i, valid);
+          l += valid ? expf(sv - m) : 0.0f;
+        }
       }
       l = warp_sum(l);
       bias = m;
@@ -205,14 +221,13 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
     if (p.v_sum != nullptr) {  // renormalize is false: weights exp(s - lse)
       float mass = 0.0f, count = 0.0f;  // sum_i p_i and n_h (exact in float for n < 2^24)
       for (int i = lane; i < p.n; i += 32) {
-        if (!valid_index(h, i)) continue;
-        count += 1.0f;
-        const float sv = sc[h * p.sc_sh + i * p.sc_sn];
-        if (sv != -INFINITY) mass += reference_weight(expf(sv - bias));
+        bool valid;
+        const float sv = entry(h, i, valid);
+        count += valid ? 1.0f : 0.0f;
+        mass += valid && sv != -INFINITY ? reference_weight(expf(sv - bias)) : 0.0f;
       }
       mass = warp_sum(mass);
       count = warp_sum(count);
-      const int len = min(max(p.seq_lens[b * p.seq_stride], 0), p.s);  // L_b clamped to [0, S]
       const int rest = len - static_cast<int>(count);                   // rows not selected
       tail = rest > 0 ? fmaxf(0.0f, 1.0f - mass) / static_cast<float>(rest) : 0.0f;
     }
@@ -226,7 +241,7 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
   bool same = true;
   for (int i = threadIdx.x; i < p.n; i += kAttnThreads) {
     const int j0 = ix[i * p.ix_sn];
-    for (int h = 1; h < gs; ++h) same = same && ix[h * p.ix_sh + i * p.ix_sn] == j0;
+    for (int h = 1; h < gs; ++h) same &= ix[h * p.ix_sh + i * p.ix_sn] == j0;  // loads overlap
   }
   const bool shared_rows = __syncthreads_and(same);  // also publishes stat_bias / _mult / _tail
 
