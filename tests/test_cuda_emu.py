@@ -989,7 +989,7 @@ def test_lowbit_tail_skipped_keys(race_exe, skip_first, skip_last):
 def test_lowbit_tail_v_near_the_float_range(race_exe, bits):
     """V rows up to ±3.4e38 (scales near 2^126, so w · scale spans the float range): the tensor
     cores' two tf32 parts of w · scale keep the tail finite and within float32 rounding of the
-    reference's, as on the CPU (test_lowbit_tail.test_v_near_the_float_range_gives_a_finite_tail)."""
+    reference's, as on the CPU (test_lowbit_tail.py's near-the-float-range test)."""
     B, Hkv, G, S, D, n = 2, 1, 3, 300, 128, 16
     q, k, seq_lens, _, _ = make_lowbit_case(B, Hkv, G, S, D, bits, torch.float32, "cpu",
                                             [300, 177])
