@@ -53,8 +53,11 @@ def find_barriers(kernel_dir):
     out = []
     for f in kernel_files(kernel_dir):
         function = "?"
-        for i, line in enumerate(f.read_text().splitlines()):
-            decl = re.sub(r"__launch_bounds__\([^)]*\)", "", line)
+        lines = f.read_text().splitlines()
+        for i, line in enumerate(lines):
+            # a declaration may put the kernel's name on the next line, after its launch bounds
+            nxt = lines[i + 1] if "__global__" in line and i + 1 < len(lines) else ""
+            decl = re.sub(r"__launch_bounds__\([^)]*\)", "", line + " " + nxt)
             m = re.search(r"(?:__global__|__device__).*?(\w+)\s*\(", decl)
             if m and not line.strip().startswith("//"):
                 function = m.group(1)
