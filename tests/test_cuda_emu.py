@@ -24,6 +24,7 @@ from test_lowbit_tail import check_nan_row_left_out
 from test_lowbit_tail import make_case as make_lowbit_case
 from test_lowbit_tail import reference_scores as lowbit_reference_scores
 from test_lowbit_tail import skipped_case as skipped_lowbit_case
+from test_lowbit_tail import v_near_the_float_range
 from test_qk_topn import check_top_p, check_topn, make_qk
 from test_quantize_rows import extreme_rows, make_rows
 from test_sparse_attn_v import check_attn, make_selection, make_tail_case, overlapping_indices
@@ -993,10 +994,7 @@ def test_lowbit_tail_v_near_the_float_range(race_exe, bits):
     B, Hkv, G, S, D, n = 2, 1, 3, 300, 128, 16
     q, k, seq_lens, _, _ = make_lowbit_case(B, Hkv, G, S, D, bits, torch.float32, "cpu",
                                             [300, 177])
-    top = torch.finfo(torch.float32).max
-    v = (torch.rand(B, Hkv, S, D) * 2 - 1) * top  # [B, Hkv, S, D]
-    v[:, :, ::3] = torch.randn(B, Hkv, (S + 2) // 3, D)  # some rows of ordinary values
-    codes, meta = R.quantize_rows(v, bits)
+    codes, meta = R.quantize_rows(v_near_the_float_range(B, Hkv, S, D), bits)
     _, indices, lse = R.qk_topn(q, k, seq_lens, n, 0.1)
     scores, _ = lowbit_reference_scores(q, k, seq_lens, 0.1)
     out = run_lowbit_tail(race_exe, scores, seq_lens, lse, indices, codes, meta, bits)

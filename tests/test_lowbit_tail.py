@@ -31,6 +31,15 @@ def make_case(B, Hkv, G, S, D, bits, dtype, device, lens):
             meta.to(device))
 
 
+def v_near_the_float_range(B, Hkv, S, D):
+    """V [B, Hkv, S, D] float32 with values up to ±3.4e38 (rows spanning past the float range),
+    every third row of ordinary values."""
+    top = torch.finfo(torch.float32).max
+    v = (torch.rand(B, Hkv, S, D) * 2 - 1) * top
+    v[:, :, ::3] = torch.randn(B, Hkv, (S + 2) // 3, D)
+    return v
+
+
 def selection(q, k, seq_lens, n, group_select, scale=None, skip_first=0, skip_last=0):
     """qk_topn's (all_scores [B, Hq, S], indices [B, Hq, n], lse [B, Hq]) for lowbit_tail, the
     keys j < skip_first and j >= L_b - skip_last not ranked."""
@@ -184,10 +193,7 @@ def test_v_near_the_float_range_gives_a_finite_tail(device, bits):
     finite, so the tail is finite and the reference's (within float32 rounding of ~2^126)."""
     B, Hkv, G, S, D = 2, 2, 2, 300, 64
     q, k, seq_lens, _, _ = make_case(B, Hkv, G, S, D, bits, torch.float32, device, [300, 177])
-    top = torch.finfo(torch.float32).max
-    v = (torch.rand(B, Hkv, S, D) * 2 - 1) * top  # [B, Hkv, S, D]
-    v[:, :, ::3] = torch.randn(B, Hkv, (S + 2) // 3, D)  # some rows of ordinary values
-    codes, meta = kcache_ops.quantize_rows(v.to(device), bits)
+    codes, meta = kcache_ops.quantize_rows(v_near_the_float_range(B, Hkv, S, D).to(device), bits)
     scores, indices, lse = selection(q, k, seq_lens, 16, False)
     out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits)
     assert out.isfinite().all()

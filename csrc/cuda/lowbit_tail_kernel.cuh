@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   }
 
   const bool has_head = g < gs;
-  const int head_row = has_head ? g : 0;  // the bitmap row this lane reads
+  const int head_row = has_head ? g : 0;  // the head whose bitmap and scores this lane reads
   const float my_lse = has_head ? p.lse[b * p.lse_sb + (h0 + g) * p.lse_sh] : 0.0f;
   // acc[m]: Σ w · scale · code / Codes::code_unit(e) of elements g · D / 8 + {2m, 2m + 1} (rows
   // g, g + 8 of row tile m) for heads 2t, 2t + 1: {(2m, 2t), (2m, 2t + 1), (2m + 1, 2t),
@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   const uint8_t* cb = p.codes + b * p.c_sb + kvh * p.c_sh + g * Layout::kBitOffset / 32 * 4;
   const uint32_t* mb = p.meta + b * p.m_sb + kvh * p.m_sh;
   // the score row of the head this lane weighs (head h0 for a lane without one: never copied)
-  const float* srow = p.scores + b * p.s_sb + (h0 + (has_head ? g : 0)) * p.s_sh;
+  const float* srow = p.scores + b * p.s_sb + (h0 + head_row) * p.s_sh;
   constexpr int kKeysPerIter = Layout::kBlockKeys;
   // This lane's first key in each iteration; slot u is 4u keys further. Code and meta rows
   // advance by pointer steps, not a 64-bit multiply per load.

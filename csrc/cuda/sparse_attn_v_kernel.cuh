@@ -182,8 +182,7 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
   // Entry i of head h: its score, and whether its row is valid; both loads are made whatever the
   // index (a padding entry has a score too), so a lane's loads of several entries overlap.
   auto entry = [&](int h, int i, bool& valid) {
-    const int j = ix[h * p.ix_sh + i * p.ix_sn];
-    valid = j >= 0 && j < p.s;
+    valid = valid_index(h, i);
     return sc[h * p.sc_sh + i * p.sc_sn];
   };
   // L_b clamped to [0, S], for the mean tail
@@ -254,8 +253,9 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
   // Weight of head h for entry i of its selection: 0 for padding and out-of-range rows; else
   // p_i - c_h, p_i = 0 for a -inf score.
   auto weight = [&](int h, int i) {
-    if (!valid_index(h, i)) return 0.0f;
-    const float sv = sc[h * p.sc_sh + i * p.sc_sn];
+    bool valid;
+    const float sv = entry(h, i, valid);
+    if (!valid) return 0.0f;
     const float pv = sv == -INFINITY ? 0.0f : expf(sv - stat_bias[h]) * stat_mult[h];
     return reference_weight(pv) - stat_tail[h];
   };
