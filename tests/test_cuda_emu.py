@@ -878,6 +878,39 @@ def test_emulator_runs_a_correct_kernel(race_exe):
     assert torch.equal(out, expected.to(torch.int32))
 
 
+def tf32(x):
+    """x float32 cut to tf32 (the low 13 mantissa bits cleared), as the tensor cores read it."""
+    return (x.view(torch.int32) & -8192).view(torch.float32)
+
+
+def run_mma(exe, a, b, c):
+    """d [16, 8] = c + a [16, 8] · b [8, 8] by one warp's mma_tf32_m16n8k8 on the emulator."""
+    return emu.run(exe, "mma", {}, dict(a=a, b=b, c=c))["d"]
+
+
+def test_emulator_mma_layout(race_exe):
+    """The emulator's tensor-core product: every element of c + a · b over the inputs cut to tf32
+    (so each lane holds the fragments the PTX ISA gives it), to float32's rounding."""
+    a, b, c = torch.randn(16, 8), torch.randn(8, 8), torch.randn(16, 8)
+    a[0, 0] = 1 + 2 ** -20  # cut to 1
+    d = run_mma(race_exe, a, b, c)
+    want = c.double() + tf32(a).double() @ tf32(b).double()  # [16, 8]
+    torch.testing.assert_close(d.double(), want, rtol=2e-6, atol=2e-6)
+    assert not torch.allclose(d.double(), c.double() + a.double() @ b.double(), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_emulator_mma_truncates(race_exe, sign):
+    """The emulator adds as the tensor cores are measured to (Fasi et al. 2021): addends aligned
+    to the largest and cut below its 24 bits. 1 + 8 products of ±1.5 · 2^-24 stays 1, where IEEE
+    float32 adds them to 1 ± 1.5 · 2^-21, so the kernels' tests see the truncation's drift."""
+    a = torch.ones(16, 8)
+    b = torch.full((8, 8), sign * 1.5 * 2.0 ** -24)  # exact in tf32
+    c = torch.ones(16, 8)
+    assert (c[0, 0] + a[0] @ b[:, 0]).item() != 1.0  # IEEE float32
+    assert torch.equal(run_mma(race_exe, a, b, c), c)
+
+
 def _barrier_after(path, marker):
     """'file:line' of the first __syncthreads after the line containing ``marker``."""
     lines = path.read_text().splitlines()

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cfloat>
+#include <cmath>
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -106,13 +107,43 @@ __device__ __forceinline__ uint32_t and_u32(uint32_t a, uint32_t b) {
 #endif
 }
 
+#if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+// A model of one block FMA of the tensor cores, c + x[0] · y[0] + ... + x[3] · y[3] over tf32
+// values, after what Fasi et al. (2021, "Numerical behavior of NVIDIA tensor cores") measured on
+// the A100: the products exact, each addend's significand aligned to the largest addend's and cut
+// below its 24 bits (no extra alignment bit: the most pessimistic of their findings), the aligned
+// addends summed exactly, the sum cut to float32 (round toward zero; an overflow gives inf, as
+// IEEE addition does). With a non-finite addend, the IEEE sum (inf and NaN as there).
+__device__ inline float tensor_core_fma4(float c, const float (&x)[4], const float (&y)[4]) {
+  // tf32 products have at most 22 significant bits: exact in double
+  const double terms[5] = {c, static_cast<double>(x[0]) * y[0], static_cast<double>(x[1]) * y[1],
+                           static_cast<double>(x[2]) * y[2], static_cast<double>(x[3]) * y[3]};
+  double ieee = 0.0;
+  int top = -100000;  // the largest addend's exponent (frexp's: |v| < 2^top)
+  for (const double v : terms) {
+    ieee += v;
+    int e = top;
+    if (v != 0.0) std::frexp(v, &e);
+    top = e > top ? e : top;
+  }
+  if (!std::isfinite(ieee) || top == -100000) return static_cast<float>(ieee);  // or all zero
+  const double unit = std::ldexp(1.0, top - 24);  // the last bit of the largest's significand
+  double sum = 0.0;  // exact: 5 multiples of unit below 2^24 units each
+  for (const double v : terms) sum += std::trunc(v / unit) * unit;
+  const float f = static_cast<float>(sum);  // to nearest; then toward zero where that was away
+  return std::isfinite(f) && std::fabs(f) > std::fabs(sum) ? std::nextafter(f, 0.0f) : f;
+}
+#endif
+
 // One warp's D += A · B on the tensor cores (mma.sync m16n8k8, tf32 inputs, float32
 // accumulation): A 16 x 8, B 8 x 8, D 16 x 8. Lane (g, t) = (lane / 4, lane % 4) holds
 // a = {A[g][t], A[g + 8][t], A[g][t + 4], A[g + 8][t + 4]}, b = {B[t][g], B[t + 4][g]} and
 // d = {D[g][2t], D[g][2t + 1], D[g + 8][2t], D[g + 8][2t + 1]}; the inputs are float bits, of which
 // the tensor cores read the tf32 part (the low 13 mantissa bits are ignored). Every lane of the
 // warp calls it. Before sm_80 (and in the CPU emulator) the same product from shuffles, the inputs
-// cut to tf32 in the same way, the 8 products of each element added in k order.
+// cut to tf32 in the same way, each element's products k = 0..3 and then 4..7 added as the
+// tensor cores are modelled to add them (tensor_core_fma4: truncating, so the emulator's sums
+// drift at least as far as the hardware's are measured to).
 __device__ __forceinline__ void mma_tf32_m16n8k8(float (&d)[4], const uint32_t (&a)[4],
                                                  const uint32_t (&b)[2]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -124,21 +155,24 @@ __device__ __forceinline__ void mma_tf32_m16n8k8(float (&d)[4], const uint32_t (
 #else
   constexpr uint32_t kTf32 = 0xffffe000u;
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  // rows[r][k] = A[g + 8r][k], cols[c][k] = B[k][2t + c], by halves of k: [half][k % 4]
+  float rows[2][2][4], cols[2][2][4];
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
     // A[row][k] is a[2 · hi + row / 8] of lane 4 · (row % 8) + from, B[k][col] is b[hi] of lane
     // 4 · col + from
     const int from = k % 4, hi = k / 4;
-    const float a_top = __uint_as_float(__shfl_sync(kFullMask, a[2 * hi], 4 * g + from) & kTf32);
-    const float a_low =
-        __uint_as_float(__shfl_sync(kFullMask, a[2 * hi + 1], 4 * g + from) & kTf32);
-    const float b0 = __uint_as_float(__shfl_sync(kFullMask, b[hi], 4 * (2 * t) + from) & kTf32);
-    const float b1 =
-        __uint_as_float(__shfl_sync(kFullMask, b[hi], 4 * (2 * t + 1) + from) & kTf32);
-    d[0] = fmaf(a_top, b0, d[0]);
-    d[1] = fmaf(a_top, b1, d[1]);
-    d[2] = fmaf(a_low, b0, d[2]);
-    d[3] = fmaf(a_low, b1, d[3]);
+    for (int r = 0; r < 2; ++r)
+      rows[r][hi][from] =
+          __uint_as_float(__shfl_sync(kFullMask, a[2 * hi + r], 4 * g + from) & kTf32);
+    for (int c = 0; c < 2; ++c)
+      cols[c][hi][from] =
+          __uint_as_float(__shfl_sync(kFullMask, b[hi], 4 * (2 * t + c) + from) & kTf32);
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {  // d[e] = D[g + 8 (e / 2)][2t + e % 2]
+    for (int hi = 0; hi < 2; ++hi)
+      d[e] = tensor_core_fma4(d[e], rows[e / 2][hi], cols[e % 2][hi]);
   }
 #endif
 }

@@ -366,10 +366,27 @@ Outputs run_selftest(const Case& c) {
   return {{"out", out}};
 }
 
+// One warp's tensor-core product on the emulator's model (selftest_kernels.cuh's mma_tile): a
+// [16, 8], b [8, 8], c [16, 8] float32, contiguous -> d [16, 8].
+Outputs run_mma(const Case& c) {
+  const Tensor& a = c.input("a");
+  const Tensor& b = c.input("b");
+  const Tensor& acc = c.input("c");
+  Tensor d = make_tensor(DType::kF32, {16, 8}, 0xff);  // NaN
+  float* out = static_cast<float*>(d.data());
+  watch_output(out, d.bytes, "d");
+  launch(dim3(1), dim3(32), "mma_tile", [&] {
+    emu_selftest::mma_tile(static_cast<const float*>(a.data()), static_cast<const float*>(b.data()),
+                           static_cast<const float*>(acc.data()), out);
+  });
+  return {{"d", d}};
+}
+
 }  // namespace
 
 Outputs run_case(const Case& c) {
   if (c.op == "selftest") return run_selftest(c);
+  if (c.op == "mma") return run_mma(c);
   if (c.op == "qk_topn") return run_qk_topn(c);
   if (c.op == "sparse_attn_v") return run_sparse_attn_v(c);
   if (c.op == "gather_rows") return run_gather_rows(c);

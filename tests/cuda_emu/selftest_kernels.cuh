@@ -1,9 +1,12 @@
 // Small kernels that misuse barriers, warps and shared memory on purpose, and one that uses them
 // correctly: the emulator must stop each broken one with a message (never hang) and run the
 // correct one to the expected result. Launched with 2 blocks of 64 threads; out [2, 64] int32.
+// And one warp's tensor-core product (mma_tile), the emulator's model of mma.sync on its own.
 #pragma once
 
 #include <cuda_runtime.h>
+
+#include "kernel_utils.cuh"
 
 namespace emu_selftest {
 
@@ -69,5 +72,22 @@ __global__ void stale_shared(int* out) {
 
 // Both blocks write the same output row.
 __global__ void double_write(int* out) { out[threadIdx.x] = blockIdx.x; }
+
+// One warp (one block of 32 threads): d = c + a · b through kcache_ops::mma_tf32_m16n8k8, a
+// [16, 8], b [8, 8], c and d [16, 8] float32, row-major; each lane loads and stores its own
+// fragments (the layout of the function's comment).
+__global__ void mma_tile(const float* a, const float* b, const float* c, float* d) {
+  const int g = threadIdx.x / 4, t = threadIdx.x % 4;
+  const uint32_t frag_a[4] = {__float_as_uint(a[g * 8 + t]), __float_as_uint(a[(g + 8) * 8 + t]),
+                              __float_as_uint(a[g * 8 + t + 4]),
+                              __float_as_uint(a[(g + 8) * 8 + t + 4])};
+  const uint32_t frag_b[2] = {__float_as_uint(b[t * 8 + g]), __float_as_uint(b[(t + 4) * 8 + g])};
+  const int at[4] = {g * 8 + 2 * t, g * 8 + 2 * t + 1, (g + 8) * 8 + 2 * t,
+                     (g + 8) * 8 + 2 * t + 1};  // d's elements of this lane
+  float acc[4];
+  for (int e = 0; e < 4; ++e) acc[e] = c[at[e]];
+  kcache_ops::mma_tf32_m16n8k8(acc, frag_a, frag_b);
+  for (int e = 0; e < 4; ++e) d[at[e]] = acc[e];
+}
 
 }  // namespace emu_selftest
