@@ -103,26 +103,26 @@ union TailShared {
 };
 
 // Starts the asynchronous copies of one iteration into stage `slot`: the key of slot u is
-// j0 + 4u, its code words at crow + u · c_step bytes, its meta word at mrow + u · m_step and
-// (has_head) its score at srow + key · s_ss. A key at or past `end` is not copied (its slots keep
-// older values; the loop gives it no weight).
+// j0 + 4u, its code words at crow + u · c_step bytes, its meta word at mrow + u · m_step and its
+// score at srow + u · s_step. A key at or past `end` is not copied (its slots keep older values;
+// the loop gives it no weight). A lane without a head copies head h0's scores and meta, which it
+// does not weigh: no branch on it (the warp issues each copy once whichever lanes take part).
 template <class Layout>
 __device__ __forceinline__ void stage_tail_rows(TailStage& st, int slot, const uint8_t* crow,
                                                 int64_t c_step, const uint32_t* mrow,
-                                                int64_t m_step, const float* srow, int64_t s_ss,
-                                                int j0, int end, bool has_head) {
+                                                int64_t m_step, const float* srow, int64_t s_step,
+                                                int j0, int end) {
+  uint32_t* code = &st.code[slot][0][threadIdx.x];  // slot u's word w: [(u · kKeyWords + w) · T]
+  uint32_t* meta = &st.meta[slot][0][threadIdx.x];
+  float* score = &st.score[slot][0][threadIdx.x];
 #pragma unroll
-  for (int u = 0; u < Layout::kSlots; ++u) {
-    const int j = j0 + 4 * u;
-    if (j >= end) continue;
+  for (int u = 0; u < Layout::kSlots; ++u, crow += c_step, mrow += m_step, srow += s_step) {
+    if (j0 + 4 * u >= end) continue;
 #pragma unroll
     for (int w = 0; w < Layout::kKeyWords; ++w)
-      __pipeline_memcpy_async(&st.code[slot][u * Layout::kKeyWords + w][threadIdx.x],
-                              crow + u * c_step + 4 * w, 4);
-    if (has_head) {
-      __pipeline_memcpy_async(&st.score[slot][u][threadIdx.x], srow + j * s_ss, 4);
-      __pipeline_memcpy_async(&st.meta[slot][u][threadIdx.x], mrow + u * m_step, 4);
-    }
+      __pipeline_memcpy_async(code + (u * Layout::kKeyWords + w) * kTailThreads, crow + 4 * w, 4);
+    __pipeline_memcpy_async(score + u * kTailThreads, srow, 4);
+    __pipeline_memcpy_async(meta + u * kTailThreads, mrow, 4);
   }
 }
 
@@ -226,17 +226,18 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   const int code_shift = g * Layout::kBitOffset % 32;
   const uint8_t* cb = p.codes + b * p.c_sb + kvh * p.c_sh + g * Layout::kBitOffset / 32 * 4;
   const uint32_t* mb = p.meta + b * p.m_sb + kvh * p.m_sh;
-  // the score row of the head this lane weighs (head h0 for a lane without one: never copied)
-  const float* srow = p.scores + b * p.s_sb + (h0 + head_row) * p.s_sh;
+  // the score row of the head this lane weighs (head h0 for a lane without one: copied, unused)
+  const float* sb = p.scores + b * p.s_sb + (h0 + head_row) * p.s_sh;
   constexpr int kKeysPerIter = Layout::kBlockKeys;
-  // This lane's first key in each iteration; slot u is 4u keys further. Code and meta rows
-  // advance by pointer steps, not a 64-bit multiply per load.
+  // This lane's first key in each iteration; slot u is 4u keys further. Code, meta and score
+  // rows advance by pointer steps, not a 64-bit multiply per load.
   const int first_key = warp * Layout::kWarpKeys + t;
   const int64_t row0 = chunk_begin + first_key;
-  const int64_t c_step = 4 * p.c_ss, m_step = 4 * p.m_ss;  // slot u -> u + 1
+  const int64_t c_step = 4 * p.c_ss, m_step = 4 * p.m_ss, s_step = 4 * p.s_ss;  // u -> u + 1
   // the next iteration to stage: this lane's key of slot 0
   const uint8_t* crow = cb + row0 * p.c_ss;
   const uint32_t* mrow = mb + row0 * p.m_ss;
+  const float* srow = sb + row0 * p.s_ss;
   // Code words, meta words and scores staged through shared memory by asynchronous copies,
   // kTailStages - 1 iterations ahead of the one being weighted; each thread reads back only its
   // own slots. Slots never copied hold zeros.
@@ -250,22 +251,24 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
     }
   }
   for (int st = 0; st < kTailStages - 1;
-       ++st, crow += kKeysPerIter * p.c_ss, mrow += kKeysPerIter * p.m_ss) {
+       ++st, crow += kKeysPerIter * p.c_ss, mrow += kKeysPerIter * p.m_ss,
+       srow += kKeysPerIter * p.s_ss) {
     const int ahead = chunk_begin + st * kKeysPerIter;
     if (ahead < chunk_end)
-      stage_tail_rows<Layout>(sh.stage, st, crow, c_step, mrow, m_step, srow, p.s_ss,
-                              ahead + first_key, chunk_end, has_head);
+      stage_tail_rows<Layout>(sh.stage, st, crow, c_step, mrow, m_step, srow, s_step,
+                              ahead + first_key, chunk_end);
     __pipeline_commit();  // an empty group past the chunk keeps the wait counts uniform
   }
   int slot = 0;  // the stage this iteration weights
   // Block-uniform loop: every lane takes part in every mma.
   for (int base = chunk_begin; base < chunk_end;
-       base += kKeysPerIter, crow += kKeysPerIter * p.c_ss, mrow += kKeysPerIter * p.m_ss) {
+       base += kKeysPerIter, crow += kKeysPerIter * p.c_ss, mrow += kKeysPerIter * p.m_ss,
+       srow += kKeysPerIter * p.s_ss) {
     const int ahead = base + (kTailStages - 1) * kKeysPerIter;
     const int fill = slot == 0 ? kTailStages - 1 : slot - 1;  // weighted in the last iteration
     if (ahead < chunk_end)
-      stage_tail_rows<Layout>(sh.stage, fill, crow, c_step, mrow, m_step, srow, p.s_ss,
-                              ahead + first_key, chunk_end, has_head);
+      stage_tail_rows<Layout>(sh.stage, fill, crow, c_step, mrow, m_step, srow, s_step,
+                              ahead + first_key, chunk_end);
     __pipeline_commit();
     __pipeline_wait_prior(kTailStages - 1);  // this iteration's rows have landed
     uint32_t code[kTailCodeWords];
