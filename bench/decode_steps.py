@@ -124,17 +124,21 @@ class DefaultLayer:
     def tail_args(self, layer, q):
         """The arguments of the step's lowbit_tail for query q [B, Hq, D]: (every score
         [B, Hq, S] of the step's selection, lens, lse, the selection [B, Hq, N], codes, meta, bits,
-        the hot rows' counts (sinks, window)), from one selection as the step makes it."""
+        the hot rows' counts (sinks, window), the hot rows (V [B, Hkv, H, D], positions [B, H])),
+        from one selection as the step makes it."""
         lens, k = self.lens, self.cache.k[layer]
         _, indices, lse, every = self.cache.select(q, k, lens, return_scores=True)
-        tail = self.cache.tails[layer]
-        return every, lens, lse, indices, tail.codes, tail.meta, tail.bits, tail.skip
+        tail, hot = self.cache.tails[layer], self.cache.hot[layer]
+        return (every, lens, lse, indices, tail.codes, tail.meta, tail.bits, tail.skip,
+                (hot.v, hot.slots.held))
 
     @staticmethod
-    def lowbit_tail(every, lens, lse, indices, codes, meta, bits, skip):
-        """The step's lowbit_tail alone (arguments from :meth:`tail_args`) -> [B, Hq, D] float32."""
+    def lowbit_tail(every, lens, lse, indices, codes, meta, bits, skip, hot):
+        """The step's lowbit_tail alone, its hot rows included (arguments from
+        :meth:`tail_args`) -> [B, Hq, D] float32."""
         return kcache_ops.lowbit_tail(every, lens, lse, indices, codes, meta, bits,
-                                      check_values=False, skip_first=skip[0], skip_last=skip[1])
+                                      check_values=False, skip_first=skip[0], skip_last=skip[1],
+                                      hot_v=hot[0], hot_pos=hot[1])
 
     def device_bytes_beside_k(self):
         """Device bytes one layer holds besides K: the tail's low-bit copy and the hot rows."""

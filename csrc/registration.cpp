@@ -32,11 +32,12 @@ TORCH_LIBRARY(kcache_ops, m) {
   // scores [B, Hq, S] float32 (qk_topn's all_scores), seq_lens [B] int32, lse [B, Hq] float32,
   // indices [B, Hq, N] int32, v_codes [B, Hkv, S, D * bits / 8] uint8 (bits 2 or 4),
   // v_meta [B, Hkv, S, 2] bfloat16 -> out [B, Hq, D] float32: the keys j < L_b that the head did
-  // not select, leaving out j < skip_first and j >= L_b - skip_last as well (the hot rows)
+  // not select, leaving out j < skip_first and j >= L_b - skip_last as well (the hot rows); plus
+  // the exact rows hot_v [B, Hkv, H, D] at positions hot_pos [B, H] int32 (those in [0, L_b))
   m.def(
       "lowbit_tail(Tensor scores, Tensor seq_lens, Tensor lse, Tensor indices, Tensor v_codes, "
-      "Tensor v_meta, int bits, bool check_values=True, int skip_first=0, int skip_last=0) "
-      "-> Tensor");
+      "Tensor v_meta, int bits, bool check_values=True, int skip_first=0, int skip_last=0, "
+      "Tensor? hot_v=None, Tensor? hot_pos=None) -> Tensor");
   // a pinned, device-mapped CPU tensor (an ordinary CPU tensor where no GPU is present)
   m.def("alloc_host(int[] shape, ScalarType dtype) -> Tensor");
   // MemAvailable of /proc/meminfo in bytes, -1 where it cannot be read

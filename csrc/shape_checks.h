@@ -208,4 +208,29 @@ inline LowbitTailDims check_lowbit_tail_args(const at::Tensor& scores, const at:
   return {B, Hq, Hkv, Hq / Hkv, S, D, indices.size(2), bits};
 }
 
+// lowbit_tail's exact rows on the device: hot_v [B, Hkv, H, D] (float32, float16 or bfloat16,
+// contiguous in D) and hot_pos [B, H] int32, both or neither -> H (0 for neither).
+inline int64_t check_hot_rows(const std::optional<at::Tensor>& hot_v_arg,
+                              const std::optional<at::Tensor>& hot_pos_arg,
+                              const LowbitTailDims& dims) {
+  TORCH_CHECK(hot_v_arg.has_value() == hot_pos_arg.has_value(), "hot_v and hot_pos must be "
+              "given together, got hot_v ", hot_v_arg ? "set" : "None", " and hot_pos ",
+              hot_pos_arg ? "set" : "None");
+  if (!hot_v_arg) return 0;
+  const at::Tensor& hot_v = *hot_v_arg;
+  const at::Tensor& hot_pos = *hot_pos_arg;
+  KC_CHECK_DIM(hot_v, 4);
+  KC_CHECK_FLOATING(hot_v);
+  const int64_t H = hot_v.size(2);
+  TORCH_CHECK(hot_v.size(0) == dims.B && hot_v.size(1) == dims.Hkv && hot_v.size(3) == dims.D,
+              "hot_v must have shape [", dims.B, ", ", dims.Hkv, ", H, ", dims.D,
+              "] (scores batch, v_codes heads, -, head dim), got ", hot_v.sizes());
+  KC_CHECK_LAST_CONTIGUOUS(hot_v);
+  KC_CHECK_DIM(hot_pos, 2);
+  KC_CHECK_DTYPE(hot_pos, at::kInt);
+  TORCH_CHECK(hot_pos.size(0) == dims.B && hot_pos.size(1) == H, "hot_pos must have shape [",
+              dims.B, ", ", H, "] (scores batch, hot_v rows), got ", hot_pos.sizes());
+  return H;
+}
+
 }  // namespace kcache_ops

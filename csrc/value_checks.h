@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include <torch/types.h>
 
@@ -21,19 +22,20 @@ inline void check_seq_lens_values(const at::Tensor& seq_lens, int64_t S,
   }
 }
 
-// indices [B, H, N] int32 (last dim contiguous, on the host): every -1 <= index < S, S the
-// capacity of the tensor named src_name.
-inline void check_index_values(const at::Tensor& indices, int64_t S, const char* src_name) {
-  const int32_t* p = indices.data_ptr<int32_t>();
-  for (int64_t b = 0; b < indices.size(0); ++b) {
-    for (int64_t h = 0; h < indices.size(1); ++h) {
-      const int32_t* row = p + b * indices.stride(0) + h * indices.stride(1);
-      for (int64_t i = 0; i < indices.size(2); ++i) {
-        TORCH_CHECK(row[i] >= -1 && row[i] < S, "indices[", b, ", ", h, ", ", i,
-                    "] must be -1 (padding) or in [0, ", S, ") (", src_name,
-                    " capacity), got ", row[i]);
-      }
-    }
+// Positions, int32 of any shape, on the host (indices [B, H, N]; lowbit_tail's hot_pos [B, H]):
+// every -1 (what `minus_one` says it means) <= value < S, S the capacity of the tensor named
+// src_name; the first one outside is named by its index in the error.
+inline void check_index_values(const at::Tensor& indices, int64_t S, const char* src_name,
+                               const char* name = "indices", const char* minus_one = "padding") {
+  const at::Tensor flat = indices.contiguous();
+  const int32_t* p = flat.data_ptr<int32_t>();
+  for (int64_t k = 0; k < flat.numel(); ++k) {
+    if (p[k] >= -1 && p[k] < S) continue;
+    std::vector<int64_t> where(flat.dim());  // k's index in each dim
+    for (int64_t d = flat.dim() - 1, rest = k; d >= 0; rest /= flat.size(d), --d)
+      where[d] = rest % flat.size(d);
+    TORCH_CHECK(false, name, c10::IntArrayRef(where), " must be -1 (", minus_one, ") or in [0, ",
+                S, ") (", src_name, " capacity), got ", p[k]);
   }
 }
 

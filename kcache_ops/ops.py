@@ -127,7 +127,7 @@ def gather_rows(src, indices):
 
 
 def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True,
-                skip_first=0, skip_last=0):
+                skip_first=0, skip_last=0, hot_v=None, hot_pos=None):
     """The low-bit tail: the attention of every valid key a head did not select, with its exact
     full-softmax weight, over the low-bit copy of V (the unread rows' share of the output).
 
@@ -165,16 +165,25 @@ def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_val
         Also leave out the keys ``j < skip_first`` and ``j >= L_b − skip_last``, as if every head
         had selected them: KCache's hot rows, attended exactly from the device (the counts
         :func:`qk_topn` skipped in its ranking).
+    hot_v : Tensor [B, Hkv, H, D] float32, float16 or bfloat16, optional
+        Rows of V kept exactly on the device (KCache's hot rows), added with their exact weights
+        in the same call, so that a decode step needs no separate ops for them. Given with
+        ``hot_pos``.
+    hot_pos : Tensor [B, H] int32, optional
+        The position of each row of ``hot_v``: slot ``i`` adds ``exp(s_pos − lse) ·
+        hot_v[b, h / G, i]`` where ``0 <= pos < L_b`` (-1: an empty slot, left out). Checked
+        like ``indices`` (values in ``[-1, S)``) when ``check_values``.
 
     Returns
     -------
     out : Tensor [B, Hq, D] float32
         ``Σ_{skip_first <= j < L_b − skip_last, j ∉ indices[b, h]} exp(s_j − lse) ·
-        dequant(v)[b, h / G, j]``; zeros where no such key is left (every one selected or
-        skipped, or ``L_b = 0``).
+        dequant(v)[b, h / G, j]``, plus the hot rows' part; zeros where no such key is left
+        (every one selected or skipped, or ``L_b = 0``) and no hot row is given.
     """
     return torch.ops.kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta,
-                                            bits, check_values, skip_first, skip_last)
+                                            bits, check_values, skip_first, skip_last, hot_v,
+                                            hot_pos)
 
 
 def alloc_host(shape, dtype):
@@ -334,11 +343,14 @@ def _(v, bits):
 
 @torch.library.register_fake("kcache_ops::lowbit_tail")
 def _(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True, skip_first=0,
-      skip_last=0):
+      skip_last=0, hot_v=None, hot_pos=None):
     _check_bits(bits)
     _check_skip(skip_first, skip_last)
+    if (hot_v is None) != (hot_pos is None):
+        raise RuntimeError("hot_v and hot_pos must be given together")
     _check_fake("lowbit_tail", {"scores": (scores, 3), "seq_lens": (seq_lens, 1), "lse": (lse, 2),
                                 "indices": (indices, 3), "v_codes": (v_codes, 4),
-                                "v_meta": (v_meta, 4)})
+                                "v_meta": (v_meta, 4), "hot_v": (hot_v, 4),
+                                "hot_pos": (hot_pos, 2)})
     B, Hq, _ = scores.shape
     return scores.new_empty((B, Hq, v_codes.shape[-1] * 8 // bits))

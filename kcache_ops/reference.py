@@ -198,9 +198,12 @@ def dequantize_rows(codes, meta, dim):
     return meta[..., 1:2] + meta[..., 0:1] * code.flatten(-2).float()
 
 
-def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, skip_first=0, skip_last=0):
+def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, skip_first=0, skip_last=0,
+                hot_v=None, hot_pos=None):
     """Reference of kcache_ops.lowbit_tail: the low-bit tail, the attention of every valid row
-    that is not selected, with its exact full-softmax weight, over the low-bit copy of V.
+    that is not selected, with its exact full-softmax weight, over the low-bit copy of V; plus,
+    with ``hot_v`` [B, Hkv, H, D] and ``hot_pos`` [B, H] int32, the exact rows given on the device
+    (:func:`hot_rows`).
 
     scores [B, Hq, S] float32 (every score, as :func:`qk_scores` gives them; entries
     ``j >= L_b`` are never read), seq_lens [B], lse [B, Hq] float32 (from qk_topn), indices
@@ -222,7 +225,26 @@ def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, skip_firs
     p = p.masked_fill(left_out, 0.0)
     v = dequantize_rows(v_codes, v_meta, D).to(scores.device)  # [B, Hkv, S, D]
     v = v.repeat_interleave(Hq // Hkv, dim=1).masked_fill(left_out[..., None], 0.0)  # [B,Hq,S,D]
-    return torch.einsum("bhs,bhsd->bhd", p, v)  # a row left out adds 0, whatever its copy holds
+    out = torch.einsum("bhs,bhsd->bhd", p, v)  # a row left out adds 0, whatever its copy holds
+    return out if hot_v is None else out + hot_rows(scores, seq_lens, lse, hot_v, hot_pos)
+
+
+def hot_rows(scores, seq_lens, lse, hot_v, hot_pos):
+    """The exact rows of lowbit_tail's ``hot_v`` [B, Hkv, H, D] (any float dtype) at positions
+    ``hot_pos`` [B, H] int32 -> [B, Hq, D] float32: ``Σ_i exp(s_bh,pos_i − lse_bh) ·
+    hot_v[b, h / G, i]`` over the slots ``i`` with ``0 <= pos_i < L_b``; a NaN weight counts 0,
+    and a slot left out adds nothing whatever its row holds."""
+    B, Hq, S = scores.shape
+    Hkv = hot_v.shape[1]
+    pos = hot_pos.long().to(scores.device)  # [B, H]
+    used = (pos >= 0) & (pos < seq_lens.to(scores.device).long()[:, None])  # [B, H]
+    s = torch.gather(scores.float(), 2, pos.clamp(0, max(S - 1, 0))[:, None, :].expand(B, Hq, -1)
+                     ) if S else scores.new_zeros(B, Hq, pos.shape[1])  # [B, Hq, H]
+    p = torch.exp(s - lse.float()[..., None]).nan_to_num(0.0)  # [B, Hq, H]; inf: the largest
+    p = p.masked_fill(~used[:, None, :], 0.0)
+    v = hot_v.float().to(scores.device).repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, H, D]
+    v = v.masked_fill(~used[:, None, :, None] | (p == 0)[..., None], 0.0)
+    return torch.einsum("bhi,bhid->bhd", p, v)
 
 
 def decode_attention(q, k_cache, v_cache, seq_lens, n, scale=None, group_select=False,

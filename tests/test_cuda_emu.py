@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_gather_rows import make_indices
 from test_lowbit_tail import check_tail as check_lowbit_tail
+from test_lowbit_tail import hot_rows_case
 from test_lowbit_tail import check_nan_row_left_out
 from test_lowbit_tail import make_case as make_lowbit_case
 from test_lowbit_tail import reference_scores as lowbit_reference_scores
@@ -950,13 +951,17 @@ def test_missing_barrier_is_caught(race_exe):
 # ---- lowbit_tail --------------------------------------------------------------------------------
 
 def run_lowbit_tail(exe, scores, seq_lens, lse, indices, codes, meta, bits, sms=SMS,
-                    seeds=SEEDS, skip_barrier=None, skip_first=0, skip_last=0):
+                    seeds=SEEDS, skip_barrier=None, skip_first=0, skip_last=0, hot_v=None,
+                    hot_pos=None):
     """lowbit_tail on the emulator: scores [B, Hq, S] float32, seq_lens [B] int32, lse [B, Hq]
     float32, indices [B, Hq, N] int32, codes [B, Hkv, S, D * bits / 8] uint8 (sent as int32
-    words: the case format has no uint8), meta [B, Hkv, S, 2] bfloat16 -> out [B, Hq, D]
-    float32. skip_barrier: as emu.run's (a mutant)."""
+    words: the case format has no uint8), meta [B, Hkv, S, 2] bfloat16, optionally hot_v
+    [B, Hkv, H, D] and hot_pos [B, H] int32 -> out [B, Hq, D] float32. skip_barrier: as
+    emu.run's (a mutant)."""
     tensors = dict(scores=scores, seq_lens=seq_lens, lse=lse, indices=indices,
                    v_codes_words=codes.view(torch.int32), v_meta=meta)
+    if hot_v is not None:
+        tensors.update(hot_v=hot_v, hot_pos=hot_pos)
     scalars = dict(bits=bits, sms=sms, skip_first=skip_first, skip_last=skip_last)
     return emu.run(exe, "lowbit_tail", scalars, tensors, seeds=seeds,
                    skip_barrier=skip_barrier)["out"]
@@ -1155,8 +1160,38 @@ def _lowbit_tail_barriers():
 
 @pytest.mark.parametrize("site", _lowbit_tail_barriers())
 def test_lowbit_tail_missing_barrier_is_caught(race_exe, site):
-    """Each barrier of lowbit_tail_kernel removed in turn: the race check stops the run."""
-    args = lowbit_case(1, 1, 4, 600, 64, 2, torch.float32, [600], 40, False, 0.1)
-    run_lowbit_tail(race_exe, *args, 2, seeds=(1,))  # the unmodified kernel passes
-    with pytest.raises(emu.EmulatorError, match="race|not written in this block"):
-        run_lowbit_tail(race_exe, *args, 2, seeds=(1,), skip_barrier=site)
+    """Each barrier of lowbit_tail_kernel removed in turn: the race check stops the run, without
+    hot rows or with them (one chunk of 250 keys, 300 slots in 3 tiles: the hot rows' barriers;
+    their first one also separates the warps' sums from their reads, so the barrier kept for
+    calls without hot rows shows only in those)."""
+    args = lowbit_case(1, 1, 4, 250, 64, 2, torch.float32, [250], 40, False, 0.1)
+    hot_v, hot_pos = hot_rows_case(1, 1, 300, 64, 250, [250], torch.float32, "cpu")
+    caught = []
+    for extra in (dict(), dict(hot_v=hot_v, hot_pos=hot_pos)):
+        run_lowbit_tail(race_exe, *args, 2, seeds=(1,), sms=1, **extra)  # unmodified: passes
+        try:
+            run_lowbit_tail(race_exe, *args, 2, seeds=(1,), sms=1, skip_barrier=site, **extra)
+        except emu.EmulatorError as e:
+            caught.append(str(e))
+    assert caught, f"removing the barrier at {site} went unnoticed"
+    assert all(re.search("race|not written in this block", e) for e in caught)
+
+
+@pytest.mark.parametrize("S, sms, H, dtype", [(700, 1, 5, torch.bfloat16),
+                                              (700, SMS, 64, torch.float16),
+                                              (700, SMS, 300, torch.float32),
+                                              (250, 1, 300, torch.bfloat16)])
+def test_lowbit_tail_hot_rows(race_exe, S, sms, H, dtype):
+    """hot_v / hot_pos: each chunk's block adds its share of the slots (several chunks; one chunk
+    of 250 keys taking 300 slots in 3 tiles of 128); empty slots with NaN rows, positions past
+    L_b with inf rows, repeats, rows of every float dtype; against the reference at the float32
+    tolerance."""
+    lens, first, last = [S, 233, 0], 4, 60
+    args = skipped_lowbit_case(len(lens), 2, 3, S, 64, 2, torch.float32, "cpu", lens, 24,
+                               first, last)
+    hot_v, hot_pos = hot_rows_case(len(lens), 2, H, 64, S, lens, dtype, "cpu")
+    out = run_lowbit_tail(race_exe, *args, 2, sms=sms, skip_first=first, skip_last=last,
+                          hot_v=hot_v, hot_pos=hot_pos)
+    ref = R.lowbit_tail(*args, 2, first, last, hot_v, hot_pos)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -31,6 +31,24 @@ def make_case(B, Hkv, G, S, D, bits, dtype, device, lens):
             meta.to(device))
 
 
+def hot_rows_case(B, Hkv, H, D, S, lens, dtype, device):
+    """(hot_v [B, Hkv, H, D] of dtype, hot_pos [B, H] int32) for lowbit_tail: random rows at
+    positions that mix valid ones, -1 (empty slots, NaN rows), positions at or past L_b (inf
+    rows) and a repeat; nothing left out may reach the output."""
+    hot_v = torch.randn(B, Hkv, H, D).to(dtype)
+    L = torch.tensor(lens)[:, None]  # [B, 1]
+    pos = torch.where(L > 0, (torch.rand(B, H) * L).long(), -1).int()  # [B, H] valid or empty
+    if H > 1:
+        pos[:, 0] = -1  # an empty slot
+        hot_v[:, :, 0] = float("nan")
+    if H > 2:
+        pos[:, 1] = torch.where(L[:, 0] < S, L[:, 0], -1)  # L_b: not valid (or empty)
+        hot_v[:, :, 1] = float("inf")
+    if H > 3:
+        pos[:, 3] = pos[:, 2]  # two slots, one position: each adds its row
+    return hot_v.to(device), pos.to(device)
+
+
 def v_near_the_float_range(B, Hkv, S, D):
     """V [B, Hkv, S, D] float32 with values up to ±3.4e38 (rows spanning past the float range),
     every third row of ordinary values."""
@@ -229,6 +247,49 @@ def test_completes_exact_attention(device, dtype, group_select):
     torch.testing.assert_close(alone.cpu(), want, atol=OUT_TOL, rtol=OUT_TOL)
 
 
+@pytest.mark.parametrize("H", [1, 5, 64, 200])
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_hot_rows(device, dtype, group_select, H):
+    """hot_v / hot_pos: the exact device rows added with their weights exp(s − lse) in the same
+    call (KCache's hot rows: the skipped first and last keys); empty slots, positions at or past
+    L_b (NaN and inf rows there), repeats; the rows in the model's dtype; H over a block's tile
+    of 128 slots; 1 chunk and several (L_b up to 2999)."""
+    lens = [2999, 333, 0, 1]
+    B, Hkv, G, S, D, first, last = len(lens), 2, 3, 3000, 64, 4, 60
+    args = skipped_case(B, Hkv, G, S, D, 2, dtype, device, lens, 24, first, last, group_select)
+    hot_v, hot_pos = hot_rows_case(B, Hkv, H, D, S, lens, dtype, device)
+    poison_allocator(device, (B, Hkv * G, D), torch.float32)
+    out = kcache_ops.lowbit_tail(*args, 2, skip_first=first, skip_last=last, hot_v=hot_v,
+                                 hot_pos=hot_pos)
+    cpu = [t.cpu() for t in args]
+    ref = R.lowbit_tail(*cpu, 2, first, last, hot_v.cpu(), hot_pos.cpu())
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.cpu(), ref, atol=OUT_TOL, rtol=OUT_TOL)
+    alone = R.hot_rows(cpu[0], cpu[1], cpu[2], hot_v.cpu(), hot_pos.cpu())  # [B, Hq, D]
+    assert alone.abs().sum() > 0, "some hot row must count"
+
+
+def test_hot_rows_are_the_skipped_keys_exactly(device):
+    """The hot rows given as the skipped keys' own V: tail + hot rows is the tail over V whose
+    skipped rows are exact (what the decode step with hot rows computes)."""
+    lens, first, last, D = [700, 90], 4, 60, 128
+    B, Hkv, G, S = len(lens), 2, 4, 700
+    args = skipped_case(B, Hkv, G, S, D, 4, torch.bfloat16, device, lens, 32, first, last)
+    v = torch.randn(B, Hkv, S, D)  # V's exact rows
+    H = first + last
+    pos = torch.tensor([list(range(first)) + list(range(L - last, L)) for L in lens],
+                       dtype=torch.int32)  # [B, H]
+    hot_v = torch.gather(v, 2, pos.long()[:, None, :, None].expand(B, Hkv, H, D))
+    out = kcache_ops.lowbit_tail(*args, 4, skip_first=first, skip_last=last,
+                                 hot_v=hot_v.to(device), hot_pos=pos.to(device))
+    cold = kcache_ops.lowbit_tail(*args, 4, skip_first=first, skip_last=last)
+    scores, _, lse = (t.cpu() for t in (args[0], args[1], args[2]))
+    p = torch.exp(torch.gather(scores, 2, pos.long()[:, None, :].expand(B, Hkv * G, H))
+                  - lse[..., None])  # [B, Hq, H]
+    exact = torch.einsum("bhi,bhid->bhd", p, hot_v.repeat_interleave(G, 1))
+    torch.testing.assert_close(out.cpu(), cold.cpu() + exact, atol=OUT_TOL, rtol=OUT_TOL)
+
+
 def test_strided_inputs(device, dtype):
     """The cache's views: codes and meta [:, :, :T] slices of wider buffers (and every other
     head), scores a slice of every other head's, lse and indices transposed views; strides
@@ -262,7 +323,8 @@ def test_empty_batch(device):
 
 
 def test_check_values_off(device):
-    """check_values=False (no value read-back on CUDA) changes no output and passes opcheck."""
+    """check_values=False (no value read-back on CUDA) changes no output and passes opcheck (with
+    hot rows too)."""
     q, k, seq_lens, codes, meta = make_case(2, 2, 4, 97, 64, 2, torch.float32, device, [97, 30])
     scores, indices, lse = selection(q, k, seq_lens, 16, True, 0.125)
     want = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, 2)
@@ -272,6 +334,10 @@ def test_check_values_off(device):
     for skips in ((0, 0), (3, 20)):
         torch.library.opcheck(torch.ops.kcache_ops.lowbit_tail.default,
                               (scores, seq_lens, lse, indices, codes, meta, 2, False, *skips))
+    hot_v, hot_pos = hot_rows_case(2, 2, 23, 64, 97, [97, 30], torch.bfloat16, device)
+    torch.library.opcheck(torch.ops.kcache_ops.lowbit_tail.default,
+                          (scores, seq_lens, lse, indices, codes, meta, 2, False, 3, 20, hot_v,
+                           hot_pos))
 
 
 def test_compile_decode_step_with_tail(device):

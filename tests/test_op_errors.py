@@ -278,6 +278,30 @@ def test_lowbit_tail_bad_skips(low_tail):
         kcache_ops.lowbit_tail(*low_tail, skip_last=2 ** 31)
 
 
+@pytest.mark.parametrize("hot_v, hot_pos, message", [
+    (lambda v: v, lambda p: None, "hot_v and hot_pos must be given together, got hot_v set and "
+     "hot_pos None"),
+    (lambda v: v.double(), lambda p: p, "hot_v must be float32, float16 or bfloat16, got Double"),
+    (lambda v: v[0], lambda p: p, r"hot_v must have 4 dims, got shape \[2, 5, 64\]"),
+    (lambda v: v[:, :1], lambda p: p, r"hot_v must have shape \[2, 2, H, 64\] \(scores batch, "
+     r"v_codes heads, -, head dim\), got \[2, 1, 5, 64\]"),
+    (lambda v: v.transpose(2, 3).contiguous().transpose(2, 3), lambda p: p,
+     "hot_v must be contiguous in its last dim"),
+    (lambda v: v, lambda p: p.long(), "hot_pos must be Int, got Long"),
+    (lambda v: v, lambda p: p[:, :4], r"hot_pos must have shape \[2, 5\] \(scores batch, hot_v "
+     r"rows\), got \[2, 4\]"),
+    (lambda v: v, lambda p: p - S - 1, r"hot_pos\[0, 0\] must be -1 \(an empty slot\) or in "
+     r"\[0, 16\) \(v_codes capacity\)"),
+])
+def test_lowbit_tail_bad_hot_rows(low_tail, hot_v, hot_pos, message):
+    """hot_v [B, Hkv, H, D] and hot_pos [B, H] int32 (KCache's hot rows), checked as the rest."""
+    device = low_tail[0].device
+    v = torch.randn(B, HKV, 5, D, device=device)
+    pos = torch.randint(-1, S, (B, 5), dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match=message):
+        kcache_ops.lowbit_tail(*low_tail, hot_v=hot_v(v), hot_pos=hot_pos(pos))
+
+
 @pytest.mark.parametrize("device", ["cpu"])
 def test_lowbit_tail_cpu_checks_values(low_tail):
     """check_values=False only skips the CUDA read-back: the CPU op still names a bad value."""

@@ -95,7 +95,7 @@ def test_torch_gather_rows_is_a_copy():
 
 def test_decode_steps_split_into_their_parts():
     """The op-level step is its qk_topn and its sparse_attn_v; the default layer step
-    (KCache.decode) is its host part, its low-bit tail and its hot rows, each called alone."""
+    (KCache.decode) is its host part and its low-bit tail with the hot rows, each called alone."""
     B, Hq, Hkv, S, D = 2, 8, 2, 256, 64
     sets = [(torch.randn(B, Hq, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D))
             for _ in range(2)]
@@ -115,9 +115,8 @@ def test_decode_steps_split_into_their_parts():
     assert indices.shape == picked.shape == (B, Hq, 64)
     assert ((picked >= 4) & (picked < S - 60)).all()  # sinks 4, window 60: never a hot row
     tail_args = layer.tail_args(i, q)  # (every score of the step, ...)
-    hot = layer.cache.hot[i].attend(lse, tail_args[0])
     host = layer.attend_host(i, scores, indices, lse)  # [B, Hq, D]
-    parts = hot.add_to(host + layer.lowbit_tail(*tail_args))
+    parts = host + layer.lowbit_tail(*tail_args)  # the hot rows in lowbit_tail's call
     torch.testing.assert_close(parts, out)
     assert layer.device_bytes_beside_k() == decode_steps.default_layer_bytes(
         B, Hq, Hkv, S, D, torch.float32) - k.nbytes

@@ -69,9 +69,10 @@ void check_seq_lens_on_device(const at::Tensor& seq_lens, int64_t S, const char*
     check_seq_lens_values(seq_lens.cpu().contiguous(), S, src_name);
 }
 
-void check_indices_on_device(const at::Tensor& indices, int64_t S, const char* src_name) {
+void check_indices_on_device(const at::Tensor& indices, int64_t S, const char* src_name,
+                             const char* name, const char* minus_one) {
   if (!values_in_range(indices, -1, S - 1))
-    check_index_values(indices.cpu().contiguous(), S, src_name);
+    check_index_values(indices.cpu(), S, src_name, name, minus_one);
 }
 
 int resident_blocks_per_sm(const void* kernel, int threads) {

@@ -37,7 +37,8 @@ bool should_validate_values(cudaStream_t stream);
 // csrc/value_checks.h, which names the first bad element.
 void check_seq_lens_on_device(const at::Tensor& seq_lens, int64_t S,
                               const char* src_name = "k_cache");
-void check_indices_on_device(const at::Tensor& indices, int64_t S, const char* src_name);
+void check_indices_on_device(const at::Tensor& indices, int64_t S, const char* src_name,
+                             const char* name = "indices", const char* minus_one = "padding");
 
 // q [B, Hq, D], k_cache [B, Hkv, S, D] and seq_lens [B] int32 (checked before) as the kernels read
 // them.

@@ -21,16 +21,25 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
                             const at::Tensor& v_codes,   // [B, Hkv, S, D * bits / 8] uint8, CUDA
                             const at::Tensor& v_meta,    // [B, Hkv, S, 2] bfloat16, CUDA
                             int64_t bits, bool check_values, int64_t skip_first,
-                            int64_t skip_last) {
+                            int64_t skip_last,
+                            const std::optional<at::Tensor>& hot_v_arg,     // [B, Hkv, H, D]
+                            const std::optional<at::Tensor>& hot_pos_arg) {  // [B, H] int32
   constexpr const char* kOp = "lowbit_tail";
   const LowbitTailDims dims = check_lowbit_tail_args(scores, seq_lens, lse, indices, v_codes,
                                                      v_meta, bits, skip_first, skip_last);
+  const int64_t H = check_hot_rows(hot_v_arg, hot_pos_arg, dims);
+  const at::Tensor hot_v = hot_v_arg.value_or(at::Tensor());      // undefined: none
+  const at::Tensor hot_pos = hot_pos_arg.value_or(at::Tensor());
   TORCH_CHECK(scores.is_cuda(), "scores must be a CUDA tensor, got ", scores.device());
   KC_CHECK_DEVICE(seq_lens, scores.device());
   KC_CHECK_DEVICE(lse, scores.device());
   KC_CHECK_DEVICE(indices, scores.device());
   KC_CHECK_DEVICE(v_codes, scores.device());
   KC_CHECK_DEVICE(v_meta, scores.device());
+  if (H > 0) {
+    KC_CHECK_DEVICE(hot_v, scores.device());
+    KC_CHECK_DEVICE(hot_pos, scores.device());
+  }
   check_vec16_aligned(v_codes, kOp, "v_codes");
   bool meta_aligned = reinterpret_cast<uintptr_t>(v_meta.data_ptr()) % 4 == 0;
   for (int64_t i = 0; i < 3; ++i)
@@ -42,6 +51,8 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
                   dims.N < (int64_t{1} << 31),
               "lowbit_tail: sizes out of range for the CUDA kernels: B=", dims.B, ", Hq=", dims.Hq,
               ", S=", dims.S, ", N=", dims.N);
+  TORCH_CHECK(H < (int64_t{1} << 31), "lowbit_tail: hot_v rows out of range for the CUDA "
+              "kernels: H=", H);
 
   const c10::cuda::CUDAGuard guard(scores.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -51,6 +62,7 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
   if (check_values && should_validate_values(stream)) {
     check_seq_lens_on_device(seq_lens, dims.S, "v_codes");
     check_indices_on_device(indices, dims.S, "v_codes");
+    if (H > 0) check_indices_on_device(hot_pos, dims.S, "v_codes", "hot_pos", "an empty slot");
   }
 
   const LowbitTailArgs args{
@@ -85,6 +97,17 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
       .D = dims.D,
       .N = dims.N,
       .bits = dims.bits,
+      .hot_v = H > 0 ? hot_v.data_ptr() : nullptr,
+      .hv_sb = H > 0 ? hot_v.stride(0) : 0,
+      .hv_sh = H > 0 ? hot_v.stride(1) : 0,
+      .hv_si = H > 0 ? hot_v.stride(2) : 0,
+      .hot_pos = H > 0 ? hot_pos.data_ptr<int32_t>() : nullptr,
+      .hp_sb = H > 0 ? hot_pos.stride(0) : 0,
+      .hp_si = H > 0 ? hot_pos.stride(1) : 0,
+      .hot_rows = H,
+      .hot_dtype = H == 0 || hot_v.scalar_type() == at::kFloat ? 0
+                   : hot_v.scalar_type() == at::kHalf         ? 1
+                                                              : 2,
   };
   // the instance this call launches, and how many of its blocks fit on a multiprocessor
   const int group_slice = group_slice_width(dims.G);

@@ -22,6 +22,9 @@
 //    0: a selected key is left out exactly, never added and subtracted. Each (head, element) sum
 //    of a warp is held by one lane; the warps are summed in a fixed order into the chunk's partial
 //    [gs, D], each head's sum of mins added to every element of its row.
+//    With hot rows (hot_v at positions hot_pos: rows of V kept exactly on the device), each
+//    block also adds its share of them, the slots i = chunk + num_chunks · n, with their exact
+//    weights, to its partial (add_hot_rows).
 // 2. lowbit_tail_reduce_kernel — sums each head's chunk partials in chunk order into out. With a
 //    single chunk the launcher skips it: kernel 1 writes out itself.
 // The weights need no running max: lse is given and every weight is at most 1 up to rounding. A
@@ -60,6 +63,11 @@ struct LowbitTailParams {
   int skip_first, skip_last;     // left out as if selected: j < skip_first, j >= L_b - skip_last
   float* partials;               // [B, Hq, num_chunks, D] float32 (out when num_chunks == 1)
   int hq, hkv, s, n, chunk, num_chunks, slices, bits;
+  const void* hot_v;             // [B, Hkv, H, D] (hot_dtype), D contiguous
+  int64_t hv_sb, hv_sh, hv_si;   // strides in elements
+  const int32_t* hot_pos;        // [B, H] int32; outside [0, L_b) left out
+  int64_t hp_sb, hp_si;          // strides in elements
+  int hot_rows, hot_dtype;       // H (0: none); 0 float32, 1 float16, 2 bfloat16
 };
 
 // Where a lane's data lies in the tensor-core layout of lowbit_tail_kernel<D, GS, Bits>. Lane
@@ -95,11 +103,19 @@ struct TailStage {
   float score[kTailStages][kTailCodeWords][kTailThreads];
 };
 
-// Shared memory of a tail block: the stages during the key loop, the warps' sums after it.
+// A tail block's memory after its key loop: the warps' sums, and the weights of a tile of hot
+// rows.
+template <int GS, int D>
+struct TailSums {
+  float partial[kTailThreads / 32][GS][D];  // [warp, head, D]
+  float hot_w[GS][kTailThreads];            // [head, slot of the tile]
+};
+
+// Shared memory of a tail block: the stages during the key loop, the sums after it.
 template <int GS, int D>
 union TailShared {
   TailStage stage;
-  float partial[kTailThreads / 32][GS][D];  // [warp, head, D]
+  TailSums<GS, D> sums;
 };
 
 // Starts the asynchronous copies of one iteration into stage `slot`: the key of slot u is
@@ -164,6 +180,83 @@ struct TailCodes {
 __device__ __forceinline__ uint2 split_tf32(float x) {
   const float hi = __uint_as_float(__float_as_uint(x) & 0xffffe000u);
   return make_uint2(__float_as_uint(hi), (__float_as_uint(x - hi) + 0x1000u) & 0xffffe000u);
+}
+
+// Element i of a row of hot rows as float32: rows of float32 (dtype 0), float16 (1) or
+// bfloat16 (2).
+__device__ __forceinline__ float hot_element(const void* rows, int64_t i, int dtype) {
+  if (dtype == 0) return static_cast<const float*>(rows)[i];
+  if (dtype == 1) return __half2float(static_cast<const __half*>(rows)[i]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(rows)[i]);
+}
+
+// The hot rows a block adds (p.hot_v at positions p.hot_pos): its share, the slots
+// i = blockIdx.x + num_chunks · n, so that every chunk's block takes some. hot[k] += the sum over
+// those slots, in order, of w_hi · hot_v[b, kvh, i, e] for element (h, e) = threadIdx.x +
+// k · kTailThreads of the slice's [gs, D], w_hi = exp(s_h,pos_i − lse_h) where
+// 0 <= pos_i < len, as the key loop weighs a key (a NaN weight counts 0), 0 elsewhere; a slot of
+// weight 0 adds nothing whatever its row holds. weights: shared, a tile of slots at a time.
+template <int D, int GS>
+__device__ __forceinline__ void add_hot_rows(const LowbitTailParams& p, int b, int kvh, int h0,
+                                             int gs, int len,
+                                             float (&weights)[GS][kTailThreads],
+                                             float (&hot)[GS * D / kTailThreads]) {
+  constexpr int kPer = GS * D / kTailThreads;  // elements of [gs, D] per thread
+  // slots whose rows a thread loads at once: up to 32 loads in flight, registers the key loop
+  // leaves free (the blocks per multiprocessor unchanged)
+  constexpr int kHotBatch = kPer >= 8 ? 4 : 8;
+  static_assert(kTailThreads % kHotBatch == 0, "tiles of whole batches");
+  const int step = p.num_chunks;
+  const int count = p.hot_rows > static_cast<int>(blockIdx.x)
+                        ? (p.hot_rows - static_cast<int>(blockIdx.x) + step - 1) / step
+                        : 0;  // this block's slots
+  const int32_t* pos = p.hot_pos + b * p.hp_sb;
+  const float* srow = p.scores + b * p.s_sb + h0 * p.s_sh;  // head h0 + h: + h · s_sh
+  // element e of the row of slot i: rows[i · hv_si + e]
+  const void* rows = static_cast<const char*>(p.hot_v) +
+                     (b * p.hv_sb + kvh * p.hv_sh) * (p.hot_dtype == 0 ? 4 : 2);
+  for (int n0 = 0; n0 < count; n0 += kTailThreads) {  // block-uniform
+    const int n = n0 + threadIdx.x;
+    const int j = n < count ? pos[(blockIdx.x + static_cast<int64_t>(step) * n) * p.hp_si] : -1;
+#pragma unroll
+    for (int h = 0; h < GS; ++h) {
+      float w = 0.0f;
+      if (j >= 0 && j < len && h < gs) {
+        const float lse = p.lse[b * p.lse_sb + (h0 + h) * p.lse_sh];
+        const float e = exp2f((srow[h * p.s_sh + static_cast<int64_t>(j) * p.s_ss] - lse) * kLog2e);
+        w = e > 0.0f ? fminf(e, FLT_MAX) : 0.0f;
+      }
+      weights[h][threadIdx.x] = w;
+    }
+    __syncthreads();
+    // the tile's rows kHotBatch slots at a time, all their loads issued before any is used; a
+    // slot past the tile has weight 0 (every thread wrote its weights) and reads no row
+    const int tile = min(kTailThreads, count - n0);
+    for (int t0 = 0; t0 < tile; t0 += kHotBatch) {
+      float v[kPer][kHotBatch];
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int i = threadIdx.x + k * kTailThreads;  // element (i / D, i % D)
+#pragma unroll
+        for (int u = 0; u < kHotBatch; ++u) {
+          const int64_t slot = blockIdx.x + static_cast<int64_t>(step) * (n0 + t0 + u);
+          v[k][u] = i < gs * D && t0 + u < tile
+                        ? hot_element(rows, slot * p.hv_si + i % D, p.hot_dtype)
+                        : 0.0f;
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int i = threadIdx.x + k * kTailThreads;
+#pragma unroll
+        for (int u = 0; u < kHotBatch; ++u) {
+          const float w = i < gs * D ? weights[i / D][t0 + u] : 0.0f;
+          hot[k] += w != 0.0f ? w * v[k][u] : 0.0f;
+        }
+      }
+    }
+    __syncthreads();  // the next tile rewrites the weights
+  }
 }
 
 // grid (num_chunks, Hkv * slices, B), block kTailThreads, kTailBlocksPerSm blocks per SM; Bits
@@ -344,17 +437,28 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
     for (int r = 0; r < 4; ++r) {
       const int e = 2 * m + r / 2, h = 2 * t + r % 2;  // code e of the lane, head h
       if (h < gs)
-        sh.partial[warp][h][g * Layout::kCodes + e] =
+        sh.sums.partial[warp][h][g * Layout::kCodes + e] =
             fmaf(acc[m][r], Codes::code_unit(e % Codes::kPerWord), mins[r % 2]);
     }
   }
   __syncthreads();
+  // this block's share of the hot rows, per element of the sum below
+  static_assert(GS * D % kTailThreads == 0, "whole elements per thread");
+  float hot[GS * D / kTailThreads];
+#pragma unroll
+  for (int k = 0; k < GS * D / kTailThreads; ++k) hot[k] = 0.0f;
+  if (p.hot_rows > 0)
+    add_hot_rows<D, GS>(p, b, kvh, h0, gs, clamped_len(p.seq_lens, p.seq_stride, b, p.s),
+                        sh.sums.hot_w, hot);
   // head h of this block: [D] at out + h * num_chunks * D
   float* out = p.partials + ((static_cast<int64_t>(b) * p.hq + h0) * p.num_chunks + blockIdx.x) * D;
-  for (int i = threadIdx.x; i < gs * D; i += kTailThreads) {
-    float sum = sh.partial[0][i / D][i % D];
-    for (int w = 1; w < kWarps; ++w) sum += sh.partial[w][i / D][i % D];
-    out[static_cast<int64_t>(i / D) * p.num_chunks * D + i % D] = sum;
+#pragma unroll
+  for (int k = 0; k < GS * D / kTailThreads; ++k) {
+    const int i = threadIdx.x + k * kTailThreads;  // element (i / D, i % D) of [gs, D]
+    if (i >= gs * D) continue;
+    float sum = sh.sums.partial[0][i / D][i % D];
+    for (int w = 1; w < kWarps; ++w) sum += sh.sums.partial[w][i / D][i % D];
+    out[static_cast<int64_t>(i / D) * p.num_chunks * D + i % D] = sum + hot[k];
   }
 }
 

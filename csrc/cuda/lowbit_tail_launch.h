@@ -29,6 +29,11 @@ struct LowbitTailArgs {
   int64_t skip_first, skip_last;  // left out: j < skip_first, j >= L_b - skip_last (< 2^31 each)
   float* out;                  // [B, Hq, D] float32, contiguous
   int64_t B, Hq, Hkv, S, D, N, bits;
+  const void* hot_v;           // [B, Hkv, H, D] float32 / float16 / bfloat16 (hot_dtype 0 / 1 / 2)
+  int64_t hv_sb, hv_sh, hv_si;
+  const int32_t* hot_pos;      // [B, H] int32
+  int64_t hp_sb, hp_si;
+  int64_t hot_rows, hot_dtype;  // H: 0 for none
 };
 
 // Sizes of the two launches and of the partials.
@@ -121,6 +126,15 @@ inline LowbitTailParams lowbit_tail_params(const LowbitTailArgs& a, const Lowbit
       .num_chunks = plan.num_chunks,
       .slices = plan.slices,
       .bits = static_cast<int>(a.bits),
+      .hot_v = a.hot_v,
+      .hv_sb = a.hv_sb,
+      .hv_sh = a.hv_sh,
+      .hv_si = a.hv_si,
+      .hot_pos = a.hot_pos,
+      .hp_sb = a.hp_sb,
+      .hp_si = a.hp_si,
+      .hot_rows = static_cast<int>(a.hot_rows),
+      .hot_dtype = static_cast<int>(a.hot_dtype),
   };
 }
 

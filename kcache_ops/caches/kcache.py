@@ -222,9 +222,8 @@ class KCache:
             self._mass_sum[layer] += mass.mean()
             self._rows_sum[layer] += (indices >= 0).sum(-1).float().mean()
             self._mass_steps[layer] += 1
-        hot_part = None if hot is None else hot.attend(lse, all_scores)
         return tail.attend(all_scores, lens, scores, indices, lse, self.v_host[layer],
-                           hot_part)  # [B, Hq, D]
+                           hot)  # [B, Hq, D]
 
     def select(self, q, k_cache, lens, return_scores=False, top_p=None):
         """The V rows a decode step reads from host RAM, and their scores: ``qk_topn`` as a

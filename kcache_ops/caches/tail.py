@@ -20,9 +20,11 @@ they miss, ``1 − Σ p_i``, can be accounted for on the device:
 Each tail stores the prompt (:meth:`store_prompt`), appends a token (:meth:`append`) and attends
 (:meth:`attend`, given every score of the step when its ``needs_scores`` is True or the layer
 has hot rows, else None);
-``nbytes`` is the device memory it holds. With hot rows (hot.py), ``attend`` also
-takes their exact part (a :class:`~.hot.HotPart`) and adds it; the low-bit tail leaves their
-positions out (``lowbit_tail``'s ``skip_first`` / ``skip_last``, the counts ``qk_topn`` skipped).
+``nbytes`` is the device memory it holds. With hot rows (hot.py), ``attend`` also takes the
+layer's :class:`~.hot.HotRows` and adds their exact part: :class:`NoTail` from their
+:class:`~.hot.HotPart` (a few torch ops), :class:`LowBitTail` inside its ``lowbit_tail`` call
+(``hot_v`` / ``hot_pos``: no separate op), which leaves their positions out of the low-bit sum
+(``skip_first`` / ``skip_last``, the counts ``qk_topn`` skipped).
 """
 import torch
 
@@ -45,12 +47,14 @@ class NoTail:
         """Nothing to keep."""
 
     def attend(self, all_scores, lens, scores, indices, lse, v_host, hot=None):
-        """The top N rows of ``v_host`` (and the hot rows) -> out [B, Hq, D] (dtype of V)."""
+        """The top N rows of ``v_host`` (and the hot rows, a :class:`~.hot.HotRows`) -> out
+        [B, Hq, D] (dtype of V)."""
         if hot is None:
             return sparse_attn_v(scores, indices, v_host, lse, self.renormalize,
                                  check_values=False)
         top = sparse_attn_v(scores, indices, v_host, lse, renormalize=False,
                             check_values=False)  # [B, Hq, D]
+        hot = hot.attend(lse, all_scores)  # their HotPart
         out = hot.add_to(top.float())  # [B, Hq, D] float32
         if self.renormalize:  # a softmax over the top N and the hot rows together
             mass = (torch.exp(scores - lse[..., None]).sum(-1)
@@ -123,20 +127,22 @@ class LowBitTail:
         self.meta[rows, :, pos] = meta
 
     def attend(self, all_scores, lens, scores, indices, lse, v_host, hot=None):
-        """Exact weights on the top N rows of ``v_host`` (and the hot rows) plus every other valid
-        row over the copy, weighted from all_scores [B, Hq, S] float32 (every score of the step)
-        -> out [B, Hq, D] (dtype of V). The host reads and the tail overlap (side stream)."""
+        """Exact weights on the top N rows of ``v_host`` (and on the hot rows, a
+        :class:`~.hot.HotRows`, in the same ``lowbit_tail`` call) plus every other valid row over
+        the copy, weighted from all_scores [B, Hq, S] float32 (every score of the step) -> out
+        [B, Hq, D] (dtype of V). The host reads and the tail overlap (side stream)."""
         with self.side.fork():
             top = sparse_attn_v(scores, indices, v_host, lse, renormalize=False,
                                 check_values=False)  # [B, Hq, D]
+        hot_v, hot_pos = (None, None) if hot is None else (hot.v, hot.slots.held)
         try:
             rest = lowbit_tail(all_scores, lens, lse, indices, self.codes, self.meta, self.bits,
                                check_values=False, skip_first=self.skip[0],
-                               skip_last=self.skip[1])  # [B, Hq, D] float32
+                               skip_last=self.skip[1], hot_v=hot_v,
+                               hot_pos=hot_pos)  # [B, Hq, D] float32
         finally:
             self.side.join(top)
-        out = rest + top  # [B, Hq, D] float32 (the add promotes top: no separate cast)
-        return (out if hot is None else hot.add_to(out)).to(top.dtype)
+        return (rest + top).to(top.dtype)  # the add promotes top: no separate cast
 
 
 def make_tail(options, batch, num_kv_heads, capacity, head_dim, device, side):

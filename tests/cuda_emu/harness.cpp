@@ -249,7 +249,7 @@ Outputs run_lowbit_tail(const Case& c) {
   const int64_t D = codes.size(3) * 32 / bits;
   Tensor out = make_tensor(DType::kF32, {B, Hq, D}, 0xff);  // [B, Hq, D], NaN
   if (out.numel() == 0) return {{"out", out}};
-  const kcache_ops::LowbitTailArgs args{
+  kcache_ops::LowbitTailArgs args{
       .scores = static_cast<const float*>(scores.data()),
       .s_sb = scores.stride(0),
       .s_sh = scores.stride(1),
@@ -282,6 +282,19 @@ Outputs run_lowbit_tail(const Case& c) {
       .N = indices.size(2),
       .bits = bits,
   };
+  if (c.has_input("hot_v")) {  // [B, Hkv, H, D] float32 / float16 / bfloat16, hot_pos [B, H]
+    const Tensor& hot_v = c.input("hot_v");
+    const Tensor& hot_pos = c.input("hot_pos");
+    args.hot_v = hot_v.data();
+    args.hv_sb = hot_v.stride(0);
+    args.hv_sh = hot_v.stride(1);
+    args.hv_si = hot_v.stride(2);
+    args.hot_pos = static_cast<const int32_t*>(hot_pos.data());
+    args.hp_sb = hot_pos.stride(0);
+    args.hp_si = hot_pos.stride(1);
+    args.hot_rows = hot_v.size(2);
+    args.hot_dtype = hot_v.dtype == DType::kF32 ? 0 : hot_v.dtype == DType::kF16 ? 1 : 2;
+  }
   const kcache_ops::LowbitTailPlan plan =
       kcache_ops::plan_lowbit_tail(args, static_cast<int>(c.scalar("sms")),
                                    kcache_ops::kTailBlocksPerSm);
