@@ -166,9 +166,9 @@ def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_val
         had selected them: KCache's hot rows, attended exactly from the device (the counts
         :func:`qk_topn` skipped in its ranking).
     hot_v : Tensor [B, Hkv, H, D] float32, float16 or bfloat16, optional
-        Rows of V kept exactly on the device (KCache's hot rows), added with their exact weights
-        in the same call, so that a decode step needs no separate ops for them. Given with
-        ``hot_pos``.
+        Rows of V kept exactly on the device (KCache's hot rows; contiguous in D), added with
+        their exact weights in the same call, so that a decode step needs no separate ops for
+        them. Given with ``hot_pos``.
     hot_pos : Tensor [B, H] int32, optional
         The position of each row of ``hot_v``: slot ``i`` adds ``exp(s_pos − lse) ·
         hot_v[b, h / G, i]`` where ``0 <= pos < L_b`` (-1: an empty slot, left out). Checked
@@ -347,7 +347,9 @@ def _(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True, 
     _check_bits(bits)
     _check_skip(skip_first, skip_last)
     if (hot_v is None) != (hot_pos is None):
-        raise RuntimeError("hot_v and hot_pos must be given together")
+        raise RuntimeError("hot_v and hot_pos must be given together, got hot_v "
+                           f"{'None' if hot_v is None else 'set'} and hot_pos "
+                           f"{'None' if hot_pos is None else 'set'}")
     _check_fake("lowbit_tail", {"scores": (scores, 3), "seq_lens": (seq_lens, 1), "lse": (lse, 2),
                                 "indices": (indices, 3), "v_codes": (v_codes, 4),
                                 "v_meta": (v_meta, 4), "hot_v": (hot_v, 4),

@@ -1177,19 +1177,25 @@ def test_lowbit_tail_missing_barrier_is_caught(race_exe, site):
     assert all(re.search("race|not written in this block", e) for e in caught)
 
 
-@pytest.mark.parametrize("S, sms, H, dtype", [(700, 1, 5, torch.bfloat16),
-                                              (700, SMS, 64, torch.float16),
-                                              (700, SMS, 300, torch.float32),
-                                              (250, 1, 300, torch.bfloat16)])
-def test_lowbit_tail_hot_rows(race_exe, S, sms, H, dtype):
+@pytest.mark.parametrize("S, sms, H, dtype, G, D", [(700, 1, 5, torch.bfloat16, 3, 64),
+                                                    (700, SMS, 64, torch.float16, 3, 64),
+                                                    (700, SMS, 300, torch.float32, 3, 64),
+                                                    (250, 1, 300, torch.bfloat16, 3, 64),
+                                                    (700, SMS, 64, torch.bfloat16, 8, 128),
+                                                    (500, SMS, 64, torch.float32, 10, 128)])
+def test_lowbit_tail_hot_rows(race_exe, S, sms, H, dtype, G, D):
     """hot_v / hot_pos: each chunk's block adds its share of the slots (several chunks; one chunk
     of 250 keys taking 300 slots in 3 tiles of 128); empty slots with NaN rows, positions past
-    L_b with inf rows, repeats, rows of every float dtype; against the reference at the float32
-    tolerance."""
+    L_b with inf rows, repeats, rows of every float dtype; slices of 4 and 8 heads, G = 10 (a
+    slice of 2 after one of 8); hot_v strided in its slots; against the reference at the
+    float32 tolerance."""
     lens, first, last = [S, 233, 0], 4, 60
-    args = skipped_lowbit_case(len(lens), 2, 3, S, 64, 2, torch.float32, "cpu", lens, 24,
+    args = skipped_lowbit_case(len(lens), 2, G, S, D, 2, torch.float32, "cpu", lens, 24,
                                first, last)
-    hot_v, hot_pos = hot_rows_case(len(lens), 2, H, 64, S, lens, dtype, "cpu")
+    hot_v, hot_pos = hot_rows_case(len(lens), 2, H, D, S, lens, dtype, "cpu")
+    if G == 10:  # every other row of a buffer twice as long (NaN between): slot stride 2 · D
+        nan = torch.full_like(hot_v, float("nan"))
+        hot_v = torch.stack([hot_v, nan], 3).flatten(2, 3)[:, :, ::2]
     out = run_lowbit_tail(race_exe, *args, 2, sms=sms, skip_first=first, skip_last=last,
                           hot_v=hot_v, hot_pos=hot_pos)
     ref = R.lowbit_tail(*args, 2, first, last, hot_v, hot_pos)

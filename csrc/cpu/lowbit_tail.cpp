@@ -116,7 +116,7 @@ at::Tensor lowbit_tail_cpu(const at::Tensor& scores,    // [B, Hq, S] float32
   check_index_values(indices, dims.S, "v_codes");
   const at::Tensor hot_v = hot_v_arg.value_or(at::Tensor());      // undefined: none
   const at::Tensor hot_pos = hot_pos_arg.value_or(at::Tensor());
-  if (H > 0) {
+  if (hot_v.defined()) {  // given (even with no row, as the fake checks them)
     KC_CHECK_CPU("lowbit_tail", hot_v);
     KC_CHECK_CPU("lowbit_tail", hot_pos);
     check_index_values(hot_pos, dims.S, "v_codes", "hot_pos", "an empty slot");

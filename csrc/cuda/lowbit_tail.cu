@@ -36,7 +36,7 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
   KC_CHECK_DEVICE(indices, scores.device());
   KC_CHECK_DEVICE(v_codes, scores.device());
   KC_CHECK_DEVICE(v_meta, scores.device());
-  if (H > 0) {
+  if (hot_v.defined()) {  // given (checked with hot_pos even when it has no row, as the fake is)
     KC_CHECK_DEVICE(hot_v, scores.device());
     KC_CHECK_DEVICE(hot_pos, scores.device());
   }
@@ -51,8 +51,8 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
                   dims.N < (int64_t{1} << 31),
               "lowbit_tail: sizes out of range for the CUDA kernels: B=", dims.B, ", Hq=", dims.Hq,
               ", S=", dims.S, ", N=", dims.N);
-  TORCH_CHECK(H < (int64_t{1} << 31), "lowbit_tail: hot_v rows out of range for the CUDA "
-              "kernels: H=", H);
+  TORCH_CHECK(H < (int64_t{1} << 30), "lowbit_tail: hot_v rows out of range for the CUDA "
+              "kernels (below 2^30): H=", H);
 
   const c10::cuda::CUDAGuard guard(scores.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
