@@ -61,19 +61,23 @@ void tail_group(const float* s, int64_t s_head, int64_t s_key, const uint8_t* co
     }
   }
   tmp.acc.assign(G * kD, 0.f);
+  // head h's weight of key j, exp(s - lse) (<= 1 with qk_topn's lse): 0 for a NaN one, as in the
+  // reference, and for one that underflows (the key adds nothing); +inf the largest float
+  const auto weight = [&](int64_t h, int64_t j) {
+    const float p = std::exp(s[h * s_head + j * s_key] - lse[h * lse_stride]);
+    return p > 0.f ? std::min(p, std::numeric_limits<float>::max()) : 0.f;
+  };
   float v[kD];  // one dequantized row
   for (int64_t j = first; j < end; ++j) {
     bool have_row = false;  // dequantized once, for the first head that needs it
     for (int64_t h = 0; h < G; ++h) {
-      // exp(s - lse) <= 1 with qk_topn's lse; a NaN weight counts 0 as in the reference
-      const float p = std::exp(s[h * s_head + j * s_key] - lse[h * lse_stride]);
-      if (tmp.selected[h * L + j] || !(p > 0.f)) continue;
+      const float p = weight(h, j);
+      if (tmp.selected[h * L + j] || p == 0.f) continue;
       if (!have_row) {
         dequantize_row<kD>(codes + j * c_stride, meta + j * m_stride, bits, v);
         have_row = true;
       }
-      Isa::template axpy<float, kD>(tmp.acc.data() + h * kD,
-                                    std::min(p, std::numeric_limits<float>::max()), v);
+      Isa::template axpy<float, kD>(tmp.acc.data() + h * kD, p, v);
     }
   }
   for (int64_t i = 0; i < hot.count; ++i) {  // exact rows, added as a tail row would be
@@ -82,10 +86,8 @@ void tail_group(const float* s, int64_t s_head, int64_t s_key, const uint8_t* co
     KC_DISPATCH_FLOAT_HALF_BF16(hot.dtype, "hot_v", [&] {
       const scalar_t* row = static_cast<const scalar_t*>(hot.v) + i * hot.v_stride;
       for (int64_t h = 0; h < G; ++h) {
-        const float p = std::exp(s[h * s_head + j * s_key] - lse[h * lse_stride]);
-        if (!(p > 0.f)) continue;
-        Isa::template axpy<scalar_t, kD>(tmp.acc.data() + h * kD,
-                                         std::min(p, std::numeric_limits<float>::max()), row);
+        const float p = weight(h, j);
+        if (p != 0.f) Isa::template axpy<scalar_t, kD>(tmp.acc.data() + h * kD, p, row);
       }
     });
   }

@@ -65,7 +65,7 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
     if (H > 0) check_indices_on_device(hot_pos, dims.S, "v_codes", "hot_pos", "an empty slot");
   }
 
-  const LowbitTailArgs args{
+  LowbitTailArgs args{
       .scores = scores.data_ptr<float>(),
       .s_sb = scores.stride(0),
       .s_sh = scores.stride(1),
@@ -97,18 +97,19 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
       .D = dims.D,
       .N = dims.N,
       .bits = dims.bits,
-      .hot_v = H > 0 ? hot_v.data_ptr() : nullptr,
-      .hv_sb = H > 0 ? hot_v.stride(0) : 0,
-      .hv_sh = H > 0 ? hot_v.stride(1) : 0,
-      .hv_si = H > 0 ? hot_v.stride(2) : 0,
-      .hot_pos = H > 0 ? hot_pos.data_ptr<int32_t>() : nullptr,
-      .hp_sb = H > 0 ? hot_pos.stride(0) : 0,
-      .hp_si = H > 0 ? hot_pos.stride(1) : 0,
-      .hot_rows = H,
-      .hot_dtype = H == 0 || hot_v.scalar_type() == at::kFloat ? 0
-                   : hot_v.scalar_type() == at::kHalf         ? 1
-                                                              : 2,
   };
+  if (H > 0) {  // the hot rows; none: hot_rows 0
+    args.hot_v = hot_v.data_ptr();
+    args.hv_sb = hot_v.stride(0);
+    args.hv_sh = hot_v.stride(1);
+    args.hv_si = hot_v.stride(2);
+    args.hot_pos = hot_pos.data_ptr<int32_t>();
+    args.hp_sb = hot_pos.stride(0);
+    args.hp_si = hot_pos.stride(1);
+    args.hot_rows = H;
+    const at::ScalarType t = hot_v.scalar_type();
+    args.hot_dtype = t == at::kFloat ? 0 : t == at::kHalf ? 1 : 2;  // kernel's hot_element
+  }
   // the instance this call launches, and how many of its blocks fit on a multiprocessor
   const int group_slice = group_slice_width(dims.G);
   int blocks_per_sm = kTailBlocksPerSm;

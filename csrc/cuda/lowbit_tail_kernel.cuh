@@ -284,7 +284,8 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   const int t = lane % 4;  // its keys: t + 4u; it sums heads 2t and 2t + 1
 
   // The selection bitmap of the chunk, starting from the skipped keys (set for every head).
-  const int cold_end = max(0, clamped_len(p.seq_lens, p.seq_stride, b, p.s) - p.skip_last);
+  const int len = clamped_len(p.seq_lens, p.seq_stride, b, p.s);  // L_b
+  const int cold_end = max(0, len - p.skip_last);
   for (int i = threadIdx.x; i < GS * words; i += kTailThreads) {
     const int key0 = chunk_begin + (i % words) * 32;  // the word's first key
     selected[i / words][i % words] = low_bits(p.skip_first - key0) | ~low_bits(cold_end - key0);
@@ -448,8 +449,7 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
 #pragma unroll
   for (int k = 0; k < GS * D / kTailThreads; ++k) hot[k] = 0.0f;
   if (p.hot_rows > 0)
-    add_hot_rows<D, GS>(p, b, kvh, h0, gs, clamped_len(p.seq_lens, p.seq_stride, b, p.s),
-                        sh.sums.hot_w, hot);
+    add_hot_rows<D, GS>(p, b, kvh, h0, gs, len, sh.sums.hot_w, hot);
   // head h of this block: [D] at out + h * num_chunks * D
   float* out = p.partials + ((static_cast<int64_t>(b) * p.hq + h0) * p.num_chunks + blockIdx.x) * D;
 #pragma unroll

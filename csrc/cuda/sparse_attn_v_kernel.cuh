@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
     return sc[h * p.sc_sh + i * p.sc_sn];
   };
   // L_b clamped to [0, S], for the mean tail
-  const int len = p.v_sum != nullptr ? min(max(p.seq_lens[b * p.seq_stride], 0), p.s) : 0;
+  const int len = p.v_sum != nullptr ? clamped_len(p.seq_lens, p.seq_stride, b, p.s) : 0;
 
   // Softmax statistics, one warp per head (heads warp, warp + kWarps, ...), all heads at once:
   // lane-strided passes over the head's N entries and warp reductions, no block barrier (the

@@ -54,11 +54,11 @@ class NoTail:
                                  check_values=False)
         top = sparse_attn_v(scores, indices, v_host, lse, renormalize=False,
                             check_values=False)  # [B, Hq, D]
-        hot = hot.attend(lse, all_scores)  # their HotPart
-        out = hot.add_to(top.float())  # [B, Hq, D] float32
+        part = hot.attend(lse, all_scores)  # their HotPart
+        out = part.add_to(top.float())  # [B, Hq, D] float32
         if self.renormalize:  # a softmax over the top N and the hot rows together
             mass = (torch.exp(scores - lse[..., None]).sum(-1)
-                    + hot.weights.sum(-1).flatten(1))  # [B, Hq]; padding 0
+                    + part.weights.sum(-1).flatten(1))  # [B, Hq]; padding 0
             out = out / mass.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
         return out.to(top.dtype)
 
