@@ -269,7 +269,9 @@ def test_bad_options(options, error, message):
 
 def test_lens_out_of_range_are_rejected():
     cache = make("cpu")
-    Run(cache, "cpu", torch.float32).prefill()  # T = 17
+    k = torch.randn(len(LENS), HKV, max(LENS), D)  # [B, Hkv, T = 17, D]
+    for layer in range(LAYERS):
+        cache.store_prompt(layer, k, k, torch.tensor(LENS, dtype=torch.int32))
     with pytest.raises(ValueError, match="lens reach 18 tokens but the prompt had 17"):
         cache.finish_prefill(torch.tensor([18, 1, 1], dtype=torch.int32))
     with pytest.raises(ValueError, match="lens must be >= 0, got -2"):
@@ -297,6 +299,87 @@ def test_topn_beyond_the_capacity_and_an_empty_prompt():
     v1 = torch.randn(2, HKV, D)  # [B, Hkv, D]
     out = cache.decode(0, torch.randn(2, HQ, D), torch.randn(2, HKV, D), v1)  # [B, Hq, D]
     torch.testing.assert_close(out, v1.repeat_interleave(HQ // HKV, 1))
+
+
+@pytest.mark.parametrize("backend", ["kcache", "dense"])
+def test_a_prompt_given_up_is_replaced_by_the_next(backend):
+    """A prefill stopped part-way, or refused at its finish, is replaced by the next prefill
+    (a layer stored again starts a new prompt); finish_prefill refuses a prompt some layer has
+    not stored, and a second finish_prefill without a prompt."""
+    cache = make_cache(backend, tiny_config(), 2, 32, "cpu", torch.float32)
+    k = torch.randn(2, HKV, 6, D)  # [B, Hkv, T, D]
+    cache.store_prompt(0, k, k, torch.tensor([6, 4], dtype=torch.int32))  # then given up
+    lens = torch.tensor([5, 3], dtype=torch.int32)
+    for layer in range(LAYERS - 1):
+        cache.store_prompt(layer, k, k, lens)
+    with pytest.raises(ValueError, match=rf"storing the prompt of layers \[0, 1\] of {LAYERS}: "
+                                         "every layer must store the prompt first"):
+        cache.finish_prefill(lens)
+    cache.store_prompt(LAYERS - 1, k, k, lens)
+    with pytest.raises(ValueError, match="lens reach 7 tokens but the prompt had 6"):
+        cache.finish_prefill(torch.tensor([7, 3], dtype=torch.int32))
+    for layer in range(LAYERS):  # the same prompt again, after the refusal
+        cache.store_prompt(layer, k, k, lens)
+    cache.finish_prefill(lens)
+    assert cache.seq_lens.tolist() == [5, 3]
+    with pytest.raises(ValueError, match=r"layers \[\] of"):
+        cache.finish_prefill(lens)
+
+
+@pytest.mark.parametrize("backend", ["kcache", "dense"])
+def test_a_refused_decode_step_changes_nothing(backend):
+    """A step whose inputs are refused (dtype, device) stores nothing (the mean tail's sum
+    included) and does not count for finish_decode; the step then runs as if nothing had
+    happened."""
+    options = KCacheOptions(tail="mean", sinks=0, window=0) if backend == "kcache" else None
+    cache, twin = (make_cache(backend, tiny_config(), 2, 32, "cpu", torch.float32, options)
+                   for _ in range(2))
+    k = torch.randn(2, HKV, 6, D)  # [B, Hkv, T, D]
+    lens = torch.tensor([6, 2], dtype=torch.int32)
+    for c in (cache, twin):
+        for layer in range(LAYERS):
+            c.store_prompt(layer, k, k, lens)
+        c.finish_prefill(lens)
+    q, kv = torch.randn(2, HQ, D), torch.randn(2, HKV, D)  # [B, Hq, D], [B, Hkv, D]
+    for bad in ({"q": q.double()}, {"k": kv.half()}, {"v": kv.to("meta")}):
+        args = {"q": q, "k": kv, "v": kv, **bad}
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=rf"{name} must be torch.float32 on cpu \(the "
+                                             rf"cache's\), got"):
+            cache.decode(0, args["q"], args["k"], args["v"])
+    with pytest.raises(ValueError, match=r"layers \[\] of"):
+        cache.finish_decode()
+    outs = [cache.decode(layer, q, kv, kv) for layer in range(LAYERS)]
+    cache.finish_decode()
+    for layer in range(LAYERS):
+        torch.testing.assert_close(outs[layer], twin.decode(layer, q, kv, kv), atol=0, rtol=0)
+    twin.finish_decode()
+    assert cache.seq_lens.tolist() == twin.seq_lens.tolist() == [7, 3]
+    step = torch.randn(2, HQ, D), torch.randn(2, HKV, D)
+    torch.testing.assert_close(cache.decode(0, step[0], step[1], step[1]),
+                               twin.decode(0, step[0], step[1], step[1]), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("options", [KCacheOptions(), KCacheOptions(tail="none"),
+                                     KCacheOptions.paper_literal()],
+                         ids=["default", "none", "paper"])
+def test_decode_without_a_prompt_is_exact(options):
+    """Decode on a cache that has had no prefill is decode after an empty prompt: its first token
+    attends to itself (the hot rows' slots start empty, the first position in the first slot)."""
+    cache = KCache(tiny_config(), 2, 8, "cpu", torch.float32, options)
+    run = Run(cache, "cpu", torch.float32)
+    keys, values = [], []  # each [B, Hkv, D] per step
+    for _ in range(3):
+        q, k, v = run.rand(2, HQ, D), run.rand(2, HKV, D), run.rand(2, HKV, D)
+        out = cache.decode(0, q, k, v)  # [B, Hq, D]
+        for layer in range(1, LAYERS):
+            cache.decode(layer, q, k, v)
+        cache.finish_decode()
+        keys.append(k)
+        values.append(v)
+        for b in range(2):
+            want = exact_attention(q[b], torch.stack(keys, 2)[b], torch.stack(values, 2)[b])
+            torch.testing.assert_close(out[b].double(), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["kcache", "dense"])

@@ -83,7 +83,7 @@ class DenseCache:
         then :meth:`finish_prefill`."""
         check_layer_inputs(self.lengths.owner, self.k, self.num_heads, layer, True, k, v)
         t = k.shape[2]
-        self.lengths.store_prompt(t, lens)
+        self.lengths.store_prompt(layer, t, lens)
         self.k[layer][:, :, :t] = k
         self.v[layer][:, :, :t] = v
 
@@ -107,8 +107,8 @@ class DenseCache:
         q [B, Hq, D], k and v [B, Hkv, D] -> out [B, Hq, D].
         """
         check_layer_inputs(self.lengths.owner, self.k, self.num_heads, layer, False, k, v, q)
-        self.lengths.start_decode(layer)
-        return append_and_attend(self.lengths, self.k[layer], self.v[layer], q, k, v)
+        with self.lengths.decode_step(layer):
+            return append_and_attend(self.lengths, self.k[layer], self.v[layer], q, k, v)
 
     def finish_decode(self):
         """After the last layer's decode: every sequence holds one more token."""

@@ -84,6 +84,9 @@ class KCache:
                             f"{type(options).__name__}")
         self.device = torch.device(device)
         options.check(config.num_layers, self.device)
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):  # what the ops take
+            raise ValueError(f"KCache: dtype must be torch.float32, torch.float16 or "
+                             f"torch.bfloat16, got {dtype} (the dense cache takes any)")
         if config.head_dim not in (64, 128):  # what qk_topn and sparse_attn_v take
             raise ValueError(f"KCache: head_dim must be 64 or 128, got {config.head_dim} (the "
                              f"dense cache takes any)")
@@ -114,6 +117,8 @@ class KCache:
         # which position each hot slot holds: the same for every layer, kept once
         self.hot_slots = (HotSlots(options.sinks, options.window, batch, self.device)
                           if options.hot_rows and self.v_host else None)
+        if self.hot_slots is not None:  # until a prefill: the slots of empty sequences
+            self.hot_slots.start(self.lengths.seq_lens, self.lengths.positions)
         self.hot = {i: HotRows(self.hot_slots, batch, config.num_kv_heads, config.head_dim,
                                self.device, dtype)
                     for i in self.v_host if options.hot_rows}  # per KCache layer, if any
@@ -151,7 +156,7 @@ class KCache:
         """
         check_layer_inputs(self.lengths.owner, self.k, self.config.num_heads, layer, True, k, v)
         T = k.shape[2]
-        self.lengths.store_prompt(T, lens)
+        self.lengths.store_prompt(layer, T, lens)
         self.k[layer][:, :, :T] = k
         if layer in self.options.dense_layers:
             self.v_device[layer][:, :, :T] = v
@@ -198,9 +203,15 @@ class KCache:
         """
         check_layer_inputs(self.lengths.owner, self.k, self.config.num_heads, layer, False, k, v, q)
         lengths = self.lengths
-        lengths.start_decode(layer)
-        if layer in self.options.dense_layers:
-            return append_and_attend(lengths, self.k[layer], self.v_device[layer], q, k, v)
+        with lengths.decode_step(layer):
+            if layer in self.options.dense_layers:
+                return append_and_attend(lengths, self.k[layer], self.v_device[layer], q, k, v)
+            return self._kcache_step(layer, q, k, v)
+
+    def _kcache_step(self, layer, q, k, v):
+        """The decode step of a KCache layer (:meth:`decode`'s arguments): append, select,
+        attend -> out [B, Hq, D]."""
+        lengths = self.lengths
         pos = lengths.positions  # [B] long
         k_cache = self.k[layer]  # [B, Hkv, S, D]
         k_cache[lengths.rows, :, pos] = k

@@ -1,6 +1,8 @@
 """Tokens cached per sequence, the bookkeeping every cache shares: the lengths on the device, their
 maximum mirrored on the host (so no decode step syncs to check the capacity), and the capacity
 checks."""
+from contextlib import contextmanager
+
 import torch
 
 
@@ -30,6 +32,7 @@ class SeqLengths:
         self.owner = owner  # the cache's name, for errors
         self.capacity = capacity
         self.num_layers = num_layers
+        self._stored = set()  # the layers that have stored the prompt being prefilled
         self._decoded = set()  # the layers that have stored this step's token
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)  # [B]
         self.attend_lens = self.seq_lens + 1  # [B] int32
@@ -40,15 +43,20 @@ class SeqLengths:
         self.prompt_lens = None  # the lens the prompt's first layer was stored with (a copy)
         self._layers_differ = None  # [] bool on the device: a later layer's lens differed
 
-    def store_prompt(self, length, lens):
-        """A layer of a prompt of ``length`` tokens (right-padded; its shapes checked by
+    def store_prompt(self, layer, length, lens):
+        """``layer``'s part of a prompt of ``length`` tokens (right-padded; its shapes checked by
         :func:`check_layer_inputs`) and valid rows lens [B] is being stored: check it fits, and
         keep lens (the first layer's; whether a later layer's differ, on the device, no sync) for
-        :meth:`finish_prefill` to compare."""
+        :meth:`finish_prefill` to compare. A layer stored a second time starts a new prompt (the
+        one before was given up: a prefill stopped by an error, or refused at its finish)."""
         if length > self.capacity:
             raise ValueError(f"{self.owner}: capacity overflow: a prompt of {length} tokens "
                              f"exceeds the cache capacity ({self.capacity} tokens)")
         self._check_lens_tensor(lens)
+        if layer in self._stored:
+            self._stored.clear()
+            self.prompt_lens = self._layers_differ = None
+        self._stored.add(layer)
         self.prompt_len = length
         if self.prompt_lens is None:  # the prompt's first layer
             self.prompt_lens = lens.clone()
@@ -62,12 +70,15 @@ class SeqLengths:
         the lens the prompt was stored with).
 
         The one place the lengths are checked (one host sync, at prefill): the decode steps trust
-        them (KCache passes ``check_values=False`` to the ops)."""
+        them (KCache passes ``check_values=False`` to the ops). Refused unless every layer has
+        stored the prompt (a layer left out would attend over rows it never stored)."""
         self._check_lens_tensor(lens)
-        differ = torch.zeros((), dtype=torch.bool, device=lens.device)
-        if self.prompt_lens is not None:
-            differ = (lens != self.prompt_lens.to(lens.device)).any()
-            differ |= self._layers_differ.to(lens.device)
+        if len(self._stored) != self.num_layers:
+            raise ValueError(f"{self.owner}: finish_prefill after storing the prompt of layers "
+                             f"{sorted(self._stored)} of {self.num_layers}: every layer must "
+                             "store the prompt first")
+        differ = (lens != self.prompt_lens.to(lens.device)).any()
+        differ |= self._layers_differ.to(lens.device)
         shortest, longest, differ = torch.stack([*torch.aminmax(lens),
                                                  differ.to(lens.dtype)]).tolist()
         if shortest < 0:
@@ -80,6 +91,8 @@ class SeqLengths:
                              f"was stored with, {self.prompt_lens.tolist()} (at its first layer; "
                              "every layer must be stored with the same lens)")
         self.prompt_lens = self._layers_differ = None  # the next prompt starts afresh
+        self._stored.clear()
+        self._decoded.clear()  # a step left unfinished before this prompt is gone with it
         self.seq_lens.copy_(lens)
         self._set(longest)
 
@@ -91,13 +104,16 @@ class SeqLengths:
             raise ValueError(f"{self.owner}: lens must have shape {list(self.seq_lens.shape)} "
                              f"(one per cached sequence), got {list(lens.shape)}")
 
-    def start_decode(self, layer):
-        """Before ``layer``'s decode step: every sequence can take one more token; the layer
-        counts as stepped for :meth:`finish_decode`."""
+    @contextmanager
+    def decode_step(self, layer):
+        """Around ``layer``'s decode step: every sequence can take one more token; the layer
+        counts as stepped for :meth:`finish_decode` once the block ends without an error (a step
+        refused part-way does not count, and can be run again)."""
         if self.longest >= self.capacity:
             raise ValueError(f"{self.owner}: capacity overflow: a sequence of {self.longest} "
                              f"tokens cannot grow past the capacity of {self.capacity} tokens "
                              "(cache full)")
+        yield
         self._decoded.add(layer)
 
     def finish_decode(self):
@@ -124,12 +140,19 @@ def check_layer_inputs(owner, k_buffers, num_heads, layer, prompt, k, v, q=None)
     (the cache's K of each layer, [B, Hkv, S, D]); k, v [B, Hkv, T, D] of a prompt (``prompt``)
     or [B, Hkv, D] of a decode step, and q [B, num_heads, (T,) D], match it exactly (an index put
     would broadcast a size 1 into every sequence or head, and a prompt's attention would group
-    the heads otherwise). Shapes only, on the host: no sync."""
+    the heads otherwise), in its dtype and on its device (checked before anything is stored, so
+    that a refused step leaves the cache as it was). Shapes only, on the host: no sync."""
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(k_buffers):
         raise IndexError(f"{owner}: layer must be an int in [0, {len(k_buffers)}), got {layer!r}")
-    B, Hkv, _, D = k_buffers[layer].shape
+    cached = k_buffers[layer]  # [B, Hkv, S, D]
+    B, Hkv, _, D = cached.shape
     T = ([k.shape[2]] if k.dim() == 4 else ["T"]) if prompt else []  # a prompt's length
     for name, t, heads in (("k", k, Hkv), ("v", v, Hkv), ("q", q, num_heads)):
-        if t is not None and list(t.shape) != [B, heads, *T, D]:
+        if t is None:
+            continue
+        if list(t.shape) != [B, heads, *T, D]:
             raise ValueError(f"{owner}: {name} must have shape {[B, heads, *T, D]}, got "
                              f"{list(t.shape)}")
+        if t.dtype != cached.dtype or t.device != cached.device:
+            raise ValueError(f"{owner}: {name} must be {cached.dtype} on {cached.device} (the "
+                             f"cache's), got {t.dtype} on {t.device}")

@@ -21,8 +21,11 @@ class Cache(Protocol):
 
     A prompt goes in either through :meth:`prefill` (attend and store) for every layer, or through
     :meth:`store_prompt` (store only: K/V computed elsewhere, e.g. forked from one prefill) for
-    every layer; then :meth:`finish_prefill` once. Each decode step calls :meth:`decode` for every
-    layer, then :meth:`finish_decode` once. Overflowing the capacity raises ValueError.
+    every layer; then :meth:`finish_prefill` once (refused unless every layer stored the prompt;
+    a layer stored again starts a new prompt, so a prefill given up part-way is simply redone).
+    Each decode step calls :meth:`decode` for every layer, then :meth:`finish_decode` once (refused
+    unless every layer decoded; a decode refused for its inputs stores nothing). Decoding before
+    any prefill is decoding after an empty prompt. Overflowing the capacity raises ValueError.
     """
 
     seq_lens: torch.Tensor
