@@ -97,7 +97,8 @@ inline SparseAttnVDims check_sparse_attn_v_args(const at::Tensor& scores,
   TORCH_CHECK(renormalize || lse.has_value(),
               "lse is required when renormalize=False, got None");
   if (lse.has_value()) {
-    KC_CHECK_DTYPE(*lse, at::kFloat);
+    TORCH_CHECK(lse->scalar_type() == at::kFloat, "lse must be ", at::kFloat, ", got ",
+                lse->scalar_type());
     TORCH_CHECK(lse->dim() == 2 && lse->size(0) == B && lse->size(1) == Hq,
                 "lse must have shape [", B, ", ", Hq, "] (scores batch, heads), got ",
                 lse->sizes());

@@ -207,7 +207,8 @@ def quantize_rows(v, bits):
     """Each row of ``v`` to ``bits``-bit codes with its own scale and min (asymmetric min/max):
     the low-bit copy of V that the ``int2`` / ``int4`` tail reads.
 
-    ``scale = (max − min) / (2^bits − 1)`` and ``min`` are rounded to bfloat16 first; then
+    ``scale = (max − min) / (2^bits − 1)`` and ``min`` are rounded to bfloat16 first (a zero one
+    taken as +0, whichever signs the row's zeros have); then
     ``code_d = clamp(round_half_even((v_d − min) / scale), 0, 2^bits − 1)`` in float32 with the
     rounded values (0 where scale is 0), code ``d`` in byte ``d // (8 / bits)`` at bit
     ``(d % (8 / bits)) * bits``; bit for bit :func:`kcache_ops.reference.quantize_rows` on

@@ -110,7 +110,9 @@ def gather_rows(src, indices):
     src); rows for index -1 are zero.
     """
     B, H, N = indices.shape
-    Hs, D = src.shape[1], src.shape[3]
+    Hs, S, D = src.shape[1:]
+    if S == 0:  # an empty cache: every index is padding
+        return torch.zeros(B, H, N, D, dtype=src.dtype, device=indices.device)
     src = src.to(indices.device).repeat_interleave(H // Hs, dim=1)  # [B, H, S, D]
     idx = indices.long().clamp(min=0)[..., None].expand(B, H, N, D)  # [B, H, N, D]
     dst = torch.gather(src, 2, idx)  # [B, H, N, D]
@@ -169,15 +171,15 @@ def quantize_rows(v, bits):
     -> codes [..., D * bits / 8] uint8, meta [..., 2] bfloat16 (scale, min).
 
     ``scale = (max − min) / (2^bits − 1)`` and ``min`` are rounded to bfloat16 first (a finite max
-    and min clamped to ``±QUANT_RANGE``); then
+    and min clamped to ``±QUANT_RANGE``, a zero one taken as +0); then
     ``code_d = clamp(round_half_even((v_d − min) / scale), 0, 2^bits − 1)`` in float32 with the
     rounded values (0 where scale is 0). Code ``d`` sits in byte ``d // (8 / bits)`` at bit
     ``(d % (8 / bits)) * bits``.
     """
     x = v.float()  # [..., D]
     levels = (1 << bits) - 1
-    lo, hi = (torch.where(t.isfinite(), t.clamp(-QUANT_RANGE, QUANT_RANGE), t)
-              for t in (x.amin(-1), x.amax(-1)))  # [...] each; finite ones within the range
+    lo, hi = (torch.where(t.isfinite(), t.clamp(-QUANT_RANGE, QUANT_RANGE) + 0.0, t)
+              for t in (x.amin(-1), x.amax(-1)))  # [...] each; finite ones within the range, +0
     meta = torch.stack([(hi - lo) / levels, lo], -1).to(torch.bfloat16)  # [..., 2]
     step, base = meta[..., 0].float()[..., None], meta[..., 1].float()[..., None]  # [..., 1]
     code = torch.where(step > 0, torch.round((x - base) / step), 0.0).clamp(0, levels)

@@ -27,7 +27,7 @@ from test_lowbit_tail import reference_scores as lowbit_reference_scores
 from test_lowbit_tail import skipped_case as skipped_lowbit_case
 from test_lowbit_tail import v_near_the_float_range
 from test_qk_topn import check_top_p, check_topn, make_qk
-from test_quantize_rows import extreme_rows, make_rows
+from test_quantize_rows import extreme_rows, make_rows, signed_zero_rows
 from test_sparse_attn_v import check_attn, make_selection, make_tail_case, overlapping_indices
 from test_sparse_attn_v import check_tail as check_mean_tail
 
@@ -708,6 +708,13 @@ def test_quantize_rows_near_the_float_range(race_exe, dtype, bits):
     """Finite rows up to the dtype's largest value, spans past the float range: the kernel clamps
     the max and min to ±2^125 as the reference does, bit for bit, and the meta is finite."""
     check_quantize_emu(race_exe, extreme_rows(dtype, "cpu"), bits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_rows_signed_zeros(race_exe, dtype):
+    """A zero min or max held as both -0 and +0: the kernel's meta is the reference's (+0)."""
+    for bits in (2, 4):
+        check_quantize_emu(race_exe, signed_zero_rows(dtype, "cpu"), bits)
 
 
 @pytest.mark.parametrize("bits", [2, 4])

@@ -31,10 +31,13 @@ def test_matches_reference(device, dtype, G, D):
     check_gather(src, make_indices(2, 2 * G, 97, 1025, device))
 
 
-def test_all_padding_gives_zeros(device):
-    src = host_tensor(torch.randn(1, 2, 10, 64), device)
+@pytest.mark.parametrize("S", [10, 0], ids=["rows", "empty_cache"])
+def test_all_padding_gives_zeros(device, S):
+    """Indices all -1 give zero rows, also from a cache of no rows (the reference too)."""
+    src = host_tensor(torch.randn(1, 2, S, 64), device)
     indices = torch.full((1, 4, 5), -1, dtype=torch.int32, device=device)
     assert torch.equal(kcache_ops.gather_rows(src, indices).cpu(), torch.zeros(1, 4, 5, 64))
+    check_gather(src, indices)
 
 
 def test_strided_inputs(device, dtype):

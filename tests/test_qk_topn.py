@@ -231,6 +231,26 @@ def test_subnormal_group_mass_as_reference(device):
     assert ref[0, 0, 1] == S - 1 and torch.equal(idx.cpu(), ref)
 
 
+def test_a_best_score_of_zero_with_denormals_flushed(device):
+    """With denormals flushed (torch.set_flush_denormal), a key scoring exactly 0 is still
+    selected where it is among the top n: the CPU selection's threshold just under a tile max of
+    0 is not a subnormal (one would read as 0 and drop the key that equals the max)."""
+    S, n = 192, 2  # 3 tiles of 64 keys: the threshold starts at the 2nd largest tile max, 0
+    q = torch.zeros(1, 1, 64)  # [B, Hq, D]
+    q[0, 0, 0] = 1.0
+    k = torch.zeros(1, 1, S, 64)  # [B, Hkv, S, D]: scores -1, but 5 at key 10 and 0 at key 70
+    k[0, 0, :, 0] = -1.0
+    k[0, 0, 10, 0], k[0, 0, 70, 0] = 5.0, 0.0
+    lens = seq_lens_tensor([S], device)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        _, idx, _ = kcache_ops.qk_topn(q.to(device), k.to(device), lens, n, 1.0)
+    finally:
+        torch.set_flush_denormal(False)
+    assert idx.cpu().tolist() == [[[10, 70]]]
+
+
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_overflowing_scores_as_reference(device, group_select):
     """Finite q and K whose dot products overflow float32: lse as torch.logsumexp gives it, -inf

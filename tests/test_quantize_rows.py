@@ -112,6 +112,30 @@ def test_constant_rows_get_scale_zero(device, dtype):
     assert torch.equal(meta[:, 1], v[:, 0].to(torch.bfloat16))
 
 
+def signed_zero_rows(dtype, device):
+    """[6, 64] rows whose min or max is a zero held as both -0 and +0, in both orders (which one
+    an fmin keeps depends on the order): zeros and positives, zeros and negatives, zeros only."""
+    v = make_rows((6, 64), torch.float32, "cpu").abs() + 0.5  # [6, 64], > 0
+    v[0, 3], v[0, 40] = -0.0, 0.0
+    v[1, 3], v[1, 40] = 0.0, -0.0
+    v[2] = -v[2]
+    v[2, 5], v[2, 60] = -0.0, 0.0
+    v[3] = -v[3]
+    v[3, 5], v[3, 60] = 0.0, -0.0
+    v[4] = torch.where(torch.arange(64) % 3 == 0, -0.0, 0.0)
+    v[5] = torch.where(torch.arange(64) % 3 == 0, 0.0, -0.0)
+    return v.to(dtype).to(device)
+
+
+def test_signed_zeros(device, dtype):
+    """A zero min or max is taken as +0 whatever the signs of the row's zeros: the meta equals
+    the reference's bit for bit (no -0 scale or min)."""
+    for bits in BITS:
+        _, meta = check_quantize(signed_zero_rows(dtype, device), bits)
+        assert not torch.signbit(meta[[0, 1, 4, 5], 1]).any()  # the min, 0
+        assert not torch.signbit(meta[[4, 5], 0]).any()  # the scale, 0
+
+
 def extreme_rows(dtype, device):
     """[6, 64] finite rows near the float range: both signs up to 3.4e38 (a span past the float
     range), one sign only, all beyond 2^125, and one within it (untouched by the clamp)."""

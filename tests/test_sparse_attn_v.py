@@ -99,6 +99,18 @@ def test_no_valid_entry_gives_zeros(device, renormalize):
 
 
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])
+def test_empty_cache_gives_zeros(device, renormalize):
+    """A cache of no rows (S = 0, every index -1): zeros, as the reference gives."""
+    scores = torch.full((2, 4, 3), float("-inf"), device=device)  # [B, Hq, N]
+    indices = torch.full((2, 4, 3), -1, dtype=torch.int32, device=device)  # [B, Hq, N]
+    lse = torch.full((2, 4), float("-inf"), device=device)  # [B, Hq]
+    v = host_tensor(torch.randn(2, 2, 0, 64), device)  # [B, Hkv, 0, D]
+    out = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize)
+    assert torch.equal(out.cpu(), torch.zeros(2, 4, 64))
+    check_attn(scores, indices, v, lse, renormalize, out, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])
 def test_rows_near_the_float_range_stay_finite(device, renormalize):
     """Finite rows of magnitude up to 3e38: the weights are normalised before they meet V, so the
     output, a convex combination of the rows, stays finite (summed first and divided at the end,

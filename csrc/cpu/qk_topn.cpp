@@ -84,6 +84,11 @@ void top_n(const float* keys, int64_t len, int64_t n, TopN& top) {
     std::nth_element(top.ranked.begin(), top.ranked.begin() + (n - 1), top.ranked.end(),
                      std::greater<float>());
     thr = std::nextafter(top.ranked[n - 1], kNegInf);
+    // never a subnormal: with denormals flushed (torch.set_flush_denormal) one just under a max
+    // of 0 reads as 0, and a key equal to that max would fail `key > thr` (a comparison, not
+    // fpclassify, which under that mode takes a subnormal for 0 too)
+    constexpr float kNormal = std::numeric_limits<float>::min();
+    if (std::fabs(thr) < kNormal) thr = -kNormal;
   }
   top.best.clear();
   const int64_t first = std::min(len, n);  // always candidates, so min(n, len) come out

@@ -17,11 +17,12 @@ namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 // A finite row's min and max are taken within [-kRange, kRange] (reference.QUANT_RANGE): its
-// scale, min and every dequantised value stay finite (values beyond get the end codes).
+// scale, min and every dequantised value stay finite (values beyond get the end codes). A zero is
+// made +0 (`+ 0.0f`): which of -0 and +0 fmin gives depends on the order, the meta must not.
 constexpr float kRange = 0x1p125f;
 
 inline float within_range(float x) {
-  return std::isfinite(x) ? std::fmin(std::fmax(x, -kRange), kRange) : x;
+  return std::isfinite(x) ? std::fmin(std::fmax(x, -kRange), kRange) + 0.0f : x;
 }
 
 // The code of one value: round half to even of (x - base) / step in float32 (0 where step is not

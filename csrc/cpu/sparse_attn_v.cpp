@@ -123,12 +123,12 @@ at::Tensor sparse_attn_v_cpu(const at::Tensor& scores,   // [B, Hq, N] float32
   KC_CHECK_CPU("sparse_attn_v", scores);
   KC_CHECK_CPU("sparse_attn_v", indices);
   KC_CHECK_CPU("sparse_attn_v", v_cache);
-  if (lse.has_value()) KC_CHECK_CPU("sparse_attn_v", *lse);
-  if (dims.tail) {
-    KC_CHECK_CPU("sparse_attn_v", *v_sum);
-    KC_CHECK_CPU("sparse_attn_v", *seq_lens);
-    check_seq_lens_values(*seq_lens, dims.S, "v_cache");
-  }
+  const std::pair<const char*, const std::optional<at::Tensor>*> optional_args[] = {
+      {"lse", &lse}, {"v_sum", &v_sum}, {"seq_lens", &seq_lens}};
+  for (const auto& [name, t] : optional_args)  // by name: the macro would print "*lse"
+    TORCH_CHECK(!t->has_value() || (*t)->device().is_cpu(), "sparse_attn_v: ", name,
+                " must be on cpu, got ", (*t)->device());
+  if (dims.tail) check_seq_lens_values(*seq_lens, dims.S, "v_cache");
   check_index_values(indices, dims.S, "v_cache");
   at::Tensor out = at::empty({dims.B, dims.Hq, dims.D}, v_cache.options());  // [B, Hq, D]
   KC_DISPATCH_FLOAT_HALF_BF16(v_cache.scalar_type(), "sparse_attn_v", [&] {

@@ -39,9 +39,10 @@ struct QuantRowsParams {
   int d, code_bytes;                  // code_bytes = d * kBits / 8
 };
 
-// x clamped to [-kQuantRange, kQuantRange] where finite (an infinite min or max stays as it is).
+// x clamped to [-kQuantRange, kQuantRange] where finite (an infinite min or max stays as it is),
+// a zero made +0: which of -0 and +0 fminf gives depends on the order, the meta must not.
 __device__ __forceinline__ float within_quant_range(float x) {
-  return isfinite(x) ? fminf(fmaxf(x, -kQuantRange), kQuantRange) : x;
+  return isfinite(x) ? fminf(fmaxf(x, -kQuantRange), kQuantRange) + 0.0f : x;
 }
 
 // The code of one value: rintf((x - base) / step) (0 unless step > 0), clamped to [0, levels].

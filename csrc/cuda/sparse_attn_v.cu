@@ -30,7 +30,8 @@ at::Tensor sparse_attn_v_cuda(
       check_sparse_attn_v_args(scores, indices, v_cache, lse, renormalize, v_sum, seq_lens);
   TORCH_CHECK(scores.is_cuda(), "scores must be a CUDA tensor, got ", scores.device());
   KC_CHECK_DEVICE(indices, scores.device());
-  if (lse.has_value()) KC_CHECK_DEVICE((*lse), scores.device());
+  TORCH_CHECK(!lse.has_value() || lse->device() == scores.device(), "sparse_attn_v: lse must be on ",
+              scores.device(), " (the device of scores), got ", lse->device());
   if (dims.tail) {
     TORCH_CHECK(v_sum->device() == scores.device(), "sparse_attn_v: v_sum must be on ",
                 scores.device(), " (the device of scores), got ", v_sum->device());
