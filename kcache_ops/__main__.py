@@ -1,4 +1,6 @@
-"""Command line: ``python -m kcache_ops {generate,demo,eval,bench} ...`` (also ``kcache-ops``).
+"""Command line: ``python -m kcache_ops {generate,demo,eval,bench} ...``
+
+Installed with pip, also ``kcache-ops``.
 
 Each subcommand lives in kcache_ops/cli/<name>.py with ``add_arguments(parser)`` and ``run(args)``.
 """

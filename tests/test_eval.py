@@ -256,3 +256,14 @@ def test_options_summary_compares_each_option_with_the_configuration_without_it(
     assert "* **tail=int2**" in text and "3 of 3 at the short context" in text
     assert "* **top_p**" in text and "0 of 1 at the short context, 1 of 1 at the long" in text
     assert "40.5 host rows" in text
+
+
+def test_report_only_into_a_new_folder(tmp_path, capsys):
+    """`eval --report-only --out DIR` creates DIR and writes the report there (nothing measured
+    yet: it says what has not run)."""
+    from kcache_ops.__main__ import main
+    out = tmp_path / "new" / "folder"
+    assert main(["eval", "--report-only", "--out", str(out)]) == 0
+    text = (out / "REPORT.md").read_text()
+    assert "Not run yet: `python -m kcache_ops eval`." in text
+    assert "has not run yet; on a GPU:" in text

@@ -79,7 +79,9 @@ def test_bad_arguments(loaded):
                    {"on_text": print}):
         with pytest.raises(ValueError):
             generate(model, PROMPTS, **{"max_new_tokens": 4, **kwargs})
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        generate(model, PROMPTS, 0)
+    with pytest.raises(ValueError, match=r"no empty one, got token counts \[1, 0\]"):
         generate(model, [[1], []], 4)
 
 
@@ -132,6 +134,9 @@ def test_token_ids_outside_the_vocabulary(loaded):
     (["bench", "--small", "--budget", "-1"], r"expected a number in \(0.0, inf\)"),
     (["bench", "--small", "--contexts", "0"], "expected comma-separated integers >= 1"),
     (["eval", "--quick", "--prefill", "0"], "expected an integer >= 1"),
+    (["generate", "--prompt", "hi", "--device", "tpu"], "expected cpu, cuda or cuda:N, got 'tpu'"),
+    (["bench", "--small", "--device", "cuda:64"],
+     r"'cuda:64': this machine has \d+ CUDA device\(s\) torch can use"),
 ])
 def test_cli_bad_values_are_usage_errors(argv, message, capsys):
     """A value a flag cannot take is refused by the flag's parser, before any model loads."""

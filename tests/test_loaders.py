@@ -74,6 +74,19 @@ def test_tokenizers_of_both_formats(tmp_path, hf_folder):
     assert from_gguf.encode_prompt("hi", chat=True)[:2] == [1, from_gguf.encode("user")[0]]
 
 
+def test_chat_template_in_its_own_file(tmp_path, hf_folder):
+    """transformers 5 saves the chat template as chat_template.jinja, not in
+    tokenizer_config.json: the folder's tokenizer renders chats from it all the same."""
+    folder, _ = hf_folder
+    for name in ("tokenizer.json", "config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (tmp_path / "chat_template.jinja").write_text(config.pop("chat_template"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    _, tokenizer = load_model(tmp_path, "cpu")
+    assert tokenizer.render_chat("hi") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
 def test_default_dtype_and_device(hf_folder):
     model, _ = load_model(hf_folder[0])
     expected = "cuda" if torch.cuda.is_available() else "cpu"

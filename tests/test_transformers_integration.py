@@ -348,3 +348,35 @@ def test_eval_command_with_the_transformers_engine(tmp_path, monkeypatch):
     assert kc["long"]["perplexity"]["ppl"] == pytest.approx(dense["long"]["perplexity"]["ppl"],
                                                            rel=1e-4)
     assert "via transformers" in (out / "REPORT.md").read_text()
+
+
+def test_engine_checks_a_checkpoint_before_transformers_loads_it(tmp_path, monkeypatch):
+    """load_transformers_model refuses what our own loader refuses, with its one-line errors
+    (a GGUF of another architecture, a truncated safetensors file), and takes a GGUF named
+    relative to the working folder (transformers gets its folder as an absolute path)."""
+    import gguf
+    import numpy as np
+
+    from kcache_ops.integrations.transformers_engine import load_transformers_model
+    from kcache_ops.model import CheckpointError, UnsupportedModelError
+    from kcache_ops.model.load import default_model_path
+    from model_helpers import save_tiny_hf
+    other = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
+    other.add_block_count(1)
+    other.add_tensor("token_embd.weight", np.ones((10, 64), np.float32))
+    for write in (other.write_header_to_file, other.write_kv_data_to_file,
+                  other.write_tensors_to_file, other.close):
+        write()
+    with pytest.raises(UnsupportedModelError, match="GGUF architecture 'gpt2'; KCache runs in "
+                                                    "transformers: llama, "):
+        load_transformers_model(tmp_path / "gpt2.gguf", "cpu")
+    folder = tmp_path / "hf"
+    save_tiny_hf(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="the header declares .* truncated or corrupt"):
+        load_transformers_model(folder, "cpu")
+    (tmp_path / "smol.gguf").symlink_to(default_model_path())
+    monkeypatch.chdir(tmp_path)
+    decoder, _ = load_transformers_model("smol.gguf", "cpu")
+    assert decoder.config.num_layers == 30

@@ -4,6 +4,8 @@ import argparse
 import math
 from dataclasses import fields, replace
 
+import torch
+
 from ..caches import KCacheOptions
 from ..devices import DTYPES
 
@@ -51,6 +53,23 @@ def bounded_float(low, high, low_open=False):
     return parse
 
 
+def device(text):
+    """A device the models run on: ``cpu``, or ``cuda`` / ``cuda:N`` where this machine has that
+    GPU (checked before any model is loaded) -> torch.device."""
+    try:
+        value = torch.device(text)
+    except RuntimeError:
+        value = None
+    if value is None or value.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if value.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (value.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA "
+                                             "device(s) torch can use")
+    return value
+
+
 def add_model_arguments(parser):
     """--model, and the device arguments (:func:`add_device_arguments`)."""
     parser.add_argument("--model", help="a .gguf file or a Hugging Face folder "
@@ -61,7 +80,8 @@ def add_model_arguments(parser):
 def add_device_arguments(parser, dtype_default=None):
     """--device, --dtype (default ``dtype_default``; None: bfloat16 on CUDA, float32 on the CPU,
     as load_model picks)."""
-    parser.add_argument("--device", help="default: cuda where available, else cpu")
+    parser.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: cuda where "
+                                                      "available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=dtype_default,
                         help=f"default: {dtype_default}" if dtype_default else
                         "default: bfloat16 on CUDA, float32 on the CPU")

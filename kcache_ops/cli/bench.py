@@ -10,8 +10,6 @@ import os
 import shlex
 import sys
 
-import torch
-
 from .. import report
 from ..devices import default_device
 from ..results import SMOKE_DIR, machine, out_dir, write_json
@@ -58,7 +56,7 @@ def add_arguments(parser):
 
 def run(args):
     args.out = out_dir(args.out, args.small)
-    device = torch.device(args.device) if args.device else default_device()
+    device = args.device or default_device()
     models = args.models.split(",") if args.models else ["tiny"] if args.small else DEFAULT_MODELS
     unknown = [m for m in models if m not in SHAPES]
     if unknown:

@@ -114,6 +114,7 @@ def configs(args):
 def run(args):
     args.out = out_dir(args.out, args.quick)
     if args.report_only:
+        os.makedirs(args.out, exist_ok=True)
         report.write(args.out)
         print(f"# wrote {os.path.join(args.out, 'REPORT.md')}")
         return

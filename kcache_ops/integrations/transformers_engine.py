@@ -13,11 +13,12 @@ from types import SimpleNamespace
 import torch
 
 from ..devices import default_device
-from ..model.errors import CheckpointError
-from ..model.gguf_loader import open_gguf
+from ..model.errors import CheckpointError, UnsupportedModelError
+from ..model.gguf_loader import metadata, open_gguf
+from ..model.hf import check_safetensors, shard_files
 from ..model.load import default_model_path
 from ..model.tokenizer import Tokenizer
-from .transformers import CacheBridge, head_dim_of, enable
+from .transformers import SUPPORTED_MODEL_TYPES, CacheBridge, head_dim_of, enable
 
 
 def cache_arg(model):
@@ -106,20 +107,28 @@ def load_transformers_model(path=None, device=None, dtype=None):
     available; dtype default: bfloat16 on CUDA, float32 on the CPU.
     """
     import transformers
-    path = default_model_path() if path is None else os.fspath(path)
+    path = os.path.abspath(default_model_path() if path is None else os.fspath(path))
     device = default_device() if device is None else torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     load = dict(attn_implementation="kcache", dtype=dtype)
     if os.path.isdir(path):
+        for shard in shard_files(path):  # a truncated download fails here, with the numbers
+            check_safetensors(shard)
         model = transformers.AutoModelForCausalLM.from_pretrained(path, **load)
         eos = model.generation_config.eos_token_id
         tokenizer = Tokenizer.from_folder(path, eos if isinstance(eos, list) else
                                           () if eos is None else (eos,))
     elif os.path.isfile(path):
+        reader = open_gguf(path)  # a file that is not GGUF fails here
+        arch = metadata(reader).get("general.architecture")
+        if arch not in SUPPORTED_MODEL_TYPES:  # before transformers maps its tensors onto one
+            raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r}; KCache runs in "
+                                        f"transformers: {', '.join(SUPPORTED_MODEL_TYPES)}")
         model = transformers.AutoModelForCausalLM.from_pretrained(
             os.path.dirname(path), gguf_file=os.path.basename(path), **load)
-        tokenizer = Tokenizer.from_gguf(open_gguf(path))
+        tokenizer = Tokenizer.from_gguf(reader)
     else:
         raise CheckpointError(f"no such model file or folder: {path}")
     return TransformersDecoder(model.to(device)), tokenizer
+

@@ -72,8 +72,9 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder: str, eos_ids=()) -> "Tokenizer":
-        """From ``tokenizer.json`` (and ``tokenizer_config.json`` if present) in ``folder``;
-        ``eos_ids`` from the model config are added to the tokenizer's own EOS."""
+        """From ``tokenizer.json`` (and ``tokenizer_config.json`` if present) in ``folder``, the
+        chat template from ``tokenizer_config.json`` or else ``chat_template.jinja``; ``eos_ids``
+        from the model config are added to the tokenizer's own EOS."""
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(path):
             raise CheckpointError(f"no tokenizer.json in {folder}")
@@ -95,6 +96,10 @@ class Tokenizer:
         if isinstance(template, list):  # named templates: take "default", else the first
             template = next((t["template"] for t in template if t["name"] == "default"),
                             template[0]["template"])
+        jinja = os.path.join(folder, "chat_template.jinja")  # where transformers 5 saves it
+        if template is None and os.path.isfile(jinja):
+            with open(jinja) as f:
+                template = f.read()
         eos = token_id("eos_token")
         return cls(tok, token_id("bos_token"),
                    tuple(eos_ids) + ((eos,) if eos is not None and eos not in eos_ids else ()),
