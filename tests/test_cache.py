@@ -304,11 +304,14 @@ def test_topn_beyond_the_capacity_and_an_empty_prompt():
 @pytest.mark.parametrize("backend", ["kcache", "dense"])
 def test_a_prompt_given_up_is_replaced_by_the_next(backend):
     """A prefill stopped part-way, or refused at its finish, is replaced by the next prefill
-    (a layer stored again starts a new prompt); finish_prefill refuses a prompt some layer has
-    not stored, and a second finish_prefill without a prompt."""
+    (a layer stored again starts a new prompt); decode is refused while a prompt is half
+    stored, finish_prefill for a prompt some layer has not stored, and a second finish_prefill
+    without a prompt."""
     cache = make_cache(backend, tiny_config(), 2, 32, "cpu", torch.float32)
     k = torch.randn(2, HKV, 6, D)  # [B, Hkv, T, D]
     cache.store_prompt(0, k, k, torch.tensor([6, 4], dtype=torch.int32))  # then given up
+    with pytest.raises(ValueError, match=r"decode while a prompt is stored for layers \[0\]"):
+        cache.decode(0, torch.randn(2, HQ, D), k[:, :, 0], k[:, :, 0])
     lens = torch.tensor([5, 3], dtype=torch.int32)
     for layer in range(LAYERS - 1):
         cache.store_prompt(layer, k, k, lens)

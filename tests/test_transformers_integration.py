@@ -352,8 +352,9 @@ def test_eval_command_with_the_transformers_engine(tmp_path, monkeypatch):
 
 def test_engine_checks_a_checkpoint_before_transformers_loads_it(tmp_path, monkeypatch):
     """load_transformers_model refuses what our own loader refuses, with its one-line errors
-    (a GGUF of another architecture, a truncated safetensors file), and takes a GGUF named
-    relative to the working folder (transformers gets its folder as an absolute path)."""
+    (a GGUF of another architecture, a truncated safetensors file), leaves a folder without
+    safetensors to transformers (which takes other formats too), and takes a GGUF named relative
+    to the working folder (transformers gets its folder as an absolute path)."""
     import gguf
     import numpy as np
 
@@ -376,6 +377,9 @@ def test_engine_checks_a_checkpoint_before_transformers_loads_it(tmp_path, monke
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="the header declares .* truncated or corrupt"):
         load_transformers_model(folder, "cpu")
+    weights.unlink()
+    with pytest.raises(OSError, match="no file named model.safetensors, or pytorch_model.bin"):
+        load_transformers_model(folder, "cpu")  # transformers' own search for the weights
     (tmp_path / "smol.gguf").symlink_to(default_model_path())
     monkeypatch.chdir(tmp_path)
     decoder, _ = load_transformers_model("smol.gguf", "cpu")

@@ -106,9 +106,15 @@ class SeqLengths:
 
     @contextmanager
     def decode_step(self, layer):
-        """Around ``layer``'s decode step: every sequence can take one more token; the layer
-        counts as stepped for :meth:`finish_decode` once the block ends without an error (a step
-        refused part-way does not count, and can be run again)."""
+        """Around ``layer``'s decode step: no prompt is half stored, every sequence can take one
+        more token; the layer counts as stepped for :meth:`finish_decode` once the block ends
+        without an error. (A step refused for its inputs, by :func:`check_layer_inputs`, has
+        stored nothing and can be run again; one that fails inside an op has written the new
+        token's rows, which a rerun writes again, and the mean tail's sum has counted it.)"""
+        if self._stored:
+            raise ValueError(f"{self.owner}: decode while a prompt is stored for layers "
+                             f"{sorted(self._stored)} of {self.num_layers}: store every layer's "
+                             "prompt and finish_prefill first")
         if self.longest >= self.capacity:
             raise ValueError(f"{self.owner}: capacity overflow: a sequence of {self.longest} "
                              f"tokens cannot grow past the capacity of {self.capacity} tokens "
@@ -141,7 +147,8 @@ def check_layer_inputs(owner, k_buffers, num_heads, layer, prompt, k, v, q=None)
     or [B, Hkv, D] of a decode step, and q [B, num_heads, (T,) D], match it exactly (an index put
     would broadcast a size 1 into every sequence or head, and a prompt's attention would group
     the heads otherwise), in its dtype and on its device (checked before anything is stored, so
-    that a refused step leaves the cache as it was). Shapes only, on the host: no sync."""
+    that a refused step leaves the cache as it was). Shapes, dtypes and devices, on the host: no
+    sync."""
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(k_buffers):
         raise IndexError(f"{owner}: layer must be an int in [0, {len(k_buffers)}), got {layer!r}")
     cached = k_buffers[layer]  # [B, Hkv, S, D]

@@ -98,8 +98,8 @@ class KCacheOptions:
         if self.tail == "mean" and self.hot_rows:
             raise ValueError(f"KCache: the mean tail takes the mean of every row not read from "
                              f"host RAM, hot rows included; use sinks/window with tail none, int2 "
-                             f"or int4, or the mean tail with sinks=0 and window=0 (--sinks 0 "
-                             f"--window 0) (got sinks={self.sinks}, window={self.window})")
+                             f"or int4, or the mean tail with sinks=0 and window=0 (got "
+                             f"sinks={self.sinks}, window={self.window})")
         try:
             layers = tuple(self.dense_layers)
         except TypeError:  # a bare int, say

@@ -32,12 +32,15 @@ def read_config(folder: str) -> LlamaConfig:
         raise CheckpointError(f"{path}: not a usable model config ({e})") from e
 
 
+SAFETENSORS_NAMES = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards
+
+
 def shard_files(folder: str) -> list[str]:
     """Paths of the safetensors files holding the weights of ``folder``."""
-    single = os.path.join(folder, "model.safetensors")
+    single = os.path.join(folder, SAFETENSORS_NAMES[0])
     if os.path.isfile(single):
         return [single]
-    index = os.path.join(folder, "model.safetensors.index.json")
+    index = os.path.join(folder, SAFETENSORS_NAMES[1])
     if not os.path.isfile(index):
         raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {folder}")
     with open(index) as f:
