@@ -18,12 +18,14 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_value
     seq_lens : Tensor [B] int32
         Valid keys per sequence, ``0 <= L_b <= S``.
     n : int
-        How many entries to keep per head (>= 1).
+        How many entries to keep per head (>= 1; on CUDA at most 4096, ``caches.MAX_TOPN``).
     scale : float, optional
         Defaults to ``1 / sqrt(D)``.
     group_select : bool
         False: each query head keeps its own top ``n``. True: one index set per KV head, ranked by
-        the attention mass the key carries for the whole group, ``Σ_h exp(s_h − lse_h)``.
+        the attention mass the key carries for the whole group, ``Σ_h exp(s_h − lse_h)`` (on
+        CUDA for groups of at most 128 heads). With ``top_p`` below 1 each head then cuts that
+        shared list to its own prefix, so the heads of a group may keep different lengths.
     check_values : bool
         True: a ``seq_lens`` value outside ``[0, S]`` raises an error naming it. On CUDA this reads
         the values back, a device→host synchronisation per call (also skipped under CUDA graph
@@ -115,7 +117,8 @@ def gather_rows(src, indices):
     Parameters
     ----------
     src : Tensor [B, Hs, S, D]
-        On the CUDA path: pinned, device-mapped host memory, read zero-copy.
+        On the CUDA path: pinned, device-mapped host memory, read zero-copy in 16-byte pieces
+        (rows of a multiple of 16 bytes, 16-byte aligned).
     indices : Tensor [B, H, N] int32
         ``H`` a multiple of ``Hs``; ``-1`` gives a zero row.
 

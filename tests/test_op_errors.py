@@ -313,6 +313,30 @@ def test_lowbit_tail_cpu_checks_values(low_tail):
 
 
 @requires_cuda
+def test_cuda_limits_on_sizes():
+    """Sizes the CUDA kernels cannot take are refused, not computed wrong: rows that are not
+    16-byte pieces even in an empty src (gather_rows would copy them in 16-byte steps), N of
+    2^24 or more (a block's entry count is an int; one head's 64 MiB viewed as 8)."""
+    src = kcache_ops.alloc_host([1, 1, 0, 3], torch.float32)  # no rows of 12 bytes
+    indices = torch.full((1, 1, 1), -1, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="src rows must be 16-byte aligned"):
+        kcache_ops.gather_rows(src, indices)
+    n = 1 << 24
+    scores = torch.zeros(1, 1, n, device="cuda").expand(1, 8, n)  # [B, Hq, N]
+    indices = torch.full((1, 1, n), -1, dtype=torch.int32, device="cuda").expand(1, 8, n)
+    lse = torch.zeros(1, 8, device="cuda")
+    v = host_tensor(torch.randn(1, 1, 4, D), "cuda")
+    with pytest.raises(RuntimeError, match=r"N < 2\^24\): B=1, S=4, N=16777216"):
+        kcache_ops.sparse_attn_v(scores, indices, v, lse, False, check_values=False)
+    codes = torch.zeros(1, 1, 4, D // 4, dtype=torch.uint8, device="cuda")
+    meta = torch.zeros(1, 1, 4, 2, dtype=torch.bfloat16, device="cuda")
+    lens = seq_lens_tensor([4], "cuda")
+    with pytest.raises(RuntimeError, match=r"N < 2\^24\): B=1, Hq=8, S=4, N=16777216"):
+        kcache_ops.lowbit_tail(torch.zeros(1, 8, 4, device="cuda"), lens, lse, indices, codes,
+                               meta, 2, check_values=False)
+
+
+@requires_cuda
 def test_lowbit_tail_cuda_alignment():
     """The CUDA kernel reads each row's (scale, min) as one 4-byte word and the codes with vector
     loads: misaligned rows are refused with a message that says so."""

@@ -41,9 +41,11 @@ at::Tensor sparse_attn_v_cuda(
   const c10::cuda::CUDAGuard guard(scores.device());
   const void* v_dev = host_mapped_device_ptr(v_cache, kOp, "v_cache");
   check_vec16_aligned(v_cache, kOp, "v_cache");
-  TORCH_CHECK(dims.S < (int64_t{1} << 31) && dims.B < 65536 && dims.N < (int64_t{1} << 31),
-              "sparse_attn_v: sizes out of range for the CUDA kernel: B=", dims.B, ", S=", dims.S,
-              ", N=", dims.N);
+  // N < 2^24: a block's entry count (its heads · N) is an int, and the mean tail counts a head's
+  // entries in a float, exact below 2^24
+  TORCH_CHECK(dims.S < (int64_t{1} << 31) && dims.B < 65536 && dims.N < (int64_t{1} << 24),
+              "sparse_attn_v: sizes out of range for the CUDA kernel (B < 65536, S < 2^31, "
+              "N < 2^24): B=", dims.B, ", S=", dims.S, ", N=", dims.N);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor out = at::empty({dims.B, dims.Hq, dims.D},
