@@ -2,6 +2,9 @@
 transformers' comparison included where it is installed."""
 import argparse
 import json
+import time
+
+import torch
 
 from kcache_ops import results
 from kcache_ops.cli import bench
@@ -50,3 +53,13 @@ def test_bench_small_through_transformers(tmp_path):
         for key in ("batch", "cache_device_bytes", "host_bytes", "pcie_bytes_per_step"):
             assert theirs[key] == ours[key], (backend, key)
         assert theirs["decode_tok_s"] > 0
+
+
+def test_steps_are_timed_by_their_median():
+    """A decode step is timed as the median of its runs (DESIGN.md §6), so one slow run (a
+    host hiccup) does not move it; every run is called once."""
+    from kcache_ops.devices import median_seconds
+    pauses = iter([0.001, 0.2, 0.001, 0.002, 0.001])
+    seconds = median_seconds(torch.device("cpu"), lambda: time.sleep(next(pauses)), 5)
+    assert 0.001 <= seconds < 0.05
+    assert next(pauses, None) is None

@@ -6,7 +6,7 @@ import time
 import torch
 
 from ..caches import make_cache, sequence_bytes
-from ..devices import sync
+from ..devices import median_seconds, sync
 from ..ops import host_bytes_available
 from .shapes import SHAPES, random_model
 from .transformers_baseline import compare_with_hf, hf_model
@@ -38,7 +38,8 @@ def time_prefill(model, backend, options, context):
 @torch.inference_mode()
 def time_decode(model, backend, options, batch, context, steps):
     """Fill a cache of ``batch`` sequences with ``context`` random K/V rows, then time ``steps``
-    decode steps -> (seconds per step, the cache, peak device bytes)."""
+    decode steps after two warm-up steps -> (the median seconds of a step, the cache, peak device
+    bytes)."""
     c, device = model.config, model.device
     cache = new_cache(model, backend, options, batch, context + steps + 2)
     kv = torch.randn(batch, c.num_kv_heads, context, c.head_dim, device=device,
@@ -54,11 +55,7 @@ def time_decode(model, backend, options, batch, context, steps):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        model.decode(token, cache)
-    sync(device)
-    seconds = (time.perf_counter() - start) / steps
+    seconds = median_seconds(device, lambda: model.decode(token, cache), steps)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
     return seconds, cache, peak
 

@@ -1,11 +1,10 @@
 """The dense baseline checked against a common implementation: Hugging Face transformers'
 LlamaForCausalLM (static cache, SDPA) of the same shape, timed at the dense rows' batch and
 context."""
-import time
 
 import torch
 
-from ..devices import sync
+from ..devices import median_seconds, sync
 
 
 def hf_model(config, device, dtype, max_len):
@@ -56,11 +55,8 @@ def time_hf(model, batch, context, steps):
     step(context)  # warm-up
     step(context + 1)
     sync(device)
-    start = time.perf_counter()
-    for t in range(steps):
-        step(context + 2 + t)
-    sync(device)
-    return (time.perf_counter() - start) / steps
+    positions = iter(range(context + 2, context + 2 + steps))
+    return median_seconds(device, lambda: step(next(positions)), steps)
 
 
 def compare_with_hf(config, device, dtype, dense_rows, steps, log=print):
