@@ -30,8 +30,12 @@ def test_bench_small_on_cpu(tmp_path, monkeypatch):
         else:
             assert r["host_bytes"] == 0
             assert "hf_decode_tok_s" in r or "transformers" not in data["machine"]
+    assert all(r["batch_limit"] in ("device", "host", "cap") for r in rows.values())
     assert (tmp_path / "bench_throughput.png").is_file()
-    assert "Throughput" in (tmp_path / "REPORT.md").read_text()
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "## Throughput (reference decoder, random weights)" in report
+    assert "KCache options: topn=64, group_select=False" in report
+    assert f"| {rows[256, 'kcache']['batch']} ({rows[256, 'kcache']['batch_limit']}) |" in report
 
 
 def test_bench_small_through_transformers(tmp_path):

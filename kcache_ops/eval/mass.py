@@ -2,25 +2,33 @@
 decode steps, sequences and heads, as KCache records it (``KCache.record_mass``); and its plot."""
 
 
+def selections(results):
+    """The curves of :func:`plot`: {(N, group select): mass {group: [layers]}} from the first
+    result of each selection among the KCache configurations without dense layers or hot rows
+    (with hot rows the recorded mass is the cold rows' read from host RAM, not the top N's).
+    The tail does not change which rows are picked, so configurations that differ only in it
+    share a curve."""
+    curves = {}
+    for r in results:
+        c = r["config"]
+        if c["backend"] == "kcache" and not c["dense_layers"] and not (c["sinks"] or c["window"]):
+            curves.setdefault((c["topn"], c["group_select"]), r.get("mass", {}))
+    return curves
+
+
 def plot(results, path, groups=("long",)):
-    """Mass per layer, one panel per group name in ``groups`` and one curve per selection (N and
-    group select) of the KCache configurations without dense layers, from the ``results`` list
-    (each a dict with "config" and "mass" {group: [layers] floats}) -> PNG at ``path``. The tail
-    does not change which rows are picked, so configurations that differ only in it share a
-    curve."""
+    """Mass per layer, one panel per group name in ``groups`` and one curve per selection
+    (:func:`selections`), from the ``results`` list (each a dict with "config" and "mass"
+    {group: [layers] floats}) -> PNG at ``path``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 4), squeeze=False)
-    selections = {}  # (N, group select) -> mass {group: [layers]}, the first result of each
-    for r in results:
-        c = r["config"]
-        if c["backend"] == "kcache" and not c["dense_layers"]:
-            selections.setdefault((c["topn"], c["group_select"]), r.get("mass", {}))
-    topns = sorted({n for n, _ in selections})
+    curves = selections(results)
+    topns = sorted({n for n, _ in curves})
     for ax, group in zip(axes[0], groups):
-        for (topn, gs), masses in sorted(selections.items()):
+        for (topn, gs), masses in sorted(curves.items()):
             mass = masses.get(group)
             if mass is None:
                 continue

@@ -128,8 +128,8 @@ def eval_section(data):
             "steps each;",
             f"* agreement: {_count(s['agree_rows'], 'prompt')} of {s['prefill']} tokens, "
             f"{s['steps']} tokens generated greedily by dense; the others are teacher-forced "
-            "along them (first mismatch = tokens until the first divergence of free greedy "
-            "generation);",
+            "along them (match rate: the share of steps whose greedy token is dense's; first "
+            "mismatch: the mean tokens until free greedy generation first departs from dense's);",
             f"* needle: a random 5-digit key in {len(s['needle_phrasings'])} phrasings "
             f"({', '.join(s['needle_phrasings'])}) at depths {s['needle_depths']} of "
             f"{s['needle_lengths']} tokens of essay text, chat template, greedy answer of up to "
@@ -148,7 +148,7 @@ def eval_section(data):
             f"(long), needle {dense['needle']}/{dense['needle_total']}.", "",
             "| configuration | host rows /head/step | host KiB /step/seq | device KiB /token "
             "(× dense) | Δ ppl short | Δ ppl long | needle " + "/".join(lengths)
-            + " | match rate | s |", "|---|---|---|---|---|---|---|---|---|"]
+            + " | match rate (first mismatch) | s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         x = r["summary"]
         a = r["short"].get("agreement")
@@ -158,7 +158,8 @@ def eval_section(data):
                    f"{x['dppl']['short']:+.2f}% | {x['dppl']['long']:+.2f}% | "
                    + "/".join(str(x["needle_by_length"][n]) for n in lengths)
                    + f" = {x['needle']}/{x['needle_total']} | "
-                   + (f"{100 * a['match_rate']:.1f}% | " if a else "— | ")
+                   + (f"{100 * a['match_rate']:.1f}% ({a['first_divergence']:.1f}) | " if a
+                      else "— | ")
                    + f"{r['seconds']:.0f} |")
     out += ["", "Needle hits per phrasing (" + ", ".join(
         f"{p}: “{PHRASINGS[p][1]}”" for p in phrasings) + "):", "",

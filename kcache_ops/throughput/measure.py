@@ -73,12 +73,14 @@ def device_budget(device, budget_gb=None, reserve_gb=6.0):
 
 def fit_batch(model, backend, options, capacity, budget, host_budget, max_batch):
     """The largest batch (<= ``max_batch``) whose cache of ``capacity`` tokens per sequence fits
-    ``budget`` device bytes and ``host_budget`` host bytes (None: unchecked); 0 if none fits."""
+    ``budget`` device bytes and ``host_budget`` host bytes (None: unchecked); 0 if none fits
+    -> (batch, what set it: "device", "host" or "cap")."""
     device, host = sequence_bytes(backend, model.config, options, capacity, model.dtype)
-    batch = min(max_batch, budget // device)
+    limits = {"device": budget // device, "cap": max_batch}
     if host and host_budget is not None:
-        batch = min(batch, host_budget // host)
-    return batch
+        limits["host"] = host_budget // host
+    limit = min(limits, key=limits.get)  # on a tie the first: the device budget
+    return limits[limit], limit
 
 
 def build_model(config, device, dtype, engine, max_len):
@@ -95,7 +97,8 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
             max_batch=256, hf=True, engine="kcache_ops", log=print):
     """Every (model shape name, context) with ``dense`` and KCache (``options``), the model code
     of ``engine`` (see :func:`build_model`) -> list of row
-    dicts (model, context, backend, batch, options, budget_bytes, cache_device_bytes,
+    dicts (model, context, backend, batch, batch_limit (what set the batch: the "device" or
+    "host" budget, or the "cap" max_batch), options, budget_bytes, cache_device_bytes,
     host_bytes, peak_device_bytes, prefill_tok_s, decode_step_ms, decode_tok_s,
     pcie_bytes_per_step; vs_dense for KCache, hf_decode_tok_s and dense_vs_hf for dense where
     transformers ran). ``log`` gets one line per configuration."""
@@ -111,8 +114,8 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
         for context in contexts:
             dense_row = None
             for backend, backend_options in (("dense", None), ("kcache", options)):
-                batch = fit_batch(model, backend, backend_options, context + steps + 2, budget,
-                                  host_budget, max_batch)
+                batch, limit = fit_batch(model, backend, backend_options, context + steps + 2,
+                                         budget, host_budget, max_batch)
                 if batch < 1:
                     log(f"{name:13s} ctx {context:6d} {backend:6s}: one sequence does not fit "
                         f"the budget")
@@ -121,6 +124,7 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
                 step_s, cache, peak = time_decode(model, backend, backend_options, batch,
                                                   context, steps)
                 row = {"model": name, "context": context, "backend": backend, "batch": batch,
+                       "batch_limit": limit,
                        "options": backend_options.to_dict() if backend_options else {},
                        "budget_bytes": budget, "cache_device_bytes": cache.device_bytes(),
                        "host_bytes": cache.host_bytes(), "peak_device_bytes": peak,

@@ -14,9 +14,18 @@ BENCH_JSON, BENCH_PLOT = "bench.json", "bench_throughput.png"
 def bench_section(data):
     """Markdown of the throughput benchmark (the JSON of ``python -m kcache_ops bench``)."""
     m = data["machine"]
-    out = ["## Throughput (reference decoder, random weights)", "",
+    code = ("transformers' model code on our caches" if m.get("engine") == "transformers"
+            else "reference decoder")
+    kcache = {KCacheOptions.from_dict(r["options"]).summary() for r in data["rows"]
+              if r["backend"] == "kcache"}
+    out = [f"## Throughput ({code}, random weights)", "",
            ran_on(m, f", transformers {m['transformers']}." if m.get("transformers") else "."),
            f"Command: `{data['command']}`", ""]
+    out += [f"KCache options: {', '.join(sorted(kcache))}.", ""] if kcache else []
+    out += ["The batch is the largest whose cache fits the device budget (in brackets what set "
+            "it: the device or the host budget, or the cap `--max-batch`). PCIe MiB/step: the "
+            "whole batch's V rows read (N per head, an upper bound with `top_p` < 1) and "
+            "written.", ""]
     if data.get("small"):
         out += ["**This is the CPU smoke run at tiny sizes (`--small`)**: it tests the machinery, "
                 "its numbers say nothing about a GPU. The GPU run is still to be done (command "
@@ -29,7 +38,8 @@ def bench_section(data):
         hf = (f"{r['hf_decode_tok_s']:.1f} (dense {r['dense_vs_hf']:.2f}× of it)"
               if "hf_decode_tok_s" in r else "—")
         ratio = f"{r['vs_dense']:.2f}×" if "vs_dense" in r else "—"
-        out.append(f"| {r['model']} | {r['context']} | {r['backend']} | {r['batch']} | "
+        limit = f" ({r['batch_limit']})" if "batch_limit" in r else ""
+        out.append(f"| {r['model']} | {r['context']} | {r['backend']} | {r['batch']}{limit} | "
                    f"{r['budget_bytes'] / gib:.3f} | {r['cache_device_bytes'] / gib:.3f} | "
                    f"{r['host_bytes'] / gib:.3f} | {r['prefill_tok_s']:.0f} | "
                    f"{r['decode_tok_s']:.1f} | {hf} | {r['pcie_bytes_per_step'] / 2**20:.2f} | "
