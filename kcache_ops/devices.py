@@ -21,15 +21,16 @@ def sync(device):
 
 def median_seconds(device, step, runs):
     """The median seconds of ``runs`` calls of ``step()`` (DESIGN.md §6): each between two CUDA
-    events on a CUDA device (read after one sync at the end, so the calls queue as in a run),
-    on the host clock on the CPU (whose ops are synchronous)."""
+    events on ``device``'s current stream (read after one sync at the end, so the calls queue as
+    in a run), on the host clock on the CPU (whose ops are synchronous)."""
     if torch.device(device).type == "cuda":
+        stream = torch.cuda.current_stream(device)  # not the current device's: cuda:N
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(runs)]
         for start, end in events:
-            start.record()
+            start.record(stream)
             step()
-            end.record()
+            end.record(stream)
         torch.cuda.synchronize(device)
         return statistics.median(start.elapsed_time(end) / 1e3 for start, end in events)
     times = []

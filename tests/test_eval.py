@@ -271,7 +271,8 @@ def test_report_only_into_a_new_folder(tmp_path, capsys):
 
 def test_mass_curves_leave_out_hot_rows():
     """The mass plot's curve of a selection comes from a configuration without hot rows (with
-    them KCache records only the cold rows' mass) or dense layers, whatever the grid's order."""
+    them KCache records only the cold rows' mass), a top_p cut or dense layers, whatever the
+    grid's order."""
     from kcache_ops.eval import mass
 
     def result(marker, **options):
@@ -279,6 +280,7 @@ def test_mass_curves_leave_out_hot_rows():
                 "mass": {"long": [marker]}}
 
     results = [result(0.1, topn=8, sinks=4, window=60), result(0.2, topn=8, dense_layers=(0,)),
-               result(0.3, topn=8, tail="int2"), result(0.4, topn=8),
+               result(0.25, topn=8, top_p=0.9), result(0.3, topn=8, tail="int2"),
+               result(0.4, topn=8),
                result(0.5, topn=64, group_select=True, tail="int2", sinks=4, window=60)]
     assert mass.selections(results) == {(8, False): {"long": [0.3]}}

@@ -279,8 +279,9 @@ class KCache:
         """Bytes a decode step moves between host RAM and the device: per KCache layer and
         sequence, ``rows`` (default N) V rows of each query head (of each KV head with group
         select) read, and the new token's V rows (one per KV head) written. With the default, an
-        upper bound while a sequence holds fewer than N tokens or with ``top_p < 1``; pass the
-        measured :meth:`rows_read` for the bytes actually read."""
+        upper bound while a sequence holds fewer than N tokens or with ``top_p < 1``, and on CUDA,
+        whose ``sparse_attn_v`` reads a row that several heads of a group chose once; pass the
+        measured :meth:`rows_read` for the rows selected."""
         c, o = self.config, self.options
         heads = c.num_kv_heads if o.group_select else c.num_heads
         rows = heads * (self._topn if rows is None else rows) + c.num_kv_heads  # read + appended

@@ -3,15 +3,16 @@ decode steps, sequences and heads, as KCache records it (``KCache.record_mass``)
 
 
 def selections(results):
-    """The curves of :func:`plot`: {(N, group select): mass {group: [layers]}} from the first
-    result of each selection among the KCache configurations without dense layers or hot rows
-    (with hot rows the recorded mass is the cold rows' read from host RAM, not the top N's).
-    The tail does not change which rows are picked, so configurations that differ only in it
-    share a curve."""
+    """The curves of :func:`plot` and the report's mass lines: {(N, group select): mass
+    {group: [layers]}} from the first result of each selection among the KCache configurations
+    without dense layers, hot rows or a top_p cut (with hot rows the recorded mass is the cold
+    rows', with a cut the prefix's, not the top N's). The tail does not change which rows are
+    picked, so configurations that differ only in it share a curve."""
     curves = {}
     for r in results:
         c = r["config"]
-        if c["backend"] == "kcache" and not c["dense_layers"] and not (c["sinks"] or c["window"]):
+        if (c["backend"] == "kcache" and not c["dense_layers"] and not (c["sinks"] or c["window"])
+                and c["top_p"] == 1.0):
             curves.setdefault((c["topn"], c["group_select"]), r.get("mass", {}))
     return curves
 

@@ -129,7 +129,8 @@ def eval_section(data):
             f"* agreement: {_count(s['agree_rows'], 'prompt')} of {s['prefill']} tokens, "
             f"{s['steps']} tokens generated greedily by dense; the others are teacher-forced "
             "along them (match rate: the share of steps whose greedy token is dense's; first "
-            "mismatch: the mean tokens until free greedy generation first departs from dense's);",
+            "mismatch: the mean tokens until free greedy generation first departs from dense's, "
+            f"a prompt that never does counting {s['steps']});",
             f"* needle: a random 5-digit key in {len(s['needle_phrasings'])} phrasings "
             f"({', '.join(s['needle_phrasings'])}) at depths {s['needle_depths']} of "
             f"{s['needle_lengths']} tokens of essay text, chat template, greedy answer of up to "
@@ -268,10 +269,8 @@ def options_summary(results):
                    f"paper-literal N=64): closer to dense in " + ", ".join(
                        f"{sum(c in b for b in better)} of {len(better)} at the {c} context"
                        for c in CONTEXTS) + ".")
-    masses = sorted({(c.options.topn, c.options.group_select): r["mass"]["long"]
-                     for c, r in by_config.items()
-                     if not c.options.dense_layers and not c.options.hot_rows
-                     and "long" in r.get("mass", {})}.items())
+    masses = sorted((key, m["long"]) for key, m in mass.selections(results[1:]).items()
+                    if "long" in m)  # the curves of the mass plot
     for (topn, gs), long in masses:
         low = min(range(len(long)), key=long.__getitem__)
         lines.append(f"* attention mass in the top {topn}{' (group select)' if gs else ''}, long "

@@ -22,10 +22,11 @@ def bench_section(data):
            ran_on(m, f", transformers {m['transformers']}." if m.get("transformers") else "."),
            f"Command: `{data['command']}`", ""]
     out += [f"KCache options: {', '.join(sorted(kcache))}.", ""] if kcache else []
-    out += ["The batch is the largest whose cache fits the device budget (in brackets what set "
-            "it: the device or the host budget, or the cap `--max-batch`). PCIe MiB/step: the "
-            "whole batch's V rows read (N per head, an upper bound with `top_p` < 1) and "
-            "written.", ""]
+    out += ["The batch is the largest whose cache fits the device and host budgets, at most "
+            "`--max-batch` (in brackets which of the three set it). PCIe MiB/step: the whole "
+            "batch's V rows read, N per head (per KV head with group select), and written; an "
+            "upper bound: `top_p` < 1 cuts the N, and the CUDA kernel reads a row that several "
+            "heads of a group chose once.", ""]
     if data.get("small"):
         out += ["**This is the CPU smoke run at tiny sizes (`--small`)**: it tests the machinery, "
                 "its numbers say nothing about a GPU. The GPU run is still to be done (command "
