@@ -54,8 +54,7 @@ class SeqLengths:
                              f"exceeds the cache capacity ({self.capacity} tokens)")
         self._check_lens_tensor(lens)
         if layer in self._stored:
-            self._stored.clear()
-            self.prompt_lens = self._layers_differ = None
+            self._forget_prompt()
         self._stored.add(layer)
         self.prompt_len = length
         if self.prompt_lens is None:  # the prompt's first layer
@@ -90,11 +89,15 @@ class SeqLengths:
             raise ValueError(f"{self.owner}: lens {lens.tolist()} differ from the lens the prompt "
                              f"was stored with, {self.prompt_lens.tolist()} (at its first layer; "
                              "every layer must be stored with the same lens)")
-        self.prompt_lens = self._layers_differ = None  # the next prompt starts afresh
-        self._stored.clear()
+        self._forget_prompt()  # the next prompt starts afresh
         self._decoded.clear()  # a step left unfinished before this prompt is gone with it
         self.seq_lens.copy_(lens)
         self._set(longest)
+
+    def _forget_prompt(self):
+        """No prompt is being stored: no layer has stored one, no lens to compare."""
+        self._stored.clear()
+        self.prompt_lens = self._layers_differ = None
 
     def _check_lens_tensor(self, lens):
         """lens: an integer tensor of shape [B]."""

