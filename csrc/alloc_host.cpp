@@ -24,6 +24,12 @@ int64_t host_bytes_available() {
   return -1;
 }
 
+std::string host_bytes_available_text() {
+  const int64_t available = host_bytes_available();
+  if (available < 0) return "the machine does not report its available memory (no MemAvailable)";
+  return "the machine reports " + std::to_string(available) + " bytes available";
+}
+
 namespace {
 
 at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
@@ -55,6 +61,12 @@ at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
   }
   TORCH_CHECK(!elements_overflow && !stride_overflow, "alloc_host: shape ", shape,
               " has sizes or strides whose product overflows (as torch computes them)");
+  // Linux hands out memory lazily: a request past what is free would succeed here and be killed,
+  // or swapped, when V is written. Refused now, with the numbers.
+  const int64_t available = host_bytes_available();
+  TORCH_CHECK(available < 0 || bytes <= available, "alloc_host: shape ", shape, " of ", dtype,
+              " needs ", bytes, " bytes of host memory, more than the ", available,
+              " bytes the machine reports available (MemAvailable)");
 #ifdef KCACHE_OPS_WITH_CUDA
   if (cuda_device_present()) return alloc_pinned_mapped(shape, dtype, bytes);
 #endif
@@ -62,8 +74,7 @@ at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
     return at::empty(shape, at::TensorOptions().dtype(dtype).device(at::kCPU));
   } catch (const c10::Error&) {
     TORCH_CHECK(false, "alloc_host: could not allocate ", bytes, " bytes of host memory for shape ",
-                shape, " ", dtype, "; the machine reports ", host_bytes_available(),
-                " bytes available");
+                shape, " ", dtype, "; ", host_bytes_available_text());
   }
 }
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include <torch/types.h>
 
@@ -10,6 +11,8 @@ namespace kcache_ops {
 
 // MemAvailable from /proc/meminfo in bytes, or -1 where it cannot be read.
 int64_t host_bytes_available();
+// "the machine reports N bytes available", or that it does not report them: for error messages.
+std::string host_bytes_available_text();
 
 #ifdef KCACHE_OPS_WITH_CUDA
 // True when at least one CUDA device is visible.

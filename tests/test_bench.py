@@ -7,7 +7,9 @@ import time
 import torch
 
 from kcache_ops import results
+from kcache_ops.caches import KCacheOptions
 from kcache_ops.cli import bench
+from kcache_ops.throughput import measure
 
 
 def test_bench_small_on_cpu(tmp_path, monkeypatch):
@@ -30,7 +32,7 @@ def test_bench_small_on_cpu(tmp_path, monkeypatch):
         else:
             assert r["host_bytes"] == 0
             assert "hf_decode_tok_s" in r or "transformers" not in data["machine"]
-    assert all(r["batch_limit"] in ("device", "host", "cap") for r in rows.values())
+    assert all(r["batch_limit"] in ("device", "host", "cap") for r in rows.values())  # no OOM
     assert (tmp_path / "bench_throughput.png").is_file()
     report = (tmp_path / "REPORT.md").read_text()
     assert "## Throughput (reference decoder, random weights)" in report
@@ -67,3 +69,27 @@ def test_steps_are_timed_by_their_median():
     seconds = median_seconds(torch.device("cpu"), lambda: time.sleep(next(pauses)), 5)
     assert 0.001 <= seconds < 0.05
     assert next(pauses, None) is None
+
+
+def test_a_batch_the_step_cannot_hold_backs_off(monkeypatch):
+    """Where the fitted batch runs the device out of memory in the step (its transient memory is
+    not in the fit), the batch backs off by 1/8 until it runs, and the row says "memory" set it;
+    where not even one sequence runs, the configuration is left out. (The out-of-memory error is
+    raised here by a wrapper: a CPU cannot run out of device memory.)"""
+    ceiling = {"dense": 3, "kcache": 0}  # the largest batch each backend's step holds
+    real = measure.time_decode
+
+    def time_decode(model, backend, options, batch, context, steps):
+        if batch > ceiling[backend]:
+            raise torch.OutOfMemoryError(f"CUDA out of memory asking for batch {batch}")
+        return real(model, backend, options, batch, context, steps)
+
+    monkeypatch.setattr(measure, "time_decode", time_decode)
+    lines = []
+    rows = measure.measure(["tiny"], [64], torch.device("cpu"), torch.float32,
+                           KCacheOptions(topn=8), 2, budget_gb=0.01, max_batch=8, hf=False,
+                           log=lines.append)
+    assert [(r["backend"], r["batch"], r["batch_limit"]) for r in rows] == [("dense", 3, "memory")]
+    assert "tiny          ctx     64 dense : out of memory at batch 8 (CUDA out of memory asking " \
+           "for batch 8); trying 7" in lines
+    assert "tiny          ctx     64 kcache: one sequence does not fit the memory" in lines

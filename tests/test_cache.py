@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import kcache_ops
 from kcache_ops import reference
 from kcache_ops.caches import KCache, KCacheOptions, make_cache
 from kcache_ops.model.config import LlamaConfig
@@ -283,6 +284,20 @@ def test_head_dim_the_ops_cannot_take_fails_when_built():
                     num_heads=4, num_kv_heads=2, head_dim=32)
     with pytest.raises(ValueError, match="KCache: head_dim must be 64 or 128, got 32"):
         KCache(c, 1, 8, "cpu", torch.float32)
+
+
+def test_more_host_memory_than_available_fails_when_built(device):
+    """A cache whose host tensors need more than MemAvailable is refused before any of it is
+    allocated (on the CPU device K and every layer's V; on CUDA the KCache layers' V)."""
+    available = kcache_ops.host_bytes_available()
+    if available is None:
+        pytest.skip("this machine does not report MemAvailable")
+    tensors = 2 * LAYERS if device == "cpu" else LAYERS
+    capacity = available // (tensors * len(LENS) * HKV * D * 2) + 1  # bfloat16 rows
+    with pytest.raises(MemoryError, match=rf"KCache: {tensors} cache tensors of shape "
+                                          rf"\[3, 2, {capacity}, 64\] torch.bfloat16 in host RAM "
+                                          r"need \d+ bytes, more than the \d+ bytes"):
+        make(device, torch.bfloat16, capacity)
 
 
 def test_topn_beyond_the_capacity_and_an_empty_prompt():

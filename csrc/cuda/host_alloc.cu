@@ -22,8 +22,9 @@ at::Tensor alloc_pinned_mapped(at::IntArrayRef shape, at::ScalarType dtype, int6
   // KCACHE_OPS_HOST_ALLOC_WC=1 adds write-combining (bench/gpu_gather.py compares the two for GPU
   // reads; WC memory is very slow for the CPU to read, so it is not the default).
   const char* wc = std::getenv("KCACHE_OPS_HOST_ALLOC_WC");
+  const bool write_combined = wc != nullptr && std::strcmp(wc, "1") == 0;
   const unsigned flags = cudaHostAllocMapped | cudaHostAllocPortable |
-                         (wc != nullptr && std::strcmp(wc, "1") == 0 ? cudaHostAllocWriteCombined : 0u);
+                         (write_combined ? cudaHostAllocWriteCombined : 0u);
   // torch's CUDA state first: torch reports no pointer as pinned (Tensor.is_pinned()) until it has
   // initialised the device itself, which our own cudaHostAlloc does not do.
   at::globalContext().lazyInitDevice(c10::DeviceType::CUDA);
@@ -35,7 +36,7 @@ at::Tensor alloc_pinned_mapped(at::IntArrayRef shape, at::ScalarType dtype, int6
     cudaGetLastError();  // clear the error so later calls are not blamed for it
     TORCH_CHECK(false, "alloc_host: could not allocate ", bytes, " bytes of pinned host memory ",
                 "for shape ", shape, " ", dtype, " (cudaHostAlloc: ", cudaGetErrorString(err),
-                "); the machine reports ", host_bytes_available(), " bytes available");
+                "); ", host_bytes_available_text());
   }
   auto deleter = [](void* p) { cudaFreeHost(p); };
   return at::from_blob(ptr, shape, deleter, at::TensorOptions().dtype(dtype).device(at::kCPU));

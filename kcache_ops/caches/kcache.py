@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..ops import alloc_host, qk_topn
+from ..ops import alloc_host, host_bytes_available, qk_topn
 from .dense import append_and_attend, prompt_attention
 from .hot import HotRows, HotSlots
 from .lengths import SeqLengths, check_layer_inputs
@@ -47,6 +47,19 @@ def _mapped_view(host, device):
         raise RuntimeError("KCache: the CUDA view of host V is a copy, not an alias; V must come "
                            "from kcache_ops.alloc_host (pinned, mapped)")
     return view.view(host.dtype).view(host.shape)
+
+
+def _check_host_memory(shape, dtype, tensors):
+    """Refuses, before any of it is allocated, ``tensors`` cache tensors of ``shape`` in host RAM
+    that need more than the machine reports available (alloc_host checks one tensor alone, and
+    torch.zeros on the CPU not at all)."""
+    available = host_bytes_available()  # bytes, or None where the machine does not report it
+    needed = tensors * dtype.itemsize * shape[0] * shape[1] * shape[2] * shape[3]
+    if available is not None and needed > available:
+        raise MemoryError(f"KCache: {tensors} cache tensors of shape {list(shape)} {dtype} in "
+                          f"host RAM need {needed} bytes, more than the {available} bytes the "
+                          f"machine reports available (MemAvailable); lower the batch or the "
+                          f"capacity")
 
 
 class KCache:
@@ -98,6 +111,9 @@ class KCache:
         self._topn = min(options.topn, capacity)  # N of a step: more than S keys are never there
         self.record_mass = False
         shape = (batch, config.num_kv_heads, capacity, config.head_dim)  # [B, Hkv, S, D]
+        # host RAM holds V of the KCache layers, and on the CPU also K and the dense layers' V
+        _check_host_memory(shape, dtype, 2 * n_layers if self.device.type == "cpu"
+                           else n_layers - len(options.dense_layers))
         # zeros on the device: the exact attention of dense layers multiplies masked rows by 0,
         # and 0 * NaN from stale memory is NaN. Host V is read only at valid rows.
         self.k = [torch.zeros(shape, device=self.device, dtype=dtype)

@@ -65,7 +65,9 @@ class TransformersDecoder:
         return self.model.dtype
 
     def forward(self, tokens):
-        """Causal full-sequence forward, no cache: tokens [B, T] long -> logits [B, T, V] float32."""
+        """Causal full-sequence forward, no cache.
+
+        tokens [B, T] long -> logits [B, T, V] float32."""
         return self.model(input_ids=tokens, use_cache=False).logits.float()
 
     __call__ = forward

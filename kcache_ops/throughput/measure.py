@@ -1,6 +1,7 @@
 """The throughput measurement: the largest batch of each backend that fits the device-memory
 budget, the prefill and decode timings, the memory and PCIe traffic of each (model, context,
 backend), and the transformers comparison of the dense rows."""
+import statistics
 import time
 
 import torch
@@ -20,10 +21,11 @@ def new_cache(model, backend, options, batch, capacity):
 
 
 @torch.inference_mode()
-def time_prefill(model, backend, options, context):
-    """Seconds of one prefill of ``context`` random tokens at batch 1 (after a 64-token
-    warm-up prefill)."""
-    for length in (min(64, context), context):
+def time_prefill(model, backend, options, context, runs=3):
+    """The median seconds of ``runs`` prefills of ``context`` random tokens at batch 1, each into
+    a cache built before its clock starts (after a 64-token warm-up prefill)."""
+    seconds = []
+    for length in [min(64, context)] + [context] * runs:
         cache = new_cache(model, backend, options, 1, length + 1)
         tokens = torch.randint(0, model.config.vocab_size, (1, length),
                                device=model.device)  # [1, T]
@@ -32,7 +34,9 @@ def time_prefill(model, backend, options, context):
         start = time.perf_counter()
         model.prefill(tokens, lens, cache)
         sync(model.device)
-    return time.perf_counter() - start
+        seconds.append(time.perf_counter() - start)
+        del cache
+    return statistics.median(seconds[1:])
 
 
 @torch.inference_mode()
@@ -58,6 +62,25 @@ def time_decode(model, backend, options, batch, context, steps):
     seconds = median_seconds(device, lambda: model.decode(token, cache), steps)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
     return seconds, cache, peak
+
+
+def _decode_within_memory(name, model, backend, options, batch, limit, context, steps, log):
+    """:func:`time_decode` at ``batch``, or, where the step's transient memory (the random rows
+    stored, the scores) runs the device out, at 7/8 of the batch until it fits -> (batch, what set
+    it: ``limit``, or "memory" after a back-off; time_decode's result, or (None,) * 3 where not
+    even one sequence ran)."""
+    while batch >= 1:
+        try:
+            return batch, limit, time_decode(model, backend, options, batch, context, steps)
+        except torch.OutOfMemoryError as e:
+            error = str(e).splitlines()[0][:80]
+        torch.cuda.empty_cache()  # here: the exception's frames held the failed step's cache
+        smaller = batch * 7 // 8
+        log(f"{name:13s} ctx {context:6d} {backend:6s}: out of memory at batch {batch} ({error}); "
+            f"trying {smaller}")
+        batch, limit = smaller, "memory"
+    log(f"{name:13s} ctx {context:6d} {backend:6s}: one sequence does not fit the memory")
+    return batch, limit, (None,) * 3
 
 
 def device_budget(device, budget_gb=None, reserve_gb=6.0):
@@ -98,7 +121,8 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
     """Every (model shape name, context) with ``dense`` and KCache (``options``), the model code
     of ``engine`` (see :func:`build_model`) -> list of row
     dicts (model, context, backend, batch, batch_limit (what set the batch: the "device" or
-    "host" budget, or the "cap" max_batch), options, budget_bytes, cache_device_bytes,
+    "host" budget, the "cap" max_batch, or the device "memory" where the step's transient memory
+    ran out at the fitted batch), options, budget_bytes, cache_device_bytes,
     host_bytes, peak_device_bytes, prefill_tok_s, decode_step_ms, decode_tok_s,
     pcie_bytes_per_step; vs_dense for KCache, hf_decode_tok_s and dense_vs_hf for dense where
     transformers ran). ``log`` gets one line per configuration."""
@@ -121,8 +145,10 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
                         f"the budget")
                     continue
                 prefill_s = time_prefill(model, backend, backend_options, context)
-                step_s, cache, peak = time_decode(model, backend, backend_options, batch,
-                                                  context, steps)
+                batch, limit, (step_s, cache, peak) = _decode_within_memory(
+                    name, model, backend, backend_options, batch, limit, context, steps, log)
+                if cache is None:
+                    continue
                 row = {"model": name, "context": context, "backend": backend, "batch": batch,
                        "batch_limit": limit,
                        "options": backend_options.to_dict() if backend_options else {},

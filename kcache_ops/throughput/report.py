@@ -23,10 +23,11 @@ def bench_section(data):
            f"Command: `{data['command']}`", ""]
     out += [f"KCache options: {', '.join(sorted(kcache))}.", ""] if kcache else []
     out += ["The batch is the largest whose cache fits the device and host budgets, at most "
-            "`--max-batch` (in brackets which of the three set it). PCIe MiB/step: the whole "
-            "batch's V rows read, N per head (per KV head with group select), and written; an "
-            "upper bound: `top_p` < 1 cuts the N, and the CUDA kernel reads a row that several "
-            "heads of a group chose once.", ""]
+            "`--max-batch` (in brackets which of the three set it; `memory` where the decode step "
+            "then ran out of device memory and the batch backed off by 1/8 until it ran). PCIe "
+            "MiB/step: the whole batch's V rows read, N per head (per KV head with group select), "
+            "and written; an upper bound: `top_p` < 1 cuts the N, and the CUDA kernel reads a row "
+            "that several heads of a group chose once.", ""]
     if data.get("small"):
         out += ["**This is the CPU smoke run at tiny sizes (`--small`)**: it tests the machinery, "
                 "its numbers say nothing about a GPU. The GPU run is still to be done (command "
