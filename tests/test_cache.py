@@ -233,7 +233,7 @@ def test_memory_accounting_is_exact(device):
     run.step()
     assert cache.device_bytes() == LAYERS * row + row
     assert cache.host_bytes() == (LAYERS - 1) * row
-    for tail, extra in [("mean", B * HKV * D * 4),  # the V sum, float32
+    for tail, extra in [("mean", 2 * B * HKV * D * 4),  # V sums before and after a step, float32
                         ("int2", B * HKV * S * (D // 4 + 4)),  # codes, bf16 scale and min
                         ("int4", B * HKV * S * (D // 2 + 4))]:
         with_tail = make(device, torch.bfloat16, capacity=S, dense_layers=(0,), tail=tail)
@@ -376,6 +376,37 @@ def test_a_refused_decode_step_changes_nothing(backend):
     step = torch.randn(2, HQ, D), torch.randn(2, HKV, D)
     torch.testing.assert_close(cache.decode(0, step[0], step[1], step[1]),
                                twin.decode(0, step[0], step[1], step[1]), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("tail", ["none", "mean", "int2"])
+def test_a_step_run_again_counts_its_token_once(tail):
+    """A layer's decode step run a second time in one step (after a failure inside an op, or on
+    purpose) stores its token once: the mean tail's sum, the low-bit copy and the hot rows end as
+    if only the second run had happened, to the bit."""
+    hot = {"sinks": 0, "window": 0} if tail == "mean" else {}  # the mean tail takes no hot rows
+    options = KCacheOptions(tail=tail, topn=4, **hot)
+    cache, twin = (make_cache("kcache", tiny_config(), 2, 32, "cpu", torch.float32, options)
+                   for _ in range(2))
+    k, v = torch.randn(2, HKV, 9, D), torch.randn(2, HKV, 9, D)  # [B, Hkv, T, D]
+    lens = torch.tensor([9, 5], dtype=torch.int32)
+    for c in (cache, twin):
+        for layer in range(LAYERS):
+            c.store_prompt(layer, k, v, lens)
+        c.finish_prefill(lens)
+    q, kv, first = torch.randn(2, HQ, D), torch.randn(2, HKV, D), torch.randn(2, HKV, D)
+    for layer in range(LAYERS):
+        cache.decode(layer, q, kv, first)  # the run given up
+        torch.testing.assert_close(cache.decode(layer, q, kv, kv), twin.decode(layer, q, kv, kv),
+                                   atol=0, rtol=0)
+    cache.finish_decode()
+    twin.finish_decode()
+    for _ in range(2):  # the steps after it: the token counted once
+        q, kv = torch.randn(2, HQ, D), torch.randn(2, HKV, D)
+        for layer in range(LAYERS):
+            torch.testing.assert_close(cache.decode(layer, q, kv, kv),
+                                       twin.decode(layer, q, kv, kv), atol=0, rtol=0)
+        cache.finish_decode()
+        twin.finish_decode()
 
 
 @pytest.mark.parametrize("options", [KCacheOptions(), KCacheOptions(tail="none"),

@@ -275,6 +275,8 @@ class KCache:
     def finish_decode(self):
         """Every sequence has one more token: seq_lens += 1."""
         self.lengths.finish_decode()
+        for tail in self.tails.values():
+            tail.commit()
         if self.hot_slots is not None:  # the slots of the next step, once for every layer
             self.hot_slots.advance(self.lengths.seq_lens, self.lengths.positions)
 

@@ -112,8 +112,8 @@ class SeqLengths:
         """Around ``layer``'s decode step: no prompt is half stored, every sequence can take one
         more token; the layer counts as stepped for :meth:`finish_decode` once the block ends
         without an error. (A step refused for its inputs, by :func:`check_layer_inputs`, has
-        stored nothing and can be run again; one that fails inside an op has written the new
-        token's rows, which a rerun writes again, and the mean tail's sum has counted it.)"""
+        stored nothing; one that fails inside an op has written the new token's rows, which a
+        rerun writes again: either can be run again.)"""
         if self._stored:
             raise ValueError(f"{self.owner}: decode while a prompt is stored for layers "
                              f"{sorted(self._stored)} of {self.num_layers}: store every layer's "

@@ -17,7 +17,9 @@ they miss, ``1 − Σ p_i``, can be accounted for on the device:
   ``sparse_attn_v`` (PCIe-bound) runs on the cache's side stream beside ``lowbit_tail``
   (device-memory bound): side_stream.py.
 
-Each tail stores the prompt (:meth:`store_prompt`), appends a token (:meth:`append`) and attends
+Each tail stores the prompt (:meth:`store_prompt`), appends a token (:meth:`append`; a layer's
+step run again appends the same position again), keeps it when the step is done
+(:meth:`commit`, from ``KCache.finish_decode``) and attends
 (:meth:`attend`, given every score of the step when its ``needs_scores`` is True or the layer
 has hot rows, else None);
 ``nbytes`` is the device memory it holds. With hot rows (hot.py), ``attend`` also takes the
@@ -46,6 +48,9 @@ class NoTail:
     def append(self, rows, pos, v):
         """Nothing to keep."""
 
+    def commit(self):
+        """Nothing to keep."""
+
     def attend(self, all_scores, lens, scores, indices, lse, v_host, hot=None):
         """The top N rows of ``v_host`` (and the hot rows, a :class:`~.hot.HotRows`) -> out
         [B, Hq, D] (dtype of V)."""
@@ -66,7 +71,11 @@ class NoTail:
 class MeanTail:
     """The mass outside the top N goes to the mean V of the rows not read.
 
-    v_sum : Tensor [B, Hkv, D] float32 on the device — Σ of the V rows ``j < L_b``.
+    v_sum : Tensor [B, Hkv, D] float32 on the device — Σ of the V rows ``j < L_b``, and in a decode
+        step, once the layer has appended, of the new token's row too.
+    The sum before the step is kept apart (``_committed``, made the sum by :meth:`commit` when the
+    step finishes), so a layer's step run again (after a failure inside an op, or on purpose)
+    counts its token once, as its rows are written once.
     """
 
     needs_scores = False
@@ -74,17 +83,24 @@ class MeanTail:
     def __init__(self, batch, num_kv_heads, head_dim, device):
         self.v_sum = torch.zeros(batch, num_kv_heads, head_dim, dtype=torch.float32,
                                  device=device)  # [B, Hkv, D]
-        self.nbytes = self.v_sum.nbytes
+        self._committed = torch.zeros_like(self.v_sum)  # [B, Hkv, D]: Σ rows j < L_b
+        self.nbytes = self.v_sum.nbytes + self._committed.nbytes
 
     def store_prompt(self, v, lens):
         """v [B, Hkv, T, D] right-padded, lens [B] int32: the sum of the rows ``t < lens[b]``."""
         T = v.shape[2]
         valid = torch.arange(T, device=v.device)[None, :] < lens.to(v.device)[:, None]  # [B, T]
         self.v_sum.copy_(torch.einsum("bt,bhtd->bhd", valid.float(), v.float()))
+        self._committed.copy_(self.v_sum)
 
     def append(self, rows, pos, v):
-        """Add one token's v [B, Hkv, D] to the sum (rows, pos: where it is stored)."""
-        self.v_sum += v.float()
+        """The sum before this step plus one token's v [B, Hkv, D] (rows, pos: where it is
+        stored)."""
+        torch.add(self._committed, v.float(), out=self.v_sum)
+
+    def commit(self):
+        """The step is done: its token stays in the sum."""
+        self._committed.copy_(self.v_sum)
 
     def attend(self, all_scores, lens, scores, indices, lse, v_host, hot=None):
         """Exact weights on the top N rows of ``v_host`` plus the mean tail -> out [B, Hq, D]
@@ -125,6 +141,9 @@ class LowBitTail:
         codes, meta = quantize_rows(v, self.bits)  # [B, Hkv, D * bits / 8], [B, Hkv, 2]
         self.codes[rows, :, pos] = codes
         self.meta[rows, :, pos] = meta
+
+    def commit(self):
+        """Nothing to do: a step run again writes its token's copy into the same position."""
 
     def attend(self, all_scores, lens, scores, indices, lse, v_host, hot=None):
         """Exact weights on the top N rows of ``v_host`` (and on the hot rows, a
