@@ -9,6 +9,7 @@ import torch
 import kcache_ops
 from kcache_ops import reference
 from kcache_ops.caches import KCache, KCacheOptions, make_cache
+from kcache_ops.caches.dense import exact_decode_attention
 from kcache_ops.model.config import LlamaConfig
 
 from conftest import TOL
@@ -535,26 +536,51 @@ def test_attention_mass(device):
     assert ((mass[:2] > 0) & (mass[:2] < 1)).all() and mass[2] == 1
 
 
+def test_dense_attention_over_every_key_equals_the_first_lens(dtype):
+    """A dense layer's step attends over the cache's every key while a CUDA graph is captured
+    (its width cannot follow the lengths): the keys past lens[b], stale rows of an earlier
+    prompt here, get weight 0, and the output is the one over the first lens[b] keys."""
+    B, S = len(LENS), 40
+    q = torch.randn(B, HQ, D).to(dtype)  # [B, Hq, D]
+    keys, values = (torch.randn(B, HKV, S, D).to(dtype) for _ in range(2))  # [B, Hkv, S, D]
+    lens = torch.tensor(LENS, dtype=torch.int32)  # [B]
+    width = max(LENS)
+    full = exact_decode_attention(q, keys, values, lens)  # [B, Hq, D]
+    torch.testing.assert_close(full, exact_decode_attention(q, keys[:, :, :width],
+                                                            values[:, :, :width], lens),
+                               atol=TOL[dtype], rtol=TOL[dtype])
+    for b, n in enumerate(LENS):
+        want = exact_attention(q[b], keys[b, :, :n], values[b, :, :n])  # [Hq, D] float64
+        torch.testing.assert_close(full[b].double(), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_hand_off_releases_device_v():
     """After prefill the cache holds no device V: the caller's V returns to the allocator once its
     copy is done, and host V (pinned) holds exactly what was handed off."""
-    cache = make("cuda", topn=64)
-    assert all(v.is_pinned() for v in cache.v_host.values())
     B, T = len(LENS), max(LENS)
     lens = torch.tensor(LENS, dtype=torch.int32, device="cuda")  # [B]
+
+    def prefill(cache):
+        """A prefill of random inputs -> each layer's V, on the CPU."""
+        handed = []
+        for layer in range(LAYERS):
+            v_cpu = torch.randn(B, HKV, T, D)  # [B, Hkv, T, D]
+            q = torch.randn(B, HQ, T, D, device="cuda")  # [B, Hq, T, D]
+            k = torch.randn(B, HKV, T, D, device="cuda")  # [B, Hkv, T, D]
+            cache.prefill(layer, q, k, v_cpu.cuda(), lens)
+            handed.append(v_cpu)
+        cache.finish_prefill(lens)
+        return handed
+
+    prefill(make("cuda", topn=64))  # what a first prefill allocates for good (cuBLAS's workspace)
+    cache = make("cuda", topn=64)
+    assert all(v.is_pinned() for v in cache.v_host.values())
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
-    handed = []
-    for layer in range(LAYERS):
-        v_cpu = torch.randn(B, HKV, T, D)  # [B, Hkv, T, D]
-        q, k = torch.randn(B, HQ, T, D, device="cuda"), torch.randn(B, HKV, T, D, device="cuda")
-        out = cache.prefill(layer, q, k, v_cpu.cuda(), lens)  # [B, Hq, T, D]
-        handed.append(v_cpu)
-        del q, k, out
-    cache.finish_prefill(lens)
+    handed = prefill(cache)
     torch.cuda.synchronize()
-    probe = torch.empty(1, device="cuda")  # an allocation makes the allocator retire V's blocks
+    probe = torch.empty(1, device="cuda")  # one more allocation, after V's blocks were freed
     assert torch.cuda.memory_allocated() == base + 512  # the probe's block, rounded to 512 bytes
     for layer, v_cpu in enumerate(handed):
         assert torch.equal(cache.v_host[layer][:, :, :T], v_cpu)

@@ -149,6 +149,23 @@ def test_all_rows_hot_is_exact(device):
                 torch.testing.assert_close(out[b].double().cpu(), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_cuda_cache_takes_prompt_lens_on_the_cpu():
+    """The prefill's lens may be on the CPU, as the cache's lengths take them: the hot rows' slots
+    come out the same as from lens on the device."""
+    caches = [make("cuda", topn=TOPN, sinks=SINKS, window=WINDOW) for _ in range(2)]
+    B, T = len(LENS), max(LENS)
+    k, v = torch.randn(B, HKV, T, D, device="cuda"), torch.randn(B, HKV, T, D, device="cuda")
+    for cache, where in zip(caches, ("cpu", "cuda")):
+        lens = torch.tensor(LENS, dtype=torch.int32, device=where)  # [B]
+        for layer in range(LAYERS):
+            cache.store_prompt(layer, k, v, lens)
+        cache.finish_prefill(lens)
+    assert torch.equal(caches[0].hot_slots.held, caches[1].hot_slots.held)
+    for layer in range(LAYERS):
+        assert torch.equal(caches[0].hot[layer].v, caches[1].hot[layer].v)
+
+
 @pytest.mark.parametrize("tail", ["int2", "none"])
 def test_all_rows_hot_is_exact_at_large_scores(device, tail):
     """Scores of order 1e5 (q, K and V scaled by 1000), every row hot: the hot rows' weights are

@@ -26,12 +26,15 @@ def append_and_attend(lengths, k_cache, v_cache, q, k, v):
     [B, Hkv, D] at position ``seq_lens[b]`` of k_cache and v_cache [B, Hkv, S, D], then attend
     exactly over ``seq_lens[b] + 1`` tokens; q [B, Hq, D] -> out [B, Hq, D].
 
-    ``lengths`` is the cache's :class:`SeqLengths`; only the first ``longest + 1`` keys are read.
+    ``lengths`` is the cache's :class:`SeqLengths`; only the first ``longest + 1`` keys are read,
+    or, while a CUDA graph is captured (whose replays advance the lengths on the device alone),
+    every key: the mask gives those past ``seq_lens[b]`` weight 0.
     """
     pos = lengths.positions  # [B] long
     k_cache[lengths.rows, :, pos] = k
     v_cache[lengths.rows, :, pos] = v
-    width = lengths.longest + 1
+    capturing = k_cache.is_cuda and torch.cuda.is_current_stream_capturing()
+    width = k_cache.shape[2] if capturing else lengths.longest + 1
     return exact_decode_attention(q, k_cache[:, :, :width], v_cache[:, :, :width],
                                   lengths.attend_lens)
 

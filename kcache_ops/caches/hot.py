@@ -60,7 +60,7 @@ class HotSlots:
     def positions(self, lens):
         """lens [B] int32 -> (pos [B, H] int64, the position each slot holds at length L_b,
         clamped to >= 0; valid [B, H] bool, that position is < L_b)."""
-        L = lens.long()[:, None]  # [B, 1]
+        L = lens.to(self._slots.device, torch.long)[:, None]  # [B, 1]: lens may be on the CPU
         j = self._slots[None, :]  # [1, H]
         sinks, window = self.sinks, max(self.window, 1)
         ring = j - sinks  # [1, H]: the ring slot of j >= sinks

@@ -140,7 +140,9 @@ class KCache:
                     for i in self.v_host if options.hot_rows}  # per KCache layer, if any
         self._mass_sum = torch.zeros(n_layers, dtype=torch.float32, device=self.device)  # [layers]
         self._rows_sum = torch.zeros(n_layers, dtype=torch.float32, device=self.device)  # [layers]
-        self._mass_steps = [0] * n_layers
+        # on the device too, so that the replays of a CUDA graph of decode steps count
+        self._mass_steps = torch.zeros(n_layers, dtype=torch.float32,
+                                       device=self.device)  # [layers]
 
     @property
     def seq_lens(self):
@@ -322,7 +324,6 @@ class KCache:
     def _recorded_mean(self, sums, dense):
         """sums [layers] (device) over the recorded steps -> [layers] on the CPU, ``dense`` at the
         dense layers."""
-        steps = torch.tensor(self._mass_steps, dtype=torch.float32)  # [layers]
-        mean = sums.cpu() / steps  # [layers]
+        mean = sums.cpu() / self._mass_steps.cpu()  # [layers]
         mean[list(self.options.dense_layers)] = dense
         return mean
