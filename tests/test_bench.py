@@ -4,6 +4,7 @@ import argparse
 import json
 import time
 
+import pytest
 import torch
 
 from kcache_ops import results
@@ -33,6 +34,7 @@ def test_bench_small_on_cpu(tmp_path, monkeypatch):
             assert r["host_bytes"] == 0
             assert "hf_decode_tok_s" in r or "transformers" not in data["machine"]
     assert all(r["batch_limit"] in ("device", "host", "cap") for r in rows.values())  # no OOM
+    assert data["complete"] and "cut off" not in (tmp_path / "REPORT.md").read_text()
     assert (tmp_path / "bench_throughput.png").is_file()
     report = (tmp_path / "REPORT.md").read_text()
     assert "## Throughput (reference decoder, random weights)" in report
@@ -93,3 +95,27 @@ def test_a_batch_the_step_cannot_hold_backs_off(monkeypatch):
     assert "tiny          ctx     64 dense : out of memory at batch 8 (CUDA out of memory asking " \
            "for batch 8); trying 7" in lines
     assert "tiny          ctx     64 kcache: one sequence does not fit the memory" in lines
+
+
+def test_a_run_cut_off_keeps_its_rows(tmp_path, monkeypatch):
+    """bench.json is rewritten after each configuration: a run killed after its first keeps that
+    row, marked incomplete, and the report says the run was cut off."""
+    real = measure.time_decode
+    calls = []
+
+    def time_decode(*args):
+        if calls:
+            raise KeyboardInterrupt  # as the run's time limit would stop it
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(measure, "time_decode", time_decode)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(parser.parse_args(["--device", "cpu", "--small", "--steps", "2", "--no-hf",
+                                     "--contexts", "64", "--out", str(tmp_path)]))
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert not data["complete"] and [r["backend"] for r in data["rows"]] == ["dense"]
+    from kcache_ops.throughput.report import bench_section
+    assert "**This run was cut off before its end**" in "\n".join(bench_section(data))

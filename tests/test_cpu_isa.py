@@ -15,7 +15,8 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.mark.parametrize("level", ["avx2", "generic"])
 def test_capped_level_matches_reference(level):
-    env = dict(os.environ, KCACHE_OPS_CPU_ISA=level)
+    # the CPU cases whatever devices this run tests (bench/run_gpu.sh narrows them to cuda)
+    env = dict(os.environ, KCACHE_OPS_CPU_ISA=level, KCACHE_OPS_TEST_DEVICES="cpu")
     files = [os.path.join(TESTS, f)
              for f in ("test_qk_topn.py", "test_sparse_attn_v.py", "test_lowbit_tail.py")]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",

@@ -2,10 +2,13 @@
 themselves (float and quantized, llama.cpp's Q/K permutation, Llama-3 rope factors), the
 tokenizer of each, and clear errors for bad checkpoints."""
 import json
+import subprocess
+import sys
 
-import gguf
 import pytest
 import torch
+
+gguf = pytest.importorskip("gguf")  # requirements.txt has it; a lent GPU machine may not
 
 from kcache_ops.model import CheckpointError, UnsupportedModelError, load_model
 from kcache_ops.model import load as load_module
@@ -14,6 +17,28 @@ from model_helpers import (CHAT_TEMPLATE, LLAMA3_ROPE, llamacpp_rope_factors, ro
                            save_tiny_hf, save_tiny_tokenizer, write_gguf)
 
 Q = gguf.GGMLQuantizationType
+
+_WITHOUT_GGUF = """
+import sys
+sys.modules["gguf"] = None  # as where it is not installed
+import kcache_ops.model, kcache_ops.throughput.shapes, kcache_ops.cli.bench
+from kcache_ops.model.load import open_gguf
+try:
+    open_gguf(sys.argv[1])
+except ImportError as e:
+    print(e)
+"""
+
+
+def test_only_gguf_files_need_gguf(tmp_path):
+    """The model code imports without the gguf package (the random-weight models of the
+    benchmarks, safetensors checkpoints); opening a GGUF file then says what it needs."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF")
+    run = subprocess.run([sys.executable, "-c", _WITHOUT_GGUF, str(path)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "reading a GGUF checkpoint needs the gguf package" in run.stdout
 
 
 @pytest.fixture(scope="module")

@@ -75,11 +75,16 @@ def run(args):
         pass
     command = "python -m kcache_ops bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"]
                                                         else sys.argv[1:])
+    path = os.path.join(args.out, BENCH_JSON)
+
+    def save(rows, complete=False):
+        write_json(path, {"machine": info, "command": command, "small": args.small,
+                          "complete": complete, "rows": rows})
+
     rows = measure(models, contexts, device, dtype_of(args), kcache_options(args), steps,
                    budget, args.reserve, args.max_batch, args.hf, args.engine,
-                   log=functools.partial(print, flush=True))
-    path = os.path.join(args.out, BENCH_JSON)
-    write_json(path, {"machine": info, "command": command, "small": args.small, "rows": rows})
+                   log=functools.partial(print, flush=True), on_rows=save)
+    save(rows, complete=True)
     plot(rows, os.path.join(args.out, BENCH_PLOT))
     report.write(args.out)
     print(f"# wrote {path}, {BENCH_PLOT}, REPORT.md")

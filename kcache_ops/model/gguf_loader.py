@@ -3,13 +3,15 @@
 llama.cpp's converter permutes the rows of Q and K of Llama models so that its RoPE can rotate
 interleaved pairs; :func:`unpermute` undoes that, so the decoder's one convention (rotate-half, see
 rope.py) serves GGUF and Hugging Face checkpoints alike.
+
+``gguf`` is imported when a GGUF file is opened, so the rest of the model code (the embedded
+default, safetensors checkpoints) works where it is not installed.
 """
+import importlib
 import os
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGUFValueType
-from gguf.quants import dequantize
 from tqdm import tqdm
 
 from .config import LlamaConfig
@@ -31,21 +33,32 @@ LAYER_NAMES = {
 TOP_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
 
 
-def open_gguf(path: str) -> GGUFReader:
-    """A reader over ``path``; CheckpointError if it is missing, truncated or not GGUF."""
+def _gguf(module="gguf"):
+    """The ``gguf`` package (or one of its modules); an ImportError saying what needs it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise ImportError("reading a GGUF checkpoint needs the gguf package (pip install "
+                          "gguf; requirements.txt pins it)") from e
+
+
+def open_gguf(path: str):
+    """A gguf.GGUFReader over ``path``; CheckpointError if it is missing, truncated or not
+    GGUF."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no such GGUF file: {path}")
+    gguf = _gguf()
     try:
-        return GGUFReader(path)
+        return gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError) as e:
         raise CheckpointError(f"{path} ({os.path.getsize(path)} bytes) is not a readable GGUF file "
                               f"(truncated or corrupt): {e}") from e
 
 
-def metadata(reader: GGUFReader) -> dict:
+def metadata(reader) -> dict:
     """The scalar and string key/values of the file (arrays, such as the vocabulary, left out)."""
     return {key: f.contents() for key, f in reader.fields.items()
-            if f.types and f.types[0] != GGUFValueType.ARRAY}
+            if f.types and f.types[0] != _gguf().GGUFValueType.ARRAY}
 
 
 def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -64,7 +77,8 @@ def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
 def to_tensor(t) -> torch.Tensor:
     """A GGUF tensor (any type ``gguf`` can dequantize) as float32, in PyTorch's [out, in] order."""
     # GGUF lists dims innermost first ([in, out]); PyTorch outermost first
-    arr = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+    arr = _gguf("gguf.quants").dequantize(t.data, t.tensor_type)
+    arr = arr.reshape(tuple(reversed(t.shape.tolist())))
     if not arr.flags.writeable:  # float32 tensors come back as views of the read-only file map
         arr = arr.copy()
     return torch.from_numpy(np.ascontiguousarray(arr))
@@ -81,7 +95,7 @@ def our_name(name: str) -> str:
     raise CheckpointError(f"unexpected tensor {name!r} in the GGUF file")
 
 
-def read_config(reader: GGUFReader) -> LlamaConfig:
+def read_config(reader) -> LlamaConfig:
     """The LlamaConfig of a GGUF file, from its metadata and which tensors it holds."""
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
@@ -95,7 +109,7 @@ def read_config(reader: GGUFReader) -> LlamaConfig:
         rope_freq_factors=None if rope_freqs is None else to_tensor(rope_freqs).tolist())
 
 
-def load_gguf_model(reader: GGUFReader, device, dtype) -> Llama:
+def load_gguf_model(reader, device, dtype) -> Llama:
     """The decoder with the (dequantized) weights of a GGUF file, on ``device`` in ``dtype``."""
     config = read_config(reader)
 

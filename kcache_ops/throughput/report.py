@@ -28,6 +28,9 @@ def bench_section(data):
             "MiB/step: the whole batch's V rows read, N per head (per KV head with group select), "
             "and written; an upper bound: `top_p` < 1 cuts the N, and the CUDA kernel reads a row "
             "that several heads of a group chose once.", ""]
+    if not data.get("complete", True):
+        out += ["**This run was cut off before its end**: the rows below are the configurations "
+                "it finished.", ""]
     if data.get("small"):
         out += ["**This is the CPU smoke run at tiny sizes (`--small`)**: it tests the machinery, "
                 "its numbers say nothing about a GPU. The GPU run is still to be done (command "
