@@ -34,13 +34,16 @@ def default_layer_bytes(B, Hq, Hkv, S, D, dtype):
     return B * sequence_bytes("kcache", config, KCacheOptions(), S, dtype)[0]
 
 
-def host_row_bytes(indices, v, group_select):
-    """Bytes of V a step reads from host memory for ``indices`` [B, Hq, N] int32 (-1 padding)
-    over v [B, Hkv, S, D]: every valid entry once per query head, or once per KV head with
-    group_select (the G heads of a group share one index row)."""
-    group = indices.shape[1] // v.shape[1] if group_select else 1
-    rows = int((indices >= 0).sum()) // group
-    return rows * v.shape[-1] * v.element_size()
+def host_row_bytes(indices, v):
+    """Bytes of V a step must read from host memory for ``indices`` [B, Hq, N] int32 (-1
+    padding) over v [B, Hkv, S, D]: each distinct row of a (sequence, KV head) once, however many
+    heads of its group chose it (with group_select they share one index row; per head the CUDA
+    sparse_attn_v reads a row that several heads of a slice chose once)."""
+    B, Hkv = v.shape[0], v.shape[1]
+    rows = indices.reshape(B, Hkv, -1).sort(-1).values  # [B, Hkv, G * N], ascending
+    first = torch.ones_like(rows, dtype=torch.bool)  # [B, Hkv, G * N]: the first of its run
+    first[..., 1:] = rows[..., 1:] != rows[..., :-1]
+    return int(((rows >= 0) & first).sum()) * v.shape[-1] * v.element_size()
 
 
 class OpStep:

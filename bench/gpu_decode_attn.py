@@ -105,7 +105,7 @@ def op_steps(rec, c, sets, v, n, dense, ceilings):
     v_sum = torch.randn(B, Hkv, D, device="cuda")  # the mean tail's row sums [B, Hkv, D]
     for group_select, tail in decode_steps.MODES:
         step = decode_steps.OpStep(v, lens, n, group_select, tail, v_sum)
-        host_bytes = decode_steps.host_row_bytes(step.select(*sets[0][:2])[1], v, group_select)
+        host_bytes = decode_steps.host_row_bytes(step.select(*sets[0][:2])[1], v)
         selections = [step.select(torch.randn_like(q), k) for q, k, _ in
                       (sets[i % len(sets)] for i in range(timing.rotations(host_bytes)))]
         t = Timer()
@@ -130,7 +130,7 @@ def default_step(rec, c, sets, dense, ceilings):
     most_bytes = B * Hq * DEFAULT.topn * D * 2  # every selected row read
     selections = [(i % len(sets), *layer.select(i % len(sets), torch.randn_like(sets[0][0])))
                   for i in range(timing.rotations(most_bytes))]  # (layer, scores, indices, lse)
-    host_bytes = decode_steps.host_row_bytes(selections[0][2], layer.cache.v_host[0], False)
+    host_bytes = decode_steps.host_row_bytes(selections[0][2], layer.cache.v_host[0])
     t = Timer()
     us = t(layer.cache.decode, layer.inputs)
     us_qk_topn = t(layer.qk_topn, fresh)

@@ -97,6 +97,7 @@ def test_decode_steps_split_into_their_parts():
     """The op-level step is its qk_topn and its sparse_attn_v; the default layer step
     (KCache.decode) is its host part and its low-bit tail with the hot rows, each called alone."""
     B, Hq, Hkv, S, D = 2, 8, 2, 256, 64
+    G = Hq // Hkv
     sets = [(torch.randn(B, Hq, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D))
             for _ in range(2)]
     q, k, v = sets[0]
@@ -105,8 +106,11 @@ def test_decode_steps_split_into_their_parts():
         step = decode_steps.OpStep(v, lens, 64, group_select, tail, torch.randn(B, Hkv, D))
         selection = step.select(q, k)
         assert torch.equal(step(q, k), step.attend(*selection))
-        heads = Hkv if group_select else Hq
-        assert decode_steps.host_row_bytes(selection[1], v, group_select) == B * heads * 64 * D * 4
+        indices = selection[1]  # [B, Hq, 64]
+        distinct = sum(len(set(indices[b, h * G:(h + 1) * G].flatten().tolist()))
+                       for b in range(B) for h in range(Hkv))  # rows of a group's heads, once
+        assert decode_steps.host_row_bytes(indices, v) == distinct * D * 4
+        assert distinct == B * Hkv * 64 if group_select else distinct > B * Hkv * 64
     layer = decode_steps.DefaultLayer(sets)
     i, q, _, _ = layer.inputs[1]
     out = layer.cache.decode(*layer.inputs[1])  # [B, Hq, D]
