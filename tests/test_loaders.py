@@ -2,6 +2,7 @@
 themselves (float and quantized, llama.cpp's Q/K permutation, Llama-3 rope factors), the
 tokenizer of each, and clear errors for bad checkpoints."""
 import json
+import struct
 import subprocess
 import sys
 
@@ -78,6 +79,17 @@ def test_gguf_llama3_rope_factors(tmp_path):
     factors = llamacpp_rope_factors(16, LLAMA3_ROPE["rope_theta"], LLAMA3_ROPE)
     path = write_gguf(tmp_path / "m.gguf", oracle, Q.F32, rope_factors=factors)
     model, _ = load_model(path, "cpu", torch.float32)
+    tokens = torch.randint(0, 96, (2, 40))                                  # [B, T]
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), oracle(tokens).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_gguf_llama_with_attention_bias(tmp_path):
+    """A Llama with attention_bias (a bias on Q, K, V and O, as llama.cpp writes attn_q.bias ...
+    attn_output.bias) gives the logits of the HF model."""
+    oracle = save_tiny_hf(tmp_path, num_key_value_heads=2, attention_bias=True)
+    model, _ = load_model(write_gguf(tmp_path / "m.gguf", oracle, Q.F32), "cpu", torch.float32)
+    assert model.config.attention_bias and model.config.output_bias
     tokens = torch.randint(0, 96, (2, 40))                                  # [B, T]
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), oracle(tokens).logits, atol=2e-5, rtol=1e-4)
@@ -215,3 +227,81 @@ def test_unsupported_architectures(tmp_path):
     w.close()
     with pytest.raises(UnsupportedModelError, match="GGUF architecture 'gpt2'"):
         load_model(tmp_path / "g.gguf")
+
+
+def safetensors_bytes(header):
+    """A safetensors file of ``header`` (any JSON value) and no data."""
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+@pytest.mark.parametrize("header, message", [
+    ([1, 2], "a JSON list, not an object"),
+    ({"w": {"dtype": "F32", "shape": [1]}}, "tensor 'w' has no data_offsets"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, "4"]}},
+     "tensor 'w' has no data_offsets"),
+])
+def test_malformed_safetensors_header(tmp_path, header, message):
+    """A header of the right length that is not what safetensors writes names the file and the
+    fault (it raised AttributeError or KeyError before)."""
+    save_tiny_hf(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(safetensors_bytes(header))
+    with pytest.raises(CheckpointError, match=f"model.safetensors: corrupt safetensors header.*"
+                                              f"{message}"):
+        load_hf_model(str(tmp_path), "cpu", torch.float32)
+
+
+def test_malformed_shard_index(tmp_path):
+    save_tiny_hf(tmp_path, max_shard_size="20KB")
+    index = tmp_path / "model.safetensors.index.json"
+    for text, message in (('{"metadata": {}}', 'under "weight_map", got None'),
+                          ('{"weight_map": {"a": 3}}', 'under "weight_map", got'),
+                          ("{oops", "index.json is not valid JSON")):
+        index.write_text(text)
+        with pytest.raises(CheckpointError, match=message):
+            load_hf_model(str(tmp_path), "cpu", torch.float32)
+
+
+def test_tokenizer_config_faults_name_the_file(tmp_path, hf_folder):
+    folder, _ = hf_folder
+    for name in ("tokenizer.json", "config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    cfg_path = tmp_path / "tokenizer_config.json"
+    cfg_path.write_text("{not json")
+    with pytest.raises(CheckpointError, match="tokenizer_config.json is not valid JSON"):
+        load_model(tmp_path, "cpu")
+    cfg_path.write_text(json.dumps({"chat_template": [{"template": CHAT_TEMPLATE}]}))
+    assert load_model(tmp_path, "cpu")[1].chat_template == CHAT_TEMPLATE  # unnamed: the first
+    cfg_path.write_text(json.dumps({"chat_template": [{"name": "default"}]}))
+    with pytest.raises(CheckpointError, match="chat_template is a list without a"):
+        load_model(tmp_path, "cpu")
+
+
+def gguf_tokenizer(path, tokens, pre="gpt2", bos=None):
+    """Tokenizer.from_gguf of a GGUF file holding only tokenizer metadata."""
+    from kcache_ops.model import Tokenizer
+    from kcache_ops.model.gguf_loader import open_gguf
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    if tokens:
+        w.add_token_list(tokens)
+    if bos is not None:
+        w.add_bos_token_id(bos)
+        w.add_add_bos_token(True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Tokenizer.from_gguf(open_gguf(str(path)))
+
+
+def test_gguf_tokenizer_faults_and_gpt2_spelling(tmp_path):
+    """llama.cpp writes GPT-2's pre-tokenizer as "gpt-2": taken; a file without a vocabulary, or
+    with a BOS id outside it, is a CheckpointError (it was a TypeError, an IndexError)."""
+    tokens = ["<s>", "a", "b", "\u0120"]
+    assert gguf_tokenizer(tmp_path / "a.gguf", tokens, pre="gpt-2").encode("ab a") == [1, 2, 3, 1]
+    with pytest.raises(CheckpointError, match="no vocabulary"):
+        gguf_tokenizer(tmp_path / "b.gguf", [])
+    with pytest.raises(CheckpointError, match="bos_token_id 9 is outside the vocabulary of 4"):
+        gguf_tokenizer(tmp_path / "c.gguf", tokens, bos=9)

@@ -13,6 +13,7 @@ VARIANTS = {
     "llama3_rope": ("llama", {"num_key_value_heads": 1, "rope_parameters": LLAMA3_ROPE}),
     "tied": ("llama", {"tie_word_embeddings": True}),
     "qwen2_bias": ("qwen2", {"num_key_value_heads": 2}),
+    "llama_bias": ("llama", {"num_key_value_heads": 2, "attention_bias": True}),  # O's too
 }
 
 
@@ -54,6 +55,18 @@ def test_prefill_decode_match_forward(pair):
             for s in range(steps + 1):
                 torch.testing.assert_close(got[s][b], ref[n - 1 + s], atol=2e-5, rtol=1e-4)
     assert cache.seq_lens.tolist() == [n + steps for n in lens]
+
+
+def test_a_loaded_model_builds_no_autograd_graph(pair):
+    """Called outside no_grad, as the README's example does, prefill and decode build no
+    autograd graph through the cache (it would grow every step)."""
+    _, model = pair
+    assert not any(p.requires_grad for p in model.parameters())
+    cache = make_cache("dense", model.config, 1, 8, model.device, model.dtype)
+    logits = model.prefill(torch.randint(0, 96, (1, 4)), torch.tensor([4], dtype=torch.int32),
+                           cache)  # [1, V]
+    logits = model.decode(logits.argmax(-1), cache)  # [1, V]
+    assert not logits.requires_grad and not cache.k[0].requires_grad
 
 
 def test_prefill_leaves_lens_alone(pair):

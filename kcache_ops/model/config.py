@@ -39,6 +39,9 @@ def _flag(key: str, value) -> bool:
 class LlamaConfig:
     """Shapes and constants of a Llama decoder (also Qwen2, which adds a bias to Q, K and V).
 
+    ``attention_bias``: a bias on Q, K and V; ``output_bias``: one on the attention's output
+    projection too (Llama's ``attention_bias`` sets both; Qwen2 has the first alone).
+
     ``rope_scaling`` is None or the Llama-3 parameters ``{"factor", "low_freq_factor",
     "high_freq_factor", "original_max_position_embeddings"}``. ``rope_freq_factors`` is the same
     scaling already expanded to one divisor per frequency ([head_dim / 2] floats), as GGUF files
@@ -58,6 +61,7 @@ class LlamaConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    output_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
@@ -126,6 +130,7 @@ class LlamaConfig:
         bos = cfg.get("bos_token_id")
         eos = cfg.get("eos_token_id")
         max_pos = cfg.get("max_position_embeddings")  # null: unset
+        bias = _flag("attention_bias", cfg.get("attention_bias"))
         return cls(
             vocab_size=_integer("vocab_size", cfg["vocab_size"]),
             hidden_size=hidden,
@@ -140,9 +145,10 @@ class LlamaConfig:
             max_position_embeddings=_integer("max_position_embeddings",
                                              2048 if max_pos is None else max_pos),
             tie_word_embeddings=_flag("tie_word_embeddings", cfg.get("tie_word_embeddings")),
-            # Qwen2 always has a bias on Q, K and V; Llama has one only where attention_bias says so
-            attention_bias=(_flag("attention_bias", cfg.get("attention_bias"))
-                            or model_type == "qwen2"),
+            # Qwen2 always has a bias on Q, K and V, never on O; Llama one on all four only where
+            # attention_bias says so
+            attention_bias=bias or model_type == "qwen2",
+            output_bias=bias and model_type != "qwen2",
             bos_token_id=None if bos is None else _integer("bos_token_id", bos, 0),
             eos_token_ids=tuple(_integer("eos_token_id", e, 0) for e in
                                 (eos if isinstance(eos, list) else [] if eos is None else [eos])),
@@ -150,12 +156,14 @@ class LlamaConfig:
 
     @classmethod
     def from_gguf(cls, meta: dict, vocab_size: int, has_output: bool, has_qkv_bias: bool,
-                  rope_freq_factors: list[float] | None) -> "LlamaConfig":
+                  rope_freq_factors: list[float] | None,
+                  has_output_bias: bool = False) -> "LlamaConfig":
         """From GGUF metadata (``general.architecture`` llama).
 
         ``vocab_size`` is the token count of the vocabulary, ``has_output`` whether the file holds
         its own ``output.weight`` (else the embeddings are tied), ``has_qkv_bias`` whether it holds
-        ``attn_q.bias`` and its kin, ``rope_freq_factors`` the
+        ``attn_q.bias`` and its kin, ``has_output_bias`` ``attn_output.bias``,
+        ``rope_freq_factors`` the
         contents of ``rope_freqs.weight`` if present. Values are checked as in :meth:`from_hf`
         (a required key that is missing is a CheckpointError too), each rope frequency factor
         like the Llama-3 ``factor``.
@@ -195,6 +203,7 @@ class LlamaConfig:
             max_position_embeddings=_integer(*get("context_length", 2048)),
             tie_word_embeddings=not has_output,
             attention_bias=has_qkv_bias,
+            output_bias=has_output_bias,
             bos_token_id=None if bos is None else _integer("tokenizer.ggml.bos_token_id", bos, 0),
             eos_token_ids=() if eos is None else (_integer("tokenizer.ggml.eos_token_id", eos, 0),),
         )

@@ -106,7 +106,8 @@ def read_config(reader) -> LlamaConfig:
         vocab_size=int(tensors["token_embd.weight"].shape[1]),
         has_output="output.weight" in tensors,
         has_qkv_bias="blk.0.attn_q.bias" in tensors,
-        rope_freq_factors=None if rope_freqs is None else to_tensor(rope_freqs).tolist())
+        rope_freq_factors=None if rope_freqs is None else to_tensor(rope_freqs).tolist(),
+        has_output_bias="blk.0.attn_output.bias" in tensors)
 
 
 def load_gguf_model(reader, device, dtype) -> Llama:

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from .config import LlamaConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json_object
 from .llama import Llama
 
 
@@ -17,13 +17,7 @@ def read_config(folder: str) -> LlamaConfig:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"no config.json in {folder}")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    cfg = read_json_object(path)
     try:
         return LlamaConfig.from_hf(cfg)
     except (KeyError, TypeError) as e:  # a key missing, a type no check foresaw
@@ -46,8 +40,12 @@ def shard_files(folder: str) -> list[str]:
         if not os.path.isfile(index):
             raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in "
                                   f"{folder}")
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str)
+                                                      for n in weight_map.values()):
+            raise CheckpointError(f"{index} must map tensor names to file names under "
+                                  f"\"weight_map\", got {str(weight_map)[:80]}")
+        names = sorted(set(weight_map.values()))
         paths = [os.path.join(folder, n) for n in names]
         for p in paths:
             if not os.path.isfile(p):
@@ -73,10 +71,30 @@ def check_safetensors(path: str):
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    ends = [_data_end(path, k, v) for k, v in _header_items(path, header)]
+    end = max(ends, default=0)
     if 8 + header_len + end != size:
         raise CheckpointError(f"{path}: the header declares {8 + header_len + end} bytes, the file "
                               f"has {size}: truncated or corrupt")
+
+
+def _header_items(path, header):
+    """The (tensor name, entry) pairs of a safetensors header (a JSON object)."""
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON "
+                              f"{type(header).__name__}, not an object)")
+    return [(k, v) for k, v in header.items() if k != "__metadata__"]
+
+
+def _data_end(path, name, entry):
+    """Where the bytes of tensor ``name`` end, from its header entry's ``data_offsets``."""
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0
+                       for o in offsets)):
+        raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} has no "
+                              f"data_offsets [begin, end] ({str(entry)[:80]})")
+    return offsets[1]
 
 
 def load_hf_model(folder: str, device, dtype) -> Llama:

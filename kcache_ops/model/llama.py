@@ -39,7 +39,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(c.hidden_size, self.hq * self.d, bias=c.attention_bias)
         self.k_proj = nn.Linear(c.hidden_size, self.hkv * self.d, bias=c.attention_bias)
         self.v_proj = nn.Linear(c.hidden_size, self.hkv * self.d, bias=c.attention_bias)
-        self.o_proj = nn.Linear(self.hq * self.d, c.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.hq * self.d, c.hidden_size, bias=c.output_bias)
 
     def forward(self, x, cos, sin, attend):
         """x [B, T, E]; cos, sin [B, 1, T, D]; ``attend(q, k, v)`` maps q [B, Hq, T, D] and
@@ -101,7 +101,8 @@ class Llama(nn.Module):
     @classmethod
     def from_weights(cls, config: LlamaConfig, weights, device, dtype) -> "Llama":
         """A model whose parameters are ``weights`` (name -> Tensor, names as in this module),
-        each moved to ``device`` and ``dtype`` as it arrives; every parameter must be given."""
+        each moved to ``device`` and ``dtype`` as it arrives; every parameter must be given. In
+        eval mode, its parameters frozen (``requires_grad`` False)."""
         with torch.device("meta"):
             model = cls(config)
         expected = dict(model.state_dict())
@@ -121,7 +122,9 @@ class Llama(nn.Module):
             raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors, "
                                   f"e.g. {missing[:3]}")
         model.load_state_dict(state, assign=True)
-        return model.eval()
+        # inference only: called outside no_grad, a decode loop would otherwise grow an autograd
+        # graph through the cache, step after step
+        return model.eval().requires_grad_(False)
 
     @property
     def device(self):

@@ -1,19 +1,19 @@
 """The tokenizer: ``tokenizers`` from a tokenizer.json, or a byte-level BPE rebuilt from a GGUF
 file's vocabulary and merges; plus the model's chat template, rendered with jinja2."""
-import json
 import os
 
 import jinja2.sandbox
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
-from .errors import CheckpointError, UnsupportedModelError
+from .errors import CheckpointError, UnsupportedModelError, read_json_object
 
 # GGUF token types that are special (never split, dropped from decoded text): CONTROL, USER_DEFINED
 SPECIAL_TOKEN_TYPES = (3, 4)
 # GGUF pre-tokenizer name -> the pre-tokenizers of the same split, in front of the byte mapping
 GGUF_PRE_TOKENIZERS = {
     "gpt2": [],
+    "gpt-2": [],  # what llama.cpp's converter writes for GPT-2's own split
     "smollm": [pre_tokenizers.Digits(individual_digits=True)],  # digits one by one, then GPT-2's
 }
 
@@ -83,10 +83,7 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on a malformed file
             raise CheckpointError(f"{path}: cannot read the tokenizer ({e})") from e
         cfg_path = os.path.join(folder, "tokenizer_config.json")
-        cfg = {}
-        if os.path.isfile(cfg_path):
-            with open(cfg_path) as f:
-                cfg = json.load(f)
+        cfg = read_json_object(cfg_path) if os.path.isfile(cfg_path) else {}
 
         def token_id(key):  # the id of a special token named in tokenizer_config.json, if any
             value = cfg.get(key)
@@ -94,8 +91,12 @@ class Tokenizer:
             return None if value is None else tok.token_to_id(value)
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: take "default", else the first
-            template = next((t["template"] for t in template if t["name"] == "default"),
-                            template[0]["template"])
+            named = [t for t in template if isinstance(t, dict) and "template" in t]
+            if not named:
+                raise CheckpointError(f"{cfg_path}: chat_template is a list without a "
+                                      f"{{\"name\", \"template\"}} entry")
+            template = next((t["template"] for t in named if t.get("name") == "default"),
+                            named[0]["template"])
         jinja = os.path.join(folder, "chat_template.jinja")  # where transformers 5 saves it
         if template is None and os.path.isfile(jinja):
             with open(jinja) as f:
@@ -118,6 +119,8 @@ class Tokenizer:
                 f"unsupported GGUF tokenizer: model {kind!r}, pre-tokenizer {pre!r} (supported: "
                 f"model 'gpt2' with pre-tokenizer {', '.join(GGUF_PRE_TOKENIZERS)})")
         tokens = field("tokenizer.ggml.tokens")
+        if not tokens:
+            raise CheckpointError("the GGUF file has no vocabulary (tokenizer.ggml.tokens)")
         types = field("tokenizer.ggml.token_type", [1] * len(tokens))
         merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges", [])]
         try:
@@ -131,6 +134,10 @@ class Tokenizer:
         tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
                                 for t, ty in zip(tokens, types) if ty in SPECIAL_TOKEN_TYPES])
         bos, eos = field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
+        for key, value in (("bos", bos), ("eos", eos)):
+            if value is not None and not 0 <= value < len(tokens):
+                raise CheckpointError(f"tokenizer.ggml.{key}_token_id {value} is outside the "
+                                      f"vocabulary of {len(tokens)} tokens")
         if bos is not None and field("tokenizer.ggml.add_bos_token", False):
             tok.post_processor = processors.TemplateProcessing(
                 single=f"{tokens[bos]} $A", special_tokens=[(tokens[bos], bos)])
