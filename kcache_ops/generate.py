@@ -37,7 +37,8 @@ class Generation:
 
 class TextStream:
     """Incremental detokenization of one sequence: each pushed token returns the text it
-    completes ("" while a multi-byte character is still partial)."""
+    completes ("" while a multi-byte character is still partial); :meth:`flush` returns what is
+    held back at the end, so the pieces add up to the decoded tokens."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -54,6 +55,14 @@ class TextStream:
         self.prefix, self.read = self.read, len(self.ids)
         return text[len(before):]
 
+    def flush(self) -> str:
+        """The text held back after the last token pushed: a character left partial (shown as
+        U+FFFD, as the decoded text has it) or a real U+FFFD at the end; "" if none."""
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(before):]
+
 
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     """Next token of each sequence.
@@ -64,7 +73,10 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     """
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)                    # [B, V]
+    # the largest logit at 0 first: a tiny temperature sends the others to -inf, never to +inf
+    # (inf - inf would be NaN), and so tends to the argmax
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature,
+                          dim=-1)                                           # [B, V]
     if top_p < 1:
         sorted_p, order = probs.sort(dim=-1, descending=True)              # [B, V] each
         # drop a token when the tokens ranked above it already reach top_p (the first stays)
@@ -150,6 +162,10 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
         if all(done) or step == max_new_tokens - 1:
             break
         logits = model.decode(nxt, cache)                                   # [B, V]
+    for b, stream in enumerate(streams or ()):  # what a partial character held back
+        piece = stream.flush()
+        if piece:
+            on_text(b, piece)
     sync(device)
     end = time.perf_counter()
     texts = [tokenizer.decode(o) for o in out] if tokenizer is not None else None

@@ -62,6 +62,15 @@ def test_sample_keeps_to_the_nucleus():
     assert sample(logits, 0.0).eq(0).all()
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-45])
+def test_a_tiny_temperature_tends_to_the_argmax(temperature):
+    """logits / T overflows to inf for a tiny T (the CLI takes any T >= 0): the draw is the
+    argmax, not an error on a NaN probability."""
+    logits = torch.randn(64, 500) * 10  # [B, V]
+    drawn = sample(logits, temperature, 0.9, torch.Generator().manual_seed(0))  # [B]
+    assert torch.equal(drawn, logits.argmax(-1))
+
+
 def test_streaming_pieces_make_the_texts(loaded):
     model, tokenizer = loaded
     prompts = [tokenizer.encode("the t"), tokenizer.encode("ok")]

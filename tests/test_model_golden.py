@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kcache_ops.model import load_model
-from kcache_ops.generate import generate
+from kcache_ops.generate import TextStream, generate
 
 PLAIN = "The capital of France is"
 PLAIN_IDS = [504, 3575, 282, 4649, 314]
@@ -48,3 +48,15 @@ def test_greedy_golden(smollm):
     result = generate(model, prompts, 8, eos_ids=tok.eos_ids, tokenizer=tok)
     assert result.tokens == GOLDEN_TOKENS
     assert result.texts == GOLDEN_TEXTS
+
+
+@pytest.mark.parametrize("text", ["ok 😀 fin", "ab😀", "a\ufffd"])
+def test_stream_pieces_and_flush_make_the_text(smollm, text):
+    """The streamed pieces and the flush add up to the decoded text, also where the last token
+    leaves a character partial (the emoji's bytes cut) or the text ends in a real U+FFFD."""
+    _, tok = smollm
+    ids = tok.encode(text)
+    for cut in range(1, len(ids) + 1):
+        stream = TextStream(tok)
+        pieces = "".join(stream.push(t) for t in ids[:cut])
+        assert pieces + stream.flush() == tok.decode(ids[:cut]), cut
