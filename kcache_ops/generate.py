@@ -64,15 +64,19 @@ class TextStream:
         return text[len(before):]
 
 
-def sample(logits, temperature=0.0, top_p=1.0, generator=None):
+def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=None):
     """Next token of each sequence.
 
     logits [B, V] float32 -> [B] long: the argmax if ``temperature`` is 0, else a draw from
-    ``softmax(logits / temperature)`` restricted to the smallest set of tokens whose probability
-    reaches ``top_p`` (nucleus sampling), with ``generator`` for reproducibility.
+    ``softmax(logits / temperature)`` over the ``top_k`` most likely tokens (None: all), then
+    restricted to the smallest set of tokens whose probability reaches ``top_p`` (nucleus
+    sampling), with ``generator`` for reproducibility.
     """
     if temperature == 0:
         return logits.argmax(-1)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]                    # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay
     # the largest logit at 0 first: a tiny temperature sends the others to -inf, never to +inf
     # (inf - inf would be NaN), and so tends to the argmax
     probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature,
@@ -88,7 +92,8 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
-             temperature=0.0, top_p=1.0, seed=None, eos_ids=(), tokenizer=None, on_text=None):
+             temperature=0.0, top_p=1.0, seed=None, eos_ids=(), tokenizer=None, on_text=None,
+             top_k=None):
     """Generate up to ``max_new_tokens`` for each prompt, all prompts in one batch.
 
     Parameters
@@ -100,8 +105,9 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     backend, options
         The attention backend, and a KCacheOptions for ``"kcache"`` (None: the defaults); see
         :func:`kcache_ops.caches.make_cache`.
-    temperature, top_p, seed
-        Sampling (temperature 0: greedy); ``seed`` seeds a generator on the model's device.
+    temperature, top_p, top_k, seed
+        Sampling (temperature 0: greedy; top_k None: every token); ``seed`` seeds a generator on
+        the model's device.
     eos_ids : iterable of int
         A sequence stops after sampling one of these.
     tokenizer : Tokenizer, optional
@@ -125,6 +131,9 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
                          f"got {bad[:5]}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
     if on_text is not None and tokenizer is None:
         raise ValueError("streaming (on_text) needs the tokenizer")
     device = model.device
@@ -146,7 +155,7 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     out, done = [[] for _ in prompts], [False] * batch
     decode_start, decode_tokens = None, 0
     for step in range(max_new_tokens):
-        nxt = sample(logits, temperature, top_p, generator)                 # [B]
+        nxt = sample(logits, temperature, top_p, generator, top_k)          # [B]
         for b, t in enumerate(nxt.tolist()):  # the one host sync of a step
             if done[b]:
                 continue

@@ -62,6 +62,19 @@ def test_sample_keeps_to_the_nucleus():
     assert sample(logits, 0.0).eq(0).all()
 
 
+def test_top_k_keeps_to_the_k_most_likely(loaded):
+    logits = torch.log(torch.tensor([[0.1, 0.4, 0.3, 0.2]])).expand(2000, 4)  # [B, V]
+    drawn = sample(logits, 1.0, 1.0, torch.Generator().manual_seed(0), top_k=2)  # [B]
+    assert set(drawn.tolist()) == {1, 2}
+    assert set(sample(logits, 1.0, 1.0, torch.Generator().manual_seed(0), top_k=9).tolist()) \
+        == {0, 1, 2, 3}  # k past the vocabulary: every token
+    model, _ = loaded
+    assert generate(model, PROMPTS, 8, temperature=1.0, top_k=1, seed=3).tokens == \
+        generate(model, PROMPTS, 8).tokens  # the one most likely token: greedy
+    with pytest.raises(ValueError, match="top_k must be None or an integer >= 1, got 0"):
+        generate(model, PROMPTS, 8, temperature=1.0, top_k=0)
+
+
 @pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-45])
 def test_a_tiny_temperature_tends_to_the_argmax(temperature):
     """logits / T overflows to inf for a tiny T (the CLI takes any T >= 0): the draw is the
@@ -104,7 +117,8 @@ def test_cli_dense_and_kcache(folder, capsys):
     kcache = capsys.readouterr()
     assert "kcache on cpu" in kcache.err and "MiB host memory" in kcache.err
     assert main(["generate", "--model", str(folder), "--prompt", "a", "--prompt", "bc d",
-                 "--max-new-tokens", "3"]) == 0
+                 "--max-new-tokens", "3", "--temperature", "0.8", "--top-k", "5", "--seed",
+                 "1"]) == 0
     assert capsys.readouterr().out.count("--- [") == 2
     with pytest.raises(SystemExit, match="--topn applies to --backend kcache only"):
         main(["generate", "--model", str(folder), "--prompt", "a", "--topn", "8"])
@@ -137,6 +151,7 @@ def test_token_ids_outside_the_vocabulary(loaded):
     (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "expected an integer >= 1"),
     (["generate", "--prompt", "hi", "--temperature", "nan"], r"expected a number in \[0.0, inf\)"),
     (["generate", "--prompt", "hi", "--top-p", "0"], r"expected a number in \(0.0, 1.0\]"),
+    (["generate", "--prompt", "hi", "--top-k", "0"], "expected an integer >= 1, got '0'"),
     (["demo", "--prompt-tokens", "-5"], "expected an integer >= 1, got '-5'"),
     (["demo", "--depth", "2"], r"expected a number in \[0.0, 1.0\], got '2'"),
     (["bench", "--small", "--steps", "0"], "expected an integer >= 1"),

@@ -21,6 +21,8 @@ def add_arguments(parser):
     parser.add_argument("--temperature", type=bounded_float(0.0, None), default=0.0,
                         help="0 (default): greedy")
     parser.add_argument("--top-p", type=bounded_float(0.0, 1.0, low_open=True), default=1.0)
+    parser.add_argument("--top-k", type=positive_int,
+                        help="sample among the k most likely tokens (default: all)")
     parser.add_argument("--seed", type=int, help="seed of the sampling generator")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt in the model's chat template, where it has one")
@@ -56,6 +58,7 @@ def run(args):
         sys.stdout.flush()
     result = generate(model, prompts, args.max_new_tokens, backend=args.backend,
                       options=options, temperature=args.temperature, top_p=args.top_p,
+                      top_k=args.top_k,
                       seed=args.seed, eos_ids=tokenizer.eos_ids, tokenizer=tokenizer,
                       on_text=show if stream else None)
     if stream:
