@@ -34,16 +34,31 @@ def default_layer_bytes(B, Hq, Hkv, S, D, dtype):
     return B * sequence_bytes("kcache", config, KCacheOptions(), S, dtype)[0]
 
 
+# the CUDA sparse_attn_v's slices of a group's heads, and the most (heads x N) entries whose
+# distinct rows it reads once (csrc/cuda/launch_grid.h, sparse_attn_v_kernel.cuh)
+UNION_CAP = 2048
+
+
 def host_row_bytes(indices, v):
-    """Bytes of V a step must read from host memory for ``indices`` [B, Hq, N] int32 (-1
-    padding) over v [B, Hkv, S, D]: each distinct row of a (sequence, KV head) once, however many
-    heads of its group chose it (with group_select they share one index row; per head the CUDA
-    sparse_attn_v reads a row that several heads of a slice chose once)."""
-    B, Hkv = v.shape[0], v.shape[1]
-    rows = indices.reshape(B, Hkv, -1).sort(-1).values  # [B, Hkv, G * N], ascending
-    first = torch.ones_like(rows, dtype=torch.bool)  # [B, Hkv, G * N]: the first of its run
-    first[..., 1:] = rows[..., 1:] != rows[..., :-1]
-    return int(((rows >= 0) & first).sum()) * v.shape[-1] * v.element_size()
+    """Bytes of V the CUDA sparse_attn_v reads from host memory for ``indices`` [B, Hq, N] int32
+    (-1 padding) over v [B, Hkv, S, D]. It takes a group's heads in slices of 4 (groups of <= 4)
+    or 8; a slice whose heads chose the same rows (group_select), or whose heads x N entries are
+    at most UNION_CAP, reads each distinct row once, however many of its heads chose it; another
+    reads every valid entry of every head."""
+    B, Hq, _ = indices.shape
+    G = Hq // v.shape[1]
+    width = 4 if G <= 4 else 8
+    indices = indices.cpu()  # [B, Hq, N]: counted on the host, once per configuration
+    rows = 0
+    for b in range(B):
+        for h0 in range(0, Hq, G):  # each KV head's group, in slices
+            for s0 in range(h0, h0 + G, width):
+                heads = indices[b, s0:min(s0 + width, h0 + G)]  # [gs, N]
+                if (heads == heads[:1]).all() or heads.numel() <= UNION_CAP:
+                    rows += len(set(heads.flatten().tolist()) - {-1})  # each distinct row once
+                else:
+                    rows += int((heads >= 0).sum())  # every valid entry of every head
+    return rows * v.shape[-1] * v.element_size()
 
 
 class OpStep:

@@ -8,6 +8,8 @@
 #     bash bench/sanitize.sh [memcheck] [racecheck] [synccheck]   (default: all three)
 #     bash bench/sanitize.sh --where       which compute-sanitizer would run
 #     bash bench/sanitize.sh --collect     collect every tool's cases, run nothing (no GPU needed)
+#     bash bench/sanitize.sh --ran LOG     whether a tool's log shows its cases ran: some passed,
+#                                          none skipped (no GPU needed)
 #
 # compute-sanitizer is $COMPUTE_SANITIZER, else the one on PATH, else $CUDA_HOME/bin's, else
 # /usr/local/cuda/bin's, else the one beside nvcc. Exit status: non-zero if a tool reports an
@@ -50,7 +52,21 @@ cases() {  # cases TOOL: the node ids of TOOL's cases
   esac
 }
 
+ran() {  # ran LOG: true when pytest's summary in LOG has passes and no skips (where torch sees
+  # no device under the tool, every case skips); its last line, not the tool's "=========
+  # ERROR SUMMARY: 0 errors" after it
+  local summary
+  summary=$(grep -v '^=========' "$1" |
+    grep -E '[0-9]+ (passed|skipped|failed|errors?|deselected).* in [0-9.]+s' | tail -1)
+  grep -qE '[0-9]+ passed' <<< "$summary" && ! grep -qE '[0-9]+ skipped' <<< "$summary" && return
+  echo "not every case ran on the GPU under the tool (${summary:-no pytest summary})"
+  return 1
+}
+
 case ${1:-} in
+  --ran)
+    ran "$2"
+    exit ;;
   --where)
     find_sanitizer ||
       echo "compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin, beside nvcc)"
@@ -86,12 +102,7 @@ for tool in "${tools[@]}"; do
   "${caching[@]}" "$SAN" --tool "$tool" --error-exitcode 99 --kernel-name kns=kcache_ops \
     --report-api-errors no "$PY" -m pytest -q -rs -p no:cacheprovider $ids 2>&1 | tee "$log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  # a pass must have run kernels: where torch sees no device under the tool, every case skips
-  summary=$(grep -E '[0-9]+ (passed|skipped|failed|errors?|deselected)' "$log" | tail -1)
-  if ! grep -qE '[0-9]+ passed' <<< "$summary" || grep -qE '[0-9]+ skipped' <<< "$summary"; then
-    echo "== $tool: not every case ran on the GPU under the tool ($summary)"
-    status=1
-  fi
+  ran "$log" || status=1
   rm -f "$log"
 done
 exit $status

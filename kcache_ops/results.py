@@ -48,10 +48,13 @@ def ran_on(m, tail=""):
 
 
 def write_json(path, obj):
-    """Write ``obj`` as JSON to ``path``, creating its folder."""
+    """Write ``obj`` as JSON to ``path``, creating its folder; through a temporary file renamed
+    over it, so that a run killed while writing leaves the last complete file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    part = f"{path}.part"
+    with open(part, "w") as f:
         json.dump(obj, f, indent=1)
+    os.replace(part, path)
 
 
 def load_json(path):

@@ -119,3 +119,18 @@ def test_a_machine_without_meminfo_is_said_so():
     assert run.returncode == 0, run.stderr
     assert "could not allocate 4503599627370496 bytes" in run.stdout
     assert "the machine does not report its available memory" in run.stdout
+
+
+def test_every_dtype_is_accepted():
+    for dtype in DTYPES + [torch.int32, torch.uint8]:
+        assert kcache_ops.alloc_host((4,), dtype).dtype == dtype
+
+
+def test_host_bytes_available_reads_the_machine():
+    available = kcache_ops.host_bytes_available()  # bytes, or None where not reported
+    if available is None:
+        pytest.skip("this machine does not report MemAvailable")
+    with open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+    # both read at nearly the same moment: within 10% of each other
+    assert abs(available - kib * 1024) <= 0.1 * kib * 1024

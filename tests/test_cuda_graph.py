@@ -94,17 +94,21 @@ def test_default_layer_step_graph_replay(monkeypatch):
         torch.testing.assert_close(out, want, atol=0, rtol=0)
 
 
-def test_default_decode_steps_graph_replay():
+@pytest.mark.parametrize("lens, S", [([2500, 700], 2600), ([40, 24], 128)],
+                         ids=["long", "short"])
+def test_default_decode_steps_graph_replay(lens, S):
     """Whole decode steps captured once — a default layer's decode, a dense layer's and
     finish_decode — and replayed step after step: the lengths, the positions and the hot slots
     are updated in place, so each replay appends at the next position and equals the eager
     twin's step; the dense layer, captured, attends over every key (its width cannot follow the
     lengths); the recorded attention mass counts every replay. (The capacity check stays on the
-    host: replays past the capacity are the caller's to prevent.)"""
-    B, Hq, Hkv, S, D = 2, 8, 2, 2600, 128
+    host: replays past the capacity are the caller's to prevent.) The short prompts make the
+    dense layer's check sharp: a width frozen at the capture would leave out up to 4 of some 40
+    keys, far outside the tolerance."""
+    B, Hq, Hkv, D = 2, 8, 2, 128
     config = LlamaConfig(vocab_size=16, hidden_size=Hq * D, intermediate_size=32, num_layers=2,
                          num_heads=Hq, num_kv_heads=Hkv, head_dim=D)
-    lens = torch.tensor([2500, 700], dtype=torch.int32, device="cuda")  # [B]
+    lens = torch.tensor(lens, dtype=torch.int32, device="cuda")  # [B]
     T = int(lens.max())
     prompt_k = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16)
     prompt_v = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16)

@@ -54,6 +54,25 @@ def test_unknown_stage_is_refused(tmp_path):
     assert run.returncode == 2 and "unknown stage 'bild'" in run.stdout
 
 
+@pytest.mark.parametrize("log, ran", [
+    ("....\n7 passed in 40.12s\n========= ERROR SUMMARY: 0 errors\n", True),
+    ("7 passed in 3.1s\n========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n",
+     True),
+    ("SKIPPED [4] tests/test_cuda_ops.py:42: needs a CUDA GPU\n3 passed, 4 skipped in 2.99s\n"
+     "========= ERROR SUMMARY: 0 errors\n", False),
+    ("7 skipped in 1.00s\n", False),
+    ("========= Error: Device not supported\n", False),
+])
+def test_sanitizer_log_must_show_its_cases_ran(tmp_path, log, ran):
+    """bench/sanitize.sh passes a tool only where pytest's summary (not the tool's own summary
+    after it) shows passes and no skip: under a tool that hides the device, every case skips."""
+    path = tmp_path / "tool.log"
+    path.write_text(log)
+    run = subprocess.run(["bash", os.path.join(BENCH, "sanitize.sh"), "--ran", str(path)],
+                         capture_output=True, text=True, timeout=30)
+    assert (run.returncode == 0) == ran, run.stdout
+
+
 def random_qkv(B=2, Hq=8, Hkv=2, S=384, D=64):
     """q [B, Hq, D], k and v [B, Hkv, S, D] float32, fresh random values."""
     return torch.randn(B, Hq, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
@@ -124,6 +143,23 @@ def test_decode_steps_split_into_their_parts():
     torch.testing.assert_close(parts, out)
     assert layer.device_bytes_beside_k() == decode_steps.default_layer_bytes(
         B, Hq, Hkv, S, D, torch.float32) - k.nbytes
+
+
+def test_host_row_bytes_reads_as_the_kernel_does():
+    """The decode benchmark's host bytes: a slice of a group's heads (4, or 8 for groups past 4)
+    reads each distinct row once where its entries fit the union (heads x N <= 2048) or its heads
+    share their rows, and every valid entry otherwise."""
+    row = 4 * 4  # D = 4 float32
+    v = torch.zeros(1, 2, 10, 4)  # [B, Hkv, S, D]
+    ix = torch.tensor([[[0, 1], [1, 2], [5, -1], [5, 6]]], dtype=torch.int32)  # [1, 4, 2]: G = 2
+    assert decode_steps.host_row_bytes(ix, v) == (3 + 2) * row
+    v = torch.zeros(1, 1, 512, 4)  # G = 16: two slices of 8 heads
+    for n in (200, 300):
+        ix = torch.stack([torch.randperm(400)[:n] for _ in range(16)])[None].int()  # [1, 16, n]
+        union = sum(len(set(ix[0, s:s + 8].flatten().tolist())) for s in (0, 8))
+        assert decode_steps.host_row_bytes(ix, v) == (union if n == 200 else 16 * n) * row
+        shared = ix[:, :1].expand(1, 16, n)  # group_select: every head the same rows
+        assert decode_steps.host_row_bytes(shared, v) == 2 * n * row
 
 
 def test_step_ops_count_the_launches_of_a_decode_step():

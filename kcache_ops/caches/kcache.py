@@ -141,7 +141,7 @@ class KCache:
         self._mass_sum = torch.zeros(n_layers, dtype=torch.float32, device=self.device)  # [layers]
         self._rows_sum = torch.zeros(n_layers, dtype=torch.float32, device=self.device)  # [layers]
         # on the device too, so that the replays of a CUDA graph of decode steps count
-        self._mass_steps = torch.zeros(n_layers, dtype=torch.float32,
+        self._mass_steps = torch.zeros(n_layers, dtype=torch.int64,
                                        device=self.device)  # [layers]
 
     @property
