@@ -78,30 +78,50 @@ def greedy(model, prompts, cache=None, steps=STEPS):
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits)
 
 
+class RecordingCache(kt.KCacheCache):
+    """A KCacheCache whose KCache records the rows each decode step reads from host memory (so a
+    test can tell that the steps took the KCache path, not the hot rows alone)."""
+
+    def _make_inner(self, batch, device, dtype):
+        inner = super()._make_inner(batch, device, dtype)
+        inner.record_mass = True
+        return inner
+
+
 def kcache_greedy(model, prompts, steps=STEPS, **options):
     kt.enable(model)
     try:
-        cache = kt.KCacheCache(model, max_cache_len=max(map(len, prompts)) + steps, **options)
+        cache = RecordingCache(model, max_cache_len=max(map(len, prompts)) + steps, **options)
         return (*greedy(model, prompts, cache, steps), cache)
     finally:
         model.set_attn_implementation("sdpa")
 
 
+def rows_read(cache):
+    """V rows each decode step read from host memory per head, averaged over the KCache layers."""
+    rows = cache.inner.rows_read()  # [layers]; 0 at dense layers
+    kcache_layers = [i for i in range(len(rows)) if i not in cache.options.dense_layers]
+    return float(rows[kcache_layers].mean())
+
+
+PAPER = KCacheOptions.paper_literal().to_dict()  # the paper's options, by name
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_large_n_equals_dense(family):
-    """N >= every length: KCache is exact attention, so every step's logits are the dense model's
-    and the greedy tokens are the same; V went to host memory."""
+    """N >= every length (the paper's options: no hot rows, no tail, no top_p cut): KCache is
+    exact attention over V read back from host memory, so every step's logits are the dense
+    model's and the greedy tokens are the same."""
     model = tiny_model(family)
     prompts = random_prompts([9, 14])
     dense_tokens, dense_logits = greedy(model, prompts)
-    tokens, logits, cache = kcache_greedy(model, prompts, topn=64)
+    tokens, logits, cache = kcache_greedy(model, prompts, **dict(PAPER, topn=64))
+    assert rows_read(cache) > 9  # every valid row, from host memory
     torch.testing.assert_close(logits, dense_logits, atol=2e-5, rtol=1e-4)
     assert torch.equal(tokens, dense_tokens)
     assert cache.host_bytes() > 0 and cache.inner.seq_lens.tolist() == [9 + STEPS - 1,
                                                                          14 + STEPS - 1]
 
-
-PAPER = KCacheOptions.paper_literal().to_dict()  # the paper's options, by name
 OPTIONS = {
     "paper": dict(PAPER, topn=4),
     "group_select": dict(PAPER, topn=4, group_select=True),
@@ -129,7 +149,8 @@ def test_small_n_matches_our_kcache(pair, name):
     options = OPTIONS[name]
     lens = [12, 7, 10]
     prompts = random_prompts(lens)
-    tokens, logits, _ = kcache_greedy(model, prompts, **options)  # [B, S], [S, B, V]
+    tokens, logits, cache = kcache_greedy(model, prompts, **options)  # [B, S], [S, B, V]
+    assert rows_read(cache) > 0
     _, dense_logits = greedy(model, prompts)
     right = torch.zeros(len(lens), max(lens), dtype=torch.long)
     for b, p in enumerate(prompts):
@@ -144,14 +165,17 @@ def test_small_n_matches_our_kcache(pair, name):
     assert (logits[1:] - dense_logits[1:]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
 def test_left_padding_equals_unpadded_runs(family):
-    """A left-padded batch gives each sequence the tokens and logits of its own unpadded run."""
+    """A left-padded batch gives each sequence the tokens and logits of its own unpadded run,
+    with a small N read from host memory (the paper's options: no hot rows)."""
     model = tiny_model(family, seed=2)
     prompts = random_prompts([5, 13, 9])
-    tokens, logits, _ = kcache_greedy(model, prompts, topn=4, group_select=True)
+    options = dict(PAPER, topn=4, group_select=True)
+    tokens, logits, cache = kcache_greedy(model, prompts, **options)
+    assert rows_read(cache) == 4  # N rows a step, every step past the shortest prompt's 4
     for b, p in enumerate(prompts):
-        alone_tokens, alone_logits, _ = kcache_greedy(model, [p], topn=4, group_select=True)
+        alone_tokens, alone_logits, _ = kcache_greedy(model, [p], **options)
         assert torch.equal(tokens[b], alone_tokens[0])
         torch.testing.assert_close(logits[:, b], alone_logits[:, 0], atol=1e-4, rtol=1e-4)
 
@@ -248,6 +272,105 @@ def test_refused_generation_features():
         model(ids, past_key_values=cache)  # a reset cache takes a new prefill
     with pytest.raises(ValueError, match="capacity overflow"), torch.no_grad():
         model(torch.randint(3, VOCAB, (1, 40)), past_key_values=kt.KCacheCache(model, 32))
+
+
+def test_sampling_right_padding_eos_and_return_sequences():
+    """What the README promises beside greedy left-padded batches, each against plain
+    transformers with N >= every length (exact): sampling with a seed and num_return_sequences,
+    right padding, stopping at EOS."""
+    model = tiny_model("llama", seed=3)
+    prompts = random_prompts([11, 7])
+    ids, mask = left_padded(prompts)
+    eos = int(greedy(model, prompts)[0][0, 2])  # the first sequence's third greedy token
+    runs = {}
+    for name in ("dense", "kcache"):
+        cache = None
+        if name == "kcache":
+            kt.enable(model)
+            cache = RecordingCache(model, 32, **dict(PAPER, topn=64))
+        torch.manual_seed(5)
+        with torch.no_grad():
+            sampled = model.generate(ids, attention_mask=mask, past_key_values=cache,
+                                     do_sample=True, num_return_sequences=2, max_new_tokens=5)
+        right = torch.zeros_like(ids)
+        right_mask = torch.zeros_like(mask)
+        for b, p in enumerate(prompts):
+            right[b, :len(p)], right_mask[b, :len(p)] = torch.tensor(p), 1
+        with torch.no_grad():
+            logits = model(right, attention_mask=right_mask, past_key_values=(
+                RecordingCache(model, 32, **dict(PAPER, topn=64)) if cache else None)).logits
+        with torch.no_grad():
+            stopped = model.generate(ids, attention_mask=mask, max_new_tokens=6,
+                                     do_sample=False, eos_token_id=eos, pad_token_id=0,
+                                     past_key_values=(RecordingCache(model, 32,
+                                                                     **dict(PAPER, topn=64))
+                                                      if cache else None))
+        model.set_attn_implementation("sdpa")
+        runs[name] = sampled, logits, stopped
+        assert sampled.shape == (4, ids.shape[1] + 5)
+    stopped = runs["kcache"][2][0, ids.shape[1]:]  # the first sequence stopped at its EOS
+    assert stopped[2] == eos and (stopped[3:] == 0).all()
+    for want, got in zip(runs["dense"], runs["kcache"]):
+        if want.dtype.is_floating_point:
+            for b, p in enumerate(prompts):  # the right-padded rows that are prompt tokens
+                torch.testing.assert_close(got[b, :len(p)], want[b, :len(p)], atol=2e-5,
+                                           rtol=1e-4)
+        else:
+            assert torch.equal(got, want)
+
+
+def test_manual_decode_loop_with_positions():
+    """A forward loop of one's own (past_key_values, position_ids, cache_position) gives plain
+    transformers' logits with N >= every length."""
+    model = tiny_model("qwen2", seed=4)
+    ids, mask = left_padded(random_prompts([10, 6]))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
+    logits = {}
+    for name in ("dense", "kcache"):
+        cache = transformers.DynamicCache(config=model.config)
+        if name == "kcache":
+            kt.enable(model)
+            cache = RecordingCache(model, 32, **dict(PAPER, topn=64))
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                        cache_position=torch.arange(ids.shape[1]))
+            steps, step_mask, nxt = [out.logits[:, -1]], mask, out.logits[:, -1].argmax(-1)
+            for s in range(4):
+                step_mask = torch.cat([step_mask, torch.ones(2, 1, dtype=torch.long)], -1)
+                t = ids.shape[1] + s
+                out = model(nxt[:, None], attention_mask=step_mask,
+                            position_ids=positions[:, -1:] + s + 1, past_key_values=cache,
+                            cache_position=torch.tensor([t]))
+                steps.append(out.logits[:, -1])
+                nxt = out.logits[:, -1].argmax(-1)
+        model.set_attn_implementation("sdpa")
+        logits[name] = torch.stack(steps)  # [5, B, V]
+    torch.testing.assert_close(logits["kcache"], logits["dense"], atol=2e-5, rtol=1e-4)
+
+
+def test_prefill_under_inference_mode_then_decode_outside():
+    """The cache's buffers are made in the prefill's forward: under torch.inference_mode they
+    would be inference tensors, and a decode step outside it could not write into them (plain
+    transformers' caches allow it)."""
+    model = kt.enable(tiny_model("llama"))
+    ids = torch.randint(3, VOCAB, (1, 8))
+    cache = kt.KCacheCache(model, 32, **dict(PAPER, topn=64))
+    with torch.inference_mode():
+        out = model(ids, past_key_values=cache)
+    with torch.no_grad():
+        model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
+    assert cache.inner.seq_lens.tolist() == [9]
+
+
+def test_max_cache_len_of_any_integer_type_and_the_model_dtype():
+    import numpy as np
+    model = kt.enable(tiny_model("llama"))
+    assert kt.KCacheCache(model, np.int64(40)).capacity == 40
+    for bad in (True, 40.0, "40"):
+        with pytest.raises(ValueError, match="max_cache_len must be an integer >= 1"):
+            kt.KCacheCache(model, bad)
+    with pytest.raises(ValueError, match="dtype must be .* got torch.float64"):
+        kt.KCacheCache(model.double(), 40)
 
 
 def test_version_check():

@@ -27,6 +27,7 @@ length; the KCache keeps the true per-sequence lengths. Without a KCacheCache (a
 ``generate`` with transformers' own cache), ``"kcache"`` attention is exact SDPA.
 """
 import math
+import operator
 import threading
 import warnings
 from importlib.metadata import PackageNotFoundError, version
@@ -347,10 +348,17 @@ class KCacheCache(CacheBridge):
         config = model.config
         if max_cache_len is None:
             max_cache_len = config.max_position_embeddings
-        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or (
-                max_cache_len < 1):
+        try:  # any integer type (a NumPy one too), not a bool nor a float
+            length = None if isinstance(max_cache_len, bool) else operator.index(max_cache_len)
+        except TypeError:
+            length = None
+        if length is None or length < 1:
             raise ValueError(f"KCacheCache: max_cache_len must be an integer >= 1, got "
                              f"{max_cache_len!r}")
+        max_cache_len = length
+        if model.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # the ops' dtypes
+            raise ValueError(f"KCacheCache: the model's dtype must be torch.float32, "
+                             f"torch.float16 or torch.bfloat16, got {model.dtype}")
         super().__init__(model, max_cache_len)
         options.check(config.num_hidden_layers, model.device)
         self.options = options
@@ -360,9 +368,12 @@ class KCacheCache(CacheBridge):
                                       head_dim=head_dim_of(config))
 
     def _make_inner(self, batch, device, dtype):
-        """A fresh KCache for the batch (the previous generation's buffers freed first)."""
+        """A fresh KCache for the batch (the previous generation's buffers freed first); its
+        buffers are ordinary tensors even when the prefill runs under torch.inference_mode, so
+        that decode steps outside it can write into them, as into transformers' own caches."""
         self.inner = None
-        return KCache(self._shape, batch, self.capacity, device, dtype, self.options)
+        with torch.inference_mode(False):
+            return KCache(self._shape, batch, self.capacity, device, dtype, self.options)
 
 
 def _prompt_layout(attention_mask, key):
