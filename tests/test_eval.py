@@ -236,7 +236,8 @@ def test_the_memory_target_holds_in_bfloat16_too():
 
 def test_options_summary_compares_each_option_with_the_configuration_without_it():
     """The report judges a tail, hot rows and top_p each against the same configuration without
-    that option (a tail: the paper-literal N=64 where the plain selection did not run)."""
+    that option; where that did not run, a tail is shown against the paper-literal N=64 in its
+    configuration's line but not counted (that differs in more than the tail)."""
     from kcache_ops.eval.report import options_summary
 
     def result(options, short, long, rows=64.0):
@@ -250,10 +251,12 @@ def test_options_summary_compares_each_option_with_the_configuration_without_it(
                result(replace(PAPER_LITERAL, tail="int2"), 0.4, 0.1),
                result(hot, 0.2, 0.2), result(replace(hot, top_p=0.9), 0.3, 0.1, rows=40.5)]
     text = "\n".join(options_summary(results))
-    assert "* **hot rows**, against the same configuration without it (a tail: or the " \
-           "paper-literal N=64): closer to dense in 2 of 2 at the short context, 1 of 2 at the " \
-           "long context." in text
-    assert "* **tail=int2**" in text and "3 of 3 at the short context" in text
+    assert "* **hot rows**, against the same configuration without it: closer to dense in 2 of " \
+           "2 at the short context, 1 of 2 at the long context." in text
+    assert "* **tail=int2**, against the same configuration without it: closer to dense in 2 of " \
+           "2 at the short context" in text  # not the top_p one: no run without its tail
+    assert "its tail against kcache N=64 (paper-literal) (the same without its tail did not " \
+           "run; this one differs in more, and is not counted above)" in text
     assert "* **top_p**" in text and "0 of 1 at the short context, 1 of 1 at the long" in text
     assert "40.5 host rows" in text
 
@@ -281,6 +284,45 @@ def test_mass_curves_leave_out_hot_rows():
 
     results = [result(0.1, topn=8, sinks=4, window=60), result(0.2, topn=8, dense_layers=(0,)),
                result(0.25, topn=8, top_p=0.9), result(0.3, topn=8, tail="int2"),
-               result(0.4, topn=8),
+               result(0.4, topn=8), result(0.45, topn=16, tail="int4"),
                result(0.5, topn=64, group_select=True, tail="int2", sinks=4, window=60)]
-    assert mass.selections(results) == {(8, False): {"long": [0.3]}}
+    curves = mass.selections(results)
+    # N=8: the run without a tail, though the int2 one came first (a tail changes the later
+    # layers' queries, so their top N); N=16: only a tail ran, and its label says so
+    assert {k: r["mass"] for k, r in curves.items()} == {(8, False): {"long": [0.4]},
+                                                         (16, False): {"long": [0.45]}}
+    assert [mass.label(k, r) for k, r in sorted(curves.items())] == ["N=8", "N=16, tail int4"]
+
+
+def test_delta_se_and_the_report_noise():
+    """Δ ppl's standard error from the windows paired with dense's, in the table and in the
+    recommendation's verdict on the target; the agreement column lists each prompt's first
+    mismatch."""
+    from kcache_ops.eval import perplexity
+    from kcache_ops.eval.report import eval_section, recommendation
+    dense_ppl = {"ppl": 10.0, "ppl_rows": [10.0, 10.0, 10.0]}
+    ppl = {"ppl": 10.01, "ppl_rows": [10.0, 10.1, 9.93]}  # per window 0, +1, -0.7 %
+    se = perplexity.delta_se(ppl, dense_ppl)
+    assert abs(se - 0.4933) < 1e-3  # sample std 0.854, over sqrt 3
+    assert perplexity.delta_se({"ppl_rows": [1.0]}, {"ppl_rows": [1.0]}) is None
+    dense, kc = (fake_result(0, 0.0, 0.0, {"1024": 3}, 1.0),
+                 fake_result(64, 0.1, 0.1, {"1024": 3}, 0.5, "int2"))
+    for r, p, agreement in ((dense, dense_ppl, None),
+                            (kc, ppl, {"match_rate": 0.99, "first_divergence_rows": [47, 256]})):
+        r.update(short={"perplexity": p, **({"agreement": agreement} if agreement else {})},
+                 long={"perplexity": p}, seconds=1.0)
+        r["summary"].update(ppl={"short": p["ppl"], "long": p["ppl"]}, needle_total=3,
+                            needle_by_phrasing={"pass key": 3})
+    rec = recommend.recommend([dense, kc])
+    text = "\n".join(recommendation(rec, [dense, kc]))
+    assert "meets every target" in text and "±0.49 / ±0.49 points" in text
+    assert "so the 0.3% target is not established beyond the noise" in text
+    data = {"settings": {"ppl_rows": 3, "prefill": 8, "steps": 256, "long_rows": 3,
+                         "long_prefill": 16, "long_steps": 4, "agree_rows": 2,
+                         "needle_phrasings": ["pass key"], "needle_depths": [0.5],
+                         "needle_lengths": [1024], "answer_steps": 4},
+            "machine": {"cpu": "c", "cores": 2, "torch": "t", "device": "cpu", "model": "m"},
+            "command": "eval", "results": [dense, kc], "planned": [],
+            "recommended": rec}
+    table = "\n".join(eval_section(data))
+    assert "| +0.10% ±0.49 | +0.10% ±0.49 |" in table and "99.0% (47, never)" in table

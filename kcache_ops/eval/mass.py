@@ -3,18 +3,27 @@ decode steps, sequences and heads, as KCache records it (``KCache.record_mass``)
 
 
 def selections(results):
-    """The curves of :func:`plot` and the report's mass lines: {(N, group select): mass
-    {group: [layers]}} from the first result of each selection among the KCache configurations
-    without dense layers, hot rows or a top_p cut (with hot rows the recorded mass is the cold
-    rows', with a cut the prefix's, not the top N's). The tail does not change which rows are
-    picked, so configurations that differ only in it share a curve."""
+    """The results the curves of :func:`plot` and the report's mass lines come from: {(N, group
+    select): result} among the KCache configurations without dense layers, hot rows or a top_p
+    cut (with hot rows the recorded mass is the cold rows', with a cut the prefix's, not the top
+    N's): of each selection the first without a tail, else the first. (A tail changes each
+    layer's output, so the later layers' queries and their top N differ with it.)"""
     curves = {}
     for r in results:
         c = r["config"]
         if (c["backend"] == "kcache" and not c["dense_layers"] and not (c["sinks"] or c["window"])
                 and c["top_p"] == 1.0):
-            curves.setdefault((c["topn"], c["group_select"]), r.get("mass", {}))
+            key = (c["topn"], c["group_select"])
+            if key not in curves or (curves[key]["config"]["tail"] != "none"
+                                     and c["tail"] == "none"):
+                curves[key] = r
     return curves
+
+
+def label(key, result):
+    """'N=64', 'N=64 group', with the tail where the curve's configuration has one."""
+    (topn, gs), tail = key, result["config"]["tail"]
+    return f"N={topn}{' group' if gs else ''}{'' if tail == 'none' else f', tail {tail}'}"
 
 
 def plot(results, path, groups=("long",)):
@@ -29,12 +38,12 @@ def plot(results, path, groups=("long",)):
     curves = selections(results)
     topns = sorted({n for n, _ in curves})
     for ax, group in zip(axes[0], groups):
-        for (topn, gs), masses in sorted(curves.items()):
-            mass = masses.get(group)
+        for (topn, gs), result in sorted(curves.items()):
+            mass = result.get("mass", {}).get(group)
             if mass is None:
                 continue
             ax.plot(range(len(mass)), mass, "--" if gs else "-",
-                    color=f"C{topns.index(topn) % 10}", label=f"N={topn}{' group' if gs else ''}")
+                    color=f"C{topns.index(topn) % 10}", label=label((topn, gs), result))
         ax.set_xlabel("layer")
         ax.set_ylabel("attention mass in the top N")
         ax.set_ylim(0, 1.02)

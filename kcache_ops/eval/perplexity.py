@@ -35,3 +35,14 @@ def summarize(logprob):
 def delta(result, dense):
     """Relative change of perplexity against dense, in percent."""
     return 100.0 * (result["ppl"] / dense["ppl"] - 1.0)
+
+
+def delta_se(result, dense):
+    """The standard error of :func:`delta` from its windows, in percentage points: of the
+    per-window relative changes (each window against dense's same window), or None with fewer
+    than two windows. A |Δ| within about two of these is within the noise of the text chosen."""
+    rows = [100.0 * (r / d - 1.0) for r, d in zip(result["ppl_rows"], dense["ppl_rows"])]
+    if len(rows) < 2:
+        return None
+    mean = sum(rows) / len(rows)
+    return math.sqrt(sum((x - mean) ** 2 for x in rows) / (len(rows) - 1) / len(rows))

@@ -5,7 +5,7 @@ import os
 from dataclasses import replace
 
 from ..results import ran_on
-from . import mass, recommend
+from . import mass, perplexity, recommend
 from .grid import PAPER_LITERAL, display_name
 from .needle import PHRASINGS
 from .runner import Config
@@ -22,6 +22,24 @@ def _name(result):
 def _dppl(s):
     """'+0.12% / -0.30%': Δ ppl at the short and the long context."""
     return " / ".join(f"{s['dppl'][c]:+.2f}%" for c in CONTEXTS)
+
+
+def _se(result, dense, context):
+    """The standard error of a result's Δ ppl at ``context`` against the dense result (see
+    :func:`.perplexity.delta_se`), or None."""
+    return perplexity.delta_se(result[context]["perplexity"], dense[context]["perplexity"])
+
+
+def _dppl_se(result, dense, context):
+    """'+0.26% ±0.15': Δ ppl at ``context`` and its standard error over the windows."""
+    se = _se(result, dense, context)
+    return (f"{result['summary']['dppl'][context]:+.2f}%"
+            + ("" if se is None else f" ±{se:.2f}"))
+
+
+def _first_mismatches(rows, steps):
+    """'47, never': the tokens until each agreement prompt's first mismatch."""
+    return ", ".join("never" if n >= steps else str(n) for n in rows)
 
 
 def _kib(n):
@@ -88,16 +106,17 @@ def plot_accuracy(data, path):
     titles = [f"Δ perplexity, {data['settings']['prefill']}-token context (%)",
               f"Δ perplexity, {data['settings']['long_prefill']}-token context (%)",
               "needle accuracy (%)"]
-    refs = [recommend.MAX_DPPL, recommend.MAX_DPPL,
-            100 * dense["needle"] / max(dense["needle_total"], 1)]
+    refs = [(-recommend.MAX_DPPL, recommend.MAX_DPPL), (-recommend.MAX_DPPL, recommend.MAX_DPPL),
+            (100 * dense["needle"] / max(dense["needle_total"], 1),)]
     for i, ax in enumerate(axes):
         for label, pts in curves.items():
             pts = sorted(pts)
             ax.plot([p[0] for p in pts], [p[i + 1] for p in pts], "o-", label=label)
-        ax.axhline(refs[i], color="k", ls="--", lw=1,
-                   label=f"target (+{recommend.MAX_DPPL}%)" if i < 2 else "dense")
+        for j, y in enumerate(refs[i]):
+            ax.axhline(y, color="k", ls="--", lw=1, label=None if j else (
+                f"target (±{recommend.MAX_DPPL}%)" if i < 2 else "dense"))
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("N (host V rows per head and step)")
+        ax.set_xlabel("host V rows read per head and step (N; fewer with top_p)")
         ax.set_title(titles[i], fontsize=10)
         ax.grid(alpha=0.3)
     for ax in axes[:2]:
@@ -126,11 +145,14 @@ def eval_section(data):
             f"* perplexity, long context: {_count(s['long_rows'], 'window')} of "
             f"{s['long_prefill']} tokens of prefill, then {s['long_steps']} teacher-forced decode "
             "steps each;",
-            f"* agreement: {_count(s['agree_rows'], 'prompt')} of {s['prefill']} tokens, "
-            f"{s['steps']} tokens generated greedily by dense; the others are teacher-forced "
-            "along them (match rate: the share of steps whose greedy token is dense's; first "
-            "mismatch: the mean tokens until free greedy generation first departs from dense's, "
-            f"a prompt that never does counting {s['steps']});",
+            f"* agreement: {_count(s['agree_rows'], 'prompt')} of {s['prefill']} tokens of essay "
+            f"text and the essay's next token, then {s['steps']} tokens generated greedily by "
+            "dense; the others are teacher-forced along them (match rate: the share of steps "
+            "whose greedy token is dense's; first mismatch: per prompt, the tokens until free "
+            "greedy generation first departs from dense's, or never);",
+            "* Δ ppl ±: the standard error of the per-window relative changes (each window "
+            "against dense's same window): a |Δ| within about twice it is within the noise of "
+            "the text the windows happen to hold;"
             f"* needle: a random 5-digit key in {len(s['needle_phrasings'])} phrasings "
             f"({', '.join(s['needle_phrasings'])}) at depths {s['needle_depths']} of "
             f"{s['needle_lengths']} tokens of essay text, chat template, greedy answer of up to "
@@ -153,15 +175,15 @@ def eval_section(data):
     for r in results:
         x = r["summary"]
         a = r["short"].get("agreement")
+        agree = (f"{100 * a['match_rate']:.1f}% "
+                 f"({_first_mismatches(a['first_divergence_rows'], s['steps'])})" if a else "—")
         out.append(f"| {_name(r)} | {x['host_rows']:.1f} | {_kib(x['host_bytes_per_step'])} | "
                    f"{_kib(x['device_bytes_per_token'])} ({x['device_ratio']:.2f}; bf16 "
                    f"{x['device_ratio_bf16']:.2f}) | "
-                   f"{x['dppl']['short']:+.2f}% | {x['dppl']['long']:+.2f}% | "
-                   + "/".join(str(x["needle_by_length"][n]) for n in lengths)
-                   + f" = {x['needle']}/{x['needle_total']} | "
-                   + (f"{100 * a['match_rate']:.1f}% ({a['first_divergence']:.1f}) | " if a
-                      else "— | ")
-                   + f"{r['seconds']:.0f} |")
+                   + (" | ".join(_dppl_se(r, results[0], c) for c in CONTEXTS) if r is not
+                      results[0] else "— | —")
+                   + " | " + "/".join(str(x["needle_by_length"][n]) for n in lengths)
+                   + f" = {x['needle']}/{x['needle_total']} | {agree} | {r['seconds']:.0f} |")
     out += ["", "Needle hits per phrasing (" + ", ".join(
         f"{p}: “{PHRASINGS[p][1]}”" for p in phrasings) + "):", "",
         "| configuration | " + " | ".join(phrasings) + " |", "|---" * (len(phrasings) + 1) + "|"]
@@ -176,7 +198,7 @@ def eval_section(data):
     out += ["", "![Δ perplexity against host bytes per step](eval_budget.png)", "",
             "![accuracy vs N](eval_accuracy.png)", "",
             "![attention mass per layer](eval_mass.png)", ""]
-    out += recommendation(data.get("recommended")) + options_summary(results)
+    out += recommendation(data.get("recommended"), results) + options_summary(results)
     return out
 
 
@@ -186,8 +208,10 @@ def not_run(data):
     return [c for c in map(Config.from_dict, data["planned"]) if c not in done]
 
 
-def recommendation(rec):
-    """The recommended setting in words, with its numbers, the rule and the ≤ 8 rows verdict."""
+def recommendation(rec, results=()):
+    """The recommended setting in words, with its numbers, the rule, whether its Δ ppl is within
+    the target beyond the noise of the windows (``results``: the run's, dense first) and the ≤ 8
+    rows verdict."""
     out = ["### Recommended setting", ""]
     if rec is None:
         return out + ["No KCache configuration has run yet.", ""]
@@ -205,6 +229,20 @@ def recommendation(rec):
     else:
         out.append(f"**No configuration meets every target.** The closest, **{rec['name']}**, "
                    f"misses: {'; '.join(rec['misses'])}. Its numbers: {numbers}.")
+    chosen = next((r for r in results[1:] if r["config"] == rec["config"]), None)
+    if chosen is not None:
+        ses = {c: _se(chosen, results[0], c) for c in CONTEXTS}
+        if all(v is not None for v in ses.values()):
+            bound = {c: abs(n["dppl"][c]) + 2 * ses[c] for c in CONTEXTS}
+            beyond = all(b <= recommend.MAX_DPPL for b in bound.values())
+            out.append(f"Its Δ ppl has a standard error over the windows of "
+                       + " / ".join(f"±{ses[c]:.2f}" for c in CONTEXTS)
+                       + " points (short / long): |Δ| + 2 standard errors is "
+                       + " / ".join(f"{bound[c]:.2f}%" for c in CONTEXTS) + ", so the "
+                       f"{recommend.MAX_DPPL}% target is "
+                       + ("met beyond that noise." if beyond else
+                          "not established beyond the noise of these windows (more windows, "
+                          "e.g. the GPU sizes, would tell)."))
     out += ["", f"Rule: {rec['rule']}.", ""]
     small = rec.get("small_budget")
     if small:
@@ -231,9 +269,11 @@ WITHOUT = {"tail": lambda o: replace(o, tail="none"),
 
 def options_summary(results):
     """Per option (tail, hot rows, top_p), in how many of its configurations it brings Δ ppl
-    closer to dense at each context, against the same configuration without it (for a tail, the
-    paper-literal N=64 where that did not run); then one line per configuration but the
-    paper-literal one with those comparisons; then the attention mass the top N capture."""
+    closer to dense at each context, against the same configuration without it (where that did
+    not run, a tail is compared with the paper-literal N=64 in the configuration's own line
+    only: that differs in more than the tail, so it is not counted); then one line per
+    configuration but the paper-literal one with those comparisons; then the attention mass the
+    top N capture."""
     by_config = {Config.from_dict(r["config"]): r for r in results[1:]}
     paper = by_config.get(Config("kcache", PAPER_LITERAL))
     lines, helps = [], {}  # helps: option label -> [contexts where closer to dense] per config
@@ -250,6 +290,7 @@ def options_summary(results):
             if base == o:
                 continue
             plain = by_config.get(Config("kcache", base))
+            exact = plain is not None
             if plain is None and option == "tail":
                 plain = paper
             if plain is None or plain is r:
@@ -257,25 +298,32 @@ def options_summary(results):
             p = plain["summary"]
             better = [c for c in CONTEXTS if abs(x["dppl"][c]) < abs(p["dppl"][c])]
             label = f"tail={o.tail}" if option == "tail" else option
-            helps.setdefault(label, []).append(better)
+            if exact:
+                helps.setdefault(label, []).append(better)
             where = " and ".join(f"the {c} context" for c in better) or "neither context"
-            line += (f"; its {option} against {_name(plain)} (Δ ppl {_dppl(p)}, needle "
-                     f"{p['needle']}/{p['needle_total']}, {p['host_rows']:.1f} host rows): "
-                     f"closer to dense at {where}")
+            line += (f"; its {option} against {_name(plain)}"
+                     + ("" if exact else " (the same without its tail did not run; this one "
+                                         "differs in more, and is not counted above)")
+                     + f" (Δ ppl {_dppl(p)}, needle {p['needle']}/{p['needle_total']}, "
+                     f"{p['host_rows']:.1f} host rows): closer to dense at {where}")
         lines.append(line + ".")
-    out = ["### What each option does", ""]
+    out = ["### What each option does", "",
+           "A difference of Δ ppl smaller than about two standard errors (the ± of the table) is "
+           "within the noise of the windows, whichever way it goes.", ""]
     for label, better in sorted(helps.items()):
-        out.append(f"* **{label}**, against the same configuration without it (a tail: or the "
-                   f"paper-literal N=64): closer to dense in " + ", ".join(
+        out.append(f"* **{label}**, against the same configuration without it: closer to dense "
+                   f"in " + ", ".join(
                        f"{sum(c in b for b in better)} of {len(better)} at the {c} context"
                        for c in CONTEXTS) + ".")
-    masses = sorted((key, m["long"]) for key, m in mass.selections(results[1:]).items()
-                    if "long" in m)  # the curves of the mass plot
-    for (topn, gs), long in masses:
+    curves = mass.selections(results[1:])  # the curves of the mass plot
+    for key, r in sorted(curves.items()):
+        long = r.get("mass", {}).get("long")
+        if long is None:
+            continue
         low = min(range(len(long)), key=long.__getitem__)
-        lines.append(f"* attention mass in the top {topn}{' (group select)' if gs else ''}, long "
-                     f"context: mean {sum(long) / len(long):.3f} over layers, lowest in layer "
-                     f"{low} ({long[low]:.3f}).")
+        lines.append(f"* attention mass in the top N, {mass.label(key, r)}, long context (from "
+                     f"{_name(r)}): mean {sum(long) / len(long):.3f} over layers, lowest in "
+                     f"layer {low} ({long[low]:.3f}).")
     return out + lines
 
 
