@@ -380,6 +380,30 @@ def test_a_refused_decode_step_changes_nothing(backend):
 
 
 @pytest.mark.parametrize("tail", ["none", "mean", "int2"])
+def test_inputs_that_require_grad(tail):
+    """A model run outside no_grad (a transformers model's weights require grad) hands the cache
+    q, k, v that require grad: prefill and decode run (the mean tail's out= add raised), as
+    without grad, and the cache's own buffers stay out of any autograd graph's reach."""
+    hot = {"sinks": 0, "window": 0} if tail == "mean" else {}
+    options = KCacheOptions(tail=tail, topn=4, **hot)
+    cache, twin = (make_cache("kcache", tiny_config(), 2, 32, "cpu", torch.float32, options)
+                   for _ in range(2))
+    k, v = torch.randn(2, HKV, 9, D), torch.randn(2, HKV, 9, D)  # [B, Hkv, T, D]
+    q = torch.randn(2, HQ, 9, D)  # [B, Hq, T, D]
+    lens = torch.tensor([9, 5], dtype=torch.int32)
+    step = torch.randn(2, HQ, D), torch.randn(2, HKV, D), torch.randn(2, HKV, D)
+    outs = []
+    for c, grad in ((cache, True), (twin, False)):
+        for layer in range(LAYERS):
+            c.prefill(layer, *(t.clone().requires_grad_(grad) for t in (q, k, v)), lens)
+        c.finish_prefill(lens)
+        outs.append(c.decode(0, *(t.clone().requires_grad_(grad) for t in step)))
+    torch.testing.assert_close(outs[0].detach(), outs[1], atol=0, rtol=0)
+    if tail == "mean":
+        assert not cache.tails[0].v_sum.requires_grad
+
+
+@pytest.mark.parametrize("tail", ["none", "mean", "int2"])
 def test_a_step_run_again_counts_its_token_once(tail):
     """A layer's decode step run a second time in one step (after a failure inside an op, or on
     purpose) stores its token once: the mean tail's sum, the low-bit copy and the hot rows end as

@@ -241,7 +241,11 @@ def test_options_summary_compares_each_option_with_the_configuration_without_it(
     from kcache_ops.eval.report import options_summary
 
     def result(options, short, long, rows=64.0):
+        def ppl(dppl, spread):  # dense's ppl 10 in each of two windows, this one's around it
+            value = 10 * (1 + dppl / 100)
+            return {"perplexity": {"ppl": value, "ppl_rows": [value - spread, value + spread]}}
         return {"config": Config("kcache", options).to_dict(), "mass": {},
+                "short": ppl(short, 0.0), "long": ppl(long, 0.01 * rows),
                 "summary": {"dppl": {"short": short, "long": long}, "needle": 3, "needle_total": 4,
                             "host_rows": rows, "device_ratio": 0.5}}
 
@@ -259,6 +263,10 @@ def test_options_summary_compares_each_option_with_the_configuration_without_it(
            "run; this one differs in more, and is not counted above)" in text
     assert "* **top_p**" in text and "0 of 1 at the short context, 1 of 1 at the long" in text
     assert "40.5 host rows" in text
+    # the change from the paper-literal run (ppl 10.9) to its hot rows (10.5) over their windows
+    assert "its hot rows against kcache N=64 (paper-literal) (Δ ppl +9.00% / +9.00%, needle 3/4, " \
+           "64.0 host rows): closer to dense at the short context and the long context; " \
+           "perplexity -3.67% ±0.00 / -7.34% ±0.43 from it." in text
 
 
 def test_report_only_into_a_new_folder(tmp_path, capsys):
@@ -305,6 +313,8 @@ def test_delta_se_and_the_report_noise():
     se = perplexity.delta_se(ppl, dense_ppl)
     assert abs(se - 0.4933) < 1e-3  # sample std 0.854, over sqrt 3
     assert perplexity.delta_se({"ppl_rows": [1.0]}, {"ppl_rows": [1.0]}) is None
+    assert perplexity.delta_se({"ppl_rows": [1.0, 2.0]}, {"ppl_rows": [1.0] * 3}) is None
+    assert perplexity.t_975(3) == 4.30 and perplexity.t_975(6) == 2.57 and perplexity.t_975(50) == 2
     dense, kc = (fake_result(0, 0.0, 0.0, {"1024": 3}, 1.0),
                  fake_result(64, 0.1, 0.1, {"1024": 3}, 0.5, "int2"))
     for r, p, agreement in ((dense, dense_ppl, None),
@@ -316,6 +326,7 @@ def test_delta_se_and_the_report_noise():
     rec = recommend.recommend([dense, kc])
     text = "\n".join(recommendation(rec, [dense, kc]))
     assert "meets every target" in text and "±0.49 / ±0.49 points" in text
+    assert "the far end of its 95% interval (Student's t over the windows) is 2.22% / 2.22%" in text
     assert "so the 0.3% target is not established beyond the noise" in text
     data = {"settings": {"ppl_rows": 3, "prefill": 8, "steps": 256, "long_rows": 3,
                          "long_prefill": 16, "long_steps": 4, "agree_rows": 2,
@@ -324,5 +335,7 @@ def test_delta_se_and_the_report_noise():
             "machine": {"cpu": "c", "cores": 2, "torch": "t", "device": "cpu", "model": "m"},
             "command": "eval", "results": [dense, kc], "planned": [],
             "recommended": rec}
-    table = "\n".join(eval_section(data))
+    lines = eval_section(data)
+    table = "\n".join(lines)
     assert "| +0.10% ±0.49 | +0.10% ±0.49 |" in table and "99.0% (47, never)" in table
+    assert any(line.startswith("* needle: a random 5-digit key") for line in lines)

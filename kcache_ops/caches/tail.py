@@ -90,13 +90,15 @@ class MeanTail:
         """v [B, Hkv, T, D] right-padded, lens [B] int32: the sum of the rows ``t < lens[b]``."""
         T = v.shape[2]
         valid = torch.arange(T, device=v.device)[None, :] < lens.to(v.device)[:, None]  # [B, T]
-        self.v_sum.copy_(torch.einsum("bt,bhtd->bhd", valid.float(), v.float()))
+        # detached, here and at append: the cache is no part of an autograd graph (and out= takes
+        # no input that requires grad)
+        self.v_sum.copy_(torch.einsum("bt,bhtd->bhd", valid.float(), v.detach().float()))
         self._committed.copy_(self.v_sum)
 
     def append(self, rows, pos, v):
         """The sum before this step plus one token's v [B, Hkv, D] (rows, pos: where it is
         stored)."""
-        torch.add(self._committed, v.float(), out=self.v_sum)
+        torch.add(self._committed, v.detach().float(), out=self.v_sum)
 
     def commit(self):
         """The step is done: its token stays in the sum."""

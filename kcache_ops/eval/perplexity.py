@@ -37,12 +37,25 @@ def delta(result, dense):
     return 100.0 * (result["ppl"] / dense["ppl"] - 1.0)
 
 
+# Student's t at 97.5% for 1..10 degrees of freedom (a two-sided 95% interval), then about 2
+T_975 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23)
+
+
 def delta_se(result, dense):
     """The standard error of :func:`delta` from its windows, in percentage points: of the
-    per-window relative changes (each window against dense's same window), or None with fewer
-    than two windows. A |Δ| within about two of these is within the noise of the text chosen."""
+    per-window relative changes (each window of ``result`` against the same window of
+    ``dense``, any other result of the same run), or None with fewer than two windows or windows
+    that do not pair up."""
+    if len(result["ppl_rows"]) != len(dense["ppl_rows"]):
+        return None
     rows = [100.0 * (r / d - 1.0) for r, d in zip(result["ppl_rows"], dense["ppl_rows"])]
     if len(rows) < 2:
         return None
     mean = sum(rows) / len(rows)
     return math.sqrt(sum((x - mean) ** 2 for x in rows) / (len(rows) - 1) / len(rows))
+
+
+def t_975(windows):
+    """Student's t for a two-sided 95% interval of a mean over ``windows`` paired windows."""
+    df = windows - 1
+    return T_975[df - 1] if df <= len(T_975) else 2.0

@@ -37,6 +37,14 @@ def _dppl_se(result, dense, context):
             + ("" if se is None else f" ±{se:.2f}"))
 
 
+def _change(result, base, context):
+    """'-0.08% ±0.04': the relative change of perplexity from ``base`` to ``result`` at
+    ``context``, with its standard error over their paired windows."""
+    r, b = result[context]["perplexity"], base[context]["perplexity"]
+    se = perplexity.delta_se(r, b)
+    return f"{perplexity.delta(r, b):+.2f}%" + ("" if se is None else f" ±{se:.2f}")
+
+
 def _first_mismatches(rows, steps):
     """'47, never': the tokens until each agreement prompt's first mismatch."""
     return ", ".join("never" if n >= steps else str(n) for n in rows)
@@ -151,8 +159,8 @@ def eval_section(data):
             "whose greedy token is dense's; first mismatch: per prompt, the tokens until free "
             "greedy generation first departs from dense's, or never);",
             "* Δ ppl ±: the standard error of the per-window relative changes (each window "
-            "against dense's same window): a |Δ| within about twice it is within the noise of "
-            "the text the windows happen to hold;"
+            "against dense's same window), the noise of the text the windows happen to hold "
+            "(two configurations are compared on their own paired windows, below);",
             f"* needle: a random 5-digit key in {len(s['needle_phrasings'])} phrasings "
             f"({', '.join(s['needle_phrasings'])}) at depths {s['needle_depths']} of "
             f"{s['needle_lengths']} tokens of essay text, chat template, greedy answer of up to "
@@ -233,16 +241,20 @@ def recommendation(rec, results=()):
     if chosen is not None:
         ses = {c: _se(chosen, results[0], c) for c in CONTEXTS}
         if all(v is not None for v in ses.values()):
-            bound = {c: abs(n["dppl"][c]) + 2 * ses[c] for c in CONTEXTS}
+            t = {c: perplexity.t_975(len(chosen[c]["perplexity"]["ppl_rows"]))
+                 for c in CONTEXTS}
+            bound = {c: abs(n["dppl"][c]) + t[c] * ses[c] for c in CONTEXTS}
             beyond = all(b <= recommend.MAX_DPPL for b in bound.values())
             out.append(f"Its Δ ppl has a standard error over the windows of "
                        + " / ".join(f"±{ses[c]:.2f}" for c in CONTEXTS)
-                       + " points (short / long): |Δ| + 2 standard errors is "
+                       + " points (short / long): the far end of its 95% interval (Student's "
+                       "t over the windows) is "
                        + " / ".join(f"{bound[c]:.2f}%" for c in CONTEXTS) + ", so the "
                        f"{recommend.MAX_DPPL}% target is "
                        + ("met beyond that noise." if beyond else
                           "not established beyond the noise of these windows (more windows, "
-                          "e.g. the GPU sizes, would tell)."))
+                          "e.g. the GPU sizes, would tell; being the best of the grid on these "
+                          "same windows also flatters it)."))
     out += ["", f"Rule: {rec['rule']}.", ""]
     small = rec.get("small_budget")
     if small:
@@ -305,11 +317,13 @@ def options_summary(results):
                      + ("" if exact else " (the same without its tail did not run; this one "
                                          "differs in more, and is not counted above)")
                      + f" (Δ ppl {_dppl(p)}, needle {p['needle']}/{p['needle_total']}, "
-                     f"{p['host_rows']:.1f} host rows): closer to dense at {where}")
+                     f"{p['host_rows']:.1f} host rows): closer to dense at {where}; perplexity "
+                     + " / ".join(_change(r, plain, c) for c in CONTEXTS) + " from it")
         lines.append(line + ".")
     out = ["### What each option does", "",
-           "A difference of Δ ppl smaller than about two standard errors (the ± of the table) is "
-           "within the noise of the windows, whichever way it goes.", ""]
+           "Each comparison gives the change of perplexity from the configuration without the "
+           "option to the one with it, over their own paired windows, with its standard error "
+           "(±): a change within about twice it is within the noise of the windows.", ""]
     for label, better in sorted(helps.items()):
         out.append(f"* **{label}**, against the same configuration without it: closer to dense "
                    f"in " + ", ".join(
