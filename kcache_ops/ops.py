@@ -14,7 +14,8 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_value
     q : Tensor [B, Hq, D]
         Query of the decode step (float32, float16 or bfloat16; D in {64, 128}).
     k_cache : Tensor [B, Hkv, S, D]
-        Keys, same dtype and device as ``q``; ``Hq`` must be a multiple of ``Hkv`` (GQA).
+        Keys, same dtype and device as ``q``; ``Hq`` must be a multiple of ``Hkv`` (GQA). On CUDA
+        ``S <= 2^30`` and ``B, Hq < 65536``.
     seq_lens : Tensor [B] int32
         Valid keys per sequence, ``0 <= L_b <= S``.
     n : int

@@ -316,7 +316,12 @@ def test_lowbit_tail_cpu_checks_values(low_tail):
 def test_cuda_limits_on_sizes():
     """Sizes the CUDA kernels cannot take are refused, not computed wrong: rows that are not
     16-byte pieces even in an empty src (gather_rows would copy them in 16-byte steps), N of
-    2^24 or more (a block's entry count is an int; one head's 64 MiB viewed as 8)."""
+    2^24 or more (a block's entry count is an int; one head's 64 MiB viewed as 8), S past 2^30
+    (qk_topn's chunk ends are ints; one key viewed as 2^30 + 1)."""
+    q = torch.randn(1, 1, D, device="cuda")  # [B, Hq, D]
+    k = torch.randn(1, 1, 1, D, device="cuda").expand(1, 1, (1 << 30) + 1, D)  # [B, Hkv, S, D]
+    with pytest.raises(RuntimeError, match=r"S <= 2\^30\): B=1, Hq=1, S=1073741825"):
+        kcache_ops.qk_topn(q, k, seq_lens_tensor([4], "cuda"), 1, check_values=False)
     src = kcache_ops.alloc_host([1, 1, 0, 3], torch.float32)  # no rows of 12 bytes
     indices = torch.full((1, 1, 1), -1, dtype=torch.int32, device="cuda")
     with pytest.raises(RuntimeError, match="src rows must be 16-byte aligned"):

@@ -47,10 +47,11 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
   TORCH_CHECK(meta_aligned || v_meta.numel() == 0, kOp, ": v_meta rows must be 4-byte aligned "
               "(data pointer and every stride but the last a multiple of 4 bytes), got strides ",
               v_meta.strides());
-  // N < 2^24: a block's entry count (its heads · N) is an int
-  TORCH_CHECK(dims.S < (int64_t{1} << 31) && dims.B < 65536 && dims.Hq < 65536 &&
+  // N < 2^24: a block's entry count (its heads · N) is an int; S <= 2^30: a chunk's end and
+  // the keys staged ahead stay ints (at S near 2^31 they wrapped)
+  TORCH_CHECK(dims.S <= (int64_t{1} << 30) && dims.B < 65536 && dims.Hq < 65536 &&
                   dims.N < (int64_t{1} << 24),
-              "lowbit_tail: sizes out of range for the CUDA kernels (B, Hq < 65536, S < 2^31, "
+              "lowbit_tail: sizes out of range for the CUDA kernels (B, Hq < 65536, S <= 2^30, "
               "N < 2^24): B=", dims.B, ", Hq=", dims.Hq, ", S=", dims.S, ", N=", dims.N);
   TORCH_CHECK(H < (int64_t{1} << 30), "lowbit_tail: hot_v rows out of range for the CUDA "
               "kernels (below 2^30): H=", H);

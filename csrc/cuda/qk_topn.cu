@@ -34,9 +34,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
   TORCH_CHECK(n <= kMaxTopN, "n must be at most ", kMaxTopN, " on CUDA, got ", n);
   TORCH_CHECK(!group_select || dims.G <= kMaxGroupSelect, "group_select supports at most ",
               kMaxGroupSelect, " query heads per KV head, got ", dims.G);
-  TORCH_CHECK(dims.S < (int64_t{1} << 31) && dims.B < 65536 && dims.Hq < 65536,
-              "qk_topn: sizes out of range for the CUDA kernels: B=", dims.B, ", Hq=", dims.Hq,
-              ", S=", dims.S);
+  // S <= 2^30: a chunk's end and the keys staged ahead of a block's loop stay ints (at S near
+  // 2^31 they wrapped), with room to spare
+  TORCH_CHECK(dims.S <= (int64_t{1} << 30) && dims.B < 65536 && dims.Hq < 65536,
+              "qk_topn: sizes out of range for the CUDA kernels (B, Hq < 65536, S <= 2^30): B=",
+              dims.B, ", Hq=", dims.Hq, ", S=", dims.S);
 
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
