@@ -2,6 +2,7 @@
 padding, ties, NaN inputs, GQA ratios, odd lengths, strided inputs, every score on request,
 random shapes."""
 import math
+import os
 
 import pytest
 import torch
@@ -348,3 +349,24 @@ def test_random_shapes(B, Hkv, G, S, n, D, dtype, group_select, top_p, data):
         check_topn(q, k, seq_lens, n, 1 / math.sqrt(D), group_select, out, TOL[dtype])
         cut = kcache_ops.qk_topn(q, k, seq_lens, n, None, group_select, top_p=top_p)
         check_top_p(out, cut, top_p)
+
+
+def _rss_bytes():
+    """This process's resident memory, from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/self/status")
+def test_cpu_scratch_of_a_long_context_is_not_kept():
+    """A CPU thread keeps its scratch (a group's G x L scores) from one call to the next only
+    up to 16 MiB: after a call over 2M keys of a group of 8 heads, its 64 MiB go back to the
+    system instead of staying held for the life of the process."""
+    q = torch.randn(1, 8, 64)  # [B, Hq, D]: one group of 8 heads, so one thread
+    k = torch.randn(1, 1, 1 << 21, 64)  # [B, Hkv, S, D], 512 MiB
+    lens = seq_lens_tensor([1 << 21], "cpu")
+    kcache_ops.qk_topn(q, k[:, :, :4096].contiguous(), seq_lens_tensor([4096], "cpu"), 4)
+    before = _rss_bytes()
+    scores, indices, _ = kcache_ops.qk_topn(q, k, lens, 4)
+    assert _rss_bytes() - before < 32 << 20
+    assert indices.shape == (1, 8, 4) and (indices >= 0).all()

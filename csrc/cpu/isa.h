@@ -92,11 +92,16 @@ int64_t score_heads(const float* q, int64_t heads, const scalar_t* k, int64_t k_
   return 1;
 }
 
+// A thread keeps its Scratch from one call to the next while it holds at most this many bytes;
+// a larger one is freed at the end of the call (a long context's G · L scores would otherwise
+// stay held by every thread that ever ran one, for the life of the process).
+constexpr size_t kScratchKeepBytes = size_t{16} << 20;
+
 // Calls group.template operator()<Isa, scalar_t, kD>(b, kvh, tmp) for every sequence b < B and KV
 // head kvh < Hkv, in parallel (at::parallel_for over the B · Hkv groups), with scalar_t bound to
 // `dtype` (float, Half or BFloat16) and kD to `head_dim` (64 or 128), both checked before
-// (check_qk_topn_args), and Isa as KC_ISA_SWITCH picks it; tmp is this thread's Scratch, kept from
-// one call to the next.
+// (check_qk_topn_args), and Isa as KC_ISA_SWITCH picks it; tmp is this thread's Scratch (its
+// bytes() what it holds), kept from one call to the next up to kScratchKeepBytes.
 template <class Scratch, class Group>
 void for_each_kv_group(at::ScalarType dtype, int64_t head_dim, int64_t B, int64_t Hkv,
                        const Group& group) {
@@ -107,6 +112,7 @@ void for_each_kv_group(at::ScalarType dtype, int64_t head_dim, int64_t B, int64_
           static thread_local Scratch tmp;
           for (int64_t bg = begin; bg < end; ++bg)
             group.template operator()<Isa, scalar_t, kD>(bg / Hkv, bg % Hkv, tmp);
+          if (tmp.bytes() > kScratchKeepBytes) tmp = Scratch{};
         });
       });
     });

@@ -41,6 +41,8 @@ struct HotRowsView {
 struct Scratch {
   std::vector<float> acc;         // [G, kD] the heads' outputs
   std::vector<uint8_t> selected;  // [G, L] 1 where the head selected the key
+
+  size_t bytes() const { return acc.capacity() * sizeof(float) + selected.capacity(); }
 };
 
 // One (batch, kv head): s [G, L] the heads' scores (row stride s_head, key stride s_key),

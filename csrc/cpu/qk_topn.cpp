@@ -174,6 +174,11 @@ struct Scratch {
   std::vector<float> s;     // [G, L] scores
   std::vector<float> mass;  // [L] c_j of group_select
   TopN top;                 // selection
+
+  size_t bytes() const {
+    return (qf.capacity() + s.capacity() + mass.capacity() + top.tile_max.capacity() +
+            top.ranked.capacity()) * sizeof(float) + top.best.capacity() * sizeof(Cand);
+  }
 };
 
 // The min(n, hi - lo) best of keys[lo, hi) into top.best, sorted best first, with their
