@@ -87,15 +87,20 @@ def overlap(q, k, ns, sinks, window):
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_text_arguments(ap, queries):
+    """The flags of the studies over the eval's essay windows (this one, step_reuse.py):
+    --length, --queries (default ``queries``), --sinks, --window, --threads."""
     ap.add_argument("--length", choices=("short", "long", "both"), default="short")
-    ap.add_argument("--queries", type=int, default=8)
-    ap.add_argument("--n", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--queries", type=int, default=queries)
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--window", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
+
+
+def essay_queries(a):
+    """Loads the embedded model and, for each length of ``a.length``, runs its window forward
+    and prints where the text lies -> yields (which, the model's config, qs, ks, tokenizer,
+    ids): per layer q [Hq, Q, D] of the last ``a.queries`` positions and k [Hkv, T, D]."""
     torch.set_num_threads(a.threads)
     t0 = time.time()
     model, tokenizer = load_model(device="cpu", dtype=torch.float32)
@@ -105,11 +110,22 @@ def main():
     for which in (("short", "long") if a.length == "both" else (a.length,)):
         t1 = time.time()
         ids, offset = prompt_ids(tokenizer, which, a.queries)
-        tokens = torch.tensor([ids])
-        qs, ks = capture_qk(model, tokens, a.queries)
-        t = tokens.shape[1]
-        print(f"\n== {which}: essay tokens [{offset}, {offset + t}) ({t} tokens), queries at "
-              f"positions {t - a.queries}..{t - 1}; forward {time.time() - t1:.1f}s")
+        qs, ks = capture_qk(model, torch.tensor([ids]), a.queries)
+        t = len(ids)
+        print(f"\n== {which}: essay tokens [{offset}, {offset + t}) ({t} tokens), {a.queries} "
+              f"decode queries at positions {t - a.queries}..{t - 1}; forward "
+              f"{time.time() - t1:.1f}s")
+        yield which, c, qs, ks, tokenizer, ids
+        print(f"   {which} done in {time.time() - t1:.1f}s")
+    print(f"\ntotal {time.time() - t0:.1f}s")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_text_arguments(ap, queries=8)
+    ap.add_argument("--n", type=int, nargs="+", default=[64, 128, 256])
+    a = ap.parse_args()
+    for which, c, qs, ks, tokenizer, ids in essay_queries(a):
         print(f"   text starts: {tokenizer.decode(ids[:24])!r}")
         print(f"   text ends:   {tokenizer.decode(ids[-24:])!r}")
         per = [overlap(q, k, a.n, a.sinks, a.window) for q, k in zip(qs, ks)]
@@ -129,8 +145,6 @@ def main():
             for mode in ("all", "cold"):
                 lay = torch.stack([p[(mode, n)].mean() for p in per])
                 print(f"   per layer, {mode}, N={n}: " + " ".join(f"{x:.2f}" for x in lay))
-        print(f"   {which} done in {time.time() - t1:.1f}s")
-    print(f"\ntotal {time.time() - t0:.1f}s")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ sys.path.insert(0, BENCH)
 import baselines  # noqa: E402  (bench/ is a folder of scripts, not a package)
 import decode_steps  # noqa: E402
 import step_ops  # noqa: E402
+import step_reuse  # noqa: E402
 
 STAGES = ("build", "tests", "e2e", "slow", "profile", "bench", "sanitize")
 
@@ -180,3 +181,20 @@ def test_step_ops_count_the_launches_of_a_decode_step():
                        "kcache_ops::lowbit_tail", "kcache_ops::quantize_rows"}
     assert "(outside the cache)" not in sites
     assert not any(site.endswith(" positions") for site in sites)
+
+
+def test_step_reuse_counts_the_rows_of_the_steps_before():
+    """bench/step_reuse.py: a step reads the union of its group's heads' top N cold rows; a hit
+    is a row one of the W steps before read too, and a cache of those steps holds their
+    distinct rows."""
+    k = torch.eye(12)[None, :10]  # [Hkv=1, T=10, D=12]: key j points along axis j
+    q = torch.eye(12)[[5, 7]][:, None]  # [Hq=2, Q=1, D]: head 0 likes key 5, head 1 key 7
+    reads = step_reuse.step_reads(q, k, 1, sinks=0, window=0)  # [1, 1, 10]
+    assert reads[0, 0].nonzero().flatten().tolist() == [5, 7]
+    assert not step_reuse.step_reads(q, k, 1, sinks=6, window=0)[0, 0, 5]  # a sink: not cold
+    sets = [{0, 1}, {1, 2}, {2, 3}, {0, 3}]  # the rows of 4 consecutive steps
+    reads = torch.zeros(1, 4, 6, dtype=torch.bool)  # [Hkv, Q, T]
+    for i, rows in enumerate(sets):
+        reads[0, i, list(rows)] = True
+    assert step_reuse.reuse(reads, 1) == (3, 6, 6)  # each step shares one row with the last
+    assert step_reuse.reuse(reads, 2) == (2, 4, 6)  # steps 2 and 3 against the two before
