@@ -19,8 +19,10 @@ $(VENV)/.ready: requirements.txt
 	touch $@
 
 # An in-place build (incremental through build/), and a .pth so the venv imports it from anywhere.
+# The venv's bin on PATH: torch's build finds ninja there (else it builds serially, ignoring
+# MAX_JOBS and the headers' changes).
 build: $(VENV)/.ready
-	$(PY) setup.py -q build_ext --inplace
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) setup.py -q build_ext --inplace
 	@$(PY) -c "import site, os; open(os.path.join(site.getsitepackages()[0], 'kcache_ops_src.pth'), 'w').write(os.getcwd() + '\\n')"
 	@$(PY) -c "import kcache_ops; print('kcache_ops built with CUDA:', kcache_ops.built_with_cuda())"
 

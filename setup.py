@@ -46,14 +46,26 @@ def find_cuda_home():
     return next((c for c in candidates if _is_toolkit(c)), None)
 
 
-def want_cuda(torch_cuda_version, cuda_home):
-    forced = os.environ.get("KCACHE_OPS_CUDA")
+def want_cuda(torch_cuda_version, cuda_home, gpu_visible):
+    """Whether to compile the CUDA sources: KCACHE_OPS_CUDA=0 or 1 decides; unset, wherever torch
+    is a CUDA build and a toolkit is found. Stops where the build asked for cannot be done, and
+    where a GPU is visible but no toolkit is found (the build would have no CUDA kernels, and the
+    first op on the GPU would fail)."""
+    forced = os.environ.get("KCACHE_OPS_CUDA", "")
+    if forced not in ("", "0", "1"):
+        sys.exit(f"KCACHE_OPS_CUDA must be 0 (CPU-only build), 1 (CUDA build) or unset (CUDA "
+                 f"where possible), got {forced!r}")
     possible = torch_cuda_version is not None and cuda_home is not None
     if forced == "0":
         return False
     if forced == "1" and not possible:
         sys.exit(f"KCACHE_OPS_CUDA=1 but a CUDA build is impossible: torch.version.cuda="
                  f"{torch_cuda_version}, CUDA toolkit={cuda_home}")
+    if not forced and gpu_visible and not possible:
+        sys.exit(f"kcache_ops: a GPU is visible but no CUDA toolkit (nvcc) was found, so the build "
+                 f"would have no CUDA kernels; install the toolkit of torch's CUDA "
+                 f"{torch_cuda_version} (or set CUDA_HOME), or set KCACHE_OPS_CUDA=0 for a "
+                 f"CPU-only build")
     return possible
 
 
@@ -105,13 +117,14 @@ if CUDA_HOME:
 import torch  # noqa: E402  (after CUDA_HOME is set)
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-WITH_CUDA = want_cuda(torch.version.cuda, CUDA_HOME)
+WITH_CUDA = want_cuda(torch.version.cuda, CUDA_HOME, torch.cuda.is_available())
 if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
     os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
 
 
 def transformers_requirement():
-    """The tested transformers range, read (not imported) from kcache_ops/integrations/__init__.py."""
+    """The tested transformers range, read (not imported) from
+    kcache_ops/integrations/__init__.py."""
     with open(os.path.join(ROOT, "kcache_ops", "integrations", "__init__.py")) as f:
         return re.search(r'^TRANSFORMERS_REQUIREMENT = "([^"]+)"', f.read(), re.M).group(1)
 

@@ -1,6 +1,7 @@
 """setup.py builds with a compiler that links the C++ runtime as torch does (libstdc++.so): one that
 links it statically (as a wrapper on one GPU machine did, crashing the first error message that
-formatted a number) is replaced by the system g++."""
+formatted a number) is replaced by the system g++; KCACHE_OPS_CUDA is 0, 1 or unset; an sdist
+carries every source; a checkout without its compiled library says so."""
 import os
 import subprocess
 import sys
@@ -35,3 +36,39 @@ def test_the_system_compiler_is_kept():
     status, out = setup_version(CXX=SYSTEM_GXX)
     assert status == 0, out
     assert "statically" not in out
+
+
+def test_kcache_ops_cuda_takes_0_or_1():
+    status, out = setup_version(KCACHE_OPS_CUDA="OFF")
+    assert status != 0
+    assert "KCACHE_OPS_CUDA must be 0 (CPU-only build), 1 (CUDA build) or unset" in out
+
+
+def test_the_sdist_holds_every_source(tmp_path):
+    """An sdist builds elsewhere: it must carry the headers and the CUDA sources (whatever this
+    build chose), not only the files setup.py compiles here."""
+    import tarfile
+    done = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base",
+                           str(tmp_path), "sdist", "-d", str(tmp_path)],  # a fresh file list
+                          cwd=ROOT, text=True, capture_output=True,
+                          env={**os.environ, "KCACHE_OPS_CUDA": "0"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    (archive,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    for path in ("csrc/checks.h", "csrc/shape_checks.h", "csrc/cpu/isa.h",
+                 "csrc/cuda/qk_topn.cu", "csrc/cuda/qk_topn_kernel.cuh", "CMakeLists.txt"):
+        assert path in names, path
+
+
+def test_a_checkout_without_its_library_says_so(tmp_path):
+    """Importing kcache_ops from a folder that has its Python files but no compiled _C (a checkout
+    not built yet) names what is missing and what to do, not a circular import."""
+    import shutil
+    shutil.copytree(ROOT / "kcache_ops", tmp_path / "kcache_ops",
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    done = subprocess.run([sys.executable, "-c", "import kcache_ops"], cwd=tmp_path, text=True,
+                          capture_output=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode != 0
+    assert "the compiled library _C is not in" in done.stderr
+    assert "run `make build` there" in done.stderr
