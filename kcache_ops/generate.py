@@ -46,10 +46,14 @@ class TextStream:
         self.prefix = 0  # ids[prefix:read] is the text already emitted, kept for context
         self.read = 0
 
+    def _texts(self):
+        """(the text emitted last, kept for context; it and what followed it)."""
+        return (self.tokenizer.decode(self.ids[self.prefix:self.read]),
+                self.tokenizer.decode(self.ids[self.prefix:]))
+
     def push(self, token: int) -> str:
         self.ids.append(token)
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
+        before, text = self._texts()
         if len(text) <= len(before) or text.endswith("\ufffd"):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
@@ -58,8 +62,7 @@ class TextStream:
     def flush(self) -> str:
         """The text held back after the last token pushed: a character left partial (shown as
         U+FFFD, as the decoded text has it) or a real U+FFFD at the end; "" if none."""
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
+        before, text = self._texts()
         self.prefix = self.read = len(self.ids)
         return text[len(before):]
 

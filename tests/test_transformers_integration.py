@@ -52,15 +52,16 @@ def tiny_model(family, seed=0, **overrides):
     return model.eval()
 
 
-def left_padded(prompts):
-    """input_ids and attention_mask [B, T] for token lists, left-padded with 0 as transformers
-    pads decoder-only models."""
+def padded(prompts, right=False):
+    """input_ids and attention_mask [B, T] for token lists, padded with 0 on the left, as
+    transformers pads decoder-only models, or on the right."""
     t = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), t, dtype=torch.long)
     mask = torch.zeros(len(prompts), t, dtype=torch.long)
     for b, p in enumerate(prompts):
-        ids[b, t - len(p):] = torch.tensor(p)
-        mask[b, t - len(p):] = 1
+        rows = slice(0, len(p)) if right else slice(t - len(p), t)
+        ids[b, rows] = torch.tensor(p)
+        mask[b, rows] = 1
     return ids, mask
 
 
@@ -70,7 +71,7 @@ def random_prompts(lens):
 
 def greedy(model, prompts, cache=None, steps=STEPS):
     """Greedy generate -> (new tokens [B, steps], logits [steps, B, V])."""
-    ids, mask = left_padded(prompts)
+    ids, mask = padded(prompts)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, past_key_values=cache,
                              max_new_tokens=steps, do_sample=False, output_logits=True,
@@ -105,6 +106,7 @@ def rows_read(cache):
 
 
 PAPER = KCacheOptions.paper_literal().to_dict()  # the paper's options, by name
+EXACT = dict(PAPER, topn=64)  # N past every length here, no hot rows, no tail: exact attention
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -115,7 +117,7 @@ def test_large_n_equals_dense(family):
     model = tiny_model(family)
     prompts = random_prompts([9, 14])
     dense_tokens, dense_logits = greedy(model, prompts)
-    tokens, logits, cache = kcache_greedy(model, prompts, **dict(PAPER, topn=64))
+    tokens, logits, cache = kcache_greedy(model, prompts, **EXACT)
     assert rows_read(cache) > 9  # every valid row, from host memory
     torch.testing.assert_close(logits, dense_logits, atol=2e-5, rtol=1e-4)
     assert torch.equal(tokens, dense_tokens)
@@ -152,9 +154,7 @@ def test_small_n_matches_our_kcache(pair, name):
     tokens, logits, cache = kcache_greedy(model, prompts, **options)  # [B, S], [S, B, V]
     assert rows_read(cache) > 0
     _, dense_logits = greedy(model, prompts)
-    right = torch.zeros(len(lens), max(lens), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        right[b, :len(p)] = torch.tensor(p)
+    right, _ = padded(prompts, right=True)
     cache = make_cache("kcache", ours.config, len(lens), max(lens) + STEPS, ours.device,
                        ours.dtype, KCacheOptions(**options))
     with torch.no_grad():
@@ -280,31 +280,24 @@ def test_sampling_right_padding_eos_and_return_sequences():
     right padding, stopping at EOS."""
     model = tiny_model("llama", seed=3)
     prompts = random_prompts([11, 7])
-    ids, mask = left_padded(prompts)
+    ids, mask = padded(prompts)
+    right, right_mask = padded(prompts, right=True)
     eos = int(greedy(model, prompts)[0][0, 2])  # the first sequence's third greedy token
     runs = {}
     for name in ("dense", "kcache"):
-        cache = None
         if name == "kcache":
             kt.enable(model)
-            cache = RecordingCache(model, 32, **dict(PAPER, topn=64))
+
+        def cache():  # a fresh one per generation: transformers' own where None
+            return RecordingCache(model, 32, **EXACT) if name == "kcache" else None
         torch.manual_seed(5)
         with torch.no_grad():
-            sampled = model.generate(ids, attention_mask=mask, past_key_values=cache,
+            sampled = model.generate(ids, attention_mask=mask, past_key_values=cache(),
                                      do_sample=True, num_return_sequences=2, max_new_tokens=5)
-        right = torch.zeros_like(ids)
-        right_mask = torch.zeros_like(mask)
-        for b, p in enumerate(prompts):
-            right[b, :len(p)], right_mask[b, :len(p)] = torch.tensor(p), 1
-        with torch.no_grad():
-            logits = model(right, attention_mask=right_mask, past_key_values=(
-                RecordingCache(model, 32, **dict(PAPER, topn=64)) if cache else None)).logits
-        with torch.no_grad():
+            logits = model(right, attention_mask=right_mask, past_key_values=cache()).logits
             stopped = model.generate(ids, attention_mask=mask, max_new_tokens=6,
                                      do_sample=False, eos_token_id=eos, pad_token_id=0,
-                                     past_key_values=(RecordingCache(model, 32,
-                                                                     **dict(PAPER, topn=64))
-                                                      if cache else None))
+                                     past_key_values=cache())
         model.set_attn_implementation("sdpa")
         runs[name] = sampled, logits, stopped
         assert sampled.shape == (4, ids.shape[1] + 5)
@@ -323,14 +316,14 @@ def test_manual_decode_loop_with_positions():
     """A forward loop of one's own (past_key_values, position_ids, cache_position) gives plain
     transformers' logits with N >= every length."""
     model = tiny_model("qwen2", seed=4)
-    ids, mask = left_padded(random_prompts([10, 6]))
+    ids, mask = padded(random_prompts([10, 6]))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
     logits = {}
     for name in ("dense", "kcache"):
         cache = transformers.DynamicCache(config=model.config)
         if name == "kcache":
             kt.enable(model)
-            cache = RecordingCache(model, 32, **dict(PAPER, topn=64))
+            cache = RecordingCache(model, 32, **EXACT)
         with torch.no_grad():
             out = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                         cache_position=torch.arange(ids.shape[1]))
@@ -354,7 +347,7 @@ def test_prefill_under_inference_mode_then_decode_outside():
     transformers' caches allow it)."""
     model = kt.enable(tiny_model("llama"))
     ids = torch.randint(3, VOCAB, (1, 8))
-    cache = kt.KCacheCache(model, 32, **dict(PAPER, topn=64))
+    cache = kt.KCacheCache(model, 32, **EXACT)
     with torch.inference_mode():
         out = model(ids, past_key_values=cache)
     with torch.no_grad():

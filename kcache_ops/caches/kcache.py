@@ -19,6 +19,7 @@ Where V lives, per device:
 It follows the cache protocol (protocol.py), as the dense cache does, so the model runs on either;
 its dense layers run the dense cache's decode step (``dense.append_and_attend``).
 """
+import math
 from types import SimpleNamespace
 
 import torch
@@ -49,12 +50,20 @@ def _mapped_view(host, device):
     return view.view(host.dtype).view(host.shape)
 
 
+def check_dtype(dtype):
+    """Refuses a dtype the ops do not take, as KCache builds (and the transformers cache, when it
+    is made, before any forward)."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):  # what the ops take
+        raise ValueError(f"KCache: dtype must be torch.float32, torch.float16 or "
+                         f"torch.bfloat16, got {dtype} (the dense cache takes any)")
+
+
 def _check_host_memory(shape, dtype, tensors):
     """Refuses, before any of it is allocated, ``tensors`` cache tensors of ``shape`` in host RAM
     that need more than the machine reports available (alloc_host checks one tensor alone, and
     torch.zeros on the CPU not at all)."""
     available = host_bytes_available()  # bytes, or None where the machine does not report it
-    needed = tensors * dtype.itemsize * shape[0] * shape[1] * shape[2] * shape[3]
+    needed = tensors * dtype.itemsize * math.prod(shape)
     if available is not None and needed > available:
         raise MemoryError(f"KCache: {tensors} cache tensors of shape {list(shape)} {dtype} in "
                           f"host RAM need {needed} bytes, more than the {available} bytes the "
@@ -97,9 +106,7 @@ class KCache:
                             f"{type(options).__name__}")
         self.device = torch.device(device)
         options.check(config.num_layers, self.device)
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):  # what the ops take
-            raise ValueError(f"KCache: dtype must be torch.float32, torch.float16 or "
-                             f"torch.bfloat16, got {dtype} (the dense cache takes any)")
+        check_dtype(dtype)
         if config.head_dim not in (64, 128):  # what qk_topn and sparse_attn_v take
             raise ValueError(f"KCache: head_dim must be 64 or 128, got {config.head_dim} (the "
                              f"dense cache takes any)")

@@ -24,25 +24,18 @@ def _dppl(s):
     return " / ".join(f"{s['dppl'][c]:+.2f}%" for c in CONTEXTS)
 
 
-def _se(result, dense, context):
-    """The standard error of a result's Δ ppl at ``context`` against the dense result (see
-    :func:`.perplexity.delta_se`), or None."""
-    return perplexity.delta_se(result[context]["perplexity"], dense[context]["perplexity"])
-
-
-def _dppl_se(result, dense, context):
-    """'+0.26% ±0.15': Δ ppl at ``context`` and its standard error over the windows."""
-    se = _se(result, dense, context)
-    return (f"{result['summary']['dppl'][context]:+.2f}%"
-            + ("" if se is None else f" ±{se:.2f}"))
+def _se(result, base, context):
+    """The standard error of the change of perplexity from ``base`` to ``result`` at ``context``
+    over their paired windows (see :func:`.perplexity.delta_se`), or None."""
+    return perplexity.delta_se(result[context]["perplexity"], base[context]["perplexity"])
 
 
 def _change(result, base, context):
     """'-0.08% ±0.04': the relative change of perplexity from ``base`` to ``result`` at
-    ``context``, with its standard error over their paired windows."""
-    r, b = result[context]["perplexity"], base[context]["perplexity"]
-    se = perplexity.delta_se(r, b)
-    return f"{perplexity.delta(r, b):+.2f}%" + ("" if se is None else f" ±{se:.2f}")
+    ``context`` (against dense: its Δ ppl), with its standard error."""
+    se = _se(result, base, context)
+    change = perplexity.delta(result[context]["perplexity"], base[context]["perplexity"])
+    return f"{change:+.2f}%" + ("" if se is None else f" ±{se:.2f}")
 
 
 def _first_mismatches(rows, steps):
@@ -188,7 +181,7 @@ def eval_section(data):
         out.append(f"| {_name(r)} | {x['host_rows']:.1f} | {_kib(x['host_bytes_per_step'])} | "
                    f"{_kib(x['device_bytes_per_token'])} ({x['device_ratio']:.2f}; bf16 "
                    f"{x['device_ratio_bf16']:.2f}) | "
-                   + (" | ".join(_dppl_se(r, results[0], c) for c in CONTEXTS) if r is not
+                   + (" | ".join(_change(r, results[0], c) for c in CONTEXTS) if r is not
                       results[0] else "— | —")
                    + " | " + "/".join(str(x["needle_by_length"][n]) for n in lengths)
                    + f" = {x['needle']}/{x['needle_total']} | {agree} | {r['seconds']:.0f} |")

@@ -63,6 +63,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward  # n
 from transformers.masking_utils import sdpa_mask  # noqa: E402
 
 from ..caches import KCache, KCacheOptions  # noqa: E402
+from ..caches.kcache import check_dtype  # noqa: E402
 
 ATTN_IMPLEMENTATION = "kcache"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -356,9 +357,7 @@ class KCacheCache(CacheBridge):
             raise ValueError(f"KCacheCache: max_cache_len must be an integer >= 1, got "
                              f"{max_cache_len!r}")
         max_cache_len = length
-        if model.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # the ops' dtypes
-            raise ValueError(f"KCacheCache: the model's dtype must be torch.float32, "
-                             f"torch.float16 or torch.bfloat16, got {model.dtype}")
+        check_dtype(model.dtype)
         super().__init__(model, max_cache_len)
         options.check(config.num_hidden_layers, model.device)
         self.options = options

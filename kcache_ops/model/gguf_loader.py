@@ -57,8 +57,9 @@ def open_gguf(path: str):
 
 def metadata(reader) -> dict:
     """The scalar and string key/values of the file (arrays, such as the vocabulary, left out)."""
+    array = _gguf().GGUFValueType.ARRAY
     return {key: f.contents() for key, f in reader.fields.items()
-            if f.types and f.types[0] != _gguf().GGUFValueType.ARRAY}
+            if f.types and f.types[0] != array}
 
 
 def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:

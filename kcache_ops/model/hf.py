@@ -71,8 +71,7 @@ def check_safetensors(path: str):
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
-    ends = [_data_end(path, k, v) for k, v in _header_items(path, header)]
-    end = max(ends, default=0)
+    end = max((_data_end(path, k, v) for k, v in _header_items(path, header)), default=0)
     if 8 + header_len + end != size:
         raise CheckpointError(f"{path}: the header declares {8 + header_len + end} bytes, the file "
                               f"has {size}: truncated or corrupt")

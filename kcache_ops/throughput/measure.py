@@ -117,7 +117,7 @@ def build_model(config, device, dtype, engine, max_len):
 
 
 def measure(models, contexts, device, dtype, options, steps, budget_gb=None, reserve_gb=6.0,
-            max_batch=256, hf=True, engine="kcache_ops", log=print, on_rows=None):
+            max_batch=256, hf=True, engine="kcache_ops", log=print, on_rows=lambda rows: None):
     """Every (model shape name, context) with ``dense`` and KCache (``options``), the model code
     of ``engine`` (see :func:`build_model`) -> list of row
     dicts (model, context, backend, batch, batch_limit (what set the batch: the "device" or
@@ -125,8 +125,8 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
     ran out at the fitted batch), options, budget_bytes, cache_device_bytes,
     host_bytes, peak_device_bytes, prefill_tok_s, decode_step_ms, decode_tok_s,
     pcie_bytes_per_step; vs_dense for KCache, hf_decode_tok_s and dense_vs_hf for dense where
-    transformers ran). ``log`` gets one line per configuration, ``on_rows`` (where given) the rows
-    so far after each one, so that a run cut off keeps what it measured."""
+    transformers ran). ``log`` gets one line per configuration, ``on_rows`` the rows so far after
+    each one (the bench command saves them, so that a run cut off keeps what it measured)."""
     rows = []
     host_budget = host_bytes_available()
     host_budget = None if host_budget is None else int(0.8 * host_budget)
@@ -166,15 +166,13 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
                     row["vs_dense"] = row["decode_tok_s"] / dense_row["decode_tok_s"]
                 rows.append(row)
                 log(row_line(row))
-                if on_rows is not None:
-                    on_rows(rows)
+                on_rows(rows)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if hf and dense_rows:
             compare_with_hf(config, device, dtype, dense_rows, steps, log)
-            if on_rows is not None:
-                on_rows(rows)
+            on_rows(rows)
     return rows
 
 
