@@ -358,8 +358,9 @@ def test_prefill_under_inference_mode_then_decode_outside():
 def test_max_cache_len_of_any_integer_type_and_the_model_dtype():
     import numpy as np
     model = kt.enable(tiny_model("llama"))
-    assert kt.KCacheCache(model, np.int64(40)).capacity == 40
-    for bad in (True, 40.0, "40"):
+    for length in (np.int64(40), torch.tensor(40)):
+        assert kt.KCacheCache(model, length).capacity == 40
+    for bad in (True, np.bool_(True), torch.tensor(True), 40.0, "40"):
         with pytest.raises(ValueError, match="max_cache_len must be an integer >= 1"):
             kt.KCacheCache(model, bad)
     with pytest.raises(ValueError, match="dtype must be .* got torch.float64"):

@@ -349,8 +349,11 @@ class KCacheCache(CacheBridge):
         config = model.config
         if max_cache_len is None:
             max_cache_len = config.max_position_embeddings
-        try:  # any integer type (a NumPy one too), not a bool nor a float
-            length = None if isinstance(max_cache_len, bool) else operator.index(max_cache_len)
+        # any integer type (NumPy's and a 0-d tensor too), not a bool of any kind nor a float
+        is_bool = isinstance(max_cache_len, bool) or str(getattr(max_cache_len, "dtype", "")) in (
+            "bool", "torch.bool")
+        try:
+            length = None if is_bool else operator.index(max_cache_len)
         except TypeError:
             length = None
         if length is None or length < 1:
