@@ -191,6 +191,32 @@ def test_all_rows_hot_is_exact_at_large_scores(device, tail):
     torch.testing.assert_close(out.double(), want, atol=1e-2, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tail, renormalize", [("none", False), ("none", True), ("int2", True)])
+@pytest.mark.parametrize("group_select", [True, False])
+@pytest.mark.parametrize("row", [0, 10, 28])  # a sink, a cold row, in the window
+def test_overflowing_scores_give_no_nan(device, tail, renormalize, group_select, row):
+    """Finite q and K whose scaled product overflows float32 (1e19 · 1e19 · 64 / 8): that score
+    and the lse are +inf. Every weight exp(s − lse) is then 0, as the ops take it (not the NaN of
+    inf − inf), so the step is zeros on every path, the row hot or not, never NaN."""
+    from kcache_ops.caches import KCache
+    from kcache_ops.model.config import LlamaConfig
+    torch.manual_seed(0)
+    c = LlamaConfig(vocab_size=32, hidden_size=256, intermediate_size=64, num_layers=1,
+                    num_heads=4, num_kv_heads=2, head_dim=64)
+    options = KCacheOptions(topn=4, top_p=1.0, tail=tail, renormalize=renormalize, sinks=2,
+                            window=3, group_select=group_select)
+    cache = KCache(c, 1, 40, device, torch.float32, options)
+    k, v = (torch.randn(1, 2, 30, 64, device=device) for _ in range(2))  # [B, Hkv, T, D]
+    k[:, :, row] = 1e19
+    lens = torch.tensor([30], dtype=torch.int32, device=device)
+    cache.store_prompt(0, k, v, lens)
+    cache.finish_prefill(lens)
+    q1 = torch.full((1, 4, 64), 1e19, device=device)  # [B, Hq, D]
+    k1, v1 = (torch.randn(1, 2, 64, device=device) for _ in range(2))  # [B, Hkv, D]
+    out = cache.decode(0, q1, k1, v1)  # [B, Hq, D]
+    assert torch.equal(out, torch.zeros_like(out))
+
+
 def test_hot_rows_count_in_device_memory(device):
     """Per KCache layer and sequence, sinks + window V rows on the device: a per-sequence cost,
     not a per-token one."""

@@ -147,6 +147,8 @@ class HotRows:
         s = self.slots
         slots = s.gather[:, None, :].expand(B, Hq, H)  # [B, Hq, H]
         scores = torch.gather(all_scores, 2, slots).view(B, Hkv, group, H)  # [B, Hkv, G, H]
-        p = torch.exp(scores - lse.reshape(B, Hkv, group, 1))  # [B, Hkv, G, H]
+        # a score and lse both +inf (finite q and K whose product overflows float32) weigh 0, as
+        # in the ops, not NaN
+        p = torch.exp(scores - lse.reshape(B, Hkv, group, 1)).nan_to_num(nan=0.0)  # [B, Hkv, G, H]
         p = p.masked_fill(s.empty[:, None, None, :], 0.0)
         return HotPart(p, self.v.float())  # [B, Hkv, G, H], [B, Hkv, H, D]

@@ -62,7 +62,7 @@ class NoTail:
         part = hot.attend(lse, all_scores)  # their HotPart
         out = part.add_to(top.float())  # [B, Hq, D] float32
         if self.renormalize:  # a softmax over the top N and the hot rows together
-            mass = (torch.exp(scores - lse[..., None]).sum(-1)
+            mass = (torch.exp(scores - lse[..., None]).nan_to_num(nan=0.0).sum(-1)
                     + part.weights.sum(-1).flatten(1))  # [B, Hq]; padding 0
             out = out / mass.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
         return out.to(top.dtype)
