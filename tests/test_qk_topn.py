@@ -370,3 +370,46 @@ def test_cpu_scratch_of_a_long_context_is_not_kept():
     scores, indices, _ = kcache_ops.qk_topn(q, k, lens, 4)
     assert _rss_bytes() - before < 32 << 20
     assert indices.shape == (1, 8, 4) and (indices >= 0).all()
+
+
+def test_lse_of_millions_of_keys():
+    """3M keys of nearly equal score (K one row of 64 floats read at stride 1 along S): the lse
+    within 1e-6 of float64's (float32 adds of one tile's sum after another drifted 3e-4)."""
+    S = 3_000_000
+    torch.manual_seed(0)
+    buf = torch.rand(S + 63) * 1e-3
+    k = buf.as_strided((1, 1, S, 64), (0, 0, 1, 1))  # [B, Hkv, S, D], row j = buf[j : j + 64]
+    q = torch.zeros(1, 1, 64)  # [B, Hq, D]
+    q[0, 0, 0] = 1
+    _, _, lse = kcache_ops.qk_topn(q, k, seq_lens_tensor([S], "cpu"), 1, 1.0)
+    want = torch.logsumexp(buf[:S].double(), 0)
+    assert abs(lse.item() - want.item()) < 1e-6 * want.item()
+
+
+_SCRATCH_OVER_LIMIT = """
+import resource, torch, kcache_ops
+torch.set_num_threads(1)
+with open("/proc/self/status") as f:
+    vm = next(int(line.split()[1]) for line in f if line.startswith("VmSize")) * 1024
+k = torch.randn(1, 1, 1, 64).expand(1, 1, 1 << 28, 64)  # [B, Hkv, S, D]: one row, 2^28 keys
+lens = torch.tensor([1 << 28], dtype=torch.int32)
+resource.setrlimit(resource.RLIMIT_AS, (vm + (2 << 30), resource.RLIM_INFINITY))
+try:
+    kcache_ops.qk_topn(torch.randn(1, 8, 64), k, lens, 1)
+except RuntimeError as e:
+    print(e)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/self/status")
+def test_scratch_beyond_host_memory_says_how_many_bytes():
+    """A group's scores that the host cannot hold (8 heads x 2^28 keys, 8 GiB, under a 2 GiB
+    address-space limit): an error naming the op, the buffer and the bytes asked for, not a bare
+    std::bad_alloc."""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", _SCRATCH_OVER_LIMIT], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert ("qk_topn: out of host memory for its scratch scores [G, L] float32: tried to "
+            f"allocate {8 << 30} bytes") in run.stdout

@@ -1,6 +1,8 @@
 // Helpers shared by the CPU implementations: the device check, float conversion of the storage
-// dtypes, and the dtype / head-dim dispatch (value checks: ../value_checks.h).
+// dtypes, the dtype / head-dim dispatch (value checks: ../value_checks.h), and scratch sizing.
 #pragma once
+
+#include <new>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -35,5 +37,17 @@ inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
     constexpr int64_t kD = 128;                \
     return __VA_ARGS__();                      \
   }()
+
+// buf.resize(n); where the host has not the memory, an error that names the op, the buffer and
+// the bytes asked for (std::bad_alloc says none of them).
+template <class Vec>
+void scratch_resize(Vec& buf, size_t n, const char* op, const char* what) {
+  try {
+    buf.resize(n);
+  } catch (const std::bad_alloc&) {
+    TORCH_CHECK(false, op, ": out of host memory for its scratch ", what, ": tried to allocate ",
+                n * sizeof(typename Vec::value_type), " bytes");
+  }
+}
 
 }  // namespace kcache_ops::cpu

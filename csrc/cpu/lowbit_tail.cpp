@@ -55,7 +55,8 @@ void tail_group(const float* s, int64_t s_head, int64_t s_key, const uint8_t* co
                 const float* lse, int64_t lse_stride, const int32_t* idx, int64_t idx_stride,
                 int64_t G, int64_t N, int64_t L, int64_t first, int64_t end,
                 const HotRowsView& hot, Scratch& tmp, float* out) {
-  tmp.selected.assign(G * L, 0);
+  scratch_resize(tmp.selected, G * L, "lowbit_tail", "selected [G, L] uint8");
+  std::fill(tmp.selected.begin(), tmp.selected.end(), 0);
   for (int64_t h = 0; h < G; ++h) {
     for (int64_t i = 0; i < N; ++i) {
       const int32_t j = idx[h * idx_stride + i];
