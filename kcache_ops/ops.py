@@ -1,6 +1,7 @@
 """Public functions over the kcache_ops::* operators, with their shapes, and the fake (meta)
 implementations that let torch.compile and torch.library.opcheck trace them."""
 import math
+import operator
 
 import torch
 
@@ -196,7 +197,8 @@ def alloc_host(shape, dtype):
     Where no GPU is present (or the build is CPU-only) it is an ordinary CPU tensor. The memory is
     freed when the tensor dies. A failed allocation raises an error naming the bytes asked for.
     """
-    shape = [shape] if isinstance(shape, int) else list(shape)  # as torch.empty(5) takes 5
+    # one size of any integer type (a NumPy one too) as torch.empty(5) takes 5, or a sequence
+    shape = [operator.index(shape)] if hasattr(shape, "__index__") else list(shape)
     return torch.ops.kcache_ops.alloc_host(shape, dtype)
 
 

@@ -67,7 +67,10 @@ def test_quantized_dtype_is_refused():
 
 
 def test_an_int_shape():
-    assert kcache_ops.alloc_host(5, torch.float32).shape == (5,)
+    """One size of any integer type, as torch.empty takes it."""
+    import numpy as np
+    for size in (5, np.int64(5), torch.tensor(5)):
+        assert kcache_ops.alloc_host(size, torch.float32).shape == (5,)
 
 
 def test_impossible_size_names_the_bytes():
