@@ -77,13 +77,27 @@ def roundtrip(arr, qtype):
     return gguf.quants.dequantize(gguf.quants.quantize(arr, t), t).reshape(arr.shape)
 
 
-def write_gguf(path, hf_model, qtype, rope_factors=None, chat_template=None):
-    """Write ``hf_model`` (a transformers Llama) as a GGUF file the way llama.cpp's converter does:
-    Q/K rows permuted, each tensor in :func:`storage_type`. Returns the path."""
+def all_bytes_tokens(merges):
+    """A GGUF-style vocabulary of three specials, the 256 GPT-2 byte-level characters and the
+    token of each merge ("a b" -> "ab"), so that any text encodes."""
+    from tokenizers import pre_tokenizers
+    chars = pre_tokenizers.ByteLevel.alphabet()
+    return ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + sorted(chars) + [
+        m.replace(" ", "") for m in merges]
+
+
+def write_gguf(path, hf_model, qtype, rope_factors=None, chat_template=None, arch="llama",
+               pre="smollm", merges=("\u0120 t",), eot=None):
+    """Write ``hf_model`` (a transformers Llama or Qwen2, ``arch``) as a GGUF file the way
+    llama.cpp's converter does: Q/K rows permuted for a Llama, each tensor in
+    :func:`storage_type`; the tokenizer a byte-level BPE with pre-tokenizer ``pre`` over
+    :func:`byte_level_tokens` and the one merge "Ġ t" (or, given other ``merges``, over
+    :func:`all_bytes_tokens`), BOS 1, EOS 2 and the end-of-turn token ``eot``. Returns the
+    path."""
     import gguf
     import numpy as np
     c = hf_model.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -95,13 +109,18 @@ def write_gguf(path, hf_model, qtype, rope_factors=None, chat_template=None):
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    tokens = byte_level_tokens(c.vocab_size)
+    w.add_tokenizer_pre(pre)
+    merges = list(merges)
+    tokens = (byte_level_tokens(c.vocab_size) if merges == ["\u0120 t"]
+              else all_bytes_tokens(merges))
+    assert len(tokens) == c.vocab_size, (len(tokens), c.vocab_size)
     w.add_token_list(tokens)
     w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
-    w.add_token_merges(["\u0120 t"])
+    w.add_token_merges(merges)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    if eot is not None:
+        w.add_eot_token_id(eot)
     if chat_template:
         w.add_chat_template(chat_template)
     names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
@@ -118,9 +137,9 @@ def write_gguf(path, hf_model, qtype, rope_factors=None, chat_template=None):
         if module == "lm_head" and c.tie_word_embeddings:
             continue
         arr = p.detach().float().numpy()
-        if "q_proj" in name:
+        if arch == "llama" and "q_proj" in name:
             arr = llamacpp_permute(arr, c.num_attention_heads)
-        elif "k_proj" in name:
+        elif arch == "llama" and "k_proj" in name:
             arr = llamacpp_permute(arr, c.num_key_value_heads)
         t = storage_type(arr, qtype)
         w.add_tensor(f"{names[module]}.{kind}", gguf.quants.quantize(arr, t), raw_dtype=t)

@@ -95,6 +95,49 @@ def test_gguf_llama_with_attention_bias(tmp_path):
         torch.testing.assert_close(model(tokens), oracle(tokens).logits, atol=2e-5, rtol=1e-4)
 
 
+def test_gguf_qwen2_equals_hf(tmp_path):
+    """A Qwen2 GGUF file (Q, K and V biases; Q/K rows as Hugging Face orders them, which
+    llama.cpp's converter keeps for Qwen2) gives the logits of the HF model."""
+    oracle = save_tiny_hf(tmp_path, "qwen2", num_key_value_heads=2)
+    path = write_gguf(tmp_path / "m.gguf", oracle, Q.F32, arch="qwen2", pre="qwen2")
+    model, _ = load_model(path, "cpu", torch.float32)
+    assert model.config.attention_bias and not model.config.output_bias
+    tokens = torch.randint(0, 96, (2, 40))                                  # [B, T]
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), oracle(tokens).logits, atol=2e-5, rtol=1e-4)
+
+
+# merges whose tokens exist only where a split keeps their parts in one piece: "34" (GPT-2 keeps
+# a run of digits whole, Llama 3 cuts it in threes, Qwen2 in ones), "'S" (an upper-case
+# contraction: Llama 3 and Qwen2 only), newlines, punctuation, a space before a word
+SPLIT_MERGES = ("3 4", "' S", "\u010a \u010a", "! !", "\u0120 t", "\u0120 \u0120")
+SPLIT_TEXTS = ["I'M  TESTING 1234567 it'S\n\n  ok!!\r\n", "the 34th, 3434 and 1 234!!!",
+               "héllo wörld 你好 \t tab  end   ", "''S ''s\n\n\nx"]
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "llama-bpe", "qwen2"])
+def test_gguf_splits_as_transformers(tmp_path, pre):
+    """Each GGUF pre-tokenizer splits text as transformers' GGUF tokenizer (its own code) does:
+    the same ids for text with digit runs, contractions in both cases, newlines, runs of spaces
+    and punctuation, and non-ASCII letters."""
+    from transformers import AutoTokenizer
+    oracle = save_tiny_hf(tmp_path, vocab_size=3 + 256 + len(SPLIT_MERGES))
+    path = write_gguf(tmp_path / "m.gguf", oracle, Q.F32, pre=pre, merges=SPLIT_MERGES)
+    _, ours = load_model(path, "cpu")
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    ids = [ours.encode(text, add_special=False) for text in SPLIT_TEXTS]
+    assert ids == [theirs.encode(text, add_special_tokens=False) for text in SPLIT_TEXTS]
+    assert [ours.decode(i) for i in ids] == SPLIT_TEXTS
+
+
+def test_gguf_end_of_turn_ends_generation(tmp_path, hf_folder):
+    """A GGUF file's end-of-turn token (Llama 3's <|eot_id|>) ends a generation as its EOS does,
+    in the tokenizer and in the config."""
+    _, oracle = hf_folder
+    model, tok = load_model(write_gguf(tmp_path / "m.gguf", oracle, Q.F32, eot=0), "cpu")
+    assert tok.eos_ids == model.config.eos_token_ids == (2, 0)
+
+
 def test_tokenizers_of_both_formats(tmp_path, hf_folder):
     folder, oracle = hf_folder
     _, from_hf = load_model(folder, "cpu")

@@ -123,6 +123,14 @@ def test_llama3_frequency_band():
 def test_gguf_metadata():
     c = LlamaConfig.from_gguf(GGUF_BASE, 10, True, False, rope_freq_factors=[1.0, 8])
     assert (c.vocab_size, c.num_kv_heads, c.head_dim, c.rope_freq_factors) == (10, 4, 4, [1.0, 8.0])
+    assert c.eos_token_ids == ()
+    ends = {"tokenizer.ggml.eos_token_id": 7, "tokenizer.ggml.eot_token_id": 9}
+    c = LlamaConfig.from_gguf({**GGUF_BASE, **ends}, 10, True, False, None)
+    assert c.eos_token_ids == (7, 9)  # a chat turn's end stops generation too (Llama 3)
+    c = LlamaConfig.from_gguf({**GGUF_BASE, "general.architecture": "qwen2",
+                               **{k.replace("llama.", "qwen2.", 1): v for k, v in GGUF_BASE.items()
+                                  if k.startswith("llama.")}}, 10, True, True, None)
+    assert (c.num_heads, c.hidden_size, c.attention_bias, c.output_bias) == (4, 16, True, False)
 
 
 @pytest.mark.parametrize("change, key, found", [

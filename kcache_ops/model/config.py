@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from .errors import CheckpointError, UnsupportedModelError
 
 SUPPORTED_HF_TYPES = ("llama", "qwen2")
-SUPPORTED_GGUF_ARCHS = ("llama",)
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2")
 # the smallest normal float32: a smaller positive value is 0 (or denormal) in float32 math
 FLOAT32_TINY = 2.0 ** -126
 
@@ -158,7 +158,7 @@ class LlamaConfig:
     def from_gguf(cls, meta: dict, vocab_size: int, has_output: bool, has_qkv_bias: bool,
                   rope_freq_factors: list[float] | None,
                   has_output_bias: bool = False) -> "LlamaConfig":
-        """From GGUF metadata (``general.architecture`` llama).
+        """From GGUF metadata (``general.architecture`` llama or qwen2).
 
         ``vocab_size`` is the token count of the vocabulary, ``has_output`` whether the file holds
         its own ``output.weight`` (else the embeddings are tied), ``has_qkv_bias`` whether it holds
@@ -188,7 +188,9 @@ class LlamaConfig:
                                       f"factors, got {len(rope_freq_factors)}")
             rope_freq_factors = [_number("rope_freqs.weight", f, 1) for f in rope_freq_factors]
         bos = meta.get("tokenizer.ggml.bos_token_id")
-        eos = meta.get("tokenizer.ggml.eos_token_id")
+        ends = [(key, meta[key]) for key in ("tokenizer.ggml.eos_token_id",
+                                              "tokenizer.ggml.eot_token_id")
+                if meta.get(key) is not None]
         return cls(
             vocab_size=_integer(*get("vocab_size", vocab_size)),
             hidden_size=hidden,
@@ -205,5 +207,5 @@ class LlamaConfig:
             attention_bias=has_qkv_bias,
             output_bias=has_output_bias,
             bos_token_id=None if bos is None else _integer("tokenizer.ggml.bos_token_id", bos, 0),
-            eos_token_ids=() if eos is None else (_integer("tokenizer.ggml.eos_token_id", eos, 0),),
+            eos_token_ids=tuple(dict.fromkeys(_integer(key, e, 0) for key, e in ends)),
         )

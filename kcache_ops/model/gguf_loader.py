@@ -1,8 +1,9 @@
 """GGUF checkpoints (llama.cpp's format), read with the ``gguf`` package and dequantized to float.
 
-llama.cpp's converter permutes the rows of Q and K of Llama models so that its RoPE can rotate
-interleaved pairs; :func:`unpermute` undoes that, so the decoder's one convention (rotate-half, see
-rope.py) serves GGUF and Hugging Face checkpoints alike.
+Architectures ``llama`` and ``qwen2``. llama.cpp's converter permutes the rows of Q and K of
+Llama models (not Qwen2's: llama.cpp rotates those as Hugging Face does) so that its RoPE can
+rotate interleaved pairs; :func:`unpermute` undoes that, so the decoder's one convention
+(rotate-half, see rope.py) serves GGUF and Hugging Face checkpoints alike.
 
 ``gguf`` is imported when a GGUF file is opened, so the rest of the model code (the embedded
 default, safetensors checkpoints) works where it is not installed.
@@ -114,6 +115,7 @@ def read_config(reader) -> LlamaConfig:
 def load_gguf_model(reader, device, dtype) -> Llama:
     """The decoder with the (dequantized) weights of a GGUF file, on ``device`` in ``dtype``."""
     config = read_config(reader)
+    permuted = metadata(reader)["general.architecture"] == "llama"  # Q/K rows in pairs
 
     def weights():
         for t in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", leave=False):
@@ -121,9 +123,9 @@ def load_gguf_model(reader, device, dtype) -> Llama:
                 continue  # already in the config
             name = our_name(t.name)
             w = to_tensor(t)
-            if ".q_proj." in name:
+            if permuted and ".q_proj." in name:
                 w = unpermute(w, config.num_heads)
-            elif ".k_proj." in name:
+            elif permuted and ".k_proj." in name:
                 w = unpermute(w, config.num_kv_heads)
             yield name, w
     return Llama.from_weights(config, weights(), device, dtype)

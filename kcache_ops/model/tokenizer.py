@@ -10,11 +10,36 @@ from .errors import CheckpointError, UnsupportedModelError, read_json_object
 
 # GGUF token types that are special (never split, dropped from decoded text): CONTROL, USER_DEFINED
 SPECIAL_TOKEN_TYPES = (3, 4)
-# GGUF pre-tokenizer name -> the pre-tokenizers of the same split, in front of the byte mapping
+# The splits of Llama 3 (digits in runs of up to three) and Qwen2 (digits one by one): text is cut
+# into these pieces before the byte mapping, and no merge crosses a cut. Contractions in any case,
+# letters with at most one non-letter in front, punctuation runs with their line breaks, spaces
+# apart from the word after them.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def _gpt2_split(digits_apart=False):
+    """GPT-2's split (the byte mapping's own regex), digits one by one before it if asked."""
+    return ([pre_tokenizers.Digits(individual_digits=True)] if digits_apart else []) + [
+        pre_tokenizers.ByteLevel(add_prefix_space=False)]
+
+
+def _regex_split(pattern):
+    """The pieces of ``pattern``, then the byte mapping without GPT-2's regex."""
+    return [pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+
+
+# GGUF pre-tokenizer name (``tokenizer.ggml.pre``, as llama.cpp's converter writes it) -> the
+# pre-tokenizers of its split, the byte mapping last
 GGUF_PRE_TOKENIZERS = {
-    "gpt2": [],
-    "gpt-2": [],  # what llama.cpp's converter writes for GPT-2's own split
-    "smollm": [pre_tokenizers.Digits(individual_digits=True)],  # digits one by one, then GPT-2's
+    "gpt2": _gpt2_split,
+    "gpt-2": _gpt2_split,  # what llama.cpp's converter writes for GPT-2's own split
+    "smollm": lambda: _gpt2_split(digits_apart=True),
+    "llama-bpe": lambda: _regex_split(LLAMA3_SPLIT),  # Llama 3 and 3.x
+    "qwen2": lambda: _regex_split(QWEN2_SPLIT),
+    "deepseek-r1-qwen": lambda: _regex_split(QWEN2_SPLIT),  # DeepSeek-R1's Qwen2 distills
 }
 
 
@@ -109,7 +134,9 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, reader) -> "Tokenizer":
         """A byte-level BPE (GPT-2 style, ``tokenizer.ggml.model`` "gpt2") rebuilt from the
-        vocabulary, merges and special tokens of a GGUF file."""
+        vocabulary, merges and special tokens of a GGUF file, with the split its
+        ``tokenizer.ggml.pre`` names (:data:`GGUF_PRE_TOKENIZERS`). Generation ends at the EOS
+        token and at the end-of-turn token (``eot_token_id``) where the file has one."""
         def field(key, default=None):
             f = reader.fields.get(key)
             return default if f is None else f.contents()
@@ -128,17 +155,18 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on inconsistent merges
             raise CheckpointError(f"the GGUF vocabulary and merges do not fit together: {e}") from e
         tok = tokenizers.Tokenizer(bpe)
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            GGUF_PRE_TOKENIZERS[pre] + [pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(GGUF_PRE_TOKENIZERS[pre]())
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
                                 for t, ty in zip(tokens, types) if ty in SPECIAL_TOKEN_TYPES])
         bos, eos = field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
-        for key, value in (("bos", bos), ("eos", eos)):
+        eot = field("tokenizer.ggml.eot_token_id")  # end of a chat turn (Llama 3's <|eot_id|>)
+        for key, value in (("bos", bos), ("eos", eos), ("eot", eot)):
             if value is not None and not 0 <= value < len(tokens):
                 raise CheckpointError(f"tokenizer.ggml.{key}_token_id {value} is outside the "
                                       f"vocabulary of {len(tokens)} tokens")
         if bos is not None and field("tokenizer.ggml.add_bos_token", False):
             tok.post_processor = processors.TemplateProcessing(
                 single=f"{tokens[bos]} $A", special_tokens=[(tokens[bos], bos)])
-        return cls(tok, bos, () if eos is None else (eos,), field("tokenizer.chat_template"))
+        ends = tuple(dict.fromkeys(i for i in (eos, eot) if i is not None))  # generation stops
+        return cls(tok, bos, ends, field("tokenizer.chat_template"))
