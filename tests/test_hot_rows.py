@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from kcache_ops import reference
-from kcache_ops.caches import KCacheOptions, sequence_bytes
+from kcache_ops.caches import KCache, KCacheOptions, sequence_bytes
 from kcache_ops.caches.hot import HotSlots
 
-from test_cache import HKV, HQ, LAYERS, LENS, STEPS, D, Run, make, tiny_config
+from test_cache import HKV, HQ, LAYERS, LENS, STEPS, D, Run, exact_attention, make, tiny_config
 
 SINKS, WINDOW, TOPN = 2, 3, 3  # the ring of 3 wraps twice over the decode steps
 
@@ -117,6 +117,35 @@ def test_sinks_or_window_alone(device, sinks, window):
                                                    window=window))
 
 
+@pytest.mark.parametrize("sinks, window", [(3, 0), (0, 3), (2, 2)])
+def test_prompts_shorter_than_the_hot_rows(device, sinks, window):
+    """Prompts of 2, 1 and 0 tokens, shorter than sinks + window, growing past them over 5 steps,
+    N covering every cold key: each step is exact attention (a sink slot taken by position
+    ``sinks``, or a position both hot and ranked, would be off by the whole row)."""
+    torch.manual_seed(0)
+    options = replace(KCacheOptions.paper_literal(), topn=64, sinks=sinks, window=window,
+                      tail="int2")
+    lens = torch.tensor([2, 1, 0], dtype=torch.int32, device=device)  # [B]
+    cache = KCache(tiny_config(), 3, 16, device, torch.float32, options)
+    k0, v0 = (torch.randn(3, HKV, 2, D, device=device) for _ in range(2))  # [B, Hkv, T, D]
+    for layer in range(LAYERS):
+        cache.store_prompt(layer, k0, v0, lens)
+    cache.finish_prefill(lens)
+    keys = [[k0[b, :, :n]] for b, n in enumerate(lens.tolist())]  # per sequence [Hkv, L, D]
+    values = [[v0[b, :, :n]] for b, n in enumerate(lens.tolist())]
+    for _ in range(5):
+        q = torch.randn(3, HQ, D, device=device)  # [B, Hq, D]
+        k, v = (torch.randn(3, HKV, D, device=device) for _ in range(2))  # [B, Hkv, D]
+        outs = [cache.decode(layer, q, k, v) for layer in range(LAYERS)]  # [B, Hq, D] each
+        cache.finish_decode()
+        for b in range(3):
+            keys[b].append(k[b, :, None])
+            values[b].append(v[b, :, None])
+            want = exact_attention(q[b].cpu(), torch.cat(keys[b], 1).cpu(),
+                                   torch.cat(values[b], 1).cpu())
+            torch.testing.assert_close(outs[0][b].double().cpu(), want, atol=1e-5, rtol=1e-5)
+
+
 def test_select_reads_n_host_rows_of_cold_positions(device):
     """The host rows of a step are the top N cold ones: never a hot position, N of them once a
     sequence has N cold positions."""
@@ -171,7 +200,6 @@ def test_all_rows_hot_is_exact_at_large_scores(device, tail):
     """Scores of order 1e5 (q, K and V scaled by 1000), every row hot: the hot rows' weights are
     taken from the step's own scores (qk_topn's), so they add up to 1 with the lse and the step is
     exact (recomputed from K, rounding made them 0.5 · V off)."""
-    from kcache_ops.caches import KCache
     from kcache_ops.model.config import LlamaConfig
     torch.manual_seed(0)
     c = LlamaConfig(vocab_size=32, hidden_size=256, intermediate_size=64, num_layers=1,
@@ -198,7 +226,6 @@ def test_overflowing_scores_give_no_nan(device, tail, renormalize, group_select,
     """Finite q and K whose scaled product overflows float32 (1e19 · 1e19 · 64 / 8): that score
     and the lse are +inf. Every weight exp(s − lse) is then 0, as the ops take it (not the NaN of
     inf − inf), so the step is zeros on every path, the row hot or not, never NaN."""
-    from kcache_ops.caches import KCache
     from kcache_ops.model.config import LlamaConfig
     torch.manual_seed(0)
     c = LlamaConfig(vocab_size=32, hidden_size=256, intermediate_size=64, num_layers=1,
