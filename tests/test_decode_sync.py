@@ -1,23 +1,21 @@
-"""A decode step of the model never waits on the host: with every cache backend, a whole
-``Llama.decode`` runs under ``torch.cuda.set_sync_debug_mode("error")``, which turns any
+"""A decode step of the model never waits on the host, with every cache backend. On a GPU, a
+whole ``Llama.decode`` runs under ``torch.cuda.set_sync_debug_mode("error")``, which turns any
 device->host synchronisation (``.item()``, ``.cpu()``, a value check that reads back) into an
-error. On the CPU the same path is exercised for correctness by the cache tests."""
+error. On the CPU, where nothing syncs, the same steps fail on what would: a tensor's value read
+on the host, or a kcache_ops op called with its value check on (on CUDA that check reads the
+lengths or indices back)."""
 from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kcache_ops.caches import KCacheOptions, make_cache
 from kcache_ops.model import Llama, LlamaConfig
 from cuda_checks import requires_cuda
 
-pytestmark = requires_cuda
-
-
 PAPER = KCacheOptions.paper_literal()
-
-
-@pytest.mark.parametrize("backend,options", [
+BACKENDS = pytest.mark.parametrize("backend,options", [
     ("dense", None),
     ("kcache", KCacheOptions()),
     ("kcache", replace(PAPER, topn=8)),
@@ -28,18 +26,31 @@ PAPER = KCacheOptions.paper_literal()
     ("kcache", replace(PAPER, topn=8, tail="int2", sinks=4, window=8)),
     ("kcache", replace(PAPER, topn=8, sinks=2, window=4, group_select=True)),
 ])
-@pytest.mark.parametrize("freq_factors", [None, [1.0 + i / 8 for i in range(32)]],
-                         ids=["rope", "gguf_freq_factors"])
-def test_decode_step_never_syncs(backend, options, freq_factors):
+FREQ_FACTORS = pytest.mark.parametrize("freq_factors", [None, [1.0 + i / 8 for i in range(32)]],
+                                       ids=["rope", "gguf_freq_factors"])
+
+
+def prefilled(backend, options, freq_factors, device, dtype):
+    """(model, cache, tokens [B, T]): a tiny random model and its cache after a prefill of two
+    prompts of 40 and 23 tokens (a prefill may sync: it validates the lengths)."""
     torch.manual_seed(0)
     c = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=160, num_layers=3,
                     num_heads=4, num_kv_heads=2, head_dim=64, rope_freq_factors=freq_factors)
-    model = Llama(c).to("cuda", torch.bfloat16).eval()
-    lens = torch.tensor([40, 23], dtype=torch.int32, device="cuda")  # [B]
-    tokens = torch.randint(0, c.vocab_size, (2, 40), device="cuda")  # [B, T]
+    model = Llama(c).to(device, dtype).eval()
+    lens = torch.tensor([40, 23], dtype=torch.int32, device=device)  # [B]
+    tokens = torch.randint(0, c.vocab_size, (2, 40), device=device)  # [B, T]
     cache = make_cache(backend, c, 2, 64, model.device, model.dtype, options)
     with torch.inference_mode():
-        model.prefill(tokens, lens, cache)  # prefill may sync (it validates the lengths)
+        model.prefill(tokens, lens, cache)
+    return model, cache, tokens
+
+
+@requires_cuda
+@BACKENDS
+@FREQ_FACTORS
+def test_decode_step_never_syncs(backend, options, freq_factors):
+    model, cache, tokens = prefilled(backend, options, freq_factors, "cuda", torch.bfloat16)
+    with torch.inference_mode():
         model.decode(tokens[:, 0], cache)   # first step outside: lazy CUDA initialisation
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -48,4 +59,46 @@ def test_decode_step_never_syncs(backend, options, freq_factors):
                 logits = model.decode(tokens[:, 0], cache)  # [B, V]
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(logits).all()
+
+
+class HostWaits(TorchDispatchMode):
+    """Records, in ``found``, each op that would make a CUDA step wait on the host: a tensor's
+    value read (``aten._local_scalar_dense``: ``.item()``, ``int()``, ``bool()`` of a tensor) and a
+    kcache_ops op whose ``check_values`` is on (given or by default)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.found.append("a tensor's value read on the host")
+        elif func.namespace == "kcache_ops":
+            names = [a.name for a in func._schema.arguments]
+            if "check_values" in names:
+                at = names.index("check_values")
+                if kwargs.get("check_values", args[at] if at < len(args) else True):
+                    self.found.append(f"{func.name()} with check_values on")
+        return func(*args, **kwargs)
+
+
+def _no_host_read(self, *args, **kwargs):
+    raise AssertionError("the decode step read a tensor's values on the host")
+
+
+@BACKENDS
+@FREQ_FACTORS
+def test_decode_step_would_not_sync(backend, options, freq_factors, monkeypatch):
+    model, cache, tokens = prefilled(backend, options, freq_factors, "cpu", torch.float32)
+    # the host reads themselves: in inference mode .item() and int() of a CPU tensor do not pass
+    # the dispatcher, nor do .tolist() and .numpy() anywhere
+    for name in ("item", "tolist", "numpy", "__int__", "__float__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, _no_host_read)
+    with torch.inference_mode(), HostWaits() as waits:
+        for _ in range(3):
+            logits = model.decode(tokens[:, 0], cache)  # [B, V]
+    monkeypatch.undo()
+    assert waits.found == []
     assert torch.isfinite(logits).all()
