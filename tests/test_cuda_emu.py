@@ -26,7 +26,7 @@ from test_lowbit_tail import make_case as make_lowbit_case
 from test_lowbit_tail import reference_scores as lowbit_reference_scores
 from test_lowbit_tail import skipped_case as skipped_lowbit_case
 from test_lowbit_tail import v_near_the_float_range
-from test_qk_topn import check_top_p, check_topn, make_qk
+from test_qk_topn import SCORE_TOL, check_top_p, check_topn, make_qk
 from test_quantize_rows import extreme_rows, make_rows, signed_zero_rows
 from test_sparse_attn_v import check_attn, make_selection, make_tail_case, overlapping_indices
 from test_sparse_attn_v import check_tail as check_mean_tail
@@ -108,7 +108,7 @@ def test_qk_topn_matches_reference(race_exe, dtype, D, G, group_select):
     q, k = make_qk(3, Hkv * G, Hkv, S, D, dtype, "cpu")
     lens = seq_lens_tensor([S, 97, 1], "cpu")
     out = run_qk_topn(race_exe, q, k, lens, n, 1 / math.sqrt(D), group_select)
-    check_topn(q, k, lens, n, 1 / math.sqrt(D), group_select, out, TOL[dtype])
+    check_topn(q, k, lens, n, 1 / math.sqrt(D), group_select, out)
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
@@ -119,7 +119,7 @@ def test_qk_topn_lengths_and_padding(race_exe, n, group_select):
     lens = seq_lens_tensor([0, 1, max(n - 1, 0), n, n + 1, S], "cpu")
     q, k = make_qk(6, 4, 2, S, 64, torch.float32, "cpu")
     out = run_qk_topn(race_exe, q, k, lens, n, 0.3, group_select)
-    check_topn(q, k, lens, n, 0.3, group_select, out, TOL[torch.float32])
+    check_topn(q, k, lens, n, 0.3, group_select, out)
     assert out[2][0].isneginf().all(), "L = 0 gives lse = -inf"
 
 
@@ -132,7 +132,7 @@ def test_qk_topn_out_of_range_lengths_are_clamped(race_exe, group_select):
     out = run_qk_topn(race_exe, q, k, seq_lens_tensor([S + 50, -7, 40], "cpu"), n, 0.2,
                       group_select)
     clamped = seq_lens_tensor([S, 0, 40], "cpu")
-    check_topn(q, k, clamped, n, 0.2, group_select, out, TOL[torch.float32])
+    check_topn(q, k, clamped, n, 0.2, group_select, out)
 
 
 def test_qk_topn_empty_cache(race_exe):
@@ -211,7 +211,7 @@ def test_qk_topn_n_1024(race_exe, group_select):
     q, k = make_qk(1, 4, 2, 1500, 64, torch.bfloat16, "cpu")
     lens = seq_lens_tensor([1500], "cpu")
     out = run_qk_topn(race_exe, q, k, lens, 1024, 1 / 8, group_select)
-    check_topn(q, k, lens, 1024, 1 / 8, group_select, out, TOL[torch.bfloat16])
+    check_topn(q, k, lens, 1024, 1 / 8, group_select, out)
 
 
 @pytest.mark.parametrize("sms", [1, 16])
@@ -220,7 +220,7 @@ def test_qk_topn_chunking(race_exe, sms):
     q, k = make_qk(1, 3, 1, 2100, 128, torch.float16, "cpu")
     lens = seq_lens_tensor([2051], "cpu")
     out = run_qk_topn(race_exe, q, k, lens, 30, 1 / math.sqrt(128), False, sms=sms)
-    check_topn(q, k, lens, 30, 1 / math.sqrt(128), False, out, TOL[torch.float16])
+    check_topn(q, k, lens, 30, 1 / math.sqrt(128), False, out)
 
 
 def test_qk_topn_group_mass_slices(race_exe):
@@ -231,7 +231,7 @@ def test_qk_topn_group_mass_slices(race_exe):
     q, k = make_qk(2, 8, 2, 4500, 64, torch.bfloat16, "cpu")
     lens = seq_lens_tensor([4500, 2051], "cpu")
     out = run_qk_topn(race_exe, q, k, lens, 40, 1 / 8, True, sms=4)
-    check_topn(q, k, lens, 40, 1 / 8, True, out, TOL[torch.bfloat16])
+    check_topn(q, k, lens, 40, 1 / 8, True, out)
 
 
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
@@ -250,7 +250,7 @@ def test_qk_topn_split_select(race_exe, group_select, ties):
         q, k = make_qk(B, Hkv * G, Hkv, S, D, torch.float32, "cpu")
     lens = seq_lens_tensor([S, 10001], "cpu")
     out = run_qk_topn(race_exe, q, k, lens, n, 1 / 8, group_select, sms=8)
-    check_topn(q, k, lens, n, 1 / 8, group_select, out, TOL[torch.float32])
+    check_topn(q, k, lens, n, 1 / 8, group_select, out)
 
 
 @pytest.mark.parametrize("group_select, sms, split", [
@@ -266,7 +266,7 @@ def test_qk_topn_unstaged_slices(race_exe, group_select, sms, split):
     rows = 2 * (2 if group_select else 4)
     assert (4 * sms // rows == 2) == split  # qk_select_slices: one wave of 4 blocks per SM
     out = run_qk_topn(race_exe, q, k, lens, 40, 1 / 8, group_select, sms=sms)
-    check_topn(q, k, lens, 40, 1 / 8, group_select, out, TOL[torch.float32])
+    check_topn(q, k, lens, 40, 1 / 8, group_select, out)
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
@@ -276,7 +276,7 @@ def test_qk_topn_split_select_short_slices(race_exe, group_select):
     q, k = make_qk(2, 2, 1, 4500, 64, torch.float32, "cpu")
     lens = seq_lens_tensor([2400, 2300], "cpu")
     out = run_qk_topn(race_exe, q, k, lens, 600, 1 / 8, group_select, sms=4)
-    check_topn(q, k, lens, 600, 1 / 8, group_select, out, TOL[torch.float32])
+    check_topn(q, k, lens, 600, 1 / 8, group_select, out)
 
 
 @pytest.mark.parametrize("S, sms", [(4500, 8), (4000, 132)], ids=["split", "whole_row"])
@@ -290,7 +290,7 @@ def test_qk_topn_skipped_keys(race_exe, group_select, S, sms):
     lens = seq_lens_tensor([S, 2100, 67, 40], "cpu")
     out = run_qk_topn(race_exe, q, k, lens, 40, 1 / 8, group_select, sms=sms, skip_first=5,
                       skip_last=60)
-    check_topn(q, k, lens, 40, 1 / 8, group_select, out, TOL[torch.float32], 5, 60)
+    check_topn(q, k, lens, 40, 1 / 8, group_select, out, 5, 60)
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
@@ -302,7 +302,7 @@ def test_qk_topn_strided_inputs(race_exe, group_select):
     lens = seq_lens_tensor([S, 0, 50, 0], "cpu")[::2]
     assert not k.is_contiguous() and not q.is_contiguous() and not lens.is_contiguous()
     out = run_qk_topn(race_exe, q, k, lens, n, 1 / math.sqrt(D), group_select)
-    check_topn(q, k, lens, n, 1 / math.sqrt(D), group_select, out, TOL[torch.bfloat16])
+    check_topn(q, k, lens, n, 1 / math.sqrt(D), group_select, out)
 
 
 @settings(max_examples=6, deadline=None)
@@ -314,7 +314,7 @@ def test_qk_topn_random_shapes(race_exe, B, Hkv, G, S, n, D, dtype, group_select
     lens = seq_lens_tensor(data.draw(st.lists(st.integers(0, S), min_size=B, max_size=B)), "cpu")
     q, k = make_qk(B, Hkv * G, Hkv, S, D, dtype, "cpu")
     out = run_qk_topn(race_exe, q, k, lens, n, 1 / math.sqrt(D), group_select, sms=sms)
-    check_topn(q, k, lens, n, 1 / math.sqrt(D), group_select, out, TOL[dtype])
+    check_topn(q, k, lens, n, 1 / math.sqrt(D), group_select, out)
 
 
 # ---- sparse_attn_v ------------------------------------------------------------------------------
@@ -794,8 +794,7 @@ def test_asan_qk_topn(asan_exe, group_select):
     q = torch.randn(B, Hkv * G, D).to(torch.float16)
     lens = seq_lens_tensor([S + 9, 30, 700], "cpu")
     out = run_qk_topn(asan_exe, q, k, lens, n, 1 / 8, group_select, seeds=(2,))
-    check_topn(q, k, seq_lens_tensor([S, 30, 700], "cpu"), n, 1 / 8, group_select, out,
-               TOL[torch.float16])
+    check_topn(q, k, seq_lens_tensor([S, 30, 700], "cpu"), n, 1 / 8, group_select, out)
 
 
 def test_asan_qk_topn_split_select(asan_exe):
@@ -805,7 +804,7 @@ def test_asan_qk_topn_split_select(asan_exe):
     q, k = make_qk(B, Hkv * G, Hkv, S, D, torch.float32, "cpu")
     lens = seq_lens_tensor([S], "cpu")
     out = run_qk_topn(asan_exe, q, k, lens, n, 1 / 8, True, sms=4, seeds=(1,))
-    check_topn(q, k, lens, n, 1 / 8, True, out, TOL[torch.float32])
+    check_topn(q, k, lens, n, 1 / 8, True, out)
 
 
 def test_asan_sparse_attn_v_and_gather_rows(asan_exe):
@@ -1125,8 +1124,8 @@ def test_lowbit_tail_decode_step(race_exe, group_select):
     check_lowbit_tail(every, lens, lse, indices, codes, meta, 2, out)
     want, _ = R.qk_scores(q, k, lens, 1 / 8)  # [B, Hq, S]
     for b, L in enumerate(lens.tolist()):
-        torch.testing.assert_close(every[b, :, :L], want[b, :, :L], atol=TOL[torch.bfloat16],
-                                   rtol=TOL[torch.bfloat16])
+        torch.testing.assert_close(every[b, :, :L], want[b, :, :L], atol=SCORE_TOL,
+                                   rtol=SCORE_TOL)
 
 
 @settings(max_examples=6, deadline=None)
