@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kcache_ops.__main__ import main
-from kcache_ops.model import load_model
+from kcache_ops.model import load_model, pad_prompts
 from kcache_ops.generate import generate, sample
 from model_helpers import save_tiny_hf, save_tiny_tokenizer
 
@@ -34,6 +34,28 @@ def test_batched_varlen_equals_one_by_one(loaded):
     for p, tokens in zip(PROMPTS, batched.tokens):
         assert generate(model, [p], 12).tokens[0] == tokens
     assert batched.decode_tokens == 3 * 11 and batched.prefill_s > 0 and batched.tokens_per_s > 0
+
+
+def test_kcache_options_are_the_caches(loaded):
+    """generate(backend="kcache", options=...) runs the cache those options make: its greedy
+    tokens are a step-by-step loop's over make_cache with the same options (N = 2 of up to 18
+    keys, so a cache with other options would pick other rows), and the cache it returns holds
+    them."""
+    from kcache_ops.caches import KCacheOptions, make_cache
+    model, _ = loaded
+    options = KCacheOptions(topn=2, tail="none", top_p=1.0, sinks=0, window=0)
+    got = generate(model, PROMPTS, 12, backend="kcache", options=options)
+    assert got.cache.options == options
+    prompts, lens = pad_prompts(PROMPTS)  # [B, T], [B]
+    cache = make_cache("kcache", model.config, len(PROMPTS), prompts.shape[1] + 12, "cpu",
+                       model.dtype, options)
+    nxt = model.prefill(prompts, lens, cache).argmax(-1)  # [B]
+    want = [nxt]
+    for _ in range(11):
+        nxt = model.decode(nxt, cache).argmax(-1)  # [B]
+        want.append(nxt)
+    assert got.tokens == torch.stack(want, 1).tolist()
+    assert got.tokens != generate(model, PROMPTS, 12, backend="kcache").tokens
 
 
 def test_stop_on_eos_per_sequence(loaded):
