@@ -4,8 +4,10 @@ import torch
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=256,
             rms_norm_eps=1e-5)
+# Llama-3 scaling whose three bands each hold a frequency of head_dim 16 (wavelengths 2π ·
+# 500000^(i/16)): 6.3 short (< 128 / 4, kept), 32.4 medium (blended), 167 and up long (slowed 8x)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 128,
                "rope_theta": 500000.0}
 
 
