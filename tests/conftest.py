@@ -41,11 +41,21 @@ def host_tensor(t, device):
     return kcache_ops.alloc_host(t.shape, t.dtype).copy_(t)
 
 
-def poison_allocator(device, shape, dtype):
-    """Frees a NaN-filled block the size of an op's output just before the op runs, so an output
-    element the op fails to write is likely to read back as NaN (always on the CUDA caching
-    allocator; where the CPU allocator reuses the block)."""
-    torch.full(shape, float("nan"), dtype=dtype, device=device)
+@pytest.fixture
+def poisoned_outputs():
+    """Every tensor allocated while the test runs (an op's outputs among them) starts as NaN
+    (integers as their largest value), so an element an op fails to write reads back as poison
+    (torch's deterministic mode fills uninitialised memory; warn_only: ops without a
+    deterministic version still run)."""
+    import torch.utils.deterministic
+    was = (torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled(),
+           torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+    torch.utils.deterministic.fill_uninitialized_memory = was[2]
 
 
 def seq_lens_tensor(lens, device):

@@ -5,13 +5,15 @@ equal to attention over the mixed V, scores and rows past L_b never read, stride
 ratios, both bit widths, random shapes; on CUDA long rows, determinism and graph replay."""
 import pytest
 import torch
-from conftest import DEVICES, DTYPES, TOL, host_tensor, poison_allocator, seq_lens_tensor
+from conftest import DEVICES, DTYPES, TOL, host_tensor, seq_lens_tensor
 from cuda_checks import capture_graph, requires_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kcache_ops
 from kcache_ops import reference as R
+
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")  # conftest: outputs start as NaN
 
 # the op sums float32 scores and codes whatever the model's dtype: the float32 tolerance for all
 OUT_TOL = TOL[torch.float32]
@@ -96,7 +98,6 @@ def test_matches_reference(device, dtype, G, D, group_select, bits):
     lens = [1025, 0, 1, n, n + 1, 97]
     q, k, seq_lens, codes, meta = make_case(len(lens), Hkv, G, S, D, bits, dtype, device, lens)
     scores, indices, lse = selection(q, k, seq_lens, n, group_select)
-    poison_allocator(device, q.shape, torch.float32)
     out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits)
     check_tail(scores, seq_lens, lse, indices, codes, meta, bits, out)
     assert torch.equal(out[1:4].cpu(), torch.zeros(3, *out.shape[1:])), "L_b <= N gives zeros"
@@ -258,7 +259,6 @@ def test_hot_rows(device, dtype, group_select, H):
     B, Hkv, G, S, D, first, last = len(lens), 2, 3, 3000, 64, 4, 60
     args = skipped_case(B, Hkv, G, S, D, 2, dtype, device, lens, 24, first, last, group_select)
     hot_v, hot_pos = hot_rows_case(B, Hkv, H, D, S, lens, dtype, device)
-    poison_allocator(device, (B, Hkv * G, D), torch.float32)
     out = kcache_ops.lowbit_tail(*args, 2, skip_first=first, skip_last=last, hot_v=hot_v,
                                  hot_pos=hot_pos)
     cpu = [t.cpu() for t in args]
