@@ -50,14 +50,22 @@ def overlapping_indices(B, Hkv, G, N, S, kind, device, lens=None):
     return indices.view(B, Hkv * G, N).to(device)
 
 
-def check_attn(scores, indices, v_cache, lse, renormalize, out, tol):
-    """out [B, Hq, D] in v's dtype, close to the float32 reference, no NaN."""
+def check_attn(scores, indices, v_cache, lse, renormalize, out):
+    """out [B, Hq, D] in v's dtype, no NaN: the float32 reference within float32's tolerance, or,
+    for a 16-bit V, the reference rounded to that dtype within one unit in its last place (the op
+    sums in float32 and rounds once; a float32 difference of a few 1e-7 may round the other way).
+    The 16-bit dtype's own tolerance let a dropped entry of weight 0.005 pass."""
     assert out.dtype == v_cache.dtype and out.device == scores.device
     assert out.shape == (*scores.shape[:2], v_cache.shape[-1])
     ref = R.sparse_attn_v(scores.cpu(), indices.cpu(), v_cache.float(),
-                          None if lse is None else lse.cpu(), renormalize)
+                          None if lse is None else lse.cpu(), renormalize)  # [B, Hq, D] float32
     assert not out.isnan().any()
-    torch.testing.assert_close(out.cpu().float(), ref, atol=tol, rtol=tol)
+    tol = TOL[torch.float32]
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out.cpu(), ref, atol=tol, rtol=tol)
+    else:
+        torch.testing.assert_close(out.cpu().float(), ref.to(out.dtype).float(), atol=tol,
+                                   rtol=torch.finfo(out.dtype).eps)
 
 
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])
@@ -68,7 +76,7 @@ def test_matches_reference(device, dtype, G, D, renormalize):
     scores, indices, lse = make_selection(B, Hkv * G, N, S, device)
     v = host_tensor(torch.randn(B, Hkv, S, D).to(dtype), device)
     out = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize)
-    check_attn(scores, indices, v, lse, renormalize, out, TOL[dtype])
+    check_attn(scores, indices, v, lse, renormalize, out)
 
 
 @pytest.mark.parametrize("kind", ["half", "same"])
@@ -83,7 +91,7 @@ def test_heads_sharing_rows(device, dtype, G, kind):
     v = host_tensor(torch.randn(B, Hkv, S, D).to(dtype), device)
     for renormalize in (True, False):
         out = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize)
-        check_attn(scores, indices, v, lse, renormalize, out, TOL[dtype])
+        check_attn(scores, indices, v, lse, renormalize, out)
 
 
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])
@@ -96,7 +104,7 @@ def test_no_valid_entry_gives_zeros(device, renormalize):
     v = host_tensor(torch.randn(2, 2, 50, 64), device)
     out = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize)
     assert torch.equal(out[0, 1].cpu(), torch.zeros(64))
-    check_attn(scores, indices, v, lse, renormalize, out, TOL[torch.float32])
+    check_attn(scores, indices, v, lse, renormalize, out)
 
 
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])
@@ -108,7 +116,7 @@ def test_empty_cache_gives_zeros(device, renormalize):
     v = host_tensor(torch.randn(2, 2, 0, 64), device)  # [B, Hkv, 0, D]
     out = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize)
     assert torch.equal(out.cpu(), torch.zeros(2, 4, 64))
-    check_attn(scores, indices, v, lse, renormalize, out, TOL[torch.float32])
+    check_attn(scores, indices, v, lse, renormalize, out)
 
 
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])
@@ -124,7 +132,7 @@ def test_rows_near_the_float_range_stay_finite(device, renormalize):
     v = host_tensor(v, device)
     out = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize)
     assert out.isfinite().all()
-    check_attn(scores, indices, v, lse, renormalize, out, TOL[torch.float32])
+    check_attn(scores, indices, v, lse, renormalize, out)
 
 
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])
@@ -140,7 +148,7 @@ def test_nan_and_inf_weights_count_zero(device, renormalize):
     lse[1, 4] = float("inf")
     v = host_tensor(torch.randn(2, 2, 50, 64), device)
     out = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize)
-    check_attn(scores, indices, v, lse, renormalize, out, TOL[torch.float32])
+    check_attn(scores, indices, v, lse, renormalize, out)
     if renormalize:
         assert torch.equal(out[0, 0].cpu(), torch.zeros(64))
         assert torch.equal(out[1, 4].cpu(), torch.zeros(64))
@@ -190,7 +198,7 @@ def test_strided_inputs(device, dtype):
     v = host_tensor(torch.randn(B, 2 * Hkv, S + 9, D).to(dtype), device)[:, 1::2, 3:S + 3]
     for renormalize in (True, False):
         out = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize)
-        check_attn(scores, indices, v, lse, renormalize, out, TOL[dtype])
+        check_attn(scores, indices, v, lse, renormalize, out)
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
@@ -204,7 +212,7 @@ def test_decode_step(device, dtype, group_select):
     for n in (32, S):
         scores, indices, lse = kcache_ops.qk_topn(q, k, lens, n, None, group_select)
         out = kcache_ops.sparse_attn_v(scores, indices, host_tensor(v, device), lse)
-        check_attn(scores, indices, v, lse, True, out, TOL[dtype])
+        check_attn(scores, indices, v, lse, True, out)
     dense = torch.nn.functional.scaled_dot_product_attention(
         q.cpu().float()[:, :, None], k.cpu().float().repeat_interleave(G, 1),
         v.float().repeat_interleave(G, 1))[:, :, 0]  # [B, Hq, D]; sequence 0 is full length
@@ -234,7 +242,7 @@ def test_random_shapes(B, Hkv, G, S, N, D, dtype, renormalize, pad_fraction):
         scores, indices, lse = make_selection(B, Hkv * G, N, S, device, pad_fraction)
         v = host_tensor(torch.randn(B, Hkv, S, D).to(dtype), device)
         out = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize)
-        check_attn(scores, indices, v, lse, renormalize, out, TOL[dtype])
+        check_attn(scores, indices, v, lse, renormalize, out)
 
 
 # ---- the mean tail ------------------------------------------------------------------------------
