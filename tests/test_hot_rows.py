@@ -55,9 +55,11 @@ def test_slots_follow_the_lengths(device, sinks, window):
             run.step()
 
 
-def selection(scores, lse, length, group_select, topn=TOPN, sinks=SINKS, window=WINDOW):
+def selection(scores, lse, length, group_select, topn=TOPN, sinks=SINKS, window=WINDOW,
+              top_p=1.0):
     """What one step of sequence ``length`` attends exactly, by loops: scores [Hq, L], lse [Hq]
-    -> per head the top ``topn`` cold positions (by score, or by group mass) and every hot
+    -> per head the top ``topn`` cold positions (by score, or by group mass), cut below 1
+    ``top_p`` to the shortest prefix whose own mass exp(s − lse) reaches it, and every hot
     position, as (scores [Hq, M], indices [Hq, M]) padded with -inf / -1."""
     hot = sorted(hot_positions(length, sinks, window))
     cold = [j for j in range(length) if j not in hot]
@@ -70,7 +72,9 @@ def selection(scores, lse, length, group_select, topn=TOPN, sinks=SINKS, window=
         else:
             rank = {j: scores[h, j].item() for j in cold}
         top = sorted(cold, key=lambda j: (-rank[j], j))[:topn]
-        rows.append(top + hot)
+        mass = [torch.exp(scores[h, j] - lse[h]).item() for j in top]
+        cut = next((i for i in range(1, len(top)) if sum(mass[:i]) >= top_p), len(top))
+        rows.append(top[:cut] + hot)
     width = max(len(r) for r in rows)
     idx = torch.full((HQ, width), -1, dtype=torch.int32)
     for h, r in enumerate(rows):
@@ -81,8 +85,8 @@ def selection(scores, lse, length, group_select, topn=TOPN, sinks=SINKS, window=
 
 
 def reference_step(q, k, v, group_select, renormalize, tail, **hot):
-    """One step of one sequence by the reference ops over :func:`selection`: q [1, Hq, D], k/v
-    [1, Hkv, L, D] float32 -> out [1, Hq, D]."""
+    """One step of one sequence by the reference ops over :func:`selection` (``hot``: its
+    keywords): q [1, Hq, D], k/v [1, Hkv, L, D] float32 -> out [1, Hq, D]."""
     lens = torch.tensor([k.shape[2]], dtype=torch.int32)  # [1]
     scores, lse = reference.qk_scores(q, k, lens)  # [1, Hq, L], [1, Hq]
     sel, idx = selection(scores[0], lse[0], k.shape[2], group_select, **hot)
@@ -107,6 +111,28 @@ def test_step_matches_reference_ops_over_hot_and_cold_rows(device, group_select,
     run = Run(make(device, topn=TOPN, group_select=group_select, renormalize=renormalize,
                    tail=tail, sinks=SINKS, window=WINDOW), device, torch.float32)
     run.check_steps(lambda q, k, v: reference_step(q, k, v, group_select, renormalize, tail))
+
+
+@pytest.mark.parametrize("group_select", [False, True])
+@pytest.mark.parametrize("top_p", [0.5, 0.2])
+def test_step_with_top_p_matches_reference_ops(device, group_select, top_p):
+    """The shipped defaults' kind of step (hot rows, an int2 tail, ``top_p`` below 1) with cold
+    rows actually read and cut: each step equals the reference ops over the hot rows and each
+    head's mass prefix of its top N, the tail over every other row. Some heads are cut."""
+    cuts = []
+
+    def want(q, k, v):
+        lens = torch.tensor([k.shape[2]], dtype=torch.int32)  # [1]
+        scores, lse = reference.qk_scores(q, k, lens)  # [1, Hq, L], [1, Hq]
+        full = selection(scores[0], lse[0], k.shape[2], group_select, topn=5)[1]  # [Hq, M]
+        cut = selection(scores[0], lse[0], k.shape[2], group_select, topn=5, top_p=top_p)[1]
+        cuts.append(((cut >= 0).sum(-1) < (full >= 0).sum(-1)).any().item())
+        return reference_step(q, k, v, group_select, True, "int2", topn=5, top_p=top_p)
+
+    run = Run(make(device, topn=5, group_select=group_select, tail="int2", top_p=top_p,
+                   sinks=SINKS, window=WINDOW), device, torch.float32)
+    run.check_steps(want)
+    assert any(cuts)
 
 
 @pytest.mark.parametrize("sinks, window", [(0, 4), (3, 0)])
