@@ -542,8 +542,9 @@ def test_layer_inputs_must_match_the_cache(backend):
 
 
 def test_attention_mass(device):
-    """Off by default (NaN: nothing recorded); 1 at N >= L; strictly inside (0, 1) at N = 2;
-    dense layers report 1."""
+    """Off by default (NaN: nothing recorded); 1 at N >= L; at N = 2 with top_p 0.3, the mean
+    over sequences, heads and steps of the mass and the rows each step's top N (as the
+    reference selects it) hold; dense layers report 1 and 0 rows."""
     full = Run(make(device, topn=64), device, torch.float32)
     full.prefill()
     full.step()
@@ -552,12 +553,23 @@ def test_attention_mass(device):
     for _ in range(3):
         full.step()
     torch.testing.assert_close(full.cache.attention_mass(), torch.ones(LAYERS))
-    sparse = Run(make(device, topn=2, dense_layers=[2]), device, torch.float32)
+    sparse = Run(make(device, topn=2, dense_layers=[2], top_p=0.3), device, torch.float32)
     sparse.cache.record_mass = True
     sparse.prefill()
-    sparse.step()
-    mass = sparse.cache.attention_mass()  # [layers]
-    assert ((mass[:2] > 0) & (mass[:2] < 1)).all() and mass[2] == 1
+    want_mass, want_rows = torch.zeros(LAYERS), torch.zeros(LAYERS)
+    for _ in range(2):
+        for layer, (q, _) in enumerate(sparse.step()):
+            for b in range(len(LENS)):  # the step's top N by the reference, its history
+                k = sparse.hist_k[layer][b][None]  # [1, Hkv, L, D]
+                lens = torch.tensor([k.shape[2]], dtype=torch.int32)
+                s, idx, lse = reference.qk_topn(q[b][None].cpu(), k, lens, 2, top_p=0.3)
+                want_mass[layer] += torch.exp(s - lse[..., None]).sum() / (2 * len(LENS) * HQ)
+                want_rows[layer] += (idx >= 0).sum() / (2 * len(LENS) * HQ)
+    mass, rows = sparse.cache.attention_mass(), sparse.cache.rows_read()  # [layers] each
+    assert ((mass[:2] > 0) & (mass[:2] < 1)).all() and mass[2] == 1 and rows[2] == 0
+    torch.testing.assert_close(mass[:2], want_mass[:2])  # the mean over sequences, heads, steps
+    torch.testing.assert_close(rows[:2], want_rows[:2])
+    assert (rows[:2] < 2).all()  # top_p cut some
 
 
 def test_dense_attention_over_every_key_equals_the_first_lens(dtype):
