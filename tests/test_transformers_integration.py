@@ -224,6 +224,15 @@ def test_unsupported_head_dim():
         kt.enable(tiny_model("llama", head_dim=32))
 
 
+def test_attention_scaling_other_than_the_ops_is_refused():
+    """A model whose attention scales scores by other than 1/sqrt(head_dim) (which the kcache ops
+    use) is refused at the prefill, not decoded with the wrong scale."""
+    model = kt.enable(tiny_model("llama"))
+    model.model.layers[1].self_attn.scaling = 0.3
+    with pytest.raises(ValueError, match="attention scaling 0.3 is not 1/sqrt\\(head_dim\\)"):
+        greedy(model, [[5, 6, 7]], kt.KCacheCache(model, 32))
+
+
 def test_sliding_window_must_not_bind():
     model = kt.enable(tiny_model("mistral", sliding_window=16))
     with pytest.raises(ValueError, match="mistral.*sliding window of 16 tokens.*<= 16"):
