@@ -34,24 +34,7 @@ at::Tensor gather_rows_cuda(const at::Tensor& src,       // [B, Hs, S, D], pinne
   if (should_validate_values(stream))
     check_indices_on_device(indices, dims.S, "src");
 
-  const GatherRowsArgs args{
-      .src = src_dev,
-      .src_sb = src.stride(0),
-      .src_sh = src.stride(1),
-      .src_ss = src.stride(2),
-      .elem_bytes = src.element_size(),
-      .indices = indices.data_ptr<int32_t>(),
-      .ix_sb = indices.stride(0),
-      .ix_sh = indices.stride(1),
-      .ix_sn = indices.stride(2),
-      .dst = dst.data_ptr(),
-      .B = dims.B,
-      .H = dims.H,
-      .Hs = dims.Hs,
-      .S = dims.S,
-      .N = dims.N,
-      .D = dims.D,
-  };
+  const GatherRowsArgs args = gather_rows_args(src_dev, src, indices, dst);
   const GatherRowsPlan plan = plan_gather_rows(args);
   TORCH_CHECK(plan.grid.x < (int64_t{1} << 31), "gather_rows: output too large: ", dst.sizes());
   gather_rows_kernel<<<to_dim3(plan.grid), plan.block, 0, stream>>>(plan.params);

@@ -21,6 +21,32 @@ struct GatherRowsArgs {
   int64_t B, H, Hs, S, N, D;
 };
 
+// The GatherRowsArgs of a call: src_dev the device address of src's data (mapped host memory), dst
+// [B, H, N, D] allocated by the caller (Tensor: at::Tensor in the launcher, the CPU harness's
+// tensor in tests/cuda_emu, as qk_inputs.h says).
+template <class Tensor>
+GatherRowsArgs gather_rows_args(const void* src_dev, const Tensor& src, const Tensor& indices,
+                                const Tensor& dst) {
+  return {
+      .src = src_dev,
+      .src_sb = src.stride(0),
+      .src_sh = src.stride(1),
+      .src_ss = src.stride(2),
+      .elem_bytes = static_cast<int64_t>(src.element_size()),
+      .indices = static_cast<const int32_t*>(indices.data_ptr()),
+      .ix_sb = indices.stride(0),
+      .ix_sh = indices.stride(1),
+      .ix_sn = indices.stride(2),
+      .dst = dst.data_ptr(),
+      .B = indices.size(0),
+      .H = indices.size(1),
+      .Hs = src.size(1),
+      .S = src.size(2),
+      .N = indices.size(2),
+      .D = src.size(3),
+  };
+}
+
 // The launch of gather_rows_kernel.
 struct GatherRowsPlan {
   GridSize grid;                // (ceil(pieces / (kGatherThreads * kGatherUnroll)))

@@ -1,6 +1,6 @@
 // What the CUDA launchers share: host-memory and alignment checks, the sync-free value-validation
-// policy, the q / K / seq_lens view that qk_topn passes its score kernel, and the dtype /
-// head-dim / group-slice dispatch that turns runtime values into template constants.
+// policy, and the dtype / head-dim / group-slice dispatch that turns runtime values into template
+// constants.
 #pragma once
 
 #include <cstdint>
@@ -13,7 +13,6 @@
 #include <torch/types.h>
 
 #include "launch_grid.h"
-#include "qk_inputs.h"
 
 namespace kcache_ops {
 
@@ -39,23 +38,6 @@ void check_seq_lens_on_device(const at::Tensor& seq_lens, int64_t S,
                               const char* src_name = "k_cache");
 void check_indices_on_device(const at::Tensor& indices, int64_t S, const char* src_name,
                              const char* name = "indices", const char* minus_one = "padding");
-
-// q [B, Hq, D], k_cache [B, Hkv, S, D] and seq_lens [B] int32 (checked before) as the kernels read
-// them.
-inline QkInputs qk_inputs(const at::Tensor& q, const at::Tensor& k_cache,
-                          const at::Tensor& seq_lens) {
-  return {
-      .q = q.data_ptr(),
-      .q_sb = q.stride(0),
-      .q_sh = q.stride(1),
-      .k = k_cache.data_ptr(),
-      .k_sb = k_cache.stride(0),
-      .k_sh = k_cache.stride(1),
-      .k_ss = k_cache.stride(2),
-      .seq_lens = seq_lens.data_ptr<int32_t>(),
-      .seq_stride = seq_lens.stride(0),
-  };
-}
 
 // Multiprocessors of the device.
 int multiprocessor_count(int device);

@@ -67,51 +67,11 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
     if (H > 0) check_indices_on_device(hot_pos, dims.S, "v_codes", "hot_pos", "an empty slot");
   }
 
-  LowbitTailArgs args{
-      .scores = scores.data_ptr<float>(),
-      .s_sb = scores.stride(0),
-      .s_sh = scores.stride(1),
-      .s_ss = scores.stride(2),
-      .seq_lens = seq_lens.data_ptr<int32_t>(),
-      .seq_stride = seq_lens.stride(0),
-      .codes = v_codes.data_ptr<uint8_t>(),
-      .c_sb = v_codes.stride(0),
-      .c_sh = v_codes.stride(1),
-      .c_ss = v_codes.stride(2),
-      .meta = v_meta.data_ptr(),
-      .m_sb = v_meta.stride(0),
-      .m_sh = v_meta.stride(1),
-      .m_ss = v_meta.stride(2),
-      .lse = lse.data_ptr<float>(),
-      .lse_sb = lse.stride(0),
-      .lse_sh = lse.stride(1),
-      .indices = indices.data_ptr<int32_t>(),
-      .ix_sb = indices.stride(0),
-      .ix_sh = indices.stride(1),
-      .ix_sn = indices.stride(2),
-      .skip_first = skip_first,
-      .skip_last = skip_last,
-      .out = out.data_ptr<float>(),
-      .B = dims.B,
-      .Hq = dims.Hq,
-      .Hkv = dims.Hkv,
-      .S = dims.S,
-      .D = dims.D,
-      .N = dims.N,
-      .bits = dims.bits,
-  };
-  if (H > 0) {  // the hot rows; none: hot_rows 0
-    args.hot_v = hot_v.data_ptr();
-    args.hv_sb = hot_v.stride(0);
-    args.hv_sh = hot_v.stride(1);
-    args.hv_si = hot_v.stride(2);
-    args.hot_pos = hot_pos.data_ptr<int32_t>();
-    args.hp_sb = hot_pos.stride(0);
-    args.hp_si = hot_pos.stride(1);
-    args.hot_rows = H;
-    const at::ScalarType t = hot_v.scalar_type();
-    args.hot_dtype = t == at::kFloat ? 0 : t == at::kHalf ? 1 : 2;  // kernel's hot_element
-  }
+  const at::ScalarType hot_type = H > 0 ? hot_v.scalar_type() : at::kFloat;
+  const LowbitTailArgs args = lowbit_tail_args(
+      scores, seq_lens, lse, indices, v_codes, v_meta, dims.bits, skip_first, skip_last, out,
+      H > 0 ? &hot_v : nullptr, H > 0 ? &hot_pos : nullptr,
+      hot_type == at::kFloat ? 0 : hot_type == at::kHalf ? 1 : 2);  // the kernel's hot_element
   // the instance this call launches, and how many of its blocks fit on a multiprocessor
   const int group_slice = group_slice_width(dims.G);
   int blocks_per_sm = kTailBlocksPerSm;

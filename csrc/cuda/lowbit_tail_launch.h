@@ -36,6 +36,65 @@ struct LowbitTailArgs {
   int64_t hot_rows, hot_dtype;  // H: 0 for none
 };
 
+// The LowbitTailArgs of a call: the codes' strides taken in bytes (the harness passes them as
+// 4-byte words), out [B, Hq, D] float32 allocated by the caller, and the hot rows hot_v /
+// hot_pos (nullptr: none) with hot_dtype 0 / 1 / 2 for float32 / float16 / bfloat16 rows
+// (Tensor: at::Tensor in the launcher, the CPU harness's tensor in tests/cuda_emu, as
+// qk_inputs.h says).
+template <class Tensor>
+LowbitTailArgs lowbit_tail_args(const Tensor& scores, const Tensor& seq_lens, const Tensor& lse,
+                                const Tensor& indices, const Tensor& codes, const Tensor& meta,
+                                int64_t bits, int64_t skip_first, int64_t skip_last,
+                                const Tensor& out, const Tensor* hot_v, const Tensor* hot_pos,
+                                int64_t hot_dtype) {
+  const int64_t code_bytes = codes.element_size();
+  LowbitTailArgs a{
+      .scores = static_cast<const float*>(scores.data_ptr()),
+      .s_sb = scores.stride(0),
+      .s_sh = scores.stride(1),
+      .s_ss = scores.stride(2),
+      .seq_lens = static_cast<const int32_t*>(seq_lens.data_ptr()),
+      .seq_stride = seq_lens.stride(0),
+      .codes = static_cast<const uint8_t*>(codes.data_ptr()),
+      .c_sb = codes.stride(0) * code_bytes,
+      .c_sh = codes.stride(1) * code_bytes,
+      .c_ss = codes.stride(2) * code_bytes,
+      .meta = meta.data_ptr(),
+      .m_sb = meta.stride(0),
+      .m_sh = meta.stride(1),
+      .m_ss = meta.stride(2),
+      .lse = static_cast<const float*>(lse.data_ptr()),
+      .lse_sb = lse.stride(0),
+      .lse_sh = lse.stride(1),
+      .indices = static_cast<const int32_t*>(indices.data_ptr()),
+      .ix_sb = indices.stride(0),
+      .ix_sh = indices.stride(1),
+      .ix_sn = indices.stride(2),
+      .skip_first = skip_first,
+      .skip_last = skip_last,
+      .out = static_cast<float*>(out.data_ptr()),
+      .B = scores.size(0),
+      .Hq = scores.size(1),
+      .Hkv = codes.size(1),
+      .S = codes.size(2),
+      .D = codes.size(3) * code_bytes * 8 / bits,
+      .N = indices.size(2),
+      .bits = bits,
+  };
+  if (hot_v != nullptr && hot_v->size(2) > 0) {  // else no hot row: hot_rows 0
+    a.hot_v = hot_v->data_ptr();
+    a.hv_sb = hot_v->stride(0);
+    a.hv_sh = hot_v->stride(1);
+    a.hv_si = hot_v->stride(2);
+    a.hot_pos = static_cast<const int32_t*>(hot_pos->data_ptr());
+    a.hp_sb = hot_pos->stride(0);
+    a.hp_si = hot_pos->stride(1);
+    a.hot_rows = hot_v->size(2);
+    a.hot_dtype = hot_dtype;
+  }
+  return a;
+}
+
 // Sizes of the two launches and of the partials.
 struct LowbitTailPlan {
   int group_slice;             // GS of lowbit_tail_kernel: group_slice_width(G)

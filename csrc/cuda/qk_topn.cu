@@ -53,22 +53,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
   if (check_values && should_validate_values(stream))
     check_seq_lens_on_device(seq_lens, dims.S);
 
-  const QkTopnArgs args{
-      .in = qk_inputs(q, k_cache, seq_lens),
-      .out_scores = scores.data_ptr<float>(),
-      .out_indices = indices.data_ptr<int32_t>(),
-      .out_lse = lse.data_ptr<float>(),
-      .B = dims.B,
-      .Hq = dims.Hq,
-      .Hkv = dims.Hkv,
-      .S = dims.S,
-      .n = n,
-      .scale = static_cast<float>(scale),
-      .group_select = group_select,
-      .skip_first = skip_first,
-      .skip_last = skip_last,
-      .top_p = static_cast<float>(top_p),
-  };
+  const QkTopnArgs args = qk_topn_args(q, k_cache, seq_lens, scores, indices, lse, n, scale,
+                                       group_select, skip_first, skip_last, top_p);
   const QkTopnPlan plan = plan_qk_topn(args, multiprocessor_count(q.get_device()));
   // [B, Hq, num_chunks] (max, sumexp) pairs
   at::Tensor partials = at::empty({dims.B, dims.Hq, plan.num_chunks, 2}, fopts);

@@ -25,6 +25,32 @@ struct QkTopnArgs {
   float top_p;                    // in (0, 1]: below 1, each head's mass prefix is kept
 };
 
+// The QkTopnArgs of a call: its inputs, its outputs scores [B, Hq, n] float32, indices [B, Hq, n]
+// int32 and lse [B, Hq] float32 (contiguous, allocated by the caller), and its arguments
+// (Tensor: as qk_inputs).
+template <class Tensor>
+QkTopnArgs qk_topn_args(const Tensor& q, const Tensor& k_cache, const Tensor& seq_lens,
+                        const Tensor& scores, const Tensor& indices, const Tensor& lse, int64_t n,
+                        double scale, bool group_select, int64_t skip_first, int64_t skip_last,
+                        double top_p) {
+  return {
+      .in = qk_inputs(q, k_cache, seq_lens),
+      .out_scores = static_cast<float*>(scores.data_ptr()),
+      .out_indices = static_cast<int32_t*>(indices.data_ptr()),
+      .out_lse = static_cast<float*>(lse.data_ptr()),
+      .B = q.size(0),
+      .Hq = q.size(1),
+      .Hkv = k_cache.size(1),
+      .S = k_cache.size(2),
+      .n = n,
+      .scale = static_cast<float>(scale),
+      .group_select = group_select,
+      .skip_first = skip_first,
+      .skip_last = skip_last,
+      .top_p = static_cast<float>(top_p),
+  };
+}
+
 // Sizes of the two launches and of their scratch buffers.
 struct QkTopnPlan {
   int group_slice;             // GS of qk_scores_kernel: group_slice_width(G)

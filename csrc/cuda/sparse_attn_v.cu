@@ -56,35 +56,9 @@ at::Tensor sparse_attn_v_cuda(
     if (dims.tail) check_seq_lens_on_device(*seq_lens, dims.S, "v_cache");
   }
 
-  const SparseAttnVArgs args{
-      .scores = scores.data_ptr<float>(),
-      .sc_sb = scores.stride(0),
-      .sc_sh = scores.stride(1),
-      .sc_sn = scores.stride(2),
-      .indices = indices.data_ptr<int32_t>(),
-      .ix_sb = indices.stride(0),
-      .ix_sh = indices.stride(1),
-      .ix_sn = indices.stride(2),
-      .v = v_dev,
-      .v_sb = v_cache.stride(0),
-      .v_sh = v_cache.stride(1),
-      .v_ss = v_cache.stride(2),
-      .lse = renormalize ? nullptr : lse->data_ptr<float>(),
-      .lse_sb = renormalize ? 0 : lse->stride(0),
-      .lse_sh = renormalize ? 0 : lse->stride(1),
-      .v_sum = dims.tail ? v_sum->data_ptr<float>() : nullptr,
-      .vs_sb = dims.tail ? v_sum->stride(0) : 0,
-      .vs_sh = dims.tail ? v_sum->stride(1) : 0,
-      .seq_lens = dims.tail ? seq_lens->data_ptr<int32_t>() : nullptr,
-      .seq_stride = dims.tail ? seq_lens->stride(0) : 0,
-      .out = out.data_ptr(),
-      .B = dims.B,
-      .Hq = dims.Hq,
-      .Hkv = dims.Hkv,
-      .S = dims.S,
-      .N = dims.N,
-      .renormalize = renormalize,
-  };
+  const SparseAttnVArgs args = sparse_attn_v_args(
+      scores, indices, v_dev, v_cache, lse ? &*lse : nullptr, renormalize,
+      dims.tail ? &*v_sum : nullptr, dims.tail ? &*seq_lens : nullptr, out);
   const SparseAttnVPlan plan = plan_sparse_attn_v(args);
   dispatch_kernel_instance(v_cache.scalar_type(), dims.D, plan.group_slice, kOp,
                            [&](auto type_tag, auto d_tag, auto gs_tag) {

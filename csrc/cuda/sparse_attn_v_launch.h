@@ -29,6 +29,47 @@ struct SparseAttnVArgs {
   bool renormalize;
 };
 
+// The SparseAttnVArgs of a call: v the device address of v_cache's data (mapped host memory), lse
+// read unless renormalize, v_sum and seq_lens (the mean tail) nullptr or both given, out [B, Hq,
+// D] allocated by the caller (Tensor: at::Tensor in the launcher, the CPU harness's tensor in
+// tests/cuda_emu, as qk_inputs.h says).
+template <class Tensor>
+SparseAttnVArgs sparse_attn_v_args(const Tensor& scores, const Tensor& indices, const void* v,
+                                   const Tensor& v_cache, const Tensor* lse, bool renormalize,
+                                   const Tensor* v_sum, const Tensor* seq_lens,
+                                   const Tensor& out) {
+  const bool tail = v_sum != nullptr;
+  return {
+      .scores = static_cast<const float*>(scores.data_ptr()),
+      .sc_sb = scores.stride(0),
+      .sc_sh = scores.stride(1),
+      .sc_sn = scores.stride(2),
+      .indices = static_cast<const int32_t*>(indices.data_ptr()),
+      .ix_sb = indices.stride(0),
+      .ix_sh = indices.stride(1),
+      .ix_sn = indices.stride(2),
+      .v = v,
+      .v_sb = v_cache.stride(0),
+      .v_sh = v_cache.stride(1),
+      .v_ss = v_cache.stride(2),
+      .lse = renormalize ? nullptr : static_cast<const float*>(lse->data_ptr()),
+      .lse_sb = renormalize ? 0 : lse->stride(0),
+      .lse_sh = renormalize ? 0 : lse->stride(1),
+      .v_sum = tail ? static_cast<const float*>(v_sum->data_ptr()) : nullptr,
+      .vs_sb = tail ? v_sum->stride(0) : 0,
+      .vs_sh = tail ? v_sum->stride(1) : 0,
+      .seq_lens = tail ? static_cast<const int32_t*>(seq_lens->data_ptr()) : nullptr,
+      .seq_stride = tail ? seq_lens->stride(0) : 0,
+      .out = out.data_ptr(),
+      .B = scores.size(0),
+      .Hq = scores.size(1),
+      .Hkv = v_cache.size(1),
+      .S = v_cache.size(2),
+      .N = scores.size(2),
+      .renormalize = renormalize,
+  };
+}
+
 // The launch of sparse_attn_v_kernel<T, D, group_slice>.
 struct SparseAttnVPlan {
   int group_slice;              // GS: group_slice_width(G)

@@ -26,6 +26,9 @@ struct Tensor {
   size_t bytes = 0;
 
   void* data() const { return storage.get() + offset * static_cast<int64_t>(dtype_size(dtype)); }
+  // at::Tensor's names, so the launch headers' *_args functions pack a call from either
+  void* data_ptr() const { return data(); }
+  size_t element_size() const { return dtype_size(dtype); }
   int64_t numel() const;
   int64_t stride(int d) const { return strides.at(d); }
   int64_t size(int d) const { return sizes.at(d); }

@@ -65,21 +65,6 @@ dim3 to_dim3(const kcache_ops::GridSize& g) {
   return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
 }
 
-// q [B, Hq, D], k [B, Hkv, S, D] and seq_lens [B] int32 as the kernels read them.
-kcache_ops::QkInputs qk_inputs(const Tensor& q, const Tensor& k, const Tensor& seq_lens) {
-  return {
-      .q = q.data(),
-      .q_sb = q.stride(0),
-      .q_sh = q.stride(1),
-      .k = k.data(),
-      .k_sb = k.stride(0),
-      .k_sh = k.stride(1),
-      .k_ss = k.stride(2),
-      .seq_lens = static_cast<const int32_t*>(seq_lens.data()),
-      .seq_stride = seq_lens.stride(0),
-  };
-}
-
 Outputs run_qk_topn(const Case& c) {
   const Tensor& q = c.input("q");               // [B, Hq, D]
   const Tensor& k = c.input("k_cache");         // [B, Hkv, S, D]
@@ -90,22 +75,10 @@ Outputs run_qk_topn(const Case& c) {
   Tensor indices = make_tensor(DType::kI32, {B, Hq, n}, 0x7f);  // [B, Hq, N]
   Tensor lse = make_tensor(DType::kF32, {B, Hq}, 0xff);         // [B, Hq], NaN
   if (B == 0 || Hq == 0) return {{"scores", scores}, {"indices", indices}, {"lse", lse}};
-  const kcache_ops::QkTopnArgs args{
-      .in = qk_inputs(q, k, seq_lens),
-      .out_scores = static_cast<float*>(scores.data()),
-      .out_indices = static_cast<int32_t*>(indices.data()),
-      .out_lse = static_cast<float*>(lse.data()),
-      .B = B,
-      .Hq = Hq,
-      .Hkv = k.size(1),
-      .S = k.size(2),
-      .n = n,
-      .scale = static_cast<float>(c.scalar("scale")),
-      .group_select = c.scalar("group_select") != 0,
-      .skip_first = static_cast<int64_t>(c.scalar("skip_first", 0)),
-      .skip_last = static_cast<int64_t>(c.scalar("skip_last", 0)),
-      .top_p = static_cast<float>(c.scalar("top_p", 1.0)),
-  };
+  const kcache_ops::QkTopnArgs args = kcache_ops::qk_topn_args(
+      q, k, seq_lens, scores, indices, lse, n, c.scalar("scale"), c.scalar("group_select") != 0,
+      static_cast<int64_t>(c.scalar("skip_first", 0)),
+      static_cast<int64_t>(c.scalar("skip_last", 0)), c.scalar("top_p", 1.0));
   const kcache_ops::QkTopnPlan plan =
       kcache_ops::plan_qk_topn(args, static_cast<int>(c.scalar("sms")));
   Tensor scratch = make_tensor(DType::kF32, {plan.scratch_floats}, 0xff);     // [B, Hq, stride]
@@ -162,35 +135,9 @@ Outputs run_sparse_attn_v(const Case& c) {
   const Tensor* v_sum = c.has_input("v_sum") ? &c.input("v_sum") : nullptr;
   const Tensor* seq_lens = c.has_input("seq_lens") ? &c.input("seq_lens") : nullptr;
   if (!v_sum != !seq_lens) throw std::runtime_error("v_sum and seq_lens must be given together");
-  const kcache_ops::SparseAttnVArgs args{
-      .scores = static_cast<const float*>(scores.data()),
-      .sc_sb = scores.stride(0),
-      .sc_sh = scores.stride(1),
-      .sc_sn = scores.stride(2),
-      .indices = static_cast<const int32_t*>(indices.data()),
-      .ix_sb = indices.stride(0),
-      .ix_sh = indices.stride(1),
-      .ix_sn = indices.stride(2),
-      .v = v.data(),
-      .v_sb = v.stride(0),
-      .v_sh = v.stride(1),
-      .v_ss = v.stride(2),
-      .lse = renormalize ? nullptr : static_cast<const float*>(lse->data()),
-      .lse_sb = renormalize ? 0 : lse->stride(0),
-      .lse_sh = renormalize ? 0 : lse->stride(1),
-      .v_sum = v_sum ? static_cast<const float*>(v_sum->data()) : nullptr,
-      .vs_sb = v_sum ? v_sum->stride(0) : 0,
-      .vs_sh = v_sum ? v_sum->stride(1) : 0,
-      .seq_lens = seq_lens ? static_cast<const int32_t*>(seq_lens->data()) : nullptr,
-      .seq_stride = seq_lens ? seq_lens->stride(0) : 0,
-      .out = out.data(),
-      .B = B,
-      .Hq = Hq,
-      .Hkv = v.size(1),
-      .S = v.size(2),
-      .N = scores.size(2),
-      .renormalize = renormalize,
-  };
+  const kcache_ops::SparseAttnVArgs args =
+      kcache_ops::sparse_attn_v_args(scores, indices, v.data(), v, lse, renormalize, v_sum,
+                                     seq_lens, out);
   const kcache_ops::SparseAttnVPlan plan = kcache_ops::plan_sparse_attn_v(args);
   dispatch_kernel_instance(v.dtype, D, plan.group_slice,
                            [&](auto type_tag, auto d_tag, auto gs_tag) {
@@ -210,24 +157,8 @@ Outputs run_gather_rows(const Case& c) {
   const int64_t B = indices.size(0), H = indices.size(1), N = indices.size(2), D = src.size(3);
   Tensor dst = make_tensor(src.dtype, {B, H, N, D}, 0xff);  // [B, H, N, D]
   if (dst.numel() == 0) return {{"dst", dst}};
-  const kcache_ops::GatherRowsArgs args{
-      .src = src.data(),
-      .src_sb = src.stride(0),
-      .src_sh = src.stride(1),
-      .src_ss = src.stride(2),
-      .elem_bytes = static_cast<int64_t>(dtype_size(src.dtype)),
-      .indices = static_cast<const int32_t*>(indices.data()),
-      .ix_sb = indices.stride(0),
-      .ix_sh = indices.stride(1),
-      .ix_sn = indices.stride(2),
-      .dst = dst.data(),
-      .B = B,
-      .H = H,
-      .Hs = src.size(1),
-      .S = src.size(2),
-      .N = N,
-      .D = D,
-  };
+  const kcache_ops::GatherRowsArgs args = kcache_ops::gather_rows_args(src.data(), src, indices,
+                                                                       dst);
   const kcache_ops::GatherRowsPlan plan = kcache_ops::plan_gather_rows(args);
   watch_output(dst.data(), dst.bytes, "dst");
   launch(to_dim3(plan.grid), dim3(plan.block), "gather_rows_kernel",
@@ -249,52 +180,15 @@ Outputs run_lowbit_tail(const Case& c) {
   const int64_t D = codes.size(3) * 32 / bits;
   Tensor out = make_tensor(DType::kF32, {B, Hq, D}, 0xff);  // [B, Hq, D], NaN
   if (out.numel() == 0) return {{"out", out}};
-  kcache_ops::LowbitTailArgs args{
-      .scores = static_cast<const float*>(scores.data()),
-      .s_sb = scores.stride(0),
-      .s_sh = scores.stride(1),
-      .s_ss = scores.stride(2),
-      .seq_lens = static_cast<const int32_t*>(seq_lens.data()),
-      .seq_stride = seq_lens.stride(0),
-      .codes = static_cast<const uint8_t*>(codes.data()),
-      .c_sb = codes.stride(0) * 4,
-      .c_sh = codes.stride(1) * 4,
-      .c_ss = codes.stride(2) * 4,
-      .meta = meta.data(),
-      .m_sb = meta.stride(0),
-      .m_sh = meta.stride(1),
-      .m_ss = meta.stride(2),
-      .lse = static_cast<const float*>(lse.data()),
-      .lse_sb = lse.stride(0),
-      .lse_sh = lse.stride(1),
-      .indices = static_cast<const int32_t*>(indices.data()),
-      .ix_sb = indices.stride(0),
-      .ix_sh = indices.stride(1),
-      .ix_sn = indices.stride(2),
-      .skip_first = static_cast<int64_t>(c.scalar("skip_first", 0)),
-      .skip_last = static_cast<int64_t>(c.scalar("skip_last", 0)),
-      .out = static_cast<float*>(out.data()),
-      .B = B,
-      .Hq = Hq,
-      .Hkv = codes.size(1),
-      .S = codes.size(2),
-      .D = D,
-      .N = indices.size(2),
-      .bits = bits,
-  };
-  if (c.has_input("hot_v")) {  // [B, Hkv, H, D] float32 / float16 / bfloat16, hot_pos [B, H]
-    const Tensor& hot_v = c.input("hot_v");
-    const Tensor& hot_pos = c.input("hot_pos");
-    args.hot_v = hot_v.data();
-    args.hv_sb = hot_v.stride(0);
-    args.hv_sh = hot_v.stride(1);
-    args.hv_si = hot_v.stride(2);
-    args.hot_pos = static_cast<const int32_t*>(hot_pos.data());
-    args.hp_sb = hot_pos.stride(0);
-    args.hp_si = hot_pos.stride(1);
-    args.hot_rows = hot_v.size(2);
-    args.hot_dtype = hot_v.dtype == DType::kF32 ? 0 : hot_v.dtype == DType::kF16 ? 1 : 2;
-  }
+  // [B, Hkv, H, D] float32 / float16 / bfloat16, hot_pos [B, H]; or none
+  const Tensor* hot_v = c.has_input("hot_v") ? &c.input("hot_v") : nullptr;
+  const Tensor* hot_pos = c.has_input("hot_pos") ? &c.input("hot_pos") : nullptr;
+  const DType hot_type = hot_v ? hot_v->dtype : DType::kF32;
+  const kcache_ops::LowbitTailArgs args = kcache_ops::lowbit_tail_args(
+      scores, seq_lens, lse, indices, codes, meta, bits,
+      static_cast<int64_t>(c.scalar("skip_first", 0)),
+      static_cast<int64_t>(c.scalar("skip_last", 0)), out, hot_v, hot_pos,
+      hot_type == DType::kF32 ? 0 : hot_type == DType::kF16 ? 1 : 2);
   const kcache_ops::LowbitTailPlan plan =
       kcache_ops::plan_lowbit_tail(args, static_cast<int>(c.scalar("sms")),
                                    kcache_ops::kTailBlocksPerSm);
