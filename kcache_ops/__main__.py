@@ -33,8 +33,9 @@ def main(argv=None):
     args = cmd_parser.parse_args(argv[1:])
     try:
         return module.run(args) or 0
-    except (ValueError, OSError) as e:  # bad input found past the flags: a file, a checkpoint, a
-        # value the options or the model refuse (CheckpointError, UnsupportedModelError included)
+    except (ValueError, OSError, MemoryError) as e:  # bad input found past the flags: a file, a
+        # checkpoint, a value the options or the model refuse (CheckpointError,
+        # UnsupportedModelError included), caches larger than the memory
         print(f"error: {e}", file=sys.stderr)
         return 2
 

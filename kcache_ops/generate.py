@@ -1,5 +1,6 @@
 """Batched generation with per-sequence prompt lengths: greedy or sampled, stop on EOS, streaming.
 It builds the cache (above the model and the caches: the model takes the cache it is given)."""
+import operator
 import time
 import warnings
 from dataclasses import dataclass
@@ -67,15 +68,27 @@ class TextStream:
         return text[len(before):]
 
 
+def _integer(value):
+    """``value`` as an int where it is an integer of any type (a NumPy one, a 0-d integer tensor),
+    else None (a bool, a float, a string)."""
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=None):
     """Next token of each sequence.
 
     logits [B, V] float32 -> [B] long: the argmax if ``temperature`` is 0, else a draw from
     ``softmax(logits / temperature)`` over the ``top_k`` most likely tokens (None: all), then
     restricted to the smallest set of tokens whose probability reaches ``top_p`` (nucleus
-    sampling), with ``generator`` for reproducibility.
+    sampling), with ``generator`` for reproducibility. A temperature that is 0 in float32 is
+    greedy.
     """
-    if temperature == 0:
+    if float(torch.tensor(temperature, dtype=torch.float32)) == 0:
         return logits.argmax(-1)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]                    # [B, 1]
@@ -86,8 +99,11 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=None):
                           dim=-1)                                           # [B, V]
     if top_p < 1:
         sorted_p, order = probs.sort(dim=-1, descending=True)              # [B, V] each
-        # drop a token when the tokens ranked above it already reach top_p (the first stays)
-        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
+        # drop a token when the tokens ranked above it already reach top_p; the first stays, even
+        # for a top_p that is 0 in float32
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p                     # [B, V]
+        drop[:, 0] = False
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
         pick = torch.multinomial(sorted_p, 1, generator=generator)          # [B, 1] rank
         return order.gather(-1, pick)[:, 0]
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
@@ -122,17 +138,24 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     -------
     Generation
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if _integer(max_new_tokens) is None or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if isinstance(prompts, (str, bytes)) or not all(
+            isinstance(p, (list, tuple)) for p in prompts):
+        raise ValueError("prompts must be a list of token id lists (one per prompt), got "
+                         f"{type(prompts).__name__} of {[type(p).__name__ for p in prompts][:3]}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError(f"need at least one prompt and no empty one, got token counts "
                          f"{[len(p) for p in prompts]}")
     vocab = model.config.vocab_size
-    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    bad = [t for p in prompts for t in p if _integer(t) is None or not 0 <= t < vocab]
     if bad:
-        raise ValueError(f"prompt token ids must be in [0, {vocab}) (the model's vocabulary), "
-                         f"got {bad[:5]}")
-    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab}) (the model's "
+                         f"vocabulary), got {bad[:5]}")
+    eos = {_integer(t) for t in eos_ids}
+    if None in eos or not all(0 <= t < vocab for t in eos):
+        raise ValueError(f"eos_ids must be token ids in [0, {vocab}), got {list(eos_ids)[:5]}")
+    if not temperature >= 0 or not 0 < top_p <= 1:  # NaN fails both
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
                               or top_k < 1):
@@ -141,7 +164,6 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
         raise ValueError("streaming (on_text) needs the tokenizer")
     device = model.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    eos = set(eos_ids)
     tokens, lens = pad_prompts(prompts)                                     # [B, T], [B]
     batch, longest = tokens.shape
     trained = model.config.max_position_embeddings

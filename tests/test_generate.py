@@ -139,10 +139,45 @@ def test_bad_arguments(loaded):
                    {"on_text": print}):
         with pytest.raises(ValueError):
             generate(model, PROMPTS, **{"max_new_tokens": 4, **kwargs})
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0"):
         generate(model, PROMPTS, 0)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 2.5"):
+        generate(model, PROMPTS, 2.5)
     with pytest.raises(ValueError, match=r"no empty one, got token counts \[1, 0\]"):
         generate(model, [[1], []], 4)
+    with pytest.raises(ValueError, match="a list of token id lists.*got list of \\['int'"):
+        generate(model, [1, 2, 3], 4)  # one prompt, not wrapped in a list
+    for ids in ([1.99, 2.99], [True, 2]):  # not truncated to 1, 2 nor taken as 1
+        with pytest.raises(ValueError, match="prompt token ids must be integers"):
+            generate(model, [ids], 4)
+    for eos in ([96], ["2"], [-1]):
+        with pytest.raises(ValueError, match=r"eos_ids must be token ids in \[0, 96\)"):
+            generate(model, PROMPTS, 4, eos_ids=eos)
+    with pytest.raises(ValueError, match="need temperature >= 0"):
+        generate(model, PROMPTS, 4, temperature=float("nan"))
+
+
+def test_ids_of_any_integer_type(loaded):
+    """Token ids and EOS ids as NumPy integers or 0-d tensors are the same ids (a set of 0-d
+    tensors never matched a sampled id, so generation ran past EOS)."""
+    import numpy as np
+    model, _ = loaded
+    free = generate(model, PROMPTS, 10).tokens
+    eos = free[0][3]
+    want = generate(model, PROMPTS, 10, eos_ids=[eos]).tokens
+    for ids in (torch.tensor([eos]), np.array([eos]), [np.int64(eos)]):
+        assert generate(model, PROMPTS, 10, eos_ids=ids).tokens == want
+    prompts = [[np.int64(t) for t in p] for p in PROMPTS]
+    assert generate(model, prompts, 10).tokens == free
+
+
+def test_float32_zero_temperature_or_top_p_is_greedy(loaded):
+    """A temperature or a top_p that is 0 in float32 (1e-300, 1e-50) gives the greedy tokens,
+    not a multinomial error on a NaN or all-zero distribution."""
+    model, _ = loaded
+    greedy = generate(model, PROMPTS, 6).tokens
+    assert generate(model, PROMPTS, 6, temperature=1e-300, seed=0).tokens == greedy
+    assert generate(model, PROMPTS, 6, temperature=1.0, top_p=1e-50, seed=0).tokens == greedy
 
 
 def test_cli_dense_and_kcache(folder, capsys):
@@ -181,19 +216,22 @@ def test_past_the_trained_positions_warns(loaded):
 
 def test_token_ids_outside_the_vocabulary(loaded):
     model, _ = loaded
-    with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, 96\).*\[1000000\]"):
+    with pytest.raises(ValueError, match=r"token ids must be integers in \[0, 96\).*\[1000000\]"):
         generate(model, [[5, 10**6]], 2)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "expected an integer >= 1"),
-    (["generate", "--prompt", "hi", "--temperature", "nan"], r"expected a number in \[0.0, inf\)"),
-    (["generate", "--prompt", "hi", "--top-p", "0"], r"expected a number in \(0.0, 1.0\]"),
+    (["generate", "--prompt", "hi", "--temperature", "nan"],
+     r"expected a finite number in \[0.0, inf\)"),
+    (["generate", "--prompt", "hi", "--temperature", "inf"],
+     r"expected a finite number in \[0.0, inf\), got 'inf'"),
+    (["generate", "--prompt", "hi", "--top-p", "0"], r"expected a finite number in \(0.0, 1.0\]"),
     (["generate", "--prompt", "hi", "--top-k", "0"], "expected an integer >= 1, got '0'"),
     (["demo", "--prompt-tokens", "-5"], "expected an integer >= 1, got '-5'"),
-    (["demo", "--depth", "2"], r"expected a number in \[0.0, 1.0\], got '2'"),
+    (["demo", "--depth", "2"], r"expected a finite number in \[0.0, 1.0\], got '2'"),
     (["bench", "--small", "--steps", "0"], "expected an integer >= 1"),
-    (["bench", "--small", "--budget", "-1"], r"expected a number in \(0.0, inf\)"),
+    (["bench", "--small", "--budget", "-1"], r"expected a finite number in \(0.0, inf\)"),
     (["bench", "--small", "--contexts", "0"], "expected comma-separated integers >= 1"),
     (["eval", "--quick", "--prefill", "0"], "expected an integer >= 1"),
     (["generate", "--prompt", "hi", "--device", "tpu"], "expected cpu, cuda or cuda:N, got 'tpu'"),
@@ -218,3 +256,14 @@ def test_cli_bad_input_is_an_error_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_cli_caches_beyond_memory_are_an_error_line(folder, capsys):
+    """A cache larger than the host's memory (10^12 new tokens) gives KCache's own error, the
+    bytes asked for, as one ``error:`` line and exit 2, not a traceback."""
+    argv = ["generate", "--model", str(folder), "--prompt", "the t", "--backend", "kcache",
+            "--max-new-tokens", str(10**12)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.match(r"error: KCache: .* bytes", err.splitlines()[-1])  # after the loading bar
+    assert "Traceback" not in err

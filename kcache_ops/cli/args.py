@@ -38,17 +38,19 @@ def positive_int(text):
 
 
 def bounded_float(low, high, low_open=False):
-    """An argparse type: a float in [low, high] ((low, high] with low_open; high None: no
+    """An argparse type: a finite float in [low, high] ((low, high] with low_open; high None: no
     bound)."""
     def parse(text):
         try:
             value = float(text)
         except ValueError:
             value = math.nan
-        ok = (value > low if low_open else value >= low) and (high is None or value <= high)
-        if not ok:  # NaN too
+        ok = ((value > low if low_open else value >= low) and (high is None or value <= high)
+              and math.isfinite(value))
+        if not ok:  # NaN and inf too
             bounds = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else f'{high}]'}"
-            raise argparse.ArgumentTypeError(f"expected a number in {bounds}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a finite number in {bounds}, got "
+                                             f"{text!r}")
         return value
     return parse
 
