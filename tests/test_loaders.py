@@ -320,8 +320,10 @@ def test_tokenizer_config_faults_name_the_file(tmp_path, hf_folder):
         load_model(tmp_path, "cpu")
 
 
-def gguf_tokenizer(path, tokens, pre="gpt2", bos=None):
-    """Tokenizer.from_gguf of a GGUF file holding only tokenizer metadata."""
+def gguf_tokenizer(path, tokens, pre="gpt2", bos=None, add_bos=True, merges=(), types=None,
+                   eos=None):
+    """Tokenizer.from_gguf of a GGUF file holding only tokenizer metadata (``add_bos`` None:
+    the add_bos_token key left out)."""
     from kcache_ops.model import Tokenizer
     from kcache_ops.model.gguf_loader import open_gguf
     w = gguf.GGUFWriter(str(path), "llama")
@@ -329,9 +331,16 @@ def gguf_tokenizer(path, tokens, pre="gpt2", bos=None):
     w.add_tokenizer_pre(pre)
     if tokens:
         w.add_token_list(tokens)
+    if types:
+        w.add_token_types(types)
+    if merges:
+        w.add_token_merges(list(merges))
+    if eos is not None:
+        w.add_eos_token_id(eos)
     if bos is not None:
         w.add_bos_token_id(bos)
-        w.add_add_bos_token(True)
+        if add_bos is not None:
+            w.add_add_bos_token(add_bos)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -348,3 +357,22 @@ def test_gguf_tokenizer_faults_and_gpt2_spelling(tmp_path):
         gguf_tokenizer(tmp_path / "b.gguf", [])
     with pytest.raises(CheckpointError, match="bos_token_id 9 is outside the vocabulary of 4"):
         gguf_tokenizer(tmp_path / "c.gguf", tokens, bos=9)
+
+
+@pytest.mark.parametrize("pre, want", [("llama-bpe", [4]), ("qwen2", [3, 2])])
+def test_llama3_takes_a_piece_that_is_a_token_whole(tmp_path, pre, want):
+    """Llama 3's split takes a piece that is in the vocabulary as that token, before any merge
+    (llama.cpp and Llama 3's tokenizer.json: ignore_merges), where merges alone cannot reach it;
+    Qwen2's merges."""
+    tokens = ["a", "b", "c", "ab", "abc"]
+    assert gguf_tokenizer(tmp_path / "t.gguf", tokens, pre, merges=["a b"]).encode("abc") == want
+
+
+def test_llama3_bos_by_default_and_turn_ends(tmp_path):
+    """A Llama 3 file without add_bos_token adds BOS (llama.cpp's default for it; other splits
+    do not); generation ends at EOS and at <|eot_id|>, which such files seldom name."""
+    tokens = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "a"]
+    kwargs = dict(bos=0, add_bos=None, types=[3, 3, 3, 1], eos=1)
+    llama3 = gguf_tokenizer(tmp_path / "a.gguf", tokens, "llama-bpe", **kwargs)
+    assert llama3.encode("a") == [0, 3] and llama3.eos_ids == (1, 2)
+    assert gguf_tokenizer(tmp_path / "b.gguf", tokens, "gpt2", **kwargs).encode("a") == [3]

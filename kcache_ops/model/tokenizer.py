@@ -31,6 +31,10 @@ def _regex_split(pattern):
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
 
 
+# Special tokens that end a chat turn, by their text (Llama 3, ChatML, Phi-3, Gemma)
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
+# Splits whose pieces that are tokens are taken whole (Llama 3's tokenizer.json: ignore_merges)
+WHOLE_PIECE_SPLITS = ("llama-bpe",)
 # GGUF pre-tokenizer name (``tokenizer.ggml.pre``, as llama.cpp's converter writes it) -> the
 # pre-tokenizers of its split, the byte mapping last
 GGUF_PRE_TOKENIZERS = {
@@ -136,7 +140,8 @@ class Tokenizer:
         """A byte-level BPE (GPT-2 style, ``tokenizer.ggml.model`` "gpt2") rebuilt from the
         vocabulary, merges and special tokens of a GGUF file, with the split its
         ``tokenizer.ggml.pre`` names (:data:`GGUF_PRE_TOKENIZERS`). Generation ends at the EOS
-        token and at the end-of-turn token (``eot_token_id``) where the file has one."""
+        token, at the end-of-turn token (``eot_token_id``) where the file has one, and at the
+        special tokens of :data:`END_OF_TURN_TOKENS`."""
         def field(key, default=None):
             f = reader.fields.get(key)
             return default if f is None else f.contents()
@@ -150,8 +155,9 @@ class Tokenizer:
             raise CheckpointError("the GGUF file has no vocabulary (tokenizer.ggml.tokens)")
         types = field("tokenizer.ggml.token_type", [1] * len(tokens))
         merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges", [])]
-        try:
-            bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges)
+        try:  # Llama 3 takes a piece that is a token whole, before any merge (as llama.cpp does)
+            bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                             ignore_merges=pre in WHOLE_PIECE_SPLITS)
         except Exception as e:  # tokenizers raises a bare Exception on inconsistent merges
             raise CheckpointError(f"the GGUF vocabulary and merges do not fit together: {e}") from e
         tok = tokenizers.Tokenizer(bpe)
@@ -165,8 +171,14 @@ class Tokenizer:
             if value is not None and not 0 <= value < len(tokens):
                 raise CheckpointError(f"tokenizer.ggml.{key}_token_id {value} is outside the "
                                       f"vocabulary of {len(tokens)} tokens")
-        if bos is not None and field("tokenizer.ggml.add_bos_token", False):
+        # Llama 3 files converted before the key existed want BOS (llama.cpp's default for them)
+        if bos is not None and field("tokenizer.ggml.add_bos_token", pre in WHOLE_PIECE_SPLITS):
             tok.post_processor = processors.TemplateProcessing(
                 single=f"{tokens[bos]} $A", special_tokens=[(tokens[bos], bos)])
-        ends = tuple(dict.fromkeys(i for i in (eos, eot) if i is not None))  # generation stops
+        # generation stops at EOS, at the end-of-turn token, and (as llama.cpp finds them) at
+        # special tokens spelled as a chat turn's end: a Llama 3 Instruct file's EOS is
+        # <|end_of_text|>, its turns end with <|eot_id|>, and few files name that id
+        turn_ends = [i for i, (t, ty) in enumerate(zip(tokens, types))
+                     if ty in SPECIAL_TOKEN_TYPES and t in END_OF_TURN_TOKENS]
+        ends = tuple(dict.fromkeys(i for i in (eos, eot, *turn_ends) if i is not None))
         return cls(tok, bos, ends, field("tokenizer.chat_template"))
