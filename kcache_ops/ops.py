@@ -197,8 +197,10 @@ def alloc_host(shape, dtype):
     Where no GPU is present (or the build is CPU-only) it is an ordinary CPU tensor. The memory is
     freed when the tensor dies. A failed allocation raises an error naming the bytes asked for.
     """
-    # one size of any integer type (a NumPy one too) as torch.empty(5) takes 5, or a sequence
-    shape = [operator.index(shape)] if hasattr(shape, "__index__") else list(shape)
+    # one size of any integer type (a NumPy one, a 0-d tensor) as torch.empty(5) takes 5, or a
+    # sequence of them (a list, a tuple, a 1-d array or tensor)
+    one = hasattr(shape, "__index__") and getattr(shape, "ndim", 0) == 0
+    shape = [operator.index(shape)] if one else list(shape)
     return torch.ops.kcache_ops.alloc_host(shape, dtype)
 
 

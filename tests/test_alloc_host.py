@@ -67,10 +67,12 @@ def test_quantized_dtype_is_refused():
 
 
 def test_an_int_shape():
-    """One size of any integer type, as torch.empty takes it."""
+    """One size of any integer type, as torch.empty takes it; a shape as a 1-d array."""
     import numpy as np
     for size in (5, np.int64(5), torch.tensor(5)):
         assert kcache_ops.alloc_host(size, torch.float32).shape == (5,)
+    for shape in (np.array([2, 3]), torch.tensor([2, 3]), torch.Size([2, 3])):
+        assert kcache_ops.alloc_host(shape, torch.float32).shape == (2, 3)
 
 
 def test_impossible_size_names_the_bytes():

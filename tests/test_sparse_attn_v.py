@@ -50,22 +50,27 @@ def overlapping_indices(B, Hkv, G, N, S, kind, device, lens=None):
     return indices.view(B, Hkv * G, N).to(device)
 
 
-def check_attn(scores, indices, v_cache, lse, renormalize, out):
-    """out [B, Hq, D] in v's dtype, no NaN: the float32 reference within float32's tolerance, or,
-    for a 16-bit V, the reference rounded to that dtype within one unit in its last place (the op
-    sums in float32 and rounds once; a float32 difference of a few 1e-7 may round the other way).
-    The 16-bit dtype's own tolerance let a dropped entry of weight 0.005 pass."""
-    assert out.dtype == v_cache.dtype and out.device == scores.device
-    assert out.shape == (*scores.shape[:2], v_cache.shape[-1])
-    ref = R.sparse_attn_v(scores.cpu(), indices.cpu(), v_cache.float(),
-                          None if lse is None else lse.cpu(), renormalize)  # [B, Hq, D] float32
-    assert not out.isnan().any()
+def assert_rounded_close(out, ref):
+    """out (float32, float16 or bfloat16) against the float32 reference ref: within float32's
+    tolerance, or for a 16-bit out, ref rounded to that dtype within one unit in its last place
+    (the ops sum in float32 and round once; a float32 difference of a few 1e-7 may round the other
+    way). The 16-bit dtype's own tolerance let a dropped entry of weight 0.005 pass."""
     tol = TOL[torch.float32]
     if out.dtype == torch.float32:
         torch.testing.assert_close(out.cpu(), ref, atol=tol, rtol=tol)
     else:
         torch.testing.assert_close(out.cpu().float(), ref.to(out.dtype).float(), atol=tol,
                                    rtol=torch.finfo(out.dtype).eps)
+
+
+def check_attn(scores, indices, v_cache, lse, renormalize, out):
+    """out [B, Hq, D] in v's dtype, no NaN, the reference's (:func:`assert_rounded_close`)."""
+    assert out.dtype == v_cache.dtype and out.device == scores.device
+    assert out.shape == (*scores.shape[:2], v_cache.shape[-1])
+    ref = R.sparse_attn_v(scores.cpu(), indices.cpu(), v_cache.float(),
+                          None if lse is None else lse.cpu(), renormalize)  # [B, Hq, D] float32
+    assert not out.isnan().any()
+    assert_rounded_close(out, ref)
 
 
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])
@@ -180,7 +185,7 @@ def test_mean_tail_nan_weight_counts_zero(device):
     scores[1, 3, 2] = float("nan")
     out = kcache_ops.sparse_attn_v(scores, indices, host_tensor(v, device), lse, False,
                                    v_sum=v_sum, seq_lens=lens)
-    check_tail(scores, indices, v, lse, v_sum, lens, out, TOL[torch.float32])
+    check_tail(scores, indices, v, lse, v_sum, lens, out)
 
 
 def test_lse_ignored_when_renormalizing(device):
@@ -272,15 +277,15 @@ def make_tail_case(B, Hkv, G, N, S, lens, dtype, device, pad_fraction=0.25, D=64
     return scores, indices, lse, v, v_sum.to(device), seq_lens_tensor(lens, device)
 
 
-def check_tail(scores, indices, v_cache, lse, v_sum, seq_lens, out, tol):
-    """out [B, Hq, D] in v's dtype, close to the float32 reference with the mean tail."""
+def check_tail(scores, indices, v_cache, lse, v_sum, seq_lens, out):
+    """out [B, Hq, D] in v's dtype, the reference's with the mean tail (as check_attn)."""
     assert out.dtype == v_cache.dtype and out.device == scores.device
     assert out.shape == (*scores.shape[:2], v_cache.shape[-1])
     v = v_cache.float().nan_to_num(0.0)  # rows past L_b: the reference multiplies them by 0
     ref = R.sparse_attn_v(scores.cpu(), indices.cpu(), v, lse.cpu(), False, v_sum.cpu(),
                           seq_lens.cpu())
     assert not out.isnan().any()
-    torch.testing.assert_close(out.cpu().float(), ref, atol=tol, rtol=tol)
+    assert_rounded_close(out, ref)
 
 
 @pytest.mark.parametrize("D", [64, 128])
@@ -294,7 +299,7 @@ def test_mean_tail_matches_reference(device, dtype, G, D):
     v = host_tensor(v, device)
     out = kcache_ops.sparse_attn_v(scores, indices, v, lse, False, v_sum=v_sum,
                                    seq_lens=seq_lens)
-    check_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[dtype])
+    check_tail(scores, indices, v, lse, v_sum, seq_lens, out)
     assert torch.equal(out[3].cpu(), torch.zeros(Hkv * G, D, dtype=dtype))  # L_b = 0
 
 
@@ -306,7 +311,7 @@ def test_mean_tail_mass_clamped(device):
     v = host_tensor(v, device)
     out = kcache_ops.sparse_attn_v(scores, indices, v, lse, False, v_sum=v_sum,
                                    seq_lens=seq_lens)
-    check_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[torch.float32])
+    check_tail(scores, indices, v, lse, v_sum, seq_lens, out)
     plain = kcache_ops.sparse_attn_v(scores, indices, v, lse, False)
     torch.testing.assert_close(out, plain, atol=1e-6, rtol=1e-6)
 
@@ -328,7 +333,7 @@ def test_mean_tail_strided_inputs(device, dtype):
     seq_lens = seq_lens.repeat_interleave(2)[::2]
     out = kcache_ops.sparse_attn_v(scores, indices, v, lse, False, v_sum=v_sum,
                                    seq_lens=seq_lens)
-    check_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[dtype])
+    check_tail(scores, indices, v, lse, v_sum, seq_lens, out)
 
 
 def test_mean_tail_empty(device):
@@ -367,7 +372,7 @@ def test_mean_tail_decode_step(device, dtype, group_select):
     v_sum = v_sum.to(device)
     out = kcache_ops.sparse_attn_v(scores, indices, host_tensor(v, device), lse, False,
                                    check_values=False, v_sum=v_sum, seq_lens=lens)
-    check_tail(scores, indices, v, lse, v_sum, lens, out, TOL[dtype])
+    check_tail(scores, indices, v, lse, v_sum, lens, out)
     mask = torch.arange(S)[None, :] < lens.cpu()[:, None]  # [B, S]
     dense = torch.nn.functional.scaled_dot_product_attention(
         q.cpu().float()[:, :, None], k.cpu().float().repeat_interleave(G, 1),
@@ -404,4 +409,4 @@ def test_mean_tail_random_shapes(B, Hkv, G, S, N, dtype, pad_fraction, data):
         v = host_tensor(v, device)
         out = kcache_ops.sparse_attn_v(scores, indices, v, lse, False, v_sum=v_sum,
                                        seq_lens=seq_lens)
-        check_tail(scores, indices, v, lse, v_sum, seq_lens, out, TOL[dtype])
+        check_tail(scores, indices, v, lse, v_sum, seq_lens, out)

@@ -172,7 +172,8 @@ Outputs run_lowbit_tail(const Case& c) {
   const Tensor& lse = c.input("lse");            // [B, Hq] float32
   const Tensor& indices = c.input("indices");    // [B, Hq, N] int32
   // [B, Hkv, S, D * bits / 32] int32: the uint8 codes [B, Hkv, S, D * bits / 8] seen as 4-byte
-  // words (the case format has no uint8 dtype); its strides times 4 are the codes' byte strides
+  // words, as tests/test_cuda_emu.py passes them (lowbit_tail_args takes byte strides from the
+  // element size)
   const Tensor& codes = c.input("v_codes_words");
   const Tensor& meta = c.input("v_meta");        // [B, Hkv, S, 2] bfloat16
   const int64_t B = scores.size(0), Hq = scores.size(1);
@@ -182,7 +183,7 @@ Outputs run_lowbit_tail(const Case& c) {
   if (out.numel() == 0) return {{"out", out}};
   // [B, Hkv, H, D] float32 / float16 / bfloat16, hot_pos [B, H]; or none
   const Tensor* hot_v = c.has_input("hot_v") ? &c.input("hot_v") : nullptr;
-  const Tensor* hot_pos = c.has_input("hot_pos") ? &c.input("hot_pos") : nullptr;
+  const Tensor* hot_pos = hot_v ? &c.input("hot_pos") : nullptr;  // throws if hot_v comes alone
   const DType hot_type = hot_v ? hot_v->dtype : DType::kF32;
   const kcache_ops::LowbitTailArgs args = kcache_ops::lowbit_tail_args(
       scores, seq_lens, lse, indices, codes, meta, bits,
