@@ -264,6 +264,8 @@ def test_options_by_name_or_object():
         kt.KCacheCache(model, 32, top_n=8)
     with pytest.raises(TypeError, match="not both"):
         kt.KCacheCache(model, 32, options, topn=8)
+    with pytest.raises(TypeError, match="options must be a KCacheOptions .*got dict"):
+        kt.KCacheCache(model, 32, {"topn": 8})
 
 
 def test_refused_generation_features():
@@ -275,7 +277,8 @@ def test_refused_generation_features():
     cache = kt.KCacheCache(model, 32)
     with torch.no_grad():
         model(ids, past_key_values=cache)
-        with pytest.raises(NotImplementedError, match="forward of 3 tokens after the prefill"):
+        with pytest.raises(NotImplementedError, match="forward of 3 tokens after the prefill, "
+                                                      "while the cache holds 8"):
             model(ids[:, :3], past_key_values=cache)
         cache.reset()
         model(ids, past_key_values=cache)  # a reset cache takes a new prefill

@@ -249,9 +249,10 @@ class CacheBridge(Cache):
         seen, t = self.layers[layer].seen, key.shape[2]
         if seen > 0 and t != 1:
             raise NotImplementedError(
-                f"{name}: a forward of {t} tokens after the prefill (chunked prefill, assisted or "
-                "speculative generation, a continued conversation) is not supported; decode one "
-                "token per step, or reset() and prefill again")
+                f"{name}: a forward of {t} tokens after the prefill, while the cache holds {seen} "
+                "(chunked prefill, assisted or speculative generation, a continued conversation, "
+                "or a cache reused for a new prompt) is not supported; decode one token per "
+                "step, or reset() and prefill again")
         if seen + t > self.capacity:
             raise ValueError(f"{name}: capacity overflow: {seen + t} tokens per sequence (padding "
                              f"included) exceed max_cache_len={self.capacity}")
@@ -343,6 +344,9 @@ class KCacheCache(CacheBridge):
     def __init__(self, model, max_cache_len=None, options=None, **named_options):
         if options is None:
             options = KCacheOptions.from_dict(named_options)
+        elif not isinstance(options, KCacheOptions):
+            raise TypeError(f"KCacheCache: options must be a KCacheOptions (or give them by "
+                            f"name: topn=...), got {type(options).__name__}")
         elif named_options:
             raise TypeError(f"KCacheCache: give the options as a KCacheOptions or by name, not "
                             f"both (got options= and {', '.join(sorted(named_options))})")
