@@ -260,7 +260,9 @@ def test_capacity_overflow(device):
     ({"top_n": 8}, TypeError, "unknown option.* top_n; the options are topn"),
     ({"tail": "int8"}, ValueError, "tail must be one of none, mean, int2, int4, got 'int8'"),
     ({"tail": "mean", "renormalize": False}, ValueError, "renormalize=False drops the mass"),
-    ({"capacity": 0}, ValueError, "capacity must be >= 1"),
+    ({"capacity": 0}, ValueError, "capacity must be integers >= 1, got 2 and 0"),
+    ({"capacity": 8.0}, ValueError, "capacity must be integers >= 1, got 2 and 8.0"),
+    ({"capacity": "8"}, ValueError, "capacity must be integers >= 1, got 2 and '8'"),
 ])
 def test_bad_options(options, error, message):
     args = {"capacity": 32, **options}

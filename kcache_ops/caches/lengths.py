@@ -26,9 +26,10 @@ class SeqLengths:
     """
 
     def __init__(self, owner, batch, capacity, device, num_layers):
-        if capacity < 1 or batch < 1:
-            raise ValueError(f"{owner}: batch and capacity must be >= 1, got {batch} and "
-                             f"{capacity}")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                   for n in (batch, capacity)):
+            raise ValueError(f"{owner}: batch and capacity must be integers >= 1, got {batch!r} "
+                             f"and {capacity!r}")
         self.owner = owner  # the cache's name, for errors
         self.capacity = capacity
         self.num_layers = num_layers
