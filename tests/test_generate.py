@@ -228,6 +228,7 @@ def test_token_ids_outside_the_vocabulary(loaded):
      r"expected a finite number in \[0.0, inf\), got 'inf'"),
     (["generate", "--prompt", "hi", "--top-p", "0"], r"expected a finite number in \(0.0, 1.0\]"),
     (["generate", "--prompt", "hi", "--top-k", "0"], "expected an integer >= 1, got '0'"),
+    (["generate", "--prompt", "hi", "--seed", str(1 << 64)], r"--seed: expected an integer in "),
     (["demo", "--prompt-tokens", "-5"], "expected an integer >= 1, got '-5'"),
     (["demo", "--depth", "2"], r"expected a finite number in \[0.0, 1.0\], got '2'"),
     (["bench", "--small", "--steps", "0"], "expected an integer >= 1"),

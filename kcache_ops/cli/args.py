@@ -37,6 +37,17 @@ def positive_int(text):
     return value
 
 
+def seed(text):
+    """A seed torch.Generator.manual_seed takes: an integer in [-2^63, 2^64)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not -(1 << 63) <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [-2^63, 2^64), got {text!r}")
+    return value
+
+
 def bounded_float(low, high, low_open=False):
     """An argparse type: a finite float in [low, high] ((low, high] with low_open; high None: no
     bound)."""

@@ -6,7 +6,7 @@ from ..caches import BACKENDS
 from ..generate import generate
 from ..model import load_model
 from .args import (add_kcache_arguments, add_model_arguments, bounded_float, dtype_of,
-                   given_kcache_flags, kcache_options, positive_int)
+                   given_kcache_flags, kcache_options, positive_int, seed)
 
 
 def add_arguments(parser):
@@ -23,7 +23,7 @@ def add_arguments(parser):
     parser.add_argument("--top-p", type=bounded_float(0.0, 1.0, low_open=True), default=1.0)
     parser.add_argument("--top-k", type=positive_int,
                         help="sample among the k most likely tokens (default: all)")
-    parser.add_argument("--seed", type=int, help="seed of the sampling generator")
+    parser.add_argument("--seed", type=seed, help="seed of the sampling generator")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt in the model's chat template, where it has one")
     add_kcache_arguments(parser)
