@@ -339,3 +339,17 @@ def test_delta_se_and_the_report_noise():
     table = "\n".join(lines)
     assert "| +0.10% ±0.49 | +0.10% ±0.49 |" in table and "99.0% (47, never)" in table
     assert any(line.startswith("* needle: a random 5-digit key") for line in lines)
+
+
+def test_cli_options_the_model_cannot_take_fail_before_any_run(tmp_path, capsys):
+    """--dense-layers past the model's layers is an error line before dense and the first
+    configuration run (it came after them), and nothing is written."""
+    from kcache_ops.__main__ import main
+    from model_helpers import save_tiny_hf, save_tiny_tokenizer
+    save_tiny_hf(tmp_path, num_key_value_heads=2, head_dim=64)  # 2 layers
+    save_tiny_tokenizer(tmp_path, 96)
+    out = tmp_path / "out"
+    argv = ["eval", "--quick", "--model", str(tmp_path), "--dense-layers", "7", "--out", str(out)]
+    assert main(argv) == 2
+    assert "dense_layers [7] out of range" in capsys.readouterr().err.splitlines()[-1]
+    assert not (out / "eval.json").exists()

@@ -126,6 +126,8 @@ def run(args):
         model, tokenizer = load_transformers_model(args.model, args.device, dtype_of(args))
     else:
         model, tokenizer = load_model(args.model, args.device, dtype_of(args))
+    for config in planned:  # options this model cannot take, before the first hour of dense
+        config.options.check(model.config.num_layers, model.device)
     engine = " via transformers" if args.engine == "transformers" else ""
     info = {**machine(model.device), "model": (args.model or DEFAULT_NAME) + engine}
     command = "python -m kcache_ops eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"]
