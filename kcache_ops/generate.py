@@ -141,7 +141,7 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     if _integer(max_new_tokens) is None or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if isinstance(prompts, (str, bytes)) or not all(
-            isinstance(p, (list, tuple)) for p in prompts):
+            hasattr(p, "__len__") and not isinstance(p, (str, bytes)) for p in prompts):
         raise ValueError("prompts must be a list of token id lists (one per prompt), got "
                          f"{type(prompts).__name__} of {[type(p).__name__ for p in prompts][:3]}")
     if not prompts or any(len(p) == 0 for p in prompts):

@@ -169,6 +169,8 @@ def test_ids_of_any_integer_type(loaded):
         assert generate(model, PROMPTS, 10, eos_ids=ids).tokens == want
     prompts = [[np.int64(t) for t in p] for p in PROMPTS]
     assert generate(model, prompts, 10).tokens == free
+    assert generate(model, [np.array(p) for p in PROMPTS], 10).tokens == free
+    assert generate(model, [torch.tensor(p) for p in PROMPTS], 10).tokens == free
 
 
 def test_float32_zero_temperature_or_top_p_is_greedy(loaded):

@@ -220,5 +220,5 @@ def pad_prompts(prompts):
     longest = max(len(p) for p in prompts)
     tokens = torch.zeros(len(prompts), longest, dtype=torch.long)           # [B, T]
     for b, p in enumerate(prompts):
-        tokens[b, :len(p)] = torch.tensor(p)
+        tokens[b, :len(p)] = torch.as_tensor(p)  # a list, an array or a tensor of ids
     return tokens, torch.tensor([len(p) for p in prompts], dtype=torch.int32)  # [B]
