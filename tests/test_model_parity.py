@@ -90,3 +90,16 @@ def test_prefill_refuses_an_empty_prompt(pair):
     cache = make_cache("dense", model.config, 2, 8, model.device, model.dtype)
     with torch.no_grad():
         assert model.prefill(tokens, lens, cache, all_logits=True).shape == (2, 5, 96)
+
+
+def test_prefill_refuses_float_lens_and_ids_outside_the_vocabulary(pair):
+    """Lengths as floats (cast to int32 silently before) and token ids outside the vocabulary
+    (an IndexError deep in the embedding before) are refused naming them."""
+    _, model = pair
+    cache = make_cache("dense", model.config, 2, 8, model.device, model.dtype)
+    tokens = torch.randint(0, 96, (2, 5))  # [B, T]
+    with torch.no_grad(), pytest.raises(ValueError, match="lens must be an integer tensor"):
+        model.prefill(tokens, torch.tensor([3.7, 5.0]), cache)
+    tokens[1, 2] = 96
+    with torch.no_grad(), pytest.raises(ValueError, match=r"token ids must be in \[0, 96\).* 96"):
+        model.prefill(tokens, torch.tensor([3, 5], dtype=torch.int32), cache)

@@ -188,6 +188,12 @@ class Llama(nn.Module):
         (rows past ``lens[b]`` are don't-care).
         """
         b, t = tokens.shape
+        if lens.dtype.is_floating_point or lens.dtype.is_complex or lens.dtype == torch.bool:
+            raise ValueError(f"prefill: lens must be an integer tensor, got {lens.dtype}")
+        vocab = self.config.vocab_size
+        if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < vocab:
+            raise ValueError(f"prefill: token ids must be in [0, {vocab}) (the vocabulary), got "
+                             f"ids from {int(tokens.min())} to {int(tokens.max())}")
         if not all_logits and lens.numel() and int(lens.min()) < 1:  # a host read at prefill only
             raise ValueError(f"prefill: every prompt needs a token to predict from (lens >= 1), "
                              f"got lens {lens.tolist()}")
