@@ -1,6 +1,5 @@
 """Batched generation with per-sequence prompt lengths: greedy or sampled, stop on EOS, streaming.
 It builds the cache (above the model and the caches: the model takes the cache it is given)."""
-import operator
 import time
 import warnings
 from dataclasses import dataclass
@@ -9,6 +8,7 @@ import torch
 
 from .caches import make_cache
 from .devices import sync
+from .integers import as_int
 from .model import pad_prompts
 
 
@@ -66,17 +66,6 @@ class TextStream:
         before, text = self._texts()
         self.prefix = self.read = len(self.ids)
         return text[len(before):]
-
-
-def _integer(value):
-    """``value`` as an int where it is an integer of any type (a NumPy one, a 0-d integer tensor),
-    else None (a bool, a float, a string)."""
-    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=None):
@@ -138,7 +127,7 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     -------
     Generation
     """
-    if _integer(max_new_tokens) is None or max_new_tokens < 1:
+    if as_int(max_new_tokens) is None or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if isinstance(prompts, (str, bytes)) or not all(
             hasattr(p, "__len__") and not isinstance(p, (str, bytes)) for p in prompts):
@@ -148,11 +137,11 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
         raise ValueError(f"need at least one prompt and no empty one, got token counts "
                          f"{[len(p) for p in prompts]}")
     vocab = model.config.vocab_size
-    bad = [t for p in prompts for t in p if _integer(t) is None or not 0 <= t < vocab]
+    bad = [t for p in prompts for t in p if as_int(t) is None or not 0 <= t < vocab]
     if bad:
         raise ValueError(f"prompt token ids must be integers in [0, {vocab}) (the model's "
                          f"vocabulary), got {bad[:5]}")
-    eos = {_integer(t) for t in eos_ids}
+    eos = {as_int(t) for t in eos_ids}
     if None in eos or not all(0 <= t < vocab for t in eos):
         raise ValueError(f"eos_ids must be token ids in [0, {vocab}), got {list(eos_ids)[:5]}")
     if not temperature >= 0 or not 0 < top_p <= 1:  # NaN fails both

@@ -27,7 +27,6 @@ length; the KCache keeps the true per-sequence lengths. Without a KCacheCache (a
 ``generate`` with transformers' own cache), ``"kcache"`` attention is exact SDPA.
 """
 import math
-import operator
 import threading
 import warnings
 from importlib.metadata import PackageNotFoundError, version
@@ -64,6 +63,7 @@ from transformers.masking_utils import sdpa_mask  # noqa: E402
 
 from ..caches import KCache, KCacheOptions  # noqa: E402
 from ..caches.kcache import check_dtype  # noqa: E402
+from ..integers import as_int  # noqa: E402
 
 ATTN_IMPLEMENTATION = "kcache"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -353,13 +353,7 @@ class KCacheCache(CacheBridge):
         config = model.config
         if max_cache_len is None:
             max_cache_len = config.max_position_embeddings
-        # any integer type (NumPy's and a 0-d tensor too), not a bool of any kind nor a float
-        is_bool = isinstance(max_cache_len, bool) or str(getattr(max_cache_len, "dtype", "")) in (
-            "bool", "torch.bool")
-        try:
-            length = None if is_bool else operator.index(max_cache_len)
-        except TypeError:
-            length = None
+        length = as_int(max_cache_len)  # any integer type, not a bool of any kind nor a float
         if length is None or length < 1:
             raise ValueError(f"KCacheCache: max_cache_len must be an integer >= 1, got "
                              f"{max_cache_len!r}")

@@ -1,0 +1,13 @@
+"""Integer arguments of any integer type: a Python int, a NumPy integer, a 0-d integer tensor."""
+import operator
+
+
+def as_int(value):
+    """``value`` as an int where it is an integer of any type (a NumPy one, a 0-d integer tensor),
+    else None (a bool of any kind, a float, a string)."""
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
