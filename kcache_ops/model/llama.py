@@ -191,9 +191,11 @@ class Llama(nn.Module):
         if lens.dtype.is_floating_point or lens.dtype.is_complex or lens.dtype == torch.bool:
             raise ValueError(f"prefill: lens must be an integer tensor, got {lens.dtype}")
         vocab = self.config.vocab_size
-        if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < vocab:
-            raise ValueError(f"prefill: token ids must be in [0, {vocab}) (the vocabulary), got "
-                             f"ids from {int(tokens.min())} to {int(tokens.max())}")
+        if tokens.numel():
+            low, high = (int(x) for x in torch.aminmax(tokens))  # one pass, read at prefill only
+            if not 0 <= low <= high < vocab:
+                raise ValueError(f"prefill: token ids must be in [0, {vocab}) (the vocabulary), "
+                                 f"got ids from {low} to {high}")
         if not all_logits and lens.numel() and int(lens.min()) < 1:  # a host read at prefill only
             raise ValueError(f"prefill: every prompt needs a token to predict from (lens >= 1), "
                              f"got lens {lens.tolist()}")
