@@ -10,6 +10,7 @@ import torch
 from kcache_ops import reference
 from kcache_ops.caches import KCache, KCacheOptions, sequence_bytes
 from kcache_ops.caches.hot import HotSlots
+from kcache_ops.model.config import LlamaConfig
 
 from test_cache import HKV, HQ, LAYERS, LENS, STEPS, D, Run, exact_attention, make, tiny_config
 
@@ -221,23 +222,29 @@ def test_a_cuda_cache_takes_prompt_lens_on_the_cpu():
         assert torch.equal(caches[0].hot[layer].v, caches[1].hot[layer].v)
 
 
+def one_layer_step(options, capacity, k, v, q, k_new, v_new):
+    """One decode step of a one-layer KCache (4 query heads, 2 KV heads, D 64, float32) with
+    ``options`` after the prefill of one sequence: k, v [1, Hkv, T, D], q [1, Hq, D], k_new,
+    v_new [1, Hkv, D] on the device of the cache -> out [1, Hq, D]."""
+    c = LlamaConfig(vocab_size=32, hidden_size=256, intermediate_size=64, num_layers=1,
+                    num_heads=4, num_kv_heads=2, head_dim=64)
+    cache = KCache(c, 1, capacity, k.device, torch.float32, options)
+    lens = torch.tensor([k.shape[2]], dtype=torch.int32, device=k.device)  # [1]
+    cache.store_prompt(0, k, v, lens)
+    cache.finish_prefill(lens)
+    return cache.decode(0, q, k_new, v_new)
+
+
 @pytest.mark.parametrize("tail", ["int2", "none"])
 def test_all_rows_hot_is_exact_at_large_scores(device, tail):
     """Scores of order 1e5 (q, K and V scaled by 1000), every row hot: the hot rows' weights are
     taken from the step's own scores (qk_topn's), so they add up to 1 with the lse and the step is
     exact (recomputed from K, rounding made them 0.5 · V off)."""
-    from kcache_ops.model.config import LlamaConfig
     torch.manual_seed(0)
-    c = LlamaConfig(vocab_size=32, hidden_size=256, intermediate_size=64, num_layers=1,
-                    num_heads=4, num_kv_heads=2, head_dim=64)
-    cache = KCache(c, 1, 16, device, torch.float32, KCacheOptions(top_p=1.0, tail=tail))
     k, v = (torch.randn(1, 2, 8, 64, device=device) * 1000 for _ in range(2))  # [B, Hkv, T, D]
-    lens = torch.tensor([8], dtype=torch.int32, device=device)
-    cache.store_prompt(0, k, v, lens)
-    cache.finish_prefill(lens)
     q1 = torch.randn(1, 4, 64, device=device) * 1000  # [B, Hq, D]
     k1, v1 = (torch.randn(1, 2, 64, device=device) * 1000 for _ in range(2))  # [B, Hkv, D]
-    out = cache.decode(0, q1, k1, v1)  # [B, Hq, D]
+    out = one_layer_step(KCacheOptions(top_p=1.0, tail=tail), 16, k, v, q1, k1, v1)  # [B, Hq, D]
     K = torch.cat([k, k1[:, :, None]], 2).repeat_interleave(2, 1).double()  # [B, Hq, 9, D]
     V = torch.cat([v, v1[:, :, None]], 2).repeat_interleave(2, 1).double()  # [B, Hq, 9, D]
     p = torch.softmax(torch.einsum("bhd,bhjd->bhj", q1.double(), K) / 8, -1)  # [B, Hq, 9]
@@ -252,21 +259,14 @@ def test_overflowing_scores_give_no_nan(device, tail, renormalize, group_select,
     """Finite q and K whose scaled product overflows float32 (1e19 · 1e19 · 64 / 8): that score
     and the lse are +inf. Every weight exp(s − lse) is then 0, as the ops take it (not the NaN of
     inf − inf), so the step is zeros on every path, the row hot or not, never NaN."""
-    from kcache_ops.model.config import LlamaConfig
     torch.manual_seed(0)
-    c = LlamaConfig(vocab_size=32, hidden_size=256, intermediate_size=64, num_layers=1,
-                    num_heads=4, num_kv_heads=2, head_dim=64)
     options = KCacheOptions(topn=4, top_p=1.0, tail=tail, renormalize=renormalize, sinks=2,
                             window=3, group_select=group_select)
-    cache = KCache(c, 1, 40, device, torch.float32, options)
     k, v = (torch.randn(1, 2, 30, 64, device=device) for _ in range(2))  # [B, Hkv, T, D]
     k[:, :, row] = 1e19
-    lens = torch.tensor([30], dtype=torch.int32, device=device)
-    cache.store_prompt(0, k, v, lens)
-    cache.finish_prefill(lens)
     q1 = torch.full((1, 4, 64), 1e19, device=device)  # [B, Hq, D]
     k1, v1 = (torch.randn(1, 2, 64, device=device) for _ in range(2))  # [B, Hkv, D]
-    out = cache.decode(0, q1, k1, v1)  # [B, Hq, D]
+    out = one_layer_step(options, 40, k, v, q1, k1, v1)  # [B, Hq, D]
     assert torch.equal(out, torch.zeros_like(out))
 
 
