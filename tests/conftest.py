@@ -65,6 +65,17 @@ def poisoned_outputs():
     torch.utils.deterministic.fill_uninitialized_memory = was[2]
 
 
+def on_threads(threads, fn):
+    """fn() with torch's CPU ops on ``threads`` threads (the CPU ops split rows across threads
+    where the groups do not spread evenly over them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
 def seq_lens_tensor(lens, device):
     """[B] int32 per-sequence lengths on ``device``."""
     return torch.tensor(lens, dtype=torch.int32, device=device)

@@ -2,13 +2,15 @@
 // it has AVX2, FMA and F16C, GenericIsa otherwise. KCACHE_OPS_CPU_ISA=avx2 or =generic caps the
 // choice (the tests use it to cover every level on one machine; =avx512 is the default, another
 // value an error). score_heads, qk_topn's head-count dispatch of Isa::score_rows;
-// for_each_kv_group, the dispatch and parallel loop over the (sequence, KV head) groups that
-// qk_topn and lowbit_tail share.
+// dispatch_isa and parallel_tasks, the dispatch and the parallel loop of the CPU ops;
+// for_each_kv_group, both over the (sequence, KV head) groups; split_rows and RowChunks, where
+// lowbit_tail runs over the chunks of its rows instead.
 #pragma once
 
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "common.h"
 #include "isa_generic.h"
@@ -97,24 +99,90 @@ int64_t score_heads(const float* q, int64_t heads, const scalar_t* k, int64_t k_
 // stay held by every thread that ever ran one, for the life of the process).
 constexpr size_t kScratchKeepBytes = size_t{16} << 20;
 
+// Calls body.template operator()<Isa, scalar_t, kD>() with scalar_t bound to `dtype` (float, Half
+// or BFloat16) and kD to `head_dim` (64 or 128), both checked before (check_qk_topn_args), and Isa
+// as KC_ISA_SWITCH picks it.
+template <class Body>
+void dispatch_isa(at::ScalarType dtype, int64_t head_dim, const Body& body) {
+  KC_DISPATCH_FLOAT_HALF_BF16(dtype, "dispatch_isa", [&] {
+    KC_HEAD_DIM_SWITCH(head_dim, [&] {
+      KC_ISA_SWITCH([&] { body.template operator()<Isa, scalar_t, kD>(); });
+    });
+  });
+}
+
+// This thread's Scratch of a kind: one per thread and Scratch type, whichever loop asks for it.
+template <class Scratch>
+Scratch& thread_scratch() {
+  static thread_local Scratch tmp;
+  return tmp;
+}
+
+// Calls task(i, tmp) for every i < count, in parallel (at::parallel_for); tmp is this thread's
+// Scratch (its bytes() what it holds), kept from one call to the next up to kScratchKeepBytes.
+template <class Scratch, class Task>
+void parallel_tasks(int64_t count, const Task& task) {
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    Scratch& tmp = thread_scratch<Scratch>();
+    for (int64_t i = begin; i < end; ++i) task(i, tmp);
+    if (tmp.bytes() > kScratchKeepBytes) tmp = Scratch{};
+  });
+}
+
+// Whether the `groups` (sequence, KV head) groups of a call run with their rows split into chunks
+// of keys: where they do not spread evenly over the threads (fewer than 4 a thread and not a
+// multiple of the thread count), a whole row a task would keep some threads idle while others
+// finish theirs (one sequence with 3 KV heads on 2 threads: the third row alone, or 16 threads
+// with 13 of them idle).
+inline bool split_rows(int64_t groups) {
+  if (at::in_parallel_region()) return false;  // a nested parallel_for runs on one thread
+  const int64_t threads = at::get_num_threads();
+  return groups % threads != 0 && groups < 4 * threads;
+}
+
+// Keys per chunk of a split row. lowbit_tail adds its chunks' sums in order whether or not the row
+// is split: the same bits either way.
+constexpr int64_t kChunkKeys = 4096;
+
+// The rows of a split call in chunks of kChunkKeys keys: chunk c is keys [j0, j1) of group
+// `group`; first[g] is group g's first chunk (first[groups] the count). A row of 0 keys is one
+// empty chunk.
+struct RowChunks {
+  struct Chunk {
+    int64_t group, j0, j1;
+  };
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> first;  // [groups + 1]
+
+  // lens [groups] the groups' row lengths
+  template <class Lens>
+  void split(int64_t groups, const Lens& lens) {
+    chunks.clear();
+    first.clear();
+    for (int64_t g = 0; g < groups; ++g) {
+      first.push_back(static_cast<int64_t>(chunks.size()));
+      const int64_t L = lens(g);
+      for (int64_t j0 = 0; j0 == 0 || j0 < L; j0 += kChunkKeys)
+        chunks.push_back({g, j0, std::min(L, j0 + kChunkKeys)});
+    }
+    first.push_back(static_cast<int64_t>(chunks.size()));
+  }
+
+  int64_t count() const { return static_cast<int64_t>(chunks.size()); }
+  size_t bytes() const {
+    return chunks.capacity() * sizeof(Chunk) + first.capacity() * sizeof(int64_t);
+  }
+};
+
 // Calls group.template operator()<Isa, scalar_t, kD>(b, kvh, tmp) for every sequence b < B and KV
-// head kvh < Hkv, in parallel (at::parallel_for over the B · Hkv groups), with scalar_t bound to
-// `dtype` (float, Half or BFloat16) and kD to `head_dim` (64 or 128), both checked before
-// (check_qk_topn_args), and Isa as KC_ISA_SWITCH picks it; tmp is this thread's Scratch (its
-// bytes() what it holds), kept from one call to the next up to kScratchKeepBytes.
+// head kvh < Hkv, in parallel over the B · Hkv groups, with scalar_t, kD and Isa as dispatch_isa
+// binds them and tmp as parallel_tasks gives it.
 template <class Scratch, class Group>
 void for_each_kv_group(at::ScalarType dtype, int64_t head_dim, int64_t B, int64_t Hkv,
                        const Group& group) {
-  KC_DISPATCH_FLOAT_HALF_BF16(dtype, "for_each_kv_group", [&] {
-    KC_HEAD_DIM_SWITCH(head_dim, [&] {
-      KC_ISA_SWITCH([&] {
-        at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-          static thread_local Scratch tmp;
-          for (int64_t bg = begin; bg < end; ++bg)
-            group.template operator()<Isa, scalar_t, kD>(bg / Hkv, bg % Hkv, tmp);
-          if (tmp.bytes() > kScratchKeepBytes) tmp = Scratch{};
-        });
-      });
+  dispatch_isa(dtype, head_dim, [&]<class Isa, typename scalar_t, int64_t kD>() {
+    parallel_tasks<Scratch>(B * Hkv, [&](int64_t bg, Scratch& tmp) {
+      group.template operator()<Isa, scalar_t, kD>(bg / Hkv, bg % Hkv, tmp);
     });
   });
 }
