@@ -41,6 +41,18 @@ def test_all_padding_gives_zeros(device, S):
     check_gather(src, indices)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 4, 0), (0, 1, 4, 64)], ids=["rows_of_no_bytes", "B0"])
+def test_nothing_to_copy_on_cpu(shape):
+    """Rows of D = 0 elements, or no sequence: an empty [B, H, N, D] out, no copy made (the CPU
+    op passed a null destination to memcpy and memset, undefined even for 0 bytes; UBSan
+    reported it)."""
+    B, Hs, S, D = shape
+    src = torch.randn(B, Hs, S, D)  # [B, Hs, S, D]
+    indices = torch.tensor([[[0, -1, 3]]] * B, dtype=torch.int32).reshape(B, 1, 3)  # [B, 1, 3]
+    dst = kcache_ops.gather_rows(src, indices)
+    assert dst.shape == (B, 1, 3, D) and dst.dtype == src.dtype
+
+
 def test_strided_inputs(device, dtype):
     """src sliced on heads and S, indices a transposed view."""
     src = host_tensor(torch.randn(2, 4, 120, 128).to(dtype), device)[:, ::2, 7:104]

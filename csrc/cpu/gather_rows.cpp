@@ -16,6 +16,7 @@ at::Tensor gather_rows_cpu(const at::Tensor& src,       // [B, Hs, S, D]
   KC_CHECK_CPU("gather_rows", indices);
   check_index_values(indices, dims.S, "src");
   at::Tensor dst = at::empty({dims.B, dims.H, dims.N, dims.D}, src.options());  // [B, H, N, D]
+  if (dst.numel() == 0) return dst;  // no row has bytes: memcpy and memset would get a null dst
   const int64_t elem = static_cast<int64_t>(src.element_size());
   const int64_t row_bytes = dims.D * elem;
   const char* src_p = static_cast<const char*>(src.data_ptr());

@@ -209,20 +209,22 @@ void select_group(const scalar_t* q, int64_t q_stride, const scalar_t* k, int64_
   }
   scratch_resize(tmp.s, G * L, "qk_topn", "scores [G, L] float32");
   group_scores<Isa, scalar_t, kD>(tmp.qf.data(), k, k_stride, G, L, scale, tmp.s.data(), lse);
+  // head h's scores [L] by pointer: &tmp.s[h * L] would index an empty vector where L = 0
+  const auto head_scores = [&](int64_t h) { return tmp.s.data() + h * L; };
   if (all != nullptr) {
-    for (int64_t h = 0; h < G; ++h) std::copy_n(&tmp.s[h * L], L, all + h * all_stride);
+    for (int64_t h = 0; h < G; ++h) std::copy_n(head_scores(h), L, all + h * all_stride);
   }
   const int64_t lo = std::min(skip_first, L);                 // the ranked keys [lo, hi)
   const int64_t hi = std::max(lo, L - std::min(skip_last, L));
   if (group_select) {
     scratch_resize(tmp.mass, L, "qk_topn", "group mass [L] float32");
     std::fill(tmp.mass.begin(), tmp.mass.end(), 0.f);
-    for (int64_t h = 0; h < G; ++h) Isa::add_exp(tmp.mass.data(), &tmp.s[h * L], L, lse[h]);
+    for (int64_t h = 0; h < G; ++h) Isa::add_exp(tmp.mass.data(), head_scores(h), L, lse[h]);
     top_n_in<Isa>(tmp.mass.data(), lo, hi, n, tmp.top);
   }
   for (int64_t h = 0; h < G; ++h) {
-    if (!group_select) top_n_in<Isa>(&tmp.s[h * L], lo, hi, n, tmp.top);
-    write_head(tmp.top.best, &tmp.s[h * L], n, scores + h * n, indices + h * n);
+    if (!group_select) top_n_in<Isa>(head_scores(h), lo, hi, n, tmp.top);
+    write_head(tmp.top.best, head_scores(h), n, scores + h * n, indices + h * n);
     if (top_p < 1.0f) keep_mass_prefix(lse[h], top_p, n, scores + h * n, indices + h * n);
   }
 }
