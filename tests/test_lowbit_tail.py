@@ -292,27 +292,32 @@ def test_hot_rows_are_the_skipped_keys_exactly(device):
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 @pytest.mark.parametrize("B, Hkv", [(1, 1), (1, 3), (5, 1)])
-def test_rows_split_across_threads_give_the_same_bits(B, Hkv, group_select):
+@pytest.mark.parametrize("D", [64, 128])
+def test_rows_split_across_threads_give_the_same_bits(B, Hkv, D, group_select):
     """CPU groups that do not spread evenly over the threads (B·Hkv not a multiple of them and
     under 4 each) run with their rows split into chunks of 4096 keys: the output bit for bit as
-    on one thread (no split), with lengths of 0, 1, one chunk, one key past it and several,
-    skipped keys and hot rows, and still the reference's."""
+    on one thread (no split), with lengths of 0, 1, one chunk, one summed key past it and
+    several, skipped keys and hot rows, after a call with other indices (the kept scratch
+    rewritten), and still the reference's."""
     torch.manual_seed(0)
-    S, G, D, n, first, last = 3 * 4096 + 100, 3, 64, 40, 4, 60
-    lens = [S, 4097, 0, 1, 4096][:B] if B > 1 else [S]
+    S, G, n, first, last = 3 * 4096 + 100, 3, 40, 4, 60
+    lens = [S, 4096 + 1 + last, 0, 1, 4096][:B] if B > 1 else [S]
     args = skipped_case(B, Hkv, G, S, D, 2, torch.float32, "cpu", lens, n, first, last,
                         group_select)
     hot_v, hot_pos = hot_rows_case(B, Hkv, 9, D, S, lens, torch.float32, "cpu")
+    other = list(args)
+    other[3] = torch.where(args[3] >= 0, (args[3] + 1) % (S - last), -1)  # [B, Hq, n]
 
-    def run():
-        return kcache_ops.lowbit_tail(*args, 2, skip_first=first, skip_last=last, hot_v=hot_v,
+    def run(a):
+        return kcache_ops.lowbit_tail(*a, 2, skip_first=first, skip_last=last, hot_v=hot_v,
                                       hot_pos=hot_pos)
 
-    want = on_threads(1, run)
+    want = on_threads(1, lambda: run(args))
     torch.testing.assert_close(want, R.lowbit_tail(*args, 2, first, last, hot_v, hot_pos),
                                atol=OUT_TOL, rtol=OUT_TOL)
     for threads in (2, 3, 4):
-        torch.testing.assert_close(on_threads(threads, run), want, rtol=0, atol=0)
+        on_threads(threads, lambda: run(other))
+        torch.testing.assert_close(on_threads(threads, lambda: run(args)), want, rtol=0, atol=0)
 
 
 def test_strided_inputs(device, dtype):

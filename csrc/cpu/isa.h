@@ -100,8 +100,8 @@ int64_t score_heads(const float* q, int64_t heads, const scalar_t* k, int64_t k_
 constexpr size_t kScratchKeepBytes = size_t{16} << 20;
 
 // Calls body.template operator()<Isa, scalar_t, kD>() with scalar_t bound to `dtype` (float, Half
-// or BFloat16) and kD to `head_dim` (64 or 128), both checked before (check_qk_topn_args), and Isa
-// as KC_ISA_SWITCH picks it.
+// or BFloat16) and kD to `head_dim` (64 or 128), both checked by the op's argument checks
+// (shape_checks.h), and Isa as KC_ISA_SWITCH picks it.
 template <class Body>
 void dispatch_isa(at::ScalarType dtype, int64_t head_dim, const Body& body) {
   KC_DISPATCH_FLOAT_HALF_BF16(dtype, "dispatch_isa", [&] {

@@ -146,7 +146,7 @@ void tail_group(const Group& g, int64_t G, int64_t N, int64_t bits, Scratch& tmp
 struct SplitScratch {
   RowChunks rows;                 // every group's chunks
   std::vector<int64_t> key0;      // [groups + 1] a group's first key in selected
-  std::vector<uint8_t> selected;  // [G, keys] every group's
+  std::vector<uint8_t> selected;  // every group's [G, L], one after another
   std::vector<float> parts;       // [chunks, G, kD] the chunks' sums
 
   size_t bytes() const {
@@ -168,7 +168,7 @@ void tail_split(const std::vector<Group>& groups, int64_t G, int64_t N, int64_t 
   sp.key0.assign(1, 0);
   for (const Group& g : groups) sp.key0.push_back(sp.key0.back() + g.L);
   scratch_resize(sp.selected, G * sp.key0.back(), "lowbit_tail",
-                 "selected [B * Hkv * G, L] uint8");
+                 "selected [B * Hkv][G, L_b] uint8");
   scratch_resize(sp.parts, sp.rows.count() * G * kD, "lowbit_tail",
                  "chunk sums [chunks, G, D] float32");
   parallel_tasks<Scratch>(sp.rows.count(), [&](int64_t c, Scratch&) {
