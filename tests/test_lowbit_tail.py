@@ -301,7 +301,7 @@ def test_rows_split_across_threads_give_the_same_bits(B, Hkv, D, group_select):
     rewritten), and still the reference's."""
     torch.manual_seed(0)
     S, G, n, first, last = 3 * 4096 + 100, 3, 40, 4, 60
-    lens = [S, 4096 + 1 + last, 0, 1, 4096][:B] if B > 1 else [S]
+    lens = [S, 4096 + 1 + last, 0, 1, 4096][:B]
     args = skipped_case(B, Hkv, G, S, D, 2, torch.float32, "cpu", lens, n, first, last,
                         group_select)
     hot_v, hot_pos = hot_rows_case(B, Hkv, 9, D, S, lens, torch.float32, "cpu")

@@ -3,10 +3,11 @@
 // choice (the tests use it to cover every level on one machine; =avx512 is the default, another
 // value an error). score_heads, qk_topn's head-count dispatch of Isa::score_rows;
 // dispatch_isa and parallel_tasks, the dispatch and the parallel loop of the CPU ops;
-// for_each_kv_group, both over the (sequence, KV head) groups; split_rows and RowChunks, where
-// lowbit_tail runs over the chunks of its rows instead.
+// for_each_kv_group, the two over the (sequence, KV head) groups; split_rows, chunks_of and
+// RowChunks, where lowbit_tail's loop runs over chunks of the groups' rows instead.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -144,9 +145,14 @@ inline bool split_rows(int64_t groups) {
 // is split: the same bits either way.
 constexpr int64_t kChunkKeys = 4096;
 
-// The rows of a split call in chunks of kChunkKeys keys: chunk c is keys [j0, j1) of group
-// `group`; first[g] is group g's first chunk (first[groups] the count). A row of 0 keys is one
-// empty chunk.
+// The chunks of kChunkKeys keys of a row of L keys: chunk c is keys [c * kChunkKeys, min(L,
+// (c + 1) * kChunkKeys)); a row of 0 keys is one empty chunk.
+inline int64_t chunks_of(int64_t L) {
+  return std::max<int64_t>(1, (L + kChunkKeys - 1) / kChunkKeys);
+}
+
+// The rows of a split call, each in its chunks_of: chunk c is keys [j0, j1) of group `group`;
+// first[g] is group g's first chunk (first[groups] the count).
 struct RowChunks {
   struct Chunk {
     int64_t group, j0, j1;
@@ -162,8 +168,8 @@ struct RowChunks {
     for (int64_t g = 0; g < groups; ++g) {
       first.push_back(static_cast<int64_t>(chunks.size()));
       const int64_t L = lens(g);
-      for (int64_t j0 = 0; j0 == 0 || j0 < L; j0 += kChunkKeys)
-        chunks.push_back({g, j0, std::min(L, j0 + kChunkKeys)});
+      for (int64_t c = 0; c < chunks_of(L); ++c)
+        chunks.push_back({g, c * kChunkKeys, std::min(L, (c + 1) * kChunkKeys)});
     }
     first.push_back(static_cast<int64_t>(chunks.size()));
   }

@@ -132,11 +132,11 @@ template <class Isa, int64_t kD>
 void tail_group(const Group& g, int64_t G, int64_t N, int64_t bits, Scratch& tmp) {
   scratch_resize(tmp.selected, G * g.L, "lowbit_tail", "selected [G, L] uint8");
   mark_selected(g, G, N, 0, g.L, tmp.selected.data());
-  const int64_t chunks = std::max<int64_t>(1, (g.L + kChunkKeys - 1) / kChunkKeys);
+  const int64_t chunks = chunks_of(g.L);
   scratch_resize(tmp.parts, chunks * G * kD, "lowbit_tail", "chunk sums [chunks, G, D] float32");
   for (int64_t c = 0; c < chunks; ++c) {
-    chunk_tail<Isa, kD>(g, G, bits, c * kChunkKeys, (c + 1) * kChunkKeys, tmp.selected.data(),
-                        tmp.parts.data() + c * G * kD);
+    chunk_tail<Isa, kD>(g, G, bits, c * kChunkKeys, std::min(g.L, (c + 1) * kChunkKeys),
+                        tmp.selected.data(), tmp.parts.data() + c * G * kD);
   }
   finish_group<Isa, kD>(g, G, tmp.parts.data(), chunks);
 }
