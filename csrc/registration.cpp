@@ -28,7 +28,7 @@ TORCH_LIBRARY(kcache_ops, m) {
       "bool renormalize=True, bool check_values=True, Tensor? v_sum=None, "
       "Tensor? seq_lens=None) -> Tensor");
   // src [B, Hs, S, D], indices [B, H, N] int32 -> dst [B, H, N, D] on the device of indices
-  m.def("gather_rows(Tensor src, Tensor indices) -> Tensor");
+  m.def("gather_rows(Tensor src, Tensor indices, bool check_values=True) -> Tensor");
   // scores [B, Hq, S] float32 (qk_topn's all_scores), seq_lens [B] int32, lse [B, Hq] float32,
   // indices [B, Hq, N] int32, v_codes [B, Hkv, S, D * bits / 8] uint8 (bits 2 or 4),
   // v_meta [B, Hkv, S, 2] bfloat16 -> out [B, Hq, D] float32: the keys j < L_b that the head did

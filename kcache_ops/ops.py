@@ -113,7 +113,7 @@ def sparse_attn_v(scores, indices, v_cache, lse=None, renormalize=True, check_va
                                               check_values, v_sum, seq_lens)
 
 
-def gather_rows(src, indices):
+def gather_rows(src, indices, check_values=True):
     """Gather rows of ``src`` per head: ``dst[b, h, i] = src[b, h / G, indices[b, h, i]]``.
 
     Parameters
@@ -123,12 +123,18 @@ def gather_rows(src, indices):
         (rows of a multiple of 16 bytes, 16-byte aligned).
     indices : Tensor [B, H, N] int32
         ``H`` a multiple of ``Hs``; ``-1`` gives a zero row.
+    check_values : bool
+        True: an index outside ``[-1, S)`` raises an error naming it. On CUDA this reads the
+        values back, a device→host synchronisation per call (also skipped under CUDA graph capture
+        and with ``KCACHE_OPS_VALIDATE=0``). False skips that read-back on CUDA: the kernel gives a
+        zero row for such an index, so nothing is read out of bounds, but it is not reported. The
+        CPU path always checks (it reads the values on the host anyway).
 
     Returns
     -------
     dst : Tensor [B, H, N, D], dtype of ``src``, on the device of ``indices``
     """
-    return torch.ops.kcache_ops.gather_rows(src, indices)
+    return torch.ops.kcache_ops.gather_rows(src, indices, check_values)
 
 
 def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True,
@@ -327,7 +333,7 @@ def _(scores, indices, v_cache, lse=None, renormalize=True, check_values=True, v
 
 
 @torch.library.register_fake("kcache_ops::gather_rows")
-def _(src, indices):
+def _(src, indices, check_values=True):
     _check_fake("gather_rows", {"indices": (indices, 3), "src": (src, 4)}, host=("src",))
     B, H, N = indices.shape
     return indices.new_empty((B, H, N, src.shape[-1]), dtype=src.dtype)

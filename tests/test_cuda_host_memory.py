@@ -1,5 +1,6 @@
 """V exists only in host RAM: sparse_attn_v and gather_rows read pinned, device-mapped memory in
-place (no device copy), and memory that is not pinned gets a clear error instead of a silent copy."""
+place (no device copy), and memory that is not pinned gets a clear error instead of a silent copy.
+sparse_attn_v also reads V rows already in device memory (KCache's reused rows)."""
 import pytest
 import torch
 
@@ -47,6 +48,21 @@ def test_pageable_memory_is_refused():
         kcache_ops.gather_rows(v, idx)
     with pytest.raises(RuntimeError, match="CPU tensor in pinned"):
         kcache_ops.gather_rows(v.cuda(), idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sparse_attn_v_reads_device_memory(dtype):
+    """v_cache on the device of the scores: the output of the same rows in host memory (the same
+    kernel, other addresses)."""
+    B, Hq, Hkv, S, D, n = 2, 8, 2, 300, 128, 16
+    v = host_random((B, Hkv, S, D), dtype)
+    scores = torch.randn(B, Hq, n, device="cuda")
+    idx = torch.randint(-1, S, (B, Hq, n), device="cuda", dtype=torch.int32)
+    lse = torch.logsumexp(scores, -1) + 1  # [B, Hq]
+    for renormalize in (True, False):
+        host = kcache_ops.sparse_attn_v(scores, idx, v, lse, renormalize)
+        device = kcache_ops.sparse_attn_v(scores, idx, v.cuda(), lse, renormalize)
+        assert torch.equal(device, host)
 
 
 def test_torch_pinned_memory_is_mapped():

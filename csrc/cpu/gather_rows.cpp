@@ -9,8 +9,9 @@
 namespace kcache_ops::cpu {
 namespace {
 
-at::Tensor gather_rows_cpu(const at::Tensor& src,       // [B, Hs, S, D]
-                           const at::Tensor& indices) {  // [B, H, N] int32
+at::Tensor gather_rows_cpu(const at::Tensor& src,      // [B, Hs, S, D]
+                           const at::Tensor& indices,  // [B, H, N] int32
+                           bool /*check_values*/) {    // indices on the host: checked
   const GatherRowsDims dims = check_gather_rows_args(src, indices);
   KC_CHECK_CPU("gather_rows", src);
   KC_CHECK_CPU("gather_rows", indices);

@@ -14,8 +14,9 @@
 namespace kcache_ops {
 namespace {
 
-at::Tensor gather_rows_cuda(const at::Tensor& src,       // [B, Hs, S, D], pinned mapped host memory
-                            const at::Tensor& indices) {  // [B, H, N] int32, CUDA
+at::Tensor gather_rows_cuda(const at::Tensor& src,      // [B, Hs, S, D], pinned mapped host memory
+                            const at::Tensor& indices,  // [B, H, N] int32, CUDA
+                            bool check_values) {
   constexpr const char* kOp = "gather_rows";
   const GatherRowsDims dims = check_gather_rows_args(src, indices);
   TORCH_CHECK(indices.is_cuda(), "indices must be a CUDA tensor, got ", indices.device());
@@ -31,7 +32,7 @@ at::Tensor gather_rows_cuda(const at::Tensor& src,       // [B, Hs, S, D], pinne
   at::Tensor dst = at::empty({dims.B, dims.H, dims.N, dims.D},
                              indices.options().dtype(src.scalar_type()));  // [B, H, N, D]
   if (dst.numel() == 0) return dst;
-  if (should_validate_values(stream))
+  if (check_values && should_validate_values(stream))
     check_indices_on_device(indices, dims.S, "src");
 
   const GatherRowsArgs args = gather_rows_args(src_dev, src, indices, dst);

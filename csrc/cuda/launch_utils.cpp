@@ -34,6 +34,14 @@ const void* host_mapped_device_ptr(const at::Tensor& t, const char* op, const ch
   return attr.devicePointer;
 }
 
+const void* readable_device_ptr(const at::Tensor& t, const at::Device& device, const char* op,
+                                const char* name) {
+  if (!t.is_cuda()) return host_mapped_device_ptr(t, op, name);
+  TORCH_CHECK(t.device() == device, op, ": ", name, " must be pinned, device-mapped host memory "
+              "or on ", device, ", got a tensor on ", t.device());
+  return t.numel() == 0 ? nullptr : t.data_ptr();
+}
+
 void check_vec16_aligned(const at::Tensor& t, const char* op, const char* name) {
   const int64_t esize = t.element_size();
   // the row bytes even where t is empty (gather_rows' output is not: it would be copied in

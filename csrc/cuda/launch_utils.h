@@ -20,6 +20,12 @@ namespace kcache_ops {
 // error naming `name` that says how to allocate it. Never copies. nullptr for an empty tensor.
 const void* host_mapped_device_ptr(const at::Tensor& t, const char* op, const char* name);
 
+// The device address of `t` for a kernel on `device` that reads it: host_mapped_device_ptr for a
+// CPU tensor, the data pointer of a CUDA tensor on `device` (V rows already in device memory, such
+// as KCache's reused rows), an error naming `name` for a CUDA tensor on another device.
+const void* readable_device_ptr(const at::Tensor& t, const at::Device& device, const char* op,
+                                const char* name);
+
 // Data pointer and the strides of every dim but the last are multiples of 16 bytes, so that rows
 // can be read with 16-byte vector loads.
 void check_vec16_aligned(const at::Tensor& t, const char* op, const char* name);

@@ -1,5 +1,5 @@
-// kcache_ops::sparse_attn_v on CUDA: checks (v_cache must be pinned, device-mapped host memory),
-// device guard, current stream, dtype / head-dim / group dispatch, one launch of
+// kcache_ops::sparse_attn_v on CUDA: checks (v_cache must be pinned, device-mapped host memory,
+// or device memory), device guard, current stream, dtype / head-dim / group dispatch, one launch of
 // sparse_attn_v_kernel.cuh as sparse_attn_v_launch.h plans it (the mean tail included). No host
 // synchronisation except the index and seq_lens range checks, which check_values=False skips
 // (launch_utils.h).
@@ -20,7 +20,7 @@ namespace {
 at::Tensor sparse_attn_v_cuda(
     const at::Tensor& scores,              // [B, Hq, N] float32, CUDA
     const at::Tensor& indices,             // [B, Hq, N] int32, CUDA
-    const at::Tensor& v_cache,             // [B, Hkv, S, D], pinned mapped host memory
+    const at::Tensor& v_cache,             // [B, Hkv, S, D], pinned mapped host memory or CUDA
     const std::optional<at::Tensor>& lse,  // [B, Hq] float32, CUDA; needed unless renormalize
     bool renormalize, bool check_values,
     const std::optional<at::Tensor>& v_sum,      // [B, Hkv, D] float32, CUDA; the mean tail
@@ -39,7 +39,7 @@ at::Tensor sparse_attn_v_cuda(
                 scores.device(), " (the device of scores), got ", seq_lens->device());
   }
   const c10::cuda::CUDAGuard guard(scores.device());
-  const void* v_dev = host_mapped_device_ptr(v_cache, kOp, "v_cache");
+  const void* v_dev = readable_device_ptr(v_cache, scores.device(), kOp, "v_cache");
   check_vec16_aligned(v_cache, kOp, "v_cache");
   // N < 2^24: a block's entry count (its heads · N) is an int, and the mean tail counts a head's
   // entries in a float, exact below 2^24
