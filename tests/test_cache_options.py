@@ -39,6 +39,11 @@ def test_defaults_and_normalization():
     ({"top_p": 1e-46}, "top_p must be a number in \\(0, 1\\] \\(as a float32\\), got 1e-46"),
     ({"top_p": True}, "top_p must be a number in"),
     ({"tail": "int2", "renormalize": False}, "renormalize=False drops the mass outside the top N"),
+    ({"reuse": -1}, "reuse must be an integer >= 0, got -1"),
+    ({"reuse": True}, "reuse must be an integer >= 0, got True"),
+    ({"reuse": 1.5}, "reuse must be an integer >= 0, got 1.5"),
+    ({"tail": "mean", "sinks": 0, "window": 0, "reuse": 2},
+     "mean tail is formed in sparse_attn_v over host V .* reuse=2"),
 ])
 def test_bad_values_fail_when_built(options, message):
     with pytest.raises(ValueError, match=message):
@@ -66,9 +71,10 @@ def test_labels_and_json():
     assert o.label == "N=16 gs rn=0 dl=0,1" and o.variant == "gs, rn=0, dl=0,1"
     assert paper.label == "N=64" and replace(paper, topn=8).variant == "paper"
     assert replace(paper, tail="int2", sinks=4, window=60).label == "N=64 tail=int2 sinks=4 win=60"
+    assert replace(paper, reuse=4).label == "N=64 reuse=4"
     assert o.to_dict() == {"topn": 16, "group_select": True, "renormalize": False,
                            "dense_layers": [0, 1], "tail": "none", "top_p": 1.0, "sinks": 0,
-                           "window": 0}
+                           "window": 0, "reuse": 0}
     assert KCacheOptions.from_dict(o.to_dict()) == o
     with pytest.raises(TypeError, match="unknown option.* top_n; the options are topn"):
         KCacheOptions.from_dict({"top_n": 4})
@@ -121,6 +127,12 @@ def test_a_field_with_its_own_flag():
     args = parse(["--attn-top-p", "0.9", "--tail", "int2", "--paper-literal"])
     assert kcache_options(args) == replace(KCacheOptions.paper_literal(), top_p=0.9, tail="int2")
     assert given_kcache_flags(args) == ["--tail", "--attn-top-p", "--paper-literal"]
+
+
+def test_reuse_flag():
+    assert kcache_options(parse(["--reuse", "4"])) == replace(KCacheOptions(), reuse=4)
+    with pytest.raises(SystemExit, match="reuse must be an integer >= 0, got -1"):
+        kcache_options(parse(["--reuse", "-1"]))
 
 
 def test_hot_rows_flags():

@@ -94,9 +94,10 @@ def test_default_layer_step_graph_replay(monkeypatch):
         torch.testing.assert_close(out, want, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("reuse", [0, 512], ids=["", "reuse"])
 @pytest.mark.parametrize("lens, S", [([2500, 700], 2600), ([40, 24], 128)],
                          ids=["long", "short"])
-def test_default_decode_steps_graph_replay(lens, S):
+def test_default_decode_steps_graph_replay(lens, S, reuse):
     """Whole decode steps captured once — a default layer's decode, a dense layer's and
     finish_decode — and replayed step after step: the lengths, the positions and the hot slots
     are updated in place, so each replay appends at the next position and equals the eager
@@ -104,7 +105,8 @@ def test_default_decode_steps_graph_replay(lens, S):
     lengths); the recorded attention mass counts every replay. (The capacity check stays on the
     host: replays past the capacity are the caller's to prevent.) The short prompts make the
     dense layer's check sharp: a width frozen at the capture would leave out up to 4 of some 40
-    keys, far outside the tolerance."""
+    keys, far outside the tolerance. With ``reuse``, the step count that orders the pool's slots
+    is a device tensor too, and the rows found in the pool are counted as the twin counts them."""
     B, Hq, Hkv, D = 2, 8, 2, 128
     config = LlamaConfig(vocab_size=16, hidden_size=Hq * D, intermediate_size=32, num_layers=2,
                          num_heads=Hq, num_kv_heads=Hkv, head_dim=D)
@@ -113,7 +115,7 @@ def test_default_decode_steps_graph_replay(lens, S):
     prompt_k = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16)
     prompt_v = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16)
     graphed, eager = (KCache(config, B, S, "cuda", torch.bfloat16,
-                             KCacheOptions(dense_layers=(1,))) for _ in range(2))
+                             KCacheOptions(dense_layers=(1,), reuse=reuse)) for _ in range(2))
     for cache in (graphed, eager):
         for layer in range(2):
             cache.store_prompt(layer, prompt_k, prompt_v, lens)
@@ -143,3 +145,5 @@ def test_default_decode_steps_graph_replay(lens, S):
     assert torch.equal(graphed.seq_lens, eager.seq_lens)
     assert torch.equal(graphed.seq_lens.cpu(), lens.cpu() + 5)  # the warm-up and 4 replays
     torch.testing.assert_close(graphed.attention_mass(), eager.attention_mass(), atol=0, rtol=0)
+    torch.testing.assert_close(graphed.reuse_hit_rate(), eager.reuse_hit_rate(), atol=0, rtol=0,
+                               equal_nan=True)

@@ -25,6 +25,8 @@ BACKENDS = pytest.mark.parametrize("backend,options", [
     ("kcache", replace(PAPER, topn=8, tail="int4", top_p=0.5)),
     ("kcache", replace(PAPER, topn=8, tail="int2", sinks=4, window=8)),
     ("kcache", replace(PAPER, topn=8, sinks=2, window=4, group_select=True)),
+    ("kcache", replace(KCacheOptions(), topn=8, reuse=32)),
+    ("kcache", replace(PAPER, topn=8, group_select=True, reuse=16)),
 ])
 FREQ_FACTORS = pytest.mark.parametrize("freq_factors", [None, [1.0 + i / 8 for i in range(32)]],
                                        ids=["rope", "gguf_freq_factors"])

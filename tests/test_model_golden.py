@@ -1,11 +1,13 @@
 """The embedded SmolLM2-135M-Instruct (Q4_1 GGUF) end to end: tokenizer, GGUF loading and greedy
 generation, against outputs recorded once (float32, CPU)."""
+from dataclasses import replace
 import importlib.util
 import os
 
 import pytest
 import torch
 
+from kcache_ops.caches import KCacheOptions, make_cache
 from kcache_ops.model import load_model
 from kcache_ops.generate import TextStream, generate
 
@@ -60,3 +62,25 @@ def test_stream_pieces_and_flush_make_the_text(smollm, text):
         stream = TextStream(tok)
         pieces = "".join(stream.push(t) for t in ids[:cut])
         assert pieces + stream.flush() == tok.decode(ids[:cut]), cut
+
+
+def test_reuse_keeps_every_logit(smollm):
+    """KCache with cross-step reuse (a pool of 96 rows per KV head, twice a step's 3 x 16) on the
+    real model: over a prompt long enough for cold rows and 12 decode steps, every logit equals
+    the cache's without reuse to the bit (the rows found in the pool are the rows of host RAM),
+    while most rows come from the pool."""
+    model, tok = smollm
+    ids = tok.encode("The capital of France is Paris, and its river is the Seine. " * 20)
+    tokens = torch.tensor([ids])  # [1, T]
+    lens = torch.tensor([len(ids)], dtype=torch.int32)  # [1]
+    forced = torch.tensor(ids[:12])[:, None]  # [12, 1]: the steps' tokens
+    logits = []
+    for reuse in (0, 96):
+        options = replace(KCacheOptions(), topn=16, reuse=reuse)
+        cache = make_cache("kcache", model.config, 1, len(ids) + 12, "cpu", torch.float32, options)
+        cache.record_mass = True
+        with torch.no_grad():
+            model.prefill(tokens, lens, cache)
+            logits.append(torch.stack([model.decode(t, cache) for t in forced]))  # [12, 1, V]
+    assert torch.equal(logits[0], logits[1])
+    assert cache.reuse_hit_rate().mean() > 0.5, cache.reuse_hit_rate()

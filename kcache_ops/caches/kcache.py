@@ -5,7 +5,8 @@ RAM and keeps only K on the device. Every decode step scores all cached keys exa
 (``kcache_ops.qk_topn``) and reads only the top-N V rows from host RAM
 (``kcache_ops.sparse_attn_v``); the tail term (tail.py) accounts on the device for the attention
 mass of the rows not read, and the hot rows (hot.py), V of the first and last positions kept on the
-device too, are attended exactly beside the top N.
+device too, are attended exactly beside the top N. With ``reuse`` (reuse.py), the rows read last
+stay in a pool on the device and a step reads only the others from host RAM.
 
 Where V lives, per device:
 
@@ -29,6 +30,7 @@ from .dense import append_and_attend, prompt_attention
 from .hot import HotRows, HotSlots
 from .lengths import SeqLengths, check_layer_inputs
 from .options import KCacheOptions
+from .reuse import Reads, ReusedRows, entries_per_step
 from .side_stream import SideStream
 from .tail import make_tail
 
@@ -85,7 +87,7 @@ class KCache:
     device, dtype
         Where and in what dtype the model runs (K, dense-layer V, seq_lens live on ``device``).
     options : KCacheOptions
-        N, group select, renormalization, dense layers, tail, top_p, hot rows; checked here
+        N, group select, renormalization, dense layers, tail, top_p, hot rows, reuse; checked here
         against the model's layer count and the device (a bad option fails when the cache is
         built).
 
@@ -97,7 +99,9 @@ class KCache:
         When True, each decode step adds the attention mass the rows read from host capture (not
         the hot rows'), ``Σ_i exp(score_i − lse)``, and the number of rows read, each averaged
         over sequences and heads, to per-layer running means (see :meth:`attention_mass`,
-        :meth:`rows_read`). Off by default; costs a few small device ops per layer.
+        :meth:`rows_read`), and with ``reuse`` the rows found on the device
+        (:meth:`reuse_hit_rate`, :meth:`host_bytes_saved_per_step`). Off by default; costs a
+        few small device ops per layer.
     """
 
     def __init__(self, config, batch, capacity, device, dtype, options=KCacheOptions()):
@@ -107,6 +111,12 @@ class KCache:
         self.device = torch.device(device)
         options.check(config.num_layers, self.device)
         check_dtype(dtype)
+        step_rows = entries_per_step(options.topn, options.group_select, config.num_heads,
+                                     config.num_kv_heads)
+        if 0 < options.reuse < step_rows:  # a step's rows must all have a slot
+            how = "topn" if options.group_select else "topn x the GQA group, per-head selection"
+            raise ValueError(f"KCache: reuse must hold the rows of a whole step, at least "
+                             f"{step_rows} per KV head ({how}), got {options.reuse}")
         if config.head_dim not in (64, 128):  # what qk_topn and sparse_attn_v take
             raise ValueError(f"KCache: head_dim must be 64 or 128, got {config.head_dim} (the "
                              f"dense cache takes any)")
@@ -145,11 +155,19 @@ class KCache:
         self.hot = {i: HotRows(self.hot_slots, batch, config.num_kv_heads, config.head_dim,
                                self.device, dtype)
                     for i in self.v_host if options.hot_rows}  # per KCache layer, if any
+        entries = entries_per_step(self._topn, options.group_select, config.num_heads,
+                                   config.num_kv_heads)  # of a step, per KV head
+        self.reuse = {i: ReusedRows(options.reuse, entries, options.group_select, batch,
+                                    config.num_kv_heads, config.head_dim, self.device, dtype)
+                      for i in self.v_host if options.reuse}  # per KCache layer, if any
         self._mass_sum = torch.zeros(n_layers, dtype=torch.float32, device=self.device)  # [layers]
         self._rows_sum = torch.zeros(n_layers, dtype=torch.float32, device=self.device)  # [layers]
         # on the device too, so that the replays of a CUDA graph of decode steps count
         self._mass_steps = torch.zeros(n_layers, dtype=torch.int64,
                                        device=self.device)  # [layers]
+        # with reuse: the distinct rows the recorded steps read, and those found on the device
+        self._reuse_rows = torch.zeros(n_layers, dtype=torch.int64, device=self.device)  # [layers]
+        self._reuse_hits = torch.zeros(n_layers, dtype=torch.int64, device=self.device)  # [layers]
 
     @property
     def seq_lens(self):
@@ -177,7 +195,7 @@ class KCache:
         K goes into device memory; V is handed off to host RAM (dense layers: kept on the device)
         and the tail keeps what it needs of V (its low-bit copy, or the sum of the valid rows) and
         the hot rows theirs on the device, on the current stream, before V's device memory can be
-        reused.
+        reused; the reused rows of earlier steps are dropped.
         """
         check_layer_inputs(self.lengths.owner, self.k, self.config.num_heads, layer, True, k, v)
         T = k.shape[2]
@@ -189,6 +207,8 @@ class KCache:
             self.tails[layer].store_prompt(v, lens)
             if layer in self.hot:
                 self.hot[layer].store_prompt(v, lens)
+            if layer in self.reuse:
+                self.reuse[layer].clear()
             self._hand_off_v(layer, v)
 
     def _hand_off_v(self, layer, v):
@@ -223,8 +243,9 @@ class KCache:
         """Store the new token at position seq_lens[b] and attend over seq_lens[b] + 1 tokens.
 
         q [B, Hq, D], k/v [B, Hkv, D] -> out [B, Hq, D]. KCache layers: exact scores over all
-        keys, top N, N V rows from host RAM (the hot rows exactly from the device, the tail for
-        the rest). Dense layers: exact attention on the device.
+        keys, top N, N V rows from host RAM (those in the pool from the device, with ``reuse``;
+        the hot rows exactly from the device, the tail for the rest). Dense layers: exact
+        attention on the device.
         """
         check_layer_inputs(self.lengths.owner, self.k, self.config.num_heads, layer, False, k, v, q)
         lengths = self.lengths
@@ -253,13 +274,19 @@ class KCache:
         selection = self.select(q, k_cache, lens, return_scores=needs_scores)
         scores, indices, lse = selection[:3]  # [B, Hq, N] x2, [B, Hq]
         all_scores = selection[3] if needs_scores else None  # [B, Hq, S]
+        reads = Reads(indices, self.v_host[layer])
+        reuse = self.reuse.get(layer)
+        if reuse is not None:
+            reads, rows, hits = reuse.read(indices, self.v_host[layer], pos)  # [B, Hkv, E] x2
         if self.record_mass:
             mass = torch.exp(scores - lse[..., None]).sum(-1)  # [B, Hq]; padding adds 0
             self._mass_sum[layer] += mass.mean()
             self._rows_sum[layer] += (indices >= 0).sum(-1).float().mean()
             self._mass_steps[layer] += 1
-        return tail.attend(all_scores, lens, scores, indices, lse, self.v_host[layer],
-                           hot)  # [B, Hq, D]
+            if reuse is not None:
+                self._reuse_rows[layer] += rows.sum()
+                self._reuse_hits[layer] += hits.sum()
+        return tail.attend(all_scores, lens, scores, indices, lse, reads, hot)  # [B, Hq, D]
 
     def select(self, q, k_cache, lens, return_scores=False, top_p=None):
         """The V rows a decode step reads from host RAM, and their scores: ``qk_topn`` as a
@@ -286,6 +313,8 @@ class KCache:
         self.lengths.finish_decode()
         for tail in self.tails.values():
             tail.commit()
+        for reuse in self.reuse.values():
+            reuse.commit()
         if self.hot_slots is not None:  # the slots of the next step, once for every layer
             self.hot_slots.advance(self.lengths.seq_lens, self.lengths.positions)
 
@@ -293,10 +322,11 @@ class KCache:
 
     def device_bytes(self):
         """Bytes held in device memory: all K, the V of dense layers, the tails (the low-bit
-        copy of V, or the V sums) and the hot rows."""
+        copy of V, or the V sums), the hot rows and the reused rows."""
         return (sum(t.nbytes for t in self.k) + sum(t.nbytes for t in self.v_device.values())
                 + sum(t.nbytes for t in self.tails.values())
-                + sum(h.nbytes for h in self.hot.values()))
+                + sum(h.nbytes for h in self.hot.values())
+                + sum(r.nbytes for r in self.reuse.values()))
 
     def host_bytes(self):
         """Bytes of the V buffers held in host RAM (every layer but the dense ones)."""
@@ -308,7 +338,8 @@ class KCache:
         select) read, and the new token's V rows (one per KV head) written. With the default, an
         upper bound while a sequence holds fewer than N tokens or with ``top_p < 1``, and on CUDA,
         whose ``sparse_attn_v`` reads a row that several heads of a group chose once; pass the
-        measured :meth:`rows_read` for the rows selected."""
+        measured :meth:`rows_read` for the rows selected (and with ``reuse``, less
+        :meth:`host_bytes_saved_per_step`)."""
         c, o = self.config, self.options
         heads = c.num_kv_heads if o.group_select else c.num_heads
         rows = heads * (self._topn if rows is None else rows) + c.num_kv_heads  # read + appended
@@ -327,6 +358,19 @@ class KCache:
         -> [num_layers] float32 on the CPU; 0 for dense layers, NaN for a KCache layer with no
         recorded step."""
         return self._recorded_mean(self._rows_sum, dense=0.0)
+
+    def reuse_hit_rate(self):
+        """With ``reuse``: per layer, the share of the distinct V rows the recorded steps
+        (``record_mass``) read that came from device memory instead of host RAM -> [num_layers]
+        float32 on the CPU; NaN for dense layers, without reuse and before a recorded step."""
+        return (self._reuse_hits.cpu() / self._reuse_rows.cpu()).float()  # 0 / 0 = NaN
+
+    def host_bytes_saved_per_step(self):
+        """With ``reuse``: the bytes of host RAM a decode step did not read because the rows
+        were on the device, over every layer and sequence, averaged over the recorded steps
+        (``record_mass``) -> float; 0.0 without reuse or before a recorded step."""
+        hits = self._reuse_hits.cpu() / self._mass_steps.cpu().clamp(min=1)  # [layers]
+        return float(hits.sum()) * self.config.head_dim * self.k[0].element_size()
 
     def _recorded_mean(self, sums, dense):
         """sums [layers] (device) over the recorded steps -> [layers] on the CPU, ``dense`` at the

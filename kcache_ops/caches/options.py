@@ -54,6 +54,12 @@ class KCacheOptions:
         Hot rows: V of the first ``sinks`` and the last ``window`` positions of each sequence stays
         on the device as well, attended exactly every step; the top N are chosen among the other
         positions (N host rows per head stay N). Not with ``tail="mean"``.
+    reuse : int >= 0
+        Cross-step reuse: each KCache layer keeps the V rows it read last in a pool of ``reuse``
+        rows per sequence and KV head in device memory, and a step reads from host RAM only the
+        rows the pool does not hold (reuse.py); the output is the same, the host reads fewer. 0:
+        off; else at least the rows of one step (``topn``, times the GQA group without
+        ``group_select``: checked when the cache is built). Not with ``tail="mean"``.
     """
     topn: int = field(default=64, metadata={
         "short": "N", "help": "V rows read per head and decode step"})
@@ -73,6 +79,9 @@ class KCacheOptions:
         "short": "sinks", "help": "V of the first this many positions also kept on the device"})
     window: int = field(default=60, metadata={
         "short": "win", "help": "V of the last this many positions also kept on the device"})
+    reuse: int = field(default=0, metadata={
+        "short": "reuse", "help": "keep the V rows read last in a pool of this many rows per "
+                                  "KV head on the device; read only the others from host RAM"})
 
     def __post_init__(self):
         if isinstance(self.topn, bool) or not isinstance(self.topn, int) or self.topn < 1:
@@ -91,7 +100,7 @@ class KCacheOptions:
             raise ValueError(f"KCache: top_p must be a number in (0, 1] (as a float32), got "
                              f"{self.top_p!r}")
         object.__setattr__(self, "top_p", float(self.top_p))
-        for name in ("sinks", "window"):
+        for name in ("sinks", "window", "reuse"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"KCache: {name} must be an integer >= 0, got {value!r}")
@@ -100,6 +109,11 @@ class KCacheOptions:
                              f"host RAM, hot rows included; use sinks/window with tail none, int2 "
                              f"or int4, or the mean tail with sinks=0 and window=0 (got "
                              f"sinks={self.sinks}, window={self.window})")
+        if self.tail == "mean" and self.reuse:
+            raise ValueError(f"KCache: the mean tail is formed in sparse_attn_v over host V "
+                             f"(its sequence lengths index it), which a step with reuse does "
+                             f"not read; use reuse with tail none, int2 or int4, or the mean "
+                             f"tail with reuse=0 (got reuse={self.reuse})")
         try:
             layers = tuple(self.dense_layers)
         except TypeError:  # a bare int, say
@@ -130,7 +144,7 @@ class KCacheOptions:
         softmax over them, nothing for the rest (no tail, no dense layer, no adaptive budget, no
         hot rows)."""
         return cls(topn=64, group_select=False, renormalize=True, dense_layers=(), tail="none",
-                   top_p=1.0, sinks=0, window=0)
+                   top_p=1.0, sinks=0, window=0, reuse=0)
 
     @property
     def variant(self):

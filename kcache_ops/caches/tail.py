@@ -21,7 +21,8 @@ Each tail stores the prompt (:meth:`store_prompt`), appends a token (:meth:`appe
 step run again appends the same position again), keeps it when the step is done
 (:meth:`commit`, from ``KCache.finish_decode``) and attends
 (:meth:`attend`, given every score of the step when its ``needs_scores`` is True or the layer
-has hot rows, else None);
+has hot rows, else None, and the rows to read as a :class:`~.reuse.Reads`: host V, or the
+device block of reused rows);
 ``nbytes`` is the device memory it holds. With hot rows (hot.py), ``attend`` also takes the
 layer's :class:`~.hot.HotRows` and adds their exact part: :class:`NoTail` from their
 :class:`~.hot.HotPart` (a few torch ops), :class:`LowBitTail` inside its ``lowbit_tail`` call
@@ -51,13 +52,13 @@ class NoTail:
     def commit(self):
         """Nothing to keep."""
 
-    def attend(self, all_scores, lens, scores, indices, lse, v_host, hot=None):
-        """The top N rows of ``v_host`` (and the hot rows, a :class:`~.hot.HotRows`) -> out
+    def attend(self, all_scores, lens, scores, indices, lse, reads, hot=None):
+        """The top N rows (``reads``) and the hot rows (a :class:`~.hot.HotRows`) -> out
         [B, Hq, D] (dtype of V)."""
         if hot is None:
-            return sparse_attn_v(scores, indices, v_host, lse, self.renormalize,
+            return sparse_attn_v(scores, reads.indices, reads.v, lse, self.renormalize,
                                  check_values=False)
-        top = sparse_attn_v(scores, indices, v_host, lse, renormalize=False,
+        top = sparse_attn_v(scores, reads.indices, reads.v, lse, renormalize=False,
                             check_values=False)  # [B, Hq, D]
         part = hot.attend(lse, all_scores)  # their HotPart
         out = part.add_to(top.float())  # [B, Hq, D] float32
@@ -104,11 +105,11 @@ class MeanTail:
         """The step is done: its token stays in the sum."""
         self._committed.copy_(self.v_sum)
 
-    def attend(self, all_scores, lens, scores, indices, lse, v_host, hot=None):
-        """Exact weights on the top N rows of ``v_host`` plus the mean tail -> out [B, Hq, D]
-        (no hot rows: KCacheOptions refuses them with this tail)."""
-        return sparse_attn_v(scores, indices, v_host, lse, renormalize=False, check_values=False,
-                             v_sum=self.v_sum, seq_lens=lens)
+    def attend(self, all_scores, lens, scores, indices, lse, reads, hot=None):
+        """Exact weights on the top N rows (``reads``, of host V) plus the mean tail -> out
+        [B, Hq, D] (no hot rows or reuse: KCacheOptions refuses them with this tail)."""
+        return sparse_attn_v(scores, reads.indices, reads.v, lse, renormalize=False,
+                             check_values=False, v_sum=self.v_sum, seq_lens=lens)
 
 
 class LowBitTail:
@@ -147,13 +148,14 @@ class LowBitTail:
     def commit(self):
         """Nothing to do: a step run again writes its token's copy into the same position."""
 
-    def attend(self, all_scores, lens, scores, indices, lse, v_host, hot=None):
-        """Exact weights on the top N rows of ``v_host`` (and on the hot rows, a
-        :class:`~.hot.HotRows`, in the same ``lowbit_tail`` call) plus every other valid row over
-        the copy, weighted from all_scores [B, Hq, S] float32 (every score of the step) -> out
-        [B, Hq, D] (dtype of V). The host reads and the tail overlap (side stream)."""
+    def attend(self, all_scores, lens, scores, indices, lse, reads, hot=None):
+        """Exact weights on the top N rows (``reads``) and on the hot rows (a
+        :class:`~.hot.HotRows`, in the same ``lowbit_tail`` call), plus every other valid row
+        over the copy (the top N by their positions, ``indices``, left out), weighted from
+        all_scores [B, Hq, S] float32 (every score of the step) -> out [B, Hq, D] (dtype of V).
+        The host reads and the tail overlap (side stream)."""
         with self.side.fork():
-            top = sparse_attn_v(scores, indices, v_host, lse, renormalize=False,
+            top = sparse_attn_v(scores, reads.indices, reads.v, lse, renormalize=False,
                                 check_values=False)  # [B, Hq, D]
         hot_v, hot_pos = (None, None) if hot is None else (hot.v, hot.slots.held)
         try:
