@@ -21,7 +21,9 @@ class Generation:
     prefill_s : float — seconds of the prefill (and first sampled token)
     decode_s : float — seconds of the decode steps
     decode_tokens : int — tokens the decode steps produced (EOS included), summed over sequences
-    cache : the cache object used (its ``device_bytes()`` and ``host_bytes()``)
+    cache : the cache object used (its ``device_bytes()`` and ``host_bytes()``; with KCache's
+        ``reuse``, its ``reuse_hit_rate()`` and ``host_bytes_saved_per_step()`` over the decode
+        steps)
     """
     tokens: list
     texts: list | None
@@ -162,6 +164,8 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
                       f"beyond them may degrade", stacklevel=2)
     cache = make_cache(backend, model.config, batch, longest + max_new_tokens, device, model.dtype,
                        options)
+    if options is not None and options.reuse:  # what reuse found, for the caller
+        cache.record_mass = True
     streams = [TextStream(tokenizer) for _ in prompts] if on_text else None
 
     start = time.perf_counter()

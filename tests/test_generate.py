@@ -1,4 +1,5 @@
 """Batched generation (greedy, sampled, EOS, streaming) and the ``generate`` command line."""
+from dataclasses import replace
 import re
 import warnings
 
@@ -56,6 +57,9 @@ def test_kcache_options_are_the_caches(loaded):
         want.append(nxt)
     assert got.tokens == torch.stack(want, 1).tolist()
     assert got.tokens != generate(model, PROMPTS, 12, backend="kcache").tokens
+    reused = generate(model, PROMPTS, 12, backend="kcache", options=replace(options, reuse=8))
+    assert reused.tokens == got.tokens  # the same output, some rows from the pool
+    assert 0 < reused.cache.reuse_hit_rate().nanmean() < 1
 
 
 def test_stop_on_eos_per_sequence(loaded):
@@ -191,6 +195,13 @@ def test_cli_dense_and_kcache(folder, capsys):
     assert main(args + ["--backend", "kcache", "--topn", "4", "--dense-layers", "0"]) == 0
     kcache = capsys.readouterr()
     assert "kcache on cpu" in kcache.err and "MiB host memory" in kcache.err
+    assert "reuse" not in kcache.err
+    assert main(args + ["--backend", "kcache", "--topn", "4", "--reuse", "16", "--sinks", "0",
+                        "--window", "0"]) == 0
+    assert re.search(r"reuse: \d+% of the V rows a step read came from the device pool \(16 "
+                     r"rows per KV head\), \d+\.\d KiB", capsys.readouterr().err)
+    assert main(args + ["--backend", "kcache", "--topn", "4", "--reuse", "16"]) == 0  # all hot
+    assert "reuse: no decode step read a V row from host RAM" in capsys.readouterr().err
     assert main(["generate", "--model", str(folder), "--prompt", "a", "--prompt", "bc d",
                  "--max-new-tokens", "3", "--temperature", "0.8", "--top-k", "5", "--seed",
                  "1"]) == 0
