@@ -4,11 +4,13 @@ kernel costs about 1.5-2 µs in a CUDA graph whatever it does (the H200 profile 
 step: 81 such kernels for 148 µs; bench/NOTES.md, "Decode step"), so their count is a number to
 keep down that the CPU can measure.
 
-One layer with the given options (default: ``KCacheOptions()``) on random data, one warm-up step,
+One layer with the given options (the KCache flags of the command line; default
+``KCacheOptions()``) on random data, one warm-up step,
 then one ``KCache.decode`` under a dispatch mode that records every op; one line per line of
 ``kcache_ops/caches`` that issued ops (its ops in order), then the total.
 
-    python bench/step_ops.py [--batch B] [--seq S] [--device cpu|cuda] [--paper-literal]
+    python bench/step_ops.py [--batch B] [--seq S] [--device cpu|cuda] [KCache flags, e.g.
+                             --paper-literal, --reuse 512]
 """
 import argparse
 import collections
@@ -19,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import decode_steps
-from kcache_ops.caches import KCacheOptions
+from kcache_ops.cli.args import add_kcache_arguments, kcache_options
 
 Hq, Hkv, D = 32, 8, 128  # the Llama-3-8B shape of bench/profile_step.py
 
@@ -55,10 +57,9 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--paper-literal", action="store_true",
-                    help="KCacheOptions.paper_literal() instead of the defaults")
+    add_kcache_arguments(ap)
     args = ap.parse_args()
-    options = KCacheOptions.paper_literal() if args.paper_literal else KCacheOptions()
+    options = kcache_options(args)
     ops = step_ops(args.batch, args.seq, args.device, options)
     by_site = collections.defaultdict(list)
     for site, op in ops:
