@@ -100,7 +100,7 @@ class LoopPool:
     """The pool of one (layer, sequence, KV head), kept by loops: the position and the last step
     of each slot; a new row takes the least recently used slot that the step does not read
     (never-used first, ties to the lower slot), in the order of the step's entries; the step's
-    new token takes one for this step only."""
+    new token takes one for this step only, which is then the first to refill."""
 
     def __init__(self, slots):
         self.pos = [-1] * slots
@@ -117,7 +117,7 @@ class LoopPool:
         for p in read:
             s = held[p] if p in held else next(victims)
             if p == new_pos:
-                self.pos[s] = -1
+                self.pos[s], self.used[s] = -1, -1
             else:
                 self.pos[s], self.used[s] = p, step
         return len(read), sum(p in held for p in read)
@@ -140,7 +140,7 @@ def test_the_pool_holds_the_rows_read_last(monkeypatch, group_select, hot):
     steps = 9
     decode_steps([cache], gen, "cpu", torch.float32, steps)
     assert len(log.calls) == steps * LAYERS
-    G = 1 if group_select else HQ // HKV
+    G = HQ // HKV
     total_rows, total_hits = torch.zeros(LAYERS), torch.zeros(LAYERS)
     for layer in range(LAYERS):
         calls = log.calls[layer::LAYERS]
@@ -149,7 +149,9 @@ def test_the_pool_holds_the_rows_read_last(monkeypatch, group_select, hot):
         for step, (_, indices, new_pos, rows, hits, held) in enumerate(calls):
             for b in range(B):
                 for h in range(HKV):
-                    entries = indices[b, h * (HQ // HKV):h * (HQ // HKV) + G].flatten().tolist()
+                    heads = indices[b, h * G:(h + 1) * G]  # [G, N]
+                    # group_select: the group's one list, each head cut to its top_p prefix
+                    entries = (heads.amax(0) if group_select else heads.flatten()).tolist()
                     want = pools[b, h].step(entries, new_pos[b].item(), step)
                     assert (rows[b, h], hits[b, h]) == want, (layer, step, b, h)
                     assert held[b, h, :SLOTS].tolist() == pools[b, h].pos, (layer, step, b, h)
@@ -191,14 +193,17 @@ def test_a_step_run_again_reads_its_new_token_again(device, again):
 
 
 @pytest.mark.parametrize("group_select", [False, True])
-def test_a_pool_smaller_than_a_step_is_refused(group_select):
-    step_rows = BASE.topn * (1 if group_select else HQ // HKV)
+@pytest.mark.parametrize("capacity", [32, 2])
+def test_a_pool_smaller_than_a_step_is_refused(group_select, capacity):
+    """A pool holds at least a step's rows: N = min(topn, capacity) (a step reads no more), times
+    the group without group_select."""
+    step_rows = min(BASE.topn, capacity) * (1 if group_select else HQ // HKV)
     options = replace(BASE, group_select=group_select)
     with pytest.raises(ValueError, match=f"at least {step_rows} per KV head .* got "
                                          f"{step_rows - 1}"):
-        make_cache("kcache", tiny_config(), 1, 32, "cpu", torch.float32,
+        make_cache("kcache", tiny_config(), 1, capacity, "cpu", torch.float32,
                    replace(options, reuse=step_rows - 1))
-    make_cache("kcache", tiny_config(), 1, 32, "cpu", torch.float32,
+    make_cache("kcache", tiny_config(), 1, capacity, "cpu", torch.float32,
                replace(options, reuse=step_rows))
 
 
@@ -219,18 +224,54 @@ def test_device_memory_of_the_pool():
     assert long[1] - long[0] == (LAYERS - 1) * per_layer
 
 
-def test_eval_costs_count_the_bytes_reuse_saved():
-    """The evaluation's host bytes per step and sequence: what ``host_bytes_read_per_step`` counts
-    for the rows read, less what reuse found on the device."""
+def test_eval_costs_count_the_rows_the_pool_lacked(monkeypatch):
+    """The evaluation's host bytes per step and sequence with reuse: the distinct rows read from
+    host RAM (each step's rows the pool lacked, counted from what ``read`` returned) and the new
+    token's rows written, measured; far below what ``host_bytes_read_per_step`` counts without
+    reuse (every head's rows)."""
     from kcache_ops.eval.runner import Config
     from kcache_ops.eval.summary import costs
+    log = ReadLog(monkeypatch)
     plain, reused = twins("cpu", torch.float32, BASE)
     for cache in (plain, reused):
         cache.record_mass = True
     gen = torch.Generator().manual_seed(3)
     prefill([plain, reused], gen, "cpu", torch.float32)
-    decode_steps([plain, reused], gen, "cpu", torch.float32, 6)
+    steps = 6
+    decode_steps([plain, reused], gen, "cpu", torch.float32, steps)
     got = [costs(cache, tiny_config(), Config("kcache", cache.options))["host_bytes_per_step"]
            for cache in (plain, reused)]
-    saved = reused.host_bytes_saved_per_step()
-    assert saved > 0 and got[1] == pytest.approx(got[0] - saved / B)
+    missed = sum(int((rows - hits).sum()) for _, _, _, rows, hits, _ in log.calls)
+    want = (missed / steps + LAYERS * B * HKV) * D * 4 / B  # float32 rows, per sequence
+    assert got[1] == pytest.approx(want) and got[1] < got[0] / 2
+
+
+def test_group_heads_cut_to_different_prefixes(device):
+    """group_select with top_p: every head of a group gets the group's list, cut to its own
+    prefix, so one head may read rows another head of the group does not: the pool reads the
+    longest prefix. Head 0 of each group aims at one key (a prefix of 1), head 1 is nearly flat
+    (all N); the output is the twin's without reuse at every step."""
+    options = replace(KCacheOptions.paper_literal(), topn=4, group_select=True, top_p=0.5)
+    plain, reused = twins(device, torch.float32, options, slots=8)
+    gen = torch.Generator().manual_seed(4)
+    T = max(LENS)
+    k, v = (torch.randn(B, HKV, T, D, generator=gen) for _ in range(2))  # [B, Hkv, T, D]
+    lens = torch.tensor(LENS, dtype=torch.int32, device=device)
+    for cache in (plain, reused):
+        for layer in range(LAYERS):
+            cache.store_prompt(layer, k.to(device), v.to(device), lens)
+        cache.finish_prefill(lens)
+    G = HQ // HKV
+    tol = 0 if device == "cpu" else TOL[torch.float32]
+    for step in range(6):
+        q = torch.zeros(B, HQ, D)  # [B, Hq, D]
+        for h in range(HKV):
+            q[:, h * G] = 20 * k[:, h, (3 * step + h) % min(LENS)]
+            q[:, h * G + 1] = 0.01 * torch.randn(B, D, generator=gen)
+        q = q.to(device)
+        k_new, v_new = (torch.randn(B, HKV, D, generator=gen).to(device) for _ in range(2))
+        for layer in range(LAYERS):
+            torch.testing.assert_close(reused.decode(layer, q, k_new, v_new),
+                                       plain.decode(layer, q, k_new, v_new), atol=tol, rtol=tol)
+        for cache in (plain, reused):
+            cache.finish_decode()

@@ -111,12 +111,6 @@ class KCache:
         self.device = torch.device(device)
         options.check(config.num_layers, self.device)
         check_dtype(dtype)
-        step_rows = entries_per_step(options.topn, options.group_select, config.num_heads,
-                                     config.num_kv_heads)
-        if 0 < options.reuse < step_rows:  # a step's rows must all have a slot
-            how = "topn" if options.group_select else "topn x the GQA group, per-head selection"
-            raise ValueError(f"KCache: reuse must hold the rows of a whole step, at least "
-                             f"{step_rows} per KV head ({how}), got {options.reuse}")
         if config.head_dim not in (64, 128):  # what qk_topn and sparse_attn_v take
             raise ValueError(f"KCache: head_dim must be 64 or 128, got {config.head_dim} (the "
                              f"dense cache takes any)")
@@ -126,6 +120,13 @@ class KCache:
         self.capacity = capacity
         self.options = options
         self._topn = min(options.topn, capacity)  # N of a step: more than S keys are never there
+        entries = entries_per_step(self._topn, options.group_select, config.num_heads,
+                                   config.num_kv_heads)  # of a step, per KV head
+        if 0 < options.reuse < entries:  # a step's rows must all have a slot
+            how = "N" if options.group_select else "N x the GQA group, per-head selection"
+            raise ValueError(f"KCache: reuse must hold the rows of a whole step, at least "
+                             f"{entries} per KV head ({how}; N = min(topn, capacity)), got "
+                             f"{options.reuse}")
         self.record_mass = False
         shape = (batch, config.num_kv_heads, capacity, config.head_dim)  # [B, Hkv, S, D]
         # host RAM holds V of the KCache layers, and on the CPU also K and the dense layers' V
@@ -155,8 +156,6 @@ class KCache:
         self.hot = {i: HotRows(self.hot_slots, batch, config.num_kv_heads, config.head_dim,
                                self.device, dtype)
                     for i in self.v_host if options.hot_rows}  # per KCache layer, if any
-        entries = entries_per_step(self._topn, options.group_select, config.num_heads,
-                                   config.num_kv_heads)  # of a step, per KV head
         self.reuse = {i: ReusedRows(options.reuse, entries, options.group_select, batch,
                                     config.num_kv_heads, config.head_dim, self.device, dtype)
                       for i in self.v_host if options.reuse}  # per KCache layer, if any
@@ -338,8 +337,8 @@ class KCache:
         select) read, and the new token's V rows (one per KV head) written. With the default, an
         upper bound while a sequence holds fewer than N tokens or with ``top_p < 1``, and on CUDA,
         whose ``sparse_attn_v`` reads a row that several heads of a group chose once; pass the
-        measured :meth:`rows_read` for the rows selected (and with ``reuse``, less
-        :meth:`host_bytes_saved_per_step`)."""
+        measured :meth:`rows_read` for the rows selected (with ``reuse``,
+        :meth:`reuse_host_bytes_per_step` measures what the steps read)."""
         c, o = self.config, self.options
         heads = c.num_kv_heads if o.group_select else c.num_heads
         rows = heads * (self._topn if rows is None else rows) + c.num_kv_heads  # read + appended
@@ -371,6 +370,16 @@ class KCache:
         (``record_mass``) -> float; 0.0 without reuse or before a recorded step."""
         hits = self._reuse_hits.cpu() / self._mass_steps.cpu().clamp(min=1)  # [layers]
         return float(hits.sum()) * self.config.head_dim * self.k[0].element_size()
+
+    def reuse_host_bytes_per_step(self):
+        """With ``reuse``: the bytes a decode step moved between host RAM and the device,
+        measured over the recorded steps (``record_mass``): the distinct rows the pools lacked,
+        every layer and sequence, and the new token's rows written -> float; NaN before a
+        recorded step."""
+        missed = (self._reuse_rows - self._reuse_hits).cpu() / self._mass_steps.cpu()  # [layers]
+        rows = float(missed[list(self.reuse)].sum())  # 0 / 0 = NaN where none was recorded
+        written = len(self.v_host) * self.lengths.seq_lens.shape[0] * self.config.num_kv_heads
+        return (rows + written) * self.config.head_dim * self.k[0].element_size()
 
     def _recorded_mean(self, sums, dense):
         """sums [layers] (device) over the recorded steps -> [layers] on the CPU, ``dense`` at the

@@ -58,8 +58,9 @@ class KCacheOptions:
         Cross-step reuse: each KCache layer keeps the V rows it read last in a pool of ``reuse``
         rows per sequence and KV head in device memory, and a step reads from host RAM only the
         rows the pool does not hold (reuse.py); the output is the same, the host reads fewer. 0:
-        off; else at least the rows of one step (``topn``, times the GQA group without
-        ``group_select``: checked when the cache is built). Not with ``tail="mean"``.
+        off; else at least the rows of one step (N = min(``topn``, capacity), times the GQA
+        group without ``group_select``: checked when the cache is built). Not with
+        ``tail="mean"``.
     """
     topn: int = field(default=64, metadata={
         "short": "N", "help": "V rows read per head and decode step"})

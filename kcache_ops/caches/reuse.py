@@ -6,8 +6,9 @@ N = 64, 62 % of a step's rows were read the step before and 89 % within the last
 read in a pool of C rows per (sequence, KV head) in device memory, and a step
 
 1. lists the rows its selection reads: per KV head the entries of its heads' index sets (the G
-   heads' N indices one after another, or the group's one set with ``group_select``), each
-   position read by its first entry (several heads often choose the same row);
+   heads' N indices one after another, or the group's one set with ``group_select``, which
+   ``top_p`` may cut to a different prefix per head: the longest), each position read by its
+   first entry (several heads often choose the same row);
 2. looks each up among the positions the pool holds;
 3. reads the others from host RAM (``gather_rows``, one read per row) into the pool's least
    recently used slots (never one that this step reads);
@@ -18,9 +19,11 @@ A position is written once while a sequence lives (a prefill empties the pool), 
 the pool is the very row host RAM holds and the output is that of a step without reuse; only
 where the bytes come from changes. The one position a step may write again is its own new token
 (a step given up, after a failure or on purpose, and run again with another token): its row
-takes a slot for this step only and is never found there later. Device ops on fixed shapes only: no host sync, and the
-step count that orders the slots is a device tensor, so decode steps can be captured in a CUDA
-graph and replayed.
+takes a slot for this step only and is never found there later. Device ops on fixed shapes
+only: no host sync, and the step count that orders the slots is a device tensor, so decode
+steps can be captured in a CUDA graph and replayed. On CUDA the host read (``gather_rows``) runs
+on the current stream, before the low-bit tail, which it does not overlap as ``sparse_attn_v``
+on host V does (tail.py).
 """
 from collections import namedtuple
 
@@ -79,14 +82,15 @@ class ReusedRows:
         _, Hkv, C1, D = self.rows.shape
         C, G = C1 - 1, Hq // Hkv
         by_kv = indices.view(B, Hkv, G, N)  # [B, Hkv, G, N]
-        pos = by_kv[:, :, 0] if self.group_select else by_kv.reshape(B, Hkv, G * N)  # [B, Hkv, E]
+        # group_select: entry i is the group's i-th row, or -1 past a head's top_p prefix
+        pos = by_kv.amax(2) if self.group_select else by_kv.reshape(B, Hkv, G * N)  # [B, Hkv, E]
         E = pos.shape[-1]
-        # the first entry of each position: argmax takes the first of the equal maxima
-        first = (pos[..., :, None] == pos[..., None, :]).byte().argmax(-1)  # [B, Hkv, E]
+        # the first entry of each position (max gives the first of equal maxima)
+        first = (pos[..., :, None] == pos[..., None, :]).max(-1).indices  # [B, Hkv, E]
         reads = (first == self._entry) & (pos >= 0)  # [B, Hkv, E]: one entry per row read
-        found = pos[..., :, None] == self.held[..., None, :C]  # [B, Hkv, E, C]
-        hit = found.any(-1) & reads  # [B, Hkv, E]
-        slot = found.byte().argmax(-1)  # [B, Hkv, E]: the slot holding it (0 where none)
+        # E·C bools per sequence and KV head: the lookup's temporary memory
+        found, slot = (pos[..., :, None] == self.held[..., None, :C]).max(-1)  # [B, Hkv, E] x2
+        hit = found & reads  # [B, Hkv, E]; slot: the first slot holding it (0 where none)
         # the slots this step reads keep their rows; the others go least recently used first
         # (never-used -1 first), ties to the lower slot
         mine = torch.where(hit, slot, C)  # [B, Hkv, E]
@@ -100,9 +104,10 @@ class ReusedRows:
                               check_values=False)  # [B, Hkv, E, D]
         dest = torch.where(fetch, slot, C)  # [B, Hkv, E]: the others write slot C
         self.rows.scatter_(2, dest[..., None].expand(B, Hkv, E, D), fetched)
-        kept = reads & (pos != new_pos[:, None, None])  # [B, Hkv, E]: the new token's slot is
-        self.held.scatter_(2, dest, torch.where(kept, pos, -1))  # free again after this step
-        self.used.scatter_(2, torch.where(kept, slot, C), self._step.expand(B, Hkv, E))
+        # the new token's slot serves this step only: then empty, and the first to refill
+        kept = reads & (pos != new_pos[:, None, None])  # [B, Hkv, E]
+        self.held.scatter_(2, dest, torch.where(kept, pos, -1))
+        self.used.scatter_(2, torch.where(reads, slot, C), torch.where(kept, self._step, -1))
         local = slot.gather(2, first).int()  # [B, Hkv, E]: an entry reads its first entry's slot
         local = (local.view(B, Hkv, 1, N).expand(B, Hkv, G, N) if self.group_select
                  else local.view(B, Hkv, G, N))  # [B, Hkv, G, N]

@@ -153,7 +153,8 @@ class LowBitTail:
         :class:`~.hot.HotRows`, in the same ``lowbit_tail`` call), plus every other valid row
         over the copy (the top N by their positions, ``indices``, left out), weighted from
         all_scores [B, Hq, S] float32 (every score of the step) -> out [B, Hq, D] (dtype of V).
-        The host reads and the tail overlap (side stream)."""
+        ``sparse_attn_v`` runs beside the tail (side stream): the host reads overlap it, where
+        ``reads`` is host V (with reuse, the host reads came before, into the pool)."""
         with self.side.fork():
             top = sparse_attn_v(scores, reads.indices, reads.v, lse, renormalize=False,
                                 check_values=False)  # [B, Hq, D]

@@ -15,8 +15,9 @@ CONTEXTS = ("short", "long")  # the perplexity groups: 1.5K windows (+ agreement
 def costs(cache, model_config, config):
     """What a cache costs per sequence: {"host_rows" (V rows read from host per head and step,
     measured by KCache's record over its KCache layers: N, or fewer with ``top_p``; 0 for dense),
-    "host_bytes_per_step" (``host_bytes_read_per_step(rows)``, less the bytes that reuse found on
-    the device, ``host_bytes_saved_per_step``, / batch), "device_bytes_per_token"
+    "host_bytes_per_step" (``host_bytes_read_per_step(rows)`` / batch; with reuse, the measured
+    ``reuse_host_bytes_per_step`` / batch: the distinct rows its pools lacked),
+    "device_bytes_per_token"
     (``device_bytes`` / (batch · capacity)), "device_bytes_per_token_bf16" (the same cache for a
     model of ``model_config`` in bfloat16, the dtype a GPU runs: a low-bit copy weighs twice as
     much against bfloat16 K as against float32 K)}. ``config``: the eval's :class:`.Config`."""
@@ -24,7 +25,8 @@ def costs(cache, model_config, config):
     rows, host = 0.0, 0.0
     if hasattr(cache, "rows_read"):
         rows = float(cache.rows_read()[list(cache.v_host)].mean())
-        host = (cache.host_bytes_read_per_step(rows) - cache.host_bytes_saved_per_step()) / batch
+        host = (cache.reuse_host_bytes_per_step() if getattr(cache, "reuse", None)
+                else cache.host_bytes_read_per_step(rows)) / batch
     bf16 = sequence_bytes(config.backend, model_config, config.options, cache.capacity,
                           torch.bfloat16)[0]
     return {"host_rows": rows, "host_bytes_per_step": host,
