@@ -368,7 +368,7 @@ class KCache:
         """With ``reuse``: the bytes of host RAM a decode step did not read because the rows
         were on the device, over every layer and sequence, averaged over the recorded steps
         (``record_mass``) -> float; 0.0 without reuse or before a recorded step."""
-        hits = self._reuse_hits.cpu() / self._mass_steps.cpu().clamp(min=1)  # [layers]
+        hits = self._recorded_mean(self._reuse_hits, dense=0.0).nan_to_num(nan=0.0)  # [layers]
         return float(hits.sum()) * self.config.head_dim * self.k[0].element_size()
 
     def reuse_host_bytes_per_step(self):
@@ -376,8 +376,8 @@ class KCache:
         measured over the recorded steps (``record_mass``): the distinct rows the pools lacked,
         every layer and sequence, and the new token's rows written -> float; NaN before a
         recorded step."""
-        missed = (self._reuse_rows - self._reuse_hits).cpu() / self._mass_steps.cpu()  # [layers]
-        rows = float(missed[list(self.reuse)].sum())  # 0 / 0 = NaN where none was recorded
+        missed = self._recorded_mean(self._reuse_rows - self._reuse_hits, dense=0.0)  # [layers]
+        rows = float(missed.sum())  # 0 / 0 = NaN where none was recorded
         written = len(self.v_host) * self.lengths.seq_lens.shape[0] * self.config.num_kv_heads
         return (rows + written) * self.config.head_dim * self.k[0].element_size()
 

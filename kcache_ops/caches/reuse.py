@@ -31,9 +31,9 @@ import torch
 
 from ..ops import gather_rows
 
-Reads = namedtuple("Reads", "indices v")
-Reads.__doc__ = """The V rows a decode step attends over: indices [B, Hq, N] int32 (-1 padding)
-into the rows of v [B, Hkv, S', D] (host V itself, S' = S, or the pool of reused rows)."""
+class Reads(namedtuple("Reads", "indices v")):
+    """The V rows a decode step attends over: indices [B, Hq, N] int32 (-1 padding) into the rows
+    of v [B, Hkv, S', D] (host V itself, S' = S, or the pool of reused rows)."""
 
 
 def entries_per_step(topn, group_select, num_heads, num_kv_heads):

@@ -22,7 +22,7 @@ step run again appends the same position again), keeps it when the step is done
 (:meth:`commit`, from ``KCache.finish_decode``) and attends
 (:meth:`attend`, given every score of the step when its ``needs_scores`` is True or the layer
 has hot rows, else None, and the rows to read as a :class:`~.reuse.Reads`: host V, or the
-device block of reused rows);
+device pool of reused rows);
 ``nbytes`` is the device memory it holds. With hot rows (hot.py), ``attend`` also takes the
 layer's :class:`~.hot.HotRows` and adds their exact part: :class:`NoTail` from their
 :class:`~.hot.HotPart` (a few torch ops), :class:`LowBitTail` inside its ``lowbit_tail`` call

@@ -75,8 +75,10 @@ def run(args):
           f"{result.cache.host_bytes() / mib:.1f} MiB host memory", file=sys.stderr)
     if options is not None and options.reuse:
         rate = result.cache.reuse_hit_rate()[list(result.cache.reuse)].nanmean()  # KCache layers
-        print(f"reuse: {100 * rate:.0f}% of the V rows a step read came from the device pool "
-              f"({options.reuse} rows per KV head), "
-              f"{result.cache.host_bytes_saved_per_step() / 1024:.1f} KiB of host reads saved "
-              f"per step" if not rate.isnan() else "reuse: no decode step read a V row from "
-              "host RAM", file=sys.stderr)
+        if rate.isnan():
+            print("reuse: no decode step read a V row from host RAM", file=sys.stderr)
+        else:
+            print(f"reuse: {100 * rate:.0f}% of the V rows a step read came from the device pool "
+                  f"({options.reuse} rows per KV head), "
+                  f"{result.cache.host_bytes_saved_per_step() / 1024:.1f} KiB of host reads "
+                  f"saved per step", file=sys.stderr)

@@ -17,10 +17,10 @@ def costs(cache, model_config, config):
     measured by KCache's record over its KCache layers: N, or fewer with ``top_p``; 0 for dense),
     "host_bytes_per_step" (``host_bytes_read_per_step(rows)`` / batch; with reuse, the measured
     ``reuse_host_bytes_per_step`` / batch: the distinct rows its pools lacked),
-    "device_bytes_per_token"
-    (``device_bytes`` / (batch · capacity)), "device_bytes_per_token_bf16" (the same cache for a
-    model of ``model_config`` in bfloat16, the dtype a GPU runs: a low-bit copy weighs twice as
-    much against bfloat16 K as against float32 K)}. ``config``: the eval's :class:`.Config`."""
+    "device_bytes_per_token" (``device_bytes`` / (batch · capacity)),
+    "device_bytes_per_token_bf16" (the same cache for a model of ``model_config`` in bfloat16,
+    the dtype a GPU runs: a low-bit copy weighs twice as much against bfloat16 K as against
+    float32 K)}. ``config``: the eval's :class:`.Config`."""
     batch = cache.seq_lens.shape[0]
     rows, host = 0.0, 0.0
     if hasattr(cache, "rows_read"):
