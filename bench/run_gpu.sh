@@ -16,7 +16,7 @@
 #   tests     tests/test_cuda_*.py but the CPU emulator's, then the op tests (test_qk_topn,
 #             test_sparse_attn_v; the default decode path's test_lowbit_tail, test_quantize_rows,
 #             test_decode_sync, test_hot_rows, test_side_stream, test_cache; test_gather_rows,
-#             test_op_errors, test_alloc_host):
+#             test_reuse_rows, test_op_errors, test_alloc_host):
 #             one pytest per file under `timeout`, and a per-test time-out (--timeout,
 #             pytest-timeout is installed there); their CUDA cases only
 #             (KCACHE_OPS_TEST_DEVICES=cuda: CI runs the CPU ones)
@@ -215,8 +215,8 @@ ensure_build() {  # ensure_build STAGE: build first where this machine has no CU
 CUDA_TESTS=$(ls tests/test_cuda_*.py | grep -v test_cuda_emu)
 OP_TESTS=$(ls tests/test_qk_topn.py tests/test_sparse_attn_v.py tests/test_lowbit_tail.py \
   tests/test_quantize_rows.py tests/test_decode_sync.py tests/test_hot_rows.py \
-  tests/test_side_stream.py tests/test_cache.py tests/test_gather_rows.py tests/test_op_errors.py \
-  tests/test_alloc_host.py 2> /dev/null)
+  tests/test_side_stream.py tests/test_cache.py tests/test_gather_rows.py \
+  tests/test_reuse_rows.py tests/test_op_errors.py tests/test_alloc_host.py 2> /dev/null)
 LONG_TESTS="test_cuda_ops test_lowbit_tail"  # LIMIT_LONG_TEST, the other files LIMIT_TEST
 # the rest of the suite, the CMake rebuild last
 SLOW_TESTS=$(ls tests/test_*.py | grep -vxF -e "$CUDA_TESTS" -e "$OP_TESTS" | grep -v cmake_build)

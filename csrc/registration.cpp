@@ -38,6 +38,21 @@ TORCH_LIBRARY(kcache_ops, m) {
       "lowbit_tail(Tensor scores, Tensor seq_lens, Tensor lse, Tensor indices, Tensor v_codes, "
       "Tensor v_meta, int bits, bool check_values=True, int skip_first=0, int skip_last=0, "
       "Tensor? hot_v=None, Tensor? hot_pos=None) -> Tensor");
+  // KCache's pool of reused V rows (DESIGN.md §7), one decode step: indices [B, Hq, N] int32,
+  // v_host [B, Hkv, S, D], new_pos [B] int32, the pool rows [B, Hkv, C, D] (dtype of v_host),
+  // held [B, Hkv, C] int32, used [B, Hkv, C] int32, step [1] int32 (device)
+  //   -> pool_indices [B, Hq, N] int32 (slots of rows), counts [B, Hkv, 2] int32 (distinct
+  //      positions read, those found in the pool); rows, held and used updated in place.
+  // The rows a step reads (per KV head the G heads' N entries one after another, or with
+  // group_select the group's one list, the entry-wise max) in first-entry order: each found at the
+  // first slot holding it, or read from v_host into the slots not read this step in ascending
+  // (used, slot) order; every read slot gets used = step, except the one of new_pos (held and used
+  // -1 after the step). An index outside [0, S) is padding. C must be at least E = G * N (N with
+  // group_select).
+  m.def(
+      "reuse_rows(Tensor indices, Tensor v_host, Tensor new_pos, Tensor(a!) rows, "
+      "Tensor(b!) held, Tensor(c!) used, Tensor step, bool group_select, "
+      "bool check_values=True) -> (Tensor pool_indices, Tensor counts)");
   // a pinned, device-mapped CPU tensor (an ordinary CPU tensor where no GPU is present)
   m.def("alloc_host(int[] shape, ScalarType dtype) -> Tensor");
   // MemAvailable of /proc/meminfo in bytes, -1 where it cannot be read
@@ -51,6 +66,7 @@ TORCH_LIBRARY(kcache_ops, m) {
 // kcache_ops::<op> is not implemented, instead of passing with no gradient (torch's default for an
 // op without an autograd kernel only warns).
 TORCH_LIBRARY_IMPL(kcache_ops, Autograd, m) {
-  for (const char* op : {"qk_topn", "sparse_attn_v", "gather_rows", "lowbit_tail", "quantize_rows"})
+  for (const char* op : {"qk_topn", "sparse_attn_v", "gather_rows", "lowbit_tail", "quantize_rows",
+                          "reuse_rows"})
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
 }

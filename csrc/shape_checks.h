@@ -140,6 +140,58 @@ inline GatherRowsDims check_gather_rows_args(const at::Tensor& src, const at::Te
   return {B, H, Hs, H / Hs, N, S, D};
 }
 
+// Sizes of a reuse_rows call: E the entries of a step per KV head (G * N, or N with group_select).
+struct ReuseRowsDims {
+  int64_t B, Hq, Hkv, G, N, S, D, C, E;
+};
+
+// indices [B, Hq, N] int32, v_host [B, Hkv, S, D], new_pos [B] int32, rows [B, Hkv, C, D]
+// (contiguous, dtype of v_host), held and used [B, Hkv, C] int32 (contiguous), step [1] int32;
+// C >= E.
+inline ReuseRowsDims check_reuse_rows_args(const at::Tensor& indices, const at::Tensor& v_host,
+                                           const at::Tensor& new_pos, const at::Tensor& rows,
+                                           const at::Tensor& held, const at::Tensor& used,
+                                           const at::Tensor& step, bool group_select) {
+  KC_CHECK_DIM(indices, 3);
+  KC_CHECK_DIM(v_host, 4);
+  KC_CHECK_DIM(new_pos, 1);
+  KC_CHECK_DIM(rows, 4);
+  KC_CHECK_DIM(held, 3);
+  KC_CHECK_DIM(used, 3);
+  KC_CHECK_DIM(step, 1);
+  KC_CHECK_DTYPE(indices, at::kInt);
+  KC_CHECK_DTYPE(new_pos, at::kInt);
+  KC_CHECK_DTYPE(held, at::kInt);
+  KC_CHECK_DTYPE(used, at::kInt);
+  KC_CHECK_DTYPE(step, at::kInt);
+  KC_CHECK_SAME_DTYPE(rows, v_host);
+  const int64_t B = indices.size(0), Hq = indices.size(1), N = indices.size(2);
+  const int64_t Hkv = v_host.size(1), S = v_host.size(2), D = v_host.size(3);
+  TORCH_CHECK(v_host.size(0) == B, "v_host batch (", v_host.size(0),
+              ") must equal indices batch (", B, ")");
+  KC_CHECK_GQA(Hq, Hkv, "indices", "v_host");
+  TORCH_CHECK(new_pos.size(0) == B, "new_pos must have shape [", B, "] (indices batch), got ",
+              new_pos.sizes());
+  TORCH_CHECK(step.size(0) == 1, "step must have shape [1], got ", step.sizes());
+  const int64_t C = rows.size(2);
+  TORCH_CHECK(rows.size(0) == B && rows.size(1) == Hkv && rows.size(3) == D,
+              "rows must have shape [", B, ", ", Hkv, ", C, ", D, "] (v_host's batch, heads and ",
+              "head dim), got ", rows.sizes());
+  TORCH_CHECK(held.sizes() == rows.sizes().slice(0, 3), "held must have shape ",
+              rows.sizes().slice(0, 3), " (rows' [B, Hkv, C]), got ", held.sizes());
+  TORCH_CHECK(used.sizes() == held.sizes(), "used must have shape ", held.sizes(),
+              " (rows' [B, Hkv, C]), got ", used.sizes());
+  const int64_t E = group_select ? N : Hq / Hkv * N;
+  TORCH_CHECK(C >= E, "rows must have at least ", E, " slots (the rows of one step: ",
+              group_select ? "N with group_select" : "G x N", "), got ", C);
+  TORCH_CHECK(S < (int64_t{1} << 31), "v_host must have fewer than 2^31 rows, got ", S);
+  KC_CHECK_LAST_CONTIGUOUS(v_host);
+  KC_CHECK_LAST_CONTIGUOUS(indices);
+  TORCH_CHECK(rows.is_contiguous() && held.is_contiguous() && used.is_contiguous(),
+              "rows, held and used must be contiguous (the pool, updated in place)");
+  return {B, Hq, Hkv, Hq / Hkv, N, S, D, C, E};
+}
+
 // Sizes of a quantize_rows call: rows = the product of v's leading dims.
 struct QuantizeRowsDims {
   int64_t rows, D, bits, code_bytes;  // code_bytes = D * bits / 8 per row

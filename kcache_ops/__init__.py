@@ -13,7 +13,7 @@ except ImportError as e:
                       f"instead of the installed package): run `make build` there, or import "
                       f"kcache_ops from outside the checkout") from e
 from .ops import (alloc_host, built_with_cuda, gather_rows, host_bytes_available, lowbit_tail,
-                  qk_topn, quantize_rows, sparse_attn_v)
+                  qk_topn, quantize_rows, reuse_rows, sparse_attn_v)
 
 __all__ = ["alloc_host", "built_with_cuda", "gather_rows", "host_bytes_available", "lowbit_tail",
-           "qk_topn", "quantize_rows", "sparse_attn_v"]
+           "qk_topn", "quantize_rows", "reuse_rows", "sparse_attn_v"]

@@ -137,6 +137,62 @@ def gather_rows(src, indices, check_values=True):
     return torch.ops.kcache_ops.gather_rows(src, indices, check_values)
 
 
+def reuse_rows(indices, v_host, new_pos, rows, held, used, step, group_select,
+               check_values=True):
+    """One decode step of KCache's pool of reused V rows (DESIGN.md §7; ``KCacheOptions.reuse``):
+    the rows a step selected, found in the pool or read from host RAM into it, and where each
+    lies. A position's V never changes while its sequence lives, so attending over the pool at
+    ``pool_indices`` gives the output of attending over ``v_host`` at ``indices``.
+
+    The step reads, per (sequence, KV head), the positions of its E entries: per head the G
+    heads' N indices one after another (E = G·N); with ``group_select`` the group's one list
+    (E = N), the entry-wise max over its heads (``top_p`` may cut each head to a prefix of it).
+    Each distinct position, in the order of its first entry, is either found (the first slot
+    whose ``held`` is it) or read from ``v_host`` into the next slot in refill order: the slots
+    not found this step, ascending by ``used`` (the step each was last read, -1 never), ties to
+    the lower slot. Every slot read gets ``used = step``; a row read for the step's new token
+    (``new_pos``) serves this step only (its slot's ``held`` and ``used`` become -1), so that a
+    step run again with another token finds no stale row. On CUDA: one launch, no host
+    synchronisation with ``check_values=False``, safe to capture in a CUDA graph (the step number
+    is read on the device).
+
+    Parameters
+    ----------
+    indices : Tensor [B, Hq, N] int32
+        The step's selection (``qk_topn``'s indices), -1 for padding.
+    v_host : Tensor [B, Hkv, S, D]
+        V, as :func:`sparse_attn_v` takes it (on CUDA: pinned, device-mapped host memory, rows a
+        multiple of 16 bytes).
+    new_pos : Tensor [B] int32
+        The position of each sequence's new token.
+    rows : Tensor [B, Hkv, C, D], dtype of ``v_host``, contiguous, updated
+        The pool: slot ``c`` holds V of position ``held[b, h, c]``. ``C >= E``; on CUDA at most
+        2048 slots and 2048 entries per (sequence, KV head).
+    held : Tensor [B, Hkv, C] int32, contiguous, updated
+        The position each slot holds, -1 none.
+    used : Tensor [B, Hkv, C] int32, contiguous, updated
+        The step each slot was last read, -1 never.
+    step : Tensor [1] int32
+        This step's number (the caller counts the steps).
+    group_select : bool
+        Whether ``indices`` come from ``qk_topn(group_select=True)``.
+    check_values : bool
+        True: an index outside ``[-1, S)`` raises an error naming it (on CUDA a device→host
+        synchronisation, skipped under CUDA graph capture and with ``KCACHE_OPS_VALIDATE=0``).
+        False: such an index is padding, unreported. The CPU path always checks.
+
+    Returns
+    -------
+    pool_indices : Tensor [B, Hq, N] int32
+        The slot of each entry's row, -1 for padding: :func:`sparse_attn_v`'s indices over
+        ``rows``.
+    counts : Tensor [B, Hkv, 2] int32
+        The distinct positions the step read, and how many of them the pool held.
+    """
+    return torch.ops.kcache_ops.reuse_rows(indices, v_host, new_pos, rows, held, used, step,
+                                           group_select, check_values)
+
+
 def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True,
                 skip_first=0, skip_last=0, hot_v=None, hot_pos=None):
     """The low-bit tail: the attention of every valid key a head did not select, with its exact
@@ -371,3 +427,13 @@ def _(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True, 
                                 "hot_pos": (hot_pos, 2)})
     B, Hq, _ = scores.shape
     return scores.new_empty((B, Hq, v_codes.shape[-1] * 8 // bits))
+
+
+@torch.library.register_fake("kcache_ops::reuse_rows")
+def _(indices, v_host, new_pos, rows, held, used, step, group_select, check_values=True):
+    _check_fake("reuse_rows", {"indices": (indices, 3), "v_host": (v_host, 4),
+                               "new_pos": (new_pos, 1), "rows": (rows, 4), "held": (held, 3),
+                               "used": (used, 3), "step": (step, 1)}, host=("v_host",))
+    B, Hq, N = indices.shape
+    return (indices.new_empty((B, Hq, N), dtype=torch.int32),
+            indices.new_empty((B, v_host.shape[1], 2), dtype=torch.int32))

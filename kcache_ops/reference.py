@@ -119,6 +119,56 @@ def gather_rows(src, indices):
     return dst.masked_fill((indices < 0)[..., None], 0)
 
 
+def reuse_rows(indices, v_host, new_pos, rows, held, used, step, group_select):
+    """Reference of kcache_ops.reuse_rows: one decode step of KCache's pool of reused V rows.
+    Updates ``rows``, ``held`` and ``used`` in place, as the op does.
+
+    indices [B, Hq, N] int32 (outside [0, S): padding), v_host [B, Hkv, S, D], new_pos [B] int32,
+    rows [B, Hkv, C, D], held [B, Hkv, C] int32, used [B, Hkv, C] int32, step [1] int32
+    -> pool_indices [B, Hq, N] int32, counts [B, Hkv, 2] int32 (distinct positions read, found)
+    """
+    B, Hq, N = indices.shape
+    Hkv, S, D = v_host.shape[1:]
+    C, G = held.shape[-1], Hq // Hkv
+    if N == 0:  # no entry: nothing read
+        return indices.new_empty(B, Hq, 0), indices.new_zeros(B, Hkv, 2)
+    valid = (indices >= 0) & (indices < S)  # [B, Hq, N]
+    by_kv = torch.where(valid, indices, -1).view(B, Hkv, G, N)  # [B, Hkv, G, N]
+    pos = by_kv.amax(2) if group_select else by_kv.reshape(B, Hkv, G * N)  # [B, Hkv, E]
+    E = pos.shape[-1]
+    # each entry's first entry of its position (max gives the first of equal maxima)
+    first = (pos[..., :, None] == pos[..., None, :]).max(-1).indices  # [B, Hkv, E]
+    reads = (first == torch.arange(E, device=pos.device)) & (pos >= 0)  # [B, Hkv, E]
+    found, slot = (pos[..., :, None] == held[..., None, :]).max(-1)  # [B, Hkv, E] x2
+    hit = found & reads  # [B, Hkv, E]; slot: the first slot holding it
+    # refill order: ascending step last read (below -1 as -1), ties to the lower slot; the slots
+    # found never (after every int32). Slot C takes the writes of entries that write nothing.
+    last = torch.cat([used.long().clamp(min=-1), used.new_zeros(B, Hkv, 1).long()], -1)
+    last = last.scatter(2, torch.where(hit, slot, C), 1 << 32)  # [B, Hkv, C + 1]
+    victims = last[..., :C].argsort(dim=-1, stable=True)[..., :E]  # [B, Hkv, E]
+    fetch = reads & ~hit  # [B, Hkv, E]: rows read from host RAM, the i-th into victim i
+    rank = (fetch.cumsum(-1) - 1).clamp(min=0)  # [B, Hkv, E]
+    slot = torch.where(hit, slot, victims.gather(2, rank))  # [B, Hkv, E]
+    kept = reads & (pos != new_pos[:, None, None].to(pos.device))  # the new token: this step only
+    dest = torch.where(fetch, slot, C)  # [B, Hkv, E]
+    fetched = gather_rows(v_host, torch.where(fetch, pos, -1).to(rows.device))  # [B, Hkv, E, D]
+    pool = torch.cat([rows, rows.new_zeros(B, Hkv, 1, D)], 2)  # [B, Hkv, C + 1, D]
+    pool.scatter_(2, dest[..., None].expand(B, Hkv, E, D), fetched)
+    pos_of = torch.cat([held, held.new_zeros(B, Hkv, 1)], -1)  # [B, Hkv, C + 1]
+    pos_of.scatter_(2, dest, torch.where(kept, pos, -1).int())
+    last_of = torch.cat([used, used.new_zeros(B, Hkv, 1)], -1)  # [B, Hkv, C + 1]
+    last_of.scatter_(2, torch.where(reads, slot, C), torch.where(kept, step, -1).int())
+    rows.copy_(pool[:, :, :C])
+    held.copy_(pos_of[..., :C])
+    used.copy_(last_of[..., :C])
+    local = slot.gather(2, first).int()  # [B, Hkv, E]: an entry reads its first entry's slot
+    local = (local.view(B, Hkv, 1, N).expand(B, Hkv, G, N) if group_select
+             else local.view(B, Hkv, G, N))  # [B, Hkv, G, N]
+    pool_indices = torch.where(valid, local.reshape(B, Hq, N), -1)  # [B, Hq, N]
+    counts = torch.stack([reads.sum(-1), hit.sum(-1)], -1).int()  # [B, Hkv, 2]
+    return pool_indices, counts
+
+
 def sparse_attn_v(scores, indices, v_cache, lse=None, renormalize=True, v_sum=None,
                   seq_lens=None):
     """Reference of kcache_ops.sparse_attn_v.

@@ -17,6 +17,12 @@ def test_opcheck(device):
     scores, indices, lse, _ = ops.qk_topn(q, k, lens, 16, 0.125, False)
     torch.library.opcheck(ops.sparse_attn_v.default, (scores, indices, v, lse, False))
     torch.library.opcheck(ops.gather_rows.default, (v, indices))
+    pool = (torch.zeros(2, 2, 64, 64, device=device),
+            torch.full((2, 2, 64), -1, dtype=torch.int32, device=device),
+            torch.full((2, 2, 64), -1, dtype=torch.int32, device=device))  # rows, held, used
+    torch.library.opcheck(ops.reuse_rows.default,
+                          (indices, v, lens, *pool, torch.zeros(1, dtype=torch.int32,
+                                                                device=device), False))
     torch.library.opcheck(ops.alloc_host.default, ([2, 3], torch.bfloat16),
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -51,6 +57,9 @@ def test_fake_checks_name_the_argument():
             ops.sparse_attn_v(scores[0], indices, torch.randn(2, 2, 10, 64))
         with pytest.raises(RuntimeError, match=r"indices must have 3 dims, got shape \[4, 3\]"):
             ops.gather_rows(torch.randn(2, 2, 10, 64), indices[0])
+        with pytest.raises(RuntimeError, match=r"held must have 3 dims, got shape \[3\]"):
+            ops.reuse_rows(indices, torch.randn(2, 2, 10, 64), lens, torch.randn(2, 2, 3, 64),
+                           lens.new_zeros(3), lens.new_zeros(2, 2, 3), lens.new_zeros(1), False)
         with pytest.raises(RuntimeError, match="bits must be 2 or 4, got 0"):
             ops.quantize_rows(torch.randn(3, 64), 0)
         with pytest.raises(RuntimeError, match="alloc_host: shape must have no negative size"):

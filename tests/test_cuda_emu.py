@@ -28,6 +28,7 @@ from test_lowbit_tail import skipped_case as skipped_lowbit_case
 from test_lowbit_tail import v_near_the_float_range
 from test_qk_topn import SCORE_TOL, check_top_p, check_topn, make_qk
 from test_quantize_rows import extreme_rows, make_rows, signed_zero_rows
+from test_reuse_rows import selection as reuse_selection
 from test_sparse_attn_v import check_attn, make_selection, make_tail_case, overlapping_indices
 from test_sparse_attn_v import check_tail as check_mean_tail
 
@@ -1157,14 +1158,14 @@ def test_asan_lowbit_tail(asan_exe, sms):
         check_lowbit_tail(scores, lens, lse, indices, codes, meta, bits, out)
 
 
-def _lowbit_tail_barriers():
-    """'file:line' of every __syncthreads in lowbit_tail_kernel.cuh."""
-    path = emu.KERNEL_DIR / "lowbit_tail_kernel.cuh"
+def _barriers(kernel_file):
+    """'file:line' of every __syncthreads in csrc/cuda/<kernel_file>."""
+    path = emu.KERNEL_DIR / kernel_file
     return [f"{path.name}:{i + 1}" for i, line in enumerate(path.read_text().splitlines())
             if re.search(r"__syncthreads\(\)", line)]
 
 
-@pytest.mark.parametrize("site", _lowbit_tail_barriers())
+@pytest.mark.parametrize("site", _barriers("lowbit_tail_kernel.cuh"))
 def test_lowbit_tail_missing_barrier_is_caught(race_exe, site):
     """Each barrier of lowbit_tail_kernel removed in turn: the race check stops the run, without
     hot rows or with them (one chunk of 250 keys, 300 slots in 3 tiles: the hot rows' barriers;
@@ -1207,3 +1208,79 @@ def test_lowbit_tail_hot_rows(race_exe, S, sms, H, dtype, G, D):
     ref = R.lowbit_tail(*args, 2, first, last, hot_v, hot_pos)
     assert not out.isnan().any()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+# ---- reuse_rows ---------------------------------------------------------------------------------
+
+def run_reuse_rows(exe, indices, v, new_pos, pool, step, group_select, seeds=SEEDS,
+                   skip_barrier=None):
+    """reuse_rows on the emulator: indices [B, Hq, N] int32, v [B, Hkv, S, D], new_pos [B] int32,
+    pool (rows [B, Hkv, C, D], held and used [B, Hkv, C] int32) -> pool_indices [B, Hq, N],
+    counts [B, Hkv, 2], the pool after the step (the inputs are left as they were)."""
+    tensors = dict(indices=indices, v_host=v, new_pos=new_pos, rows=pool[0], held=pool[1],
+                   used=pool[2], step=torch.tensor([step], dtype=torch.int32))
+    out = emu.run(exe, "reuse_rows", dict(group_select=int(group_select)), tensors, seeds=seeds,
+                  skip_barrier=skip_barrier)
+    return out["pool_indices"], out["counts"], [out["rows"], out["held"], out["used"]]
+
+
+def check_reuse_steps(exe, B, Hkv, G, N, C, D, dtype, group_select, steps=4, span=None,
+                      seeds=SEEDS, skip_barrier=None):
+    """``steps`` steps of the emulated kernel and of the reference from an empty pool (rows NaN),
+    selections from a window that drifts by a position a step, every other step's new token
+    among its rows, a few indices out of range (padding): the same slots, counts and pool state
+    bit for bit -> the counts summed over the steps."""
+    S = 3 * N + steps + 8
+    span = span or 2 * N
+    v = torch.randn(B, Hkv, S, D).to(dtype)  # [B, Hkv, S, D]
+    pool = [torch.full((B, Hkv, C, D), float("nan")).to(dtype),
+            torch.full((B, Hkv, C), -1, dtype=torch.int32),
+            torch.full((B, Hkv, C), -1, dtype=torch.int32)]  # rows, held, used
+    gen = torch.Generator().manual_seed(0)
+    total = torch.zeros(2, dtype=torch.int32)
+    for step in range(steps):
+        indices = reuse_selection(B, G * Hkv, Hkv, N, span, group_select, gen=gen) + step
+        indices = torch.where(indices >= step, indices, -1)  # [B, Hq, N]
+        if not group_select:
+            indices[:, 0, -1] = S + step  # out of range: padding
+        new_pos = (indices[:, 0].amax(-1) if step % 2 else
+                   torch.full((B,), S - 1, dtype=torch.int32))  # [B]
+        want_pool = [t.clone() for t in pool]
+        want = R.reuse_rows(indices, v, new_pos, *want_pool, torch.tensor([step]).int(),
+                            group_select)
+        got_indices, counts, pool = run_reuse_rows(exe, indices, v, new_pos, pool, step,
+                                                   group_select, seeds, skip_barrier)
+        assert torch.equal(got_indices, want[0]) and torch.equal(counts, want[1]), step
+        for got, ref in zip(pool, want_pool):
+            torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
+        total += counts.sum((0, 1))
+    return total
+
+
+@pytest.mark.parametrize("dtype, D, G, N, extra, group_select", [
+    (torch.float32, 64, 1, 9, 5, False),
+    (torch.bfloat16, 128, 4, 6, 0, False),
+    (torch.float16, 64, 3, 10, 10, True),
+    (torch.float32, 64, 8, 40, 280, False),
+    (torch.bfloat16, 64, 4, 300, 0, True),
+], ids=["G1", "C_equal_E", "group", "runs_of_2_sort_1024", "group_300"])
+def test_reuse_rows_matches_reference(race_exe, dtype, D, G, N, extra, group_select):
+    """Pools of E + extra slots (E = G·N per head, N with group_select): C = E, more entries
+    than threads (each thread a run of 2) and a sort of 1024 keys for 600 slots."""
+    E = N if group_select else G * N
+    reads, hits = check_reuse_steps(race_exe, 2, 2, G, N, E + extra, D, dtype, group_select)
+    assert 0 < hits < reads
+
+
+def test_asan_reuse_rows(asan_exe):
+    """The last row of V and the last slot of the pool under ASan + UBSan."""
+    check_reuse_steps(asan_exe, 2, 1, 3, 7, 21, 128, torch.bfloat16, False, steps=3,
+                      seeds=(1,))
+
+
+@pytest.mark.parametrize("site", _barriers("reuse_rows_kernel.cuh"))
+def test_reuse_rows_missing_barrier_is_caught(race_exe, site):
+    """Each barrier of reuse_rows_kernel removed in turn: the race check stops the run."""
+    with pytest.raises(emu.EmulatorError, match="race|not written in this block"):
+        check_reuse_steps(race_exe, 1, 1, 4, 5, 24, 64, torch.float32, False, steps=2,
+                          seeds=(1,), skip_barrier=site)

@@ -225,6 +225,27 @@ def test_gather_rows_is_a_copy(dtype, D):
     assert torch.equal(got.cpu(), reference.gather_rows(src, idx.cpu()))
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_reuse_rows_matches_reference(shape, group_select):
+    """reuse_rows over decode steps at the model shapes, N = 64, a pool of two steps' rows (of
+    the group of 16 per head: 2048, the limit): slots, counts and the pool equal the
+    reference's (test_reuse_rows.Twins); a pool one slot larger than the limit is refused."""
+    from test_reuse_rows import Twins, run_steps
+    Hq, Hkv, D = shape
+    N = 64
+    C = 2 * (N if group_select else Hq // Hkv * N)
+    twins = Twins(2, Hkv, 300, D, C, "cuda", torch.bfloat16)
+    reads, hits = run_steps(twins, 2, Hq, Hkv, N, 200, group_select)
+    assert 0 < hits < reads
+    rows, held, used = (t.new_zeros(2, Hkv, 2049, *t.shape[3:]) for t in twins.op)
+    with pytest.raises(RuntimeError, match="at most 2048 slots"):
+        kcache_ops.reuse_rows(torch.zeros(2, Hq, N, dtype=torch.int32, device="cuda"),
+                              twins.v_host, torch.zeros(2, dtype=torch.int32, device="cuda"),
+                              rows, held, used, torch.zeros(1, dtype=torch.int32, device="cuda"),
+                              group_select)
+
+
 def test_value_checks():
     q, k, lens = random_case(2, 4, 2, 100, 64, torch.float16)
     with pytest.raises(RuntimeError, match="seq_lens"):

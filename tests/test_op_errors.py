@@ -169,6 +169,40 @@ def test_gather_rows_bad_arguments(attn):
             kcache_ops.gather_rows(*args)
 
 
+def test_reuse_rows_bad_arguments(attn):
+    """reuse_rows: each argument's rank, dtype and shape against the others; a pool smaller than
+    a step."""
+    _, indices, v, _ = attn
+    dev = indices.device
+    C = G * N  # a step's rows per KV head
+    pool = [torch.zeros(B, HKV, C, D, device=dev), torch.full((B, HKV, C), -1, device=dev).int(),
+            torch.full((B, HKV, C), -1, device=dev).int()]  # rows, held, used
+    new_pos, step = torch.zeros(B, device=dev).int(), torch.zeros(1, device=dev).int()
+    args = (indices, v, new_pos, *pool, step, False)
+    cases = [
+        (change(args, 0, indices.long()), "indices must be Int, got Long"),
+        (change(args, 2, new_pos.long()), "new_pos must be Int, got Long"),
+        (change(args, 5, pool[2].long()), "used must be Int, got Long"),
+        (change(args, 3, pool[0].half()), "rows and v_host must have the same dtype"),
+        (change(args, 2, new_pos[:1]), r"new_pos must have shape \[2\] \(indices batch\)"),
+        (change(args, 6, step.expand(2)), r"step must have shape \[1\], got \[2\]"),
+        (change(args, 3, pool[0][..., :32]), r"rows must have shape \[2, 2, C, 64\]"),
+        (change(args, 4, pool[1][:1]), r"held must have shape \[2, 2, 8\]"),
+        (change(args, 5, pool[2][..., :3]), r"used must have shape \[2, 2, 8\]"),
+        (change(args, 1, v[:, :1]), r"rows must have shape \[2, 1, C, 64\]"),
+        (change(args, 4, pool[1].transpose(0, 1).contiguous().transpose(0, 1)),
+         "rows, held and used must be contiguous"),
+        ((indices, v, new_pos, *[t[:, :, :C - 1] for t in pool], step, False),
+         r"rows must have at least 8 slots \(the rows of one step: G x N\), got 7"),
+    ]
+    for args_, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            kcache_ops.reuse_rows(*args_)
+    # group_select: a step is N rows, so N slots do
+    small = [t[:, :, :N] for t in pool]
+    kcache_ops.reuse_rows(indices, v, new_pos, *[t.contiguous() for t in small], step, True)
+
+
 @pytest.mark.parametrize("v, bits, message", [
     (lambda d: torch.randn(4, 64, device=d), 3, "bits must be 2 or 4, got 3"),
     (lambda d: torch.randn(4, 64, device=d), 8, "bits must be 2 or 4, got 8"),

@@ -113,7 +113,7 @@ def _put_str(parts, s):
 
 
 def write_case(path, op, scalars, tensors):
-    """op: 'qk_topn' | 'sparse_attn_v' | 'gather_rows'; scalars: name -> number; tensors: name ->
+    """op: an op of harness.cpp's run_case; scalars: name -> number; tensors: name ->
     CPU tensor (any strides: its whole storage is written with sizes, strides and offset)."""
     parts = [b"KEMUCASE"]
     _put_str(parts, op)

@@ -4,6 +4,7 @@
 // dim and group slice repeated here (launch_utils.h holds it next to torch). The only translation
 // unit that holds kernel code: its static data is the kernels' __shared__ memory (shared.ld), and
 // it is the one compiled with the access instrumentation that feeds the race check of runtime.cpp.
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -13,6 +14,7 @@
 #include "lowbit_tail_launch.h"
 #include "qk_topn_launch.h"
 #include "quantize_rows_launch.h"
+#include "reuse_rows_launch.h"
 #include "selftest_kernels.cuh"
 #include "sparse_attn_v_launch.h"
 
@@ -166,6 +168,36 @@ Outputs run_gather_rows(const Case& c) {
   return {{"dst", dst}};
 }
 
+// A contiguous copy of `t` (contiguous itself): a tensor an op updates in place.
+Tensor updatable_copy(const Tensor& t) {
+  Tensor copy = make_tensor(t.dtype, t.sizes, 0xff);
+  if (copy.bytes) std::memcpy(copy.data(), t.data(), copy.bytes);
+  return copy;
+}
+
+Outputs run_reuse_rows(const Case& c) {
+  const Tensor& indices = c.input("indices");  // [B, Hq, N] int32
+  const Tensor& v = c.input("v_host");         // [B, Hkv, S, D]
+  const Tensor& new_pos = c.input("new_pos");  // [B] int32
+  const Tensor& step = c.input("step");        // [1] int32
+  // the pool, updated: rows [B, Hkv, C, D], held / used [B, Hkv, C] int32 (contiguous inputs)
+  Tensor rows = updatable_copy(c.input("rows")), held = updatable_copy(c.input("held"));
+  Tensor used = updatable_copy(c.input("used"));
+  const int64_t B = indices.size(0), Hq = indices.size(1), N = indices.size(2), Hkv = v.size(1);
+  Tensor pool_indices = make_tensor(DType::kI32, {B, Hq, N}, 0x7f);  // [B, Hq, N]
+  Tensor counts = make_tensor(DType::kI32, {B, Hkv, 2}, 0x7f);       // [B, Hkv, 2]
+  const Outputs outputs = {{"pool_indices", pool_indices}, {"counts", counts}, {"rows", rows},
+                           {"held", held}, {"used", used}};
+  if (N == 0 || B * Hkv == 0) return outputs;  // the launcher writes zero counts itself
+  const kcache_ops::ReuseRowsPlan plan = kcache_ops::plan_reuse_rows(
+      indices, v.data(), v, new_pos, rows, held, used, step, pool_indices, counts,
+      c.scalar("group_select") != 0);
+  for (const auto& [name, t] : outputs) watch_output(t.data(), t.bytes, name.c_str());
+  launch(to_dim3(plan.grid), dim3(plan.block), "reuse_rows_kernel",
+         [&] { kcache_ops::reuse_rows_kernel(plan.params); });
+  return outputs;
+}
+
 Outputs run_lowbit_tail(const Case& c) {
   const Tensor& scores = c.input("scores");      // [B, Hq, S] float32
   const Tensor& seq_lens = c.input("seq_lens");  // [B] int32
@@ -300,6 +332,7 @@ Outputs run_case(const Case& c) {
   if (c.op == "gather_rows") return run_gather_rows(c);
   if (c.op == "lowbit_tail") return run_lowbit_tail(c);
   if (c.op == "quantize_rows") return run_quantize_rows(c);
+  if (c.op == "reuse_rows") return run_reuse_rows(c);
   throw std::runtime_error("unknown op " + c.op);
 }
 

@@ -1,0 +1,160 @@
+"""kcache_ops.reuse_rows, one decode step of KCache's pool of reused V rows: equal to the reference
+over steps that find most of their rows in the pool (the pool indices, the counts and the whole
+pool state, bit for bit), and the rows it points at are the rows the selection chose."""
+import pytest
+import torch
+from conftest import DTYPES, host_tensor
+
+import kcache_ops
+from kcache_ops import reference as R
+
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")  # conftest: outputs start as NaN
+
+
+class Twins:
+    """A pool of C slots per (sequence, KV head) kept by the op, and its twin kept by the
+    reference, on ``device``; V of S positions in host memory."""
+
+    def __init__(self, B, Hkv, S, D, C, device, dtype, held=None, used=None):
+        self.v_cpu = torch.randn(B, Hkv, S, D).to(dtype)  # [B, Hkv, S, D]
+        self.v_host = host_tensor(self.v_cpu, device)
+        rows = torch.full((B, Hkv, C, D), float("nan"), dtype=dtype)  # [B, Hkv, C, D]
+        if held is None:
+            held = torch.full((B, Hkv, C), -1, dtype=torch.int32)
+        else:  # the rows of the positions held
+            rows = torch.where(held[..., None] >= 0, R.gather_rows(self.v_cpu, held), rows)
+        rows = rows.to(device)
+        used = torch.full((B, Hkv, C), -1, dtype=torch.int32) if used is None else used
+        self.op = [rows, held.to(device), used.to(device)]  # rows, held, used
+        self.ref = [t.clone().cpu() for t in self.op]
+        self.device = device
+
+    def step(self, indices, new_pos, step, group_select):
+        """One step of both: checks they agree and that each entry's slot holds its row."""
+        step_t = torch.tensor([step], dtype=torch.int32)  # [1]
+        pool_indices, counts = kcache_ops.reuse_rows(
+            indices.to(self.device), self.v_host, new_pos.to(self.device), *self.op,
+            step_t.to(self.device), group_select)
+        want_indices, want_counts = R.reuse_rows(indices, self.v_cpu, new_pos, *self.ref, step_t,
+                                                 group_select)
+        assert torch.equal(pool_indices.cpu(), want_indices)
+        assert torch.equal(counts.cpu(), want_counts)
+        for got, want, name in zip(self.op, self.ref, ["rows", "held", "used"]):
+            # slots never written keep their NaN
+            torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0, equal_nan=True, msg=name)
+        # the pool's rows at pool_indices are v's at indices (a row read and kept, or read for
+        # this step only)
+        rows = self.op[0].cpu()
+        assert torch.equal(R.gather_rows(rows, pool_indices.cpu()),
+                           R.gather_rows(self.v_cpu, indices))
+        return counts.cpu()
+
+
+def selection(B, Hq, Hkv, N, span, group_select, pad=0.2, gen=None):
+    """[B, Hq, N] int32: per head N distinct positions of [0, span) (per group with group_select,
+    each head a prefix of the group's list), about ``pad`` of them -1."""
+    G = Hq // Hkv
+    heads = Hkv if group_select else Hq
+    picks = torch.stack([torch.randperm(span, generator=gen)[:N] for _ in range(B * heads)])
+    picks = picks.view(B, heads, N).int()  # [B, heads, N]
+    if group_select:  # each head keeps a prefix of its group's list (top_p)
+        picks = picks.repeat_interleave(G, dim=1)  # [B, Hq, N]
+        keep = torch.randint(1, N + 1, (B, Hq, 1), generator=gen)  # [B, Hq, 1]
+        return torch.where(torch.arange(N) < keep, picks, -1)
+    return picks.masked_fill(torch.rand(B, Hq, N, generator=gen) < pad, -1)
+
+
+def run_steps(twins, B, Hq, Hkv, N, span, group_select, steps=6, reruns=False):
+    """``steps`` steps of selections from a window of ``span`` positions that drifts by one
+    position a step; every third step's new token is among its rows -> the counts summed."""
+    gen = torch.Generator().manual_seed(1)
+    total = torch.zeros(2, dtype=torch.int32)
+    for step in range(steps):
+        indices = selection(B, Hq, Hkv, N, span, group_select, gen=gen) + step  # [B, Hq, N]
+        indices = torch.where(indices >= step, indices, -1)
+        new_pos = torch.full((B,), span + step, dtype=torch.int32)  # [B]
+        if step % 3 == 2:
+            new_pos = indices[:, 0].amax(-1)  # a position this step reads
+        attempts = 2 if reruns and step % 2 else 1  # a step given up and run again
+        for _ in range(attempts):
+            counts = twins.step(indices, new_pos, step, group_select)
+        total += counts.sum((0, 1))
+    return total
+
+
+@pytest.mark.parametrize("G", [1, 3, 4])
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_steps_match_reference(device, dtype, G, group_select):
+    B, Hkv, N, S, D = 2, 2, 6, 40, 64
+    E = N if group_select else G * N
+    twins = Twins(B, Hkv, S, D, E + 5, device, dtype)
+    reads, hits = run_steps(twins, B, G * Hkv, Hkv, N, 20, group_select)
+    assert 0 < hits < reads  # both paths ran: rows found and rows read
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_pool_of_one_step(device, D):
+    """C = E: every slot may be refilled each step; a step run again with another new token."""
+    B, Hkv, G, N = 1, 3, 3, 8
+    twins = Twins(B, Hkv, 64, D, G * N, device, torch.bfloat16)
+    reads, hits = run_steps(twins, B, G * Hkv, Hkv, N, 30, False, steps=8, reruns=True)
+    assert 0 < hits < reads
+
+
+def test_rows_chosen_by_several_heads(device):
+    """Every head of a group chooses the same rows, some twice: each row is read once."""
+    twins = Twins(1, 1, 16, 64, 8, device, torch.float32)
+    indices = torch.tensor([[[3, 5, 3, -1], [5, 3, 7, 7]]], dtype=torch.int32)  # [1, 2, 4]
+    counts = twins.step(indices, torch.tensor([15], dtype=torch.int32), 0, False)
+    assert counts.tolist() == [[[3, 0]]]
+    counts = twins.step(indices.flip(-1), torch.tensor([15], dtype=torch.int32), 1, False)
+    assert counts.tolist() == [[[3, 3]]]
+
+
+def test_new_token_serves_one_step(device):
+    """The new token's row is read into a slot for its step only: the next step reads it again."""
+    twins = Twins(1, 1, 16, 64, 4, device, torch.float32)
+    indices = torch.tensor([[[9, 2]]], dtype=torch.int32)  # [1, 1, 2]
+    assert twins.step(indices, torch.tensor([9], dtype=torch.int32), 0, False).tolist() == \
+        [[[2, 0]]]
+    assert twins.op[1].cpu().tolist() == [[[-1, 2, -1, -1]]]  # 9's slot (0) holds nothing after
+    assert twins.step(indices, torch.tensor([10], dtype=torch.int32), 1, False).tolist() == \
+        [[[2, 1]]]
+
+
+def test_any_pool_state(device, dtype):
+    """A pool state the op did not write (slots last read at any step, several free): the same
+    refill order as the reference."""
+    B, Hkv, C, S = 2, 2, 12, 50
+    held = torch.stack([torch.randperm(S)[:C] for _ in range(B * Hkv)]).view(B, Hkv, C).int()
+    held[torch.rand(B, Hkv, C) < 0.3] = -1
+    used = torch.randint(-1, 7, (B, Hkv, C), dtype=torch.int32)
+    twins = Twins(B, Hkv, S, 64, C, device, dtype, held=held, used=used)
+    run_steps(twins, B, 4 * Hkv, Hkv, 3, 30, False, steps=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_no_entries(device, dtype):
+    """N = 0: nothing read, counts 0, the pool untouched."""
+    twins = Twins(2, 1, 8, 64, 4, device, dtype)
+    indices = torch.empty(2, 2, 0, dtype=torch.int32)
+    assert twins.step(indices, torch.zeros(2, dtype=torch.int32), 0, False).eq(0).all()
+
+
+def test_out_of_range_index_is_refused_on_cpu():
+    twins = Twins(1, 1, 8, 64, 4, "cpu", torch.float32)
+    indices = torch.tensor([[[1, 8]]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"indices\[0, 0, 1\] must be -1 \(padding\) or in "
+                                           r"\[0, 8\) \(v_host capacity\), got 8"):
+        kcache_ops.reuse_rows(indices, twins.v_host, torch.zeros(1, dtype=torch.int32),
+                              *twins.op, torch.zeros(1, dtype=torch.int32), False)
+
+
+def test_pool_smaller_than_a_step_is_refused(device):
+    twins = Twins(1, 1, 8, 64, 3, device, torch.float32)
+    indices = torch.zeros(1, 2, 2, dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match=r"rows must have at least 4 slots \(the rows of one "
+                                           r"step: G x N\), got 3"):
+        kcache_ops.reuse_rows(indices, twins.v_host, torch.zeros(1, dtype=torch.int32,
+                              device=device), *twins.op, torch.zeros(1, dtype=torch.int32,
+                              device=device), False)
