@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from kcache_ops.caches import MAX_TOPN, Cache, KCacheOptions, make_cache
+from kcache_ops.caches import MAX_REUSE, MAX_TOPN, Cache, KCacheOptions, make_cache
 from kcache_ops.cli.args import add_kcache_arguments, given_kcache_options, kcache_options
 from kcache_ops.model import LlamaConfig
 
@@ -57,11 +57,23 @@ def test_model_dependent_checks_fail_when_the_cache_is_built():
     big.check(CONFIG.num_layers, "cpu")  # the CPU path has no limit on N
     with pytest.raises(ValueError, match=f"at most {MAX_TOPN} on CUDA, got {MAX_TOPN + 1}"):
         big.check(CONFIG.num_layers, "cuda")
+    pool = KCacheOptions(reuse=MAX_REUSE + 1)
+    pool.check(CONFIG.num_layers, "cpu")  # nor on the reuse pool
+    with pytest.raises(ValueError, match=f"reuse must be at most {MAX_REUSE} on CUDA, got "
+                                         f"{MAX_REUSE + 1}"):
+        pool.check(CONFIG.num_layers, "cuda")
 
 
 def test_max_topn_is_the_kernel_constant():
     value = re.search(r"constexpr int kMaxTopN = (\d+);", KERNEL.read_text()).group(1)
     assert MAX_TOPN == int(value)
+
+
+def test_max_reuse_is_the_kernel_constant():
+    """The reuse kernel holds MAX_REUSE slots, and as many entries (a pool holds a step)."""
+    text = (KERNEL.parent / "reuse_rows_kernel.cuh").read_text()
+    for name in ("kReuseMaxSlots", "kReuseMaxEntries"):
+        assert MAX_REUSE == int(re.search(rf"constexpr int {name} = (\d+);", text).group(1))
 
 
 def test_labels_and_json():

@@ -88,10 +88,11 @@ class ReadLog:
         real = reuse_module.ReusedRows.read
 
         def read(pool, indices, v_host, new_pos):
-            reads, rows, hits = real(pool, indices, v_host, new_pos)
-            self.calls.append((pool, indices.cpu(), new_pos.cpu().clone(), rows.sum(-1).cpu(),
-                               hits.sum(-1).cpu(), pool.held.cpu().clone()))
-            return reads, rows, hits
+            reads, counts = real(pool, indices, v_host, new_pos)  # counts [B, Hkv, 2]
+            self.calls.append((pool, indices.cpu(), new_pos.cpu().clone(),
+                               counts[..., 0].cpu().clone(), counts[..., 1].cpu().clone(),
+                               pool.held.cpu().clone()))
+            return reads, counts
 
         monkeypatch.setattr(reuse_module.ReusedRows, "read", read)
 
@@ -154,7 +155,7 @@ def test_the_pool_holds_the_rows_read_last(monkeypatch, group_select, hot):
                     entries = (heads.amax(0) if group_select else heads.flatten()).tolist()
                     want = pools[b, h].step(entries, new_pos[b].item(), step)
                     assert (rows[b, h], hits[b, h]) == want, (layer, step, b, h)
-                    assert held[b, h, :SLOTS].tolist() == pools[b, h].pos, (layer, step, b, h)
+                    assert held[b, h].tolist() == pools[b, h].pos, (layer, step, b, h)
             total_rows[layer] += rows.sum()
             total_hits[layer] += hits.sum()
     assert (total_hits > 0).all() and (total_hits < total_rows).all()  # hits and evictions
@@ -208,13 +209,12 @@ def test_a_pool_smaller_than_a_step_is_refused(group_select, capacity):
 
 
 def test_device_memory_of_the_pool():
-    """The pool holds C + 1 rows per sequence and KV head (one takes the writes of no row) with
-    their positions (int32) and last steps (int64), in every KCache layer, whatever the
-    capacity: what device_bytes adds, and what sequence_bytes (extrapolated from caches of 1 and
-    2 tokens) counts for a long sequence."""
+    """The pool holds C rows per sequence and KV head with their positions and last steps
+    (int32 each), in every KCache layer, whatever the capacity: what device_bytes adds, and what
+    sequence_bytes (extrapolated from caches of 1 and 2 tokens) counts for a long sequence."""
     config = tiny_config()
     options = replace(BASE, dense_layers=(1,))
-    per_layer = 1 * HKV * (SLOTS + 1) * (D * 2 + 4 + 8)  # one sequence, bfloat16 rows
+    per_layer = 1 * HKV * SLOTS * (D * 2 + 4 + 4)  # one sequence, bfloat16 rows
     for capacity in (2, 100):
         plain, reused = (make_cache("kcache", config, 1, capacity, "cpu", torch.bfloat16,
                                     replace(options, reuse=c)) for c in (0, SLOTS))

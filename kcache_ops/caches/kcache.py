@@ -21,6 +21,7 @@ It follows the cache protocol (protocol.py), as the dense cache does, so the mod
 its dense layers run the dense cache's decode step (``dense.append_and_attend``).
 """
 import math
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -30,7 +31,7 @@ from .dense import append_and_attend, prompt_attention
 from .hot import HotRows, HotSlots
 from .lengths import SeqLengths, check_layer_inputs
 from .options import KCacheOptions
-from .reuse import Reads, ReusedRows, entries_per_step
+from .reuse import PooledReads, Reads, ReusedRows, entries_per_step
 from .side_stream import SideStream
 from .tail import make_tail
 
@@ -156,7 +157,7 @@ class KCache:
         self.hot = {i: HotRows(self.hot_slots, batch, config.num_kv_heads, config.head_dim,
                                self.device, dtype)
                     for i in self.v_host if options.hot_rows}  # per KCache layer, if any
-        self.reuse = {i: ReusedRows(options.reuse, entries, options.group_select, batch,
+        self.reuse = {i: ReusedRows(options.reuse, options.group_select, batch,
                                     config.num_kv_heads, config.head_dim, self.device, dtype)
                       for i in self.v_host if options.reuse}  # per KCache layer, if any
         self._mass_sum = torch.zeros(n_layers, dtype=torch.float32, device=self.device)  # [layers]
@@ -275,17 +276,21 @@ class KCache:
         all_scores = selection[3] if needs_scores else None  # [B, Hq, S]
         reads = Reads(indices, self.v_host[layer])
         reuse = self.reuse.get(layer)
-        if reuse is not None:
-            reads, rows, hits = reuse.read(indices, self.v_host[layer], pos)  # [B, Hkv, E] x2
+        if reuse is not None:  # read into the pool where the tail fetches the rows
+            record = partial(self._record_reuse, layer) if self.record_mass else None
+            reads = PooledReads(reuse, indices, self.v_host[layer], lengths.seq_lens, record)
         if self.record_mass:
             mass = torch.exp(scores - lse[..., None]).sum(-1)  # [B, Hq]; padding adds 0
             self._mass_sum[layer] += mass.mean()
             self._rows_sum[layer] += (indices >= 0).sum(-1).float().mean()
             self._mass_steps[layer] += 1
-            if reuse is not None:
-                self._reuse_rows[layer] += rows.sum()
-                self._reuse_hits[layer] += hits.sum()
         return tail.attend(all_scores, lens, scores, indices, lse, reads, hot)  # [B, Hq, D]
+
+    def _record_reuse(self, layer, counts):
+        """A recorded step's reuse counts [B, Hkv, 2] (rows read, found) into the layer's sums,
+        on the stream that read them."""
+        self._reuse_rows[layer] += counts[..., 0].sum()
+        self._reuse_hits[layer] += counts[..., 1].sum()
 
     def select(self, q, k_cache, lens, return_scores=False, top_p=None):
         """The V rows a decode step reads from host RAM, and their scores: ``qk_topn`` as a

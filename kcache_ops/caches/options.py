@@ -15,6 +15,9 @@ from ..ops import as_float32
 # kMaxTopN in csrc/cuda/qk_topn_kernel.cuh: the CUDA select sorts at most this many candidates per
 # head in shared memory, so N may not exceed it on a CUDA device (the CPU path has no limit).
 MAX_TOPN = 4096
+# the largest reuse pool, and step (G·N, or N with group_select), per sequence and KV head on CUDA:
+# what one block of kcache_ops.reuse_rows holds in shared memory
+MAX_REUSE = 2048
 
 # the tail terms: none, the mean V of the rows not read, or a 2- / 4-bit copy of V on the device
 TAILS = ("none", "mean", "int2", "int4")
@@ -59,8 +62,8 @@ class KCacheOptions:
         rows per sequence and KV head in device memory, and a step reads from host RAM only the
         rows the pool does not hold (reuse.py); the output is the same, the host reads fewer. 0:
         off; else at least the rows of one step (N = min(``topn``, capacity), times the GQA
-        group without ``group_select``: checked when the cache is built). Not with
-        ``tail="mean"``.
+        group without ``group_select``: checked when the cache is built); on CUDA at most
+        :data:`MAX_REUSE`. Not with ``tail="mean"``.
     """
     topn: int = field(default=64, metadata={
         "short": "N", "help": "V rows read per head and decode step"})
@@ -126,13 +129,17 @@ class KCacheOptions:
 
     def check(self, num_layers, device):
         """Raise ValueError where the options do not fit a model of ``num_layers`` layers on
-        ``device``: a dense layer out of range, or N above the CUDA limit (:data:`MAX_TOPN`)."""
+        ``device``: a dense layer out of range, or N or the reuse pool above the CUDA limits
+        (:data:`MAX_TOPN`, :data:`MAX_REUSE`)."""
         outside = [i for i in self.dense_layers if not 0 <= i < num_layers]
         if outside:
             raise ValueError(f"KCache: dense_layers {outside} out of range for a model of "
                              f"{num_layers} layers (0..{num_layers - 1})")
         if torch.device(device).type == "cuda" and self.topn > MAX_TOPN:
             raise ValueError(f"KCache: topn must be at most {MAX_TOPN} on CUDA, got {self.topn}")
+        if torch.device(device).type == "cuda" and self.reuse > MAX_REUSE:
+            raise ValueError(f"KCache: reuse must be at most {MAX_REUSE} on CUDA, got "
+                             f"{self.reuse}")
 
     @property
     def hot_rows(self):

@@ -10,30 +10,54 @@ read in a pool of C rows per (sequence, KV head) in device memory, and a step
    ``top_p`` may cut to a different prefix per head: the longest), each position read by its
    first entry (several heads often choose the same row);
 2. looks each up among the positions the pool holds;
-3. reads the others from host RAM (``gather_rows``, one read per row) into the pool's least
-   recently used slots (never one that this step reads);
+3. reads the others from host RAM into the pool's least recently used slots (never one that this
+   step reads);
 4. hands the attention the pool and, per entry, the slot of its row (:class:`Reads`):
    ``sparse_attn_v`` reads device memory instead of host RAM, at the same weights.
 
+Steps 1–3 are one op, :func:`kcache_ops.reuse_rows` (on CUDA one launch; the torch ops it replaced
+took some 34 small kernels a layer step, bench/NOTES.md).
 A position is written once while a sequence lives (a prefill empties the pool), so a row found in
 the pool is the very row host RAM holds and the output is that of a step without reuse; only
 where the bytes come from changes. The one position a step may write again is its own new token
 (a step given up, after a failure or on purpose, and run again with another token): its row
-takes a slot for this step only and is never found there later. Device ops on fixed shapes
-only: no host sync, and the step count that orders the slots is a device tensor, so decode
-steps can be captured in a CUDA graph and replayed. On CUDA the host read (``gather_rows``) runs
-on the current stream, before the low-bit tail, which it does not overlap as ``sparse_attn_v``
-on host V does (tail.py).
+takes a slot for this step only and is never found there later. No host sync, fixed shapes, and
+the step count that orders the slots is a device tensor, so decode steps can be captured in a
+CUDA graph and replayed. The step's tail runs the op when it fetches the rows
+(:class:`PooledReads`): with the low-bit tail on CUDA, on the side stream beside ``lowbit_tail``,
+as ``sparse_attn_v`` over host V runs without reuse (tail.py).
 """
 from collections import namedtuple
 
 import torch
 
-from ..ops import gather_rows
+from ..ops import reuse_rows
 
 class Reads(namedtuple("Reads", "indices v")):
     """The V rows a decode step attends over: indices [B, Hq, N] int32 (-1 padding) into the rows
     of v [B, Hkv, S', D] (host V itself, S' = S, or the pool of reused rows)."""
+
+    def fetch(self):
+        """The rows, as the tail asks for them (:class:`PooledReads` reads them first)."""
+        return self
+
+
+class PooledReads:
+    """A step's rows with reuse, read into the pool when the tail fetches them: on the stream
+    that attends (on CUDA with the low-bit tail, the side stream, beside ``lowbit_tail``).
+    ``record``: None, or a function given the step's counts [B, Hkv, 2] (:meth:`ReusedRows.read`)
+    on that stream."""
+
+    def __init__(self, pool, indices, v_host, new_pos, record=None):
+        self.pool, self.record = pool, record
+        self.args = indices, v_host, new_pos
+
+    def fetch(self):
+        """-> :class:`Reads` over the pool."""
+        reads, counts = self.pool.read(*self.args)
+        if self.record is not None:
+            self.record(counts)
+        return reads
 
 
 def entries_per_step(topn, group_select, num_heads, num_kv_heads):
@@ -44,27 +68,24 @@ def entries_per_step(topn, group_select, num_heads, num_kv_heads):
 
 class ReusedRows:
     """The V rows one KCache layer read last, in device memory: a pool of C slots per (sequence,
-    KV head), refilled least recently used first.
+    KV head), refilled least recently used first (:func:`kcache_ops.reuse_rows`).
 
-    rows : Tensor [B, Hkv, C + 1, D] on the device, dtype of V — slot ``c`` holds V of the
-        position ``held[..., c]``; slot C takes the writes of entries that write nothing (never
-        read)
-    held : Tensor [B, Hkv, C + 1] int32 — the position each slot holds, -1 where none
-    used : Tensor [B, Hkv, C + 1] int64 — the step that last read each slot, -1 never
+    rows : Tensor [B, Hkv, C, D] on the device, dtype of V — slot ``c`` holds V of the position
+        ``held[..., c]``
+    held : Tensor [B, Hkv, C] int32 — the position each slot holds, -1 where none
+    used : Tensor [B, Hkv, C] int32 — the step that last read each slot, -1 never
     """
 
-    def __init__(self, slots, entries, group_select, batch, num_kv_heads, head_dim, device,
-                 dtype):
-        """``slots`` C >= ``entries`` E, the entries of a step per KV head (G·N, or N with
+    def __init__(self, slots, group_select, batch, num_kv_heads, head_dim, device, dtype):
+        """``slots`` C, at least the entries of a step per KV head (G·N, or N with
         group_select, N the step's)."""
         self.group_select = group_select
-        shape = (batch, num_kv_heads, slots + 1)
-        self.rows = torch.zeros(*shape, head_dim, dtype=dtype, device=device)  # [B, Hkv, C+1, D]
-        self.held = torch.full(shape, -1, dtype=torch.int32, device=device)  # [B, Hkv, C + 1]
-        self.used = torch.full(shape, -1, dtype=torch.long, device=device)  # [B, Hkv, C + 1]
+        shape = (batch, num_kv_heads, slots)
+        self.rows = torch.zeros(*shape, head_dim, dtype=dtype, device=device)  # [B, Hkv, C, D]
+        self.held = torch.full(shape, -1, dtype=torch.int32, device=device)  # [B, Hkv, C]
+        self.used = torch.full(shape, -1, dtype=torch.int32, device=device)  # [B, Hkv, C]
         self.nbytes = self.rows.nbytes + self.held.nbytes + self.used.nbytes
-        self._step = torch.zeros(1, dtype=torch.long, device=device)  # [1]: steps since prefill
-        self._entry = torch.arange(entries, device=device)  # [E]
+        self._step = torch.zeros(1, dtype=torch.int32, device=device)  # [1]: steps since prefill
 
     def clear(self):
         """A prefill: no slot holds a row."""
@@ -74,45 +95,14 @@ class ReusedRows:
 
     def read(self, indices, v_host, new_pos):
         """The rows of a step: indices [B, Hq, N] int32 (-1 padding) into v_host [B, Hkv, S, D],
-        new_pos [B] long (the step's new token, never kept in the pool) -> (:class:`Reads`
-        over the pool, reads [B, Hkv, E] bool: an entry per row the step reads (its distinct
-        positions), hits [B, Hkv, E] bool: those found in the pool); E = G·N, or N with
-        group_select."""
-        B, Hq, N = indices.shape
-        _, Hkv, C1, D = self.rows.shape
-        C, G = C1 - 1, Hq // Hkv
-        by_kv = indices.view(B, Hkv, G, N)  # [B, Hkv, G, N]
-        # group_select: entry i is the group's i-th row, or -1 past a head's top_p prefix
-        pos = by_kv.amax(2) if self.group_select else by_kv.reshape(B, Hkv, G * N)  # [B, Hkv, E]
-        E = pos.shape[-1]
-        # the first entry of each position (max gives the first of equal maxima)
-        first = (pos[..., :, None] == pos[..., None, :]).max(-1).indices  # [B, Hkv, E]
-        reads = (first == self._entry) & (pos >= 0)  # [B, Hkv, E]: one entry per row read
-        # E·C bools per sequence and KV head: the lookup's temporary memory
-        found, slot = (pos[..., :, None] == self.held[..., None, :C]).max(-1)  # [B, Hkv, E] x2
-        hit = found & reads  # [B, Hkv, E]; slot: the first slot holding it (0 where none)
-        # the slots this step reads keep their rows; the others go least recently used first
-        # (never-used -1 first), ties to the lower slot
-        mine = torch.where(hit, slot, C)  # [B, Hkv, E]
-        key = self.used.scatter(2, mine, self._step.add(1).expand(B, Hkv, E))  # [B, Hkv, C + 1]
-        victims = key[..., :C].argsort(dim=-1, stable=True)[..., :E]  # [B, Hkv, E]
-        fetch = reads & ~hit  # [B, Hkv, E]: rows read from host RAM, each into a slot
-        rank = (fetch.cumsum(-1) - 1).clamp(min=0)  # [B, Hkv, E]: the i-th takes victim i
-        slot = torch.where(hit, slot, victims.gather(2, rank))  # [B, Hkv, E]
+        new_pos [B] int32 (the step's new token, never kept in the pool) -> (:class:`Reads`
+        over the pool, counts [B, Hkv, 2] int32: the distinct positions the step read, and
+        those found in the pool)."""
         # check_values=False: the positions come from qk_topn (a check would sync, on CUDA)
-        fetched = gather_rows(v_host, torch.where(fetch, pos, -1),
-                              check_values=False)  # [B, Hkv, E, D]
-        dest = torch.where(fetch, slot, C)  # [B, Hkv, E]: the others write slot C
-        self.rows.scatter_(2, dest[..., None].expand(B, Hkv, E, D), fetched)
-        # the new token's slot serves this step only: then empty, and the first to refill
-        kept = reads & (pos != new_pos[:, None, None])  # [B, Hkv, E]
-        self.held.scatter_(2, dest, torch.where(kept, pos, -1))
-        self.used.scatter_(2, torch.where(reads, slot, C), torch.where(kept, self._step, -1))
-        local = slot.gather(2, first).int()  # [B, Hkv, E]: an entry reads its first entry's slot
-        local = (local.view(B, Hkv, 1, N).expand(B, Hkv, G, N) if self.group_select
-                 else local.view(B, Hkv, G, N))  # [B, Hkv, G, N]
-        pool_indices = torch.where(indices >= 0, local.reshape(B, Hq, N), -1)  # [B, Hq, N]
-        return Reads(pool_indices, self.rows), reads, hit
+        pool_indices, counts = reuse_rows(indices, v_host, new_pos, self.rows, self.held,
+                                          self.used, self._step, self.group_select,
+                                          check_values=False)  # [B, Hq, N], [B, Hkv, 2]
+        return Reads(pool_indices, self.rows), counts
 
     def commit(self):
         """The step is done: the next one is more recent."""

@@ -21,8 +21,8 @@ Each tail stores the prompt (:meth:`store_prompt`), appends a token (:meth:`appe
 step run again appends the same position again), keeps it when the step is done
 (:meth:`commit`, from ``KCache.finish_decode``) and attends
 (:meth:`attend`, given every score of the step when its ``needs_scores`` is True or the layer
-has hot rows, else None, and the rows to read as a :class:`~.reuse.Reads`: host V, or the
-device pool of reused rows);
+has hot rows, else None, and the rows to read, whose ``fetch()`` gives a :class:`~.reuse.Reads`:
+host V, or the device pool of reused rows, read on the stream that fetches them);
 ``nbytes`` is the device memory it holds. With hot rows (hot.py), ``attend`` also takes the
 layer's :class:`~.hot.HotRows` and adds their exact part: :class:`NoTail` from their
 :class:`~.hot.HotPart` (a few torch ops), :class:`LowBitTail` inside its ``lowbit_tail`` call
@@ -55,10 +55,11 @@ class NoTail:
     def attend(self, all_scores, lens, scores, indices, lse, reads, hot=None):
         """The top N rows (``reads``) and the hot rows (a :class:`~.hot.HotRows`) -> out
         [B, Hq, D] (dtype of V)."""
+        rows = reads.fetch()
         if hot is None:
-            return sparse_attn_v(scores, reads.indices, reads.v, lse, self.renormalize,
+            return sparse_attn_v(scores, rows.indices, rows.v, lse, self.renormalize,
                                  check_values=False)
-        top = sparse_attn_v(scores, reads.indices, reads.v, lse, renormalize=False,
+        top = sparse_attn_v(scores, rows.indices, rows.v, lse, renormalize=False,
                             check_values=False)  # [B, Hq, D]
         part = hot.attend(lse, all_scores)  # their HotPart
         out = part.add_to(top.float())  # [B, Hq, D] float32
@@ -108,7 +109,8 @@ class MeanTail:
     def attend(self, all_scores, lens, scores, indices, lse, reads, hot=None):
         """Exact weights on the top N rows (``reads``, of host V) plus the mean tail -> out
         [B, Hq, D] (no hot rows or reuse: KCacheOptions refuses them with this tail)."""
-        return sparse_attn_v(scores, reads.indices, reads.v, lse, renormalize=False,
+        rows = reads.fetch()
+        return sparse_attn_v(scores, rows.indices, rows.v, lse, renormalize=False,
                              check_values=False, v_sum=self.v_sum, seq_lens=lens)
 
 
@@ -153,10 +155,11 @@ class LowBitTail:
         :class:`~.hot.HotRows`, in the same ``lowbit_tail`` call), plus every other valid row
         over the copy (the top N by their positions, ``indices``, left out), weighted from
         all_scores [B, Hq, S] float32 (every score of the step) -> out [B, Hq, D] (dtype of V).
-        ``sparse_attn_v`` runs beside the tail (side stream): the host reads overlap it, where
-        ``reads`` is host V (with reuse, the host reads came before, into the pool)."""
+        The host reads run beside the tail (side stream) and overlap it: ``sparse_attn_v`` over
+        host V, or with reuse the pool's fetch and ``sparse_attn_v`` over the pool."""
         with self.side.fork():
-            top = sparse_attn_v(scores, reads.indices, reads.v, lse, renormalize=False,
+            rows = reads.fetch()
+            top = sparse_attn_v(scores, rows.indices, rows.v, lse, renormalize=False,
                                 check_values=False)  # [B, Hq, D]
         hot_v, hot_pos = (None, None) if hot is None else (hot.v, hot.slots.held)
         try:
