@@ -46,9 +46,9 @@ TORCH_LIBRARY(kcache_ops, m) {
   // The rows a step reads (per KV head the G heads' N entries one after another, or with
   // group_select the group's one list, the entry-wise max) in first-entry order: each found at the
   // first slot holding it, or read from v_host into the slots not read this step in ascending
-  // (used, slot) order; every read slot gets used = step, except the one of new_pos (held and used
-  // -1 after the step). An index outside [0, S) is padding. C must be at least E = G * N (N with
-  // group_select).
+  // (max(used, -1), slot) order; every read slot gets used = step, except new_pos's: read from
+  // v_host, its slot has held and used -1 after the step (the pool must not hold new_pos before
+  // it). An index outside [0, S) is padding. C must be at least E = G * N (N with group_select).
   m.def(
       "reuse_rows(Tensor indices, Tensor v_host, Tensor new_pos, Tensor(a!) rows, "
       "Tensor(b!) held, Tensor(c!) used, Tensor step, bool group_select, "

@@ -149,12 +149,14 @@ def reuse_rows(indices, v_host, new_pos, rows, held, used, step, group_select,
     (E = N), the entry-wise max over its heads (``top_p`` may cut each head to a prefix of it).
     Each distinct position, in the order of its first entry, is either found (the first slot
     whose ``held`` is it) or read from ``v_host`` into the next slot in refill order: the slots
-    not found this step, ascending by ``used`` (the step each was last read, -1 never), ties to
-    the lower slot. Every slot read gets ``used = step``; a row read for the step's new token
-    (``new_pos``) serves this step only (its slot's ``held`` and ``used`` become -1), so that a
-    step run again with another token finds no stale row. On CUDA: one launch, no host
-    synchronisation with ``check_values=False``, safe to capture in a CUDA graph (the step number
-    is read on the device).
+    not found this step, ascending by ``used`` (the step each was last read, -1 never; below -1
+    counts as -1), ties to the lower slot. Every slot read gets ``used = step``; a row read for
+    the step's new token (``new_pos``) serves this step only (its slot's ``held`` and ``used``
+    become -1), so that a step run again with another token finds no stale row. The pool must
+    not hold ``new_pos`` before the step (KCache's never does: a prefill empties it, and a new
+    token's slot is emptied after its step): a row found there would be read. On CUDA: one
+    launch, no host synchronisation with ``check_values=False``, safe to capture in a CUDA graph
+    (the step number is read on the device).
 
     Parameters
     ----------

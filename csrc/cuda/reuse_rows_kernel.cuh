@@ -171,8 +171,8 @@ __global__ void __launch_bounds__(kReuseThreads) reuse_rows_kernel(ReuseParams p
     out[q] = index(g, i) < 0 ? -1 : ent[f];
   }
   if (threadIdx.x == 0) {
-    p.counts[2 * bk] = misses + hits;
-    p.counts[2 * bk + 1] = hits;
+    p.counts[2 * static_cast<int64_t>(bk)] = misses + hits;
+    p.counts[2 * static_cast<int64_t>(bk) + 1] = hits;
   }
 }
 

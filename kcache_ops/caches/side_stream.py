@@ -39,10 +39,11 @@ class SideStream:
 
     def join(self, *made_here):
         """The current stream waits for the work forked so far; ``made_here``: tensors that work
-        made, now used on the current stream."""
+        made, now used on the current stream (None where it raised before making one)."""
         if self.stream is None:
             return
         current = torch.cuda.current_stream(self.device)
         current.wait_stream(self.stream)
         for t in made_here:
-            t.record_stream(current)
+            if t is not None:
+                t.record_stream(current)

@@ -157,12 +157,13 @@ class LowBitTail:
         all_scores [B, Hq, S] float32 (every score of the step) -> out [B, Hq, D] (dtype of V).
         The host reads run beside the tail (side stream) and overlap it: ``sparse_attn_v`` over
         host V, or with reuse the pool's fetch and ``sparse_attn_v`` over the pool."""
-        with self.side.fork():
-            rows = reads.fetch()
-            top = sparse_attn_v(scores, rows.indices, rows.v, lse, renormalize=False,
-                                check_values=False)  # [B, Hq, D]
         hot_v, hot_pos = (None, None) if hot is None else (hot.v, hot.slots.held)
+        top = None  # joined whatever raises: the side stream may already read this step's tensors
         try:
+            with self.side.fork():
+                rows = reads.fetch()
+                top = sparse_attn_v(scores, rows.indices, rows.v, lse, renormalize=False,
+                                    check_values=False)  # [B, Hq, D]
             rest = lowbit_tail(all_scores, lens, lse, indices, self.codes, self.meta, self.bits,
                                check_values=False, skip_first=self.skip[0],
                                skip_last=self.skip[1], hot_v=hot_v,
