@@ -2,7 +2,8 @@
 work, the log and the archive in $OUT), the PyTorch baselines of bench/baselines.py against
 kcache_ops.reference on fresh random inputs, and the decode steps of bench/decode_steps.py (which
 the GPU benchmark and the profile time) on the CPU at a small shape, with the count of the
-ops a default step launches (bench/step_ops.py)."""
+ops a default step launches (bench/step_ops.py) and the reuse step's timing over steps that
+advance (bench/reuse_step.py)."""
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BENCH)
 import baselines  # noqa: E402  (bench/ is a folder of scripts, not a package)
 import decode_steps  # noqa: E402
+import reuse_step  # noqa: E402
 import step_ops  # noqa: E402
 import step_reuse  # noqa: E402
 
@@ -198,3 +200,18 @@ def test_step_reuse_counts_the_rows_of_the_steps_before():
         reads[0, i, list(rows)] = True
     assert step_reuse.reuse(reads, 1) == (3, 6, 6)  # each step shares one row with the last
     assert step_reuse.reuse(reads, 2) == (2, 4, 6)  # steps 2 and 3 against the two before
+
+
+def test_reuse_step_times_steps_that_advance():
+    """bench/reuse_step.py on the CPU at a tiny context: with a pool the steps find rows there
+    and move fewer host bytes than without; every step stored its token (the lengths moved)."""
+    from types import SimpleNamespace
+
+    from kcache_ops.caches import KCacheOptions
+
+    a = SimpleNamespace(warm=2, steps=3, drift=0.5)
+    plain = reuse_step.timed_steps("cpu", torch.float32, 1, 300, 1, KCacheOptions(), a)
+    pooled = reuse_step.timed_steps("cpu", torch.float32, 1, 300, 1,
+                                    KCacheOptions(reuse=512), a)
+    assert plain[0] > 0 and plain[1] is None
+    assert 0 < pooled[1] <= 1 and pooled[2] < plain[2]
