@@ -1272,6 +1272,15 @@ def test_reuse_rows_matches_reference(race_exe, dtype, D, G, N, extra, group_sel
     assert 0 < hits < reads
 
 
+@settings(max_examples=6, deadline=None)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 5, 8]),
+       N=st.integers(1, 70), extra=st.integers(0, 40), D=st.sampled_from([64, 128]),
+       dtype=st.sampled_from(DTYPES), group_select=st.booleans())
+def test_reuse_rows_random_shapes(race_exe, B, Hkv, G, N, extra, D, dtype, group_select):
+    E = N if group_select else G * N
+    check_reuse_steps(race_exe, B, Hkv, G, N, E + extra, D, dtype, group_select, steps=3)
+
+
 def test_asan_reuse_rows(asan_exe):
     """The last row of V and the last slot of the pool under ASan + UBSan."""
     check_reuse_steps(asan_exe, 2, 1, 3, 7, 21, 128, torch.bfloat16, False, steps=3,

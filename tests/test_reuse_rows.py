@@ -3,7 +3,9 @@ over steps that find most of their rows in the pool (the pool indices, the count
 pool state, bit for bit), and the rows it points at are the rows the selection chose."""
 import pytest
 import torch
-from conftest import DTYPES, host_tensor
+from conftest import DEVICES, DTYPES, host_tensor
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kcache_ops
 from kcache_ops import reference as R
@@ -131,6 +133,21 @@ def test_any_pool_state(device, dtype):
     used = torch.randint(-1, 7, (B, Hkv, C), dtype=torch.int32)
     twins = Twins(B, Hkv, S, 64, C, device, dtype, held=held, used=used)
     run_steps(twins, B, 4 * Hkv, Hkv, 3, 30, False, steps=3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 5, 8]),
+       N=st.integers(1, 40), extra=st.integers(0, 30), wider=st.integers(0, 60),
+       D=st.sampled_from([64, 128]), dtype=st.sampled_from(DTYPES), group_select=st.booleans(),
+       steps=st.integers(1, 5))
+def test_random_shapes(B, Hkv, G, N, extra, wider, D, dtype, group_select, steps):
+    """Odd batches, groups, N, pools from one step's rows to 30 more, selections from windows of
+    N to N + 60 positions: every step equals the reference."""
+    for device in DEVICES:
+        E = N if group_select else G * N
+        span = N + wider  # the window each step selects from
+        twins = Twins(B, Hkv, span + steps + 1, D, E + extra, device, dtype)
+        run_steps(twins, B, G * Hkv, Hkv, N, span, group_select, steps=steps)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
