@@ -34,9 +34,13 @@ std::tuple<at::Tensor, at::Tensor> reuse_rows_cpu(
     bool group_select, bool /*check_values*/) {  // indices on the host: checked
   const ReuseRowsDims d =
       check_reuse_rows_args(indices, v_host, new_pos, rows, held, used, step, group_select);
-  for (const at::Tensor* t : {&indices, &v_host, &new_pos, &rows, &held, &used, &step})
-    TORCH_CHECK(t->device().is_cpu(), "reuse_rows: every tensor must be on cpu, got ",
-                t->device());
+  KC_CHECK_CPU("reuse_rows", indices);
+  KC_CHECK_CPU("reuse_rows", v_host);
+  KC_CHECK_CPU("reuse_rows", new_pos);
+  KC_CHECK_CPU("reuse_rows", rows);
+  KC_CHECK_CPU("reuse_rows", held);
+  KC_CHECK_CPU("reuse_rows", used);
+  KC_CHECK_CPU("reuse_rows", step);
   check_index_values(indices, d.S, "v_host");
   at::Tensor pool_indices = at::empty({d.B, d.Hq, d.N}, indices.options());  // [B, Hq, N]
   at::Tensor counts = at::empty({d.B, d.Hkv, 2}, indices.options());       // [B, Hkv, 2]
