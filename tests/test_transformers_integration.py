@@ -124,6 +124,30 @@ def test_large_n_equals_dense(family):
     assert cache.host_bytes() > 0 and cache.inner.seq_lens.tolist() == [9 + STEPS - 1,
                                                                          14 + STEPS - 1]
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_under_autocast_attends_in_its_dtype(family):
+    """Under autocast a float32 model's RoPE leaves K in float32 and V in bfloat16, and SDPA casts
+    both to bfloat16. KCache attends in bfloat16 too: its K is bfloat16, and with N past every
+    length each step matches dense SDPA under the same autocast to bfloat16's precision. The
+    prefill's dtype is the cache's: a decode step outside autocast is refused, as SDPA would
+    refuse float32 K against bfloat16 V."""
+    model = tiny_model(family, seed=1)
+    prompts = random_prompts([9, 14])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense_tokens, dense_logits = greedy(model, prompts)
+        tokens, logits, cache = kcache_greedy(model, prompts, **EXACT)
+    assert cache.inner.k[0].dtype == torch.bfloat16
+    torch.testing.assert_close(logits, dense_logits, atol=0.05, rtol=0.02)
+    assert torch.equal(tokens, dense_tokens)
+    kt.enable(model)
+    cache = kt.KCacheCache(model, 32, **EXACT)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.tensor(prompts[:1]), past_key_values=cache)
+        with pytest.raises(ValueError, match="k must be torch.bfloat16 .* got torch.float32"):
+            model(torch.tensor([[5]]), past_key_values=cache)
+
+
 OPTIONS = {
     "paper": dict(PAPER, topn=4),
     "group_select": dict(PAPER, topn=4, group_select=True),

@@ -258,7 +258,7 @@ class CacheBridge(Cache):
                              f"included) exceed max_cache_len={self.capacity}")
         if layer == 0:
             if seen == 0:
-                self.inner = self._make_inner(key.shape[0], key.device, key.dtype)
+                self.inner = self._make_inner(key.shape[0], key.device, _attention_dtype(key))
         elif self.layers[0].seen != seen + t:
             raise RuntimeError(f"{name}: layer {layer} ran out of order (layer 0 holds "
                                f"{self.layers[0].seen} tokens, this layer {seen})")
@@ -281,32 +281,42 @@ class CacheBridge(Cache):
 
     def _attend(self, module, query, key, value, attention_mask, dropout, scaling, kwargs):
         """The attention of the pending layer. query [B, Hq, T, D], key/value [B, Hkv, T, D]
-        -> ([B, T, Hq, D], None), transformers' attention output convention."""
+        -> ([B, T, Hq, D], None), transformers' attention output convention. Under autocast it
+        attends in autocast's dtype, as SDPA would, with autocast off inside the cache."""
         layer = self._pending[0]
         self._pending = None
         if getattr(module, "layer_idx", layer) != layer:
             raise RuntimeError(f"{type(self).__name__}: the attention of layer "
                                f"{module.layer_idx} ran after the cache update of layer {layer}")
         last = layer == len(self.layers) - 1
-        if self.layers[layer].seen == key.shape[2]:  # the prefill
-            head_dim = query.shape[-1]
-            if scaling is not None and not math.isclose(scaling, head_dim ** -0.5):
-                raise ValueError(f"KCache: attention scaling {scaling} is not 1/sqrt(head_dim) "
-                                 f"= {head_dim ** -0.5}, which the kcache ops use")
-            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
-                                            dropout=dropout, scaling=scaling, **kwargs)
-            if layer == 0:
-                self._prompt = _prompt_layout(attention_mask, key)
-            order, lens = self._prompt
-            self.inner.store_prompt(layer, _compact(key, order), _compact(value, order), lens)
+        dtype = _attention_dtype(key)
+        query, key, value = (x.to(dtype) for x in (query, key, value))
+        with torch.autocast(key.device.type, enabled=False):
+            if self.layers[layer].seen == key.shape[2]:  # the prefill
+                return self._prefill(layer, last, module, query, key, value, attention_mask,
+                                     dropout, scaling, kwargs), None
+            out = self.inner.decode(layer, query[:, :, 0], key[:, :, 0], value[:, :, 0])
             if last:
-                self.inner.finish_prefill(lens)
-                self._prompt = None
-            return out, None
-        out = self.inner.decode(layer, query[:, :, 0], key[:, :, 0], value[:, :, 0])  # [B,Hq,D]
+                self.inner.finish_decode()
+        return out[:, None], None  # [B, Hq, D] -> [B, 1, Hq, D]
+
+    def _prefill(self, layer, last, module, query, key, value, attention_mask, dropout, scaling,
+                 kwargs):
+        """Exact attention over the prompt ([B, T, Hq, D]), and its K and V into the cache."""
+        head_dim = query.shape[-1]
+        if scaling is not None and not math.isclose(scaling, head_dim ** -0.5):
+            raise ValueError(f"KCache: attention scaling {scaling} is not 1/sqrt(head_dim) "
+                             f"= {head_dim ** -0.5}, which the kcache ops use")
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                        dropout=dropout, scaling=scaling, **kwargs)
+        if layer == 0:
+            self._prompt = _prompt_layout(attention_mask, key)
+        order, lens = self._prompt
+        self.inner.store_prompt(layer, _compact(key, order), _compact(value, order), lens)
         if last:
-            self.inner.finish_decode()
-        return out[:, None], None  # [B, 1, Hq, D]
+            self.inner.finish_prefill(lens)
+            self._prompt = None
+        return out
 
     # -- accounting -----------------------------------------------------------------------------
 
@@ -374,6 +384,14 @@ class KCacheCache(CacheBridge):
         self.inner = None
         with torch.inference_mode(False):
             return KCache(self._shape, batch, self.capacity, device, dtype, self.options)
+
+
+def _attention_dtype(x):
+    """The dtype a layer attends in: where autocast is on for ``x``'s device, autocast's (SDPA
+    casts its inputs to it, so transformers' Llama attends in it while RoPE leaves K in float32
+    and V in the autocast dtype); else ``x``'s."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 def _prompt_layout(attention_mask, key):
