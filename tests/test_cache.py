@@ -271,6 +271,21 @@ def test_bad_options(options, error, message):
         KCache(tiny_config(), 2, capacity, "cpu", torch.float32, KCacheOptions.from_dict(args))
 
 
+@pytest.mark.parametrize("backend", ["dense", "kcache"])
+def test_sizes_of_any_integer_type(backend):
+    """batch and capacity may be NumPy integers or 0-d integer tensors (sizes computed with either);
+    the cache keeps them as ints. A bool of any kind is refused, as in every integer argument."""
+    import numpy as np
+    options = KCacheOptions() if backend == "kcache" else None
+    for batch, capacity in ((np.int64(2), np.int32(16)), (torch.tensor(2), torch.tensor(16))):
+        cache = make_cache(backend, tiny_config(), batch, capacity, "cpu", torch.float32, options)
+        assert type(cache.capacity) is int and cache.capacity == 16
+        assert cache.k[0].shape[0] == 2 and cache.seq_lens.shape == (2,)
+    for bad in (np.bool_(True), torch.tensor(True)):
+        with pytest.raises(ValueError, match="batch and capacity must be integers >= 1"):
+            make_cache(backend, tiny_config(), 2, bad, "cpu", torch.float32, options)
+
+
 def test_lens_out_of_range_are_rejected():
     cache = make("cpu")
     k = torch.randn(len(LENS), HKV, max(LENS), D)  # [B, Hkv, T = 17, D]

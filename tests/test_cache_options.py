@@ -27,6 +27,20 @@ def test_defaults_and_normalization():
         o.topn = 8  # frozen
 
 
+def test_integers_of_any_type_are_ints():
+    """Counts as NumPy integers or 0-d tensors (computed sizes) are taken and kept as ints, so the
+    options equal, hash and print as those given as ints."""
+    import numpy as np
+    o = KCacheOptions(topn=np.int64(8), sinks=torch.tensor(2), window=np.int32(6),
+                      reuse=np.uint16(64), dense_layers=[np.int64(1), torch.tensor(0)])
+    assert o == KCacheOptions(topn=8, sinks=2, window=6, reuse=64, dense_layers=(0, 1))
+    assert all(type(getattr(o, name)) is int for name in ("topn", "sinks", "window", "reuse"))
+    assert [type(i) for i in o.dense_layers] == [int, int] and o.to_dict()["topn"] == 8
+    for bad in (np.bool_(True), torch.tensor(True), np.float64(8.0)):
+        with pytest.raises(ValueError, match="topn must be an integer >= 1"):
+            KCacheOptions(topn=bad)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"topn": 0}, "topn must be an integer >= 1, got 0"),
     ({"topn": True}, "topn must be an integer >= 1, got True"),

@@ -3,7 +3,7 @@ decode step (:func:`append_and_attend`) also serves KCache's dense layers."""
 import torch
 import torch.nn.functional as F
 
-from .lengths import SeqLengths, check_layer_inputs
+from .lengths import SeqLengths, check_layer_inputs, check_sizes
 
 
 def exact_decode_attention(q, keys, values, lens):
@@ -64,6 +64,7 @@ class DenseCache:
     """
 
     def __init__(self, config, batch, capacity, device, dtype):
+        batch, capacity = check_sizes("DenseCache", batch, capacity)
         self.lengths = SeqLengths("DenseCache", batch, capacity, device, config.num_layers)
         self.capacity = capacity
         self.num_heads = config.num_heads

@@ -29,7 +29,7 @@ import torch
 from ..ops import alloc_host, host_bytes_available, qk_topn
 from .dense import append_and_attend, prompt_attention
 from .hot import HotRows, HotSlots
-from .lengths import SeqLengths, check_layer_inputs
+from .lengths import SeqLengths, check_layer_inputs, check_sizes
 from .options import KCacheOptions
 from .reuse import PooledReads, Reads, ReusedRows, entries_per_step
 from .side_stream import SideStream
@@ -109,6 +109,7 @@ class KCache:
         if not isinstance(options, KCacheOptions):
             raise TypeError(f"KCache: options must be a KCacheOptions, got "
                             f"{type(options).__name__}")
+        batch, capacity = check_sizes("KCache", batch, capacity)
         self.device = torch.device(device)
         options.check(config.num_layers, self.device)
         check_dtype(dtype)

@@ -5,10 +5,22 @@ from contextlib import contextmanager
 
 import torch
 
+from ..integers import as_int
+
+
+def check_sizes(owner, batch, capacity):
+    """``batch`` and ``capacity`` as ints, each an integer of any type (a NumPy one, a 0-d integer
+    tensor) >= 1, else ValueError naming ``owner`` (the cache)."""
+    sizes = [as_int(n) for n in (batch, capacity)]
+    if any(n is None or n < 1 for n in sizes):
+        raise ValueError(f"{owner}: batch and capacity must be integers >= 1, got {batch!r} and "
+                         f"{capacity!r}")
+    return sizes
+
 
 class SeqLengths:
     """Lengths of ``batch`` sequences in a cache of ``num_layers`` layers of ``capacity`` tokens
-    each, on ``device``.
+    each (ints, from :func:`check_sizes`), on ``device``.
 
     Attributes
     ----------
@@ -26,10 +38,6 @@ class SeqLengths:
     """
 
     def __init__(self, owner, batch, capacity, device, num_layers):
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
-                   for n in (batch, capacity)):
-            raise ValueError(f"{owner}: batch and capacity must be integers >= 1, got {batch!r} "
-                             f"and {capacity!r}")
         self.owner = owner  # the cache's name, for errors
         self.capacity = capacity
         self.num_layers = num_layers

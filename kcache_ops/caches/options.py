@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from ..integers import as_int
 from ..ops import as_float32
 
 # kMaxTopN in csrc/cuda/qk_topn_kernel.cuh: the CUDA select sorts at most this many candidates per
@@ -88,8 +89,7 @@ class KCacheOptions:
                                   "KV head on the device; read only the others from host RAM"})
 
     def __post_init__(self):
-        if isinstance(self.topn, bool) or not isinstance(self.topn, int) or self.topn < 1:
-            raise ValueError(f"KCache: topn must be an integer >= 1, got {self.topn!r}")
+        self._set_integer("topn", 1)
         for name in ("group_select", "renormalize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"KCache: {name} must be a bool, got {getattr(self, name)!r}")
@@ -105,9 +105,7 @@ class KCacheOptions:
                              f"{self.top_p!r}")
         object.__setattr__(self, "top_p", float(self.top_p))
         for name in ("sinks", "window", "reuse"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"KCache: {name} must be an integer >= 0, got {value!r}")
+            self._set_integer(name, 0)
         if self.tail == "mean" and self.hot_rows:
             raise ValueError(f"KCache: the mean tail takes the mean of every row not read from "
                              f"host RAM, hot rows included; use sinks/window with tail none, int2 "
@@ -123,9 +121,19 @@ class KCacheOptions:
         except TypeError:  # a bare int, say
             raise ValueError(f"KCache: dense_layers must be a sequence of layer indices, got "
                              f"{self.dense_layers!r}") from None
-        if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+        indices = [as_int(i) for i in layers]
+        if None in indices:
             raise ValueError(f"KCache: dense_layers must be integers, got {layers!r}")
-        object.__setattr__(self, "dense_layers", tuple(sorted(set(layers))))
+        object.__setattr__(self, "dense_layers", tuple(sorted(set(indices))))
+
+    def _set_integer(self, name, least):
+        """Option ``name`` as an int: an integer of any type (a NumPy one, a 0-d tensor) >=
+        ``least``, else ValueError."""
+        value = getattr(self, name)
+        n = as_int(value)
+        if n is None or n < least:
+            raise ValueError(f"KCache: {name} must be an integer >= {least}, got {value!r}")
+        object.__setattr__(self, name, n)
 
     def check(self, num_layers, device):
         """Raise ValueError where the options do not fit a model of ``num_layers`` layers on
