@@ -1,5 +1,6 @@
 """Batched generation with per-sequence prompt lengths: greedy or sampled, stop on EOS, streaming.
 It builds the cache (above the model and the caches: the model takes the cache it is given)."""
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from .caches import make_cache
 from .devices import sync
 from .integers import as_int
 from .model import pad_prompts
+from .ops import as_float32
 
 
 @dataclass
@@ -109,8 +111,9 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     Parameters
     ----------
     model : Llama
-    prompts : list of list of int
-        Token ids of each prompt (lengths may differ; they are right-padded into [B, T]).
+    prompts : list of list of int, or a [B, T] integer tensor
+        Token ids of each prompt (lengths may differ; they are right-padded into [B, T]); any
+        iterable of id lists.
     max_new_tokens : int
     backend, options
         The attention backend, and a KCacheOptions for ``"kcache"`` (None: the defaults); see
@@ -118,7 +121,7 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     temperature, top_p, top_k, seed
         Sampling (temperature 0: greedy; top_k None: every token); ``seed`` seeds a generator on
         the model's device.
-    eos_ids : iterable of int
+    eos_ids : iterable of int, or one int
         A sequence stops after sampling one of these.
     tokenizer : Tokenizer, optional
         Needed for ``texts`` and ``on_text``.
@@ -131,7 +134,12 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     """
     if as_int(max_new_tokens) is None or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if isinstance(prompts, (str, bytes)) or not all(
+    max_new_tokens = as_int(max_new_tokens)
+    if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:  # [B, T]: B prompts of T ids
+        prompts = prompts.tolist()
+    elif not isinstance(prompts, (str, bytes, torch.Tensor)) and hasattr(prompts, "__iter__"):
+        prompts = list(prompts)  # a generator is read once
+    if isinstance(prompts, (str, bytes, torch.Tensor)) or not all(
             hasattr(p, "__len__") and not isinstance(p, (str, bytes)) for p in prompts):
         raise ValueError("prompts must be a list of token id lists (one per prompt), got "
                          f"{type(prompts).__name__} of {[type(p).__name__ for p in prompts][:3]}")
@@ -143,14 +151,21 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     if bad:
         raise ValueError(f"prompt token ids must be integers in [0, {vocab}) (the model's "
                          f"vocabulary), got {bad[:5]}")
+    if as_int(eos_ids) is not None:  # one id
+        eos_ids = [eos_ids]
+    elif not hasattr(eos_ids, "__iter__"):
+        raise ValueError(f"eos_ids must be token ids (an iterable, or one id), got {eos_ids!r}")
     eos = {as_int(t) for t in eos_ids}
     if None in eos or not all(0 <= t < vocab for t in eos):
         raise ValueError(f"eos_ids must be token ids in [0, {vocab}), got {list(eos_ids)[:5]}")
-    if not temperature >= 0 or not 0 < top_p <= 1:  # NaN fails both
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                              or top_k < 1):
+    # NaN fails both; an infinite temperature (1e39 is one in float32) would send the tokens
+    # top_k leaves out to -inf / inf = NaN
+    if not 0 <= as_float32(temperature) < math.inf or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and finite (as a float32) and 0 < top_p <= 1, "
+                         f"got {temperature}, {top_p}")
+    if top_k is not None and (as_int(top_k) is None or top_k < 1):
         raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    top_k = None if top_k is None else as_int(top_k)
     if on_text is not None and tokenizer is None:
         raise ValueError("streaming (on_text) needs the tokenizer")
     device = model.device

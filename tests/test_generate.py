@@ -1,5 +1,6 @@
 """Batched generation (greedy, sampled, EOS, streaming) and the ``generate`` command line."""
 from dataclasses import replace
+import math
 import re
 import warnings
 
@@ -157,8 +158,11 @@ def test_bad_arguments(loaded):
     for eos in ([96], ["2"], [-1]):
         with pytest.raises(ValueError, match=r"eos_ids must be token ids in \[0, 96\)"):
             generate(model, PROMPTS, 4, eos_ids=eos)
-    with pytest.raises(ValueError, match="need temperature >= 0"):
-        generate(model, PROMPTS, 4, temperature=float("nan"))
+    for temperature in (float("nan"), math.inf, 1e39):  # 1e39 is inf in float32
+        with pytest.raises(ValueError, match="need temperature >= 0 and finite"):
+            generate(model, PROMPTS, 4, temperature=temperature, top_k=5)
+    with pytest.raises(ValueError, match="eos_ids must be token ids .* got 2.5"):
+        generate(model, PROMPTS, 4, eos_ids=2.5)
 
 
 def test_ids_of_any_integer_type(loaded):
@@ -171,8 +175,16 @@ def test_ids_of_any_integer_type(loaded):
     want = generate(model, PROMPTS, 10, eos_ids=[eos]).tokens
     for ids in (torch.tensor([eos]), np.array([eos]), [np.int64(eos)]):
         assert generate(model, PROMPTS, 10, eos_ids=ids).tokens == want
+    assert generate(model, PROMPTS, 10, eos_ids=np.int64(eos)).tokens == want  # one id
     prompts = [[np.int64(t) for t in p] for p in PROMPTS]
     assert generate(model, prompts, 10).tokens == free
+    for count in (np.int64(10), torch.tensor(10)):  # max_new_tokens of any integer type
+        assert generate(model, PROMPTS, count).tokens == free
+    assert generate(model, PROMPTS, 10, temperature=1.0, top_k=np.int64(1), seed=0).tokens == free
+    assert generate(model, (p for p in PROMPTS), 10).tokens == free  # any iterable, read once
+    same_length = torch.tensor([p[:1] for p in PROMPTS])  # [B, 1]: B prompts
+    assert generate(model, same_length, 10).tokens == generate(model, same_length.tolist(),
+                                                               10).tokens
     assert generate(model, [np.array(p) for p in PROMPTS], 10).tokens == free
     assert generate(model, [torch.tensor(p) for p in PROMPTS], 10).tokens == free
 

@@ -85,7 +85,8 @@ def test_prefill_refuses_an_empty_prompt(pair):
     _, model = pair
     cache = make_cache("dense", model.config, 2, 8, model.device, model.dtype)
     tokens, lens = torch.randint(0, 96, (2, 5)), torch.tensor([3, 0], dtype=torch.int32)
-    with torch.no_grad(), pytest.raises(ValueError, match=r"lens >= 1.*\[3, 0\]"):
+    with torch.no_grad(), pytest.raises(ValueError, match=r"lens must be in \[1, 5\].*a token "
+                                        r"to predict from.*\[3, 0\]"):
         model.prefill(tokens, lens, cache)
     cache = make_cache("dense", model.config, 2, 8, model.device, model.dtype)
     with torch.no_grad():
@@ -103,3 +104,36 @@ def test_prefill_refuses_float_lens_and_ids_outside_the_vocabulary(pair):
     tokens[1, 2] = 96
     with torch.no_grad(), pytest.raises(ValueError, match=r"token ids must be in \[0, 96\).* 96"):
         model.prefill(tokens, torch.tensor([3, 5], dtype=torch.int32), cache)
+
+
+@pytest.mark.parametrize("lens", [[2**32 + 3, 5], [2**32, 5], [6, 5], [-2**32 + 3, 5]])
+def test_prefill_refuses_lens_past_the_prompt_before_they_wrap(pair, lens):
+    """int64 lengths outside [0, T] are refused, also those an int32 cast would have wrapped into
+    it (2^32 + 3 became 3, and 2^32 an empty prompt whose logits were a padded position's)."""
+    _, model = pair
+    cache = make_cache("dense", model.config, 2, 8, model.device, model.dtype)
+    for all_logits in (False, True):
+        with torch.no_grad(), pytest.raises(ValueError, match=r"lens must be in \[[01], 5\]"):
+            model.prefill(torch.randint(0, 96, (2, 5)), torch.tensor(lens), cache, all_logits)
+    assert cache.seq_lens.tolist() == [0, 0]
+
+
+def test_decode_refuses_tokens_of_the_wrong_shape_type_or_vocabulary(pair):
+    """Decode's tokens are checked without waiting on the device: their shape, dtype and device
+    always, their ids where they are on the CPU (before: an IndexError or a size mismatch deep
+    in the model, naming no argument)."""
+    _, model = pair
+    cache = make_cache("dense", model.config, 2, 8, model.device, model.dtype)
+    with torch.no_grad():
+        model.prefill(torch.randint(0, 96, (2, 5)), torch.tensor([3, 5], dtype=torch.int32),
+                      cache)
+        for bad in (torch.tensor([1, 2, 3]), torch.tensor([[1], [2]]), torch.tensor([1.0, 2.0]),
+                    [1, 2]):
+            with pytest.raises(ValueError, match=r"tokens must be a \[2\] integer tensor on cpu"):
+                model.decode(bad, cache)
+        for bad in ([1, 96], [-1, 2]):
+            with pytest.raises(ValueError, match=r"token ids must be in \[0, 96\)"):
+                model.decode(torch.tensor(bad), cache)
+        assert cache.seq_lens.tolist() == [3, 5]
+        model.decode(torch.tensor([1, 95], dtype=torch.int32), cache)  # any integer dtype
+    assert cache.seq_lens.tolist() == [4, 6]

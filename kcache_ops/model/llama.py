@@ -196,9 +196,13 @@ class Llama(nn.Module):
             if not 0 <= low <= high < vocab:
                 raise ValueError(f"prefill: token ids must be in [0, {vocab}) (the vocabulary), "
                                  f"got ids from {low} to {high}")
-        if not all_logits and lens.numel() and int(lens.min()) < 1:  # a host read at prefill only
-            raise ValueError(f"prefill: every prompt needs a token to predict from (lens >= 1), "
-                             f"got lens {lens.tolist()}")
+        if lens.numel():  # checked before the cast to int32, which would wrap 2^32 + 3 to 3
+            shortest, longest = (int(x) for x in torch.aminmax(lens))  # read at prefill only
+            if longest > t or shortest < (0 if all_logits else 1):
+                raise ValueError(f"prefill: lens must be in [{0 if all_logits else 1}, {t}] (every "
+                                 f"prompt within the T = {t} tokens given"
+                                 f"{'' if all_logits else ', with a token to predict from'}), "
+                                 f"got lens {lens.tolist()}")
         lens = lens.to(device=self.device, dtype=torch.int32)                # [B]
         positions = torch.arange(t, device=self.device).expand(b, t)         # [B, T]
         h = self._run(tokens, positions, lambda i, q, k, v: cache.prefill(i, q, k, v, lens))
@@ -211,8 +215,21 @@ class Llama(nn.Module):
     def decode(self, tokens, cache):
         """One new token per sequence, at its own position ``cache.seq_lens[b]``.
 
-        tokens [B] long -> logits [B, V] float32.
+        tokens [B] long -> logits [B, V] float32. The ids are range-checked on the CPU only: on
+        CUDA that would wait on the device, and an id outside the vocabulary fails there in the
+        embedding's device-side assert.
         """
+        batch = cache.seq_lens.shape[0]
+        if (not isinstance(tokens, torch.Tensor) or tokens.shape != (batch,)
+                or tokens.dtype.is_floating_point or tokens.dtype.is_complex
+                or tokens.dtype == torch.bool or tokens.device != self.device):
+            raise ValueError(f"decode: tokens must be a [{batch}] integer tensor on "
+                             f"{self.device} (one per sequence of the cache), got "
+                             f"{_describe(tokens)}")
+        vocab = self.config.vocab_size
+        if tokens.device.type == "cpu" and batch and not 0 <= tokens.min() <= tokens.max() < vocab:
+            raise ValueError(f"decode: token ids must be in [0, {vocab}) (the vocabulary), got "
+                             f"{tokens.tolist()}")
         positions = cache.seq_lens.long()[:, None]                           # [B, 1]
 
         def attend(i, q, k, v):                     # q [B, Hq, 1, D], k and v [B, Hkv, 1, D]
@@ -220,6 +237,13 @@ class Llama(nn.Module):
         h = self._run(tokens[:, None], positions, attend)                    # [B, 1, E]
         cache.finish_decode()
         return self._logits(h[:, 0])                                         # [B, V]
+
+
+def _describe(x):
+    """What an argument is, for an error: a tensor's shape, dtype and device, else its repr."""
+    if isinstance(x, torch.Tensor):
+        return f"shape {list(x.shape)}, {x.dtype} on {x.device}"
+    return repr(x)
 
 
 def pad_prompts(prompts):
