@@ -8,9 +8,17 @@ import tempfile
 
 import torch
 
-# bench/results of the source tree (the package is imported from its checkout: `make build`).
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
-                           "results")
+
+def results_dir(package_parent):
+    """Where full runs write by default, for a package imported from ``package_parent``: the
+    checkout's bench/results where that folder is a checkout (`make build`, ``pip install -e``);
+    installed elsewhere (site-packages), ``kcache_ops_results`` in the working folder."""
+    if os.path.isfile(os.path.join(package_parent, "setup.py")):
+        return os.path.join(package_parent, "bench", "results")
+    return os.path.abspath("kcache_ops_results")
+
+
+RESULTS_DIR = results_dir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # where a smoke run (``eval --quick``, ``bench --small``) writes unless told: never over the
 # committed results
 SMOKE_DIR = os.path.join(tempfile.gettempdir(), "kcache_ops_smoke")

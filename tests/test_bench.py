@@ -63,6 +63,24 @@ def test_bench_small_through_transformers(tmp_path):
         assert theirs["decode_tok_s"] > 0
 
 
+@pytest.mark.parametrize("argv, steps", [(["--small"], 8), (["--small", "--steps", "12"], 12),
+                                         (["--budget", "1"], 32),
+                                         (["--budget", "1", "--steps", "40"], 40)])
+def test_steps_given_are_the_steps_timed(argv, steps, tmp_path, monkeypatch):
+    """--small times 8 steps unless --steps says otherwise (it capped a given --steps at 8)."""
+    timed = []
+
+    def measure_only_steps(*args, **kwargs):
+        timed.append(args[5])
+        raise KeyboardInterrupt  # stop before anything runs
+    monkeypatch.setattr(bench, "measure", measure_only_steps)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(parser.parse_args(["--device", "cpu", "--out", str(tmp_path), *argv]))
+    assert timed == [steps]
+
+
 def test_steps_are_timed_by_their_median():
     """A decode step is timed as the median of its runs (DESIGN.md §6), so one slow run (a
     host hiccup) does not move it; every run is called once."""

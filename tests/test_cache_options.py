@@ -135,15 +135,19 @@ def test_flags_follow_the_fields():
         kcache_options(parse(["--topn", "0"]))
 
 
-def test_paper_literal_is_one_flag_away():
+def test_paper_literal_is_one_flag_away(capsys):
     """--paper-literal gives KCache as the paper states it whatever the defaults; other KCache
-    flags given with it change it."""
+    flags given with it change it. A value no option takes is refused: a tail by the parser (its
+    choices), the rest when the options are made."""
     paper = KCacheOptions.paper_literal()
     assert (paper.topn, paper.renormalize, paper.tail, paper.top_p) == (64, True, "none", 1.0)
     assert kcache_options(parse(["--paper-literal"])) == paper
     assert kcache_options(parse(["--paper-literal", "--topn", "32"])) == replace(paper, topn=32)
-    with pytest.raises(SystemExit, match="tail must be one of"):
-        kcache_options(parse(["--paper-literal", "--tail", "int3"]))
+    with pytest.raises(SystemExit, match="topn must be an integer >= 1, got 0"):
+        kcache_options(parse(["--paper-literal", "--topn", "0"]))
+    with pytest.raises(SystemExit):
+        parse(["--paper-literal", "--tail", "int3"])
+    assert "--tail: invalid choice: 'int3'" in capsys.readouterr().err
 
 
 def test_a_field_with_its_own_flag():

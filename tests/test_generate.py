@@ -218,6 +218,9 @@ def test_cli_dense_and_kcache(folder, capsys):
                  "--max-new-tokens", "3", "--temperature", "0.8", "--top-k", "5", "--seed",
                  "1"]) == 0
     assert capsys.readouterr().out.count("--- [") == 2
+    for flags in (["--top-k", "5"], ["--top-p", "0.9", "--top-k", "5"]):  # greedy: no effect
+        with pytest.raises(SystemExit, match=r"--top-.* to sampling; give --temperature > 0"):
+            main(["generate", "--model", str(folder), "--prompt", "a", *flags])
     with pytest.raises(SystemExit, match="--topn applies to --backend kcache only"):
         main(["generate", "--model", str(folder), "--prompt", "a", "--topn", "8"])
     with pytest.raises(SystemExit, match="--topn, --tail apply to --backend kcache only"):
@@ -257,6 +260,10 @@ def test_token_ids_outside_the_vocabulary(loaded):
     (["demo", "--prompt-tokens", "-5"], "expected an integer >= 1, got '-5'"),
     (["demo", "--depth", "2"], r"expected a finite number in \[0.0, 1.0\], got '2'"),
     (["bench", "--small", "--steps", "0"], "expected an integer >= 1"),
+    (["generate", "--prompt", "hi", "--backend", "kcache", "--tail", "int3"],
+     r"--tail: invalid choice: 'int3' \(choose from 'none', 'mean', 'int2', 'int4'\)"),
+    (["eval", "--quick", "--gpu-sizes"], "--gpu-sizes: not allowed with argument --quick"),
+    (["eval", "--tails", "int3"], r"argument --tails: expected comma-separated values of none"),
     (["bench", "--small", "--budget", "-1"], r"expected a finite number in \(0.0, inf\)"),
     (["bench", "--small", "--contexts", "0"], "expected comma-separated integers >= 1"),
     (["eval", "--quick", "--prefill", "0"], "expected an integer >= 1"),

@@ -76,7 +76,8 @@ class KCacheOptions:
     dense_layers: tuple = field(default=(), metadata={
         "short": "dl", "help": "comma-separated layers that keep V on the device, e.g. 0,1"})
     tail: str = field(default="int2", metadata={
-        "short": "tail", "help": "the mass of the rows not read: none, mean, int2 or int4"})
+        "short": "tail", "choices": TAILS,
+        "help": "the mass of the rows not read: none, mean, int2 or int4"})
     top_p: float = field(default=0.9, metadata={
         "short": "p", "flag": "--attn-top-p",  # --top-p is the sampling option of generate
         "help": "read per head only the top rows whose attention mass reaches this"})

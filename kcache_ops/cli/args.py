@@ -151,6 +151,7 @@ def add_kcache_arguments(parser, skip=()):
             group.add_argument(_flag(f), dest=_dest(f), type=int_list, help=help_text)
         else:
             group.add_argument(_flag(f), dest=_dest(f), type=type(f.default),
+                               choices=f.metadata.get("choices"),
                                help=f"{help_text} (default {f.default})")
 
 

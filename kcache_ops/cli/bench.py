@@ -12,7 +12,7 @@ import sys
 
 from .. import report
 from ..devices import default_device
-from ..results import SMOKE_DIR, machine, out_dir, write_json
+from ..results import RESULTS_DIR, SMOKE_DIR, machine, out_dir, write_json
 from ..throughput.measure import measure
 from ..throughput.report import BENCH_JSON, BENCH_PLOT, plot
 from ..throughput.shapes import SHAPES
@@ -39,19 +39,21 @@ def add_arguments(parser):
                              "weights, less --reserve)")
     parser.add_argument("--reserve", type=bounded_float(0.0, None), default=6.0,
                         help="GB kept free for activations when --budget is not given (default 6)")
-    parser.add_argument("--max-batch", type=positive_int, default=256)
-    parser.add_argument("--steps", type=positive_int, default=32,
-                        help="timed decode steps (default 32)")
+    parser.add_argument("--max-batch", type=positive_int, default=256,
+                        help="the largest batch tried, however much the budget holds "
+                             "(default 256)")
+    parser.add_argument("--steps", type=positive_int,
+                        help="timed decode steps (default 32; 8 with --small)")
     add_kcache_arguments(parser)
     add_engine_argument(parser)
     parser.add_argument("--no-hf", dest="hf", action="store_false",
                         help="skip the Hugging Face transformers comparison")
     parser.add_argument("--small", action="store_true",
-                        help="tiny shapes, short contexts, a 4 MB budget and at most 8 steps "
-                             "(unless given): tests the machinery on a CPU")
+                        help="tiny shapes, short contexts, a 4 MB budget and 8 steps (each "
+                             "unless given): tests the machinery on a CPU")
     parser.add_argument("--out",
-                        help="folder of bench.json, its plot and REPORT.md (default bench/results "
-                             f"of the source tree; with --small {SMOKE_DIR})")
+                        help=f"folder of bench.json, its plot and REPORT.md (default "
+                             f"{RESULTS_DIR}; with --small {SMOKE_DIR})")
 
 
 def run(args):
@@ -62,9 +64,9 @@ def run(args):
     if unknown:
         raise ValueError(f"--models: unknown {', '.join(unknown)}; known: {', '.join(SHAPES)}")
     contexts = args.contexts or (SMALL_CONTEXTS if args.small else DEFAULT_CONTEXTS)
-    budget, steps = args.budget, args.steps
+    budget, steps = args.budget, args.steps or (8 if args.small else 32)
     if args.small:
-        budget, steps = budget or 0.004, min(steps, 8)
+        budget = budget or 0.004
     if budget is None and device.type != "cuda":
         raise SystemExit("error: give --budget (GB) on the CPU, or --small")
     info = {**machine(device), "engine": args.engine}

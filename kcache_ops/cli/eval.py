@@ -27,7 +27,7 @@ from ..eval.report import EVAL_JSON
 from ..eval.suite import Settings, evaluate, save_json
 from ..model import load_model
 from ..model.load import DEFAULT_NAME
-from ..results import SMOKE_DIR, machine, out_dir
+from ..results import RESULTS_DIR, SMOKE_DIR, machine, out_dir
 from .args import (add_engine_argument, add_model_arguments, dtype_of, int_list, positive_int,
                    positive_int_list)
 
@@ -37,7 +37,7 @@ def tail_list(text):
     tails = tuple(t.strip() for t in text.split(",") if t.strip())
     bad = [t for t in tails if t not in TAILS]
     if bad or not tails:
-        raise argparse.ArgumentTypeError(f"--tails: expected comma-separated values of "
+        raise argparse.ArgumentTypeError(f"expected comma-separated values of "
                                          f"{', '.join(TAILS)}, got {text!r}")
     return tails
 
@@ -69,19 +69,20 @@ def add_arguments(parser):
         parser.add_argument(flag, type=positive_int, help=help_text)
     parser.add_argument("--needle-lengths", type=positive_int_list,
                         help="haystack lengths in tokens (default 1024,2048,4096,8000)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes and N=16 without and with the 2-bit tail: a smoke run "
-                             "of the machinery")
-    parser.add_argument("--gpu-sizes", action="store_true",
-                        help="more and longer texts for a GPU: 16 windows of 4096 + 512 steps, "
-                             "8 windows of 6144 + 256 steps")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true",
+                       help="tiny sizes and N=16 without and with the 2-bit tail: a smoke run "
+                            "of the machinery")
+    sizes.add_argument("--gpu-sizes", action="store_true",
+                       help="more and longer texts for a GPU: 16 windows of 4096 + 512 steps, "
+                            "8 windows of 6144 + 256 steps")
     parser.add_argument("--threads", type=positive_int,
                         help="torch CPU threads (1 is faster on a CPU that others share)")
     parser.add_argument("--report-only", action="store_true",
                         help="only rewrite REPORT.md and the plots from the JSON in --out")
     parser.add_argument("--out",
-                        help="folder of the JSON, plots and REPORT.md (default bench/results of "
-                             f"the source tree; with --quick {SMOKE_DIR})")
+                        help=f"folder of the JSON, plots and REPORT.md (default {RESULTS_DIR}; "
+                             f"with --quick {SMOKE_DIR})")
 
 
 def settings(args):
@@ -144,6 +145,7 @@ def run(args):
     rec = recommend.recommend(results)
     if rec:
         verdict = ("meets every target" if rec["meets_all"]
-                   else "the closest; misses " + "; ".join(rec["misses"]))
+                   else "no configuration meets every target; this one is the closest, missing: "
+                   + "; ".join(rec["misses"]))
         print(f"# recommended: {rec['name']} ({verdict})")
     print(f"# wrote {path} and {os.path.join(args.out, 'REPORT.md')}")

@@ -17,10 +17,14 @@ def add_arguments(parser):
     src.add_argument("--prompt-file", help="read the prompt from this file")
     parser.add_argument("--backend", choices=BACKENDS, default="dense",
                         help="attention backend (default dense)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=128)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128,
+                        help="new tokens per prompt at most (default 128)")
     parser.add_argument("--temperature", type=bounded_float(0.0, None), default=0.0,
-                        help="0 (default): greedy")
-    parser.add_argument("--top-p", type=bounded_float(0.0, 1.0, low_open=True), default=1.0)
+                        help="0 (default): greedy; above 0: sample (then --top-p, --top-k)")
+    parser.add_argument("--top-p", type=bounded_float(0.0, 1.0, low_open=True),
+                        help="nucleus sampling: draw from the most likely tokens whose "
+                             "probability reaches this (default 1: all); not --attn-top-p, "
+                             "KCache's budget")
     parser.add_argument("--top-k", type=positive_int,
                         help="sample among the k most likely tokens (default: all)")
     parser.add_argument("--seed", type=seed, help="seed of the sampling generator")
@@ -44,6 +48,12 @@ def cache_options(args):
 
 def run(args):
     options = cache_options(args)
+    sampling = [flag for flag, value in (("--top-p", args.top_p), ("--top-k", args.top_k))
+                if value is not None]
+    if sampling and args.temperature == 0:
+        raise SystemExit(f"error: {', '.join(sampling)} "
+                         f"{'applies' if len(sampling) == 1 else 'apply'} to sampling; give "
+                         f"--temperature > 0 (0, the default, is greedy)")
     if args.prompt_file:
         with open(args.prompt_file) as f:
             texts = [f.read()]
@@ -57,7 +67,8 @@ def run(args):
         sys.stdout.write(text)
         sys.stdout.flush()
     result = generate(model, prompts, args.max_new_tokens, backend=args.backend,
-                      options=options, temperature=args.temperature, top_p=args.top_p,
+                      options=options, temperature=args.temperature,
+                      top_p=1.0 if args.top_p is None else args.top_p,
                       top_k=args.top_k,
                       seed=args.seed, eos_ids=tokenizer.eos_ids, tokenizer=tokenizer,
                       on_text=show if stream else None)
