@@ -40,10 +40,10 @@ cmake-build: $(VENV)/.ready
 bench-cpu: build
 	$(PY) bench/cpu_ops.py
 
-# needs a CUDA GPU: CUDA tests first, the throughput bench, the rest of the suite, the decode step's
-# profile, the kernel benchmarks and compute-sanitizer; log and archive in $$OUT (bench/run_gpu.sh's
-# header has the time plan). DRY_RUN=1 runs only the CPU-side parts (no GPU needed). BUDGET:
-# seconds for all stages.
+# needs a CUDA GPU: the toolchain's error paths, the CUDA tests, the kernel benchmarks, the decode
+# step's profile, compute-sanitizer, the throughput bench, the rest of the suite; log and archive in
+# $$OUT (bench/run_gpu.sh's header says what each stage runs, and the time plan). DRY_RUN=1 runs
+# only the CPU-side parts (no GPU needed). BUDGET: seconds for all stages.
 bench-gpu: build
 	BUDGET=$${BUDGET:-3600} PYTHON=$(abspath $(PY)) bash bench/run_gpu.sh \
 	  toolchain tests bench profile sanitize e2e slow

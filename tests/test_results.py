@@ -2,13 +2,17 @@
 command writes them (a smoke run never over the committed results), and REPORT.md assembled from
 whichever JSON files are present (here only the GPU gather script's)."""
 import argparse
+import os
+import pathlib
 
 import pytest
 
 from kcache_ops import report
 from kcache_ops.cli import bench, eval as eval_cli
+from kcache_ops.eval.report import EVAL_JSON
 from kcache_ops.results import (RESULTS_DIR, SMOKE_DIR, load_json, machine, out_dir, ran_on,
-                                write_json)
+                                results_dir, write_json)
+from kcache_ops.throughput.report import BENCH_JSON
 
 
 def test_machine_and_json_round_trip(tmp_path):
@@ -32,6 +36,19 @@ def test_smoke_runs_write_aside(cli, smoke, tmp_path):
     assert out_dir(parser.parse_args([smoke, "--out", str(tmp_path)]).out, True) == str(tmp_path)
 
 
+def test_results_go_to_the_checkout_or_the_working_folder(tmp_path, monkeypatch):
+    """Run from a checkout, full runs write to its bench/results; from an installed package
+    (site-packages has no setup.py) to kcache_ops_results in the working folder, not into
+    site-packages."""
+    assert RESULTS_DIR == str(pathlib.Path(__file__).resolve().parents[1] / "bench" / "results")
+    monkeypatch.chdir(tmp_path)
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    assert results_dir(str(site)) == str(tmp_path / "kcache_ops_results")
+    (site / "setup.py").touch()
+    assert results_dir(str(site)) == str(site / "bench" / "results")
+
+
 def test_report_from_the_gather_json_alone(tmp_path):
     meta = {**machine("cpu"), "gpu": "Test GPU", "h2d_ceiling_GBs": 50.0}
     rows = [{"row_bytes": 256, "rows_per_head": 64, "mem": "pinned", "GBs": 20.0,
@@ -42,3 +59,15 @@ def test_report_from_the_gather_json_alone(tmp_path):
     assert "Not run yet: `python -m kcache_ops eval`" in text and "## Throughput" in text
     assert "Test GPU" in text and "H2D ceiling 50.0 GB/s" in text
     assert "| 256 | 64 | pinned | 20.0 | 40% |" in text
+
+
+def test_the_committed_report_is_the_committed_results(tmp_path):
+    """bench/results/REPORT.md is what ``eval --report-only`` writes from the JSON files committed
+    beside it (a change of the report's code or of the options is regenerated, not left stale)."""
+    import shutil
+    for name in (EVAL_JSON, BENCH_JSON, report.GATHER_JSON):
+        if os.path.isfile(os.path.join(RESULTS_DIR, name)):
+            shutil.copy(os.path.join(RESULTS_DIR, name), tmp_path)
+    report.write(tmp_path)
+    committed = pathlib.Path(RESULTS_DIR, "REPORT.md").read_text()
+    assert (tmp_path / "REPORT.md").read_text() == committed
