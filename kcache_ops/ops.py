@@ -326,24 +326,41 @@ def as_float32(x):
     return float(torch.tensor(x, dtype=torch.float32))
 
 
-def _check_fake(op, ranks, host=()):
-    """The checks of an eager op that its fake implementation needs, with the eager messages:
-    each tensor of ``ranks`` (name -> (tensor or None, dims)) has its dims and is on the device of
-    the first; those named in ``host`` (V in host RAM) are on the CPU instead, or on that device
-    when every argument is a meta or fake tensor of it. Without them a bad shape fails deep in the
-    fake, and a meta argument among real ones would give uninitialised outputs on the device of
-    the others."""
-    (first_name, (first, _)), *_ = ranks.items()
-    for name, (t, dims) in ranks.items():
+def _check_fake(op, shapes, host=(), group=None):
+    """The checks of an eager op that its fake implementation needs, with messages that name the
+    argument, the expected and the actual: each tensor of ``shapes`` (name -> (tensor or None,
+    dims), dims naming each dim, e.g. ("B", "Hq", "D"), or giving its size) has that many dims,
+    and a dim named twice has one size throughout; each is on the device of the first, but those
+    named in ``host`` (V in host RAM), on the CPU instead (or on that device when every argument
+    is a meta or fake tensor of it); ``group`` (query heads, KV heads) names two dims whose first
+    is a multiple of the second. Without them a bad shape fails deep in the fake, or is traced
+    into a graph the eager op refuses only when it runs, and a meta argument among real ones
+    would give uninitialised outputs on the device of the others."""
+    (first_name, (first, _)), *_ = shapes.items()
+    sizes = {}  # dim name -> (size, the argument it was first seen in)
+    for name, (t, dims) in shapes.items():
         if t is None:
             continue
-        if t.dim() != dims:
-            raise RuntimeError(f"{op}: {name} must have {dims} dims, got shape {list(t.shape)}")
+        if t.dim() != len(dims):
+            raise RuntimeError(f"{op}: {name} must have {len(dims)} dims, got shape "
+                               f"{list(t.shape)}")
         if name in host and t.device.type != "cpu" and t.device != first.device:
             raise RuntimeError(f"{op}: {name} must be in host memory (on cpu), got {t.device}")
         if name not in host and t.device != first.device:
             raise RuntimeError(f"{op}: {name} must be on {first.device} (the device of "
                                f"{first_name}), got {t.device}")
+        for i, (dim, size) in enumerate(zip(dims, t.shape)):
+            fixed = isinstance(dim, int)
+            want, source = (dim, None) if fixed else sizes.setdefault(dim, (size, name))
+            if size != want:
+                of = "" if fixed else f" ({dim}, as in {source})"
+                raise RuntimeError(f"{op}: {name} must have {want} in dim {i}{of}, got shape "
+                                   f"{list(t.shape)}")
+    if group is not None:
+        (hq, hq_of), (hkv, hkv_of) = (sizes[dim] for dim in group)
+        if hkv == 0 or hq % hkv != 0:
+            raise RuntimeError(f"{op}: {hq_of} heads ({hq}) must be a multiple of {hkv_of} heads "
+                               f"({hkv})")
 
 
 def _check_bits(bits):
@@ -360,7 +377,9 @@ def _check_skip(skip_first, skip_last):
 @torch.library.register_fake("kcache_ops::qk_topn")
 def _(q, k_cache, seq_lens, n, scale, group_select=False, check_values=True,
       return_scores=False, skip_first=0, skip_last=0, top_p=1.0):
-    _check_fake("qk_topn", {"q": (q, 3), "k_cache": (k_cache, 4), "seq_lens": (seq_lens, 1)})
+    _check_fake("qk_topn", {"q": (q, ("B", "Hq", "D")),
+                            "k_cache": (k_cache, ("B", "Hkv", "S", "D")),
+                            "seq_lens": (seq_lens, ("B",))}, group=("Hq", "Hkv"))
     if not 1 <= n < 1 << 31:
         raise RuntimeError(f"n must be in [1, 2^31), got {n}")
     if not math.isfinite(as_float32(scale)):
@@ -383,16 +402,21 @@ def _(q, k_cache, seq_lens, n, scale, group_select=False, check_values=True,
 @torch.library.register_fake("kcache_ops::sparse_attn_v")
 def _(scores, indices, v_cache, lse=None, renormalize=True, check_values=True, v_sum=None,
       seq_lens=None):
-    _check_fake("sparse_attn_v", {"scores": (scores, 3), "indices": (indices, 3),
-                                  "v_cache": (v_cache, 4), "lse": (lse, 2), "v_sum": (v_sum, 3),
-                                  "seq_lens": (seq_lens, 1)}, host=("v_cache",))
+    _check_fake("sparse_attn_v", {"scores": (scores, ("B", "Hq", "N")),
+                                  "indices": (indices, ("B", "Hq", "N")),
+                                  "v_cache": (v_cache, ("B", "Hkv", "S", "D")),
+                                  "lse": (lse, ("B", "Hq")), "v_sum": (v_sum, ("B", "Hkv", "D")),
+                                  "seq_lens": (seq_lens, ("B",))},
+                host=("v_cache",), group=("Hq", "Hkv"))
     B, Hq, _ = scores.shape
     return scores.new_empty((B, Hq, v_cache.shape[-1]), dtype=v_cache.dtype)
 
 
 @torch.library.register_fake("kcache_ops::gather_rows")
 def _(src, indices, check_values=True):
-    _check_fake("gather_rows", {"indices": (indices, 3), "src": (src, 4)}, host=("src",))
+    _check_fake("gather_rows", {"indices": (indices, ("B", "H", "N")),
+                                "src": (src, ("B", "Hs", "S", "D"))}, host=("src",),
+                group=("H", "Hs"))
     B, H, N = indices.shape
     return indices.new_empty((B, H, N, src.shape[-1]), dtype=src.dtype)
 
@@ -423,19 +447,24 @@ def _(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True, 
         raise RuntimeError("hot_v and hot_pos must be given together, got hot_v "
                            f"{'None' if hot_v is None else 'set'} and hot_pos "
                            f"{'None' if hot_pos is None else 'set'}")
-    _check_fake("lowbit_tail", {"scores": (scores, 3), "seq_lens": (seq_lens, 1), "lse": (lse, 2),
-                                "indices": (indices, 3), "v_codes": (v_codes, 4),
-                                "v_meta": (v_meta, 4), "hot_v": (hot_v, 4),
-                                "hot_pos": (hot_pos, 2)})
+    _check_fake("lowbit_tail", {"scores": (scores, ("B", "Hq", "S")),
+                                "seq_lens": (seq_lens, ("B",)), "lse": (lse, ("B", "Hq")),
+                                "indices": (indices, ("B", "Hq", "N")),
+                                "v_codes": (v_codes, ("B", "Hkv", "S", "D * bits / 8")),
+                                "v_meta": (v_meta, ("B", "Hkv", "S", 2)),
+                                "hot_v": (hot_v, ("B", "Hkv", "H", "D")),
+                                "hot_pos": (hot_pos, ("B", "H"))}, group=("Hq", "Hkv"))
     B, Hq, _ = scores.shape
     return scores.new_empty((B, Hq, v_codes.shape[-1] * 8 // bits))
 
 
 @torch.library.register_fake("kcache_ops::reuse_rows")
 def _(indices, v_host, new_pos, rows, held, used, step, group_select, check_values=True):
-    _check_fake("reuse_rows", {"indices": (indices, 3), "v_host": (v_host, 4),
-                               "new_pos": (new_pos, 1), "rows": (rows, 4), "held": (held, 3),
-                               "used": (used, 3), "step": (step, 1)}, host=("v_host",))
+    _check_fake("reuse_rows", {"indices": (indices, ("B", "Hq", "N")),
+                               "v_host": (v_host, ("B", "Hkv", "S", "D")),
+                               "new_pos": (new_pos, ("B",)), "rows": (rows, ("B", "Hkv", "C", "D")),
+                               "held": (held, ("B", "Hkv", "C")), "used": (used, ("B", "Hkv", "C")),
+                               "step": (step, (1,))}, host=("v_host",), group=("Hq", "Hkv"))
     B, Hq, N = indices.shape
     return (indices.new_empty((B, Hq, N), dtype=torch.int32),
             indices.new_empty((B, v_host.shape[1], 2), dtype=torch.int32))

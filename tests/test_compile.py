@@ -66,6 +66,59 @@ def test_fake_checks_name_the_argument():
             ops.alloc_host([3, -1], torch.float32)
 
 
+def _mismatched_calls():
+    """(call, message): an op called on arguments whose shapes disagree with each other (each
+    argument's rank is right), and what the fake implementation says of it."""
+    ops = torch.ops.kcache_ops
+    q, k, lens = torch.randn(2, 4, 64), torch.randn(2, 2, 10, 64), torch.zeros(2).int()
+    scores, indices, lse = torch.randn(2, 4, 3), torch.zeros(2, 4, 3).int(), torch.zeros(2, 4)
+    codes, meta = torch.zeros(2, 2, 10, 16, dtype=torch.uint8), torch.zeros(2, 2, 10, 2)
+    pool = (torch.randn(2, 2, 3, 64), torch.zeros(2, 2, 3).int(), torch.zeros(2, 2, 3).int())
+    step = torch.zeros(1).int()
+    return [
+        (lambda: ops.qk_topn(q, k[:1], lens, 3, 0.1),
+         r"qk_topn: k_cache must have 2 in dim 0 \(B, as in q\), got shape \[1, 2, 10, 64\]"),
+        (lambda: ops.qk_topn(q, k[..., :32], lens, 3, 0.1), r"k_cache must have 64 in dim 3 \(D"),
+        (lambda: ops.qk_topn(q, k, lens[:1], 3, 0.1), r"seq_lens must have 2 in dim 0 \(B"),
+        (lambda: ops.qk_topn(q[:, :3], k, lens, 3, 0.1),
+         r"q heads \(3\) must be a multiple of k_cache heads \(2\)"),
+        (lambda: ops.sparse_attn_v(scores, indices[..., :2], k, lse),
+         r"indices must have 3 in dim 2 \(N, as in scores\)"),
+        (lambda: ops.sparse_attn_v(scores, indices, k, lse[:, :3]),
+         r"lse must have 4 in dim 1 \(Hq, as in scores\)"),
+        (lambda: ops.gather_rows(k[:1], indices), r"src must have 2 in dim 0 \(B, as in indices"),
+        (lambda: ops.lowbit_tail(torch.randn(2, 4, 10), lens, lse, indices, codes,
+                                 meta[..., :1], 2), r"v_meta must have 2 in dim 3, got shape"),
+        (lambda: ops.lowbit_tail(torch.randn(2, 4, 9), lens, lse, indices, codes, meta, 2),
+         r"v_codes must have 9 in dim 2 \(S, as in scores\)"),
+        (lambda: ops.reuse_rows(indices, k, lens, *pool[:2], pool[2][..., :2], step, False),
+         r"used must have 3 in dim 2 \(C, as in rows\)"),
+        (lambda: ops.reuse_rows(indices, k, lens, *pool, step.repeat(2), False),
+         r"step must have 1 in dim 0, got shape \[2\]"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_mismatched_calls())))
+def test_fake_checks_shapes_against_each_other(case):
+    """Shapes that disagree with each other are refused while torch.compile traces (under
+    FakeTensorMode), naming the argument, the size expected and where it comes from, as the eager
+    op refuses them when it runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    call, message = _mismatched_calls()[case]
+    with pytest.raises(RuntimeError):
+        call()  # eager, on the CPU
+    with FakeTensorMode(), pytest.raises(RuntimeError, match=message):
+        _mismatched_calls()[case][0]()
+
+
+def test_compile_refuses_mismatched_shapes_while_tracing():
+    compiled = torch.compile(lambda q, k, lens: kcache_ops.qk_topn(q, k, lens, 3), fullgraph=True,
+                             backend="eager")
+    with pytest.raises(Exception, match=r"k_cache must have 2 in dim 0 \(B, as in q\)"):
+        compiled(torch.randn(2, 4, 64), torch.randn(1, 2, 10, 64), torch.zeros(2).int())
+
+
 def test_meta_argument_among_real_ones():
     """A meta tensor among real ones is refused (the fake implementation would otherwise make
     uninitialised outputs on the real tensors' device); every argument on meta gives the shapes."""
