@@ -215,9 +215,10 @@ class Llama(nn.Module):
     def decode(self, tokens, cache):
         """One new token per sequence, at its own position ``cache.seq_lens[b]``.
 
-        tokens [B] long -> logits [B, V] float32. The ids are range-checked on the CPU only: on
-        CUDA that would wait on the device, and an id outside the vocabulary fails there in the
-        embedding's device-side assert.
+        tokens [B] long -> logits [B, V] float32. Their shape, dtype and device are checked, not
+        their ids: that would read them on the host, which a decode step never does (on CUDA it
+        would wait on the device). An id outside the vocabulary fails in the embedding (an
+        IndexError on the CPU, a device-side assert on CUDA).
         """
         batch = cache.seq_lens.shape[0]
         if (not isinstance(tokens, torch.Tensor) or tokens.shape != (batch,)
@@ -226,10 +227,6 @@ class Llama(nn.Module):
             raise ValueError(f"decode: tokens must be a [{batch}] integer tensor on "
                              f"{self.device} (one per sequence of the cache), got "
                              f"{_describe(tokens)}")
-        vocab = self.config.vocab_size
-        if tokens.device.type == "cpu" and batch and not 0 <= tokens.min() <= tokens.max() < vocab:
-            raise ValueError(f"decode: token ids must be in [0, {vocab}) (the vocabulary), got "
-                             f"{tokens.tolist()}")
         positions = cache.seq_lens.long()[:, None]                           # [B, 1]
 
         def attend(i, q, k, v):                     # q [B, Hq, 1, D], k and v [B, Hkv, 1, D]
