@@ -8,6 +8,8 @@ import argparse
 import importlib
 import sys
 
+import torch
+
 COMMANDS = {
     "generate": "generate text with the dense or the kcache attention backend",
     "demo": "dense and kcache side by side on a long prompt (the default model)",
@@ -33,9 +35,10 @@ def main(argv=None):
     args = cmd_parser.parse_args(argv[1:])
     try:
         return module.run(args) or 0
-    except (ValueError, OSError, MemoryError) as e:  # bad input found past the flags: a file, a
-        # checkpoint, a value the options or the model refuse (CheckpointError,
-        # UnsupportedModelError included), caches larger than the memory
+    except (ValueError, OSError, MemoryError, torch.OutOfMemoryError) as e:  # bad input found
+        # past the flags: a file, a checkpoint, a value the options or the model refuse
+        # (CheckpointError, UnsupportedModelError included), caches larger than the memory (the
+        # host's, or what the GPU has free)
         print(f"error: {e}", file=sys.stderr)
         return 2
 

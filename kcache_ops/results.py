@@ -25,11 +25,14 @@ SMOKE_DIR = os.path.join(tempfile.gettempdir(), "kcache_ops_smoke")
 
 
 def out_dir(out, smoke):
-    """The folder a command writes its results to: ``out`` where the user gave one, else
-    :data:`SMOKE_DIR` for a smoke run and :data:`RESULTS_DIR` for a real one."""
-    if out is not None:
-        return out
-    return SMOKE_DIR if smoke else RESULTS_DIR
+    """The folder a command writes its results to: ``out`` where the user gave one (ValueError
+    where it is a file, before any work), else :data:`SMOKE_DIR` for a smoke run and
+    :data:`RESULTS_DIR` for a real one."""
+    if out is None:
+        return SMOKE_DIR if smoke else RESULTS_DIR
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out must be a folder (made where missing), got the file {out}")
+    return out
 
 
 def machine(device):
@@ -66,8 +69,12 @@ def write_json(path, obj):
 
 
 def load_json(path):
-    """The JSON object at ``path``, or None where the file is not there."""
+    """The JSON object at ``path``, or None where the file is not there; ValueError naming the
+    file where it is not JSON."""
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None

@@ -13,6 +13,7 @@ from kcache_ops.caches.dense import exact_decode_attention
 from kcache_ops.model.config import LlamaConfig
 
 from conftest import TOL
+from cuda_checks import requires_cuda
 
 LAYERS, HQ, HKV, D = 3, 4, 2, 64
 LENS = [5, 17, 11]  # varlen, right-padded to T = 17
@@ -318,6 +319,34 @@ def test_more_host_memory_than_available_fails_when_built(device):
                                           rf"\[3, 2, {capacity}, 64\] torch.bfloat16 in host RAM "
                                           r"need \d+ bytes, more than the \d+ bytes"):
         make(device, torch.bfloat16, capacity)
+
+
+def test_dense_cache_beyond_memory_fails_when_built():
+    """The dense cache is refused as KCache is, with the bytes it asks for, before it allocates:
+    K and V of every layer on the CPU (it had no check: torch.zeros failed in its allocator, or
+    could not even size the storage)."""
+    available = kcache_ops.host_bytes_available()
+    if available is None:
+        pytest.skip("this machine does not report MemAvailable")
+    for capacity in (2 * available // (2 * LAYERS * len(LENS) * HKV * D * 4) + 1, 2 ** 62):
+        with pytest.raises(MemoryError, match=rf"DenseCache: {2 * LAYERS} cache tensors of shape "
+                                              rf"\[3, 2, {capacity}, 64\] torch.float32 in host "
+                                              r"RAM need \d+ bytes, more than the \d+ bytes"):
+            make_cache("dense", tiny_config(), len(LENS), capacity, "cpu", torch.float32)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["dense", "kcache"])
+def test_cache_beyond_the_gpu_fails_when_built(backend):
+    """Device tensors that need more than the whole GPU are refused with the bytes asked for
+    (K and V of every layer: KCache's layers all dense, so that no host V is refused first),
+    before any is allocated."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    capacity = total // (2 * LAYERS * len(LENS) * HKV * D * 2) + 1  # bfloat16 rows
+    options = KCacheOptions(dense_layers=range(LAYERS)) if backend == "kcache" else None
+    with pytest.raises(MemoryError, match=rf"{2 * LAYERS} cache tensors .* on cuda:0 need \d+ "
+                                          rf"bytes, more than the {total} bytes the device has"):
+        make_cache(backend, tiny_config(), len(LENS), capacity, "cuda:0", torch.bfloat16, options)
 
 
 def test_topn_beyond_the_capacity_and_an_empty_prompt():

@@ -19,3 +19,16 @@ def test_demo_runs_both_backends(tmp_path, monkeypatch, capsys):
             if line.startswith(("dense ", "kcache "))}
     assert float(rows["kcache"][4]) > 0 and float(rows["dense"][4]) == 0  # host MiB
     assert "outputs identical" in out or "outputs first differ at new token" in out
+
+
+def test_demo_refuses_options_the_model_cannot_take_before_it_runs(tmp_path, monkeypatch, capsys):
+    """--dense-layers past the model's 2 layers is one error line before the dense run (it came
+    after it)."""
+    save_tiny_hf(tmp_path, num_key_value_heads=1, head_dim=64)
+    save_tiny_tokenizer(tmp_path, 96)
+    monkeypatch.setattr(demo, "essays_text", lambda: "Start small. Then grow it. " * 40)
+    assert main(["demo", "--model", str(tmp_path), "--prompt-tokens", "150",
+                 "--dense-layers", "5"]) == 2
+    captured = capsys.readouterr()
+    assert "dense_layers [5] out of range" in captured.err.splitlines()[-1]
+    assert "--- dense ---" not in captured.out

@@ -332,24 +332,54 @@ def test_delta_se_and_the_report_noise():
                          "long_prefill": 16, "long_steps": 4, "agree_rows": 2,
                          "needle_phrasings": ["pass key"], "needle_depths": [0.5],
                          "needle_lengths": [1024], "answer_steps": 4},
-            "machine": {"cpu": "c", "cores": 2, "torch": "t", "device": "cpu", "model": "m"},
+            "machine": {"cpu": "c", "cores": 2, "torch": "t", "device": "cpu",
+                        "model": "/models/my-model.gguf"},
             "command": "eval", "results": [dense, kc], "planned": [],
             "recommended": rec}
     lines = eval_section(data)
+    assert lines[0] == "## Accuracy (my-model.gguf)"  # the model evaluated, not always SmolLM2
     table = "\n".join(lines)
     assert "| +0.10% ±0.49 | +0.10% ±0.49 |" in table and "99.0% (47, never)" in table
     assert any(line.startswith("* needle: a random 5-digit key") for line in lines)
 
 
-def test_cli_options_the_model_cannot_take_fail_before_any_run(tmp_path, capsys):
-    """--dense-layers past the model's layers is an error line before dense and the first
-    configuration run (it came after them), and nothing is written."""
+@pytest.mark.parametrize("head_dim, flags, message", [
+    (64, ["--dense-layers", "7"], "dense_layers [7] out of range"),
+    (16, [], "KCache: head_dim must be 64 or 128, got 16")])
+def test_cli_options_the_model_cannot_take_fail_before_any_run(tmp_path, capsys, head_dim, flags,
+                                                               message):
+    """--dense-layers past the model's layers, or a head dim the ops do not take, is an error
+    line before dense and the first configuration run (it came after them), and nothing is
+    written."""
     from kcache_ops.__main__ import main
     from model_helpers import save_tiny_hf, save_tiny_tokenizer
-    save_tiny_hf(tmp_path, num_key_value_heads=2, head_dim=64)  # 2 layers
+    save_tiny_hf(tmp_path, num_key_value_heads=2, head_dim=head_dim)  # 2 layers
     save_tiny_tokenizer(tmp_path, 96)
     out = tmp_path / "out"
-    argv = ["eval", "--quick", "--model", str(tmp_path), "--dense-layers", "7", "--out", str(out)]
+    argv = ["eval", "--quick", "--model", str(tmp_path), *flags, "--out", str(out)]
     assert main(argv) == 2
-    assert "dense_layers [7] out of range" in capsys.readouterr().err.splitlines()[-1]
+    assert message in capsys.readouterr().err.splitlines()[-1]
     assert not (out / "eval.json").exists()
+
+
+def test_report_only_refuses_json_it_did_not_write(tmp_path, capsys):
+    """An eval.json that is not JSON, or lacks what the report reads, is one error line naming
+    the file or the folder, not a traceback."""
+    from kcache_ops.__main__ import main
+    for text, message in (("{", f"{tmp_path / 'eval.json'} is not valid JSON"),
+                          ('{"results": [1, 2]}', f"the JSON files in {tmp_path} are not the "
+                                                  "ones this version of kcache_ops writes")):
+        (tmp_path / "eval.json").write_text(text)
+        assert main(["eval", "--report-only", "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and "Traceback" not in err
+
+
+def test_out_that_is_a_file_fails_before_any_run(tmp_path, capsys):
+    from kcache_ops.__main__ import main
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    for argv in (["eval", "--quick"], ["bench", "--small"]):
+        assert main([*argv, "--out", str(taken)]) == 2
+        assert capsys.readouterr().err == f"error: --out must be a folder (made where missing), " \
+                                          f"got the file {taken}\n"

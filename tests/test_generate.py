@@ -266,6 +266,8 @@ def test_token_ids_outside_the_vocabulary(loaded):
     (["eval", "--tails", "int3"], r"argument --tails: expected comma-separated values of none"),
     (["bench", "--small", "--budget", "-1"], r"expected a finite number in \(0.0, inf\)"),
     (["bench", "--small", "--contexts", "0"], "expected comma-separated integers >= 1"),
+    (["eval", "--needle-lengths", "200,200"], "integers >= 1, each once, got '200,200'"),
+    (["eval", "--threads", str(2 ** 31)], r"expected an integer in \[1, 1024\]"),
     (["eval", "--quick", "--prefill", "0"], "expected an integer >= 1"),
     (["generate", "--prompt", "hi", "--device", "tpu"], "expected cpu, cuda or cuda:N, got 'tpu'"),
     (["bench", "--small", "--device", "cuda:64"],
@@ -282,22 +284,30 @@ def test_cli_bad_values_are_usage_errors(argv, message, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--prompt-file", "/nonexistent/prompt.txt"], "No such file or directory"),
     (["bench", "--small", "--models", "nosuch"], "--models: unknown nosuch; known: "),
+    (["bench", "--small", "--dense-layers", "9"], "dense_layers [9] out of range"),
+    (["generate", "--prompt-file", "{latin1}"], "{latin1} is not UTF-8 text"),
 ])
-def test_cli_bad_input_is_an_error_line(argv, message, capsys):
-    """Bad input found past the flags (a file, a name) gives one ``error:`` line and exit 2, not
-    a traceback."""
+def test_cli_bad_input_is_an_error_line(argv, message, capsys, tmp_path):
+    """Bad input found past the flags (a file, a name, options a model shape cannot take) gives
+    one ``error:`` line and exit 2, before any work, not a traceback."""
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9".encode("latin-1"))
+    argv = [a.format(latin1=latin1) for a in argv]
+    message = message.format(latin1=latin1)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
-def test_cli_caches_beyond_memory_are_an_error_line(folder, capsys):
-    """A cache larger than the host's memory (10^12 new tokens) gives KCache's own error, the
-    bytes asked for, as one ``error:`` line and exit 2, not a traceback."""
-    argv = ["generate", "--model", str(folder), "--prompt", "the t", "--backend", "kcache",
+@pytest.mark.parametrize("backend, owner", [("kcache", "KCache"), ("dense", "DenseCache")])
+def test_cli_caches_beyond_memory_are_an_error_line(folder, capsys, backend, owner):
+    """A cache larger than the host's memory (10^12 new tokens) gives the cache's own error, the
+    bytes asked for, as one ``error:`` line and exit 2, not a traceback (the dense cache, the
+    default backend, had no check)."""
+    argv = ["generate", "--model", str(folder), "--prompt", "the t", "--backend", backend,
             "--max-new-tokens", str(10**12)]
     with pytest.warns(UserWarning, match="runs past the 256 positions"):
         assert main(argv) == 2
     err = capsys.readouterr().err
-    assert re.match(r"error: KCache: .* bytes", err.splitlines()[-1])  # after the loading bar
+    assert re.match(rf"error: {owner}: .* bytes", err.splitlines()[-1])  # after the loading bar
     assert "Traceback" not in err

@@ -4,9 +4,9 @@ lengths both keep (lengths.py) and the factory (factory.py). The model (kcache_o
 only the protocol; whoever runs it builds the cache with :func:`make_cache` and passes it in."""
 from .dense import DenseCache
 from .factory import BACKENDS, make_cache, sequence_bytes
-from .kcache import KCache
+from .kcache import KCache, check_kcache
 from .options import MAX_REUSE, MAX_TOPN, TAILS, KCacheOptions
 from .protocol import Cache
 
 __all__ = ["BACKENDS", "MAX_REUSE", "MAX_TOPN", "TAILS", "Cache", "DenseCache", "KCache",
-           "KCacheOptions", "make_cache", "sequence_bytes"]
+           "KCacheOptions", "check_kcache", "make_cache", "sequence_bytes"]

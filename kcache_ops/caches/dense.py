@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from .lengths import SeqLengths, check_layer_inputs, check_sizes
+from .memory import check_memory
 
 
 def exact_decode_attention(q, keys, values, lens):
@@ -69,6 +70,9 @@ class DenseCache:
         self.capacity = capacity
         self.num_heads = config.num_heads
         shape = (batch, config.num_kv_heads, capacity, config.head_dim)  # [B, Hkv, S, D]
+        on_cpu = torch.device(device).type == "cpu"
+        check_memory("DenseCache", shape, dtype, 2 * config.num_layers if on_cpu else 0, device,
+                     2 * config.num_layers)  # K and V of every layer
         # zeros, not empty: masked positions get weight 0, and 0 * NaN from stale memory is NaN
         self.k = [torch.zeros(shape, device=device, dtype=dtype)            # [B, Hkv, S, D] each
                   for _ in range(config.num_layers)]

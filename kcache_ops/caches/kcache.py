@@ -20,16 +20,16 @@ Where V lives, per device:
 It follows the cache protocol (protocol.py), as the dense cache does, so the model runs on either;
 its dense layers run the dense cache's decode step (``dense.append_and_attend``).
 """
-import math
 from functools import partial
 from types import SimpleNamespace
 
 import torch
 
-from ..ops import alloc_host, host_bytes_available, qk_topn
+from ..ops import alloc_host, qk_topn
 from .dense import append_and_attend, prompt_attention
 from .hot import HotRows, HotSlots
 from .lengths import SeqLengths, check_layer_inputs, check_sizes
+from .memory import check_memory
 from .options import KCacheOptions
 from .reuse import PooledReads, Reads, ReusedRows, entries_per_step
 from .side_stream import SideStream
@@ -61,17 +61,15 @@ def check_dtype(dtype):
                          f"torch.bfloat16, got {dtype} (the dense cache takes any)")
 
 
-def _check_host_memory(shape, dtype, tensors):
-    """Refuses, before any of it is allocated, ``tensors`` cache tensors of ``shape`` in host RAM
-    that need more than the machine reports available (alloc_host checks one tensor alone, and
-    torch.zeros on the CPU not at all)."""
-    available = host_bytes_available()  # bytes, or None where the machine does not report it
-    needed = tensors * dtype.itemsize * math.prod(shape)
-    if available is not None and needed > available:
-        raise MemoryError(f"KCache: {tensors} cache tensors of shape {list(shape)} {dtype} in "
-                          f"host RAM need {needed} bytes, more than the {available} bytes the "
-                          f"machine reports available (MemAvailable); lower the batch or the "
-                          f"capacity")
+def check_kcache(config, device, dtype, options):
+    """Raise ValueError where a KCache with ``options`` cannot serve a model of ``config`` in
+    ``dtype`` on ``device`` (the options' own model checks, the dtype, the head dim), as building
+    one would: a command checks it before it runs anything else."""
+    options.check(config.num_layers, torch.device(device))
+    check_dtype(dtype)
+    if config.head_dim not in (64, 128):  # what qk_topn and sparse_attn_v take
+        raise ValueError(f"KCache: head_dim must be 64 or 128, got {config.head_dim} (the "
+                         f"dense cache takes any)")
 
 
 class KCache:
@@ -111,11 +109,7 @@ class KCache:
                             f"{type(options).__name__}")
         batch, capacity = check_sizes("KCache", batch, capacity)
         self.device = torch.device(device)
-        options.check(config.num_layers, self.device)
-        check_dtype(dtype)
-        if config.head_dim not in (64, 128):  # what qk_topn and sparse_attn_v take
-            raise ValueError(f"KCache: head_dim must be 64 or 128, got {config.head_dim} (the "
-                             f"dense cache takes any)")
+        check_kcache(config, self.device, dtype, options)
         self.lengths = SeqLengths("KCache", batch, capacity, self.device, config.num_layers)
         n_layers = config.num_layers
         self.config = config
@@ -132,8 +126,10 @@ class KCache:
         self.record_mass = False
         shape = (batch, config.num_kv_heads, capacity, config.head_dim)  # [B, Hkv, S, D]
         # host RAM holds V of the KCache layers, and on the CPU also K and the dense layers' V
-        _check_host_memory(shape, dtype, 2 * n_layers if self.device.type == "cpu"
-                           else n_layers - len(options.dense_layers))
+        on_cpu = self.device.type == "cpu"
+        check_memory("KCache", shape, dtype,
+                     2 * n_layers if on_cpu else n_layers - len(options.dense_layers),
+                     self.device, n_layers + len(options.dense_layers))  # K, dense layers' V
         # zeros on the device: the exact attention of dense layers multiplies masked rows by 0,
         # and 0 * NaN from stale memory is NaN. Host V is read only at valid rows.
         self.k = [torch.zeros(shape, device=self.device, dtype=dtype)

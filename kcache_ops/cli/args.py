@@ -19,10 +19,12 @@ def int_list(text):
 
 
 def positive_int_list(text):
-    """'256,512' -> (256, 512), each >= 1, at least one."""
+    """'256,512' -> (256, 512), each >= 1 and given once (a value twice would run twice), at
+    least one."""
     values = int_list(text)
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    if not values or min(values) < 1 or len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, each once, "
+                                         f"got {text!r}")
     return values
 
 
@@ -34,6 +36,14 @@ def positive_int(text):
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def thread_count(text):
+    """A torch CPU thread count: an integer in [1, 1024]."""
+    value = positive_int(text)
+    if value > 1024:
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, 1024], got {text!r}")
     return value
 
 

@@ -8,6 +8,7 @@ CPU cores with the embedded SmolLM2-135M-Instruct.
 """
 from tqdm import tqdm
 
+from ..caches import check_kcache
 from ..data import essays_text
 from ..eval import needle
 from ..generate import generate
@@ -60,6 +61,7 @@ def first_difference(a, b):
 def run(args):
     options = kcache_options(args)
     model, tokenizer = load_model(args.model, args.device, dtype_of(args))
+    check_kcache(model.config, model.device, model.dtype, options)  # before the dense run
     c = model.config
     prompt = build_prompt(tokenizer, args.prompt_tokens, args.depth, args.chat)
     print(f"model: {describe_model(args.model)}")

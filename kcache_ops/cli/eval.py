@@ -20,7 +20,7 @@ import sys
 import torch
 
 from .. import report
-from ..caches.options import TAILS
+from ..caches import TAILS, check_kcache
 from ..eval import recommend
 from ..eval.grid import default_grid, product_grid, quick_grid
 from ..eval.report import EVAL_JSON
@@ -29,7 +29,7 @@ from ..model import load_model
 from ..model.load import DEFAULT_NAME
 from ..results import RESULTS_DIR, SMOKE_DIR, machine, out_dir
 from .args import (add_engine_argument, add_model_arguments, dtype_of, int_list, positive_int,
-                   positive_int_list)
+                   positive_int_list, thread_count)
 
 
 def tail_list(text):
@@ -76,7 +76,7 @@ def add_arguments(parser):
     sizes.add_argument("--gpu-sizes", action="store_true",
                        help="more and longer texts for a GPU: 16 windows of 4096 + 512 steps, "
                             "8 windows of 6144 + 256 steps")
-    parser.add_argument("--threads", type=positive_int,
+    parser.add_argument("--threads", type=thread_count,
                         help="torch CPU threads (1 is faster on a CPU that others share)")
     parser.add_argument("--report-only", action="store_true",
                         help="only rewrite REPORT.md and the plots from the JSON in --out")
@@ -127,8 +127,8 @@ def run(args):
         model, tokenizer = load_transformers_model(args.model, args.device, dtype_of(args))
     else:
         model, tokenizer = load_model(args.model, args.device, dtype_of(args))
-    for config in planned:  # options this model cannot take, before the first hour of dense
-        config.options.check(model.config.num_layers, model.device)
+    for config in planned:  # what this model cannot take, before the first hour of dense
+        check_kcache(model.config, model.device, model.dtype, config.options)
     engine = " via transformers" if args.engine == "transformers" else ""
     info = {**machine(model.device), "model": (args.model or DEFAULT_NAME) + engine}
     command = "python -m kcache_ops eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"]

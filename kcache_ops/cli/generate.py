@@ -55,8 +55,11 @@ def run(args):
                          f"{'applies' if len(sampling) == 1 else 'apply'} to sampling; give "
                          f"--temperature > 0 (0, the default, is greedy)")
     if args.prompt_file:
-        with open(args.prompt_file) as f:
-            texts = [f.read()]
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                texts = [f.read()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text ({e})") from None
     else:
         texts = args.prompt
     model, tokenizer = load_model(args.model, args.device, dtype_of(args))

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from ..caches import make_cache, sequence_bytes
+from ..caches import check_kcache, make_cache, sequence_bytes
 from ..devices import median_seconds, sync
 from ..ops import host_bytes_available
 from .shapes import SHAPES, random_model
@@ -127,6 +127,8 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
     pcie_bytes_per_step; vs_dense for KCache, hf_decode_tok_s and dense_vs_hf for dense where
     transformers ran). ``log`` gets one line per configuration, ``on_rows`` the rows so far after
     each one (the bench command saves them, so that a run cut off keeps what it measured)."""
+    for name in models:  # what a shape cannot take, before any is measured
+        check_kcache(SHAPES[name], device, dtype, options)
     rows = []
     host_budget = host_bytes_available()
     host_budget = None if host_budget is None else int(0.8 * host_budget)
