@@ -2,14 +2,17 @@
 file's vocabulary and merges; plus the model's chat template, rendered with jinja2."""
 import os
 
+import jinja2
+import jinja2.ext
 import jinja2.sandbox
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
 from .errors import CheckpointError, UnsupportedModelError, read_json_object
 
-# GGUF token types that are special (never split, dropped from decoded text): CONTROL, USER_DEFINED
-SPECIAL_TOKEN_TYPES = (3, 4)
+# GGUF token types of added tokens, never split: CONTROL tokens are special (dropped from decoded
+# text); USER_DEFINED ones (a Hugging Face added token with special=false) are text, as in llama.cpp
+CONTROL, USER_DEFINED = 3, 4
 # The splits of Llama 3 (digits in runs of up to three) and Qwen2 (digits one by one): text is cut
 # into these pieces before the byte mapping, and no merge crosses a cut. Contractions in any case,
 # letters with at most one non-letter in front, punctuation runs with their line breaks, spaces
@@ -47,6 +50,11 @@ GGUF_PRE_TOKENIZERS = {
 }
 
 
+def _raise_exception(message):
+    """What a chat template calls to refuse its input (as transformers defines it)."""
+    raise jinja2.TemplateError(message)
+
+
 class Tokenizer:
     """Text <-> token ids, the special ids, and the chat template.
 
@@ -59,13 +67,17 @@ class Tokenizer:
         Tokens that end a generation.
     chat_template : str or None
         A jinja2 template over ``messages``, as Hugging Face and GGUF files ship them.
+    template_source : str
+        Where the chat template comes from (a file, a GGUF key), for its errors.
     """
 
-    def __init__(self, tok: tokenizers.Tokenizer, bos_id, eos_ids, chat_template):
+    def __init__(self, tok: tokenizers.Tokenizer, bos_id, eos_ids, chat_template,
+                 template_source="the chat_template argument"):
         self.tok = tok
         self.bos_id = bos_id
         self.eos_ids = tuple(eos_ids)
         self.chat_template = chat_template
+        self.template_source = template_source
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         """Token ids of ``text``; ``add_special`` adds the BOS token where the model wants one."""
@@ -76,21 +88,40 @@ class Tokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
     def render_chat(self, user_text: str) -> str:
-        """``user_text`` as one user turn in the chat template, ready for the assistant's reply.
-        Raises ValueError if the model has no template."""
+        """``user_text`` as one user turn in the chat template, ready for the assistant's reply,
+        with the variables transformers' ``apply_chat_template`` gives a plain chat. Raises
+        ValueError if the model has no template, CheckpointError naming the template's source if
+        it is not a string, does not parse or fails (``raise_exception`` included)."""
         if self.chat_template is None:
             raise ValueError("this model has no chat template")
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(message):
-            raise ValueError(f"chat template: {message}")
-        template = env.from_string(self.chat_template)
+        template = self._compiled_template()
         name = self.tok.id_to_token
-        return template.render(
-            messages=[{"role": "user", "content": user_text}], add_generation_prompt=True,
-            bos_token=name(self.bos_id) if self.bos_id is not None else "",
-            eos_token=name(self.eos_ids[0]) if self.eos_ids else "",
-            raise_exception=raise_exception)
+        try:
+            return template.render(
+                messages=[{"role": "user", "content": user_text}], tools=None, documents=None,
+                add_generation_prompt=True,
+                bos_token=name(self.bos_id) if self.bos_id is not None else "",
+                eos_token=name(self.eos_ids[0]) if self.eos_ids else "",
+                raise_exception=_raise_exception)
+        except (jinja2.TemplateError, TypeError) as e:  # TypeError: say, adding a str to an int
+            raise CheckpointError(f"the chat template in {self.template_source} fails: "
+                                  f"{e}") from e
+
+    def _compiled_template(self) -> jinja2.Template:
+        """The chat template compiled as transformers compiles it (sandboxed, with ``{% break %}``
+        and ``{% continue %}``); CheckpointError naming its source if it is not a string or does
+        not parse."""
+        source = self.template_source
+        if not isinstance(self.chat_template, str):
+            raise CheckpointError(f"the chat template in {source} must be a string, got "
+                                  f"{type(self.chat_template).__name__}")
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        try:
+            return env.from_string(self.chat_template)
+        except jinja2.TemplateSyntaxError as e:
+            raise CheckpointError(f"the chat template in {source} does not parse: line "
+                                  f"{e.lineno}: {e.message}") from e
 
     def encode_prompt(self, text: str, chat: bool) -> list[int]:
         """Token ids of a prompt: in the chat template if ``chat`` and the model has one (the
@@ -118,7 +149,7 @@ class Tokenizer:
             value = cfg.get(key)
             value = value.get("content") if isinstance(value, dict) else value
             return None if value is None else tok.token_to_id(value)
-        template = cfg.get("chat_template")
+        template, source = cfg.get("chat_template"), cfg_path
         if isinstance(template, list):  # named templates: take "default", else the first
             named = [t for t in template if isinstance(t, dict) and "template" in t]
             if not named:
@@ -129,11 +160,11 @@ class Tokenizer:
         jinja = os.path.join(folder, "chat_template.jinja")  # where transformers 5 saves it
         if template is None and os.path.isfile(jinja):
             with open(jinja) as f:
-                template = f.read()
+                template, source = f.read(), jinja
         eos = token_id("eos_token")
         return cls(tok, token_id("bos_token"),
                    tuple(eos_ids) + ((eos,) if eos is not None and eos not in eos_ids else ()),
-                   template)
+                   template, source)
 
     @classmethod
     def from_gguf(cls, reader) -> "Tokenizer":
@@ -164,7 +195,9 @@ class Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.Sequence(GGUF_PRE_TOKENIZERS[pre]())
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
-                                for t, ty in zip(tokens, types) if ty in SPECIAL_TOKEN_TYPES])
+                                for t, ty in zip(tokens, types) if ty == CONTROL])
+        tok.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False)
+                        for t, ty in zip(tokens, types) if ty == USER_DEFINED])
         bos, eos = field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
         eot = field("tokenizer.ggml.eot_token_id")  # end of a chat turn (Llama 3's <|eot_id|>)
         for key, value in (("bos", bos), ("eos", eos), ("eot", eot)):
@@ -176,9 +209,10 @@ class Tokenizer:
             tok.post_processor = processors.TemplateProcessing(
                 single=f"{tokens[bos]} $A", special_tokens=[(tokens[bos], bos)])
         # generation stops at EOS, at the end-of-turn token, and (as llama.cpp finds them) at
-        # special tokens spelled as a chat turn's end: a Llama 3 Instruct file's EOS is
+        # added tokens spelled as a chat turn's end: a Llama 3 Instruct file's EOS is
         # <|end_of_text|>, its turns end with <|eot_id|>, and few files name that id
         turn_ends = [i for i, (t, ty) in enumerate(zip(tokens, types))
-                     if ty in SPECIAL_TOKEN_TYPES and t in END_OF_TURN_TOKENS]
+                     if ty in (CONTROL, USER_DEFINED) and t in END_OF_TURN_TOKENS]
         ends = tuple(dict.fromkeys(i for i in (eos, eot, *turn_ends) if i is not None))
-        return cls(tok, bos, ends, field("tokenizer.chat_template"))
+        return cls(tok, bos, ends, field("tokenizer.chat_template"),
+                   f"{reader.data.filename} (tokenizer.chat_template)")

@@ -1,0 +1,91 @@
+"""The tokenizer on its own: GGUF token types (CONTROL tokens dropped from decoded text,
+USER_DEFINED ones kept as text), and chat templates rendered as transformers renders them, with
+clear errors naming the template's file when jinja2 rejects one."""
+import json
+import re
+
+import pytest
+
+gguf = pytest.importorskip("gguf")  # requirements.txt has it; a lent GPU machine may not
+
+from kcache_ops.model import CheckpointError, Tokenizer
+from kcache_ops.model.gguf_loader import open_gguf
+from model_helpers import save_tiny_tokenizer
+
+
+def write_tokenizer_gguf(path, tokens, types, chat_template=None):
+    """A GGUF file holding only a byte-level BPE tokenizer (no merges) over ``tokens`` of GGUF
+    token ``types``, EOS 0, as llama.cpp's converter writes one. Returns the path."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([])
+    w.add_eos_token_id(0)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def folder_with_template(path, template):
+    """A Hugging Face tokenizer folder whose tokenizer_config.json holds ``template``."""
+    save_tiny_tokenizer(path, 96)
+    config = path / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": template}))
+    return path
+
+
+def test_gguf_user_defined_tokens_are_text(tmp_path):
+    """GGUF USER_DEFINED tokens (what llama.cpp's converter writes for a Hugging Face added token
+    with special=false, such as <think>) are taken whole and stay in decoded text, as llama.cpp
+    renders them; CONTROL tokens are taken whole and dropped."""
+    tokens = ["<|endoftext|>", "<think>", "</think>", "a", "b", "\u0120"]
+    path = write_tokenizer_gguf(tmp_path / "t.gguf", tokens, [3, 4, 4, 1, 1, 1])
+    tok = Tokenizer.from_gguf(open_gguf(str(path)))
+    ids = tok.encode("<think>ab</think> b<|endoftext|>")
+    assert ids == [1, 3, 4, 2, 5, 4, 0]
+    assert tok.decode(ids) == "<think>ab</think> b"
+
+
+@pytest.mark.parametrize("template, problem", [
+    ("{% for m in messages %}{{ m['content'] }", "does not parse: line 1: unexpected '}'"),
+    ("{{ messages[0]['content'].nosuch() }}", "fails: 'str object' has no attribute 'nosuch'"),
+    ("{{ raise_exception('no system message') }}", "fails: no system message"),
+    (5, "must be a string, got int"),
+], ids=["syntax", "undefined", "raise_exception", "not_a_string"])
+def test_chat_template_errors_name_the_file(tmp_path, template, problem):
+    """A chat template jinja2 rejects gives a CheckpointError (one `error:` line in the CLI)
+    naming the file it comes from and what is wrong."""
+    tok = Tokenizer.from_folder(str(folder_with_template(tmp_path, template)))
+    with pytest.raises(CheckpointError) as e:
+        tok.render_chat("hi")
+    assert str(e.value) == (f"the chat template in {tmp_path / 'tokenizer_config.json'} "
+                            f"{problem}")
+
+
+def test_gguf_chat_template_error_names_the_file(tmp_path):
+    """The error of a GGUF file's chat template names the file and its key."""
+    path = write_tokenizer_gguf(tmp_path / "t.gguf", ["<|endoftext|>", "a"], [3, 1],
+                                chat_template="{% if %}")
+    where = re.escape(f"{path} (tokenizer.chat_template)")
+    with pytest.raises(CheckpointError, match=f"the chat template in {where} does not parse"):
+        Tokenizer.from_gguf(open_gguf(str(path))).render_chat("hi")
+
+
+def test_chat_template_sees_what_transformers_passes(tmp_path):
+    """A plain chat renders as transformers' apply_chat_template renders it: ``tools`` and
+    ``documents`` are none (not undefined), and {% break %} (jinja2's loop controls) works."""
+    AutoTokenizer = pytest.importorskip("transformers").AutoTokenizer
+    template = ("{% if tools is not none %}[TOOLS]{% endif %}"
+                "{% if documents is not none %}[DOCUMENTS]{% endif %}"
+                "{% for m in messages %}{{ m['content'] }}{% break %}!{% endfor %}"
+                "{% if add_generation_prompt %}{{ bos_token }}{% endif %}")
+    folder = folder_with_template(tmp_path, template)
+    theirs = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert Tokenizer.from_folder(str(folder)).render_chat("hi") == theirs == "hi<|im_start|>"
