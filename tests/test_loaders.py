@@ -283,6 +283,9 @@ def safetensors_bytes(header):
     ({"w": {"dtype": "F32", "shape": [1]}}, "tensor 'w' has no data_offsets"),
     ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, "4"]}},
      "tensor 'w' has no data_offsets"),
+    ({"w": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}, "tensor 'w' has no shape"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}},
+     "tensor 'w' starts at data byte 4, expected 0"),
 ])
 def test_malformed_safetensors_header(tmp_path, header, message):
     """A header of the right length that is not what safetensors writes names the file and the
@@ -291,6 +294,34 @@ def test_malformed_safetensors_header(tmp_path, header, message):
     (tmp_path / "model.safetensors").write_bytes(safetensors_bytes(header))
     with pytest.raises(CheckpointError, match=f"model.safetensors: corrupt safetensors header.*"
                                               f"{message}"):
+        load_hf_model(str(tmp_path), "cpu", torch.float32)
+
+
+def rewrite_safetensors_header(path, edit):
+    """Rewrite the header of the safetensors file ``path`` with ``edit(header)``, its data kept."""
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    path.write_bytes(safetensors_bytes(header) + data[8 + n:])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h["model.norm.weight"].update(shape=[64]),
+     r"corrupt safetensors header: tensor 'model.norm.weight' of shape \[64\] and dtype F32 needs "
+     r"256 bytes, its data_offsets \[\d+, \d+\] span 128"),
+    (lambda h: h["model.norm.weight"].update(dtype="F99"),
+     "tensor 'model.norm.weight' has dtype 'F99', which kcache_ops does not read \\(it reads F64"),
+    (lambda h: h.update(__metadata__={"format": 1}),
+     "the safetensors reader refuses the file: .*expected a string"),
+], ids=["shape", "dtype", "metadata"])
+def test_safetensors_header_disagrees_with_its_data(tmp_path, edit, message):
+    """A header that declares the file's size but that the safetensors reader refuses (a shape
+    its byte range does not hold, an unknown dtype, metadata that is not strings) names the file
+    and the tensor (it was a SafetensorError)."""
+    save_tiny_hf(tmp_path)
+    rewrite_safetensors_header(tmp_path / "model.safetensors", edit)
+    with pytest.raises(CheckpointError, match=f"model.safetensors: {message}"):
         load_hf_model(str(tmp_path), "cpu", torch.float32)
 
 
@@ -376,3 +407,97 @@ def test_llama3_bos_by_default_and_turn_ends(tmp_path):
     llama3 = gguf_tokenizer(tmp_path / "a.gguf", tokens, "llama-bpe", **kwargs)
     assert llama3.encode("a") == [0, 3] and llama3.eos_ids == (1, 2)
     assert gguf_tokenizer(tmp_path / "b.gguf", tokens, "gpt2", **kwargs).encode("a") == [3]
+
+
+def edit_gguf(path, edit):
+    """Edit the GGUF file ``path`` in place: ``edit(reader)`` writes into the parts of its fields
+    (values of the same size only, as gguf's gguf_set_metadata does)."""
+    reader = gguf.GGUFReader(str(path), "r+")
+    edit(reader)
+    reader.data.flush()
+
+
+def value_part(reader, key, i=0):
+    """The bytes (or number) of the ``i``-th value of metadata ``key``, writable in "r+" mode."""
+    field = reader.fields[key]
+    return field.parts[field.data[i]]
+
+
+def retype(reader, name, qtype):
+    """Give tensor ``name`` the GGML type ``qtype`` (one of as many bytes per element)."""
+    tensor = next(t for t in reader.tensors if t.name == name)
+    tensor.field.parts[4][0] = qtype  # parts: name length, name, n_dims, dims, type, offset
+
+
+def test_gguf_tensor_type_gguf_cannot_read(tmp_path, hf_folder):
+    """A tensor of a type gguf cannot dequantize (here I32; F64, Q8_K ... likewise) names the
+    type, the tensor and the file (it was a NotImplementedError)."""
+    path = write_gguf(tmp_path / "m.gguf", hf_folder[1], Q.F32)
+    edit_gguf(path, lambda r: retype(r, "output_norm.weight", Q.I32))
+    with pytest.raises(CheckpointError, match=r"unsupported tensor type I32 \(tensor "
+                                              r"'output_norm.weight'\) in .*m.gguf"):
+        load_model(path, "cpu")
+
+
+def test_gguf_head_count_that_does_not_fit_q(tmp_path, hf_folder):
+    """A head count the rows of Q cannot be split into is the shape error of a Hugging Face
+    folder (it was a RuntimeError from undoing llama.cpp's permutation)."""
+    path = write_gguf(tmp_path / "m.gguf", hf_folder[1], Q.F32)
+    edit_gguf(path, lambda r: value_part(r, "llama.attention.head_count").__setitem__(0, 6))
+    with pytest.raises(CheckpointError, match=r"tensor 'layers.0.self_attn.q_proj.weight' has "
+                                              r"shape \(64, 32\), the config implies \(96, 32\)"):
+        load_model(path, "cpu")
+
+
+@pytest.mark.parametrize("key", ["general.architecture", "tokenizer.ggml.tokens"])
+def test_gguf_string_not_utf8(tmp_path, hf_folder, key):
+    """A metadata string (or one of an array) that is not UTF-8 names the file and the key (it
+    was a bare UnicodeDecodeError)."""
+    path = write_gguf(tmp_path / "m.gguf", hf_folder[1], Q.F32)
+    edit_gguf(path, lambda r: value_part(r, key).__setitem__(0, 0x85))
+    with pytest.raises(CheckpointError, match=f"m.gguf: metadata key '{key}' holds a string "
+                                              "that is not UTF-8"):
+        load_model(path, "cpu")
+
+
+def test_tokenizer_checked_before_the_weights(tmp_path, hf_folder):
+    """The tokenizer is read before the weights: a file whose tokenizer is not supported (a
+    SentencePiece or WordPiece GGUF) is refused without dequantizing its weights first, which
+    for a 7B model is minutes and ~28 GB; here a weight that cannot be read shows the order."""
+    path = write_gguf(tmp_path / "m.gguf", hf_folder[1], Q.F32)
+
+    def edit(reader):
+        value_part(reader, "tokenizer.ggml.model")[:] = list(b"bert")  # was "gpt2"
+        retype(reader, "token_embd.weight", Q.I32)
+    edit_gguf(path, edit)
+    with pytest.raises(UnsupportedModelError, match="unsupported GGUF tokenizer: model 'bert'"):
+        load_model(path, "cpu")
+    folder, _ = hf_folder
+    for name in ("config.json", "model.safetensors"):  # no tokenizer.json
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    rewrite_safetensors_header(tmp_path / "model.safetensors",
+                               lambda h: h["model.norm.weight"].update(dtype="F99"))
+    with pytest.raises(CheckpointError, match="no tokenizer.json"):
+        load_model(tmp_path, "cpu")
+
+
+def test_generation_config_ends_generation(tmp_path, hf_folder):
+    """The end-of-turn ids of generation_config.json end a generation as config.json's EOS does
+    (as in transformers); a malformed one names the file."""
+    folder, _ = hf_folder
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "eos_token_id": 0}))
+    generation = tmp_path / "generation_config.json"
+    for eos, ends in ((None, (0,)), (2, (0, 2)), ([0, 2, 1], (0, 2, 1))):
+        generation.write_text(json.dumps({"eos_token_id": eos}))
+        model, tokenizer = load_model(tmp_path, "cpu")
+        assert model.config.eos_token_ids == tokenizer.eos_ids == ends
+    for text, message in (("{oops", "is not valid JSON"),
+                          ('{"eos_token_id": [2, 96]}',
+                           r"eos_token_id must be a token id in \[0, 96\) or a list of them, "
+                           r"got \[2, 96\]")):
+        generation.write_text(text)
+        with pytest.raises(CheckpointError, match=f"generation_config.json.*{message}"):
+            load_model(tmp_path, "cpu")

