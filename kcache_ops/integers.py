@@ -4,8 +4,11 @@ import operator
 
 def as_int(value):
     """``value`` as an int where it is an integer of any type (a NumPy one, a 0-d integer tensor),
-    else None (a bool of any kind, a float, a string)."""
+    else None (a bool of any kind, a float, a string, a tensor of one element but 1 dim or more,
+    which torch would index by)."""
     if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        return None
+    if getattr(value, "ndim", 0) != 0:
         return None
     try:
         return operator.index(value)

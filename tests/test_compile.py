@@ -72,7 +72,8 @@ def _mismatched_calls():
     ops = torch.ops.kcache_ops
     q, k, lens = torch.randn(2, 4, 64), torch.randn(2, 2, 10, 64), torch.zeros(2).int()
     scores, indices, lse = torch.randn(2, 4, 3), torch.zeros(2, 4, 3).int(), torch.zeros(2, 4)
-    codes, meta = torch.zeros(2, 2, 10, 16, dtype=torch.uint8), torch.zeros(2, 2, 10, 2)
+    codes = torch.zeros(2, 2, 10, 16, dtype=torch.uint8)  # [B, Hkv, S, D * bits / 8]
+    meta = torch.zeros(2, 2, 10, 2, dtype=torch.bfloat16)  # [B, Hkv, S, 2]
     pool = (torch.randn(2, 2, 3, 64), torch.zeros(2, 2, 3).int(), torch.zeros(2, 2, 3).int())
     step = torch.zeros(1).int()
     return [
@@ -106,8 +107,8 @@ def test_fake_checks_shapes_against_each_other(case):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     call, message = _mismatched_calls()[case]
-    with pytest.raises(RuntimeError):
-        call()  # eager, on the CPU
+    with pytest.raises(RuntimeError, match="must have|must equal|must be a multiple|heads"):
+        call()  # eager, on the CPU: refused for its shapes (not, say, a dtype)
     with FakeTensorMode(), pytest.raises(RuntimeError, match=message):
         _mismatched_calls()[case][0]()
 

@@ -333,11 +333,12 @@ def test_delta_se_and_the_report_noise():
                          "needle_phrasings": ["pass key"], "needle_depths": [0.5],
                          "needle_lengths": [1024], "answer_steps": 4},
             "machine": {"cpu": "c", "cores": 2, "torch": "t", "device": "cpu",
-                        "model": "/models/my-model.gguf"},
+                        "model": "/models/my-model/ via transformers",
+                        "model_name": "my-model via transformers"},
             "command": "eval", "results": [dense, kc], "planned": [],
             "recommended": rec}
     lines = eval_section(data)
-    assert lines[0] == "## Accuracy (my-model.gguf)"  # the model evaluated, not always SmolLM2
+    assert lines[0] == "## Accuracy (my-model via transformers)"  # not always SmolLM2
     table = "\n".join(lines)
     assert "| +0.10% ±0.49 | +0.10% ±0.49 |" in table and "99.0% (47, never)" in table
     assert any(line.startswith("* needle: a random 5-digit key") for line in lines)
@@ -367,8 +368,9 @@ def test_report_only_refuses_json_it_did_not_write(tmp_path, capsys):
     the file or the folder, not a traceback."""
     from kcache_ops.__main__ import main
     for text, message in (("{", f"{tmp_path / 'eval.json'} is not valid JSON"),
-                          ('{"results": [1, 2]}', f"the JSON files in {tmp_path} are not the "
-                                                  "ones this version of kcache_ops writes")):
+                          ('{"results": [1, 2]}', f"{tmp_path / 'eval.json'} lacks settings, "
+                                                  "machine, command: it is not a file this "
+                                                  "version of kcache_ops writes")):
         (tmp_path / "eval.json").write_text(text)
         assert main(["eval", "--report-only", "--out", str(tmp_path)]) == 2
         err = capsys.readouterr().err

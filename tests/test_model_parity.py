@@ -129,8 +129,9 @@ def test_decode_refuses_tokens_of_the_wrong_shape_type_or_vocabulary(pair):
         model.prefill(torch.randint(0, 96, (2, 5)), torch.tensor([3, 5], dtype=torch.int32),
                       cache)
         for bad in (torch.tensor([1, 2, 3]), torch.tensor([[1], [2]]), torch.tensor([1.0, 2.0]),
-                    [1, 2]):
-            with pytest.raises(ValueError, match=r"tokens must be a \[2\] integer tensor on cpu"):
+                    torch.tensor([1, 2], dtype=torch.uint8), [1, 2]):
+            with pytest.raises(ValueError, match=r"tokens must be a \[2\] int32 or int64 tensor on "
+                                                 r"cpu"):
                 model.decode(bad, cache)
         for bad in ([1, 96], [-1, 2]):
             with pytest.raises(IndexError, match="index out of range"):

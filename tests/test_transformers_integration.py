@@ -129,8 +129,8 @@ def test_under_autocast_attends_in_its_dtype(family):
     """Under autocast a float32 model's RoPE leaves K in float32 and V in bfloat16, and SDPA casts
     both to bfloat16. KCache attends in bfloat16 too: its K is bfloat16, and with N past every
     length each step matches dense SDPA under the same autocast to bfloat16's precision. The
-    prefill's dtype is the cache's: a decode step outside autocast is refused, as SDPA would
-    refuse float32 K against bfloat16 V."""
+    prefill's dtype is the cache's: a decode step outside autocast is refused (transformers'
+    DynamicCache would instead promote its cached V to float32)."""
     model = tiny_model(family, seed=1)
     prompts = random_prompts([9, 14])
     with torch.autocast("cpu", dtype=torch.bfloat16):

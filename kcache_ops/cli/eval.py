@@ -130,7 +130,9 @@ def run(args):
     for config in planned:  # what this model cannot take, before the first hour of dense
         check_kcache(model.config, model.device, model.dtype, config.options)
     engine = " via transformers" if args.engine == "transformers" else ""
-    info = {**machine(model.device), "model": (args.model or DEFAULT_NAME) + engine}
+    name = os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_NAME
+    info = {**machine(model.device), "model": (args.model or DEFAULT_NAME) + engine,
+            "model_name": name + engine}  # the file or folder name, for the report's heading
     command = "python -m kcache_ops eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"]
                                                        else sys.argv[1:])
     path = os.path.join(args.out, EVAL_JSON)

@@ -132,7 +132,7 @@ def plot_accuracy(data, path):
 def eval_section(data):
     """Markdown of the accuracy evaluation (the JSON of ``python -m kcache_ops eval``)."""
     s, m, results = data["settings"], data["machine"], data["results"]
-    out = [f"## Accuracy ({os.path.basename(m['model'])})", ""]  # the file or folder name
+    out = [f"## Accuracy ({m.get('model_name', m['model'])})", ""]
     if "summary" not in results[0]:
         return out + ["eval.json is from an earlier version of the evaluation (no tails, one "
                       "context length); `python -m kcache_ops eval` reruns it.", ""]

@@ -222,9 +222,8 @@ class Llama(nn.Module):
         """
         batch = cache.seq_lens.shape[0]
         if (not isinstance(tokens, torch.Tensor) or tokens.shape != (batch,)
-                or tokens.dtype.is_floating_point or tokens.dtype.is_complex
-                or tokens.dtype == torch.bool or tokens.device != self.device):
-            raise ValueError(f"decode: tokens must be a [{batch}] integer tensor on "
+                or tokens.dtype not in (torch.int32, torch.int64) or tokens.device != self.device):
+            raise ValueError(f"decode: tokens must be a [{batch}] int32 or int64 tensor on "
                              f"{self.device} (one per sequence of the cache), got "
                              f"{_describe(tokens)}")
         positions = cache.seq_lens.long()[:, None]                           # [B, 1]
