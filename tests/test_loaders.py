@@ -2,6 +2,7 @@
 themselves (float and quantized, llama.cpp's Q/K permutation, Llama-3 rope factors), the
 tokenizer of each, and clear errors for bad checkpoints."""
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -204,6 +205,9 @@ def test_truncated_safetensors(tmp_path):
      "num_attention_heads must be an integer >= 1, got 0"),
     (lambda cfg: cfg.update(rope_parameters={"rope_type": "llama3", "factor": 8.0},
                             rope_scaling=None), "low_freq_factor"),
+    (lambda cfg: cfg.update(eos_token_id=[2, 96]), "eos_token_id 96 is outside the vocabulary "
+                                                   "of 96"),
+    (lambda cfg: cfg.update(bos_token_id=500), "bos_token_id 500 is outside the vocabulary"),
 ])
 def test_malformed_config_is_a_checkpoint_error(tmp_path, edit, message):
     """A config.json with a key missing or a value that cannot be used names the file."""
@@ -427,6 +431,23 @@ def retype(reader, name, qtype):
     """Give tensor ``name`` the GGML type ``qtype`` (one of as many bytes per element)."""
     tensor = next(t for t in reader.tensors if t.name == name)
     tensor.field.parts[4][0] = qtype  # parts: name length, name, n_dims, dims, type, offset
+
+
+def test_gguf_config_faults_name_the_file(tmp_path, hf_folder):
+    """A metadata value the config refuses, and a tensor no Llama-family model has, name the file
+    (as a config.json fault does)."""
+    def no_heads(reader):
+        value_part(reader, "llama.attention.head_count")[0] = 0
+
+    def misnamed(reader):
+        tensor = next(t for t in reader.tensors if t.name == "output_norm.weight")
+        tensor.field.parts[1][:] = list(b"output_nrom.weight")  # a name of the same length
+    for edit, fault in ((no_heads, "llama.attention.head_count must be an integer >= 1, got 0"),
+                        (misnamed, "unexpected tensor 'output_nrom.weight'")):
+        path = write_gguf(tmp_path / f"{edit.__name__}.gguf", hf_folder[1], Q.F32)
+        edit_gguf(path, edit)
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: {fault}"):
+            load_model(path, "cpu")
 
 
 def test_gguf_tensor_type_gguf_cannot_read(tmp_path, hf_folder):

@@ -56,8 +56,9 @@ def test_gguf_user_defined_tokens_are_text(tmp_path):
     ("{% for m in messages %}{{ m['content'] }", "does not parse: line 1: unexpected '}'"),
     ("{{ messages[0]['content'].nosuch() }}", "fails: 'str object' has no attribute 'nosuch'"),
     ("{{ raise_exception('no system message') }}", "fails: no system message"),
+    ("{{ 1 // 0 }}", "fails: integer division or modulo by zero"),
     (5, "must be a string, got int"),
-], ids=["syntax", "undefined", "raise_exception", "not_a_string"])
+], ids=["syntax", "undefined", "raise_exception", "division", "not_a_string"])
 def test_chat_template_errors_name_the_file(tmp_path, template, problem):
     """A chat template jinja2 rejects gives a CheckpointError (one `error:` line in the CLI)
     naming the file it comes from and what is wrong."""

@@ -131,8 +131,15 @@ class LlamaConfig:
         eos = cfg.get("eos_token_id")
         max_pos = cfg.get("max_position_embeddings")  # null: unset
         bias = _flag("attention_bias", cfg.get("attention_bias"))
+        vocab = _integer("vocab_size", cfg["vocab_size"])
+
+        def token(key, value):
+            """A token id of the vocabulary, read from config key ``key``."""
+            if _integer(key, value, 0) >= vocab:
+                raise CheckpointError(f"{key} {value} is outside the vocabulary of {vocab}")
+            return value
         return cls(
-            vocab_size=_integer("vocab_size", cfg["vocab_size"]),
+            vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=_integer("intermediate_size", cfg["intermediate_size"]),
             num_layers=_integer("num_hidden_layers", cfg["num_hidden_layers"]),
@@ -149,8 +156,8 @@ class LlamaConfig:
             # attention_bias says so
             attention_bias=bias or model_type == "qwen2",
             output_bias=bias and model_type != "qwen2",
-            bos_token_id=None if bos is None else _integer("bos_token_id", bos, 0),
-            eos_token_ids=tuple(_integer("eos_token_id", e, 0) for e in
+            bos_token_id=None if bos is None else token("bos_token_id", bos),
+            eos_token_ids=tuple(token("eos_token_id", e) for e in
                                 (eos if isinstance(eos, list) else [] if eos is None else [eos])),
         )
 

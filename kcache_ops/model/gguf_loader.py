@@ -109,31 +109,36 @@ def to_tensor(t, path: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def our_name(name: str) -> str:
-    """GGUF tensor name -> the decoder's parameter name, e.g. blk.3.ffn_up.weight ->
-    layers.3.mlp.up_proj.weight."""
+def our_name(name: str, path: str) -> str:
+    """GGUF tensor name (of the file ``path``) -> the decoder's parameter name, e.g.
+    blk.3.ffn_up.weight -> layers.3.mlp.up_proj.weight."""
     parts = name.split(".")
     if parts[0] == "blk" and len(parts) == 4 and parts[2] in LAYER_NAMES:
         return f"layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
     if len(parts) == 2 and parts[0] in TOP_NAMES:
         return f"{TOP_NAMES[parts[0]]}.{parts[1]}"
-    raise CheckpointError(f"unexpected tensor {name!r} in the GGUF file")
+    raise CheckpointError(f"{path}: unexpected tensor {name!r} (not one of a Llama-family model)")
 
 
 def read_config(reader) -> LlamaConfig:
-    """The LlamaConfig of a GGUF file, from its metadata and which tensors it holds."""
+    """The LlamaConfig of a GGUF file, from its metadata and which tensors it holds; its faults
+    name the file."""
+    path = gguf_path(reader)
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
-        raise CheckpointError("the GGUF file has no token_embd.weight")
+        raise CheckpointError(f"{path}: the GGUF file has no token_embd.weight")
     rope_freqs = tensors.get("rope_freqs.weight")
-    return LlamaConfig.from_gguf(
-        metadata(reader),
-        vocab_size=int(tensors["token_embd.weight"].shape[1]),
-        has_output="output.weight" in tensors,
-        has_qkv_bias="blk.0.attn_q.bias" in tensors,
-        rope_freq_factors=(None if rope_freqs is None
-                           else to_tensor(rope_freqs, gguf_path(reader)).tolist()),
-        has_output_bias="blk.0.attn_output.bias" in tensors)
+    factors = None if rope_freqs is None else to_tensor(rope_freqs, path).tolist()
+    try:
+        return LlamaConfig.from_gguf(
+            metadata(reader),
+            vocab_size=int(tensors["token_embd.weight"].shape[1]),
+            has_output="output.weight" in tensors,
+            has_qkv_bias="blk.0.attn_q.bias" in tensors,
+            rope_freq_factors=factors,
+            has_output_bias="blk.0.attn_output.bias" in tensors)
+    except CheckpointError as e:  # a key missing or a value from_gguf refused: name the file
+        raise CheckpointError(f"{path}: {e}") from e
 
 
 def load_gguf_model(reader, device, dtype, config: LlamaConfig | None = None) -> Llama:
@@ -148,7 +153,7 @@ def load_gguf_model(reader, device, dtype, config: LlamaConfig | None = None) ->
         for t in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", leave=False):
             if t.name == "rope_freqs.weight":
                 continue  # already in the config
-            name = our_name(t.name)
+            name = our_name(t.name, path)
             w = to_tensor(t, path)
             n = heads.get(name.split(".")[-2]) if permuted else None
             # rows that do not fit the config's heads stay as they are, for from_weights to

@@ -103,7 +103,8 @@ class Tokenizer:
                 bos_token=name(self.bos_id) if self.bos_id is not None else "",
                 eos_token=name(self.eos_ids[0]) if self.eos_ids else "",
                 raise_exception=_raise_exception)
-        except (jinja2.TemplateError, TypeError) as e:  # TypeError: say, adding a str to an int
+        except Exception as e:  # jinja2's errors, and whatever the template's own code raises
+            # (a TypeError adding a str to an int, a ZeroDivisionError): the template's fault
             raise CheckpointError(f"the chat template in {self.template_source} fails: "
                                   f"{e}") from e
 
