@@ -3,6 +3,7 @@ USER_DEFINED ones kept as text), and chat templates rendered as transformers ren
 clear errors naming the template's file when jinja2 rejects one."""
 import json
 import re
+from datetime import datetime
 
 import pytest
 
@@ -80,13 +81,21 @@ def test_gguf_chat_template_error_names_the_file(tmp_path):
 
 def test_chat_template_sees_what_transformers_passes(tmp_path):
     """A plain chat renders as transformers' apply_chat_template renders it: ``tools`` and
-    ``documents`` are none (not undefined), and {% break %} (jinja2's loop controls) works."""
+    ``documents`` are none (not undefined), a special token the model lacks is undefined (not
+    ""), {% break %} (jinja2's loop controls) works, and so do transformers' ``tojson`` (no HTML
+    escapes) and ``strftime_now``."""
     AutoTokenizer = pytest.importorskip("transformers").AutoTokenizer
     template = ("{% if tools is not none %}[TOOLS]{% endif %}"
                 "{% if documents is not none %}[DOCUMENTS]{% endif %}"
+                "{% if eos_token is defined %}[EOS]{% endif %}"
                 "{% for m in messages %}{{ m['content'] }}{% break %}!{% endfor %}"
+                "{{ {'a': '<é>'} | tojson }}{{ strftime_now('%Y') }}"
                 "{% if add_generation_prompt %}{{ bos_token }}{% endif %}")
     folder = folder_with_template(tmp_path, template)
+    config = folder / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "eos_token": None}))
     theirs = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
-    assert Tokenizer.from_folder(str(folder)).render_chat("hi") == theirs == "hi<|im_start|>"
+    ours = Tokenizer.from_folder(str(folder)).render_chat("hi")
+    assert ours == theirs == f'hi{{"a": "<é>"}}{datetime.now():%Y}<|im_start|>'
+

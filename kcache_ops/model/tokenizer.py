@@ -1,6 +1,8 @@
 """The tokenizer: ``tokenizers`` from a tokenizer.json, or a byte-level BPE rebuilt from a GGUF
 file's vocabulary and merges; plus the model's chat template, rendered with jinja2."""
+import json
 import os
+from datetime import datetime
 
 import jinja2
 import jinja2.ext
@@ -55,6 +57,18 @@ def _raise_exception(message):
     raise jinja2.TemplateError(message)
 
 
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """The ``tojson`` filter of chat templates, as transformers defines it: plain JSON (jinja2's
+    own escapes <, >, & and ' for HTML)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(format):
+    """Today's date as a chat template asks for it (Llama 3.1's system turn states it)."""
+    return datetime.now().strftime(format)
+
+
 class Tokenizer:
     """Text <-> token ids, the special ids, and the chat template.
 
@@ -96,13 +110,13 @@ class Tokenizer:
             raise ValueError("this model has no chat template")
         template = self._compiled_template()
         name = self.tok.id_to_token
+        special = {key: name(i) for key, i in (("bos_token", self.bos_id),
+                                               ("eos_token", (*self.eos_ids, None)[0]))
+                   if i is not None}  # undefined where the model has none, as in transformers
         try:
             return template.render(
                 messages=[{"role": "user", "content": user_text}], tools=None, documents=None,
-                add_generation_prompt=True,
-                bos_token=name(self.bos_id) if self.bos_id is not None else "",
-                eos_token=name(self.eos_ids[0]) if self.eos_ids else "",
-                raise_exception=_raise_exception)
+                add_generation_prompt=True, **special)
         except Exception as e:  # jinja2's errors, and whatever the template's own code raises
             # (a TypeError adding a str to an int, a ZeroDivisionError): the template's fault
             raise CheckpointError(f"the chat template in {self.template_source} fails: "
@@ -110,14 +124,16 @@ class Tokenizer:
 
     def _compiled_template(self) -> jinja2.Template:
         """The chat template compiled as transformers compiles it (sandboxed, with ``{% break %}``
-        and ``{% continue %}``); CheckpointError naming its source if it is not a string or does
-        not parse."""
+        and ``{% continue %}``, its ``tojson``, ``raise_exception`` and ``strftime_now``);
+        CheckpointError naming its source if it is not a string or does not parse."""
         source = self.template_source
         if not isinstance(self.chat_template, str):
             raise CheckpointError(f"the chat template in {source} must be a string, got "
                                   f"{type(self.chat_template).__name__}")
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = _tojson
+        env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
         try:
             return env.from_string(self.chat_template)
         except jinja2.TemplateSyntaxError as e:
