@@ -9,7 +9,7 @@ import torch
 
 from .caches import make_cache
 from .devices import sync
-from .integers import as_int
+from .integers import as_int, int_at_least
 from .model import pad_prompts
 from .ops import as_float32
 
@@ -132,9 +132,10 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     -------
     Generation
     """
-    if as_int(max_new_tokens) is None or max_new_tokens < 1:
+    count = int_at_least(max_new_tokens, 1)
+    if count is None:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    max_new_tokens = as_int(max_new_tokens)
+    max_new_tokens = count
     if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:  # [B, T]: B prompts of T ids
         prompts = prompts.tolist()
     elif not isinstance(prompts, (str, bytes, torch.Tensor)) and hasattr(prompts, "__iter__"):
@@ -163,9 +164,10 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     if not 0 <= as_float32(temperature) < math.inf or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and finite (as a float32) and 0 < top_p <= 1, "
                          f"got {temperature}, {top_p}")
-    if top_k is not None and (as_int(top_k) is None or top_k < 1):
+    k = None if top_k is None else int_at_least(top_k, 1)
+    if top_k is not None and k is None:
         raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
-    top_k = None if top_k is None else as_int(top_k)
+    top_k = k
     if on_text is not None and tokenizer is None:
         raise ValueError("streaming (on_text) needs the tokenizer")
     device = model.device

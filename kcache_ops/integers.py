@@ -14,3 +14,10 @@ def as_int(value):
         return operator.index(value)
     except TypeError:
         return None
+
+
+def int_at_least(value, least):
+    """``value`` as an int where it is an integer of any type (:func:`as_int`) >= ``least``, else
+    None: the check of a count, a size or a length, whose caller names it in its error."""
+    n = as_int(value)
+    return None if n is None or n < least else n

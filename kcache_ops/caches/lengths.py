@@ -5,14 +5,14 @@ from contextlib import contextmanager
 
 import torch
 
-from ..integers import as_int
+from ..integers import int_at_least
 
 
 def check_sizes(owner, batch, capacity):
     """``batch`` and ``capacity`` as ints, each an integer of any type (a NumPy one, a 0-d integer
     tensor) >= 1, else ValueError naming ``owner`` (the cache)."""
-    sizes = [as_int(n) for n in (batch, capacity)]
-    if any(n is None or n < 1 for n in sizes):
+    sizes = [int_at_least(n, 1) for n in (batch, capacity)]
+    if None in sizes:
         raise ValueError(f"{owner}: batch and capacity must be integers >= 1, got {batch!r} and "
                          f"{capacity!r}")
     return sizes

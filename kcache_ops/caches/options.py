@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..integers import as_int
+from ..integers import as_int, int_at_least
 from ..ops import as_float32
 
 # kMaxTopN in csrc/cuda/qk_topn_kernel.cuh: the CUDA select sorts at most this many candidates per
@@ -131,8 +131,8 @@ class KCacheOptions:
         """Option ``name`` as an int: an integer of any type (a NumPy one, a 0-d tensor) >=
         ``least``, else ValueError."""
         value = getattr(self, name)
-        n = as_int(value)
-        if n is None or n < least:
+        n = int_at_least(value, least)
+        if n is None:
             raise ValueError(f"KCache: {name} must be an integer >= {least}, got {value!r}")
         object.__setattr__(self, name, n)
 

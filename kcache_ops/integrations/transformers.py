@@ -63,7 +63,7 @@ from transformers.masking_utils import sdpa_mask  # noqa: E402
 
 from ..caches import KCache, KCacheOptions  # noqa: E402
 from ..caches.kcache import check_dtype  # noqa: E402
-from ..integers import as_int  # noqa: E402
+from ..integers import int_at_least  # noqa: E402
 
 ATTN_IMPLEMENTATION = "kcache"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -363,8 +363,8 @@ class KCacheCache(CacheBridge):
         config = model.config
         if max_cache_len is None:
             max_cache_len = config.max_position_embeddings
-        length = as_int(max_cache_len)  # any integer type, not a bool of any kind nor a float
-        if length is None or length < 1:
+        length = int_at_least(max_cache_len, 1)  # any integer type, not a bool nor a float
+        if length is None:
             raise ValueError(f"KCacheCache: max_cache_len must be an integer >= 1, got "
                              f"{max_cache_len!r}")
         max_cache_len = length

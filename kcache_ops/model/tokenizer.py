@@ -11,6 +11,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
 from .errors import CheckpointError, UnsupportedModelError, read_json_object
+from .gguf_loader import gguf_path
 
 # GGUF token types of added tokens, never split: CONTROL tokens are special (dropped from decoded
 # text); USER_DEFINED ones (a Hugging Face added token with special=false) are text, as in llama.cpp
@@ -232,4 +233,4 @@ class Tokenizer:
                      if ty in (CONTROL, USER_DEFINED) and t in END_OF_TURN_TOKENS]
         ends = tuple(dict.fromkeys(i for i in (eos, eot, *turn_ends) if i is not None))
         return cls(tok, bos, ends, field("tokenizer.chat_template"),
-                   f"{reader.data.filename} (tokenizer.chat_template)")
+                   f"{gguf_path(reader)} (tokenizer.chat_template)")
