@@ -2,6 +2,9 @@
 // dtypes, the dtype / head-dim dispatch (value checks: ../value_checks.h), and scratch sizing.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <new>
 
 #include <ATen/Dispatch.h>
@@ -19,6 +22,14 @@ namespace kcache_ops::cpu {
 inline float to_float(float x) { return x; }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
+// lowbit_tail's weight of a key from d = s - lse: exp(d) (<= 1 with qk_topn's lse), 0 for a NaN
+// one, as in the reference, and for one that underflows (the key adds nothing); +inf the largest
+// float.
+inline float tail_weight(float d) {
+  const float p = std::exp(d);
+  return p > 0.f ? std::min(p, std::numeric_limits<float>::max()) : 0.f;
+}
 
 // Binds scalar_t to float, c10::Half or c10::BFloat16 (the storage dtypes of q/k/v).
 #define KC_DISPATCH_FLOAT_HALF_BF16(type, name, ...)     \

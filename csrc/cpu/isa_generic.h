@@ -68,6 +68,23 @@ struct GenericIsa {
   static void axpy(float* acc, float p, const scalar_t* row) {
     for (int64_t d = 0; d < kD; ++d) acc[d] += p * to_float(row[d]);
   }
+
+  // w [n] = exp(w [n] - shift) as lowbit_tail weighs a key: 0 where that is NaN or not above 0
+  // (underflow), the largest float where it is +inf.
+  static void tail_weights(float* w, int64_t n, float shift) {
+    for (int64_t i = 0; i < n; ++i) w[i] = tail_weight(w[i] - shift);
+  }
+
+  // row [kD] = base + step * code_d, the codes of one row packed 8 / kBits to a byte, low bits
+  // first. codes [kD * kBits / 8].
+  template <int64_t kD, int64_t kBits>
+  static void dequantize_row(const uint8_t* codes, float step, float base, float* row) {
+    constexpr int64_t kPer = 8 / kBits;
+    for (int64_t d = 0; d < kD; ++d) {
+      const int code = (codes[d / kPer] >> ((d % kPer) * kBits)) & ((1 << kBits) - 1);
+      row[d] = base + step * static_cast<float>(code);
+    }
+  }
 };
 
 }  // namespace kcache_ops::cpu

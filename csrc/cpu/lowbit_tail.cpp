@@ -2,8 +2,6 @@
 // first and last keys that a head of the group did not select adds exp(s - lse), from qk_topn's
 // scores, times its dequantized low-bit V row (dequantized once per key) to that head's output.
 #include <algorithm>
-#include <cmath>
-#include <limits>
 #include <vector>
 
 #include "../shape_checks.h"
@@ -13,19 +11,6 @@
 
 namespace kcache_ops::cpu {
 namespace {
-
-// row [kD] = min + scale * code_d, the codes of one row packed 8 / bits to a byte (low bits first).
-// codes [kD * bits / 8]; meta [2] bfloat16 (scale, min).
-template <int64_t kD>
-void dequantize_row(const uint8_t* codes, const c10::BFloat16* meta, int64_t bits, float* row) {
-  const float step = to_float(meta[0]), base = to_float(meta[1]);
-  const int64_t per = 8 / bits;
-  const int mask = (1 << bits) - 1;
-  for (int64_t d = 0; d < kD; ++d) {
-    const int code = (codes[d / per] >> ((d % per) * bits)) & mask;
-    row[d] = base + step * static_cast<float>(code);
-  }
-}
 
 // The exact rows of one (batch, kv head) on the host: slot i's row at v + i * v_stride elements
 // (of dtype), its position pos[i * pos_stride]; count 0 for none.
@@ -55,41 +40,41 @@ struct Group {
   HotRowsView hot;
   float* out;
 
-  // head h's weight of key j, exp(s - lse) (<= 1 with qk_topn's lse): 0 for a NaN one, as in the
-  // reference, and for one that underflows (the key adds nothing); +inf the largest float
+  // head h's weight of key j (tail_weight, common.h)
   float weight(int64_t h, int64_t j) const {
-    const float p = std::exp(s[h * s_head + j * s_key] - lse[h * lse_stride]);
-    return p > 0.f ? std::min(p, std::numeric_limits<float>::max()) : 0.f;
+    return tail_weight(s[h * s_head + j * s_key] - lse[h * lse_stride]);
   }
 };
 
-// selected [G, L] at the keys j0 <= j < j1 (the rest untouched): 1 where the head selected the
-// key, else 0.
-void mark_selected(const Group& g, int64_t G, int64_t N, int64_t j0, int64_t j1,
-                   uint8_t* selected) {
+// acc [G, kD] = the tail of the keys in [j0, j1) ∩ [first, end): the G heads' weights of those
+// keys (Isa::tail_weights; 0 where the head selected the key, which leaves it out), then each
+// key's row dequantized once, for the first head that weighs it above 0. w [G, kChunkKeys]
+// scratch; N entries of idx a head.
+template <class Isa, int64_t kD, int64_t kBits>
+void chunk_tail(const Group& g, int64_t G, int64_t N, int64_t j0, int64_t j1, float* w,
+                float* acc) {
+  std::fill(acc, acc + G * kD, 0.f);
+  const int64_t a = std::max(j0, g.first), n = std::min(j1, g.end) - a;  // keys [a, a + n)
+  if (n <= 0) return;
   for (int64_t h = 0; h < G; ++h) {
-    std::fill(selected + h * g.L + j0, selected + h * g.L + j1, 0);
+    float* wh = w + h * kChunkKeys;  // [n] head h's weights of keys a + i
+    for (int64_t i = 0; i < n; ++i) wh[i] = g.s[h * g.s_head + (a + i) * g.s_key];
+    Isa::tail_weights(wh, n, g.lse[h * g.lse_stride]);
     for (int64_t i = 0; i < N; ++i) {
-      const int32_t j = g.idx[h * g.idx_stride + i];
-      if (j >= j0 && j < j1) selected[h * g.L + j] = 1;
+      const int64_t j = g.idx[h * g.idx_stride + i];
+      if (j >= a && j < a + n) wh[j - a] = 0.f;
     }
   }
-}
-
-// acc [G, kD] = the tail of the keys in [j0, j1) ∩ [first, end) not selected ([G, L]), each
-// row dequantized once, for the first head that needs it.
-template <class Isa, int64_t kD>
-void chunk_tail(const Group& g, int64_t G, int64_t bits, int64_t j0, int64_t j1,
-                const uint8_t* selected, float* acc) {
-  std::fill(acc, acc + G * kD, 0.f);
   float v[kD];  // one dequantized row
-  for (int64_t j = std::max(j0, g.first); j < std::min(j1, g.end); ++j) {
+  for (int64_t i = 0; i < n; ++i) {
     bool have_row = false;
     for (int64_t h = 0; h < G; ++h) {
-      const float p = g.weight(h, j);
-      if (selected[h * g.L + j] || p == 0.f) continue;
+      const float p = w[h * kChunkKeys + i];
+      if (p == 0.f) continue;
       if (!have_row) {
-        dequantize_row<kD>(g.codes + j * g.c_stride, g.meta + j * g.m_stride, bits, v);
+        const c10::BFloat16* meta = g.meta + (a + i) * g.m_stride;  // (step, base)
+        Isa::template dequantize_row<kD, kBits>(g.codes + (a + i) * g.c_stride,
+                                                to_float(meta[0]), to_float(meta[1]), v);
         have_row = true;
       }
       Isa::template axpy<float, kD>(acc + h * kD, p, v);
@@ -119,24 +104,23 @@ void finish_group(const Group& g, int64_t G, const float* parts, int64_t chunks)
   }
 }
 
-// Buffers of one group, kept per thread across calls.
+// Buffers of one thread, kept across calls.
 struct Scratch {
-  std::vector<float> parts;       // [chunks, G, kD] the chunks' sums
-  std::vector<uint8_t> selected;  // [G, L] 1 where the head selected the key
+  std::vector<float> parts;  // [chunks, G, kD] the chunks' sums (one group on one thread)
+  std::vector<float> w;      // [G, kChunkKeys] a chunk's weights
 
-  size_t bytes() const { return parts.capacity() * sizeof(float) + selected.capacity(); }
+  size_t bytes() const { return (parts.capacity() + w.capacity()) * sizeof(float); }
 };
 
 // One group on one thread, chunk by chunk.
-template <class Isa, int64_t kD>
-void tail_group(const Group& g, int64_t G, int64_t N, int64_t bits, Scratch& tmp) {
-  scratch_resize(tmp.selected, G * g.L, "lowbit_tail", "selected [G, L] uint8");
-  mark_selected(g, G, N, 0, g.L, tmp.selected.data());
+template <class Isa, int64_t kD, int64_t kBits>
+void tail_group(const Group& g, int64_t G, int64_t N, Scratch& tmp) {
   const int64_t chunks = chunks_of(g.L);
   scratch_resize(tmp.parts, chunks * G * kD, "lowbit_tail", "chunk sums [chunks, G, D] float32");
+  scratch_resize(tmp.w, G * kChunkKeys, "lowbit_tail", "weights [G, 4096] float32");
   for (int64_t c = 0; c < chunks; ++c) {
-    chunk_tail<Isa, kD>(g, G, bits, c * kChunkKeys, std::min(g.L, (c + 1) * kChunkKeys),
-                        tmp.selected.data(), tmp.parts.data() + c * G * kD);
+    chunk_tail<Isa, kD, kBits>(g, G, N, c * kChunkKeys, std::min(g.L, (c + 1) * kChunkKeys),
+                               tmp.w.data(), tmp.parts.data() + c * G * kD);
   }
   finish_group<Isa, kD>(g, G, tmp.parts.data(), chunks);
 }
@@ -144,15 +128,10 @@ void tail_group(const Group& g, int64_t G, int64_t N, int64_t bits, Scratch& tmp
 // The buffers of a call whose rows are split (tail_split), kept by the calling thread across
 // calls while they hold at most kScratchKeepBytes per thread of the loop.
 struct SplitScratch {
-  RowChunks rows;                 // every group's chunks
-  std::vector<int64_t> key0;      // [groups + 1] a group's first key in selected
-  std::vector<uint8_t> selected;  // every group's [G, L], one after another
-  std::vector<float> parts;       // [chunks, G, kD] the chunks' sums
+  RowChunks rows;            // every group's chunks
+  std::vector<float> parts;  // [chunks, G, kD] the chunks' sums
 
-  size_t bytes() const {
-    return rows.bytes() + key0.capacity() * sizeof(int64_t) + selected.capacity() +
-           parts.capacity() * sizeof(float);
-  }
+  size_t bytes() const { return rows.bytes() + parts.capacity() * sizeof(float); }
 };
 
 // The groups with their rows split into chunks of kChunkKeys keys: each chunk's sums in one
@@ -160,23 +139,18 @@ struct SplitScratch {
 // parallel region a call, as on the other path, since on a busy host every region's threads wait
 // for each other's time slices). The same bits as tail_group: the same chunks, their sums added
 // in the same order.
-template <class Isa, int64_t kD>
-void tail_split(const std::vector<Group>& groups, int64_t G, int64_t N, int64_t bits) {
+template <class Isa, int64_t kD, int64_t kBits>
+void tail_split(const std::vector<Group>& groups, int64_t G, int64_t N) {
   static thread_local SplitScratch callers;
   SplitScratch& sp = callers;  // the calling thread's: the loop's threads see it through this name
   sp.rows.split(static_cast<int64_t>(groups.size()), [&](int64_t i) { return groups[i].L; });
-  sp.key0.assign(1, 0);
-  for (const Group& g : groups) sp.key0.push_back(sp.key0.back() + g.L);
-  scratch_resize(sp.selected, G * sp.key0.back(), "lowbit_tail",
-                 "selected [B * Hkv][G, L_b] uint8");
   scratch_resize(sp.parts, sp.rows.count() * G * kD, "lowbit_tail",
                  "chunk sums [chunks, G, D] float32");
-  parallel_tasks<Scratch>(sp.rows.count(), [&](int64_t c, Scratch&) {
+  parallel_tasks<Scratch>(sp.rows.count(), [&](int64_t c, Scratch& tmp) {
     const RowChunks::Chunk& ch = sp.rows.chunks[c];
-    const Group& g = groups[ch.group];
-    uint8_t* selected = sp.selected.data() + G * sp.key0[ch.group];  // [G, L]
-    mark_selected(g, G, N, ch.j0, ch.j1, selected);
-    chunk_tail<Isa, kD>(g, G, bits, ch.j0, ch.j1, selected, sp.parts.data() + c * G * kD);
+    scratch_resize(tmp.w, G * kChunkKeys, "lowbit_tail", "weights [G, 4096] float32");
+    chunk_tail<Isa, kD, kBits>(groups[ch.group], G, N, ch.j0, ch.j1, tmp.w.data(),
+                               sp.parts.data() + c * G * kD);
   });
   for (int64_t i = 0; i < static_cast<int64_t>(groups.size()); ++i) {
     finish_group<Isa, kD>(groups[i], G, sp.parts.data() + sp.rows.first[i] * G * kD,
@@ -246,15 +220,22 @@ at::Tensor lowbit_tail_cpu(const at::Tensor& scores,    // [B, Hq, S] float32
           out.data_ptr<float>() + (b * dims.Hq + h0) * dims.D};
     };
     const int64_t groups = dims.B * dims.Hkv;
-    if (split_rows(groups)) {
-      std::vector<Group> all;  // [B * Hkv]
-      for (int64_t bg = 0; bg < groups; ++bg) all.push_back(group(bg / dims.Hkv, bg % dims.Hkv));
-      tail_split<Isa, kD>(all, G, dims.N, dims.bits);
-      return;
+    const auto run = [&]<int64_t kBits>() {
+      if (split_rows(groups)) {
+        std::vector<Group> all;  // [B * Hkv]
+        for (int64_t bg = 0; bg < groups; ++bg) all.push_back(group(bg / dims.Hkv, bg % dims.Hkv));
+        tail_split<Isa, kD, kBits>(all, G, dims.N);
+        return;
+      }
+      parallel_tasks<Scratch>(groups, [&](int64_t bg, Scratch& tmp) {
+        tail_group<Isa, kD, kBits>(group(bg / dims.Hkv, bg % dims.Hkv), G, dims.N, tmp);
+      });
+    };
+    if (dims.bits == 2) {  // 2 or 4, checked
+      run.template operator()<2>();
+    } else {
+      run.template operator()<4>();
     }
-    parallel_tasks<Scratch>(groups, [&](int64_t bg, Scratch& tmp) {
-      tail_group<Isa, kD>(group(bg / dims.Hkv, bg % dims.Hkv), G, dims.N, dims.bits, tmp);
-    });
   });
   return out;
 }
