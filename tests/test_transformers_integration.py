@@ -391,6 +391,46 @@ def test_prefill_under_inference_mode_then_decode_outside():
     assert cache.inner.seq_lens.tolist() == [9]
 
 
+def test_a_forward_stopped_part_way_runs_again():
+    """A prefill or decode step stopped part way, by an error between two layers or inside a
+    layer's attention, leaves the cache as it was before that forward: run again, it gives the
+    logits of a run that never stopped. (Before, the layers already through it kept counting its
+    tokens: a prefill could not run again, and a step ran "out of order".)"""
+    model = kt.enable(tiny_model("llama", seed=5))
+    ids = torch.randint(3, VOCAB, (2, 12))
+
+    def boom(*_):
+        raise RuntimeError("injected")
+
+    def fail_between_layers(cache):  # in layer 0's MLP: after its attention, before layer 1's
+        return model.model.layers[0].mlp.register_forward_hook(boom).remove
+
+    def fail_in_attention(cache):  # the KCache refuses layer 1's step
+        decode = cache.inner.decode
+        cache.inner.decode = lambda layer, *args: boom() if layer == 1 else decode(layer, *args)
+        return lambda: delattr(cache.inner, "decode")
+
+    def run(faults):
+        """The logits [4, B, V] of the prefill and three greedy steps; faults[i] arms an error
+        for forward i, which then runs again."""
+        cache, logits, nxt = kt.KCacheCache(model, 32, **dict(PAPER, topn=4)), [], ids
+        with torch.no_grad():
+            for fault in faults:
+                if fault is not None:
+                    disarm = fault(cache)
+                    with pytest.raises(RuntimeError, match="injected"):
+                        model(nxt, past_key_values=cache)
+                    disarm()
+                out = model(nxt, past_key_values=cache).logits[:, -1]  # [B, V]
+                logits.append(out)
+                nxt = out.argmax(-1)[:, None]
+        return torch.stack(logits)
+
+    want = run([None] * 4)
+    got = run([fail_between_layers, fail_between_layers, fail_in_attention, None])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_max_cache_len_of_any_integer_type_and_the_model_dtype():
     import numpy as np
     model = kt.enable(tiny_model("llama"))

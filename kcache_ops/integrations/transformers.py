@@ -143,10 +143,10 @@ class _KCacheLayer(CacheLayerMixin):
         return self.owner._update(self.index, key_states, value_states)
 
     def get_mask_sizes(self, query_length):
-        return self.seen + query_length, 0
+        return self.owner.held() + query_length, 0
 
     def get_seq_length(self):
-        return self.seen
+        return self.owner.held()
 
     def get_max_length(self):
         return self.owner.capacity
@@ -246,6 +246,8 @@ class CacheBridge(Cache):
             raise RuntimeError(f"{name}: the attention of layer {self._pending[0]} did not run "
                                f"through attn_implementation={ATTN_IMPLEMENTATION!r}, or the "
                                "forward stopped early; call reset() before reusing this cache")
+        if layer == 0 and self.layers[0].seen != self.held():
+            self._rewind(self.held())  # the forward before stopped between two layers
         seen, t = self.layers[layer].seen, key.shape[2]
         if seen > 0 and t != 1:
             raise NotImplementedError(
@@ -291,14 +293,32 @@ class CacheBridge(Cache):
         last = layer == len(self.layers) - 1
         dtype = _attention_dtype(key)
         query, key, value = (x.to(dtype) for x in (query, key, value))
-        with torch.autocast(key.device.type, enabled=False):
-            if self.layers[layer].seen == key.shape[2]:  # the prefill
-                return self._prefill(layer, last, module, query, key, value, attention_mask,
-                                     dropout, scaling, kwargs), None
-            out = self.inner.decode(layer, query[:, :, 0], key[:, :, 0], value[:, :, 0])
-            if last:
-                self.inner.finish_decode()
+        done = self.layers[layer].seen - key.shape[2]  # tokens before this forward
+        try:
+            with torch.autocast(key.device.type, enabled=False):
+                if done == 0:  # the prefill
+                    return self._prefill(layer, last, module, query, key, value, attention_mask,
+                                         dropout, scaling, kwargs), None
+                out = self.inner.decode(layer, query[:, :, 0], key[:, :, 0], value[:, :, 0])
+                if last:
+                    self.inner.finish_decode()
+        except BaseException:
+            self._rewind(done)
+            raise
         return out[:, None], None  # [B, Hq, D] -> [B, 1, Hq, D]
+
+    def held(self):
+        """Tokens per sequence of the forwards that went through every layer: the last layer's
+        count (a forward stopped part way runs again from there), what transformers is told."""
+        return self.layers[-1].seen
+
+    def _rewind(self, done):
+        """Give up a forward that stopped part way (an error in a layer): every layer back to the
+        ``done`` tokens before it, so that it can run again (the inner cache takes a prompt or a
+        step again from its first layer)."""
+        for layer in self.layers:
+            layer.seen = done
+        self._prompt = None
 
     def _prefill(self, layer, last, module, query, key, value, attention_mask, dropout, scaling,
                  kwargs):
