@@ -1,4 +1,6 @@
-"""Integer arguments of any integer type: a Python int, a NumPy integer, a 0-d integer tensor."""
+"""Number arguments of any type: an integer as a Python int, a NumPy integer or a 0-d integer
+tensor; a real number as those, a float, a NumPy float or a 0-d floating tensor."""
+import numbers
 import operator
 
 
@@ -21,3 +23,20 @@ def int_at_least(value, least):
     None: the check of a count, a size or a length, whose caller names it in its error."""
     n = as_int(value)
     return None if n is None or n < least else n
+
+
+def as_real(value):
+    """``value`` as a float where it is a real number of any type (an integer as :func:`as_int`
+    takes it, a float, a NumPy float, a 0-d floating tensor), else None (a bool of any kind, a
+    complex, a string, a tensor of 1 dim or more, an int past the float range)."""
+    n = as_int(value)
+    floating = getattr(getattr(value, "dtype", None), "is_floating_point", False) is True  # torch
+    if n is not None:
+        value = n
+    elif (isinstance(value, bool) or getattr(value, "ndim", 0) != 0
+          or not (isinstance(value, numbers.Real) or floating)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None

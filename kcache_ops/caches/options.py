@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..integers import as_int, int_at_least
+from ..integers import as_int, as_real, int_at_least
 from ..ops import as_float32
 
 # kMaxTopN in csrc/cuda/qk_topn_kernel.cuh: the CUDA select sorts at most this many candidates per
@@ -100,11 +100,11 @@ class KCacheOptions:
             raise ValueError(f"KCache: renormalize=False drops the mass outside the top N, which "
                              f"tail={self.tail!r} accounts for (the default tail is 'int2'); use "
                              f"it with tail='none'")
-        if (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
-                or not 0 < as_float32(self.top_p) <= 1):
+        top_p = as_real(self.top_p)
+        if top_p is None or not 0 < as_float32(top_p) <= 1:
             raise ValueError(f"KCache: top_p must be a number in (0, 1] (as a float32), got "
                              f"{self.top_p!r}")
-        object.__setattr__(self, "top_p", float(self.top_p))
+        object.__setattr__(self, "top_p", top_p)
         for name in ("sinks", "window", "reuse"):
             self._set_integer(name, 0)
         if self.tail == "mean" and self.hot_rows:
