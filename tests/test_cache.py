@@ -2,6 +2,7 @@
 attention over each sequence's history computed independently in float64."""
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -208,6 +209,33 @@ def test_tails_bring_a_small_topn_close_to_exact(device):
     assert errors["int4"] < errors["none"] / 8, errors
 
 
+@pytest.mark.parametrize("tail", ["int2", "int4"])
+def test_float16_v_at_the_edge_of_its_range_stays_finite(device, tail):
+    """float16 V rows holding -65500 and 65000 (finite): the low-bit copy's bfloat16 min and
+    scale reach past float16's range, but a decode step's output, like exact attention (an
+    average of the rows), stays finite, its edge columns within two float16 steps of it."""
+    gen = torch.Generator().manual_seed(0)
+    B, T = len(LENS), max(LENS)
+    cache = make(device, torch.float16, topn=2, tail=tail)
+    lens = torch.full((B,), T, dtype=torch.int32, device=device)  # [B]
+    steps = []
+    for layer in range(LAYERS):
+        q = torch.randn(B, HQ, T + 1, D, generator=gen).half()  # [B, Hq, T + 1, D]
+        k = torch.randn(B, HKV, T + 1, D, generator=gen).half()  # [B, Hkv, T + 1, D]
+        v = torch.randn(B, HKV, T + 1, D, generator=gen)  # [B, Hkv, T + 1, D]
+        v[..., 0], v[..., 1] = -65500.0, 65000.0
+        q, k, v = (x.to(device) for x in (q, k, v.half()))
+        cache.prefill(layer, q[:, :, :T], k[:, :, :T], v[:, :, :T], lens)
+        steps.append((q[:, :, T], k, v))
+    cache.finish_prefill(lens)
+    for layer, (q, k, v) in enumerate(steps):
+        out = cache.decode(layer, q, k[:, :, T], v[:, :, T])  # [B, Hq, D]
+        assert out.isfinite().all()
+        for b in range(B):  # the edge columns (the copy of such a row steps by ~2^12)
+            want = exact_attention(q[b].cpu(), k[b].cpu(), v[b].cpu())  # [Hq, D]
+            torch.testing.assert_close(out[b, :, :2].double().cpu(), want[:, :2], atol=64, rtol=0)
+
+
 def test_dense_layers_are_exact_and_hold_device_v(device):
     """With N = 2, only the dense layer stays exact; it alone holds V on the device."""
     run = Run(make(device, topn=2, dense_layers=[1]), device, torch.float32)
@@ -298,11 +326,16 @@ def test_lens_out_of_range_are_rejected():
         cache.finish_prefill(torch.tensor([5, -2, 1], dtype=torch.int32))
 
 
-def test_head_dim_the_ops_cannot_take_fails_when_built():
+def test_heads_the_ops_cannot_take_fail_when_built():
     c = LlamaConfig(vocab_size=32, hidden_size=128, intermediate_size=64, num_layers=1,
                     num_heads=4, num_kv_heads=2, head_dim=32)
     with pytest.raises(ValueError, match="KCache: head_dim must be 64 or 128, got 32"):
         KCache(c, 1, 8, "cpu", torch.float32)
+    # a stand-in config (a LlamaConfig refuses these heads itself)
+    grouped = SimpleNamespace(num_layers=1, num_heads=5, num_kv_heads=2, head_dim=64)
+    with pytest.raises(ValueError, match=r"num_heads \(5\) must be a multiple of num_kv_heads "
+                                         r"\(2\)"):
+        KCache(grouped, 1, 8, "cpu", torch.float32)
 
 
 def test_more_host_memory_than_available_fails_when_built(device):
@@ -526,7 +559,8 @@ def test_prompt_batch_must_match_the_cache(backend):
 def test_finish_prefill_takes_the_lens_the_prompt_was_stored_with(backend):
     """The tails and hot rows keep what the prompt's lens said was valid: other lens at
     finish_prefill, or layers stored with different lens, are refused (found at its one host
-    sync), not a silently wrong cache; the buffer the caller passed may change after the store."""
+    sync), not a silently wrong cache, and so are layers stored with prompts of other lengths;
+    the buffer the caller passed may change after the store."""
     cache = make_cache(backend, tiny_config(), 2, 32, "cpu", torch.float32)
     k = torch.randn(2, HKV, 5, D)  # [B, Hkv, T, D]
     stored = torch.tensor([5, 3], dtype=torch.int32)
@@ -546,6 +580,11 @@ def test_finish_prefill_takes_the_lens_the_prompt_was_stored_with(backend):
         other.store_prompt(layer, k, k, stored if layer == 0 else torch.tensor([5, 2]).int())
     with pytest.raises(ValueError, match="every layer must be stored with the same lens"):
         other.finish_prefill(torch.tensor([5, 2], dtype=torch.int32))
+    longer = torch.randn(2, HKV, 8, D)  # a longer prompt at layer 1: its rows 5..7 in layer 0
+    other.store_prompt(0, k, k, stored)  # would be unstored, and lens [8, 3] accepted
+    with pytest.raises(ValueError, match="layer 1's prompt has 8 tokens, but layers \\[0\\] "
+                                         "stored 5: every layer must store the same prompt"):
+        other.store_prompt(1, longer, longer, torch.tensor([8, 3]).int())
 
 
 @pytest.mark.parametrize("backend", ["kcache", "dense"])

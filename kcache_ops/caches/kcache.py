@@ -63,13 +63,16 @@ def check_dtype(dtype):
 
 def check_kcache(config, device, dtype, options):
     """Raise ValueError where a KCache with ``options`` cannot serve a model of ``config`` in
-    ``dtype`` on ``device`` (the options' own model checks, the dtype, the head dim), as building
+    ``dtype`` on ``device`` (the options' own model checks, the dtype, the heads), as building
     one would: a command checks it before it runs anything else."""
     options.check(config.num_layers, torch.device(device))
     check_dtype(dtype)
     if config.head_dim not in (64, 128):  # what qk_topn and sparse_attn_v take
         raise ValueError(f"KCache: head_dim must be 64 or 128, got {config.head_dim} (the "
                          f"dense cache takes any)")
+    if config.num_heads % config.num_kv_heads:  # a LlamaConfig refuses it; a stand-in may not
+        raise ValueError(f"KCache: num_heads ({config.num_heads}) must be a multiple of "
+                         f"num_kv_heads ({config.num_kv_heads})")
 
 
 class KCache:

@@ -56,14 +56,19 @@ class SeqLengths:
         """``layer``'s part of a prompt of ``length`` tokens (right-padded; its shapes checked by
         :func:`check_layer_inputs`) and valid rows lens [B] is being stored: check it fits, and
         keep lens (the first layer's; whether a later layer's differ, on the device, no sync) for
-        :meth:`finish_prefill` to compare. A layer stored a second time starts a new prompt (the
-        one before was given up: a prefill stopped by an error, or refused at its finish)."""
+        :meth:`finish_prefill` to compare. Every layer stores the same ``length``. A layer stored
+        a second time starts a new prompt (the one before was given up: a prefill stopped by an
+        error, or refused at its finish)."""
         if length > self.capacity:
             raise ValueError(f"{self.owner}: capacity overflow: a prompt of {length} tokens "
                              f"exceeds the cache capacity ({self.capacity} tokens)")
         self._check_lens_tensor(lens)
         if layer in self._stored:
             self._forget_prompt()
+        if self._stored and length != self.prompt_len:  # its rows past length would be unstored
+            raise ValueError(f"{self.owner}: layer {layer}'s prompt has {length} tokens, but "
+                             f"layers {sorted(self._stored)} stored {self.prompt_len}: every "
+                             "layer must store the same prompt")
         self._stored.add(layer)
         self.prompt_len = length
         if self.prompt_lens is None:  # the prompt's first layer

@@ -33,6 +33,8 @@ import torch
 
 from ..ops import lowbit_tail, quantize_rows, sparse_attn_v
 
+FLOAT16_MAX = torch.finfo(torch.float16).max  # 65504
+
 
 class NoTail:
     """No tail: the top N rows alone (DESIGN.md §3, the paper's KCache)."""
@@ -170,7 +172,13 @@ class LowBitTail:
                                hot_pos=hot_pos)  # [B, Hq, D] float32
         finally:
             self.side.join(top)
-        return (rest + top).to(top.dtype)  # the add promotes top: no separate cast
+        out = rest + top  # [B, Hq, D] float32: the add promotes top
+        if top.dtype == torch.float16:
+            # the copy's rounding alone can reach past float16's range (a row's min of -65500 is
+            # -65536 in the copy's bfloat16), where exact attention, weights of at most 1 summing
+            # to 1 over finite rows, stays within it: held at its edge (an inf from V kept)
+            out = torch.where(out.isinf(), out, out.clamp(-FLOAT16_MAX, FLOAT16_MAX))
+        return out.to(top.dtype)
 
 
 def make_tail(options, batch, num_kv_heads, capacity, head_dim, device, side):
