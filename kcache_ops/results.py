@@ -2,6 +2,7 @@
 ``eval`` and ``bench`` commands and the scripts in bench/ write there (REPORT.md is generated from
 them by :mod:`kcache_ops.report`)."""
 import json
+import math
 import os
 import platform
 import tempfile
@@ -60,12 +61,25 @@ def ran_on(m, tail=""):
 
 def write_json(path, obj):
     """Write ``obj`` as JSON to ``path``, creating its folder; through a temporary file renamed
-    over it, so that a run killed while writing leaves the last complete file."""
+    over it, so that a run killed while writing leaves the last complete file. A float that is
+    not finite (a peak the CPU does not measure, a baseline not run) is written as null:
+    standard JSON has no NaN, and other readers than Python's refuse it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     part = f"{path}.part"
     with open(part, "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(_finite_or_none(obj), f, indent=1, allow_nan=False)
     os.replace(part, path)
+
+
+def _finite_or_none(obj):
+    """``obj`` with every float that is not finite, in its dicts, lists and tuples, as None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
 
 
 def load_json(path):

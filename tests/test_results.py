@@ -25,6 +25,23 @@ def test_machine_and_json_round_trip(tmp_path):
     assert load_json(tmp_path / "missing.json") is None
 
 
+def test_json_is_standard_json(tmp_path):
+    """A float that is not finite is written as null (standard JSON has no NaN or Infinity,
+    which JSON.parse and other strict readers refuse); the committed results hold none."""
+    import json
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+
+    path = tmp_path / "x.json"
+    write_json(path, {"a": float("nan"), "b": [float("inf"), 1.5, (2, float("-inf"))],
+                      "c": {"d": float("nan"), "e": "nan"}})
+    assert strict(path.read_text()) == {"a": None, "b": [None, 1.5, [2, None]],
+                                        "c": {"d": None, "e": "nan"}}
+    for committed in pathlib.Path(RESULTS_DIR).glob("*.json"):
+        strict(committed.read_text())
+
+
 @pytest.mark.parametrize("cli, smoke", [(eval_cli, "--quick"), (bench, "--small")])
 def test_smoke_runs_write_aside(cli, smoke, tmp_path):
     """``eval --quick`` and ``bench --small`` write to a scratch folder unless --out says where;
