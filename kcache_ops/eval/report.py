@@ -162,7 +162,8 @@ def eval_section(data):
             "host per head and decode step (N), the bytes `host_bytes_read_per_step` counts "
             "(those rows and the new token's V written), and the cache's device bytes (K, V of "
             "dense layers, the low-bit copy or V sum of a tail, the V of hot rows) per token of "
-            "capacity, in the model's dtype (float32 on the CPU: a 2- or 4-bit copy weighs half "
+            "capacity, both in the model's dtype (float32 on the CPU: twice bfloat16's bytes a "
+            "row, and a 2- or 4-bit copy weighs half "
             "as much against dense as it would against bfloat16), and the ratio to dense of the "
             "same caches in bfloat16 (the memory target must hold in both);",
             "* every text is prefilled once (dense, full attention — as KCache's prefill) and "

@@ -24,7 +24,9 @@ def bench_section(data):
     out += [f"KCache options: {', '.join(sorted(kcache))}.", ""] if kcache else []
     out += ["The batch is the largest whose cache fits the device and host budgets, at most "
             "`--max-batch` (in brackets which of the three set it; `memory` where the decode step "
-            "then ran out of device memory and the batch backed off by 1/8 until it ran). PCIe "
+            "then ran out of device memory and the batch backed off by 1/8 until it ran); the "
+            "decode runs at that batch, the prefill at batch 1 (tokens of one prompt a second). "
+            "PCIe "
             "MiB/step: the whole batch's V rows read, N per head (per KV head with group select), "
             "and written; an upper bound: `top_p` < 1 cuts the N, and the CUDA kernel reads a row "
             "that several heads of a group chose once.", ""]
