@@ -191,32 +191,36 @@ struct Avx2Isa {
     return begin;
   }
 
-  // w [n] = exp(w [n] - shift) as lowbit_tail weighs a key (tail_weight, common.h): 8 keys per
-  // exp8, and std::exp for the lanes exp8 clamps (above 88: garbage lse, never qk_topn's).
+  // w [n] = exp(w [n] - shift) as lowbit_tail weighs a key (tail_weight, common.h): 8 keys an
+  // exp8 (the last few through load_tail, so a key's weight does not depend on its lane), and
+  // std::exp for the lanes exp8 clamps (above 88: garbage lse, never qk_topn's).
   KC_AVX2 static void tail_weights(float* w, int64_t n, float shift) {
     const __m256 sh = _mm256_set1_ps(shift), top = _mm256_set1_ps(88.f);
     const __m256 zero = _mm256_setzero_ps(), largest = _mm256_set1_ps(3.40282347e38f);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(w + i), sh);
+    for (int64_t i = 0; i < n; i += 8) {
+      const int64_t lanes = n - i < 8 ? n - i : 8;
+      const __m256 d = _mm256_sub_ps(lanes == 8 ? _mm256_loadu_ps(w + i) : load_tail(w + i, lanes),
+                                     sh);  // -inf past the end: exp 0
       const __m256 p = exp8(d);  // NaN stays NaN, and fails p > 0 below
-      _mm256_storeu_ps(w + i, _mm256_and_ps(_mm256_cmp_ps(p, zero, _CMP_GT_OQ),
-                                            _mm256_min_ps(p, largest)));
+      alignas(32) float out[8], dl[8];
+      _mm256_store_ps(out, _mm256_and_ps(_mm256_cmp_ps(p, zero, _CMP_GT_OQ),
+                                         _mm256_min_ps(p, largest)));
       const int clamped = _mm256_movemask_ps(_mm256_cmp_ps(d, top, _CMP_GT_OQ));
       if (clamped != 0) {
-        alignas(32) float dl[8];
         _mm256_store_ps(dl, d);
         for (int l = 0; l < 8; ++l) {
-          if (clamped >> l & 1) w[i + l] = tail_weight(dl[l]);
+          if (clamped >> l & 1) out[l] = tail_weight(dl[l]);
         }
       }
+      std::memcpy(w + i, out, lanes * sizeof(float));
     }
-    for (; i < n; ++i) w[i] = tail_weight(w[i] - shift);
   }
 
-  // row [kD] = base + step * code_d (a multiply, then an add: GenericIsa's bits), the codes of one
-  // row packed 8 / kBits to a byte, low bits first: 8 codes a step, from the kBits bytes that hold
-  // them. codes [kD * kBits / 8].
+  // row [kD] = base + step * code_d, the codes of one row packed 8 / kBits to a byte, low bits
+  // first: 8 codes a step, from the kBits bytes that hold them. codes [kD * kBits / 8]. One FMA:
+  // GenericIsa's multiply and add give the same bits wherever step * code is exact in float32
+  // (a bfloat16 step, 8 significant bits, times a code of at most 4: always, unless it overflows,
+  // which quantize_rows' copies never do).
   template <int64_t kD, int64_t kBits>
   KC_AVX2 static void dequantize_row(const uint8_t* codes, float step, float base, float* row) {
     static_assert(kBits == 2 || kBits == 4, "8 codes in 2 or 4 bytes");
@@ -229,7 +233,7 @@ struct Avx2Isa {
       std::memcpy(&word, codes + d * kBits / 8, kBits);
       const __m256i code = _mm256_and_si256(
           _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), mask);
-      _mm256_storeu_ps(row + d, _mm256_add_ps(bv, _mm256_mul_ps(sv, _mm256_cvtepi32_ps(code))));
+      _mm256_storeu_ps(row + d, _mm256_fmadd_ps(sv, _mm256_cvtepi32_ps(code), bv));
     }
   }
 
