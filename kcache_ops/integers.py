@@ -27,10 +27,12 @@ def int_at_least(value, least):
 
 def as_real(value):
     """``value`` as a float where it is a real number of any type (an integer as :func:`as_int`
-    takes it, a float, a NumPy float, a 0-d floating tensor), else None (a bool of any kind, a
-    complex, a string, a tensor of 1 dim or more, an int past the float range)."""
+    takes it, a float, a NumPy float, a 0-d floating tensor or array), else None (a bool of any
+    kind, a complex, a string, a tensor of 1 dim or more, an int past the float range)."""
     n = as_int(value)
-    floating = getattr(getattr(value, "dtype", None), "is_floating_point", False) is True  # torch
+    dtype = getattr(value, "dtype", None)  # a tensor's (is_floating_point) or NumPy's (kind)
+    floating = (getattr(dtype, "is_floating_point", False) is True
+                or getattr(dtype, "kind", "") == "f")
     if n is not None:
         value = n
     elif (isinstance(value, bool) or getattr(value, "ndim", 0) != 0

@@ -45,7 +45,8 @@ def test_top_p_of_any_real_type_is_a_float():
     """top_p as a NumPy float or integer or a 0-d tensor is taken and kept as a float; a bool,
     a complex, a string, a 1-dim tensor or an int past the float range are refused."""
     import numpy as np
-    for value in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor(0.5).half()):
+    for value in (np.float32(0.5), np.float64(0.5), np.array(0.5), torch.tensor(0.5),
+                  torch.tensor(0.5).half()):
         o = KCacheOptions(top_p=value)
         assert type(o.top_p) is float and o == KCacheOptions(top_p=0.5)
     assert KCacheOptions(top_p=np.int64(1)).top_p == 1.0

@@ -70,7 +70,7 @@ def check_kcache(config, device, dtype, options):
     if config.head_dim not in (64, 128):  # what qk_topn and sparse_attn_v take
         raise ValueError(f"KCache: head_dim must be 64 or 128, got {config.head_dim} (the "
                          f"dense cache takes any)")
-    if config.num_heads % config.num_kv_heads:  # a LlamaConfig refuses it; a stand-in may not
+    if config.num_kv_heads < 1 or config.num_heads % config.num_kv_heads:  # as LlamaConfig
         raise ValueError(f"KCache: num_heads ({config.num_heads}) must be a multiple of "
                          f"num_kv_heads ({config.num_kv_heads})")
 

@@ -124,8 +124,9 @@ def head_dim_of(config):
 
 
 class _KCacheLayer(CacheLayerMixin):
-    """One layer's view of a :class:`KCacheCache` for transformers: the padded token count
-    transformers sees (``seen``), and the generation features KCache does not support, refused."""
+    """One layer's view of a :class:`KCacheCache` for transformers: its padded token count
+    (``seen``; transformers is told the owner's :meth:`~CacheBridge.held`), and the generation
+    features KCache does not support, refused."""
 
     is_sliding = False
     supports_early_init = False
@@ -287,14 +288,15 @@ class CacheBridge(Cache):
         attends in autocast's dtype, as SDPA would, with autocast off inside the cache."""
         layer = self._pending[0]
         self._pending = None
-        if getattr(module, "layer_idx", layer) != layer:
-            raise RuntimeError(f"{type(self).__name__}: the attention of layer "
-                               f"{module.layer_idx} ran after the cache update of layer {layer}")
-        last = layer == len(self.layers) - 1
-        dtype = _attention_dtype(key)
-        query, key, value = (x.to(dtype) for x in (query, key, value))
         done = self.layers[layer].seen - key.shape[2]  # tokens before this forward
         try:
+            if getattr(module, "layer_idx", layer) != layer:
+                raise RuntimeError(f"{type(self).__name__}: the attention of layer "
+                                   f"{module.layer_idx} ran after the cache update of layer "
+                                   f"{layer}")
+            last = layer == len(self.layers) - 1
+            dtype = _attention_dtype(key)
+            query, key, value = (x.to(dtype) for x in (query, key, value))
             with torch.autocast(key.device.type, enabled=False):
                 if done == 0:  # the prefill
                     return self._prefill(layer, last, module, query, key, value, attention_mask,
