@@ -2,6 +2,8 @@
 
 * :func:`torch_qk_topn` and :func:`torch_decode`: the plain PyTorch way of the two KCache ops
   (matmul, mask, logsumexp, topk; then index V, softmax, matmul) on whatever device the inputs are.
+* :func:`torch_lowbit_tail`: the PyTorch way of the low-bit tail (weigh, dequantise the rows a
+  chunk at a time, matmul).
 * :func:`torch_gather_rows`: the PyTorch way of reading rows of host memory into the GPU (indices
   to the host, CPU gather, copy).
 * :func:`dense_attention` and :func:`split_kv_attention`: exact dense decode attention over K and V
@@ -54,6 +56,35 @@ def torch_decode(q, k_cache, v_cache, seq_lens, n, scale):
     v = v_cache[b, h, indices].float()  # [B, Hq, n, D]
     p = torch.softmax(scores, dim=-1)  # [B, Hq, n]
     return torch.matmul(p[..., None, :], v).squeeze(-2).to(v_cache.dtype)
+
+
+def torch_lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, skip=(0, 0),
+                      chunk=4096):
+    """lowbit_tail the PyTorch way: each key's weight exp(s - lse), 0 where a head selected the
+    key or it is skipped or past L_b; then, ``chunk`` keys at a time (no float copy of the whole
+    V), their rows of the low-bit copy dequantised (shifts and masks) and one batched matmul per
+    KV head's group.
+
+    scores [B, Hq, S] float32, seq_lens [B] int32, lse [B, Hq], indices [B, Hq, N] int32 (-1
+    padding), v_codes [B, Hkv, S, D * bits / 8] uint8, v_meta [B, Hkv, S, 2] bfloat16 (scale,
+    min), skip (first, last) keys left out -> out [B, Hq, D] float32.
+    """
+    B, Hq, S = scores.shape
+    Hkv = v_codes.shape[1]
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=v_codes.device)  # [8 / bits]
+    pos = torch.arange(S, device=scores.device)  # [S]
+    kept = (pos >= skip[0]) & (pos < seq_lens[:, None].long() - skip[1])  # [B, S]
+    p = torch.exp(scores - lse[..., None]).nan_to_num(0.0) * kept[:, None]  # [B, Hq, S]
+    p = torch.cat([p, p.new_zeros(B, Hq, 1)], -1)  # [B, Hq, S + 1]: slot S takes the padding
+    p.scatter_(-1, torch.where(indices >= 0, indices, S).long(), 0.0)
+    p = p[..., :S].reshape(B, Hkv, Hq // Hkv, S)  # [B, Hkv, G, S]
+    out = p.new_zeros(B, Hkv, Hq // Hkv, v_codes.shape[-1] * 8 // bits)  # [B, Hkv, G, D]
+    for j in range(0, S, chunk):
+        codes = (v_codes[:, :, j:j + chunk, :, None] >> shifts) & ((1 << bits) - 1)
+        meta = v_meta[:, :, j:j + chunk].float()  # [B, Hkv, c, 2]
+        v = codes.flatten(-2).float() * meta[..., :1] + meta[..., 1:]  # [B, Hkv, c, D]
+        out = out + torch.matmul(p[..., j:j + chunk], v)  # [B, Hkv, G, D]
+    return out.reshape(B, Hq, -1)  # [B, Hq, D]
 
 
 def torch_gather_rows(src, indices):

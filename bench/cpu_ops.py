@@ -1,6 +1,14 @@
-"""CPU speed of qk_topn and of a decode step (qk_topn + sparse_attn_v) against the PyTorch way
-(matmul + logsumexp + topk + index + softmax + matmul, bench/baselines.py), with K's read bandwidth
-as a fraction of a memory-copy bandwidth measured in the same run.
+"""CPU speed of the ops and of a layer's decode step against the PyTorch way (bench/baselines.py),
+with the bandwidth of the bytes each must read as a fraction of a memory-copy bandwidth measured
+in the same run. One line per configuration and row:
+
+* ``qk_topn``, and ``decode`` (the paper's step, qk_topn + sparse_attn_v): against matmul +
+  logsumexp + topk (+ index + softmax + matmul); the bytes are K's.
+* ``tail``: lowbit_tail over the default step's selection and 2-bit copy (the hot rows aside),
+  against dequantising every row and a matmul; the bytes are the scores, codes and meta.
+* ``default``: the default layer step (``KCache.decode``, ``KCacheOptions()``: qk_topn, the
+  2-bit tail, sparse_attn_v over host V, the hot rows), against dense attention over K and V
+  (SDPA); the bytes are the layer's device bytes (K, the 2-bit copy, the hot rows).
 
     python bench/cpu_ops.py [--batch 1 4 8] [--tokens 4096 16384 32768] [--runs 7] [--out DIR]
 
@@ -19,6 +27,7 @@ import kcache_ops
 from kcache_ops import results
 
 import baselines
+import decode_steps
 
 HQ, HKV, D, N = 32, 8, 128, 64
 ROTATE_BYTES = 256 << 20  # inputs rotate over at least this many bytes, beyond the 32 MiB L3
@@ -27,6 +36,12 @@ ROTATE_BYTES = 256 << 20  # inputs rotate over at least this many bytes, beyond 
 def kcache_decode(q, k_cache, v_cache, seq_lens, n, scale):
     scores, indices, lse = kcache_ops.qk_topn(q, k_cache, seq_lens, n, scale)
     return kcache_ops.sparse_attn_v(scores, indices, v_cache, lse)
+
+
+def kcache_tail(scores, seq_lens, lse, indices, codes, meta, bits, skip):
+    """lowbit_tail as the default step calls it, the hot rows aside."""
+    return kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits,
+                                  check_values=False, skip_first=skip[0], skip_last=skip[1])
 
 
 def median_ms(fn, inputs, runs, warmup=2):
@@ -50,8 +65,8 @@ def copy_gbps(runs, nbytes=1 << 30):
 
 
 def bench_config(B, S, dtype, runs):
-    """One configuration's rows: qk_topn and the decode step, ours against the PyTorch way, and
-    the copy bandwidth measured right before (it drifts with the neighbours of a shared host)."""
+    """One configuration's rows (the module's docstring), ours against the PyTorch way, and the
+    copy bandwidth measured right before (it drifts with the neighbours of a shared host)."""
     copy = copy_gbps(runs)
     scale = 1 / math.sqrt(D)
     k_bytes = B * HKV * S * D * dtype.itemsize
@@ -61,25 +76,36 @@ def bench_config(B, S, dtype, runs):
               for _ in range(copies)]
     qk_inputs = [(q, k, lens, N, scale) for q, k, _, lens in inputs]
     dec_inputs = [(q, k, v, lens, N, scale) for q, k, v, lens in inputs]
+    layer = decode_steps.DefaultLayer([(q, k, v) for q, k, v, _ in inputs])  # a layer a set
+    tail = [layer.tail_args(i, q)[:8] for i, (q, _, _, _) in enumerate(inputs)]
+    codes, meta = tail[0][4:6]
+    tail_bytes = B * HQ * S * 4 + codes.numel() + meta.numel() * meta.element_size()
+    # the tail reads about a tenth of K: copies of its inputs rotate past the L3 as K's do
+    tail_inputs = [tuple(x.clone() if torch.is_tensor(x) else x for x in tail[i % len(tail)])
+                   for i in range(max(1, math.ceil(ROTATE_BYTES / tail_bytes)))]
     rows = []
-    for what, ours, base, args in (
-            ("qk_topn", kcache_ops.qk_topn, baselines.torch_qk_topn, qk_inputs),
-            ("decode", kcache_decode, baselines.torch_decode, dec_inputs)):
+    for what, ours, base, args, nbytes in (
+            ("qk_topn", kcache_ops.qk_topn, baselines.torch_qk_topn, qk_inputs, k_bytes),
+            ("decode", kcache_decode, baselines.torch_decode, dec_inputs, k_bytes),
+            ("tail", kcache_tail, baselines.torch_lowbit_tail, tail_inputs, tail_bytes),
+            ("default", layer.cache.decode, None, layer.inputs,
+             decode_steps.default_layer_bytes(B, HQ, HKV, S, D, dtype))):
         ms = median_ms(ours, args, runs)
-        base_ms = median_ms(base, args, runs)
-        gbps = k_bytes / ms / 1e6
+        base_ms = (median_ms(baselines.dense_attention, [x[:3] for x in inputs], runs)
+                   if base is None else median_ms(base, args, runs))
+        gbps = nbytes / ms / 1e6
         rows.append({"op": what, "B": B, "S": S, "Hq": HQ, "Hkv": HKV, "D": D, "N": N,
                      "dtype": str(dtype).removeprefix("torch."), "ms": round(ms, 3),
-                     "torch_ms": round(base_ms, 3), "k_gbps": round(gbps, 2),
-                     "copy_gbps": round(copy, 1), "pct_copy": round(100 * gbps / copy, 1),
-                     "speedup": round(base_ms / ms, 2)})
+                     "torch_ms": round(base_ms, 3), "mib": round(nbytes / 2**20, 1),
+                     "gbps": round(gbps, 2), "copy_gbps": round(copy, 1),
+                     "pct_copy": round(100 * gbps / copy, 1), "speedup": round(base_ms / ms, 2)})
     return rows
 
 
 def line(r):
     return (f"{r['op']:8s} B={r['B']} S={r['S']:<6d} Hq={r['Hq']} Hkv={r['Hkv']} D={r['D']} "
-            f"N={r['N']} {r['dtype']:9s} {r['ms']:9.3f} ms  K {r['k_gbps']:6.2f} GB/s "
-            f"({r['pct_copy']:5.1f}% of copy {r['copy_gbps']:5.1f})  "
+            f"N={r['N']} {r['dtype']:9s} {r['ms']:9.3f} ms  {r['mib']:7.1f} MiB {r['gbps']:6.2f} "
+            f"GB/s ({r['pct_copy']:5.1f}% of copy {r['copy_gbps']:5.1f})  "
             f"torch {r['torch_ms']:9.3f} ms  speedup {r['speedup']:5.2f}x")
 
 
@@ -87,10 +113,15 @@ def markdown(info, rows):
     out = [results.ran_on(info, f" ({info['capability']}), {info['cpu_count']} CPUs. Hq={HQ}, "
                           f"Hkv={HKV}, D={D}, N={N}. Copy: a 1 GiB tensor copy (read + write) "
                           "right before each configuration."), "",
-           "| op | B | S | dtype | ms | K GB/s | copy GB/s | % of copy | torch ms | speedup |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "Rows: qk_topn and decode (the paper's step) read K; tail (lowbit_tail) the scores, "
+           "the 2-bit codes and their meta (float32 scores and the same copy whatever the "
+           "dtype); default (the default layer step, KCache.decode) the layer's device bytes. "
+           "torch: the PyTorch way of each (bench/baselines.py), dense attention (SDPA) for the "
+           "default step.", "",
+           "| op | B | S | dtype | ms | MiB read | GB/s | copy GB/s | % of copy | torch ms | "
+           "speedup |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     out += [f"| {r['op']} | {r['B']} | {r['S']} | {r['dtype']} | {r['ms']:.3f} | "
-            f"{r['k_gbps']:.2f} | {r['copy_gbps']:.1f} | {r['pct_copy']:.1f} | "
+            f"{r['mib']:.1f} | {r['gbps']:.2f} | {r['copy_gbps']:.1f} | {r['pct_copy']:.1f} | "
             f"{r['torch_ms']:.3f} | {r['speedup']:.2f}x |" for r in rows]
     return "\n".join(out) + "\n"
 

@@ -1,9 +1,9 @@
 """bench/run_gpu.sh in its dry run on the CPU (every stage's CPU-side part, "no GPU" for the GPU
 work, the log and the archive in $OUT), the PyTorch baselines of bench/baselines.py against
-kcache_ops.reference on fresh random inputs, and the decode steps of bench/decode_steps.py (which
-the GPU benchmark and the profile time) on the CPU at a small shape, with the count of the
-ops a default step launches (bench/step_ops.py) and the reuse step's timing over steps that
-advance (bench/reuse_step.py)."""
+kcache_ops.reference on fresh random inputs, bench/cpu_ops.py at a tiny size, and the decode
+steps of bench/decode_steps.py (which the GPU benchmark and the profile time) on the CPU at a
+small shape, with the count of the ops a default step launches (bench/step_ops.py) and the reuse
+step's timing over steps that advance (bench/reuse_step.py)."""
 import os
 import subprocess
 import sys
@@ -106,6 +106,35 @@ def test_dense_baselines_are_exact_attention(chunk):
 def test_split_kv_refuses_uneven_chunks():
     with pytest.raises(ValueError, match="multiple of chunk"):
         baselines.split_kv_attention(*random_qkv(S=300), chunk=128)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_torch_lowbit_tail_matches_reference(bits):
+    """The tail's PyTorch way against the reference: selected rows (padding among them), skipped
+    first and last keys and lengths below S left out."""
+    q, k, v = random_qkv()
+    lens = torch.tensor([384, 100], dtype=torch.int32)
+    every, lse = reference.qk_scores(q, k, lens, 0.125)  # [B, Hq, S], [B, Hq]
+    indices = reference.qk_topn(q, k, lens, 32, 0.125)[1]  # [B, Hq, 32]
+    indices[:, :, -3:] = -1  # padding
+    codes, meta = reference.quantize_rows(v, bits)
+    want = reference.lowbit_tail(every, lens, lse, indices, codes, meta, bits, 4, 7)
+    torch.testing.assert_close(
+        baselines.torch_lowbit_tail(every, lens, lse, indices, codes, meta, bits, (4, 7)), want)
+
+
+def test_cpu_ops_bench_prints_every_row(tmp_path):
+    """bench/cpu_ops.py (make bench-cpu) at a tiny size: a line for each of its four rows, and
+    its JSON and table."""
+    run = subprocess.run([sys.executable, os.path.join(BENCH, "cpu_ops.py"), "--batch", "1",
+                          "--tokens", "256", "--dtypes", "bfloat16", "--runs", "1", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ops = [line.split()[0] for line in run.stdout.splitlines()[1:]]
+    assert ops == ["qk_topn", "decode", "tail", "default"], run.stdout
+    table = (tmp_path / "cpu_ops.md").read_text()
+    assert all(f"| {op} | 1 | 256 | bfloat16 |" in table for op in ops)
 
 
 def test_torch_gather_rows_is_a_copy():
