@@ -5,7 +5,8 @@ in the same run. One line per configuration and row:
 * ``qk_topn``, and ``decode`` (the paper's step, qk_topn + sparse_attn_v): against matmul +
   logsumexp + topk (+ index + softmax + matmul); the bytes are K's.
 * ``tail``: lowbit_tail over the default step's selection and 2-bit copy (the hot rows aside),
-  against dequantising every row and a matmul; the bytes are the scores, codes and meta.
+  against weighing, dequantising the rows a chunk at a time and a matmul; the bytes are the
+  scores, codes and meta.
 * ``default``: the default layer step (``KCache.decode``, ``KCacheOptions()``: qk_topn, the
   2-bit tail, sparse_attn_v over host V, the hot rows), against dense attention over K and V
   (SDPA); the bytes are the layer's device bytes (K, the 2-bit copy, the hot rows).

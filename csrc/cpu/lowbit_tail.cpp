@@ -48,14 +48,16 @@ struct Group {
 
 // acc [G, kD] = the tail of the keys in [j0, j1) ∩ [first, end): the G heads' weights of those
 // keys (Isa::tail_weights; 0 where the head selected the key, which leaves it out), then each
-// key's row dequantized once, for the first head that weighs it above 0. w [G, kChunkKeys]
-// scratch; N entries of idx a head.
+// key's row dequantized once, for the first head that weighs it above 0. weights: the
+// thread's scratch, sized here to [G, kChunkKeys]; N entries of idx a head.
 template <class Isa, int64_t kD, int64_t kBits>
-void chunk_tail(const Group& g, int64_t G, int64_t N, int64_t j0, int64_t j1, float* w,
-                float* acc) {
+void chunk_tail(const Group& g, int64_t G, int64_t N, int64_t j0, int64_t j1,
+                std::vector<float>& weights, float* acc) {
   std::fill(acc, acc + G * kD, 0.f);
   const int64_t a = std::max(j0, g.first), n = std::min(j1, g.end) - a;  // keys [a, a + n)
   if (n <= 0) return;
+  scratch_resize(weights, G * kChunkKeys, "lowbit_tail", "weights [G, 4096] float32");
+  float* w = weights.data();
   for (int64_t h = 0; h < G; ++h) {
     float* wh = w + h * kChunkKeys;  // [n] head h's weights of keys a + i
     for (int64_t i = 0; i < n; ++i) wh[i] = g.s[h * g.s_head + (a + i) * g.s_key];
@@ -117,10 +119,9 @@ template <class Isa, int64_t kD, int64_t kBits>
 void tail_group(const Group& g, int64_t G, int64_t N, Scratch& tmp) {
   const int64_t chunks = chunks_of(g.L);
   scratch_resize(tmp.parts, chunks * G * kD, "lowbit_tail", "chunk sums [chunks, G, D] float32");
-  scratch_resize(tmp.w, G * kChunkKeys, "lowbit_tail", "weights [G, 4096] float32");
   for (int64_t c = 0; c < chunks; ++c) {
     chunk_tail<Isa, kD, kBits>(g, G, N, c * kChunkKeys, std::min(g.L, (c + 1) * kChunkKeys),
-                               tmp.w.data(), tmp.parts.data() + c * G * kD);
+                               tmp.w, tmp.parts.data() + c * G * kD);
   }
   finish_group<Isa, kD>(g, G, tmp.parts.data(), chunks);
 }
@@ -148,8 +149,7 @@ void tail_split(const std::vector<Group>& groups, int64_t G, int64_t N) {
                  "chunk sums [chunks, G, D] float32");
   parallel_tasks<Scratch>(sp.rows.count(), [&](int64_t c, Scratch& tmp) {
     const RowChunks::Chunk& ch = sp.rows.chunks[c];
-    scratch_resize(tmp.w, G * kChunkKeys, "lowbit_tail", "weights [G, 4096] float32");
-    chunk_tail<Isa, kD, kBits>(groups[ch.group], G, N, ch.j0, ch.j1, tmp.w.data(),
+    chunk_tail<Isa, kD, kBits>(groups[ch.group], G, N, ch.j0, ch.j1, tmp.w,
                                sp.parts.data() + c * G * kD);
   });
   for (int64_t i = 0; i < static_cast<int64_t>(groups.size()); ++i) {
