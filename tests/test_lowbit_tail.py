@@ -347,13 +347,16 @@ def test_weights_at_the_float_limits(device):
 
 def test_strided_inputs(device, dtype):
     """The cache's views: codes and meta [:, :, :T] slices of wider buffers (and every other
-    head), scores a slice of every other head's, lse and indices transposed views; strides
-    honoured, nothing copied."""
+    head), meta's rows also 4 apart (not 2: the CPU's other meta loop), scores a slice of every
+    other head's, lse and indices transposed views; strides honoured, nothing copied."""
     B, Hkv, G, S, D, n, bits = 2, 2, 3, 97, 64, 16, 4
     lens = [97, 50]
     q, k, _, codes, meta = make_case(B, 2 * Hkv, G, S + 11, D, bits, dtype, device,
                                      [L + 5 for L in lens])
     k, codes, meta = (t[:, ::2, 5:S + 5] for t in (k, codes, meta))
+    wide_meta = torch.full((*meta.shape[:3], 4), float("nan"), dtype=meta.dtype, device=device)
+    wide_meta[..., :2] = meta
+    meta = wide_meta[..., :2]  # [B, Hkv, S, 2], rows 4 apart
     seq_lens = seq_lens_tensor(lens, device)
     q = q.view(B, 2 * Hkv, G, D)[:, ::2].reshape(B, Hkv * G, D).transpose(0, 1).contiguous()
     q = q.transpose(0, 1)

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <new>
 
@@ -29,6 +30,29 @@ inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float tail_weight(float d) {
   const float p = std::exp(d);
   return p > 0.f ? std::min(p, std::numeric_limits<float>::max()) : 0.f;
+}
+
+// Whether lowbit_tail's sums may take a row at weight 0: every value base + step * code (code <
+// 2^kBits) at most 2^127 in magnitude however it is rounded, as |base| <= 2^126 and |step| *
+// (2^kBits - 1) <= 2^126 (false for NaN). quantize_rows' copies are, but for values within a
+// factor 2 of the float range; 0 times a row that overflows would be NaN.
+constexpr float kTailRowLimit = 0x1p126f;
+template <int64_t kBits>
+bool tail_row_bounded(float step, float base) {
+  return std::fabs(base) <= kTailRowLimit && std::fabs(step) * ((1 << kBits) - 1) <= kTailRowLimit;
+}
+
+// sb [n, 2] = the (step, base) of n rows, meta[i * m_stride + {0, 1}], as float32; whether every
+// row is tail_row_bounded. A scalar loop (GenericIsa's, and Avx2Isa's for other strides).
+template <int64_t kBits>
+bool tail_meta_rows(const c10::BFloat16* meta, int64_t m_stride, int64_t n, float* sb) {
+  bool all = true;
+  for (int64_t i = 0; i < n; ++i) {
+    sb[2 * i] = meta[i * m_stride];
+    sb[2 * i + 1] = meta[i * m_stride + 1];
+    all = all && tail_row_bounded<kBits>(sb[2 * i], sb[2 * i + 1]);
+  }
+  return all;
 }
 
 // Binds scalar_t to float, c10::Half or c10::BFloat16 (the storage dtypes of q/k/v).

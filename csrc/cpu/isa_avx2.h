@@ -6,6 +6,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -216,24 +217,118 @@ struct Avx2Isa {
     }
   }
 
+  // The shifts that bring code l of 8 codes of kBits bits (low bits first) to lane l's low bits.
+  template <int64_t kBits>
+  KC_AVX2_INLINE static __m256i code_shifts() {
+    static_assert(kBits == 2 || kBits == 4, "8 codes in 2 or 4 bytes");
+    return _mm256_setr_epi32(0, kBits, 2 * kBits, 3 * kBits, 4 * kBits, 5 * kBits, 6 * kBits,
+                             7 * kBits);
+  }
+
+  // base + step * code_l for the 8 codes in the kBits bytes at codes (sv, bv: step and base in
+  // every lane; shifts: code_shifts). One FMA: GenericIsa's multiply and add give the same bits
+  // wherever step * code is exact in float32 (a bfloat16 step, 8 significant bits, times a code
+  // of at most 4: always, unless it overflows, which quantize_rows' copies never do).
+  template <int64_t kBits>
+  KC_AVX2_INLINE static __m256 dequantize8(const uint8_t* codes, __m256 sv, __m256 bv,
+                                           __m256i shifts) {
+    uint32_t word = 0;
+    std::memcpy(&word, codes, kBits);
+    const __m256i code =
+        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts),
+                         _mm256_set1_epi32((1 << kBits) - 1));
+    return _mm256_fmadd_ps(sv, _mm256_cvtepi32_ps(code), bv);
+  }
+
   // row [kD] = base + step * code_d, the codes of one row packed 8 / kBits to a byte, low bits
-  // first: 8 codes a step, from the kBits bytes that hold them. codes [kD * kBits / 8]. One FMA:
-  // GenericIsa's multiply and add give the same bits wherever step * code is exact in float32
-  // (a bfloat16 step, 8 significant bits, times a code of at most 4: always, unless it overflows,
-  // which quantize_rows' copies never do).
+  // first: 8 codes a step (dequantize8). codes [kD * kBits / 8].
   template <int64_t kD, int64_t kBits>
   KC_AVX2 static void dequantize_row(const uint8_t* codes, float step, float base, float* row) {
-    static_assert(kBits == 2 || kBits == 4, "8 codes in 2 or 4 bytes");
-    const __m256i shifts = _mm256_setr_epi32(0, kBits, 2 * kBits, 3 * kBits, 4 * kBits,
-                                             5 * kBits, 6 * kBits, 7 * kBits);
-    const __m256i mask = _mm256_set1_epi32((1 << kBits) - 1);
+    const __m256i shifts = code_shifts<kBits>();
     const __m256 sv = _mm256_set1_ps(step), bv = _mm256_set1_ps(base);
     for (int64_t d = 0; d < kD; d += 8) {
-      uint32_t word = 0;
-      std::memcpy(&word, codes + d * kBits / 8, kBits);
-      const __m256i code = _mm256_and_si256(
-          _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), mask);
-      _mm256_storeu_ps(row + d, _mm256_fmadd_ps(sv, _mm256_cvtepi32_ps(code), bv));
+      _mm256_storeu_ps(row + d, dequantize8<kBits>(codes + d * kBits / 8, sv, bv, shifts));
+    }
+  }
+
+  // sb [n, 2] = the rows' (step, base) as float32; whether all are tail_row_bounded (common.h).
+  // Contiguous meta (m_stride 2) 4 rows a step, else tail_meta_rows.
+  template <int64_t kBits>
+  KC_AVX2 static bool tail_meta(const c10::BFloat16* meta, int64_t m_stride, int64_t n,
+                                float* sb) {
+    if (m_stride != 2) return tail_meta_rows<kBits>(meta, m_stride, n, sb);
+    const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 top = _mm256_setr_ps((1 << kBits) - 1, 1, (1 << kBits) - 1, 1, (1 << kBits) - 1,
+                                      1, (1 << kBits) - 1, 1);  // (step, base) pairs
+    const __m256 limit = _mm256_set1_ps(kTailRowLimit);
+    __m256 bounded = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      const __m256 x = load8(meta + 2 * i);  // 4 rows' (step, base)
+      _mm256_storeu_ps(sb + 2 * i, x);
+      const __m256 mag = _mm256_mul_ps(_mm256_and_ps(x, abs), top);
+      bounded = _mm256_and_ps(bounded, _mm256_cmp_ps(mag, limit, _CMP_LE_OQ));
+    }
+    const bool rest = tail_meta_rows<kBits>(meta + 2 * i, 2, n - i, sb + 2 * i);
+    return rest && _mm256_movemask_ps(bounded) == 0xff;
+  }
+
+  // acc [kH, kD] (row stride kD) += sum over keys i < n of w[h * w_stride + i] * row_i, as
+  // tail_rows; kH <= 4 heads. The sums stay in registers across the keys, kH heads by kV vectors
+  // of 8 columns at a time (at most 8 sums, enough independent FMA chains to keep both FMA ports
+  // busy), the keys in runs of kRun, whose codes (<= 16 KiB), weights and meta stay in L1 while
+  // each run is dequantised once per tile of columns.
+  template <int64_t kD, int64_t kBits, int64_t kH>
+  KC_AVX2_INLINE static void tail_tile(const float* w, int64_t w_stride, int64_t n,
+                                       const uint8_t* codes, int64_t c_stride, const float* sb,
+                                       float* acc) {
+    constexpr int64_t kV = kH == 1 ? 4 : 2, kRun = 256;
+    const __m256i shifts = code_shifts<kBits>();
+    for (int64_t i0 = 0; i0 < n; i0 += kRun) {
+      const int64_t i1 = std::min(n, i0 + kRun);
+      for (int64_t c = 0; c < kD; c += 8 * kV) {
+        __m256 sum[kH][kV];
+        for (int64_t h = 0; h < kH; ++h) {
+          for (int64_t v = 0; v < kV; ++v) sum[h][v] = _mm256_loadu_ps(acc + h * kD + c + 8 * v);
+        }
+        for (int64_t i = i0; i < i1; ++i) {
+          const __m256 sv = _mm256_broadcast_ss(sb + 2 * i);
+          const __m256 bv = _mm256_broadcast_ss(sb + 2 * i + 1);
+          const uint8_t* row = codes + i * c_stride + c * kBits / 8;
+          __m256 x[kV];  // columns [c, c + 8 kV) of row i
+          for (int64_t v = 0; v < kV; ++v) {
+            x[v] = dequantize8<kBits>(row + v * kBits, sv, bv, shifts);
+          }
+          for (int64_t h = 0; h < kH; ++h) {
+            const __m256 p = _mm256_broadcast_ss(w + h * w_stride + i);
+            for (int64_t v = 0; v < kV; ++v) sum[h][v] = _mm256_fmadd_ps(p, x[v], sum[h][v]);
+          }
+        }
+        for (int64_t h = 0; h < kH; ++h) {
+          for (int64_t v = 0; v < kV; ++v) _mm256_storeu_ps(acc + h * kD + c + 8 * v, sum[h][v]);
+        }
+      }
+    }
+  }
+
+  // acc [G, kD] += sum over keys i < n of w[h * w_stride + i] * row_i for each head h < G, row_i
+  // = base_i + step_i * code (dequantize_row's values) with its codes at codes + i * c_stride and
+  // (step_i, base_i) = (sb[2 i], sb[2 i + 1]). Every key is summed, weight 0 or not: the caller
+  // gives tail_row_bounded rows only. The heads 4 at a time (tail_tile); in each sum the keys in
+  // order, so the bits are those of dequantize_row and an axpy a key.
+  template <int64_t kD, int64_t kBits>
+  KC_AVX2 static void tail_rows(const float* w, int64_t w_stride, int64_t G, int64_t n,
+                                const uint8_t* codes, int64_t c_stride, const float* sb,
+                                float* acc) {
+    for (int64_t h = 0; h < G; h += 4) {
+      const float* wh = w + h * w_stride;
+      float* ah = acc + h * kD;
+      switch (std::min<int64_t>(G - h, 4)) {
+        case 1: tail_tile<kD, kBits, 1>(wh, w_stride, n, codes, c_stride, sb, ah); break;
+        case 2: tail_tile<kD, kBits, 2>(wh, w_stride, n, codes, c_stride, sb, ah); break;
+        case 3: tail_tile<kD, kBits, 3>(wh, w_stride, n, codes, c_stride, sb, ah); break;
+        default: tail_tile<kD, kBits, 4>(wh, w_stride, n, codes, c_stride, sb, ah);
+      }
     }
   }
 

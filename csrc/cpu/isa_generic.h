@@ -85,6 +85,26 @@ struct GenericIsa {
       row[d] = base + step * static_cast<float>(code);
     }
   }
+
+  // sb [n, 2] = the rows' (step, base) as float32; whether all are tail_row_bounded.
+  template <int64_t kBits>
+  static bool tail_meta(const c10::BFloat16* meta, int64_t m_stride, int64_t n, float* sb) {
+    return tail_meta_rows<kBits>(meta, m_stride, n, sb);
+  }
+
+  // acc [G, kD] += sum over keys i < n of w[h * w_stride + i] * row_i for each head h < G, row_i
+  // = base_i + step_i * code (dequantize_row) with its codes at codes + i * c_stride and (step_i,
+  // base_i) = (sb[2 i], sb[2 i + 1]); every row tail_row_bounded (weight 0 or not, a row is
+  // summed, as Avx2Isa's sums do).
+  template <int64_t kD, int64_t kBits>
+  static void tail_rows(const float* w, int64_t w_stride, int64_t G, int64_t n,
+                        const uint8_t* codes, int64_t c_stride, const float* sb, float* acc) {
+    float row[kD];
+    for (int64_t i = 0; i < n; ++i) {
+      dequantize_row<kD, kBits>(codes + i * c_stride, sb[2 * i], sb[2 * i + 1], row);
+      for (int64_t h = 0; h < G; ++h) axpy<float, kD>(acc + h * kD, w[h * w_stride + i], row);
+    }
+  }
 };
 
 }  // namespace kcache_ops::cpu

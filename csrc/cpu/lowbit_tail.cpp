@@ -47,17 +47,22 @@ struct Group {
 };
 
 // acc [G, kD] = the tail of the keys in [j0, j1) ∩ [first, end): the G heads' weights of those
-// keys (Isa::tail_weights; 0 where the head selected the key, which leaves it out), then each
-// key's row dequantized once, for the first head that weighs it above 0. weights: the
-// thread's scratch, sized here to [G, kChunkKeys]; N entries of idx a head.
+// keys (Isa::tail_weights; 0 where the head selected the key, which leaves it out), then the
+// rows' sums (Isa::tail_rows). A row not tail_row_bounded (a garbage meta, or values within a
+// factor 2 of the float range) is added first, to the heads that weigh it above 0, then weighed
+// 0 with a meta of (0, 0): tail_rows' sums take every key, and 0 times an inf would be NaN.
+// scratch: the thread's, sized here to [G + 2, kChunkKeys] (the weights, then the keys' (step,
+// base)); N entries of idx a head.
 template <class Isa, int64_t kD, int64_t kBits>
 void chunk_tail(const Group& g, int64_t G, int64_t N, int64_t j0, int64_t j1,
-                std::vector<float>& weights, float* acc) {
+                std::vector<float>& scratch, float* acc) {
   std::fill(acc, acc + G * kD, 0.f);
   const int64_t a = std::max(j0, g.first), n = std::min(j1, g.end) - a;  // keys [a, a + n)
   if (n <= 0) return;
-  scratch_resize(weights, G * kChunkKeys, "lowbit_tail", "weights [G, 4096] float32");
-  float* w = weights.data();
+  scratch_resize(scratch, (G + 2) * kChunkKeys, "lowbit_tail",
+                 "weights and meta [G + 2, 4096] float32");
+  float* w = scratch.data();                    // [G, kChunkKeys] weights of keys a + i
+  float* sb = scratch.data() + G * kChunkKeys;  // [kChunkKeys, 2] (step, base) of key a + i
   for (int64_t h = 0; h < G; ++h) {
     float* wh = w + h * kChunkKeys;  // [n] head h's weights of keys a + i
     for (int64_t i = 0; i < n; ++i) wh[i] = g.s[h * g.s_head + (a + i) * g.s_key];
@@ -67,21 +72,21 @@ void chunk_tail(const Group& g, int64_t G, int64_t N, int64_t j0, int64_t j1,
       if (j >= a && j < a + n) wh[j - a] = 0.f;
     }
   }
-  float v[kD];  // one dequantized row
-  for (int64_t i = 0; i < n; ++i) {
-    bool have_row = false;
-    for (int64_t h = 0; h < G; ++h) {
-      const float p = w[h * kChunkKeys + i];
-      if (p == 0.f) continue;
-      if (!have_row) {
-        const c10::BFloat16* meta = g.meta + (a + i) * g.m_stride;  // (step, base)
-        Isa::template dequantize_row<kD, kBits>(g.codes + (a + i) * g.c_stride,
-                                                to_float(meta[0]), to_float(meta[1]), v);
-        have_row = true;
+  const uint8_t* codes = g.codes + a * g.c_stride;  // [n, kD * kBits / 8] (row stride c_stride)
+  if (!Isa::template tail_meta<kBits>(g.meta + a * g.m_stride, g.m_stride, n, sb)) {
+    float v[kD];  // one dequantized row
+    for (int64_t i = 0; i < n; ++i) {
+      if (tail_row_bounded<kBits>(sb[2 * i], sb[2 * i + 1])) continue;
+      Isa::template dequantize_row<kD, kBits>(codes + i * g.c_stride, sb[2 * i], sb[2 * i + 1], v);
+      for (int64_t h = 0; h < G; ++h) {
+        float& p = w[h * kChunkKeys + i];
+        if (p != 0.f) Isa::template axpy<float, kD>(acc + h * kD, p, v);
+        p = 0.f;
       }
-      Isa::template axpy<float, kD>(acc + h * kD, p, v);
+      sb[2 * i] = sb[2 * i + 1] = 0.f;
     }
   }
+  Isa::template tail_rows<kD, kBits>(w, kChunkKeys, G, n, codes, g.c_stride, sb, acc);
 }
 
 // out [G, kD] = the chunks' sums parts [chunks, G, kD] added in order, then the hot rows at
@@ -109,7 +114,7 @@ void finish_group(const Group& g, int64_t G, const float* parts, int64_t chunks)
 // Buffers of one thread, kept across calls.
 struct Scratch {
   std::vector<float> parts;  // [chunks, G, kD] the chunks' sums (one group on one thread)
-  std::vector<float> w;      // [G, kChunkKeys] a chunk's weights
+  std::vector<float> w;      // [G + 2, kChunkKeys] a chunk's weights and meta (chunk_tail)
 
   size_t bytes() const { return (parts.capacity() + w.capacity()) * sizeof(float); }
 };
