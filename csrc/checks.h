@@ -1,6 +1,10 @@
 // Argument checks whose messages name the argument, what was expected and what came.
 #pragma once
 
+#include <initializer_list>
+#include <utility>
+#include <vector>
+
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -32,3 +36,37 @@
 #define KC_CHECK_GQA(hq, hkv, qname, kname)                                                 \
   TORCH_CHECK((hkv) > 0 && (hq) % (hkv) == 0, qname " heads (", (hq), ") must be a multiple " \
               "of " kname " heads (", (hkv), ")")
+
+namespace kcache_ops {
+
+// Whether x and y may share memory: the same storage and overlapping byte spans (each from its
+// first element to its last, so two interleaved views count as overlapping).
+inline bool may_overlap(const at::Tensor& x, const at::Tensor& y) {
+  if (x.numel() == 0 || y.numel() == 0 || !x.storage().is_alias_of(y.storage())) return false;
+  const auto span = [](const at::Tensor& t) {  // [first byte, one past the last)
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const char* first = static_cast<const char*>(t.data_ptr());
+    return std::make_pair(first, first + (last + 1) * t.element_size());
+  };
+  const auto [x0, x1] = span(x);
+  const auto [y0, y1] = span(y);
+  return x0 < y1 && y0 < x1;
+}
+
+using NamedTensor = std::pair<const char*, const at::Tensor*>;
+
+// No tensor of `written` (updated in place) shares memory with another of them or one of `read`.
+inline void check_no_overlap(std::initializer_list<NamedTensor> written,
+                             std::initializer_list<NamedTensor> read) {
+  for (auto w = written.begin(); w != written.end(); ++w) {
+    std::vector<NamedTensor> others(w + 1, written.end());
+    others.insert(others.end(), read.begin(), read.end());
+    for (const auto& [name, t] : others) {
+      TORCH_CHECK(!may_overlap(*w->second, *t), w->first, " and ", name, " must not share memory (",
+                  w->first, " is updated in place), got views of the same memory");
+    }
+  }
+}
+
+}  // namespace kcache_ops

@@ -189,6 +189,9 @@ inline ReuseRowsDims check_reuse_rows_args(const at::Tensor& indices, const at::
   KC_CHECK_LAST_CONTIGUOUS(indices);
   TORCH_CHECK(rows.is_contiguous() && held.is_contiguous() && used.is_contiguous(),
               "rows, held and used must be contiguous (the pool, updated in place)");
+  check_no_overlap({{"rows", &rows}, {"held", &held}, {"used", &used}},
+                   {{"indices", &indices}, {"v_host", &v_host}, {"new_pos", &new_pos},
+                    {"step", &step}});
   return {B, Hq, Hkv, Hq / Hkv, N, S, D, C, E};
 }
 

@@ -321,7 +321,8 @@ def test_check_values_off(device):
 @pytest.mark.parametrize("S", [1, 97, 1000])
 def test_return_scores(device, dtype, group_select, S):
     """return_scores: every score at j < L_b as the reference computes it (the same bits as the
-    selected scores), rows padded to a multiple of 4 floats; the selection unchanged; opcheck."""
+    selected scores), rows padded to a multiple of 4 floats, -inf past L_b on the CPU (no stale
+    memory); the selection unchanged; opcheck."""
     q, k = make_qk(3, 12, 3, S, 128, dtype, device)
     lens = seq_lens_tensor([S, S // 2, 0], device)
     plain = kcache_ops.qk_topn(q, k, lens, 16, 0.1, group_select)
@@ -334,6 +335,8 @@ def test_return_scores(device, dtype, group_select, S):
     for b, L in enumerate(lens.tolist()):
         torch.testing.assert_close(every[b, :, :L].cpu(), s_ref[b, :, :L], atol=SCORE_TOL,
                                    rtol=SCORE_TOL)
+        if every.device.type == "cpu":
+            assert every[b, :, L:].eq(float("-inf")).all()
     valid = indices >= 0  # [B, Hq, 16]
     at = every.gather(-1, indices.clamp(min=0).long())  # [B, Hq, 16]
     assert torch.equal(at[valid], scores[valid]), "the same scores as the selection's"

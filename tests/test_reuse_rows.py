@@ -167,6 +167,32 @@ def test_out_of_range_index_is_refused_on_cpu():
                               *twins.op, torch.zeros(1, dtype=torch.int32), False)
 
 
+def test_pool_sharing_memory_is_refused(device):
+    """The pool (rows, held, used) is updated in place: two of them, or one and an input, in the
+    same memory are refused by name (held passed as used lost the pool's positions silently),
+    and the pool is left as it was. Views of one buffer that do not overlap are fine."""
+    twins = Twins(1, 1, 8, 64, 6, device, torch.float32)
+    rows, held, used = twins.op
+    indices = torch.tensor([[[3, 5, -1]]], dtype=torch.int32, device=device)  # [1, 1, 3]
+    new_pos = torch.zeros(1, dtype=torch.int32, device=device)
+    step = torch.zeros(1, dtype=torch.int32, device=device)
+    pair = torch.full((2, 1, 1, 6), -1, dtype=torch.int32, device=device)  # held and used in one
+    cases = [((indices, twins.v_host, new_pos, rows, held, held, step), "held and used"),
+             ((indices, twins.v_host, new_pos, rows, pair.view(-1)[:6].view(1, 1, 6),
+               pair.view(-1)[1:7].view(1, 1, 6), step), "held and used"),  # 5 shared
+             ((held[..., :3], twins.v_host, new_pos, rows, held, used, step), "held and indices"),
+             ((indices, twins.v_host, used[0, 0, :1], rows, held, used, step), "used and new_pos"),
+             ((indices, rows, new_pos, rows, held, used, step), "rows and v_host")]
+    for args, names in cases:
+        with pytest.raises(RuntimeError, match=f"{names} must not share memory \\("
+                                               f"{names.split()[0]} is updated in place\\)"):
+            kcache_ops.reuse_rows(*args, False)
+    assert held.eq(-1).all() and used.eq(-1).all() and rows.isnan().all()
+    pool_indices, _ = kcache_ops.reuse_rows(indices, twins.v_host, new_pos, rows, pair[0],
+                                            pair[1], step, False)
+    assert pair[0].ge(0).sum() == 2 and pool_indices.ge(0).sum() == 2
+
+
 def test_pool_smaller_than_a_step_is_refused(device):
     twins = Twins(1, 1, 8, 64, 3, device, torch.float32)
     indices = torch.zeros(1, 2, 2, dtype=torch.int32, device=device)

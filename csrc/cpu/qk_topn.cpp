@@ -196,8 +196,8 @@ void top_n_in(const float* keys, int64_t lo, int64_t hi, int64_t n, TopN& top) {
 
 // One (batch, kv head): q [G, kD] (row stride q_stride), k [L, kD] (row stride k_stride) ->
 // scores/indices [G, n] (the top n of keys skip_first <= j < L - skip_last; with top_p < 1 each
-// head's mass prefix of them), lse [G] (over all j < L), and every score into all [G, >= L] (row
-// stride all_stride) unless all is nullptr.
+// head's mass prefix of them), lse [G] (over all j < L), and every score into all [G, all_stride]
+// (-inf from L on) unless all is nullptr.
 template <class Isa, typename scalar_t, int64_t kD>
 void select_group(const scalar_t* q, int64_t q_stride, const scalar_t* k, int64_t k_stride,
                   int64_t G, int64_t L, int64_t n, float scale, bool group_select,
@@ -211,8 +211,12 @@ void select_group(const scalar_t* q, int64_t q_stride, const scalar_t* k, int64_
   group_scores<Isa, scalar_t, kD>(tmp.qf.data(), k, k_stride, G, L, scale, tmp.s.data(), lse);
   // head h's scores [L] by pointer: &tmp.s[h * L] would index an empty vector where L = 0
   const auto head_scores = [&](int64_t h) { return tmp.s.data() + h * L; };
-  if (all != nullptr) {
-    for (int64_t h = 0; h < G; ++h) std::copy_n(head_scores(h), L, all + h * all_stride);
+  if (all != nullptr) {  // the rest of each row (past L, and the padding) -inf: no stale memory
+    for (int64_t h = 0; h < G; ++h) {
+      std::copy_n(head_scores(h), L, all + h * all_stride);
+      std::fill(all + h * all_stride + L, all + (h + 1) * all_stride,
+                -std::numeric_limits<float>::infinity());
+    }
   }
   const int64_t lo = std::min(skip_first, L);                 // the ranked keys [lo, hi)
   const int64_t hi = std::max(lo, L - std::min(skip_last, L));
