@@ -9,7 +9,7 @@ import torch
 
 from .caches import make_cache
 from .devices import sync
-from .integers import as_int, int_at_least
+from .integers import as_int, as_real, int_at_least
 from .model import pad_prompts
 from .ops import as_float32
 
@@ -72,6 +72,25 @@ class TextStream:
         return text[len(before):]
 
 
+def _sampling_args(temperature, top_p, top_k):
+    """(temperature, top_p, top_k) as :func:`sample` draws with them: a float >= 0 that is finite
+    in float32, a float in (0, 1], and None or an int >= 1, each given as a number of any type
+    (kcache_ops.integers); else ValueError naming the argument."""
+    t = as_real(temperature)
+    # NaN fails; an infinite temperature (1e39 is one in float32) would send the tokens top_k
+    # leaves out to -inf / inf = NaN
+    if t is None or not 0 <= t or as_float32(t) == math.inf:
+        raise ValueError(f"temperature must be a number >= 0, finite as a float32, got "
+                         f"{temperature!r}")
+    p = as_real(top_p)
+    if p is None or not 0 < p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    k = None if top_k is None else int_at_least(top_k, 1)
+    if top_k is not None and k is None:
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    return t, p, k
+
+
 def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=None):
     """Next token of each sequence.
 
@@ -79,9 +98,16 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=None):
     ``softmax(logits / temperature)`` over the ``top_k`` most likely tokens (None: all), then
     restricted to the smallest set of tokens whose probability reaches ``top_p`` (nucleus
     sampling), with ``generator`` for reproducibility. A temperature that is 0 in float32 is
-    greedy.
+    greedy. ValueError for a temperature < 0 or infinite in float32, a top_p outside (0, 1] or
+    a top_k < 1.
     """
-    if float(torch.tensor(temperature, dtype=torch.float32)) == 0:
+    return _draw(logits, *_sampling_args(temperature, top_p, top_k), generator)
+
+
+def _draw(logits, temperature, top_p, top_k, generator):
+    """:func:`sample` on arguments :func:`_sampling_args` has checked (generate checks them once,
+    not at every step)."""
+    if as_float32(temperature) == 0:
         return logits.argmax(-1)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]                    # [B, 1]
@@ -119,8 +145,9 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
         The attention backend, and a KCacheOptions for ``"kcache"`` (None: the defaults); see
         :func:`kcache_ops.caches.make_cache`.
     temperature, top_p, top_k, seed
-        Sampling (temperature 0: greedy; top_k None: every token); ``seed`` seeds a generator on
-        the model's device.
+        Sampling (temperature 0: greedy; top_k None: every token), checked as :func:`sample`
+        checks them; ``seed`` (None, or an integer in [-2^63, 2^64)) seeds a generator on the
+        model's device.
     eos_ids : iterable of int, or one int
         A sequence stops after sampling one of these.
     tokenizer : Tokenizer, optional
@@ -159,15 +186,12 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     eos = {as_int(t) for t in eos_ids}
     if None in eos or not all(0 <= t < vocab for t in eos):
         raise ValueError(f"eos_ids must be token ids in [0, {vocab}), got {list(eos_ids)[:5]}")
-    # NaN fails both; an infinite temperature (1e39 is one in float32) would send the tokens
-    # top_k leaves out to -inf / inf = NaN
-    if not 0 <= as_float32(temperature) < math.inf or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and finite (as a float32) and 0 < top_p <= 1, "
-                         f"got {temperature}, {top_p}")
-    k = None if top_k is None else int_at_least(top_k, 1)
-    if top_k is not None and k is None:
-        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
-    top_k = k
+    temperature, top_p, top_k = _sampling_args(temperature, top_p, top_k)
+    number = None if seed is None else as_int(seed)
+    if seed is not None and (number is None or not -(1 << 63) <= number < 1 << 64):
+        raise ValueError(f"seed must be None or an integer in [-2^63, 2^64) (what "
+                         f"torch.Generator.manual_seed takes), got {seed!r}")
+    seed = number
     if on_text is not None and tokenizer is None:
         raise ValueError("streaming (on_text) needs the tokenizer")
     device = model.device
@@ -178,7 +202,7 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     if longest + max_new_tokens - 1 > trained:  # the last new token is sampled, never run
         warnings.warn(f"generate: prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
                       f"runs past the {trained} positions the model was trained on; the text "
-                      f"beyond them may degrade", stacklevel=2)
+                      f"beyond them may degrade", stacklevel=3)  # past no_grad's wrapper
     cache = make_cache(backend, model.config, batch, longest + max_new_tokens, device, model.dtype,
                        options)
     if options is not None and options.reuse:  # what reuse found, for the caller
@@ -190,7 +214,7 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     out, done = [[] for _ in prompts], [False] * batch
     decode_start, decode_tokens = None, 0
     for step in range(max_new_tokens):
-        nxt = sample(logits, temperature, top_p, generator, top_k)          # [B]
+        nxt = _draw(logits, temperature, top_p, top_k, generator)           # [B]
         for b, t in enumerate(nxt.tolist()):  # the one host sync of a step
             if done[b]:
                 continue

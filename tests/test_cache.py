@@ -315,6 +315,20 @@ def test_sizes_of_any_integer_type(backend):
             make_cache(backend, tiny_config(), 2, bad, "cpu", torch.float32, options)
 
 
+@pytest.mark.parametrize("backend", ["dense", "kcache"])
+def test_dtype_that_is_no_torch_dtype(backend):
+    """A dtype given as a string, or one no model runs in, is a ValueError naming it (the dense
+    cache gave an AttributeError from its memory check); the dense cache takes float64."""
+    options = KCacheOptions() if backend == "kcache" else None
+    owner = {"dense": "DenseCache", "kcache": "KCache"}[backend]
+    for bad in ("float32", torch.int32, None):
+        with pytest.raises(ValueError, match=f"{owner}: dtype must be .*, got"):
+            make_cache(backend, tiny_config(), 2, 8, "cpu", bad, options)
+    if backend == "dense":
+        assert make_cache(backend, tiny_config(), 2, 8, "cpu", torch.float64).k[0].dtype == \
+            torch.float64
+
+
 def test_lens_out_of_range_are_rejected():
     cache = make("cpu")
     k = torch.randn(len(LENS), HKV, max(LENS), D)  # [B, Hkv, T = 17, D]

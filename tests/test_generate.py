@@ -158,9 +158,13 @@ def test_bad_arguments(loaded):
     for eos in ([96], ["2"], [-1]):
         with pytest.raises(ValueError, match=r"eos_ids must be token ids in \[0, 96\)"):
             generate(model, PROMPTS, 4, eos_ids=eos)
-    for temperature in (float("nan"), math.inf, 1e39):  # 1e39 is inf in float32
-        with pytest.raises(ValueError, match="need temperature >= 0 and finite"):
+    for temperature in (float("nan"), math.inf, 1e39, -1e-50, "1", None):  # 1e39: inf in float32
+        with pytest.raises(ValueError, match="temperature must be a number >= 0, finite as a "
+                                             "float32, got"):
             generate(model, PROMPTS, 4, temperature=temperature, top_k=5)
+    for top_p in (0, 1.5, float("nan"), None, "0.5", [0.5]):
+        with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\], got"):
+            generate(model, PROMPTS, 4, temperature=1.0, top_p=top_p)
     with pytest.raises(ValueError, match="eos_ids must be token ids .* got 2.5"):
         generate(model, PROMPTS, 4, eos_ids=2.5)
 
@@ -187,6 +191,48 @@ def test_ids_of_any_integer_type(loaded):
                                                                10).tokens
     assert generate(model, [np.array(p) for p in PROMPTS], 10).tokens == free
     assert generate(model, [torch.tensor(p) for p in PROMPTS], 10).tokens == free
+
+
+def test_seed_of_any_integer_type_and_range(loaded):
+    """A seed is an integer of any type in the range torch.Generator.manual_seed takes, [-2^63,
+    2^64); anything else is a ValueError naming it (before: a TypeError for a NumPy integer, a
+    RuntimeError for a 0-d tensor or a float, an overflow message naming nothing past the
+    range)."""
+    import numpy as np
+    model, _ = loaded
+    want = generate(model, PROMPTS, 4, temperature=1.0, seed=3).tokens
+    for seed in (np.int64(3), torch.tensor(3), np.array(3)):
+        assert generate(model, PROMPTS, 4, temperature=1.0, seed=seed).tokens == want
+    for seed in (-(1 << 63), (1 << 64) - 1):
+        generate(model, PROMPTS, 1, temperature=1.0, seed=seed)
+    for seed in (1 << 64, -(1 << 63) - 1, 1.5, True, "3", torch.tensor([3])):
+        with pytest.raises(ValueError, match=r"seed must be None or an integer in \[-2\^63, "
+                                             r"2\^64\) .*, got"):
+            generate(model, PROMPTS, 1, temperature=1.0, seed=seed)
+
+
+def test_sample_checks_its_arguments():
+    """sample, public, checks what generate checks (the same function): a negative temperature
+    drew the least likely token, top_k 0 or -3 failed deep in torch, top_p 2 was taken. Numbers
+    of any type are taken."""
+    import numpy as np
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))  # [B, V]
+    for kwargs, message in [({"temperature": -1.0}, "temperature must be a number >= 0"),
+                            ({"temperature": math.inf}, "temperature must be a number >= 0"),
+                            ({"temperature": "1"}, "temperature must be a number >= 0"),
+                            ({"temperature": 1.0, "top_k": 0}, "top_k must be None or an "
+                                                               "integer >= 1, got 0"),
+                            ({"temperature": 1.0, "top_k": -3}, "top_k .* got -3"),
+                            ({"temperature": 1.0, "top_k": 1.5}, "top_k .* got 1.5"),
+                            ({"temperature": 1.0, "top_p": 2.0}, r"top_p must be a number in "
+                                                                 r"\(0, 1\], got 2.0"),
+                            ({"temperature": 1.0, "top_p": 0}, r"top_p .* got 0")]:
+        with pytest.raises(ValueError, match=message):
+            sample(logits, **kwargs)
+    gen = torch.Generator().manual_seed(0)
+    for temperature in (np.float32(0.5), torch.tensor(0.5), 1):
+        assert sample(logits, temperature, torch.tensor(0.5), gen, np.int64(1)).tolist() == [0]
+    assert sample(logits, torch.tensor(0.0)).tolist() == [0]
 
 
 def test_float32_zero_temperature_or_top_p_is_greedy(loaded):
@@ -231,12 +277,13 @@ def test_cli_dense_and_kcache(folder, capsys):
 
 
 def test_past_the_trained_positions_warns(loaded):
-    """Generating past max_position_embeddings runs (RoPE has no hard limit) but warns; up to it
-    (the last new token is sampled, never run) it does not."""
+    """Generating past max_position_embeddings runs (RoPE has no hard limit) but warns, at the
+    caller's line; up to it (the last new token is sampled, never run) it does not."""
     model, _ = loaded
     trained = model.config.max_position_embeddings
-    with pytest.warns(UserWarning, match=f"runs past the {trained} positions"):
+    with pytest.warns(UserWarning, match=f"runs past the {trained} positions") as record:
         generate(model, [[5] * (trained - 1)], 3)
+    assert record[0].filename == __file__  # the caller's line, not torch.no_grad's wrapper
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         generate(model, [[5] * (trained - 2)], 3)  # positions 0 .. trained - 1

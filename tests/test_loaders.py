@@ -175,6 +175,24 @@ def test_default_dtype_and_device(hf_folder):
     assert model.dtype == (torch.bfloat16 if expected == "cuda" else torch.float32)
 
 
+def test_dtypes_the_model_runs_in(hf_folder, monkeypatch):
+    """load_model takes float32, float16, bfloat16 and float64 (which runs with the dense cache);
+    any other dtype is a ValueError naming it before anything is read (before: an int32 model
+    failed in load_state_dict after reading every tensor, float8 in a check of the weights, a
+    string in torch)."""
+    folder = hf_folder[0]
+    for dtype in (torch.float16, torch.float64):
+        model, _ = load_model(folder, "cpu", dtype)
+        assert model.dtype == dtype
+    monkeypatch.setattr(load_module, "read_hf_config", lambda *a: pytest.fail("read the config"))
+    for dtype in (torch.int32, "bfloat16", torch.float8_e4m3fn, torch.complex64):
+        with pytest.raises(ValueError, match=r"load_model: dtype must be one of torch.float32, "
+                                             r"torch.float16, torch.bfloat16, torch.float64, got"):
+            load_model(folder, "cpu", dtype)
+    with pytest.raises(ValueError, match="Llama.from_weights: dtype must be one of"):
+        load_hf_model(str(folder), "cpu", torch.int64)
+
+
 # -- bad checkpoints ------------------------------------------------------------------------------
 
 def test_missing_paths(tmp_path, monkeypatch):

@@ -99,11 +99,36 @@ def test_prefill_refuses_float_lens_and_ids_outside_the_vocabulary(pair):
     _, model = pair
     cache = make_cache("dense", model.config, 2, 8, model.device, model.dtype)
     tokens = torch.randint(0, 96, (2, 5))  # [B, T]
-    with torch.no_grad(), pytest.raises(ValueError, match="lens must be an integer tensor"):
+    with torch.no_grad(), pytest.raises(ValueError, match=r"lens must be a \[2\] integer tensor"):
         model.prefill(tokens, torch.tensor([3.7, 5.0]), cache)
     tokens[1, 2] = 96
     with torch.no_grad(), pytest.raises(ValueError, match=r"token ids must be in \[0, 96\).* 96"):
         model.prefill(tokens, torch.tensor([3, 5], dtype=torch.int32), cache)
+
+
+def test_prefill_checks_shapes_dtypes_and_devices_as_decode_does(pair):
+    """Prefill's tokens, lens and cache are checked as decode's tokens are, naming the argument
+    (before: an unpacking error for 1-D tokens, the embedding's error for float ones, an
+    AttributeError for lens as a list or no cache); nothing is stored."""
+    _, model = pair
+    cache = make_cache("dense", model.config, 2, 8, model.device, model.dtype)
+    tokens, lens = torch.randint(0, 96, (2, 5)), torch.tensor([3, 5], dtype=torch.int32)
+    tokens_message = r"prefill: tokens must be a \[2, T\] int32 or int64 tensor on cpu"
+    lens_message = r"prefill: lens must be a \[2\] integer tensor"
+    with torch.no_grad():
+        for bad in (tokens[0], tokens.float(), tokens[:1], tokens.to(torch.uint8),
+                    tokens.tolist(), tokens.to("meta")):
+            with pytest.raises(ValueError, match=tokens_message):
+                model.prefill(bad, lens, cache)
+        for bad in ([3, 5], lens[:1], lens[None], torch.tensor([True, True])):
+            with pytest.raises(ValueError, match=lens_message):
+                model.prefill(tokens, bad, cache)
+        with pytest.raises(ValueError, match="prefill: cache must be a cache of the protocol .*"
+                                             "got NoneType"):
+            model.prefill(tokens, lens, None)
+        assert cache.seq_lens.tolist() == [0, 0]
+        model.prefill(tokens.int(), lens.to(torch.int16), cache)  # any integer lens
+    assert cache.seq_lens.tolist() == [3, 5]
 
 
 @pytest.mark.parametrize("lens", [[2**32 + 3, 5], [2**32, 5], [6, 5], [-2**32 + 3, 5]])
@@ -133,6 +158,8 @@ def test_decode_refuses_tokens_of_the_wrong_shape_type_or_vocabulary(pair):
             with pytest.raises(ValueError, match=r"tokens must be a \[2\] int32 or int64 tensor on "
                                                  r"cpu"):
                 model.decode(bad, cache)
+        with pytest.raises(ValueError, match="decode: cache must be a cache of the protocol"):
+            model.decode(torch.tensor([1, 2]), None)
         for bad in ([1, 96], [-1, 2]):
             with pytest.raises(IndexError, match="index out of range"):
                 model.decode(torch.tensor(bad), cache)

@@ -66,6 +66,9 @@ class DenseCache:
 
     def __init__(self, config, batch, capacity, device, dtype):
         batch, capacity = check_sizes("DenseCache", batch, capacity)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"DenseCache: dtype must be a floating-point torch.dtype (the "
+                             f"model's), got {dtype!r}")
         self.lengths = SeqLengths("DenseCache", batch, capacity, device, config.num_layers)
         self.capacity = capacity
         self.num_heads = config.num_heads

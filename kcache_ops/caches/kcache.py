@@ -58,7 +58,7 @@ def check_dtype(dtype):
     is made, before any forward)."""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):  # what the ops take
         raise ValueError(f"KCache: dtype must be torch.float32, torch.float16 or "
-                         f"torch.bfloat16, got {dtype} (the dense cache takes any)")
+                         f"torch.bfloat16, got {dtype} (the dense cache takes float64 too)")
 
 
 def check_kcache(config, device, dtype, options):

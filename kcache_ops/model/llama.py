@@ -15,6 +15,17 @@ from .config import LlamaConfig
 from .errors import CheckpointError
 from .rope import apply_rope, inv_frequencies, rope_cos_sin
 
+# the dtypes the decoder runs in (its matmuls, SDPA); float64 with the dense cache only
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_dtype(owner, dtype):
+    """Refuses a ``dtype`` the decoder does not run in (ValueError naming ``owner``): checked
+    before the weights are read, not by load_state_dict after reading every tensor."""
+    if dtype not in DTYPES:
+        names = ", ".join(str(d) for d in DTYPES)
+        raise ValueError(f"{owner}: dtype must be one of {names}, got {dtype!r}")
+
 
 class RMSNorm(nn.Module):
     """``x / rms(x) * weight``, normalised in float32 and cast back to the dtype of ``x``."""
@@ -102,7 +113,9 @@ class Llama(nn.Module):
     def from_weights(cls, config: LlamaConfig, weights, device, dtype) -> "Llama":
         """A model whose parameters are ``weights`` (name -> Tensor, names as in this module),
         each moved to ``device`` and ``dtype`` as it arrives; every parameter must be given. In
-        eval mode, its parameters frozen (``requires_grad`` False)."""
+        eval mode, its parameters frozen (``requires_grad`` False); ``dtype`` one of
+        :data:`DTYPES`."""
+        check_dtype("Llama.from_weights", dtype)
         with torch.device("meta"):
             model = cls(config)
         expected = dict(model.state_dict())
@@ -176,20 +189,27 @@ class Llama(nn.Module):
 
         Parameters
         ----------
-        tokens : Tensor [B, T] long, right-padded (the pad values are don't-care)
-        lens : Tensor [B] int32, prompt lengths, 1 <= lens[b] <= T
-        cache : an empty cache of the protocol of kcache_ops.caches.protocol, for at least
-            ``B`` sequences of ``T`` tokens
+        tokens : Tensor [B, T] int64 or int32 on the model's device, right-padded (the pad values
+            are don't-care)
+        lens : Tensor [B] of an integer dtype (int32 is what the cache keeps), prompt lengths,
+            1 <= lens[b] <= T
+        cache : an empty cache of the protocol of kcache_ops.caches.protocol, for ``B``
+            sequences of at least ``T`` tokens
         all_logits : bool
+
+        Their shapes, dtypes and devices are checked (ValueError naming the argument), and the
+        values of tokens and lens (this reads them on the host, as a decode step never does).
 
         Returns
         -------
         logits : Tensor [B, V] float32 at each prompt's last token, or [B, T, V] if ``all_logits``
         (rows past ``lens[b]`` are don't-care).
         """
+        batch = _cache_batch("prefill", cache)
+        _check_tensor("prefill", "tokens", tokens, [batch, "T"], self.device,
+                      "a right-padded prompt per sequence of the cache")
+        _check_tensor("prefill", "lens", lens, [batch], None, "the prompt lengths", dtypes=None)
         b, t = tokens.shape
-        if lens.dtype.is_floating_point or lens.dtype.is_complex or lens.dtype == torch.bool:
-            raise ValueError(f"prefill: lens must be an integer tensor, got {lens.dtype}")
         vocab = self.config.vocab_size
         if tokens.numel():
             low, high = (int(x) for x in torch.aminmax(tokens))  # one pass, read at prefill only
@@ -220,12 +240,8 @@ class Llama(nn.Module):
         would wait on the device). An id outside the vocabulary fails in the embedding (an
         IndexError on the CPU, a device-side assert on CUDA).
         """
-        batch = cache.seq_lens.shape[0]
-        if (not isinstance(tokens, torch.Tensor) or tokens.shape != (batch,)
-                or tokens.dtype not in (torch.int32, torch.int64) or tokens.device != self.device):
-            raise ValueError(f"decode: tokens must be a [{batch}] int32 or int64 tensor on "
-                             f"{self.device} (one per sequence of the cache), got "
-                             f"{_describe(tokens)}")
+        _check_tensor("decode", "tokens", tokens, [_cache_batch("decode", cache)], self.device,
+                      "one per sequence of the cache")
         positions = cache.seq_lens.long()[:, None]                           # [B, 1]
 
         def attend(i, q, k, v):                     # q [B, Hq, 1, D], k and v [B, Hkv, 1, D]
@@ -233,6 +249,37 @@ class Llama(nn.Module):
         h = self._run(tokens[:, None], positions, attend)                    # [B, 1, E]
         cache.finish_decode()
         return self._logits(h[:, 0])                                         # [B, V]
+
+
+def _cache_batch(method, cache):
+    """The batch B of ``cache``, the length of its seq_lens [B] (ValueError naming ``method``
+    when it has none: no cache)."""
+    seq_lens = getattr(cache, "seq_lens", None)
+    if not isinstance(seq_lens, torch.Tensor) or seq_lens.dim() != 1:
+        raise ValueError(f"{method}: cache must be a cache of the protocol of "
+                         f"kcache_ops.caches.protocol (make_cache builds one), got "
+                         f"{type(cache).__name__}")
+    return seq_lens.shape[0]
+
+
+def _check_tensor(method, name, x, shape, device, meaning, dtypes=(torch.int32, torch.int64)):
+    """Refuses (ValueError naming ``method`` and ``name``) an ``x`` that is not a tensor of
+    ``shape`` (sizes; a name where any size goes), of one of ``dtypes`` (None: any integer
+    dtype), on ``device`` (None: any); ``meaning`` says what it holds. Its shape, dtype and device
+    only, never its values: reading one on the host would make a decode step wait on the device."""
+    ok = isinstance(x, torch.Tensor)
+    if ok:
+        integer = not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
+        ok = ((integer if dtypes is None else x.dtype in dtypes) and x.dim() == len(shape)
+              and all(isinstance(n, str) or n == size for n, size in zip(shape, x.shape))
+              and (device is None or x.device == device))
+    if not ok:
+        dims = ", ".join(str(n) for n in shape)
+        kinds = ("integer" if dtypes is None
+                 else " or ".join(str(d).removeprefix("torch.") for d in dtypes))
+        where = "" if device is None else f" on {device}"
+        raise ValueError(f"{method}: {name} must be a [{dims}] {kinds} tensor{where} ({meaning}), "
+                         f"got {_describe(x)}")
 
 
 def _describe(x):

