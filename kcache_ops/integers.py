@@ -1,5 +1,6 @@
-"""Number arguments of any type: an integer as a Python int, a NumPy integer or a 0-d integer
-tensor; a real number as those, a float, a NumPy float or a 0-d floating tensor."""
+"""Number and flag arguments of any type: an integer as a Python int, a NumPy integer or a 0-d
+integer tensor; a real number as those, a float, a NumPy float or a 0-d floating tensor; a flag as
+a Python bool, a NumPy bool or a 0-d bool tensor."""
 import numbers
 import operator
 
@@ -8,7 +9,9 @@ def as_int(value):
     """``value`` as an int where it is an integer of any type (a NumPy one, a 0-d integer tensor),
     else None (a bool of any kind, a float, a string, a tensor of one element but 1 dim or more,
     which torch would index by)."""
-    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+    if isinstance(value, int):  # a Python one, or one torch.compile traces as a symbol
+        return None if isinstance(value, bool) else value
+    if str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
         return None
     if getattr(value, "ndim", 0) != 0:
         return None
@@ -29,16 +32,28 @@ def as_real(value):
     """``value`` as a float where it is a real number of any type (an integer as :func:`as_int`
     takes it, a float, a NumPy float, a 0-d floating tensor or array), else None (a bool of any
     kind, a complex, a string, a tensor of 1 dim or more, an int past the float range)."""
-    n = as_int(value)
-    dtype = getattr(value, "dtype", None)  # a tensor's (is_floating_point) or NumPy's (kind)
-    floating = (getattr(dtype, "is_floating_point", False) is True
-                or getattr(dtype, "kind", "") == "f")
-    if n is not None:
-        value = n
-    elif (isinstance(value, bool) or getattr(value, "ndim", 0) != 0
-          or not (isinstance(value, numbers.Real) or floating)):
+    if isinstance(value, bool):
         return None
+    if not isinstance(value, (int, float)):  # else a Python one, or one torch.compile traces
+        n = as_int(value)
+        dtype = getattr(value, "dtype", None)  # a tensor's (is_floating_point) or NumPy's (kind)
+        floating = (getattr(dtype, "is_floating_point", False) is True
+                    or getattr(dtype, "kind", "") == "f")
+        if n is not None:
+            value = n
+        elif getattr(value, "ndim", 0) != 0 or not (isinstance(value, numbers.Real) or floating):
+            return None
     try:
         return float(value)
     except OverflowError:
         return None
+
+
+def as_bool(value):
+    """``value`` as a bool where it is a flag of any type (a Python or NumPy bool, a 0-d bool
+    tensor or array), else None (an int, 0 and 1 included: a count passed where a flag goes; a
+    string; a tensor of 1 dim or more)."""
+    if isinstance(value, bool):  # a Python one, or one torch.compile traces as a symbol
+        return value
+    is_bool = str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+    return bool(value) if is_bool and getattr(value, "ndim", 0) == 0 else None

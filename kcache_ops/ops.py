@@ -1,9 +1,12 @@
 """Public functions over the kcache_ops::* operators, with their shapes, and the fake (meta)
-implementations that let torch.compile and torch.library.opcheck trace them."""
+implementations that let torch.compile and torch.library.opcheck trace them. The functions take
+each scalar argument of any type that holds one of its kind (kcache_ops.integers: a NumPy number, a
+0-d tensor) and refuse another kind with a TypeError (a bool for a count, an int for a flag)."""
 import math
-import operator
 
 import torch
+
+from .integers import as_bool, as_int, as_real
 
 
 def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_values=True,
@@ -63,9 +66,14 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_value
     """
     if scale is None:  # a q of no dims or D = 0 reaches the op, whose shape check names it
         scale = 1.0 / math.sqrt(max(q.shape[-1], 1)) if q.dim() else 1.0
-    out = torch.ops.kcache_ops.qk_topn(q, k_cache, seq_lens, n, float(scale), group_select,
-                                       check_values, return_scores, skip_first, skip_last,
-                                       float(top_p))
+    n, skip_first, skip_last = _scalars("qk_topn", as_int, n=n, skip_first=skip_first,
+                                        skip_last=skip_last)
+    scale, top_p = _scalars("qk_topn", as_real, scale=scale, top_p=top_p)
+    group_select, check_values, return_scores = _scalars(
+        "qk_topn", as_bool, group_select=group_select, check_values=check_values,
+        return_scores=return_scores)
+    out = torch.ops.kcache_ops.qk_topn(q, k_cache, seq_lens, n, scale, group_select, check_values,
+                                       return_scores, skip_first, skip_last, top_p)
     return out if return_scores else out[:3]
 
 
@@ -109,6 +117,8 @@ def sparse_attn_v(scores, indices, v_cache, lse=None, renormalize=True, check_va
         ``Σ_i p_i · v_cache[b, h / G, indices_i]`` (plus the mean tail); zeros for a head with no
         valid entry and no tail.
     """
+    renormalize, check_values = _scalars("sparse_attn_v", as_bool, renormalize=renormalize,
+                                         check_values=check_values)
     return torch.ops.kcache_ops.sparse_attn_v(scores, indices, v_cache, lse, renormalize,
                                               check_values, v_sum, seq_lens)
 
@@ -134,6 +144,7 @@ def gather_rows(src, indices, check_values=True):
     -------
     dst : Tensor [B, H, N, D], dtype of ``src``, on the device of ``indices``
     """
+    [check_values] = _scalars("gather_rows", as_bool, check_values=check_values)
     return torch.ops.kcache_ops.gather_rows(src, indices, check_values)
 
 
@@ -191,6 +202,8 @@ def reuse_rows(indices, v_host, new_pos, rows, held, used, step, group_select,
     counts : Tensor [B, Hkv, 2] int32
         The distinct positions the step read, and how many of them the pool held.
     """
+    group_select, check_values = _scalars("reuse_rows", as_bool, group_select=group_select,
+                                          check_values=check_values)
     return torch.ops.kcache_ops.reuse_rows(indices, v_host, new_pos, rows, held, used, step,
                                            group_select, check_values)
 
@@ -250,6 +263,9 @@ def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_val
         dequant(v)[b, h / G, j]``, plus the hot rows' part; zeros where no such key is left
         (every one selected or skipped, or ``L_b = 0``) and no hot row is given.
     """
+    bits, skip_first, skip_last = _scalars("lowbit_tail", as_int, bits=bits,
+                                           skip_first=skip_first, skip_last=skip_last)
+    [check_values] = _scalars("lowbit_tail", as_bool, check_values=check_values)
     return torch.ops.kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta,
                                             bits, check_values, skip_first, skip_last, hot_v,
                                             hot_pos)
@@ -262,9 +278,12 @@ def alloc_host(shape, dtype):
     freed when the tensor dies. A failed allocation raises an error naming the bytes asked for.
     """
     # one size of any integer type (a NumPy one, a 0-d tensor) as torch.empty(5) takes 5, or a
-    # sequence of them (a list, a tuple, a 1-d array or tensor)
+    # sequence of them (a list, a tuple, a 1-d array or tensor); a bool is none
     one = hasattr(shape, "__index__") and getattr(shape, "ndim", 0) == 0
-    shape = [operator.index(shape)] if one else list(shape)
+    if one or not hasattr(shape, "__iter__"):  # not a sequence (a float, say): named as a size
+        shape = _scalars("alloc_host", as_int, shape=shape)
+    else:
+        shape = _scalars("alloc_host", as_int, **{f"shape[{i}]": s for i, s in enumerate(shape)})
     return torch.ops.kcache_ops.alloc_host(shape, dtype)
 
 
@@ -312,6 +331,7 @@ def quantize_rows(v, bits):
     meta : Tensor [..., 2] bfloat16, contiguous, on the device of ``v``
         ``(scale, min)`` of each row.
     """
+    [bits] = _scalars("quantize_rows", as_int, bits=bits)
     return torch.ops.kcache_ops.quantize_rows(v, bits)
 
 
@@ -320,30 +340,92 @@ def built_with_cuda():
     return torch._C._dispatch_has_kernel_for_dispatch_key("kcache_ops::qk_topn", "CUDA")
 
 
+# what each converter of kcache_ops.integers takes, for _scalars' message
+_KINDS = {as_int: "an integer (an int, a NumPy integer or a 0-d integer tensor)",
+          as_real: "a real number (an int, a float, a NumPy number or a 0-d tensor)",
+          as_bool: "a bool (a Python or NumPy bool or a 0-d bool tensor)"}
+
+
+def _scalars(op, convert, **values):
+    """The scalar arguments ``values`` (name -> value) of the wrapper of ``op``, converted by
+    ``convert`` (as_int, as_real or as_bool), as a list in their order; TypeError naming the
+    first that is not of its kind. torch's schema would take a bool as an int (``n=True`` as 1)
+    and an int as a bool, and ``float()`` a string."""
+    out = []
+    for name, value in values.items():
+        converted = convert(value)
+        if converted is None:
+            raise TypeError(f"{op}: {name} must be {_KINDS[convert]}, got {value!r}")
+        out.append(converted)
+    return out
+
+
 def as_float32(x):
     """x rounded to float32, as the ops take a float argument such as top_p (their schema's float
     is a double, which they compare in float32)."""
     return float(torch.tensor(x, dtype=torch.float32))
 
 
-def _check_fake(op, shapes, host=(), group=None):
-    """The checks of an eager op that its fake implementation needs, with messages that name the
-    argument, the expected and the actual: each tensor of ``shapes`` (name -> (tensor or None,
-    dims), dims naming each dim, e.g. ("B", "Hq", "D"), or giving its size) has that many dims,
-    and a dim named twice has one size throughout; each is on the device of the first, but those
-    named in ``host`` (V in host RAM), on the CPU instead (or on that device when every argument
-    is a meta or fake tensor of it); ``group`` (query heads, KV heads) names two dims whose first
-    is a multiple of the second. Without them a bad shape fails deep in the fake, or is traced
-    into a graph the eager op refuses only when it runs, and a meta argument among real ones
-    would give uninitialised outputs on the device of the others."""
-    (first_name, (first, _)), *_ = shapes.items()
+_FLOATING = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes of q, K and V
+
+
+def _dtype_name(dtype):
+    """``dtype`` as the eager ops' messages name it (c10's name: Float, Half, Int, Long, ...)."""
+    return torch.empty(0, dtype=dtype, device="meta").type().rsplit(".", 1)[1].removesuffix(
+        "Tensor")
+
+
+def _check_dtype(op, name, t, dtype):
+    """``t`` (the argument ``name``) has ``dtype``, one of them for a tuple, any for None."""
+    if isinstance(dtype, tuple) and t.dtype not in dtype:
+        *others, last = (str(d).removeprefix("torch.") for d in dtype)
+        raise RuntimeError(f"{op}: {name} must be {', '.join(others)} or {last}, got "
+                           f"{_dtype_name(t.dtype)}")
+    if isinstance(dtype, torch.dtype) and t.dtype != dtype:
+        raise RuntimeError(f"{op}: {name} must be {_dtype_name(dtype)}, got "
+                           f"{_dtype_name(t.dtype)}")
+
+
+def _check_same_dtype(op, a_name, a, b_name, b):
+    if a.dtype != b.dtype:
+        raise RuntimeError(f"{op}: {a_name} and {b_name} must have the same dtype, got "
+                           f"{_dtype_name(a.dtype)} and {_dtype_name(b.dtype)}")
+
+
+def _check_head_dim(op, name, d):
+    if d not in (64, 128):
+        raise RuntimeError(f"{op}: {name}: head dim must be 64 or 128, got {d}")
+
+
+def _check_last_contiguous(op, **tensors):
+    """Each of ``tensors`` (name -> tensor of at least 1 dim, or None) contiguous in its last dim,
+    as the kernels read its rows."""
+    for name, t in tensors.items():
+        if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise RuntimeError(f"{op}: {name} must be contiguous in its last dim, got strides "
+                               f"{list(t.stride())}")
+
+
+def _check_fake(op, args, host=(), group=None):
+    """The checks of an eager op that its fake implementation needs on each tensor argument, with
+    messages that name the argument, the expected and the actual: each tensor of ``args`` (name ->
+    (tensor or None, dims, dtype)) has that many dims, a dim named twice has one size throughout
+    (dims name each dim, e.g. ("B", "Hq", "D"), or give its size), and it has ``dtype`` (as
+    :func:`_check_dtype` takes it); each is on the device of the first, but those named in
+    ``host`` (V in host RAM), on the CPU instead (or on that device when every argument is a meta
+    or fake tensor of it); ``group`` (query heads, KV heads) names two dims whose first is a
+    multiple of the second. Without them a bad argument fails deep in the fake, or is traced into
+    a graph the eager op refuses only when it runs, and a meta argument among real ones would give
+    uninitialised outputs on the device of the others."""
+    (first_name, (first, *_)), *_ = args.items()
     sizes = {}  # dim name -> (size, the argument it was first seen in)
-    for name, (t, dims) in shapes.items():
+    for name, (t, dims, dtype) in args.items():
         if t is None:
             continue
         if t.dim() != len(dims):
             raise RuntimeError(f"{op}: {name} must have {len(dims)} dims, got shape "
                                f"{list(t.shape)}")
+        _check_dtype(op, name, t, dtype)
         if name in host and t.device.type != "cpu" and t.device != first.device:
             raise RuntimeError(f"{op}: {name} must be in host memory (on cpu), got {t.device}")
         if name not in host and t.device != first.device:
@@ -374,12 +456,19 @@ def _check_skip(skip_first, skip_last):
             raise RuntimeError(f"{name} must be in [0, 2^31), got {count}")
 
 
+# The fake implementations make every check of the eager ops (csrc/shape_checks.h, the CPU ops'
+# device checks) that does not read a tensor's values, so that torch.compile refuses a bad call
+# while it traces, and meta tensors get shapes only where the eager op would run.
+
+
 @torch.library.register_fake("kcache_ops::qk_topn")
 def _(q, k_cache, seq_lens, n, scale, group_select=False, check_values=True,
       return_scores=False, skip_first=0, skip_last=0, top_p=1.0):
-    _check_fake("qk_topn", {"q": (q, ("B", "Hq", "D")),
-                            "k_cache": (k_cache, ("B", "Hkv", "S", "D")),
-                            "seq_lens": (seq_lens, ("B",))}, group=("Hq", "Hkv"))
+    _check_fake("qk_topn", {"q": (q, ("B", "Hq", "D"), _FLOATING),
+                            "k_cache": (k_cache, ("B", "Hkv", "S", "D"), None),
+                            "seq_lens": (seq_lens, ("B",), torch.int32)}, group=("Hq", "Hkv"))
+    _check_same_dtype("qk_topn", "q", q, "k_cache", k_cache)
+    _check_head_dim("qk_topn", "q", q.shape[2])
     if not 1 <= n < 1 << 31:
         raise RuntimeError(f"n must be in [1, 2^31), got {n}")
     if not math.isfinite(as_float32(scale)):
@@ -387,6 +476,7 @@ def _(q, k_cache, seq_lens, n, scale, group_select=False, check_values=True,
     _check_skip(skip_first, skip_last)
     if not 0 < as_float32(top_p) <= 1:
         raise RuntimeError(f"top_p must be in (0, 1] (as a float32), got {top_p}")
+    _check_last_contiguous("qk_topn", q=q, k_cache=k_cache)
     B, Hq, _ = q.shape
     S = k_cache.shape[2]
     if return_scores:  # [B, Hq, S] of [B, Hq, S rounded up to 4]
@@ -402,21 +492,35 @@ def _(q, k_cache, seq_lens, n, scale, group_select=False, check_values=True,
 @torch.library.register_fake("kcache_ops::sparse_attn_v")
 def _(scores, indices, v_cache, lse=None, renormalize=True, check_values=True, v_sum=None,
       seq_lens=None):
-    _check_fake("sparse_attn_v", {"scores": (scores, ("B", "Hq", "N")),
-                                  "indices": (indices, ("B", "Hq", "N")),
-                                  "v_cache": (v_cache, ("B", "Hkv", "S", "D")),
-                                  "lse": (lse, ("B", "Hq")), "v_sum": (v_sum, ("B", "Hkv", "D")),
-                                  "seq_lens": (seq_lens, ("B",))},
+    if (v_sum is None) != (seq_lens is None):
+        raise RuntimeError("sparse_attn_v: v_sum and seq_lens must be given together (the mean "
+                           "tail), got " + ("v_sum without seq_lens" if seq_lens is None
+                                            else "seq_lens without v_sum"))
+    if v_sum is not None and renormalize:
+        raise RuntimeError("sparse_attn_v: the mean tail (v_sum) needs renormalize=False, got "
+                           "renormalize=True")
+    if lse is None and not renormalize:
+        raise RuntimeError("sparse_attn_v: lse is required when renormalize=False, got None")
+    _check_fake("sparse_attn_v", {"scores": (scores, ("B", "Hq", "N"), torch.float32),
+                                  "indices": (indices, ("B", "Hq", "N"), torch.int32),
+                                  "v_cache": (v_cache, ("B", "Hkv", "S", "D"), _FLOATING),
+                                  "lse": (lse, ("B", "Hq"), torch.float32),
+                                  "v_sum": (v_sum, ("B", "Hkv", "D"), torch.float32),
+                                  "seq_lens": (seq_lens, ("B",), torch.int32)},
                 host=("v_cache",), group=("Hq", "Hkv"))
+    _check_head_dim("sparse_attn_v", "v_cache", v_cache.shape[3])
+    _check_last_contiguous("sparse_attn_v", scores=scores, indices=indices, v_cache=v_cache,
+                           v_sum=v_sum)
     B, Hq, _ = scores.shape
     return scores.new_empty((B, Hq, v_cache.shape[-1]), dtype=v_cache.dtype)
 
 
 @torch.library.register_fake("kcache_ops::gather_rows")
 def _(src, indices, check_values=True):
-    _check_fake("gather_rows", {"indices": (indices, ("B", "H", "N")),
-                                "src": (src, ("B", "Hs", "S", "D"))}, host=("src",),
+    _check_fake("gather_rows", {"indices": (indices, ("B", "H", "N"), torch.int32),
+                                "src": (src, ("B", "Hs", "S", "D"), None)}, host=("src",),
                 group=("H", "Hs"))
+    _check_last_contiguous("gather_rows", src=src, indices=indices)
     B, H, N = indices.shape
     return indices.new_empty((B, H, N, src.shape[-1]), dtype=src.dtype)
 
@@ -430,11 +534,17 @@ def _(shape, dtype):
 
 @torch.library.register_fake("kcache_ops::quantize_rows")
 def _(v, bits):
-    _check_bits(bits)
     if v.dim() < 1:
         raise RuntimeError("v must have at least 1 dim ([..., D]), got a 0-dim tensor")
+    _check_dtype("quantize_rows", "v", v, _FLOATING)
+    _check_bits(bits)
+    D, per_byte = v.shape[-1], 8 // bits
+    if D <= 0 or D % per_byte != 0:
+        raise RuntimeError(f"quantize_rows: v: last dim (D) must be a positive multiple of "
+                           f"{per_byte} (8 / bits) for bits={bits}, got {D}")
+    _check_last_contiguous("quantize_rows", v=v)
     lead = v.shape[:-1]
-    return (v.new_empty((*lead, v.shape[-1] * bits // 8), dtype=torch.uint8),
+    return (v.new_empty((*lead, D * bits // 8), dtype=torch.uint8),
             v.new_empty((*lead, 2), dtype=torch.bfloat16))
 
 
@@ -447,24 +557,54 @@ def _(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True, 
         raise RuntimeError("hot_v and hot_pos must be given together, got hot_v "
                            f"{'None' if hot_v is None else 'set'} and hot_pos "
                            f"{'None' if hot_pos is None else 'set'}")
-    _check_fake("lowbit_tail", {"scores": (scores, ("B", "Hq", "S")),
-                                "seq_lens": (seq_lens, ("B",)), "lse": (lse, ("B", "Hq")),
-                                "indices": (indices, ("B", "Hq", "N")),
-                                "v_codes": (v_codes, ("B", "Hkv", "S", "D * bits / 8")),
-                                "v_meta": (v_meta, ("B", "Hkv", "S", 2)),
-                                "hot_v": (hot_v, ("B", "Hkv", "H", "D")),
-                                "hot_pos": (hot_pos, ("B", "H"))}, group=("Hq", "Hkv"))
+    _check_fake("lowbit_tail", {"scores": (scores, ("B", "Hq", "S"), torch.float32),
+                                "seq_lens": (seq_lens, ("B",), torch.int32),
+                                "lse": (lse, ("B", "Hq"), torch.float32),
+                                "indices": (indices, ("B", "Hq", "N"), torch.int32),
+                                "v_codes": (v_codes, ("B", "Hkv", "S", "D * bits / 8"),
+                                            torch.uint8),
+                                "v_meta": (v_meta, ("B", "Hkv", "S", 2), torch.bfloat16),
+                                "hot_v": (hot_v, ("B", "Hkv", "H", "D"), _FLOATING),
+                                "hot_pos": (hot_pos, ("B", "H"), torch.int32)},
+                group=("Hq", "Hkv"))
+    code_bytes = v_codes.shape[3]
+    D = code_bytes * 8 // bits
+    if code_bytes * 8 != D * bits or D not in (64, 128):
+        raise RuntimeError(f"lowbit_tail: v_codes last dim must be D * bits / 8 with D 64 or 128 "
+                           f"({64 * bits // 8} or {128 * bits // 8} bytes for bits = {bits}), got "
+                           f"{code_bytes}")
+    if hot_v is not None and hot_v.shape[3] != D:
+        raise RuntimeError(f"lowbit_tail: hot_v must have {D} in dim 3 (D, the head dim of "
+                           f"v_codes), got shape {list(hot_v.shape)}")
+    _check_last_contiguous("lowbit_tail", indices=indices, v_codes=v_codes, v_meta=v_meta,
+                           hot_v=hot_v)
     B, Hq, _ = scores.shape
-    return scores.new_empty((B, Hq, v_codes.shape[-1] * 8 // bits))
+    return scores.new_empty((B, Hq, D))
 
 
 @torch.library.register_fake("kcache_ops::reuse_rows")
 def _(indices, v_host, new_pos, rows, held, used, step, group_select, check_values=True):
-    _check_fake("reuse_rows", {"indices": (indices, ("B", "Hq", "N")),
-                               "v_host": (v_host, ("B", "Hkv", "S", "D")),
-                               "new_pos": (new_pos, ("B",)), "rows": (rows, ("B", "Hkv", "C", "D")),
-                               "held": (held, ("B", "Hkv", "C")), "used": (used, ("B", "Hkv", "C")),
-                               "step": (step, (1,))}, host=("v_host",), group=("Hq", "Hkv"))
+    _check_fake("reuse_rows", {"indices": (indices, ("B", "Hq", "N"), torch.int32),
+                               "v_host": (v_host, ("B", "Hkv", "S", "D"), None),
+                               "new_pos": (new_pos, ("B",), torch.int32),
+                               "rows": (rows, ("B", "Hkv", "C", "D"), None),
+                               "held": (held, ("B", "Hkv", "C"), torch.int32),
+                               "used": (used, ("B", "Hkv", "C"), torch.int32),
+                               "step": (step, (1,), torch.int32)},
+                host=("v_host",), group=("Hq", "Hkv"))
+    _check_same_dtype("reuse_rows", "rows", rows, "v_host", v_host)
     B, Hq, N = indices.shape
+    _, Hkv, S, _ = v_host.shape
+    E, C = (N if group_select else Hq // Hkv * N), rows.shape[2]
+    if C < E:
+        raise RuntimeError(f"reuse_rows: rows must have at least {E} slots (the rows of one "
+                           f"step: {'N with group_select' if group_select else 'G x N'}), got "
+                           f"{C}")
+    if S >= 1 << 31:
+        raise RuntimeError(f"reuse_rows: v_host must have fewer than 2^31 rows, got {S}")
+    _check_last_contiguous("reuse_rows", v_host=v_host, indices=indices)
+    if not (rows.is_contiguous() and held.is_contiguous() and used.is_contiguous()):
+        raise RuntimeError("reuse_rows: rows, held and used must be contiguous (the pool, "
+                           "updated in place)")
     return (indices.new_empty((B, Hq, N), dtype=torch.int32),
-            indices.new_empty((B, v_host.shape[1], 2), dtype=torch.int32))
+            indices.new_empty((B, Hkv, 2), dtype=torch.int32))

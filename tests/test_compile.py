@@ -1,5 +1,6 @@
-"""torch.library.opcheck on each op (schema, fake implementation, dispatch agree), and
-torch.compile over a decode step that calls qk_topn and sparse_attn_v."""
+"""torch.library.opcheck on each op (schema, fake implementation, dispatch agree), torch.compile
+over a decode step that calls qk_topn and sparse_attn_v, and the fake implementations refusing
+(on meta tensors, while torch.compile traces) what the eager ops refuse."""
 import pytest
 import torch
 from conftest import host_tensor, seq_lens_tensor
@@ -113,11 +114,142 @@ def test_fake_checks_shapes_against_each_other(case):
         _mismatched_calls()[case][0]()
 
 
-def test_compile_refuses_mismatched_shapes_while_tracing():
-    compiled = torch.compile(lambda q, k, lens: kcache_ops.qk_topn(q, k, lens, 3), fullgraph=True,
-                             backend="eager")
-    with pytest.raises(Exception, match=r"k_cache must have 2 in dim 0 \(B, as in q\)"):
-        compiled(torch.randn(2, 4, 64), torch.randn(1, 2, 10, 64), torch.zeros(2).int())
+def _metadata_calls():
+    """(op, args, kwargs, message): a call that the eager CPU op refuses for an argument's dtype,
+    dims, strides or a scalar alone (no tensor value read), for each check that the fake
+    implementation makes besides the shapes' agreement (``_mismatched_calls``), and a phrase of
+    what both say. Every other argument is valid: q [2, 4, 64], K and V [2, 2, 10, 64], N = 3."""
+    i32 = torch.int32
+    q, k, lens = torch.randn(2, 4, 64), torch.randn(2, 2, 10, 64), torch.full((2,), 5, dtype=i32)
+    scores, indices, lse = torch.randn(2, 4, 3), torch.zeros(2, 4, 3, dtype=i32), torch.zeros(2, 4)
+    v_sum = torch.zeros(2, 2, 64)  # [B, Hkv, D]
+    every, codes = torch.randn(2, 4, 10), torch.zeros(2, 2, 10, 16, dtype=torch.uint8)
+    meta = torch.zeros(2, 2, 10, 2, dtype=torch.bfloat16)  # [B, Hkv, S, 2]
+    tail = (every, lens, lse, indices, codes, meta, 2)  # lowbit_tail's, 2 bits
+    hot_v, hot_pos = torch.zeros(2, 2, 5, 64), torch.full((2, 5), -1, dtype=i32)
+    rows, held = torch.zeros(2, 2, 6, 64), torch.full((2, 2, 6), -1, dtype=i32)  # C = G x N
+    step = torch.zeros(1, dtype=i32)
+
+    def strided(t):  # t with a last dim of stride > 1 (dense, so a meta copy keeps the strides)
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+    def pool(**changed):  # reuse_rows' arguments, those named in changed replaced
+        args = dict(indices=indices, v_host=k, new_pos=lens, rows=rows, held=held,
+                    used=held.clone(), step=step, group_select=False)
+        return tuple({**args, **changed}.values())
+
+    small = held[..., :5].contiguous()  # [B, Hkv, 5], a slot fewer than a step's rows
+    topn, attn, gather = kcache_ops.qk_topn, kcache_ops.sparse_attn_v, kcache_ops.gather_rows
+    quantize, low, reuse = kcache_ops.quantize_rows, kcache_ops.lowbit_tail, kcache_ops.reuse_rows
+    floating = "must be float32, float16 or bfloat16, got"
+    return [
+        (topn, (q.double(), k.double(), lens, 3), {}, f"q {floating} Double"),
+        (topn, (q, k.half(), lens, 3), {}, "q and k_cache must have the same dtype, got Float and "
+         "Half"),
+        (topn, (q, k, lens.long(), 3), {}, "seq_lens must be Int, got Long"),
+        (topn, (q[..., :32], k[..., :32], lens, 3), {}, "q: head dim must be 64 or 128, got 32"),
+        (topn, (q, strided(k), lens, 3), {}, "k_cache must be contiguous in its last dim"),
+        (topn, (q, k, lens, 0), {}, r"n must be in \[1, 2\^31\), got 0"),
+        (topn, (q, k, lens, 3, 1e39), {}, r"scale must be finite \(as a float32\)"),
+        (topn, (q, k, lens, 3), dict(skip_last=-1), r"skip_last must be in \[0, 2\^31\)"),
+        (topn, (q, k, lens, 3), dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (attn, (scores.half(), indices, k, lse), {}, "scores must be Float, got Half"),
+        (attn, (scores, indices.long(), k, lse), {}, "indices must be Int, got Long"),
+        (attn, (scores, indices, k.int(), lse), {}, f"v_cache {floating} Int"),
+        (attn, (scores, indices, k, lse.double(), False), {}, "lse must be Float, got Double"),
+        (attn, (scores, indices, k[..., :48], lse), {}, "v_cache: head dim must be 64 or 128, got "
+         "48"),
+        (attn, (scores, indices, strided(k), lse), {}, "v_cache must be contiguous in its last"),
+        (attn, (scores, indices, k, None, False), {}, "lse is required when renormalize=False"),
+        (attn, (scores, indices, k, lse, False), dict(v_sum=v_sum), "v_sum and seq_lens must be "
+         "given together"),
+        (attn, (scores, indices, k, lse, False), dict(seq_lens=lens), "v_sum and seq_lens must be "
+         "given together"),
+        (attn, (scores, indices, k, lse, True), dict(v_sum=v_sum, seq_lens=lens),
+         r"the mean tail \(v_sum\) needs renormalize=False"),
+        (attn, (scores, indices, k, lse, False), dict(v_sum=v_sum.half(), seq_lens=lens),
+         "v_sum must be Float, got Half"),
+        (attn, (scores, indices, k, lse, False), dict(v_sum=v_sum, seq_lens=lens.long()),
+         "seq_lens must be Int, got Long"),
+        (gather, (k, indices.long()), {}, "indices must be Int, got Long"),
+        (gather, (strided(k), indices), {}, "src must be contiguous in its last dim"),
+        (reuse, pool(indices=indices.long()), {}, "indices must be Int, got Long"),
+        (reuse, pool(new_pos=lens.long()), {}, "new_pos must be Int, got Long"),
+        (reuse, pool(rows=rows.half()), {}, "rows and v_host must have the same dtype, got Half "
+         "and Float"),
+        (reuse, pool(used=held.long()), {}, "used must be Int, got Long"),
+        (reuse, pool(step=step.long()), {}, "step must be Int, got Long"),
+        (reuse, pool(rows=rows[:, :, :5].contiguous(), held=small, used=small.clone()), {},
+         r"rows must have at least 6 slots \(the rows of one step: G x N\), got 5"),
+        (reuse, pool(held=held.transpose(0, 1).contiguous().transpose(0, 1)), {},
+         "rows, held and used must be contiguous"),
+        (quantize, (torch.randn(4, 3), 4), {}, r"v: last dim \(D\) must be a positive multiple "
+         r"of 2 \(8 / bits\) for bits=4, got 3"),
+        (quantize, (torch.zeros(4, 8, dtype=i32), 4), {}, f"v {floating} Int"),
+        (quantize, (torch.randn(4, 8), 3), {}, "bits must be 2 or 4, got 3"),
+        (quantize, (torch.tensor(1.0), 2), {}, "v must have at least 1 dim"),
+        (quantize, (strided(torch.randn(4, 8)), 2), {}, "v must be contiguous in its last dim"),
+        (low, (every.double(), *tail[1:]), {}, "scores must be Float, got Double"),
+        (low, (every, lens.long(), *tail[2:]), {}, "seq_lens must be Int, got Long"),
+        (low, (*tail[:2], lse.double(), *tail[3:]), {}, "lse must be Float, got Double"),
+        (low, (*tail[:3], indices.long(), *tail[4:]), {}, "indices must be Int, got Long"),
+        (low, (*tail[:4], codes.int(), meta, 2), {}, "v_codes must be Byte, got Int"),
+        (low, (*tail[:4], codes[..., :12], meta, 2), {}, r"v_codes last dim must be D \* bits / "
+         r"8 with D 64 or 128 \(16 or 32 bytes for bits = 2\), got 12"),
+        (low, (*tail[:4], strided(codes), meta, 2), {}, "v_codes must be contiguous in its last"),
+        (low, (*tail[:5], meta.float(), 2), {}, "v_meta must be BFloat16, got Float"),
+        (low, (*tail[:6], 3), {}, "bits must be 2 or 4, got 3"),
+        (low, tail, dict(skip_first=-1), r"skip_first must be in \[0, 2\^31\)"),
+        (low, tail, dict(hot_v=hot_v), "hot_v and hot_pos must be given together"),
+        (low, tail, dict(hot_v=hot_v.double(), hot_pos=hot_pos), f"hot_v {floating} Double"),
+        (low, tail, dict(hot_v=hot_v[..., :32], hot_pos=hot_pos), "hot_v must have"),
+        (low, tail, dict(hot_v=hot_v, hot_pos=hot_pos.long()), "hot_pos must be Int, got Long"),
+    ]
+
+
+def _on_meta(x):
+    return x.to("meta") if isinstance(x, torch.Tensor) else x
+
+
+@pytest.mark.parametrize("case", range(len(_metadata_calls())))
+def test_fake_refuses_what_eager_refuses(case):
+    """A call the eager CPU op refuses for what it can see without reading a tensor's values is
+    refused, with the same message, on meta tensors (the fake implementation, which
+    torch.compile traces with): it gets no shapes to trace on."""
+    op, args, kwargs, message = _metadata_calls()[case]
+    with pytest.raises(RuntimeError, match=message):
+        op(*args, **kwargs)
+    meta_args = [_on_meta(a) for a in args]
+    meta_kwargs = {name: _on_meta(a) for name, a in kwargs.items()}
+    with pytest.raises(RuntimeError, match=message):
+        op(*meta_args, **meta_kwargs)
+
+
+@pytest.mark.parametrize("call, args, message", [
+    (lambda q, k, lens: kcache_ops.qk_topn(q, k, lens, 3),
+     (torch.randn(2, 4, 64), torch.randn(1, 2, 10, 64), torch.zeros(2).int()),
+     r"k_cache must have 2 in dim 0 \(B, as in q\)"),
+    (lambda q, k, lens: kcache_ops.qk_topn(q, k, lens, 3),
+     (torch.randn(2, 4, 32), torch.randn(2, 2, 10, 32), torch.zeros(2).int()),
+     "q: head dim must be 64 or 128, got 32"),
+    (lambda scores, indices, v: kcache_ops.sparse_attn_v(scores, indices, v),
+     (torch.randn(2, 4, 3), torch.zeros(2, 4, 3, dtype=torch.int64), torch.randn(2, 2, 10, 64)),
+     "indices must be Int, got Long"),
+    (lambda v: kcache_ops.quantize_rows(v, 4), (torch.randn(4, 3),),
+     r"v: last dim \(D\) must be a positive multiple of 2"),
+])
+def test_compile_refuses_bad_arguments_while_tracing(call, args, message):
+    """torch.compile refuses a bad call while it traces, before any graph is compiled or run."""
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph
+
+    compiled = torch.compile(call, fullgraph=True, backend=backend)
+    with pytest.raises(Exception, match=message):
+        compiled(*args)
+    assert not graphs
 
 
 def test_meta_argument_among_real_ones():

@@ -1,4 +1,7 @@
 """Bad input gets a Python exception naming the argument, what was expected and what came."""
+import re
+
+import numpy as np
 import pytest
 import torch
 from conftest import host_tensor, seq_lens_tensor
@@ -392,3 +395,64 @@ def test_lowbit_tail_cuda_alignment():
                           device="cuda")[..., 1:]  # rows 17 bytes apart
     with pytest.raises(RuntimeError, match="v_codes rows must be 16-byte aligned"):
         kcache_ops.lowbit_tail(scores, lens, lse, indices, codes, meta, 2)
+
+
+@pytest.mark.parametrize("op, name, bad", [
+    ("qk_topn", "n", True), ("qk_topn", "n", 3.0), ("qk_topn", "n", "3"),
+    ("qk_topn", "n", torch.tensor([3])),  # 1 dim: torch would index by it
+    ("qk_topn", "scale", "0.1"), ("qk_topn", "scale", True), ("qk_topn", "scale", 1j),
+    ("qk_topn", "top_p", "0.5"), ("qk_topn", "top_p", np.bool_(True)),
+    ("qk_topn", "skip_first", 1.0), ("qk_topn", "skip_last", False),
+    ("qk_topn", "group_select", 2), ("qk_topn", "check_values", 1),
+    ("qk_topn", "return_scores", "yes"),
+    ("sparse_attn_v", "renormalize", 0), ("sparse_attn_v", "check_values", None),
+    ("gather_rows", "check_values", 1),
+    ("reuse_rows", "group_select", 2), ("reuse_rows", "check_values", "no"),
+    ("lowbit_tail", "bits", 2.0), ("lowbit_tail", "bits", torch.tensor(True)),
+    ("lowbit_tail", "skip_first", "1"), ("lowbit_tail", "check_values", np.int64(1)),
+    ("quantize_rows", "bits", np.float64(4)), ("quantize_rows", "bits", True),
+])
+def test_scalar_arguments_of_another_kind(qk, attn, low_tail, op, name, bad):
+    """A scalar argument of the wrong kind (a bool or a float where an integer goes, a bool or a
+    string where a number goes, an int where a flag goes) is refused with a TypeError naming it,
+    not converted (torch's schema would run ``n=True`` as n = 1)."""
+    scores, indices, v, lse = attn
+    dev = indices.device
+    pool = (torch.zeros(B, HKV, G * N, D, device=dev),  # rows, held, used
+            *torch.full((2, B, HKV, G * N), -1, dtype=torch.int32, device=dev))
+    step = torch.zeros(1, dtype=torch.int32, device=dev)
+    valid = {"qk_topn": (qk, dict(n=N)), "sparse_attn_v": (attn, {}),
+             "gather_rows": ((v, indices), {}),
+             "reuse_rows": ((indices, v, step.expand(B).contiguous(), *pool, step),
+                            dict(group_select=False)),
+             "lowbit_tail": (low_tail[:6], dict(bits=2)),
+             "quantize_rows": ((scores,), dict(bits=2))}
+    args, kwargs = valid[op]
+    call = getattr(kcache_ops, op)
+    call(*args, **kwargs)  # runs with scalars of their kind
+    with pytest.raises(TypeError, match=rf"{op}: {name} must be .*, got {re.escape(repr(bad))}"):
+        call(*args, **{**kwargs, name: bad})
+
+
+def test_scalar_arguments_of_any_type(qk):
+    """NumPy scalars and 0-d tensors are taken as the Python number or bool they hold."""
+    q, k, lens = qk
+    want = kcache_ops.qk_topn(q, k, lens, N, 0.125, True, skip_first=1, top_p=0.5)
+    got = kcache_ops.qk_topn(q, k, lens, np.int32(N), np.float32(0.125), np.bool_(True),
+                             skip_first=torch.tensor(1), top_p=torch.tensor(0.5))
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    v = torch.randn(3, D, device=q.device)
+    for w, g in zip(kcache_ops.quantize_rows(v, 4), kcache_ops.quantize_rows(v, np.int8(4))):
+        assert torch.equal(g, w)
+
+
+def test_alloc_host_shape_of_integers():
+    """alloc_host takes sizes of any integer type, but not a bool (torch would take it as 1)."""
+    assert kcache_ops.alloc_host(np.int64(3), torch.float32).shape == (3,)
+    assert kcache_ops.alloc_host(torch.tensor([2, 3]), torch.float32).shape == (2, 3)
+    with pytest.raises(TypeError, match=r"alloc_host: shape\[1\] must be an integer .*, got "
+                                        "True"):
+        kcache_ops.alloc_host([2, True], torch.float32)
+    with pytest.raises(TypeError, match="alloc_host: shape must be an integer .*, got 2.0"):
+        kcache_ops.alloc_host(2.0, torch.float32)
