@@ -62,7 +62,8 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_value
         ``log Σ_{j<L_b} exp(s_j)`` over all valid keys (``-inf`` when ``L_b = 0``).
     all_scores : Tensor [B, Hq, S] float32, only with ``return_scores``
         ``s_j`` of every key ``j < L_b`` (the same values as ``scores``); entries ``j >= L_b`` are
-        undefined. Its rows are 16-byte aligned: a view of ``[B, Hq, S rounded up to 4]``.
+        ``-inf`` on the CPU and undefined on CUDA (the score pass's scratch). Its rows are 16-byte
+        aligned: a view of ``[B, Hq, S rounded up to 4]``.
     """
     if scale is None:  # a q of no dims or D = 0 reaches the op, whose shape check names it
         scale = 1.0 / math.sqrt(max(q.shape[-1], 1)) if q.dim() else 1.0

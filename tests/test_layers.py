@@ -1,13 +1,14 @@
 """The package reads top-down: cli -> report -> eval / throughput / generate -> integrations ->
-model -> caches -> ops (devices, results, data and integers below all of them). The model knows
-the cache protocol only: it imports no cache implementation."""
+model -> caches -> ops (devices, results and data below all of them) -> integers (the number
+arguments, which ops checks too). The model knows the cache protocol only: it imports no cache
+implementation."""
 import ast
 import pathlib
 import subprocess
 import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "kcache_ops"
-RANK = {"ops": 0, "reference": 0, "devices": 0, "results": 0, "data": 0, "integers": 0, "_C": 0,
+RANK = {"ops": 0, "reference": 0, "devices": 0, "results": 0, "data": 0, "integers": -1, "_C": 0,
         "caches": 1, "model": 2, "integrations": 2.5, "generate": 3, "eval": 3, "throughput": 3,
         "report": 4, "cli": 5, "__main__": 6}
 
