@@ -39,14 +39,16 @@
 
 namespace kcache_ops {
 
-// Whether x and y may share memory: the same storage and overlapping byte spans (each from its
-// first element to its last, so two interleaved views count as overlapping).
+// Whether x and y may share memory: overlapping byte spans (each from its first element to its
+// last, so two interleaved views count as overlapping), whatever storages hold them (two tensors
+// from one NumPy array have two). Addresses are unique across host and devices (CUDA's unified
+// addressing), so tensors on different devices never overlap.
 inline bool may_overlap(const at::Tensor& x, const at::Tensor& y) {
-  if (x.numel() == 0 || y.numel() == 0 || !x.storage().is_alias_of(y.storage())) return false;
+  if (x.numel() == 0 || y.numel() == 0) return false;
   const auto span = [](const at::Tensor& t) {  // [first byte, one past the last)
     int64_t last = 0;
     for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-    const char* first = static_cast<const char*>(t.data_ptr());
+    const char* first = static_cast<const char*>(t.const_data_ptr());
     return std::make_pair(first, first + (last + 1) * t.element_size());
   };
   const auto [x0, x1] = span(x);

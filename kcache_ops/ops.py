@@ -185,7 +185,8 @@ def reuse_rows(indices, v_host, new_pos, rows, held, used, step, group_select,
     held : Tensor [B, Hkv, C] int32, contiguous, updated
         The position each slot holds, -1 none.
     used : Tensor [B, Hkv, C] int32, contiguous, updated
-        The step each slot was last read, -1 never.
+        The step each slot was last read, -1 never. ``rows``, ``held`` and ``used`` share no
+        memory with each other or with the inputs (an error names the two that do).
     step : Tensor [1] int32
         This step's number (the caller counts the steps).
     group_select : bool

@@ -206,6 +206,37 @@ def test_selected_nan_row_is_left_out(device, bits):
     check_nan_row_left_out(kcache_ops.lowbit_tail, device, bits)
 
 
+@pytest.mark.parametrize("G", [5, 8])
+@pytest.mark.parametrize("D", [64, 128])
+def test_rows_past_the_float_range_among_finite_ones(device, G, D):
+    """Copies whose values may not be finite (a NaN or inf scale or min: rows 40-42) or are near
+    the float range (a min of ±3e38: rows 300, 301) in chunks with finite rows, groups of more
+    than 4 heads. KV head 0: the odd heads select all five (finite output), the even heads weigh
+    them (NaN, as the reference). KV head 1: every head selects rows 40-42, the odd heads also
+    300 and 301, which the even heads weigh (finite). Row 650 (a scale of 3e38) weighs 0 for
+    every head: left out. Each head's output is the reference's (the CPU's sums in registers
+    take such rows apart, row by row)."""
+    torch.manual_seed(0)
+    B, Hkv, S, n, bits = 1, 2, 700, 8, 2
+    q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, bits, torch.float32, device, [S])
+    scores, indices, lse = selection(q, k, seq_lens, n, False)
+    bad = {40: (float("nan"), 0.5), 41: (0.5, float("inf")), 42: (float("-inf"), 1.0),
+           300: (1.0, 3e38), 301: (1.0, -3e38), 650: (3e38, 0.0)}  # position -> (scale, min)
+    for j, (step, base) in bad.items():
+        meta[:, :, j] = torch.tensor([step, base], dtype=torch.bfloat16, device=device)
+    scores[:, :, 650] = float("-inf")
+    rows = torch.tensor([40, 41, 42, 300, 301], dtype=torch.int32, device=device)
+    indices[0, 1:G:2, :5] = rows  # KV head 0's odd heads
+    indices[0, G:, :3] = rows[:3]  # KV head 1's heads
+    indices[0, G + 1::2, 3:5] = rows[3:]  # and its odd ones
+    args = (scores, seq_lens, lse, indices, codes, meta)
+    out = kcache_ops.lowbit_tail(*args, bits).cpu()  # [B, Hq, D]
+    ref = R.lowbit_tail(*(t.cpu() for t in args), bits)
+    assert ref[0, 0:G:2].isnan().all() and ref[0, 1:G:2].isfinite().all()
+    assert ref[0, G:].isfinite().all() and ref[0, G::2].abs().max() > 1e30
+    torch.testing.assert_close(out, ref, atol=OUT_TOL, rtol=1e-5, equal_nan=True)
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_v_near_the_float_range_gives_a_finite_tail(device, bits):
     """Finite V rows up to ±3.4e38 (spans past the float range): quantize_rows keeps their copies

@@ -1,6 +1,7 @@
 """kcache_ops.reuse_rows, one decode step of KCache's pool of reused V rows: equal to the reference
 over steps that find most of their rows in the pool (the pool indices, the counts and the whole
 pool state, bit for bit), and the rows it points at are the rows the selection chose."""
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICES, DTYPES, host_tensor
@@ -169,8 +170,9 @@ def test_out_of_range_index_is_refused_on_cpu():
 
 def test_pool_sharing_memory_is_refused(device):
     """The pool (rows, held, used) is updated in place: two of them, or one and an input, in the
-    same memory are refused by name (held passed as used lost the pool's positions silently),
-    and the pool is left as it was. Views of one buffer that do not overlap are fine."""
+    same memory (even through two storages) are refused by name (held passed as used lost the
+    pool's positions silently), and the pool is left as it was. Views of one buffer that do not
+    overlap are fine."""
     twins = Twins(1, 1, 8, 64, 6, device, torch.float32)
     rows, held, used = twins.op
     indices = torch.tensor([[[3, 5, -1]]], dtype=torch.int32, device=device)  # [1, 1, 3]
@@ -183,6 +185,10 @@ def test_pool_sharing_memory_is_refused(device):
              ((held[..., :3], twins.v_host, new_pos, rows, held, used, step), "held and indices"),
              ((indices, twins.v_host, used[0, 0, :1], rows, held, used, step), "used and new_pos"),
              ((indices, rows, new_pos, rows, held, used, step), "rows and v_host")]
+    if device == "cpu":  # one NumPy array, two tensors (two storages) over its memory
+        shared = np.full((1, 1, 6), -1, dtype=np.int32)
+        cases.append(((indices, twins.v_host, new_pos, rows, torch.from_numpy(shared),
+                       torch.from_numpy(shared), step), "held and used"))
     for args, names in cases:
         with pytest.raises(RuntimeError, match=f"{names} must not share memory \\("
                                                f"{names.split()[0]} is updated in place\\)"):

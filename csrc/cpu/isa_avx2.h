@@ -257,7 +257,7 @@ struct Avx2Isa {
   KC_AVX2 static bool tail_meta(const c10::BFloat16* meta, int64_t m_stride, int64_t n,
                                 float* sb) {
     if (m_stride != 2) return tail_meta_rows<kBits>(meta, m_stride, n, sb);
-    const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 no_sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 top = _mm256_setr_ps((1 << kBits) - 1, 1, (1 << kBits) - 1, 1, (1 << kBits) - 1,
                                       1, (1 << kBits) - 1, 1);  // (step, base) pairs
     const __m256 limit = _mm256_set1_ps(kTailRowLimit);
@@ -266,7 +266,7 @@ struct Avx2Isa {
     for (; i + 4 <= n; i += 4) {
       const __m256 x = load8(meta + 2 * i);  // 4 rows' (step, base)
       _mm256_storeu_ps(sb + 2 * i, x);
-      const __m256 mag = _mm256_mul_ps(_mm256_and_ps(x, abs), top);
+      const __m256 mag = _mm256_mul_ps(_mm256_and_ps(x, no_sign), top);
       bounded = _mm256_and_ps(bounded, _mm256_cmp_ps(mag, limit, _CMP_LE_OQ));
     }
     const bool rest = tail_meta_rows<kBits>(meta + 2 * i, 2, n - i, sb + 2 * i);
@@ -283,6 +283,7 @@ struct Avx2Isa {
                                        const uint8_t* codes, int64_t c_stride, const float* sb,
                                        float* acc) {
     constexpr int64_t kV = kH == 1 ? 4 : 2, kRun = 256;
+    static_assert(kD % (8 * kV) == 0, "whole tiles of 8 kV columns");
     const __m256i shifts = code_shifts<kBits>();
     for (int64_t i0 = 0; i0 < n; i0 += kRun) {
       const int64_t i1 = std::min(n, i0 + kRun);

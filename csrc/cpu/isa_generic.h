@@ -94,15 +94,23 @@ struct GenericIsa {
 
   // acc [G, kD] += sum over keys i < n of w[h * w_stride + i] * row_i for each head h < G, row_i
   // = base_i + step_i * code (dequantize_row) with its codes at codes + i * c_stride and (step_i,
-  // base_i) = (sb[2 i], sb[2 i + 1]); every row tail_row_bounded (weight 0 or not, a row is
-  // summed, as Avx2Isa's sums do).
+  // base_i) = (sb[2 i], sb[2 i + 1]); every row tail_row_bounded, as Avx2Isa's sums need. A row
+  // is dequantized once, for the heads that weigh it above 0 (none: skipped).
   template <int64_t kD, int64_t kBits>
   static void tail_rows(const float* w, int64_t w_stride, int64_t G, int64_t n,
                         const uint8_t* codes, int64_t c_stride, const float* sb, float* acc) {
     float row[kD];
     for (int64_t i = 0; i < n; ++i) {
-      dequantize_row<kD, kBits>(codes + i * c_stride, sb[2 * i], sb[2 * i + 1], row);
-      for (int64_t h = 0; h < G; ++h) axpy<float, kD>(acc + h * kD, w[h * w_stride + i], row);
+      bool have_row = false;
+      for (int64_t h = 0; h < G; ++h) {
+        const float p = w[h * w_stride + i];
+        if (p == 0.f) continue;
+        if (!have_row) {
+          dequantize_row<kD, kBits>(codes + i * c_stride, sb[2 * i], sb[2 * i + 1], row);
+          have_row = true;
+        }
+        axpy<float, kD>(acc + h * kD, p, row);
+      }
     }
   }
 };

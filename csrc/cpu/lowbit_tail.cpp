@@ -1,6 +1,7 @@
 // kcache_ops::lowbit_tail on the CPU: per (batch, kv head), each valid key outside the skipped
 // first and last keys that a head of the group did not select adds exp(s - lse), from qk_topn's
-// scores, times its dequantized low-bit V row (dequantized once per key) to that head's output.
+// scores, times its dequantized low-bit V row (once per key and 4 heads: Isa::tail_rows) to
+// that head's output.
 #include <algorithm>
 #include <vector>
 
@@ -89,7 +90,9 @@ void chunk_tail(const Group& g, int64_t G, int64_t N, int64_t j0, int64_t j1,
   Isa::template tail_rows<kD, kBits>(w, kChunkKeys, G, n, codes, g.c_stride, sb, acc);
 }
 
-// out [G, kD] = the chunks' sums parts [chunks, G, kD] added in order, then the hot rows at
+// out [G, kD] = the chunks' sums parts [chunks, G, kD] added in order to zeros (so a -0 sum of a
+// chunk, a subnormal weight times a small negative value, gives +0 as the scalar loop did), then
+// the hot rows at
 // positions in [0, L), each with its weight from tail_weight (std::exp) for every head.
 template <class Isa, int64_t kD>
 void finish_group(const Group& g, int64_t G, const float* parts, int64_t chunks) {
