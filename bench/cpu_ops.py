@@ -46,11 +46,12 @@ def kcache_tail(scores, seq_lens, lse, indices, codes, meta, bits, skip):
 
 
 def median_ms(fn, inputs, runs, warmup=2):
-    """Median wall time of fn(*inputs[i % len(inputs)]) in ms, after warm-up."""
+    """Median wall time of fn(*inputs[i % len(inputs)]) in ms, after warm-up: the timed runs go on
+    from the input after the warm-up's last (not one it just left in the cache)."""
     for i in range(warmup):
         fn(*inputs[i % len(inputs)])
     times = []
-    for i in range(runs):
+    for i in range(warmup, warmup + runs):
         t0 = time.perf_counter()
         fn(*inputs[i % len(inputs)])
         times.append(time.perf_counter() - t0)

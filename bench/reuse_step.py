@@ -12,23 +12,29 @@ bench/reuse_hits.py); each line says the hit rate this run got.
 Per batch: the default options with reuse 0 and with each ``--pools`` multiple of G·N, on the
 same prompt and the same queries; ``--warm`` steps, then ``--steps`` timed ones, each timed whole
 (CUDA events around it; on the CPU the wall clock after it), the median over the steps divided by
-the layers. One line per configuration: µs per layer step, the ratio to reuse 0's in this run,
-the hit rate, the host bytes a layer step moved (with reuse measured, the distinct rows the pool
-lacked; without, every head's rows read: an upper bound, the CUDA sparse_attn_v reads a row
-several heads chose once) and on CUDA their time at the pinned host->device copy rate measured in
-this run (the PCIe ceiling). The launches are eager: at small batches Python, not the GPU, sets
-the time (the kernels' own times are bench/profile_step.py's to measure).
+the layers. The timed steps record nothing (``record_mass`` off: its counting ops would be timed);
+an untimed replay of the same steps counts the rows. One line per configuration: µs per layer
+step, the ratio to reuse 0's in this run, the hit rate, the host bytes a layer step moved (the
+distinct rows each KV head's step read that the pool lacked, as the CUDA sparse_attn_v reads a
+row several heads of a group chose once; with reuse 0 all of them, counted on a pool whose hits
+are not taken, plus the new token's rows written) and on CUDA their time at the pinned
+host->device copy rate measured in this run (the PCIe ceiling). The launches are eager: at small
+batches Python, not the GPU, sets the time (the kernels' own times are bench/profile_step.py's to
+measure). Writes reuse_step.json (after each configuration) to bench/results/ (the results
+folder of kcache_ops.results) or --out.
 
     python bench/reuse_step.py [--device cuda] [--batch 1 8] [--context 32768] [--pools 2 4]
-                               [--layers 4] [--steps 24] [--warm 8] [--drift 0.5]
+                               [--layers 4] [--steps 24] [--warm 8] [--drift 0.5] [--out DIR]
 """
 import argparse
 from dataclasses import replace
+import os
 import statistics
 import time
 
 import torch
 
+from kcache_ops import results
 from kcache_ops.caches import KCacheOptions, make_cache
 from decode_steps import layers_config
 import timing
@@ -36,10 +42,11 @@ import timing
 Hq, Hkv, D = 32, 8, 128  # the Llama-3-8B shape of bench/profile_step.py
 
 
-def timed_steps(device, dtype, batch, context, layers, options, a):
-    """Prefill ``context - warm - steps`` random tokens into a cache of ``options``, decode the
-    rest -> (median µs per layer step, hit rate or None, host bytes per layer step)."""
-    torch.manual_seed(0)  # the same prompt and queries for every configuration
+def seeded_steps(device, dtype, batch, context, layers, options, a):
+    """A cache of ``options`` holding ``context - warm - steps`` random tokens, and the inputs of
+    the steps that follow, the same for every configuration -> (cache, [(q [B, Hq, D], k, v
+    [B, Hkv, D])] per step)."""
+    torch.manual_seed(0)
     prompt = context - a.warm - a.steps
     anchor = torch.randn(batch, Hq, D, device=device)  # [B, Hq, D]
     config = layers_config(anchor, torch.empty(1, Hkv, 1, D), layers)
@@ -54,11 +61,17 @@ def timed_steps(device, dtype, batch, context, layers, options, a):
     inputs = [((anchor + a.drift * torch.randn_like(anchor)).to(dtype),
                torch.randn(batch, Hkv, D, device=device, dtype=dtype),
                torch.randn(batch, Hkv, D, device=device, dtype=dtype))
-              for _ in range(a.warm + a.steps)]  # (q [B, Hq, D], k, v [B, Hkv, D]) per step
+              for _ in range(a.warm + a.steps)]
+    return cache, inputs
+
+
+def timed_steps(device, dtype, batch, context, layers, options, a):
+    """Decode :func:`seeded_steps` on a cache of ``options`` -> median µs per layer step of the
+    steps from ``warm`` on, recording nothing."""
+    cache, inputs = seeded_steps(device, dtype, batch, context, layers, options, a)
     cuda = device == "cuda"
     marks = []  # per timed step: (start, end) events, or seconds
     for i, (q, k, v) in enumerate(inputs):
-        cache.record_mass = i >= a.warm
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -77,12 +90,27 @@ def timed_steps(device, dtype, batch, context, layers, options, a):
         us = [s.elapsed_time(e) * 1e3 for s, e in marks]
     else:
         us = [1e6 * s for s in marks]
-    if options.reuse:
-        rate = float(cache.reuse_hit_rate().mean())
-        host = cache.reuse_host_bytes_per_step()
-    else:
-        rate, host = None, cache.host_bytes_read_per_step(float(cache.rows_read().mean()))
-    return statistics.median(us) / layers, rate, host / layers
+    return statistics.median(us) / layers
+
+
+def counted_steps(device, dtype, batch, context, layers, options, a):
+    """Replay :func:`seeded_steps` untimed, recording from step ``warm`` on -> (hit rate or None
+    without reuse, host bytes per layer step): the distinct rows per KV head the pool lacked and
+    the new token's rows. Without reuse the rows are counted on a pool of G·N (the selection does
+    not depend on it) and its hits are added back: every distinct row, as the CUDA sparse_attn_v
+    reads them."""
+    rows = Hq // Hkv * options.topn  # G·N, the smallest pool
+    counting = options if options.reuse else replace(options, reuse=rows)
+    cache, inputs = seeded_steps(device, dtype, batch, context, layers, counting, a)
+    for i, (q, k, v) in enumerate(inputs):
+        cache.record_mass = i >= a.warm
+        for layer in range(layers):
+            cache.decode(layer, q, k, v)
+        cache.finish_decode()
+    host = cache.reuse_host_bytes_per_step()
+    if not options.reuse:
+        return None, (host + cache.host_bytes_saved_per_step()) / layers
+    return float(cache.reuse_hit_rate().mean()), host / layers
 
 
 def main():
@@ -97,28 +125,46 @@ def main():
     ap.add_argument("--warm", type=int, default=8)
     ap.add_argument("--drift", type=float, default=0.5,
                     help="query noise per step (0.5: a hit rate near the model's)")
+    ap.add_argument("--out", default=results.RESULTS_DIR,
+                    help=f"folder of reuse_step.json (default {results.RESULTS_DIR})")
+    ap.add_argument("--no-save", action="store_true", help="print only")
     a = ap.parse_args()
     if a.context <= a.warm + a.steps:
         ap.error(f"--context must exceed --warm + --steps ({a.warm + a.steps}), got {a.context}")
     cuda = a.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     pcie = timing.h2d_bandwidth_gbs() if cuda else None  # GB/s, this run's ceiling
+    settings = {"dtype": str(dtype).removeprefix("torch."), "Hq": Hq, "Hkv": Hkv, "D": D,
+                "context": a.context, "layers": a.layers, "steps": a.steps, "warm": a.warm,
+                "drift": a.drift, "h2d_gbs": pcie}
     print(f"{a.device}, {dtype}, {Hq}/{Hkv} heads, D {D}, {a.context} tokens, {a.layers} layers, "
           f"median of {a.steps} steps" + (f", pinned H2D {pcie:.1f} GB/s" if cuda else ""))
+    print("host KiB: a layer step's distinct rows per KV head not in the pool (C = 0: all) and "
+          "the new token's")
     print(f"{'B':>4} {'C':>5} {'µs/layer':>9} {'vs C=0':>7} {'hit rate':>9} {'host KiB':>9}"
           + (f" {'PCIe µs':>8}" if cuda else ""))
     step_rows = Hq // Hkv * KCacheOptions().topn  # G·N: a step's rows per KV head
+    rows = []
     for batch in a.batch:
         base = None
         for times in [0, *a.pools]:
             options = replace(KCacheOptions(), reuse=times * step_rows)
-            us, rate, host = timed_steps(a.device, dtype, batch, a.context, a.layers, options, a)
+            run = (a.device, dtype, batch, a.context, a.layers, options, a)
+            us = timed_steps(*run)
+            rate, host = counted_steps(*run)
             base = us if base is None else base
             hit = "–" if rate is None else f"{rate:.3f}"
             line = (f"{batch:>4} {options.reuse:>5} {us:9.1f} {us / base:7.2f} {hit:>9} "
                     f"{host / 1024:9.1f}")
             print(line + (f" {host / pcie / 1e3:8.1f}" if cuda else ""), flush=True)
-
+            rows.append({"B": batch, "C": options.reuse, "us_per_layer": round(us, 2),
+                         "vs_c0": round(us / base, 3), "hit_rate": rate and round(rate, 4),
+                         "host_bytes_per_layer": round(host),
+                         "pcie_us": round(host / pcie / 1e3, 2) if cuda else None})
+            if not a.no_save:  # after each configuration: a run cut short keeps them
+                results.write_json(os.path.join(a.out, "reuse_step.json"),
+                                   {"machine": results.machine(a.device),
+                                    "settings": settings, "rows": rows})
 
 if __name__ == "__main__":
     main()

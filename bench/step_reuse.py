@@ -11,14 +11,19 @@ last W steps would serve. Reported per N and W: the hit rate (hits / rows read) 
 a cache holds per KV head (the distinct rows of those W steps), as their share of the device
 memory K already takes at that length.
 
-Text and model as bench/head_overlap.py (the eval's essay window, the embedded SmolLM2).
+Text and model as bench/head_overlap.py (the eval's essay window, the embedded SmolLM2). Writes
+step_reuse.json (after each configuration) to bench/results/ (the results folder of
+kcache_ops.results) or --out.
 
-    python bench/step_reuse.py [--length short|long|both] [--n 8 64] [--w 1 4 16]
+    python bench/step_reuse.py [--length short|long|both] [--n 8 64] [--w 1 4 16] [--out DIR]
                                                             (~40 s short, ~90 s both, two cores)
 """
 import argparse
+import os
 
 import torch
+
+from kcache_ops import results
 
 from head_overlap import add_text_arguments, essay_queries
 
@@ -59,10 +64,15 @@ def main():
     add_text_arguments(ap, queries=48)
     ap.add_argument("--n", type=int, nargs="+", default=[8, 64])
     ap.add_argument("--w", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--out", default=results.RESULTS_DIR,
+                    help=f"folder of step_reuse.json (default {results.RESULTS_DIR})")
+    ap.add_argument("--no-save", action="store_true", help="print only")
     a = ap.parse_args()
     if max(a.w) >= a.queries:
         ap.error(f"--w must be below --queries ({a.queries}), got {max(a.w)}")
-    for _, c, qs, ks, _, ids in essay_queries(a):
+    settings = {"queries": a.queries, "sinks": a.sinks, "window": a.window}
+    rows = []
+    for which, c, qs, ks, _, ids in essay_queries(a):
         print(f"   {'N':>4} {'W':>3} {'hit rate':>9} {'rows held /KV head':>19} "
               f"{'held / K rows':>14}  hit rate per layer")
         for n in a.n:
@@ -71,10 +81,19 @@ def main():
                 per = [reuse(r, w) for r in reads]  # per layer (hits, read, held)
                 hits, read, held = (sum(p[i] for p in per) for i in range(3))
                 steps = (a.queries - w) * c.num_kv_heads * len(per)
-                layers = " ".join(f"{p[0] / p[1]:.2f}" for p in per)
+                layers = [p[0] / p[1] for p in per]
                 print(f"   {n:>4} {w:>3} {hits / read:9.3f} {held / steps:19.1f} "
-                      f"{held / steps / len(ids):14.3f}  {layers}")
-
+                      f"{held / steps / len(ids):14.3f}  "
+                      + " ".join(f"{x:.2f}" for x in layers))
+                rows.append({"length": which, "tokens": len(ids), "N": n, "W": w,
+                             "hit_rate": round(hits / read, 4),
+                             "rows_held": round(held / steps, 1),
+                             "held_over_k": round(held / steps / len(ids), 4),
+                             "layer_hit_rates": [round(x, 4) for x in layers]})
+                if not a.no_save:  # after each configuration: a run cut short keeps them
+                    results.write_json(os.path.join(a.out, "step_reuse.json"),
+                                       {"machine": results.machine("cpu"), "settings": settings,
+                                        "rows": rows})
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,8 @@ def rotations(bytes_per_set, max_sets=64):
 
 def _eager_us(fn, args_list, warmup, iters):
     """Median µs of fn(*args) launched from Python, each call between two CUDA events (a call that
-    does host work is timed whole: the start event fires at once on an idle device)."""
+    does host work is timed whole: the start event fires at once on an idle device). The timed
+    calls go on from the input after the warm-up's last (not one it just left in L2)."""
     for i in range(warmup):
         fn(*args_list[i % len(args_list)])
     torch.cuda.synchronize()
@@ -32,7 +33,7 @@ def _eager_us(fn, args_list, warmup, iters):
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     for i in range(iters):
         starts[i].record()
-        fn(*args_list[i % len(args_list)])
+        fn(*args_list[(warmup + i) % len(args_list)])
         ends[i].record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))

@@ -2,12 +2,15 @@
 work, the log and the archive in $OUT), the PyTorch baselines of bench/baselines.py against
 kcache_ops.reference on fresh random inputs, bench/cpu_ops.py at a tiny size, and the decode
 steps of bench/decode_steps.py (which the GPU benchmark and the profile time) on the CPU at a
-small shape, with the count of the ops a default step launches (bench/step_ops.py) and the reuse
-step's timing over steps that advance (bench/reuse_step.py)."""
+small shape, with the count of the ops a default step launches (bench/step_ops.py), the reuse
+step's timing over steps that advance (bench/reuse_step.py) and the JSON of the reuse studies
+(bench/reuse_step.py, reuse_hits.py, step_reuse.py)."""
+import json
 import os
 import subprocess
 import sys
 import tarfile
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,10 +20,13 @@ from kcache_ops import reference
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 sys.path.insert(0, BENCH)
 import baselines  # noqa: E402  (bench/ is a folder of scripts, not a package)
+import cpu_ops  # noqa: E402
 import decode_steps  # noqa: E402
+import reuse_hits  # noqa: E402
 import reuse_step  # noqa: E402
 import step_ops  # noqa: E402
 import step_reuse  # noqa: E402
+import timing  # noqa: E402
 
 STAGES = ("build", "tests", "e2e", "slow", "profile", "bench", "sanitize")
 
@@ -137,6 +143,32 @@ def test_cpu_ops_bench_prints_every_row(tmp_path):
     assert all(f"| {op} | 1 | 256 | bfloat16 |" in table for op in ops)
 
 
+class FakeEvent:
+    """A CUDA event with nothing behind it: each pair is 1 ms apart."""
+
+    def __init__(self, enable_timing):
+        pass
+
+    def record(self):
+        pass
+
+    def elapsed_time(self, end):
+        return 1.0
+
+
+def test_timed_runs_go_on_after_the_warm_up(monkeypatch):
+    """bench/cpu_ops.py and bench/timing.py (its launch timing, on fake events) time the inputs
+    after the warm-up's, not the ones it just left in the cache."""
+    calls = []
+    assert cpu_ops.median_ms(calls.append, [(0,), (1,), (2,)], runs=3, warmup=2) >= 0
+    assert calls == [0, 1, 2, 0, 1]
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    calls.clear()
+    assert timing._eager_us(calls.append, [(0,), (1,), (2,)], warmup=2, iters=3) == 1e3
+    assert calls == [0, 1, 2, 0, 1]
+
+
 def test_torch_gather_rows_is_a_copy():
     src = torch.randn(2, 3, 50, 16)
     indices = torch.randint(0, 50, (2, 9, 7), dtype=torch.int32)
@@ -231,16 +263,89 @@ def test_step_reuse_counts_the_rows_of_the_steps_before():
     assert step_reuse.reuse(reads, 2) == (2, 4, 6)  # steps 2 and 3 against the two before
 
 
-def test_reuse_step_times_steps_that_advance():
-    """bench/reuse_step.py on the CPU at a tiny context: with a pool the steps find rows there
-    and move fewer host bytes than without; every step stored its token (the lengths moved)."""
-    from types import SimpleNamespace
+def caches_made(module, monkeypatch):
+    """The caches ``module`` makes from now on, in order."""
+    made = []
 
+    def make_cache(*args):
+        made.append(module_make_cache(*args))
+        return made[-1]
+    module_make_cache = module.make_cache
+    monkeypatch.setattr(module, "make_cache", make_cache)
+    return made
+
+
+def test_reuse_step_times_steps_that_advance(monkeypatch):
+    """bench/reuse_step.py on the CPU at a tiny context: the timed steps record nothing (the
+    counting ops are not the step's); an untimed replay counts them. With a pool the steps find
+    rows there and move fewer host bytes than without, and both count distinct rows per KV head:
+    the pool's misses are (1 - hit rate) of what reuse 0 reads, below every head's rows."""
     from kcache_ops.caches import KCacheOptions
 
+    made = caches_made(reuse_step, monkeypatch)
     a = SimpleNamespace(warm=2, steps=3, drift=0.5)
-    plain = reuse_step.timed_steps("cpu", torch.float32, 1, 300, 1, KCacheOptions(), a)
-    pooled = reuse_step.timed_steps("cpu", torch.float32, 1, 300, 1,
-                                    KCacheOptions(reuse=512), a)
-    assert plain[0] > 0 and plain[1] is None
-    assert 0 < pooled[1] <= 1 and pooled[2] < plain[2]
+    run = ("cpu", torch.float32, 1, 300, 1)
+    assert reuse_step.timed_steps(*run, KCacheOptions(reuse=512), a) > 0
+    assert made[0].record_mass is False and made[0].rows_read().isnan().all()
+    plain = reuse_step.counted_steps(*run, KCacheOptions(), a)
+    pooled = reuse_step.counted_steps(*run, KCacheOptions(reuse=512), a)
+    assert plain[0] is None and 0 < pooled[0] <= 1
+    row = reuse_step.D * 4  # float32 bytes of a V row
+    written = reuse_step.Hkv * row  # the new token's rows
+    every_head = reuse_step.Hq * KCacheOptions().topn * row + written
+    assert pooled[1] < plain[1] < every_head
+    assert pooled[1] - written == pytest.approx((1 - pooled[0]) * (plain[1] - written))
+
+
+def test_reuse_step_writes_its_json(tmp_path, monkeypatch):
+    """bench/reuse_step.py writes one row per configuration to --out, none with --no-save."""
+    argv = ["reuse_step.py", "--device", "cpu", "--batch", "1", "--context", "200", "--pools",
+            "2", "--layers", "1", "--steps", "2", "--warm", "1", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    reuse_step.main()
+    data = json.loads((tmp_path / "reuse_step.json").read_text())
+    assert [(r["B"], r["C"]) for r in data["rows"]] == [(1, 0), (1, 512)]
+    assert data["rows"][0]["hit_rate"] is None and 0 < data["rows"][1]["hit_rate"] <= 1
+    assert data["settings"]["context"] == 200 and data["machine"]["device"] == "cpu"
+    monkeypatch.setattr(sys, "argv", [*argv, "--no-save", "--out", str(tmp_path / "none")])
+    reuse_step.main()
+    assert not (tmp_path / "none").exists()
+
+
+def test_reuse_hits_times_a_pass_that_records_nothing(tmp_path, monkeypatch):
+    """bench/reuse_hits.py (a random tiny model): the counts come from one pass, the time from a
+    second that records nothing, both with the logits of reuse 0; its JSON has a row per N and C."""
+    from kcache_ops.throughput.shapes import SHAPES, random_model
+
+    torch.manual_seed(0)
+    model = random_model(SHAPES["tiny"], "cpu", torch.float32)
+    monkeypatch.setattr(reuse_hits, "load_model", lambda **_: (model, None))
+    monkeypatch.setattr(reuse_hits, "prompt_ids", lambda *_: (list(range(1, 41)), 0))
+    made = caches_made(reuse_hits, monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["reuse_hits.py", "--queries", "6", "--warm", "2", "--n",
+                                      "4", "--pools", "1", "--window", "4", "--threads", "1",
+                                      "--out", str(tmp_path)])
+    reuse_hits.main()
+    assert len(made) == 4  # C = 0 and C = 8: a counted pass, then a timed one
+    for counted, timed in (made[:2], made[2:]):
+        assert counted.rows_read().isfinite().all()
+        assert not timed.record_mass and timed.rows_read().isnan().all()
+    rows = json.loads((tmp_path / "reuse_hits.json").read_text())["rows"]
+    assert [(r["N"], r["C"]) for r in rows] == [(4, 0), (4, 8)]
+    assert rows[0]["hit_rate"] is None and 0 <= rows[1]["hit_rate"] <= 1
+    assert all(r["logits_equal"] and r["ms_per_step"] > 0 for r in rows)
+
+
+def test_step_reuse_writes_its_json(tmp_path, monkeypatch):
+    """bench/step_reuse.py writes one row per N and W, the hit rate of each layer in it."""
+    k = torch.eye(12)[None, :10]  # [Hkv=1, T=10, D=12]
+    q = torch.eye(12)[[5, 7, 5]][:, None].repeat(1, 3, 1)  # [Hq=3, Q=3, D]
+    config = SimpleNamespace(num_kv_heads=1)
+    monkeypatch.setattr(step_reuse, "essay_queries",
+                        lambda a: iter([("short", config, [q, q], [k, k], None, range(10))]))
+    monkeypatch.setattr(sys, "argv", ["step_reuse.py", "--queries", "3", "--n", "1", "--w", "1",
+                                      "--sinks", "0", "--window", "0", "--out", str(tmp_path)])
+    step_reuse.main()
+    rows = json.loads((tmp_path / "step_reuse.json").read_text())["rows"]
+    assert [(r["N"], r["W"], r["hit_rate"]) for r in rows] == [(1, 1, 1.0)]
+    assert rows[0]["layer_hit_rates"] == [1.0, 1.0] and rows[0]["rows_held"] == 2.0
