@@ -1,7 +1,8 @@
 """The PyTorch baselines the benchmarks in bench/ compare against, one definition each.
 
 * :func:`torch_qk_topn` and :func:`torch_decode`: the plain PyTorch way of the two KCache ops
-  (matmul, mask, logsumexp, topk; then index V, softmax, matmul) on whatever device the inputs are.
+  (matmul, mask, logsumexp, topk; then index V, softmax, matmul) on whatever device the inputs are;
+  :func:`torch_qk_topn_group` the same selection with group_select (topk of the group's mass).
 * :func:`torch_lowbit_tail`: the PyTorch way of the low-bit tail (weigh, dequantise the rows a
   chunk at a time, matmul).
 * :func:`torch_gather_rows`: the PyTorch way of reading rows of host memory into the GPU (indices
@@ -25,20 +26,46 @@ SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION,
 SPLIT_KV_CHUNK = 4096  # tokens per chunk of split_kv_attention (fewer where S is smaller)
 
 
+def _scores(q, k_cache, seq_lens, scale):
+    """Every key's score, -inf past L_b: q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B] int32
+    -> s [B, Hq, S] float32."""
+    B, Hq, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    s = torch.matmul(q.view(B, Hkv, Hq // Hkv, D), k_cache.transpose(-1, -2))  # [B, Hkv, G, S]
+    s = s.view(B, Hq, S).float() * scale  # [B, Hq, S]
+    invalid = torch.arange(S, device=q.device) >= seq_lens[:, None].long()  # [B, S]
+    return s.masked_fill_(invalid[:, None], float("-inf"))
+
+
 def torch_qk_topn(q, k_cache, seq_lens, n, scale):
     """qk_topn the PyTorch way (per-head selection).
 
     q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B] int32, n >= 1, scale float ->
     scores [B, Hq, min(n, S)] float32, indices [B, Hq, min(n, S)] int64, lse [B, Hq] float32.
     """
-    B, Hq, D = q.shape
-    Hkv, S = k_cache.shape[1], k_cache.shape[2]
-    s = torch.matmul(q.view(B, Hkv, Hq // Hkv, D), k_cache.transpose(-1, -2))  # [B, Hkv, G, S]
-    s = s.view(B, Hq, S).float() * scale  # [B, Hq, S]
-    invalid = torch.arange(S, device=q.device) >= seq_lens[:, None].long()  # [B, S]
-    s.masked_fill_(invalid[:, None], float("-inf"))
-    scores, indices = s.topk(min(n, S), dim=-1)  # [B, Hq, n]
+    s = _scores(q, k_cache, seq_lens, scale)  # [B, Hq, S]
+    scores, indices = s.topk(min(n, s.shape[-1]), dim=-1)  # [B, Hq, n]
     return scores, indices, s.logsumexp(dim=-1)
+
+
+def torch_qk_topn_group(q, k_cache, seq_lens, n, scale):
+    """qk_topn with group_select the PyTorch way: each head's lse, each key's mass
+    Σ_h exp(s_h − lse_h) over the G heads of its KV head, the top n keys of that mass per KV head,
+    given to each of its heads with their own scores.
+
+    q [B, Hq, D], k_cache [B, Hkv, S, D], seq_lens [B] int32, n >= 1, scale float ->
+    scores [B, Hq, min(n, S)] float32, indices [B, Hq, min(n, S)] int64, lse [B, Hq] float32.
+    """
+    B, Hq, _ = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    G, n = Hq // Hkv, min(n, S)
+    s = _scores(q, k_cache, seq_lens, scale)  # [B, Hq, S]
+    lse = s.logsumexp(dim=-1)  # [B, Hq]
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # [B, Hq, S]; L_b = 0 gives 0
+    mass = p.view(B, Hkv, G, S).sum(dim=2)  # [B, Hkv, S]
+    indices = mass.topk(n, dim=-1).indices  # [B, Hkv, n]
+    indices = indices[:, :, None].expand(B, Hkv, G, n).reshape(B, Hq, n)  # [B, Hq, n]
+    return torch.gather(s, -1, indices), indices, lse
 
 
 def torch_decode(q, k_cache, v_cache, seq_lens, n, scale):

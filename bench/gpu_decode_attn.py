@@ -34,16 +34,18 @@ DEFAULT = KCacheOptions()
 
 def configs(args):
     """(S, B) in run order with the device bytes each needs: K and V sets, the default layers
-    built from them, qk_topn's scores."""
+    built from them, qk_topn's scores, the copies of lowbit_tail's inputs; and the bytes that
+    lowbit_tail reads (every score, the low-bit copy, the hot rows: about a tenth of K and V)."""
     out = []
     for S in args.seq:
         for B in args.batch:
             kv_bytes = B * Hkv * S * D * 2
+            layer_bytes = decode_steps.default_layer_bytes(B, Hq, Hkv, S, D, torch.bfloat16)
+            tail_bytes = B * Hq * S * 4 + layer_bytes - kv_bytes
             sets = timing.rotations(2 * kv_bytes)
-            out.append({"S": S, "B": B, "kv_bytes": kv_bytes,
-                        "bytes": sets * (2 * kv_bytes + decode_steps.default_layer_bytes(
-                            B, Hq, Hkv, S, D, torch.bfloat16))
-                        + B * Hq * S * 4})
+            out.append({"S": S, "B": B, "kv_bytes": kv_bytes, "tail_bytes": tail_bytes,
+                        "bytes": sets * (2 * kv_bytes + layer_bytes) + B * Hq * S * 4
+                        + timing.rotations(tail_bytes) * tail_bytes})
     return out
 
 
@@ -119,14 +121,24 @@ def op_steps(rec, c, sets, v, n, dense, ceilings):
                 device_MiB_saved=c["kv_bytes"] / 2**20)
 
 
+def cloned(args):
+    """A copy of ``args`` with every tensor in it (nested tuples included) cloned."""
+    if isinstance(args, tuple):
+        return tuple(cloned(a) for a in args)
+    return args.clone() if torch.is_tensor(args) else args
+
+
 def default_step(rec, c, sets, dense, ceilings):
     """Time the default layer step (KCache.decode, one layer per input set) and its parts alone:
-    qk_topn (the top N cold rows), the selection (+ top_p) and lowbit_tail on a fresh
-    query per layer, sparse_attn_v on selections of fresh queries rotated beyond L2. One row."""
+    qk_topn (the top N cold rows) and the selection (+ top_p) on a fresh query per layer,
+    lowbit_tail on copies of its inputs (a fresh query per layer) rotated beyond L2 by its own
+    bytes, sparse_attn_v on selections of fresh queries rotated beyond L2. One row."""
     B, S = c["B"], c["S"]
     layer = decode_steps.DefaultLayer(sets)
     fresh = [(i, torch.randn_like(q)) for i, (q, _, _) in enumerate(sets)]  # (layer, q)
     tails = [layer.tail_args(i, q) for i, q in fresh]
+    # the tail reads about a tenth of what a K and V set holds: as many sets fit in L2
+    tails = [cloned(tails[i % len(tails)]) for i in range(timing.rotations(c["tail_bytes"]))]
     most_bytes = B * Hq * DEFAULT.topn * D * 2  # every selected row read
     selections = [(i % len(sets), *layer.select(i % len(sets), torch.randn_like(sets[0][0])))
                   for i in range(timing.rotations(most_bytes))]  # (layer, scores, indices, lse)

@@ -1,7 +1,8 @@
-"""qk_topn against torch (matmul + mask + topk + logsumexp, bench/baselines.py) and against the HBM
-ceiling (bytes of K over the device-to-device copy bandwidth measured in the same run), 4K-128K
-tokens, batch 1-32, Llama-3-8B shape (32 q / 8 KV heads, D=128) and SmolLM2 shape (9 / 3, D=64),
-bf16, N=64 (and 1024). Every call is timed inside a CUDA graph.
+"""qk_topn against torch (matmul + mask + topk + logsumexp, bench/baselines.py; with group_select
+the group's softmax mass before topk) and against the HBM ceiling (bytes of K over the
+device-to-device copy bandwidth measured in the same run), 4K-128K tokens, batch 1-32,
+Llama-3-8B shape (32 q / 8 KV heads, D=128) and SmolLM2 shape (9 / 3, D=64), bf16, N=64 (and
+1024). Every call is timed inside a CUDA graph.
 
     python bench/gpu_qk_topn.py [--seq ...] [--batch ...] [--n ...] [--out DIR] [--dry-run]
 
@@ -19,17 +20,20 @@ import baselines
 import timing
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}
+# the PyTorch way of the same selection, by group_select (named in each row's torch_baseline)
+BASELINES = {False: baselines.torch_qk_topn, True: baselines.torch_qk_topn_group}
 
 
 def configs(args):
-    """(shape, S, B) in run order, with the device bytes each needs: K sets + scores."""
+    """(shape, S, B) in run order, with the device bytes each needs: K sets + the scores, and the
+    weights of the group_select baseline."""
     out = []
     for shape, (Hq, Hkv, D) in SHAPES.items():
         for S in args.seq:
             for B in args.batch:
                 k_bytes = B * Hkv * S * D * 2
                 out.append({"shape": shape, "S": S, "B": B, "k_bytes": k_bytes,
-                            "bytes": k_bytes * timing.rotations(k_bytes) + 2 * B * Hq * S * 4})
+                            "bytes": k_bytes * timing.rotations(k_bytes) + 3 * B * Hq * S * 4})
     return out
 
 
@@ -61,16 +65,17 @@ def main():
         floor_us = k_bytes / ceiling / 1e3
         scale = 1 / math.sqrt(D)
         for n in args.n:
-            torch_us, torch_mode = timing.time_us(
-                lambda q, k, lens: baselines.torch_qk_topn(q, k, lens, n, scale), sets)
-            for group_select in (False, True):
+            for group_select, base in BASELINES.items():
+                torch_us, torch_mode = timing.time_us(
+                    lambda q, k, lens: base(q, k, lens, n, scale), sets)
                 us, mode = timing.time_us(
                     lambda q, k, lens: kcache_ops.qk_topn(q, k, lens, n, scale, group_select),
                     sets)
                 rec.add(op="qk_topn", shape=c["shape"], dtype="bf16", B=B, S=S, n=n,
                         group_select=group_select, us=us, timed=mode, GBs=k_bytes / us / 1e3,
-                        pct_ceiling=100 * floor_us / us, torch_us=torch_us,
-                        torch_timed=torch_mode, speedup_vs_torch=torch_us / us)
+                        pct_ceiling=100 * floor_us / us, torch_baseline=base.__name__,
+                        torch_us=torch_us, torch_timed=torch_mode,
+                        speedup_vs_torch=torch_us / us)
 
     def plot(ax, rs):
         for shape in SHAPES:

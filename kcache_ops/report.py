@@ -16,14 +16,18 @@ GPU_COMMAND = ("make build && .venv/bin/python -m kcache_ops bench --device cuda
 
 
 def gather_section(data):
-    """Markdown of bench/gpu_gather.py's JSON, where it is present."""
+    """Markdown of bench/gpu_gather.py's JSON, where it is present. The speedup over the PyTorch
+    way is "–" where it was not timed: write-combined rows (null) and JSON written before it
+    was timed."""
     meta = data["meta"]  # results.machine() and the ceiling
     out = ["## Gather bandwidth (bench/gpu_gather.py)", "",
            ran_on(meta, f", pinned memcpy H2D ceiling {meta['h2d_ceiling_GBs']:.1f} GB/s."), "",
-           "| row bytes | rows/head | memory | GB/s | % of ceiling |", "|---|---|---|---|---|"]
+           "| row bytes | rows/head | memory | GB/s | % of ceiling | speedup vs torch |",
+           "|---|---|---|---|---|---|"]
     for r in data["rows"]:
+        speedup = "–" if r.get("speedup_vs_torch") is None else f"{r['speedup_vs_torch']:.1f}x"
         out.append(f"| {r['row_bytes']} | {r['rows_per_head']} | {r['mem']} | {r['GBs']:.1f} | "
-                   f"{r['pct_ceiling']:.0f}% |")
+                   f"{r['pct_ceiling']:.0f}% | {speedup} |")
     return out + ["", "![gather bandwidth vs row size](gpu_gather.png)", ""]
 
 

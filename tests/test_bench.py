@@ -137,3 +137,39 @@ def test_a_run_cut_off_keeps_its_rows(tmp_path, monkeypatch):
     assert not data["complete"] and [r["backend"] for r in data["rows"]] == ["dense"]
     from kcache_ops.throughput.report import bench_section
     assert "**This run was cut off before its end**" in "\n".join(bench_section(data))
+
+
+def test_transformers_steps_make_no_tensor_from_host_data(monkeypatch):
+    """The timed steps of transformers' decode pass their positions as slices of one device
+    tensor made before timing: no step makes a tensor from host data (on a GPU each would wait
+    for the stream and lose transformers' launch/compute overlap)."""
+    pytest.importorskip("transformers")
+    from kcache_ops.throughput import shapes, transformers_baseline
+    model = transformers_baseline.hf_model(shapes.SHAPES["tiny"], torch.device("cpu"),
+                                           torch.float32, 64)
+    positions, made = [], []
+    real_call, real_tensor = type(model).__call__, torch.tensor
+    real_median = transformers_baseline.median_seconds
+
+    def call(self, *args, **kwargs):
+        positions.append(kwargs["cache_position"])
+        return real_call(self, *args, **kwargs)
+
+    def watched_tensor(*args, **kwargs):
+        made.append(args)
+        return real_tensor(*args, **kwargs)
+
+    def timed(device, step, runs):  # torch.tensor watched while the steps are timed
+        positions.clear()
+        monkeypatch.setattr(torch, "tensor", watched_tensor)
+        try:
+            return real_median(device, step, runs)
+        finally:
+            monkeypatch.setattr(torch, "tensor", real_tensor)
+
+    monkeypatch.setattr(type(model), "__call__", call)
+    monkeypatch.setattr(transformers_baseline, "median_seconds", timed)
+    assert transformers_baseline.time_hf(model, 2, 32, 3) > 0
+    assert made == []
+    assert [p.tolist() for p in positions] == [[34], [35], [36]]  # from context + 2 on
+    assert len({p.untyped_storage().data_ptr() for p in positions}) == 1

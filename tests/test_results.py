@@ -69,13 +69,19 @@ def test_results_go_to_the_checkout_or_the_working_folder(tmp_path, monkeypatch)
 def test_report_from_the_gather_json_alone(tmp_path):
     meta = {**machine("cpu"), "gpu": "Test GPU", "h2d_ceiling_GBs": 50.0}
     rows = [{"row_bytes": 256, "rows_per_head": 64, "mem": "pinned", "GBs": 20.0,
-             "pct_ceiling": 40.0}]
+             "pct_ceiling": 40.0, "speedup_vs_torch": 11.56},
+            {"row_bytes": 256, "rows_per_head": 64, "mem": "wc", "GBs": 20.0,
+             "pct_ceiling": 40.0, "speedup_vs_torch": None},  # the PyTorch way not timed
+            {"row_bytes": 1024, "rows_per_head": 64, "mem": "pinned", "GBs": 30.0,
+             "pct_ceiling": 60.0}]  # a row of a JSON written before the PyTorch way was timed
     write_json(tmp_path / report.GATHER_JSON, {"meta": meta, "rows": rows})
     report.write(tmp_path)
     text = (tmp_path / "REPORT.md").read_text()
     assert "Not run yet: `python -m kcache_ops eval`" in text and "## Throughput" in text
     assert "Test GPU" in text and "H2D ceiling 50.0 GB/s" in text
-    assert "| 256 | 64 | pinned | 20.0 | 40% |" in text
+    assert "| 256 | 64 | pinned | 20.0 | 40% | 11.6x |" in text
+    assert "| 256 | 64 | wc | 20.0 | 40% | – |" in text
+    assert "| 1024 | 64 | pinned | 30.0 | 60% | – |" in text
 
 
 def test_the_committed_report_is_the_committed_results(tmp_path):

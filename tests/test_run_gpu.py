@@ -3,8 +3,10 @@ work, the log and the archive in $OUT), the PyTorch baselines of bench/baselines
 kcache_ops.reference on fresh random inputs, bench/cpu_ops.py at a tiny size, and the decode
 steps of bench/decode_steps.py (which the GPU benchmark and the profile time) on the CPU at a
 small shape, with the count of the ops a default step launches (bench/step_ops.py), the reuse
-step's timing over steps that advance (bench/reuse_step.py) and the JSON of the reuse studies
-(bench/reuse_step.py, reuse_hits.py, step_reuse.py)."""
+step's timing over steps that advance (bench/reuse_step.py), the JSON of the reuse studies
+(bench/reuse_step.py, reuse_hits.py, step_reuse.py) and the default step's tail inputs
+(bench/gpu_decode_attn.py)."""
+import argparse
 import json
 import os
 import subprocess
@@ -22,6 +24,7 @@ sys.path.insert(0, BENCH)
 import baselines  # noqa: E402  (bench/ is a folder of scripts, not a package)
 import cpu_ops  # noqa: E402
 import decode_steps  # noqa: E402
+import gpu_decode_attn  # noqa: E402
 import reuse_hits  # noqa: E402
 import reuse_step  # noqa: E402
 import step_ops  # noqa: E402
@@ -97,6 +100,19 @@ def test_torch_qk_topn_and_decode_match_reference():
     torch.testing.assert_close(lse, want[2])
     torch.testing.assert_close(baselines.torch_decode(q, k, v, lens, 32, 0.125),
                                reference.decode_attention(q, k, v, lens, 32, 0.125))
+
+
+@pytest.mark.parametrize("Hq, Hkv", [(8, 2), (9, 3), (4, 4)])
+def test_torch_qk_topn_group_matches_reference(Hq, Hkv):
+    """The group_select baseline (the group's mass Σ_h exp(s_h − lse_h), topk per KV head)
+    selects what the reference's group_select does, a length below S among the sequences."""
+    q, k, _ = random_qkv(Hq=Hq, Hkv=Hkv)
+    lens = torch.tensor([384, 100], dtype=torch.int32)
+    scores, indices, lse = baselines.torch_qk_topn_group(q, k, lens, 32, 0.125)
+    want = reference.qk_topn(q, k, lens, 32, 0.125, group_select=True)
+    assert torch.equal(indices.int(), want[1])
+    torch.testing.assert_close(scores, want[0])
+    torch.testing.assert_close(lse, want[2])
 
 
 @pytest.mark.parametrize("chunk", [128, 384, 4096])
@@ -208,6 +224,27 @@ def test_decode_steps_split_into_their_parts():
     assert layer.device_bytes_beside_k() == decode_steps.default_layer_bytes(
         B, Hq, Hkv, S, D, torch.float32) - k.nbytes
 
+
+def test_decode_bench_rotates_the_tail_by_its_own_bytes():
+    """bench/gpu_decode_attn.py counts the bytes lowbit_tail reads (every score, the codes and
+    meta, the hot rows) as the tensors of its arguments hold them, and rotates copies of them
+    beyond L2 (the K and V sets, ten times its bytes each, are too few for it)."""
+    B, S = 2, 512
+    c = gpu_decode_attn.configs(argparse.Namespace(seq=[S], batch=[B]))[0]
+    sets = [(torch.randn(B, gpu_decode_attn.Hq, gpu_decode_attn.D, dtype=torch.bfloat16),
+             torch.randn(B, gpu_decode_attn.Hkv, S, gpu_decode_attn.D, dtype=torch.bfloat16),
+             torch.randn(B, gpu_decode_attn.Hkv, S, gpu_decode_attn.D, dtype=torch.bfloat16))]
+    layer = decode_steps.DefaultLayer(sets)
+    every, _, _, _, codes, meta, _, _, hot = args = layer.tail_args(0, sets[0][0])
+    read = every.nbytes + codes.nbytes + meta.nbytes + hot[0].nbytes + hot[1].nbytes
+    assert abs(c["tail_bytes"] - read) < read / 100
+    for c in gpu_decode_attn.configs(argparse.Namespace(seq=[4096, 131072], batch=[1, 32])):
+        sets = timing.rotations(c["tail_bytes"])
+        assert sets * c["tail_bytes"] > 60 << 20  # past an H200's L2 (60 MB) at every size run
+        assert sets >= timing.rotations(2 * c["kv_bytes"])
+    copy = gpu_decode_attn.cloned(args)
+    for mine, theirs in zip((copy[0], copy[4], copy[8][0]), (every, codes, hot[0])):
+        assert torch.equal(mine, theirs) and mine.data_ptr() != theirs.data_ptr()
 
 def test_host_row_bytes_reads_as_the_kernel_does():
     """The decode benchmark's host bytes: a slice of a group's heads (4, or 8 for groups past 4)

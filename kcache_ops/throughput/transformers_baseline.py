@@ -48,15 +48,18 @@ def time_hf(model, batch, context, steps):
     model(input_ids=ids, **cache, cache_position=torch.arange(16, device=device), use_cache=True,
           logits_to_keep=1)
     token = ids[:, :1]  # [B, 1]
+    # every step's position made on the device before timing: a tensor made from a host list in
+    # the step would wait for the stream each step, losing transformers' launch/compute overlap
+    positions = torch.arange(context, context + steps + 2, device=device)  # [steps + 2]
 
-    def step(pos):
+    def step(i):
         model(input_ids=token, **cache, use_cache=True, logits_to_keep=1,
-              cache_position=torch.tensor([pos], device=device))
-    step(context)  # warm-up
-    step(context + 1)
+              cache_position=positions[i:i + 1])
+    step(0)  # warm-up
+    step(1)
     sync(device)
-    positions = iter(range(context + 2, context + 2 + steps))
-    return median_seconds(device, lambda: step(next(positions)), steps)
+    timed = iter(range(2, steps + 2))
+    return median_seconds(device, lambda: step(next(timed)), steps)
 
 
 def compare_with_hf(config, device, dtype, dense_rows, steps, log=print):
