@@ -132,7 +132,7 @@ def _draw(logits, temperature, top_p, top_k, generator):
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
              temperature=0.0, top_p=1.0, seed=None, eos_ids=(), tokenizer=None, on_text=None,
-             top_k=None):
+             top_k=None, on_token=None):
     """Generate up to ``max_new_tokens`` for each prompt, all prompts in one batch.
 
     Parameters
@@ -155,6 +155,10 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
         Needed for ``texts`` and ``on_text``.
     on_text : callable(index, text), optional
         Streaming: called with each sequence's new text as it is generated.
+    on_token : callable(index, token), optional
+        Called with each new token of sequence ``index`` as it is sampled (EOS not included),
+        before its text: one call per token, as a progress bar counts them (a text piece may hold
+        several tokens, or none while a character is incomplete).
 
     Returns
     -------
@@ -223,6 +227,8 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
             done[b] = t in eos
             if not done[b]:
                 out[b].append(t)
+                if on_token is not None:
+                    on_token(b, t)
                 piece = streams[b].push(t) if streams else ""
                 if piece:
                     on_text(b, piece)

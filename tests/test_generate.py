@@ -138,6 +138,17 @@ def test_streaming_pieces_make_the_texts(loaded):
     assert pieces == result.texts == [tokenizer.decode(t) for t in result.tokens]
 
 
+def test_on_token_sees_each_new_token(loaded):
+    """on_token: one call per new token, in order, EOS left out (a progress bar's count)."""
+    model, tokenizer = loaded
+    prompts = [tokenizer.encode("the t"), tokenizer.encode("ok")]
+    first = generate(model, prompts, 6).tokens
+    eos = first[1][2]  # the second sequence stops at its third token
+    seen = [[], []]
+    result = generate(model, prompts, 6, eos_ids=eos, on_token=lambda i, t: seen[i].append(t))
+    assert seen == result.tokens and len(seen[1]) < len(first[1])
+
+
 def test_bad_arguments(loaded):
     model, tokenizer = loaded
     for kwargs in ({"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0},

@@ -46,7 +46,7 @@ def generate_with_progress(model, tokenizer, prompt, backend, options, new_token
               unit="tok", leave=False) as bar:
         result = generate(model, [prompt], new_tokens, backend=backend, options=options,
                           eos_ids=tokenizer.eos_ids, tokenizer=tokenizer,
-                          on_text=lambda _, piece: bar.update(1))
+                          on_token=lambda *_: bar.update(1))
     return result
 
 
