@@ -3,7 +3,6 @@
 
 #include <initializer_list>
 #include <utility>
-#include <vector>
 
 #include <torch/library.h>
 #include <torch/types.h>
@@ -61,13 +60,14 @@ using NamedTensor = std::pair<const char*, const at::Tensor*>;
 // No tensor of `written` (updated in place) shares memory with another of them or one of `read`.
 inline void check_no_overlap(std::initializer_list<NamedTensor> written,
                              std::initializer_list<NamedTensor> read) {
+  const auto check = [](const NamedTensor& w, const NamedTensor& other) {
+    TORCH_CHECK(!may_overlap(*w.second, *other.second), w.first, " and ", other.first,
+                " must not share memory (", w.first, " is updated in place), got views of the "
+                "same memory");
+  };
   for (auto w = written.begin(); w != written.end(); ++w) {
-    std::vector<NamedTensor> others(w + 1, written.end());
-    others.insert(others.end(), read.begin(), read.end());
-    for (const auto& [name, t] : others) {
-      TORCH_CHECK(!may_overlap(*w->second, *t), w->first, " and ", name, " must not share memory (",
-                  w->first, " is updated in place), got views of the same memory");
-    }
+    for (auto other = w + 1; other != written.end(); ++other) check(*w, *other);
+    for (const NamedTensor& other : read) check(*w, other);
   }
 }
 

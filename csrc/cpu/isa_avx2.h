@@ -258,8 +258,8 @@ struct Avx2Isa {
                                 float* sb) {
     if (m_stride != 2) return tail_meta_rows<kBits>(meta, m_stride, n, sb);
     const __m256 no_sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    const __m256 top = _mm256_setr_ps((1 << kBits) - 1, 1, (1 << kBits) - 1, 1, (1 << kBits) - 1,
-                                      1, (1 << kBits) - 1, 1);  // (step, base) pairs
+    constexpr float kTop = (1 << kBits) - 1;  // the largest code
+    const __m256 top = _mm256_setr_ps(kTop, 1, kTop, 1, kTop, 1, kTop, 1);  // (step, base) pairs
     const __m256 limit = _mm256_set1_ps(kTailRowLimit);
     __m256 bounded = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
     int64_t i = 0;

@@ -92,8 +92,8 @@ void chunk_tail(const Group& g, int64_t G, int64_t N, int64_t j0, int64_t j1,
 
 // out [G, kD] = the chunks' sums parts [chunks, G, kD] added in order to zeros (so a -0 sum of a
 // chunk, a subnormal weight times a small negative value, gives +0 as the scalar loop did), then
-// the hot rows at
-// positions in [0, L), each with its weight from tail_weight (std::exp) for every head.
+// the hot rows at positions in [0, L), each with its weight from tail_weight (std::exp) for every
+// head.
 template <class Isa, int64_t kD>
 void finish_group(const Group& g, int64_t G, const float* parts, int64_t chunks) {
   std::fill(g.out, g.out + G * kD, 0.f);
