@@ -104,3 +104,20 @@ def test_decode_step_would_not_sync(backend, options, freq_factors, monkeypatch)
     monkeypatch.undo()
     assert waits.found == []
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("options", [KCacheOptions(), replace(KCacheOptions(), topn=8, reuse=32)],
+                         ids=["default", "reuse"])
+def test_a_recorded_decode_step_would_not_sync(options, monkeypatch):
+    """With ``record_mass`` on, the steps' records (the mass, the rows, the reuse counts), kept
+    apart until finish_decode, are device ops too."""
+    model, cache, tokens = prefilled("kcache", options, None, "cpu", torch.float32)
+    cache.record_mass = True
+    for name in ("item", "tolist", "numpy", "__int__", "__float__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, _no_host_read)
+    with torch.inference_mode(), HostWaits() as waits:
+        for _ in range(3):
+            model.decode(tokens[:, 0], cache)
+    monkeypatch.undo()
+    assert waits.found == []
+    assert not cache.attention_mass().isnan().any()  # recorded

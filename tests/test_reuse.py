@@ -275,3 +275,50 @@ def test_group_heads_cut_to_different_prefixes(device):
                                        plain.decode(layer, q, k_new, v_new), atol=tol, rtol=tol)
         for cache in (plain, reused):
             cache.finish_decode()
+
+
+def test_a_step_run_again_after_a_failure_is_recorded_once(monkeypatch):
+    """A decode step that raises part way (in layer 1, after its attention: layer 0 done, layer
+    1's mass and reuse counts made) and is run again, as the transformers bridge reruns it, is
+    recorded once: the attention mass and rows read equal a twin's whose steps never failed, and
+    the reuse counts are those of the attempts that finished (the failed one's are dropped; the
+    rerun finds the rows that attempt read in the pool, so its hits are its own)."""
+    log = ReadLog(monkeypatch)
+    clean, failing = (make_cache("kcache", tiny_config(), B, CAPACITY, "cpu", torch.float32,
+                                 replace(BASE, reuse=SLOTS)) for _ in range(2))
+    gen = torch.Generator().manual_seed(3)
+    prefill([clean, failing], gen, "cpu", torch.float32)
+    real_attend = failing.tails[1].attend
+
+    def attend_then_fail(*args, **kwargs):
+        real_attend(*args, **kwargs)
+        failing.tails[1].attend = real_attend  # the next attempt runs
+        raise RuntimeError("an op failed")
+
+    anchor = torch.randn(B, HQ, D, generator=gen)  # [B, Hq, D]
+    for step in range(4):
+        q = (anchor + 0.3 * torch.randn(B, HQ, D, generator=gen))  # [B, Hq, D]
+        k, v = (torch.randn(B, HKV, D, generator=gen) for _ in range(2))  # [B, Hkv, D] each
+        for cache in (clean, failing):
+            cache.record_mass = True
+            if cache is failing and step == 2:
+                failing.tails[1].attend = attend_then_fail
+                with pytest.raises(RuntimeError, match="an op failed"):
+                    for layer in range(LAYERS):
+                        cache.decode(layer, q, k, v)
+            for layer in range(LAYERS):
+                cache.decode(layer, q, k, v)
+            cache.finish_decode()
+    assert torch.equal(failing.attention_mass(), clean.attention_mass())
+    assert torch.equal(failing.rows_read(), clean.rows_read())
+    rows, hits = torch.zeros(LAYERS), torch.zeros(LAYERS)
+    for layer in range(LAYERS):
+        calls = [c for c in log.calls if c[0] is failing.reuse[layer]]  # its steps, in order
+        if layer < 2:  # step 2 read twice: the failed attempt's counts are dropped
+            assert len(calls) == 5
+            del calls[2]
+        rows[layer] = sum(c[3].sum() for c in calls)
+        hits[layer] = sum(c[4].sum() for c in calls)
+    torch.testing.assert_close(failing.reuse_hit_rate(), hits / rows)
+    saved = float(hits.sum()) / 4 * D * 4  # float32 rows over 4 steps
+    assert failing.host_bytes_saved_per_step() == pytest.approx(saved)

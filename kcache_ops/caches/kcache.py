@@ -102,8 +102,10 @@ class KCache:
         the hot rows'), ``Σ_i exp(score_i − lse)``, and the number of rows read, each averaged
         over sequences and heads, to per-layer running means (see :meth:`attention_mass`,
         :meth:`rows_read`), and with ``reuse`` the rows found on the device
-        (:meth:`reuse_hit_rate`, :meth:`host_bytes_saved_per_step`). Off by default; costs a
-        few small device ops per layer.
+        (:meth:`reuse_hit_rate`, :meth:`host_bytes_saved_per_step`). A step counts once it
+        finishes (:meth:`finish_decode`), as its layers' last attempts: a step that raised part
+        way and is run again counts once (its rerun's reuse hits include the rows the failed
+        attempt read into the pool). Off by default; costs a few small device ops per layer.
     """
 
     def __init__(self, config, batch, capacity, device, dtype, options=KCacheOptions()):
@@ -168,6 +170,12 @@ class KCache:
         # with reuse: the distinct rows the recorded steps read, and those found on the device
         self._reuse_rows = torch.zeros(n_layers, dtype=torch.int64, device=self.device)  # [layers]
         self._reuse_hits = torch.zeros(n_layers, dtype=torch.int64, device=self.device)  # [layers]
+        # the step under way's records, per layer (mass, rows, recorded, reuse rows, reuse hits):
+        # set, not added, by each layer's step, so a layer's step run again (after a failure)
+        # replaces its attempt's; added to the sums by finish_decode
+        self._step_records = torch.zeros(n_layers, 5, dtype=torch.float64,
+                                         device=self.device)  # [layers, 5]
+        self._step_recorded = False  # on the host: whether a layer of this step recorded
 
     @property
     def seq_lens(self):
@@ -234,6 +242,7 @@ class KCache:
         """
         self._side.join()
         self.lengths.finish_prefill(lens)
+        self._drop_step_records()  # of a step left unfinished before this prompt
         if self.hot_slots is not None:
             self.hot_slots.start(self.lengths.seq_lens, self.lengths.positions)
 
@@ -279,18 +288,18 @@ class KCache:
         if reuse is not None:  # read into the pool where the tail fetches the rows
             record = partial(self._record_reuse, layer) if self.record_mass else None
             reads = PooledReads(reuse, indices, self.v_host[layer], lengths.seq_lens, record)
-        if self.record_mass:
+        if self.record_mass:  # this step's, kept apart until finish_decode
             mass = torch.exp(scores - lse[..., None]).sum(-1)  # [B, Hq]; padding adds 0
-            self._mass_sum[layer] += mass.mean()
-            self._rows_sum[layer] += (indices >= 0).sum(-1).float().mean()
-            self._mass_steps[layer] += 1
+            self._step_records[layer, 0] = mass.mean()
+            self._step_records[layer, 1] = (indices >= 0).sum(-1).float().mean()
+            self._step_records[layer, 2] = 1
+            self._step_recorded = True
         return tail.attend(all_scores, lens, scores, indices, lse, reads, hot)  # [B, Hq, D]
 
     def _record_reuse(self, layer, counts):
-        """A recorded step's reuse counts [B, Hkv, 2] (rows read, found) into the layer's sums,
-        on the stream that read them."""
-        self._reuse_rows[layer] += counts[..., 0].sum()
-        self._reuse_hits[layer] += counts[..., 1].sum()
+        """A recorded step's reuse counts [B, Hkv, 2] (rows read, found) as the layer's part of
+        the step's records, on the stream that read them."""
+        self._step_records[layer, 3:] = counts.flatten(0, 1).sum(0)  # [2]
 
     def select(self, q, k_cache, lens, return_scores=False, top_p=None):
         """The V rows a decode step reads from host RAM, and their scores: ``qk_topn`` as a
@@ -313,14 +322,29 @@ class KCache:
                        skip_last=o.window, top_p=o.top_p if top_p is None else top_p)
 
     def finish_decode(self):
-        """Every sequence has one more token: seq_lens += 1."""
+        """Every sequence has one more token: seq_lens += 1; the step's records (``record_mass``)
+        go into the running sums."""
         self.lengths.finish_decode()
+        if self._step_recorded:
+            records = self._step_records  # [layers, 5] float64
+            self._mass_sum += records[:, 0]
+            self._rows_sum += records[:, 1]
+            self._mass_steps += records[:, 2].long()
+            self._reuse_rows += records[:, 3].long()
+            self._reuse_hits += records[:, 4].long()
+            self._drop_step_records()
         for tail in self.tails.values():
             tail.commit()
         for reuse in self.reuse.values():
             reuse.commit()
         if self.hot_slots is not None:  # the slots of the next step, once for every layer
             self.hot_slots.advance(self.lengths.seq_lens, self.lengths.positions)
+
+    def _drop_step_records(self):
+        """No record of a step under way (device ops only where a layer recorded: no sync)."""
+        if self._step_recorded:
+            self._step_records.zero_()
+            self._step_recorded = False
 
     # -- accounting ------------------------------------------------------------------------------
 
