@@ -9,7 +9,7 @@ import torch
 
 from .caches import make_cache
 from .devices import sync
-from .integers import as_int, as_real, int_at_least
+from .integers import as_bool, as_int, as_real, int_at_least
 from .model import pad_prompts
 from .ops import as_float32
 
@@ -24,9 +24,10 @@ class Generation:
     decode_s : float — seconds of the decode steps
     decode_tokens : int — tokens the decode steps produced (EOS included), summed over sequences
     cache : the cache object used (its ``device_bytes()`` and ``host_bytes()``; with KCache's
-        ``reuse``, its ``reuse_hit_rate()`` and ``host_bytes_saved_per_step()`` over the decode
-        steps, which it records (``record_mass``) inside ``decode_s``: a few small ops a layer
-        and step more than a run without them; ``python -m kcache_ops bench`` times none)
+        ``reuse`` and ``generate(..., reuse_stats=True)``, its ``reuse_hit_rate()`` and
+        ``host_bytes_saved_per_step()`` over the decode steps, which it records
+        (``record_mass``) inside ``decode_s``: a few small ops a layer and step more than a run
+        without them; ``python -m kcache_ops bench`` times none)
     """
     tokens: list
     texts: list | None
@@ -132,7 +133,7 @@ def _draw(logits, temperature, top_p, top_k, generator):
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
              temperature=0.0, top_p=1.0, seed=None, eos_ids=(), tokenizer=None, on_text=None,
-             top_k=None, on_token=None):
+             top_k=None, on_token=None, reuse_stats=False):
     """Generate up to ``max_new_tokens`` for each prompt, all prompts in one batch.
 
     Parameters
@@ -159,6 +160,11 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
         Called with each new token of sequence ``index`` as it is sampled (EOS not included),
         before its text: one call per token, as a progress bar counts them (a text piece may hold
         several tokens, or none while a character is incomplete).
+    reuse_stats : bool
+        With ``backend="kcache"`` and ``options.reuse > 0`` only: record what the reuse pool
+        found (``cache.record_mass``: ``cache.reuse_hit_rate()``,
+        ``cache.host_bytes_saved_per_step()``, and the attention mass), whose small ops run
+        inside the timed ``decode_s``. Default False: the decode steps record nothing.
 
     Returns
     -------
@@ -197,6 +203,14 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
         raise ValueError(f"seed must be None or an integer in [-2^63, 2^64) (what "
                          f"torch.Generator.manual_seed takes), got {seed!r}")
     seed = number
+    flag = as_bool(reuse_stats)
+    if flag is None:
+        raise ValueError(f"reuse_stats must be a bool, got {reuse_stats!r}")
+    reuse_stats = flag
+    if reuse_stats and (backend != "kcache" or not getattr(options, "reuse", 0)):
+        raise ValueError(f"reuse_stats needs backend='kcache' with options.reuse > 0, got "
+                         f"backend={backend!r}, options.reuse="
+                         f"{getattr(options, 'reuse', None)!r}")
     if on_text is not None and tokenizer is None:
         raise ValueError("streaming (on_text) needs the tokenizer")
     device = model.device
@@ -210,7 +224,7 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
                       f"beyond them may degrade", stacklevel=3)  # past no_grad's wrapper
     cache = make_cache(backend, model.config, batch, longest + max_new_tokens, device, model.dtype,
                        options)
-    if options is not None and options.reuse:  # what reuse found, for the caller
+    if reuse_stats:  # what reuse found, for the caller (checked above: a KCache with reuse)
         cache.record_mass = True
     streams = [TextStream(tokenizer) for _ in prompts] if on_text else None
 

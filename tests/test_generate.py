@@ -4,6 +4,7 @@ import math
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,9 +59,31 @@ def test_kcache_options_are_the_caches(loaded):
         want.append(nxt)
     assert got.tokens == torch.stack(want, 1).tolist()
     assert got.tokens != generate(model, PROMPTS, 12, backend="kcache").tokens
-    reused = generate(model, PROMPTS, 12, backend="kcache", options=replace(options, reuse=8))
+    reused = generate(model, PROMPTS, 12, backend="kcache", options=replace(options, reuse=8),
+                      reuse_stats=True)
     assert reused.tokens == got.tokens  # the same output, some rows from the pool
     assert 0 < reused.cache.reuse_hit_rate().nanmean() < 1
+
+
+def test_reuse_stats_are_opt_in(loaded):
+    """With reuse, generate records what the pool found only when asked (``reuse_stats``: its
+    counting ops run inside decode_s); asking without KCache's reuse, or not with a bool, is an
+    error naming the argument."""
+    from kcache_ops.caches import KCacheOptions
+    model, _ = loaded
+    options = KCacheOptions(topn=2, tail="none", top_p=1.0, sinks=0, window=0, reuse=8)
+    plain = generate(model, PROMPTS, 4, backend="kcache", options=options)
+    assert plain.cache.record_mass is False and plain.cache.reuse_hit_rate().isnan().all()
+    counted = generate(model, PROMPTS, 4, backend="kcache", options=options,
+                       reuse_stats=np.bool_(True))  # a flag of any type
+    assert counted.tokens == plain.tokens and counted.cache.record_mass is True
+    assert 0 < counted.cache.reuse_hit_rate().nanmean() <= 1
+    for backend, opts in (("dense", None), ("kcache", None), ("kcache", replace(options, reuse=0))):
+        with pytest.raises(ValueError, match=r"reuse_stats needs backend='kcache' with "
+                                             r"options.reuse > 0, got backend='"):
+            generate(model, PROMPTS, 2, backend=backend, options=opts, reuse_stats=True)
+    with pytest.raises(ValueError, match="reuse_stats must be a bool, got 1"):
+        generate(model, PROMPTS, 2, backend="kcache", options=options, reuse_stats=1)
 
 
 def test_stop_on_eos_per_sequence(loaded):

@@ -74,7 +74,8 @@ def run(args):
                       top_p=1.0 if args.top_p is None else args.top_p,
                       top_k=args.top_k,
                       seed=args.seed, eos_ids=tokenizer.eos_ids, tokenizer=tokenizer,
-                      on_text=show if stream else None)
+                      on_text=show if stream else None,
+                      reuse_stats=options is not None and options.reuse > 0)  # printed below
     if stream:
         print()
     else:
