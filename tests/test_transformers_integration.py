@@ -394,8 +394,9 @@ def test_prefill_under_inference_mode_then_decode_outside():
 def test_a_forward_stopped_part_way_runs_again():
     """A prefill or decode step stopped part way, by an error between two layers or inside a
     layer's attention, leaves the cache as it was before that forward: run again, it gives the
-    logits of a run that never stopped. (Before, the layers already through it kept counting its
-    tokens: a prefill could not run again, and a step ran "out of order".)"""
+    logits of a run that never stopped, and the KCache's record of the steps (record_mass) is
+    that run's. (Before, the layers already through it kept counting its tokens: a prefill could
+    not run again, and a step ran "out of order"; the record counted them twice.)"""
     model = kt.enable(tiny_model("llama", seed=5))
     ids = torch.randint(3, VOCAB, (2, 12))
 
@@ -411,8 +412,9 @@ def test_a_forward_stopped_part_way_runs_again():
         return lambda: delattr(cache.inner, "decode")
 
     def run(faults):
-        """The logits [4, B, V] of the prefill and three greedy steps; faults[i] arms an error
-        for forward i, which then runs again."""
+        """The logits [4, B, V] of the prefill and three greedy steps, and the attention mass
+        [layers] the steps recorded; faults[i] arms an error for forward i, which then runs
+        again."""
         cache, logits, nxt = kt.KCacheCache(model, 32, **dict(PAPER, topn=4)), [], ids
         with torch.no_grad():
             for fault in faults:
@@ -424,7 +426,8 @@ def test_a_forward_stopped_part_way_runs_again():
                 out = model(nxt, past_key_values=cache).logits[:, -1]  # [B, V]
                 logits.append(out)
                 nxt = out.argmax(-1)[:, None]
-        return torch.stack(logits)
+                cache.inner.record_mass = True  # from the first decode step on
+        return torch.stack(logits), cache.inner.attention_mass()
 
     want = run([None] * 4)
     got = run([fail_between_layers, fail_between_layers, fail_in_attention, None])
