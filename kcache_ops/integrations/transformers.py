@@ -366,9 +366,9 @@ class KCacheCache(CacheBridge):
         Default: ``model.config.max_position_embeddings``. K is allocated on the model's device and
         V in host RAM for this many tokens at the prefill.
     options : kcache_ops.caches.KCacheOptions, optional
-        N, group select, renormalization, dense layers, tail, top_p, hot rows (DESIGN.md §3,
-        ``KCacheOptions``' defaults where not given); or give them by name (``topn=64,
-        tail="int2", sinks=4, window=60, ...``), not both.
+        N, group select, renormalization, dense layers, tail, top_p, hot rows, reuse
+        (DESIGN.md §3, ``KCacheOptions``' defaults where not given); or give them by name
+        (``topn=64, tail="int2", sinks=4, window=60, reuse=0, ...``), not both.
 
     The rest is :class:`CacheBridge`'s (``inner``, what is not supported).
     """
