@@ -223,6 +223,24 @@ def test_suite_on_the_default_model(tmp_path):
     assert all((tmp_path / f"eval_{p}.png").is_file() for p in ("accuracy", "budget", "mass"))
 
 
+@pytest.mark.parametrize("preset", [[], ["--quick"], ["--gpu-sizes"]])
+def test_each_preset_fits_the_essay_text(preset):
+    """Every window and haystack of each size preset comes from the essay text with the default
+    model's tokenizer (--gpu-sizes asked for 169,824 of its 154,028 tokens: it stopped at once)."""
+    from kcache_ops.eval.suite import build_groups
+    from kcache_ops.model.gguf_loader import open_gguf
+    from kcache_ops.model.load import default_model_path
+    from kcache_ops.model.tokenizer import Tokenizer
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    s = eval_cli.settings(parser.parse_args(preset))
+    groups = build_groups(Tokenizer.from_gguf(open_gguf(default_model_path())), s)
+    assert [len(g["prompts"]) for g in groups[:2]] == [s.ppl_rows + s.agree_rows, s.long_rows]
+    if preset == ["--gpu-sizes"]:  # the sizes its help states
+        assert (s.ppl_rows, s.prefill, s.steps) == (16, 4096, 512)
+        assert (s.long_rows, s.long_prefill, s.long_steps) == (8, 6144, 256)
+
+
 def test_the_memory_target_holds_in_bfloat16_too():
     """A copy that fits 0.6x dense against float32 K (the CPU run) but not against bfloat16 K (a
     GPU) misses the device-memory target."""
