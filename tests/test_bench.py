@@ -173,3 +173,29 @@ def test_transformers_steps_make_no_tensor_from_host_data(monkeypatch):
     assert made == []
     assert [p.tolist() for p in positions] == [[34], [35], [36]]  # from context + 2 on
     assert len({p.untyped_storage().data_ptr() for p in positions}) == 1
+
+
+@pytest.mark.parametrize("models, message", [
+    ("tiny,tiny", "--models: expected each shape once, got tiny twice"),
+    ("tiny,", "--models: unknown ''; known: llama3-8b"),
+])
+def test_models_given_twice_or_empty_are_an_error_line(models, message, capsys, tmp_path):
+    """--models takes each shape once (a shape twice ran twice), as --contexts its values; an
+    empty name is named as one."""
+    from kcache_ops.__main__ import main
+    assert main(["bench", "--small", "--models", models, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_models_may_have_spaces_after_commas(tmp_path, monkeypatch):
+    """'tiny, tiny2'-style lists: the names are stripped (' tiny' was an unknown shape)."""
+    monkeypatch.setitem(bench.SHAPES, "tiny2", bench.SHAPES["tiny"])
+    ran = []
+    monkeypatch.setattr(bench, "measure", lambda models, *a, **k: ran.append(models) or [])
+    monkeypatch.setattr(bench, "plot", lambda rows, path: None)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    bench.run(parser.parse_args(["--small", "--models", "tiny, tiny2", "--out", str(tmp_path)]))
+    assert ran == [["tiny", "tiny2"]]

@@ -59,10 +59,15 @@ def add_arguments(parser):
 def run(args):
     args.out = out_dir(args.out, args.small)
     device = args.device or default_device()
-    models = args.models.split(",") if args.models else ["tiny"] if args.small else DEFAULT_MODELS
+    models = ([m.strip() for m in args.models.split(",")] if args.models is not None
+              else ["tiny"] if args.small else DEFAULT_MODELS)
     unknown = [m for m in models if m not in SHAPES]
     if unknown:
-        raise ValueError(f"--models: unknown {', '.join(unknown)}; known: {', '.join(SHAPES)}")
+        raise ValueError(f"--models: unknown {', '.join(m or repr(m) for m in unknown)}; "
+                         f"known: {', '.join(SHAPES)}")
+    twice = sorted({m for m in models if models.count(m) > 1})
+    if twice:  # as --contexts: a shape twice would run twice
+        raise ValueError(f"--models: expected each shape once, got {', '.join(twice)} twice")
     contexts = args.contexts or (SMALL_CONTEXTS if args.small else DEFAULT_CONTEXTS)
     budget, steps = args.budget, args.steps or (8 if args.small else 32)
     if args.small:
