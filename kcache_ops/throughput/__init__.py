@@ -3,10 +3,11 @@ device-memory budget (``python -m kcache_ops bench``): random bf16 weights (thei
 change the timing), Llama-3-8B and SmolLM2-135M shapes, contexts 8K / 32K / 64K.
 
 For each (model, context) and backend: the largest batch whose cache fits the budget (from the
-cache's own bytes per token: dense holds K and V on the device, KCache holds K plus the V of its
-dense layers), the prefill timed at batch 1 and the decode timed at that batch (the median step
-of ``--steps``, between CUDA events on a GPU), device and host memory, and the bytes crossing
-PCIe per decode step (the cache's ``host_bytes_read_per_step``).
+cache's own bytes: dense holds K and V on the device, KCache K, the V of its dense layers, its
+tail's low-bit copy or V sums and its hot rows), the prefill timed at batch 1 and the decode
+timed at that batch (the median step of ``--steps``, between CUDA events on a GPU), device and
+host memory, and the bytes crossing PCIe per decode step (the cache's
+``host_bytes_read_per_step``).
 In the same run, Hugging Face transformers' LlamaForCausalLM (static cache, SDPA) decodes the dense
 shape, so the dense baseline is checked against a common implementation.
 
