@@ -138,6 +138,32 @@ class FakeTokenizer:
         return [ord(ch) for ch in text]
 
 
+class ByteTokenizer(FakeTokenizer):
+    """Characters as token ids below 256, for the essays."""
+    def encode(self, text, add_special=True):
+        return [min(ord(ch), 255) for ch in text]
+
+    eos_ids = ()
+
+
+def test_eval_past_the_trained_positions_warns():
+    """A group whose prompts and steps run past the model's trained positions is run, with a
+    warning naming it (as generate warns); the groups within them give none."""
+    from kcache_ops.eval.suite import Settings, evaluate
+    torch.manual_seed(0)
+    model = Llama(replace(TINY, max_position_embeddings=128)).eval()
+    s = Settings(ppl_rows=1, agree_rows=1, prefill=16, steps=2, long_rows=1, long_prefill=120,
+                 long_steps=9, needle_lengths=(40,), needle_depths=(0.5,),
+                 needle_phrasings=("vault",), answer_steps=2)
+    with pytest.warns(UserWarning) as record:
+        results = evaluate(model, ByteTokenizer(), s, [], lambda results: None,
+                           log=lambda line: None)
+    assert [str(w.message) for w in record] == [
+        "eval: the long group's prompts and steps reach 129 positions, past the 128 the model "
+        "was trained on; its measures there say little"]
+    assert len(results) == 1 and "long" in results[0]
+
+
 def test_needle_phrasings():
     ids = [ord(ch) for ch in "Some essay text. " * 40]
     depths = (0.1, 0.5, 0.9)

@@ -12,6 +12,7 @@ needle haystacks of different lengths share their start):
 * ``needle-<L>``: one prompt per phrasing and depth at haystack length L.
 """
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -112,6 +113,13 @@ def evaluate(model, tokenizer, settings, configs, save, log=print):
     ``save(results)`` with the list of finished results (dicts with "config", "seconds", "costs",
     per group name its measures, and "summary" (:func:`.summary.summarize`))."""
     groups = build_groups(tokenizer, settings)
+    trained = model.config.max_position_embeddings
+    for g in groups:  # as generate warns: RoPE runs on, the model was not trained there
+        longest = max(map(len, g["prompts"])) + g["forced"].shape[1]
+        if longest > trained:
+            warnings.warn(f"eval: the {g['name']} group's prompts and steps reach {longest} "
+                          f"positions, past the {trained} the model was trained on; its "
+                          "measures there say little", stacklevel=2)
     snapshots = {}
     for g in tqdm(groups, desc="prefill (dense, once per batch)", unit="batch"):
         snapshots[g["name"]] = prefill_snapshot(model, g["prompts"])
