@@ -12,6 +12,7 @@ import torch
 
 from kcache_ops.cli import eval as eval_cli
 from kcache_ops.caches import KCacheOptions
+from kcache_ops.data import essays_text
 from kcache_ops.eval import agreement, needle, perplexity, recommend
 from kcache_ops.eval.grid import PAPER_LITERAL, default_grid, display_name, product_grid
 from kcache_ops.eval.runner import Config, fork, prefill_snapshot, step_through
@@ -162,6 +163,24 @@ def test_eval_past_the_trained_positions_warns():
         "eval: the long group's prompts and steps reach 129 positions, past the 128 the model "
         "was trained on; its measures there say little"]
     assert len(results) == 1 and "long" in results[0]
+
+
+def test_text_too_short_names_the_flags_that_ask_for_it():
+    """Sizes the essay text cannot hold are refused before any prefill with what each part needs
+    and its flags (the error named a perplexity window's width, not the flags that set it)."""
+    from kcache_ops.eval.suite import Settings, build_groups
+    tok = ByteTokenizer()
+    have = len(tok.encode(essays_text(), add_special=False))
+    s = Settings(ppl_rows=1, agree_rows=1, prefill=have // 2, steps=9, long_rows=1,
+                 long_prefill=10, long_steps=9, needle_lengths=(100,))
+    short = 2 * (have // 2 + 10)
+    with pytest.raises(ValueError) as error:
+        build_groups(tok, s)
+    assert str(error.value) == (
+        f"eval needs {short + 20 + 100} tokens of essay text, the text has {have}: {short} for "
+        "the short windows ((--ppl-rows + --agree-rows) x (--prefill + --steps + 1)), 20 for the "
+        "long ones (--long-rows x (--long-prefill + --long-steps + 1)), 100 for the longest "
+        "needle haystack (--needle-lengths)")
 
 
 def test_needle_phrasings():

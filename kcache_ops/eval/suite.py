@@ -49,21 +49,27 @@ def build_groups(tokenizer, settings):
     Raises ValueError where the essay text is too short for every window and haystack."""
     s = settings
     ids = tokenizer.encode(essays_text(), add_special=False)
+    short = (s.ppl_rows + s.agree_rows) * (s.prefill + s.steps + 1)
+    long = s.long_rows * (s.long_prefill + s.long_steps + 1)
+    if short + long + max(s.needle_lengths) > len(ids):  # the flags that ask for each part
+        raise ValueError(
+            f"eval needs {short + long + max(s.needle_lengths)} tokens of essay text, the text "
+            f"has {len(ids)}: {short} for the short windows ((--ppl-rows + --agree-rows) x "
+            f"(--prefill + --steps + 1)), {long} for the long ones (--long-rows x (--long-prefill "
+            f"+ --long-steps + 1)), {max(s.needle_lengths)} for the longest needle haystack "
+            "(--needle-lengths)")
     prompts, first, targets = perplexity.windows(ids, s.ppl_rows + s.agree_rows, s.prefill,
                                                  s.steps)
     forced = targets.clone()  # [rows, S]
     forced[s.ppl_rows:] = -1  # agreement rows: dense decides (greedy), then the others follow
     groups = [{"name": "short", "prompts": prompts, "first": first, "forced": forced,
                "ppl_rows": s.ppl_rows}]
-    offset = (s.ppl_rows + s.agree_rows) * (s.prefill + s.steps + 1)
+    offset = short
     prompts, first, targets = perplexity.windows(ids, s.long_rows, s.long_prefill, s.long_steps,
                                                  offset)
     groups.append({"name": "long", "prompts": prompts, "first": first, "forced": targets,
                    "ppl_rows": s.long_rows})  # [rows, long_steps]
-    offset += s.long_rows * (s.long_prefill + s.long_steps + 1)  # haystacks: text not used above
-    if offset + max(s.needle_lengths) > len(ids):
-        raise ValueError(f"the needle needs {max(s.needle_lengths)} tokens of text from token "
-                         f"{offset}, the text has {len(ids)}")
+    offset += long  # the haystacks: text not used above
     for length in s.needle_lengths:
         ps, keys, phrasing = needle.prompts(tokenizer, ids, length, s.needle_depths, s.seed,
                                             offset, s.needle_phrasings)
