@@ -199,3 +199,17 @@ def test_models_may_have_spaces_after_commas(tmp_path, monkeypatch):
     bench.add_arguments(parser)
     bench.run(parser.parse_args(["--small", "--models", "tiny, tiny2", "--out", str(tmp_path)]))
     assert ran == [["tiny", "tiny2"]]
+
+
+def test_report_says_where_transformers_ran_out_of_memory():
+    """A dense row whose transformers run ran out of device memory says so in the transformers
+    column (it read "—", as where transformers is not installed)."""
+    from kcache_ops.throughput.report import bench_section
+    row = {"model": "tiny", "context": 256, "backend": "dense", "batch": 7, "budget_bytes": 2**22,
+           "cache_device_bytes": 2**22, "host_bytes": 0, "prefill_tok_s": 1.0,
+           "decode_tok_s": 1.0, "pcie_bytes_per_step": 0}
+    data = {"machine": results.machine("cpu"), "command": "bench", "rows": [
+        {**row, "hf_error": "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"},
+        {**row, "context": 512}]}
+    lines = [line for line in bench_section(data) if line.startswith("| tiny |")]
+    assert "| out of memory |" in lines[0] and "| — |" in lines[1]

@@ -43,7 +43,7 @@ def bench_section(data):
     gib = 2 ** 30
     for r in data["rows"]:
         hf = (f"{r['hf_decode_tok_s']:.1f} (dense {r['dense_vs_hf']:.2f}× of it)"
-              if "hf_decode_tok_s" in r else "—")
+              if "hf_decode_tok_s" in r else "out of memory" if "hf_error" in r else "—")
         ratio = f"{r['vs_dense']:.2f}×" if "vs_dense" in r else "—"
         limit = f" ({r['batch_limit']})" if "batch_limit" in r else ""
         out.append(f"| {r['model']} | {r['context']} | {r['backend']} | {r['batch']}{limit} | "
