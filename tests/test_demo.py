@@ -32,3 +32,19 @@ def test_demo_refuses_options_the_model_cannot_take_before_it_runs(tmp_path, mon
     captured = capsys.readouterr()
     assert "dense_layers [5] out of range" in captured.err.splitlines()[-1]
     assert "--- dense ---" not in captured.out
+
+
+def test_demo_refuses_a_reuse_pool_too_small_before_the_dense_run(tmp_path, monkeypatch, capsys):
+    """--reuse below a step's rows (N x the GQA group) is one error line before the dense run
+    (the check needs the capacity, so it came when the kcache run built its cache, after the
+    whole dense run)."""
+    save_tiny_hf(tmp_path, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024)
+    save_tiny_tokenizer(tmp_path, 96)
+    monkeypatch.setattr(demo, "essays_text", lambda: "Start small. Then grow it. " * 40)
+    ran, run = [], demo.generate_with_progress
+    monkeypatch.setattr(demo, "generate_with_progress",
+                        lambda *args: ran.append(args[3]) or run(*args))
+    assert main(["demo", "--model", str(tmp_path), "--prompt-tokens", "150", "--new-tokens", "3",
+                 "--topn", "4", "--reuse", "2"]) == 2
+    assert "reuse must hold the rows of a whole step" in capsys.readouterr().err.splitlines()[-1]
+    assert ran == []
