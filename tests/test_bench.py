@@ -213,3 +213,16 @@ def test_report_says_where_transformers_ran_out_of_memory():
         {**row, "context": 512}]}
     lines = [line for line in bench_section(data) if line.startswith("| tiny |")]
     assert "| out of memory |" in lines[0] and "| — |" in lines[1]
+
+
+def test_a_reuse_pool_too_small_for_a_context_fails_before_any_measurement(monkeypatch):
+    """A reuse pool below a step's rows (N = min(topn, capacity) x the GQA group) depends on the
+    context: it is refused for every context before the first one is measured, not when its
+    KCache is built after the dense row."""
+    timed = []
+    monkeypatch.setattr(measure, "time_prefill", lambda *args: timed.append(args))
+    with pytest.raises(ValueError, match="reuse must hold the rows of a whole step"):
+        measure.measure(["tiny"], [1, 64], torch.device("cpu"), torch.float32,
+                        KCacheOptions(topn=8, group_select=True, reuse=5), 2,
+                        budget_gb=0.01, hf=False, log=lambda line: None)
+    assert timed == []

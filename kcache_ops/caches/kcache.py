@@ -61,10 +61,11 @@ def check_dtype(dtype):
                          f"torch.bfloat16, got {dtype} (the dense cache takes float64 too)")
 
 
-def check_kcache(config, device, dtype, options):
+def check_kcache(config, device, dtype, options, capacity=None):
     """Raise ValueError where a KCache with ``options`` cannot serve a model of ``config`` in
-    ``dtype`` on ``device`` (the options' own model checks, the dtype, the heads), as building
-    one would: a command checks it before it runs anything else."""
+    ``dtype`` on ``device`` (the options' own model checks, the dtype, the heads), and, given the
+    ``capacity`` (tokens per sequence), where its reuse pool cannot hold a step's rows, as
+    building one would: a command checks it before it runs anything else."""
     options.check(config.num_layers, torch.device(device))
     check_dtype(dtype)
     if config.head_dim not in (64, 128):  # what qk_topn and sparse_attn_v take
@@ -73,6 +74,15 @@ def check_kcache(config, device, dtype, options):
     if config.num_kv_heads < 1 or config.num_heads % config.num_kv_heads:  # as LlamaConfig
         raise ValueError(f"KCache: num_heads ({config.num_heads}) must be a multiple of "
                          f"num_kv_heads ({config.num_kv_heads})")
+    if capacity is None:
+        return
+    entries = entries_per_step(min(options.topn, capacity), options.group_select,
+                               config.num_heads, config.num_kv_heads)  # of a step, per KV head
+    if 0 < options.reuse < entries:  # a step's rows must all have a slot
+        how = "N" if options.group_select else "N x the GQA group, per-head selection"
+        raise ValueError(f"KCache: reuse must hold the rows of a whole step, at least "
+                         f"{entries} per KV head ({how}; N = min(topn, capacity)), got "
+                         f"{options.reuse}")
 
 
 class KCache:
@@ -114,20 +124,13 @@ class KCache:
                             f"{type(options).__name__}")
         batch, capacity = check_sizes("KCache", batch, capacity)
         self.device = torch.device(device)
-        check_kcache(config, self.device, dtype, options)
+        check_kcache(config, self.device, dtype, options, capacity)
         self.lengths = SeqLengths("KCache", batch, capacity, self.device, config.num_layers)
         n_layers = config.num_layers
         self.config = config
         self.capacity = capacity
         self.options = options
         self._topn = min(options.topn, capacity)  # N of a step: more than S keys are never there
-        entries = entries_per_step(self._topn, options.group_select, config.num_heads,
-                                   config.num_kv_heads)  # of a step, per KV head
-        if 0 < options.reuse < entries:  # a step's rows must all have a slot
-            how = "N" if options.group_select else "N x the GQA group, per-head selection"
-            raise ValueError(f"KCache: reuse must hold the rows of a whole step, at least "
-                             f"{entries} per KV head ({how}; N = min(topn, capacity)), got "
-                             f"{options.reuse}")
         self.record_mass = False
         shape = (batch, config.num_kv_heads, capacity, config.head_dim)  # [B, Hkv, S, D]
         # host RAM holds V of the KCache layers, and on the CPU also K and the dense layers' V

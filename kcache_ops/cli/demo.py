@@ -8,7 +8,7 @@ CPU cores with the embedded SmolLM2-135M-Instruct.
 """
 from tqdm import tqdm
 
-from ..caches import check_kcache, make_cache
+from ..caches import check_kcache
 from ..data import essays_text
 from ..eval import needle
 from ..generate import generate
@@ -64,9 +64,9 @@ def run(args):
     check_kcache(model.config, model.device, model.dtype, options)  # before the dense run
     c = model.config
     prompt = build_prompt(tokenizer, args.prompt_tokens, args.depth, args.chat)
-    # the KCache of the kcache run, built once before the dense run: what only a cache of this
-    # capacity checks (reuse's slots for a step's rows, the memory) fails before, not after it
-    make_cache("kcache", c, 1, len(prompt) + args.new_tokens, model.device, model.dtype, options)
+    # what only the kcache run's capacity decides (reuse's slots for a step's rows), before the
+    # dense run, not after it
+    check_kcache(c, model.device, model.dtype, options, len(prompt) + args.new_tokens)
     print(f"model: {describe_model(args.model)}")
     print(f"       {c.num_layers} layers, {c.num_heads} query / {c.num_kv_heads} KV heads, "
           f"head dim {c.head_dim}, on {model.device} in {str(model.dtype).removeprefix('torch.')}")
