@@ -41,6 +41,11 @@ def main(argv=None):
         # host's, or what the GPU has free)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # a command's own refusal of its flags ("error: ..."): a usage error
+        if not isinstance(e.code, str):
+            raise
+        print(e.code, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
