@@ -24,6 +24,7 @@ from test_lowbit_tail import hot_rows_case
 from test_lowbit_tail import check_nan_row_left_out
 from test_lowbit_tail import make_case as make_lowbit_case
 from test_lowbit_tail import reference_scores as lowbit_reference_scores
+from test_lowbit_tail import selection as lowbit_selection
 from test_lowbit_tail import skipped_case as skipped_lowbit_case
 from test_lowbit_tail import v_near_the_float_range
 from test_qk_topn import SCORE_TOL, check_top_p, check_topn, make_qk
@@ -1071,6 +1072,35 @@ def test_lowbit_tail_selected_nan_row_is_left_out(race_exe, bits):
     the heads that did not select the row are NaN, as the reference's, unless their weight of it
     is 0 (a score of -inf or NaN)."""
     check_nan_row_left_out(lambda *args: run_lowbit_tail(race_exe, *args), "cpu", bits)
+
+
+@pytest.mark.parametrize("G", [5, 8])
+@pytest.mark.parametrize("D", [64, 128])
+def test_lowbit_tail_rows_past_the_float_range(race_exe, G, D):
+    """test_lowbit_tail.py's rows past the float range among finite ones, on the kernel: NaN and
+    inf copies (rows 40-42) and mins of +-3e38 (rows 300, 301) that the even heads of KV head 1
+    weigh, cancelling to ~1e34, so that a weight a few ulps from exp(s - lse) moves the output by
+    more than 1e-5 of it (exp2f((s - lse) * log2e), the product rounded, did: 1.5e-5 at G = 5,
+    D = 128, on the CUDA cores, so on the GPU too). Each head's output is the reference's."""
+    torch.manual_seed(0)
+    B, Hkv, S, n, bits = 1, 2, 700, 8, 2
+    q, k, seq_lens, codes, meta = make_lowbit_case(B, Hkv, G, S, D, bits, torch.float32, "cpu",
+                                                   [S])
+    scores, indices, lse = lowbit_selection(q, k, seq_lens, n, False)  # the CPU qk_topn's
+    bad = {40: (float("nan"), 0.5), 41: (0.5, float("inf")), 42: (float("-inf"), 1.0),
+           300: (1.0, 3e38), 301: (1.0, -3e38), 650: (3e38, 0.0)}  # position -> (scale, min)
+    for j, (step, base) in bad.items():
+        meta[:, :, j] = torch.tensor([step, base], dtype=torch.bfloat16)
+    scores[:, :, 650] = float("-inf")
+    rows = torch.tensor([40, 41, 42, 300, 301], dtype=torch.int32)
+    indices[0, 1:G:2, :5] = rows  # KV head 0's odd heads
+    indices[0, G:, :3] = rows[:3]  # KV head 1's heads
+    indices[0, G + 1::2, 3:5] = rows[3:]  # and its odd ones
+    args = (scores, seq_lens, lse, indices, codes, meta)
+    out = run_lowbit_tail(race_exe, *args, bits)
+    ref = R.lowbit_tail(*args, bits)
+    assert ref[0, G::2].isfinite().all() and ref[0, G::2].abs().max() > 1e30
+    torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=1e-5, equal_nan=True)
 
 
 def test_lowbit_tail_out_of_range_lengths_are_clamped(race_exe):

@@ -223,7 +223,7 @@ __device__ __forceinline__ void add_hot_rows(const LowbitTailParams& p, int b, i
       float w = 0.0f;
       if (j >= 0 && j < len && h < gs) {
         const float lse = p.lse[b * p.lse_sb + (h0 + h) * p.lse_sh];
-        const float e = exp2f((srow[h * p.s_sh + static_cast<int64_t>(j) * p.s_ss] - lse) * kLog2e);
+        const float e = expf(srow[h * p.s_sh + static_cast<int64_t>(j) * p.s_ss] - lse);
         w = e > 0.0f ? fminf(e, FLT_MAX) : 0.0f;
       }
       weights[h][threadIdx.x] = w;
@@ -382,7 +382,9 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
       const uint32_t word = selected[head_row][bit / 32];
       const float score = sh.stage.score[slot][u][threadIdx.x];
       const uint32_t meta = sh.stage.meta[slot][u][threadIdx.x];
-      const float e = exp2f((score - my_lse) * kLog2e);
+      // expf, not exp2f((s - lse) · log2e): that product's rounding is |s - lse| · 2^-24 of
+      // the weight, which a cancelling sum (rows near the float range) amplifies past 1e-5
+      const float e = expf(score - my_lse);
       // not selected, and a weight above 0 (a NaN one counts 0); `&`, not `&&`: no branch
       const bool take = valid & (((word >> (bit % 32)) & 1u) == 0u) & (e > 0.0f);
       const float w = take ? fminf(e, FLT_MAX) : 0.0f;
