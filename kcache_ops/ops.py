@@ -263,7 +263,10 @@ def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_val
     out : Tensor [B, Hq, D] float32
         ``Σ_{skip_first <= j < L_b − skip_last, j ∉ indices[b, h]} exp(s_j − lse) ·
         dequant(v)[b, h / G, j]``, plus the hot rows' part; zeros where no such key is left
-        (every one selected or skipped, or ``L_b = 0``) and no hot row is given.
+        (every one selected or skipped, or ``L_b = 0``) and no hot row is given. On CUDA the
+        ``w · scale · code`` sums run on the tensor cores in tf32, each ``w · scale`` in two tf32
+        parts: within 2⁻²¹ of float32 per term, but a term below about 2⁻¹¹² is a subnormal there
+        and counts within 2⁻¹³³ of itself (the float32 outputs that small are subnormals too).
     """
     bits, skip_first, skip_last = _scalars("lowbit_tail", as_int, bits=bits,
                                            skip_first=skip_first, skip_last=skip_last)

@@ -22,6 +22,8 @@ from test_gather_rows import make_indices
 from test_lowbit_tail import check_tail as check_lowbit_tail
 from test_lowbit_tail import hot_rows_case
 from test_lowbit_tail import check_nan_row_left_out
+from test_lowbit_tail import TF32_SUBNORMAL_FLOOR, check_float_limit_weights
+from test_lowbit_tail import float_limit_weights_case
 from test_lowbit_tail import make_case as make_lowbit_case
 from test_lowbit_tail import reference_scores as lowbit_reference_scores
 from test_lowbit_tail import selection as lowbit_selection
@@ -1101,6 +1103,22 @@ def test_lowbit_tail_rows_past_the_float_range(race_exe, G, D):
     ref = R.lowbit_tail(*args, bits)
     assert ref[0, G::2].isfinite().all() and ref[0, G::2].abs().max() > 1e30
     torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("atol", [0.0, TF32_SUBNORMAL_FLOOR])
+def test_lowbit_tail_weights_at_the_float_limits(race_exe, atol):
+    """test_lowbit_tail.py's weights at the float limits, on the kernel: the largest float's,
+    none, and the subnormal one kept, but on the tensor cores' tf32 grid (2^-136: w * scale
+    split in two tf32 parts, codes scaled by up to 2^-14), so its outputs are off by more than
+    1e-5 of them, within TF32_SUBNORMAL_FLOOR."""
+    args = float_limit_weights_case()
+    out = run_lowbit_tail(race_exe, *args, 2)  # [1, 12, 64]
+    ref = R.lowbit_tail(*args, 2)
+    if atol:
+        check_float_limit_weights(out, ref, atol)
+    else:  # the floor is needed: exact to 1e-5 only on the CPU
+        with pytest.raises(AssertionError, match="Tensor-likes are not close"):
+            check_float_limit_weights(out, ref, atol)
 
 
 def test_lowbit_tail_out_of_range_lengths_are_clamped(race_exe):

@@ -176,7 +176,8 @@ struct TailCodes {
 };
 
 // x as hi + lo, both exact in tf32 (the tensor cores' 10 mantissa bits): hi is x cut to tf32, lo
-// the rest (exact in float) rounded to nearest tf32, so hi + lo is x within 2^-21 · |x|.
+// the rest (exact in float) rounded to nearest tf32, so hi + lo is x within 2^-21 · |x|, or
+// within 2^-137 where lo is below 2^-126 (tf32's subnormals are 2^-136 apart).
 __device__ __forceinline__ uint2 split_tf32(float x) {
   const float hi = __uint_as_float(__float_as_uint(x) & 0xffffe000u);
   return make_uint2(__float_as_uint(hi), (__float_as_uint(x - hi) + 0x1000u) & 0xffffe000u);
