@@ -530,7 +530,7 @@ def test_eval_command_with_the_transformers_engine(tmp_path, monkeypatch):
     from kcache_ops.cli import eval as eval_cli
     from kcache_ops.eval import suite
     from model_helpers import save_tiny_tokenizer
-    model = tiny_model("llama", vocab_size=96)
+    model = tiny_model("llama", vocab_size=96, max_position_embeddings=512)  # --quick's 334
     model.save_pretrained(tmp_path)
     save_tiny_tokenizer(tmp_path, 96)
     monkeypatch.setattr(suite, "essays_text", lambda: "Start small. Then grow it. " * 200)
