@@ -29,7 +29,8 @@ def bench_section(data):
             "PCIe "
             "MiB/step: the whole batch's V rows read, N per head (per KV head with group select), "
             "and written; an upper bound: `top_p` < 1 cuts the N, and the CUDA kernel reads a row "
-            "that several heads of a group chose once.", ""]
+            "that several heads of a group chose once (and with `reuse`, the rows its pool holds "
+            "are not read).", ""]
     if not data.get("complete", True):
         out += ["**This run was cut off before its end**: the rows below are the configurations "
                 "it finished.", ""]
