@@ -127,9 +127,9 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
     pcie_bytes_per_step; vs_dense for KCache, hf_decode_tok_s and dense_vs_hf for dense where
     transformers ran). ``log`` gets one line per configuration, ``on_rows`` the rows so far after
     each one (the bench command saves them, so that a run cut off keeps what it measured)."""
-    for name in models:  # what a shape or a context cannot take, before any is measured
-        for context in contexts:
-            check_kcache(SHAPES[name], device, dtype, options, context + steps + 2)
+    for name in models:  # what a shape or a context cannot take, before any is measured (the
+        # longest context's: a step's rows, N = min(topn, capacity), grow with the capacity)
+        check_kcache(SHAPES[name], device, dtype, options, max(contexts) + steps + 2)
     rows = []
     host_budget = host_bytes_available()
     host_budget = None if host_budget is None else int(0.8 * host_budget)
