@@ -6,9 +6,9 @@ the CPU emulator instead of the CPU op, so that a test's CUDA case is checked wi
         test_lowbit_tail.py
 
 Only the cases that take the ``device`` fixture run (on "cpu"); ``kcache_ops.<op>`` is swapped for
-a call of the emulated kernel (``emu.run``, the race-checking build, seeds 1, 2, 3 whose outputs
-must agree bit for bit, 132 SMs as the H200). What the emulator does not run is the launcher in
-the .cu files: its argument checks and its early returns. The cases that test those are left
+a call of the emulated kernel (test_cuda_emu.py's ``run_<op>``: the race-checking build, seeds
+1, 2, 3 whose outputs must agree bit for bit, 132 SMs as on an H200). What the emulator does not
+run is the launcher in the .cu files: its argument checks and its early returns. The cases that test those are left
 out (KNOWN, with the reason), and qk_topn's ``return_scores`` entries past L_b, undefined on CUDA
 (the score scratch; the emulator poisons it), are set to -inf as the CPU op sets them. The
 default suite runs the fast files (test_cuda_emu.py); qk_topn's and lowbit_tail's take minutes.
@@ -19,11 +19,10 @@ import pytest
 import torch
 
 import kcache_ops
-from cuda_emu import emu
+from test_cuda_emu import race_exe  # noqa: F401  (the fixture: the race-checking build)
+from test_cuda_emu import (run_gather_rows, run_lowbit_tail, run_qk_topn, run_reuse_rows,
+                           run_sparse_attn_v)
 
-SEEDS = (1, 2, 3)
-SMS = 132  # the H200's SMs: the launchers' grid arithmetic for it
-TIMEOUT = 3000  # seconds per case (70K-key cases under three schedules)
 # test (file::name) -> why the emulator cannot run it as the CUDA op would
 KNOWN = {
     "test_reuse_rows.py::test_no_entries": "N = 0: the CUDA launcher zeroes the counts itself "
@@ -53,60 +52,49 @@ def _qk_topn(exe):
     def run(q, k_cache, seq_lens, n, scale=None, group_select=False, check_values=True,
             return_scores=False, skip_first=0, skip_last=0, top_p=1.0):
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        scalars = dict(n=int(n), scale=float(scale), group_select=int(bool(group_select)),
-                       sms=SMS, skip_first=int(skip_first), skip_last=int(skip_last),
-                       top_p=float(top_p))
-        out = emu.run(exe, "qk_topn", scalars, dict(q=q, k_cache=k_cache, seq_lens=seq_lens),
-                      seeds=SEEDS, timeout=TIMEOUT)
-        picked = out["scores"], out["indices"], out["lse"]  # [B, Hq, n] x 2, [B, Hq]
-        if not return_scores:
-            return picked
-        B, Hq, S = q.shape[0], q.shape[1], k_cache.shape[2]
-        every = out["scratch"].view(B, Hq, -1)[..., :S]  # [B, Hq, S] of the scratch's rows
-        lens = seq_lens.long().clamp(0, S)  # [B]
-        every.masked_fill_(torch.arange(S)[None, None, :] >= lens[:, None, None], float("-inf"))
-        return (*picked, every)
+        out = run_qk_topn(exe, q, k_cache, seq_lens, int(n), float(scale), bool(group_select),
+                          return_scores=bool(return_scores), skip_first=int(skip_first),
+                          skip_last=int(skip_last), top_p=float(top_p))
+        if return_scores:  # every [B, Hq, S]: the CPU's -inf past L_b (undefined on CUDA)
+            S = k_cache.shape[2]
+            lens = seq_lens.long().clamp(0, S)  # [B]
+            out[3].masked_fill_(torch.arange(S)[None, None, :] >= lens[:, None, None],
+                                float("-inf"))
+        return out
     return run
 
 
 def _sparse_attn_v(exe):
     def run(scores, indices, v_cache, lse=None, renormalize=True, check_values=True, v_sum=None,
             seq_lens=None):
-        tensors = dict(scores=scores, indices=indices, v_cache=v_cache)
-        tensors.update({} if lse is None else dict(lse=lse))
-        tensors.update({} if v_sum is None else dict(v_sum=v_sum, seq_lens=seq_lens))
-        return emu.run(exe, "sparse_attn_v", dict(renormalize=int(bool(renormalize))), tensors,
-                       seeds=SEEDS, timeout=TIMEOUT)["out"]  # [B, Hq, D]
+        return run_sparse_attn_v(exe, scores, indices, v_cache, lse, bool(renormalize),
+                                 v_sum=v_sum, seq_lens=seq_lens)  # [B, Hq, D]
     return run
 
 
 def _gather_rows(exe):
     def run(src, indices, check_values=True):
-        return emu.run(exe, "gather_rows", {}, dict(src=src, indices=indices), seeds=SEEDS,
-                       timeout=TIMEOUT)["dst"]  # [B, H, N, D]
+        return run_gather_rows(exe, src, indices)  # [B, H, N, D]
     return run
 
 
 def _reuse_rows(exe):
     def run(indices, v_host, new_pos, rows, held, used, step, group_select, check_values=True):
-        tensors = dict(indices=indices, v_host=v_host, new_pos=new_pos, rows=rows, held=held,
-                       used=used, step=step)
-        out = emu.run(exe, "reuse_rows", dict(group_select=int(bool(group_select))), tensors,
-                      seeds=SEEDS, timeout=TIMEOUT)
-        for name, pool in (("rows", rows), ("held", held), ("used", used)):  # updated in place
-            pool.copy_(out[name].view(pool.shape))
-        return out["pool_indices"], out["counts"]  # [B, Hq, N], [B, Hkv, 2]
+        pool_indices, counts, pool = run_reuse_rows(exe, indices, v_host, new_pos,
+                                                    [rows, held, used], int(step[0]),
+                                                    bool(group_select))
+        for t, after in zip((rows, held, used), pool):  # the op updates the pool in place
+            t.copy_(after.view(t.shape))
+        return pool_indices, counts  # [B, Hq, N], [B, Hkv, 2]
     return run
 
 
 def _lowbit_tail(exe):
-    from test_cuda_emu import run_lowbit_tail  # its packing of the codes into int32 words
-
     def run(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True,
             skip_first=0, skip_last=0, hot_v=None, hot_pos=None):
         return run_lowbit_tail(exe, scores.contiguous(), seq_lens, lse, indices, v_codes, v_meta,
-                               bits, seeds=SEEDS, skip_first=skip_first, skip_last=skip_last,
-                               hot_v=hot_v, hot_pos=hot_pos)  # [B, Hq, D]
+                               bits, skip_first=skip_first, skip_last=skip_last, hot_v=hot_v,
+                               hot_pos=hot_pos)  # [B, Hq, D]
     return run
 
 
@@ -114,14 +102,8 @@ OPS = {"qk_topn": _qk_topn, "sparse_attn_v": _sparse_attn_v, "gather_rows": _gat
        "reuse_rows": _reuse_rows, "lowbit_tail": _lowbit_tail}
 
 
-@pytest.fixture(scope="session")
-def emulator_exe():
-    """The race-checking harness (compiled once per source digest)."""
-    return emu.build("race")
-
-
 @pytest.fixture(autouse=True)
-def on_emulator(emulator_exe, monkeypatch):
+def on_emulator(race_exe, monkeypatch):  # noqa: F811
     """Every op the plugin knows, its emulated kernel in place of kcache_ops.<op>."""
     for name, make in OPS.items():
-        monkeypatch.setattr(kcache_ops, name, make(emulator_exe))
+        monkeypatch.setattr(kcache_ops, name, make(race_exe))
