@@ -8,10 +8,11 @@ the CPU emulator instead of the CPU op, so that a test's CUDA case is checked wi
 Only the cases that take the ``device`` fixture run (on "cpu"); ``kcache_ops.<op>`` is swapped for
 a call of the emulated kernel (test_cuda_emu.py's ``run_<op>``: the race-checking build, seeds
 1, 2, 3 whose outputs must agree bit for bit, 132 SMs as on an H200). What the emulator does not
-run is the launcher in the .cu files: its argument checks and its early returns. The cases that test those are left
-out (KNOWN, with the reason), and qk_topn's ``return_scores`` entries past L_b, undefined on CUDA
-(the score scratch; the emulator poisons it), are set to -inf as the CPU op sets them. The
-default suite runs the fast files (test_cuda_emu.py); qk_topn's and lowbit_tail's take minutes.
+run is the launcher in the .cu files: its argument checks and its early returns. The cases that
+test those are left out (KNOWN, with the reason), and qk_topn's ``return_scores`` entries past
+L_b, undefined on CUDA (the score scratch; the emulator poisons it), are set to -inf as the CPU
+op sets them. The default suite runs the fast files (test_cuda_emu.py); qk_topn's and
+lowbit_tail's take minutes.
 """
 import math
 
