@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICES, DTYPES, TOL, seq_lens_tensor
+from conftest import DEVICES, DTYPES, TOL, on_threads, seq_lens_tensor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -131,6 +131,42 @@ def check_top_p(full, cut, top_p):
     assert torch.equal(cut[2].cpu(), lse)
     assert torch.equal(cut[1].cpu(), want_idx) and torch.equal(cut[0].cpu(), want_scores)
     assert ((want_idx[..., 0] >= 0) == (idx[..., 0] >= 0)).all()
+
+
+@pytest.mark.parametrize("keys", ["random", "ties"])
+@pytest.mark.parametrize("return_scores", [False, True], ids=["", "return_scores"])
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+@pytest.mark.parametrize("B, Hkv", [(1, 1), (1, 3), (5, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_split_across_threads_give_the_same_bits(dtype, B, Hkv, group_select,
+                                                     return_scores, keys):
+    """CPU groups that do not spread evenly over the threads (B·Hkv not a multiple of them and
+    under 4 each) have their rows scored in chunks of 4096 keys in parallel: every output (with
+    return_scores every score, and a top_p cut) bit for bit as on one thread (no split), with
+    lengths of 0, 1, one chunk, one ranked key past it and several, skipped keys, exact ties
+    across chunks (K rows repeating every 97 keys), after a call with other queries (the kept
+    scratch rewritten); and still a valid top n of the reference's."""
+    S, G, n, first, last = 3 * 4096 + 100, 3, 40, 4, 60
+    lens = seq_lens_tensor([S, 4096 + 1 + last, 0, 1, 4096][:B], "cpu")
+    q, k = make_qk(B, Hkv * G, Hkv, S, 64, dtype, "cpu")
+    if keys == "ties":
+        k = k[:, :, torch.arange(S) % 97].contiguous()  # [B, Hkv, S, D]
+
+    def run(q, **kw):
+        return kcache_ops.qk_topn(q, k, lens, n, None, group_select,
+                                  return_scores=return_scores, skip_first=first,
+                                  skip_last=last, **kw)
+
+    want = on_threads(1, lambda: run(q))
+    if keys == "random":
+        check_topn(q, k, lens, n, 1 / 8, group_select, want[:3], first, last)
+    want_cut = on_threads(1, lambda: run(q, top_p=0.5))
+    for threads in (2, 3, 4):
+        on_threads(threads, lambda: run(torch.randn_like(q)))
+        got = on_threads(threads, lambda: run(q))
+        cut = on_threads(threads, lambda: run(q, top_p=0.5))
+        for a, b in zip(got + cut, want + want_cut):
+            assert torch.equal(a, b), f"{threads} threads"
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
@@ -315,6 +351,20 @@ def test_check_values_off(device):
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     torch.library.opcheck(torch.ops.kcache_ops.qk_topn.default,
                           (q, k, lens, 16, 0.125, True, False))
+
+
+@pytest.mark.parametrize("return_scores", [False, True], ids=["", "return_scores"])
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_a_cache_of_no_keys(device, group_select, return_scores):
+    """S = 0 (k_cache [B, Hkv, 0, D]) over several groups: every entry padding, lse -inf, and
+    with return_scores an empty [B, Hq, 0] of scores."""
+    q, k = make_qk(2, 6, 3, 0, 64, torch.float32, device)
+    out = kcache_ops.qk_topn(q, k, seq_lens_tensor([0, 0], device), 5, None, group_select,
+                             return_scores=return_scores)
+    assert (out[0].cpu() == float("-inf")).all() and (out[1].cpu() == -1).all()
+    assert (out[2].cpu() == float("-inf")).all()
+    if return_scores:
+        assert out[3].shape == (2, 6, 0)
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])

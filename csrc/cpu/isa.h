@@ -2,9 +2,9 @@
 // it has AVX2, FMA and F16C, GenericIsa otherwise. KCACHE_OPS_CPU_ISA=avx2 or =generic caps the
 // choice (the tests use it to cover every level on one machine; =avx512 is the default, another
 // value an error). score_heads, qk_topn's head-count dispatch of Isa::score_rows;
-// dispatch_isa and parallel_tasks, the dispatch and the parallel loop of the CPU ops;
-// for_each_kv_group, the two over the (sequence, KV head) groups; split_rows, chunks_of and
-// RowChunks, where lowbit_tail's loop runs over chunks of the groups' rows instead.
+// dispatch_isa and parallel_tasks, the dispatch and the parallel loop of the CPU ops; split_rows,
+// chunks_of and RowChunks, where qk_topn's and lowbit_tail's loops run over chunks of the
+// (sequence, KV head) groups' rows instead of over the groups.
 #pragma once
 
 #include <algorithm>
@@ -97,7 +97,8 @@ int64_t score_heads(const float* q, int64_t heads, const scalar_t* k, int64_t k_
 
 // A thread keeps its Scratch from one call to the next while it holds at most this many bytes;
 // a larger one is freed at the end of the call (a long context's G · L scores would otherwise
-// stay held by every thread that ever ran one, for the life of the process).
+// stay held by every thread that ever ran one, for the life of the process). The buffers of a
+// call whose rows are split, held by its calling thread, are kept up to this many per thread.
 constexpr size_t kScratchKeepBytes = size_t{16} << 20;
 
 // Calls body.template operator()<Isa, scalar_t, kD>() with scalar_t bound to `dtype` (float, Half
@@ -141,8 +142,8 @@ inline bool split_rows(int64_t groups) {
   return groups % threads != 0 && groups < 4 * threads;
 }
 
-// Keys per chunk of a split row. lowbit_tail adds its chunks' sums in order whether or not the row
-// is split: the same bits either way.
+// Keys per chunk of a split row. qk_topn and lowbit_tail add their chunks' parts in order whether
+// or not the row is split: the same bits either way.
 constexpr int64_t kChunkKeys = 4096;
 
 // The chunks of kChunkKeys keys of a row of L keys: chunk c is keys [c * kChunkKeys, min(L,
@@ -179,18 +180,5 @@ struct RowChunks {
     return chunks.capacity() * sizeof(Chunk) + first.capacity() * sizeof(int64_t);
   }
 };
-
-// Calls group.template operator()<Isa, scalar_t, kD>(b, kvh, tmp) for every sequence b < B and KV
-// head kvh < Hkv, in parallel over the B · Hkv groups, with scalar_t, kD and Isa as dispatch_isa
-// binds them and tmp as parallel_tasks gives it.
-template <class Scratch, class Group>
-void for_each_kv_group(at::ScalarType dtype, int64_t head_dim, int64_t B, int64_t Hkv,
-                       const Group& group) {
-  dispatch_isa(dtype, head_dim, [&]<class Isa, typename scalar_t, int64_t kD>() {
-    parallel_tasks<Scratch>(B * Hkv, [&](int64_t bg, Scratch& tmp) {
-      group.template operator()<Isa, scalar_t, kD>(bg / Hkv, bg % Hkv, tmp);
-    });
-  });
-}
 
 }  // namespace kcache_ops::cpu

@@ -1,5 +1,7 @@
 // kcache_ops::qk_topn on the CPU: per (batch, kv head), the scores of all G query heads of the
-// group reading each K row once, an online log-sum-exp, and a threshold-filtered top-N selection.
+// group reading each K row once, the max of each 64-key tile of them, a log-sum-exp, and a top-N
+// selection that skips the tiles whose max is below its threshold. Where the groups do not spread
+// over the threads (split_rows), their rows are scored in chunks of keys in parallel instead.
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -16,6 +18,9 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kTile = 64;  // keys per tile: 64 K rows (<= 32 KiB) stay in L1 across head passes
+
+// The kTile-key tiles of a row of L keys.
+inline int64_t tiles_of(int64_t L) { return (L + kTile - 1) / kTile; }
 
 // One candidate of a selection: its ranking key and its position.
 struct Cand {
@@ -49,35 +54,48 @@ float keep_best(std::vector<Cand>& buf, int64_t n) {
 // Buffers of a selection, reused across calls.
 struct TopN {
   std::vector<Cand> best;       // [<= 2n] candidates; after top_n(), the best min(n, len) sorted
-  std::vector<float> tile_max;  // [tiles] max key of each kTile-key tile
+  std::vector<float> tile_max;  // [tiles] max of the ranked keys of each tile the range touches
   std::vector<float> ranked;    // [tiles] tile_max, reordered by nth_element
+
+  size_t bytes() const {
+    return best.capacity() * sizeof(Cand) +
+           (tile_max.capacity() + ranked.capacity()) * sizeof(float);
+  }
 };
 
-// top_n of a row that holds a NaN key (bad input): every key ranked by BetterNanFirst.
-void top_n_with_nan(const float* keys, int64_t len, int64_t n, TopN& top) {
+// top_n of a range that holds a NaN key (bad input): every key ranked by BetterNanFirst.
+void top_n_with_nan(const float* keys, int64_t lo, int64_t hi, int64_t n, TopN& top) {
   top.best.clear();
-  for (int64_t j = 0; j < len; ++j) top.best.push_back({keys[j], static_cast<int32_t>(j)});
-  const int64_t m = std::min(n, len);
+  for (int64_t j = lo; j < hi; ++j) top.best.push_back({keys[j], static_cast<int32_t>(j)});
+  const int64_t m = std::min(n, hi - lo);
   std::partial_sort(top.best.begin(), top.best.begin() + m, top.best.end(), BetterNanFirst());
   top.best.resize(m);
 }
 
-// The min(n, len) best of keys[0, len) into top.best, sorted best first.
+// The min(n, hi - lo) best of keys[lo, hi) into top.best, sorted best first, with their positions
+// in keys. row_max[t] is the max of the row's keys [t * kTile, (t + 1) * kTile) (up to its end).
 // Keys above a threshold gather in top.best; whenever it holds 2n, the best n stay and the
 // threshold rises to the worst of them (positions come in ascending order, so a later key equal
-// to the threshold ranks below it). The threshold starts just under the n-th largest tile max:
-// n distinct keys reach it, so nothing below it is among the n best, and tiles whose max stays
-// below the threshold are skipped whole. A row with a NaN key goes to top_n_with_nan.
+// to the threshold ranks below it). The threshold starts just under the n-th largest max of the
+// ranked keys of a tile: n distinct keys reach it, so nothing below it is among the n best, and
+// tiles whose max stays below the threshold are skipped whole. A range with a NaN key goes to
+// top_n_with_nan.
 template <class Isa>
-void top_n(const float* keys, int64_t len, int64_t n, TopN& top) {
-  const int64_t tiles = (len + kTile - 1) / kTile;
+void top_n(const float* keys, const float* row_max, int64_t lo, int64_t hi, int64_t n,
+           TopN& top) {
+  top.best.clear();
+  if (lo >= hi) return;
+  const int64_t t0 = lo / kTile, tiles = (hi - 1) / kTile + 1 - t0;  // tiles [t0, t0 + tiles)
   top.tile_max.resize(tiles);
   bool has_nan = false;
   for (int64_t t = 0; t < tiles; ++t) {
-    top.tile_max[t] = Isa::max_of(keys + t * kTile, std::min(kTile, len - t * kTile));
+    const int64_t a = (t0 + t) * kTile, j0 = std::max(lo, a), j1 = std::min(hi, a + kTile);
+    // a tile the range cuts (its first or last) has the max of its ranked keys only
+    top.tile_max[t] =
+        j0 == a && j1 == a + kTile ? row_max[t0 + t] : Isa::max_of(keys + j0, j1 - j0);
     has_nan = has_nan || std::isnan(top.tile_max[t]);
   }
-  if (has_nan) return top_n_with_nan(keys, len, n, top);
+  if (has_nan) return top_n_with_nan(keys, lo, hi, n, top);
   float thr = kNegInf;  // keys <= thr at later positions are not among the n best
   if (tiles >= n) {
     top.ranked = top.tile_max;
@@ -90,12 +108,11 @@ void top_n(const float* keys, int64_t len, int64_t n, TopN& top) {
     constexpr float kNormal = std::numeric_limits<float>::min();
     if (std::fabs(thr) < kNormal) thr = -kNormal;
   }
-  top.best.clear();
-  const int64_t first = std::min(len, n);  // always candidates, so min(n, len) come out
-  for (int64_t j = 0; j < first; ++j) top.best.push_back({keys[j], static_cast<int32_t>(j)});
-  for (int64_t t = first / kTile; t < tiles; ++t) {
-    if (!(top.tile_max[t] > thr)) continue;
-    const int64_t end = std::min(len, (t + 1) * kTile);
+  const int64_t first = lo + std::min(hi - lo, n);  // keys [lo, first): always candidates
+  for (int64_t j = lo; j < first; ++j) top.best.push_back({keys[j], static_cast<int32_t>(j)});
+  for (int64_t t = first / kTile; t < t0 + tiles; ++t) {
+    if (!(top.tile_max[t - t0] > thr)) continue;
+    const int64_t end = std::min(hi, (t + 1) * kTile);
     for (int64_t j = std::max(first, t * kTile); (j = Isa::first_above(keys, j, end, thr)) < end;
          ++j) {
       top.best.push_back({keys[j], static_cast<int32_t>(j)});
@@ -108,38 +125,82 @@ void top_n(const float* keys, int64_t len, int64_t n, TopN& top) {
   std::sort(top.best.begin(), top.best.end(), Better());
 }
 
-// Scores of one group: s[h * L + j] = scale * <q_h, k_j> for h < G, j < L, and lse[h] over them.
-// qf [G, kD] float32; k: L rows of kD (row stride k_stride). Tiles of kTile keys: all head passes
-// over a tile read its K rows from L1, then each head's online log-sum-exp absorbs the tile (a NaN
-// score makes the head's running max, and so its lse, NaN for good; as torch.logsumexp, an
-// infinite running max is the lse: -inf while every score is -inf, +inf once one is).
+// The log-sum-exp state of some scores of a head: their max and the sum of exp(s - max), in
+// double (float32 adds of one tile's sum after another drift: a relative 2e-5 at 3M keys).
+struct LsePart {
+  float max = kNegInf;
+  double sum = 0.0;
+
+  // Takes in scores whose max is `their_max`; sum_at(m) is their sum of exp(s - m). As
+  // torch.logsumexp: a NaN score makes the max, and so the lse, NaN for good; an infinite max is
+  // the lse (-inf while every score is -inf, +inf once one is).
+  template <class SumAt>
+  void absorb(float their_max, const SumAt& sum_at) {
+    // std::max keeps a NaN running max (its first argument); a NaN max is taken here
+    const float m = std::isnan(their_max) ? their_max : std::max(max, their_max);
+    if (!std::isinf(m))  // exp(s - m) would be exp(inf - inf) for an infinite score
+      sum = sum * std::exp(static_cast<double>(max) - m) + sum_at(m);
+    max = m;
+  }
+
+  float lse() const { return std::isinf(max) ? max : static_cast<float>(max + std::log(sum)); }
+};
+
+// Where one group's intermediate values live: the scores of head h at s + h * s_stride [L], the
+// max of each kTile-key tile of them at tile_max + h * tiles [tiles], and with group_select
+// the mass [L] and the max of each of its tiles [tiles].
+struct GroupRows {
+  float* s;
+  int64_t s_stride;
+  float* tile_max;
+  int64_t tiles;
+  float* mass;
+  float* mass_max;
+};
+
+// Keys [j0, j1) of one group, j0 a multiple of kTile and j1 too or the row's end: the G heads'
+// scores scale * <q_h, k_j> and their tiles' maxima into r, and their lse states into part [G].
+// qf [G, kD] float32; k row j at k + j * k_stride. Tiles of kTile keys: all head passes over a
+// tile read its K rows from L1.
 template <class Isa, typename scalar_t, int64_t kD>
-void group_scores(const float* qf, const scalar_t* k, int64_t k_stride, int64_t G, int64_t L,
-                  float scale, float* s /* [G, L] */, float* lse /* [G] */) {
-  // [G] online lse state; the sum in double: float32 adds of one tile sum after another drift
-  // (a relative 2e-5 at 3M keys)
-  std::vector<float> run_max(G, kNegInf);
-  std::vector<double> run_sum(G, 0.0);
-  for (int64_t j0 = 0; j0 < L; j0 += kTile) {
-    const int64_t rows = std::min(kTile, L - j0);
+void score_keys(const float* qf, const scalar_t* k, int64_t k_stride, int64_t G, float scale,
+                int64_t j0, int64_t j1, const GroupRows& r, LsePart* part) {
+  std::fill(part, part + G, LsePart{});
+  for (int64_t j = j0; j < j1; j += kTile) {
+    const int64_t rows = std::min(kTile, j1 - j);
     for (int64_t h = 0; h < G;) {
-      h += score_heads<Isa, scalar_t, kD>(qf + h * kD, G - h, k + j0 * k_stride, k_stride, rows,
-                                          scale, s + h * L + j0, L);
+      h += score_heads<Isa, scalar_t, kD>(qf + h * kD, G - h, k + j * k_stride, k_stride, rows,
+                                          scale, r.s + h * r.s_stride + j, r.s_stride);
     }
     for (int64_t h = 0; h < G; ++h) {
-      const float* tile = s + h * L + j0;
+      const float* tile = r.s + h * r.s_stride + j;
       const float tile_max = Isa::max_of(tile, rows);
-      // std::max keeps a NaN running max (its first argument); a NaN tile max is taken here
-      const float m = std::isnan(tile_max) ? tile_max : std::max(run_max[h], tile_max);
-      if (!std::isinf(m))  // exp(s - m) would be exp(inf - inf) for an infinite score
-        run_sum[h] = run_sum[h] * std::exp(static_cast<double>(run_max[h]) - m) +
-                     Isa::sum_exp(tile, rows, m);
-      run_max[h] = m;
+      r.tile_max[h * r.tiles + j / kTile] = tile_max;
+      part[h].absorb(tile_max, [&](float m) { return Isa::sum_exp(tile, rows, m); });
     }
   }
-  for (int64_t h = 0; h < G; ++h)
-    lse[h] = std::isinf(run_max[h]) ? run_max[h]
-                                    : static_cast<float>(run_max[h] + std::log(run_sum[h]));
+}
+
+// lse [G] of a group whose keys were scored in `chunks` chunks: parts [chunks, G], added in order.
+void finish_lse(const LsePart* parts, int64_t chunks, int64_t G, float* lse) {
+  for (int64_t h = 0; h < G; ++h) {
+    LsePart all;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const LsePart& p = parts[c * G + h];
+      all.absorb(p.max, [&](float m) { return p.sum * std::exp(static_cast<double>(p.max) - m); });
+    }
+    lse[h] = all.lse();
+  }
+}
+
+// group_select's mass of a group's L keys: c_j = sum_h exp(s_hj - lse_h), a NaN term counting 0,
+// into r.mass, and the max of each of its tiles into r.mass_max.
+template <class Isa>
+void group_mass(const GroupRows& r, const float* lse, int64_t G, int64_t L) {
+  std::fill(r.mass, r.mass + L, 0.f);
+  for (int64_t h = 0; h < G; ++h) Isa::add_exp(r.mass, r.s + h * r.s_stride, L, lse[h]);
+  for (int64_t j = 0; j < L; j += kTile)
+    r.mass_max[j / kTile] = Isa::max_of(r.mass + j, std::min(kTile, L - j));
 }
 
 // Writes n entries of one head: the selected candidates, then padding (-inf, -1).
@@ -172,65 +233,179 @@ void keep_mass_prefix(float lse, float top_p, int64_t n, float* scores /* [n] */
   }
 }
 
-// Buffers of one group's selection, kept per thread across calls (no allocation and page faults
-// per call; about G * S * 4 bytes per thread).
-struct Scratch {
-  std::vector<float> qf;    // [G, kD] the group's queries in float32
-  std::vector<float> s;     // [G, L] scores
-  std::vector<float> mass;  // [L] c_j of group_select
-  TopN top;                 // selection
+// The arguments of a call that every group reads.
+struct Options {
+  int64_t G, n, skip_first, skip_last;
+  float scale, top_p;
+  bool group_select;
+};
+
+// One (batch, kv head) group: its queries q [G, kD] (row stride q_stride), keys k [L, kD] (row
+// stride k_stride), and outputs scores/indices [G, n] and lse [G]; all [G, all_stride] every
+// score (-inf from L on) unless nullptr.
+template <typename scalar_t>
+struct Group {
+  const scalar_t* q;
+  int64_t q_stride;
+  const scalar_t* k;
+  int64_t k_stride, L;
+  float* scores;
+  int32_t* indices;
+  float* lse;
+  float* all;
+  int64_t all_stride;
+};
+
+// The group's queries in float32 into qf [G, kD].
+template <typename scalar_t, int64_t kD>
+void queries_to_float(const Group<scalar_t>& g, int64_t G, float* qf) {
+  for (int64_t h = 0; h < G; ++h) {
+    for (int64_t d = 0; d < kD; ++d) qf[h * kD + d] = to_float(g.q[h * g.q_stride + d]);
+  }
+}
+
+// A group's outputs from its scores and lse: the top n of keys skip_first <= j < L -
+// skip_last (with top_p < 1 each head's mass prefix of them); with return_scores, the scores past
+// L -inf.
+template <class Isa, typename scalar_t>
+void select_heads(const Group<scalar_t>& g, const GroupRows& r, const Options& o, TopN& top) {
+  const int64_t lo = std::min(o.skip_first, g.L);  // the ranked keys [lo, hi)
+  const int64_t hi = std::max(lo, g.L - std::min(o.skip_last, g.L));
+  if (o.group_select) top_n<Isa>(r.mass, r.mass_max, lo, hi, o.n, top);
+  for (int64_t h = 0; h < o.G; ++h) {
+    const float* s_head = r.s + h * r.s_stride;  // [L]
+    if (!o.group_select) top_n<Isa>(s_head, r.tile_max + h * r.tiles, lo, hi, o.n, top);
+    write_head(top.best, s_head, o.n, g.scores + h * o.n, g.indices + h * o.n);
+    if (o.top_p < 1.0f)
+      keep_mass_prefix(g.lse[h], o.top_p, o.n, g.scores + h * o.n, g.indices + h * o.n);
+    if (g.all != nullptr)  // the rest of the row (past L, and the padding): no stale memory
+      std::fill(g.all + h * g.all_stride + g.L, g.all + (h + 1) * g.all_stride, kNegInf);
+  }
+}
+
+// The queries, scores, maxima, mass and lse parts of `groups` groups (one, on a thread, or every
+// group of a split call, on the calling thread), kept across calls: about G * L * 4 bytes a group
+// of L keys, one after the other.
+struct Buffers {
+  std::vector<float> qf;        // [groups, G, kD] the queries in float32
+  // each group's in turn, at key0 / tile0: scores [G, L] (unless written into the output
+  // `all`), tile maxima [G, tiles], and with group_select mass [L] and its maxima [tiles]
+  std::vector<float> s;
+  std::vector<float> tile_max;
+  std::vector<float> mass;
+  std::vector<float> mass_max;
+  std::vector<LsePart> parts;   // [chunks, G] the chunks of every group, in order
+  std::vector<int64_t> key0;    // [groups + 1] where group i's keys start: the sum of the L before
+  std::vector<int64_t> tile0;   // [groups + 1] where its tiles start
+  TopN top;                     // the selection of one group at a time
+
+  // Sizes them for groups of lens(i) keys scored in `chunks` chunks in all; own_scores: s is
+  // needed (return_scores off).
+  template <class Lens>
+  void resize(int64_t groups, const Lens& lens, int64_t G, int64_t kD, int64_t chunks,
+              const Options& o, bool own_scores) {
+    key0.assign(1, 0);
+    tile0.assign(1, 0);
+    for (int64_t i = 0; i < groups; ++i) {
+      key0.push_back(key0.back() + lens(i));
+      tile0.push_back(tile0.back() + tiles_of(lens(i)));
+    }
+    const int64_t keys = key0.back(), tiles = tile0.back();
+    scratch_resize(qf, groups * G * kD, "qk_topn", "queries [G, D] float32");
+    if (own_scores) {
+      scratch_resize(s, G * keys, "qk_topn",
+                     groups == 1 ? "scores [G, L] float32" : "scores [G, sum of L] float32");
+    }
+    scratch_resize(tile_max, G * tiles, "qk_topn", "tile maxima [G, L / 64] float32");
+    if (o.group_select) {
+      scratch_resize(mass, keys, "qk_topn", "group mass [L] float32");
+      scratch_resize(mass_max, tiles, "qk_topn", "group mass maxima [L / 64] float32");
+    }
+    scratch_resize(parts, chunks * G, "qk_topn", "lse parts [chunks, G]");
+  }
+
+  // Group i's rows: its scores in the output `all` where that is given, else in s; no mass
+  // (nullptr) without group_select.
+  template <typename scalar_t>
+  GroupRows rows(int64_t i, const Group<scalar_t>& g, int64_t G, const Options& o) {
+    return GroupRows{g.all != nullptr ? g.all : s.data() + G * key0[i],
+                     g.all != nullptr ? g.all_stride : g.L,
+                     tile_max.data() + G * tile0[i],
+                     tiles_of(g.L),
+                     o.group_select ? mass.data() + key0[i] : nullptr,
+                     o.group_select ? mass_max.data() + tile0[i] : nullptr};
+  }
 
   size_t bytes() const {
-    return (qf.capacity() + s.capacity() + mass.capacity() + top.tile_max.capacity() +
-            top.ranked.capacity()) * sizeof(float) + top.best.capacity() * sizeof(Cand);
+    return (qf.capacity() + s.capacity() + tile_max.capacity() + mass.capacity() +
+            mass_max.capacity()) * sizeof(float) + parts.capacity() * sizeof(LsePart) +
+           (key0.capacity() + tile0.capacity()) * sizeof(int64_t) + top.bytes();
   }
 };
 
-// The min(n, hi - lo) best of keys[lo, hi) into top.best, sorted best first, with their
-// positions in keys.
-template <class Isa>
-void top_n_in(const float* keys, int64_t lo, int64_t hi, int64_t n, TopN& top) {
-  top_n<Isa>(keys + lo, hi - lo, n, top);
-  for (Cand& c : top.best) c.idx += static_cast<int32_t>(lo);
+// A group's outputs once its keys are scored (parts [chunks, G] their lse parts): lse, with
+// group_select the mass, and the selection.
+template <class Isa, typename scalar_t>
+void finish_group(const Group<scalar_t>& g, const GroupRows& r, const LsePart* parts,
+                  int64_t chunks, const Options& o, TopN& top) {
+  finish_lse(parts, chunks, o.G, g.lse);
+  if (o.group_select) group_mass<Isa>(r, g.lse, o.G, g.L);
+  select_heads<Isa>(g, r, o, top);
 }
 
-// One (batch, kv head): q [G, kD] (row stride q_stride), k [L, kD] (row stride k_stride) ->
-// scores/indices [G, n] (the top n of keys skip_first <= j < L - skip_last; with top_p < 1 each
-// head's mass prefix of them), lse [G] (over all j < L), and every score into all [G, all_stride]
-// (-inf from L on) unless all is nullptr.
+// One group on one thread, chunk by chunk: the same chunks as select_split, so the same bits.
 template <class Isa, typename scalar_t, int64_t kD>
-void select_group(const scalar_t* q, int64_t q_stride, const scalar_t* k, int64_t k_stride,
-                  int64_t G, int64_t L, int64_t n, float scale, bool group_select,
-                  int64_t skip_first, int64_t skip_last, float top_p, Scratch& tmp, float* scores,
-                  int32_t* indices, float* lse, float* all, int64_t all_stride) {
-  scratch_resize(tmp.qf, G * kD, "qk_topn", "queries [G, D] float32");
-  for (int64_t h = 0; h < G; ++h) {
-    for (int64_t d = 0; d < kD; ++d) tmp.qf[h * kD + d] = to_float(q[h * q_stride + d]);
+void select_group(const Group<scalar_t>& g, const Options& o, Buffers& tmp) {
+  const int64_t chunks = chunks_of(g.L), G = o.G;
+  tmp.resize(1, [&](int64_t) { return g.L; }, G, kD, chunks, o, g.all == nullptr);
+  const GroupRows r = tmp.rows(0, g, G, o);
+  queries_to_float<scalar_t, kD>(g, G, tmp.qf.data());
+  for (int64_t c = 0; c < chunks; ++c) {
+    score_keys<Isa, scalar_t, kD>(tmp.qf.data(), g.k, g.k_stride, G, o.scale, c * kChunkKeys,
+                                  std::min(g.L, (c + 1) * kChunkKeys), r,
+                                  tmp.parts.data() + c * G);
   }
-  scratch_resize(tmp.s, G * L, "qk_topn", "scores [G, L] float32");
-  group_scores<Isa, scalar_t, kD>(tmp.qf.data(), k, k_stride, G, L, scale, tmp.s.data(), lse);
-  // head h's scores [L] by pointer: &tmp.s[h * L] would index an empty vector where L = 0
-  const auto head_scores = [&](int64_t h) { return tmp.s.data() + h * L; };
-  if (all != nullptr) {  // the rest of each row (past L, and the padding) -inf: no stale memory
-    for (int64_t h = 0; h < G; ++h) {
-      std::copy_n(head_scores(h), L, all + h * all_stride);
-      std::fill(all + h * all_stride + L, all + (h + 1) * all_stride,
-                -std::numeric_limits<float>::infinity());
+  finish_group<Isa>(g, r, tmp.parts.data(), chunks, o, tmp.top);
+}
+
+// The buffers of a call whose rows are split (select_split), kept by the calling thread across
+// calls while they hold at most kScratchKeepBytes per thread of the loop.
+struct SplitScratch {
+  RowChunks chunks;  // every group's chunks
+  Buffers buf;       // every group's rows
+
+  size_t bytes() const { return chunks.bytes() + buf.bytes(); }
+};
+
+// The groups with their rows split into chunks of kChunkKeys keys: every chunk's scores in one
+// parallel loop, then each group's lse, mass and selection in another (the selection reads the
+// tile maxima, and a tile's keys only where its max passes the threshold). The same chunks, and
+// lse parts added in the same order, as select_group: the same bits.
+template <class Isa, typename scalar_t, int64_t kD>
+void select_split(const std::vector<Group<scalar_t>>& groups, const Options& o) {
+  // the calling thread's: the loop's threads see it through this name
+  SplitScratch& sp = thread_scratch<SplitScratch>();
+  const int64_t count = static_cast<int64_t>(groups.size()), G = o.G;
+  const auto len = [&](int64_t i) { return groups[i].L; };
+  sp.chunks.split(count, len);
+  sp.buf.resize(count, len, G, kD, sp.chunks.count(), o, groups[0].all == nullptr);
+  for (int64_t i = 0; i < count; ++i)
+    queries_to_float<scalar_t, kD>(groups[i], G, sp.buf.qf.data() + i * G * kD);
+  at::parallel_for(0, sp.chunks.count(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const RowChunks::Chunk& ch = sp.chunks.chunks[c];
+      const Group<scalar_t>& g = groups[ch.group];
+      score_keys<Isa, scalar_t, kD>(sp.buf.qf.data() + ch.group * G * kD, g.k, g.k_stride, G,
+                                    o.scale, ch.j0, ch.j1, sp.buf.rows(ch.group, g, G, o),
+                                    sp.buf.parts.data() + c * G);
     }
-  }
-  const int64_t lo = std::min(skip_first, L);                 // the ranked keys [lo, hi)
-  const int64_t hi = std::max(lo, L - std::min(skip_last, L));
-  if (group_select) {
-    scratch_resize(tmp.mass, L, "qk_topn", "group mass [L] float32");
-    std::fill(tmp.mass.begin(), tmp.mass.end(), 0.f);
-    for (int64_t h = 0; h < G; ++h) Isa::add_exp(tmp.mass.data(), head_scores(h), L, lse[h]);
-    top_n_in<Isa>(tmp.mass.data(), lo, hi, n, tmp.top);
-  }
-  for (int64_t h = 0; h < G; ++h) {
-    if (!group_select) top_n_in<Isa>(head_scores(h), lo, hi, n, tmp.top);
-    write_head(tmp.top.best, head_scores(h), n, scores + h * n, indices + h * n);
-    if (top_p < 1.0f) keep_mass_prefix(lse[h], top_p, n, scores + h * n, indices + h * n);
-  }
+  });
+  parallel_tasks<Buffers>(count, [&](int64_t i, Buffers& tmp) {
+    const int64_t c0 = sp.chunks.first[i];
+    finish_group<Isa>(groups[i], sp.buf.rows(i, groups[i], G, o), sp.buf.parts.data() + c0 * G,
+                      sp.chunks.first[i + 1] - c0, o, tmp.top);
+  });
+  if (sp.bytes() > kScratchKeepBytes * at::get_num_threads()) sp = SplitScratch{};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
@@ -255,22 +430,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
   const int64_t row = (dims.S + 3) / 4 * 4;
   at::Tensor all = return_scores ? at::empty({dims.B, dims.Hq, row}, f32).narrow(2, 0, dims.S)
                                  : at::empty({0}, f32);
-  float* all_ptr = return_scores ? all.data_ptr<float>() : nullptr;
-  const int64_t all_stride = return_scores ? all.stride(1) : 0;
-  const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  const int64_t G = dims.G;
-  for_each_kv_group<Scratch>(q.scalar_type(), dims.D, dims.B, dims.Hkv,
-                            [&]<class Isa, typename scalar_t, int64_t kD>(
-                                int64_t b, int64_t kvh, Scratch& tmp) {
-    const int64_t head0 = b * dims.Hq + kvh * G;  // first query head of the group
-    select_group<Isa, scalar_t, kD>(
-        q.data_ptr<scalar_t>() + b * q.stride(0) + kvh * G * q.stride(1), q.stride(1),
-        k_cache.data_ptr<scalar_t>() + b * k_cache.stride(0) + kvh * k_cache.stride(1),
-        k_cache.stride(2), G, lens[b * seq_lens.stride(0)], n, static_cast<float>(scale),
-        group_select, skip_first, skip_last, static_cast<float>(top_p), tmp,
-        scores.data_ptr<float>() + head0 * n,
-        indices.data_ptr<int32_t>() + head0 * n, lse.data_ptr<float>() + head0,
-        all_ptr == nullptr ? nullptr : all_ptr + head0 * all_stride, all_stride);
+  // nullptr also where S = 0 (no score to write)
+  float* all_ptr = return_scores && dims.S > 0 ? all.data_ptr<float>() : nullptr;
+  const Options o{dims.G, n, skip_first, skip_last, static_cast<float>(scale),
+                  static_cast<float>(top_p), group_select};
+  const int64_t groups = dims.B * dims.Hkv;
+  dispatch_isa(q.scalar_type(), dims.D, [&]<class Isa, typename scalar_t, int64_t kD>() {
+    const auto group = [&](int64_t bg) {  // group bg = b * Hkv + kvh
+      const int64_t b = bg / dims.Hkv, kvh = bg % dims.Hkv;
+      const int64_t head0 = b * dims.Hq + kvh * dims.G;  // first query head of the group
+      return Group<scalar_t>{
+          q.data_ptr<scalar_t>() + b * q.stride(0) + kvh * dims.G * q.stride(1), q.stride(1),
+          k_cache.data_ptr<scalar_t>() + b * k_cache.stride(0) + kvh * k_cache.stride(1),
+          k_cache.stride(2), seq_lens.data_ptr<int32_t>()[b * seq_lens.stride(0)],
+          scores.data_ptr<float>() + head0 * n, indices.data_ptr<int32_t>() + head0 * n,
+          lse.data_ptr<float>() + head0,
+          all_ptr == nullptr ? nullptr : all_ptr + head0 * all.stride(1),
+          all_ptr == nullptr ? 0 : all.stride(1)};
+    };
+    if (split_rows(groups)) {
+      std::vector<Group<scalar_t>> all_groups;  // [B * Hkv]
+      for (int64_t bg = 0; bg < groups; ++bg) all_groups.push_back(group(bg));
+      select_split<Isa, scalar_t, kD>(all_groups, o);
+      return;
+    }
+    parallel_tasks<Buffers>(groups, [&](int64_t bg, Buffers& tmp) {
+      select_group<Isa, scalar_t, kD>(group(bg), o, tmp);
+    });
   });
   return {scores, indices, lse, all};
 }
