@@ -150,8 +150,9 @@ struct SplitScratch {
 // in the same order.
 template <class Isa, int64_t kD, int64_t kBits>
 void tail_split(const std::vector<Group>& groups, int64_t G, int64_t N) {
-  static thread_local SplitScratch callers;
-  SplitScratch& sp = callers;  // the calling thread's: the loop's threads see it through this name
+  // the calling thread's (one whatever the instance of this template): the loop's threads see it
+  // through this name
+  SplitScratch& sp = thread_scratch<SplitScratch>();
   sp.rows.split(static_cast<int64_t>(groups.size()), [&](int64_t i) { return groups[i].L; });
   scratch_resize(sp.parts, sp.rows.count() * G * kD, "lowbit_tail",
                  "chunk sums [chunks, G, D] float32");
