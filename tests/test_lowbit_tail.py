@@ -435,6 +435,17 @@ def test_empty_batch(device):
     assert out.shape == (0, 4, 64) and out.dtype == torch.float32
 
 
+def test_empty_cache(device):
+    """A cache of no rows (S = 0) over several sequences and heads: zeros, as the reference."""
+    _, _, seq_lens, codes, meta = make_case(2, 2, 2, 0, 64, 2, torch.float32, device, [0, 0])
+    scores = torch.zeros(2, 4, 0, device=device)  # [B, Hq, S]
+    lse = torch.full((2, 4), float("-inf"), device=device)  # [B, Hq]
+    indices = torch.full((2, 4, 3), -1, dtype=torch.int32, device=device)  # [B, Hq, N]
+    out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, 2)
+    assert torch.equal(out.cpu(), torch.zeros(2, 4, 64))
+    check_tail(scores, seq_lens, lse, indices, codes, meta, 2, out)
+
+
 def test_check_values_off(device):
     """check_values=False (no value read-back on CUDA) changes no output and passes opcheck (with
     hot rows too)."""

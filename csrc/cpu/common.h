@@ -73,6 +73,14 @@ bool tail_meta_rows(const c10::BFloat16* meta, int64_t m_stride, int64_t n, floa
     return __VA_ARGS__();                      \
   }()
 
+// t's data from element `offset` on, or nullptr where t has no element: an empty tensor's data
+// pointer may be null, and an offset from null is undefined even where nothing is read (an S or N
+// of 0 leaves the other strides nonzero).
+template <typename T>
+T* data_from(const at::Tensor& t, int64_t offset) {
+  return t.numel() == 0 ? nullptr : t.data_ptr<T>() + offset;
+}
+
 // buf.resize(n); where the host has not the memory, an error that names the op, the buffer and
 // the bytes asked for (std::bad_alloc says none of them).
 template <class Vec>

@@ -217,14 +217,14 @@ at::Tensor lowbit_tail_cpu(const at::Tensor& scores,    // [B, Hq, S] float32
                                hot_pos.data_ptr<int32_t>() + b * hot_pos.stride(0),
                                hot_pos.stride(1), H};
       return Group{
-          scores.data_ptr<float>() + b * scores.stride(0) + h0 * scores.stride(1),
+          data_from<float>(scores, b * scores.stride(0) + h0 * scores.stride(1)),
           scores.stride(1), scores.stride(2),
-          v_codes.data_ptr<uint8_t>() + b * v_codes.stride(0) + kvh * v_codes.stride(1),
+          data_from<uint8_t>(v_codes, b * v_codes.stride(0) + kvh * v_codes.stride(1)),
           v_codes.stride(2),
-          v_meta.data_ptr<c10::BFloat16>() + b * v_meta.stride(0) + kvh * v_meta.stride(1),
+          data_from<c10::BFloat16>(v_meta, b * v_meta.stride(0) + kvh * v_meta.stride(1)),
           v_meta.stride(2), lse.data_ptr<float>() + b * lse.stride(0) + h0 * lse.stride(1),
           lse.stride(1),
-          indices.data_ptr<int32_t>() + b * indices.stride(0) + h0 * indices.stride(1),
+          data_from<int32_t>(indices, b * indices.stride(0) + h0 * indices.stride(1)),
           indices.stride(1), L, first, end, hot,
           out.data_ptr<float>() + (b * dims.Hq + h0) * dims.D};
     };

@@ -441,7 +441,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
       const int64_t head0 = b * dims.Hq + kvh * dims.G;  // first query head of the group
       return Group<scalar_t>{
           q.data_ptr<scalar_t>() + b * q.stride(0) + kvh * dims.G * q.stride(1), q.stride(1),
-          k_cache.data_ptr<scalar_t>() + b * k_cache.stride(0) + kvh * k_cache.stride(1),
+          data_from<scalar_t>(k_cache, b * k_cache.stride(0) + kvh * k_cache.stride(1)),
           k_cache.stride(2), seq_lens.data_ptr<int32_t>()[b * seq_lens.stride(0)],
           scores.data_ptr<float>() + head0 * n, indices.data_ptr<int32_t>() + head0 * n,
           lse.data_ptr<float>() + head0,

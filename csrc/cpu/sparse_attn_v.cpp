@@ -92,16 +92,15 @@ void attend_group(const at::Tensor& scores, const at::Tensor& indices, const at:
                   const std::optional<at::Tensor>& v_sum,
                   const std::optional<at::Tensor>& seq_lens, const SparseAttnVDims& dims,
                   int64_t b, int64_t kvh, at::Tensor& out) {
-  const scalar_t* v =
-      v_cache.data_ptr<scalar_t>() + b * v_cache.stride(0) + kvh * v_cache.stride(1);
+  const scalar_t* v = data_from<scalar_t>(v_cache, b * v_cache.stride(0) + kvh * v_cache.stride(1));
   const float* group_sum =  // [kD] or nullptr: no tail
       dims.tail ? v_sum->data_ptr<float>() + b * v_sum->stride(0) + kvh * v_sum->stride(1)
                 : nullptr;
   const int64_t len = dims.tail ? seq_lens->data_ptr<int32_t>()[b * seq_lens->stride(0)] : 0;
   for (int64_t h = kvh * dims.G; h < (kvh + 1) * dims.G; ++h) {
-    const float* s = scores.data_ptr<float>() + b * scores.stride(0) + h * scores.stride(1);
+    const float* s = data_from<float>(scores, b * scores.stride(0) + h * scores.stride(1));
     const int32_t* idx =
-        indices.data_ptr<int32_t>() + b * indices.stride(0) + h * indices.stride(1);
+        data_from<int32_t>(indices, b * indices.stride(0) + h * indices.stride(1));
     const float head_lse =
         renormalize ? 0.f : lse->data_ptr<float>()[b * lse->stride(0) + h * lse->stride(1)];
     attend_head<Isa, scalar_t, kD>(s, idx, dims.N, v, v_cache.stride(2), renormalize, head_lse,
