@@ -1,5 +1,6 @@
-// Helpers shared by the CPU implementations: the device check, float conversion of the storage
-// dtypes, the dtype / head-dim dispatch (value checks: ../value_checks.h), and scratch sizing.
+// Helpers shared by the CPU implementations: kNegInf, the device check, float conversion of the
+// storage dtypes, the dtype / head-dim dispatch (value checks: ../value_checks.h), data pointers
+// of possibly empty tensors, and scratch sizing.
 #pragma once
 
 #include <algorithm>
@@ -16,6 +17,9 @@
 #include "../checks.h"
 
 namespace kcache_ops::cpu {
+
+// The score of padding, and the floor of a selection's threshold.
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 #define KC_CHECK_CPU(op, x) \
   TORCH_CHECK((x).device().is_cpu(), op ": " #x " must be on cpu, got ", (x).device())

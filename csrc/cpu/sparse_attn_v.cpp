@@ -14,8 +14,6 @@
 namespace kcache_ops::cpu {
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
 // The weights p_i of one head (DESIGN §3): exp(score_i - shift), 0 for padding and -inf scores
 // (a softmax's shift is -inf only when every valid score is); as the reference's nan_to_num(0), a
 // NaN weight (a NaN score or shift, or an infinite score with an infinite shift) counts 0 and

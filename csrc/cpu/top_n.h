@@ -10,9 +10,10 @@
 #include <limits>
 #include <vector>
 
+#include "common.h"
+
 namespace kcache_ops::cpu {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kTile = 64;  // keys per tile: 64 K rows (<= 32 KiB) stay in L1 across head passes
 
 // The kTile-key tiles of a row of L keys.
