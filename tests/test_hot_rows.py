@@ -193,10 +193,13 @@ def test_select_reads_n_host_rows_of_cold_positions(device):
             assert got == idx[h, :min(TOPN, cold)].tolist(), (b, h)
 
 
-def test_all_rows_hot_is_exact(device):
+@pytest.mark.parametrize("sinks, window", [(4, 30), (40, 0), (0, 50), (32, 32)])
+def test_all_rows_hot_is_exact(device, sinks, window):
     """sinks + window >= L: every row is attended exactly from the device (no host row read),
-    so the step equals exact attention."""
-    run = Run(make(device, topn=1, sinks=4, window=30), device, torch.float32)
+    so the step equals exact attention. Past the capacity (32) the cache keeps one slot per
+    position, not sinks + window."""
+    run = Run(make(device, topn=1, sinks=sinks, window=window), device, torch.float32)
+    assert run.cache.hot_slots.size == min(sinks + window, 32)
     run.prefill()
     for _ in range(2):
         for layer, (q, out) in enumerate(run.step()):
@@ -284,6 +287,19 @@ def test_hot_rows_count_in_device_memory(device):
         hot = sequence_bytes("kcache", config, options, capacity, torch.bfloat16)[0]
         assert hot - sequence_bytes("kcache", config, plain, capacity, torch.bfloat16)[0] == \
             LAYERS * HKV * (SINKS + WINDOW) * D * 2
+
+
+@pytest.mark.parametrize("dense_layers", [(), (1,)])
+@pytest.mark.parametrize("sinks, window", [(SINKS, WINDOW), (9, 0), (0, 9), (4, 60)])
+def test_sequence_bytes_count_the_hot_rows_a_cache_holds(sinks, window, dense_layers):
+    """sequence_bytes is what a cache of one sequence holds, at capacities below, at and above
+    sinks + window (where a cache keeps at most one hot row per position)."""
+    options = KCacheOptions(topn=TOPN, tail="int2", sinks=sinks, window=window,
+                            dense_layers=dense_layers)
+    for capacity in (1, 2, 5, 9, 10, 70):
+        cache = KCache(tiny_config(), 1, capacity, "cpu", torch.bfloat16, options)
+        assert sequence_bytes("kcache", tiny_config(), options, capacity, torch.bfloat16) == \
+            (cache.device_bytes(), cache.host_bytes()), capacity
 
 
 @pytest.mark.parametrize("options, message", [

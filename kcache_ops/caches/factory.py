@@ -1,4 +1,6 @@
 """The one place a cache is built from a backend name: ``dense`` or ``kcache``."""
+from dataclasses import replace
+
 from .dense import DenseCache
 from .kcache import KCache
 from .options import KCacheOptions
@@ -27,7 +29,17 @@ def make_cache(backend, config, batch, capacity, device, dtype, options=None):
 def sequence_bytes(backend, config, options, capacity, dtype):
     """(device bytes, host bytes) one sequence of ``capacity`` tokens costs in a cache of
     ``backend`` for a model of ``config`` in ``dtype``: per token (K, V, a low-bit copy of V) and
-    per sequence (a V sum), counted on CPU caches of one and two tokens."""
+    per sequence (a V sum, a reuse pool), counted on CPU caches of one and two tokens, and KCache's
+    hot rows (``min(sinks + window, capacity)`` per layer) counted apart."""
+    if backend == "kcache" and options is None:
+        options = KCacheOptions()
+    if backend == "kcache" and options.hot_rows:
+        cold = replace(options, sinks=0, window=0)
+        one_row = replace(cold, sinks=1)
+        row = (make_cache(backend, config, 1, 1, "cpu", dtype, one_row).device_bytes() -
+               make_cache(backend, config, 1, 1, "cpu", dtype, cold).device_bytes())
+        device, host = sequence_bytes(backend, config, cold, capacity, dtype)
+        return device + min(options.hot_rows, capacity) * row, host
     one, two = (make_cache(backend, config, 1, n, "cpu", dtype, options) for n in (1, 2))
     device_token = two.device_bytes() - one.device_bytes()
     host_token = two.host_bytes() - one.host_bytes()

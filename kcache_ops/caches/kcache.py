@@ -155,7 +155,10 @@ class KCache:
         self.tails = {i: make_tail(options, batch, config.num_kv_heads, capacity, config.head_dim,
                                    self.device, self._side) for i in self.v_host}  # per layer
         # which position each hot slot holds: the same for every layer, kept once
-        self.hot_slots = (HotSlots(options.sinks, options.window, batch, self.device)
+        # every position is hot where sinks + window >= capacity: at most capacity slots
+        sinks = min(options.sinks, capacity)
+        self.hot_slots = (HotSlots(sinks, min(options.window, capacity - sinks), batch,
+                                   self.device)
                           if options.hot_rows and self.v_host else None)
         if self.hot_slots is not None:  # until a prefill: the slots of empty sequences
             self.hot_slots.start(self.lengths.seq_lens, self.lengths.positions)

@@ -57,7 +57,8 @@ class KCacheOptions:
     sinks, window : int >= 0
         Hot rows: V of the first ``sinks`` and the last ``window`` positions of each sequence stays
         on the device as well, attended exactly every step; the top N are chosen among the other
-        positions (N host rows per head stay N). Not with ``tail="mean"``.
+        positions (N host rows per head stay N). A cache keeps at most its capacity of them per
+        sequence (every position hot). Not with ``tail="mean"``.
     reuse : int >= 0
         Cross-step reuse: each KCache layer keeps the V rows it read last in a pool of ``reuse``
         rows per sequence and KV head in device memory, and a step reads from host RAM only the
