@@ -65,8 +65,9 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_value
         ``-inf`` on the CPU and undefined on CUDA (the score pass's scratch). Its rows are 16-byte
         aligned: a view of ``[B, Hq, S rounded up to 4]``.
     """
-    if scale is None:  # a q of no dims or D = 0 reaches the op, whose shape check names it
-        scale = 1.0 / math.sqrt(max(q.shape[-1], 1)) if q.dim() else 1.0
+    if scale is None:  # a q of no dims, of D = 0 or not a tensor reaches the op, which names it
+        has_d = isinstance(q, torch.Tensor) and q.dim()
+        scale = 1.0 / math.sqrt(max(q.shape[-1], 1)) if has_d else 1.0
     n, skip_first, skip_last = _scalars("qk_topn", as_int, n=n, skip_first=skip_first,
                                         skip_last=skip_last)
     scale, top_p = _scalars("qk_topn", as_real, scale=scale, top_p=top_p)
@@ -289,6 +290,8 @@ def alloc_host(shape, dtype):
         shape = _scalars("alloc_host", as_int, shape=shape)
     else:
         shape = _scalars("alloc_host", as_int, **{f"shape[{i}]": s for i, s in enumerate(shape)})
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"alloc_host: dtype must be a torch.dtype, got {dtype!r}")
     return torch.ops.kcache_ops.alloc_host(shape, dtype)
 
 
@@ -354,13 +357,16 @@ _KINDS = {as_int: "an integer (an int, a NumPy integer or a 0-d integer tensor)"
 def _scalars(op, convert, **values):
     """The scalar arguments ``values`` (name -> value) of the wrapper of ``op``, converted by
     ``convert`` (as_int, as_real or as_bool), as a list in their order; TypeError naming the
-    first that is not of its kind. torch's schema would take a bool as an int (``n=True`` as 1)
-    and an int as a bool, and ``float()`` a string."""
+    first that is not of its kind (ValueError for an integer past int64, which the schema's
+    parser refuses without naming it). torch's schema would take a bool as an int (``n=True`` as
+    1) and an int as a bool, and ``float()`` a string."""
     out = []
     for name, value in values.items():
         converted = convert(value)
         if converted is None:
             raise TypeError(f"{op}: {name} must be {_KINDS[convert]}, got {value!r}")
+        if type(converted) is int and not -2**63 <= converted < 2**63:  # not a traced SymInt
+            raise ValueError(f"{op}: {name} must fit in int64, the schema's int, got {converted}")
         out.append(converted)
     return out
 

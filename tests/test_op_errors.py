@@ -434,6 +434,41 @@ def test_scalar_arguments_of_another_kind(qk, attn, low_tail, op, name, bad):
         call(*args, **{**kwargs, name: bad})
 
 
+@pytest.mark.parametrize("op, name, bad", [
+    ("qk_topn", "n", 2**63), ("qk_topn", "skip_first", 2**64), ("qk_topn", "skip_last", -2**63 - 1),
+    ("lowbit_tail", "skip_last", 2**63), ("quantize_rows", "bits", np.uint64(2**63)),
+    ("alloc_host", "shape[1]", 2**64),
+])
+def test_integers_past_int64(qk, low_tail, op, name, bad):
+    """An integer outside int64 is refused by name (torch's parser says "Expected a value of type
+    'int' ... found type 'int'")."""
+    args = {"qk_topn": (qk, dict(n=N)), "lowbit_tail": (low_tail[:6], dict(bits=2)),
+            "quantize_rows": ((qk[0][0],), dict(bits=2)),
+            "alloc_host": ((), dict(shape=[2, 3], dtype=torch.float32))}[op]
+    name_key = name.split("[")[0]
+    value = [2, bad] if op == "alloc_host" else bad
+    with pytest.raises(ValueError, match=rf"{op}: {re.escape(name)} must fit in int64, the "
+                                         rf"schema's int, got {int(bad)}"):
+        getattr(kcache_ops, op)(*args[0], **{**args[1], name_key: value})
+
+
+def test_qk_topn_q_not_a_tensor(qk):
+    """The default scale is taken from q's head dim: a q that is not a tensor reaches the op,
+    whose schema names it, rather than an AttributeError."""
+    _, k, lens = qk
+    for q in ([[0.0] * D], np.zeros((B, HKV * G, D), np.float32), 3.0):
+        with pytest.raises(RuntimeError, match="Expected a value of type 'Tensor' for argument "
+                                               "'q'"):
+            kcache_ops.qk_topn(q, k, lens, N)
+
+
+def test_alloc_host_dtype_not_a_dtype():
+    for dtype in (None, "float32", float):
+        with pytest.raises(TypeError, match=f"alloc_host: dtype must be a torch.dtype, got "
+                                            f"{re.escape(repr(dtype))}"):
+            kcache_ops.alloc_host((2, 3), dtype)
+
+
 def test_scalar_arguments_of_any_type(qk):
     """NumPy scalars and 0-d tensors are taken as the Python number or bool they hold."""
     q, k, lens = qk
