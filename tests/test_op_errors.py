@@ -452,14 +452,30 @@ def test_integers_past_int64(qk, low_tail, op, name, bad):
         getattr(kcache_ops, op)(*args[0], **{**args[1], name_key: value})
 
 
-def test_qk_topn_q_not_a_tensor(qk):
-    """The default scale is taken from q's head dim: a q that is not a tensor reaches the op,
-    whose schema names it, rather than an AttributeError."""
-    _, k, lens = qk
-    for q in ([[0.0] * D], np.zeros((B, HKV * G, D), np.float32), 3.0):
-        with pytest.raises(RuntimeError, match="Expected a value of type 'Tensor' for argument "
-                                               "'q'"):
-            kcache_ops.qk_topn(q, k, lens, N)
+@pytest.mark.parametrize("bad, got", [
+    (None, "None"), ([[0.0] * D], "an object of type list"),
+    (np.zeros((B, HKV * G, D), np.float32), "an object of type numpy.ndarray"),
+])
+def test_tensor_arguments_that_are_not_tensors(qk, attn, low_tail, bad, got):
+    """Each required tensor argument of each op, given None, a list or an array, is refused by
+    name (the schema took None as an undefined tensor, "q must have 3 dims, got shape [0]", and
+    quantize_rows(None) found no kernel; qk_topn's default scale read q.dim())."""
+    scores, indices, v, lse = attn
+    dev = indices.device
+    pool = (torch.zeros(B, HKV, G * N, D, device=dev),  # rows, held, used
+            *torch.full((2, B, HKV, G * N), -1, dtype=torch.int32, device=dev))
+    step = torch.zeros(1, dtype=torch.int32, device=dev)
+    calls = {"qk_topn": ((*qk, N), "q k_cache seq_lens"),
+             "sparse_attn_v": (attn[:3], "scores indices v_cache"),
+             "gather_rows": ((v, indices), "src indices"),
+             "reuse_rows": ((indices, v, step.expand(B).contiguous(), *pool, step, False),
+                            "indices v_host new_pos rows held used step"),
+             "lowbit_tail": ((*low_tail[:6], 2), "scores seq_lens lse indices v_codes v_meta"),
+             "quantize_rows": ((scores, 2), "v")}
+    for op, (args, names) in calls.items():
+        for i, name in enumerate(names.split()):
+            with pytest.raises(TypeError, match=rf"{op}: {name} must be a tensor, got {got}$"):
+                getattr(kcache_ops, op)(*change(args, i, bad))
 
 
 def test_alloc_host_dtype_not_a_dtype():
