@@ -2,6 +2,7 @@
 on the device and attended exactly, the top N chosen among the other positions, the tail (if any)
 taking the rest. Each decode step is checked against the reference ops over the selection the
 design defines, built here by loops over the positions."""
+import re
 from dataclasses import replace
 
 import pytest
@@ -290,16 +291,26 @@ def test_hot_rows_count_in_device_memory(device):
 
 
 @pytest.mark.parametrize("dense_layers", [(), (1,)])
-@pytest.mark.parametrize("sinks, window", [(SINKS, WINDOW), (9, 0), (0, 9), (4, 60)])
-def test_sequence_bytes_count_the_hot_rows_a_cache_holds(sinks, window, dense_layers):
+@pytest.mark.parametrize("sinks, window, reuse, group_select", [
+    (SINKS, WINDOW, 0, False), (9, 0, 0, False), (0, 9, 0, False), (4, 60, 0, False),
+    (0, 0, 8, False), (0, 0, 100, True), (SINKS, WINDOW, 100, False)])
+def test_sequence_bytes_count_what_a_cache_holds(sinks, window, reuse, group_select, dense_layers):
     """sequence_bytes is what a cache of one sequence holds, at capacities below, at and above
-    sinks + window (where a cache keeps at most one hot row per position)."""
-    options = KCacheOptions(topn=TOPN, tail="int2", sinks=sinks, window=window,
-                            dense_layers=dense_layers)
-    for capacity in (1, 2, 5, 9, 10, 70):
+    sinks + window and the reuse pool (a cache keeps at most one hot row per position, and a pool
+    of at most max(capacity, a step's entries) slots)."""
+    options = KCacheOptions(topn=TOPN, tail="int2", sinks=sinks, window=window, reuse=reuse,
+                            group_select=group_select, dense_layers=dense_layers)
+    for capacity in (1, 2, 5, 9, 10, 70, 150):
         cache = KCache(tiny_config(), 1, capacity, "cpu", torch.bfloat16, options)
         assert sequence_bytes("kcache", tiny_config(), options, capacity, torch.bfloat16) == \
             (cache.device_bytes(), cache.host_bytes()), capacity
+
+
+@pytest.mark.parametrize("capacity", [0, -5, 1.5, True, "8"])
+def test_sequence_bytes_of_a_bad_capacity(capacity):
+    with pytest.raises(ValueError, match=f"sequence_bytes: capacity must be an integer >= 1, "
+                                         f"got {re.escape(repr(capacity))}"):
+        sequence_bytes("kcache", tiny_config(), None, capacity, torch.bfloat16)
 
 
 @pytest.mark.parametrize("options, message", [

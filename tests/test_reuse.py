@@ -210,18 +210,48 @@ def test_a_pool_smaller_than_a_step_is_refused(group_select, capacity):
 
 def test_device_memory_of_the_pool():
     """The pool holds C rows per sequence and KV head with their positions and last steps
-    (int32 each), in every KCache layer, whatever the capacity: what device_bytes adds, and what
-    sequence_bytes (extrapolated from caches of 1 and 2 tokens) counts for a long sequence."""
+    (int32 each), in every KCache layer: C = reuse, or max(capacity, a step's entries) where
+    that is fewer (G·N entries, N = min(4, capacity)); what device_bytes adds, and what
+    sequence_bytes counts for a long sequence."""
     config = tiny_config()
     options = replace(BASE, dense_layers=(1,))
-    per_layer = 1 * HKV * SLOTS * (D * 2 + 4 + 4)  # one sequence, bfloat16 rows
-    for capacity in (2, 100):
+    per_slot = 1 * HKV * (D * 2 + 4 + 4)  # one sequence, bfloat16 rows
+    for capacity, slots in ((2, 4), (9, 9), (100, SLOTS)):
         plain, reused = (make_cache("kcache", config, 1, capacity, "cpu", torch.bfloat16,
                                     replace(options, reuse=c)) for c in (0, SLOTS))
-        assert reused.device_bytes() - plain.device_bytes() == (LAYERS - 1) * per_layer
+        assert reused.device_bytes() - plain.device_bytes() == (LAYERS - 1) * slots * per_slot
+    per_layer = SLOTS * per_slot
     long = [sequence_bytes("kcache", config, replace(options, reuse=c), 5000, torch.bfloat16)[0]
             for c in (0, SLOTS)]
     assert long[1] - long[0] == (LAYERS - 1) * per_layer
+
+
+@pytest.mark.parametrize("group_select", [False, True])
+def test_a_pool_past_the_capacity_keeps_capacity_slots(group_select):
+    """reuse above the capacity: the pool keeps max(capacity, a step's entries) slots per sequence
+    and KV head, not reuse (10**6 rows asked for gigabytes), and finds every row a pool of ten
+    times as many finds: a position found is never refilled, and the new token's slot is emptied
+    after its step, so the positions held never pass the capacity. A capacity the steps fill, and
+    a pool they fill past half of it."""
+    capacity = max(LENS) + 8  # the prompt and 8 steps
+    options = replace(BASE, topn=16, sinks=0, window=0, reuse=10**6, group_select=group_select)
+    caches = [make_cache("kcache", tiny_config(), B, capacity, "cpu", torch.float32, options)
+              for _ in range(2)]
+    for i, pool in caches[1].reuse.items():
+        assert pool.rows.shape == (B, HKV, capacity, D)
+        caches[1].reuse[i] = reuse_module.ReusedRows(10 * capacity, group_select, B, HKV, D,
+                                                     "cpu", torch.float32)
+    for cache in caches:
+        cache.record_mass = True
+    gen = torch.Generator().manual_seed(4)
+    prefill(caches, gen, "cpu", torch.float32)
+    for kept, larger in decode_steps(caches, gen, "cpu", torch.float32, 8):
+        for layer in range(LAYERS):
+            assert torch.equal(kept[layer], larger[layer])
+    rates = [cache.reuse_hit_rate() for cache in caches]  # [layers] each
+    assert torch.equal(rates[0], rates[1]) and (rates[0] > 0.3).all(), rates
+    held = (caches[0].reuse[0].held[0] >= 0).sum(-1)  # [Hkv]: positions sequence 0's pool holds
+    assert (held > capacity // 2).all(), held
 
 
 def test_eval_costs_count_the_rows_the_pool_lacked(monkeypatch):

@@ -1,9 +1,11 @@
 """The one place a cache is built from a backend name: ``dense`` or ``kcache``."""
 from dataclasses import replace
 
+from ..integers import int_at_least
 from .dense import DenseCache
 from .kcache import KCache
 from .options import KCacheOptions
+from .reuse import pool_slots
 
 BACKENDS = ("dense", "kcache")
 
@@ -29,17 +31,31 @@ def make_cache(backend, config, batch, capacity, device, dtype, options=None):
 def sequence_bytes(backend, config, options, capacity, dtype):
     """(device bytes, host bytes) one sequence of ``capacity`` tokens costs in a cache of
     ``backend`` for a model of ``config`` in ``dtype``: per token (K, V, a low-bit copy of V) and
-    per sequence (a V sum, a reuse pool), counted on CPU caches of one and two tokens, and KCache's
-    hot rows (``min(sinks + window, capacity)`` per layer) counted apart."""
+    per sequence (a V sum), counted on CPU caches of one and two tokens, and KCache's rows kept per
+    sequence up to a bound, counted apart: its hot rows (``min(sinks + window, capacity)`` per
+    layer) and its reuse pool (:func:`~.reuse.pool_slots`)."""
+    n = int_at_least(capacity, 1)
+    if n is None:
+        raise ValueError(f"sequence_bytes: capacity must be an integer >= 1, got {capacity!r}")
+    capacity = n
     if backend == "kcache" and options is None:
         options = KCacheOptions()
-    if backend == "kcache" and options.hot_rows:
-        cold = replace(options, sinks=0, window=0)
-        one_row = replace(cold, sinks=1)
-        row = (make_cache(backend, config, 1, 1, "cpu", dtype, one_row).device_bytes() -
-               make_cache(backend, config, 1, 1, "cpu", dtype, cold).device_bytes())
+    if backend == "kcache" and (options.hot_rows or options.reuse):
+        cold = replace(options, sinks=0, window=0, reuse=0)
         device, host = sequence_bytes(backend, config, cold, capacity, dtype)
-        return device + min(options.hot_rows, capacity) * row, host
+
+        def per_slot(extra, slots):  # device bytes of one slot of ``extra``, a cache of 1 token
+            cache, plain = (make_cache(backend, config, 1, 1, "cpu", dtype, o)
+                            for o in (replace(cold, **extra), cold))
+            return (cache.device_bytes() - plain.device_bytes()) // slots
+
+        if options.hot_rows:
+            device += per_slot(dict(sinks=1), 1) * min(options.hot_rows, capacity)
+        if options.reuse:
+            one = pool_slots(options, config, 1)
+            device += per_slot(dict(reuse=options.reuse), one) * pool_slots(options, config,
+                                                                             capacity)
+        return device, host
     one, two = (make_cache(backend, config, 1, n, "cpu", dtype, options) for n in (1, 2))
     device_token = two.device_bytes() - one.device_bytes()
     host_token = two.host_bytes() - one.host_bytes()

@@ -31,7 +31,7 @@ from .hot import HotRows, HotSlots
 from .lengths import SeqLengths, check_layer_inputs, check_sizes
 from .memory import check_memory
 from .options import KCacheOptions
-from .reuse import PooledReads, Reads, ReusedRows, entries_per_step
+from .reuse import PooledReads, Reads, ReusedRows, entries_per_step, pool_slots
 from .side_stream import SideStream
 from .tail import make_tail
 
@@ -165,8 +165,9 @@ class KCache:
         self.hot = {i: HotRows(self.hot_slots, batch, config.num_kv_heads, config.head_dim,
                                self.device, dtype)
                     for i in self.v_host if options.hot_rows}  # per KCache layer, if any
-        self.reuse = {i: ReusedRows(options.reuse, options.group_select, batch,
-                                    config.num_kv_heads, config.head_dim, self.device, dtype)
+        slots = pool_slots(options, config, capacity)
+        self.reuse = {i: ReusedRows(slots, options.group_select, batch, config.num_kv_heads,
+                                    config.head_dim, self.device, dtype)
                       for i in self.v_host if options.reuse}  # per KCache layer, if any
         self._mass_sum = torch.zeros(n_layers, dtype=torch.float32, device=self.device)  # [layers]
         self._rows_sum = torch.zeros(n_layers, dtype=torch.float32, device=self.device)  # [layers]

@@ -65,7 +65,8 @@ class KCacheOptions:
         rows the pool does not hold (reuse.py); the output is the same, the host reads fewer. 0:
         off; else at least the rows of one step (N = min(``topn``, capacity), times the GQA
         group without ``group_select``: checked when the cache is built); on CUDA at most
-        :data:`MAX_REUSE`. Not with ``tail="mean"``.
+        :data:`MAX_REUSE`. A cache keeps at most max(capacity, those rows) slots
+        (:func:`~.reuse.pool_slots`). Not with ``tail="mean"``.
     """
     topn: int = field(default=64, metadata={
         "short": "N", "help": "V rows read per head and decode step"})

@@ -66,6 +66,17 @@ def entries_per_step(topn, group_select, num_heads, num_kv_heads):
     return topn * (1 if group_select else num_heads // num_kv_heads)
 
 
+def pool_slots(options, config, capacity):
+    """The slots of a reuse pool per (sequence, KV head) in a cache of ``capacity`` tokens for a
+    model of ``config``: ``options.reuse``, but no more than ``max(capacity, the entries of a
+    step)``. A slot whose position is found is never refilled, and the new token's is emptied
+    after its step, so the positions held, with a step's fetches, never pass the capacity: a
+    larger pool would only hold empty slots (the reads and hits are the same)."""
+    entries = entries_per_step(min(options.topn, capacity), options.group_select,
+                               config.num_heads, config.num_kv_heads)
+    return min(options.reuse, max(capacity, entries))
+
+
 class ReusedRows:
     """The V rows one KCache layer read last, in device memory: a pool of C slots per (sequence,
     KV head), refilled least recently used first (:func:`kcache_ops.reuse_rows`).
