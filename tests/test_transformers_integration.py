@@ -272,6 +272,7 @@ def test_sliding_window_must_not_bind():
     (dict(topn=2.5), "topn"),
     (dict(dense_layers=(2,)), "dense_layers"),
     (dict(max_cache_len=0), "max_cache_len"),
+    (dict(reuse=3), "reuse must hold the rows of a whole step, at least"),  # when built
 ])
 def test_bad_options(options, match):
     model = kt.enable(tiny_model("llama"))

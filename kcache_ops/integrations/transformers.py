@@ -61,8 +61,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import sdpa_mask  # noqa: E402
 
-from ..caches import KCache, KCacheOptions  # noqa: E402
-from ..caches.kcache import check_dtype  # noqa: E402
+from ..caches import KCache, KCacheOptions, check_kcache  # noqa: E402
 from ..integers import int_at_least  # noqa: E402
 
 ATTN_IMPLEMENTATION = "kcache"
@@ -390,14 +389,14 @@ class KCacheCache(CacheBridge):
             raise ValueError(f"KCacheCache: max_cache_len must be an integer >= 1, got "
                              f"{max_cache_len!r}")
         max_cache_len = length
-        check_dtype(model.dtype)
         super().__init__(model, max_cache_len)
-        options.check(config.num_hidden_layers, model.device)
         self.options = options
         self._shape = SimpleNamespace(num_layers=config.num_hidden_layers,
                                       num_heads=config.num_attention_heads,
                                       num_kv_heads=config.num_key_value_heads,
                                       head_dim=head_dim_of(config))
+        # what the KCache of each prefill checks (a reuse pool too small for a step, say)
+        check_kcache(self._shape, model.device, model.dtype, options, max_cache_len)
 
     def _make_inner(self, batch, device, dtype):
         """A fresh KCache for the batch (the previous generation's buffers freed first); its
