@@ -65,7 +65,7 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_value
         ``-inf`` on the CPU and undefined on CUDA (the score pass's scratch). Its rows are 16-byte
         aligned: a view of ``[B, Hq, S rounded up to 4]``.
     """
-    _tensors("qk_topn", q=q, k_cache=k_cache, seq_lens=seq_lens)
+    check_tensors("qk_topn", q=q, k_cache=k_cache, seq_lens=seq_lens)
     if scale is None:  # a q of no dims or D = 0 reaches the op, whose shape check names it
         scale = 1.0 / math.sqrt(max(q.shape[-1], 1)) if q.dim() else 1.0
     n, skip_first, skip_last = _scalars("qk_topn", as_int, n=n, skip_first=skip_first,
@@ -119,7 +119,7 @@ def sparse_attn_v(scores, indices, v_cache, lse=None, renormalize=True, check_va
         ``Σ_i p_i · v_cache[b, h / G, indices_i]`` (plus the mean tail); zeros for a head with no
         valid entry and no tail.
     """
-    _tensors("sparse_attn_v", scores=scores, indices=indices, v_cache=v_cache)
+    check_tensors("sparse_attn_v", scores=scores, indices=indices, v_cache=v_cache)
     renormalize, check_values = _scalars("sparse_attn_v", as_bool, renormalize=renormalize,
                                          check_values=check_values)
     return torch.ops.kcache_ops.sparse_attn_v(scores, indices, v_cache, lse, renormalize,
@@ -147,7 +147,7 @@ def gather_rows(src, indices, check_values=True):
     -------
     dst : Tensor [B, H, N, D], dtype of ``src``, on the device of ``indices``
     """
-    _tensors("gather_rows", src=src, indices=indices)
+    check_tensors("gather_rows", src=src, indices=indices)
     [check_values] = _scalars("gather_rows", as_bool, check_values=check_values)
     return torch.ops.kcache_ops.gather_rows(src, indices, check_values)
 
@@ -207,8 +207,8 @@ def reuse_rows(indices, v_host, new_pos, rows, held, used, step, group_select,
     counts : Tensor [B, Hkv, 2] int32
         The distinct positions the step read, and how many of them the pool held.
     """
-    _tensors("reuse_rows", indices=indices, v_host=v_host, new_pos=new_pos, rows=rows, held=held,
-             used=used, step=step)
+    check_tensors("reuse_rows", indices=indices, v_host=v_host, new_pos=new_pos, rows=rows,
+                  held=held, used=used, step=step)
     group_select, check_values = _scalars("reuse_rows", as_bool, group_select=group_select,
                                           check_values=check_values)
     return torch.ops.kcache_ops.reuse_rows(indices, v_host, new_pos, rows, held, used, step,
@@ -273,8 +273,8 @@ def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_val
         parts: within 2⁻²¹ of float32 per term, but a term below about 2⁻¹¹² is a subnormal there
         and counts within 2⁻¹³³ of itself (the float32 outputs that small are subnormals too).
     """
-    _tensors("lowbit_tail", scores=scores, seq_lens=seq_lens, lse=lse, indices=indices,
-             v_codes=v_codes, v_meta=v_meta)
+    check_tensors("lowbit_tail", scores=scores, seq_lens=seq_lens, lse=lse, indices=indices,
+                  v_codes=v_codes, v_meta=v_meta)
     bits, skip_first, skip_last = _scalars("lowbit_tail", as_int, bits=bits,
                                            skip_first=skip_first, skip_last=skip_last)
     [check_values] = _scalars("lowbit_tail", as_bool, check_values=check_values)
@@ -345,7 +345,7 @@ def quantize_rows(v, bits):
     meta : Tensor [..., 2] bfloat16, contiguous, on the device of ``v``
         ``(scale, min)`` of each row.
     """
-    _tensors("quantize_rows", v=v)
+    check_tensors("quantize_rows", v=v)
     [bits] = _scalars("quantize_rows", as_int, bits=bits)
     return torch.ops.kcache_ops.quantize_rows(v, bits)
 
@@ -361,16 +361,17 @@ _KINDS = {as_int: "an integer (an int, a NumPy integer or a 0-d integer tensor)"
           as_bool: "a bool (a Python or NumPy bool or a 0-d bool tensor)"}
 
 
-def _tensors(op, **tensors):
-    """TypeError naming the first of the required ``tensors`` (name -> value) of the wrapper of
-    ``op`` that is not a tensor: the schema would take None as an undefined tensor (a shape check
-    then says "got shape [0]", or no kernel is found where no argument is a tensor)."""
+def check_tensors(owner, **tensors):
+    """TypeError naming the first of the required ``tensors`` (name -> value) of ``owner`` (an
+    op's wrapper, a cache) that is not a tensor: an op's schema would take None as an undefined
+    tensor (a shape check then says "got shape [0]", or no kernel is found where no argument is a
+    tensor), and a cache would fail on a missing attribute."""
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             kind = type(t).__qualname__ if type(t).__module__ == "builtins" else \
                 f"{type(t).__module__}.{type(t).__qualname__}"
             got = "None" if t is None else f"an object of type {kind}"
-            raise TypeError(f"{op}: {name} must be a tensor, got {got}")
+            raise TypeError(f"{owner}: {name} must be a tensor, got {got}")
 
 
 def _scalars(op, convert, **values):

@@ -461,6 +461,11 @@ def test_a_refused_decode_step_changes_nothing(backend):
         with pytest.raises(ValueError, match=rf"{name} must be torch.float32 on cpu \(the "
                                              rf"cache's\), got"):
             cache.decode(0, args["q"], args["k"], args["v"])
+    for bad in ({"q": None}, {"k": kv.numpy()}, {"v": kv.tolist()}):  # not tensors
+        args = {"q": q, "k": kv, "v": kv, **bad}
+        name = next(iter(bad))
+        with pytest.raises(TypeError, match=rf"{name} must be a tensor, got"):
+            cache.decode(0, args["q"], args["k"], args["v"])
     with pytest.raises(ValueError, match=r"layers \[\] of"):
         cache.finish_decode()
     outs = [cache.decode(layer, q, kv, kv) for layer in range(LAYERS)]
@@ -472,6 +477,27 @@ def test_a_refused_decode_step_changes_nothing(backend):
     step = torch.randn(2, HQ, D), torch.randn(2, HKV, D)
     torch.testing.assert_close(cache.decode(0, step[0], step[1], step[1]),
                                twin.decode(0, step[0], step[1], step[1]), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["kcache", "dense"])
+def test_prompt_arguments_that_are_not_tensors(backend):
+    """A prompt's q, k, v or lens given as None, a NumPy array or a list is refused by name (a
+    TypeError, not an AttributeError from inside the cache)."""
+    cache = make_cache(backend, tiny_config(), 2, 32, "cpu", torch.float32)
+    k = torch.randn(2, HKV, 6, D)  # [B, Hkv, T, D]
+    q = torch.randn(2, HQ, 6, D)  # [B, Hq, T, D]
+    lens = torch.tensor([6, 4], dtype=torch.int32)
+    for name, bad in (("lens", [6, 4]), ("lens", lens.numpy()), ("k", None), ("v", k.numpy())):
+        args = {"k": k, "v": k, "lens": lens, name: bad}
+        with pytest.raises(TypeError, match=rf"{name} must be a tensor, got"):
+            cache.store_prompt(0, args["k"], args["v"], args["lens"])
+    with pytest.raises(TypeError, match="q must be a tensor, got None"):
+        cache.prefill(0, None, k, k, lens)
+    for layer in range(LAYERS):
+        cache.store_prompt(layer, k, k, lens)
+    with pytest.raises(TypeError, match="lens must be a tensor, got an object of type list"):
+        cache.finish_prefill([6, 4])
+    cache.finish_prefill(lens)
 
 
 @pytest.mark.parametrize("tail", ["none", "mean", "int2"])

@@ -6,6 +6,9 @@ from contextlib import contextmanager
 import torch
 
 from ..integers import int_at_least
+from ..ops import check_tensors
+
+ATTEND_NONE = object()  # check_layer_inputs' q where a layer's rows are stored, not attended
 
 
 def check_sizes(owner, batch, capacity):
@@ -115,6 +118,7 @@ class SeqLengths:
 
     def _check_lens_tensor(self, lens):
         """lens: an integer tensor of shape [B]."""
+        check_tensors(self.owner, lens=lens)
         if lens.dtype.is_floating_point or lens.dtype.is_complex or lens.dtype == torch.bool:
             raise ValueError(f"{self.owner}: lens must be an integer tensor, got {lens.dtype}")
         if lens.shape != self.seq_lens.shape:
@@ -158,21 +162,22 @@ class SeqLengths:
         self.positions.copy_(self.seq_lens)
 
 
-def check_layer_inputs(owner, k_buffers, num_heads, layer, prompt, k, v, q=None):
+def check_layer_inputs(owner, k_buffers, num_heads, layer, prompt, k, v, q=ATTEND_NONE):
     """Before a cache stores (and attends over) a layer's new rows: ``layer`` indexes k_buffers
     (the cache's K of each layer, [B, Hkv, S, D]); k, v [B, Hkv, T, D] of a prompt (``prompt``)
-    or [B, Hkv, D] of a decode step, and q [B, num_heads, (T,) D], match it exactly (an index put
-    would broadcast a size 1 into every sequence or head, and a prompt's attention would group
-    the heads otherwise), in its dtype and on its device (checked before anything is stored, so
-    that a refused step leaves the cache as it was). Shapes, dtypes and devices, on the host: no
-    sync."""
+    or [B, Hkv, D] of a decode step, and q [B, num_heads, (T,) D] (not given where the rows are
+    only stored), are tensors that match it exactly (an index put would broadcast a size 1 into
+    every sequence or head, and a prompt's attention would group the heads otherwise), in its
+    dtype and on its device (checked before anything is stored, so that a refused step leaves
+    the cache as it was). Types, shapes, dtypes and devices, on the host: no sync."""
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(k_buffers):
         raise IndexError(f"{owner}: layer must be an int in [0, {len(k_buffers)}), got {layer!r}")
+    check_tensors(owner, k=k, v=v, **({} if q is ATTEND_NONE else dict(q=q)))
     cached = k_buffers[layer]  # [B, Hkv, S, D]
     B, Hkv, _, D = cached.shape
     T = ([k.shape[2]] if k.dim() == 4 else ["T"]) if prompt else []  # a prompt's length
     for name, t, heads in (("k", k, Hkv), ("v", v, Hkv), ("q", q, num_heads)):
-        if t is None:
+        if t is ATTEND_NONE:
             continue
         if list(t.shape) != [B, heads, *T, D]:
             raise ValueError(f"{owner}: {name} must have shape {[B, heads, *T, D]}, got "
