@@ -549,7 +549,8 @@ def test_eval_command_with_the_transformers_engine(tmp_path, monkeypatch):
 
 def test_engine_checks_a_checkpoint_before_transformers_loads_it(tmp_path, monkeypatch):
     """load_transformers_model refuses what our own loader refuses, with its one-line errors
-    (a GGUF of another architecture, a truncated safetensors file), leaves a folder without
+    (a GGUF of another architecture, a truncated safetensors file), and what transformers refuses
+    as a CheckpointError (a config of another head dim than the weights), leaves a folder without
     safetensors to transformers (which takes other formats too), and takes a GGUF named relative
     to the working folder (transformers gets its folder as an absolute path)."""
     import gguf
@@ -570,6 +571,11 @@ def test_engine_checks_a_checkpoint_before_transformers_loads_it(tmp_path, monke
         load_transformers_model(tmp_path / "gpt2.gguf", "cpu")
     folder = tmp_path / "hf"
     save_tiny_hf(folder)
+    config = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(config.replace('"head_dim": 16', '"head_dim": 8'))
+    with pytest.raises(CheckpointError, match="hf: transformers could not load it: .*size"):
+        load_transformers_model(folder, "cpu")  # weights of another shape than the config's
+    (folder / "config.json").write_text(config)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="the header declares .* truncated or corrupt"):

@@ -100,6 +100,17 @@ class TransformersDecoder:
         return logits[:, 0].float()
 
 
+def _from_pretrained(path, *args, **kwargs):
+    """transformers' AutoModelForCausalLM.from_pretrained(*args, **kwargs), a checkpoint at
+    ``path`` that it refuses (weights of another shape than its config's, say: a RuntimeError)
+    a CheckpointError naming it."""
+    import transformers
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(*args, **kwargs)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: transformers could not load it: {e}") from e
+
+
 def load_transformers_model(path=None, device=None, dtype=None):
     """Load a checkpoint with transformers (as :func:`kcache_ops.model.load_model` loads it with
     our decoder) -> (TransformersDecoder, Tokenizer).
@@ -108,7 +119,6 @@ def load_transformers_model(path=None, device=None, dtype=None):
     ``accelerate`` for that); None: the embedded SmolLM2 GGUF. Device default: CUDA where
     available; dtype default: bfloat16 on CUDA, float32 on the CPU.
     """
-    import transformers
     path = os.path.abspath(default_model_path() if path is None else os.fspath(path))
     device = default_device() if device is None else torch.device(device)
     if dtype is None:
@@ -117,7 +127,7 @@ def load_transformers_model(path=None, device=None, dtype=None):
     if os.path.isdir(path):
         if any(os.path.isfile(os.path.join(path, name)) for name in SAFETENSORS_NAMES):
             shard_files(path)  # checked (transformers also takes other formats)
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, **load)
+        model = _from_pretrained(path, path, **load)
         eos = model.generation_config.eos_token_id
         tokenizer = Tokenizer.from_folder(path, eos if isinstance(eos, list) else
                                           () if eos is None else (eos,))
@@ -127,8 +137,8 @@ def load_transformers_model(path=None, device=None, dtype=None):
         if arch not in SUPPORTED_MODEL_TYPES:  # before transformers maps its tensors onto one
             raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r}; KCache runs in "
                                         f"transformers: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path), **load)
+        model = _from_pretrained(path, os.path.dirname(path), gguf_file=os.path.basename(path),
+                                 **load)
         tokenizer = Tokenizer.from_gguf(reader)
     else:
         raise CheckpointError(f"no such model file or folder: {path}")
