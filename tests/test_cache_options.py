@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 
-from kcache_ops.caches import MAX_REUSE, MAX_TOPN, Cache, KCacheOptions, make_cache
+from kcache_ops.caches import (MAX_REUSE, MAX_TOPN, Cache, KCacheOptions, check_kcache,
+                               make_cache)
 from kcache_ops.cli.args import add_kcache_arguments, given_kcache_options, kcache_options
 from kcache_ops.model import LlamaConfig
 
@@ -92,6 +93,24 @@ def test_model_dependent_checks_fail_when_the_cache_is_built():
     with pytest.raises(ValueError, match=f"reuse must be at most {MAX_REUSE} on CUDA, got "
                                          f"{MAX_REUSE + 1}"):
         pool.check(CONFIG.num_layers, "cuda")
+
+
+def test_cuda_limits_bound_a_step_where_the_capacity_is_known():
+    """With the capacity, the CUDA limits bound what a cache runs: a step's N = min(topn,
+    capacity) and the pool's slots (at most max(capacity, a step's entries)); topn or reuse above
+    them is fine on a shorter cache (checked without a GPU: the check is on the device type)."""
+    big = replace(KCacheOptions.paper_literal(), topn=MAX_TOPN + 1)
+    check_kcache(CONFIG, "cuda", torch.float32, big, MAX_TOPN)
+    with pytest.raises(ValueError, match=rf"topn must be at most {MAX_TOPN} on CUDA, got "
+                                         rf"{MAX_TOPN + 1} \(a step's N, min\(topn, capacity\), "
+                                         rf"is {MAX_TOPN + 1}\)"):
+        check_kcache(CONFIG, "cuda", torch.float32, big, 10**5)
+    pool = KCacheOptions(reuse=10**5)
+    check_kcache(CONFIG, "cuda", torch.float32, pool, MAX_REUSE)
+    with pytest.raises(ValueError, match=rf"reuse must be at most {MAX_REUSE} on CUDA, got "
+                                         rf"100000 \(the pool's slots, at this capacity: "
+                                         rf"{MAX_REUSE + 1}\)"):
+        check_kcache(CONFIG, "cuda", torch.float32, pool, MAX_REUSE + 1)
 
 
 def test_max_topn_is_the_kernel_constant():

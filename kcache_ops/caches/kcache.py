@@ -65,8 +65,11 @@ def check_kcache(config, device, dtype, options, capacity=None):
     """Raise ValueError where a KCache with ``options`` cannot serve a model of ``config`` in
     ``dtype`` on ``device`` (the options' own model checks, the dtype, the heads), and, given the
     ``capacity`` (tokens per sequence), where its reuse pool cannot hold a step's rows, as
-    building one would: a command checks it before it runs anything else."""
-    options.check(config.num_layers, torch.device(device))
+    building one would: a command checks it before it runs anything else. The CUDA limits bound
+    ``topn`` and ``reuse``, or given the capacity, a step's N and the pool's slots."""
+    step = None if capacity is None else (min(options.topn, capacity),
+                                          pool_slots(options, config, capacity))
+    options.check(config.num_layers, torch.device(device), step)
     check_dtype(dtype)
     if config.head_dim not in (64, 128):  # what qk_topn and sparse_attn_v take
         raise ValueError(f"KCache: head_dim must be 64 or 128, got {config.head_dim} (the "

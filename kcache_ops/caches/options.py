@@ -33,7 +33,7 @@ class KCacheOptions:
     budget at 0.9 and 4 sinks + 60 recent positions on the device. :meth:`paper_literal` is
     KCache as the paper states it (top 64, a softmax over them, nothing else).
 
-    topn : int >= 1 (<= MAX_TOPN on CUDA)
+    topn : int >= 1 (on CUDA, a step's N = min(topn, capacity) <= MAX_TOPN)
         ``N``, the V rows each decode step reads per head (per KV head with ``group_select``).
     group_select : bool
         One index set per KV head, chosen by the attention mass of its whole GQA group.
@@ -65,7 +65,7 @@ class KCacheOptions:
         rows the pool does not hold (reuse.py); the output is the same, the host reads fewer. 0:
         off; else at least the rows of one step (N = min(``topn``, capacity), times the GQA
         group without ``group_select``: checked when the cache is built); on CUDA at most
-        :data:`MAX_REUSE`. A cache keeps at most max(capacity, those rows) slots
+        :data:`MAX_REUSE` slots. A cache keeps at most max(capacity, those rows) slots
         (:func:`~.reuse.pool_slots`). Not with ``tail="mean"``.
     """
     topn: int = field(default=64, metadata={
@@ -138,19 +138,27 @@ class KCacheOptions:
             raise ValueError(f"KCache: {name} must be an integer >= {least}, got {value!r}")
         object.__setattr__(self, name, n)
 
-    def check(self, num_layers, device):
+    def check(self, num_layers, device, step=None):
         """Raise ValueError where the options do not fit a model of ``num_layers`` layers on
         ``device``: a dense layer out of range, or N or the reuse pool above the CUDA limits
-        (:data:`MAX_TOPN`, :data:`MAX_REUSE`)."""
+        (:data:`MAX_TOPN`, :data:`MAX_REUSE`). ``step``: None, or (N, pool slots) of a cache
+        whose capacity is known (``min(topn, capacity)``, :func:`~.reuse.pool_slots`), which
+        those limits then bound instead of ``topn`` and ``reuse``."""
         outside = [i for i in self.dense_layers if not 0 <= i < num_layers]
         if outside:
             raise ValueError(f"KCache: dense_layers {outside} out of range for a model of "
                              f"{num_layers} layers (0..{num_layers - 1})")
-        if torch.device(device).type == "cuda" and self.topn > MAX_TOPN:
-            raise ValueError(f"KCache: topn must be at most {MAX_TOPN} on CUDA, got {self.topn}")
-        if torch.device(device).type == "cuda" and self.reuse > MAX_REUSE:
+        if torch.device(device).type != "cuda":
+            return
+        n, slots = (self.topn, self.reuse) if step is None else step
+        if n > MAX_TOPN:
+            of_step = "" if step is None else f" (a step's N, min(topn, capacity), is {n})"
+            raise ValueError(f"KCache: topn must be at most {MAX_TOPN} on CUDA, got "
+                             f"{self.topn}{of_step}")
+        if slots > MAX_REUSE:
+            of_pool = "" if step is None else f" (the pool's slots, at this capacity: {slots})"
             raise ValueError(f"KCache: reuse must be at most {MAX_REUSE} on CUDA, got "
-                             f"{self.reuse}")
+                             f"{self.reuse}{of_pool}")
 
     @property
     def hot_rows(self):
