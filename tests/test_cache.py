@@ -440,20 +440,27 @@ def test_a_prompt_given_up_is_replaced_by_the_next(backend):
         cache.finish_prefill(lens)
 
 
+def prefilled_twins(backend, options=None):
+    """Two caches of ``backend`` (2 sequences, float32, on the CPU) holding the same prompt of 6
+    and 2 tokens."""
+    caches = [make_cache(backend, tiny_config(), 2, 32, "cpu", torch.float32, options)
+              for _ in range(2)]
+    k = torch.randn(2, HKV, 6, D)  # [B, Hkv, T, D]
+    lens = torch.tensor([6, 2], dtype=torch.int32)
+    for c in caches:
+        for layer in range(LAYERS):
+            c.store_prompt(layer, k, k, lens)
+        c.finish_prefill(lens)
+    return caches
+
+
 @pytest.mark.parametrize("backend", ["kcache", "dense"])
 def test_a_refused_decode_step_changes_nothing(backend):
     """A step whose inputs are refused (dtype, device) stores nothing (the mean tail's sum
     included) and does not count for finish_decode; the step then runs as if nothing had
     happened."""
     options = KCacheOptions(tail="mean", sinks=0, window=0) if backend == "kcache" else None
-    cache, twin = (make_cache(backend, tiny_config(), 2, 32, "cpu", torch.float32, options)
-                   for _ in range(2))
-    k = torch.randn(2, HKV, 6, D)  # [B, Hkv, T, D]
-    lens = torch.tensor([6, 2], dtype=torch.int32)
-    for c in (cache, twin):
-        for layer in range(LAYERS):
-            c.store_prompt(layer, k, k, lens)
-        c.finish_prefill(lens)
+    cache, twin = prefilled_twins(backend, options)
     q, kv = torch.randn(2, HQ, D), torch.randn(2, HKV, D)  # [B, Hq, D], [B, Hkv, D]
     for bad in ({"q": q.double()}, {"k": kv.half()}, {"v": kv.to("meta")}):
         args = {"q": q, "k": kv, "v": kv, **bad}
@@ -477,6 +484,20 @@ def test_a_refused_decode_step_changes_nothing(backend):
     step = torch.randn(2, HQ, D), torch.randn(2, HKV, D)
     torch.testing.assert_close(cache.decode(0, step[0], step[1], step[1]),
                                twin.decode(0, step[0], step[1], step[1]), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["kcache", "dense"])
+def test_a_step_takes_q_of_any_strides(backend):
+    """q [B, Hq, D] with D not contiguous (a transposed view) gives the step of a contiguous q
+    (to rounding: the dense matmul sums in another order), in both backends (qk_topn reads D
+    contiguous: KCache copies such a q, which it refused after storing the token's rows)."""
+    cache, twin = prefilled_twins(backend)
+    q, kv = torch.randn(2, HQ, D), torch.randn(2, HKV, D)  # [B, Hq, D], [B, Hkv, D]
+    strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, Hq, D], D stride Hq
+    assert strided.stride(-1) != 1
+    for layer in range(LAYERS):
+        torch.testing.assert_close(cache.decode(layer, strided, kv, kv),
+                                   twin.decode(layer, q, kv, kv), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["kcache", "dense"])

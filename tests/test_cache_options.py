@@ -58,6 +58,19 @@ def test_top_p_of_any_real_type_is_a_float():
             KCacheOptions(top_p=bad)
 
 
+def test_flags_of_any_bool_type_are_bools():
+    """group_select and renormalize as a NumPy bool or a 0-d bool tensor are taken and kept as a
+    Python bool; an int, a string or a 1-dim tensor is refused."""
+    import numpy as np
+    for value in (np.bool_(True), torch.tensor(True), np.array(True)):
+        o = KCacheOptions(group_select=value, renormalize=value)
+        assert o.group_select is True and o.renormalize is True
+        assert o == KCacheOptions(group_select=True)
+    for bad in (1, np.int64(0), "True", torch.tensor([True])):
+        with pytest.raises(ValueError, match="group_select must be a bool"):
+            KCacheOptions(group_select=bad)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"topn": 0}, "topn must be an integer >= 1, got 0"),
     ({"topn": True}, "topn must be an integer >= 1, got True"),
@@ -111,6 +124,13 @@ def test_cuda_limits_bound_a_step_where_the_capacity_is_known():
                                          rf"100000 \(the pool's slots, at this capacity: "
                                          rf"{MAX_REUSE + 1}\)"):
         check_kcache(CONFIG, "cuda", torch.float32, pool, MAX_REUSE + 1)
+
+
+@pytest.mark.parametrize("device", ["meta", torch.device("meta")])
+def test_a_device_without_the_ops_is_refused(device):
+    with pytest.raises(ValueError, match=rf"KCache: device must be a CPU or CUDA device \(where "
+                                         rf"the kcache ops run\), got meta"):
+        make_cache("kcache", CONFIG, 1, 8, device, torch.float32)
 
 
 def test_max_topn_is_the_kernel_constant():

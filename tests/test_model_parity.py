@@ -88,6 +88,9 @@ def test_prefill_refuses_an_empty_prompt(pair):
     with torch.no_grad(), pytest.raises(ValueError, match=r"lens must be in \[1, 5\].*a token "
                                         r"to predict from.*\[3, 0\]"):
         model.prefill(tokens, lens, cache)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"tokens of T = 0 give no token to "
+                                        r"predict from"):
+        model.prefill(tokens[:, :0], torch.zeros(2, dtype=torch.int32), cache)
     cache = make_cache("dense", model.config, 2, 8, model.device, model.dtype)
     with torch.no_grad():
         assert model.prefill(tokens, lens, cache, all_logits=True).shape == (2, 5, 96)

@@ -67,6 +67,9 @@ def check_kcache(config, device, dtype, options, capacity=None):
     ``capacity`` (tokens per sequence), where its reuse pool cannot hold a step's rows, as
     building one would: a command checks it before it runs anything else. The CUDA limits bound
     ``topn`` and ``reuse``, or given the capacity, a step's N and the pool's slots."""
+    if torch.device(device).type not in ("cpu", "cuda"):  # where the ops have kernels
+        raise ValueError(f"KCache: device must be a CPU or CUDA device (where the kcache ops "
+                         f"run), got {torch.device(device)}; the dense cache takes any")
     step = None if capacity is None else (min(options.topn, capacity),
                                           pool_slots(options, config, capacity))
     options.check(config.num_layers, torch.device(device), step)
@@ -290,6 +293,8 @@ class KCache:
             hot.append(lengths.rows, v)
         lens = lengths.attend_lens  # [B]
         needs_scores = tail.needs_scores or hot is not None  # the tail's weights, the hot rows'
+        if q.stride(-1) != 1:  # qk_topn reads D contiguous, as the dense attention need not
+            q = q.contiguous()
         selection = self.select(q, k_cache, lens, return_scores=needs_scores)
         scores, indices, lse = selection[:3]  # [B, Hq, N] x2, [B, Hq]
         all_scores = selection[3] if needs_scores else None  # [B, Hq, S]

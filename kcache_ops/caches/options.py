@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..integers import as_int, as_real, int_at_least
+from ..integers import as_bool, as_int, as_real, int_at_least
 from ..ops import as_float32
 
 # kMaxTopN in csrc/cuda/qk_topn_kernel.cuh: the CUDA select sorts at most this many candidates per
@@ -93,9 +93,11 @@ class KCacheOptions:
 
     def __post_init__(self):
         self._set_integer("topn", 1)
-        for name in ("group_select", "renormalize"):
-            if not isinstance(getattr(self, name), bool):
+        for name in ("group_select", "renormalize"):  # a bool of any type (a NumPy one), kept
+            flag = as_bool(getattr(self, name))       # as a Python bool
+            if flag is None:
                 raise ValueError(f"KCache: {name} must be a bool, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, flag)
         if self.tail not in TAILS:
             raise ValueError(f"KCache: tail must be one of {', '.join(TAILS)}, got {self.tail!r}")
         if self.tail != "none" and not self.renormalize:

@@ -210,6 +210,9 @@ class Llama(nn.Module):
                       "a right-padded prompt per sequence of the cache")
         _check_tensor("prefill", "lens", lens, [batch], None, "the prompt lengths", dtypes=None)
         b, t = tokens.shape
+        if t == 0 and not all_logits:
+            raise ValueError("prefill: tokens of T = 0 give no token to predict from; give each "
+                             "prompt at least one token (or all_logits=True)")
         vocab = self.config.vocab_size
         if tokens.numel():
             low, high = (int(x) for x in torch.aminmax(tokens))  # one pass, read at prefill only
