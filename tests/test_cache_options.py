@@ -98,14 +98,15 @@ def test_model_dependent_checks_fail_when_the_cache_is_built():
     with pytest.raises(ValueError, match=r"dense_layers \[3\] out of range .* 3 layers"):
         make_cache("kcache", CONFIG, 1, 8, "cpu", torch.float32, KCacheOptions(dense_layers=(3,)))
     big = replace(KCacheOptions.paper_literal(), topn=MAX_TOPN + 1)
-    big.check(CONFIG.num_layers, "cpu")  # the CPU path has no limit on N
+    big.check(CONFIG.num_layers, "cpu", (MAX_TOPN + 1, 0))  # the CPU path has no limit on N
+    big.check(CONFIG.num_layers, "cuda")  # without a step: the capacity decides N
     with pytest.raises(ValueError, match=f"at most {MAX_TOPN} on CUDA, got {MAX_TOPN + 1}"):
-        big.check(CONFIG.num_layers, "cuda")
+        big.check(CONFIG.num_layers, "cuda", (MAX_TOPN + 1, 0))
     pool = KCacheOptions(reuse=MAX_REUSE + 1)
-    pool.check(CONFIG.num_layers, "cpu")  # nor on the reuse pool
+    pool.check(CONFIG.num_layers, "cpu", (64, MAX_REUSE + 1))  # nor on the reuse pool
     with pytest.raises(ValueError, match=f"reuse must be at most {MAX_REUSE} on CUDA, got "
                                          f"{MAX_REUSE + 1}"):
-        pool.check(CONFIG.num_layers, "cuda")
+        pool.check(CONFIG.num_layers, "cuda", (64, MAX_REUSE + 1))
 
 
 def test_cuda_limits_bound_a_step_where_the_capacity_is_known():
@@ -124,6 +125,15 @@ def test_cuda_limits_bound_a_step_where_the_capacity_is_known():
                                          rf"100000 \(the pool's slots, at this capacity: "
                                          rf"{MAX_REUSE + 1}\)"):
         check_kcache(CONFIG, "cuda", torch.float32, pool, MAX_REUSE + 1)
+    check_kcache(CONFIG, "cuda", torch.float32, big)  # without the capacity: left to the cache
+    check_kcache(CONFIG, "cuda", torch.float32, pool)
+    step = replace(pool, topn=MAX_REUSE // 2 + 1)  # G = 2: a step reads more than the pool holds
+    with pytest.raises(ValueError, match=rf"reuse on CUDA holds at most {MAX_REUSE} rows per KV "
+                                         rf"head, fewer than a step's {MAX_REUSE + 2} \(N x the "
+                                         rf"GQA group"):
+        check_kcache(CONFIG, "cuda", torch.float32, step, 10**4)
+    check_kcache(CONFIG, "cuda", torch.float32, replace(step, group_select=True, reuse=MAX_REUSE),
+                 10**4)
 
 
 @pytest.mark.parametrize("device", ["meta", torch.device("meta")])

@@ -165,6 +165,21 @@ def test_eval_past_the_trained_positions_warns():
     assert len(results) == 1 and "long" in results[0]
 
 
+def test_options_only_a_capacity_refuses_fail_before_the_dense_run():
+    """A reuse pool smaller than a step's rows at a group's capacity (N = min(topn, capacity))
+    is refused before dense runs (the command's own check has no capacity)."""
+    from kcache_ops.eval.suite import Settings, evaluate
+    s = Settings(ppl_rows=1, agree_rows=1, prefill=16, steps=2, long_rows=1, long_prefill=40,
+                 long_steps=2, needle_lengths=(40,), needle_depths=(0.5,),
+                 needle_phrasings=("vault",), answer_steps=2)
+    runs = []
+    config = Config("kcache", KCacheOptions(topn=16, reuse=20))  # 16 x G 2 rows at >= 16 tokens
+    with pytest.raises(ValueError, match="reuse must hold the rows of a whole step, at least 32"):
+        evaluate(Llama(TINY).eval(), ByteTokenizer(), s, [config], runs.append,
+                 log=runs.append)
+    assert runs == []
+
+
 def test_text_too_short_names_the_flags_that_ask_for_it():
     """Sizes the essay text cannot hold are refused before any prefill with what each part needs
     and its flags (the error named a perplexity window's width, not the flags that set it)."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kcache_ops import reference
-from kcache_ops.caches import KCache, KCacheOptions, sequence_bytes
+from kcache_ops.caches import KCache, KCacheOptions, check_kcache, sequence_bytes
 from kcache_ops.caches.hot import HotSlots
 from kcache_ops.model.config import LlamaConfig
 
@@ -194,12 +194,14 @@ def test_select_reads_n_host_rows_of_cold_positions(device):
             assert got == idx[h, :min(TOPN, cold)].tolist(), (b, h)
 
 
+@pytest.mark.parametrize("tail", ["none", "int2"])
 @pytest.mark.parametrize("sinks, window", [(4, 30), (40, 0), (0, 50), (32, 32)])
-def test_all_rows_hot_is_exact(device, sinks, window):
-    """sinks + window >= L: every row is attended exactly from the device (no host row read),
-    so the step equals exact attention. Past the capacity (32) the cache keeps one slot per
-    position, not sinks + window."""
-    run = Run(make(device, topn=1, sinks=sinks, window=window), device, torch.float32)
+def test_all_rows_hot_is_exact(device, sinks, window, tail):
+    """sinks + window >= L: every row is attended exactly from the device (no host row read, no
+    tail term), so the step equals exact attention. Past the capacity (32) the cache keeps one
+    slot per position, not sinks + window."""
+    run = Run(make(device, topn=1, sinks=sinks, window=window, tail=tail), device,
+              torch.float32)
     assert run.cache.hot_slots.size == min(sinks + window, 32)
     run.prefill()
     for _ in range(2):
@@ -313,6 +315,16 @@ def test_sequence_bytes_of_a_bad_capacity(capacity):
         sequence_bytes("kcache", tiny_config(), None, capacity, torch.bfloat16)
 
 
+def test_sequence_bytes_of_options_no_cache_takes():
+    """Options no KCache of the capacity could be built with are refused as building one would
+    refuse them: not KCacheOptions, a pool smaller than a step's rows."""
+    with pytest.raises(TypeError, match="KCache: options must be a KCacheOptions, got dict"):
+        sequence_bytes("kcache", tiny_config(), {"topn": 3}, 10, torch.bfloat16)
+    with pytest.raises(ValueError, match="reuse must hold the rows of a whole step, at least 6"):
+        sequence_bytes("kcache", tiny_config(), KCacheOptions(topn=3, reuse=5), 10,
+                       torch.bfloat16)
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(tail="mean", sinks=4), "the mean tail takes the mean of every row not read"),
     (dict(sinks=-1), "sinks must be an integer >= 0, got -1"),
@@ -328,9 +340,11 @@ def test_cuda_limit_is_on_topn_alone():
     """qk_topn does not rank the hot rows (skip_first / skip_last), so N alone is what the CUDA
     select sorts, whatever sinks + window (checked without a GPU: the check is on the device
     type)."""
-    KCacheOptions(topn=4096, sinks=4, window=200).check(2, "cuda")
+    check_kcache(tiny_config(), "cuda", torch.float32,
+                 KCacheOptions(topn=4096, sinks=4, window=200), 10**5)
     with pytest.raises(ValueError, match=r"topn must be at most 4096 on CUDA, got 4097"):
-        KCacheOptions(topn=4097, sinks=4, window=60).check(2, "cuda")
+        check_kcache(tiny_config(), "cuda", torch.float32,
+                     KCacheOptions(topn=4097, sinks=4, window=60), 10**5)
 
 
 def test_label_and_paper_literal():

@@ -3,7 +3,7 @@ from dataclasses import replace
 
 from ..integers import int_at_least
 from .dense import DenseCache
-from .kcache import KCache
+from .kcache import KCache, check_kcache
 from .options import KCacheOptions
 from .reuse import pool_slots
 
@@ -33,13 +33,16 @@ def sequence_bytes(backend, config, options, capacity, dtype):
     ``backend`` for a model of ``config`` in ``dtype``: per token (K, V, a low-bit copy of V) and
     per sequence (a V sum), counted on CPU caches of one and two tokens, and KCache's rows kept per
     sequence up to a bound, counted apart: its hot rows (``min(sinks + window, capacity)`` per
-    layer) and its reuse pool (:func:`~.reuse.pool_slots`)."""
-    n = int_at_least(capacity, 1)
-    if n is None:
+    KCache layer) and its reuse pool (:func:`~.reuse.pool_slots`). ValueError where ``capacity``
+    is not an integer >= 1 or no KCache of it could be built (:func:`~.kcache.check_kcache`)."""
+    tokens = int_at_least(capacity, 1)
+    if tokens is None:
         raise ValueError(f"sequence_bytes: capacity must be an integer >= 1, got {capacity!r}")
-    capacity = n
+    capacity = tokens
     if backend == "kcache" and options is None:
         options = KCacheOptions()
+    if backend == "kcache":
+        check_kcache(config, "cpu", dtype, options, capacity)
     if backend == "kcache" and (options.hot_rows or options.reuse):
         cold = replace(options, sinks=0, window=0, reuse=0)
         device, host = sequence_bytes(backend, config, cold, capacity, dtype)

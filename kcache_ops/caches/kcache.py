@@ -30,8 +30,8 @@ from .dense import append_and_attend, prompt_attention
 from .hot import HotRows, HotSlots
 from .lengths import SeqLengths, check_layer_inputs, check_sizes
 from .memory import check_memory
-from .options import KCacheOptions
-from .reuse import PooledReads, Reads, ReusedRows, entries_per_step, pool_slots
+from .options import MAX_REUSE, KCacheOptions
+from .reuse import PooledReads, Reads, ReusedRows, pool_slots, step_entries
 from .side_stream import SideStream
 from .tail import make_tail
 
@@ -63,16 +63,18 @@ def check_dtype(dtype):
 
 def check_kcache(config, device, dtype, options, capacity=None):
     """Raise ValueError where a KCache with ``options`` cannot serve a model of ``config`` in
-    ``dtype`` on ``device`` (the options' own model checks, the dtype, the heads), and, given the
-    ``capacity`` (tokens per sequence), where its reuse pool cannot hold a step's rows, as
-    building one would: a command checks it before it runs anything else. The CUDA limits bound
-    ``topn`` and ``reuse``, or given the capacity, a step's N and the pool's slots."""
-    if torch.device(device).type not in ("cpu", "cuda"):  # where the ops have kernels
+    ``dtype`` on ``device``: a device the ops do not run on (not the CPU or CUDA), the dtype, the
+    head dim, the heads, the options' own model checks (dense layers); and given the ``capacity``
+    (tokens per sequence), as building one would, a reuse pool that cannot hold a step's rows
+    and, on CUDA, a step's N or the pool's slots above the limits (:meth:`KCacheOptions.check`).
+    A command checks what it can before it runs anything else. TypeError where ``options`` is
+    not a :class:`KCacheOptions`."""
+    if not isinstance(options, KCacheOptions):
+        raise TypeError(f"KCache: options must be a KCacheOptions, got {type(options).__name__}")
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):  # where the ops have kernels
         raise ValueError(f"KCache: device must be a CPU or CUDA device (where the kcache ops "
-                         f"run), got {torch.device(device)}; the dense cache takes any")
-    step = None if capacity is None else (min(options.topn, capacity),
-                                          pool_slots(options, config, capacity))
-    options.check(config.num_layers, torch.device(device), step)
+                         f"run), got {device}; the dense cache takes any")
     check_dtype(dtype)
     if config.head_dim not in (64, 128):  # what qk_topn and sparse_attn_v take
         raise ValueError(f"KCache: head_dim must be 64 or 128, got {config.head_dim} (the "
@@ -81,14 +83,20 @@ def check_kcache(config, device, dtype, options, capacity=None):
         raise ValueError(f"KCache: num_heads ({config.num_heads}) must be a multiple of "
                          f"num_kv_heads ({config.num_kv_heads})")
     if capacity is None:
+        options.check(config.num_layers, device)
         return
-    entries = entries_per_step(min(options.topn, capacity), options.group_select,
-                               config.num_heads, config.num_kv_heads)  # of a step, per KV head
+    entries = step_entries(options, config, capacity)  # of a step, per KV head
+    how = "N" if options.group_select else "N x the GQA group, per-head selection"
+    if options.reuse and device.type == "cuda" and entries > MAX_REUSE:
+        raise ValueError(f"KCache: reuse on CUDA holds at most {MAX_REUSE} rows per KV head, "
+                         f"fewer than a step's {entries} ({how}; N = min(topn, capacity)): "
+                         f"lower topn, or select with group_select")
     if 0 < options.reuse < entries:  # a step's rows must all have a slot
-        how = "N" if options.group_select else "N x the GQA group, per-head selection"
         raise ValueError(f"KCache: reuse must hold the rows of a whole step, at least "
                          f"{entries} per KV head ({how}; N = min(topn, capacity)), got "
                          f"{options.reuse}")
+    options.check(config.num_layers, device,
+                  (min(options.topn, capacity), pool_slots(options, config, capacity)))
 
 
 class KCache:
@@ -125,9 +133,6 @@ class KCache:
     """
 
     def __init__(self, config, batch, capacity, device, dtype, options=KCacheOptions()):
-        if not isinstance(options, KCacheOptions):
-            raise TypeError(f"KCache: options must be a KCacheOptions, got "
-                            f"{type(options).__name__}")
         batch, capacity = check_sizes("KCache", batch, capacity)
         self.device = torch.device(device)
         check_kcache(config, self.device, dtype, options, capacity)

@@ -93,8 +93,8 @@ class KCacheOptions:
 
     def __post_init__(self):
         self._set_integer("topn", 1)
-        for name in ("group_select", "renormalize"):  # a bool of any type (a NumPy one), kept
-            flag = as_bool(getattr(self, name))       # as a Python bool
+        for name in ("group_select", "renormalize"):  # any bool type, kept as a Python bool
+            flag = as_bool(getattr(self, name))
             if flag is None:
                 raise ValueError(f"KCache: {name} must be a bool, got {getattr(self, name)!r}")
             object.__setattr__(self, name, flag)
@@ -142,25 +142,23 @@ class KCacheOptions:
 
     def check(self, num_layers, device, step=None):
         """Raise ValueError where the options do not fit a model of ``num_layers`` layers on
-        ``device``: a dense layer out of range, or N or the reuse pool above the CUDA limits
-        (:data:`MAX_TOPN`, :data:`MAX_REUSE`). ``step``: None, or (N, pool slots) of a cache
-        whose capacity is known (``min(topn, capacity)``, :func:`~.reuse.pool_slots`), which
-        those limits then bound instead of ``topn`` and ``reuse``."""
+        ``device``: a dense layer out of range, and given ``step``, (N, pool slots) of a cache of
+        known capacity (``min(topn, capacity)``, :func:`~.reuse.pool_slots`), either above the
+        CUDA limits (:data:`MAX_TOPN`, :data:`MAX_REUSE`) on a CUDA device. Without ``step``
+        those wait for the capacity: ``topn`` and ``reuse`` above them serve a shorter cache."""
         outside = [i for i in self.dense_layers if not 0 <= i < num_layers]
         if outside:
             raise ValueError(f"KCache: dense_layers {outside} out of range for a model of "
                              f"{num_layers} layers (0..{num_layers - 1})")
-        if torch.device(device).type != "cuda":
+        if step is None or torch.device(device).type != "cuda":
             return
-        n, slots = (self.topn, self.reuse) if step is None else step
+        n, slots = step
         if n > MAX_TOPN:
-            of_step = "" if step is None else f" (a step's N, min(topn, capacity), is {n})"
-            raise ValueError(f"KCache: topn must be at most {MAX_TOPN} on CUDA, got "
-                             f"{self.topn}{of_step}")
+            raise ValueError(f"KCache: topn must be at most {MAX_TOPN} on CUDA, got {self.topn} "
+                             f"(a step's N, min(topn, capacity), is {n})")
         if slots > MAX_REUSE:
-            of_pool = "" if step is None else f" (the pool's slots, at this capacity: {slots})"
             raise ValueError(f"KCache: reuse must be at most {MAX_REUSE} on CUDA, got "
-                             f"{self.reuse}{of_pool}")
+                             f"{self.reuse} (the pool's slots, at this capacity: {slots})")
 
     @property
     def hot_rows(self):

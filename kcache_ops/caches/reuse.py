@@ -60,10 +60,12 @@ class PooledReads:
         return reads
 
 
-def entries_per_step(topn, group_select, num_heads, num_kv_heads):
-    """The most rows a decode step reads per (sequence, KV head): ``topn`` with group_select, the
-    group's ``G · topn`` per head."""
-    return topn * (1 if group_select else num_heads // num_kv_heads)
+def step_entries(options, config, capacity):
+    """The most rows a decode step of a KCache with ``options`` and ``capacity`` for a model of
+    ``config`` reads per (sequence, KV head): N = ``min(topn, capacity)`` with group_select, the
+    group's ``G · N`` per head."""
+    n = min(options.topn, capacity)
+    return n * (1 if options.group_select else config.num_heads // config.num_kv_heads)
 
 
 def pool_slots(options, config, capacity):
@@ -72,9 +74,7 @@ def pool_slots(options, config, capacity):
     step)``. A slot whose position is found is never refilled, and the new token's is emptied
     after its step, so the positions held, with a step's fetches, never pass the capacity: a
     larger pool would only hold empty slots (the reads and hits are the same)."""
-    entries = entries_per_step(min(options.topn, capacity), options.group_select,
-                               config.num_heads, config.num_kv_heads)
-    return min(options.reuse, max(capacity, entries))
+    return min(options.reuse, max(capacity, step_entries(options, config, capacity)))
 
 
 class ReusedRows:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+from ..caches import check_kcache
 from ..data import essays_text
 from ..results import write_json
 from . import agreement, needle, perplexity, summary
@@ -120,12 +121,15 @@ def evaluate(model, tokenizer, settings, configs, save, log=print):
     per group name its measures, and "summary" (:func:`.summary.summarize`))."""
     groups = build_groups(tokenizer, settings)
     trained = model.config.max_position_embeddings
-    for g in groups:  # as generate warns: RoPE runs on, the model was not trained there
-        longest = max(map(len, g["prompts"])) + g["forced"].shape[1]
-        if longest > trained:
+    for g in groups:
+        longest = max(map(len, g["prompts"])) + g["forced"].shape[1]  # its caches' capacity
+        if longest > trained:  # as generate warns: RoPE runs on, the model was not trained there
             warnings.warn(f"eval: the {g['name']} group's prompts and steps reach {longest} "
                           f"positions, past the {trained} the model was trained on; its "
                           "measures there say little", stacklevel=2)
+        for config in configs:  # what only the capacity decides, before the dense runs
+            if config.backend == "kcache":
+                check_kcache(model.config, model.device, model.dtype, config.options, longest)
     snapshots = {}
     for g in tqdm(groups, desc="prefill (dense, once per batch)", unit="batch"):
         snapshots[g["name"]] = prefill_snapshot(model, g["prompts"])

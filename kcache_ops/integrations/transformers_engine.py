@@ -103,10 +103,12 @@ class TransformersDecoder:
 def _from_pretrained(path, *args, **kwargs):
     """transformers' AutoModelForCausalLM.from_pretrained(*args, **kwargs), a checkpoint at
     ``path`` that it refuses (weights of another shape than its config's, say: a RuntimeError)
-    a CheckpointError naming it."""
+    a CheckpointError naming it; running out of memory stays itself."""
     import transformers
     try:
         return transformers.AutoModelForCausalLM.from_pretrained(*args, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError as e:
         raise CheckpointError(f"{path}: transformers could not load it: {e}") from e
 
