@@ -423,9 +423,18 @@ def _check_same_dtype(op, a_name, a, b_name, b):
                            f"{_dtype_name(a.dtype)} and {_dtype_name(b.dtype)}")
 
 
+def _values(sizes):
+    """A size, or a shape as a list, as the numbers a fake implementation's error shows: a size
+    traced as a symbol under torch.compile's dynamic shapes by its value (as "s3" it would say
+    nothing; the error ends the trace, so the guard this adds costs nothing)."""
+    if isinstance(sizes, (torch.SymInt, int)):
+        return int(sizes)
+    return [int(n) for n in sizes]
+
+
 def _check_head_dim(op, name, d):
     if d not in (64, 128):
-        raise RuntimeError(f"{op}: {name}: head dim must be 64 or 128, got {d}")
+        raise RuntimeError(f"{op}: {name}: head dim must be 64 or 128, got {_values(d)}")
 
 
 def _check_last_contiguous(op, **tensors):
@@ -434,7 +443,7 @@ def _check_last_contiguous(op, **tensors):
     for name, t in tensors.items():
         if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
             raise RuntimeError(f"{op}: {name} must be contiguous in its last dim, got strides "
-                               f"{list(t.stride())}")
+                               f"{_values(t.stride())}")
 
 
 def _check_fake(op, args, host=(), group=None):
@@ -455,7 +464,7 @@ def _check_fake(op, args, host=(), group=None):
             continue
         if t.dim() != len(dims):
             raise RuntimeError(f"{op}: {name} must have {len(dims)} dims, got shape "
-                               f"{list(t.shape)}")
+                               f"{_values(t.shape)}")
         _check_dtype(op, name, t, dtype)
         if name in host and t.device.type != "cpu" and t.device != first.device:
             raise RuntimeError(f"{op}: {name} must be in host memory (on cpu), got {t.device}")
@@ -467,13 +476,13 @@ def _check_fake(op, args, host=(), group=None):
             want, source = (dim, None) if fixed else sizes.setdefault(dim, (size, name))
             if size != want:
                 of = "" if fixed else f" ({dim}, as in {source})"
-                raise RuntimeError(f"{op}: {name} must have {want} in dim {i}{of}, got shape "
-                                   f"{list(t.shape)}")
+                raise RuntimeError(f"{op}: {name} must have {_values(want)} in dim {i}{of}, "
+                                   f"got shape {_values(t.shape)}")
     if group is not None:
         (hq, hq_of), (hkv, hkv_of) = (sizes[dim] for dim in group)
         if hkv == 0 or hq % hkv != 0:
-            raise RuntimeError(f"{op}: {hq_of} heads ({hq}) must be a multiple of {hkv_of} heads "
-                               f"({hkv})")
+            raise RuntimeError(f"{op}: {hq_of} heads ({_values(hq)}) must be a multiple of "
+                               f"{hkv_of} heads ({_values(hkv)})")
 
 
 def _check_bits(bits):
@@ -572,7 +581,7 @@ def _(v, bits):
     D, per_byte = v.shape[-1], 8 // bits
     if D <= 0 or D % per_byte != 0:
         raise RuntimeError(f"quantize_rows: v: last dim (D) must be a positive multiple of "
-                           f"{per_byte} (8 / bits) for bits={bits}, got {D}")
+                           f"{per_byte} (8 / bits) for bits={bits}, got {_values(D)}")
     _check_last_contiguous("quantize_rows", v=v)
     lead = v.shape[:-1]
     return (v.new_empty((*lead, D * bits // 8), dtype=torch.uint8),
@@ -603,10 +612,10 @@ def _(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True, 
     if code_bytes * 8 != D * bits or D not in (64, 128):
         raise RuntimeError(f"lowbit_tail: v_codes last dim must be D * bits / 8 with D 64 or 128 "
                            f"({64 * bits // 8} or {128 * bits // 8} bytes for bits = {bits}), got "
-                           f"{code_bytes}")
+                           f"{_values(code_bytes)}")
     if hot_v is not None and hot_v.shape[3] != D:
-        raise RuntimeError(f"lowbit_tail: hot_v must have {D} in dim 3 (D, the head dim of "
-                           f"v_codes), got shape {list(hot_v.shape)}")
+        raise RuntimeError(f"lowbit_tail: hot_v must have {_values(D)} in dim 3 (D, the head "
+                           f"dim of v_codes), got shape {_values(hot_v.shape)}")
     _check_last_contiguous("lowbit_tail", indices=indices, v_codes=v_codes, v_meta=v_meta,
                            hot_v=hot_v)
     B, Hq, _ = scores.shape
@@ -628,11 +637,12 @@ def _(indices, v_host, new_pos, rows, held, used, step, group_select, check_valu
     _, Hkv, S, _ = v_host.shape
     E, C = (N if group_select else Hq // Hkv * N), rows.shape[2]
     if C < E:
-        raise RuntimeError(f"reuse_rows: rows must have at least {E} slots (the rows of one "
-                           f"step: {'N with group_select' if group_select else 'G x N'}), got "
-                           f"{C}")
+        raise RuntimeError(f"reuse_rows: rows must have at least {_values(E)} slots (the rows of "
+                           f"one step: {'N with group_select' if group_select else 'G x N'}), "
+                           f"got {_values(C)}")
     if S >= 1 << 31:
-        raise RuntimeError(f"reuse_rows: v_host must have fewer than 2^31 rows, got {S}")
+        raise RuntimeError(f"reuse_rows: v_host must have fewer than 2^31 rows, got "
+                           f"{_values(S)}")
     _check_last_contiguous("reuse_rows", v_host=v_host, indices=indices)
     if not (rows.is_contiguous() and held.is_contiguous() and used.is_contiguous()):
         raise RuntimeError("reuse_rows: rows, held and used must be contiguous (the pool, "

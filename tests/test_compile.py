@@ -235,18 +235,26 @@ def test_fake_refuses_what_eager_refuses(case):
     (lambda scores, indices, v: kcache_ops.sparse_attn_v(scores, indices, v),
      (torch.randn(2, 4, 3), torch.zeros(2, 4, 3, dtype=torch.int64), torch.randn(2, 2, 10, 64)),
      "indices must be Int, got Long"),
+    (lambda scores, indices, v: kcache_ops.sparse_attn_v(scores, indices, v),
+     (torch.randn(2, 4, 3), torch.zeros(2, 4, 3, dtype=torch.int32), torch.randn(2, 3, 10, 64)),
+     r"scores heads \(4\) must be a multiple of v_cache heads \(3\)"),
+    (lambda scores, indices, v: kcache_ops.sparse_attn_v(scores, indices, v),
+     (torch.randn(2, 4, 3), torch.zeros(2, 4, 3, dtype=torch.int32), torch.randn(2, 2, 10, 96)),
+     "v_cache: head dim must be 64 or 128, got 96"),
     (lambda v: kcache_ops.quantize_rows(v, 4), (torch.randn(4, 3),),
      r"v: last dim \(D\) must be a positive multiple of 2"),
 ])
-def test_compile_refuses_bad_arguments_while_tracing(call, args, message):
-    """torch.compile refuses a bad call while it traces, before any graph is compiled or run."""
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compile_refuses_bad_arguments_while_tracing(call, args, message, dynamic):
+    """torch.compile refuses a bad call while it traces, before any graph is compiled or run;
+    with dynamic shapes too, whose messages give the sizes' values (not symbols such as s3)."""
     graphs = []
 
     def backend(graph, example_inputs):
         graphs.append(graph)
         return graph
 
-    compiled = torch.compile(call, fullgraph=True, backend=backend)
+    compiled = torch.compile(call, fullgraph=True, backend=backend, dynamic=dynamic)
     with pytest.raises(Exception, match=message):
         compiled(*args)
     assert not graphs
