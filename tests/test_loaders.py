@@ -220,7 +220,7 @@ def test_truncated_safetensors(tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda cfg: cfg.pop("hidden_size"), "KeyError: 'hidden_size'"),
     (lambda cfg: cfg.update(num_attention_heads=0, head_dim=None),
-     "num_attention_heads must be an integer >= 1, got 0"),
+     r"num_attention_heads must be an integer in \[1, 2147483647\], got 0"),
     (lambda cfg: cfg.update(rope_parameters={"rope_type": "llama3", "factor": 8.0},
                             rope_scaling=None), "low_freq_factor"),
     (lambda cfg: cfg.update(eos_token_id=[2, 96]), "eos_token_id 96 is outside the vocabulary "
@@ -410,6 +410,49 @@ def test_gguf_tokenizer_faults_and_gpt2_spelling(tmp_path):
         gguf_tokenizer(tmp_path / "b.gguf", [])
     with pytest.raises(CheckpointError, match="bos_token_id 9 is outside the vocabulary of 4"):
         gguf_tokenizer(tmp_path / "c.gguf", tokens, bos=9)
+    with pytest.raises(CheckpointError, match="tokenizer.ggml.token_type has 3 entries, "
+                                              "tokenizer.ggml.tokens 4: one type per token"):
+        gguf_tokenizer(tmp_path / "d.gguf", tokens, types=[1, 1, 1])  # zip dropped the last
+
+
+@pytest.mark.parametrize("key", ["llama.rope.scaling.factor", "llama.rope.scale_linear"])
+def test_gguf_rope_factor_without_a_type(key):
+    """A rope scaling factor without llama.rope.scaling.type is linear scaling to llama.cpp,
+    which this model does not do: refused (it was ignored: the logits of no scaling)."""
+    from kcache_ops.model.config import LlamaConfig
+    meta = {"general.architecture": "llama", "llama.embedding_length": 64,
+            "llama.attention.head_count": 4, "llama.feed_forward_length": 96,
+            "llama.block_count": 2, "llama.attention.layer_norm_rms_epsilon": 1e-5}
+    LlamaConfig.from_gguf({**meta, key: 1.0}, 96, True, False, None)
+    with pytest.raises(UnsupportedModelError, match=f"{key} = 4.0 without a type"):
+        LlamaConfig.from_gguf({**meta, key: 4.0}, 96, True, False, None)
+    LlamaConfig.from_gguf({**meta, key: 4.0, "llama.rope.scaling.type": "none"}, 96, True,
+                          False, None)
+
+
+def test_weights_that_are_not_floats_or_appear_twice(tmp_path):
+    """An integer tensor (cast to floats it would compute garbage), or a tensor in two shards
+    (the last would win), is a CheckpointError naming it."""
+    from safetensors.torch import load_file, save_file
+    save_tiny_hf(tmp_path / "int")
+    path = tmp_path / "int" / "model.safetensors"
+    tensors = load_file(str(path))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name] = (tensors[name] * 100).to(torch.int8)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="'layers.0.self_attn.q_proj.weight' is "
+                                              "torch.int8, not a floating-point type"):
+        load_hf_model(str(tmp_path / "int"), "cpu", torch.float32)
+    save_tiny_hf(tmp_path / "twice", max_shard_size="20KB")
+    index = json.loads((tmp_path / "twice" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    embed = "model.embed_tokens.weight"
+    other = next(p for p in shards if p != index["weight_map"][embed])
+    tensors = load_file(str(tmp_path / "twice" / other))
+    tensors[embed] = torch.full((96, 32), 7.0)
+    save_file(tensors, str(tmp_path / "twice" / other), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="'embed_tokens.weight' appears twice"):
+        load_hf_model(str(tmp_path / "twice"), "cpu", torch.float32)
 
 
 @pytest.mark.parametrize("pre, want", [("llama-bpe", [4]), ("qwen2", [3, 2])])
@@ -457,10 +500,16 @@ def test_gguf_config_faults_name_the_file(tmp_path, hf_folder):
     def no_heads(reader):
         value_part(reader, "llama.attention.head_count")[0] = 0
 
+    def many_layers(reader):  # one corrupt byte: the model would take minutes to build
+        value_part(reader, "llama.block_count")[0] = 8323074
+
     def misnamed(reader):
         tensor = next(t for t in reader.tensors if t.name == "output_norm.weight")
         tensor.field.parts[1][:] = list(b"output_nrom.weight")  # a name of the same length
-    for edit, fault in ((no_heads, "llama.attention.head_count must be an integer >= 1, got 0"),
+    for edit, fault in ((no_heads, r"llama.attention.head_count must be an integer in "
+                                   r"\[1, 2147483647\], got 0"),
+                        (many_layers, r"llama.block_count must be an integer in \[1, 4096\], "
+                                      r"got 8323074"),
                         (misnamed, "unexpected tensor 'output_nrom.weight'")):
         path = write_gguf(tmp_path / f"{edit.__name__}.gguf", hf_folder[1], Q.F32)
         edit_gguf(path, edit)
@@ -517,6 +566,19 @@ def test_tokenizer_checked_before_the_weights(tmp_path, hf_folder):
     rewrite_safetensors_header(tmp_path / "model.safetensors",
                                lambda h: h["model.norm.weight"].update(dtype="F99"))
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
+        load_model(tmp_path, "cpu")
+
+
+def test_tokenizer_larger_than_the_embedding(tmp_path, hf_folder):
+    """A tokenizer with ids past the embedding's rows is refused at load, naming the folder (every
+    prompt and generation failed later, with errors that named neither)."""
+    folder, _ = hf_folder
+    for f in folder.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "vocab_size": 90}))
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(tmp_path))}: the tokenizer has "
+                                              f"token ids up to 95, past the 90 rows"):
         load_model(tmp_path, "cpu")
 
 

@@ -11,11 +11,17 @@ SUPPORTED_GGUF_ARCHS = ("llama", "qwen2")
 FLOAT32_TINY = 2.0 ** -126
 
 
-def _integer(key: str, value, minimum: int = 1) -> int:
-    """``value``, read from config key ``key``: an int >= ``minimum`` (not a bool, nor a float,
-    even an integral one)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise CheckpointError(f"{key} must be an integer >= {minimum}, got {value!r}")
+# the most layers a checkpoint may declare: real ones have at most a few hundred, and the model is
+# built before its tensors are read (a corrupt count of millions would take minutes)
+MAX_LAYERS = 4096
+
+
+def _integer(key: str, value, minimum: int = 1, maximum: int = 2**31 - 1) -> int:
+    """``value``, read from config key ``key``: an int in [``minimum``, ``maximum``] (not a bool,
+    nor a float, even an integral one; by default below 2^31, as every size and id is)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise CheckpointError(f"{key} must be an integer in [{minimum}, {maximum}], got "
+                              f"{value!r}")
     return value
 
 
@@ -142,7 +148,7 @@ class LlamaConfig:
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=_integer("intermediate_size", cfg["intermediate_size"]),
-            num_layers=_integer("num_hidden_layers", cfg["num_hidden_layers"]),
+            num_layers=_integer("num_hidden_layers", cfg["num_hidden_layers"], 1, MAX_LAYERS),
             num_heads=heads,
             num_kv_heads=_integer("num_key_value_heads", cfg.get("num_key_value_heads") or heads),
             head_dim=_integer("head_dim", cfg.get("head_dim") or hidden // heads),
@@ -182,6 +188,11 @@ class LlamaConfig:
         scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
         if scaling_type != "none":
             raise UnsupportedModelError(f"unsupported GGUF rope scaling type {scaling_type!r}")
+        for key in (f"{arch}.rope.scaling.factor", f"{arch}.rope.scale_linear"):
+            factor = meta.get(key)  # without a type llama.cpp takes a factor as linear scaling
+            if f"{arch}.rope.scaling.type" not in meta and factor not in (None, 0, 1):
+                raise UnsupportedModelError(f"unsupported GGUF rope scaling: {key} = {factor} "
+                                            f"without a type (linear, as llama.cpp takes it)")
 
         def get(name, default=None):  # (key, value) of metadata "{arch}.{name}", for the checks
             return f"{arch}.{name}", meta.get(f"{arch}.{name}", default)
@@ -202,7 +213,7 @@ class LlamaConfig:
             vocab_size=_integer(*get("vocab_size", vocab_size)),
             hidden_size=hidden,
             intermediate_size=_integer(*get("feed_forward_length")),
-            num_layers=_integer(*get("block_count")),
+            num_layers=_integer(*get("block_count"), 1, MAX_LAYERS),
             num_heads=heads,
             num_kv_heads=_integer(*get("attention.head_count_kv", heads)),
             head_dim=head_dim,

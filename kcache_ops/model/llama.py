@@ -123,6 +123,11 @@ class Llama(nn.Module):
         for name, tensor in weights:
             if name not in expected:
                 raise CheckpointError(f"unexpected tensor {name!r} in the checkpoint")
+            if name in state:  # in two shards, say: which would win is no choice to make
+                raise CheckpointError(f"tensor {name!r} appears twice in the checkpoint")
+            if not tensor.dtype.is_floating_point:  # integer weights cast to floats are garbage
+                raise CheckpointError(f"tensor {name!r} is {tensor.dtype}, not a floating-point "
+                                      f"type (a quantized format this loader does not read?)")
             if tuple(tensor.shape) != tuple(expected[name].shape):
                 raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the "
                                       f"config implies {tuple(expected[name].shape)}")

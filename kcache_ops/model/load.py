@@ -72,11 +72,21 @@ def load_model(path=None, device=None, dtype=None):
     # the minutes (and the memory) that reading (or dequantizing) the weights can take
     if os.path.isdir(path):
         config = read_hf_config(path)
-        tokenizer = Tokenizer.from_folder(path, config.eos_token_ids)
+        tokenizer = _fitting(path, Tokenizer.from_folder(path, config.eos_token_ids), config)
         return load_hf_model(path, device, dtype, config), tokenizer
     if not os.path.exists(path):
         raise CheckpointError(f"no such model file or folder: {path}")
     reader = open_gguf(path)
     config = read_gguf_config(reader)
-    tokenizer = Tokenizer.from_gguf(reader)
+    tokenizer = _fitting(path, Tokenizer.from_gguf(reader), config)
     return load_gguf_model(reader, device, dtype, config), tokenizer
+
+
+def _fitting(path, tokenizer, config):
+    """``tokenizer``, whose ids must all have a row of the embedding of ``config`` (a larger one
+    would fail every prompt and generation later, with errors that name neither)."""
+    ids = max(tokenizer.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+    if ids > config.vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has token ids up to {ids - 1}, past the "
+                              f"{config.vocab_size} rows of the embedding")
+    return tokenizer

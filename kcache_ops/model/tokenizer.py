@@ -203,6 +203,9 @@ class Tokenizer:
         if not tokens:
             raise CheckpointError("the GGUF file has no vocabulary (tokenizer.ggml.tokens)")
         types = field("tokenizer.ggml.token_type", [1] * len(tokens))
+        if len(types) != len(tokens):  # zip would drop the types of the last tokens
+            raise CheckpointError(f"tokenizer.ggml.token_type has {len(types)} entries, "
+                                  f"tokenizer.ggml.tokens {len(tokens)}: one type per token")
         merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges", [])]
         try:  # Llama 3 takes a piece that is a token whole, before any merge (as llama.cpp does)
             bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
