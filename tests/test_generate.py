@@ -369,6 +369,7 @@ def test_cli_bad_values_are_usage_errors(argv, message, capsys):
     (["bench", "--small", "--models", "nosuch"], "--models: unknown nosuch; known: "),
     (["bench", "--small", "--dense-layers", "9"], "dense_layers [9] out of range"),
     (["generate", "--prompt-file", "{latin1}"], "{latin1} is not UTF-8 text"),
+    (["generate", "--prompt", "caf\udce9"], "--prompt 'caf\\udce9' is not UTF-8 text"),
     (["bench", "--small", "--topn", "0"], "topn must be an integer >= 1, got 0"),
     (["bench", "--device", "cpu"], "give --budget (GB) on the CPU, or --small"),
 ])

@@ -596,6 +596,8 @@ def test_generation_config_ends_generation(tmp_path, hf_folder):
         model, tokenizer = load_model(tmp_path, "cpu")
         assert model.config.eos_token_ids == tokenizer.eos_ids == ends
     for text, message in (("{oops", "is not valid JSON"),
+                          ('{"a": ' + "[" * 100000 + "]" * 100000 + "}", "is not valid JSON"),
+                          ('{"eos_token_id": ' + "7" * 5000 + "}", "is not valid JSON"),
                           ('{"eos_token_id": [2, 96]}',
                            r"eos_token_id must be a token id in \[0, 96\) or a list of them, "
                            r"got \[2, 96\]")):

@@ -62,6 +62,11 @@ def run(args):
             raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text ({e})") from None
     else:
         texts = args.prompt
+        for text in texts:  # an argument not UTF-8 arrives with surrogates for its bad bytes
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"--prompt {text!r} is not UTF-8 text ({e})") from None
     model, tokenizer = load_model(args.model, args.device, dtype_of(args))
     prompts = [tokenizer.encode_prompt(t, chat=args.chat) for t in texts]
     stream = len(prompts) == 1

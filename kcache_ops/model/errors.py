@@ -17,8 +17,8 @@ def read_json_object(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 faults, a number of 5000 digits,
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e  # nesting of 100000
     if not isinstance(value, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(value).__name__}")
     return value
