@@ -261,7 +261,7 @@ def test_missing_tensor_and_wrong_shape(tmp_path):
     cfg = json.loads(cfg_path.read_text())
     cfg["num_hidden_layers"] = 3
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="lacks 9 tensors"):
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(tmp_path))}: .*lacks 9 tensors"):
         load_hf_model(str(tmp_path), "cpu", torch.float32)
     cfg.update(num_hidden_layers=2, intermediate_size=40)
     cfg_path.write_text(json.dumps(cfg))
@@ -282,16 +282,22 @@ def test_unsupported_architectures(tmp_path):
     save_tiny_hf(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
-    with pytest.raises(UnsupportedModelError, match="model_type 'gpt2'"):
+    with pytest.raises(UnsupportedModelError, match=f"^{re.escape(str(tmp_path))}/config.json: "
+                                                    f".*model_type 'gpt2'"):
         load_model(tmp_path)
-    w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gpt2")
-    w.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(UnsupportedModelError, match="GGUF architecture 'gpt2'"):
-        load_model(tmp_path / "g.gguf")
+    for name, embedding, error, message in (
+            ("g", torch.zeros(4, 8), UnsupportedModelError, "GGUF architecture 'gpt2'"),
+            ("e", torch.zeros(32), CheckpointError,
+             r"token_embd.weight must have 2 dims, got shape \[32\]")):  # was an IndexError
+        path = tmp_path / f"{name}.gguf"
+        w = gguf.GGUFWriter(str(path), "gpt2")
+        w.add_tensor("token_embd.weight", embedding.numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with pytest.raises(error, match=f"^{re.escape(str(path))}: .*{message}"):
+            load_model(path)
 
 
 def safetensors_bytes(header):
@@ -371,6 +377,11 @@ def test_tokenizer_config_faults_name_the_file(tmp_path, hf_folder):
     cfg_path.write_text(json.dumps({"chat_template": [{"name": "default"}]}))
     with pytest.raises(CheckpointError, match="chat_template is a list without a"):
         load_model(tmp_path, "cpu")
+    for eos in (5, ["<|im_end|>"]):  # a TypeError inside the tokenizer before
+        cfg_path.write_text(json.dumps({"eos_token": eos}))
+        with pytest.raises(CheckpointError, match=f"tokenizer_config.json: eos_token must be a "
+                                                  f"token's text .*got {re.escape(repr(eos))}"):
+            load_model(tmp_path, "cpu")
 
 
 def gguf_tokenizer(path, tokens, pre="gpt2", bos=None, add_bos=True, merges=(), types=None,
@@ -406,8 +417,11 @@ def test_gguf_tokenizer_faults_and_gpt2_spelling(tmp_path):
     with a BOS id outside it, is a CheckpointError (it was a TypeError, an IndexError)."""
     tokens = ["<s>", "a", "b", "\u0120"]
     assert gguf_tokenizer(tmp_path / "a.gguf", tokens, pre="gpt-2").encode("ab a") == [1, 2, 3, 1]
-    with pytest.raises(CheckpointError, match="no vocabulary"):
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(tmp_path / 'b.gguf'))}: .*no "
+                                              f"vocabulary"):
         gguf_tokenizer(tmp_path / "b.gguf", [])
+    with pytest.raises(CheckpointError, match="tokenizer.ggml.merges must be strings"):
+        gguf_tokenizer(tmp_path / "e.gguf", tokens, merges=[3, 4])  # was an AttributeError
     with pytest.raises(CheckpointError, match="bos_token_id 9 is outside the vocabulary of 4"):
         gguf_tokenizer(tmp_path / "c.gguf", tokens, bos=9)
     with pytest.raises(CheckpointError, match="tokenizer.ggml.token_type has 3 entries, "

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from .config import LlamaConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, UnsupportedModelError
 from .llama import Llama
 
 # GGUF tensor name (after "blk.{i}.") -> ours (after "layers.{i}.")
@@ -127,6 +127,9 @@ def read_config(reader) -> LlamaConfig:
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise CheckpointError(f"{path}: the GGUF file has no token_embd.weight")
+    if len(tensors["token_embd.weight"].shape) != 2:  # its rows give the vocabulary's size
+        raise CheckpointError(f"{path}: token_embd.weight must have 2 dims, got shape "
+                              f"{[int(n) for n in tensors['token_embd.weight'].shape]}")
     rope_freqs = tensors.get("rope_freqs.weight")
     factors = None if rope_freqs is None else to_tensor(rope_freqs, path).tolist()
     try:
@@ -137,8 +140,8 @@ def read_config(reader) -> LlamaConfig:
             has_qkv_bias="blk.0.attn_q.bias" in tensors,
             rope_freq_factors=factors,
             has_output_bias="blk.0.attn_output.bias" in tensors)
-    except CheckpointError as e:  # a key missing or a value from_gguf refused: name the file
-        raise CheckpointError(f"{path}: {e}") from e
+    except (CheckpointError, UnsupportedModelError) as e:  # a key missing, a value or a model
+        raise type(e)(f"{path}: {e}") from e             # from_gguf refused: name the file
 
 
 def load_gguf_model(reader, device, dtype, config: LlamaConfig | None = None) -> Llama:

@@ -10,7 +10,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from .config import LlamaConfig
-from .errors import CheckpointError, read_json_object
+from .errors import CheckpointError, UnsupportedModelError, read_json_object
 from .llama import Llama
 
 
@@ -27,6 +27,8 @@ def read_config(folder: str) -> LlamaConfig:
         raise CheckpointError(f"{path}: not a usable model config ({type(e).__name__}: {e})") from e
     except CheckpointError as e:  # a value from_hf refused: name the file too
         raise CheckpointError(f"{path}: not a usable model config ({e})") from e
+    except UnsupportedModelError as e:  # a model this decoder does not run: which file says so
+        raise UnsupportedModelError(f"{path}: {e}") from e
     ends = config.eos_token_ids + generation_eos_ids(folder, config.vocab_size)
     return dataclasses.replace(config, eos_token_ids=tuple(dict.fromkeys(ends)))
 
@@ -171,4 +173,7 @@ def load_hf_model(folder: str, device, dtype, config: LlamaConfig | None = None)
                             config.tie_word_embeddings and ours == "lm_head.weight"):
                         continue
                     yield ours, f.get_tensor(name)
-    return Llama.from_weights(config, weights(), device, dtype)
+    try:
+        return Llama.from_weights(config, weights(), device, dtype)
+    except CheckpointError as e:  # a tensor missing, unexpected, of another shape: which folder
+        raise CheckpointError(f"{folder}: {e}") from e

@@ -166,6 +166,9 @@ class Tokenizer:
         def token_id(key):  # the id of a special token named in tokenizer_config.json, if any
             value = cfg.get(key)
             value = value.get("content") if isinstance(value, dict) else value
+            if value is not None and not isinstance(value, str):
+                raise CheckpointError(f"{cfg_path}: {key} must be a token's text (a string, or "
+                                      f"an object with \"content\"), got {cfg.get(key)!r}")
             return None if value is None else tok.token_to_id(value)
         template, source = cfg.get("chat_template"), cfg_path
         if isinstance(template, list):  # named templates: take "default", else the first
@@ -190,12 +193,20 @@ class Tokenizer:
         vocabulary, merges and special tokens of a GGUF file, with the split its
         ``tokenizer.ggml.pre`` names (:data:`GGUF_PRE_TOKENIZERS`). Generation ends at the EOS
         token, at the end-of-turn token (``eot_token_id``) where the file has one, and at the
-        special tokens of :data:`END_OF_TURN_TOKENS`."""
+        special tokens of :data:`END_OF_TURN_TOKENS`. Its faults name the file."""
+        try:
+            return cls._from_gguf_fields(reader)
+        except (CheckpointError, UnsupportedModelError) as e:
+            raise type(e)(f"{gguf_path(reader)}: {e}") from e
+
+    @classmethod
+    def _from_gguf_fields(cls, reader) -> "Tokenizer":
+        """:meth:`from_gguf`, its faults not yet naming the file."""
         def field(key, default=None):
             f = reader.fields.get(key)
             return default if f is None else f.contents()
         kind, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre", "gpt2")
-        if kind != "gpt2" or pre not in GGUF_PRE_TOKENIZERS:
+        if kind != "gpt2" or not isinstance(pre, str) or pre not in GGUF_PRE_TOKENIZERS:
             raise UnsupportedModelError(
                 f"unsupported GGUF tokenizer: model {kind!r}, pre-tokenizer {pre!r} (supported: "
                 f"model 'gpt2' with pre-tokenizer {', '.join(GGUF_PRE_TOKENIZERS)})")
@@ -206,7 +217,10 @@ class Tokenizer:
         if len(types) != len(tokens):  # zip would drop the types of the last tokens
             raise CheckpointError(f"tokenizer.ggml.token_type has {len(types)} entries, "
                                   f"tokenizer.ggml.tokens {len(tokens)}: one type per token")
-        merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges", [])]
+        merges = field("tokenizer.ggml.merges", [])
+        if not all(isinstance(m, str) for m in merges):
+            raise CheckpointError("tokenizer.ggml.merges must be strings (\"a b\" pairs)")
+        merges = [tuple(m.split(" ", 1)) for m in merges]
         try:  # Llama 3 takes a piece that is a token whole, before any merge (as llama.cpp does)
             bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                              ignore_merges=pre in WHOLE_PIECE_SPLITS)
