@@ -368,6 +368,43 @@ def test_more_host_memory_than_available_fails_when_built(device):
         make(device, torch.bfloat16, capacity)
 
 
+def test_the_tensors_beside_k_and_v_count_against_host_memory():
+    """KCache's low-bit copy, hot rows and reuse pool count with K and V: a CPU cache whose K and
+    V fill half of MemAvailable, with an int4 copy, every position hot and a pool of G·N = 2·S
+    rows per KV head (2.7 times the bytes of K and V in all), is refused naming those bytes."""
+    available = kcache_ops.host_bytes_available()
+    if available is None:
+        pytest.skip("this machine does not report MemAvailable")
+    row = D * 2  # bytes of a bfloat16 row
+    capacity = available // (4 * LAYERS * len(LENS) * HKV * row)  # K and V: half of it
+    options = KCacheOptions(topn=capacity, tail="int4", sinks=0, window=capacity,
+                            reuse=2 * capacity)
+    per_position = D // 2 + 4 + row + 2 * (row + 8)  # int4 codes and meta, hot row, two slots
+    beside = LAYERS * len(LENS) * HKV * capacity * per_position
+    needed = 2 * LAYERS * len(LENS) * HKV * capacity * row + beside
+    with pytest.raises(MemoryError, match=rf"KCache: {2 * LAYERS} cache tensors of shape "
+                                          rf"\[3, 2, {capacity}, 64\] torch.bfloat16 and {beside} "
+                                          rf"bytes beside them in host RAM need {needed} bytes"):
+        KCache(tiny_config(), len(LENS), capacity, "cpu", torch.bfloat16, options)
+
+
+@requires_cuda
+def test_the_tensors_beside_k_count_against_the_gpu():
+    """On CUDA they count with the device's K and V: the dense layers' K and V and the KCache
+    layer's K fill 90% of the GPU, and the KCache layer's int4 copy with every position hot (1.28
+    times one K) brings it past the whole (its V, 18% of the GPU, is in host RAM)."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    row = D * 2  # bytes of a bfloat16 row
+    tensors = 2 * LAYERS - 1  # on the device
+    capacity = total * 9 // 10 // (tensors * len(LENS) * HKV * row)
+    options = KCacheOptions(tail="int4", sinks=0, window=capacity, dense_layers=range(1, LAYERS))
+    beside = len(LENS) * HKV * capacity * (D // 2 + 4 + row)
+    with pytest.raises(MemoryError, match=rf"KCache: {tensors} cache tensors .* and {beside} "
+                                          rf"bytes beside them on cuda:0 need \d+ bytes, more "
+                                          rf"than the {total} bytes the device has"):
+        KCache(tiny_config(), len(LENS), capacity, "cuda:0", torch.bfloat16, options)
+
+
 def test_dense_cache_beyond_memory_fails_when_built():
     """The dense cache is refused as KCache is, with the bytes it asks for, before it allocates:
     K and V of every layer on the CPU (it had no check: torch.zeros failed in its allocator, or

@@ -32,35 +32,32 @@ def sequence_bytes(backend, config, options, capacity, dtype):
     """(device bytes, host bytes) one sequence of ``capacity`` tokens costs in a cache of
     ``backend`` for a model of ``config`` in ``dtype``: per token (K, V, a low-bit copy of V) and
     per sequence (a V sum), counted on CPU caches of one and two tokens, and KCache's rows kept per
-    sequence up to a bound, counted apart: its hot rows (``min(sinks + window, capacity)`` per
-    KCache layer) and its reuse pool (:func:`~.reuse.pool_slots`). ValueError where ``capacity``
-    is not an integer >= 1 or no KCache of it could be built (:func:`~.kcache.check_kcache`)."""
+    sequence up to a bound, counted apart: its hot rows (:meth:`~.options.KCacheOptions.hot_split`
+    per KCache layer) and its reuse pool (:func:`~.reuse.pool_slots`). ValueError where
+    ``capacity`` is not an integer >= 1 or no KCache of it could be built
+    (:func:`~.kcache.check_kcache`)."""
     tokens = int_at_least(capacity, 1)
     if tokens is None:
         raise ValueError(f"sequence_bytes: capacity must be an integer >= 1, got {capacity!r}")
     capacity = tokens
-    if backend == "kcache" and options is None:
-        options = KCacheOptions()
-    if backend == "kcache":
+    kcache = backend == "kcache"
+    if kcache:
+        options = KCacheOptions() if options is None else options
         check_kcache(config, "cpu", dtype, options, capacity)
-    if backend == "kcache" and (options.hot_rows or options.reuse):
-        cold = replace(options, sinks=0, window=0, reuse=0)
-        device, host = sequence_bytes(backend, config, cold, capacity, dtype)
+    # the per-token and per-sequence bytes, on caches without the rows kept up to a bound
+    cold = replace(options, sinks=0, window=0, reuse=0) if kcache else options
 
-        def per_slot(extra, slots):  # device bytes of one slot of ``extra``, a cache of 1 token
-            cache, plain = (make_cache(backend, config, 1, 1, "cpu", dtype, o)
-                            for o in (replace(cold, **extra), cold))
-            return (cache.device_bytes() - plain.device_bytes()) // slots
+    def cache(tokens=1, **extra):  # a CPU cache of one sequence, ``extra`` options on ``cold``
+        return make_cache(backend, config, 1, tokens, "cpu", dtype,
+                          replace(cold, **extra) if extra else cold)
 
-        if options.hot_rows:
-            device += per_slot(dict(sinks=1), 1) * min(options.hot_rows, capacity)
-        if options.reuse:
-            one = pool_slots(options, config, 1)
-            device += per_slot(dict(reuse=options.reuse), one) * pool_slots(options, config,
-                                                                             capacity)
-        return device, host
-    one, two = (make_cache(backend, config, 1, n, "cpu", dtype, options) for n in (1, 2))
-    device_token = two.device_bytes() - one.device_bytes()
-    host_token = two.host_bytes() - one.host_bytes()
-    return (one.device_bytes() + (capacity - 1) * device_token,
-            one.host_bytes() + (capacity - 1) * host_token)
+    one, two = cache(), cache(2)
+    device = one.device_bytes() + (capacity - 1) * (two.device_bytes() - one.device_bytes())
+    host = one.host_bytes() + (capacity - 1) * (two.host_bytes() - one.host_bytes())
+    if kcache and options.hot_rows:  # one hot slot, times the slots of this capacity
+        hot = cache(sinks=1).device_bytes() - one.device_bytes()
+        device += hot * sum(options.hot_split(capacity))
+    if kcache and options.reuse:  # a pool's bytes per slot, times the slots of this capacity
+        pool = cache(reuse=options.reuse).device_bytes() - one.device_bytes()
+        device += pool // pool_slots(options, config, 1) * pool_slots(options, config, capacity)
+    return device, host

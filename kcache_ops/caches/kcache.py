@@ -96,7 +96,7 @@ def check_kcache(config, device, dtype, options, capacity=None):
                          f"{entries} per KV head ({how}; N = min(topn, capacity)), got "
                          f"{options.reuse}")
     options.check(config.num_layers, device,
-                  (min(options.topn, capacity), pool_slots(options, config, capacity)))
+                  (options.step_topn(capacity), pool_slots(options, config, capacity)))
 
 
 class KCache:
@@ -141,45 +141,46 @@ class KCache:
         self.config = config
         self.capacity = capacity
         self.options = options
-        self._topn = min(options.topn, capacity)  # N of a step: more than S keys are never there
+        self._topn = options.step_topn(capacity)  # N of a step: more than S keys are never there
         self.record_mass = False
         shape = (batch, config.num_kv_heads, capacity, config.head_dim)  # [B, Hkv, S, D]
+        kcache_layers = [i for i in range(n_layers) if i not in options.dense_layers]
+        # the bytes a KCache layer keeps on the device beside K: its parts built on the meta
+        # device, which gives them their shapes and no memory
+        meta = torch.device("meta")
+        meta_hot = HotSlots(*options.hot_split(capacity), batch, meta) if options.hot_rows else None
+        beside = sum(part.nbytes for part in self._layer_parts(batch, dtype, meta, None, meta_hot)
+                     if part is not None)
         # host RAM holds V of the KCache layers, and on the CPU also K and the dense layers' V
         on_cpu = self.device.type == "cpu"
         check_memory("KCache", shape, dtype,
-                     2 * n_layers if on_cpu else n_layers - len(options.dense_layers),
-                     self.device, n_layers + len(options.dense_layers))  # K, dense layers' V
+                     2 * n_layers if on_cpu else len(kcache_layers), self.device,
+                     n_layers + len(options.dense_layers),  # K, dense layers' V
+                     len(kcache_layers) * beside)
         # zeros on the device: the exact attention of dense layers multiplies masked rows by 0,
         # and 0 * NaN from stale memory is NaN. Host V is read only at valid rows.
         self.k = [torch.zeros(shape, device=self.device, dtype=dtype)
                   for _ in range(n_layers)]  # each [B, Hkv, S, D], device
         self.v_device = {i: torch.zeros(shape, device=self.device, dtype=dtype)
                          for i in options.dense_layers}  # each [B, Hkv, S, D], device
-        self.v_host = {i: alloc_host(shape, dtype) for i in range(n_layers)
-                       if i not in options.dense_layers}  # each [B, Hkv, S, D], host RAM
+        self.v_host = {i: alloc_host(shape, dtype)
+                       for i in kcache_layers}  # each [B, Hkv, S, D], host RAM
         on_cuda = self.device.type == "cuda"
         # what kernels on `device` write V through: the mapped view on CUDA, the tensor on the CPU
         self._v_writable = {i: _mapped_view(v, self.device) if on_cuda else v
                             for i, v in self.v_host.items()}  # each [B, Hkv, S, D]
         # the V hand-offs of prefill, and the low-bit tail's host reads at decode
         self._side = SideStream(self.device)
-        self.tails = {i: make_tail(options, batch, config.num_kv_heads, capacity, config.head_dim,
-                                   self.device, self._side) for i in self.v_host}  # per layer
         # which position each hot slot holds: the same for every layer, kept once
-        # every position is hot where sinks + window >= capacity: at most capacity slots
-        sinks = min(options.sinks, capacity)
-        self.hot_slots = (HotSlots(sinks, min(options.window, capacity - sinks), batch,
-                                   self.device)
+        self.hot_slots = (HotSlots(*options.hot_split(capacity), batch, self.device)
                           if options.hot_rows and self.v_host else None)
         if self.hot_slots is not None:  # until a prefill: the slots of empty sequences
             self.hot_slots.start(self.lengths.seq_lens, self.lengths.positions)
-        self.hot = {i: HotRows(self.hot_slots, batch, config.num_kv_heads, config.head_dim,
-                               self.device, dtype)
-                    for i in self.v_host if options.hot_rows}  # per KCache layer, if any
-        slots = pool_slots(options, config, capacity)
-        self.reuse = {i: ReusedRows(slots, options.group_select, batch, config.num_kv_heads,
-                                    config.head_dim, self.device, dtype)
-                      for i in self.v_host if options.reuse}  # per KCache layer, if any
+        parts = {i: self._layer_parts(batch, dtype, self.device, self._side, self.hot_slots)
+                 for i in kcache_layers}  # per KCache layer: (tail, hot rows, reuse pool)
+        self.tails = {i: tail for i, (tail, _, _) in parts.items()}
+        self.hot = {i: hot for i, (_, hot, _) in parts.items() if hot is not None}
+        self.reuse = {i: reuse for i, (_, _, reuse) in parts.items() if reuse is not None}
         self._mass_sum = torch.zeros(n_layers, dtype=torch.float32, device=self.device)  # [layers]
         self._rows_sum = torch.zeros(n_layers, dtype=torch.float32, device=self.device)  # [layers]
         # on the device too, so that the replays of a CUDA graph of decode steps count
@@ -194,6 +195,19 @@ class KCache:
         self._step_records = torch.zeros(n_layers, 5, dtype=torch.float64,
                                          device=self.device)  # [layers, 5]
         self._step_recorded = False  # on the host: whether a layer of this step recorded
+
+    def _layer_parts(self, batch, dtype, device, side, hot_slots):
+        """What a KCache layer keeps on ``device`` beside K: (its tail, its
+        :class:`~.hot.HotRows` over ``hot_slots`` or None without, its
+        :class:`~.reuse.ReusedRows` or None without reuse); ``side``: the cache's SideStream."""
+        o, c = self.options, self.config
+        tail = make_tail(o, batch, c.num_kv_heads, self.capacity, c.head_dim, device, side)
+        hot = None if hot_slots is None else HotRows(hot_slots, batch, c.num_kv_heads,
+                                                     c.head_dim, device, dtype)
+        reuse = None if not o.reuse else ReusedRows(
+            pool_slots(o, c, self.capacity), o.group_select, batch, c.num_kv_heads, c.head_dim,
+            device, dtype)
+        return tail, hot, reuse
 
     @property
     def seq_lens(self):

@@ -58,7 +58,7 @@ class KCacheOptions:
         Hot rows: V of the first ``sinks`` and the last ``window`` positions of each sequence stays
         on the device as well, attended exactly every step; the top N are chosen among the other
         positions (N host rows per head stay N). A cache keeps at most its capacity of them per
-        sequence (every position hot). Not with ``tail="mean"``.
+        sequence (every position hot: :meth:`hot_split`). Not with ``tail="mean"``.
     reuse : int >= 0
         Cross-step reuse: each KCache layer keeps the V rows it read last in a pool of ``reuse``
         rows per sequence and KV head in device memory, and a step reads from host RAM only the
@@ -143,7 +143,7 @@ class KCacheOptions:
     def check(self, num_layers, device, step=None):
         """Raise ValueError where the options do not fit a model of ``num_layers`` layers on
         ``device``: a dense layer out of range, and given ``step``, (N, pool slots) of a cache of
-        known capacity (``min(topn, capacity)``, :func:`~.reuse.pool_slots`), either above the
+        known capacity (:meth:`step_topn`, :func:`~.reuse.pool_slots`), either above the
         CUDA limits (:data:`MAX_TOPN`, :data:`MAX_REUSE`) on a CUDA device. Without ``step``
         those wait for the capacity: ``topn`` and ``reuse`` above them serve a shorter cache."""
         outside = [i for i in self.dense_layers if not 0 <= i < num_layers]
@@ -164,6 +164,17 @@ class KCacheOptions:
     def hot_rows(self):
         """Rows per sequence and KV head whose V stays on the device: ``sinks + window``."""
         return self.sinks + self.window
+
+    def step_topn(self, capacity):
+        """N of a decode step in a cache of ``capacity`` tokens: ``min(topn, capacity)`` (no
+        sequence holds more keys, so a larger ``topn`` would read nothing more)."""
+        return min(self.topn, capacity)
+
+    def hot_split(self, capacity):
+        """(sinks, window) a cache of ``capacity`` tokens keeps per sequence: the sinks first,
+        and no more than the capacity together (then every position is hot)."""
+        sinks = min(self.sinks, capacity)
+        return sinks, min(self.window, capacity - sinks)
 
     @classmethod
     def paper_literal(cls):

@@ -64,8 +64,8 @@ def step_entries(options, config, capacity):
     """The most rows a decode step of a KCache with ``options`` and ``capacity`` for a model of
     ``config`` reads per (sequence, KV head): N = ``min(topn, capacity)`` with group_select, the
     group's ``G · N`` per head."""
-    n = min(options.topn, capacity)
-    return n * (1 if options.group_select else config.num_heads // config.num_kv_heads)
+    group = 1 if options.group_select else config.num_heads // config.num_kv_heads
+    return options.step_topn(capacity) * group
 
 
 def pool_slots(options, config, capacity):
