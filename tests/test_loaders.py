@@ -364,6 +364,27 @@ def test_malformed_shard_index(tmp_path):
             load_hf_model(str(tmp_path), "cpu", torch.float32)
 
 
+def test_shards_outside_the_folder(tmp_path):
+    """An index naming a shard outside the checkpoint's folder (a parent's, an absolute path) is
+    refused, not read; a shard that is a link to a file elsewhere (as the Hub's cache keeps
+    them, in blobs/) is read."""
+    folder = tmp_path / "model"
+    save_tiny_hf(folder, max_shard_size="20KB")
+    index = folder / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    shard = sorted(set(weight_map.values()))[0]
+    (tmp_path / "blobs").mkdir()
+    (folder / shard).rename(tmp_path / "blobs" / shard)
+    (folder / shard).symlink_to(tmp_path / "blobs" / shard)
+    load_hf_model(str(folder), "cpu", torch.float32)  # read through the link
+    for outside in (f"../blobs/{shard}", str(tmp_path / "blobs" / shard)):
+        moved = {k: outside if v == shard else v for k, v in weight_map.items()}
+        index.write_text(json.dumps({"weight_map": moved}))
+        with pytest.raises(CheckpointError, match=f"lists shard {re.escape(repr(outside))}, "
+                                                  f"outside the folder"):
+            load_hf_model(str(folder), "cpu", torch.float32)
+
+
 def test_tokenizer_config_faults_name_the_file(tmp_path, hf_folder):
     folder, _ = hf_folder
     for name in ("tokenizer.json", "config.json", "model.safetensors"):

@@ -43,10 +43,45 @@ def test_qwen2_has_qkv_bias():
     ({"model_type": "qwen2", "use_sliding_window": True}, "sliding_window"),
     ({"num_key_value_heads": 3}, "multiple of num_kv_heads"),
     ({"head_dim": 3}, r"head_dim \(3\) must be even"),
+    # a partial RoPE (transformers reads the factor beside the rope dict or in it)
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor = 0.5, RoPE on part of a head"),
+    ({"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.25}},
+     "rope_parameters.partial_rotary_factor = 0.25"),
+    # a scaling of no type: linear to llama.cpp, nothing to transformers 5 (it was ignored)
+    ({"rope_scaling": {"factor": 4.0}}, "rope_scaling.factor = 4.0 without a rope_type"),
 ])
 def test_unsupported(change, message):
     with pytest.raises(UnsupportedModelError, match=message):
         LlamaConfig.from_hf({**BASE, **change})
+
+
+def test_rope_parameters_and_rope_scaling_must_agree():
+    """transformers 5 reads rope_scaling as rope_parameters: a config holding both, saying
+    different things, is refused (the second was ignored); saying the same, or the old form of
+    the same (``type``, no type for the default), it is read."""
+    with pytest.raises(CheckpointError, match="rope_parameters and rope_scaling disagree"):
+        LlamaConfig.from_hf({**BASE, "rope_parameters": {"rope_theta": 1e4},
+                             "rope_scaling": LLAMA3})
+    same = LlamaConfig.from_hf({**BASE, "rope_parameters": {"rope_theta": 5e5, **LLAMA3},
+                                "rope_scaling": LLAMA3})
+    assert same.rope_scaling["factor"] == 8.0 and same.rope_theta == 5e5
+    plain = LlamaConfig.from_hf({**BASE, "rope_parameters": {"rope_theta": 5e5},
+                                 "rope_scaling": {"type": "default"}})
+    assert plain.rope_scaling is None and plain.rope_theta == 5e5
+    assert LlamaConfig.from_hf({**BASE, "partial_rotary_factor": 1.0}).rope_scaling is None
+
+
+@pytest.mark.parametrize("key, what", [("attention.value_length", "V heads of another size"),
+                                       ("rope.dimension_count", "RoPE on part of a head")])
+def test_gguf_heads_of_another_shape(key, what):
+    """A GGUF file whose V heads or rotated dims differ from the key length is refused (a partial
+    RoPE was rotated whole: llama.cpp rotates rope.dimension_count dims); equal, it is read."""
+    LlamaConfig.from_gguf({**GGUF_BASE, f"llama.{key}": 4}, 10, True, False, None)
+    with pytest.raises(UnsupportedModelError, match=f"llama.{key} = 2, not the head dim 4: "
+                                                    f"{what}"):
+        LlamaConfig.from_gguf({**GGUF_BASE, f"llama.{key}": 2}, 10, True, False, None)
+    with pytest.raises(CheckpointError, match=f"llama.{key} must be an integer"):
+        LlamaConfig.from_gguf({**GGUF_BASE, f"llama.{key}": 2.5}, 10, True, False, None)
 
 
 def test_accepted_value_forms():

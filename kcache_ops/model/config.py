@@ -41,6 +41,15 @@ def _flag(key: str, value) -> bool:
     return bool(value)
 
 
+def _rope_kind(rope: dict) -> dict:
+    """A HF rope dict (``rope_parameters`` or ``rope_scaling``) without ``rope_theta``, which the
+    first holds and the second need not, and with its type under ``rope_type`` (old configs say
+    ``type``; none is ``"default"``): two that say the same compare equal."""
+    kind = {"rope_type" if k == "type" else k: v for k, v in rope.items() if k != "rope_theta"}
+    kind.setdefault("rope_type", "default")
+    return kind
+
+
 @dataclass
 class LlamaConfig:
     """Shapes and constants of a Llama decoder (also Qwen2, which adds a bias to Q, K and V).
@@ -106,10 +115,23 @@ class LlamaConfig:
         for key in ("rope_parameters", "rope_scaling"):
             if not isinstance(cfg.get(key), (dict, type(None))):
                 raise CheckpointError(f"{key} must be an object or null, got {cfg[key]!r}")
+        if cfg.get("rope_parameters") and cfg.get("rope_scaling") and \
+                _rope_kind(cfg["rope_parameters"]) != _rope_kind(cfg["rope_scaling"]):
+            raise CheckpointError(f"rope_parameters and rope_scaling disagree (transformers 5 "
+                                  f"reads one as the other): {cfg['rope_parameters']} and "
+                                  f"{cfg['rope_scaling']}")
         rope_key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
         rope = dict(cfg.get(rope_key) or {})
         theta_key = f"{rope_key}.rope_theta" if "rope_theta" in rope else "rope_theta"
         theta = _number(theta_key, rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)), 1)
+        for key, part in ((f"{rope_key}.partial_rotary_factor", rope.get("partial_rotary_factor")),
+                          ("partial_rotary_factor", cfg.get("partial_rotary_factor"))):
+            if part is not None and _number(key, part, FLOAT32_TINY) != 1:
+                raise UnsupportedModelError(f"unsupported: {key} = {part}, RoPE on part of a "
+                                            f"head (this decoder rotates the whole head)")
+        if "rope_type" not in rope and "type" not in rope and "factor" in rope:
+            raise UnsupportedModelError(f"unsupported: {rope_key}.factor = {rope['factor']} "
+                                        f"without a rope_type (which scaling it means is not said)")
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         if rope_type == "default":
             scaling = None
@@ -200,6 +222,13 @@ class LlamaConfig:
         hidden = _integer(*get("embedding_length"))
         heads = _integer(*get("attention.head_count"))
         head_dim = _integer(*get("attention.key_length", hidden // heads))
+        for name, what in (("attention.value_length", "V heads of another size than K's"),
+                           ("rope.dimension_count", "RoPE on part of a head")):
+            key, size = get(name, head_dim)
+            if _integer(key, size) != head_dim:
+                raise UnsupportedModelError(f"unsupported: {key} = {size}, not the head dim "
+                                            f"{head_dim}: {what} (this decoder has one head "
+                                            f"size and rotates the whole head)")
         if rope_freq_factors is not None:
             if len(rope_freq_factors) != head_dim // 2:
                 raise CheckpointError(f"rope_freqs.weight must hold head_dim / 2 = {head_dim // 2} "

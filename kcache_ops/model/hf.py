@@ -73,6 +73,11 @@ def shard_files(folder: str) -> list[str]:
                                   f"\"weight_map\", got {str(weight_map)[:80]}")
         names = sorted(set(weight_map.values()))
         paths = [os.path.join(folder, n) for n in names]
+        inside = os.path.abspath(folder)  # by name: the Hub's cache links shards to blobs
+        for n, p in zip(names, paths):
+            if os.path.commonpath([inside, os.path.abspath(p)]) != inside:
+                raise CheckpointError(f"{index} lists shard {n!r}, outside the folder: a "
+                                      f"checkpoint's shards are files of its folder")
         for p in paths:
             if not os.path.isfile(p):
                 raise CheckpointError(f"shard {p} listed in {index} is missing")

@@ -10,6 +10,7 @@ import jinja2.sandbox
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
+from ..integers import as_int
 from .errors import CheckpointError, UnsupportedModelError, read_json_object
 from .gguf_loader import gguf_path
 
@@ -99,8 +100,20 @@ class Tokenizer:
         return self.tok.encode(text, add_special_tokens=add_special).ids
 
     def decode(self, ids) -> str:
-        """Text of ``ids``, special tokens dropped."""
-        return self.tok.decode(list(ids), skip_special_tokens=True)
+        """Text of ``ids`` (token ids: integers of any type, e.g. a list, a 1-D tensor or
+        array), special tokens dropped; TypeError naming one that is not an integer, ValueError
+        one outside the vocabulary (the tokenizers library dropped those, or overflowed)."""
+        size = self.tok.get_vocab_size(with_added_tokens=True)
+        out = []
+        for i in ids:
+            n = as_int(i)
+            if n is None:
+                raise TypeError(f"Tokenizer.decode: token ids must be integers, got {i!r}")
+            if not 0 <= n < size:
+                raise ValueError(f"Tokenizer.decode: token id {n} is outside the vocabulary "
+                                 f"[0, {size})")
+            out.append(n)
+        return self.tok.decode(out, skip_special_tokens=True)
 
     def render_chat(self, user_text: str) -> str:
         """``user_text`` as one user turn in the chat template, ready for the assistant's reply,
