@@ -57,18 +57,29 @@ def test_unsupported(change, message):
 
 def test_rope_parameters_and_rope_scaling_must_agree():
     """transformers 5 reads rope_scaling as rope_parameters: a config holding both, saying
-    different things, is refused (the second was ignored); saying the same, or the old form of
-    the same (``type``, no type for the default), it is read."""
+    different things (a theta too), is refused (rope_scaling was ignored); saying the same, or
+    the old form of the same (``type``, no type for the default), it is read."""
     with pytest.raises(CheckpointError, match="rope_parameters and rope_scaling disagree"):
         LlamaConfig.from_hf({**BASE, "rope_parameters": {"rope_theta": 1e4},
                              "rope_scaling": LLAMA3})
-    same = LlamaConfig.from_hf({**BASE, "rope_parameters": {"rope_theta": 5e5, **LLAMA3},
-                                "rope_scaling": LLAMA3})
+    same = LlamaConfig.from_hf({**BASE, "rope_theta": 5e5, "rope_scaling": LLAMA3,
+                                "rope_parameters": {"rope_theta": 5e5, **LLAMA3}})
     assert same.rope_scaling["factor"] == 8.0 and same.rope_theta == 5e5
     plain = LlamaConfig.from_hf({**BASE, "rope_parameters": {"rope_theta": 5e5},
-                                 "rope_scaling": {"type": "default"}})
+                                 "rope_scaling": {"type": "default", "rope_theta": 5e5}})
     assert plain.rope_scaling is None and plain.rope_theta == 5e5
     assert LlamaConfig.from_hf({**BASE, "partial_rotary_factor": 1.0}).rope_scaling is None
+    # a theta in one of them only: transformers 5 reads rope_scaling, whose theta is then the
+    # top-level one (here the default 10000), not rope_parameters' 1e6
+    for scaling in ({"rope_type": "default"}, {"rope_type": "default", "rope_theta": 1e4}):
+        with pytest.raises(CheckpointError, match="rope_parameters and rope_scaling disagree"):
+            LlamaConfig.from_hf({**BASE, "rope_parameters": {"rope_theta": 1e6},
+                                 "rope_scaling": scaling})
+    agreed = LlamaConfig.from_hf({**BASE, "rope_theta": 1e6, "rope_scaling": {"type": "default"},
+                                  "rope_parameters": {"rope_theta": 1e6,
+                                                      "partial_rotary_factor": 1.0}})
+    assert agreed.rope_theta == 1e6
+    assert LlamaConfig.from_hf({**BASE, "rope_scaling": {"factor": 1.0}}).rope_scaling is None
 
 
 @pytest.mark.parametrize("key, what", [("attention.value_length", "V heads of another size"),

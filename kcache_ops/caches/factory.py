@@ -47,8 +47,8 @@ def sequence_bytes(backend, config, options, capacity, dtype):
     # the per-token and per-sequence bytes, on caches without the rows kept up to a bound
     cold = replace(options, sinks=0, window=0, reuse=0) if kcache else options
 
-    def cache(tokens=1, **extra):  # a CPU cache of one sequence, ``extra`` options on ``cold``
-        return make_cache(backend, config, 1, tokens, "cpu", dtype,
+    def cache(length=1, **extra):  # a CPU cache of one sequence, ``extra`` options on ``cold``
+        return make_cache(backend, config, 1, length, "cpu", dtype,
                           replace(cold, **extra) if extra else cold)
 
     one, two = cache(), cache(2)

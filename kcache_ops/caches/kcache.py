@@ -150,7 +150,7 @@ class KCache:
         meta = torch.device("meta")
         meta_hot = HotSlots(*options.hot_split(capacity), batch, meta) if options.hot_rows else None
         beside = sum(part.nbytes for part in self._layer_parts(batch, dtype, meta, None, meta_hot)
-                     if part is not None)
+                     if part is not None) if kcache_layers else 0
         # host RAM holds V of the KCache layers, and on the CPU also K and the dense layers' V
         on_cpu = self.device.type == "cpu"
         check_memory("KCache", shape, dtype,

@@ -41,12 +41,15 @@ def _flag(key: str, value) -> bool:
     return bool(value)
 
 
-def _rope_kind(rope: dict) -> dict:
-    """A HF rope dict (``rope_parameters`` or ``rope_scaling``) without ``rope_theta``, which the
-    first holds and the second need not, and with its type under ``rope_type`` (old configs say
-    ``type``; none is ``"default"``): two that say the same compare equal."""
-    kind = {"rope_type" if k == "type" else k: v for k, v in rope.items() if k != "rope_theta"}
+def _rope_kind(rope: dict, theta) -> dict:
+    """A HF rope dict (``rope_parameters`` or ``rope_scaling``) as it is read: its ``rope_theta``
+    (else ``theta``, the config's top-level one or the default), its type under ``rope_type``
+    (old configs say ``type``; none is ``"default"``) and a ``partial_rotary_factor`` of 1 where
+    it has none: two that say the same compare equal."""
+    kind = {"rope_type" if k == "type" else k: v for k, v in rope.items()}
     kind.setdefault("rope_type", "default")
+    kind.setdefault("rope_theta", theta)
+    kind.setdefault("partial_rotary_factor", 1)
     return kind
 
 
@@ -115,21 +118,23 @@ class LlamaConfig:
         for key in ("rope_parameters", "rope_scaling"):
             if not isinstance(cfg.get(key), (dict, type(None))):
                 raise CheckpointError(f"{key} must be an object or null, got {cfg[key]!r}")
+        theta = cfg.get("rope_theta", 10000.0)
         if cfg.get("rope_parameters") and cfg.get("rope_scaling") and \
-                _rope_kind(cfg["rope_parameters"]) != _rope_kind(cfg["rope_scaling"]):
+                _rope_kind(cfg["rope_parameters"], theta) != _rope_kind(cfg["rope_scaling"], theta):
             raise CheckpointError(f"rope_parameters and rope_scaling disagree (transformers 5 "
-                                  f"reads one as the other): {cfg['rope_parameters']} and "
-                                  f"{cfg['rope_scaling']}")
+                                  f"reads rope_scaling, 4 rope_parameters not at all; theta not "
+                                  f"in one is rope_theta's, else 10000): "
+                                  f"{cfg['rope_parameters']} and {cfg['rope_scaling']}")
         rope_key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
         rope = dict(cfg.get(rope_key) or {})
         theta_key = f"{rope_key}.rope_theta" if "rope_theta" in rope else "rope_theta"
-        theta = _number(theta_key, rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)), 1)
+        theta = _number(theta_key, rope.pop("rope_theta", theta), 1)
         for key, part in ((f"{rope_key}.partial_rotary_factor", rope.get("partial_rotary_factor")),
                           ("partial_rotary_factor", cfg.get("partial_rotary_factor"))):
             if part is not None and _number(key, part, FLOAT32_TINY) != 1:
                 raise UnsupportedModelError(f"unsupported: {key} = {part}, RoPE on part of a "
                                             f"head (this decoder rotates the whole head)")
-        if "rope_type" not in rope and "type" not in rope and "factor" in rope:
+        if "rope_type" not in rope and "type" not in rope and rope.get("factor", 1) != 1:
             raise UnsupportedModelError(f"unsupported: {rope_key}.factor = {rope['factor']} "
                                         f"without a rope_type (which scaling it means is not said)")
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
