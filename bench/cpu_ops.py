@@ -26,6 +26,7 @@ import torch
 
 import kcache_ops
 from kcache_ops import results
+from kcache_ops.cli.args import positive_int
 
 import baselines
 import decode_steps
@@ -130,10 +131,11 @@ def markdown(info, rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=[4096, 16384, 32768])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                        choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--runs", type=positive_int, default=7)
     parser.add_argument("--out", default=results.RESULTS_DIR,
                         help=f"folder of cpu_ops.json and .md (default {results.RESULTS_DIR})")
     parser.add_argument("--no-save", action="store_true", help="print only")

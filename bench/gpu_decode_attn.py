@@ -22,6 +22,7 @@ import os
 import torch
 
 from kcache_ops.caches import KCacheOptions
+from kcache_ops.cli.args import positive_int
 
 import baselines
 import decode_steps
@@ -168,9 +169,9 @@ def row_label(r):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seq", type=int, nargs="+", default=[32768, 4096, 131072])
-    ap.add_argument("--batch", type=int, nargs="+", default=[8, 1, 32])
-    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--seq", type=positive_int, nargs="+", default=[32768, 4096, 131072])
+    ap.add_argument("--batch", type=positive_int, nargs="+", default=[8, 1, 32])
+    ap.add_argument("--n", type=positive_int, default=64)
     timing.add_common_arguments(ap)
     args = ap.parse_args()
     todo = configs(args)

@@ -14,6 +14,7 @@ import os
 import torch
 
 import kcache_ops
+from kcache_ops.cli.args import positive_int
 
 import baselines
 import timing
@@ -48,8 +49,9 @@ def configs(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, nargs="+", default=[1024, 64, 256, 4096])
-    ap.add_argument("--row-bytes", type=int, nargs="+", default=[256, 1024, 128, 4096, 8192])
+    ap.add_argument("--rows", type=positive_int, nargs="+", default=[1024, 64, 256, 4096])
+    ap.add_argument("--row-bytes", type=positive_int, nargs="+",
+                    default=[256, 1024, 128, 4096, 8192])
     timing.add_common_arguments(ap)
     args = ap.parse_args()
     todo = configs(args)

@@ -15,6 +15,7 @@ import os
 import torch
 
 import kcache_ops
+from kcache_ops.cli.args import positive_int
 
 import baselines
 import timing
@@ -39,9 +40,9 @@ def configs(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seq", type=int, nargs="+", default=[32768, 4096, 16384, 131072])
-    ap.add_argument("--batch", type=int, nargs="+", default=[8, 1, 32])
-    ap.add_argument("--n", type=int, nargs="+", default=[64, 1024])
+    ap.add_argument("--seq", type=positive_int, nargs="+", default=[32768, 4096, 16384, 131072])
+    ap.add_argument("--batch", type=positive_int, nargs="+", default=[8, 1, 32])
+    ap.add_argument("--n", type=positive_int, nargs="+", default=[64, 1024])
     timing.add_common_arguments(ap)
     args = ap.parse_args()
     todo = configs(args)

@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kcache_ops.cli.args import nonnegative_int, positive_int
 from kcache_ops.data import essays_text
 from kcache_ops.eval import perplexity
 from kcache_ops.eval.suite import Settings
@@ -91,10 +92,10 @@ def add_text_arguments(ap, queries):
     """The flags of the studies over the eval's essay windows (this one, step_reuse.py):
     --length, --queries (default ``queries``), --sinks, --window, --threads."""
     ap.add_argument("--length", choices=("short", "long", "both"), default="short")
-    ap.add_argument("--queries", type=int, default=queries)
-    ap.add_argument("--sinks", type=int, default=4)
-    ap.add_argument("--window", type=int, default=60)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--queries", type=positive_int, default=queries)
+    ap.add_argument("--sinks", type=nonnegative_int, default=4)
+    ap.add_argument("--window", type=nonnegative_int, default=60)
+    ap.add_argument("--threads", type=positive_int, default=2)
 
 
 def essay_queries(a):
@@ -123,7 +124,7 @@ def essay_queries(a):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_text_arguments(ap, queries=8)
-    ap.add_argument("--n", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--n", type=positive_int, nargs="+", default=[64, 128, 256])
     a = ap.parse_args()
     for which, c, qs, ks, tokenizer, ids in essay_queries(a):
         print(f"   text starts: {tokenizer.decode(ids[:24])!r}")

@@ -25,6 +25,8 @@ import os
 import torch
 from torch.autograd import DeviceType
 
+from kcache_ops.cli.args import positive_int
+
 import decode_steps
 import timing
 
@@ -121,10 +123,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", choices=("torch", "range"), default="torch")
     ap.add_argument("--variant", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    ap.add_argument("--steps", type=int, default=3, help="steps profiled per variant")
-    ap.add_argument("--seq", type=int, default=32768)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--steps", type=positive_int, default=3, help="steps profiled per variant")
+    ap.add_argument("--seq", type=positive_int, default=32768)
+    ap.add_argument("--batch", type=positive_int, default=8)
+    ap.add_argument("--n", type=positive_int, default=64)
     timing.add_common_arguments(ap)
     args = ap.parse_args()
     variants = [v for v in VARIANTS if v in args.variant]

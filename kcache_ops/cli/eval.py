@@ -28,7 +28,7 @@ from ..eval.suite import Settings, evaluate, save_json
 from ..model import load_model
 from ..model.load import DEFAULT_NAME
 from ..results import RESULTS_DIR, SMOKE_DIR, machine, out_dir
-from .args import (add_engine_argument, add_model_arguments, dtype_of, int_list, positive_int,
+from .args import (add_engine_argument, add_model_arguments, dtype_of, layer_list, positive_int,
                    positive_int_list, thread_count)
 
 
@@ -54,7 +54,7 @@ def add_arguments(parser):
                              "default none)")
     parser.add_argument("--group-select", action="store_true",
                         help="the product also has each configuration with group_select")
-    parser.add_argument("--dense-layers", type=int_list,
+    parser.add_argument("--dense-layers", type=layer_list,
                         help="the product also has each configuration with these dense layers, "
                              "e.g. 0,1")
     for flag, help_text in (
@@ -115,7 +115,6 @@ def configs(args):
 def run(args):
     args.out = out_dir(args.out, args.quick)
     if args.report_only:
-        os.makedirs(args.out, exist_ok=True)
         report.write(args.out)
         print(f"# wrote {os.path.join(args.out, 'REPORT.md')}")
         return

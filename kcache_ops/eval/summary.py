@@ -14,19 +14,25 @@ CONTEXTS = ("short", "long")  # the perplexity groups: 1.5K windows (+ agreement
 
 def costs(cache, model_config, config):
     """What a cache costs per sequence: {"host_rows" (V rows read from host per head and step,
-    measured by KCache's record over its KCache layers: N, or fewer with ``top_p``; 0 for dense),
-    "host_bytes_per_step" (``host_bytes_read_per_step(rows)`` / batch; with reuse, the measured
-    ``reuse_host_bytes_per_step`` / batch: the distinct rows its pools lacked),
+    measured by KCache's record over its KCache layers: N, or fewer with ``top_p``; 0 for dense
+    and where every layer is dense), "host_bytes_per_step" (``host_bytes_read_per_step(rows)``
+    / batch: every head's rows and the new token's; with reuse, on the same basis, the rows less
+    the share its pools held, ``reuse_hit_rate``),
     "device_bytes_per_token" (``device_bytes`` / (batch · capacity)),
     "device_bytes_per_token_bf16" (the same cache for a model of ``model_config`` in bfloat16,
     the dtype a GPU runs: a low-bit copy weighs twice as much against bfloat16 K as against
     float32 K)}. ``config``: the eval's :class:`.Config`."""
     batch = cache.seq_lens.shape[0]
     rows, host = 0.0, 0.0
-    if hasattr(cache, "rows_read"):
-        rows = float(cache.rows_read()[list(cache.v_host)].mean())
-        host = (cache.reuse_host_bytes_per_step() if getattr(cache, "reuse", None)
-                else cache.host_bytes_read_per_step(rows)) / batch
+    if hasattr(cache, "rows_read") and cache.v_host:  # a KCache with KCache layers
+        layers = list(cache.v_host)
+        rows = float(cache.rows_read()[layers].mean())
+        host = cache.host_bytes_read_per_step(rows)
+        if cache.reuse:  # the rows read less those found on the device; the writes stay
+            written = cache.host_bytes_read_per_step(0)
+            found = float(cache.reuse_hit_rate()[layers].mean())
+            host = written + (host - written) * (1 - found)
+        host /= batch
     bf16 = sequence_bytes(config.backend, model_config, config.options, cache.capacity,
                           torch.bfloat16)[0]
     return {"host_rows": rows, "host_bytes_per_step": host,
