@@ -108,12 +108,11 @@ def write(results_dir=RESULTS_DIR):
 
 
 def _section(results_dir, name, build):
-    """``build()``, the lines of the section of the file ``name``; a key or an entry it lacks
-    (written by an earlier version) is a ValueError naming the file."""
+    """``build()``, the lines of the section of the file ``name``; a key it lacks (written by an
+    earlier version) is a ValueError naming the file."""
     try:
         return build()
-    except (KeyError, IndexError, TypeError) as e:
+    except KeyError as e:
         path = os.path.join(results_dir, name)
-        raise ValueError(f"{path} lacks what its report section reads ({type(e).__name__}: "
-                         f"{e}): an earlier version wrote it; rerun the command that wrote "
-                         f"it") from e
+        raise ValueError(f"{path} lacks {e}, which its report section reads: an earlier "
+                         f"version wrote it; rerun the command that wrote it") from e

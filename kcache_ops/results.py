@@ -26,20 +26,28 @@ SMOKE_DIR = os.path.join(tempfile.gettempdir(), "kcache_ops_smoke")
 
 
 def out_dir(out, smoke):
-    """The folder a command writes its results to, made where missing and checked writable
-    before any work (ValueError naming it): ``out`` where the user gave one, else
-    :data:`SMOKE_DIR` for a smoke run and :data:`RESULTS_DIR` for a real one."""
-    folder = (SMOKE_DIR if smoke else RESULTS_DIR) if out is None else out
+    """The folder a command writes its results to: ``out`` where the user gave one (ValueError
+    where it is a file), else :data:`SMOKE_DIR` for a smoke run and :data:`RESULTS_DIR` for a
+    real one."""
+    if out is None:
+        return SMOKE_DIR if smoke else RESULTS_DIR
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out must be a folder (made where missing), got the file {out}")
+    return out
+
+
+def prepare_out_dir(out, smoke):
+    """:func:`out_dir`, made where missing and checked writable, before a command's work (it
+    was found unwritable only when the results were saved): ValueError naming it."""
+    folder = out_dir(out, smoke)
     what = "the results folder" if out is None else "--out"
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"{what} must be a folder (made where missing), got the file {folder}")
     try:
         os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):  # what a run would do at its end
+        with tempfile.TemporaryFile(dir=folder):  # what the run will do at its end
             pass
     except OSError as e:
         raise ValueError(f"{what} {folder} cannot be written to ({e.strerror or e}); choose "
-                         f"another folder") from None
+                         f"another folder with --out") from None
     return folder
 
 

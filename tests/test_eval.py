@@ -196,7 +196,8 @@ def test_options_only_a_capacity_refuses_fail_before_the_dense_run():
 def test_costs_of_all_dense_layers_and_of_reuse():
     """A KCache whose every layer is dense reads no host rows (the mean over no layer was NaN,
     and the report's plot failed on it); with reuse the host bytes are counted as without it
-    (every head's rows and the new token's), less the share the pools held."""
+    (every head's rows and the new token's), less the share the pools held, and with every
+    position hot as without reuse (not 0 · NaN)."""
     from kcache_ops.eval.summary import costs
     torch.manual_seed(0)
     model = Llama(TINY).eval()
@@ -220,6 +221,11 @@ def test_costs_of_all_dense_layers_and_of_reuse():
     assert 0 < found < 1
     assert reused["host_bytes_per_step"] == pytest.approx(
         written + (plain["host_bytes_per_step"] - written) * (1 - found))
+    # every position hot: no row read, none found (0 / 0), the new token's rows written
+    _, hot = run(window=80)
+    _, hot_reused = run(window=80, reuse=16)
+    assert hot_reused["host_rows"] == 0 and hot_reused["host_bytes_per_step"] == written == \
+        hot["host_bytes_per_step"]
 
 
 def test_text_too_short_names_the_flags_that_ask_for_it():
@@ -511,8 +517,8 @@ def test_out_that_cannot_be_written_fails_before_any_run(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"error: --out {bad} cannot be written to (Not a directory)")
     made = tmp_path / "new" / "folder"
-    from kcache_ops.results import out_dir
-    assert out_dir(str(made), True) == str(made) and made.is_dir()
+    from kcache_ops.results import prepare_out_dir
+    assert prepare_out_dir(str(made), True) == str(made) and made.is_dir()
 
 
 def test_out_that_is_a_file_fails_before_any_run(tmp_path, capsys):

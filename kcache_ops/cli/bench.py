@@ -12,7 +12,7 @@ import sys
 
 from .. import report
 from ..devices import default_device
-from ..results import RESULTS_DIR, SMOKE_DIR, machine, out_dir, write_json
+from ..results import RESULTS_DIR, SMOKE_DIR, machine, prepare_out_dir, write_json
 from ..throughput.measure import measure
 from ..throughput.report import BENCH_JSON, BENCH_PLOT, plot
 from ..throughput.shapes import SHAPES
@@ -57,7 +57,7 @@ def add_arguments(parser):
 
 
 def run(args):
-    args.out = out_dir(args.out, args.small)
+    args.out = prepare_out_dir(args.out, args.small)
     device = args.device or default_device()
     models = ([m.strip() for m in args.models.split(",")] if args.models is not None
               else ["tiny"] if args.small else DEFAULT_MODELS)

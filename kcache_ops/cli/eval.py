@@ -27,7 +27,7 @@ from ..eval.report import EVAL_JSON
 from ..eval.suite import Settings, evaluate, save_json
 from ..model import load_model
 from ..model.load import DEFAULT_NAME
-from ..results import RESULTS_DIR, SMOKE_DIR, machine, out_dir
+from ..results import RESULTS_DIR, SMOKE_DIR, machine, prepare_out_dir
 from .args import (add_engine_argument, add_model_arguments, dtype_of, layer_list, positive_int,
                    positive_int_list, thread_count)
 
@@ -113,7 +113,7 @@ def configs(args):
 
 
 def run(args):
-    args.out = out_dir(args.out, args.quick)
+    args.out = prepare_out_dir(args.out, args.quick)
     if args.report_only:
         report.write(args.out)
         print(f"# wrote {os.path.join(args.out, 'REPORT.md')}")

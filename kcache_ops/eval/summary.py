@@ -17,7 +17,8 @@ def costs(cache, model_config, config):
     measured by KCache's record over its KCache layers: N, or fewer with ``top_p``; 0 for dense
     and where every layer is dense), "host_bytes_per_step" (``host_bytes_read_per_step(rows)``
     / batch: every head's rows and the new token's; with reuse, on the same basis, the rows less
-    the share its pools held, ``reuse_hit_rate``),
+    the share of the distinct rows its pools held, ``reuse_hit_rate``: a little high, as rows
+    that several heads chose are found more often than others),
     "device_bytes_per_token" (``device_bytes`` / (batch · capacity)),
     "device_bytes_per_token_bf16" (the same cache for a model of ``model_config`` in bfloat16,
     the dtype a GPU runs: a low-bit copy weighs twice as much against bfloat16 K as against
@@ -28,9 +29,9 @@ def costs(cache, model_config, config):
         layers = list(cache.v_host)
         rows = float(cache.rows_read()[layers].mean())
         host = cache.host_bytes_read_per_step(rows)
-        if cache.reuse:  # the rows read less those found on the device; the writes stay
-            written = cache.host_bytes_read_per_step(0)
-            found = float(cache.reuse_hit_rate()[layers].mean())
+        if cache.reuse and rows > 0:  # the rows read less those found on the device
+            written = cache.host_bytes_read_per_step(0)  # the new token's rows: they stay
+            found = float(cache.reuse_hit_rate()[layers].mean())  # of the distinct rows
             host = written + (host - written) * (1 - found)
         host /= batch
     bf16 = sequence_bytes(config.backend, model_config, config.options, cache.capacity,
