@@ -37,26 +37,25 @@ def positive_int_list(text):
     return values
 
 
-def positive_int(text):
-    """An integer >= 1."""
+def _integer_at_least(text, least):
+    """``text`` as an integer >= ``least``, else the ArgumentTypeError saying so."""
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+        value = None
+    if value is None or value < least:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
     return value
+
+
+def positive_int(text):
+    """An integer >= 1."""
+    return _integer_at_least(text, 1)
 
 
 def nonnegative_int(text):
     """An integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _integer_at_least(text, 0)
 
 
 def thread_count(text):
