@@ -26,6 +26,15 @@ def test_machine_and_json_round_trip(tmp_path):
     assert load_json(tmp_path / "missing.json") is None
 
 
+@pytest.mark.parametrize("content", [b"{\"rows\": [1,", b"\xff\xfe{}"], ids=["cut", "not-utf8"])
+def test_a_broken_json_file_is_named(tmp_path, content):
+    """A results file cut short or in another encoding is a ValueError naming it."""
+    path = tmp_path / "x.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))} is not valid JSON"):
+        load_json(path)
+
+
 def test_json_is_standard_json(tmp_path):
     """A float that is not finite is written as null (standard JSON has no NaN or Infinity,
     which JSON.parse and other strict readers refuse); the committed results hold none."""
