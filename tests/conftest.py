@@ -39,6 +39,15 @@ def _seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+@pytest.fixture(autouse=True)
+def _threads():
+    """Torch's CPU thread count back to what it was after each test: a bench script run with
+    --threads sets it for the whole process."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def host_tensor(t, device):
     """``t`` where the op reads it from host memory (v_cache, src): on the CUDA path a pinned,
     device-mapped copy made by kcache_ops.alloc_host, on the CPU path ``t`` on the CPU."""

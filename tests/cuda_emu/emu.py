@@ -42,7 +42,9 @@ class EmulatorError(AssertionError):
 
 
 def _source_digest(kernel_dir, flavour):
-    h = hashlib.sha256(flavour.encode())
+    """The build's key: its sources, its flags and the compiler's version."""
+    compiler = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout
+    h = hashlib.sha256(repr((flavour, FLAVOURS[flavour], compiler)).encode())
     files = sorted(HERE.glob("*.cpp")) + sorted(HERE.glob("*.h")) + sorted(HERE.glob("*.ld"))
     files += sorted(HERE.glob("*.cuh")) + sorted((HERE / "include").glob("*.h"))
     files += sorted(Path(kernel_dir).glob("*.cuh"))
