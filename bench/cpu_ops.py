@@ -155,7 +155,7 @@ def main():
                     results.write_json(os.path.join(args.out, "cpu_ops.json"),
                                        {"machine": info, "rows": rows})
     if not args.no_save:
-        with open(os.path.join(args.out, "cpu_ops.md"), "w") as f:
+        with open(os.path.join(args.out, "cpu_ops.md"), "w", encoding="utf-8") as f:
             f.write(markdown(info, rows))
 
 

@@ -424,7 +424,7 @@ def main(argv=None):
     result["label"] = args.label
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"sass_bounds_{args.label}.json")
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     sys.stdout.write(markdown(result, args.label))
     print(f"wrote {path}", file=sys.stderr)

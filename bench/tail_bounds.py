@@ -155,7 +155,7 @@ def main(argv=None):
     result = analyse(bits=args.bits)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"tail_bounds_int{args.bits}.json")
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     sys.stdout.write(markdown(result))
     print(f"wrote {path}", file=sys.stderr)

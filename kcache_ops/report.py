@@ -103,7 +103,7 @@ def write(results_dir=RESULTS_DIR):
     lines += _section(results_dir, GATHER_JSON, lambda: gather_section(gather)) if gather else [
         "## Gather bandwidth", "", "bench/results/gpu_gather.json is not here yet "
         "(`python bench/gpu_gather.py` on a GPU).", ""]
-    with open(os.path.join(results_dir, "REPORT.md"), "w") as f:
+    with open(os.path.join(results_dir, "REPORT.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
 
 

@@ -81,7 +81,7 @@ def write_json(path, obj):
     standard JSON has no NaN, and other readers than Python's refuse it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     part = f"{path}.part"
-    with open(part, "w") as f:
+    with open(part, "w", encoding="utf-8") as f:
         json.dump(_finite_or_none(obj), f, indent=1, allow_nan=False)
     os.replace(part, path)
 

@@ -194,7 +194,7 @@ class Tokenizer:
                             named[0]["template"])
         jinja = os.path.join(folder, "chat_template.jinja")  # where transformers 5 saves it
         if template is None and os.path.isfile(jinja):
-            with open(jinja) as f:
+            with open(jinja, encoding="utf-8") as f:
                 template, source = f.read(), jinja
         eos = token_id("eos_token")
         return cls(tok, token_id("bos_token"),
