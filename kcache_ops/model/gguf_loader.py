@@ -40,7 +40,7 @@ def _gguf(module="gguf"):
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
         raise ImportError("reading a GGUF checkpoint needs the gguf package (pip install "
-                          "gguf; requirements.txt pins it)") from e
+                          "gguf; requirements.txt lists it)") from e
 
 
 def open_gguf(path: str):
