@@ -9,8 +9,8 @@ export MAX_JOBS ?= 2
 .PHONY: test demo build cmake-build bench-cpu bench-gpu gpu-wheels clean
 
 # torch: reused where installed; else its CUDA build (it runs on a CPU too, and lets the .cu files
-# compile), which takes about 6 GB, where the disk has TORCH_CUDA_GB free; else, or if that install
-# fails, the CPU build 2.13.0 (under 1 GB; the CUDA kernels are then not compiled).
+# compile; the venv takes about 6 GB), where the disk has TORCH_CUDA_GB free; else, or if that
+# install fails, the CPU build 2.13.0 (a venv under 1.5 GB; the CUDA kernels are not compiled).
 TORCH_CUDA_GB ?= 10
 
 $(VENV)/.ready: requirements.txt constraints.txt

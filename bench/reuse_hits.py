@@ -27,8 +27,8 @@ import torch
 
 from kcache_ops import results
 from kcache_ops.caches import KCacheOptions, make_cache
-from kcache_ops.model import load_model
 from kcache_ops.cli.args import nonnegative_int, positive_int
+from kcache_ops.model import load_model
 
 from head_overlap import add_text_arguments, prompt_ids
 
