@@ -1,14 +1,20 @@
 """How the CPU ops are built: every level of the inner loops passes the op tests (this machine
 picks its best level, AVX-512, AVX2 or the portable loops, csrc/cpu/isa.h; the tests rerun in
-processes with KCACHE_OPS_CPU_ISA capping it at avx2 and at generic), and the parallel loops
-are compiled with OpenMP."""
+processes with KCACHE_OPS_CPU_ISA capping it at avx2 and at generic), the AVX-512 scoring loop
+matches the reference on any x86-64 CPU with AVX2 (its intrinsics emulated, avx512_emu/), and the
+parallel loops are compiled with OpenMP."""
 import os
+import platform
 import subprocess
 import sys
+import tempfile
 
 import pytest
+import torch
+from conftest import DTYPES, TOL
 
 import kcache_ops
+from kcache_ops import reference as R
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,3 +45,44 @@ def test_parallel_for_is_built_with_openmp():
     """at::parallel_for is inline: compiled without -fopenmp the CPU ops would run on one thread."""
     with open(kcache_ops._C.__file__, "rb") as f:
         assert b"GOMP_parallel" in f.read()
+
+
+@pytest.fixture(scope="module")
+def emulated_scores():
+    """avx512_emu/scores.cpp built (ninja keeps it between runs): its ``scores(q, k, scale, isa)``
+    scores one group's keys through Avx512Isa on emulated intrinsics ("avx512") or Avx2Isa."""
+    if platform.machine() not in ("x86_64", "AMD64") or \
+            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the emulated AVX-512 loops are compiled for AVX2 (x86-64)")
+    from torch.utils.cpp_extension import load
+    build = os.path.join(tempfile.gettempdir(), "kcache_ops_avx512_emu")
+    os.makedirs(build, exist_ok=True)
+    return load("kcache_ops_avx512_emu", [os.path.join(TESTS, "avx512_emu", "scores.cpp")],
+                extra_cflags=["-O2", "-std=c++20", "-Wno-psabi"], build_directory=build).scores
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_scoring_loop_matches_reference(emulated_scores, isa, D, dtype):
+    """Every head count score_heads splits a group into (8, 4, 2, 1 and their sums), rows in steps
+    of 4 and a tail of 1-3, strided K; bfloat16 K by the vdpbf16ps dot product (AVX-512)."""
+    for G in (1, 2, 3, 4, 5, 7, 8, 9, 12, 16):
+        for L in (1, 2, 3, 4, 5, 67, 130):
+            q = torch.randn(G, D).to(dtype).float()  # [G, D], the op's float32 copy of q
+            k = torch.randn(L, 2 * D).to(dtype)[:, D:]  # [L, D], rows 2D apart
+            s = emulated_scores(q, k, 0.125, isa)  # [G, L]
+            ref, _ = R.qk_scores(q[None], k[None, None].float(), torch.tensor([L]), 0.125)
+            torch.testing.assert_close(s, ref[0], atol=TOL[torch.float32], rtol=TOL[torch.float32],
+                                       msg=lambda m: f"G={G} L={L}: {m}")
+
+
+def test_scoring_loop_keeps_a_nan_to_its_row(emulated_scores):
+    """A NaN in K row 5 is the score of row 5 only, for every head (the 4-row steps' sums are
+    transposed into place)."""
+    q = torch.randn(8, 128).bfloat16().float()  # [8, 128]
+    k = torch.randn(11, 128).bfloat16()  # [11, 128]
+    k[5, 17] = float("nan")
+    for isa in ("avx512", "avx2"):
+        s = emulated_scores(q, k, 1.0, isa)  # [8, 11]
+        assert s[:, 5].isnan().all() and not s[:, :5].isnan().any() and not s[:, 6:].isnan().any()

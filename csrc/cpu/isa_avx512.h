@@ -8,7 +8,9 @@
 
 #include "isa_avx2.h"
 
+#ifndef KC_AVX512_TARGET  // tests/avx512_emu/intrinsics.h compiles these loops for AVX2
 #define KC_AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"
+#endif
 #define KC_AVX512 __attribute__((target(KC_AVX512_TARGET)))
 #define KC_AVX512_INLINE __attribute__((target(KC_AVX512_TARGET), always_inline)) inline
 

@@ -1,0 +1,126 @@
+// The AVX-512 intrinsics of csrc/cpu/isa_avx512.h, written lane by lane from the pseudo-code of
+// Intel's SDM on GCC's own __m512 / __m512i / __m512bh vector types, so that Avx512Isa's loops run
+// on a CPU without AVX-512. Included after isa_avx2.h (immintrin.h) and before isa_avx512.h, whose
+// calls the macros at the end redirect here; KC_AVX512_TARGET compiles its functions for AVX2.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include <c10/util/Half.h>
+
+#include "../../csrc/cpu/isa_avx2.h"
+
+#define KC_AVX512_TARGET "avx2,fma,f16c"
+
+namespace kcache_ops::avx512_emu {
+
+// bfloat16 bits -> float32 (make_fp32: the bits are the upper half)
+inline float bf16_value(uint16_t bits) {
+  const uint32_t u = uint32_t{bits} << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// A subnormal as the zero of its sign: DAZ on an input, FTZ on a result.
+inline float flush(float x) {
+  return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.f, x) : x;
+}
+
+// convert_fp32_to_bfloat16 (DAZ, round to nearest even, a NaN quieted)
+inline uint16_t to_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if (std::isnan(x)) return static_cast<uint16_t>((u >> 16) | 0x40);
+  if (std::fpclassify(x) == FP_SUBNORMAL) u &= 0x80000000u;
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+KC_AVX2_INLINE __m512 loadu_ps(const float* p) {
+  __m512 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+KC_AVX2_INLINE __m512i loadu_si512(const void* p) {
+  __m512i v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+KC_AVX2_INLINE __m512 setzero_ps() { return __m512{}; }
+
+// a * b + c per lane, rounded once
+KC_AVX2_INLINE __m512 fmadd_ps(__m512 a, __m512 b, __m512 c) {
+  __m512 r;
+  for (int i = 0; i < 16; ++i) r[i] = std::fma(a[i], b[i], c[i]);
+  return r;
+}
+
+// lanes 8 * imm .. 8 * imm + 7 of v
+KC_AVX2_INLINE __m256 extractf32x8_ps(__m512 v, int imm) {
+  float lanes[8];
+  for (int i = 0; i < 8; ++i) lanes[i] = v[8 * (imm & 1) + i];
+  return _mm256_loadu_ps(lanes);
+}
+
+// 16 float16 -> float32 (exact), lanes off in `mask` zero
+KC_AVX2_INLINE __m512 maskz_cvtph_ps(__mmask16 mask, __m256i a) {
+  uint16_t halves[16];
+  std::memcpy(halves, &a, sizeof halves);
+  __m512 r;
+  for (int i = 0; i < 16; ++i) {
+    const float x = c10::Half(halves[i], c10::Half::from_bits());
+    r[i] = (mask >> i) & 1 ? x : 0.f;
+  }
+  return r;
+}
+
+// bf16 lanes 0-15 from b, 16-31 from a
+KC_AVX2_INLINE __m512bh cvtne2ps_pbh(__m512 a, __m512 b) {
+  __m512bh r;
+  for (int i = 0; i < 16; ++i) {
+    r[i] = static_cast<short>(to_bf16(b[i]));
+    r[16 + i] = static_cast<short>(to_bf16(a[i]));
+  }
+  return r;
+}
+
+// VDPBF16PS: lane i of acc plus the products of bf16 pairs 2i + 1, then 2i (each exact in float32),
+// each sum rounded to nearest even; DAZ and FTZ.
+KC_AVX2_INLINE __m512 dpbf16_ps(__m512 acc, __m512bh a, __m512bh b) {
+  __m512 r;
+  for (int i = 0; i < 16; ++i) {
+    float s = flush(acc[i]);
+    for (int e : {2 * i + 1, 2 * i}) {
+      const float x = flush(bf16_value(static_cast<uint16_t>(a[e])));
+      const float y = flush(bf16_value(static_cast<uint16_t>(b[e])));
+      s = flush(std::fma(x, y, s));
+    }
+    r[i] = s;
+  }
+  return r;
+}
+
+}  // namespace kcache_ops::avx512_emu
+
+// Some are macros in GCC's headers when compiled without optimization.
+#undef _mm512_loadu_ps
+#undef _mm512_loadu_si512
+#undef _mm512_setzero_ps
+#undef _mm512_fmadd_ps
+#undef _mm512_extractf32x8_ps
+#undef _mm512_maskz_cvtph_ps
+#undef _mm512_cvtne2ps_pbh
+#undef _mm512_dpbf16_ps
+#define _mm512_loadu_ps kcache_ops::avx512_emu::loadu_ps
+#define _mm512_loadu_si512 kcache_ops::avx512_emu::loadu_si512
+#define _mm512_setzero_ps kcache_ops::avx512_emu::setzero_ps
+#define _mm512_fmadd_ps kcache_ops::avx512_emu::fmadd_ps
+#define _mm512_extractf32x8_ps kcache_ops::avx512_emu::extractf32x8_ps
+#define _mm512_maskz_cvtph_ps kcache_ops::avx512_emu::maskz_cvtph_ps
+#define _mm512_cvtne2ps_pbh kcache_ops::avx512_emu::cvtne2ps_pbh
+#define _mm512_dpbf16_ps kcache_ops::avx512_emu::dpbf16_ps

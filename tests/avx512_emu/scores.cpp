@@ -1,0 +1,45 @@
+// A torch extension for tests/test_cpu_isa.py: qk_topn's scoring of one (sequence, KV head) group,
+// score_heads (csrc/cpu/isa.h), through Avx512Isa with its intrinsics emulated (intrinsics.h) or
+// through Avx2Isa, on whatever x86-64 CPU runs the tests.
+#include <torch/extension.h>
+
+#include "../../csrc/cpu/common.h"
+#include "../../csrc/cpu/isa_generic.h"
+#include "intrinsics.h"  // after every header that could use an AVX-512 intrinsic itself
+#include "../../csrc/cpu/isa.h"
+
+namespace {
+
+// q [G, D] float32 contiguous, k [L, D] float32/float16/bfloat16 with unit stride in D (D 64 or
+// 128) -> s [G, L] float32, s[h, j] = scale * <q_h, k_j>.
+torch::Tensor scores(const torch::Tensor& q, const torch::Tensor& k, double scale,
+                     const std::string& isa) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: [G, D] f32");
+  TORCH_CHECK(k.dim() == 2 && k.size(1) == q.size(1) && k.stride(1) == 1, "k: [L, D], unit stride");
+  TORCH_CHECK(q.size(1) == 64 || q.size(1) == 128, "D must be 64 or 128");
+  TORCH_CHECK(isa == "avx512" || isa == "avx2", "isa must be avx512 or avx2");
+  const int64_t G = q.size(0), L = k.size(0);
+  auto s = torch::full({G, L}, NAN, q.options());  // [G, L], poisoned
+  KC_DISPATCH_FLOAT_HALF_BF16(k.scalar_type(), "scores", [&] {
+    KC_HEAD_DIM_SWITCH(q.size(1), [&] {
+      const auto* kp = static_cast<const scalar_t*>(k.data_ptr());
+      const auto run = [&]<class Isa>() {
+        for (int64_t h = 0; h < G;) {
+          h += kcache_ops::cpu::score_heads<Isa, scalar_t, kD>(
+              q.data_ptr<float>() + h * kD, G - h, kp, k.stride(0), L, static_cast<float>(scale),
+              s.data_ptr<float>() + h * L, L);
+        }
+      };
+      if (isa == "avx512") {
+        run.template operator()<kcache_ops::cpu::Avx512Isa>();
+      } else {
+        run.template operator()<kcache_ops::cpu::Avx2Isa>();
+      }
+    });
+  });
+  return s;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("scores", &scores); }
