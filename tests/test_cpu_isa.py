@@ -47,12 +47,21 @@ def test_parallel_for_is_built_with_openmp():
         assert b"GOMP_parallel" in f.read()
 
 
+def _has_avx2():
+    """Whether this CPU has AVX2, FMA and F16C, the target of the emulated loops (x86-64 Linux)."""
+    if platform.machine() not in ("x86_64", "AMD64") or not os.path.exists("/proc/cpuinfo"):
+        return False
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        flags = next((line.split() for line in f if line.startswith("flags")), [])
+    return {"avx2", "fma", "f16c"} <= set(flags)
+
+
 @pytest.fixture(scope="module")
 def emulated_scores():
-    """avx512_emu/scores.cpp built (ninja keeps it between runs): its ``scores(q, k, scale, isa)``
-    scores one group's keys through Avx512Isa on emulated intrinsics ("avx512") or Avx2Isa."""
-    if platform.machine() not in ("x86_64", "AMD64") or \
-            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    """avx512_emu/scores.cpp built (ninja keeps it between runs): its
+    ``scores(q, k, scale, isa, tile, s_stride)`` scores one group's keys through Avx512Isa on
+    emulated intrinsics ("avx512") or Avx2Isa into a NaN-poisoned [G + 1, s_stride]."""
+    if not _has_avx2():
         pytest.skip("the emulated AVX-512 loops are compiled for AVX2 (x86-64)")
     from torch.utils.cpp_extension import load
     build = os.path.join(tempfile.gettempdir(), "kcache_ops_avx512_emu")
@@ -61,20 +70,28 @@ def emulated_scores():
                 extra_cflags=["-O2", "-std=c++20", "-Wno-psabi"], build_directory=build).scores
 
 
+def check_scores(s, G, L, ref, what):
+    """s [G + 1, s_stride] holds ref [G, L] in its first G rows and L columns, NaN elsewhere."""
+    torch.testing.assert_close(s[:G, :L], ref, atol=TOL[torch.float32], rtol=TOL[torch.float32],
+                               msg=lambda m: f"{what}: {m}")
+    assert s[:G, L:].isnan().all() and s[G].isnan().all(), f"{what}: a store outside [G, L]"
+
+
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_scoring_loop_matches_reference(emulated_scores, isa, D, dtype):
     """Every head count score_heads splits a group into (8, 4, 2, 1 and their sums), rows in steps
-    of 4 and a tail of 1-3, strided K; bfloat16 K by the vdpbf16ps dot product (AVX-512)."""
+    and a tail, strided K, tiles of keys into a wider row of scores (as qk_topn calls it); bfloat16
+    K by the vdpbf16ps dot product (AVX-512)."""
     for G in (1, 2, 3, 4, 5, 7, 8, 9, 12, 16):
         for L in (1, 2, 3, 4, 5, 67, 130):
             q = torch.randn(G, D).to(dtype).float()  # [G, D], the op's float32 copy of q
             k = torch.randn(L, 2 * D).to(dtype)[:, D:]  # [L, D], rows 2D apart
-            s = emulated_scores(q, k, 0.125, isa)  # [G, L]
             ref, _ = R.qk_scores(q[None], k[None, None].float(), torch.tensor([L]), 0.125)
-            torch.testing.assert_close(s, ref[0], atol=TOL[torch.float32], rtol=TOL[torch.float32],
-                                       msg=lambda m: f"G={G} L={L}: {m}")
+            for tile, s_stride in ((L, L), (64, L + 3)):
+                s = emulated_scores(q, k, 0.125, isa, tile, s_stride)  # [G + 1, s_stride]
+                check_scores(s, G, L, ref[0], f"G={G} L={L} tile={tile} s_stride={s_stride}")
 
 
 def test_scoring_loop_keeps_a_nan_to_its_row(emulated_scores):
@@ -84,5 +101,5 @@ def test_scoring_loop_keeps_a_nan_to_its_row(emulated_scores):
     k = torch.randn(11, 128).bfloat16()  # [11, 128]
     k[5, 17] = float("nan")
     for isa in ("avx512", "avx2"):
-        s = emulated_scores(q, k, 1.0, isa)  # [8, 11]
+        s = emulated_scores(q, k, 1.0, isa, 11, 11)[:8]  # [8, 11]
         assert s[:, 5].isnan().all() and not s[:, :5].isnan().any() and not s[:, 6:].isnan().any()

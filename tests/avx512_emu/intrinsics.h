@@ -81,23 +81,28 @@ KC_AVX2_INLINE __m512 maskz_cvtph_ps(__mmask16 mask, __m256i a) {
 
 // bf16 lanes 0-15 from b, 16-31 from a
 KC_AVX2_INLINE __m512bh cvtne2ps_pbh(__m512 a, __m512 b) {
-  __m512bh r;
+  uint16_t bits[32];  // __m512bh's lanes are short in GCC 12, __bf16 in later compilers
   for (int i = 0; i < 16; ++i) {
-    r[i] = static_cast<short>(to_bf16(b[i]));
-    r[16 + i] = static_cast<short>(to_bf16(a[i]));
+    bits[i] = to_bf16(b[i]);
+    bits[16 + i] = to_bf16(a[i]);
   }
+  __m512bh r;
+  std::memcpy(&r, bits, sizeof r);
   return r;
 }
 
 // VDPBF16PS: lane i of acc plus the products of bf16 pairs 2i + 1, then 2i (each exact in float32),
 // each sum rounded to nearest even; DAZ and FTZ.
 KC_AVX2_INLINE __m512 dpbf16_ps(__m512 acc, __m512bh a, __m512bh b) {
+  uint16_t a_bits[32], b_bits[32];
+  std::memcpy(a_bits, &a, sizeof a_bits);
+  std::memcpy(b_bits, &b, sizeof b_bits);
   __m512 r;
   for (int i = 0; i < 16; ++i) {
     float s = flush(acc[i]);
     for (int e : {2 * i + 1, 2 * i}) {
-      const float x = flush(bf16_value(static_cast<uint16_t>(a[e])));
-      const float y = flush(bf16_value(static_cast<uint16_t>(b[e])));
+      const float x = flush(bf16_value(a_bits[e]));
+      const float y = flush(bf16_value(b_bits[e]));
       s = flush(std::fma(x, y, s));
     }
     r[i] = s;

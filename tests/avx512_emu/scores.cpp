@@ -11,23 +11,29 @@
 namespace {
 
 // q [G, D] float32 contiguous, k [L, D] float32/float16/bfloat16 with unit stride in D (D 64 or
-// 128) -> s [G, L] float32, s[h, j] = scale * <q_h, k_j>.
+// 128) -> s [G + 1, s_stride] float32 (s_stride >= L), NaN but for s[h, j] = scale * <q_h, k_j>
+// (h < G, j < L): the keys scored in tiles of `tile` rows as qk_topn scores them, the last row a
+// guard that a stray store would write.
 torch::Tensor scores(const torch::Tensor& q, const torch::Tensor& k, double scale,
-                     const std::string& isa) {
+                     const std::string& isa, int64_t tile, int64_t s_stride) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: [G, D] f32");
   TORCH_CHECK(k.dim() == 2 && k.size(1) == q.size(1) && k.stride(1) == 1, "k: [L, D], unit stride");
   TORCH_CHECK(q.size(1) == 64 || q.size(1) == 128, "D must be 64 or 128");
   TORCH_CHECK(isa == "avx512" || isa == "avx2", "isa must be avx512 or avx2");
   const int64_t G = q.size(0), L = k.size(0);
-  auto s = torch::full({G, L}, NAN, q.options());  // [G, L], poisoned
+  TORCH_CHECK(tile >= 1 && s_stride >= L, "tile >= 1 and s_stride >= L");
+  auto s = torch::full({G + 1, s_stride}, NAN, q.options());  // [G + 1, s_stride], poisoned
   KC_DISPATCH_FLOAT_HALF_BF16(k.scalar_type(), "scores", [&] {
     KC_HEAD_DIM_SWITCH(q.size(1), [&] {
       const auto* kp = static_cast<const scalar_t*>(k.data_ptr());
       const auto run = [&]<class Isa>() {
-        for (int64_t h = 0; h < G;) {
-          h += kcache_ops::cpu::score_heads<Isa, scalar_t, kD>(
-              q.data_ptr<float>() + h * kD, G - h, kp, k.stride(0), L, static_cast<float>(scale),
-              s.data_ptr<float>() + h * L, L);
+        for (int64_t j = 0; j < L; j += tile) {
+          for (int64_t h = 0; h < G;) {
+            h += kcache_ops::cpu::score_heads<Isa, scalar_t, kD>(
+                q.data_ptr<float>() + h * kD, G - h, kp + j * k.stride(0), k.stride(0),
+                std::min(tile, L - j), static_cast<float>(scale),
+                s.data_ptr<float>() + h * s_stride + j, s_stride);
+          }
         }
       };
       if (isa == "avx512") {
