@@ -325,6 +325,18 @@ def test_malformed_safetensors_header(tmp_path, header, message):
         load_hf_model(str(tmp_path), "cpu", torch.float32)
 
 
+@pytest.mark.parametrize("raw", [b"[" * 100_000, b'{"w": {"shape": [' + b"9" * 5000 + b"]}}",
+                                 b"\xff{}"], ids=["deep", "long_number", "not_utf8"])
+def test_unreadable_safetensors_header(tmp_path, raw):
+    """A header that json cannot read (nesting past the recursion limit, a number past Python's
+    4300 digits, bytes that are not UTF-8) names the file (it raised RecursionError, or a
+    ValueError naming nothing)."""
+    save_tiny_hf(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt safetensors header"):
+        load_hf_model(str(tmp_path), "cpu", torch.float32)
+
+
 def rewrite_safetensors_header(path, edit):
     """Rewrite the header of the safetensors file ``path`` with ``edit(header)``, its data kept."""
     data = path.read_bytes()

@@ -102,7 +102,7 @@ def check_safetensors(path: str):
                                   "truncated or not a safetensors file")
         try:
             header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # as errors.read_json_object
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
     end = 0
     spans = sorted(_tensor_span(path, k, v) for k, v in _header_items(path, header))
