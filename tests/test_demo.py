@@ -48,3 +48,17 @@ def test_demo_refuses_a_reuse_pool_too_small_before_the_dense_run(tmp_path, monk
                  "--topn", "4", "--reuse", "2"]) == 2
     assert "reuse must hold the rows of a whole step" in capsys.readouterr().err.splitlines()[-1]
     assert ran == []
+
+
+def test_demo_refuses_more_prompt_tokens_than_the_text_has(tmp_path, monkeypatch, capsys):
+    """--prompt-tokens past the essay text's tokens is one error line naming the most it can be
+    (the prompt was cut to the text without a word, and a 300K request ran a 154K prefill)."""
+    save_tiny_hf(tmp_path, num_key_value_heads=1, head_dim=64)
+    save_tiny_tokenizer(tmp_path, 96)
+    monkeypatch.setattr(demo, "essays_text", lambda: "Start small. Then grow it. " * 40)
+    ran = []
+    monkeypatch.setattr(demo, "generate_with_progress", lambda *args: ran.append(args[3]))
+    assert main(["demo", "--model", str(tmp_path), "--prompt-tokens", "100000"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "--prompt-tokens must be at most" in err and "got 100000" in err
+    assert ran == []

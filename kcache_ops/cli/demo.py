@@ -35,9 +35,17 @@ def add_arguments(parser):
 
 def build_prompt(tokenizer, n_tokens, depth, chat):
     """Token ids of about ``n_tokens`` of essay text with the needle at ``depth`` (at a sentence
-    start), followed by the question."""
-    ids = tokenizer.encode(essays_text()[:n_tokens * 8], add_special=False)[:n_tokens]
-    return needle.prompt(tokenizer, ids, depth, PASSKEY, chat)
+    start), followed by the question.
+
+    Raises ValueError where the essay text has fewer than ``n_tokens`` tokens."""
+    text = essays_text()
+    ids = tokenizer.encode(text[:n_tokens * 8], add_special=False)  # ~4 characters a token
+    if len(ids) < n_tokens and n_tokens * 8 < len(text):
+        ids = tokenizer.encode(text, add_special=False)
+    if len(ids) < n_tokens:
+        raise ValueError(f"--prompt-tokens must be at most {len(ids)} (the essay text's tokens "
+                         f"with this tokenizer), got {n_tokens}")
+    return needle.prompt(tokenizer, ids[:n_tokens], depth, PASSKEY, chat)
 
 
 def generate_with_progress(model, tokenizer, prompt, backend, options, new_tokens):
