@@ -41,6 +41,20 @@ def folder_with_template(path, template):
     return path
 
 
+def test_chat_template_eos_token_is_the_tokenizers(tmp_path):
+    """``eos_token`` in a template is tokenizer_config.json's, as transformers renders it, where
+    config.json's end ids (given first to from_folder) name another token (it was theirs: Llama
+    3.1 Instruct's config.json lists <|end_of_text|> first, its tokenizer <|eot_id|>); generation
+    still ends at both."""
+    AutoTokenizer = pytest.importorskip("transformers").AutoTokenizer
+    folder = folder_with_template(tmp_path, "{{ messages[0]['content'] }}{{ eos_token }}")
+    tok = Tokenizer.from_folder(str(folder), eos_ids=(0,))  # 0: <|endoftext|>
+    theirs = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert tok.render_chat("hi") == theirs == "hi<|im_end|>"
+    assert tok.eos_ids == (2, 0)
+
+
 def test_gguf_user_defined_tokens_are_text(tmp_path):
     """GGUF USER_DEFINED tokens (what llama.cpp's converter writes for a Hugging Face added token
     with special=false, such as <think>) are taken whole and stay in decoded text, as llama.cpp

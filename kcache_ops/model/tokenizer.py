@@ -80,7 +80,7 @@ class Tokenizer:
         Adds the BOS token itself (its post-processor) where the model wants one.
     bos_id : int or None
     eos_ids : tuple of int
-        Tokens that end a generation.
+        Tokens that end a generation; the first is the chat template's ``eos_token``.
     chat_template : str or None
         A jinja2 template over ``messages``, as Hugging Face and GGUF files ship them.
     template_source : str
@@ -166,7 +166,8 @@ class Tokenizer:
     def from_folder(cls, folder: str, eos_ids=()) -> "Tokenizer":
         """From ``tokenizer.json`` (and ``tokenizer_config.json`` if present) in ``folder``, the
         chat template from ``tokenizer_config.json`` or else ``chat_template.jinja``; ``eos_ids``
-        from the model config are added to the tokenizer's own EOS."""
+        from the model config are added after the tokenizer's own EOS (the first of
+        :attr:`eos_ids` is the chat template's ``eos_token``)."""
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(path):
             raise CheckpointError(f"no tokenizer.json in {folder}")
@@ -196,9 +197,9 @@ class Tokenizer:
         if template is None and os.path.isfile(jinja):
             with open(jinja, encoding="utf-8") as f:
                 template, source = f.read(), jinja
-        eos = token_id("eos_token")
+        eos = token_id("eos_token")  # first: the template's eos_token, as in transformers
         return cls(tok, token_id("bos_token"),
-                   tuple(eos_ids) + ((eos,) if eos is not None and eos not in eos_ids else ()),
+                   ((eos,) if eos is not None else ()) + tuple(i for i in eos_ids if i != eos),
                    template, source)
 
     @classmethod
