@@ -100,9 +100,14 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=None):
     ``softmax(logits / temperature)`` over the ``top_k`` most likely tokens (None: all), then
     restricted to the smallest set of tokens whose probability reaches ``top_p`` (nucleus
     sampling), with ``generator`` for reproducibility. A temperature that is 0 in float32 is
-    greedy. ValueError for a temperature < 0 or infinite in float32, a top_p outside (0, 1] or
-    a top_k < 1.
+    greedy. ValueError for logits that are not a [B, V] floating-point tensor with V >= 1, a
+    temperature < 0 or infinite in float32, a top_p outside (0, 1] or a top_k < 1.
     """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] == 0 \
+            or not logits.is_floating_point():
+        got = (f"shape {list(logits.shape)} {logits.dtype}" if isinstance(logits, torch.Tensor)
+               else type(logits).__name__)
+        raise ValueError(f"logits must be a [B, V] floating-point tensor with V >= 1, got {got}")
     return _draw(logits, *_sampling_args(temperature, top_p, top_k), generator)
 
 
@@ -194,6 +199,7 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
         eos_ids = [eos_ids]
     elif not hasattr(eos_ids, "__iter__"):
         raise ValueError(f"eos_ids must be token ids (an iterable, or one id), got {eos_ids!r}")
+    eos_ids = list(eos_ids)  # read once: a generator's ids stay for the error below
     eos = {as_int(t) for t in eos_ids}
     if None in eos or not all(0 <= t < vocab for t in eos):
         raise ValueError(f"eos_ids must be token ids in [0, {vocab}), got {list(eos_ids)[:5]}")

@@ -192,6 +192,8 @@ def test_bad_arguments(loaded):
     for eos in ([96], ["2"], [-1]):
         with pytest.raises(ValueError, match=r"eos_ids must be token ids in \[0, 96\)"):
             generate(model, PROMPTS, 4, eos_ids=eos)
+    with pytest.raises(ValueError, match=r"eos_ids .* got \[5, 96\]"):  # not [], read once
+        generate(model, PROMPTS, 4, eos_ids=(i for i in (5, 96)))
     for temperature in (float("nan"), math.inf, 1e39, -1e-50, "1", None):  # 1e39: inf in float32
         with pytest.raises(ValueError, match="temperature must be a number >= 0, finite as a "
                                              "float32, got"):
@@ -267,6 +269,14 @@ def test_sample_checks_its_arguments():
     for temperature in (np.float32(0.5), torch.tensor(0.5), 1):
         assert sample(logits, temperature, torch.tensor(0.5), gen, np.int64(1)).tolist() == [0]
     assert sample(logits, torch.tensor(0.0)).tolist() == [0]
+    for bad, got in ((logits[0], r"shape \[3\] torch.float32"),  # IndexError before
+                     (logits[:, :0], r"shape \[1, 0\]"),
+                     (logits[None], r"shape \[1, 1, 3\]"),  # a size mismatch with top_k
+                     (logits.long(), r"shape \[1, 3\] torch.int64"), ([[0.1, 0.2]], "list")):
+        for temperature in (0.0, 1.0):  # greedy returned a 0-d tensor for a 1-D one
+            with pytest.raises(ValueError, match=f"logits must be a .B, V. floating-point tensor "
+                                                 f"with V >= 1, got {got}"):
+                sample(bad, temperature, top_k=2)
 
 
 def test_float32_zero_temperature_or_top_p_is_greedy(loaded):
