@@ -325,6 +325,26 @@ def test_malformed_safetensors_header(tmp_path, header, message):
         load_hf_model(str(tmp_path), "cpu", torch.float32)
 
 
+def test_tied_config_with_its_own_lm_head(tmp_path):
+    """A folder whose config.json ties the LM head but whose weights hold an lm_head.weight of
+    other values is refused, naming both readings (it was dropped for the embeddings without a
+    word; transformers 5 uses it, 4 ties); one equal to the embeddings loads, tied."""
+    from safetensors.torch import load_file, save_file
+    oracle = save_tiny_hf(tmp_path, tie_word_embeddings=True)
+    path = tmp_path / "model.safetensors"
+    weights = load_file(path)
+    embed = weights["model.embed_tokens.weight"]  # [V, hidden]
+    save_file({**weights, "lm_head.weight": embed.clone()}, path, metadata={"format": "pt"})
+    model = load_hf_model(str(tmp_path), "cpu", torch.float32)
+    ids = torch.tensor([[1, 5, 9]])  # [1, 3]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), oracle(ids).logits, atol=2e-5, rtol=1e-4)
+    save_file({**weights, "lm_head.weight": embed + 1}, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="config.json sets tie_word_embeddings, but the "
+                                              "weights hold an lm_head.weight that differs"):
+        load_hf_model(str(tmp_path), "cpu", torch.float32)
+
+
 @pytest.mark.parametrize("raw", [b"[" * 100_000, b'{"w": {"shape": [' + b"9" * 5000 + b"]}}",
                                  b"\xff{}"], ids=["deep", "long_number", "not_utf8"])
 def test_unreadable_safetensors_header(tmp_path, raw):

@@ -6,6 +6,7 @@ import math
 import os
 import struct
 
+import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
@@ -165,6 +166,7 @@ def load_hf_model(folder: str, device, dtype, config: LlamaConfig | None = None)
     ``config`` is :func:`read_config` of ``folder``, read here unless the caller has it."""
     config = read_config(folder) if config is None else config
     paths = shard_files(folder)
+    tied_head = []  # the file's lm_head.weight where config.json ties it to the embeddings
 
     def weights():
         for path in paths:
@@ -174,11 +176,32 @@ def load_hf_model(folder: str, device, dtype, config: LlamaConfig | None = None)
                                  leave=False):
                     # "model.layers.0..." -> "layers.0..."; the LM head is absent when tied
                     ours = name.removeprefix("model.")
-                    if ours.endswith("rotary_emb.inv_freq") or (
-                            config.tie_word_embeddings and ours == "lm_head.weight"):
+                    if ours.endswith("rotary_emb.inv_freq"):
+                        continue
+                    if config.tie_word_embeddings and ours == "lm_head.weight":
+                        tied_head.append(f.get_tensor(name))
                         continue
                     yield ours, f.get_tensor(name)
     try:
-        return Llama.from_weights(config, weights(), device, dtype)
+        model = Llama.from_weights(config, weights(), device, dtype)
     except CheckpointError as e:  # a tensor missing, unexpected, of another shape: which folder
         raise CheckpointError(f"{folder}: {e}") from e
+    if tied_head:
+        _check_tied_head(folder, paths, tied_head[0])
+    return model
+
+
+def _check_tied_head(folder, paths, head):
+    """CheckpointError unless the lm_head.weight ``head`` that a folder holds beside
+    tie_word_embeddings is its embed_tokens.weight (transformers 5 uses a different one, 4 the
+    embeddings)."""
+    for path in paths:
+        with open_safetensors(path) as f:
+            if "model.embed_tokens.weight" in f.keys():
+                if not torch.equal(f.get_tensor("model.embed_tokens.weight"), head):
+                    raise CheckpointError(
+                        f"{folder}: config.json sets tie_word_embeddings, but the weights hold an "
+                        f"lm_head.weight that differs from model.embed_tokens.weight "
+                        f"(transformers 5 uses lm_head.weight, 4 the embeddings): set "
+                        f"tie_word_embeddings to false to use it, or drop it")
+                return
