@@ -1,7 +1,8 @@
 """Public functions over the kcache_ops::* operators, with their shapes, and the fake (meta)
 implementations that let torch.compile and torch.library.opcheck trace them. The functions take
 each scalar argument of any type that holds one of its kind (kcache_ops.integers: a NumPy number, a
-0-d tensor) and refuse another kind with a TypeError (a bool for a count, an int for a flag)."""
+0-d tensor; under torch.compile a Python one) and refuse another kind with a TypeError (a bool
+for a count, an int for a flag)."""
 import math
 
 import torch
@@ -209,6 +210,9 @@ def reuse_rows(indices, v_host, new_pos, rows, held, used, step, group_select,
     """
     check_tensors("reuse_rows", indices=indices, v_host=v_host, new_pos=new_pos, rows=rows,
                   held=held, used=used, step=step)
+    if rows.requires_grad and torch.is_grad_enabled():  # autograd would not see rows change
+        raise ValueError("reuse_rows: rows must not require grad (the op writes it in place and "
+                         "is not differentiable), got requires_grad=True")
     group_select, check_values = _scalars("reuse_rows", as_bool, group_select=group_select,
                                           check_values=check_values)
     return torch.ops.kcache_ops.reuse_rows(indices, v_host, new_pos, rows, held, used, step,
@@ -374,14 +378,26 @@ def check_tensors(owner, **tensors):
             raise TypeError(f"{owner}: {name} must be a tensor, got {got}")
 
 
+# What torch.compile passes for a Python scalar argument: the value, or a symbol for it.
+_TRACED_SCALARS = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
+_TRACED_KINDS = {as_int: "a Python int", as_real: "a Python int or float", as_bool: "a Python bool"}
+
+
 def _scalars(op, convert, **values):
     """The scalar arguments ``values`` (name -> value) of the wrapper of ``op``, converted by
     ``convert`` (as_int, as_real or as_bool), as a list in their order; TypeError naming the
-    first that is not of its kind (ValueError for an integer past int64, which the schema's
-    parser refuses without naming it). torch's schema would take a bool as an int (``n=True`` as
-    1) and an int as a bool, and ``float()`` a string."""
+    first that is not of its kind, or under torch.compile not a Python scalar (ValueError for an
+    integer past int64, which the schema's parser refuses without naming it). torch's schema
+    would take a bool as an int (``n=True`` as 1) and an int as a bool, and ``float()`` a
+    string."""
     out = []
     for name, value in values.items():
+        if torch.compiler.is_compiling() and type(value) not in _TRACED_SCALARS:
+            # a NumPy scalar fails in Dynamo, a 0-d tensor becomes a symbol the schema refuses,
+            # both deep in torch; with fullgraph=False this is a graph break, and eager takes it
+            raise TypeError(f"{op}: {name} must be {_TRACED_KINDS[convert]} under torch.compile "
+                            f"(NumPy and tensor scalars are taken in eager mode only), got "
+                            f"{type(value).__name__}")
         converted = convert(value)
         if converted is None:
             raise TypeError(f"{op}: {name} must be {_KINDS[convert]}, got {value!r}")
@@ -565,10 +581,30 @@ def _(src, indices, check_values=True):
     return indices.new_empty((B, H, N, src.shape[-1]), dtype=src.dtype)
 
 
+# The dtypes alloc_host refuses: quantized and bits ones (c10::isQIntType, isBitsType).
+_NOT_PLAIN = {getattr(torch, name) for name in ("qint8", "quint8", "qint32", "quint4x2",
+                                                "quint2x4", "bits8", "bits16", "bits1x8",
+                                                "bits2x4", "bits4x2") if hasattr(torch, name)}
+
+
 @torch.library.register_fake("kcache_ops::alloc_host")
 def _(shape, dtype):
+    if dtype in _NOT_PLAIN:
+        raise RuntimeError(f"alloc_host: dtype must be a plain (not quantized, not bits) dtype, "
+                           f"got {dtype}")
     if any(s < 0 for s in shape):
         raise RuntimeError(f"alloc_host: shape must have no negative size, got {list(shape)}")
+    int64_max = 2**63 - 1
+    if 0 not in shape and math.prod(shape) * dtype.itemsize > int64_max:
+        raise RuntimeError(f"alloc_host: shape {list(shape)} of {dtype} needs more than "
+                           f"{int64_max} bytes (its size overflows int64)")
+    elements, elements_overflow = 1, False  # as torch: in uint64, a 0 after an overflow too
+    for s in shape:
+        elements *= s
+        elements_overflow = elements_overflow or elements >= 2**64
+    if elements_overflow or math.prod(max(s, 1) for s in shape[1:]) > int64_max:
+        raise RuntimeError(f"alloc_host: shape {list(shape)} has sizes or strides whose product "
+                           f"overflows (as torch computes them)")
     return torch.empty(shape, dtype=dtype, device="cpu")
 
 

@@ -1,6 +1,7 @@
 """torch.library.opcheck on each op (schema, fake implementation, dispatch agree), torch.compile
 over a decode step that calls qk_topn and sparse_attn_v, and the fake implementations refusing
 (on meta tensors, while torch.compile traces) what the eager ops refuse."""
+import numpy as np
 import pytest
 import torch
 from conftest import host_tensor, seq_lens_tensor
@@ -258,6 +259,47 @@ def test_compile_refuses_bad_arguments_while_tracing(call, args, message, dynami
     with pytest.raises(Exception, match=message):
         compiled(*args)
     assert not graphs
+
+
+@pytest.mark.parametrize("call, value, message", [
+    (lambda q, k, lens, n: kcache_ops.qk_topn(q, k, lens, n), np.int64(3),
+     "qk_topn: n must be a Python int under torch.compile"),
+    (lambda q, k, lens, n: kcache_ops.qk_topn(q, k, lens, n), torch.tensor(3),
+     "qk_topn: n must be a Python int under torch.compile .* got Tensor"),
+    (lambda q, k, lens, s: kcache_ops.qk_topn(q, k, lens, 3, scale=s), torch.tensor(0.1),
+     "qk_topn: scale must be a Python int or float under torch.compile"),
+    (lambda q, k, lens, g: kcache_ops.qk_topn(q, k, lens, 3, group_select=g), np.bool_(True),
+     "qk_topn: group_select must be a Python bool under torch.compile"),
+])
+def test_compile_names_a_numpy_or_tensor_scalar(call, value, message):
+    """A NumPy or 0-d tensor scalar, which eager takes, is refused by name under
+    torch.compile(fullgraph=True) (Dynamo failed on NumPy's dtype, inductor on the schema's
+    int); without fullgraph the call falls back to eager, which takes it."""
+    q, k, lens = torch.randn(2, 4, 64), torch.randn(2, 2, 10, 64), seq_lens_tensor([10, 3], "cpu")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=message):
+        torch.compile(call, fullgraph=True)(q, k, lens, value)
+    expected = call(q, k, lens, value)
+    for got, want in zip(torch.compile(call)(q, k, lens, value), expected):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("shape, dtype, message", [
+    ([2], torch.qint8, r"dtype must be a plain \(not quantized, not bits\) dtype, got"),
+    ([2], torch.bits8, r"dtype must be a plain \(not quantized, not bits\) dtype, got"),
+    ([2**62, 4], torch.float16, r"needs more than 9223372036854775807 bytes \(its size "
+                                r"overflows int64\)"),
+    ([2**40, 2**40, 0], torch.float16, "has sizes or strides whose product overflows"),
+    ([0, 2**40, 2**40], torch.float16, "has sizes or strides whose product overflows"),
+])
+def test_alloc_host_fake_refuses_what_eager_refuses(shape, dtype, message):
+    """alloc_host's fake implementation (torch.compile's) refuses the dtypes and the sizes that
+    the eager op does, with its message (it raised torch's own errors on them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with pytest.raises(RuntimeError, match=message):
+        kcache_ops.alloc_host(shape, dtype)
+    with FakeTensorMode(), pytest.raises(RuntimeError, match=message):
+        kcache_ops.alloc_host(shape, dtype)
 
 
 def test_meta_argument_among_real_ones():

@@ -199,6 +199,33 @@ def test_pool_sharing_memory_is_refused(device):
     assert pair[0].ge(0).sum() == 2 and pool_indices.ge(0).sum() == 2
 
 
+def test_rows_requiring_grad_are_refused(device):
+    """rows, written in place, requiring grad is refused by name where grad is on: a backward
+    through them gave the overwritten slots the gradient of the values they held. Under no_grad
+    the call runs; a V that requires grad is read (the caches' host V does where the model
+    runs with grad on), as the other ops read theirs."""
+    twins = Twins(1, 1, 8, 64, 6, device, torch.float32)
+    rows, held, used = twins.op
+    indices = torch.tensor([[[3, 5, -1]]], dtype=torch.int32, device=device)  # [1, 1, 3]
+    new_pos = torch.zeros(1, dtype=torch.int32, device=device)
+    step = torch.zeros(1, dtype=torch.int32, device=device)
+    pool = rows.clone().requires_grad_().clone()  # [1, 1, 6, 64], not a leaf (torch refuses
+    # a leaf's in-place update itself)
+    with pytest.raises(ValueError, match="reuse_rows: rows must not require grad"):
+        kcache_ops.reuse_rows(indices, twins.v_host, new_pos, pool, held, used, step, False)
+    assert held.eq(-1).all() and used.eq(-1).all()
+    with torch.no_grad():
+        pool_indices, _ = kcache_ops.reuse_rows(indices, twins.v_host, new_pos, pool, held,
+                                                used, step, False)
+    assert pool_indices.ge(0).sum() == 2
+    fresh = Twins(1, 1, 8, 64, 6, device, torch.float32)
+    rows, held, used = fresh.op
+    v = fresh.v_host.clone().requires_grad_()
+    pool_indices, _ = kcache_ops.reuse_rows(indices, v, new_pos, rows, held, used, step, False)
+    slots = pool_indices[0, 0, :2].long()  # [2], the slots of rows 3 and 5
+    assert torch.equal(rows[0, 0, slots], v.detach()[0, 0, [3, 5]])
+
+
 def test_pool_smaller_than_a_step_is_refused(device):
     twins = Twins(1, 1, 8, 64, 3, device, torch.float32)
     indices = torch.zeros(1, 2, 2, dtype=torch.int32, device=device)
