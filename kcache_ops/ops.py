@@ -392,7 +392,7 @@ def _scalars(op, convert, **values):
     string."""
     out = []
     for name, value in values.items():
-        if torch.compiler.is_compiling() and type(value) not in _TRACED_SCALARS:
+        if torch.compiler.is_dynamo_compiling() and type(value) not in _TRACED_SCALARS:
             # a NumPy scalar fails in Dynamo, a 0-d tensor becomes a symbol the schema refuses,
             # both deep in torch; with fullgraph=False this is a graph break, and eager takes it
             raise TypeError(f"{op}: {name} must be {_TRACED_KINDS[convert]} under torch.compile "

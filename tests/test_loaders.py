@@ -339,10 +339,13 @@ def test_tied_config_with_its_own_lm_head(tmp_path):
     ids = torch.tensor([[1, 5, 9]])  # [1, 3]
     with torch.no_grad():
         torch.testing.assert_close(model(ids), oracle(ids).logits, atol=2e-5, rtol=1e-4)
-    save_file({**weights, "lm_head.weight": embed + 1}, path, metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match="config.json sets tie_word_embeddings, but the "
-                                              "weights hold an lm_head.weight that differs"):
-        load_hf_model(str(tmp_path), "cpu", torch.float32)
+    unprefixed = {k.removeprefix("model."): v for k, v in weights.items()}  # also loaded
+    for other in ({**weights, "lm_head.weight": embed + 1},
+                  {**unprefixed, "lm_head.weight": embed + 1}):
+        save_file(other, path, metadata={"format": "pt"})
+        with pytest.raises(CheckpointError, match="config.json sets tie_word_embeddings, but "
+                                                  "the weights hold an lm_head.weight that"):
+            load_hf_model(str(tmp_path), "cpu", torch.float32)
 
 
 @pytest.mark.parametrize("raw", [b"[" * 100_000, b'{"w": {"shape": [' + b"9" * 5000 + b"]}}",

@@ -31,19 +31,10 @@ def test_rope_formats():
     assert old == new and old.rope_scaling == scaling and old.rope_theta == 5e5
 
 
-def test_end_token_defaults_as_in_transformers():
-    """A Llama config.json naming no end token ends at 2, as transformers' LlamaConfig does (it
-    had none, so generation ran on where transformers stops); Qwen2's has no default, and null
-    is none."""
-    assert LlamaConfig.from_hf(BASE).eos_token_ids == (2,)
-    assert LlamaConfig.from_hf({**BASE, "model_type": "qwen2"}).eos_token_ids == ()
-    assert LlamaConfig.from_hf({**BASE, "eos_token_id": None}).eos_token_ids == ()
-
-
 def test_llama3_original_length_beside_the_rope_dict():
     """A top-level original_max_position_embeddings (Phi-3's place for it) that disagrees with
     the rope dict's is refused, as transformers 5 takes it and 4 the dict's (the dict's was used
-    without a word); the same value is read."""
+    without a word); the same value is read, and one the dict lacks (transformers 5 reads it)."""
     with pytest.raises(CheckpointError, match=r"original_max_position_embeddings \(4096\) and "
                                               r"rope_scaling.original_max_position_embeddings "
                                               r"\(8192\) disagree"):
@@ -52,6 +43,10 @@ def test_llama3_original_length_beside_the_rope_dict():
     same = LlamaConfig.from_hf({**BASE, "rope_parameters": {"rope_theta": 5e5, **LLAMA3},
                                 "original_max_position_embeddings": 8192})
     assert same.rope_scaling["original_max_position_embeddings"] == 8192
+    rope = {k: v for k, v in LLAMA3.items() if k != "original_max_position_embeddings"}
+    beside = LlamaConfig.from_hf({**BASE, "rope_scaling": rope,  # as transformers 5 reads it
+                                  "original_max_position_embeddings": 4096})
+    assert beside.rope_scaling["original_max_position_embeddings"] == 4096
 
 
 def test_qwen2_has_qkv_bias():

@@ -141,12 +141,12 @@ class LlamaConfig:
         if rope_type == "default":
             scaling = None
         elif rope_type == "llama3":
-            top = cfg.get("original_max_position_embeddings")
-            if top is not None and rope.get("original_max_position_embeddings") != top:
+            top = cfg.get("original_max_position_embeddings")  # transformers 5 reads it first
+            if top is not None and rope.setdefault("original_max_position_embeddings", top) != top:
                 raise CheckpointError(
                     f"original_max_position_embeddings ({top}) and "
                     f"{rope_key}.original_max_position_embeddings "
-                    f"({rope.get('original_max_position_embeddings')}) disagree (transformers 5 "
+                    f"({rope['original_max_position_embeddings']}) disagree (transformers 5 "
                     f"takes the first, 4 the second)")
             scaling = {
                 "factor": _number(f"{rope_key}.factor", rope["factor"], 1),
@@ -171,8 +171,7 @@ class LlamaConfig:
         max_pos = cfg.get("max_position_embeddings")  # null: unset
         bias = _flag("attention_bias", cfg.get("attention_bias"))
         vocab = _integer("vocab_size", cfg["vocab_size"])
-        # transformers' LlamaConfig ends at 2 where config.json names no end token
-        eos = cfg.get("eos_token_id", 2 if model_type == "llama" and vocab > 2 else None)
+        eos = cfg.get("eos_token_id")
 
         def token(key, value):
             """A token id of the vocabulary, read from config key ``key``."""

@@ -166,7 +166,8 @@ def load_hf_model(folder: str, device, dtype, config: LlamaConfig | None = None)
     ``config`` is :func:`read_config` of ``folder``, read here unless the caller has it."""
     config = read_config(folder) if config is None else config
     paths = shard_files(folder)
-    tied_head = []  # the file's lm_head.weight where config.json ties it to the embeddings
+    if config.tie_word_embeddings:
+        _check_tied_head(folder, paths)
 
     def weights():
         for path in paths:
@@ -176,32 +177,38 @@ def load_hf_model(folder: str, device, dtype, config: LlamaConfig | None = None)
                                  leave=False):
                     # "model.layers.0..." -> "layers.0..."; the LM head is absent when tied
                     ours = name.removeprefix("model.")
-                    if ours.endswith("rotary_emb.inv_freq"):
-                        continue
-                    if config.tie_word_embeddings and ours == "lm_head.weight":
-                        tied_head.append(f.get_tensor(name))
+                    if ours.endswith("rotary_emb.inv_freq") or (
+                            config.tie_word_embeddings and ours == "lm_head.weight"):
                         continue
                     yield ours, f.get_tensor(name)
     try:
-        model = Llama.from_weights(config, weights(), device, dtype)
+        return Llama.from_weights(config, weights(), device, dtype)
     except CheckpointError as e:  # a tensor missing, unexpected, of another shape: which folder
         raise CheckpointError(f"{folder}: {e}") from e
-    if tied_head:
-        _check_tied_head(folder, paths, tied_head[0])
-    return model
 
 
-def _check_tied_head(folder, paths, head):
-    """CheckpointError unless the lm_head.weight ``head`` that a folder holds beside
-    tie_word_embeddings is its embed_tokens.weight (transformers 5 uses a different one, 4 the
-    embeddings)."""
+def _check_tied_head(folder, paths):
+    """CheckpointError if the weights of a folder whose config.json ties the LM head hold an
+    lm_head.weight that is not their embed_tokens.weight (transformers 5 uses such a head, 4 the
+    embeddings), before any weight is loaded; the two are read only where both are there."""
+    found = {}  # our name -> (its file, the file's name)
     for path in paths:
         with open_safetensors(path) as f:
-            if "model.embed_tokens.weight" in f.keys():
-                if not torch.equal(f.get_tensor("model.embed_tokens.weight"), head):
-                    raise CheckpointError(
-                        f"{folder}: config.json sets tie_word_embeddings, but the weights hold an "
-                        f"lm_head.weight that differs from model.embed_tokens.weight "
-                        f"(transformers 5 uses lm_head.weight, 4 the embeddings): set "
-                        f"tie_word_embeddings to false to use it, or drop it")
-                return
+            for name in f.keys():
+                if name.removeprefix("model.") in ("lm_head.weight", "embed_tokens.weight"):
+                    found[name.removeprefix("model.")] = path, name
+    if len(found) < 2:
+        return
+    head, embed = (_read_tensor(*found[ours]) for ours in ("lm_head.weight", "embed_tokens.weight"))
+    if not torch.equal(head, embed):
+        raise CheckpointError(
+            f"{folder}: config.json sets tie_word_embeddings, but the weights hold an "
+            f"lm_head.weight that differs from embed_tokens.weight (transformers 5 uses "
+            f"lm_head.weight, 4 the embeddings): set tie_word_embeddings to false to use it, or "
+            f"drop it")
+
+
+def _read_tensor(path, name):
+    """Tensor ``name`` of the safetensors file ``path``."""
+    with open_safetensors(path) as f:
+        return f.get_tensor(name)
