@@ -20,7 +20,7 @@ def test_bench_small_on_cpu(tmp_path, monkeypatch):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     bench.run(parser.parse_args(["--device", "cpu", "--small", "--steps", "2"]))
-    data = json.loads((tmp_path / "bench.json").read_text())
+    data = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
     rows = {(r["context"], r["backend"]): r for r in data["rows"]}
     assert data["small"] and rows
     for (context, backend), r in rows.items():
@@ -34,9 +34,10 @@ def test_bench_small_on_cpu(tmp_path, monkeypatch):
             assert r["host_bytes"] == 0
             assert "hf_decode_tok_s" in r or "transformers" not in data["machine"]
     assert all(r["batch_limit"] in ("device", "host", "cap") for r in rows.values())  # no OOM
-    assert data["complete"] and "cut off" not in (tmp_path / "REPORT.md").read_text()
+    assert data["complete"]
+    assert "cut off" not in (tmp_path / "REPORT.md").read_text(encoding="utf-8")
     assert (tmp_path / "bench_throughput.png").is_file()
-    report = (tmp_path / "REPORT.md").read_text()
+    report = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
     assert "## Throughput (reference decoder, random weights)" in report
     assert "KCache options: topn=64, group_select=False" in report
     assert f"| {rows[256, 'kcache']['batch']} ({rows[256, 'kcache']['batch_limit']}) |" in report
@@ -52,7 +53,7 @@ def test_bench_small_through_transformers(tmp_path):
         out = tmp_path / engine
         bench.run(parser.parse_args(["--device", "cpu", "--small", "--steps", "2", "--no-hf",
                                      "--contexts", "256", "--engine", engine, "--out", str(out)]))
-        data = json.loads((out / "bench.json").read_text())
+        data = json.loads((out / "bench.json").read_text(encoding="utf-8"))
         assert data["machine"]["engine"] == engine
         runs[engine] = {r["backend"]: r for r in data["rows"]}
     assert set(runs["transformers"]) == {"dense", "kcache"}
@@ -133,7 +134,7 @@ def test_a_run_cut_off_keeps_its_rows(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         bench.run(parser.parse_args(["--device", "cpu", "--small", "--steps", "2", "--no-hf",
                                      "--contexts", "64", "--out", str(tmp_path)]))
-    data = json.loads((tmp_path / "bench.json").read_text())
+    data = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
     assert not data["complete"] and [r["backend"] for r in data["rows"]] == ["dense"]
     from kcache_ops.throughput.report import bench_section
     assert "**This run was cut off before its end**" in "\n".join(bench_section(data))

@@ -144,13 +144,14 @@ def test_a_device_without_the_ops_is_refused(device):
 
 
 def test_max_topn_is_the_kernel_constant():
-    value = re.search(r"constexpr int kMaxTopN = (\d+);", KERNEL.read_text()).group(1)
+    text = KERNEL.read_text(encoding="utf-8")
+    value = re.search(r"constexpr int kMaxTopN = (\d+);", text).group(1)
     assert MAX_TOPN == int(value)
 
 
 def test_max_reuse_is_the_kernel_constant():
     """The reuse kernel holds MAX_REUSE slots, and as many entries (a pool holds a step)."""
-    text = (KERNEL.parent / "reuse_rows_kernel.cuh").read_text()
+    text = (KERNEL.parent / "reuse_rows_kernel.cuh").read_text(encoding="utf-8")
     for name in ("kReuseMaxSlots", "kReuseMaxEntries"):
         assert MAX_REUSE == int(re.search(rf"constexpr int {name} = (\d+);", text).group(1))
 

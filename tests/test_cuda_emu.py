@@ -436,8 +436,8 @@ def test_sparse_attn_v_n_1024(race_exe):
 
 
 # The most entries (gs · N) of a per-head slice whose distinct rows are read once.
-UNION_CAP = int(re.search(r"kAttnUnionCap = (\d+);",
-                          (emu.KERNEL_DIR / "sparse_attn_v_kernel.cuh").read_text()).group(1))
+ATTN_KERNEL = (emu.KERNEL_DIR / "sparse_attn_v_kernel.cuh").read_text(encoding="utf-8")
+UNION_CAP = int(re.search(r"kAttnUnionCap = (\d+);", ATTN_KERNEL).group(1))
 
 
 @pytest.mark.parametrize("dtype,D,G,kind,renormalize", [
@@ -927,7 +927,7 @@ def test_emulator_mma_truncates(race_exe, sign):
 
 def _barrier_after(path, marker):
     """'file:line' of the first __syncthreads after the line containing ``marker``."""
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     start = next(i for i, line in enumerate(lines) if marker in line)
     line = next(i for i in range(start, len(lines)) if re.search(r"__syncthreads\(\)", lines[i]))
     return f"{path.name}:{line + 1}"
@@ -1212,7 +1212,8 @@ def test_asan_lowbit_tail(asan_exe, sms):
 def _barriers(kernel_file):
     """'file:line' of every __syncthreads in csrc/cuda/<kernel_file>."""
     path = emu.KERNEL_DIR / kernel_file
-    return [f"{path.name}:{i + 1}" for i, line in enumerate(path.read_text().splitlines())
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [f"{path.name}:{i + 1}" for i, line in enumerate(lines)
             if re.search(r"__syncthreads\(\)", line)]
 
 

@@ -303,7 +303,7 @@ def test_suite_on_the_default_model(tmp_path):
     parser = argparse.ArgumentParser()
     eval_cli.add_arguments(parser)
     eval_cli.run(parser.parse_args(["--quick", "--topn", "1024", "--out", str(tmp_path)]))
-    data = json.loads((tmp_path / "eval.json").read_text())
+    data = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
     dense, kc = data["results"]
     assert kc["short"]["agreement"]["match_rate"] == 1.0
     for context in ("short", "long"):
@@ -326,7 +326,7 @@ def test_suite_on_the_default_model(tmp_path):
     assert needles and all(kc[k]["answers"] == dense[k]["answers"] for k in needles)
     assert any(any(dense[k]["correct"]) for k in needles)  # the model does find the key
     assert all(m == pytest.approx(1.0, abs=1e-5) for m in kc["mass"]["long"])
-    text = (tmp_path / "REPORT.md").read_text()
+    text = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
     assert "kcache N=1024" in text and "Recommended setting" in text
     assert all((tmp_path / f"eval_{p}.png").is_file() for p in ("accuracy", "budget", "mass"))
 
@@ -401,7 +401,7 @@ def test_report_only_into_a_new_folder(tmp_path, capsys):
     from kcache_ops.__main__ import main
     out = tmp_path / "new" / "folder"
     assert main(["eval", "--report-only", "--out", str(out)]) == 0
-    text = (out / "REPORT.md").read_text()
+    text = (out / "REPORT.md").read_text(encoding="utf-8")
     assert "Not run yet: `python -m kcache_ops eval`." in text
     assert "has not run yet; on a GPU:" in text
 
@@ -500,7 +500,7 @@ def test_report_only_refuses_json_it_did_not_write(tmp_path, capsys):
                           ('{"results": [1, 2]}', f"{tmp_path / 'eval.json'} lacks settings, "
                                                   "machine, command: it is not a file this "
                                                   "version of kcache_ops writes")):
-        (tmp_path / "eval.json").write_text(text)
+        (tmp_path / "eval.json").write_text(text, encoding="utf-8")
         assert main(["eval", "--report-only", "--out", str(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {message}") and "Traceback" not in err

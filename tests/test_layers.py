@@ -21,7 +21,7 @@ def component(parts):
 def imported_components(path):
     """The kcache_ops components the module at ``path`` imports (relative or absolute)."""
     parts = path.relative_to(PACKAGE).parts
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):

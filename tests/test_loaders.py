@@ -161,7 +161,7 @@ def test_chat_template_in_its_own_file(tmp_path, hf_folder):
     folder, _ = hf_folder
     for name in ("tokenizer.json", "config.json", "model.safetensors"):
         (tmp_path / name).write_bytes((folder / name).read_bytes())
-    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     (tmp_path / "chat_template.jinja").write_text(config.pop("chat_template"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     _, tokenizer = load_model(tmp_path, "cpu")
@@ -231,7 +231,7 @@ def test_malformed_config_is_a_checkpoint_error(tmp_path, edit, message):
     """A config.json with a key missing or a value that cannot be used names the file."""
     save_tiny_hf(tmp_path)
     cfg_path = tmp_path / "config.json"
-    cfg = json.loads(cfg_path.read_text())
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     edit(cfg)
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=f"config.json: not a usable model config .*"
@@ -258,7 +258,7 @@ def test_non_finite_weights_are_a_checkpoint_error(tmp_path):
 def test_missing_tensor_and_wrong_shape(tmp_path):
     save_tiny_hf(tmp_path)
     cfg_path = tmp_path / "config.json"
-    cfg = json.loads(cfg_path.read_text())
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg["num_hidden_layers"] = 3
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=f"^{re.escape(str(tmp_path))}: .*lacks 9 tensors"):
@@ -280,7 +280,7 @@ def test_corrupt_and_truncated_gguf(tmp_path, hf_folder):
 
 def test_unsupported_architectures(tmp_path):
     save_tiny_hf(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     with pytest.raises(UnsupportedModelError, match=f"^{re.escape(str(tmp_path))}/config.json: "
                                                     f".*model_type 'gpt2'"):
@@ -406,7 +406,7 @@ def test_shards_outside_the_folder(tmp_path):
     folder = tmp_path / "model"
     save_tiny_hf(folder, max_shard_size="20KB")
     index = folder / "model.safetensors.index.json"
-    weight_map = json.loads(index.read_text())["weight_map"]
+    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     shard = sorted(set(weight_map.values()))[0]
     (tmp_path / "blobs").mkdir()
     (folder / shard).rename(tmp_path / "blobs" / shard)
@@ -514,7 +514,8 @@ def test_weights_that_are_not_floats_or_appear_twice(tmp_path):
                                               "torch.int8, not a floating-point type"):
         load_hf_model(str(tmp_path / "int"), "cpu", torch.float32)
     save_tiny_hf(tmp_path / "twice", max_shard_size="20KB")
-    index = json.loads((tmp_path / "twice" / "model.safetensors.index.json").read_text())
+    index_file = tmp_path / "twice" / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text(encoding="utf-8"))
     shards = sorted(set(index["weight_map"].values()))
     embed = "model.embed_tokens.weight"
     other = next(p for p in shards if p != index["weight_map"][embed])
@@ -645,7 +646,7 @@ def test_tokenizer_larger_than_the_embedding(tmp_path, hf_folder):
     folder, _ = hf_folder
     for f in folder.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "vocab_size": 90}))
     with pytest.raises(CheckpointError, match=f"^{re.escape(str(tmp_path))}: the tokenizer has "
                                               f"token ids up to 95, past the 90 rows"):
@@ -658,7 +659,7 @@ def test_generation_config_ends_generation(tmp_path, hf_folder):
     folder, _ = hf_folder
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         (tmp_path / name).write_bytes((folder / name).read_bytes())
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     (tmp_path / "config.json").write_text(json.dumps({**config, "eos_token_id": 0}))
     generation = tmp_path / "generation_config.json"
     for eos, ends in ((None, (0,)), (2, (0, 2)), ([0, 2, 1], (0, 2, 1))):

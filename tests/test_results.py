@@ -46,10 +46,10 @@ def test_json_is_standard_json(tmp_path):
     path = tmp_path / "x.json"
     write_json(path, {"a": float("nan"), "b": [float("inf"), 1.5, (2, float("-inf"))],
                       "c": {"d": float("nan"), "e": "nan"}})
-    assert strict(path.read_text()) == {"a": None, "b": [None, 1.5, [2, None]],
+    assert strict(path.read_text(encoding="utf-8")) == {"a": None, "b": [None, 1.5, [2, None]],
                                         "c": {"d": None, "e": "nan"}}
     for committed in pathlib.Path(RESULTS_DIR).glob("*.json"):
-        strict(committed.read_text())
+        strict(committed.read_text(encoding="utf-8"))
 
 
 @pytest.mark.parametrize("cli, smoke", [(eval_cli, "--quick"), (bench, "--small")])
@@ -86,7 +86,7 @@ def test_report_from_the_gather_json_alone(tmp_path):
              "pct_ceiling": 60.0}]  # a row of a JSON written before the PyTorch way was timed
     write_json(tmp_path / report.GATHER_JSON, {"meta": meta, "rows": rows})
     report.write(tmp_path)
-    text = (tmp_path / "REPORT.md").read_text()
+    text = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
     assert "Not run yet: `python -m kcache_ops eval`" in text and "## Throughput" in text
     assert "Test GPU" in text and "H2D ceiling 50.0 GB/s" in text
     assert "| 256 | 64 | pinned | 20.0 | 40% | 11.6x |" in text
@@ -102,8 +102,8 @@ def test_the_committed_report_is_the_committed_results(tmp_path):
         if os.path.isfile(os.path.join(RESULTS_DIR, name)):
             shutil.copy(os.path.join(RESULTS_DIR, name), tmp_path)
     report.write(tmp_path)
-    committed = pathlib.Path(RESULTS_DIR, "REPORT.md").read_text()
-    assert (tmp_path / "REPORT.md").read_text() == committed
+    committed = pathlib.Path(RESULTS_DIR, "REPORT.md").read_text(encoding="utf-8")
+    assert (tmp_path / "REPORT.md").read_text(encoding="utf-8") == committed
 
 
 def test_reports_of_files_from_earlier_versions(tmp_path):
@@ -114,7 +114,7 @@ def test_reports_of_files_from_earlier_versions(tmp_path):
     import json
     import shutil
     added = {"tail": "none", "top_p": 1.0, "sinks": 0, "window": 0, "reuse": 0}  # the paper's
-    bench = json.loads(pathlib.Path(RESULTS_DIR, BENCH_JSON).read_text())
+    bench = json.loads(pathlib.Path(RESULTS_DIR, BENCH_JSON).read_text(encoding="utf-8"))
     for r in bench["rows"]:
         if r["backend"] == "kcache":
             r["options"] = {k: v for k, v in r["options"].items() if k not in added}
@@ -122,9 +122,9 @@ def test_reports_of_files_from_earlier_versions(tmp_path):
     report.write(tmp_path)
     assert ("KCache options: topn=64, group_select=False, renormalize=True, dense_layers=(), "
             "tail=none, top_p=1.0, sinks=0, window=0, reuse=0.") in \
-        (tmp_path / "REPORT.md").read_text()
+        (tmp_path / "REPORT.md").read_text(encoding="utf-8")
     # the committed eval.json with the added options left out where they are the paper's
-    data = json.loads(pathlib.Path(RESULTS_DIR, EVAL_JSON).read_text())
+    data = json.loads(pathlib.Path(RESULTS_DIR, EVAL_JSON).read_text(encoding="utf-8"))
     for c in [r["config"] for r in data["results"]] + data["planned"]:
         for k in [k for k, v in added.items() if c.get(k) == v]:
             del c[k]
@@ -133,8 +133,9 @@ def test_reports_of_files_from_earlier_versions(tmp_path):
     shutil.copy(tmp_path / BENCH_JSON, folder)
     write_json(folder / EVAL_JSON, data)
     report.write(folder)
-    ours = (folder / "REPORT.md").read_text().split("## Throughput")[0]
-    assert ours == pathlib.Path(RESULTS_DIR, "REPORT.md").read_text().split("## Throughput")[0]
+    ours = (folder / "REPORT.md").read_text(encoding="utf-8").split("## Throughput")[0]
+    committed = pathlib.Path(RESULTS_DIR, "REPORT.md").read_text(encoding="utf-8")
+    assert ours == committed.split("## Throughput")[0]
     del data["results"][1]["short"]
     write_json(folder / EVAL_JSON, data)
     with pytest.raises(ValueError, match=f"^{re.escape(str(folder / EVAL_JSON))} lacks 'short', "

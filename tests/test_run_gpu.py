@@ -41,11 +41,11 @@ def test_dry_run_lists_every_stage_and_packs_out(tmp_path):
     run = subprocess.run(["bash", os.path.join(BENCH, "run_gpu.sh"), "--dry-run"], env=env,
                          capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    log = (out / "run_gpu.log").read_text()
+    log = (out / "run_gpu.log").read_text(encoding="utf-8")
     assert "dry run" in log
     for name in STAGES:
         assert f"no GPU: {name} not run (dry run)" in log
-    stages = (work / "stages.txt").read_text()
+    stages = (work / "stages.txt").read_text(encoding="utf-8")
     for name in ("collect_tests", "collect_sanitizer_cases", "plan_benchmarks", "e2e_arguments",
                  "plan_profile"):
         assert any(line.split()[:2] == [name, "ok"] for line in stages.splitlines()), stages
@@ -79,7 +79,7 @@ def test_sanitizer_log_must_show_its_cases_ran(tmp_path, log, ran):
     """bench/sanitize.sh passes a tool only where pytest's summary (not the tool's own summary
     after it) shows passes and no skip: under a tool that hides the device, every case skips."""
     path = tmp_path / "tool.log"
-    path.write_text(log)
+    path.write_text(log, encoding="utf-8")
     run = subprocess.run(["bash", os.path.join(BENCH, "sanitize.sh"), "--ran", str(path)],
                          capture_output=True, text=True, timeout=30)
     assert (run.returncode == 0) == ran, run.stdout
@@ -155,7 +155,7 @@ def test_cpu_ops_bench_prints_every_row(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ops = [line.split()[0] for line in run.stdout.splitlines()[1:]]
     assert ops == ["qk_topn", "decode", "tail", "default"], run.stdout
-    table = (tmp_path / "cpu_ops.md").read_text()
+    table = (tmp_path / "cpu_ops.md").read_text(encoding="utf-8")
     assert all(f"| {op} | 1 | 256 | bfloat16 |" in table for op in ops)
 
 
@@ -340,7 +340,7 @@ def test_reuse_step_writes_its_json(tmp_path, monkeypatch):
             "2", "--layers", "1", "--steps", "2", "--warm", "1", "--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
     reuse_step.main()
-    data = json.loads((tmp_path / "reuse_step.json").read_text())
+    data = json.loads((tmp_path / "reuse_step.json").read_text(encoding="utf-8"))
     assert [(r["B"], r["C"]) for r in data["rows"]] == [(1, 0), (1, 512)]
     assert data["rows"][0]["hit_rate"] is None and 0 < data["rows"][1]["hit_rate"] <= 1
     assert data["settings"]["context"] == 200 and data["machine"]["device"] == "cpu"
@@ -367,7 +367,7 @@ def test_reuse_hits_times_a_pass_that_records_nothing(tmp_path, monkeypatch):
     for counted, timed in (made[:2], made[2:]):
         assert counted.rows_read().isfinite().all()
         assert not timed.record_mass and timed.rows_read().isnan().all()
-    rows = json.loads((tmp_path / "reuse_hits.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "reuse_hits.json").read_text(encoding="utf-8"))["rows"]
     assert [(r["N"], r["C"]) for r in rows] == [(4, 0), (4, 8)]
     assert rows[0]["hit_rate"] is None and 0 <= rows[1]["hit_rate"] <= 1
     assert all(r["logits_equal"] and r["ms_per_step"] > 0 for r in rows)
@@ -383,6 +383,6 @@ def test_step_reuse_writes_its_json(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["step_reuse.py", "--queries", "3", "--n", "1", "--w", "1",
                                       "--sinks", "0", "--window", "0", "--out", str(tmp_path)])
     step_reuse.main()
-    rows = json.loads((tmp_path / "step_reuse.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "step_reuse.json").read_text(encoding="utf-8"))["rows"]
     assert [(r["N"], r["W"], r["hit_rate"]) for r in rows] == [(1, 1, 1.0)]
     assert rows[0]["layer_hit_rates"] == [1.0, 1.0] and rows[0]["rows_held"] == 2.0

@@ -37,7 +37,8 @@ def folder_with_template(path, template):
     """A Hugging Face tokenizer folder whose tokenizer_config.json holds ``template``."""
     save_tiny_tokenizer(path, 96)
     config = path / "tokenizer_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": template}))
+    settings = json.loads(config.read_text(encoding="utf-8"))
+    config.write_text(json.dumps({**settings, "chat_template": template}))
     return path
 
 
@@ -126,7 +127,8 @@ def test_chat_template_sees_what_transformers_passes(tmp_path):
                 "{% if add_generation_prompt %}{{ bos_token }}{% endif %}")
     folder = folder_with_template(tmp_path, template)
     config = folder / "tokenizer_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "eos_token": None}))
+    settings = json.loads(config.read_text(encoding="utf-8"))
+    config.write_text(json.dumps({**settings, "eos_token": None}))
     theirs = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     ours = Tokenizer.from_folder(str(folder)).render_chat("hi")

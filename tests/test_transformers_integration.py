@@ -541,10 +541,10 @@ def test_eval_command_with_the_transformers_engine(tmp_path, monkeypatch):
     eval_cli.run(parser.parse_args(["--model", str(tmp_path), "--engine", "transformers",
                                     "--quick", "--topn", "1024",
                                     "--out", str(out)]))
-    dense, kc = json.loads((out / "eval.json").read_text())["results"]
+    dense, kc = json.loads((out / "eval.json").read_text(encoding="utf-8"))["results"]
     assert kc["long"]["perplexity"]["ppl"] == pytest.approx(dense["long"]["perplexity"]["ppl"],
                                                            rel=1e-4)
-    assert "via transformers" in (out / "REPORT.md").read_text()
+    assert "via transformers" in (out / "REPORT.md").read_text(encoding="utf-8")
 
 
 def test_engine_checks_a_checkpoint_before_transformers_loads_it(tmp_path, monkeypatch):
@@ -571,7 +571,7 @@ def test_engine_checks_a_checkpoint_before_transformers_loads_it(tmp_path, monke
         load_transformers_model(tmp_path / "gpt2.gguf", "cpu")
     folder = tmp_path / "hf"
     save_tiny_hf(folder)
-    config = (folder / "config.json").read_text()
+    config = (folder / "config.json").read_text(encoding="utf-8")
     (folder / "config.json").write_text(config.replace('"head_dim": 16', '"head_dim": 8'))
     with pytest.raises(CheckpointError, match="hf: transformers could not load it: .*size"):
         load_transformers_model(folder, "cpu")  # weights of another shape than the config's

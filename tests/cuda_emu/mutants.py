@@ -42,7 +42,7 @@ def kernel_files(kernel_dir):
         if f in files:
             continue
         files.append(f)
-        for inc in re.findall(r'#include\s+"([^"]+)"', f.read_text()):
+        for inc in re.findall(r'#include\s+"([^"]+)"', f.read_text(encoding="utf-8")):
             if (f.parent / inc).exists():
                 todo.append(f.parent / inc)
     return files
@@ -53,7 +53,7 @@ def find_barriers(kernel_dir):
     out = []
     for f in kernel_files(kernel_dir):
         function = "?"
-        lines = f.read_text().splitlines()
+        lines = f.read_text(encoding="utf-8").splitlines()
         for i, line in enumerate(lines):
             # a declaration may put the kernel's name on the next line, after its launch bounds
             nxt = lines[i + 1] if "__global__" in line and i + 1 < len(lines) else ""
@@ -209,7 +209,8 @@ def main():
             with tempfile.TemporaryDirectory() as tmp:
                 copy = Path(tmp) / "cuda"
                 shutil.copytree(emu.KERNEL_DIR, copy)
-                (copy / fname).write_text(remove_barrier((copy / fname).read_text(), line))
+                text = (copy / fname).read_text(encoding="utf-8")
+                (copy / fname).write_text(remove_barrier(text, line), encoding="utf-8")
                 mexe = emu.build("race", kernel_dir=copy, cache_dir=Path(tmp) / "build")
                 with_check = judge(mexe, case_list, seeds, True)
                 without = judge(mexe, case_list, seeds, False)
