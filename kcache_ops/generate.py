@@ -202,7 +202,7 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     eos_ids = list(eos_ids)  # read once: a generator's ids stay for the error below
     eos = {as_int(t) for t in eos_ids}
     if None in eos or not all(0 <= t < vocab for t in eos):
-        raise ValueError(f"eos_ids must be token ids in [0, {vocab}), got {list(eos_ids)[:5]}")
+        raise ValueError(f"eos_ids must be token ids in [0, {vocab}), got {eos_ids[:5]}")
     temperature, top_p, top_k = _sampling_args(temperature, top_p, top_k)
     number = None if seed is None else as_int(seed)
     if seed is not None and (number is None or not -(1 << 63) <= number < 1 << 64):

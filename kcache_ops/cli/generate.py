@@ -2,6 +2,8 @@
 streaming it, then print the timing and the memory the cache holds."""
 import sys
 
+import torch
+
 from ..caches import BACKENDS
 from ..generate import generate
 from ..model import load_model
@@ -19,7 +21,9 @@ def add_arguments(parser):
                         help="attention backend (default dense)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=128,
                         help="new tokens per prompt at most (default 128)")
-    parser.add_argument("--temperature", type=bounded_float(0.0, None), default=0.0,
+    # finite in float32, as sample() takes it: 1e39 is refused before the model loads
+    parser.add_argument("--temperature", default=0.0,
+                        type=bounded_float(0.0, torch.finfo(torch.float32).max),
                         help="0 (default): greedy; above 0: sample (then --top-p, --top-k)")
     parser.add_argument("--top-p", type=bounded_float(0.0, 1.0, low_open=True),
                         help="nucleus sampling: draw from the most likely tokens whose "
