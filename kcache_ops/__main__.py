@@ -6,6 +6,7 @@ Each subcommand lives in kcache_ops/cli/<name>.py with ``add_arguments(parser)``
 """
 import argparse
 import importlib
+import shlex
 import sys
 
 import torch
@@ -33,12 +34,14 @@ def main(argv=None):
                                          description=COMMANDS[argv[0]])
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
+    args.command_line = f"python -m kcache_ops {shlex.join(argv)}"  # what the results record
     try:
         return module.run(args) or 0
-    except (ValueError, OSError, MemoryError, torch.OutOfMemoryError) as e:  # bad input found
-        # past the flags: a file, a checkpoint, a value the options or the model refuse
-        # (CheckpointError, UnsupportedModelError included), caches larger than the memory (the
-        # host's, or what the GPU has free)
+    except (ValueError, OSError, MemoryError, torch.OutOfMemoryError, ImportError) as e:  # bad
+        # input found past the flags: a file, a checkpoint, a value the options or the model
+        # refuse (CheckpointError, UnsupportedModelError included), caches larger than the memory
+        # (the host's, or what the GPU has free), --engine transformers where transformers is
+        # missing or of an untested version
         print(f"error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # a command's own refusal of its flags ("error: ..."): a usage error

@@ -7,7 +7,7 @@ import os
 
 from .caches import KCacheOptions
 from .eval import report as eval_report
-from .results import RESULTS_DIR, load_json, ran_on
+from .results import CUT_OFF, RESULTS_DIR, load_json, ran_on, write_text
 from .throughput import report as throughput_report
 
 GATHER_JSON = "gpu_gather.json"
@@ -19,17 +19,22 @@ GPU_COMMAND = ("make build && .venv/bin/python -m kcache_ops bench --device cuda
 def gather_section(data):
     """Markdown of bench/gpu_gather.py's JSON, where it is present. The speedup over the PyTorch
     way is "–" where it was not timed: write-combined rows (null) and JSON written before it
-    was timed."""
+    was timed. A run cut off before its end (``complete`` false) is said so, and its plot, drawn
+    at the end only, is not shown."""
     meta = data["meta"]  # results.machine() and the ceiling
+    complete = data.get("complete", True)  # files written before the key was: whole runs
     out = ["## Gather bandwidth (bench/gpu_gather.py)", "",
-           ran_on(meta, f", pinned memcpy H2D ceiling {meta['h2d_ceiling_GBs']:.1f} GB/s."), "",
-           "| row bytes | rows/head | memory | GB/s | % of ceiling | speedup vs torch |",
-           "|---|---|---|---|---|---|"]
+           ran_on(meta, f", pinned memcpy H2D ceiling {meta['h2d_ceiling_GBs']:.1f} GB/s."), ""]
+    if not complete:
+        out += CUT_OFF
+    out += ["| row bytes | rows/head | memory | GB/s | % of ceiling | speedup vs torch |",
+            "|---|---|---|---|---|---|"]
     for r in data["rows"]:
         speedup = "–" if r.get("speedup_vs_torch") is None else f"{r['speedup_vs_torch']:.1f}x"
         out.append(f"| {r['row_bytes']} | {r['rows_per_head']} | {r['mem']} | {r['GBs']:.1f} | "
                    f"{r['pct_ceiling']:.0f}% | {speedup} |")
-    return out + ["", "![gather bandwidth vs row size](gpu_gather.png)", ""]
+    plot = ["", "![gather bandwidth vs row size](gpu_gather.png)"] if complete else []
+    return out + plot + [""]
 
 
 # what the report reads of each JSON file: its top-level keys
@@ -103,8 +108,7 @@ def write(results_dir=RESULTS_DIR):
     lines += _section(results_dir, GATHER_JSON, lambda: gather_section(gather)) if gather else [
         "## Gather bandwidth", "", "bench/results/gpu_gather.json is not here yet "
         "(`python bench/gpu_gather.py` on a GPU).", ""]
-    with open(os.path.join(results_dir, "REPORT.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    write_text(os.path.join(results_dir, "REPORT.md"), "\n".join(lines))
 
 
 def _section(results_dir, name, build):

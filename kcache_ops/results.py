@@ -6,6 +6,7 @@ import math
 import os
 import platform
 import tempfile
+import threading
 
 import torch
 
@@ -74,16 +75,33 @@ def ran_on(m, tail=""):
             f"{', ' + m['gpu'] if 'gpu' in m else ''}, torch {m['torch']}{tail}")
 
 
+# a report section's line for a JSON file whose run stopped before its end ("complete": false)
+CUT_OFF = ["**This run was cut off before its end**: the rows below are the configurations it "
+           "finished.", ""]
+
+
 def write_json(path, obj):
     """Write ``obj`` as JSON to ``path``, creating its folder; through a temporary file renamed
     over it, so that a run killed while writing leaves the last complete file. A float that is
     not finite (a peak the CPU does not measure, a baseline not run) is written as null:
     standard JSON has no NaN, and other readers than Python's refuse it."""
+    write_text(path, json.dumps(_finite_or_none(obj), indent=1, allow_nan=False))
+
+
+def write_text(path, text):
+    """Write ``text`` to ``path`` (UTF-8), creating its folder, through a temporary file renamed
+    over it: a reader sees the old file or the new one, whole. The temporary file is this
+    thread's own (two runs writing the same file shared one, and one's rename took the other's)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    part = f"{path}.part"
-    with open(part, "w", encoding="utf-8") as f:
-        json.dump(_finite_or_none(obj), f, indent=1, allow_nan=False)
-    os.replace(part, path)
+    part = f"{path}.{os.getpid()}-{threading.get_ident()}.part"
+    try:
+        with open(part, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(part, path)
+    except BaseException:
+        if os.path.exists(part):
+            os.unlink(part)
+        raise
 
 
 def _finite_or_none(obj):

@@ -137,7 +137,9 @@ def test_a_run_cut_off_keeps_its_rows(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
     assert not data["complete"] and [r["backend"] for r in data["rows"]] == ["dense"]
     from kcache_ops.throughput.report import bench_section
-    assert "**This run was cut off before its end**" in "\n".join(bench_section(data))
+    section = "\n".join(bench_section(data))
+    assert "**This run was cut off before its end**" in section
+    assert "bench_throughput.png" not in section  # drawn at the end: not there, or an old one
 
 
 def test_transformers_steps_make_no_tensor_from_host_data(monkeypatch):
@@ -227,3 +229,86 @@ def test_a_reuse_pool_too_small_for_a_context_fails_before_any_measurement(monke
                         KCacheOptions(topn=8, group_select=True, reuse=5), 2,
                         budget_gb=0.01, hf=False, log=lambda line: None)
     assert timed == []
+
+
+@pytest.fixture
+def untested_transformers(monkeypatch):
+    """transformers 4.44 as far as kcache_ops' integration sees (its version check runs again
+    at the next import; the modules already imported come back after the test)."""
+    import importlib.metadata
+    import sys
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "4.44.0")
+    for name in ("kcache_ops.integrations.transformers",
+                 "kcache_ops.integrations.transformers_engine"):
+        if name in sys.modules:
+            monkeypatch.delitem(sys.modules, name)
+
+
+def test_an_untested_transformers_skips_the_comparison(untested_transformers, tmp_path, capsys):
+    """transformers outside the tested range: the comparison is skipped with a line saying why,
+    before the measurement, and the run completes (it measured, then failed on an ImportError,
+    leaving no report); its version is not recorded, as no row ran on it. --engine transformers
+    is an error line before anything is measured."""
+    from kcache_ops.__main__ import main
+    argv = ["bench", "--small", "--contexts", "64", "--steps", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "# the transformers comparison is skipped: kcache_ops.integrations.transformers is " \
+           "tested with transformers>=5.17,<6, but transformers 4.44.0 is installed" in out
+    assert out.index("comparison is skipped") < out.index("ctx     64 dense ")
+    data = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
+    assert data["complete"] and "transformers" not in data["machine"]
+    assert [r["backend"] for r in data["rows"]] == ["dense", "kcache"]
+    assert (tmp_path / "REPORT.md").is_file()
+    assert main(argv + ["--engine", "transformers"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: --engine transformers: kcache_ops.integrations."
+                                   "transformers is tested with transformers>=5.17,<6")
+    assert "ctx" not in captured.out
+
+
+def test_the_recorded_command_is_the_one_parsed(tmp_path):
+    """bench.json records the command ``main`` parsed, to reproduce the run (it read sys.argv,
+    which is pytest's here, or a caller's own); ``run(args)`` called from Python says so."""
+    from kcache_ops.__main__ import main
+    argv = ["bench", "--small", "--contexts", "64", "--steps", "1", "--no-hf",
+            "--out", str(tmp_path / "a b")]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "a b" / "bench.json").read_text(encoding="utf-8"))
+    assert data["command"] == ("python -m kcache_ops bench --small --contexts 64 --steps 1 "
+                               f"--no-hf --out '{tmp_path / 'a b'}'")
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    bench.run(parser.parse_args(argv[1:]))
+    data = json.loads((tmp_path / "a b" / "bench.json").read_text(encoding="utf-8"))
+    assert data["command"] == "kcache_ops.cli.bench.run(args), from Python"
+
+
+def test_transformers_with_a_context_shorter_than_its_prefill():
+    """A context under 16 tokens: transformers' timing prefills that many tokens (it prefilled
+    16 into a static cache of context + steps + 2, an IndexError at --contexts 8 --steps 2)."""
+    pytest.importorskip("transformers")
+    from kcache_ops.throughput import shapes, transformers_baseline
+    model = transformers_baseline.hf_model(shapes.SHAPES["tiny"], torch.device("cpu"),
+                                           torch.float32, 12)
+    for context in (1, 8):
+        assert transformers_baseline.time_hf(model, 2, context, 2) > 0
+
+
+def test_no_device_memory_left_after_the_reserve_is_an_error(monkeypatch):
+    """Free device memory at or under --reserve is an error naming both (the budget went
+    negative: every configuration was skipped as not fitting, and the empty run passed); a
+    negative budget fits a batch of 0, not a negative one."""
+    from types import SimpleNamespace
+
+    from kcache_ops.throughput.shapes import SHAPES
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 * 10**9, 80 * 10**9))
+    with pytest.raises(ValueError, match=r"cuda has 4.000 GB free, not more than the 6.0 GB "
+                                         r"reserved for activations \(--reserve\)"):
+        measure.device_budget(torch.device("cuda"), None, 6.0)
+    assert measure.device_budget(torch.device("cuda"), None, 1.5) == 25 * 10**8
+    model = SimpleNamespace(config=SHAPES["tiny"], dtype=torch.float32)
+    for backend in ("dense", "kcache"):
+        options = KCacheOptions(topn=8) if backend == "kcache" else None
+        assert measure.fit_batch(model, backend, options, 64, -2 * 10**9, -1, 8) == (0, "device")

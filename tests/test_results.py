@@ -46,8 +46,8 @@ def test_json_is_standard_json(tmp_path):
     path = tmp_path / "x.json"
     write_json(path, {"a": float("nan"), "b": [float("inf"), 1.5, (2, float("-inf"))],
                       "c": {"d": float("nan"), "e": "nan"}})
-    assert strict(path.read_text(encoding="utf-8")) == {"a": None, "b": [None, 1.5, [2, None]],
-                                        "c": {"d": None, "e": "nan"}}
+    assert strict(path.read_text(encoding="utf-8")) == {
+        "a": None, "b": [None, 1.5, [2, None]], "c": {"d": None, "e": "nan"}}
     for committed in pathlib.Path(RESULTS_DIR).glob("*.json"):
         strict(committed.read_text(encoding="utf-8"))
 
@@ -92,6 +92,44 @@ def test_report_from_the_gather_json_alone(tmp_path):
     assert "| 256 | 64 | pinned | 20.0 | 40% | 11.6x |" in text
     assert "| 256 | 64 | wc | 20.0 | 40% | – |" in text
     assert "| 1024 | 64 | pinned | 30.0 | 60% | – |" in text
+    assert "cut off" not in text and "(gpu_gather.png)" in text
+
+
+def test_a_gather_run_cut_off_says_so(tmp_path):
+    """A gpu_gather.json its run did not finish ("complete": false) is reported as cut off, and
+    without the plot, which the script draws at its end (it was missing, or an earlier run's)."""
+    meta = {**machine("cpu"), "gpu": "Test GPU", "h2d_ceiling_GBs": 50.0}
+    rows = [{"row_bytes": 256, "rows_per_head": 64, "mem": "pinned", "GBs": 20.0,
+             "pct_ceiling": 40.0, "speedup_vs_torch": 11.56}]
+    write_json(tmp_path / report.GATHER_JSON, {"meta": meta, "complete": False, "rows": rows})
+    report.write(tmp_path)
+    text = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
+    assert "**This run was cut off before its end**" in text and "gpu_gather.png" not in text
+    assert "| 256 | 64 | pinned | 20.0 | 40% | 11.6x |" in text
+
+
+def test_writers_of_one_file_do_not_collide(tmp_path):
+    """Two writers of one results file at once (two runs into one folder) each write whole
+    files, and the last one stays: they shared one temporary file, and one's rename took the
+    other's (a FileNotFoundError). No temporary file is left."""
+    import threading
+    path = tmp_path / "bench.json"
+    errors = []
+
+    def write(value):
+        try:
+            for i in range(200):
+                write_json(path, {"writer": value, "i": i, "rows": list(range(200))})
+        except OSError as e:
+            errors.append(e)
+    threads = [threading.Thread(target=write, args=(value,)) for value in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert load_json(path)["i"] == 199
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
 
 
 def test_the_committed_report_is_the_committed_results(tmp_path):

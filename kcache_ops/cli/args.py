@@ -141,6 +141,14 @@ def add_engine_argument(parser):
                              "pip install 'kcache_ops[transformers]')")
 
 
+def command_line(args, name):
+    """The command the results of subcommand ``name`` record for reproducing them: the one
+    ``python -m kcache_ops`` parsed (``args.command_line``, which its ``main`` sets, from the argv
+    it was given); where ``run(args)`` was called from Python, which has no command line, that
+    call."""
+    return getattr(args, "command_line", None) or f"kcache_ops.cli.{name}.run(args), from Python"
+
+
 def dtype_of(args):
     """The torch dtype of --dtype, or None where it was not given."""
     return DTYPES[args.dtype] if args.dtype else None

@@ -7,8 +7,6 @@ per configuration, then bench/results/bench.json, bench_throughput.png and REPOR
 """
 import functools
 import os
-import shlex
-import sys
 
 from .. import report
 from ..devices import default_device
@@ -16,13 +14,16 @@ from ..results import RESULTS_DIR, SMOKE_DIR, machine, prepare_out_dir, write_js
 from ..throughput.measure import measure
 from ..throughput.report import BENCH_JSON, BENCH_PLOT, plot
 from ..throughput.shapes import SHAPES
+from ..throughput.transformers_baseline import transformers_missing
 from .args import (add_device_arguments, add_engine_argument, add_kcache_arguments,
-                   bounded_float, dtype_of, kcache_options, positive_int, positive_int_list)
+                   bounded_float, command_line, dtype_of, kcache_options, positive_int,
+                   positive_int_list)
 
 
 DEFAULT_MODELS = ["llama3-8b", "smollm2-135m"]
 DEFAULT_CONTEXTS = (8192, 32768, 65536)
 SMALL_CONTEXTS = (256, 512, 1024)
+MAX_GB = 1e9
 
 
 def add_arguments(parser):
@@ -34,10 +35,11 @@ def add_arguments(parser):
                         help=f"prompt lengths in tokens (default "
                              f"{','.join(map(str, DEFAULT_CONTEXTS))}; "
                              f"{','.join(map(str, SMALL_CONTEXTS))} with --small)")
-    parser.add_argument("--budget", type=bounded_float(0.0, None, low_open=True),
+    # at most an exabyte: 1e300 GB was an OverflowError in bytes
+    parser.add_argument("--budget", type=bounded_float(0.0, MAX_GB, low_open=True),
                         help="GB of device memory for the cache (default: what is free after the "
                              "weights, less --reserve)")
-    parser.add_argument("--reserve", type=bounded_float(0.0, None), default=6.0,
+    parser.add_argument("--reserve", type=bounded_float(0.0, MAX_GB), default=6.0,
                         help="GB kept free for activations when --budget is not given (default 6)")
     parser.add_argument("--max-batch", type=positive_int, default=256,
                         help="the largest batch tried, however much the budget holds "
@@ -75,13 +77,10 @@ def run(args):
     if budget is None and device.type != "cuda":
         raise SystemExit("error: give --budget (GB) on the CPU, or --small")
     info = {**machine(device), "engine": args.engine}
-    try:
+    if transformers_missing() is None:  # the version its rows (or the engine's) ran with
         import transformers
         info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    command = "python -m kcache_ops bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"]
-                                                        else sys.argv[1:])
+    command = command_line(args, "bench")
     path = os.path.join(args.out, BENCH_JSON)
 
     def save(rows, complete=False):

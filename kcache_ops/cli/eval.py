@@ -14,8 +14,6 @@ configuration, under an hour in all; ``--topn`` / ``--tails`` / ``--group-select
 """
 import argparse
 import os
-import shlex
-import sys
 
 import torch
 
@@ -28,8 +26,8 @@ from ..eval.suite import Settings, evaluate, save_json
 from ..model import load_model
 from ..model.load import DEFAULT_NAME
 from ..results import RESULTS_DIR, SMOKE_DIR, machine, prepare_out_dir
-from .args import (add_engine_argument, add_model_arguments, dtype_of, layer_list, positive_int,
-                   positive_int_list, thread_count)
+from .args import (add_engine_argument, add_model_arguments, command_line, dtype_of, layer_list,
+                   positive_int, positive_int_list, thread_count)
 
 
 def tail_list(text):
@@ -132,8 +130,7 @@ def run(args):
     name = os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_NAME
     info = {**machine(model.device), "model": (args.model or DEFAULT_NAME) + engine,
             "model_name": name + engine}  # the file or folder name, for the report's heading
-    command = "python -m kcache_ops eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"]
-                                                       else sys.argv[1:])
+    command = command_line(args, "eval")
     path = os.path.join(args.out, EVAL_JSON)
 
     def save(results):

@@ -10,7 +10,7 @@ from ..caches import check_kcache, make_cache, sequence_bytes
 from ..devices import median_seconds, sync
 from ..ops import host_bytes_available
 from .shapes import SHAPES, random_model
-from .transformers_baseline import compare_with_hf, hf_model
+from .transformers_baseline import compare_with_hf, hf_model, transformers_missing
 
 GiB = 2 ** 30
 
@@ -88,10 +88,15 @@ def device_budget(device, budget_gb=None, reserve_gb=6.0):
     free on a CUDA device less ``reserve_gb``."""
     if budget_gb is not None:
         return int(budget_gb * 1e9)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        return int(torch.cuda.mem_get_info(device)[0] - reserve_gb * 1e9)
-    raise ValueError("give a budget (GB) on the CPU")
+    if device.type != "cuda":
+        raise ValueError("give a budget (GB) on the CPU")
+    torch.cuda.empty_cache()
+    free = torch.cuda.mem_get_info(device)[0]
+    if free <= reserve_gb * 1e9:  # else every configuration would be skipped, and the run pass
+        raise ValueError(f"{device} has {free / 1e9:.3f} GB free, not more than the "
+                         f"{reserve_gb} GB reserved for activations (--reserve): no budget is "
+                         f"left for the cache; give a smaller --reserve, or --budget")
+    return int(free - reserve_gb * 1e9)
 
 
 def fit_batch(model, backend, options, capacity, budget, host_budget, max_batch):
@@ -99,9 +104,9 @@ def fit_batch(model, backend, options, capacity, budget, host_budget, max_batch)
     ``budget`` device bytes and ``host_budget`` host bytes (None: unchecked); 0 if none fits
     -> (batch, what set it: "device", "host" or "cap")."""
     device, host = sequence_bytes(backend, model.config, options, capacity, model.dtype)
-    limits = {"device": budget // device, "cap": max_batch}
+    limits = {"device": max(0, budget // device), "cap": max_batch}
     if host and host_budget is not None:
-        limits["host"] = host_budget // host
+        limits["host"] = max(0, host_budget // host)
     limit = min(limits, key=limits.get)  # on a tie the first: the device budget
     return limits[limit], limit
 
@@ -130,6 +135,12 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
     for name in models:  # what a shape or a context cannot take, before any is measured (the
         # longest context's: a step's rows, N = min(topn, capacity), grow with the capacity)
         check_kcache(SHAPES[name], device, dtype, options, max(contexts) + steps + 2)
+    missing = transformers_missing() if engine == "transformers" or hf else None
+    if missing and engine == "transformers":
+        raise ImportError(f"--engine transformers: {missing}")
+    if missing:  # a comparison, not the measurement: the run goes on without it
+        log(f"# the transformers comparison is skipped: {missing}")
+        hf = False
     rows = []
     host_budget = host_bytes_available()
     host_budget = None if host_budget is None else int(0.8 * host_budget)

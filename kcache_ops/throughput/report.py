@@ -5,7 +5,7 @@ from dataclasses import replace
 import torch
 
 from ..caches import TAILS, KCacheOptions, sequence_bytes
-from ..results import ran_on
+from ..results import CUT_OFF, ran_on
 from .shapes import SHAPES
 
 BENCH_JSON, BENCH_PLOT = "bench.json", "bench_throughput.png"
@@ -32,8 +32,7 @@ def bench_section(data):
             "that several heads of a group chose once (and with `reuse`, the rows its pool holds "
             "are not read).", ""]
     if not data.get("complete", True):
-        out += ["**This run was cut off before its end**: the rows below are the configurations "
-                "it finished.", ""]
+        out += CUT_OFF
     if data.get("small"):
         out += ["**This is the CPU smoke run at tiny sizes (`--small`)**: it tests the machinery, "
                 "its numbers say nothing about a GPU. The GPU run is still to be done (command "
@@ -52,8 +51,9 @@ def bench_section(data):
                    f"{r['host_bytes'] / gib:.3f} | {r['prefill_tok_s']:.0f} | "
                    f"{r['decode_tok_s']:.1f} | {hf} | {r['pcie_bytes_per_step'] / 2**20:.2f} | "
                    f"{ratio} |")
-    out += ["", f"![throughput vs context]({BENCH_PLOT})", ""]
-    return out
+    if data.get("complete", True):  # the plot is drawn at the run's end
+        out += ["", f"![throughput vs context]({BENCH_PLOT})"]
+    return out + [""]
 
 
 def memory_section(capacity=32768, dtype=torch.bfloat16):

@@ -2,19 +2,28 @@
 LlamaForCausalLM (static cache, SDPA) of the same shape, timed at the dense rows' batch and
 context."""
 
+import importlib
+
 import torch
 
 from ..devices import median_seconds, sync
 
 
+def transformers_missing():
+    """Why transformers' model code cannot run here: the ImportError's message where it is not
+    installed or its version is outside the range kcache_ops is tested with; None where it can."""
+    try:  # the integration checks the version at its import
+        importlib.import_module("kcache_ops.integrations.transformers_engine")
+    except ImportError as e:
+        return str(e)
+    return None
+
+
 def hf_model(config, device, dtype, max_len):
     """transformers' LlamaForCausalLM of ``config`` (SDPA attention, random weights) on
-    ``device`` in ``dtype``, or None where transformers is not installed. RoPE scaling is left at
-    the default (it does not change the timing)."""
-    try:
-        import transformers
-    except ImportError:
-        return None
+    ``device`` in ``dtype`` (see :func:`transformers_missing` for where it can be built). RoPE
+    scaling is left at the default (it does not change the timing)."""
+    import transformers
     hf_config = transformers.LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
@@ -35,18 +44,19 @@ def time_hf(model, batch, context, steps):
     """Seconds per decode step of the transformers ``model`` with a StaticCache of
     ``context + steps + 2`` tokens at ``batch``.
 
-    A 16-token prefill fills the cache's first rows; the timed steps then write at positions
-    ``context`` on: a static cache attends over its whole length, so the cost is that of a full
-    cache."""
+    A prefill of min(16, ``context``) tokens fills the cache's first rows; the timed steps then
+    write at positions ``context`` on: a static cache attends over its whole length, so the cost
+    is that of a full cache."""
     import transformers
 
     from ..integrations.transformers_engine import cache_arg
     device = model.device
     cache = {cache_arg(model): transformers.StaticCache(config=model.config,
                                                         max_cache_len=context + steps + 2)}
-    ids = torch.randint(0, model.config.vocab_size, (batch, 16), device=device)  # [B, 16]
-    model(input_ids=ids, **cache, cache_position=torch.arange(16, device=device), use_cache=True,
-          logits_to_keep=1)
+    first = min(16, context)  # a prompt of 16 tokens ran past a cache of 8 + 2 + 2
+    ids = torch.randint(0, model.config.vocab_size, (batch, first), device=device)  # [B, first]
+    model(input_ids=ids, **cache, cache_position=torch.arange(first, device=device),
+          use_cache=True, logits_to_keep=1)
     token = ids[:, :1]  # [B, 1]
     # every step's position made on the device before timing: a tensor made from a host list in
     # the step would wait for the stream each step, losing transformers' launch/compute overlap
@@ -66,8 +76,6 @@ def compare_with_hf(config, device, dtype, dense_rows, steps, log=print):
     """Time transformers at the batch and context of each dense row (our model already freed, so
     both fit the same memory) and add ``hf_decode_tok_s`` and ``dense_vs_hf`` to the rows."""
     model = hf_model(config, device, dtype, max(r["context"] for r in dense_rows) + steps + 2)
-    if model is None:
-        return
     for row in dense_rows:
         try:
             hf_s = time_hf(model, row["batch"], row["context"], steps)
