@@ -23,7 +23,9 @@ def qk_scores(q, k_cache, seq_lens, scale=None):
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     k = k_cache.float().repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, S, D]
-    s = torch.einsum("bhd,bhsd->bhs", q.float(), k) * scale  # [B, Hq, S]
+    # each key's dot product summed the same way: a matmul rounds rows in different tiles
+    # differently, and equal keys got unequal scores (ties then broken off the lower index)
+    s = (q.float()[:, :, None, :] * k).sum(-1) * scale  # [B, Hq, S]
     s = s.masked_fill(~_valid_mask(seq_lens, S), float("-inf"))
     return s, torch.logsumexp(s, dim=-1)
 

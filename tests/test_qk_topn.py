@@ -234,6 +234,22 @@ def test_ties_exact(device, group_select, skip_first, skip_last):
     torch.testing.assert_close(lse.cpu(), ref_lse)
 
 
+def test_the_reference_ties_equal_keys_to_the_lower_index():
+    """Equal keys with random (not integer) q score alike in the reference, so its ties go to the
+    lower index as the op's do (a matmul rounded the rows of its last tile differently: the
+    reference took [9, 0, 1, 2] of 10 equal keys)."""
+    torch.manual_seed(0)
+    for S in (10, 77, 300):
+        q = torch.randn(1, 1, 64)  # [B, Hq, D]
+        k = torch.ones(1, 1, S, 64)  # [B, Hkv, S, D]: S equal keys
+        lens = seq_lens_tensor([S], "cpu")
+        s, _ = R.qk_scores(q, k, lens)  # [B, Hq, S]
+        assert (s == s[..., :1]).all(), S
+        idx = R.qk_topn(q, k, lens, 4)[1]
+        assert idx.tolist() == [[[0, 1, 2, 3]]], S
+        assert torch.equal(kcache_ops.qk_topn(q, k, lens, 4)[1], idx)
+
+
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 @pytest.mark.parametrize("where", ["q", "k"])
 def test_nan_as_reference(device, dtype, where, group_select):
@@ -294,6 +310,29 @@ def test_a_best_score_of_zero_with_denormals_flushed(device):
     finally:
         torch.set_flush_denormal(False)
     assert idx.cpu().tolist() == [[[10, 70]]]
+
+
+def test_flushed_denormals_on_every_thread():
+    """torch.set_flush_denormal sets the calling thread's mode alone; the CPU ops run each chunk
+    of their parallel loops in the caller's mode, so scores that are all subnormal (flushed to 0,
+    tied: the lowest positions) rank alike on 1 and 2 threads (a worker kept its own mode: it
+    ranked its rows by their subnormal scores, the calling thread took [0 .. 7])."""
+    torch.manual_seed(9)
+    q = torch.randn(1, 6, 64) * 0.01  # [B, Hq, D]: |q . k| < 1, scores below float32's normal
+    k = torch.randn(1, 3, 9000, 64)  # [B, Hkv, S, D]: 3 rows on 2 threads, split into chunks
+    lens = seq_lens_tensor([9000], "cpu")
+
+    def top():
+        return kcache_ops.qk_topn(q, k, lens, 8, 1.2e-38)[1]  # [B, Hq, 8]
+    on_threads(2, top)  # the pool's threads exist before the mode is set
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        picked = [on_threads(threads, top) for threads in (1, 2)]
+    finally:
+        torch.set_flush_denormal(False)
+    first = torch.arange(8, dtype=torch.int32).expand(1, 6, 8)
+    assert torch.equal(picked[0], first) and torch.equal(picked[1], first)
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])

@@ -1,6 +1,6 @@
 // Helpers shared by the CPU implementations: kNegInf, the device check, float conversion of the
 // storage dtypes, the dtype / head-dim dispatch (value checks: ../value_checks.h), data pointers
-// of possibly empty tensors, and scratch sizing.
+// of possibly empty tensors, the parallel loop, and scratch sizing.
 #pragma once
 
 #include <algorithm>
@@ -8,6 +8,10 @@
 #include <cstdint>
 #include <limits>
 #include <new>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -83,6 +87,43 @@ bool tail_meta_rows(const c10::BFloat16* meta, int64_t m_stride, int64_t n, floa
 template <typename T>
 T* data_from(const at::Tensor& t, int64_t offset) {
   return t.numel() == 0 ? nullptr : t.data_ptr<T>() + offset;
+}
+
+// The calling thread's denormal mode: MXCSR's flush-to-zero and denormals-are-zero bits (x86;
+// elsewhere none), which torch.set_flush_denormal sets on the calling thread alone.
+#if defined(__x86_64__) || defined(_M_X64)
+constexpr unsigned kDenormalBits = 0x8040;  // FTZ (bit 15), DAZ (bit 6)
+inline unsigned denormal_mode() { return _mm_getcsr() & kDenormalBits; }
+inline void set_denormal_mode(unsigned mode) {
+  _mm_setcsr((_mm_getcsr() & ~kDenormalBits) | mode);
+}
+#else
+inline unsigned denormal_mode() { return 0; }
+inline void set_denormal_mode(unsigned) {}
+#endif
+
+// The denormal mode `mode` on this thread for the scope, its own after (a task that throws too).
+class DenormalModeScope {
+ public:
+  explicit DenormalModeScope(unsigned mode) : own_(denormal_mode()) { set_denormal_mode(mode); }
+  ~DenormalModeScope() { set_denormal_mode(own_); }
+  DenormalModeScope(const DenormalModeScope&) = delete;
+  DenormalModeScope& operator=(const DenormalModeScope&) = delete;
+
+ private:
+  unsigned own_;
+};
+
+// at::parallel_for whose chunks run in the caller's denormal mode: the pool's threads keep their
+// own, so with denormals flushed a row of subnormal scores was ranked on a worker and tied at 0 on
+// the calling thread, and a result depended on the thread count.
+template <class F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const unsigned mode = denormal_mode();
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    DenormalModeScope scope(mode);
+    f(b, e);
+  });
 }
 
 // buf.resize(n); where the host has not the memory, an error that names the op, the buffer and

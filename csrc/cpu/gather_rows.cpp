@@ -22,7 +22,7 @@ at::Tensor gather_rows_cpu(const at::Tensor& src,      // [B, Hs, S, D]
   const int64_t row_bytes = dims.D * elem;
   const char* src_p = static_cast<const char*>(src.data_ptr());
   char* dst_p = static_cast<char*>(dst.data_ptr());
-  at::parallel_for(0, dims.B * dims.H, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, dims.B * dims.H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / dims.H, h = bh % dims.H;
       const char* head = src_p + (b * src.stride(0) + (h / dims.G) * src.stride(1)) * elem;

@@ -120,11 +120,11 @@ Scratch& thread_scratch() {
   return tmp;
 }
 
-// Calls task(i, tmp) for every i < count, in parallel (at::parallel_for); tmp is this thread's
+// Calls task(i, tmp) for every i < count, in parallel (parallel_for, common.h); tmp is this thread's
 // Scratch (its bytes() what it holds), kept from one call to the next up to kScratchKeepBytes.
 template <class Scratch, class Task>
 void parallel_tasks(int64_t count, const Task& task) {
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
     Scratch& tmp = thread_scratch<Scratch>();
     for (int64_t i = begin; i < end; ++i) task(i, tmp);
     if (tmp.bytes() > kScratchKeepBytes) tmp = Scratch{};

@@ -281,7 +281,7 @@ void select_split(const std::vector<Group<scalar_t>>& groups, const Options& o) 
   sp.buf.resize(count, len, G, kD, sp.chunks.count(), o, groups[0].all == nullptr);
   for (int64_t i = 0; i < count; ++i)
     queries_to_float<scalar_t, kD>(groups[i], G, sp.buf.qf.data() + i * G * kD);
-  at::parallel_for(0, sp.chunks.count(), 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, sp.chunks.count(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const RowChunks::Chunk& ch = sp.chunks.chunks[c];
       const Group<scalar_t>& g = groups[ch.group];

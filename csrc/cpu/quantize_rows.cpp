@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_cpu(const at::Tensor& v,  // [.
     const scalar_t* base = v.data_ptr<scalar_t>();
     uint8_t* codes_p = codes.data_ptr<uint8_t>();
     c10::BFloat16* meta_p = meta.data_ptr<c10::BFloat16>();
-    at::parallel_for(0, dims.rows, 256, [&](int64_t begin, int64_t end) {
+    parallel_for(0, dims.rows, 256, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         int64_t offset = 0;  // of row r in elements, from its index over the leading dims
         for (int64_t i = lead - 1, rest = r; i >= 0; --i) {

@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> reuse_rows_cpu(
   char* rows_p = static_cast<char*>(rows.data_ptr());
   const int64_t ix_sb = indices.stride(0), ix_sh = indices.stride(1), ix_sn = indices.stride(2);
 
-  at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, d.B * d.Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> pos(d.E), first(d.E), slot(d.E);  // per entry
     std::vector<uint64_t> keys(d.C);
     std::unordered_map<int32_t, int32_t> first_of, slot_of;  // position -> entry, slot

@@ -131,7 +131,7 @@ at::Tensor sparse_attn_v_cpu(const at::Tensor& scores,   // [B, Hq, N] float32
   KC_DISPATCH_FLOAT_HALF_BF16(v_cache.scalar_type(), "sparse_attn_v", [&] {
     KC_HEAD_DIM_SWITCH(dims.D, [&] {
       KC_ISA_SWITCH([&] {
-        at::parallel_for(0, dims.B * dims.Hkv, 1, [&](int64_t begin, int64_t end) {
+        parallel_for(0, dims.B * dims.Hkv, 1, [&](int64_t begin, int64_t end) {
           for (int64_t bg = begin; bg < end; ++bg) {
             attend_group<Isa, scalar_t, kD>(scores, indices, v_cache, lse, renormalize, v_sum,
                                             seq_lens, dims, bg / dims.Hkv, bg % dims.Hkv, out);
