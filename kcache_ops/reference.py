@@ -13,6 +13,9 @@ def _valid_mask(seq_lens, length, skip_first=0, skip_last=0):
     return ((j[None, :] >= skip_first) & (j[None, :] < end[:, None]))[:, None, :]
 
 
+_SCORE_CHUNK = 1024  # keys whose products qk_scores forms at once
+
+
 def qk_scores(q, k_cache, seq_lens, scale=None):
     """Masked scores and their log-sum-exp.
 
@@ -22,10 +25,13 @@ def qk_scores(q, k_cache, seq_lens, scale=None):
     B, Hq, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    k = k_cache.float().repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, S, D]
-    # each key's dot product summed the same way: a matmul rounds rows in different tiles
-    # differently, and equal keys got unequal scores (ties then broken off the lower index)
-    s = (q.float()[:, :, None, :] * k).sum(-1) * scale  # [B, Hq, S]
+    qg = q.float().view(B, Hkv, Hq // Hkv, 1, D)  # [B, Hkv, G, 1, D]: head h reads KV head h // G
+    # each key's products summed the same way (a matmul rounds the rows of different tiles
+    # differently: equal keys scored unequally, and their tie went off the lower index), in
+    # chunks of keys to bound the [.., chunk, D] products
+    s = torch.cat([(qg * k[:, :, None].float()).sum(-1)  # [B, Hkv, G, chunk]
+                   for k in k_cache.split(_SCORE_CHUNK, dim=2)], dim=-1)
+    s = s.view(B, Hq, S) * scale  # [B, Hq, S]
     s = s.masked_fill(~_valid_mask(seq_lens, S), float("-inf"))
     return s, torch.logsumexp(s, dim=-1)
 
@@ -115,10 +121,10 @@ def gather_rows(src, indices):
     Hs, S, D = src.shape[1:]
     if S == 0:  # an empty cache: every index is padding
         return torch.zeros(B, H, N, D, dtype=src.dtype, device=indices.device)
-    src = src.to(indices.device).repeat_interleave(H // Hs, dim=1)  # [B, H, S, D]
-    idx = indices.long().clamp(min=0)[..., None].expand(B, H, N, D)  # [B, H, N, D]
-    dst = torch.gather(src, 2, idx)  # [B, H, N, D]
-    return dst.masked_fill((indices < 0)[..., None], 0)
+    # head h reads source head h // G: a group's G x N rows gathered from its one source head
+    idx = indices.long().clamp(min=0).reshape(B, Hs, H // Hs * N, 1)  # [B, Hs, G * N, 1]
+    dst = torch.gather(src.to(indices.device), 2, idx.expand(-1, -1, -1, D))  # [B, Hs, G * N, D]
+    return dst.view(B, H, N, D).masked_fill((indices < 0)[..., None], 0)
 
 
 def reuse_rows(indices, v_host, new_pos, rows, held, used, step, group_select):

@@ -120,8 +120,9 @@ Scratch& thread_scratch() {
   return tmp;
 }
 
-// Calls task(i, tmp) for every i < count, in parallel (parallel_for, common.h); tmp is this thread's
-// Scratch (its bytes() what it holds), kept from one call to the next up to kScratchKeepBytes.
+// Calls task(i, tmp) for every i < count, in parallel (parallel_for, common.h); tmp is the
+// thread's Scratch (its bytes() what it holds), kept from one call to the next up to
+// kScratchKeepBytes.
 template <class Scratch, class Task>
 void parallel_tasks(int64_t count, const Task& task) {
   parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
