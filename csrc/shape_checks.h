@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <optional>
+#include <utility>
 
 #include "checks.h"
 
@@ -187,8 +188,11 @@ inline ReuseRowsDims check_reuse_rows_args(const at::Tensor& indices, const at::
   TORCH_CHECK(S < (int64_t{1} << 31), "v_host must have fewer than 2^31 rows, got ", S);
   KC_CHECK_LAST_CONTIGUOUS(v_host);
   KC_CHECK_LAST_CONTIGUOUS(indices);
-  TORCH_CHECK(rows.is_contiguous() && held.is_contiguous() && used.is_contiguous(),
-              "rows, held and used must be contiguous (the pool, updated in place)");
+  for (const auto& [name, pool] : {std::pair<const char*, const at::Tensor*>{"rows", &rows},
+                                   {"held", &held}, {"used", &used}}) {
+    TORCH_CHECK(pool->is_contiguous(), name, " must be contiguous (the pool, updated in place), "
+                "got strides ", pool->strides(), " for shape ", pool->sizes());
+  }
   check_no_overlap({{"rows", &rows}, {"held", &held}, {"used", &used}},
                    {{"indices", &indices}, {"v_host", &v_host}, {"new_pos", &new_pos},
                     {"step", &step}});

@@ -91,7 +91,7 @@ def sparse_attn_v(scores, indices, v_cache, lse=None, renormalize=True, check_va
         Rows of ``v_cache`` per head, ``-1`` for padding (ignored).
     v_cache : Tensor [B, Hkv, S, D]
         On the CUDA path: pinned, device-mapped host memory (see :func:`alloc_host`), read by the
-        kernel directly. On the CPU path: a CPU tensor.
+        kernel directly, or a tensor on the same GPU. On the CPU path: a CPU tensor.
     lse : Tensor [B, Hq] float32, optional
         Needed when ``renormalize=False``.
     renormalize : bool
@@ -179,8 +179,8 @@ def reuse_rows(indices, v_host, new_pos, rows, held, used, step, group_select,
     indices : Tensor [B, Hq, N] int32
         The step's selection (``qk_topn``'s indices), -1 for padding.
     v_host : Tensor [B, Hkv, S, D]
-        V, as :func:`sparse_attn_v` takes it (on CUDA: pinned, device-mapped host memory, rows a
-        multiple of 16 bytes).
+        V, as :func:`sparse_attn_v` takes it (on CUDA: pinned, device-mapped host memory or a
+        tensor on the same GPU, rows a multiple of 16 bytes).
     new_pos : Tensor [B] int32
         The position of each sequence's new token.
     rows : Tensor [B, Hkv, C, D], dtype of ``v_host``, contiguous, updated
@@ -680,8 +680,10 @@ def _(indices, v_host, new_pos, rows, held, used, step, group_select, check_valu
         raise RuntimeError(f"reuse_rows: v_host must have fewer than 2^31 rows, got "
                            f"{_values(S)}")
     _check_last_contiguous("reuse_rows", v_host=v_host, indices=indices)
-    if not (rows.is_contiguous() and held.is_contiguous() and used.is_contiguous()):
-        raise RuntimeError("reuse_rows: rows, held and used must be contiguous (the pool, "
-                           "updated in place)")
+    for name, pool in (("rows", rows), ("held", held), ("used", used)):
+        if not pool.is_contiguous():
+            raise RuntimeError(f"reuse_rows: {name} must be contiguous (the pool, updated in "
+                               f"place), got strides {_values(pool.stride())} for shape "
+                               f"{_values(pool.shape)}")
     return (indices.new_empty((B, Hq, N), dtype=torch.int32),
             indices.new_empty((B, Hkv, 2), dtype=torch.int32))

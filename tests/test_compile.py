@@ -183,7 +183,7 @@ def _metadata_calls():
         (reuse, pool(rows=rows[:, :, :5].contiguous(), held=small, used=small.clone()), {},
          r"rows must have at least 6 slots \(the rows of one step: G x N\), got 5"),
         (reuse, pool(held=held.transpose(0, 1).contiguous().transpose(0, 1)), {},
-         "rows, held and used must be contiguous"),
+         r"held must be contiguous \(the pool, updated in place\), got strides \["),
         (quantize, (torch.randn(4, 3), 4), {}, r"v: last dim \(D\) must be a positive multiple "
          r"of 2 \(8 / bits\) for bits=4, got 3"),
         (quantize, (torch.zeros(4, 8, dtype=i32), 4), {}, f"v {floating} Int"),

@@ -194,7 +194,12 @@ def test_reuse_rows_bad_arguments(attn):
         (change(args, 5, pool[2][..., :3]), r"used must have shape \[2, 2, 8\]"),
         (change(args, 1, v[:, :1]), r"rows must have shape \[2, 1, C, 64\]"),
         (change(args, 4, pool[1].transpose(0, 1).contiguous().transpose(0, 1)),
-         "rows, held and used must be contiguous"),
+         r"held must be contiguous \(the pool, updated in place\), got strides \[8, 16, 1\] "
+         r"for shape \[2, 2, 8\]"),
+        (change(args, 3, pool[0].transpose(1, 2).contiguous().transpose(1, 2)),
+         r"rows must be contiguous .*, got strides \[1024, 64, 128, 1\]"),
+        (change(args, 5, pool[2].transpose(0, 1).contiguous().transpose(0, 1)),
+         "used must be contiguous"),
         ((indices, v, new_pos, *[t[:, :, :C - 1] for t in pool], step, False),
          r"rows must have at least 8 slots \(the rows of one step: G x N\), got 7"),
     ]
