@@ -384,6 +384,8 @@ def test_cli_bad_values_are_usage_errors(argv, message, capsys):
     (["generate", "--prompt-file", "{latin1}"], "{latin1} is not UTF-8 text"),
     (["generate", "--prompt", "caf\udce9"], "--prompt 'caf\\udce9' is not UTF-8 text"),
     (["bench", "--small", "--topn", "0"], "topn must be an integer >= 1, got 0"),
+    (["generate", "--prompt", "hi", "--backend", "kcache", "--attn-top-p", "0"],
+     "KCache: top_p (--attn-top-p) must be a number in (0, 1]"),  # not generate's --top-p
     (["bench", "--device", "cpu"], "give --budget (GB) on the CPU, or --small"),
 ])
 def test_cli_bad_input_is_an_error_line(argv, message, capsys, tmp_path):

@@ -213,4 +213,9 @@ def kcache_options(args):
     try:
         return replace(base, **given_kcache_options(args))
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from e
+        message = str(e)
+        for f in fields(KCacheOptions):  # a field whose flag has another name: the flag too
+            if "flag" in f.metadata:
+                message = message.replace(f"KCache: {f.name} ",
+                                          f"KCache: {f.name} ({f.metadata['flag']}) ")
+        raise SystemExit(f"error: {message}") from e
