@@ -37,11 +37,10 @@ def main(argv=None):
     args.command_line = f"python -m kcache_ops {shlex.join(argv)}"  # what the results record
     try:
         return module.run(args) or 0
-    except (ValueError, OSError, MemoryError, torch.OutOfMemoryError, ImportError) as e:  # bad
-        # input found past the flags: a file, a checkpoint, a value the options or the model
-        # refuse (CheckpointError, UnsupportedModelError included), caches larger than the memory
-        # (the host's, or what the GPU has free), --engine transformers where transformers is
-        # missing or of an untested version
+    except (ValueError, OSError, MemoryError, torch.OutOfMemoryError) as e:  # bad input found
+        # past the flags: a file, a checkpoint, a value the options or the model refuse
+        # (CheckpointError, UnsupportedModelError included), caches larger than the memory (the
+        # host's, or what the GPU has free)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # a command's own refusal of its flags ("error: ..."): a usage error

@@ -237,7 +237,9 @@ def untested_transformers(monkeypatch):
     at the next import; the modules already imported come back after the test)."""
     import importlib.metadata
     import sys
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: "4.44.0")
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "4.44.0" if name == "transformers" else real(name))
     for name in ("kcache_ops.integrations.transformers",
                  "kcache_ops.integrations.transformers_engine"):
         if name in sys.modules:
@@ -265,6 +267,8 @@ def test_an_untested_transformers_skips_the_comparison(untested_transformers, tm
     assert captured.err.startswith("error: --engine transformers: kcache_ops.integrations."
                                    "transformers is tested with transformers>=5.17,<6")
     assert "ctx" not in captured.out
+    assert main(["eval", "--quick", "--engine", "transformers", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: --engine transformers: kcache_ops.")
 
 
 def test_the_recorded_command_is_the_one_parsed(tmp_path):
@@ -312,3 +316,30 @@ def test_no_device_memory_left_after_the_reserve_is_an_error(monkeypatch):
     for backend in ("dense", "kcache"):
         options = KCacheOptions(topn=8) if backend == "kcache" else None
         assert measure.fit_batch(model, backend, options, 64, -2 * 10**9, -1, 8) == (0, "device")
+
+
+def test_a_model_the_reserve_leaves_no_room_for_is_skipped(monkeypatch):
+    """Where one model's weights leave no budget after the reserve, that model is skipped with a
+    line saying why and the next one is measured (the error ended the run before the smaller
+    model); a run where nothing fits is an error, not an empty table."""
+    from kcache_ops.throughput.shapes import SHAPES
+    monkeypatch.setitem(SHAPES, "tiny2", SHAPES["tiny"])
+    real = measure.device_budget
+    budgets = iter([ValueError("cuda has 1.000 GB free, not more than the 6.0 GB reserved"),
+                    None])
+
+    def device_budget(*args):
+        failure = next(budgets)
+        if failure:
+            raise failure
+        return real(*args)
+    monkeypatch.setattr(measure, "device_budget", device_budget)
+    lines = []
+    rows = measure.measure(["tiny", "tiny2"], [64], torch.device("cpu"), torch.float32,
+                           KCacheOptions(topn=8), 1, budget_gb=0.01, hf=False, log=lines.append)
+    assert "# tiny: skipped: cuda has 1.000 GB free, not more than the 6.0 GB reserved" in lines
+    assert {r["model"] for r in rows} == {"tiny2"} and len(rows) == 2
+    monkeypatch.setattr(measure, "device_budget", real)
+    with pytest.raises(ValueError, match="no configuration ran: none fit the budget"):
+        measure.measure(["tiny"], [64], torch.device("cpu"), torch.float32,
+                        KCacheOptions(topn=8), 1, budget_gb=1e-12, hf=False, log=lines.append)

@@ -120,7 +120,10 @@ def run(args):
         torch.set_num_threads(args.threads)
     s, planned = settings(args), configs(args)
     if args.engine == "transformers":
-        from ..integrations.transformers_engine import load_transformers_model
+        try:
+            from ..integrations.transformers_engine import load_transformers_model
+        except ImportError as e:  # transformers missing, or of a version not tested
+            raise ValueError(f"--engine transformers: {e}") from e
         model, tokenizer = load_transformers_model(args.model, args.device, dtype_of(args))
     else:
         model, tokenizer = load_model(args.model, args.device, dtype_of(args))

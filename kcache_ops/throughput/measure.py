@@ -85,14 +85,15 @@ def _decode_within_memory(name, model, backend, options, batch, limit, context, 
 
 def device_budget(device, budget_gb=None, reserve_gb=6.0):
     """The device-memory budget for the cache in bytes: ``budget_gb`` where given, else what is
-    free on a CUDA device less ``reserve_gb``."""
+    free on a CUDA device less ``reserve_gb``; ValueError where that leaves nothing, or on the CPU
+    without ``budget_gb``."""
     if budget_gb is not None:
         return int(budget_gb * 1e9)
     if device.type != "cuda":
         raise ValueError("give a budget (GB) on the CPU")
     torch.cuda.empty_cache()
     free = torch.cuda.mem_get_info(device)[0]
-    if free <= reserve_gb * 1e9:  # else every configuration would be skipped, and the run pass
+    if free <= reserve_gb * 1e9:
         raise ValueError(f"{device} has {free / 1e9:.3f} GB free, not more than the "
                          f"{reserve_gb} GB reserved for activations (--reserve): no budget is "
                          f"left for the cache; give a smaller --reserve, or --budget")
@@ -135,9 +136,11 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
     for name in models:  # what a shape or a context cannot take, before any is measured (the
         # longest context's: a step's rows, N = min(topn, capacity), grow with the capacity)
         check_kcache(SHAPES[name], device, dtype, options, max(contexts) + steps + 2)
+    if budget_gb is None and device.type != "cuda":
+        raise ValueError("give a budget (GB) on the CPU")
     missing = transformers_missing() if engine == "transformers" or hf else None
     if missing and engine == "transformers":
-        raise ImportError(f"--engine transformers: {missing}")
+        raise ValueError(f"--engine transformers: {missing}")
     if missing:  # a comparison, not the measurement: the run goes on without it
         log(f"# the transformers comparison is skipped: {missing}")
         hf = False
@@ -147,8 +150,12 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
     for name in models:
         config = SHAPES[name]
         model = build_model(config, device, dtype, engine, max(contexts) + steps + 2)
-        budget = device_budget(device, budget_gb, reserve_gb)
-        log(f"# {name}: budget {budget / GiB:.3f} GiB for the cache")
+        try:  # what the weights leave free
+            budget = device_budget(device, budget_gb, reserve_gb)
+            log(f"# {name}: budget {budget / GiB:.3f} GiB for the cache")
+        except ValueError as e:  # these weights leave no room; the next model's may
+            log(f"# {name}: skipped: {e}")
+            budget = 0
         dense_rows = []
         for context in contexts:
             dense_row = None
@@ -187,6 +194,9 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
         if hf and dense_rows:
             compare_with_hf(config, device, dtype, dense_rows, steps, log)
             on_rows(rows)
+    if not rows:  # an empty run is no result: it passed, and wrote an empty table
+        raise ValueError("no configuration ran: none fit the budget and the memory (the lines "
+                         "above say why)")
     return rows
 
 
