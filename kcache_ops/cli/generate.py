@@ -1,5 +1,7 @@
 """``python -m kcache_ops generate``: generate text with the dense or the kcache attention backend,
 streaming it, then print the timing and the memory the cache holds."""
+import argparse
+import math
 import sys
 
 import torch
@@ -7,8 +9,20 @@ import torch
 from ..caches import BACKENDS
 from ..generate import generate
 from ..model import load_model
+from ..ops import as_float32
 from .args import (add_kcache_arguments, add_model_arguments, bounded_float, dtype_of,
                    given_kcache_flags, kcache_options, positive_int, seed)
+
+
+def temperature(text):
+    """--temperature: a number >= 0 that is finite as a float32, as sample() takes it (1e39 is
+    refused before the model loads, not after)."""
+    value = bounded_float(0.0, None)(text)
+    if as_float32(value) == math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 that is finite as a float32 (at "
+                                         f"most {torch.finfo(torch.float32).max:.8g}), got "
+                                         f"{text!r}")
+    return value
 
 
 def add_arguments(parser):
@@ -21,9 +35,7 @@ def add_arguments(parser):
                         help="attention backend (default dense)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=128,
                         help="new tokens per prompt at most (default 128)")
-    # finite in float32, as sample() takes it: 1e39 is refused before the model loads
-    parser.add_argument("--temperature", default=0.0,
-                        type=bounded_float(0.0, torch.finfo(torch.float32).max),
+    parser.add_argument("--temperature", type=temperature, default=0.0,
                         help="0 (default): greedy; above 0: sample (then --top-p, --top-k)")
     parser.add_argument("--top-p", type=bounded_float(0.0, 1.0, low_open=True),
                         help="nucleus sampling: draw from the most likely tokens whose "
