@@ -9,7 +9,7 @@
 #include <limits>
 #include <new>
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__x86_64__)
 #include <xmmintrin.h>
 #endif
 
@@ -89,29 +89,47 @@ T* data_from(const at::Tensor& t, int64_t offset) {
   return t.numel() == 0 ? nullptr : t.data_ptr<T>() + offset;
 }
 
-// The calling thread's denormal mode: MXCSR's flush-to-zero and denormals-are-zero bits (x86;
-// elsewhere none), which torch.set_flush_denormal sets on the calling thread alone.
-#if defined(__x86_64__) || defined(_M_X64)
-constexpr unsigned kDenormalBits = 0x8040;  // FTZ (bit 15), DAZ (bit 6)
-inline unsigned denormal_mode() { return _mm_getcsr() & kDenormalBits; }
-inline void set_denormal_mode(unsigned mode) {
+// The calling thread's denormal mode, which torch.set_flush_denormal sets on the calling thread
+// alone: MXCSR's flush-to-zero and denormals-are-zero bits on x86, FPCR's flush-to-zero bit on
+// AArch64; elsewhere none.
+#if defined(__x86_64__)
+using FpModeBits = unsigned;
+constexpr FpModeBits kDenormalBits = 0x8040;  // FTZ (bit 15), DAZ (bit 6)
+inline FpModeBits denormal_mode() { return _mm_getcsr() & kDenormalBits; }
+inline void set_denormal_mode(FpModeBits mode) {
   _mm_setcsr((_mm_getcsr() & ~kDenormalBits) | mode);
 }
+#elif defined(__aarch64__)
+using FpModeBits = uint64_t;
+constexpr FpModeBits kDenormalBits = FpModeBits{1} << 24;  // FZ
+inline FpModeBits fpcr() {
+  FpModeBits value;
+  asm volatile("mrs %0, fpcr" : "=r"(value));
+  return value;
+}
+inline FpModeBits denormal_mode() { return fpcr() & kDenormalBits; }
+inline void set_denormal_mode(FpModeBits mode) {
+  const FpModeBits value = (fpcr() & ~kDenormalBits) | mode;
+  asm volatile("msr fpcr, %0" : : "r"(value));
+}
 #else
-inline unsigned denormal_mode() { return 0; }
-inline void set_denormal_mode(unsigned) {}
+using FpModeBits = unsigned;
+inline FpModeBits denormal_mode() { return 0; }
+inline void set_denormal_mode(FpModeBits) {}
 #endif
 
 // The denormal mode `mode` on this thread for the scope, its own after (a task that throws too).
 class DenormalModeScope {
  public:
-  explicit DenormalModeScope(unsigned mode) : own_(denormal_mode()) { set_denormal_mode(mode); }
+  explicit DenormalModeScope(FpModeBits mode) : own_(denormal_mode()) {
+    set_denormal_mode(mode);
+  }
   ~DenormalModeScope() { set_denormal_mode(own_); }
   DenormalModeScope(const DenormalModeScope&) = delete;
   DenormalModeScope& operator=(const DenormalModeScope&) = delete;
 
  private:
-  unsigned own_;
+  FpModeBits own_;
 };
 
 // at::parallel_for whose chunks run in the caller's denormal mode: the pool's threads keep their
@@ -119,7 +137,7 @@ class DenormalModeScope {
 // the calling thread, and a result depended on the thread count.
 template <class F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
-  const unsigned mode = denormal_mode();
+  const FpModeBits mode = denormal_mode();
   at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
     DenormalModeScope scope(mode);
     f(b, e);
