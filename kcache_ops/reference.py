@@ -13,7 +13,7 @@ def _valid_mask(seq_lens, length, skip_first=0, skip_last=0):
     return ((j[None, :] >= skip_first) & (j[None, :] < end[:, None]))[:, None, :]
 
 
-_SCORE_CHUNK = 1024  # keys whose products qk_scores forms at once
+_SCORE_CHUNK_ELEMENTS = 1 << 24  # products qk_scores forms at once (64 MiB of float32)
 
 
 def qk_scores(q, k_cache, seq_lens, scale=None):
@@ -28,9 +28,10 @@ def qk_scores(q, k_cache, seq_lens, scale=None):
     qg = q.float().view(B, Hkv, Hq // Hkv, 1, D)  # [B, Hkv, G, 1, D]: head h reads KV head h // G
     # each key's products summed the same way (a matmul rounds the rows of different tiles
     # differently: equal keys scored unequally, and their tie went off the lower index), in
-    # chunks of keys to bound the [.., chunk, D] products
+    # chunks of keys to bound the [B, Hkv, G, chunk, D] products
+    chunk = max(1, _SCORE_CHUNK_ELEMENTS // max(1, B * Hq * D))
     s = torch.cat([(qg * k[:, :, None].float()).sum(-1)  # [B, Hkv, G, chunk]
-                   for k in k_cache.split(_SCORE_CHUNK, dim=2)], dim=-1)
+                   for k in k_cache.split(chunk, dim=2)], dim=-1)
     s = s.view(B, Hq, S) * scale  # [B, Hq, S]
     s = s.masked_fill(~_valid_mask(seq_lens, S), float("-inf"))
     return s, torch.logsumexp(s, dim=-1)
