@@ -62,7 +62,7 @@ def test_cmake_refuses_a_static_libstdcxx_compiler(tmp_path):
     if not (cmake and gxx):
         pytest.skip("needs cmake and g++")
     wrapper = tmp_path / "g++"
-    wrapper.write_text(f'#!/bin/sh\nexec {gxx} "$@" -static-libstdc++\n')
+    wrapper.write_text(f'#!/bin/sh\nexec {gxx} "$@" -static-libstdc++\n', encoding="utf-8")
     wrapper.chmod(0o755)
     done = subprocess.run([cmake, "-S", ROOT, "-B", tmp_path / "build",
                            f"-DCMAKE_CXX_COMPILER={wrapper}",

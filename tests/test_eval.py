@@ -510,7 +510,7 @@ def test_out_that_cannot_be_written_fails_before_any_run(tmp_path, capsys):
     """A --out that cannot be made (under a file) is refused before any model loads (it was
     found only when the results were saved, after the whole dense run); a new one is made."""
     from kcache_ops.__main__ import main
-    (tmp_path / "file").write_text("")
+    (tmp_path / "file").write_text("", encoding="utf-8")
     bad = tmp_path / "file" / "results"
     for argv in (["eval", "--quick"], ["bench", "--small"]):
         assert main([*argv, "--out", str(bad)]) == 2
@@ -524,7 +524,7 @@ def test_out_that_cannot_be_written_fails_before_any_run(tmp_path, capsys):
 def test_out_that_is_a_file_fails_before_any_run(tmp_path, capsys):
     from kcache_ops.__main__ import main
     taken = tmp_path / "taken"
-    taken.write_text("")
+    taken.write_text("", encoding="utf-8")
     for argv in (["eval", "--quick"], ["bench", "--small"]):
         assert main([*argv, "--out", str(taken)]) == 2
         assert capsys.readouterr().err == f"error: --out must be a folder (made where missing), " \

@@ -162,8 +162,8 @@ def test_chat_template_in_its_own_file(tmp_path, hf_folder):
     for name in ("tokenizer.json", "config.json", "model.safetensors"):
         (tmp_path / name).write_bytes((folder / name).read_bytes())
     config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    (tmp_path / "chat_template.jinja").write_text(config.pop("chat_template"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "chat_template.jinja").write_text(config.pop("chat_template"), encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     _, tokenizer = load_model(tmp_path, "cpu")
     assert tokenizer.render_chat("hi") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
@@ -233,11 +233,11 @@ def test_malformed_config_is_a_checkpoint_error(tmp_path, edit, message):
     cfg_path = tmp_path / "config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     edit(cfg)
-    cfg_path.write_text(json.dumps(cfg))
+    cfg_path.write_text(json.dumps(cfg), encoding="utf-8")
     with pytest.raises(CheckpointError, match=f"config.json: not a usable model config .*"
                                               f"{message}"):
         load_hf_model(str(tmp_path), "cpu", torch.float32)
-    cfg_path.write_text("[1, 2]")
+    cfg_path.write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(CheckpointError, match="must hold a JSON object, got list"):
         load_hf_model(str(tmp_path), "cpu", torch.float32)
 
@@ -260,11 +260,11 @@ def test_missing_tensor_and_wrong_shape(tmp_path):
     cfg_path = tmp_path / "config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg["num_hidden_layers"] = 3
-    cfg_path.write_text(json.dumps(cfg))
+    cfg_path.write_text(json.dumps(cfg), encoding="utf-8")
     with pytest.raises(CheckpointError, match=f"^{re.escape(str(tmp_path))}: .*lacks 9 tensors"):
         load_hf_model(str(tmp_path), "cpu", torch.float32)
     cfg.update(num_hidden_layers=2, intermediate_size=40)
-    cfg_path.write_text(json.dumps(cfg))
+    cfg_path.write_text(json.dumps(cfg), encoding="utf-8")
     with pytest.raises(CheckpointError, match="has shape"):
         load_hf_model(str(tmp_path), "cpu", torch.float32)
 
@@ -281,7 +281,8 @@ def test_corrupt_and_truncated_gguf(tmp_path, hf_folder):
 def test_unsupported_architectures(tmp_path):
     save_tiny_hf(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}),
+                                          encoding="utf-8")
     with pytest.raises(UnsupportedModelError, match=f"^{re.escape(str(tmp_path))}/config.json: "
                                                     f".*model_type 'gpt2'"):
         load_model(tmp_path)
@@ -394,7 +395,7 @@ def test_malformed_shard_index(tmp_path):
     for text, message in (('{"metadata": {}}', 'under "weight_map", got None'),
                           ('{"weight_map": {"a": 3}}', 'under "weight_map", got'),
                           ("{oops", "index.json is not valid JSON")):
-        index.write_text(text)
+        index.write_text(text, encoding="utf-8")
         with pytest.raises(CheckpointError, match=message):
             load_hf_model(str(tmp_path), "cpu", torch.float32)
 
@@ -414,7 +415,7 @@ def test_shards_outside_the_folder(tmp_path):
     load_hf_model(str(folder), "cpu", torch.float32)  # read through the link
     for outside in (f"../blobs/{shard}", str(tmp_path / "blobs" / shard)):
         moved = {k: outside if v == shard else v for k, v in weight_map.items()}
-        index.write_text(json.dumps({"weight_map": moved}))
+        index.write_text(json.dumps({"weight_map": moved}), encoding="utf-8")
         with pytest.raises(CheckpointError, match=f"lists shard {re.escape(repr(outside))}, "
                                                   f"outside the folder"):
             load_hf_model(str(folder), "cpu", torch.float32)
@@ -425,16 +426,17 @@ def test_tokenizer_config_faults_name_the_file(tmp_path, hf_folder):
     for name in ("tokenizer.json", "config.json", "model.safetensors"):
         (tmp_path / name).write_bytes((folder / name).read_bytes())
     cfg_path = tmp_path / "tokenizer_config.json"
-    cfg_path.write_text("{not json")
+    cfg_path.write_text("{not json", encoding="utf-8")
     with pytest.raises(CheckpointError, match="tokenizer_config.json is not valid JSON"):
         load_model(tmp_path, "cpu")
-    cfg_path.write_text(json.dumps({"chat_template": [{"template": CHAT_TEMPLATE}]}))
+    cfg_path.write_text(json.dumps({"chat_template": [{"template": CHAT_TEMPLATE}]}),
+                        encoding="utf-8")
     assert load_model(tmp_path, "cpu")[1].chat_template == CHAT_TEMPLATE  # unnamed: the first
-    cfg_path.write_text(json.dumps({"chat_template": [{"name": "default"}]}))
+    cfg_path.write_text(json.dumps({"chat_template": [{"name": "default"}]}), encoding="utf-8")
     with pytest.raises(CheckpointError, match="chat_template is a list without a"):
         load_model(tmp_path, "cpu")
     for eos in (5, ["<|im_end|>"]):  # a TypeError inside the tokenizer before
-        cfg_path.write_text(json.dumps({"eos_token": eos}))
+        cfg_path.write_text(json.dumps({"eos_token": eos}), encoding="utf-8")
         with pytest.raises(CheckpointError, match=f"tokenizer_config.json: eos_token must be a "
                                                   f"token's text .*got {re.escape(repr(eos))}"):
             load_model(tmp_path, "cpu")
@@ -647,7 +649,7 @@ def test_tokenizer_larger_than_the_embedding(tmp_path, hf_folder):
     for f in folder.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
     cfg = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, "vocab_size": 90}))
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "vocab_size": 90}), encoding="utf-8")
     with pytest.raises(CheckpointError, match=f"^{re.escape(str(tmp_path))}: the tokenizer has "
                                               f"token ids up to 95, past the 90 rows"):
         load_model(tmp_path, "cpu")
@@ -660,10 +662,11 @@ def test_generation_config_ends_generation(tmp_path, hf_folder):
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         (tmp_path / name).write_bytes((folder / name).read_bytes())
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    (tmp_path / "config.json").write_text(json.dumps({**config, "eos_token_id": 0}))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "eos_token_id": 0}),
+                                          encoding="utf-8")
     generation = tmp_path / "generation_config.json"
     for eos, ends in ((None, (0,)), (2, (0, 2)), ([0, 2, 1], (0, 2, 1))):
-        generation.write_text(json.dumps({"eos_token_id": eos}))
+        generation.write_text(json.dumps({"eos_token_id": eos}), encoding="utf-8")
         model, tokenizer = load_model(tmp_path, "cpu")
         assert model.config.eos_token_ids == tokenizer.eos_ids == ends
     for text, message in (("{oops", "is not valid JSON"),
@@ -672,6 +675,6 @@ def test_generation_config_ends_generation(tmp_path, hf_folder):
                           ('{"eos_token_id": [2, 96]}',
                            r"eos_token_id must be a token id in \[0, 96\) or a list of them, "
                            r"got \[2, 96\]")):
-        generation.write_text(text)
+        generation.write_text(text, encoding="utf-8")
         with pytest.raises(CheckpointError, match=f"generation_config.json.*{message}"):
             load_model(tmp_path, "cpu")

@@ -23,7 +23,7 @@ def setup_version(**env):
 @pytest.mark.skipif(not os.path.isfile(SYSTEM_GXX), reason="needs the system g++")
 def test_a_static_runtime_compiler_is_replaced(tmp_path):
     wrapper = tmp_path / "g++"
-    wrapper.write_text(f'#!/bin/sh\nexec {SYSTEM_GXX} "$@" -static-libstdc++\n')
+    wrapper.write_text(f'#!/bin/sh\nexec {SYSTEM_GXX} "$@" -static-libstdc++\n', encoding="utf-8")
     wrapper.chmod(0o755)
     status, out = setup_version(CXX=str(wrapper))
     assert status == 0, out

@@ -38,7 +38,7 @@ def folder_with_template(path, template):
     save_tiny_tokenizer(path, 96)
     config = path / "tokenizer_config.json"
     settings = json.loads(config.read_text(encoding="utf-8"))
-    config.write_text(json.dumps({**settings, "chat_template": template}))
+    config.write_text(json.dumps({**settings, "chat_template": template}), encoding="utf-8")
     return path
 
 
@@ -128,7 +128,7 @@ def test_chat_template_sees_what_transformers_passes(tmp_path):
     folder = folder_with_template(tmp_path, template)
     config = folder / "tokenizer_config.json"
     settings = json.loads(config.read_text(encoding="utf-8"))
-    config.write_text(json.dumps({**settings, "eos_token": None}))
+    config.write_text(json.dumps({**settings, "eos_token": None}), encoding="utf-8")
     theirs = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     ours = Tokenizer.from_folder(str(folder)).render_chat("hi")

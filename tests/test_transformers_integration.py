@@ -572,10 +572,11 @@ def test_engine_checks_a_checkpoint_before_transformers_loads_it(tmp_path, monke
     folder = tmp_path / "hf"
     save_tiny_hf(folder)
     config = (folder / "config.json").read_text(encoding="utf-8")
-    (folder / "config.json").write_text(config.replace('"head_dim": 16', '"head_dim": 8'))
+    (folder / "config.json").write_text(config.replace('"head_dim": 16', '"head_dim": 8'),
+                                        encoding="utf-8")
     with pytest.raises(CheckpointError, match="hf: transformers could not load it: .*size"):
         load_transformers_model(folder, "cpu")  # weights of another shape than the config's
-    (folder / "config.json").write_text(config)
+    (folder / "config.json").write_text(config, encoding="utf-8")
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="the header declares .* truncated or corrupt"):
