@@ -85,12 +85,10 @@ def _decode_within_memory(name, model, backend, options, batch, limit, context, 
 
 def device_budget(device, budget_gb=None, reserve_gb=6.0):
     """The device-memory budget for the cache in bytes: ``budget_gb`` where given, else what is
-    free on a CUDA device less ``reserve_gb``; ValueError where that leaves nothing, or on the CPU
-    without ``budget_gb``."""
+    free on the CUDA ``device`` less ``reserve_gb`` (:func:`measure` asks a budget on the CPU);
+    ValueError where that leaves nothing."""
     if budget_gb is not None:
         return int(budget_gb * 1e9)
-    if device.type != "cuda":
-        raise ValueError("give a budget (GB) on the CPU")
     torch.cuda.empty_cache()
     free = torch.cuda.mem_get_info(device)[0]
     if free <= reserve_gb * 1e9:
@@ -136,7 +134,8 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
     for name in models:  # what a shape or a context cannot take, before any is measured (the
         # longest context's: a step's rows, N = min(topn, capacity), grow with the capacity)
         check_kcache(SHAPES[name], device, dtype, options, max(contexts) + steps + 2)
-    if budget_gb is None and device.type != "cuda":
+    if budget_gb is None and device.type != "cuda":  # before the loop, where device_budget's
+        # errors skip a model
         raise ValueError("give a budget (GB) on the CPU")
     missing = transformers_missing() if engine == "transformers" or hf else None
     if missing and engine == "transformers":
