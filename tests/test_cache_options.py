@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 
-from kcache_ops.caches import (MAX_REUSE, MAX_TOPN, Cache, KCacheOptions, check_kcache,
-                               make_cache)
+from kcache_ops.caches import (MAX_GROUP_SELECT, MAX_REUSE, MAX_TOPN, Cache, KCacheOptions,
+                               check_kcache, make_cache)
 from kcache_ops.cli.args import add_kcache_arguments, given_kcache_options, kcache_options
 from kcache_ops.model import LlamaConfig
 
@@ -147,6 +147,26 @@ def test_max_topn_is_the_kernel_constant():
     text = KERNEL.read_text(encoding="utf-8")
     value = re.search(r"constexpr int kMaxTopN = (\d+);", text).group(1)
     assert MAX_TOPN == int(value)
+
+
+def test_max_group_select_is_the_kernel_constant():
+    text = KERNEL.read_text(encoding="utf-8")
+    value = re.search(r"constexpr int kMaxGroupSelect = (\d+);", text).group(1)
+    assert MAX_GROUP_SELECT == int(value)
+
+
+def test_group_select_on_cuda_takes_at_most_max_group_select_heads_per_kv_head():
+    """Checked where the cache is built, not at its first decode step (checked without a GPU:
+    the check is on the device type)."""
+    wide = replace(CONFIG, num_heads=2 * (MAX_GROUP_SELECT + 1), num_kv_heads=2)
+    options = KCacheOptions(group_select=True)
+    check_kcache(wide, "cpu", torch.float32, options)  # the CPU path has no limit
+    check_kcache(wide, "cuda", torch.float32, replace(options, group_select=False))
+    check_kcache(replace(wide, num_heads=2 * MAX_GROUP_SELECT), "cuda", torch.float32, options)
+    with pytest.raises(ValueError, match=rf"group_select on CUDA ranks at most {MAX_GROUP_SELECT} "
+                                         rf"query heads per KV head together, got "
+                                         rf"{MAX_GROUP_SELECT + 1}"):
+        check_kcache(wide, "cuda", torch.float32, options)
 
 
 def test_max_reuse_is_the_kernel_constant():

@@ -195,11 +195,13 @@ def test_select_reads_n_host_rows_of_cold_positions(device):
 
 
 @pytest.mark.parametrize("tail", ["none", "int2"])
-@pytest.mark.parametrize("sinks, window", [(4, 30), (40, 0), (0, 50), (32, 32)])
+@pytest.mark.parametrize("sinks, window", [(4, 30), (40, 0), (0, 50), (32, 32), (2**31, 0),
+                                           (0, 2**40), (3, 2**70)])
 def test_all_rows_hot_is_exact(device, sinks, window, tail):
     """sinks + window >= L: every row is attended exactly from the device (no host row read, no
     tail term), so the step equals exact attention. Past the capacity (32) the cache keeps one
-    slot per position, not sinks + window."""
+    slot per position, not sinks + window, and its ops skip no more (counts past int32 and
+    int64 included)."""
     run = Run(make(device, topn=1, sinks=sinks, window=window, tail=tail), device,
               torch.float32)
     assert run.cache.hot_slots.size == min(sinks + window, 32)

@@ -5,8 +5,9 @@ only the protocol; whoever runs it builds the cache with :func:`make_cache` and 
 from .dense import DenseCache
 from .factory import BACKENDS, make_cache, sequence_bytes
 from .kcache import KCache, check_kcache
-from .options import MAX_REUSE, MAX_TOPN, TAILS, KCacheOptions
+from .options import MAX_GROUP_SELECT, MAX_REUSE, MAX_TOPN, TAILS, KCacheOptions
 from .protocol import Cache
 
-__all__ = ["BACKENDS", "MAX_REUSE", "MAX_TOPN", "TAILS", "Cache", "DenseCache", "KCache",
-           "KCacheOptions", "check_kcache", "make_cache", "sequence_bytes"]
+__all__ = ["BACKENDS", "MAX_GROUP_SELECT", "MAX_REUSE", "MAX_TOPN", "TAILS", "Cache",
+           "DenseCache", "KCache", "KCacheOptions", "check_kcache", "make_cache",
+           "sequence_bytes"]

@@ -30,7 +30,7 @@ from .dense import append_and_attend, prompt_attention
 from .hot import HotRows, HotSlots
 from .lengths import SeqLengths, check_layer_inputs, check_sizes
 from .memory import check_memory
-from .options import MAX_REUSE, KCacheOptions
+from .options import MAX_GROUP_SELECT, MAX_REUSE, KCacheOptions
 from .reuse import PooledReads, Reads, ReusedRows, pool_slots, step_entries
 from .side_stream import SideStream
 from .tail import make_tail
@@ -64,7 +64,8 @@ def check_dtype(dtype):
 def check_kcache(config, device, dtype, options, capacity=None):
     """Raise ValueError where a KCache with ``options`` cannot serve a model of ``config`` in
     ``dtype`` on ``device``: a device the ops do not run on (not the CPU or CUDA), the dtype, the
-    head dim, the heads, the options' own model checks (dense layers); and given the ``capacity``
+    head dim, the heads (on CUDA at most :data:`MAX_GROUP_SELECT` per KV head with
+    group_select), the options' own model checks (dense layers); and given the ``capacity``
     (tokens per sequence), as building one would, a reuse pool that cannot hold a step's rows
     and, on CUDA, a step's N or the pool's slots above the limits (:meth:`KCacheOptions.check`).
     A command checks what it can before it runs anything else. TypeError where ``options`` is
@@ -82,6 +83,11 @@ def check_kcache(config, device, dtype, options, capacity=None):
     if config.num_kv_heads < 1 or config.num_heads % config.num_kv_heads:  # as LlamaConfig
         raise ValueError(f"KCache: num_heads ({config.num_heads}) must be a multiple of "
                          f"num_kv_heads ({config.num_kv_heads})")
+    group = config.num_heads // config.num_kv_heads
+    if options.group_select and device.type == "cuda" and group > MAX_GROUP_SELECT:
+        raise ValueError(f"KCache: group_select on CUDA ranks at most {MAX_GROUP_SELECT} query "
+                         f"heads per KV head together, got {group} ({config.num_heads} heads, "
+                         f"{config.num_kv_heads} KV heads): select per head (group_select=False)")
     if capacity is None:
         options.check(config.num_layers, device)
         return
@@ -142,6 +148,9 @@ class KCache:
         self.capacity = capacity
         self.options = options
         self._topn = options.step_topn(capacity)  # N of a step: more than S keys are never there
+        # the hot rows qk_topn leaves unranked, as the cache keeps them: no more than its capacity
+        # (a larger sinks or window skips no other position, and could overflow the op's int32)
+        self._skip = options.hot_split(capacity)
         self.record_mass = False
         shape = (batch, config.num_kv_heads, capacity, config.head_dim)  # [B, Hkv, S, D]
         kcache_layers = [i for i in range(n_layers) if i not in options.dense_layers]
@@ -352,8 +361,9 @@ class KCache:
         # check_values=False: the lengths are the cache's own, checked at prefill, and the indices
         # come from qk_topn; checking them would cost a device->host sync per layer and step
         return qk_topn(q, k_cache, lens, self._topn, group_select=o.group_select,
-                       check_values=False, return_scores=return_scores, skip_first=o.sinks,
-                       skip_last=o.window, top_p=o.top_p if top_p is None else top_p)
+                       check_values=False, return_scores=return_scores,
+                       skip_first=self._skip[0], skip_last=self._skip[1],
+                       top_p=o.top_p if top_p is None else top_p)
 
     def finish_decode(self):
         """Every sequence has one more token: seq_lens += 1; the step's records (``record_mass``)

@@ -19,6 +19,9 @@ MAX_TOPN = 4096
 # the largest reuse pool, and step (G·N, or N with group_select), per sequence and KV head on CUDA:
 # what one block of kcache_ops.reuse_rows holds in shared memory
 MAX_REUSE = 2048
+# kMaxGroupSelect in csrc/cuda/qk_topn_kernel.cuh: the query heads per KV head the CUDA select
+# ranks together with group_select (their lse in shared memory)
+MAX_GROUP_SELECT = 128
 
 # the tail terms: none, the mean V of the rows not read, or a 2- / 4-bit copy of V on the device
 TAILS = ("none", "mean", "int2", "int4")

@@ -189,4 +189,4 @@ def make_tail(options, batch, num_kv_heads, capacity, head_dim, device, side):
         return MeanTail(batch, num_kv_heads, head_dim, device)
     bits = {"int2": 2, "int4": 4}[options.tail]
     return LowBitTail(bits, batch, num_kv_heads, capacity, head_dim, device, side,
-                      (options.sinks, options.window))
+                      options.hot_split(capacity))
