@@ -220,3 +220,17 @@ def test_gguf_rope_freqs_length():
     with pytest.raises(CheckpointError, match="rope_freqs.weight must hold head_dim / 2 = 2 "
                                               "factors, got 3"):
         LlamaConfig.from_gguf(GGUF_BASE, 10, True, False, rope_freq_factors=[1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("factors, message", [
+    ([1.0], "rope_freq_factors must hold head_dim / 2 = 2 factors, got 1"),
+    ([1.0, 1.0, 1.0], "rope_freq_factors must hold head_dim / 2 = 2 factors, got 3"),
+    ([1.0, 0.0], "rope_freq_factors must be a finite number >= 1, got 0.0"),
+    ([1.0, NAN], "rope_freq_factors must be a finite number >= 1, got nan"),
+])
+def test_rope_freq_factors_of_a_config_built_directly(factors, message):
+    """A config built in code checks its factors as a GGUF's are: one per rotated pair (a single
+    one would broadcast to every frequency), each >= 1 (0 makes the RoPE angles NaN)."""
+    with pytest.raises(CheckpointError, match=message):
+        LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
+                    num_kv_heads=2, head_dim=4, rope_freq_factors=factors)

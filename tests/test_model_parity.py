@@ -5,6 +5,7 @@ import torch
 
 from kcache_ops.caches import make_cache
 from kcache_ops.model.hf import load_hf_model
+from kcache_ops.model.llama import float32_logits
 from model_helpers import LLAMA3_ROPE, save_tiny_hf
 
 VARIANTS = {
@@ -36,12 +37,14 @@ def test_forward_matches_transformers(pair):
 
 
 def test_prefill_decode_match_forward(pair):
-    """Batched varlen prefill, then decode steps: logits equal forward() on each sequence."""
+    """Batched varlen prefill, then decode steps: logits equal forward() on each sequence. The
+    pads are don't-care, ids outside the vocabulary too."""
     _, model = pair
     lens = [7, 12, 3]
     steps = 6
     full = [torch.randint(0, 96, (n + steps,)) for n in lens]                # per-sequence tokens
-    prompts = torch.zeros(3, max(lens), dtype=torch.long)                    # [B, T] right-padded
+    prompts = torch.full((3, max(lens)), -1)                                 # [B, T] right-padded
+    prompts[2, -1] = 10**6
     for b, n in enumerate(lens):
         prompts[b, :n] = full[b][:n]
     cache = make_cache("dense", model.config, 3, max(lens) + steps, model.device, model.dtype)
@@ -169,3 +172,16 @@ def test_decode_refuses_tokens_of_the_wrong_shape_type_or_vocabulary(pair):
         assert cache.seq_lens.tolist() == [3, 5]
         model.decode(torch.tensor([1, 95], dtype=torch.int32), cache)  # any integer dtype
     assert cache.seq_lens.tolist() == [4, 6]
+
+
+def test_logits_of_a_16_bit_model_are_float32_sums(device, dtype):
+    """The head's product leaves in float32 from 16-bit weights too: logits near 30 are not
+    rounded to bfloat16's 0.125 steps (noise the evaluation would count as KCache's)."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 3, 64, generator=gen).to(device, dtype)  # [B, T, E]
+    head = (torch.randn(50, 64, generator=gen) * 0.9).to(device, dtype)  # [V, E]
+    logits = float32_logits(h, head)  # [B, T, V]
+    want = (h.double() @ head.double().t()).float()  # [B, T, V]
+    assert logits.dtype == torch.float32 and logits.shape == (2, 3, 50)
+    torch.testing.assert_close(logits, want, atol=2e-5, rtol=1e-5)
+    assert logits.abs().max() > 16  # where a bfloat16 result would be off by up to 0.0625

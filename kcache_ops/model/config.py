@@ -34,6 +34,16 @@ def _number(key: str, value, minimum: float) -> float:
     return float(value)
 
 
+def _freq_factors(key: str, factors, head_dim: int) -> list[float]:
+    """``factors``, read from ``key``: one RoPE frequency divisor per rotated pair (head_dim / 2),
+    each a finite number >= 1 (like the Llama-3 ``factor``: a smaller one, 0 above all, can
+    overflow the angles to NaN)."""
+    if len(factors) != head_dim // 2:
+        raise CheckpointError(f"{key} must hold head_dim / 2 = {head_dim // 2} factors, got "
+                              f"{len(factors)}")
+    return [_number(key, f, 1) for f in factors]
+
+
 def _flag(key: str, value) -> bool:
     """``value``, read from config key ``key``: true or false (null, as if absent: false)."""
     if value is not None and not isinstance(value, bool):
@@ -92,6 +102,9 @@ class LlamaConfig:
                                         "pairs of dimensions)")
         if self.rope_scaling is not None and self.rope_freq_factors is not None:
             raise ValueError("set rope_scaling or rope_freq_factors, not both")
+        if self.rope_freq_factors is not None:  # as a GGUF's are checked, for a config built here
+            self.rope_freq_factors = _freq_factors("rope_freq_factors", self.rope_freq_factors,
+                                                   self.head_dim)
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "LlamaConfig":
@@ -242,10 +255,7 @@ class LlamaConfig:
                                             f"{head_dim}: {what} (this decoder has one head "
                                             f"size and rotates the whole head)")
         if rope_freq_factors is not None:
-            if len(rope_freq_factors) != head_dim // 2:
-                raise CheckpointError(f"rope_freqs.weight must hold head_dim / 2 = {head_dim // 2} "
-                                      f"factors, got {len(rope_freq_factors)}")
-            rope_freq_factors = [_number("rope_freqs.weight", f, 1) for f in rope_freq_factors]
+            rope_freq_factors = _freq_factors("rope_freqs.weight", rope_freq_factors, head_dim)
         bos = meta.get("tokenizer.ggml.bos_token_id")
         ends = [(key, meta[key]) for key in ("tokenizer.ggml.eos_token_id",
                                               "tokenizer.ggml.eot_token_id")

@@ -175,7 +175,7 @@ class Llama(nn.Module):
     def _logits(self, h):
         """h [..., E] -> logits [..., V] in float32."""
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # [V, E]
-        return F.linear(h, head).float()
+        return float32_logits(h, head)
 
     def forward(self, tokens):
         """Causal full-sequence forward, no cache (the parity reference).
@@ -218,12 +218,6 @@ class Llama(nn.Module):
         if t == 0 and not all_logits:
             raise ValueError("prefill: tokens of T = 0 give no token to predict from; give each "
                              "prompt at least one token (or all_logits=True)")
-        vocab = self.config.vocab_size
-        if tokens.numel():
-            low, high = (int(x) for x in torch.aminmax(tokens))  # one pass, read at prefill only
-            if not 0 <= low <= high < vocab:
-                raise ValueError(f"prefill: token ids must be in [0, {vocab}) (the vocabulary), "
-                                 f"got ids from {low} to {high}")
         if lens.numel():  # checked before the cast to int32, which would wrap 2^32 + 3 to 3
             shortest, longest = (int(x) for x in torch.aminmax(lens))  # read at prefill only
             if longest > t or shortest < (0 if all_logits else 1):
@@ -233,6 +227,14 @@ class Llama(nn.Module):
                                  f"got lens {lens.tolist()}")
         lens = lens.to(device=self.device, dtype=torch.int32)                # [B]
         positions = torch.arange(t, device=self.device).expand(b, t)         # [B, T]
+        # the pads as a valid id: they are don't-care (a -1 pad too), and the embedding reads them
+        tokens = tokens.masked_fill(positions >= lens[:, None], 0)          # [B, T]
+        vocab = self.config.vocab_size
+        if tokens.numel():
+            low, high = (int(x) for x in torch.aminmax(tokens))  # one pass, read at prefill only
+            if not 0 <= low <= high < vocab:
+                raise ValueError(f"prefill: token ids must be in [0, {vocab}) (the vocabulary), "
+                                 f"got ids from {low} to {high} within the prompts' lengths")
         h = self._run(tokens, positions, lambda i, q, k, v: cache.prefill(i, q, k, v, lens))
         cache.finish_prefill(lens)
         if all_logits:
@@ -257,6 +259,19 @@ class Llama(nn.Module):
         h = self._run(tokens[:, None], positions, attend)                    # [B, 1, E]
         cache.finish_decode()
         return self._logits(h[:, 0])                                         # [B, V]
+
+
+def float32_logits(h, head):
+    """h [..., E], head [V, E] of one dtype -> logits h · headᵀ [..., V] in float32, summed and
+    written in float32 from 16-bit operands too: rounded to bfloat16, a logit near 30 would be a
+    multiple of 0.125, noise in the log-probabilities and ties in the argmax that the evaluation
+    would count as KCache's."""
+    if h.dtype not in (torch.float16, torch.bfloat16):
+        return F.linear(h, head).float()
+    if h.is_cuda:  # cuBLAS takes 16-bit operands to a float32 result
+        out = torch.mm(h.reshape(-1, h.shape[-1]), head.t(), out_dtype=torch.float32)  # [., V]
+        return out.view(*h.shape[:-1], head.shape[0])
+    return F.linear(h.float(), head.float())  # the CPU has no such mm: the head in float32
 
 
 def _cache_batch(method, cache):
