@@ -116,6 +116,10 @@ def _draw(logits, temperature, top_p, top_k, generator):
     not at every step)."""
     if as_float32(temperature) == 0:
         return logits.argmax(-1)
+    # an infinite logit (float16's overflow) as its dtype's largest: +inf shares the draw with any
+    # other +inf (inf - inf would be NaN), a row of -inf is uniform (NaN stays NaN: an error)
+    largest = torch.finfo(logits.dtype).max
+    logits = logits.clamp(-largest, largest)                                # [B, V]
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]                    # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay

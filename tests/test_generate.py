@@ -150,6 +150,18 @@ def test_a_tiny_temperature_tends_to_the_argmax(temperature):
     assert torch.equal(drawn, logits.argmax(-1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_infinite_logits_draw_a_token(dtype):
+    """A +inf logit (float16's overflow) is drawn, sharing with any other +inf; a row of -inf is
+    uniform: a token each time, not an error on a NaN probability."""
+    inf = float("inf")
+    logits = torch.tensor([[0.0, inf, 1.0, -inf], [inf, 2.0, inf, 0.0], [-inf] * 4],
+                          dtype=dtype).repeat(1000, 1)  # [B, V]
+    drawn = sample(logits, 1.0, 0.9, torch.Generator().manual_seed(0)).view(1000, 3)  # [., 3]
+    assert set(drawn[:, 0].tolist()) == {1} and set(drawn[:, 1].tolist()) == {0, 2}
+    assert set(drawn[:, 2].tolist()) == {0, 1, 2, 3}
+
+
 def test_streaming_pieces_make_the_texts(loaded):
     model, tokenizer = loaded
     prompts = [tokenizer.encode("the t"), tokenizer.encode("ok")]
