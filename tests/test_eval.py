@@ -14,6 +14,7 @@ from kcache_ops.cli import eval as eval_cli
 from kcache_ops.caches import KCacheOptions
 from kcache_ops.data import essays_text
 from kcache_ops.eval import agreement, needle, perplexity, recommend
+from kcache_ops.eval import report as eval_report
 from kcache_ops.eval.grid import PAPER_LITERAL, default_grid, display_name, product_grid
 from kcache_ops.eval.runner import Config, fork, prefill_snapshot, step_through
 from kcache_ops.model import Llama, LlamaConfig
@@ -289,8 +290,13 @@ def test_recommendation_rule():
     # the verdict is on the configuration within the memory target: 0.6% > 0.5% at long
     assert small["config"] == int2_8["config"] and not small["met"] and small["fits_memory"]
     over = small["over_memory"]  # the 4-bit copy at 0.64x dense comes closer
-    assert over["config"] == int4_8["config"] and over["met"] and not over["fits_memory"]
+    assert over["config"] == int4_8["config"] and over["within"] and not over["fits_memory"]
     assert recommend.small_budget([dense, int2_8])["over_memory"] is None
+    # none at <= 8 rows fits the memory target: within 0.5% is not meeting the target
+    alone = recommend.small_budget([dense, int4_8])
+    assert alone["within"] and not alone["fits_memory"] and not alone["met"]
+    report_line = "\n".join(eval_report.recommendation({**rec, "small_budget": alone}))
+    assert "fits the memory target), Δ ppl" in report_line and "MISSES it" in report_line
     rec = recommend.recommend([dense, paper, int2_8, n256])
     assert not rec["meets_all"] and rec["config"] == n256["config"]
     assert rec["misses"] == [recommend.TARGETS["host_rows"]]

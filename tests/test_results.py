@@ -179,3 +179,55 @@ def test_reports_of_files_from_earlier_versions(tmp_path):
     with pytest.raises(ValueError, match=f"^{re.escape(str(folder / EVAL_JSON))} lacks 'short', "
                                          f"which its report section reads"):
         report.write(folder)
+
+
+def committed_eval(tmp_path):
+    """The committed eval.json, read, and copied into ``tmp_path``."""
+    import json
+    data = json.loads(pathlib.Path(RESULTS_DIR, EVAL_JSON).read_text(encoding="utf-8"))
+    write_json(tmp_path / EVAL_JSON, data)
+    return data
+
+
+def test_a_run_with_dense_alone_links_no_earlier_plots(tmp_path):
+    """Saved after its dense result (or cut off there), a run's page shows no KCache plots, and
+    an earlier run's are removed, not shown under this run's table."""
+    data = committed_eval(tmp_path)
+    report.write(tmp_path)
+    assert (tmp_path / "eval_budget.png").is_file() and (tmp_path / "eval_accuracy.png").is_file()
+    data["results"] = data["results"][:1]
+    data["recommended"] = None
+    write_json(tmp_path / EVAL_JSON, data)
+    report.write(tmp_path)
+    text = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
+    assert "eval_budget.png" not in text and "eval_accuracy.png" not in text
+    assert "eval_mass.png" in text
+    assert not (tmp_path / "eval_budget.png").exists()
+    assert not (tmp_path / "eval_accuracy.png").exists()
+
+
+def test_a_nan_perplexity_is_reported_and_never_recommended(tmp_path):
+    """A configuration whose perplexity is NaN (a float16 model's overflow; null in the JSON) is
+    printed as nan, misses the targets, and is not recommended over a finite one (max(0, nan)
+    had made its excess 0)."""
+    import torch
+    from kcache_ops.eval import perplexity, recommend
+    from kcache_ops.eval.summary import summarize
+    data = committed_eval(tmp_path)
+    results = data["results"]
+    bad = results[1]
+    for context in ("short", "long"):
+        rows = len(bad[context]["perplexity"]["ppl_rows"])
+        bad[context]["perplexity"] = perplexity.summarize(torch.full((rows, 1), float("nan")))
+    bad["summary"] = summarize(bad, results[0])
+    for r in results[1:]:
+        r["summary"]["host_rows"] = 2.0 if r is bad else 8.0  # the NaN one the fewest rows
+    rec = recommend.recommend(results)
+    assert rec["config"] != bad["config"]
+    assert recommend.small_budget([results[0], bad, results[2]])["config"] == results[2]["config"]
+    data["recommended"] = rec
+    write_json(tmp_path / EVAL_JSON, data)
+    report.write(tmp_path)
+    text = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
+    row = next(line for line in text.splitlines() if line.startswith("| kcache"))
+    assert "+nan%" in row

@@ -10,6 +10,8 @@ fewest host bytes) with the targets it misses. Separately, the small-budget verd
 configuration at most 8 host rows within the device memory target, whether its |Δ perplexity| is
 at most 0.5% at both lengths, and the best one over the memory target where that does better.
 """
+import math
+
 from .grid import display_name
 from .runner import Config
 from .summary import CONTEXTS
@@ -59,8 +61,12 @@ def _numbers(summary):
 
 
 def _excess(summary, limit):
-    """How far the worse |Δ ppl| of the two contexts lies above ``limit`` (0 when within)."""
-    return max(0.0, max(abs(summary["dppl"][c]) for c in CONTEXTS) - limit)
+    """How far the worse |Δ ppl| of the two contexts lies above ``limit`` (0 when within; inf
+    where one is not finite, a NaN perplexity say, which max() would pass over)."""
+    worse = [abs(summary["dppl"][c]) for c in CONTEXTS]
+    if not all(math.isfinite(d) for d in worse):
+        return math.inf
+    return max(0.0, max(worse) - limit)
 
 
 def recommend(results):
@@ -85,10 +91,11 @@ def recommend(results):
 def small_budget(results):
     """The verdict of the ≤ 8 host rows target: among the configurations at most
     :data:`SMALL_ROWS` rows that meet the memory target (:func:`fits_memory`; all of them where
-    none does), the one with the smallest worse-context |Δ ppl| -> {"name", "config", "met",
-    "dppl", "fits_memory", "target", "over_memory" (the best configuration over the memory target
-    where it is closer to dense, in the same form without "over_memory"; else None)}, or None
-    where no such configuration ran."""
+    none does), the one with the smallest worse-context |Δ ppl| -> {"name", "config", "within"
+    (|Δ ppl| at most :data:`SMALL_MAX_DPPL` at both contexts), "met" (within, and fitting the
+    memory target), "dppl", "fits_memory", "target", "over_memory" (the best configuration over
+    the memory target where it is closer to dense, in the same form without "met" and
+    "over_memory"; else None)}, or None where no such configuration ran."""
     small = [r for r in results[1:] if r["summary"]["host_rows"] <= SMALL_ROWS]
     if not small:
         return None
@@ -99,7 +106,8 @@ def small_budget(results):
 
     def verdict(r):
         return {"name": display_name(Config.from_dict(r["config"])), "config": r["config"],
-                "met": _excess(r["summary"], SMALL_MAX_DPPL) == 0.0, "dppl": r["summary"]["dppl"],
+                "within": _excess(r["summary"], SMALL_MAX_DPPL) == 0.0,
+                "dppl": r["summary"]["dppl"],
                 "fits_memory": fits_memory(r["summary"]),
                 "device_ratio_bf16": r["summary"]["device_ratio_bf16"]}
 
@@ -109,6 +117,8 @@ def small_budget(results):
     closer = best(over) if over else None
     if closer is not None and _excess(closer["summary"], 0.0) >= _excess(chosen["summary"], 0.0):
         closer = None  # over the memory target and no closer to dense: not worth naming
-    return {**verdict(chosen), "over_memory": verdict(closer) if closer else None,
+    chosen = verdict(chosen)
+    return {**chosen, "met": chosen["within"] and chosen["fits_memory"],
+            "over_memory": verdict(closer) if closer else None,
             "target": f"|Δ ppl| ≤ {SMALL_MAX_DPPL}% at both contexts with ≤ {SMALL_ROWS} host "
                       f"rows, within the memory target"}

@@ -12,6 +12,19 @@ from .runner import Config
 from .summary import CONTEXTS
 
 EVAL_JSON = "eval.json"
+# the measures a run can find not finite (a model whose float16 overflowed: NaN perplexity and
+# attention mass), which the JSON holds as null
+MEASURES = ("nll", "ppl", "ppl_rows", "dppl", "mass")
+
+
+def with_nan(obj, measure=False):
+    """``obj``, the eval JSON as read, with each null below a key of :data:`MEASURES` as NaN: a
+    number the report prints and plots ("nan"), not a None it cannot format."""
+    if isinstance(obj, dict):
+        return {k: with_nan(v, measure or k in MEASURES) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [with_nan(v, measure) for v in obj]
+    return float("nan") if obj is None and measure else obj
 
 
 def _name(result):
@@ -172,8 +185,9 @@ def eval_section(data):
             f"Dense: perplexity {dense['ppl']['short']:.4f} (short), {dense['ppl']['long']:.4f} "
             f"(long), needle {dense['needle']}/{dense['needle_total']}.", "",
             "| configuration | host rows /head/step | host KiB /step/seq | device KiB /token "
-            "(× dense) | Δ ppl short | Δ ppl long | needle " + "/".join(lengths)
-            + " | match rate (first mismatch) | s |", "|---|---|---|---|---|---|---|---|---|"]
+            "(× dense) | Δ ppl short | Δ ppl long | needle hits at " + "/".join(lengths)
+            + f" tokens (of {dense['needle_total'] // max(1, len(lengths))} each) | match "
+            "rate (first mismatch) | s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         x = r["summary"]
         a = r["short"].get("agreement")
@@ -197,9 +211,10 @@ def eval_section(data):
         out += ["", f"**Cut short: {len(missing)} of {len(data['planned'])} KCache "
                 "configurations did not run** (the run saves after each configuration, the most "
                 "telling first): " + ", ".join(display_name(c) for c in missing) + "."]
-    out += ["", "![Δ perplexity against host bytes per step](eval_budget.png)", "",
-            "![accuracy vs N](eval_accuracy.png)", "",
-            "![attention mass per layer](eval_mass.png)", ""]
+    if len(results) > 1:  # the plots of KCache's results (write_plots draws them then only)
+        out += ["", "![Δ perplexity against host bytes per step](eval_budget.png)", "",
+                "![accuracy vs N](eval_accuracy.png)"]
+    out += ["", "![attention mass per layer](eval_mass.png)", ""]
     out += recommendation(data.get("recommended"), results) + options_summary(results)
     return out
 
@@ -258,7 +273,7 @@ def recommendation(rec, results=()):
                    f"{'meets' if small['met'] else 'MISSES'} it.")
         over = small.get("over_memory")
         if over:
-            within = f" (within {recommend.SMALL_MAX_DPPL}%)" if over["met"] else ""
+            within = f" (within {recommend.SMALL_MAX_DPPL}%)" if over["within"] else ""
             out.append(f"Over the memory target, {over['name']} ({over['device_ratio_bf16']:.2f}x "
                        f"dense device bytes in bfloat16) comes closer: Δ ppl {_dppl(over)}"
                        f"{within}.")
@@ -337,12 +352,17 @@ def options_summary(results):
 
 def write_plots(data, results_dir):
     """eval_budget.png, eval_accuracy.png and eval_mass.png in ``results_dir`` from the eval JSON
-    ``data`` (nothing for the JSON of an earlier version)."""
+    ``data`` (nothing for the JSON of an earlier version; the first two only with a KCache
+    result, an earlier run's removed until then)."""
     if "summary" not in data["results"][0]:
         return
-    if len(data["results"]) > 1:
-        plot_budget(data, os.path.join(results_dir, "eval_budget.png"))
-        plot_accuracy(data, os.path.join(results_dir, "eval_accuracy.png"))
+    kcache_plots = {"eval_budget.png": plot_budget, "eval_accuracy.png": plot_accuracy}
+    for name, plot in kcache_plots.items():
+        path = os.path.join(results_dir, name)
+        if len(data["results"]) > 1:
+            plot(data, path)
+        elif os.path.exists(path):  # an earlier run's, which this one's page would show
+            os.remove(path)
     needles = [k for k in data["results"][0]["summary"]["needle_by_length"]]
     mass.plot(data["results"], os.path.join(results_dir, "eval_mass.png"),
               CONTEXTS + tuple(f"needle-{n}" for n in needles[-1:]))
