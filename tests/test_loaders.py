@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,8 +16,8 @@ gguf = pytest.importorskip("gguf")  # requirements.txt has it; a lent GPU machin
 from kcache_ops.model import CheckpointError, UnsupportedModelError, load_model
 from kcache_ops.model import load as load_module
 from kcache_ops.model.hf import load_hf_model
-from model_helpers import (CHAT_TEMPLATE, LLAMA3_ROPE, llamacpp_rope_factors, roundtrip,
-                           save_tiny_hf, save_tiny_tokenizer, write_gguf)
+from model_helpers import (CHAT_TEMPLATE, LLAMA3_ROPE, all_bytes_tokens, llamacpp_rope_factors,
+                           roundtrip, save_tiny_hf, save_tiny_tokenizer, write_gguf)
 
 Q = gguf.GGMLQuantizationType
 
@@ -193,6 +194,27 @@ def test_dtypes_the_model_runs_in(hf_folder, monkeypatch):
         load_hf_model(str(folder), "cpu", torch.int64)
 
 
+def test_device_checked_before_anything_is_read(hf_folder, monkeypatch):
+    """A device torch cannot parse, ``meta``, or a CUDA device this machine lacks is a ValueError
+    naming it before any file is read (before: torch's driver error after reading every weight,
+    a .item() error on meta tensors)."""
+    monkeypatch.setattr(load_module, "read_hf_config", lambda *a: pytest.fail("read the config"))
+    for device, message in (("gpu", "device must be a torch device such as 'cpu', 'cuda' or "
+                                    "'cuda:1', got 'gpu'"),
+                            (1.5, "device must be a torch device .* got 1.5"),
+                            ("meta", "device 'meta' holds no weights to run")):
+        with pytest.raises(ValueError, match=f"^load_model: {message}"):
+            load_model(hf_folder[0], device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^load_model: device 'cuda' is not on this machine: "
+                                         r"torch .* can use 0 CUDA device\(s\) here"):
+        load_model(hf_folder[0], "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device 'cuda:3' is not on this machine: .* can use 1"):
+        load_model(hf_folder[0], "cuda:3")
+
+
 # -- bad checkpoints ------------------------------------------------------------------------------
 
 def test_missing_paths(tmp_path, monkeypatch):
@@ -272,10 +294,105 @@ def test_missing_tensor_and_wrong_shape(tmp_path):
 def test_corrupt_and_truncated_gguf(tmp_path, hf_folder):
     path = write_gguf(tmp_path / "m.gguf", hf_folder[1], Q.Q8_0)
     data = path.read_bytes()
-    for bad in (data[: len(data) // 2], data[:40], b"not a gguf file at all"):
+    for bad in (data[: len(data) // 2], data[:40]):
         path.write_bytes(bad)
         with pytest.raises(CheckpointError, match="not a readable GGUF file"):
             load_model(path)
+    path.write_bytes(b"not a gguf file at all")
+    with pytest.raises(CheckpointError, match=r"m.gguf is not a GGUF file \(it starts with "
+                                              r"b'not ', not b'GGUF'\)$"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_file_of_a_folder_given_for_the_folder(hf_folder, name):
+    """A file of a Hugging Face folder given instead of the folder is not taken for a corrupt
+    GGUF file (the error was "not a readable GGUF file ... GGUF magic invalid"): the error says
+    to pass the folder."""
+    folder, _ = hf_folder
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(folder / name))} is not a GGUF "
+                                              f"file .*; a Hugging Face checkpoint is loaded "
+                                              f"from its folder: pass {re.escape(str(folder))}$"):
+        load_model(folder / name, "cpu")
+
+
+def copy_gguf(src, dst, **options):
+    """Write the metadata and tensors of the GGUF file ``src`` anew as ``dst`` with
+    gguf.GGUFWriter ``options`` (``split_max_tensors``: llama-gguf-split's parts;
+    ``endianess``)."""
+    reader = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents(), **options)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":  # the writer's own
+            continue
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            w.add_array(key, field.contents())
+        elif kind == gguf.GGUFValueType.STRING:
+            w.add_string(key, field.contents())
+        else:
+            w.add_key_value(key, field.contents(), kind)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)  # data: [rows, bytes]
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_split_gguf(tmp_path, hf_folder):
+    """A checkpoint split by llama-gguf-split loads from its first part with the tensors of all
+    its parts, as the same checkpoint in one file (it lacked the other parts' tensors, found out
+    after dequantizing the first's); the second part, or a first whose part is missing, is
+    refused before any tensor is read."""
+    whole = write_gguf(tmp_path / "m.gguf", hf_folder[1], Q.Q8_0)
+    copy_gguf(whole, tmp_path / "split.gguf", split_max_tensors=8)
+    first, second, third = (tmp_path / f"split-0000{i}-of-00003.gguf" for i in (1, 2, 3))
+    model, tokenizer = load_model(first, "cpu")
+    expected, expected_tokenizer = load_model(whole, "cpu")
+    for name, w in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[name], w), name
+    text = "the <|im_start|>tt"  # the first part holds the metadata, the tokenizer's among it
+    assert tokenizer.encode(text) == expected_tokenizer.encode(text)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(second))}: a GGUF checkpoint "
+                                              f"split into 3 files \\(split.count; this one is "
+                                              f"split.no 1\\): load it from its first part"):
+        load_model(second, "cpu")
+    third.unlink()
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(first))} is part 1 of a GGUF "
+                                              f"checkpoint split into 3 files \\(split.count\\), "
+                                              f"but part 3, {re.escape(str(third))}, is missing"):
+        load_model(first, "cpu")
+
+
+def test_big_endian_gguf(tmp_path, hf_folder):
+    """A big-endian GGUF file (llama.cpp's converter writes one with --bigendian) is refused,
+    saying how to convert it (gguf swaps its metadata's bytes, not its tensors': it loaded as
+    garbage, or NaN)."""
+    path = tmp_path / "be.gguf"
+    copy_gguf(write_gguf(tmp_path / "m.gguf", hf_folder[1], Q.F32), path,
+              endianess=gguf.GGUFEndian.BIG)
+    with pytest.raises(UnsupportedModelError, match=f"^{re.escape(str(path))} is a big-endian "
+                                                    f"GGUF file, .* convert it with: "
+                                                    f"gguf-convert-endian {re.escape(str(path))} "
+                                                    f"native"):
+        load_model(path, "cpu")
+
+
+def test_gguf_mixture_of_experts(tmp_path):
+    """A mixture-of-experts file of architecture llama (Mixtral's) is refused by its metadata, not
+    when its first expert tensor turns up after the weights before it are dequantized."""
+    path = tmp_path / "moe.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_expert_count(8)
+    w.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModelError, match=f"^{re.escape(str(path))}: llama.expert_count "
+                                                    f"= 8: a mixture of experts"):
+        load_model(path, "cpu")
 
 
 def test_unsupported_architectures(tmp_path):
@@ -442,15 +559,16 @@ def test_tokenizer_config_faults_name_the_file(tmp_path, hf_folder):
             load_model(tmp_path, "cpu")
 
 
-def gguf_tokenizer(path, tokens, pre="gpt2", bos=None, add_bos=True, merges=(), types=None,
-                   eos=None):
-    """Tokenizer.from_gguf of a GGUF file holding only tokenizer metadata (``add_bos`` None:
-    the add_bos_token key left out)."""
+def gguf_tokenizer(path, tokens, pre="gpt2", bos=None, add_bos=True, merges=("a b",),
+                   types=None, eos=None):
+    """Tokenizer.from_gguf of a GGUF file holding only tokenizer metadata (``pre`` None, no
+    ``merges``, ``add_bos`` None: that key left out)."""
     from kcache_ops.model import Tokenizer
     from kcache_ops.model.gguf_loader import open_gguf
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
     if tokens:
         w.add_token_list(tokens)
     if types:
@@ -472,19 +590,36 @@ def gguf_tokenizer(path, tokens, pre="gpt2", bos=None, add_bos=True, merges=(), 
 
 def test_gguf_tokenizer_faults_and_gpt2_spelling(tmp_path):
     """llama.cpp writes GPT-2's pre-tokenizer as "gpt-2": taken; a file without a vocabulary, or
-    with a BOS id outside it, is a CheckpointError (it was a TypeError, an IndexError)."""
-    tokens = ["<s>", "a", "b", "\u0120"]
-    assert gguf_tokenizer(tmp_path / "a.gguf", tokens, pre="gpt-2").encode("ab a") == [1, 2, 3, 1]
+    with a BOS id outside it, is a CheckpointError (it was a TypeError, an IndexError), and so
+    is one without merges, which llama.cpp refuses too (it tokenized byte by byte)."""
+    tokens = ["<s>", "a", "b", "\u0120", "ab"]
+    assert gguf_tokenizer(tmp_path / "a.gguf", tokens, pre="gpt-2").encode("ab a") == [4, 3, 1]
     with pytest.raises(CheckpointError, match=f"^{re.escape(str(tmp_path / 'b.gguf'))}: .*no "
                                               f"vocabulary"):
         gguf_tokenizer(tmp_path / "b.gguf", [])
     with pytest.raises(CheckpointError, match="tokenizer.ggml.merges must be strings"):
         gguf_tokenizer(tmp_path / "e.gguf", tokens, merges=[3, 4])  # was an AttributeError
-    with pytest.raises(CheckpointError, match="bos_token_id 9 is outside the vocabulary of 4"):
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(tmp_path / 'f.gguf'))}: the GGUF "
+                                              f"file has no tokenizer.ggml.merges"):
+        gguf_tokenizer(tmp_path / "f.gguf", tokens, merges=())
+    with pytest.raises(CheckpointError, match="bos_token_id 9 is outside the vocabulary of 5"):
         gguf_tokenizer(tmp_path / "c.gguf", tokens, bos=9)
     with pytest.raises(CheckpointError, match="tokenizer.ggml.token_type has 3 entries, "
-                                              "tokenizer.ggml.tokens 4: one type per token"):
+                                              "tokenizer.ggml.tokens 5: one type per token"):
         gguf_tokenizer(tmp_path / "d.gguf", tokens, types=[1, 1, 1])  # zip dropped the last
+
+
+def test_gguf_without_a_pre_tokenizer_warns(tmp_path):
+    """A file without tokenizer.ggml.pre (older converters wrote none) is split as GPT-2 splits
+    text, with a warning naming the file, as llama.cpp warns (it was silent)."""
+    merges = ["1 2", "12 3", "4 5", "123 45"]
+    tokens = all_bytes_tokens(merges)
+    path = tmp_path / "t.gguf"
+    with pytest.warns(UserWarning, match=f"^{re.escape(str(path))}: no tokenizer.ggml.pre: "
+                                         f"splitting text as GPT-2 does"):
+        tokenizer = gguf_tokenizer(path, tokens, pre=None, merges=merges)
+    gpt2 = gguf_tokenizer(tmp_path / "gpt2.gguf", tokens, merges=merges)
+    assert tokenizer.encode("12345") == gpt2.encode("12345") == [len(tokens) - 1]  # digits whole
 
 
 @pytest.mark.parametrize("key", ["llama.rope.scaling.factor", "llama.rope.scale_linear"])
@@ -540,8 +675,8 @@ def test_llama3_takes_a_piece_that_is_a_token_whole(tmp_path, pre, want):
 def test_llama3_bos_by_default_and_turn_ends(tmp_path):
     """A Llama 3 file without add_bos_token adds BOS (llama.cpp's default for it; other splits
     do not); generation ends at EOS and at <|eot_id|>, which such files seldom name."""
-    tokens = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "a"]
-    kwargs = dict(bos=0, add_bos=None, types=[3, 3, 3, 1], eos=1)
+    tokens = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "a", "b", "ab"]
+    kwargs = dict(bos=0, add_bos=None, types=[3, 3, 3, 1, 1, 1], eos=1)
     llama3 = gguf_tokenizer(tmp_path / "a.gguf", tokens, "llama-bpe", **kwargs)
     assert llama3.encode("a") == [0, 3] and llama3.eos_ids == (1, 2)
     assert gguf_tokenizer(tmp_path / "b.gguf", tokens, "gpt2", **kwargs).encode("a") == [3]
@@ -568,8 +703,8 @@ def retype(reader, name, qtype):
 
 
 def test_gguf_config_faults_name_the_file(tmp_path, hf_folder):
-    """A metadata value the config refuses, and a tensor no Llama-family model has, name the file
-    (as a config.json fault does)."""
+    """A metadata value the config refuses, a tensor no Llama-family model has, and one the config
+    needs and the file lacks, name the file (as a config.json fault does)."""
     def no_heads(reader):
         value_part(reader, "llama.attention.head_count")[0] = 0
 
@@ -579,11 +714,15 @@ def test_gguf_config_faults_name_the_file(tmp_path, hf_folder):
     def misnamed(reader):
         tensor = next(t for t in reader.tensors if t.name == "output_norm.weight")
         tensor.field.parts[1][:] = list(b"output_nrom.weight")  # a name of the same length
+
+    def more_layers(reader):  # the weights' faults named nothing
+        value_part(reader, "llama.block_count")[0] = 3
     for edit, fault in ((no_heads, r"llama.attention.head_count must be an integer in "
                                    r"\[1, 2147483647\], got 0"),
                         (many_layers, r"llama.block_count must be an integer in \[1, 4096\], "
                                       r"got 8323074"),
-                        (misnamed, "unexpected tensor 'output_nrom.weight'")):
+                        (misnamed, "unexpected tensor 'output_nrom.weight'"),
+                        (more_layers, "the checkpoint lacks 9 tensors")):
         path = write_gguf(tmp_path / f"{edit.__name__}.gguf", hf_folder[1], Q.F32)
         edit_gguf(path, edit)
         with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: {fault}"):
@@ -595,8 +734,8 @@ def test_gguf_tensor_type_gguf_cannot_read(tmp_path, hf_folder):
     type, the tensor and the file (it was a NotImplementedError)."""
     path = write_gguf(tmp_path / "m.gguf", hf_folder[1], Q.F32)
     edit_gguf(path, lambda r: retype(r, "output_norm.weight", Q.I32))
-    with pytest.raises(CheckpointError, match=r"unsupported tensor type I32 \(tensor "
-                                              r"'output_norm.weight'\) in .*m.gguf"):
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: unsupported tensor type "
+                                              f"I32 \\(tensor 'output_norm.weight'\\)"):
         load_model(path, "cpu")
 
 

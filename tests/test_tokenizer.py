@@ -6,6 +6,7 @@ import re
 from datetime import datetime
 
 import pytest
+import tokenizers
 
 gguf = pytest.importorskip("gguf")  # requirements.txt has it; a lent GPU machine may not
 
@@ -15,14 +16,15 @@ from model_helpers import save_tiny_tokenizer
 
 
 def write_tokenizer_gguf(path, tokens, types, chat_template=None):
-    """A GGUF file holding only a byte-level BPE tokenizer (no merges) over ``tokens`` of GGUF
-    token ``types``, EOS 0, as llama.cpp's converter writes one. Returns the path."""
+    """A GGUF file holding only a byte-level BPE tokenizer over ``tokens`` of GGUF token
+    ``types``, with the one merge "a b" (``tokens`` hold "a", "b" and "ab"), EOS 0, as
+    llama.cpp's converter writes one. Returns the path."""
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt2")
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges([])
+    w.add_token_merges(["a b"])
     w.add_eos_token_id(0)
     if chat_template is not None:
         w.add_chat_template(chat_template)
@@ -60,11 +62,11 @@ def test_gguf_user_defined_tokens_are_text(tmp_path):
     """GGUF USER_DEFINED tokens (what llama.cpp's converter writes for a Hugging Face added token
     with special=false, such as <think>) are taken whole and stay in decoded text, as llama.cpp
     renders them; CONTROL tokens are taken whole and dropped."""
-    tokens = ["<|endoftext|>", "<think>", "</think>", "a", "b", "\u0120"]
-    path = write_tokenizer_gguf(tmp_path / "t.gguf", tokens, [3, 4, 4, 1, 1, 1])
+    tokens = ["<|endoftext|>", "<think>", "</think>", "a", "b", "\u0120", "ab"]
+    path = write_tokenizer_gguf(tmp_path / "t.gguf", tokens, [3, 4, 4, 1, 1, 1, 1])
     tok = Tokenizer.from_gguf(open_gguf(str(path)))
     ids = tok.encode("<think>ab</think> b<|endoftext|>")
-    assert ids == [1, 3, 4, 2, 5, 4, 0]
+    assert ids == [1, 6, 2, 5, 4, 0]
     assert tok.decode(ids) == "<think>ab</think> b"
 
 
@@ -75,16 +77,87 @@ def test_decode_takes_integers_of_any_type(tmp_path):
     an integer."""
     import numpy as np
     import torch
-    tokens = ["<|endoftext|>", "a", "b"]
+    tokens = ["<|endoftext|>", "a", "b", "ab"]
     tok = Tokenizer.from_gguf(open_gguf(str(write_tokenizer_gguf(tmp_path / "t.gguf", tokens,
-                                                                 [3, 1, 1]))))
+                                                                 [3, 1, 1, 1]))))
     assert tok.decode(torch.tensor([1, 2, 0])) == tok.decode(np.array([1, 2])) == "ab"
-    assert tok.decode([1, 3, 10**12, 2]) == "ab"
+    assert tok.decode([1, 4, 10**12, 2]) == "ab"
     with pytest.raises(ValueError, match="token ids must be >= 0, got -1"):
         tok.decode([1, -1])
     for bad in (1.0, "a", True):
         with pytest.raises(TypeError, match="token ids must be integers, got"):
             tok.decode([bad])
+
+
+def test_decode_past_missing_and_twice_spelled_ids(tmp_path):
+    """decode keeps every id up to the largest of the vocabulary where ids are missing (a
+    tokenizer.json's gap) or a text has two ids (a GGUF vocabulary's): get_vocab_size, which
+    counts texts, cut them off before."""
+    gap = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={"a": 0, "b": 1, "\u0120": 3, "d": 6},
+                                                     merges=[]))
+    gap.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    gap.decoder = tokenizers.decoders.ByteLevel()
+    tok = Tokenizer(gap, None, (), None)
+    assert tok.encode("ab d") == [0, 1, 3, 6] and tok.decode([0, 1, 3, 6]) == "ab d"
+    twice = write_tokenizer_gguf(tmp_path / "t.gguf", ["<|endoftext|>", "a", "b", "ab", "a", "c"],
+                                 [3, 1, 1, 1, 1, 1])
+    tok = Tokenizer.from_gguf(open_gguf(str(twice)))
+    assert tok.encode("c") == [5] and tok.decode([5]) == "c"
+
+
+def test_chat_template_file_over_tokenizer_config(tmp_path):
+    """A folder with a chat template both in chat_template.jinja and in tokenizer_config.json
+    renders the .jinja file's, as transformers does (it rendered the config's)."""
+    AutoTokenizer = pytest.importorskip("transformers").AutoTokenizer
+    folder = folder_with_template(tmp_path, "config: {{ messages[0]['content'] }}")
+    (folder / "chat_template.jinja").write_text("file: {{ messages[0]['content'] }}",
+                                                encoding="utf-8")
+    theirs = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert Tokenizer.from_folder(str(folder)).render_chat("hi") == theirs == "file: hi"
+
+
+def test_text_files_not_utf8_name_the_file(tmp_path):
+    """A chat_template.jinja or special_tokens_map.json that is not UTF-8 (saved as Latin-1, say)
+    is a CheckpointError naming the file (the .jinja file's was a bare UnicodeDecodeError)."""
+    folder = folder_with_template(tmp_path, None)
+    jinja = folder / "chat_template.jinja"
+    jinja.write_bytes("{# café #}{{ messages[0]['content'] }}".encode("latin-1"))
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(jinja))} is not UTF-8 text"):
+        Tokenizer.from_folder(str(folder))
+    jinja.unlink()
+    tokens_map = folder / "special_tokens_map.json"
+    tokens_map.write_bytes('{"eos_token": "é"}'.encode("latin-1"))
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(tokens_map))} is not valid JSON"):
+        Tokenizer.from_folder(str(folder))
+
+
+@pytest.mark.parametrize("settings", [
+    {"bos_token": None, "eos_token": None},
+    {"bos_token": "<|endoftext|>"},
+    {"bos_token": None, "eos_token": None, "added_tokens_decoder": {"0": {
+        "content": "<|endoftext|>", "special": True, "lstrip": False, "rstrip": False,
+        "normalized": False, "single_word": False}}},
+], ids=["only_in_map", "in_both", "config_with_added_tokens_decoder"])
+def test_special_tokens_map(tmp_path, settings):
+    """BOS and EOS of special_tokens_map.json (older saves) are taken as transformers takes them:
+    where tokenizer_config.json has no added_tokens_decoder, over that file's (they were
+    ignored: no BOS in the template, EOS from config.json only); else not at all."""
+    AutoTokenizer = pytest.importorskip("transformers").AutoTokenizer
+    folder = folder_with_template(tmp_path, "{{ bos_token }}|{{ messages[0]['content'] }}|"
+                                            "{{ eos_token }}")
+    config = folder / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text(encoding="utf-8")), **settings}),
+                      encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": {"content": "<|im_start|>"}, "eos_token": "<|endoftext|>"}),
+        encoding="utf-8")
+    theirs = AutoTokenizer.from_pretrained(str(folder))
+    ours = Tokenizer.from_folder(str(folder))
+    chat = [{"role": "user", "content": "hi"}]
+    assert ours.render_chat("hi") == theirs.apply_chat_template(chat, tokenize=False)
+    assert ours.bos_id == theirs.bos_token_id
+    assert ours.eos_ids == tuple(i for i in [theirs.eos_token_id] if i is not None)
 
 
 @pytest.mark.parametrize("template, problem", [
@@ -106,8 +179,8 @@ def test_chat_template_errors_name_the_file(tmp_path, template, problem):
 
 def test_gguf_chat_template_error_names_the_file(tmp_path):
     """The error of a GGUF file's chat template names the file and its key."""
-    path = write_tokenizer_gguf(tmp_path / "t.gguf", ["<|endoftext|>", "a"], [3, 1],
-                                chat_template="{% if %}")
+    path = write_tokenizer_gguf(tmp_path / "t.gguf", ["<|endoftext|>", "a", "b", "ab"],
+                                [3, 1, 1, 1], chat_template="{% if %}")
     where = re.escape(f"{path} (tokenizer.chat_template)")
     with pytest.raises(CheckpointError, match=f"the chat template in {where} does not parse"):
         Tokenizer.from_gguf(open_gguf(str(path))).render_chat("hi")

@@ -1,5 +1,6 @@
-"""The errors a checkpoint can give when it is loaded, and the reading of its JSON files, whose
-faults are such errors."""
+"""The errors a checkpoint can give when it is loaded, and the reading of its text and JSON files,
+whose faults are such errors."""
+import contextlib
 import json
 
 
@@ -9,6 +10,26 @@ class CheckpointError(ValueError):
 
 class UnsupportedModelError(ValueError):
     """The checkpoint describes a model this decoder does not implement."""
+
+
+@contextlib.contextmanager
+def naming(where: str):
+    """Re-raise a CheckpointError or UnsupportedModelError of the block with ``where`` (the file
+    or folder at fault) in front of its message: the code that finds a fault knows what it
+    reads, not where from."""
+    try:
+        yield
+    except (CheckpointError, UnsupportedModelError) as e:
+        raise type(e)(f"{where}: {e}") from e
+
+
+def read_text(path: str) -> str:
+    """The text of the UTF-8 file ``path``; CheckpointError naming the file if it is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text: {e}") from e
 
 
 def read_json_object(path: str) -> dict:

@@ -11,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from .config import LlamaConfig
-from .errors import CheckpointError, UnsupportedModelError, read_json_object
+from .errors import CheckpointError, UnsupportedModelError, naming, read_json_object
 from .llama import Llama
 
 
@@ -181,10 +181,8 @@ def load_hf_model(folder: str, device, dtype, config: LlamaConfig | None = None)
                             config.tie_word_embeddings and ours == "lm_head.weight"):
                         continue
                     yield ours, f.get_tensor(name)
-    try:
+    with naming(folder):  # a tensor missing, unexpected, of another shape: which folder
         return Llama.from_weights(config, weights(), device, dtype)
-    except CheckpointError as e:  # a tensor missing, unexpected, of another shape: which folder
-        raise CheckpointError(f"{folder}: {e}") from e
 
 
 def _check_tied_head(folder, paths):

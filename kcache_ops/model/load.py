@@ -54,7 +54,7 @@ def load_model(path=None, device=None, dtype=None):
         A ``.gguf`` file, or a Hugging Face folder (config.json, safetensors, tokenizer.json).
         None: the embedded default, :func:`default_model_path`.
     device : str or torch.device, optional
-        Default: CUDA where available, else the CPU.
+        Default: CUDA where available, else the CPU; checked by :func:`check_device`.
     dtype : torch.dtype, optional
         float32, float16, bfloat16 or float64 (the dense cache only; KCache takes the other
         three). Default: bfloat16 on CUDA, float32 on the CPU.
@@ -63,8 +63,8 @@ def load_model(path=None, device=None, dtype=None):
     -------
     (Llama, Tokenizer)
     """
+    device = default_device() if device is None else check_device(device)
     path = default_model_path() if path is None else os.fspath(path)
-    device = default_device() if device is None else torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     check_dtype("load_model", dtype)
@@ -82,11 +82,31 @@ def load_model(path=None, device=None, dtype=None):
     return load_gguf_model(reader, device, dtype, config), tokenizer
 
 
+def check_device(device) -> torch.device:
+    """``device`` (a str, torch.device or index) as a torch.device the model can be put on, checked
+    before any file is read; ValueError naming it if torch does not parse it, if it is ``meta``
+    (which holds no weights to run) or a CUDA device this machine does not have (torch would
+    say so only after the weights were read)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"load_model: device must be a torch device such as 'cpu', 'cuda' or "
+                         f"'cuda:1', got {device!r} ({e})") from e
+    if parsed.type == "meta":
+        raise ValueError("load_model: device 'meta' holds no weights to run; pass 'cpu' or "
+                         "'cuda'")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (parsed.index or 0) >= count:
+            raise ValueError(f"load_model: device {device!r} is not on this machine: torch "
+                             f"{torch.__version__} can use {count} CUDA device(s) here")
+    return parsed
+
+
 def _fitting(path, tokenizer, config):
     """``tokenizer``, whose ids must all have a row of the embedding of ``config`` (a larger one
     would fail every prompt and generation later, with errors that name neither)."""
-    ids = max(tokenizer.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
-    if ids > config.vocab_size:
-        raise CheckpointError(f"{path}: the tokenizer has token ids up to {ids - 1}, past the "
-                              f"{config.vocab_size} rows of the embedding")
+    if tokenizer.id_end > config.vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has token ids up to {tokenizer.id_end - 1}, "
+                              f"past the {config.vocab_size} rows of the embedding")
     return tokenizer

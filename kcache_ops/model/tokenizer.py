@@ -2,6 +2,7 @@
 file's vocabulary and merges; plus the model's chat template, rendered with jinja2."""
 import json
 import os
+import warnings
 from datetime import datetime
 
 import jinja2
@@ -11,8 +12,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
 from ..integers import as_int
-from .errors import CheckpointError, UnsupportedModelError, read_json_object
-from .gguf_loader import gguf_path
+from .errors import CheckpointError, UnsupportedModelError, naming, read_json_object, read_text
 
 # GGUF token types of added tokens, never split: CONTROL tokens are special (dropped from decoded
 # text); USER_DEFINED ones (a Hugging Face added token with special=false) are text, as in llama.cpp
@@ -85,11 +85,18 @@ class Tokenizer:
         A jinja2 template over ``messages``, as Hugging Face and GGUF files ship them.
     template_source : str
         Where the chat template comes from (a file, a GGUF key), for its errors.
+
+    Attributes
+    ----------
+    id_end : int
+        One past the largest token id of ``tok``: the ids its text has (not get_vocab_size, the
+        number of distinct token texts, fewer where ids are missing or a text has two ids).
     """
 
     def __init__(self, tok: tokenizers.Tokenizer, bos_id, eos_ids, chat_template,
                  template_source="the chat_template argument"):
         self.tok = tok
+        self.id_end = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self.bos_id = bos_id
         self.eos_ids = tuple(eos_ids)
         self.chat_template = chat_template
@@ -104,7 +111,6 @@ class Tokenizer:
         array), special tokens dropped, and ids past the vocabulary too (they have no text: the
         rows a model's embedding pads it with, which sampling may draw); TypeError naming one
         that is not an integer, ValueError a negative one (the tokenizers library overflowed)."""
-        size = self.tok.get_vocab_size(with_added_tokens=True)
         out = []
         for i in ids:
             n = as_int(i)
@@ -112,7 +118,7 @@ class Tokenizer:
                 raise TypeError(f"Tokenizer.decode: token ids must be integers, got {i!r}")
             if n < 0:
                 raise ValueError(f"Tokenizer.decode: token ids must be >= 0, got {n}")
-            if n < size:
+            if n < self.id_end:
                 out.append(n)
         return self.tok.decode(out, skip_special_tokens=True)
 
@@ -164,10 +170,13 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder: str, eos_ids=()) -> "Tokenizer":
-        """From ``tokenizer.json`` (and ``tokenizer_config.json`` if present) in ``folder``, the
-        chat template from ``tokenizer_config.json`` or else ``chat_template.jinja``; ``eos_ids``
-        from the model config are added after the tokenizer's own EOS (the first of
-        :attr:`eos_ids` is the chat template's ``eos_token``)."""
+        """From ``tokenizer.json`` in ``folder``, with the special tokens and chat template that
+        transformers takes from the folder: BOS and EOS from ``tokenizer_config.json`` and, where
+        that has no ``added_tokens_decoder`` (older saves), from ``special_tokens_map.json``
+        before it; the chat template from ``chat_template.jinja``, else from
+        ``tokenizer_config.json``. ``eos_ids`` from the model config are added after the
+        tokenizer's own EOS (the first of :attr:`eos_ids` is the chat template's ``eos_token``).
+        """
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(path):
             raise CheckpointError(f"no tokenizer.json in {folder}")
@@ -177,15 +186,26 @@ class Tokenizer:
             raise CheckpointError(f"{path}: cannot read the tokenizer ({e})") from e
         cfg_path = os.path.join(folder, "tokenizer_config.json")
         cfg = read_json_object(cfg_path) if os.path.isfile(cfg_path) else {}
+        # special token -> (its text, the file naming it); transformers reads the map of older
+        # saves only where the config has no added_tokens_decoder, and then over the config
+        specials = {key: (cfg.get(key), cfg_path) for key in ("bos_token", "eos_token")}
+        map_path = os.path.join(folder, "special_tokens_map.json")
+        if "added_tokens_decoder" not in cfg and os.path.isfile(map_path):
+            specials.update((key, (value, map_path)) for key, value
+                            in read_json_object(map_path).items() if key in specials)
 
-        def token_id(key):  # the id of a special token named in tokenizer_config.json, if any
-            value = cfg.get(key)
-            value = value.get("content") if isinstance(value, dict) else value
-            if value is not None and not isinstance(value, str):
-                raise CheckpointError(f"{cfg_path}: {key} must be a token's text (a string, or "
-                                      f"an object with \"content\"), got {cfg.get(key)!r}")
-            return None if value is None else tok.token_to_id(value)
-        template, source = cfg.get("chat_template"), cfg_path
+        def token_id(key):  # the id of a special token named in those files, if any
+            value, source = specials[key]
+            text = value.get("content") if isinstance(value, dict) else value
+            if text is not None and not isinstance(text, str):
+                raise CheckpointError(f"{source}: {key} must be a token's text (a string, or "
+                                      f"an object with \"content\"), got {value!r}")
+            return None if text is None else tok.token_to_id(text)
+        jinja = os.path.join(folder, "chat_template.jinja")  # where transformers 5 saves it
+        if os.path.isfile(jinja):  # transformers takes it over tokenizer_config.json's
+            template, source = read_text(jinja), jinja
+        else:
+            template, source = cfg.get("chat_template"), cfg_path
         if isinstance(template, list):  # named templates: take "default", else the first
             named = [t for t in template if isinstance(t, dict) and "template" in t]
             if not named:
@@ -193,10 +213,6 @@ class Tokenizer:
                                       f"{{\"name\", \"template\"}} entry")
             template = next((t["template"] for t in named if t.get("name") == "default"),
                             named[0]["template"])
-        jinja = os.path.join(folder, "chat_template.jinja")  # where transformers 5 saves it
-        if template is None and os.path.isfile(jinja):
-            with open(jinja, encoding="utf-8") as f:
-                template, source = f.read(), jinja
         eos = token_id("eos_token")  # first: the template's eos_token, as in transformers
         return cls(tok, token_id("bos_token"),
                    ((eos,) if eos is not None else ()) + tuple(i for i in eos_ids if i != eos),
@@ -206,13 +222,13 @@ class Tokenizer:
     def from_gguf(cls, reader) -> "Tokenizer":
         """A byte-level BPE (GPT-2 style, ``tokenizer.ggml.model`` "gpt2") rebuilt from the
         vocabulary, merges and special tokens of a GGUF file, with the split its
-        ``tokenizer.ggml.pre`` names (:data:`GGUF_PRE_TOKENIZERS`). Generation ends at the EOS
-        token, at the end-of-turn token (``eot_token_id``) where the file has one, and at the
-        special tokens of :data:`END_OF_TURN_TOKENS`. Its faults name the file."""
-        try:
+        ``tokenizer.ggml.pre`` names (:data:`GGUF_PRE_TOKENIZERS`; GPT-2's, with a warning, where
+        it names none). Generation ends at the EOS token, at the end-of-turn token
+        (``eot_token_id``) where the file has one, and at the special tokens of
+        :data:`END_OF_TURN_TOKENS`. ``reader``: a GGUF checkpoint (gguf_loader.open_gguf). Its
+        faults name the file."""
+        with naming(reader.path):
             return cls._from_gguf_fields(reader)
-        except (CheckpointError, UnsupportedModelError) as e:
-            raise type(e)(f"{gguf_path(reader)}: {e}") from e
 
     @classmethod
     def _from_gguf_fields(cls, reader) -> "Tokenizer":
@@ -220,7 +236,12 @@ class Tokenizer:
         def field(key, default=None):
             f = reader.fields.get(key)
             return default if f is None else f.contents()
-        kind, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre", "gpt2")
+        kind, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre")
+        if kind == "gpt2" and pre is None:  # converters older than the key wrote none
+            warnings.warn(f"{reader.path}: no tokenizer.ggml.pre: splitting text as GPT-2 "
+                          f"does, which may not be this model's split (llama.cpp warns that "
+                          f"generation quality suffers); re-convert it with a current llama.cpp")
+            pre = "gpt2"
         if kind != "gpt2" or not isinstance(pre, str) or pre not in GGUF_PRE_TOKENIZERS:
             raise UnsupportedModelError(
                 f"unsupported GGUF tokenizer: model {kind!r}, pre-tokenizer {pre!r} (supported: "
@@ -232,7 +253,10 @@ class Tokenizer:
         if len(types) != len(tokens):  # zip would drop the types of the last tokens
             raise CheckpointError(f"tokenizer.ggml.token_type has {len(types)} entries, "
                                   f"tokenizer.ggml.tokens {len(tokens)}: one type per token")
-        merges = field("tokenizer.ggml.merges", [])
+        merges = field("tokenizer.ggml.merges")
+        if merges is None:  # llama.cpp refuses it too: without merges BPE leaves every byte apart
+            raise CheckpointError("the GGUF file has no tokenizer.ggml.merges (the merges of its "
+                                  "BPE tokenizer)")
         if not all(isinstance(m, str) for m in merges):
             raise CheckpointError("tokenizer.ggml.merges must be strings (\"a b\" pairs)")
         merges = [tuple(m.split(" ", 1)) for m in merges]
@@ -265,4 +289,4 @@ class Tokenizer:
                      if ty in (CONTROL, USER_DEFINED) and t in END_OF_TURN_TOKENS]
         ends = tuple(dict.fromkeys(i for i in (eos, eot, *turn_ends) if i is not None))
         return cls(tok, bos, ends, field("tokenizer.chat_template"),
-                   f"{gguf_path(reader)} (tokenizer.chat_template)")
+                   f"{reader.path} (tokenizer.chat_template)")
