@@ -143,6 +143,8 @@ def test_accepted_value_forms():
     ({"num_attention_heads": 0}, "num_attention_heads", 0),
     ({"num_attention_heads": 4.0}, "num_attention_heads", 4.0),
     ({"num_key_value_heads": -2}, "num_key_value_heads", -2),
+    ({"num_key_value_heads": 0}, "num_key_value_heads", 0),  # 0 is not null
+    ({"head_dim": 0}, "head_dim", 0),
     ({"head_dim": 2.0}, "head_dim", 2.0),
     ({"max_position_embeddings": 0}, "max_position_embeddings", 0),
     ({"rope_scaling": "linear"}, "rope_scaling", "linear"),

@@ -44,6 +44,11 @@ def _freq_factors(key: str, factors, head_dim: int) -> list[float]:
     return [_number(key, f, 1) for f in factors]
 
 
+def _or(value, default):
+    """``value``, read from a config key, or ``default`` where it is null or absent (None)."""
+    return default if value is None else value
+
+
 def _flag(key: str, value) -> bool:
     """``value``, read from config key ``key``: true or false (null, as if absent: false)."""
     if value is not None and not isinstance(value, bool):
@@ -197,8 +202,10 @@ class LlamaConfig:
             intermediate_size=_integer("intermediate_size", cfg["intermediate_size"]),
             num_layers=_integer("num_hidden_layers", cfg["num_hidden_layers"], 1, MAX_LAYERS),
             num_heads=heads,
-            num_kv_heads=_integer("num_key_value_heads", cfg.get("num_key_value_heads") or heads),
-            head_dim=_integer("head_dim", cfg.get("head_dim") or hidden // heads),
+            # null as absent, as transformers reads them; 0 is refused, not taken for null
+            num_kv_heads=_integer("num_key_value_heads",
+                                  _or(cfg.get("num_key_value_heads"), heads)),
+            head_dim=_integer("head_dim", _or(cfg.get("head_dim"), hidden // heads)),
             rope_theta=theta,
             rope_scaling=scaling,
             rms_norm_eps=_number("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6), FLOAT32_TINY),
