@@ -189,6 +189,23 @@ def test_small_n_matches_our_kcache(pair, name):
     assert (logits[1:] - dense_logits[1:]).abs().max() > 1e-3
 
 
+def test_a_compiled_forward_runs_the_cache_eagerly():
+    """torch.compile (inductor) of the model's forward: the cache's bookkeeping and the ops run
+    outside the graph, and the tokens and logits are the uncompiled run's (inductor's code had
+    failed on the first step with a NameError from the cache's per-layer counters)."""
+    model = tiny_model("llama", seed=1)
+    prompts = random_prompts([9, 14])
+    want_tokens, want_logits, _ = kcache_greedy(model, prompts, **PAPER)
+    forward = model.forward
+    model.forward = torch.compile(forward, backend="inductor")
+    try:
+        tokens, logits, _ = kcache_greedy(model, prompts, **PAPER)
+    finally:
+        model.forward = forward
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
 def test_left_padding_equals_unpadded_runs(family):
     """A left-padded batch gives each sequence the tokens and logits of its own unpadded run,
@@ -522,6 +539,28 @@ def test_engine_runs_the_eval_machinery_like_our_decoder(pair, config):
         model.set_attn_implementation("sdpa")
 
 
+def test_engine_logits_of_a_bfloat16_model_are_float32_sums():
+    """The engine's logits come out of the head in float32, as our decoder's (transformers' own
+    are rounded to bfloat16 first: steps of 0.125 near 30, noise the evaluation would count)."""
+    from kcache_ops.caches import make_cache
+    from kcache_ops.integrations.transformers_engine import TransformersDecoder
+    model = tiny_model("llama").to(torch.bfloat16)
+    engine = TransformersDecoder(model)
+    try:
+        tokens = torch.tensor([random_prompts([12])[0]])  # [1, T]
+        with torch.no_grad():
+            hidden = model.get_decoder()(input_ids=tokens).last_hidden_state  # [1, T, E]
+            want = hidden.double() @ model.lm_head.weight.double().t()  # [1, T, V]
+            got = engine.forward(tokens)  # [1, T, V]
+            cache = make_cache("dense", engine.config, 1, 13, "cpu", torch.bfloat16)
+            last = engine.prefill(tokens, torch.tensor([12], dtype=torch.int32), cache)
+        assert got.dtype == torch.float32 and not torch.equal(got, got.bfloat16().float())
+        torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(last, got[:, -1], atol=0.1, rtol=0)  # its own bf16 attention
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
 def test_eval_command_with_the_transformers_engine(tmp_path, monkeypatch):
     """`python -m kcache_ops eval --engine transformers` end to end on a tiny checkpoint (and a
     stand-in essay text): KCache with N above every length gives dense's perplexity."""
@@ -545,6 +584,31 @@ def test_eval_command_with_the_transformers_engine(tmp_path, monkeypatch):
     assert kc["long"]["perplexity"]["ppl"] == pytest.approx(dense["long"]["perplexity"]["ppl"],
                                                            rel=1e-4)
     assert "via transformers" in (out / "REPORT.md").read_text(encoding="utf-8")
+
+
+def test_eval_refuses_a_binding_sliding_window_before_it_runs(monkeypatch):
+    """A Mistral whose sliding window the evaluation's longest cache would pass is refused before
+    the first prefill, not after the dense runs of the shorter groups; each capacity is checked
+    once, not at every step (the check walks every parameter)."""
+    from kcache_ops.eval import suite
+    from kcache_ops.eval.runner import Config
+    from kcache_ops.integrations.transformers_engine import TransformersDecoder
+    from test_eval import ByteTokenizer
+    engine = TransformersDecoder(tiny_model("mistral", sliding_window=40))
+    monkeypatch.setattr(suite, "essays_text", lambda: "Start small. Then grow it. " * 200)
+    monkeypatch.setattr(suite, "prefill_snapshot", lambda *a: pytest.fail("a prefill ran"))
+    s = suite.Settings(ppl_rows=1, agree_rows=1, prefill=20, steps=4, long_rows=1,
+                       long_prefill=60, long_steps=4, needle_lengths=(30,), answer_steps=2)
+    with pytest.raises(ValueError, match="sliding window of 40 tokens.*max_cache_len must be "
+                                         "<= 40"):
+        suite.evaluate(engine, ByteTokenizer(), s, [Config.kcache(topn=8)], lambda r: None)
+    calls = []
+    monkeypatch.setattr(kt, "check_model", lambda *a: calls.append(a))
+    monkeypatch.setattr("kcache_ops.integrations.transformers_engine.check_model",
+                        lambda *a: calls.append(a))
+    for _ in range(3):
+        engine.check_capacity(30)
+    assert len(calls) == 1
 
 
 def test_engine_checks_a_checkpoint_before_transformers_loads_it(tmp_path, monkeypatch):

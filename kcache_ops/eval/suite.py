@@ -130,6 +130,8 @@ def evaluate(model, tokenizer, settings, configs, save, log=print):
         for config in configs:  # what only the capacity decides, before the dense runs
             if config.backend == "kcache":
                 check_kcache(model.config, model.device, model.dtype, config.options, longest)
+        if hasattr(model, "check_capacity"):  # a transformers model: a sliding window, say
+            model.check_capacity(longest)
     snapshots = {}
     for g in tqdm(groups, desc="prefill (dense, once per batch)", unit="batch"):
         snapshots[g["name"]] = prefill_snapshot(model, g["prompts"])

@@ -197,6 +197,9 @@ class CacheBridge(Cache):
     seen : int
         Tokens per sequence ``inner`` already holds as transformers counts them (0: the next
         forward is the prefill).
+    check : bool
+        Whether to :func:`check_model` (False: the caller has, for this capacity; the check walks
+        every parameter, too slow for each decode step).
 
     Attributes
     ----------
@@ -209,9 +212,10 @@ class CacheBridge(Cache):
     after the prefill (chunked prefill, continuing from a filled cache: call :meth:`reset` first).
     """
 
-    def __init__(self, model, capacity, inner=None, seen=0):
+    def __init__(self, model, capacity, inner=None, seen=0, check=True):
         config = model.config
-        check_model(model, capacity)
+        if check:
+            check_model(model, capacity)
         if config._attn_implementation != ATTN_IMPLEMENTATION:
             raise ValueError(
                 f"{type(self).__name__}: the model attends with {config._attn_implementation!r}; "
@@ -234,6 +238,9 @@ class CacheBridge(Cache):
 
     # -- transformers' side ---------------------------------------------------------------------
 
+    # the cache's bookkeeping (Python ints it changes per layer) and the kcache ops run outside a
+    # compiled graph: inductor's code read a symbol of a guard the counters had changed
+    @torch.compiler.disable
     def _update(self, layer, key, value):
         """``update`` of layer ``layer`` with key/value [B, Hkv, T, D] (RoPE applied): checks, and
         marks the call pending for :func:`kcache_attention`; returns (key, value) unchanged."""
@@ -281,6 +288,7 @@ class CacheBridge(Cache):
 
     # -- the attention ------------------------------------------------------------------------
 
+    @torch.compiler.disable
     def _attend(self, module, query, key, value, attention_mask, dropout, scaling, kwargs):
         """The attention of the pending layer. query [B, Hq, T, D], key/value [B, Hkv, T, D]
         -> ([B, T, Hq, D], None), transformers' attention output convention. Under autocast it

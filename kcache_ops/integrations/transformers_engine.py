@@ -16,9 +16,10 @@ from ..devices import default_device
 from ..model.errors import CheckpointError, UnsupportedModelError
 from ..model.gguf_loader import metadata, open_gguf
 from ..model.hf import SAFETENSORS_NAMES, shard_files
+from ..model.llama import float32_logits
 from ..model.load import default_model_path
 from ..model.tokenizer import Tokenizer
-from .transformers import SUPPORTED_MODEL_TYPES, CacheBridge, head_dim_of, enable
+from .transformers import SUPPORTED_MODEL_TYPES, CacheBridge, check_model, head_dim_of, enable
 
 
 def cache_arg(model):
@@ -54,7 +55,21 @@ class TransformersDecoder:
                                       num_kv_heads=c.num_key_value_heads, head_dim=head_dim_of(c),
                                       vocab_size=c.vocab_size,
                                       max_position_embeddings=c.max_position_embeddings)
-        self._cache_arg = cache_arg(model)
+        self._cache_arg = cache_arg(model.get_decoder())
+        self._capacities = set()  # those check_capacity has checked
+
+    def check_capacity(self, capacity):
+        """ValueError where the model cannot attend through a cache of ``capacity`` tokens per
+        sequence (a sliding window that would bind: :func:`check_model`); checked once per
+        capacity. The evaluation calls it before its first run."""
+        if capacity not in self._capacities:
+            check_model(self.model, capacity)
+            self._capacities.add(capacity)
+
+    def _bridge(self, cache, seen):
+        """The transformers cache over the kcache_ops ``cache`` (:class:`CacheBridge`)."""
+        self.check_capacity(cache.capacity)
+        return CacheBridge(self.model, cache.capacity, cache, seen=seen, check=False)
 
     @property
     def device(self):
@@ -64,11 +79,18 @@ class TransformersDecoder:
     def dtype(self):
         return self.model.dtype
 
+    def _logits(self, **inputs):
+        """The model's logits [B, T, V] float32 for ``inputs`` (its forward's arguments): its
+        decoder's hidden states [B, T, E] through its head with :func:`float32_logits`, as our
+        decoder computes them (transformers' head rounds them to the model's dtype first)."""
+        h = self.model.get_decoder()(**inputs).last_hidden_state  # [B, T, E]
+        return float32_logits(h, self.model.get_output_embeddings().weight)
+
     def forward(self, tokens):
         """Causal full-sequence forward, no cache.
 
         tokens [B, T] long -> logits [B, T, V] float32."""
-        return self.model(input_ids=tokens, use_cache=False).logits.float()
+        return self._logits(input_ids=tokens, use_cache=False)
 
     __call__ = forward
 
@@ -81,9 +103,9 @@ class TransformersDecoder:
         b, t = tokens.shape
         positions = torch.arange(t, device=tokens.device).expand(b, t)  # [B, T]
         mask = (positions < lens[:, None]).long()  # [B, T]
-        bridge = CacheBridge(self.model, cache.capacity, cache)
-        logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                            **{self._cache_arg: bridge}).logits.float()  # [B, T, V]
+        bridge = self._bridge(cache, 0)
+        logits = self._logits(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                              **{self._cache_arg: bridge})  # [B, T, V]
         if all_logits:
             return logits
         return logits[torch.arange(b, device=tokens.device), lens.long() - 1]  # [B, V]
@@ -94,10 +116,10 @@ class TransformersDecoder:
         tokens [B] long -> logits [B, V] float32.
         """
         positions = cache.seq_lens.long()[:, None]  # [B, 1]
-        bridge = CacheBridge(self.model, cache.capacity, cache, seen=1)
-        logits = self.model(input_ids=tokens[:, None], position_ids=positions,
-                            **{self._cache_arg: bridge}).logits  # [B, 1, V]
-        return logits[:, 0].float()
+        bridge = self._bridge(cache, 1)
+        logits = self._logits(input_ids=tokens[:, None], position_ids=positions,
+                              **{self._cache_arg: bridge})  # [B, 1, V]
+        return logits[:, 0]
 
 
 def _from_pretrained(path, *args, **kwargs):
