@@ -464,6 +464,23 @@ def test_max_cache_len_of_any_integer_type_and_the_model_dtype():
         kt.KCacheCache(model.double(), 40)
 
 
+def test_a_large_default_max_cache_len_warns():
+    """Without max_cache_len the cache holds the model's positions: past 32768 (Llama-3.1's
+    131072) that warns, as each prefill allocates K and host V for them all."""
+    import warnings
+    model = kt.enable(tiny_model("llama", max_position_embeddings=kt.LARGE_DEFAULT_CACHE))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kt.KCacheCache(model).capacity == kt.LARGE_DEFAULT_CACHE
+    model.config.max_position_embeddings = 131072
+    with pytest.warns(UserWarning, match="max_cache_len defaults to the model's "
+                                         "max_position_embeddings, 131072"):
+        assert kt.KCacheCache(model).capacity == 131072
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kt.KCacheCache(model, 64)  # given: no warning
+
+
 def test_version_check():
     kt.check_transformers_version(transformers.__version__)
     for found in ("4.57.1", "6.0.0"):

@@ -67,6 +67,9 @@ from ..integers import int_at_least  # noqa: E402
 ATTN_IMPLEMENTATION = "kcache"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 HEAD_DIMS = (64, 128)
+# a default max_cache_len (the model's positions) above this warns: each prefill allocates K and
+# host V for that many tokens a sequence (Llama-3.1's 131072: 16 GiB for one sequence at 8B)
+LARGE_DEFAULT_CACHE = 32768
 
 # The cache whose update ran last on this thread and whose attention has not run yet.
 _active = threading.local()
@@ -370,8 +373,9 @@ class KCacheCache(CacheBridge):
         Llama, Mistral, Qwen2, Qwen3 (SmolLM is Llama); see :func:`check_model`.
     max_cache_len : int, optional
         Tokens per sequence the cache holds, the padded prompt and the new tokens together.
-        Default: ``model.config.max_position_embeddings``. K is allocated on the model's device and
-        V in host RAM for this many tokens at the prefill.
+        Default: ``model.config.max_position_embeddings`` (with a warning above
+        :data:`LARGE_DEFAULT_CACHE`). K is allocated on the model's device and V in host RAM for
+        this many tokens at the prefill.
     options : kcache_ops.caches.KCacheOptions, optional
         N, group select, renormalization, dense layers, tail, top_p, hot rows, reuse
         (DESIGN.md §3, ``KCacheOptions``' defaults where not given); or give them by name
@@ -392,6 +396,13 @@ class KCacheCache(CacheBridge):
         config = model.config
         if max_cache_len is None:
             max_cache_len = config.max_position_embeddings
+            if int_at_least(max_cache_len, LARGE_DEFAULT_CACHE + 1) is not None:
+                warnings.warn(f"KCacheCache: max_cache_len defaults to the model's "
+                              f"max_position_embeddings, {max_cache_len}: each prefill allocates "
+                              f"K on the device and V in host RAM for that many tokens per "
+                              f"sequence; pass max_cache_len (the longest prompt plus "
+                              f"max_new_tokens) to allocate what the generation uses",
+                              stacklevel=2)
         length = int_at_least(max_cache_len, 1)  # any integer type, not a bool nor a float
         if length is None:
             raise ValueError(f"KCacheCache: max_cache_len must be an integer >= 1, got "

@@ -44,9 +44,10 @@ def time_hf(model, batch, context, steps):
     """Seconds per decode step of the transformers ``model`` with a StaticCache of
     ``context + steps + 2`` tokens at ``batch``.
 
-    A prefill of min(16, ``context``) tokens fills the cache's first rows; the timed steps then
-    write at positions ``context`` on: a static cache attends over its whole length, so the cost
-    is that of a full cache."""
+    A prefill of min(16, ``context``) tokens fills the cache's first rows, and the steps write
+    the rows after them (a StaticCache writes at its own count; transformers 5.17 to 5.24 take no
+    other position from ``cache_position``): a static cache attends over its whole length, the
+    rows not written masked, so each step costs that of a full cache of ``context``."""
     import transformers
 
     from ..integrations.transformers_engine import cache_arg
@@ -60,7 +61,7 @@ def time_hf(model, batch, context, steps):
     token = ids[:, :1]  # [B, 1]
     # every step's position made on the device before timing: a tensor made from a host list in
     # the step would wait for the stream each step, losing transformers' launch/compute overlap
-    positions = torch.arange(context, context + steps + 2, device=device)  # [steps + 2]
+    positions = torch.arange(first, first + steps + 2, device=device)  # [steps + 2]
 
     def step(i):
         model(input_ids=token, **cache, use_cache=True, logits_to_keep=1,
