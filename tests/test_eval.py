@@ -412,6 +412,19 @@ def test_report_only_into_a_new_folder(tmp_path, capsys):
     assert "has not run yet; on a GPU:" in text
 
 
+def test_report_only_refuses_the_options_of_a_measurement(tmp_path, capsys):
+    """--report-only measures nothing: a measurement's option given with it is an error line
+    naming it (it was silently ignored), and no folder is made."""
+    from kcache_ops.__main__ import main
+    out = tmp_path / "out"
+    assert main(["eval", "--report-only", "--out", str(out), "--topn", "8", "--group-select",
+                 "--engine", "transformers"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: --report-only rewrites the report from the JSON in --out and measures nothing; "
+        "--topn, --group-select, --engine would have no effect")
+    assert not out.exists()
+
+
 def test_mass_curves_leave_out_hot_rows():
     """The mass plot's curve of a selection comes from a configuration without hot rows (with
     them KCache records only the cold rows' mass), a top_p cut or dense layers, whatever the

@@ -794,6 +794,32 @@ def test_tokenizer_larger_than_the_embedding(tmp_path, hf_folder):
         load_model(tmp_path, "cpu")
 
 
+def test_added_tokens_past_the_embedding_load_with_a_warning(tmp_path, hf_folder):
+    """A pad token added past the embedding's rows (Llama-2's <pad> at 32000 of 32000) loads, as
+    in transformers, with a warning naming it; a prompt holding it is refused by generate. A BOS
+    past them (it begins every prompt) is still refused at load."""
+    import tokenizers
+
+    from kcache_ops.generate import generate
+    folder, _ = hf_folder
+    for f in folder.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    tok.add_special_tokens(["<pad>"])  # id 96, of 96 rows
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.warns(UserWarning, match=r"added tokens \['<pad>'\] \(ids \[96\]\) have no "
+                                         r"row of the embedding's 96"):
+        model, tokenizer = load_model(tmp_path, "cpu")
+    with pytest.raises(ValueError, match=r"token ids must be integers in \[0, 96\)"):
+        generate(model, [tokenizer.encode("a<pad>")], 2)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "bos_token": "<pad>"}),
+                                                     encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"token ids up to 96, past the 96 rows of the "
+                                              r"embedding \(its BOS, 96, begins every prompt\)"):
+        load_model(tmp_path, "cpu")
+
+
 def test_generation_config_ends_generation(tmp_path, hf_folder):
     """The end-of-turn ids of generation_config.json end a generation as config.json's EOS does
     (as in transformers); a malformed one names the file."""

@@ -628,6 +628,15 @@ def test_eval_refuses_a_binding_sliding_window_before_it_runs(monkeypatch):
     assert len(calls) == 1
 
 
+def test_engine_checks_its_device_before_loading():
+    """load_transformers_model checks its device as load_model does, before transformers reads
+    anything (a meta model failed later, with an error naming neither)."""
+    from kcache_ops.integrations.transformers_engine import load_transformers_model
+    with pytest.raises(ValueError, match="^load_transformers_model: device 'meta' holds no "
+                                         "weights to run"):
+        load_transformers_model("/no/such/checkpoint", "meta")
+
+
 def test_engine_checks_a_checkpoint_before_transformers_loads_it(tmp_path, monkeypatch):
     """load_transformers_model refuses what our own loader refuses, with its one-line errors
     (a GGUF of another architecture, a truncated safetensors file), and what transformers refuses

@@ -26,8 +26,8 @@ from ..eval.suite import Settings, evaluate, save_json
 from ..model import load_model
 from ..model.load import DEFAULT_NAME
 from ..results import RESULTS_DIR, SMOKE_DIR, machine, prepare_out_dir
-from .args import (add_engine_argument, add_model_arguments, command_line, dtype_of, layer_list,
-                   positive_int, positive_int_list, thread_count)
+from .args import (ENGINES, add_engine_argument, add_model_arguments, command_line, dtype_of,
+                   layer_list, positive_int, positive_int_list, thread_count)
 
 
 def tail_list(text):
@@ -110,7 +110,22 @@ def configs(args):
     return quick_grid() if args.quick else default_grid()
 
 
+# the options of a measurement, which --report-only (which measures nothing) does not take
+MEASUREMENT_OPTIONS = ("model", "device", "dtype", "topn", "tails", "group_select",
+                       "dense_layers", "ppl_rows", "agree_rows", "prefill", "steps", "long_rows",
+                       "long_prefill", "long_steps", "answer_steps", "needle_lengths",
+                       "gpu_sizes", "threads")
+
+
 def run(args):
+    if args.report_only:  # before the folder is made: an error leaves nothing behind
+        given = [f"--{name.replace('_', '-')}" for name in MEASUREMENT_OPTIONS
+                 if getattr(args, name, None) not in (None, False)]
+        given += ["--engine"] if args.engine != ENGINES[0] else []
+        if given:
+            raise ValueError(f"--report-only rewrites the report from the JSON in --out and "
+                             f"measures nothing; {', '.join(given)} would have no effect: drop "
+                             f"them, or drop --report-only to measure")
     args.out = prepare_out_dir(args.out, args.quick)
     if args.report_only:
         report.write(args.out)

@@ -17,7 +17,7 @@ from ..model.errors import CheckpointError, UnsupportedModelError
 from ..model.gguf_loader import metadata, open_gguf
 from ..model.hf import SAFETENSORS_NAMES, shard_files
 from ..model.llama import float32_logits
-from ..model.load import default_model_path
+from ..model.load import check_device, default_model_path
 from ..model.tokenizer import Tokenizer
 from .transformers import SUPPORTED_MODEL_TYPES, CacheBridge, check_model, head_dim_of, enable
 
@@ -144,7 +144,8 @@ def load_transformers_model(path=None, device=None, dtype=None):
     available; dtype default: bfloat16 on CUDA, float32 on the CPU.
     """
     path = os.path.abspath(default_model_path() if path is None else os.fspath(path))
-    device = default_device() if device is None else torch.device(device)
+    device = default_device() if device is None else check_device(device,
+                                                                  "load_transformers_model")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     load = dict(attn_implementation="kcache", dtype=dtype)

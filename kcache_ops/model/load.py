@@ -2,6 +2,7 @@
 SmolLM2-135M-Instruct) -> (model, tokenizer), offline."""
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -82,31 +83,45 @@ def load_model(path=None, device=None, dtype=None):
     return load_gguf_model(reader, device, dtype, config), tokenizer
 
 
-def check_device(device) -> torch.device:
+def check_device(device, owner="load_model") -> torch.device:
     """``device`` (a str, torch.device or index) as a torch.device the model can be put on, checked
     before any file is read; ValueError naming it if torch does not parse it, if it is ``meta``
     (which holds no weights to run) or a CUDA device this machine does not have (torch would
-    say so only after the weights were read)."""
+    say so only after the weights were read); ``owner``, the loader asking, begins its
+    message."""
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"load_model: device must be a torch device such as 'cpu', 'cuda' or "
+        raise ValueError(f"{owner}: device must be a torch device such as 'cpu', 'cuda' or "
                          f"'cuda:1', got {device!r} ({e})") from e
     if parsed.type == "meta":
-        raise ValueError("load_model: device 'meta' holds no weights to run; pass 'cpu' or "
-                         "'cuda'")
+        raise ValueError(f"{owner}: device 'meta' holds no weights to run; pass 'cpu' or "
+                         f"'cuda'")
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (parsed.index or 0) >= count:
-            raise ValueError(f"load_model: device {device!r} is not on this machine: torch "
+            raise ValueError(f"{owner}: device {device!r} is not on this machine: torch "
                              f"{torch.__version__} can use {count} CUDA device(s) here")
     return parsed
 
 
 def _fitting(path, tokenizer, config):
-    """``tokenizer``, whose ids must all have a row of the embedding of ``config`` (a larger one
-    would fail every prompt and generation later, with errors that name neither)."""
-    if tokenizer.id_end > config.vocab_size:
+    """``tokenizer``, whose ids must have a row of the embedding of ``config`` (a larger one
+    would fail every prompt and generation later, with errors that name neither). Added tokens
+    past it other than BOS are let through with a warning, as transformers runs them: checkpoints
+    add a pad token so (Llama-2's ``<pad>`` at 32000 of 32000 rows), and a prompt that holds one
+    is refused by generate."""
+    if tokenizer.id_end <= config.vocab_size:
+        return tokenizer
+    rows = config.vocab_size
+    added = tokenizer.tok.get_added_tokens_decoder()  # id -> AddedToken
+    past = {i: t for t, i in tokenizer.tok.get_vocab(with_added_tokens=True).items() if i >= rows}
+    if any(i not in added for i in past) or tokenizer.bos_id in past:
         raise CheckpointError(f"{path}: the tokenizer has token ids up to {tokenizer.id_end - 1}, "
-                              f"past the {config.vocab_size} rows of the embedding")
+                              f"past the {rows} rows of the embedding"
+                              + (f" (its BOS, {tokenizer.bos_id}, begins every prompt)"
+                                 if tokenizer.bos_id in past else ""))
+    warnings.warn(f"{path}: the tokenizer's added tokens {sorted(past.values())} (ids "
+                  f"{sorted(past)}) have no row of the embedding's {rows}; a prompt holding one "
+                  f"is refused", stacklevel=3)
     return tokenizer
