@@ -101,14 +101,17 @@ def test_prefill_refuses_an_empty_prompt(pair):
 
 def test_prefill_refuses_float_lens_and_ids_outside_the_vocabulary(pair):
     """Lengths as floats (cast to int32 silently before) and token ids outside the vocabulary
-    (an IndexError deep in the embedding before) are refused naming them."""
+    (an IndexError deep in the embedding before) are refused naming them, and the range of the
+    ids within the prompts' lengths (not the pads)."""
     _, model = pair
     cache = make_cache("dense", model.config, 2, 8, model.device, model.dtype)
     tokens = torch.randint(0, 96, (2, 5))  # [B, T]
     with torch.no_grad(), pytest.raises(ValueError, match=r"lens must be a \[2\] integer tensor"):
         model.prefill(tokens, torch.tensor([3.7, 5.0]), cache)
-    tokens[1, 2] = 96
-    with torch.no_grad(), pytest.raises(ValueError, match=r"token ids must be in \[0, 96\).* 96"):
+    tokens[:] = 7
+    tokens[0, 3:], tokens[1, 2] = -1, 96  # the pads are not among the ids the error names
+    with torch.no_grad(), pytest.raises(ValueError, match=r"token ids must be in \[0, 96\) "
+                                        r"\(the vocabulary\), got ids from 7 to 96 within"):
         model.prefill(tokens, torch.tensor([3, 5], dtype=torch.int32), cache)
 
 
@@ -176,12 +179,13 @@ def test_decode_refuses_tokens_of_the_wrong_shape_type_or_vocabulary(pair):
 
 def test_logits_of_a_16_bit_model_are_float32_sums(device, dtype):
     """The head's product leaves in float32 from 16-bit weights too: logits near 30 are not
-    rounded to bfloat16's 0.125 steps (noise the evaluation would count as KCache's)."""
+    rounded to bfloat16's 0.125 steps (noise the evaluation would count as KCache's). V spans
+    two and a part of the 1024-row slices in which the CPU upcasts the head."""
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(2, 3, 64, generator=gen).to(device, dtype)  # [B, T, E]
-    head = (torch.randn(50, 64, generator=gen) * 0.9).to(device, dtype)  # [V, E]
+    head = (torch.randn(2085, 64, generator=gen) * 0.9).to(device, dtype)  # [V, E]
     logits = float32_logits(h, head)  # [B, T, V]
     want = (h.double() @ head.double().t()).float()  # [B, T, V]
-    assert logits.dtype == torch.float32 and logits.shape == (2, 3, 50)
+    assert logits.dtype == torch.float32 and logits.shape == (2, 3, 2085)
     torch.testing.assert_close(logits, want, atol=2e-5, rtol=1e-5)
     assert logits.abs().max() > 16  # where a bfloat16 result would be off by up to 0.0625

@@ -578,6 +578,24 @@ def test_engine_logits_of_a_bfloat16_model_are_float32_sums():
         model.set_attn_implementation("sdpa")
 
 
+def test_engine_prefill_takes_any_pad():
+    """The engine's prefill reads the pads past each prompt's length as don't-care, as our
+    decoder's does (a -1 pad failed in the embedding)."""
+    from kcache_ops.integrations.transformers_engine import TransformersDecoder
+    engine = TransformersDecoder(tiny_model("llama"))
+    try:
+        tokens, mask = padded(random_prompts([7, 4]), right=True)  # [B, T], pads 0
+        lens = mask.sum(1).int()  # [B]
+        logits = []
+        for pad in (0, -1, 10**6):
+            cache = make_cache("dense", engine.config, 2, 8, "cpu", torch.float32)
+            with torch.no_grad():
+                logits.append(engine.prefill(tokens.masked_fill(mask == 0, pad), lens, cache))
+        assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
+    finally:
+        engine.model.set_attn_implementation("sdpa")
+
+
 def test_eval_command_with_the_transformers_engine(tmp_path, monkeypatch):
     """`python -m kcache_ops eval --engine transformers` end to end on a tiny checkpoint (and a
     stand-in essay text): KCache with N above every length gives dense's perplexity."""
@@ -623,8 +641,11 @@ def test_eval_refuses_a_binding_sliding_window_before_it_runs(monkeypatch):
     monkeypatch.setattr(kt, "check_model", lambda *a: calls.append(a))
     monkeypatch.setattr("kcache_ops.integrations.transformers_engine.check_model",
                         lambda *a: calls.append(a))
-    for _ in range(3):
-        engine.check_capacity(30)
+    cache = make_cache("dense", engine.config, 1, 30, "cpu", torch.float32)
+    with torch.no_grad():  # a prefill and two steps through the engine: one check of 30
+        engine.prefill(torch.tensor(random_prompts([5])), torch.tensor([5]), cache)
+        for token in (3, 4):
+            engine.decode(torch.tensor([token]), cache)
     assert len(calls) == 1
 
 
@@ -640,12 +661,15 @@ def test_engine_checks_its_device_before_loading():
 def test_engine_checks_a_checkpoint_before_transformers_loads_it(tmp_path, monkeypatch):
     """load_transformers_model refuses what our own loader refuses, with its one-line errors
     (a GGUF of another architecture, a truncated safetensors file), and what transformers refuses
-    as a CheckpointError (a config of another head dim than the weights), leaves a folder without
-    safetensors to transformers (which takes other formats too), and takes a GGUF named relative
-    to the working folder (transformers gets its folder as an absolute path)."""
+    as a CheckpointError (a config of another head dim than the weights), refuses a split GGUF
+    (transformers would read its first part only, the rest of the weights drawn at random),
+    leaves a folder without safetensors to transformers (which takes other formats too), and
+    takes a GGUF named relative to the working folder (transformers gets its folder as an
+    absolute path)."""
     import gguf
     import numpy as np
 
+    from kcache_ops.integrations import transformers_engine as engine_module
     from kcache_ops.integrations.transformers_engine import load_transformers_model
     from kcache_ops.model import CheckpointError, UnsupportedModelError
     from kcache_ops.model.load import default_model_path
@@ -659,6 +683,19 @@ def test_engine_checks_a_checkpoint_before_transformers_loads_it(tmp_path, monke
     with pytest.raises(UnsupportedModelError, match="GGUF architecture 'gpt2'; KCache runs in "
                                                     "transformers: llama, "):
         load_transformers_model(tmp_path / "gpt2.gguf", "cpu")
+    split = gguf.GGUFWriter(str(tmp_path / "llama.gguf"), "llama", split_max_tensors=1)
+    for name in ("token_embd.weight", "output_norm.weight"):  # a part each
+        split.add_tensor(name, np.ones((10, 64), np.float32))
+    for write in (split.write_header_to_file, split.write_kv_data_to_file,
+                  split.write_tensors_to_file, split.close):
+        write()
+    with monkeypatch.context() as m, \
+            pytest.raises(UnsupportedModelError, match="llama-00001-of-00002.gguf: a GGUF "
+                                                       "checkpoint split into 2 files .*"
+                                                       "llama-gguf-split --merge"):
+        m.setattr(engine_module, "_from_pretrained",
+                  lambda *a, **k: pytest.fail("transformers was given a split GGUF"))
+        load_transformers_model(tmp_path / "llama-00001-of-00002.gguf", "cpu")
     folder = tmp_path / "hf"
     save_tiny_hf(folder)
     config = (folder / "config.json").read_text(encoding="utf-8")

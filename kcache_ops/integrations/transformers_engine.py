@@ -79,18 +79,22 @@ class TransformersDecoder:
     def dtype(self):
         return self.model.dtype
 
-    def _logits(self, **inputs):
-        """The model's logits [B, T, V] float32 for ``inputs`` (its forward's arguments): its
-        decoder's hidden states [B, T, E] through its head with :func:`float32_logits`, as our
-        decoder computes them (transformers' head rounds them to the model's dtype first)."""
-        h = self.model.get_decoder()(**inputs).last_hidden_state  # [B, T, E]
+    def _hidden(self, **inputs):
+        """The model's decoder's last hidden states [B, T, E] for ``inputs`` (its forward's
+        arguments)."""
+        return self.model.get_decoder()(**inputs).last_hidden_state
+
+    def _logits(self, h):
+        """Hidden states h [..., E] -> logits [..., V] float32 through the model's head with
+        :func:`float32_logits`, as our decoder computes them (transformers' head rounds them to
+        the model's dtype first)."""
         return float32_logits(h, self.model.get_output_embeddings().weight)
 
     def forward(self, tokens):
         """Causal full-sequence forward, no cache.
 
         tokens [B, T] long -> logits [B, T, V] float32."""
-        return self._logits(input_ids=tokens, use_cache=False)
+        return self._logits(self._hidden(input_ids=tokens, use_cache=False))
 
     __call__ = forward
 
@@ -104,11 +108,12 @@ class TransformersDecoder:
         positions = torch.arange(t, device=tokens.device).expand(b, t)  # [B, T]
         mask = (positions < lens[:, None]).long()  # [B, T]
         bridge = self._bridge(cache, 0)
-        logits = self._logits(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                              **{self._cache_arg: bridge})  # [B, T, V]
+        # the pads as a valid id, as our decoder's prefill reads them: don't-care (a -1 too)
+        h = self._hidden(input_ids=tokens * mask, attention_mask=mask, position_ids=positions,
+                         **{self._cache_arg: bridge})  # [B, T, E]
         if all_logits:
-            return logits
-        return logits[torch.arange(b, device=tokens.device), lens.long() - 1]  # [B, V]
+            return self._logits(h)  # [B, T, V]
+        return self._logits(h[torch.arange(b, device=tokens.device), lens.long() - 1])  # [B, V]
 
     def decode(self, tokens, cache):
         """One new token per sequence at its own position ``cache.seq_lens[b]``.
@@ -117,9 +122,9 @@ class TransformersDecoder:
         """
         positions = cache.seq_lens.long()[:, None]  # [B, 1]
         bridge = self._bridge(cache, 1)
-        logits = self._logits(input_ids=tokens[:, None], position_ids=positions,
-                              **{self._cache_arg: bridge})  # [B, 1, V]
-        return logits[:, 0]
+        h = self._hidden(input_ids=tokens[:, None], position_ids=positions,
+                         **{self._cache_arg: bridge})  # [B, 1, E]
+        return self._logits(h[:, 0])  # [B, V]
 
 
 def _from_pretrained(path, *args, **kwargs):
@@ -158,7 +163,13 @@ def load_transformers_model(path=None, device=None, dtype=None):
                                           () if eos is None else (eos,))
     elif os.path.isfile(path):
         reader = open_gguf(path)  # a file that is not GGUF fails here
-        arch = metadata(reader).get("general.architecture")
+        meta = metadata(reader)
+        if meta.get("split.count", 1) > 1:  # transformers would read part 1 and draw the rest
+            raise UnsupportedModelError(f"{path}: a GGUF checkpoint split into "
+                                        f"{meta['split.count']} files (split.count); transformers "
+                                        f"reads one file: merge them with llama-gguf-split "
+                                        f"--merge, or load it with kcache_ops.model.load_model")
+        arch = meta.get("general.architecture")
         if arch not in SUPPORTED_MODEL_TYPES:  # before transformers maps its tensors onto one
             raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r}; KCache runs in "
                                         f"transformers: {', '.join(SUPPORTED_MODEL_TYPES)}")

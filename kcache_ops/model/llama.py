@@ -227,14 +227,15 @@ class Llama(nn.Module):
                                  f"got lens {lens.tolist()}")
         lens = lens.to(device=self.device, dtype=torch.int32)                # [B]
         positions = torch.arange(t, device=self.device).expand(b, t)         # [B, T]
-        # the pads as a valid id: they are don't-care (a -1 pad too), and the embedding reads them
-        tokens = tokens.masked_fill(positions >= lens[:, None], 0)          # [B, T]
-        vocab = self.config.vocab_size
-        if tokens.numel():
-            low, high = (int(x) for x in torch.aminmax(tokens))  # one pass, read at prefill only
+        pads = positions >= lens[:, None]                                    # [B, T]
+        vocab, ids = self.config.vocab_size, tokens[~pads]                   # ids [sum(lens)]
+        if ids.numel():
+            low, high = (int(x) for x in torch.aminmax(ids))  # one pass, read at prefill only
             if not 0 <= low <= high < vocab:
                 raise ValueError(f"prefill: token ids must be in [0, {vocab}) (the vocabulary), "
                                  f"got ids from {low} to {high} within the prompts' lengths")
+        # the pads as a valid id: they are don't-care (a -1 pad too), and the embedding reads them
+        tokens = tokens.masked_fill(pads, 0)                                 # [B, T]
         h = self._run(tokens, positions, lambda i, q, k, v: cache.prefill(i, q, k, v, lens))
         cache.finish_prefill(lens)
         if all_logits:
@@ -261,6 +262,10 @@ class Llama(nn.Module):
         return self._logits(h[:, 0])                                         # [B, V]
 
 
+# head rows upcast at a time by float32_logits on the CPU: 1024 x E float32 stays in L2
+_CPU_HEAD_SLICE = 1024
+
+
 def float32_logits(h, head):
     """h [..., E], head [V, E] of one dtype -> logits h · headᵀ [..., V] in float32, summed and
     written in float32 from 16-bit operands too: rounded to bfloat16, a logit near 30 would be a
@@ -268,10 +273,17 @@ def float32_logits(h, head):
     would count as KCache's."""
     if h.dtype not in (torch.float16, torch.bfloat16):
         return F.linear(h, head).float()
+    rows = h.reshape(-1, h.shape[-1])                                        # [M, E]
     if h.is_cuda:  # cuBLAS takes 16-bit operands to a float32 result
-        out = torch.mm(h.reshape(-1, h.shape[-1]), head.t(), out_dtype=torch.float32)  # [., V]
-        return out.view(*h.shape[:-1], head.shape[0])
-    return F.linear(h.float(), head.float())  # the CPU has no such mm: the head in float32
+        out = torch.mm(rows, head.t(), out_dtype=torch.float32)              # [M, V]
+    else:  # the CPU has no such mm: the head in float32, a slice at a time (whole, it would
+        # be a [V, E] float32 copy per call, 9x slower than the 16-bit product at SmolLM2's)
+        out = rows.new_empty(rows.shape[0], head.shape[0], dtype=torch.float32)  # [M, V]
+        rows = rows.float()
+        for i in range(0, head.shape[0], _CPU_HEAD_SLICE):
+            part = head[i:i + _CPU_HEAD_SLICE].float()                       # [<=slice, E]
+            torch.mm(rows, part.t(), out=out[:, i:i + _CPU_HEAD_SLICE])
+    return out.view(*h.shape[:-1], head.shape[0])
 
 
 def _cache_batch(method, cache):
