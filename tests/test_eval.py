@@ -421,7 +421,7 @@ def test_report_only_refuses_the_options_of_a_measurement(tmp_path, capsys):
                  "--engine", "transformers"]) == 2
     assert capsys.readouterr().err.startswith(
         "error: --report-only rewrites the report from the JSON in --out and measures nothing; "
-        "--topn, --group-select, --engine would have no effect")
+        "--engine, --topn, --group-select would have no effect")
     assert not out.exists()
 
 

@@ -220,8 +220,14 @@ def test_a_nan_perplexity_is_reported_and_never_recommended(tmp_path):
         rows = len(bad[context]["perplexity"]["ppl_rows"])
         bad[context]["perplexity"] = perplexity.summarize(torch.full((rows, 1), float("nan")))
     bad["summary"] = summarize(bad, results[0])
-    for r in results[1:]:
+    for r in results[1:]:  # the others as the NaN one, but for a finite |Δ ppl| over the target
+        if r is not bad:
+            r["summary"] = {**bad["summary"], "dppl": {"short": 1.0, "long": 1.0},
+                            "host_bytes_per_step": 2 * bad["summary"]["host_bytes_per_step"]}
         r["summary"]["host_rows"] = 2.0 if r is bad else 8.0  # the NaN one the fewest rows
+    misses = {sum(not ok for ok in recommend.assess(r["summary"], results[0]["summary"]).values())
+              for r in results[1:]}
+    assert len(misses) == 1  # a tie on targets missed: the |Δ ppl| excess decides
     rec = recommend.recommend(results)
     assert rec["config"] != bad["config"]
     assert recommend.small_budget([results[0], bad, results[2]])["config"] == results[2]["config"]

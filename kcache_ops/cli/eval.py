@@ -26,7 +26,7 @@ from ..eval.suite import Settings, evaluate, save_json
 from ..model import load_model
 from ..model.load import DEFAULT_NAME
 from ..results import RESULTS_DIR, SMOKE_DIR, machine, prepare_out_dir
-from .args import (ENGINES, add_engine_argument, add_model_arguments, command_line, dtype_of,
+from .args import (add_engine_argument, add_model_arguments, command_line, dtype_of,
                    layer_list, positive_int, positive_int_list, thread_count)
 
 
@@ -110,18 +110,23 @@ def configs(args):
     return quick_grid() if args.quick else default_grid()
 
 
-# the options of a measurement, which --report-only (which measures nothing) does not take
-MEASUREMENT_OPTIONS = ("model", "device", "dtype", "topn", "tails", "group_select",
-                       "dense_layers", "ppl_rows", "agree_rows", "prefill", "steps", "long_rows",
-                       "long_prefill", "long_steps", "answer_steps", "needle_lengths",
-                       "gpu_sizes", "threads")
+# the options that --report-only (which measures nothing) reads; any other is a measurement's
+REPORT_OPTIONS = ("report_only", "out", "quick")
+
+
+def measurement_flags(args):
+    """The flags among ``args`` that only a measurement reads, given other than their defaults
+    (every option of :func:`add_arguments` but :data:`REPORT_OPTIONS`)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = vars(parser.parse_args([]))
+    return [f"--{name.replace('_', '-')}" for name, default in defaults.items()
+            if name not in REPORT_OPTIONS and getattr(args, name, default) != default]
 
 
 def run(args):
     if args.report_only:  # before the folder is made: an error leaves nothing behind
-        given = [f"--{name.replace('_', '-')}" for name in MEASUREMENT_OPTIONS
-                 if getattr(args, name, None) not in (None, False)]
-        given += ["--engine"] if args.engine != ENGINES[0] else []
+        given = measurement_flags(args)
         if given:
             raise ValueError(f"--report-only rewrites the report from the JSON in --out and "
                              f"measures nothing; {', '.join(given)} would have no effect: drop "
