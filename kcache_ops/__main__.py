@@ -6,8 +6,10 @@ Each subcommand lives in kcache_ops/cli/<name>.py with ``add_arguments(parser)``
 """
 import argparse
 import importlib
+import os
 import shlex
 import sys
+import warnings
 
 import torch
 
@@ -35,8 +37,19 @@ def main(argv=None):
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
     args.command_line = f"python -m kcache_ops {shlex.join(argv)}"  # what the results record
+    format_warning = warnings.formatwarning  # a warning as one line: no source path nor code
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     try:
         return module.run(args) or 0
+    except KeyboardInterrupt:  # Ctrl-C: no traceback
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader of stdout left (`... | head`): stop quietly
+        try:  # as Python's docs advise: stdout to devnull, so that its flush at exit cannot fail
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout without a file descriptor
+            pass
+        return 141  # 128 + SIGPIPE, as a shell reports a command the signal ended
     except (ValueError, OSError, MemoryError, torch.OutOfMemoryError) as e:  # bad input found
         # past the flags: a file, a checkpoint, a value the options or the model refuse
         # (CheckpointError, UnsupportedModelError included), caches larger than the memory (the
@@ -48,6 +61,8 @@ def main(argv=None):
             raise
         print(e.code, file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = format_warning
 
 
 if __name__ == "__main__":

@@ -116,10 +116,12 @@ def _draw(logits, temperature, top_p, top_k, generator):
     not at every step)."""
     if as_float32(temperature) == 0:
         return logits.argmax(-1)
-    # an infinite logit (float16's overflow) as its dtype's largest: +inf shares the draw with any
-    # other +inf (inf - inf would be NaN), a row of -inf is uniform (NaN stays NaN: an error)
-    largest = torch.finfo(logits.dtype).max
-    logits = logits.clamp(-largest, largest)                                # [B, V]
+    # a row with a +inf logit (float16's overflow) draws among its +inf only (inf - inf would be
+    # NaN), a row of -inf is uniform; -inf elsewhere stays banned, NaN stays NaN (an error)
+    inf = float("inf")
+    top = logits == inf                                                     # [B, V]
+    logits = logits.masked_fill(top.any(-1, keepdim=True) & (logits < inf), -inf)
+    logits = logits.masked_fill(top | (logits == -inf).all(-1, keepdim=True), 0.0)  # [B, V]
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]                    # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay
@@ -141,7 +143,7 @@ def _draw(logits, temperature, top_p, top_k, generator):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
-             temperature=0.0, top_p=1.0, seed=None, eos_ids=(), tokenizer=None, on_text=None,
+             temperature=0.0, top_p=1.0, seed=None, eos_ids=None, tokenizer=None, on_text=None,
              top_k=None, on_token=None, reuse_stats=False):
     """Generate up to ``max_new_tokens`` for each prompt, all prompts in one batch.
 
@@ -159,10 +161,11 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
         Sampling (temperature 0: greedy; top_k None: every token), checked as :func:`sample`
         checks them; ``seed`` (None, or an integer in [-2^63, 2^64)) seeds a generator on the
         model's device.
-    eos_ids : iterable of int, or one int
-        A sequence stops after sampling one of these.
+    eos_ids : iterable of int, or one int, optional
+        A sequence stops after sampling one of these. None (default): the tokenizer's
+        ``eos_ids`` where one is given, else none (``()``: never stop early).
     tokenizer : Tokenizer, optional
-        Needed for ``texts`` and ``on_text``.
+        Needed for ``texts`` and ``on_text``; its ``eos_ids`` are the default ``eos_ids``.
     on_text : callable(index, text), optional
         Streaming: called with each sequence's new text as it is generated.
     on_token : callable(index, token), optional
@@ -187,10 +190,12 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
         prompts = prompts.tolist()
     elif not isinstance(prompts, (str, bytes, torch.Tensor)) and hasattr(prompts, "__iter__"):
         prompts = list(prompts)  # a generator is read once
-    if isinstance(prompts, (str, bytes, torch.Tensor)) or not all(
+    if not isinstance(prompts, list) or not all(
             hasattr(p, "__len__") and not isinstance(p, (str, bytes)) for p in prompts):
-        raise ValueError("prompts must be a list of token id lists (one per prompt), got "
-                         f"{type(prompts).__name__} of {[type(p).__name__ for p in prompts][:3]}")
+        got = (f"list of {[type(p).__name__ for p in prompts][:3]}" if isinstance(prompts, list)
+               else f"a {prompts.dim()}-D tensor" if isinstance(prompts, torch.Tensor)
+               else type(prompts).__name__)  # not iterated: an int, None, a 0-d tensor
+        raise ValueError(f"prompts must be a list of token id lists (one per prompt), got {got}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError(f"need at least one prompt and no empty one, got token counts "
                          f"{[len(p) for p in prompts]}")
@@ -199,6 +204,8 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     if bad:
         raise ValueError(f"prompt token ids must be integers in [0, {vocab}) (the model's "
                          f"vocabulary), got {bad[:5]}")
+    if eos_ids is None:
+        eos_ids = tokenizer.eos_ids if tokenizer is not None else ()
     if as_int(eos_ids) is not None:  # one id
         eos_ids = [eos_ids]
     elif not hasattr(eos_ids, "__iter__"):

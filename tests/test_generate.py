@@ -162,6 +162,18 @@ def test_infinite_logits_draw_a_token(dtype):
     assert set(drawn[:, 2].tolist()) == {0, 1, 2, 3}
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_banned_tokens_stay_banned_at_a_high_temperature(dtype):
+    """A -inf logit is never drawn, at any temperature: clamped to the dtype's largest, float16's
+    -65504 / 1e5 drew it more often than the one allowed token."""
+    inf = float("inf")
+    logits = torch.tensor([[0.0, -inf, -inf, -inf], [-inf, 3.0, -inf, 1.0]],
+                          dtype=dtype).repeat(500, 1)  # [B, V]
+    for top_p, top_k in ((1.0, None), (0.99, 3)):
+        drawn = sample(logits, 1e5, top_p, torch.Generator().manual_seed(0), top_k).view(500, 2)
+        assert set(drawn[:, 0].tolist()) == {0} and set(drawn[:, 1].tolist()) == {1, 3}
+
+
 def test_streaming_pieces_make_the_texts(loaded):
     model, tokenizer = loaded
     prompts = [tokenizer.encode("the t"), tokenizer.encode("ok")]
@@ -215,6 +227,31 @@ def test_bad_arguments(loaded):
             generate(model, PROMPTS, 4, temperature=1.0, top_p=top_p)
     with pytest.raises(ValueError, match="eos_ids must be token ids .* got 2.5"):
         generate(model, PROMPTS, 4, eos_ids=2.5)
+
+
+def test_prompts_not_a_list_are_a_value_error(loaded):
+    """prompts that are not iterable (an int, None, a 0-d tensor) are the documented ValueError
+    naming their type, not a bare TypeError from iterating them."""
+    model, _ = loaded
+    for prompts, got in ((5, "int"), (None, "NoneType"), (torch.tensor(3), "a 0-D tensor"),
+                         (torch.tensor([3, 4]), "a 1-D tensor"), ("abc", "str")):
+        with pytest.raises(ValueError, match=f"prompts must be a list of token id lists .*, got "
+                                             f"{got}$"):
+            generate(model, prompts, 2)
+
+
+def test_eos_ids_default_to_the_tokenizers(loaded):
+    """Given a tokenizer, generate stops at its eos_ids unless told otherwise (it never stopped,
+    unlike the command line); without one, it stops at none."""
+    import copy
+    model, tokenizer = loaded
+    free = generate(model, PROMPTS, 10).tokens
+    tok = copy.copy(tokenizer)
+    tok.eos_ids = (free[0][3],)
+    stopped = generate(model, PROMPTS, 10, eos_ids=tok.eos_ids).tokens
+    assert stopped != free
+    assert generate(model, PROMPTS, 10, tokenizer=tok).tokens == stopped
+    assert generate(model, PROMPTS, 10, tokenizer=tok, eos_ids=()).tokens == free
 
 
 def test_ids_of_any_integer_type(loaded):
@@ -321,9 +358,10 @@ def test_cli_dense_and_kcache(folder, capsys):
                  "1"]) == 0
     assert capsys.readouterr().out.count("--- [") == 2
     capsys.readouterr()
-    for flags in (["--top-k", "5"], ["--top-p", "0.9", "--top-k", "5"]):  # greedy: no effect
+    for flags in (["--top-k", "5"], ["--top-p", "0.9", "--top-k", "5"], ["--seed", "1"],
+                  ["--top-k", "5", "--seed", "0"]):  # greedy: no effect
         assert main(["generate", "--model", str(folder), "--prompt", "a", *flags]) == 2
-        assert re.search(r"^error: --top-.* to sampling; give --temperature > 0",
+        assert re.search(r"^error: --(top-|seed).* to sampling; give --temperature > 0",
                          capsys.readouterr().err)
     assert main(["generate", "--model", str(folder), "--prompt", "a", "--topn", "8"]) == 2
     assert capsys.readouterr().err.startswith("error: --topn applies to --backend kcache only")
@@ -392,7 +430,13 @@ def test_cli_bad_values_are_usage_errors(argv, message, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "--prompt-file", "/nonexistent/prompt.txt"], "No such file or directory"),
+    (["generate", "--prompt-file", "/nonexistent/prompt.txt"],
+     "--prompt-file /nonexistent/prompt.txt: No such file or directory"),
+    (["generate", "--prompt-file", "{tmp_path}"], "--prompt-file {tmp_path}: Is a directory"),
+    # an empty prompt, before the model loads (a missing one here), naming the flag
+    (["generate", "--model", "{missing}", "--prompt", ""], "--prompt is empty"),
+    (["generate", "--model", "{missing}", "--prompt", "a", "--prompt", ""], "--prompt 2 is empty"),
+    (["generate", "--model", "{missing}", "--prompt-file", "{empty}"], "{empty} is empty"),
     (["bench", "--small", "--models", "nosuch"], "--models: unknown nosuch; known: "),
     (["bench", "--small", "--dense-layers", "9"], "dense_layers [9] out of range"),
     (["generate", "--prompt-file", "{latin1}"], "{latin1} is not UTF-8 text"),
@@ -405,10 +449,12 @@ def test_cli_bad_values_are_usage_errors(argv, message, capsys):
 def test_cli_bad_input_is_an_error_line(argv, message, capsys, tmp_path):
     """Bad input found past the flags (a file, a name, options a model shape cannot take) gives
     one ``error:`` line and exit 2, before any work, not a traceback."""
-    latin1 = tmp_path / "latin1.txt"
+    latin1, empty = tmp_path / "latin1.txt", tmp_path / "empty.txt"
     latin1.write_bytes("caf\xe9".encode("latin-1"))
-    argv = [a.format(latin1=latin1) for a in argv]
-    message = message.format(latin1=latin1)
+    empty.write_bytes("\ufeff".encode("utf-8"))  # a BOM only
+    names = dict(latin1=latin1, empty=empty, tmp_path=tmp_path, missing=tmp_path / "missing")
+    argv = [a.format(**names) for a in argv]
+    message = message.format(**names)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
@@ -426,3 +472,77 @@ def test_cli_caches_beyond_memory_are_an_error_line(folder, capsys, backend, own
     err = capsys.readouterr().err
     assert re.match(rf"error: {owner}: .* bytes", err.splitlines()[-1])  # after the loading bar
     assert "Traceback" not in err
+
+
+def test_cli_prompt_file_drops_a_bom(folder, monkeypatch, tmp_path):
+    """A prompt file saved with a UTF-8 BOM (Windows editors) is the same prompt as without."""
+    import kcache_ops.cli.generate as command
+    seen = []
+
+    def load(*args):  # load_model, with a tokenizer that records the prompts it encodes
+        model, tokenizer = load_model(*args)
+        tokenizer.encode_prompt = lambda text, chat: seen.append(text) or tokenizer.encode(text)
+        return model, tokenizer
+    monkeypatch.setattr(command, "load_model", load)
+    for name, text in (("plain.txt", "the t"), ("bom.txt", "\ufeffthe t")):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        assert main(["generate", "--model", str(folder), "--prompt-file", str(tmp_path / name),
+                     "--max-new-tokens", "1"]) == 0
+    assert seen == ["the t", "the t"]
+
+
+def test_cli_one_new_token_with_reuse(folder, capsys):
+    """With no decode step (one new token), the reuse line says so, not that no step read the
+    host; one prompt is "1 sequence"."""
+    assert main(["generate", "--model", str(folder), "--prompt", "the t", "--max-new-tokens", "1",
+                 "--backend", "kcache", "--topn", "4", "--reuse", "16"]) == 0
+    err = capsys.readouterr().err
+    assert "(1 sequence)" in err and "reuse: no decode step ran\n" in err
+
+
+def test_cli_chat_without_a_template_warns(folder, tmp_path):
+    """--chat on a model without a chat template says that the prompt is used as plain text."""
+    import json
+    for f in folder.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    del cfg["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    with pytest.warns(UserWarning, match="--chat: the model has no chat template; the prompt is "
+                                         "used as plain text"):
+        assert main(["generate", "--model", str(tmp_path), "--prompt", "a", "--chat",
+                     "--max-new-tokens", "1"]) == 0
+
+
+@pytest.mark.parametrize("error, code, err", [(KeyboardInterrupt, 130, "\ninterrupted\n"),
+                                              (BrokenPipeError, 141, "")])
+def test_cli_interrupted_or_piped_is_quiet(monkeypatch, capsys, error, code, err):
+    """Ctrl-C ends a command with "interrupted" and 130, a reader of stdout that left (`| head`)
+    quietly with 141 (128 + SIGPIPE): no traceback, nor "error: [Errno 32] Broken pipe"."""
+    import kcache_ops.cli.generate as command
+
+    def run(args):
+        raise error()
+    monkeypatch.setattr(command, "run", run)
+    format_warning = warnings.formatwarning
+    assert main(["generate", "--prompt", "a"]) == code
+    assert capsys.readouterr().err == err
+    assert warnings.formatwarning is format_warning  # main's one-line warnings end with it
+
+
+def test_cli_process_warnings_and_a_closed_pipe(folder):
+    """In the process: a warning is one "warning: " line (no source path nor code line), and
+    stdout's reader leaving ends it quietly (no traceback at the write, nor at exit's flush)."""
+    import subprocess
+    import sys
+    argv = [sys.executable, "-m", "kcache_ops", "generate", "--model", str(folder), "--prompt",
+            "a " * 200, "--max-new-tokens", "4"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader leaves before the first token
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    lines = [line for line in err.splitlines() if "warning" in line]
+    assert len(lines) == 1 and re.search(r"^warning: generate: prompt \(\d+ tokens\) \+ "
+                                         r"max_new_tokens \(4\) runs past the 256 positions",
+                                         lines[0].split("\r")[-1]), err
+    assert "Traceback" not in err and "Broken pipe" not in err and "Exception" not in err

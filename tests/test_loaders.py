@@ -794,19 +794,24 @@ def test_tokenizer_larger_than_the_embedding(tmp_path, hf_folder):
         load_model(tmp_path, "cpu")
 
 
-def test_added_tokens_past_the_embedding_load_with_a_warning(tmp_path, hf_folder):
-    """A pad token added past the embedding's rows (Llama-2's <pad> at 32000 of 32000) loads, as
-    in transformers, with a warning naming it; a prompt holding it is refused by generate. A BOS
-    past them (it begins every prompt) is still refused at load."""
+def with_added_token(tmp_path, hf_folder, text):
+    """A copy of the tiny checkpoint in ``tmp_path`` whose tokenizer adds the special token
+    ``text`` as id 96, past the embedding's 96 rows."""
     import tokenizers
-
-    from kcache_ops.generate import generate
     folder, _ = hf_folder
     for f in folder.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
     tok = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    tok.add_special_tokens(["<pad>"])  # id 96, of 96 rows
+    tok.add_special_tokens([text])
     tok.save(str(tmp_path / "tokenizer.json"))
+
+
+def test_added_tokens_past_the_embedding_load_with_a_warning(tmp_path, hf_folder):
+    """A pad token added past the embedding's rows (Llama-2's <pad> at 32000 of 32000) loads, as
+    in transformers, with a warning naming it; a prompt holding it is refused by generate. A BOS
+    past them (it begins every prompt) is still refused at load."""
+    from kcache_ops.generate import generate
+    with_added_token(tmp_path, hf_folder, "<pad>")
     with pytest.warns(UserWarning, match=r"added tokens \['<pad>'\] \(ids \[96\]\) have no "
                                          r"row of the embedding's 96"):
         model, tokenizer = load_model(tmp_path, "cpu")
@@ -818,6 +823,30 @@ def test_added_tokens_past_the_embedding_load_with_a_warning(tmp_path, hf_folder
     with pytest.raises(CheckpointError, match=r"token ids up to 96, past the 96 rows of the "
                                               r"embedding \(its BOS, 96, begins every prompt\)"):
         load_model(tmp_path, "cpu")
+
+
+def test_an_eos_past_the_embedding_is_dropped(tmp_path, hf_folder):
+    """An added EOS past the embedding's rows (never sampled) is dropped from eos_ids, with the
+    warning saying so: generate with the tokenizer's eos_ids failed every time. The chat
+    template's eos_token stays; with no EOS left, generation runs to max_new_tokens."""
+    from kcache_ops.generate import generate
+    with_added_token(tmp_path, hf_folder, "<|eot|>")
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "eos_token": "<|eot|>"}),
+                                                     encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"EOS \[96\] dropped: generation stops at EOS \[2\]"):
+        model, tokenizer = load_model(tmp_path, "cpu")
+    assert tokenizer.eos_ids == (2,) and tokenizer.template_eos_id == 96
+    generate(model, [tokenizer.encode("a")], 2, eos_ids=tokenizer.eos_ids)
+    (tmp_path / "generation_config.json").unlink(missing_ok=True)
+    config = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "eos_token_id": None}),
+                                          encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"EOS \[96\] dropped: generation stops at "
+                                         r"max_new_tokens only"):
+        model, tokenizer = load_model(tmp_path, "cpu")
+    assert tokenizer.eos_ids == ()
+    assert len(generate(model, [tokenizer.encode("a")], 3, tokenizer=tokenizer).tokens[0]) == 3
 
 
 def test_generation_config_ends_generation(tmp_path, hf_folder):

@@ -3,6 +3,7 @@ streaming it, then print the timing and the memory the cache holds."""
 import argparse
 import math
 import sys
+import warnings
 
 import torch
 
@@ -62,28 +63,44 @@ def cache_options(args):
     return kcache_options(args)
 
 
+def read_prompts(args):
+    """The prompt texts of --prompt or --prompt-file (UTF-8, a BOM dropped), checked before the
+    model loads: ValueError naming the flag for an empty prompt, text not UTF-8, or a file that
+    cannot be read."""
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8-sig") as f:
+                texts = [f.read()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text ({e})") from None
+        except OSError as e:
+            raise ValueError(f"--prompt-file {args.prompt_file}: {e.strerror or e}") from None
+        if not texts[0]:
+            raise ValueError(f"--prompt-file {args.prompt_file} is empty")
+        return texts
+    for i, text in enumerate(args.prompt, 1):  # an argument not UTF-8 arrives with surrogates
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"--prompt {text!r} is not UTF-8 text ({e})") from None
+        if not text:
+            raise ValueError(f"--prompt {i} is empty" if len(args.prompt) > 1
+                             else "--prompt is empty")
+    return args.prompt
+
+
 def run(args):
     options = cache_options(args)
-    sampling = [flag for flag, value in (("--top-p", args.top_p), ("--top-k", args.top_k))
-                if value is not None]
+    sampling = [flag for flag, value in (("--top-p", args.top_p), ("--top-k", args.top_k),
+                                         ("--seed", args.seed)) if value is not None]
     if sampling and args.temperature == 0:
         raise SystemExit(f"error: {', '.join(sampling)} "
                          f"{'applies' if len(sampling) == 1 else 'apply'} to sampling; give "
                          f"--temperature > 0 (0, the default, is greedy)")
-    if args.prompt_file:
-        try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                texts = [f.read()]
-        except UnicodeDecodeError as e:
-            raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text ({e})") from None
-    else:
-        texts = args.prompt
-        for text in texts:  # an argument not UTF-8 arrives with surrogates for its bad bytes
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(f"--prompt {text!r} is not UTF-8 text ({e})") from None
+    texts = read_prompts(args)
     model, tokenizer = load_model(args.model, args.device, dtype_of(args))
+    if args.chat and tokenizer.chat_template is None:
+        warnings.warn("--chat: the model has no chat template; the prompt is used as plain text")
     prompts = [tokenizer.encode_prompt(t, chat=args.chat) for t in texts]
     stream = len(prompts) == 1
 
@@ -103,7 +120,8 @@ def run(args):
         for i, text in enumerate(result.texts):
             print(f"--- [{i}] {text}")
     mib = 2 ** 20
-    print(f"prompt tokens {sum(map(len, prompts))} ({len(prompts)} sequences), prefill "
+    print(f"prompt tokens {sum(map(len, prompts))} ({len(prompts)} "
+          f"sequence{'s' if len(prompts) > 1 else ''}), prefill "
           f"{result.prefill_s:.2f} s; decode {result.decode_tokens} tokens in "
           f"{result.decode_s:.2f} s = {result.tokens_per_s:.1f} tokens/s", file=sys.stderr)
     print(f"{args.backend} on {model.device} {str(model.dtype).removeprefix('torch.')}; cache "
@@ -111,7 +129,9 @@ def run(args):
           f"{result.cache.host_bytes() / mib:.1f} MiB host memory", file=sys.stderr)
     if options is not None and options.reuse:
         rate = result.cache.reuse_hit_rate()[list(result.cache.reuse)].nanmean()  # KCache layers
-        if rate.isnan():
+        if result.decode_tokens == 0:
+            print("reuse: no decode step ran", file=sys.stderr)
+        elif rate.isnan():
             print("reuse: no decode step read a V row from host RAM", file=sys.stderr)
         else:
             print(f"reuse: {100 * rate:.0f}% of the V rows a step read came from the device pool "

@@ -110,7 +110,9 @@ def _fitting(path, tokenizer, config):
     would fail every prompt and generation later, with errors that name neither). Added tokens
     past it other than BOS are let through with a warning, as transformers runs them: checkpoints
     add a pad token so (Llama-2's ``<pad>`` at 32000 of 32000 rows), and a prompt that holds one
-    is refused by generate."""
+    is refused by generate. An EOS among them, which the model never samples, is dropped from
+    ``eos_ids`` (generate refused it); with none left, generation stops at max_new_tokens only.
+    """
     if tokenizer.id_end <= config.vocab_size:
         return tokenizer
     rows = config.vocab_size
@@ -121,7 +123,11 @@ def _fitting(path, tokenizer, config):
                               f"past the {rows} rows of the embedding"
                               + (f" (its BOS, {tokenizer.bos_id}, begins every prompt)"
                                  if tokenizer.bos_id in past else ""))
+    far = [i for i in tokenizer.eos_ids if i >= rows]  # never sampled; generate refuses them
+    tokenizer.eos_ids = tuple(i for i in tokenizer.eos_ids if i < rows)
+    stops = f"EOS {list(tokenizer.eos_ids)}" if tokenizer.eos_ids else "max_new_tokens only"
     warnings.warn(f"{path}: the tokenizer's added tokens {sorted(past.values())} (ids "
                   f"{sorted(past)}) have no row of the embedding's {rows}; a prompt holding one "
-                  f"is refused", stacklevel=3)
+                  f"is refused" + (f"; EOS {far} dropped: generation stops at {stops}" if far
+                                   else ""), stacklevel=3)
     return tokenizer

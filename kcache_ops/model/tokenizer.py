@@ -80,7 +80,8 @@ class Tokenizer:
         Adds the BOS token itself (its post-processor) where the model wants one.
     bos_id : int or None
     eos_ids : tuple of int
-        Tokens that end a generation; the first is the chat template's ``eos_token``.
+        Tokens that end a generation; the first is the chat template's ``eos_token``
+        (:attr:`template_eos_id`).
     chat_template : str or None
         A jinja2 template over ``messages``, as Hugging Face and GGUF files ship them.
     template_source : str
@@ -91,6 +92,9 @@ class Tokenizer:
     id_end : int
         One past the largest token id of ``tok``: the ids its text has (not get_vocab_size, the
         number of distinct token texts, fewer where ids are missing or a text has two ids).
+    template_eos_id : int or None
+        The first of ``eos_ids`` as given: the chat template's ``eos_token``, also where
+        :func:`load_model` drops it from :attr:`eos_ids` (it has no row of the embedding).
     """
 
     def __init__(self, tok: tokenizers.Tokenizer, bos_id, eos_ids, chat_template,
@@ -99,6 +103,7 @@ class Tokenizer:
         self.id_end = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self.bos_id = bos_id
         self.eos_ids = tuple(eos_ids)
+        self.template_eos_id = (*self.eos_ids, None)[0]  # kept where load_model drops an EOS
         self.chat_template = chat_template
         self.template_source = template_source
 
@@ -132,7 +137,7 @@ class Tokenizer:
         template = self._compiled_template()
         name = self.tok.id_to_token
         special = {key: name(i) for key, i in (("bos_token", self.bos_id),
-                                               ("eos_token", (*self.eos_ids, None)[0]))
+                                               ("eos_token", self.template_eos_id))
                    if i is not None}  # undefined where the model has none, as in transformers
         try:
             return template.render(
