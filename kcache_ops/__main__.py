@@ -21,6 +21,9 @@ COMMANDS = {
 }
 
 
+BROKEN_PIPE = 141  # main's exit status where stdout's reader left: 128 + SIGPIPE, as a shell says
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m kcache_ops",
                                      description=__doc__.split("\n")[0])
@@ -40,16 +43,14 @@ def main(argv=None):
     format_warning = warnings.formatwarning  # a warning as one line: no source path nor code
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     try:
-        return module.run(args) or 0
+        code = module.run(args) or 0
+        sys.stdout.flush()  # here, where a reader that left is caught, not at the exit
+        return code
     except KeyboardInterrupt:  # Ctrl-C: no traceback
         print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader of stdout left (`... | head`): stop quietly
-        try:  # as Python's docs advise: stdout to devnull, so that its flush at exit cannot fail
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):  # a stdout without a file descriptor
-            pass
-        return 141  # 128 + SIGPIPE, as a shell reports a command the signal ended
+        return BROKEN_PIPE
     except (ValueError, OSError, MemoryError, torch.OutOfMemoryError) as e:  # bad input found
         # past the flags: a file, a checkpoint, a value the options or the model refuse
         # (CheckpointError, UnsupportedModelError included), caches larger than the memory (the
@@ -66,4 +67,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == BROKEN_PIPE:  # as Python's docs advise: stdout to devnull, so that the flush at
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit cannot fail again
+    sys.exit(code)

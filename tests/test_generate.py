@@ -433,6 +433,7 @@ def test_cli_bad_values_are_usage_errors(argv, message, capsys):
     (["generate", "--prompt-file", "/nonexistent/prompt.txt"],
      "--prompt-file /nonexistent/prompt.txt: No such file or directory"),
     (["generate", "--prompt-file", "{tmp_path}"], "--prompt-file {tmp_path}: Is a directory"),
+    (["generate", "--prompt-file", ""], "--prompt-file : No such file or directory"),
     # an empty prompt, before the model loads (a missing one here), naming the flag
     (["generate", "--model", "{missing}", "--prompt", ""], "--prompt is empty"),
     (["generate", "--model", "{missing}", "--prompt", "a", "--prompt", ""], "--prompt 2 is empty"),
@@ -532,12 +533,16 @@ def test_cli_interrupted_or_piped_is_quiet(monkeypatch, capsys, error, code, err
 
 def test_cli_process_warnings_and_a_closed_pipe(folder):
     """In the process: a warning is one "warning: " line (no source path nor code line), and
-    stdout's reader leaving ends it quietly (no traceback at the write, nor at exit's flush)."""
+    stdout's reader leaving ends it quietly (no traceback at the write, nor at exit's flush),
+    also where two prompts' texts wait in a buffered stdout until the end."""
+    import os
     import subprocess
     import sys
     argv = [sys.executable, "-m", "kcache_ops", "generate", "--model", str(folder), "--prompt",
-            "a " * 200, "--max-new-tokens", "4"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            "a " * 200, "--prompt", "b", "--max-new-tokens", "4"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
     proc.stdout.close()  # the reader leaves before the first token
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141, err

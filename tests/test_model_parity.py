@@ -189,3 +189,6 @@ def test_logits_of_a_16_bit_model_are_float32_sums(device, dtype):
     assert logits.dtype == torch.float32 and logits.shape == (2, 3, 2085)
     torch.testing.assert_close(logits, want, atol=2e-5, rtol=1e-5)
     assert logits.abs().max() > 16  # where a bfloat16 result would be off by up to 0.0625
+    leaf = h.detach().requires_grad_()  # [B, T, E]
+    float32_logits(leaf, head).sum().backward()  # with autograd too (out= has no gradient)
+    torch.testing.assert_close(leaf.grad, head.sum(0).expand_as(h), atol=0.1, rtol=0.01)

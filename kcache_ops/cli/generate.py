@@ -67,7 +67,7 @@ def read_prompts(args):
     """The prompt texts of --prompt or --prompt-file (UTF-8, a BOM dropped), checked before the
     model loads: ValueError naming the flag for an empty prompt, text not UTF-8, or a file that
     cannot be read."""
-    if args.prompt_file:
+    if args.prompt_file is not None:
         try:
             with open(args.prompt_file, encoding="utf-8-sig") as f:
                 texts = [f.read()]
