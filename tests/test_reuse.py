@@ -24,11 +24,11 @@ def twins(device, dtype, options, slots=SLOTS):
                        replace(options, reuse=c)) for c in (0, slots)]
 
 
-def prefill(caches, gen, device, dtype):
-    """One prompt of LENS into every cache (random K and V)."""
-    T = max(LENS)
+def prefill(caches, gen, device, dtype, prompt_lens=LENS):
+    """One prompt of ``prompt_lens`` tokens per sequence into every cache (random K and V)."""
+    T = max(prompt_lens)
     k, v = (torch.randn(B, HKV, T, D, generator=gen).to(device, dtype) for _ in range(2))
-    lens = torch.tensor(LENS, dtype=torch.int32, device=device)  # [B]
+    lens = torch.tensor(prompt_lens, dtype=torch.int32, device=device)  # [B]
     for cache in caches:
         for layer in range(LAYERS):
             cache.store_prompt(layer, k, v, lens)
@@ -76,6 +76,23 @@ def test_reuse_changes_no_output(device, dtype, options):
                                            msg=f"step {step}, layer {layer}")
     rate = caches[1].reuse_hit_rate()  # [layers]
     assert (rate > 0.3).all(), rate  # the check above compared rows that came from the device
+
+
+@pytest.mark.parametrize("options", [BASE, replace(BASE, tail="int4", top_p=0.7, sinks=1,
+                                                   window=2)], ids=["default", "int4-top-p"])
+def test_reuse_over_prompts_of_other_lengths(device, options):
+    """Prompts of other lengths after the first (an empty one, then both far shorter: the pool's
+    positions past them are stale) change no output either."""
+    caches = twins(device, torch.float32, options)
+    gen = torch.Generator().manual_seed(1)
+    tol = 0 if device == "cpu" else TOL[torch.float32]
+    for lens in (LENS, [0, 21], [3, 1]):
+        prefill(caches, gen, device, torch.float32, lens)
+        for step, (plain, reused) in enumerate(decode_steps(caches, gen, device, torch.float32,
+                                                            6)):
+            for layer in range(LAYERS):
+                torch.testing.assert_close(reused[layer], plain[layer], atol=tol, rtol=tol,
+                                           msg=f"prompts {lens}, step {step}, layer {layer}")
 
 
 class ReadLog:

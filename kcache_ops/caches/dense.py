@@ -52,7 +52,7 @@ class DenseCache:
     Parameters
     ----------
     config : kcache_ops.model.config.LlamaConfig
-        Uses ``num_layers``, ``num_kv_heads``, ``head_dim``.
+        Uses ``num_layers``, ``num_heads``, ``num_kv_heads``, ``head_dim``.
     batch, capacity : int
         Sequences ``B``, and tokens ``S`` per sequence the cache can hold.
     device, dtype

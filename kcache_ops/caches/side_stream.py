@@ -10,7 +10,9 @@ Nothing here waits on the host: ``fork`` and ``join`` are stream waits, which a 
 as a fork and a join of its branches. The tensors made on the side stream and used after the join
 are recorded on the current stream (``record_stream``), so the caching allocator does not hand
 their memory to later side-stream work before the current stream has read them; the tensors the
-side stream reads were made on the current stream, which frees them only after the join.
+side stream reads were made on the current stream, which frees them only after the join, but for
+prefill's V, which the caller may drop before finish_prefill joins: the hand-off records it on the
+side stream (kcache.py).
 """
 import contextlib
 
