@@ -103,3 +103,16 @@ def test_scoring_loop_keeps_a_nan_to_its_row(emulated_scores):
     for isa in ("avx512", "avx2"):
         s = emulated_scores(q, k, 1.0, isa, 11, 11)[:8]  # [8, 11]
         assert s[:, 5].isnan().all() and not s[:, :5].isnan().any() and not s[:, 6:].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_equal_keys_score_alike(emulated_scores, dtype):
+    """Equal K rows get equal scores wherever they lie, in the 4-row steps or the single rows
+    after them, so that their ties go to the lower index (AVX-512 summed a single row's lanes in
+    another order: of 10 equal keys qk_topn took [8, 9, 0, 1])."""
+    for G in (1, 3, 8):
+        q = torch.randn(G, 64).to(dtype).float()  # [G, D]
+        k = torch.randn(1, 64).to(dtype).expand(11, 64).contiguous()  # [L, D]: 11 equal rows
+        for isa in ("avx512", "avx2"):
+            s = emulated_scores(q, k, 0.125, isa, 11, 11)[:G]  # [G, L]
+            assert (s == s[:, :1]).all(), f"{isa} G={G}: {s}"

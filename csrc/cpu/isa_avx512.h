@@ -30,13 +30,21 @@ struct Avx512Isa : Avx2Isa {
     return _mm256_add_ps(_mm512_extractf32x8_ps(v, 0), _mm512_extractf32x8_ps(v, 1));
   }
 
-  // Lane i of the result is the sum of the lanes of v[i], for 8 vectors.
+  // Lane i of the result is the sum of the lanes of v[i], for 8 vectors, each summed as
+  // ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)).
   KC_AVX512_INLINE static __m256 reduce8(const __m256* v) {
     const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
     const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
     const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
                          _mm256_permute2f128_ps(u0, u1, 0x31));
+  }
+
+  // The sum of the lanes of v in reduce8's order, so that a row scored alone (a tile's last
+  // rows) scores as it would among 4: equal keys tie, and go to the lower index.
+  KC_AVX512_INLINE static float reduce1(__m256 v) {
+    const __m256 t = _mm256_hadd_ps(v, v), u = _mm256_hadd_ps(t, t);  // u[0], u[4]: the halves
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
   }
 
   // s[h * s_stride + r] = scale * (sum of the lanes of acc[h][r]). With 4 rows, the sums of 8
@@ -61,7 +69,7 @@ struct Avx512Isa : Avx2Isa {
     } else {
       for (int64_t h = 0; h < kH; ++h) {
         for (int64_t r = 0; r < kR; ++r) {
-          s[h * s_stride + r] = hsum(fold8(acc[h][r])) * scale;
+          s[h * s_stride + r] = reduce1(fold8(acc[h][r])) * scale;
         }
       }
     }
