@@ -1,5 +1,5 @@
-"""Device helpers the commands and the measurements share: the dtypes by name, the default device,
-a host sync and a median time for timing."""
+"""Device helpers the loaders, the commands and the measurements share: the dtypes by name, the
+default device and the check of a given one, a host sync and a median time for timing."""
 import statistics
 import time
 
@@ -11,6 +11,33 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def default_device():
     """CUDA where available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cuda_count():
+    """The CUDA devices torch can use on this machine (0 where it has no CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_device(device, owner="load_model") -> torch.device:
+    """``device`` (a str, torch.device or index) as a torch.device the model can be put on, checked
+    before any file is read; ValueError naming it if torch does not parse it, if it is ``meta``
+    (which holds no weights to run) or a CUDA device this machine does not have (torch would
+    say so only after the weights were read); ``owner``, the loader asking, begins its
+    message."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{owner}: device must be a torch device such as 'cpu', 'cuda' or "
+                         f"'cuda:1', got {device!r} ({e})") from e
+    if parsed.type == "meta":
+        raise ValueError(f"{owner}: device 'meta' holds no weights to run; pass 'cpu' or "
+                         f"'cuda'")
+    if parsed.type == "cuda":
+        count = cuda_count()
+        if (parsed.index or 0) >= count:
+            raise ValueError(f"{owner}: device {device!r} is not on this machine: torch "
+                             f"{torch.__version__} can use {count} CUDA device(s) here")
+    return parsed
 
 
 def sync(device):

@@ -7,7 +7,7 @@ from dataclasses import fields, replace
 import torch
 
 from ..caches import KCacheOptions
-from ..devices import DTYPES
+from ..devices import DTYPES, cuda_count
 
 
 def int_list(text):
@@ -105,7 +105,7 @@ def device(text):
     if value is None or value.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
     if value.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        count = cuda_count()
         if (value.index or 0) >= count:
             raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA "
                                              "device(s) torch can use")

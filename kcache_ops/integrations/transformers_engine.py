@@ -12,12 +12,12 @@ from types import SimpleNamespace
 
 import torch
 
-from ..devices import default_device
+from ..devices import check_device, default_device
 from ..model.errors import CheckpointError, UnsupportedModelError
 from ..model.gguf_loader import metadata, open_gguf
 from ..model.hf import SAFETENSORS_NAMES, shard_files
 from ..model.llama import float32_logits
-from ..model.load import check_device, default_model_path
+from ..model.load import default_model_path
 from ..model.tokenizer import Tokenizer
 from .transformers import SUPPORTED_MODEL_TYPES, CacheBridge, check_model, head_dim_of, enable
 

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from ..devices import default_device
+from ..devices import check_device, default_device
 from .errors import CheckpointError
 from .gguf_loader import load_gguf_model, open_gguf, read_config as read_gguf_config
 from .hf import load_hf_model, read_config as read_hf_config
@@ -81,28 +81,6 @@ def load_model(path=None, device=None, dtype=None):
     config = read_gguf_config(reader)
     tokenizer = _fitting(path, Tokenizer.from_gguf(reader), config)
     return load_gguf_model(reader, device, dtype, config), tokenizer
-
-
-def check_device(device, owner="load_model") -> torch.device:
-    """``device`` (a str, torch.device or index) as a torch.device the model can be put on, checked
-    before any file is read; ValueError naming it if torch does not parse it, if it is ``meta``
-    (which holds no weights to run) or a CUDA device this machine does not have (torch would
-    say so only after the weights were read); ``owner``, the loader asking, begins its
-    message."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"{owner}: device must be a torch device such as 'cpu', 'cuda' or "
-                         f"'cuda:1', got {device!r} ({e})") from e
-    if parsed.type == "meta":
-        raise ValueError(f"{owner}: device 'meta' holds no weights to run; pass 'cpu' or "
-                         f"'cuda'")
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (parsed.index or 0) >= count:
-            raise ValueError(f"{owner}: device {device!r} is not on this machine: torch "
-                             f"{torch.__version__} can use {count} CUDA device(s) here")
-    return parsed
 
 
 def _fitting(path, tokenizer, config):
