@@ -324,6 +324,12 @@ def test_refused_generation_features():
             model(ids[:, :3], past_key_values=cache)
         cache.reset()
         model(ids, past_key_values=cache)  # a reset cache takes a new prefill
+    # generate gives a reused cache the prompt's tokens past those it holds: none of a shorter one
+    for n, sent in ((4, 0), (12, 4)):
+        with pytest.raises(NotImplementedError, match=f"forward of {sent} tokens after the "
+                                                      "prefill, while the cache holds 8"):
+            model.generate(torch.randint(3, VOCAB, (1, n)), past_key_values=cache,
+                           max_new_tokens=2, do_sample=False)
     with pytest.raises(ValueError, match="capacity overflow"), torch.no_grad():
         model(torch.randint(3, VOCAB, (1, 40)), past_key_values=kt.KCacheCache(model, 32))
 

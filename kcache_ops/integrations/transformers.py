@@ -146,6 +146,9 @@ class _KCacheLayer(CacheLayerMixin):
         return self.owner._update(self.index, key_states, value_states)
 
     def get_mask_sizes(self, query_length):
+        # asked before any layer runs: a cache reused for a prompt no longer than it holds gets
+        # no tokens past them from generate, a forward of 0 tokens that would fail in a reshape
+        self.owner._check_forward(self.owner.held(), query_length)
         return self.owner.held() + query_length, 0
 
     def get_seq_length(self):
@@ -259,12 +262,7 @@ class CacheBridge(Cache):
         if layer == 0 and self.layers[0].seen != self.held():
             self._rewind(self.held())  # the forward before stopped between two layers
         seen, t = self.layers[layer].seen, key.shape[2]
-        if seen > 0 and t != 1:
-            raise NotImplementedError(
-                f"{name}: a forward of {t} tokens after the prefill, while the cache holds {seen} "
-                "(chunked prefill, assisted or speculative generation, a continued conversation, "
-                "or a cache reused for a new prompt) is not supported; decode one token per "
-                "step, or reset() and prefill again")
+        self._check_forward(seen, t)
         if seen + t > self.capacity:
             raise ValueError(f"{name}: capacity overflow: {seen + t} tokens per sequence (padding "
                              f"included) exceed max_cache_len={self.capacity}")
@@ -281,6 +279,16 @@ class CacheBridge(Cache):
         self._pending = (layer, key)
         _active.cache = self
         return key, value
+
+    def _check_forward(self, seen, t):
+        """Refuse a forward of ``t`` tokens after the ``seen`` a layer holds unless it is one
+        decode step (or the prefill, ``seen`` 0)."""
+        if seen > 0 and t != 1:
+            raise NotImplementedError(
+                f"{type(self).__name__}: a forward of {t} tokens after the prefill, while the "
+                f"cache holds {seen} (chunked prefill, assisted or speculative generation, a "
+                "continued conversation, or a cache reused for a new prompt) is not supported; "
+                "decode one token per step, or reset() and prefill again")
 
     def reset(self):
         """Forget the cached tokens (the buffers go with them); the next forward is a prefill."""
