@@ -30,6 +30,13 @@ std::string host_bytes_available_text() {
   return "the machine reports " + std::to_string(available) + " bytes available";
 }
 
+void check_host_bytes(const std::string& what, int64_t bytes) {
+  const int64_t available = host_bytes_available();
+  TORCH_CHECK(available < 0 || bytes <= available, what, " needs ", bytes, " bytes of host "
+              "memory, more than the ", available, " bytes the machine reports available "
+              "(MemAvailable)");
+}
+
 namespace {
 
 at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
@@ -61,12 +68,7 @@ at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
   }
   TORCH_CHECK(!elements_overflow && !stride_overflow, "alloc_host: shape ", shape,
               " has sizes or strides whose product overflows (as torch computes them)");
-  // Linux hands out memory lazily: a request past what is free would succeed here and be killed,
-  // or swapped, when V is written. Refused now, with the numbers.
-  const int64_t available = host_bytes_available();
-  TORCH_CHECK(available < 0 || bytes <= available, "alloc_host: shape ", shape, " of ", dtype,
-              " needs ", bytes, " bytes of host memory, more than the ", available,
-              " bytes the machine reports available (MemAvailable)");
+  check_host_bytes(c10::str("alloc_host: shape ", shape, " of ", dtype), bytes);
 #ifdef KCACHE_OPS_WITH_CUDA
   if (cuda_device_present()) return alloc_pinned_mapped(shape, dtype, bytes);
 #endif

@@ -13,6 +13,9 @@ namespace kcache_ops {
 int64_t host_bytes_available();
 // "the machine reports N bytes available", or that it does not report them: for error messages.
 std::string host_bytes_available_text();
+// Refuses `bytes` of host memory for `what` (named in the error) past MemAvailable: Linux hands
+// out memory lazily, so the allocation would succeed and the process be killed on writing it.
+void check_host_bytes(const std::string& what, int64_t bytes);
 
 #ifdef KCACHE_OPS_WITH_CUDA
 // True when at least one CUDA device is visible.

@@ -1,8 +1,14 @@
 """Number and flag arguments of any type: an integer as a Python int, a NumPy integer or a 0-d
 integer tensor; a real number as those, a float, a NumPy float or a 0-d floating tensor; a flag as
-a Python bool, a NumPy bool or a 0-d bool tensor."""
+a Python bool, a NumPy bool or a 0-d bool tensor. A tensor on the meta device has no value: it is
+none of them."""
 import numbers
 import operator
+
+
+def _valueless(value):
+    """Whether ``value`` is a tensor on the meta device (shape and dtype only)."""
+    return getattr(value, "is_meta", False) is True
 
 
 def as_int(value):
@@ -11,7 +17,7 @@ def as_int(value):
     which torch would index by)."""
     if isinstance(value, int):  # a Python one, or one torch.compile traces as a symbol
         return None if isinstance(value, bool) else value
-    if str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+    if str(getattr(value, "dtype", "")) in ("bool", "torch.bool") or _valueless(value):
         return None
     if getattr(value, "ndim", 0) != 0:
         return None
@@ -35,6 +41,8 @@ def as_real(value):
     if isinstance(value, bool):
         return None
     if not isinstance(value, (int, float)):  # else a Python one, or one torch.compile traces
+        if _valueless(value):
+            return None
         n = as_int(value)
         dtype = getattr(value, "dtype", None)  # a tensor's (is_floating_point) or NumPy's (kind)
         floating = (getattr(dtype, "is_floating_point", False) is True
@@ -56,4 +64,5 @@ def as_bool(value):
     if isinstance(value, bool):  # a Python one, or one torch.compile traces as a symbol
         return value
     is_bool = str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
-    return bool(value) if is_bool and getattr(value, "ndim", 0) == 0 else None
+    scalar = is_bool and getattr(value, "ndim", 0) == 0 and not _valueless(value)
+    return bool(value) if scalar else None

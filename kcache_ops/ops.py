@@ -6,6 +6,7 @@ for a count, an int for a flag)."""
 import math
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .integers import as_bool, as_int, as_real
 
@@ -24,7 +25,8 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_value
     seq_lens : Tensor [B] int32
         Valid keys per sequence, ``0 <= L_b <= S``.
     n : int
-        How many entries to keep per head (>= 1; on CUDA at most 4096, ``caches.MAX_TOPN``).
+        How many entries to keep per head (>= 1; on CUDA at most 4096, ``caches.MAX_TOPN``; on
+        the CPU, outputs past the free host memory are refused, naming the bytes).
     scale : float, optional
         Defaults to ``1 / sqrt(D)``.
     group_select : bool
@@ -213,6 +215,11 @@ def reuse_rows(indices, v_host, new_pos, rows, held, used, step, group_select,
     if rows.requires_grad and torch.is_grad_enabled():  # autograd would not see rows change
         raise ValueError("reuse_rows: rows must not require grad (the op writes it in place and "
                          "is not differentiable), got requires_grad=True")
+    # torch would run the op on a resolved copy of rows, then fail (dynamo cannot trace the test)
+    if not torch.compiler.is_compiling() and (rows.is_neg() or rows.is_conj()):
+        raise ValueError(f"reuse_rows: rows must not be a lazily negated or conjugated view (the"
+                         f" op writes it in place), got is_neg() {rows.is_neg()}, is_conj() "
+                         f"{rows.is_conj()}")
     group_select, check_values = _scalars("reuse_rows", as_bool, group_select=group_select,
                                           check_values=check_values)
     return torch.ops.kcache_ops.reuse_rows(indices, v_host, new_pos, rows, held, used, step,
@@ -462,6 +469,29 @@ def _check_last_contiguous(op, **tensors):
                                f"{_values(t.stride())}")
 
 
+def _check_no_overlap(op, written, read):
+    """The eager op's check that no tensor of ``written`` (name -> tensor, updated in place)
+    shares memory with another of them or one of ``read`` (name -> tensor), on fake tensors:
+    views of one storage whose byte spans (first element to last) overlap. Under torch.compile the
+    op runs on copies of what it writes, where the eager check would find nothing."""
+    def span(t):  # (storage, first byte, one past the last), None for an empty tensor
+        if t.numel() == 0:
+            return None
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        first = t.storage_offset() * t.element_size()
+        return StorageWeakRef(t.untyped_storage()), first, first + (last + 1) * t.element_size()
+
+    names = list(written)
+    for i, name in enumerate(names):
+        w = span(written[name])
+        for other, t in [*((n, written[n]) for n in names[i + 1:]), *read.items()]:
+            o = span(t)
+            # the storages compared first: a size compared adds a guard under dynamic shapes
+            if w and o and w[0] == o[0] and w[1] < o[2] and o[1] < w[2]:
+                raise RuntimeError(f"{op}: {name} and {other} must not share memory ({name} is "
+                                   "updated in place), got views of the same memory")
+
+
 def _check_fake(op, args, host=(), group=None):
     """The checks of an eager op that its fake implementation needs on each tensor argument, with
     messages that name the argument, the expected and the actual: each tensor of ``args`` (name ->
@@ -685,5 +715,7 @@ def _(indices, v_host, new_pos, rows, held, used, step, group_select, check_valu
             raise RuntimeError(f"reuse_rows: {name} must be contiguous (the pool, updated in "
                                f"place), got strides {_values(pool.stride())} for shape "
                                f"{_values(pool.shape)}")
+    _check_no_overlap("reuse_rows", dict(rows=rows, held=held, used=used),
+                      dict(indices=indices, v_host=v_host, new_pos=new_pos, step=step))
     return (indices.new_empty((B, Hq, N), dtype=torch.int32),
             indices.new_empty((B, Hkv, 2), dtype=torch.int32))

@@ -315,6 +315,38 @@ def test_meta_argument_among_real_ones():
     assert scores.device.type == "meta"
 
 
+def test_compiled_reuse_rows_refuses_a_pool_sharing_memory():
+    """Under torch.compile reuse_rows runs on copies of the pool it updates, where the eager op's
+    check finds nothing to refuse: overlapping views of one buffer were taken, and gave other
+    results than eager. The fake refuses them, as eager does, naming the two; views that do not
+    overlap run, as in eager."""
+    def step(*args):
+        return kcache_ops.reuse_rows(*args, False)
+
+    indices = torch.tensor([[[3, 5, -1]]], dtype=torch.int32)  # [1, 1, 3]
+    v, rows = torch.randn(1, 1, 8, 64), torch.zeros(1, 1, 6, 64)
+    held, used = torch.full((2, 1, 1, 6), -1, dtype=torch.int32)  # [1, 1, C] each
+    zero = torch.zeros(1, dtype=torch.int32)  # new_pos, step
+    big = torch.randn(1, 1, 12, 64)
+    cases = [((indices, big[:, :, :8], zero, big[:, :, 6:], held, used, zero), "rows and v_host"),
+             ((held[..., :3], v, zero, rows, held, used, zero), "held and indices"),
+             ((indices, v, used[0, 0, :1], rows, held, used, zero), "used and new_pos"),
+             ((indices, v, zero, rows, held, held, zero), "held and used")]
+    for args, names in cases:
+        torch._dynamo.reset()
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+        with pytest.raises(Exception, match=f"{names} must not share memory"):
+            compiled(*args)
+    assert held.eq(-1).all() and used.eq(-1).all() and rows.eq(0).all()
+    torch._dynamo.reset()
+    pair = torch.full((2, 1, 1, 6), -1, dtype=torch.int32)  # held and used, one buffer
+    eager_pair = pair.clone()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got = compiled(indices, v, zero, rows.clone(), pair[0], pair[1], zero)
+    want = step(indices, v, zero, rows.clone(), eager_pair[0], eager_pair[1], zero)
+    assert all(torch.equal(g, w) for g, w in zip(got, want)) and torch.equal(pair, eager_pair)
+
+
 def test_ops_are_not_differentiable(device):
     """A backward through an op's output raises instead of leaving the gradient None."""
     q = torch.randn(2, 4, 64, device=device, requires_grad=True)

@@ -64,6 +64,23 @@ def test_qk_topn_bad_n_and_head_dim(device, qk):
         kcache_ops.qk_topn(q, k, qk[2], N)
 
 
+def test_qk_topn_n_past_host_memory_is_refused(qk):
+    """On the CPU a large n ("keep every key"; past S it pads) whose outputs exceed the free host
+    memory is refused naming n and the bytes: Linux handed the outputs out lazily and killed the
+    process writing their padding. Outputs that fit, any n past S, run."""
+    q, k, lens = (t.cpu() for t in qk)
+    available = kcache_ops.host_bytes_available()
+    if available is None:
+        pytest.skip("this machine does not report MemAvailable")
+    n = min(2 * available // (B * HKV * G * 8) + 1, 2**31 - 1)  # twice what is free (it moves)
+    with pytest.raises(RuntimeError, match=rf"qk_topn: n = {n} \(scores and indices \[2, 4, n\]"
+                                           rf"\) needs {B * HKV * G * n * 8} bytes of host memory"
+                                           r", more than the \d+ bytes the machine reports"):
+        kcache_ops.qk_topn(q, k, lens, n)
+    _, indices, _ = kcache_ops.qk_topn(q, k, lens, 5 * S)
+    assert indices[:, :, S:].eq(-1).all()
+
+
 def test_qk_topn_bad_skips(device, qk):
     with pytest.raises(RuntimeError, match=r"skip_first must be in \[0, 2\^31\), got -1"):
         kcache_ops.qk_topn(*qk, N, skip_first=-1)
@@ -501,6 +518,16 @@ def test_scalar_arguments_of_any_type(qk):
     v = torch.randn(3, D, device=q.device)
     for w, g in zip(kcache_ops.quantize_rows(v, 4), kcache_ops.quantize_rows(v, np.int8(4))):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("name", ["n", "scale", "group_select"])
+def test_scalar_argument_on_the_meta_device(qk, name):
+    """A 0-d meta tensor has no value to take: refused naming the argument, like any argument of
+    another kind (reading it raised "Tensor.item() cannot be called on meta tensors")."""
+    value = {"n": torch.tensor(3), "scale": torch.tensor(0.5), "group_select": torch.tensor(True)}
+    kwargs = {"n": N, name: value[name].to("meta")}
+    with pytest.raises(TypeError, match=rf"qk_topn: {name} must be .*, got tensor\(.*meta"):
+        kcache_ops.qk_topn(*qk, **kwargs)
 
 
 def test_alloc_host_shape_of_integers():

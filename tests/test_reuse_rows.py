@@ -226,6 +226,26 @@ def test_rows_requiring_grad_are_refused(device):
     assert torch.equal(rows[0, 0, slots], v.detach()[0, 0, [3, 5]])
 
 
+def test_rows_as_a_negated_or_conjugated_view_are_refused(device):
+    """rows as a lazily negated view (a complex conjugate's imaginary part) or a conjugated one:
+    torch runs the op on a resolved copy of rows and then fails its own internal assert, after
+    held and used were written, so that the pool said it held rows it did not. Refused by name
+    before the op runs; the pool is left as it was."""
+    twins = Twins(1, 1, 8, 64, 6, device, torch.float32)
+    _, held, used = twins.op
+    indices = torch.tensor([[[3, 5, -1]]], dtype=torch.int32, device=device)  # [1, 1, 3]
+    new_pos = torch.zeros(1, dtype=torch.int32, device=device)
+    step = torch.zeros(1, dtype=torch.int32, device=device)
+    base = torch.randn(1, 1, 6, 64, dtype=torch.complex64, device=device)  # [1, 1, C, D]
+    for rows, v_host, flags in ((base.conj().imag, twins.v_host, r"is_neg\(\) True"),
+                                (base.conj(), twins.v_host.to(torch.complex64),
+                                 r"is_conj\(\) True")):
+        with pytest.raises(ValueError, match="reuse_rows: rows must not be a lazily negated or "
+                                             rf"conjugated view .*{flags}"):
+            kcache_ops.reuse_rows(indices, v_host, new_pos, rows, held, used, step, False)
+        assert held.eq(-1).all() and used.eq(-1).all()
+
+
 def test_pool_smaller_than_a_step_is_refused(device):
     twins = Twins(1, 1, 8, 64, 3, device, torch.float32)
     indices = torch.zeros(1, 2, 2, dtype=torch.int32, device=device)
