@@ -35,8 +35,10 @@ def main(argv=None):
         parser.parse_args(argv)  # prints usage, or the error for an unknown command
         return 2
     module = importlib.import_module(f"kcache_ops.cli.{argv[0]}")
+    # no abbreviations: `demo --prompt x` would be --prompt-tokens x, and its error name a flag
+    # the user never typed
     cmd_parser = argparse.ArgumentParser(prog=f"python -m kcache_ops {argv[0]}",
-                                         description=COMMANDS[argv[0]])
+                                         description=COMMANDS[argv[0]], allow_abbrev=False)
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
     args.command_line = f"python -m kcache_ops {shlex.join(argv)}"  # what the results record

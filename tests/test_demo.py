@@ -1,5 +1,7 @@
 """`python -m kcache_ops demo` end to end at a tiny size (a random Llama and tokenizer written by
 the test, a stand-in essay text), so the entry point cannot rot."""
+import pytest
+
 from kcache_ops.__main__ import main
 from kcache_ops.cli import demo
 from model_helpers import save_tiny_hf, save_tiny_tokenizer
@@ -62,3 +64,12 @@ def test_demo_refuses_more_prompt_tokens_than_the_text_has(tmp_path, monkeypatch
     err = capsys.readouterr().err.splitlines()[-1]
     assert "--prompt-tokens must be at most" in err and "got 100000" in err
     assert ran == []
+
+
+def test_a_flag_is_not_taken_by_its_prefix(capsys):
+    """`demo --prompt x` is an unknown flag, not --prompt-tokens x (whose error named a flag the
+    user never typed)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--prompt", "hello"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --prompt hello" in capsys.readouterr().err
