@@ -121,9 +121,9 @@ def run(args):
             print(f"--- [{i}] {text}")
     mib = 2 ** 20
     print(f"prompt tokens {sum(map(len, prompts))} ({len(prompts)} "
-          f"sequence{'s' if len(prompts) > 1 else ''}), prefill "
-          f"{result.prefill_s:.2f} s; decode {result.decode_tokens} tokens in "
-          f"{result.decode_s:.2f} s = {result.tokens_per_s:.1f} tokens/s", file=sys.stderr)
+          f"sequence{'s' if len(prompts) > 1 else ''}), prefill {result.prefill_s:.2f} s (the "
+          f"first new token); decode {result.decode_tokens} more in {result.decode_s:.2f} s = "
+          f"{result.tokens_per_s:.1f} tokens/s", file=sys.stderr)
     print(f"{args.backend} on {model.device} {str(model.dtype).removeprefix('torch.')}; cache "
           f"holds {result.cache.device_bytes() / mib:.1f} MiB device, "
           f"{result.cache.host_bytes() / mib:.1f} MiB host memory", file=sys.stderr)
