@@ -865,7 +865,10 @@ def test_asan_catches_a_misaligned_load(asan_exe):
 # ---- the emulator's own checks ------------------------------------------------------------------
 
 SELFTESTS = ["clean", "partial_warp", "barrier_after_exit", "divergent_barrier", "missing_barrier",
-             "stale_shared", "split_warp", "double_write"]
+             "stale_shared", "split_warp", "double_write", "divergent_warp_sum",
+             "divergent_block_scan", "async_clean", "async_read_before_wait", "async_newest_group",
+             "async_uncommitted", "async_read_other", "async_misaligned_dst",
+             "async_misaligned_src"]
 
 
 @pytest.mark.parametrize("kernel,message", [
@@ -876,6 +879,18 @@ SELFTESTS = ["clean", "partial_warp", "barrier_after_exit", "divergent_barrier",
     ("stale_shared", "not written in this block"),
     ("split_warp", "deadlock"),
     ("double_write", "written twice"),
+    # one helper's shuffle / barrier line reached from two calls: not the same call
+    ("divergent_warp_sum", r"divergent warp: .*kernel_utils\.cuh:\d+ < selftest_kernels\.cuh"),
+    ("divergent_block_scan",
+     r"divergent __syncthreads: .*kernel_utils\.cuh:\d+ < selftest_kernels"),
+    # asynchronous copies: data not waited for, a misaligned copy
+    ("async_read_before_wait", "(?s)asynchronous copy into it .* is in flight"),
+    ("async_newest_group", "(?s)asynchronous copy into it .* is in flight"),
+    ("async_uncommitted", "(?s)asynchronous copy into it .* is in flight"),
+    ("async_read_other", "in flight|race|not written in this block"),
+    ("async_misaligned_dst",
+     r"misaligned __pipeline_memcpy_async .*destination \S+ \(misaligned\)"),
+    ("async_misaligned_src", r"misaligned __pipeline_memcpy_async .*source \S+ \(misaligned\)"),
 ])
 def test_emulator_reports_misuse(race_exe, kernel, message):
     """Each misuse stops the run with a message naming it: never a hang, never a silent result."""
@@ -890,6 +905,26 @@ def test_emulator_runs_a_correct_kernel(race_exe):
     read = 63 - t + b  # [2, 64]: what each thread read back
     expected = read.view(2, 2, 32).sum(-1, keepdim=True).expand(2, 2, 32).reshape(2, 64)
     assert torch.equal(out, expected.to(torch.int32))
+
+
+def test_emulator_runs_correct_async_copies(race_exe):
+    """Two commit groups, each read after the __pipeline_wait_prior that covers it (the second
+    zero-filled in odd threads), another thread's slot after a barrier."""
+    out = emu.run(race_exe, "selftest", dict(kernel=SELFTESTS.index("async_clean")), {})["out"]
+    t = torch.arange(64)
+    want = (1000 + t) + torch.where(t % 2 == 1, 0, 1001 + t) + (1063 - t)  # [64]
+    assert torch.equal(out, want.expand(2, 64).to(torch.int32))
+
+
+def test_emulator_defers_async_copies_without_the_race_check(asan_exe):
+    """In the sanitizer build (no shadow to stop the read) a copy's destination read before the
+    wait holds the block's poison, not the source: the copy lands at the wait, not at issue."""
+    out = emu.run(asan_exe, "selftest", dict(kernel=SELFTESTS.index("async_read_before_wait")),
+                  {}, seeds=(1,))["out"]
+    source = 1000 + torch.arange(64)
+    assert not (out == source).any()
+    poison = {int.from_bytes(bytes([b] * 4), "little", signed=True) for b in (0xff, 0xab, 0x7f)}
+    assert set(out.flatten().tolist()) <= poison
 
 
 def tf32(x):
@@ -959,6 +994,29 @@ def test_missing_barrier_is_caught(race_exe):
     emu.run(race_exe, "qk_topn", args, tensors)  # the unmodified kernel passes
     with pytest.raises(emu.EmulatorError, match="race"):
         emu.run(race_exe, "qk_topn", args, tensors, skip_barrier=site)
+
+
+def test_short_async_wait_is_caught(tmp_path):
+    """The kernels' cp.async pipelines go through the emulator's deferred copies (qk_scores_kernel
+    by kernel_utils.cuh's copy16_async_evict_first, lowbit_tail_kernel by
+    __pipeline_memcpy_async): a copy of the kernels whose loop waits for one group too few, so that
+    it reads a stage still in flight, is stopped in both, where the unmodified kernels pass."""
+    kernels = tmp_path / "cuda"
+    shutil.copytree(emu.KERNEL_DIR, kernels)
+    for name, stages in (("qk_topn_kernel.cuh", "kScoreStages"),
+                         ("lowbit_tail_kernel.cuh", "kTailStages")):
+        path = kernels / name
+        text = path.read_text(encoding="utf-8")
+        wait = f"__pipeline_wait_prior({stages} - 1);"
+        assert text.count(wait) == 1, f"{name}: the loop's wait moved"
+        path.write_text(text.replace(wait, f"__pipeline_wait_prior({stages});"), encoding="utf-8")
+    exe = emu.build("race", kernel_dir=kernels)
+    q, k = make_qk(1, 4, 1, 600, 64, torch.float32, "cpu")
+    with pytest.raises(emu.EmulatorError, match="(?s)EMU-ERROR qk_scores_kernel .*in flight"):
+        run_qk_topn(exe, q, k, seq_lens_tensor([600], "cpu"), 20, 0.125, False, seeds=(1,))
+    args = lowbit_case(1, 1, 4, 300, 64, 2, torch.float32, [300], 24, False, 0.1)
+    with pytest.raises(emu.EmulatorError, match="(?s)EMU-ERROR lowbit_tail_kernel .*in flight"):
+        run_lowbit_tail(exe, *args, 2, sms=1, seeds=(1,))
 
 
 # ---- lowbit_tail --------------------------------------------------------------------------------

@@ -39,13 +39,24 @@ void watch_output(void* p, size_t bytes, const char* name);
 // Seeded schedule of the following launches.
 void set_schedule(uint64_t seed);
 
-// __syncthreads (mode 0) and __syncthreads_and (mode 1); returns the reduction.
+// __syncthreads (mode 0), __syncthreads_and (1), _or (2), _count (3); returns the reduction.
+// The threads of a block meet only at the same site: file:line and the chain of inlined calls
+// that led to it (the caller's return address, resolved by runtime.cpp's site_of), so a helper's
+// barrier reached from two different callers is divergent.
 int sync_block(int pred, int mode, const char* file, int line);
 
 // A warp-synchronous exchange: every lane in mask deposits `bits` and receives the value of lane
-// `src` (its own for src < 0). kind names the intrinsic in messages.
+// `src` (its own for src < 0). kind names the intrinsic in messages. Sites as for sync_block.
 uint64_t shuffle(unsigned mask, uint64_t bits, int src, const char* kind, const char* file,
                  int line);
+
+// Asynchronous global -> shared copies (cp.async, include/cuda_pipeline_primitives.h): a copy of
+// size (4, 8, 16) bytes, both addresses aligned to it, the last zfill bytes zero-filled; it
+// lands when a __pipeline_wait_prior of the issuing thread waits for its commit group, and until
+// then its destination holds poison and any access to it is an error (race-checking build).
+void async_copy(void* dst, const void* src, size_t size, size_t zfill);
+void async_commit();
+void async_wait_prior(size_t n);
 
 // The caller's lane (threadIdx linearised, modulo 32).
 int lane_id();

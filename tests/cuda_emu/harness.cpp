@@ -297,7 +297,16 @@ Outputs run_selftest(const Case& c) {
       {"missing_barrier", emu_selftest::missing_barrier},
       {"stale_shared", emu_selftest::stale_shared},
       {"split_warp", emu_selftest::split_warp},
-      {"double_write", emu_selftest::double_write}};
+      {"double_write", emu_selftest::double_write},
+      {"divergent_warp_sum", emu_selftest::divergent_warp_sum},
+      {"divergent_block_scan", emu_selftest::divergent_block_scan},
+      {"async_clean", emu_selftest::async_clean},
+      {"async_read_before_wait", emu_selftest::async_read_before_wait},
+      {"async_newest_group", emu_selftest::async_newest_group},
+      {"async_uncommitted", emu_selftest::async_uncommitted},
+      {"async_read_other", emu_selftest::async_read_other},
+      {"async_misaligned_dst", emu_selftest::async_misaligned_dst},
+      {"async_misaligned_src", emu_selftest::async_misaligned_src}};
   const auto& [name, kernel] = kKernels[static_cast<int>(c.scalar("kernel"))];
   Tensor out = make_tensor(DType::kI32, {2, 64}, 0x7f);  // [blocks, threads]
   int* o = static_cast<int*>(out.data());

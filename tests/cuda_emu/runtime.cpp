@@ -9,7 +9,9 @@
 // compiled without instrumentation; harness.cpp (the kernels) is compiled with -fsanitize=thread
 // for its instrumentation only, and the __tsan_* entry points below receive its memory accesses.
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <spawn.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -20,6 +22,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "context.h"
@@ -57,6 +60,18 @@ namespace {
 
 enum class State { kRunnable, kBlockBarrier, kWarpBarrier, kDone };
 
+// An asynchronous copy (cp.async, __pipeline_memcpy_async) issued and not yet waited for: the
+// source bytes as read at issue (zeros for the zfill part), and the commit group it belongs to.
+struct AsyncCopy {
+  unsigned char* dst;
+  const unsigned char* src;
+  uint32_t size;
+  uint32_t read;  // size - zfill: the bytes read from src
+  uint64_t group;
+  const void* pc;  // the issuing call
+  unsigned char data[16];
+};
+
 struct Fiber {
   Context ctx;
   char* stack = nullptr;
@@ -68,12 +83,17 @@ struct Fiber {
   // What it waits at.
   const char* file = nullptr;
   int line = 0;
+  int site = -1;  // site_of: the call chain of the barrier / exchange
   const char* kind = nullptr;
   int pred = 0;
   unsigned mask = 0;
   int src = -1;
   uint64_t deposit = 0;
   uint64_t result = 0;
+  // Its asynchronous copies in flight, in issue order, and the commit groups closed so far (an
+  // uncommitted copy belongs to group `groups`).
+  std::vector<AsyncCopy> copies;
+  uint64_t groups = 0;
 };
 
 // One byte of shared memory: the last write and the last read(s) in the current epoch.
@@ -84,6 +104,7 @@ struct Shadow {
   uint16_t r_tid;
   uint8_t w_atomic;
   uint8_t r_multi;
+  uint8_t inflight;  // asynchronous copies in flight into this byte (0 or 1: a second is an error)
 };
 
 constexpr size_t kStackBytes = EMU_ASAN ? (512u << 10) : (64u << 10);
@@ -95,6 +116,7 @@ struct WarpWait {
   const char* file;
   int line;
   const char* kind;
+  int site;
 };
 
 struct Launch {
@@ -111,6 +133,7 @@ struct Launch {
   int block_arrived = 0;
   const char* block_file = nullptr;
   int block_line = 0;
+  int block_site = -1;
   // Epochs: one per barrier interval, global over the run so old shadow entries never match.
   uint32_t epoch = 1;
   uint32_t block_first_epoch = 1;
@@ -229,6 +252,140 @@ bool skipped(const char* file, int line) {
   return true;
 }
 
+// ---- call sites ---------------------------------------------------------------------------------
+//
+// The lanes of a warp meet at a shuffle, and the threads of a block at a __syncthreads, only when
+// they are at the same call: the same line (the __FILE__:__LINE__ the macros pass) reached through
+// the same chain of calls. Helpers such as warp_sum or block_scan hold the intrinsic on their own
+// line, so the line alone would pair lanes that entered the helper from two different callers. A
+// site is therefore the chain of source locations of the call into this runtime: the intrinsic's
+// line and the call lines of every inlined function around it, read from the debug line tables
+// (harness.cpp is built with -g1) by one addr2line process per run, once per distinct return
+// address. Every __device__ function is inlined in this build (include/cuda_runtime.h), so that
+// chain reaches the kernel; code the compiler duplicated keeps its source locations, so two copies
+// of one call are one site.
+
+struct Symbolizer {
+  bool started = false;
+  FILE* to = nullptr;    // addr2line's stdin
+  FILE* from = nullptr;  // its stdout
+};
+Symbolizer g_symbolizer;
+std::unordered_map<uintptr_t, int> g_site_by_pc;
+std::unordered_map<std::string, int> g_site_by_chain;
+std::vector<std::string> g_site_chain;  // site -> "file:line < file:line < ..." (innermost first)
+
+void start_symbolizer() {
+  Symbolizer& s = g_symbolizer;
+  s.started = true;
+  signal(SIGPIPE, SIG_IGN);  // an addr2line that died shows as a failed write, then end of file
+  int in[2], out[2];
+  if (pipe2(in, O_CLOEXEC) != 0 || pipe2(out, O_CLOEXEC) != 0) die("cannot make pipes");
+  const std::string exe = self_path();
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_adddup2(&fa, in[0], 0);
+  posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+  posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
+  char* argv[] = {const_cast<char*>("addr2line"), const_cast<char*>("-a"),
+                  const_cast<char*>("-i"), const_cast<char*>("-e"), const_cast<char*>(exe.c_str()),
+                  nullptr};
+  pid_t pid = -1;
+  const int rc = posix_spawnp(&pid, "addr2line", &fa, nullptr, argv, ::environ);
+  posix_spawn_file_actions_destroy(&fa);
+  close(in[0]);
+  close(out[1]);
+  if (rc != 0)
+    die("cannot start addr2line (binutils), which tells the call sites of barriers and shuffles "
+        "apart: %s", strerror(rc));
+  s.to = fdopen(in[1], "w");
+  s.from = fdopen(out[0], "r");
+}
+
+// "file:line" with the directory and any "(discriminator N)" removed.
+std::string short_location(const char* row) {
+  std::string r(row);
+  while (!r.empty() && (r.back() == '\n' || r.back() == ' ')) r.pop_back();
+  const size_t disc = r.find(" (discriminator");
+  if (disc != std::string::npos) r.erase(disc);
+  const size_t slash = r.rfind('/');
+  return slash == std::string::npos ? r : r.substr(slash + 1);
+}
+
+// The inlined call chain of the call whose return address is pc, innermost first; "" when the
+// debug information does not cover it (then the address itself stands for the site, which may
+// tell two copies of one call apart: a false "divergent" rather than a missed one).
+std::string call_chain(const void* pc) {
+  Dl_info info{};
+  if (!pc || !dladdr(pc, &info) || !info.dli_fbase) return "";
+  if (!g_symbolizer.started) start_symbolizer();
+  Symbolizer& s = g_symbolizer;
+  if (!s.to || !s.from) return "";
+  const uintptr_t off =
+      reinterpret_cast<uintptr_t>(pc) - reinterpret_cast<uintptr_t>(info.dli_fbase) - 1;
+  // The address, then address 0 as an end marker: with -a every answer starts with its address.
+  fprintf(s.to, "0x%lx\n0\n", static_cast<unsigned long>(off));
+  fflush(s.to);
+  char row[4096];
+  std::string chain;
+  bool first = true, known = false;
+  while (fgets(row, sizeof row, s.from)) {
+    if (row[0] == '0' && row[1] == 'x') {
+      if (first) {
+        first = false;
+        continue;
+      }
+      if (!fgets(row, sizeof row, s.from)) break;  // the marker's "??:0"
+      return known ? chain : "";
+    }
+    const std::string loc = short_location(row);
+    known |= loc.compare(0, 2, "??") != 0;
+    chain += (chain.empty() ? "" : " < ") + loc;
+  }
+  // addr2line ended: the following lookups fall back to addresses too
+  fclose(s.to);
+  fclose(s.from);
+  s.to = s.from = nullptr;
+  return "";
+}
+
+// The site of the runtime call whose return address is pc (see above).
+int site_of(const void* pc) {
+  const uintptr_t key = reinterpret_cast<uintptr_t>(pc);
+  auto it = g_site_by_pc.find(key);
+  if (it != g_site_by_pc.end()) return it->second;
+  std::string chain = call_chain(pc);
+  if (chain.empty()) {
+    char buf[40];
+    snprintf(buf, sizeof buf, "pc %p", pc);
+    chain = buf;
+  }
+  auto [at, added] = g_site_by_chain.emplace(chain, static_cast<int>(g_site_chain.size()));
+  if (added) g_site_chain.push_back(chain);
+  g_site_by_pc.emplace(key, at->second);
+  return at->second;
+}
+
+// A site for messages: its chain without the frames of the stand-in headers and of the harness
+// around the kernel, e.g. "kernel_utils.cuh:261 < qk_topn_kernel.cuh:300".
+std::string site_name(int site) {
+  if (site < 0 || static_cast<size_t>(site) >= g_site_chain.size()) return "?";
+  const std::string& chain = g_site_chain[site];
+  std::string out;
+  size_t pos = 0;
+  while (pos <= chain.size()) {
+    size_t end = chain.find(" < ", pos);
+    if (end == std::string::npos) end = chain.size();
+    const std::string loc = chain.substr(pos, end - pos);
+    pos = end + 3;
+    if (loc.rfind("harness.cpp:", 0) == 0 || loc.rfind("emu.h:", 0) == 0) break;
+    if (loc.rfind("cuda_runtime.h:", 0) == 0 || loc.rfind("cuda_pipeline_primitives.h:", 0) == 0)
+      continue;
+    out += (out.empty() ? "" : " < ") + loc;
+  }
+  return out.empty() ? chain : out;
+}
+
 // ---- fibers -------------------------------------------------------------------------------------
 
 void switch_to_scheduler(Fiber& f, bool finished) {
@@ -252,12 +409,12 @@ void fiber_entry() {
   f.state = State::kDone;
   ++g.done;
   if (g.block_arrived > 0)
-    die("exited while %d threads wait at __syncthreads (%s:%d): every thread of the block must "
-        "reach it", g.block_arrived, base_name(g.block_file), g.block_line);
+    die("exited while %d threads wait at __syncthreads (%s): every thread of the block must "
+        "reach it", g.block_arrived, site_name(g.block_site).c_str());
   const WarpWait& w = g.warps[f.linear / 32];
   if (w.arrived != 0 && (w.mask >> (f.linear % 32) & 1u))
-    die("exited while other lanes of its warp wait for it at %s (%s:%d)", w.kind,
-        base_name(w.file), w.line);
+    die("exited while other lanes of its warp wait for it at %s (%s)", w.kind,
+        site_name(w.site).c_str());
   switch_to_scheduler(f, true);
   die("a finished fiber was resumed");
 }
@@ -288,9 +445,10 @@ std::string describe_waits() {
   std::string s;
   for (const Fiber& f : g.fibers) {
     if (f.state != State::kBlockBarrier && f.state != State::kWarpBarrier) continue;
-    char buf[200];
-    snprintf(buf, sizeof buf, "\n  thread %d at %s (%s:%d)", f.linear,
-             f.state == State::kBlockBarrier ? "__syncthreads" : f.kind, base_name(f.file), f.line);
+    char buf[400];
+    snprintf(buf, sizeof buf, "\n  thread %d at %s (%s)", f.linear,
+             f.state == State::kBlockBarrier ? "__syncthreads" : f.kind,
+             site_name(f.site).c_str());
     s += buf;
     if (s.size() > 2000) break;
   }
@@ -334,6 +492,8 @@ void run_block() {
     f.linear = t;
     f.priority = static_cast<int>(g.rng() % 1000000) + 1000000;
     f.fake_stack = nullptr;
+    f.copies.clear();
+    f.groups = 0;
 #if EMU_ASAN
     // The previous block's frames on this stack never returned; clear their redzones.
     __asan_unpoison_memory_region(f.stack, kStackBytes);
@@ -358,6 +518,15 @@ void run_block() {
 #endif
   }
   g.current = -1;
+  // Copies a thread never waited for (it exited with them in flight) never land: their
+  // destinations keep the poison, and until here any access to them was an error.
+  for (Fiber& f : g.fibers) {
+    if (EMU_SHADOW && !g_shadow.empty())
+      for (const AsyncCopy& c : f.copies)
+        for (uint32_t i = 0; i < c.size; ++i)
+          g_shadow[reinterpret_cast<uintptr_t>(c.dst) - shared_lo() + i].inflight = 0;
+    f.copies.clear();
+  }
 }
 
 // ---- shared-memory shadow -----------------------------------------------------------------------
@@ -377,15 +546,41 @@ void maybe_yield() {
   suspend();
 }
 
-// kind: 0 read, 1 write, 2 atomic read-modify-write.
-void shared_access(uintptr_t addr, size_t size, int kind, const void* pc) {
+// The in-flight asynchronous copy (of any thread) that writes the shared byte at addr.
+const AsyncCopy* copy_into(uintptr_t addr, int* owner) {
+  for (const Fiber& f : g.fibers)
+    for (const AsyncCopy& c : f.copies)
+      if (addr - reinterpret_cast<uintptr_t>(c.dst) < c.size) {
+        *owner = f.linear;
+        return &c;
+      }
+  return nullptr;
+}
+
+[[noreturn]] void inflight_access(const char* what, uintptr_t addr, const void* pc) {
+  int owner = -1;
+  const AsyncCopy* c = copy_into(addr, &owner);
+  die("%s shared memory %s while an asynchronous copy into it (__pipeline_memcpy_async by thread "
+      "%d at %s) is in flight: its data is undefined until that thread's __pipeline_wait_prior "
+      "has waited for the copy's commit group; access at %s", what, where_shared(addr).c_str(),
+      owner, c ? where_code(c->pc).c_str() : "?", where_code(pc).c_str());
+}
+
+// kind: 0 read, 1 write, 2 atomic read-modify-write. may_yield: false for the runtime's own
+// records (an asynchronous copy's writes).
+void shared_access(uintptr_t addr, size_t size, int kind, const void* pc, bool may_yield = true) {
   const uintptr_t off = addr - shared_lo();
   if (!EMU_SHADOW || off >= shared_size() || g.current < 0) return;
-  if (!g_race_check) return maybe_yield();
+  if (!g_race_check) {
+    if (may_yield) maybe_yield();
+    return;
+  }
   const uint16_t me = static_cast<uint16_t>(g.fibers[g.current].linear);
   const uint32_t e = g.epoch;
   for (size_t i = 0; i < size && off + i < g_shadow.size(); ++i) {
     Shadow& s = g_shadow[off + i];
+    if (s.inflight)
+      inflight_access(kind == 0 ? "read of" : kind == 1 ? "write to" : "atomic on", addr + i, pc);
     const bool written_now = s.w_epoch == e && s.w_tid != me;
     const bool read_now = s.r_epoch == e && (s.r_tid != me || s.r_multi);
     if (kind != 1 && s.w_epoch < g.block_first_epoch)
@@ -410,7 +605,7 @@ void shared_access(uintptr_t addr, size_t size, int kind, const void* pc) {
       s.w_atomic = kind == 2;
     }
   }
-  maybe_yield();
+  if (may_yield) maybe_yield();
 }
 
 // A kernel that faults (an out-of-bounds shared or global access the address sanitizer does not
@@ -524,23 +719,27 @@ void launch_raw(dim3 grid, dim3 block, const char* kernel, void (*body)(void*), 
 int sync_block(int pred, int mode, const char* file, int line) {
   if (g.current < 0) fail("__syncthreads outside a kernel", file, line);
   if (skipped(file, line)) return pred;
+  const int site = site_of(__builtin_return_address(0));
   if (g.done > 0) {
     for (int t = 0; t < g.nthreads; ++t)
       if (g.fibers[t].state == State::kDone)
-        die("reached __syncthreads (%s:%d) after thread %d of the block exited", base_name(file),
-            line, t);
+        die("reached __syncthreads (%s) after thread %d of the block exited",
+            site_name(site).c_str(), t);
   }
   if (g.block_arrived == 0) {
     g.block_file = file;
     g.block_line = line;
-  } else if (g.block_line != line || (g.block_file != file && strcmp(g.block_file, file) != 0)) {
-    die("divergent __syncthreads: this thread is at %s:%d, others wait at %s:%d",
-        base_name(file), line, base_name(g.block_file), g.block_line);
+    g.block_site = site;
+  } else if (g.block_site != site || g.block_line != line ||
+             (g.block_file != file && strcmp(g.block_file, file) != 0)) {
+    die("divergent __syncthreads: this thread is at %s, others wait at %s",
+        site_name(site).c_str(), site_name(g.block_site).c_str());
   }
   Fiber& f = g.fibers[g.current];
   f.state = State::kBlockBarrier;
   f.file = file;
   f.line = line;
+  f.site = site;
   f.pred = pred;
   if (++g.block_arrived == g.nthreads) {
     int all = 1, any = 0, count = 0;
@@ -569,6 +768,7 @@ int sync_block(int pred, int mode, const char* file, int line) {
 uint64_t shuffle(unsigned mask, uint64_t bits, int src, const char* kind, const char* file,
                  int line) {
   if (g.current < 0) fail("warp intrinsic outside a kernel", file, line);
+  const int site = site_of(__builtin_return_address(0));
   Fiber& f = g.fibers[g.current];
   const int warp = f.linear / 32, lane = f.linear % 32;
   const int warp_size = std::min(32, g.nthreads - warp * 32);
@@ -583,17 +783,19 @@ uint64_t shuffle(unsigned mask, uint64_t bits, int src, const char* kind, const 
   f.state = State::kWarpBarrier;
   f.file = file;
   f.line = line;
+  f.site = site;
   f.kind = kind;
   f.mask = mask;
   f.src = src;
   f.deposit = bits;
   WarpWait& w = g.warps[warp];
   if (w.arrived == 0) {
-    w = {0u, mask, file, line, kind};
-  } else if (w.line != line || w.mask != mask || (w.file != file && strcmp(w.file, file) != 0)) {
-    die("divergent warp: lane %d is at %s (%s:%d, mask 0x%08x) while other lanes wait at %s "
-        "(%s:%d, mask 0x%08x)", lane, kind, base_name(file), line, mask, w.kind,
-        base_name(w.file), w.line, w.mask);
+    w = {0u, mask, file, line, kind, site};
+  } else if (w.site != site || w.line != line || w.mask != mask ||
+             (w.file != file && strcmp(w.file, file) != 0)) {
+    die("divergent warp: lane %d is at %s (%s, mask 0x%08x) while other lanes wait at %s "
+        "(%s, mask 0x%08x)", lane, kind, site_name(site).c_str(), mask, w.kind,
+        site_name(w.site).c_str(), w.mask);
   }
   if (g.done > 0) {
     for (int l = 0; l < warp_size; ++l)
@@ -629,6 +831,81 @@ unsigned atomic_or(unsigned* p, unsigned v) {
   const unsigned old = *p;
   *p = old | v;
   return old;
+}
+
+// ---- asynchronous copies (cp.async) -------------------------------------------------------------
+//
+// As on the GPU, a copy completes at an unknown time between its issue and the
+// __pipeline_wait_prior that waits for its commit group: here it lands exactly at that wait, and
+// until then its destination holds poison and is marked in flight, so that any access to it (by
+// any thread) stops the run. The source is read at issue (the kernels copy from inputs that no
+// thread writes during the launch; a source changed before the copy lands is reported).
+
+void async_copy(void* dst, const void* src, size_t size, size_t zfill) {
+  const void* pc = __builtin_return_address(0);
+  if (g.current < 0) die("__pipeline_memcpy_async outside a kernel; at %s", where_code(pc).c_str());
+  if (size != 4 && size != 8 && size != 16)
+    die("__pipeline_memcpy_async copies 4, 8 or 16 bytes, not %zu; at %s", size,
+        where_code(pc).c_str());
+  if (zfill > size)
+    die("__pipeline_memcpy_async zero-fills %zu of %zu bytes; at %s", zfill, size,
+        where_code(pc).c_str());
+  const uintptr_t d = reinterpret_cast<uintptr_t>(dst), s = reinterpret_cast<uintptr_t>(src);
+  if (d % size != 0 || s % size != 0)
+    die("misaligned __pipeline_memcpy_async (cp.async) of %zu bytes: destination %p (%s), source "
+        "%p (%s); both must be aligned to the copy size (the GPU faults); at %s", size, dst,
+        d % size ? "misaligned" : "aligned", src, s % size ? "misaligned" : "aligned",
+        where_code(pc).c_str());
+  if (d - shared_lo() >= shared_size() || d - shared_lo() + size > shared_size())
+    die("__pipeline_memcpy_async destination %p is not shared memory; at %s", dst,
+        where_code(pc).c_str());
+  if (s - shared_lo() < shared_size())
+    die("__pipeline_memcpy_async source %p is shared memory (cp.async reads global memory); at %s",
+        src, where_code(pc).c_str());
+  Fiber& f = g.fibers[g.current];
+  AsyncCopy c{};
+  c.dst = static_cast<unsigned char*>(dst);
+  c.src = static_cast<const unsigned char*>(src);
+  c.size = static_cast<uint32_t>(size);
+  c.read = static_cast<uint32_t>(size - zfill);
+  c.group = f.groups;
+  c.pc = pc;
+  memcpy(c.data, src, c.read);
+  // The destination is written by this thread at an unknown time from now on: a write for the
+  // race check, then poison and in flight until the copy lands.
+  shared_access(d, size, 1, pc, false);
+  memset(dst, g.poison, size);
+  if (EMU_SHADOW && g_race_check)
+    for (size_t i = 0; i < size; ++i) g_shadow[d - shared_lo() + i].inflight = 1;
+  f.copies.push_back(c);
+}
+
+void async_commit() {
+  const void* pc = __builtin_return_address(0);
+  if (g.current < 0) die("__pipeline_commit outside a kernel; at %s", where_code(pc).c_str());
+  ++g.fibers[g.current].groups;
+}
+
+void async_wait_prior(size_t n) {
+  const void* pc = __builtin_return_address(0);
+  if (g.current < 0) die("__pipeline_wait_prior outside a kernel; at %s", where_code(pc).c_str());
+  Fiber& f = g.fibers[g.current];
+  // All committed groups but the newest n; copies not committed yet are in no group and stay.
+  const uint64_t limit = f.groups > n ? f.groups - n : 0;
+  size_t landed = 0;
+  for (; landed < f.copies.size() && f.copies[landed].group < limit; ++landed) {
+    const AsyncCopy& c = f.copies[landed];
+    if (memcmp(c.data, c.src, c.read) != 0)
+      die("the source of an asynchronous copy (issued at %s) changed before the copy landed; at "
+          "%s", where_code(c.pc).c_str(), where_code(pc).c_str());
+    const uintptr_t d = reinterpret_cast<uintptr_t>(c.dst);
+    if (EMU_SHADOW && g_race_check)
+      for (uint32_t i = 0; i < c.size; ++i) g_shadow[d - shared_lo() + i].inflight = 0;
+    memcpy(c.dst, c.data, c.read);
+    memset(c.dst + c.read, 0, c.size - c.read);
+    shared_access(d, c.size, 1, c.pc, false);  // the issuing thread's write, now
+  }
+  f.copies.erase(f.copies.begin(), f.copies.begin() + static_cast<std::ptrdiff_t>(landed));
 }
 
 void fail(const char* what, const char* file, int line) {

@@ -1,9 +1,11 @@
-// Small kernels that misuse barriers, warps and shared memory on purpose, and one that uses them
-// correctly: the emulator must stop each broken one with a message (never hang) and run the
-// correct one to the expected result. Launched with 2 blocks of 64 threads; out [2, 64] int32.
-// And one warp's tensor-core product (mma_tile), the emulator's model of mma.sync on its own.
+// Small kernels that misuse barriers, warps, shared memory and asynchronous copies on purpose, and
+// two that use them correctly: the emulator must stop each broken one with a message (never hang)
+// and run the correct ones to the expected result. Launched with 2 blocks of 64 threads; out
+// [2, 64] int32. And one warp's tensor-core product (mma_tile), the emulator's model of mma.sync
+// on its own.
 #pragma once
 
+#include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
 
 #include "kernel_utils.cuh"
@@ -72,6 +74,131 @@ __global__ void stale_shared(int* out) {
 
 // Both blocks write the same output row.
 __global__ void double_write(int* out) { out[threadIdx.x] = blockIdx.x; }
+
+// Lanes 0-15 of each warp reduce through kcache_ops::warp_sum at one call, lanes 16-31 at
+// another: the shuffles of both are on warp_sum's line, but the lanes are at different calls (on a
+// GPU, two shuffles of half a warp each, whose full mask names lanes that never arrive).
+__global__ void divergent_warp_sum(int* out) {
+  const int t = threadIdx.x;
+  float v;
+  if (t % 32 < 16) {
+    v = kcache_ops::warp_sum(static_cast<float>(t)) + 1.0f;
+  } else {
+    v = kcache_ops::warp_sum(static_cast<float>(2 * t)) * 3.0f;
+  }
+  out[blockIdx.x * 64 + t] = static_cast<int>(v);
+}
+
+// Warp 0 scans through kcache_ops::block_scan at one call, warp 1 at another: the barrier inside
+// is one line reached from two calls.
+__global__ void divergent_block_scan(int* out) {
+  __shared__ int warp_total[2];
+  const int t = threadIdx.x;
+  int total = 0, before;
+  if (t < 32) {
+    before = kcache_ops::block_scan<64>(t, total, warp_total);
+  } else {
+    before = 2 * kcache_ops::block_scan<64>(t + 1, total, warp_total);
+  }
+  out[blockIdx.x * 64 + t] = before + total;
+}
+
+// Global memory the asynchronous-copy kernels copy from: v[i] = 1000 + i, 16-byte aligned.
+struct AsyncSource {
+  alignas(16) int v[264];
+};
+constexpr AsyncSource make_async_source() {
+  AsyncSource s{};
+  for (int i = 0; i < 264; ++i) s.v[i] = 1000 + i;
+  return s;
+}
+inline constexpr AsyncSource kAsyncSource = make_async_source();
+
+// Asynchronous copies used correctly: two commit groups (the second zero-fills its copy in odd
+// threads), each read after the wait that covers it, another thread's slot after a barrier.
+// out[b, t] = (1000 + t) + (t odd ? 0 : 1001 + t) + (1063 - t).
+__global__ void async_clean(int* out) {
+  __shared__ int a[64];
+  __shared__ int c[64];
+  const int t = threadIdx.x;
+  __pipeline_memcpy_async(&a[t], &kAsyncSource.v[t], 4);
+  __pipeline_commit();
+  __pipeline_memcpy_async(&c[t], &kAsyncSource.v[t + 1], 4, t % 2 ? 4 : 0);
+  __pipeline_commit();
+  __pipeline_wait_prior(1);  // the first group has landed; the newest one may not have
+  int v = a[t];
+  __pipeline_wait_prior(0);
+  v += c[t];
+  __syncthreads();
+  out[blockIdx.x * 64 + t] = v + a[63 - t];
+}
+
+// Reads its copy's destination without waiting for it.
+__global__ void async_read_before_wait(int* out) {
+  __shared__ int a[64];
+  const int t = threadIdx.x;
+  __pipeline_memcpy_async(&a[t], &kAsyncSource.v[t], 4);
+  __pipeline_commit();
+  const int v = a[t];
+  __pipeline_wait_prior(0);
+  out[blockIdx.x * 64 + t] = v;
+}
+
+// __pipeline_wait_prior(1) leaves the newest group in flight, and the kernel reads that one.
+__global__ void async_newest_group(int* out) {
+  __shared__ int a[64];
+  __shared__ int c[64];
+  const int t = threadIdx.x;
+  __pipeline_memcpy_async(&a[t], &kAsyncSource.v[t], 4);
+  __pipeline_commit();
+  __pipeline_memcpy_async(&c[t], &kAsyncSource.v[t + 1], 4);
+  __pipeline_commit();
+  __pipeline_wait_prior(1);
+  const int v = c[t];
+  __pipeline_wait_prior(0);
+  out[blockIdx.x * 64 + t] = v + a[t];
+}
+
+// A copy never committed is in no group: __pipeline_wait_prior(0) does not wait for it.
+__global__ void async_uncommitted(int* out) {
+  __shared__ int a[64];
+  const int t = threadIdx.x;
+  __pipeline_memcpy_async(&a[t], &kAsyncSource.v[t], 4);
+  __pipeline_wait_prior(0);
+  out[blockIdx.x * 64 + t] = a[t];
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+}
+
+// Reads the slot of the next thread after waiting for its own copy only (no barrier).
+__global__ void async_read_other(int* out) {
+  __shared__ int a[64];
+  const int t = threadIdx.x;
+  __pipeline_memcpy_async(&a[t], &kAsyncSource.v[t], 4);
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+  out[blockIdx.x * 64 + t] = a[(t + 1) % 64];
+}
+
+// A 16-byte copy into a destination 4 bytes past a 16-byte boundary.
+__global__ void async_misaligned_dst(int* out) {
+  __shared__ uint4 a[65];
+  const int t = threadIdx.x;
+  __pipeline_memcpy_async(reinterpret_cast<char*>(&a[t]) + 4, &kAsyncSource.v[4 * t], 16);
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+  out[blockIdx.x * 64 + t] = static_cast<int>(a[t].y);
+}
+
+// A 16-byte copy from a source 4 bytes past a 16-byte boundary.
+__global__ void async_misaligned_src(int* out) {
+  __shared__ uint4 a[64];
+  const int t = threadIdx.x;
+  __pipeline_memcpy_async(&a[t], &kAsyncSource.v[4 * t + 1], 16);
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+  out[blockIdx.x * 64 + t] = static_cast<int>(a[t].x);
+}
 
 // One warp (one block of 32 threads): d = c + a · b through kcache_ops::mma_tf32_m16n8k8, a
 // [16, 8], b [8, 8], c and d [16, 8] float32, row-major; each lane loads and stores its own

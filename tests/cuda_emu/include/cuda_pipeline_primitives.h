@@ -1,6 +1,10 @@
 // Stand-in for CUDA's cuda_pipeline_primitives.h: the asynchronous global -> shared copies
-// (cp.async) complete at once here, so commit and wait have nothing to do. A kernel that reads a
-// slot before waiting for its copy is not caught (a limit of the emulator, README.md).
+// (cp.async) of the emulator (runtime.cpp): a copy is held in the issuing thread's queue, in the
+// commit group that its next __pipeline_commit closes, and lands (is performed) when a
+// __pipeline_wait_prior(n) of that thread waits for the group, i.e. for every committed group but
+// the newest n. Until then its destination holds poison and, in the race-checking build, any
+// access to it stops the run. A copy whose addresses are not aligned to its size stops it too
+// (the GPU faults).
 #pragma once
 
 #include <cstddef>
@@ -9,15 +13,18 @@
 
 // Copies size_and_align - zfill bytes from src_global and zero-fills the remaining zfill bytes of
 // dst_shared; with zfill == size_and_align nothing is read.
-inline void __pipeline_memcpy_async(void* dst_shared, const void* src_global,
-                                    size_t size_and_align, size_t zfill = 0) {
-  if (size_and_align != 4 && size_and_align != 8 && size_and_align != 16)
-    ::emu::fail("__pipeline_memcpy_async copies 4, 8 or 16 bytes", __FILE__, __LINE__);
-  auto* dst = static_cast<unsigned char*>(dst_shared);
-  const auto* src = static_cast<const unsigned char*>(src_global);
-  for (size_t i = 0; i < size_and_align; ++i) dst[i] = i < size_and_align - zfill ? src[i] : 0;
+__attribute__((always_inline)) inline void __pipeline_memcpy_async(void* dst_shared,
+                                                                   const void* src_global,
+                                                                   size_t size_and_align,
+                                                                   size_t zfill = 0) {
+  ::emu::async_copy(dst_shared, src_global, size_and_align, zfill);
 }
 
-inline void __pipeline_commit() {}
+// Closes the thread's current commit group (cp.async.commit_group).
+__attribute__((always_inline)) inline void __pipeline_commit() { ::emu::async_commit(); }
 
-inline void __pipeline_wait_prior(size_t) {}
+// Waits until at most `prior` of the thread's newest committed groups are in flight
+// (cp.async.wait_group): the copies of every older group have landed.
+__attribute__((always_inline)) inline void __pipeline_wait_prior(size_t prior) {
+  ::emu::async_wait_prior(prior);
+}

@@ -12,7 +12,11 @@
 #include "../emu.h"
 
 #define __global__
-#define __device__
+// Every __device__ function is inlined (into its kernel): the runtime tells the call sites of a
+// barrier or shuffle apart by the inlined call chain at the call's return address (runtime.cpp,
+// site_of), which then reaches from the intrinsic through every helper to the kernel, so that lanes
+// entering one helper (warp_sum, block_scan...) from two different callers are not paired.
+#define __device__ __attribute__((always_inline))
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
 #define __launch_bounds__(...)
@@ -81,8 +85,12 @@ inline float __frcp_rn(float x) { return 1.0f / x; }
 
 namespace emu::detail {
 
+// Inlined, as __device__ functions are: a call into the runtime from an out-of-line copy of these
+// would have one return address for all its callers.
+#define EMU_INLINE inline __attribute__((always_inline))
+
 template <typename T>
-T exchange(unsigned mask, T v, int src, const char* kind, const char* file, int line) {
+EMU_INLINE T exchange(unsigned mask, T v, int src, const char* kind, const char* file, int line) {
   static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
@@ -91,13 +99,14 @@ T exchange(unsigned mask, T v, int src, const char* kind, const char* file, int 
   return v;
 }
 
-inline void check_width(int width, const char* file, int line) {
+EMU_INLINE void check_width(int width, const char* file, int line) {
   if (width < 1 || width > 32 || (width & (width - 1)) != 0)
     ::emu::fail("shuffle width must be a power of two in [1, 32]", file, line);
 }
 
 template <typename T>
-T shfl_idx(const char* file, int line, unsigned mask, T v, int src_lane, int width = 32) {
+EMU_INLINE T shfl_idx(const char* file, int line, unsigned mask, T v,
+                      int src_lane, int width = 32) {
   check_width(width, file, line);
   const int lane = ::emu::lane_id();
   return exchange(mask, v, (lane & ~(width - 1)) + (src_lane & (width - 1)), "__shfl_sync", file,
@@ -105,7 +114,8 @@ T shfl_idx(const char* file, int line, unsigned mask, T v, int src_lane, int wid
 }
 
 template <typename T>
-T shfl_up(const char* file, int line, unsigned mask, T v, unsigned delta, int width = 32) {
+EMU_INLINE T shfl_up(const char* file, int line, unsigned mask, T v,
+                     unsigned delta, int width = 32) {
   check_width(width, file, line);
   const int lane = ::emu::lane_id();
   const int d = static_cast<int>(delta);
@@ -114,7 +124,8 @@ T shfl_up(const char* file, int line, unsigned mask, T v, unsigned delta, int wi
 }
 
 template <typename T>
-T shfl_down(const char* file, int line, unsigned mask, T v, unsigned delta, int width = 32) {
+EMU_INLINE T shfl_down(const char* file, int line, unsigned mask, T v,
+                       unsigned delta, int width = 32) {
   check_width(width, file, line);
   const int lane = ::emu::lane_id();
   const int src =
@@ -123,7 +134,8 @@ T shfl_down(const char* file, int line, unsigned mask, T v, unsigned delta, int 
 }
 
 template <typename T>
-T shfl_xor(const char* file, int line, unsigned mask, T v, int lane_mask, int width = 32) {
+EMU_INLINE T shfl_xor(const char* file, int line, unsigned mask, T v,
+                      int lane_mask, int width = 32) {
   check_width(width, file, line);
   const int lane = ::emu::lane_id();
   const int src = lane ^ lane_mask;
@@ -132,9 +144,11 @@ T shfl_xor(const char* file, int line, unsigned mask, T v, int lane_mask, int wi
                   "__shfl_xor_sync", file, line);
 }
 
-inline void syncwarp(const char* file, int line, unsigned mask = 0xffffffffu) {
+EMU_INLINE void syncwarp(const char* file, int line, unsigned mask = 0xffffffffu) {
   ::emu::shuffle(mask, 0, -1, "__syncwarp", file, line);
 }
+
+#undef EMU_INLINE
 
 }  // namespace emu::detail
 
