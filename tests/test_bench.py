@@ -116,32 +116,6 @@ def test_a_batch_the_step_cannot_hold_backs_off(monkeypatch):
     assert "tiny          ctx     64 kcache: one sequence does not fit the memory" in lines
 
 
-def test_a_run_cut_off_keeps_its_rows(tmp_path, monkeypatch):
-    """bench.json is rewritten after each configuration: a run killed after its first keeps that
-    row, marked incomplete, and the report says the run was cut off."""
-    real = measure.time_decode
-    calls = []
-
-    def time_decode(*args):
-        if calls:
-            raise KeyboardInterrupt  # as the run's time limit would stop it
-        calls.append(args)
-        return real(*args)
-
-    monkeypatch.setattr(measure, "time_decode", time_decode)
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    with pytest.raises(KeyboardInterrupt):
-        bench.run(parser.parse_args(["--device", "cpu", "--small", "--steps", "2", "--no-hf",
-                                     "--contexts", "64", "--out", str(tmp_path)]))
-    data = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
-    assert not data["complete"] and [r["backend"] for r in data["rows"]] == ["dense"]
-    from kcache_ops.throughput.report import bench_section
-    section = "\n".join(bench_section(data))
-    assert "**This run was cut off before its end**" in section
-    assert "bench_throughput.png" not in section  # drawn at the end: not there, or an old one
-
-
 def test_transformers_steps_make_no_tensor_from_host_data(monkeypatch):
     """The timed steps of transformers' decode pass their positions as slices of one device
     tensor made before timing: no step makes a tensor from host data (on a GPU each would wait
@@ -344,3 +318,106 @@ def test_a_model_the_reserve_leaves_no_room_for_is_skipped(monkeypatch):
     with pytest.raises(ValueError, match="no configuration ran: none fit the budget"):
         measure.measure(["tiny"], [64], torch.device("cpu"), torch.float32,
                         KCacheOptions(topn=8), 1, budget_gb=1e-12, hf=False, log=lines.append)
+
+
+@pytest.mark.parametrize("stop", ["interrupt", "sigterm"])
+def test_a_run_cut_off_keeps_its_rows_and_a_report_of_them(tmp_path, monkeypatch, stop):
+    """bench.json is rewritten after each configuration: a run stopped after its first (Ctrl-C,
+    or SIGTERM, a time limit or ``kill``, which is taken as Ctrl-C while the run measures) keeps
+    that row, marked incomplete, and rewrites REPORT.md from it (it left the previous run's
+    REPORT.md and plot beside the new JSON; SIGTERM killed the process): the report has the rows
+    of the JSON, says it was cut off, and the previous run's plot is gone. The SIGTERM handler
+    is the previous one afterwards."""
+    import os
+    import signal
+    before = signal.getsignal(signal.SIGTERM)
+    (tmp_path / "bench_throughput.png").write_bytes(b"the previous run's plot")
+    (tmp_path / "REPORT.md").write_text("the previous run's report", encoding="utf-8")
+    real = measure.time_decode
+    calls = []
+
+    def time_decode(*args):
+        if calls and stop == "interrupt":
+            raise KeyboardInterrupt  # the 2nd configuration
+        if calls:  # never SIGTERM a test process that has no handler for it
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, before)
+            os.kill(os.getpid(), signal.SIGTERM)
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(measure, "time_decode", time_decode)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(parser.parse_args(["--device", "cpu", "--small", "--steps", "2", "--no-hf",
+                                     "--contexts", "64", "--out", str(tmp_path)]))
+    assert signal.getsignal(signal.SIGTERM) is before
+    data = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
+    assert not data["complete"] and [r["backend"] for r in data["rows"]] == ["dense"]
+    report = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
+    assert "**This run was cut off before its end**" in report
+    table = [line for line in report.splitlines() if line.startswith("| tiny |")]
+    row = data["rows"][0]
+    from kcache_ops.throughput.report import bench_section
+    assert table == [line for line in bench_section(data) if line.startswith("| tiny |")]
+    assert len(table) == 1 and table[0].startswith(f"| tiny | 64 | dense | {row['batch']} (")
+    assert "bench_throughput.png" not in report
+    assert not (tmp_path / "bench_throughput.png").exists()
+
+
+def test_no_vs_dense_where_max_batch_capped_a_batch(capsys):
+    """--max-batch capped the batch (a batch the budget does not set): the two backends do not
+    fill one device memory, so a KCache row has no vs_dense ratio (it had one), printed and
+    tabled as "–" with a note saying why; uncapped, the ratio is there."""
+    from kcache_ops.throughput.report import bench_section
+    lines = []
+    for max_batch, budget in ((2, 0.01), (256, 0.0005)):
+        lines.clear()
+        rows = measure.measure(["tiny"], [64], torch.device("cpu"), torch.float32,
+                               KCacheOptions(topn=8), 1, budget_gb=budget, max_batch=max_batch,
+                               hf=False, log=lines.append)
+        dense, kcache = rows
+        capped = "cap" in (dense["batch_limit"], kcache["batch_limit"])
+        assert capped == (max_batch == 2), rows
+        data = {"machine": results.machine("cpu"), "command": "bench", "rows": rows}
+        section = bench_section(data)
+        table = [line for line in section if line.startswith("| tiny | 64 | kcache |")]
+        if capped:
+            assert kcache["vs_dense"] is None
+            assert "vs dense – (capped by --max-batch, not at equal memory)" in lines[-1]
+            assert table[0].endswith("| – |")
+            assert any("capped by `--max-batch`, not at equal memory" in line
+                       for line in section)
+        else:
+            assert kcache["vs_dense"] == pytest.approx(kcache["decode_tok_s"]
+                                                       / dense["decode_tok_s"])
+            assert f"vs dense {kcache['vs_dense']:.2f}x" in lines[-1]
+            assert table[0].endswith(f"| {kcache['vs_dense']:.2f}× |")
+            assert not any("not at equal memory" in line for line in section)
+
+
+def test_a_context_past_the_models_positions_is_skipped_before_any_measurement(monkeypatch):
+    """A context whose context + steps + 2 positions exceed the shape's max_position_embeddings
+    (smollm2-135m's 8192 at the default 8192/32768/65536) was measured as if it were addressable:
+    it is skipped with a line saying why, before the first measurement; where nothing is left,
+    the run is an error."""
+    from dataclasses import replace
+    monkeypatch.setitem(measure.SHAPES, "tiny-short",
+                        replace(measure.SHAPES["tiny"], max_position_embeddings=70))
+    lines = []
+    real = measure.time_prefill
+
+    def time_prefill(*args):
+        lines.append("measured")
+        return real(*args)
+    monkeypatch.setattr(measure, "time_prefill", time_prefill)
+    rows = measure.measure(["tiny-short"], [64, 66, 67], torch.device("cpu"), torch.float32,
+                           KCacheOptions(topn=8), 2, budget_gb=0.01, hf=False, log=lines.append)
+    assert {r["context"] for r in rows} == {64, 66}
+    assert lines[0] == ("# tiny-short ctx 67: skipped: context + steps + 2 = 71 positions, more "
+                        "than its max_position_embeddings 70")
+    lines.clear()
+    with pytest.raises(ValueError, match="no \\(model, context\\) to measure"):
+        measure.measure(["tiny-short"], [100], torch.device("cpu"), torch.float32,
+                        KCacheOptions(topn=8), 2, budget_gb=0.01, hf=False, log=lines.append)
+    assert "measured" not in lines and "ctx 100: skipped" in lines[0]

@@ -1,12 +1,16 @@
 """``python -m kcache_ops bench``: decode throughput of the reference decoder with the ``dense``
 backend against KCache at one device-memory budget (see :mod:`kcache_ops.throughput`). One line
-per configuration, then bench/results/bench.json, bench_throughput.png and REPORT.md.
+per configuration, then bench/results/bench.json, bench_throughput.png and REPORT.md; a run cut
+off (an error, Ctrl-C, SIGTERM) after its first configuration leaves REPORT.md of the rows it
+measured, said to be cut off, and no plot.
 ``--engine transformers`` runs the same caches under transformers' LlamaForCausalLM of each shape.
 
 ``--device cpu --small`` runs tiny shapes and short contexts: a smoke test of the machinery.
 """
+import contextlib
 import functools
 import os
+import signal
 
 from .. import report
 from ..devices import default_device
@@ -83,14 +87,56 @@ def run(args):
     command = command_line(args, "bench")
     path = os.path.join(args.out, BENCH_JSON)
 
+    saved = []  # whether this run has written bench.json (the report then follows it)
+
     def save(rows, complete=False):
         write_json(path, {"machine": info, "command": command, "small": args.small,
                           "complete": complete, "rows": rows})
+        saved.append(complete)
 
-    rows = measure(models, contexts, device, dtype_of(args), kcache_options(args), steps,
-                   budget, args.reserve, args.max_batch, args.hf, args.engine,
-                   log=functools.partial(print, flush=True), on_rows=save)
-    save(rows, complete=True)
-    plot(rows, os.path.join(args.out, BENCH_PLOT))
+    plot_path, finished = os.path.join(args.out, BENCH_PLOT), False
+    try:
+        with _sigterm_as_interrupt():
+            rows = measure(models, contexts, device, dtype_of(args), kcache_options(args),
+                           steps, budget, args.reserve, args.max_batch, args.hf, args.engine,
+                           log=functools.partial(print, flush=True), on_rows=save)
+            save(rows, complete=True)
+            plot(rows, plot_path)
+            finished = True
+    finally:
+        if saved and not finished:  # cut off (an error, Ctrl-C, SIGTERM) after a row was saved:
+            _cut_off_report(args.out, plot_path)  # REPORT.md of the partial bench.json
     report.write(args.out)
     print(f"# wrote {path}, {BENCH_PLOT}, REPORT.md")
+
+
+def _cut_off_report(out, plot_path):
+    """After a run cut off: remove the previous run's plot (the plot is drawn at a run's end) and
+    rewrite REPORT.md from the incomplete bench.json, so that neither tells of an older run. A
+    failure here is a line, not an error hiding the one that cut the run off."""
+    try:
+        if os.path.exists(plot_path):
+            os.remove(plot_path)
+        report.write(out)
+        print(f"# the run was cut off: wrote REPORT.md of its {BENCH_JSON} so far, no plot",
+              flush=True)
+    except Exception as e:  # the run's own error is on its way up: not hidden by this
+        print(f"# the run was cut off, and REPORT.md could not be rewritten: {e}", flush=True)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a time limit, ``kill``) raised as KeyboardInterrupt while inside, so that a run
+    stopped that way still rewrites its report; where signals cannot be set (not the main
+    thread), as it was."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

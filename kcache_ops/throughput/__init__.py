@@ -1,6 +1,7 @@
 """Decode throughput of the reference decoder with the ``dense`` backend against KCache at one
 device-memory budget (``python -m kcache_ops bench``): random bf16 weights (their values do not
-change the timing), Llama-3-8B and SmolLM2-135M shapes, contexts 8K / 32K / 64K.
+change the timing), Llama-3-8B and SmolLM2-135M shapes, contexts 8K / 32K / 64K (a context
+past a shape's max_position_embeddings, as SmolLM2's 8192 positions, is skipped with a line).
 
 For each (model, context) and backend: the largest batch whose cache fits the budget (from the
 cache's own bytes: dense holds K and V on the device, KCache K, the V of its dense layers, its

@@ -128,12 +128,22 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
     "host" budget, the "cap" max_batch, or the device "memory" where the step's transient memory
     ran out at the fitted batch), options, budget_bytes, cache_device_bytes,
     host_bytes, peak_device_bytes, prefill_tok_s, decode_step_ms, decode_tok_s,
-    pcie_bytes_per_step; vs_dense for KCache, hf_decode_tok_s and dense_vs_hf for dense where
-    transformers ran). ``log`` gets one line per configuration, ``on_rows`` the rows so far after
-    each one (the bench command saves them, so that a run cut off keeps what it measured)."""
+    pcie_bytes_per_step; vs_dense for KCache: its decode tok/s over dense's, None where
+    ``max_batch`` capped either batch, as the two then do not fill one device memory;
+    hf_decode_tok_s and dense_vs_hf for dense where transformers ran). A context whose
+    ``context + steps + 2`` positions exceed a model's max_position_embeddings is skipped for
+    that model with a line saying why, before any is measured (ValueError where none is left).
+    ``log`` gets one line per configuration, ``on_rows`` the rows so far after each one (the
+    bench command saves them, so that a run cut off keeps what it measured)."""
+    model_contexts = {name: usable_contexts(name, contexts, steps, log) for name in models}
+    if not any(model_contexts.values()):
+        raise ValueError("no (model, context) to measure: each context + steps + 2 exceeds "
+                         "the model's max_position_embeddings (the lines above say which)")
     for name in models:  # what a shape or a context cannot take, before any is measured (the
         # longest context's: a step's rows, N = min(topn, capacity), grow with the capacity)
-        check_kcache(SHAPES[name], device, dtype, options, max(contexts) + steps + 2)
+        if model_contexts[name]:
+            check_kcache(SHAPES[name], device, dtype, options,
+                         max(model_contexts[name]) + steps + 2)
     if budget_gb is None and device.type != "cuda":  # before the loop, where device_budget's
         # errors skip a model
         raise ValueError("give a budget (GB) on the CPU")
@@ -147,8 +157,10 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
     host_budget = host_bytes_available()
     host_budget = None if host_budget is None else int(0.8 * host_budget)
     for name in models:
-        config = SHAPES[name]
-        model = build_model(config, device, dtype, engine, max(contexts) + steps + 2)
+        config, usable = SHAPES[name], model_contexts[name]
+        if not usable:
+            continue
+        model = build_model(config, device, dtype, engine, max(usable) + steps + 2)
         try:  # what the weights leave free
             budget = device_budget(device, budget_gb, reserve_gb)
             log(f"# {name}: budget {budget / GiB:.3f} GiB for the cache")
@@ -156,7 +168,7 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
             log(f"# {name}: skipped: {e}")
             budget = 0
         dense_rows = []
-        for context in contexts:
+        for context in usable:
             dense_row = None
             for backend, backend_options in (("dense", None), ("kcache", options)):
                 batch, limit = fit_batch(model, backend, backend_options, context + steps + 2,
@@ -182,8 +194,10 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
                 if backend == "dense":
                     dense_row = row
                     dense_rows.append(row)
-                elif dense_row is not None:
-                    row["vs_dense"] = row["decode_tok_s"] / dense_row["decode_tok_s"]
+                elif dense_row is not None:  # at equal memory only: not where a batch was capped
+                    capped = "cap" in (limit, dense_row["batch_limit"])
+                    row["vs_dense"] = (None if capped
+                                       else row["decode_tok_s"] / dense_row["decode_tok_s"])
                 rows.append(row)
                 log(row_line(row))
                 on_rows(rows)
@@ -199,6 +213,29 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
     return rows
 
 
+def usable_contexts(name, contexts, steps, log):
+    """The ``contexts`` (tokens) whose cache of ``context + steps + 2`` positions the model shape
+    ``name`` can address (at most its max_position_embeddings); ``log`` gets a line for each
+    other one, which is skipped."""
+    positions = SHAPES[name].max_position_embeddings
+    usable = []
+    for context in contexts:
+        if context + steps + 2 > positions:
+            log(f"# {name} ctx {context}: skipped: context + steps + 2 = "
+                f"{context + steps + 2} positions, more than its max_position_embeddings "
+                f"{positions}")
+        else:
+            usable.append(context)
+    return usable
+
+
+def vs_dense_text(row):
+    """The printed "vs dense" of a KCache row: the ratio, or why there is none."""
+    if row.get("vs_dense") is None:
+        return "– (capped by --max-batch, not at equal memory)"
+    return f"{row['vs_dense']:.2f}x"
+
+
 def row_line(row):
     """One printed line per configuration."""
     return (f"{row['model']:13s} ctx {row['context']:6d} {row['backend']:6s} batch "
@@ -206,4 +243,4 @@ def row_line(row):
             f"{row['decode_tok_s']:9.1f} tok/s ({row['decode_step_ms']:.1f} ms/step)  cache dev "
             f"{row['cache_device_bytes'] / GiB:.3f} GiB  host {row['host_bytes'] / GiB:.3f} GiB  "
             f"PCIe {row['pcie_bytes_per_step'] / 2**20:.2f} MiB/step"
-            + (f"  vs dense {row['vs_dense']:.2f}x" if "vs_dense" in row else ""))
+            + (f"  vs dense {vs_dense_text(row)}" if "vs_dense" in row else ""))

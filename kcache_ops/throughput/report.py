@@ -44,13 +44,17 @@ def bench_section(data):
     for r in data["rows"]:
         hf = (f"{r['hf_decode_tok_s']:.1f} (dense {r['dense_vs_hf']:.2f}× of it)"
               if "hf_decode_tok_s" in r else "out of memory" if "hf_error" in r else "—")
-        ratio = f"{r['vs_dense']:.2f}×" if "vs_dense" in r else "—"
+        ratio = (f"{r['vs_dense']:.2f}×" if r.get("vs_dense") is not None
+                 else "–" if "vs_dense" in r else "—")  # "–": a batch capped by --max-batch
         limit = f" ({r['batch_limit']})" if "batch_limit" in r else ""
         out.append(f"| {r['model']} | {r['context']} | {r['backend']} | {r['batch']}{limit} | "
                    f"{r['budget_bytes'] / gib:.3f} | {r['cache_device_bytes'] / gib:.3f} | "
                    f"{r['host_bytes'] / gib:.3f} | {r['prefill_tok_s']:.0f} | "
                    f"{r['decode_tok_s']:.1f} | {hf} | {r['pcie_bytes_per_step'] / 2**20:.2f} | "
                    f"{ratio} |")
+    if any("vs_dense" in r and r["vs_dense"] is None for r in data["rows"]):
+        out += ["", "vs dense \"–\": capped by `--max-batch`, not at equal memory (the dense or "
+                "the KCache batch was the cap, not what the budget holds), so no ratio."]
     if data.get("complete", True):  # the plot is drawn at the run's end
         out += ["", f"![throughput vs context]({BENCH_PLOT})"]
     return out + [""]
