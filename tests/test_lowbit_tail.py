@@ -300,6 +300,32 @@ def test_hot_rows(device, dtype, group_select, H):
     assert alone.abs().sum() > 0, "some hot row must count"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_hot_rows_nan_and_overflowing_weights(device, dtype):
+    """A hot row whose score is NaN (at a valid position) weighs 0, its row adding nothing, and
+    one whose exp(s − lse) overflows weighs the largest float (as in the tail): no NaN, the
+    reference's output."""
+    B, Hkv, G, S, D, H, first = 2, 2, 3, 40, 64, 4, 4
+    lens = seq_lens_tensor([40, 9], "cpu")
+    Hq = Hkv * G
+    scores = torch.randn(B, Hq, S)
+    lse = scores.logsumexp(-1) + 1.0  # [B, Hq]
+    indices = torch.stack([torch.randperm(9)[:3] + first for _ in range(B * Hq)]).view(
+        B, Hq, 3).int()  # [B, Hq, 3] selected past the skipped keys
+    codes, meta = R.quantize_rows(torch.randn(B, Hkv, S, D), 2)
+    hot_pos = torch.arange(H, dtype=torch.int32).repeat(B, 1)  # [B, H]: the skipped keys
+    hot_v = (torch.randn(B, Hkv, H, D) * 1e-3).to(dtype)  # small: an overflowing weight's row
+    scores[:, :, 1] = float("nan")  # every head: a NaN weight at a valid hot position
+    scores[:, ::2, 2] = lse[:, ::2] + 200.0  # every other head: exp overflows (+inf)
+    args = [t.to(device) for t in (scores, lens, lse, indices, codes, meta)]
+    out = kcache_ops.lowbit_tail(*args, 2, skip_first=first, hot_v=hot_v.to(device),
+                                 hot_pos=hot_pos.to(device))
+    ref = R.lowbit_tail(scores, lens, lse, indices, codes, meta, 2, first, 0, hot_v, hot_pos)
+    assert not out.isnan().any() and out.isfinite().all()
+    assert (out[:, ::2].abs().amax(-1) > 1e30).all(), "the overflowing weight must count"
+    torch.testing.assert_close(out.cpu(), ref, atol=OUT_TOL, rtol=OUT_TOL)
+
+
 def test_hot_rows_are_the_skipped_keys_exactly(device):
     """The hot rows given as the skipped keys' own V: tail + hot rows is the tail over V whose
     skipped rows are exact (what the decode step with hot rows computes)."""

@@ -369,6 +369,32 @@ def test_lowbit_tail_cpu_checks_values(low_tail):
     """check_values=False only skips the CUDA read-back: the CPU op still names a bad value."""
     with pytest.raises(RuntimeError, match=r"indices\[0, 0, 0\] must be -1 \(padding\)"):
         kcache_ops.lowbit_tail(*change(low_tail, 3, low_tail[3] - S - 1), check_values=False)
+    hot_v = torch.randn(B, HKV, 5, D)
+    for bad in (S, -2):  # hot_pos at the capacity, below -1
+        hot_pos = torch.full((B, 5), -1, dtype=torch.int32)
+        hot_pos[1, 3] = bad
+        with pytest.raises(RuntimeError, match=rf"hot_pos\[1, 3\] must be -1 \(an empty slot\) or "
+                                               rf"in \[0, 16\) \(v_codes capacity\), got {bad}"):
+            kcache_ops.lowbit_tail(*low_tail, check_values=False, hot_v=hot_v, hot_pos=hot_pos)
+
+
+@pytest.mark.parametrize("device", ["cpu"])
+def test_gather_and_reuse_rows_cpu_check_values(attn):
+    """check_values=False only skips the CUDA read-back: gather_rows and reuse_rows on the CPU
+    still name an index of S (one past the capacity)."""
+    _, indices, v, _ = attn
+    indices = indices.clone()
+    indices[1, 2, 3] = S
+    message = r"indices\[1, 2, 3\] must be -1 \(padding\) or in \[0, 16\) \(%s capacity\), got 16"
+    with pytest.raises(RuntimeError, match=message % "src"):
+        kcache_ops.gather_rows(v, indices, check_values=False)
+    C = G * N  # a step's rows per KV head
+    pool = [torch.zeros(B, HKV, C, D), torch.full((B, HKV, C), -1).int(),
+            torch.full((B, HKV, C), -1).int()]  # rows, held, used
+    with pytest.raises(RuntimeError, match=message % "v_host"):
+        kcache_ops.reuse_rows(indices, v, torch.zeros(B).int(), *pool, torch.zeros(1).int(),
+                              False, check_values=False)
+    assert all(t.eq(w).all() for t, w in zip(pool, (0, -1, -1))), "the pool left as it was"
 
 
 @requires_cuda

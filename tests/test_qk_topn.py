@@ -160,6 +160,11 @@ def test_rows_split_across_threads_give_the_same_bits(dtype, B, Hkv, group_selec
     want = on_threads(1, lambda: run(q))
     if keys == "random":
         check_topn(q, k, lens, n, 1 / 8, group_select, want[:3], first, last)
+    else:  # exact ties: the reference's order (lower index first), its scores within the tolerance
+        ref = R.qk_topn(q, k, lens, n, None, group_select, first, last)
+        assert torch.equal(want[1], ref[1])
+        torch.testing.assert_close(want[0], ref[0], atol=SCORE_TOL, rtol=SCORE_TOL)
+        torch.testing.assert_close(want[2], ref[2], atol=SCORE_TOL, rtol=SCORE_TOL)
     want_cut = on_threads(1, lambda: run(q, top_p=0.5))
     for threads in (2, 3, 4):
         on_threads(threads, lambda: run(torch.randn_like(q)))
@@ -167,6 +172,24 @@ def test_rows_split_across_threads_give_the_same_bits(dtype, B, Hkv, group_selec
         cut = on_threads(threads, lambda: run(q, top_p=0.5))
         for a, b in zip(got + cut, want + want_cut):
             assert torch.equal(a, b), f"{threads} threads"
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+@pytest.mark.parametrize("top_p", [0.5, 0.25])
+@pytest.mark.parametrize("L", [2, 4, 8, 16])
+def test_top_p_reached_exactly_stops_the_prefix(device, L, top_p, group_select):
+    """Equal scores (K all zero): each key's mass is exactly 1 / L, so a prefix of L · top_p keys
+    reaches top_p exactly; "reaches" is >=, so the next key is cut (> would keep one more). L = 2
+    with top_p = 0.25 keeps its first key only."""
+    q = torch.randn(1, 4, 64, device=device)
+    k = torch.zeros(1, 1, L, 64, device=device)
+    lens = seq_lens_tensor([L], device)
+    cut = kcache_ops.qk_topn(q, k, lens, L, None, group_select, top_p=top_p)
+    want = R.qk_topn(q.cpu(), k.cpu(), lens.cpu(), L, None, group_select, top_p=top_p)
+    for got, ref in zip(cut, want):
+        assert torch.equal(got.cpu(), ref)
+    kept = (cut[1] >= 0).sum(-1).cpu()  # [1, Hq]
+    assert (kept == max(1, math.ceil(L * top_p))).all(), kept  # the first entry always kept
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])

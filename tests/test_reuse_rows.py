@@ -136,6 +136,23 @@ def test_any_pool_state(device, dtype):
     run_steps(twins, B, 4 * Hkv, Hkv, 3, 30, False, steps=3)
 
 
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_pool_state_below_minus_one_and_twice_held(device, dtype, group_select):
+    """A pool state the op did not write: ``used`` below -1 (-7, -2^31) refills as -1 does (ties
+    to the lower slot, after a -1 slot before it), and a position held in two slots (9) is found
+    in the first of them."""
+    held = torch.tensor([[[5, 9, 7, 9, -1, 10]]], dtype=torch.int32)  # [1, 1, 6]
+    used = torch.tensor([[[-1, 3, -7, 2, -2 ** 31, 1]]], dtype=torch.int32)  # [1, 1, 6]
+    twins = Twins(1, 1, 24, 64, 6, device, dtype, held=held, used=used)
+    steps = [[[[9, 3, 12], [9, 10, -1]]], [[[5, 9, 14], [7, -1, 3]]], [[[9, 1, 2], [0, 9, 4]]]]
+    for step, indices in enumerate(steps):
+        indices = torch.tensor(indices, dtype=torch.int32)  # [1, 2, 3]
+        if group_select:  # the group's heads share their list (the second a prefix of it)
+            indices = torch.stack([indices[:, 0], indices[:, 0].masked_fill(
+                torch.arange(3) == 2, -1)], 1)
+        twins.step(indices, torch.tensor([20], dtype=torch.int32), step, group_select)
+
+
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 3), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 5, 8]),
        N=st.integers(1, 40), extra=st.integers(0, 30), wider=st.integers(0, 60),

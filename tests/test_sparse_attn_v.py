@@ -316,6 +316,21 @@ def test_mean_tail_mass_clamped(device):
     torch.testing.assert_close(out, plain, atol=1e-6, rtol=1e-6)
 
 
+def test_mean_tail_selected_row_of_score_minus_inf(device, dtype):
+    """A selected row whose score is -inf (weight 0) at a valid index is still selected: it adds
+    nothing, and the mean tail leaves it out of the rows not selected (not taken as padding)."""
+    B, Hkv, G, S, N = 2, 2, 3, 90, 16
+    scores, indices, lse, v, v_sum, seq_lens = make_tail_case(B, Hkv, G, N, S, [90, 50], dtype,
+                                                              device, pad_fraction=0.0)
+    ninf = torch.rand(scores.shape, device=scores.device) < 0.3
+    ninf[:, :, 0] = True  # one at least per head, besides the random ones
+    scores = scores.masked_fill(ninf & (indices >= 0), float("-inf"))
+    v = host_tensor(v, device)
+    out = kcache_ops.sparse_attn_v(scores, indices, v, lse, False, v_sum=v_sum,
+                                   seq_lens=seq_lens)
+    check_tail(scores, indices, v, lse, v_sum, seq_lens, out)
+
+
 def test_mean_tail_strided_inputs(device, dtype):
     """v_cache a [:, :, :T] slice of a larger buffer, v_sum and seq_lens strided, scores /
     indices / lse transposed views."""
