@@ -92,17 +92,19 @@ def test_steps_are_timed_by_their_median():
     assert next(pauses, None) is None
 
 
-def test_a_batch_the_step_cannot_hold_backs_off(monkeypatch):
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, MemoryError])
+def test_a_batch_the_step_cannot_hold_backs_off(monkeypatch, error):
     """Where the fitted batch runs the device out of memory in the step (its transient memory is
-    not in the fit), the batch backs off by 1/8 until it runs, and the row says "memory" set it;
-    where not even one sequence runs, the configuration is left out. (The out-of-memory error is
-    raised here by a wrapper: a CPU cannot run out of device memory.)"""
+    not in the fit), or a cache refuses more than the memory holds (MemoryError: it ended the
+    run), the batch backs off by 1/8 until it runs, and the row says "memory" set it; where not
+    even one sequence runs, the configuration is left out. (The error is raised here by a
+    wrapper: a CPU cannot run out of device memory.)"""
     ceiling = {"dense": 3, "kcache": 0}  # the largest batch each backend's step holds
     real = measure.time_decode
 
     def time_decode(model, backend, options, batch, context, steps):
         if batch > ceiling[backend]:
-            raise torch.OutOfMemoryError(f"CUDA out of memory asking for batch {batch}")
+            raise error(f"CUDA out of memory asking for batch {batch}")
         return real(model, backend, options, batch, context, steps)
 
     monkeypatch.setattr(measure, "time_decode", time_decode)
@@ -114,6 +116,30 @@ def test_a_batch_the_step_cannot_hold_backs_off(monkeypatch):
     assert "tiny          ctx     64 dense : out of memory at batch 8 (CUDA out of memory asking " \
            "for batch 8); trying 7" in lines
     assert "tiny          ctx     64 kcache: one sequence does not fit the memory" in lines
+
+
+def test_a_budget_past_the_memory_skips_the_model_naming_it(monkeypatch):
+    """--budget above what the device has (on the CPU: the host RAM available) skips the model
+    with a line naming --budget (a batch fitted to it ended the run with a cache's MemoryError
+    that said to lower the batch, which the bench has no flag for); weights that do not fit the
+    device skip the model too (they ended the run)."""
+    monkeypatch.setattr(measure, "host_bytes_available", lambda: 10**9)
+    lines = []
+    with pytest.raises(ValueError, match="no configuration ran"):
+        measure.measure(["tiny"], [64], torch.device("cpu"), torch.float32,
+                        KCacheOptions(topn=8), 1, budget_gb=2, hf=False, log=lines.append)
+    assert "# tiny: skipped: --budget 2 GB is more than the 1.000 GB the host RAM has " \
+           "available (cpu); give a smaller --budget" in lines
+
+    def no_room(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(measure, "build_model", no_room)
+    lines.clear()
+    with pytest.raises(ValueError, match="no configuration ran"):
+        measure.measure(["tiny"], [64], torch.device("cpu"), torch.float32,
+                        KCacheOptions(topn=8), 1, budget_gb=0.5, hf=False, log=lines.append)
+    assert lines == ["# tiny: skipped: its weights do not fit the device: CUDA out of memory. "
+                     "Tried to allocate 2.00 GiB"]
 
 
 def test_transformers_steps_make_no_tensor_from_host_data(monkeypatch):

@@ -72,7 +72,8 @@ def _decode_within_memory(name, model, backend, options, batch, limit, context, 
     while batch >= 1:
         try:
             return batch, limit, time_decode(model, backend, options, batch, context, steps)
-        except torch.OutOfMemoryError as e:
+        except (torch.OutOfMemoryError, MemoryError) as e:  # the allocator's, or the caches'
+            # refusal of more than the device (or, on the CPU, the host RAM) has
             error = str(e).splitlines()[0][:80]
         torch.cuda.empty_cache()  # here: the exception's frames held the failed step's cache
         smaller = batch * 7 // 8
@@ -86,9 +87,17 @@ def _decode_within_memory(name, model, backend, options, batch, limit, context, 
 def device_budget(device, budget_gb=None, reserve_gb=6.0):
     """The device-memory budget for the cache in bytes: ``budget_gb`` where given, else what is
     free on the CUDA ``device`` less ``reserve_gb`` (:func:`measure` asks a budget on the CPU);
-    ValueError where that leaves nothing."""
+    ValueError where that leaves nothing, or where ``budget_gb`` is more than the device has (on
+    the CPU, the host RAM available)."""
     if budget_gb is not None:
-        return int(budget_gb * 1e9)
+        budget = int(budget_gb * 1e9)
+        has = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+               else host_bytes_available())
+        if has is not None and budget > has:
+            where = "the device has" if device.type == "cuda" else "the host RAM has available"
+            raise ValueError(f"--budget {budget_gb:g} GB is more than the {has / 1e9:.3f} GB "
+                             f"{where} ({device}); give a smaller --budget")
+        return budget
     torch.cuda.empty_cache()
     free = torch.cuda.mem_get_info(device)[0]
     if free <= reserve_gb * 1e9:
@@ -160,7 +169,12 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
         config, usable = SHAPES[name], model_contexts[name]
         if not usable:
             continue
-        model = build_model(config, device, dtype, engine, max(usable) + steps + 2)
+        try:
+            model = build_model(config, device, dtype, engine, max(usable) + steps + 2)
+        except torch.OutOfMemoryError as e:  # these weights do not fit; the next model's may
+            log(f"# {name}: skipped: its weights do not fit the device: "
+                f"{str(e).splitlines()[0][:120]}")
+            continue
         try:  # what the weights leave free
             budget = device_budget(device, budget_gb, reserve_gb)
             log(f"# {name}: budget {budget / GiB:.3f} GiB for the cache")
