@@ -252,7 +252,8 @@ def test_quantize_rows_bad_arguments(device, v, bits, message):
 
 @pytest.mark.parametrize("device", ["cpu"])
 def test_cpu_checks_values_whatever_check_values(qk, attn):
-    """check_values=False only skips the CUDA read-back: the CPU ops still name a bad value."""
+    """check_values=False only skips the CUDA read-back: the CPU ops still name a bad value (and
+    reuse_rows leaves its pool as it was)."""
     q, k, lens = qk
     with pytest.raises(RuntimeError, match=r"seq_lens\[0\] must be in \[0, 16\]"):
         kcache_ops.qk_topn(q, k, lens + 1, N, check_values=False)
@@ -262,6 +263,18 @@ def test_cpu_checks_values_whatever_check_values(qk, attn):
     with pytest.raises(RuntimeError, match=r"seq_lens\[0\] must be in \[0, 16\]"):
         kcache_ops.sparse_attn_v(scores, indices, v, lse, False, False,
                                  torch.randn(B, HKV, D), seq_lens_tensor([S + 1, 3], "cpu"))
+    indices = indices.clone()
+    indices[1, 2, 3] = S  # one past the capacity
+    message = r"indices\[1, 2, 3\] must be -1 \(padding\) or in \[0, 16\) \(%s capacity\), got 16"
+    with pytest.raises(RuntimeError, match=message % "src"):
+        kcache_ops.gather_rows(v, indices, check_values=False)
+    C = G * N  # a step's rows per KV head
+    pool = [torch.zeros(B, HKV, C, D), torch.full((B, HKV, C), -1).int(),
+            torch.full((B, HKV, C), -1).int()]  # rows, held, used
+    with pytest.raises(RuntimeError, match=message % "v_host"):
+        kcache_ops.reuse_rows(indices, v, torch.zeros(B).int(), *pool, torch.zeros(1).int(),
+                              False, check_values=False)
+    assert all(t.eq(w).all() for t, w in zip(pool, (0, -1, -1))), "the pool left as it was"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
@@ -376,25 +389,6 @@ def test_lowbit_tail_cpu_checks_values(low_tail):
         with pytest.raises(RuntimeError, match=rf"hot_pos\[1, 3\] must be -1 \(an empty slot\) or "
                                                rf"in \[0, 16\) \(v_codes capacity\), got {bad}"):
             kcache_ops.lowbit_tail(*low_tail, check_values=False, hot_v=hot_v, hot_pos=hot_pos)
-
-
-@pytest.mark.parametrize("device", ["cpu"])
-def test_gather_and_reuse_rows_cpu_check_values(attn):
-    """check_values=False only skips the CUDA read-back: gather_rows and reuse_rows on the CPU
-    still name an index of S (one past the capacity)."""
-    _, indices, v, _ = attn
-    indices = indices.clone()
-    indices[1, 2, 3] = S
-    message = r"indices\[1, 2, 3\] must be -1 \(padding\) or in \[0, 16\) \(%s capacity\), got 16"
-    with pytest.raises(RuntimeError, match=message % "src"):
-        kcache_ops.gather_rows(v, indices, check_values=False)
-    C = G * N  # a step's rows per KV head
-    pool = [torch.zeros(B, HKV, C, D), torch.full((B, HKV, C), -1).int(),
-            torch.full((B, HKV, C), -1).int()]  # rows, held, used
-    with pytest.raises(RuntimeError, match=message % "v_host"):
-        kcache_ops.reuse_rows(indices, v, torch.zeros(B).int(), *pool, torch.zeros(1).int(),
-                              False, check_values=False)
-    assert all(t.eq(w).all() for t, w in zip(pool, (0, -1, -1))), "the pool left as it was"
 
 
 @requires_cuda
