@@ -138,6 +138,7 @@ __device__ __forceinline__ int build_row_union(const int32_t* ix, int64_t ix_sh,
   int mine = 0;
   for (int k = lo; k < hi; ++k) mine += first_of_run(k);
   int distinct;
+  __syncwarp();  // every lane scans: spares the scan's shuffles their WARPSYNC.COLLECTIVE copies
   int d = block_scan<kAttnThreads>(mine, distinct, warp_total);
   for (int k = lo; k < hi; ++k) {
     if (first_of_run(k)) u.start[d++] = k;
@@ -190,8 +191,11 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
 
   // Softmax statistics, one warp per head (heads warp, warp + kWarps, ...), all heads at once:
   // lane-strided passes over the head's N entries and warp reductions, no block barrier (the
-  // __syncthreads_and below publishes them).
+  // __syncthreads_and below publishes them). The __syncwarp states what ptxas cannot see (h is
+  // the same in all lanes of a warp): without it every shuffle below gets a divergence test and a
+  // WARPSYNC.COLLECTIVE copy (bench/NOTES.md).
   for (int h = warp; h < gs; h += kWarps) {
+    __syncwarp();
     float bias, mult;
     if (p.renormalize) {
       float m = -INFINITY;
@@ -337,7 +341,10 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
     __syncthreads();  // the tile is restaged in the next iteration
   }
 
-  // Sum the row slots of each warp (lanes with the same `sub`), then the warps in order.
+  // Sum the row slots of each warp (lanes with the same `sub`), then the warps in order. Every
+  // lane ends the tile loop (its bound is block-uniform, which ptxas cannot see): the __syncwarp
+  // spares the GS · kVec · log2(32 / kLanesPerRow) shuffles their WARPSYNC.COLLECTIVE copies.
+  __syncwarp();
 #pragma unroll
   for (int h = 0; h < GS; ++h) {
 #pragma unroll
