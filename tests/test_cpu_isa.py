@@ -17,19 +17,43 @@ import kcache_ops
 from kcache_ops import reference as R
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
+# What the capped levels rerun: the CPU cases whatever devices this run tests (bench/run_gpu.sh
+# narrows them to cuda), and the tests of rows split across threads, CPU-only, every case of them;
+# not the hypothesis tests (test_random_shapes, test_mean_tail_random_shapes). "not random" left
+# out the split-rows cases of qk_topn whose keys are "random" (24 of its 48).
+CAPPED_FILES = [os.path.join(TESTS, f)
+                for f in ("test_qk_topn.py", "test_sparse_attn_v.py", "test_lowbit_tail.py")]
+CAPPED_CASES = "(cpu or across_threads) and not random_shapes"
+
+
+def _pytest(*args, env=None, timeout=900):
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("level", ["avx2", "generic"])
 def test_capped_level_matches_reference(level):
-    # the CPU cases whatever devices this run tests (bench/run_gpu.sh narrows them to cuda), and
-    # the tests of rows split across threads, CPU-only
     env = dict(os.environ, KCACHE_OPS_CPU_ISA=level, KCACHE_OPS_TEST_DEVICES="cpu")
-    files = [os.path.join(TESTS, f)
-             for f in ("test_qk_topn.py", "test_sparse_attn_v.py", "test_lowbit_tail.py")]
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                          "-k", "(cpu or across_threads) and not random", *files],
-                         env=env, capture_output=True, text=True, timeout=900)
+    run = _pytest("-x", "-k", CAPPED_CASES, *CAPPED_FILES, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_capped_levels_rerun_every_split_rows_case():
+    """The capped levels' selection holds every case of the split-rows tests and every CPU case
+    of the three files, and no hypothesis test."""
+    env = dict(os.environ, KCACHE_OPS_TEST_DEVICES="cpu")
+
+    def collected(*k):
+        run = _pytest("--collect-only", *k, *CAPPED_FILES, env=env, timeout=300)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        return {line for line in run.stdout.splitlines() if "::" in line}
+
+    every, chosen = collected(), collected("-k", CAPPED_CASES)
+    split = {c for c in every if "across_threads" in c}
+    on_cpu = {c for c in every if "[cpu" in c or "-cpu" in c}
+    assert split and split <= chosen, sorted(split - chosen)[:5]
+    assert on_cpu <= chosen, sorted(on_cpu - chosen)[:5]
+    assert not any("random_shapes" in c for c in chosen)
 
 
 def test_unknown_level_is_an_error():

@@ -8,14 +8,26 @@ import kcache_ops
 from kcache_ops import reference
 from cuda_checks import (capture_graph, check_topn, default_scale, host_random, random_case,
                          ref_scores, requires_cuda)
+from test_sparse_attn_v import assert_rounded_close
 
-pytestmark = requires_cuda
+# conftest: outputs start as NaN (the ops' at::empty, scratch included, fills them under torch's
+# deterministic mode; a fill is a kernel on the current stream, captured into a CUDA graph like
+# the op, so every replay poisons the outputs again: no host sync, nothing value-dependent)
+pytestmark = [requires_cuda, pytest.mark.usefixtures("poisoned_outputs")]
 
 # (Hq, Hkv, D): Llama-3-8B, SmolLM2, MHA, a group of 16 (two slices of 8 query heads)
 SHAPES = [(32, 8, 128), (9, 3, 64), (4, 4, 64), (16, 1, 128)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# sparse_attn_v output against the float32 reference (output rounded to the dtype of V)
-OUT_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# sparse_attn_v's output against the reference, whose float32 result is rounded to the dtype of V
+# (reference.sparse_attn_v rounds it; light_sparse_attn_v's is rounded by the check): as the
+# device-generic tests check it on the CPU and on CUDA, test_sparse_attn_v.assert_rounded_close,
+# within 1e-5 plus one unit in the dtype's last place. The kernel's arithmetic gives it: weights
+# exp(s - bias) by expf (no fast math), the p_i v_i, the mean tail's c_h v_sum and the sums of
+# lanes and warps all in float32, and the float32 sum rounded once to the dtype (__float2half_rn,
+# __float2bfloat16_rn); so it differs from the reference's float32 result by summation order and
+# expf's ulps alone (about 1e-6 of the sum of |p_i v_i| here, under 1e-5), and the two rounded
+# values by at most that plus one unit. The dtype's own tolerance (1.6e-2 for bfloat16, the bound
+# these tests had) let an entry of weight 0.005 be dropped unseen (test_sparse_attn_v).
 
 
 def host_copy(t):
@@ -114,8 +126,7 @@ def test_sparse_attn_v_matches_reference(dtype, shape, group_select, renormalize
     out = kcache_ops.sparse_attn_v(scores, idx, v, lse, renormalize)
     want = reference.sparse_attn_v(scores.cpu(), idx.cpu(), v, lse.cpu(), renormalize)
     assert out.is_cuda and out.dtype == dtype and out.shape == (B, Hq, D)
-    torch.testing.assert_close(out.cpu().float(), want.float(), atol=OUT_TOL[dtype],
-                               rtol=OUT_TOL[dtype])
+    assert_rounded_close(out, want.float())
     assert (out[2] == 0).all()  # no valid entry: zeros
 
 
@@ -142,8 +153,7 @@ def test_sparse_attn_v_mean_tail(dtype, shape, group_select):
     want = reference.sparse_attn_v(scores.cpu(), idx.cpu(), v, lse.cpu(), False, v_sum.cpu(),
                                    lens.cpu())
     assert out.is_cuda and out.dtype == dtype and out.shape == (B, Hq, D)
-    torch.testing.assert_close(out.cpu().float(), want.float(), atol=OUT_TOL[dtype],
-                               rtol=OUT_TOL[dtype])
+    assert_rounded_close(out, want.float())
     exact = kcache_ops.sparse_attn_v(scores, idx, v, lse, False)
     torch.testing.assert_close(out[1], exact[1])  # every row selected: no tail
     assert (out[2] == 0).all()
@@ -175,8 +185,8 @@ def test_sparse_attn_v_mean_tail_graph_replay():
         torch.cuda.synchronize()
         want = reference.sparse_attn_v(scores.cpu(), idx.cpu(), v, lse.cpu(), False, v_sum.cpu(),
                                        lens.cpu())
-        torch.testing.assert_close(out.cpu().float(), want.float(), atol=1.6e-2, rtol=1.6e-2,
-                                   msg=lambda m: f"trial {trial}: {m}")
+        assert not out.isnan().any(), f"trial {trial}: an output the replay did not write"
+        assert_rounded_close(out, want.float())
 
 
 @pytest.mark.parametrize("N", [1, 33, 1024])
@@ -189,7 +199,7 @@ def test_sparse_attn_v_random_indices(N):
     scores = torch.randn(B, 2 * Hq, N, device="cuda")[:, ::2]
     out = kcache_ops.sparse_attn_v(scores, idx, v)
     want = reference.sparse_attn_v(scores.cpu(), idx.cpu(), v)
-    torch.testing.assert_close(out.cpu().float(), want.float(), atol=2e-3, rtol=2e-3)
+    assert_rounded_close(out, want.float())
 
 
 def light_sparse_attn_v(scores, indices, v_cache, lse, renormalize):
@@ -211,7 +221,7 @@ def test_decode_long(B, S, n):
     scores, idx, lse = kcache_ops.qk_topn(q, k, lens, n, None, True)
     out = kcache_ops.sparse_attn_v(scores, idx, v, lse)
     want = light_sparse_attn_v(scores.cpu(), idx.cpu(), v, lse.cpu(), True)
-    torch.testing.assert_close(out.cpu().float(), want, atol=1.6e-2, rtol=1.6e-2)
+    assert_rounded_close(out, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int16], ids=str)
@@ -289,10 +299,10 @@ def test_no_host_sync_without_value_checks(monkeypatch):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     want = reference.sparse_attn_v(scores.cpu(), idx.cpu(), v, lse.cpu())
-    torch.testing.assert_close(out.cpu().float(), want.float(), atol=1.6e-2, rtol=1.6e-2)
+    assert_rounded_close(out, want.float())
     want = reference.sparse_attn_v(scores.cpu(), idx.cpu(), v, lse.cpu(), False, v_sum.cpu(),
                                    lens.cpu())
-    torch.testing.assert_close(tail.cpu().float(), want.float(), atol=1.6e-2, rtol=1.6e-2)
+    assert_rounded_close(tail, want.float())
 
 
 def test_unchecked_values_never_read_out_of_bounds():

@@ -452,6 +452,34 @@ def test_strided_inputs(device, dtype):
     check_tail(scores, seq_lens, lse, indices, codes, meta, bits, out)
 
 
+@pytest.mark.parametrize("check_values", [True, False], ids=["", "unchecked"])
+def test_strided_seq_lens_and_hot_rows(device, dtype, check_values):
+    """seq_lens every other element of a buffer whose others lie outside [0, S] (read, they
+    would fail the check, or clamp to other lengths and weigh the NaN rows past L_b), hot_v
+    every other head of a wider buffer from its row 1, hot_pos every other element of its rows
+    beside other valid positions: strides honoured, with the value checks and without, the
+    reference's output over contiguous copies."""
+    lens = [2999, 333, 41, 0]
+    B, Hkv, G, S, D, H, first, last = len(lens), 2, 3, 3000, 64, 9, 4, 60
+    scores, seq_lens, *rest = skipped_case(B, Hkv, G, S, D, 2, dtype, device, lens, 24, first,
+                                           last)
+    hot_v, hot_pos = hot_rows_case(B, Hkv, H, D, S, lens, dtype, device)
+    beside = torch.tensor([S + 1, -3, S + 7, -2 ** 31], dtype=torch.int32, device=device)
+    wide_lens = torch.stack([seq_lens, beside], 1)[:, 0]  # [B], stride 2
+    wide_v = torch.randn(B, 2 * Hkv, H + 3, D, device=device).to(dtype)  # [B, 2 Hkv, H + 3, D]
+    wide_v[:, ::2, 1:H + 1] = hot_v
+    other = (torch.rand(B, H, device=device) * torch.tensor(lens, device=device)[:, None]).int()
+    wide_pos = torch.stack([hot_pos, other], 2)[..., 0]  # [B, H], strides (2 H, 2)
+    hot_args = dict(hot_v=wide_v[:, ::2, 1:H + 1], hot_pos=wide_pos)
+    assert not any(t.is_contiguous() for t in (wide_lens, *hot_args.values()))
+    out = kcache_ops.lowbit_tail(scores, wide_lens, *rest, 2, check_values, first, last,
+                                 **hot_args)
+    cpu = [t.cpu() for t in (scores, seq_lens, *rest)]
+    ref = R.lowbit_tail(*cpu, 2, first, last, hot_v.cpu(), hot_pos.cpu())
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.cpu(), ref, atol=OUT_TOL, rtol=OUT_TOL)
+
+
 def test_empty_batch(device):
     _, _, seq_lens, codes, meta = make_case(0, 2, 2, 16, 64, 2, torch.float32, device, [])
     scores = torch.zeros(0, 4, 16, device=device)

@@ -392,16 +392,19 @@ def test_long_sequences(device, n, group_select):
     check_topn(q, k, lens, n, 1 / 8, group_select, out)
 
 
+@pytest.mark.parametrize("check_values", [True, False], ids=["", "unchecked"])
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
-def test_strided_inputs(device, dtype, group_select):
-    """k_cache sliced on S and on heads, q a transposed view: strides honoured, nothing copied."""
-    B, Hkv, G, S, D, n = 2, 2, 3, 97, 128, 16
+def test_strided_inputs(device, dtype, group_select, check_values):
+    """k_cache sliced on S and on heads, q a transposed view, seq_lens every other element of a
+    buffer whose others lie outside [0, S] (read, they would fail the check, or clamp to other
+    lengths): strides honoured, nothing copied, with the value checks and without."""
+    B, Hkv, G, S, D, n = 3, 2, 3, 97, 128, 16
     k = torch.randn(B, 2 * Hkv, S + 11, D, device=device).to(dtype)[:, ::2, 5:S + 5]
     q = torch.randn(Hkv * G, B, D, device=device).to(dtype).transpose(0, 1)
-    lens = seq_lens_tensor([S, 50], device)
-    assert not k.is_contiguous() and not q.is_contiguous()
-    out = kcache_ops.qk_topn(q, k, lens, n, None, group_select)
-    check_topn(q, k, lens, n, 1 / math.sqrt(D), group_select, out)
+    lens = seq_lens_tensor([[S, S + 1], [50, -4], [9, S + 50]], device)[:, 0]  # [B], stride 2
+    assert not k.is_contiguous() and not q.is_contiguous() and not lens.is_contiguous()
+    out = kcache_ops.qk_topn(q, k, lens, n, None, group_select, check_values)
+    check_topn(q, k, lens.contiguous(), n, 1 / math.sqrt(D), group_select, out)
 
 
 def test_check_values_off(device):

@@ -16,11 +16,18 @@ pytestmark = pytest.mark.usefixtures("poisoned_outputs")  # conftest: outputs st
 
 class Twins:
     """A pool of C slots per (sequence, KV head) kept by the op, and its twin kept by the
-    reference, on ``device``; V of S positions in host memory."""
+    reference, on ``device``; V of S positions in host memory. ``strided``: the op reads V, the
+    indices, new_pos and step as views among other values (:func:`strided_views`), the
+    reference contiguous copies."""
 
-    def __init__(self, B, Hkv, S, D, C, device, dtype, held=None, used=None):
+    def __init__(self, B, Hkv, S, D, C, device, dtype, held=None, used=None, strided=False):
         self.v_cpu = torch.randn(B, Hkv, S, D).to(dtype)  # [B, Hkv, S, D]
         self.v_host = host_tensor(self.v_cpu, device)
+        self.strided = strided
+        if strided:  # v_host every other head of a wider host buffer, from its row 3
+            wide = torch.randn(B, 2 * Hkv, S + 7, D).to(dtype)  # [B, 2 Hkv, S + 7, D]
+            wide[:, 1::2, 3:S + 3] = self.v_cpu
+            self.v_host = host_tensor(wide, device)[:, 1::2, 3:S + 3]
         rows = torch.full((B, Hkv, C, D), float("nan"), dtype=dtype)  # [B, Hkv, C, D]
         if held is None:
             held = torch.full((B, Hkv, C), -1, dtype=torch.int32)
@@ -35,9 +42,12 @@ class Twins:
     def step(self, indices, new_pos, step, group_select):
         """One step of both: checks they agree and that each entry's slot holds its row."""
         step_t = torch.tensor([step], dtype=torch.int32)  # [1]
+        args = (indices, new_pos, step_t)
+        if self.strided:
+            args = strided_views(indices, new_pos, step, self.v_cpu.shape[2])
         pool_indices, counts = kcache_ops.reuse_rows(
-            indices.to(self.device), self.v_host, new_pos.to(self.device), *self.op,
-            step_t.to(self.device), group_select)
+            args[0].to(self.device), self.v_host, args[1].to(self.device), *self.op,
+            args[2].to(self.device), group_select)
         want_indices, want_counts = R.reuse_rows(indices, self.v_cpu, new_pos, *self.ref, step_t,
                                                  group_select)
         assert torch.equal(pool_indices.cpu(), want_indices)
@@ -51,6 +61,21 @@ class Twins:
         assert torch.equal(R.gather_rows(rows, pool_indices.cpu()),
                            R.gather_rows(self.v_cpu, indices))
         return counts.cpu()
+
+
+def strided_views(indices, new_pos, step, S):
+    """(indices [B, Hq, N], new_pos [B], step [1]) as views whose neighbours in memory are
+    other values an op reading them at the wrong place would take: indices every other head of
+    a wider buffer, from its column 2, of random positions in [0, S) around them; new_pos every
+    other element, beside each sequence's largest selected position (read as the new token's,
+    that row would serve its step only); step at offset 1 between two other step numbers."""
+    B, Hq, N = indices.shape
+    wide = torch.randint(0, S, (B, 2 * Hq, N + 3), dtype=torch.int32)  # [B, 2 Hq, N + 3]
+    wide[:, ::2, 2:N + 2] = indices
+    beside = indices.reshape(B, -1).amax(1) if N else new_pos  # [B]
+    pos = torch.stack([new_pos.int(), beside.int()], 1)  # [B, 2]
+    steps = torch.tensor([step + 5, step, step - 5], dtype=torch.int32)  # [3]
+    return wide[:, ::2, 2:N + 2], pos[:, 0], steps[1:2]
 
 
 def selection(B, Hq, Hkv, N, span, group_select, pad=0.2, gen=None):
@@ -166,6 +191,20 @@ def test_random_shapes(B, Hkv, G, N, extra, wider, D, dtype, group_select, steps
         span = N + wider  # the window each step selects from
         twins = Twins(B, Hkv, span + steps + 1, D, E + extra, device, dtype)
         run_steps(twins, B, G * Hkv, Hkv, N, span, group_select, steps=steps)
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_strided_inputs(device, dtype, group_select):
+    """indices every other head of a wider buffer, v_host every other head of a wider host
+    buffer from its row 3, new_pos every other element, step at an offset, each beside values
+    that differ: strides and offsets honoured over steps that find and read rows, as the
+    reference over contiguous copies."""
+    B, Hkv, G, N, S, D = 3, 2, 3, 5, 45, 64
+    E = N if group_select else G * N
+    twins = Twins(B, Hkv, S, D, E + 4, device, dtype, strided=True)
+    assert not twins.v_host.is_contiguous()
+    reads, hits = run_steps(twins, B, G * Hkv, Hkv, N, 17, group_select, steps=5)
+    assert 0 < hits < reads
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
