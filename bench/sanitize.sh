@@ -23,6 +23,8 @@ MEMCHECK=("$F::test_gather_rows_is_a_copy" "$F::test_sparse_attn_v_random_indice
   "$F::test_qk_topn_exact_ties" "$F::test_qk_topn_strided_inputs"
   "$F::test_out_of_range_values_never_read_out_of_bounds"
   tests/test_lowbit_tail.py::test_strided_inputs tests/test_quantize_rows.py::test_strided_inputs
+  tests/test_lowbit_tail.py::test_strided_seq_lens_and_hot_rows
+  tests/test_reuse_rows.py::test_strided_inputs
   "$F::test_reuse_rows_matches_reference[per_head-32x8x128]")
 # racecheck and synccheck are slower per launch: one case of each kernel and selection mode
 # (lowbit_tail's strided inputs: its float32, float16 and bfloat16 cases)
