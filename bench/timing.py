@@ -1,6 +1,7 @@
 """What the GPU benchmarks share: CUDA-event timing (warm-up, median, inputs rotated beyond L2, the
 calls captured in a CUDA graph where they can be), the ceilings measured in the same run
-(device-to-device copy, pinned host-to-device copy), pinned host buffers filled from the GPU,
+(device-to-device copy, pinned host-to-device copy: :mod:`kcache_ops.throughput.ceilings`'s, which
+the bench command measures too), pinned host buffers filled from the GPU,
 memory-fit checks, and :class:`Recorder`, which prints one line per configuration and rewrites
 the benchmark's JSON after each one (the machine description and the folder come from
 :mod:`kcache_ops.results`)."""
@@ -12,6 +13,9 @@ import torch
 
 import kcache_ops
 from kcache_ops import results
+# the ceilings, on "cuda" by default: the benchmarks' ``timing.d2d_bandwidth_gbs()`` and
+# ``timing.h2d_bandwidth_gbs()``
+from kcache_ops.throughput.ceilings import d2d_bandwidth_gbs, h2d_bandwidth_gbs  # noqa: F401
 
 L2_ROTATE_BYTES = 256 << 20  # rotate inputs until this many bytes are touched (L2 is 50-60 MB)
 GRAPH_CALLS = 8  # at least this many calls in one captured graph
@@ -73,22 +77,6 @@ def time_us(fn, args_list, warmup=5, iters=20, graph=True):
             torch.cuda.synchronize()
             print(f"# graph capture failed, timing launches: {str(e).splitlines()[0]}")
     return _eager_us(fn, args_list, warmup, iters), "eager"
-
-
-def d2d_bandwidth_gbs(nbytes=2 << 30):
-    """Device memory ceiling: a large device-to-device copy, bytes read + written per second."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    us = _eager_us(lambda: dst.copy_(src), [()], 3, 30)  # about 1 ms a copy on an H200
-    return 2 * nbytes / us / 1e3
-
-
-def h2d_bandwidth_gbs(nbytes=1 << 30):
-    """Host->device ceiling: a large copy from pinned host memory (filled from the GPU)."""
-    src = host_random((nbytes,), torch.uint8)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    us = _eager_us(lambda: dst.copy_(src, non_blocking=True), [()], 2, 20)  # ~20 ms a copy
-    return nbytes / us / 1e3
 
 
 def host_random(shape, dtype, write_combined=False, block_values=64 << 20):

@@ -96,13 +96,14 @@ def write(results_dir=RESULTS_DIR):
     else:
         lines += ["## Accuracy", "", "Not run yet: `python -m kcache_ops eval`.", ""]
     bench = load_result(results_dir, throughput_report.BENCH_JSON)
+    drawn = os.path.isfile(os.path.join(results_dir, throughput_report.BENCH_PLOT))
     lines += (_section(results_dir, throughput_report.BENCH_JSON,
-                       lambda: throughput_report.bench_section(bench)) if bench
+                       lambda: throughput_report.bench_section(bench, drawn)) if bench
               else ["## Throughput", "", "Not run yet.", ""])
     lines += throughput_report.memory_section()
     if not bench or bench.get("small"):
-        lines += ["The GPU run of this benchmark (Llama-3-8B and SmolLM2 shapes, contexts 8K / "
-                  "32K / 64K) has not run yet; on a GPU:", "",
+        lines += ["The GPU run of this benchmark (Llama-3-8B at contexts 8K / 32K / 64K, SmolLM2 "
+                  "at 2K / 4K / 8000) has not run yet; on a GPU:", "",
                   f"    {GPU_COMMAND}", ""]
     gather = load_result(results_dir, GATHER_JSON)
     lines += _section(results_dir, GATHER_JSON, lambda: gather_section(gather)) if gather else [

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import tempfile
 import threading
 
@@ -20,7 +21,8 @@ def results_dir(package_parent):
     return os.path.abspath("kcache_ops_results")
 
 
-RESULTS_DIR = results_dir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = results_dir(PACKAGE_PARENT)
 # where a smoke run (``eval --quick``, ``bench --small``) writes unless told: never over the
 # committed results
 SMOKE_DIR = os.path.join(tempfile.gettempdir(), "kcache_ops_smoke")
@@ -52,9 +54,42 @@ def prepare_out_dir(out, smoke):
     return folder
 
 
+def git_commit(folder=PACKAGE_PARENT):
+    """The commit checked out at ``folder`` (default the package's parent: the checkout, where
+    kcache_ops runs from one), with "-dirty" where tracked files differ from it; None where it is
+    not a git checkout or git is not there."""
+    def git(*args):
+        return subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+
+    if not os.path.exists(os.path.join(folder, ".git")):  # not a checkout: site-packages
+        return None
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def cuda_driver():
+    """The CUDA version the installed driver supports (cuDriverGetVersion, e.g. "13.0"), None
+    where the driver library cannot be asked (torch does not expose it)."""
+    import ctypes
+    try:
+        version = ctypes.c_int()
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return f"{version.value // 1000}.{version.value % 1000 // 10}"
+
+
 def machine(device):
     """What a run ran on -> {"cpu": model name, "cores": torch threads, "torch": version,
-    "device": str(device), and "gpu": its name where ``device`` is a CUDA device}."""
+    "device": str(device), "git_commit": :func:`git_commit`, and where ``device`` is a CUDA
+    device "gpu": its name, "cuda_runtime": torch's CUDA version, "cuda_driver":
+    :func:`cuda_driver`}."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -62,17 +97,24 @@ def machine(device):
     except (OSError, StopIteration):
         pass
     info = {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__,
-            "device": str(device)}
+            "device": str(device), "git_commit": git_commit()}
     if torch.device(device).type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
+        info.update(gpu=torch.cuda.get_device_name(device), cuda_runtime=torch.version.cuda,
+                    cuda_driver=cuda_driver())
     return info
 
 
 def ran_on(m, tail=""):
     """The machine line of a report section from a :func:`machine` dict ``m``: CPU, threads,
-    device (GPU name), torch, then ``tail``."""
+    device (GPU name), torch, the CUDA runtime and driver and the commit where recorded (a file
+    of an earlier version lacks them), then ``tail``."""
+    cuda = (f" (CUDA {m['cuda_runtime']}, driver CUDA {m.get('cuda_driver') or 'unknown'})"
+            if m.get("cuda_runtime") else "")
+    commit = f", commit {m['git_commit'][:12]}" if m.get("git_commit") else ""
+    dirty = " (uncommitted changes)" if (m.get("git_commit") or "").endswith("-dirty") else ""
     return (f"Ran on {m['cpu']} (torch threads: {m['cores']}), device {m['device']}"
-            f"{', ' + m['gpu'] if 'gpu' in m else ''}, torch {m['torch']}{tail}")
+            f"{', ' + m['gpu'] if 'gpu' in m else ''}, torch {m['torch']}{cuda}{commit}{dirty}"
+            f"{tail}")
 
 
 # a report section's line for a JSON file whose run stopped before its end ("complete": false)

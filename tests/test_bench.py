@@ -447,3 +447,122 @@ def test_a_context_past_the_models_positions_is_skipped_before_any_measurement(m
         measure.measure(["tiny-short"], [100], torch.device("cpu"), torch.float32,
                         KCacheOptions(topn=8), 2, budget_gb=0.01, hf=False, log=lines.append)
     assert "measured" not in lines and "ctx 100: skipped" in lines[0]
+
+
+def test_ceilings_are_measured_and_set_each_rows_floor(monkeypatch):
+    """The run's own ceilings (DESIGN.md §6): a device copy's bytes read + written a second (no
+    PCIe on the CPU), and per row the floor of its bytes at them over the measured step; the
+    bytes are the weights read once and the cache's reads at the context."""
+    from kcache_ops.throughput import ceilings as c
+    assert c.d2d_bandwidth_gbs("cpu", 1 << 20, warmup=1, runs=3) > 0
+    monkeypatch.setattr(c, "d2d_bandwidth_gbs", lambda device, **kwargs: 20.0)
+    assert c.measure_ceilings("cpu") == {"device_copy_GBs": 20.0, "h2d_GBs": None}
+    # CUDA: the PCIe reads after the device reads; the CPU: one RAM
+    assert c.floor_seconds(4e9, 1e9, {"device_copy_GBs": 2000.0, "h2d_GBs": 50.0}) == \
+        pytest.approx(2e-3 + 20e-3)
+    assert c.floor_seconds(4e9, 1e9, {"device_copy_GBs": 20.0, "h2d_GBs": None}) == \
+        pytest.approx(0.25)
+    ceilings = {"device_copy_GBs": 20.0, "h2d_GBs": None}
+    lines = []
+    rows = measure.measure(["tiny"], [64], torch.device("cpu"), torch.float32,
+                           KCacheOptions(topn=8), 2, budget_gb=0.01, max_batch=3, hf=False,
+                           log=lines.append, ceilings=ceilings)
+    config = measure.SHAPES["tiny"]
+    for row, line in zip(rows, lines[1:]):
+        cache = measure.new_cache(measure.random_model(config, "cpu", torch.float32),
+                                  row["backend"], KCacheOptions(topn=8) if row["options"] else None,
+                                  row["batch"], 64 + 2 + 2)
+        device = (c.weight_bytes_per_step(config, row["batch"], torch.float32)
+                  + cache.device_bytes_read_per_step(64))
+        assert row["device_bytes_per_step"] == device
+        floor = (device + row["pcie_bytes_per_step"]) / 20e9
+        assert row["floor_step_ms"] == pytest.approx(1e3 * floor)
+        assert row["of_ceiling"] == pytest.approx(floor / (row["decode_step_ms"] / 1e3))
+        assert f"floor {row['floor_step_ms']:.3g} ms ({row['of_ceiling']:.1%} of the ceiling)" \
+            in line
+
+
+@pytest.mark.parametrize("name", ["tiny", "smollm2-135m"])
+def test_weight_bytes_per_step_are_the_parameters_read(name):
+    """The weights a step reads: every parameter, of an untied input embedding only the batch's
+    rows (a tied one is the LM head, read whole), against the model's own parameters."""
+    from kcache_ops.model import Llama
+    from kcache_ops.throughput.ceilings import weight_bytes_per_step
+    config = measure.SHAPES[name]
+    with torch.device("meta"):
+        model = Llama(config).to(torch.bfloat16)
+    params = sum(p.nbytes for p in model.parameters())  # a tied table counted once
+    embedding = model.embed_tokens.weight.nbytes
+    rows = 0 if config.tie_word_embeddings else embedding - 5 * config.hidden_size * 2
+    assert weight_bytes_per_step(config, 5, torch.bfloat16) == params - rows
+
+
+def test_bench_json_records_the_settings_and_ceilings(tmp_path):
+    """bench.json records the resolved settings and the ceilings beside the machine (the git
+    commit of the checkout among them), and REPORT.md prints them."""
+    from kcache_ops.__main__ import main
+    assert main(["bench", "--small", "--contexts", "64", "--steps", "1", "--no-hf",
+                 "--max-batch", "3", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
+    assert data["settings"] == {"dtype": "bfloat16", "steps": 1, "max_batch": 3,
+                                "reserve_gb": 6.0, "budget_gb": 0.004,
+                                "host_budget_bytes": data["settings"]["host_budget_bytes"],
+                                "contexts": {"tiny": [64]}}
+    assert data["settings"]["host_budget_bytes"] is None or \
+        data["settings"]["host_budget_bytes"] > 0
+    assert data["ceilings"]["device_copy_GBs"] > 0 and data["ceilings"]["h2d_GBs"] is None
+    assert "git_commit" in data["machine"]
+    assert all(r["floor_step_ms"] > 0 and r["of_ceiling"] > 0 for r in data["rows"])
+    report = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
+    assert "Settings: bfloat16, 1 timed decode steps, batch at most 3, cache budget 0.004 GB" \
+        in report and "contexts tiny 64." in report
+    assert (f"Ceilings measured in this run: device memory copy "
+            f"{data['ceilings']['device_copy_GBs']:.1f} GB/s (bytes read + written), no PCIe") \
+        in report
+    assert "| PCIe MiB/step | floor ms | of ceiling | vs dense |" in report
+
+
+def test_default_contexts_are_each_models_own(tmp_path, monkeypatch):
+    """Each default model measures at default contexts it can address (SmolLM2's 8192 positions
+    skipped all of 8192, 32768 and 65536); --contexts applies to every model given."""
+    for name in bench.DEFAULT_MODELS:
+        assert measure.usable_contexts(name, bench.DEFAULT_CONTEXTS[name], 32, print) == \
+            list(bench.DEFAULT_CONTEXTS[name])
+    assert bench.DEFAULT_CONTEXTS["llama3-8b"] == (8192, 32768, 65536)
+    ran = []
+    monkeypatch.setattr(bench, "measure", lambda models, contexts, *a, **k: ran.append(contexts)
+                        or [])
+    monkeypatch.setattr(bench, "measure_ceilings", lambda device: {"device_copy_GBs": 1.0,
+                                                                  "h2d_GBs": None})
+    monkeypatch.setattr(bench, "plot", lambda rows, path: None)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    for extra in ([], ["--contexts", "64,128"]):
+        bench.run(parser.parse_args(["--device", "cpu", "--budget", "0.01", "--out",
+                                     str(tmp_path), *extra]))
+    assert ran == [{name: bench.DEFAULT_CONTEXTS[name] for name in bench.DEFAULT_MODELS},
+                   {name: (64, 128) for name in bench.DEFAULT_MODELS}]
+
+
+def test_a_plot_that_fails_leaves_no_link_to_it(tmp_path, monkeypatch, capsys):
+    """A complete run whose plot fails to draw: the previous run's plot is gone, REPORT.md says
+    the plot was not drawn instead of linking a missing (or old) file, and the run's rows
+    stand."""
+    (tmp_path / "bench_throughput.png").write_bytes(b"the previous run's plot")
+
+    def broken(rows, path):
+        raise RuntimeError("no display")
+    monkeypatch.setattr(bench, "plot", broken)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    bench.run(parser.parse_args(["--device", "cpu", "--small", "--steps", "1", "--no-hf",
+                                 "--contexts", "64", "--out", str(tmp_path)]))
+    out = capsys.readouterr().out
+    assert "# the plot could not be drawn: RuntimeError: no display" in out
+    assert f"# wrote {tmp_path / 'bench.json'}, REPORT.md" in out
+    assert not (tmp_path / "bench_throughput.png").exists()
+    assert json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))["complete"]
+    report = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
+    assert "](bench_throughput.png)" not in report
+    assert "The plot (bench_throughput.png) could not be drawn at the end of this run" in report
+    assert "cut off" not in report

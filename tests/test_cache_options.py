@@ -205,6 +205,41 @@ def test_both_caches_follow_the_protocol_and_report_host_traffic():
     assert gs.host_bytes_read_per_step() == 3 * 2 * (2 * 4 + 2) * 64 * 2
 
 
+@pytest.mark.parametrize("capacity", [16, 64])
+def test_device_bytes_read_per_step_are_the_rows_attended(capacity):
+    """What a decode step reads of device memory at 10 tokens, counted by hand (3 layers,
+    2 sequences, 2 KV heads, D 64): K and V of the 10 positions, not the capacity allocated;
+    KCache's K, its dense layers' V, its tail (the low-bit copy of the positions not hot: D·bits/8
+    code bytes and a bfloat16 scale and min per row, or the float32 V sum) and every hot slot."""
+    def read(backend, dtype=torch.bfloat16, **options):
+        return make_cache(backend, CONFIG, 2, capacity, "cpu", dtype,
+                          KCacheOptions(**options) if backend == "kcache" else None
+                          ).device_bytes_read_per_step(10)
+    rows = 2 * 2 * 10  # (sequence, KV head, position) of one layer
+    assert read("dense", torch.float32) == 3 * 2 * rows * 64 * 4  # K and V
+    paper = dict(tail="none", top_p=1.0, sinks=0, window=0)
+    assert read("kcache", **paper) == 3 * rows * 128
+    assert read("kcache", **paper, dense_layers=(1,)) == 4 * rows * 128  # and one layer's V
+    assert read("kcache", **{**paper, "tail": "mean"}) == 3 * rows * 128 + 3 * 2 * 2 * 64 * 4
+    hot = 3 * 2 * 2 * 5 * 128  # 2 sinks + 3 window slots of each layer
+    cold = 2 * 2 * (10 - 5)  # (sequence, KV head, position) of one layer, not hot
+    for tail, code in (("int2", 16), ("int4", 32)):
+        assert read("kcache", tail=tail, sinks=2, window=3) == (3 * rows * 128 + hot
+                                                                + 3 * cold * (code + 4))
+    assert read("kcache", tail="int2", sinks=2, window=3, dense_layers=(0, 2)) == (
+        5 * rows * 128 + hot // 3 + cold * (16 + 4))  # K of 3 layers, V of 2
+
+
+def test_device_bytes_read_per_step_with_reuse_count_the_pooled_rows():
+    """With reuse a step also reads its N rows per query head (per KV head with group select)
+    from the pool: the approximate count the docstring states."""
+    for group_select, heads in ((False, 4), (True, 2)):
+        options = KCacheOptions(topn=4, tail="none", top_p=1.0, sinks=0, window=0, reuse=16,
+                                group_select=group_select)
+        cache = make_cache("kcache", CONFIG, 2, 16, "cpu", torch.bfloat16, options)
+        assert cache.device_bytes_read_per_step(10) == 3 * 2 * (2 * 10 + heads * 4) * 128
+
+
 def parse(argv):
     parser = argparse.ArgumentParser()
     add_kcache_arguments(parser)

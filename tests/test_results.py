@@ -7,13 +7,14 @@ import pathlib
 import re
 
 import pytest
+import torch
 
 from kcache_ops import report
 from kcache_ops.cli import bench, eval as eval_cli
 from kcache_ops.eval.report import EVAL_JSON
 from kcache_ops.results import (RESULTS_DIR, SMOKE_DIR, load_json, machine, out_dir, ran_on,
                                 results_dir, write_json)
-from kcache_ops.throughput.report import BENCH_JSON
+from kcache_ops.throughput.report import BENCH_JSON, BENCH_PLOT
 
 
 def test_machine_and_json_round_trip(tmp_path):
@@ -24,6 +25,33 @@ def test_machine_and_json_round_trip(tmp_path):
     write_json(path, {"machine": m, "rows": [1, 2]})
     assert load_json(path) == {"machine": m, "rows": [1, 2]}
     assert load_json(tmp_path / "missing.json") is None
+
+
+def test_machine_records_the_commit_and_on_cuda_its_versions(tmp_path, monkeypatch):
+    """The machine of a run records the commit of the checkout it ran from ("-dirty" with
+    changes to tracked files; None, no error, outside a checkout or without git) and, on CUDA
+    only, torch's CUDA runtime and the driver's CUDA version; the report line prints them."""
+    import subprocess
+    from kcache_ops import results
+    head = subprocess.run(["git", "-C", results.PACKAGE_PARENT, "rev-parse", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    if head:  # the tests run from a checkout
+        assert results.git_commit().removesuffix("-dirty") == head
+    assert results.git_commit(str(tmp_path)) is None
+    (tmp_path / ".git").mkdir()  # a checkout git cannot read
+    assert results.git_commit(str(tmp_path)) is None
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+    monkeypatch.setattr(results.subprocess, "run", no_git)
+    assert results.git_commit() is None and machine("cpu")["git_commit"] is None
+    assert "cuda_runtime" not in machine("cpu") and "cuda_driver" not in machine("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Test GPU")
+    monkeypatch.setattr(results, "cuda_driver", lambda: "13.1")
+    m = {**machine("cuda"), "git_commit": "0123456789abcdef-dirty"}
+    assert (m["gpu"], m["cuda_runtime"], m["cuda_driver"]) == ("Test GPU", torch.version.cuda,
+                                                               "13.1")
+    assert ran_on(m, ".").endswith(f", torch {m['torch']} (CUDA {torch.version.cuda}, driver "
+                                   f"CUDA 13.1), commit 0123456789ab (uncommitted changes).")
 
 
 @pytest.mark.parametrize("content", [b"{\"rows\": [1,", b"\xff\xfe{}"], ids=["cut", "not-utf8"])
@@ -134,9 +162,10 @@ def test_writers_of_one_file_do_not_collide(tmp_path):
 
 def test_the_committed_report_is_the_committed_results(tmp_path):
     """bench/results/REPORT.md is what ``eval --report-only`` writes from the JSON files committed
-    beside it (a change of the report's code or of the options is regenerated, not left stale)."""
+    beside it (a change of the report's code or of the options is regenerated, not left stale);
+    the bench plot too, which the report links only where it was drawn."""
     import shutil
-    for name in (EVAL_JSON, BENCH_JSON, report.GATHER_JSON):
+    for name in (EVAL_JSON, BENCH_JSON, report.GATHER_JSON, BENCH_PLOT):
         if os.path.isfile(os.path.join(RESULTS_DIR, name)):
             shutil.copy(os.path.join(RESULTS_DIR, name), tmp_path)
     report.write(tmp_path)

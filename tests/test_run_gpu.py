@@ -172,6 +172,14 @@ class FakeEvent:
         return 1.0
 
 
+def test_the_benchmarks_ceilings_are_the_bench_commands():
+    """bench/timing.py measures its ceilings with kcache_ops' own functions, those the bench
+    command measures at its start (it had copies of its own)."""
+    from kcache_ops.throughput import ceilings
+    assert timing.d2d_bandwidth_gbs is ceilings.d2d_bandwidth_gbs
+    assert timing.h2d_bandwidth_gbs is ceilings.h2d_bandwidth_gbs
+
+
 def test_timed_runs_go_on_after_the_warm_up(monkeypatch):
     """bench/cpu_ops.py and bench/timing.py (its launch timing, on fake events) time the inputs
     after the warm-up's, not the ones it just left in the cache."""

@@ -136,3 +136,10 @@ class DenseCache:
     def host_bytes_read_per_step(self):
         """Bytes a decode step moves between host RAM and the device (none)."""
         return 0
+
+    def device_bytes_read_per_step(self, tokens):
+        """Bytes a decode step reads from the cache while every sequence holds ``tokens`` keys:
+        K and V of those positions, every layer and sequence (each row once per KV head, as
+        :func:`exact_decode_attention` reads them), not the capacity allocated."""
+        batch, heads, _, dim = self.k[0].shape
+        return 2 * len(self.k) * batch * heads * tokens * dim * self.k[0].element_size()

@@ -418,6 +418,26 @@ class KCache:
         batch = self.lengths.seq_lens.shape[0]
         return len(self.v_host) * batch * rows * c.head_dim * self.k[0].element_size()
 
+    def device_bytes_read_per_step(self, tokens):
+        """Bytes a decode step reads from device memory while every sequence holds ``tokens``
+        keys, every layer and sequence: K of those positions (``qk_topn`` reads each row once per
+        KV head), the dense layers' V of them, and per KCache layer what its tail reads (the
+        low-bit copy of every position that is not hot, or the V sum of ``mean``), its hot rows
+        (every slot) and, with ``reuse``, the step's N rows per head from the pool (per KV head
+        with group select; an upper bound with ``top_p`` < 1, and the pool's bookkeeping and the
+        rows written into it are not counted: approximate). Not the step's scores and other
+        temporaries, nor the new token's rows written; the capacity allocated beyond ``tokens``
+        is not read."""
+        c = self.config
+        batch = self.lengths.seq_lens.shape[0]
+        row = c.head_dim * self.k[0].element_size()  # one K or V row of one head
+        rows = tokens * (len(self.k) + len(self.v_device))  # K, dense V, per (sequence, KV head)
+        heads = c.num_kv_heads if self.options.group_select else c.num_heads
+        pooled = len(self.reuse) * heads * self._topn  # per sequence
+        return (batch * (c.num_kv_heads * rows + pooled) * row
+                + sum(tail.device_bytes_read(tokens) for tail in self.tails.values())
+                + sum(hot.nbytes for hot in self.hot.values()))
+
     def attention_mass(self):
         """Running mean per layer of the attention mass the top N captured while ``record_mass``
         was on -> [num_layers] float32 on the CPU; 1 for dense layers (exact), NaN for a KCache

@@ -60,3 +60,8 @@ class Cache(Protocol):
 
     def host_bytes_read_per_step(self):
         """Bytes a decode step moves between host RAM and the device (rows read and written)."""
+
+    def device_bytes_read_per_step(self, tokens):
+        """Bytes of its device memory a decode step reads while every sequence holds ``tokens``
+        keys (the stored data attended: K, device V and what stands for V on the device; not
+        the step's own scores or other temporaries)."""

@@ -54,6 +54,10 @@ class NoTail:
     def commit(self):
         """Nothing to keep."""
 
+    def device_bytes_read(self, tokens):
+        """Bytes a decode step reads of what the tail keeps on the device (nothing)."""
+        return 0
+
     def attend(self, all_scores, lens, scores, indices, lse, reads, hot=None):
         """The top N rows (``reads``) and the hot rows (a :class:`~.hot.HotRows`) -> out
         [B, Hq, D] (dtype of V)."""
@@ -108,6 +112,11 @@ class MeanTail:
         """The step is done: its token stays in the sum."""
         self._committed.copy_(self.v_sum)
 
+    def device_bytes_read(self, tokens):
+        """Bytes a decode step reads of what the tail keeps on the device: the V sum, whatever
+        the ``tokens``."""
+        return self.v_sum.nbytes
+
     def attend(self, all_scores, lens, scores, indices, lse, reads, hot=None):
         """Exact weights on the top N rows (``reads``, of host V) plus the mean tail -> out
         [B, Hq, D] (no hot rows or reuse: KCacheOptions refuses them with this tail)."""
@@ -151,6 +160,14 @@ class LowBitTail:
 
     def commit(self):
         """Nothing to do: a step run again writes its token's copy into the same position."""
+
+    def device_bytes_read(self, tokens):
+        """Bytes a decode step reads of the copy while every sequence holds ``tokens`` keys:
+        the codes, scale and min of each position that is not a hot row (the hot rows are read
+        exactly instead; the N rows read from host RAM are among those counted)."""
+        batch, heads, _, width = self.codes.shape
+        per_row = width + self.meta.shape[-1] * self.meta.element_size()
+        return batch * heads * max(0, tokens - sum(self.skip)) * per_row
 
     def attend(self, all_scores, lens, scores, indices, lse, reads, hot=None):
         """Exact weights on the top N rows (``reads``) and on the hot rows (a

@@ -2,7 +2,9 @@
 backend against KCache at one device-memory budget (see :mod:`kcache_ops.throughput`). One line
 per configuration, then bench/results/bench.json, bench_throughput.png and REPORT.md; a run cut
 off (an error, Ctrl-C, SIGTERM) after its first configuration leaves REPORT.md of the rows it
-measured, said to be cut off, and no plot.
+measured, said to be cut off, and no plot. The run first measures its ceilings (the device-memory
+copy rate, and on CUDA the pinned host->device rate), and each row says how near its decode step
+comes to the floor they set.
 ``--engine transformers`` runs the same caches under transformers' LlamaForCausalLM of each shape.
 
 ``--device cpu --small`` runs tiny shapes and short contexts: a smoke test of the machinery.
@@ -15,7 +17,8 @@ import signal
 from .. import report
 from ..devices import default_device
 from ..results import RESULTS_DIR, SMOKE_DIR, machine, prepare_out_dir, write_json
-from ..throughput.measure import measure
+from ..throughput.ceilings import measure_ceilings
+from ..throughput.measure import host_budget, measure
 from ..throughput.report import BENCH_JSON, BENCH_PLOT, plot
 from ..throughput.shapes import SHAPES
 from ..throughput.transformers_baseline import transformers_missing
@@ -25,8 +28,10 @@ from .args import (add_device_arguments, add_engine_argument, add_kcache_argumen
 
 
 DEFAULT_MODELS = ["llama3-8b", "smollm2-135m"]
-DEFAULT_CONTEXTS = (8192, 32768, 65536)
 SMALL_CONTEXTS = (256, 512, 1024)
+# each shape's own, within its max_position_embeddings with the steps (SmolLM2 addresses 8192)
+DEFAULT_CONTEXTS = {"llama3-8b": (8192, 32768, 65536), "smollm2-135m": (2048, 4096, 8000),
+                    "tiny": SMALL_CONTEXTS}
 MAX_GB = 1e9
 
 
@@ -36,9 +41,10 @@ def add_arguments(parser):
                         help=f"comma-separated, of {', '.join(SHAPES)} (default "
                              f"{','.join(DEFAULT_MODELS)}; tiny with --small)")
     parser.add_argument("--contexts", type=positive_int_list,
-                        help=f"prompt lengths in tokens (default "
-                             f"{','.join(map(str, DEFAULT_CONTEXTS))}; "
-                             f"{','.join(map(str, SMALL_CONTEXTS))} with --small)")
+                        help="prompt lengths in tokens, for every model (default each model's "
+                             "own: " + "; ".join(f"{m} {','.join(map(str, c))}"
+                                                 for m, c in DEFAULT_CONTEXTS.items())
+                             + f"; {','.join(map(str, SMALL_CONTEXTS))} with --small)")
     # at most an exabyte: 1e300 GB was an OverflowError in bytes
     parser.add_argument("--budget", type=bounded_float(0.0, MAX_GB, low_open=True),
                         help="GB of device memory for the cache (default: what is free after the "
@@ -74,7 +80,8 @@ def run(args):
     twice = sorted({m for m in models if models.count(m) > 1})
     if twice:  # as --contexts: a shape twice would run twice
         raise ValueError(f"--models: expected each shape once, got {', '.join(twice)} twice")
-    contexts = args.contexts or (SMALL_CONTEXTS if args.small else DEFAULT_CONTEXTS)
+    contexts = {m: args.contexts or (SMALL_CONTEXTS if args.small else DEFAULT_CONTEXTS[m])
+                for m in models}
     budget, steps = args.budget, args.steps or (8 if args.small else 32)
     if args.small:
         budget = budget or 0.004
@@ -86,28 +93,58 @@ def run(args):
         info["transformers"] = transformers.__version__
     command = command_line(args, "bench")
     path = os.path.join(args.out, BENCH_JSON)
+    settings = {"dtype": str(dtype_of(args)).removeprefix("torch."), "steps": steps,
+                "max_batch": args.max_batch, "reserve_gb": args.reserve, "budget_gb": budget,
+                "host_budget_bytes": host_budget(), "contexts": contexts}
 
     saved = []  # whether this run has written bench.json (the report then follows it)
+    ceilings = {}
 
     def save(rows, complete=False):
-        write_json(path, {"machine": info, "command": command, "small": args.small,
-                          "complete": complete, "rows": rows})
+        write_json(path, {"machine": info, "command": command, "settings": settings,
+                          "ceilings": ceilings, "small": args.small, "complete": complete,
+                          "rows": rows})
         saved.append(complete)
 
     plot_path, finished = os.path.join(args.out, BENCH_PLOT), False
     try:
         with _sigterm_as_interrupt():
+            ceilings.update(measure_ceilings(device))
+            print(ceilings_line(ceilings), flush=True)
             rows = measure(models, contexts, device, dtype_of(args), kcache_options(args),
                            steps, budget, args.reserve, args.max_batch, args.hf, args.engine,
-                           log=functools.partial(print, flush=True), on_rows=save)
+                           log=functools.partial(print, flush=True), on_rows=save,
+                           ceilings=ceilings, host_bytes=settings["host_budget_bytes"])
             save(rows, complete=True)
-            plot(rows, plot_path)
+            _draw(rows, plot_path)
             finished = True
     finally:
         if saved and not finished:  # cut off (an error, Ctrl-C, SIGTERM) after a row was saved:
             _cut_off_report(args.out, plot_path)  # REPORT.md of the partial bench.json
     report.write(args.out)
-    print(f"# wrote {path}, {BENCH_PLOT}, REPORT.md")
+    drawn = f"{BENCH_PLOT}, " if os.path.exists(plot_path) else ""
+    print(f"# wrote {path}, {drawn}REPORT.md")
+
+
+def ceilings_line(ceilings):
+    """The printed line of the ceilings measured (:func:`measure_ceilings`)."""
+    h2d = ceilings["h2d_GBs"]
+    return (f"# ceilings: device memory copy {ceilings['device_copy_GBs']:.1f} GB/s (read + "
+            f"written), " + (f"pinned host->device {h2d:.1f} GB/s" if h2d is not None
+                             else "no PCIe (the CPU: host V is in the same RAM)"))
+
+
+def _draw(rows, plot_path):
+    """Draw the plot of a complete run, the previous run's removed first; a plot that fails is a
+    line, and REPORT.md then says it was not drawn (it linked the missing or the old file)."""
+    if os.path.exists(plot_path):
+        os.remove(plot_path)
+    try:
+        plot(rows, plot_path)
+    except Exception as e:  # the rows are saved: the run's result stands without its plot
+        print(f"# the plot could not be drawn: {type(e).__name__}: {e}", flush=True)
+        if os.path.exists(plot_path):  # a part written
+            os.remove(plot_path)
 
 
 def _cut_off_report(out, plot_path):

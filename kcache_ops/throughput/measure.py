@@ -9,6 +9,7 @@ import torch
 from ..caches import check_kcache, make_cache, sequence_bytes
 from ..devices import median_seconds, sync
 from ..ops import host_bytes_available
+from .ceilings import floor_seconds, weight_bytes_per_step
 from .shapes import SHAPES, random_model
 from .transformers_baseline import compare_with_hf, hf_model, transformers_missing
 
@@ -107,6 +108,13 @@ def device_budget(device, budget_gb=None, reserve_gb=6.0):
     return int(free - reserve_gb * 1e9)
 
 
+def host_budget():
+    """The host RAM the caches of a run may fill, in bytes: 80 % of what is available; None where
+    that is not known (then unchecked)."""
+    available = host_bytes_available()
+    return None if available is None else int(0.8 * available)
+
+
 def fit_batch(model, backend, options, capacity, budget, host_budget, max_batch):
     """The largest batch (<= ``max_batch``) whose cache of ``capacity`` tokens per sequence fits
     ``budget`` device bytes and ``host_budget`` host bytes (None: unchecked); 0 if none fits
@@ -130,21 +138,29 @@ def build_model(config, device, dtype, engine, max_len):
 
 
 def measure(models, contexts, device, dtype, options, steps, budget_gb=None, reserve_gb=6.0,
-            max_batch=256, hf=True, engine="kcache_ops", log=print, on_rows=lambda rows: None):
-    """Every (model shape name, context) with ``dense`` and KCache (``options``), the model code
-    of ``engine`` (see :func:`build_model`) -> list of row
-    dicts (model, context, backend, batch, batch_limit (what set the batch: the "device" or
-    "host" budget, the "cap" max_batch, or the device "memory" where the step's transient memory
-    ran out at the fitted batch), options, budget_bytes, cache_device_bytes,
-    host_bytes, peak_device_bytes, prefill_tok_s, decode_step_ms, decode_tok_s,
-    pcie_bytes_per_step; vs_dense for KCache: its decode tok/s over dense's, None where
-    ``max_batch`` capped either batch, as the two then do not fill one device memory;
-    hf_decode_tok_s and dense_vs_hf for dense where transformers ran). A context whose
-    ``context + steps + 2`` positions exceed a model's max_position_embeddings is skipped for
-    that model with a line saying why, before any is measured (ValueError where none is left).
-    ``log`` gets one line per configuration, ``on_rows`` the rows so far after each one (the
-    bench command saves them, so that a run cut off keeps what it measured)."""
-    model_contexts = {name: usable_contexts(name, contexts, steps, log) for name in models}
+            max_batch=256, hf=True, engine="kcache_ops", log=print, on_rows=lambda rows: None,
+            ceilings=None, host_bytes=None):
+    """Every (model shape name, context) with ``dense`` and KCache (``options``), the model code of
+    ``engine`` (see :func:`build_model`); ``contexts`` a list for every model, or a dict of lists by
+    model name -> list of row dicts (model, context, backend, batch, batch_limit (what set the
+    batch: the "device" or "host" budget, the "cap" max_batch, or the device "memory" where the
+    step's transient memory ran out at the fitted batch), options, budget_bytes, cache_device_bytes,
+    host_bytes, peak_device_bytes, prefill_tok_s, decode_step_ms, decode_tok_s, pcie_bytes_per_step;
+    vs_dense for KCache: its decode tok/s over dense's, None where ``max_batch`` capped either
+    batch, as the two then do not fill one device memory; hf_decode_tok_s and dense_vs_hf for dense
+    where transformers ran; given the ``ceilings`` measured (:func:`~.ceilings.measure_ceilings`),
+    also device_bytes_per_step (the weights read once and the cache's
+    :meth:`device_bytes_read_per_step` at the context), floor_step_ms
+    (:func:`~.ceilings.floor_seconds` of those bytes and pcie_bytes_per_step) and of_ceiling (that
+    floor over the measured step)). ``host_bytes``: the host RAM the caches may fill (None:
+    :func:`host_budget`). A context whose ``context + steps + 2`` positions exceed a model's
+    max_position_embeddings is skipped for that model with a line saying why, before any is measured
+    (ValueError where none is left). ``log`` gets one line per configuration, ``on_rows`` the rows
+    so far after each one (the bench command saves them, so that a run cut off keeps what it
+    measured)."""
+    if not isinstance(contexts, dict):
+        contexts = {name: contexts for name in models}
+    model_contexts = {name: usable_contexts(name, contexts[name], steps, log) for name in models}
     if not any(model_contexts.values()):
         raise ValueError("no (model, context) to measure: each context + steps + 2 exceeds "
                          "the model's max_position_embeddings (the lines above say which)")
@@ -163,8 +179,7 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
         log(f"# the transformers comparison is skipped: {missing}")
         hf = False
     rows = []
-    host_budget = host_bytes_available()
-    host_budget = None if host_budget is None else int(0.8 * host_budget)
+    host_limit = host_budget() if host_bytes is None else host_bytes
     for name in models:
         config, usable = SHAPES[name], model_contexts[name]
         if not usable:
@@ -186,7 +201,7 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
             dense_row = None
             for backend, backend_options in (("dense", None), ("kcache", options)):
                 batch, limit = fit_batch(model, backend, backend_options, context + steps + 2,
-                                         budget, host_budget, max_batch)
+                                         budget, host_limit, max_batch)
                 if batch < 1:
                     log(f"{name:13s} ctx {context:6d} {backend:6s}: one sequence does not fit "
                         f"the budget")
@@ -204,6 +219,12 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
                        "prefill_tok_s": context / prefill_s, "decode_step_ms": 1e3 * step_s,
                        "decode_tok_s": batch / step_s,
                        "pcie_bytes_per_step": cache.host_bytes_read_per_step()}
+                if ceilings is not None:
+                    row["device_bytes_per_step"] = (weight_bytes_per_step(config, batch, dtype)
+                                                    + cache.device_bytes_read_per_step(context))
+                    floor = floor_seconds(row["device_bytes_per_step"],
+                                          row["pcie_bytes_per_step"], ceilings)
+                    row["floor_step_ms"], row["of_ceiling"] = 1e3 * floor, floor / step_s
                 del cache
                 if backend == "dense":
                     dense_row = row
@@ -257,4 +278,6 @@ def row_line(row):
             f"{row['decode_tok_s']:9.1f} tok/s ({row['decode_step_ms']:.1f} ms/step)  cache dev "
             f"{row['cache_device_bytes'] / GiB:.3f} GiB  host {row['host_bytes'] / GiB:.3f} GiB  "
             f"PCIe {row['pcie_bytes_per_step'] / 2**20:.2f} MiB/step"
+            + (f"  floor {row['floor_step_ms']:.3g} ms ({row['of_ceiling']:.1%} of the ceiling)"
+               if "floor_step_ms" in row else "")
             + (f"  vs dense {vs_dense_text(row)}" if "vs_dense" in row else ""))

@@ -11,8 +11,11 @@ from .shapes import SHAPES
 BENCH_JSON, BENCH_PLOT = "bench.json", "bench_throughput.png"
 
 
-def bench_section(data):
-    """Markdown of the throughput benchmark (the JSON of ``python -m kcache_ops bench``)."""
+def bench_section(data, plot_drawn=True):
+    """Markdown of the throughput benchmark (the JSON of ``python -m kcache_ops bench``);
+    ``plot_drawn``: whether its plot is beside it (a complete run's plot that failed to draw is
+    said so, not linked). The ceilings, settings and floor columns are left out for a file of an
+    earlier version, which lacks them."""
     m = data["machine"]
     code = ("transformers' model code on our caches" if m.get("engine") == "transformers"
             else "reference decoder")
@@ -21,6 +24,7 @@ def bench_section(data):
     out = [f"## Throughput ({code}, random weights)", "",
            ran_on(m, f", transformers {m['transformers']}." if m.get("transformers") else "."),
            f"Command: `{data['command']}`", ""]
+    out += settings_lines(data.get("settings"), data.get("ceilings"))
     out += [f"KCache options: {', '.join(sorted(kcache))}.", ""] if kcache else []
     out += ["The batch is the largest whose cache fits the device and host budgets, at most "
             "`--max-batch` (in brackets which of the three set it; `memory` where the decode step "
@@ -31,15 +35,31 @@ def bench_section(data):
             "and written; an upper bound: `top_p` < 1 cuts the N, and the CUDA kernel reads a row "
             "that several heads of a group chose once (and with `reuse`, the rows its pool holds "
             "are not read).", ""]
+    floors = any("floor_step_ms" in r for r in data["rows"])
+    if floors:
+        out += ["Floor ms: the least time a decode step's bytes take at this run's ceilings: the "
+                "weights read once (of an input embedding that is not the LM head, the batch's "
+                "rows) and what the cache reads of its device memory at the context (dense: K and "
+                "V of every position; KCache: K, the dense layers' V, the tail's low-bit copy or "
+                "V sum, the hot rows), over the device copy rate, plus, on CUDA, the PCIe MiB/step "
+                "over the pinned host->device rate, in sequence (a layer reads its V rows after "
+                "scoring its K, and the next layer waits for it; only a low-bit tail's reads of "
+                "its copy run beside the host reads; on the CPU both are one RAM, over the copy "
+                "rate). Not counted: activations, the step's scores and other temporaries, the "
+                "new token's rows. The PCIe bytes are the upper bound above, so with `top_p` < 1 "
+                "or rows shared in a group the KCache floor is above the true one. Of ceiling: "
+                "the floor over the measured step (1 would be at the ceilings).", ""]
     if not data.get("complete", True):
         out += CUT_OFF
     if data.get("small"):
         out += ["**This is the CPU smoke run at tiny sizes (`--small`)**: it tests the machinery, "
                 "its numbers say nothing about a GPU. The GPU run is still to be done (command "
                 "below).", ""]
+    floor_head = ("floor ms | of ceiling | ", "---|---|") if floors else ("", "")
     out += ["| model | context | backend | batch | budget GiB | cache dev GiB | host GiB | "
-            "prefill tok/s | decode tok/s | transformers tok/s | PCIe MiB/step | vs dense |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "prefill tok/s | decode tok/s | transformers tok/s | PCIe MiB/step | "
+            f"{floor_head[0]}vs dense |",
+            f"|---|---|---|---|---|---|---|---|---|---|---|{floor_head[1]}---|"]
     gib = 2 ** 30
     for r in data["rows"]:
         hf = (f"{r['hf_decode_tok_s']:.1f} (dense {r['dense_vs_hf']:.2f}× of it)"
@@ -47,17 +67,45 @@ def bench_section(data):
         ratio = (f"{r['vs_dense']:.2f}×" if r.get("vs_dense") is not None
                  else "–" if "vs_dense" in r else "—")  # "–": a batch capped by --max-batch
         limit = f" ({r['batch_limit']})" if "batch_limit" in r else ""
+        floor = (f"{r['floor_step_ms']:.3g} | {r['of_ceiling']:.1%} | " if "floor_step_ms" in r
+                 else "— | — | " if floors else "")
         out.append(f"| {r['model']} | {r['context']} | {r['backend']} | {r['batch']}{limit} | "
                    f"{r['budget_bytes'] / gib:.3f} | {r['cache_device_bytes'] / gib:.3f} | "
                    f"{r['host_bytes'] / gib:.3f} | {r['prefill_tok_s']:.0f} | "
                    f"{r['decode_tok_s']:.1f} | {hf} | {r['pcie_bytes_per_step'] / 2**20:.2f} | "
-                   f"{ratio} |")
+                   f"{floor}{ratio} |")
     if any("vs_dense" in r and r["vs_dense"] is None for r in data["rows"]):
         out += ["", "vs dense \"–\": capped by `--max-batch`, not at equal memory (the dense or "
                 "the KCache batch was the cap, not what the budget holds), so no ratio."]
-    if data.get("complete", True):  # the plot is drawn at the run's end
+    if data.get("complete", True) and plot_drawn:  # the plot is drawn at the run's end
         out += ["", f"![throughput vs context]({BENCH_PLOT})"]
+    elif data.get("complete", True):
+        out += ["", f"The plot ({BENCH_PLOT}) could not be drawn at the end of this run (its "
+                "output says why); the table above has its numbers."]
     return out + [""]
+
+
+def settings_lines(settings, ceilings):
+    """The lines of a run's resolved settings and measured ceilings (None: not recorded, a file
+    of an earlier version)."""
+    out = []
+    if settings:
+        budget = (f"{settings['budget_gb']:g} GB" if settings["budget_gb"] is not None
+                  else f"the free device memory after the weights less {settings['reserve_gb']:g} "
+                       f"GB (--reserve)")
+        host = settings["host_budget_bytes"]
+        out += [f"Settings: {settings['dtype']}, {settings['steps']} timed decode steps, batch at "
+                f"most {settings['max_batch']}, cache budget {budget}, host RAM budget "
+                + (f"{host / 2**30:.2f} GiB" if host is not None else "unchecked (unknown)")
+                + "; contexts " + "; ".join(f"{m} {', '.join(map(str, c))}"
+                                          for m, c in settings["contexts"].items()) + "."]
+    if ceilings:
+        h2d = ceilings["h2d_GBs"]
+        out += [f"Ceilings measured in this run: device memory copy "
+                f"{ceilings['device_copy_GBs']:.1f} GB/s (bytes read + written), "
+                + (f"pinned host->device copy {h2d:.1f} GB/s." if h2d is not None
+                   else "no PCIe (on the CPU KCache's host V is in the same RAM).")]
+    return out + [""] if out else []
 
 
 def memory_section(capacity=32768, dtype=torch.bfloat16):
