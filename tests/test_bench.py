@@ -1,6 +1,7 @@
 """The throughput benchmark's machinery on the CPU at tiny sizes (``bench --device cpu --small``),
 transformers' comparison included where it is installed."""
 import argparse
+import dataclasses
 import json
 import time
 
@@ -452,7 +453,7 @@ def test_a_context_past_the_models_positions_is_skipped_before_any_measurement(m
 def test_ceilings_are_measured_and_set_each_rows_floor(monkeypatch):
     """The run's own ceilings (DESIGN.md §6): a device copy's bytes read + written a second (no
     PCIe on the CPU), and per row the floor of its bytes at them over the measured step; the
-    bytes are the weights read once and the cache's reads at the context."""
+    bytes are the weights read once and the cache's reads at the median timed step's keys."""
     from kcache_ops.throughput import ceilings as c
     assert c.d2d_bandwidth_gbs("cpu", 1 << 20, warmup=1, runs=3) > 0
     monkeypatch.setattr(c, "d2d_bandwidth_gbs", lambda device, **kwargs: 20.0)
@@ -473,7 +474,7 @@ def test_ceilings_are_measured_and_set_each_rows_floor(monkeypatch):
                                   row["backend"], KCacheOptions(topn=8) if row["options"] else None,
                                   row["batch"], 64 + 2 + 2)
         device = (c.weight_bytes_per_step(config, row["batch"], torch.float32)
-                  + cache.device_bytes_read_per_step(64))
+                  + cache.device_bytes_read_per_step(64 + 3))  # the median of 2 timed steps
         assert row["device_bytes_per_step"] == device
         floor = (device + row["pcie_bytes_per_step"]) / 20e9
         assert row["floor_step_ms"] == pytest.approx(1e3 * floor)
@@ -482,13 +483,15 @@ def test_ceilings_are_measured_and_set_each_rows_floor(monkeypatch):
             in line
 
 
+@pytest.mark.parametrize("bias", [{}, {"attention_bias": True},
+                                  {"attention_bias": True, "output_bias": True}], ids=str)
 @pytest.mark.parametrize("name", ["tiny", "smollm2-135m"])
-def test_weight_bytes_per_step_are_the_parameters_read(name):
+def test_weight_bytes_per_step_are_the_parameters_read(name, bias):
     """The weights a step reads: every parameter, of an untied input embedding only the batch's
     rows (a tied one is the LM head, read whole), against the model's own parameters."""
     from kcache_ops.model import Llama
     from kcache_ops.throughput.ceilings import weight_bytes_per_step
-    config = measure.SHAPES[name]
+    config = dataclasses.replace(measure.SHAPES[name], **bias)
     with torch.device("meta"):
         model = Llama(config).to(torch.bfloat16)
     params = sum(p.nbytes for p in model.parameters())  # a tied table counted once

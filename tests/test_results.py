@@ -37,7 +37,11 @@ def test_machine_records_the_commit_and_on_cuda_its_versions(tmp_path, monkeypat
                           capture_output=True, text=True).stdout.strip()
     if head:  # the tests run from a checkout
         assert results.git_commit().removesuffix("-dirty") == head
+    monkeypatch.delenv("KCACHE_OPS_GIT_COMMIT", raising=False)
     assert results.git_commit(str(tmp_path)) is None
+    monkeypatch.setenv("KCACHE_OPS_GIT_COMMIT", "abc123")  # a copy without .git, told its commit
+    assert results.git_commit(str(tmp_path)) == "abc123"
+    monkeypatch.delenv("KCACHE_OPS_GIT_COMMIT")
     (tmp_path / ".git").mkdir()  # a checkout git cannot read
     assert results.git_commit(str(tmp_path)) is None
     def no_git(*args, **kwargs):
@@ -46,6 +50,7 @@ def test_machine_records_the_commit_and_on_cuda_its_versions(tmp_path, monkeypat
     assert results.git_commit() is None and machine("cpu")["git_commit"] is None
     assert "cuda_runtime" not in machine("cpu") and "cuda_driver" not in machine("cpu")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Test GPU")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # None in a CPU-only torch build
     monkeypatch.setattr(results, "cuda_driver", lambda: "13.1")
     m = {**machine("cuda"), "git_commit": "0123456789abcdef-dirty"}
     assert (m["gpu"], m["cuda_runtime"], m["cuda_driver"]) == ("Test GPU", torch.version.cuda,

@@ -17,7 +17,7 @@ import signal
 from .. import report
 from ..devices import default_device
 from ..results import RESULTS_DIR, SMOKE_DIR, machine, prepare_out_dir, write_json
-from ..throughput.ceilings import measure_ceilings
+from ..throughput.ceilings import describe, measure_ceilings
 from ..throughput.measure import host_budget, measure
 from ..throughput.report import BENCH_JSON, BENCH_PLOT, plot
 from ..throughput.shapes import SHAPES
@@ -110,7 +110,7 @@ def run(args):
     try:
         with _sigterm_as_interrupt():
             ceilings.update(measure_ceilings(device))
-            print(ceilings_line(ceilings), flush=True)
+            print(f"# ceilings: {describe(ceilings)}", flush=True)
             rows = measure(models, contexts, device, dtype_of(args), kcache_options(args),
                            steps, budget, args.reserve, args.max_batch, args.hf, args.engine,
                            log=functools.partial(print, flush=True), on_rows=save,
@@ -124,14 +124,6 @@ def run(args):
     report.write(args.out)
     drawn = f"{BENCH_PLOT}, " if os.path.exists(plot_path) else ""
     print(f"# wrote {path}, {drawn}REPORT.md")
-
-
-def ceilings_line(ceilings):
-    """The printed line of the ceilings measured (:func:`measure_ceilings`)."""
-    h2d = ceilings["h2d_GBs"]
-    return (f"# ceilings: device memory copy {ceilings['device_copy_GBs']:.1f} GB/s (read + "
-            f"written), " + (f"pinned host->device {h2d:.1f} GB/s" if h2d is not None
-                             else "no PCIe (the CPU: host V is in the same RAM)"))
 
 
 def _draw(rows, plot_path):

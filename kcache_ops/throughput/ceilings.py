@@ -5,6 +5,7 @@ bench/timing.py's GPU benchmarks measure their ceilings with the functions here 
 import torch
 
 from ..devices import median_seconds, sync
+from ..ops import alloc_host
 
 # bytes copied to measure each ceiling: far beyond L2 (50-60 MB on an H100/H200); on the CPU
 # beyond a core's L2 and most L3 slices, and small enough that a smoke run stays fast
@@ -32,7 +33,9 @@ def h2d_bandwidth_gbs(device="cuda", nbytes=H2D_COPY_BYTES, warmup=2, runs=20):
     ``device``, bytes per second in GB/s, the median of ``runs`` copies after ``warmup`` between
     CUDA events. The host buffer is filled from the device: no CPU arithmetic."""
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()  # [nbytes]
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # [nbytes], pinned host
+    # [nbytes], pinned host: alloc_host's, freed with the tensor (torch's pinned-memory cache
+    # would keep the block for the rest of the run, outside the host budget)
+    src = alloc_host((nbytes,), torch.uint8)
     src.copy_(dst)
     for _ in range(warmup):
         dst.copy_(src, non_blocking=True)
@@ -52,12 +55,24 @@ def measure_ceilings(device):
     return ceilings
 
 
+def describe(ceilings):
+    """The ceilings measured (:func:`measure_ceilings`) in words, for the printed line and the
+    report."""
+    h2d = ceilings["h2d_GBs"]
+    return (f"device memory copy {ceilings['device_copy_GBs']:.1f} GB/s (bytes read + written), "
+            + (f"pinned host->device copy {h2d:.1f} GB/s" if h2d is not None
+               else "no PCIe (on the CPU KCache's host V is in the same RAM)"))
+
 def weight_bytes_per_step(config, batch, dtype):
     """Bytes of weights a decode step of ``batch`` tokens reads, each once, of a Llama of
-    ``config`` in ``dtype``: every matrix and norm of the layers, the final norm and the LM head;
-    of an input embedding that is not the LM head only the ``batch`` rows looked up."""
+    ``config`` in ``dtype``: every matrix, bias and norm of the layers, the final norm and the LM
+    head; of an input embedding that is not the LM head only the ``batch`` rows looked up."""
     e, d = config.hidden_size, config.head_dim
     attention = e * d * (2 * config.num_heads + 2 * config.num_kv_heads)  # q, k, v, o
+    if config.attention_bias:  # q, k and v's (Qwen2)
+        attention += d * (config.num_heads + 2 * config.num_kv_heads)
+    if config.output_bias:  # o's
+        attention += e
     mlp = 3 * e * config.intermediate_size  # gate, up, down
     layers = config.num_layers * (attention + mlp + 2 * e)  # and the two norms
     embedding = 0 if config.tie_word_embeddings else batch * e

@@ -150,7 +150,7 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
     batch, as the two then do not fill one device memory; hf_decode_tok_s and dense_vs_hf for dense
     where transformers ran; given the ``ceilings`` measured (:func:`~.ceilings.measure_ceilings`),
     also device_bytes_per_step (the weights read once and the cache's
-    :meth:`device_bytes_read_per_step` at the context), floor_step_ms
+    :meth:`device_bytes_read_per_step` at the median timed step's keys), floor_step_ms
     (:func:`~.ceilings.floor_seconds` of those bytes and pcie_bytes_per_step) and of_ceiling (that
     floor over the measured step)). ``host_bytes``: the host RAM the caches may fill (None:
     :func:`host_budget`). A context whose ``context + steps + 2`` positions exceed a model's
@@ -219,9 +219,11 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
                        "prefill_tok_s": context / prefill_s, "decode_step_ms": 1e3 * step_s,
                        "decode_tok_s": batch / step_s,
                        "pcie_bytes_per_step": cache.host_bytes_read_per_step()}
-                if ceilings is not None:
+                if ceilings is not None:  # the timed steps attend context + 3 ... context +
+                    # steps + 2 keys (after the two warm-up steps): the median step's
+                    keys = context + 3 + (steps - 1) // 2
                     row["device_bytes_per_step"] = (weight_bytes_per_step(config, batch, dtype)
-                                                    + cache.device_bytes_read_per_step(context))
+                                                    + cache.device_bytes_read_per_step(keys))
                     floor = floor_seconds(row["device_bytes_per_step"],
                                           row["pcie_bytes_per_step"], ceilings)
                     row["floor_step_ms"], row["of_ceiling"] = 1e3 * floor, floor / step_s

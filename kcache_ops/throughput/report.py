@@ -6,6 +6,7 @@ import torch
 
 from ..caches import TAILS, KCacheOptions, sequence_bytes
 from ..results import CUT_OFF, ran_on
+from .ceilings import describe
 from .shapes import SHAPES
 
 BENCH_JSON, BENCH_PLOT = "bench.json", "bench_throughput.png"
@@ -39,15 +40,17 @@ def bench_section(data, plot_drawn=True):
     if floors:
         out += ["Floor ms: the least time a decode step's bytes take at this run's ceilings: the "
                 "weights read once (of an input embedding that is not the LM head, the batch's "
-                "rows) and what the cache reads of its device memory at the context (dense: K and "
-                "V of every position; KCache: K, the dense layers' V, the tail's low-bit copy or "
-                "V sum, the hot rows), over the device copy rate, plus, on CUDA, the PCIe MiB/step "
+                "rows) and what the cache reads of its device memory at the median timed step's "
+                "keys (dense: K and V of every position; KCache: K, the dense layers' V, the "
+                "tail's low-bit copy or V sum, the hot rows), over the device copy rate, plus, on "
+                "CUDA, the PCIe MiB/step "
                 "over the pinned host->device rate, in sequence (a layer reads its V rows after "
                 "scoring its K, and the next layer waits for it; only a low-bit tail's reads of "
                 "its copy run beside the host reads; on the CPU both are one RAM, over the copy "
                 "rate). Not counted: activations, the step's scores and other temporaries, the "
-                "new token's rows. The PCIe bytes are the upper bound above, so with `top_p` < 1 "
-                "or rows shared in a group the KCache floor is above the true one. Of ceiling: "
+                "new token's rows. The PCIe bytes are the upper bound above, so with `top_p` < 1, "
+                "rows shared in a group or `reuse` (its pool's hits cross no PCIe) the KCache "
+                "floor is above the true one. Of ceiling: "
                 "the floor over the measured step (1 would be at the ceilings).", ""]
     if not data.get("complete", True):
         out += CUT_OFF
@@ -100,11 +103,7 @@ def settings_lines(settings, ceilings):
                 + "; contexts " + "; ".join(f"{m} {', '.join(map(str, c))}"
                                           for m, c in settings["contexts"].items()) + "."]
     if ceilings:
-        h2d = ceilings["h2d_GBs"]
-        out += [f"Ceilings measured in this run: device memory copy "
-                f"{ceilings['device_copy_GBs']:.1f} GB/s (bytes read + written), "
-                + (f"pinned host->device copy {h2d:.1f} GB/s." if h2d is not None
-                   else "no PCIe (on the CPU KCache's host V is in the same RAM).")]
+        out += [f"Ceilings measured in this run: {describe(ceilings)}."]
     return out + [""] if out else []
 
 
