@@ -9,6 +9,7 @@ from .caches import KCacheOptions
 from .eval import report as eval_report
 from .results import CUT_OFF, RESULTS_DIR, load_json, ran_on, write_text
 from .throughput import report as throughput_report
+from .throughput.shapes import DEFAULT_CONTEXTS, DEFAULT_MODELS
 
 GATHER_JSON = "gpu_gather.json"
 GPU_COMMAND = ("make build && .venv/bin/python -m kcache_ops bench --device cuda && "
@@ -102,8 +103,10 @@ def write(results_dir=RESULTS_DIR):
               else ["## Throughput", "", "Not run yet.", ""])
     lines += throughput_report.memory_section()
     if not bench or bench.get("small"):
-        lines += ["The GPU run of this benchmark (Llama-3-8B at contexts 8K / 32K / 64K, SmolLM2 "
-                  "at 2K / 4K / 8000) has not run yet; on a GPU:", "",
+        contexts = "; ".join(f"{m} at {', '.join(map(str, DEFAULT_CONTEXTS[m]))}"
+                             for m in DEFAULT_MODELS)
+        lines += [f"The GPU run of this benchmark ({contexts} tokens of context) has not run "
+                  f"yet; on a GPU:", "",
                   f"    {GPU_COMMAND}", ""]
     gather = load_result(results_dir, GATHER_JSON)
     lines += _section(results_dir, GATHER_JSON, lambda: gather_section(gather)) if gather else [

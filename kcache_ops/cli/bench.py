@@ -20,18 +20,14 @@ from ..results import RESULTS_DIR, SMOKE_DIR, machine, prepare_out_dir, write_js
 from ..throughput.ceilings import describe, measure_ceilings
 from ..throughput.measure import host_budget, measure
 from ..throughput.report import BENCH_JSON, BENCH_PLOT, plot
-from ..throughput.shapes import SHAPES
+from ..throughput.shapes import DEFAULT_CONTEXTS, DEFAULT_MODELS, SHAPES
 from ..throughput.transformers_baseline import transformers_missing
 from .args import (add_device_arguments, add_engine_argument, add_kcache_arguments,
                    bounded_float, command_line, dtype_of, kcache_options, positive_int,
                    positive_int_list)
 
 
-DEFAULT_MODELS = ["llama3-8b", "smollm2-135m"]
-SMALL_CONTEXTS = (256, 512, 1024)
-# each shape's own, within its max_position_embeddings with the steps (SmolLM2 addresses 8192)
-DEFAULT_CONTEXTS = {"llama3-8b": (8192, 32768, 65536), "smollm2-135m": (2048, 4096, 8000),
-                    "tiny": SMALL_CONTEXTS}
+SMALL_CONTEXTS = DEFAULT_CONTEXTS["tiny"]
 MAX_GB = 1e9
 
 
@@ -42,8 +38,8 @@ def add_arguments(parser):
                              f"{','.join(DEFAULT_MODELS)}; tiny with --small)")
     parser.add_argument("--contexts", type=positive_int_list,
                         help="prompt lengths in tokens, for every model (default each model's "
-                             "own: " + "; ".join(f"{m} {','.join(map(str, c))}"
-                                                 for m, c in DEFAULT_CONTEXTS.items())
+                             "own: " + "; ".join(f"{m} {','.join(map(str, DEFAULT_CONTEXTS[m]))}"
+                                                 for m in DEFAULT_MODELS)
                              + f"; {','.join(map(str, SMALL_CONTEXTS))} with --small)")
     # at most an exabyte: 1e300 GB was an OverflowError in bytes
     parser.add_argument("--budget", type=bounded_float(0.0, MAX_GB, low_open=True),

@@ -18,6 +18,12 @@ SHAPES = {
                         num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=4096),
 }
 
+# the bench command's default models, and each shape's default contexts (tokens): within its
+# max_position_embeddings with a run's steps (SmolLM2 addresses 8192; tiny is --small's)
+DEFAULT_MODELS = ["llama3-8b", "smollm2-135m"]
+DEFAULT_CONTEXTS = {"llama3-8b": (8192, 32768, 65536), "smollm2-135m": (2048, 4096, 8000),
+                    "tiny": (256, 512, 1024)}
+
 
 def random_model(config, device, dtype):
     """Llama of ``config`` on ``device`` in ``dtype`` with random weights (normal, std 0.02;
