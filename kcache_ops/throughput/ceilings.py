@@ -63,6 +63,7 @@ def describe(ceilings):
             + (f"pinned host->device copy {h2d:.1f} GB/s" if h2d is not None
                else "no PCIe (on the CPU KCache's host V is in the same RAM)"))
 
+
 def weight_bytes_per_step(config, batch, dtype):
     """Bytes of weights a decode step of ``batch`` tokens reads, each once, of a Llama of
     ``config`` in ``dtype``: every matrix, bias and norm of the layers, the final norm and the LM

@@ -43,15 +43,14 @@ def bench_section(data, plot_drawn=True):
                 "rows) and what the cache reads of its device memory at the median timed step's "
                 "keys (dense: K and V of every position; KCache: K, the dense layers' V, the "
                 "tail's low-bit copy or V sum, the hot rows), over the device copy rate, plus, on "
-                "CUDA, the PCIe MiB/step "
-                "over the pinned host->device rate, in sequence (a layer reads its V rows after "
-                "scoring its K, and the next layer waits for it; only a low-bit tail's reads of "
-                "its copy run beside the host reads; on the CPU both are one RAM, over the copy "
-                "rate). Not counted: activations, the step's scores and other temporaries, the "
-                "new token's rows. The PCIe bytes are the upper bound above, so with `top_p` < 1, "
-                "rows shared in a group or `reuse` (its pool's hits cross no PCIe) the KCache "
-                "floor is above the true one. Of ceiling: "
-                "the floor over the measured step (1 would be at the ceilings).", ""]
+                "CUDA, the PCIe MiB/step over the pinned host->device rate, in sequence (a layer "
+                "reads its V rows after scoring its K, and the next layer waits for it; only a "
+                "low-bit tail's reads of its copy run beside the host reads; on the CPU both are "
+                "one RAM, over the copy rate). Not counted: activations, the step's scores and "
+                "other temporaries, the new token's rows. The PCIe bytes are the upper bound "
+                "above, so with `top_p` < 1, rows shared in a group or `reuse` (its pool's hits "
+                "cross no PCIe) the KCache floor is above the true one. Of ceiling: the floor "
+                "over the measured step (1 would be at the ceilings).", ""]
     if not data.get("complete", True):
         out += CUT_OFF
     if data.get("small"):
