@@ -299,6 +299,7 @@ __device__ __forceinline__ void select_lse(const QkSelectParams& p, int64_t row0
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll 1
   for (int h = warp; h < nh; h += kSelectThreads / 32) {
+    __syncwarp();  // the whole warp (h is per warp): its shuffles need no divergence copies
     const MaxSum* part = p.partials + (row0 + h) * p.num_chunks;  // [num_chunks]
     MaxSum r{-INFINITY, 0.0f};
 #pragma unroll 1
@@ -534,6 +535,7 @@ __device__ __forceinline__ void mass_prefix_counts(const QkSelectParams& p, cons
   const int run = (count + 31) / 32;
   const int lo = min(count, lane * run), hi = min(count, lo + run);
   for (int h = threadIdx.x / 32; h < row.nh; h += kSelectThreads / 32) {
+    __syncwarp();  // the whole warp (h is per warp): its shuffles need no divergence copies
     double sum = 0.0;  // this lane's run
     for (int i = lo; i < hi; ++i) sum += pick_mass(row, h, i, sh);
     double ahead = sum;  // inclusive scan over the lanes, then shifted by one: exclusive
