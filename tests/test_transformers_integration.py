@@ -124,6 +124,26 @@ def test_large_n_equals_dense(family):
     assert cache.host_bytes() > 0 and cache.inner.seq_lens.tolist() == [9 + STEPS - 1,
                                                                          14 + STEPS - 1]
 
+def test_bridge_counts_the_inner_caches_bytes():
+    """The bridge's memory and per-step byte counts are its KCache's (as the bench reads them from
+    kcache_ops' own caches), 0 before the prefill has made one."""
+    model = tiny_model("llama")
+    kt.enable(model)
+    try:
+        empty = kt.KCacheCache(model, max_cache_len=32, topn=4)
+        counts = (empty.device_bytes(), empty.host_bytes(), empty.host_bytes_read_per_step(),
+                  empty.device_bytes_read_per_step(16))
+        assert counts == (0, 0, 0, 0)
+    finally:
+        model.set_attn_implementation("sdpa")
+    *_, cache = kcache_greedy(model, random_prompts([9, 14]), topn=4, tail="int2", reuse=8)
+    inner = cache.inner
+    assert cache.host_bytes_read_per_step() == inner.host_bytes_read_per_step() > 0
+    for tokens in (1, 16):
+        assert cache.device_bytes_read_per_step(tokens) == inner.device_bytes_read_per_step(
+            tokens) > 0
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_under_autocast_attends_in_its_dtype(family):
     """Under autocast a float32 model's RoPE leaves K in float32 and V in bfloat16, and SDPA casts

@@ -368,6 +368,16 @@ class CacheBridge(Cache):
         """Bytes of the V buffers in host RAM; 0 before the prefill."""
         return 0 if self.inner is None else self.inner.host_bytes()
 
+    def host_bytes_read_per_step(self):
+        """Bytes a decode step moves between host RAM and the device (the inner cache's count,
+        kcache_ops.caches.protocol); 0 before the prefill."""
+        return 0 if self.inner is None else self.inner.host_bytes_read_per_step()
+
+    def device_bytes_read_per_step(self, tokens):
+        """Bytes of device memory a decode step reads while every sequence holds ``tokens`` keys
+        (the inner cache's count, kcache_ops.caches.protocol); 0 before the prefill."""
+        return 0 if self.inner is None else self.inner.device_bytes_read_per_step(tokens)
+
 
 class KCacheCache(CacheBridge):
     """A transformers cache that runs a Llama-family model with KCache: pass it to
