@@ -64,4 +64,6 @@ class Cache(Protocol):
     def device_bytes_read_per_step(self, tokens):
         """Bytes of its device memory a decode step reads while every sequence holds ``tokens``
         keys (the stored data attended: K, device V and what stands for V on the device; not
-        the step's own scores or other temporaries)."""
+        the step's own scores or other temporaries: written and read back within the step, on
+        CUDA from L2 where they fit, they need not reach device memory, so a floor from this
+        count stays a floor)."""

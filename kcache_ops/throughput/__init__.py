@@ -1,7 +1,7 @@
 """Decode throughput of the reference decoder with the ``dense`` backend against KCache at one
 device-memory budget (``python -m kcache_ops bench``): random bf16 weights (their values do not
-change the timing), Llama-3-8B and SmolLM2-135M shapes, each at its own default contexts (8K /
-32K / 64K; 2K / 4K / 8000 within SmolLM2's 8192 positions; a context given past a shape's
+change the timing), Llama-3-8B and SmolLM2-135M shapes, each at its own default contexts
+(``shapes.DEFAULT_CONTEXTS``, which ``--help`` lists; a context given past a shape's
 max_position_embeddings is skipped with a line).
 
 For each (model, context) and backend: the largest batch whose cache fits the budget (from the
