@@ -32,6 +32,10 @@ FLAVOURS = {
              "link": ["-fsanitize=address,undefined,float-cast-overflow"],
              "defines": ["-DEMU_SHADOW=0"]},
 }
+# KCACHE_OPS_EMU_FMA=1: every build contracts a * b + c into fused multiply-adds where g++ finds
+# them, as nvcc does by default on the GPU (not at the same places); unset, each rounds twice.
+CONTRACT = (["-mfma", "-ffp-contract=fast"] if os.environ.get("KCACHE_OPS_EMU_FMA") == "1"
+            else [])
 SOURCES = ["harness.cpp", "runtime.cpp", "case_io.cpp"]
 ERROR_EXIT = 3
 
@@ -44,7 +48,7 @@ class EmulatorError(AssertionError):
 def _source_digest(kernel_dir, flavour):
     """The build's key: its sources, its flags and the compiler's version."""
     compiler = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout
-    h = hashlib.sha256(repr((flavour, FLAVOURS[flavour], compiler)).encode())
+    h = hashlib.sha256(repr((flavour, FLAVOURS[flavour], CONTRACT, compiler)).encode())
     files = sorted(HERE.glob("*.cpp")) + sorted(HERE.glob("*.h")) + sorted(HERE.glob("*.ld"))
     files += sorted(HERE.glob("*.cuh")) + sorted((HERE / "include").glob("*.h"))
     files += sorted(Path(kernel_dir).glob("*.cuh"))
@@ -68,7 +72,8 @@ def build(flavour="race", kernel_dir=KERNEL_DIR, cache_dir=None):
         return exe
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir))
-    common = ["g++", "-std=c++20", "-g1", "-pthread", *cfg["defines"], *cfg.get("all", [])]
+    common = ["g++", "-std=c++20", "-g1", "-pthread", *cfg["defines"], *cfg.get("all", []),
+              *CONTRACT]
     includes = [f"-I{HERE / 'include'}", f"-I{kernel_dir}", f"-I{HERE}"]
     for src in SOURCES:
         flags = cfg["harness"] + ["-fdata-sections"] if src == "harness.cpp" else cfg["other"]
