@@ -41,7 +41,8 @@ namespace {
 
 at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
   TORCH_CHECK(!c10::isQIntType(dtype) && !c10::isBitsType(dtype),
-              "alloc_host: dtype must be a plain (not quantized, not bits) dtype, got ", dtype);
+              "alloc_host: dtype must be a plain (not quantized, not bits) dtype, got ",
+              dtype_name(dtype));
   int64_t bytes = static_cast<int64_t>(c10::elementSize(dtype));
   bool overflow = false, empty = false;
   for (int64_t s : shape) {
@@ -68,7 +69,7 @@ at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
   }
   TORCH_CHECK(!elements_overflow && !stride_overflow, "alloc_host: shape ", shape,
               " has sizes or strides whose product overflows (as torch computes them)");
-  check_host_bytes(c10::str("alloc_host: shape ", shape, " of ", dtype), bytes);
+  check_host_bytes(c10::str("alloc_host: shape ", shape, " of ", dtype_name(dtype)), bytes);
 #ifdef KCACHE_OPS_WITH_CUDA
   if (cuda_device_present()) return alloc_pinned_mapped(shape, dtype, bytes);
 #endif

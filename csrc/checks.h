@@ -7,20 +7,45 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+namespace kcache_ops {
+
+// A dtype as Python spells it (float32, int64, ...), for the messages below: c10 prints a
+// ScalarType by its C++ name (Float, Long), which a Python caller does not write.
+inline const char* dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kByte: return "uint8";
+    case at::kChar: return "int8";
+    case at::kShort: return "int16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kBool: return "bool";
+    default: return c10::toString(dtype);  // the rarer ones by c10's name
+  }
+}
+
+}  // namespace kcache_ops
+
 #define KC_CHECK_DIM(x, d) \
   TORCH_CHECK((x).dim() == (d), #x " must have ", (d), " dims, got shape ", (x).sizes())
 
-#define KC_CHECK_DTYPE(x, dt) \
-  TORCH_CHECK((x).scalar_type() == (dt), #x " must be ", (dt), ", got ", (x).scalar_type())
+#define KC_CHECK_DTYPE(x, dt)                                                                    \
+  TORCH_CHECK((x).scalar_type() == (dt), #x " must be ", ::kcache_ops::dtype_name(dt), ", got ", \
+              ::kcache_ops::dtype_name((x).scalar_type()))
 
 #define KC_CHECK_SAME_DTYPE(x, y)                                                           \
   TORCH_CHECK((x).scalar_type() == (y).scalar_type(), #x " and " #y " must have the same " \
-              "dtype, got ", (x).scalar_type(), " and ", (y).scalar_type())
+              "dtype, got ", ::kcache_ops::dtype_name((x).scalar_type()), " and ",          \
+              ::kcache_ops::dtype_name((y).scalar_type()))
 
 #define KC_CHECK_FLOATING(x)                                                                    \
   TORCH_CHECK((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kHalf ||             \
                   (x).scalar_type() == at::kBFloat16,                                           \
-              #x " must be float32, float16 or bfloat16, got ", (x).scalar_type())
+              #x " must be float32, float16 or bfloat16, got ",                                 \
+              ::kcache_ops::dtype_name((x).scalar_type()))
 
 #define KC_CHECK_DEVICE(x, dev) \
   TORCH_CHECK((x).device() == (dev), #x " must be on ", (dev), ", got ", (x).device())

@@ -98,23 +98,23 @@ inline SparseAttnVDims check_sparse_attn_v_args(const at::Tensor& scores,
   TORCH_CHECK(renormalize || lse.has_value(),
               "lse is required when renormalize=False, got None");
   if (lse.has_value()) {
-    TORCH_CHECK(lse->scalar_type() == at::kFloat, "lse must be ", at::kFloat, ", got ",
-                lse->scalar_type());
+    TORCH_CHECK(lse->scalar_type() == at::kFloat, "lse must be float32, got ",
+                dtype_name(lse->scalar_type()));
     TORCH_CHECK(lse->dim() == 2 && lse->size(0) == B && lse->size(1) == Hq,
                 "lse must have shape [", B, ", ", Hq, "] (scores batch, heads), got ",
                 lse->sizes());
   }
   if (v_sum.has_value()) {
-    TORCH_CHECK(v_sum->scalar_type() == at::kFloat, "v_sum must be Float, got ",
-                v_sum->scalar_type());
+    TORCH_CHECK(v_sum->scalar_type() == at::kFloat, "v_sum must be float32, got ",
+                dtype_name(v_sum->scalar_type()));
     TORCH_CHECK(v_sum->dim() == 3 && v_sum->size(0) == B && v_sum->size(1) == Hkv &&
                     v_sum->size(2) == D,
                 "v_sum must have shape [", B, ", ", Hkv, ", ", D,
                 "] (v_cache batch, heads, head dim), got ", v_sum->sizes());
     TORCH_CHECK(v_sum->stride(2) == 1, "v_sum must be contiguous in its last dim, got strides ",
                 v_sum->strides());
-    TORCH_CHECK(seq_lens->scalar_type() == at::kInt, "seq_lens must be Int, got ",
-                seq_lens->scalar_type());
+    TORCH_CHECK(seq_lens->scalar_type() == at::kInt, "seq_lens must be int32, got ",
+                dtype_name(seq_lens->scalar_type()));
     TORCH_CHECK(seq_lens->dim() == 1 && seq_lens->size(0) == B, "seq_lens must have shape [", B,
                 "] (scores batch), got ", seq_lens->sizes());
   }

@@ -423,8 +423,16 @@ def as_float32(x):
 _FLOATING = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes of q, K and V
 
 
+# The dtypes the eager ops' messages spell as Python does (csrc/checks.h's dtype_name)
+_SPELLED = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int8,
+            torch.int16, torch.int32, torch.int64, torch.bool)
+
+
 def _dtype_name(dtype):
-    """``dtype`` as the eager ops' messages name it (c10's name: Float, Half, Int, Long, ...)."""
+    """``dtype`` as the eager ops' messages name it: float32, int64, ... (c10's name for the rarer
+    ones: ComplexFloat, ...)."""
+    if dtype in _SPELLED:
+        return str(dtype).removeprefix("torch.")
     return torch.empty(0, dtype=dtype, device="meta").type().rsplit(".", 1)[1].removesuffix(
         "Tensor")
 

@@ -32,9 +32,9 @@ def change(args, i, value):
 
 
 @pytest.mark.parametrize("i, bad, message", [
-    (0, lambda q: q.double(), "q must be float32, float16 or bfloat16, got Double"),
-    (1, lambda k: k.half(), "q and k_cache must have the same dtype, got Float and Half"),
-    (2, lambda lens: lens.long(), "seq_lens must be Int, got Long"),
+    (0, lambda q: q.double(), "q must be float32, float16 or bfloat16, got float64"),
+    (1, lambda k: k.half(), "q and k_cache must have the same dtype, got float32 and float16"),
+    (2, lambda lens: lens.long(), "seq_lens must be int32, got int64"),
     (0, lambda q: q[0], r"q must have 3 dims, got shape \[4, 64\]"),
     (1, lambda k: k[0], r"k_cache must have 4 dims, got shape \[2, 16, 64\]"),
     (2, lambda lens: lens[None], r"seq_lens must have 1 dims, got shape \[1, 2\]"),
@@ -97,9 +97,9 @@ def test_qk_topn_bad_skips(device, qk):
 
 
 @pytest.mark.parametrize("i, bad, message", [
-    (0, lambda s: s.half(), "scores must be Float, got Half"),
-    (1, lambda idx: idx.long(), "indices must be Int, got Long"),
-    (2, lambda v: v.int(), "v_cache must be float32, float16 or bfloat16, got Int"),
+    (0, lambda s: s.half(), "scores must be float32, got float16"),
+    (1, lambda idx: idx.long(), "indices must be int32, got int64"),
+    (2, lambda v: v.int(), "v_cache must be float32, float16 or bfloat16, got int32"),
     (0, lambda s: s[0], r"scores must have 3 dims, got shape \[4, 4\]"),
     (2, lambda v: v[0], r"v_cache must have 4 dims, got shape \[2, 16, 64\]"),
     (1, lambda idx: idx[:, :, :3], r"indices must have the shape of scores \[2, 4, 4\], got"),
@@ -108,7 +108,7 @@ def test_qk_topn_bad_skips(device, qk):
     (1, lambda idx: idx - S - 1, r"indices\[0, 0, 0\] must be -1 \(padding\) or in \[0, 16\)"),
     (1, lambda idx: idx + S, r"must be -1 \(padding\) or in \[0, 16\) \(v_cache capacity\)"),
     (3, lambda lse: lse[:, :2], r"lse must have shape \[2, 4\] \(scores batch, heads\)"),
-    (3, lambda lse: lse.double(), r"(?<!\*)lse must be Float, got Double"),
+    (3, lambda lse: lse.double(), r"(?<!\*)lse must be float32, got float64"),
     (2, lambda v: v.transpose(2, 3).contiguous().transpose(2, 3),
      "v_cache must be contiguous in its last dim"),
 ])
@@ -132,13 +132,13 @@ def mean_tail(device):
 
 
 @pytest.mark.parametrize("i, bad, message", [
-    (0, lambda vs: vs.half(), "v_sum must be Float, got Half"),
+    (0, lambda vs: vs.half(), "v_sum must be float32, got float16"),
     (0, lambda vs: vs[:, :1], r"v_sum must have shape \[2, 2, 64\] \(v_cache batch, heads, head "
      r"dim\), got \[2, 1, 64\]"),
     (0, lambda vs: vs[0], r"v_sum must have shape \[2, 2, 64\] .*, got \[2, 64\]"),
     (0, lambda vs: vs.transpose(1, 2).contiguous().transpose(1, 2),
      "v_sum must be contiguous in its last dim"),
-    (1, lambda lens: lens.long(), "seq_lens must be Int, got Long"),
+    (1, lambda lens: lens.long(), "seq_lens must be int32, got int64"),
     (1, lambda lens: lens[:1], r"seq_lens must have shape \[2\] \(scores batch\), got \[1\]"),
     (1, lambda lens: lens - 4,
      r"seq_lens\[1\] must be in \[0, 16\] \(v_cache capacity\), got -1"),
@@ -174,7 +174,7 @@ def test_sparse_attn_v_tail_combinations(attn, mean_tail):
 def test_gather_rows_bad_arguments(attn):
     _, indices, src, _ = attn
     cases = [
-        ((src, indices.long()), "indices must be Int, got Long"),
+        ((src, indices.long()), "indices must be int32, got int64"),
         ((src[0], indices), r"src must have 4 dims, got shape \[2, 16, 64\]"),
         ((src, indices[0]), r"indices must have 3 dims, got shape \[4, 4\]"),
         ((src[:1], indices), r"src batch \(1\) must equal indices batch \(2\)"),
@@ -200,9 +200,9 @@ def test_reuse_rows_bad_arguments(attn):
     new_pos, step = torch.zeros(B, device=dev).int(), torch.zeros(1, device=dev).int()
     args = (indices, v, new_pos, *pool, step, False)
     cases = [
-        (change(args, 0, indices.long()), "indices must be Int, got Long"),
-        (change(args, 2, new_pos.long()), "new_pos must be Int, got Long"),
-        (change(args, 5, pool[2].long()), "used must be Int, got Long"),
+        (change(args, 0, indices.long()), "indices must be int32, got int64"),
+        (change(args, 2, new_pos.long()), "new_pos must be int32, got int64"),
+        (change(args, 5, pool[2].long()), "used must be int32, got int64"),
         (change(args, 3, pool[0].half()), "rows and v_host must have the same dtype"),
         (change(args, 2, new_pos[:1]), r"new_pos must have shape \[2\] \(indices batch\)"),
         (change(args, 6, step.expand(2)), r"step must have shape \[1\], got \[2\]"),
@@ -238,9 +238,9 @@ def test_reuse_rows_bad_arguments(attn):
     (lambda d: torch.randn(4, 0, device=d), 4,
      r"v: last dim \(D\) must be a positive multiple of 2 \(8 / bits\) for bits=4, got 0"),
     (lambda d: torch.randn(4, 64, device=d).double(), 2,
-     "v must be float32, float16 or bfloat16, got Double"),
+     "v must be float32, float16 or bfloat16, got float64"),
     (lambda d: torch.randint(0, 9, (4, 64), device=d), 2,
-     "v must be float32, float16 or bfloat16, got Long"),
+     "v must be float32, float16 or bfloat16, got int64"),
     (lambda d: torch.tensor(1.5, device=d), 2,
      r"v must have at least 1 dim \(\[\.\.\., D\]\), got a 0-dim tensor"),
     (lambda d: torch.randn(64, 4, device=d).t(), 2, "v must be contiguous in its last dim"),
@@ -309,20 +309,20 @@ def low_tail(device):
 
 
 @pytest.mark.parametrize("i, bad, message", [
-    (0, lambda s: s.double(), "scores must be Float, got Double"),
+    (0, lambda s: s.double(), "scores must be float32, got float64"),
     (0, lambda s: s[0], r"scores must have 3 dims, got shape \[4, 16\]"),
     (1, lambda lens: lens + 1, r"seq_lens\[0\] must be in \[0, 16\] \(v_codes capacity\), got 17"),
     (1, lambda lens: lens[:1], r"seq_lens must have shape \[2\] \(scores batch\), got \[1\]"),
-    (2, lambda lse: lse.double(), r"(?<!\*)lse must be Float, got Double"),
+    (2, lambda lse: lse.double(), r"(?<!\*)lse must be float32, got float64"),
     (2, lambda lse: lse[:, :2], r"lse must have shape \[2, 4\] \(scores batch, heads\), got "
      r"\[2, 2\]"),
-    (3, lambda idx: idx.long(), "indices must be Int, got Long"),
+    (3, lambda idx: idx.long(), "indices must be int32, got int64"),
     (3, lambda idx: idx[0], r"indices must have 3 dims, got shape \[4, 4\]"),
     (3, lambda idx: idx[:, :3], r"indices must have shape \[2, 4, N\] \(scores batch, heads\), "
      r"got \[2, 3, 4\]"),
     (3, lambda idx: idx - S - 1, r"indices\[0, 0, 0\] must be -1 \(padding\) or in \[0, 16\) "
      r"\(v_codes capacity\)"),
-    (4, lambda c: c.int(), "v_codes must be Byte, got Int"),
+    (4, lambda c: c.int(), "v_codes must be uint8, got int32"),
     (4, lambda c: c[0], r"v_codes must have 4 dims, got shape \[2, 16, 16\]"),
     (4, lambda c: c[:, :, :15], r"v_codes must have shape \[2, Hkv, 16, D \* bits / 8\] "
      r"\(scores batch, -, keys\), got \[2, 2, 15, 16\]"),
@@ -332,7 +332,7 @@ def low_tail(device):
      r"D 64 or 128 \(16 or 32 bytes for bits = 2\), got 24"),
     (4, lambda c: c.transpose(2, 3).contiguous().transpose(2, 3),
      "v_codes must be contiguous in its last dim"),
-    (5, lambda m: m.float(), "v_meta must be BFloat16, got Float"),
+    (5, lambda m: m.float(), "v_meta must be bfloat16, got float32"),
     (5, lambda m: m[:, :1], r"v_meta must have shape \[2, 2, 16, 2\] \(v_codes batch, heads, "
      r"keys; scale and min\), got \[2, 1, 16, 2\]"),
     (5, lambda m: m.transpose(2, 3).contiguous().transpose(2, 3),
@@ -356,13 +356,13 @@ def test_lowbit_tail_bad_skips(low_tail):
 @pytest.mark.parametrize("hot_v, hot_pos, message", [
     (lambda v: v, lambda p: None, "hot_v and hot_pos must be given together, got hot_v set and "
      "hot_pos None"),
-    (lambda v: v.double(), lambda p: p, "hot_v must be float32, float16 or bfloat16, got Double"),
+    (lambda v: v.double(), lambda p: p, "hot_v must be float32, float16 or bfloat16, got float64"),
     (lambda v: v[0], lambda p: p, r"hot_v must have 4 dims, got shape \[2, 5, 64\]"),
     (lambda v: v[:, :1], lambda p: p, r"hot_v must have shape \[2, 2, H, 64\] \(scores batch, "
      r"v_codes heads, -, head dim\), got \[2, 1, 5, 64\]"),
     (lambda v: v.transpose(2, 3).contiguous().transpose(2, 3), lambda p: p,
      "hot_v must be contiguous in its last dim"),
-    (lambda v: v, lambda p: p.long(), "hot_pos must be Int, got Long"),
+    (lambda v: v, lambda p: p.long(), "hot_pos must be int32, got int64"),
     (lambda v: v, lambda p: p[:, :4], r"hot_pos must have shape \[2, 5\] \(scores batch, hot_v "
      r"rows\), got \[2, 4\]"),
     (lambda v: v, lambda p: p - S - 1, r"hot_pos\[0, 0\] must be -1 \(an empty slot\) or in "
