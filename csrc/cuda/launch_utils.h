@@ -12,6 +12,7 @@
 
 #include <torch/types.h>
 
+#include "../checks.h"
 #include "launch_grid.h"
 
 namespace kcache_ops {
@@ -61,7 +62,8 @@ void dispatch_float_dtype(at::ScalarType dtype, const char* op, F&& f) {
     case at::kFloat: f(static_cast<float*>(nullptr)); break;
     case at::kHalf: f(static_cast<__half*>(nullptr)); break;
     case at::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-    default: TORCH_CHECK(false, op, ": dtype must be float32, float16 or bfloat16, got ", dtype);
+    default: TORCH_CHECK(false, op, ": dtype must be float32, float16 or bfloat16, got ",
+                         dtype_name(dtype));
   }
 }
 
