@@ -458,7 +458,8 @@ def test_a_prompt_given_up_is_replaced_by_the_next(backend):
     cache = make_cache(backend, tiny_config(), 2, 32, "cpu", torch.float32)
     k = torch.randn(2, HKV, 6, D)  # [B, Hkv, T, D]
     cache.store_prompt(0, k, k, torch.tensor([6, 4], dtype=torch.int32))  # then given up
-    with pytest.raises(ValueError, match=r"decode while a prompt is stored for layers \[0\]"):
+    with pytest.raises(ValueError, match=r"decode while a prompt is being stored \(layers \[0\] "
+                                         r"of"):
         cache.decode(0, torch.randn(2, HQ, D), k[:, :, 0], k[:, :, 0])
     lens = torch.tensor([5, 3], dtype=torch.int32)
     for layer in range(LAYERS - 1):
@@ -535,6 +536,103 @@ def test_a_step_takes_q_of_any_strides(backend):
     for layer in range(LAYERS):
         torch.testing.assert_close(cache.decode(layer, strided, kv, kv),
                                    twin.decode(layer, q, kv, kv), atol=1e-6, rtol=1e-5)
+
+
+def test_kcache_takes_v_of_any_strides():
+    """V [B, Hkv, T, D] and a step's v [B, Hkv, D] with D not contiguous (transposed views) are
+    stored as contiguous ones are: the low-bit tail quantises a contiguous copy (quantize_rows
+    reads D contiguous; the store was refused, after the layer had counted as stored)."""
+    cache, twin = prefilled_twins("kcache")
+    lens = torch.tensor([6, 2], dtype=torch.int32)
+    k = torch.randn(2, HKV, 6, D)  # [B, Hkv, T, D]
+    v = torch.randn(2, HKV, D, 6).transpose(2, 3)  # [B, Hkv, T, D], D stride T
+    store_and_finish(cache, k, v, lens)
+    store_and_finish(twin, k, v.contiguous(), lens)
+    q, kv = torch.randn(2, HQ, D), torch.randn(2, HKV, D)  # [B, Hq, D], [B, Hkv, D]
+    strided = kv.transpose(1, 2).contiguous().transpose(1, 2)  # [B, Hkv, D], D stride Hkv
+    for layer in range(LAYERS):
+        torch.testing.assert_close(cache.decode(layer, q, kv, strided),
+                                   twin.decode(layer, q, kv, kv), atol=0, rtol=0)
+
+
+def store_and_finish(cache, k, v, lens):
+    """A prompt's k and v [B, Hkv, T, D] stored for every layer, and finish_prefill(lens)."""
+    for layer in range(LAYERS):
+        cache.store_prompt(layer, k, v, lens)
+    cache.finish_prefill(lens)
+
+
+def decode_steps(cache, steps, seed):
+    """``steps`` decode steps of every layer on seeded random q, k, v -> the outputs,
+    [steps, LAYERS, B, Hq, D]."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = cache.seq_lens.shape[0]
+    outs = []
+    for _ in range(steps):
+        outs.append(torch.stack([
+            cache.decode(layer, *(torch.randn(batch, heads, D, generator=gen)
+                                  for heads in (HQ, HKV, HKV)))
+            for layer in range(LAYERS)]))  # [LAYERS, B, Hq, D]
+        cache.finish_decode()
+    return torch.stack(outs)
+
+
+# Each layer kind that attends over every cached row with a mask (the dense cache, KCache's dense
+# layers) or sums V over the prompt (the mean tail), and KCache's default.
+MASKED_ROWS = {"dense": ("dense", None),
+               "kcache": ("kcache", KCacheOptions()),
+               "mean tail": ("kcache", KCacheOptions(tail="mean", sinks=0, window=0)),
+               "dense layer": ("kcache", KCacheOptions(dense_layers=(1,)))}
+
+
+@pytest.mark.parametrize("variant", MASKED_ROWS)
+def test_rows_past_the_lengths_never_reach_the_output(variant):
+    """A prompt's padding rows holding inf (K) and NaN (V), and the rows that an earlier prompt
+    of inf and its steps left past the new prompt, change no decode step's output (bit for bit,
+    against a fresh cache given the padding as zeros). Dense attention gives a masked row weight
+    0, and 0 times inf or NaN is NaN: the cache stores zeros there (both were NaN for the dense
+    cache and layers, and the mean tail's sum of the padding was NaN)."""
+    backend, options = MASKED_ROWS[variant]
+    lens = torch.tensor([6, 2], dtype=torch.int32)  # [B]
+    k, v = torch.randn(2, HKV, 6, D), torch.randn(2, HKV, 6, D)  # [B, Hkv, T, D]
+    padding = (torch.arange(6) >= lens[:, None])[:, None, :, None]  # [B, 1, T, 1]
+    fresh, used = (make_cache(backend, tiny_config(), 2, 32, "cpu", torch.float32, options)
+                   for _ in range(2))
+    store_and_finish(fresh, k.masked_fill(padding, 0), v.masked_fill(padding, 0), lens)
+    old = torch.full((2, HKV, 12, D), float("inf"))  # [B, Hkv, 12, D]
+    store_and_finish(used, old, old, torch.tensor([12, 9], dtype=torch.int32))
+    decode_steps(used, 4, seed=1)  # rows 9..15 written too
+    store_and_finish(used, k.masked_fill(padding, float("inf")),
+                     v.masked_fill(padding, float("nan")), lens)
+    torch.testing.assert_close(decode_steps(used, 3, seed=2), decode_steps(fresh, 3, seed=2),
+                               atol=0, rtol=0)
+
+
+def test_a_store_that_fails_inside_leaves_its_layer_unstored(monkeypatch):
+    """A layer's store that fails inside the cache (the tail's, made to fail) does not count as
+    stored: the prompt cannot be finished without storing that layer again (it was finished
+    with V never written), and decode is refused until it is, the prompt before being partly
+    overwritten."""
+    cache, _ = prefilled_twins("kcache")
+    lens = torch.tensor([5, 3], dtype=torch.int32)
+    k = torch.randn(2, HKV, 5, D)  # [B, Hkv, T, D]
+
+    def fail(v, lens):
+        raise RuntimeError("the tail's store failed")
+
+    monkeypatch.setattr(cache.tails[0], "store_prompt", fail)
+    with pytest.raises(RuntimeError, match="the tail's store failed"):
+        cache.store_prompt(0, k, k, lens)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"decode while a prompt is being stored \(layers \[\] "):
+        cache.decode(0, torch.randn(2, HQ, D), k[:, :, 0], k[:, :, 0])
+    for layer in range(1, LAYERS):
+        cache.store_prompt(layer, k, k, lens)
+    with pytest.raises(ValueError, match=rf"layers \[1, 2\] of {LAYERS}: every layer must"):
+        cache.finish_prefill(lens)
+    cache.store_prompt(0, k, k, lens)
+    cache.finish_prefill(lens)
+    assert cache.seq_lens.tolist() == [5, 3]
 
 
 @pytest.mark.parametrize("backend", ["kcache", "dense"])

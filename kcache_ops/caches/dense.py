@@ -22,6 +22,18 @@ def exact_decode_attention(q, keys, values, lens):
     return out.reshape(b, hq, d)
 
 
+def store_prompt_rows(buffer, x, lens, written):
+    """Store a prompt's rows x [B, Hkv, T, D] (right-padded, lens [B] the valid ones) into
+    buffer [B, Hkv, S, D], a cache's K or V that a decode step attends over with a mask: the
+    padding rows ``t >= lens[b]`` as zeros, and the rows ``[T, written)`` (``written``: a bound
+    of those an earlier prompt or step stored) cleared. A masked row still enters the attention
+    with weight 0, and 0 times an inf or NaN it holds is NaN."""
+    T = x.shape[2]
+    valid = torch.arange(T, device=x.device) < lens.to(x.device)[:, None]  # [B, T] bool
+    buffer[:, :, :T] = x.masked_fill(~valid[:, None, :, None], 0)
+    buffer[:, :, T:written] = 0
+
+
 def append_and_attend(lengths, k_cache, v_cache, q, k, v):
     """One decode step of a layer held whole on the device: store the new token's k and v
     [B, Hkv, D] at position ``seq_lens[b]`` of k_cache and v_cache [B, Hkv, S, D], then attend
@@ -90,13 +102,12 @@ class DenseCache:
     def store_prompt(self, layer, k, v, lens):
         """Store a prompt's k and v [B, Hkv, T, D] (RoPE applied, right-padded, T <= capacity;
         lens [B] int32, the valid rows, as :meth:`finish_prefill` will get them: the rows past
-        them are masked by seq_lens) for ``layer`` without attending; call it for every layer,
-        then :meth:`finish_prefill`."""
+        them are masked by seq_lens, and stored as zeros) for ``layer`` without attending; call
+        it for every layer, then :meth:`finish_prefill`."""
         check_layer_inputs(self.lengths.owner, self.k, self.num_heads, layer, True, k, v)
-        t = k.shape[2]
-        self.lengths.store_prompt(layer, t, lens)
-        self.k[layer][:, :, :t] = k
-        self.v[layer][:, :, :t] = v
+        with self.lengths.storing_prompt(layer, k.shape[2], lens):
+            store_prompt_rows(self.k[layer], k, lens, self.lengths.written)
+            store_prompt_rows(self.v[layer], v, lens, self.lengths.written)
 
     def prefill(self, layer, q, k, v, lens):
         """Causal attention over the prompt and store its K/V.

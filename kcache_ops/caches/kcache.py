@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import torch
 
 from ..ops import alloc_host, qk_topn
-from .dense import append_and_attend, prompt_attention
+from .dense import append_and_attend, prompt_attention, store_prompt_rows
 from .hot import HotRows, HotSlots
 from .lengths import SeqLengths, check_layer_inputs, check_sizes
 from .memory import check_memory
@@ -248,11 +248,12 @@ class KCache:
         """
         check_layer_inputs(self.lengths.owner, self.k, self.config.num_heads, layer, True, k, v)
         T = k.shape[2]
-        self.lengths.store_prompt(layer, T, lens)
-        self.k[layer][:, :, :T] = k
-        if layer in self.options.dense_layers:
-            self.v_device[layer][:, :, :T] = v
-        else:
+        with self.lengths.storing_prompt(layer, T, lens):
+            if layer in self.options.dense_layers:  # attended with a mask, as the dense cache's
+                store_prompt_rows(self.k[layer], k, lens, self.lengths.written)
+                store_prompt_rows(self.v_device[layer], v, lens, self.lengths.written)
+                return
+            self.k[layer][:, :, :T] = k  # qk_topn reads no row past seq_lens
             self.tails[layer].store_prompt(v, lens)
             if layer in self.hot:
                 self.hot[layer].store_prompt(v, lens)

@@ -45,23 +45,31 @@ class SeqLengths:
         self.capacity = capacity
         self.num_layers = num_layers
         self._stored = set()  # the layers that have stored the prompt being prefilled
+        self._storing = False  # a prompt's store has begun and is not finished
         self._decoded = set()  # the layers that have stored this step's token
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)  # [B]
         self.attend_lens = self.seq_lens + 1  # [B] int32
         self.positions = self.seq_lens.long()  # [B]
         self.rows = torch.arange(batch, device=device)  # [B]
         self.longest = 0
+        # a bound of the rows a prompt or step has stored (of any sequence): past it, a layer's
+        # K and V hold zeros where the rows are attended with a mask (dense.store_prompt_rows)
+        self.written = 0
         self.prompt_len = 0
         self.prompt_lens = None  # the lens the prompt's first layer was stored with (a copy)
         self._layers_differ = None  # [] bool on the device: a later layer's lens differed
 
-    def store_prompt(self, layer, length, lens):
-        """``layer``'s part of a prompt of ``length`` tokens (right-padded; its shapes checked by
-        :func:`check_layer_inputs`) and valid rows lens [B] is being stored: check it fits, and
-        keep lens (the first layer's; whether a later layer's differ, on the device, no sync) for
+    @contextmanager
+    def storing_prompt(self, layer, length, lens):
+        """Around the store of ``layer``'s part of a prompt of ``length`` tokens (right-padded;
+        its shapes checked by :func:`check_layer_inputs`) and valid rows lens [B]: check it
+        fits; once the block ends without an error, the layer counts as stored and its lens are
+        kept (the first layer's; whether a later layer's differ, on the device, no sync) for
         :meth:`finish_prefill` to compare. Every layer stores the same ``length``. A layer stored
         a second time starts a new prompt (the one before was given up: a prefill stopped by an
-        error, or refused at its finish)."""
+        error, or refused at its finish). From the start of the block until finish_prefill,
+        decode is refused: a store that fails part-way has overwritten rows of the prompt before.
+        """
         if length > self.capacity:
             raise ValueError(f"{self.owner}: capacity overflow: a prompt of {length} tokens "
                              f"exceeds the cache capacity ({self.capacity} tokens)")
@@ -72,8 +80,11 @@ class SeqLengths:
             raise ValueError(f"{self.owner}: layer {layer}'s prompt has {length} tokens, but "
                              f"layers {sorted(self._stored)} stored {self.prompt_len}: every "
                              "layer must store the same prompt")
-        self._stored.add(layer)
+        self._storing = True
         self.prompt_len = length
+        self.written = max(self.written, length)
+        yield
+        self._stored.add(layer)
         if self.prompt_lens is None:  # the prompt's first layer
             self.prompt_lens = lens.clone()
             self._layers_differ = torch.zeros((), dtype=torch.bool, device=lens.device)
@@ -107,6 +118,7 @@ class SeqLengths:
                              f"was stored with, {self.prompt_lens.tolist()} (at its first layer; "
                              "every layer must be stored with the same lens)")
         self._forget_prompt()  # the next prompt starts afresh
+        self.written = self.prompt_len  # every layer cleared the rows past it (store_prompt_rows)
         self._decoded.clear()  # a step left unfinished before this prompt is gone with it
         self.seq_lens.copy_(lens)
         self._set(longest)
@@ -114,6 +126,7 @@ class SeqLengths:
     def _forget_prompt(self):
         """No prompt is being stored: no layer has stored one, no lens to compare."""
         self._stored.clear()
+        self._storing = False
         self.prompt_lens = self._layers_differ = None
 
     def _check_lens_tensor(self, lens):
@@ -132,14 +145,17 @@ class SeqLengths:
         without an error. (A step refused for its inputs, by :func:`check_layer_inputs`, has
         stored nothing; one that fails inside an op has written the new token's rows, which a
         rerun writes again: either can be run again.)"""
-        if self._stored:
-            raise ValueError(f"{self.owner}: decode while a prompt is stored for layers "
-                             f"{sorted(self._stored)} of {self.num_layers}: store every layer's "
-                             "prompt and finish_prefill first")
+        if self._storing:
+            raise ValueError(f"{self.owner}: decode while a prompt is being stored (layers "
+                             f"{sorted(self._stored)} of {self.num_layers} stored): store every "
+                             "layer's prompt and finish_prefill first")
         if self.longest >= self.capacity:
             raise ValueError(f"{self.owner}: capacity overflow: a sequence of {self.longest} "
                              f"tokens cannot grow past the capacity of {self.capacity} tokens "
                              "(cache full)")
+        # a CUDA graph's replays advance the lengths on the device alone: any row may be written
+        capturing = self.seq_lens.is_cuda and torch.cuda.is_current_stream_capturing()
+        self.written = self.capacity if capturing else max(self.written, self.longest + 1)
         yield
         self._decoded.add(layer)
 

@@ -36,6 +36,12 @@ from ..ops import lowbit_tail, quantize_rows, sparse_attn_v
 FLOAT16_MAX = torch.finfo(torch.float16).max  # 65504
 
 
+def unit_stride_rows(v):
+    """v [..., D] with a contiguous last dim, as quantize_rows takes it (a copy only where v's
+    last dim is strided: a cache takes any layout)."""
+    return v if v.stride(-1) == 1 else v.contiguous()
+
+
 class NoTail:
     """No tail: the top N rows alone (DESIGN.md §3, the paper's KCache)."""
 
@@ -100,7 +106,8 @@ class MeanTail:
         valid = torch.arange(T, device=v.device)[None, :] < lens.to(v.device)[:, None]  # [B, T]
         # detached, here and at append: the cache is no part of an autograd graph (and out= takes
         # no input that requires grad)
-        self.v_sum.copy_(torch.einsum("bt,bhtd->bhd", valid.float(), v.detach().float()))
+        rows = v.detach().float().masked_fill(~valid[:, None, :, None], 0)  # [B, Hkv, T, D]
+        self.v_sum.copy_(rows.sum(2))  # padding rows as zeros: 0 times an inf or NaN is NaN
         self._committed.copy_(self.v_sum)
 
     def append(self, rows, pos, v):
@@ -147,14 +154,16 @@ class LowBitTail:
 
     def store_prompt(self, v, lens):
         """Quantize the prompt's v [B, Hkv, T, D] into positions ``0..T-1``."""
-        codes, meta = quantize_rows(v, self.bits)  # [B, Hkv, T, D * bits / 8], [B, Hkv, T, 2]
+        # [B, Hkv, T, D * bits / 8], [B, Hkv, T, 2]
+        codes, meta = quantize_rows(unit_stride_rows(v), self.bits)
         T = v.shape[2]
         self.codes[:, :, :T] = codes
         self.meta[:, :, :T] = meta
 
     def append(self, rows, pos, v):
         """Quantize one token's v [B, Hkv, D] into position ``pos[b]`` of each sequence ``rows``."""
-        codes, meta = quantize_rows(v, self.bits)  # [B, Hkv, D * bits / 8], [B, Hkv, 2]
+        # [B, Hkv, D * bits / 8], [B, Hkv, 2]
+        codes, meta = quantize_rows(unit_stride_rows(v), self.bits)
         self.codes[rows, :, pos] = codes
         self.meta[rows, :, pos] = meta
 
