@@ -1,5 +1,6 @@
 """LlamaConfig from Hugging Face config dicts of both transformers generations (and from GGUF
 metadata), and its errors."""
+import numpy as np
 import pytest
 
 from kcache_ops.model import CheckpointError, LlamaConfig, UnsupportedModelError
@@ -236,3 +237,18 @@ def test_rope_freq_factors_of_a_config_built_directly(factors, message):
     with pytest.raises(CheckpointError, match=message):
         LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
                     num_kv_heads=2, head_dim=4, rope_freq_factors=factors)
+
+
+@pytest.mark.parametrize("name, value", [("num_kv_heads", 0), ("num_layers", -1),
+                                         ("num_heads", 0), ("head_dim", 4.0),
+                                         ("vocab_size", True)])
+def test_sizes_of_a_config_built_directly(name, value):
+    """A config built in code checks its sizes as from_hf does: integers >= 1 (num_kv_heads 0
+    raised ZeroDivisionError; num_layers -1 and num_heads 0 were taken), by name."""
+    sizes = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
+                 num_kv_heads=2, head_dim=4)
+    with pytest.raises(ValueError, match=rf"LlamaConfig: {name} must be an integer >= 1, got "
+                                         rf"{value!r}"):
+        LlamaConfig(**{**sizes, name: value})
+    config = LlamaConfig(**{**sizes, "num_layers": np.int64(3)})  # as int, like from_hf's
+    assert type(config.num_layers) is int and config.num_layers == 3

@@ -3,6 +3,7 @@ config.json or from GGUF metadata."""
 import sys
 from dataclasses import dataclass, field
 
+from ..integers import int_at_least
 from .errors import CheckpointError, UnsupportedModelError
 
 SUPPORTED_HF_TYPES = ("llama", "qwen2")
@@ -68,6 +69,10 @@ def _rope_kind(rope: dict, theta) -> dict:
     return kind
 
 
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+         "num_kv_heads", "head_dim")  # the fields of LlamaConfig that count something
+
+
 @dataclass
 class LlamaConfig:
     """Shapes and constants of a Llama decoder (also Qwen2, which adds a bias to Q, K and V).
@@ -99,6 +104,12 @@ class LlamaConfig:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
+        for name in SIZES:  # from_hf and from_gguf check them first, naming the file's keys
+            n = int_at_least(getattr(self, name), 1)
+            if n is None:
+                raise ValueError(f"LlamaConfig: {name} must be an integer >= 1, got "
+                                 f"{getattr(self, name)!r}")
+            setattr(self, name, n)
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(f"num_heads ({self.num_heads}) must be a multiple of "
                                         f"num_kv_heads ({self.num_kv_heads})")
