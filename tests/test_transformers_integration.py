@@ -684,6 +684,43 @@ def test_engine_checks_its_device_before_loading():
         load_transformers_model("/no/such/checkpoint", "meta")
 
 
+def test_engine_reads_no_weights_of_a_model_it_refuses(tmp_path, monkeypatch):
+    """Before transformers reads any weight, load_transformers_model refuses a folder without
+    config.json (transformers said it had no model_type), a config of a model type KCache does
+    not run in transformers (its weights were loaded first, with transformers' load report), and
+    a GGUF missing a size (transformers took its 7B default and allocated it: out of memory)."""
+    import gguf
+    import numpy as np
+
+    from kcache_ops.integrations import transformers_engine as engine_module
+    from kcache_ops.integrations.transformers_engine import load_transformers_model
+    from kcache_ops.model import CheckpointError, UnsupportedModelError
+    from model_helpers import save_tiny_hf
+    monkeypatch.setattr(engine_module, "_from_pretrained",
+                        lambda *a, **k: pytest.fail("transformers was given the checkpoint"))
+    folder = tmp_path / "hf"
+    save_tiny_hf(folder)
+    config = folder / "config.json"
+    text = config.read_text(encoding="utf-8")
+    config.write_text(text.replace('"model_type": "llama"', '"model_type": "gpt2"'),
+                      encoding="utf-8")
+    with pytest.raises(UnsupportedModelError, match=r"config.json: model_type 'gpt2'; KCache "
+                                                    r"runs in transformers: llama, "):
+        load_transformers_model(folder, "cpu")
+    config.unlink()
+    with pytest.raises(CheckpointError, match=f"^no config.json in {folder}$"):
+        load_transformers_model(folder, "cpu")
+    writer = gguf.GGUFWriter(str(tmp_path / "sizeless.gguf"), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((10, 64), np.float32))
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file,
+                  writer.write_tensors_to_file, writer.close):
+        write()
+    with pytest.raises(CheckpointError, match="sizeless.gguf: llama.embedding_length must be "
+                                              "an integer >= 1, got None"):
+        load_transformers_model(tmp_path / "sizeless.gguf", "cpu")
+
+
 def test_engine_checks_a_checkpoint_before_transformers_loads_it(tmp_path, monkeypatch):
     """load_transformers_model refuses what our own loader refuses, with its one-line errors
     (a GGUF of another architecture, a truncated safetensors file), and what transformers refuses

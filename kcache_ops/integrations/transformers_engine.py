@@ -13,13 +13,19 @@ from types import SimpleNamespace
 import torch
 
 from ..devices import check_device, default_device
-from ..model.errors import CheckpointError, UnsupportedModelError
+from ..integers import int_at_least
+from ..model.errors import CheckpointError, UnsupportedModelError, read_json_object
 from ..model.gguf_loader import metadata, open_gguf
 from ..model.hf import SAFETENSORS_NAMES, shard_files
 from ..model.llama import float32_logits
 from ..model.load import default_model_path
 from ..model.tokenizer import Tokenizer
 from .transformers import SUPPORTED_MODEL_TYPES, CacheBridge, check_model, head_dim_of, enable
+
+
+# The sizes a GGUF's metadata must give ("{arch}.{name}"): transformers fills a missing one with
+# its config class's default (Llama's: a 7B model, whose weights it would allocate)
+GGUF_SIZES = ("embedding_length", "feed_forward_length", "block_count", "attention.head_count")
 
 
 def cache_arg(model):
@@ -155,6 +161,13 @@ def load_transformers_model(path=None, device=None, dtype=None):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     load = dict(attn_implementation="kcache", dtype=dtype)
     if os.path.isdir(path):
+        config = os.path.join(path, "config.json")
+        if not os.path.isfile(config):  # transformers would say it has no model_type
+            raise CheckpointError(f"no config.json in {path}")
+        model_type = read_json_object(config).get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:  # before transformers reads the weights
+            raise UnsupportedModelError(f"{config}: model_type {model_type!r}; KCache runs in "
+                                        f"transformers: {', '.join(SUPPORTED_MODEL_TYPES)}")
         if any(os.path.isfile(os.path.join(path, name)) for name in SAFETENSORS_NAMES):
             shard_files(path)  # checked (transformers also takes other formats)
         model = _from_pretrained(path, path, **load)
@@ -173,6 +186,10 @@ def load_transformers_model(path=None, device=None, dtype=None):
         if arch not in SUPPORTED_MODEL_TYPES:  # before transformers maps its tensors onto one
             raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r}; KCache runs in "
                                         f"transformers: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        for key in (f"{arch}.{name}" for name in GGUF_SIZES):
+            if int_at_least(meta.get(key), 1) is None:  # transformers would take its default
+                raise CheckpointError(f"{path}: {key} must be an integer >= 1, got "
+                                      f"{meta.get(key)!r}")
         model = _from_pretrained(path, os.path.dirname(path), gguf_file=os.path.basename(path),
                                  **load)
         tokenizer = Tokenizer.from_gguf(reader)
