@@ -403,13 +403,16 @@ def test_options_summary_compares_each_option_with_the_configuration_without_it(
 
 def test_report_only_into_a_new_folder(tmp_path, capsys):
     """`eval --report-only --out DIR` creates DIR and writes the report there (nothing measured
-    yet: it says what has not run)."""
+    yet: it says what has not run, and a line says the folder held no results: --out mistyped
+    gave a report of nothing without a word)."""
     from kcache_ops.__main__ import main
     out = tmp_path / "new" / "folder"
     assert main(["eval", "--report-only", "--out", str(out)]) == 0
     text = (out / "REPORT.md").read_text(encoding="utf-8")
     assert "Not run yet: `python -m kcache_ops eval`." in text
     assert "has not run yet; on a GPU:" in text
+    assert f"# {out} holds no results (no .json file): the report says that nothing has run; " \
+           "--out names the folder an eval or bench run wrote" in capsys.readouterr().err
 
 
 def test_report_only_refuses_the_options_of_a_measurement(tmp_path, capsys):

@@ -343,6 +343,7 @@ def test_cli_dense_and_kcache(folder, capsys):
     assert main(args) == 0
     dense = capsys.readouterr()
     assert "tokens/s" in dense.err and "dense on cpu float32" in dense.err
+    assert re.search(r"prefill: \d+ prompt tokens \(1 sequence\) on cpu\n", dense.err)
     assert main(args + ["--backend", "kcache", "--topn", "4", "--dense-layers", "0"]) == 0
     kcache = capsys.readouterr()
     assert "kcache on cpu" in kcache.err and "MiB host memory" in kcache.err

@@ -14,6 +14,7 @@ configuration, under an hour in all; ``--topn`` / ``--tails`` / ``--group-select
 """
 import argparse
 import os
+import sys
 
 import torch
 
@@ -135,6 +136,9 @@ def run(args):
     if args.report_only:
         report.write(args.out)
         print(f"# wrote {os.path.join(args.out, 'REPORT.md')}")
+        if not any(name.endswith(".json") for name in os.listdir(args.out)):  # a typo in --out?
+            print(f"# {args.out} holds no results (no .json file): the report says that nothing "
+                  f"has run; --out names the folder an eval or bench run wrote", file=sys.stderr)
         return
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -107,6 +107,11 @@ def run(args):
     def show(index, text):
         sys.stdout.write(text)
         sys.stdout.flush()
+    # said before the prefill, which shows no progress of its own (minutes for a long prompt on
+    # a CPU)
+    print(f"prefill: {sum(map(len, prompts))} prompt tokens ({len(prompts)} "
+          f"sequence{'s' if len(prompts) > 1 else ''}) on {model.device}", file=sys.stderr,
+          flush=True)
     result = generate(model, prompts, args.max_new_tokens, backend=args.backend,
                       options=options, temperature=args.temperature,
                       top_p=1.0 if args.top_p is None else args.top_p,
