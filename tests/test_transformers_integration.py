@@ -684,14 +684,23 @@ def test_engine_checks_its_device_before_loading():
         load_transformers_model("/no/such/checkpoint", "meta")
 
 
+def bare_gguf(path, arch):
+    """A GGUF file of ``arch`` with one metadata key (block_count 1) and one tensor."""
+    import gguf
+    import numpy as np
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((10, 64), np.float32))
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file,
+                  writer.write_tensors_to_file, writer.close):
+        write()
+
+
 def test_engine_reads_no_weights_of_a_model_it_refuses(tmp_path, monkeypatch):
     """Before transformers reads any weight, load_transformers_model refuses a folder without
     config.json (transformers said it had no model_type), a config of a model type KCache does
     not run in transformers (its weights were loaded first, with transformers' load report), and
     a GGUF missing a size (transformers took its 7B default and allocated it: out of memory)."""
-    import gguf
-    import numpy as np
-
     from kcache_ops.integrations import transformers_engine as engine_module
     from kcache_ops.integrations.transformers_engine import load_transformers_model
     from kcache_ops.model import CheckpointError, UnsupportedModelError
@@ -710,12 +719,7 @@ def test_engine_reads_no_weights_of_a_model_it_refuses(tmp_path, monkeypatch):
     config.unlink()
     with pytest.raises(CheckpointError, match=f"^no config.json in {folder}$"):
         load_transformers_model(folder, "cpu")
-    writer = gguf.GGUFWriter(str(tmp_path / "sizeless.gguf"), "llama")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.ones((10, 64), np.float32))
-    for write in (writer.write_header_to_file, writer.write_kv_data_to_file,
-                  writer.write_tensors_to_file, writer.close):
-        write()
+    bare_gguf(tmp_path / "sizeless.gguf", "llama")
     with pytest.raises(CheckpointError, match="sizeless.gguf: llama.embedding_length must be "
                                               "an integer >= 1, got None"):
         load_transformers_model(tmp_path / "sizeless.gguf", "cpu")
@@ -737,12 +741,7 @@ def test_engine_checks_a_checkpoint_before_transformers_loads_it(tmp_path, monke
     from kcache_ops.model import CheckpointError, UnsupportedModelError
     from kcache_ops.model.load import default_model_path
     from model_helpers import save_tiny_hf
-    other = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
-    other.add_block_count(1)
-    other.add_tensor("token_embd.weight", np.ones((10, 64), np.float32))
-    for write in (other.write_header_to_file, other.write_kv_data_to_file,
-                  other.write_tensors_to_file, other.close):
-        write()
+    bare_gguf(tmp_path / "gpt2.gguf", "gpt2")
     with pytest.raises(UnsupportedModelError, match="GGUF architecture 'gpt2'; KCache runs in "
                                                     "transformers: llama, "):
         load_transformers_model(tmp_path / "gpt2.gguf", "cpu")
