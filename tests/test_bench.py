@@ -194,6 +194,23 @@ def test_models_given_twice_or_empty_are_an_error_line(models, message, capsys, 
     assert not (tmp_path / "bench.json").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--topn", "0"], "KCache: topn must be an integer >= 1, got 0"),
+    (["--models", "nope"], "--models: unknown nope"),
+])
+def test_bad_flags_are_refused_before_anything_is_made_or_measured(flags, message, capsys,
+                                                                   tmp_path, monkeypatch):
+    """A flag refused is an error line before the run makes its --out folder or measures its
+    ceilings (a bad --topn came after both: an empty folder and a second of copying)."""
+    from kcache_ops.__main__ import main
+    monkeypatch.setattr(bench, "measure_ceilings", lambda device: pytest.fail("measured"))
+    out = tmp_path / "new"
+    assert main(["bench", "--small", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not out.exists()
+
+
 def test_models_may_have_spaces_after_commas(tmp_path, monkeypatch):
     """'tiny, tiny2'-style lists: the names are stripped (' tiny' was an unknown shape)."""
     monkeypatch.setitem(bench.SHAPES, "tiny2", bench.SHAPES["tiny"])

@@ -65,7 +65,7 @@ def add_arguments(parser):
 
 
 def run(args):
-    args.out = prepare_out_dir(args.out, args.small)
+    options = kcache_options(args)  # a bad flag, before the folder is made and anything measured
     device = args.device or default_device()
     models = ([m.strip() for m in args.models.split(",")] if args.models is not None
               else ["tiny"] if args.small else DEFAULT_MODELS)
@@ -83,6 +83,7 @@ def run(args):
         budget = budget or 0.004
     if budget is None and device.type != "cuda":
         raise SystemExit("error: give --budget (GB) on the CPU, or --small")
+    args.out = prepare_out_dir(args.out, args.small)
     info = {**machine(device), "engine": args.engine}
     if transformers_missing() is None:  # the version its rows (or the engine's) ran with
         import transformers
@@ -107,7 +108,7 @@ def run(args):
         with _sigterm_as_interrupt():
             ceilings.update(measure_ceilings(device))
             print(f"# ceilings: {describe(ceilings)}", flush=True)
-            rows = measure(models, contexts, device, dtype_of(args), kcache_options(args),
+            rows = measure(models, contexts, device, dtype_of(args), options,
                            steps, budget, args.reserve, args.max_batch, args.hf, args.engine,
                            log=functools.partial(print, flush=True), on_rows=save,
                            ceilings=ceilings, host_bytes=settings["host_budget_bytes"])
