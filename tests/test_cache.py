@@ -562,17 +562,19 @@ def store_and_finish(cache, k, v, lens):
     cache.finish_prefill(lens)
 
 
-def decode_steps(cache, steps, seed):
-    """``steps`` decode steps of every layer on seeded random q, k, v -> the outputs,
-    [steps, LAYERS, B, Hq, D]."""
+def decode_steps(cache, steps, seed, fill=None):
+    """``steps`` decode steps of every layer on seeded random q, k, v (k and v all ``fill``
+    where given) -> the outputs, [steps, LAYERS, B, Hq, D]."""
     gen = torch.Generator().manual_seed(seed)
     batch = cache.seq_lens.shape[0]
+
+    def rows(heads, given=None):  # [B, heads, D]
+        return torch.randn(batch, heads, D, generator=gen) if given is None else \
+            torch.full((batch, heads, D), given)
     outs = []
     for _ in range(steps):
-        outs.append(torch.stack([
-            cache.decode(layer, *(torch.randn(batch, heads, D, generator=gen)
-                                  for heads in (HQ, HKV, HKV)))
-            for layer in range(LAYERS)]))  # [LAYERS, B, Hq, D]
+        outs.append(torch.stack([cache.decode(layer, rows(HQ), rows(HKV, fill), rows(HKV, fill))
+                                 for layer in range(LAYERS)]))  # [LAYERS, B, Hq, D]
         cache.finish_decode()
     return torch.stack(outs)
 
@@ -585,13 +587,16 @@ MASKED_ROWS = {"dense": ("dense", None),
                "dense layer": ("kcache", KCacheOptions(dense_layers=(1,)))}
 
 
+@pytest.mark.parametrize("earlier", ["longer prompt", "steps", "unfinished prompt"])
 @pytest.mark.parametrize("variant", MASKED_ROWS)
-def test_rows_past_the_lengths_never_reach_the_output(variant):
-    """A prompt's padding rows holding inf (K) and NaN (V), and the rows that an earlier prompt
-    of inf and its steps left past the new prompt, change no decode step's output (bit for bit,
-    against a fresh cache given the padding as zeros). Dense attention gives a masked row weight
-    0, and 0 times inf or NaN is NaN: the cache stores zeros there (both were NaN for the dense
-    cache and layers, and the mean tail's sum of the padding was NaN)."""
+def test_rows_past_the_lengths_never_reach_the_output(variant, earlier):
+    """A prompt's padding rows holding inf (K) and NaN (V), and rows of inf left past the new
+    prompt by what the cache held before (a longer prompt; a prompt's decode steps; a prompt
+    stored but never finished), change no decode step's output (bit for bit, against a fresh
+    cache given the padding as zeros). Dense attention gives a masked row weight 0, and 0 times
+    inf or NaN is NaN: the cache stores zeros there (both were NaN for the dense cache and
+    layers, and the mean tail's sum of the padding was NaN). The new prompt's steps attend over
+    9 rows: the second sequence's rows 3..8 are masked."""
     backend, options = MASKED_ROWS[variant]
     lens = torch.tensor([6, 2], dtype=torch.int32)  # [B]
     k, v = torch.randn(2, HKV, 6, D), torch.randn(2, HKV, 6, D)  # [B, Hkv, T, D]
@@ -599,13 +604,42 @@ def test_rows_past_the_lengths_never_reach_the_output(variant):
     fresh, used = (make_cache(backend, tiny_config(), 2, 32, "cpu", torch.float32, options)
                    for _ in range(2))
     store_and_finish(fresh, k.masked_fill(padding, 0), v.masked_fill(padding, 0), lens)
-    old = torch.full((2, HKV, 12, D), float("inf"))  # [B, Hkv, 12, D]
-    store_and_finish(used, old, old, torch.tensor([12, 9], dtype=torch.int32))
-    decode_steps(used, 4, seed=1)  # rows 9..15 written too
-    store_and_finish(used, k.masked_fill(padding, float("inf")),
-                     v.masked_fill(padding, float("nan")), lens)
+    inf = float("inf")
+    longer = torch.full((2, HKV, 12, D), inf)  # [B, Hkv, 12, D]
+    if earlier == "longer prompt":
+        store_and_finish(used, longer, longer, torch.tensor([12, 9], dtype=torch.int32))
+    else:
+        short = torch.full((2, HKV, 4, D), inf)  # [B, Hkv, 4, D]
+        store_and_finish(used, short, short, torch.tensor([4, 3], dtype=torch.int32))
+        if earlier == "steps":
+            decode_steps(used, 6, seed=1, fill=inf)  # rows up to 9
+        else:
+            for layer in range(LAYERS):  # and no finish_prefill
+                used.store_prompt(layer, longer, longer, torch.tensor([12, 9], dtype=torch.int32))
+    store_and_finish(used, k.masked_fill(padding, inf), v.masked_fill(padding, float("nan")),
+                     lens)
     torch.testing.assert_close(decode_steps(used, 3, seed=2), decode_steps(fresh, 3, seed=2),
                                atol=0, rtol=0)
+
+
+def test_after_a_captured_step_every_prompt_clears_to_the_capacity(monkeypatch):
+    """A CUDA graph's replays write rows the host never counts, for every prompt after the
+    capture: once a decode step has been captured (simulated: capturing() true for one step),
+    each later prompt clears every row past it, up to the capacity (the second prompt after
+    the capture had cleared only to the first one's length)."""
+    from kcache_ops.caches import lengths as lengths_module
+    cache = make_cache("dense", tiny_config(), 2, 32, "cpu", torch.float32)
+    lens = torch.tensor([6, 2], dtype=torch.int32)  # [B]
+    k = torch.randn(2, HKV, 6, D)  # [B, Hkv, T, D]
+    store_and_finish(cache, k, k, lens)
+    with monkeypatch.context() as m:
+        m.setattr(lengths_module, "capturing", lambda t: True)
+        decode_steps(cache, 1, seed=1)
+    for _ in range(2):  # two prompts after the capture
+        for buffer in cache.k + cache.v:  # [B, Hkv, S, D]: what replays would have written
+            buffer[:, :, 10:].fill_(float("inf"))
+        store_and_finish(cache, k, k, lens)
+        assert all(buffer[:, :, 6:].eq(0).all() for buffer in cache.k + cache.v)
 
 
 def test_a_store_that_fails_inside_leaves_its_layer_unstored(monkeypatch):

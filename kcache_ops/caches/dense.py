@@ -3,7 +3,7 @@ decode step (:func:`append_and_attend`) also serves KCache's dense layers."""
 import torch
 import torch.nn.functional as F
 
-from .lengths import SeqLengths, check_layer_inputs, check_sizes
+from .lengths import SeqLengths, capturing, check_layer_inputs, check_sizes
 from .memory import check_memory
 
 
@@ -30,7 +30,8 @@ def store_prompt_rows(buffer, x, lens, written):
     with weight 0, and 0 times an inf or NaN it holds is NaN."""
     T = x.shape[2]
     valid = torch.arange(T, device=x.device) < lens.to(x.device)[:, None]  # [B, T] bool
-    buffer[:, :, :T] = x.masked_fill(~valid[:, None, :, None], 0)
+    buffer[:, :, :T] = x
+    buffer[:, :, :T].masked_fill_(~valid[:, None, :, None], 0)  # in place: no copy of the prompt
     buffer[:, :, T:written] = 0
 
 
@@ -46,8 +47,7 @@ def append_and_attend(lengths, k_cache, v_cache, q, k, v):
     pos = lengths.positions  # [B] long
     k_cache[lengths.rows, :, pos] = k
     v_cache[lengths.rows, :, pos] = v
-    capturing = k_cache.is_cuda and torch.cuda.is_current_stream_capturing()
-    width = k_cache.shape[2] if capturing else lengths.longest + 1
+    width = k_cache.shape[2] if capturing(k_cache) else lengths.longest + 1
     return exact_decode_attention(q, k_cache[:, :, :width], v_cache[:, :, :width],
                                   lengths.attend_lens)
 

@@ -21,6 +21,12 @@ def check_sizes(owner, batch, capacity):
     return sizes
 
 
+def capturing(t):
+    """Whether the current stream of tensor ``t``'s device is capturing a CUDA graph (never on
+    the CPU)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class SeqLengths:
     """Lengths of ``batch`` sequences in a cache of ``num_layers`` layers of ``capacity`` tokens
     each (ints, from :func:`check_sizes`), on ``device``.
@@ -55,6 +61,7 @@ class SeqLengths:
         # a bound of the rows a prompt or step has stored (of any sequence): past it, a layer's
         # K and V hold zeros where the rows are attended with a mask (dense.store_prompt_rows)
         self.written = 0
+        self._graphed = False  # a decode step has been captured into a CUDA graph
         self.prompt_len = 0
         self.prompt_lens = None  # the lens the prompt's first layer was stored with (a copy)
         self._layers_differ = None  # [] bool on the device: a later layer's lens differed
@@ -118,7 +125,8 @@ class SeqLengths:
                              f"was stored with, {self.prompt_lens.tolist()} (at its first layer; "
                              "every layer must be stored with the same lens)")
         self._forget_prompt()  # the next prompt starts afresh
-        self.written = self.prompt_len  # every layer cleared the rows past it (store_prompt_rows)
+        # every layer cleared the rows past the prompt (store_prompt_rows)
+        self.written = self.capacity if self._graphed else self.prompt_len
         self._decoded.clear()  # a step left unfinished before this prompt is gone with it
         self.seq_lens.copy_(lens)
         self._set(longest)
@@ -153,9 +161,10 @@ class SeqLengths:
             raise ValueError(f"{self.owner}: capacity overflow: a sequence of {self.longest} "
                              f"tokens cannot grow past the capacity of {self.capacity} tokens "
                              "(cache full)")
-        # a CUDA graph's replays advance the lengths on the device alone: any row may be written
-        capturing = self.seq_lens.is_cuda and torch.cuda.is_current_stream_capturing()
-        self.written = self.capacity if capturing else max(self.written, self.longest + 1)
+        # a CUDA graph's replays advance the lengths on the device alone, for every prompt after
+        # its capture too: from then on any row may have been written
+        self._graphed |= capturing(self.seq_lens)
+        self.written = self.capacity if self._graphed else max(self.written, self.longest + 1)
         yield
         self._decoded.add(layer)
 
