@@ -691,6 +691,11 @@ def bare_gguf(path, arch):
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.ones((10, 64), np.float32))
+    write_out(writer)
+
+
+def write_out(writer):
+    """Write a gguf.GGUFWriter's header, metadata and tensors, and close it."""
     for write in (writer.write_header_to_file, writer.write_kv_data_to_file,
                   writer.write_tensors_to_file, writer.close):
         write()
@@ -748,9 +753,7 @@ def test_engine_checks_a_checkpoint_before_transformers_loads_it(tmp_path, monke
     split = gguf.GGUFWriter(str(tmp_path / "llama.gguf"), "llama", split_max_tensors=1)
     for name in ("token_embd.weight", "output_norm.weight"):  # a part each
         split.add_tensor(name, np.ones((10, 64), np.float32))
-    for write in (split.write_header_to_file, split.write_kv_data_to_file,
-                  split.write_tensors_to_file, split.close):
-        write()
+    write_out(split)
     with monkeypatch.context() as m, \
             pytest.raises(UnsupportedModelError, match="llama-00001-of-00002.gguf: a GGUF "
                                                        "checkpoint split into 2 files .*"

@@ -107,11 +107,11 @@ def run(args):
     def show(index, text):
         sys.stdout.write(text)
         sys.stdout.flush()
+    counted = (f"{sum(map(len, prompts))} prompt tokens ({len(prompts)} "
+               f"sequence{'s' if len(prompts) > 1 else ''})")
     # said before the prefill, which shows no progress of its own (minutes for a long prompt on
     # a CPU)
-    print(f"prefill: {sum(map(len, prompts))} prompt tokens ({len(prompts)} "
-          f"sequence{'s' if len(prompts) > 1 else ''}) on {model.device}", file=sys.stderr,
-          flush=True)
+    print(f"prefill: {counted} on {model.device}", file=sys.stderr, flush=True)
     result = generate(model, prompts, args.max_new_tokens, backend=args.backend,
                       options=options, temperature=args.temperature,
                       top_p=1.0 if args.top_p is None else args.top_p,
@@ -125,9 +125,8 @@ def run(args):
         for i, text in enumerate(result.texts):
             print(f"--- [{i}] {text}")
     mib = 2 ** 20
-    print(f"prompt tokens {sum(map(len, prompts))} ({len(prompts)} "
-          f"sequence{'s' if len(prompts) > 1 else ''}), prefill {result.prefill_s:.2f} s (the "
-          f"first new token); decode {result.decode_tokens} more in {result.decode_s:.2f} s = "
+    print(f"{counted}, prefill {result.prefill_s:.2f} s (the first new token); decode "
+          f"{result.decode_tokens} more in {result.decode_s:.2f} s = "
           f"{result.tokens_per_s:.1f} tokens/s", file=sys.stderr)
     print(f"{args.backend} on {model.device} {str(model.dtype).removeprefix('torch.')}; cache "
           f"holds {result.cache.device_bytes() / mib:.1f} MiB device, "
