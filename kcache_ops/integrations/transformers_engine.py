@@ -14,9 +14,9 @@ import torch
 
 from ..devices import check_device, default_device
 from ..integers import int_at_least
-from ..model.errors import CheckpointError, UnsupportedModelError, read_json_object
+from ..model.errors import CheckpointError, UnsupportedModelError
 from ..model.gguf_loader import metadata, open_gguf
-from ..model.hf import SAFETENSORS_NAMES, shard_files
+from ..model.hf import SAFETENSORS_NAMES, config_json, shard_files
 from ..model.llama import float32_logits
 from ..model.load import default_model_path
 from ..model.tokenizer import Tokenizer
@@ -161,10 +161,8 @@ def load_transformers_model(path=None, device=None, dtype=None):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     load = dict(attn_implementation="kcache", dtype=dtype)
     if os.path.isdir(path):
-        config = os.path.join(path, "config.json")
-        if not os.path.isfile(config):  # transformers would say it has no model_type
-            raise CheckpointError(f"no config.json in {path}")
-        model_type = read_json_object(config).get("model_type")
+        config, cfg = config_json(path)  # none: transformers would say it has no model_type
+        model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:  # before transformers reads the weights
             raise UnsupportedModelError(f"{config}: model_type {model_type!r}; KCache runs in "
                                         f"transformers: {', '.join(SUPPORTED_MODEL_TYPES)}")

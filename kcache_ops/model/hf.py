@@ -15,13 +15,19 @@ from .errors import CheckpointError, UnsupportedModelError, naming, read_json_ob
 from .llama import Llama
 
 
-def read_config(folder: str) -> LlamaConfig:
-    """The LlamaConfig of ``folder/config.json``; generation ends at its ``eos_token_id`` and at
-    those of ``generation_config.json`` (as in transformers' generate)."""
+def config_json(folder: str) -> tuple[str, dict]:
+    """The path of ``folder/config.json`` and the JSON object it holds; CheckpointError where
+    there is none, or it is not a JSON object."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"no config.json in {folder}")
-    cfg = read_json_object(path)
+    return path, read_json_object(path)
+
+
+def read_config(folder: str) -> LlamaConfig:
+    """The LlamaConfig of ``folder/config.json``; generation ends at its ``eos_token_id`` and at
+    those of ``generation_config.json`` (as in transformers' generate)."""
+    path, cfg = config_json(folder)
     try:
         config = LlamaConfig.from_hf(cfg)
     except (KeyError, TypeError) as e:  # a key missing, a type no check foresaw
