@@ -252,14 +252,14 @@ class KCache:
             if layer in self.options.dense_layers:  # attended with a mask, as the dense cache's
                 store_prompt_rows(self.k[layer], k, lens, self.lengths.written)
                 store_prompt_rows(self.v_device[layer], v, lens, self.lengths.written)
-                return
-            self.k[layer][:, :, :T] = k  # qk_topn reads no row past seq_lens
-            self.tails[layer].store_prompt(v, lens)
-            if layer in self.hot:
-                self.hot[layer].store_prompt(v, lens)
-            if layer in self.reuse:
-                self.reuse[layer].clear()
-            self._hand_off_v(layer, v)
+            else:
+                self.k[layer][:, :, :T] = k  # qk_topn reads no row past seq_lens
+                self.tails[layer].store_prompt(v, lens)
+                if layer in self.hot:
+                    self.hot[layer].store_prompt(v, lens)
+                if layer in self.reuse:
+                    self.reuse[layer].clear()
+                self._hand_off_v(layer, v)
 
     def _hand_off_v(self, layer, v):
         """Copy v [B, Hkv, T, D] (device) into the host V of ``layer``.
