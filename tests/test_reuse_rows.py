@@ -276,10 +276,10 @@ def test_rows_requiring_grad_are_refused(device):
     assert pool_indices.ge(0).sum() == 2
     fresh = Twins(1, 1, 8, 64, 6, device, torch.float32)
     rows, held, used = fresh.op
-    v = fresh.v_host.clone().requires_grad_()
+    v = host_tensor(fresh.v_cpu, device).requires_grad_()  # pinned where the op runs on CUDA
     pool_indices, _ = kcache_ops.reuse_rows(indices, v, new_pos, rows, held, used, step, False)
     slots = pool_indices[0, 0, :2].long()  # [2], the slots of rows 3 and 5
-    assert torch.equal(rows[0, 0, slots], v.detach()[0, 0, [3, 5]])
+    assert torch.equal(rows[0, 0, slots].cpu(), v.detach().cpu()[0, 0, [3, 5]])
 
 
 def test_rows_as_a_negated_or_conjugated_view_are_refused(device):

@@ -305,8 +305,10 @@ __device__ __forceinline__ void select_lse(const QkSelectParams& p, int64_t row0
 #pragma unroll 1
     for (int c = lane; c < p.num_chunks; c += 32) r = maxsum_merge(r, part[c]);
     r = warp_maxsum(r);
-    if (lane == 0) {
-      const float lse = r.m == -INFINITY ? -INFINITY : r.m + logf(r.l);
+    if (lane == 0) {  // rounded once from double, as the CPU op's: logf is off by up to an ulp
+      const float lse = r.m == -INFINITY
+                            ? -INFINITY
+                            : static_cast<float>(static_cast<double>(r.m) + log(double{r.l}));
       sh.lse[h] = lse;
       if (out) p.out_lse[row0 + h] = lse;
     }
@@ -514,12 +516,16 @@ __device__ __forceinline__ int cand_index(unsigned long long c) {
 }
 
 // Head h's full-softmax mass exp(s_j - lse) of sorted pick i, 0 where it is NaN (as the
-// reference's nan_to_num) or the pick is not a valid key.
+// reference's nan_to_num) or the pick is not a valid key. The float32 exp correctly rounded (from
+// double), as the reference's and the CPU op's: with expf and logf (each off by up to an ulp or
+// two), 8 equal scores (each mass 0.125 only when rounded to nearest), whose prefix of 4 reaches
+// top_p = 0.5 exactly, kept a fifth entry on the H200.
 __device__ __forceinline__ double pick_mass(const SelectRow& row, int h, int i,
                                             const SelectShared& sh) {
   const int j = cand_index(sh.cand[i]);
   if (j < 0 || j >= row.len) return 0.0;
-  const float m = expf(row.scores[h * row.score_stride + j] - sh.lse[h]);
+  const float m =
+      static_cast<float>(exp(double{row.scores[h * row.score_stride + j] - sh.lse[h]}));
   return isnan(m) ? 0.0 : static_cast<double>(m);
 }
 

@@ -336,7 +336,8 @@ class KCache:
             mass = torch.exp(scores - lse[..., None]).sum(-1)  # [B, Hq]; padding adds 0
             self._step_records[layer, 0] = mass.mean()
             self._step_records[layer, 1] = (indices >= 0).sum(-1).float().mean()
-            self._step_records[layer, 2] = 1
+            self._step_records[layer, 2].fill_(1)  # a Python number set by index copies from
+            # the host: refused while a CUDA graph captures
             self._step_recorded = True
         return tail.attend(all_scores, lens, scores, indices, lse, reads, hot)  # [B, Hq, D]
 
