@@ -1,16 +1,17 @@
 """Where the time of one decode step goes, kernel by kernel. The step at the Llama-3-8B shape
-(32 q / 8 KV heads, D = 128, bf16), 32K tokens x batch 8, in three variants built as
+(32 q / 8 KV heads, D = 128, bf16), at 32K tokens x batch 8 and 128K x 1 (the issue's two
+targets; 128K x 1 missed its prediction on the H200, 2026-12-04), in three variants built as
 bench/gpu_decode_attn.py builds them (bench/decode_steps.py): ``group_select`` and ``per_head``
 (qk_topn + sparse_attn_v, N = 64) and ``default`` (the default layer step, KCache.decode with
 KCacheOptions()). Each variant is warmed up, then a few steps run under a profiler.
 
     python bench/profile_step.py [--method torch|range] [--variant ...] [--steps N]
-                                 [--seq S] [--batch B] [--out DIR] [--dry-run]
+                                 [--shape SxB ...] [--out DIR] [--dry-run]
 
 --method torch (default): torch.profiler records the device activity of the steps (CUPTI
   activity records, no hardware counters: it works where ncu cannot read them). One line per
-  kernel and variant: its device µs per step, launches per step and share of the kernels' time;
-  then per variant the kernels' sum beside the step timed whole in a CUDA graph
+  kernel, shape and variant: its device µs per step, launches per step and share of the kernels' time;
+  then per shape and variant the kernels' sum beside the step timed whole in a CUDA graph
   (timing.time_us): the difference is the time between the kernels, negative where kernels
   overlap (the default step runs sparse_attn_v on a second stream beside lowbit_tail).
   <out>/profile_step.json.
@@ -32,6 +33,7 @@ import timing
 
 Hq, Hkv, D = 32, 8, 128
 VARIANTS = ("group_select", "default", "per_head")  # the order they run in
+SHAPES = ((32768, 8), (131072, 1))  # (tokens, batch), the order they run in
 WARMUP = 3  # steps per variant before any is profiled
 
 
@@ -88,35 +90,57 @@ def short_name(name, width=120):
     return name if len(name) <= width else name[:width - 3] + "..."
 
 
-def profile_torch(steps_by_variant, args):
-    """The torch method: each variant's kernels, then its sum beside the graph-timed step."""
+def profile_torch(args):
+    """The torch method: per shape, each variant's kernels, then its sum beside the graph-timed
+    step."""
     rec = timing.Recorder("profile_step", args.out, "decode step kernels (torch.profiler)",
-                          method="torch.profiler", S=args.seq, B=args.batch, n=args.n,
-                          steps=args.steps)
-    for variant, step in steps_by_variant.items():
-        times = kernel_times(step, args.steps)
-        kernels_us = sum(us for us, _ in times.values())
-        for name, (us, launches) in sorted(times.items(), key=lambda kv: -kv[1][0]):
-            rec.add(variant=variant, kernel=short_name(name), us=us, launches=launches,
-                    pct_of_kernels=100 * us / kernels_us)
-        step_us, mode = timing.time_us(step, [()])
-        rec.add(variant=variant, kernel="(all kernels)", us=kernels_us,
-                launches=sum(n for _, n in times.values()), step_us=step_us, timed=mode,
-                between_kernels_us=step_us - kernels_us)
+                          method="torch.profiler", shapes=args.shape, n=args.n, steps=args.steps)
+    for S, B in args.shape:
+        for variant, step in warmed_up(args.variant, S, B, args.n).items():
+            times = kernel_times(step, args.steps)
+            kernels_us = sum(us for us, _ in times.values())
+            for name, (us, launches) in sorted(times.items(), key=lambda kv: -kv[1][0]):
+                rec.add(S=S, B=B, variant=variant, kernel=short_name(name), us=us,
+                        launches=launches, pct_of_kernels=100 * us / kernels_us)
+            step_us, mode = timing.time_us(step, [()])
+            rec.add(S=S, B=B, variant=variant, kernel="(all kernels)", us=kernels_us,
+                    launches=sum(n for _, n in times.values()), step_us=step_us, timed=mode,
+                    between_kernels_us=step_us - kernels_us)
     rec.done()
 
 
-def profile_range(steps_by_variant, steps):
-    """The range method: the steps alone between cudaProfilerStart and cudaProfilerStop."""
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
+def profile_range(args):
+    """The range method: the steps alone between cudaProfilerStart and cudaProfilerStop, per
+    shape."""
+    for S, B in args.shape:
+        steps_by_variant = warmed_up(args.variant, S, B, args.n)
+        torch.cuda.profiler.start()
+        for step in steps_by_variant.values():
+            for _ in range(args.steps):
+                step()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        print(f"# {args.steps} step(s) of {', '.join(steps_by_variant)} at {S} x {B} ran between "
+              "cudaProfilerStart and cudaProfilerStop")
+
+
+def parse_shape(text):
+    """'SxB' -> (S tokens, B sequences), both positive."""
+    try:
+        S, B = (positive_int(part) for part in text.lower().split("x"))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"a shape is TOKENSxBATCH, e.g. 32768x8, got {text!r}")
+    return S, B
+
+
+def warmed_up(variants, S, B, n):
+    """{variant: step()} at S tokens x batch B (VARIANTS' order), each run WARMUP times."""
+    steps_by_variant = build([v for v in VARIANTS if v in variants], S, B, n)
     for step in steps_by_variant.values():
-        for _ in range(steps):
+        for _ in range(WARMUP):
             step()
     torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
-    print(f"# {steps} step(s) of {', '.join(steps_by_variant)} ran between cudaProfilerStart "
-          "and cudaProfilerStop")
+    return steps_by_variant
 
 
 def main():
@@ -124,30 +148,29 @@ def main():
     ap.add_argument("--method", choices=("torch", "range"), default="torch")
     ap.add_argument("--variant", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--steps", type=positive_int, default=3, help="steps profiled per variant")
-    ap.add_argument("--seq", type=positive_int, default=32768)
-    ap.add_argument("--batch", type=positive_int, default=8)
+    ap.add_argument("--shape", nargs="+", type=parse_shape, default=list(SHAPES),
+                    help="TOKENSxBATCH, each profiled in turn (default: 32768x8 131072x1)")
     ap.add_argument("--n", type=positive_int, default=64)
     timing.add_common_arguments(ap)
     args = ap.parse_args()
-    variants = [v for v in VARIANTS if v in args.variant]
     if args.dry_run:
-        kv_bytes = args.batch * Hkv * args.seq * D * 2  # K, or V
-        default = decode_steps.default_layer_bytes(args.batch, Hq, Hkv, args.seq, D,
-                                                   torch.bfloat16)  # K, 2-bit copy, hot rows
+        configs = []
+        for S, B in args.shape:
+            kv_bytes = B * Hkv * S * D * 2  # K, or V
+            default = decode_steps.default_layer_bytes(B, Hq, Hkv, S, D,
+                                                       torch.bfloat16)  # K, 2-bit copy, hot rows
+            configs.append({"variants": ",".join(v for v in VARIANTS if v in args.variant),
+                            "S": S, "B": B, "bytes": kv_bytes + (kv_bytes + default
+                                                                 if "default" in args.variant
+                                                                 else 0)})
         timing.plan(f"profile_step, method {args.method}, {args.steps} step(s) of each variant",
-                    [{"variants": ",".join(variants), "S": args.seq, "B": args.batch,
-                      "bytes": kv_bytes + (kv_bytes + default if "default" in variants else 0)}])
+                    configs)
         return
     os.environ["KCACHE_OPS_VALIDATE"] = "0"  # no host sync for the value range checks
-    steps_by_variant = build(variants, args.seq, args.batch, args.n)
-    for step in steps_by_variant.values():
-        for _ in range(WARMUP):
-            step()
-    torch.cuda.synchronize()
     if args.method == "range":
-        profile_range(steps_by_variant, args.steps)
+        profile_range(args)
     else:
-        profile_torch(steps_by_variant, args)
+        profile_torch(args)
 
 
 if __name__ == "__main__":

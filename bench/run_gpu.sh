@@ -22,9 +22,10 @@
 #             (KCACHE_OPS_TEST_DEVICES=cuda: CI runs the CPU ones)
 #   e2e       python -m kcache_ops bench --device cuda on a grid that fits ($E2E_ARGS)
 #   slow      the rest of the suite (model tests, nested pytest runs), the CMake rebuild last
-#   profile   where the decode step's time goes, kernel by kernel (bench/profile_step.py, 32K x 8:
+#   profile   where the decode step's time goes, kernel by kernel (bench/profile_step.py:
 #             group_select, the default layer step, per head): first torch.profiler's device
-#             times (results/profile_step.json, no hardware counters needed), then, where ncu is
+#             times at 32K x 8 and 128K x 1 (results/profile_step.json, no hardware counters
+#             needed), then, at 32K x 8, where ncu is
 #             found, one ncu process per variant (--profile-from-start off: only the steps between
 #             cudaProfilerStart/Stop; --clock-control none; the kcache_ops kernels, $NCU_KERNELS;
 #             sections $NCU_SECTIONS) -> results/profile_ncu_VARIANT.ncu-rep and, imported,
@@ -301,7 +302,8 @@ profile() {
   done
   say "profile: torch.profiler: $PY bench/profile_step.py --out $WORK/results"
   say "profile: ncu, for each VARIANT of $PROFILE_VARIANTS: ${run[*]} --export ${rep}_VARIANT \
---force-overwrite $PY bench/profile_step.py --method range --variant VARIANT --steps 1; then \
+--force-overwrite $PY bench/profile_step.py --method range --variant VARIANT --steps 1 \
+--shape 32768x8; then \
 ${ncu:-ncu} --import ${rep}_VARIANT.ncu-rep --csv --page details --log-file ${rep}_VARIANT.csv"
   [ -n "$ncu" ] || say "profile: ncu not found (\$NCU, PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin, \
 beside nvcc, /opt/nvidia/nsight-compute/*): torch.profiler only"
@@ -321,7 +323,8 @@ beside nvcc, /opt/nvidia/nsight-compute/*): torch.profiler only"
     since=$SECONDS
     for v in $PROFILE_VARIANTS; do
       pooled "$pool" "$since" "profile_ncu_$v" "${run[@]}" --export "${rep}_$v" \
-        --force-overwrite "$PY" bench/profile_step.py --method range --variant "$v" --steps 1 &&
+        --force-overwrite "$PY" bench/profile_step.py --method range --variant "$v" --steps 1 \
+        --shape 32768x8 &&
         pooled "$pool" "$since" "profile_ncu_${v}_csv" "$ncu" --import "${rep}_$v.ncu-rep" \
           --csv --page details --log-file "${rep}_$v.csv" && ran="$ran${ran:+, }ncu $v"
     done
