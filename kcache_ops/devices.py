@@ -1,5 +1,6 @@
 """Device helpers the loaders, the commands and the measurements share: the dtypes by name, the
-default device and the check of a given one, a host sync and a median time for timing."""
+default device and the check of a given one, a host sync, a step captured in a CUDA graph and a
+median time for timing."""
 import statistics
 import time
 
@@ -44,6 +45,39 @@ def sync(device):
     """Wait for the work queued on ``device`` (a no-op on the CPU: its ops are synchronous)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def graphed(step, device):
+    """``step`` (a call with no arguments that keeps its tensors' addresses) run once as a
+    warm-up, then, on CUDA, captured once in a CUDA graph -> (a call that replays it and returns
+    what the captured call returned, its outputs rewritten in place by each replay, "graph").
+    Timed eagerly, a step of many small kernels measures the host that launches them; replayed,
+    it measures the device. (step, "eager") on the CPU, and (step, "eager (not captured: ...)")
+    where the capture fails (a host read or sync inside the step): the capture's own call only
+    ran the step's host-side bookkeeping, whose counters then stand one step ahead of the
+    device's. Out of device memory is raised, as in a step run eagerly."""
+    if torch.device(device).type != "cuda":
+        step()
+        return step, "eager"
+    side = torch.cuda.Stream(device)  # the warm-up on a side stream, as torch.cuda.graphs asks
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            outputs = step()
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        torch.cuda.synchronize(device)
+        return step, f"eager (not captured: {str(e).splitlines()[0][:120]})"
+
+    def replay():
+        graph.replay()
+        return outputs
+    return replay, "graph"
 
 
 def median_seconds(device, step, runs):

@@ -35,6 +35,7 @@ def test_bench_small_on_cpu(tmp_path, monkeypatch):
             assert r["host_bytes"] == 0
             assert "hf_decode_tok_s" in r or "transformers" not in data["machine"]
     assert all(r["batch_limit"] in ("device", "host", "cap") for r in rows.values())  # no OOM
+    assert all(r["decode_timed"] == "eager" for r in rows.values())  # no graphs on the CPU
     assert data["complete"]
     assert "cut off" not in (tmp_path / "REPORT.md").read_text(encoding="utf-8")
     assert (tmp_path / "bench_throughput.png").is_file()
@@ -235,6 +236,29 @@ def test_report_says_where_transformers_ran_out_of_memory():
         {**row, "context": 512}]}
     lines = [line for line in bench_section(data) if line.startswith("| tiny |")]
     assert "| out of memory |" in lines[0] and "| — |" in lines[1]
+
+
+def test_report_says_how_the_decode_steps_were_timed():
+    """The report says whether a CUDA run's decode steps were graph replays or launched eagerly
+    (rows written before decode_timed was recorded were all eager: an eager step of many small
+    kernels times the host that launches them), and any capture that failed, with its reason."""
+    from kcache_ops.throughput.report import bench_section
+    row = {"model": "tiny", "context": 256, "backend": "dense", "batch": 7, "budget_bytes": 2**22,
+           "cache_device_bytes": 2**22, "host_bytes": 0, "prefill_tok_s": 1.0,
+           "decode_tok_s": 1.0, "pcie_bytes_per_step": 0}
+    cuda = {**results.machine("cpu"), "device": "cuda"}
+
+    def text(machine, *timed):
+        rows = [{**row, **({"decode_timed": t} if t else {})} for t in timed]
+        return "\n".join(bench_section({"machine": machine, "command": "bench", "rows": rows}))
+    assert "each captured once in a CUDA graph" in text(cuda, "graph", "graph")
+    for timed in [("graph", None), ("eager",)]:
+        assert "**Decode steps: launched eagerly from Python**" in text(cuda, *timed)
+        assert "failed capture" not in text(cuda, *timed)
+    failed = text(cuda, "graph", "eager (not captured: operation not permitted when stream is "
+                                 "capturing)")
+    assert "1 kind(s) of failed capture: eager (not captured: operation not permitted" in failed
+    assert "timed on the host clock" in text(results.machine("cpu"), None)
 
 
 def test_a_reuse_pool_too_small_for_a_context_fails_before_any_measurement(monkeypatch):

@@ -153,3 +153,39 @@ def test_default_decode_steps_graph_replay(lens, S, reuse):
     torch.testing.assert_close(graphed.attention_mass(), eager.attention_mass(), atol=0, rtol=0)
     torch.testing.assert_close(graphed.reuse_hit_rate(), eager.reuse_hit_rate(), atol=0, rtol=0,
                                equal_nan=True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["dense", "kcache"])
+def test_model_decode_steps_graph_replay(backend):
+    """What the throughput bench times (kcache_ops.devices.graphed): a model's whole decode step,
+    every layer, finish_decode and the float32 logits, captured once and replayed with new tokens
+    each time, gives its eager twin's logits and lengths (an eager step of ~50 small kernels a
+    layer times the host that launches them). The captured dense cache attends over its whole
+    capacity, masked, so its sums may round differently."""
+    from kcache_ops.caches import make_cache
+    from kcache_ops.devices import graphed
+    from kcache_ops.throughput.shapes import SHAPES, random_model
+    config = SHAPES["tiny"]
+    model = random_model(config, torch.device("cuda"), torch.bfloat16)
+    lens = torch.tensor([100, 57, 81], dtype=torch.int32, device="cuda")  # [B]
+    B, T, steps = len(lens), int(lens.max()), 4
+    prompt = torch.randint(0, config.vocab_size, (B, T), device="cuda")  # [B, T]
+    graphed_cache, eager = (make_cache(backend, config, B, T + steps + 2, model.device,
+                                       torch.bfloat16, KCacheOptions() if backend == "kcache"
+                                       else None) for _ in range(2))
+    token = torch.randint(0, config.vocab_size, (B,), device="cuda")  # [B], the static input
+    with torch.inference_mode():
+        for cache in (graphed_cache, eager):
+            model.prefill(prompt, lens, cache)
+        step, timed = graphed(lambda: model.decode(token, graphed_cache), "cuda")
+        assert timed == "graph"
+        model.decode(token, eager)  # the twin of graphed's warm-up
+        for _ in range(steps):
+            token.random_(0, config.vocab_size)
+            logits = step()  # [B, V] float32
+            want = model.decode(token, eager)
+            torch.testing.assert_close(logits, want, atol=2e-2, rtol=2e-2)
+    assert torch.equal(graphed_cache.seq_lens, eager.seq_lens)
+    assert torch.equal(eager.seq_lens.cpu(), lens.cpu() + steps + 1)
+

@@ -7,7 +7,7 @@ import time
 import torch
 
 from ..caches import check_kcache, make_cache, sequence_bytes
-from ..devices import median_seconds, sync
+from ..devices import graphed, median_seconds, sync
 from ..ops import host_bytes_available
 from .ceilings import floor_seconds, weight_bytes_per_step
 from .shapes import SHAPES, random_model
@@ -44,7 +44,13 @@ def time_prefill(model, backend, options, context, runs=3):
 def time_decode(model, backend, options, batch, context, steps):
     """Fill a cache of ``batch`` sequences with ``context`` random K/V rows, then time ``steps``
     decode steps after two warm-up steps -> (the median seconds of a step, the cache, peak device
-    bytes)."""
+    bytes, how the steps were timed: :func:`~kcache_ops.devices.graphed`'s "graph" or "eager").
+    On CUDA the step (every layer, finish_decode and the logits) is captured once in a CUDA graph
+    and its replays are timed: run eagerly, a step's ~50 small kernels a layer measure the
+    Python that launches them (on an H200 both backends' eager steps took ~80 ms at 32K context,
+    whatever their batch). Captured, the dense cache attends over its whole capacity (context +
+    steps + 2 keys, its mask zeroing those past each sequence's length) instead of the longest
+    sequence's keys."""
     c, device = model.config, model.device
     cache = new_cache(model, backend, options, batch, context + steps + 2)
     kv = torch.randn(batch, c.num_kv_heads, context, c.head_dim, device=device,
@@ -55,20 +61,20 @@ def time_decode(model, backend, options, batch, context, steps):
     del kv
     cache.finish_prefill(lens)
     token = torch.randint(0, c.vocab_size, (batch,), device=device)  # [B]
-    model.decode(token, cache)  # warm-up
-    model.decode(token, cache)
+    model.decode(token, cache)  # warm-up; graphed runs the second
+    step, timed = graphed(lambda: model.decode(token, cache), device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
-    seconds = median_seconds(device, lambda: model.decode(token, cache), steps)
+    seconds = median_seconds(device, step, steps)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
-    return seconds, cache, peak
+    return seconds, cache, peak, timed
 
 
 def _decode_within_memory(name, model, backend, options, batch, limit, context, steps, log):
     """:func:`time_decode` at ``batch``, or, where the step's transient memory (the random rows
     stored, the scores) runs the device out, at 7/8 of the batch until it fits -> (batch, what set
-    it: ``limit``, or "memory" after a back-off; time_decode's result, or (None,) * 3 where not
+    it: ``limit``, or "memory" after a back-off; time_decode's result, or (None,) * 4 where not
     even one sequence ran)."""
     while batch >= 1:
         try:
@@ -82,7 +88,7 @@ def _decode_within_memory(name, model, backend, options, batch, limit, context, 
             f"trying {smaller}")
         batch, limit = smaller, "memory"
     log(f"{name:13s} ctx {context:6d} {backend:6s}: one sequence does not fit the memory")
-    return batch, limit, (None,) * 3
+    return batch, limit, (None,) * 4
 
 
 def device_budget(device, budget_gb=None, reserve_gb=6.0):
@@ -145,7 +151,8 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
     model name -> list of row dicts (model, context, backend, batch, batch_limit (what set the
     batch: the "device" or "host" budget, the "cap" max_batch, or the device "memory" where the
     step's transient memory ran out at the fitted batch), options, budget_bytes, cache_device_bytes,
-    host_bytes, peak_device_bytes, prefill_tok_s, decode_step_ms, decode_tok_s, pcie_bytes_per_step;
+    host_bytes, peak_device_bytes, prefill_tok_s, decode_step_ms, decode_tok_s, decode_timed (how:
+    :func:`time_decode`), pcie_bytes_per_step;
     vs_dense for KCache: its decode tok/s over dense's, None where ``max_batch`` capped either
     batch, as the two then do not fill one device memory; hf_decode_tok_s and dense_vs_hf for dense
     where transformers ran; given the ``ceilings`` measured (:func:`~.ceilings.measure_ceilings`),
@@ -207,7 +214,7 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
                         f"the budget")
                     continue
                 prefill_s = time_prefill(model, backend, backend_options, context)
-                batch, limit, (step_s, cache, peak) = _decode_within_memory(
+                batch, limit, (step_s, cache, peak, timed) = _decode_within_memory(
                     name, model, backend, backend_options, batch, limit, context, steps, log)
                 if cache is None:
                     continue
@@ -217,7 +224,7 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
                        "budget_bytes": budget, "cache_device_bytes": cache.device_bytes(),
                        "host_bytes": cache.host_bytes(), "peak_device_bytes": peak,
                        "prefill_tok_s": context / prefill_s, "decode_step_ms": 1e3 * step_s,
-                       "decode_tok_s": batch / step_s,
+                       "decode_tok_s": batch / step_s, "decode_timed": timed,
                        "pcie_bytes_per_step": cache.host_bytes_read_per_step()}
                 if ceilings is not None:  # the timed steps attend context + 3 ... context +
                     # steps + 2 keys (after the two warm-up steps): the median step's
