@@ -4,7 +4,14 @@ and against the PyTorch way (indices to the CPU, CPU gather, copy; bench/baselin
 same gather from write-combined host memory (KCACHE_OPS_HOST_ALLOC_WC=1). gather_rows is timed
 inside a CUDA graph; the PyTorch way syncs the host and is timed as launched.
 
-    python bench/gpu_gather.py [--rows ...] [--row-bytes ...] [--out DIR] [--dry-run]
+Those rows read from one 512 MiB buffer over and over. A model's layers each read their own V, and
+on the H200 (2026-12-04) the decode step read the same 4 MiB of rows 3x slower from 8 GiB of host
+V than from 2 GiB. So the footprint rows (--footprint GIBxBUFFERS) read 256-byte rows, 1024 per
+head, from GIB of pinned host memory in BUFFERS buffers, a call's rows from one buffer, the calls
+rotating through them as the layers of a step do (8x8: eight 1 GiB buffers).
+
+    python bench/gpu_gather.py [--rows ...] [--row-bytes ...] [--footprint GIBxBUFFERS ...]
+                               [--out DIR] [--dry-run]
 
 Targets (issue 3): >= 80% of the memcpy bandwidth for 256 B rows, >= 90% for rows >= 1 KB.
 """
@@ -39,12 +46,36 @@ def index_sets(S, n_rows, count=8):
             .view(B, H, n_rows).to(torch.int32) for _ in range(count)]
 
 
+def parse_footprint(text):
+    """'GIBxBUFFERS' -> (GiB of host memory, buffers it is split in), the GiB a multiple of the
+    buffers."""
+    try:
+        gib, buffers = (positive_int(part) for part in text.lower().split("x"))
+    except (ValueError, argparse.ArgumentTypeError):
+        gib = buffers = None
+    if gib is None or gib % buffers:
+        raise argparse.ArgumentTypeError(
+            f"a footprint is GIBxBUFFERS with GIB a multiple of BUFFERS, e.g. 8x8, got {text!r}")
+    return gib, buffers
+
+
+def footprint_sets(gib, buffers, row_bytes=256, n_rows=1024, count=8):
+    """`count` (src, indices) sets over ``buffers`` pinned buffers of gib / buffers GiB each, set i
+    from buffer i % buffers: src [B, H, S, row_bytes / 2] bf16, indices [B, H, n_rows] int32."""
+    D = row_bytes // 2
+    S = (gib << 30) // buffers // (B * H * row_bytes)  # rows per head of one buffer
+    srcs = [timing.host_random((B, H, S, D), torch.bfloat16) for _ in range(buffers)]
+    return [(srcs[i % buffers], index_sets(S, n_rows, 1)[0]) for i in range(count)]
+
+
 def configs(args):
     """(row_bytes, rows per head, write-combined) in run order; WC only at 256 B / 1 KB rows and
     1024 rows per head."""
-    return [{"row_bytes": rb, "rows": n, "wc": wc, "bytes": B * H * n * rb}
-            for rb in args.row_bytes for n in args.rows
-            for wc in ([False, True] if rb in (256, 1024) and n == 1024 else [False])]
+    return ([{"row_bytes": rb, "rows": n, "wc": wc, "bytes": B * H * n * rb}
+             for rb in args.row_bytes for n in args.rows
+             for wc in ([False, True] if rb in (256, 1024) and n == 1024 else [False])]
+            + [{"row_bytes": 256, "rows": 1024, "wc": False, "bytes": B * H * 1024 * 256,
+                "host_GiB": gib, "buffers": buffers} for gib, buffers in args.footprint])
 
 
 def main():
@@ -52,6 +83,10 @@ def main():
     ap.add_argument("--rows", type=positive_int, nargs="+", default=[1024, 64, 256, 4096])
     ap.add_argument("--row-bytes", type=positive_int, nargs="+",
                     default=[256, 1024, 128, 4096, 8192])
+    ap.add_argument("--footprint", type=parse_footprint, nargs="*",
+                    default=[(2, 1), (8, 1), (8, 8)],
+                    help="GIBxBUFFERS of host memory the footprint rows read from (default: "
+                         "2x1 8x1 8x8; none without values)")
     timing.add_common_arguments(ap)
     args = ap.parse_args()
     todo = configs(args)
@@ -66,22 +101,29 @@ def main():
     buffers = {wc: timing.host_random((SRC_BYTES // 2,), torch.bfloat16, wc)
                for wc in (False, True)}
     for c in todo:
-        src = src_view(buffers[c["wc"]], c["row_bytes"], c["rows"])
-        sets = [(src, ix) for ix in index_sets(src.shape[2], c["rows"])]
+        if "host_GiB" in c:  # its own buffers, freed after it
+            sets = footprint_sets(c["host_GiB"], c["buffers"])
+            where = {"host_GiB": c["host_GiB"], "buffers": c["buffers"]}
+        else:
+            src = src_view(buffers[c["wc"]], c["row_bytes"], c["rows"])
+            sets = [(src, ix) for ix in index_sets(src.shape[2], c["rows"])]
+            where = {"host_GiB": SRC_BYTES / 2**30, "buffers": 1}
         us, mode = timing.time_us(kcache_ops.gather_rows, sets)
         torch_us = (float("nan") if c["wc"] else
                     timing.time_us(baselines.torch_gather_rows, sets, 1, 5, graph=False)[0])
         gbs = c["bytes"] / us / 1e3
         rec.add(op="gather_rows", mem="wc" if c["wc"] else "pinned", row_bytes=c["row_bytes"],
-                rows_per_head=c["rows"], heads=B * H, MiB=c["bytes"] / 2**20, us=us, timed=mode,
-                GBs=gbs, pct_ceiling=100 * gbs / ceiling, torch_us=torch_us,
+                rows_per_head=c["rows"], heads=B * H, MiB=c["bytes"] / 2**20, **where, us=us,
+                timed=mode, GBs=gbs, pct_ceiling=100 * gbs / ceiling, torch_us=torch_us,
                 speedup_vs_torch=torch_us / us)
+        del sets
 
     def plot(ax, rs):
         for n_rows in sorted(args.rows):
             pts = sorted((r["row_bytes"], r["GBs"], r["row_bytes"] * n_rows * B * H
                           / r["torch_us"] / 1e3) for r in rs
-                         if r["rows_per_head"] == n_rows and r["mem"] == "pinned")
+                         if r["rows_per_head"] == n_rows and r["mem"] == "pinned"
+                         and r.get("host_GiB", 0.5) == 0.5)
             if pts:
                 x, ours, torch_gbs = zip(*pts)
                 ax.plot(x, ours, "o-", label=f"gather_rows, {n_rows} rows/head")

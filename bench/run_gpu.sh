@@ -62,7 +62,8 @@
 # Limits (expected, from the H200 runs of 2026-11-30) in seconds, in the default order:
 #   build 240 + check 30 (37-56); toolchain 150 (~25); tests: test_cuda_ops and test_lowbit_tail
 #   150 each (10-18, ~51 and grown since), each other file 60 (5-30; ~5 of each is torch's
-#   start); bench: decode 110 (~70), qk_topn 60 (~50), gather 40 (~30); profile: torch.profiler
+#   start); bench: decode 110 (~70), qk_topn 60 (~50), gather 70 (~13, and its 8 GiB
+#   footprint rows since); profile: torch.profiler
 #   40 (~20), the ncu runs and their CSV imports together 90 (~50); sanitize: memcheck 70,
 #   racecheck 45, synccheck 35 (torch's start under the tool is most of it); e2e 150 (never run:
 #   two random 8B models, four prefills, the transformers comparison); slow: what is left, the
@@ -363,7 +364,7 @@ for script in sys.argv[1:]:
   ensure_build bench || return 0
   stage gpu_decode_attn "${LIMIT_DECODE:-110}" "$PY" bench/gpu_decode_attn.py --out "$WORK/results"
   stage gpu_qk_topn "${LIMIT_QK_TOPN:-60}" "$PY" bench/gpu_qk_topn.py --out "$WORK/results"
-  stage gpu_gather "${LIMIT_GATHER:-40}" "$PY" bench/gpu_gather.py --out "$WORK/results"
+  stage gpu_gather "${LIMIT_GATHER:-70}" "$PY" bench/gpu_gather.py --out "$WORK/results"
 }
 
 # Wheels carried from `make gpu-wheels` (no package registry there): gguf installed aside, the

@@ -28,12 +28,14 @@ def gather_section(data):
            ran_on(meta, f", pinned memcpy H2D ceiling {meta['h2d_ceiling_GBs']:.1f} GB/s."), ""]
     if not complete:
         out += CUT_OFF
-    out += ["| row bytes | rows/head | memory | GB/s | % of ceiling | speedup vs torch |",
-            "|---|---|---|---|---|---|"]
+    out += ["| row bytes | rows/head | memory | host memory read | GB/s | % of ceiling | "
+            "speedup vs torch |", "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         speedup = "–" if r.get("speedup_vs_torch") is None else f"{r['speedup_vs_torch']:.1f}x"
-        out.append(f"| {r['row_bytes']} | {r['rows_per_head']} | {r['mem']} | {r['GBs']:.1f} | "
-                   f"{r['pct_ceiling']:.0f}% | {speedup} |")
+        buffers = r.get("buffers", 1)  # rows written before the footprint rows: one 512 MiB
+        host = f"{r.get('host_GiB', 0.5):g} GiB" + (f" in {buffers} buffers" if buffers > 1 else "")
+        out.append(f"| {r['row_bytes']} | {r['rows_per_head']} | {r['mem']} | {host} | "
+                   f"{r['GBs']:.1f} | {r['pct_ceiling']:.0f}% | {speedup} |")
     plot = ["", "![gather bandwidth vs row size](gpu_gather.png)"] if complete else []
     return out + plot + [""]
 

@@ -116,15 +116,19 @@ def test_report_from_the_gather_json_alone(tmp_path):
             {"row_bytes": 256, "rows_per_head": 64, "mem": "wc", "GBs": 20.0,
              "pct_ceiling": 40.0, "speedup_vs_torch": None},  # the PyTorch way not timed
             {"row_bytes": 1024, "rows_per_head": 64, "mem": "pinned", "GBs": 30.0,
-             "pct_ceiling": 60.0}]  # a row of a JSON written before the PyTorch way was timed
+             "pct_ceiling": 60.0},  # a row of a JSON written before the PyTorch way was timed
+            {"row_bytes": 256, "rows_per_head": 1024, "mem": "pinned", "host_GiB": 8,
+             "buffers": 8, "GBs": 15.0, "pct_ceiling": 30.0, "speedup_vs_torch": 4.0}]
     write_json(tmp_path / report.GATHER_JSON, {"meta": meta, "rows": rows})
     report.write(tmp_path)
     text = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
     assert "Not run yet: `python -m kcache_ops eval`" in text and "## Throughput" in text
     assert "Test GPU" in text and "H2D ceiling 50.0 GB/s" in text
-    assert "| 256 | 64 | pinned | 20.0 | 40% | 11.6x |" in text
-    assert "| 256 | 64 | wc | 20.0 | 40% | – |" in text
-    assert "| 1024 | 64 | pinned | 30.0 | 60% | – |" in text
+    # rows of a JSON written before the footprint rows read one 512 MiB buffer
+    assert "| 256 | 64 | pinned | 0.5 GiB | 20.0 | 40% | 11.6x |" in text
+    assert "| 256 | 64 | wc | 0.5 GiB | 20.0 | 40% | – |" in text
+    assert "| 1024 | 64 | pinned | 0.5 GiB | 30.0 | 60% | – |" in text
+    assert "| 256 | 1024 | pinned | 8 GiB in 8 buffers | 15.0 | 30% | 4.0x |" in text
     assert "cut off" not in text and "(gpu_gather.png)" in text
 
 
@@ -138,7 +142,7 @@ def test_a_gather_run_cut_off_says_so(tmp_path):
     report.write(tmp_path)
     text = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
     assert "**This run was cut off before its end**" in text and "gpu_gather.png" not in text
-    assert "| 256 | 64 | pinned | 20.0 | 40% | 11.6x |" in text
+    assert "| 256 | 64 | pinned | 0.5 GiB | 20.0 | 40% | 11.6x |" in text
 
 
 def test_writers_of_one_file_do_not_collide(tmp_path):
