@@ -4,7 +4,7 @@
 # benchmarks and compute-sanitizer.
 #
 #     bash bench/run_gpu.sh [--dry-run] [STAGE...]
-#                           (default: build toolchain tests bench profile sanitize e2e slow)
+#                           (default: build toolchain tests bench profile e2e sanitize slow)
 #
 # Stages run in the order given:
 #   build     python setup.py build_ext --inplace (MAX_JOBS=16), then a check that kcache_ops has
@@ -59,16 +59,16 @@
 # Time plan. BUDGET (default 520 s) is the time of one call's stages: a stage's limit shrinks to
 # what is left of it and none starts with less than 15 s left, so a call ends by BUDGET plus ~10 s
 # of packing, inside timeout_s 580 (the machine's start comes on top: ~11 min in all).
-# Limits (expected, from the H200 runs of 2026-11-30) in seconds, in the default order:
-#   build 240 + check 30 (37-56); toolchain 150 (~25); tests: test_cuda_ops and test_lowbit_tail
-#   150 each (10-18, ~51 and grown since), each other file 60 (5-30; ~5 of each is torch's
-#   start); bench: decode 110 (~70), qk_topn 60 (~50), gather 70 (~13, and its 8 GiB
-#   footprint rows since); profile: torch.profiler
-#   40 (~20), the ncu runs and their CSV imports together 90 (~50); sanitize: memcheck 70,
-#   racecheck 45, synccheck 35 (torch's start under the tool is most of it); e2e 150 (never run:
-#   two random 8B models, four prefills, the transformers comparison); slow: what is left, the
-#   CMake rebuild last. From the measured times, about 470 s to the end of the sanitizer (off
-#   gVisor): e2e and slow are what a second call is for.
+# Limits (expected, from the H200 runs of 2026-11-30 and 2026-12-04) in seconds, in the default
+# order: build 240 + check 30 (37-60); toolchain 150 (11-25); tests: test_cuda_ops and
+#   test_lowbit_tail 150 each (20, 37), each other file 60 (5-25; ~5 of each is torch's start);
+#   bench: decode 110 (46), qk_topn 60 (24), gather 70 (13, and its 8 GiB footprint rows
+#   since); profile: torch.profiler 40 (8, and 128K x 1 since), the ncu runs and their CSV
+#   imports together 90 (37); e2e 150 (61; the steps now captured in CUDA graphs: two random 8B
+#   models, four prefills, the transformers comparison); sanitize: memcheck 70, racecheck 45,
+#   synccheck 35 (12-14 each); slow: what is left, the CMake rebuild last. The call of
+#   2026-12-04 took 545 s to the end of the sanitizer: slow is what a second call is for (e2e
+#   runs before the sanitizer since, which found nothing on 2026-11-30 or 2026-12-04).
 # Each limit can be set: BUDGET, LIMIT_BUILD, LIMIT_LONG_TEST, LIMIT_TEST, LIMIT_E2E, LIMIT_SLOW,
 # LIMIT_CMAKE, LIMIT_PROFILE_TORCH, LIMIT_PROFILE (the ncu runs), LIMIT_DECODE, LIMIT_QK_TOPN,
 # LIMIT_GATHER, LIMIT_MEMCHECK, LIMIT_RACECHECK, LIMIT_SYNCCHECK; PER_TEST (60 s) is pytest's
@@ -98,7 +98,7 @@ for arg in "$@"; do
       exit 2 ;;
   esac
 done
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(build toolchain tests bench profile sanitize e2e slow)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(build toolchain tests bench profile e2e sanitize slow)
 OUT=${OUT:-$ROOT/gpu_out}
 WORK=${WORK:-$ROOT/gpu_logs}  # per-stage logs and results, packed into $OUT after each stage
 LOG=$OUT/run_gpu.log
