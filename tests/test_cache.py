@@ -642,6 +642,28 @@ def test_after_a_captured_step_every_prompt_clears_to_the_capacity(monkeypatch):
         assert all(buffer[:, :, 6:].eq(0).all() for buffer in cache.k + cache.v)
 
 
+@pytest.mark.parametrize("backend, options", [("dense", None),
+                                              ("kcache", KCacheOptions(dense_layers=(0, 1)))])
+def test_after_a_captured_step_eager_steps_attend_over_every_key(backend, options, monkeypatch):
+    """Replays of a captured decode step advance the lengths on the device alone, so the host's
+    longest lags them: an eager step after them (simulated: a step whose count the host then
+    forgets) attends over every key the device's lengths cover, not the host's longest + 1 (the
+    dense attention read that many keys and dropped the replays' rows)."""
+    from kcache_ops.caches import lengths as lengths_module
+    graphed, eager = prefilled_twins(backend, options)
+    with monkeypatch.context() as m:
+        m.setattr(lengths_module, "capturing", lambda t: True)
+        decode_steps(graphed, 1, seed=1)  # the capture
+    decode_steps(eager, 1, seed=1)
+    for seed in (2, 3):  # two replays: the host does not count them
+        decode_steps(graphed, 1, seed=seed)
+        graphed.lengths.longest -= 1
+        decode_steps(eager, 1, seed=seed)
+    assert torch.equal(graphed.seq_lens, eager.seq_lens)
+    torch.testing.assert_close(decode_steps(graphed, 1, seed=4), decode_steps(eager, 1, seed=4),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_a_store_that_fails_inside_leaves_its_layer_unstored(monkeypatch):
     """A layer's store that fails inside the cache (the tail's, made to fail) does not count as
     stored: the prompt cannot be finished without storing that layer again (it was finished

@@ -3,7 +3,7 @@ decode step (:func:`append_and_attend`) also serves KCache's dense layers."""
 import torch
 import torch.nn.functional as F
 
-from .lengths import SeqLengths, capturing, check_layer_inputs, check_sizes
+from .lengths import SeqLengths, check_layer_inputs, check_sizes
 from .memory import check_memory
 
 
@@ -41,13 +41,14 @@ def append_and_attend(lengths, k_cache, v_cache, q, k, v):
     exactly over ``seq_lens[b] + 1`` tokens; q [B, Hq, D] -> out [B, Hq, D].
 
     ``lengths`` is the cache's :class:`SeqLengths`; only the first ``longest + 1`` keys are read,
-    or, while a CUDA graph is captured (whose replays advance the lengths on the device alone),
-    every key: the mask gives those past ``seq_lens[b]`` weight 0.
+    or, once a decode step has been captured in a CUDA graph (whose replays advance the lengths
+    on the device alone, so that the host's ``longest`` lags them), every key: the mask gives
+    those past ``seq_lens[b]`` weight 0.
     """
     pos = lengths.positions  # [B] long
     k_cache[lengths.rows, :, pos] = k
     v_cache[lengths.rows, :, pos] = v
-    width = k_cache.shape[2] if capturing(k_cache) else lengths.longest + 1
+    width = k_cache.shape[2] if lengths.graphed else lengths.longest + 1  # set in decode_step
     return exact_decode_attention(q, k_cache[:, :, :width], v_cache[:, :, :width],
                                   lengths.attend_lens)
 

@@ -146,6 +146,12 @@ class SeqLengths:
             raise ValueError(f"{self.owner}: lens must have shape {list(self.seq_lens.shape)} "
                              f"(one per cached sequence), got {list(lens.shape)}")
 
+    @property
+    def graphed(self):
+        """Whether a decode step has been captured into a CUDA graph (sticky: its replays advance
+        the lengths on the device alone, so the host's ``longest`` no longer bounds them)."""
+        return self._graphed
+
     @contextmanager
     def decode_step(self, layer):
         """Around ``layer``'s decode step: no prompt is half stored, every sequence can take one
