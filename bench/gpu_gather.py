@@ -123,7 +123,7 @@ def main():
             pts = sorted((r["row_bytes"], r["GBs"], r["row_bytes"] * n_rows * B * H
                           / r["torch_us"] / 1e3) for r in rs
                          if r["rows_per_head"] == n_rows and r["mem"] == "pinned"
-                         and r.get("host_GiB", 0.5) == 0.5)
+                         and r.get("host_GiB") == SRC_BYTES / 2**30)
             if pts:
                 x, ours, torch_gbs = zip(*pts)
                 ax.plot(x, ours, "o-", label=f"gather_rows, {n_rows} rows/head")

@@ -10,8 +10,9 @@ KCacheOptions()). Each variant is warmed up, then a few steps run under a profil
 
 --method torch (default): torch.profiler records the device activity of the steps (CUPTI
   activity records, no hardware counters: it works where ncu cannot read them). One line per
-  kernel, shape and variant: its device µs per step, launches per step and share of the kernels' time;
-  then per shape and variant the kernels' sum beside the step timed whole in a CUDA graph
+  kernel, shape and variant: its device µs per step, launches per step and share of the
+  kernels' time; then per shape and variant the kernels' sum beside the step timed whole in a
+  CUDA graph
   (timing.time_us): the difference is the time between the kernels, negative where kernels
   overlap (the default step runs sparse_attn_v on a second stream beside lowbit_tail).
   <out>/profile_step.json.

@@ -67,8 +67,9 @@
 #   imports together 90 (37); e2e 150 (61; the steps now captured in CUDA graphs: two random 8B
 #   models, four prefills, the transformers comparison); sanitize: memcheck 70, racecheck 45,
 #   synccheck 35 (12-14 each); slow: what is left, the CMake rebuild last. The call of
-#   2026-12-04 took 545 s to the end of the sanitizer: slow is what a second call is for (e2e
-#   runs before the sanitizer since, which found nothing on 2026-11-30 or 2026-12-04).
+#   2026-12-04 took 545 s to the end of e2e (then after the sanitizer): slow is what a second
+#   call is for (e2e runs before the sanitizer since, which found nothing on 2026-11-30 or
+#   2026-12-04).
 # Each limit can be set: BUDGET, LIMIT_BUILD, LIMIT_LONG_TEST, LIMIT_TEST, LIMIT_E2E, LIMIT_SLOW,
 # LIMIT_CMAKE, LIMIT_PROFILE_TORCH, LIMIT_PROFILE (the ncu runs), LIMIT_DECODE, LIMIT_QK_TOPN,
 # LIMIT_GATHER, LIMIT_MEMCHECK, LIMIT_RACECHECK, LIMIT_SYNCCHECK; PER_TEST (60 s) is pytest's

@@ -49,35 +49,33 @@ def sync(device):
 
 def graphed(step, device):
     """``step`` (a call with no arguments that keeps its tensors' addresses) run once as a
-    warm-up, then, on CUDA, captured once in a CUDA graph -> (a call that replays it and returns
-    what the captured call returned, its outputs rewritten in place by each replay, "graph").
-    Timed eagerly, a step of many small kernels measures the host that launches them; replayed,
-    it measures the device. (step, "eager") on the CPU, and (step, "eager (not captured: ...)")
-    where the capture fails (a host read or sync inside the step): the capture's own call only
-    ran the step's host-side bookkeeping, whose counters then stand one step ahead of the
-    device's. Out of device memory is raised, as in a step run eagerly."""
-    if torch.device(device).type != "cuda":
-        step()
-        return step, "eager"
-    side = torch.cuda.Stream(device)  # the warm-up on a side stream, as torch.cuda.graphs asks
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            outputs = step()
-    except torch.OutOfMemoryError:
-        raise
-    except RuntimeError as e:
-        torch.cuda.synchronize(device)
-        return step, f"eager (not captured: {str(e).splitlines()[0][:120]})"
+    warm-up on a side stream, then captured once in a CUDA graph on the CUDA ``device`` -> a call
+    that replays it and returns what the captured call returned (its outputs, rewritten in place
+    by each replay). The capture runs only the step's host side: host counters the step keeps
+    stand one step ahead of the device's after it. A step that cannot be captured (a host read or
+    sync inside it) is a RuntimeError saying why; one that runs out of device memory while
+    captured, torch.OutOfMemoryError, as when run eagerly."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream()  # the warm-up torch.cuda.graphs asks for
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                outputs = step()
+        except RuntimeError as e:  # a failure inside the capture surfaces as the capture's end
+            cause = e.__context__ if e.__context__ is not None else e
+            if isinstance(cause, torch.OutOfMemoryError) or "out of memory" in str(cause):
+                raise torch.OutOfMemoryError(str(cause).splitlines()[0]) from e
+            raise RuntimeError("the step could not be captured in a CUDA graph (a host read or "
+                               f"sync inside it?): {str(cause).splitlines()[0]}") from e
 
     def replay():
         graph.replay()
         return outputs
-    return replay, "graph"
+    return replay
 
 
 def median_seconds(device, step, runs):

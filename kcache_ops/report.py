@@ -32,7 +32,8 @@ def gather_section(data):
             "speedup vs torch |", "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         speedup = "–" if r.get("speedup_vs_torch") is None else f"{r['speedup_vs_torch']:.1f}x"
-        buffers = r.get("buffers", 1)  # rows written before the footprint rows: one 512 MiB
+        buffers = r.get("buffers", 1)  # rows written before the footprint rows: the script's
+        # one 512 MiB buffer
         host = f"{r.get('host_GiB', 0.5):g} GiB" + (f" in {buffers} buffers" if buffers > 1 else "")
         out.append(f"| {r['row_bytes']} | {r['rows_per_head']} | {r['mem']} | {host} | "
                    f"{r['GBs']:.1f} | {r['pct_ceiling']:.0f}% | {speedup} |")

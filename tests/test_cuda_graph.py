@@ -178,8 +178,7 @@ def test_model_decode_steps_graph_replay(backend):
     with torch.inference_mode():
         for cache in (graphed_cache, eager):
             model.prefill(prompt, lens, cache)
-        step, timed = graphed(lambda: model.decode(token, graphed_cache), "cuda")
-        assert timed == "graph"
+        step = graphed(lambda: model.decode(token, graphed_cache), "cuda")
         model.decode(token, eager)  # the twin of graphed's warm-up
         for _ in range(steps):
             token.random_(0, config.vocab_size)

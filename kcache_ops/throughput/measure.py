@@ -1,6 +1,7 @@
 """The throughput measurement: the largest batch of each backend that fits the device-memory
 budget, the prefill and decode timings, the memory and PCIe traffic of each (model, context,
 backend), and the transformers comparison of the dense rows."""
+import functools
 import statistics
 import time
 
@@ -8,6 +9,7 @@ import torch
 
 from ..caches import check_kcache, make_cache, sequence_bytes
 from ..devices import graphed, median_seconds, sync
+from ..model.llama import Llama
 from ..ops import host_bytes_available
 from .ceilings import floor_seconds, weight_bytes_per_step
 from .shapes import SHAPES, random_model
@@ -44,13 +46,15 @@ def time_prefill(model, backend, options, context, runs=3):
 def time_decode(model, backend, options, batch, context, steps):
     """Fill a cache of ``batch`` sequences with ``context`` random K/V rows, then time ``steps``
     decode steps after two warm-up steps -> (the median seconds of a step, the cache, peak device
-    bytes, how the steps were timed: :func:`~kcache_ops.devices.graphed`'s "graph" or "eager").
-    On CUDA the step (every layer, finish_decode and the logits) is captured once in a CUDA graph
-    and its replays are timed: run eagerly, a step's ~50 small kernels a layer measure the
-    Python that launches them (on an H200 both backends' eager steps took ~80 ms at 32K context,
-    whatever their batch). Captured, the dense cache attends over its whole capacity (context +
-    steps + 2 keys, its mask zeroing those past each sequence's length) instead of the longest
-    sequence's keys."""
+    bytes, how the steps were timed: "graph" or "eager").
+
+    On CUDA, kcache_ops' own decoder's step (every layer, finish_decode and the logits) is
+    captured once in a CUDA graph (:func:`~kcache_ops.devices.graphed`) and its replays are
+    timed: run eagerly, a step's ~50 small kernels a layer time the Python that launches them (on
+    an H200 both backends' eager steps took ~80 ms at 32K context, whatever their batch).
+    Captured, the dense cache attends over its whole capacity (context + steps + 2 keys, its mask
+    zeroing those past each sequence's length) instead of the longest sequence's keys. The
+    transformers engine's step runs eagerly (its model code is not ours to keep capturable)."""
     c, device = model.config, model.device
     cache = new_cache(model, backend, options, batch, context + steps + 2)
     kv = torch.randn(batch, c.num_kv_heads, context, c.head_dim, device=device,
@@ -61,10 +65,15 @@ def time_decode(model, backend, options, batch, context, steps):
     del kv
     cache.finish_prefill(lens)
     token = torch.randint(0, c.vocab_size, (batch,), device=device)  # [B]
-    model.decode(token, cache)  # warm-up; graphed runs the second
-    step, timed = graphed(lambda: model.decode(token, cache), device)
-    if device.type == "cuda":
+    if device.type == "cuda":  # the peak of the step's own memory too, in the graph's pool
         torch.cuda.reset_peak_memory_stats(device)
+    model.decode(token, cache)  # the first warm-up; graphed runs the second
+    timed = "graph" if device.type == "cuda" and isinstance(model, Llama) else "eager"
+    if timed == "graph":
+        step = graphed(lambda: model.decode(token, cache), device)
+    else:
+        step = functools.partial(model.decode, token, cache)
+        step()
     sync(device)
     seconds = median_seconds(device, step, steps)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
