@@ -305,7 +305,8 @@ __device__ __forceinline__ void select_lse(const QkSelectParams& p, int64_t row0
 #pragma unroll 1
     for (int c = lane; c < p.num_chunks; c += 32) r = maxsum_merge(r, part[c]);
     r = warp_maxsum(r);
-    if (lane == 0) {  // rounded once from double, as the CPU op's: logf is off by up to an ulp
+    if (lane == 0) {  // m + log(l) rounded once from double, as the CPU op's (logf is off by
+      // up to an ulp); l itself is the chunks' float sums, where the CPU op's is double
       const float lse = r.m == -INFINITY
                             ? -INFINITY
                             : static_cast<float>(static_cast<double>(r.m) + log(double{r.l}));
@@ -516,10 +517,11 @@ __device__ __forceinline__ int cand_index(unsigned long long c) {
 }
 
 // Head h's full-softmax mass exp(s_j - lse) of sorted pick i, 0 where it is NaN (as the
-// reference's nan_to_num) or the pick is not a valid key. The float32 exp correctly rounded (from
-// double), as the reference's and the CPU op's: with expf and logf (each off by up to an ulp or
-// two), 8 equal scores (each mass 0.125 only when rounded to nearest), whose prefix of 4 reaches
-// top_p = 0.5 exactly, kept a fifth entry on the H200.
+// reference's nan_to_num) or the pick is not a valid key. The float32 exp rounded from double,
+// nearer the reference's torch.exp and the CPU op's std::exp (neither promises correct rounding)
+// than expf: with expf and logf (each off by up to an ulp or two), 8 equal scores (each mass
+// 0.125 only when rounded to nearest), whose prefix of 4 reaches top_p = 0.5 exactly, kept a
+// fifth entry on the H200.
 __device__ __forceinline__ double pick_mass(const SelectRow& row, int h, int i,
                                             const SelectShared& sh) {
   const int j = cand_index(sh.cand[i]);
