@@ -49,13 +49,10 @@ def index_sets(S, n_rows, count=8):
 def parse_footprint(text):
     """'GIBxBUFFERS' -> (GiB of host memory, buffers it is split in), the GiB a multiple of the
     buffers."""
-    try:
-        gib, buffers = (positive_int(part) for part in text.lower().split("x"))
-    except (ValueError, argparse.ArgumentTypeError):
-        gib = buffers = None
-    if gib is None or gib % buffers:
-        raise argparse.ArgumentTypeError(
-            f"a footprint is GIBxBUFFERS with GIB a multiple of BUFFERS, e.g. 8x8, got {text!r}")
+    form = "a footprint is GIBxBUFFERS with GIB a multiple of BUFFERS, e.g. 8x8"
+    gib, buffers = timing.int_pair(text, form)
+    if gib % buffers:
+        raise argparse.ArgumentTypeError(f"{form}, got {text!r}")
     return gib, buffers
 
 

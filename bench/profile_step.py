@@ -127,11 +127,7 @@ def profile_range(args):
 
 def parse_shape(text):
     """'SxB' -> (S tokens, B sequences), both positive."""
-    try:
-        S, B = (positive_int(part) for part in text.lower().split("x"))
-    except (ValueError, argparse.ArgumentTypeError):
-        raise argparse.ArgumentTypeError(f"a shape is TOKENSxBATCH, e.g. 32768x8, got {text!r}")
-    return S, B
+    return timing.int_pair(text, "a shape is TOKENSxBATCH, e.g. 32768x8")
 
 
 def warmed_up(variants, S, B, n):

@@ -5,6 +5,7 @@ the bench command measures too), pinned host buffers filled from the GPU,
 memory-fit checks, and :class:`Recorder`, which prints one line per configuration and rewrites
 the benchmark's JSON after each one (the machine description and the folder come from
 :mod:`kcache_ops.results`)."""
+import argparse
 import os
 import statistics
 import time
@@ -13,6 +14,7 @@ import torch
 
 import kcache_ops
 from kcache_ops import results
+from kcache_ops.cli.args import positive_int
 # the ceilings, on "cuda" by default: the benchmarks' ``timing.d2d_bandwidth_gbs()`` and
 # ``timing.h2d_bandwidth_gbs()``
 from kcache_ops.throughput.ceilings import d2d_bandwidth_gbs, h2d_bandwidth_gbs  # noqa: F401
@@ -160,6 +162,18 @@ class Recorder:
         fig.savefig(path + ".png", dpi=120)
         plt.close(fig)
         print(f"# wrote {path}.json and .png")
+
+
+def int_pair(text, form):
+    """'AxB' -> (A, B), both integers >= 1; argparse.ArgumentTypeError "<form>, got 'text'"
+    otherwise (``form`` says what the pair is, with an example)."""
+    parts = text.lower().split("x")
+    try:
+        if len(parts) == 2:
+            return positive_int(parts[0]), positive_int(parts[1])
+    except (ValueError, argparse.ArgumentTypeError):
+        pass
+    raise argparse.ArgumentTypeError(f"{form}, got {text!r}")
 
 
 def add_common_arguments(parser):

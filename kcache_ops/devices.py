@@ -49,9 +49,9 @@ def sync(device):
 
 def graphed(step, device):
     """``step`` (a call with no arguments that keeps its tensors' addresses) run once as a
-    warm-up on a side stream, then captured once in a CUDA graph on the CUDA ``device`` -> a call
-    that replays it and returns what the captured call returned (its outputs, rewritten in place
-    by each replay). The capture runs only the step's host side: host counters the step keeps
+    warm-up on a side stream, then captured once in a CUDA graph on the CUDA ``device`` -> (the
+    graph, what the captured call returned: its outputs, rewritten in place by each
+    ``graph.replay()``). The capture runs only the step's host side: host counters the step keeps
     stand one step ahead of the device's after it. A step that cannot be captured (a host read or
     sync inside it) is a RuntimeError saying why; one that runs out of device memory while
     captured, torch.OutOfMemoryError, as when run eagerly."""
@@ -71,11 +71,7 @@ def graphed(step, device):
                 raise torch.OutOfMemoryError(str(cause).splitlines()[0]) from e
             raise RuntimeError("the step could not be captured in a CUDA graph (a host read or "
                                f"sync inside it?): {str(cause).splitlines()[0]}") from e
-
-    def replay():
-        graph.replay()
-        return outputs
-    return replay
+    return graph, outputs
 
 
 def median_seconds(device, step, runs):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kcache_ops
+from kcache_ops.devices import graphed
 
 requires_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() and kcache_ops.built_with_cuda()),
@@ -14,18 +15,11 @@ requires_cuda = pytest.mark.skipif(
 
 
 def capture_graph(step):
-    """Runs step() once on a side stream (the warm-up torch.cuda.graphs recommends), then captures
-    a call of it in a CUDA graph; returns (graph, what the captured call returned: its static
-    outputs, rewritten by each graph.replay())."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = step()
-    return graph, outputs
+    """step() warmed up on a side stream, then captured in a CUDA graph on the current CUDA
+    device, as the throughput bench captures a decode step (kcache_ops.devices.graphed) ->
+    (graph, what the captured call returned: its static outputs, rewritten by each
+    graph.replay())."""
+    return graphed(step, torch.cuda.current_device())
 
 
 def ref_scores(q, k_cache, seq_lens, scale):

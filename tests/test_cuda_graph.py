@@ -158,13 +158,12 @@ def test_default_decode_steps_graph_replay(lens, S, reuse):
 @requires_cuda
 @pytest.mark.parametrize("backend", ["dense", "kcache"])
 def test_model_decode_steps_graph_replay(backend):
-    """What the throughput bench times (kcache_ops.devices.graphed): a model's whole decode step,
-    every layer, finish_decode and the float32 logits, captured once and replayed with new tokens
-    each time, gives its eager twin's logits and lengths (an eager step of ~50 small kernels a
-    layer times the host that launches them). The captured dense cache attends over its whole
-    capacity, masked, so its sums may round differently."""
+    """What the throughput bench times (capture_graph is its kcache_ops.devices.graphed): a
+    model's whole decode step, every layer, finish_decode and the float32 logits, captured once
+    and replayed with new tokens each time, gives its eager twin's logits and lengths (an eager
+    step of ~50 small kernels a layer times the host that launches them). The captured dense
+    cache attends over its whole capacity, masked, so its sums may round differently."""
     from kcache_ops.caches import make_cache
-    from kcache_ops.devices import graphed
     from kcache_ops.throughput.shapes import SHAPES, random_model
     config = SHAPES["tiny"]
     model = random_model(config, torch.device("cuda"), torch.bfloat16)
@@ -178,11 +177,11 @@ def test_model_decode_steps_graph_replay(backend):
     with torch.inference_mode():
         for cache in (graphed_cache, eager):
             model.prefill(prompt, lens, cache)
-        step = graphed(lambda: model.decode(token, graphed_cache), "cuda")
-        model.decode(token, eager)  # the twin of graphed's warm-up
+        graph, logits = capture_graph(lambda: model.decode(token, graphed_cache))  # [B, V]
+        model.decode(token, eager)  # the twin of capture_graph's warm-up
         for _ in range(steps):
             token.random_(0, config.vocab_size)
-            logits = step()  # [B, V] float32
+            graph.replay()
             want = model.decode(token, eager)
             torch.testing.assert_close(logits, want, atol=2e-2, rtol=2e-2)
     assert torch.equal(graphed_cache.seq_lens, eager.seq_lens)

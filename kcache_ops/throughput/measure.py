@@ -70,7 +70,7 @@ def time_decode(model, backend, options, batch, context, steps):
     model.decode(token, cache)  # the first warm-up; graphed runs the second
     timed = "graph" if device.type == "cuda" and isinstance(model, Llama) else "eager"
     if timed == "graph":
-        step = graphed(lambda: model.decode(token, cache), device)
+        step = graphed(lambda: model.decode(token, cache), device)[0].replay
     else:
         step = functools.partial(model.decode, token, cache)
         step()
