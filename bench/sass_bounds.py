@@ -16,8 +16,8 @@ SASS (cuobjdump -sass) and the registers (cuobjdump -res-usage), and counts:
   writes for its slice first: issues per score float. The count is static: the early exits of the
   select (after a radix pass whose threshold bin holds exactly the keys still needed; no
   index-order scan in the collect when every key equal to the threshold is taken) are not
-  modelled, so the select's count is an upper bound. The merge of split rows (a sort of slices x N
-  picks per row) is not counted.
+  modelled, so the select's count is an upper bound. The merge of split rows (a tree of merges of the
+  slices' sorted lists of N picks per row) is not counted.
 
 Model (stated, not measured):
 * issue bound = warp-instructions / (SMs x 4 issue slots per cycle (4 warp schedulers, one issue
@@ -87,7 +87,7 @@ SCORE_BLOCK_OVERHEAD_KEYS = 128  # kScoreBlockOverheadKeys
 SELECT_THREADS = 512  # kSelectThreads
 SELECT_SLICE_KEYS = 4 * SELECT_THREADS  # kSelectSliceKeys: fewest keys per slice of a split
 SELECT_BLOCKS_PER_SM = 4  # kSelectBlocksPerSm
-MAX_TOP_N = 4096  # kMaxTopN: the merge sorts at most this many picks
+MAX_TOP_N = 4096  # kMaxTopN: the merge holds the slices' lists of picks in this many slots
 SELECT_N = 64  # the N of the predictions (the group_select step's; the default step's 128, N + hot
 # rows, gives the same slices at these shapes)
 SELECT_PASSES = 4  # 3 radix passes + the collect pass read the ranked row (where not staged)
@@ -130,11 +130,19 @@ def score_chunk(s, blocks_per_chunk, sms):
                       max(-(-s // 256) * 256, 512), SCORE_BLOCK_OVERHEAD_KEYS)
 
 
+def bitonic_size(n):
+    """bitonic_size of kernel_utils.cuh: the smallest power of two >= n (1 for n <= 1)."""
+    size = 1
+    while size < n:
+        size *= 2
+    return size
+
+
 def select_slices(s, rows, n, sms):
     """(slices, keys per slice) of a ranked row of s keys, as plan_qk_topn of qk_topn_launch.h
     (qk_select_slices, qk_select_slice_keys)."""
     want = min(max(1, SELECT_BLOCKS_PER_SM * sms // rows), max(1, s // SELECT_SLICE_KEYS),
-               max(1, MAX_TOP_N // max(n, 1)))
+               max(1, MAX_TOP_N // bitonic_size(n)))
     keys = max(1, -(-(-(-s // want)) // 4)) * 4
     return max(1, -(-s // keys)), keys
 
@@ -142,10 +150,7 @@ def select_slices(s, rows, n, sms):
 def select_staged(slice_keys, n):
     """select_staged of qk_topn_kernel.cuh: a slice's keys fit in the select block's shared memory
     (kMaxTopN / 2 groups of 4 floats) after the slots of its picks (staged_keys_offset)."""
-    size = 1
-    while size < n:
-        size *= 2
-    return (size + 1) // 2 + slice_keys // 4 <= MAX_TOP_N // 2
+    return (bitonic_size(n) + 1) // 2 + slice_keys // 4 <= MAX_TOP_N // 2
 
 
 def find_tool(name):

@@ -245,8 +245,8 @@ def test_qk_topn_group_mass_slices(race_exe):
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_qk_topn_split_select(race_exe, group_select, ties):
     """Few rows on 8 multiprocessors: each row's select split over 8 slices of 2052 keys
-    (qk_select_kernel), their picks merged (qk_select_merge_kernel), one row shorter than S, so that
-    its last three slices are empty;
+    (qk_select_kernel), their sorted picks merged by the row's last block to finish, one row
+    shorter than S, so that its last three slices are empty;
     small-integer inputs give many equal scores (the index-order path within a slice, and equal
     keys across slices ordered by the merge)."""
     B, Hkv, G, S, D, n = 2, 1, 2, 16400, 64, 60
@@ -258,6 +258,19 @@ def test_qk_topn_split_select(race_exe, group_select, ties):
     lens = seq_lens_tensor([S, 10001], "cpu")
     out = run_qk_topn(race_exe, q, k, lens, n, 1 / 8, group_select, sms=8)
     check_topn(q, k, lens, n, 1 / 8, group_select, out)
+
+
+@pytest.mark.parametrize("S, slices", [(6200, 3), (10300, 5)])
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_qk_topn_split_select_odd_slices(race_exe, group_select, S, slices):
+    """3 and 5 slices of a row (at least 2048 keys each: qk_select_slices), so that a list of
+    picks waits a level of the merge tree for a partner; n = 60 pads each slice's list to 64;
+    the second sequence ends in an inner slice."""
+    q, k = make_qk(2, 4, 2, S, 64, torch.float32, "cpu")
+    lens = seq_lens_tensor([S, S - 2500], "cpu")
+    out = run_qk_topn(race_exe, q, k, lens, 60, 1 / 8, group_select, sms=132)
+    check_topn(q, k, lens, 60, 1 / 8, group_select, out)
+    assert S // 2048 == slices
 
 
 @pytest.mark.parametrize("group_select, sms, split", [

@@ -397,6 +397,13 @@ __host__ __device__ constexpr int bitonic_size(int count) {
   return size;
 }
 
+// log2 of a power of two.
+__host__ __device__ constexpr int log2_pow2(int size) {
+  int log = 0;
+  while ((1 << log) < size) ++log;
+  return log;
+}
+
 // Sorts key[0, size) by a block of kThreads threads, size a power of two, descending if
 // kDescending else ascending: a bitonic network of log2(size) · (log2(size) + 1) / 2
 // compare-exchange stages, one barrier each, every thread taking size / 2 / kThreads pairs of a
@@ -412,6 +419,45 @@ __device__ __forceinline__ void block_bitonic_sort(unsigned long long* key, int 
         if (ascending ? a > c : a < c) {
           key[i] = c;
           key[i + stride] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Merges `lists` lists key[l · size, (l + 1) · size) (size a power of two), each sorted
+// descending, into the `size` largest keys of all of them, sorted descending, in key[0, size): a
+// tree of pairwise merges by a block of kThreads threads. At the level of width w, every list a
+// that is a multiple of 2w with a list a + w beside it takes, entry by entry, the larger of its
+// entry t and that list's entry size - 1 - t (the `size` largest of both, as one bitonic
+// sequence), then sorts it with a bitonic merge of log2(size) compare-exchange stages. Lists
+// a + w are only read at their level, so each level's steps need one barrier each:
+// ceil(log2(lists)) · (1 + log2(size)) in all, where sorting the lists' union from scratch takes
+// log2(lists · size) · (log2(lists · size) + 1) / 2 stages over all of it. Every thread must call
+// it; ends with a barrier (none when lists = 1).
+template <int kThreads>
+__device__ __forceinline__ void block_merge_sorted_lists(unsigned long long* key, int lists,
+                                                         int size) {
+  const int log_size = log2_pow2(size);
+  for (int w = 1; w < lists; w <<= 1) {
+    const int pairs = (lists - w + 2 * w - 1) / (2 * w);  // lists a = 2w · m with a + w < lists
+    const int pair_shift = log_size + log2_pow2(2 * w);  // list a = (q >> log_size) · 2w
+    for (int q = threadIdx.x; q < pairs * size; q += kThreads) {
+      const int t = (q >> log_size << pair_shift) + (q & (size - 1));  // entry t of list a
+      const unsigned long long other = key[t - 2 * (q & (size - 1)) + w * size + size - 1];
+      if (other > key[t]) key[t] = other;
+    }
+    __syncthreads();
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int q = threadIdx.x; q < pairs * size / 2; q += kThreads) {
+        const int r = q & (size / 2 - 1);  // pair r of list a = (q >> (log_size - 1)) · 2w
+        // r with a 0 inserted at bit log2(stride)
+        const int i = (q >> (log_size - 1) << pair_shift) + 2 * r - (r & (stride - 1));
+        const unsigned long long x = key[i], y = key[i + stride];
+        if (x < y) {
+          key[i] = y;
+          key[i + stride] = x;
         }
       }
       __syncthreads();

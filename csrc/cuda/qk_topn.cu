@@ -1,7 +1,7 @@
 // kcache_ops::qk_topn on CUDA: checks, device guard, current stream, scratch allocation, dtype /
 // head-dim / group dispatch, and the launches of qk_topn_kernel.cuh as qk_topn_launch.h plans them
-// (scores; the select, which in group mode writes the group mass first; the merge of the select's
-// slices when a row is split). No host synchronisation except the seq_lens range check, which
+// (scores; the select, which in group mode writes the group mass first and whose blocks merge
+// the slices of a row split over several). No host synchronisation except the seq_lens range check, which
 // check_values=False skips (launch_utils.h).
 #include <tuple>
 #include <type_traits>
@@ -59,9 +59,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
   // [B, Hq, num_chunks] (max, sumexp) pairs
   at::Tensor partials = at::empty({dims.B, dims.Hq, plan.num_chunks, 2}, fopts);
   auto* partials_ptr = reinterpret_cast<MaxSum*>(partials.data_ptr<float>());
+  // [B, ranked rows] the select's counters of finished slices (zeroed by the score pass)
+  at::Tensor slices_done = at::empty({plan.select_rows}, fopts.dtype(at::kInt));
 
   if (plan.num_chunks > 0) {
-    const QkScoresParams p = qk_scores_params(args, plan, scratch.data_ptr<float>(), partials_ptr);
+    const QkScoresParams p = qk_scores_params(args, plan, scratch.data_ptr<float>(), partials_ptr,
+                                              slices_done.data_ptr<int>());
     dispatch_kernel_instance(q.scalar_type(), dims.D, plan.group_slice, kOp,
                              [&](auto type_tag, auto d_tag, auto gs_tag) {
       using T = std::remove_pointer_t<decltype(type_tag)>;
@@ -77,13 +80,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
   const QkSelectParams sp =
       qk_select_params(args, plan, scratch.data_ptr<float>(), partials_ptr,
                        mass.data_ptr<float>(),
-                       reinterpret_cast<unsigned long long*>(picks.data_ptr<int64_t>()));
+                       reinterpret_cast<unsigned long long*>(picks.data_ptr<int64_t>()),
+                       slices_done.data_ptr<int>());
   qk_select_kernel<<<to_dim3(plan.select_grid), plan.select_block, 0, stream>>>(sp);
   KC_CHECK_LAUNCH("qk_topn (select)");
-  if (plan.select_slices > 1) {
-    qk_select_merge_kernel<<<to_dim3(plan.merge_grid), plan.select_block, 0, stream>>>(sp);
-    KC_CHECK_LAUNCH("qk_topn (select merge)");
-  }
   return {scores, indices, lse, all_scores};
 }
 

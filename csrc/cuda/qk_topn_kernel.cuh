@@ -1,5 +1,5 @@
-// qk_topn on the GPU: a score kernel, a select kernel and, when a row's select is split over
-// several blocks, a merge kernel (bytes and design: bench/NOTES.md).
+// qk_topn on the GPU: a score kernel and a select kernel, whose blocks merge a row's slices when it
+// is split over several (bytes and design: bench/NOTES.md).
 //
 // 1. qk_scores_kernel — one block per (chunk of keys, KV head, slice of <= GS query heads of its
 //    group, sequence), the chunks sized to whole waves of 2 blocks per SM. Each K row is read once,
@@ -18,13 +18,13 @@
 //    there instead, and the passes below never read device memory. radix_select finds the slice's
 //    N-th largest ranking key by a 3-pass radix select (11 + 11 + 10 bits, histograms in shared
 //    memory), ending early when the threshold's bin holds exactly the keys still needed;
-//    collect_candidates gathers the keys above it plus the lowest-index keys equal to it. With one
-//    slice per row these are sorted by (key desc, index asc) with a bitonic sort in shared memory
-//    and written (scores, indices, lse, padding); with several, each slice's N best go to a picks
-//    buffer.
-// 3. qk_select_merge_kernel (rows split over several slices) — one block per ranked row: lse, and
-//    the sort of its slices' slices · N picks, of which the first N are the row's N best (every key
-//    of those is among its own slice's N best).
+//    collect_candidates gathers the keys above it plus the lowest-index keys equal to it, sorted by
+//    (key desc, index asc) with a bitonic sort in shared memory. With one slice per row these are
+//    written (scores, indices, lse, padding); with several, each slice's N best go to a picks
+//    buffer, and the last of the row's blocks to finish (a counter per row, zeroed by the score
+//    kernel) merges the slices' sorted lists pairwise in a tree (a bitonic merge of each pair's N
+//    best) into the row's N best (every key of those is among its own slice's N best) and writes
+//    them with the row's lse.
 //    The ranking key is s (per head) or the group mass c_j (group mode).
 // NaN as the reference: a NaN score makes its row's lse NaN and ranks above every number (per
 // head); a NaN term of the group mass counts 0.
@@ -55,6 +55,8 @@ struct QkScoresParams {
   int64_t score_stride;      // S rounded up to a multiple of 4 (16-byte aligned rows)
   int hq, hkv, s, chunk, num_chunks, slices;
   float scale;
+  int* slices_done;          // [select_rows] qk_select_kernel's counters, zeroed here; or nullptr
+  int select_rows;           // its length (B · ranked rows: at most 2 · SMs when rows split)
 };
 
 // Keys of one block-iteration for element type T and head dim D (the chunk is a multiple of it).
@@ -193,6 +195,11 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
     for (int w = 1; w < kScoreThreads / 32; ++w) r = maxsum_merge(r, sh.warp_part[w][threadIdx.x]);
     p.partials[(static_cast<int64_t>(b) * p.hq + h0 + threadIdx.x) * p.num_chunks + blockIdx.x] = r;
   }
+  // The select's counters of finished slices per row, zeroed once a call (the select runs after
+  // this kernel on the stream); here, after the key loop, whose registers it would otherwise hold.
+  if (p.slices_done != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {
+    for (int i = threadIdx.x; i < p.select_rows; i += kScoreThreads) p.slices_done[i] = 0;
+  }
 }
 
 struct QkSelectParams {
@@ -200,8 +207,10 @@ struct QkSelectParams {
   const MaxSum* partials;    // [B, Hq, num_chunks]
   float* mass;               // [B, Hkv, score_stride] group mass, written by qk_select_kernel
                              // (group mode and not staged; else unused)
-  unsigned long long* picks; // [B, ranked rows, slices, n] each slice's picks for
-                             // qk_select_merge_kernel; nullptr when slices = 1
+  unsigned long long* picks; // [B, ranked rows, slices, n] each slice's sorted picks, which the
+                             // row's last block merges; nullptr when slices = 1
+  int* slices_done;          // [B, ranked rows] the row's slices finished (zeroed by
+                             // qk_scores_kernel); nullptr when slices = 1
   int64_t score_stride;      // multiple of 4
   const int32_t* seq_lens;   // [B]
   int64_t seq_stride;        // in elements
@@ -228,6 +237,7 @@ struct SelectShared {
   float lse[kMaxGroupSelect];         // of the ranked row's heads
   int keep[kMaxGroupSelect];          // with top_p < 1: the entries each head keeps
   int digit, remaining, bin_count, n_gt;
+  bool last;  // this block is its row's last slice to finish
 };
 
 // Where a select block keeps the floats it ranks when they fit in shared memory: in sh.cand, as
@@ -292,8 +302,8 @@ struct SelectThreshold {
 
 // lse of the row's heads row0 .. row0 + nh - 1 from their chunk partials, into sh.lse (and into
 // out_lse when `out`): warp w merges head w's (then w + 16's, ...) partials, its lanes strided over
-// the chunks, then a butterfly (a fixed order: deterministic, and the same lse in the select and
-// the merge kernels). Every thread must call it; ends with a barrier.
+// the chunks, then a butterfly (a fixed order: deterministic, and the same lse in every block of
+// a row). Every thread must call it; ends with a barrier.
 __device__ __forceinline__ void select_lse(const QkSelectParams& p, int64_t row0, int nh, bool out,
                                            SelectShared& sh) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -568,24 +578,20 @@ __device__ __forceinline__ void mass_prefix_counts(const QkSelectParams& p, cons
   __syncthreads();
 }
 
-// Phases 4 and 5: sorts sh.cand[0, size) (size a power of two) by (key desc, index asc) and writes
-// n entries per head of the row: the count best picks with their scores (with top_p < 1, the
+// Phase 5: from the row's picks sorted by (key desc, index asc) in sh.cand[0, count), writes n
+// entries per head of the row: the count best picks with their scores (with top_p < 1, the
 // head's mass prefix of them), then padding (-1, -inf). Every thread must call it.
 __device__ __forceinline__ void write_selection(const QkSelectParams& p, const SelectRow& row,
-                                                int64_t row0, int count, int size,
-                                                SelectShared& sh) {
-  block_bitonic_sort<kSelectThreads, true>(sh.cand, size);
+                                                int64_t row0, int count, SelectShared& sh) {
   const bool cut = p.top_p < 1.0f;
   if (cut) mass_prefix_counts(p, row, count, sh);
-  for (int i = threadIdx.x; i < p.n; i += kSelectThreads) {
+  // one (head, entry) per thread and step: the heads' score loads all in flight at once
+  for (int o = threadIdx.x; o < row.nh * p.n; o += kSelectThreads) {
+    const int h = o / p.n, i = o - h * p.n;
     const int j = i < count ? cand_index(sh.cand[i]) : -1;
-    const bool valid = j >= 0 && j < row.len;
-    for (int h = 0; h < row.nh; ++h) {
-      const bool kept = valid && (!cut || i < sh.keep[h]);
-      const int64_t o = (row0 + h) * p.n + i;
-      p.out_indices[o] = kept ? j : -1;
-      p.out_scores[o] = kept ? row.scores[h * row.score_stride + j] : -INFINITY;
-    }
+    const bool kept = j >= 0 && j < row.len && (!cut || i < sh.keep[h]);
+    p.out_indices[row0 * p.n + o] = kept ? j : -1;
+    p.out_scores[row0 * p.n + o] = kept ? row.scores[h * row.score_stride + j] : -INFINITY;
   }
 }
 
@@ -632,18 +638,61 @@ __device__ __forceinline__ SelectRow select_row(const QkSelectParams& p, int b, 
   };
 }
 
-// Slice blockIdx.x of ranked row blockIdx.y of sequence b's n slots in p.picks.
-__device__ __forceinline__ unsigned long long* slice_picks(const QkSelectParams& p, int b) {
-  return p.picks + ((static_cast<int64_t>(b) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) *
-                       p.n;
+// The sorted picks [slices, n] of ranked row blockIdx.y of sequence b in p.picks.
+__device__ __forceinline__ unsigned long long* row_picks(const QkSelectParams& p, int b) {
+  return p.picks + (static_cast<int64_t>(b) * gridDim.y + blockIdx.y) * gridDim.x * p.n;
+}
+
+// Whether this block is the last of its row's slices to finish: its picks are made visible to the
+// other blocks (a fence by every thread) before it takes a ticket from the row's counter, so the
+// block that takes the last one sees every slice's picks (after a fence of its own, in
+// merge_slices). Block-uniform; every thread must call it.
+__device__ __forceinline__ bool last_slice(const QkSelectParams& p, int b, SelectShared& sh) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* done = p.slices_done + static_cast<int64_t>(b) * gridDim.y + blockIdx.y;
+    sh.last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
+  }
+  __syncthreads();
+  return sh.last;
+}
+
+// The row's last block: its lse (in group mode already in sh.lse from select_lse) and the tree
+// merge of its slices' sorted picks, each list padded to bitonic_size(n) in shared memory
+// (slices · bitonic_size(n) <= kMaxTopN; the staged keys there are no longer needed), read
+// through L2 (__ldcg: written by other blocks), then the row's selection written. The row is
+// taken again from the block's indices (not kept live through the radix passes, whose registers
+// it would spill).
+__device__ __forceinline__ void merge_slices(const QkSelectParams& p, SelectShared& sh) {
+  const int b = blockIdx.z;
+  int64_t row0;
+  const SelectRow row = select_row(p, b, blockIdx.y, 0, nullptr, row0);  // not ranked here
+  __threadfence();  // the other slices' picks are read after the ticket that says they are written
+  if (p.group_select) {
+    for (int h = threadIdx.x; h < row.nh; h += kSelectThreads) p.out_lse[row0 + h] = sh.lse[h];
+  } else {
+    select_lse(p, row0, row.nh, true, sh);
+  }
+  const int size = bitonic_size(p.n);  // one slice's list
+  const int log_size = log2_pow2(size);
+  const unsigned long long* picks = row_picks(p, b);  // [slices, n]
+  for (int i = threadIdx.x; i < p.slices * size; i += kSelectThreads) {
+    const int t = i & (size - 1);  // entry t of slice i / size
+    sh.cand[i] = t < p.n ? __ldcg(picks + (i >> log_size) * p.n + t) : 0ull;
+  }
+  __syncthreads();
+  block_merge_sorted_lists<kSelectThreads>(sh.cand, p.slices, size);
+  // the row's picks: min(n, its ranked keys)
+  write_selection(p, row, row0, max(0, min(p.n, ranked_end(p, row.len) - p.skip_first)), sh);
 }
 
 // grid (slices, Hq or Hkv in group mode, B), block kSelectThreads, kSelectBlocksPerSm per SM.
 // Each block ranks its slice of a row: in group mode it first merges the heads' lse and writes the
 // slice's group mass; then radix_select and collect_candidates take the slice's min(n, keys) best
-// keys. With one slice that is the row's selection, sorted and written here; with several, the
-// slice's picks (n slots, padded with 0) go to p.picks for qk_select_merge_kernel: every key of
-// the row's n best is among its slice's n best.
+// keys, which phase 4 sorts. With one slice that is the row's selection, written here; with
+// several, the slice's sorted picks (n slots, padded with 0) go to p.picks, and the row's last
+// block to finish merges them: every key of the row's n best is among its slice's n best.
 __global__ void __launch_bounds__(kSelectThreads, kSelectBlocksPerSm)
     qk_select_kernel(QkSelectParams p) {
   __shared__ SelectShared sh;
@@ -660,36 +709,17 @@ __global__ void __launch_bounds__(kSelectThreads, kSelectBlocksPerSm)
   }
   const int count = max(0, min(p.n, row.end - row.first));  // the block's picks
   const int size = bitonic_size(count);
-  if (whole_row) {
-    for (int i = threadIdx.x; i < size; i += kSelectThreads) sh.cand[i] = 0ull;  // sorts last
-  }
+  for (int i = threadIdx.x; i < size; i += kSelectThreads) sh.cand[i] = 0ull;  // sorts last
   const SelectThreshold thr = radix_select(row, p.n, sh);
   collect_candidates(row, thr, count, sh);
+  block_bitonic_sort<kSelectThreads, true>(sh.cand, size);  // phase 4: (key desc, index asc)
   if (whole_row) {
-    write_selection(p, row, row0, count, size, sh);
+    write_selection(p, row, row0, count, sh);
     return;
   }
-  unsigned long long* picks = slice_picks(p, b);  // [n]
+  unsigned long long* picks = row_picks(p, b) + blockIdx.x * p.n;  // [n]
   for (int i = threadIdx.x; i < p.n; i += kSelectThreads) picks[i] = i < count ? sh.cand[i] : 0ull;
-}
-
-// grid (Hq, or Hkv in group mode; B), block kSelectThreads; launched after qk_select_kernel when
-// rows are split (slices > 1). Merges the row's lse and sorts its slices' slices · n <= kMaxTopN
-// picks (with their padding) to write the row's selection.
-__global__ void __launch_bounds__(kSelectThreads) qk_select_merge_kernel(QkSelectParams p) {
-  __shared__ SelectShared sh;
-  const int b = blockIdx.y;
-  int64_t row0;
-  const SelectRow row = select_row(p, b, blockIdx.x, 0, staged_keys(p, sh), row0);  // not ranked
-  select_lse(p, row0, row.nh, true, sh);
-  const int total = p.slices * p.n;  // the slices' pick slots
-  const int size = bitonic_size(total);
-  const unsigned long long* picks =
-      p.picks + (static_cast<int64_t>(b) * gridDim.x + blockIdx.x) * total;  // [slices, n]
-  for (int i = threadIdx.x; i < size; i += kSelectThreads) sh.cand[i] = i < total ? picks[i] : 0ull;
-  __syncthreads();
-  // the row's picks: min(n, its ranked keys)
-  write_selection(p, row, row0, max(0, min(p.n, ranked_end(p, row.len) - p.skip_first)), size, sh);
+  if (last_slice(p, b, sh)) merge_slices(p, sh);
 }
 
 }  // namespace kcache_ops

@@ -64,14 +64,15 @@ struct QkTopnPlan {
   int scores_block;            // kScoreThreads
   int64_t mass_floats;         // group mass [B, Hkv, score_stride] float32, 0 unless group mode
                                // and not select_staged
-  int select_slices;           // blocks per ranked row of qk_select_kernel; > 1:
-                               // qk_select_merge_kernel merges their picks
+  int select_slices;           // blocks per ranked row of qk_select_kernel; > 1: the row's last
+                               // block merges their picks
   int64_t select_slice_keys;   // keys per slice, a multiple of 4
   bool select_staged;          // a slice's ranking keys fit in a select block's shared memory
   int64_t pick_count;          // picks [B, ranked rows, select_slices, n] (unsigned 64-bit), 0
                                // when select_slices = 1
   GridSize select_grid;        // (select_slices, Hq or Hkv in group mode, B)
-  GridSize merge_grid;         // (Hq or Hkv in group mode, B), launched when select_slices > 1
+  int64_t select_rows;         // the select's counters, one per ranked row (B · ranked rows)
+                               // when select_slices > 1, else 0
   int select_block;            // kSelectThreads
 };
 
@@ -96,14 +97,14 @@ inline int qk_score_chunk(int64_t S, int64_t blocks_per_chunk, int sms) {
 
 // Slices of a ranked row for qk_select_kernel: as many as one wave of kSelectBlocksPerSm blocks per
 // multiprocessor holds (all resident at once: 512 threads, 41 KiB of shared memory each), each
-// slice at least kSelectSliceKeys keys (one 16-byte group per thread), and slices · n picks within
-// the merge's sort (kMaxTopN).
+// slice at least kSelectSliceKeys keys (one 16-byte group per thread), and the slices' lists of
+// picks, bitonic_size(n) slots each, within the merge's shared memory (kMaxTopN).
 constexpr int64_t kSelectSliceKeys = 4 * kSelectThreads;
 
 inline int qk_select_slices(int64_t S, int64_t rows, int64_t n, int sms) {
   const int64_t want = std::max<int64_t>(1, kSelectBlocksPerSm * int64_t{sms} / rows);
   const int64_t by_size = std::max<int64_t>(1, S / kSelectSliceKeys);
-  const int64_t by_merge = std::max<int64_t>(1, kMaxTopN / std::max<int64_t>(n, 1));
+  const int64_t by_merge = std::max<int64_t>(1, kMaxTopN / bitonic_size(static_cast<int>(n)));
   return static_cast<int>(std::min({want, by_size, by_merge}));
 }
 
@@ -143,15 +144,21 @@ inline QkTopnPlan plan_qk_topn(const QkTopnArgs& a, int sms) {
       .select_staged = staged,
       .pick_count = select_slices > 1 ? a.B * ranked_rows * select_slices * a.n : 0,
       .select_grid = {.x = select_slices, .y = ranked_rows, .z = a.B},
-      .merge_grid = {.x = ranked_rows, .y = a.B},
+      .select_rows = select_slices > 1 ? a.B * ranked_rows : 0,
       .select_block = kSelectThreads,
   };
 }
 
+// The select's counters when its rows are split: `slices_done` [plan.select_rows], else nullptr.
+inline int* select_counters(const QkTopnPlan& plan, int* slices_done) {
+  return plan.select_slices > 1 ? slices_done : nullptr;
+}
+
 // Parameters of qk_scores_kernel. scratch [B, Hq, score_stride] float32, partials [B, Hq,
-// num_chunks] (sizes from the plan).
+// num_chunks], slices_done [plan.select_rows] int32 (sizes from the plan), which it zeroes for the
+// select when its rows are split.
 inline QkScoresParams qk_scores_params(const QkTopnArgs& a, const QkTopnPlan& plan,
-                                       float* scratch, MaxSum* partials) {
+                                       float* scratch, MaxSum* partials, int* slices_done) {
   return {
       .in = a.in,
       .scores = scratch,
@@ -164,20 +171,23 @@ inline QkScoresParams qk_scores_params(const QkTopnArgs& a, const QkTopnPlan& pl
       .num_chunks = plan.num_chunks,
       .slices = plan.slices,
       .scale = a.scale,
+      .slices_done = select_counters(plan, slices_done),
+      .select_rows = static_cast<int>(plan.select_rows),
   };
 }
 
-// Parameters of qk_select_kernel and qk_select_merge_kernel over the scratch and partials that
-// qk_scores_kernel wrote, the group mass buffer [plan.mass_floats] (unused when it is empty),
-// and the picks [plan.pick_count] when plan.select_slices > 1 (else nullptr).
+// Parameters of qk_select_kernel over the scratch, partials and counters that qk_scores_kernel
+// wrote, the group mass buffer [plan.mass_floats] (unused when it is empty), and the picks
+// [plan.pick_count] when plan.select_slices > 1 (else nullptr).
 inline QkSelectParams qk_select_params(const QkTopnArgs& a, const QkTopnPlan& plan,
                                        const float* scratch, const MaxSum* partials, float* mass,
-                                       unsigned long long* picks) {
+                                       unsigned long long* picks, int* slices_done) {
   return {
       .scores = scratch,
       .partials = partials,
       .mass = mass,
       .picks = plan.select_slices > 1 ? picks : nullptr,
+      .slices_done = select_counters(plan, slices_done),
       .score_stride = plan.score_stride,
       .seq_lens = a.in.seq_lens,
       .seq_stride = a.in.seq_stride,

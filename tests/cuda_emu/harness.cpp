@@ -86,9 +86,12 @@ Outputs run_qk_topn(const Case& c) {
   Tensor scratch = make_tensor(DType::kF32, {plan.scratch_floats}, 0xff);     // [B, Hq, stride]
   Tensor partials = make_tensor(DType::kF32, {plan.partial_count, 2}, 0xff);  // [B, Hq, chunks]
   auto* partials_ptr = static_cast<kcache_ops::MaxSum*>(partials.data());
+  // [B, ranked rows] the select's counters, poisoned: the score kernel zeroes them
+  Tensor slices_done = make_tensor(DType::kI32, {plan.select_rows}, 0x7f);
+  auto* done_ptr = static_cast<int*>(slices_done.data());
   if (plan.num_chunks > 0) {
-    const kcache_ops::QkScoresParams p =
-        kcache_ops::qk_scores_params(args, plan, static_cast<float*>(scratch.data()), partials_ptr);
+    const kcache_ops::QkScoresParams p = kcache_ops::qk_scores_params(
+        args, plan, static_cast<float*>(scratch.data()), partials_ptr, done_ptr);
     dispatch_kernel_instance(q.dtype, D, plan.group_slice,
                              [&](auto type_tag, auto d_tag, auto gs_tag) {
       using T = std::remove_pointer_t<decltype(type_tag)>;
@@ -103,7 +106,7 @@ Outputs run_qk_topn(const Case& c) {
   Tensor picks = make_tensor(DType::kI32, {2 * plan.pick_count}, 0xff);  // [B, rows, slices, n]
   const kcache_ops::QkSelectParams sp = kcache_ops::qk_select_params(
       args, plan, static_cast<const float*>(scratch.data()), partials_ptr,
-      static_cast<float*>(mass.data()), static_cast<unsigned long long*>(picks.data()));
+      static_cast<float*>(mass.data()), static_cast<unsigned long long*>(picks.data()), done_ptr);
   auto watch_selection = [&] {
     watch_output(scores.data(), scores.bytes, "scores");
     watch_output(indices.data(), indices.bytes, "indices");
@@ -111,14 +114,9 @@ Outputs run_qk_topn(const Case& c) {
   };
   watch_output(mass.data(), mass.bytes, "group mass");
   watch_output(picks.data(), picks.bytes, "picks");
-  if (plan.select_slices == 1) watch_selection();  // else written by the merge
+  watch_selection();  // by a row's only block, or the last of its slices
   launch(to_dim3(plan.select_grid), dim3(plan.select_block), "qk_select_kernel",
          [&] { kcache_ops::qk_select_kernel(sp); });
-  if (plan.select_slices > 1) {
-    watch_selection();
-    launch(to_dim3(plan.merge_grid), dim3(plan.select_block), "qk_select_merge_kernel",
-           [&] { kcache_ops::qk_select_merge_kernel(sp); });
-  }
   // the score scratch [B, Hq, score_stride]: what the launcher returns as all_scores
   return {{"scores", scores}, {"indices", indices}, {"lse", lse}, {"scratch", scratch}};
 }

@@ -706,13 +706,18 @@ void launch_raw(dim3 grid, dim3 block, const char* kernel, void (*body)(void*), 
   for (int t = 0; t < nthreads; ++t) g.fibers[t].stack = g_stacks + t * kStackBytes;
   gridDim = grid;
   blockDim = block;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = {x, y, z};
-        g_block_linear = (z * grid.y + y) * grid.x + x;
-        run_block();
-      }
+  // The blocks in a seeded random order, as a GPU promises none: a kernel whose blocks hand work
+  // to each other (the select's last block of a row merges its slices) must not depend on which.
+  std::vector<uint64_t> order(static_cast<size_t>(grid.x) * grid.y * grid.z);
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::shuffle(order.begin(), order.end(), g.rng);
+  for (const uint64_t linear : order) {
+    blockIdx = {static_cast<unsigned>(linear % grid.x),
+                static_cast<unsigned>(linear / grid.x % grid.y),
+                static_cast<unsigned>(linear / grid.x / grid.y)};
+    g_block_linear = static_cast<uint32_t>(linear);
+    run_block();
+  }
   g_watched.clear();
 }
 
