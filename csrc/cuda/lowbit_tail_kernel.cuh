@@ -42,7 +42,7 @@ namespace kcache_ops {
 constexpr int kTailThreads = 128;      // 4 warps
 constexpr int kTailCodeWords = 8;      // 4-byte code words a lane stages per iteration
 constexpr int kTailStages = 3;         // iterations staged in shared memory (2 in flight)
-constexpr int kTailBlocksPerSm = 3;    // launch bounds: registers for 3 blocks (12 warps) per SM
+constexpr int kTailBlocksPerSm = 4;    // launch bounds: registers for 4 blocks (16 warps) per SM
 constexpr int kTailMaxChunk = 4096;    // keys per block at most: the bitmap is GS · 512 bytes
 constexpr int kTailChunkStep = 256;    // chunks are multiples of it (and of every keys-per-iter)
 constexpr int kTailReduceThreads = 256;
