@@ -29,7 +29,11 @@
 #             found, one ncu process per variant (--profile-from-start off: only the steps between
 #             cudaProfilerStart/Stop; --clock-control none; the kcache_ops kernels, $NCU_KERNELS;
 #             sections $NCU_SECTIONS) -> results/profile_ncu_VARIANT.ncu-rep and, imported,
-#             .csv (the details page). stages.txt says which ran ("no ncu" where none is found).
+#             .csv (the details page); last, one launch of qk_select_kernel (group_select) with
+#             the source-level sections ($NCU_SOURCE_SECTIONS: executed instructions and warp
+#             stalls per SASS instruction; the build has -lineinfo, the report embeds the source)
+#             -> results/profile_ncu_select_source.ncu-rep and its source page as .csv, where the
+#             select's issue slots go. stages.txt says which ran ("no ncu" where none is found).
 #   bench     bench/gpu_decode_attn.py, gpu_qk_topn.py, gpu_gather.py (JSON after each line)
 #   sanitize  compute-sanitizer memcheck, racecheck, synccheck on small cases (bench/sanitize.sh)
 # On gVisor (the kernel reports 4.4.0) ncu cannot read the counters and compute-sanitizer refuses
@@ -112,6 +116,7 @@ PROFILE_VARIANTS="group_select default per_head"  # bench/profile_step.py's, in 
 NCU_KERNELS=${NCU_KERNELS:-qk_|sparse_attn_v|lowbit_tail|quantize_rows}  # ncu -k regex:
 NCU_SECTIONS=${NCU_SECTIONS:-SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats \
 MemoryWorkloadAnalysis}
+NCU_SOURCE_SECTIONS=${NCU_SOURCE_SECTIONS:-SourceCounters WarpStateStats}
 rm -rf "$WORK"
 mkdir -p "$OUT" "$WORK/results"
 : > "$WORK/stages.txt"
@@ -302,11 +307,21 @@ profile() {
   for s in $NCU_SECTIONS; do
     run+=(--section "$s")
   done
+  # the select kernel's source view: one launch, per SASS instruction
+  local source=("${ncu:-ncu}" --profile-from-start off --clock-control none --cache-control all
+    --kernel-name qk_select_kernel --launch-count 1 --import-source yes)
+  for s in $NCU_SOURCE_SECTIONS; do
+    source+=(--section "$s")
+  done
   say "profile: torch.profiler: $PY bench/profile_step.py --out $WORK/results"
   say "profile: ncu, for each VARIANT of $PROFILE_VARIANTS: ${run[*]} --export ${rep}_VARIANT \
 --force-overwrite $PY bench/profile_step.py --method range --variant VARIANT --steps 1 \
 --shape 32768x8; then \
 ${ncu:-ncu} --import ${rep}_VARIANT.ncu-rep --csv --page details --log-file ${rep}_VARIANT.csv"
+  say "profile: ncu, the select's source view: ${source[*]} --export ${rep}_select_source \
+--force-overwrite $PY bench/profile_step.py --method range --variant group_select --steps 1 \
+--shape 32768x8; then ${ncu:-ncu} --import ${rep}_select_source.ncu-rep --csv --page source \
+--print-source sass --log-file ${rep}_select_source.csv"
   [ -n "$ncu" ] || say "profile: ncu not found (\$NCU, PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin, \
 beside nvcc, /opt/nvidia/nsight-compute/*): torch.profiler only"
   if [ "$DRY" = 1 ]; then
@@ -330,6 +345,12 @@ beside nvcc, /opt/nvidia/nsight-compute/*): torch.profiler only"
         pooled "$pool" "$since" "profile_ncu_${v}_csv" "$ncu" --import "${rep}_$v.ncu-rep" \
           --csv --page details --log-file "${rep}_$v.csv" && ran="$ran${ran:+, }ncu $v"
     done
+    pooled "$pool" "$since" profile_ncu_select_source "${source[@]}" \
+      --export "${rep}_select_source" --force-overwrite "$PY" bench/profile_step.py \
+      --method range --variant group_select --steps 1 --shape 32768x8 &&
+      pooled "$pool" "$since" profile_ncu_select_source_csv "$ncu" \
+        --import "${rep}_select_source.ncu-rep" --csv --page source --print-source sass \
+        --log-file "${rep}_select_source.csv" && ran="$ran${ran:+, }ncu select source"
   fi
   say "profile: ran ${ran:-nothing}"
 }

@@ -53,6 +53,8 @@ def test_dry_run_lists_every_stage_and_packs_out(tmp_path):
                  "profile_step, method torch, 3 step(s) of each variant: 2"):
         assert f"# {plan} configurations" in log
     assert "--profile-from-start off --clock-control none" in log  # the ncu command, printed
+    assert "--kernel-name qk_select_kernel --launch-count 1" in log  # the select's source view
+    assert "--page source --print-source sass" in log
     assert sorted(os.listdir(out)) == ["gpu_results.tar.gz", "run_gpu.log"]
     with tarfile.open(out / "gpu_results.tar.gz") as tar:
         names = tar.getnames()
