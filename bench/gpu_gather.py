@@ -8,10 +8,13 @@ Those rows read from one 512 MiB buffer over and over. A model's layers each rea
 on the H200 (2026-12-04) the decode step read the same 4 MiB of rows 3x slower from 8 GiB of host
 V than from 2 GiB. So the footprint rows (--footprint GIBxBUFFERS) read 256-byte rows, 1024 per
 head, from GIB of pinned host memory in BUFFERS buffers, a call's rows from one buffer, the calls
-rotating through them as the layers of a step do (8x8: eight 1 GiB buffers).
+rotating through them as the layers of a step do (8x8: eight 1 GiB buffers). The --thp-footprint
+rows read the same from anonymous memory on transparent huge pages that cudaHostRegister maps
+(bench/host_pages.py; mem "thp"), recording how much of it the kernel gave huge pages: whether 2
+MiB pages would keep a large host V as fast as a small one.
 
     python bench/gpu_gather.py [--rows ...] [--row-bytes ...] [--footprint GIBxBUFFERS ...]
-                               [--out DIR] [--dry-run]
+                               [--thp-footprint GIBxBUFFERS ...] [--out DIR] [--dry-run]
 
 Targets (issue 3): >= 80% of the memcpy bandwidth for 256 B rows, >= 90% for rows >= 1 KB.
 """
@@ -24,6 +27,7 @@ import kcache_ops
 from kcache_ops.cli.args import positive_int
 
 import baselines
+import host_pages
 import timing
 
 B, H = 2, 8  # 16 heads of rows; H = Hs (no GQA sharing, every row is read)
@@ -56,13 +60,26 @@ def parse_footprint(text):
     return gib, buffers
 
 
-def footprint_sets(gib, buffers, row_bytes=256, n_rows=1024, count=8):
-    """`count` (src, indices) sets over ``buffers`` pinned buffers of gib / buffers GiB each, set i
-    from buffer i % buffers: src [B, H, S, row_bytes / 2] bf16, indices [B, H, n_rows] int32."""
+def footprint_sets(gib, buffers, alloc, row_bytes=256, n_rows=1024, count=8):
+    """`count` (src, indices) sets over ``buffers`` host buffers of gib / buffers GiB each, each
+    from alloc(shape) (pinned, device-mapped, filled), set i from buffer i % buffers: src [B, H,
+    S, row_bytes / 2] bf16, indices [B, H, n_rows] int32."""
     D = row_bytes // 2
     S = (gib << 30) // buffers // (B * H * row_bytes)  # rows per head of one buffer
-    srcs = [timing.host_random((B, H, S, D), torch.bfloat16) for _ in range(buffers)]
+    srcs = [alloc((B, H, S, D)) for _ in range(buffers)]
     return [(srcs[i % buffers], index_sets(S, n_rows, 1)[0]) for i in range(count)]
+
+
+def huge_page_alloc(pages):
+    """alloc(shape) for footprint_sets that places each src [shape] bf16 on a HugePageBuffer,
+    registered for the GPU and filled; the buffers go to ``pages`` (to be closed after the row)."""
+    def alloc(shape):
+        nbytes = 2 * shape[0] * shape[1] * shape[2] * shape[3]
+        buf = host_pages.HugePageBuffer(nbytes)
+        pages.append(buf)
+        buf.register()
+        return timing.fill_random(buf.data[:nbytes].view(torch.bfloat16).view(shape))
+    return alloc
 
 
 def configs(args):
@@ -72,7 +89,9 @@ def configs(args):
              for rb in args.row_bytes for n in args.rows
              for wc in ([False, True] if rb in (256, 1024) and n == 1024 else [False])]
             + [{"row_bytes": 256, "rows": 1024, "wc": False, "bytes": B * H * 1024 * 256,
-                "host_GiB": gib, "buffers": buffers} for gib, buffers in args.footprint])
+                "host_GiB": gib, "buffers": buffers, "thp": thp}
+               for thp, pairs in ((False, args.footprint), (True, args.thp_footprint))
+               for gib, buffers in pairs])
 
 
 def main():
@@ -84,6 +103,9 @@ def main():
                     default=[(2, 1), (8, 1), (8, 8)],
                     help="GIBxBUFFERS of host memory the footprint rows read from (default: "
                          "2x1 8x1 8x8; none without values)")
+    ap.add_argument("--thp-footprint", type=parse_footprint, nargs="*", default=[(8, 1)],
+                    help="the same from transparent huge pages (default: 8x1; none without "
+                         "values)")
     timing.add_common_arguments(ap)
     args = ap.parse_args()
     todo = configs(args)
@@ -98,8 +120,16 @@ def main():
     buffers = {wc: timing.host_random((SRC_BYTES // 2,), torch.bfloat16, wc)
                for wc in (False, True)}
     for c in todo:
-        if "host_GiB" in c:  # its own buffers, freed after it
-            sets = footprint_sets(c["host_GiB"], c["buffers"])
+        pages = []  # the row's HugePageBuffers
+        if c.get("thp"):  # its own buffers on huge pages, closed after it
+            before = host_pages.meminfo_bytes("AnonHugePages")
+            sets = footprint_sets(c["host_GiB"], c["buffers"], huge_page_alloc(pages))
+            where = {"host_GiB": c["host_GiB"], "buffers": c["buffers"],
+                     "thp_mode": host_pages.thp_mode(), "anon_huge_GiB":
+                     (host_pages.meminfo_bytes("AnonHugePages") - before) / 2**30}
+        elif "host_GiB" in c:  # its own buffers, freed after it
+            sets = footprint_sets(c["host_GiB"], c["buffers"],
+                                  lambda shape: timing.host_random(shape, torch.bfloat16))
             where = {"host_GiB": c["host_GiB"], "buffers": c["buffers"]}
         else:
             src = src_view(buffers[c["wc"]], c["row_bytes"], c["rows"])
@@ -109,11 +139,14 @@ def main():
         torch_us = (float("nan") if c["wc"] else
                     timing.time_us(baselines.torch_gather_rows, sets, 1, 5, graph=False)[0])
         gbs = c["bytes"] / us / 1e3
-        rec.add(op="gather_rows", mem="wc" if c["wc"] else "pinned", row_bytes=c["row_bytes"],
+        rec.add(op="gather_rows", mem="thp" if c.get("thp") else "wc" if c["wc"] else "pinned",
+                row_bytes=c["row_bytes"],
                 rows_per_head=c["rows"], heads=B * H, MiB=c["bytes"] / 2**20, **where, us=us,
                 timed=mode, GBs=gbs, pct_ceiling=100 * gbs / ceiling, torch_us=torch_us,
                 speedup_vs_torch=torch_us / us)
         del sets
+        for buf in pages:
+            buf.close()
 
     def plot(ax, rs):
         for n_rows in sorted(args.rows):

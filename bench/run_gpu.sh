@@ -16,7 +16,7 @@
 #   tests     tests/test_cuda_*.py but the CPU emulator's, then the op tests (test_qk_topn,
 #             test_sparse_attn_v; the default decode path's test_lowbit_tail, test_quantize_rows,
 #             test_decode_sync, test_hot_rows, test_side_stream, test_cache; test_gather_rows,
-#             test_reuse_rows, test_op_errors, test_alloc_host):
+#             test_reuse_rows, test_op_errors, test_alloc_host, test_host_pages):
 #             one pytest per file under `timeout`, and a per-test time-out (--timeout,
 #             pytest-timeout is installed there); their CUDA cases only
 #             (KCACHE_OPS_TEST_DEVICES=cuda: CI runs the CPU ones)
@@ -66,8 +66,8 @@
 # Limits (expected, from the H200 runs of 2026-11-30 and 2026-12-04) in seconds, in the default
 # order: build 240 + check 30 (37-60); toolchain 150 (11-25); tests: test_cuda_ops and
 #   test_lowbit_tail 150 each (20, 37), each other file 60 (5-25; ~5 of each is torch's start);
-#   bench: decode 110 (46), qk_topn 60 (24), gather 70 (13, and its 8 GiB footprint rows
-#   since); profile: torch.profiler 40 (8, and 128K x 1 since), the ncu runs and their CSV
+#   bench: decode 110 (46), qk_topn 60 (24), gather 80 (13, and its 8 GiB footprint rows
+#   since, one of them on huge pages); profile: torch.profiler 40 (8, and 128K x 1 since), the ncu runs and their CSV
 #   imports together 90 (37); e2e 150 (61; the steps now captured in CUDA graphs: two random 8B
 #   models, four prefills, the transformers comparison); sanitize: memcheck 70, racecheck 45,
 #   synccheck 35 (12-14 each); slow: what is left, the CMake rebuild last. The call of
@@ -226,7 +226,8 @@ CUDA_TESTS=$(ls tests/test_cuda_*.py | grep -v test_cuda_emu)
 OP_TESTS=$(ls tests/test_qk_topn.py tests/test_sparse_attn_v.py tests/test_lowbit_tail.py \
   tests/test_quantize_rows.py tests/test_decode_sync.py tests/test_hot_rows.py \
   tests/test_side_stream.py tests/test_cache.py tests/test_gather_rows.py \
-  tests/test_reuse_rows.py tests/test_op_errors.py tests/test_alloc_host.py 2> /dev/null)
+  tests/test_reuse_rows.py tests/test_op_errors.py tests/test_alloc_host.py \
+  tests/test_host_pages.py 2> /dev/null)
 LONG_TESTS="test_cuda_ops test_lowbit_tail"  # LIMIT_LONG_TEST, the other files LIMIT_TEST
 # the rest of the suite, the CMake rebuild last
 SLOW_TESTS=$(ls tests/test_*.py | grep -vxF -e "$CUDA_TESTS" -e "$OP_TESTS" | grep -v cmake_build)
@@ -386,7 +387,7 @@ for script in sys.argv[1:]:
   ensure_build bench || return 0
   stage gpu_decode_attn "${LIMIT_DECODE:-110}" "$PY" bench/gpu_decode_attn.py --out "$WORK/results"
   stage gpu_qk_topn "${LIMIT_QK_TOPN:-60}" "$PY" bench/gpu_qk_topn.py --out "$WORK/results"
-  stage gpu_gather "${LIMIT_GATHER:-70}" "$PY" bench/gpu_gather.py --out "$WORK/results"
+  stage gpu_gather "${LIMIT_GATHER:-80}" "$PY" bench/gpu_gather.py --out "$WORK/results"
 }
 
 # Wheels carried from `make gpu-wheels` (no package registry there): gguf installed aside, the

@@ -94,12 +94,18 @@ def host_random(shape, dtype, write_combined=False, block_values=64 << 20):
             del os.environ["KCACHE_OPS_HOST_ALLOC_WC"]
         else:
             os.environ["KCACHE_OPS_HOST_ALLOC_WC"] = before
+    return fill_random(buf, block_values)
+
+
+def fill_random(buf, block_values=64 << 20):
+    """Fills the contiguous pinned host tensor ``buf`` with one random block made on the GPU,
+    repeated (never zeros), and returns it."""
     flat = buf.view(-1)
     count = min(flat.numel(), block_values)
-    if dtype.is_floating_point:
-        block = torch.randn(count, device="cuda").to(dtype)  # [count]
+    if buf.dtype.is_floating_point:
+        block = torch.randn(count, device="cuda").to(buf.dtype)  # [count]
     else:
-        block = torch.randint(1, 100, (count,), device="cuda").to(dtype)
+        block = torch.randint(1, 100, (count,), device="cuda").to(buf.dtype)
     for start in range(0, flat.numel(), count):
         end = min(flat.numel(), start + count)
         flat[start:end].copy_(block[: end - start])
