@@ -61,14 +61,17 @@ def asan_exe():
 
 
 def run_qk_topn(exe, q, k, seq_lens, n, scale, group_select, sms=SMS, seeds=SEEDS,
-                return_scores=False, skip_first=0, skip_last=0, top_p=1.0):
+                return_scores=False, skip_first=0, skip_last=0, top_p=1.0, slices=None):
     """qk_topn on the emulator: q [B, Hq, D], k [B, Hkv, S, D], seq_lens [B] int32 (any strides)
     -> scores [B, Hq, n] float32, indices [B, Hq, n] int32, lse [B, Hq] float32, and with
     return_scores the score scratch as the launcher returns it, [B, Hq, S] float32. sms: the
-    multiprocessor count the chunk sizing is given."""
+    multiprocessor count the chunk sizing is given; slices: the select blocks per ranked row the
+    case is written for, checked against the plan's."""
     out = emu.run(exe, "qk_topn", dict(n=n, scale=scale, group_select=int(group_select), sms=sms,
                                        skip_first=skip_first, skip_last=skip_last, top_p=top_p),
                   dict(q=q, k_cache=k, seq_lens=seq_lens), seeds=seeds)
+    if slices is not None:
+        assert out["select_slices"].item() == slices, "the plan splits rows otherwise"
     picked = out["scores"], out["indices"], out["lse"]  # [B, Hq, n], [B, Hq, n], [B, Hq]
     if not return_scores:
         return picked
@@ -268,9 +271,32 @@ def test_qk_topn_split_select_odd_slices(race_exe, group_select, S, slices):
     the second sequence ends in an inner slice."""
     q, k = make_qk(2, 4, 2, S, 64, torch.float32, "cpu")
     lens = seq_lens_tensor([S, S - 2500], "cpu")
-    out = run_qk_topn(race_exe, q, k, lens, 60, 1 / 8, group_select, sms=132)
+    out = run_qk_topn(race_exe, q, k, lens, 60, 1 / 8, group_select, sms=132, slices=slices)
     check_topn(q, k, lens, 60, 1 / 8, group_select, out)
-    assert S // 2048 == slices
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_qk_topn_split_select_small_n(race_exe, group_select, n):
+    """n = 1, 2, 5 (lists of 1, 2 and 8 slots, the tree's shortest merges) over 7 slices, with
+    ties (K rounded), the row ending 3000 keys before S."""
+    S = 14400
+    q, k = make_qk(1, 2, 1, S, 64, torch.float32, "cpu")
+    k = torch.round(k * 2)  # [B, Hkv, S, D], many equal scores
+    lens = seq_lens_tensor([S - 3000], "cpu")
+    out = run_qk_topn(race_exe, q, k, lens, n, 1 / 8, group_select, sms=132, slices=7)
+    check_topn(q, k, lens, n, 1 / 8, group_select, out)
+
+
+@pytest.mark.parametrize("S, slices", [(12300, 6), (14400, 7)])
+def test_qk_topn_split_select_skips_many_slices(race_exe, S, slices):
+    """skip_first = 7 and skip_last = 2100 over 6 and 7 slices (group mode, n = 100): the last
+    slices of the second sequence rank nothing."""
+    q, k = make_qk(2, 2, 1, S, 64, torch.float32, "cpu")
+    lens = seq_lens_tensor([S, 4500], "cpu")
+    out = run_qk_topn(race_exe, q, k, lens, 100, 1 / 8, True, sms=132, skip_first=7,
+                      skip_last=2100, slices=slices)
+    check_topn(q, k, lens, 100, 1 / 8, True, out, 7, 2100)
 
 
 @pytest.mark.parametrize("group_select, sms, split", [
@@ -982,15 +1008,17 @@ def _barrier_after(path, marker):
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
-@pytest.mark.parametrize("sms", [1, SMS], ids=["whole_rows", "split_rows"])
-def test_qk_topn_top_p(race_exe, group_select, sms):
+@pytest.mark.parametrize("S, sms, slices", [(5000, 1, 1), (5000, SMS, 2), (14400, 132, 7)],
+                         ids=["whole_rows", "split_rows", "seven_slices"])
+def test_qk_topn_top_p(race_exe, group_select, S, sms, slices):
     """top_p < 1 in the select kernels: on whole rows (one multiprocessor: no split) and in the
-    merge of rows split over slices, each head keeps the mass prefix of the same call's full
-    selection (the reference's cut of it), the first entry always."""
-    lens = seq_lens_tensor([5000, 0, 90], "cpu")
-    q, k = make_qk(3, 4, 1, 5000, 64, torch.float32, "cpu")
+    merge of rows split over 2 and 7 slices, each head keeps the mass prefix of the same call's
+    full selection (the reference's cut of it), the first entry always."""
+    lens = seq_lens_tensor([S, 0, 90], "cpu")
+    q, k = make_qk(3, 4, 1, S, 64, torch.float32, "cpu")
     k = k * 3
-    full = run_qk_topn(race_exe, q, k, lens, 60, 1 / 8, group_select, sms=sms, seeds=(1,))
+    full = run_qk_topn(race_exe, q, k, lens, 60, 1 / 8, group_select, sms=sms, seeds=(1,),
+                       slices=slices)
     for top_p in (0.3, 0.8):
         cut = run_qk_topn(race_exe, q, k, lens, 60, 1 / 8, group_select, sms=sms, top_p=top_p)
         check_top_p(full, cut, top_p)

@@ -434,8 +434,8 @@ __device__ __forceinline__ void block_bitonic_sort(unsigned long long* key, int 
 // sequence), then sorts it with a bitonic merge of log2(size) compare-exchange stages. Lists
 // a + w are only read at their level, so each level's steps need one barrier each:
 // ceil(log2(lists)) · (1 + log2(size)) in all, where sorting the lists' union from scratch takes
-// log2(lists · size) · (log2(lists · size) + 1) / 2 stages over all of it. Every thread must call
-// it; ends with a barrier (none when lists = 1).
+// k · (k + 1) / 2 stages over all of it, k = log2(bitonic_size(lists · size)). Every thread must
+// call it; ends with a barrier (none when lists = 1).
 template <int kThreads>
 __device__ __forceinline__ void block_merge_sorted_lists(unsigned long long* key, int lists,
                                                          int size) {

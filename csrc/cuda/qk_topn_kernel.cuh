@@ -22,9 +22,9 @@
 //    (key desc, index asc) with a bitonic sort in shared memory. With one slice per row these are
 //    written (scores, indices, lse, padding); with several, each slice's N best go to a picks
 //    buffer, and the last of the row's blocks to finish (a counter per row, zeroed by the score
-//    kernel) merges the slices' sorted lists pairwise in a tree (a bitonic merge of each pair's N
-//    best) into the row's N best (every key of those is among its own slice's N best) and writes
-//    them with the row's lse.
+//    kernel) merges the slices' sorted lists (bitonic_size(N) slots each) pairwise in a tree
+//    (each pair's best by a bitonic merge) into the row's N best (every key of those is among its
+//    own slice's N best) and writes them with the row's lse.
 //    The ranking key is s (per head) or the group mass c_j (group mode).
 // NaN as the reference: a NaN score makes its row's lse NaN and ranks above every number (per
 // head); a NaN term of the group mass counts 0.
@@ -643,16 +643,19 @@ __device__ __forceinline__ unsigned long long* row_picks(const QkSelectParams& p
   return p.picks + (static_cast<int64_t>(b) * gridDim.y + blockIdx.y) * gridDim.x * p.n;
 }
 
-// Whether this block is the last of its row's slices to finish: its picks are made visible to the
-// other blocks (a fence by every thread) before it takes a ticket from the row's counter, so the
-// block that takes the last one sees every slice's picks (after a fence of its own, in
-// merge_slices). Block-uniform; every thread must call it.
+// Whether this block is the last of its row's slices to finish. After a barrier (every thread's
+// picks written), thread 0 fences, which orders the whole block's picks before its ticket from
+// the row's counter (a fence is cumulative over the barrier, as in a grid-wide sync), and the
+// thread that takes the last ticket fences again before its block reads the other slices'
+// picks. One fence per block, not per thread. Block-uniform; every thread must call it.
 __device__ __forceinline__ bool last_slice(const QkSelectParams& p, int b, SelectShared& sh) {
-  __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
+    __threadfence();
     int* done = p.slices_done + static_cast<int64_t>(b) * gridDim.y + blockIdx.y;
-    sh.last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
+    const bool last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
+    if (last) __threadfence();
+    sh.last = last;
   }
   __syncthreads();
   return sh.last;
@@ -668,7 +671,6 @@ __device__ __forceinline__ void merge_slices(const QkSelectParams& p, SelectShar
   const int b = blockIdx.z;
   int64_t row0;
   const SelectRow row = select_row(p, b, blockIdx.y, 0, nullptr, row0);  // not ranked here
-  __threadfence();  // the other slices' picks are read after the ticket that says they are written
   if (p.group_select) {
     for (int h = threadIdx.x; h < row.nh; h += kSelectThreads) p.out_lse[row0 + h] = sh.lse[h];
   } else {

@@ -117,8 +117,12 @@ Outputs run_qk_topn(const Case& c) {
   watch_selection();  // by a row's only block, or the last of its slices
   launch(to_dim3(plan.select_grid), dim3(plan.select_block), "qk_select_kernel",
          [&] { kcache_ops::qk_select_kernel(sp); });
+  // the plan's blocks per ranked row, for the tests that ask for a split
+  Tensor slices = make_tensor(DType::kI32, {1}, 0);
+  *static_cast<int32_t*>(slices.data()) = plan.select_slices;
   // the score scratch [B, Hq, score_stride]: what the launcher returns as all_scores
-  return {{"scores", scores}, {"indices", indices}, {"lse", lse}, {"scratch", scratch}};
+  return {{"scores", scores}, {"indices", indices}, {"lse", lse}, {"scratch", scratch},
+          {"select_slices", slices}};
 }
 
 Outputs run_sparse_attn_v(const Case& c) {
