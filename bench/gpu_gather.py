@@ -82,6 +82,42 @@ def huge_page_alloc(pages):
     return alloc
 
 
+def add_row(rec, c, sets, mem, where):
+    """Times gather_rows (in a CUDA graph) and the PyTorch way (not for write-combined memory,
+    which the CPU reads slowly) over ``sets`` and records row ``c``: mem, where (the host memory
+    read), the times and the ratios to the ceiling and to torch."""
+    us, mode = timing.time_us(kcache_ops.gather_rows, sets)
+    torch_us = (float("nan") if mem == "wc" else
+                timing.time_us(baselines.torch_gather_rows, sets, 1, 5, graph=False)[0])
+    gbs = c["bytes"] / us / 1e3
+    rec.add(op="gather_rows", mem=mem, row_bytes=c["row_bytes"], rows_per_head=c["rows"],
+            heads=B * H, MiB=c["bytes"] / 2**20, **where, us=us, timed=mode, GBs=gbs,
+            pct_ceiling=100 * gbs / rec.meta["h2d_ceiling_GBs"], torch_us=torch_us,
+            speedup_vs_torch=torch_us / us)
+
+
+def huge_page_row(c, rec):
+    """Footprint row ``c`` from HugePageBuffers (mem "thp"), recording the machine's THP mode and
+    the AnonHugePages its buffers gained (None where /proc/meminfo has no such line, as under
+    gVisor). A buffer that cannot be registered skips the row with the reason, so the rest of the
+    run and its plot stand; the buffers are unregistered after the row whatever happens."""
+    pages = []  # the row's HugePageBuffers
+    try:
+        before = host_pages.meminfo_bytes("AnonHugePages")
+        sets = footprint_sets(c["host_GiB"], c["buffers"], huge_page_alloc(pages))
+        after = host_pages.meminfo_bytes("AnonHugePages")
+        gained = (after - before) / 2**30 if min(before, after) >= 0 else None
+        add_row(rec, c, sets, "thp", {"host_GiB": c["host_GiB"], "buffers": c["buffers"],
+                                      "thp_mode": host_pages.thp_mode(),
+                                      "anon_huge_GiB": gained})
+        del sets
+    except RuntimeError as e:
+        print(f"# skipped the huge-page row ({c['host_GiB']} GiB in {c['buffers']}): {e}")
+    finally:
+        for buf in pages:
+            buf.close()
+
+
 def configs(args):
     """(row_bytes, rows per head, write-combined) in run order; WC only at 256 B / 1 KB rows and
     1024 rows per head."""
@@ -120,14 +156,10 @@ def main():
     buffers = {wc: timing.host_random((SRC_BYTES // 2,), torch.bfloat16, wc)
                for wc in (False, True)}
     for c in todo:
-        pages = []  # the row's HugePageBuffers
-        if c.get("thp"):  # its own buffers on huge pages, closed after it
-            before = host_pages.meminfo_bytes("AnonHugePages")
-            sets = footprint_sets(c["host_GiB"], c["buffers"], huge_page_alloc(pages))
-            where = {"host_GiB": c["host_GiB"], "buffers": c["buffers"],
-                     "thp_mode": host_pages.thp_mode(), "anon_huge_GiB":
-                     (host_pages.meminfo_bytes("AnonHugePages") - before) / 2**30}
-        elif "host_GiB" in c:  # its own buffers, freed after it
+        if c.get("thp"):
+            huge_page_row(c, rec)
+            continue
+        if "host_GiB" in c:  # its own buffers, freed after it
             sets = footprint_sets(c["host_GiB"], c["buffers"],
                                   lambda shape: timing.host_random(shape, torch.bfloat16))
             where = {"host_GiB": c["host_GiB"], "buffers": c["buffers"]}
@@ -135,18 +167,8 @@ def main():
             src = src_view(buffers[c["wc"]], c["row_bytes"], c["rows"])
             sets = [(src, ix) for ix in index_sets(src.shape[2], c["rows"])]
             where = {"host_GiB": SRC_BYTES / 2**30, "buffers": 1}
-        us, mode = timing.time_us(kcache_ops.gather_rows, sets)
-        torch_us = (float("nan") if c["wc"] else
-                    timing.time_us(baselines.torch_gather_rows, sets, 1, 5, graph=False)[0])
-        gbs = c["bytes"] / us / 1e3
-        rec.add(op="gather_rows", mem="thp" if c.get("thp") else "wc" if c["wc"] else "pinned",
-                row_bytes=c["row_bytes"],
-                rows_per_head=c["rows"], heads=B * H, MiB=c["bytes"] / 2**20, **where, us=us,
-                timed=mode, GBs=gbs, pct_ceiling=100 * gbs / ceiling, torch_us=torch_us,
-                speedup_vs_torch=torch_us / us)
+        add_row(rec, c, sets, "wc" if c["wc"] else "pinned", where)
         del sets
-        for buf in pages:
-            buf.close()
 
     def plot(ax, rs):
         for n_rows in sorted(args.rows):

@@ -65,12 +65,16 @@ class HugePageBuffer:
         locked here. Raises RuntimeError with the CUDA error where that fails."""
         err = torch.cuda.cudart().cudaHostRegister(self.data.data_ptr(), self.data.numel(),
                                                    HOST_REGISTER_FLAGS)
-        if int(err) != 0:
-            raise RuntimeError(f"cudaHostRegister of {self.data.numel()} bytes failed: {err}")
+        try:
+            torch.cuda.check_error(int(err))  # CUDA's own message (the binding names no code)
+        except torch.cuda.CudaError as e:
+            raise RuntimeError(f"cudaHostRegister of {self.data.numel()} bytes failed: {e}") from e
         self.registered = True
 
     def close(self):
-        """Unregisters the buffer (where registered): no kernel may read it after this."""
+        """Unregisters the buffer (where registered): no kernel may read it after this. A
+        failure raises here, not at the next launch that would find it as CUDA's last error."""
         if self.registered:
-            torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
             self.registered = False
+            torch.cuda.check_error(int(torch.cuda.cudart().cudaHostUnregister(
+                self.data.data_ptr())))

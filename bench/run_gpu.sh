@@ -67,13 +67,13 @@
 # order: build 240 + check 30 (37-60); toolchain 150 (11-25); tests: test_cuda_ops and
 #   test_lowbit_tail 150 each (20, 37), each other file 60 (5-25; ~5 of each is torch's start);
 #   bench: decode 110 (46), qk_topn 60 (24), gather 80 (13, and its 8 GiB footprint rows
-#   since, one of them on huge pages); profile: torch.profiler 40 (8, and 128K x 1 since), the ncu runs and their CSV
-#   imports together 90 (37); e2e 150 (61; the steps now captured in CUDA graphs: two random 8B
-#   models, four prefills, the transformers comparison); sanitize: memcheck 70, racecheck 45,
-#   synccheck 35 (12-14 each); slow: what is left, the CMake rebuild last. The call of
-#   2026-12-04 took 545 s to the end of e2e (then after the sanitizer): slow is what a second
-#   call is for (e2e runs before the sanitizer since, which found nothing on 2026-11-30 or
-#   2026-12-04).
+#   since, one of them on huge pages); profile: torch.profiler 40 (8, and 128K x 1 since), the
+#   ncu runs and their CSV imports together 90 (37); e2e 150 (61; the steps now captured in CUDA
+#   graphs: two random 8B models, four prefills, the transformers comparison); sanitize:
+#   memcheck 70, racecheck 45, synccheck 35 (12-14 each); slow: what is left, the CMake rebuild
+#   last. The call of 2026-12-04 took 545 s to the end of e2e (then after the sanitizer): slow is
+#   what a second call is for (e2e runs before the sanitizer since, which found nothing on
+#   2026-11-30 or 2026-12-04).
 # Each limit can be set: BUDGET, LIMIT_BUILD, LIMIT_LONG_TEST, LIMIT_TEST, LIMIT_E2E, LIMIT_SLOW,
 # LIMIT_CMAKE, LIMIT_PROFILE_TORCH, LIMIT_PROFILE (the ncu runs), LIMIT_DECODE, LIMIT_QK_TOPN,
 # LIMIT_GATHER, LIMIT_MEMCHECK, LIMIT_RACECHECK, LIMIT_SYNCCHECK; PER_TEST (60 s) is pytest's
@@ -309,17 +309,17 @@ profile() {
     run+=(--section "$s")
   done
   # the select kernel's source view: one launch, per SASS instruction
-  local source=("${ncu:-ncu}" --profile-from-start off --clock-control none --cache-control all
+  local src_cmd=("${ncu:-ncu}" --profile-from-start off --clock-control none --cache-control all
     --kernel-name qk_select_kernel --launch-count 1 --import-source yes)
   for s in $NCU_SOURCE_SECTIONS; do
-    source+=(--section "$s")
+    src_cmd+=(--section "$s")
   done
   say "profile: torch.profiler: $PY bench/profile_step.py --out $WORK/results"
   say "profile: ncu, for each VARIANT of $PROFILE_VARIANTS: ${run[*]} --export ${rep}_VARIANT \
 --force-overwrite $PY bench/profile_step.py --method range --variant VARIANT --steps 1 \
 --shape 32768x8; then \
 ${ncu:-ncu} --import ${rep}_VARIANT.ncu-rep --csv --page details --log-file ${rep}_VARIANT.csv"
-  say "profile: ncu, the select's source view: ${source[*]} --export ${rep}_select_source \
+  say "profile: ncu, the select's source view: ${src_cmd[*]} --export ${rep}_select_source \
 --force-overwrite $PY bench/profile_step.py --method range --variant group_select --steps 1 \
 --shape 32768x8; then ${ncu:-ncu} --import ${rep}_select_source.ncu-rep --csv --page source \
 --print-source sass --log-file ${rep}_select_source.csv"
@@ -346,7 +346,7 @@ beside nvcc, /opt/nvidia/nsight-compute/*): torch.profiler only"
         pooled "$pool" "$since" "profile_ncu_${v}_csv" "$ncu" --import "${rep}_$v.ncu-rep" \
           --csv --page details --log-file "${rep}_$v.csv" && ran="$ran${ran:+, }ncu $v"
     done
-    pooled "$pool" "$since" profile_ncu_select_source "${source[@]}" \
+    pooled "$pool" "$since" profile_ncu_select_source "${src_cmd[@]}" \
       --export "${rep}_select_source" --force-overwrite "$PY" bench/profile_step.py \
       --method range --variant group_select --steps 1 --shape 32768x8 &&
       pooled "$pool" "$since" profile_ncu_select_source_csv "$ncu" \

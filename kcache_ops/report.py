@@ -35,6 +35,10 @@ def gather_section(data):
         buffers = r.get("buffers", 1)  # rows written before the footprint rows: the script's
         # one 512 MiB buffer
         host = f"{r.get('host_GiB', 0.5):g} GiB" + (f" in {buffers} buffers" if buffers > 1 else "")
+        if r["mem"] == "thp":  # what the machine gave the huge-page row (unknown under gVisor)
+            gained = r.get("anon_huge_GiB")
+            host += (f" ({r.get('thp_mode', 'unknown')} THP, "
+                     + ("huge pages unknown)" if gained is None else f"{gained:.1f} GiB huge)"))
         out.append(f"| {r['row_bytes']} | {r['rows_per_head']} | {r['mem']} | {host} | "
                    f"{r['GBs']:.1f} | {r['pct_ceiling']:.0f}% | {speedup} |")
     plot = ["", "![gather bandwidth vs row size](gpu_gather.png)"] if complete else []

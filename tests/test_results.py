@@ -118,7 +118,13 @@ def test_report_from_the_gather_json_alone(tmp_path):
             {"row_bytes": 1024, "rows_per_head": 64, "mem": "pinned", "GBs": 30.0,
              "pct_ceiling": 60.0},  # a row of a JSON written before the PyTorch way was timed
             {"row_bytes": 256, "rows_per_head": 1024, "mem": "pinned", "host_GiB": 8,
-             "buffers": 8, "GBs": 15.0, "pct_ceiling": 30.0, "speedup_vs_torch": 4.0}]
+             "buffers": 8, "GBs": 15.0, "pct_ceiling": 30.0, "speedup_vs_torch": 4.0},
+            {"row_bytes": 256, "rows_per_head": 1024, "mem": "thp", "host_GiB": 8, "buffers": 1,
+             "thp_mode": "madvise", "anon_huge_GiB": 7.96, "GBs": 40.0, "pct_ceiling": 80.0,
+             "speedup_vs_torch": 9.0},
+            {"row_bytes": 256, "rows_per_head": 1024, "mem": "thp", "host_GiB": 8, "buffers": 1,
+             "thp_mode": "unknown", "anon_huge_GiB": None, "GBs": 15.0, "pct_ceiling": 30.0,
+             "speedup_vs_torch": 4.0}]  # huge-page rows: the pages gained, and where unknown
     write_json(tmp_path / report.GATHER_JSON, {"meta": meta, "rows": rows})
     report.write(tmp_path)
     text = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
@@ -129,6 +135,8 @@ def test_report_from_the_gather_json_alone(tmp_path):
     assert "| 256 | 64 | wc | 0.5 GiB | 20.0 | 40% | – |" in text
     assert "| 1024 | 64 | pinned | 0.5 GiB | 30.0 | 60% | – |" in text
     assert "| 256 | 1024 | pinned | 8 GiB in 8 buffers | 15.0 | 30% | 4.0x |" in text
+    assert "| 256 | 1024 | thp | 8 GiB (madvise THP, 8.0 GiB huge) | 40.0 | 80% | 9.0x |" in text
+    assert "| 256 | 1024 | thp | 8 GiB (unknown THP, huge pages unknown) | 15.0 | 30% |" in text
     assert "cut off" not in text and "(gpu_gather.png)" in text
 
 
