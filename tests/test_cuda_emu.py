@@ -907,7 +907,7 @@ SELFTESTS = ["clean", "partial_warp", "barrier_after_exit", "divergent_barrier",
              "stale_shared", "split_warp", "double_write", "divergent_warp_sum",
              "divergent_block_scan", "async_clean", "async_read_before_wait", "async_newest_group",
              "async_uncommitted", "async_read_other", "async_misaligned_dst",
-             "async_misaligned_src"]
+             "async_misaligned_src", "ticket_clean", "ticket_unordered", "ticket_unfenced"]
 
 
 @pytest.mark.parametrize("kernel,message", [
@@ -930,6 +930,9 @@ SELFTESTS = ["clean", "partial_warp", "barrier_after_exit", "divergent_barrier",
     ("async_misaligned_dst",
      r"misaligned __pipeline_memcpy_async .*destination \S+ \(misaligned\)"),
     ("async_misaligned_src", r"misaligned __pipeline_memcpy_async .*source \S+ \(misaligned\)"),
+    # a ticket on global memory: the block's writes not ordered before it, or not fenced
+    ("ticket_unordered", "(after thread 0's ticket|not ordered before the ticket)"),
+    ("ticket_unfenced", "without a __threadfence"),
 ])
 def test_emulator_reports_misuse(race_exe, kernel, message):
     """Each misuse stops the run with a message naming it: never a hang, never a silent result."""
@@ -944,6 +947,14 @@ def test_emulator_runs_a_correct_kernel(race_exe):
     read = 63 - t + b  # [2, 64]: what each thread read back
     expected = read.view(2, 2, 32).sum(-1, keepdim=True).expand(2, 2, 32).reshape(2, 64)
     assert torch.equal(out, expected.to(torch.int32))
+
+
+def test_emulator_runs_a_correct_ticket(race_exe):
+    """The handoff done right (writes, barrier, fence, ticket) passes the race check, and the
+    ticket counts once per block."""
+    out = emu.run(race_exe, "selftest", dict(kernel=SELFTESTS.index("ticket_clean")), {})["out"]
+    assert torch.equal(out[:, :63], torch.arange(63, dtype=torch.int32).expand(2, 63))
+    assert (out[:, 63] == 0x7F7F7F7F + 1).all()  # the poisoned counter, one ticket
 
 
 def test_emulator_runs_correct_async_copies(race_exe):
@@ -1025,15 +1036,22 @@ def test_qk_topn_top_p(race_exe, group_select, S, sms, slices):
         assert (cut[1] >= 0).sum() < (full[1] >= 0).sum(), "top_p must cut somewhere"
 
 
-def test_missing_barrier_is_caught(race_exe):
-    """The barrier between the radix histogram's atomics and its read (qk_select_kernel) removed:
-    the race check must stop the run (tests/cuda_emu/mutants.py does this for every barrier)."""
-    site = _barrier_after(emu.KERNEL_DIR / "qk_topn_kernel.cuh", "atomicAdd(&sh.hist")
-    q, k = make_qk(1, 4, 2, 700, 64, torch.float32, "cpu")
-    args = dict(n=50, scale=0.1, group_select=0, sms=SMS)
-    tensors = dict(q=q, k_cache=k, seq_lens=seq_lens_tensor([700], "cpu"))
+@pytest.mark.parametrize("marker, S, group_select, match", [
+    ("atomicAdd(&sh.hist", 700, 0, "race"),
+    ("bool last_slice(", 6200, 1, "not ordered before the ticket|after thread")],
+    ids=["radix_histogram", "last_slice"])
+def test_missing_barrier_is_caught(race_exe, marker, S, group_select, match):
+    """A barrier of qk_select_kernel removed, the race check must stop the run (tests/cuda_emu/
+    mutants.py does this for every barrier): the one between the radix histogram's atomics and its
+    read (a shared-memory race), and the one before a split row's ticket (last_slice: thread 0
+    would take it while other threads still write their picks; blocks never overlap here, so no
+    result shows it, and the rule for tickets on global memory must)."""
+    site = _barrier_after(emu.KERNEL_DIR / "qk_topn_kernel.cuh", marker)
+    q, k = make_qk(1, 4, 2, S, 64, torch.float32, "cpu")
+    args = dict(n=50, scale=0.1, group_select=group_select, sms=SMS)
+    tensors = dict(q=q, k_cache=k, seq_lens=seq_lens_tensor([S], "cpu"))
     emu.run(race_exe, "qk_topn", args, tensors)  # the unmodified kernel passes
-    with pytest.raises(emu.EmulatorError, match="race"):
+    with pytest.raises(emu.EmulatorError, match=match):
         emu.run(race_exe, "qk_topn", args, tensors, skip_barrier=site)
 
 

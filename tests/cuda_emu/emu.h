@@ -61,11 +61,16 @@ void async_wait_prior(size_t n);
 // The caller's lane (threadIdx linearised, modulo 32).
 int lane_id();
 
-// atomicAdd on an int in shared or global memory (an atomic access for the race check).
+// atomicAdd on an int in shared or global memory (an atomic access for the race check; on global
+// memory a ticket that hands the block's global writes over, checked as such).
 int atomic_add(int* p, int v);
 
 // atomicOr on an unsigned int in shared or global memory (an atomic access, as atomic_add).
 unsigned atomic_or(unsigned* p, unsigned v);
+
+// __threadfence: blocks run one after another, so there is nothing to order; the race-checking
+// build records it for the check of a ticket on global memory (atomic_add).
+void thread_fence();
 
 // Fails the run with a message (shim misuse, unsupported feature).
 [[noreturn]] void fail(const char* what, const char* file, int line);

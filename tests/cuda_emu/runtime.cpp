@@ -146,6 +146,15 @@ struct Launch {
   int low_priority = 0;
   unsigned char poison = 0xff;
   uint64_t block_counter = 0;
+  // Global-memory handoffs (race-checking build): per thread, the epoch, order and place of its
+  // last write to global memory and the epoch and order of its last __threadfence; the epoch and
+  // thread of the block's last ticket (an atomic on global memory).
+  std::vector<uint32_t> gwrite_epoch, fence_epoch;
+  std::vector<uint64_t> gwrite_seq, fence_seq;
+  std::vector<const void*> gwrite_pc;
+  uint64_t seq = 0;
+  uint32_t ticket_epoch = 0;
+  int ticket_tid = -1;
 };
 
 Launch g;
@@ -608,6 +617,49 @@ void shared_access(uintptr_t addr, size_t size, int kind, const void* pc, bool m
   if (may_yield) maybe_yield();
 }
 
+// Global memory a running kernel's thread touches: not shared memory, not a fiber's stack.
+bool in_global(uintptr_t addr) {
+  const uintptr_t stacks = reinterpret_cast<uintptr_t>(g_stacks);
+  return g.current >= 0 && addr - shared_lo() >= shared_size() &&
+         !(addr >= stacks && addr - stacks < g_stack_count * kStackBytes);
+}
+
+// A write to a launch's watched buffers (its outputs and scratch, the global memory a block can
+// hand to another; race-checking build). Another block reads what a block hands over after that
+// block's ticket, so no thread may write there in the epoch of a ticket another thread of the
+// block took: that write is not ordered before the ticket.
+void global_write(const void* pc) {
+  const int me = g.fibers[g.current].linear;
+  if (g.ticket_epoch == g.epoch && g.ticket_tid != me)
+    die("write to global memory at %s after thread %d's ticket (an atomic on global memory) in "
+        "the same barrier interval: the blocks that read it after the ticket may not see it (a "
+        "__syncthreads must order every write of the block before the ticket)",
+        where_code(pc).c_str(), g.ticket_tid);
+  g.gwrite_epoch[me] = g.epoch;
+  g.gwrite_seq[me] = ++g.seq;
+  g.gwrite_pc[me] = pc;
+}
+
+// An atomic on global memory is taken for a ticket that hands the block's global writes to the
+// block that takes the last one (the kernels have no other: qk_select_kernel's last_slice), as
+// in a grid-wide sync: every other thread's writes ordered before it by a barrier, then a
+// __threadfence by the ticket's thread, after its own writes, in the same barrier interval.
+void global_ticket(const void* pc) {
+  const int me = g.fibers[g.current].linear;
+  for (int t = 0; t < g.nthreads; ++t) {
+    if (t != me && g.gwrite_epoch[t] == g.epoch)
+      die("ticket (an atomic on global memory) at %s in the barrier interval of thread %d's write "
+          "to global memory at %s: that write is not ordered before the ticket (a __syncthreads "
+          "must come between)", where_code(pc).c_str(), t, where_code(g.gwrite_pc[t]).c_str());
+  }
+  if (g.fence_epoch[me] != g.epoch || g.fence_seq[me] < g.gwrite_seq[me])
+    die("ticket (an atomic on global memory) at %s without a __threadfence by its thread since "
+        "the last barrier and its own last write: the block's writes are not made visible to the "
+        "blocks that read them after the ticket", where_code(pc).c_str());
+  g.ticket_epoch = g.epoch;
+  g.ticket_tid = me;
+}
+
 // A kernel that faults (an out-of-bounds shared or global access the address sanitizer does not
 // watch in this build) is reported like the other errors, with its block and thread.
 void on_fault(int sig) {
@@ -644,6 +696,7 @@ void output_write(uintptr_t addr, size_t size, const void* pc) {
   if (g.current < 0) return;
   for (Watched& w : g_watched) {
     if (addr - w.lo >= w.bytes) continue;
+    if (g_race_check) global_write(pc);  // what another block may read after a ticket
     const uint32_t me =
         g_block_linear * 1024u + static_cast<uint32_t>(g.fibers[g.current].linear) + 1u;
     for (size_t i = 0; i < size && addr - w.lo + i < w.bytes; ++i) {
@@ -703,6 +756,12 @@ void launch_raw(dim3 grid, dim3 block, const char* kernel, void (*body)(void*), 
   g.nthreads = nthreads;
   g.fibers.assign(nthreads, Fiber{});
   g.warps.assign((nthreads + 31) / 32, WarpWait{});
+  g.gwrite_epoch.assign(nthreads, 0);
+  g.fence_epoch.assign(nthreads, 0);
+  g.gwrite_seq.assign(nthreads, 0);
+  g.fence_seq.assign(nthreads, 0);
+  g.gwrite_pc.assign(nthreads, nullptr);
+  g.ticket_epoch = 0;
   for (int t = 0; t < nthreads; ++t) g.fibers[t].stack = g_stacks + t * kStackBytes;
   gridDim = grid;
   blockDim = block;
@@ -824,8 +883,17 @@ uint64_t shuffle(unsigned mask, uint64_t bits, int src, const char* kind, const 
 
 int lane_id() { return g.current < 0 ? 0 : g.fibers[g.current].linear % 32; }
 
+void thread_fence() {
+  if (!EMU_SHADOW || !g_race_check || g.current < 0) return;
+  const int me = g.fibers[g.current].linear;
+  g.fence_epoch[me] = g.epoch;
+  g.fence_seq[me] = ++g.seq;
+}
+
 int atomic_add(int* p, int v) {
   shared_access(reinterpret_cast<uintptr_t>(p), sizeof(int), 2, __builtin_return_address(0));
+  if (EMU_SHADOW && g_race_check && in_global(reinterpret_cast<uintptr_t>(p)))
+    global_ticket(__builtin_return_address(0));
   const int old = *p;
   *p = old + v;
   return old;
@@ -939,9 +1007,9 @@ inline void shared_access_hook(void* p, size_t n, int kind, const void* pc) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   if (a - shared_lo() < shared_size()) {
     shared_access(a, n, kind, pc);
-  } else if (kind == 1 && !g_watched.empty()) {
-    output_write(a, n, pc);
+    return;
   }
+  if (kind == 1 && !g_watched.empty()) output_write(a, n, pc);
 }
 }  // namespace emu
 

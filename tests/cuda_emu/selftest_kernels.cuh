@@ -23,6 +23,24 @@ __global__ void clean(int* out) {
   out[blockIdx.x * 64 + t] = v;
 }
 
+// The handoff of qk_select_kernel's last_slice: every thread but the last writes its entry of the
+// block's row, a barrier, and thread 0 fences and takes a ticket from the row's last entry (global
+// memory); without the barrier or without the fence the race check must stop it.
+template <bool kBarrier, bool kFence>
+__device__ void ticket(int* out) {
+  int* row = out + blockIdx.x * 64;  // [64]: 63 entries, then the ticket counter
+  if (threadIdx.x < 63) row[threadIdx.x] = threadIdx.x;
+  if (kBarrier) __syncthreads();
+  if (threadIdx.x == 0) {
+    if (kFence) __threadfence();
+    atomicAdd(row + 63, 1);
+  }
+  __syncthreads();
+}
+__global__ void ticket_clean(int* out) { ticket<true, true>(out); }
+__global__ void ticket_unordered(int* out) { ticket<false, true>(out); }
+__global__ void ticket_unfenced(int* out) { ticket<true, false>(out); }
+
 // Half of each warp has returned when the other half shuffles with the full mask.
 __global__ void partial_warp(int* out) {
   if (threadIdx.x % 32 >= 16) return;

@@ -154,8 +154,9 @@ EMU_INLINE void syncwarp(const char* file, int line, unsigned mask = 0xffffffffu
 
 inline int atomicAdd(int* p, int v) { return ::emu::atomic_add(p, v); }
 // Blocks run one after another here, so an earlier block's writes are already visible to a later
-// one: the fence has nothing to order, and a load through L2 alone (__ldcg) is a plain load.
-inline void __threadfence() {}
+// one: the fence orders nothing (the race check records it for the tickets it checks), and a load
+// through L2 alone (__ldcg) is a plain load.
+inline void __threadfence() { ::emu::thread_fence(); }
 template <class T>
 inline T __ldcg(const T* p) {
   return *p;
