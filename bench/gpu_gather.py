@@ -19,6 +19,7 @@ MiB pages would keep a large host V as fast as a small one.
 Targets (issue 3): >= 80% of the memcpy bandwidth for 256 B rows, >= 90% for rows >= 1 KB.
 """
 import argparse
+import math
 import os
 
 import torch
@@ -74,7 +75,7 @@ def huge_page_alloc(pages):
     """alloc(shape) for footprint_sets that places each src [shape] bf16 on a HugePageBuffer,
     registered for the GPU and filled; the buffers go to ``pages`` (to be closed after the row)."""
     def alloc(shape):
-        nbytes = 2 * shape[0] * shape[1] * shape[2] * shape[3]
+        nbytes = math.prod(shape) * torch.bfloat16.itemsize
         buf = host_pages.HugePageBuffer(nbytes)
         pages.append(buf)
         buf.register()

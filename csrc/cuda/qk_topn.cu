@@ -1,8 +1,8 @@
 // kcache_ops::qk_topn on CUDA: checks, device guard, current stream, scratch allocation, dtype /
 // head-dim / group dispatch, and the launches of qk_topn_kernel.cuh as qk_topn_launch.h plans them
 // (scores; the select, which in group mode writes the group mass first and whose blocks merge
-// the slices of a row split over several). No host synchronisation except the seq_lens range check, which
-// check_values=False skips (launch_utils.h).
+// the slices of a row split over several). No host synchronisation except the seq_lens range
+// check, which check_values=False skips (launch_utils.h).
 #include <tuple>
 #include <type_traits>
 

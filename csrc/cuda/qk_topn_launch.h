@@ -149,9 +149,11 @@ inline QkTopnPlan plan_qk_topn(const QkTopnArgs& a, int sms) {
   };
 }
 
-// The select's counters when its rows are split: `slices_done` [plan.select_rows], else nullptr.
-inline int* select_counters(const QkTopnPlan& plan, int* slices_done) {
-  return plan.select_slices > 1 ? slices_done : nullptr;
+// A buffer only a split select uses (its picks, its counters): `p` when the plan splits rows,
+// else nullptr.
+template <class T>
+T* when_split(const QkTopnPlan& plan, T* p) {
+  return plan.select_slices > 1 ? p : nullptr;
 }
 
 // Parameters of qk_scores_kernel. scratch [B, Hq, score_stride] float32, partials [B, Hq,
@@ -171,7 +173,7 @@ inline QkScoresParams qk_scores_params(const QkTopnArgs& a, const QkTopnPlan& pl
       .num_chunks = plan.num_chunks,
       .slices = plan.slices,
       .scale = a.scale,
-      .slices_done = select_counters(plan, slices_done),
+      .slices_done = when_split(plan, slices_done),
       .select_rows = static_cast<int>(plan.select_rows),
   };
 }
@@ -186,8 +188,8 @@ inline QkSelectParams qk_select_params(const QkTopnArgs& a, const QkTopnPlan& pl
       .scores = scratch,
       .partials = partials,
       .mass = mass,
-      .picks = plan.select_slices > 1 ? picks : nullptr,
-      .slices_done = select_counters(plan, slices_done),
+      .picks = when_split(plan, picks),
+      .slices_done = when_split(plan, slices_done),
       .score_stride = plan.score_stride,
       .seq_lens = a.in.seq_lens,
       .seq_stride = a.in.seq_stride,
