@@ -8,16 +8,18 @@ SASS (cuobjdump -sass) and the registers (cuobjdump -res-usage), and counts:
   around its 16-byte K loads) divided by the keys one warp covers per iteration = warp-instruction
   issues per key per block (one block serves one slice of <= GS query heads). Every instruction of
   the loop body is counted, including the cold NaN paths, so this is an upper bound of the issues.
-* select pass: per innermost loop of qk_select_kernel around a 16-byte load (in code order: the
-  group mass's head loop, the 3 radix passes, the collect pass; the per-head copy of a staged
-  slice to shared memory is left out), its static instructions per load /
-  128 floats (a load is 4 floats x 32 lanes) = issues per float read; the radix and collect loops
-  summed = issues per ranked float. Group mode ranks the group mass, which each select block
-  writes for its slice first: issues per score float. The count is static: the early exits of the
-  select (after a radix pass whose threshold bin holds exactly the keys still needed; no
+* select pass: per innermost loop of qk_select_kernel around a 16-byte load (the group mass's
+  head loop, the 3 radix passes and the collect pass; the per-head transform of a staged slice
+  into shared memory is left out), its static instructions per load / 128 floats (a load is 4
+  floats x 32 lanes) = issues per float read; the radix and collect loops summed = issues per
+  ranked float. The passes come twice: over the ranking keys a block wrote itself (group mode,
+  and per head when staged: the model's rows) and over a score row transformed in every pass (per
+  head, not staged: recorded, not modelled). Group mode ranks the group mass, which each select
+  block writes for its slice first: issues per score float. The count is static: the early exits
+  of the select (after a radix pass whose threshold bin holds exactly the keys still needed; no
   index-order scan in the collect when every key equal to the threshold is taken) are not
-  modelled, so the select's count is an upper bound. The merge of split rows (a tree of merges of the
-  slices' sorted lists of N picks per row) is not counted.
+  modelled, so the select's count is an upper bound. The merge of split rows (a tree of merges of
+  the slices' sorted lists of N picks per row) is not counted.
 
 Model (stated, not measured):
 * issue bound = warp-instructions / (SMs x 4 issue slots per cycle (4 warp schedulers, one issue
@@ -260,16 +262,25 @@ def score_loop_count(code, elem_bytes, d):
 RANK_LOAD = r"\bLDG?\.E\.128"
 
 
+# float_key's NaN test, which a loop over keys the block wrote itself no longer makes.
+FLOAT_KEY = r"FSETP\.GTU\.AND .*\|R\d+\|, \+INF"
+
+
 def per_float(code):
-    """[warp-instructions per float read] of each innermost loop around a 16-byte load: its body
-    per load / 128 (a load: 4 floats x 32 lanes); the loops that only copy a slice to shared memory
-    (per head, staged: their stores are STS.128 and they compute nothing) left out."""
+    """[(warp-instructions per float read, kind)] of each innermost loop around a 16-byte load, in
+    code order: its body per load / 128 (a load: 4 floats x 32 lanes); kind "mass" (the group
+    mass: exponentials), "keyed" (over keys written by the block) or "scores" (over a score row,
+    float_key in the loop). The loop that transforms a staged slice into shared memory (per head:
+    STS.128, no exponential) is left out."""
     out = []
     for lo, hi in innermost_loops_with(code, RANK_LOAD):
         insns = body(code, lo, hi)
-        if any("STS.128" in t for t in insns) and not any("MUFU" in t for t in insns):
+        mass = any("MUFU" in t for t in insns)
+        if any("STS.128" in t for t in insns) and not mass:
             continue
-        out.append(len(insns) / sum(bool(re.search(RANK_LOAD, t)) for t in insns) / 128)
+        kind = ("mass" if mass else
+                "scores" if any(re.search(FLOAT_KEY, t) for t in insns) else "keyed")
+        out.append((len(insns) / sum(bool(re.search(RANK_LOAD, t)) for t in insns) / 128, kind))
     return out
 
 
@@ -373,16 +384,19 @@ def analyse(instances_for_shapes=SHAPES, workdir=None):
         counts[f"qk_scores_kernel<{t},{d},{gs}>"] = {
             "regs": regs[name], "loop_insns": n, "keys_per_warp_iter": keys,
             "per_key": round(per_key, 2)}
-    # in code order: the group mass's head loop, 3 radix passes, the collect
+    # each kind in code order: the group mass's head loop; 3 radix passes and the collect twice
     loops = per_float(funcs[SELECT_NAME])
-    if len(loops) != 5:
-        raise RuntimeError(f"qk_select_kernel: expected 5 loops around 16-byte loads (the group "
-                           f"mass, 3 radix passes, the collect), found {len(loops)}")
-    mass, *passes = loops
+    kinds = {k: [x for x, kind in loops if kind == k] for k in ("mass", "keyed", "scores")}
+    if [len(v) for v in kinds.values()] != [1, 4, 4]:
+        raise RuntimeError(f"qk_select_kernel: expected 9 loops around 16-byte loads (the group "
+                           f"mass; 3 radix passes and the collect over keys and over scores), "
+                           f"found {[(round(x, 3), k) for x, k in loops]}")
+    (mass,), passes, score_passes = kinds.values()
     counts["qk_select_kernel"] = {"regs": regs[SELECT_NAME],
                                   "per_pass_per_float": [round(x, 3) for x in passes],
                                   "passes_per_float": round(sum(passes), 3),
-                                  "mass_per_float": round(mass, 3)}
+                                  "mass_per_float": round(mass, 3),
+                                  "score_row_passes_per_float": round(sum(score_passes), 3)}
     rows = []
     for sh in instances_for_shapes:
         score = counts[f"qk_scores_kernel<{sh.ctype},{sh.d},{group_slice_width(sh.hq // sh.hkv)}>"]
@@ -402,7 +416,8 @@ def markdown(result, label):
         if "per_key" in c:
             what = f"{c['per_key']} ({c['loop_insns']} in the loop / {c['keys_per_warp_iter']} keys)"
         else:
-            what = (f"{c['passes_per_float']} per ranked float, 4 passes; group mass "
+            what = (f"{c['passes_per_float']} per ranked float, 4 passes over keys "
+                    f"({c['score_row_passes_per_float']} over a score row); group mass "
                     f"{c['mass_per_float']} per score float")
         out.append(f"| `{name}` | {c['regs']} | {what} |")
     out += ["", "| GPU | shape | tokens × batch | score blocks (per SM, waves) | score issue µs | "

@@ -21,6 +21,8 @@ def test_one_instance(tmp_path):
     assert 5 < c["per_key"] < 500 and 16 < c["regs"] <= 255
     sel = result["counts"]["qk_select_kernel"]
     assert 0 < sel["passes_per_float"] < 50 and 0 < sel["mass_per_float"] < 50
+    # a pass over keys the block wrote transforms and bounds-tests none of them
+    assert sel["passes_per_float"] < sel["score_row_passes_per_float"] < 50
     assert len(result["rows"]) == len(sb.LENGTHS) * len(sb.GPUS)
     for r in result["rows"]:
         assert r["score_issue_us"] > 0 and r["score_bytes_us"] > r["k_floor_us"] > 0

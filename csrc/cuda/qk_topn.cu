@@ -73,13 +73,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
       KC_CHECK_LAUNCH("qk_topn (scores)");
     });
   }
-  // [B, Hkv, score_stride] group mass (group mode, else empty)
-  at::Tensor mass = at::empty({plan.mass_floats}, fopts);
+  // [B, Hkv, score_stride] the group mass's ranking keys, uint32 (group mode, else empty)
+  at::Tensor mass_keys = at::empty({plan.mass_keys}, fopts.dtype(at::kInt));
   // [B, ranked rows, select_slices, n] unsigned 64-bit picks of a split select (else empty)
   at::Tensor picks = at::empty({plan.pick_count}, fopts.dtype(at::kLong));
   const QkSelectParams sp =
       qk_select_params(args, plan, scratch.data_ptr<float>(), partials_ptr,
-                       mass.data_ptr<float>(),
+                       reinterpret_cast<uint32_t*>(mass_keys.data_ptr<int32_t>()),
                        reinterpret_cast<unsigned long long*>(picks.data_ptr<int64_t>()),
                        slices_done.data_ptr<int>());
   qk_select_kernel<<<to_dim3(plan.select_grid), plan.select_block, 0, stream>>>(sp);

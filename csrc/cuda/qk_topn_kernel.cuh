@@ -12,10 +12,13 @@
 // 2. qk_select_kernel — one block per (slice of keys, query head or KV head in group mode,
 //    sequence), the slices (>= 2048 keys) sized so that the grid fills up to 4 blocks per SM. In
 //    group mode it first merges the chunks' (max, sumexp) of the group's heads into lse (a warp
-//    per head) and writes its slice's group mass c_j = sum_h exp(s_hj - lse_h) once, to a
-//    [B, Hkv, S↑4] buffer that it then ranks. Where the slice fits in shared memory beside its
-//    picks (`staged`), what it ranks (the group mass, or the head's scores copied once) is kept
-//    there instead, and the passes below never read device memory. radix_select finds the slice's
+//    per head) and writes the ranking keys (float_key) of its slice's group mass
+//    c_j = sum_h exp(s_hj - lse_h) once, to a [B, Hkv, S↑4] buffer that it then ranks. Where the
+//    slice fits in shared memory beside its picks (`staged`), the keys it ranks (of the group
+//    mass, or of the head's scores, transformed once) are kept there instead, and the passes below
+//    never read device memory; keys the block does not rank are written as 0, so that the passes
+//    test no bounds (per head and not staged they rank the score row, transforming and testing
+//    every key in every pass). radix_select finds the slice's
 //    N-th largest ranking key by a 3-pass radix select (11 + 11 + 10 bits, histograms in shared
 //    memory), ending early when the threshold's bin holds exactly the keys still needed;
 //    collect_candidates gathers the keys above it plus the lowest-index keys equal to it, sorted by
@@ -205,8 +208,8 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreBlocksPerSm)
 struct QkSelectParams {
   const float* scores;       // [B, Hq, score_stride] scratch from qk_scores_kernel
   const MaxSum* partials;    // [B, Hq, num_chunks]
-  float* mass;               // [B, Hkv, score_stride] group mass, written by qk_select_kernel
-                             // (group mode and not staged; else unused)
+  uint32_t* mass_keys;       // [B, Hkv, score_stride] ranking keys of the group mass, written
+                             // by qk_select_kernel (group mode and not staged; else unused)
   unsigned long long* picks; // [B, ranked rows, slices, n] each slice's sorted picks, which the
                              // row's last block merges; nullptr when slices = 1
   int* slices_done;          // [B, ranked rows] the row's slices finished (zeroed by
@@ -230,7 +233,7 @@ struct QkSelectParams {
 struct SelectShared {
   union {
     unsigned long long cand[kMaxTopN];  // (key << 32) | ~index, sorted descending
-    float4 keys4[kMaxTopN / 2];         // staged ranking keys, after the picks (staged_keys)
+    uint4 keys4[kMaxTopN / 2];          // staged ranking keys, after the picks (staged_keys)
   };
   int hist[kSelectBins];
   int warp_total[kSelectThreads / 32];
@@ -240,11 +243,11 @@ struct SelectShared {
   bool last;  // this block is its row's last slice to finish
 };
 
-// Where a select block keeps the floats it ranks when they fit in shared memory: in sh.cand, as
-// 16-byte groups, after the slots of its picks (a whole row's sort uses bitonic_size(n) of them),
-// which collect_candidates writes while it reads the staged keys.
+// Where a select block keeps the ranking keys of its slice when they fit in shared memory: in
+// sh.cand, as 16-byte groups, after the slots of its picks (a whole row's sort uses
+// bitonic_size(n) of them), which collect_candidates writes while it reads the staged keys.
 __host__ __device__ constexpr int staged_keys_offset(int n) {
-  return (bitonic_size(n) + 1) / 2;  // float4 slots: 2 picks each
+  return (bitonic_size(n) + 1) / 2;  // 16-byte slots: 2 picks each
 }
 
 // Whether a slice of slice_keys keys (a multiple of 4) fits there for n picks.
@@ -260,10 +263,14 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int& total, SelectSha
   return before;
 }
 
-// A head's share exp(s - lse) of the group mass, 0 where it is NaN (a NaN score or lse), as the
-// reference's nan_to_num: a head with a NaN lse does not rank its group's keys.
-__device__ __forceinline__ float head_mass(float s, float lse) {
-  const float p = expf(s - lse);
+// A head's share exp(s - lse) = 2^(s · log2 e - l2) of the group mass, l2 = lse · log2 e: one fma
+// and exp2f (the multi-function unit's ex2 and its subnormal scaling: 5 instructions where expf
+// takes 9); 0 where it is NaN (a NaN score or lse), as the reference's nan_to_num: a head with a
+// NaN lse does not rank its group's keys. The product's rounding, |s - lse| · 2^-24, and exp2f's
+// 2 ulps (expf: 1-2) change a share by a few parts in 10^6: only near-ties of the ranking, which
+// alone it decides, may order otherwise; subnormal shares rank as the reference's.
+__device__ __forceinline__ float head_mass(float s, float l2) {
+  const float p = exp2f(fmaf(s, kLog2e, -l2));
   return isnan(p) ? 0.0f : p;
 }
 
@@ -277,11 +284,15 @@ constexpr int kMassLoads = 2;
 // The keys a select block ranks: [first, end) of one ranked row, within its slice (the whole row
 // when the row is not split), the scratch rows of the heads ranked together, and what is ranked.
 // The loops over them start at the 16-byte group of `first` (first / 4) and skip the keys before.
+// What is ranked is either the block's own ranking keys (`keyed`: float_key of the group mass or of
+// the scores, written by the block itself, with 0 at the keys of its 16-byte groups outside
+// [first, end), a value no float_key takes) or, per head when the slice is not staged, the score
+// row itself (its floats' bits, each loop applying float_key and skipping the keys outside).
 struct SelectRow {
   const float* scores;   // [nh, score_stride] scratch rows of the heads, 16-byte aligned
-  const float4* rank;    // what is ranked, 4 keys per group from key 4 · rank_q4: the score row
-                         // or the group mass row (device memory), or the block's copy of its
-                         // slice of either in shared memory (staged)
+  const uint4* rank;     // what is ranked, 4 keys per group from key 4 · rank_q4: the score row
+                         // or the group mass's key row (device memory), or the block's keys of
+                         // its slice in shared memory (staged)
   int rank_q4;           // the 16-byte group of keys that rank[0] holds
   int64_t score_stride;  // multiple of 4
   int nh;                // query heads ranked together: G in group mode, else 1
@@ -327,58 +338,79 @@ __device__ __forceinline__ void select_lse(const QkSelectParams& p, int64_t row0
   __syncthreads();
 }
 
-// Group mode: the group mass c_j = sum_h head_mass(s_hj, lse_h) (h in the KV head's group, in
-// order; lse in sh.lse) of the block's keys [first, end) widened to 16-byte groups (within its
-// slice: slices are multiples of 4 keys), written to `out`, which row.rank reads (the mass row, or
-// shared memory), one 16-byte group of keys per thread and step, kMassLoads heads' loads at a
-// time. No barrier: radix_select and collect_candidates each pass one before they read it back.
-__device__ __forceinline__ void group_mass(const SelectRow& row, float4* out,
+// Whether key j (of a 16-byte group the loops visit) is one the block ranks.
+__device__ __forceinline__ bool in_block(const SelectRow& row, int j) {
+  return j >= row.first && j < row.end;
+}
+
+// The ranking keys of the 16-byte group q4 whose values are v (keys 4·q4 .. 4·q4 + 3): float_key of
+// each, 0 outside the block's keys.
+__device__ __forceinline__ uint4 group_keys(const SelectRow& row, int q4, float4 v) {
+  const int j = 4 * q4;
+  return make_uint4(in_block(row, j) ? float_key(v.x) : 0u,
+                    in_block(row, j + 1) ? float_key(v.y) : 0u,
+                    in_block(row, j + 2) ? float_key(v.z) : 0u,
+                    in_block(row, j + 3) ? float_key(v.w) : 0u);
+}
+
+// Group mode: the ranking keys (group_keys) of the group mass c_j = sum_h head_mass(s_hj, lse_h)
+// (h in the KV head's group, in order; lse in sh.lse) of the block's keys [first, end) widened to
+// 16-byte groups (within its slice: slices are multiples of 4 keys), written to `out`, which
+// row.rank reads (the mass key row, or shared memory), one 16-byte group of keys per thread and
+// step, kMassLoads heads' loads at a time. No barrier: radix_select and collect_candidates each
+// pass one before they read it back.
+__device__ __forceinline__ void group_mass(const SelectRow& row, uint4* out,
                                            const SelectShared& sh) {
   for (int q4 = row.first / 4 + threadIdx.x; q4 < (row.end + 3) / 4; q4 += kSelectThreads) {
     float4 c = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int h0 = 0; h0 < row.nh; h0 += kMassLoads) {
+    const float* at = row.scores + 4 * q4;  // head h0's 4 keys, a pointer step per head
+    for (int h0 = 0; h0 < row.nh; h0 += kMassLoads, at += kMassLoads * row.score_stride) {
       float4 v[kMassLoads];  // heads h0 .. h0 + kMassLoads - 1 at the thread's 4 keys
 #pragma unroll
       for (int u = 0; u < kMassLoads; ++u) {  // the loads first, all in flight together
-        if (h0 + u < row.nh)
-          v[u] = *reinterpret_cast<const float4*>(row.scores + (h0 + u) * row.score_stride +
-                                                  4 * q4);
+        if (h0 + u < row.nh) v[u] = *reinterpret_cast<const float4*>(at + u * row.score_stride);
       }
 #pragma unroll
       for (int u = 0; u < kMassLoads; ++u) {
         if (h0 + u >= row.nh) break;
-        const float l = sh.lse[h0 + u];
-        c.x += head_mass(v[u].x, l);
-        c.y += head_mass(v[u].y, l);
-        c.z += head_mass(v[u].z, l);
-        c.w += head_mass(v[u].w, l);
+        const float l2 = sh.lse[h0 + u] * kLog2e;
+        c.x += head_mass(v[u].x, l2);
+        c.y += head_mass(v[u].y, l2);
+        c.z += head_mass(v[u].z, l2);
+        c.w += head_mass(v[u].w, l2);
       }
     }
-    out[q4 - row.rank_q4] = c;
+    out[q4 - row.rank_q4] = group_keys(row, q4, c);
   }
 }
 
-// Per head, staged: the block's keys of the score row copied to `out` in shared memory (which
-// row.rank reads), 16 bytes per thread and step; no barrier, as in group_mass.
-__device__ __forceinline__ void stage_scores(const SelectRow& row, float4* out) {
+// Per head, staged: the ranking keys (group_keys) of the block's keys of the score row, written to
+// `out` in shared memory (which row.rank reads), 16 bytes per thread and step; no barrier, as in
+// group_mass.
+__device__ __forceinline__ void stage_scores(const SelectRow& row, uint4* out) {
   for (int q4 = row.first / 4 + threadIdx.x; q4 < (row.end + 3) / 4; q4 += kSelectThreads)
-    out[q4 - row.rank_q4] = reinterpret_cast<const float4*>(row.scores)[q4];
+    out[q4 - row.rank_q4] = group_keys(row, q4, reinterpret_cast<const float4*>(row.scores)[q4]);
 }
 
-// Ranking keys of keys 4·q4 .. 4·q4 + 3 (one 16-byte load of what is ranked): float_key of the
-// score (per head) or of the group mass. Entries at or past the block's end are read from the
-// row's padding, another slice or beyond L and must be ignored by the caller.
+// Ranking keys of keys 4·q4 .. 4·q4 + 3 (one 16-byte load of what is ranked): the keys as written
+// (kKeyed), or float_key of the scores. Unkeyed, entries outside the block's keys are read from
+// the row's padding, another slice or beyond L and must be skipped by the caller (ranked_here).
+template <bool kKeyed>
 __device__ __forceinline__ void ranking_keys4(const SelectRow& row, int q4, uint32_t* key) {
-  const float4 v = row.rank[q4 - row.rank_q4];
-  key[0] = float_key(v.x);
-  key[1] = float_key(v.y);
-  key[2] = float_key(v.z);
-  key[3] = float_key(v.w);
+  const uint4 v = row.rank[q4 - row.rank_q4];
+  key[0] = kKeyed ? v.x : float_key(__uint_as_float(v.x));
+  key[1] = kKeyed ? v.y : float_key(__uint_as_float(v.y));
+  key[2] = kKeyed ? v.z : float_key(__uint_as_float(v.z));
+  key[3] = kKeyed ? v.w : float_key(__uint_as_float(v.w));
 }
 
-// Whether key j (of a 16-byte group the loops visit) is one the block ranks.
-__device__ __forceinline__ bool in_block(const SelectRow& row, int j) {
-  return j >= row.first && j < row.end;
+// Whether key j may count in the radix passes and the collect: any one whose ranking key the block
+// wrote (kKeyed: the 0 outside the block's keys sorts below every threshold they can reach, since
+// radix_select runs only when more than n keys are ranked, all above 0, and collect_candidates
+// takes only keys above the threshold), else one of the block's keys.
+template <bool kKeyed>
+__device__ __forceinline__ bool ranked_here(const SelectRow& row, int j) {
+  return kKeyed || in_block(row, j);
 }
 
 // The radix select's digits: 11 + 11 + 10 bits from the top.
@@ -398,6 +430,7 @@ struct RadixState {
 
 // Histogram into sh.hist (zeroed here) of pass `pass`'s digit of the block's keys whose bits above
 // the digit equal the prefix. Every thread must call it; ends with a barrier.
+template <bool kKeyed>
 __device__ __forceinline__ void radix_histogram(const SelectRow& row, uint32_t prefix, int pass,
                                                 SelectShared& sh) {
   const uint32_t hi_mask = pass == 0 ? 0u : ~0u << (radix_shift(pass) + radix_bits(pass));
@@ -407,10 +440,10 @@ __device__ __forceinline__ void radix_histogram(const SelectRow& row, uint32_t p
 #pragma unroll 2
   for (int q4 = row.first / 4 + threadIdx.x; q4 < (row.end + 3) / 4; q4 += kSelectThreads) {
     uint32_t key[4];
-    ranking_keys4(row, q4, key);
+    ranking_keys4<kKeyed>(row, q4, key);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      if (in_block(row, 4 * q4 + e) && (key[e] & hi_mask) == prefix)
+      if (ranked_here<kKeyed>(row, 4 * q4 + e) && (key[e] & hi_mask) == prefix)
         atomicAdd(&sh.hist[(key[e] >> radix_shift(pass)) & digit_mask], 1);
     }
   }
@@ -457,6 +490,7 @@ __device__ __forceinline__ void radix_digit(int pass, RadixState& st, SelectShar
 // shared memory, ending early when the threshold's bin holds exactly the keys still needed;
 // already final (threshold 0, below every key) when every key is taken (end - first <= n).
 // Block-uniform; every thread must call it.
+template <bool kKeyed>
 __device__ __forceinline__ SelectThreshold radix_select(const SelectRow& row, int n,
                                                         SelectShared& sh) {
   RadixState st = {.thr = {.key = 0u, .mask = ~0u, .need_eq = 0, .take_all_eq = false},
@@ -464,7 +498,7 @@ __device__ __forceinline__ SelectThreshold radix_select(const SelectRow& row, in
                    .done = row.end - row.first <= n};
 #pragma unroll
   for (int pass = 0; pass < kRadixPasses && !st.done; ++pass) {
-    radix_histogram(row, st.thr.key, pass, sh);
+    radix_histogram<kKeyed>(row, st.thr.key, pass, sh);
     radix_digit(pass, st, sh);
   }
   return st.thr;
@@ -481,6 +515,7 @@ __device__ __forceinline__ unsigned long long candidate(uint32_t key, int j) {
 // block-wide scan, 4·kSelectThreads keys per tile; when all of those are taken (take_all_eq), at
 // counter slots with the keys above it, and no scan. Every thread must call it; ends with a
 // barrier.
+template <bool kKeyed>
 __device__ __forceinline__ void collect_candidates(const SelectRow& row, SelectThreshold thr,
                                                    int count, SelectShared& sh) {
   const int n_gt = count - thr.need_eq;  // keys strictly above the threshold
@@ -493,17 +528,18 @@ __device__ __forceinline__ void collect_candidates(const SelectRow& row, SelectT
   for (int base4 = row.first / 4; base4 < end4; base4 += kSelectThreads) {  // block-uniform
     const int q4 = base4 + threadIdx.x;
     uint32_t key[4] = {0u, 0u, 0u, 0u};
-    if (q4 < end4) ranking_keys4(row, q4, key);
+    if (q4 < end4) ranking_keys4<kKeyed>(row, q4, key);
     int my_eq = 0;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int j = 4 * q4 + e;
       const uint32_t top = key[e] & thr.mask;
-      if (in_block(row, j) && (top > thr.key || (thr.take_all_eq && top == thr.key))) {
+      if (ranked_here<kKeyed>(row, j) &&
+          (top > thr.key || (thr.take_all_eq && top == thr.key))) {
         const int pos = atomicAdd(&sh.n_gt, 1);
         if (pos < unordered) sh.cand[pos] = candidate(key[e], j);
       }
-      my_eq += ordered_eq && in_block(row, j) && top == thr.key;
+      my_eq += ordered_eq && ranked_here<kKeyed>(row, j) && top == thr.key;
     }
     if (!ordered_eq) continue;  // block-uniform
     int tile_total;
@@ -511,7 +547,7 @@ __device__ __forceinline__ void collect_candidates(const SelectRow& row, SelectT
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int j = 4 * q4 + e;
-      if (in_block(row, j) && (key[e] & thr.mask) == thr.key) {
+      if (ranked_here<kKeyed>(row, j) && (key[e] & thr.mask) == thr.key) {
         if (rank < thr.need_eq) sh.cand[n_gt + rank] = candidate(key[e], j);
         ++rank;
       }
@@ -602,22 +638,22 @@ __device__ __forceinline__ int ranked_end(const QkSelectParams& p, int len) {
 
 // Where the block stages its slice's ranking keys, [slice_keys / 4] in sh; nullptr when the plan
 // does not stage them.
-__device__ __forceinline__ float4* staged_keys(const QkSelectParams& p, SelectShared& sh) {
+__device__ __forceinline__ uint4* staged_keys(const QkSelectParams& p, SelectShared& sh) {
   return p.staged ? sh.keys4 + staged_keys_offset(p.n) : nullptr;
 }
 
-// Group mode, not staged: the group mass row of KV head x of sequence b, [score_stride / 4].
-__device__ __forceinline__ float4* mass_row(const QkSelectParams& p, int b, int x) {
+// Group mode, not staged: the group mass's key row of KV head x of sequence b, [score_stride / 4].
+__device__ __forceinline__ uint4* mass_row(const QkSelectParams& p, int b, int x) {
   const int64_t row = static_cast<int64_t>(b) * p.hkv + x;  // in [B, Hkv]
-  return reinterpret_cast<float4*>(p.mass + row * p.score_stride);
+  return reinterpret_cast<uint4*>(p.mass_keys + row * p.score_stride);
 }
 
 // The ranked row `x` (query head, or KV head in group mode) of sequence b, its ranked keys
 // [first, end) in slice `slice`, and the index of its first query head in [B, Hq] (row0). What it
-// ranks: `staged` (the slice's copy in shared memory, its first group the slice's first) where
-// not nullptr, else the group mass row or the score row.
+// ranks: `staged` (the slice's keys in shared memory, its first group the slice's first) where
+// not nullptr, else the group mass's key row or the score row.
 __device__ __forceinline__ SelectRow select_row(const QkSelectParams& p, int b, int x, int slice,
-                                                const float4* staged, int64_t& row0) {
+                                                const uint4* staged, int64_t& row0) {
   const int G = p.hq / p.hkv;
   row0 = static_cast<int64_t>(b) * p.hq + (p.group_select ? x * G : x);
   const float* scores = p.scores + row0 * p.score_stride;  // [nh, score_stride]
@@ -628,7 +664,7 @@ __device__ __forceinline__ SelectRow select_row(const QkSelectParams& p, int b, 
       .scores = scores,
       .rank = staged           ? staged
               : p.group_select ? mass_row(p, b, x)
-                               : reinterpret_cast<const float4*>(scores),
+                               : reinterpret_cast<const uint4*>(scores),
       .rank_q4 = staged ? static_cast<int>(begin / 4) : 0,
       .score_stride = p.score_stride,
       .nh = p.group_select ? G : 1,
@@ -700,7 +736,7 @@ __global__ void __launch_bounds__(kSelectThreads, kSelectBlocksPerSm)
   __shared__ SelectShared sh;
   const int b = blockIdx.z;
   const bool whole_row = gridDim.x == 1;
-  float4* staged = staged_keys(p, sh);  // [slice_keys / 4] or nullptr
+  uint4* staged = staged_keys(p, sh);  // [slice_keys / 4] or nullptr
   int64_t row0;
   const SelectRow row = select_row(p, b, blockIdx.y, blockIdx.x, staged, row0);
   if (p.group_select || whole_row) select_lse(p, row0, row.nh, whole_row, sh);
@@ -712,8 +748,11 @@ __global__ void __launch_bounds__(kSelectThreads, kSelectBlocksPerSm)
   const int count = max(0, min(p.n, row.end - row.first));  // the block's picks
   const int size = bitonic_size(count);
   for (int i = threadIdx.x; i < size; i += kSelectThreads) sh.cand[i] = 0ull;  // sorts last
-  const SelectThreshold thr = radix_select(row, p.n, sh);
-  collect_candidates(row, thr, count, sh);
+  if (p.group_select || staged) {  // block-uniform: the block wrote the keys it ranks
+    collect_candidates<true>(row, radix_select<true>(row, p.n, sh), count, sh);
+  } else {
+    collect_candidates<false>(row, radix_select<false>(row, p.n, sh), count, sh);
+  }
   block_bitonic_sort<kSelectThreads, true>(sh.cand, size);  // phase 4: (key desc, index asc)
   if (whole_row) {
     write_selection(p, row, row0, count, sh);

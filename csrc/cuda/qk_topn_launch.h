@@ -62,8 +62,8 @@ struct QkTopnPlan {
   int64_t partial_count;       // partials [B, Hq, num_chunks] MaxSum
   GridSize scores_grid;        // (num_chunks, Hkv * slices, B)
   int scores_block;            // kScoreThreads
-  int64_t mass_floats;         // group mass [B, Hkv, score_stride] float32, 0 unless group mode
-                               // and not select_staged
+  int64_t mass_keys;           // group mass keys [B, Hkv, score_stride] uint32, 0 unless group
+                               // mode and not select_staged
   int select_slices;           // blocks per ranked row of qk_select_kernel; > 1: the row's last
                                // block merges their picks
   int64_t select_slice_keys;   // keys per slice, a multiple of 4
@@ -138,7 +138,7 @@ inline QkTopnPlan plan_qk_topn(const QkTopnArgs& a, int sms) {
       .partial_count = a.B * a.Hq * num_chunks,
       .scores_grid = {.x = num_chunks, .y = a.Hkv * slices, .z = a.B},
       .scores_block = kScoreThreads,
-      .mass_floats = a.group_select && !staged ? a.B * a.Hkv * score_stride : 0,
+      .mass_keys = a.group_select && !staged ? a.B * a.Hkv * score_stride : 0,
       .select_slices = select_slices,
       .select_slice_keys = slice_keys,
       .select_staged = staged,
@@ -179,15 +179,16 @@ inline QkScoresParams qk_scores_params(const QkTopnArgs& a, const QkTopnPlan& pl
 }
 
 // Parameters of qk_select_kernel over the scratch, partials and counters that qk_scores_kernel
-// wrote, the group mass buffer [plan.mass_floats] (unused when it is empty), and the picks
+// wrote, the group mass keys [plan.mass_keys] (unused when it is empty), and the picks
 // [plan.pick_count] when plan.select_slices > 1 (else nullptr).
 inline QkSelectParams qk_select_params(const QkTopnArgs& a, const QkTopnPlan& plan,
-                                       const float* scratch, const MaxSum* partials, float* mass,
-                                       unsigned long long* picks, int* slices_done) {
+                                       const float* scratch, const MaxSum* partials,
+                                       uint32_t* mass_keys, unsigned long long* picks,
+                                       int* slices_done) {
   return {
       .scores = scratch,
       .partials = partials,
-      .mass = mass,
+      .mass_keys = mass_keys,
       .picks = when_split(plan, picks),
       .slices_done = when_split(plan, slices_done),
       .score_stride = plan.score_stride,

@@ -102,17 +102,18 @@ Outputs run_qk_topn(const Case& c) {
       });
     });
   }
-  Tensor mass = make_tensor(DType::kF32, {plan.mass_floats}, 0xff);  // [B, Hkv, stride]
+  Tensor mass_keys = make_tensor(DType::kI32, {plan.mass_keys}, 0xff);  // [B, Hkv, stride]
   Tensor picks = make_tensor(DType::kI32, {2 * plan.pick_count}, 0xff);  // [B, rows, slices, n]
   const kcache_ops::QkSelectParams sp = kcache_ops::qk_select_params(
       args, plan, static_cast<const float*>(scratch.data()), partials_ptr,
-      static_cast<float*>(mass.data()), static_cast<unsigned long long*>(picks.data()), done_ptr);
+      static_cast<uint32_t*>(mass_keys.data()), static_cast<unsigned long long*>(picks.data()),
+      done_ptr);
   auto watch_selection = [&] {
     watch_output(scores.data(), scores.bytes, "scores");
     watch_output(indices.data(), indices.bytes, "indices");
     watch_output(lse.data(), lse.bytes, "lse");
   };
-  watch_output(mass.data(), mass.bytes, "group mass");
+  watch_output(mass_keys.data(), mass_keys.bytes, "group mass keys");
   watch_output(picks.data(), picks.bytes, "picks");
   watch_selection();  // by a row's only block, or the last of its slices
   launch(to_dim3(plan.select_grid), dim3(plan.select_block), "qk_select_kernel",
