@@ -1010,6 +1010,24 @@ def test_emulator_mma_truncates(race_exe, sign):
     assert torch.equal(run_mma(race_exe, a, b, c), c)
 
 
+@pytest.mark.parametrize("size", [1, 2, 4, 8, 16, 32, 64, 128, 256])
+def test_block_bitonic_sort(race_exe, size):
+    """kernel_utils.cuh's block_bitonic_sort on its own, both directions: up to 64 keys in one
+    warp's registers (warp_bitonic_sort), more by the block's stages. Unsigned 64-bit keys, repeats
+    and the top bit among them."""
+    g = torch.Generator().manual_seed(size)
+    pool = torch.randint(-2**31, 2**31, (max(1, size // 3), 2), generator=g, dtype=torch.int64)
+    pool[0, 1] = -1  # a key with the top bit set
+    keys = pool[torch.randint(len(pool), (size,), generator=g)].to(torch.int32)  # [size, 2]
+    out = emu.run(race_exe, "sort", {}, dict(keys=keys))["out"]  # [2, size, 2]
+
+    def u64(words):  # [size, 2] int32 (low, high) -> the keys as Python ints
+        return [(hi & 0xFFFFFFFF) << 32 | (lo & 0xFFFFFFFF) for lo, hi in words.tolist()]
+
+    assert u64(out[0]) == sorted(u64(keys), reverse=True)
+    assert u64(out[1]) == sorted(u64(keys))
+
+
 def _barrier_after(path, marker):
     """'file:line' of the first __syncthreads after the line containing ``marker``."""
     lines = path.read_text(encoding="utf-8").splitlines()

@@ -404,12 +404,55 @@ __host__ __device__ constexpr int log2_pow2(int size) {
   return log;
 }
 
+// block_bitonic_sort's network for size <= 64 in one warp's registers: lane l holds entries l and
+// l + 32 and takes each stage's partner l ^ stride of either by a shuffle (stride 32: its own
+// other entry), so that no stage waits on a block barrier. Every lane of the warp must call it;
+// it reads and writes only its own two entries of key (those below size).
+template <bool kDescending>
+__device__ __forceinline__ void warp_bitonic_sort(unsigned long long* key, int size) {
+  const int lane = threadIdx.x % 32;
+  unsigned long long x[2];  // entries lane and lane + 32 (0 past size: never written back)
+#pragma unroll
+  for (int h = 0; h < 2; ++h) x[h] = lane + 32 * h < size ? key[lane + 32 * h] : 0ull;
+  for (int k = 2; k <= size; k <<= 1) {
+    for (int stride = k >> 1; stride > 0; stride >>= 1) {
+      if (stride == 32) {  // k = 64: this lane's two entries are a pair (ascending: 64 & i = 0)
+        if (kDescending ? x[0] < x[1] : x[0] > x[1]) {
+          const unsigned long long t = x[0];
+          x[0] = x[1];
+          x[1] = t;
+        }
+        continue;
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (h == 1 && size <= 32) break;  // warp-uniform: no entry l + 32
+        const int i = lane + 32 * h;
+        const unsigned long long other = __shfl_xor_sync(kFullMask, x[h], stride);  // l ^ stride's
+        const bool ascending = ((i & k) == 0) != kDescending;  // this pair's direction
+        const bool keep_min = ((i & stride) == 0) == ascending;  // the pair's first keeps the min
+        if (keep_min ? other < x[h] : other > x[h]) x[h] = other;
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (lane + 32 * h < size) key[lane + 32 * h] = x[h];
+  }
+}
+
 // Sorts key[0, size) by a block of kThreads threads, size a power of two, descending if
 // kDescending else ascending: a bitonic network of log2(size) · (log2(size) + 1) / 2
 // compare-exchange stages, one barrier each, every thread taking size / 2 / kThreads pairs of a
-// stage. Every thread must call it; ends with a barrier.
+// stage; up to 64 keys, by warp 0 alone without barriers (warp_bitonic_sort). Every thread must
+// call it, after a barrier that makes key visible to all; ends with a barrier.
 template <int kThreads, bool kDescending>
 __device__ __forceinline__ void block_bitonic_sort(unsigned long long* key, int size) {
+  if (size <= 64) {  // block-uniform
+    if (threadIdx.x < 32) warp_bitonic_sort<kDescending>(key, size);
+    __syncthreads();
+    return;
+  }
   for (int k = 2; k <= size; k <<= 1) {
     for (int stride = k >> 1; stride > 0; stride >>= 1) {
       for (int q = threadIdx.x; q < size / 2; q += kThreads) {

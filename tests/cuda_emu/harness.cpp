@@ -337,11 +337,26 @@ Outputs run_mma(const Case& c) {
   return {{"d", d}};
 }
 
+// kernel_utils.cuh's block_bitonic_sort (selftest_kernels.cuh's bitonic_sort): keys [size, 2]
+// int32 (64-bit keys as low and high words) -> out [2, size, 2], sorted descending, then ascending.
+Outputs run_sort(const Case& c) {
+  const Tensor& keys = c.input("keys");
+  const int size = static_cast<int>(keys.sizes[0]);
+  Tensor out = make_tensor(DType::kI32, {2, size, 2}, 0x7f);
+  int* o = static_cast<int*>(out.data());
+  watch_output(o, out.bytes, "out");
+  launch(dim3(2), dim3(128), "bitonic_sort", [&] {
+    emu_selftest::bitonic_sort(static_cast<const int*>(keys.data()), size, o);
+  });
+  return {{"out", out}};
+}
+
 }  // namespace
 
 Outputs run_case(const Case& c) {
   if (c.op == "selftest") return run_selftest(c);
   if (c.op == "mma") return run_mma(c);
+  if (c.op == "sort") return run_sort(c);
   if (c.op == "qk_topn") return run_qk_topn(c);
   if (c.op == "sparse_attn_v") return run_sparse_attn_v(c);
   if (c.op == "gather_rows") return run_gather_rows(c);

@@ -2,7 +2,7 @@
 // two that use them correctly: the emulator must stop each broken one with a message (never hang)
 // and run the correct ones to the expected result. Launched with 2 blocks of 64 threads; out
 // [2, 64] int32. And one warp's tensor-core product (mma_tile), the emulator's model of mma.sync
-// on its own.
+// on its own, and kernel_utils.cuh's bitonic sort on its own (bitonic_sort).
 #pragma once
 
 #include <cuda_pipeline_primitives.h>
@@ -216,6 +216,27 @@ __global__ void async_misaligned_src(int* out) {
   __pipeline_commit();
   __pipeline_wait_prior(0);
   out[blockIdx.x * 64 + t] = static_cast<int>(a[t].x);
+}
+
+// kcache_ops::block_bitonic_sort of `size` (a power of two <= 256) 64-bit keys, given as [size, 2]
+// int32 words (low, high), by a block of 128 threads: descending in block 0, ascending in block 1;
+// out [2, size, 2] the same way. Up to 64 keys one warp sorts them (warp_bitonic_sort).
+__global__ void bitonic_sort(const int* keys, int size, int* out) {
+  __shared__ unsigned long long k[256];
+  for (int i = threadIdx.x; i < size; i += 128)
+    k[i] = (static_cast<unsigned long long>(static_cast<uint32_t>(keys[2 * i + 1])) << 32) |
+           static_cast<uint32_t>(keys[2 * i]);
+  __syncthreads();
+  if (blockIdx.x == 0) {
+    kcache_ops::block_bitonic_sort<128, true>(k, size);
+  } else {
+    kcache_ops::block_bitonic_sort<128, false>(k, size);
+  }
+  int* o = out + blockIdx.x * size * 2;  // [size, 2]
+  for (int i = threadIdx.x; i < size; i += 128) {
+    o[2 * i] = static_cast<int>(static_cast<uint32_t>(k[i]));
+    o[2 * i + 1] = static_cast<int>(static_cast<uint32_t>(k[i] >> 32));
+  }
 }
 
 // One warp (one block of 32 threads): d = c + a · b through kcache_ops::mma_tf32_m16n8k8, a
