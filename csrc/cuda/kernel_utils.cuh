@@ -390,6 +390,18 @@ __device__ __forceinline__ int block_scan(int v, int& total, int* warp_total) {
   return before;
 }
 
+// Sum of v over this lane and the lanes above it in the warp (an inclusive suffix sum). Every lane
+// of the warp must call it.
+__device__ __forceinline__ int warp_suffix_sum(int v) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int up = __shfl_down_sync(kFullMask, v, off);
+    if (lane + off < 32) v += up;
+  }
+  return v;
+}
+
 // The smallest power of two >= count (1 for count <= 1): block_bitonic_sort's size for count keys.
 __host__ __device__ constexpr int bitonic_size(int count) {
   int size = 1;

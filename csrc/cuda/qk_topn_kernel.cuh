@@ -435,7 +435,10 @@ __device__ __forceinline__ void radix_histogram(const SelectRow& row, uint32_t p
                                                 SelectShared& sh) {
   const uint32_t hi_mask = pass == 0 ? 0u : ~0u << (radix_shift(pass) + radix_bits(pass));
   const uint32_t digit_mask = (1u << radix_bits(pass)) - 1u;
-  for (int i = threadIdx.x; i < kSelectBins; i += kSelectThreads) sh.hist[i] = 0;
+  static_assert(kSelectBins % kSelectThreads == 0, "whole bins a thread");
+#pragma unroll
+  for (int i = 0; i < kSelectBins / kSelectThreads; ++i)
+    sh.hist[i * kSelectThreads + threadIdx.x] = 0;
   __syncthreads();
 #pragma unroll 2
   for (int q4 = row.first / 4 + threadIdx.x; q4 < (row.end + 3) / 4; q4 += kSelectThreads) {
@@ -452,26 +455,39 @@ __device__ __forceinline__ void radix_histogram(const SelectRow& row, uint32_t p
 
 // Pass `pass`'s digit from the histogram in sh.hist: the bin where the count from the top reaches
 // st.remaining; ends the select (st.done) when that bin holds exactly the keys still needed.
+// Thread t owns bins [4t, 4t + 4). Each warp sums its lanes' bins from the top (a suffix sum);
+// after one barrier every warp alike finds, from the warps' totals, the highest warp whose bins
+// and those above reach st.remaining, and only that warp's lanes look into their bins; the other
+// warps wait at the next barrier (a block-wide scan made every thread scan the warps' totals).
 // Block-uniform; every thread must call it; ends with a barrier.
 __device__ __forceinline__ void radix_digit(int pass, RadixState& st, SelectShared& sh) {
-  // Thread t owns bins [4t, 4t + 4).
-  constexpr int kBinsPerThread = kSelectBins / kSelectThreads;
-  int mine = 0;
+  constexpr int kWarps = kSelectThreads / 32;
+  static_assert(kWarps < 32, "a lane per warp, and one more");
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int4 bins = reinterpret_cast<const int4*>(sh.hist)[threadIdx.x];  // bins 4t .. 4t + 3
+  const int mine = bins.x + bins.y + bins.z + bins.w;
+  const int upper = warp_suffix_sum(mine);  // keys in this lane's bins and its warp's higher lanes'
+  if (lane == 0) sh.warp_total[warp] = upper;
+  __syncthreads();
+  // lane w < kWarps: the keys in warps w and above; the threshold's warp is the highest w whose
+  // sum reaches st.remaining (warp 0's sum, the pass's keys, always does)
+  const int from_warp = warp_suffix_sum(lane < kWarps ? sh.warp_total[lane] : 0);
+  int found = from_warp >= st.remaining ? lane : -1;
 #pragma unroll
-  for (int i = 0; i < kBinsPerThread; ++i) mine += sh.hist[threadIdx.x * kBinsPerThread + i];
-  int total;
-  const int below = block_exclusive_scan(mine, total, sh);
-  int above = total - below - mine;  // keys in the bins of higher threads
+  for (int off = 16; off > 0; off >>= 1) found = max(found, __shfl_xor_sync(kFullMask, found, off));
+  const int above_warp = __shfl_sync(kFullMask, from_warp, found + 1);  // keys in higher warps
+  if (warp == found) {  // warp-uniform
+    int above = above_warp + upper - mine;  // keys in the bins of higher threads
+    const int c[4] = {bins.x, bins.y, bins.z, bins.w};
 #pragma unroll
-  for (int i = kBinsPerThread - 1; i >= 0; --i) {
-    const int bin = threadIdx.x * kBinsPerThread + i;
-    const int c = sh.hist[bin];
-    if (above < st.remaining && above + c >= st.remaining) {
-      sh.digit = bin;
-      sh.remaining = st.remaining - above;
-      sh.bin_count = c;
+    for (int i = 3; i >= 0; --i) {
+      if (above < st.remaining && above + c[i] >= st.remaining) {
+        sh.digit = 4 * threadIdx.x + i;
+        sh.remaining = st.remaining - above;
+        sh.bin_count = c[i];
+      }
+      above += c[i];
     }
-    above += c;
   }
   __syncthreads();
   st.thr.key |= static_cast<uint32_t>(sh.digit) << radix_shift(pass);
