@@ -262,16 +262,12 @@ def score_loop_count(code, elem_bytes, d):
 RANK_LOAD = r"\bLDG?\.E\.128"
 
 
-# float_key's NaN test, which a loop over keys the block wrote itself no longer makes.
-FLOAT_KEY = r"FSETP\.GTU\.AND .*\|R\d+\|, \+INF"
-
-
 def per_float(code):
     """[(warp-instructions per float read, kind)] of each innermost loop around a 16-byte load, in
     code order: its body per load / 128 (a load: 4 floats x 32 lanes); kind "mass" (the group
-    mass: exponentials), "keyed" (over keys written by the block) or "scores" (over a score row,
-    float_key in the loop). The loop that transforms a staged slice into shared memory (per head:
-    STS.128, no exponential) is left out."""
+    mass: exponentials), "scores" (over a score row: float_key's float compares in the loop) or
+    "keyed" (over keys written by the block: no float instruction). The loop that transforms a
+    staged slice into shared memory (per head: STS.128, no exponential) is left out."""
     out = []
     for lo, hi in innermost_loops_with(code, RANK_LOAD):
         insns = body(code, lo, hi)
@@ -279,7 +275,7 @@ def per_float(code):
         if any("STS.128" in t for t in insns) and not mass:
             continue
         kind = ("mass" if mass else
-                "scores" if any(re.search(FLOAT_KEY, t) for t in insns) else "keyed")
+                "scores" if any(re.match(r"(@!?U?P\w+\s+)?FSETP\b", t) for t in insns) else "keyed")
         out.append((len(insns) / sum(bool(re.search(RANK_LOAD, t)) for t in insns) / 128, kind))
     return out
 
@@ -339,7 +335,8 @@ def predict(shape, s, b, gpu, score, select, group_select):
     rows = b * (shape.hkv if group_select else shape.hq)
     slices, slice_keys = select_slices(s, rows, SELECT_N, gpu.sms)
     staged = select_staged(slice_keys, SELECT_N)
-    ranked = select["passes_per_float"]
+    # the passes over keys the block wrote (group mode, or staged), else over the score row
+    ranked = select["passes_per_float" if group_select or staged else "score_row_passes_per_float"]
     mass = select["mass_per_float"] * g if group_select else 0.0
     sel_instr = rows * s * (ranked + mass)
     per_block = min(s, slice_keys) * (ranked + mass) / (ISSUE_PER_SM_CYCLE * gpu.clock_hz)

@@ -315,6 +315,25 @@ def test_subnormal_group_mass_as_reference(device):
     assert ref[0, 0, 1] == S - 1 and torch.equal(idx.cpu(), ref)
 
 
+@pytest.mark.parametrize("base", [3e6, 1e7])
+def test_group_mass_at_large_scores(device, base):
+    """Group mode with one head's scores (and lse) near `base` and the other's near 0: a head's
+    share exp(s - lse) takes its exponent from s - lse, so a large lse weighs the heads as the
+    reference does (lse · log2 e rounded first put up to |lse| · 2^-25 on the exponent, 19 % on
+    a share at 3e6, and reordered the group's picks)."""
+    S, n, D = 64, 16, 64
+    g = torch.Generator().manual_seed(0)
+    q = torch.zeros(1, 2, D)  # [B, Hq, D]: head 0 reads k[..., 0], head 1 k[..., 1]
+    q[0, 0, 0] = 1.0
+    q[0, 1, 1] = 1.0
+    k = torch.zeros(1, 1, S, D)  # [B, Hkv, S, D]: integers and eighths, so the scores are exact
+    k[0, 0, :, 0] = base + torch.randint(-4, 1, (S,), generator=g)
+    k[0, 0, :, 1] = torch.randint(-32, 1, (S,), generator=g) / 8
+    lens = seq_lens_tensor([S], device)
+    out = kcache_ops.qk_topn(q.to(device), k.to(device), lens, n, 1.0, True)
+    check_topn(q, k, lens, n, 1.0, True, out)
+
+
 def test_a_best_score_of_zero_with_denormals_flushed(device):
     """With denormals flushed (torch.set_flush_denormal), a key scoring exactly 0 is still
     selected where it is among the top n: the CPU selection's threshold just under a tile max of

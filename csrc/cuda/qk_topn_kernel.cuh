@@ -263,14 +263,17 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int& total, SelectSha
   return before;
 }
 
-// A head's share exp(s - lse) = 2^(s · log2 e - l2) of the group mass, l2 = lse · log2 e: one fma
-// and exp2f (the multi-function unit's ex2 and its subnormal scaling: 5 instructions where expf
-// takes 9); 0 where it is NaN (a NaN score or lse), as the reference's nan_to_num: a head with a
-// NaN lse does not rank its group's keys. The product's rounding, |s - lse| · 2^-24, and exp2f's
-// 2 ulps (expf: 1-2) change a share by a few parts in 10^6: only near-ties of the ranking, which
-// alone it decides, may order otherwise; subnormal shares rank as the reference's.
-__device__ __forceinline__ float head_mass(float s, float l2) {
-  const float p = exp2f(fmaf(s, kLog2e, -l2));
+// A head's share exp(s - lse) = 2^((s - lse) · log2 e) of the group mass: exp2f (the
+// multi-function unit's ex2 and its subnormal scaling: 6 instructions with the subtraction and
+// the product, where expf takes 9); 0 where it is NaN (a NaN score or lse), as the reference's
+// nan_to_num: a head with a NaN lse does not rank its group's keys. The exponent is taken from
+// s - lse, as expf's is: the product's rounding, |s - lse| · 2^-24, and exp2f's 2 ulps (expf: 1-2)
+// change a share by a few parts in 10^6 where it matters (|s - lse| < 88), so only near-ties of
+// the ranking, which alone it decides, may order otherwise; subnormal shares rank as the
+// reference's. (s · log2 e - lse · log2 e, one fma, rounds lse · log2 e first: up to
+// |lse| · 2^-25 on the exponent of every share of the head, 19 % at |lse| = 3e6.)
+__device__ __forceinline__ float head_mass(float s, float lse) {
+  const float p = exp2f((s - lse) * kLog2e);
   return isnan(p) ? 0.0f : p;
 }
 
@@ -283,7 +286,8 @@ constexpr int kMassLoads = 2;
 
 // The keys a select block ranks: [first, end) of one ranked row, within its slice (the whole row
 // when the row is not split), the scratch rows of the heads ranked together, and what is ranked.
-// The loops over them start at the 16-byte group of `first` (first / 4) and skip the keys before.
+// The loops over them start at the 16-byte group of `first` (first / 4); the keys there before
+// `first` read 0 (keyed) or are skipped.
 // What is ranked is either the block's own ranking keys (`keyed`: float_key of the group mass or of
 // the scores, written by the block itself, with 0 at the keys of its 16-byte groups outside
 // [first, end), a value no float_key takes) or, per head when the slice is not staged, the score
@@ -363,8 +367,9 @@ __device__ __forceinline__ void group_mass(const SelectRow& row, uint4* out,
                                            const SelectShared& sh) {
   for (int q4 = row.first / 4 + threadIdx.x; q4 < (row.end + 3) / 4; q4 += kSelectThreads) {
     float4 c = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    const float* at = row.scores + 4 * q4;  // head h0's 4 keys, a pointer step per head
-    for (int h0 = 0; h0 < row.nh; h0 += kMassLoads, at += kMassLoads * row.score_stride) {
+    const float* at = row.scores + 4 * q4;  // head h0's 4 keys: a step per head, not a multiply
+    for (int h0 = 0; h0 < row.nh; h0 += kMassLoads) {
+      if (h0 > 0) at += kMassLoads * row.score_stride;  // (never past the last head's row)
       float4 v[kMassLoads];  // heads h0 .. h0 + kMassLoads - 1 at the thread's 4 keys
 #pragma unroll
       for (int u = 0; u < kMassLoads; ++u) {  // the loads first, all in flight together
@@ -373,11 +378,11 @@ __device__ __forceinline__ void group_mass(const SelectRow& row, uint4* out,
 #pragma unroll
       for (int u = 0; u < kMassLoads; ++u) {
         if (h0 + u >= row.nh) break;
-        const float l2 = sh.lse[h0 + u] * kLog2e;
-        c.x += head_mass(v[u].x, l2);
-        c.y += head_mass(v[u].y, l2);
-        c.z += head_mass(v[u].z, l2);
-        c.w += head_mass(v[u].w, l2);
+        const float lse = sh.lse[h0 + u];
+        c.x += head_mass(v[u].x, lse);
+        c.y += head_mass(v[u].y, lse);
+        c.z += head_mass(v[u].z, lse);
+        c.w += head_mass(v[u].w, lse);
       }
     }
     out[q4 - row.rank_q4] = group_keys(row, q4, c);
@@ -406,8 +411,9 @@ __device__ __forceinline__ void ranking_keys4(const SelectRow& row, int q4, uint
 
 // Whether key j may count in the radix passes and the collect: any one whose ranking key the block
 // wrote (kKeyed: the 0 outside the block's keys sorts below every threshold they can reach, since
-// radix_select runs only when more than n keys are ranked, all above 0, and collect_candidates
-// takes only keys above the threshold), else one of the block's keys.
+// radix_select runs only when more than n keys are ranked, all above 0, so that its threshold is
+// above 0 and a later pass's prefix is not 0; and collect_candidates takes keys above the
+// threshold, or equal to it only when radix_select set it), else one of the block's keys.
 template <bool kKeyed>
 __device__ __forceinline__ bool ranked_here(const SelectRow& row, int j) {
   return kKeyed || in_block(row, j);

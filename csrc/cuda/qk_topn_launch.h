@@ -77,7 +77,7 @@ struct QkTopnPlan {
 };
 
 // The score scratch's row stride for S keys: S rounded up to a multiple of 4 floats, so that
-// every row is 16-byte aligned (the select's float4 loads).
+// every row is 16-byte aligned (the select's 16-byte loads).
 inline int64_t qk_score_stride(int64_t S) { return ceil_div<int64_t>(S, 4) * 4; }
 
 // A score block's fixed cost (q load, block reduction, partials, its share of the launch) counted
