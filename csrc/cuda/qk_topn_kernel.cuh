@@ -468,7 +468,7 @@ __device__ __forceinline__ void radix_histogram(const SelectRow& row, uint32_t p
 // Block-uniform; every thread must call it; ends with a barrier.
 __device__ __forceinline__ void radix_digit(int pass, RadixState& st, SelectShared& sh) {
   constexpr int kWarps = kSelectThreads / 32;
-  static_assert(kWarps < 32, "a lane per warp, and one more");
+  static_assert(kWarps < 32 && kSelectBins == 4 * kSelectThreads, "a lane a warp; 4 bins a lane");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int4 bins = reinterpret_cast<const int4*>(sh.hist)[threadIdx.x];  // bins 4t .. 4t + 3
   const int mine = bins.x + bins.y + bins.z + bins.w;
