@@ -11,23 +11,23 @@
 //    Llama-3 bf16) and the chunk's (max, sumexp) per head.
 // 2. qk_select_kernel — one block per (slice of keys, query head or KV head in group mode,
 //    sequence), the slices (>= 2048 keys) sized so that the grid fills up to 4 blocks per SM. In
-//    group mode it first merges the chunks' (max, sumexp) of the group's heads into lse (a warp
-//    per head) and writes the ranking keys (float_key) of its slice's group mass
-//    c_j = sum_h exp(s_hj - lse_h) once, to a [B, Hkv, S↑4] buffer that it then ranks. Where the
-//    slice fits in shared memory beside its picks (`staged`), the keys it ranks (of the group
-//    mass, or of the head's scores, transformed once) are kept there instead, and the passes below
-//    never read device memory; keys the block does not rank are written as 0, so that the passes
-//    test no bounds (per head and not staged they rank the score row, transforming and testing
-//    every key in every pass). radix_select finds the slice's
-//    N-th largest ranking key by a 3-pass radix select (11 + 11 + 10 bits, histograms in shared
-//    memory), ending early when the threshold's bin holds exactly the keys still needed;
-//    collect_candidates gathers the keys above it plus the lowest-index keys equal to it, sorted by
-//    (key desc, index asc) with a bitonic sort in shared memory. With one slice per row these are
-//    written (scores, indices, lse, padding); with several, each slice's N best go to a picks
-//    buffer, and the last of the row's blocks to finish (a counter per row, zeroed by the score
-//    kernel) merges the slices' sorted lists (bitonic_size(N) slots each) pairwise in a tree
-//    (each pair's best by a bitonic merge) into the row's N best (every key of those is among its
-//    own slice's N best) and writes them with the row's lse.
+//    group mode it first merges the chunks' (max, sumexp) of the group's heads into lse (a warp per
+//    head) and writes the ranking keys (float_key) of its slice's group mass c_j = sum_h
+//    exp(s_hj - lse_h) once, to a [B, Hkv, S↑4] buffer that it then ranks. Where the slice fits in
+//    shared memory beside its picks (`staged`), the keys it ranks (of the group mass, or of the
+//    head's scores, transformed once) are kept there instead, and the passes below never read
+//    device memory; keys the block does not rank are written as 0, so that the passes test no
+//    bounds (per head and not staged they rank the score row, transforming and testing every key in
+//    every pass). radix_select finds the slice's N-th largest ranking key by a 3-pass radix select
+//    (11 + 11 + 10 bits, histograms in shared memory), ending early when the threshold's bin holds
+//    exactly the keys still needed; collect_candidates gathers the keys above it plus the
+//    lowest-index keys equal to it, sorted by (key desc, index asc) with a bitonic sort in shared
+//    memory. With one slice per row these are written (scores, indices, lse, padding); with
+//    several, each slice's N best go to a picks buffer, and the last of the row's blocks to finish
+//    (a counter per row, zeroed by the score kernel) merges the slices' sorted lists
+//    (bitonic_size(N) slots each) pairwise in a tree (each pair's best by a bitonic merge) into the
+//    row's N best (every key of those is among its own slice's N best) and writes them with the
+//    row's lse.
 //    The ranking key is s (per head) or the group mass c_j (group mode).
 // NaN as the reference: a NaN score makes its row's lse NaN and ranks above every number (per
 // head); a NaN term of the group mass counts 0.
