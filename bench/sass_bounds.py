@@ -151,8 +151,9 @@ def select_slices(s, rows, n, sms):
 
 def select_staged(slice_keys, n):
     """select_staged of qk_topn_kernel.cuh: a slice's keys fit in the select block's shared memory
-    (kMaxTopN / 2 groups of 4 floats) after the slots of its picks (staged_keys_offset)."""
-    return (bitonic_size(n) + 1) // 2 + slice_keys // 4 <= MAX_TOP_N // 2
+    (kStagedGroups = kMaxTopN / 2 + 32 groups of 4 keys) after the slots of its picks
+    (staged_keys_offset)."""
+    return (bitonic_size(n) + 1) // 2 + slice_keys // 4 <= MAX_TOP_N // 2 + 32
 
 
 def find_tool(name):

@@ -61,17 +61,21 @@ def asan_exe():
 
 
 def run_qk_topn(exe, q, k, seq_lens, n, scale, group_select, sms=SMS, seeds=SEEDS,
-                return_scores=False, skip_first=0, skip_last=0, top_p=1.0, slices=None):
+                return_scores=False, skip_first=0, skip_last=0, top_p=1.0, slices=None,
+                staged=None):
     """qk_topn on the emulator: q [B, Hq, D], k [B, Hkv, S, D], seq_lens [B] int32 (any strides)
     -> scores [B, Hq, n] float32, indices [B, Hq, n] int32, lse [B, Hq] float32, and with
     return_scores the score scratch as the launcher returns it, [B, Hq, S] float32. sms: the
-    multiprocessor count the chunk sizing is given; slices: the select blocks per ranked row the
-    case is written for, checked against the plan's."""
+    multiprocessor count the chunk sizing is given; slices, staged: the select blocks per ranked
+    row and whether their keys fit in shared memory, as the case is written for, checked against
+    the plan's."""
     out = emu.run(exe, "qk_topn", dict(n=n, scale=scale, group_select=int(group_select), sms=sms,
                                        skip_first=skip_first, skip_last=skip_last, top_p=top_p),
                   dict(q=q, k_cache=k, seq_lens=seq_lens), seeds=seeds)
     if slices is not None:
         assert out["select_slices"].item() == slices, "the plan splits rows otherwise"
+    if staged is not None:
+        assert out["select_staged"].item() == staged, "the plan stages slices otherwise"
     picked = out["scores"], out["indices"], out["lse"]  # [B, Hq, n], [B, Hq, n], [B, Hq]
     if not return_scores:
         return picked
@@ -303,7 +307,7 @@ def test_qk_topn_split_select_skips_many_slices(race_exe, S, slices):
     (True, 1, False), (True, 2, True), (False, 2, False), (False, 4, True)],
     ids=["group-whole_row", "group-split", "per_head-whole_row", "per_head-split"])
 def test_qk_topn_unstaged_slices(race_exe, group_select, sms, split):
-    """Slices too long for a select block's shared memory (more than 2048 - 32 groups of 4 keys at
+    """Slices too long for a select block's shared memory (more than 2048 groups of 4 keys at
     n = 40: select_staged), ranked where they are in device memory (the score rows, the group mass
     rows): 4 or 8 ranked rows of 17000 keys in 4 blocks per multiprocessor give whole rows, or 2
     slices of 8500 keys; the second sequence ends inside the first slice."""
@@ -311,8 +315,21 @@ def test_qk_topn_unstaged_slices(race_exe, group_select, sms, split):
     lens = seq_lens_tensor([17000, 8001], "cpu")
     rows = 2 * (2 if group_select else 4)
     assert (4 * sms // rows == 2) == split  # qk_select_slices: one wave of 4 blocks per SM
-    out = run_qk_topn(race_exe, q, k, lens, 40, 1 / 8, group_select, sms=sms)
+    out = run_qk_topn(race_exe, q, k, lens, 40, 1 / 8, group_select, sms=sms, staged=False)
     check_topn(q, k, lens, 40, 1 / 8, group_select, out)
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_qk_topn_staged_slices_at_capacity(race_exe, group_select):
+    """Slices of 8192 keys at n = 64 fill a select block's staged keys exactly (2048 groups of 4
+    after the 64 picks' 32: select_staged): 2 slices a row (8 ranked rows on 4 multiprocessors per
+    head, 4 on 2 in group mode), skip_first = 5 and skip_last = 3 inside 16-byte groups, and a
+    second sequence ending inside the first slice."""
+    q, k = make_qk(2, 4, 2, 16384, 64, torch.float32, "cpu")
+    lens = seq_lens_tensor([16384, 6001], "cpu")
+    out = run_qk_topn(race_exe, q, k, lens, 64, 1 / 8, group_select, sms=2 if group_select else 4,
+                      skip_first=5, skip_last=3, slices=2, staged=True)
+    check_topn(q, k, lens, 64, 1 / 8, group_select, out, 5, 3)
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])

@@ -48,6 +48,8 @@ constexpr int kScoreBlocksPerSm = 2;  // launch bounds: registers for 2 blocks (
 constexpr int kSelectThreads = 512;
 constexpr int kSelectBins = 2048;     // 11-bit radix digits
 constexpr int kMaxTopN = 4096;        // candidates sorted in shared memory (32 KiB)
+constexpr int kStagedGroups = kMaxTopN / 2 + 32;  // 16-byte groups of a staged slice and its
+                                                  // picks: 8192 keys after 64 picks
 constexpr int kMaxGroupSelect = 128;  // query heads per KV head in group mode (lse in shared memory)
 constexpr int kSelectBlocksPerSm = 4;  // launch bounds of qk_select_kernel: 32 registers
 
@@ -233,7 +235,7 @@ struct QkSelectParams {
 struct SelectShared {
   union {
     unsigned long long cand[kMaxTopN];  // (key << 32) | ~index, sorted descending
-    uint4 keys4[kMaxTopN / 2];          // staged ranking keys, after the picks (staged_keys)
+    uint4 keys4[kStagedGroups];         // staged ranking keys, after the picks (staged_keys)
   };
   int hist[kSelectBins];
   int warp_total[kSelectThreads / 32];
@@ -252,7 +254,7 @@ __host__ __device__ constexpr int staged_keys_offset(int n) {
 
 // Whether a slice of slice_keys keys (a multiple of 4) fits there for n picks.
 __host__ __device__ constexpr bool select_staged(int64_t slice_keys, int n) {
-  return staged_keys_offset(n) + slice_keys / 4 <= kMaxTopN / 2;
+  return staged_keys_offset(n) + slice_keys / 4 <= kStagedGroups;
 }
 
 // Exclusive prefix sum of v over threadIdx.x, and the block's total (block_scan); ends with a

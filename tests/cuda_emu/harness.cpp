@@ -118,12 +118,14 @@ Outputs run_qk_topn(const Case& c) {
   watch_selection();  // by a row's only block, or the last of its slices
   launch(to_dim3(plan.select_grid), dim3(plan.select_block), "qk_select_kernel",
          [&] { kcache_ops::qk_select_kernel(sp); });
-  // the plan's blocks per ranked row, for the tests that ask for a split
+  // the plan's blocks per ranked row and whether their keys are staged, for the tests that ask
   Tensor slices = make_tensor(DType::kI32, {1}, 0);
   *static_cast<int32_t*>(slices.data()) = plan.select_slices;
+  Tensor staged = make_tensor(DType::kI32, {1}, 0);
+  *static_cast<int32_t*>(staged.data()) = plan.select_staged;
   // the score scratch [B, Hq, score_stride]: what the launcher returns as all_scores
   return {{"scores", scores}, {"indices", indices}, {"lse", lse}, {"scratch", scratch},
-          {"select_slices", slices}};
+          {"select_slices", slices}, {"select_staged", staged}};
 }
 
 Outputs run_sparse_attn_v(const Case& c) {
