@@ -96,7 +96,7 @@ inline int qk_score_chunk(int64_t S, int64_t blocks_per_chunk, int sms) {
 }
 
 // Slices of a ranked row for qk_select_kernel: as many as one wave of kSelectBlocksPerSm blocks per
-// multiprocessor holds (all resident at once: 512 threads, 41 KiB of shared memory each), each
+// multiprocessor holds (all resident at once: 512 threads, 43 KiB of shared memory each), each
 // slice at least kSelectSliceKeys keys (one 16-byte group per thread), and the slices' lists of
 // picks, bitonic_size(n) slots each, within the merge's shared memory (kMaxTopN).
 constexpr int64_t kSelectSliceKeys = 4 * kSelectThreads;
