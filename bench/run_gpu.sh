@@ -113,7 +113,7 @@ BUDGET=${BUDGET:-520}
 PER_TEST=${PER_TEST:-60}
 E2E_ARGS=${E2E_ARGS:---models llama3-8b --contexts 32768 --budget 40 --steps 16}
 PROFILE_VARIANTS="group_select default per_head"  # bench/profile_step.py's, in order of interest
-NCU_KERNELS=${NCU_KERNELS:-qk_|sparse_attn_v|lowbit_tail|quantize_rows}  # ncu -k regex:
+NCU_KERNELS=${NCU_KERNELS:-qk_|sparse_attn_v|lowbit_tail|quantize_rows|sum_partials}  # ncu -k regex
 NCU_SECTIONS=${NCU_SECTIONS:-SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats \
 MemoryWorkloadAnalysis}
 NCU_SOURCE_SECTIONS=${NCU_SOURCE_SECTIONS:-SourceCounters WarpStateStats}

@@ -84,22 +84,31 @@ def run_qk_topn(exe, q, k, seq_lens, n, scale, group_select, sms=SMS, seeds=SEED
 
 
 def run_sparse_attn_v(exe, scores, indices, v, lse, renormalize, seeds=SEEDS, v_sum=None,
-                      seq_lens=None):
+                      seq_lens=None, sms=SMS, parts=None):
     """sparse_attn_v on the emulator: scores [B, Hq, N] float32, indices [B, Hq, N] int32,
     v [B, Hkv, S, D], lse [B, Hq] float32 or None, the mean tail's v_sum [B, Hkv, D] float32 and
-    seq_lens [B] int32 or None -> out [B, Hq, D] in v's dtype."""
+    seq_lens [B] int32 or None -> out [B, Hq, D] in v's dtype. sms: the multiprocessor count the
+    plan is given; parts: the parts of a slice's row list it must choose (checked when given)."""
     tensors = dict(scores=scores, indices=indices, v_cache=v)
     if lse is not None:
         tensors["lse"] = lse
     if v_sum is not None:
         tensors.update(v_sum=v_sum, seq_lens=seq_lens)
-    return emu.run(exe, "sparse_attn_v", dict(renormalize=int(renormalize)), tensors,
-                   seeds=seeds)["out"]  # [B, Hq, D]
+    out = emu.run(exe, "sparse_attn_v", dict(renormalize=int(renormalize), sms=sms), tensors,
+                  seeds=seeds)
+    if parts is not None:
+        assert int(out["parts"]) == parts
+    return out["out"]  # [B, Hq, D]
 
 
-def run_gather_rows(exe, src, indices, seeds=SEEDS):
-    """gather_rows on the emulator: src [B, Hs, S, D], indices [B, H, N] int32 -> [B, H, N, D]."""
-    return emu.run(exe, "gather_rows", {}, dict(src=src, indices=indices), seeds=seeds)["dst"]
+def run_gather_rows(exe, src, indices, seeds=SEEDS, sms=SMS, per_thread=None):
+    """gather_rows on the emulator: src [B, Hs, S, D], indices [B, H, N] int32 -> [B, H, N, D].
+    sms: the multiprocessor count the plan is given; per_thread: the pieces per thread the plan
+    must choose for it (checked when given)."""
+    out = emu.run(exe, "gather_rows", dict(sms=sms), dict(src=src, indices=indices), seeds=seeds)
+    if per_thread is not None:
+        assert int(out["per_thread"]) == per_thread
+    return out["dst"]
 
 
 # ---- qk_topn ------------------------------------------------------------------------------------
@@ -491,6 +500,48 @@ def test_sparse_attn_v_n_1024(race_exe):
     check_attn(scores, indices, v, lse, True, out)
 
 
+# kind -> the parts of each row list for sms = 1, 2, 7, 132 (B · Hkv = 2 blocks)
+PARTS = {"group": [1, 1, 4, 10], "union": [1, 1, 4, 10], "each_head": [1, 1, 4, 66]}
+
+
+@pytest.mark.parametrize("kind", list(PARTS))
+@pytest.mark.parametrize("sms", [1, 2, 7, 132])
+def test_sparse_attn_v_parts(race_exe, kind, sms):
+    """A slice's row list split over blocks where the slices alone leave multiprocessors without
+    one (sparse_attn_v_launch.h): B · Hkv = 2 blocks, so ceil(sms / 2) parts, but none of fewer
+    than 16 rows of the longest list (G · N): group rows (N = 40: 10 parts at most, of 4 rows),
+    the row union of overlapping heads (up to 160 rows), and each head's rows on their own (N =
+    513, above the union's cap: 2052 rows, parts of 31 and of several tiles)."""
+    B, Hkv, G, S, D = 1, 2, 4, 300, 64
+    N = 40 if kind != "each_head" else UNION_CAP // G + 1
+    scores, indices, lse = make_selection(B, Hkv * G, N, S, "cpu")
+    if kind == "group":
+        indices = indices[:, ::G].repeat_interleave(G, dim=1)
+    elif kind == "union":
+        indices = overlapping_indices(B, Hkv, G, N, S, "half", "cpu")
+    v = torch.randn(B, Hkv, S, D).to(torch.bfloat16)
+    parts = PARTS[kind][[1, 2, 7, 132].index(sms)]
+    for renormalize in (True, False):
+        out = run_sparse_attn_v(race_exe, scores, indices, v, lse, renormalize, sms=sms,
+                                parts=parts)
+        check_attn(scores, indices, v, lse, renormalize, out)
+
+
+def test_sparse_attn_v_parts_with_empty_parts_and_mean_tail(race_exe):
+    """More parts than rows (sequence 0: its 4 heads choose the same 3 rows in different orders,
+    a union of 3 rows over 10 parts, so parts 0, 1, 2, 4, 5, 7 and 8 hold none and write zero
+    sums) and the mean tail, added once (by part 0, empty here)."""
+    B, Hkv, G, N, S = 2, 1, 4, 40, 200
+    scores, indices, lse, v, v_sum, lens = make_tail_case(B, Hkv, G, N, S, [S, 150],
+                                                          torch.float16, "cpu", D=128)
+    indices[0] = -1
+    for h in range(G):
+        indices[0, h, :3] = torch.tensor([5, 17, 99], dtype=torch.int32).roll(h)
+    out = run_sparse_attn_v(race_exe, scores, indices, v, lse, False, v_sum=v_sum,
+                            seq_lens=lens, sms=132, parts=10)
+    check_mean_tail(scores, indices, v, lse, v_sum, lens, out)
+
+
 # The most entries (gs · N) of a per-head slice whose distinct rows are read once.
 ATTN_KERNEL = (emu.KERNEL_DIR / "sparse_attn_v_kernel.cuh").read_text(encoding="utf-8")
 UNION_CAP = int(re.search(r"kAttnUnionCap = (\d+);", ATTN_KERNEL).group(1))
@@ -724,6 +775,17 @@ def test_gather_rows_matches_reference(race_exe, dtype, D, G):
     src = torch.randn(2, 2, 300, D).to(dtype)
     indices = make_indices(2, 2 * G, 97, 300, "cpu")
     assert torch.equal(run_gather_rows(race_exe, src, indices), R.gather_rows(src, indices))
+
+
+@pytest.mark.parametrize("sms, per_thread", [(1, 8), (12, 6), (24, 3), (132, 1)])
+def test_gather_rows_spread_over_multiprocessors(race_exe, sms, per_thread):
+    """A read too small to give every multiprocessor a block of 8 pieces a thread takes fewer
+    (gather_rows_launch.h): 2 · 6 · 97 rows of 256 bytes are 18 624 16-byte pieces, so
+    18 624 // (256 · sms) a thread, at least 1 and at most 8; the last block is partial."""
+    src = torch.randn(2, 3, 200, 128).to(torch.bfloat16)
+    indices = make_indices(2, 6, 97, 200, "cpu")
+    out = run_gather_rows(race_exe, src, indices, sms=sms, per_thread=per_thread)
+    assert torch.equal(out, R.gather_rows(src, indices))
 
 
 def test_gather_rows_strided_and_out_of_range(race_exe):

@@ -1,7 +1,7 @@
 // kcache_ops::gather_rows on CUDA: checks (src must be pinned, device-mapped host memory), device
-// guard, current stream, one launch of gather_rows_kernel.cuh as gather_rows_launch.h plans it (any
-// dtype, any row of a multiple of 16 bytes). No host synchronisation except the optional index
-// range check outside graph capture (launch_utils.h).
+// guard, current stream, one launch of gather_rows_kernel.cuh as gather_rows_launch.h plans it
+// for the device's multiprocessors (any dtype, any row of a multiple of 16 bytes). No host
+// synchronisation except the optional index range check outside graph capture (launch_utils.h).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -36,7 +36,8 @@ at::Tensor gather_rows_cuda(const at::Tensor& src,      // [B, Hs, S, D], pinned
     check_indices_on_device(indices, dims.S, "src");
 
   const GatherRowsArgs args = gather_rows_args(src_dev, src, indices, dst);
-  const GatherRowsPlan plan = plan_gather_rows(args);
+  const GatherRowsPlan plan =
+      plan_gather_rows(args, multiprocessor_count(indices.get_device()));
   TORCH_CHECK(plan.grid.x < (int64_t{1} << 31), "gather_rows: output too large: ", dst.sizes());
   gather_rows_kernel<<<to_dim3(plan.grid), plan.block, 0, stream>>>(plan.params);
   KC_CHECK_LAUNCH("gather_rows");

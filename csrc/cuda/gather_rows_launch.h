@@ -3,6 +3,7 @@
 // share it.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "gather_rows_kernel.cuh"
@@ -49,17 +50,26 @@ GatherRowsArgs gather_rows_args(const void* src_dev, const Tensor& src, const Te
 
 // The launch of gather_rows_kernel.
 struct GatherRowsPlan {
-  GridSize grid;                // (ceil(pieces / (kGatherThreads * kGatherUnroll)))
+  GridSize grid;                // (ceil(pieces / (kGatherThreads * per_thread)))
   int block;                    // kGatherThreads
   GatherParams params;
 };
 
-// The plan of a call with an output of at least one element.
-inline GatherRowsPlan plan_gather_rows(const GatherRowsArgs& a) {
+// Pieces per thread for `total` pieces on a device of `sms` multiprocessors: kGatherUnroll where
+// the grid still has a block for every multiprocessor, fewer (down to 1) where that spreads a
+// smaller read over more of them (launch_grid.h, host reads per multiprocessor).
+inline int gather_pieces_per_thread(int64_t total, int sms) {
+  return static_cast<int>(std::clamp<int64_t>(total / (int64_t{kGatherThreads} * sms), 1,
+                                              kGatherUnroll));
+}
+
+// The plan of a call with an output of at least one element on a device of `sms` multiprocessors.
+inline GatherRowsPlan plan_gather_rows(const GatherRowsArgs& a, int sms) {
   const int64_t row_pieces = a.D * a.elem_bytes / 16;  // 16-byte pieces per row
   const int64_t total = a.B * a.H * a.N * row_pieces;
+  const int per_thread = gather_pieces_per_thread(total, sms);
   return {
-      .grid = {.x = ceil_div<int64_t>(total, int64_t{kGatherThreads} * kGatherUnroll)},
+      .grid = {.x = ceil_div<int64_t>(total, int64_t{kGatherThreads} * per_thread)},
       .block = kGatherThreads,
       .params = {
           .src = static_cast<const char*>(a.src),
@@ -77,6 +87,7 @@ inline GatherRowsPlan plan_gather_rows(const GatherRowsArgs& a) {
           .group = static_cast<int>(a.H / a.Hs),
           .s = static_cast<int>(a.S),
           .row_pieces = static_cast<int>(row_pieces),
+          .per_thread = per_thread,
       },
   };
 }

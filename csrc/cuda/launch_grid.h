@@ -1,5 +1,6 @@
 // What the launch plans of the ops share: the size of a grid, the query-head slice width of the
-// GQA kernels and the wave model that picks their chunk of keys per block. Plain C++ (no torch, no CUDA runtime), like the *_launch.h headers that use it.
+// GQA kernels, the wave model that picks their chunk of keys per block and the spread of host
+// reads. Plain C++ (no torch, no CUDA runtime), like the *_launch.h headers that use it.
 #pragma once
 
 #include <cstdint>
@@ -33,5 +34,13 @@ inline int64_t wave_chunk(int64_t S, int64_t blocks_per_chunk, int64_t wave, int
   }
   return best;
 }
+
+// Host reads per multiprocessor. The H200's measurements say that a multiprocessor reads mapped
+// host memory at about 3 GB/s at most, however many 16-byte loads its block has in flight
+// (gather_rows: 128 KiB in 4 blocks and 256 KiB in 8 blocks, 32 KiB a block, both took ≈ 15 µs;
+// bench/NOTES.md, "Host reads per multiprocessor"), so that a read from host memory fills PCIe
+// (≈ 55 GB/s) only when ≈ 20 or more multiprocessors share it.
+// The kernels that read host memory (gather_rows, sparse_attn_v) therefore plan at least as many
+// blocks as the device has multiprocessors where the read can be split that finely.
 
 }  // namespace kcache_ops

@@ -95,10 +95,9 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
     KC_CHECK_LAUNCH("lowbit_tail");
   });
   if (plan.num_chunks > 1) {
-    const LowbitTailReduceParams rp =
-        lowbit_tail_reduce_params(args, plan, partials.data_ptr<float>());
-    lowbit_tail_reduce_kernel<<<to_dim3(plan.reduce_grid), plan.reduce_block, 0, stream>>>(rp);
-    KC_CHECK_LAUNCH("lowbit_tail (reduce)");
+    const SumPartialsPlan sum = lowbit_tail_sum_plan(args, plan, partials.data_ptr<float>());
+    sum_partials_kernel<float><<<to_dim3(sum.grid), sum.block, 0, stream>>>(sum.params);
+    KC_CHECK_LAUNCH("lowbit_tail (sum of the chunks)");
   }
   return out;
 }

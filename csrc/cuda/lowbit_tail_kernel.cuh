@@ -25,8 +25,8 @@
 //    With hot rows (hot_v at positions hot_pos: rows of V kept exactly on the device), each
 //    block also adds its share of them, the slots i = chunk + num_chunks · n, with their exact
 //    weights, to its partial (add_hot_rows).
-// 2. lowbit_tail_reduce_kernel — sums each head's chunk partials in chunk order into out. With a
-//    single chunk the launcher skips it: kernel 1 writes out itself.
+// 2. sum_partials_kernel (sum_partials_kernel.cuh) sums each head's chunk partials in chunk
+//    order into out. With a single chunk the launcher skips it: kernel 1 writes out itself.
 // The weights need no running max: lse is given and every weight is at most 1 up to rounding. A
 // NaN weight (a NaN score or lse, or L_b = 0) counts 0, as the reference's nan_to_num. Entries
 // j >= L_b of the scores, codes and meta are never read. Deterministic: no float atomics.
@@ -45,7 +45,6 @@ constexpr int kTailStages = 3;         // iterations staged in shared memory (2 
 constexpr int kTailBlocksPerSm = 4;    // launch bounds: registers for 4 blocks (16 warps) per SM
 constexpr int kTailMaxChunk = 4096;    // keys per block at most: the bitmap is GS · 512 bytes
 constexpr int kTailChunkStep = 256;    // chunks are multiples of it (and of every keys-per-iter)
-constexpr int kTailReduceThreads = 256;
 
 struct LowbitTailParams {
   const float* scores;           // [B, Hq, S] float32; entries j >= L_b never read
@@ -463,25 +462,6 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
     for (int w = 1; w < kWarps; ++w) sum += sh.sums.partial[w][i / D][i % D];
     out[static_cast<int64_t>(i / D) * p.num_chunks * D + i % D] = sum + hot[k];
   }
-}
-
-struct LowbitTailReduceParams {
-  const float* partials;  // [rows, num_chunks, d] float32 from lowbit_tail_kernel
-  float* out;             // [rows, d] float32, contiguous
-  int64_t total;          // rows · d
-  int num_chunks, d;
-};
-
-// grid (ceil(total / kTailReduceThreads)), block kTailReduceThreads: out[r, e] = the sum over c of
-// partials[r, c, e], in chunk order.
-__global__ void __launch_bounds__(kTailReduceThreads)
-    lowbit_tail_reduce_kernel(LowbitTailReduceParams p) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kTailReduceThreads + threadIdx.x;
-  if (t >= p.total) return;
-  const float* src = p.partials + (t / p.d) * p.num_chunks * p.d + t % p.d;
-  float sum = src[0];
-  for (int c = 1; c < p.num_chunks; ++c) sum += src[static_cast<int64_t>(c) * p.d];
-  p.out[t] = sum;
 }
 
 }  // namespace kcache_ops

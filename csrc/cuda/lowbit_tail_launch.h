@@ -9,6 +9,7 @@
 
 #include "launch_grid.h"
 #include "lowbit_tail_kernel.cuh"
+#include "sum_partials_launch.h"
 
 namespace kcache_ops {
 
@@ -95,7 +96,7 @@ LowbitTailArgs lowbit_tail_args(const Tensor& scores, const Tensor& seq_lens, co
   return a;
 }
 
-// Sizes of the two launches and of the partials.
+// Sizes of the tail's launch and of its partials (their sum's launch: lowbit_tail_sum_plan).
 struct LowbitTailPlan {
   int group_slice;             // GS of lowbit_tail_kernel: group_slice_width(G)
   int slices;                  // blocks per KV head and chunk: ceil(G / GS)
@@ -105,8 +106,6 @@ struct LowbitTailPlan {
                                // (lowbit_tail_kernel then writes out directly)
   GridSize tail_grid;          // (num_chunks, Hkv * slices, B)
   int tail_block;              // kTailThreads
-  GridSize reduce_grid;        // (ceil(B · Hq · D / kTailReduceThreads)), when num_chunks > 1
-  int reduce_block;            // kTailReduceThreads
 };
 
 // A block's fixed cost (bitmap, block reduction, its share of the launch and of the reduction)
@@ -143,8 +142,6 @@ inline LowbitTailPlan plan_lowbit_tail(const LowbitTailArgs& a, int sms, int blo
       .partial_floats = num_chunks > 1 ? a.B * a.Hq * num_chunks * a.D : 0,
       .tail_grid = {.x = num_chunks, .y = a.Hkv * slices, .z = a.B},
       .tail_block = kTailThreads,
-      .reduce_grid = {.x = ceil_div<int64_t>(a.B * a.Hq * a.D, kTailReduceThreads)},
-      .reduce_block = kTailReduceThreads,
   };
 }
 
@@ -197,18 +194,10 @@ inline LowbitTailParams lowbit_tail_params(const LowbitTailArgs& a, const Lowbit
   };
 }
 
-// Parameters of lowbit_tail_reduce_kernel (launched when plan.num_chunks > 1) over the partials
-// that lowbit_tail_kernel wrote.
-inline LowbitTailReduceParams lowbit_tail_reduce_params(const LowbitTailArgs& a,
-                                                        const LowbitTailPlan& plan,
-                                                        const float* partials) {
-  return {
-      .partials = partials,
-      .out = a.out,
-      .total = a.B * a.Hq * a.D,
-      .num_chunks = plan.num_chunks,
-      .d = static_cast<int>(a.D),
-  };
+// The launch that sums the partials lowbit_tail_kernel wrote into a.out, when plan.num_chunks > 1.
+inline SumPartialsPlan lowbit_tail_sum_plan(const LowbitTailArgs& a, const LowbitTailPlan& plan,
+                                            const float* partials) {
+  return plan_sum_partials(partials, a.out, a.B * a.Hq, plan.num_chunks, static_cast<int>(a.D));
 }
 
 }  // namespace kcache_ops

@@ -1,6 +1,7 @@
 // kcache_ops::sparse_attn_v on CUDA: checks (v_cache must be pinned, device-mapped host memory,
-// or device memory), device guard, current stream, dtype / head-dim / group dispatch, one launch of
-// sparse_attn_v_kernel.cuh as sparse_attn_v_launch.h plans it (the mean tail included). No host
+// or device memory), device guard, current stream, dtype / head-dim / group dispatch, the launch of
+// sparse_attn_v_kernel.cuh as sparse_attn_v_launch.h plans it for the device's multiprocessors
+// (the mean tail included), and where it splits the rows, sum_partials_kernel's. No host
 // synchronisation except the index and seq_lens range checks, which check_values=False skips
 // (launch_utils.h).
 #include <type_traits>
@@ -59,13 +60,22 @@ at::Tensor sparse_attn_v_cuda(
   const SparseAttnVArgs args = sparse_attn_v_args(
       scores, indices, v_dev, v_cache, lse ? &*lse : nullptr, renormalize,
       dims.tail ? &*v_sum : nullptr, dims.tail ? &*seq_lens : nullptr, out);
-  const SparseAttnVPlan plan = plan_sparse_attn_v(args);
+  const SparseAttnVPlan plan =
+      plan_sparse_attn_v(args, multiprocessor_count(scores.get_device()));
+  // [B, Hq, parts, D] float32: the parts' sums when a slice's rows are split (else empty)
+  at::Tensor partials = at::empty({plan.partial_floats}, scores.options());
+  const SparseAttnParams p = sparse_attn_v_params(args, plan, partials.data_ptr<float>());
   dispatch_kernel_instance(v_cache.scalar_type(), dims.D, plan.group_slice, kOp,
                            [&](auto type_tag, auto d_tag, auto gs_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     sparse_attn_v_kernel<T, decltype(d_tag)::value, decltype(gs_tag)::value>
-        <<<to_dim3(plan.grid), plan.block, 0, stream>>>(plan.params);
+        <<<to_dim3(plan.grid), plan.block, 0, stream>>>(p);
     KC_CHECK_LAUNCH("sparse_attn_v");
+    if (plan.parts > 1) {
+      const SumPartialsPlan sum = sparse_attn_v_sum_plan(args, plan, partials.data_ptr<float>());
+      sum_partials_kernel<T><<<to_dim3(sum.grid), sum.block, 0, stream>>>(sum.params);
+      KC_CHECK_LAUNCH("sparse_attn_v (sum of the parts)");
+    }
   });
   return out;
 }

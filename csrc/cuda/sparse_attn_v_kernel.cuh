@@ -2,10 +2,12 @@
 // pinned, device-mapped host memory (bytes and design: bench/NOTES.md), plus the mean tail
 // c_h · (v_sum[b, h / G] - sum_valid V[b, h / G, idx_i]) when v_sum is given.
 //
-// One block per (KV head, slice of <= GS query heads of its group, sequence). The block first turns
-// each head's N scores into softmax statistics, one warp per head and all heads at once
-// (renormalize: max and sum over the valid entries; else the given lse) and, with the tail, its
-// factor c_h = max(0, 1 - sum_i p_i) / (L_b - n_h) (0 when L_b <= n_h, n_h the valid entries).
+// One block per (KV head, slice of <= GS query heads of its group, sequence, part of the row list
+// below: one part, unless the slices alone give fewer blocks than the device has multiprocessors,
+// sparse_attn_v_launch.h). The block first turns each head's N scores into softmax statistics,
+// one warp per head and all heads at once (renormalize: max and sum over the valid entries; else
+// the given lse) and, with the tail, its factor c_h = max(0, 1 - sum_i p_i) / (L_b - n_h) (0 when
+// L_b <= n_h, n_h the valid entries).
 // The tail is folded into the row weights: each valid row of head h weighs p_i - c_h and
 // c_h · v_sum is added at the end, so the unweighted sum of the selected rows comes from the same
 // reads (no second pass over host memory).
@@ -26,7 +28,10 @@
 // issues its kAttnUnroll 16-byte row loads (32 KiB per block in flight) before it uses any, so all
 // heads of a slice share one pipelined pass. kLanesPerRow lanes cover a row. Each thread
 // accumulates its rows in list order and the partial sums are reduced across lanes and warps in a
-// fixed order (deterministic, no atomics); only out [B, Hq, D] is written.
+// fixed order (deterministic, no atomics); only out [B, Hq, D] is written. With several parts,
+// block p reads the list's entries [p · E / parts, (p + 1) · E / parts) of its E and writes its
+// sums to partials [B, Hq, parts, D] float32 instead (part 0 with the mean tail's c_h · v_sum),
+// which sum_partials_kernel adds in part order into out.
 #pragma once
 
 #include <cstdint>
@@ -52,8 +57,9 @@ struct SparseAttnParams {
   int64_t vs_sb, vs_sh;            // strides in elements
   const int32_t* seq_lens;         // [B] int32 with v_sum (clamped to [0, S] here), else nullptr
   int64_t seq_stride;              // stride in elements
-  void* out;                       // [B, Hq, D] of T, contiguous
-  int hq, hkv, s, n, slices;
+  void* out;                       // [B, Hq, D] of T, contiguous (written when parts == 1)
+  float* partials;                 // [B, Hq, parts, D] float32 (written when parts > 1)
+  int hq, hkv, s, n, slices, parts;
   bool renormalize;
 };
 
@@ -149,7 +155,7 @@ __device__ __forceinline__ int build_row_union(const int32_t* ix, int64_t ix_sh,
   return distinct;
 }
 
-// grid (Hkv * slices, B), block kAttnThreads.
+// grid (Hkv * slices, B, parts), block kAttnThreads.
 template <typename T, int D, int GS>
 __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnParams p) {
   constexpr int kVec = Vec16<T>::kElems;
@@ -167,6 +173,7 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
   __shared__ AttnScratch<GS, D> scratch;  // the row union, then the warps' partial sums
 
   const int b = blockIdx.y;
+  const int part = blockIdx.z;
   const int kvh = blockIdx.x / p.slices;
   const int G = p.hq / p.hkv;
   const int h0 = kvh * G + (blockIdx.x % p.slices) * GS;  // first query head of this block
@@ -303,9 +310,11 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
   }
 
   const int entries = shared_rows ? p.n : row_union ? distinct : gs * p.n;  // the row list
-  for (int base = 0; base < entries; base += kTile) {  // block-uniform loop
+  const int first = static_cast<int>(int64_t{entries} * part / p.parts);  // this block's part
+  const int end = static_cast<int>(int64_t{entries} * (part + 1) / p.parts);
+  for (int base = first; base < end; base += kTile) {  // block-uniform loop
     for (int t = threadIdx.x; t < kTile; t += kAttnThreads) {
-      if (base + t < entries) {
+      if (base + t < end) {
         stage_entry(t, base + t);
       } else {
         tile.row[t] = -1;
@@ -362,13 +371,20 @@ __global__ void __launch_bounds__(kAttnThreads) sparse_attn_v_kernel(SparseAttnP
     }
   }
   __syncthreads();
-  T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.hq + h0) * D;  // [gs, D]
+  const int64_t row0 = static_cast<int64_t>(b) * p.hq + h0;  // [B, Hq] row of the first head
+  T* out = static_cast<T*>(p.out) + row0 * D;                 // [gs, D]
+  // [gs, D] at head stride parts · D, in partials [B, Hq, parts, D] (none with one part)
+  float* partial = p.parts > 1 ? p.partials + (row0 * p.parts + part) * D : nullptr;
   for (int t = threadIdx.x; t < gs * D; t += kAttnThreads) {
     float sum = scratch.partial[0][t / D][t % D];
     for (int w = 1; w < kWarps; ++w) sum += scratch.partial[w][t / D][t % D];
-    const float tail = stat_tail[t / D];  // nonzero only with v_sum
+    const float tail = part == 0 ? stat_tail[t / D] : 0.0f;  // nonzero only with v_sum
     if (tail != 0.0f) sum = fmaf(tail, p.v_sum[b * p.vs_sb + kvh * p.vs_sh + t % D], sum);
-    out[t] = Vec16<T>::from(sum);
+    if (p.parts == 1) {
+      out[t] = Vec16<T>::from(sum);
+    } else {
+      partial[static_cast<int64_t>(t / D) * p.parts * D + t % D] = sum;
+    }
   }
 }
 

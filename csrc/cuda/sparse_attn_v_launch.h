@@ -3,10 +3,12 @@
 // kernels share it.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "launch_grid.h"
 #include "sparse_attn_v_kernel.cuh"
+#include "sum_partials_launch.h"
 
 namespace kcache_ops {
 
@@ -25,7 +27,7 @@ struct SparseAttnVArgs {
   const int32_t* seq_lens;      // [B] int32 with v_sum, else nullptr
   int64_t seq_stride;
   void* out;                    // [B, Hq, D] of T, contiguous
-  int64_t B, Hq, Hkv, S, N;
+  int64_t B, Hq, Hkv, S, N, D;
   bool renormalize;
 };
 
@@ -66,57 +68,95 @@ SparseAttnVArgs sparse_attn_v_args(const Tensor& scores, const Tensor& indices, 
       .Hkv = v_cache.size(1),
       .S = v_cache.size(2),
       .N = scores.size(2),
+      .D = v_cache.size(3),
       .renormalize = renormalize,
   };
 }
 
-// The launch of sparse_attn_v_kernel<T, D, group_slice>.
+// The launches of sparse_attn_v_kernel<T, D, group_slice> and, with several parts, of
+// sum_partials_kernel<T>.
 struct SparseAttnVPlan {
   int group_slice;              // GS: group_slice_width(G)
-  GridSize grid;                // (Hkv * slices, B), slices = ceil(G / GS)
+  int slices;                   // blocks per KV head and part: ceil(G / GS)
+  int parts;                    // blocks per slice, each a part of its row list
+  int64_t partial_floats;       // partials [B, Hq, parts, D] float32; 0 when parts == 1 (the
+                                // kernel then writes out itself)
+  GridSize grid;                // (Hkv * slices, B, parts)
   int block;                    // kAttnThreads
-  SparseAttnParams params;
 };
 
-// The plan of a call with an output of at least one element.
-inline SparseAttnVPlan plan_sparse_attn_v(const SparseAttnVArgs& a) {
+// The fewest rows of a slice's longest list (G · N, or GS · N) a part is planned for: a smaller
+// part would add a block's fixed work (the statistics, the row union) for little of the read.
+constexpr int64_t kAttnMinPartRows = 16;
+
+// Parts of each slice's row list when `blocks` blocks (B · Hkv · slices) read it and a list holds
+// at most `list_rows` rows, on a device of `sms` multiprocessors: enough for a block on every
+// multiprocessor, ceil(sms / blocks) (host reads per multiprocessor, launch_grid.h), but no more
+// than parts of kAttnMinPartRows rows of the longest list; 1 where the blocks are enough.
+inline int sparse_attn_v_parts(int64_t blocks, int64_t list_rows, int sms) {
+  const int64_t most = std::max<int64_t>(1, list_rows / kAttnMinPartRows);
+  return static_cast<int>(std::clamp<int64_t>(ceil_div<int64_t>(sms, blocks), 1, most));
+}
+
+// The plan of a call with an output of at least one element on a device of `sms` multiprocessors.
+inline SparseAttnVPlan plan_sparse_attn_v(const SparseAttnVArgs& a, int sms) {
   const int64_t G = a.Hq / a.Hkv;
   const int gs = group_slice_width(G);
   const int slices = static_cast<int>(ceil_div<int64_t>(G, gs));
+  const int64_t list_rows = std::min<int64_t>(G, gs) * a.N;  // a slice's list at most (per head)
+  const int parts = sparse_attn_v_parts(a.B * a.Hkv * slices, list_rows, sms);
   return {
       .group_slice = gs,
-      .grid = {.x = a.Hkv * slices, .y = a.B},
+      .slices = slices,
+      .parts = parts,
+      .partial_floats = parts > 1 ? a.B * a.Hq * parts * a.D : 0,
+      .grid = {.x = a.Hkv * slices, .y = a.B, .z = parts},
       .block = kAttnThreads,
-      .params = {
-          .scores = a.scores,
-          .sc_sb = a.sc_sb,
-          .sc_sh = a.sc_sh,
-          .sc_sn = a.sc_sn,
-          .indices = a.indices,
-          .ix_sb = a.ix_sb,
-          .ix_sh = a.ix_sh,
-          .ix_sn = a.ix_sn,
-          .v = a.v,
-          .v_sb = a.v_sb,
-          .v_sh = a.v_sh,
-          .v_ss = a.v_ss,
-          .lse = a.lse,
-          .lse_sb = a.lse_sb,
-          .lse_sh = a.lse_sh,
-          .v_sum = a.v_sum,
-          .vs_sb = a.vs_sb,
-          .vs_sh = a.vs_sh,
-          .seq_lens = a.seq_lens,
-          .seq_stride = a.seq_stride,
-          .out = a.out,
-          .hq = static_cast<int>(a.Hq),
-          .hkv = static_cast<int>(a.Hkv),
-          .s = static_cast<int>(a.S),
-          .n = static_cast<int>(a.N),
-          .slices = slices,
-          .renormalize = a.renormalize,
-      },
   };
+}
+
+// Parameters of sparse_attn_v_kernel: partials [B, Hq, parts, D] float32 (plan.partial_floats),
+// unused when plan.parts == 1.
+inline SparseAttnParams sparse_attn_v_params(const SparseAttnVArgs& a,
+                                             const SparseAttnVPlan& plan, float* partials) {
+  return {
+      .scores = a.scores,
+      .sc_sb = a.sc_sb,
+      .sc_sh = a.sc_sh,
+      .sc_sn = a.sc_sn,
+      .indices = a.indices,
+      .ix_sb = a.ix_sb,
+      .ix_sh = a.ix_sh,
+      .ix_sn = a.ix_sn,
+      .v = a.v,
+      .v_sb = a.v_sb,
+      .v_sh = a.v_sh,
+      .v_ss = a.v_ss,
+      .lse = a.lse,
+      .lse_sb = a.lse_sb,
+      .lse_sh = a.lse_sh,
+      .v_sum = a.v_sum,
+      .vs_sb = a.vs_sb,
+      .vs_sh = a.vs_sh,
+      .seq_lens = a.seq_lens,
+      .seq_stride = a.seq_stride,
+      .out = a.out,
+      .partials = plan.parts > 1 ? partials : nullptr,
+      .hq = static_cast<int>(a.Hq),
+      .hkv = static_cast<int>(a.Hkv),
+      .s = static_cast<int>(a.S),
+      .n = static_cast<int>(a.N),
+      .slices = plan.slices,
+      .parts = plan.parts,
+      .renormalize = a.renormalize,
+  };
+}
+
+// The launch that sums the parts' partials into a.out, when plan.parts > 1.
+inline SumPartialsPlan sparse_attn_v_sum_plan(const SparseAttnVArgs& a,
+                                              const SparseAttnVPlan& plan,
+                                              const float* partials) {
+  return plan_sum_partials(partials, a.out, a.B * a.Hq, plan.parts, static_cast<int>(a.D));
 }
 
 }  // namespace kcache_ops

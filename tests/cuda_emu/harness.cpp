@@ -128,6 +128,23 @@ Outputs run_qk_topn(const Case& c) {
           {"select_slices", slices}, {"select_staged", staged}};
 }
 
+// Watches what a kernel that sums parts of a row writes: its partials when it splits, else out.
+void watch_first_output(bool split, const Tensor& out, const Tensor& partials) {
+  if (split) {
+    watch_output(partials.data(), partials.bytes, "partials");
+  } else {
+    watch_output(out.data(), out.bytes, "out");
+  }
+}
+
+// sum_partials_kernel<T> into out, as the launchers run it after a split kernel.
+template <typename T>
+void launch_sum_partials(const kcache_ops::SumPartialsPlan& sum, const Tensor& out) {
+  watch_output(out.data(), out.bytes, "out");
+  launch(to_dim3(sum.grid), dim3(sum.block), "sum_partials_kernel",
+         [&] { kcache_ops::sum_partials_kernel<T>(sum.params); });
+}
+
 Outputs run_sparse_attn_v(const Case& c) {
   const Tensor& scores = c.input("scores");    // [B, Hq, N] float32
   const Tensor& indices = c.input("indices");  // [B, Hq, N] int32
@@ -145,17 +162,26 @@ Outputs run_sparse_attn_v(const Case& c) {
   const kcache_ops::SparseAttnVArgs args =
       kcache_ops::sparse_attn_v_args(scores, indices, v.data(), v, lse, renormalize, v_sum,
                                      seq_lens, out);
-  const kcache_ops::SparseAttnVPlan plan = kcache_ops::plan_sparse_attn_v(args);
+  const kcache_ops::SparseAttnVPlan plan =
+      kcache_ops::plan_sparse_attn_v(args, static_cast<int>(c.scalar("sms")));
+  Tensor partials = make_tensor(DType::kF32, {plan.partial_floats}, 0xff);  // [B, Hq, parts, D]
+  const kcache_ops::SparseAttnParams p =
+      kcache_ops::sparse_attn_v_params(args, plan, static_cast<float*>(partials.data()));
   dispatch_kernel_instance(v.dtype, D, plan.group_slice,
                            [&](auto type_tag, auto d_tag, auto gs_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
-    watch_output(out.data(), out.bytes, "out");
+    watch_first_output(plan.parts > 1, out, partials);
     launch(to_dim3(plan.grid), dim3(plan.block), "sparse_attn_v_kernel", [&] {
-      kcache_ops::sparse_attn_v_kernel<T, decltype(d_tag)::value, decltype(gs_tag)::value>(
-          plan.params);
+      kcache_ops::sparse_attn_v_kernel<T, decltype(d_tag)::value, decltype(gs_tag)::value>(p);
     });
+    if (plan.parts > 1) {
+      launch_sum_partials<T>(kcache_ops::sparse_attn_v_sum_plan(
+          args, plan, static_cast<const float*>(partials.data())), out);
+    }
   });
-  return {{"out", out}};
+  Tensor parts = make_tensor(DType::kI32, {1}, 0);  // the plan's parts of a slice's row list
+  *static_cast<int32_t*>(parts.data()) = plan.parts;
+  return {{"out", out}, {"parts", parts}};
 }
 
 Outputs run_gather_rows(const Case& c) {
@@ -166,11 +192,14 @@ Outputs run_gather_rows(const Case& c) {
   if (dst.numel() == 0) return {{"dst", dst}};
   const kcache_ops::GatherRowsArgs args = kcache_ops::gather_rows_args(src.data(), src, indices,
                                                                        dst);
-  const kcache_ops::GatherRowsPlan plan = kcache_ops::plan_gather_rows(args);
+  const kcache_ops::GatherRowsPlan plan =
+      kcache_ops::plan_gather_rows(args, static_cast<int>(c.scalar("sms")));
   watch_output(dst.data(), dst.bytes, "dst");
   launch(to_dim3(plan.grid), dim3(plan.block), "gather_rows_kernel",
          [&] { kcache_ops::gather_rows_kernel(plan.params); });
-  return {{"dst", dst}};
+  Tensor per_thread = make_tensor(DType::kI32, {1}, 0);  // the plan's pieces per thread
+  *static_cast<int32_t*>(per_thread.data()) = plan.params.per_thread;
+  return {{"dst", dst}, {"per_thread", per_thread}};
 }
 
 // A contiguous copy of `t` (contiguous itself): a tensor an op updates in place.
@@ -234,11 +263,7 @@ Outputs run_lowbit_tail(const Case& c) {
   Tensor partials = make_tensor(DType::kF32, {plan.partial_floats}, 0xff);  // [B, Hq, chunks, D]
   const kcache_ops::LowbitTailParams p =
       kcache_ops::lowbit_tail_params(args, plan, static_cast<float*>(partials.data()));
-  if (plan.num_chunks == 1) {
-    watch_output(out.data(), out.bytes, "out");
-  } else {
-    watch_output(partials.data(), partials.bytes, "partials");
-  }
+  watch_first_output(plan.num_chunks > 1, out, partials);
   dispatch_head_dim(D, [&](auto d_tag) {
     dispatch_group_slice(plan.group_slice, [&](auto gs_tag) {
       dispatch_code_bits(bits, [&](auto bits_tag) {
@@ -250,11 +275,8 @@ Outputs run_lowbit_tail(const Case& c) {
     });
   });
   if (plan.num_chunks > 1) {
-    const kcache_ops::LowbitTailReduceParams rp = kcache_ops::lowbit_tail_reduce_params(
-        args, plan, static_cast<const float*>(partials.data()));
-    watch_output(out.data(), out.bytes, "out");
-    launch(to_dim3(plan.reduce_grid), dim3(plan.reduce_block), "lowbit_tail_reduce_kernel",
-           [&] { kcache_ops::lowbit_tail_reduce_kernel(rp); });
+    launch_sum_partials<float>(kcache_ops::lowbit_tail_sum_plan(
+        args, plan, static_cast<const float*>(partials.data())), out);
   }
   return {{"out", out}};
 }

@@ -102,14 +102,14 @@ def cases():
                 check_topn(q, k, lens, n, scale, group_select, picked)
         return run
 
-    def attn(B, Hkv, G, S, D, N, renormalize, group_rows, dtype=torch.float32):
+    def attn(B, Hkv, G, S, D, N, renormalize, group_rows, dtype=torch.float32, sms=132):
         scores, indices, lse = make_selection(B, Hkv * G, N, S, "cpu")
         if group_rows:
             indices = indices.view(B, Hkv, G, N)[:, :, :1].expand(B, Hkv, G, N).reshape(B, -1, N)
         v = torch.randn(B, Hkv, S, D).to(dtype)
 
         def run(exe, **opts):
-            out = emu.run(exe, "sparse_attn_v", dict(renormalize=int(renormalize)),
+            out = emu.run(exe, "sparse_attn_v", dict(renormalize=int(renormalize), sms=sms),
                           dict(scores=scores, indices=indices, v_cache=v, lse=lse), **opts)
             check_attn(scores, indices, v, lse, renormalize, out["out"])
         return run
@@ -119,7 +119,7 @@ def cases():
                                                               torch.float32, "cpu")
 
         def run(exe, **opts):
-            out = emu.run(exe, "sparse_attn_v", dict(renormalize=0),
+            out = emu.run(exe, "sparse_attn_v", dict(renormalize=0, sms=132),
                           dict(scores=scores, indices=indices, v_cache=v, lse=lse, v_sum=v_sum,
                                seq_lens=lens), **opts)
             check_tail(scores, indices, v, lse, v_sum, lens, out["out"])
@@ -130,7 +130,8 @@ def cases():
         indices = make_indices(B, Hs * G, N, S, "cpu")
 
         def run(exe, **opts):
-            out = emu.run(exe, "gather_rows", {}, dict(src=src, indices=indices), **opts)
+            out = emu.run(exe, "gather_rows", dict(sms=132), dict(src=src, indices=indices),
+                          **opts)
             assert torch.equal(out["dst"], R.gather_rows(src, indices))
         return run
 
@@ -149,9 +150,10 @@ def cases():
         ("qk_topn top_p, group, split select", topn(2, 2, 2, 4500, 64, 40, [4500, 2051], True,
                                                     sms=4, top_p=0.1)),
         ("sparse_attn_v renormalize", attn(2, 2, 3, 200, 64, 70, True, False)),
+        ("sparse_attn_v renormalize, one part", attn(2, 2, 3, 200, 64, 70, True, False, sms=1)),
         ("sparse_attn_v lse, group rows", attn(2, 1, 4, 200, 128, 40, False, True)),
-        ("sparse_attn_v renormalize, group rows", attn(1, 1, 8, 200, 64, 300, True, True,
-                                                       torch.float16)),
+        ("sparse_attn_v renormalize, group rows, 2 parts of 2 tiles",
+         attn(1, 1, 8, 200, 64, 600, True, True, torch.float16, sms=2)),
         ("sparse_attn_v mean tail", tail(2, 1, 3, 300, 150, [300, 200])),
         ("gather_rows", gather(2, 2, 2, 100, 64, 50)),
     ]
