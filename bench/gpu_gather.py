@@ -1,5 +1,6 @@
 """gather_rows bandwidth: rows of 128 B - 8 KB, 64 - 4096 rows per head, read zero-copy from pinned
-host memory, against a large pinned cudaMemcpy host->device measured in the same run (the ceiling)
+host memory, against a large pinned cudaMemcpy host->device measured in the same run (the ceiling),
+against a pinned cudaMemcpy of the row's own bytes (its ceiling at that size, latency included),
 and against the PyTorch way (indices to the CPU, CPU gather, copy; bench/baselines.py). Also the
 same gather from write-combined host memory (KCACHE_OPS_HOST_ALLOC_WC=1). gather_rows is timed
 inside a CUDA graph; the PyTorch way syncs the host and is timed as launched.
@@ -83,25 +84,38 @@ def huge_page_alloc(pages):
     return alloc
 
 
-def add_row(rec, c, sets, mem, where):
-    """Times gather_rows (in a CUDA graph) and the PyTorch way (not for write-combined memory,
-    which the CPU reads slowly) over ``sets`` and records row ``c``: mem, where (the host memory
-    read), the times and the ratios to the ceiling and to torch."""
+def memcpy_us(pinned, nbytes):
+    """µs of a pinned cudaMemcpy host->device of ``nbytes`` (from the start of ``pinned``), timed
+    as gather_rows is (in a CUDA graph): the ceiling of a read of that size, its latency
+    included, which the 1 GiB copy's bandwidth is not for a read of a few hundred KiB."""
+    src = pinned.view(-1).view(torch.uint8)[:nbytes]  # [nbytes] pinned
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")  # [nbytes]
+    return timing.time_us(lambda d, s: d.copy_(s, non_blocking=True), [(dst, src)])[0]
+
+
+def add_row(rec, c, sets, mem, where, pinned):
+    """Times gather_rows (in a CUDA graph), a memcpy of the same bytes from ``pinned`` (a pinned
+    host tensor of at least that many) and the PyTorch way (not for write-combined memory, which
+    the CPU reads slowly) over ``sets`` and records row ``c``: mem, where (the host memory read),
+    the times and the ratios to the ceiling, to the memcpy and to torch."""
     us, mode = timing.time_us(kcache_ops.gather_rows, sets)
+    copy_us = memcpy_us(pinned, c["bytes"])
     torch_us = (float("nan") if mem == "wc" else
                 timing.time_us(baselines.torch_gather_rows, sets, 1, 5, graph=False)[0])
     gbs = c["bytes"] / us / 1e3
     rec.add(op="gather_rows", mem=mem, row_bytes=c["row_bytes"], rows_per_head=c["rows"],
             heads=B * H, MiB=c["bytes"] / 2**20, **where, us=us, timed=mode, GBs=gbs,
-            pct_ceiling=100 * gbs / rec.meta["h2d_ceiling_GBs"], torch_us=torch_us,
+            pct_ceiling=100 * gbs / rec.meta["h2d_ceiling_GBs"], memcpy_us=copy_us,
+            pct_memcpy_same_bytes=100 * copy_us / us, torch_us=torch_us,
             speedup_vs_torch=torch_us / us)
 
 
-def huge_page_row(c, rec):
+def huge_page_row(c, rec, pinned):
     """Footprint row ``c`` from HugePageBuffers (mem "thp"), recording the machine's THP mode and
     the AnonHugePages its buffers gained (None where /proc/meminfo has no such line, as under
     gVisor). A buffer that cannot be registered skips the row with the reason, so the rest of the
-    run and its plot stand; the buffers are unregistered after the row whatever happens."""
+    run and its plot stand; the buffers are unregistered after the row whatever happens. pinned:
+    as add_row's."""
     pages = []  # the row's HugePageBuffers
     try:
         before = host_pages.meminfo_bytes("AnonHugePages")
@@ -110,7 +124,7 @@ def huge_page_row(c, rec):
         gained = (after - before) / 2**30 if min(before, after) >= 0 else None
         add_row(rec, c, sets, "thp", {"host_GiB": c["host_GiB"], "buffers": c["buffers"],
                                       "thp_mode": host_pages.thp_mode(),
-                                      "anon_huge_GiB": gained})
+                                      "anon_huge_GiB": gained}, pinned)
         del sets
     except RuntimeError as e:
         print(f"# skipped the huge-page row ({c['host_GiB']} GiB in {c['buffers']}): {e}")
@@ -158,7 +172,7 @@ def main():
                for wc in (False, True)}
     for c in todo:
         if c.get("thp"):
-            huge_page_row(c, rec)
+            huge_page_row(c, rec, buffers[False])
             continue
         if "host_GiB" in c:  # its own buffers, freed after it
             sets = footprint_sets(c["host_GiB"], c["buffers"],
@@ -168,7 +182,7 @@ def main():
             src = src_view(buffers[c["wc"]], c["row_bytes"], c["rows"])
             sets = [(src, ix) for ix in index_sets(src.shape[2], c["rows"])]
             where = {"host_GiB": SRC_BYTES / 2**30, "buffers": 1}
-        add_row(rec, c, sets, "wc" if c["wc"] else "pinned", where)
+        add_row(rec, c, sets, "wc" if c["wc"] else "pinned", where, buffers[False])
         del sets
 
     def plot(ax, rs):

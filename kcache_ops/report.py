@@ -18,9 +18,9 @@ GPU_COMMAND = ("make build && .venv/bin/python -m kcache_ops bench --device cuda
 
 
 def gather_section(data):
-    """Markdown of bench/gpu_gather.py's JSON, where it is present. The speedup over the PyTorch
-    way is "–" where it was not timed: write-combined rows (null) and JSON written before it
-    was timed. A run cut off before its end (``complete`` false) is said so, and its plot, drawn
+    """Markdown of bench/gpu_gather.py's JSON, where it is present. The ratio to a memcpy of the
+    row's own bytes and the speedup over the PyTorch way are "–" where they were not timed: JSON
+    written before the memcpy was, write-combined rows for the PyTorch way (null). A run cut off before its end (``complete`` false) is said so, and its plot, drawn
     at the end only, is not shown."""
     meta = data["meta"]  # results.machine() and the ceiling
     complete = data.get("complete", True)  # files written before the key was: whole runs
@@ -29,9 +29,11 @@ def gather_section(data):
     if not complete:
         out += CUT_OFF
     out += ["| row bytes | rows/head | memory | host memory read | GB/s | % of ceiling | "
-            "speedup vs torch |", "|---|---|---|---|---|---|---|"]
+            "% of a memcpy of its bytes | speedup vs torch |", "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         speedup = "–" if r.get("speedup_vs_torch") is None else f"{r['speedup_vs_torch']:.1f}x"
+        same = r.get("pct_memcpy_same_bytes")
+        same = "–" if same is None else f"{same:.0f}%"
         buffers = r.get("buffers", 1)  # rows written before the footprint rows: the script's
         # one 512 MiB buffer
         host = f"{r.get('host_GiB', 0.5):g} GiB" + (f" in {buffers} buffers" if buffers > 1 else "")
@@ -40,7 +42,7 @@ def gather_section(data):
             host += (f" ({r.get('thp_mode', 'unknown')} THP, "
                      + ("huge pages unknown)" if gained is None else f"{gained:.1f} GiB huge)"))
         out.append(f"| {r['row_bytes']} | {r['rows_per_head']} | {r['mem']} | {host} | "
-                   f"{r['GBs']:.1f} | {r['pct_ceiling']:.0f}% | {speedup} |")
+                   f"{r['GBs']:.1f} | {r['pct_ceiling']:.0f}% | {same} | {speedup} |")
     plot = ["", "![gather bandwidth vs row size](gpu_gather.png)"] if complete else []
     return out + plot + [""]
 

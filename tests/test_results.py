@@ -112,7 +112,7 @@ def test_results_go_to_the_checkout_or_the_working_folder(tmp_path, monkeypatch)
 def test_report_from_the_gather_json_alone(tmp_path):
     meta = {**machine("cpu"), "gpu": "Test GPU", "h2d_ceiling_GBs": 50.0}
     rows = [{"row_bytes": 256, "rows_per_head": 64, "mem": "pinned", "GBs": 20.0,
-             "pct_ceiling": 40.0, "speedup_vs_torch": 11.56},
+             "pct_ceiling": 40.0, "pct_memcpy_same_bytes": 61.4, "speedup_vs_torch": 11.56},
             {"row_bytes": 256, "rows_per_head": 64, "mem": "wc", "GBs": 20.0,
              "pct_ceiling": 40.0, "speedup_vs_torch": None},  # the PyTorch way not timed
             {"row_bytes": 1024, "rows_per_head": 64, "mem": "pinned", "GBs": 30.0,
@@ -131,11 +131,13 @@ def test_report_from_the_gather_json_alone(tmp_path):
     assert "Not run yet: `python -m kcache_ops eval`" in text and "## Throughput" in text
     assert "Test GPU" in text and "H2D ceiling 50.0 GB/s" in text
     # rows of a JSON written before the footprint rows read one 512 MiB buffer
-    assert "| 256 | 64 | pinned | 0.5 GiB | 20.0 | 40% | 11.6x |" in text
-    assert "| 256 | 64 | wc | 0.5 GiB | 20.0 | 40% | – |" in text
-    assert "| 1024 | 64 | pinned | 0.5 GiB | 30.0 | 60% | – |" in text
-    assert "| 256 | 1024 | pinned | 8 GiB in 8 buffers | 15.0 | 30% | 4.0x |" in text
-    assert "| 256 | 1024 | thp | 8 GiB (madvise THP, 8.0 GiB huge) | 40.0 | 80% | 9.0x |" in text
+    # the ratio to a memcpy of the row's bytes: "–" in JSON written before it was timed
+    assert "| 256 | 64 | pinned | 0.5 GiB | 20.0 | 40% | 61% | 11.6x |" in text
+    assert "| 256 | 64 | wc | 0.5 GiB | 20.0 | 40% | – | – |" in text
+    assert "| 1024 | 64 | pinned | 0.5 GiB | 30.0 | 60% | – | – |" in text
+    assert "| 256 | 1024 | pinned | 8 GiB in 8 buffers | 15.0 | 30% | – | 4.0x |" in text
+    assert ("| 256 | 1024 | thp | 8 GiB (madvise THP, 8.0 GiB huge) | 40.0 | 80% | – | 9.0x |"
+            in text)
     assert "| 256 | 1024 | thp | 8 GiB (unknown THP, huge pages unknown) | 15.0 | 30% |" in text
     assert "cut off" not in text and "(gpu_gather.png)" in text
 
@@ -150,7 +152,7 @@ def test_a_gather_run_cut_off_says_so(tmp_path):
     report.write(tmp_path)
     text = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
     assert "**This run was cut off before its end**" in text and "gpu_gather.png" not in text
-    assert "| 256 | 64 | pinned | 0.5 GiB | 20.0 | 40% | 11.6x |" in text
+    assert "| 256 | 64 | pinned | 0.5 GiB | 20.0 | 40% | – | 11.6x |" in text
 
 
 def test_writers_of_one_file_do_not_collide(tmp_path):
