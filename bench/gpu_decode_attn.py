@@ -11,6 +11,9 @@ bench/decode_steps.py). Beside each whole step its parts are timed alone in the 
 qk_topn (K GB/s and % of a device-to-device copy) and sparse_attn_v on precomputed selections
 (host-row GB/s and % of a pinned host-to-device copy), both ceilings measured in the same run;
 the default step adds its selection (qk_topn over the cold rows + top_p) and its lowbit_tail.
+Where sparse_attn_v splits a slice's rows over several blocks (few blocks: batch <= 8 here), it
+and the default step are also timed as planned without that split (KCACHE_OPS_HOST_READ_SPREAD=0,
+the *_unspread fields).
 
     python bench/gpu_decode_attn.py [--seq ...] [--batch ...] [--n N] [--out DIR] [--dry-run]
 
@@ -90,6 +93,22 @@ class Timer:
         return "+".join(sorted(self.modes))
 
 
+def spread(B):
+    """Whether sparse_attn_v splits its rows at batch B here (sparse_attn_v_launch.h: B · Hkv
+    blocks leave more than half of the multiprocessors idle); where it does, the rows time its
+    unspread plan too (timing.unspread), so that the run says whether the split pays."""
+    return 2 * B * Hkv <= torch.cuda.get_device_properties(0).multi_processor_count
+
+
+def unspread_us(t, fn, args_list, B):
+    """µs of fn over args_list as planned without the spread of host reads, None where the
+    plans are the same (``spread``)."""
+    if not spread(B):
+        return None
+    with timing.unspread():
+        return t(fn, args_list)
+
+
 def rates(k_bytes, us_qk_topn, host_bytes, us_sparse_attn_v, ceilings):
     """The fields of the parts' rates: K GB/s of qk_topn alone and its % of the device copy,
     host-row GB/s of sparse_attn_v alone and its % of the pinned host->device copy."""
@@ -115,8 +134,10 @@ def op_steps(rec, c, sets, v, n, dense, ceilings):
         us = t(lambda q, k, _v: step(q, k), sets)
         us_qk_topn = t(lambda q, k, _v: step.select(q, k), sets)
         us_attn = t(step.attend, selections)
+        us_attn_unspread = unspread_us(t, step.attend, selections, B)
         rec.add(op="decode_step", B=B, S=S, n=n, group_select=group_select, tail=tail, us=us,
-                us_qk_topn=us_qk_topn, us_sparse_attn_v=us_attn, timed=t.timed, **dense,
+                us_qk_topn=us_qk_topn, us_sparse_attn_v=us_attn,
+                us_sparse_attn_v_unspread=us_attn_unspread, timed=t.timed, **dense,
                 ratio_vs_dense=us / dense["dense_us"], k_GBs=c["kv_bytes"] / us / 1e3,
                 **rates(c["kv_bytes"], us_qk_topn, host_bytes, us_attn, ceilings),
                 device_MiB_saved=c["kv_bytes"] / 2**20)
@@ -150,11 +171,17 @@ def default_step(rec, c, sets, dense, ceilings):
     us_select = t(layer.select, fresh)
     us_attn = t(layer.attend_host, selections)
     us_tail = t(layer.lowbit_tail, tails)
+    # the whole step unspread too: its sparse_attn_v runs beside lowbit_tail on the side stream,
+    # so the split's blocks take multiprocessors from the tail's wave
+    us_unspread = unspread_us(t, layer.cache.decode, layer.inputs, B)
+    us_attn_unspread = unspread_us(t, layer.attend_host, selections, B)
     rows = sum(int((s[2] >= 0).sum()) for s in selections) / (len(selections) * B * Hq)
     rec.add(op="decode_step_default", path="KCache.decode", options=DEFAULT.label, B=B, S=S,
             n=DEFAULT.topn, group_select=DEFAULT.group_select, tail=DEFAULT.tail, us=us,
             us_qk_topn=us_qk_topn, us_select=us_select, us_sparse_attn_v=us_attn,
-            us_lowbit_tail=us_tail, timed=t.timed, **dense, ratio_vs_dense=us / dense["dense_us"],
+            us_lowbit_tail=us_tail, us_unspread=us_unspread,
+            us_sparse_attn_v_unspread=us_attn_unspread, timed=t.timed, **dense,
+            ratio_vs_dense=us / dense["dense_us"],
             k_GBs=c["kv_bytes"] / us / 1e3, rows_read=rows,
             **rates(c["kv_bytes"], us_qk_topn, host_bytes, us_attn, ceilings),
             device_MiB_saved=(c["kv_bytes"] - layer.device_bytes_beside_k()) / 2**20)

@@ -1,7 +1,9 @@
 """gather_rows bandwidth: rows of 128 B - 8 KB, 64 - 4096 rows per head, read zero-copy from pinned
 host memory, against a large pinned cudaMemcpy host->device measured in the same run (the ceiling),
 against a pinned cudaMemcpy of the row's own bytes (its ceiling at that size, latency included),
-and against the PyTorch way (indices to the CPU, CPU gather, copy; bench/baselines.py). Also the
+and against the PyTorch way (indices to the CPU, CPU gather, copy; bench/baselines.py). Up to 4 MiB
+also as planned without the spread of small host reads over the multiprocessors (us_unspread,
+KCACHE_OPS_HOST_READ_SPREAD=0): whether that spread pays, measured in the same run. Also the
 same gather from write-combined host memory (KCACHE_OPS_HOST_ALLOC_WC=1). gather_rows is timed
 inside a CUDA graph; the PyTorch way syncs the host and is timed as launched.
 
@@ -34,6 +36,7 @@ import timing
 
 B, H = 2, 8  # 16 heads of rows; H = Hs (no GQA sharing, every row is read)
 SRC_BYTES = 512 << 20  # each host buffer (pinned, and write-combined)
+UNSPREAD_BYTES = 4 << 20  # rows timed without the spread too: where the plans differ (132 SMs)
 
 
 def src_view(buf, row_bytes, n_rows):
@@ -94,11 +97,16 @@ def memcpy_us(pinned, nbytes):
 
 
 def add_row(rec, c, sets, mem, where, pinned):
-    """Times gather_rows (in a CUDA graph), a memcpy of the same bytes from ``pinned`` (a pinned
+    """Times gather_rows (in a CUDA graph; up to UNSPREAD_BYTES also as planned without the spread
+    of small host reads, timing.unspread), a memcpy of the same bytes from ``pinned`` (a pinned
     host tensor of at least that many) and the PyTorch way (not for write-combined memory, which
     the CPU reads slowly) over ``sets`` and records row ``c``: mem, where (the host memory read),
     the times and the ratios to the ceiling, to the memcpy and to torch."""
     us, mode = timing.time_us(kcache_ops.gather_rows, sets)
+    us_unspread = None
+    if c["bytes"] <= UNSPREAD_BYTES:
+        with timing.unspread():
+            us_unspread = timing.time_us(kcache_ops.gather_rows, sets)[0]
     copy_us = memcpy_us(pinned, c["bytes"])
     torch_us = (float("nan") if mem == "wc" else
                 timing.time_us(baselines.torch_gather_rows, sets, 1, 5, graph=False)[0])
@@ -106,7 +114,7 @@ def add_row(rec, c, sets, mem, where, pinned):
     rec.add(op="gather_rows", mem=mem, row_bytes=c["row_bytes"], rows_per_head=c["rows"],
             heads=B * H, MiB=c["bytes"] / 2**20, **where, us=us, timed=mode, GBs=gbs,
             pct_ceiling=100 * gbs / rec.meta["h2d_ceiling_GBs"], memcpy_us=copy_us,
-            pct_memcpy_same_bytes=100 * copy_us / us, torch_us=torch_us,
+            pct_memcpy_same_bytes=100 * copy_us / us, us_unspread=us_unspread, torch_us=torch_us,
             speedup_vs_torch=torch_us / us)
 
 

@@ -6,6 +6,7 @@ memory-fit checks, and :class:`Recorder`, which prints one line per configuratio
 the benchmark's JSON after each one (the machine description and the folder come from
 :mod:`kcache_ops.results`)."""
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -85,16 +86,31 @@ def host_random(shape, dtype, write_combined=False, block_values=64 << 20):
     """Pinned, device-mapped host tensor of ``shape`` (kcache_ops.alloc_host; write-combined when
     asked) holding one random block made on the GPU, repeated: a device->host copy per block and
     no CPU arithmetic, so gigabytes fill in a fraction of a second. Never zeros."""
-    before = os.environ.get("KCACHE_OPS_HOST_ALLOC_WC")
-    os.environ["KCACHE_OPS_HOST_ALLOC_WC"] = "1" if write_combined else "0"
-    try:
+    with environ(KCACHE_OPS_HOST_ALLOC_WC="1" if write_combined else "0"):
         buf = kcache_ops.alloc_host(tuple(shape), dtype)
-    finally:
-        if before is None:
-            del os.environ["KCACHE_OPS_HOST_ALLOC_WC"]
-        else:
-            os.environ["KCACHE_OPS_HOST_ALLOC_WC"] = before
     return fill_random(buf, block_values)
+
+
+@contextlib.contextmanager
+def environ(**values):
+    """The environment variables ``values`` set for the block, each restored (or removed) after."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+def unspread():
+    """The kernels' plans without the spread of small host reads over the multiprocessors
+    (KCACHE_OPS_HOST_READ_SPREAD=0: gather_rows 8 pieces a thread, sparse_attn_v one block a
+    slice), for a timing beside the spread one: the plan is fixed when a call is captured."""
+    return environ(KCACHE_OPS_HOST_READ_SPREAD="0")
 
 
 def fill_random(buf, block_values=64 << 20):

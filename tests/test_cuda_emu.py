@@ -500,18 +500,20 @@ def test_sparse_attn_v_n_1024(race_exe):
     check_attn(scores, indices, v, lse, True, out)
 
 
-# kind -> the parts of each row list for sms = 1, 2, 7, 132 (B · Hkv = 2 blocks)
-PARTS = {"group": [1, 1, 4, 10], "union": [1, 1, 4, 10], "each_head": [1, 1, 4, 66]}
+# kind -> the parts of each row list for sms = 1, 3, 4, 7, 132 (B · Hkv = 2 blocks)
+PARTS_SMS = [1, 3, 4, 7, 132]
+PARTS = {"group": [1, 1, 2, 4, 10], "union": [1, 1, 2, 4, 10], "each_head": [1, 1, 2, 4, 66]}
 
 
 @pytest.mark.parametrize("kind", list(PARTS))
-@pytest.mark.parametrize("sms", [1, 2, 7, 132])
+@pytest.mark.parametrize("sms", PARTS_SMS)
 def test_sparse_attn_v_parts(race_exe, kind, sms):
-    """A slice's row list split over blocks where the slices alone leave multiprocessors without
-    one (sparse_attn_v_launch.h): B · Hkv = 2 blocks, so ceil(sms / 2) parts, but none of fewer
-    than 16 rows of the longest list (G · N): group rows (N = 40: 10 parts at most, of 4 rows),
-    the row union of overlapping heads (up to 160 rows), and each head's rows on their own (N =
-    513, above the union's cap: 2052 rows, parts of 31 and of several tiles)."""
+    """A slice's row list split over blocks where the slices alone leave more than half of the
+    multiprocessors without one (sparse_attn_v_launch.h): B · Hkv = 2 blocks, so none at 3 SMs,
+    else ceil(sms / 2) parts, but none of fewer than 16 rows of the longest list (G · N): group
+    rows (N = 40: 10 parts at most, of 4 rows), the row union of overlapping heads (up to 160
+    rows), and each head's rows on their own (N = 513, above the union's cap: 2052 rows, parts of
+    31 and of several tiles)."""
     B, Hkv, G, S, D = 1, 2, 4, 300, 64
     N = 40 if kind != "each_head" else UNION_CAP // G + 1
     scores, indices, lse = make_selection(B, Hkv * G, N, S, "cpu")
@@ -520,7 +522,7 @@ def test_sparse_attn_v_parts(race_exe, kind, sms):
     elif kind == "union":
         indices = overlapping_indices(B, Hkv, G, N, S, "half", "cpu")
     v = torch.randn(B, Hkv, S, D).to(torch.bfloat16)
-    parts = PARTS[kind][[1, 2, 7, 132].index(sms)]
+    parts = PARTS[kind][PARTS_SMS.index(sms)]
     for renormalize in (True, False):
         out = run_sparse_attn_v(race_exe, scores, indices, v, lse, renormalize, sms=sms,
                                 parts=parts)

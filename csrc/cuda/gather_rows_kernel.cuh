@@ -23,7 +23,7 @@ struct GatherParams {
   uint4* dst;                   // [B, H, N, row_pieces] contiguous
   int64_t total;                // B * H * N * row_pieces
   int h, n, group, s, row_pieces;  // group = H / Hs
-  int per_thread;               // pieces per thread: 1, 2, 4 or kGatherUnroll
+  int per_thread;               // pieces per thread: 1 .. kGatherUnroll
 };
 
 // grid ceil(total / (kGatherThreads * per_thread)), block kGatherThreads. Three passes over the

@@ -55,15 +55,16 @@ struct GatherRowsPlan {
   GatherParams params;
 };
 
-// Pieces per thread for `total` pieces on a device of `sms` multiprocessors: kGatherUnroll where
-// the grid still has a block for every multiprocessor, fewer (down to 1) where that spreads a
-// smaller read over more of them (launch_grid.h, host reads per multiprocessor).
+// Pieces per thread for `total` pieces spread over `sms` multiprocessors (host_read_sms):
+// kGatherUnroll where the grid still has a block for every multiprocessor, fewer (down to 1)
+// where that spreads a smaller read over more of them (launch_grid.h, host reads per
+// multiprocessor). Below 256 · sms pieces even 1 leaves some without a block.
 inline int gather_pieces_per_thread(int64_t total, int sms) {
   return static_cast<int>(std::clamp<int64_t>(total / (int64_t{kGatherThreads} * sms), 1,
                                               kGatherUnroll));
 }
 
-// The plan of a call with an output of at least one element on a device of `sms` multiprocessors.
+// The plan of a call with an output of at least one element, spreading over `sms` multiprocessors.
 inline GatherRowsPlan plan_gather_rows(const GatherRowsArgs& a, int sms) {
   const int64_t row_pieces = a.D * a.elem_bytes / 16;  // 16-byte pieces per row
   const int64_t total = a.B * a.H * a.N * row_pieces;

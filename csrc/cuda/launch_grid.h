@@ -35,12 +35,13 @@ inline int64_t wave_chunk(int64_t S, int64_t blocks_per_chunk, int64_t wave, int
   return best;
 }
 
-// Host reads per multiprocessor. The H200's measurements say that a multiprocessor reads mapped
-// host memory at about 3 GB/s at most, however many 16-byte loads its block has in flight
-// (gather_rows: 128 KiB in 4 blocks and 256 KiB in 8 blocks, 32 KiB a block, both took ≈ 15 µs;
-// bench/NOTES.md, "Host reads per multiprocessor"), so that a read from host memory fills PCIe
-// (≈ 55 GB/s) only when ≈ 20 or more multiprocessors share it.
-// The kernels that read host memory (gather_rows, sparse_attn_v) therefore plan at least as many
-// blocks as the device has multiprocessors where the read can be split that finely.
+// Host reads per multiprocessor. The H200's measurements suggest that a multiprocessor reads
+// mapped host memory at no more than about 3 GB/s (sparse_attn_v at batch 1: 8 blocks, 16 or 64
+// KiB each, every load in flight, 11 and 26 µs; gather_rows: 128 and 256 KiB in 32 KiB blocks,
+// both ≈ 15 µs; bench/NOTES.md, "Host reads per multiprocessor", with what else could explain
+// them), so that a read from host memory would fill PCIe (≈ 55 GB/s) only over ≈ 20 or more
+// multiprocessors. The kernels that read host memory (gather_rows, sparse_attn_v) therefore plan
+// at least as many blocks as the device has multiprocessors where the read splits that finely;
+// KCACHE_OPS_HOST_READ_SPREAD=0 turns this off, for the benchmarks' comparison (host_read_sms).
 
 }  // namespace kcache_ops

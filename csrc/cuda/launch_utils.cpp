@@ -106,4 +106,10 @@ int multiprocessor_count(int device) {
   return sms;
 }
 
+int host_read_sms(int device, bool reads_host) {
+  const char* env = std::getenv("KCACHE_OPS_HOST_READ_SPREAD");
+  const bool spread = reads_host && (env == nullptr || std::strcmp(env, "0") != 0);
+  return spread ? multiprocessor_count(device) : 1;
+}
+
 }  // namespace kcache_ops

@@ -31,7 +31,9 @@
 // fixed order (deterministic, no atomics); only out [B, Hq, D] is written. With several parts,
 // block p reads the list's entries [p · E / parts, (p + 1) · E / parts) of its E and writes its
 // sums to partials [B, Hq, parts, D] float32 instead (part 0 with the mean tail's c_h · v_sum),
-// which sum_partials_kernel adds in part order into out.
+// which sum_partials_kernel adds in part order into out. The parts set the order of the sums, so
+// the output's last bits depend on the device's multiprocessor count and on B (for one shape on
+// one device they are the same in every call).
 #pragma once
 
 #include <cstdint>

@@ -90,15 +90,17 @@ struct SparseAttnVPlan {
 constexpr int64_t kAttnMinPartRows = 16;
 
 // Parts of each slice's row list when `blocks` blocks (B · Hkv · slices) read it and a list holds
-// at most `list_rows` rows, on a device of `sms` multiprocessors: enough for a block on every
-// multiprocessor, ceil(sms / blocks) (host reads per multiprocessor, launch_grid.h), but no more
-// than parts of kAttnMinPartRows rows of the longest list; 1 where the blocks are enough.
+// at most `list_rows` rows, spread over `sms` multiprocessors (host_read_sms: 1 for a read of
+// device memory): where the blocks would leave more than half of them idle, enough for a block on
+// every one, ceil(sms / blocks) (host reads per multiprocessor, launch_grid.h), but no more than
+// parts of kAttnMinPartRows rows of the longest list; else 1 (a second launch for little).
 inline int sparse_attn_v_parts(int64_t blocks, int64_t list_rows, int sms) {
+  if (2 * blocks > sms) return 1;
   const int64_t most = std::max<int64_t>(1, list_rows / kAttnMinPartRows);
   return static_cast<int>(std::clamp<int64_t>(ceil_div<int64_t>(sms, blocks), 1, most));
 }
 
-// The plan of a call with an output of at least one element on a device of `sms` multiprocessors.
+// The plan of a call with an output of at least one element, spreading over `sms` multiprocessors.
 inline SparseAttnVPlan plan_sparse_attn_v(const SparseAttnVArgs& a, int sms) {
   const int64_t G = a.Hq / a.Hkv;
   const int gs = group_slice_width(G);
