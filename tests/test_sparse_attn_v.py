@@ -427,3 +427,25 @@ def test_mean_tail_random_shapes(B, Hkv, G, S, N, dtype, pad_fraction, data):
         out = kcache_ops.sparse_attn_v(scores, indices, v, lse, False, v_sum=v_sum,
                                        seq_lens=seq_lens)
         check_tail(scores, indices, v, lse, v_sum, seq_lens, out)
+
+
+@pytest.mark.parametrize("v_memory", ["host", "device"])
+@pytest.mark.parametrize("spread", ["1", "0"], ids=["spread", "unspread"])
+def test_plans_with_and_without_the_host_read_spread(device, spread, v_memory, monkeypatch):
+    """At batch 1 the CUDA op splits each slice's rows over several blocks when V is in host
+    memory (sparse_attn_v_launch.h), and keeps one block a slice with
+    KCACHE_OPS_HOST_READ_SPREAD=0 or with V in device memory: each plan the reference's, per head
+    (the row union), with group rows and with the mean tail."""
+    monkeypatch.setenv("KCACHE_OPS_HOST_READ_SPREAD", spread)
+    B, Hkv, G, N, S = 1, 2, 4, 64, 400
+    scores, indices, lse, v, v_sum, lens = make_tail_case(B, Hkv, G, N, S, [S], torch.bfloat16,
+                                                          device, D=128)
+    v_read = host_tensor(v, device) if v_memory == "host" else v.to(device)
+    group = indices[:, ::G].repeat_interleave(G, dim=1)  # [B, Hq, N] one row per group
+    for ix in (indices, group):
+        for renormalize in (True, False):
+            out = kcache_ops.sparse_attn_v(scores, ix, v_read, lse, renormalize)
+            check_attn(scores, ix, v, lse, renormalize, out)
+        out = kcache_ops.sparse_attn_v(scores, ix, v_read, lse, False, v_sum=v_sum,
+                                       seq_lens=lens)
+        check_tail(scores, ix, v, lse, v_sum, lens, out)
