@@ -3,7 +3,7 @@
 // c_h · (v_sum[b, h / G] - sum_valid V[b, h / G, idx_i]) when v_sum is given.
 //
 // One block per (KV head, slice of <= GS query heads of its group, sequence, part of the row list
-// below: one part, unless the slices alone give fewer blocks than the device has multiprocessors,
+// below: one part, unless the slices alone leave most multiprocessors idle reading host memory,
 // sparse_attn_v_launch.h). The block first turns each head's N scores into softmax statistics,
 // one warp per head and all heads at once (renormalize: max and sum over the valid entries; else
 // the given lse) and, with the tail, its factor c_h = max(0, 1 - sum_i p_i) / (L_b - n_h) (0 when
