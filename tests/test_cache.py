@@ -712,14 +712,38 @@ def test_prompt_arguments_that_are_not_tensors(backend):
     cache.finish_prefill(lens)
 
 
-@pytest.mark.parametrize("tail", ["none", "mean", "int2"])
-def test_inputs_that_require_grad(tail):
+def tensors_held(obj, seen=None):
+    """Every tensor reachable from obj through the attributes, lists, tuples and dicts of
+    kcache_ops' own objects (a cache and its tails, hot rows, pools, lengths)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        children = list(obj)
+    elif type(obj).__module__.startswith("kcache_ops") and hasattr(obj, "__dict__"):
+        children = list(vars(obj).values())
+    else:
+        return []
+    return [t for child in children for t in tensors_held(child, seen)]
+
+
+@pytest.mark.parametrize("kind,tail,dense_layers,reuse", [
+    ("kcache", "none", (), 0), ("kcache", "mean", (), 0), ("kcache", "int2", (), 0),
+    ("kcache", "int2", (1,), 16), ("dense", "none", (), 0)])
+def test_inputs_that_require_grad(kind, tail, dense_layers, reuse):
     """A model run outside no_grad (a transformers model's weights require grad) hands the cache
     q, k, v that require grad: prefill and decode run (the mean tail's out= add raised), as
-    without grad, and the cache's own buffers stay out of any autograd graph's reach."""
+    without grad, and none of the cache's own tensors (K, host V, the tail's copies, the hot
+    rows, the pool, dense layers' V) is part of an autograd graph."""
     hot = {"sinks": 0, "window": 0} if tail == "mean" else {}
-    options = KCacheOptions(tail=tail, topn=4, **hot)
-    cache, twin = (make_cache("kcache", tiny_config(), 2, 32, "cpu", torch.float32, options)
+    options = (KCacheOptions(tail=tail, topn=4, dense_layers=dense_layers, reuse=reuse, **hot)
+               if kind == "kcache" else None)
+    cache, twin = (make_cache(kind, tiny_config(), 2, 32, "cpu", torch.float32, options)
                    for _ in range(2))
     k, v = torch.randn(2, HKV, 9, D), torch.randn(2, HKV, 9, D)  # [B, Hkv, T, D]
     q = torch.randn(2, HQ, 9, D)  # [B, Hq, T, D]
@@ -730,10 +754,14 @@ def test_inputs_that_require_grad(tail):
         for layer in range(LAYERS):
             c.prefill(layer, *(t.clone().requires_grad_(grad) for t in (q, k, v)), lens)
         c.finish_prefill(lens)
-        outs.append(c.decode(0, *(t.clone().requires_grad_(grad) for t in step)))
-    torch.testing.assert_close(outs[0].detach(), outs[1], atol=0, rtol=0)
-    if tail == "mean":
-        assert not cache.tails[0].v_sum.requires_grad
+        outs.append([c.decode(layer, *(t.clone().requires_grad_(grad) for t in step))
+                     for layer in range(LAYERS)])
+        c.finish_decode()
+    for out, expected in zip(*outs):
+        torch.testing.assert_close(out.detach(), expected, atol=0, rtol=0)
+    held = tensors_held(cache)
+    assert len(held) >= 2 * LAYERS
+    assert not [t.shape for t in held if t.requires_grad or t.grad_fn is not None]
 
 
 @pytest.mark.parametrize("tail", ["none", "mean", "int2"])

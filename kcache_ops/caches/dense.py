@@ -106,6 +106,7 @@ class DenseCache:
         them are masked by seq_lens, and stored as zeros) for ``layer`` without attending; call
         it for every layer, then :meth:`finish_prefill`."""
         check_layer_inputs(self.lengths.owner, self.k, self.num_heads, layer, True, k, v)
+        k, v = k.detach(), v.detach()  # stored: the cache is no part of an autograd graph
         with self.lengths.storing_prompt(layer, k.shape[2], lens):
             store_prompt_rows(self.k[layer], k, lens, self.lengths.written)
             store_prompt_rows(self.v[layer], v, lens, self.lengths.written)
@@ -130,6 +131,7 @@ class DenseCache:
         q [B, Hq, D], k and v [B, Hkv, D] -> out [B, Hq, D].
         """
         check_layer_inputs(self.lengths.owner, self.k, self.num_heads, layer, False, k, v, q)
+        k, v = k.detach(), v.detach()  # stored: the cache is no part of an autograd graph
         with self.lengths.decode_step(layer):
             return append_and_attend(self.lengths, self.k[layer], self.v[layer], q, k, v)
 

@@ -247,6 +247,7 @@ class KCache:
         reused; the reused rows of earlier steps are dropped.
         """
         check_layer_inputs(self.lengths.owner, self.k, self.config.num_heads, layer, True, k, v)
+        k, v = k.detach(), v.detach()  # stored: the cache is no part of an autograd graph
         T = k.shape[2]
         with self.lengths.storing_prompt(layer, T, lens):
             if layer in self.options.dense_layers:  # attended with a mask, as the dense cache's
@@ -299,6 +300,7 @@ class KCache:
         attention on the device.
         """
         check_layer_inputs(self.lengths.owner, self.k, self.config.num_heads, layer, False, k, v, q)
+        k, v = k.detach(), v.detach()  # stored: the cache is no part of an autograd graph
         lengths = self.lengths
         with lengths.decode_step(layer):
             if layer in self.options.dense_layers:

@@ -104,16 +104,14 @@ class MeanTail:
         """v [B, Hkv, T, D] right-padded, lens [B] int32: the sum of the rows ``t < lens[b]``."""
         T = v.shape[2]
         valid = torch.arange(T, device=v.device)[None, :] < lens.to(v.device)[:, None]  # [B, T]
-        # detached, here and at append: the cache is no part of an autograd graph (and out= takes
-        # no input that requires grad)
-        rows = v.detach().float().masked_fill(~valid[:, None, :, None], 0)  # [B, Hkv, T, D]
+        rows = v.float().masked_fill(~valid[:, None, :, None], 0)  # [B, Hkv, T, D]
         self.v_sum.copy_(rows.sum(2))  # padding rows as zeros: 0 times an inf or NaN is NaN
         self._committed.copy_(self.v_sum)
 
     def append(self, rows, pos, v):
         """The sum before this step plus one token's v [B, Hkv, D] (rows, pos: where it is
         stored)."""
-        torch.add(self._committed, v.detach().float(), out=self.v_sum)
+        torch.add(self._committed, v.float(), out=self.v_sum)  # v detached by the cache
 
     def commit(self):
         """The step is done: its token stays in the sum."""
