@@ -215,11 +215,13 @@ def reuse_rows(indices, v_host, new_pos, rows, held, used, step, group_select,
     if rows.requires_grad and torch.is_grad_enabled():  # autograd would not see rows change
         raise ValueError("reuse_rows: rows must not require grad (the op writes it in place and "
                          "is not differentiable), got requires_grad=True")
-    # torch would run the op on a resolved copy of rows, then fail (dynamo cannot trace the test)
-    if not torch.compiler.is_compiling() and (rows.is_neg() or rows.is_conj()):
-        raise ValueError(f"reuse_rows: rows must not be a lazily negated or conjugated view (the"
-                         f" op writes it in place), got is_neg() {rows.is_neg()}, is_conj() "
-                         f"{rows.is_conj()}")
+    # torch would run the op on a resolved copy of one, then fail after writing the others
+    # (dynamo cannot trace the test)
+    for name, t in (("rows", rows), ("held", held), ("used", used)):
+        if not torch.compiler.is_compiling() and (t.is_neg() or t.is_conj()):
+            raise ValueError(f"reuse_rows: {name} must not be a lazily negated or conjugated view"
+                             f" (the op writes it in place), got is_neg() {t.is_neg()}, is_conj()"
+                             f" {t.is_conj()}")
     group_select, check_values = _scalars("reuse_rows", as_bool, group_select=group_select,
                                           check_values=check_values)
     return torch.ops.kcache_ops.reuse_rows(indices, v_host, new_pos, rows, held, used, step,

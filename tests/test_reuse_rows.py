@@ -283,10 +283,10 @@ def test_rows_requiring_grad_are_refused(device):
 
 
 def test_rows_as_a_negated_or_conjugated_view_are_refused(device):
-    """rows as a lazily negated view (a complex conjugate's imaginary part) or a conjugated one:
-    torch runs the op on a resolved copy of rows and then fails its own internal assert, after
-    held and used were written, so that the pool said it held rows it did not. Refused by name
-    before the op runs; the pool is left as it was."""
+    """rows as a lazily negated view (a complex conjugate's imaginary part) or a conjugated one,
+    held or used as a negated one: torch runs the op on a resolved copy of that tensor and then
+    fails its own internal assert, after the other two were written, so that the pool said it
+    held rows it did not. Refused by name before the op runs; the pool is left as it was."""
     twins = Twins(1, 1, 8, 64, 6, device, torch.float32)
     _, held, used = twins.op
     indices = torch.tensor([[[3, 5, -1]]], dtype=torch.int32, device=device)  # [1, 1, 3]
@@ -300,6 +300,15 @@ def test_rows_as_a_negated_or_conjugated_view_are_refused(device):
                                              rf"conjugated view .*{flags}"):
             kcache_ops.reuse_rows(indices, v_host, new_pos, rows, held, used, step, False)
         assert held.eq(-1).all() and used.eq(-1).all()
+    rows = twins.op[0]  # [1, 1, C, D] float32, poisoned
+    before = rows.clone()
+    for name, args in (("held", (rows, torch._neg_view(held), used)),
+                       ("used", (rows, held, torch._neg_view(used)))):
+        with pytest.raises(ValueError, match=f"reuse_rows: {name} must not be a lazily negated "
+                                             r"or conjugated view .*is_neg\(\) True"):
+            kcache_ops.reuse_rows(indices, twins.v_host, new_pos, *args, step, False)
+        assert held.eq(-1).all() and used.eq(-1).all()
+        assert rows.view(torch.int32).equal(before.view(torch.int32))
 
 
 def test_pool_smaller_than_a_step_is_refused(device):
