@@ -419,6 +419,23 @@ def test_dense_cache_beyond_memory_fails_when_built():
             make_cache("dense", tiny_config(), len(LENS), capacity, "cpu", torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["dense", "kcache"])
+@pytest.mark.parametrize("batch,capacity", [(2 ** 62, 8), (3, 2 ** 58)])
+def test_sizes_beyond_any_memory_fail_in_the_memory_check(backend, batch, capacity):
+    """A batch or capacity past any memory is refused by the memory check, with the bytes asked
+    for, before any tensor is made: the sequence lengths ([B] tensors) failed in torch's
+    allocator, and the low-bit tail's parts (built on the meta device to count their bytes)
+    could not size their storage."""
+    if kcache_ops.host_bytes_available() is None:
+        pytest.skip("this machine does not report MemAvailable")
+    owner = {"dense": "DenseCache", "kcache": "KCache"}[backend]
+    with pytest.raises(MemoryError, match=rf"{owner}: \d+ cache tensors "
+                                          rf"of shape \[{batch}, 2, {capacity}, 64\] "
+                                          r"torch.float32 in host RAM need \d+ bytes"):
+        make_cache(backend, tiny_config(), batch, capacity, "cpu", torch.float32,
+                   KCacheOptions(tail="int2") if backend == "kcache" else None)
+
+
 @requires_cuda
 @pytest.mark.parametrize("backend", ["dense", "kcache"])
 def test_cache_beyond_the_gpu_fails_when_built(backend):

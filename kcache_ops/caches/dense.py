@@ -82,13 +82,13 @@ class DenseCache:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"DenseCache: dtype must be a floating-point torch.dtype (the "
                              f"model's), got {dtype!r}")
-        self.lengths = SeqLengths("DenseCache", batch, capacity, device, config.num_layers)
-        self.capacity = capacity
-        self.num_heads = config.num_heads
         shape = (batch, config.num_kv_heads, capacity, config.head_dim)  # [B, Hkv, S, D]
         on_cpu = torch.device(device).type == "cpu"
         check_memory("DenseCache", shape, dtype, 2 * config.num_layers if on_cpu else 0, device,
-                     2 * config.num_layers)  # K and V of every layer
+                     2 * config.num_layers)  # K and V of every layer, before any tensor is made
+        self.lengths = SeqLengths("DenseCache", batch, capacity, device, config.num_layers)
+        self.capacity = capacity
+        self.num_heads = config.num_heads
         # zeros, not empty: masked positions get weight 0, and 0 * NaN from stale memory is NaN
         self.k = [torch.zeros(shape, device=device, dtype=dtype)            # [B, Hkv, S, D] each
                   for _ in range(config.num_layers)]

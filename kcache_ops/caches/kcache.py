@@ -142,7 +142,6 @@ class KCache:
         batch, capacity = check_sizes("KCache", batch, capacity)
         self.device = torch.device(device)
         check_kcache(config, self.device, dtype, options, capacity)
-        self.lengths = SeqLengths("KCache", batch, capacity, self.device, config.num_layers)
         n_layers = config.num_layers
         self.config = config
         self.capacity = capacity
@@ -154,18 +153,21 @@ class KCache:
         self.record_mass = False
         shape = (batch, config.num_kv_heads, capacity, config.head_dim)  # [B, Hkv, S, D]
         kcache_layers = [i for i in range(n_layers) if i not in options.dense_layers]
+        # host RAM holds V of the KCache layers, and on the CPU also K and the dense layers' V;
+        # the device K and the dense layers' V
+        on_cpu = self.device.type == "cpu"
+        tensors = (2 * n_layers if on_cpu else len(kcache_layers), self.device,
+                   n_layers + len(options.dense_layers))
+        # K and V first: the parts below are smaller than K, and no tensor is made before it fits
+        check_memory("KCache", shape, dtype, *tensors)
         # the bytes a KCache layer keeps on the device beside K: its parts built on the meta
         # device, which gives them their shapes and no memory
         meta = torch.device("meta")
         meta_hot = HotSlots(*options.hot_split(capacity), batch, meta) if options.hot_rows else None
         beside = sum(part.nbytes for part in self._layer_parts(batch, dtype, meta, None, meta_hot)
                      if part is not None) if kcache_layers else 0
-        # host RAM holds V of the KCache layers, and on the CPU also K and the dense layers' V
-        on_cpu = self.device.type == "cpu"
-        check_memory("KCache", shape, dtype,
-                     2 * n_layers if on_cpu else len(kcache_layers), self.device,
-                     n_layers + len(options.dense_layers),  # K, dense layers' V
-                     len(kcache_layers) * beside)
+        check_memory("KCache", shape, dtype, *tensors, len(kcache_layers) * beside)
+        self.lengths = SeqLengths("KCache", batch, capacity, self.device, n_layers)
         # zeros on the device: the exact attention of dense layers multiplies masked rows by 0,
         # and 0 * NaN from stale memory is NaN. Host V is read only at valid rows.
         self.k = [torch.zeros(shape, device=self.device, dtype=dtype)
