@@ -37,6 +37,15 @@ void check_host_bytes(const std::string& what, int64_t bytes) {
               "(MemAvailable)");
 }
 
+int64_t bytes_of(std::initializer_list<int64_t> sizes, int64_t elem_bytes) {
+  int64_t bytes = elem_bytes;
+  for (int64_t s : sizes) {
+    if (s == 0) return 0;
+    if (c10::mul_overflows(bytes, s, &bytes)) bytes = std::numeric_limits<int64_t>::max();
+  }
+  return bytes;
+}
+
 namespace {
 
 at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include <torch/types.h>
@@ -16,6 +17,22 @@ std::string host_bytes_available_text();
 // Refuses `bytes` of host memory for `what` (named in the error) past MemAvailable: Linux hands
 // out memory lazily, so the allocation would succeed and the process be killed on writing it.
 void check_host_bytes(const std::string& what, int64_t bytes);
+
+// Bytes of a tensor of `sizes` (each >= 0) with `elem_bytes` an element; INT64_MAX where the
+// product overflows.
+int64_t bytes_of(std::initializer_list<int64_t> sizes, int64_t elem_bytes);
+
+// From this many bytes on, an op's CPU output or scratch is checked against MemAvailable: below it
+// reading /proc/meminfo would cost more than the call, and the memory is there if the process is.
+constexpr int64_t kHostCheckFromBytes = int64_t{64} << 20;
+
+// check_host_bytes(describe(), bytes) for an op's CPU output or scratch of `bytes` from
+// kHostCheckFromBytes on: an output can be larger than the inputs (gather_rows' rows per index, an
+// n past S, inputs expanded with stride 0). `describe` makes the name only where it is checked.
+template <class Describe>
+void check_host_output(int64_t bytes, const Describe& describe) {
+  if (bytes >= kHostCheckFromBytes) check_host_bytes(describe(), bytes);
+}
 
 #ifdef KCACHE_OPS_WITH_CUDA
 // True when at least one CUDA device is visible.

@@ -81,6 +81,61 @@ def test_qk_topn_n_past_host_memory_is_refused(qk):
     assert indices[:, :, S:].eq(-1).all()
 
 
+def spread(t, *sizes):
+    """A row of t's first sizes[-1] elements seen as a tensor of ``sizes`` (stride 0 in the
+    other dims: no memory of their own)."""
+    return t.flatten()[:sizes[-1]].view([1] * (len(sizes) - 1) + [-1]).expand(*sizes)
+
+
+@pytest.mark.parametrize("op", ["gather_rows", "sparse_attn_v", "lowbit_tail", "quantize_rows",
+                                "qk_topn scratch"])
+def test_outputs_past_host_memory_are_refused(op):
+    """On the CPU an output or scratch larger than the inputs (gather_rows: a row for each 4-byte
+    index; any op over inputs expanded with stride 0) that exceeds the free host memory is refused
+    naming it and its bytes: Linux handed the memory out lazily and killed the process writing
+    it."""
+    available = kcache_ops.host_bytes_available()
+    if available is None:
+        pytest.skip("this machine does not report MemAvailable")
+    n = 1 << 20
+    many = 2 * available // (n * D * 4) + 1  # heads (or rows of heads): twice what is free
+    rows = 2 * available // (D // 4 + 4) + 1  # quantize_rows' rows: 2-bit codes and meta
+    keys = 2 ** 31 - 1  # the most seq_lens can say; 8 heads' scores: 64 GiB of scratch
+    if op == "qk_topn scratch" and 8 * keys * 4 <= 2 * available:
+        pytest.skip("the machine has more than half of the largest scratch available")
+    v = torch.randn(1, 1, S, D)  # [1, 1, S, D]
+    zero = torch.zeros(n, dtype=torch.int32)  # [n]
+    scores, lse = torch.randn(S), torch.randn(1)
+    call, what, bytes_ = {
+        "gather_rows": (
+            lambda: kcache_ops.gather_rows(v, spread(zero, 1, many, n)),
+            rf"gather_rows: dst \[1, {many}, {n}, {D}\]", many * n * D * 4),
+        "sparse_attn_v": (
+            lambda: kcache_ops.sparse_attn_v(spread(scores, n, many, 1), spread(zero, n, many, 1),
+                                             spread(v, n, 1, S, D)),
+            rf"sparse_attn_v: out \[{n}, {many}, {D}\]", n * many * D * 4),
+        "lowbit_tail": (
+            lambda: kcache_ops.lowbit_tail(
+                spread(scores, n, many, S), zero + S, spread(lse, n, many),
+                spread(zero, n, many, 1),
+                spread(torch.zeros(D // 4, dtype=torch.uint8), n, 1, S, D // 4),
+                spread(torch.zeros(2, dtype=torch.bfloat16), n, 1, S, 2), 2),
+            rf"lowbit_tail: out \[{n}, {many}, {D}\] float32", n * many * D * 4),
+        "quantize_rows": (
+            lambda: kcache_ops.quantize_rows(spread(v, rows, D), 2),
+            rf"quantize_rows: codes \[rows, {D // 4}\] and meta \[rows, 2\] of {rows} rows",
+            rows * (D // 4 + 4)),
+        "qk_topn scratch": (
+            lambda: kcache_ops.qk_topn(torch.randn(1, 8, D), spread(v, 1, 1, keys, D),
+                                       torch.tensor([keys], dtype=torch.int32), 1),
+            r"qk_topn: its scratch scores \[G, L\] float32", 8 * keys * 4),
+    }[op]
+    reason = r" needs (\d+) bytes of host memory, more than the \d+ bytes the machine reports"
+    with pytest.raises(RuntimeError, match=what + reason) as info:
+        call()
+    assert int(re.search(reason, str(info.value))[1]) == bytes_
+
+
 def test_qk_topn_bad_skips(device, qk):
     with pytest.raises(RuntimeError, match=r"skip_first must be in \[0, 2\^31\), got -1"):
         kcache_ops.qk_topn(*qk, N, skip_first=-1)

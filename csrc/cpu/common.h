@@ -19,6 +19,7 @@
 #include <c10/util/Half.h>
 
 #include "../checks.h"
+#include "../host_memory.h"
 
 namespace kcache_ops::cpu {
 
@@ -145,9 +146,12 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
 }
 
 // buf.resize(n); where the host has not the memory, an error that names the op, the buffer and
-// the bytes asked for (std::bad_alloc says none of them).
+// the bytes asked for (std::bad_alloc says none of them, and Linux hands out a large buffer past
+// MemAvailable lazily: the process is killed writing it).
 template <class Vec>
 void scratch_resize(Vec& buf, size_t n, const char* op, const char* what) {
+  const int64_t bytes = bytes_of({static_cast<int64_t>(n)}, sizeof(typename Vec::value_type));
+  check_host_output(bytes, [&] { return c10::str(op, ": its scratch ", what); });
   try {
     buf.resize(n);
   } catch (const std::bad_alloc&) {

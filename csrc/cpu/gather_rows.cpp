@@ -15,10 +15,13 @@ at::Tensor gather_rows_cpu(const at::Tensor& src,      // [B, Hs, S, D]
   const GatherRowsDims dims = check_gather_rows_args(src, indices);
   KC_CHECK_CPU("gather_rows", src);
   KC_CHECK_CPU("gather_rows", indices);
+  const int64_t elem = static_cast<int64_t>(src.element_size());
+  check_host_output(bytes_of({dims.B, dims.H, dims.N, dims.D}, elem), [&] {
+    return c10::str("gather_rows: dst [", dims.B, ", ", dims.H, ", ", dims.N, ", ", dims.D, "]");
+  });
   check_index_values(indices, dims.S, "src");
   at::Tensor dst = at::empty({dims.B, dims.H, dims.N, dims.D}, src.options());  // [B, H, N, D]
   if (dst.numel() == 0) return dst;  // no row has bytes: memcpy and memset would get a null dst
-  const int64_t elem = static_cast<int64_t>(src.element_size());
   const int64_t row_bytes = dims.D * elem;
   const char* src_p = static_cast<const char*>(src.data_ptr());
   char* dst_p = static_cast<char*>(dst.data_ptr());

@@ -197,6 +197,9 @@ at::Tensor lowbit_tail_cpu(const at::Tensor& scores,    // [B, Hq, S] float32
     KC_CHECK_CPU("lowbit_tail", hot_pos);
     check_index_values(hot_pos, dims.S, "v_codes", "hot_pos", "an empty slot");
   }
+  check_host_output(bytes_of({dims.B, dims.Hq, dims.D}, 4), [&] {
+    return c10::str("lowbit_tail: out [", dims.B, ", ", dims.Hq, ", ", dims.D, "] float32");
+  });
   // [B, Hq, D] float32
   at::Tensor out = at::empty({dims.B, dims.Hq, dims.D}, scores.options());
   const int32_t* lens = seq_lens.data_ptr<int32_t>();

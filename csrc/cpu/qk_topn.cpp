@@ -4,10 +4,7 @@
 // over the threads (split_rows), their rows are scored in chunks of keys in parallel instead.
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
-
-#include <c10/util/safe_numerics.h>
 
 #include "../host_memory.h"
 #include "../shape_checks.h"
@@ -319,13 +316,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
   // that the CUDA op returns; or [0]
   const int64_t row = (dims.S + 3) / 4 * 4;
   // n past S pads with -1: a large n ("keep every key") would be killed writing its padding
-  int64_t out_bytes = 0;  // B·Hq fits (q's numel does); the product saturates
-  if (c10::mul_overflows(dims.B * dims.Hq, n * 8 + (return_scores ? row * 4 : 0), &out_bytes)) {
-    out_bytes = std::numeric_limits<int64_t>::max();
-  }
-  check_host_bytes(c10::str("qk_topn: n = ", n, " (scores and indices [", dims.B, ", ", dims.Hq,
-                            ", n]", return_scores ? ", all_scores [B, Hq, S]" : "", ")"),
-                   out_bytes);
+  check_host_output(bytes_of({dims.B, dims.Hq, n * 8 + (return_scores ? row * 4 : 0)}, 1), [&] {
+    return c10::str("qk_topn: n = ", n, " (scores and indices [", dims.B, ", ", dims.Hq, ", n]",
+                    return_scores ? ", all_scores [B, Hq, S]" : "", ")");
+  });
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor scores = at::empty({dims.B, dims.Hq, n}, f32);                   // [B, Hq, n]
   at::Tensor indices = at::empty({dims.B, dims.Hq, n}, f32.dtype(at::kInt));  // [B, Hq, n]

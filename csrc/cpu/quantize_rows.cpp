@@ -67,6 +67,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_cpu(const at::Tensor& v,  // [.
   std::vector<int64_t> codes_shape = v.sizes().vec(), meta_shape = v.sizes().vec();
   codes_shape.back() = dims.code_bytes;
   meta_shape.back() = 2;
+  check_host_output(bytes_of({dims.rows, dims.code_bytes + 4}, 1), [&] {
+    return c10::str("quantize_rows: codes [rows, ", dims.code_bytes, "] and meta [rows, 2] of ",
+                    dims.rows, " rows");
+  });
   at::Tensor codes = at::empty(codes_shape, v.options().dtype(at::kByte));     // [..., D*bits/8]
   at::Tensor meta = at::empty(meta_shape, v.options().dtype(at::kBFloat16));  // [..., 2]
   const int64_t lead = v.dim() - 1;  // leading dims, any strides
