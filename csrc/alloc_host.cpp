@@ -59,7 +59,7 @@ at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
     overflow = c10::mul_overflows(bytes, s, &bytes) || overflow;
     empty = empty || s == 0;
   }
-  TORCH_CHECK(empty || !overflow, "alloc_host: shape ", shape, " of ", dtype, " needs more than ",
+  TORCH_CHECK(empty || !overflow, "alloc_host: shape ", shape, " of ", dtype_name(dtype), " needs more than ",
               std::numeric_limits<int64_t>::max(), " bytes (its size overflows int64)");
   // An empty tensor holds no bytes, but torch still multiplies its sizes in order (unsigned: a
   // product past 2^64 before the 0 is refused) and its contiguous strides, the sizes after the
@@ -86,7 +86,7 @@ at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
     return at::empty(shape, at::TensorOptions().dtype(dtype).device(at::kCPU));
   } catch (const c10::Error&) {
     TORCH_CHECK(false, "alloc_host: could not allocate ", bytes, " bytes of host memory for shape ",
-                shape, " ", dtype, "; ", host_bytes_available_text());
+                shape, " ", dtype_name(dtype), "; ", host_bytes_available_text());
   }
 }
 

@@ -29,12 +29,22 @@ inline const char* dtype_name(at::ScalarType dtype) {
 
 }  // namespace kcache_ops
 
-#define KC_CHECK_DIM(x, d) \
-  TORCH_CHECK((x).dim() == (d), #x " must have ", (d), " dims, got shape ", (x).sizes())
+// An op's schema takes Python's None for a required tensor as an undefined one (its dim 1, its
+// sizes [0], its dtype UNKNOWN_SCALAR): the two checks below say what came first.
+#define KC_CHECK_DEFINED(x) TORCH_CHECK((x).defined(), #x " must be a tensor, got None")
 
-#define KC_CHECK_DTYPE(x, dt)                                                                    \
-  TORCH_CHECK((x).scalar_type() == (dt), #x " must be ", ::kcache_ops::dtype_name(dt), ", got ", \
-              ::kcache_ops::dtype_name((x).scalar_type()))
+#define KC_CHECK_DIM(x, d)                                                                 \
+  do {                                                                                     \
+    KC_CHECK_DEFINED(x);                                                                   \
+    TORCH_CHECK((x).dim() == (d), #x " must have ", (d), " dims, got shape ", (x).sizes()); \
+  } while (false)
+
+#define KC_CHECK_DTYPE(x, dt)                                                                \
+  do {                                                                                       \
+    KC_CHECK_DEFINED(x);                                                                     \
+    TORCH_CHECK((x).scalar_type() == (dt), #x " must be ", ::kcache_ops::dtype_name(dt),    \
+                ", got ", ::kcache_ops::dtype_name((x).scalar_type()));                      \
+  } while (false)
 
 #define KC_CHECK_SAME_DTYPE(x, y)                                                           \
   TORCH_CHECK((x).scalar_type() == (y).scalar_type(), #x " and " #y " must have the same " \

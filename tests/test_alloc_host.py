@@ -47,8 +47,9 @@ def test_negative_size():
 
 
 def test_size_overflowing_int64_says_so():
-    with pytest.raises(RuntimeError, match=r"needs more than 9223372036854775807 bytes"):
-        kcache_ops.alloc_host((1 << 62, 4), torch.float32)
+    with pytest.raises(RuntimeError, match=r"alloc_host: shape \[4611686018427387904, 4\] of "
+                                           r"float64 needs more than 9223372036854775807 bytes"):
+        kcache_ops.alloc_host((1 << 62, 4), torch.float64)
     assert kcache_ops.alloc_host((1 << 62, 0), torch.float32).shape == (1 << 62, 0)
 
 

@@ -575,6 +575,28 @@ def test_tensor_arguments_that_are_not_tensors(qk, attn, low_tail, bad, got):
                 getattr(kcache_ops, op)(*change(args, i, bad))
 
 
+def test_none_for_a_tensor_through_torch_ops(qk, attn, low_tail):
+    """Called through torch.ops, past the wrappers, None for a required tensor (the schema's
+    undefined tensor) is refused by name by the op itself: its checks said "seq_lens must be
+    int32, got UNKNOWN_SCALAR" or "q must have 3 dims, got shape [0]". (quantize_rows, whose
+    only tensor it is, finds no kernel: torch's dispatcher answers.)"""
+    scores, indices, v, lse = attn
+    dev = indices.device
+    pool = (torch.zeros(B, HKV, G * N, D, device=dev),  # rows, held, used
+            *torch.full((2, B, HKV, G * N), -1, dtype=torch.int32, device=dev))
+    step = torch.zeros(1, dtype=torch.int32, device=dev)
+    calls = {"qk_topn": ((*qk, N, 0.125), "q k_cache seq_lens"),
+             "sparse_attn_v": (attn[:3], "scores indices v_cache"),
+             "gather_rows": ((v, indices), "src indices"),
+             "reuse_rows": ((indices, v, step.expand(B).contiguous(), *pool, step, False),
+                            "indices v_host new_pos rows held used step"),
+             "lowbit_tail": ((*low_tail[:6], 2), "scores seq_lens lse indices v_codes v_meta")}
+    for op, (args, names) in calls.items():
+        for i, name in enumerate(names.split()):
+            with pytest.raises(RuntimeError, match=rf"^{name} must be a tensor, got None"):
+                getattr(torch.ops.kcache_ops, op)(*change(args, i, None))
+
+
 def test_alloc_host_dtype_not_a_dtype():
     for dtype in (None, "float32", float):
         with pytest.raises(TypeError, match=f"alloc_host: dtype must be a torch.dtype, got "

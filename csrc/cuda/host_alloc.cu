@@ -7,6 +7,7 @@
 #include <c10/core/CPUAllocator.h>
 #include <ATen/ATen.h>
 
+#include "../checks.h"
 #include "../host_memory.h"
 #include "utils.cuh"
 
@@ -35,7 +36,7 @@ at::Tensor alloc_pinned_mapped(at::IntArrayRef shape, at::ScalarType dtype, int6
   if (err != cudaSuccess) {
     cudaGetLastError();  // clear the error so later calls are not blamed for it
     TORCH_CHECK(false, "alloc_host: could not allocate ", bytes, " bytes of pinned host memory ",
-                "for shape ", shape, " ", dtype, " (cudaHostAlloc: ", cudaGetErrorString(err),
+                "for shape ", shape, " ", dtype_name(dtype), " (cudaHostAlloc: ", cudaGetErrorString(err),
                 "); ", host_bytes_available_text());
   }
   auto deleter = [](void* p) { cudaFreeHost(p); };
