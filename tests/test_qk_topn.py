@@ -377,6 +377,32 @@ def test_flushed_denormals_on_every_thread():
     assert torch.equal(picked[0], first) and torch.equal(picked[1], first)
 
 
+@pytest.mark.parametrize("case", ["subnormal keys", "subnormal query", "overflow"])
+def test_bfloat16_at_the_ends_of_the_range_as_reference(device, case):
+    """bfloat16 values at the ends of the range score as in the float32 reference on every
+    instruction set: AVX-512's vdpbf16ps reads a subnormal bfloat16 as 0 and adds its products
+    without overflow, so 64 subnormal key values times a query of 2e38 scored 0 instead of 16
+    (the other key was picked), a subnormal query value times keys of 1e38 scored 0, and a
+    score of 1e40 - 1e40 came out 0 where the reference has NaN."""
+    q = torch.zeros(1, 1, 64)  # [B, Hq, D]
+    k = torch.zeros(1, 1, 2, 64)  # [B, Hkv, S, D]
+    if case == "subnormal keys":
+        q[:] = 2e38
+        k[0, 0, 0, :], k[0, 0, 1, 0] = 1e-38, 2e-38  # scores 16 (subnormals) and 0.5
+    elif case == "subnormal query":
+        q[0, 0, 0] = 1e-39
+        k[0, 0, 0, 0], k[0, 0, 1, 0] = 1e38, 3e38  # scores 0.0125 and 0.0375
+    else:
+        q[0, 0, :2] = 1e20
+        k[0, 0, 0, :2] = torch.tensor([1e20, -1e20])  # products past float32: inf - inf
+        k[0, 0, 1, 0] = 1.0
+    q, k = q.bfloat16().to(device), k.bfloat16().to(device)
+    lens = seq_lens_tensor([2], device)
+    got, want = kcache_ops.qk_topn(q, k, lens, 2), R.qk_topn(q, k, lens, 2)
+    for name, g, w in zip(("scores", "indices", "lse"), got, want):
+        torch.testing.assert_close(g.cpu(), w.cpu(), equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_overflowing_scores_as_reference(device, group_select):
     """Finite q and K whose dot products overflow float32: lse as torch.logsumexp gives it, -inf

@@ -47,11 +47,13 @@ inline IsaLevel isa_level() {
 #endif
 }
 
-// Calls body() with `Isa` bound to Avx512Isa, Avx2Isa or GenericIsa.
+// Calls body() with `Isa` bound to Avx512Isa, Avx2Isa or GenericIsa: the level isa_level() picks
+// (KC_ISA_SWITCH), or that level capped at `cap` (KC_ISA_SWITCH_UPTO).
+#define KC_ISA_SWITCH(...) KC_ISA_SWITCH_UPTO(IsaLevel::kAvx512, __VA_ARGS__)
 #if defined(__x86_64__)
-#define KC_ISA_SWITCH(...)                       \
+#define KC_ISA_SWITCH_UPTO(cap, ...)             \
   [&] {                                          \
-    switch (isa_level()) {                       \
+    switch (std::min(isa_level(), (cap))) {      \
       case IsaLevel::kAvx512: {                  \
         using Isa = Avx512Isa;                   \
         return __VA_ARGS__();                    \
@@ -67,10 +69,10 @@ inline IsaLevel isa_level() {
     }                                            \
   }()
 #else
-#define KC_ISA_SWITCH(...)  \
-  [&] {                     \
-    using Isa = GenericIsa; \
-    return __VA_ARGS__();   \
+#define KC_ISA_SWITCH_UPTO(cap, ...) \
+  [&] {                              \
+    using Isa = GenericIsa;          \
+    return __VA_ARGS__();            \
   }()
 #endif
 
@@ -103,12 +105,13 @@ constexpr size_t kScratchKeepBytes = size_t{16} << 20;
 
 // Calls body.template operator()<Isa, scalar_t, kD>() with scalar_t bound to `dtype` (float, Half
 // or BFloat16) and kD to `head_dim` (64 or 128), both checked by the op's argument checks
-// (shape_checks.h), and Isa as KC_ISA_SWITCH picks it.
+// (shape_checks.h), and Isa as KC_ISA_SWITCH picks it, at most `cap`.
 template <class Body>
-void dispatch_isa(at::ScalarType dtype, int64_t head_dim, const Body& body) {
+void dispatch_isa(at::ScalarType dtype, int64_t head_dim, const Body& body,
+                  IsaLevel cap = IsaLevel::kAvx512) {
   KC_DISPATCH_FLOAT_HALF_BF16(dtype, "dispatch_isa", [&] {
     KC_HEAD_DIM_SWITCH(head_dim, [&] {
-      KC_ISA_SWITCH([&] { body.template operator()<Isa, scalar_t, kD>(); });
+      KC_ISA_SWITCH_UPTO(cap, [&] { body.template operator()<Isa, scalar_t, kD>(); });
     });
   });
 }

@@ -2,9 +2,9 @@
 // for bfloat16 K the vdpbf16ps dot product (bf16 pairs, float32 accumulation: bf16 products are
 // exact in float32) with no conversion of K. Everything else comes from Avx2Isa. Compiled per
 // function (target attributes); KC_ISA_SWITCH (isa.h) picks it only where the CPU has the features.
-// vdpbf16ps takes subnormal inputs and results as zero whatever MXCSR says: a bfloat16 dot
-// product below 2^-126 in magnitude can come out 0 here where the AVX2 and generic loops keep it,
-// which can change the order of such scores among themselves (not their weights, exp(s - lse)).
+// vdpbf16ps takes subnormal inputs and results as zero whatever MXCSR says: qk_topn runs this
+// loop on bfloat16 only for queries whose scores that cannot move by 2^-60 (bf16_query_isa,
+// qk_topn.cpp), else the AVX2 one.
 #pragma once
 
 #include <type_traits>

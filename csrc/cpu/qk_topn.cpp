@@ -4,6 +4,7 @@
 // over the threads (split_rows), their rows are scored in chunks of keys in parallel instead.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../host_memory.h"
@@ -299,6 +300,29 @@ void select_split(const std::vector<Group<scalar_t>>& groups, const Options& o) 
   if (sp.bytes() > kScratchKeepBytes * at::get_num_threads()) sp = SplitScratch{};
 }
 
+// The instruction set that scores bfloat16 queries q [B, Hq, D] as float32 would. The AVX-512
+// loop's vdpbf16ps reads a subnormal bfloat16 input (below 2^-126) and a subnormal partial sum as
+// zero whatever MXCSR says. A key's subnormal values then drop products below |q| * 2^-126 each,
+// the partial sums less than 2^-126 each: in all under 2^-60 a score while |scale| * D * max(|q|,
+// 1) < 2^66, nothing a weight exp(s - lse), or an order of scores further apart, could show. A
+// subnormal query value's products with K are not bounded so (K is not read here), nor is a q
+// large enough to overflow: those calls take the AVX2 loop (float32 FMAs), as does a larger scale.
+IsaLevel bf16_query_isa(const at::Tensor& q, double scale) {
+  if (isa_level() != IsaLevel::kAvx512) return isa_level();
+  const float bound = std::ldexp(1.f, 66) / (std::abs(static_cast<float>(scale)) * q.size(2));
+  bool exact = 1.f < bound;
+  for (int64_t b = 0; b < q.size(0); ++b) {
+    for (int64_t h = 0; h < q.size(1); ++h) {
+      const c10::BFloat16* row = q.data_ptr<c10::BFloat16>() + b * q.stride(0) + h * q.stride(1);
+      for (int64_t d = 0; d < q.size(2); ++d) {
+        const float x = std::abs(static_cast<float>(row[d]));
+        exact &= x < bound && (x == 0.f || x >= std::numeric_limits<float>::min());
+      }
+    }
+  }
+  return exact ? IsaLevel::kAvx512 : IsaLevel::kAvx2;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
     const at::Tensor& q,         // [B, Hq, D]
     const at::Tensor& k_cache,   // [B, Hkv, S, D]
@@ -331,6 +355,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
   const Options o{dims.G, n, skip_first, skip_last, static_cast<float>(scale),
                   static_cast<float>(top_p), group_select};
   const int64_t groups = dims.B * dims.Hkv;
+  const IsaLevel isa =
+      q.scalar_type() == at::kBFloat16 ? bf16_query_isa(q, scale) : IsaLevel::kAvx512;
   dispatch_isa(q.scalar_type(), dims.D, [&]<class Isa, typename scalar_t, int64_t kD>() {
     const auto group = [&](int64_t bg) {  // group bg = b * Hkv + kvh
       const int64_t b = bg / dims.Hkv, kvh = bg % dims.Hkv;
@@ -353,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
     parallel_tasks<Buffers>(groups, [&](int64_t bg, Buffers& tmp) {
       select_group<Isa, scalar_t, kD>(group(bg), o, tmp);
     });
-  });
+  }, isa);
   return {scores, indices, lse, all};
 }
 
