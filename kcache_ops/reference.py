@@ -64,7 +64,12 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, skip_first=
     count = ranked.sum(-1)  # [B, 1]: ranked keys per sequence
     if group_select:
         p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # [B, Hq, S]; L_b = 0 gives 0
-        c = p.view(B, Hkv, G, S).sum(dim=2)  # [B, Hkv, S]
+        # the heads added one after another: the same adds at every key, so equal keys tie (a
+        # sum over dim 2 rounds keys differently as its vector lanes fall, 1 ulp apart)
+        heads = p.view(B, Hkv, G, S).unbind(2)  # G x [B, Hkv, S]
+        c = heads[0]
+        for head in heads[1:]:
+            c = c + head  # [B, Hkv, S]
         idx = _top(c, ranked, n).repeat_interleave(G, dim=1)  # [B, Hq, min(n, S)]
     else:
         idx = _top(s, ranked, n)  # [B, Hq, min(n, S)]

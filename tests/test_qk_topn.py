@@ -270,6 +270,20 @@ def test_the_reference_ties_equal_keys_to_the_lower_index():
         assert (s == s[..., :1]).all(), S
         idx = R.qk_topn(q, k, lens, 4)[1]
         assert idx.tolist() == [[[0, 1, 2, 3]]], S
+
+
+def test_the_reference_group_mass_ties_equal_keys_to_the_lower_index():
+    """In group mode equal keys carry equal masses in the reference whatever the heads' queries,
+    so its ties go to the lower index as the op's do (a sum over the heads' dim rounded keys in
+    different vector lanes differently: the reference took [32, 33, 34, 35] of 63 equal keys)."""
+    torch.manual_seed(0)
+    for S in (63, 300):
+        q = torch.randn(1, 8, 64)  # [B, Hq, D]: one group of 8 heads
+        k = torch.randn(1, 1, 1, 64).expand(1, 1, S, 64).contiguous()  # [B, Hkv, S, D]: equal
+        lens = seq_lens_tensor([S], "cpu")
+        idx = R.qk_topn(q, k, lens, 4, None, True)[1]
+        assert idx.tolist() == [[[0, 1, 2, 3]] * 8], S
+        assert torch.equal(kcache_ops.qk_topn(q, k, lens, 4, None, True)[1], idx), S
         assert torch.equal(kcache_ops.qk_topn(q, k, lens, 4)[1], idx)
 
 
