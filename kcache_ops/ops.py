@@ -376,15 +376,19 @@ _KINDS = {as_int: "an integer (an int, a NumPy integer or a 0-d integer tensor)"
 
 def check_tensors(owner, **tensors):
     """TypeError naming the first of the required ``tensors`` (name -> value) of ``owner`` (an
-    op's wrapper, a cache) that is not a tensor: an op's schema would take None as an undefined
-    tensor (a shape check then says "got shape [0]", or no kernel is found where no argument is a
-    tensor), and a cache would fail on a missing attribute."""
+    op's wrapper, a cache) that is not a tensor, or not a dense one: an op's schema would take
+    None as an undefined tensor (a shape check then says "got shape [0]", or no kernel is found
+    where no argument is a tensor), a cache would fail on a missing attribute, and torch's
+    dispatcher finds no kernel for a sparse or nested tensor, naming no argument."""
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             kind = type(t).__qualname__ if type(t).__module__ == "builtins" else \
                 f"{type(t).__module__}.{type(t).__qualname__}"
             got = "None" if t is None else f"an object of type {kind}"
             raise TypeError(f"{owner}: {name} must be a tensor, got {got}")
+        if t.layout != torch.strided or t.is_nested:  # torch's error names no argument
+            raise TypeError(f"{owner}: {name} must be a dense (strided) tensor, got layout "
+                            f"{t.layout}{' (nested)' if t.is_nested else ''}")
 
 
 # What torch.compile passes for a Python scalar argument: the value, or a symbol for it.

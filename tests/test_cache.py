@@ -837,7 +837,7 @@ def test_decode_without_a_prompt_is_exact(options):
 @pytest.mark.parametrize("backend", ["kcache", "dense"])
 def test_prompt_batch_must_match_the_cache(backend):
     """A prompt of batch 1 for a cache of 3 sequences is refused (torch would broadcast it into
-    every sequence), and so are lens of another shape or dtype."""
+    every sequence), and so are lens of another shape or dtype, or on the meta device."""
     cache = make_cache(backend, tiny_config(), 3, 32, "cpu", torch.float32)
     k = torch.randn(1, HKV, 5, D)  # [1, Hkv, T, D]
     with pytest.raises(ValueError, match=rf"k must have shape \[3, {HKV}, 5, {D}\], got "
@@ -850,6 +850,8 @@ def test_prompt_batch_must_match_the_cache(backend):
         cache.finish_prefill(torch.tensor([5], dtype=torch.int32))
     with pytest.raises(ValueError, match="lens must be an integer tensor, got torch.float32"):
         cache.finish_prefill(torch.tensor([5.0, 2.5, 3.0]))
+    with pytest.raises(ValueError, match="lens must hold values, got a tensor on the meta device"):
+        cache.finish_prefill(torch.full((3,), 5, dtype=torch.int32, device="meta"))
 
 
 @pytest.mark.parametrize("backend", ["kcache", "dense"])

@@ -6,6 +6,7 @@ from dataclasses import replace
 import pathlib
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -238,6 +239,26 @@ def test_device_bytes_read_per_step_with_reuse_count_the_pooled_rows():
                                 group_select=group_select)
         cache = make_cache("kcache", CONFIG, 2, 16, "cpu", torch.bfloat16, options)
         assert cache.device_bytes_read_per_step(10) == 3 * 2 * (2 * 10 + heads * 4) * 128
+
+
+def test_byte_counts_refuse_counts_out_of_range():
+    """The byte counts' arguments are counts: a negative or fractional number of tokens, more
+    than the capacity, or rows outside [0, N] are refused by name (-3 rows gave -10240 bytes,
+    'a' a TypeError from inside); a measured mean of rows may be fractional."""
+    dense = make_cache("dense", CONFIG, 2, 8, "cpu", torch.float32)
+    kc = make_cache("kcache", CONFIG, 2, 8, "cpu", torch.bfloat16, KCacheOptions(topn=4))
+    for cache, owner in ((dense, "DenseCache"), (kc, "KCache")):
+        for tokens in (-5, 9, 2.5, "a", None):
+            with pytest.raises(ValueError, match=rf"{owner}: tokens must be an integer in "
+                                                 rf"\[0, 8\], got {re.escape(repr(tokens))}"):
+                cache.device_bytes_read_per_step(tokens)
+        assert cache.device_bytes_read_per_step(np.int64(8)) == cache.device_bytes_read_per_step(8)
+    for rows in (-3, 5, "a", True):
+        with pytest.raises(ValueError, match=r"KCache: rows must be a number in \[0, 4\] \(rows "
+                                             r"read per head and step\), got "
+                                             + re.escape(repr(rows))):
+            kc.host_bytes_read_per_step(rows)
+    assert kc.host_bytes_read_per_step(2.5) == 3 * 2 * (4 * 2.5 + 2) * 64 * 2
 
 
 def parse(argv):

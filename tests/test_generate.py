@@ -415,6 +415,8 @@ def test_token_ids_outside_the_vocabulary(loaded):
     (["bench", "--small", "--budget", "1e300"], r"\(0.0, 1000000000.0\], got '1e300'"),
     (["bench", "--small", "--reserve", "1e300"], r"\[0.0, 1000000000.0\], got '1e300'"),
     (["bench", "--small", "--contexts", "0"], "expected comma-separated integers >= 1"),
+    (["bench", "--small", "--dense-layers", "1,,2"], "expected comma-separated integers, got "
+                                                     "'1,,2'"),
     (["eval", "--needle-lengths", "200,200"], "integers >= 1, each once, got '200,200'"),
     (["eval", "--threads", str(2 ** 31)], r"expected an integer in \[1, 1024\]"),
     (["eval", "--quick", "--prefill", "0"], "expected an integer >= 1"),

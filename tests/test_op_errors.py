@@ -549,49 +549,60 @@ def test_integers_past_int64(qk, low_tail, op, name, bad):
         getattr(kcache_ops, op)(*args[0], **{**args[1], name_key: value})
 
 
-@pytest.mark.parametrize("bad, got", [
-    (None, "None"), ([[0.0] * D], "an object of type list"),
-    (np.zeros((B, HKV * G, D), np.float32), "an object of type numpy.ndarray"),
-])
-def test_tensor_arguments_that_are_not_tensors(qk, attn, low_tail, bad, got):
-    """Each required tensor argument of each op, given None, a list or an array, is refused by
-    name (the schema took None as an undefined tensor, "q must have 3 dims, got shape [0]", and
-    quantize_rows(None) found no kernel; qk_topn's default scale read q.dim())."""
+@pytest.fixture
+def tensor_args(qk, attn, low_tail):
+    """op -> (valid arguments, the names of its required tensor arguments, in order)."""
     scores, indices, v, lse = attn
     dev = indices.device
     pool = (torch.zeros(B, HKV, G * N, D, device=dev),  # rows, held, used
             *torch.full((2, B, HKV, G * N), -1, dtype=torch.int32, device=dev))
     step = torch.zeros(1, dtype=torch.int32, device=dev)
-    calls = {"qk_topn": ((*qk, N), "q k_cache seq_lens"),
-             "sparse_attn_v": (attn[:3], "scores indices v_cache"),
-             "gather_rows": ((v, indices), "src indices"),
-             "reuse_rows": ((indices, v, step.expand(B).contiguous(), *pool, step, False),
-                            "indices v_host new_pos rows held used step"),
-             "lowbit_tail": ((*low_tail[:6], 2), "scores seq_lens lse indices v_codes v_meta"),
-             "quantize_rows": ((scores, 2), "v")}
-    for op, (args, names) in calls.items():
+    return {"qk_topn": ((*qk, N), "q k_cache seq_lens"),
+            "sparse_attn_v": (attn[:3], "scores indices v_cache"),
+            "gather_rows": ((v, indices), "src indices"),
+            "reuse_rows": ((indices, v, step.expand(B).contiguous(), *pool, step, False),
+                           "indices v_host new_pos rows held used step"),
+            "lowbit_tail": ((*low_tail[:6], 2), "scores seq_lens lse indices v_codes v_meta"),
+            "quantize_rows": ((scores, 2), "v")}
+
+
+@pytest.mark.parametrize("bad, got", [
+    (None, "None"), ([[0.0] * D], "an object of type list"),
+    (np.zeros((B, HKV * G, D), np.float32), "an object of type numpy.ndarray"),
+])
+def test_tensor_arguments_that_are_not_tensors(tensor_args, bad, got):
+    """Each required tensor argument of each op, given None, a list or an array, is refused by
+    name (the schema took None as an undefined tensor, "q must have 3 dims, got shape [0]", and
+    quantize_rows(None) found no kernel; qk_topn's default scale read q.dim())."""
+    for op, (args, names) in tensor_args.items():
         for i, name in enumerate(names.split()):
             with pytest.raises(TypeError, match=rf"{op}: {name} must be a tensor, got {got}$"):
                 getattr(kcache_ops, op)(*change(args, i, bad))
 
 
-def test_none_for_a_tensor_through_torch_ops(qk, attn, low_tail):
+def test_tensor_arguments_that_are_not_dense(tensor_args):
+    """A sparse or nested tensor for a required tensor argument is refused by name (torch's
+    dispatcher said it found no kernel for the 'SparseCPU' backend, naming no argument)."""
+    for op, (args, names) in tensor_args.items():
+        for i, name in enumerate(names.split()):
+            for bad, layout in ((args[i].cpu().to_sparse(), r"torch.sparse_coo"),
+                                (torch.nested.nested_tensor([args[i].cpu()],
+                                                            layout=torch.jagged),
+                                 r"torch.jagged \(nested\)")):
+                with pytest.raises(TypeError, match=rf"{op}: {name} must be a dense \(strided\) "
+                                                    rf"tensor, got layout {layout}$"):
+                    getattr(kcache_ops, op)(*change(args, i, bad))
+
+
+def test_none_for_a_tensor_through_torch_ops(tensor_args):
     """Called through torch.ops, past the wrappers, None for a required tensor (the schema's
     undefined tensor) is refused by name by the op itself: its checks said "seq_lens must be
     int32, got UNKNOWN_SCALAR" or "q must have 3 dims, got shape [0]". (quantize_rows, whose
     only tensor it is, finds no kernel: torch's dispatcher answers.)"""
-    scores, indices, v, lse = attn
-    dev = indices.device
-    pool = (torch.zeros(B, HKV, G * N, D, device=dev),  # rows, held, used
-            *torch.full((2, B, HKV, G * N), -1, dtype=torch.int32, device=dev))
-    step = torch.zeros(1, dtype=torch.int32, device=dev)
-    calls = {"qk_topn": ((*qk, N, 0.125), "q k_cache seq_lens"),
-             "sparse_attn_v": (attn[:3], "scores indices v_cache"),
-             "gather_rows": ((v, indices), "src indices"),
-             "reuse_rows": ((indices, v, step.expand(B).contiguous(), *pool, step, False),
-                            "indices v_host new_pos rows held used step"),
-             "lowbit_tail": ((*low_tail[:6], 2), "scores seq_lens lse indices v_codes v_meta")}
-    for op, (args, names) in calls.items():
+    for op, (args, names) in tensor_args.items():
+        if op == "quantize_rows":
+            continue
+        args = (*args, 0.125) if op == "qk_topn" else args  # the schema's scale has no default
         for i, name in enumerate(names.split()):
             with pytest.raises(RuntimeError, match=rf"^{name} must be a tensor, got None"):
                 getattr(torch.ops.kcache_ops, op)(*change(args, i, None))

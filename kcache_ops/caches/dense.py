@@ -3,7 +3,7 @@ decode step (:func:`append_and_attend`) also serves KCache's dense layers."""
 import torch
 import torch.nn.functional as F
 
-from .lengths import SeqLengths, check_layer_inputs, check_sizes
+from .lengths import SeqLengths, check_count, check_layer_inputs, check_sizes
 from .memory import check_memory
 
 
@@ -155,5 +155,6 @@ class DenseCache:
         """Bytes a decode step reads from the cache while every sequence holds ``tokens`` keys:
         K and V of those positions, every layer and sequence (each row once per KV head, as
         :func:`exact_decode_attention` reads them), not the capacity allocated."""
+        tokens = check_count("DenseCache", "tokens", tokens, self.capacity)
         batch, heads, _, dim = self.k[0].shape
         return 2 * len(self.k) * batch * heads * tokens * dim * self.k[0].element_size()

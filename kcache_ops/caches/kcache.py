@@ -25,10 +25,11 @@ from types import SimpleNamespace
 
 import torch
 
+from ..integers import as_real
 from ..ops import alloc_host, qk_topn
 from .dense import append_and_attend, prompt_attention, store_prompt_rows
 from .hot import HotRows, HotSlots
-from .lengths import SeqLengths, check_layer_inputs, check_sizes
+from .lengths import SeqLengths, check_count, check_layer_inputs, check_sizes
 from .memory import check_memory
 from .options import MAX_GROUP_SELECT, MAX_REUSE, KCacheOptions
 from .reuse import PooledReads, Reads, ReusedRows, pool_slots, step_entries
@@ -419,6 +420,12 @@ class KCache:
         measured :meth:`rows_read` for the rows selected (with ``reuse``,
         :meth:`reuse_host_bytes_per_step` measures what the steps read)."""
         c, o = self.config, self.options
+        if rows is not None:  # a measured mean: fractional, or NaN before a recorded step
+            measured = as_real(rows)
+            if measured is None or measured < 0 or measured > self._topn:
+                raise ValueError(f"KCache: rows must be a number in [0, {self._topn}] (rows read "
+                                 f"per head and step), got {rows!r}")
+            rows = measured
         heads = c.num_kv_heads if o.group_select else c.num_heads
         rows = heads * (self._topn if rows is None else rows) + c.num_kv_heads  # read + appended
         batch = self.lengths.seq_lens.shape[0]
@@ -435,6 +442,7 @@ class KCache:
         temporaries, nor the new token's rows written; the capacity allocated beyond ``tokens``
         is not read."""
         c = self.config
+        tokens = check_count("KCache", "tokens", tokens, self.capacity)
         batch = self.lengths.seq_lens.shape[0]
         row = c.head_dim * self.k[0].element_size()  # one K or V row of one head
         rows = tokens * (len(self.k) + len(self.v_device))  # K, dense V, per (sequence, KV head)

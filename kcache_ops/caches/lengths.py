@@ -21,6 +21,16 @@ def check_sizes(owner, batch, capacity):
     return sizes
 
 
+def check_count(owner, name, value, most=None):
+    """``value`` (a count of ``owner``'s method, a number of ``name``) as an int of any integer
+    type in [0, most] (no bound where ``most`` is None), else ValueError."""
+    n = int_at_least(value, 0)
+    if n is None or (most is not None and n > most):
+        bounds = "an integer >= 0" if most is None else f"an integer in [0, {most}]"
+        raise ValueError(f"{owner}: {name} must be {bounds}, got {value!r}")
+    return n
+
+
 def capturing(t):
     """Whether the current stream of tensor ``t``'s device is capturing a CUDA graph (never on
     the CPU)."""
@@ -140,6 +150,9 @@ class SeqLengths:
     def _check_lens_tensor(self, lens):
         """lens: an integer tensor of shape [B]."""
         check_tensors(self.owner, lens=lens)
+        if lens.is_meta:  # its values are read (finish_prefill) or copied
+            raise ValueError(f"{self.owner}: lens must hold values, got a tensor on the meta "
+                             "device")
         if lens.dtype.is_floating_point or lens.dtype.is_complex or lens.dtype == torch.bool:
             raise ValueError(f"{self.owner}: lens must be an integer tensor, got {lens.dtype}")
         if lens.shape != self.seq_lens.shape:

@@ -11,9 +11,11 @@ from ..devices import DTYPES, cuda_count
 
 
 def int_list(text):
-    """'0,1' -> (0, 1)."""
+    """'0,1' -> (0, 1); '' -> () (none); an empty item ('1,,2', '1,') is an error (a typo)."""
+    if not text.strip():
+        return ()
     try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
+        return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
