@@ -59,8 +59,9 @@ at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
     overflow = c10::mul_overflows(bytes, s, &bytes) || overflow;
     empty = empty || s == 0;
   }
-  TORCH_CHECK(empty || !overflow, "alloc_host: shape ", shape, " of ", dtype_name(dtype), " needs more than ",
-              std::numeric_limits<int64_t>::max(), " bytes (its size overflows int64)");
+  TORCH_CHECK(empty || !overflow, "alloc_host: shape ", shape, " of ", dtype_name(dtype),
+              " needs more than ", std::numeric_limits<int64_t>::max(),
+              " bytes (its size overflows int64)");
   // An empty tensor holds no bytes, but torch still multiplies its sizes in order (unsigned: a
   // product past 2^64 before the 0 is refused) and its contiguous strides, the sizes after the
   // first with a 0 counting 1.

@@ -22,20 +22,33 @@ inline void check_seq_lens_values(const at::Tensor& seq_lens, int64_t S,
   }
 }
 
-// Positions, int32 of any shape, on the host (indices [B, H, N]; lowbit_tail's hot_pos [B, H]):
-// every -1 (what `minus_one` says it means) <= value < S, S the capacity of the tensor named
-// src_name; the first one outside is named by its index in the error.
+// Positions, int32 of at least 1 dim, on the host (indices [B, H, N]; lowbit_tail's hot_pos
+// [B, H]), read in place by their strides (a contiguous copy of expanded indices could be larger
+// than the host has): every -1 (what `minus_one` says it means) <= value < S, S the capacity of
+// the tensor named src_name; the first one outside is named by its index in the error.
 inline void check_index_values(const at::Tensor& indices, int64_t S, const char* src_name,
                                const char* name = "indices", const char* minus_one = "padding") {
-  const at::Tensor flat = indices.contiguous();
-  const int32_t* p = flat.data_ptr<int32_t>();
-  for (int64_t k = 0; k < flat.numel(); ++k) {
-    if (p[k] >= -1 && p[k] < S) continue;
-    std::vector<int64_t> where(flat.dim());  // k's index in each dim
-    for (int64_t d = flat.dim() - 1, rest = k; d >= 0; rest /= flat.size(d), --d)
-      where[d] = rest % flat.size(d);
-    TORCH_CHECK(false, name, c10::IntArrayRef(where), " must be -1 (", minus_one, ") or in [0, ",
-                S, ") (", src_name, " capacity), got ", p[k]);
+  if (indices.numel() == 0) return;
+  const int32_t* p = indices.data_ptr<int32_t>();
+  const int64_t last = indices.dim() - 1, n = indices.size(last), step = indices.stride(last);
+  std::vector<int64_t> where(indices.dim(), 0);  // the row's index in each dim before the last
+  int64_t row = 0;                                // where the row starts, in elements
+  for (int64_t r = 0, rows = indices.numel() / n; r < rows; ++r) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t value = p[row + i * step];
+      if (value >= -1 && value < S) continue;
+      where[last] = i;
+      TORCH_CHECK(false, name, c10::IntArrayRef(where), " must be -1 (", minus_one,
+                  ") or in [0, ", S, ") (", src_name, " capacity), got ", value);
+    }
+    for (int64_t d = last - 1; d >= 0; --d) {  // on to the next row, the later dims first
+      if (++where[d] < indices.size(d)) {
+        row += indices.stride(d);
+        break;
+      }
+      row -= (indices.size(d) - 1) * indices.stride(d);
+      where[d] = 0;
+    }
   }
 }
 

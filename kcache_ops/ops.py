@@ -19,8 +19,9 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_value
     ----------
     q : Tensor [B, Hq, D]
         Query of the decode step (float32, float16 or bfloat16; D in {64, 128}). A score past
-        float32's range overflows as in the reference (to inf, or to NaN where products of both
-        signs do, making the row's ``lse`` NaN): finite outputs need scores finite in float32.
+        float32's range overflows (to inf, or to NaN where products of both signs do, making the
+        row's ``lse`` NaN), as in the reference but for bfloat16 on a CPU with AVX-512 BF16, whose
+        dot product may give another non-finite score: finite outputs need finite scores.
     k_cache : Tensor [B, Hkv, S, D]
         Keys, same dtype and device as ``q``; ``Hq`` must be a multiple of ``Hkv`` (GQA). On CUDA
         ``S <= 2^30`` and ``B, Hq < 65536``.

@@ -755,8 +755,9 @@ def tensors_held(obj, seen=None):
 def test_inputs_that_require_grad(kind, tail, dense_layers, reuse):
     """A model run outside no_grad (a transformers model's weights require grad) hands the cache
     q, k, v that require grad: prefill and decode run (the mean tail's out= add raised), as
-    without grad, and none of the cache's own tensors (K, host V, the tail's copies, the hot
-    rows, the pool, dense layers' V) is part of an autograd graph."""
+    without grad, none of the cache's own tensors (K, host V, the tail's copies, the hot rows,
+    the pool, dense layers' V) is part of an autograd graph, and a decode step's output carries
+    no gradient (it had one through q alone on dense layers)."""
     hot = {"sinks": 0, "window": 0} if tail == "mean" else {}
     options = (KCacheOptions(tail=tail, topn=4, dense_layers=dense_layers, reuse=reuse, **hot)
                if kind == "kcache" else None)
@@ -775,7 +776,8 @@ def test_inputs_that_require_grad(kind, tail, dense_layers, reuse):
                      for layer in range(LAYERS)])
         c.finish_decode()
     for out, expected in zip(*outs):
-        torch.testing.assert_close(out.detach(), expected, atol=0, rtol=0)
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+        assert not out.requires_grad  # no gradient, rather than one through q alone
     held = tensors_held(cache)
     assert len(held) >= 2 * LAYERS
     assert not [t.shape for t in held if t.requires_grad or t.grad_fn is not None]

@@ -321,8 +321,10 @@ def test_cpu_checks_values_whatever_check_values(qk, attn):
     indices = indices.clone()
     indices[1, 2, 3] = S  # one past the capacity
     message = r"indices\[1, 2, 3\] must be -1 \(padding\) or in \[0, 16\) \(%s capacity\), got 16"
-    with pytest.raises(RuntimeError, match=message % "src"):
-        kcache_ops.gather_rows(v, indices, check_values=False)
+    strided = indices.transpose(0, 1).contiguous().transpose(0, 1)  # read by its strides
+    for idx in (indices, strided):
+        with pytest.raises(RuntimeError, match=message % "src"):
+            kcache_ops.gather_rows(v, idx, check_values=False)
     C = G * N  # a step's rows per KV head
     pool = [torch.zeros(B, HKV, C, D), torch.full((B, HKV, C), -1).int(),
             torch.full((B, HKV, C), -1).int()]  # rows, held, used

@@ -150,8 +150,10 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
 // MemAvailable lazily: the process is killed writing it).
 template <class Vec>
 void scratch_resize(Vec& buf, size_t n, const char* op, const char* what) {
-  const int64_t bytes = bytes_of({static_cast<int64_t>(n)}, sizeof(typename Vec::value_type));
-  check_host_output(bytes, [&] { return c10::str(op, ": its scratch ", what); });
+  if (n > buf.capacity()) {  // new memory: a buffer kept from an earlier call holds its own
+    const int64_t bytes = bytes_of({static_cast<int64_t>(n)}, sizeof(typename Vec::value_type));
+    check_host_output(bytes, [&] { return c10::str(op, ": its scratch ", what); });
+  }
   try {
     buf.resize(n);
   } catch (const std::bad_alloc&) {

@@ -3,8 +3,8 @@
 // exact in float32) with no conversion of K. Everything else comes from Avx2Isa. Compiled per
 // function (target attributes); KC_ISA_SWITCH (isa.h) picks it only where the CPU has the features.
 // vdpbf16ps takes subnormal inputs and results as zero whatever MXCSR says: qk_topn runs this
-// loop on bfloat16 only for queries whose scores that cannot move by 2^-60 (bf16_query_isa,
-// qk_topn.cpp), else the AVX2 one.
+// loop on bfloat16 only for queries whose scores that cannot move by more than 2^-58
+// (bf16_query_isa, qk_topn.cpp), else the AVX2 one.
 #pragma once
 
 #include <type_traits>

@@ -188,6 +188,9 @@ at::Tensor lowbit_tail_cpu(const at::Tensor& scores,    // [B, Hq, S] float32
   KC_CHECK_CPU("lowbit_tail", indices);
   KC_CHECK_CPU("lowbit_tail", v_codes);
   KC_CHECK_CPU("lowbit_tail", v_meta);
+  check_host_output(bytes_of({dims.B, dims.Hq, dims.D}, 4), [&] {
+    return c10::str("lowbit_tail: out [", dims.B, ", ", dims.Hq, ", ", dims.D, "] float32");
+  });
   check_seq_lens_values(seq_lens, dims.S, "v_codes");
   check_index_values(indices, dims.S, "v_codes");
   const at::Tensor hot_v = hot_v_arg.value_or(at::Tensor());      // undefined: none
@@ -197,9 +200,6 @@ at::Tensor lowbit_tail_cpu(const at::Tensor& scores,    // [B, Hq, S] float32
     KC_CHECK_CPU("lowbit_tail", hot_pos);
     check_index_values(hot_pos, dims.S, "v_codes", "hot_pos", "an empty slot");
   }
-  check_host_output(bytes_of({dims.B, dims.Hq, dims.D}, 4), [&] {
-    return c10::str("lowbit_tail: out [", dims.B, ", ", dims.Hq, ", ", dims.D, "] float32");
-  });
   // [B, Hq, D] float32
   at::Tensor out = at::empty({dims.B, dims.Hq, dims.D}, scores.options());
   const int32_t* lens = seq_lens.data_ptr<int32_t>();

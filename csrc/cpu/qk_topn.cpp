@@ -303,10 +303,12 @@ void select_split(const std::vector<Group<scalar_t>>& groups, const Options& o) 
 // The instruction set that scores bfloat16 queries q [B, Hq, D] as float32 would. The AVX-512
 // loop's vdpbf16ps reads a subnormal bfloat16 input (below 2^-126) and a subnormal partial sum as
 // zero whatever MXCSR says. A key's subnormal values then drop products below |q| * 2^-126 each,
-// the partial sums less than 2^-126 each: in all under 2^-60 a score while |scale| * D * max(|q|,
-// 1) < 2^66, nothing a weight exp(s - lse), or an order of scores further apart, could show. A
-// subnormal query value's products with K are not bounded so (K is not read here), nor is a q
-// large enough to overflow: those calls take the AVX2 loop (float32 FMAs), as does a larger scale.
+// the partial sums less than 2^-126 each: in all under 2^-58 a score while |scale| * D *
+// max(|q|, 1) < 2^66, nothing a weight exp(s - lse), or an order of scores further apart, could
+// show. A subnormal query value's products with K are not bounded so (K is not read here): those
+// calls take the AVX2 loop (float32 FMAs), as do a larger q or scale. What it does not cover: a
+// product past float32's range (|q_d * k_d| >= 2^128, keys near float32's limit) may give another
+// non-finite score there than the reference's (an inf for a NaN), see ops.qk_topn.
 IsaLevel bf16_query_isa(const at::Tensor& q, double scale) {
   if (isa_level() != IsaLevel::kAvx512) return isa_level();
   const float bound = std::ldexp(1.f, 66) / (std::abs(static_cast<float>(scale)) * q.size(2));

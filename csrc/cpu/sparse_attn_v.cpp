@@ -125,11 +125,11 @@ at::Tensor sparse_attn_v_cpu(const at::Tensor& scores,   // [B, Hq, N] float32
   for (const auto& [name, t] : optional_args)  // by name: the macro would print "*lse"
     TORCH_CHECK(!t->has_value() || (*t)->device().is_cpu(), "sparse_attn_v: ", name,
                 " must be on cpu, got ", (*t)->device());
-  if (dims.tail) check_seq_lens_values(*seq_lens, dims.S, "v_cache");
-  check_index_values(indices, dims.S, "v_cache");
   check_host_output(bytes_of({dims.B, dims.Hq, dims.D}, v_cache.element_size()), [&] {
     return c10::str("sparse_attn_v: out [", dims.B, ", ", dims.Hq, ", ", dims.D, "]");
   });
+  if (dims.tail) check_seq_lens_values(*seq_lens, dims.S, "v_cache");
+  check_index_values(indices, dims.S, "v_cache");
   at::Tensor out = at::empty({dims.B, dims.Hq, dims.D}, v_cache.options());  // [B, Hq, D]
   KC_DISPATCH_FLOAT_HALF_BF16(v_cache.scalar_type(), "sparse_attn_v", [&] {
     KC_HEAD_DIM_SWITCH(dims.D, [&] {

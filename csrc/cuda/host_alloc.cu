@@ -36,8 +36,8 @@ at::Tensor alloc_pinned_mapped(at::IntArrayRef shape, at::ScalarType dtype, int6
   if (err != cudaSuccess) {
     cudaGetLastError();  // clear the error so later calls are not blamed for it
     TORCH_CHECK(false, "alloc_host: could not allocate ", bytes, " bytes of pinned host memory ",
-                "for shape ", shape, " ", dtype_name(dtype), " (cudaHostAlloc: ", cudaGetErrorString(err),
-                "); ", host_bytes_available_text());
+                "for shape ", shape, " ", dtype_name(dtype),
+                " (cudaHostAlloc: ", cudaGetErrorString(err), "); ", host_bytes_available_text());
   }
   auto deleter = [](void* p) { cudaFreeHost(p); };
   return at::from_blob(ptr, shape, deleter, at::TensorOptions().dtype(dtype).device(at::kCPU));

@@ -131,7 +131,8 @@ class DenseCache:
         q [B, Hq, D], k and v [B, Hkv, D] -> out [B, Hq, D].
         """
         check_layer_inputs(self.lengths.owner, self.k, self.num_heads, layer, False, k, v, q)
-        k, v = k.detach(), v.detach()  # stored: the cache is no part of an autograd graph
+        # attended over the cache, which keeps no autograd history: no gradient, not a partial one
+        q, k, v = q.detach(), k.detach(), v.detach()
         with self.lengths.decode_step(layer):
             return append_and_attend(self.lengths, self.k[layer], self.v[layer], q, k, v)
 

@@ -303,7 +303,8 @@ class KCache:
         attention on the device.
         """
         check_layer_inputs(self.lengths.owner, self.k, self.config.num_heads, layer, False, k, v, q)
-        k, v = k.detach(), v.detach()  # stored: the cache is no part of an autograd graph
+        # attended over the cache, which keeps no autograd history: no gradient, not a partial one
+        q, k, v = q.detach(), k.detach(), v.detach()
         lengths = self.lengths
         with lengths.decode_step(layer):
             if layer in self.options.dense_layers:

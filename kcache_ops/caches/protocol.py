@@ -47,7 +47,9 @@ class Cache(Protocol):
 
     def decode(self, layer, q, k, v):
         """Store the new token at position ``seq_lens[b]`` and attend over ``seq_lens[b] + 1``
-        tokens: q [B, Hq, D], k and v [B, Hkv, D] -> out [B, Hq, D]."""
+        tokens: q [B, Hq, D], k and v [B, Hkv, D] -> out [B, Hq, D]. The cache keeps no autograd
+        history, so ``out`` carries no gradient (a prefill's attention, over the k and v given,
+        does)."""
 
     def finish_decode(self):
         """After the last layer's decode: every sequence holds one more token."""
