@@ -250,10 +250,19 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     out, done = [[] for _ in prompts], [False] * batch
     decode_start, decode_tokens = None, 0
     for step in range(max_new_tokens):
-        nxt = _draw(logits, temperature, top_p, top_k, generator)           # [B]
-        for b, t in enumerate(nxt.tolist()):  # the one host sync of a step
+        # a row with a NaN logit (the model overflowed in its dtype) is drawn from zeros, and
+        # found at the step's one host sync (argmax took token 0, multinomial raised)
+        nan = logits.isnan().any(-1)                                        # [B]
+        nxt = _draw(logits.masked_fill(nan[:, None], 0.0), temperature, top_p, top_k,
+                    generator)                                              # [B]
+        picked = torch.stack([nxt, nan.to(nxt.dtype)], 1).tolist()  # the one host sync of a step
+        for b, (t, bad) in enumerate(picked):
             if done[b]:
                 continue
+            if bad:
+                raise ValueError(f"generate: sequence {b}'s logits at new token {step} are NaN "
+                                 f"(a value overflowed in {model.dtype}; float32 or bfloat16 "
+                                 f"have a wider range)")
             decode_tokens += step > 0
             done[b] = t in eos
             if not done[b]:

@@ -162,6 +162,22 @@ def test_infinite_logits_draw_a_token(dtype):
     assert set(drawn[:, 2].tolist()) == {0, 1, 2, 3}
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_nan_logits_are_an_error(folder, temperature):
+    """A model whose float16 activations overflow (its MLP weights scaled by 2e4, finite in
+    float16) gives NaN logits: an error naming the sequence, the step and the dtype, not the
+    empty text greedy argmax made of token 0, nor multinomial's RuntimeError."""
+    model, _ = load_model(folder, "cpu", torch.float16)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.mlp.up_proj.weight.mul_(2e4)
+            layer.mlp.down_proj.weight.mul_(2e4)
+    with pytest.raises(ValueError, match=r"generate: sequence 0's logits at new token 0 are NaN "
+                                         r"\(a value overflowed in torch.float16; float32 or "
+                                         r"bfloat16 have a wider range\)"):
+        generate(model, PROMPTS, 4, temperature=temperature, seed=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_banned_tokens_stay_banned_at_a_high_temperature(dtype):
     """A -inf logit is never drawn, at any temperature: clamped to the dtype's largest, float16's

@@ -207,3 +207,17 @@ def test_chat_template_sees_what_transformers_passes(tmp_path):
     ours = Tokenizer.from_folder(str(folder)).render_chat("hi")
     assert ours == theirs == f'hi{{"a": "<é>"}}{datetime.now():%Y}<|im_start|>'
 
+
+
+def test_text_the_tokenizer_cannot_encode_is_a_value_error():
+    """A WordLevel tokenizer without its unknown token meets a word it lacks: a ValueError
+    naming the model (the library raised a bare Exception, a traceback from the CLI)."""
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    tok = tokenizers.Tokenizer(WordLevel({"hi": 0, "there": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tokenizer = Tokenizer(tok, None, (), None)
+    assert tokenizer.encode("hi there") == [0, 1]
+    with pytest.raises(ValueError, match=r"Tokenizer.encode: the tokenizer \(WordLevel model\) "
+                                         r"cannot encode this text: .*Missing \[UNK\] token"):
+        tokenizer.encode("hi bob")

@@ -108,8 +108,15 @@ class Tokenizer:
         self.template_source = template_source
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
-        """Token ids of ``text``; ``add_special`` adds the BOS token where the model wants one."""
-        return self.tok.encode(text, add_special_tokens=add_special).ids
+        """Token ids of ``text``; ``add_special`` adds the BOS token where the model wants one.
+        ValueError where the tokenizer cannot (e.g. a WordLevel model with no unknown token meets
+        a word it lacks: the tokenizers library raises a bare Exception)."""
+        try:
+            return self.tok.encode(text, add_special_tokens=add_special).ids
+        except Exception as e:  # noqa: BLE001 - the library's only kind
+            model = type(self.tok.model).__name__
+            raise ValueError(f"Tokenizer.encode: the tokenizer ({model} model) cannot encode this "
+                             f"text: {e}") from e
 
     def decode(self, ids) -> str:
         """Text of ``ids`` (token ids: integers of any type, e.g. a list, a 1-D tensor or
