@@ -138,10 +138,11 @@ def test_an_empty_dense_layers_flag_is_refused(capsys):
     eval_cli.add_arguments(parser)
     assert eval_cli.configs(parser.parse_args(["--dense-layers", "0,2"]))[-1].options \
         .dense_layers == (0, 2)
-    for text in (",", ""):
+    for text, message in ((",", "expected comma-separated integers, got ','"),
+                          ("", "expected comma-separated layer indices, at least one")):
         with pytest.raises(SystemExit):
             parser.parse_args(["--dense-layers", text])
-        assert "expected comma-separated layer indices, at least one" in capsys.readouterr().err
+        assert message in capsys.readouterr().err
 
 
 class FakeTokenizer:
