@@ -240,7 +240,7 @@ def test_truncated_safetensors(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda cfg: cfg.pop("hidden_size"), "KeyError: 'hidden_size'"),
+    (lambda cfg: cfg.pop("hidden_size"), "it lacks the key 'hidden_size'"),
     (lambda cfg: cfg.update(num_attention_heads=0, head_dim=None),
      r"num_attention_heads must be an integer in \[1, 2147483647\], got 0"),
     (lambda cfg: cfg.update(rope_parameters={"rope_type": "llama3", "factor": 8.0},
@@ -316,17 +316,20 @@ def test_file_of_a_folder_given_for_the_folder(hf_folder, name):
         load_model(folder / name, "cpu")
 
 
-def copy_gguf(src, dst, **options):
+def copy_gguf(src, dst, as_arrays=(), drop=(), **options):
     """Write the metadata and tensors of the GGUF file ``src`` anew as ``dst`` with
     gguf.GGUFWriter ``options`` (``split_max_tensors``: llama-gguf-split's parts;
-    ``endianess``)."""
+    ``endianess``), the scalar keys ``as_arrays`` as arrays of two copies of their value, the
+    keys ``drop`` left out."""
     reader = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents(), **options)
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":  # the writer's own
-            continue
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop:
+            continue  # the writer's own, or left out
         kind = field.types[0]
-        if kind == gguf.GGUFValueType.ARRAY:
+        if key in as_arrays:
+            w.add_array(key, [field.contents()] * 2)
+        elif kind == gguf.GGUFValueType.ARRAY:
             w.add_array(key, field.contents())
         elif kind == gguf.GGUFValueType.STRING:
             w.add_string(key, field.contents())
@@ -464,6 +467,22 @@ def test_tied_config_with_its_own_lm_head(tmp_path):
         with pytest.raises(CheckpointError, match="config.json sets tie_word_embeddings, but "
                                                   "the weights hold an lm_head.weight that"):
             load_hf_model(str(tmp_path), "cpu", torch.float32)
+
+
+def test_tied_config_with_only_an_lm_head(tmp_path):
+    """A tied folder that stores its one matrix as lm_head.weight (transformers loads it) loads
+    with that as the embedding and the head (it was "the checkpoint lacks 1 tensors, e.g.
+    ['embed_tokens.weight']", lm_head.weight dropped without a word)."""
+    from safetensors.torch import load_file, save_file
+    oracle = save_tiny_hf(tmp_path, tie_word_embeddings=True)
+    path = tmp_path / "model.safetensors"
+    weights = load_file(path)
+    weights["lm_head.weight"] = weights.pop("model.embed_tokens.weight")  # [V, hidden]
+    save_file(weights, path, metadata={"format": "pt"})
+    model = load_hf_model(str(tmp_path), "cpu", torch.float32)
+    ids = torch.tensor([[1, 5, 9]])  # [1, 3]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), oracle(ids).logits, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("raw", [b"[" * 100_000, b'{"w": {"shape": [' + b"9" * 5000 + b"]}}",
@@ -727,6 +746,26 @@ def test_gguf_config_faults_name_the_file(tmp_path, hf_folder):
         edit_gguf(path, edit)
         with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: {fault}"):
             load_model(path, "cpu")
+
+
+@pytest.mark.parametrize("key", ["llama.rope.freq_base", "llama.attention.head_count_kv"])
+def test_gguf_per_layer_arrays_are_refused(tmp_path, hf_folder, key):
+    """A hyperparameter stored as an array (llama.cpp's values per layer) is refused by name:
+    the metadata left arrays out, so rope.freq_base [θ, θ] loaded with the default 10000 (a
+    silently wrong model), and head_count_kv [2, 2] failed on a shape."""
+    path = write_gguf(tmp_path / "m.gguf", hf_folder[1], Q.F32)
+    copy_gguf(path, tmp_path / "a.gguf", as_arrays=(key,))
+    with pytest.raises(UnsupportedModelError, match=f"a.gguf: {re.escape(key)} is an array of 2 "
+                                                    "values"):
+        load_model(tmp_path / "a.gguf", "cpu")
+
+
+def test_gguf_missing_key_says_so(tmp_path, hf_folder):
+    path = write_gguf(tmp_path / "m.gguf", hf_folder[1], Q.F32)
+    copy_gguf(path, tmp_path / "a.gguf", drop=("llama.block_count",))
+    with pytest.raises(CheckpointError, match=r"a.gguf: llama.block_count must be an integer in "
+                                              r"\[1, 4096\], got None \(missing or null\)"):
+        load_model(tmp_path / "a.gguf", "cpu")
 
 
 def test_gguf_tensor_type_gguf_cannot_read(tmp_path, hf_folder):

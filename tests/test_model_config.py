@@ -68,6 +68,9 @@ def test_qwen2_has_qkv_bias():
      "rope_parameters.partial_rotary_factor = 0.25"),
     # a scaling of no type: linear to llama.cpp, nothing to transformers 5 (it was ignored)
     ({"rope_scaling": {"factor": 4.0}}, "rope_scaling.factor = 4.0 without a rope_type"),
+    # quantized weights (an FP8 checkpoint's scales were "unexpected tensor ...weight_scale_inv")
+    ({"quantization_config": {"quant_method": "fp8"}},
+     r"quantized weights \(quantization_config.quant_method 'fp8'\)"),
 ])
 def test_unsupported(change, message):
     with pytest.raises(UnsupportedModelError, match=message):
@@ -178,7 +181,9 @@ def test_malformed_value(change, key, found):
     """A value of the wrong type or out of range: the error names the key and the value."""
     with pytest.raises(CheckpointError) as e:
         LlamaConfig.from_hf({**BASE, **change})
-    assert str(e.value).startswith(f"{key} must be ") and str(e.value).endswith(f"got {found!r}")
+    missing = " (missing or null)" if found is None else ""
+    assert str(e.value).startswith(f"{key} must be ")
+    assert str(e.value).endswith(f"got {found!r}{missing}")
 
 
 def test_llama3_frequency_band():
@@ -216,7 +221,9 @@ def test_gguf_malformed_value(change, key, found):
     meta = {**GGUF_BASE, **change}
     with pytest.raises(CheckpointError) as e:
         LlamaConfig.from_gguf(meta, 10, True, False, rope_freq_factors=meta.pop("rope_freqs", None))
-    assert str(e.value).startswith(f"{key} must be ") and str(e.value).endswith(f"got {found!r}")
+    missing = " (missing or null)" if found is None else ""
+    assert str(e.value).startswith(f"{key} must be ")
+    assert str(e.value).endswith(f"got {found!r}{missing}")
 
 
 def test_gguf_rope_freqs_length():

@@ -21,8 +21,8 @@ def _integer(key: str, value, minimum: int = 1, maximum: int = 2**31 - 1) -> int
     """``value``, read from config key ``key``: an int in [``minimum``, ``maximum``] (not a bool,
     nor a float, even an integral one; by default below 2^31, as every size and id is)."""
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-        raise CheckpointError(f"{key} must be an integer in [{minimum}, {maximum}], got "
-                              f"{value!r}")
+        got = f"{value!r}" + (" (missing or null)" if value is None else "")
+        raise CheckpointError(f"{key} must be an integer in [{minimum}, {maximum}], got {got}")
     return value
 
 
@@ -31,7 +31,8 @@ def _number(key: str, value, minimum: float) -> float:
     (NaN fails the comparison)."""
     if (isinstance(value, bool) or not isinstance(value, (int, float))
             or not minimum <= value <= sys.float_info.max):
-        raise CheckpointError(f"{key} must be a finite number >= {minimum:.3g}, got {value!r}")
+        got = f"{value!r}" + (" (missing or null)" if value is None else "")
+        raise CheckpointError(f"{key} must be a finite number >= {minimum:.3g}, got {got}")
     return float(value)
 
 
@@ -136,6 +137,13 @@ class LlamaConfig:
             raise UnsupportedModelError(f"unsupported architecture: model_type {model_type!r} "
                                         f"(architectures {cfg.get('architectures')}); supported: "
                                         f"{', '.join(SUPPORTED_HF_TYPES)}")
+        quantization = cfg.get("quantization_config")
+        if quantization is not None:
+            method = (quantization.get("quant_method") if isinstance(quantization, dict)
+                      else quantization)
+            raise UnsupportedModelError(f"unsupported: quantized weights (quantization_config."
+                                        f"quant_method {method!r}); this decoder loads float "
+                                        f"weights")
         if cfg.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"unsupported hidden_act {cfg['hidden_act']!r} (need silu)")
         if _flag("mlp_bias", cfg.get("mlp_bias")):

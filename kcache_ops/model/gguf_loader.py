@@ -165,6 +165,14 @@ def metadata(reader) -> dict:
             if f.types and f.types[0] != array}
 
 
+def array_lengths(reader) -> dict:
+    """The array-valued keys of ``reader`` (a GGUFCheckpoint or a gguf.GGUFReader) -> how many
+    values each holds: what :func:`metadata` leaves out."""
+    array = _gguf().GGUFValueType.ARRAY
+    return {key: len(f.data) for key, f in reader.fields.items()
+            if f.types and f.types[0] == array}
+
+
 def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row permutation.
 
@@ -216,7 +224,12 @@ def read_config(reader: GGUFCheckpoint) -> LlamaConfig:
         if len(embedding.shape) != 2:  # its rows give the vocabulary's size
             raise CheckpointError(f"token_embd.weight must have 2 dims, got shape "
                                   f"{[int(n) for n in embedding.shape]}")
-        key = f"{meta.get('general.architecture')}.expert_count"
+        arch = meta.get("general.architecture")
+        for key, count in array_lengths(reader).items():  # read as absent, they took defaults
+            if key.startswith(f"{arch}."):
+                raise UnsupportedModelError(f"{key} is an array of {count} values (one a layer?): "
+                                            f"this decoder takes one value for every layer")
+        key = f"{arch}.expert_count"
         if meta.get(key):  # Mixtral's files are architecture llama, with experts in each layer
             raise UnsupportedModelError(f"{key} = {meta[key]}: a mixture of experts (this "
                                         f"decoder has one MLP per layer)")

@@ -30,7 +30,9 @@ def read_config(folder: str) -> LlamaConfig:
     path, cfg = config_json(folder)
     try:
         config = LlamaConfig.from_hf(cfg)
-    except (KeyError, TypeError) as e:  # a key missing, a type no check foresaw
+    except KeyError as e:  # a required key missing
+        raise CheckpointError(f"{path}: not a usable model config (it lacks the key {e})") from e
+    except TypeError as e:  # a type no check foresaw
         raise CheckpointError(f"{path}: not a usable model config ({type(e).__name__}: {e})") from e
     except CheckpointError as e:  # a value from_hf refused: name the file too
         raise CheckpointError(f"{path}: not a usable model config ({e})") from e
@@ -172,8 +174,9 @@ def load_hf_model(folder: str, device, dtype, config: LlamaConfig | None = None)
     ``config`` is :func:`read_config` of ``folder``, read here unless the caller has it."""
     config = read_config(folder) if config is None else config
     paths = shard_files(folder)
-    if config.tie_word_embeddings:
-        _check_tied_head(folder, paths)
+    # tied: the head is the embedding, read from lm_head.weight where that is all the folder has
+    # (transformers loads such a folder)
+    tied_name = _tied_head(folder, paths) if config.tie_word_embeddings else None
 
     def weights():
         for path in paths:
@@ -181,20 +184,25 @@ def load_hf_model(folder: str, device, dtype, config: LlamaConfig | None = None)
                 names = list(f.keys())
                 for name in tqdm(names, desc=f"loading {os.path.basename(path)}", unit="tensor",
                                  leave=False):
-                    # "model.layers.0..." -> "layers.0..."; the LM head is absent when tied
+                    # "model.layers.0..." -> "layers.0..."; tied, the head is the embedding
                     ours = name.removeprefix("model.")
-                    if ours.endswith("rotary_emb.inv_freq") or (
-                            config.tie_word_embeddings and ours == "lm_head.weight"):
+                    if ours == "lm_head.weight" and config.tie_word_embeddings:
+                        if tied_name == "embed_tokens.weight":
+                            continue  # the same values, read as the embedding
+                        ours = "embed_tokens.weight"
+                    if ours.endswith("rotary_emb.inv_freq"):
                         continue
                     yield ours, f.get_tensor(name)
     with naming(folder):  # a tensor missing, unexpected, of another shape: which folder
         return Llama.from_weights(config, weights(), device, dtype)
 
 
-def _check_tied_head(folder, paths):
-    """CheckpointError if the weights of a folder whose config.json ties the LM head hold an
-    lm_head.weight that is not their embed_tokens.weight (transformers 5 uses such a head, 4 the
-    embeddings), before any weight is loaded; the two are read only where both are there."""
+def _tied_head(folder, paths):
+    """Which of a folder's weights a config.json that ties the LM head makes the embedding and
+    the head: embed_tokens.weight, or lm_head.weight where the folder holds only that (None
+    where it holds neither: the embedding is then missing). CheckpointError if it holds both and
+    they differ (transformers 5 uses such a head, 4 the embeddings), before any weight is loaded;
+    the two are read only where both are there."""
     found = {}  # our name -> (its file, the file's name)
     for path in paths:
         with open_safetensors(path) as f:
@@ -202,7 +210,7 @@ def _check_tied_head(folder, paths):
                 if name.removeprefix("model.") in ("lm_head.weight", "embed_tokens.weight"):
                     found[name.removeprefix("model.")] = path, name
     if len(found) < 2:
-        return
+        return next(iter(found), None)
     head, embed = (_read_tensor(*found[ours]) for ours in ("lm_head.weight", "embed_tokens.weight"))
     if not torch.equal(head, embed):
         raise CheckpointError(
@@ -210,6 +218,7 @@ def _check_tied_head(folder, paths):
             f"lm_head.weight that differs from embed_tokens.weight (transformers 5 uses "
             f"lm_head.weight, 4 the embeddings): set tie_word_embeddings to false to use it, or "
             f"drop it")
+    return "embed_tokens.weight"
 
 
 def _read_tensor(path, name):
