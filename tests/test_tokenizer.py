@@ -221,3 +221,16 @@ def test_text_the_tokenizer_cannot_encode_is_a_value_error():
     with pytest.raises(ValueError, match=r"Tokenizer.encode: the tokenizer \(WordLevel model\) "
                                          r"cannot encode this text: .*Missing \[UNK\] token"):
         tokenizer.encode("hi bob")
+
+
+def test_an_eos_token_the_vocabulary_lacks_warns(tmp_path):
+    """tokenizer_config.json naming an eos_token that is no token of the vocabulary warns, naming
+    the file and the text (it was dropped without a word: generation ran to max_new_tokens)."""
+    save_tiny_tokenizer(tmp_path, 96)
+    config = tmp_path / "tokenizer_config.json"
+    settings = json.loads(config.read_text(encoding="utf-8"))
+    config.write_text(json.dumps({**settings, "eos_token": "</s>"}), encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"tokenizer_config.json: eos_token '</s>' is not a token "
+                                         r"of the vocabulary; it is left out"):
+        tok = Tokenizer.from_folder(str(tmp_path), eos_ids=())
+    assert tok.eos_ids == ()

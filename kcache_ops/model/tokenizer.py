@@ -212,7 +212,11 @@ class Tokenizer:
             if text is not None and not isinstance(text, str):
                 raise CheckpointError(f"{source}: {key} must be a token's text (a string, or "
                                       f"an object with \"content\"), got {value!r}")
-            return None if text is None else tok.token_to_id(text)
+            found = None if text is None else tok.token_to_id(text)
+            if text is not None and found is None:  # generation would not stop at it
+                warnings.warn(f"{source}: {key} {text!r} is not a token of the vocabulary; "
+                              f"it is left out", stacklevel=3)
+            return found
         jinja = os.path.join(folder, "chat_template.jinja")  # where transformers 5 saves it
         if os.path.isfile(jinja):  # transformers takes it over tokenizer_config.json's
             template, source = read_text(jinja), jinja
