@@ -494,6 +494,21 @@ def test_cli_caches_beyond_memory_are_an_error_line(folder, capsys, backend, own
     assert "Traceback" not in err
 
 
+@pytest.mark.filterwarnings("ignore:.*is not a token of the vocabulary")  # its tiny vocabulary
+def test_cli_prompt_of_no_token_is_an_error_line(folder, capsys, tmp_path):
+    """A prompt none of whose characters the tokenizer knows (a BPE without an unknown token
+    drops them) is refused naming the flag ("token counts [0]" before)."""
+    import shutil
+    import tokenizers
+    shutil.copytree(folder, tmp_path / "m")
+    tokenizers.Tokenizer(tokenizers.models.BPE({"a": 0, "b": 1}, [])).save(
+        str(tmp_path / "m" / "tokenizer.json"))
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "zzz"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "error: --prompt encodes to no token (none of its characters is in the tokenizer's "
+        "vocabulary)")
+
+
 def test_cli_prompt_file_drops_a_bom(folder, monkeypatch, tmp_path):
     """A prompt file saved with a UTF-8 BOM (Windows editors) is the same prompt as without."""
     import kcache_ops.cli.generate as command

