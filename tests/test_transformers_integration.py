@@ -168,6 +168,18 @@ def test_under_autocast_attends_in_its_dtype(family):
             model(torch.tensor([[5]]), past_key_values=cache)
 
 
+@pytest.mark.parametrize("cache_layers, model_layers", [(3, 2), (2, 3)])
+def test_a_cache_of_another_models_layers_is_refused(cache_layers, model_layers):
+    """A cache built for a model of other layers is refused by name: one of 3 layers on a model
+    of 2 never saw its last layer run, so every step restarted as a one-token prefill (tokens
+    unlike dense from the second, no error); one of 2 on a model of 3 raised an IndexError."""
+    cache = kt.KCacheCache(kt.enable(tiny_model("llama", num_hidden_layers=cache_layers)), 32)
+    model = kt.enable(tiny_model("llama", num_hidden_layers=model_layers))
+    with pytest.raises(ValueError, match=f"KCacheCache: built for a model of {cache_layers} "
+                                         f"layers, run by one of {model_layers}"):
+        greedy(model, [[5, 6, 7]], cache)
+
+
 OPTIONS = {
     "paper": dict(PAPER, topn=4),
     "group_select": dict(PAPER, topn=4, group_select=True),

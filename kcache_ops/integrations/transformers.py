@@ -287,7 +287,8 @@ class CacheBridge(Cache):
             raise NotImplementedError(
                 f"{type(self).__name__}: a forward of {t} tokens after the prefill, while the "
                 f"cache holds {seen} (chunked prefill, assisted or speculative generation, a "
-                "continued conversation, or a cache reused for a new prompt) is not supported; "
+                "continued conversation, a cache reused for a new prompt, or generate with "
+                "use_cache=False, which runs the whole sequence each step) is not supported; "
                 "decode one token per step, or reset() and prefill again")
 
     def reset(self):
@@ -312,6 +313,11 @@ class CacheBridge(Cache):
                 raise RuntimeError(f"{type(self).__name__}: the attention of layer "
                                    f"{module.layer_idx} ran after the cache update of layer "
                                    f"{layer}")
+            layers = getattr(getattr(module, "config", None), "num_hidden_layers", len(self.layers))
+            if layers != len(self.layers):  # a layer never run would hold the steps back
+                raise ValueError(f"{type(self).__name__}: built for a model of {len(self.layers)} "
+                                 f"layers, run by one of {layers}: a cache serves the model it "
+                                 f"was built for")
             last = layer == len(self.layers) - 1
             dtype = _attention_dtype(key)
             query, key, value = (x.to(dtype) for x in (query, key, value))
