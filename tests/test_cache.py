@@ -450,11 +450,14 @@ def test_cache_beyond_the_gpu_fails_when_built(backend):
         make_cache(backend, tiny_config(), len(LENS), capacity, "cuda:0", torch.bfloat16, options)
 
 
-def test_topn_beyond_the_capacity_and_an_empty_prompt():
+@pytest.mark.parametrize("tail", ["int2", "none"])
+def test_topn_beyond_the_capacity_and_an_empty_prompt(tail):
     """N larger than the capacity selects at most the capacity's rows (no step allocates for N),
-    and an empty prompt (T = 0) is stored: the first decode step attends to its own token."""
-    cache = KCache(tiny_config(), 2, 8, "cpu", torch.float32, KCacheOptions(topn=10**9))
-    k = torch.randn(2, HKV, 0, D)  # [B, Hkv, 0, D]
+    and an empty prompt (T = 0) is stored, in any layout (one with a strided last dim was refused
+    by the low-bit copy's quantize_rows): the first decode step attends to its own token."""
+    cache = KCache(tiny_config(), 2, 8, "cpu", torch.float32,
+                   KCacheOptions(topn=10**9, tail=tail))
+    k = torch.randn(2, HKV, 0, 2 * D)[..., ::2]  # [B, Hkv, 0, D], its last dim strided
     lens = torch.zeros(2, dtype=torch.int32)
     for layer in range(LAYERS):
         cache.store_prompt(layer, k, k, lens)

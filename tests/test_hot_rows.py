@@ -355,3 +355,33 @@ def test_label_and_paper_literal():
         "N=8 tail=int2 sinks=4 win=60"
     assert KCacheOptions().label == "N=64 tail=int2 p=0.9 sinks=4 win=60"  # the defaults
     assert KCacheOptions.paper_literal().hot_rows == 0
+
+
+def test_float16_hot_rows_and_a_group_row_of_little_mass():
+    """tail="none" with renormalize, hot rows and group_select in float16: the group's shared row
+    carries about 1e-10 of head 1's mass, and that head's output is still the softmax over the
+    hot row and that row (the top N's weighted sum in float16 underflowed to 0 before the
+    division by their mass, leaving the hot row alone: 2.6 off)."""
+    D = 64
+    config = LlamaConfig(vocab_size=32, hidden_size=2 * D, intermediate_size=64, num_layers=1,
+                         num_heads=2, num_kv_heads=1, head_dim=D)
+    options = replace(KCacheOptions.paper_literal(), topn=1, group_select=True, sinks=1, window=0)
+    torch.manual_seed(0)
+    k = torch.zeros(1, 1, 4, D)  # [B, Hkv, T, D]: k_j = 8 e_j
+    k[0, 0, torch.arange(4), torch.arange(4)] = 8.0
+    v, v_new = torch.randn(1, 1, 4, D), torch.randn(1, 1, D)
+    q = torch.zeros(1, 2, D)  # [B, Hq, D]: head 0 on position 1, head 1 on 2, 3 and the new one
+    q[0, 0, 1], q[0, 0, 4] = 20.0, -20.0
+    q[0, 1, :5] = torch.tensor([-40.0, -2.0, 20.0, 20.0, 20.0])
+    k_new = torch.zeros(1, 1, D)
+    k_new[0, 0, 4] = 8.0
+    cache = KCache(config, 1, 8, "cpu", torch.float16, options)
+    lens = torch.tensor([4], dtype=torch.int32)
+    cache.prefill(0, torch.zeros(1, 2, 4, D).half(), k.half(), v.half(), lens)
+    cache.finish_prefill(lens)
+    out = cache.decode(0, q.half(), k_new.half(), v_new.half())  # [B, Hq, D]
+    keys = torch.cat([k[0, 0], k_new[0]]).half().double()  # [5, D]
+    values = torch.cat([v[0, 0], v_new[0]]).half().double()  # [5, D]
+    s = q[0].half().double() @ keys.T / D ** 0.5  # [Hq, 5]
+    want = torch.softmax(s[:, [0, 1]], -1) @ values[[0, 1]]  # the hot row 0 and the group's row 1
+    torch.testing.assert_close(out[0].double(), want, atol=2e-3, rtol=2e-3)

@@ -38,8 +38,11 @@ FLOAT16_MAX = torch.finfo(torch.float16).max  # 65504
 
 def unit_stride_rows(v):
     """v [..., D] with a contiguous last dim, as quantize_rows takes it (a copy only where v's
-    last dim is strided: a cache takes any layout)."""
-    return v if v.stride(-1) == 1 else v.contiguous()
+    last dim is strided: a cache takes any layout; an empty v made anew, as contiguous() hands
+    it back with its strides)."""
+    if v.stride(-1) == 1:
+        return v
+    return v.contiguous() if v.numel() else torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
 
 class NoTail:
@@ -71,15 +74,20 @@ class NoTail:
         if hot is None:
             return sparse_attn_v(scores, rows.indices, rows.v, lse, self.renormalize,
                                  check_values=False)
-        top = sparse_attn_v(scores, rows.indices, rows.v, lse, renormalize=False,
-                            check_values=False)  # [B, Hq, D]
         part = hot.attend(lse, all_scores)  # their HotPart
-        out = part.add_to(top.float())  # [B, Hq, D] float32
-        if self.renormalize:  # a softmax over the top N and the hot rows together
-            mass = (torch.exp(scores - lse[..., None]).nan_to_num(nan=0.0).sum(-1)
-                    + part.weights.sum(-1).flatten(1))  # [B, Hq]; padding 0
-            out = out / mass.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
-        return out.to(top.dtype)
+        if not self.renormalize:  # the full softmax's weights: what the top N rows add
+            top = sparse_attn_v(scores, rows.indices, rows.v, lse, renormalize=False,
+                                check_values=False)  # [B, Hq, D]
+            return part.add_to(top.float()).to(top.dtype)
+        # a softmax over the top N and the hot rows together: the top N's own softmax (in V's
+        # dtype, as large as a row) times their mass in float32; their weighted sum in V's
+        # dtype underflowed where the group's shared rows carry little of a head's mass
+        top = sparse_attn_v(scores, rows.indices, rows.v, lse, renormalize=True,
+                            check_values=False)  # [B, Hq, D]
+        top_mass = torch.exp(scores - lse[..., None]).nan_to_num(nan=0.0).sum(-1)  # [B, Hq]
+        out = part.add_to(top.float() * top_mass[..., None])  # [B, Hq, D] float32
+        mass = top_mass + part.weights.sum(-1).flatten(1)  # [B, Hq]; padding 0
+        return (out / mass.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).to(top.dtype)
 
 
 class MeanTail:
