@@ -49,7 +49,7 @@ def src_view(buf, row_bytes, n_rows):
     return buf[: B * H * S * D].view(B, H, S, D)
 
 
-def index_sets(S, n_rows, count=8):
+def index_sets(S, n_rows, count):
     """`count` sets of distinct random rows per head: [B, H, n_rows] int32 on the GPU."""
     return [torch.stack([torch.randperm(S, device="cuda")[:n_rows] for _ in range(B * H)])
             .view(B, H, n_rows).to(torch.int32) for _ in range(count)]
@@ -188,7 +188,9 @@ def main():
             where = {"host_GiB": c["host_GiB"], "buffers": c["buffers"]}
         else:
             src = src_view(buffers[c["wc"]], c["row_bytes"], c["rows"])
-            sets = [(src, ix) for ix in index_sets(src.shape[2], c["rows"])]
+            # host rows of other sets until a round reads past L2 (8 sets of 4 MiB fit in it)
+            sets = [(src, ix) for ix in index_sets(src.shape[2], c["rows"],
+                                                   timing.rotations(c["bytes"]))]
             where = {"host_GiB": SRC_BYTES / 2**30, "buffers": 1}
         add_row(rec, c, sets, "wc" if c["wc"] else "pinned", where, buffers[False])
         del sets
