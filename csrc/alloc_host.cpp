@@ -37,7 +37,7 @@ void check_host_bytes(const std::string& what, int64_t bytes) {
               "(MemAvailable)");
 }
 
-int64_t bytes_of(std::initializer_list<int64_t> sizes, int64_t elem_bytes) {
+int64_t bytes_of(at::IntArrayRef sizes, int64_t elem_bytes) {
   int64_t bytes = elem_bytes;
   for (int64_t s : sizes) {
     if (s == 0) return 0;
@@ -52,15 +52,12 @@ at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
   TORCH_CHECK(!c10::isQIntType(dtype) && !c10::isBitsType(dtype),
               "alloc_host: dtype must be a plain (not quantized, not bits) dtype, got ",
               dtype_name(dtype));
-  int64_t bytes = static_cast<int64_t>(c10::elementSize(dtype));
-  bool overflow = false, empty = false;
   for (int64_t s : shape) {
     TORCH_CHECK(s >= 0, "alloc_host: shape must have no negative size, got ", shape);
-    overflow = c10::mul_overflows(bytes, s, &bytes) || overflow;
-    empty = empty || s == 0;
   }
-  TORCH_CHECK(empty || !overflow, "alloc_host: shape ", shape, " of ", dtype_name(dtype),
-              " needs more than ", std::numeric_limits<int64_t>::max(),
+  const int64_t bytes = bytes_of(shape, static_cast<int64_t>(c10::elementSize(dtype)));
+  TORCH_CHECK(bytes < std::numeric_limits<int64_t>::max(), "alloc_host: shape ", shape, " of ",
+              dtype_name(dtype), " needs more than ", std::numeric_limits<int64_t>::max(),
               " bytes (its size overflows int64)");
   // An empty tensor holds no bytes, but torch still multiplies its sizes in order (unsigned: a
   // product past 2^64 before the 0 is refused) and its contiguous strides, the sizes after the

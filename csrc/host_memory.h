@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <initializer_list>
 #include <string>
 
 #include <torch/types.h>
@@ -18,9 +17,9 @@ std::string host_bytes_available_text();
 // out memory lazily, so the allocation would succeed and the process be killed on writing it.
 void check_host_bytes(const std::string& what, int64_t bytes);
 
-// Bytes of a tensor of `sizes` (each >= 0) with `elem_bytes` an element; INT64_MAX where the
-// product overflows.
-int64_t bytes_of(std::initializer_list<int64_t> sizes, int64_t elem_bytes);
+// Bytes of a tensor of `sizes` (each >= 0; a braced list too) with `elem_bytes` an element: 0 where
+// a size is 0, else INT64_MAX where the product overflows.
+int64_t bytes_of(at::IntArrayRef sizes, int64_t elem_bytes);
 
 // From this many bytes on, an op's CPU output or scratch is checked against MemAvailable: below it
 // reading /proc/meminfo would cost more than the call, and the memory is there if the process is.
