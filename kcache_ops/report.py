@@ -20,8 +20,9 @@ GPU_COMMAND = ("make build && .venv/bin/python -m kcache_ops bench --device cuda
 def gather_section(data):
     """Markdown of bench/gpu_gather.py's JSON, where it is present. The ratio to a memcpy of the
     row's own bytes and the speedup over the PyTorch way are "–" where they were not timed: JSON
-    written before the memcpy was, write-combined rows for the PyTorch way (null). A run cut off before its end (``complete`` false) is said so, and its plot, drawn
-    at the end only, is not shown."""
+    written before the memcpy was, write-combined rows for the PyTorch way (null). A run cut off
+    before its end (``complete`` false) is said so, and its plot, drawn at the end only, is not
+    shown."""
     meta = data["meta"]  # results.machine() and the ceiling
     complete = data.get("complete", True)  # files written before the key was: whole runs
     out = ["## Gather bandwidth (bench/gpu_gather.py)", "",

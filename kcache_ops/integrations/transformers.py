@@ -313,11 +313,6 @@ class CacheBridge(Cache):
                 raise RuntimeError(f"{type(self).__name__}: the attention of layer "
                                    f"{module.layer_idx} ran after the cache update of layer "
                                    f"{layer}")
-            layers = getattr(getattr(module, "config", None), "num_hidden_layers", len(self.layers))
-            if layers != len(self.layers):  # a layer never run would hold the steps back
-                raise ValueError(f"{type(self).__name__}: built for a model of {len(self.layers)} "
-                                 f"layers, run by one of {layers}: a cache serves the model it "
-                                 f"was built for")
             last = layer == len(self.layers) - 1
             dtype = _attention_dtype(key)
             query, key, value = (x.to(dtype) for x in (query, key, value))
@@ -349,6 +344,11 @@ class CacheBridge(Cache):
     def _prefill(self, layer, last, module, query, key, value, attention_mask, dropout, scaling,
                  kwargs):
         """Exact attention over the prompt ([B, T, Hq, D]), and its K and V into the cache."""
+        layers = getattr(getattr(module, "config", None), "num_hidden_layers", len(self.layers))
+        if layers != len(self.layers):  # a layer never run would hold the steps back
+            raise ValueError(f"{type(self).__name__}: built for a model of {len(self.layers)} "
+                             f"layers, run by one of {layers}: a cache serves the model it was "
+                             f"built for")
         head_dim = query.shape[-1]
         if scaling is not None and not math.isclose(scaling, head_dim ** -0.5):
             raise ValueError(f"KCache: attention scaling {scaling} is not 1/sqrt(head_dim) "
