@@ -1,8 +1,8 @@
 """How the CPU ops are built: every level of the inner loops passes the op tests (this machine
 picks its best level, AVX-512, AVX2 or the portable loops, csrc/cpu/isa.h; the tests rerun in
-processes with KCACHE_OPS_CPU_ISA capping it at avx2 and at generic), the AVX-512 scoring loop
-matches the reference on any x86-64 CPU with AVX2 (its intrinsics emulated, avx512_emu/), and the
-parallel loops are compiled with OpenMP."""
+processes with KCACHE_OPS_CPU_ISA capping it at avx2 and at generic), the AVX-512 loops match the
+reference (qk_topn's scores) and the AVX2 loop's bits (lowbit_tail's sums) on any x86-64 CPU with
+AVX2 (their intrinsics emulated, avx512_emu/), and the parallel loops are compiled with OpenMP."""
 import os
 import platform
 import subprocess
@@ -71,27 +71,43 @@ def test_parallel_for_is_built_with_openmp():
         assert b"GOMP_parallel" in f.read()
 
 
-def _has_avx2():
-    """Whether this CPU has AVX2, FMA and F16C, the target of the emulated loops (x86-64 Linux)."""
+def _cpu_flags():
+    """This CPU's feature flags (x86-64 Linux; none elsewhere)."""
     if platform.machine() not in ("x86_64", "AMD64") or not os.path.exists("/proc/cpuinfo"):
-        return False
+        return set()
     with open("/proc/cpuinfo", encoding="utf-8") as f:
-        flags = next((line.split() for line in f if line.startswith("flags")), [])
-    return {"avx2", "fma", "f16c"} <= set(flags)
+        return set(next((line.split() for line in f if line.startswith("flags")), []))
+
+
+def _has_avx2():
+    """Whether this CPU has AVX2, FMA and F16C, the target of the emulated loops."""
+    return {"avx2", "fma", "f16c"} <= _cpu_flags()
+
+
+def _has_avx512():
+    """Whether this CPU runs the AVX-512 loops (csrc/cpu/isa.h's isa_level)."""
+    return _has_avx2() and {"avx512f", "avx512bw", "avx512vl", "avx512dq",
+                            "avx512_bf16"} <= _cpu_flags()
 
 
 @pytest.fixture(scope="module")
-def emulated_scores():
-    """avx512_emu/scores.cpp built (ninja keeps it between runs): its
-    ``scores(q, k, scale, isa, tile, s_stride)`` scores one group's keys through Avx512Isa on
-    emulated intrinsics ("avx512") or Avx2Isa into a NaN-poisoned [G + 1, s_stride]."""
+def emulated():
+    """avx512_emu/loops.cpp built (ninja keeps it between runs), each loop through Avx512Isa on
+    emulated intrinsics ("avx512") or Avx2Isa: ``scores(q, k, scale, isa, tile, s_stride)`` scores
+    one group's keys into a NaN-poisoned [G + 1, s_stride]; ``tail_rows(w, codes, sb, acc, bits,
+    isa)`` adds one chunk's tail sums to a copy of acc [G, D]."""
     if not _has_avx2():
         pytest.skip("the emulated AVX-512 loops are compiled for AVX2 (x86-64)")
     from torch.utils.cpp_extension import load
     build = os.path.join(tempfile.gettempdir(), "kcache_ops_avx512_emu")
     os.makedirs(build, exist_ok=True)
-    return load("kcache_ops_avx512_emu", [os.path.join(TESTS, "avx512_emu", "scores.cpp")],
-                extra_cflags=["-O2", "-std=c++20", "-Wno-psabi"], build_directory=build).scores
+    return load("kcache_ops_avx512_emu", [os.path.join(TESTS, "avx512_emu", "loops.cpp")],
+                extra_cflags=["-O2", "-std=c++20", "-Wno-psabi"], build_directory=build)
+
+
+@pytest.fixture(scope="module")
+def emulated_scores(emulated):
+    return emulated.scores
 
 
 def check_scores(s, G, L, ref, what):
@@ -140,3 +156,73 @@ def test_equal_keys_score_alike(emulated_scores, dtype):
         for isa in ("avx512", "avx2"):
             s = emulated_scores(q, k, 0.125, isa, 11, 11)[:G]  # [G, L]
             assert (s == s[:, :1]).all(), f"{isa} G={G}: {s}"
+
+
+def tail_reference(w, codes, sb, acc, bits):
+    """acc [G, D] + sum over keys i of w[h, i] * (base_i + step_i * code_i) in float64, the codes
+    [n, >= D * bits / 8] uint8 unpacked low bits first, sb [n, 2] (step, base)."""
+    D = acc.shape[1]
+    shifts = torch.arange(0, 8, bits)  # [8 / bits]
+    unpacked = (codes[:, :D * bits // 8, None].long() >> shifts) & ((1 << bits) - 1)
+    rows = sb[:, 1:].double() + sb[:, :1].double() * unpacked.reshape(len(codes), D)  # [n, D]
+    return acc.double() + w.double() @ rows
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("D", [64, 128])
+def test_tail_sums_give_the_avx2_loops_bits(emulated, D, bits):
+    """lowbit_tail's AVX-512 sums (16 columns a vector) give Avx2Isa's bits, and both the float64
+    sums: every head count tail_rows splits a group into (4, 3, 2, 1 and their sums), runs of
+    256 keys and their remainders, strided codes, weights of 0, negative and large values."""
+    gen = torch.Generator().manual_seed(0)
+    for G in (1, 2, 3, 4, 5, 7, 8, 9):
+        for n in (1, 3, 255, 256, 257, 600):
+            w = torch.rand(G, n, generator=gen)  # [G, n]
+            w[torch.rand(G, n, generator=gen) < 0.2] = 0  # selected keys
+            codes = torch.randint(0, 256, (n, D * bits // 8 + 5), dtype=torch.uint8,
+                                  generator=gen)  # [n, D * bits / 8 + 5]: rows 5 bytes apart
+            step = torch.rand(n, generator=gen).bfloat16().float()  # [n]
+            base = (100 * torch.randn(n, generator=gen)).bfloat16().float()  # [n]
+            sb = torch.stack([step, base], 1)  # [n, 2]
+            acc = torch.randn(G, D, generator=gen)  # [G, D]: the sums add to it
+            got = {isa: emulated.tail_rows(w, codes, sb, acc, bits, isa)
+                   for isa in ("avx512", "avx2")}
+            what = f"G={G} n={n}"
+            assert torch.equal(got["avx512"], got["avx2"]), what
+            want = tail_reference(w, codes, sb, acc, bits)
+            torch.testing.assert_close(got["avx512"].double(), want, rtol=1e-5, atol=1e-3,
+                                       msg=lambda m: f"{what}: {m}")
+
+
+TAIL_AT_A_LEVEL = """
+import sys, torch, kcache_ops
+from kcache_ops import reference as R
+torch.manual_seed(0)
+outs = []
+for Hkv, G, D, bits in ((3, 3, 64, 2), (2, 4, 128, 4), (1, 9, 128, 2), (2, 1, 64, 4)):
+    S, N = 700, 16
+    lens = torch.tensor([700, 300], dtype=torch.int32)
+    scores = torch.randn(2, Hkv * G, S) * 3  # [B, Hq, S]
+    lse = torch.logsumexp(scores, -1)  # [B, Hq]
+    indices = torch.randint(0, 300, (2, Hkv * G, N), dtype=torch.int32)  # [B, Hq, N]
+    codes, meta = R.quantize_rows(torch.randn(2, Hkv, S, D) * 2 + 0.5, bits)
+    outs.append(kcache_ops.lowbit_tail(scores, lens, lse, indices, codes, meta, bits,
+                                       skip_first=4, skip_last=30))
+torch.save(outs, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not _has_avx512(), reason="this CPU has no AVX-512 loops")
+def test_lowbit_tail_gives_the_same_bits_at_avx512_and_avx2(tmp_path):
+    """On this CPU's own AVX-512 instructions, not emulated: lowbit_tail's output is the AVX2
+    level's bit for bit (the same operations on each column, 16 columns a vector, not 8)."""
+    outs = {}
+    for level in ("avx512", "avx2"):
+        path = tmp_path / f"{level}.pt"
+        run = subprocess.run([sys.executable, "-c", TAIL_AT_A_LEVEL, str(path)], timeout=300,
+                             capture_output=True, text=True,
+                             env=dict(os.environ, KCACHE_OPS_CPU_ISA=level))
+        assert run.returncode == 0, run.stderr[-3000:]
+        outs[level] = torch.load(path)
+    for i, (a, b) in enumerate(zip(outs["avx512"], outs["avx2"])):
+        assert torch.equal(a, b), f"case {i}: {(a - b).abs().max()}"

@@ -315,9 +315,10 @@ struct Avx2Isa {
   // acc [G, kD] += sum over keys i < n of w[h * w_stride + i] * row_i for each head h < G, row_i
   // = base_i + step_i * code (dequantize_row's values) with its codes at codes + i * c_stride and
   // (step_i, base_i) = (sb[2 i], sb[2 i + 1]). Every key is summed, weight 0 or not: the caller
-  // gives tail_row_bounded rows only. The heads 4 at a time (tail_tile); in each sum the keys in
-  // order, so the bits are those of dequantize_row and an axpy a key.
-  template <int64_t kD, int64_t kBits>
+  // gives tail_row_bounded rows only. The heads 4 at a time (Tile::tail_tile: this one, or
+  // Avx512Isa's, called); in each sum the keys in order, so the bits are those of dequantize_row
+  // and an axpy a key.
+  template <int64_t kD, int64_t kBits, class Tile = Avx2Isa>
   KC_AVX2 static void tail_rows(const float* w, int64_t w_stride, int64_t G, int64_t n,
                                 const uint8_t* codes, int64_t c_stride, const float* sb,
                                 float* acc) {
@@ -325,10 +326,13 @@ struct Avx2Isa {
       const float* wh = w + h * w_stride;
       float* ah = acc + h * kD;
       switch (std::min<int64_t>(G - h, 4)) {
-        case 1: tail_tile<kD, kBits, 1>(wh, w_stride, n, codes, c_stride, sb, ah); break;
-        case 2: tail_tile<kD, kBits, 2>(wh, w_stride, n, codes, c_stride, sb, ah); break;
-        case 3: tail_tile<kD, kBits, 3>(wh, w_stride, n, codes, c_stride, sb, ah); break;
-        default: tail_tile<kD, kBits, 4>(wh, w_stride, n, codes, c_stride, sb, ah);
+        case 1: Tile::template tail_tile<kD, kBits, 1>(wh, w_stride, n, codes, c_stride, sb, ah);
+          break;
+        case 2: Tile::template tail_tile<kD, kBits, 2>(wh, w_stride, n, codes, c_stride, sb, ah);
+          break;
+        case 3: Tile::template tail_tile<kD, kBits, 3>(wh, w_stride, n, codes, c_stride, sb, ah);
+          break;
+        default: Tile::template tail_tile<kD, kBits, 4>(wh, w_stride, n, codes, c_stride, sb, ah);
       }
     }
   }

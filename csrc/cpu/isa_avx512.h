@@ -1,12 +1,15 @@
 // qk_topn's scoring loop with AVX-512 (F, BW, BF16; x86-64 only): 16 lanes per instruction, and
 // for bfloat16 K the vdpbf16ps dot product (bf16 pairs, float32 accumulation: bf16 products are
-// exact in float32) with no conversion of K. Everything else comes from Avx2Isa. Compiled per
-// function (target attributes); KC_ISA_SWITCH (isa.h) picks it only where the CPU has the features.
+// exact in float32) with no conversion of K; lowbit_tail's sums (tail_rows) 16 columns a vector.
+// Everything else comes from Avx2Isa. Compiled per function (target attributes); KC_ISA_SWITCH
+// (isa.h) picks it only where the CPU has the features.
 // vdpbf16ps takes subnormal inputs and results as zero whatever MXCSR says: qk_topn runs this
 // loop on bfloat16 only for queries whose scores that cannot move by more than 2^-58
 // (bf16_query_isa, qk_topn.cpp), else the AVX2 one.
 #pragma once
 
+#include <algorithm>
+#include <cstring>
 #include <type_traits>
 
 #include "isa_avx2.h"
@@ -19,8 +22,9 @@
 
 namespace kcache_ops::cpu {
 
-// maskz_cvtph_ps and extractf32x8 stand in for cvtph_ps, castps512_ps256 and reduce_add_ps, on
-// which GCC 12 warns falsely (-Wmaybe-uninitialized on _mm256_undefined_*).
+// maskz_cvtph_ps and extractf32x8 stand in for cvtph_ps, castps512_ps256 and reduce_add_ps, and
+// the maskz forms with every lane for srlv, cvtepi32_ps and permutexvar, on which GCC 12 warns
+// falsely (-Wmaybe-uninitialized on _mm*_undefined_*).
 struct Avx512Isa : Avx2Isa {
   // 16 consecutive values as float32
   KC_AVX512_INLINE static __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -145,6 +149,74 @@ struct Avx512Isa : Avx2Isa {
       score_rows_upto4<scalar_t, kD, kPass>(q + h * kD, k, k_stride, rows, scale,
                                             s + h * s_stride, s_stride);
     }
+  }
+
+  // The 16 codes of kBits bits (low bits first) in the 2 * kBits bytes at codes, code l in lane
+  // l's low bits: each lane takes the 32-bit word that holds its code and shifts it down.
+  template <int64_t kBits>
+  KC_AVX512_INLINE static __m512i codes16(const uint8_t* codes) {
+    static_assert(kBits == 2 || kBits == 4, "16 codes in 4 or 8 bytes");
+    constexpr auto shift = [](int l) { return l % (32 / kBits) * kBits; };  // in its word
+    const __m512i shifts = _mm512_setr_epi32(
+        shift(0), shift(1), shift(2), shift(3), shift(4), shift(5), shift(6), shift(7), shift(8),
+        shift(9), shift(10), shift(11), shift(12), shift(13), shift(14), shift(15));
+    uint64_t bytes = 0;
+    std::memcpy(&bytes, codes, 2 * kBits);
+    __m512i words;  // lane l: the word of code l
+    if constexpr (kBits == 2) {
+      words = _mm512_set1_epi32(static_cast<int>(bytes));
+    } else {  // lanes 0-7 the first word, 8-15 the second
+      const __m512i second = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+      words = _mm512_maskz_permutexvar_epi32(0xFFFF, second,
+                                             _mm512_set1_epi64(static_cast<int64_t>(bytes)));
+    }
+    return _mm512_and_si512(_mm512_maskz_srlv_epi32(0xFFFF, words, shifts),
+                            _mm512_set1_epi32((1 << kBits) - 1));
+  }
+
+  // As Avx2Isa::tail_tile, 16 columns a vector: kH <= 4 heads by 4 vectors of sums (64 columns)
+  // held in registers across runs of kRun keys. Each sum takes fma(p, base + step * code, sum)
+  // in key order, the same operations on each column as Avx2Isa's: the same bits. Not inline:
+  // Avx2Isa::tail_rows calls it.
+  template <int64_t kD, int64_t kBits, int64_t kH>
+  KC_AVX512 static void tail_tile(const float* w, int64_t w_stride, int64_t n,
+                                  const uint8_t* codes, int64_t c_stride, const float* sb,
+                                  float* acc) {
+    constexpr int64_t kV = 4, kRun = 256;
+    static_assert(kD % (16 * kV) == 0, "whole tiles of 16 kV columns");
+    for (int64_t i0 = 0; i0 < n; i0 += kRun) {
+      const int64_t i1 = std::min(n, i0 + kRun);
+      for (int64_t c = 0; c < kD; c += 16 * kV) {
+        __m512 sum[kH][kV];
+        for (int64_t h = 0; h < kH; ++h) {
+          for (int64_t v = 0; v < kV; ++v) sum[h][v] = _mm512_loadu_ps(acc + h * kD + c + 16 * v);
+        }
+        for (int64_t i = i0; i < i1; ++i) {
+          const __m512 sv = _mm512_set1_ps(sb[2 * i]), bv = _mm512_set1_ps(sb[2 * i + 1]);
+          const uint8_t* row = codes + i * c_stride + c * kBits / 8;
+          __m512 x[kV];  // columns [c, c + 16 kV) of row i
+          for (int64_t v = 0; v < kV; ++v) {
+            x[v] = _mm512_fmadd_ps(
+                sv, _mm512_maskz_cvtepi32_ps(0xFFFF, codes16<kBits>(row + 2 * kBits * v)), bv);
+          }
+          for (int64_t h = 0; h < kH; ++h) {
+            const __m512 p = _mm512_set1_ps(w[h * w_stride + i]);
+            for (int64_t v = 0; v < kV; ++v) sum[h][v] = _mm512_fmadd_ps(p, x[v], sum[h][v]);
+          }
+        }
+        for (int64_t h = 0; h < kH; ++h) {
+          for (int64_t v = 0; v < kV; ++v) _mm512_storeu_ps(acc + h * kD + c + 16 * v, sum[h][v]);
+        }
+      }
+    }
+  }
+
+  // As Avx2Isa::tail_rows (the same bits), by this tail_tile.
+  template <int64_t kD, int64_t kBits>
+  KC_AVX512 static void tail_rows(const float* w, int64_t w_stride, int64_t G, int64_t n,
+                                  const uint8_t* codes, int64_t c_stride, const float* sb,
+                                  float* acc) {
+    Avx2Isa::tail_rows<kD, kBits, Avx512Isa>(w, w_stride, G, n, codes, c_stride, sb, acc);
   }
 };
 

@@ -110,6 +110,82 @@ KC_AVX2_INLINE __m512 dpbf16_ps(__m512 acc, __m512bh a, __m512bh b) {
   return r;
 }
 
+// __m512i as 16 int32 lanes and back
+struct Lanes32 {
+  int32_t v[16];
+};
+
+KC_AVX2_INLINE Lanes32 lanes32(__m512i a) {
+  Lanes32 l;
+  std::memcpy(l.v, &a, sizeof l.v);
+  return l;
+}
+
+KC_AVX2_INLINE __m512i from_lanes32(const Lanes32& l) {
+  __m512i r;
+  std::memcpy(&r, l.v, sizeof r);
+  return r;
+}
+
+KC_AVX2_INLINE void storeu_ps(float* p, __m512 a) { std::memcpy(p, &a, sizeof a); }
+
+KC_AVX2_INLINE __m512 set1_ps(float x) {
+  __m512 r;
+  for (int i = 0; i < 16; ++i) r[i] = x;
+  return r;
+}
+
+KC_AVX2_INLINE __m512i set1_epi32(int x) {
+  Lanes32 l;
+  for (int i = 0; i < 16; ++i) l.v[i] = x;
+  return from_lanes32(l);
+}
+
+// lanes 2i and 2i + 1 the low and high words of x
+KC_AVX2_INLINE __m512i set1_epi64(int64_t x) {
+  __m512i r;
+  for (int i = 0; i < 8; ++i) r[i] = x;
+  return r;
+}
+
+// lane i the i-th argument
+KC_AVX2_INLINE __m512i setr_epi32(int e0, int e1, int e2, int e3, int e4, int e5, int e6, int e7,
+                                  int e8, int e9, int e10, int e11, int e12, int e13, int e14,
+                                  int e15) {
+  return from_lanes32({{e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15}});
+}
+
+KC_AVX2_INLINE __m512i and_si512(__m512i a, __m512i b) { return a & b; }
+
+// lane i: a's lane idx[i] mod 16, or 0 where `mask` is off
+KC_AVX2_INLINE __m512i maskz_permutexvar_epi32(__mmask16 mask, __m512i idx, __m512i a) {
+  const Lanes32 i = lanes32(idx), x = lanes32(a);
+  Lanes32 r;
+  for (int l = 0; l < 16; ++l) r.v[l] = (mask >> l) & 1 ? x.v[i.v[l] & 15] : 0;
+  return from_lanes32(r);
+}
+
+// lane i: a's lane shifted right (logical) by count's lane, 0 from 32 on; 0 where `mask` is off
+KC_AVX2_INLINE __m512i maskz_srlv_epi32(__mmask16 mask, __m512i a, __m512i count) {
+  const Lanes32 x = lanes32(a), c = lanes32(count);
+  Lanes32 r;
+  for (int l = 0; l < 16; ++l) {
+    const uint32_t n = static_cast<uint32_t>(c.v[l]);
+    const uint32_t shifted = n > 31 ? 0u : static_cast<uint32_t>(x.v[l]) >> n;
+    r.v[l] = (mask >> l) & 1 ? static_cast<int32_t>(shifted) : 0;
+  }
+  return from_lanes32(r);
+}
+
+// int32 lanes -> float32 (round to nearest even, as cvtdq2ps under the default MXCSR); 0 where
+// `mask` is off
+KC_AVX2_INLINE __m512 maskz_cvtepi32_ps(__mmask16 mask, __m512i a) {
+  const Lanes32 x = lanes32(a);
+  __m512 r;
+  for (int l = 0; l < 16; ++l) r[l] = (mask >> l) & 1 ? static_cast<float>(x.v[l]) : 0.f;
+  return r;
+}
+
 }  // namespace kcache_ops::avx512_emu
 
 // Some are macros in GCC's headers when compiled without optimization.
@@ -121,6 +197,15 @@ KC_AVX2_INLINE __m512 dpbf16_ps(__m512 acc, __m512bh a, __m512bh b) {
 #undef _mm512_maskz_cvtph_ps
 #undef _mm512_cvtne2ps_pbh
 #undef _mm512_dpbf16_ps
+#undef _mm512_storeu_ps
+#undef _mm512_set1_ps
+#undef _mm512_set1_epi32
+#undef _mm512_set1_epi64
+#undef _mm512_setr_epi32
+#undef _mm512_and_si512
+#undef _mm512_maskz_permutexvar_epi32
+#undef _mm512_maskz_srlv_epi32
+#undef _mm512_maskz_cvtepi32_ps
 #define _mm512_loadu_ps kcache_ops::avx512_emu::loadu_ps
 #define _mm512_loadu_si512 kcache_ops::avx512_emu::loadu_si512
 #define _mm512_setzero_ps kcache_ops::avx512_emu::setzero_ps
@@ -129,3 +214,12 @@ KC_AVX2_INLINE __m512 dpbf16_ps(__m512 acc, __m512bh a, __m512bh b) {
 #define _mm512_maskz_cvtph_ps kcache_ops::avx512_emu::maskz_cvtph_ps
 #define _mm512_cvtne2ps_pbh kcache_ops::avx512_emu::cvtne2ps_pbh
 #define _mm512_dpbf16_ps kcache_ops::avx512_emu::dpbf16_ps
+#define _mm512_storeu_ps kcache_ops::avx512_emu::storeu_ps
+#define _mm512_set1_ps kcache_ops::avx512_emu::set1_ps
+#define _mm512_set1_epi32 kcache_ops::avx512_emu::set1_epi32
+#define _mm512_set1_epi64 kcache_ops::avx512_emu::set1_epi64
+#define _mm512_setr_epi32 kcache_ops::avx512_emu::setr_epi32
+#define _mm512_and_si512 kcache_ops::avx512_emu::and_si512
+#define _mm512_maskz_permutexvar_epi32 kcache_ops::avx512_emu::maskz_permutexvar_epi32
+#define _mm512_maskz_srlv_epi32 kcache_ops::avx512_emu::maskz_srlv_epi32
+#define _mm512_maskz_cvtepi32_ps kcache_ops::avx512_emu::maskz_cvtepi32_ps

@@ -1,0 +1,97 @@
+// A torch extension for tests/test_cpu_isa.py: qk_topn's scoring of one (sequence, KV head) group,
+// score_heads (csrc/cpu/isa.h), and lowbit_tail's sums of one chunk, tail_rows, through Avx512Isa
+// with its intrinsics emulated (intrinsics.h) or through Avx2Isa, on whatever x86-64 CPU runs the
+// tests.
+#include <torch/extension.h>
+
+#include "../../csrc/cpu/common.h"
+#include "../../csrc/cpu/isa_generic.h"
+#include "intrinsics.h"  // after every header that could use an AVX-512 intrinsic itself
+#include "../../csrc/cpu/isa.h"
+
+namespace {
+
+// q [G, D] float32 contiguous, k [L, D] float32/float16/bfloat16 with unit stride in D (D 64 or
+// 128) -> s [G + 1, s_stride] float32 (s_stride >= L), NaN but for s[h, j] = scale * <q_h, k_j>
+// (h < G, j < L): the keys scored in tiles of `tile` rows as qk_topn scores them, the last row a
+// guard that a stray store would write.
+torch::Tensor scores(const torch::Tensor& q, const torch::Tensor& k, double scale,
+                     const std::string& isa, int64_t tile, int64_t s_stride) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: [G, D] f32");
+  TORCH_CHECK(k.dim() == 2 && k.size(1) == q.size(1) && k.stride(1) == 1, "k: [L, D], unit stride");
+  TORCH_CHECK(q.size(1) == 64 || q.size(1) == 128, "D must be 64 or 128");
+  TORCH_CHECK(isa == "avx512" || isa == "avx2", "isa must be avx512 or avx2");
+  const int64_t G = q.size(0), L = k.size(0);
+  TORCH_CHECK(tile >= 1 && s_stride >= L, "tile >= 1 and s_stride >= L");
+  auto s = torch::full({G + 1, s_stride}, NAN, q.options());  // [G + 1, s_stride], poisoned
+  KC_DISPATCH_FLOAT_HALF_BF16(k.scalar_type(), "scores", [&] {
+    KC_HEAD_DIM_SWITCH(q.size(1), [&] {
+      const auto* kp = static_cast<const scalar_t*>(k.data_ptr());
+      const auto run = [&]<class Isa>() {
+        for (int64_t j = 0; j < L; j += tile) {
+          for (int64_t h = 0; h < G;) {
+            h += kcache_ops::cpu::score_heads<Isa, scalar_t, kD>(
+                q.data_ptr<float>() + h * kD, G - h, kp + j * k.stride(0), k.stride(0),
+                std::min(tile, L - j), static_cast<float>(scale),
+                s.data_ptr<float>() + h * s_stride + j, s_stride);
+          }
+        }
+      };
+      if (isa == "avx512") {
+        run.template operator()<kcache_ops::cpu::Avx512Isa>();
+      } else {
+        run.template operator()<kcache_ops::cpu::Avx2Isa>();
+      }
+    });
+  });
+  return s;
+}
+
+// acc [G, D] (a copy of acc_in) += sum over keys i < n of w[h, i] * (sb[i, 1] + sb[i, 0] * code)
+// for each head h < G, by Isa::tail_rows: w [G, n] float32 contiguous, codes [n, >= D * bits / 8]
+// uint8 with unit stride in a row (the codes of row i, `bits` bits each, low bits first), sb [n, 2]
+// float32 contiguous (step, base); D 64 or 128, bits 2 or 4.
+torch::Tensor tail_rows(const torch::Tensor& w, const torch::Tensor& codes, const torch::Tensor& sb,
+                        const torch::Tensor& acc_in, int64_t bits, const std::string& isa) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous(), "w: [G, n] f32");
+  const int64_t G = w.size(0), n = w.size(1);
+  TORCH_CHECK(acc_in.dim() == 2 && acc_in.size(0) == G && acc_in.scalar_type() == at::kFloat,
+              "acc: [G, D] f32");
+  const int64_t D = acc_in.size(1);
+  TORCH_CHECK(D == 64 || D == 128, "D must be 64 or 128");
+  TORCH_CHECK(bits == 2 || bits == 4, "bits must be 2 or 4");
+  TORCH_CHECK(codes.dim() == 2 && codes.size(0) == n && codes.size(1) >= D * bits / 8 &&
+                  codes.stride(1) == 1 && codes.scalar_type() == at::kByte,
+              "codes: [n, >= D * bits / 8] uint8, unit stride");
+  TORCH_CHECK(sb.sizes() == at::IntArrayRef({n, 2}) && sb.is_contiguous() &&
+                  sb.scalar_type() == at::kFloat, "sb: [n, 2] f32");
+  TORCH_CHECK(isa == "avx512" || isa == "avx2", "isa must be avx512 or avx2");
+  torch::Tensor acc = acc_in.contiguous().clone();  // [G, D]
+  KC_HEAD_DIM_SWITCH(D, [&] {
+    const auto run = [&]<class Isa, int64_t kBits>() {
+      Isa::template tail_rows<kD, kBits>(w.data_ptr<float>(), n, G, n, codes.data_ptr<uint8_t>(),
+                                         codes.stride(0), sb.data_ptr<float>(),
+                                         acc.data_ptr<float>());
+    };
+    const auto at_bits = [&]<class Isa>() {
+      if (bits == 2) {
+        run.template operator()<Isa, 2>();
+      } else {
+        run.template operator()<Isa, 4>();
+      }
+    };
+    if (isa == "avx512") {
+      at_bits.template operator()<kcache_ops::cpu::Avx512Isa>();
+    } else {
+      at_bits.template operator()<kcache_ops::cpu::Avx2Isa>();
+    }
+  });
+  return acc;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("scores", &scores);
+  m.def("tail_rows", &tail_rows);
+}
