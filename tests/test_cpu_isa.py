@@ -95,7 +95,7 @@ def emulated():
     """avx512_emu/loops.cpp built (ninja keeps it between runs), each loop through Avx512Isa on
     emulated intrinsics ("avx512") or Avx2Isa: ``scores(q, k, scale, isa, tile, s_stride)`` scores
     one group's keys into a NaN-poisoned [G + 1, s_stride]; ``tail_rows(w, codes, sb, acc, bits,
-    isa)`` adds one chunk's tail sums to a copy of acc [G, D]."""
+    isa)`` adds one chunk's tail sums to the first G rows of a copy of acc [G + 1, D]."""
     if not _has_avx2():
         pytest.skip("the emulated AVX-512 loops are compiled for AVX2 (x86-64)")
     from torch.utils.cpp_extension import load
@@ -184,13 +184,14 @@ def test_tail_sums_give_the_avx2_loops_bits(emulated, D, bits):
             step = torch.rand(n, generator=gen).bfloat16().float()  # [n]
             base = (100 * torch.randn(n, generator=gen)).bfloat16().float()  # [n]
             sb = torch.stack([step, base], 1)  # [n, 2]
-            acc = torch.randn(G, D, generator=gen)  # [G, D]: the sums add to it
+            acc = torch.randn(G + 1, D, generator=gen)  # [G + 1, D]: the sums add to G rows
             got = {isa: emulated.tail_rows(w, codes, sb, acc, bits, isa)
                    for isa in ("avx512", "avx2")}
             what = f"G={G} n={n}"
             assert torch.equal(got["avx512"], got["avx2"]), what
-            want = tail_reference(w, codes, sb, acc, bits)
-            torch.testing.assert_close(got["avx512"].double(), want, rtol=1e-5, atol=1e-3,
+            assert torch.equal(got["avx512"][G], acc[G]), f"{what}: a store past the G rows"
+            want = tail_reference(w, codes, sb, acc[:G], bits)
+            torch.testing.assert_close(got["avx512"][:G].double(), want, rtol=1e-5, atol=1e-3,
                                        msg=lambda m: f"{what}: {m}")
 
 
@@ -199,7 +200,8 @@ import sys, torch, kcache_ops
 from kcache_ops import reference as R
 torch.manual_seed(0)
 outs = []
-for Hkv, G, D, bits in ((3, 3, 64, 2), (2, 4, 128, 4), (1, 9, 128, 2), (2, 1, 64, 4)):
+for Hkv, G, D, bits in ((3, 3, 64, 2), (2, 4, 128, 4), (1, 9, 128, 2), (2, 1, 64, 4),
+                        (1, 6, 128, 4)):  # heads 4 at a time: 3; 4; 4 + 4 + 1; 1; 4 + 2
     S, N = 700, 16
     lens = torch.tensor([700, 300], dtype=torch.int32)
     scores = torch.randn(2, Hkv * G, S) * 3  # [B, Hq, S]

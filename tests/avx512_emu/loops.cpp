@@ -47,16 +47,17 @@ torch::Tensor scores(const torch::Tensor& q, const torch::Tensor& k, double scal
   return s;
 }
 
-// acc [G, D] (a copy of acc_in) += sum over keys i < n of w[h, i] * (sb[i, 1] + sb[i, 0] * code)
-// for each head h < G, by Isa::tail_rows: w [G, n] float32 contiguous, codes [n, >= D * bits / 8]
+// acc [G + 1, D] (a copy of acc_in) with rows h < G += sum over keys i < n of w[h, i] * (sb[i, 1]
+// + sb[i, 0] * code) by Isa::tail_rows, row G a guard that a stray store would change: w [G, n]
+// float32 contiguous, codes [n, >= D * bits / 8]
 // uint8 with unit stride in a row (the codes of row i, `bits` bits each, low bits first), sb [n, 2]
 // float32 contiguous (step, base); D 64 or 128, bits 2 or 4.
 torch::Tensor tail_rows(const torch::Tensor& w, const torch::Tensor& codes, const torch::Tensor& sb,
                         const torch::Tensor& acc_in, int64_t bits, const std::string& isa) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous(), "w: [G, n] f32");
   const int64_t G = w.size(0), n = w.size(1);
-  TORCH_CHECK(acc_in.dim() == 2 && acc_in.size(0) == G && acc_in.scalar_type() == at::kFloat,
-              "acc: [G, D] f32");
+  TORCH_CHECK(acc_in.dim() == 2 && acc_in.size(0) == G + 1 && acc_in.scalar_type() == at::kFloat,
+              "acc: [G + 1, D] f32");
   const int64_t D = acc_in.size(1);
   TORCH_CHECK(D == 64 || D == 128, "D must be 64 or 128");
   TORCH_CHECK(bits == 2 || bits == 4, "bits must be 2 or 4");
@@ -66,7 +67,7 @@ torch::Tensor tail_rows(const torch::Tensor& w, const torch::Tensor& codes, cons
   TORCH_CHECK(sb.sizes() == at::IntArrayRef({n, 2}) && sb.is_contiguous() &&
                   sb.scalar_type() == at::kFloat, "sb: [n, 2] f32");
   TORCH_CHECK(isa == "avx512" || isa == "avx2", "isa must be avx512 or avx2");
-  torch::Tensor acc = acc_in.contiguous().clone();  // [G, D]
+  torch::Tensor acc = acc_in.contiguous().clone();  // [G + 1, D]
   KC_HEAD_DIM_SWITCH(D, [&] {
     const auto run = [&]<class Isa, int64_t kBits>() {
       Isa::template tail_rows<kD, kBits>(w.data_ptr<float>(), n, G, n, codes.data_ptr<uint8_t>(),
