@@ -11,6 +11,18 @@
 
 namespace {
 
+// body.template operator()<Isa>() with Isa the loops `isa` names: "avx512" (Avx512Isa, its
+// intrinsics emulated) or "avx2" (Avx2Isa).
+template <class Body>
+void with_isa(const std::string& isa, const Body& body) {
+  TORCH_CHECK(isa == "avx512" || isa == "avx2", "isa must be avx512 or avx2");
+  if (isa == "avx512") {
+    body.template operator()<kcache_ops::cpu::Avx512Isa>();
+  } else {
+    body.template operator()<kcache_ops::cpu::Avx2Isa>();
+  }
+}
+
 // q [G, D] float32 contiguous, k [L, D] float32/float16/bfloat16 with unit stride in D (D 64 or
 // 128) -> s [G + 1, s_stride] float32 (s_stride >= L), NaN but for s[h, j] = scale * <q_h, k_j>
 // (h < G, j < L): the keys scored in tiles of `tile` rows as qk_topn scores them, the last row a
@@ -20,14 +32,13 @@ torch::Tensor scores(const torch::Tensor& q, const torch::Tensor& k, double scal
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: [G, D] f32");
   TORCH_CHECK(k.dim() == 2 && k.size(1) == q.size(1) && k.stride(1) == 1, "k: [L, D], unit stride");
   TORCH_CHECK(q.size(1) == 64 || q.size(1) == 128, "D must be 64 or 128");
-  TORCH_CHECK(isa == "avx512" || isa == "avx2", "isa must be avx512 or avx2");
   const int64_t G = q.size(0), L = k.size(0);
   TORCH_CHECK(tile >= 1 && s_stride >= L, "tile >= 1 and s_stride >= L");
   auto s = torch::full({G + 1, s_stride}, NAN, q.options());  // [G + 1, s_stride], poisoned
   KC_DISPATCH_FLOAT_HALF_BF16(k.scalar_type(), "scores", [&] {
     KC_HEAD_DIM_SWITCH(q.size(1), [&] {
       const auto* kp = static_cast<const scalar_t*>(k.data_ptr());
-      const auto run = [&]<class Isa>() {
+      with_isa(isa, [&]<class Isa>() {
         for (int64_t j = 0; j < L; j += tile) {
           for (int64_t h = 0; h < G;) {
             h += kcache_ops::cpu::score_heads<Isa, scalar_t, kD>(
@@ -36,12 +47,7 @@ torch::Tensor scores(const torch::Tensor& q, const torch::Tensor& k, double scal
                 s.data_ptr<float>() + h * s_stride + j, s_stride);
           }
         }
-      };
-      if (isa == "avx512") {
-        run.template operator()<kcache_ops::cpu::Avx512Isa>();
-      } else {
-        run.template operator()<kcache_ops::cpu::Avx2Isa>();
-      }
+      });
     });
   });
   return s;
@@ -49,9 +55,9 @@ torch::Tensor scores(const torch::Tensor& q, const torch::Tensor& k, double scal
 
 // acc [G + 1, D] (a copy of acc_in) with rows h < G += sum over keys i < n of w[h, i] * (sb[i, 1]
 // + sb[i, 0] * code) by Isa::tail_rows, row G a guard that a stray store would change: w [G, n]
-// float32 contiguous, codes [n, >= D * bits / 8]
-// uint8 with unit stride in a row (the codes of row i, `bits` bits each, low bits first), sb [n, 2]
-// float32 contiguous (step, base); D 64 or 128, bits 2 or 4.
+// float32 contiguous, codes [n, >= D * bits / 8] uint8 with unit stride in a row (the codes of
+// row i, `bits` bits each, low bits first), sb [n, 2] float32 contiguous (step, base); D 64 or
+// 128, bits 2 or 4.
 torch::Tensor tail_rows(const torch::Tensor& w, const torch::Tensor& codes, const torch::Tensor& sb,
                         const torch::Tensor& acc_in, int64_t bits, const std::string& isa) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous(), "w: [G, n] f32");
@@ -66,26 +72,20 @@ torch::Tensor tail_rows(const torch::Tensor& w, const torch::Tensor& codes, cons
               "codes: [n, >= D * bits / 8] uint8, unit stride");
   TORCH_CHECK(sb.sizes() == at::IntArrayRef({n, 2}) && sb.is_contiguous() &&
                   sb.scalar_type() == at::kFloat, "sb: [n, 2] f32");
-  TORCH_CHECK(isa == "avx512" || isa == "avx2", "isa must be avx512 or avx2");
   torch::Tensor acc = acc_in.contiguous().clone();  // [G + 1, D]
   KC_HEAD_DIM_SWITCH(D, [&] {
-    const auto run = [&]<class Isa, int64_t kBits>() {
-      Isa::template tail_rows<kD, kBits>(w.data_ptr<float>(), n, G, n, codes.data_ptr<uint8_t>(),
-                                         codes.stride(0), sb.data_ptr<float>(),
-                                         acc.data_ptr<float>());
-    };
-    const auto at_bits = [&]<class Isa>() {
+    with_isa(isa, [&]<class Isa>() {
+      const auto run = [&]<int64_t kBits>() {
+        Isa::template tail_rows<kD, kBits>(w.data_ptr<float>(), n, G, n,
+                                           codes.data_ptr<uint8_t>(), codes.stride(0),
+                                           sb.data_ptr<float>(), acc.data_ptr<float>());
+      };
       if (bits == 2) {
-        run.template operator()<Isa, 2>();
+        run.template operator()<2>();
       } else {
-        run.template operator()<Isa, 4>();
+        run.template operator()<4>();
       }
-    };
-    if (isa == "avx512") {
-      at_bits.template operator()<kcache_ops::cpu::Avx512Isa>();
-    } else {
-      at_bits.template operator()<kcache_ops::cpu::Avx2Isa>();
-    }
+    });
   });
   return acc;
 }
