@@ -1,8 +1,10 @@
 """How the CPU ops are built: every level of the inner loops passes the op tests (this machine
 picks its best level, AVX-512, AVX2 or the portable loops, csrc/cpu/isa.h; the tests rerun in
 processes with KCACHE_OPS_CPU_ISA capping it at avx2 and at generic), the AVX-512 loops match the
-reference (qk_topn's scores) and the AVX2 loop's bits (lowbit_tail's sums) on any x86-64 CPU with
-AVX2 (their intrinsics emulated, avx512_emu/), and the parallel loops are compiled with OpenMP."""
+reference (qk_topn's scores, its sums of exps) and the AVX2 loops' bits (lowbit_tail's sums, the
+exps of its weights and of group_select's mass) on any x86-64 CPU with AVX2 (their intrinsics
+emulated, avx512_emu/), and the parallel loops are compiled with OpenMP."""
+import math
 import os
 import platform
 import subprocess
@@ -95,7 +97,9 @@ def emulated():
     """avx512_emu/loops.cpp built (ninja keeps it between runs), each loop through Avx512Isa on
     emulated intrinsics ("avx512") or Avx2Isa: ``scores(q, k, scale, isa, tile, s_stride)`` scores
     one group's keys into a NaN-poisoned [G + 1, s_stride]; ``tail_rows(w, codes, sb, acc, bits,
-    isa)`` adds one chunk's tail sums to the first G rows of a copy of acc [G + 1, D]."""
+    isa)`` adds one chunk's tail sums to the first G rows of a copy of acc [G + 1, D];
+    ``exps(x, acc, shift, isa)`` gives tail_weights of x [n] and add_exp of x onto acc [n + 1],
+    each with a guard element, and sum_exp [1]."""
     if not _has_avx2():
         pytest.skip("the emulated AVX-512 loops are compiled for AVX2 (x86-64)")
     from torch.utils.cpp_extension import load
@@ -195,16 +199,55 @@ def test_tail_sums_give_the_avx2_loops_bits(emulated, D, bits):
                                        msg=lambda m: f"{what}: {m}")
 
 
+def exp_inputs(gen):
+    """x [1100] float32 whose exps (shift 0) cover every branch of exp8: +-0, values around each
+    integer n of x / ln 2 and its halfway points, subnormal results (below -87.3), the underflow
+    to 0 (below -103.98) and the clamp at 88 (tail_weights then takes std::exp), +-inf and NaN."""
+    spread = torch.linspace(-110, 95, 700)  # [700]
+    halves = (torch.arange(-150, 128) + 0.5) * math.log(2)  # [278]: x / ln 2 halfway
+    specials = torch.tensor([0.0, -0.0, 88.0, 88.5, 88.72, 89.0, -87.33, -103.97, -103.99,
+                             -104.0, 1e-30, -1e-30, float("inf"), float("-inf"), float("nan")])
+    rest = 1100 - 700 - 278 - len(specials)
+    noise = torch.randn(rest, generator=gen) * 30  # [rest]
+    return torch.cat([spread, halves.float(), specials, noise])[torch.randperm(1100, generator=gen)]
+
+
+@pytest.mark.parametrize("n", [1, 7, 15, 16, 17, 64, 100, 1100])
+def test_exps_give_the_avx2_loops_bits(emulated, n):
+    """The AVX-512 exps (16 keys a vector) of lowbit_tail's weights and of group_select's mass
+    give Avx2Isa's bits lane for lane (exp16 is exp8's operations over 16 lanes), and qk_topn's
+    sum of exps the float64 sum; no store past n."""
+    gen = torch.Generator().manual_seed(n)
+    x = exp_inputs(gen)[:n].contiguous()  # [n]
+    acc = torch.rand(n + 1, generator=gen)  # [n + 1], the last a guard
+    for shift in (0.0, 3.5, -20.0):
+        got = {isa: emulated.exps(x, acc, shift, isa) for isa in ("avx512", "avx2")}
+        for i, what in enumerate(("tail_weights", "add_exp")):
+            a, b = got["avx512"][i], got["avx2"][i]
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"{what} shift={shift}"
+            assert a[n] == acc[n], f"{what} shift={shift}: a store past n"
+        assert got["avx512"][2].isnan() == x.isnan().any(), f"sum_exp shift={shift}: NaN"
+    # sum_exp as qk_topn calls it: finite scores, none above the shift (their max) by 88
+    xs = x.nan_to_num(nan=-1.0, posinf=50.0, neginf=float("-inf")).clamp(max=50.0)  # [n]
+    for shift in (50.0, 0.0, -20.0):
+        got = emulated.exps(xs, acc, shift, "avx512")[2].double()  # [1]
+        want = torch.exp(xs.double() - shift).sum()
+        torch.testing.assert_close(got[0], want, rtol=1e-5, atol=0,
+                                   msg=lambda m: f"sum_exp shift={shift}: {m}")
+
+
 TAIL_AT_A_LEVEL = """
 import sys, torch, kcache_ops
 from kcache_ops import reference as R
 torch.manual_seed(0)
 outs = []
-for Hkv, G, D, bits in ((3, 3, 64, 2), (2, 4, 128, 4), (1, 9, 128, 2), (2, 1, 64, 4),
-                        (1, 6, 128, 4)):  # heads 4 at a time: 3; 4; 4 + 4 + 1; 1; 4 + 2
+# heads 4 at a time: 3; 4; 4 + 4 + 1; 1; 4 + 2; 3. Scores spread by 3, or by 40: weights down
+# to subnormal and 0 (exp16's every branch but its clamp at 88, which an lse never reaches).
+for Hkv, G, D, bits, spread in ((3, 3, 64, 2, 3), (2, 4, 128, 4, 3), (1, 9, 128, 2, 3),
+                                (2, 1, 64, 4, 3), (1, 6, 128, 4, 3), (1, 3, 64, 2, 40)):
     S, N = 700, 16
     lens = torch.tensor([700, 300], dtype=torch.int32)
-    scores = torch.randn(2, Hkv * G, S) * 3  # [B, Hq, S]
+    scores = torch.randn(2, Hkv * G, S) * spread  # [B, Hq, S]
     lse = torch.logsumexp(scores, -1)  # [B, Hq]
     indices = torch.randint(0, 300, (2, Hkv * G, N), dtype=torch.int32)  # [B, Hq, N]
     codes, meta = R.quantize_rows(torch.randn(2, Hkv, S, D) * 2 + 0.5, bits)
@@ -217,7 +260,8 @@ torch.save(outs, sys.argv[1])
 @pytest.mark.skipif(not _has_avx512(), reason="this CPU has no AVX-512 loops")
 def test_lowbit_tail_gives_the_same_bits_at_avx512_and_avx2(tmp_path):
     """On this CPU's own AVX-512 instructions, not emulated: lowbit_tail's output is the AVX2
-    level's bit for bit (the same operations on each column, 16 columns a vector, not 8)."""
+    level's bit for bit (the same operations on each column and each weight, 16 a vector, not
+    8)."""
     outs = {}
     for level in ("avx512", "avx2"):
         path = tmp_path / f"{level}.pt"

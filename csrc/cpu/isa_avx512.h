@@ -1,6 +1,7 @@
 // qk_topn's scoring loop with AVX-512 (F, BW, BF16; x86-64 only): 16 lanes per instruction, and
 // for bfloat16 K the vdpbf16ps dot product (bf16 pairs, float32 accumulation: bf16 products are
-// exact in float32) with no conversion of K; lowbit_tail's sums (tail_rows) 16 columns a vector.
+// exact in float32) with no conversion of K; lowbit_tail's sums (tail_rows) 16 columns a vector;
+// the exps of qk_topn's lse and group mass and of lowbit_tail's weights 16 keys a vector.
 // Everything else comes from Avx2Isa. Compiled per function (target attributes); KC_ISA_SWITCH
 // (isa.h) picks it only where the CPU has the features.
 // vdpbf16ps takes subnormal inputs and results as zero whatever MXCSR says: qk_topn runs this
@@ -23,8 +24,8 @@
 namespace kcache_ops::cpu {
 
 // maskz_cvtph_ps and extractf32x8 stand in for cvtph_ps, castps512_ps256 and reduce_add_ps, and
-// the maskz forms with every lane for srlv, cvtepi32_ps and permutexvar, on which GCC 12 warns
-// falsely (-Wmaybe-uninitialized on _mm*_undefined_*).
+// the maskz forms with every lane for srlv, cvtepi32_ps, permutexvar, shuffle_f32x4 and
+// extractf32x4, on which GCC 12 warns falsely (-Wmaybe-uninitialized on _mm*_undefined_*).
 struct Avx512Isa : Avx2Isa {
   // 16 consecutive values as float32
   KC_AVX512_INLINE static __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -37,46 +38,82 @@ struct Avx512Isa : Avx2Isa {
     return _mm256_add_ps(_mm512_extractf32x8_ps(v, 0), _mm512_extractf32x8_ps(v, 1));
   }
 
-  // Lane i of the result is the sum of the lanes of v[i], for 8 vectors, each summed as
-  // ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)).
-  KC_AVX512_INLINE static __m256 reduce8(const __m256* v) {
-    const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
-    const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
-    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
-                         _mm256_permute2f128_ps(u0, u1, 0x31));
+  // One level of a sum tree over vectors. Level 0 adds lanes i and i + 8 of a, then of b, and
+  // returns a's 8 sums then b's; level 1 adds lanes i and i + 4 of each 8-lane half, level 2
+  // lanes i and i + 2 of each 128-bit chunk, level 3 lanes i and i + 1 of each pair. a's sums
+  // fill the lower half of the result (levels 0, 1) or of each chunk (levels 2, 3), b's the upper.
+  template <int kLevel>
+  KC_AVX512_INLINE static __m512 add_halves(__m512 a, __m512 b) {
+    if constexpr (kLevel == 0) {
+      return _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xFFFF, a, b, 0x44),
+                           _mm512_maskz_shuffle_f32x4(0xFFFF, a, b, 0xEE));
+    } else if constexpr (kLevel == 1) {
+      return _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xFFFF, a, b, 0x88),
+                           _mm512_maskz_shuffle_f32x4(0xFFFF, a, b, 0xDD));
+    } else if constexpr (kLevel == 2) {
+      return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE));
+    } else {
+      return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD));
+    }
   }
 
-  // The sum of the lanes of v in reduce8's order, so that a row scored alone (a tile's last
-  // rows) scores as it would among 4: equal keys tie, and go to the lower index.
-  KC_AVX512_INLINE static float reduce1(__m256 v) {
-    const __m256 t = _mm256_hadd_ps(v, v), u = _mm256_hadd_ps(t, t);  // u[0], u[4]: the halves
-    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+  // v[i] = add_halves<kLevel>(v[2i], v[2i + 1]) for i < ceil(kN / 2), an odd last one with itself
+  template <int kLevel, int64_t kN>
+  KC_AVX512_INLINE static void halve(__m512* v) {
+    for (int64_t i = 0; i < (kN + 1) / 2; ++i) {
+      v[i] = add_halves<kLevel>(v[2 * i], v[std::min(2 * i + 1, kN - 1)]);
+    }
   }
 
-  // s[h * s_stride + r] = scale * (sum of the lanes of acc[h][r]). With 4 rows, the sums of 8
-  // accumulators come out of one transposing reduction as two heads' 4 consecutive scores.
+  // The lane sums of v [kN] (kN 4, 8 or 16; v is overwritten) in 4 levels of add_halves, each
+  // summed as hsum(fold8(v_j)) sums one: lane l of 128-bit chunk c of the result is the sum of
+  // v[(4 l + c) mod kN]. 45 shuffles and adds for 16 vectors.
+  template <int64_t kN>
+  KC_AVX512_INLINE static __m512 lane_sums(__m512 (&v)[kN]) {
+    static_assert(kN == 4 || kN == 8 || kN == 16, "4, 8 or 16 vectors");
+    halve<0, kN>(v);
+    halve<1, kN / 2>(v);
+    halve<2, kN / 4>(v);
+    halve<3, (kN + 7) / 8>(v);
+    return v[0];
+  }
+
+  // s[h * s_stride + r] = scale * (sum of the lanes of acc[h][r]), each as hsum(fold8(acc[h][r]))
+  // sums it, so that a row scored alone (a tile's last rows) scores as it would among 4: equal
+  // keys tie, and go to the lower index. 4 rows: one lane_sums puts head h's 4 sums in chunk h.
   template <int64_t kH, int64_t kR>
   KC_AVX512_INLINE static void store_sums(const __m512 (&acc)[kH][kR], float scale, float* s,
                                           int64_t s_stride) {
     if constexpr (kR == 4) {
-      constexpr int64_t kHalves = kH * kR < 8 ? 8 : kH * kR;
-      __m256 half[kHalves];  // [kH * kR] accumulators folded to 8 lanes, zero-padded to 8
-      for (int64_t i = 0; i < kHalves; ++i) half[i] = _mm256_setzero_ps();
+      static_assert(kH == 1 || kH == 2 || kH == 4, "1, 2 or 4 heads");
+      __m512 v[kH * kR];  // v[kH r + h] = acc[h][r]: head h, row r ends in lane r of chunk h
       for (int64_t h = 0; h < kH; ++h) {
-        for (int64_t r = 0; r < kR; ++r) {
-          half[h * kR + r] = fold8(acc[h][r]);
-        }
+        for (int64_t r = 0; r < kR; ++r) v[kH * r + h] = acc[h][r];
       }
-      for (int64_t h = 0; h < kH; h += 2) {  // heads h and h + 1
-        const __m256 sums = _mm256_mul_ps(reduce8(half + h * kR), _mm256_set1_ps(scale));
-        _mm_storeu_ps(s + h * s_stride, _mm256_castps256_ps128(sums));
-        if (h + 1 < kH) _mm_storeu_ps(s + (h + 1) * s_stride, _mm256_extractf128_ps(sums, 1));
+      __m512 sums = lane_sums(v);
+      if constexpr (kH < 4) {  // v[j] is in lane j / 4 of chunk j mod 4: moved to lane 4 h + r
+        constexpr auto from = [](int l) {  // where lane l's sum is: head l / 4, row l % 4
+          const int j = kH * (l % 4) + l / 4;
+          return l / 4 < kH ? 4 * (j % 4) + j / 4 : 0;
+        };
+        sums = _mm512_maskz_permutexvar_ps(
+            0xFFFF,
+            _mm512_setr_epi32(from(0), from(1), from(2), from(3), from(4), from(5), from(6),
+                              from(7), from(8), from(9), from(10), from(11), from(12), from(13),
+                              from(14), from(15)),
+            sums);
+      }
+      sums = _mm512_mul_ps(sums, _mm512_set1_ps(scale));
+      _mm_storeu_ps(s, _mm512_maskz_extractf32x4_ps(0xF, sums, 0));
+      if constexpr (kH > 1) _mm_storeu_ps(s + s_stride, _mm512_maskz_extractf32x4_ps(0xF, sums, 1));
+      if constexpr (kH > 2) {
+        _mm_storeu_ps(s + 2 * s_stride, _mm512_maskz_extractf32x4_ps(0xF, sums, 2));
+        _mm_storeu_ps(s + 3 * s_stride, _mm512_maskz_extractf32x4_ps(0xF, sums, 3));
       }
     } else {
       for (int64_t h = 0; h < kH; ++h) {
         for (int64_t r = 0; r < kR; ++r) {
-          s[h * s_stride + r] = reduce1(fold8(acc[h][r])) * scale;
+          s[h * s_stride + r] = hsum(fold8(acc[h][r])) * scale;
         }
       }
     }
@@ -148,6 +185,80 @@ struct Avx512Isa : Avx2Isa {
     for (int64_t h = 0; h < kH; h += kPass) {
       score_rows_upto4<scalar_t, kD, kPass>(q + h * kD, k, k_stride, rows, scale,
                                             s + h * s_stride, s_stride);
+    }
+  }
+
+  // exp8 over 16 lanes: the same operations lane for lane, so the same bits.
+  KC_AVX512_INLINE static __m512 exp16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-103.98f);
+    const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_maskz_max_ps(0xFFFF, lo, _mm512_maskz_min_ps(0xFFFF, _mm512_set1_ps(88.f), x));
+    const __m512 n =
+        _mm512_maskz_roundscale_ps(0xFFFF, _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    const __m512i ni = _mm512_maskz_cvtps_epi32(0xFFFF, n);
+    const __m512i half = _mm512_maskz_srai_epi32(0xFFFF, ni, 1);  // n = half + (n - half)
+    const __m512i bias = _mm512_set1_epi32(127);
+    const __m512 pow_a =
+        _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, _mm512_add_epi32(half, bias), 23));
+    const __m512 pow_b = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(
+        0xFFFF, _mm512_add_epi32(_mm512_sub_epi32(ni, half), bias), 23));
+    return _mm512_maskz_mul_ps(static_cast<__mmask16>(~underflow), _mm512_mul_ps(p, pow_a), pow_b);
+  }
+
+  // The lanes of x [n] below 16, the rest -inf (exp16: 0).
+  KC_AVX512_INLINE static __m512 load_upto16(const float* x, int64_t n) {
+    const __mmask16 lanes = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+    return _mm512_mask_loadu_ps(_mm512_set1_ps(-__builtin_inff()), lanes, x);
+  }
+
+  // sum_i exp(x_i - shift) over x [n], 16 keys an exp16
+  KC_AVX512 static float sum_exp(const float* x, int64_t n, float shift) {
+    const __m512 sh = _mm512_set1_ps(shift);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+      sum = _mm512_add_ps(sum, exp16(_mm512_sub_ps(load_upto16(x + i, n - i), sh)));
+    }
+    return hsum(fold8(sum));
+  }
+
+  // acc [n] += exp(x [n] - shift), 0 where that is NaN (a NaN x_i or shift): Avx2Isa::add_exp's
+  // bits, 16 keys an exp16.
+  KC_AVX512 static void add_exp(float* acc, const float* x, int64_t n, float shift) {
+    const __m512 sh = _mm512_set1_ps(shift);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 lanes = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+      const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + i), sh);
+      const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(d, d, _CMP_ORD_Q), exp16(d));
+      const __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, acc + i), e);
+      _mm512_mask_storeu_ps(acc + i, lanes, sum);
+    }
+  }
+
+  // w [n] = exp(w [n] - shift) as lowbit_tail weighs a key (tail_weight, common.h): Avx2Isa's bits,
+  // 16 keys an exp16, and std::exp for the lanes it clamps (above 88: garbage lse).
+  KC_AVX512 static void tail_weights(float* w, int64_t n, float shift) {
+    const __m512 sh = _mm512_set1_ps(shift), top = _mm512_set1_ps(88.f);
+    const __m512 zero = _mm512_setzero_ps(), largest = _mm512_set1_ps(3.40282347e38f);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 lanes = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+      const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, w + i), sh);
+      const __m512 p = exp16(d);  // NaN stays NaN, and fails p > 0 below
+      const __m512 out = _mm512_maskz_min_ps(_mm512_cmp_ps_mask(p, zero, _CMP_GT_OQ), p, largest);
+      _mm512_mask_storeu_ps(w + i, lanes, out);
+      const __mmask16 clamped = lanes & _mm512_cmp_ps_mask(d, top, _CMP_GT_OQ);
+      for (int l = 0; l < 16; ++l) {
+        if (clamped >> l & 1) w[i + l] = tail_weight(d[l]);
+      }
     }
   }
 
