@@ -22,7 +22,10 @@
 namespace kcache_ops::cpu {
 
 struct Avx2Isa {
-  static constexpr int64_t kAhead = 32;  // K rows prefetched ahead of the one being scored
+  // How far ahead of the row being scored K is prefetched: 8 KiB of rows (32 bfloat16 rows of
+  // 128 values). On the Zen 5 VM (bench/NOTES_CPU.md) 4 KiB left qk_topn ~20 % slower on rows of
+  // 64 bfloat16 values, and 16 KiB gained nothing clear over 8 on any shape.
+  static constexpr int64_t kAheadBytes = 8192;
 
   // 8 consecutive values as float32
   KC_AVX2_INLINE static __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -77,10 +80,11 @@ struct Avx2Isa {
                             _mm256_castsi256_ps(mask));
   }
 
-  // Prefetches the kR rows kAhead rows past k (row stride k_stride), so memory streams ahead of
-  // the scoring (a prefetch past the end of the cache is harmless).
+  // Prefetches the kR rows kAheadBytes of rows past k (row stride k_stride), so memory streams
+  // ahead of the scoring (a prefetch past the end of the cache is harmless).
   template <typename scalar_t, int64_t kD, int64_t kR>
   KC_AVX2_INLINE static void prefetch_ahead(const scalar_t* k, int64_t k_stride) {
+    constexpr int64_t kAhead = kAheadBytes / (kD * static_cast<int64_t>(sizeof(scalar_t)));
     for (int64_t r = 0; r < kR; ++r) {
       const char* ahead = reinterpret_cast<const char*>(k + (r + kAhead) * k_stride);
       for (int64_t b = 0; b < kD * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
