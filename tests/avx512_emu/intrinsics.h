@@ -169,7 +169,8 @@ KC_AVX2_INLINE __mmask16 cmp_ps_mask(__m512 a, __m512 b, int pred) {
 }
 
 // Each lane rounded to an integer (imm: to nearest even, as _MM_FROUND_TO_NEAREST_INT with no
-// scale), 0 where `mask` is off
+// scale; std::nearbyint rounds so in the default rounding mode, which no test changes), 0 where
+// `mask` is off
 KC_AVX2_INLINE __m512 maskz_roundscale_ps(__mmask16 mask, __m512 a, int imm) {
   if ((imm & ~_MM_FROUND_NO_EXC) != _MM_FROUND_TO_NEAREST_INT) std::abort();
   __m512 r;
