@@ -215,10 +215,14 @@ struct Avx512Isa : Avx2Isa {
     return _mm512_maskz_mul_ps(static_cast<__mmask16>(~underflow), _mm512_mul_ps(p, pow_a), pow_b);
   }
 
+  // The first min(n, 16) lanes, n >= 1
+  KC_AVX512_INLINE static __mmask16 first_lanes(int64_t n) {
+    return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+  }
+
   // The lanes of x [n] below 16, the rest -inf (exp16: 0).
   KC_AVX512_INLINE static __m512 load_upto16(const float* x, int64_t n) {
-    const __mmask16 lanes = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
-    return _mm512_mask_loadu_ps(_mm512_set1_ps(-__builtin_inff()), lanes, x);
+    return _mm512_mask_loadu_ps(_mm512_set1_ps(-__builtin_inff()), first_lanes(n), x);
   }
 
   // sum_i exp(x_i - shift) over x [n], 16 keys an exp16
@@ -236,7 +240,7 @@ struct Avx512Isa : Avx2Isa {
   KC_AVX512 static void add_exp(float* acc, const float* x, int64_t n, float shift) {
     const __m512 sh = _mm512_set1_ps(shift);
     for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 lanes = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+      const __mmask16 lanes = first_lanes(n - i);
       const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + i), sh);
       const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(d, d, _CMP_ORD_Q), exp16(d));
       const __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, acc + i), e);
@@ -250,7 +254,7 @@ struct Avx512Isa : Avx2Isa {
     const __m512 sh = _mm512_set1_ps(shift), top = _mm512_set1_ps(88.f);
     const __m512 zero = _mm512_setzero_ps(), largest = _mm512_set1_ps(3.40282347e38f);
     for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 lanes = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+      const __mmask16 lanes = first_lanes(n - i);
       const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, w + i), sh);
       const __m512 p = exp16(d);  // NaN stays NaN, and fails p > 0 below
       const __m512 out = _mm512_maskz_min_ps(_mm512_cmp_ps_mask(p, zero, _CMP_GT_OQ), p, largest);
