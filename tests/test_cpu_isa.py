@@ -200,9 +200,10 @@ def test_tail_sums_give_the_avx2_loops_bits(emulated, D, bits):
 
 
 def exp_inputs(gen):
-    """x [1100] float32 whose exps (shift 0) cover every branch of exp8: +-0, values around each
-    integer n of x / ln 2 and its halfway points, subnormal results (below -87.3), the underflow
-    to 0 (below -103.98) and the clamp at 88 (tail_weights then takes std::exp), +-inf and NaN."""
+    """x [1100] float32 whose exps (shift 0) cover every branch of exp8: +-0, a spread from -110
+    to 95, x at the halfway points of n = round(x / ln 2) (where its rounding ties), subnormal
+    results (below -87.3), the underflow to 0 (below -103.98), the clamp at 88 (tail_weights then
+    takes std::exp), +-inf and NaN."""
     spread = torch.linspace(-110, 95, 700)  # [700]
     halves = (torch.arange(-150, 128) + 0.5) * math.log(2)  # [278]: x / ln 2 halfway
     specials = torch.tensor([0.0, -0.0, 88.0, 88.5, 88.72, 89.0, -87.33, -103.97, -103.99,
