@@ -84,10 +84,11 @@ struct Avx2Isa {
   // ahead of the scoring (a prefetch past the end of the cache is harmless).
   template <typename scalar_t, int64_t kD, int64_t kR>
   KC_AVX2_INLINE static void prefetch_ahead(const scalar_t* k, int64_t k_stride) {
-    constexpr int64_t kAhead = kAheadBytes / (kD * static_cast<int64_t>(sizeof(scalar_t)));
+    constexpr int64_t kRowBytes = kD * static_cast<int64_t>(sizeof(scalar_t));
+    constexpr int64_t kAhead = kAheadBytes / kRowBytes;  // rows
     for (int64_t r = 0; r < kR; ++r) {
       const char* ahead = reinterpret_cast<const char*>(k + (r + kAhead) * k_stride);
-      for (int64_t b = 0; b < kD * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+      for (int64_t b = 0; b < kRowBytes; b += 64) {
         _mm_prefetch(ahead + b, _MM_HINT_T0);
       }
     }

@@ -260,8 +260,9 @@ struct Avx512Isa : Avx2Isa {
       const __m512 out = _mm512_maskz_min_ps(_mm512_cmp_ps_mask(p, zero, _CMP_GT_OQ), p, largest);
       _mm512_mask_storeu_ps(w + i, lanes, out);
       const __mmask16 clamped = lanes & _mm512_cmp_ps_mask(d, top, _CMP_GT_OQ);
-      for (int l = 0; l < 16; ++l) {
-        if (clamped >> l & 1) w[i + l] = tail_weight(d[l]);
+      for (unsigned m = clamped; m != 0; m &= m - 1) {  // the clamped lanes only (rarely any)
+        const int l = __builtin_ctz(m);
+        w[i + l] = tail_weight(d[l]);
       }
     }
   }
