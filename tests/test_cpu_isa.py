@@ -4,6 +4,8 @@ processes with KCACHE_OPS_CPU_ISA capping it at avx2 and at generic), the AVX-51
 reference (qk_topn's scores, its sums of exps) and the AVX2 loops' bits (lowbit_tail's sums, the
 exps of its weights and of group_select's mass) on any x86-64 CPU with AVX2 (their intrinsics
 emulated, avx512_emu/), and the parallel loops are compiled with OpenMP."""
+import contextlib
+import fcntl
 import math
 import os
 import platform
@@ -103,10 +105,17 @@ def emulated():
     if not _has_avx2():
         pytest.skip("the emulated AVX-512 loops are compiled for AVX2 (x86-64)")
     from torch.utils.cpp_extension import load
-    build = os.path.join(tempfile.gettempdir(), "kcache_ops_avx512_emu")
+    build = os.path.join(tempfile.gettempdir(), f"kcache_ops_avx512_emu-torch{torch.__version__}")
     os.makedirs(build, exist_ok=True)
-    return load("kcache_ops_avx512_emu", [os.path.join(TESTS, "avx512_emu", "loops.cpp")],
-                extra_cflags=["-O2", "-std=c++20", "-Wno-psabi"], build_directory=build)
+    # load() waits for as long as build/lock exists. torch 2.14's lock leaves that file behind
+    # after every build, and torch 2.13's when its build is killed; a later run would wait forever.
+    # Under this flock no other run is inside load(), so a build/lock left there is stale.
+    with open(build + ".flock", "w") as flock:
+        fcntl.flock(flock, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(build, "lock"))
+        return load("kcache_ops_avx512_emu", [os.path.join(TESTS, "avx512_emu", "loops.cpp")],
+                    extra_cflags=["-O2", "-std=c++20", "-Wno-psabi"], build_directory=build)
 
 
 @pytest.fixture(scope="module")
