@@ -782,6 +782,19 @@ def test_gguf_tensor_type_gguf_cannot_read(tmp_path, hf_folder):
         load_model(path, "cpu")
 
 
+def test_gguf_tensor_type_gguf_does_not_know(tmp_path, hf_folder):
+    """A tensor type number gguf's GGMLQuantizationType lacks (a newer llama.cpp quantization)
+    names the number and the way out, not only "truncated or corrupt"."""
+    path = write_gguf(tmp_path / "m.gguf", hf_folder[1], Q.F32)
+    unknown = max(Q) + 1000
+    edit_gguf(path, lambda r: retype(r, "output_norm.weight", unknown))
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: a tensor's GGML type is "
+                                              f"{unknown}, which gguf [0-9.]+ does not know: a "
+                                              f"quantization newer than this gguf \\(pip install "
+                                              f"-U gguf\\), or a corrupt file$"):
+        load_model(path, "cpu")
+
+
 def test_gguf_head_count_that_does_not_fit_q(tmp_path, hf_folder):
     """A head count the rows of Q cannot be split into is the shape error of a Hugging Face
     folder (it was a RuntimeError from undoing llama.cpp's permutation)."""

@@ -13,6 +13,7 @@ default, safetensors checkpoints) works where it is not installed.
 """
 import dataclasses
 import importlib
+import importlib.metadata
 import os
 import re
 import sys
@@ -31,6 +32,8 @@ GGUF_MAGIC = b"GGUF"  # a GGUF file's first bytes
 HF_SUFFIXES = (".safetensors", ".json")
 # llama-gguf-split's names of the parts of a split checkpoint: <prefix>-%05d-of-%05d.gguf
 SPLIT_NAME = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf")
+# gguf's error for a tensor type number its GGMLQuantizationType lacks: "np.uint32(77) is not ..."
+UNKNOWN_TYPE = re.compile(r"(\d+)\)? is not a valid GGMLQuantizationType")
 
 # GGUF tensor name (after "blk.{i}.") -> ours (after "layers.{i}.")
 LAYER_NAMES = {
@@ -79,8 +82,8 @@ class GGUFCheckpoint:
 def open_gguf(path: str) -> GGUFCheckpoint:
     """The GGUF checkpoint of the file ``path``, with its other parts where it is the first part
     of one split by llama.cpp (:func:`other_parts`). CheckpointError if a file is missing,
-    truncated, not GGUF or holds a string that is not UTF-8; UnsupportedModelError if its byte
-    order is not this machine's."""
+    truncated, not GGUF, holds a string that is not UTF-8 or a tensor type number gguf does not
+    know; UnsupportedModelError if its byte order is not this machine's."""
     first = read_gguf(path)
     parts = [first] + other_parts(first, path)
     return GGUFCheckpoint(path, first.fields, [t for part in parts for t in part.tensors])
@@ -102,6 +105,12 @@ def read_gguf(path: str):
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError) as e:
+        kind = UNKNOWN_TYPE.search(str(e))
+        if kind:  # gguf stops on the number before it names the tensor
+            raise CheckpointError(
+                f"{path}: a tensor's GGML type is {kind[1]}, which gguf "
+                f"{importlib.metadata.version('gguf')} does not know: a quantization newer than "
+                f"this gguf (pip install -U gguf), or a corrupt file") from e
         raise CheckpointError(f"{path} ({os.path.getsize(path)} bytes) is not a readable GGUF file "
                               f"(truncated or corrupt): {e}") from e
     if reader.byte_order == "S":  # gguf swaps the metadata's bytes, but not the tensors' blocks
