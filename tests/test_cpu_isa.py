@@ -21,6 +21,7 @@ import kcache_ops
 from kcache_ops import reference as R
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
+FLT_MAX = torch.finfo(torch.float32).max  # tail_weight's weight of an exp that overflows
 # What the capped levels rerun: the CPU cases whatever devices this run tests (bench/run_gpu.sh
 # narrows them to cuda), and the tests of rows split across threads, CPU-only, every case of them;
 # not the hypothesis tests (test_random_shapes, test_mean_tail_random_shapes). "not random" left
@@ -225,8 +226,9 @@ def exp_inputs(gen):
 @pytest.mark.parametrize("n", [1, 7, 15, 16, 17, 64, 100, 1100])
 def test_exps_give_the_avx2_loops_bits(emulated, n):
     """The AVX-512 exps (16 keys a vector) of lowbit_tail's weights and of group_select's mass
-    give Avx2Isa's bits lane for lane (exp16 is exp8's operations over 16 lanes), and qk_topn's
-    sum of exps the float64 sum; no store past n."""
+    give Avx2Isa's bits lane for lane (exp16 is exp8's operations over 16 lanes), the weights
+    those of tail_weight in float64, and qk_topn's sum of exps the float64 sum; no store past
+    n."""
     gen = torch.Generator().manual_seed(n)
     x = exp_inputs(gen)[:n].contiguous()  # [n]
     acc = torch.rand(n + 1, generator=gen)  # [n + 1], the last a guard
@@ -236,6 +238,9 @@ def test_exps_give_the_avx2_loops_bits(emulated, n):
             a, b = got["avx512"][i], got["avx2"][i]
             assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"{what} shift={shift}"
             assert a[n] == acc[n], f"{what} shift={shift}: a store past n"
+        want = (x - shift).double().exp().nan_to_num(nan=0.0).clamp(max=FLT_MAX)  # [n]
+        torch.testing.assert_close(got["avx512"][0][:n].double(), want, rtol=1e-6, atol=1e-37,
+                                   msg=lambda m: f"tail_weights shift={shift}: {m}")
         assert got["avx512"][2].isnan() == x.isnan().any(), f"sum_exp shift={shift}: NaN"
     # sum_exp as qk_topn calls it: finite scores, none above the shift (their max) by 88
     xs = x.nan_to_num(nan=-1.0, posinf=50.0, neginf=float("-inf")).clamp(max=50.0)  # [n]

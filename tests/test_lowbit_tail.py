@@ -452,6 +452,23 @@ def test_strided_inputs(device, dtype):
     check_tail(scores, seq_lens, lse, indices, codes, meta, bits, out)
 
 
+def test_scores_keys_apart(device, dtype):
+    """Scores whose keys are not adjacent (a [B, S, Hq + 1] buffer seen as [B, Hq, S], key
+    stride Hq + 1, its extra column NaN): honoured, where the CPU gathers each head's scores
+    before weighing them and otherwise reads them in place."""
+    B, Hkv, G, S, D, n, bits = 2, 2, 3, 333, 128, 16, 2
+    lens = [333, 170]
+    q, k, _, codes, meta = make_case(B, Hkv, G, S, D, bits, dtype, device, lens)
+    scores, indices, lse = selection(q, k, seq_lens_tensor(lens, device), n, False)
+    wide = torch.full((B, S, Hkv * G + 1), float("nan"), device=device)  # [B, S, Hq + 1]
+    wide[..., 1:] = scores.transpose(1, 2)
+    scores = wide[..., 1:].transpose(1, 2)  # [B, Hq, S], key stride Hq + 1
+    assert scores.stride(2) == Hkv * G + 1
+    seq_lens = seq_lens_tensor(lens, device)
+    out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits)
+    check_tail(scores, seq_lens, lse, indices, codes, meta, bits, out)
+
+
 @pytest.mark.parametrize("check_values", [True, False], ids=["", "unchecked"])
 def test_strided_seq_lens_and_hot_rows(device, dtype, check_values):
     """seq_lens every other element of a buffer whose others lie outside [0, S] (read, they

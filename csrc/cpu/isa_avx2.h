@@ -197,15 +197,15 @@ struct Avx2Isa {
     return begin;
   }
 
-  // w [n] = exp(w [n] - shift) as lowbit_tail weighs a key (tail_weight, common.h): 8 keys an
+  // w [n] = exp(x [n] - shift) as lowbit_tail weighs a key (tail_weight, common.h): 8 keys an
   // exp8 (the last few through load_tail, so a key's weight does not depend on its lane), and
-  // std::exp for the lanes exp8 clamps (above 88: garbage lse, never qk_topn's).
-  KC_AVX2 static void tail_weights(float* w, int64_t n, float shift) {
+  // std::exp for the lanes exp8 clamps (above 88: garbage lse, never qk_topn's). x may be w.
+  KC_AVX2 static void tail_weights(const float* x, float* w, int64_t n, float shift) {
     const __m256 sh = _mm256_set1_ps(shift), top = _mm256_set1_ps(88.f);
     const __m256 zero = _mm256_setzero_ps(), largest = _mm256_set1_ps(3.40282347e38f);
     for (int64_t i = 0; i < n; i += 8) {
       const int64_t lanes = n - i < 8 ? n - i : 8;
-      const __m256 d = _mm256_sub_ps(lanes == 8 ? _mm256_loadu_ps(w + i) : load_tail(w + i, lanes),
+      const __m256 d = _mm256_sub_ps(lanes == 8 ? _mm256_loadu_ps(x + i) : load_tail(x + i, lanes),
                                      sh);  // -inf past the end: exp 0
       const __m256 p = exp8(d);  // NaN stays NaN, and fails p > 0 below
       alignas(32) float out[8], dl[8];

@@ -248,14 +248,14 @@ struct Avx512Isa : Avx2Isa {
     }
   }
 
-  // w [n] = exp(w [n] - shift) as lowbit_tail weighs a key (tail_weight, common.h): Avx2Isa's bits,
-  // 16 keys an exp16, and std::exp for the lanes it clamps (above 88: garbage lse).
-  KC_AVX512 static void tail_weights(float* w, int64_t n, float shift) {
+  // w [n] = exp(x [n] - shift) as lowbit_tail weighs a key (tail_weight, common.h), x may be w:
+  // Avx2Isa's bits, 16 keys an exp16, and std::exp for the lanes it clamps (above 88: garbage lse).
+  KC_AVX512 static void tail_weights(const float* x, float* w, int64_t n, float shift) {
     const __m512 sh = _mm512_set1_ps(shift), top = _mm512_set1_ps(88.f);
     const __m512 zero = _mm512_setzero_ps(), largest = _mm512_set1_ps(3.40282347e38f);
     for (int64_t i = 0; i < n; i += 16) {
       const __mmask16 lanes = first_lanes(n - i);
-      const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, w + i), sh);
+      const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + i), sh);
       const __m512 p = exp16(d);  // NaN stays NaN, and fails p > 0 below
       const __m512 out = _mm512_maskz_min_ps(_mm512_cmp_ps_mask(p, zero, _CMP_GT_OQ), p, largest);
       _mm512_mask_storeu_ps(w + i, lanes, out);

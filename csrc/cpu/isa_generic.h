@@ -69,10 +69,10 @@ struct GenericIsa {
     for (int64_t d = 0; d < kD; ++d) acc[d] += p * to_float(row[d]);
   }
 
-  // w [n] = exp(w [n] - shift) as lowbit_tail weighs a key: 0 where that is NaN or not above 0
-  // (underflow), the largest float where it is +inf.
-  static void tail_weights(float* w, int64_t n, float shift) {
-    for (int64_t i = 0; i < n; ++i) w[i] = tail_weight(w[i] - shift);
+  // w [n] = exp(x [n] - shift) as lowbit_tail weighs a key: 0 where that is NaN or not above 0
+  // (underflow), the largest float where it is +inf. x may be w.
+  static void tail_weights(const float* x, float* w, int64_t n, float shift) {
+    for (int64_t i = 0; i < n; ++i) w[i] = tail_weight(x[i] - shift);
   }
 
   // row [kD] = base + step * code_d, the codes of one row packed 8 / kBits to a byte, low bits
