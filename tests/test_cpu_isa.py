@@ -101,8 +101,8 @@ def emulated():
     emulated intrinsics ("avx512") or Avx2Isa: ``scores(q, k, scale, isa, tile, s_stride)`` scores
     one group's keys into a NaN-poisoned [G + 1, s_stride]; ``tail_rows(w, codes, sb, acc, bits,
     isa)`` adds one chunk's tail sums to the first G rows of a copy of acc [G + 1, D];
-    ``exps(x, acc, shift, isa)`` gives tail_weights of x [n] and add_exp of x onto acc [n + 1],
-    each with a guard element, and sum_exp [1]."""
+    ``exps(x, acc, shift, isa)`` gives tail_weights of x [n] (over NaN), add_exp of x onto acc
+    [n + 1], each with a guard element, sum_exp [1], and tail_weights of x in place."""
     if not _has_avx2():
         pytest.skip("the emulated AVX-512 loops are compiled for AVX2 (x86-64)")
     from torch.utils.cpp_extension import load
@@ -227,8 +227,8 @@ def exp_inputs(gen):
 def test_exps_give_the_avx2_loops_bits(emulated, n):
     """The AVX-512 exps (16 keys a vector) of lowbit_tail's weights and of group_select's mass
     give Avx2Isa's bits lane for lane (exp16 is exp8's operations over 16 lanes), the weights
-    those of tail_weight in float64, and qk_topn's sum of exps the float64 sum; no store past
-    n."""
+    those of tail_weight in float64 (and the same in place), and qk_topn's sum of exps the
+    float64 sum; no store past n."""
     gen = torch.Generator().manual_seed(n)
     x = exp_inputs(gen)[:n].contiguous()  # [n]
     acc = torch.rand(n + 1, generator=gen)  # [n + 1], the last a guard
@@ -238,6 +238,8 @@ def test_exps_give_the_avx2_loops_bits(emulated, n):
             a, b = got["avx512"][i], got["avx2"][i]
             assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"{what} shift={shift}"
             assert a[n] == acc[n], f"{what} shift={shift}: a store past n"
+        for isa, (w, _, _, w_x) in got.items():  # the weights in place: the same bits
+            assert torch.equal(w_x.view(torch.int32), w.view(torch.int32)), f"{isa} in place"
         want = (x - shift).double().exp().nan_to_num(nan=0.0).clamp(max=FLT_MAX)  # [n]
         torch.testing.assert_close(got["avx512"][0][:n].double(), want, rtol=1e-6, atol=1e-37,
                                    msg=lambda m: f"tail_weights shift={shift}: {m}")

@@ -1,6 +1,7 @@
 """Checkpoint loading: Hugging Face folders (single file and sharded), GGUF files the tests write
 themselves (float and quantized, llama.cpp's Q/K permutation, Llama-3 rope factors), the
 tokenizer of each, and clear errors for bad checkpoints."""
+import importlib.metadata
 import json
 import re
 import struct
@@ -782,14 +783,21 @@ def test_gguf_tensor_type_gguf_cannot_read(tmp_path, hf_folder):
         load_model(path, "cpu")
 
 
-def test_gguf_tensor_type_gguf_does_not_know(tmp_path, hf_folder):
+@pytest.mark.parametrize("metadata", [True, False], ids=["", "no_package_metadata"])
+def test_gguf_tensor_type_gguf_does_not_know(tmp_path, hf_folder, monkeypatch, metadata):
     """A tensor type number gguf's GGMLQuantizationType lacks (a newer llama.cpp quantization)
-    names the number and the way out, not only "truncated or corrupt"."""
+    names the number, gguf's version (where its package metadata says it: not for llama.cpp's
+    gguf-py put on the path) and the way out, not only "truncated or corrupt"."""
     path = write_gguf(tmp_path / "m.gguf", hf_folder[1], Q.F32)
     unknown = max(Q) + 1000
     edit_gguf(path, lambda r: retype(r, "output_norm.weight", unknown))
+    if not metadata:
+        def version(name):
+            raise importlib.metadata.PackageNotFoundError(name)
+        monkeypatch.setattr(importlib.metadata, "version", version)
+    release = "gguf [0-9.]+" if metadata else "this gguf"
     with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: a tensor's GGML type is "
-                                              f"{unknown}, which gguf [0-9.]+ does not know: a "
+                                              f"{unknown}, which {release} does not know: a "
                                               f"quantization newer than this gguf \\(pip install "
                                               f"-U gguf\\), or a corrupt file$"):
         load_model(path, "cpu")

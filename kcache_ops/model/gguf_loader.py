@@ -59,6 +59,15 @@ def _gguf(module="gguf"):
                           "gguf; requirements.txt lists it)") from e
 
 
+def _gguf_release() -> str:
+    """"gguf <version>", or "this gguf" where it has no package metadata (llama.cpp's gguf-py
+    put on the path)."""
+    try:
+        return f"gguf {importlib.metadata.version('gguf')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "this gguf"
+
+
 @dataclasses.dataclass
 class GGUFCheckpoint:
     """An opened GGUF checkpoint (:func:`open_gguf`): the file ``path`` and, where it is the
@@ -107,10 +116,9 @@ def read_gguf(path: str):
     except (ValueError, IndexError, KeyError, OverflowError) as e:
         kind = UNKNOWN_TYPE.search(str(e))
         if kind:  # gguf stops on the number before it names the tensor
-            raise CheckpointError(
-                f"{path}: a tensor's GGML type is {kind[1]}, which gguf "
-                f"{importlib.metadata.version('gguf')} does not know: a quantization newer than "
-                f"this gguf (pip install -U gguf), or a corrupt file") from e
+            raise CheckpointError(f"{path}: a tensor's GGML type is {kind[1]}, which "
+                                  f"{_gguf_release()} does not know: a quantization newer than "
+                                  f"this gguf (pip install -U gguf), or a corrupt file") from e
         raise CheckpointError(f"{path} ({os.path.getsize(path)} bytes) is not a readable GGUF file "
                               f"(truncated or corrupt): {e}") from e
     if reader.byte_order == "S":  # gguf swaps the metadata's bytes, but not the tensors' blocks

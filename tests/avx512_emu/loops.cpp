@@ -91,8 +91,9 @@ torch::Tensor tail_rows(const torch::Tensor& w, const torch::Tensor& codes, cons
 }
 
 // Isa's exps of x [n] float32 minus shift, each with one guard element past n that a stray store
-// would change: w [n + 1] = tail_weights of x written over NaN, acc [n + 1] = add_exp of x onto
-// a copy of acc_in [n + 1], and sum [1] = sum_exp of x.
+// would change: w [n + 1] = tail_weights of x written over NaN, w_x [n + 1] = tail_weights of x
+// in place (x == w, as lowbit_tail calls it on scores it gathered), acc [n + 1] = add_exp of x
+// onto a copy of acc_in [n + 1], and sum [1] = sum_exp of x.
 std::vector<torch::Tensor> exps(const torch::Tensor& x, const torch::Tensor& acc_in, double shift,
                                 const std::string& isa) {
   TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: [n] f32");
@@ -100,15 +101,17 @@ std::vector<torch::Tensor> exps(const torch::Tensor& x, const torch::Tensor& acc
   TORCH_CHECK(acc_in.sizes() == at::IntArrayRef({n + 1}) && acc_in.scalar_type() == at::kFloat,
               "acc: [n + 1] f32");
   torch::Tensor w = torch::cat({torch::full({n}, NAN, x.options()), acc_in.slice(0, n)});
-  torch::Tensor acc = acc_in.contiguous().clone();        // [n + 1]
-  torch::Tensor sum = torch::empty({1}, x.options());     // [1]
+  torch::Tensor w_x = torch::cat({x, acc_in.slice(0, n)});  // [n + 1]
+  torch::Tensor acc = acc_in.contiguous().clone();          // [n + 1]
+  torch::Tensor sum = torch::empty({1}, x.options());       // [1]
   with_isa(isa, [&]<class Isa>() {
     const float sh = static_cast<float>(shift);
     Isa::tail_weights(x.data_ptr<float>(), w.data_ptr<float>(), n, sh);
+    Isa::tail_weights(w_x.data_ptr<float>(), w_x.data_ptr<float>(), n, sh);
     Isa::add_exp(acc.data_ptr<float>(), x.data_ptr<float>(), n, sh);
     sum.data_ptr<float>()[0] = Isa::sum_exp(x.data_ptr<float>(), n, sh);
   });
-  return {w, acc, sum};
+  return {w, acc, sum, w_x};
 }
 
 }  // namespace
