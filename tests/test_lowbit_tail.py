@@ -458,13 +458,12 @@ def test_scores_keys_apart(device, dtype):
     before weighing them and otherwise reads them in place."""
     B, Hkv, G, S, D, n, bits = 2, 2, 3, 333, 128, 16, 2
     lens = [333, 170]
-    q, k, _, codes, meta = make_case(B, Hkv, G, S, D, bits, dtype, device, lens)
-    scores, indices, lse = selection(q, k, seq_lens_tensor(lens, device), n, False)
+    q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, bits, dtype, device, lens)
+    scores, indices, lse = selection(q, k, seq_lens, n, False)
     wide = torch.full((B, S, Hkv * G + 1), float("nan"), device=device)  # [B, S, Hq + 1]
     wide[..., 1:] = scores.transpose(1, 2)
     scores = wide[..., 1:].transpose(1, 2)  # [B, Hq, S], key stride Hq + 1
     assert scores.stride(2) == Hkv * G + 1
-    seq_lens = seq_lens_tensor(lens, device)
     out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits)
     check_tail(scores, seq_lens, lse, indices, codes, meta, bits, out)
 

@@ -66,12 +66,12 @@ void chunk_tail(const Group& g, int64_t G, int64_t N, int64_t j0, int64_t j1,
   float* sb = scratch.data() + G * kChunkKeys;  // [kChunkKeys, 2] (step, base) of key a + i
   for (int64_t h = 0; h < G; ++h) {
     float* wh = w + h * kChunkKeys;                  // [n] head h's weights of keys a + i
-    const float* sh = g.s + h * g.s_head + a * g.s_key;  // [n] its scores (key stride s_key)
+    const float* s_h = g.s + h * g.s_head + a * g.s_key;  // [n] its scores (key stride s_key)
     if (g.s_key != 1) {  // gathered first: tail_weights reads n scores in a row
-      for (int64_t i = 0; i < n; ++i) wh[i] = sh[i * g.s_key];
-      sh = wh;
+      for (int64_t i = 0; i < n; ++i) wh[i] = s_h[i * g.s_key];
+      s_h = wh;
     }
-    Isa::tail_weights(sh, wh, n, g.lse[h * g.lse_stride]);
+    Isa::tail_weights(s_h, wh, n, g.lse[h * g.lse_stride]);
     for (int64_t i = 0; i < N; ++i) {
       const int64_t j = g.idx[h * g.idx_stride + i];
       if (j >= a && j < a + n) wh[j - a] = 0.f;
