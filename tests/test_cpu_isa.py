@@ -102,7 +102,8 @@ def emulated():
     one group's keys into a NaN-poisoned [G + 1, s_stride]; ``tail_rows(w, codes, sb, acc, bits,
     isa)`` adds one chunk's tail sums to the first G rows of a copy of acc [G + 1, D];
     ``exps(x, acc, shift, isa)`` gives tail_weights of x [n] (over NaN), add_exp of x onto acc
-    [n + 1], each with a guard element, sum_exp [1], and tail_weights of x in place."""
+    [n + 1], each with a guard element, sum_exp [1], and tail_weights of x in place;
+    ``scans(x, n, begin, end, thr, isa)`` gives max_of x [n] and first_above thr in [begin, end)."""
     if not _has_avx2():
         pytest.skip("the emulated AVX-512 loops are compiled for AVX2 (x86-64)")
     from torch.utils.cpp_extension import load
@@ -251,6 +252,36 @@ def test_exps_give_the_avx2_loops_bits(emulated, n):
         want = torch.exp(xs.double() - shift).sum()
         torch.testing.assert_close(got[0], want, rtol=1e-5, atol=0,
                                    msg=lambda m: f"sum_exp shift={shift}: {m}")
+
+
+@pytest.mark.parametrize("n", [1, 7, 15, 16, 17, 64, 100])
+@pytest.mark.parametrize("nan_at", [None, "inside", "past"])
+def test_scans_give_the_avx2_loops_answers(emulated, n, nan_at):
+    """The AVX-512 scans of qk_topn's selection (16 keys a compare, the last few through a masked
+    load) give Avx2Isa's answers and the plain ones: max_of the max of x [n], NaN where one of
+    them is NaN, never a key past n; first_above the first key above thr in [begin, end) for
+    every begin, ends up to n and thresholds at, between and beyond the keys, never one past
+    end (the 17 keys after x [n] are above every threshold, or NaN)."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n + 17, generator=gen) * 10  # [n + 17]
+    x[n:] = 1e30  # past n: above every finite threshold
+    x[torch.randint(0, n, (n // 8,), generator=gen)] = float("-inf")
+    if nan_at is not None:
+        x[torch.randint(0, n, (1,), generator=gen) if nan_at == "inside" else n + 3] = float("nan")
+    want = x[:n].max().item()  # NaN where x [n] holds one
+    for isa in ("avx512", "avx2"):
+        got = emulated.scans(x, n, 0, 0, 0.0, isa)[0]
+        assert got == want or math.isnan(got) and math.isnan(want), f"{isa} max_of: {got}"
+    thresholds = [*x[:n][x[:n].isfinite()].tolist()[:4], float("-inf"), float("inf"),
+                  float("nan"), 0.5]
+    for thr in thresholds:
+        for begin in range(n + 1):
+            for end in {begin, min(n, begin + 1), min(n, begin + 16), min(n, begin + 17), n}:
+                above = [i for i in range(begin, end) if x[i] > thr]
+                want = above[0] if above else end
+                for isa in ("avx512", "avx2"):
+                    got = emulated.scans(x, n, begin, end, thr, isa)[1]
+                    assert got == want, f"{isa} first_above({begin}, {end}, {thr}): {got}"
 
 
 TAIL_AT_A_LEVEL = """

@@ -1,9 +1,10 @@
 // qk_topn's scoring loop with AVX-512 (F, BW, BF16; x86-64 only): 16 lanes per instruction, and
 // for bfloat16 K the vdpbf16ps dot product (bf16 pairs, float32 accumulation: bf16 products are
 // exact in float32) with no conversion of K; lowbit_tail's sums (tail_rows) 16 columns a vector;
-// the exps of qk_topn's lse and group mass and of lowbit_tail's weights 16 keys a vector.
-// Everything else comes from Avx2Isa. Compiled per function (target attributes); KC_ISA_SWITCH
-// (isa.h) picks it only where the CPU has the features.
+// the exps of qk_topn's lse and group mass and of lowbit_tail's weights, and the scans of
+// qk_topn's selection (max_of, first_above), 16 keys a vector. Everything else comes from
+// Avx2Isa. Compiled per function (target attributes); KC_ISA_SWITCH (isa.h) picks it only where
+// the CPU has the features.
 // vdpbf16ps takes subnormal inputs and results as zero whatever MXCSR says: qk_topn runs this
 // loop on bfloat16 only for queries whose scores that cannot move by more than 2^-58
 // (bf16_query_isa, qk_topn.cpp), else the AVX2 one.
@@ -223,6 +224,35 @@ struct Avx512Isa : Avx2Isa {
   // The lanes of x [n] below 16, the rest -inf (exp16: 0).
   KC_AVX512_INLINE static __m512 load_upto16(const float* x, int64_t n) {
     return _mm512_mask_loadu_ps(_mm512_set1_ps(-__builtin_inff()), first_lanes(n), x);
+  }
+
+  // max of x [n], n >= 1; NaN when an x_i is NaN (vmaxps alone would drop it): 16 keys a vmaxps
+  KC_AVX512 static float max_of(const float* x, int64_t n) {
+    __m512 m = _mm512_set1_ps(-__builtin_inff());
+    __mmask16 ordered = 0xFFFF;  // lanes that have seen no NaN
+    for (int64_t i = 0; i < n; i += 16) {
+      const __m512 v = n - i >= 16 ? _mm512_loadu_ps(x + i) : load_upto16(x + i, n - i);
+      m = _mm512_maskz_max_ps(0xFFFF, m, v);
+      ordered &= _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+    }
+    if (ordered != 0xFFFF) return __builtin_nanf("");
+    return hmax(_mm256_max_ps(_mm512_extractf32x8_ps(m, 0), _mm512_extractf32x8_ps(m, 1)));
+  }
+
+  // The first i in [begin, end) with x[i] > thr, or end; 16 keys per compare.
+  KC_AVX512 static int64_t first_above(const float* x, int64_t begin, int64_t end, float thr) {
+    const __m512 t = _mm512_set1_ps(thr);
+    for (; begin + 16 <= end; begin += 16) {
+      const unsigned hits = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + begin), t, _CMP_GT_OQ);
+      if (hits != 0) return begin + __builtin_ctz(hits);
+    }
+    if (begin < end) {  // the last few: lanes past end load 0 and do not count
+      const __mmask16 lanes = first_lanes(end - begin);
+      const __m512 v = _mm512_maskz_loadu_ps(lanes, x + begin);
+      const unsigned hits = lanes & _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ);
+      if (hits != 0) return begin + __builtin_ctz(hits);
+    }
+    return end;
   }
 
   // sum_i exp(x_i - shift) over x [n], 16 keys an exp16

@@ -1,7 +1,8 @@
 // A torch extension for tests/test_cpu_isa.py: qk_topn's scoring of one (sequence, KV head) group,
-// score_heads (csrc/cpu/isa.h), lowbit_tail's sums of one chunk, tail_rows, and the exps of
-// qk_topn's lse and group mass and of lowbit_tail's weights, through Avx512Isa with its
-// intrinsics emulated (intrinsics.h) or through Avx2Isa, on whatever x86-64 CPU runs the tests.
+// score_heads (csrc/cpu/isa.h), lowbit_tail's sums of one chunk, tail_rows, the exps of qk_topn's
+// lse and group mass and of lowbit_tail's weights, and the scans of qk_topn's selection (max_of,
+// first_above), through Avx512Isa with its intrinsics emulated (intrinsics.h) or through Avx2Isa,
+// on whatever x86-64 CPU runs the tests.
 #include <torch/extension.h>
 
 #include "../../csrc/cpu/common.h"
@@ -114,10 +115,27 @@ std::vector<torch::Tensor> exps(const torch::Tensor& x, const torch::Tensor& acc
   return {w, acc, sum, w_x};
 }
 
+// Isa's scans of qk_topn's selection over x [>= n] float32: (max_of the first n, first_above thr
+// in [begin, end)), n >= 1, 0 <= begin <= end <= x.size(0).
+std::vector<double> scans(const torch::Tensor& x, int64_t n, int64_t begin, int64_t end, double thr,
+                          const std::string& isa) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: [m] f32");
+  TORCH_CHECK(n >= 1 && n <= x.size(0) && 0 <= begin && begin <= end && end <= x.size(0),
+              "1 <= n <= m and 0 <= begin <= end <= m");
+  std::vector<double> got;
+  with_isa(isa, [&]<class Isa>() {
+    got = {Isa::max_of(x.data_ptr<float>(), n),
+           static_cast<double>(Isa::first_above(x.data_ptr<float>(), begin, end,
+                                                static_cast<float>(thr)))};
+  });
+  return got;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scores", &scores);
   m.def("tail_rows", &tail_rows);
   m.def("exps", &exps);
+  m.def("scans", &scans);
 }
