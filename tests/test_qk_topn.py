@@ -237,17 +237,26 @@ def test_top_p_that_rounds_to_one_keeps_all(device):
     assert idx.tolist() == [[[3, -1, -1, -1]]]
 
 
+# (keys, block) for top_n's (csrc/cpu/top_n.h) every start of its threshold at n = 40: the n-th
+# largest max of its 64-key tiles (2n or more), of blocks of 32, 16 or 8 keys (2n or more), of 8
+# (n or more), none (fewer than n blocks of 8)
+THRESHOLD_STARTS = {"tiles": (6000, 64), "32": (3000, 32), "16": (2000, 16), "8": (1000, 8),
+                    "8_n": (400, 8), "none": (300, 8)}
+
+
+@pytest.mark.parametrize("S", [S for S, _ in THRESHOLD_STARTS.values()], ids=THRESHOLD_STARTS)
 @pytest.mark.parametrize("skip_first, skip_last", [(0, 0), (5, 61)])
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
-def test_ties_exact(device, group_select, skip_first, skip_last):
+def test_ties_exact(device, group_select, skip_first, skip_last, S):
     """Integer-valued q and k with scale 1 tie exactly: indices and scores equal the reference's,
-    with and without skipped keys (ties on both sides of skip_first, inside one 16-byte group).
-    In group mode the heads of a group share q, so equal scores give bit-equal masses."""
-    B, Hkv, G, S, D, n = 2, 2, 4, 3000, 64, 40  # S >= 64 n: the selection's tile-max threshold
+    with and without skipped keys (ties on both sides of skip_first, inside one 16-byte group),
+    whatever the CPU's selection starts its threshold from. In group mode the heads of a group
+    share q, so equal scores give bit-equal masses."""
+    B, Hkv, G, D, n = 2, 2, 4, 64, 40
     q = torch.randint(-2, 3, (B, Hkv, 1 if group_select else G, D)).float()
     q = q.expand(B, Hkv, G, D).reshape(B, Hkv * G, D).to(device)
     k = torch.randint(-2, 3, (B, Hkv, S, D)).float().to(device)
-    lens = seq_lens_tensor([S, 2777], device)
+    lens = seq_lens_tensor([S, S * 9 // 10], device)
     scores, idx, lse = kcache_ops.qk_topn(q, k, lens, n, 1.0, group_select,
                                           skip_first=skip_first, skip_last=skip_last)
     ref_scores, ref_idx, ref_lse = R.qk_topn(q.cpu(), k.cpu(), lens.cpu(), n, 1.0, group_select,
@@ -255,6 +264,26 @@ def test_ties_exact(device, group_select, skip_first, skip_last):
     assert torch.equal(idx.cpu(), ref_idx)
     assert torch.equal(scores.cpu(), ref_scores)
     torch.testing.assert_close(lse.cpu(), ref_lse)
+
+
+@pytest.mark.parametrize("S, block", THRESHOLD_STARTS.values(), ids=THRESHOLD_STARTS)
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_the_nth_best_key_is_the_nth_largest_block_max(device, group_select, S, block):
+    """One key a block far above the others (scores k_j0 exactly: q = e_0, scale 1), so the n
+    best keys are the maxima of n blocks the CPU's selection takes the maxima of, the n-th best
+    the n-th largest of them: a threshold that started any higher would lose it."""
+    Hkv, G, n = 2, 3, 40
+    q = torch.zeros(1, Hkv * G, 64)  # [1, Hq, D]
+    q[..., 0] = 1.0
+    k = torch.randn(1, Hkv, S, 64)  # [1, Hkv, S, D]
+    blocks = S // block
+    spikes = torch.arange(blocks) * block + torch.randint(0, block, (blocks,))  # one a block
+    k[..., spikes, 0] = 10.0 + torch.stack([torch.randperm(blocks) for _ in range(Hkv)]) / 8
+    lens = seq_lens_tensor([S], device)
+    scores, idx, _ = kcache_ops.qk_topn(q.to(device), k.to(device), lens, n, 1.0, group_select)
+    ref_scores, ref_idx, _ = R.qk_topn(q, k, lens.cpu(), n, 1.0, group_select)
+    assert torch.equal(idx.cpu(), ref_idx)
+    assert torch.equal(scores.cpu(), ref_scores)
 
 
 def test_the_reference_ties_equal_keys_to_the_lower_index():
@@ -350,9 +379,9 @@ def test_group_mass_at_large_scores(device, base):
 
 def test_a_best_score_of_zero_with_denormals_flushed(device):
     """With denormals flushed (torch.set_flush_denormal), a key scoring exactly 0 is still
-    selected where it is among the top n: the CPU selection's threshold just under a tile max of
-    0 is not a subnormal (one would read as 0 and drop the key that equals the max)."""
-    S, n = 192, 2  # 3 tiles of 64 keys: the threshold starts at the 2nd largest tile max, 0
+    selected where it is among the top n: the CPU selection's threshold just under a block max
+    of 0 is not a subnormal (one would read as 0 and drop the key that equals the max)."""
+    S, n = 192, 2  # 6 blocks of 32 keys: the threshold starts at the 2nd largest block max, 0
     q = torch.zeros(1, 1, 64)  # [B, Hq, D]
     q[0, 0, 0] = 1.0
     k = torch.zeros(1, 1, S, 64)  # [B, Hkv, S, D]: scores -1, but 5 at key 10 and 0 at key 70

@@ -69,14 +69,26 @@ inline void top_n_with_nan(const float* keys, int64_t lo, int64_t hi, int64_t n,
   top.best.resize(m);
 }
 
+// The keys a block whose maxima start top_n's threshold, for a range of m keys over `tiles` tiles:
+// kTile (the tiles', known already) where there are 2n tiles or more, else the largest of 32, 16
+// and 8 that gives 2n blocks, else 8 where that gives n; 0 (no threshold) under n blocks of 8.
+// Where 2n blocks each hold a key above the threshold, few others do: about 1.4 n normal scores.
+inline int64_t threshold_block(int64_t m, int64_t tiles, int64_t n) {
+  if (tiles >= 2 * n) return kTile;
+  for (int64_t b = kTile / 2; b >= 8; b /= 2) {
+    if ((m + b - 1) / b >= 2 * n) return b;
+  }
+  return (m + 7) / 8 >= n ? 8 : 0;
+}
+
 // The min(n, hi - lo) best of keys[lo, hi) into top.best, sorted best first, with their positions
 // in keys. row_max[t] is the max of the row's keys [t * kTile, (t + 1) * kTile) (up to its end).
 // Keys above a threshold gather in top.best; whenever it holds 2n, the best n stay and the
 // threshold rises to the worst of them (positions come in ascending order, so a later key equal
 // to the threshold ranks below it). The threshold starts just under the n-th largest max of the
-// ranked keys of a tile: n distinct keys reach it, so nothing below it is among the n best, and
-// tiles whose max stays below the threshold are skipped whole. A range with a NaN key goes to
-// top_n_with_nan.
+// ranked keys of a block (threshold_block; the tiles or smaller): n distinct keys reach it, so
+// nothing below it is among the n best, and tiles whose max stays below the threshold are skipped
+// whole. A range with a NaN key goes to top_n_with_nan.
 template <class Isa>
 void top_n(const float* keys, const float* row_max, int64_t lo, int64_t hi, int64_t n,
            TopN& top) {
@@ -94,8 +106,15 @@ void top_n(const float* keys, const float* row_max, int64_t lo, int64_t hi, int6
   }
   if (has_nan) return top_n_with_nan(keys, lo, hi, n, top);
   float thr = kNegInf;  // keys <= thr at later positions are not among the n best
-  if (tiles >= n) {
+  const int64_t block = threshold_block(hi - lo, tiles, n);
+  if (block == kTile) {
     top.ranked = top.tile_max;
+  } else if (block > 0) {  // [ceil((hi - lo) / block)] the blocks' maxima, none NaN
+    top.ranked.clear();
+    for (int64_t j = lo; j < hi; j += block)
+      top.ranked.push_back(Isa::max_of(keys + j, std::min(block, hi - j)));
+  }
+  if (block > 0) {
     std::nth_element(top.ranked.begin(), top.ranked.begin() + (n - 1), top.ranked.end(),
                      std::greater<float>());
     thr = std::nextafter(top.ranked[n - 1], kNegInf);
