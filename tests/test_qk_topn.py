@@ -267,21 +267,30 @@ def test_ties_exact(device, group_select, skip_first, skip_last, S):
 
 
 @pytest.mark.parametrize("S, block", THRESHOLD_STARTS.values(), ids=THRESHOLD_STARTS)
+@pytest.mark.parametrize("skip_first, skip_last", [(0, 0), (5, 61)])
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
-def test_the_nth_best_key_is_the_nth_largest_block_max(device, group_select, S, block):
+def test_the_nth_best_key_is_the_nth_largest_block_max(device, group_select, skip_first,
+                                                       skip_last, S, block):
     """One key a block far above the others (scores k_j0 exactly: q = e_0, scale 1), so the n
     best keys are the maxima of n blocks the CPU's selection takes the maxima of, the n-th best
-    the n-th largest of them: a threshold that started any higher would lose it."""
+    the n-th largest of them: a threshold that started any higher would lose it. The skipped
+    keys score higher still: a first or last block whose max took one in would raise the
+    threshold."""
     Hkv, G, n = 2, 3, 40
     q = torch.zeros(1, Hkv * G, 64)  # [1, Hq, D]
     q[..., 0] = 1.0
     k = torch.randn(1, Hkv, S, 64)  # [1, Hkv, S, D]
-    blocks = S // block
-    spikes = torch.arange(blocks) * block + torch.randint(0, block, (blocks,))  # one a block
+    lo, hi = skip_first, S - skip_last  # the ranked keys, [lo, hi)
+    blocks = (hi - lo) // block
+    spikes = lo + torch.arange(blocks) * block + torch.randint(0, block, (blocks,))  # one a block
     k[..., spikes, 0] = 10.0 + torch.stack([torch.randperm(blocks) for _ in range(Hkv)]) / 8
+    k[..., spikes[[0, -1]], 0] = 9.0  # the range's first and last blocks: not among the n best
+    k[..., :lo, 0] = k[..., hi:, 0] = 1e3
     lens = seq_lens_tensor([S], device)
-    scores, idx, _ = kcache_ops.qk_topn(q.to(device), k.to(device), lens, n, 1.0, group_select)
-    ref_scores, ref_idx, _ = R.qk_topn(q, k, lens.cpu(), n, 1.0, group_select)
+    scores, idx, _ = kcache_ops.qk_topn(q.to(device), k.to(device), lens, n, 1.0, group_select,
+                                        skip_first=skip_first, skip_last=skip_last)
+    ref_scores, ref_idx, _ = R.qk_topn(q, k, lens.cpu(), n, 1.0, group_select, skip_first,
+                                       skip_last)
     assert torch.equal(idx.cpu(), ref_idx)
     assert torch.equal(scores.cpu(), ref_scores)
 
@@ -473,7 +482,8 @@ def test_overflowing_scores_as_reference(device, group_select):
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 @pytest.mark.parametrize("n", [16, 1024])
 def test_long_sequences(device, n, group_select):
-    """70K keys, N up to 1024: the selection starts from the n-th largest tile max."""
+    """70K keys, N up to 1024: the CPU selection starts from the n-th largest max of its tiles
+    (N 16) or of blocks of 32 keys (N 1024: under 2n tiles)."""
     q, k = make_qk(1, 4, 1, 70001, 64, torch.bfloat16, device)
     lens = seq_lens_tensor([70001], device)
     out = kcache_ops.qk_topn(q, k, lens, n, None, group_select)

@@ -271,8 +271,9 @@ struct SplitScratch {
 
 // The groups with their rows split into chunks of kChunkKeys keys: every chunk's scores in one
 // parallel loop, then each group's lse, mass and selection in another (the selection reads the
-// tile maxima, and a tile's keys only where its max passes the threshold). The same chunks, and
-// lse parts added in the same order, as select_group: the same bits.
+// tile maxima, under 2n tiles every key once for its blocks' maxima, and a tile's keys only where
+// its max passes the threshold). The same chunks, and lse parts added in the same order, as
+// select_group: the same bits.
 template <class Isa, typename scalar_t, int64_t kD>
 void select_split(const std::vector<Group<scalar_t>>& groups, const Options& o) {
   // the calling thread's: the loop's threads see it through this name

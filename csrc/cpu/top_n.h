@@ -52,7 +52,8 @@ inline float keep_best(std::vector<Cand>& buf, int64_t n) {
 struct TopN {
   std::vector<Cand> best;       // [<= 2n] candidates; after top_n(), the best min(n, len) sorted
   std::vector<float> tile_max;  // [tiles] max of the ranked keys of each tile the range touches
-  std::vector<float> ranked;    // [tiles] tile_max, reordered by nth_element
+  std::vector<float> ranked;    // [tiles or blocks] the maxima the threshold starts from
+                                // (threshold_block), reordered by nth_element
 
   size_t bytes() const {
     return best.capacity() * sizeof(Cand) +
@@ -69,10 +70,11 @@ inline void top_n_with_nan(const float* keys, int64_t lo, int64_t hi, int64_t n,
   top.best.resize(m);
 }
 
-// The keys a block whose maxima start top_n's threshold, for a range of m keys over `tiles` tiles:
-// kTile (the tiles', known already) where there are 2n tiles or more, else the largest of 32, 16
-// and 8 that gives 2n blocks, else 8 where that gives n; 0 (no threshold) under n blocks of 8.
-// Where 2n blocks each hold a key above the threshold, few others do: about 1.4 n normal scores.
+// Keys per block of the maxima that start top_n's threshold, for a range of m keys over `tiles`
+// tiles: kTile (the tiles', known already) where there are 2n tiles or more, else the largest of
+// 32, 16 and 8 that gives 2n blocks, else 8 where that gives n; 0 (no threshold) under n blocks
+// of 8. Where 2n blocks each hold a key above the threshold, few others do: about 1.4 n normal
+// scores, under the 2n that make top_n keep its best n.
 inline int64_t threshold_block(int64_t m, int64_t tiles, int64_t n) {
   if (tiles >= 2 * n) return kTile;
   for (int64_t b = kTile / 2; b >= 8; b /= 2) {
@@ -88,7 +90,8 @@ inline int64_t threshold_block(int64_t m, int64_t tiles, int64_t n) {
 // to the threshold ranks below it). The threshold starts just under the n-th largest max of the
 // ranked keys of a block (threshold_block; the tiles or smaller): n distinct keys reach it, so
 // nothing below it is among the n best, and tiles whose max stays below the threshold are skipped
-// whole. A range with a NaN key goes to top_n_with_nan.
+// whole. With no threshold (-inf) the first n keys are candidates whatever they are (-inf keys
+// may be among the n best). A range with a NaN key goes to top_n_with_nan.
 template <class Isa>
 void top_n(const float* keys, const float* row_max, int64_t lo, int64_t hi, int64_t n,
            TopN& top) {
@@ -124,7 +127,7 @@ void top_n(const float* keys, const float* row_max, int64_t lo, int64_t hi, int6
     constexpr float kNormal = std::numeric_limits<float>::min();
     if (std::fabs(thr) < kNormal) thr = -kNormal;
   }
-  const int64_t first = lo + std::min(hi - lo, n);  // keys [lo, first): always candidates
+  const int64_t first = thr == kNegInf ? lo + std::min(hi - lo, n) : lo;  // [lo, first): all in
   for (int64_t j = lo; j < first; ++j) top.best.push_back({keys[j], static_cast<int32_t>(j)});
   for (int64_t t = first / kTile; t < t0 + tiles; ++t) {
     if (!(top.tile_max[t - t0] > thr)) continue;
