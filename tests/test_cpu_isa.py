@@ -261,7 +261,7 @@ def test_scans_give_the_avx2_loops_answers(emulated, n, nan_at):
     load) give Avx2Isa's answers and the plain ones: max_of the max of x [n], NaN where one of
     them is NaN, never a key past n; first_above the first key above thr in [begin, end) for
     every begin, ends up to n and thresholds at, between and beyond the keys, never one past
-    end (the 17 keys after x [n] are above every threshold, or NaN)."""
+    end (the 17 keys after x [n] are above every finite threshold, or NaN)."""
     gen = torch.Generator().manual_seed(n)
     x = torch.randn(n + 17, generator=gen) * 10  # [n + 17]
     x[n:] = 1e30  # past n: above every finite threshold
