@@ -229,6 +229,44 @@ def test_qk_topn_overflowing_scores_as_reference(race_exe, group_select):
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+@pytest.mark.parametrize("n, S, slices, staged", [(4096, 5000, 1, False), (2048, 8200, 2, True)],
+                         ids=["4096", "2048_split"])
+def test_qk_topn_n_up_to_the_cuda_limit(race_exe, group_select, n, S, slices, staged):
+    """N = 4096 (kMaxTopN) on a whole row and 2048 on rows split over two staged slices: bitonic
+    sorts of 4096 and 2048 keys (several pairs a thread) and the merge of two 2048-entry lists
+    at capacity. Integer keys tie exactly (in group mode the heads share q): the reference's
+    indices and scores (test_cuda_ops.py's exact ties at N = 4096, on a GPU)."""
+    Hkv, G, D = 2, 2, 64
+    q = torch.randint(-2, 3, (1, Hkv, 1 if group_select else G, D)).float()
+    q = q.expand(1, Hkv, G, D).reshape(1, Hkv * G, D)  # [B, Hq, D]
+    k = torch.randint(-2, 3, (1, Hkv, S, D)).float()  # [B, Hkv, S, D]
+    lens = seq_lens_tensor([S], "cpu")
+    scores, idx, _ = run_qk_topn(race_exe, q, k, lens, n, 1.0, group_select, slices=slices,
+                                 staged=staged)
+    ref_scores, ref_idx, _ = R.qk_topn(q, k, lens, n, 1.0, group_select)
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(scores, ref_scores)
+
+
+def test_qk_topn_opposite_products_past_the_float_range(race_exe):
+    """bfloat16 q and K whose products are 1e40 and -1e40 (test_qk_topn.py's bfloat16 overflow
+    case): the kernel's fmaf chain rounds the first to inf and adds the second exactly, inf,
+    where the reference and the CPU add two rounded products, NaN; the other key scores as the
+    reference's."""
+    q, k = torch.zeros(1, 1, 64), torch.zeros(1, 1, 2, 64)  # [B, Hq, D], [B, Hkv, S, D]
+    q[0, 0, :2] = 1e20
+    k[0, 0, 0, :2] = torch.tensor([1e20, -1e20])
+    k[0, 0, 1, 0] = 1.0
+    q, k = q.bfloat16(), k.bfloat16()
+    lens = seq_lens_tensor([2], "cpu")
+    scores, idx, lse = run_qk_topn(race_exe, q, k, lens, 2, 0.125, False)
+    ref_scores, ref_idx, _ = R.qk_topn(q, k, lens, 2, 0.125)
+    assert ref_scores[0, 0, 0].isnan()
+    assert scores[0, 0, 0] == float("inf") and lse[0, 0] == float("inf")
+    assert torch.equal(idx, ref_idx) and scores[0, 0, 1] == ref_scores[0, 0, 1]
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_qk_topn_n_1024(race_exe, group_select):
     """N = 1024 < L: the radix select and a 1024-entry bitonic sort."""
     q, k = make_qk(1, 4, 2, 1500, 64, torch.bfloat16, "cpu")
@@ -1561,6 +1599,15 @@ def test_reuse_rows_matches_reference(race_exe, dtype, D, G, N, extra, group_sel
     assert 0 < hits < reads
 
 
+@pytest.mark.parametrize("N, D, dtype", [(64, 128, torch.bfloat16), (128, 64, torch.float32)])
+def test_reuse_rows_at_the_cuda_limits(race_exe, N, D, dtype):
+    """A pool of kReuseMaxSlots = 2048 slots (a sort of 2048 keys, 4 pairs a thread) and steps of
+    16 heads' 64 and 128 entries (E = 1024 and kReuseMaxEntries = 2048: runs of 4 and 8 a
+    thread), as test_cuda_ops.py's largest case on a GPU and past it."""
+    reads, hits = check_reuse_steps(race_exe, 1, 1, 16, N, 2048, D, dtype, False, steps=2)
+    assert 0 < hits < reads
+
+
 @settings(max_examples=6, deadline=None)
 @given(B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 5, 8]),
        N=st.integers(1, 70), extra=st.integers(0, 40), D=st.sampled_from([64, 128]),
@@ -1584,17 +1631,38 @@ def test_reuse_rows_missing_barrier_is_caught(race_exe, site):
                           seeds=(1,), skip_barrier=site)
 
 
-def test_op_test_files_pass_on_the_emulated_kernels(race_exe):
-    """The device-parametrized cases of the sparse_attn_v, gather_rows and reuse_rows test files,
-    through the CUDA kernels (cuda_emu/on_emulator.py swaps them in), pass as the CPU op does:
-    the CUDA cases of those files, checked without a GPU. (qk_topn's and lowbit_tail's files
-    take minutes there: the plugin's docstring gives the command.)"""
-    tests = Path(__file__).parent
+def on_emulator(*args):
+    """The last line of pytest's summary of a run of test files' device-parametrized cases through
+    the CUDA kernels (cuda_emu/on_emulator.py swaps them in); args: the files and options."""
     env = dict(os.environ, KCACHE_OPS_TEST_DEVICES="cpu")
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
-                          "cuda_emu.on_emulator", "test_sparse_attn_v.py", "test_gather_rows.py",
-                          "test_reuse_rows.py"], cwd=tests, env=env, capture_output=True,
-                         text=True, timeout=1200)
-    summary = res.stdout.strip().splitlines()[-1]
+                          "cuda_emu.on_emulator", *args], cwd=Path(__file__).parent, env=env,
+                         capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    return res.stdout.strip().splitlines()[-1]
+
+
+def test_op_test_files_pass_on_the_emulated_kernels(race_exe):
+    """The device-parametrized cases of the sparse_attn_v, gather_rows and reuse_rows test files,
+    through the CUDA kernels, pass as the CPU op does: the CUDA cases of those files, checked
+    without a GPU. (qk_topn's and lowbit_tail's files take minutes there: the plugin's docstring
+    gives the command; the next test runs the cases of theirs that no test here repeats.)"""
+    summary = on_emulator("test_sparse_attn_v.py", "test_gather_rows.py", "test_reuse_rows.py")
     assert re.search(r"\d{3} passed, \d+ deselected", summary), summary  # 178 of them
+
+
+# The device cases of qk_topn's and lowbit_tail's test files whose options or values no test here
+# gives the kernels: top_p's edges, group mass at large and subnormal shares, bfloat16 and float16
+# at the ends of the range and NaN, exact ties and block maxima at every threshold start (the
+# CPU's), hot rows with NaN and overflowing weights, strided meta, hot rows and scores.
+ONLY_IN_THE_OP_FILES = (
+    "top_p_reached_exactly or top_p_that_rounds or top_p_keeps_each or group_mass_at_large or "
+    "subnormal_group_mass or bfloat16_at_the_ends or nan_as_reference or nth_best or ties_exact "
+    "or hot_rows_nan_and_overflowing or test_strided_inputs or strided_seq_lens_and_hot or "
+    "scores_keys_apart")
+
+
+def test_qk_topn_and_lowbit_tail_cases_pass_on_the_emulated_kernels(race_exe):
+    """Those cases through the CUDA kernels pass as the CPU op does (about a minute)."""
+    summary = on_emulator("test_qk_topn.py", "test_lowbit_tail.py", "-k", ONLY_IN_THE_OP_FILES)
+    assert re.search(r"\d{3} passed, \d+ deselected", summary), summary  # 126 of them
