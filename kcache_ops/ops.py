@@ -22,8 +22,9 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_value
         float32's range overflows (to inf, or to NaN where products of both signs do, making the
         row's ``lse`` NaN), as in the reference but for bfloat16 on a CPU with AVX-512 BF16, whose
         dot product may give another non-finite score, and on CUDA, whose fused multiply-adds
-        round a product only as they add it (inf + -1e40 is inf where the reference adds two
-        rounded products, inf - inf: NaN): finite outputs need finite scores.
+        over a 16-byte piece of a row round a product only as they add it (1e40 then -1e40
+        there: inf, or -inf in the other order, where the reference adds two rounded products,
+        inf - inf: NaN): finite outputs need finite scores.
     k_cache : Tensor [B, Hkv, S, D]
         Keys, same dtype and device as ``q``; ``Hq`` must be a multiple of ``Hkv`` (GQA). On CUDA
         ``S <= 2^30`` and ``B, Hq < 65536``.

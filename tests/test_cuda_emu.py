@@ -248,22 +248,29 @@ def test_qk_topn_n_up_to_the_cuda_limit(race_exe, group_select, n, S, slices, st
     assert torch.equal(scores, ref_scores)
 
 
-def test_qk_topn_opposite_products_past_the_float_range(race_exe):
-    """bfloat16 q and K whose products are 1e40 and -1e40 (test_qk_topn.py's bfloat16 overflow
-    case): the kernel's fmaf chain rounds the first to inf and adds the second exactly, inf,
-    where the reference and the CPU add two rounded products, NaN; the other key scores as the
-    reference's."""
+@pytest.mark.parametrize("dims, want", [((0, 1), "inf"), ((1, 0), "-inf"), ((0, 8), "nan")],
+                         ids=["one_piece", "one_piece_negative_first", "two_pieces"])
+def test_qk_topn_opposite_products_past_the_float_range(race_exe, dims, want):
+    """bfloat16 q and K whose products are 1e40 at dims[0] and -1e40 at dims[1] (test_qk_topn.py's
+    bfloat16 overflow case): the reference and the CPU round each product and add them, NaN.
+    Within a lane's 16-byte piece (8 values) the kernel's fmaf chain rounds the first product
+    and adds the next exactly: inf, or -inf where the negative one comes first; pieces' sums,
+    rounded, add as the reference's do: NaN. The other key scores as the reference's."""
     q, k = torch.zeros(1, 1, 64), torch.zeros(1, 1, 2, 64)  # [B, Hq, D], [B, Hkv, S, D]
-    q[0, 0, :2] = 1e20
-    k[0, 0, 0, :2] = torch.tensor([1e20, -1e20])
+    q[0, 0, list(dims)] = 1e20
+    k[0, 0, 0, dims[0]], k[0, 0, 0, dims[1]] = 1e20, -1e20
     k[0, 0, 1, 0] = 1.0
     q, k = q.bfloat16(), k.bfloat16()
     lens = seq_lens_tensor([2], "cpu")
     scores, idx, lse = run_qk_topn(race_exe, q, k, lens, 2, 0.125, False)
     ref_scores, ref_idx, _ = R.qk_topn(q, k, lens, 2, 0.125)
     assert ref_scores[0, 0, 0].isnan()
-    assert scores[0, 0, 0] == float("inf") and lse[0, 0] == float("inf")
-    assert torch.equal(idx, ref_idx) and scores[0, 0, 1] == ref_scores[0, 0, 1]
+    got = scores[idx == 0]  # [1] key 0's score, wherever it ranks
+    torch.testing.assert_close(got, torch.tensor([float(want)]), equal_nan=True)
+    s1 = ref_scores[ref_idx == 1]  # [1] the other key's score
+    assert torch.equal(scores[idx == 1], s1)
+    want_lse = s1 if want == "-inf" else torch.tensor([float(want)])  # [1]
+    torch.testing.assert_close(lse.flatten(), want_lse, equal_nan=True, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
@@ -1648,7 +1655,7 @@ def test_op_test_files_pass_on_the_emulated_kernels(race_exe):
     without a GPU. (qk_topn's and lowbit_tail's files take minutes there: the plugin's docstring
     gives the command; the next test runs the cases of theirs that no test here repeats.)"""
     summary = on_emulator("test_sparse_attn_v.py", "test_gather_rows.py", "test_reuse_rows.py")
-    assert re.search(r"\d{3} passed, \d+ deselected", summary), summary  # 178 of them
+    assert int(re.search(r"(\d+) passed", summary)[1]) >= 178, summary
 
 
 # The device cases of qk_topn's and lowbit_tail's test files whose options or values no test here
@@ -1665,4 +1672,4 @@ ONLY_IN_THE_OP_FILES = (
 def test_qk_topn_and_lowbit_tail_cases_pass_on_the_emulated_kernels(race_exe):
     """Those cases through the CUDA kernels pass as the CPU op does (about a minute)."""
     summary = on_emulator("test_qk_topn.py", "test_lowbit_tail.py", "-k", ONLY_IN_THE_OP_FILES)
-    assert re.search(r"\d{3} passed, \d+ deselected", summary), summary  # 126 of them
+    assert int(re.search(r"(\d+) passed", summary)[1]) >= 126, summary

@@ -9,10 +9,11 @@ Only the cases that take the ``device`` fixture run (on "cpu"); ``kcache_ops.<op
 a call of the emulated kernel (test_cuda_emu.py's ``run_<op>``: the race-checking build, seeds
 1, 2, 3 whose outputs must agree bit for bit, 132 SMs as on an H200). What the emulator does not
 run is the launcher in the .cu files: its argument checks and its early returns. The cases that
-test those are left out (KNOWN, with the reason), and qk_topn's ``return_scores`` entries past
-L_b, undefined on CUDA (the score scratch; the emulator poisons it), are set to -inf as the CPU
-op sets them. The default suite runs the fast files (test_cuda_emu.py); qk_topn's and
-lowbit_tail's take minutes.
+test those are left out (KNOWN, with the reason, as is one whose CPU answer the kernel does not
+give), and qk_topn's ``return_scores`` entries past L_b, undefined on CUDA (the score scratch;
+the emulator poisons it), are set to -inf as the CPU op sets them. The default suite runs
+sparse_attn_v's, gather_rows' and reuse_rows' files and 126 cases of qk_topn's and
+lowbit_tail's (test_cuda_emu.py); those two files whole take minutes.
 """
 import math
 
