@@ -1672,4 +1672,4 @@ ONLY_IN_THE_OP_FILES = (
 def test_qk_topn_and_lowbit_tail_cases_pass_on_the_emulated_kernels(race_exe):
     """Those cases through the CUDA kernels pass as the CPU op does (about a minute)."""
     summary = on_emulator("test_qk_topn.py", "test_lowbit_tail.py", "-k", ONLY_IN_THE_OP_FILES)
-    assert int(re.search(r"(\d+) passed", summary)[1]) >= 126, summary
+    assert int(re.search(r"(\d+) passed", summary)[1]) >= 150, summary

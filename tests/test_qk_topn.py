@@ -268,21 +268,23 @@ def test_ties_exact(device, group_select, skip_first, skip_last, S):
 
 @pytest.mark.parametrize("S, block", THRESHOLD_STARTS.values(), ids=THRESHOLD_STARTS)
 @pytest.mark.parametrize("skip_first, skip_last", [(0, 0), (5, 61)])
+@pytest.mark.parametrize("at_last", [False, True], ids=["anywhere", "last"])
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
-def test_the_nth_best_key_is_the_nth_largest_block_max(device, group_select, skip_first,
-                                                       skip_last, S, block):
-    """One key a block far above the others (scores k_j0 exactly: q = e_0, scale 1), so the n
-    best keys are the maxima of n blocks the CPU's selection takes the maxima of, the n-th best
-    the n-th largest of them: a threshold that started any higher would lose it. The skipped
-    keys score higher still: a first or last block whose max took one in would raise the
-    threshold."""
+def test_the_nth_best_key_is_the_nth_largest_block_max(device, group_select, at_last,
+                                                       skip_first, skip_last, S, block):
+    """One key a block far above the others (scores k_j0 exactly: q = e_0, scale 1), anywhere in
+    it or its last key, so the n best keys are the maxima of n blocks the CPU's selection takes
+    the maxima of, the n-th best the n-th largest of them: a threshold that started any higher
+    would lose it. The skipped keys score higher still: a first or last block whose max took one
+    in would raise the threshold, as would blocks read a key early (each the one before's)."""
     Hkv, G, n = 2, 3, 40
     q = torch.zeros(1, Hkv * G, 64)  # [1, Hq, D]
     q[..., 0] = 1.0
     k = torch.randn(1, Hkv, S, 64)  # [1, Hkv, S, D]
     lo, hi = skip_first, S - skip_last  # the ranked keys, [lo, hi)
     blocks = (hi - lo) // block
-    spikes = lo + torch.arange(blocks) * block + torch.randint(0, block, (blocks,))  # one a block
+    at = torch.full((blocks,), block - 1) if at_last else torch.randint(0, block, (blocks,))
+    spikes = lo + torch.arange(blocks) * block + at  # [blocks] one a block
     k[..., spikes, 0] = 10.0 + torch.stack([torch.randperm(blocks) for _ in range(Hkv)]) / 8
     k[..., spikes[[0, -1]], 0] = 9.0  # the range's first and last blocks: not among the n best
     k[..., :lo, 0] = k[..., hi:, 0] = 1e3
