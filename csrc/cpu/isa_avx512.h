@@ -239,17 +239,14 @@ struct Avx512Isa : Avx2Isa {
     return hmax(_mm256_max_ps(_mm512_extractf32x8_ps(m, 0), _mm512_extractf32x8_ps(m, 1)));
   }
 
-  // The first i in [begin, end) with x[i] > thr, or end; 16 keys per compare.
+  // The first i in [begin, end) with x[i] > thr, or end; 16 keys per compare (lanes past end
+  // -inf: above no threshold).
   KC_AVX512 static int64_t first_above(const float* x, int64_t begin, int64_t end, float thr) {
     const __m512 t = _mm512_set1_ps(thr);
-    for (; begin + 16 <= end; begin += 16) {
-      const unsigned hits = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + begin), t, _CMP_GT_OQ);
-      if (hits != 0) return begin + __builtin_ctz(hits);
-    }
-    if (begin < end) {  // the last few: lanes past end load 0 and do not count
-      const __mmask16 lanes = first_lanes(end - begin);
-      const __m512 v = _mm512_maskz_loadu_ps(lanes, x + begin);
-      const unsigned hits = lanes & _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ);
+    for (; begin < end; begin += 16) {
+      const __m512 v = end - begin >= 16 ? _mm512_loadu_ps(x + begin)
+                                         : load_upto16(x + begin, end - begin);
+      const unsigned hits = _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ);
       if (hits != 0) return begin + __builtin_ctz(hits);
     }
     return end;
