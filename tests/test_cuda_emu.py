@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_gather_rows import make_indices
 from test_lowbit_tail import check_tail as check_lowbit_tail
-from test_lowbit_tail import hot_rows_case
+from test_lowbit_tail import hot_rows_case, keys_apart
 from test_lowbit_tail import check_nan_row_left_out
 from test_lowbit_tail import TF32_SUBNORMAL_FLOOR, check_float_limit_weights
 from test_lowbit_tail import float_limit_weights_case
@@ -1279,19 +1279,15 @@ def test_lowbit_tail_single_chunk(race_exe, bits):
 
 
 def test_lowbit_tail_scores_keys_apart(race_exe):
-    """Scores whose keys are not adjacent (a [B, S, Hq + 1] buffer seen as [B, Hq, S], key
-    stride Hq + 1, its extra column NaN), as test_lowbit_tail.py's test_scores_keys_apart on
-    a GPU, with hot rows: the weighing pass and the hot rows' weights step a head's scores by
-    that stride."""
+    """Scores whose keys are not adjacent (keys_apart: key stride Hq + 1), as test_lowbit_tail.py's
+    test_scores_keys_apart on a GPU, with hot rows: the weighing pass and the hot rows' weights
+    step a head's scores by that stride."""
     B, Hkv, G, S, D, first, last = 2, 2, 3, 333, 128, 4, 60
     lens = [S, 170]
     scores, *rest = skipped_lowbit_case(B, Hkv, G, S, D, 2, torch.float32, "cpu", lens, 16,
                                         first, last)
     hot_v, hot_pos = hot_rows_case(B, Hkv, 5, D, S, lens, torch.bfloat16, "cpu")
-    wide = torch.full((B, S, Hkv * G + 1), float("nan"))  # [B, S, Hq + 1]
-    wide[..., 1:] = scores.transpose(1, 2)
-    scores = wide[..., 1:].transpose(1, 2)  # [B, Hq, S], key stride Hq + 1
-    assert scores.stride(2) == Hkv * G + 1
+    scores = keys_apart(scores)  # [B, Hq, S], key stride Hq + 1
     out = run_lowbit_tail(race_exe, scores, *rest, 2, skip_first=first, skip_last=last,
                           hot_v=hot_v, hot_pos=hot_pos)
     ref = R.lowbit_tail(scores, *rest, 2, first, last, hot_v, hot_pos)

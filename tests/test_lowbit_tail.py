@@ -452,18 +452,25 @@ def test_strided_inputs(device, dtype):
     check_tail(scores, seq_lens, lse, indices, codes, meta, bits, out)
 
 
+def keys_apart(scores):
+    """scores [B, Hq, S] as a view of a [B, S, Hq + 1] buffer whose extra column is NaN: keys not
+    adjacent (key stride Hq + 1)."""
+    B, Hq, S = scores.shape
+    wide = torch.full((B, S, Hq + 1), float("nan"), device=scores.device)  # [B, S, Hq + 1]
+    wide[..., 1:] = scores.transpose(1, 2)
+    apart = wide[..., 1:].transpose(1, 2)  # [B, Hq, S]
+    assert apart.stride(2) == Hq + 1
+    return apart
+
+
 def test_scores_keys_apart(device, dtype):
-    """Scores whose keys are not adjacent (a [B, S, Hq + 1] buffer seen as [B, Hq, S], key
-    stride Hq + 1, its extra column NaN): honoured, where the CPU gathers each head's scores
-    before weighing them and otherwise reads them in place."""
+    """Scores whose keys are not adjacent (keys_apart): honoured, where the CPU gathers each
+    head's scores before weighing them and otherwise reads them in place."""
     B, Hkv, G, S, D, n, bits = 2, 2, 3, 333, 128, 16, 2
     lens = [333, 170]
     q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, bits, dtype, device, lens)
     scores, indices, lse = selection(q, k, seq_lens, n, False)
-    wide = torch.full((B, S, Hkv * G + 1), float("nan"), device=device)  # [B, S, Hq + 1]
-    wide[..., 1:] = scores.transpose(1, 2)
-    scores = wide[..., 1:].transpose(1, 2)  # [B, Hq, S], key stride Hq + 1
-    assert scores.stride(2) == Hkv * G + 1
+    scores = keys_apart(scores)  # [B, Hq, S], key stride Hq + 1
     out = kcache_ops.lowbit_tail(scores, seq_lens, lse, indices, codes, meta, bits)
     check_tail(scores, seq_lens, lse, indices, codes, meta, bits, out)
 
