@@ -106,14 +106,15 @@ def test_matches_reference(device, dtype, G, D, group_select, bits):
 def skipped_case(B, Hkv, G, S, D, bits, dtype, device, lens, n, skip_first, skip_last,
                  group_select=False):
     """(scores, seq_lens, lse, indices, codes, meta) as a KCache step with hot rows has them: the
-    selection from qk_topn over the keys skip_first <= j < L_b - skip_last, and the copies of the
-    skipped rows NaN (a skipped row must never be weighed)."""
+    selection from qk_topn over the keys skip_first <= j < L_b - skip_last, the copies of the
+    skipped rows NaN (a skipped row must never be weighed), and the scores past L_b NaN too."""
     q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, bits, dtype, device, lens)
     j = torch.arange(S, device=device)[None, :]  # [1, S]
     end = seq_lens.long()[:, None] - skip_last  # [B, 1]
     meta[((j < skip_first) | (j >= end))[:, None, :, None].expand_as(meta)] = float("nan")
     scores, indices, lse = selection(q, k, seq_lens, n, group_select, None, skip_first,
                                      skip_last)
+    scores[(j >= seq_lens.long()[:, None])[:, None, :].expand_as(scores)] = float("nan")
     return scores, seq_lens, lse, indices, codes, meta
 
 

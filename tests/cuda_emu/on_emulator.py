@@ -12,7 +12,7 @@ run is the launcher in the .cu files: its argument checks and its early returns.
 test those are left out (KNOWN, with the reason, as is one whose CPU answer the kernel does not
 give), and qk_topn's ``return_scores`` entries past L_b, undefined on CUDA (the score scratch;
 the emulator poisons it), are set to -inf as the CPU op sets them. The default suite runs
-sparse_attn_v's, gather_rows' and reuse_rows' files and 150 cases of qk_topn's and
+sparse_attn_v's, gather_rows' and reuse_rows' files and 216 cases of qk_topn's and
 lowbit_tail's (test_cuda_emu.py); those two files whole take minutes.
 """
 import math
