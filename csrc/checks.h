@@ -1,7 +1,9 @@
 // Argument checks whose messages name the argument, what was expected and what came.
 #pragma once
 
+#include <charconv>
 #include <initializer_list>
+#include <string>
 #include <utility>
 
 #include <torch/library.h>
@@ -25,6 +27,13 @@ inline const char* dtype_name(at::ScalarType dtype) {
     case at::kBool: return "bool";
     default: return c10::toString(dtype);  // the rarer ones by c10's name
   }
+}
+
+// A double as the shortest text that reads back as it: a stream's 6 digits print a refused top_p
+// of 1.0000001 as "1", which reads as allowed.
+inline std::string exact_text(double x) {
+  char buf[32];
+  return std::string(buf, std::to_chars(buf, buf + sizeof(buf), x).ptr);
 }
 
 }  // namespace kcache_ops

@@ -48,10 +48,11 @@ inline QkTopnDims check_qk_topn_args(const at::Tensor& q, const at::Tensor& k_ca
   KC_CHECK_HEAD_DIM(q, D);
   TORCH_CHECK(n >= 1 && n < (int64_t{1} << 31), "n must be in [1, 2^31), got ", n);
   TORCH_CHECK(std::isfinite(static_cast<float>(scale)), "scale must be finite (as a float32), got ",
-              scale);
+              exact_text(scale));
   check_skip_counts(skip_first, skip_last);
   const float top_p32 = static_cast<float>(top_p);
-  TORCH_CHECK(top_p32 > 0 && top_p32 <= 1, "top_p must be in (0, 1] (as a float32), got ", top_p);
+  TORCH_CHECK(top_p32 > 0 && top_p32 <= 1, "top_p must be in (0, 1] (as a float32), got ",
+              exact_text(top_p));
   KC_CHECK_LAST_CONTIGUOUS(q);
   KC_CHECK_LAST_CONTIGUOUS(k_cache);
   return {B, Hq, Hkv, Hq / Hkv, S, D, n};

@@ -1,4 +1,5 @@
 """Bad input gets a Python exception naming the argument, what was expected and what came."""
+import math
 import re
 
 import numpy as np
@@ -143,12 +144,23 @@ def test_qk_topn_bad_skips(device, qk):
         kcache_ops.qk_topn(*qk, N, skip_last=2 ** 31)
     with pytest.raises(RuntimeError, match=r"n must be in \[1, 2\^31\), got 2147483648"):
         kcache_ops.qk_topn(*qk, 2 ** 31)
-    for scale in (float("nan"), float("inf"), 1e39):  # 1e39: inf as a float32
-        with pytest.raises(RuntimeError, match=r"scale must be finite \(as a float32\), got"):
+    # 1e39 and 3.4028236e38 (just past float32's largest): inf as a float32
+    for scale in (float("nan"), float("inf"), 1e39, 3.4028236e38):
+        with pytest.raises(RuntimeError, match=r"scale must be finite \(as a float32\)") as e:
             kcache_ops.qk_topn(*qk, N, scale)
-    for top_p in (0.0, -0.5, 1.5, float("nan"), 1e-46):  # 1e-46: 0 as a float32
-        with pytest.raises(RuntimeError, match=r"top_p must be in \(0, 1\] \(as a float32\), got"):
+        assert_reads_back(str(e.value), scale)
+    # 1e-46: 0 as a float32; 1.0000001: above 1 as a float32
+    for top_p in (0.0, -0.5, 1.5, float("nan"), 1e-46, 1.0000001):
+        with pytest.raises(RuntimeError, match=r"top_p must be in \(0, 1\] \(as a float32\)") as e:
             kcache_ops.qk_topn(*qk, N, top_p=top_p)
+        assert_reads_back(str(e.value), top_p)
+
+
+def assert_reads_back(message, value):
+    """The value a message says it got is the value given, to the last bit: 6 digits would print
+    a refused top_p of 1.0000001 as 1 and a scale of 3.4028236e38 as 3.40282e+38, both allowed."""
+    got = float(re.search(r", got (\S+)$", message)[1])
+    assert got == value or math.isnan(got) and math.isnan(value), message
 
 
 @pytest.mark.parametrize("i, bad, message", [
