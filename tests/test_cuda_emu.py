@@ -124,11 +124,14 @@ def run_gather_rows(exe, src, indices, seeds=SEEDS, sms=SMS, per_thread=None):
     (torch.float32, 64, 12, True),
     (torch.float16, 128, 12, False),
     (torch.bfloat16, 128, 16, True),
+    (torch.bfloat16, 128, 7, True),
+    (torch.float16, 64, 7, False),
 ], ids=lambda v: str(v).removeprefix("torch."))
 def test_qk_topn_matches_reference(race_exe, dtype, D, G, group_select):
     """Several score chunks (S > 512), L = S, L < S and L = 1 in one batch; G = 12 takes two
     score blocks per KV head (a slice of 8 query heads and one of 4), G = 16 two of 8, whose
-    group mass adds the lse of heads that two blocks scored."""
+    group mass adds the lse of heads that two blocks scored; G = 7 (Qwen2.5-7B's 28 / 4 heads)
+    a slice of 8 with one head empty."""
     Hkv, S, n = 1 if G >= 8 else 2, 1100, 64
     q, k = make_qk(3, Hkv * G, Hkv, S, D, dtype, "cpu")
     lens = seq_lens_tensor([S, 97, 1], "cpu")
@@ -448,9 +451,11 @@ def test_qk_topn_random_shapes(race_exe, B, Hkv, G, S, n, D, dtype, group_select
     (torch.bfloat16, 128, 8, True),
     (torch.float16, 64, 3, True),
     (torch.bfloat16, 64, 12, False),
+    (torch.bfloat16, 128, 7, True),
 ], ids=lambda v: str(v).removeprefix("torch."))
 def test_sparse_attn_v_matches_reference(race_exe, dtype, D, G, renormalize):
-    """G = 12: two blocks per KV head (a slice of 8 query heads and one of 4)."""
+    """G = 12: two blocks per KV head (a slice of 8 query heads and one of 4); G = 7 (Qwen2.5-7B's
+    28 / 4 heads) a slice of 8 with one head empty."""
     B, Hkv, S, N = 2, 2, 300, 64
     scores, indices, lse = make_selection(B, Hkv * G, N, S, "cpu")
     v = torch.randn(B, Hkv, S, D).to(dtype)
@@ -1263,11 +1268,12 @@ def lowbit_case(B, Hkv, G, S, D, bits, dtype, lens, n, group_select, scale):
     (torch.float16, 64, 2, 2, True),
     (torch.bfloat16, 64, 12, 4, True),
     (torch.float16, 128, 16, 2, True),
+    (torch.bfloat16, 128, 7, 2, False),
 ], ids=lambda v: str(v).removeprefix("torch."))
 def test_lowbit_tail_matches_reference(race_exe, dtype, D, G, bits, group_select):
     """Several chunks (partials and the reduce kernel), L = S, odd, N + 1, N, 1 and 0 in one
     batch; G = 12 takes two blocks per KV head (a slice of 8 query heads and one of 4), G = 16
-    two of 8."""
+    two of 8, G = 7 one of 8 with one head empty."""
     Hkv, S, n = 1 if G >= 8 else 2, 700, 16
     lens = [S, 97, n + 1, n, 1, 0]
     args = lowbit_case(len(lens), Hkv, G, S, D, bits, dtype, lens, n, group_select, 0.1)
@@ -1603,7 +1609,8 @@ def check_reuse_steps(exe, B, Hkv, G, N, C, D, dtype, group_select, steps=4, spa
     (torch.float16, 64, 3, 10, 10, True),
     (torch.float32, 64, 8, 40, 280, False),
     (torch.bfloat16, 64, 4, 300, 0, True),
-], ids=["G1", "C_equal_E", "group", "runs_of_2_sort_1024", "group_300"])
+    (torch.bfloat16, 128, 7, 12, 3, False),
+], ids=["G1", "C_equal_E", "group", "runs_of_2_sort_1024", "group_300", "G7"])
 def test_reuse_rows_matches_reference(race_exe, dtype, D, G, N, extra, group_select):
     """Pools of E + extra slots (E = G·N per head, N with group_select): C = E, more entries
     than threads (each thread a run of 2) and a sort of 1024 keys for 600 slots."""

@@ -91,7 +91,7 @@ def check_tail(scores, lens, lse, indices, codes, meta, bits, out, skip_first=0,
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("G", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("G", [1, 2, 3, 4, 7, 8])
 def test_matches_reference(device, dtype, G, D, group_select, bits):
     """Indices and lse from qk_topn; L_b = 0, 1, N, N + 1, odd and full in one batch."""
     Hkv, S, n = 2, 1025, 64

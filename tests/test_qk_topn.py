@@ -84,7 +84,7 @@ def check_topn(q, k_cache, seq_lens, n, scale, group_select, out, skip_first=0, 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("G", [1, 3, 4, 8])
+@pytest.mark.parametrize("G", [1, 3, 4, 7, 8])
 def test_matches_reference(device, dtype, G, D, group_select):
     Hkv, S, n = 2, 1025, 64
     q, k = make_qk(3, Hkv * G, Hkv, S, D, dtype, device)

@@ -75,7 +75,7 @@ def check_attn(scores, indices, v_cache, lse, renormalize, out):
 
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("G", [1, 3, 4, 8])
+@pytest.mark.parametrize("G", [1, 3, 4, 7, 8])
 def test_matches_reference(device, dtype, G, D, renormalize):
     B, Hkv, S, N = 2, 2, 1025, 64
     scores, indices, lse = make_selection(B, Hkv * G, N, S, device)
