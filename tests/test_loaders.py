@@ -16,6 +16,7 @@ gguf = pytest.importorskip("gguf")  # requirements.txt has it; a lent GPU machin
 
 from kcache_ops.model import CheckpointError, UnsupportedModelError, load_model
 from kcache_ops.model import load as load_module
+from kcache_ops.model.gguf_header import tensor_of_type
 from kcache_ops.model.hf import load_hf_model
 from model_helpers import (CHAT_TEMPLATE, LLAMA3_ROPE, all_bytes_tokens, llamacpp_rope_factors,
                            roundtrip, save_tiny_hf, save_tiny_tokenizer, write_gguf)
@@ -786,8 +787,9 @@ def test_gguf_tensor_type_gguf_cannot_read(tmp_path, hf_folder):
 @pytest.mark.parametrize("metadata", [True, False], ids=["", "no_package_metadata"])
 def test_gguf_tensor_type_gguf_does_not_know(tmp_path, hf_folder, monkeypatch, metadata):
     """A tensor type number gguf's GGMLQuantizationType lacks (a newer llama.cpp quantization)
-    names the number, gguf's version (where its package metadata says it: not for llama.cpp's
-    gguf-py put on the path) and the way out, not only "truncated or corrupt"."""
+    names the tensor (gguf_header walks the header gguf stops in), the number, gguf's version
+    (where its package metadata says it: not for llama.cpp's gguf-py put on the path) and the way
+    out, not only "truncated or corrupt"."""
     path = write_gguf(tmp_path / "m.gguf", hf_folder[1], Q.F32)
     unknown = max(Q) + 1000
     edit_gguf(path, lambda r: retype(r, "output_norm.weight", unknown))
@@ -796,11 +798,45 @@ def test_gguf_tensor_type_gguf_does_not_know(tmp_path, hf_folder, monkeypatch, m
             raise importlib.metadata.PackageNotFoundError(name)
         monkeypatch.setattr(importlib.metadata, "version", version)
     release = "gguf [0-9.]+" if metadata else "this gguf"
-    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: a tensor's GGML type is "
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: tensor "
+                                              f"output_norm.weight's GGML type is "
                                               f"{unknown}, which {release} does not know: a "
                                               f"quantization newer than this gguf \\(pip install "
                                               f"-U gguf\\), or a corrupt file$"):
         load_model(path, "cpu")
+
+
+@pytest.mark.parametrize("endian", ["LITTLE", "BIG"])
+def test_gguf_header_walk_finds_each_type(tmp_path, endian):
+    """tensor_of_type walks a header of every metadata value type (each scalar, a string, arrays
+    of numbers, of strings and of arrays) in either byte order to the first tensor of a GGML type;
+    None for a type no tensor has and for a header cut short."""
+    path = tmp_path / "h.gguf"
+    w = gguf.GGUFWriter(str(path), "llama", endianess=gguf.GGUFEndian[endian])
+    for i, add in enumerate([w.add_uint8, w.add_int8, w.add_uint16, w.add_int16, w.add_uint32,
+                             w.add_int32, w.add_uint64, w.add_int64]):
+        add(f"k.int{i}", 7)
+    w.add_float32("k.f32", 0.5)
+    w.add_float64("k.f64", 0.25)
+    w.add_bool("k.bool", True)
+    w.add_string("k.str", "héllo")
+    w.add_array("k.ints", [1, 2, 3])
+    w.add_array("k.strs", ["a", "bc", ""])
+    w.add_array("k.nested", [[1, 2], [3]])
+    types = [("a.weight", np.float32), ("b.weight", np.float16), ("c.weight", np.float32),
+             ("d.weight", np.float16)]
+    for name, dtype in types:
+        w.add_tensor(name, np.ones((2, 3), dtype))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert tensor_of_type(str(path), int(Q.F32)) == "a.weight"
+    assert tensor_of_type(str(path), int(Q.F16)) == "b.weight"
+    assert tensor_of_type(str(path), int(Q.Q4_1)) is None
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:200])  # inside the key/values
+    assert tensor_of_type(str(cut), int(Q.F32)) is None
 
 
 def test_gguf_head_count_that_does_not_fit_q(tmp_path, hf_folder):

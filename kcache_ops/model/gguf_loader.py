@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ..integers import int_at_least
 from .config import LlamaConfig
 from .errors import CheckpointError, UnsupportedModelError, naming
+from .gguf_header import tensor_of_type
 from .llama import Llama
 
 GGUF_MAGIC = b"GGUF"  # a GGUF file's first bytes
@@ -115,8 +116,10 @@ def read_gguf(path: str):
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError) as e:
         kind = UNKNOWN_TYPE.search(str(e))
-        if kind:  # gguf stops on the number before it names the tensor
-            raise CheckpointError(f"{path}: a tensor's GGML type is {kind[1]}, which "
+        if kind:  # gguf stops on the number before it names the tensor: the header walk names it
+            name = tensor_of_type(path, int(kind[1]))
+            which = "a tensor's" if name is None else f"tensor {name}'s"
+            raise CheckpointError(f"{path}: {which} GGML type is {kind[1]}, which "
                                   f"{_gguf_release()} does not know: a quantization newer than "
                                   f"this gguf (pip install -U gguf), or a corrupt file") from e
         raise CheckpointError(f"{path} ({os.path.getsize(path)} bytes) is not a readable GGUF file "
