@@ -187,6 +187,8 @@ inline ReuseRowsDims check_reuse_rows_args(const at::Tensor& indices, const at::
   TORCH_CHECK(C >= E, "rows must have at least ", E, " slots (the rows of one step: ",
               group_select ? "N with group_select" : "G x N", "), got ", C);
   TORCH_CHECK(S < (int64_t{1} << 31), "v_host must have fewer than 2^31 rows, got ", S);
+  TORCH_CHECK(C < (int64_t{1} << 31), "rows must have fewer than 2^31 slots (pool_indices are ",
+              "int32), got ", C);
   KC_CHECK_LAST_CONTIGUOUS(v_host);
   KC_CHECK_LAST_CONTIGUOUS(indices);
   for (const auto& [name, pool] : {std::pair<const char*, const at::Tensor*>{"rows", &rows},

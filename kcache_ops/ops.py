@@ -143,7 +143,7 @@ def gather_rows(src, indices, check_values=True):
     ----------
     src : Tensor [B, Hs, S, D]
         On the CUDA path: pinned, device-mapped host memory, read zero-copy in 16-byte pieces
-        (rows of a multiple of 16 bytes, 16-byte aligned).
+        (rows of a multiple of 16 bytes, 16-byte aligned, under 2 GiB).
     indices : Tensor [B, H, N] int32
         ``H`` a multiple of ``Hs``; ``-1`` gives a zero row.
     check_values : bool
@@ -189,12 +189,12 @@ def reuse_rows(indices, v_host, new_pos, rows, held, used, step, group_select,
         The step's selection (``qk_topn``'s indices), -1 for padding.
     v_host : Tensor [B, Hkv, S, D]
         V, as :func:`sparse_attn_v` takes it (on CUDA: pinned, device-mapped host memory or a
-        tensor on the same GPU, rows a multiple of 16 bytes).
+        tensor on the same GPU, rows a multiple of 16 bytes and under 2 GiB).
     new_pos : Tensor [B] int32
         The position of each sequence's new token.
     rows : Tensor [B, Hkv, C, D], dtype of ``v_host``, contiguous, updated
-        The pool: slot ``c`` holds V of position ``held[b, h, c]``. ``C >= E``; on CUDA at most
-        2048 slots and 2048 entries per (sequence, KV head).
+        The pool: slot ``c`` holds V of position ``held[b, h, c]``. ``E <= C < 2^31``; on CUDA at
+        most 2048 slots and 2048 entries per (sequence, KV head), and G·N below 2^31.
     held : Tensor [B, Hkv, C] int32, contiguous, updated
         The position each slot holds, -1 none.
     used : Tensor [B, Hkv, C] int32, contiguous, updated
@@ -355,7 +355,8 @@ def quantize_rows(v, bits):
     ----------
     v : Tensor [..., D]
         float32, float16 or bfloat16, at least 1 dim, any strides but a contiguous last dim;
-        ``D`` a positive multiple of ``8 / bits`` (4 for 2 bits, 2 for 4 bits).
+        ``D`` a positive multiple of ``8 / bits`` (4 for 2 bits, 2 for 4 bits); on CUDA
+        ``D <= 2^30``.
     bits : int
         2 or 4.
 
@@ -730,6 +731,9 @@ def _(indices, v_host, new_pos, rows, held, used, step, group_select, check_valu
     if S >= 1 << 31:
         raise RuntimeError(f"reuse_rows: v_host must have fewer than 2^31 rows, got "
                            f"{_values(S)}")
+    if C >= 1 << 31:
+        raise RuntimeError(f"reuse_rows: rows must have fewer than 2^31 slots (pool_indices are "
+                           f"int32), got {_values(C)}")
     _check_last_contiguous("reuse_rows", v_host=v_host, indices=indices)
     for name, pool in (("rows", rows), ("held", held), ("used", used)):
         if not pool.is_contiguous():

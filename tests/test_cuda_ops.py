@@ -256,6 +256,34 @@ def test_reuse_rows_matches_reference(shape, group_select):
                               group_select)
 
 
+def test_sizes_past_the_kernels_int_offsets_are_refused():
+    """What the kernels would index past an int is refused, not read at a wrapped offset
+    (helper 155's audit): gather_rows' and reuse_rows' rows of 2 GiB or more (a row's 16-byte
+    pieces), reuse_rows' G x N of 2^31 with group_select (a KV head's outputs), quantize_rows' D
+    past 2^30 (a lane's d += 32). About 4 GiB of pinned host and 4 GiB of device memory."""
+    D = (1 << 29) + 4  # float32: 2^31 + 16 bytes a row
+    big = kcache_ops.alloc_host((1, 1, 1, D), torch.float32)  # [B, Hs, S, D], one row
+    one = torch.zeros(1, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match=r"gather_rows: sizes out of range .*a row's "
+                                           r"bytes=2147483664"):
+        kcache_ops.gather_rows(big, one.view(1, 1, 1))
+    pool = (torch.empty(1, 1, 1, D, device="cuda"), torch.full((1, 1, 1), -1, device="cuda",
+                                                               dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"reuse_rows: sizes out of range .*2147483664 bytes"):
+        kcache_ops.reuse_rows(one.view(1, 1, 1), big, one, pool[0], pool[1], pool[1].clone(), one,
+                              False)
+    del big, pool
+    v = kcache_ops.alloc_host((1, 1, 4, 8), torch.float32)  # [B, Hkv, S, D]
+    indices = torch.zeros(1, 1, 2048, dtype=torch.int32, device="cuda").expand(1, 1 << 20, 2048)
+    rows, held = torch.zeros(1, 1, 2048, 8, device="cuda"), torch.full(
+        (1, 1, 2048), -1, device="cuda", dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"reuse_rows: sizes out of range .*G=1048576, N=2048"):
+        kcache_ops.reuse_rows(indices, v, one, rows, held, held.clone(), one, True)
+    with pytest.raises(RuntimeError, match=r"quantize_rows: sizes out of range .*D=1073741832"):
+        kcache_ops.quantize_rows(torch.empty(1, (1 << 30) + 8, dtype=torch.bfloat16,
+                                             device="cuda"), 4)
+
+
 def test_value_checks():
     q, k, lens = random_case(2, 4, 2, 100, 64, torch.float16)
     with pytest.raises(RuntimeError, match="seq_lens"):

@@ -295,6 +295,24 @@ def test_reuse_rows_bad_arguments(attn):
     kcache_ops.reuse_rows(indices, v, new_pos, *[t.contiguous() for t in small], step, True)
 
 
+@pytest.mark.parametrize("dev", ["meta", "cpu"])
+def test_reuse_rows_pool_of_2_31_slots_is_refused(dev):
+    """A pool of 2^31 slots, whose slot numbers pool_indices (int32) cannot hold, is refused
+    before any is read: by the fake on meta tensors and by the CPU op (its pool 18 GiB of
+    untouched memory, which the OS only reserves)."""
+    C = 1 << 31
+    try:
+        rows = torch.empty(1, 1, C, 1, dtype=torch.uint8, device=dev)  # [B, Hkv, C, D]
+        held, used = (torch.empty(1, 1, C, dtype=torch.int32, device=dev) for _ in range(2))
+    except RuntimeError as e:  # an OS that reserves no memory it may not have
+        pytest.skip(f"no 18 GiB of address space for the pool: {e}")
+    v = torch.zeros(1, 1, 4, 1, dtype=torch.uint8, device=dev)  # [B, Hkv, S, D]
+    one = torch.zeros(1, dtype=torch.int32, device=dev)
+    with pytest.raises(RuntimeError, match=r"rows must have fewer than 2\^31 slots \(pool_indices "
+                                           r"are int32\), got 2147483648"):
+        kcache_ops.reuse_rows(one.view(1, 1, 1), v, one, rows, held, used, one, False)
+
+
 @pytest.mark.parametrize("v, bits, message", [
     (lambda d: torch.randn(4, 64, device=d), 3, "bits must be 2 or 4, got 3"),
     (lambda d: torch.randn(4, 64, device=d), 8, "bits must be 2 or 4, got 8"),

@@ -23,10 +23,12 @@ at::Tensor gather_rows_cuda(const at::Tensor& src,      // [B, Hs, S, D], pinned
   const c10::cuda::CUDAGuard guard(indices.device());
   const void* src_dev = host_mapped_device_ptr(src, kOp, "src");
   check_vec16_aligned(src, kOp, "src");
+  // the kernel's int offsets: rows, heads, entries and a row's 16-byte pieces
+  const int64_t row_bytes = dims.D * src.element_size();
   TORCH_CHECK(dims.S < (int64_t{1} << 31) && dims.H < (int64_t{1} << 31) &&
-                  dims.N < (int64_t{1} << 31),
-              "gather_rows: sizes out of range for the CUDA kernel: H=", dims.H, ", S=", dims.S,
-              ", N=", dims.N);
+                  dims.N < (int64_t{1} << 31) && row_bytes < (int64_t{1} << 31),
+              "gather_rows: sizes out of range for the CUDA kernel (each below 2^31): H=", dims.H,
+              ", S=", dims.S, ", N=", dims.N, ", a row's bytes=", row_bytes);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor dst = at::empty({dims.B, dims.H, dims.N, dims.D},

@@ -25,10 +25,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_cuda(const at::Tensor& v,  // [
   const QuantizeRowsDims dims = check_quantize_rows_args(v, bits);
   TORCH_CHECK(v.is_cuda(), "v must be a CUDA tensor, got ", v.device());
   const c10::cuda::CUDAGuard guard(v.device());
-  TORCH_CHECK(dims.D < (int64_t{1} << 31) &&
+  // D <= 2^30: a lane's d += 32 past D stays an int
+  TORCH_CHECK(dims.D <= (int64_t{1} << 30) &&
                   ceil_div<int64_t>(dims.rows, kQuantWarps) < (int64_t{1} << 31),
-              "quantize_rows: sizes out of range for the CUDA kernel: rows=", dims.rows,
-              ", D=", dims.D);
+              "quantize_rows: sizes out of range for the CUDA kernel (D <= 2^30, rows below ",
+              kQuantWarps, " x 2^31): rows=", dims.rows, ", D=", dims.D);
 
   std::vector<int64_t> codes_shape = v.sizes().vec(), meta_shape = v.sizes().vec();
   codes_shape.back() = dims.code_bytes;

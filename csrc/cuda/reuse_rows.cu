@@ -42,8 +42,12 @@ std::tuple<at::Tensor, at::Tensor> reuse_rows_cuda(
               " slots and a step of at most ", kReuseMaxEntries, " entries (G x N, or N with ",
               "group_select) per sequence and KV head in shared memory, got ", d.C, " slots and ",
               d.E, " entries");
-  TORCH_CHECK(d.B * d.Hkv < (int64_t{1} << 31), "reuse_rows: B x Hkv must be below 2^31, got ",
-              d.B * d.Hkv);
+  // the kernel's int offsets: a row's 16-byte pieces, a KV head's G x N outputs
+  TORCH_CHECK(d.B * d.Hkv < (int64_t{1} << 31) && d.D * v_host.element_size() < (int64_t{1} << 31)
+                  && d.G * d.N < (int64_t{1} << 31),
+              "reuse_rows: sizes out of range for the CUDA kernel (B x Hkv, a row's bytes and ",
+              "G x N below 2^31): B=", d.B, ", Hkv=", d.Hkv, ", D=", d.D, " (",
+              d.D * v_host.element_size(), " bytes a row), G=", d.G, ", N=", d.N);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor pool_indices = at::empty({d.B, d.Hq, d.N}, indices.options());  // [B, Hq, N]
