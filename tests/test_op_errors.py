@@ -313,6 +313,58 @@ def test_reuse_rows_pool_of_2_31_slots_is_refused(dev):
         kcache_ops.reuse_rows(one.view(1, 1, 1), v, one, rows, held, used, one, False)
 
 
+def at_byte_offset(like):
+    """An uninitialised tensor of ``like``'s shape and dtype whose address is 1 byte past a
+    multiple of its element size: a view of a storage sliced at byte 1 (Tensor.set_); no torch
+    op makes one."""
+    raw = torch.empty(like.numel() * like.element_size() + 1, dtype=torch.uint8,
+                      device=like.device)
+    t = torch.empty(0, dtype=like.dtype, device=like.device).set_(
+        raw.untyped_storage()[1:], 0, like.shape, like.contiguous().stride())
+    assert t.data_ptr() % like.element_size() == 1
+    return t
+
+
+@requires_cuda
+def test_cuda_inputs_at_a_byte_offset_are_refused():
+    """An input read one element at a time whose address is not a multiple of its element size
+    is refused by name on CUDA, where the kernel's first load of it would fault (and end the CUDA
+    context); helper 157's audit. The CPU ops read such inputs as they are."""
+    dev = "cuda"
+    q = torch.randn(B, HKV * G, D, device=dev, dtype=torch.bfloat16)  # [B, Hq, D]
+    k = torch.randn(B, HKV, S, D, device=dev, dtype=torch.bfloat16)  # [B, Hkv, S, D]
+    lens = seq_lens_tensor([S, 3], dev)  # [B]
+    scores, indices, lse, every = kcache_ops.qk_topn(q.float(), k.float(), lens, N,
+                                                     return_scores=True)
+    v = host_tensor(torch.randn(B, HKV, S, D), dev)  # [B, Hkv, S, D] pinned, mapped
+    codes, meta = kcache_ops.quantize_rows(v.to(dev), 2)
+    C = G * N  # the pool's slots: one step's rows
+    pool = (torch.zeros(B, HKV, C, D, device=dev),
+            *(torch.full((B, HKV, C), -1, dtype=torch.int32, device=dev) for _ in range(2)))
+    step = torch.zeros(1, dtype=torch.int32, device=dev)
+    cases = [
+        ("qk_topn", "q", 2, lambda: kcache_ops.qk_topn(at_byte_offset(q), k, lens, N)),
+        ("qk_topn", "seq_lens", 4, lambda: kcache_ops.qk_topn(q, k, at_byte_offset(lens), N)),
+        ("sparse_attn_v", "scores", 4,
+         lambda: kcache_ops.sparse_attn_v(at_byte_offset(scores), indices, v, lse)),
+        ("sparse_attn_v", "lse", 4,
+         lambda: kcache_ops.sparse_attn_v(scores, indices, v, at_byte_offset(lse))),
+        ("lowbit_tail", "indices", 4,
+         lambda: kcache_ops.lowbit_tail(every, lens, lse, at_byte_offset(indices), codes, meta,
+                                        2)),
+        ("gather_rows", "indices", 4, lambda: kcache_ops.gather_rows(v, at_byte_offset(indices))),
+        ("reuse_rows", "held", 4,
+         lambda: kcache_ops.reuse_rows(indices, v, lens, pool[0], at_byte_offset(pool[1]),
+                                       pool[2], step, False)),
+        ("quantize_rows", "v", 4, lambda: kcache_ops.quantize_rows(at_byte_offset(v.to(dev)), 2)),
+    ]
+    for op, name, size, call in cases:
+        with pytest.raises(RuntimeError, match=rf"^{op}: {name} must start at a multiple of its "
+                                               rf"element size \({size} bytes\), got an address "
+                                               r"1 byte past one"):
+            call()
+
+
 @pytest.mark.parametrize("v, bits, message", [
     (lambda d: torch.randn(4, 64, device=d), 3, "bits must be 2 or 4, got 3"),
     (lambda d: torch.randn(4, 64, device=d), 8, "bits must be 2 or 4, got 8"),

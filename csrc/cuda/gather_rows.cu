@@ -23,6 +23,7 @@ at::Tensor gather_rows_cuda(const at::Tensor& src,      // [B, Hs, S, D], pinned
   const c10::cuda::CUDAGuard guard(indices.device());
   const void* src_dev = host_mapped_device_ptr(src, kOp, "src");
   check_vec16_aligned(src, kOp, "src");
+  check_element_aligned(kOp, {{"indices", &indices}});
   // the kernel's int offsets: rows, heads, entries and a row's 16-byte pieces
   const int64_t row_bytes = dims.D * src.element_size();
   TORCH_CHECK(dims.S < (int64_t{1} << 31) && dims.H < (int64_t{1} << 31) &&

@@ -55,6 +55,16 @@ void check_vec16_aligned(const at::Tensor& t, const char* op, const char* name) 
               "-byte elements");
 }
 
+void check_element_aligned(const char* op, std::initializer_list<NamedTensor> tensors) {
+  for (const auto& [name, t] : tensors) {
+    if (!t->defined() || t->numel() == 0) continue;
+    const auto off = reinterpret_cast<uintptr_t>(t->const_data_ptr()) % t->element_size();
+    TORCH_CHECK(off == 0, op, ": ", name, " must start at a multiple of its element size (",
+                t->element_size(), " bytes), got an address ", off, off == 1 ? " byte" : " bytes",
+                " past one (a view made at a byte offset into its storage)");
+  }
+}
+
 bool should_validate_values(cudaStream_t stream) {
   const char* env = std::getenv("KCACHE_OPS_VALIDATE");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;

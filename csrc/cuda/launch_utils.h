@@ -31,6 +31,11 @@ const void* readable_device_ptr(const at::Tensor& t, const at::Device& device, c
 // can be read with 16-byte vector loads.
 void check_vec16_aligned(const at::Tensor& t, const char* op, const char* name);
 
+// Each tensor (of those defined and not empty) starts at a multiple of its element size, as the
+// kernels' one-element loads need: a view made at a byte offset into a storage (Tensor.set_ on a
+// sliced untyped storage) does not, and its first load would fault, ending the CUDA context.
+void check_element_aligned(const char* op, std::initializer_list<NamedTensor> tensors);
+
 // Values (seq_lens, indices) can only be checked against their range by reading them back, which
 // needs a host synchronisation. They are checked unless the op's check_values argument is false
 // (qk_topn, sparse_attn_v), the stream is being captured into a CUDA graph or KCACHE_OPS_VALIDATE

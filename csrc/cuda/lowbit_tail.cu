@@ -41,6 +41,8 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
     KC_CHECK_DEVICE(hot_pos, scores.device());
   }
   check_vec16_aligned(v_codes, kOp, "v_codes");
+  check_element_aligned(kOp, {{"scores", &scores}, {"seq_lens", &seq_lens}, {"lse", &lse},
+                              {"indices", &indices}, {"hot_v", &hot_v}, {"hot_pos", &hot_pos}});
   bool meta_aligned = reinterpret_cast<uintptr_t>(v_meta.data_ptr()) % 4 == 0;
   for (int64_t i = 0; i < 3; ++i)
     meta_aligned = meta_aligned && (v_meta.size(i) <= 1 || v_meta.stride(i) % 2 == 0);

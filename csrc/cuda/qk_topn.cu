@@ -31,6 +31,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
   KC_CHECK_DEVICE(k_cache, q.device());
   KC_CHECK_DEVICE(seq_lens, q.device());
   check_vec16_aligned(k_cache, kOp, "k_cache");
+  check_element_aligned(kOp, {{"q", &q}, {"seq_lens", &seq_lens}});
   TORCH_CHECK(n <= kMaxTopN, "n must be at most ", kMaxTopN, " on CUDA, got ", n);
   TORCH_CHECK(!group_select || dims.G <= kMaxGroupSelect, "group_select supports at most ",
               kMaxGroupSelect, " query heads per KV head, got ", dims.G);

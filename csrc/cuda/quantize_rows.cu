@@ -25,6 +25,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_cuda(const at::Tensor& v,  // [
   const QuantizeRowsDims dims = check_quantize_rows_args(v, bits);
   TORCH_CHECK(v.is_cuda(), "v must be a CUDA tensor, got ", v.device());
   const c10::cuda::CUDAGuard guard(v.device());
+  check_element_aligned(kOp, {{"v", &v}});
   // D <= 2^30: a lane's d += 32 past D stays an int
   TORCH_CHECK(dims.D <= (int64_t{1} << 30) &&
                   ceil_div<int64_t>(dims.rows, kQuantWarps) < (int64_t{1} << 31),

@@ -37,6 +37,8 @@ std::tuple<at::Tensor, at::Tensor> reuse_rows_cuda(
   const void* v_dev = readable_device_ptr(v_host, indices.device(), kOp, "v_host");
   check_vec16_aligned(v_host, kOp, "v_host");
   check_vec16_aligned(rows, kOp, "rows");
+  check_element_aligned(kOp, {{"indices", &indices}, {"new_pos", &new_pos}, {"held", &held},
+                              {"used", &used}, {"step", &step}});
   TORCH_CHECK(d.C <= kReuseMaxSlots && d.E <= kReuseMaxEntries,
               "reuse_rows: the CUDA kernel holds a pool of at most ", kReuseMaxSlots,
               " slots and a step of at most ", kReuseMaxEntries, " entries (G x N, or N with ",

@@ -42,6 +42,10 @@ at::Tensor sparse_attn_v_cuda(
   const c10::cuda::CUDAGuard guard(scores.device());
   const void* v_dev = readable_device_ptr(v_cache, scores.device(), kOp, "v_cache");
   check_vec16_aligned(v_cache, kOp, "v_cache");
+  const at::Tensor none;  // an absent optional's stand-in: not checked
+  check_element_aligned(kOp, {{"scores", &scores}, {"indices", &indices},
+                              {"lse", lse ? &*lse : &none}, {"v_sum", v_sum ? &*v_sum : &none},
+                              {"seq_lens", seq_lens ? &*seq_lens : &none}});
   // N < 2^24: a block's entry count (its heads · N) is an int, and the mean tail counts a head's
   // entries in a float, exact below 2^24
   TORCH_CHECK(dims.S < (int64_t{1} << 31) && dims.B < 65536 && dims.N < (int64_t{1} << 24),
