@@ -1042,7 +1042,8 @@ SELFTESTS = ["clean", "partial_warp", "barrier_after_exit", "divergent_barrier",
              "stale_shared", "split_warp", "double_write", "divergent_warp_sum",
              "divergent_block_scan", "async_clean", "async_read_before_wait", "async_newest_group",
              "async_uncommitted", "async_read_other", "async_misaligned_dst",
-             "async_misaligned_src", "ticket_clean", "ticket_unordered", "ticket_unfenced"]
+             "async_misaligned_src", "ticket_clean", "ticket_unordered", "ticket_unfenced",
+             "handoff_clean", "handoff_unfenced"]
 
 
 @pytest.mark.parametrize("kernel,message", [
@@ -1068,6 +1069,8 @@ SELFTESTS = ["clean", "partial_warp", "barrier_after_exit", "divergent_barrier",
     # a ticket on global memory: the block's writes not ordered before it, or not fenced
     ("ticket_unordered", "(after thread 0's ticket|not ordered before the ticket)"),
     ("ticket_unfenced", "without a __threadfence"),
+    # the block with the last ticket reads the others' writes without fencing after its ticket
+    ("handoff_unfenced", "after the block's ticket but without a __threadfence by the ticket's"),
 ])
 def test_emulator_reports_misuse(race_exe, kernel, message):
     """Each misuse stops the run with a message naming it: never a hang, never a silent result."""
@@ -1090,6 +1093,14 @@ def test_emulator_runs_a_correct_ticket(race_exe):
     out = emu.run(race_exe, "selftest", dict(kernel=SELFTESTS.index("ticket_clean")), {})["out"]
     assert torch.equal(out[:, :63], torch.arange(63, dtype=torch.int32).expand(2, 63))
     assert (out[:, 63] == 0x7F7F7F7F + 1).all()  # the poisoned counter, one ticket
+
+
+def test_emulator_runs_a_correct_handoff(race_exe):
+    """Both halves of the handoff done right (the last block's ticket thread fences after its
+    ticket, a barrier, then another thread reads the other block's row) pass the race check, and
+    the read sees that row: 0..62 (block 0) or 100..162 (block 1), whichever block came last."""
+    out = emu.run(race_exe, "selftest", dict(kernel=SELFTESTS.index("handoff_clean")), {})["out"]
+    assert out[0, 63].item() in (sum(range(63)), sum(range(100, 163)))
 
 
 def test_emulator_runs_correct_async_copies(race_exe):

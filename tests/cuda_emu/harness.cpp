@@ -336,7 +336,9 @@ Outputs run_selftest(const Case& c) {
       {"async_misaligned_src", emu_selftest::async_misaligned_src},
       {"ticket_clean", emu_selftest::ticket_clean},
       {"ticket_unordered", emu_selftest::ticket_unordered},
-      {"ticket_unfenced", emu_selftest::ticket_unfenced}};
+      {"ticket_unfenced", emu_selftest::ticket_unfenced},
+      {"handoff_clean", emu_selftest::handoff_clean},
+      {"handoff_unfenced", emu_selftest::handoff_unfenced}};
   const auto& [name, kernel] = kKernels[static_cast<int>(c.scalar("kernel"))];
   Tensor out = make_tensor(DType::kI32, {2, 64}, 0x7f);  // [blocks, threads]
   int* o = static_cast<int*>(out.data());

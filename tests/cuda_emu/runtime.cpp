@@ -148,13 +148,16 @@ struct Launch {
   uint64_t block_counter = 0;
   // Global-memory handoffs (race-checking build): per thread, the epoch, order and place of its
   // last write to global memory and the epoch and order of its last __threadfence; the epoch and
-  // thread of the block's last ticket (an atomic on global memory).
+  // thread of the block's last ticket (an atomic on global memory), and the epoch of that
+  // thread's __threadfence after it (0: none yet), which lets the block read what the blocks
+  // before the ticket wrote.
   std::vector<uint32_t> gwrite_epoch, fence_epoch;
   std::vector<uint64_t> gwrite_seq, fence_seq;
   std::vector<const void*> gwrite_pc;
   uint64_t seq = 0;
   uint32_t ticket_epoch = 0;
   int ticket_tid = -1;
+  uint32_t acquire_epoch = 0;
 };
 
 Launch g;
@@ -658,6 +661,27 @@ void global_ticket(const void* pc) {
         "blocks that read them after the ticket", where_code(pc).c_str());
   g.ticket_epoch = g.epoch;
   g.ticket_tid = me;
+  g.acquire_epoch = 0;
+}
+
+// A read of a watched output that another block wrote in this launch: blocks run in no order on
+// a GPU, so the write is visible only through a ticket. This block must have taken one and its
+// ticket's thread fenced after it (the acquiring half of the handoff: without it the reads may
+// see the other blocks' memory from before their tickets), with a barrier between that fence and
+// another thread's read.
+void handed_over_read(const Watched& w, size_t byte, uint32_t writer, const void* pc) {
+  const int me = g.fibers[g.current].linear;
+  const bool ticket = g.ticket_epoch >= g.block_first_epoch;
+  const bool fenced = ticket && g.acquire_epoch != 0 &&
+                      (me == g.ticket_tid || g.acquire_epoch < g.epoch);
+  if (!fenced)
+    die("read of output %s byte %zu at %s, written by block %u in this launch, %s", w.name,
+        byte, where_code(pc).c_str(), (writer - 1) / 1024,
+        !ticket ? "without a ticket (an atomic on global memory) that hands it over"
+        : g.acquire_epoch == 0 ? "after the block's ticket but without a __threadfence by the "
+                                 "ticket's thread after it"
+                               : "in the barrier interval of the ticket thread's __threadfence "
+                                 "(a __syncthreads must come between)");
 }
 
 // A kernel that faults (an out-of-bounds shared or global access the address sanitizer does not
@@ -706,6 +730,24 @@ void output_write(uintptr_t addr, size_t size, const void* pc) {
             "thread; access at %s", w.name, static_cast<size_t>(addr - w.lo + i), (prev - 1) / 1024,
             (prev - 1) % 1024, where_code(pc).c_str());
       prev = me;
+    }
+    return;
+  }
+}
+
+// A read of a watched output: where another block of the launch wrote the byte, the read must be
+// handed over by a ticket (handed_over_read); the race-checking build only.
+void output_read(uintptr_t addr, size_t size, const void* pc) {
+  if (g.current < 0 || !g_race_check) return;
+  for (const Watched& w : g_watched) {
+    if (addr - w.lo >= w.bytes) continue;
+    const uint32_t block_lo = g_block_linear * 1024u + 1u;
+    for (size_t i = 0; i < size && addr - w.lo + i < w.bytes; ++i) {
+      const uint32_t prev = w.writer[addr - w.lo + i];
+      if (prev != 0 && prev - block_lo >= 1024u) {
+        handed_over_read(w, addr - w.lo + i, prev, pc);
+        return;
+      }
     }
     return;
   }
@@ -888,6 +930,7 @@ void thread_fence() {
   const int me = g.fibers[g.current].linear;
   g.fence_epoch[me] = g.epoch;
   g.fence_seq[me] = ++g.seq;
+  if (g.ticket_epoch >= g.block_first_epoch && me == g.ticket_tid) g.acquire_epoch = g.epoch;
 }
 
 int atomic_add(int* p, int v) {
@@ -1009,7 +1052,7 @@ inline void shared_access_hook(void* p, size_t n, int kind, const void* pc) {
     shared_access(a, n, kind, pc);
     return;
   }
-  if (kind == 1 && !g_watched.empty()) output_write(a, n, pc);
+  if (!g_watched.empty()) (kind == 1 ? output_write : output_read)(a, n, pc);
 }
 }  // namespace emu
 

@@ -41,6 +41,31 @@ __global__ void ticket_clean(int* out) { ticket<true, true>(out); }
 __global__ void ticket_unordered(int* out) { ticket<false, true>(out); }
 __global__ void ticket_unfenced(int* out) { ticket<true, false>(out); }
 
+// The reading half of that handoff: both blocks write their row and take a ticket from one counter
+// (row 1's last entry); the last block's ticket thread fences after its ticket (kAcquire), a
+// barrier, and thread 1 reads the other block's row and writes its sum into row 0's last entry.
+// Without that fence the race check must stop it.
+template <bool kAcquire>
+__device__ void handoff(int* out) {
+  __shared__ int last;
+  if (threadIdx.x < 63) out[blockIdx.x * 64 + threadIdx.x] = threadIdx.x + 100 * blockIdx.x;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(out + 127, 1) == 0x7F7F7F7F + 1;  // the poisoned counter, then the first
+    if (kAcquire && last) __threadfence();
+  }
+  __syncthreads();
+  if (last && threadIdx.x == 1) {
+    const int* other = out + (1 - blockIdx.x) * 64;  // [63]
+    int sum = 0;
+    for (int i = 0; i < 63; ++i) sum += __ldcg(other + i);
+    out[63] = sum;
+  }
+}
+__global__ void handoff_clean(int* out) { handoff<true>(out); }
+__global__ void handoff_unfenced(int* out) { handoff<false>(out); }
+
 // Half of each warp has returned when the other half shuffles with the full mask.
 __global__ void partial_warp(int* out) {
   if (threadIdx.x % 32 >= 16) return;
