@@ -52,9 +52,11 @@ def graphed(step, device):
     warm-up on a side stream, then captured once in a CUDA graph on the CUDA ``device`` -> (the
     graph, what the captured call returned: its outputs, rewritten in place by each
     ``graph.replay()``). The capture runs only the step's host side: host counters the step keeps
-    stand one step ahead of the device's after it. A step that cannot be captured (a host read or
-    sync inside it) is a RuntimeError saying why; one that runs out of device memory while
-    captured, torch.OutOfMemoryError, as when run eagerly."""
+    stand one step ahead of the device's after it, and a replay repeats none of the step's host
+    checks or choices (a cache's capacity check, its unfinished-prefill check, ``record_mass``):
+    the caller keeps replays within the cache's capacity, after its prefill has finished. A step
+    that cannot be captured (a host read or sync inside it) is a RuntimeError saying why; one
+    that runs out of device memory while captured, torch.OutOfMemoryError, as when run eagerly."""
     with torch.cuda.device(device):
         side = torch.cuda.Stream()  # the warm-up torch.cuda.graphs asks for
         side.wait_stream(torch.cuda.current_stream())

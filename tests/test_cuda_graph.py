@@ -100,10 +100,18 @@ def test_default_layer_step_graph_replay(monkeypatch):
         torch.testing.assert_close(out, want, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("reuse", [0, 512], ids=["", "reuse"])
+# KCacheOptions beside the defaults whose step a graph captures: each tail, group_select, no
+# top_p cut, the pool of reused rows, the paper's setting (all with layer 1 dense)
+GRAPH_OPTIONS = {"": {}, "reuse": dict(reuse=512), "no_tail": dict(tail="none"),
+                 "mean": dict(tail="mean", sinks=0, window=0), "int4": dict(tail="int4"),
+                 "group": dict(group_select=True, reuse=512), "top_p_1": dict(top_p=1.0),
+                 "paper": dict(tail="none", top_p=1.0, sinks=0, window=0)}
+
+
+@pytest.mark.parametrize("options", GRAPH_OPTIONS.values(), ids=GRAPH_OPTIONS)
 @pytest.mark.parametrize("lens, S", [([2500, 700], 2600), ([40, 24], 128)],
                          ids=["long", "short"])
-def test_default_decode_steps_graph_replay(lens, S, reuse):
+def test_default_decode_steps_graph_replay(lens, S, options):
     """Whole decode steps captured once — a default layer's decode, a dense layer's and
     finish_decode — and replayed step after step: the lengths, the positions and the hot slots
     are updated in place, so each replay appends at the next position and equals the eager
@@ -112,7 +120,8 @@ def test_default_decode_steps_graph_replay(lens, S, reuse):
     host: replays past the capacity are the caller's to prevent.) The short prompts make the
     dense layer's check sharp: a width frozen at the capture would leave out up to 4 of some 40
     keys, far outside the tolerance. With ``reuse``, the step count that orders the pool's slots
-    is a device tensor too, and the rows found in the pool are counted as the twin counts them."""
+    is a device tensor too, and the rows found in the pool are counted as the twin counts them.
+    The same for each tail, group_select, no top_p cut and the paper's setting (GRAPH_OPTIONS)."""
     B, Hq, Hkv, D = 2, 8, 2, 128
     config = LlamaConfig(vocab_size=16, hidden_size=Hq * D, intermediate_size=32, num_layers=2,
                          num_heads=Hq, num_kv_heads=Hkv, head_dim=D)
@@ -121,7 +130,7 @@ def test_default_decode_steps_graph_replay(lens, S, reuse):
     prompt_k = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16)
     prompt_v = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16)
     graphed, eager = (KCache(config, B, S, "cuda", torch.bfloat16,
-                             KCacheOptions(dense_layers=(1,), reuse=reuse)) for _ in range(2))
+                             KCacheOptions(dense_layers=(1,), **options)) for _ in range(2))
     for cache in (graphed, eager):
         for layer in range(2):
             cache.store_prompt(layer, prompt_k, prompt_v, lens)

@@ -137,6 +137,7 @@ class KCache:
         finishes (:meth:`finish_decode`), as its layers' last attempts: a step that raised part
         way and is run again counts once (its rerun's reuse hits include the rows the failed
         attempt read into the pool). Off by default; costs a few small device ops per layer.
+        A step captured in a CUDA graph keeps the setting of its capture in every replay.
     """
 
     def __init__(self, config, batch, capacity, device, dtype, options=KCacheOptions()):
@@ -247,7 +248,9 @@ class KCache:
         K goes into device memory; V is handed off to host RAM (dense layers: kept on the device)
         and the tail keeps what it needs of V (its low-bit copy, or the sum of the valid rows) and
         the hot rows theirs on the device, on the current stream, before V's device memory can be
-        reused; the reused rows of earlier steps are dropped.
+        reused; the reused rows of earlier steps are dropped. On CUDA the copy of V to host RAM
+        runs on a side stream until :meth:`finish_prefill`: ``v`` must not be written before
+        that (a fresh tensor, such as the layer's projection, never is).
         """
         check_layer_inputs(self.lengths.owner, self.k, self.config.num_heads, layer, True, k, v)
         k, v = k.detach(), v.detach()  # stored: the cache is no part of an autograd graph
