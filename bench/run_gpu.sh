@@ -64,8 +64,9 @@
 # what is left of it and none starts with less than 15 s left, so a call ends by BUDGET plus ~10 s
 # of packing, inside timeout_s 580 (the machine's start comes on top: ~11 min in all).
 # Limits (expected, from the H200 runs of 2026-11-30 and 2026-12-04) in seconds, in the default
-# order: build 240 + check 30 (37-60); toolchain 150 (11-25); tests: test_cuda_ops and
-#   test_lowbit_tail 150 each (20, 37), each other file 60 (5-25; ~5 of each is torch's start);
+# order: build 240 + check 30 (37-60); toolchain 150 (11-25); tests: test_cuda_ops,
+#   test_lowbit_tail and test_cuda_graph 150 each (20, 37, and the graph's 16 option cases
+#   since), each other file 60 (5-25; ~5 of each is torch's start);
 #   bench: decode 110 (46), qk_topn 60 (24), gather 80 (13, and its 8 GiB footprint rows
 #   since, one of them on huge pages); profile: torch.profiler 40 (8, and 128K x 1 since), the
 #   ncu runs and their CSV imports together 90 (37); e2e 150 (61; the steps now captured in CUDA
@@ -228,7 +229,7 @@ OP_TESTS=$(ls tests/test_qk_topn.py tests/test_sparse_attn_v.py tests/test_lowbi
   tests/test_side_stream.py tests/test_cache.py tests/test_gather_rows.py \
   tests/test_reuse_rows.py tests/test_op_errors.py tests/test_alloc_host.py \
   tests/test_host_pages.py 2> /dev/null)
-LONG_TESTS="test_cuda_ops test_lowbit_tail"  # LIMIT_LONG_TEST, the other files LIMIT_TEST
+LONG_TESTS="test_cuda_ops test_lowbit_tail test_cuda_graph"  # LIMIT_LONG_TEST, others LIMIT_TEST
 # the rest of the suite, the CMake rebuild last
 SLOW_TESTS=$(ls tests/test_*.py | grep -vxF -e "$CUDA_TESTS" -e "$OP_TESTS" | grep -v cmake_build)
 TIMEOUT_ARGS=()  # per-test time-outs: PER_TEST for the CUDA and op tests, 5x that for the rest
