@@ -3,9 +3,14 @@ heads with no valid entry, GQA ratios, heads of a group sharing rows, strided in
 step, random shapes; the mean
 tail (v_sum, seq_lens) over the same, L_b <= N, L_b = 0, the mass clamp and exactness when the
 rows not read are all equal."""
+import ctypes
+import ctypes.util
+import platform
+import sys
+
 import pytest
 import torch
-from conftest import DEVICES, DTYPES, TOL, host_tensor, seq_lens_tensor
+from conftest import DEVICES, DTYPES, TOL, host_tensor, on_threads, seq_lens_tensor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -97,6 +102,31 @@ def test_heads_sharing_rows(device, dtype, G, kind):
     for renormalize in (True, False):
         out = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize)
         check_attn(scores, indices, v, lse, renormalize, out)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not sys.platform.startswith("linux"),
+                    reason="glibc's fesetround constants on x86-64")
+def test_the_callers_rounding_mode_on_every_thread():
+    """The CPU ops run each chunk of their parallel loops in the caller's floating-point mode,
+    rounding included (fesetround sets the calling thread's alone): rounding toward zero, the
+    output on 2 threads is the one on 1 (a worker rounded its rows to nearest: helper 158's
+    review), and differs from the output rounded to nearest, so the mode reached the sums."""
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    to_nearest, toward_zero = 0x000, 0xC00  # FE_TONEAREST, FE_TOWARDZERO
+    torch.manual_seed(4)
+    scores, indices, lse = make_selection(4, 16, 64, 500, "cpu")  # [B, Hq, N], ..., [B, Hq]
+    v = torch.randn(4, 4, 500, 128)  # [B, Hkv, S, D]: 16 groups over the threads
+
+    def attend():
+        return kcache_ops.sparse_attn_v(scores, indices, v, lse)  # [B, Hq, D]
+    nearest = on_threads(2, attend)  # the pool's threads exist before the mode is set
+    assert libm.fesetround(toward_zero) == 0
+    try:
+        out = [on_threads(threads, attend) for threads in (1, 2)]
+    finally:
+        libm.fesetround(to_nearest)
+    assert torch.equal(out[0], out[1])
+    assert not torch.equal(out[0], nearest)
 
 
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])

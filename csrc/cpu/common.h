@@ -90,57 +90,55 @@ T* data_from(const at::Tensor& t, int64_t offset) {
   return t.numel() == 0 ? nullptr : t.data_ptr<T>() + offset;
 }
 
-// The calling thread's denormal mode, which torch.set_flush_denormal sets on the calling thread
-// alone: MXCSR's flush-to-zero and denormals-are-zero bits on x86, FPCR's flush-to-zero bit on
-// AArch64; elsewhere none.
+// The calling thread's floating-point mode, which torch.set_flush_denormal (and fesetround) set
+// on the calling thread alone: MXCSR's flush-to-zero, denormals-are-zero and rounding bits on
+// x86, FPCR's flush-to-zero and rounding bits on AArch64; elsewhere none.
 #if defined(__x86_64__)
 using FpModeBits = unsigned;
-constexpr FpModeBits kDenormalBits = 0x8040;  // FTZ (bit 15), DAZ (bit 6)
-inline FpModeBits denormal_mode() { return _mm_getcsr() & kDenormalBits; }
-inline void set_denormal_mode(FpModeBits mode) {
-  _mm_setcsr((_mm_getcsr() & ~kDenormalBits) | mode);
-}
+constexpr FpModeBits kFpModeBits = 0x8040 | 0x6000;  // FTZ (bit 15), DAZ (bit 6), RC (13-14)
+inline FpModeBits fp_mode() { return _mm_getcsr() & kFpModeBits; }
+inline void set_fp_mode(FpModeBits mode) { _mm_setcsr((_mm_getcsr() & ~kFpModeBits) | mode); }
 #elif defined(__aarch64__)
 using FpModeBits = uint64_t;
-constexpr FpModeBits kDenormalBits = FpModeBits{1} << 24;  // FZ
+constexpr FpModeBits kFpModeBits = FpModeBits{7} << 22;  // FZ (bit 24), RMode (bits 22-23)
 inline FpModeBits fpcr() {
   FpModeBits value;
   asm volatile("mrs %0, fpcr" : "=r"(value));
   return value;
 }
-inline FpModeBits denormal_mode() { return fpcr() & kDenormalBits; }
-inline void set_denormal_mode(FpModeBits mode) {
-  const FpModeBits value = (fpcr() & ~kDenormalBits) | mode;
+inline FpModeBits fp_mode() { return fpcr() & kFpModeBits; }
+inline void set_fp_mode(FpModeBits mode) {
+  const FpModeBits value = (fpcr() & ~kFpModeBits) | mode;
   asm volatile("msr fpcr, %0" : : "r"(value));
 }
 #else
 using FpModeBits = unsigned;
-inline FpModeBits denormal_mode() { return 0; }
-inline void set_denormal_mode(FpModeBits) {}
+inline FpModeBits fp_mode() { return 0; }
+inline void set_fp_mode(FpModeBits) {}
 #endif
 
-// The denormal mode `mode` on this thread for the scope, its own after (a task that throws too).
-class DenormalModeScope {
+// The floating-point mode `mode` on this thread for the scope, its own after (a task that throws
+// too).
+class FpModeScope {
  public:
-  explicit DenormalModeScope(FpModeBits mode) : own_(denormal_mode()) {
-    set_denormal_mode(mode);
-  }
-  ~DenormalModeScope() { set_denormal_mode(own_); }
-  DenormalModeScope(const DenormalModeScope&) = delete;
-  DenormalModeScope& operator=(const DenormalModeScope&) = delete;
+  explicit FpModeScope(FpModeBits mode) : own_(fp_mode()) { set_fp_mode(mode); }
+  ~FpModeScope() { set_fp_mode(own_); }
+  FpModeScope(const FpModeScope&) = delete;
+  FpModeScope& operator=(const FpModeScope&) = delete;
 
  private:
   FpModeBits own_;
 };
 
-// at::parallel_for whose chunks run in the caller's denormal mode: the pool's threads keep their
-// own, so with denormals flushed a row of subnormal scores was ranked on a worker and tied at 0 on
-// the calling thread, and a result depended on the thread count.
+// at::parallel_for whose chunks run in the caller's floating-point mode: the pool's threads keep
+// their own, so with denormals flushed a row of subnormal scores was ranked on a worker and tied
+// at 0 on the calling thread, and with the caller rounding toward zero a worker's rows rounded to
+// nearest: a result depended on the thread count.
 template <class F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
-  const FpModeBits mode = denormal_mode();
+  const FpModeBits mode = fp_mode();
   at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
-    DenormalModeScope scope(mode);
+    FpModeScope scope(mode);
     f(b, e);
   });
 }
