@@ -607,6 +607,21 @@ def test_cpu_scratch_of_a_long_context_is_not_kept():
     assert indices.shape == (1, 8, 4) and (indices >= 0).all()
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/self/status")
+def test_cpu_scratch_of_a_refused_call_is_not_kept():
+    """A call refused part way frees what it built: 7 groups of 2^31 - 1 keys (K one row
+    expanded) split over 2 threads build a chunk list of about 88 MiB before their scores (a
+    terabyte) are refused, and the calling thread kept that list until its next successful
+    call (helper 158's review)."""
+    q = torch.randn(7, 16, 64)  # [B, Hq, D]
+    k = torch.randn(7, 1, 1, 64).expand(7, 1, (1 << 31) - 1, 64)  # [B, Hkv, S, D]
+    lens = seq_lens_tensor([(1 << 31) - 1] * 7, "cpu")
+    before = _rss_bytes()
+    with pytest.raises(RuntimeError, match=r"qk_topn: its scratch scores \[G, sum of L\]"):
+        on_threads(2, lambda: kcache_ops.qk_topn(q, k, lens, 8))
+    assert _rss_bytes() - before < 32 << 20
+
+
 def test_lse_of_millions_of_keys():
     """3M keys of nearly equal score (K one row of 64 floats read at stride 1 along S): the lse
     within 1e-6 of float64's (float32 adds of one tile's sum after another drifted 3e-4)."""

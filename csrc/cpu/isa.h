@@ -123,15 +123,32 @@ Scratch& thread_scratch() {
   return tmp;
 }
 
+// Frees a thread's kept Scratch (its bytes() what it holds) on leaving the scope where it holds
+// more than `keep` bytes, also when an error leaves it (a call refused part way kept what it had
+// built for the thread's next call).
+template <class Scratch>
+class KeepAtMost {
+ public:
+  KeepAtMost(Scratch& tmp, size_t keep) : tmp_(tmp), keep_(keep) {}
+  ~KeepAtMost() {
+    if (tmp_.bytes() > keep_) tmp_ = Scratch{};
+  }
+  KeepAtMost(const KeepAtMost&) = delete;
+  KeepAtMost& operator=(const KeepAtMost&) = delete;
+
+ private:
+  Scratch& tmp_;
+  size_t keep_;
+};
+
 // Calls task(i, tmp) for every i < count, in parallel (parallel_for, common.h); tmp is the
-// thread's Scratch (its bytes() what it holds), kept from one call to the next up to
-// kScratchKeepBytes.
+// thread's Scratch, kept from one call to the next up to kScratchKeepBytes.
 template <class Scratch, class Task>
 void parallel_tasks(int64_t count, const Task& task) {
   parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
     Scratch& tmp = thread_scratch<Scratch>();
+    const KeepAtMost<Scratch> keep(tmp, kScratchKeepBytes);
     for (int64_t i = begin; i < end; ++i) task(i, tmp);
-    if (tmp.bytes() > kScratchKeepBytes) tmp = Scratch{};
   });
 }
 

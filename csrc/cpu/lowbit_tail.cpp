@@ -157,6 +157,7 @@ void tail_split(const std::vector<Group>& groups, int64_t G, int64_t N) {
   // the calling thread's (one whatever the instance of this template): the loop's threads see it
   // through this name
   SplitScratch& sp = thread_scratch<SplitScratch>();
+  const KeepAtMost<SplitScratch> keep(sp, kScratchKeepBytes * at::get_num_threads());
   sp.rows.split(static_cast<int64_t>(groups.size()), [&](int64_t i) { return groups[i].L; });
   scratch_resize(sp.parts, sp.rows.count() * G * kD, "lowbit_tail",
                  "chunk sums [chunks, G, D] float32");
@@ -169,7 +170,6 @@ void tail_split(const std::vector<Group>& groups, int64_t G, int64_t N) {
     finish_group<Isa, kD>(groups[i], G, sp.parts.data() + sp.rows.first[i] * G * kD,
                           sp.rows.first[i + 1] - sp.rows.first[i]);
   }
-  if (sp.bytes() > kScratchKeepBytes * at::get_num_threads()) sp = SplitScratch{};
 }
 
 at::Tensor lowbit_tail_cpu(const at::Tensor& scores,    // [B, Hq, S] float32

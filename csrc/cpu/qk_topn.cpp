@@ -278,6 +278,7 @@ template <class Isa, typename scalar_t, int64_t kD>
 void select_split(const std::vector<Group<scalar_t>>& groups, const Options& o) {
   // the calling thread's: the loop's threads see it through this name
   SplitScratch& sp = thread_scratch<SplitScratch>();
+  const KeepAtMost<SplitScratch> keep(sp, kScratchKeepBytes * at::get_num_threads());
   const int64_t count = static_cast<int64_t>(groups.size()), G = o.G;
   const auto len = [&](int64_t i) { return groups[i].L; };
   sp.chunks.split(count, len);
@@ -298,7 +299,6 @@ void select_split(const std::vector<Group<scalar_t>>& groups, const Options& o) 
     finish_group<Isa>(groups[i], sp.buf.rows(i, groups[i], G, o), sp.buf.parts.data() + c0 * G,
                       sp.chunks.first[i + 1] - c0, o, tmp.top);
   });
-  if (sp.bytes() > kScratchKeepBytes * at::get_num_threads()) sp = SplitScratch{};
 }
 
 // The instruction set that scores bfloat16 queries q [B, Hq, D] as float32 would. The AVX-512
