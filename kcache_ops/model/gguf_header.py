@@ -21,7 +21,7 @@ class _Header:
     def __init__(self, f, size: int):
         self.f, self.size = f, size
         f.seek(4)  # past the magic
-        version = self.f.read(4)
+        version = f.read(4)
         # a version in the high bytes of a little-endian uint32: the file is big-endian
         self.order = "<" if version[:2] != b"\0\0" else ">"
 
@@ -29,16 +29,17 @@ class _Header:
         n = struct.calcsize(fmt)
         return struct.unpack(self.order + fmt, self.f.read(n))[0]
 
-    def skip(self, n: int):
+    def within(self, n: int) -> int:
+        """n, where the next n bytes lie inside the file (a corrupt length is not read)."""
         if n < 0 or self.f.tell() + n > self.size:
             raise ValueError(f"a length of {n} bytes runs past the end of the file")
-        self.f.seek(n, os.SEEK_CUR)
+        return n
+
+    def skip(self, n: int):
+        self.f.seek(self.within(n), os.SEEK_CUR)
 
     def string(self) -> bytes:
-        n = self.num("Q")
-        if self.f.tell() + n > self.size:
-            raise ValueError(f"a string of {n} bytes runs past the end of the file")
-        return self.f.read(n)
+        return self.f.read(self.within(self.num("Q")))
 
     def skip_value(self, vtype: int):
         if vtype == STRING:
