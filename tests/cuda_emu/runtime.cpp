@@ -169,13 +169,20 @@ char* g_stacks = nullptr;
 size_t g_stack_count = 0;
 std::vector<Shadow> g_shadow;
 
-// An output buffer of the running launch and, per byte, its writer (block * 1024 + thread + 1).
+// An output buffer of the running launch and, per byte, its writer (writer_mark, 0: none yet).
 struct Watched {
   uintptr_t lo = 0;
   size_t bytes = 0;
   const char* name = "";
   std::vector<uint32_t> writer;
 };
+
+// A byte's writer in a watched output: block * kMarkBlock + thread + 1 (threads of a block fewer
+// than kMarkBlock).
+constexpr uint32_t kMarkBlock = 1024;
+uint32_t writer_mark(uint32_t block, int thread) {
+  return block * kMarkBlock + static_cast<uint32_t>(thread) + 1u;
+}
 std::vector<Watched> g_watched;
 uint32_t g_block_linear = 0;
 uint64_t g_seed = 1;
@@ -676,7 +683,7 @@ void handed_over_read(const Watched& w, size_t byte, uint32_t writer, const void
                       (me == g.ticket_tid || g.acquire_epoch < g.epoch);
   if (!fenced)
     die("read of output %s byte %zu at %s, written by block %u in this launch, %s", w.name,
-        byte, where_code(pc).c_str(), (writer - 1) / 1024,
+        byte, where_code(pc).c_str(), (writer - 1) / kMarkBlock,
         !ticket ? "without a ticket (an atomic on global memory) that hands it over"
         : g.acquire_epoch == 0 ? "after the block's ticket but without a __threadfence by the "
                                  "ticket's thread after it"
@@ -714,42 +721,41 @@ void install_fault_handler() {
   sigaction(SIGFPE, &sa, nullptr);
 }
 
+// The watched output holding addr, or nullptr.
+Watched* watched_at(uintptr_t addr) {
+  for (Watched& w : g_watched)
+    if (addr - w.lo < w.bytes) return &w;
+  return nullptr;
+}
+
 // A write into a watched output: a byte another thread of the launch wrote already is an error
 // (two threads, or two blocks, computing the same output element).
 void output_write(uintptr_t addr, size_t size, const void* pc) {
-  if (g.current < 0) return;
-  for (Watched& w : g_watched) {
-    if (addr - w.lo >= w.bytes) continue;
-    if (g_race_check) global_write(pc);  // what another block may read after a ticket
-    const uint32_t me =
-        g_block_linear * 1024u + static_cast<uint32_t>(g.fibers[g.current].linear) + 1u;
-    for (size_t i = 0; i < size && addr - w.lo + i < w.bytes; ++i) {
-      uint32_t& prev = w.writer[addr - w.lo + i];
-      if (prev != 0 && prev != me)
-        die("output %s byte %zu written twice in one launch: by block %u thread %u and by this "
-            "thread; access at %s", w.name, static_cast<size_t>(addr - w.lo + i), (prev - 1) / 1024,
-            (prev - 1) % 1024, where_code(pc).c_str());
-      prev = me;
-    }
-    return;
+  Watched* w = g.current < 0 ? nullptr : watched_at(addr);
+  if (w == nullptr) return;
+  if (g_race_check) global_write(pc);  // what another block may read after a ticket
+  const uint32_t me = writer_mark(g_block_linear, g.fibers[g.current].linear);
+  for (size_t i = addr - w->lo; i < addr - w->lo + size && i < w->bytes; ++i) {
+    uint32_t& prev = w->writer[i];
+    if (prev != 0 && prev != me)
+      die("output %s byte %zu written twice in one launch: by block %u thread %u and by this "
+          "thread; access at %s", w->name, i, (prev - 1) / kMarkBlock, (prev - 1) % kMarkBlock,
+          where_code(pc).c_str());
+    prev = me;
   }
 }
 
 // A read of a watched output: where another block of the launch wrote the byte, the read must be
 // handed over by a ticket (handed_over_read); the race-checking build only.
 void output_read(uintptr_t addr, size_t size, const void* pc) {
-  if (g.current < 0 || !g_race_check) return;
-  for (const Watched& w : g_watched) {
-    if (addr - w.lo >= w.bytes) continue;
-    const uint32_t block_lo = g_block_linear * 1024u + 1u;
-    for (size_t i = 0; i < size && addr - w.lo + i < w.bytes; ++i) {
-      const uint32_t prev = w.writer[addr - w.lo + i];
-      if (prev != 0 && prev - block_lo >= 1024u) {
-        handed_over_read(w, addr - w.lo + i, prev, pc);
-        return;
-      }
+  const Watched* w = g.current < 0 || !g_race_check ? nullptr : watched_at(addr);
+  if (w == nullptr) return;
+  for (size_t i = addr - w->lo; i < addr - w->lo + size && i < w->bytes; ++i) {
+    const uint32_t prev = w->writer[i];
+    if (prev != 0 && (prev - 1) / kMarkBlock != g_block_linear) {
+      handed_over_read(*w, i, prev, pc);
+      return;
     }
-    return;
   }
 }
 
