@@ -31,3 +31,25 @@ def test_cuda_fork_orders_after_and_join_before_the_current_stream():
         side.join(y)
         total = y + z  # after both
         assert torch.equal(total, torch.full_like(x, 3.0 * (trial + 1.0) + 1.0))
+
+
+@requires_cuda
+def test_cuda_join_keeps_the_side_streams_tensors_from_reuse_while_the_current_stream_reads():
+    """join(y) records y on the current stream: once y is dropped, the caching allocator gives its
+    block to no later side-stream work until the current stream's reads of y are done. The
+    current stream sleeps before it reads y; side-stream work issued without a fork (so not
+    ordered after that read) allocates a tensor of y's size and fills it: without the record it
+    would take y's block and the read would see its fill."""
+    side = SideStream("cuda")
+    x = torch.randn(1 << 22, device="cuda")  # [4M]
+    with side.fork():
+        y = x * 2  # [4M], allocated on the side stream
+    side.join(y)
+    torch.cuda._sleep(200_000_000)  # the current stream: ~0.1 s before it reads y
+    read = y + 0  # [4M], queued behind the sleep
+    del y
+    with torch.cuda.stream(side.stream):  # not forked: runs beside the sleep
+        w = torch.full_like(x, float("nan"))  # [4M]
+    torch.cuda.synchronize()
+    assert torch.equal(read, x * 2)
+    assert w.isnan().all()
