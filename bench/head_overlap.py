@@ -64,16 +64,26 @@ def capture_qk(model, tokens, queries):
     return qs, ks
 
 
+def scores_and_masks(q, k, sinks, window):
+    """q [Hq, Q, D], k [Hkv, T, D] of one layer (the queries at the last Q positions) -> (scores
+    [Hq, Q, T], each head's queries over its KV head's keys; causal [Q, T], the keys a query
+    attends, L = its position + 1; cold [Q, T], those of them ``sinks <= j < L − window``)."""
+    hq, nq, _ = q.shape
+    hkv, t, _ = k.shape
+    scores = torch.einsum("hqd,htd->hqt", q, k.repeat_interleave(hq // hkv, 0))  # [Hq, Q, T]
+    pos = torch.arange(t)  # [T]
+    qpos = torch.arange(t - nq, t)  # [Q] position of each query
+    causal = pos[None] <= qpos[:, None]  # [Q, T]
+    cold = causal & (pos[None] >= sinks) & (pos[None] < qpos[:, None] + 1 - window)  # [Q, T]
+    return scores, causal, cold
+
+
 def overlap(q, k, ns, sinks, window):
     """q [Hq, Q, D], k [Hkv, T, D] of one layer -> {(mode, n): [Hkv, Q] unique/total}."""
     hq, nq, _ = q.shape
-    hkv, t, _ = k.shape
+    hkv = k.shape[0]
     g = hq // hkv
-    scores = torch.einsum("hqd,htd->hqt", q, k.repeat_interleave(g, 0))  # [Hq, Q, T]
-    pos = torch.arange(t)
-    qpos = torch.arange(t - nq, t)  # [Q] position of each query; L = qpos + 1 keys
-    causal = pos[None] <= qpos[:, None]  # [Q, T]
-    cold = causal & (pos[None] >= sinks) & (pos[None] < qpos[:, None] + 1 - window)
+    scores, causal, cold = scores_and_masks(q, k, sinks, window)
     out = {}
     for mode, mask in (("all", causal), ("cold", cold)):
         s = scores.masked_fill(~mask[None], float("-inf"))
@@ -89,8 +99,8 @@ def overlap(q, k, ns, sinks, window):
 
 
 def add_text_arguments(ap, queries):
-    """The flags of the studies over the eval's essay windows (this one, step_reuse.py):
-    --length, --queries (default ``queries``), --sinks, --window, --threads."""
+    """The flags of the studies over the eval's essay windows (this one, step_reuse.py,
+    reuse_hits.py): --length, --queries (default ``queries``), --sinks, --window, --threads."""
     ap.add_argument("--length", choices=("short", "long", "both"), default="short")
     ap.add_argument("--queries", type=positive_int, default=queries)
     ap.add_argument("--sinks", type=nonnegative_int, default=4)

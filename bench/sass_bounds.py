@@ -312,8 +312,9 @@ def inflight_kib(blocks):
     return [per_stage * (SCORE_STAGES - 1), per_stage * SCORE_STAGES]
 
 
-def predict(shape, s, b, gpu, score, select, group_select):
-    """One row of the table: the two bounds of each pass (microseconds) and their ratios."""
+def predict(shape, s, b, gpu, score, select):
+    """One row of the table, with group_select (the decode step's selection): the two bounds of
+    each pass (microseconds) and their ratios."""
     g = shape.hq // shape.hkv
     gs = group_slice_width(g)
     slices = -(-g // gs)
@@ -329,28 +330,24 @@ def predict(shape, s, b, gpu, score, select, group_select):
     score_bytes = (k_bytes + scratch_bytes) / gpu.hbm_bytes_s
     latency = [k_bytes / latency_rate(score, bps, gpu, lat) for lat in LOADED_LATENCY_S]
 
-    # Select: each block ranks a slice of a row (the KV head's group mass in group mode, which it
-    # writes first from its slice of the G heads' scores) by 3 radix passes and the collect; where
-    # the slice fits in shared memory (staged) it writes the mass, or copies the scores, there, and
-    # the passes read no device memory.
-    rows = b * (shape.hkv if group_select else shape.hq)
+    # Select: each block ranks a slice of a row (the KV head's group mass, which it writes first
+    # from its slice of the G heads' scores) by 3 radix passes and the collect; where the slice
+    # fits in shared memory (staged) it writes the mass there, and the passes read no device
+    # memory.
+    rows = b * shape.hkv
     slices, slice_keys = select_slices(s, rows, SELECT_N, gpu.sms)
     staged = select_staged(slice_keys, SELECT_N)
-    # the passes over keys the block wrote (group mode, or staged), else over the score row
-    ranked = select["passes_per_float" if group_select or staged else "score_row_passes_per_float"]
-    mass = select["mass_per_float"] * g if group_select else 0.0
+    ranked = select["passes_per_float"]  # the passes over the mass the block wrote
+    mass = select["mass_per_float"] * g
     sel_instr = rows * s * (ranked + mass)
     per_block = min(s, slice_keys) * (ranked + mass) / (ISSUE_PER_SM_CYCLE * gpu.clock_hz)
     select_issue = max(sel_instr / issue_rate, per_block)
-    if group_select:  # the scores read once; unstaged, the mass written and read by each pass
-        select_bytes = scratch_bytes + (0 if staged else (1 + SELECT_PASSES) * rows * s * 4)
-    else:  # the scores read once (staged) or by each pass
-        select_bytes = (1 if staged else SELECT_PASSES) * rows * s * 4
+    # the scores read once; unstaged, the mass written and read by each pass
+    select_bytes = scratch_bytes + (0 if staged else (1 + SELECT_PASSES) * rows * s * 4)
     select_bytes /= gpu.hbm_bytes_s
-    mode = "group" if group_select else "per_head"
     us = 1e6
     return {
-        "gpu": gpu.name, "shape": shape.name, "tokens": s, "batch": b, "select": mode,
+        "gpu": gpu.name, "shape": shape.name, "tokens": s, "batch": b, "select": "group",
         "score_blocks": blocks, "score_blocks_per_sm": bps, "score_waves": round(waves, 2),
         "score_issue_us": round(score_issue * us, 1), "score_bytes_us": round(score_bytes * us, 1),
         "score_bound_ratio": round(score_bytes / score_issue, 2),
@@ -400,7 +397,7 @@ def analyse(instances_for_shapes=SHAPES, workdir=None):
         score = counts[f"qk_scores_kernel<{sh.ctype},{sh.d},{group_slice_width(sh.hq // sh.hkv)}>"]
         for s, b in LENGTHS:
             for gpu in GPUS:
-                rows.append(predict(sh, s, b, gpu, score, counts["qk_select_kernel"], True))
+                rows.append(predict(sh, s, b, gpu, score, counts["qk_select_kernel"]))
     return {"model": {"issue_slots_per_sm_cycle": ISSUE_PER_SM_CYCLE,
                       "gpus": [asdict(g) for g in GPUS], "select_passes": SELECT_PASSES},
             "counts": counts, "rows": rows}

@@ -26,7 +26,7 @@ import torch
 from kcache_ops import results
 from kcache_ops.cli.args import positive_int
 
-from head_overlap import add_text_arguments, essay_queries
+from head_overlap import add_text_arguments, essay_queries, scores_and_masks
 
 
 def step_reads(q, k, n, sinks, window):
@@ -35,14 +35,10 @@ def step_reads(q, k, n, sinks, window):
     ``n`` cold positions (``sinks <= j < L − window``, L = position + 1)."""
     hq, nq, _ = q.shape
     hkv, t, _ = k.shape
-    g = hq // hkv
-    scores = torch.einsum("hqd,htd->hqt", q, k.repeat_interleave(g, 0))  # [Hq, Q, T]
-    pos = torch.arange(t)
-    qpos = torch.arange(t - nq, t)  # [Q]
-    cold = (pos[None] >= sinks) & (pos[None] < qpos[:, None] + 1 - window)  # [Q, T]
+    scores, _, cold = scores_and_masks(q, k, sinks, window)  # [Hq, Q, T], [Q, T]
     top = scores.masked_fill(~cold[None], float("-inf")).topk(n, dim=-1).indices  # [Hq, Q, N]
     reads = torch.zeros(hq, nq, t, dtype=torch.bool).scatter_(-1, top, True)  # [Hq, Q, T]
-    return reads.view(hkv, g, nq, t).any(1)  # [Hkv, Q, T]
+    return reads.view(hkv, hq // hkv, nq, t).any(1)  # [Hkv, Q, T]
 
 
 def reuse(reads, w):

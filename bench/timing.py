@@ -139,7 +139,7 @@ class Recorder:
     ``<out>/<name>.json`` = {"meta": machine description (kcache_ops.results.machine) and the
     benchmark's ceilings and settings, "complete": bool, "rows": [...]}, rewritten after every
     configuration (a run cut off at its time limit keeps what finished; "complete" turns true in
-    :meth:`finish`)."""
+    :meth:`done`, which :meth:`finish` calls)."""
 
     def __init__(self, name, out, title, **meta):
         self.name, self.out = name, out

@@ -27,6 +27,11 @@ def as_int(value):
         return None
 
 
+def is_integer_dtype(dtype):
+    """Whether the torch ``dtype`` holds integers (bool does not: it is a flag)."""
+    return not (dtype.is_floating_point or dtype.is_complex) and str(dtype) != "torch.bool"
+
+
 def int_at_least(value, least):
     """``value`` as an int where it is an integer of any type (:func:`as_int`) >= ``least``, else
     None: the check of a count, a size or a length, whose caller names it in its error."""

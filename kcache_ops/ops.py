@@ -434,7 +434,8 @@ def as_float32(x):
     return float(torch.tensor(x, dtype=torch.float32))
 
 
-_FLOATING = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes of q, K and V
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes of q, K and V
+HEAD_DIMS = (64, 128)  # the head dims D of the kernels
 
 
 # The dtypes the eager ops' messages spell as Python does (csrc/checks.h's dtype_name)
@@ -478,7 +479,7 @@ def _values(sizes):
 
 
 def _check_head_dim(op, name, d):
-    if d not in (64, 128):
+    if d not in HEAD_DIMS:
         raise RuntimeError(f"{op}: {name}: head dim must be 64 or 128, got {_values(d)}")
 
 
@@ -520,11 +521,10 @@ def _check_fake(op, args, host=(), group=None):
     (tensor or None, dims, dtype)) has that many dims, a dim named twice has one size throughout
     (dims name each dim, e.g. ("B", "Hq", "D"), or give its size), and it has ``dtype`` (as
     :func:`_check_dtype` takes it); each is on the device of the first, but those named in
-    ``host`` (V in host RAM), on the CPU instead (or on that device when every argument is a meta
-    or fake tensor of it); ``group`` (query heads, KV heads) names two dims whose first is a
-    multiple of the second. Without them a bad argument fails deep in the fake, or is traced into
-    a graph the eager op refuses only when it runs, and a meta argument among real ones would give
-    uninitialised outputs on the device of the others."""
+    ``host`` (V in host RAM), which may be on the CPU instead; ``group`` (query heads, KV heads)
+    names two dims whose first is a multiple of the second. Without them a bad argument fails
+    deep in the fake, or is traced into a graph the eager op refuses only when it runs, and a
+    meta argument among real ones would give uninitialised outputs on the device of the others."""
     (first_name, (first, *_)), *_ = args.items()
     sizes = {}  # dim name -> (size, the argument it was first seen in)
     for name, (t, dims, dtype) in args.items():
@@ -535,7 +535,8 @@ def _check_fake(op, args, host=(), group=None):
                                f"{_values(t.shape)}")
         _check_dtype(op, name, t, dtype)
         if name in host and t.device.type != "cpu" and t.device != first.device:
-            raise RuntimeError(f"{op}: {name} must be in host memory (on cpu), got {t.device}")
+            raise RuntimeError(f"{op}: {name} must be in host memory (on cpu) or on "
+                               f"{first.device} (the device of {first_name}), got {t.device}")
         if name not in host and t.device != first.device:
             raise RuntimeError(f"{op}: {name} must be on {first.device} (the device of "
                                f"{first_name}), got {t.device}")
@@ -572,7 +573,7 @@ def _check_skip(skip_first, skip_last):
 @torch.library.register_fake("kcache_ops::qk_topn")
 def _(q, k_cache, seq_lens, n, scale, group_select=False, check_values=True,
       return_scores=False, skip_first=0, skip_last=0, top_p=1.0):
-    _check_fake("qk_topn", {"q": (q, ("B", "Hq", "D"), _FLOATING),
+    _check_fake("qk_topn", {"q": (q, ("B", "Hq", "D"), FLOAT_DTYPES),
                             "k_cache": (k_cache, ("B", "Hkv", "S", "D"), None),
                             "seq_lens": (seq_lens, ("B",), torch.int32)}, group=("Hq", "Hkv"))
     _check_same_dtype("qk_topn", "q", q, "k_cache", k_cache)
@@ -611,7 +612,7 @@ def _(scores, indices, v_cache, lse=None, renormalize=True, check_values=True, v
         raise RuntimeError("sparse_attn_v: lse is required when renormalize=False, got None")
     _check_fake("sparse_attn_v", {"scores": (scores, ("B", "Hq", "N"), torch.float32),
                                   "indices": (indices, ("B", "Hq", "N"), torch.int32),
-                                  "v_cache": (v_cache, ("B", "Hkv", "S", "D"), _FLOATING),
+                                  "v_cache": (v_cache, ("B", "Hkv", "S", "D"), FLOAT_DTYPES),
                                   "lse": (lse, ("B", "Hq"), torch.float32),
                                   "v_sum": (v_sum, ("B", "Hkv", "D"), torch.float32),
                                   "seq_lens": (seq_lens, ("B",), torch.int32)},
@@ -664,7 +665,7 @@ def _(shape, dtype):
 def _(v, bits):
     if v.dim() < 1:
         raise RuntimeError("v must have at least 1 dim ([..., D]), got a 0-dim tensor")
-    _check_dtype("quantize_rows", "v", v, _FLOATING)
+    _check_dtype("quantize_rows", "v", v, FLOAT_DTYPES)
     _check_bits(bits)
     D, per_byte = v.shape[-1], 8 // bits
     if D <= 0 or D % per_byte != 0:
@@ -692,12 +693,12 @@ def _(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True, 
                                 "v_codes": (v_codes, ("B", "Hkv", "S", "D * bits / 8"),
                                             torch.uint8),
                                 "v_meta": (v_meta, ("B", "Hkv", "S", 2), torch.bfloat16),
-                                "hot_v": (hot_v, ("B", "Hkv", "H", "D"), _FLOATING),
+                                "hot_v": (hot_v, ("B", "Hkv", "H", "D"), FLOAT_DTYPES),
                                 "hot_pos": (hot_pos, ("B", "H"), torch.int32)},
                 group=("Hq", "Hkv"))
     code_bytes = v_codes.shape[3]
     D = code_bytes * 8 // bits
-    if code_bytes * 8 != D * bits or D not in (64, 128):
+    if code_bytes * 8 != D * bits or D not in HEAD_DIMS:
         raise RuntimeError(f"lowbit_tail: v_codes last dim must be D * bits / 8 with D 64 or 128 "
                            f"({64 * bits // 8} or {128 * bits // 8} bytes for bits = {bits}), got "
                            f"{_values(code_bytes)}")

@@ -88,7 +88,7 @@ def _fill_options(saved):
     if saved.get("backend", "kcache") != "kcache":
         return
     options = {k: v for k, v in saved.items() if k != "backend"}
-    filled = KCacheOptions.from_dict({**KCacheOptions.paper_literal().to_dict(), **options})
+    filled = KCacheOptions.paper_literal(**options)
     saved.update(filled.to_dict())
 
 

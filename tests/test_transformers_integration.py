@@ -520,7 +520,11 @@ def test_a_large_default_max_cache_len_warns():
 
 
 def test_version_check():
+    """The installed transformers is in the tested range, which requirements.txt (what `make
+    test` installs) states as the package does."""
     kt.check_transformers_version(transformers.__version__)
+    with open(os.path.join(os.path.dirname(__file__), "..", "requirements.txt")) as f:
+        assert kt.TRANSFORMERS_REQUIREMENT in f.read().split("\n")
     for found in ("4.57.1", "6.0.0"):
         with pytest.raises(ImportError, match=f"transformers>=5.17,<6.*{found}"):
             kt.check_transformers_version(found)

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import torch
 
 from ..integers import as_real
-from ..ops import alloc_host, qk_topn
+from ..ops import FLOAT_DTYPES, HEAD_DIMS, alloc_host, qk_topn
 from .dense import append_and_attend, prompt_attention, store_prompt_rows
 from .hot import HotRows, HotSlots
 from .lengths import SeqLengths, check_count, check_layer_inputs, check_sizes
@@ -34,7 +34,7 @@ from .memory import check_memory
 from .options import MAX_GROUP_SELECT, MAX_REUSE, KCacheOptions
 from .reuse import PooledReads, Reads, ReusedRows, pool_slots, step_entries
 from .side_stream import SideStream
-from .tail import make_tail
+from .tail import make_tail, top_mass
 
 
 def _mapped_view(host, device):
@@ -57,7 +57,7 @@ def _mapped_view(host, device):
 def check_dtype(dtype):
     """Refuses a dtype the ops do not take, as KCache builds (and the transformers cache, when it
     is made, before any forward)."""
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):  # what the ops take
+    if dtype not in FLOAT_DTYPES:  # what the ops take
         raise ValueError(f"KCache: dtype must be torch.float32, torch.float16 or "
                          f"torch.bfloat16, got {dtype} (the dense cache takes float64 too)")
 
@@ -78,7 +78,7 @@ def check_kcache(config, device, dtype, options, capacity=None):
         raise ValueError(f"KCache: device must be a CPU or CUDA device (where the kcache ops "
                          f"run), got {device}; the dense cache takes any")
     check_dtype(dtype)
-    if config.head_dim not in (64, 128):  # what qk_topn and sparse_attn_v take
+    if config.head_dim not in HEAD_DIMS:  # what qk_topn and sparse_attn_v take
         raise ValueError(f"KCache: head_dim must be 64 or 128, got {config.head_dim} (the "
                          f"dense cache takes any)")
     if config.num_kv_heads < 1 or config.num_heads % config.num_kv_heads:  # as LlamaConfig
@@ -342,8 +342,7 @@ class KCache:
             record = partial(self._record_reuse, layer) if self.record_mass else None
             reads = PooledReads(reuse, indices, self.v_host[layer], lengths.seq_lens, record)
         if self.record_mass:  # this step's, kept apart until finish_decode
-            mass = torch.exp(scores - lse[..., None]).sum(-1)  # [B, Hq]; padding adds 0
-            self._step_records[layer, 0] = mass.mean()
+            self._step_records[layer, 0] = top_mass(scores, lse).mean()  # padding adds 0
             self._step_records[layer, 1] = (indices >= 0).sum(-1).float().mean()
             self._step_records[layer, 2].fill_(1)  # a Python number set by index copies from
             # the host: refused while a CUDA graph captures

@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..integers import int_at_least
+from ..integers import int_at_least, is_integer_dtype
 from ..ops import check_tensors
 
 ATTEND_NONE = object()  # check_layer_inputs' q where a layer's rows are stored, not attended
@@ -21,13 +21,12 @@ def check_sizes(owner, batch, capacity):
     return sizes
 
 
-def check_count(owner, name, value, most=None):
+def check_count(owner, name, value, most):
     """``value`` (a count of ``owner``'s method, a number of ``name``) as an int of any integer
-    type in [0, most] (no bound where ``most`` is None), else ValueError."""
+    type in [0, most], else ValueError."""
     n = int_at_least(value, 0)
-    if n is None or (most is not None and n > most):
-        bounds = "an integer >= 0" if most is None else f"an integer in [0, {most}]"
-        raise ValueError(f"{owner}: {name} must be {bounds}, got {value!r}")
+    if n is None or n > most:
+        raise ValueError(f"{owner}: {name} must be an integer in [0, {most}], got {value!r}")
     return n
 
 
@@ -153,7 +152,7 @@ class SeqLengths:
         if lens.is_meta:  # its values are read (finish_prefill) or copied
             raise ValueError(f"{self.owner}: lens must hold values, got a tensor on the meta "
                              "device")
-        if lens.dtype.is_floating_point or lens.dtype.is_complex or lens.dtype == torch.bool:
+        if not is_integer_dtype(lens.dtype):
             raise ValueError(f"{self.owner}: lens must be an integer tensor, got {lens.dtype}")
         if lens.shape != self.seq_lens.shape:
             raise ValueError(f"{self.owner}: lens must have shape {list(self.seq_lens.shape)} "

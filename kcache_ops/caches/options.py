@@ -180,12 +180,13 @@ class KCacheOptions:
         return sinks, min(self.window, capacity - sinks)
 
     @classmethod
-    def paper_literal(cls):
+    def paper_literal(cls, **changes):
         """KCache as the paper states it, whatever the defaults: the top 64 rows per head, a
         softmax over them, nothing for the rest (no tail, no dense layer, no adaptive budget, no
-        hot rows)."""
-        return cls(topn=64, group_select=False, renormalize=True, dense_layers=(), tail="none",
-                   top_p=1.0, sinks=0, window=0, reuse=0)
+        hot rows); then ``changes``, options by name (as :meth:`from_dict` takes them)."""
+        paper = dict(topn=64, group_select=False, renormalize=True, dense_layers=(), tail="none",
+                     top_p=1.0, sinks=0, window=0, reuse=0)
+        return cls.from_dict({**paper, **changes})
 
     @property
     def variant(self):

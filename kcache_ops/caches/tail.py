@@ -36,6 +36,13 @@ from ..ops import lowbit_tail, quantize_rows, sparse_attn_v
 FLOAT16_MAX = torch.finfo(torch.float16).max  # 65504
 
 
+def top_mass(scores, lse):
+    """The softmax mass of the selected rows: scores [B, Hq, N] (padding -inf) and lse [B, Hq] of
+    ``qk_topn`` -> [B, Hq] float32. A score and lse both +inf (finite q and K whose product
+    overflows float32) weigh 0, as in the ops, not NaN."""
+    return torch.exp(scores - lse[..., None]).nan_to_num(nan=0.0).sum(-1)
+
+
 def unit_stride_rows(v):
     """v [..., D] with a contiguous last dim, as quantize_rows takes it (a copy only where v's
     last dim is strided: a cache takes any layout; an empty v made anew, as contiguous() hands
@@ -84,9 +91,9 @@ class NoTail:
         # dtype underflowed where the group's shared rows carry little of a head's mass
         top = sparse_attn_v(scores, rows.indices, rows.v, lse, renormalize=True,
                             check_values=False)  # [B, Hq, D]
-        top_mass = torch.exp(scores - lse[..., None]).nan_to_num(nan=0.0).sum(-1)  # [B, Hq]
-        out = part.add_to(top.float() * top_mass[..., None])  # [B, Hq, D] float32
-        mass = top_mass + part.weights.sum(-1).flatten(1)  # [B, Hq]; padding 0
+        mass = top_mass(scores, lse)  # [B, Hq]
+        out = part.add_to(top.float() * mass[..., None])  # [B, Hq, D] float32
+        mass = mass + part.weights.sum(-1).flatten(1)  # [B, Hq]; padding 0
         return (out / mass.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).to(top.dtype)
 
 

@@ -172,9 +172,9 @@ def _dest(f):
 
 
 def add_kcache_arguments(parser, skip=()):
-    """--paper-literal, and one flag per KCacheOptions field (but those in ``skip``): --topn,
-    --group-select, --no-renormalize, --dense-layers, --tail, --attn-top-p. Unset flags stay None,
-    so :func:`kcache_options` can tell what was given."""
+    """--paper-literal, and one flag per KCacheOptions field (but those in ``skip``; --topn,
+    --tail, --reuse, ...: :func:`_flag` names it). Unset flags stay None, so
+    :func:`kcache_options` can tell what was given."""
     group = parser.add_argument_group("KCache options")
     group.add_argument("--paper-literal", action="store_true",
                        help="KCache as the paper states it: N=64, a softmax over the top N, no "

@@ -93,9 +93,10 @@ def small_budget(results):
     :data:`SMALL_ROWS` rows that meet the memory target (:func:`fits_memory`; all of them where
     none does), the one with the smallest worse-context |Δ ppl| -> {"name", "config", "within"
     (|Δ ppl| at most :data:`SMALL_MAX_DPPL` at both contexts), "met" (within, and fitting the
-    memory target), "dppl", "fits_memory", "target", "over_memory" (the best configuration over
-    the memory target where it is closer to dense, in the same form without "met" and
-    "over_memory"; else None)}, or None where no such configuration ran."""
+    memory target), "dppl", "fits_memory", "device_ratio_bf16" (to dense, both in bfloat16),
+    "target", "over_memory" (the best configuration over the memory target where it is closer
+    to dense, in the same form without "met" and "over_memory"; else None)}, or None where no
+    such configuration ran."""
     small = [r for r in results[1:] if r["summary"]["host_rows"] <= SMALL_ROWS]
     if not small:
         return None

@@ -35,8 +35,7 @@ class Config:
         """KCache with ``options`` by name (KCacheOptions' fields), the rest as the paper has them
         (:meth:`KCacheOptions.paper_literal`, whatever the defaults): a configuration is named by
         what it changes from the paper's KCache, as its label is."""
-        return cls("kcache", KCacheOptions.from_dict({**KCacheOptions.paper_literal().to_dict(),
-                                                      **options}))
+        return cls("kcache", KCacheOptions.paper_literal(**options))
 
     @classmethod
     def from_dict(cls, d):

@@ -63,10 +63,10 @@ from transformers.masking_utils import sdpa_mask  # noqa: E402
 
 from ..caches import KCache, KCacheOptions, check_kcache  # noqa: E402
 from ..integers import int_at_least  # noqa: E402
+from ..ops import HEAD_DIMS  # noqa: E402
 
 ATTN_IMPLEMENTATION = "kcache"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-HEAD_DIMS = (64, 128)
 # a default max_cache_len (the model's positions) above this warns: each prefill allocates K and
 # host V for that many tokens a sequence (Llama-3.1's 131072: 16 GiB for one sequence at 8B)
 LARGE_DEFAULT_CACHE = 32768
@@ -161,7 +161,7 @@ class _KCacheLayer(CacheLayerMixin):
         self.seen = 0
 
     def _refuse(self, feature):
-        raise NotImplementedError(f"KCacheCache does not support {feature}")
+        raise NotImplementedError(f"{type(self.owner).__name__} does not support {feature}")
 
     def reorder_cache(self, beam_idx):
         self._refuse("beam search (reorder_cache); use greedy or sampled generation")
@@ -189,8 +189,9 @@ class CacheBridge(Cache):
     protocol: ``store_prompt``, ``finish_prefill``, ``decode``, ``finish_decode``; see
     kcache_ops.caches.protocol), for a model with ``attn_implementation="kcache"``.
 
-    :class:`KCacheCache` builds a KCache at each prefill; the transformers engine of the
-    evaluation (transformers_engine.py) hands in the cache it built itself.
+    :class:`KCacheCache` builds a KCache at each prefill; the transformers engine
+    (transformers_engine.py, of ``eval`` and ``bench --engine transformers``) hands in the cache
+    it built itself.
 
     Parameters
     ----------
@@ -367,11 +368,12 @@ class CacheBridge(Cache):
     # -- accounting -----------------------------------------------------------------------------
 
     def device_bytes(self):
-        """Bytes of the K (and dense-layer V) buffers in device memory; 0 before the prefill."""
+        """Bytes the inner cache holds in device memory (its ``device_bytes``); 0 before the
+        prefill."""
         return 0 if self.inner is None else self.inner.device_bytes()
 
     def host_bytes(self):
-        """Bytes of the V buffers in host RAM; 0 before the prefill."""
+        """Bytes the inner cache holds in host RAM (its ``host_bytes``); 0 before the prefill."""
         return 0 if self.inner is None else self.inner.host_bytes()
 
     def host_bytes_read_per_step(self):
@@ -490,7 +492,7 @@ def kcache_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     """The attention function registered as ``attn_implementation="kcache"``.
 
     query [B, Hq, T, D], key/value [B, Hkv, S, D], attention_mask as for ``"sdpa"``
-    -> (out [B, T, Hq, D], None). Runs the layer through the :class:`KCacheCache` whose update
+    -> (out [B, T, Hq, D], None). Runs the layer through the :class:`CacheBridge` whose update
     returned ``key``; anything else is exact SDPA.
     """
     cache = getattr(_active, "cache", None)

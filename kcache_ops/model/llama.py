@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..integers import is_integer_dtype
 from .config import LlamaConfig
 from .errors import CheckpointError
 from .rope import apply_rope, inv_frequencies, rope_cos_sin
@@ -197,7 +198,7 @@ class Llama(nn.Module):
         tokens : Tensor [B, T] int64 or int32 on the model's device, right-padded (the pad values
             are don't-care)
         lens : Tensor [B] of an integer dtype (int32 is what the cache keeps), prompt lengths,
-            1 <= lens[b] <= T
+            1 <= lens[b] <= T (0 <= lens[b] with ``all_logits``)
         cache : an empty cache of the protocol of kcache_ops.caches.protocol, for ``B``
             sequences of at least ``T`` tokens
         all_logits : bool
@@ -246,10 +247,10 @@ class Llama(nn.Module):
     def decode(self, tokens, cache):
         """One new token per sequence, at its own position ``cache.seq_lens[b]``.
 
-        tokens [B] long -> logits [B, V] float32. Their shape, dtype and device are checked, not
-        their ids: that would read them on the host, which a decode step never does (on CUDA it
-        would wait on the device). An id outside the vocabulary fails in the embedding (an
-        IndexError on the CPU, a device-side assert on CUDA).
+        tokens [B] int64 or int32 -> logits [B, V] float32. Their shape, dtype and device are
+        checked, not their ids: that would read them on the host, which a decode step never does
+        (on CUDA it would wait on the device). An id outside the vocabulary fails in the
+        embedding (an IndexError on the CPU, a device-side assert on CUDA).
         """
         _check_tensor("decode", "tokens", tokens, [_cache_batch("decode", cache)], self.device,
                       "one per sequence of the cache")
@@ -306,8 +307,8 @@ def _check_tensor(method, name, x, shape, device, meaning, dtypes=(torch.int32, 
     only, never its values: reading one on the host would make a decode step wait on the device."""
     ok = isinstance(x, torch.Tensor)
     if ok:
-        integer = not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
-        ok = ((integer if dtypes is None else x.dtype in dtypes) and x.dim() == len(shape)
+        ok = ((is_integer_dtype(x.dtype) if dtypes is None else x.dtype in dtypes)
+              and x.dim() == len(shape)
               and all(isinstance(n, str) or n == size for n, size in zip(shape, x.shape))
               and (device is None or x.device == device))
     if not ok:

@@ -1,7 +1,5 @@
 """The throughput section of bench/results/REPORT.md (assembled by :mod:`kcache_ops.report`) and
 its plot, from the ``bench`` command's JSON."""
-from dataclasses import replace
-
 import torch
 
 from ..caches import TAILS, KCacheOptions, sequence_bytes
@@ -44,15 +42,16 @@ def bench_section(data, plot_drawn=True):
                 "weights read once (of an input embedding that is not the LM head, the batch's "
                 "rows) and what the cache reads of its device memory at the median timed step's "
                 "keys (dense: K and V of every position; KCache: K, the dense layers' V, the "
-                "tail's low-bit copy or V sum, the hot rows), over the device copy rate, plus, on "
-                "CUDA, the PCIe MiB/step over the pinned host->device rate, in sequence (a layer "
-                "reads its V rows after scoring its K, and the next layer waits for it; only a "
-                "low-bit tail's reads of its copy run beside the host reads; on the CPU both are "
-                "one RAM, over the copy rate). Not counted: activations, the step's scores and "
-                "other temporaries, the new token's rows. The PCIe bytes are the upper bound "
-                "above, so with `top_p` < 1, rows shared in a group or `reuse` (its pool's hits "
-                "cross no PCIe) the KCache floor is above the true one. Of ceiling: the floor "
-                "over the measured step (1 would be at the ceilings).", ""]
+                "tail's low-bit copy or V sum, the hot rows, the reuse pool's rows), over the "
+                "device copy rate, plus, on CUDA, the PCIe MiB/step over the pinned "
+                "host->device rate, in sequence (a layer reads its V rows after scoring its K, "
+                "and the next layer waits for it; only a low-bit tail's reads of its copy run "
+                "beside the host reads; on the CPU both are one RAM, over the copy rate). Not "
+                "counted: activations, the step's scores and other temporaries, the new token's "
+                "rows. The PCIe bytes are the upper bound above, so with `top_p` < 1, rows "
+                "shared in a group or `reuse` (its pool's hits cross no PCIe) the KCache floor "
+                "is above the true one. Of ceiling: the floor over the measured step (1 would "
+                "be at the ceilings).", ""]
     if not data.get("complete", True):
         out += CUT_OFF
     if data.get("small"):
@@ -141,7 +140,7 @@ def memory_section(capacity=32768, dtype=torch.bfloat16):
         dense = sequence_bytes("dense", SHAPES[name], None, capacity, dtype)[0]
         cells = []
         for tail in TAILS:
-            options = replace(KCacheOptions.paper_literal(), tail=tail)
+            options = KCacheOptions.paper_literal(tail=tail)
             kc = sequence_bytes("kcache", SHAPES[name], options, capacity, dtype)[0]
             cells.append(f"{kc / capacity:.0f} B ({dense / kc:.2f}×)")
         out.append(f"| {name} | {dense / capacity:.0f} B ({dense / gib:.2f} GiB) | "
