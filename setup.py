@@ -160,5 +160,5 @@ setup(
                       "matplotlib"],
     # kcache_ops.integrations.transformers; gguf and accelerate let transformers load GGUF files
     extras_require={"transformers": [transformers_requirement(), "gguf", "accelerate"]},
-    entry_points={"console_scripts": ["kcache-ops=kcache_ops.__main__:main"]},
+    entry_points={"console_scripts": ["kcache-ops=kcache_ops.__main__:cli"]},
 )

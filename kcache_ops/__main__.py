@@ -1,6 +1,6 @@
 """Command line: ``python -m kcache_ops {generate,demo,eval,bench} ...``
 
-Installed with pip, also ``kcache-ops``.
+Installed with pip, also ``kcache-ops`` (:func:`cli`).
 
 Each subcommand lives in kcache_ops/cli/<name>.py with ``add_arguments(parser)`` and ``run(args)``.
 """
@@ -53,10 +53,10 @@ def main(argv=None):
         return 130
     except BrokenPipeError:  # the reader of stdout left (`... | head`): stop quietly
         return BROKEN_PIPE
-    except (ValueError, OSError, MemoryError, torch.OutOfMemoryError) as e:  # bad input found
-        # past the flags: a file, a checkpoint, a value the options or the model refuse
-        # (CheckpointError, UnsupportedModelError included), caches larger than the memory (the
-        # host's, or what the GPU has free)
+    except (ValueError, OSError, MemoryError, torch.OutOfMemoryError, ImportError) as e:
+        # bad input found past the flags: a file, a checkpoint, a value the options or the model
+        # refuse (CheckpointError, UnsupportedModelError included), caches larger than the memory
+        # (the host's, or what the GPU has free); an optional package a file needs (gguf)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # a command's own refusal of its flags ("error: ..."): a usage error
@@ -68,8 +68,15 @@ def main(argv=None):
         warnings.formatwarning = format_warning
 
 
+def cli(argv=None):
+    """:func:`main` as a process runs it (``python -m kcache_ops``, the ``kcache-ops`` script),
+    which exits with the status it returns: where stdout's reader left, stdout goes to devnull
+    first, as Python's docs advise, so that the flush at exit cannot fail again."""
+    code = main(argv)
+    if code == BROKEN_PIPE:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return code
+
+
 if __name__ == "__main__":
-    code = main()
-    if code == BROKEN_PIPE:  # as Python's docs advise: stdout to devnull, so that the flush at
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit cannot fail again
-    sys.exit(code)
+    sys.exit(cli())

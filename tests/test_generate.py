@@ -565,15 +565,34 @@ def test_cli_interrupted_or_piped_is_quiet(monkeypatch, capsys, error, code, err
     assert warnings.formatwarning is format_warning  # main's one-line warnings end with it
 
 
-def test_cli_process_warnings_and_a_closed_pipe(folder):
+def test_cli_names_a_missing_optional_package(monkeypatch, capsys):
+    """An optional package a file needs and the machine lacks (gguf, for a GGUF model) ends the
+    command with its message and 2, not a traceback."""
+    import kcache_ops.cli.generate as command
+
+    def run(args):
+        raise ImportError("loading a GGUF file needs the gguf package: pip install gguf")
+    monkeypatch.setattr(command, "run", run)
+    assert main(["generate", "--prompt", "a"]) == 2
+    assert capsys.readouterr().err == ("error: loading a GGUF file needs the gguf package: pip "
+                                       "install gguf\n")
+
+
+# python -m kcache_ops, and what pip's kcache-ops script runs (setup.py's console_scripts)
+LAUNCHERS = {"module": ["-m", "kcache_ops"],
+             "script": ["-c", "import sys; from kcache_ops.__main__ import cli; sys.exit(cli())"]}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_cli_process_warnings_and_a_closed_pipe(folder, launcher):
     """In the process: a warning is one "warning: " line (no source path nor code line), and
     stdout's reader leaving ends it quietly (no traceback at the write, nor at exit's flush),
     also where two prompts' texts wait in a buffered stdout until the end."""
     import os
     import subprocess
     import sys
-    argv = [sys.executable, "-m", "kcache_ops", "generate", "--model", str(folder), "--prompt",
-            "a " * 200, "--prompt", "b", "--max-new-tokens", "4"]
+    argv = [sys.executable, *LAUNCHERS[launcher], "generate", "--model", str(folder),
+            "--prompt", "a " * 200, "--prompt", "b", "--max-new-tokens", "4"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
