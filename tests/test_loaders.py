@@ -577,7 +577,7 @@ def test_tokenizer_config_faults_name_the_file(tmp_path, hf_folder):
     cfg_path.write_text(json.dumps({"chat_template": [{"name": "default"}]}), encoding="utf-8")
     with pytest.raises(CheckpointError, match="chat_template is a list without a"):
         load_model(tmp_path, "cpu")
-    for eos in (5, ["<|im_end|>"]):  # a TypeError inside the tokenizer before
+    for eos in (5, ["<|im_end|>"], {"x": 1}):  # a TypeError inside the tokenizer; ignored
         cfg_path.write_text(json.dumps({"eos_token": eos}), encoding="utf-8")
         with pytest.raises(CheckpointError, match=f"tokenizer_config.json: eos_token must be a "
                                                   f"token's text .*got {re.escape(repr(eos))}"):
@@ -585,13 +585,16 @@ def test_tokenizer_config_faults_name_the_file(tmp_path, hf_folder):
 
 
 def gguf_tokenizer(path, tokens, pre="gpt2", bos=None, add_bos=True, merges=("a b",),
-                   types=None, eos=None):
+                   types=None, eos=None, raw=()):
     """Tokenizer.from_gguf of a GGUF file holding only tokenizer metadata (``pre`` None, no
-    ``merges``, ``add_bos`` None: that key left out)."""
+    ``merges``, ``add_bos`` None: that key left out; ``raw``: (key, GGUFWriter.add_<kind>, value)
+    written as they are, in place of the keys above)."""
     from kcache_ops.model import Tokenizer
     from kcache_ops.model.gguf_loader import open_gguf
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_tokenizer_model("gpt2")
+    for key, kind, value in raw:
+        getattr(w, f"add_{kind}")(key, value)
     if pre is not None:
         w.add_tokenizer_pre(pre)
     if tokens:
@@ -632,6 +635,33 @@ def test_gguf_tokenizer_faults_and_gpt2_spelling(tmp_path):
     with pytest.raises(CheckpointError, match="tokenizer.ggml.token_type has 3 entries, "
                                               "tokenizer.ggml.tokens 5: one type per token"):
         gguf_tokenizer(tmp_path / "d.gguf", tokens, types=[1, 1, 1])  # zip dropped the last
+
+
+@pytest.mark.parametrize("key, kind, value, message", [
+    ("tokenizer.ggml.tokens", "string", "\u0120th",  # was a panic of the tokenizers library
+     r"tokenizer.ggml.tokens must be an array of strings \(one a token\), got str 'Ġth'"),
+    ("tokenizer.ggml.token_type", "int32", 1,  # was a TypeError
+     r"tokenizer.ggml.token_type must be an array of integers \(one a token\), got int 1"),
+    ("tokenizer.ggml.add_bos_token", "string", "false",  # was read as true
+     r"tokenizer.ggml.add_bos_token must be a bool, got str 'false'")])
+def test_gguf_tokenizer_values_of_the_wrong_kind(tmp_path, key, kind, value, message):
+    """A GGUF tokenizer key holding a value of the wrong kind is a CheckpointError naming the
+    file, the key, what it must be and what it holds."""
+    tokens = ["<s>", "a", "b", "\u0120", "ab"]
+    path = tmp_path / "t.gguf"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: {message}$"):
+        gguf_tokenizer(path, tokens if key != "tokenizer.ggml.tokens" else None, bos=0,
+                       add_bos=None, raw=[(key, kind, value)])
+
+
+def test_gguf_merges_that_make_the_tokenizers_library_panic(tmp_path):
+    """A merge whose result the vocabulary lacks makes the tokenizers library panic (pyo3's
+    PanicException, a BaseException an ``except Exception`` misses: a traceback from the CLI): a
+    CheckpointError naming the file."""
+    path = tmp_path / "t.gguf"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: the GGUF vocabulary and "
+                                              f"merges do not fit together: range end index"):
+        gguf_tokenizer(path, ["a", "\u0120", "t"], merges=["\u0120 t"])
 
 
 def test_gguf_without_a_pre_tokenizer_warns(tmp_path):

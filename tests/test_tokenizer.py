@@ -223,6 +223,51 @@ def test_text_the_tokenizer_cannot_encode_is_a_value_error():
         tokenizer.encode("hi bob")
 
 
+def edit_tokenizer_json(folder, **changes):
+    """Set top-level keys of ``folder``'s tokenizer.json."""
+    path = folder / "tokenizer.json"
+    path.write_text(json.dumps({**json.loads(path.read_text(encoding="utf-8")), **changes}),
+                    encoding="utf-8")
+
+
+def test_a_saved_truncation_or_padding_cuts_no_prompt(tmp_path):
+    """A tokenizer.json saved with truncation and padding settings (some saves keep them) encodes
+    a prompt whole and unpadded, as transformers' tokenizer does unless a call asks for them (it
+    was cut to 8 tokens, or padded to 8 with id 0, without a word)."""
+    save_tiny_tokenizer(tmp_path, 96)
+    before = Tokenizer.from_folder(str(tmp_path))
+    plain, short = before.encode("the needle is 4817 and the cat sat"), before.encode("hi")
+    edit_tokenizer_json(tmp_path, truncation={"direction": "Right", "max_length": 8,
+                                              "strategy": "LongestFirst", "stride": 0},
+                        padding={"strategy": {"Fixed": 8}, "direction": "Right",
+                                 "pad_to_multiple_of": None, "pad_id": 0, "pad_type_id": 0,
+                                 "pad_token": "<|endoftext|>"})
+    tokenizer = Tokenizer.from_folder(str(tmp_path))
+    assert len(plain) > 8 and len(short) < 8
+    assert tokenizer.encode("the needle is 4817 and the cat sat") == plain
+    assert tokenizer.encode("hi") == short
+
+
+def test_a_tokenizer_that_panics_is_refused_at_load(tmp_path):
+    """A post-processor naming a special token its map lacks makes the tokenizers library panic
+    at every encode (pyo3's PanicException, a BaseException an ``except Exception`` misses: a
+    traceback from the CLI): loading the folder is a CheckpointError naming tokenizer.json, and
+    an encode through a tokenizer built around it a ValueError."""
+    save_tiny_tokenizer(tmp_path, 96)
+    edit_tokenizer_json(tmp_path, post_processor={
+        "type": "TemplateProcessing", "pair": [], "special_tokens": {},
+        "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                   {"Sequence": {"id": "A", "type_id": 0}}]})
+    path = tmp_path / "tokenizer.json"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: cannot read the "
+                                              f"tokenizer \\(no entry found for key\\)$"):
+        Tokenizer.from_folder(str(tmp_path))
+    tokenizer = Tokenizer(tokenizers.Tokenizer.from_file(str(path)), None, (), None)
+    with pytest.raises(ValueError, match=r"Tokenizer.encode: the tokenizer \(BPE model\) cannot "
+                                         r"encode this text: no entry found for key"):
+        tokenizer.encode("hi")
+
+
 def test_an_eos_token_the_vocabulary_lacks_warns(tmp_path):
     """tokenizer_config.json naming an eos_token that is no token of the vocabulary warns, naming
     the file and the text (it was dropped without a word: generation ran to max_new_tokens)."""

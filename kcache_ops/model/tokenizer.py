@@ -54,6 +54,19 @@ GGUF_PRE_TOKENIZERS = {
 }
 
 
+def _library_failure(e):
+    """Whether ``e``, caught as a BaseException around a call into the tokenizers library, is its
+    failure: a bare Exception, or a Rust panic (pyo3's PanicException, a BaseException that an
+    ``except Exception`` lets through), not a KeyboardInterrupt or SystemExit."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+
+
+def _kind(value):
+    """A GGUF value of the wrong kind, for an error: its type, and its value where short."""
+    shown = repr(value)
+    return f"{type(value).__name__} {shown if len(shown) <= 40 else shown[:37] + '...'}"
+
+
 def _raise_exception(message):
     """What a chat template calls to refuse its input (as transformers defines it)."""
     raise jinja2.TemplateError(message)
@@ -113,7 +126,9 @@ class Tokenizer:
         a word it lacks: the tokenizers library raises a bare Exception)."""
         try:
             return self.tok.encode(text, add_special_tokens=add_special).ids
-        except Exception as e:  # noqa: BLE001 - the library's only kind
+        except BaseException as e:  # the library's bare Exception, or its panic
+            if not _library_failure(e):
+                raise
             model = type(self.tok.model).__name__
             raise ValueError(f"Tokenizer.encode: the tokenizer ({model} model) cannot encode this "
                              f"text: {e}") from e
@@ -192,9 +207,16 @@ class Tokenizer:
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(path):
             raise CheckpointError(f"no tokenizer.json in {folder}")
-        try:
+        try:  # a malformed file: a bare Exception, or a panic of the library
             tok = tokenizers.Tokenizer.from_file(path)
-        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+            # a save's truncation or padding would cut or pad every prompt (transformers too
+            # turns them off unless a call asks for them)
+            tok.no_truncation()
+            tok.no_padding()
+            tok.encode("a")  # what panics only at an encode (a post-processor's unknown token)
+        except BaseException as e:
+            if not _library_failure(e):
+                raise
             raise CheckpointError(f"{path}: cannot read the tokenizer ({e})") from e
         cfg_path = os.path.join(folder, "tokenizer_config.json")
         cfg = read_json_object(cfg_path) if os.path.isfile(cfg_path) else {}
@@ -209,7 +231,7 @@ class Tokenizer:
         def token_id(key):  # the id of a special token named in those files, if any
             value, source = specials[key]
             text = value.get("content") if isinstance(value, dict) else value
-            if text is not None and not isinstance(text, str):
+            if value is not None and not isinstance(text, str):  # {"x": 1} too: no "content"
                 raise CheckpointError(f"{source}: {key} must be a token's text (a string, or "
                                       f"an object with \"content\"), got {value!r}")
             found = None if text is None else tok.token_to_id(text)
@@ -265,7 +287,13 @@ class Tokenizer:
         tokens = field("tokenizer.ggml.tokens")
         if not tokens:
             raise CheckpointError("the GGUF file has no vocabulary (tokenizer.ggml.tokens)")
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise CheckpointError(f"tokenizer.ggml.tokens must be an array of strings (one a "
+                                  f"token), got {_kind(tokens)}")
         types = field("tokenizer.ggml.token_type", [1] * len(tokens))
+        if not isinstance(types, list) or not all(isinstance(t, int) for t in types):
+            raise CheckpointError(f"tokenizer.ggml.token_type must be an array of integers (one "
+                                  f"a token), got {_kind(types)}")
         if len(types) != len(tokens):  # zip would drop the types of the last tokens
             raise CheckpointError(f"tokenizer.ggml.token_type has {len(types)} entries, "
                                   f"tokenizer.ggml.tokens {len(tokens)}: one type per token")
@@ -279,7 +307,9 @@ class Tokenizer:
         try:  # Llama 3 takes a piece that is a token whole, before any merge (as llama.cpp does)
             bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                              ignore_merges=pre in WHOLE_PIECE_SPLITS)
-        except Exception as e:  # tokenizers raises a bare Exception on inconsistent merges
+        except BaseException as e:  # inconsistent merges: a bare Exception, or a panic
+            if not _library_failure(e):
+                raise
             raise CheckpointError(f"the GGUF vocabulary and merges do not fit together: {e}") from e
         tok = tokenizers.Tokenizer(bpe)
         tok.pre_tokenizer = pre_tokenizers.Sequence(GGUF_PRE_TOKENIZERS[pre]())
@@ -295,7 +325,11 @@ class Tokenizer:
                 raise CheckpointError(f"tokenizer.ggml.{key}_token_id {value} is outside the "
                                       f"vocabulary of {len(tokens)} tokens")
         # Llama 3 files converted before the key existed want BOS (llama.cpp's default for them)
-        if bos is not None and field("tokenizer.ggml.add_bos_token", pre in WHOLE_PIECE_SPLITS):
+        add_bos = field("tokenizer.ggml.add_bos_token", pre in WHOLE_PIECE_SPLITS)
+        if not isinstance(add_bos, bool):  # the string "false" would read as true
+            raise CheckpointError(f"tokenizer.ggml.add_bos_token must be a bool, got "
+                                  f"{_kind(add_bos)}")
+        if bos is not None and add_bos:
             tok.post_processor = processors.TemplateProcessing(
                 single=f"{tokens[bos]} $A", special_tokens=[(tokens[bos], bos)])
         # generation stops at EOS, at the end-of-turn token, and (as llama.cpp finds them) at
