@@ -310,6 +310,27 @@ def test_corrupt_and_truncated_gguf(tmp_path, hf_folder):
         load_model(path)
 
 
+@pytest.mark.parametrize("shift", [-1, 1])
+def test_gguf_tensor_data_out_of_place(tmp_path, hf_folder, shift):
+    """A tensor whose data offset points at another tensor's bytes (shift -1: the one before it)
+    or off its place (1: one block later, into the next tensor) is refused naming the tensor, as
+    llama.cpp refuses it (it loaded: up_proj held gate_proj's weights)."""
+    path = write_gguf(tmp_path / "m.gguf", hf_folder[1], Q.Q8_0)
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    up = tensors["blk.1.ffn_up.weight"]
+    at = (reader.tensors[reader.tensors.index(up) + shift].data_offset if shift < 0
+          else up.data_offset + reader.alignment)
+    offset = up.field.offset + sum(p.nbytes for p in up.field.parts[:-1])  # its offset's bytes
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 8] = (at - reader.data_offset).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: tensor "
+                                              f"blk.1.ffn_up.weight's data is at byte {at}, "
+                                              f"expected {up.data_offset} .*: a corrupt file$"):
+        load_model(path, "cpu")
+
+
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
 def test_file_of_a_folder_given_for_the_folder(hf_folder, name):
     """A file of a Hugging Face folder given instead of the folder is not taken for a corrupt

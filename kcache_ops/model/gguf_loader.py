@@ -131,6 +131,7 @@ def read_gguf(path: str):
                                     f"native (a script of the gguf package; it rewrites the file "
                                     f"in place)")
     check_strings(reader, path)
+    check_layout(reader, path)
     return reader
 
 
@@ -175,6 +176,21 @@ def check_strings(reader, path: str):
         except UnicodeDecodeError as e:
             raise CheckpointError(f"{path}: metadata key {key!r} holds a string that is not "
                                   f"UTF-8 ({e})") from e
+
+
+def check_layout(reader, path: str):
+    """CheckpointError naming the file and the tensor unless the tensors' data lie one after the
+    other in the order of their entries, each at the next multiple of the file's alignment after
+    the one before, as llama.cpp requires (and gguf's writer lays them out): ``gguf`` reads any
+    offset, so one that points into another tensor's bytes would load wrong weights silently."""
+    expected = reader.data_offset  # bytes from the file's start
+    for t in reader.tensors:
+        if t.data_offset != expected:
+            raise CheckpointError(f"{path}: tensor {t.name}'s data is at byte {t.data_offset}, "
+                                  f"expected {expected} (after the tensor before it, at a "
+                                  f"multiple of the alignment, {reader.alignment} bytes): a "
+                                  f"corrupt file")
+        expected += -(-int(t.n_bytes) // reader.alignment) * reader.alignment
 
 
 def metadata(reader) -> dict:
