@@ -77,6 +77,32 @@ def test_unsupported(change, message):
         LlamaConfig.from_hf({**BASE, **change})
 
 
+BIG = 2**31 - 1  # the largest size a config may give
+
+
+@pytest.mark.parametrize("change, weight", [
+    ({"hidden_size": BIG, "intermediate_size": BIG, "num_attention_heads": 1, "head_dim": 2},
+     "an MLP projection"),
+    ({"vocab_size": BIG, "hidden_size": 2**29, "num_attention_heads": 1}, "the embedding"),
+    ({"hidden_size": 2**29, "num_attention_heads": 2, "head_dim": 2**30}, "q_proj")])
+def test_sizes_whose_product_no_tensor_holds(change, weight):
+    """Sizes each in range whose product is a weight of more elements than torch can count the
+    bytes of are refused by name (building the model raised "Storage size calculation
+    overflowed", a traceback from the CLI)."""
+    with pytest.raises(UnsupportedModelError, match=f"^{weight} would be a \\d+ x \\d+ matrix, "
+                                                    f"\\d+ elements: more than a tensor can hold"):
+        LlamaConfig.from_hf({**BASE, **change})
+
+
+def test_the_largest_weight_a_config_may_give():
+    """2^59 elements a weight is the limit: taken at it, refused one row past it."""
+    at = {**BASE, "hidden_size": 2**29, "intermediate_size": 2**30, "num_attention_heads": 2**28}
+    assert LlamaConfig.from_hf(at).intermediate_size == 2**30
+    with pytest.raises(UnsupportedModelError, match=f"an MLP projection would be a {2**30 + 1} x "
+                                                    f"{2**29} matrix"):
+        LlamaConfig.from_hf({**at, "intermediate_size": 2**30 + 1})
+
+
 def test_rope_parameters_and_rope_scaling_must_agree():
     """transformers 5 reads rope_scaling as rope_parameters: a config holding both, saying
     different things (a theta too), is refused (rope_scaling was ignored); saying the same, or

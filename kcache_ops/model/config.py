@@ -70,6 +70,10 @@ def _rope_kind(rope: dict, theta) -> dict:
     return kind
 
 
+# the most elements of one weight: torch counts a tensor's bytes in an int64, 8 bytes an element
+# at most (float64)
+MAX_TENSOR_ELEMENTS = 2**59
+
 SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
          "num_kv_heads", "head_dim")  # the fields of LlamaConfig that count something
 
@@ -111,6 +115,14 @@ class LlamaConfig:
                 raise ValueError(f"LlamaConfig: {name} must be an integer >= 1, got "
                                  f"{getattr(self, name)!r}")
             setattr(self, name, n)
+        for weight, rows, cols in (("the embedding", self.vocab_size, self.hidden_size),
+                                   ("q_proj", self.num_heads * self.head_dim, self.hidden_size),
+                                   ("an MLP projection", self.intermediate_size,
+                                    self.hidden_size)):
+            if rows * cols > MAX_TENSOR_ELEMENTS:  # sizes each in range, their product not
+                raise UnsupportedModelError(f"{weight} would be a {rows} x {cols} matrix, "
+                                            f"{rows * cols} elements: more than a tensor can hold "
+                                            f"(2^59), from sizes {self._sizes()}")
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(f"num_heads ({self.num_heads}) must be a multiple of "
                                         f"num_kv_heads ({self.num_kv_heads})")
@@ -122,6 +134,10 @@ class LlamaConfig:
         if self.rope_freq_factors is not None:  # as a GGUF's are checked, for a config built here
             self.rope_freq_factors = _freq_factors("rope_freq_factors", self.rope_freq_factors,
                                                    self.head_dim)
+
+    def _sizes(self):
+        """The sizes, for an error: "name value, ..."."""
+        return ", ".join(f"{name} {getattr(self, name)}" for name in SIZES)
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "LlamaConfig":
