@@ -245,6 +245,23 @@ def test_truncated_safetensors(tmp_path):
         load_hf_model(str(tmp_path), "cpu", torch.float32)
 
 
+def test_a_safetensors_header_length_past_the_librarys_limit(tmp_path):
+    """A header length past the 100 MB the safetensors library reads is refused before it is read
+    (the check read and parsed it first: a corrupt length in a large shard took GBs of memory).
+    The file is sparse: its size is past the length, its blocks are not on the disk."""
+    save_tiny_hf(tmp_path)
+    path = tmp_path / "model.safetensors"
+    length = 100_000_001
+    with open(path, "wb") as f:
+        f.write(length.to_bytes(8, "little"))
+        f.seek(8 + length + 100)
+        f.write(b"\0")
+    with pytest.raises(CheckpointError, match=f"model.safetensors: a header of {length} bytes, "
+                                              f"more than the 100000000 a safetensors file may "
+                                              f"have: corrupt"):
+        load_hf_model(str(tmp_path), "cpu", torch.float32)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda cfg: cfg.pop("hidden_size"), "it lacks the key 'hidden_size'"),
     (lambda cfg: cfg.update(num_attention_heads=0, head_dim=None),

@@ -3,6 +3,7 @@ tiny random Llama, Mistral, Qwen2 and Qwen3 models against transformers' dense S
 own decoder's KCache; left padding; the refused models and features; the real SmolLM2 GGUF."""
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -784,6 +785,11 @@ def test_engine_checks_a_checkpoint_before_transformers_loads_it(tmp_path, monke
                                         encoding="utf-8")
     with pytest.raises(CheckpointError, match="hf: transformers could not load it: .*size"):
         load_transformers_model(folder, "cpu")  # weights of another shape than the config's
+    (folder / "config.json").write_text(re.sub(r'"rms_norm_eps": [^,}]*', '"rms_norm_eps": "1e-5"',
+                                               config), encoding="utf-8")
+    with pytest.raises(CheckpointError, match="hf: transformers could not load it: .*"
+                                              "rms_norm_eps"):  # was a traceback from the CLI
+        load_transformers_model(folder, "cpu")
     (folder / "config.json").write_text(config, encoding="utf-8")
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])

@@ -135,14 +135,17 @@ class TransformersDecoder:
 
 def _from_pretrained(path, *args, **kwargs):
     """transformers' AutoModelForCausalLM.from_pretrained(*args, **kwargs), a checkpoint at
-    ``path`` that it refuses (weights of another shape than its config's, say: a RuntimeError)
+    ``path`` that it refuses (weights of another shape than its config's, say: a RuntimeError;
+    a config value of the wrong type: huggingface_hub's StrictDataclassError, a plain Exception)
     a CheckpointError naming it; running out of memory stays itself."""
+    import huggingface_hub.errors
     import transformers
+    config_error = getattr(huggingface_hub.errors, "StrictDataclassError", RuntimeError)
     try:
         return transformers.AutoModelForCausalLM.from_pretrained(*args, **kwargs)
     except torch.OutOfMemoryError:
         raise
-    except RuntimeError as e:
+    except (RuntimeError, config_error) as e:
         raise CheckpointError(f"{path}: transformers could not load it: {e}") from e
 
 

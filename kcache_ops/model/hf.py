@@ -97,6 +97,11 @@ def shard_files(folder: str) -> list[str]:
     return paths
 
 
+# the longest header the safetensors library reads (its MAX_HEADER_SIZE): a corrupt length is
+# refused before it is read into memory, not after
+MAX_HEADER_BYTES = 100_000_000
+
+
 def check_safetensors(path: str):
     """Raise CheckpointError unless each tensor of the header has a known dtype and a byte range
     its shape fills, the ranges follow one another, and the file's size is what they declare (a
@@ -108,6 +113,10 @@ def check_safetensors(path: str):
         if len(raw) < 8:
             raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors header")
         header_len = struct.unpack("<Q", raw)[0]
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: a header of {header_len} bytes, more than the "
+                                  f"{MAX_HEADER_BYTES} a safetensors file may have: corrupt or "
+                                  "not a safetensors file")
         if 8 + header_len > size:
             raise CheckpointError(f"{path}: header of {header_len} bytes but the file has {size}: "
                                   "truncated or not a safetensors file")
