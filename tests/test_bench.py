@@ -142,6 +142,16 @@ def test_a_budget_past_the_memory_skips_the_model_naming_it(monkeypatch):
                         KCacheOptions(topn=8), 1, budget_gb=0.5, hf=False, log=lines.append)
     assert lines == ["# tiny: skipped: its weights do not fit the device: CUDA out of memory. "
                      "Tried to allocate 2.00 GiB"]
+    # on the CPU, weights past the host RAM available are not built (the allocator's refusal
+    # was a RuntimeError: a traceback from `bench --budget 1`, whose default models are large)
+    monkeypatch.setattr(measure, "build_model", lambda *args: pytest.fail("built"))
+    monkeypatch.setattr(measure, "host_bytes_available", lambda: 10**6)
+    lines.clear()
+    with pytest.raises(ValueError, match="no configuration ran"):
+        measure.measure(["tiny"], [64], torch.device("cpu"), torch.float32,
+                        KCacheOptions(topn=8), 1, budget_gb=0.0005, hf=False, log=lines.append)
+    assert lines == ["# tiny: skipped: its weights need 0.004 GB, more than the 0.001 GB the host "
+                     "RAM has available"]
 
 
 def test_transformers_steps_make_no_tensor_from_host_data(monkeypatch):
@@ -198,6 +208,7 @@ def test_models_given_twice_or_empty_are_an_error_line(models, message, capsys, 
 @pytest.mark.parametrize("flags, message", [
     (["--topn", "0"], "KCache: topn must be an integer >= 1, got 0"),
     (["--models", "nope"], "--models: unknown nope"),
+    (["--budget", "1000"], "--budget 1000 GB is more than the "),  # one line, not one a model
 ])
 def test_bad_flags_are_refused_before_anything_is_made_or_measured(flags, message, capsys,
                                                                    tmp_path, monkeypatch):
@@ -527,7 +538,7 @@ def test_weight_bytes_per_step_are_the_parameters_read(name, bias):
     """The weights a step reads: every parameter, of an untied input embedding only the batch's
     rows (a tied one is the LM head, read whole), against the model's own parameters."""
     from kcache_ops.model import Llama
-    from kcache_ops.throughput.ceilings import weight_bytes_per_step
+    from kcache_ops.throughput.ceilings import weight_bytes, weight_bytes_per_step
     config = dataclasses.replace(measure.SHAPES[name], **bias)
     with torch.device("meta"):
         model = Llama(config).to(torch.bfloat16)
@@ -535,6 +546,7 @@ def test_weight_bytes_per_step_are_the_parameters_read(name, bias):
     embedding = model.embed_tokens.weight.nbytes
     rows = 0 if config.tie_word_embeddings else embedding - 5 * config.hidden_size * 2
     assert weight_bytes_per_step(config, 5, torch.bfloat16) == params - rows
+    assert weight_bytes(config, torch.bfloat16) == params
 
 
 def test_bench_json_records_the_settings_and_ceilings(tmp_path):

@@ -18,7 +18,7 @@ from .. import report
 from ..devices import default_device
 from ..results import RESULTS_DIR, SMOKE_DIR, machine, prepare_out_dir, write_json
 from ..throughput.ceilings import describe, measure_ceilings
-from ..throughput.measure import host_budget, measure
+from ..throughput.measure import device_budget, host_budget, measure
 from ..throughput.report import BENCH_JSON, BENCH_PLOT, plot
 from ..throughput.shapes import DEFAULT_CONTEXTS, DEFAULT_MODELS, SHAPES
 from ..throughput.transformers_baseline import transformers_missing
@@ -83,6 +83,8 @@ def run(args):
         budget = budget or 0.004
     if budget is None and device.type != "cuda":
         raise SystemExit("error: give --budget (GB) on the CPU, or --small")
+    if budget is not None:  # more than the device (the host RAM) has: before anything runs
+        device_budget(device, budget, args.reserve)
     args.out = prepare_out_dir(args.out, args.small)
     info = {**machine(device), "engine": args.engine}
     if transformers_missing() is None:  # the version its rows (or the engine's) ran with

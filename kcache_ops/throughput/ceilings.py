@@ -81,6 +81,12 @@ def weight_bytes_per_step(config, batch, dtype):
     return values * torch.empty((), dtype=dtype).element_size()
 
 
+def weight_bytes(config, dtype):
+    """Bytes of all the weights of a Llama of ``config`` in ``dtype`` (a step that looked up
+    every row of the embedding would read them all)."""
+    return weight_bytes_per_step(config, config.vocab_size, dtype)
+
+
 def floor_seconds(device_bytes, pcie_bytes, ceilings):
     """The least time a decode step moving ``device_bytes`` in device memory and ``pcie_bytes``
     between host RAM and the device can take at the measured ``ceilings``

@@ -11,7 +11,7 @@ from ..caches import check_kcache, make_cache, sequence_bytes
 from ..devices import graphed, median_seconds, sync
 from ..model.llama import Llama
 from ..ops import host_bytes_available
-from .ceilings import floor_seconds, weight_bytes_per_step
+from .ceilings import floor_seconds, weight_bytes, weight_bytes_per_step
 from .shapes import SHAPES, random_model
 from .transformers_baseline import compare_with_hf, hf_model, transformers_missing
 
@@ -199,6 +199,12 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
     for name in models:
         config, usable = SHAPES[name], model_contexts[name]
         if not usable:
+            continue
+        available = host_bytes_available() if device.type == "cpu" else None
+        if available is not None and weight_bytes(config, dtype) > available:  # the allocator's
+            # refusal would be a RuntimeError, after the page cache was pushed out
+            log(f"# {name}: skipped: its weights need {weight_bytes(config, dtype) / 1e9:.3f} GB, "
+                f"more than the {available / 1e9:.3f} GB the host RAM has available")
             continue
         try:
             model = build_model(config, device, dtype, engine, max(usable) + steps + 2)
