@@ -12,6 +12,7 @@ from kcache_ops import results
 from kcache_ops.caches import KCacheOptions
 from kcache_ops.cli import bench
 from kcache_ops.throughput import measure
+from kcache_ops.throughput import report as throughput_report
 
 
 def test_bench_small_on_cpu(tmp_path, monkeypatch):
@@ -228,7 +229,7 @@ def test_models_may_have_spaces_after_commas(tmp_path, monkeypatch):
     monkeypatch.setitem(bench.SHAPES, "tiny2", bench.SHAPES["tiny"])
     ran = []
     monkeypatch.setattr(bench, "measure", lambda models, *a, **k: ran.append(models) or [])
-    monkeypatch.setattr(bench, "plot", lambda rows, path: None)
+    monkeypatch.setattr(throughput_report, "plot", lambda rows, path: None)
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     bench.run(parser.parse_args(["--small", "--models", "tiny, tiny2", "--out", str(tmp_path)]))
@@ -586,7 +587,7 @@ def test_default_contexts_are_each_models_own(tmp_path, monkeypatch):
                         or [])
     monkeypatch.setattr(bench, "measure_ceilings", lambda device: {"device_copy_GBs": 1.0,
                                                                   "h2d_GBs": None})
-    monkeypatch.setattr(bench, "plot", lambda rows, path: None)
+    monkeypatch.setattr(throughput_report, "plot", lambda rows, path: None)
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     for extra in ([], ["--contexts", "64,128"]):
@@ -604,7 +605,7 @@ def test_a_plot_that_fails_leaves_no_link_to_it(tmp_path, monkeypatch, capsys):
 
     def broken(rows, path):
         raise RuntimeError("no display")
-    monkeypatch.setattr(bench, "plot", broken)
+    monkeypatch.setattr(throughput_report, "plot", broken)
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     bench.run(parser.parse_args(["--device", "cpu", "--small", "--steps", "1", "--no-hf",
@@ -616,5 +617,24 @@ def test_a_plot_that_fails_leaves_no_link_to_it(tmp_path, monkeypatch, capsys):
     assert json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))["complete"]
     report = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
     assert "](bench_throughput.png)" not in report
-    assert "The plot (bench_throughput.png) could not be drawn at the end of this run" in report
+    assert "The plot (bench_throughput.png) could not be drawn (the output of the command" in report
     assert "cut off" not in report
+
+
+def test_report_only_draws_the_bench_plot_a_folder_lacks(tmp_path):
+    """eval --report-only over a complete bench.json without its plot (copied alone, as from a
+    GPU machine that gives back a few files) draws it and links it (REPORT.md said the run could
+    not draw it); a plot that fails is a warning, and the report says so."""
+    import shutil
+    from kcache_ops.__main__ import main
+    shutil.copy(f"{results.RESULTS_DIR}/bench.json", tmp_path)  # the committed run's
+    with pytest.MonkeyPatch.context() as m, \
+            pytest.warns(UserWarning, match=f"^{tmp_path / 'bench_throughput.png'} could not be "
+                                            f"drawn: OSError: no disk$"):
+        m.setattr(throughput_report, "plot", lambda rows, path: exec("raise OSError('no disk')"))
+        assert main(["eval", "--report-only", "--out", str(tmp_path)]) == 0
+    assert "could not be drawn" in (tmp_path / "REPORT.md").read_text(encoding="utf-8")
+    assert main(["eval", "--report-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "bench_throughput.png").stat().st_size > 0
+    assert "![throughput vs context](bench_throughput.png)" in (tmp_path / "REPORT.md").read_text(
+        encoding="utf-8")

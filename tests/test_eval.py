@@ -402,12 +402,17 @@ def test_options_summary_compares_each_option_with_the_configuration_without_it(
            "perplexity -3.67% ±0.00 / -7.34% ±0.43 from it." in text
 
 
-def test_report_only_into_a_new_folder(tmp_path, capsys):
-    """`eval --report-only --out DIR` creates DIR and writes the report there (nothing measured
-    yet: it says what has not run, and a line says the folder held no results: --out mistyped
-    gave a report of nothing without a word)."""
+def test_report_only_of_a_folder_without_results(tmp_path, capsys):
+    """`eval --report-only --out DIR`: a DIR that does not exist is an error line, and is not made
+    (a mistyped --out made it and wrote a report of nothing, exit 0); one without results gets
+    the report of what has not run, and a line says it held no results."""
     from kcache_ops.__main__ import main
     out = tmp_path / "new" / "folder"
+    assert main(["eval", "--report-only", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: --out {out} does not exist: --report-only rewrites "
+                                       f"the report in the folder an eval or bench run wrote\n")
+    assert not (tmp_path / "new").exists()
+    out.mkdir(parents=True)
     assert main(["eval", "--report-only", "--out", str(out)]) == 0
     text = (out / "REPORT.md").read_text(encoding="utf-8")
     assert "Not run yet: `python -m kcache_ops eval`." in text

@@ -19,7 +19,7 @@ from ..devices import default_device
 from ..results import RESULTS_DIR, SMOKE_DIR, machine, prepare_out_dir, write_json
 from ..throughput.ceilings import describe, measure_ceilings
 from ..throughput.measure import device_budget, host_budget, measure
-from ..throughput.report import BENCH_JSON, BENCH_PLOT, plot
+from ..throughput.report import BENCH_JSON, BENCH_PLOT, draw
 from ..throughput.shapes import DEFAULT_CONTEXTS, DEFAULT_MODELS, SHAPES
 from ..throughput.transformers_baseline import transformers_missing
 from .args import (add_device_arguments, add_engine_argument, add_kcache_arguments,
@@ -115,27 +115,16 @@ def run(args):
                            log=functools.partial(print, flush=True), on_rows=save,
                            ceilings=ceilings, host_bytes=settings["host_budget_bytes"])
             save(rows, complete=True)
-            _draw(rows, plot_path)
+            failed = draw(rows, plot_path)
+            if failed:  # the rows are saved: the run's result stands without its plot
+                print(f"# the plot could not be drawn: {failed}", flush=True)
             finished = True
     finally:
         if saved and not finished:  # cut off (an error, Ctrl-C, SIGTERM) after a row was saved:
             _cut_off_report(args.out, plot_path)  # REPORT.md of the partial bench.json
-    report.write(args.out)
+    report.write(args.out, draw_bench=False)  # drawn above, or failed
     drawn = f"{BENCH_PLOT}, " if os.path.exists(plot_path) else ""
     print(f"# wrote {path}, {drawn}REPORT.md")
-
-
-def _draw(rows, plot_path):
-    """Draw the plot of a complete run, the previous run's removed first; a plot that fails is a
-    line, and REPORT.md then says it was not drawn (it linked the missing or the old file)."""
-    if os.path.exists(plot_path):
-        os.remove(plot_path)
-    try:
-        plot(rows, plot_path)
-    except Exception as e:  # the rows are saved: the run's result stands without its plot
-        print(f"# the plot could not be drawn: {type(e).__name__}: {e}", flush=True)
-        if os.path.exists(plot_path):  # a part written
-            os.remove(plot_path)
 
 
 def _cut_off_report(out, plot_path):

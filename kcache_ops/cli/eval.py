@@ -26,7 +26,7 @@ from ..eval.report import EVAL_JSON
 from ..eval.suite import Settings, evaluate, save_json
 from ..model import load_model
 from ..model.load import DEFAULT_NAME
-from ..results import RESULTS_DIR, SMOKE_DIR, machine, prepare_out_dir
+from ..results import RESULTS_DIR, SMOKE_DIR, machine, out_dir, prepare_out_dir
 from .args import (add_engine_argument, add_model_arguments, command_line, dtype_of,
                    layer_list, positive_int, positive_int_list, thread_count)
 
@@ -132,6 +132,11 @@ def run(args):
             raise ValueError(f"--report-only rewrites the report from the JSON in --out and "
                              f"measures nothing; {', '.join(given)} would have no effect: drop "
                              f"them, or drop --report-only to measure")
+        folder = out_dir(args.out, args.quick)
+        if not os.path.isdir(folder):  # a mistyped --out: no report of nothing, no new folder
+            raise ValueError(f"{'--out' if args.out else 'the results folder'} {folder} does not "
+                             f"exist: --report-only rewrites the report in the folder an eval "
+                             f"or bench run wrote")
     args.out = prepare_out_dir(args.out, args.quick)
     if args.report_only:
         report.write(args.out)

@@ -1,5 +1,7 @@
 """The throughput section of bench/results/REPORT.md (assembled by :mod:`kcache_ops.report`) and
 its plot, from the ``bench`` command's JSON."""
+import os
+
 import torch
 
 from ..caches import TAILS, KCacheOptions, sequence_bytes
@@ -83,8 +85,8 @@ def bench_section(data, plot_drawn=True):
     if data.get("complete", True) and plot_drawn:  # the plot is drawn at the run's end
         out += ["", f"![throughput vs context]({BENCH_PLOT})"]
     elif data.get("complete", True):
-        out += ["", f"The plot ({BENCH_PLOT}) could not be drawn at the end of this run (its "
-                "output says why); the table above has its numbers."]
+        out += ["", f"The plot ({BENCH_PLOT}) could not be drawn (the output of the command "
+                "that wrote this report says why); the table above has its numbers."]
     return out + [""]
 
 
@@ -146,6 +148,20 @@ def memory_section(capacity=32768, dtype=torch.bfloat16):
         out.append(f"| {name} | {dense / capacity:.0f} B ({dense / gib:.2f} GiB) | "
                    + " | ".join(cells) + " |")
     return out + [""]
+
+
+def draw(rows, path):
+    """:func:`plot` of ``rows`` at ``path``, the file there before removed first -> None, or what
+    failed (a part written removed too): the rows' results stand without their plot."""
+    if os.path.exists(path):
+        os.remove(path)
+    try:
+        plot(rows, path)
+    except Exception as e:  # noqa: BLE001 - whatever matplotlib raises
+        if os.path.exists(path):
+            os.remove(path)
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def plot(rows, path):
