@@ -24,9 +24,11 @@ COMMANDS = {
 BROKEN_PIPE = 141  # main's exit status where stdout's reader left: 128 + SIGPIPE, as a shell says
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m kcache_ops",
-                                     description=__doc__.split("\n")[0])
+def main(argv=None, prog="python -m kcache_ops"):
+    """Run the command of ``argv`` (default sys.argv[1:]) -> its exit status; ``prog``: how the
+    user called it, for usage and help."""
+    parser = argparse.ArgumentParser(prog=prog, description="KCache against dense attention: "
+                                                            "generate, demo, eval and bench")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
         sub.add_parser(name, help=help_text)
@@ -37,7 +39,7 @@ def main(argv=None):
     module = importlib.import_module(f"kcache_ops.cli.{argv[0]}")
     # no abbreviations: `demo --prompt x` would be --prompt-tokens x, and its error name a flag
     # the user never typed
-    cmd_parser = argparse.ArgumentParser(prog=f"python -m kcache_ops {argv[0]}",
+    cmd_parser = argparse.ArgumentParser(prog=f"{prog} {argv[0]}",
                                          description=COMMANDS[argv[0]], allow_abbrev=False)
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
@@ -72,7 +74,8 @@ def cli(argv=None):
     """:func:`main` as a process runs it (``python -m kcache_ops``, the ``kcache-ops`` script),
     which exits with the status it returns: where stdout's reader left, stdout goes to devnull
     first, as Python's docs advise, so that the flush at exit cannot fail again."""
-    code = main(argv)
+    script = os.path.basename(sys.argv[0])
+    code = main(argv, script if script == "kcache-ops" else "python -m kcache_ops")
     if code == BROKEN_PIPE:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return code

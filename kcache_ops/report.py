@@ -135,10 +135,14 @@ def write(results_dir=RESULTS_DIR, draw_bench=True):
 
 def _section(results_dir, name, build):
     """``build()``, the lines of the section of the file ``name``; a key it lacks (written by an
-    earlier version) is a ValueError naming the file."""
+    earlier version), or a value of another kind (a null, a string for a number: an edited or
+    corrupt file), is a ValueError naming the file."""
+    path = os.path.join(results_dir, name)
     try:
         return build()
     except KeyError as e:
-        path = os.path.join(results_dir, name)
         raise ValueError(f"{path} lacks {e}, which its report section reads: an earlier "
                          f"version wrote it; rerun the command that wrote it") from e
+    except (TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"{path} holds a value its report section cannot read ({e}): an edited "
+                         f"or corrupt file; rerun the command that wrote it") from e

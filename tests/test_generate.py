@@ -2,6 +2,7 @@
 from dataclasses import replace
 import math
 import re
+import sys
 import warnings
 
 import numpy as np
@@ -576,6 +577,18 @@ def test_cli_names_a_missing_optional_package(monkeypatch, capsys):
     assert main(["generate", "--prompt", "a"]) == 2
     assert capsys.readouterr().err == ("error: loading a GGUF file needs the gguf package: pip "
                                        "install gguf\n")
+
+
+@pytest.mark.parametrize("argv0, prog", [("/venv/bin/kcache-ops", "kcache-ops"),
+                                          ("/src/kcache_ops/__main__.py", "python -m kcache_ops")])
+def test_usage_names_the_command_as_called(monkeypatch, capsys, argv0, prog):
+    """Usage and errors name the command as the user called it: pip's kcache-ops script, or
+    python -m kcache_ops (the script's said python -m kcache_ops)."""
+    from kcache_ops.__main__ import cli
+    monkeypatch.setattr(sys, "argv", [argv0, "generate", "--nope"])
+    with pytest.raises(SystemExit):
+        cli()
+    assert capsys.readouterr().err.startswith(f"usage: {prog} generate [-h]")
 
 
 # python -m kcache_ops, and what pip's kcache-ops script runs (setup.py's console_scripts)

@@ -227,6 +227,12 @@ def test_reports_of_files_from_earlier_versions(tmp_path):
     with pytest.raises(ValueError, match=f"^{re.escape(str(folder / EVAL_JSON))} lacks 'short', "
                                          f"which its report section reads"):
         report.write(folder)
+    data["results"][1]["short"] = None  # edited by hand: was an AttributeError's traceback
+    write_json(folder / EVAL_JSON, data)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(folder / EVAL_JSON))} holds a value "
+                                         f"its report section cannot read \\('NoneType' object "
+                                         f"has no attribute 'get'\\): an edited or corrupt file"):
+        report.write(folder)
 
 
 def committed_eval(tmp_path):
