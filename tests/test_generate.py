@@ -354,6 +354,23 @@ def test_float32_zero_temperature_or_top_p_is_greedy(loaded):
     assert generate(model, PROMPTS, 6, temperature=1.0, top_p=1e-50, seed=0).tokens == greedy
 
 
+def test_cli_says_when_a_sequence_ended_at_end_of_sequence(folder, capsys, monkeypatch):
+    """A sequence that ends at an end-of-sequence token is said so in the summary (one that ended
+    at once printed nothing and "decode 0 more", with no word of why)."""
+    import kcache_ops.cli.generate as command
+    from kcache_ops.caches import make_cache
+    from kcache_ops.generate import Generation
+    args = ["generate", "--model", str(folder), "--prompt", "a", "--prompt", "b",
+            "--max-new-tokens", "3"]
+    for tokens, said in (([[], [5, 6, 7]], "; 1 of 2 ended at an end-of-sequence token\n"),
+                         ([[5, 6, 7], [5, 6, 7]], " tokens/s\n")):
+        monkeypatch.setattr(command, "generate", lambda model, *a, **k: Generation(
+            tokens, ["", ""], 0.1, 0.2, 4,
+            make_cache("dense", model.config, 2, 8, "cpu", torch.float32)))
+        assert main(args) == 0
+        assert said in capsys.readouterr().err
+
+
 def test_cli_dense_and_kcache(folder, capsys):
     args = ["generate", "--model", str(folder), "--prompt", "the t", "--max-new-tokens", "6",
             "--chat"]

@@ -131,9 +131,12 @@ def run(args):
         for i, text in enumerate(result.texts):
             print(f"--- [{i}] {text}")
     mib = 2 ** 20
+    ended = sum(len(t) < args.max_new_tokens for t in result.tokens)  # EOS is not in tokens
     print(f"{counted}, prefill {result.prefill_s:.2f} s (the first new token); decode "
           f"{result.decode_tokens} more in {result.decode_s:.2f} s = "
-          f"{result.tokens_per_s:.1f} tokens/s", file=sys.stderr)
+          f"{result.tokens_per_s:.1f} tokens/s"
+          + (f"; {ended} of {len(prompts)} ended at an end-of-sequence token" if ended else ""),
+          file=sys.stderr)
     print(f"{args.backend} on {model.device} {str(model.dtype).removeprefix('torch.')}; cache "
           f"holds {result.cache.device_bytes() / mib:.1f} MiB device, "
           f"{result.cache.host_bytes() / mib:.1f} MiB host memory", file=sys.stderr)
