@@ -16,10 +16,13 @@ class UnsupportedModelError(ValueError):
 def naming(where: str):
     """Re-raise a CheckpointError or UnsupportedModelError of the block with ``where`` (the file
     or folder at fault) in front of its message: the code that finds a fault knows what it
-    reads, not where from."""
+    reads, not where from. One that names a file there already (its message starts with
+    ``where``, as "<folder>/model.safetensors: ...") is raised as it is."""
     try:
         yield
     except (CheckpointError, UnsupportedModelError) as e:
+        if str(e).startswith(str(where)):
+            raise
         raise type(e)(f"{where}: {e}") from e
 
 
