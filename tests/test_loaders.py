@@ -4,6 +4,7 @@ tokenizer of each, and clear errors for bad checkpoints."""
 import importlib.metadata
 import json
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -405,6 +406,11 @@ def test_split_gguf(tmp_path, hf_folder):
                                               f"split into 3 files \\(split.count; this one is "
                                               f"split.no 1\\): load it from its first part"):
         load_model(second, "cpu")
+    copy_gguf(whole, tmp_path / "four.gguf", split_max_tensors=6)  # the same model in 4 parts
+    shutil.copy(tmp_path / "four-00003-of-00004.gguf", third)  # split.no 2, as its name says
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(third))}: split.count is 4, part "
+                                              f"1's is 3$"):
+        load_model(first, "cpu")
     third.unlink()
     with pytest.raises(CheckpointError, match=f"^{re.escape(str(first))} is part 1 of a GGUF "
                                               f"checkpoint split into 3 files \\(split.count\\), "

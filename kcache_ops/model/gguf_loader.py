@@ -161,9 +161,13 @@ def other_parts(first, path: str) -> list:
             raise CheckpointError(f"{path} is part 1 of a GGUF checkpoint split into {count} "
                                   f"files (split.count), but part {i}, {part}, is missing")
         parts.append(read_gguf(part))
-        no = metadata(parts[-1]).get("split.no")
+        meta = metadata(parts[-1])
+        no = meta.get("split.no")
         if no != i - 1:  # as llama.cpp checks: a part renamed, or one of another checkpoint
             raise CheckpointError(f"{part}: split.no is {no!r}, its name says {i - 1}")
+        if meta.get("split.count") != count:  # a part of another split renamed
+            raise CheckpointError(f"{part}: split.count is {meta.get('split.count')!r}, part 1's "
+                                  f"is {count}")
     return parts
 
 
