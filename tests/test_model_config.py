@@ -195,6 +195,11 @@ def test_accepted_value_forms():
      "rope_parameters.high_freq_factor", NAN),
     ({"rope_scaling": {**LLAMA3, "original_max_position_embeddings": 8192.0}},
      "rope_scaling.original_max_position_embeddings", 8192.0),
+    # a key of the Llama-3 scaling missing: named with its dict (it was "lacks the key 'factor'")
+    ({"rope_parameters": {k: v for k, v in LLAMA3.items() if k != "factor"}},
+     "rope_parameters.factor", None),
+    ({"rope_scaling": {k: v for k, v in LLAMA3.items() if k != "high_freq_factor"}},
+     "rope_scaling.high_freq_factor", None),
     ({"tie_word_embeddings": "false"}, "tie_word_embeddings", "false"),
     ({"attention_bias": 1}, "attention_bias", 1),
     ({"mlp_bias": "no"}, "mlp_bias", "no"),

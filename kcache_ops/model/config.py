@@ -202,14 +202,14 @@ class LlamaConfig:
                     f"({rope['original_max_position_embeddings']}) disagree (transformers 5 "
                     f"takes the first, 4 the second)")
             scaling = {
-                "factor": _number(f"{rope_key}.factor", rope["factor"], 1),
-                "low_freq_factor": _number(f"{rope_key}.low_freq_factor", rope["low_freq_factor"],
-                                           FLOAT32_TINY),
+                "factor": _number(f"{rope_key}.factor", rope.get("factor"), 1),
+                "low_freq_factor": _number(f"{rope_key}.low_freq_factor",
+                                           rope.get("low_freq_factor"), FLOAT32_TINY),
                 "high_freq_factor": _number(f"{rope_key}.high_freq_factor",
-                                            rope["high_freq_factor"], FLOAT32_TINY),
+                                            rope.get("high_freq_factor"), FLOAT32_TINY),
                 "original_max_position_embeddings": _integer(
                     f"{rope_key}.original_max_position_embeddings",
-                    rope["original_max_position_embeddings"]),
+                    rope.get("original_max_position_embeddings")),
             }
             if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
                 raise CheckpointError(f"{rope_key}.high_freq_factor ({rope['high_freq_factor']}) "
