@@ -336,8 +336,9 @@ def test_lens_out_of_range_are_rejected():
         cache.store_prompt(layer, k, k, torch.tensor(LENS, dtype=torch.int32))
     with pytest.raises(ValueError, match="lens reach 18 tokens but the prompt had 17"):
         cache.finish_prefill(torch.tensor([18, 1, 1], dtype=torch.int32))
-    with pytest.raises(ValueError, match="lens must be >= 0, got -2"):
-        cache.finish_prefill(torch.tensor([5, -2, 1], dtype=torch.int32))
+    for low in (-2, -1):  # -1: the dense cache would write its token at the last slot
+        with pytest.raises(ValueError, match=f"lens must be >= 0, got {low}"):
+            cache.finish_prefill(torch.tensor([5, low, 1], dtype=torch.int32))
 
 
 def test_heads_the_ops_cannot_take_fail_when_built():
@@ -882,8 +883,9 @@ def test_finish_prefill_takes_the_lens_the_prompt_was_stored_with(backend):
     other = make_cache(backend, tiny_config(), 2, 32, "cpu", torch.float32)
     for layer in range(LAYERS):  # the layers disagree: whatever finish_prefill gets is refused
         other.store_prompt(layer, k, k, stored if layer == 0 else torch.tensor([5, 2]).int())
-    with pytest.raises(ValueError, match="every layer must be stored with the same lens"):
-        other.finish_prefill(torch.tensor([5, 2], dtype=torch.int32))
+    for given in ([5, 2], [5, 3]):  # the later layer's lens, and the first's
+        with pytest.raises(ValueError, match="every layer must be stored with the same lens"):
+            other.finish_prefill(torch.tensor(given, dtype=torch.int32))
     longer = torch.randn(2, HKV, 8, D)  # a longer prompt at layer 1: its rows 5..7 in layer 0
     other.store_prompt(0, k, k, stored)  # would be unstored, and lens [8, 3] accepted
     with pytest.raises(ValueError, match="layer 1's prompt has 8 tokens, but layers \\[0\\] "
@@ -961,6 +963,21 @@ def test_attention_mass(device):
     torch.testing.assert_close(mass[:2], want_mass[:2])  # the mean over sequences, heads, steps
     torch.testing.assert_close(rows[:2], want_rows[:2])
     assert (rows[:2] < 2).all()  # top_p cut some
+    assert sparse.cache.reuse_hit_rate().isnan().all()  # no reuse: NaN, as documented
+
+
+def test_a_step_left_unfinished_is_not_recorded(device):
+    """A recorded step that a new prompt abandons (some layers decoded, no finish_decode) adds
+    nothing to the statistics: the next prompt's unrecorded step leaves them NaN."""
+    run = Run(make(device, topn=2), device, torch.float32)
+    run.prefill()
+    run.cache.record_mass = True
+    q, k = run.rand(len(LENS), HQ, D), run.rand(len(LENS), HKV, D)  # [B, Hq, D], [B, Hkv, D]
+    run.cache.decode(0, q, k, k)  # layer 0 of a step, never finished
+    run.cache.record_mass = False
+    run.prefill()
+    run.step()
+    assert run.cache.attention_mass().isnan().all() and run.cache.rows_read().isnan().all()
 
 
 def test_dense_attention_over_every_key_equals_the_first_lens(dtype):

@@ -29,6 +29,18 @@ def test_opcheck(device):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_opcheck_of_a_half_precision_v(device, dtype):
+    """sparse_attn_v's output has V's dtype in its fake implementation as in the eager op (only
+    float32 V was checked, where it is also the scores' dtype)."""
+    q = torch.randn(2, 8, 64, device=device)  # [B, Hq, D]
+    k = torch.randn(2, 2, 40, 64, device=device)  # [B, Hkv, S, D]
+    v = host_tensor(torch.randn(2, 2, 40, 64).to(dtype), device)  # [B, Hkv, S, D]
+    scores, indices, lse = kcache_ops.qk_topn(q, k, seq_lens_tensor([40, 7], device), 16)
+    torch.library.opcheck(torch.ops.kcache_ops.sparse_attn_v.default,
+                          (scores, indices, v, lse, False))
+
+
 def test_compile_decode_step(device):
     def decode(q, k, v, lens):
         scores, indices, lse = kcache_ops.qk_topn(q, k, lens, 8)

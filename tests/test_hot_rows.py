@@ -145,17 +145,22 @@ def test_sinks_or_window_alone(device, sinks, window):
                                                    window=window))
 
 
+@pytest.mark.parametrize("tail", ["int2", "none"])  # the op's hot rows, or HotPart's
 @pytest.mark.parametrize("sinks, window", [(3, 0), (0, 3), (2, 2)])
-def test_prompts_shorter_than_the_hot_rows(device, sinks, window):
+def test_prompts_shorter_than_the_hot_rows(device, sinks, window, tail):
     """Prompts of 2, 1 and 0 tokens, shorter than sinks + window, growing past them over 5 steps,
     N covering every cold key: each step is exact attention (a sink slot taken by position
-    ``sinks``, or a position both hot and ranked, would be off by the whole row)."""
+    ``sinks``, or a position both hot and ranked, would be off by the whole row). The padding
+    rows past each prompt are NaN: a slot they would fill is empty, and weighs 0 without them
+    (0 x NaN would be NaN)."""
     torch.manual_seed(0)
     options = replace(KCacheOptions.paper_literal(), topn=64, sinks=sinks, window=window,
-                      tail="int2")
+                      tail=tail)
     lens = torch.tensor([2, 1, 0], dtype=torch.int32, device=device)  # [B]
     cache = KCache(tiny_config(), 3, 16, device, torch.float32, options)
     k0, v0 = (torch.randn(3, HKV, 2, D, device=device) for _ in range(2))  # [B, Hkv, T, D]
+    for b, n in enumerate(lens.tolist()):
+        v0[b, :, n:] = float("nan")  # don't-care padding
     for layer in range(LAYERS):
         cache.store_prompt(layer, k0, v0, lens)
     cache.finish_prefill(lens)
