@@ -36,6 +36,21 @@ def test_forward_matches_transformers(pair):
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_rmsnorm_rounds_as_transformers_in_16_bits(dtype):
+    """A 16-bit model's norm gives transformers' bits: normalised in float32, rounded to the
+    input's dtype, then times the weight (the parity tests above run float32, where the order of
+    the rounding and the product changes nothing; in bfloat16 it changes ~28% of the outputs)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from kcache_ops.model.llama import RMSNorm
+    ours, theirs = RMSNorm(256, 1e-6), LlamaRMSNorm(256, eps=1e-6)
+    weight = 1 + 0.1 * torch.randn(256)                                      # [E]
+    ours.weight.data.copy_(weight)
+    theirs.weight.data.copy_(weight)
+    x = torch.randn(4, 256).to(dtype)                                        # [B, E]
+    assert torch.equal(ours.to(dtype)(x), theirs.to(dtype)(x))
+
+
 def test_prefill_decode_match_forward(pair):
     """Batched varlen prefill, then decode steps: logits equal forward() on each sequence. The
     pads are don't-care, ids outside the vocabulary too."""
