@@ -239,8 +239,12 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
         warnings.warn(f"generate: prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
                       f"runs past the {trained} positions the model was trained on; the text "
                       f"beyond them may degrade", stacklevel=3)  # past no_grad's wrapper
-    cache = make_cache(backend, model.config, batch, longest + max_new_tokens, device, model.dtype,
-                       options)
+    try:
+        cache = make_cache(backend, model.config, batch, longest + max_new_tokens, device,
+                           model.dtype, options)
+    except MemoryError as e:  # its capacity, in the terms the caller gave
+        raise MemoryError(f"generate: {e} (the capacity is the longest prompt, {longest} tokens, "
+                          f"+ max_new_tokens, {max_new_tokens})") from e
     if reuse_stats:  # what reuse found, for the caller (checked above: a KCache with reuse)
         cache.record_mass = True
     streams = [TextStream(tokenizer) for _ in prompts] if on_text else None

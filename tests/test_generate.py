@@ -354,6 +354,17 @@ def test_float32_zero_temperature_or_top_p_is_greedy(loaded):
     assert generate(model, PROMPTS, 6, temperature=1.0, top_p=1e-50, seed=0).tokens == greedy
 
 
+def test_a_cache_past_the_memory_names_max_new_tokens(folder, capsys):
+    """--max-new-tokens past what memory holds: the cache's refusal, then what its capacity is
+    made of (it named the capacity alone, a number the user never gave)."""
+    with pytest.warns(UserWarning, match="runs past the 256 positions"):
+        assert main(["generate", "--model", str(folder), "--prompt", "the t",
+                     "--max-new-tokens", str(10 ** 12)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("error: generate: DenseCache: ") and err.endswith(
+        f"(the capacity is the longest prompt, 4 tokens, + max_new_tokens, {10 ** 12})")
+
+
 def test_cli_says_when_a_sequence_ended_at_end_of_sequence(folder, capsys, monkeypatch):
     """A sequence that ends at an end-of-sequence token is said so in the summary (one that ended
     at once printed nothing and "decode 0 more", with no word of why)."""

@@ -214,7 +214,7 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
             continue
         try:  # what the weights leave free
             budget = device_budget(device, budget_gb, reserve_gb)
-            log(f"# {name}: budget {budget / GiB:.3f} GiB for the cache")
+            log(f"# {name}: budget {budget / 1e9:.3f} GB ({budget / GiB:.3f} GiB) for the cache")
         except ValueError as e:  # these weights leave no room; the next model's may
             log(f"# {name}: skipped: {e}")
             budget = 0
