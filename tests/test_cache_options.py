@@ -277,6 +277,20 @@ def test_flags_follow_the_fields():
         kcache_options(parse(["--topn", "0"]))
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--no-renormalize"], "KCache: --no-renormalize drops the mass outside the top N, which "
+                           "--tail int2 accounts for (the default tail is 'int2'); use it with "
+                           "--tail none"),
+    (["--tail", "mean"], "or the mean tail with --sinks 0 and --window 0 (got --sinks 4, "
+                         "--window 60)")])
+def test_a_combination_refused_is_said_in_flags(argv, message):
+    """A combination of options refused on the command line is said in the flags that set them
+    (it said renormalize=False, tail='none', sinks=0: the options' names in Python)."""
+    with pytest.raises(SystemExit) as e:
+        kcache_options(parse(argv))
+    assert message in str(e.value)
+
+
 def test_paper_literal_is_one_flag_away(capsys):
     """--paper-literal gives KCache as the paper states it whatever the defaults; other KCache
     flags given with it change it. A value no option takes is refused: a tail by the parser (its

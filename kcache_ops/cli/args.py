@@ -2,6 +2,7 @@
 (one flag per field of KCacheOptions, generated from the field); integer lists."""
 import argparse
 import math
+import re
 from dataclasses import fields, replace
 
 import torch
@@ -216,8 +217,18 @@ def kcache_options(args):
         return replace(base, **given_kcache_options(args))
     except ValueError as e:
         message = str(e)
-        for f in fields(KCacheOptions):  # a field whose flag has another name: the flag too
-            if "flag" in f.metadata:
+        for f in fields(KCacheOptions):
+            if "flag" in f.metadata:  # a field whose flag has another name: the flag too
                 message = message.replace(f"KCache: {f.name} ",
                                           f"KCache: {f.name} ({f.metadata['flag']}) ")
+            # a combination refused, "renormalize=False ... tail='none'": as the flags say it
+            message = re.sub(rf"\b{f.name}=('[^']*'|[^\s,;)]+)",
+                             lambda m, f=f: _as_flag(f, m.group(1)), message)
         raise SystemExit(f"error: {message}") from e
+
+
+def _as_flag(f, value):
+    """The flag that sets KCacheOptions field ``f`` to ``value`` (as its repr reads)."""
+    if isinstance(f.default, bool):
+        return _flag(f) if value == repr(not f.default) else f"no {_flag(f)}"
+    return f"{_flag(f)} {value.strip(chr(39))}"
