@@ -59,11 +59,13 @@
 # git-ignored and travels only when carried. Without it the GGUF model tests skip or fail (the
 # log says so at the start); the kernels' tests and benchmarks do not need it.
 #
-# What comes back in $OUT (2 of the 8 files allowed): run_gpu.log, every stage's output appended
-# as it is produced, and gpu_results.tar.gz, re-packed after each stage: gpu_logs/ with one log per
-# stage, stages.txt, junit_*.xml and results/ (the benchmarks' JSON and PNG, the profile's JSON,
-# .ncu-rep and .csv; results/e2e/ the throughput bench). A call cut off at its limit still returns
-# every stage that finished and the log of the one that did not. Unpack with
+# What comes back in $OUT (at most 6 of the 8 files allowed): run_gpu.log, every stage's output
+# appended as it is produced, and gpu_results.tar.gz, re-packed after each stage: gpu_logs/ with
+# one log per stage, stages.txt, junit_*.xml and results/ (the benchmarks' JSON and PNG, the
+# profile's JSON and .csv; results/e2e/ the throughput bench); beside them each ncu report
+# (.ncu-rep, up to 4, MBs each), copied apart so that no archive nears the 16 MiB a file may bring
+# back (one that passed it would be lost whole). A call cut off at its limit still returns every
+# stage that finished and the log of the one that did not. Unpack with
 # `tar xzf gpu_results.tar.gz`; copy gpu_logs/results/* to bench/results/ to commit them.
 #
 # Time plan. BUDGET (default 520 s) is the time of one call's stages: a stage's limit shrinks to
@@ -139,9 +141,11 @@ NO_GPU=0
 
 say() { echo "$*" | tee -a "$LOG"; }
 
-pack() {  # re-pack the archive; the rename keeps the last complete one if packing is cut off
-  tar czf "$ARCHIVE.part" -C "$(dirname "$WORK")" "$(basename "$WORK")" &&
+pack() {  # re-pack the archive; the rename keeps the last complete one if packing is cut off.
+  # The ncu reports go beside it, each a file of its own (see the header)
+  tar czf "$ARCHIVE.part" --exclude='*.ncu-rep' -C "$(dirname "$WORK")" "$(basename "$WORK")" &&
     mv -f "$ARCHIVE.part" "$ARCHIVE"
+  find "$WORK" -name '*.ncu-rep' -exec cp -f {} "$OUT/" \;
 }
 
 record() {  # record NAME STATUS SECONDS LIMIT
