@@ -150,5 +150,5 @@ class HotRows:
         # a score and lse both +inf (finite q and K whose product overflows float32) weigh 0, as
         # in the ops, not NaN
         p = torch.exp(scores - lse.reshape(B, Hkv, group, 1)).nan_to_num(nan=0.0)  # [B, Hkv, G, H]
-        p = p.masked_fill(s.empty[:, None, None, :], 0.0)
+        p = p.masked_fill(s.empty[:, None, None, :], 0.0)  # [B, Hkv, G, H]
         return HotPart(p, self.v.float())  # [B, Hkv, G, H], [B, Hkv, H, D]

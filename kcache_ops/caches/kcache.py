@@ -333,7 +333,7 @@ class KCache:
         needs_scores = tail.needs_scores or hot is not None  # the tail's weights, the hot rows'
         if q.stride(-1) != 1:  # qk_topn reads D contiguous, as the dense attention need not
             q = q.contiguous()
-        selection = self.select(q, k_cache, lens, return_scores=needs_scores)
+        selection = self.select(q, k_cache, lens, return_scores=needs_scores)  # 3 or 4 tensors
         scores, indices, lse = selection[:3]  # [B, Hq, N] x2, [B, Hq]
         all_scores = selection[3] if needs_scores else None  # [B, Hq, S]
         reads = Reads(indices, self.v_host[layer])

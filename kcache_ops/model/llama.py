@@ -37,9 +37,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))                          # [E]
 
     def forward(self, x):                                                    # [..., E]
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.type_as(x)
+        xf = x.float()                                                       # [..., E]
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # [..., E]
+        return self.weight * xf.type_as(x)                                   # [..., E]
 
 
 class Attention(nn.Module):
@@ -60,9 +60,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.hq, self.d).transpose(1, 2)      # [B, Hq, T, D]
         k = self.k_proj(x).view(b, t, self.hkv, self.d).transpose(1, 2)     # [B, Hkv, T, D]
         v = self.v_proj(x).view(b, t, self.hkv, self.d).transpose(1, 2)     # [B, Hkv, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)             # shapes as above
         out = attend(q, k, v)                                               # [B, Hq, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.hq * self.d))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.hq * self.d))  # [B, T, E]
 
 
 class MLP(nn.Module):
@@ -89,7 +89,7 @@ class Block(nn.Module):
         self.mlp = MLP(c)
 
     def forward(self, x, cos, sin, attend):                                  # x [B, T, E]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)  # [B, T, E]
         return x + self.mlp(self.post_attention_layernorm(x))               # [B, T, E]
 
 
@@ -170,7 +170,7 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(positions, self._inv_frequencies())  # [B, 1, T, D]
         x = self.embed_tokens(tokens)                                        # [B, T, E]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, lambda q, k, v, i=i: attend_layer(i, q, k, v))
+            x = layer(x, cos, sin, lambda q, k, v, i=i: attend_layer(i, q, k, v))  # [B, T, E]
         return self.norm(x)                                                  # [B, T, E]
 
     def _logits(self, h):
@@ -256,7 +256,7 @@ class Llama(nn.Module):
                       "one per sequence of the cache")
         positions = cache.seq_lens.long()[:, None]                           # [B, 1]
 
-        def attend(i, q, k, v):                     # q [B, Hq, 1, D], k and v [B, Hkv, 1, D]
+        def attend(i, q, k, v):  # q [B, Hq, 1, D], k and v [B, Hkv, 1, D] -> [B, Hq, 1, D]
             return cache.decode(i, q[:, :, 0], k[:, :, 0], v[:, :, 0])[:, :, None]
         h = self._run(tokens[:, None], positions, attend)                    # [B, 1, E]
         cache.finish_decode()
