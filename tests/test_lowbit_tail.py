@@ -107,14 +107,17 @@ def skipped_case(B, Hkv, G, S, D, bits, dtype, device, lens, n, skip_first, skip
                  group_select=False):
     """(scores, seq_lens, lse, indices, codes, meta) as a KCache step with hot rows has them: the
     selection from qk_topn over the keys skip_first <= j < L_b - skip_last, the copies of the
-    skipped rows NaN (a skipped row must never be weighed), and the scores past L_b NaN too."""
+    skipped rows NaN (a skipped row must never be weighed), and the scores past L_b the largest
+    float: a weight read from one would be infinite (a NaN score weighs 0, which hid a hot slot
+    at L_b taken as valid, helper 165's mutant)."""
     q, k, seq_lens, codes, meta = make_case(B, Hkv, G, S, D, bits, dtype, device, lens)
     j = torch.arange(S, device=device)[None, :]  # [1, S]
     end = seq_lens.long()[:, None] - skip_last  # [B, 1]
     meta[((j < skip_first) | (j >= end))[:, None, :, None].expand_as(meta)] = float("nan")
     scores, indices, lse = selection(q, k, seq_lens, n, group_select, None, skip_first,
                                      skip_last)
-    scores[(j >= seq_lens.long()[:, None])[:, None, :].expand_as(scores)] = float("nan")
+    past = (j >= seq_lens.long()[:, None])[:, None, :].expand_as(scores)  # [B, Hq, S]
+    scores[past] = torch.finfo(torch.float32).max
     return scores, seq_lens, lse, indices, codes, meta
 
 

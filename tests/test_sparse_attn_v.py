@@ -191,6 +191,24 @@ def test_nan_and_inf_weights_count_zero(device, renormalize):
         assert torch.equal(out[0, 2].cpu(), torch.zeros(64))
 
 
+@pytest.mark.parametrize("pad_score", [float("nan"), float("inf"), 1e4], ids=["nan", "inf", "1e4"])
+@pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full_softmax"])
+def test_scores_at_padding_are_never_read(device, renormalize, pad_score):
+    """A padding entry's score enters neither the softmax's max nor its sum (DESIGN §3: padding
+    entries are ignored): NaN, +inf or 1e4 there gives the output of -inf there, the reference's.
+    qk_topn writes -inf at padding, and make_selection finite scores, which a max over every
+    entry does not change (helper 165's mutant: a NaN or huge max zeroed every weight)."""
+    scores, indices, lse = make_selection(2, 6, 8, 50, device, pad_fraction=0.0)
+    indices[..., -2:] = -1  # [B, Hq, N]: two padding entries a head
+    clean = scores.clone()
+    clean[..., -2:] = float("-inf")
+    scores[..., -2:] = pad_score
+    v = host_tensor(torch.randn(2, 2, 50, 64), device)  # [B, Hkv, S, D]
+    out = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize)  # [B, Hq, D]
+    assert torch.equal(out, kcache_ops.sparse_attn_v(clean, indices, v, lse, renormalize))
+    check_attn(clean, indices, v, lse, renormalize, out)
+
+
 @pytest.mark.parametrize("mean_tail", [False, True], ids=["no_tail", "mean_tail"])
 def test_lse_minus_inf_with_finite_scores(device, mean_tail):
     """An lse of -inf beside finite scores (inconsistent, but the op takes it): each weight
