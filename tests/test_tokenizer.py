@@ -209,13 +209,16 @@ def test_chat_template_sees_what_transformers_passes(tmp_path):
 
 
 
-def test_text_the_tokenizer_cannot_encode_is_a_value_error():
+def test_text_the_tokenizer_cannot_encode_is_a_value_error(tmp_path):
     """A WordLevel tokenizer without its unknown token meets a word it lacks: a ValueError
-    naming the model (the library raised a bare Exception, a traceback from the CLI)."""
+    naming the model (the library raised a bare Exception, a traceback from the CLI). Its folder
+    loads: the probe of a panicking post-processor encodes no word."""
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
     tok = tokenizers.Tokenizer(WordLevel({"hi": 0, "there": 1}, unk_token="[UNK]"))
     tok.pre_tokenizer = Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert Tokenizer.from_folder(str(tmp_path)).encode("hi there") == [0, 1]
     tokenizer = Tokenizer(tok, None, (), None)
     assert tokenizer.encode("hi there") == [0, 1]
     with pytest.raises(ValueError, match=r"Tokenizer.encode: the tokenizer \(WordLevel model\) "

@@ -213,7 +213,9 @@ class Tokenizer:
             # turns them off unless a call asks for them)
             tok.no_truncation()
             tok.no_padding()
-            tok.encode("a")  # what panics only at an encode (a post-processor's unknown token)
+            # what panics only at an encode (a post-processor's unknown token); the empty text,
+            # which any vocabulary encodes
+            tok.encode("")
         except BaseException as e:
             if not _library_failure(e):
                 raise
