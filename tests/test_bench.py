@@ -126,33 +126,29 @@ def test_a_budget_past_the_memory_skips_the_model_naming_it(monkeypatch):
     with a line naming --budget (a batch fitted to it ended the run with a cache's MemoryError
     that said to lower the batch, which the bench has no flag for); weights that do not fit the
     device skip the model too (they ended the run)."""
+    def skipped(budget_gb):  # what measure logs, none of its configurations run
+        lines = []
+        with pytest.raises(ValueError, match="no configuration ran"):
+            measure.measure(["tiny"], [64], torch.device("cpu"), torch.float32,
+                            KCacheOptions(topn=8), 1, budget_gb=budget_gb, hf=False,
+                            log=lines.append)
+        return lines
+
     monkeypatch.setattr(measure, "host_bytes_available", lambda: 10**9)
-    lines = []
-    with pytest.raises(ValueError, match="no configuration ran"):
-        measure.measure(["tiny"], [64], torch.device("cpu"), torch.float32,
-                        KCacheOptions(topn=8), 1, budget_gb=2, hf=False, log=lines.append)
     assert "# tiny: skipped: --budget 2 GB is more than the 1.000 GB the host RAM has " \
-           "available (cpu); give a smaller --budget" in lines
+           "available (cpu); give a smaller --budget" in skipped(2)
 
     def no_room(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(measure, "build_model", no_room)
-    lines.clear()
-    with pytest.raises(ValueError, match="no configuration ran"):
-        measure.measure(["tiny"], [64], torch.device("cpu"), torch.float32,
-                        KCacheOptions(topn=8), 1, budget_gb=0.5, hf=False, log=lines.append)
-    assert lines == ["# tiny: skipped: its weights do not fit the device: CUDA out of memory. "
-                     "Tried to allocate 2.00 GiB"]
+    assert skipped(0.5) == ["# tiny: skipped: its weights do not fit the device: CUDA out of "
+                            "memory. Tried to allocate 2.00 GiB"]
     # on the CPU, weights past the host RAM available are not built (the allocator's refusal
     # was a RuntimeError: a traceback from `bench --budget 1`, whose default models are large)
     monkeypatch.setattr(measure, "build_model", lambda *args: pytest.fail("built"))
     monkeypatch.setattr(measure, "host_bytes_available", lambda: 10**6)
-    lines.clear()
-    with pytest.raises(ValueError, match="no configuration ran"):
-        measure.measure(["tiny"], [64], torch.device("cpu"), torch.float32,
-                        KCacheOptions(topn=8), 1, budget_gb=0.0005, hf=False, log=lines.append)
-    assert lines == ["# tiny: skipped: its weights need 0.004 GB, more than the 0.001 GB the host "
-                     "RAM has available"]
+    assert skipped(0.0005) == ["# tiny: skipped: its weights need 0.004 GB, more than the 0.001 "
+                               "GB the host RAM has available"]
 
 
 def test_transformers_steps_make_no_tensor_from_host_data(monkeypatch):

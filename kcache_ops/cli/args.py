@@ -231,4 +231,5 @@ def _as_flag(f, value):
     """The flag that sets KCacheOptions field ``f`` to ``value`` (as its repr reads)."""
     if isinstance(f.default, bool):
         return _flag(f) if value == repr(not f.default) else f"no {_flag(f)}"
-    return f"{_flag(f)} {value.strip(chr(39))}"
+    unquoted = value.strip("'")  # a string's repr
+    return f"{_flag(f)} {unquoted}"

@@ -1,5 +1,6 @@
 """The tokenizer: ``tokenizers`` from a tokenizer.json, or a byte-level BPE rebuilt from a GGUF
 file's vocabulary and merges; plus the model's chat template, rendered with jinja2."""
+import contextlib
 import json
 import os
 import warnings
@@ -54,11 +55,17 @@ GGUF_PRE_TOKENIZERS = {
 }
 
 
-def _library_failure(e):
-    """Whether ``e``, caught as a BaseException around a call into the tokenizers library, is its
-    failure: a bare Exception, or a Rust panic (pyo3's PanicException, a BaseException that an
-    ``except Exception`` lets through), not a KeyboardInterrupt or SystemExit."""
-    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+@contextlib.contextmanager
+def _library_calls(error):
+    """Around calls into the tokenizers library: its failure ``e``, a bare Exception or a Rust
+    panic (pyo3's PanicException, a BaseException that an ``except Exception`` lets through),
+    raised as ``error(e)``; a KeyboardInterrupt or SystemExit as it is."""
+    try:
+        yield
+    except BaseException as e:
+        if not (isinstance(e, Exception) or type(e).__name__ == "PanicException"):
+            raise
+        raise error(e) from e
 
 
 def _kind(value):
@@ -124,14 +131,10 @@ class Tokenizer:
         """Token ids of ``text``; ``add_special`` adds the BOS token where the model wants one.
         ValueError where the tokenizer cannot (e.g. a WordLevel model with no unknown token meets
         a word it lacks: the tokenizers library raises a bare Exception)."""
-        try:
+        model = type(self.tok.model).__name__
+        with _library_calls(lambda e: ValueError(f"Tokenizer.encode: the tokenizer ({model} "
+                                                 f"model) cannot encode this text: {e}")):
             return self.tok.encode(text, add_special_tokens=add_special).ids
-        except BaseException as e:  # the library's bare Exception, or its panic
-            if not _library_failure(e):
-                raise
-            model = type(self.tok.model).__name__
-            raise ValueError(f"Tokenizer.encode: the tokenizer ({model} model) cannot encode this "
-                             f"text: {e}") from e
 
     def decode(self, ids) -> str:
         """Text of ``ids`` (token ids: integers of any type, e.g. a list, a 1-D tensor or
@@ -207,7 +210,7 @@ class Tokenizer:
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(path):
             raise CheckpointError(f"no tokenizer.json in {folder}")
-        try:  # a malformed file: a bare Exception, or a panic of the library
+        with _library_calls(lambda e: CheckpointError(f"{path}: cannot read the tokenizer ({e})")):
             tok = tokenizers.Tokenizer.from_file(path)
             # a save's truncation or padding would cut or pad every prompt (transformers too
             # turns them off unless a call asks for them)
@@ -216,10 +219,6 @@ class Tokenizer:
             # what panics only at an encode (a post-processor's unknown token); the empty text,
             # which any vocabulary encodes
             tok.encode("")
-        except BaseException as e:
-            if not _library_failure(e):
-                raise
-            raise CheckpointError(f"{path}: cannot read the tokenizer ({e})") from e
         cfg_path = os.path.join(folder, "tokenizer_config.json")
         cfg = read_json_object(cfg_path) if os.path.isfile(cfg_path) else {}
         # special token -> (its text, the file naming it); transformers reads the map of older
@@ -306,13 +305,11 @@ class Tokenizer:
         if not all(isinstance(m, str) for m in merges):
             raise CheckpointError("tokenizer.ggml.merges must be strings (\"a b\" pairs)")
         merges = [tuple(m.split(" ", 1)) for m in merges]
-        try:  # Llama 3 takes a piece that is a token whole, before any merge (as llama.cpp does)
+        with _library_calls(lambda e: CheckpointError(f"the GGUF vocabulary and merges do not fit "
+                                                      f"together: {e}")):
+            # Llama 3 takes a piece that is a token whole, before any merge (as llama.cpp does)
             bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                              ignore_merges=pre in WHOLE_PIECE_SPLITS)
-        except BaseException as e:  # inconsistent merges: a bare Exception, or a panic
-            if not _library_failure(e):
-                raise
-            raise CheckpointError(f"the GGUF vocabulary and merges do not fit together: {e}") from e
         tok = tokenizers.Tokenizer(bpe)
         tok.pre_tokenizer = pre_tokenizers.Sequence(GGUF_PRE_TOKENIZERS[pre]())
         tok.decoder = decoders.ByteLevel()

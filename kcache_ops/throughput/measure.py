@@ -201,10 +201,11 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
         if not usable:
             continue
         available = host_bytes_available() if device.type == "cpu" else None
-        if available is not None and weight_bytes(config, dtype) > available:  # the allocator's
-            # refusal would be a RuntimeError, after the page cache was pushed out
-            log(f"# {name}: skipped: its weights need {weight_bytes(config, dtype) / 1e9:.3f} GB, "
-                f"more than the {available / 1e9:.3f} GB the host RAM has available")
+        weights = weight_bytes(config, dtype)
+        if available is not None and weights > available:  # the allocator's refusal would be a
+            # RuntimeError, after the page cache was pushed out
+            log(f"# {name}: skipped: its weights need {weights / 1e9:.3f} GB, more than the "
+                f"{available / 1e9:.3f} GB the host RAM has available")
             continue
         try:
             model = build_model(config, device, dtype, engine, max(usable) + steps + 2)
