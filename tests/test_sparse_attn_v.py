@@ -280,9 +280,10 @@ def test_check_values_off(device):
         want = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize)
         got = kcache_ops.sparse_attn_v(scores, indices, v, lse, renormalize, check_values=False)
         assert torch.equal(got, want)
-    if device == "cpu":  # opcheck clones v_cache into pageable memory, which CUDA rejects
-        torch.library.opcheck(torch.ops.kcache_ops.sparse_attn_v.default,
-                              (scores, indices, v, lse, False, False))
+    # V on the device: opcheck copies its inputs, and torch before PR 185047 copies pinned memory
+    # into pageable memory, which the CUDA op refuses
+    torch.library.opcheck(torch.ops.kcache_ops.sparse_attn_v.default,
+                          (scores, indices, v.to(device), lse, False, False))
 
 
 @settings(max_examples=25, deadline=None)
@@ -457,9 +458,10 @@ def test_mean_tail_check_values_off(device):
     got = kcache_ops.sparse_attn_v(scores, indices, v, lse, False, check_values=False,
                                    v_sum=v_sum, seq_lens=seq_lens)
     assert torch.equal(got, want)
-    if device == "cpu":  # opcheck clones v_cache into pageable memory, which CUDA rejects
-        torch.library.opcheck(torch.ops.kcache_ops.sparse_attn_v.default,
-                              (scores, indices, v, lse, False, False, v_sum, seq_lens))
+    # V on the device: opcheck copies its inputs, and torch before PR 185047 copies pinned memory
+    # into pageable memory, which the CUDA op refuses
+    torch.library.opcheck(torch.ops.kcache_ops.sparse_attn_v.default,
+                          (scores, indices, v.to(device), lse, False, False, v_sum, seq_lens))
 
 
 @settings(max_examples=25, deadline=None)
