@@ -17,22 +17,24 @@ Prints one line per configuration; writes cpu_ops.json (after each configuration
 to bench/results/ (the results folder of kcache_ops.results) or --out.
 """
 import argparse
+import itertools
 import math
 import os
-import statistics
-import time
 
 import torch
 
 import kcache_ops
 from kcache_ops import results
 from kcache_ops.cli.args import positive_int
+from kcache_ops.devices import median_seconds
+from kcache_ops.throughput.ceilings import d2d_bandwidth_gbs
 
 import baselines
 import decode_steps
 
 HQ, HKV, D, N = 32, 8, 128, 64
 ROTATE_BYTES = 256 << 20  # inputs rotate over at least this many bytes, beyond the 32 MiB L3
+COPY_BYTES = 1 << 30  # the memory-copy ceiling's copy, far beyond the L3
 
 
 def kcache_decode(q, k_cache, v_cache, seq_lens, n, scale):
@@ -49,28 +51,16 @@ def kcache_tail(scores, seq_lens, lse, indices, codes, meta, bits, skip):
 def median_ms(fn, inputs, runs, warmup=2):
     """Median wall time of fn(*inputs[i % len(inputs)]) in ms, after warm-up: the timed runs go on
     from the input after the warm-up's last (not one it just left in the cache)."""
-    for i in range(warmup):
-        fn(*inputs[i % len(inputs)])
-    times = []
-    for i in range(warmup, warmup + runs):
-        t0 = time.perf_counter()
-        fn(*inputs[i % len(inputs)])
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
-def copy_gbps(runs, nbytes=1 << 30):
-    """Bandwidth of a large tensor copy, bytes read + written per second (GB/s)."""
-    src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), [()], runs)
-    return 2 * nbytes / ms / 1e6
+    rotation = itertools.cycle(inputs)
+    for _ in range(warmup):
+        fn(*next(rotation))
+    return 1e3 * median_seconds("cpu", lambda: fn(*next(rotation)), runs)
 
 
 def bench_config(B, S, dtype, runs):
     """One configuration's rows (the module's docstring), ours against the PyTorch way, and the
     copy bandwidth measured right before (it drifts with the neighbours of a shared host)."""
-    copy = copy_gbps(runs)
+    copy = d2d_bandwidth_gbs("cpu", nbytes=COPY_BYTES, runs=runs)
     scale = 1 / math.sqrt(D)
     k_bytes = B * HKV * S * D * dtype.itemsize
     copies = max(1, math.ceil(ROTATE_BYTES / (2 * k_bytes)))
