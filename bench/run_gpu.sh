@@ -86,7 +86,8 @@
 # Each limit can be set: BUDGET, LIMIT_BUILD, LIMIT_LONG_TEST, LIMIT_TEST, LIMIT_E2E, LIMIT_SLOW,
 # LIMIT_CMAKE, LIMIT_PROFILE_TORCH, LIMIT_PROFILE (the ncu runs), LIMIT_DECODE, LIMIT_QK_TOPN,
 # LIMIT_GATHER, LIMIT_MEMCHECK, LIMIT_RACECHECK, LIMIT_SYNCCHECK; PER_TEST (60 s) is pytest's
-# per-test time-out (5x for the slow stage). ncu is $NCU, else the one on PATH, in $CUDA_HOME/bin,
+# per-test time-out (5x for the slow stage); LIMIT_QUICK (60 s) bounds each command outside the
+# stages (nvidia-smi, the checks for torch's GPU, gguf, pytest-timeout and a build, the wheels). ncu is $NCU, else the one on PATH, in $CUDA_HOME/bin,
 # /usr/local/cuda/bin, beside nvcc, or the newest /opt/nvidia/nsight-compute/*/ncu.
 #
 # Dry run (--dry-run or DRY_RUN=1), for a machine without a GPU: every stage does its CPU-side part
@@ -140,6 +141,8 @@ FAILED=0
 NO_GPU=0
 
 say() { echo "$*" | tee -a "$LOG"; }
+
+quick() { timeout -k 5 "${LIMIT_QUICK:-60}" "$@"; }  # a command outside the stages, bounded
 
 pack() {  # re-pack the archive; the rename keeps the last complete one if packing is cut off.
   # The ncu reports go beside it, each a file of its own (see the header)
@@ -219,8 +222,8 @@ build() {
 
 ensure_build() {  # ensure_build STAGE: build first where this machine has no CUDA build yet
   if [ "$BUILD" = unknown ]; then
-    if "$PY" -c "import kcache_ops, sys; sys.exit(not kcache_ops.built_with_cuda())" 2> /dev/null
-    then
+    if quick "$PY" -c "import kcache_ops, sys; sys.exit(not kcache_ops.built_with_cuda())" \
+      2> /dev/null; then
       BUILD=ok
     else
       say "kcache_ops has no CUDA build here: building first"
@@ -406,14 +409,14 @@ for script in sys.argv[1:]:
 # essays wheel read in place by kcache_ops.data.
 if ls .whl/*.whl > /dev/null 2>&1; then
   SITE=${TMPDIR:-/tmp}/kcache_ops_site
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/gguf-*.whl &&
+  quick "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/gguf-*.whl &&
     export PYTHONPATH=$PYTHONPATH:$SITE
   export KCACHE_OPS_CACHE=$ROOT/.whl
 fi
 
 say "# bench/run_gpu.sh $(date -u '+%Y-%m-%d %H:%M UTC'), stages: ${STAGES[*]}, budget $BUDGET s$(
   [ "$DRY" = 1 ] && echo ', dry run')"
-"$PY" -c "import gguf" 2> /dev/null ||
+quick "$PY" -c "import gguf" 2> /dev/null ||
   say "WARNING: no gguf package here (carry .whl, from make gpu-wheels): the GGUF model tests \
 will skip or fail; the kernels' tests and benchmarks do not need it"
 # gVisor (its kernel reports 4.4.0): ncu and compute-sanitizer do not work there (KINDS.md)
@@ -426,15 +429,16 @@ if [ "$DRY" = 1 ]; then
   HAVE_GPU=0
   say "dry run: $("$PY" --version 2>&1), nvidia-smi $(command -v nvidia-smi || echo 'not found')"
 else
-  { nvidia-smi; nvcc --version | tail -2
-    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  { quick nvidia-smi; quick nvcc --version | tail -2
+    quick "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   } 2>&1 | tee -a "$LOG" > "$WORK/env.txt"
-  if "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2> /dev/null; then
+  if quick "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2> /dev/null
+  then
     HAVE_GPU=1
   else
     HAVE_GPU=0
   fi
-  if "$PY" -c "import pytest_timeout" 2> /dev/null; then
+  if quick "$PY" -c "import pytest_timeout" 2> /dev/null; then
     TIMEOUT_ARGS=(--timeout "$PER_TEST" --timeout-method thread)
     SLOW_TIMEOUT_ARGS=(--timeout $((5 * PER_TEST)) --timeout-method thread)
   else

@@ -61,6 +61,22 @@ def test_dry_run_lists_every_stage_and_packs_out(tmp_path):
     assert "gpu_logs/stages.txt" in names and "gpu_logs/plan_benchmarks.txt" in names
 
 
+def test_a_hanging_command_outside_the_stages_is_cut_off(tmp_path):
+    """A real run (no --dry-run) whose nvidia-smi hangs, on a machine without a GPU: the command is
+    cut off at LIMIT_QUICK and the run goes on to its "no GPU" exit."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\nexec sleep 600\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "gpu_logs"),
+           "PYTHON": sys.executable, "PATH": f"{fake}:{os.environ['PATH']}", "LIMIT_QUICK": "2",
+           "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run(["bash", os.path.join(BENCH, "run_gpu.sh"), "build"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 3, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "no GPU was visible" in run.stdout
+
+
 def test_unknown_stage_is_refused(tmp_path):
     run = subprocess.run(["bash", os.path.join(BENCH, "run_gpu.sh"), "--dry-run", "bild"],
                          env={**os.environ, "OUT": str(tmp_path)}, capture_output=True,
