@@ -8,11 +8,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from kcache_ops.caches import KCacheOptions, make_cache
 from kcache_ops.model import Llama, LlamaConfig
 from cuda_checks import requires_cuda
+from host_waits import host_waits
 
 PAPER = KCacheOptions.paper_literal()
 BACKENDS = pytest.mark.parametrize("backend,options", [
@@ -25,6 +25,9 @@ BACKENDS = pytest.mark.parametrize("backend,options", [
     ("kcache", replace(PAPER, topn=8, tail="int4", top_p=0.5)),
     ("kcache", replace(PAPER, topn=8, tail="int2", sinks=4, window=8)),
     ("kcache", replace(PAPER, topn=8, sinks=2, window=4, group_select=True)),
+    ("kcache", replace(PAPER, topn=8, sinks=4, window=0)),  # the sinks alone
+    ("kcache", replace(PAPER, topn=8, sinks=0, window=8)),  # the window alone
+    ("kcache", replace(PAPER, topn=8, sinks=2, window=4, renormalize=False)),
     ("kcache", replace(KCacheOptions(), topn=8, reuse=32)),
     ("kcache", replace(PAPER, topn=8, group_select=True, reuse=16)),
 ])
@@ -64,60 +67,26 @@ def test_decode_step_never_syncs(backend, options, freq_factors):
     assert torch.isfinite(logits).all()
 
 
-class HostWaits(TorchDispatchMode):
-    """Records, in ``found``, each op that would make a CUDA step wait on the host: a tensor's
-    value read (``aten._local_scalar_dense``: ``.item()``, ``int()``, ``bool()`` of a tensor) and a
-    kcache_ops op whose ``check_values`` is on (given or by default)."""
-
-    def __init__(self):
-        super().__init__()
-        self.found = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.found.append("a tensor's value read on the host")
-        elif func.namespace == "kcache_ops":
-            names = [a.name for a in func._schema.arguments]
-            if "check_values" in names:
-                at = names.index("check_values")
-                if kwargs.get("check_values", args[at] if at < len(args) else True):
-                    self.found.append(f"{func.name()} with check_values on")
-        return func(*args, **kwargs)
-
-
-def _no_host_read(self, *args, **kwargs):
-    raise AssertionError("the decode step read a tensor's values on the host")
-
-
 @BACKENDS
 @FREQ_FACTORS
-def test_decode_step_would_not_sync(backend, options, freq_factors, monkeypatch):
+def test_decode_step_would_not_sync(backend, options, freq_factors):
     model, cache, tokens = prefilled(backend, options, freq_factors, "cpu", torch.float32)
-    # the host reads themselves: in inference mode .item() and int() of a CPU tensor do not pass
-    # the dispatcher, nor do .tolist() and .numpy() anywhere
-    for name in ("item", "tolist", "numpy", "__int__", "__float__", "__bool__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, _no_host_read)
-    with torch.inference_mode(), HostWaits() as waits:
+    with torch.inference_mode(), host_waits() as waits:
         for _ in range(3):
             logits = model.decode(tokens[:, 0], cache)  # [B, V]
-    monkeypatch.undo()
     assert waits.found == []
     assert torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("options", [KCacheOptions(), replace(KCacheOptions(), topn=8, reuse=32)],
                          ids=["default", "reuse"])
-def test_a_recorded_decode_step_would_not_sync(options, monkeypatch):
+def test_a_recorded_decode_step_would_not_sync(options):
     """With ``record_mass`` on, the steps' records (the mass, the rows, the reuse counts), kept
     apart until finish_decode, are device ops too."""
     model, cache, tokens = prefilled("kcache", options, None, "cpu", torch.float32)
     cache.record_mass = True
-    for name in ("item", "tolist", "numpy", "__int__", "__float__", "__bool__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, _no_host_read)
-    with torch.inference_mode(), HostWaits() as waits:
+    with torch.inference_mode(), host_waits() as waits:
         for _ in range(3):
             model.decode(tokens[:, 0], cache)
-    monkeypatch.undo()
     assert waits.found == []
     assert not cache.attention_mass().isnan().any()  # recorded

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kcache_ops.caches import KCacheOptions, make_cache
+from host_waits import host_waits
 
 transformers = pytest.importorskip("transformers")
 # not importorskip: a transformers outside the tested range must fail here, loudly
@@ -432,6 +433,38 @@ def test_manual_decode_loop_with_positions():
         model.set_attn_implementation("sdpa")
         logits[name] = torch.stack(steps)  # [5, B, V]
     torch.testing.assert_close(logits["kcache"], logits["dense"], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("options", [{}, EXACT], ids=["default", "exact"])
+def test_a_decode_step_builds_no_mask_and_would_not_sync(options):
+    """transformers' SDPA mask of a decode step reads a tensor on the host (whether any key is
+    padding) and grows by a key each step; a KCacheCache's step, which reads no mask, has none
+    built: the step waits on nothing (host_waits), with left padding and the step's mask given.
+    (Without a KCacheCache the mask is built: test_generate_without_kcache_cache_is_dense.)"""
+    model = kt.enable(tiny_model("llama", seed=5))
+    ids, mask = padded(random_prompts([9, 5]))
+    cache = kt.KCacheCache(model, 32, **options)
+    masks = []
+    with torch.no_grad():
+        nxt = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+        seen = kt.sdpa_mask
+        kt.sdpa_mask = lambda *args, **kwargs: masks.append(kwargs) or seen(*args, **kwargs)
+        try:
+            for _ in range(3):
+                mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], -1)  # [B, T + 1]
+                with host_waits() as waits:
+                    out = model(nxt, attention_mask=mask, past_key_values=cache)
+                assert waits.found == []
+                nxt = out.logits[:, -1:].argmax(-1)  # [B, 1]
+        finally:
+            kt.sdpa_mask = seen
+    model.set_attn_implementation("sdpa")
+    assert masks == [] and cache.inner.seq_lens.tolist() == [12, 8]
+    keys, _ = cache.layers[0].get_mask_sizes(1)  # a decode step's, as transformers asks
+    mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], -1).bool()  # [B, keys]
+    step = dict(batch_size=2, q_length=1, kv_length=keys, q_offset=keys - 1, attention_mask=mask)
+    assert kt.kcache_mask(**step) is None
+    assert kt.kcache_mask(**step) is not None, "skipped once, for the forward that asked"
 
 
 def test_prefill_under_inference_mode_then_decode_outside():

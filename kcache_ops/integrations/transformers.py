@@ -20,7 +20,8 @@ the layer through the kcache_ops cache the bridge holds (for :class:`KCacheCache
   ``store_prompt``: K in device memory, V handed off to ``alloc_host`` memory (CUDA: on the
   side stream, behind this layer's attention).
 * decode (one new token per sequence): ``decode`` stores the token and attends (KCache: through
-  ``qk_topn`` + ``sparse_attn_v``); no host sync.
+  ``qk_topn`` + ``sparse_attn_v``); no host sync: the step reads no attention mask, and
+  :func:`kcache_mask` has transformers build none.
 
 transformers' own bookkeeping (positions, masks, ``get_seq_length``) keeps counting the padded
 length; the KCache keeps the true per-sequence lengths. Without a KCacheCache (a plain forward, or
@@ -148,8 +149,11 @@ class _KCacheLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length):
         # asked before any layer runs: a cache reused for a prompt no longer than it holds gets
         # no tokens past them from generate, a forward of 0 tokens that would fail in a reshape
-        self.owner._check_forward(self.owner.held(), query_length)
-        return self.owner.held() + query_length, 0
+        held = self.owner.held()
+        self.owner._check_forward(held, query_length)
+        # a decode step's key count, for kcache_mask, which transformers calls next
+        _active.decode_keys = held + 1 if held > 0 and query_length == 1 else None
+        return held + query_length, 0
 
     def get_seq_length(self):
         return self.owner.held()
@@ -507,5 +511,18 @@ def kcache_attention(module, query, key, value, attention_mask, dropout=0.0, sca
                                   scaling=scaling, **kwargs)
 
 
+def kcache_mask(*args, **kwargs):
+    """The attention-mask function registered as ``attn_implementation="kcache"``'s: none for a
+    decode step of a :class:`KCacheCache`, whose KCache knows each sequence's prompt and reads no
+    decode step's mask (transformers' SDPA mask of a step reads a tensor on the host, whether any
+    key is padding, and grows by a key each step: no CUDA graph could hold it); the SDPA mask
+    otherwise (a prefill, a model without a KCacheCache)."""
+    keys = getattr(_active, "decode_keys", None)  # set by the cache's get_mask_sizes just before
+    _active.decode_keys = None
+    if keys is not None and kwargs.get("q_length") == 1 and kwargs.get("kv_length") == keys:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
 AttentionInterface.register(ATTN_IMPLEMENTATION, kcache_attention)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, kcache_mask)

@@ -1,0 +1,48 @@
+"""What would make a CUDA decode step wait on the host, found on the CPU, where nothing syncs:
+:func:`host_waits` records each tensor value read on the host and each kcache_ops op called with
+its value check on (on CUDA that check reads the lengths or indices back)."""
+import contextlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# the host reads that do not pass the dispatcher: in inference mode .item() and int() of a CPU
+# tensor, and .tolist() and .numpy() anywhere
+HOST_READS = ("item", "tolist", "numpy", "__int__", "__float__", "__bool__", "__index__")
+
+
+class HostWaits(TorchDispatchMode):
+    """Records, in ``found``, each op that would make a CUDA step wait on the host: a tensor's
+    value read (``aten._local_scalar_dense``: ``.item()``, ``int()``, ``bool()`` of a tensor) and a
+    kcache_ops op whose ``check_values`` is on (given or by default)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.found.append("a tensor's value read on the host")
+        elif func.namespace == "kcache_ops":
+            names = [a.name for a in func._schema.arguments]
+            if "check_values" in names:
+                at = names.index("check_values")
+                if kwargs.get("check_values", args[at] if at < len(args) else True):
+                    self.found.append(f"{func.name()} with check_values on")
+        return func(*args, **kwargs)
+
+
+def _no_host_read(self, *args, **kwargs):
+    raise AssertionError("the decode step read a tensor's values on the host")
+
+
+@contextlib.contextmanager
+def host_waits():
+    """-> a :class:`HostWaits` recording the block's waits; the Tensor methods of
+    :data:`HOST_READS` raise AssertionError inside it."""
+    with pytest.MonkeyPatch.context() as patch, HostWaits() as waits:
+        for name in HOST_READS:
+            patch.setattr(torch.Tensor, name, _no_host_read)
+        yield waits
