@@ -6,7 +6,7 @@
 * :func:`torch_lowbit_tail`: the PyTorch way of the low-bit tail (weigh, dequantise the rows a
   chunk at a time, matmul).
 * :func:`torch_gather_rows`: the PyTorch way of reading rows of host memory into the GPU (indices
-  to the host, CPU gather, copy).
+  to the host, CPU gather into pinned memory, asynchronous copy).
 * :func:`dense_attention` and :func:`split_kv_attention`: exact dense decode attention over K and V
   in device memory through SDPA with one chosen back-end, or split along the tokens and merged by
   logsumexp; :func:`dense_candidates` lists every variant worth timing on a machine, so that the
@@ -115,16 +115,21 @@ def torch_lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, ski
 
 
 def torch_gather_rows(src, indices):
-    """gather_rows the PyTorch way: indices to the host, CPU gather, copy to their device.
+    """gather_rows the PyTorch way: indices to the host, a CPU gather into pinned memory (where
+    the indices are on a GPU; torch's pinned-memory cache keeps the buffer between calls), an
+    asynchronous copy from there to their device.
 
-    src [B, Hs, S, D] in host memory, indices [B, H, N] int32 on the GPU (H a multiple of Hs, every
-    index in [0, S)) -> rows [B, H, N, D] on the device of indices.
+    src [B, Hs, S, D] contiguous in host memory, indices [B, H, N] int32 (H a multiple of Hs,
+    every index in [0, S)) -> rows [B, H, N, D] on the device of indices.
     """
     i = indices.cpu().long()  # [B, H, N]; a device->host sync
-    B, H, _ = i.shape
-    b = torch.arange(B)[:, None, None]
-    h = (torch.arange(H) // (H // src.shape[1]))[None, :, None]
-    return src[b, h, i].to(indices.device, non_blocking=True)  # [B, H, N, D]
+    B, H, N = i.shape
+    Hs, S, D = src.shape[1:]
+    head = torch.arange(H) // (H // Hs)  # [H] the KV head each head reads
+    rows = (torch.arange(B)[:, None, None] * Hs + head[None, :, None]) * S + i  # [B, H, N]
+    out = torch.empty(B * H * N, D, dtype=src.dtype, pin_memory=indices.is_cuda)  # [B*H*N, D]
+    torch.index_select(src.view(B * Hs * S, D), 0, rows.view(-1), out=out)
+    return out.view(B, H, N, D).to(indices.device, non_blocking=True)
 
 
 def dense_attention(q, k, v, backend=None):

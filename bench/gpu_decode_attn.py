@@ -11,6 +11,9 @@ bench/decode_steps.py). Beside each whole step its parts are timed alone in the 
 qk_topn (K GB/s and % of a device-to-device copy) and sparse_attn_v on precomputed selections
 (host-row GB/s and % of a pinned host-to-device copy), both ceilings measured in the same run;
 the default step adds its selection (qk_topn over the cold rows + top_p) and its lowbit_tail.
+Each step also carries its floor (floor_us: its device bytes at the device copy's rate, then its
+host rows at the pinned copy's) and its ratio to it, and the dense step its floor (K and V at the
+device copy's rate). The calls of one captured graph each have their own fresh query.
 Where sparse_attn_v splits a slice's rows over several blocks (few blocks: batch <= 8 here), it
 and the default step are also timed as planned without that split (KCACHE_OPS_HOST_READ_SPREAD=0,
 the *_unspread fields).
@@ -38,7 +41,8 @@ DEFAULT = KCacheOptions()
 
 def configs(args):
     """(S, B) in run order with the device bytes each needs: K and V sets, the default layers
-    built from them, qk_topn's scores, the copies of lowbit_tail's inputs; and the bytes that
+    built from them, qk_topn's scores, the copies of lowbit_tail's inputs; the bytes of K (as of
+    V: kv_bytes), of a default layer on the device (K, the low-bit copy, the hot rows) and that
     lowbit_tail reads (every score, the low-bit copy, the hot rows: about a tenth of K and V)."""
     out = []
     for S in args.seq:
@@ -47,7 +51,8 @@ def configs(args):
             layer_bytes = decode_steps.default_layer_bytes(B, Hq, Hkv, S, D, torch.bfloat16)
             tail_bytes = B * Hq * S * 4 + layer_bytes - kv_bytes
             sets = timing.rotations(2 * kv_bytes)
-            out.append({"S": S, "B": B, "kv_bytes": kv_bytes, "tail_bytes": tail_bytes,
+            out.append({"S": S, "B": B, "kv_bytes": kv_bytes, "layer_bytes": layer_bytes,
+                        "tail_bytes": tail_bytes,
                         "bytes": sets * (2 * kv_bytes + layer_bytes) + B * Hq * S * 4
                         + timing.rotations(tail_bytes) * tail_bytes})
     return out
@@ -109,6 +114,25 @@ def unspread_us(t, fn, args_list, B):
         return t(fn, args_list)
 
 
+def fresh_queries(args_list, at):
+    """``args_list`` repeated to at least timing.GRAPH_CALLS entries, each with a fresh random
+    query in place of argument ``at``: the calls of one captured graph then select their own rows
+    (where one K and V set fills the rotation, they would repeat one selection and its host
+    reads), as the parts alone do."""
+    count = max(len(args_list), timing.GRAPH_CALLS)
+    return [tuple(torch.randn_like(x) if j == at else x
+                  for j, x in enumerate(args_list[i % len(args_list)])) for i in range(count)]
+
+
+def floor_fields(device_bytes, host_bytes, us, ceilings):
+    """The step's floor: its device bytes at the device copy's rate, then its host rows at the
+    pinned host->device copy's, in series (µs; the score scratch left out), and its time's ratio
+    to that floor."""
+    d2d, h2d = ceilings
+    floor_us = device_bytes / d2d / 1e3 + host_bytes / h2d / 1e3
+    return {"floor_us": floor_us, "ratio_vs_floor": us / floor_us}
+
+
 def rates(k_bytes, us_qk_topn, host_bytes, us_sparse_attn_v, ceilings):
     """The fields of the parts' rates: K GB/s of qk_topn alone and its % of the device copy,
     host-row GB/s of sparse_attn_v alone and its % of the pinned host->device copy."""
@@ -131,14 +155,16 @@ def op_steps(rec, c, sets, v, n, dense, ceilings):
         selections = [step.select(torch.randn_like(q), k) for q, k, _ in
                       (sets[i % len(sets)] for i in range(timing.rotations(host_bytes)))]
         t = Timer()
-        us = t(lambda q, k, _v: step(q, k), sets)
-        us_qk_topn = t(lambda q, k, _v: step.select(q, k), sets)
+        queries = fresh_queries(sets, 0)
+        us = t(lambda q, k, _v: step(q, k), queries)
+        us_qk_topn = t(lambda q, k, _v: step.select(q, k), queries)
         us_attn = t(step.attend, selections)
         us_attn_unspread = unspread_us(t, step.attend, selections, B)
         rec.add(op="decode_step", B=B, S=S, n=n, group_select=group_select, tail=tail, us=us,
                 us_qk_topn=us_qk_topn, us_sparse_attn_v=us_attn,
                 us_sparse_attn_v_unspread=us_attn_unspread, timed=t.timed, **dense,
                 ratio_vs_dense=us / dense["dense_us"], k_GBs=c["kv_bytes"] / us / 1e3,
+                **floor_fields(c["kv_bytes"], host_bytes, us, ceilings),
                 **rates(c["kv_bytes"], us_qk_topn, host_bytes, us_attn, ceilings),
                 device_MiB_saved=c["kv_bytes"] / 2**20)
 
@@ -165,15 +191,16 @@ def default_step(rec, c, sets, dense, ceilings):
     selections = [(i % len(sets), *layer.select(i % len(sets), torch.randn_like(sets[0][0])))
                   for i in range(timing.rotations(most_bytes))]  # (layer, scores, indices, lse)
     host_bytes = decode_steps.host_row_bytes(selections[0][2], layer.cache.v_host[0])
+    inputs = fresh_queries(layer.inputs, 1)  # (layer, q, new k, new v)
     t = Timer()
-    us = t(layer.cache.decode, layer.inputs)
+    us = t(layer.cache.decode, inputs)
     us_qk_topn = t(layer.qk_topn, fresh)
     us_select = t(layer.select, fresh)
     us_attn = t(layer.attend_host, selections)
     us_tail = t(layer.lowbit_tail, tails)
     # the whole step unspread too: its sparse_attn_v runs beside lowbit_tail on the side stream,
     # so the split's blocks take multiprocessors from the tail's wave
-    us_unspread = unspread_us(t, layer.cache.decode, layer.inputs, B)
+    us_unspread = unspread_us(t, layer.cache.decode, inputs, B)
     us_attn_unspread = unspread_us(t, layer.attend_host, selections, B)
     rows = sum(int((s[2] >= 0).sum()) for s in selections) / (len(selections) * B * Hq)
     rec.add(op="decode_step_default", path="KCache.decode", options=DEFAULT.label, B=B, S=S,
@@ -182,6 +209,7 @@ def default_step(rec, c, sets, dense, ceilings):
             us_lowbit_tail=us_tail, us_unspread=us_unspread,
             us_sparse_attn_v_unspread=us_attn_unspread, timed=t.timed, **dense,
             ratio_vs_dense=us / dense["dense_us"],
+            **floor_fields(c["layer_bytes"], host_bytes, us, ceilings),
             k_GBs=c["kv_bytes"] / us / 1e3, rows_read=rows,
             **rates(c["kv_bytes"], us_qk_topn, host_bytes, us_attn, ceilings),
             device_MiB_saved=(c["kv_bytes"] - layer.device_bytes_beside_k()) / 2**20)
@@ -226,7 +254,10 @@ def main():
                  torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16))
                 for _ in range(timing.rotations(2 * c["kv_bytes"]))]
         name, dense_us, tried = fastest_dense(sets, B)
-        dense = {"dense": name, "dense_us": dense_us, "dense_tried": tried}
+        dense_floor_us = 2 * c["kv_bytes"] / ceilings[0] / 1e3  # K and V at the copy's rate
+        dense = {"dense": name, "dense_us": dense_us, "dense_tried": tried,
+                 "dense_floor_us": dense_floor_us,
+                 "dense_ratio_vs_floor": dense_us / dense_floor_us}
         op_steps(rec, c, sets, v_all[:B, :, :S], args.n, dense, ceilings)
         default_step(rec, c, sets, dense, ceilings)
 

@@ -1,7 +1,8 @@
 """gather_rows bandwidth: rows of 128 B - 8 KB, 64 - 4096 rows per head, read zero-copy from pinned
 host memory, against a large pinned cudaMemcpy host->device measured in the same run (the ceiling),
 against a pinned cudaMemcpy of the row's own bytes (its ceiling at that size, latency included),
-and against the PyTorch way (indices to the CPU, CPU gather, copy; bench/baselines.py). Up to 4 MiB
+and against the PyTorch way (indices to the CPU, CPU gather into pinned memory, asynchronous
+copy; bench/baselines.py, 3 warm-up calls and the median of 10). Up to 4 MiB
 also as planned without the spread of small host reads over the multiprocessors (us_unspread,
 KCACHE_OPS_HOST_READ_SPREAD=0): whether that spread pays, measured in the same run. Also the
 same gather from write-combined host memory (KCACHE_OPS_HOST_ALLOC_WC=1). gather_rows is timed
@@ -109,7 +110,7 @@ def add_row(rec, c, sets, mem, where, pinned):
             us_unspread = timing.time_us(kcache_ops.gather_rows, sets)[0]
     copy_us = memcpy_us(pinned, c["bytes"])
     torch_us = (float("nan") if mem == "wc" else
-                timing.time_us(baselines.torch_gather_rows, sets, 1, 5, graph=False)[0])
+                timing.time_us(baselines.torch_gather_rows, sets, 3, 10, graph=False)[0])
     gbs = c["bytes"] / us / 1e3
     rec.add(op="gather_rows", mem=mem, row_bytes=c["row_bytes"], rows_per_head=c["rows"],
             heads=B * H, MiB=c["bytes"] / 2**20, **where, us=us, timed=mode, GBs=gbs,
@@ -204,7 +205,8 @@ def main():
             if pts:
                 x, ours, torch_gbs = zip(*pts)
                 ax.plot(x, ours, "o-", label=f"gather_rows, {n_rows} rows/head")
-                ax.plot(x, torch_gbs, "x--", label=f"torch CPU gather + copy, {n_rows} rows/head")
+                ax.plot(x, torch_gbs, "x--",
+                        label=f"torch CPU gather + pinned copy, {n_rows} rows/head")
 
     rec.finish(plot, "row bytes", "GB/s", (ceiling, "pinned memcpy H2D"))
 

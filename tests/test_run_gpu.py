@@ -272,6 +272,22 @@ def test_decode_bench_rotates_the_tail_by_its_own_bytes():
     for mine, theirs in zip((copy[0], copy[4], copy[8][0]), (every, codes, hot[0])):
         assert torch.equal(mine, theirs) and mine.data_ptr() != theirs.data_ptr()
 
+def test_decode_bench_gives_each_graph_call_its_own_query():
+    k, v = torch.randn(2, 1, 5, 8), torch.randn(2, 1, 5, 8)
+    calls = gpu_decode_attn.fresh_queries([(torch.randn(2, 4, 8), k, v)], 0)
+    assert len(calls) == timing.GRAPH_CALLS
+    assert all(c[1] is k and c[2] is v for c in calls)
+    assert len({c[0].sum().item() for c in calls}) == len(calls)  # fresh, not one query again
+    layer_inputs = [(i, torch.randn(2, 4, 8), k, v) for i in range(10)]  # (layer, q, k, v)
+    calls = gpu_decode_attn.fresh_queries(layer_inputs, 1)
+    assert [c[0] for c in calls] == list(range(10)) and calls[3][2] is k
+
+
+def test_decode_bench_floor_is_the_bytes_at_the_ceilings_in_series():
+    fields = gpu_decode_attn.floor_fields(4e9, 5e8, 3000.0, (4000.0, 50.0))  # bytes, µs, GB/s
+    assert fields == {"floor_us": 1000.0 + 10000.0, "ratio_vs_floor": 3000.0 / 11000.0}
+
+
 def test_host_row_bytes_reads_as_the_kernel_does():
     """The decode benchmark's host bytes: a slice of a group's heads (4, or 8 for groups past 4)
     reads each distinct row once where its entries fit the union (heads x N <= 2048) or its heads
