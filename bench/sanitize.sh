@@ -27,8 +27,10 @@ MEMCHECK=("$F::test_gather_rows_is_a_copy" "$F::test_sparse_attn_v_random_indice
   tests/test_reuse_rows.py::test_strided_inputs
   "$F::test_reuse_rows_matches_reference[per_head-32x8x128]")
 # racecheck and synccheck are slower per launch: one case of each kernel and selection mode
-# (lowbit_tail's strided inputs: its float32, float16 and bfloat16 cases)
+# (lowbit_tail's strided inputs: its float32, float16 and bfloat16 cases); qk_topn's n = 7 sorts
+# a split row's picks in one warp (warp_bitonic_sort), n = 300 in the whole block
 RACECHECK=("$F::test_qk_topn_exact_ties[300-False]" "$F::test_qk_topn_exact_ties[300-True]"
+  "$F::test_qk_topn_exact_ties[7-False]" "$F::test_qk_topn_exact_ties[7-True]"
   "$F::test_sparse_attn_v_random_indices[33]" "$F::test_gather_rows_is_a_copy[64-torch.bfloat16]"
   tests/test_lowbit_tail.py::test_strided_inputs
   "$F::test_reuse_rows_matches_reference[per_head-32x8x128]")

@@ -66,6 +66,30 @@ def test_qk_topn_exact_ties(group_select, n):
 
 
 @pytest.mark.parametrize("group_select", [False, True])
+@pytest.mark.parametrize("shape", [(2, 8, 2, 64, 6000, 7), (8, 32, 8, 128, 32768, 64)],
+                         ids=["6000x2_n7", "32Kx8_n64"])
+def test_a_split_row_merges_the_same_every_run(shape, group_select):
+    """A long row's selection is split over several blocks and merged by whichever finishes last
+    (a ticket from an atomic counter between fences, the other blocks' picks read through L2): a
+    lost or early merge would be a race, rare in any one run. 200 runs, each exactly the
+    reference's selection (integer scores: exact ties, ties to the lower index). The first shape
+    sorts its 7 picks in one warp; the second is 32K x 8 per head, unstaged, and group_select."""
+    B, Hq, Hkv, D, S, n = shape
+    q, k, lens = random_case(B, Hq, Hkv, S, D, torch.float32, lens=[S] * (B - 1) + [S - 1001],
+                             integer=True, seed=S + n)
+    if group_select:  # identical queries in a group keep the group mass a function of s alone
+        G = Hq // Hkv
+        q = q.view(B, Hkv, G, D)[:, :, :1].expand(B, Hkv, G, D).reshape(B, Hq, D)
+    want = reference.qk_topn(q.cpu(), k.cpu(), lens.cpu(), n, 1.0, group_select)
+    wrong = 0
+    for _ in range(200):
+        scores, indices, _ = kcache_ops.qk_topn(q, k, lens, n, 1.0, group_select)
+        wrong += int(not (torch.equal(indices.cpu(), want[1])
+                          and torch.equal(scores.cpu(), want[0])))
+    assert wrong == 0, f"{wrong} of 200 runs selected other rows than the reference"
+
+
+@pytest.mark.parametrize("group_select", [False, True])
 def test_qk_topn_nan_across_chunks(group_select):
     """A NaN in q, or in one K row far into a long row (another chunk of the score pass, another
     warp of the merges), gives NaN lse for the heads it reaches and otherwise the reference's exact
