@@ -7,7 +7,8 @@ every sequence full; every call is timed inside a CUDA graph.
 KCache runs as the op-level step (qk_topn + sparse_attn_v, N=64, V in pinned host memory) per
 head, with group_select, and with group_select and the mean tail, and as the library's default
 layer step (KCache.decode with KCacheOptions(), built through the public API on random K and V:
-bench/decode_steps.py). Beside each whole step its parts are timed alone in the same run:
+bench/decode_steps.py), also with group_select (the setting with the best accuracy for its bytes
+in bench/results/REPORT.md). Beside each whole step its parts are timed alone in the same run:
 qk_topn (K GB/s and % of a device-to-device copy) and sparse_attn_v on precomputed selections
 (host-row GB/s and % of a pinned host-to-device copy), both ceilings measured in the same run;
 the default step adds its selection (qk_topn over the cold rows + top_p) and its lowbit_tail.
@@ -24,6 +25,7 @@ Target (issue 3): KCache step <= 0.6x the dense step at 32K tokens, batch 8, gro
 """
 import argparse
 import os
+from dataclasses import replace
 
 import torch
 
@@ -37,6 +39,9 @@ import timing
 Hq, Hkv, D = 32, 8, 128
 AGREE = 2e-2  # largest |difference| a dense candidate may show against the first one (bf16)
 DEFAULT = KCacheOptions()
+# the layer steps timed: the defaults, and with group_select (the 2-bit tail and hot rows with
+# it kept perplexity within 0.4 % of dense on SmolLM2: bench/results/REPORT.md)
+LAYER_OPTIONS = (DEFAULT, replace(DEFAULT, group_select=True))
 
 
 def configs(args):
@@ -176,18 +181,19 @@ def cloned(args):
     return args.clone() if torch.is_tensor(args) else args
 
 
-def default_step(rec, c, sets, dense, ceilings):
-    """Time the default layer step (KCache.decode, one layer per input set) and its parts alone:
+def default_step(rec, c, sets, dense, ceilings, options=DEFAULT):
+    """Time the default layer step (KCache.decode with ``options``, one layer per input set) and
+    its parts alone:
     qk_topn (the top N cold rows) and the selection (+ top_p) on a fresh query per layer,
     lowbit_tail on copies of its inputs (a fresh query per layer) rotated beyond L2 by its own
     bytes, sparse_attn_v on selections of fresh queries rotated beyond L2. One row."""
     B, S = c["B"], c["S"]
-    layer = decode_steps.DefaultLayer(sets)
+    layer = decode_steps.DefaultLayer(sets, options)
     fresh = [(i, torch.randn_like(q)) for i, (q, _, _) in enumerate(sets)]  # (layer, q)
     tails = [layer.tail_args(i, q) for i, q in fresh]
     # the tail reads about a tenth of what a K and V set holds: as many sets fit in L2
     tails = [cloned(tails[i % len(tails)]) for i in range(timing.rotations(c["tail_bytes"]))]
-    most_bytes = B * Hq * DEFAULT.topn * D * 2  # every selected row read
+    most_bytes = B * Hq * options.topn * D * 2  # every selected row read
     selections = [(i % len(sets), *layer.select(i % len(sets), torch.randn_like(sets[0][0])))
                   for i in range(timing.rotations(most_bytes))]  # (layer, scores, indices, lse)
     host_bytes = decode_steps.host_row_bytes(selections[0][2], layer.cache.v_host[0])
@@ -203,8 +209,8 @@ def default_step(rec, c, sets, dense, ceilings):
     us_unspread = unspread_us(t, layer.cache.decode, inputs, B)
     us_attn_unspread = unspread_us(t, layer.attend_host, selections, B)
     rows = sum(int((s[2] >= 0).sum()) for s in selections) / (len(selections) * B * Hq)
-    rec.add(op="decode_step_default", path="KCache.decode", options=DEFAULT.label, B=B, S=S,
-            n=DEFAULT.topn, group_select=DEFAULT.group_select, tail=DEFAULT.tail, us=us,
+    rec.add(op="decode_step_default", path="KCache.decode", options=options.label, B=B, S=S,
+            n=options.topn, group_select=options.group_select, tail=options.tail, us=us,
             us_qk_topn=us_qk_topn, us_select=us_select, us_sparse_attn_v=us_attn,
             us_lowbit_tail=us_tail, us_unspread=us_unspread,
             us_sparse_attn_v_unspread=us_attn_unspread, timed=t.timed, **dense,
@@ -233,7 +239,8 @@ def main():
     if args.dry_run:
         timing.plan("decode step", [{k: c[k] for k in ("S", "B", "bytes")} for c in todo])
         print(f"# each: the op-level step in {len(decode_steps.MODES)} modes (group_select, tail)"
-              f" {decode_steps.MODES}, then the default layer step ({DEFAULT.label})")
+              f" {decode_steps.MODES}, then the layer step with "
+              f"{' and with '.join(o.label for o in LAYER_OPTIONS)}")
         print(f"# dense candidates at batch 1: {', '.join(baselines.dense_candidates(1))}")
         return
     os.environ["KCACHE_OPS_VALIDATE"] = "0"  # no host sync for the value range checks
@@ -259,7 +266,8 @@ def main():
                  "dense_floor_us": dense_floor_us,
                  "dense_ratio_vs_floor": dense_us / dense_floor_us}
         op_steps(rec, c, sets, v_all[:B, :, :S], args.n, dense, ceilings)
-        default_step(rec, c, sets, dense, ceilings)
+        for options in LAYER_OPTIONS:
+            default_step(rec, c, sets, dense, ceilings, options)
 
     def plot(ax, rs):
         for B in args.batch:
