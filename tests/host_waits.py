@@ -12,10 +12,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 HOST_READS = ("item", "tolist", "numpy", "__int__", "__float__", "__bool__", "__index__")
 
 
+# ops whose output size depends on values: on CUDA each reads a count back to the host
+SIZED_BY_VALUES = {"nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
+                   "_unique"}
+
+
+def _bool_indices(indices):
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
+
+
 class HostWaits(TorchDispatchMode):
     """Records, in ``found``, each op that would make a CUDA step wait on the host: a tensor's
-    value read (``aten._local_scalar_dense``: ``.item()``, ``int()``, ``bool()`` of a tensor) and a
-    kcache_ops op whose ``check_values`` is on (given or by default)."""
+    value read (``aten._local_scalar_dense``: ``.item()``, ``int()``, ``bool()`` of a tensor), an
+    op whose output size depends on values (nonzero, masked_select, unique, indexing by a bool
+    mask, repeat_interleave of a tensor of repeats without ``output_size``) and a kcache_ops op
+    whose ``check_values`` is on (given or by default)."""
 
     def __init__(self):
         super().__init__()
@@ -23,8 +34,17 @@ class HostWaits(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        name = func._schema.name.removeprefix("aten::")
         if func is torch.ops.aten._local_scalar_dense.default:
             self.found.append("a tensor's value read on the host")
+        elif func.namespace == "aten" and name in SIZED_BY_VALUES:
+            self.found.append(f"{func.name()}: its size depends on values")
+        elif func.namespace == "aten" and name in ("index", "index_put", "index_put_") \
+                and _bool_indices(args[1] if len(args) > 1 else kwargs.get("indices")):
+            self.found.append(f"{func.name()} with a bool mask: its size depends on values")
+        elif name == "repeat_interleave" and func._overloadname in ("Tensor", "self_Tensor") \
+                and kwargs.get("output_size") is None:
+            self.found.append(f"{func.name()} without output_size: its size depends on values")
         elif func.namespace == "kcache_ops":
             names = [a.name for a in func._schema.arguments]
             if "check_values" in names:

@@ -1,14 +1,15 @@
 """A decode step of the model never waits on the host, with every cache backend. On a GPU, a
 whole ``Llama.decode`` runs under ``torch.cuda.set_sync_debug_mode("error")``, which turns any
 device->host synchronisation (``.item()``, ``.cpu()``, a value check that reads back) into an
-error. On the CPU, where nothing syncs, the same steps fail on what would: a tensor's value read
-on the host, or a kcache_ops op called with its value check on (on CUDA that check reads the
-lengths or indices back)."""
+error. On the CPU, where nothing syncs, the same steps fail on what would (tests/host_waits.py): a
+tensor's value read on the host, an op whose output size depends on values, or a kcache_ops op
+called with its value check on (on CUDA that check reads the lengths or indices back)."""
 from dataclasses import replace
 
 import pytest
 import torch
 
+import kcache_ops
 from kcache_ops.caches import KCacheOptions, make_cache
 from kcache_ops.model import Llama, LlamaConfig
 from cuda_checks import requires_cuda
@@ -90,3 +91,28 @@ def test_a_recorded_decode_step_would_not_sync(options):
             model.decode(tokens[:, 0], cache)
     assert waits.found == []
     assert not cache.attention_mass().isnan().any()  # recorded
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["grad", "inference"])
+def test_host_waits_finds_what_would_sync(inference):
+    """The checker itself: each kind of op that would wait on the host on CUDA is found, in and
+    out of inference mode, and the same ops sized without values are not."""
+    t, mask, repeats = torch.randn(5), torch.randn(5) > 0, torch.tensor([1, 2, 1, 1, 1])
+    with torch.inference_mode(inference), host_waits() as waits:
+        t[mask]
+        t.nonzero()
+        t.masked_select(mask)
+        t.unique()
+        torch.repeat_interleave(t, repeats)
+        t.index_put_((mask,), torch.tensor(1.0))
+        kcache_ops.quantize_rows(torch.randn(2, 64), 2)  # no check_values: nothing to find
+        kcache_ops.gather_rows(torch.randn(1, 1, 4, 8), torch.zeros(1, 1, 2, dtype=torch.int32))
+        with pytest.raises(AssertionError, match="read a tensor's values on the host"):
+            t.sum().item()
+        found = len(waits.found)
+        t[torch.tensor([0, 2])]
+        t.nonzero_static(size=5)
+        torch.repeat_interleave(t, repeats, output_size=6)
+        t.index_put_((torch.tensor([1]),), torch.tensor(2.0))
+    assert len(waits.found) == found == 7, waits.found
+    assert waits.found[-1] == "kcache_ops::gather_rows with check_values on"
