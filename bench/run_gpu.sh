@@ -87,8 +87,9 @@
 # LIMIT_CMAKE, LIMIT_PROFILE_TORCH, LIMIT_PROFILE (the ncu runs), LIMIT_DECODE, LIMIT_QK_TOPN,
 # LIMIT_GATHER, LIMIT_MEMCHECK, LIMIT_RACECHECK, LIMIT_SYNCCHECK; PER_TEST (60 s) is pytest's
 # per-test time-out (5x for the slow stage); LIMIT_QUICK (60 s) bounds each command outside the
-# stages (nvidia-smi, the checks for torch's GPU, gguf, pytest-timeout and a build, the wheels). ncu is $NCU, else the one on PATH, in $CUDA_HOME/bin,
-# /usr/local/cuda/bin, beside nvcc, or the newest /opt/nvidia/nsight-compute/*/ncu.
+# stages (nvidia-smi, the checks for torch's GPU, gguf, pytest-timeout and a build, the wheels).
+# ncu is $NCU, else the one on PATH, in $CUDA_HOME/bin, /usr/local/cuda/bin, beside nvcc, or the
+# newest /opt/nvidia/nsight-compute/*/ncu.
 #
 # Dry run (--dry-run or DRY_RUN=1), for a machine without a GPU: every stage does its CPU-side part
 # (tool lookup, collecting the tests and the sanitizer's cases, the benchmarks' and the profile's
@@ -409,8 +410,8 @@ for script in sys.argv[1:]:
 # essays wheel read in place by kcache_ops.data.
 if ls .whl/*.whl > /dev/null 2>&1; then
   SITE=${TMPDIR:-/tmp}/kcache_ops_site
-  quick "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/gguf-*.whl &&
-    export PYTHONPATH=$PYTHONPATH:$SITE
+  quick "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
+    .whl/gguf-*.whl && export PYTHONPATH=$PYTHONPATH:$SITE
   export KCACHE_OPS_CACHE=$ROOT/.whl
 fi
 

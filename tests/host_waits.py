@@ -12,9 +12,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 HOST_READS = ("item", "tolist", "numpy", "__int__", "__float__", "__bool__", "__index__")
 
 
-# ops whose output size depends on values: on CUDA each reads a count back to the host
-SIZED_BY_VALUES = {"nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
-                   "_unique"}
+# ops whose output size depends on values (on CUDA each reads a count back to the host), and
+# torch.equal, whose bool answer is read back
+SIZED_BY_VALUES = {"nonzero", "masked_select", "_unique2", "_unique", "unique_dim",
+                   "unique_consecutive", "unique_dim_consecutive", "bincount", "equal"}
 
 
 def _bool_indices(indices):
@@ -25,7 +26,8 @@ class HostWaits(TorchDispatchMode):
     """Records, in ``found``, each op that would make a CUDA step wait on the host: a tensor's
     value read (``aten._local_scalar_dense``: ``.item()``, ``int()``, ``bool()`` of a tensor), an
     op whose output size depends on values (nonzero, masked_select, unique, indexing by a bool
-    mask, repeat_interleave of a tensor of repeats without ``output_size``) and a kcache_ops op
+    mask, repeat_interleave of a tensor of repeats without ``output_size``, bincount; and
+    torch.equal) and a kcache_ops op
     whose ``check_values`` is on (given or by default)."""
 
     def __init__(self):
@@ -38,7 +40,7 @@ class HostWaits(TorchDispatchMode):
         if func is torch.ops.aten._local_scalar_dense.default:
             self.found.append("a tensor's value read on the host")
         elif func.namespace == "aten" and name in SIZED_BY_VALUES:
-            self.found.append(f"{func.name()}: its size depends on values")
+            self.found.append(f"{func.name()}: its size or answer depends on values")
         elif func.namespace == "aten" and name in ("index", "index_put", "index_put_") \
                 and _bool_indices(args[1] if len(args) > 1 else kwargs.get("indices")):
             self.found.append(f"{func.name()} with a bool mask: its size depends on values")

@@ -103,6 +103,8 @@ def test_host_waits_finds_what_would_sync(inference):
         t.nonzero()
         t.masked_select(mask)
         t.unique()
+        torch.equal(t, t)
+        repeats.bincount()
         torch.repeat_interleave(t, repeats)
         t.index_put_((mask,), torch.tensor(1.0))
         kcache_ops.quantize_rows(torch.randn(2, 64), 2)  # no check_values: nothing to find
@@ -114,5 +116,5 @@ def test_host_waits_finds_what_would_sync(inference):
         t.nonzero_static(size=5)
         torch.repeat_interleave(t, repeats, output_size=6)
         t.index_put_((torch.tensor([1]),), torch.tensor(2.0))
-    assert len(waits.found) == found == 7, waits.found
+    assert len(waits.found) == found == 9, waits.found
     assert waits.found[-1] == "kcache_ops::gather_rows with check_values on"

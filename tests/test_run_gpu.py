@@ -272,7 +272,10 @@ def test_decode_bench_rotates_the_tail_by_its_own_bytes():
     for mine, theirs in zip((copy[0], copy[4], copy[8][0]), (every, codes, hot[0])):
         assert torch.equal(mine, theirs) and mine.data_ptr() != theirs.data_ptr()
 
+
 def test_decode_bench_gives_each_graph_call_its_own_query():
+    """fresh_queries: at least GRAPH_CALLS calls, each with its own query and the same K and V
+    (the op-level step's (q, k, v) and the layer step's (layer, q, new k, new v))."""
     k, v = torch.randn(2, 1, 5, 8), torch.randn(2, 1, 5, 8)
     calls = gpu_decode_attn.fresh_queries([(torch.randn(2, 4, 8), k, v)], 0)
     assert len(calls) == timing.GRAPH_CALLS
@@ -284,6 +287,8 @@ def test_decode_bench_gives_each_graph_call_its_own_query():
 
 
 def test_decode_bench_floor_is_the_bytes_at_the_ceilings_in_series():
+    """floor_fields: the device bytes at the device copy's rate plus the host rows at the pinned
+    copy's, in µs, and the step's ratio to that."""
     fields = gpu_decode_attn.floor_fields(4e9, 5e8, 3000.0, (4000.0, 50.0))  # bytes, µs, GB/s
     assert fields == {"floor_us": 1000.0 + 10000.0, "ratio_vs_floor": 3000.0 / 11000.0}
 

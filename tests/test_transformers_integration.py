@@ -459,12 +459,37 @@ def test_a_decode_step_builds_no_mask_and_would_not_sync(options):
         finally:
             kt.sdpa_mask = seen
     model.set_attn_implementation("sdpa")
+    assert transformers.masking_utils.ALL_MASK_ATTENTION_FUNCTIONS["kcache"] is kt.kcache_mask
     assert masks == [] and cache.inner.seq_lens.tolist() == [12, 8]
     keys, _ = cache.layers[0].get_mask_sizes(1)  # a decode step's, as transformers asks
     mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], -1).bool()  # [B, keys]
-    step = dict(batch_size=2, q_length=1, kv_length=keys, q_offset=keys - 1, attention_mask=mask)
+    step = dict(batch_size=2, q_length=1, kv_length=keys, q_offset=keys - 1, attention_mask=mask,
+                config=model.config)
     assert kt.kcache_mask(**step) is None
     assert kt.kcache_mask(**step) is not None, "skipped once, for the forward that asked"
+
+
+def test_another_models_decode_keeps_its_mask():
+    """The decode step a KCacheCache's mask sizes were last asked for (here by a call of one's own)
+    is its model's: another model on "kcache" attention with transformers' own cache and a
+    left-padded batch still gets its mask at the same key count (its logits as with none asked)."""
+    first = kt.enable(tiny_model("llama", seed=5))
+    ids, mask = padded(random_prompts([12, 5]))  # [B, 12]
+    cache = kt.KCacheCache(first, 32, **EXACT)
+    other = kt.enable(tiny_model("llama", seed=6))
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], -1)  # [B, 13]
+    logits = []
+    with torch.no_grad(), pytest.warns(UserWarning, match="decoding without a KCacheCache"):
+        first(ids, attention_mask=mask, past_key_values=cache)
+        for ask in (False, True):
+            own = transformers.DynamicCache(config=other.config)
+            other(ids, attention_mask=mask, past_key_values=own)
+            if ask:
+                assert cache.get_mask_sizes(1, 0)[0] == step_mask.shape[1]  # the same 13 keys
+            logits.append(other(ids[:, -1:], attention_mask=step_mask, past_key_values=own).logits)
+    first.set_attn_implementation("sdpa")
+    other.set_attn_implementation("sdpa")
+    torch.testing.assert_close(logits[1], logits[0], atol=0, rtol=0)
 
 
 def test_prefill_under_inference_mode_then_decode_outside():

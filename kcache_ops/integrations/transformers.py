@@ -72,7 +72,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # host V for that many tokens a sequence (Llama-3.1's 131072: 16 GiB for one sequence at 8B)
 LARGE_DEFAULT_CACHE = 32768
 
-# The cache whose update ran last on this thread and whose attention has not run yet.
+# On this thread: ``cache``, the cache whose update ran last and whose attention has not run yet;
+# ``decode_keys``, (config, keys) of the decode step whose mask sizes a cache gave last, which
+# kcache_mask builds no mask for.
 _active = threading.local()
 
 
@@ -151,8 +153,9 @@ class _KCacheLayer(CacheLayerMixin):
         # no tokens past them from generate, a forward of 0 tokens that would fail in a reshape
         held = self.owner.held()
         self.owner._check_forward(held, query_length)
-        # a decode step's key count, for kcache_mask, which transformers calls next
-        _active.decode_keys = held + 1 if held > 0 and query_length == 1 else None
+        # a decode step's model and key count, for kcache_mask, which transformers calls next
+        decode = held > 0 and query_length == 1
+        _active.decode_keys = (self.owner._config, held + 1) if decode else None
         return held + query_length, 0
 
     def get_seq_length(self):
@@ -517,9 +520,10 @@ def kcache_mask(*args, **kwargs):
     decode step's mask (transformers' SDPA mask of a step reads a tensor on the host, whether any
     key is padding, and grows by a key each step: no CUDA graph could hold it); the SDPA mask
     otherwise (a prefill, a model without a KCacheCache)."""
-    keys = getattr(_active, "decode_keys", None)  # set by the cache's get_mask_sizes just before
+    decode = getattr(_active, "decode_keys", None)  # from the cache's get_mask_sizes just before
     _active.decode_keys = None
-    if keys is not None and kwargs.get("q_length") == 1 and kwargs.get("kv_length") == keys:
+    if decode is not None and kwargs.get("config") is decode[0] and kwargs.get("q_length") == 1 \
+            and kwargs.get("kv_length") == decode[1]:
         return None
     return sdpa_mask(*args, **kwargs)
 
