@@ -118,3 +118,34 @@ def test_host_waits_finds_what_would_sync(inference):
         t.index_put_((torch.tensor([1]),), torch.tensor(2.0))
     assert len(waits.found) == found == 9, waits.found
     assert waits.found[-1] == "kcache_ops::gather_rows with check_values on"
+
+
+@requires_cuda
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+def test_a_transformers_decode_step_never_syncs():
+    """A transformers model's decode step through a KCacheCache (kcache_ops.integrations), left
+    padding and the step's mask given, as generate passes them: transformers' code included, no
+    device->host synchronisation (its SDPA mask of a step read one; none is built now)."""
+    pytest.importorskip("transformers")
+    import kcache_ops.integrations.transformers as kt
+    from test_transformers_integration import padded, random_prompts, tiny_model
+
+    model = kt.enable(tiny_model("llama", seed=5)).to("cuda", torch.bfloat16)
+    ids, mask = (x.cuda() for x in padded(random_prompts([9, 5])))  # [B, 9] each
+    cache = kt.KCacheCache(model, 32)
+    ones = torch.ones(2, 1, dtype=mask.dtype, device="cuda")  # [B, 1]
+    with torch.no_grad():
+        nxt = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+        mask = torch.cat([mask, ones], -1)
+        nxt = model(nxt, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()  # the first step outside: lazy initialisation
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                mask = torch.cat([mask, ones], -1)  # [B, T + 1]
+                logits = model(nxt, attention_mask=mask, past_key_values=cache).logits
+                nxt = logits[:, -1:].argmax(-1)  # [B, 1]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    model.set_attn_implementation("sdpa")
+    assert torch.isfinite(logits).all()
