@@ -51,6 +51,14 @@ def _change(result, base, context):
     return f"{change:+.2f}%" + ("" if se is None else f" ±{se:.2f}")
 
 
+def _beyond_noise(result, base, context):
+    """Whether the change of perplexity from ``base`` to ``result`` at ``context`` is more than
+    twice its standard error over their paired windows (False where there is none)."""
+    se = _se(result, base, context)
+    change = perplexity.delta(result[context]["perplexity"], base[context]["perplexity"])
+    return se is not None and abs(change) > 2 * se
+
+
 def _first_mismatches(rows, steps):
     """'47, never': the tokens until each agreement prompt's first mismatch."""
     return ", ".join("never" if n >= steps else str(n) for n in rows)
@@ -291,14 +299,16 @@ WITHOUT = {"tail": lambda o: replace(o, tail="none"),
 
 def options_summary(results):
     """Per option (tail, hot rows, top_p), in how many of its configurations it brings Δ ppl
-    closer to dense at each context, against the same configuration without it (where that did
+    closer to dense at each context, and in how many of those by more than twice the change's
+    standard error, against the same configuration without it (where that did
     not run, a tail is compared with the paper-literal N=64 in the configuration's own line
     only: that differs in more than the tail, so it is not counted); then one line per
     configuration but the paper-literal one with those comparisons; then the attention mass the
     top N capture."""
     by_config = {Config.from_dict(r["config"]): r for r in results[1:]}
     paper = by_config.get(Config("kcache", PAPER_LITERAL))
-    lines, helps = [], {}  # helps: option label -> [contexts where closer to dense] per config
+    # helps: option label -> per config, (contexts where closer to dense, those beyond the noise)
+    lines, helps = [], {}
     for config, r in by_config.items():
         o = config.options
         if o == PAPER_LITERAL:
@@ -321,7 +331,8 @@ def options_summary(results):
             better = [c for c in CONTEXTS if abs(x["dppl"][c]) < abs(p["dppl"][c])]
             label = f"tail={o.tail}" if option == "tail" else option
             if exact:
-                helps.setdefault(label, []).append(better)
+                clear = [c for c in better if _beyond_noise(r, plain, c)]
+                helps.setdefault(label, []).append((better, clear))
             where = " and ".join(f"the {c} context" for c in better) or "neither context"
             line += (f"; its {option} against {_name(plain)}"
                      + ("" if exact else " (the same without its tail did not run; this one "
@@ -334,10 +345,11 @@ def options_summary(results):
            "Each comparison gives the change of perplexity from the configuration without the "
            "option to the one with it, over their own paired windows, with its standard error "
            "(±): a change within about twice it is within the noise of the windows.", ""]
-    for label, better in sorted(helps.items()):
+    for label, counted in sorted(helps.items()):
         out.append(f"* **{label}**, against the same configuration without it: closer to dense "
                    f"in " + ", ".join(
-                       f"{sum(c in b for b in better)} of {len(better)} at the {c} context"
+                       f"{sum(c in b for b, _ in counted)} of {len(counted)} at the {c} context "
+                       f"({sum(c in k for _, k in counted)} beyond twice the standard error)"
                        for c in CONTEXTS) + ".")
     curves = mass.selections(results[1:])  # the curves of the mass plot
     for key, r in sorted(curves.items()):
