@@ -297,12 +297,13 @@ def vs_dense_text(row):
 
 
 def row_line(row):
-    """One printed line per configuration."""
+    """One printed line per configuration (its host V read a step is what crosses PCIe on a
+    GPU; on the CPU it is read from the same RAM)."""
     return (f"{row['model']:13s} ctx {row['context']:6d} {row['backend']:6s} batch "
             f"{row['batch']:4d}  prefill {row['prefill_tok_s']:9.0f} tok/s  decode "
             f"{row['decode_tok_s']:9.1f} tok/s ({row['decode_step_ms']:.1f} ms/step)  cache dev "
             f"{row['cache_device_bytes'] / GiB:.3f} GiB  host {row['host_bytes'] / GiB:.3f} GiB  "
-            f"PCIe {row['pcie_bytes_per_step'] / 2**20:.2f} MiB/step"
+            f"host V read {row['pcie_bytes_per_step'] / 2**20:.2f} MiB/step"
             + (f"  floor {row['floor_step_ms']:.3g} ms ({row['of_ceiling']:.1%} of the ceiling)"
                if "floor_step_ms" in row else "")
             + (f"  vs dense {vs_dense_text(row)}" if "vs_dense" in row else ""))
