@@ -8,9 +8,10 @@ KCache runs as the op-level step (qk_topn + sparse_attn_v, N=64, V in pinned hos
 head, with group_select, and with group_select and the mean tail, and as the library's default
 layer step (KCache.decode with KCacheOptions(), built through the public API on random K and V:
 bench/decode_steps.py), and with group_select and top_p 1 (the setting with the best accuracy
-for its bytes in bench/results/REPORT.md). Beside each whole step its parts are timed alone in the same run:
-qk_topn (K GB/s and % of a device-to-device copy) and sparse_attn_v on precomputed selections
-(host-row GB/s and % of a pinned host-to-device copy), both ceilings measured in the same run;
+for its bytes in bench/results/REPORT.md). Beside each whole step its parts are timed alone in the
+same run: qk_topn (K GB/s and % of a device-to-device copy) and sparse_attn_v on precomputed
+selections (host-row GB/s and % of a pinned host-to-device copy), both ceilings measured in the
+same run;
 the default step adds its selection (qk_topn over the cold rows + top_p) and its lowbit_tail.
 Each step also carries its floor (floor_us: its device bytes at the device copy's rate, then its
 host rows at the pinned copy's) and its ratio to it, and the dense step its floor (K and V at the
@@ -261,10 +262,10 @@ def main():
                  torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16))
                 for _ in range(timing.rotations(2 * c["kv_bytes"]))]
         name, dense_us, tried = fastest_dense(sets, B)
-        dense_floor_us = 2 * c["kv_bytes"] / ceilings[0] / 1e3  # K and V at the copy's rate
+        # its floor: K and V at the device copy's rate, no host rows
+        floor = floor_fields(2 * c["kv_bytes"], 0, dense_us, ceilings)
         dense = {"dense": name, "dense_us": dense_us, "dense_tried": tried,
-                 "dense_floor_us": dense_floor_us,
-                 "dense_ratio_vs_floor": dense_us / dense_floor_us}
+                 **{f"dense_{k}": v for k, v in floor.items()}}
         op_steps(rec, c, sets, v_all[:B, :, :S], args.n, dense, ceilings)
         for options in LAYER_OPTIONS:
             default_step(rec, c, sets, dense, ceilings, options)

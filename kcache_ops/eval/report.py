@@ -43,19 +43,24 @@ def _se(result, base, context):
     return perplexity.delta_se(result[context]["perplexity"], base[context]["perplexity"])
 
 
+def _delta(result, base, context):
+    """(the relative change of perplexity from ``base`` to ``result`` at ``context`` in %, its
+    standard error over their paired windows or None)."""
+    change = perplexity.delta(result[context]["perplexity"], base[context]["perplexity"])
+    return change, _se(result, base, context)
+
+
 def _change(result, base, context):
     """'-0.08% ±0.04': the relative change of perplexity from ``base`` to ``result`` at
     ``context`` (against dense: its Δ ppl), with its standard error."""
-    se = _se(result, base, context)
-    change = perplexity.delta(result[context]["perplexity"], base[context]["perplexity"])
+    change, se = _delta(result, base, context)
     return f"{change:+.2f}%" + ("" if se is None else f" ±{se:.2f}")
 
 
 def _beyond_noise(result, base, context):
     """Whether the change of perplexity from ``base`` to ``result`` at ``context`` is more than
     twice its standard error over their paired windows (False where there is none)."""
-    se = _se(result, base, context)
-    change = perplexity.delta(result[context]["perplexity"], base[context]["perplexity"])
+    change, se = _delta(result, base, context)
     return se is not None and abs(change) > 2 * se
 
 
