@@ -436,7 +436,7 @@ def test_manual_decode_loop_with_positions():
 
 
 @pytest.mark.parametrize("options", [{}, EXACT], ids=["default", "exact"])
-def test_a_decode_step_builds_no_mask_and_would_not_sync(options):
+def test_a_decode_step_builds_no_mask_and_would_not_sync(options, monkeypatch):
     """transformers' SDPA mask of a decode step reads a tensor on the host (whether any key is
     padding) and grows by a key each step; a KCacheCache's step, which reads no mask, has none
     built: the step waits on nothing (host_waits), with left padding and the step's mask given.
@@ -444,20 +444,22 @@ def test_a_decode_step_builds_no_mask_and_would_not_sync(options):
     model = kt.enable(tiny_model("llama", seed=5))
     ids, mask = padded(random_prompts([9, 5]))
     cache = kt.KCacheCache(model, 32, **options)
-    masks = []
+    masks, sdpa_mask = [], kt.sdpa_mask  # the masks built for the steps
+
+    def recorded(*args, **kwargs):
+        masks.append(kwargs)
+        return sdpa_mask(*args, **kwargs)
+
     with torch.no_grad():
         nxt = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
-        seen = kt.sdpa_mask
-        kt.sdpa_mask = lambda *args, **kwargs: masks.append(kwargs) or seen(*args, **kwargs)
-        try:
-            for _ in range(3):
-                mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], -1)  # [B, T + 1]
-                with host_waits() as waits:
-                    out = model(nxt, attention_mask=mask, past_key_values=cache)
-                assert waits.found == []
-                nxt = out.logits[:, -1:].argmax(-1)  # [B, 1]
-        finally:
-            kt.sdpa_mask = seen
+        monkeypatch.setattr(kt, "sdpa_mask", recorded)
+        for _ in range(3):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], -1)  # [B, T + 1]
+            with host_waits() as waits:
+                out = model(nxt, attention_mask=mask, past_key_values=cache)
+            assert waits.found == []
+            nxt = out.logits[:, -1:].argmax(-1)  # [B, 1]
+        monkeypatch.undo()
     model.set_attn_implementation("sdpa")
     assert transformers.masking_utils.ALL_MASK_ATTENTION_FUNCTIONS["kcache"] is kt.kcache_mask
     assert masks == [] and cache.inner.seq_lens.tolist() == [12, 8]
