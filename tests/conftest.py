@@ -17,10 +17,34 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-# Hypothesis draws the same shapes in every run (from each test's name), as the torch inputs are
-# seeded from its id: a failure replays from the test id alone
+# KCACHE_OPS_TEST_SEED (a non-negative integer; 0, the default, is what CI runs): another value
+# draws every test's random inputs, Hypothesis's examples and the CPU emulator's schedule seeds
+# (cuda_emu/emu.py) from it, to run the suite on inputs it has not seen; a failure replays from
+# the test id and that number.
+_SEED = os.environ.get("KCACHE_OPS_TEST_SEED", "0")
+if not _SEED.isdigit():
+    raise pytest.UsageError(f"KCACHE_OPS_TEST_SEED must be a non-negative integer, got {_SEED!r}")
+TEST_SEED = int(_SEED)
+
+
+def seed_of(name):
+    """The seed of the test or function ``name`` under TEST_SEED (CI's: the CRC-32 of the name)."""
+    return zlib.crc32((f"{name} seed {TEST_SEED}" if TEST_SEED else name).encode())
+
+
+# Hypothesis draws the same shapes in every run (from each test's name; under another
+# TEST_SEED, from the name and it), as the torch inputs are seeded from the test's id
 settings.register_profile("kcache_ops", derandomize=True)
 settings.load_profile("kcache_ops")
+
+
+def pytest_collection_modifyitems(items):
+    """Under a TEST_SEED other than 0, each Hypothesis test's examples from it and its name."""
+    if TEST_SEED:  # imported only here: CI's and the GPU run's Hypothesis need not have them
+        from hypothesis import is_hypothesis_test, seed as hypothesis_seed
+        for item in items:
+            if is_hypothesis_test(getattr(item, "obj", None)):
+                hypothesis_seed(seed_of(item.obj.__qualname__))(item.obj)
 
 
 @pytest.fixture(params=DEVICES)
@@ -36,7 +60,7 @@ def dtype(request):
 @pytest.fixture(autouse=True)
 def _seed(request):
     """Fresh random inputs in every case, reproducible from the test's id."""
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    torch.manual_seed(seed_of(request.node.nodeid))
 
 
 @pytest.fixture(autouse=True)

@@ -36,6 +36,8 @@ FLAVOURS = {
 # them, as nvcc does by default on the GPU (not at the same places); unset, each rounds twice.
 CONTRACT = (["-mfma", "-ffp-contract=fast"] if os.environ.get("KCACHE_OPS_EMU_FMA") == "1"
             else [])
+# KCACHE_OPS_TEST_SEED=k (tests/conftest.py): the schedule seeds a run names, shifted by 1000 · k
+SEED_SHIFT = 1000 * int(os.environ.get("KCACHE_OPS_TEST_SEED", "0"))
 SOURCES = ["harness.cpp", "runtime.cpp", "case_io.cpp"]
 ERROR_EXIT = 3
 
@@ -177,7 +179,8 @@ def run(exe, op, scalars, tensors, seeds=(1, 2, 3), skip_barrier=None, race_chec
     with tempfile.TemporaryDirectory() as tmp:
         case, out = Path(tmp) / "case.bin", Path(tmp) / "out.bin"
         write_case(case, op, scalars, {k: v.cpu() for k, v in tensors.items()})
-        cmd = [str(exe), str(case), str(out), "--seeds", ",".join(map(str, seeds))]
+        cmd = [str(exe), str(case), str(out),
+               "--seeds", ",".join(str(s + SEED_SHIFT) for s in seeds)]
         if skip_barrier:
             cmd += ["--skip-barrier", skip_barrier]
         if not race_check:
