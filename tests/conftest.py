@@ -1,5 +1,6 @@
 """Devices, dtypes, tolerances and input helpers shared by the op tests."""
 import os
+import re
 import zlib
 
 import pytest
@@ -17,13 +18,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-# KCACHE_OPS_TEST_SEED (a non-negative integer; 0, the default, is what CI runs): another value
+# KCACHE_OPS_TEST_SEED (an integer in [0, 2^32); 0, the default, is what CI runs): another value
 # draws every test's random inputs, Hypothesis's examples and the CPU emulator's schedule seeds
 # (cuda_emu/emu.py) from it, to run the suite on inputs it has not seen; a failure replays from
 # the test id and that number.
 _SEED = os.environ.get("KCACHE_OPS_TEST_SEED", "0")
-if not _SEED.isdigit():
-    raise pytest.UsageError(f"KCACHE_OPS_TEST_SEED must be a non-negative integer, got {_SEED!r}")
+if not re.fullmatch(r"[0-9]{1,10}", _SEED) or int(_SEED) >= 2 ** 32:
+    raise pytest.UsageError(f"KCACHE_OPS_TEST_SEED must be an integer in [0, 2^32), got {_SEED!r}")
 TEST_SEED = int(_SEED)
 
 
@@ -33,18 +34,21 @@ def seed_of(name):
 
 
 # Hypothesis draws the same shapes in every run (from each test's name; under another
-# TEST_SEED, from the name and it), as the torch inputs are seeded from the test's id
+# TEST_SEED, from the test's file and name and it), as the torch inputs are seeded from its id
 settings.register_profile("kcache_ops", derandomize=True)
 settings.load_profile("kcache_ops")
 
 
 def pytest_collection_modifyitems(items):
-    """Under a TEST_SEED other than 0, each Hypothesis test's examples from it and its name."""
-    if TEST_SEED:  # imported only here: CI's and the GPU run's Hypothesis need not have them
-        from hypothesis import is_hypothesis_test, seed as hypothesis_seed
-        for item in items:
-            if is_hypothesis_test(getattr(item, "obj", None)):
-                hypothesis_seed(seed_of(item.obj.__qualname__))(item.obj)
+    """Under a TEST_SEED other than 0, each Hypothesis test's examples from it and the test's
+    file::name (its parametrized cases share one function, so one seed)."""
+    if not TEST_SEED:
+        return
+    from hypothesis import seed as hypothesis_seed  # in every Hypothesis 6; CI's never needs it
+    for item in items:
+        fn = getattr(getattr(item, "obj", None), "__func__", getattr(item, "obj", None))
+        if getattr(fn, "is_hypothesis_test", False):  # set by @given
+            hypothesis_seed(seed_of(item.nodeid.split("[")[0]))(fn)
 
 
 @pytest.fixture(params=DEVICES)

@@ -10,11 +10,14 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from conftest import TEST_SEED, seed_of
+from conftest import DEVICES
 from cuda_emu import emu
 
 PROBE = os.environ.get("KCACHE_OPS_SEED_PROBE") == "1"  # set by the subprocess runs below
 DRAWN = []  # [x]: the Hypothesis probe's examples, in order
+
+# the nested pytest runs check the test set-up, not a device: on the CPU runs only
+pytestmark = pytest.mark.skipif("cpu" not in DEVICES, reason="checks the tests' seeding only")
 
 
 @pytest.mark.skipif(not PROBE, reason="the probe of test_other_seeds_draw_other_inputs")
@@ -25,13 +28,19 @@ def test_probe_examples(x):
 
 
 @pytest.mark.skipif(not PROBE, reason="the probe of test_other_seeds_draw_other_inputs")
-def test_probe_report():
-    print(f"PROBE {DRAWN} {torch.rand(3).tolist()} {emu.SEED_SHIFT}")
+def test_probe_report(request):
+    """One line: the examples drawn, torch's seed against the CRC-32 of this test's id, the
+    Hypothesis test's forced seed (None: derandomised by its name), and the emulator's shift."""
+    crc = zlib.crc32(request.node.nodeid.encode())
+    forced = getattr(test_probe_examples, "_hypothesis_internal_use_seed", None)
+    print(f"PROBE {DRAWN} {torch.rand(3).tolist()} crc={torch.initial_seed() == crc} "
+          f"forced={forced is not None} {emu.SEED_SHIFT}")
 
 
 def probe(seed):
     """The probe's draws in a pytest run under KCACHE_OPS_TEST_SEED=``seed`` -> its PROBE line."""
     env = dict(os.environ, KCACHE_OPS_SEED_PROBE="1", KCACHE_OPS_TEST_SEED=seed)
+    env.pop("PYTEST_ADDOPTS", None)  # the outer run's options (-k, -n) would lose the probe
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
                           f"{Path(__file__).name}::test_probe_examples",
                           f"{Path(__file__).name}::test_probe_report"],
@@ -42,32 +51,28 @@ def probe(seed):
     return lines[0][lines[0].index("PROBE"):]
 
 
-def test_ci_seeds_are_the_crc_of_the_test_id():
-    if TEST_SEED:
-        pytest.skip("this run has KCACHE_OPS_TEST_SEED set")
-    name = "test_x.py::test_y[cpu]"
-    assert seed_of(name) == zlib.crc32(name.encode())
-    assert emu.SEED_SHIFT == 0
-
-
 def test_other_seeds_draw_other_inputs():
-    """Each value draws the same again; 0, 1 and 2 draw three different sets of examples, torch
-    inputs and schedule shifts."""
+    """0 is CI's seeding (torch from the CRC-32 of the test id, Hypothesis by the test's name,
+    no schedule shift); each value draws the same again; 0, 1 and 2 draw three different sets of
+    examples and torch inputs."""
     runs = {seed: probe(seed) for seed in ("0", "1", "2")}
     assert probe("1") == runs["1"]
-    assert len(set(runs.values())) == 3
+    assert runs["0"].endswith(" crc=True forced=False 0")
+    assert runs["1"].endswith(" crc=False forced=True 1000")
+    assert runs["2"].endswith(" crc=False forced=True 2000")
     examples = [run.split("]")[0] for run in runs.values()]
     tensors = [run.split("]")[1] for run in runs.values()]
     assert len(set(examples)) == 3 and len(set(tensors)) == 3
-    assert [run.split()[-1] for run in runs.values()] == ["0", "1000", "2000"]
 
 
-@pytest.mark.parametrize("value", ["-1", "x", ""])
+@pytest.mark.parametrize("value", ["-1", "x", "", "²", str(2 ** 32)],
+                         ids=["negative", "letter", "empty", "superscript", "2^32"])
 def test_a_bad_value_is_refused(value):
     env = dict(os.environ, KCACHE_OPS_TEST_SEED=value)
+    env.pop("PYTEST_ADDOPTS", None)
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           "--co", Path(__file__).name], cwd=Path(__file__).parent, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
-    assert f"KCACHE_OPS_TEST_SEED must be a non-negative integer, got {value!r}" in (
+    assert f"KCACHE_OPS_TEST_SEED must be an integer in [0, 2^32), got {value!r}" in (
         res.stdout + res.stderr)

@@ -223,9 +223,12 @@ def test_lse_minus_inf_with_finite_scores(device, mean_tail):
     ref = R.sparse_attn_v(scores.cpu(), indices.cpu(), v.float(), lse.cpu(), False,
                           *((v_sum.cpu() * 1e-30, lens.cpu()) if mean_tail else ()))
     assert ref.isfinite().all() and ref[0, 1].abs().max() > 1e6
-    # each head at the scale of its terms, weight times row: at most 1e-30 at head 0, about
-    # 3.4e8 at head 1, whose two terms may cancel to far less (KCACHE_OPS_TEST_SEED=8: to 2.8e6,
-    # one float32 unit of a term apart in the op and the reference, 1.1e-5 of the sum)
+    # each head at the scale of its terms, a weight times 1e-30 (the rows are randn · 1e-30): the
+    # weights are at most 1 at head 0, the largest float (3.4e38) at head 1, whose two terms may
+    # cancel to far less (KCACHE_OPS_TEST_SEED=8: to 2.8e6, the op and the reference one float32
+    # unit of a term apart, 1.1e-5 of the sum). A wrong finite tail mass at head 1 (it clamps to
+    # 0) weighs ~1e-30 against its ~3e8 terms: no output shows it (the mean tail's tests check
+    # the mass where the weights are finite).
     scale = torch.tensor([1e-30, torch.finfo(torch.float32).max * 1e-30]).view(1, 2, 1)
     torch.testing.assert_close(out.cpu() / scale, ref / scale, atol=TOL[torch.float32],
                                rtol=TOL[torch.float32])
