@@ -1,6 +1,8 @@
 """Devices, dtypes, tolerances and input helpers shared by the op tests."""
 import os
 import re
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -46,9 +48,17 @@ def pytest_collection_modifyitems(items):
         return
     from hypothesis import seed as hypothesis_seed  # in every Hypothesis 6; CI's never needs it
     for item in items:
-        fn = getattr(getattr(item, "obj", None), "__func__", getattr(item, "obj", None))
+        obj = getattr(item, "obj", None)
+        fn = getattr(obj, "__func__", obj)  # a method's function
         if getattr(fn, "is_hypothesis_test", False):  # set by @given
             hypothesis_seed(seed_of(item.nodeid.split("[")[0]))(fn)
+
+
+def run_pytest(*args, env=None, cwd=None, timeout=900):
+    """A nested pytest run of ``args`` (quiet, no cache; in ``cwd``, with ``env``) -> its
+    CompletedProcess, the output captured as text."""
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(params=DEVICES)

@@ -15,7 +15,7 @@ import tempfile
 
 import pytest
 import torch
-from conftest import DTYPES, TOL
+from conftest import DTYPES, TOL, run_pytest
 
 import kcache_ops
 from kcache_ops import reference as R
@@ -31,15 +31,10 @@ CAPPED_FILES = [os.path.join(TESTS, f)
 CAPPED_CASES = "(cpu or across_threads) and not random_shapes"
 
 
-def _pytest(*args, env=None, timeout=900):
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
-                          env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.parametrize("level", ["avx2", "generic"])
 def test_capped_level_matches_reference(level):
     env = dict(os.environ, KCACHE_OPS_CPU_ISA=level, KCACHE_OPS_TEST_DEVICES="cpu")
-    run = _pytest("-x", "-k", CAPPED_CASES, *CAPPED_FILES, env=env)
+    run = run_pytest("-x", "-k", CAPPED_CASES, *CAPPED_FILES, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
 
@@ -49,7 +44,7 @@ def test_capped_levels_rerun_every_split_rows_case():
     env = dict(os.environ, KCACHE_OPS_TEST_DEVICES="cpu")
 
     def collected(*k):
-        run = _pytest("--collect-only", *k, *CAPPED_FILES, env=env, timeout=300)
+        run = run_pytest("--collect-only", *k, *CAPPED_FILES, env=env, timeout=300)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         return {line for line in run.stdout.splitlines() if "::" in line}
 

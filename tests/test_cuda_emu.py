@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DTYPES, TOL, seq_lens_tensor
+from conftest import DTYPES, TOL, run_pytest, seq_lens_tensor
 from cuda_emu import emu
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -1676,9 +1676,8 @@ def on_emulator(*args):
     """The last line of pytest's summary of a run of test files' device-parametrized cases through
     the CUDA kernels (cuda_emu/on_emulator.py swaps them in); args: the files and options."""
     env = dict(os.environ, KCACHE_OPS_TEST_DEVICES="cpu")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
-                          "cuda_emu.on_emulator", *args], cwd=Path(__file__).parent, env=env,
-                         capture_output=True, text=True, timeout=1200)
+    res = run_pytest("-p", "cuda_emu.on_emulator", *args, cwd=Path(__file__).parent, env=env,
+                     timeout=1200)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     return res.stdout.strip().splitlines()[-1]
 

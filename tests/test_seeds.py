@@ -1,8 +1,6 @@
 """KCACHE_OPS_TEST_SEED (conftest.py): 0 keeps CI's inputs, another value draws other torch inputs,
 Hypothesis examples and emulator schedule seeds, the same again for the same value."""
 import os
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -10,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from conftest import DEVICES
+from conftest import DEVICES, run_pytest
 from cuda_emu import emu
 
 PROBE = os.environ.get("KCACHE_OPS_SEED_PROBE") == "1"  # set by the subprocess runs below
@@ -37,15 +35,18 @@ def test_probe_report(request):
           f"forced={forced is not None} {emu.SEED_SHIFT}")
 
 
+def nested(seed, *args, **env):
+    """pytest on ``args`` in this folder under KCACHE_OPS_TEST_SEED=``seed`` and ``env``, without
+    the outer run's options (its -k or -n would lose the probe) -> its CompletedProcess."""
+    env = dict(os.environ, KCACHE_OPS_TEST_SEED=seed, **env)
+    env.pop("PYTEST_ADDOPTS", None)
+    return run_pytest(*args, cwd=Path(__file__).parent, env=env, timeout=300)
+
+
 def probe(seed):
     """The probe's draws in a pytest run under KCACHE_OPS_TEST_SEED=``seed`` -> its PROBE line."""
-    env = dict(os.environ, KCACHE_OPS_SEED_PROBE="1", KCACHE_OPS_TEST_SEED=seed)
-    env.pop("PYTEST_ADDOPTS", None)  # the outer run's options (-k, -n) would lose the probe
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-                          f"{Path(__file__).name}::test_probe_examples",
-                          f"{Path(__file__).name}::test_probe_report"],
-                         cwd=Path(__file__).parent, env=env, capture_output=True, text=True,
-                         timeout=300)
+    res = nested(seed, "-s", f"{Path(__file__).name}::test_probe_examples",
+                 f"{Path(__file__).name}::test_probe_report", KCACHE_OPS_SEED_PROBE="1")
     lines = [line for line in res.stdout.splitlines() if "PROBE" in line]
     assert res.returncode == 0 and len(lines) == 1, res.stdout[-2000:] + res.stderr[-2000:]
     return lines[0][lines[0].index("PROBE"):]
@@ -68,11 +69,7 @@ def test_other_seeds_draw_other_inputs():
 @pytest.mark.parametrize("value", ["-1", "x", "", "²", str(2 ** 32)],
                          ids=["negative", "letter", "empty", "superscript", "2^32"])
 def test_a_bad_value_is_refused(value):
-    env = dict(os.environ, KCACHE_OPS_TEST_SEED=value)
-    env.pop("PYTEST_ADDOPTS", None)
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "--co", Path(__file__).name], cwd=Path(__file__).parent, env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = nested(value, "--co", Path(__file__).name)
     assert res.returncode != 0
     assert f"KCACHE_OPS_TEST_SEED must be an integer in [0, 2^32), got {value!r}" in (
         res.stdout + res.stderr)
