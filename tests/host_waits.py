@@ -1,6 +1,8 @@
 """What would make a CUDA decode step wait on the host, found on the CPU, where nothing syncs:
 :func:`host_waits` records each tensor value read on the host and each kcache_ops op called with
-its value check on (on CUDA that check reads the lengths or indices back)."""
+its value check on (on CUDA that check reads the lengths or indices back); and each index_put_
+that torch's deterministic mode would run on CUDA by copying its whole destination (the CPU runs
+none of that mode's sorting index_put_, so this too is found from the call's form)."""
 import contextlib
 
 import pytest
@@ -22,13 +24,22 @@ def _bool_indices(indices):
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
 
 
+def _copies_whole(dst, indices):
+    """Whether ``dst[indices] = x`` copies all of dst, out and back, under torch's deterministic
+    mode on CUDA: its index_put_ sorts a linear index, over a contiguous copy of a non-contiguous
+    dst, and over a permuted copy where the index tensors are not side by side (dst[i, :, j])."""
+    at = [k for k, i in enumerate(indices or ()) if i is not None]
+    return bool(at) and (not dst.is_contiguous() or at != list(range(at[0], at[-1] + 1)))
+
+
 class HostWaits(TorchDispatchMode):
     """Records, in ``found``, each op that would make a CUDA step wait on the host: a tensor's
     value read (``aten._local_scalar_dense``: ``.item()``, ``int()``, ``bool()`` of a tensor), an
     op whose output size depends on values (nonzero, masked_select, unique, indexing by a bool
     mask, repeat_interleave of a tensor of repeats without ``output_size``, bincount; and
-    torch.equal) and a kcache_ops op
-    whose ``check_values`` is on (given or by default)."""
+    torch.equal), a kcache_ops op whose ``check_values`` is on (given or by default), and an
+    index_put_ that deterministic mode runs by copying its whole destination
+    (:func:`_copies_whole`)."""
 
     def __init__(self):
         super().__init__()
@@ -44,6 +55,10 @@ class HostWaits(TorchDispatchMode):
         elif func.namespace == "aten" and name in ("index", "index_put", "index_put_") \
                 and _bool_indices(args[1] if len(args) > 1 else kwargs.get("indices")):
             self.found.append(f"{func.name()} with a bool mask: its size depends on values")
+        elif func.namespace == "aten" and name in ("index_put", "index_put_") \
+                and _copies_whole(args[0], args[1] if len(args) > 1 else kwargs.get("indices")):
+            self.found.append(f"{func.name()} into a non-contiguous tensor or with its index "
+                              "tensors apart: deterministic mode copies the whole tensor")
         elif name == "repeat_interleave" and func._overloadname in ("Tensor", "self_Tensor") \
                 and kwargs.get("output_size") is None:
             self.found.append(f"{func.name()} without output_size: its size depends on values")

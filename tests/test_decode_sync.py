@@ -11,6 +11,7 @@ import torch
 
 import kcache_ops
 from kcache_ops.caches import KCacheOptions, make_cache
+from kcache_ops.caches.lengths import index_at
 from kcache_ops.model import Llama, LlamaConfig
 from cuda_checks import requires_cuda
 from host_waits import host_waits
@@ -36,19 +37,38 @@ FREQ_FACTORS = pytest.mark.parametrize("freq_factors", [None, [1.0 + i / 8 for i
                                        ids=["rope", "gguf_freq_factors"])
 
 
-def prefilled(backend, options, freq_factors, device, dtype):
-    """(model, cache, tokens [B, T]): a tiny random model and its cache after a prefill of two
-    prompts of 40 and 23 tokens (a prefill may sync: it validates the lengths)."""
+def prefilled(backend, options, freq_factors, device, dtype, capacity=64):
+    """(model, cache, tokens [B, T]): a tiny random model and its cache of ``capacity`` tokens
+    after a prefill of two prompts of 40 and 23 tokens (a prefill may sync: it validates the
+    lengths)."""
     torch.manual_seed(0)
     c = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=160, num_layers=3,
                     num_heads=4, num_kv_heads=2, head_dim=64, rope_freq_factors=freq_factors)
     model = Llama(c).to(device, dtype).eval()
     lens = torch.tensor([40, 23], dtype=torch.int32, device=device)  # [B]
     tokens = torch.randint(0, c.vocab_size, (2, 40), device=device)  # [B, T]
-    cache = make_cache(backend, c, 2, 64, model.device, model.dtype, options)
+    cache = make_cache(backend, c, 2, capacity, model.device, model.dtype, options)
     with torch.inference_mode():
         model.prefill(tokens, lens, cache)
     return model, cache, tokens
+
+
+def steps_without_syncs(model, cache, tokens, steps):
+    """A decode step of ``cache`` on CUDA (lazy CUDA initialisation), then ``steps`` more under
+    ``set_sync_debug_mode("error")`` -> (logits [B, V] of the last, the most bytes they allocated
+    at once beyond those allocated before them)."""
+    with torch.inference_mode():
+        model.decode(tokens[:, 0], cache)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(steps):
+                logits = model.decode(tokens[:, 0], cache)  # [B, V]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return logits, torch.cuda.max_memory_allocated() - before
 
 
 @requires_cuda
@@ -56,15 +76,22 @@ def prefilled(backend, options, freq_factors, device, dtype):
 @FREQ_FACTORS
 def test_decode_step_never_syncs(backend, options, freq_factors):
     model, cache, tokens = prefilled(backend, options, freq_factors, "cuda", torch.bfloat16)
-    with torch.inference_mode():
-        model.decode(tokens[:, 0], cache)   # first step outside: lazy CUDA initialisation
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(3):
-                logits = model.decode(tokens[:, 0], cache)  # [B, V]
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    logits, _ = steps_without_syncs(model, cache, tokens, 3)
+    assert torch.isfinite(logits).all()
+
+
+@requires_cuda
+@BACKENDS
+@pytest.mark.usefixtures("poisoned_outputs")  # torch's deterministic mode
+def test_decode_step_in_deterministic_mode(backend, options):
+    """Under torch's deterministic mode, whose index_put_ CUDA runs by sorting (copying the whole
+    destination where the index tensors stand apart: tests/host_waits.py), a decode step still
+    never syncs, and allocates less than one layer's K (16 MiB here): no K or V buffer, host V
+    through PCIe included, is copied whole."""
+    model, cache, tokens = prefilled(backend, options, None, "cuda", torch.bfloat16, 1 << 15)
+    layer_k = cache.k[0].nbytes  # [B, Hkv, S, D]: 2 x 2 x 32768 x 64 bfloat16
+    logits, grew = steps_without_syncs(model, cache, tokens, 2)
+    assert grew < layer_k, f"a step allocated {grew} bytes, a layer's K is {layer_k}"
     assert torch.isfinite(logits).all()
 
 
@@ -95,9 +122,12 @@ def test_a_recorded_decode_step_would_not_sync(options):
 
 @pytest.mark.parametrize("inference", [False, True], ids=["grad", "inference"])
 def test_host_waits_finds_what_would_sync(inference):
-    """The checker itself: each kind of op that would wait on the host on CUDA is found, in and
-    out of inference mode, and the same ops sized without values are not."""
+    """The checker itself: each kind of op that would wait on the host on CUDA, or copy its whole
+    destination in deterministic mode, is found, in and out of inference mode, and the same ops
+    sized without values, or with their index tensors side by side, are not."""
     t, mask, repeats = torch.randn(5), torch.randn(5) > 0, torch.tensor([1, 2, 1, 1, 1])
+    cache, row = torch.randn(2, 3, 8, 4), torch.randn(2, 3, 4)  # [B, H, S, D], [B, H, D]
+    rows, heads, pos = torch.arange(2), torch.arange(3), torch.tensor([5, 1])  # [B], [H], [B]
     with torch.inference_mode(inference), host_waits() as waits:
         t[mask]
         t.nonzero()
@@ -108,6 +138,8 @@ def test_host_waits_finds_what_would_sync(inference):
         torch.repeat_interleave(t, repeats)
         t.index_put_((mask,), torch.tensor(1.0))
         kcache_ops.quantize_rows(torch.randn(2, 64), 2)  # no check_values: nothing to find
+        cache[rows, :, pos] = row  # index tensors apart
+        cache.transpose(1, 2)[rows, pos] = row  # a non-contiguous destination
         kcache_ops.gather_rows(torch.randn(1, 1, 4, 8), torch.zeros(1, 1, 2, dtype=torch.int32))
         with pytest.raises(AssertionError, match="read a tensor's values on the host"):
             t.sum().item()
@@ -116,7 +148,9 @@ def test_host_waits_finds_what_would_sync(inference):
         t.nonzero_static(size=5)
         torch.repeat_interleave(t, repeats, output_size=6)
         t.index_put_((torch.tensor([1]),), torch.tensor(2.0))
-    assert len(waits.found) == found == 9, waits.found
+        cache[index_at(rows, heads, pos)] = row
+        cache[:, :, pos] = 1.0  # one index tensor, not at the front
+    assert len(waits.found) == found == 11, waits.found
     assert waits.found[-1] == "kcache_ops::gather_rows with check_values on"
 
 

@@ -45,9 +45,8 @@ def append_and_attend(lengths, k_cache, v_cache, q, k, v):
     on the device alone, so that the host's ``longest`` lags them), every key: the mask gives
     those past ``seq_lens[b]`` weight 0.
     """
-    pos = lengths.positions  # [B] long
-    k_cache[lengths.rows, :, pos] = k
-    v_cache[lengths.rows, :, pos] = v
+    k_cache[lengths.step_index] = k
+    v_cache[lengths.step_index] = v
     width = k_cache.shape[2] if lengths.graphed else lengths.longest + 1  # set in decode_step
     return exact_decode_attention(q, k_cache[:, :, :width], v_cache[:, :, :width],
                                   lengths.attend_lens)
@@ -86,7 +85,8 @@ class DenseCache:
         on_cpu = torch.device(device).type == "cpu"
         check_memory("DenseCache", shape, dtype, 2 * config.num_layers if on_cpu else 0, device,
                      2 * config.num_layers)  # K and V of every layer, before any tensor is made
-        self.lengths = SeqLengths("DenseCache", batch, capacity, device, config.num_layers)
+        self.lengths = SeqLengths("DenseCache", batch, capacity, device, config.num_layers,
+                                  config.num_kv_heads)
         self.capacity = capacity
         self.num_heads = config.num_heads
         # zeros, not empty: masked positions get weight 0, and 0 * NaN from stale memory is NaN

@@ -17,6 +17,8 @@ from collections import namedtuple
 
 import torch
 
+from .lengths import index_at
+
 class HotPart(namedtuple("HotPart", "weights v")):
     """The exact attention of a step's hot rows, added into the step's output where it is formed:
     weights [B, Hkv, G, H] float32 = exp(s − lse) (0 at empty slots), v [B, Hkv, H, D] float32
@@ -125,14 +127,16 @@ class HotRows:
         hot = torch.gather(v, 2, rows)  # [B, Hkv, H, D]
         self.v.copy_(hot.masked_fill(~valid[:, None, :, None], 0))
 
-    def append(self, rows, v):
-        """Keep one token's v [B, Hkv, D] of each sequence ``rows`` in its slot (``slots.slot``;
-        nothing changes for a token without one, ``slots.keep`` False)."""
+    def append(self, rows, heads, v):
+        """Keep one token's v [B, Hkv, D] of each sequence in its slot (``slots.slot``; nothing
+        changes for a token without one, ``slots.keep`` False); rows [B] and heads [Hkv] long,
+        ``0..B-1`` and ``0..Hkv-1``."""
         s = self.slots
+        index = index_at(rows, heads, s.slot)  # [B, 1], [Hkv], [B, 1]
         if s.window:
-            self.v[rows, :, s.slot] = v
+            self.v[index] = v
         else:
-            self.v[rows, :, s.slot] = torch.where(s.keep[:, None, None], v, self.v[rows, :, s.slot])
+            self.v[index] = torch.where(s.keep[:, None, None], v, self.v[index])
 
     def attend(self, lse, all_scores):
         """The exact attention of the hot rows this step holds (``slots.held``, its new token

@@ -169,7 +169,8 @@ class KCache:
         beside = sum(part.nbytes for part in self._layer_parts(batch, dtype, meta, None, meta_hot)
                      if part is not None) if kcache_layers else 0
         check_memory("KCache", shape, dtype, *tensors, len(kcache_layers) * beside)
-        self.lengths = SeqLengths("KCache", batch, capacity, self.device, n_layers)
+        self.lengths = SeqLengths("KCache", batch, capacity, self.device, n_layers,
+                                  config.num_kv_heads)
         # zeros on the device: the exact attention of dense layers multiplies masked rows by 0,
         # and 0 * NaN from stale memory is NaN. Host V is read only at valid rows.
         self.k = [torch.zeros(shape, device=self.device, dtype=dtype)
@@ -318,17 +319,16 @@ class KCache:
         """The decode step of a KCache layer (:meth:`decode`'s arguments): append, select,
         attend -> out [B, Hq, D]."""
         lengths = self.lengths
-        pos = lengths.positions  # [B] long
         k_cache = self.k[layer]  # [B, Hkv, S, D]
-        k_cache[lengths.rows, :, pos] = k
+        k_cache[lengths.step_index] = k
         # ordered before sparse_attn_v below (the same stream, or one forked after this write),
         # which may pick the new token among the top N
-        self._v_writable[layer][lengths.rows, :, pos] = v
+        self._v_writable[layer][lengths.step_index] = v
         tail = self.tails[layer]
-        tail.append(lengths.rows, pos, v)
+        tail.append(lengths.step_index, v)
         hot = self.hot.get(layer)
         if hot is not None:
-            hot.append(lengths.rows, v)
+            hot.append(lengths.rows, lengths.heads, v)
         lens = lengths.attend_lens  # [B]
         needs_scores = tail.needs_scores or hot is not None  # the tail's weights, the hot rows'
         if q.stride(-1) != 1:  # qk_topn reads D contiguous, as the dense attention need not

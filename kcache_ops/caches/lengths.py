@@ -30,6 +30,19 @@ def check_count(owner, name, value, most):
     return n
 
 
+def index_at(rows, heads, at):
+    """rows [B] long (``0..B-1``), heads [H] long (``0..H-1``), at [B] long -> (rows [B, 1], heads,
+    at [B, 1]), views: the index of ``buffer[b, h, at[b]]`` for every sequence b and head h of a
+    buffer [B, H, S, ...], so that ``buffer[index] = x`` writes x [B, H, ...] (and
+    ``buffer[index]`` reads those rows).
+
+    Three index tensors side by side, not ``buffer[rows, :, at]``: under torch's deterministic mode
+    CUDA runs index_put_ by sorting, and where the index tensors stand on either side of an
+    unindexed dimension (or the buffer is not contiguous) it copies the whole buffer out and back,
+    at every call: the whole cache at every decode step, and host V through PCIe."""
+    return rows[:, None], heads, at[:, None]
+
+
 def capturing(t):
     """Whether the current stream of tensor ``t``'s device is capturing a CUDA graph (never on
     the CPU)."""
@@ -38,7 +51,7 @@ def capturing(t):
 
 class SeqLengths:
     """Lengths of ``batch`` sequences in a cache of ``num_layers`` layers of ``capacity`` tokens
-    each (ints, from :func:`check_sizes`), on ``device``.
+    each (ints, from :func:`check_sizes`) and ``num_kv_heads`` KV heads, on ``device``.
 
     Attributes
     ----------
@@ -51,11 +64,17 @@ class SeqLengths:
         appends, converted once per step, not once per layer).
     rows : Tensor [B] long on ``device``
         ``0..B-1``, the batch index of a decode step's appends.
+    heads : Tensor [Hkv] long on ``device``
+        ``0..Hkv-1``, the KV-head index of a decode step's appends.
+    step_index : tuple of Tensor
+        :func:`index_at` of rows, heads and positions: ``buffer[step_index] = x [B, Hkv, ...]``
+        stores a decode step's token at ``seq_lens[b]`` of a buffer [B, Hkv, S, ...] (views of
+        the tensors above, which change in place: valid for the cache's life).
     longest : int
         ``max(seq_lens)``, kept on the host.
     """
 
-    def __init__(self, owner, batch, capacity, device, num_layers):
+    def __init__(self, owner, batch, capacity, device, num_layers, num_kv_heads):
         self.owner = owner  # the cache's name, for errors
         self.capacity = capacity
         self.num_layers = num_layers
@@ -66,6 +85,8 @@ class SeqLengths:
         self.attend_lens = self.seq_lens + 1  # [B] int32
         self.positions = self.seq_lens.long()  # [B]
         self.rows = torch.arange(batch, device=device)  # [B]
+        self.heads = torch.arange(num_kv_heads, device=device)  # [Hkv]
+        self.step_index = index_at(self.rows, self.heads, self.positions)  # [B, 1], [Hkv], [B, 1]
         self.longest = 0
         # a bound of the rows a prompt or step has stored (of any sequence): past it, a layer's
         # K and V hold zeros where the rows are attended with a mask (dense.store_prompt_rows)

@@ -64,7 +64,7 @@ class NoTail:
     def store_prompt(self, v, lens):
         """Nothing to keep."""
 
-    def append(self, rows, pos, v):
+    def append(self, index, v):
         """Nothing to keep."""
 
     def commit(self):
@@ -123,9 +123,8 @@ class MeanTail:
         self.v_sum.copy_(rows.sum(2))  # padding rows as zeros: 0 times an inf or NaN is NaN
         self._committed.copy_(self.v_sum)
 
-    def append(self, rows, pos, v):
-        """The sum before this step plus one token's v [B, Hkv, D] (rows, pos: where it is
-        stored)."""
+    def append(self, index, v):
+        """The sum before this step plus one token's v [B, Hkv, D] (index: where it is stored)."""
         torch.add(self._committed, v.float(), out=self.v_sum)  # v detached by the cache
 
     def commit(self):
@@ -173,12 +172,13 @@ class LowBitTail:
         self.codes[:, :, :T] = codes
         self.meta[:, :, :T] = meta
 
-    def append(self, rows, pos, v):
-        """Quantize one token's v [B, Hkv, D] into position ``pos[b]`` of each sequence ``rows``."""
+    def append(self, index, v):
+        """Quantize one token's v [B, Hkv, D] into its position: ``index``, a decode step's
+        (:attr:`.lengths.SeqLengths.step_index`)."""
         # [B, Hkv, D * bits / 8], [B, Hkv, 2]
         codes, meta = quantize_rows(unit_stride_rows(v), self.bits)
-        self.codes[rows, :, pos] = codes
-        self.meta[rows, :, pos] = meta
+        self.codes[index] = codes
+        self.meta[index] = meta
 
     def commit(self):
         """Nothing to do: a step run again writes its token's copy into the same position."""
