@@ -528,6 +528,10 @@ def test_a_refused_decode_step_changes_nothing(backend):
         with pytest.raises(ValueError, match=rf"{name} must be torch.float32 on cpu \(the "
                                              rf"cache's\), got"):
             cache.decode(0, args["q"], args["k"], args["v"])
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
+            ValueError, match=r"k must be torch.float32 .* got torch.bfloat16 on cpu \(torch."
+                              r"autocast is on and cast it: run the model and build the cache in"):
+        cache.decode(0, q, kv.bfloat16(), kv)
     for bad in ({"q": None}, {"k": kv.numpy()}, {"v": kv.tolist()}):  # not tensors
         args = {"q": q, "k": kv, "v": kv, **bad}
         name = next(iter(bad))

@@ -247,5 +247,9 @@ def check_layer_inputs(owner, k_buffers, num_heads, layer, prompt, k, v, q=ATTEN
             raise ValueError(f"{owner}: {name} must have shape {[B, heads, *T, D]}, got "
                              f"{list(t.shape)}")
         if t.dtype != cached.dtype or t.device != cached.device:
+            # autocast casts the projections' outputs, not the cache: a dtype the user never chose
+            cast = t.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(t.device.type)
             raise ValueError(f"{owner}: {name} must be {cached.dtype} on {cached.device} (the "
-                             f"cache's), got {t.dtype} on {t.device}")
+                             f"cache's), got {t.dtype} on {t.device}" + (
+                                 " (torch.autocast is on and cast it: run the model and build "
+                                 "the cache in the dtype you want instead)" if cast else ""))
