@@ -26,7 +26,7 @@ def hot_positions(length, sinks, window):
 @pytest.mark.parametrize("sinks, window", [(2, 3), (0, 4), (3, 0), (1, 1)])
 def test_slots_hold_the_first_and_last_positions(sinks, window):
     """Slot j holds a hot position, every hot position has a slot, whatever the length."""
-    hot = HotSlots(sinks, window, 1, "cpu")
+    hot = HotSlots(sinks, window, 1, 1, "cpu")
     for length in range(0, 20):
         pos, valid = hot.positions(torch.tensor([length], dtype=torch.int32))  # [1, H] each
         held = [p for p, ok in zip(pos[0].tolist(), valid[0].tolist()) if ok]

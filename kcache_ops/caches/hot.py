@@ -46,9 +46,12 @@ class HotSlots:
     empty : Tensor [B, H] bool — ``held < 0``
     slot : Tensor [B] long — the slot of the next decode step's token
     keep : Tensor [B] bool — whether that token has a slot (not past the sinks with window = 0)
+    index : tuple of Tensor — :func:`~.lengths.index_at` of the sequences, the ``num_kv_heads``
+        KV heads and ``slot``: where a step's token goes in each layer's :attr:`HotRows.v`
+        (views of tensors changed in place)
     """
 
-    def __init__(self, sinks, window, batch, device):
+    def __init__(self, sinks, window, batch, num_kv_heads, device):
         self.sinks, self.window = sinks, window
         self.size = sinks + window
         self.held = torch.full((batch, self.size), -1, dtype=torch.int32, device=device)
@@ -58,6 +61,8 @@ class HotSlots:
         self.keep = torch.ones(batch, dtype=torch.bool, device=device)
         self._rows = torch.arange(batch, device=device)  # [B]
         self._slots = torch.arange(self.size, device=device)  # [H]
+        heads = torch.arange(num_kv_heads, device=device)  # [Hkv]
+        self.index = index_at(self._rows, heads, self.slot)  # [B, 1], [Hkv], [B, 1]
 
     def positions(self, lens):
         """lens [B] int32 -> (pos [B, H] int64, the position each slot holds at length L_b,
@@ -127,16 +132,14 @@ class HotRows:
         hot = torch.gather(v, 2, rows)  # [B, Hkv, H, D]
         self.v.copy_(hot.masked_fill(~valid[:, None, :, None], 0))
 
-    def append(self, rows, heads, v):
-        """Keep one token's v [B, Hkv, D] of each sequence in its slot (``slots.slot``; nothing
-        changes for a token without one, ``slots.keep`` False); rows [B] and heads [Hkv] long,
-        ``0..B-1`` and ``0..Hkv-1``."""
+    def append(self, v):
+        """Keep one token's v [B, Hkv, D] of each sequence in its slot (``slots.slot``, at
+        ``slots.index``; nothing changes for a token without one, ``slots.keep`` False)."""
         s = self.slots
-        index = index_at(rows, heads, s.slot)  # [B, 1], [Hkv], [B, 1]
         if s.window:
-            self.v[index] = v
+            self.v[s.index] = v
         else:
-            self.v[index] = torch.where(s.keep[:, None, None], v, self.v[index])
+            self.v[s.index] = torch.where(s.keep[:, None, None], v, self.v[s.index])
 
     def attend(self, lse, all_scores):
         """The exact attention of the hot rows this step holds (``slots.held``, its new token

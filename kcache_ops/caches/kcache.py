@@ -165,7 +165,8 @@ class KCache:
         # the bytes a KCache layer keeps on the device beside K: its parts built on the meta
         # device, which gives them their shapes and no memory
         meta = torch.device("meta")
-        meta_hot = HotSlots(*options.hot_split(capacity), batch, meta) if options.hot_rows else None
+        meta_hot = (HotSlots(*options.hot_split(capacity), batch, config.num_kv_heads, meta)
+                    if options.hot_rows else None)
         beside = sum(part.nbytes for part in self._layer_parts(batch, dtype, meta, None, meta_hot)
                      if part is not None) if kcache_layers else 0
         check_memory("KCache", shape, dtype, *tensors, len(kcache_layers) * beside)
@@ -186,7 +187,8 @@ class KCache:
         # the V hand-offs of prefill, and the low-bit tail's host reads at decode
         self._side = SideStream(self.device)
         # which position each hot slot holds: the same for every layer, kept once
-        self.hot_slots = (HotSlots(*options.hot_split(capacity), batch, self.device)
+        self.hot_slots = (HotSlots(*options.hot_split(capacity), batch, config.num_kv_heads,
+                                   self.device)
                           if options.hot_rows and self.v_host else None)
         if self.hot_slots is not None:  # until a prefill: the slots of empty sequences
             self.hot_slots.start(self.lengths.seq_lens, self.lengths.positions)
@@ -328,7 +330,7 @@ class KCache:
         tail.append(lengths.step_index, v)
         hot = self.hot.get(layer)
         if hot is not None:
-            hot.append(lengths.rows, lengths.heads, v)
+            hot.append(v)
         lens = lengths.attend_lens  # [B]
         needs_scores = tail.needs_scores or hot is not None  # the tail's weights, the hot rows'
         if q.stride(-1) != 1:  # qk_topn reads D contiguous, as the dense attention need not

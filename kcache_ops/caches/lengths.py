@@ -64,12 +64,10 @@ class SeqLengths:
         appends, converted once per step, not once per layer).
     rows : Tensor [B] long on ``device``
         ``0..B-1``, the batch index of a decode step's appends.
-    heads : Tensor [Hkv] long on ``device``
-        ``0..Hkv-1``, the KV-head index of a decode step's appends.
     step_index : tuple of Tensor
-        :func:`index_at` of rows, heads and positions: ``buffer[step_index] = x [B, Hkv, ...]``
-        stores a decode step's token at ``seq_lens[b]`` of a buffer [B, Hkv, S, ...] (views of
-        the tensors above, which change in place: valid for the cache's life).
+        :func:`index_at` of rows, the KV heads and positions: ``buffer[step_index] = x
+        [B, Hkv, ...]`` stores a decode step's token at ``seq_lens[b]`` of a buffer
+        [B, Hkv, S, ...] (views of tensors changed in place: valid for the cache's life).
     longest : int
         ``max(seq_lens)``, kept on the host.
     """
@@ -85,8 +83,8 @@ class SeqLengths:
         self.attend_lens = self.seq_lens + 1  # [B] int32
         self.positions = self.seq_lens.long()  # [B]
         self.rows = torch.arange(batch, device=device)  # [B]
-        self.heads = torch.arange(num_kv_heads, device=device)  # [Hkv]
-        self.step_index = index_at(self.rows, self.heads, self.positions)  # [B, 1], [Hkv], [B, 1]
+        heads = torch.arange(num_kv_heads, device=device)  # [Hkv]
+        self.step_index = index_at(self.rows, heads, self.positions)  # [B, 1], [Hkv], [B, 1]
         self.longest = 0
         # a bound of the rows a prompt or step has stored (of any sequence): past it, a layer's
         # K and V hold zeros where the rows are attended with a mask (dense.store_prompt_rows)
