@@ -431,7 +431,7 @@ def _scalars(op, convert, **values):
 def as_float32(x):
     """x rounded to float32, as the ops take a float argument such as top_p (their schema's float
     is a double, which they compare in float32)."""
-    return float(torch.tensor(x, dtype=torch.float32))
+    return float(torch.tensor(x, dtype=torch.float32, device="cpu"))
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes of q, K and V

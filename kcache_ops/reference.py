@@ -95,7 +95,8 @@ def mass_prefix(scores, indices, lse, top_p):
     taken as a float32, as the ops take it: 1 keeps every entry; the masses are float32, added in
     float64. The first entry is always kept (nothing is ahead of it).
     """
-    top_p = float(torch.tensor(top_p, dtype=torch.float32))  # as the ops take it (ops.as_float32)
+    # as the ops take it (ops.as_float32)
+    top_p = float(torch.tensor(top_p, dtype=torch.float32, device="cpu"))
     if top_p >= 1:
         return scores, indices
     mass = torch.exp(scores - lse[..., None]).nan_to_num(0.0).double()  # [B, Hq, N]; 0: padding

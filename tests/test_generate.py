@@ -66,6 +66,34 @@ def test_kcache_options_are_the_caches(loaded):
     assert 0 < reused.cache.reuse_hit_rate().nanmean() < 1
 
 
+@pytest.mark.parametrize("backend, options", [
+    ("dense", None), ("kcache", None),
+    ("kcache", dict(topn=2, tail="mean", sinks=0, window=0)),
+    ("kcache", dict(topn=2, tail="int4", reuse=8)),
+    ("kcache", dict(topn=2, group_select=True, sinks=1, window=2))])
+def test_torch_default_device_is_not_ours(folder, loaded, backend, options):
+    """torch.set_default_device (gpt-fast builds its model under one) changes nothing of a CPU
+    model's loading and generation: the library builds each tensor on the device it means. Here
+    'meta' stands in for a GPU: a tensor built on the default device has no data, and fails."""
+    from kcache_ops.caches import KCacheOptions
+    from kcache_ops.eval import agreement
+    options = None if options is None else KCacheOptions(**options)
+    model, _ = loaded
+    want = generate(model, PROMPTS, 6, backend=backend, options=options, temperature=0.8,
+                    seed=3, reuse_stats=bool(options and options.reuse))
+    torch.set_default_device("meta")
+    try:
+        reloaded, _ = load_model(folder, "cpu")
+        got = generate(reloaded, PROMPTS, 6, backend=backend, options=options, temperature=0.8,
+                       seed=3, reuse_stats=bool(options and options.reuse))
+        tokens = torch.tensor(got.tokens, device="cpu")  # [B, 6]
+        summary = agreement.summarize(tokens, tokens.flip(0))
+    finally:
+        torch.set_default_device(None)
+    assert got.tokens == want.tokens and got.cache.device_bytes() == want.cache.device_bytes()
+    assert summary["first_divergence_rows"][1] == 6
+
+
 def test_reuse_stats_are_opt_in(loaded):
     """With reuse, generate records what the pool found only when asked (``reuse_stats``: its
     counting ops run inside decode_s); asking without KCache's reuse, or not with a bool, is an

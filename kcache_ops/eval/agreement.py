@@ -16,7 +16,7 @@ def summarize(argmax, reference):
     steps = same.shape[1]
     mismatch = ~same
     first = torch.where(mismatch.any(1), mismatch.float().argmax(1),
-                        torch.full((same.shape[0],), steps))  # [rows]
+                        torch.full(same.shape[:1], steps, device=same.device))  # [rows]
     return {"first_divergence": float(first.float().mean()),
             "first_divergence_rows": first.tolist(),
             "match_rate": float(same.float().mean())}

@@ -21,7 +21,7 @@ def windows(ids, rows, prefill, steps, offset=0):
         raise ValueError(f"perplexity needs {rows} x {width} tokens of text from token {offset}, "
                          f"the text has {len(ids)}")
     chunks = torch.tensor([ids[offset + r * width: offset + (r + 1) * width]
-                           for r in range(rows)])  # [rows, width]
+                           for r in range(rows)], device="cpu")  # [rows, width]
     return chunks[:, :prefill].tolist(), chunks[:, prefill], chunks[:, prefill + 1:]
 
 

@@ -75,7 +75,8 @@ def build_groups(tokenizer, settings):
         ps, keys, phrasing = needle.prompts(tokenizer, ids, length, s.needle_depths, s.seed,
                                             offset, s.needle_phrasings)
         groups.append({"name": f"needle-{length}", "prompts": ps, "first": None,
-                       "forced": torch.full((len(ps), s.answer_steps), -1), "keys": keys,
+                       "forced": torch.full((len(ps), s.answer_steps), -1, device="cpu"),
+                       "keys": keys,
                        "phrasing": phrasing})
     return groups
 
@@ -86,7 +87,7 @@ def run_group(model, tokenizer, group, snapshot, config, dense_result, progress)
     forced = group["forced"]  # [B, S]
     if group["name"] == "short" and dense_result is not None:
         forced = forced.clone()
-        forced[group["ppl_rows"]:] = torch.tensor(dense_result["short"]["greedy"])
+        forced[group["ppl_rows"]:] = torch.tensor(dense_result["short"]["greedy"], device="cpu")
     first = group["first"]
     if first is None:  # greedy from the prefill's last logits (the same for every backend)
         first = snapshot.logits.argmax(-1)  # [B]

@@ -329,9 +329,10 @@ def _describe(x):
 
 def pad_prompts(prompts):
     """The input of :meth:`Llama.prefill` from B token-id lists: tokens [B, T] long right-padded
-    with 0 (T the longest prompt), lens [B] int32."""
+    with 0 (T the longest prompt), lens [B] int32, both on the CPU (whatever torch's default
+    device)."""
     longest = max(len(p) for p in prompts)
-    tokens = torch.zeros(len(prompts), longest, dtype=torch.long)           # [B, T]
+    tokens = torch.zeros(len(prompts), longest, dtype=torch.long, device="cpu")  # [B, T]
     for b, p in enumerate(prompts):
-        tokens[b, :len(p)] = torch.as_tensor(p)  # a list, an array or a tensor of ids
-    return tokens, torch.tensor([len(p) for p in prompts], dtype=torch.int32)  # [B]
+        tokens[b, :len(p)] = torch.as_tensor(p, device="cpu")  # a list, an array or a tensor of ids
+    return tokens, torch.tensor([len(p) for p in prompts], dtype=torch.int32, device="cpu")  # [B]

@@ -78,7 +78,7 @@ def weight_bytes_per_step(config, batch, dtype):
     layers = config.num_layers * (attention + mlp + 2 * e)  # and the two norms
     embedding = 0 if config.tie_word_embeddings else batch * e
     values = layers + e + config.vocab_size * e + embedding  # final norm, LM head, rows looked up
-    return values * torch.empty((), dtype=dtype).element_size()
+    return values * dtype.itemsize
 
 
 def weight_bytes(config, dtype):
