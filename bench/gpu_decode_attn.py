@@ -16,9 +16,9 @@ the default step adds its selection (qk_topn over the cold rows + top_p) and its
 Each step also carries its floor (floor_us: its device bytes at the device copy's rate, then its
 host rows at the pinned copy's) and its ratio to it, and the dense step its floor (K and V at the
 device copy's rate). The calls of one captured graph each have their own fresh query.
-Where sparse_attn_v splits a slice's rows over several blocks (few blocks: batch <= 8 here), it
-and the default step are also timed as planned without that split (KCACHE_OPS_HOST_READ_SPREAD=0,
-the *_unspread fields).
+Where sparse_attn_v could split a slice's rows over several blocks (few blocks: batch <= 8 here),
+it and the default step are also timed as planned with that split (KCACHE_OPS_HOST_READ_SPREAD=1,
+the *_spread fields; by default it does not split, launch_grid.h).
 
     python bench/gpu_decode_attn.py [--seq ...] [--batch ...] [--n N] [--out DIR] [--dry-run]
 
@@ -104,19 +104,20 @@ class Timer:
         return "+".join(sorted(self.modes))
 
 
-def spread(B):
-    """Whether sparse_attn_v splits its rows at batch B here (sparse_attn_v_launch.h: B · Hkv
-    blocks leave more than half of the multiprocessors idle); where it does, the rows time its
-    unspread plan too (timing.unspread), so that the run says whether the split pays."""
+def spreads(B):
+    """Whether sparse_attn_v splits its rows at batch B here when its host reads are spread
+    (sparse_attn_v_launch.h: B · Hkv blocks leave more than half of the multiprocessors idle);
+    where it does, the rows time that plan too (timing.host_read_spread), so that the run says
+    whether the split would pay."""
     return 2 * B * Hkv <= torch.cuda.get_device_properties(0).multi_processor_count
 
 
-def unspread_us(t, fn, args_list, B):
-    """µs of fn over args_list as planned without the spread of host reads, None where the
-    plans are the same (``spread``)."""
-    if not spread(B):
+def spread_us(t, fn, args_list, B):
+    """µs of fn over args_list as planned with the spread of host reads, None where the plans
+    are the same (``spreads``)."""
+    if not spreads(B):
         return None
-    with timing.unspread():
+    with timing.host_read_spread(True):
         return t(fn, args_list)
 
 
@@ -165,10 +166,10 @@ def op_steps(rec, c, sets, v, n, dense, ceilings):
         us = t(lambda q, k, _v: step(q, k), queries)
         us_qk_topn = t(lambda q, k, _v: step.select(q, k), queries)
         us_attn = t(step.attend, selections)
-        us_attn_unspread = unspread_us(t, step.attend, selections, B)
+        us_attn_spread = spread_us(t, step.attend, selections, B)
         rec.add(op="decode_step", B=B, S=S, n=n, group_select=group_select, tail=tail, us=us,
                 us_qk_topn=us_qk_topn, us_sparse_attn_v=us_attn,
-                us_sparse_attn_v_unspread=us_attn_unspread, timed=t.timed, **dense,
+                us_sparse_attn_v_spread=us_attn_spread, timed=t.timed, **dense,
                 ratio_vs_dense=us / dense["dense_us"], k_GBs=c["kv_bytes"] / us / 1e3,
                 **floor_fields(c["kv_bytes"], host_bytes, us, ceilings),
                 **rates(c["kv_bytes"], us_qk_topn, host_bytes, us_attn, ceilings),
@@ -205,16 +206,16 @@ def default_step(rec, c, sets, dense, ceilings, options=DEFAULT):
     us_select = t(layer.select, fresh)
     us_attn = t(layer.attend_host, selections)
     us_tail = t(layer.lowbit_tail, tails)
-    # the whole step unspread too: its sparse_attn_v runs beside lowbit_tail on the side stream,
-    # so the split's blocks take multiprocessors from the tail's wave
-    us_unspread = unspread_us(t, layer.cache.decode, inputs, B)
-    us_attn_unspread = unspread_us(t, layer.attend_host, selections, B)
+    # the whole step spread too: its sparse_attn_v runs beside lowbit_tail on the side stream,
+    # where the split's blocks took multiprocessors from the tail's wave (an H100, 2026-12-06)
+    us_spread = spread_us(t, layer.cache.decode, inputs, B)
+    us_attn_spread = spread_us(t, layer.attend_host, selections, B)
     rows = sum(int((s[2] >= 0).sum()) for s in selections) / (len(selections) * B * Hq)
     rec.add(op="decode_step_default", path="KCache.decode", options=options.label, B=B, S=S,
             n=options.topn, group_select=options.group_select, tail=options.tail, us=us,
             us_qk_topn=us_qk_topn, us_select=us_select, us_sparse_attn_v=us_attn,
-            us_lowbit_tail=us_tail, us_unspread=us_unspread,
-            us_sparse_attn_v_unspread=us_attn_unspread, timed=t.timed, **dense,
+            us_lowbit_tail=us_tail, us_spread=us_spread,
+            us_sparse_attn_v_spread=us_attn_spread, timed=t.timed, **dense,
             ratio_vs_dense=us / dense["dense_us"],
             **floor_fields(c["layer_bytes"], host_bytes, us, ceilings),
             k_GBs=c["kv_bytes"] / us / 1e3, rows_read=rows,

@@ -99,14 +99,15 @@ def memcpy_us(pinned, nbytes):
 
 def add_row(rec, c, sets, mem, where, pinned):
     """Times gather_rows (in a CUDA graph; up to UNSPREAD_BYTES also as planned without the spread
-    of small host reads, timing.unspread), a memcpy of the same bytes from ``pinned`` (a pinned
-    host tensor of at least that many) and the PyTorch way (not for write-combined memory, which
-    the CPU reads slowly) over ``sets`` and records row ``c``: mem, where (the host memory read),
-    the times and the ratios to the ceiling, to the memcpy and to torch."""
+    of small host reads, timing.host_read_spread(False)), a memcpy of the same bytes from
+    ``pinned`` (a pinned host tensor of at least that many) and the PyTorch way (not for
+    write-combined memory, which the CPU reads slowly) over ``sets`` and records row ``c``: mem,
+    where (the host memory read), the times and the ratios to the ceiling, to the memcpy and to
+    torch."""
     us, mode = timing.time_us(kcache_ops.gather_rows, sets)
     us_unspread = None
     if c["bytes"] <= UNSPREAD_BYTES:
-        with timing.unspread():
+        with timing.host_read_spread(False):
             us_unspread = timing.time_us(kcache_ops.gather_rows, sets)[0]
     copy_us = memcpy_us(pinned, c["bytes"])
     torch_us = (float("nan") if mem == "wc" else

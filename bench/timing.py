@@ -106,11 +106,12 @@ def environ(**values):
                 os.environ[name] = value
 
 
-def unspread():
-    """The kernels' plans without the spread of small host reads over the multiprocessors
-    (KCACHE_OPS_HOST_READ_SPREAD=0: gather_rows 8 pieces a thread, sparse_attn_v one block a
-    slice), for a timing beside the spread one: the plan is fixed when a call is captured."""
-    return environ(KCACHE_OPS_HOST_READ_SPREAD="0")
+def host_read_spread(on):
+    """The kernels' plans with the spread of small host reads over the multiprocessors on or off
+    for every op (KCACHE_OPS_HOST_READ_SPREAD=1 or 0; by default gather_rows spreads and
+    sparse_attn_v does not, launch_grid.h), for a timing beside the default one: the plan is fixed
+    when a call is captured."""
+    return environ(KCACHE_OPS_HOST_READ_SPREAD="1" if on else "0")
 
 
 def fill_random(buf, block_values=64 << 20):

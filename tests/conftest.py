@@ -95,6 +95,16 @@ def host_tensor(t, device):
     return kcache_ops.alloc_host(t.shape, t.dtype).copy_(t)
 
 
+def set_host_read_spread(monkeypatch, value):
+    """KCACHE_OPS_HOST_READ_SPREAD set to ``value`` ("0" or "1") for the test, or unset where it
+    is None: each op's default (gather_rows spreads its small host reads over the
+    multiprocessors, sparse_attn_v does not; csrc/cuda/launch_grid.h)."""
+    if value is None:
+        monkeypatch.delenv("KCACHE_OPS_HOST_READ_SPREAD", raising=False)
+    else:
+        monkeypatch.setenv("KCACHE_OPS_HOST_READ_SPREAD", value)
+
+
 @pytest.fixture
 def poisoned_outputs():
     """Every tensor allocated while the test runs (an op's outputs among them) starts as NaN

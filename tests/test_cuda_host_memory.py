@@ -6,6 +6,7 @@ import torch
 
 import kcache_ops
 from kcache_ops import reference
+from conftest import set_host_read_spread
 from cuda_checks import host_random, requires_cuda
 from test_sparse_attn_v import assert_rounded_close
 
@@ -53,14 +54,16 @@ def test_pageable_memory_is_refused():
         kcache_ops.gather_rows(v.cuda(), idx)
 
 
+@pytest.mark.parametrize("spread", [None, "0"], ids=["default", "unspread"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_sparse_attn_v_reads_device_memory(dtype, monkeypatch):
+def test_sparse_attn_v_reads_device_memory(dtype, spread, monkeypatch):
     """v_cache on the device of the scores: the output of the same rows in host memory (the same
-    kernel and plan, other addresses). The plan is the same with KCACHE_OPS_HOST_READ_SPREAD=0:
-    by default this batch's 4 blocks split each row list over the multiprocessors where V is in
-    host memory, and the parts' sums, added in another order, moved float32 outputs in their last
-    bits (an H100, 2026-12-06). test_sparse_attn_v.py checks both plans against the reference."""
-    monkeypatch.setenv("KCACHE_OPS_HOST_READ_SPREAD", "0")
+    kernel and plan, other addresses), by default and with KCACHE_OPS_HOST_READ_SPREAD=0. With 1
+    this batch's 4 blocks split each row list over the multiprocessors where V is in host memory,
+    and the parts' sums, added in another order, moved float32 outputs in their last bits (an
+    H100, 2026-12-06, when that was the default); test_sparse_attn_v.py checks that plan against
+    the reference."""
+    set_host_read_spread(monkeypatch, spread)
     B, Hq, Hkv, S, D, n = 2, 8, 2, 300, 128, 16
     v = host_random((B, Hkv, S, D), dtype)
     scores = torch.randn(B, Hq, n, device="cuda")
@@ -70,6 +73,20 @@ def test_sparse_attn_v_reads_device_memory(dtype, monkeypatch):
         host = kcache_ops.sparse_attn_v(scores, idx, v, lse, renormalize)
         device = kcache_ops.sparse_attn_v(scores, idx, v.cuda(), lse, renormalize)
         assert torch.equal(device, host)
+
+
+def test_host_read_spread_of_another_value_is_refused(monkeypatch):
+    """KCACHE_OPS_HOST_READ_SPREAD is 0, 1 or unset: another value is an error that names it, in
+    both ops that read host memory (not a silent default)."""
+    monkeypatch.setenv("KCACHE_OPS_HOST_READ_SPREAD", "yes")
+    v = host_random((1, 2, 100, 64), torch.float32)
+    idx = torch.randint(-1, 100, (1, 4, 8), device="cuda", dtype=torch.int32)
+    scores = torch.randn(1, 4, 8, device="cuda")
+    message = "KCACHE_OPS_HOST_READ_SPREAD must be 0, 1 or unset, got 'yes'"
+    with pytest.raises(RuntimeError, match=message):
+        kcache_ops.gather_rows(v, idx)
+    with pytest.raises(RuntimeError, match=message):
+        kcache_ops.sparse_attn_v(scores, idx, v)
 
 
 def test_torch_pinned_memory_is_mapped():

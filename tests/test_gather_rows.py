@@ -2,7 +2,7 @@
 ratios, padding rows, strided sources and random shapes."""
 import pytest
 import torch
-from conftest import DEVICES, DTYPES, host_tensor
+from conftest import DEVICES, DTYPES, host_tensor, set_host_read_spread
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -70,11 +70,12 @@ def test_random_shapes(B, Hs, G, S, N, D, dtype, pad_fraction):
         check_gather(src, make_indices(B, Hs * G, N, S, device, pad_fraction))
 
 
-@pytest.mark.parametrize("spread", ["1", "0"], ids=["spread", "unspread"])
+@pytest.mark.parametrize("spread", [None, "1", "0"], ids=["default", "spread", "unspread"])
 def test_plans_with_and_without_the_host_read_spread(device, spread, monkeypatch):
     """The CUDA op's plan spreads a small read over the multiprocessors (fewer pieces a thread,
-    gather_rows_launch.h), or not with KCACHE_OPS_HOST_READ_SPREAD=0 (8 a thread): both copy
-    every row (3 heads of 97 rows of 1 KiB: 18 624 pieces, 1 a thread on an H200, 8 unspread)."""
-    monkeypatch.setenv("KCACHE_OPS_HOST_READ_SPREAD", spread)
+    gather_rows_launch.h) by default and with KCACHE_OPS_HOST_READ_SPREAD=1, or not with 0 (8 a
+    thread): each copies every row (3 heads of 97 rows of 1 KiB: 18 624 pieces, 1 a thread on a
+    132-multiprocessor GPU, 8 unspread)."""
+    set_host_read_spread(monkeypatch, spread)
     check_gather(host_tensor(torch.randn(1, 3, 200, 512).to(torch.bfloat16), device),
                  make_indices(1, 3, 97, 200, device))

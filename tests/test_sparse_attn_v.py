@@ -10,7 +10,8 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICES, DTYPES, TOL, host_tensor, on_threads, seq_lens_tensor
+from conftest import (DEVICES, DTYPES, TOL, host_tensor, on_threads, seq_lens_tensor,
+                      set_host_read_spread)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -488,13 +489,13 @@ def test_mean_tail_random_shapes(B, Hkv, G, S, N, dtype, pad_fraction, data):
 
 
 @pytest.mark.parametrize("v_memory", ["host", "device"])
-@pytest.mark.parametrize("spread", ["1", "0"], ids=["spread", "unspread"])
+@pytest.mark.parametrize("spread", [None, "1", "0"], ids=["default", "spread", "unspread"])
 def test_plans_with_and_without_the_host_read_spread(device, spread, v_memory, monkeypatch):
     """At batch 1 the CUDA op splits each slice's rows over several blocks when V is in host
-    memory (sparse_attn_v_launch.h), and keeps one block a slice with
-    KCACHE_OPS_HOST_READ_SPREAD=0 or with V in device memory: each plan the reference's, per head
+    memory and KCACHE_OPS_HOST_READ_SPREAD=1 (sparse_attn_v_launch.h), and keeps one block a
+    slice by default, with 0, or with V in device memory: each plan the reference's, per head
     (the row union), with group rows and with the mean tail."""
-    monkeypatch.setenv("KCACHE_OPS_HOST_READ_SPREAD", spread)
+    set_host_read_spread(monkeypatch, spread)
     B, Hkv, G, N, S = 1, 2, 4, 64, 400
     scores, indices, lse, v, v_sum, lens = make_tail_case(B, Hkv, G, N, S, [S], torch.bfloat16,
                                                           device, D=128)

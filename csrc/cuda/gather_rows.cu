@@ -40,7 +40,8 @@ at::Tensor gather_rows_cuda(const at::Tensor& src,      // [B, Hs, S, D], pinned
 
   const GatherRowsArgs args = gather_rows_args(src_dev, src, indices, dst);
   const GatherRowsPlan plan =
-      plan_gather_rows(args, host_read_sms(indices.get_device(), /*reads_host=*/true));
+      plan_gather_rows(args, host_read_sms(indices.get_device(), /*reads_host=*/true,
+                                           /*by_default=*/true));
   TORCH_CHECK(plan.grid.x < (int64_t{1} << 31), "gather_rows: output too large: ", dst.sizes());
   gather_rows_kernel<<<to_dim3(plan.grid), plan.block, 0, stream>>>(plan.params);
   KC_CHECK_LAUNCH("gather_rows");

@@ -35,13 +35,18 @@ inline int64_t wave_chunk(int64_t S, int64_t blocks_per_chunk, int64_t wave, int
   return best;
 }
 
-// Host reads per multiprocessor. The H200's measurements suggest that a multiprocessor reads
-// mapped host memory at no more than about 3 GB/s (sparse_attn_v at batch 1: 8 blocks, 16 or 64
-// KiB each, every load in flight, 11 and 26 µs; gather_rows: 128 and 256 KiB in 32 KiB blocks,
-// both ≈ 15 µs; bench/NOTES.md, "Host reads per multiprocessor", with what else could explain
-// them), so that a read from host memory would fill PCIe (≈ 55 GB/s) only over ≈ 20 or more
-// multiprocessors. The kernels that read host memory (gather_rows, sparse_attn_v) therefore plan
-// at least as many blocks as the device has multiprocessors where the read splits that finely;
-// KCACHE_OPS_HOST_READ_SPREAD=0 turns this off, for the benchmarks' comparison (host_read_sms).
+// Host reads per multiprocessor. The H200's measurements of 2026-12-04 suggested that a
+// multiprocessor reads mapped host memory at no more than about 3 GB/s (sparse_attn_v at batch 1:
+// 8 blocks, 16 or 64 KiB each, every load in flight, 11 and 26 µs; gather_rows: 128 and 256 KiB
+// in 32 KiB blocks, both ≈ 15 µs; bench/NOTES.md, "Host reads per multiprocessor"), so that a
+// read from host memory would fill PCIe (≈ 55 GB/s) only over ≈ 20 or more multiprocessors; the
+// kernels that read host memory can therefore plan at least as many blocks as the device has
+// multiprocessors where the read splits that finely. Measured on an H100 (2026-12-06): that pays
+// for gather_rows (128 KiB to 1 MiB, 3 µs less each, 85-91 % of a memcpy of the same bytes) and
+// not for sparse_attn_v (at batch 1 within a µs either way alone, its fixed work per block
+// repeated in every part; the default step, where it runs beside lowbit_tail, 11 µs slower at
+// 32K x 1 and 124 µs at 128K x 8). So gather_rows spreads by default and sparse_attn_v does not;
+// KCACHE_OPS_HOST_READ_SPREAD=0 or 1 plans both one way, for the benchmarks' comparison
+// (host_read_sms).
 
 }  // namespace kcache_ops

@@ -55,9 +55,11 @@ void check_indices_on_device(const at::Tensor& indices, int64_t S, const char* s
 int multiprocessor_count(int device);
 
 // The multiprocessors a plan spreads a read over (launch_grid.h, host reads per multiprocessor):
-// the device's where the read is of host memory (`reads_host`), else 1, and 1 too where
-// KCACHE_OPS_HOST_READ_SPREAD=0 (the benchmarks time the unspread plans beside the spread ones).
-int host_read_sms(int device, bool reads_host);
+// the device's where the read is of host memory (`reads_host`) and spread, else 1. Spread by
+// KCACHE_OPS_HOST_READ_SPREAD: unset or empty, where the op's spread paid when measured
+// (`by_default`); 0, nowhere; 1, everywhere (the benchmarks time the plan other than the
+// default beside it); another value is an error.
+int host_read_sms(int device, bool reads_host, bool by_default);
 
 // Blocks of `threads` threads of `kernel` (a __global__ function, no dynamic shared memory)
 // resident on one multiprocessor of the current device at once, as its registers and shared

@@ -65,7 +65,8 @@ at::Tensor sparse_attn_v_cuda(
       scores, indices, v_dev, v_cache, lse ? &*lse : nullptr, renormalize,
       dims.tail ? &*v_sum : nullptr, dims.tail ? &*seq_lens : nullptr, out);
   const SparseAttnVPlan plan =
-      plan_sparse_attn_v(args, host_read_sms(scores.get_device(), !v_cache.is_cuda()));
+      plan_sparse_attn_v(args, host_read_sms(scores.get_device(), !v_cache.is_cuda(),
+                                             /*by_default=*/false));
   // [B, Hq, parts, D] float32: the parts' sums when a slice's rows are split (else empty)
   at::Tensor partials = at::empty({plan.partial_floats}, scores.options());
   const SparseAttnParams p = sparse_attn_v_params(args, plan, partials.data_ptr<float>());

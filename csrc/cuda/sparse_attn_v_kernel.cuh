@@ -3,11 +3,12 @@
 // c_h · (v_sum[b, h / G] - sum_valid V[b, h / G, idx_i]) when v_sum is given.
 //
 // One block per (KV head, slice of <= GS query heads of its group, sequence, part of the row list
-// below: one part, unless the slices alone leave most multiprocessors idle reading host memory,
-// sparse_attn_v_launch.h). The block first turns each head's N scores into softmax statistics,
-// one warp per head and all heads at once (renormalize: max and sum over the valid entries; else
-// the given lse) and, with the tail, its factor c_h = max(0, 1 - sum_i p_i) / (L_b - n_h) (0 when
-// L_b <= n_h, n_h the valid entries).
+// below: one part, unless the slices alone leave most multiprocessors idle reading host memory
+// and the read is spread, KCACHE_OPS_HOST_READ_SPREAD=1, sparse_attn_v_launch.h). The block
+// first turns each head's N scores into softmax statistics, one warp per head and all heads at
+// once (renormalize: max and sum over the valid entries; else the given lse) and, with the tail,
+// its factor c_h = max(0, 1 - sum_i p_i) / (L_b - n_h) (0 when L_b <= n_h, n_h the valid
+// entries).
 // The tail is folded into the row weights: each valid row of head h weighs p_i - c_h and
 // c_h · v_sum is added at the end, so the unweighted sum of the selected rows comes from the same
 // reads (no second pass over host memory).

@@ -91,9 +91,10 @@ constexpr int64_t kAttnMinPartRows = 16;
 
 // Parts of each slice's row list when `blocks` blocks (B · Hkv · slices) read it and a list holds
 // at most `list_rows` rows, spread over `sms` multiprocessors (host_read_sms: 1 for a read of
-// device memory): where the blocks would leave more than half of them idle, enough for a block on
-// every one, ceil(sms / blocks) (host reads per multiprocessor, launch_grid.h), but no more than
-// parts of kAttnMinPartRows rows of the longest list; else 1 (a second launch for little).
+// device memory, and by default, where the spread did not pay when measured): where the blocks
+// would leave more than half of them idle, enough for a block on every one, ceil(sms / blocks)
+// (host reads per multiprocessor, launch_grid.h), but no more than parts of kAttnMinPartRows
+// rows of the longest list; else 1 (a second launch for little).
 inline int sparse_attn_v_parts(int64_t blocks, int64_t list_rows, int sms) {
   if (2 * blocks > sms) return 1;
   const int64_t most = std::max<int64_t>(1, list_rows / kAttnMinPartRows);
