@@ -548,10 +548,11 @@ def test_weight_bytes_per_step_are_the_parameters_read(name, bias):
 
 def test_bench_json_records_the_settings_and_ceilings(tmp_path):
     """bench.json records the resolved settings and the ceilings beside the machine (the git
-    commit of the checkout among them), and REPORT.md prints them."""
+    commit of the checkout among them), and REPORT.md prints them. On the CPU where a GPU is
+    there too (the command's default): a CPU run measures no PCIe ceiling."""
     from kcache_ops.__main__ import main
     assert main(["bench", "--small", "--contexts", "64", "--steps", "1", "--no-hf",
-                 "--max-batch", "3", "--out", str(tmp_path)]) == 0
+                 "--max-batch", "3", "--device", "cpu", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
     assert data["settings"] == {"dtype": "bfloat16", "steps": 1, "max_batch": 3,
                                 "reserve_gb": 6.0, "budget_gb": 0.004,

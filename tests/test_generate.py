@@ -400,8 +400,9 @@ def test_cli_says_when_a_sequence_ended_at_end_of_sequence(folder, capsys, monke
 
 
 def test_cli_dense_and_kcache(folder, capsys):
+    # on the CPU where a GPU is there too (the CLI's default): the lines below name the device
     args = ["generate", "--model", str(folder), "--prompt", "the t", "--max-new-tokens", "6",
-            "--chat"]
+            "--chat", "--device", "cpu"]
     assert main(args) == 0
     dense = capsys.readouterr()
     assert "tokens/s" in dense.err and "dense on cpu float32" in dense.err

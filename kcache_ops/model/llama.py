@@ -275,10 +275,11 @@ def float32_logits(h, head):
     if h.dtype not in (torch.float16, torch.bfloat16):
         return F.linear(h, head).float()
     rows = h.reshape(-1, h.shape[-1])                                        # [M, E]
-    if h.is_cuda:  # cuBLAS takes 16-bit operands to a float32 result
+    if torch.is_grad_enabled() and (h.requires_grad or head.requires_grad):
+        # [M, V] whole in float32: mm's out= and out_dtype= have no gradient
+        out = F.linear(rows.float(), head.float())
+    elif h.is_cuda:  # cuBLAS takes 16-bit operands to a float32 result
         out = torch.mm(rows, head.t(), out_dtype=torch.float32)              # [M, V]
-    elif torch.is_grad_enabled() and (h.requires_grad or head.requires_grad):
-        out = F.linear(rows.float(), head.float())  # [M, V] whole: mm's out= has no gradient
     else:  # the CPU has no such mm: the head in float32, a slice at a time (whole, it would
         # be a [V, E] float32 copy per call, 9x slower than the 16-bit product at SmolLM2's)
         out = rows.new_empty(rows.shape[0], head.shape[0], dtype=torch.float32)  # [M, V]
