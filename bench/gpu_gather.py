@@ -12,7 +12,9 @@ Those rows read from one 512 MiB buffer over and over. A model's layers each rea
 on the H200 (2026-12-04) the decode step read the same 4 MiB of rows 3x slower from 8 GiB of host
 V than from 2 GiB. So the footprint rows (--footprint GIBxBUFFERS) read 256-byte rows, 1024 per
 head, from GIB of pinned host memory in BUFFERS buffers, a call's rows from one buffer, the calls
-rotating through them as the layers of a step do (8x8: eight 1 GiB buffers). The --thp-footprint
+rotating through them as the layers of a step do (8x8: eight 1 GiB buffers); 1 to 8 GiB in one
+buffer draw where the rate falls (on the H100, 2026-12-06: 90 % of a memcpy from 512 MiB, 44 %
+from 2 GiB, 23 % from 8 GiB). The --thp-footprint
 rows read the same from anonymous memory on transparent huge pages that cudaHostRegister maps
 (bench/host_pages.py; mem "thp"), recording how much of it the kernel gave huge pages: whether 2
 MiB pages would keep a large host V as fast as a small one.
@@ -161,9 +163,9 @@ def main():
     ap.add_argument("--row-bytes", type=positive_int, nargs="+",
                     default=[256, 1024, 128, 4096, 8192])
     ap.add_argument("--footprint", type=parse_footprint, nargs="*",
-                    default=[(2, 1), (8, 1), (8, 8)],
+                    default=[(1, 1), (2, 1), (4, 1), (8, 1), (8, 8)],
                     help="GIBxBUFFERS of host memory the footprint rows read from (default: "
-                         "2x1 8x1 8x8; none without values)")
+                         "1x1 2x1 4x1 8x1 8x8; none without values)")
     ap.add_argument("--thp-footprint", type=parse_footprint, nargs="*", default=[(8, 1)],
                     help="the same from transparent huge pages (default: 8x1; none without "
                          "values)")

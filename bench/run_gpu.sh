@@ -30,15 +30,16 @@
 #   profile   where the decode step's time goes, kernel by kernel (bench/profile_step.py:
 #             group_select, the default layer step, per head): first torch.profiler's device
 #             times at 32K x 8 and 128K x 1 (results/profile_step.json, no hardware counters
-#             needed), then, at 32K x 8, where ncu is
-#             found, one ncu process per variant (--profile-from-start off: only the steps between
-#             cudaProfilerStart/Stop; --clock-control none; the kcache_ops kernels, $NCU_KERNELS;
-#             sections $NCU_SECTIONS) -> results/profile_ncu_VARIANT.ncu-rep and, imported,
-#             .csv (the details page); last, one launch of qk_select_kernel (group_select) with
-#             the source-level sections ($NCU_SOURCE_SECTIONS: executed instructions and warp
-#             stalls per SASS instruction; the build has -lineinfo, the report embeds the source)
-#             -> results/profile_ncu_select_source.ncu-rep and its source page as .csv, where the
-#             select's issue slots go. stages.txt says which ran ("no ncu" where none is found).
+#             needed), then, at 32K x 8, where ncu is found (--profile-from-start off: only the
+#             steps between cudaProfilerStart/Stop; --clock-control none), first one launch of
+#             qk_select_kernel (group_select) with the source-level sections
+#             ($NCU_SOURCE_SECTIONS: executed instructions and warp stalls per SASS instruction;
+#             the build has -lineinfo, the report embeds the source) ->
+#             results/profile_ncu_select_source.ncu-rep and its source page as .csv, where the
+#             select's issue slots go; then one ncu process per variant (the kcache_ops kernels,
+#             $NCU_KERNELS; sections $NCU_SECTIONS) -> results/profile_ncu_VARIANT.ncu-rep and,
+#             imported, .csv (the details page). stages.txt says which ran ("no ncu" where none
+#             is found).
 #   bench     bench/gpu_decode_attn.py, gpu_qk_topn.py, gpu_gather.py (JSON after each line)
 #   sanitize  compute-sanitizer memcheck, racecheck, synccheck on small cases (bench/sanitize.sh)
 # On gVisor (the kernel reports 4.4.0) ncu cannot read the counters and compute-sanitizer refuses
@@ -71,18 +72,17 @@
 # Time plan. BUDGET (default 520 s) is the time of one call's stages: a stage's limit shrinks to
 # what is left of it and none starts with less than 15 s left, so a call ends by BUDGET plus ~10 s
 # of packing, inside timeout_s 580 (the machine's start comes on top: ~11 min in all).
-# Limits (expected, from the H200 runs of 2026-11-30 and 2026-12-04) in seconds, in the default
-# order: build 240 + check 30 (37-60); toolchain 150 (11-25); tests: test_cuda_ops,
-#   test_lowbit_tail and test_cuda_graph 150 each (20, 37, and the graph's 16 option cases
-#   since), each other file 60 (5-25; ~5 of each is torch's start);
-#   bench: decode 110 (46), qk_topn 60 (24), gather 80 (13, and its 8 GiB footprint rows
-#   since, one of them on huge pages); profile: torch.profiler 40 (8, and 128K x 1 since), the
-#   ncu runs and their CSV imports together 90 (37); e2e 150 (61; the steps now captured in CUDA
-#   graphs: two random 8B models, four prefills, the transformers comparison); sanitize:
-#   memcheck 70, racecheck 45, synccheck 35 (12-14 each); slow: what is left, the CMake rebuild
-#   last. The call of 2026-12-04 took 545 s to the end of e2e (then after the sanitizer): slow is
-#   what a second call is for (e2e runs before the sanitizer since, which found nothing on
-#   2026-11-30 or 2026-12-04).
+# Limits (expected, from the H200 runs of 2026-11-30 and 2026-12-04 and the H100 run of
+# 2026-12-06) in seconds, in the default order: build 240 + check 30 (37-60); toolchain 150
+#   (10-25); tests: test_cuda_ops, test_lowbit_tail and test_cuda_graph 150 each (20, 37-44,
+#   31), each other file 60 (5-25; ~5 of each is torch's start; all 16 files 252 s on
+#   2026-12-06); bench: decode 110 (46-73), qk_topn 60 (24-28), gather 80 (13; 32 with the
+#   footprint rows, two more since); profile: torch.profiler 40 (8-9), the ncu runs and their
+#   CSV imports together 90 (37; 26 for the first two variants on 2026-12-06); e2e 150 (55-61);
+#   sanitize: memcheck 70, racecheck 45, synccheck 35 (11-15 each); slow: what is left, the
+#   CMake rebuild last. The call of 2026-12-06 reached its budget in the profile's third ncu run
+#   (508 s); e2e and the sanitizer ran in two short calls after it on the same machine (55 and 38
+#   s), as a second call can: slow has still never run.
 # Each limit can be set: BUDGET, LIMIT_BUILD, LIMIT_LONG_TEST, LIMIT_TEST, LIMIT_E2E, LIMIT_SLOW,
 # LIMIT_CMAKE, LIMIT_PROFILE_TORCH, LIMIT_PROFILE (the ncu runs), LIMIT_DECODE, LIMIT_QK_TOPN,
 # LIMIT_GATHER, LIMIT_MEMCHECK, LIMIT_RACECHECK, LIMIT_SYNCCHECK; PER_TEST (60 s) is pytest's
@@ -331,14 +331,14 @@ profile() {
     src_cmd+=(--section "$s")
   done
   say "profile: torch.profiler: $PY bench/profile_step.py --out $WORK/results"
-  say "profile: ncu, for each VARIANT of $PROFILE_VARIANTS: ${run[*]} --export ${rep}_VARIANT \
---force-overwrite $PY bench/profile_step.py --method range --variant VARIANT --steps 1 \
---shape 32768x8; then \
-${ncu:-ncu} --import ${rep}_VARIANT.ncu-rep --csv --page details --log-file ${rep}_VARIANT.csv"
   say "profile: ncu, the select's source view: ${src_cmd[*]} --export ${rep}_select_source \
 --force-overwrite $PY bench/profile_step.py --method range --variant group_select --steps 1 \
 --shape 32768x8; then ${ncu:-ncu} --import ${rep}_select_source.ncu-rep --csv --page source \
 --print-source sass --log-file ${rep}_select_source.csv"
+  say "profile: ncu, for each VARIANT of $PROFILE_VARIANTS: ${run[*]} --export ${rep}_VARIANT \
+--force-overwrite $PY bench/profile_step.py --method range --variant VARIANT --steps 1 \
+--shape 32768x8; then \
+${ncu:-ncu} --import ${rep}_VARIANT.ncu-rep --csv --page details --log-file ${rep}_VARIANT.csv"
   [ -n "$ncu" ] || say "profile: ncu not found (\$NCU, PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin, \
 beside nvcc, /opt/nvidia/nsight-compute/*): torch.profiler only"
   if [ "$DRY" = 1 ]; then
@@ -355,6 +355,14 @@ beside nvcc, /opt/nvidia/nsight-compute/*): torch.profiler only"
     record profile_ncu "unsupported: gVisor" 0 -
   else
     since=$SECONDS
+    # the source view first: the one ncu run no call has reached yet (2026-12-06's ran out of
+    # time after the first two variants), and one launch, ~10 s
+    pooled "$pool" "$since" profile_ncu_select_source "${src_cmd[@]}" \
+      --export "${rep}_select_source" --force-overwrite "$PY" bench/profile_step.py \
+      --method range --variant group_select --steps 1 --shape 32768x8 &&
+      pooled "$pool" "$since" profile_ncu_select_source_csv "$ncu" \
+        --import "${rep}_select_source.ncu-rep" --csv --page source --print-source sass \
+        --log-file "${rep}_select_source.csv" && ran="ncu select source"
     for v in $PROFILE_VARIANTS; do
       pooled "$pool" "$since" "profile_ncu_$v" "${run[@]}" --export "${rep}_$v" \
         --force-overwrite "$PY" bench/profile_step.py --method range --variant "$v" --steps 1 \
@@ -362,12 +370,6 @@ beside nvcc, /opt/nvidia/nsight-compute/*): torch.profiler only"
         pooled "$pool" "$since" "profile_ncu_${v}_csv" "$ncu" --import "${rep}_$v.ncu-rep" \
           --csv --page details --log-file "${rep}_$v.csv" && ran="$ran${ran:+, }ncu $v"
     done
-    pooled "$pool" "$since" profile_ncu_select_source "${src_cmd[@]}" \
-      --export "${rep}_select_source" --force-overwrite "$PY" bench/profile_step.py \
-      --method range --variant group_select --steps 1 --shape 32768x8 &&
-      pooled "$pool" "$since" profile_ncu_select_source_csv "$ncu" \
-        --import "${rep}_select_source.ncu-rep" --csv --page source --print-source sass \
-        --log-file "${rep}_select_source.csv" && ran="$ran${ran:+, }ncu select source"
   fi
   say "profile: ran ${ran:-nothing}"
 }

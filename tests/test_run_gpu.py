@@ -49,7 +49,7 @@ def test_dry_run_lists_every_stage_and_packs_out(tmp_path):
     for name in ("collect_tests", "collect_sanitizer_cases", "plan_benchmarks", "e2e_arguments",
                  "plan_profile"):
         assert any(line.split()[:2] == [name, "ok"] for line in stages.splitlines()), stages
-    for plan in ("gather_rows: 26", "qk_topn: 24", "decode step: 9",  # the benchmarks' plans
+    for plan in ("gather_rows: 28", "qk_topn: 24", "decode step: 9",  # the benchmarks' plans
                  "profile_step, method torch, 3 step(s) of each variant: 2"):
         assert f"# {plan} configurations" in log
     assert "--profile-from-start off --clock-control none" in log  # the ncu command, printed
