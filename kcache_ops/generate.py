@@ -101,14 +101,22 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=None):
     restricted to the smallest set of tokens whose probability reaches ``top_p`` (nucleus
     sampling), with ``generator`` for reproducibility. A temperature that is 0 in float32 is
     greedy. ValueError for logits that are not a [B, V] floating-point tensor with V >= 1, a
-    temperature < 0 or infinite in float32, a top_p outside (0, 1] or a top_k < 1.
+    temperature < 0 or infinite in float32, a top_p outside (0, 1] or a top_k < 1, and, where
+    it draws, for a NaN among the logits (one host sync: on CUDA torch.multinomial would meet it
+    as a device-side assert, which ends the process's use of the GPU).
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] == 0 \
             or not logits.is_floating_point():
         got = (f"shape {list(logits.shape)} {logits.dtype}" if isinstance(logits, torch.Tensor)
                else type(logits).__name__)
         raise ValueError(f"logits must be a [B, V] floating-point tensor with V >= 1, got {got}")
-    return _draw(logits, *_sampling_args(temperature, top_p, top_k), generator)
+    args = _sampling_args(temperature, top_p, top_k)
+    if as_float32(args[0]) != 0:
+        nan_rows = logits.isnan().any(-1).nonzero()[:, 0].tolist()  # the host sync
+        if nan_rows:
+            raise ValueError(f"logits of row(s) {nan_rows} hold NaN: no distribution to draw "
+                             f"from")
+    return _draw(logits, *args, generator)
 
 
 def _draw(logits, temperature, top_p, top_k, generator):
@@ -117,7 +125,8 @@ def _draw(logits, temperature, top_p, top_k, generator):
     if as_float32(temperature) == 0:
         return logits.argmax(-1)
     # a row with a +inf logit (float16's overflow) draws among its +inf only (inf - inf would be
-    # NaN), a row of -inf is uniform; -inf elsewhere stays banned, NaN stays NaN (an error)
+    # NaN), a row of -inf is uniform; -inf elsewhere stays banned (no NaN comes here: sample
+    # refuses it, generate draws such a row from zeros)
     inf = float("inf")
     top = logits == inf                                                     # [B, V]
     logits = logits.masked_fill(top.any(-1, keepdim=True) & (logits < inf), -inf)
@@ -254,8 +263,8 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
     out, done = [[] for _ in prompts], [False] * batch
     decode_start, decode_tokens = None, 0
     for step in range(max_new_tokens):
-        # a row with a NaN logit (the model overflowed in its dtype) is drawn from zeros, and
-        # found at the step's one host sync (argmax took token 0, multinomial raised)
+        # a row with a NaN logit (the model overflowed in its dtype) is drawn from zeros (any
+        # token, never a NaN distribution) and found at the step's one host sync
         nan = logits.isnan().any(-1)                                        # [B]
         nxt = _draw(logits.masked_fill(nan[:, None], 0.0), temperature, top_p, top_k,
                     generator)                                              # [B]

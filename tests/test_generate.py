@@ -373,6 +373,19 @@ def test_sample_checks_its_arguments():
                 sample(bad, temperature, top_k=2)
 
 
+def test_sample_refuses_nan_logits_where_it_draws():
+    """A NaN logit leaves no distribution to draw from: sampling refuses it, naming the rows (on
+    CUDA torch.multinomial would meet it as a device-side assert, and the CPU's error named
+    neither the rows nor the cause); greedy takes an argmax as before."""
+    nan = float("nan")
+    logits = torch.tensor([[0.0, 1.0], [nan, 0.0], [2.0, nan]])  # [B, V]
+    for top_p, top_k in ((1.0, None), (0.5, None), (1.0, 1)):
+        with pytest.raises(ValueError, match=r"logits of row\(s\) \[1, 2\] hold NaN"):
+            sample(logits, 1.0, top_p, top_k=top_k)
+    assert sample(logits, 0.0).shape == (3,)
+    assert sample(logits[:1], 1.0).tolist() in ([0], [1])
+
+
 def test_float32_zero_temperature_or_top_p_is_greedy(loaded):
     """A temperature or a top_p that is 0 in float32 (1e-300, 1e-50) gives the greedy tokens,
     not a multinomial error on a NaN or all-zero distribution."""

@@ -188,8 +188,11 @@ def test_a_step_run_again_reads_its_new_token_again(device, again):
     which select that position again, whether the second run selected it too or not (the first
     run read the first token's V, which must not stay in the pool). The keys make every head
     select the token for the query q, and rank it last for -q; the pool holds every position,
-    so nothing is evicted in between."""
+    so nothing is evicted in between. On the CPU to the bit, on CUDA to rounding (its
+    sparse_attn_v sums a head's rows in the order they lie: positions for the twin, pool slots
+    for the reusing cache, as test_reuse_changes_no_output says)."""
     options = replace(KCacheOptions.paper_literal(), topn=4)  # no hot rows: the token is cold
+    tol = 0 if device == "cpu" else TOL[torch.float32]
     plain, reused = twins(device, torch.float32, options, slots=CAPACITY)
     gen = torch.Generator().manual_seed(2)
     prefill([plain, reused], gen, device, torch.float32)
@@ -200,14 +203,15 @@ def test_a_step_run_again_reads_its_new_token_again(device, again):
     for layer in range(LAYERS):
         reused.decode(layer, q, k, first)  # the run given up
         torch.testing.assert_close(reused.decode(layer, q_again, k, second),
-                                   plain.decode(layer, q_again, k, second), atol=0, rtol=0)
+                                   plain.decode(layer, q_again, k, second), atol=tol, rtol=tol)
     for _ in range(2):  # the steps after it read the token's row from the pool
         for cache in (plain, reused):
             cache.finish_decode()
         k_next, v_next = (torch.randn(B, HKV, D, generator=gen).to(device) for _ in range(2))
         for layer in range(LAYERS):
             torch.testing.assert_close(reused.decode(layer, q, k_next, v_next),
-                                       plain.decode(layer, q, k_next, v_next), atol=0, rtol=0)
+                                       plain.decode(layer, q, k_next, v_next), atol=tol,
+                                       rtol=tol)
 
 
 @pytest.mark.parametrize("group_select", [False, True])

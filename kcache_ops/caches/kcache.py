@@ -20,6 +20,7 @@ Where V lives, per device:
 It follows the cache protocol (protocol.py), as the dense cache does, so the model runs on either;
 its dense layers run the dense cache's decode step (``dense.append_and_attend``).
 """
+from contextlib import nullcontext
 from functools import partial
 from types import SimpleNamespace
 
@@ -178,12 +179,17 @@ class KCache:
                   for _ in range(n_layers)]  # each [B, Hkv, S, D], device
         self.v_device = {i: torch.zeros(shape, device=self.device, dtype=dtype)
                          for i in options.dense_layers}  # each [B, Hkv, S, D], device
-        self.v_host = {i: alloc_host(shape, dtype)
-                       for i in kcache_layers}  # each [B, Hkv, S, D], host RAM
         on_cuda = self.device.type == "cuda"
-        # what kernels on `device` write V through: the mapped view on CUDA, the tensor on the CPU
-        self._v_writable = {i: _mapped_view(v, self.device) if on_cuda else v
-                            for i, v in self.v_host.items()}  # each [B, Hkv, S, D]
+        # host V made and viewed with `device` current: cudaHostAlloc's memory belongs to the
+        # device current when it is made, and torch's CUDA view of it is on that device (on
+        # cuda:1 with cuda:0 current, the view would be a copy)
+        with torch.cuda.device(self.device) if on_cuda else nullcontext():
+            self.v_host = {i: alloc_host(shape, dtype)
+                           for i in kcache_layers}  # each [B, Hkv, S, D], host RAM
+            # what kernels on `device` write V through: the mapped view on CUDA, the tensor on
+            # the CPU
+            self._v_writable = {i: _mapped_view(v, self.device) if on_cuda else v
+                                for i, v in self.v_host.items()}  # each [B, Hkv, S, D]
         # the V hand-offs of prefill, and the low-bit tail's host reads at decode
         self._side = SideStream(self.device)
         # which position each hot slot holds: the same for every layer, kept once
