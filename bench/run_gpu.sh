@@ -362,7 +362,7 @@ beside nvcc, /opt/nvidia/nsight-compute/*): torch.profiler only"
       --method range --variant group_select --steps 1 --shape 32768x8 &&
       pooled "$pool" "$since" profile_ncu_select_source_csv "$ncu" \
         --import "${rep}_select_source.ncu-rep" --csv --page source --print-source sass \
-        --log-file "${rep}_select_source.csv" && ran="ncu select source"
+        --log-file "${rep}_select_source.csv" && ran="$ran${ran:+, }ncu select source"
     for v in $PROFILE_VARIANTS; do
       pooled "$pool" "$since" "profile_ncu_$v" "${run[@]}" --export "${rep}_$v" \
         --force-overwrite "$PY" bench/profile_step.py --method range --variant "$v" --steps 1 \

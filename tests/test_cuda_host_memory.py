@@ -76,13 +76,13 @@ def test_sparse_attn_v_reads_device_memory(dtype, spread, monkeypatch):
 
 
 def test_host_read_spread_of_another_value_is_refused(monkeypatch):
-    """KCACHE_OPS_HOST_READ_SPREAD is 0, 1 or unset: another value is an error that names it, in
-    both ops that read host memory (not a silent default)."""
+    """KCACHE_OPS_HOST_READ_SPREAD is 0, 1, empty or unset: another value is an error that names
+    it, in both ops that read host memory (not a silent default)."""
     monkeypatch.setenv("KCACHE_OPS_HOST_READ_SPREAD", "yes")
     v = host_random((1, 2, 100, 64), torch.float32)
     idx = torch.randint(-1, 100, (1, 4, 8), device="cuda", dtype=torch.int32)
     scores = torch.randn(1, 4, 8, device="cuda")
-    message = "KCACHE_OPS_HOST_READ_SPREAD must be 0, 1 or unset, got 'yes'"
+    message = "KCACHE_OPS_HOST_READ_SPREAD must be 0, 1, empty or unset, got 'yes'"
     with pytest.raises(RuntimeError, match=message):
         kcache_ops.gather_rows(v, idx)
     with pytest.raises(RuntimeError, match=message):

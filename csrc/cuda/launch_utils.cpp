@@ -120,7 +120,7 @@ int host_read_sms(int device, bool reads_host, bool by_default) {
   const char* env = std::getenv("KCACHE_OPS_HOST_READ_SPREAD");
   const bool unset = env == nullptr || *env == '\0';
   TORCH_CHECK(unset || std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
-              "KCACHE_OPS_HOST_READ_SPREAD must be 0, 1 or unset, got '", env, "'");
+              "KCACHE_OPS_HOST_READ_SPREAD must be 0, 1, empty or unset, got '", env, "'");
   const bool spread = unset ? by_default : env[0] == '1';
   return reads_host && spread ? multiprocessor_count(device) : 1;
 }

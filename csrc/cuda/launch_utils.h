@@ -58,7 +58,8 @@ int multiprocessor_count(int device);
 // the device's where the read is of host memory (`reads_host`) and spread, else 1. Spread by
 // KCACHE_OPS_HOST_READ_SPREAD: unset or empty, where the op's spread paid when measured
 // (`by_default`); 0, nowhere; 1, everywhere (the benchmarks time the plan other than the
-// default beside it); another value is an error.
+// default beside it); another value is an error (checked where a launch is planned: not for an
+// empty output).
 int host_read_sms(int device, bool reads_host, bool by_default);
 
 // Blocks of `threads` threads of `kernel` (a __global__ function, no dynamic shared memory)

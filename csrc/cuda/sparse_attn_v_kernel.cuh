@@ -33,8 +33,9 @@
 // block p reads the list's entries [p · E / parts, (p + 1) · E / parts) of its E and writes its
 // sums to partials [B, Hq, parts, D] float32 instead (part 0 with the mean tail's c_h · v_sum),
 // which sum_partials_kernel adds in part order into out. The parts set the order of the sums, so
-// the output's last bits depend on the device's multiprocessor count and on B (for one shape on
-// one device they are the same in every call).
+// where the host read is spread (KCACHE_OPS_HOST_READ_SPREAD=1; by default one part) the
+// output's last bits depend on the device's multiprocessor count and on B (for one shape on one
+// device they are the same in every call).
 #pragma once
 
 #include <cstdint>

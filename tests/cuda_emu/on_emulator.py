@@ -7,7 +7,9 @@ the CPU emulator instead of the CPU op, so that a test's CUDA case is checked wi
 
 Only the cases that take the ``device`` fixture run (on "cpu"); ``kcache_ops.<op>`` is swapped for
 a call of the emulated kernel (test_cuda_emu.py's ``run_<op>``: the race-checking build, seeds
-1, 2, 3 whose outputs must agree bit for bit, 132 SMs as on an H200). What the emulator does not
+1, 2, 3 whose outputs must agree bit for bit, 132 SMs as on an H100 or H200, and host reads
+spread over them as the launcher spreads them: by default gather_rows' and not sparse_attn_v's,
+KCACHE_OPS_HOST_READ_SPREAD 0 or 1 neither or both). What the emulator does not
 run is the launcher in the .cu files: its argument checks and its early returns. The cases that
 test those are left out (KNOWN, with the reason, as is one whose CPU answer the kernel does not
 give), and qk_topn's ``return_scores`` entries past L_b, undefined on CUDA (the score scratch;
@@ -16,13 +18,14 @@ sparse_attn_v's, gather_rows' and reuse_rows' files and 216 cases of qk_topn's a
 lowbit_tail's (test_cuda_emu.py); those two files whole take minutes.
 """
 import math
+import os
 
 import pytest
 import torch
 
 import kcache_ops
 from test_cuda_emu import race_exe  # noqa: F401  (the fixture: the race-checking build)
-from test_cuda_emu import (run_gather_rows, run_lowbit_tail, run_qk_topn, run_reuse_rows,
+from test_cuda_emu import (SMS, run_gather_rows, run_lowbit_tail, run_qk_topn, run_reuse_rows,
                            run_sparse_attn_v)
 
 # test (file::name, or file::name[id] for one case) -> why the emulator cannot run it as the CUDA
@@ -74,17 +77,27 @@ def _qk_topn(exe):
     return run
 
 
+def _host_read_sms(by_default):
+    """The multiprocessors the CUDA launcher plans a host read over (launch_utils.cpp's
+    host_read_sms): all where KCACHE_OPS_HOST_READ_SPREAD is 1, or unset and the op spreads by
+    default, else 1. (V in device memory, which the launcher never spreads, is a CPU tensor here
+    like host V.)"""
+    value = os.environ.get("KCACHE_OPS_HOST_READ_SPREAD", "")
+    return SMS if value == "1" or (value == "" and by_default) else 1
+
+
 def _sparse_attn_v(exe):
     def run(scores, indices, v_cache, lse=None, renormalize=True, check_values=True, v_sum=None,
             seq_lens=None):
         return run_sparse_attn_v(exe, scores, indices, v_cache, lse, bool(renormalize),
-                                 v_sum=v_sum, seq_lens=seq_lens)  # [B, Hq, D]
+                                 v_sum=v_sum, seq_lens=seq_lens,
+                                 sms=_host_read_sms(False))  # [B, Hq, D]
     return run
 
 
 def _gather_rows(exe):
     def run(src, indices, check_values=True):
-        return run_gather_rows(exe, src, indices)  # [B, H, N, D]
+        return run_gather_rows(exe, src, indices, sms=_host_read_sms(True))  # [B, H, N, D]
     return run
 
 
