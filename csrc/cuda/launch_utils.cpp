@@ -5,8 +5,9 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
-#include <unordered_map>
+#include <utility>
 
 #include <ATen/ATen.h>
 
@@ -97,16 +98,18 @@ void check_indices_on_device(const at::Tensor& indices, int64_t S, const char* s
 }
 
 int resident_blocks_per_sm(const void* kernel, int threads) {
+  int device = 0;
+  KC_CUDA_CHECK("kcache_ops", cudaGetDevice(&device));
   static std::mutex mutex;
-  static std::unordered_map<const void*, int> known;  // kernel -> blocks per multiprocessor
+  static std::map<std::pair<int, const void*>, int> known;  // (device, kernel) -> blocks per SM
   const std::lock_guard<std::mutex> lock(mutex);
-  const auto found = known.find(kernel);
+  const auto found = known.find({device, kernel});
   if (found != known.end()) return found->second;
   int blocks = 0;
   KC_CUDA_CHECK("kcache_ops",
                 cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
   blocks = std::max(blocks, 1);  // 0: the launch itself then reports why the kernel cannot run
-  known.emplace(kernel, blocks);
+  known.emplace(std::make_pair(device, kernel), blocks);
   return blocks;
 }
 

@@ -65,7 +65,7 @@ int host_read_sms(int device, bool reads_host, bool by_default);
 // Blocks of `threads` threads of `kernel` (a __global__ function, no dynamic shared memory)
 // resident on one multiprocessor of the current device at once, as its registers and shared
 // memory allow (at least 1, so that a plan never divides by 0); asked of the runtime once per
-// kernel (the process's first device decides).
+// kernel and device.
 int resident_blocks_per_sm(const void* kernel, int threads);
 
 // f(static_cast<T*>(nullptr)) with T the CUDA type of the dtype (float, __half, __nv_bfloat16).
