@@ -10,6 +10,7 @@
 
 #include "checks.h"
 #include "host_memory.h"
+#include "named_op.h"
 
 namespace kcache_ops {
 
@@ -47,6 +48,8 @@ int64_t bytes_of(at::IntArrayRef sizes, int64_t elem_bytes) {
 }
 
 namespace {
+
+constexpr char kOp[] = "alloc_host";  // first in each error the op raises (named_op.h)
 
 at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
   TORCH_CHECK(!c10::isQIntType(dtype) && !c10::isBitsType(dtype),
@@ -91,7 +94,7 @@ at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kcache_ops, CompositeExplicitAutograd, m) {
-  m.impl("alloc_host", &alloc_host);
+  m.impl(kOp, &NamedOp<kOp, &alloc_host>::call);
   m.impl("host_bytes_available", &host_bytes_available);
 }
 

@@ -1,5 +1,6 @@
-// The one schema block of the kcache_ops library. Implementations register per device:
-// csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA), csrc/alloc_host.cpp (device-independent).
+// The one schema block of the kcache_ops library. Implementations register per device, each
+// through named_op.h's NamedOp (its errors name the op): csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu
+// (CUDA), csrc/alloc_host.cpp (device-independent).
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 

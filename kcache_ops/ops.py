@@ -5,6 +5,7 @@ each scalar argument of any type that holds one of its kind (kcache_ops.integers
 for a count, an int for a flag)."""
 import math
 
+import numpy as np
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -428,6 +429,19 @@ def _scalars(op, convert, **values):
     return out
 
 
+def _exact_text(x):
+    """The float ``x`` as the eager ops' messages write it (csrc/checks.h's exact_text: C++'s
+    std::to_chars, the shortest text that reads back as ``x``, fixed or scientific, whichever is
+    shorter, fixed on a tie, an integer's fixed text exact): 0, 2, 0.5, 1e-07, 1e+05."""
+    x = float(x)
+    if not math.isfinite(x):
+        return repr(x)  # inf, -inf, nan
+    fixed = str(int(x)) if x.is_integer() and x != 0 else \
+        np.format_float_positional(x, trim="-")
+    scientific = np.format_float_scientific(x, trim="-", exp_digits=2)
+    return fixed if len(fixed) <= len(scientific) else scientific
+
+
 def as_float32(x):
     """x rounded to float32, as the ops take a float argument such as top_p (their schema's float
     is a double, which they compare in float32)."""
@@ -554,15 +568,15 @@ def _check_fake(op, args, host=(), group=None):
                                f"{hkv_of} heads ({_values(hkv)})")
 
 
-def _check_bits(bits):
+def _check_bits(op, bits):
     if bits not in (2, 4):
-        raise RuntimeError(f"bits must be 2 or 4, got {bits}")
+        raise RuntimeError(f"{op}: bits must be 2 or 4, got {bits}")
 
 
-def _check_skip(skip_first, skip_last):
+def _check_skip(op, skip_first, skip_last):
     for name, count in (("skip_first", skip_first), ("skip_last", skip_last)):
         if not 0 <= count < 1 << 31:
-            raise RuntimeError(f"{name} must be in [0, 2^31), got {count}")
+            raise RuntimeError(f"{op}: {name} must be in [0, 2^31), got {count}")
 
 
 # The fake implementations make every check of the eager ops (csrc/shape_checks.h, the CPU ops'
@@ -579,12 +593,14 @@ def _(q, k_cache, seq_lens, n, scale, group_select=False, check_values=True,
     _check_same_dtype("qk_topn", "q", q, "k_cache", k_cache)
     _check_head_dim("qk_topn", "q", q.shape[2])
     if not 1 <= n < 1 << 31:
-        raise RuntimeError(f"n must be in [1, 2^31), got {n}")
+        raise RuntimeError(f"qk_topn: n must be in [1, 2^31), got {n}")
     if not math.isfinite(as_float32(scale)):
-        raise RuntimeError(f"scale must be finite (as a float32), got {scale}")
-    _check_skip(skip_first, skip_last)
+        raise RuntimeError(f"qk_topn: scale must be finite (as a float32), got "
+                           f"{_exact_text(scale)}")
+    _check_skip("qk_topn", skip_first, skip_last)
     if not 0 < as_float32(top_p) <= 1:
-        raise RuntimeError(f"top_p must be in (0, 1] (as a float32), got {top_p}")
+        raise RuntimeError(f"qk_topn: top_p must be in (0, 1] (as a float32), got "
+                           f"{_exact_text(top_p)}")
     _check_last_contiguous("qk_topn", q=q, k_cache=k_cache)
     B, Hq, _ = q.shape
     S = k_cache.shape[2]
@@ -664,9 +680,10 @@ def _(shape, dtype):
 @torch.library.register_fake("kcache_ops::quantize_rows")
 def _(v, bits):
     if v.dim() < 1:
-        raise RuntimeError("v must have at least 1 dim ([..., D]), got a 0-dim tensor")
+        raise RuntimeError("quantize_rows: v must have at least 1 dim ([..., D]), got a 0-dim "
+                           "tensor")
     _check_dtype("quantize_rows", "v", v, FLOAT_DTYPES)
-    _check_bits(bits)
+    _check_bits("quantize_rows", bits)
     D, per_byte = v.shape[-1], 8 // bits
     if D <= 0 or D % per_byte != 0:
         raise RuntimeError(f"quantize_rows: v: last dim (D) must be a positive multiple of "
@@ -680,10 +697,10 @@ def _(v, bits):
 @torch.library.register_fake("kcache_ops::lowbit_tail")
 def _(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True, skip_first=0,
       skip_last=0, hot_v=None, hot_pos=None):
-    _check_bits(bits)
-    _check_skip(skip_first, skip_last)
+    _check_bits("lowbit_tail", bits)
+    _check_skip("lowbit_tail", skip_first, skip_last)
     if (hot_v is None) != (hot_pos is None):
-        raise RuntimeError("hot_v and hot_pos must be given together, got hot_v "
+        raise RuntimeError("lowbit_tail: hot_v and hot_pos must be given together, got hot_v "
                            f"{'None' if hot_v is None else 'set'} and hot_pos "
                            f"{'None' if hot_pos is None else 'set'}")
     _check_fake("lowbit_tail", {"scores": (scores, ("B", "Hq", "S"), torch.float32),
@@ -703,8 +720,10 @@ def _(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True, 
                            f"({64 * bits // 8} or {128 * bits // 8} bytes for bits = {bits}), got "
                            f"{_values(code_bytes)}")
     if hot_v is not None and hot_v.shape[3] != D:
-        raise RuntimeError(f"lowbit_tail: hot_v must have {_values(D)} in dim 3 (D, the head "
-                           f"dim of v_codes), got shape {_values(hot_v.shape)}")
+        B, Hkv = _values(v_codes.shape[:2])
+        raise RuntimeError(f"lowbit_tail: hot_v must have shape [{B}, {Hkv}, H, {_values(D)}] "
+                           f"(scores batch, v_codes heads, -, head dim), got "
+                           f"{_values(hot_v.shape)}")
     _check_last_contiguous("lowbit_tail", indices=indices, v_codes=v_codes, v_meta=v_meta,
                            hot_v=hot_v)
     B, Hq, _ = scores.shape

@@ -248,14 +248,30 @@ def _on_meta(x):
 def test_fake_refuses_what_eager_refuses(case):
     """A call the eager CPU op refuses for what it can see without reading a tensor's values is
     refused, with the same message, on meta tensors (the fake implementation, which
-    torch.compile traces with): it gets no shapes to trace on."""
+    torch.compile traces with): it gets no shapes to trace on. Both name the op first."""
     op, args, kwargs, message = _metadata_calls()[case]
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(RuntimeError, match=message) as eager:
         op(*args, **kwargs)
     meta_args = [_on_meta(a) for a in args]
     meta_kwargs = {name: _on_meta(a) for name, a in kwargs.items()}
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(RuntimeError, match=message) as fake:
         op(*meta_args, **meta_kwargs)
+    assert str(eager.value).startswith(f"{op.__name__}: ")
+    assert str(fake.value) == str(eager.value)
+
+
+@pytest.mark.parametrize("top_p", [0, -0.0, 2, 1.5, -0.1, 1e-50, 1e5, 123456.0, 1e16, 2.0 ** 60,
+                                   1.7976931348623157e308, float("inf"), float("nan")])
+def test_fake_writes_a_refused_float_as_eager_does(top_p):
+    """The fake implementation writes a refused float as the eager op's C++ does (its shortest
+    round-trip text, fixed or scientific: 0, 2, 1e+05, 1e+16, 1152921504606846976)."""
+    q, k, lens = torch.randn(2, 4, 64), torch.randn(2, 2, 10, 64), torch.full((2,), 5).int()
+    messages = []
+    for device in ("cpu", "meta"):
+        with pytest.raises(RuntimeError, match=r"^qk_topn: top_p must be in \(0, 1\]") as info:
+            kcache_ops.qk_topn(q.to(device), k.to(device), lens.to(device), 3, top_p=top_p)
+        messages.append(str(info.value))
+    assert messages[1] == messages[0]
 
 
 @pytest.mark.parametrize("call, args, message", [

@@ -32,6 +32,12 @@ def change(args, i, value):
     return tuple(value if j == i else a for j, a in enumerate(args))
 
 
+def refused(op, message):
+    """pytest.raises for a RuntimeError whose message names ``op`` first ("qk_topn: ...") and then
+    says ``message`` (a regex): whichever check refused, in Python or C++ (csrc/named_op.h)."""
+    return pytest.raises(RuntimeError, match=rf"(?s)^{op}: .*(?:{message})")
+
+
 @pytest.mark.parametrize("i, bad, message", [
     (0, lambda q: q.double(), "q must be float32, float16 or bfloat16, got float64"),
     (1, lambda k: k.half(), "q and k_cache must have the same dtype, got float32 and float16"),
@@ -51,7 +57,7 @@ def change(args, i, value):
      "q must be contiguous in its last dim"),
 ])
 def test_qk_topn_bad_arguments(qk, i, bad, message):
-    with pytest.raises(RuntimeError, match=message):
+    with refused("qk_topn", message):
         kcache_ops.qk_topn(*change(qk, i, bad(qk[i])), N)
 
 
@@ -180,7 +186,7 @@ def assert_reads_back(message, value):
      "v_cache must be contiguous in its last dim"),
 ])
 def test_sparse_attn_v_bad_arguments(attn, i, bad, message):
-    with pytest.raises(RuntimeError, match=message):
+    with refused("sparse_attn_v", message):
         kcache_ops.sparse_attn_v(*change(attn, i, bad(attn[i])), renormalize=False)
 
 
@@ -214,7 +220,7 @@ def mean_tail(device):
 ])
 def test_sparse_attn_v_bad_tail_arguments(attn, mean_tail, i, bad, message):
     v_sum, seq_lens = change(mean_tail, i, bad(mean_tail[i]))
-    with pytest.raises(RuntimeError, match=message):
+    with refused("sparse_attn_v", message):
         kcache_ops.sparse_attn_v(*attn, renormalize=False, v_sum=v_sum, seq_lens=seq_lens)
 
 
@@ -252,8 +258,52 @@ def test_gather_rows_bad_arguments(attn):
          "src must be contiguous in its last dim"),
     ]
     for args, message in cases:
-        with pytest.raises(RuntimeError, match=message):
+        with refused("gather_rows", message):
             kcache_ops.gather_rows(*args)
+
+
+def test_errors_through_torch_ops_name_the_op(device):
+    """Called as torch.ops.kcache_ops.<op> (no Python wrapper: as a compiled graph or a user's
+    code calls it), each op's C++ checks name the op first too."""
+    ops, i32 = torch.ops.kcache_ops, torch.int32
+    q, k = torch.randn(B, HKV * G, D, device=device), torch.randn(B, HKV, S, D, device=device)
+    lens = seq_lens_tensor([S, 3], device)  # [B]
+    scores = torch.randn(B, HKV * G, N, device=device)  # [B, Hq, N]
+    indices = torch.randint(0, S, (B, HKV * G, N), dtype=i32, device=device)  # [B, Hq, N]
+    v = host_tensor(torch.randn(B, HKV, S, D), device)  # [B, Hkv, S, D]
+    codes, meta = ops.quantize_rows(k, 2)  # [B, Hkv, S, D / 4], [B, Hkv, S, 2]
+    every = torch.randn(B, HKV * G, S, device=device)  # [B, Hq, S]
+    lse = torch.randn(B, HKV * G, device=device)  # [B, Hq]
+    held = torch.full((B, HKV, G * N), -1, dtype=i32, device=device)  # [B, Hkv, C]
+    calls = [
+        ("qk_topn", lambda: ops.qk_topn(q, k[:1], lens, N, 0.125),
+         r"k_cache batch \(1\) must equal q batch \(2\)"),
+        ("sparse_attn_v", lambda: ops.sparse_attn_v(scores, indices.long(), v),
+         "indices must be int32, got int64"),
+        ("gather_rows", lambda: ops.gather_rows(v[0], indices), "src must have 4 dims"),
+        ("lowbit_tail", lambda: ops.lowbit_tail(every, lens, lse, indices, codes, meta, 3),
+         "bits must be 2 or 4, got 3"),
+        ("quantize_rows", lambda: ops.quantize_rows(k, 3), "bits must be 2 or 4, got 3"),
+        ("reuse_rows", lambda: ops.reuse_rows(
+            indices, v, lens, torch.zeros(B, HKV, G * N, D, device=device), held, held.clone(),
+            lens[:1].long(), False), "step must be int32, got int64"),
+        ("alloc_host", lambda: ops.alloc_host([-1], torch.float32),
+         r"shape must have no negative size, got \[-1\]"),
+    ]
+    for op, call, message in calls:
+        with refused(op, message):
+            call()
+
+
+@requires_cuda
+def test_cuda_out_of_memory_stays_torch_out_of_memory():
+    """An output larger than the GPU raises torch.OutOfMemoryError naming the op: a caller that
+    catches it to back off (a smaller batch) still does."""
+    src = kcache_ops.alloc_host((1, 1, S, D), torch.float32)  # [1, 1, S, D]
+    heads = 1 << 20
+    indices = torch.zeros(1, 1, heads, dtype=torch.int32, device="cuda").expand(1, heads, heads)
+    with pytest.raises(torch.OutOfMemoryError, match="^gather_rows: CUDA out of memory"):
+        kcache_ops.gather_rows(src, indices, check_values=False)  # dst [1, 2^20, 2^20, D]: 256 TiB
 
 
 def test_reuse_rows_bad_arguments(attn):
@@ -288,7 +338,7 @@ def test_reuse_rows_bad_arguments(attn):
          r"rows must have at least 8 slots \(the rows of one step: G x N\), got 7"),
     ]
     for args_, message in cases:
-        with pytest.raises(RuntimeError, match=message):
+        with refused("reuse_rows", message):
             kcache_ops.reuse_rows(*args_)
     # group_select: a step is N rows, so N slots do
     small = [t[:, :, :N] for t in pool]
@@ -383,7 +433,7 @@ def test_cuda_inputs_at_a_byte_offset_are_refused():
     (lambda d: torch.randn(64, 4, device=d).t(), 2, "v must be contiguous in its last dim"),
 ])
 def test_quantize_rows_bad_arguments(device, v, bits, message):
-    with pytest.raises(RuntimeError, match=message):
+    with refused("quantize_rows", message):
         kcache_ops.quantize_rows(v(device), bits)
 
 
@@ -481,7 +531,7 @@ def low_tail(device):
      r"bytes for bits = 4\), got 16"),
 ])
 def test_lowbit_tail_bad_arguments(low_tail, i, bad, message):
-    with pytest.raises(RuntimeError, match=message):
+    with refused("lowbit_tail", message):
         kcache_ops.lowbit_tail(*change(low_tail, i, bad(low_tail[i])))
 
 
@@ -688,7 +738,7 @@ def test_none_for_a_tensor_through_torch_ops(tensor_args):
             continue
         args = (*args, 0.125) if op == "qk_topn" else args  # the schema's scale has no default
         for i, name in enumerate(names.split()):
-            with pytest.raises(RuntimeError, match=rf"^{name} must be a tensor, got None"):
+            with pytest.raises(RuntimeError, match=rf"^{op}: {name} must be a tensor, got None"):
                 getattr(torch.ops.kcache_ops, op)(*change(args, i, None))
 
 

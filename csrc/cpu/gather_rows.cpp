@@ -2,12 +2,15 @@
 // (any dtype); index -1 gives a zero row.
 #include <cstring>
 
+#include "../named_op.h"
 #include "../shape_checks.h"
 #include "../value_checks.h"
 #include "common.h"
 
 namespace kcache_ops::cpu {
 namespace {
+
+constexpr char kOp[] = "gather_rows";  // first in each error the op raises (named_op.h)
 
 at::Tensor gather_rows_cpu(const at::Tensor& src,      // [B, Hs, S, D]
                            const at::Tensor& indices,  // [B, H, N] int32
@@ -46,6 +49,6 @@ at::Tensor gather_rows_cpu(const at::Tensor& src,      // [B, Hs, S, D]
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kcache_ops, CPU, m) { m.impl("gather_rows", &gather_rows_cpu); }
+TORCH_LIBRARY_IMPL(kcache_ops, CPU, m) { m.impl(kOp, &NamedOp<kOp, &gather_rows_cpu>::call); }
 
 }  // namespace kcache_ops::cpu

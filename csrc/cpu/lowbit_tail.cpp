@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../named_op.h"
 #include "../shape_checks.h"
 #include "../value_checks.h"
 #include "common.h"
@@ -12,6 +13,8 @@
 
 namespace kcache_ops::cpu {
 namespace {
+
+constexpr char kOp[] = "lowbit_tail";  // first in each error the op raises (named_op.h)
 
 // The exact rows of one (batch, kv head) on the host: slot i's row at v + i * v_stride elements
 // (of dtype), its position pos[i * pos_stride]; count 0 for none.
@@ -258,6 +261,6 @@ at::Tensor lowbit_tail_cpu(const at::Tensor& scores,    // [B, Hq, S] float32
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kcache_ops, CPU, m) { m.impl("lowbit_tail", &lowbit_tail_cpu); }
+TORCH_LIBRARY_IMPL(kcache_ops, CPU, m) { m.impl(kOp, &NamedOp<kOp, &lowbit_tail_cpu>::call); }
 
 }  // namespace kcache_ops::cpu

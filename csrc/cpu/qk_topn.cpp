@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../host_memory.h"
+#include "../named_op.h"
 #include "../shape_checks.h"
 #include "../value_checks.h"
 #include "common.h"
@@ -16,6 +17,8 @@
 
 namespace kcache_ops::cpu {
 namespace {
+
+constexpr char kOp[] = "qk_topn";  // first in each error the op raises (named_op.h)
 
 // The log-sum-exp state of some scores of a head: their max and the sum of exp(s - max), in
 // double (float32 adds of one tile's sum after another drift: a relative 2e-5 at 3M keys).
@@ -388,6 +391,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kcache_ops, CPU, m) { m.impl("qk_topn", &qk_topn_cpu); }
+TORCH_LIBRARY_IMPL(kcache_ops, CPU, m) { m.impl(kOp, &NamedOp<kOp, &qk_topn_cpu>::call); }
 
 }  // namespace kcache_ops::cpu

@@ -9,11 +9,14 @@
 #include <tuple>
 #include <vector>
 
+#include "../named_op.h"
 #include "../shape_checks.h"
 #include "common.h"
 
 namespace kcache_ops::cpu {
 namespace {
+
+constexpr char kOp[] = "quantize_rows";  // first in each error the op raises (named_op.h)
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 // A finite row's min and max are taken within [-kRange, kRange] (reference.QUANT_RANGE): its
@@ -100,6 +103,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_cpu(const at::Tensor& v,  // [.
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kcache_ops, CPU, m) { m.impl("quantize_rows", &quantize_rows_cpu); }
+TORCH_LIBRARY_IMPL(kcache_ops, CPU, m) { m.impl(kOp, &NamedOp<kOp, &quantize_rows_cpu>::call); }
 
 }  // namespace kcache_ops::cpu

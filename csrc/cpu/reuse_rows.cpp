@@ -7,12 +7,15 @@
 #include <unordered_map>
 #include <vector>
 
+#include "../named_op.h"
 #include "../shape_checks.h"
 #include "../value_checks.h"
 #include "common.h"
 
 namespace kcache_ops::cpu {
 namespace {
+
+constexpr char kOp[] = "reuse_rows";  // first in each error the op raises (named_op.h)
 
 // The order in which slots are refilled: ascending (step last read + 1, at least 0), then slot; a
 // slot found by this step (kFoundKey | slot, above every int32 step) never. The CUDA kernel sorts
@@ -130,6 +133,6 @@ std::tuple<at::Tensor, at::Tensor> reuse_rows_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kcache_ops, CPU, m) { m.impl("reuse_rows", &reuse_rows_cpu); }
+TORCH_LIBRARY_IMPL(kcache_ops, CPU, m) { m.impl(kOp, &NamedOp<kOp, &reuse_rows_cpu>::call); }
 
 }  // namespace kcache_ops::cpu

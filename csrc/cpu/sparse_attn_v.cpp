@@ -6,6 +6,7 @@
 #include <limits>
 #include <optional>
 
+#include "../named_op.h"
 #include "../shape_checks.h"
 #include "../value_checks.h"
 #include "common.h"
@@ -13,6 +14,8 @@
 
 namespace kcache_ops::cpu {
 namespace {
+
+constexpr char kOp[] = "sparse_attn_v";  // first in each error the op raises (named_op.h)
 
 // The weights p_i of one head (DESIGN §3): exp(score_i - shift), 0 for padding and -inf scores
 // (a softmax's shift is -inf only when every valid score is); as the reference's nan_to_num(0), a
@@ -148,6 +151,6 @@ at::Tensor sparse_attn_v_cpu(const at::Tensor& scores,   // [B, Hq, N] float32
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kcache_ops, CPU, m) { m.impl("sparse_attn_v", &sparse_attn_v_cpu); }
+TORCH_LIBRARY_IMPL(kcache_ops, CPU, m) { m.impl(kOp, &NamedOp<kOp, &sparse_attn_v_cpu>::call); }
 
 }  // namespace kcache_ops::cpu

@@ -8,16 +8,18 @@
 
 #include "gather_rows_launch.h"
 #include "launch_utils.h"
+#include "../named_op.h"
 #include "../shape_checks.h"
 #include "utils.cuh"
 
 namespace kcache_ops {
 namespace {
 
+constexpr char kOp[] = "gather_rows";  // first in each error the op raises (named_op.h)
+
 at::Tensor gather_rows_cuda(const at::Tensor& src,      // [B, Hs, S, D], pinned mapped host memory
                             const at::Tensor& indices,  // [B, H, N] int32, CUDA
                             bool check_values) {
-  constexpr const char* kOp = "gather_rows";
   const GatherRowsDims dims = check_gather_rows_args(src, indices);
   TORCH_CHECK(indices.is_cuda(), "indices must be a CUDA tensor, got ", indices.device());
   const c10::cuda::CUDAGuard guard(indices.device());
@@ -50,6 +52,6 @@ at::Tensor gather_rows_cuda(const at::Tensor& src,      // [B, Hs, S, D], pinned
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kcache_ops, CUDA, m) { m.impl("gather_rows", &gather_rows_cuda); }
+TORCH_LIBRARY_IMPL(kcache_ops, CUDA, m) { m.impl(kOp, &NamedOp<kOp, &gather_rows_cuda>::call); }
 
 }  // namespace kcache_ops

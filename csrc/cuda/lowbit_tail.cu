@@ -8,11 +8,14 @@
 
 #include "launch_utils.h"
 #include "lowbit_tail_launch.h"
+#include "../named_op.h"
 #include "../shape_checks.h"
 #include "utils.cuh"
 
 namespace kcache_ops {
 namespace {
+
+constexpr char kOp[] = "lowbit_tail";  // first in each error the op raises (named_op.h)
 
 at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, CUDA
                             const at::Tensor& seq_lens,  // [B] int32, CUDA
@@ -24,7 +27,6 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
                             int64_t skip_last,
                             const std::optional<at::Tensor>& hot_v_arg,     // [B, Hkv, H, D]
                             const std::optional<at::Tensor>& hot_pos_arg) {  // [B, H] int32
-  constexpr const char* kOp = "lowbit_tail";
   const LowbitTailDims dims = check_lowbit_tail_args(scores, seq_lens, lse, indices, v_codes,
                                                      v_meta, bits, skip_first, skip_last);
   const int64_t H = check_hot_rows(hot_v_arg, hot_pos_arg, dims);
@@ -106,6 +108,6 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kcache_ops, CUDA, m) { m.impl("lowbit_tail", &lowbit_tail_cuda); }
+TORCH_LIBRARY_IMPL(kcache_ops, CUDA, m) { m.impl(kOp, &NamedOp<kOp, &lowbit_tail_cuda>::call); }
 
 }  // namespace kcache_ops

@@ -12,11 +12,14 @@
 
 #include "launch_utils.h"
 #include "qk_topn_launch.h"
+#include "../named_op.h"
 #include "../shape_checks.h"
 #include "utils.cuh"
 
 namespace kcache_ops {
 namespace {
+
+constexpr char kOp[] = "qk_topn";  // first in each error the op raises (named_op.h)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
     const at::Tensor& q,         // [B, Hq, D], CUDA
@@ -24,7 +27,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
     const at::Tensor& seq_lens,  // [B] int32, CUDA
     int64_t n, double scale, bool group_select, bool check_values, bool return_scores,
     int64_t skip_first, int64_t skip_last, double top_p) {
-  constexpr const char* kOp = "qk_topn";
   const QkTopnDims dims =
       check_qk_topn_args(q, k_cache, seq_lens, n, scale, skip_first, skip_last, top_p);
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
@@ -90,6 +92,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kcache_ops, CUDA, m) { m.impl("qk_topn", &qk_topn_cuda); }
+TORCH_LIBRARY_IMPL(kcache_ops, CUDA, m) { m.impl(kOp, &NamedOp<kOp, &qk_topn_cuda>::call); }
 
 }  // namespace kcache_ops

@@ -13,15 +13,17 @@
 
 #include "launch_utils.h"
 #include "quantize_rows_launch.h"
+#include "../named_op.h"
 #include "../shape_checks.h"
 #include "utils.cuh"
 
 namespace kcache_ops {
 namespace {
 
+constexpr char kOp[] = "quantize_rows";  // first in each error the op raises (named_op.h)
+
 std::tuple<at::Tensor, at::Tensor> quantize_rows_cuda(const at::Tensor& v,  // [..., D], CUDA
                                                       int64_t bits) {
-  constexpr const char* kOp = "quantize_rows";
   const QuantizeRowsDims dims = check_quantize_rows_args(v, bits);
   TORCH_CHECK(v.is_cuda(), "v must be a CUDA tensor, got ", v.device());
   const c10::cuda::CUDAGuard guard(v.device());
@@ -70,6 +72,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_cuda(const at::Tensor& v,  // [
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kcache_ops, CUDA, m) { m.impl("quantize_rows", &quantize_rows_cuda); }
+TORCH_LIBRARY_IMPL(kcache_ops, CUDA, m) { m.impl(kOp, &NamedOp<kOp, &quantize_rows_cuda>::call); }
 
 }  // namespace kcache_ops

@@ -9,12 +9,15 @@
 #include <torch/library.h>
 
 #include "launch_utils.h"
+#include "../named_op.h"
 #include "../shape_checks.h"
 #include "reuse_rows_launch.h"
 #include "utils.cuh"
 
 namespace kcache_ops {
 namespace {
+
+constexpr char kOp[] = "reuse_rows";  // first in each error the op raises (named_op.h)
 
 std::tuple<at::Tensor, at::Tensor> reuse_rows_cuda(
     const at::Tensor& indices,  // [B, Hq, N] int32, CUDA
@@ -25,7 +28,6 @@ std::tuple<at::Tensor, at::Tensor> reuse_rows_cuda(
     const at::Tensor& used,     // [B, Hkv, C] int32, CUDA, updated
     const at::Tensor& step,     // [1] int32, CUDA
     bool group_select, bool check_values) {
-  constexpr const char* kOp = "reuse_rows";
   const ReuseRowsDims d =
       check_reuse_rows_args(indices, v_host, new_pos, rows, held, used, step, group_select);
   TORCH_CHECK(indices.is_cuda(), "indices must be a CUDA tensor, got ", indices.device());
@@ -70,6 +72,6 @@ std::tuple<at::Tensor, at::Tensor> reuse_rows_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kcache_ops, CUDA, m) { m.impl("reuse_rows", &reuse_rows_cuda); }
+TORCH_LIBRARY_IMPL(kcache_ops, CUDA, m) { m.impl(kOp, &NamedOp<kOp, &reuse_rows_cuda>::call); }
 
 }  // namespace kcache_ops

@@ -11,12 +11,15 @@
 #include <torch/library.h>
 
 #include "launch_utils.h"
+#include "../named_op.h"
 #include "../shape_checks.h"
 #include "sparse_attn_v_launch.h"
 #include "utils.cuh"
 
 namespace kcache_ops {
 namespace {
+
+constexpr char kOp[] = "sparse_attn_v";  // first in each error the op raises (named_op.h)
 
 at::Tensor sparse_attn_v_cuda(
     const at::Tensor& scores,              // [B, Hq, N] float32, CUDA
@@ -26,7 +29,6 @@ at::Tensor sparse_attn_v_cuda(
     bool renormalize, bool check_values,
     const std::optional<at::Tensor>& v_sum,      // [B, Hkv, D] float32, CUDA; the mean tail
     const std::optional<at::Tensor>& seq_lens) {  // [B] int32, CUDA; given with v_sum
-  constexpr const char* kOp = "sparse_attn_v";
   const SparseAttnVDims dims =
       check_sparse_attn_v_args(scores, indices, v_cache, lse, renormalize, v_sum, seq_lens);
   TORCH_CHECK(scores.is_cuda(), "scores must be a CUDA tensor, got ", scores.device());
@@ -87,6 +89,6 @@ at::Tensor sparse_attn_v_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kcache_ops, CUDA, m) { m.impl("sparse_attn_v", &sparse_attn_v_cuda); }
+TORCH_LIBRARY_IMPL(kcache_ops, CUDA, m) { m.impl(kOp, &NamedOp<kOp, &sparse_attn_v_cuda>::call); }
 
 }  // namespace kcache_ops

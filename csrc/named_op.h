@@ -1,0 +1,57 @@
+// An op's implementation as it is registered: every error it raises starts with the op's name
+// ("qk_topn: k_cache must have 4 dims, got shape [2, 10, 64]"), as the Python wrappers' and the
+// fake implementations' messages do, whichever helper raised it and however the op was called
+// (kcache_ops.qk_topn, torch.ops.kcache_ops.qk_topn, a compiled graph):
+//
+//   constexpr char kQkTopn[] = "qk_topn";
+//   m.impl(kQkTopn, &NamedOp<kQkTopn, &qk_topn_cpu>::call);
+#pragma once
+
+#include <string>
+#include <typeinfo>
+#include <utility>
+
+#include <c10/util/Exception.h>
+
+namespace kcache_ops {
+
+// `msg` with "op: " in front, unless it starts so already.
+inline std::string named_message(const char* op, const std::string& msg) {
+  const std::string head = std::string(op) + ": ";
+  return msg.compare(0, head.size(), head) == 0 ? msg : head + msg;
+}
+
+// Throws `e` again, its message named by named_message, if it is an E (not a type derived from
+// it); the caller must be inside the handler that caught `e`.
+template <class E>
+void rethrow_named_as(const char* op, const c10::Error& e) {
+  if (typeid(e) != typeid(E)) return;
+  E named(named_message(op, e.msg()), e.backtrace(), e.caller());
+  for (const std::string& context : e.context()) named.add_context(context);
+  throw named;
+}
+
+// An op's checks raise c10::Error (Python's RuntimeError); an allocation on a full GPU raises
+// c10::OutOfMemoryError, which stays one (torch.OutOfMemoryError, which callers catch to back
+// off). Any other type, torch's own (a CUDA error with its code), passes as it came.
+[[noreturn]] inline void rethrow_named(const char* op, const c10::Error& e) {
+  rethrow_named_as<c10::Error>(op, e);
+  rethrow_named_as<c10::OutOfMemoryError>(op, e);
+  throw;
+}
+
+template <const char* Op, auto Fn>
+struct NamedOp;
+
+template <const char* Op, typename R, typename... Args, R (*Fn)(Args...)>
+struct NamedOp<Op, Fn> {
+  static R call(Args... args) {
+    try {
+      return Fn(std::forward<Args>(args)...);
+    } catch (const c10::Error& e) {
+      rethrow_named(Op, e);
+    }
+  }
+};
+
+}  // namespace kcache_ops
