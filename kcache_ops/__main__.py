@@ -44,6 +44,8 @@ def main(argv=None, prog="python -m kcache_ops"):
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
     args.command_line = f"python -m kcache_ops {shlex.join(argv)}"  # what the results record
+    if args.threads:  # every command's (cli/args.py's add_device_arguments)
+        torch.set_num_threads(args.threads)
     format_warning = warnings.formatwarning  # a warning as one line: no source path nor code
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     try:

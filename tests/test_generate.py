@@ -468,6 +468,14 @@ def test_token_ids_outside_the_vocabulary(loaded):
         generate(model, [[5, 10**6]], 2)
 
 
+def test_cli_threads(folder):
+    """--threads (any command's) sets torch's CPU threads before the command runs."""
+    threads = 1 if torch.get_num_threads() > 1 else 2  # not what torch has now
+    assert main(["generate", "--model", str(folder), "--prompt", "a", "--max-new-tokens", "2",
+                 "--device", "cpu", "--threads", str(threads)]) == 0
+    assert torch.get_num_threads() == threads
+
+
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "expected an integer >= 1"),
     (["generate", "--prompt", "hi", "--temperature", "nan"],
@@ -495,6 +503,9 @@ def test_token_ids_outside_the_vocabulary(loaded):
                                                      "'1,,2'"),
     (["eval", "--needle-lengths", "200,200"], "integers >= 1, each once, got '200,200'"),
     (["eval", "--threads", str(2 ** 31)], r"expected an integer in \[1, 1024\]"),
+    (["generate", "--prompt", "hi", "--threads", "0"], "--threads: expected an integer >= 1"),
+    (["demo", "--threads", "2000"], r"--threads: expected an integer in \[1, 1024\]"),
+    (["bench", "--small", "--threads", "x"], "--threads: expected an integer"),
     (["eval", "--quick", "--prefill", "0"], "expected an integer >= 1"),
     (["generate", "--prompt", "hi", "--device", "tpu"], "expected cpu, cuda or cuda:N, got 'tpu'"),
     (["bench", "--small", "--device", "cuda:64"],

@@ -124,12 +124,15 @@ def add_model_arguments(parser):
 
 def add_device_arguments(parser, dtype_default=None):
     """--device, --dtype (default ``dtype_default``; None: bfloat16 on CUDA, float32 on the CPU,
-    as load_model picks)."""
+    as load_model picks), --threads (the command line's main sets torch's)."""
     parser.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: cuda where "
                                                       "available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=dtype_default,
                         help=f"default: {dtype_default}" if dtype_default else
                         "default: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--threads", type=thread_count,
+                        help="torch CPU threads (default: torch's, one per core; 1 is faster on "
+                             "a CPU that other work shares)")
 
 
 ENGINES = ("kcache_ops", "transformers")

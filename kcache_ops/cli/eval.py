@@ -17,8 +17,6 @@ import argparse
 import os
 import sys
 
-import torch
-
 from .. import report
 from ..caches import TAILS, check_kcache
 from ..eval import recommend
@@ -29,7 +27,7 @@ from ..model import load_model
 from ..model.load import DEFAULT_NAME
 from ..results import RESULTS_DIR, SMOKE_DIR, machine, out_dir, prepare_out_dir
 from .args import (add_engine_argument, add_model_arguments, command_line, dtype_of,
-                   layer_list, positive_int, positive_int_list, thread_count)
+                   layer_list, positive_int, positive_int_list)
 
 
 def tail_list(text):
@@ -76,8 +74,6 @@ def add_arguments(parser):
     sizes.add_argument("--gpu-sizes", action="store_true",
                        help="more and longer texts for a GPU: 16 windows of 4096 + 512 steps "
                             "and 4 agreement prompts of the same, 8 windows of 6144 + 256 steps")
-    parser.add_argument("--threads", type=thread_count,
-                        help="torch CPU threads (1 is faster on a CPU that others share)")
     parser.add_argument("--report-only", action="store_true",
                         help="only rewrite REPORT.md and the plots from the JSON in --out")
     parser.add_argument("--out",
@@ -146,8 +142,6 @@ def run(args):
             print(f"# {args.out} holds no results (no .json file): the report says that nothing "
                   f"has run; --out names the folder an eval or bench run wrote", file=sys.stderr)
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
     s, planned = settings(args), configs(args)
     if args.engine == "transformers":
         try:
