@@ -15,10 +15,14 @@
 
 namespace kcache_ops {
 
-// `msg` with "op: " in front, unless it starts so already.
+// `msg` with "op: " in front, unless it names the op first already ("op: ..." or, naming a part
+// of it, "op (select): ...").
 inline std::string named_message(const char* op, const std::string& msg) {
-  const std::string head = std::string(op) + ": ";
-  return msg.compare(0, head.size(), head) == 0 ? msg : head + msg;
+  const std::string name(op);
+  const bool named = msg.compare(0, name.size(), name) == 0 &&
+                     (msg.compare(name.size(), 2, ": ") == 0 ||
+                      msg.compare(name.size(), 2, " (") == 0);
+  return named ? msg : name + ": " + msg;
 }
 
 // Throws `e` again, its message named by named_message, if it is an E (not a type derived from
@@ -31,12 +35,18 @@ void rethrow_named_as(const char* op, const c10::Error& e) {
   throw named;
 }
 
-// An op's checks raise c10::Error (Python's RuntimeError); an allocation on a full GPU raises
-// c10::OutOfMemoryError, which stays one (torch.OutOfMemoryError, which callers catch to back
-// off). Any other type, torch's own (a CUDA error with its code), passes as it came.
+// An op's checks raise c10::Error (Python's RuntimeError); torch's calls inside it may raise the
+// others, each kept as the Python exception it maps to: an allocation on a full GPU stays
+// torch.OutOfMemoryError, which callers catch to back off. A type with fields of its own (a CUDA
+// runtime error, torch.AcceleratorError, with its code) passes as it came, unnamed.
 [[noreturn]] inline void rethrow_named(const char* op, const c10::Error& e) {
   rethrow_named_as<c10::Error>(op, e);
   rethrow_named_as<c10::OutOfMemoryError>(op, e);
+  rethrow_named_as<c10::IndexError>(op, e);
+  rethrow_named_as<c10::ValueError>(op, e);
+  rethrow_named_as<c10::TypeError>(op, e);
+  rethrow_named_as<c10::NotImplementedError>(op, e);
+  rethrow_named_as<c10::LinAlgError>(op, e);
   throw;
 }
 

@@ -434,8 +434,10 @@ def _exact_text(x):
     std::to_chars, the shortest text that reads back as ``x``, fixed or scientific, whichever is
     shorter, fixed on a tie, an integer's fixed text exact): 0, 2, 0.5, 1e-07, 1e+05."""
     x = float(x)
-    if not math.isfinite(x):
-        return repr(x)  # inf, -inf, nan
+    if math.isnan(x):  # C++ writes the sign bit of a NaN
+        return "-nan" if math.copysign(1.0, x) < 0 else "nan"
+    if math.isinf(x):
+        return repr(x)  # inf, -inf
     fixed = str(int(x)) if x.is_integer() and x != 0 else \
         np.format_float_positional(x, trim="-")
     scientific = np.format_float_scientific(x, trim="-", exp_digits=2)

@@ -261,7 +261,8 @@ def test_fake_refuses_what_eager_refuses(case):
 
 
 @pytest.mark.parametrize("top_p", [0, -0.0, 2, 1.5, -0.1, 1e-50, 1e5, 123456.0, 1e16, 2.0 ** 60,
-                                   1.7976931348623157e308, float("inf"), float("nan")])
+                                   1.7976931348623157e308, float("inf"), float("nan"),
+                                   -float("nan")])
 def test_fake_writes_a_refused_float_as_eager_does(top_p):
     """The fake implementation writes a refused float as the eager op's C++ does (its shortest
     round-trip text, fixed or scientific: 0, 2, 1e+05, 1e+16, 1152921504606846976)."""

@@ -70,7 +70,7 @@ bool should_validate_values(cudaStream_t stream) {
   const char* env = std::getenv("KCACHE_OPS_VALIDATE");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  KC_CUDA_CHECK("kcache_ops", cudaStreamIsCapturing(stream, &status));
+  KC_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
   return status == cudaStreamCaptureStatusNone;
 }
 
@@ -99,15 +99,14 @@ void check_indices_on_device(const at::Tensor& indices, int64_t S, const char* s
 
 int resident_blocks_per_sm(const void* kernel, int threads) {
   int device = 0;
-  KC_CUDA_CHECK("kcache_ops", cudaGetDevice(&device));
+  KC_CUDA_CHECK(cudaGetDevice(&device));
   static std::mutex mutex;
   static std::map<std::pair<int, const void*>, int> known;  // (device, kernel) -> blocks per SM
   const std::lock_guard<std::mutex> lock(mutex);
   const auto found = known.find({device, kernel});
   if (found != known.end()) return found->second;
   int blocks = 0;
-  KC_CUDA_CHECK("kcache_ops",
-                cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
+  KC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
   blocks = std::max(blocks, 1);  // 0: the launch itself then reports why the kernel cannot run
   known.emplace(std::make_pair(device, kernel), blocks);
   return blocks;
@@ -115,7 +114,7 @@ int resident_blocks_per_sm(const void* kernel, int threads) {
 
 int multiprocessor_count(int device) {
   int sms = 0;
-  KC_CUDA_CHECK("kcache_ops", cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  KC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   return sms;
 }
 

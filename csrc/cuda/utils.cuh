@@ -1,15 +1,17 @@
-// Launcher-side CUDA helpers: error checks that name the op (usable from .cpp and .cu files). Device
-// helpers (vector loads, reductions, ceil_div) are in kernel_utils.cuh, which has no torch headers.
+// Launcher-side CUDA helpers: error checks (usable from .cpp and .cu files; the op's name comes
+// first from named_op.h). Device helpers (vector loads, reductions, ceil_div) are in
+// kernel_utils.cuh, which has no torch headers.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <c10/util/Exception.h>
 
-#define KC_CUDA_CHECK(op, expr)                                                      \
-  do {                                                                               \
-    cudaError_t err_ = (expr);                                                       \
-    TORCH_CHECK(err_ == cudaSuccess, op ": " #expr " failed: ", cudaGetErrorString(err_)); \
+// A CUDA runtime call: an error names the call and CUDA's reason.
+#define KC_CUDA_CHECK(expr)                                                              \
+  do {                                                                                   \
+    cudaError_t err_ = (expr);                                                           \
+    TORCH_CHECK(err_ == cudaSuccess, #expr " failed: ", cudaGetErrorString(err_));       \
   } while (0)
 
 // After a launch: a bad configuration or a sticky error from an earlier kernel.
