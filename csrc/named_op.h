@@ -1,10 +1,11 @@
-// An op's implementation as it is registered: every error it raises starts with the op's name
+// An op's implementation as it is registered: the errors it raises start with the op's name
 // ("qk_topn: k_cache must have 4 dims, got shape [2, 10, 64]"), as the Python wrappers' and the
-// fake implementations' messages do, whichever helper raised it and however the op was called
-// (kcache_ops.qk_topn, torch.ops.kcache_ops.qk_topn, a compiled graph):
+// fake implementations' messages do, whichever helper raised them and however the op was called
+// (kcache_ops.qk_topn, torch.ops.kcache_ops.qk_topn, a compiled graph); all but a CUDA runtime
+// error (rethrow_named):
 //
-//   constexpr char kQkTopn[] = "qk_topn";
-//   m.impl(kQkTopn, &NamedOp<kQkTopn, &qk_topn_cpu>::call);
+//   constexpr char kOp[] = "qk_topn";
+//   m.impl(kOp, &NamedOp<kOp, &qk_topn_cpu>::call);
 #pragma once
 
 #include <string>
