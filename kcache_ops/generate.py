@@ -38,8 +38,11 @@ class Generation:
 
     @property
     def tokens_per_s(self):
-        """Decode throughput over the whole batch."""
-        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+        """Decode throughput over the whole batch; NaN where no decode step ran (one new token:
+        the prefill's)."""
+        if self.decode_tokens == 0 or self.decode_s <= 0:
+            return float("nan")
+        return self.decode_tokens / self.decode_s
 
 
 class TextStream:

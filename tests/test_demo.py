@@ -20,7 +20,14 @@ def test_demo_runs_both_backends(tmp_path, monkeypatch, capsys):
     rows = {line.split()[0]: line.split() for line in out.splitlines()
             if line.startswith(("dense ", "kcache "))}
     assert float(rows["kcache"][4]) > 0 and float(rows["dense"][4]) == 0  # host MiB
+    assert float(rows["kcache"][2]) > 0  # decode tok/s
     assert "outputs identical" in out or "outputs first differ at new token" in out
+    # one new token, the prefill's: no decode step, so no rate (it said 0.00)
+    assert main(["demo", "--model", str(tmp_path), "--prompt-tokens", "150", "--new-tokens", "1",
+                 "--topn", "4"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("dense ", "kcache "))]
+    assert [row[2] for row in rows] == ["-", "-"]
 
 
 def test_demo_refuses_options_the_model_cannot_take_before_it_runs(tmp_path, monkeypatch, capsys):

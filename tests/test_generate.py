@@ -468,6 +468,22 @@ def test_token_ids_outside_the_vocabulary(loaded):
         generate(model, [[5, 10**6]], 2)
 
 
+def test_cli_reports_the_pool_it_used_and_no_rate_without_a_step(folder, capsys):
+    """generate names the reuse pool it used: --reuse past what the cache can hold is capped (it
+    printed the asked-for 100000 rows); with one new token (the prefill's) it says no decode step
+    ran (it printed 0.0 tokens/s)."""
+    args = ["generate", "--model", str(folder), "--prompt", "the t", "--device", "cpu"]
+    assert main(args + ["--max-new-tokens", "6", "--backend", "kcache", "--topn", "4", "--reuse",
+                        "100000", "--sinks", "0", "--window", "0"]) == 0
+    err = capsys.readouterr().err
+    pool = re.search(r"\((\d+) rows per KV head; --reuse 100000 capped: more slots than the "
+                     r"(\d+)-token cache would stay empty\)", err)
+    assert pool and int(pool[1]) < 100000
+    assert main(args + ["--max-new-tokens", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "(the first new token); no decode step" in err and "tokens/s" not in err
+
+
 def test_cli_threads(folder):
     """--threads (any command's) sets torch's CPU threads before the command runs."""
     threads = 1 if torch.get_num_threads() > 1 else 2  # not what torch has now

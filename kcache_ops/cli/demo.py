@@ -89,7 +89,8 @@ def run(args):
     print(f"\n{'backend':8s} {'prefill s':>10s} {'decode tok/s':>13s} {'cache device MiB':>17s} "
           f"{'cache host MiB':>15s}  pass key")
     for backend, r in runs.items():
-        print(f"{backend:8s} {r.prefill_s:10.2f} {r.tokens_per_s:13.2f} "
+        rate = "-" if r.decode_tokens == 0 else f"{r.tokens_per_s:.2f}"  # one token: no step
+        print(f"{backend:8s} {r.prefill_s:10.2f} {rate:>13s} "
               f"{r.cache.device_bytes() / 2**20:17.1f} {r.cache.host_bytes() / 2**20:15.1f}  "
               f"{'found' if PASSKEY in r.texts[0] else 'missed'}")
     dense, kcache = runs["dense"].tokens[0], runs["kcache"].tokens[0]

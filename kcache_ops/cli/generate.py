@@ -132,9 +132,10 @@ def run(args):
             print(f"--- [{i}] {text}")
     mib = 2 ** 20
     ended = sum(len(t) < args.max_new_tokens for t in result.tokens)  # EOS is not in tokens
-    print(f"{counted}, prefill {result.prefill_s:.2f} s (the first new token); decode "
-          f"{result.decode_tokens} more in {result.decode_s:.2f} s = "
-          f"{result.tokens_per_s:.1f} tokens/s"
+    decoded = (f"decode {result.decode_tokens} more in {result.decode_s:.2f} s = "
+               f"{result.tokens_per_s:.1f} tokens/s" if result.decode_tokens else
+               "no decode step")
+    print(f"{counted}, prefill {result.prefill_s:.2f} s (the first new token); {decoded}"
           + (f"; {ended} of {len(prompts)} ended at an end-of-sequence token" if ended else ""),
           file=sys.stderr)
     print(f"{args.backend} on {model.device} {str(model.dtype).removeprefix('torch.')}; cache "
@@ -147,7 +148,11 @@ def run(args):
         elif rate.isnan():
             print("reuse: no decode step read a V row from host RAM", file=sys.stderr)
         else:
+            slots = next(iter(result.cache.reuse.values())).held.shape[-1]  # [B, Hkv, C]
+            capped = (f"; --reuse {options.reuse} capped: more slots than the "
+                      f"{result.cache.capacity}-token cache would stay empty"
+                      if slots < options.reuse else "")
             print(f"reuse: {100 * rate:.0f}% of the V rows a step read came from the device pool "
-                  f"({options.reuse} rows per KV head), "
+                  f"({slots} rows per KV head{capped}), "
                   f"{result.cache.host_bytes_saved_per_step() / 1024:.1f} KiB of host reads "
                   f"saved per step", file=sys.stderr)
