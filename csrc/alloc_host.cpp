@@ -53,13 +53,13 @@ constexpr char kOp[] = "alloc_host";  // first in each error the op raises (name
 
 at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
   TORCH_CHECK(!c10::isQIntType(dtype) && !c10::isBitsType(dtype),
-              "alloc_host: dtype must be a plain (not quantized, not bits) dtype, got ",
+              "dtype must be a plain (not quantized, not bits) dtype, got ",
               dtype_name(dtype));
   for (int64_t s : shape) {
-    TORCH_CHECK(s >= 0, "alloc_host: shape must have no negative size, got ", shape);
+    TORCH_CHECK(s >= 0, "shape must have no negative size, got ", shape);
   }
   const int64_t bytes = bytes_of(shape, static_cast<int64_t>(c10::elementSize(dtype)));
-  TORCH_CHECK(bytes < std::numeric_limits<int64_t>::max(), "alloc_host: shape ", shape, " of ",
+  TORCH_CHECK(bytes < std::numeric_limits<int64_t>::max(), "shape ", shape, " of ",
               dtype_name(dtype), " needs more than ", std::numeric_limits<int64_t>::max(),
               " bytes (its size overflows int64)");
   // An empty tensor holds no bytes, but torch still multiplies its sizes in order (unsigned: a
@@ -77,16 +77,16 @@ at::Tensor alloc_host(at::IntArrayRef shape, at::ScalarType dtype) {
     stride_overflow =
         c10::mul_overflows(stride, std::max<int64_t>(shape[i], 1), &stride) || stride_overflow;
   }
-  TORCH_CHECK(!elements_overflow && !stride_overflow, "alloc_host: shape ", shape,
+  TORCH_CHECK(!elements_overflow && !stride_overflow, "shape ", shape,
               " has sizes or strides whose product overflows (as torch computes them)");
-  check_host_bytes(c10::str("alloc_host: shape ", shape, " of ", dtype_name(dtype)), bytes);
+  check_host_bytes(c10::str("shape ", shape, " of ", dtype_name(dtype)), bytes);
 #ifdef KCACHE_OPS_WITH_CUDA
   if (cuda_device_present()) return alloc_pinned_mapped(shape, dtype, bytes);
 #endif
   try {
     return at::empty(shape, at::TensorOptions().dtype(dtype).device(at::kCPU));
   } catch (const c10::Error&) {
-    TORCH_CHECK(false, "alloc_host: could not allocate ", bytes, " bytes of host memory for shape ",
+    TORCH_CHECK(false, "could not allocate ", bytes, " bytes of host memory for shape ",
                 shape, " ", dtype_name(dtype), "; ", host_bytes_available_text());
   }
 }

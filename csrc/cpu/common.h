@@ -26,8 +26,8 @@ namespace kcache_ops::cpu {
 // The score of padding, and the floor of a selection's threshold.
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-#define KC_CHECK_CPU(op, x) \
-  TORCH_CHECK((x).device().is_cpu(), op ": " #x " must be on cpu, got ", (x).device())
+#define KC_CHECK_CPU(x) \
+  TORCH_CHECK((x).device().is_cpu(), #x " must be on cpu, got ", (x).device())
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
@@ -143,19 +143,19 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   });
 }
 
-// buf.resize(n); where the host has not the memory, an error that names the op, the buffer and
-// the bytes asked for (std::bad_alloc says none of them, and Linux hands out a large buffer past
+// buf.resize(n); where the host has not the memory, an error that names the buffer and the bytes
+// asked for (std::bad_alloc says none of them, and Linux hands out a large buffer past
 // MemAvailable lazily: the process is killed writing it).
 template <class Vec>
-void scratch_resize(Vec& buf, size_t n, const char* op, const char* what) {
+void scratch_resize(Vec& buf, size_t n, const char* what) {
   if (n > buf.capacity()) {  // new memory: a buffer kept from an earlier call holds its own
     const int64_t bytes = bytes_of({static_cast<int64_t>(n)}, sizeof(typename Vec::value_type));
-    check_host_output(bytes, [&] { return c10::str(op, ": its scratch ", what); });
+    check_host_output(bytes, [&] { return c10::str("its scratch ", what); });
   }
   try {
     buf.resize(n);
   } catch (const std::bad_alloc&) {
-    TORCH_CHECK(false, op, ": out of host memory for its scratch ", what, ": tried to allocate ",
+    TORCH_CHECK(false, "out of host memory for its scratch ", what, ": tried to allocate ",
                 n * sizeof(typename Vec::value_type), " bytes");
   }
 }

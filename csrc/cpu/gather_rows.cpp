@@ -16,11 +16,11 @@ at::Tensor gather_rows_cpu(const at::Tensor& src,      // [B, Hs, S, D]
                            const at::Tensor& indices,  // [B, H, N] int32
                            bool /*check_values*/) {    // indices on the host: checked
   const GatherRowsDims dims = check_gather_rows_args(src, indices);
-  KC_CHECK_CPU("gather_rows", src);
-  KC_CHECK_CPU("gather_rows", indices);
+  KC_CHECK_CPU(src);
+  KC_CHECK_CPU(indices);
   const int64_t elem = static_cast<int64_t>(src.element_size());
   check_host_output(bytes_of({dims.B, dims.H, dims.N, dims.D}, elem), [&] {
-    return c10::str("gather_rows: dst [", dims.B, ", ", dims.H, ", ", dims.N, ", ", dims.D, "]");
+    return c10::str("dst [", dims.B, ", ", dims.H, ", ", dims.N, ", ", dims.D, "]");
   });
   check_index_values(indices, dims.S, "src");
   at::Tensor dst = at::empty({dims.B, dims.H, dims.N, dims.D}, src.options());  // [B, H, N, D]

@@ -63,7 +63,7 @@ void chunk_tail(const Group& g, int64_t G, int64_t N, int64_t j0, int64_t j1,
   std::fill(acc, acc + G * kD, 0.f);
   const int64_t a = std::max(j0, g.first), n = std::min(j1, g.end) - a;  // keys [a, a + n)
   if (n <= 0) return;
-  scratch_resize(scratch, (G + 2) * kChunkKeys, "lowbit_tail",
+  scratch_resize(scratch, (G + 2) * kChunkKeys,
                  "weights and meta [G + 2, 4096] float32");
   float* w = scratch.data();                    // [G, kChunkKeys] weights of keys a + i
   float* sb = scratch.data() + G * kChunkKeys;  // [kChunkKeys, 2] (step, base) of key a + i
@@ -133,7 +133,7 @@ struct Scratch {
 template <class Isa, int64_t kD, int64_t kBits>
 void tail_group(const Group& g, int64_t G, int64_t N, Scratch& tmp) {
   const int64_t chunks = chunks_of(g.L);
-  scratch_resize(tmp.parts, chunks * G * kD, "lowbit_tail", "chunk sums [chunks, G, D] float32");
+  scratch_resize(tmp.parts, chunks * G * kD, "chunk sums [chunks, G, D] float32");
   for (int64_t c = 0; c < chunks; ++c) {
     chunk_tail<Isa, kD, kBits>(g, G, N, c * kChunkKeys, std::min(g.L, (c + 1) * kChunkKeys),
                                tmp.w, tmp.parts.data() + c * G * kD);
@@ -162,7 +162,7 @@ void tail_split(const std::vector<Group>& groups, int64_t G, int64_t N) {
   SplitScratch& sp = thread_scratch<SplitScratch>();
   const KeepAtMost<SplitScratch> keep(sp, kScratchKeepBytes * at::get_num_threads());
   sp.rows.split(static_cast<int64_t>(groups.size()), [&](int64_t i) { return groups[i].L; });
-  scratch_resize(sp.parts, sp.rows.count() * G * kD, "lowbit_tail",
+  scratch_resize(sp.parts, sp.rows.count() * G * kD,
                  "chunk sums [chunks, G, D] float32");
   parallel_tasks<Scratch>(sp.rows.count(), [&](int64_t c, Scratch& tmp) {
     const RowChunks::Chunk& ch = sp.rows.chunks[c];
@@ -189,22 +189,22 @@ at::Tensor lowbit_tail_cpu(const at::Tensor& scores,    // [B, Hq, S] float32
   const LowbitTailDims dims = check_lowbit_tail_args(scores, seq_lens, lse, indices, v_codes,
                                                      v_meta, bits, skip_first, skip_last);
   const int64_t H = check_hot_rows(hot_v_arg, hot_pos_arg, dims);
-  KC_CHECK_CPU("lowbit_tail", scores);
-  KC_CHECK_CPU("lowbit_tail", seq_lens);
-  KC_CHECK_CPU("lowbit_tail", lse);
-  KC_CHECK_CPU("lowbit_tail", indices);
-  KC_CHECK_CPU("lowbit_tail", v_codes);
-  KC_CHECK_CPU("lowbit_tail", v_meta);
+  KC_CHECK_CPU(scores);
+  KC_CHECK_CPU(seq_lens);
+  KC_CHECK_CPU(lse);
+  KC_CHECK_CPU(indices);
+  KC_CHECK_CPU(v_codes);
+  KC_CHECK_CPU(v_meta);
   check_host_output(bytes_of({dims.B, dims.Hq, dims.D}, 4), [&] {
-    return c10::str("lowbit_tail: out [", dims.B, ", ", dims.Hq, ", ", dims.D, "] float32");
+    return c10::str("out [", dims.B, ", ", dims.Hq, ", ", dims.D, "] float32");
   });
   check_seq_lens_values(seq_lens, dims.S, "v_codes");
   check_index_values(indices, dims.S, "v_codes");
   const at::Tensor hot_v = hot_v_arg.value_or(at::Tensor());      // undefined: none
   const at::Tensor hot_pos = hot_pos_arg.value_or(at::Tensor());
   if (hot_v.defined()) {  // given (even with no row, as the fake checks them)
-    KC_CHECK_CPU("lowbit_tail", hot_v);
-    KC_CHECK_CPU("lowbit_tail", hot_pos);
+    KC_CHECK_CPU(hot_v);
+    KC_CHECK_CPU(hot_pos);
     check_index_values(hot_pos, dims.S, "v_codes", "hot_pos", "an empty slot");
   }
   // [B, Hq, D] float32

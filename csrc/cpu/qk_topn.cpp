@@ -206,17 +206,17 @@ struct Buffers {
       tile0.push_back(tile0.back() + tiles_of(lens(i)));
     }
     const int64_t keys = key0.back(), tiles = tile0.back();
-    scratch_resize(qf, groups * G * kD, "qk_topn", "queries [G, D] float32");
+    scratch_resize(qf, groups * G * kD, "queries [G, D] float32");
     if (own_scores) {
-      scratch_resize(s, G * keys, "qk_topn",
+      scratch_resize(s, G * keys,
                      groups == 1 ? "scores [G, L] float32" : "scores [G, sum of L] float32");
     }
-    scratch_resize(tile_max, G * tiles, "qk_topn", "tile maxima [G, L / 64] float32");
+    scratch_resize(tile_max, G * tiles, "tile maxima [G, L / 64] float32");
     if (o.group_select) {
-      scratch_resize(mass, keys, "qk_topn", "group mass [L] float32");
-      scratch_resize(mass_max, tiles, "qk_topn", "group mass maxima [L / 64] float32");
+      scratch_resize(mass, keys, "group mass [L] float32");
+      scratch_resize(mass_max, tiles, "group mass maxima [L / 64] float32");
     }
-    scratch_resize(parts, chunks * G, "qk_topn", "lse parts [chunks, G]");
+    scratch_resize(parts, chunks * G, "lse parts [chunks, G]");
   }
 
   // Group i's rows: its scores in the output `all` where that is given, else in s; no mass
@@ -338,16 +338,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cpu(
     bool return_scores, int64_t skip_first, int64_t skip_last, double top_p) {
   const QkTopnDims dims =
       check_qk_topn_args(q, k_cache, seq_lens, n, scale, skip_first, skip_last, top_p);
-  KC_CHECK_CPU("qk_topn", q);
-  KC_CHECK_CPU("qk_topn", k_cache);
-  KC_CHECK_CPU("qk_topn", seq_lens);
+  KC_CHECK_CPU(q);
+  KC_CHECK_CPU(k_cache);
+  KC_CHECK_CPU(seq_lens);
   check_seq_lens_values(seq_lens, dims.S);
   // every score: [B, Hq, S] of [B, Hq, S rounded up to 4], the layout of the CUDA score scratch
   // that the CUDA op returns; or [0]
   const int64_t row = (dims.S + 3) / 4 * 4;
   // n past S pads with -1: a large n ("keep every key") would be killed writing its padding
   check_host_output(bytes_of({dims.B, dims.Hq, n * 8 + (return_scores ? row * 4 : 0)}, 1), [&] {
-    return c10::str("qk_topn: n = ", n, " (scores and indices [", dims.B, ", ", dims.Hq, ", n]",
+    return c10::str("n = ", n, " (scores and indices [", dims.B, ", ", dims.Hq, ", n]",
                     return_scores ? ", all_scores [B, Hq, S]" : "", ")");
   });
   const auto f32 = q.options().dtype(at::kFloat);

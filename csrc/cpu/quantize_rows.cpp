@@ -66,12 +66,12 @@ void quantize_row(const scalar_t* x, int64_t D, uint8_t* codes, c10::BFloat16* m
 std::tuple<at::Tensor, at::Tensor> quantize_rows_cpu(const at::Tensor& v,  // [..., D]
                                                      int64_t bits) {
   const QuantizeRowsDims dims = check_quantize_rows_args(v, bits);
-  KC_CHECK_CPU("quantize_rows", v);
+  KC_CHECK_CPU(v);
   std::vector<int64_t> codes_shape = v.sizes().vec(), meta_shape = v.sizes().vec();
   codes_shape.back() = dims.code_bytes;
   meta_shape.back() = 2;
   check_host_output(bytes_of({dims.rows, dims.code_bytes + 4}, 1), [&] {
-    return c10::str("quantize_rows: codes [rows, ", dims.code_bytes, "] and meta [rows, 2] of ",
+    return c10::str("codes [rows, ", dims.code_bytes, "] and meta [rows, 2] of ",
                     dims.rows, " rows");
   });
   at::Tensor codes = at::empty(codes_shape, v.options().dtype(at::kByte));     // [..., D*bits/8]

@@ -37,13 +37,13 @@ std::tuple<at::Tensor, at::Tensor> reuse_rows_cpu(
     bool group_select, bool /*check_values*/) {  // indices on the host: checked
   const ReuseRowsDims d =
       check_reuse_rows_args(indices, v_host, new_pos, rows, held, used, step, group_select);
-  KC_CHECK_CPU("reuse_rows", indices);
-  KC_CHECK_CPU("reuse_rows", v_host);
-  KC_CHECK_CPU("reuse_rows", new_pos);
-  KC_CHECK_CPU("reuse_rows", rows);
-  KC_CHECK_CPU("reuse_rows", held);
-  KC_CHECK_CPU("reuse_rows", used);
-  KC_CHECK_CPU("reuse_rows", step);
+  KC_CHECK_CPU(indices);
+  KC_CHECK_CPU(v_host);
+  KC_CHECK_CPU(new_pos);
+  KC_CHECK_CPU(rows);
+  KC_CHECK_CPU(held);
+  KC_CHECK_CPU(used);
+  KC_CHECK_CPU(step);
   check_index_values(indices, d.S, "v_host");
   at::Tensor pool_indices = at::empty({d.B, d.Hq, d.N}, indices.options());  // [B, Hq, N]
   at::Tensor counts = at::empty({d.B, d.Hkv, 2}, indices.options());       // [B, Hkv, 2]

@@ -120,16 +120,16 @@ at::Tensor sparse_attn_v_cpu(const at::Tensor& scores,   // [B, Hq, N] float32
                              const std::optional<at::Tensor>& seq_lens) {  // [B] int32
   const SparseAttnVDims dims =
       check_sparse_attn_v_args(scores, indices, v_cache, lse, renormalize, v_sum, seq_lens);
-  KC_CHECK_CPU("sparse_attn_v", scores);
-  KC_CHECK_CPU("sparse_attn_v", indices);
-  KC_CHECK_CPU("sparse_attn_v", v_cache);
+  KC_CHECK_CPU(scores);
+  KC_CHECK_CPU(indices);
+  KC_CHECK_CPU(v_cache);
   const std::pair<const char*, const std::optional<at::Tensor>*> optional_args[] = {
       {"lse", &lse}, {"v_sum", &v_sum}, {"seq_lens", &seq_lens}};
   for (const auto& [name, t] : optional_args)  // by name: the macro would print "*lse"
-    TORCH_CHECK(!t->has_value() || (*t)->device().is_cpu(), "sparse_attn_v: ", name,
+    TORCH_CHECK(!t->has_value() || (*t)->device().is_cpu(), name,
                 " must be on cpu, got ", (*t)->device());
   check_host_output(bytes_of({dims.B, dims.Hq, dims.D}, v_cache.element_size()), [&] {
-    return c10::str("sparse_attn_v: out [", dims.B, ", ", dims.Hq, ", ", dims.D, "]");
+    return c10::str("out [", dims.B, ", ", dims.Hq, ", ", dims.D, "]");
   });
   if (dims.tail) check_seq_lens_values(*seq_lens, dims.S, "v_cache");
   check_index_values(indices, dims.S, "v_cache");

@@ -23,14 +23,14 @@ at::Tensor gather_rows_cuda(const at::Tensor& src,      // [B, Hs, S, D], pinned
   const GatherRowsDims dims = check_gather_rows_args(src, indices);
   TORCH_CHECK(indices.is_cuda(), "indices must be a CUDA tensor, got ", indices.device());
   const c10::cuda::CUDAGuard guard(indices.device());
-  const void* src_dev = host_mapped_device_ptr(src, kOp, "src");
-  check_vec16_aligned(src, kOp, "src");
-  check_element_aligned(kOp, {{"indices", &indices}});
+  const void* src_dev = host_mapped_device_ptr(src, "src");
+  check_vec16_aligned(src, "src");
+  check_element_aligned({{"indices", &indices}});
   // the kernel's int offsets: rows, heads, entries and a row's 16-byte pieces
   const int64_t row_bytes = dims.D * src.element_size();
   TORCH_CHECK(dims.S < (int64_t{1} << 31) && dims.H < (int64_t{1} << 31) &&
                   dims.N < (int64_t{1} << 31) && row_bytes < (int64_t{1} << 31),
-              "gather_rows: sizes out of range for the CUDA kernel (each below 2^31): H=", dims.H,
+              "sizes out of range for the CUDA kernel (each below 2^31): H=", dims.H,
               ", S=", dims.S, ", N=", dims.N, ", a row's bytes=", row_bytes);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -44,7 +44,7 @@ at::Tensor gather_rows_cuda(const at::Tensor& src,      // [B, Hs, S, D], pinned
   const GatherRowsPlan plan =
       plan_gather_rows(args, host_read_sms(indices.get_device(), /*reads_host=*/true,
                                            /*by_default=*/true));
-  TORCH_CHECK(plan.grid.x < (int64_t{1} << 31), "gather_rows: output too large: ", dst.sizes());
+  TORCH_CHECK(plan.grid.x < (int64_t{1} << 31), "output too large: ", dst.sizes());
   gather_rows_kernel<<<to_dim3(plan.grid), plan.block, 0, stream>>>(plan.params);
   KC_CHECK_LAUNCH("gather_rows");
   return dst;

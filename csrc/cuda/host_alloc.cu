@@ -35,7 +35,7 @@ at::Tensor alloc_pinned_mapped(at::IntArrayRef shape, at::ScalarType dtype, int6
   cudaError_t err = cudaHostAlloc(&ptr, bytes > 0 ? static_cast<size_t>(bytes) : 1, flags);
   if (err != cudaSuccess) {
     cudaGetLastError();  // clear the error so later calls are not blamed for it
-    TORCH_CHECK(false, "alloc_host: could not allocate ", bytes, " bytes of pinned host memory ",
+    TORCH_CHECK(false, "could not allocate ", bytes, " bytes of pinned host memory ",
                 "for shape ", shape, " ", dtype_name(dtype),
                 " (cudaHostAlloc: ", cudaGetErrorString(err), "); ", host_bytes_available_text());
   }

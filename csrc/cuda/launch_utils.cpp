@@ -16,8 +16,8 @@
 
 namespace kcache_ops {
 
-const void* host_mapped_device_ptr(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor in pinned, device-mapped "
+const void* host_mapped_device_ptr(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor in pinned, device-mapped "
               "host memory (allocate it with kcache_ops.alloc_host), got a tensor on ", t.device());
   if (t.numel() == 0) return nullptr;
   void* host = t.data_ptr();
@@ -25,42 +25,41 @@ const void* host_mapped_device_ptr(const at::Tensor& t, const char* op, const ch
   cudaError_t err = cudaPointerGetAttributes(&attr, host);
   if (err != cudaSuccess || attr.type != cudaMemoryTypeHost) {
     cudaGetLastError();  // an expected failure must not be blamed on the next launch
-    TORCH_CHECK(false, op, ": ", name, " must be pinned, device-mapped host memory (allocate it "
+    TORCH_CHECK(false, name, " must be pinned, device-mapped host memory (allocate it "
                 "with kcache_ops.alloc_host), got pageable CPU memory; the op never copies it");
   }
   // The address through which kernels reach `host` (an interior pointer maps to the interior
   // address); null when the pinned memory is not mapped into the device address space.
-  TORCH_CHECK(attr.devicePointer != nullptr, op, ": ", name, " is pinned but not mapped into the "
+  TORCH_CHECK(attr.devicePointer != nullptr, name, " is pinned but not mapped into the "
               "device address space (allocate it with kcache_ops.alloc_host)");
   return attr.devicePointer;
 }
 
-const void* readable_device_ptr(const at::Tensor& t, const at::Device& device, const char* op,
-                                const char* name) {
-  if (!t.is_cuda()) return host_mapped_device_ptr(t, op, name);
-  TORCH_CHECK(t.device() == device, op, ": ", name, " must be pinned, device-mapped host memory "
+const void* readable_device_ptr(const at::Tensor& t, const at::Device& device, const char* name) {
+  if (!t.is_cuda()) return host_mapped_device_ptr(t, name);
+  TORCH_CHECK(t.device() == device, name, " must be pinned, device-mapped host memory "
               "or on ", device, ", got a tensor on ", t.device());
   return t.numel() == 0 ? nullptr : t.data_ptr();
 }
 
-void check_vec16_aligned(const at::Tensor& t, const char* op, const char* name) {
+void check_vec16_aligned(const at::Tensor& t, const char* name) {
   const int64_t esize = t.element_size();
   // the row bytes even where t is empty (gather_rows' output is not: it would be copied in
   // 16-byte pieces of rows that are not made of them); the addresses only where there is data
   bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 || t.numel() == 0;
   for (int64_t i = 0; i + 1 < t.dim(); ++i) ok = ok && (t.size(i) <= 1 || t.stride(i) * esize % 16 == 0);
   ok = (ok || t.numel() == 0) && t.size(-1) * esize % 16 == 0;
-  TORCH_CHECK(ok, op, ": ", name, " rows must be 16-byte aligned for vector "
+  TORCH_CHECK(ok, name, " rows must be 16-byte aligned for vector "
               "loads (data pointer, row bytes and every stride a multiple of 16 bytes), got ",
               "sizes ", t.sizes(), ", strides ", t.strides(), ", ", t.element_size(),
               "-byte elements");
 }
 
-void check_element_aligned(const char* op, std::initializer_list<NamedTensor> tensors) {
+void check_element_aligned(std::initializer_list<NamedTensor> tensors) {
   for (const auto& [name, t] : tensors) {
     if (!t->defined() || t->numel() == 0) continue;
     const auto off = reinterpret_cast<uintptr_t>(t->const_data_ptr()) % t->element_size();
-    TORCH_CHECK(off == 0, op, ": ", name, " must start at a multiple of its element size (",
+    TORCH_CHECK(off == 0, name, " must start at a multiple of its element size (",
                 t->element_size(), " bytes), got an address ", off, off == 1 ? " byte" : " bytes",
                 " past one (a view made at a byte offset into its storage)");
   }

@@ -19,22 +19,21 @@ namespace kcache_ops {
 
 // The device address of a pinned, device-mapped CPU tensor (from kcache_ops.alloc_host), or an
 // error naming `name` that says how to allocate it. Never copies. nullptr for an empty tensor.
-const void* host_mapped_device_ptr(const at::Tensor& t, const char* op, const char* name);
+const void* host_mapped_device_ptr(const at::Tensor& t, const char* name);
 
 // The device address of `t` for a kernel on `device` that reads it: host_mapped_device_ptr for a
 // CPU tensor, the data pointer of a CUDA tensor on `device` (V rows already in device memory, such
 // as KCache's reused rows), an error naming `name` for a CUDA tensor on another device.
-const void* readable_device_ptr(const at::Tensor& t, const at::Device& device, const char* op,
-                                const char* name);
+const void* readable_device_ptr(const at::Tensor& t, const at::Device& device, const char* name);
 
 // Data pointer and the strides of every dim but the last are multiples of 16 bytes, so that rows
 // can be read with 16-byte vector loads.
-void check_vec16_aligned(const at::Tensor& t, const char* op, const char* name);
+void check_vec16_aligned(const at::Tensor& t, const char* name);
 
 // Each tensor (of those defined and not empty) starts at a multiple of its element size, as the
 // kernels' one-element loads need: a view made at a byte offset into a storage (Tensor.set_ on a
 // sliced untyped storage) does not, and its first load would fault, ending the CUDA context.
-void check_element_aligned(const char* op, std::initializer_list<NamedTensor> tensors);
+void check_element_aligned(std::initializer_list<NamedTensor> tensors);
 
 // Values (seq_lens, indices) can only be checked against their range by reading them back, which
 // needs a host synchronisation. They are checked unless the op's check_values argument is false
@@ -70,22 +69,22 @@ int resident_blocks_per_sm(const void* kernel, int threads);
 
 // f(static_cast<T*>(nullptr)) with T the CUDA type of the dtype (float, __half, __nv_bfloat16).
 template <typename F>
-void dispatch_float_dtype(at::ScalarType dtype, const char* op, F&& f) {
+void dispatch_float_dtype(at::ScalarType dtype, F&& f) {
   switch (dtype) {
     case at::kFloat: f(static_cast<float*>(nullptr)); break;
     case at::kHalf: f(static_cast<__half*>(nullptr)); break;
     case at::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-    default: TORCH_CHECK(false, op, ": dtype must be float32, float16 or bfloat16, got ",
-                         dtype_name(dtype));
+    default:
+      TORCH_CHECK(false, "dtype must be float32, float16 or bfloat16, got ", dtype_name(dtype));
   }
 }
 
 // f(std::integral_constant<int, D>{}) for D in {64, 128}.
 template <typename F>
-void dispatch_head_dim(int64_t d, const char* op, F&& f) {
+void dispatch_head_dim(int64_t d, F&& f) {
   if (d == 64) return f(std::integral_constant<int, 64>{});
   if (d == 128) return f(std::integral_constant<int, 128>{});
-  TORCH_CHECK(false, op, ": head dim must be 64 or 128, got ", d);
+  TORCH_CHECK(false, "head dim must be 64 or 128, got ", d);
 }
 
 // f(std::integral_constant<int, GS>{}) for a plan's group_slice GS (group_slice_width: 4 or 8).
@@ -98,30 +97,29 @@ void dispatch_group_slice(int group_slice, F&& f) {
 // f(type_tag, d_tag, gs_tag) for a kernel templated on <T, D, GS>: the three dispatches above,
 // nested (T from `dtype`, D from `d`, GS from a plan's `group_slice`).
 template <typename F>
-void dispatch_kernel_instance(at::ScalarType dtype, int64_t d, int group_slice, const char* op,
-                              F&& f) {
+void dispatch_kernel_instance(at::ScalarType dtype, int64_t d, int group_slice, F&& f) {
   dispatch_group_slice(group_slice, [&](auto gs_tag) {
-    dispatch_float_dtype(dtype, op, [&](auto type_tag) {
-      dispatch_head_dim(d, op, [&](auto d_tag) { f(type_tag, d_tag, gs_tag); });
+    dispatch_float_dtype(dtype, [&](auto type_tag) {
+      dispatch_head_dim(d, [&](auto d_tag) { f(type_tag, d_tag, gs_tag); });
     });
   });
 }
 
 // f(std::integral_constant<int, Bits>{}) for lowbit_tail's code width Bits in {2, 4}.
 template <typename F>
-void dispatch_code_bits(int64_t bits, const char* op, F&& f) {
+void dispatch_code_bits(int64_t bits, F&& f) {
   if (bits == 2) return f(std::integral_constant<int, 2>{});
   if (bits == 4) return f(std::integral_constant<int, 4>{});
-  TORCH_CHECK(false, op, ": bits must be 2 or 4, got ", bits);
+  TORCH_CHECK(false, "bits must be 2 or 4, got ", bits);
 }
 
 // f(d_tag, gs_tag, bits_tag) for lowbit_tail_kernel<D, GS, Bits> (its scores are float32 whatever
 // the model's dtype): dispatch_head_dim, dispatch_group_slice and dispatch_code_bits, nested.
 template <typename F>
-void dispatch_tail_instance(int64_t d, int group_slice, int64_t bits, const char* op, F&& f) {
+void dispatch_tail_instance(int64_t d, int group_slice, int64_t bits, F&& f) {
   dispatch_group_slice(group_slice, [&](auto gs_tag) {
-    dispatch_code_bits(bits, op, [&](auto bits_tag) {
-      dispatch_head_dim(d, op, [&](auto d_tag) { f(d_tag, gs_tag, bits_tag); });
+    dispatch_code_bits(bits, [&](auto bits_tag) {
+      dispatch_head_dim(d, [&](auto d_tag) { f(d_tag, gs_tag, bits_tag); });
     });
   });
 }

@@ -42,22 +42,22 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
     KC_CHECK_DEVICE(hot_v, scores.device());
     KC_CHECK_DEVICE(hot_pos, scores.device());
   }
-  check_vec16_aligned(v_codes, kOp, "v_codes");
-  check_element_aligned(kOp, {{"scores", &scores}, {"seq_lens", &seq_lens}, {"lse", &lse},
-                              {"indices", &indices}, {"hot_v", &hot_v}, {"hot_pos", &hot_pos}});
+  check_vec16_aligned(v_codes, "v_codes");
+  check_element_aligned({{"scores", &scores}, {"seq_lens", &seq_lens}, {"lse", &lse},
+                         {"indices", &indices}, {"hot_v", &hot_v}, {"hot_pos", &hot_pos}});
   bool meta_aligned = reinterpret_cast<uintptr_t>(v_meta.data_ptr()) % 4 == 0;
   for (int64_t i = 0; i < 3; ++i)
     meta_aligned = meta_aligned && (v_meta.size(i) <= 1 || v_meta.stride(i) % 2 == 0);
-  TORCH_CHECK(meta_aligned || v_meta.numel() == 0, kOp, ": v_meta rows must be 4-byte aligned "
+  TORCH_CHECK(meta_aligned || v_meta.numel() == 0, "v_meta rows must be 4-byte aligned "
               "(data pointer and every stride but the last a multiple of 4 bytes), got strides ",
               v_meta.strides());
   // N < 2^24: a block's entry count (its heads · N) is an int; S <= 2^30: a chunk's end and
   // the keys staged ahead stay ints (at S near 2^31 they wrapped)
   TORCH_CHECK(dims.S <= (int64_t{1} << 30) && dims.B < 65536 && dims.Hq < 65536 &&
                   dims.N < (int64_t{1} << 24),
-              "lowbit_tail: sizes out of range for the CUDA kernels (B, Hq < 65536, S <= 2^30, "
+              "sizes out of range for the CUDA kernels (B, Hq < 65536, S <= 2^30, "
               "N < 2^24): B=", dims.B, ", Hq=", dims.Hq, ", S=", dims.S, ", N=", dims.N);
-  TORCH_CHECK(H < (int64_t{1} << 30), "lowbit_tail: hot_v rows out of range for the CUDA "
+  TORCH_CHECK(H < (int64_t{1} << 30), "hot_v rows out of range for the CUDA "
               "kernels (below 2^30): H=", H);
 
   const c10::cuda::CUDAGuard guard(scores.device());
@@ -79,7 +79,7 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
   // the instance this call launches, and how many of its blocks fit on a multiprocessor
   const int group_slice = group_slice_width(dims.G);
   int blocks_per_sm = kTailBlocksPerSm;
-  dispatch_tail_instance(dims.D, group_slice, dims.bits, kOp,
+  dispatch_tail_instance(dims.D, group_slice, dims.bits,
                          [&](auto d_tag, auto gs_tag, auto bits_tag) {
     blocks_per_sm = resident_blocks_per_sm(
         reinterpret_cast<const void*>(lowbit_tail_kernel<decltype(d_tag)::value,
@@ -92,7 +92,7 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
   if (plan.num_chunks == 0) return out.zero_();  // S = 0: no key
   at::Tensor partials = at::empty({plan.partial_floats}, fopts);  // [B, Hq, num_chunks, D]
   const LowbitTailParams p = lowbit_tail_params(args, plan, partials.data_ptr<float>());
-  dispatch_tail_instance(dims.D, plan.group_slice, dims.bits, kOp,
+  dispatch_tail_instance(dims.D, plan.group_slice, dims.bits,
                          [&](auto d_tag, auto gs_tag, auto bits_tag) {
     lowbit_tail_kernel<decltype(d_tag)::value, decltype(gs_tag)::value, decltype(bits_tag)::value>
         <<<to_dim3(plan.tail_grid), plan.tail_block, 0, stream>>>(p);

@@ -32,15 +32,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
   KC_CHECK_DEVICE(k_cache, q.device());
   KC_CHECK_DEVICE(seq_lens, q.device());
-  check_vec16_aligned(k_cache, kOp, "k_cache");
-  check_element_aligned(kOp, {{"q", &q}, {"seq_lens", &seq_lens}});
+  check_vec16_aligned(k_cache, "k_cache");
+  check_element_aligned({{"q", &q}, {"seq_lens", &seq_lens}});
   TORCH_CHECK(n <= kMaxTopN, "n must be at most ", kMaxTopN, " on CUDA, got ", n);
   TORCH_CHECK(!group_select || dims.G <= kMaxGroupSelect, "group_select supports at most ",
               kMaxGroupSelect, " query heads per KV head, got ", dims.G);
   // S <= 2^30: a chunk's end and the keys staged ahead of a block's loop stay ints (at S near
   // 2^31 they wrapped), with room to spare
   TORCH_CHECK(dims.S <= (int64_t{1} << 30) && dims.B < 65536 && dims.Hq < 65536,
-              "qk_topn: sizes out of range for the CUDA kernels (B, Hq < 65536, S <= 2^30): B=",
+              "sizes out of range for the CUDA kernels (B, Hq < 65536, S <= 2^30): B=",
               dims.B, ", Hq=", dims.Hq, ", S=", dims.S);
 
   const c10::cuda::CUDAGuard guard(q.device());
@@ -68,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
   if (plan.num_chunks > 0) {
     const QkScoresParams p = qk_scores_params(args, plan, scratch.data_ptr<float>(), partials_ptr,
                                               slices_done.data_ptr<int>());
-    dispatch_kernel_instance(q.scalar_type(), dims.D, plan.group_slice, kOp,
+    dispatch_kernel_instance(q.scalar_type(), dims.D, plan.group_slice,
                              [&](auto type_tag, auto d_tag, auto gs_tag) {
       using T = std::remove_pointer_t<decltype(type_tag)>;
       qk_scores_kernel<T, decltype(d_tag)::value, decltype(gs_tag)::value>

@@ -27,11 +27,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_cuda(const at::Tensor& v,  // [
   const QuantizeRowsDims dims = check_quantize_rows_args(v, bits);
   TORCH_CHECK(v.is_cuda(), "v must be a CUDA tensor, got ", v.device());
   const c10::cuda::CUDAGuard guard(v.device());
-  check_element_aligned(kOp, {{"v", &v}});
+  check_element_aligned({{"v", &v}});
   // D <= 2^30: a lane's d += 32 past D stays an int
   TORCH_CHECK(dims.D <= (int64_t{1} << 30) &&
                   ceil_div<int64_t>(dims.rows, kQuantWarps) < (int64_t{1} << 31),
-              "quantize_rows: sizes out of range for the CUDA kernel (D <= 2^30, rows below ",
+              "sizes out of range for the CUDA kernel (D <= 2^30, rows below ",
               kQuantWarps, " x 2^31): rows=", dims.rows, ", D=", dims.D);
 
   std::vector<int64_t> codes_shape = v.sizes().vec(), meta_shape = v.sizes().vec();
@@ -59,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_cuda(const at::Tensor& v,  // [
     plan = plan_for(v_copy);
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_float_dtype(v.scalar_type(), kOp, [&](auto type_tag) {
+  dispatch_float_dtype(v.scalar_type(), [&](auto type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     dispatch_quant_bits(bits, [&](auto bits_tag) {
       quantize_rows_kernel<T, decltype(bits_tag)::value>

@@ -33,23 +33,23 @@ std::tuple<at::Tensor, at::Tensor> reuse_rows_cuda(
   TORCH_CHECK(indices.is_cuda(), "indices must be a CUDA tensor, got ", indices.device());
   for (const auto& [name, t] : {std::pair{"new_pos", &new_pos}, {"rows", &rows},
                                 {"held", &held}, {"used", &used}, {"step", &step}})
-    TORCH_CHECK(t->device() == indices.device(), "reuse_rows: ", name, " must be on ",
+    TORCH_CHECK(t->device() == indices.device(), name, " must be on ",
                 indices.device(), " (the device of indices), got ", t->device());
   const c10::cuda::CUDAGuard guard(indices.device());
-  const void* v_dev = readable_device_ptr(v_host, indices.device(), kOp, "v_host");
-  check_vec16_aligned(v_host, kOp, "v_host");
-  check_vec16_aligned(rows, kOp, "rows");
-  check_element_aligned(kOp, {{"indices", &indices}, {"new_pos", &new_pos}, {"held", &held},
-                              {"used", &used}, {"step", &step}});
+  const void* v_dev = readable_device_ptr(v_host, indices.device(), "v_host");
+  check_vec16_aligned(v_host, "v_host");
+  check_vec16_aligned(rows, "rows");
+  check_element_aligned({{"indices", &indices}, {"new_pos", &new_pos}, {"held", &held},
+                         {"used", &used}, {"step", &step}});
   TORCH_CHECK(d.C <= kReuseMaxSlots && d.E <= kReuseMaxEntries,
-              "reuse_rows: the CUDA kernel holds a pool of at most ", kReuseMaxSlots,
+              "the CUDA kernel holds a pool of at most ", kReuseMaxSlots,
               " slots and a step of at most ", kReuseMaxEntries, " entries (G x N, or N with ",
               "group_select) per sequence and KV head in shared memory, got ", d.C, " slots and ",
               d.E, " entries");
   // the kernel's int offsets: a row's 16-byte pieces, a KV head's G x N outputs
   TORCH_CHECK(d.B * d.Hkv < (int64_t{1} << 31) && d.D * v_host.element_size() < (int64_t{1} << 31)
                   && d.G * d.N < (int64_t{1} << 31),
-              "reuse_rows: sizes out of range for the CUDA kernel (B x Hkv, a row's bytes and ",
+              "sizes out of range for the CUDA kernel (B x Hkv, a row's bytes and ",
               "G x N below 2^31): B=", d.B, ", Hkv=", d.Hkv, ", D=", d.D, " (",
               d.D * v_host.element_size(), " bytes a row), G=", d.G, ", N=", d.N);
 

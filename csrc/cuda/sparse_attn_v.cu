@@ -33,25 +33,25 @@ at::Tensor sparse_attn_v_cuda(
       check_sparse_attn_v_args(scores, indices, v_cache, lse, renormalize, v_sum, seq_lens);
   TORCH_CHECK(scores.is_cuda(), "scores must be a CUDA tensor, got ", scores.device());
   KC_CHECK_DEVICE(indices, scores.device());
-  TORCH_CHECK(!lse.has_value() || lse->device() == scores.device(), "sparse_attn_v: lse must be on ",
+  TORCH_CHECK(!lse.has_value() || lse->device() == scores.device(), "lse must be on ",
               scores.device(), " (the device of scores), got ", lse->device());
   if (dims.tail) {
-    TORCH_CHECK(v_sum->device() == scores.device(), "sparse_attn_v: v_sum must be on ",
+    TORCH_CHECK(v_sum->device() == scores.device(), "v_sum must be on ",
                 scores.device(), " (the device of scores), got ", v_sum->device());
-    TORCH_CHECK(seq_lens->device() == scores.device(), "sparse_attn_v: seq_lens must be on ",
+    TORCH_CHECK(seq_lens->device() == scores.device(), "seq_lens must be on ",
                 scores.device(), " (the device of scores), got ", seq_lens->device());
   }
   const c10::cuda::CUDAGuard guard(scores.device());
-  const void* v_dev = readable_device_ptr(v_cache, scores.device(), kOp, "v_cache");
-  check_vec16_aligned(v_cache, kOp, "v_cache");
+  const void* v_dev = readable_device_ptr(v_cache, scores.device(), "v_cache");
+  check_vec16_aligned(v_cache, "v_cache");
   const at::Tensor none;  // an absent optional's stand-in: not checked
-  check_element_aligned(kOp, {{"scores", &scores}, {"indices", &indices},
-                              {"lse", lse ? &*lse : &none}, {"v_sum", v_sum ? &*v_sum : &none},
-                              {"seq_lens", seq_lens ? &*seq_lens : &none}});
+  check_element_aligned({{"scores", &scores}, {"indices", &indices},
+                         {"lse", lse ? &*lse : &none}, {"v_sum", v_sum ? &*v_sum : &none},
+                         {"seq_lens", seq_lens ? &*seq_lens : &none}});
   // N < 2^24: a block's entry count (its heads · N) is an int, and the mean tail counts a head's
   // entries in a float, exact below 2^24
   TORCH_CHECK(dims.S < (int64_t{1} << 31) && dims.B < 65536 && dims.N < (int64_t{1} << 24),
-              "sparse_attn_v: sizes out of range for the CUDA kernel (B < 65536, S < 2^31, "
+              "sizes out of range for the CUDA kernel (B < 65536, S < 2^31, "
               "N < 2^24): B=", dims.B, ", S=", dims.S, ", N=", dims.N);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -72,7 +72,7 @@ at::Tensor sparse_attn_v_cuda(
   // [B, Hq, parts, D] float32: the parts' sums when a slice's rows are split (else empty)
   at::Tensor partials = at::empty({plan.partial_floats}, scores.options());
   const SparseAttnParams p = sparse_attn_v_params(args, plan, partials.data_ptr<float>());
-  dispatch_kernel_instance(v_cache.scalar_type(), dims.D, plan.group_slice, kOp,
+  dispatch_kernel_instance(v_cache.scalar_type(), dims.D, plan.group_slice,
                            [&](auto type_tag, auto d_tag, auto gs_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     sparse_attn_v_kernel<T, decltype(d_tag)::value, decltype(gs_tag)::value>
