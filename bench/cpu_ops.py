@@ -103,7 +103,7 @@ def line(r):
 
 
 def markdown(info, rows):
-    out = [results.ran_on(info, f" ({info['capability']}), {info['cpu_count']} CPUs. Hq={HQ}, "
+    out = [results.ran_on(info, f" ({info['capability']}). Hq={HQ}, "
                           f"Hkv={HKV}, D={D}, N={N}. Copy: a 1 GiB tensor copy (read + write) "
                           "right before each configuration."), "",
            "Rows: qk_topn and decode (the paper's step) read K; tail (lowbit_tail) the scores, "
@@ -131,8 +131,7 @@ def main():
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args()
     torch.manual_seed(0)
-    info = {**results.machine("cpu"), "cpu_count": os.cpu_count(),
-            "capability": torch.backends.cpu.get_cpu_capability()}
+    info = {**results.machine("cpu"), "capability": torch.backends.cpu.get_cpu_capability()}
     print(results.ran_on(info, "; copy = GB/s of a 1 GiB copy (read + write) before each line"))
     rows = []
     for dtype in (getattr(torch, d) for d in args.dtypes):

@@ -87,7 +87,8 @@ def cuda_driver():
 
 
 def machine(device):
-    """What a run ran on -> {"cpu": model name, "cores": torch threads, "torch": version,
+    """What a run ran on -> {"cpu": model name, "cores": the CPUs this process may run on,
+    "threads": torch's threads (``--threads``), "torch": version,
     "device": str(device), "git_commit": :func:`git_commit`, and where ``device`` is a CUDA
     device "gpu": its name, "cuda_runtime": torch's CUDA version, "cuda_driver":
     :func:`cuda_driver`}."""
@@ -97,8 +98,9 @@ def machine(device):
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__,
-            "device": str(device), "git_commit": git_commit()}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {"cpu": cpu, "cores": cores, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "device": str(device), "git_commit": git_commit()}
     if torch.device(device).type == "cuda":
         info.update(gpu=torch.cuda.get_device_name(device), cuda_runtime=torch.version.cuda,
                     cuda_driver=cuda_driver())
@@ -106,14 +108,17 @@ def machine(device):
 
 
 def ran_on(m, tail=""):
-    """The machine line of a report section from a :func:`machine` dict ``m``: CPU, threads,
-    device (GPU name), torch, the CUDA runtime and driver and the commit where recorded (a file
-    of an earlier version lacks them), then ``tail``."""
+    """The machine line of a report section from a :func:`machine` dict ``m``: CPU, cores and
+    torch threads, device (GPU name), torch, the CUDA runtime and driver and the commit where
+    recorded (a file of an earlier version lacks them, and its "cores" are torch's threads),
+    then ``tail``."""
+    cpus = (f"{m['cores']} cores, torch threads: {m['threads']}" if "threads" in m
+            else f"torch threads: {m['cores']}")
     cuda = (f" (CUDA {m['cuda_runtime']}, driver CUDA {m.get('cuda_driver') or 'unknown'})"
             if m.get("cuda_runtime") else "")
     commit = f", commit {m['git_commit'][:12]}" if m.get("git_commit") else ""
     dirty = " (uncommitted changes)" if (m.get("git_commit") or "").endswith("-dirty") else ""
-    return (f"Ran on {m['cpu']} (torch threads: {m['cores']}), device {m['device']}"
+    return (f"Ran on {m['cpu']} ({cpus}), device {m['device']}"
             f"{', ' + m['gpu'] if 'gpu' in m else ''}, torch {m['torch']}{cuda}{commit}{dirty}"
             f"{tail}")
 

@@ -19,12 +19,31 @@ from kcache_ops.throughput.report import BENCH_JSON, BENCH_PLOT
 
 def test_machine_and_json_round_trip(tmp_path):
     m = machine("cpu")
-    assert {"cpu", "cores", "torch", "device"} <= set(m) and "gpu" not in m
-    assert ran_on(m, ".").startswith(f"Ran on {m['cpu']} (torch threads: {m['cores']}), device cpu")
+    assert {"cpu", "cores", "threads", "torch", "device"} <= set(m) and "gpu" not in m
+    assert m["threads"] == torch.get_num_threads()
+    assert ran_on(m, ".").startswith(f"Ran on {m['cpu']} ({m['cores']} cores, torch threads: "
+                                     f"{m['threads']}), device cpu")
     path = tmp_path / "new" / "x.json"
     write_json(path, {"machine": m, "rows": [1, 2]})
     assert load_json(path) == {"machine": m, "rows": [1, 2]}
     assert load_json(tmp_path / "missing.json") is None
+
+
+def test_machine_counts_the_cores_apart_from_torch_threads(monkeypatch):
+    """"cores" are the CPUs the process may run on, "threads" torch's (``--threads 1`` on a
+    machine of 3); a file written before "threads" was recorded kept torch's threads as
+    "cores", and its line still says so."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        m = machine("cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert (m["cores"], m["threads"]) == (3, 1)
+    assert "(3 cores, torch threads: 1), device cpu" in ran_on(m)
+    old = {"cpu": "c", "cores": 2, "torch": "t", "device": "cpu"}
+    assert ran_on(old).startswith("Ran on c (torch threads: 2), device cpu")
 
 
 def test_machine_records_the_commit_and_on_cuda_its_versions(tmp_path, monkeypatch):
