@@ -48,6 +48,21 @@ def test_decode_path_perplexity_matches_full_forward(tiny):
     torch.testing.assert_close(logprob, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_perplexity_windows_and_summary_by_hand():
+    """Each window's prefill, the token fed at step 0 and the tokens the steps must predict (the
+    next ones, not the one just fed); the perplexity of the mean NLL per token, windows alike;
+    Δppl of a worse result above 0."""
+    prompts, first, targets = perplexity.windows(list(range(20)), 2, 3, 4)
+    assert prompts == [[0, 1, 2], [8, 9, 10]] and first.tolist() == [3, 11]
+    assert targets.tolist() == [[4, 5, 6, 7], [12, 13, 14, 15]]
+    prompts, first, _ = perplexity.windows(list(range(20)), 2, 3, 4, offset=2)
+    assert prompts == [[2, 3, 4], [10, 11, 12]] and first.tolist() == [5, 13]
+    s = perplexity.summarize(torch.tensor([[-1.0, -1.0, -1.0], [-3.0, -3.0, -3.0]]))
+    assert s["nll"] == pytest.approx(2.0) and s["ppl"] == pytest.approx(math.e ** 2)
+    assert s["ppl_rows"] == pytest.approx([math.e, math.e ** 3])
+    assert perplexity.delta({"ppl": 11.0}, {"ppl": 10.0}) == pytest.approx(10.0)
+
+
 def test_kcache_with_n_at_least_length_equals_dense_perplexity(tiny):
     model, snapshot, first, targets = tiny
     _, dense = run(model, snapshot, Config.dense(), first, targets)
@@ -84,14 +99,17 @@ def test_agreement_arithmetic():
 
 
 def test_needle_answer_and_score():
+    """The first number of the answer, matched exactly (a longer number holding the key is
+    wrong)."""
     assert needle.answer("The pass key is 71432.") == "71432"
+    assert needle.answer("The pass key is 71432. Remember it, 2 times.") == "71432"
     assert needle.answer("no idea") == ""
 
     class Tok:
         def decode(self, ids):
             return "".join(map(str, ids))
-    s = needle.score(Tok(), [[7, 1, 4, 3, 2], [1, 2]], ["71432", "99"])
-    assert s["correct"] == [True, False] and s["accuracy"] == 0.5
+    s = needle.score(Tok(), [[7, 1, 4, 3, 2], [1, 2], [7, 1, 4, 3, 2, 9]], ["71432", "99", "71432"])
+    assert s["correct"] == [True, False, False] and s["accuracy"] == pytest.approx(1 / 3)
 
 
 def test_default_grid():
@@ -262,6 +280,37 @@ def test_needle_phrasings():
     first = FakeTokenizer().decode(prompts[0]).index(keys[0])
     last = FakeTokenizer().decode(prompts[2]).index(keys[2])
     assert first < 100 < 300 < last  # depth 0.1 near the start, 0.9 near the end
+    # from an offset: that part of the text, not its start (which perplexity reads)
+    ids = [ord(ch) for ch in "Qq. " * 100 + "Zz. " * 100]
+    prompts, _, _ = needle.prompts(FakeTokenizer(), ids, 400, depths, seed=3, offset=400)
+    assert all("Zz. " * 10 in FakeTokenizer().decode(p) and "Q" not in FakeTokenizer().decode(p)
+               for p in prompts)
+
+
+def test_summary_of_a_result_against_dense_by_hand():
+    """summary.summarize on made-up results: Δppl is the result's perplexity against dense's (a
+    higher perplexity, a positive Δ), needle hits tallied by length and by phrasing, the device
+    ratio the result's bytes over dense's."""
+    from kcache_ops.eval import summary
+
+    def result(ppl_short, ppl_long, correct, device_bytes):
+        costs = {"host_rows": 0.0, "host_bytes_per_step": 0.0,
+                 "device_bytes_per_token": device_bytes,
+                 "device_bytes_per_token_bf16": device_bytes / 2}
+        return {"short": {"perplexity": {"ppl": ppl_short}},
+                "long": {"perplexity": {"ppl": ppl_long}},
+                "needle-8000": {"correct": correct[1], "phrasing": ["vault", "pass key"]},
+                "needle-1024": {"correct": correct[0], "phrasing": ["vault", "pass key"]},
+                "costs": costs}
+
+    dense = result(10.0, 10.0, ([True, True], [True, True]), 400.0)
+    got = summary.summarize(result(11.0, 12.0, ([True, False], [False, False]), 100.0), dense)
+    assert got["dppl"] == pytest.approx({"short": 10.0, "long": 20.0})
+    assert got["ppl"] == {"short": 11.0, "long": 12.0}
+    assert got["needle_by_length"] == {"1024": 1, "8000": 0}
+    assert got["needle_by_phrasing"] == {"vault": 1, "pass key": 0}
+    assert (got["needle"], got["needle_total"]) == (1, 4)
+    assert got["device_ratio"] == got["device_ratio_bf16"] == pytest.approx(0.25)
 
 
 def fake_result(topn, dppl_short, dppl_long, needle_by_length, device_ratio, tail="none"):

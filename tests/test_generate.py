@@ -40,6 +40,20 @@ def test_batched_varlen_equals_one_by_one(loaded):
     assert batched.decode_tokens == 3 * 11 and batched.prefill_s > 0 and batched.tokens_per_s > 0
 
 
+def test_prefill_and_decode_times_split_the_run(loaded, monkeypatch):
+    """prefill_s runs from the start to the first token, decode_s from there to the end: on a
+    clock that ticks a second at each read (start, the first token, the end), one second each,
+    not the decode counted from the start."""
+    import types
+    import kcache_ops.generate as gen
+    ticks = iter(range(100))
+    monkeypatch.setattr(gen, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    model, _ = loaded
+    g = generate(model, [PROMPTS[0]], 4)
+    assert (g.prefill_s, g.decode_s, g.decode_tokens) == (1.0, 1.0, 3)
+    assert g.tokens_per_s == 3.0
+
+
 def test_kcache_options_are_the_caches(loaded):
     """generate(backend="kcache", options=...) runs the cache those options make: its greedy
     tokens are a step-by-step loop's over make_cache with the same options (N = 2 of up to 18

@@ -51,7 +51,13 @@ def test_llama3_original_length_beside_the_rope_dict():
 
 
 def test_qwen2_has_qkv_bias():
+    """Qwen2: a bias on Q, K and V, never on O (attention_bias or not); Llama with
+    attention_bias: on all four."""
     assert LlamaConfig.from_hf({**BASE, "model_type": "qwen2"}).attention_bias
+    c = LlamaConfig.from_hf({**BASE, "model_type": "qwen2", "attention_bias": True})
+    assert (c.attention_bias, c.output_bias) == (True, False)
+    c = LlamaConfig.from_hf({**BASE, "attention_bias": True})
+    assert (c.attention_bias, c.output_bias) == (True, True)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -226,7 +232,10 @@ def test_llama3_frequency_band():
 def test_gguf_metadata():
     c = LlamaConfig.from_gguf(GGUF_BASE, 10, True, False, rope_freq_factors=[1.0, 8])
     assert (c.vocab_size, c.num_kv_heads, c.head_dim, c.rope_freq_factors) == (10, 4, 4, [1.0, 8.0])
-    assert c.eos_token_ids == ()
+    assert c.eos_token_ids == () and c.rms_norm_eps == 1e-5
+    c = LlamaConfig.from_gguf({**GGUF_BASE, "llama.attention.layer_norm_rms_epsilon": 1e-6}, 10,
+                              True, False, None)
+    assert c.rms_norm_eps == 1e-6  # the file's, not a default that happens to equal it
     ends = {"tokenizer.ggml.eos_token_id": 7, "tokenizer.ggml.eot_token_id": 9}
     c = LlamaConfig.from_gguf({**GGUF_BASE, **ends}, 10, True, False, None)
     assert c.eos_token_ids == (7, 9)  # a chat turn's end stops generation too (Llama 3)

@@ -255,6 +255,24 @@ def test_left_padding_equals_unpadded_runs(family):
         torch.testing.assert_close(logits[:, b], alone_logits[:, 0], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("masked", ["bool", "finfo.min", "-inf"])
+def test_prompt_layout_of_each_mask_form(masked):
+    """The prefill mask as transformers may pass it, boolean or additive (0 where attended, the
+    dtype's lowest or -inf where not): a left-padded sequence's tokens are where its last row
+    attends, in order, and the others are counted out."""
+    t = 4
+    attend = torch.ones(2, 1, t, t, dtype=torch.bool).tril()  # [B, 1, T, T] causal
+    attend[1, :, :, :2] = False  # sequence 1: 2 pad tokens on the left
+    if masked == "bool":
+        mask = attend
+    else:
+        low = torch.finfo(torch.float32).min if masked == "finfo.min" else float("-inf")
+        mask = torch.zeros(attend.shape).masked_fill(~attend, low)
+    order, lens = kt._prompt_layout(mask, torch.randn(2, 1, t, 64))
+    assert lens.tolist() == [4, 2]
+    assert order[0].tolist() == [0, 1, 2, 3] and order[1, :2].tolist() == [2, 3]
+
+
 def test_plain_forward_with_kcache_attention_is_dense():
     """Without a KCacheCache (a scoring forward), "kcache" attention is exact SDPA."""
     model = tiny_model("llama")
