@@ -2,6 +2,7 @@
 transformers' comparison included where it is installed."""
 import argparse
 import dataclasses
+import functools
 import json
 import time
 
@@ -443,14 +444,19 @@ def test_no_vs_dense_where_max_batch_capped_a_batch(capsys):
     tabled as "–" with a note saying why; uncapped, the ratio is there."""
     from kcache_ops.throughput.report import bench_section
     lines = []
-    for max_batch, budget in ((2, 0.01), (256, 0.0005)):
+    # both capped; neither; only KCache's (the paper's options: K alone on the device, where
+    # dense's batch is set by the budget)
+    for max_batch, budget, options in ((2, 0.01, KCacheOptions(topn=8)),
+                                       (256, 0.0005, KCacheOptions(topn=8)),
+                                       (3, 0.0006, KCacheOptions.paper_literal(topn=8))):
         lines.clear()
-        rows = measure.measure(["tiny"], [64], torch.device("cpu"), torch.float32,
-                               KCacheOptions(topn=8), 1, budget_gb=budget, max_batch=max_batch,
-                               hf=False, log=lines.append)
+        rows = measure.measure(["tiny"], [64], torch.device("cpu"), torch.float32, options, 1,
+                               budget_gb=budget, max_batch=max_batch, hf=False, log=lines.append)
         dense, kcache = rows
         capped = "cap" in (dense["batch_limit"], kcache["batch_limit"])
-        assert capped == (max_batch == 2), rows
+        assert capped == (max_batch != 256), rows
+        if max_batch == 3:
+            assert (dense["batch_limit"], kcache["batch_limit"]) == ("device", "cap"), rows
         data = {"machine": results.machine("cpu"), "command": "bench", "rows": rows}
         section = bench_section(data)
         table = [line for line in section if line.startswith("| tiny | 64 | kcache |")]
@@ -526,6 +532,59 @@ def test_ceilings_are_measured_and_set_each_rows_floor(monkeypatch):
         assert row["of_ceiling"] == pytest.approx(floor / (row["decode_step_ms"] / 1e3))
         assert f"floor {row['floor_step_ms']:.3g} ms ({row['of_ceiling']:.1%} of the ceiling)" \
             in line
+
+
+def test_rates_and_the_copy_ceiling_by_hand(monkeypatch):
+    """The numbers of a row from its timings: prefill tokens over the prefill's seconds (one
+    sequence), decode tokens of the whole batch over a step's seconds; the device copy counts
+    the bytes read and written; transformers' tok/s at the dense row's batch, and dense's speed
+    over it."""
+    from kcache_ops.throughput import ceilings as c
+    from kcache_ops.throughput import transformers_baseline as tb
+    monkeypatch.setattr(c, "median_seconds", lambda device, step, runs: 0.5)
+    assert c.d2d_bandwidth_gbs("cpu", 1 << 20, warmup=0, runs=1) == 2 * (1 << 20) / 0.5 / 1e9
+    monkeypatch.setattr(measure, "time_prefill", lambda *args: 0.5)
+    rows = measure.measure(["tiny"], [64], torch.device("cpu"), torch.float32,
+                           KCacheOptions(topn=8), 2, budget_gb=0.01, max_batch=3, hf=False,
+                           log=lambda line: None)
+    for row in rows:
+        assert row["batch"] == 3 and row["prefill_tok_s"] == 64 / 0.5
+        assert row["decode_tok_s"] == pytest.approx(3 / (row["decode_step_ms"] / 1e3))
+    monkeypatch.setattr(tb, "hf_model", lambda *args: None)
+    monkeypatch.setattr(tb, "time_hf", lambda model, batch, context, steps: 0.040)
+    row = {"model": "tiny", "context": 64, "batch": 4, "decode_step_ms": 10.0}
+    tb.compare_with_hf(None, "cpu", None, [row], 2, log=lambda line: None)
+    assert row["hf_decode_tok_s"] == pytest.approx(4 / 0.040)
+    assert row["dense_vs_hf"] == pytest.approx(4.0)  # 40 ms a step against our 10
+
+
+def test_a_prefill_is_timed_by_the_median_of_its_runs_after_a_warm_up(monkeypatch):
+    """time_prefill: a 64-token warm-up (5 s here) and three timed runs (1, 1 and 4 s) -> 1 s,
+    the median of the timed runs alone."""
+    from types import SimpleNamespace
+    clock, durations = [0.0], iter([5.0, 1.0, 1.0, 4.0])
+
+    def prefill(tokens, lens, cache):
+        clock[0] += next(durations)
+    monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(measure, "new_cache", lambda *args: None)
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=10), device=torch.device("cpu"),
+                            prefill=prefill)
+    assert measure.time_prefill(model, "dense", None, 128) == 1.0
+
+
+def test_the_batch_is_the_least_of_the_device_host_and_cap_limits(monkeypatch):
+    """fit_batch: 100 device bytes and 1000 host bytes a sequence in 10 kB of device and 3 kB
+    of host memory -> 3 sequences, set by the host; unchecked host memory -> the device's 100,
+    or the cap below it; a tie goes to the device."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(measure, "sequence_bytes", lambda *args: (100, 1000))
+    model = SimpleNamespace(config=None, dtype=None)
+    fit = functools.partial(measure.fit_batch, model, "kcache", None, 67)
+    assert fit(10_000, 3_000, 256) == (3, "host")
+    assert fit(10_000, None, 256) == (100, "device")
+    assert fit(10_000, None, 40) == (40, "cap")
+    assert fit(10_000, 100_000, 100) == (100, "device")
 
 
 @pytest.mark.parametrize("bias", [{}, {"attention_bias": True},

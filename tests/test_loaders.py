@@ -779,6 +779,9 @@ def test_llama3_bos_by_default_and_turn_ends(tmp_path):
     kwargs = dict(bos=0, add_bos=None, types=[3, 3, 3, 1, 1, 1], eos=1)
     llama3 = gguf_tokenizer(tmp_path / "a.gguf", tokens, "llama-bpe", **kwargs)
     assert llama3.encode("a") == [0, 3] and llama3.eos_ids == (1, 2)
+    # a turn end written USER_DEFINED (an added token with special=false) ends generation too
+    kwargs["types"] = [3, 3, 4, 1, 1, 1]
+    assert gguf_tokenizer(tmp_path / "c.gguf", tokens, "llama-bpe", **kwargs).eos_ids == (1, 2)
     assert gguf_tokenizer(tmp_path / "b.gguf", tokens, "gpt2", **kwargs).encode("a") == [3]
 
 

@@ -1,12 +1,14 @@
 """bench/run_gpu.sh in its dry run on the CPU (every stage's CPU-side part, "no GPU" for the GPU
 work, the log and the archive in $OUT), the PyTorch baselines of bench/baselines.py against
-kcache_ops.reference on fresh random inputs, bench/cpu_ops.py at a tiny size, and the decode
-steps of bench/decode_steps.py (which the GPU benchmark and the profile time) on the CPU at a
+kcache_ops.reference on fresh random inputs, bench/cpu_ops.py at a tiny size, bench/timing.py's
+timing and the rates of bench/gpu_gather.py and bench/gpu_decode_attn.py on faked timings, the
+decode steps of bench/decode_steps.py (which the GPU benchmark and the profile time) on the CPU at a
 small shape, with the count of the ops a default step launches (bench/step_ops.py), the reuse
 step's timing over steps that advance (bench/reuse_step.py), the JSON of the reuse studies
 (bench/reuse_step.py, reuse_hits.py, step_reuse.py) and the default step's tail inputs
 (bench/gpu_decode_attn.py)."""
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -17,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import kcache_ops
 from kcache_ops import reference
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
@@ -25,6 +28,7 @@ import baselines  # noqa: E402  (bench/ is a folder of scripts, not a package)
 import cpu_ops  # noqa: E402
 import decode_steps  # noqa: E402
 import gpu_decode_attn  # noqa: E402
+import gpu_gather  # noqa: E402
 import reuse_hits  # noqa: E402
 import reuse_step  # noqa: E402
 import step_ops  # noqa: E402
@@ -211,6 +215,33 @@ def test_timed_runs_go_on_after_the_warm_up(monkeypatch):
     assert calls == [0, 1, 2, 0, 1]
 
 
+class FakeGraph:
+    """A CUDA stream or graph with nothing behind it."""
+
+    def wait_stream(self, other):
+        pass
+
+    def replay(self):
+        pass
+
+
+def test_graph_timing_is_per_captured_call(monkeypatch):
+    """bench/timing.py's graph timing (on fake streams, graphs and events): the calls captured are
+    GRAPH_CALLS (8) rounded up to whole rounds of the 3 input sets, 9, after the warm-up's, and a
+    replay's time (1 ms a pair of fake events) is divided among them: 1000 / 9 µs a call."""
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "current_stream", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "stream", lambda side: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    calls = []
+    assert timing._graph_us(calls.append, [(0,), (1,), (2,)], warmup=2, iters=3) == 1e3 / 9
+    assert calls == [0, 1] + [0, 1, 2] * 3
+
+
 def test_torch_gather_rows_is_a_copy():
     src = torch.randn(2, 3, 50, 16)
     indices = torch.randint(0, 50, (2, 9, 7), dtype=torch.int32)
@@ -291,6 +322,35 @@ def test_decode_bench_floor_is_the_bytes_at_the_ceilings_in_series():
     copy's, in µs, and the step's ratio to that."""
     fields = gpu_decode_attn.floor_fields(4e9, 5e8, 3000.0, (4000.0, 50.0))  # bytes, µs, GB/s
     assert fields == {"floor_us": 1000.0 + 10000.0, "ratio_vs_floor": 3000.0 / 11000.0}
+
+
+def test_decode_bench_rates_are_of_their_own_ceilings():
+    """rates: qk_topn's K bytes a µs against the device copy, sparse_attn_v's host rows against
+    the pinned host->device copy (1e9 B in 1000 µs: 1000 GB/s, a third of a 3000 GB/s device
+    copy; 5e8 B in 10000 µs: 50 GB/s, all of a 50 GB/s host copy)."""
+    fields = gpu_decode_attn.rates(1e9, 1000.0, 5e8, 10000.0, (3000.0, 50.0))
+    assert fields == pytest.approx({"qk_topn_GBs": 1000.0, "qk_topn_pct_d2d": 100 / 3,
+                                    "host_MiB": 5e8 / 2**20, "sparse_attn_v_GBs": 50.0,
+                                    "sparse_attn_v_pct_h2d": 100.0})
+
+
+def test_gather_bench_rates_its_time_against_the_ceiling_memcpy_and_torch(monkeypatch):
+    """bench/gpu_gather.py's row (on faked timings): 256 KiB gathered in 10 µs is 26.2 GB/s, 52 %
+    of a 50 GB/s ceiling; a memcpy of the same bytes in 8 µs makes it 80 % of the memcpy, and the
+    PyTorch way in 25 µs 2.5x slower."""
+    us = {kcache_ops.gather_rows: 10.0, baselines.torch_gather_rows: 25.0}
+    monkeypatch.setattr(timing, "time_us", lambda fn, sets, *a, **k: (us[fn], "graph"))
+    monkeypatch.setattr(gpu_gather, "memcpy_us", lambda pinned, nbytes: 8.0)
+    rows = []
+    rec = SimpleNamespace(meta={"h2d_ceiling_GBs": 50.0}, add=lambda **row: rows.append(row))
+    c = {"bytes": 2 * 8 * 64 * 256, "row_bytes": 256, "rows": 64}  # B x H heads of 64 rows
+    gpu_gather.add_row(rec, c, [], "pinned", {"host_GiB": 0.5, "buffers": 1}, None)
+    (row,) = rows
+    assert {k: row[k] for k in ("us", "GBs", "pct_ceiling", "memcpy_us", "pct_memcpy_same_bytes",
+                                "torch_us", "speedup_vs_torch")} == pytest.approx(
+        {"us": 10.0, "GBs": 262144 / 10 / 1e3, "pct_ceiling": 100 * 26.2144 / 50,
+         "memcpy_us": 8.0, "pct_memcpy_same_bytes": 80.0, "torch_us": 25.0,
+         "speedup_vs_torch": 2.5})
 
 
 def test_host_row_bytes_reads_as_the_kernel_does():

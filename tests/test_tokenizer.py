@@ -226,6 +226,23 @@ def test_text_the_tokenizer_cannot_encode_is_a_value_error(tmp_path):
         tokenizer.encode("hi bob")
 
 
+def test_a_chat_template_writing_bos_gives_one_bos():
+    """A chat prompt is the rendered template encoded without the post-processor's BOS: a
+    template that writes ``{{ bos_token }}`` itself (Llama 3's does) gives BOS once, not twice;
+    a plain prompt still gets the post-processor's."""
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from tokenizers.processors import TemplateProcessing
+    tok = tokenizers.Tokenizer(WordLevel({"<s>": 0, "hi": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tok.add_special_tokens(["<s>"])
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tokenizer = Tokenizer(tok, 0, (), "{{ bos_token }}{{ messages[0]['content'] }}")
+    assert tokenizer.render_chat("hi") == "<s>hi"
+    assert tokenizer.encode_prompt("hi", chat=True) == [0, 1]
+    assert tokenizer.encode_prompt("hi", chat=False) == [0, 1]
+
+
 def edit_tokenizer_json(folder, **changes):
     """Set top-level keys of ``folder``'s tokenizer.json."""
     path = folder / "tokenizer.json"
