@@ -364,6 +364,31 @@ def test_meta_argument_among_real_ones():
     assert scores.device.type == "meta"
 
 
+def test_fake_outputs_have_the_eager_outputs_metadata():
+    """On meta tensors (the fakes torch.compile traces with) each op gives outputs of the eager
+    op's shapes, dtypes and strides, where the fakes' rules are least plain: qk_topn's all_scores
+    rows padded to 4 floats (S = 5), gather_rows' rows in src's dtype (bfloat16), reuse_rows under
+    group_select with a pool of only N slots (one row per selected position of the group)."""
+    def meta(args):
+        return [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+
+    i32 = dict(dtype=torch.int32)
+    ops = torch.ops.kcache_ops
+    reuse = (torch.tensor([[[3, 5]] * 4], **i32),  # [1, Hq 4, N 2]: one selection per group
+             torch.randn(1, 1, 8, 64), torch.zeros(1, **i32), torch.zeros(1, 1, 2, 64),
+             torch.full((1, 1, 2), -1, **i32), torch.full((1, 1, 2), -1, **i32),
+             torch.zeros(1, **i32), True)
+    cases = [(ops.qk_topn, (torch.randn(1, 2, 64), torch.randn(1, 1, 5, 64),
+                            torch.tensor([5], **i32), 2, 0.125, False, True, True, 0, 0, 1.0)),
+             (ops.gather_rows, (torch.randn(1, 1, 4, 64, dtype=torch.bfloat16),
+                                torch.zeros(1, 2, 3, **i32), True)),
+             (ops.reuse_rows, reuse)]
+    for op, args in cases:
+        fake = op(*meta(args))
+        for e, f in zip(op(*args), fake):
+            assert (f.shape, f.dtype, f.stride()) == (e.shape, e.dtype, e.stride()), op
+
+
 def test_compiled_reuse_rows_refuses_a_pool_sharing_memory():
     """Under torch.compile reuse_rows runs on copies of the pool it updates, where the eager op's
     check finds nothing to refuse: overlapping views of one buffer were taken, and gave other

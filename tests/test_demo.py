@@ -30,6 +30,46 @@ def test_demo_runs_both_backends(tmp_path, monkeypatch, capsys):
     assert [row[2] for row in rows] == ["-", "-"]
 
 
+def test_demo_passes_its_flags_on_and_reports_each_run(tmp_path, monkeypatch, capsys):
+    """--depth places the pass key, the kcache run gets the options the flags give (dense none),
+    and each row says whether its own text holds the pass key (the dense run's here, not the
+    kcache run's)."""
+    import dataclasses
+    save_tiny_hf(tmp_path, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                 head_dim=64, max_position_embeddings=1024)
+    save_tiny_tokenizer(tmp_path, 96)
+    monkeypatch.setattr(demo, "essays_text", lambda: "Start small. Then grow it. " * 40)
+    seen = {}
+    build_prompt, generate_with_progress = demo.build_prompt, demo.generate_with_progress
+
+    def build(tokenizer, n_tokens, depth, chat):
+        seen["depth"] = depth
+        return build_prompt(tokenizer, n_tokens, depth, chat)
+
+    def run(model, tokenizer, prompt, backend, options, new_tokens):
+        seen[backend] = options
+        result = generate_with_progress(model, tokenizer, prompt, backend, options, new_tokens)
+        text = f"the key is {demo.PASSKEY}" if backend == "dense" else "no idea"
+        return dataclasses.replace(result, texts=[text])
+    monkeypatch.setattr(demo, "build_prompt", build)
+    monkeypatch.setattr(demo, "generate_with_progress", run)
+    assert main(["demo", "--model", str(tmp_path), "--prompt-tokens", "150", "--new-tokens", "2",
+                 "--depth", "0.25", "--topn", "4", "--dense-layers", "1"]) == 0
+    assert seen["depth"] == 0.25 and seen["dense"] is None
+    assert (seen["kcache"].topn, seen["kcache"].dense_layers) == (4, (1,))
+    rows = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("dense ", "kcache "))}
+    assert rows == {"dense": "found", "kcache": "missed"}
+
+
+def test_first_difference():
+    """The first new token where two runs differ; where one run is a prefix of the other, where
+    the shorter one ended; None for the same tokens."""
+    assert demo.first_difference([1, 3, 4], [1, 2, 4]) == 1
+    assert demo.first_difference([1, 2, 3], [1, 2]) == 2
+    assert demo.first_difference([1, 2], [1, 2]) is None
+
+
 def test_demo_refuses_options_the_model_cannot_take_before_it_runs(tmp_path, monkeypatch, capsys):
     """--dense-layers past the model's 2 layers is one error line before the dense run (it came
     after it)."""

@@ -511,6 +511,29 @@ def test_report_only_of_a_folder_without_results(tmp_path, capsys):
            "--out names the folder an eval or bench run wrote" in capsys.readouterr().err
 
 
+def test_report_only_quick_reads_the_smoke_folder(tmp_path, capsys, monkeypatch):
+    """`eval --report-only --quick` rewrites the report of the quick run's folder (the smoke
+    folder), not the committed results'."""
+    from kcache_ops import results as results_module
+    from kcache_ops.__main__ import main
+    smoke, committed = tmp_path / "smoke", tmp_path / "results"
+    monkeypatch.setattr(results_module, "SMOKE_DIR", str(smoke))
+    monkeypatch.setattr(results_module, "RESULTS_DIR", str(committed))
+    assert main(["eval", "--report-only", "--quick"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: the results folder {smoke} does not exist")
+
+
+def test_flags_reach_the_settings_and_the_grid():
+    """--answer-steps sets the needle answers' length; --group-select adds group selection to
+    the grid of the --topn given, beside per-head selection."""
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    args = parser.parse_args(["--answer-steps", "5", "--topn", "8", "--group-select"])
+    assert eval_cli.settings(args).answer_steps == 5
+    assert [(c.options.topn, c.options.group_select) for c in eval_cli.configs(args)] == [
+        (8, False), (8, True)]
+
+
 def test_report_only_refuses_the_options_of_a_measurement(tmp_path, capsys):
     """--report-only measures nothing: a measurement's option given with it is an error line
     naming it (it was silently ignored), and no folder is made."""

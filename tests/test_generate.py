@@ -1,4 +1,5 @@
 """Batched generation (greedy, sampled, EOS, streaming) and the ``generate`` command line."""
+import argparse
 from dataclasses import replace
 import math
 import re
@@ -426,6 +427,36 @@ def test_cli_says_when_a_sequence_ended_at_end_of_sequence(folder, capsys, monke
         assert said in capsys.readouterr().err
 
 
+def test_cli_passes_its_flags_on(folder, capsys, monkeypatch):
+    """Each flag reaches what it sets: --device and --dtype the model loaded, the sampling flags,
+    --max-new-tokens, --backend and the cache options generate (a flag parsed and dropped
+    leaves a run that still works, with the defaults)."""
+    import kcache_ops.cli.generate as command
+    from kcache_ops.caches import make_cache
+    from kcache_ops.generate import Generation
+    seen = {}
+
+    def load(path, device, dtype):
+        seen["load"] = (device, dtype)
+        return load_model(path, device, dtype)
+
+    def fake_generate(model, prompts, max_new_tokens, **kwargs):
+        seen.update(kwargs, max_new_tokens=max_new_tokens, dtype=model.dtype)
+        return Generation([[5]], ["x"], 0.1, 0.2, 0, make_cache("dense", model.config, 1, 8,
+                                                               "cpu", model.dtype))
+    monkeypatch.setattr(command, "load_model", load)
+    monkeypatch.setattr(command, "generate", fake_generate)
+    assert main(["generate", "--model", str(folder), "--prompt", "a", "--device", "cpu",
+                 "--dtype", "bfloat16", "--max-new-tokens", "4", "--temperature", "0.7",
+                 "--top-p", "0.9", "--top-k", "5", "--seed", "3", "--backend", "kcache",
+                 "--topn", "4"]) == 0
+    assert seen["load"] == (torch.device("cpu"), torch.bfloat16)
+    assert seen["dtype"] == torch.bfloat16 and seen["max_new_tokens"] == 4
+    assert {k: seen[k] for k in ("temperature", "top_p", "top_k", "seed", "backend")} == {
+        "temperature": 0.7, "top_p": 0.9, "top_k": 5, "seed": 3, "backend": "kcache"}
+    assert seen["options"].topn == 4
+
+
 def test_cli_dense_and_kcache(folder, capsys):
     # on the CPU where a GPU is there too (the CLI's default): the lines below name the device
     args = ["generate", "--model", str(folder), "--prompt", "the t", "--max-new-tokens", "6",
@@ -669,17 +700,34 @@ def test_cli_interrupted_or_piped_is_quiet(monkeypatch, capsys, error, code, err
     assert warnings.formatwarning is format_warning  # main's one-line warnings end with it
 
 
-def test_cli_names_a_missing_optional_package(monkeypatch, capsys):
-    """An optional package a file needs and the machine lacks (gguf, for a GGUF model) ends the
-    command with its message and 2, not a traceback."""
+@pytest.mark.parametrize("error", [
+    ImportError("loading a GGUF file needs the gguf package: pip install gguf"),
+    PermissionError(13, "Permission denied", "/models/m.gguf")], ids=["import", "os"])
+def test_cli_names_a_missing_optional_package_or_an_unreadable_file(monkeypatch, capsys, error):
+    """An optional package a file needs and the machine lacks (gguf, for a GGUF model), or a
+    file the command cannot read, ends the command with its message and 2, not a traceback."""
     import kcache_ops.cli.generate as command
 
     def run(args):
-        raise ImportError("loading a GGUF file needs the gguf package: pip install gguf")
+        raise error
     monkeypatch.setattr(command, "run", run)
     assert main(["generate", "--prompt", "a"]) == 2
-    assert capsys.readouterr().err == ("error: loading a GGUF file needs the gguf package: pip "
-                                       "install gguf\n")
+    assert capsys.readouterr().err == f"error: {error}\n"
+
+
+def test_cli_value_types_at_their_bounds(monkeypatch):
+    """--seed takes any seed torch.Generator does, [-2^63, 2^64); cuda:N names a GPU below the
+    machine's count (one GPU here: cuda:0, not cuda:1)."""
+    from kcache_ops.cli import args as cli_args
+    assert cli_args.seed("-1") == -1 and cli_args.seed(str(-(1 << 63))) == -(1 << 63)
+    assert cli_args.seed(str((1 << 64) - 1)) == (1 << 64) - 1
+    for refused in (str(-(1 << 63) - 1), str(1 << 64)):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli_args.seed(refused)
+    monkeypatch.setattr(cli_args, "cuda_count", lambda: 1)
+    assert cli_args.device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(argparse.ArgumentTypeError, match="'cuda:1': this machine has 1 CUDA"):
+        cli_args.device("cuda:1")
 
 
 @pytest.mark.parametrize("argv0, prog", [("/venv/bin/kcache-ops", "kcache-ops"),

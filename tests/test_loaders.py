@@ -8,6 +8,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -177,6 +178,17 @@ def test_default_dtype_and_device(hf_folder):
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert model.device.type == expected
     assert model.dtype == (torch.bfloat16 if expected == "cuda" else torch.float32)
+
+
+def test_a_tokenizer_as_large_as_the_embedding_loads_quietly_and_is_described(hf_folder,
+                                                                             tmp_path):
+    """A tokenizer with a row for each of its ids (the usual case) loads without a warning about
+    added tokens past the embedding; a folder and a file are described as what they are."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model(hf_folder[0], "cpu")
+    assert load_module.describe_model(hf_folder[0]) == f"{hf_folder[0]} (Hugging Face folder)"
+    assert load_module.describe_model(tmp_path / "m.gguf") == f"{tmp_path / 'm.gguf'} (GGUF file)"
 
 
 def test_dtypes_the_model_runs_in(hf_folder, monkeypatch):
