@@ -6,12 +6,20 @@ from kcache_ops.__main__ import main
 from kcache_ops.cli import demo
 from model_helpers import save_tiny_hf, save_tiny_tokenizer
 
+# a model whose positions hold the demo's prompt (~270 tokens)
+LONG = dict(hidden_size=128, num_attention_heads=2, max_position_embeddings=1024)
+
+
+def write_model(folder, monkeypatch, **config):
+    """A tiny Llama (one KV head of dim 64, as the kcache ops need, and ``config``) and its
+    tokenizer in ``folder``; the demo's essay text a short stand-in."""
+    save_tiny_hf(folder, num_key_value_heads=1, head_dim=64, **config)
+    save_tiny_tokenizer(folder, 96)
+    monkeypatch.setattr(demo, "essays_text", lambda: "Start small. Then grow it. " * 40)
+
 
 def test_demo_runs_both_backends(tmp_path, monkeypatch, capsys):
-    save_tiny_hf(tmp_path, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
-                 head_dim=64, max_position_embeddings=1024)  # the demo's prompt is ~270 tokens
-    save_tiny_tokenizer(tmp_path, 96)
-    monkeypatch.setattr(demo, "essays_text", lambda: "Start small. Then grow it. " * 40)
+    write_model(tmp_path, monkeypatch, **LONG)
     assert main(["demo", "--model", str(tmp_path), "--prompt-tokens", "150", "--new-tokens", "5",
                  "--topn", "4", "--dense-layers", "1"]) == 0
     out = capsys.readouterr().out
@@ -35,10 +43,7 @@ def test_demo_passes_its_flags_on_and_reports_each_run(tmp_path, monkeypatch, ca
     and each row says whether its own text holds the pass key (the dense run's here, not the
     kcache run's)."""
     import dataclasses
-    save_tiny_hf(tmp_path, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
-                 head_dim=64, max_position_embeddings=1024)
-    save_tiny_tokenizer(tmp_path, 96)
-    monkeypatch.setattr(demo, "essays_text", lambda: "Start small. Then grow it. " * 40)
+    write_model(tmp_path, monkeypatch, **LONG)
     seen = {}
     build_prompt, generate_with_progress = demo.build_prompt, demo.generate_with_progress
 
@@ -73,9 +78,7 @@ def test_first_difference():
 def test_demo_refuses_options_the_model_cannot_take_before_it_runs(tmp_path, monkeypatch, capsys):
     """--dense-layers past the model's 2 layers is one error line before the dense run (it came
     after it)."""
-    save_tiny_hf(tmp_path, num_key_value_heads=1, head_dim=64)
-    save_tiny_tokenizer(tmp_path, 96)
-    monkeypatch.setattr(demo, "essays_text", lambda: "Start small. Then grow it. " * 40)
+    write_model(tmp_path, monkeypatch)
     assert main(["demo", "--model", str(tmp_path), "--prompt-tokens", "150",
                  "--dense-layers", "5"]) == 2
     captured = capsys.readouterr()
@@ -87,9 +90,7 @@ def test_demo_refuses_a_reuse_pool_too_small_before_the_dense_run(tmp_path, monk
     """--reuse below a step's rows (N x the GQA group) is one error line before the dense run
     (the check needs the capacity, so it came when the kcache run built its cache, after the
     whole dense run)."""
-    save_tiny_hf(tmp_path, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024)
-    save_tiny_tokenizer(tmp_path, 96)
-    monkeypatch.setattr(demo, "essays_text", lambda: "Start small. Then grow it. " * 40)
+    write_model(tmp_path, monkeypatch, max_position_embeddings=1024)
     ran, run = [], demo.generate_with_progress
     monkeypatch.setattr(demo, "generate_with_progress",
                         lambda *args: ran.append(args[3]) or run(*args))
@@ -102,9 +103,7 @@ def test_demo_refuses_a_reuse_pool_too_small_before_the_dense_run(tmp_path, monk
 def test_demo_refuses_more_prompt_tokens_than_the_text_has(tmp_path, monkeypatch, capsys):
     """--prompt-tokens past the essay text's tokens is one error line naming the most it can be
     (the prompt was cut to the text without a word, and a 300K request ran a 154K prefill)."""
-    save_tiny_hf(tmp_path, num_key_value_heads=1, head_dim=64)
-    save_tiny_tokenizer(tmp_path, 96)
-    monkeypatch.setattr(demo, "essays_text", lambda: "Start small. Then grow it. " * 40)
+    write_model(tmp_path, monkeypatch)
     ran = []
     monkeypatch.setattr(demo, "generate_with_progress", lambda *args: ran.append(args[3]))
     assert main(["demo", "--model", str(tmp_path), "--prompt-tokens", "100000"]) == 2

@@ -14,13 +14,12 @@ needs_tools = pytest.mark.skipif(
     sb.find_tool("nvcc") is None or sb.find_tool("cuobjdump") is None,
     reason="needs nvcc and cuobjdump")
 SHAPES = {sh.name: sh for sh in sb.SHAPES}
-H200 = sb.GPUS[1]
+GPUS = {gpu.name: gpu for gpu in sb.GPUS}
 
 
 @needs_tools
 def test_one_instance(tmp_path):
-    smol = next(s for s in sb.SHAPES if s.name == "SmolLM2")
-    result = sb.analyse((smol,), workdir=str(tmp_path))
+    result = sb.analyse((SHAPES["SmolLM2"],), workdir=str(tmp_path))
     (name,) = [n for n in result["counts"] if n.startswith("qk_scores_kernel")]
     c = result["counts"][name]
     assert c["keys_per_warp_iter"] == sb.SCORE_UNROLL * 4  # D 64 bf16: 8 lanes per key
@@ -42,12 +41,11 @@ def test_committed_rows_are_the_models(label):
     path = os.path.join(sb.ROOT, "bench", "results", f"sass_bounds_{label}.json")
     with open(path, encoding="utf-8") as f:
         result = json.load(f)
-    gpus = {gpu.name: gpu for gpu in sb.GPUS}
     for row in result["rows"]:
         sh = SHAPES[row["shape"]]
         gs = sb.group_slice_width(sh.hq // sh.hkv)
         score = result["counts"][f"qk_scores_kernel<{sh.ctype},{sh.d},{gs}>"]
-        assert sb.predict(sh, row["tokens"], row["batch"], gpus[row["gpu"]], score,
+        assert sb.predict(sh, row["tokens"], row["batch"], GPUS[row["gpu"]], score,
                           result["counts"]["qk_select_kernel"]) == row
 
 
@@ -60,12 +58,12 @@ def test_bounds_by_hand():
     132 SMs would issue the whole 3 x 8192 x 5 in 0.1 µs."""
     score = {"regs": 64, "per_key": 10.0, "loop_insns": 80}
     select = {"passes_per_float": 2.0, "mass_per_float": 1.0}
-    r = sb.predict(SHAPES["Llama-3-8B"], 32768, 8, H200, score, select)
+    r = sb.predict(SHAPES["Llama-3-8B"], 32768, 8, GPUS["H200"], score, select)
     k = 8 * 8 * 32768 * 128 * 2  # bytes of K: batch x KV heads x keys x D x bf16
     scratch = 8 * 32 * 32768 * 4  # bytes of the scores: batch x query heads x keys x float32
     assert r["k_floor_us"] == round(k / 4.3e12 * 1e6, 1) == 124.9
     assert r["score_bytes_us"] == round((k + scratch) / 4.3e12 * 1e6, 1) == 132.7
     assert r["select_staged"] and r["select_bytes_us"] == round(scratch / 4.3e12 * 1e6, 1) == 7.8
-    r = sb.predict(SHAPES["SmolLM2"], 8192, 1, H200, score, select)
+    r = sb.predict(SHAPES["SmolLM2"], 8192, 1, GPUS["H200"], score, select)
     assert r["select_slices"] == 4
     assert r["select_issue_us"] == round(2048 * (2 + 3) / (4 * 1.98e9) * 1e6, 1) == 1.3

@@ -14,12 +14,13 @@ import tail_bounds as tb  # noqa: E402
 needs_tools = pytest.mark.skipif(
     sb.find_tool("nvcc") is None or sb.find_tool("cuobjdump") is None,
     reason="needs nvcc and cuobjdump")
+SHAPES = {sh.name: sh for sh in sb.SHAPES}
+GPUS = {gpu.name: gpu for gpu in sb.GPUS}
 
 
 @needs_tools
 def test_one_instance(tmp_path):
-    smol = next(s for s in sb.SHAPES if s.name == "SmolLM2")
-    result = tb.analyse((smol,), bits=4, workdir=str(tmp_path))
+    result = tb.analyse((SHAPES["SmolLM2"],), bits=4, workdir=str(tmp_path))
     (c,) = result["counts"].values()
     assert c["keys_per_warp_iter"] == 32  # D 64, 4 bits: 4 key columns of 8 one-word keys
     assert c["mma_per_key"] == 64 // 16 * 2 / 8  # 4 row tiles, two tf32 parts, 8 keys a k-step
@@ -40,13 +41,11 @@ def test_committed_rows_are_the_models(bits):
     path = os.path.join(sb.ROOT, "bench", "results", f"tail_bounds_int{bits}.json")
     with open(path, encoding="utf-8") as f:
         result = json.load(f)
-    shapes = {sh.name: sh for sh in sb.SHAPES}
-    gpus = {gpu.name: gpu for gpu in sb.GPUS}
     for row in result["rows"]:
-        sh = shapes[row["shape"]]
+        sh = SHAPES[row["shape"]]
         count = result["counts"][
             f"lowbit_tail_kernel<{sh.d},{sb.group_slice_width(sh.hq // sh.hkv)},{bits}>"]
-        assert tb.predict(sh, row["tokens"], row["batch"], gpus[row["gpu"]], count, bits) == row
+        assert tb.predict(sh, row["tokens"], row["batch"], GPUS[row["gpu"]], count, bits) == row
 
 
 def test_bounds_by_hand():
@@ -56,8 +55,7 @@ def test_bounds_by_hand():
     0.5 mma a key; every KV head reads, a key, 4 float32 scores, 128 x 2 bits of codes and 4 B
     of meta."""
     count = {"blocks_per_sm": 2, "per_key": 10.0, "mma_per_key": 0.5}
-    r = tb.predict(next(sh for sh in sb.SHAPES if sh.name == "Llama-3-8B"), 32768, 8,
-                   sb.GPUS[1], count, 2)
+    r = tb.predict(SHAPES["Llama-3-8B"], 32768, 8, GPUS["H200"], count, 2)
     assert (r["chunk"], r["blocks"], r["bytes_per_key"]) == (4096, 512, 4 * 4 + 128 * 2 // 8 + 4)
     assert r["issue_us"] == round(4 * 4096 * 10 / (4 * 1.98e9) * 1e6, 1) == 20.7
     assert r["tensor_us"] == round(4 * 4096 * 0.5 / (0.5 * 1.98e9) * 1e6, 1) == 8.3
