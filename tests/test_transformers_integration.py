@@ -2,10 +2,13 @@
 tiny random Llama, Mistral, Qwen2 and Qwen3 models against transformers' dense SDPA and against our
 own decoder's KCache; left padding; the refused models and features; the real SmolLM2 GGUF."""
 import importlib.util
+import inspect
 import os
 import re
 import subprocess
 import sys
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -274,7 +277,8 @@ def test_prompt_layout_of_each_mask_form(masked):
 
 
 def test_plain_forward_with_kcache_attention_is_dense():
-    """Without a KCacheCache (a scoring forward), "kcache" attention is exact SDPA."""
+    """Without a KCacheCache (a scoring forward), "kcache" attention is exact SDPA (without the
+    warning of a dense decode step, also for one token)."""
     model = tiny_model("llama")
     ids = torch.randint(3, VOCAB, (2, 11))
     with torch.no_grad():
@@ -282,6 +286,9 @@ def test_plain_forward_with_kcache_attention_is_dense():
         kt.enable(model)
         got = model(ids, use_cache=False).logits
     torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
+    with warnings.catch_warnings(), torch.no_grad():  # one token: a forward, not a decode
+        warnings.simplefilter("error")
+        model(ids[:, :1], use_cache=False)
 
 
 def test_generate_without_kcache_cache_is_dense_and_warns():
@@ -336,6 +343,21 @@ def test_sliding_window_must_not_bind():
         kt.KCacheCache(kt.enable(qwen), 32)
 
 
+def test_other_layer_types_and_a_model_on_two_devices_are_refused():
+    """A layer type other than full (or non-binding sliding) attention, and weights on two
+    devices, are refused by name: KCache attends over every cached token, on one device."""
+    model = tiny_model("llama")
+    model.config.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(ValueError, match=r"llama layer types \['chunked_attention'\] are not "
+                                         "supported"):
+        kt.enable(model)
+    model = tiny_model("llama")
+    model.model.layers[1].to("meta")
+    with pytest.raises(ValueError, match=r"the model spans devices \['cpu', 'meta'\]; KCache "
+                                         "serves a model on one device"):
+        kt.enable(model)
+
+
 @pytest.mark.parametrize("options, match", [
     (dict(topn=0), "topn"),
     (dict(topn=2.5), "topn"),
@@ -384,6 +406,73 @@ def test_refused_generation_features():
                            max_new_tokens=2, do_sample=False)
     with pytest.raises(ValueError, match="capacity overflow"), torch.no_grad():
         model(torch.randint(3, VOCAB, (1, 40)), past_key_values=kt.KCacheCache(model, 32))
+
+
+def test_cache_states_its_capacity_and_refuses_edits_by_name():
+    """transformers' other cache calls: get_max_length is max_cache_len; crop(0), which
+    generate's deferred stop check calls each step, removes nothing and passes; removing tokens,
+    repeating or selecting sequences and offloading are refused by name."""
+    model = kt.enable(tiny_model("llama"))
+    cache = kt.KCacheCache(model, 32)
+    assert cache.get_max_length() == 32, "get_max_length is not max_cache_len"
+    cache.crop(0)
+    refused = [(lambda: cache.crop(-1), "crop"),
+               (lambda: cache.batch_repeat_interleave(2), "batch_repeat_interleave"),
+               (lambda: cache.batch_select_indices(torch.tensor([0])), "batch_select_indices"),
+               (lambda: cache.offload(0), "offloading")]
+    for call, feature in refused:
+        with pytest.raises(NotImplementedError, match=f"KCacheCache does not support {feature}"):
+            call()
+
+
+def test_a_step_unlike_the_prefill_is_refused_by_name():
+    """After a prefill of two sequences, a step of one, a layer's update before layer 0's (a
+    layer run out of order) and a step with the model switched to another attention are each
+    refused before they change the cache, which then takes the right step."""
+    model = kt.enable(tiny_model("llama"))
+    ids = torch.randint(3, VOCAB, (2, 8))
+    cache = kt.KCacheCache(model, 32)
+    key = torch.randn(2, 2, 1, 64)  # [B, Hkv, 1, D]: a step's
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        with pytest.raises(ValueError, match="a batch of 1 sequences, but the prefill had 2"):
+            model(ids[:1, :1], past_key_values=cache)
+        with pytest.raises(RuntimeError, match=r"layer 1 ran out of order \(layer 0 holds 8 "
+                                               r"tokens, this layer 8\)"):
+            cache.update(key, key, 1)
+        model.set_attn_implementation("sdpa")
+        with pytest.raises(RuntimeError, match="now attends with 'sdpa'; it needs "
+                                               "attn_implementation='kcache'"):
+            model(ids[:, :1], past_key_values=cache)
+        kt.enable(model)
+        model(ids[:, :1], past_key_values=cache)
+    assert cache.inner.seq_lens.tolist() == [9, 9] and cache.get_seq_length() == 9
+
+
+def test_an_attention_past_the_cache_is_refused_and_reset_recovers(monkeypatch):
+    """An attention that is not given the keys the cache's update returned (here a copy) does not
+    run through the cache: the next layer's update refuses the step, naming the layer (that
+    layer's key would be missing from the cache). reset() drops the tokens, the buffers and that
+    pending call, and the cache then takes a new prefill."""
+    model = kt.enable(tiny_model("llama"))
+    ids = torch.randint(3, VOCAB, (2, 8))
+    cache = kt.KCacheCache(model, 32, **EXACT)
+
+    def past_the_cache(module, query, key, *args, **kwargs):
+        return kt.kcache_attention(module, query, key.clone(), *args, **kwargs)
+
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        with monkeypatch.context() as m:
+            m.setitem(transformers.AttentionInterface._global_mapping, "kcache", past_the_cache)
+            with pytest.raises(RuntimeError, match="the attention of layer 0 did not run through "
+                                                   "attn_implementation='kcache'"):
+                model(ids[:, :1], past_key_values=cache)
+        cache.reset()
+        assert cache.inner is None, "reset kept the buffers"
+        assert (cache.device_bytes(), cache.host_bytes(), cache.get_seq_length()) == (0, 0, 0)
+        model(ids[:, 2:], past_key_values=cache)
+    assert cache.inner.seq_lens.tolist() == [6, 6]
 
 
 def test_sampling_right_padding_eos_and_return_sequences():
@@ -584,7 +673,6 @@ def test_max_cache_len_of_any_integer_type_and_the_model_dtype():
 def test_a_large_default_max_cache_len_warns():
     """Without max_cache_len the cache holds the model's positions: past 32768 (Llama-3.1's
     131072) that warns, as each prefill allocates K and host V for them all."""
-    import warnings
     model = kt.enable(tiny_model("llama", max_position_embeddings=kt.LARGE_DEFAULT_CACHE))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -607,6 +695,7 @@ def test_version_check():
     for found in ("4.57.1", "6.0.0"):
         with pytest.raises(ImportError, match=f"transformers>=5.17,<6.*{found}"):
             kt.check_transformers_version(found)
+    kt.check_transformers_version("5.30.0.dev0")  # a source install of a tested version
 
 
 def test_kcache_ops_does_not_import_transformers():
@@ -717,6 +806,32 @@ def test_engine_prefill_takes_any_pad():
         engine.model.set_attn_implementation("sdpa")
 
 
+def test_engine_config_cache_keyword_and_all_logits():
+    """The engine's config is the model's sizes (the evaluation warns past its
+    max_position_embeddings); it passes the cache by a keyword the decoder's forward takes; its
+    prefill with all_logits gives every position's logits, each prompt's rows those of a forward
+    of it alone."""
+    from kcache_ops.integrations.transformers_engine import TransformersDecoder, cache_arg
+    engine = TransformersDecoder(tiny_model("llama", max_position_embeddings=200))
+    try:
+        assert engine.config == SimpleNamespace(num_layers=2, num_heads=4, num_kv_heads=2,
+                                                head_dim=64, vocab_size=VOCAB,
+                                                max_position_embeddings=200)
+        decoder = engine.model.get_decoder()
+        assert cache_arg(decoder) in inspect.signature(type(decoder).forward).parameters
+        prompts = random_prompts([7, 4])
+        tokens, mask = padded(prompts, right=True)  # [B, T]
+        cache = make_cache("dense", engine.config, 2, 7, "cpu", torch.float32)
+        with torch.no_grad():
+            logits = engine.prefill(tokens, mask.sum(1).int(), cache, all_logits=True)
+            alone = [engine.forward(torch.tensor([p]))[0] for p in prompts]  # [T_b, V] each
+        assert logits.shape == (2, 7, VOCAB)
+        for b, p in enumerate(prompts):
+            torch.testing.assert_close(logits[b, :len(p)], alone[b], atol=1e-5, rtol=1e-5)
+    finally:
+        engine.model.set_attn_implementation("sdpa")
+
+
 def test_eval_command_with_the_transformers_engine(tmp_path, monkeypatch):
     """`python -m kcache_ops eval --engine transformers` end to end on a tiny checkpoint (and a
     stand-in essay text): KCache with N above every length gives dense's perplexity."""
@@ -779,12 +894,14 @@ def test_engine_checks_its_device_before_loading():
         load_transformers_model("/no/such/checkpoint", "meta")
 
 
-def bare_gguf(path, arch):
-    """A GGUF file of ``arch`` with one metadata key (block_count 1) and one tensor."""
+def bare_gguf(path, arch, sizes=None):
+    """A GGUF file of ``arch`` with one tensor and the uint32 metadata ``sizes`` (``{arch}.{name}``:
+    value; block_count 1 by default)."""
     import gguf
     import numpy as np
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(1)
+    for name, size in (sizes or {"block_count": 1}).items():
+        writer.add_uint32(f"{arch}.{name}", size)
     writer.add_tensor("token_embd.weight", np.ones((10, 64), np.float32))
     write_out(writer)
 
@@ -800,7 +917,8 @@ def test_engine_reads_no_weights_of_a_model_it_refuses(tmp_path, monkeypatch):
     """Before transformers reads any weight, load_transformers_model refuses a folder without
     config.json (transformers said it had no model_type), a config of a model type KCache does
     not run in transformers (its weights were loaded first, with transformers' load report), and
-    a GGUF missing a size (transformers took its 7B default and allocated it: out of memory)."""
+    a GGUF missing a size or giving 0 (transformers took its 7B default and allocated it: out of
+    memory)."""
     from kcache_ops.integrations import transformers_engine as engine_module
     from kcache_ops.integrations.transformers_engine import load_transformers_model
     from kcache_ops.model import CheckpointError, UnsupportedModelError
@@ -819,10 +937,39 @@ def test_engine_reads_no_weights_of_a_model_it_refuses(tmp_path, monkeypatch):
     config.unlink()
     with pytest.raises(CheckpointError, match=f"^no config.json in {folder}$"):
         load_transformers_model(folder, "cpu")
-    bare_gguf(tmp_path / "sizeless.gguf", "llama")
-    with pytest.raises(CheckpointError, match="sizeless.gguf: llama.embedding_length must be "
-                                              "an integer >= 1, got None"):
-        load_transformers_model(tmp_path / "sizeless.gguf", "cpu")
+    sizes = {"embedding_length": 64, "feed_forward_length": 96, "block_count": 1,
+             "attention.head_count": 4}  # what transformers would otherwise take from its 7B
+    for name in sizes:
+        for value in (None, 0):
+            path = tmp_path / f"{name}-{value}.gguf"
+            bare_gguf(path, "llama", {key: sizes[key] if key != name else value
+                                      for key in sizes if key != name or value is not None})
+            with pytest.raises(CheckpointError, match=f"{path.name}: llama.{name} must be an "
+                                                      f"integer >= 1, got {value}"):
+                load_transformers_model(path, "cpu")
+
+
+@pytest.mark.parametrize("eos, eos_ids", [(5, (2, 5)), ([5, 7], (2, 5, 7)), (None, (2,))])
+def test_engine_loads_a_folder_in_float32_with_its_eos(tmp_path, monkeypatch, eos, eos_ids):
+    """A Hugging Face folder loads on the CPU in float32, its tokenizer stopping at the
+    tokenizer's EOS and then the model's eos_token_id (one or a list); transformers running out
+    of memory stays that error (not a CheckpointError); a path that is nothing is named."""
+    from kcache_ops.integrations.transformers_engine import load_transformers_model
+    from kcache_ops.model import CheckpointError
+    from model_helpers import save_tiny_tokenizer
+    tiny_model("llama", vocab_size=96, eos_token_id=eos).save_pretrained(tmp_path)
+    save_tiny_tokenizer(tmp_path, 96)  # its eos_token <|im_end|> is id 2
+    decoder, tokenizer = load_transformers_model(tmp_path, "cpu")
+    assert decoder.dtype == torch.float32 and decoder.device.type == "cpu"
+    assert tokenizer.eos_ids == eos_ids
+    with pytest.raises(CheckpointError, match="^no such model file or folder: .*nothing$"):
+        load_transformers_model(tmp_path / "nothing", "cpu")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        load_transformers_model(tmp_path, "cpu")
 
 
 def test_engine_checks_a_checkpoint_before_transformers_loads_it(tmp_path, monkeypatch):
