@@ -452,14 +452,19 @@ def test_a_step_unlike_the_prefill_is_refused_by_name():
 def test_an_attention_past_the_cache_is_refused_and_reset_recovers(monkeypatch):
     """An attention that is not given the keys the cache's update returned (here a copy) does not
     run through the cache: the next layer's update refuses the step, naming the layer (that
-    layer's key would be missing from the cache). reset() drops the tokens, the buffers and that
-    pending call, and the cache then takes a new prefill."""
+    layer's key would be missing from the cache); one given another layer's module is refused
+    by both layers' names. reset() drops the tokens, the buffers and a pending call, and the
+    cache then takes a new prefill."""
     model = kt.enable(tiny_model("llama"))
     ids = torch.randint(3, VOCAB, (2, 8))
     cache = kt.KCacheCache(model, 32, **EXACT)
 
     def past_the_cache(module, query, key, *args, **kwargs):
         return kt.kcache_attention(module, query, key.clone(), *args, **kwargs)
+
+    def another_layer(module, query, key, *args, **kwargs):
+        other = model.model.layers[1 - module.layer_idx].self_attn
+        return kt.kcache_attention(other, query, key, *args, **kwargs)
 
     with torch.no_grad():
         model(ids, past_key_values=cache)
@@ -468,6 +473,12 @@ def test_an_attention_past_the_cache_is_refused_and_reset_recovers(monkeypatch):
             with pytest.raises(RuntimeError, match="the attention of layer 0 did not run through "
                                                    "attn_implementation='kcache'"):
                 model(ids[:, :1], past_key_values=cache)
+        cache.reset()
+        with monkeypatch.context() as m:
+            m.setitem(transformers.AttentionInterface._global_mapping, "kcache", another_layer)
+            with pytest.raises(RuntimeError, match="the attention of layer 1 ran after the cache "
+                                                   "update of layer 0"):
+                model(ids, past_key_values=cache)
         cache.reset()
         assert cache.inner is None, "reset kept the buffers"
         assert (cache.device_bytes(), cache.host_bytes(), cache.get_seq_length()) == (0, 0, 0)
