@@ -1,6 +1,7 @@
 """KCache manager at the protocol level: random q/k/v per layer and step, checked against exact
 attention over each sequence's history computed independently in float64."""
 import math
+import random
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -1075,3 +1076,36 @@ def test_step_tensors_keep_their_addresses(device):
         assert slots.slot.tolist() == [p if p < 2 else 2 + (p - 2) % 3 for p in want.tolist()]
         run.step()
     assert [t.data_ptr() for t in tensors] == addresses
+
+
+def test_no_host_memory_report_checks_no_host_memory(monkeypatch):
+    """Where the machine does not report MemAvailable (no /proc/meminfo, as on macOS) the host
+    tensors are not checked: the cache is built (comparing with None was a TypeError)."""
+    monkeypatch.setattr(memory, "host_bytes_available", lambda: None)
+    memory.check_memory("KCache", (len(LENS), HKV, 8, D), torch.float32, 2 * LAYERS, "cpu", 0,
+                        beside=1)
+    assert KCache(tiny_config(), len(LENS), 8, "cpu", torch.float32).capacity == 8
+
+
+def test_the_device_check_on_any_machine(monkeypatch):
+    """On a CUDA device (its memory faked, so that this runs without one) host RAM holds the
+    host tensors alone and the device its tensors and the bytes beside them, measured against
+    the device named (cuda:1, not the first GPU): each may be filled to the byte, and one byte
+    more is refused naming what it counts."""
+    shape = (len(LENS), HKV, random.randint(8, 64), D)
+    per_tensor = 2 * math.prod(shape)  # bfloat16
+    host, dev, beside = random.randint(1, 4), random.randint(1, 4), random.randint(1, 999)
+    monkeypatch.setattr(memory, "host_bytes_available", lambda: host * per_tensor)
+    totals = {0: 2 ** 60, 1: dev * per_tensor + beside}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(
+        total_memory=totals[d if isinstance(d, int) else d.index]))
+    memory.check_memory("KCache", shape, torch.bfloat16, host, "cuda:1", dev, beside)
+    what = rf"KCache: {dev} cache tensors of shape \[{', '.join(map(str, shape))}\] torch.bfloat16"
+    with pytest.raises(MemoryError, match=rf"^{what} and {beside + 1} bytes beside them on cuda:1 "
+                                          rf"need {totals[1] + 1} bytes, more than the "
+                                          rf"{totals[1]} bytes the device has"):
+        memory.check_memory("KCache", shape, torch.bfloat16, host, "cuda:1", dev, beside + 1)
+    what = what.replace(f"{dev} cache", f"{host + 1} cache")
+    with pytest.raises(MemoryError, match=rf"^{what} in host RAM need {(host + 1) * per_tensor} "
+                                          rf"bytes, more than the {host * per_tensor} bytes"):
+        memory.check_memory("KCache", shape, torch.bfloat16, host + 1, "cuda:1", dev, beside)

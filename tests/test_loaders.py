@@ -3,6 +3,7 @@ themselves (float and quantized, llama.cpp's Q/K permutation, Llama-3 rope facto
 tokenizer of each, and clear errors for bad checkpoints."""
 import importlib.metadata
 import json
+import random
 import re
 import shutil
 import struct
@@ -1062,3 +1063,67 @@ def test_generation_config_ends_generation(tmp_path, hf_folder):
         generation.write_text(text, encoding="utf-8")
         with pytest.raises(CheckpointError, match=f"generation_config.json.*{message}"):
             load_model(tmp_path, "cpu")
+
+
+@pytest.mark.parametrize("key", ["bos", "eos", "eot"])
+def test_gguf_special_id_one_past_the_vocabulary(tmp_path, key):
+    """A BOS, EOS or end-of-turn id equal to the vocabulary's size is outside it too (an EOS
+    there would be kept, one generation never meets; a BOS an IndexError)."""
+    tokens = ["a", "b", "ab"] + ["<s>", "\u0120", "c"][:random.randint(0, 3)]
+    with pytest.raises(CheckpointError, match=f"tokenizer.ggml.{key}_token_id {len(tokens)} is "
+                                              f"outside the vocabulary of {len(tokens)} tokens"):
+        gguf_tokenizer(tmp_path / "t.gguf", tokens,
+                       raw=[(f"tokenizer.ggml.{key}_token_id", "uint32", len(tokens))])
+
+
+@pytest.mark.parametrize("turn_end", ["<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>",
+                                      "<end_of_turn>"])
+def test_gguf_turn_ends_by_their_spelling(tmp_path, turn_end):
+    """A CONTROL token spelled as the end of a chat turn (Llama 3's two, ChatML's, Phi-3's,
+    Gemma's) ends generation where the file names no end-of-turn id, as llama.cpp finds them; a
+    NORMAL token of that spelling is text and does not."""
+    tokens = ["<s>", "</s>", turn_end, "a", "b", "ab"]
+    kwargs = dict(types=[3, 3, 3, 1, 1, 1], eos=1)
+    assert gguf_tokenizer(tmp_path / "c.gguf", tokens, **kwargs).eos_ids == (1, 2)
+    kwargs["types"] = [3, 3, 1, 1, 1, 1]
+    assert gguf_tokenizer(tmp_path / "n.gguf", tokens, **kwargs).eos_ids == (1,)
+
+
+@pytest.mark.parametrize("pre, pieces", [
+    ("gpt2", ["12345"]), ("gpt-2", ["12345"]), ("llama-bpe", ["123", "45"]),
+    ("smollm", list("12345")), ("qwen2", list("12345")), ("deepseek-r1-qwen", list("12345"))])
+def test_gguf_digit_runs_by_split(tmp_path, pre, pieces):
+    """Each pre-tokenizer cuts a run of digits as its model does: GPT-2 keeps it whole, Llama 3
+    cuts it in threes, SmolLM (this project's default model), Qwen2 and DeepSeek-R1's Qwen
+    distills one by one; no merge crosses a cut."""
+    merges = ["1 2", "12 3", "4 5", "123 45"]
+    tokens = all_bytes_tokens(merges)
+    tok = gguf_tokenizer(tmp_path / "t.gguf", tokens, pre, merges=merges)
+    assert tok.encode("12345") == [tokens.index(p) for p in pieces], pre
+
+
+def test_a_long_value_of_the_wrong_kind_is_cut_in_the_error(tmp_path):
+    """A whole array of the wrong kind (a vocabulary's token types as floats) is shown by its
+    first characters only: the error is one line, not the array."""
+    tokens = all_bytes_tokens(["a b"])
+    types = [random.choice([1.0, 3.0]) for _ in tokens]
+    path = tmp_path / "t.gguf"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: tokenizer.ggml."
+                                              f"token_type must be an array of integers \\(one a "
+                                              f"token\\), got list "
+                                              f"{re.escape(repr(types)[:37])}\\.\\.\\.$"):
+        gguf_tokenizer(path, tokens, raw=[("tokenizer.ggml.token_type", "array", types)])
+
+
+def test_an_eos_past_the_embedding_stays_the_templates(tmp_path, hf_folder):
+    """The chat template's eos_token is the tokenizer's EOS also where load_model drops that id
+    from eos_ids (no row of the embedding): the prompt is the one transformers renders."""
+    with_added_token(tmp_path, hf_folder, "<|eot|>")
+    path = tmp_path / "tokenizer_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps({**cfg, "eos_token": "<|eot|>",
+                                "chat_template": "{{ messages[0]['content'] }}{{ eos_token }}"}),
+                    encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"EOS \[96\] dropped"):
+        _, tokenizer = load_model(tmp_path, "cpu")
+    assert tokenizer.eos_ids == (2,) and tokenizer.render_chat("hi") == "hi<|eot|>"

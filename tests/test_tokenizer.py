@@ -2,6 +2,7 @@
 USER_DEFINED ones kept as text), and chat templates rendered as transformers renders them, with
 clear errors naming the template's file when jinja2 rejects one."""
 import json
+import random
 import re
 from datetime import datetime
 
@@ -299,3 +300,89 @@ def test_an_eos_token_the_vocabulary_lacks_warns(tmp_path):
                                          r"of the vocabulary; it is left out"):
         tok = Tokenizer.from_folder(str(tmp_path), eos_ids=())
     assert tok.eos_ids == ()
+
+
+def test_chat_template_lines_render_as_in_transformers(tmp_path):
+    """A template laid out on lines, as shipped ones are, renders as transformers renders it: a
+    block tag drops its line break (trim_blocks) and the indent before it (lstrip_blocks); the
+    prompt's tokens depend on every space and line break."""
+    AutoTokenizer = pytest.importorskip("transformers").AutoTokenizer
+    template = ("{% for m in messages %}\n    {% if m['role'] == 'user' %}\n"
+                "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                "    {% endif %}\n{% endfor %}\n{% if add_generation_prompt %}\n"
+                "<|im_start|>assistant\n{% endif %}")
+    folder = folder_with_template(tmp_path, template)
+    theirs = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    ours = Tokenizer.from_folder(str(folder)).render_chat("hi")
+    assert ours == theirs == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", ours
+
+
+@pytest.mark.parametrize("template, attribute", [
+    ("{{ messages.append(messages[0]) }}", "'append' of 'list'"),
+    ("{{ ''.__class__.__mro__ }}", "'__class__' of 'str'")], ids=["mutates", "internals"])
+def test_chat_template_runs_in_the_sandbox(tmp_path, template, attribute):
+    """A chat template comes with a downloaded checkpoint: it runs in jinja2's immutable sandbox,
+    as in transformers, so one that changes the messages or reaches Python's internals is a
+    CheckpointError naming the file, not code run on the user's machine."""
+    tok = Tokenizer.from_folder(str(folder_with_template(tmp_path, template)))
+    with pytest.raises(CheckpointError, match=f"^the chat template in .*tokenizer_config.json "
+                                              f"fails: access to attribute {attribute} object "
+                                              f"is unsafe"):
+        tok.render_chat("hi")
+
+
+def test_template_helpers_take_their_arguments(tmp_path):
+    """``tojson`` takes transformers' indent, sort_keys and separators, and ``strftime_now`` its
+    format (Llama 3.1 asks for "%d %b %Y"): the arguments were not all passed on."""
+    folder = folder_with_template(tmp_path, "{{ {'b': [1], 'a': 'é'} | tojson(indent=1, "
+                                            "sort_keys=true, separators=[',', ':']) }}|"
+                                            "{{ strftime_now('x%%y') }}")
+    want = json.dumps({"b": [1], "a": "é"}, ensure_ascii=False, indent=1, sort_keys=True,
+                      separators=(",", ":"))
+    assert Tokenizer.from_folder(str(folder)).render_chat("hi") == want + "|x%y"
+
+
+def test_a_plain_prompt_leaves_the_chat_template_out(tmp_path):
+    """encode_prompt(chat=False) is the text alone (with BOS where wanted), even where the model
+    has a template; chat=True renders it, and without a template is plain text too, while
+    render_chat says the model has none."""
+    folder = folder_with_template(tmp_path, "<|im_start|>user\n{{ messages[0]['content'] }}"
+                                            "<|im_end|>\n<|im_start|>assistant\n")
+    tok = Tokenizer.from_folder(str(folder))
+    text = " ".join(random.choice(["the", "cat", "sat", "on", "a", "mat"]) for _ in range(6))
+    chat = tok.encode(tok.render_chat(text), add_special=False)
+    assert tok.encode_prompt(text, chat=False) == tok.encode(text) != chat
+    assert tok.encode_prompt(text, chat=True) == chat
+    tok.chat_template = None
+    assert tok.encode_prompt(text, chat=True) == tok.encode(text)
+    with pytest.raises(ValueError, match="^this model has no chat template$"):
+        tok.render_chat(text)
+
+
+def test_named_chat_templates_take_the_default(tmp_path):
+    """tokenizer_config.json's list of named templates renders the one named "default", as
+    transformers does for a plain chat, wherever it is in the list."""
+    AutoTokenizer = pytest.importorskip("transformers").AutoTokenizer
+    folder = folder_with_template(tmp_path, [
+        {"name": "tool_use", "template": "tools: {{ messages[0]['content'] }}"},
+        {"name": "default", "template": "default: {{ messages[0]['content'] }}"}])
+    theirs = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert Tokenizer.from_folder(str(folder)).render_chat("hi") == theirs == "default: hi"
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_in_the_tokenizers_library_stays_one(error):
+    """Ctrl-C (or SystemExit) while the tokenizers library encodes is raised as it is: only the
+    library's failures become a ValueError (an interrupt was a "cannot encode" error)."""
+    class Interrupted:  # stands in for a tokenizers.Tokenizer
+        model = None
+
+        def get_vocab(self, with_added_tokens):
+            return {"a": 0}
+
+        def encode(self, text, add_special_tokens):
+            raise error()
+    with pytest.raises(error):
+        Tokenizer(Interrupted(), None, (), None).encode("a")
