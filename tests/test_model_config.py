@@ -20,6 +20,7 @@ def test_defaults_and_eos_list():
     c = LlamaConfig.from_hf({**BASE, "eos_token_id": [7, 9]})
     assert (c.num_kv_heads, c.head_dim, c.rope_theta, c.rope_scaling) == (4, 2, 10000.0, None)
     assert c.eos_token_ids == (7, 9) and not c.attention_bias
+    assert c.rms_norm_eps == 1e-6, "without the key, transformers' default (Llama's and Qwen2's)"
 
 
 def test_rope_formats():
@@ -74,6 +75,7 @@ def test_qwen2_has_qkv_bias():
      "rope_parameters.partial_rotary_factor = 0.25"),
     # a scaling of no type: linear to llama.cpp, nothing to transformers 5 (it was ignored)
     ({"rope_scaling": {"factor": 4.0}}, "rope_scaling.factor = 4.0 without a rope_type"),
+    ({"rope_scaling": {"factor": 0.5}}, "rope_scaling.factor = 0.5 without a rope_type"),
     # quantized weights (an FP8 checkpoint's scales were "unexpected tensor ...weight_scale_inv")
     ({"quantization_config": {"quant_method": "fp8"}},
      r"quantized weights \(quantization_config.quant_method 'fp8'\)"),
@@ -176,6 +178,7 @@ def test_accepted_value_forms():
     ({"vocab_size": -5}, "vocab_size", -5),
     ({"intermediate_size": "16"}, "intermediate_size", "16"),
     ({"num_hidden_layers": 0}, "num_hidden_layers", 0),
+    ({"num_hidden_layers": 4097}, "num_hidden_layers", 4097),  # past MAX_LAYERS, as GGUF's
     ({"num_attention_heads": 0}, "num_attention_heads", 0),
     ({"num_attention_heads": 4.0}, "num_attention_heads", 4.0),
     ({"num_key_value_heads": -2}, "num_key_value_heads", -2),
@@ -233,12 +236,17 @@ def test_gguf_metadata():
     c = LlamaConfig.from_gguf(GGUF_BASE, 10, True, False, rope_freq_factors=[1.0, 8])
     assert (c.vocab_size, c.num_kv_heads, c.head_dim, c.rope_freq_factors) == (10, 4, 4, [1.0, 8.0])
     assert c.eos_token_ids == () and c.rms_norm_eps == 1e-5
+    # keys the file may lack: llama.cpp's defaults
+    assert (c.rope_theta, c.max_position_embeddings) == (10000.0, 2048), c
     c = LlamaConfig.from_gguf({**GGUF_BASE, "llama.attention.layer_norm_rms_epsilon": 1e-6}, 10,
                               True, False, None)
     assert c.rms_norm_eps == 1e-6  # the file's, not a default that happens to equal it
     ends = {"tokenizer.ggml.eos_token_id": 7, "tokenizer.ggml.eot_token_id": 9}
     c = LlamaConfig.from_gguf({**GGUF_BASE, **ends}, 10, True, False, None)
     assert c.eos_token_ids == (7, 9)  # a chat turn's end stops generation too (Llama 3)
+    c = LlamaConfig.from_gguf({**GGUF_BASE, **ends, "tokenizer.ggml.eot_token_id": 7}, 10, True,
+                              False, None)
+    assert c.eos_token_ids == (7,), "an EOS that is also the EOT is listed once"
     c = LlamaConfig.from_gguf({**GGUF_BASE, "general.architecture": "qwen2",
                                **{k.replace("llama.", "qwen2.", 1): v for k, v in GGUF_BASE.items()
                                   if k.startswith("llama.")}}, 10, True, True, None)
@@ -253,6 +261,9 @@ def test_gguf_metadata():
     ({"llama.attention.head_count_kv": 2.0}, "llama.attention.head_count_kv", 2.0),
     ({"llama.rope.freq_base": NAN}, "llama.rope.freq_base", NAN),
     ({"llama.context_length": "2048"}, "llama.context_length", "2048"),
+    ({"llama.vocab_size": 0}, "llama.vocab_size", 0),
+    ({"llama.block_count": 4097}, "llama.block_count", 4097),  # past MAX_LAYERS
+    ({"tokenizer.ggml.bos_token_id": -1}, "tokenizer.ggml.bos_token_id", -1),
     ({"rope_freqs": [1.0, NAN]}, "rope_freqs.weight", NAN),
     ({"rope_freqs": [1.0, 0.0]}, "rope_freqs.weight", 0.0),
 ])
@@ -264,6 +275,15 @@ def test_gguf_malformed_value(change, key, found):
     missing = " (missing or null)" if found is None else ""
     assert str(e.value).startswith(f"{key} must be ")
     assert str(e.value).endswith(f"got {found!r}{missing}")
+
+
+@pytest.mark.parametrize("kind", ["linear", "yarn"])
+def test_gguf_rope_scaling_type(kind):
+    """A GGUF rope scaling type other than none is refused (linear was taken as no scaling)."""
+    meta = {**GGUF_BASE, "llama.rope.scaling.type": kind, "llama.rope.scaling.factor": 4.0}
+    with pytest.raises(UnsupportedModelError, match=f"unsupported GGUF rope scaling type "
+                                                    f"'{kind}'"):
+        LlamaConfig.from_gguf(meta, 10, True, False, None)
 
 
 def test_gguf_rope_freqs_length():
@@ -284,6 +304,15 @@ def test_rope_freq_factors_of_a_config_built_directly(factors, message):
     with pytest.raises(CheckpointError, match=message):
         LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
                     num_kv_heads=2, head_dim=4, rope_freq_factors=factors)
+
+
+def test_rope_scaling_and_freq_factors_exclude_each_other():
+    """A config built in code with both forms of the Llama-3 scaling is refused (the factors won,
+    the scaling was dropped without a word)."""
+    scaling = {k: v for k, v in LLAMA3.items() if k != "rope_type"}
+    with pytest.raises(ValueError, match="set rope_scaling or rope_freq_factors, not both"):
+        LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
+                    num_kv_heads=2, head_dim=4, rope_scaling=scaling, rope_freq_factors=[1.0, 8.0])
 
 
 @pytest.mark.parametrize("name, value", [("num_kv_heads", 0), ("num_layers", -1),
