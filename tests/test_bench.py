@@ -96,6 +96,25 @@ def test_steps_are_timed_by_their_median():
     assert next(pauses, None) is None
 
 
+def test_the_median_of_the_runs_is_returned(monkeypatch):
+    """median_seconds on the CPU: each run on the host clock, the median of them returned (not
+    the least, the mean or the last), on a clock that is read, not slept on."""
+    import random
+    import statistics
+    from types import SimpleNamespace
+    from kcache_ops import devices
+    runs = random.choice([3, 5, 7])
+    durations = [random.uniform(1.0, 100.0) for _ in range(runs)]
+    clock, pending = [0.0], iter(durations)
+
+    def step():
+        clock[0] += next(pending)
+    monkeypatch.setattr(devices, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    seconds = devices.median_seconds(torch.device("cpu"), step, runs)
+    assert seconds == pytest.approx(statistics.median(durations)), (durations, seconds)
+    assert next(pending, None) is None, "a run was not called"
+
+
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError, MemoryError])
 def test_a_batch_the_step_cannot_hold_backs_off(monkeypatch, error):
     """Where the fitted batch runs the device out of memory in the step (its transient memory is
@@ -509,6 +528,9 @@ def test_ceilings_are_measured_and_set_each_rows_floor(monkeypatch):
     assert c.d2d_bandwidth_gbs("cpu", 1 << 20, warmup=1, runs=3) > 0
     monkeypatch.setattr(c, "d2d_bandwidth_gbs", lambda device, **kwargs: 20.0)
     assert c.measure_ceilings("cpu") == {"device_copy_GBs": 20.0, "h2d_GBs": None}
+    # CUDA: the pinned host->device copy too (its copies stubbed: no GPU needed)
+    monkeypatch.setattr(c, "h2d_bandwidth_gbs", lambda device: 50.0)
+    assert c.measure_ceilings("cuda") == {"device_copy_GBs": 20.0, "h2d_GBs": 50.0}
     # CUDA: the PCIe reads after the device reads; the CPU: one RAM
     assert c.floor_seconds(4e9, 1e9, {"device_copy_GBs": 2000.0, "h2d_GBs": 50.0}) == \
         pytest.approx(2e-3 + 20e-3)
@@ -605,6 +627,29 @@ def test_weight_bytes_per_step_are_the_parameters_read(name, bias):
     assert weight_bytes(config, torch.bfloat16) == params
 
 
+def test_shapes_are_the_published_models():
+    """The benchmark's shapes are the models they are named for: their parameter counts are
+    the published ones (Llama-3-8B's 8,030,261,248; SmolLM2-135M's 134,515,008, tied)."""
+    from kcache_ops.throughput.ceilings import weight_bytes
+    for name, params in (("llama3-8b", 8_030_261_248), ("smollm2-135m", 134_515_008)):
+        assert weight_bytes(measure.SHAPES[name], torch.int8) == params, name
+
+
+def test_random_model_weights_and_the_default_dtype():
+    """random_model: every weight in the dtype asked, the norms ones and the rest normal with
+    std 0.02; torch's default dtype is left as it was."""
+    default = torch.get_default_dtype()
+    model = measure.random_model(measure.SHAPES["tiny"], "cpu", torch.bfloat16)
+    assert torch.get_default_dtype() == default
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16, name
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif p.numel() > 10_000:
+            std = p.float().std().item()
+            assert abs(std - 0.02) < 0.002 and abs(p.float().mean().item()) < 0.002, (name, std)
+
+
 def test_bench_json_records_the_settings_and_ceilings(tmp_path):
     """bench.json records the resolved settings and the ceilings beside the machine (the git
     commit of the checkout among them), and REPORT.md prints them. On the CPU where a GPU is
@@ -638,6 +683,7 @@ def test_default_contexts_are_each_models_own(tmp_path, monkeypatch):
         assert measure.usable_contexts(name, bench.DEFAULT_CONTEXTS[name], 32, print) == \
             list(bench.DEFAULT_CONTEXTS[name])
     assert bench.DEFAULT_CONTEXTS["llama3-8b"] == (8192, 32768, 65536)
+    assert bench.DEFAULT_CONTEXTS["smollm2-135m"] == (2048, 4096, 8000)  # the README's
     ran = []
     monkeypatch.setattr(bench, "measure", lambda models, contexts, *a, **k: ran.append(contexts)
                         or [])

@@ -862,6 +862,8 @@ def test_prompt_batch_must_match_the_cache(backend):
         cache.finish_prefill(torch.tensor([5], dtype=torch.int32))
     with pytest.raises(ValueError, match="lens must be an integer tensor, got torch.float32"):
         cache.finish_prefill(torch.tensor([5.0, 2.5, 3.0]))
+    with pytest.raises(ValueError, match="lens must be an integer tensor, got torch.bool"):
+        cache.finish_prefill(torch.ones(3, dtype=torch.bool))  # a mask, not lengths
     with pytest.raises(ValueError, match="lens must hold values, got a tensor on the meta device"):
         cache.finish_prefill(torch.full((3,), 5, dtype=torch.int32, device="meta"))
 

@@ -38,7 +38,8 @@ def test_integers_of_any_type_are_ints():
     assert o == KCacheOptions(topn=8, sinks=2, window=6, reuse=64, dense_layers=(0, 1))
     assert all(type(getattr(o, name)) is int for name in ("topn", "sinks", "window", "reuse"))
     assert [type(i) for i in o.dense_layers] == [int, int] and o.to_dict()["topn"] == 8
-    for bad in (np.bool_(True), torch.tensor(True), np.float64(8.0)):
+    for bad in (np.bool_(True), torch.tensor(True), np.float64(8.0), torch.tensor([8]),
+                torch.tensor(8, device="meta")):  # 1 dim (torch would index by it); no value
         with pytest.raises(ValueError, match="topn must be an integer >= 1"):
             KCacheOptions(topn=bad)
 
@@ -67,7 +68,7 @@ def test_flags_of_any_bool_type_are_bools():
         o = KCacheOptions(group_select=value, renormalize=value)
         assert o.group_select is True and o.renormalize is True
         assert o == KCacheOptions(group_select=True)
-    for bad in (1, np.int64(0), "True", torch.tensor([True])):
+    for bad in (1, np.int64(0), "True", torch.tensor([True]), torch.tensor(True, device="meta")):
         with pytest.raises(ValueError, match="group_select must be a bool"):
             KCacheOptions(group_select=bad)
 
@@ -273,6 +274,8 @@ def test_flags_follow_the_fields():
     assert kcache_options(args) == replace(KCacheOptions(), topn=8, group_select=True,
                                            renormalize=False, dense_layers=(0, 1), tail="none")
     assert given_kcache_options(parse([])) == {} and kcache_options(parse([])) == KCacheOptions()
+    # an empty list is none (a list a script built that came out empty)
+    assert kcache_options(parse(["--dense-layers", "1", "--dense-layers", ""])).dense_layers == ()
     with pytest.raises(SystemExit, match="topn must be an integer >= 1, got 0"):
         kcache_options(parse(["--topn", "0"]))
 

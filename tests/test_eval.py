@@ -5,6 +5,7 @@ whole suite on the real default model (needle included)."""
 import argparse
 import json
 import math
+import os
 import random
 from dataclasses import replace
 
@@ -694,6 +695,21 @@ def test_out_that_cannot_be_written_fails_before_any_run(tmp_path, capsys):
     made = tmp_path / "new" / "folder"
     from kcache_ops.results import prepare_out_dir
     assert prepare_out_dir(str(made), True) == str(made) and made.is_dir()
+
+
+def test_a_folder_no_file_can_be_made_in_is_refused(monkeypatch):
+    """A folder that is there but takes no file (/proc here, as a read-only mount would) is
+    refused too, not only one that cannot be made; without --out the message names the results
+    folder, not a flag the user never gave."""
+    from kcache_ops import results
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc on this machine")
+    with pytest.raises(ValueError, match=r"^--out /proc cannot be written to \(.+\); choose "
+                                         r"another folder with --out$"):
+        results.prepare_out_dir("/proc", True)
+    monkeypatch.setattr(results, "SMOKE_DIR", "/proc")
+    with pytest.raises(ValueError, match=r"^the results folder /proc cannot be written to"):
+        results.prepare_out_dir(None, True)
 
 
 def test_out_that_is_a_file_fails_before_any_run(tmp_path, capsys):

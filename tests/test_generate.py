@@ -702,10 +702,14 @@ def test_cli_interrupted_or_piped_is_quiet(monkeypatch, capsys, error, code, err
 
 @pytest.mark.parametrize("error", [
     ImportError("loading a GGUF file needs the gguf package: pip install gguf"),
-    PermissionError(13, "Permission denied", "/models/m.gguf")], ids=["import", "os"])
+    PermissionError(13, "Permission denied", "/models/m.gguf"),
+    MemoryError("KCache: 2 cache tensors of 80 GiB do not fit the host's memory"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")],
+    ids=["import", "os", "memory", "cuda-memory"])
 def test_cli_names_a_missing_optional_package_or_an_unreadable_file(monkeypatch, capsys, error):
-    """An optional package a file needs and the machine lacks (gguf, for a GGUF model), or a
-    file the command cannot read, ends the command with its message and 2, not a traceback."""
+    """An optional package a file needs and the machine lacks (gguf, for a GGUF model), a file
+    the command cannot read, or memory the host or the GPU lacks, ends the command with its
+    message and 2, not a traceback."""
     import kcache_ops.cli.generate as command
 
     def run(args):
@@ -717,7 +721,8 @@ def test_cli_names_a_missing_optional_package_or_an_unreadable_file(monkeypatch,
 
 def test_cli_value_types_at_their_bounds(monkeypatch):
     """--seed takes any seed torch.Generator does, [-2^63, 2^64); cuda:N names a GPU below the
-    machine's count (one GPU here: cuda:0, not cuda:1)."""
+    machine's count (one GPU here: cuda:0, not cuda:1); the other ranges take their closed
+    ends."""
     from kcache_ops.cli import args as cli_args
     assert cli_args.seed("-1") == -1 and cli_args.seed(str(-(1 << 63))) == -(1 << 63)
     assert cli_args.seed(str((1 << 64) - 1)) == (1 << 64) - 1
@@ -728,6 +733,24 @@ def test_cli_value_types_at_their_bounds(monkeypatch):
     assert cli_args.device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(argparse.ArgumentTypeError, match="'cuda:1': this machine has 1 CUDA"):
         cli_args.device("cuda:1")
+    # the closed ends of the other ranges: --threads 1024, --top-p 1 (no nucleus), a count >= 0
+    assert cli_args.thread_count("1024") == 1024 and cli_args.nonnegative_int("0") == 0
+    assert cli_args.bounded_float(0.0, 1.0, low_open=True)("1") == 1.0
+    for refused in ("1025", "0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli_args.thread_count(refused)
+    # eval's --dense-layers names at least one layer ('' is none for the KCache flag)
+    with pytest.raises(argparse.ArgumentTypeError, match="layer indices, at least one, got ''"):
+        cli_args.layer_list("")
+
+
+def test_the_default_device_is_cuda_where_available(monkeypatch):
+    """With no --device the commands (and load_model) run on CUDA where torch has it, else on
+    the CPU (checked without a GPU: the answer is torch.cuda.is_available's)."""
+    from kcache_ops.devices import default_device
+    for available, want in ((True, "cuda"), (False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        assert default_device() == torch.device(want), f"is_available() {available}"
 
 
 @pytest.mark.parametrize("argv0, prog", [("/venv/bin/kcache-ops", "kcache-ops"),

@@ -76,6 +76,59 @@ def test_machine_records_the_commit_and_on_cuda_its_versions(tmp_path, monkeypat
                                                                "13.1")
     assert ran_on(m, ".").endswith(f", torch {m['torch']} (CUDA {torch.version.cuda}, driver "
                                    f"CUDA 13.1), commit 0123456789ab (uncommitted changes).")
+    unknown = ran_on({**m, "cuda_driver": None})  # a driver library that could not be asked
+    assert f"(CUDA {torch.version.cuda}, driver CUDA unknown)" in unknown, unknown
+
+
+def test_the_commit_is_dirty_for_changed_tracked_files_only(tmp_path):
+    """git_commit marks "-dirty" a checkout whose tracked files differ from its commit, not one
+    that merely holds untracked files (a results file a run just wrote, a build folder)."""
+    import subprocess
+    from kcache_ops import results
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c",
+                               "user.email=t@t", *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        git("init", "-q")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("git is not installed")
+    (tmp_path / "tracked.txt").write_text("a", encoding="utf-8")
+    git("add", "tracked.txt")
+    git("commit", "-qm", "base")
+    head = git("rev-parse", "HEAD")
+    assert results.git_commit(str(tmp_path)) == head
+    (tmp_path / "untracked.json").write_text("{}", encoding="utf-8")
+    assert results.git_commit(str(tmp_path)) == head, "an untracked file made it dirty"
+    (tmp_path / "tracked.txt").write_text("b", encoding="utf-8")
+    assert results.git_commit(str(tmp_path)) == f"{head}-dirty"
+
+
+def test_cuda_driver_reads_the_drivers_version(monkeypatch):
+    """cuda_driver: cuDriverGetVersion's 1000 * major + 10 * minor as "major.minor"; None where
+    the call fails or the library is not there (a machine without a driver)."""
+    import ctypes
+    import random
+    from kcache_ops import results
+    major, minor = random.randint(10, 99), random.randint(0, 9)
+
+    class Driver:
+        def __init__(self, status):
+            self.status = status
+
+        def cuDriverGetVersion(self, version):  # a ctypes.byref(c_int)
+            version._obj.value = 1000 * major + 10 * minor
+            return self.status
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Driver(0))
+    assert results.cuda_driver() == f"{major}.{minor}"
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Driver(3))  # CUDA_ERROR_NOT_INITIALIZED
+    assert results.cuda_driver() is None
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert results.cuda_driver() is None
 
 
 @pytest.mark.parametrize("content", [b"{\"rows\": [1,", b"\xff\xfe{}"], ids=["cut", "not-utf8"])
@@ -198,6 +251,17 @@ def test_writers_of_one_file_do_not_collide(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
 
 
+def test_a_write_that_fails_leaves_no_temporary_file(tmp_path):
+    """A write whose rename fails (here the path is a folder) raises, and leaves neither its
+    temporary file nor any change where it wrote."""
+    taken = tmp_path / "bench.json"
+    taken.mkdir()
+    with pytest.raises(OSError):
+        write_json(taken, {"rows": [1, 2]})
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"] and taken.is_dir()
+    assert list(taken.iterdir()) == []
+
+
 def test_the_committed_report_is_the_committed_results(tmp_path):
     """bench/results/REPORT.md is what ``eval --report-only`` writes from the JSON files committed
     beside it (a change of the report's code or of the options is regenerated, not left stale);
@@ -252,6 +316,57 @@ def test_reports_of_files_from_earlier_versions(tmp_path):
                                          f"its report section cannot read \\('NoneType' object "
                                          f"has no attribute 'get'\\): an edited or corrupt file"):
         report.write(folder)
+
+
+def committed_bench(folder, **changes):
+    """The committed bench.json, read, with ``changes`` to its top level, written into
+    ``folder``."""
+    import json
+    data = json.loads(pathlib.Path(RESULTS_DIR, BENCH_JSON).read_text(encoding="utf-8"))
+    write_json(folder / BENCH_JSON, {**data, **changes})
+    return data
+
+
+@pytest.mark.parametrize("options, error", [({"topn": 0}, "topn must be an integer >= 1"),
+                                            ({"top_n": 4}, "unknown option")],
+                         ids=["bad-value", "unknown-option"])
+def test_a_results_file_with_options_no_version_reads_is_named(tmp_path, options, error):
+    """A results file whose KCache options this version refuses (edited by hand, or a later
+    version's) is a ValueError naming the file, not a bare options error or a TypeError."""
+    data = committed_bench(tmp_path)
+    row = next(r for r in data["rows"] if r["backend"] == "kcache")
+    row["options"] = {**row["options"], **options}
+    write_json(tmp_path / BENCH_JSON, data)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / BENCH_JSON))}: a "
+                                         f"configuration kcache_ops does not read: .*{error}"):
+        report.write(tmp_path)
+
+
+def test_the_bench_plot_is_drawn_only_where_missing_and_asked(tmp_path):
+    """The report draws the plot of a complete bench.json only where the folder lacks it (a
+    plot already there, the run's own, is kept as it is) and only with draw_bench (the bench
+    command draws it itself, and says where that failed)."""
+    committed_bench(tmp_path)
+    plot = tmp_path / BENCH_PLOT
+    report.write(tmp_path, draw_bench=False)
+    assert not plot.exists(), "drawn with draw_bench=False"
+    assert "](bench_throughput.png)" not in (tmp_path / "REPORT.md").read_text(encoding="utf-8")
+    plot.write_bytes(b"the run's own plot")
+    report.write(tmp_path)
+    assert plot.read_bytes() == b"the run's own plot", "a plot already there was drawn again"
+    assert "![throughput vs context](bench_throughput.png)" in \
+        (tmp_path / "REPORT.md").read_text(encoding="utf-8")
+
+
+def test_a_small_bench_run_says_how_to_run_the_gpu_one(tmp_path):
+    """A report of a ``bench --small`` run (or of none) gives the command of the GPU run; one of
+    a full run does not."""
+    for small in (True, False):
+        committed_bench(tmp_path, small=small)
+        report.write(tmp_path, draw_bench=False)
+        text = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
+        assert (f"    {report.GPU_COMMAND}" in text) == small, f"small={small}"
+        assert ("The GPU run of this benchmark" in text) == small, f"small={small}"
 
 
 def committed_eval(tmp_path):
