@@ -739,6 +739,10 @@ def test_cli_value_types_at_their_bounds(monkeypatch):
     for refused in ("1025", "0"):
         with pytest.raises(argparse.ArgumentTypeError):
             cli_args.thread_count(refused)
+    # a list of contexts or N gives each once (a value twice would run twice)
+    assert cli_args.positive_int_list("256,512") == (256, 512)
+    with pytest.raises(argparse.ArgumentTypeError, match="each once, got '256,256'"):
+        cli_args.positive_int_list("256,256")
     # eval's --dense-layers names at least one layer ('' is none for the KCache flag)
     with pytest.raises(argparse.ArgumentTypeError, match="layer indices, at least one, got ''"):
         cli_args.layer_list("")
