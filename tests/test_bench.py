@@ -99,12 +99,11 @@ def test_steps_are_timed_by_their_median():
 def test_the_median_of_the_runs_is_returned(monkeypatch):
     """median_seconds on the CPU: each run on the host clock, the median of them returned (not
     the least, the mean or the last), on a clock that is read, not slept on."""
-    import random
     import statistics
     from types import SimpleNamespace
     from kcache_ops import devices
-    runs = random.choice([3, 5, 7])
-    durations = [random.uniform(1.0, 100.0) for _ in range(runs)]
+    durations = [9.0, 1.0, 4.0, 100.0, 2.0]  # the median neither the first, last, least nor mean
+    runs = len(durations)
     clock, pending = [0.0], iter(durations)
 
     def step():
@@ -639,8 +638,11 @@ def test_random_model_weights_and_the_default_dtype():
     """random_model: every weight in the dtype asked, the norms ones and the rest normal with
     std 0.02; torch's default dtype is left as it was."""
     default = torch.get_default_dtype()
-    model = measure.random_model(measure.SHAPES["tiny"], "cpu", torch.bfloat16)
-    assert torch.get_default_dtype() == default
+    try:
+        model = measure.random_model(measure.SHAPES["tiny"], "cpu", torch.bfloat16)
+        assert torch.get_default_dtype() == default
+    finally:  # a leaked default would fail the tests after this one too
+        torch.set_default_dtype(default)
     for name, p in model.named_parameters():
         assert p.dtype == torch.bfloat16, name
         if name.endswith("norm.weight"):

@@ -1,7 +1,6 @@
 """KCache manager at the protocol level: random q/k/v per layer and step, checked against exact
 attention over each sequence's history computed independently in float64."""
 import math
-import random
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -1094,9 +1093,9 @@ def test_the_device_check_on_any_machine(monkeypatch):
     host tensors alone and the device its tensors and the bytes beside them, measured against
     the device named (cuda:1, not the first GPU): each may be filled to the byte, and one byte
     more is refused naming what it counts."""
-    shape = (len(LENS), HKV, random.randint(8, 64), D)
+    shape = (len(LENS), HKV, torch.randint(8, 65, ()).item(), D)
     per_tensor = 2 * math.prod(shape)  # bfloat16
-    host, dev, beside = random.randint(1, 4), random.randint(1, 4), random.randint(1, 999)
+    host, dev, beside = torch.randint(1, 5, (2,)).tolist() + [torch.randint(1, 1000, ()).item()]
     monkeypatch.setattr(memory, "host_bytes_available", lambda: host * per_tensor)
     totals = {0: 2 ** 60, 1: dev * per_tensor + beside}
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(

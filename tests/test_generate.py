@@ -706,7 +706,7 @@ def test_cli_interrupted_or_piped_is_quiet(monkeypatch, capsys, error, code, err
     MemoryError("KCache: 2 cache tensors of 80 GiB do not fit the host's memory"),
     torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")],
     ids=["import", "os", "memory", "cuda-memory"])
-def test_cli_names_a_missing_optional_package_or_an_unreadable_file(monkeypatch, capsys, error):
+def test_cli_names_a_missing_package_an_unreadable_file_or_memory(monkeypatch, capsys, error):
     """An optional package a file needs and the machine lacks (gguf, for a GGUF model), a file
     the command cannot read, or memory the host or the GPU lacks, ends the command with its
     message and 2, not a traceback."""

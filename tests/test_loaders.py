@@ -3,7 +3,6 @@ themselves (float and quantized, llama.cpp's Q/K permutation, Llama-3 rope facto
 tokenizer of each, and clear errors for bad checkpoints."""
 import importlib.metadata
 import json
-import random
 import re
 import shutil
 import struct
@@ -1120,7 +1119,7 @@ def test_generation_config_ends_generation(tmp_path, hf_folder):
 def test_gguf_special_id_one_past_the_vocabulary(tmp_path, key):
     """A BOS, EOS or end-of-turn id equal to the vocabulary's size is outside it too (an EOS
     there would be kept, one generation never meets; a BOS an IndexError)."""
-    tokens = ["a", "b", "ab"] + ["<s>", "\u0120", "c"][:random.randint(0, 3)]
+    tokens = ["a", "b", "ab"] + ["<s>", "\u0120", "c"][:torch.randint(0, 4, ()).item()]
     with pytest.raises(CheckpointError, match=f"tokenizer.ggml.{key}_token_id {len(tokens)} is "
                                               f"outside the vocabulary of {len(tokens)} tokens"):
         gguf_tokenizer(tmp_path / "t.gguf", tokens,
@@ -1157,7 +1156,7 @@ def test_a_long_value_of_the_wrong_kind_is_cut_in_the_error(tmp_path):
     """A whole array of the wrong kind (a vocabulary's token types as floats) is shown by its
     first characters only: the error is one line, not the array."""
     tokens = all_bytes_tokens(["a b"])
-    types = [random.choice([1.0, 3.0]) for _ in tokens]
+    types = [3.0 if i < 3 else 1.0 for i in range(len(tokens))]
     path = tmp_path / "t.gguf"
     with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: tokenizer.ggml."
                                               f"token_type must be an array of integers \\(one a "

@@ -236,7 +236,7 @@ def test_gguf_metadata():
     c = LlamaConfig.from_gguf(GGUF_BASE, 10, True, False, rope_freq_factors=[1.0, 8])
     assert (c.vocab_size, c.num_kv_heads, c.head_dim, c.rope_freq_factors) == (10, 4, 4, [1.0, 8.0])
     assert c.eos_token_ids == () and c.rms_norm_eps == 1e-5
-    # keys the file may lack: llama.cpp's defaults
+    # keys the file may lack: llama.cpp's rope base, and a context of 2048
     assert (c.rope_theta, c.max_position_embeddings) == (10000.0, 2048), c
     c = LlamaConfig.from_gguf({**GGUF_BASE, "llama.attention.layer_norm_rms_epsilon": 1e-6}, 10,
                               True, False, None)

@@ -2,12 +2,12 @@
 USER_DEFINED ones kept as text), and chat templates rendered as transformers renders them, with
 clear errors naming the template's file when jinja2 rejects one."""
 import json
-import random
 import re
 from datetime import datetime
 
 import pytest
 import tokenizers
+import torch
 
 gguf = pytest.importorskip("gguf")  # requirements.txt has it; a lent GPU machine may not
 
@@ -350,7 +350,8 @@ def test_a_plain_prompt_leaves_the_chat_template_out(tmp_path):
     folder = folder_with_template(tmp_path, "<|im_start|>user\n{{ messages[0]['content'] }}"
                                             "<|im_end|>\n<|im_start|>assistant\n")
     tok = Tokenizer.from_folder(str(folder))
-    text = " ".join(random.choice(["the", "cat", "sat", "on", "a", "mat"]) for _ in range(6))
+    words = ["the", "cat", "sat", "on", "a", "mat"]
+    text = " ".join(words[i] for i in torch.randint(len(words), (6,)).tolist())
     chat = tok.encode(tok.render_chat(text), add_special=False)
     assert tok.encode_prompt(text, chat=False) == tok.encode(text) != chat
     assert tok.encode_prompt(text, chat=True) == chat

@@ -287,7 +287,7 @@ def test_plain_forward_with_kcache_attention_is_dense():
         got = model(ids, use_cache=False).logits
     torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
     with warnings.catch_warnings(), torch.no_grad():  # one token: a forward, not a decode
-        warnings.simplefilter("error")
+        warnings.filterwarnings("error", message="attn_implementation='kcache' is decoding")
         model(ids[:, :1], use_cache=False)
 
 
@@ -415,7 +415,10 @@ def test_cache_states_its_capacity_and_refuses_edits_by_name():
     model = kt.enable(tiny_model("llama"))
     cache = kt.KCacheCache(model, 32)
     assert cache.get_max_length() == 32, "get_max_length is not max_cache_len"
+    with torch.no_grad():
+        model(torch.randint(3, VOCAB, (2, 8)), past_key_values=cache)
     cache.crop(0)
+    assert cache.get_seq_length() == 8 and cache.inner.seq_lens.tolist() == [8, 8]
     refused = [(lambda: cache.crop(-1), "crop"),
                (lambda: cache.batch_repeat_interleave(2), "batch_repeat_interleave"),
                (lambda: cache.batch_select_indices(torch.tensor([0])), "batch_select_indices"),
