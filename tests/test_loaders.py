@@ -58,12 +58,19 @@ def hf_folder(tmp_path_factory):
 
 
 def test_sharded_safetensors(tmp_path):
+    """A sharded folder loads with the oracle's logits; a shard the index lists but the folder
+    lacks is a CheckpointError naming both (not a FileNotFoundError from deep in the check)."""
     oracle = save_tiny_hf(tmp_path, max_shard_size="20KB")
-    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1
     model = load_hf_model(str(tmp_path), "cpu", torch.float32)
     tokens = torch.randint(0, 96, (1, 16))                                  # [1, T]
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), oracle(tokens).logits, atol=2e-5, rtol=1e-4)
+    shards[-1].unlink()
+    with pytest.raises(CheckpointError, match=f"shard .*{shards[-1].name} listed in .*"
+                                              f"model.safetensors.index.json is missing"):
+        load_hf_model(str(tmp_path), "cpu", torch.float32)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_1], ids=lambda q: q.name)
@@ -527,17 +534,6 @@ def test_malformed_safetensors_header(tmp_path, header, message):
     (tmp_path / "model.safetensors").write_bytes(safetensors_bytes(header))
     with pytest.raises(CheckpointError, match=f"model.safetensors: corrupt safetensors header.*"
                                               f"{message}"):
-        load_hf_model(str(tmp_path), "cpu", torch.float32)
-
-
-def test_a_shard_missing_names_the_index(tmp_path):
-    """A shard the index lists but the folder lacks is a CheckpointError naming both (not a
-    FileNotFoundError from deep in the check of the files)."""
-    save_tiny_hf(tmp_path, max_shard_size="20KB")
-    last = sorted(tmp_path.glob("model-*-of-*.safetensors"))[-1]
-    last.unlink()
-    with pytest.raises(CheckpointError, match=f"shard .*{last.name} listed in .*"
-                                              f"model.safetensors.index.json is missing"):
         load_hf_model(str(tmp_path), "cpu", torch.float32)
 
 

@@ -321,12 +321,13 @@ def test_reports_of_files_from_earlier_versions(tmp_path):
         report.write(folder)
 
 
-def committed_bench(folder, **changes):
-    """The committed bench.json, read, with ``changes`` to its top level, written into
-    ``folder``."""
+def committed(folder, name, **changes):
+    """The committed results file ``name`` (bench.json, eval.json), read, with ``changes`` to its
+    top level, and written into ``folder``; what was written is returned."""
     import json
-    data = json.loads(pathlib.Path(RESULTS_DIR, BENCH_JSON).read_text(encoding="utf-8"))
-    write_json(folder / BENCH_JSON, {**data, **changes})
+    data = json.loads(pathlib.Path(RESULTS_DIR, name).read_text(encoding="utf-8"))
+    data.update(changes)
+    write_json(folder / name, data)
     return data
 
 
@@ -336,7 +337,7 @@ def committed_bench(folder, **changes):
 def test_a_results_file_with_options_no_version_reads_is_named(tmp_path, options, error):
     """A results file whose KCache options this version refuses (edited by hand, or a later
     version's) is a ValueError naming the file, not a bare options error or a TypeError."""
-    data = committed_bench(tmp_path)
+    data = committed(tmp_path, BENCH_JSON)
     row = next(r for r in data["rows"] if r["backend"] == "kcache")
     row["options"] = {**row["options"], **options}
     write_json(tmp_path / BENCH_JSON, data)
@@ -349,7 +350,7 @@ def test_the_bench_plot_is_drawn_only_where_missing_and_asked(tmp_path):
     """The report draws the plot of a complete bench.json only where the folder lacks it (a
     plot already there, the run's own, is kept as it is) and only with draw_bench (the bench
     command draws it itself, and says where that failed)."""
-    committed_bench(tmp_path)
+    committed(tmp_path, BENCH_JSON)
     plot = tmp_path / BENCH_PLOT
     report.write(tmp_path, draw_bench=False)
     assert not plot.exists(), "drawn with draw_bench=False"
@@ -366,25 +367,17 @@ def test_a_small_bench_run_says_how_to_run_the_gpu_one(tmp_path):
     a full run does not."""
     for small in (None, True, False):  # None: no bench.json
         if small is not None:
-            committed_bench(tmp_path, small=small)
+            committed(tmp_path, BENCH_JSON, small=small)
         report.write(tmp_path, draw_bench=False)
         text = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
         assert (f"    {report.GPU_COMMAND}" in text) == (small is not False), f"small={small}"
         assert ("The GPU run of this benchmark" in text) == (small is not False), f"small={small}"
 
 
-def committed_eval(tmp_path):
-    """The committed eval.json, read, and copied into ``tmp_path``."""
-    import json
-    data = json.loads(pathlib.Path(RESULTS_DIR, EVAL_JSON).read_text(encoding="utf-8"))
-    write_json(tmp_path / EVAL_JSON, data)
-    return data
-
-
 def test_a_run_with_dense_alone_links_no_earlier_plots(tmp_path):
     """Saved after its dense result (or cut off there), a run's page shows no KCache plots, and
     an earlier run's are removed, not shown under this run's table."""
-    data = committed_eval(tmp_path)
+    data = committed(tmp_path, EVAL_JSON)
     report.write(tmp_path)
     assert (tmp_path / "eval_budget.png").is_file() and (tmp_path / "eval_accuracy.png").is_file()
     data["results"] = data["results"][:1]
@@ -405,7 +398,7 @@ def test_a_nan_perplexity_is_reported_and_never_recommended(tmp_path):
     import torch
     from kcache_ops.eval import perplexity, recommend
     from kcache_ops.eval.summary import summarize
-    data = committed_eval(tmp_path)
+    data = committed(tmp_path, EVAL_JSON)
     results = data["results"]
     bad = results[1]
     for context in ("short", "long"):
