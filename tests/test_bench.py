@@ -284,6 +284,30 @@ def test_report_says_how_the_decode_steps_were_timed():
     assert "timed on the host clock" in text(results.machine("cpu"), None)
 
 
+def test_report_of_a_bench_json_before_complete_was_recorded():
+    """A bench.json written before ``complete`` was recorded is a whole run's: the report does not
+    say it was cut off, and links its plot (bench_section's default: the plot drawn)."""
+    with open(f"{results.RESULTS_DIR}/bench.json", encoding="utf-8") as f:
+        data = json.load(f)  # the committed run's
+    del data["complete"]
+    section = throughput_report.bench_section(data)
+    assert results.CUT_OFF[0] not in section
+    assert "![throughput vs context](bench_throughput.png)" in section
+
+
+def test_report_settings_of_a_budget_from_the_free_memory():
+    """The settings line of a run with no --budget (the free device memory after the weights
+    less --reserve) and an unchecked host RAM names the reserve, and lists every context of
+    every model."""
+    settings = {"dtype": "bfloat16", "steps": 8, "max_batch": 256, "reserve_gb": 6.0,
+                "budget_gb": None, "host_budget_bytes": None,
+                "contexts": {"llama3-8b": [8192, 32768], "smollm2-135m": [2048, 4096]}}
+    assert throughput_report.settings_lines(settings, None) == [
+        "Settings: bfloat16, 8 timed decode steps, batch at most 256, cache budget the free "
+        "device memory after the weights less 6 GB (--reserve), host RAM budget unchecked "
+        "(unknown); contexts llama3-8b 8192, 32768; smollm2-135m 2048, 4096.", ""]
+
+
 def test_a_reuse_pool_too_small_for_a_context_fails_before_any_measurement(monkeypatch):
     """A reuse pool below a step's rows (N = min(topn, capacity) x the GQA group) depends on the
     context: it is refused for every context before the first one is measured, not when its
@@ -363,6 +387,78 @@ def test_transformers_with_a_context_shorter_than_its_prefill():
                                            torch.float32, 12)
     for context in (1, 8):
         assert transformers_baseline.time_hf(model, 2, context, 2) > 0
+
+
+def test_transformers_model_is_the_shape_asked():
+    """hf_model: transformers' model of a shape has the shape's parameters (GQA heads, MLP width
+    and a tied or untied LM head among them), in the dtype asked, with SDPA attention and the
+    positions asked; torch's default dtype is left as it was."""
+    pytest.importorskip("transformers")
+    from kcache_ops.throughput import shapes, transformers_baseline
+    from kcache_ops.throughput.ceilings import weight_bytes
+    default = torch.get_default_dtype()
+    for name in ("tiny", "smollm2-135m"):  # an untied LM head, a tied one
+        config = shapes.SHAPES[name]
+        model = transformers_baseline.hf_model(config, torch.device("meta"), torch.bfloat16, 100)
+        assert torch.get_default_dtype() == default, name
+        count = weight_bytes(config, torch.int8)  # one byte a parameter: the shape's count
+        assert sum(p.numel() for p in model.parameters()) == count, name
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}, name
+        assert model.config._attn_implementation == "sdpa", name
+        assert model.config.max_position_embeddings == 100, name
+
+
+def test_transformers_is_timed_at_the_batch_and_context_asked(monkeypatch):
+    """time_hf: a static cache of context + steps + 2 rows (a step attends over all of them), a
+    prefill of 16 tokens and every decode step at the batch asked."""
+    transformers = pytest.importorskip("transformers")
+    from kcache_ops.throughput import shapes, transformers_baseline
+    model = transformers_baseline.hf_model(shapes.SHAPES["tiny"], torch.device("cpu"),
+                                           torch.float32, 64)
+    lengths, inputs = [], []
+    real_call = type(model).__call__
+
+    class StaticCache(transformers.StaticCache):
+        def __init__(self, *args, **kwargs):
+            lengths.append(kwargs["max_cache_len"])
+            super().__init__(*args, **kwargs)
+
+    def call(self, *args, **kwargs):
+        inputs.append(tuple(kwargs["input_ids"].shape))
+        return real_call(self, *args, **kwargs)
+    monkeypatch.setattr(transformers, "StaticCache", StaticCache)
+    monkeypatch.setattr(type(model), "__call__", call)
+    assert transformers_baseline.time_hf(model, 3, 40, 2) > 0
+    assert lengths == [40 + 2 + 2]
+    assert inputs == [(3, 16)] + [(3, 1)] * (2 + 2)  # the prefill, 2 warm-up and 2 timed steps
+
+
+def test_transformers_out_of_memory_is_the_rows_alone(monkeypatch):
+    """compare_with_hf: one model addressing the longest context, each dense row timed at its
+    own batch and context; a row that runs transformers out of device memory gets the error's
+    first line and a line saying so, no rate (not the row before's), and the run goes on."""
+    from kcache_ops.throughput import transformers_baseline as tb
+    built, timed = [], []
+
+    def time_hf(model, batch, context, steps):
+        timed.append((batch, context, steps))
+        if context == 128:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+        return 0.040
+    monkeypatch.setattr(tb, "hf_model", lambda *args: built.append(args))
+    monkeypatch.setattr(tb, "time_hf", time_hf)
+    rows = [{"model": "tiny", "context": c, "batch": b, "decode_step_ms": 10.0}
+            for c, b in ((64, 4), (128, 2), (32, 8))]
+    lines = []
+    tb.compare_with_hf("config", "cpu", torch.float32, rows, 3, log=lines.append)
+    assert built == [("config", "cpu", torch.float32, 128 + 3 + 2)]
+    assert timed == [(4, 64, 3), (2, 128, 3), (8, 32, 3)]
+    assert rows[1]["hf_error"] == "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert "hf_decode_tok_s" not in rows[1] and "dense_vs_hf" not in rows[1]
+    assert lines[1] == ("tiny          ctx    128 transformers: out of memory: CUDA out of "
+                        "memory. Tried to allocate 2.00 GiB")
+    assert rows[2]["hf_decode_tok_s"] == pytest.approx(8 / 0.040)
+    assert "hf_error" not in rows[0] and "hf_error" not in rows[2]
 
 
 def test_no_device_memory_left_after_the_reserve_is_an_error(monkeypatch):
@@ -723,6 +819,45 @@ def test_a_plot_that_fails_leaves_no_link_to_it(tmp_path, monkeypatch, capsys):
     assert "](bench_throughput.png)" not in report
     assert "The plot (bench_throughput.png) could not be drawn (the output of the command" in report
     assert "cut off" not in report
+
+
+def test_a_plot_that_fails_midway_leaves_no_part_of_it(tmp_path, monkeypatch):
+    """draw: a plot that fails after writing part of its file leaves no file (the report would
+    link a broken image) and says what failed."""
+    path = tmp_path / "bench_throughput.png"
+    path.write_bytes(b"the previous run's plot")
+
+    def half_written(rows, path):
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG")
+        raise OSError("no space left on device")
+    monkeypatch.setattr(throughput_report, "plot", half_written)
+    assert throughput_report.draw([], str(path)) == "OSError: no space left on device"
+    assert not path.exists()
+
+
+def test_the_plot_has_a_curve_per_model_and_backend(tmp_path, monkeypatch):
+    """plot: one curve per (model, backend), labelled so, of its rows' decode tokens/s against
+    context in context order (rows given in any order)."""
+    import matplotlib.pyplot as plt
+    axes = []
+    real = plt.subplots
+
+    def subplots(*args, **kwargs):
+        fig, ax = real(*args, **kwargs)
+        axes.append(ax)
+        return fig, ax
+    monkeypatch.setattr(plt, "subplots", subplots)
+    rows = [{"model": m, "backend": b, "context": c, "decode_tok_s": d, "prefill_tok_s": 1e6}
+            for m, b, c, d in (("tiny", "kcache", 512, 30.0), ("tiny", "dense", 512, 10.0),
+                               ("tiny", "kcache", 256, 40.0), ("tiny", "dense", 256, 20.0),
+                               ("tiny2", "dense", 256, 5.0))]
+    throughput_report.plot(rows, str(tmp_path / "bench_throughput.png"))
+    assert (tmp_path / "bench_throughput.png").stat().st_size > 0
+    curves = [(line.get_label(), list(line.get_xdata()), list(line.get_ydata()))
+              for line in axes[0].get_lines()]
+    assert curves == [("tiny dense", [256, 512], [20.0, 10.0]),
+                      ("tiny kcache", [256, 512], [40.0, 30.0]), ("tiny2 dense", [256], [5.0])]
 
 
 def test_report_only_draws_the_bench_plot_a_folder_lacks(tmp_path):
