@@ -6,7 +6,9 @@ import argparse
 import json
 import math
 import os
-from dataclasses import replace
+import re
+import warnings
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -285,6 +287,194 @@ def test_text_too_short_names_the_flags_that_ask_for_it():
         "the short windows ((--ppl-rows + --agree-rows) x (--prefill + --steps + 1)), 20 for the "
         "long ones (--long-rows x (--long-prefill + --long-steps + 1)), 100 for the longest "
         "needle haystack (--needle-lengths)")
+
+
+def test_groups_take_their_own_text_and_sizes(monkeypatch):
+    """build_groups: the short windows from the text's start (the agreement rows greedy, -1), the
+    long ones right after them, each needle haystack after those (no token used twice), of its
+    length and in the phrasings and key seed asked; each group's rows and steps as the settings
+    ask. Text of exactly the tokens needed is enough, one fewer (for the longest haystack) is
+    refused."""
+    from kcache_ops.eval import suite
+    s = suite.Settings(ppl_rows=2, agree_rows=1, prefill=8, steps=3, long_rows=2, long_prefill=12,
+                       long_steps=4, needle_lengths=(30, 60), needle_depths=(0.5,),
+                       needle_phrasings=("vault",), answer_steps=5, seed=7)
+    short, long = 3 * 12, 2 * 17
+    # letters alone: no ". " in the haystack, so each needle goes at its very start
+    ids = torch.randint(ord("a"), ord("z") + 1, (short + long + 60,)).tolist()
+    text = "".join(map(chr, ids))
+    monkeypatch.setattr(suite, "essays_text", lambda: text)
+    groups = suite.build_groups(ByteTokenizer(), s)
+    assert [g["name"] for g in groups] == ["short", "long", "needle-30", "needle-60"]
+    g = groups[0]
+    assert g["prompts"] == [ids[r * 12: r * 12 + 8] for r in range(3)] and g["ppl_rows"] == 2
+    assert g["first"].tolist() == [ids[r * 12 + 8] for r in range(3)]
+    assert g["forced"].tolist() == [ids[9: 12], ids[21: 24], [-1] * 3]
+    g = groups[1]
+    assert g["prompts"] == [ids[short + r * 17: short + r * 17 + 12] for r in range(2)]
+    assert g["first"].tolist() == [ids[short + 12], ids[short + 29]] and g["ppl_rows"] == 2
+    assert g["forced"].tolist() == [ids[short + 13: short + 17], ids[short + 30: short + 34]]
+    sentence, question = needle.PHRASINGS["vault"]
+    for g, length in zip(groups[2:], (30, 60)):
+        assert g["first"] is None and g["phrasing"] == ["vault"] and "ppl_rows" not in g
+        assert g["forced"].tolist() == [[-1] * 5]
+        assert g["keys"] == needle.prompts(FakeTokenizer(), ids, length, (0.5,), 7,
+                                            phrasings=("vault",))[1]
+        assert ByteTokenizer().decode(g["prompts"][0]) == (
+            sentence.format(key=g["keys"][0]) + text[short + long: short + long + length]
+            + "\n\n" + question)
+    monkeypatch.setattr(suite, "essays_text", lambda: text[:-1])
+    with pytest.raises(ValueError, match=f"^eval needs {short + long + 60} tokens of essay text, "
+                                         f"the text has {short + long + 59}: "):
+        suite.build_groups(ByteTokenizer(), s)
+
+
+def test_run_group_scores_each_kind_of_group(monkeypatch):
+    """run_group on stand-in decode steps: perplexity over the perplexity rows only; dense's
+    greedy rows kept, and another configuration fed them and scored on agreement with them; a
+    group of perplexity rows alone has neither; a needle answer starts with the prefill's argmax
+    and runs to the first end token (not past it) or to its last step; KCache's attention mass
+    recorded, each cache forked with room for the steps."""
+    from types import SimpleNamespace
+
+    from kcache_ops.eval import suite
+    calls, steps = [], []  # steps: what each step_through returns, in turn
+    mass = torch.rand(3).tolist()
+
+    def fork(model, snapshot, config, steps, record_mass=False):
+        calls.append((steps, record_mass))
+        return SimpleNamespace(attention_mass=lambda: torch.tensor(mass))
+
+    def step_through(model, cache, first, forced, progress=None):
+        calls.append((first.tolist(), forced.tolist()))
+        return steps.pop(0)
+    monkeypatch.setattr(suite, "fork", fork)
+    monkeypatch.setattr(suite, "step_through", step_through)
+    tok, kcache = ByteTokenizer(), Config.kcache(topn=8)
+    forced = torch.randint(0, 50, (3, 4))  # [B, S]
+    forced[2] = -1
+    group = {"name": "short", "prompts": [[1]] * 3, "first": torch.randint(0, 50, (3,)),
+             "forced": forced, "ppl_rows": 2}
+    argmax, logprob = torch.randint(0, 50, (3, 4)), -torch.rand(3, 4)
+    steps.append((argmax, logprob))
+    dense, _ = suite.run_group(None, tok, group, None, Config.dense(), None, None)
+    assert dense == {"perplexity": perplexity.summarize(logprob[:2]),
+                     "greedy": argmax[2:].tolist()}
+    assert calls == [(4, True), (group["first"].tolist(), forced.tolist())]
+    mine, logprob = argmax.clone(), -torch.rand(3, 4)
+    mine[2, 2] += 1  # diverges from dense at step 2
+    steps.append((mine, logprob))
+    calls.clear()
+    out, _ = suite.run_group(None, tok, group, None, kcache, {"short": dense}, None)
+    assert out == {"mass": mass, "perplexity": perplexity.summarize(logprob[:2]),
+                   "agreement": agreement.summarize(mine[2:], argmax[2:])}
+    assert out["agreement"]["first_divergence_rows"] == [2]
+    assert calls[1][1] == forced[:2].tolist() + argmax[2:].tolist()  # fed dense's tokens
+    steps.append((argmax[:2], logprob[:2]))
+    long = {"name": "long", "prompts": [[1]] * 2, "first": group["first"][:2],
+            "forced": forced[:2], "ppl_rows": 2}
+    out, _ = suite.run_group(None, tok, long, None, kcache, {"short": dense}, None)
+    assert out == {"mass": mass, "perplexity": perplexity.summarize(logprob[:2])}
+
+    tok.eos_ids = (ord("|"),)
+    logits = torch.rand(3, 128)  # the prefill's: its argmax is each answer's first token
+    logits[[0, 1, 2], [ord("1"), ord("x"), ord("4")]] = 2.0
+    steps.append((torch.tensor([list(map(ord, row)) for row in ("2345", "|7yz", "2|99")]),
+                  torch.zeros(3, 4)))
+    phrasing = ["vault", "vault", "pass key"]
+    group = {"name": "needle-9", "prompts": [[1]] * 3, "first": None,
+             "forced": torch.full((3, 4), -1), "keys": ["12345", "7", "42"], "phrasing": phrasing}
+    calls.clear()
+    out, _ = suite.run_group(None, tok, group, SimpleNamespace(logits=logits), kcache, dense,
+                             None)
+    assert out == {"mass": mass, "correct": [True, False, True], "answers": ["12345", "", "42"],
+                   "accuracy": 2 / 3, "phrasing": phrasing}
+    assert calls == [(4, True), ([ord("1"), ord("x"), ord("4")], [[-1] * 4] * 3)]
+
+
+def test_evaluate_saves_and_logs_each_configuration_as_it_finishes():
+    """evaluate: dense, then each configuration; after each, the results so far are saved (a run
+    cut short keeps what finished) and its line logged; each result's seconds measured, its
+    attention mass apart from the groups' measures; a group that reaches exactly the trained
+    positions runs without a warning."""
+    from kcache_ops.eval.suite import Settings, build_groups, evaluate, line
+    s = Settings(ppl_rows=1, agree_rows=1, prefill=16, steps=2, long_rows=1, long_prefill=40,
+                 long_steps=2, needle_lengths=(40,), needle_depths=(0.5,),
+                 needle_phrasings=("vault",), answer_steps=2)
+    tok = ByteTokenizer()
+    longest = max(max(map(len, g["prompts"])) + g["forced"].shape[1] for g in build_groups(tok, s))
+    model = Llama(replace(TINY, max_position_embeddings=longest)).eval()
+    saved, logged = [], []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        results = evaluate(model, tok, s, [Config.kcache(topn=8)],
+                           lambda results: saved.append(list(results)), log=logged.append)
+    assert not [w for w in record if str(w.message).startswith("eval:")]
+    assert [len(r) for r in saved] == [1, 2] and saved[-1] == results
+    assert logged == [line(r) for r in results]
+    dense, kc = results
+    assert dense["config"] == Config.dense().to_dict() and dense["mass"] == {}
+    assert kc["config"] == Config.kcache(topn=8).to_dict()
+    assert list(kc["mass"]) == ["short", "long", "needle-40"]
+    assert all(r["seconds"] > 0 and "mass" not in r["long"] for r in results)
+
+
+def test_line_of_a_result_by_hand():
+    """The printed line of a configuration: its name, Δppl of each context under its own label,
+    needle hits of the total, agreement in percent (dense has none), host rows and KiB per
+    step, device KiB per token and its ratio to dense, seconds."""
+    from kcache_ops.eval.suite import line
+    summary = {"dppl": {"short": 1.5, "long": -0.25}, "needle": 5, "needle_total": 6,
+               "host_rows": 12.5, "host_bytes_per_step": 3072.0,
+               "device_bytes_per_token": 2560.0, "device_ratio": 0.5, "device_ratio_bf16": 0.75}
+    result = {"config": Config.kcache(topn=8, tail="int2").to_dict(), "summary": summary,
+              "short": {"agreement": {"match_rate": 0.875}}, "seconds": 7.0}
+    assert line(result).split() == [
+        "kcache", "N=8", "tail=int2", "Δppl", "short", "+1.50%", "long", "-0.25%", "needle",
+        "5/6", "agree", "87.5%", "host", "12.5", "rows", "3.0", "KiB/step", "device", "2.5",
+        "KiB/token", "(0.50x", "dense)", "7.0s"]
+    dense = {**result, "config": Config.dense().to_dict(), "short": {}}
+    assert line(dense).split()[:10] == ["dense", "Δppl", "short", "+1.50%", "long", "-0.25%",
+                                        "needle", "5/6", "host", "12.5"]
+
+
+def test_save_json_keeps_what_the_report_reads(tmp_path):
+    """save_json writes the settings, the machine, the command, the planned configurations, the
+    recommendation and the results as given (the report reads each back)."""
+    from kcache_ops.eval.suite import Settings, save_json
+    s = Settings(ppl_rows=3, needle_lengths=(40, 80))
+    info = {"cpu": "c", "cores": 2, "model": "/models/m", "model_name": "m"}
+    results = [{"config": Config.dense().to_dict(), "seconds": 1.5}]
+    planned = [Config.kcache(topn=8), Config.kcache(topn=8, tail="int2")]
+    rec = {"name": "kcache N=8", "meets_all": False}
+    save_json(str(tmp_path / "eval.json"), s, info, results, "eval --topn 8", planned, rec)
+    assert json.loads((tmp_path / "eval.json").read_text(encoding="utf-8")) == {
+        "settings": json.loads(json.dumps(asdict(s))), "machine": info,
+        "command": "eval --topn 8", "planned": [c.to_dict() for c in planned],
+        "recommended": rec, "results": results}
+
+
+def test_default_settings_are_those_the_help_states():
+    """Without size flags the evaluation runs the sizes --help gives as the defaults."""
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    s = eval_cli.settings(parser.parse_args([]))
+    stated = {a.option_strings[0]: a.dest for a in parser._actions
+              if a.help and "(default " in a.help and hasattr(s, a.dest)}
+    assert len(stated) == 9
+    for flag, dest in stated.items():
+        value = re.search(r"\(default ([\d,]+)\)", parser._option_string_actions[flag].help)[1]
+        assert getattr(s, dest) == getattr(parser.parse_args([flag, value]), dest), flag
+
+
+def test_config_pairs_backend_and_options():
+    """Config: dense takes no options and KCache needs them (a ValueError naming both); each
+    comes back from its JSON dict."""
+    for backend, options in (("dense", KCacheOptions()), ("kcache", None)):
+        with pytest.raises(ValueError, match=f"^Config: backend '{backend}' with options"):
+            Config(backend, options)
+    for config in (Config.dense(), Config.kcache(topn=8, tail="int2", dense_layers=(0,))):
+        assert Config.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 def test_needle_phrasings():
