@@ -877,3 +877,59 @@ def test_report_only_draws_the_bench_plot_a_folder_lacks(tmp_path):
     assert (tmp_path / "bench_throughput.png").stat().st_size > 0
     assert "![throughput vs context](bench_throughput.png)" in (tmp_path / "REPORT.md").read_text(
         encoding="utf-8")
+
+
+def test_flags_reach_the_measurement_and_bench_json(tmp_path, monkeypatch):
+    """What the flags set reaches measure as given and bench.json as resolved: --small alone
+    times 8 steps in a 4 MB budget, batch at most 256, the default KCache options and the
+    transformers comparison on (and its version recorded where it can run); --budget, --steps,
+    --max-batch, --no-hf and the KCache flags given with --small win."""
+    calls = []
+    monkeypatch.setattr(bench, "measure", lambda *args, **kwargs: calls.append((args, kwargs))
+                        or [])
+    monkeypatch.setattr(bench, "measure_ceilings", lambda device: {"device_copy_GBs": 1.0,
+                                                                  "h2d_GBs": None})
+    monkeypatch.setattr(bench, "host_budget", lambda: 12345)
+    monkeypatch.setattr(throughput_report, "plot", lambda rows, path: None)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    settings = []
+    for flags in ([], ["--budget", "0.01", "--steps", "3", "--max-batch", "5", "--no-hf",
+                       "--topn", "8", "--group-select"]):
+        bench.run(parser.parse_args(["--device", "cpu", "--small", "--out", str(tmp_path),
+                                     *flags]))
+        data = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
+        settings.append({k: data["settings"][k] for k in ("steps", "budget_gb", "max_batch",
+                                                          "host_budget_bytes")})
+        if flags == [] and bench.transformers_missing() is None:
+            import transformers
+            assert data["machine"]["transformers"] == transformers.__version__
+    assert settings == [{"steps": 8, "budget_gb": 0.004, "max_batch": 256,
+                         "host_budget_bytes": 12345},
+                        {"steps": 3, "budget_gb": 0.01, "max_batch": 5,
+                         "host_budget_bytes": 12345}]
+    # (options, steps, budget, reserve, max_batch, hf) of each call, and the host bytes
+    assert [(args[4:10], kwargs["host_bytes"]) for args, kwargs in calls] == [
+        ((KCacheOptions(), 8, 0.004, 6.0, 256, True), 12345),
+        ((KCacheOptions(topn=8, group_select=True), 3, 0.01, 6.0, 5, False), 12345)]
+
+
+def test_a_run_cut_off_before_its_first_row_leaves_the_previous_results(tmp_path, monkeypatch):
+    """A run stopped before it saved a row has not touched the previous run's bench.json: its
+    plot and REPORT.md, which go with it, are left as they were (only a run that saved rows
+    rewrites the report as cut off)."""
+    files = {"bench.json": '{"the previous run": 1}', "REPORT.md": "the previous run's report",
+             "bench_throughput.png": "the previous run's plot"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "measure", interrupted)
+    monkeypatch.setattr(bench, "measure_ceilings", lambda device: {"device_copy_GBs": 1.0,
+                                                                  "h2d_GBs": None})
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(parser.parse_args(["--device", "cpu", "--small", "--out", str(tmp_path)]))
+    assert {name: (tmp_path / name).read_text(encoding="utf-8") for name in files} == files

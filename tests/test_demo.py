@@ -1,8 +1,11 @@
 """`python -m kcache_ops demo` end to end at a tiny size (a random Llama and tokenizer written by
 the test, a stand-in essay text), so the entry point cannot rot."""
+import argparse
+
 import pytest
 
 from kcache_ops.__main__ import main
+from kcache_ops.caches import KCacheOptions
 from kcache_ops.cli import demo
 from model_helpers import save_tiny_hf, save_tiny_tokenizer
 
@@ -39,32 +42,105 @@ def test_demo_runs_both_backends(tmp_path, monkeypatch, capsys):
 
 
 def test_demo_passes_its_flags_on_and_reports_each_run(tmp_path, monkeypatch, capsys):
-    """--depth places the pass key, the kcache run gets the options the flags give (dense none),
-    and each row says whether its own text holds the pass key (the dense run's here, not the
-    kcache run's)."""
+    """--depth places the pass key, --no-chat leaves out the chat template, the kcache run gets
+    the options the flags give (dense none), and each row says whether its own text holds the
+    pass key (the dense run's here, not the kcache run's), with its own prefill seconds and
+    decode rate; the last line says where the two runs' tokens first differ, and how many each
+    has."""
     import dataclasses
     write_model(tmp_path, monkeypatch, **LONG)
     seen = {}
     build_prompt, generate_with_progress = demo.build_prompt, demo.generate_with_progress
 
     def build(tokenizer, n_tokens, depth, chat):
-        seen["depth"] = depth
+        seen["depth"], seen["chat"] = depth, chat
         return build_prompt(tokenizer, n_tokens, depth, chat)
 
     def run(model, tokenizer, prompt, backend, options, new_tokens):
         seen[backend] = options
         result = generate_with_progress(model, tokenizer, prompt, backend, options, new_tokens)
-        text = f"the key is {demo.PASSKEY}" if backend == "dense" else "no idea"
-        return dataclasses.replace(result, texts=[text])
+        dense = backend == "dense"
+        text = f"the key is {demo.PASSKEY}" if dense else "no idea"
+        return dataclasses.replace(result, texts=[text], tokens=[[7, 8, 9] if dense else [7, 5]],
+                                   prefill_s=12.5 if dense else 3.25, decode_s=2.0,
+                                   decode_tokens=4 if dense else 1)
     monkeypatch.setattr(demo, "build_prompt", build)
     monkeypatch.setattr(demo, "generate_with_progress", run)
     assert main(["demo", "--model", str(tmp_path), "--prompt-tokens", "150", "--new-tokens", "2",
-                 "--depth", "0.25", "--topn", "4", "--dense-layers", "1"]) == 0
-    assert seen["depth"] == 0.25 and seen["dense"] is None
+                 "--depth", "0.25", "--no-chat", "--topn", "4", "--dense-layers", "1"]) == 0
+    assert seen["depth"] == 0.25 and seen["chat"] is False and seen["dense"] is None
     assert (seen["kcache"].topn, seen["kcache"].dense_layers) == (4, (1,))
-    rows = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
             if line.startswith(("dense ", "kcache "))}
-    assert rows == {"dense": "found", "kcache": "missed"}
+    assert {backend: row[-1] for backend, row in rows.items()} == {"dense": "found",
+                                                                   "kcache": "missed"}
+    assert [rows["dense"][1:3], rows["kcache"][1:3]] == [["12.50", "2.00"], ["3.25", "0.50"]]
+    assert "outputs first differ at new token 1 (of 3 dense, 2 kcache)" in out
+
+
+class WordTokenizer:
+    """A word a token (each new word the next id), decoded joined by spaces; the chat template
+    a -1 before the text; EOS id 0."""
+    eos_ids = (0,)
+
+    def __init__(self):
+        self.words = {}
+
+    def encode(self, text, add_special=True):
+        return [self.words.setdefault(w, len(self.words) + 1) for w in text.split()]
+
+    def decode(self, ids):
+        names = {i: w for w, i in self.words.items()}
+        return " ".join(names[i] for i in ids)
+
+    def encode_prompt(self, text, chat=True):
+        return [-1] * chat + self.encode(text)
+
+
+def test_build_prompt_takes_the_tokens_asked_for(monkeypatch):
+    """build_prompt: --prompt-tokens tokens of the essay text exactly, with the depth, pass key
+    and chat asked for, also where a token is more than 8 characters (the first cut of the text
+    holds too few: the whole text is encoded) and where the text has just that many; one more is
+    refused, naming the most."""
+    words = [f"Sentence{i:06d}." for i in range(300)]  # 15 characters a token
+    monkeypatch.setattr(demo, "essays_text", lambda: " ".join(words))
+    seen = []
+    monkeypatch.setattr(demo.needle, "prompt", lambda tokenizer, ids, depth, key, chat:
+                        seen.append((tokenizer.decode(ids), depth, key, chat)) or [1])
+    tokenizer = WordTokenizer()
+    for n in (100, 300):
+        assert demo.build_prompt(tokenizer, n, 0.3, False) == [1]
+        assert seen[-1] == (" ".join(words[:n]), 0.3, demo.PASSKEY, False)
+    with pytest.raises(ValueError, match=r"--prompt-tokens must be at most 300 \(.*got 301$"):
+        demo.build_prompt(tokenizer, 301, 0.3, True)
+
+
+def test_each_run_generates_the_new_tokens_asked_for_until_eos(monkeypatch):
+    """generate_with_progress: one greedy run of the prompt, the new tokens asked for, with the
+    backend and options given, stopping at the tokenizer's EOS ids."""
+    calls = []
+    monkeypatch.setattr(demo, "generate", lambda *args, **kwargs: calls.append((args, kwargs))
+                        or "generated")
+    tokenizer, options = WordTokenizer(), KCacheOptions(topn=4)
+    assert demo.generate_with_progress("model", tokenizer, [5, 6], "kcache", options, 7) == \
+        "generated"
+    (args, kwargs), = calls
+    assert args == ("model", [[5, 6]], 7)
+    assert {k: kwargs[k] for k in ("backend", "options", "eos_ids", "tokenizer")} == {
+        "backend": "kcache", "options": options, "eos_ids": (0,), "tokenizer": tokenizer}
+    assert kwargs.get("temperature", 0.0) == 0.0 and kwargs.get("top_k") is None
+
+
+def test_demo_defaults_are_the_ones_its_help_gives():
+    """2000 prompt tokens, the pass key at half depth, 48 new tokens, the chat template; --help
+    gives each number."""
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.prompt_tokens, args.depth, args.new_tokens, args.chat) == (2000, 0.5, 48, True)
+    for flag, value in (("--prompt-tokens", 2000), ("--depth", 0.5), ("--new-tokens", 48)):
+        assert f"default: {value}" in parser._option_string_actions[flag].help, flag
 
 
 def test_first_difference():

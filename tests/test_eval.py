@@ -172,6 +172,17 @@ def test_tails_flag():
         parser.parse_args(["--tails", "int3"])
 
 
+def test_an_empty_tails_flag_is_refused(capsys):
+    """--tails of no tail (",") is refused, as --dense-layers of no layer: it would parse to ()
+    and run the curated grid instead of the product asked for."""
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    assert eval_cli.tail_list(" int2, none ,") == ("int2", "none")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--tails", ","])
+    assert "argument --tails: expected comma-separated values of none" in capsys.readouterr().err
+
+
 def test_an_empty_dense_layers_flag_is_refused(capsys):
     """--dense-layers of no layer (",", "") is refused: it parsed to () and, false, let the
     default grid run (47 minutes) instead of the product asked for."""
@@ -726,6 +737,37 @@ def test_flags_reach_the_settings_and_the_grid():
         (8, False), (8, True)]
 
 
+def test_every_size_flag_wins_over_its_preset():
+    """Each size flag sets its own size, with or without a preset; the rest are the preset's."""
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    sizes = {"ppl_rows": 3, "agree_rows": 4, "prefill": 50, "steps": 6, "long_rows": 7,
+             "long_prefill": 80, "long_steps": 9, "answer_steps": 10}
+    flags = [x for name, value in sizes.items() for x in (f"--{name.replace('_', '-')}",
+                                                          str(value))]
+    for preset in ([], ["--quick"], ["--gpu-sizes"]):
+        s = eval_cli.settings(parser.parse_args([*preset, *flags, "--needle-lengths", "30,40"]))
+        assert {name: getattr(s, name) for name in sizes} == sizes, preset
+        assert s.needle_lengths == (30, 40), preset
+        assert s.needle_depths == eval_cli.settings(parser.parse_args(preset)).needle_depths
+
+
+@pytest.mark.parametrize("flags, grid", [
+    (["--tails", "int2"], [Config.kcache(topn=64, tail="int2")]),
+    (["--group-select"], product_grid((64,), ("none",), (False, True))),
+    (["--dense-layers", "0,2"], product_grid((64,), ("none",), (False,), ((), (0, 2)))),
+    (["--quick"], quick_grid()),
+    (["--quick", "--topn", "8"], [Config.kcache(topn=8)]),
+])
+def test_any_product_flag_alone_runs_the_product(flags, grid):
+    """--tails, --group-select or --dense-layers alone runs the product at N = 64 (each
+    configuration without and with the dense layers), not the curated grid; --quick its own grid
+    unless a product flag is given."""
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    assert eval_cli.configs(parser.parse_args(flags)) == grid
+
+
 def test_report_only_refuses_the_options_of_a_measurement(tmp_path, capsys):
     """--report-only measures nothing: a measurement's option given with it is an error line
     naming it (it was silently ignored), and no folder is made."""
@@ -910,3 +952,38 @@ def test_out_that_is_a_file_fails_before_any_run(tmp_path, capsys):
         assert main([*argv, "--out", str(taken)]) == 2
         assert capsys.readouterr().err == f"error: --out must be a folder (made where missing), " \
                                           f"got the file {taken}\n"
+
+
+@pytest.mark.parametrize("engine", ["kcache_ops", "transformers"])
+def test_the_run_names_its_model_and_prints_the_recommendation(tmp_path, monkeypatch, capsys,
+                                                               engine):
+    """eval.json's machine names the model by its folder (given with a trailing slash too) and
+    the engine that ran it, and the last lines say whether the recommended setting meets every
+    target or what the closest one misses (the model and the suite stubbed: the command's own
+    part)."""
+    from types import SimpleNamespace
+    if engine == "transformers":
+        loader = pytest.importorskip("kcache_ops.integrations.transformers_engine")
+        name = "load_transformers_model"
+    else:
+        loader, name = eval_cli, "load_model"
+    model = SimpleNamespace(config=TINY, device=torch.device("cpu"), dtype=torch.float32)
+    monkeypatch.setattr(loader, name, lambda *args: (model, None))
+    monkeypatch.setattr(eval_cli, "evaluate", lambda *args: args[-1]([]) or [])
+    saved = []
+    monkeypatch.setattr(eval_cli, "save_json", lambda path, s, info, *rest: saved.append(info))
+    recs = iter([None, {"name": "kcache N=8", "meets_all": True},  # save's, then the verdict's
+                 None, {"name": "kcache N=16", "meets_all": False, "misses": ["needle", "ppl"]}])
+    monkeypatch.setattr(eval_cli.recommend, "recommend", lambda results: next(recs))
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    folder = tmp_path / "my-model"
+    args = ["--model", f"{folder}/", "--engine", engine, "--topn", "8", "--out", str(tmp_path)]
+    for verdict in ("kcache N=8 (meets every target)", "kcache N=16 (no configuration meets "
+                                                       "every target; this one is the closest, "
+                                                       "missing: needle; ppl)"):
+        eval_cli.run(parser.parse_args(args))
+        assert f"# recommended: {verdict}\n" in capsys.readouterr().out
+    via = " via transformers" if engine == "transformers" else ""
+    assert {(info["model"], info["model_name"]) for info in saved} == {
+        (f"{folder}/{via}", f"my-model{via}")}

@@ -9,6 +9,7 @@ step's timing over steps that advance (bench/reuse_step.py), the JSON of the reu
 (bench/gpu_decode_attn.py)."""
 import argparse
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -29,6 +30,7 @@ import cpu_ops  # noqa: E402
 import decode_steps  # noqa: E402
 import gpu_decode_attn  # noqa: E402
 import gpu_gather  # noqa: E402
+import profile_step  # noqa: E402
 import reuse_hits  # noqa: E402
 import reuse_step  # noqa: E402
 import step_ops  # noqa: E402
@@ -152,19 +154,161 @@ def test_split_kv_refuses_uneven_chunks():
         baselines.split_kv_attention(*random_qkv(S=300), chunk=128)
 
 
+@pytest.mark.parametrize("skip, chunk", [((4, 7), 4096), ((0, 0), 100)])
 @pytest.mark.parametrize("bits", [2, 4])
-def test_torch_lowbit_tail_matches_reference(bits):
+def test_torch_lowbit_tail_matches_reference(bits, skip, chunk):
     """The tail's PyTorch way against the reference: selected rows (padding among them), skipped
-    first and last keys and lengths below S left out."""
+    first and last keys and lengths below S left out; in chunks of fewer keys than S (the last
+    one shorter), and where no key is skipped (padding leaves key 0 in)."""
     q, k, v = random_qkv()
     lens = torch.tensor([384, 100], dtype=torch.int32)
     every, lse = reference.qk_scores(q, k, lens, 0.125)  # [B, Hq, S], [B, Hq]
     indices = reference.qk_topn(q, k, lens, 32, 0.125)[1]  # [B, Hq, 32]
     indices[:, :, -3:] = -1  # padding
     codes, meta = reference.quantize_rows(v, bits)
-    want = reference.lowbit_tail(every, lens, lse, indices, codes, meta, bits, 4, 7)
+    want = reference.lowbit_tail(every, lens, lse, indices, codes, meta, bits, *skip)
     torch.testing.assert_close(
-        baselines.torch_lowbit_tail(every, lens, lse, indices, codes, meta, bits, (4, 7)), want)
+        baselines.torch_lowbit_tail(every, lens, lse, indices, codes, meta, bits, skip, chunk),
+        want)
+
+
+def test_torch_qk_topn_past_the_keys_selects_them_all():
+    """N above S: both selection baselines pick every key, min(N, S) of them (the reference
+    pads its N entries past them), with their scores and lse."""
+    q, k, _ = random_qkv(S=96)
+    lens = torch.full((2,), 96, dtype=torch.int32)
+    for fn, group_select in ((baselines.torch_qk_topn, False),
+                             (baselines.torch_qk_topn_group, True)):
+        scores, indices, lse = fn(q, k, lens, 200, 0.125)
+        want_scores, want, want_lse = reference.qk_topn(q, k, lens, 200, 0.125,
+                                                        group_select=group_select)
+        assert indices.shape == (2, 8, 96) and (want[..., 96:] == -1).all()
+        order, want_order = indices.argsort(-1), want[..., :96].long().argsort(-1)
+        assert torch.equal(indices.gather(-1, order).int(), want.gather(-1, want_order))
+        torch.testing.assert_close(scores.gather(-1, order), want_scores.gather(-1, want_order))
+        torch.testing.assert_close(lse, want_lse)
+
+
+def test_dense_candidates_each_run_their_own_backend(monkeypatch):
+    """dense_candidates: SDPA restricted to each fused back-end under its own name (each
+    candidate its own back-end, not the last one's), and split_kv at batch 1 only; each is
+    exact attention (on the CPU, sdpa_kernel recorded rather than entered)."""
+    used = []
+    monkeypatch.setattr(baselines, "sdpa_kernel",
+                        lambda backend: used.append(backend) or contextlib.nullcontext())
+    q, k, v = random_qkv(B=1, S=256)
+    want = reference.decode_attention(q, k, v, torch.full((1,), 256, dtype=torch.int32), 256)
+    found = baselines.dense_candidates(1)
+    assert list(found) == [*baselines.SDPA_BACKENDS, "split_kv"]
+    for fn in found.values():
+        torch.testing.assert_close(fn(q, k, v), want)
+    assert used == list(baselines.SDPA_BACKENDS.values())
+    assert list(baselines.dense_candidates(2)) == list(baselines.SDPA_BACKENDS)
+
+
+def test_short_kernel_names():
+    """A kernel's name without "void " and its argument list (parentheses inside it and in its
+    template arguments kept), cut to the width with "..."; copies as named."""
+    assert profile_step.short_name("void ns::qk_select<float, 64>(float const*, int*)") == \
+        "ns::qk_select<float, 64>"
+    assert profile_step.short_name("void k<(int)4>(void (*)(int), at::Tensor)") == "k<(int)4>"
+    assert profile_step.short_name("Memcpy DtoD (Device -> Device)") == \
+        "Memcpy DtoD (Device -> Device)"
+    assert profile_step.short_name("x" * 120) == "x" * 120
+    assert profile_step.short_name("x" * 121) == "x" * 117 + "..."
+
+
+def test_kernel_times_are_per_step_device_activity(monkeypatch):
+    """kernel_times (on a fake profiler): each kernel's device µs and launches summed over the
+    steps and divided by them; host events left out; no device event at all is an error."""
+    from types import SimpleNamespace
+    from torch.autograd import DeviceType
+    events = []
+
+    class Profile:
+        def __init__(self, activities):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            return events
+
+    def event(name, us, device=DeviceType.CUDA):
+        return SimpleNamespace(name=name, device_type=device,
+                               time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    def step():
+        events.extend([event("qk", 10.0), event("qk", 6.0), event("attn", 5.0),
+                       event("aten::mm", 100.0, DeviceType.CPU)])
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    assert profile_step.kernel_times(step, 2) == {"qk": (16.0, 2.0), "attn": (5.0, 1.0)}
+    events.clear()
+    with pytest.raises(RuntimeError, match="recorded no device activity"):
+        profile_step.kernel_times(lambda: None, 2)
+
+
+def test_profile_rows_are_each_kernels_share_and_the_time_between(monkeypatch):
+    """profile_torch (its steps, kernel times and graph timing faked): a row per kernel, the
+    longest first, with its share of the kernels' sum; then the sum beside the step timed whole,
+    the difference being the time between the kernels."""
+    rows = []
+
+    class Recorder:
+        def __init__(self, *args, **meta):
+            pass
+
+        def add(self, **fields):
+            rows.append(fields)
+
+        def done(self):
+            rows.append("done")
+    monkeypatch.setattr(timing, "Recorder", Recorder)
+    monkeypatch.setattr(profile_step, "warmed_up", lambda variants, S, B, n: {"per_head": None})
+    monkeypatch.setattr(profile_step, "kernel_times", lambda step, steps: {
+        "b": (5.0, 1.0), "void a<int>(float*)": (15.0, 2.0)})
+    monkeypatch.setattr(timing, "time_us", lambda step, sets: (30.0, "graph"))
+    profile_step.profile_torch(argparse.Namespace(out=None, shape=[(64, 2)], n=8, steps=3,
+                                                  variant=["per_head"]))
+    where = {"S": 64, "B": 2, "variant": "per_head"}
+    assert rows == [{**where, "kernel": "a<int>", "us": 15.0, "launches": 2.0,
+                     "pct_of_kernels": 75.0},
+                    {**where, "kernel": "b", "us": 5.0, "launches": 1.0, "pct_of_kernels": 25.0},
+                    {**where, "kernel": "(all kernels)", "us": 20.0, "launches": 3.0,
+                     "step_us": 30.0, "timed": "graph", "between_kernels_us": 10.0}, "done"]
+
+
+def test_profile_variants_run_in_their_order_after_a_warm_up(monkeypatch):
+    """warmed_up builds the variants asked for in VARIANTS' order, however given, and runs each
+    step WARMUP times."""
+    calls = []
+    monkeypatch.setattr(profile_step, "build", lambda variants, S, B, n: {
+        v: functools.partial(calls.append, v) for v in variants})
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    steps = profile_step.warmed_up(["per_head", "group_select"], 64, 2, 8)
+    assert list(steps) == ["group_select", "per_head"]
+    assert calls == ["group_select"] * profile_step.WARMUP + ["per_head"] * profile_step.WARMUP
+
+
+def test_profile_dry_run_counts_each_variants_device_bytes(monkeypatch, capsys):
+    """The profile's dry run: K alone for the op-level variants, and with the default layer its
+    V on the device and the layer's own bytes besides."""
+    shape = (32768, 8)
+    kv = shape[1] * profile_step.Hkv * shape[0] * profile_step.D * 2  # bf16 K
+    layer = decode_steps.default_layer_bytes(shape[1], profile_step.Hq, profile_step.Hkv,
+                                             shape[0], profile_step.D, torch.bfloat16)
+    for variants, nbytes in ((["per_head"], kv), (["default", "per_head"], 2 * kv + layer)):
+        monkeypatch.setattr(sys, "argv", ["profile_step.py", "--dry-run", "--shape", "32768x8",
+                                          "--variant", *variants])
+        profile_step.main()
+        line = capsys.readouterr().out.splitlines()[-1]
+        assert line.split() == [f"variants={','.join(variants)}", "S=32768", "B=8",
+                                f"bytes={nbytes / 2**30:.2f}GiB"]
 
 
 def test_cpu_ops_bench_prints_every_row(tmp_path):
