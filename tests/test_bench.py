@@ -16,6 +16,11 @@ from kcache_ops.throughput import measure
 from kcache_ops.throughput import report as throughput_report
 
 
+def cpu_ceilings(device):
+    """measure_ceilings on a machine with no host-to-device copy to measure."""
+    return {"device_copy_GBs": 1.0, "h2d_GBs": None}
+
+
 def test_bench_small_on_cpu(tmp_path, monkeypatch):
     """A smoke run with no --out writes to the scratch folder (here tmp_path), never over the
     committed results."""
@@ -785,8 +790,7 @@ def test_default_contexts_are_each_models_own(tmp_path, monkeypatch):
     ran = []
     monkeypatch.setattr(bench, "measure", lambda models, contexts, *a, **k: ran.append(contexts)
                         or [])
-    monkeypatch.setattr(bench, "measure_ceilings", lambda device: {"device_copy_GBs": 1.0,
-                                                                  "h2d_GBs": None})
+    monkeypatch.setattr(bench, "measure_ceilings", cpu_ceilings)
     monkeypatch.setattr(throughput_report, "plot", lambda rows, path: None)
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
@@ -887,8 +891,7 @@ def test_flags_reach_the_measurement_and_bench_json(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(bench, "measure", lambda *args, **kwargs: calls.append((args, kwargs))
                         or [])
-    monkeypatch.setattr(bench, "measure_ceilings", lambda device: {"device_copy_GBs": 1.0,
-                                                                  "h2d_GBs": None})
+    monkeypatch.setattr(bench, "measure_ceilings", cpu_ceilings)
     monkeypatch.setattr(bench, "host_budget", lambda: 12345)
     monkeypatch.setattr(throughput_report, "plot", lambda rows, path: None)
     parser = argparse.ArgumentParser()
@@ -926,8 +929,7 @@ def test_a_run_cut_off_before_its_first_row_leaves_the_previous_results(tmp_path
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(bench, "measure", interrupted)
-    monkeypatch.setattr(bench, "measure_ceilings", lambda device: {"device_copy_GBs": 1.0,
-                                                                  "h2d_GBs": None})
+    monkeypatch.setattr(bench, "measure_ceilings", cpu_ceilings)
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     with pytest.raises(KeyboardInterrupt):

@@ -109,9 +109,9 @@ def test_build_prompt_takes_the_tokens_asked_for(monkeypatch):
     monkeypatch.setattr(demo.needle, "prompt", lambda tokenizer, ids, depth, key, chat:
                         seen.append((tokenizer.decode(ids), depth, key, chat)) or [1])
     tokenizer = WordTokenizer()
-    for n in (100, 300):
-        assert demo.build_prompt(tokenizer, n, 0.3, False) == [1]
-        assert seen[-1] == (" ".join(words[:n]), 0.3, demo.PASSKEY, False)
+    for n, chat in ((100, True), (300, False)):
+        assert demo.build_prompt(tokenizer, n, 0.3, chat) == [1]
+        assert seen[-1] == (" ".join(words[:n]), 0.3, demo.PASSKEY, chat)
     with pytest.raises(ValueError, match=r"--prompt-tokens must be at most 300 \(.*got 301$"):
         demo.build_prompt(tokenizer, 301, 0.3, True)
 

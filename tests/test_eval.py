@@ -302,10 +302,10 @@ def test_text_too_short_names_the_flags_that_ask_for_it():
 
 def test_groups_take_their_own_text_and_sizes(monkeypatch):
     """build_groups: the short windows from the text's start (the agreement rows greedy, -1), the
-    long ones right after them, each needle haystack after those (no token used twice), of its
-    length and in the phrasings and key seed asked; each group's rows and steps as the settings
-    ask. Text of exactly the tokens needed is enough, one fewer (for the longest haystack) is
-    refused."""
+    long ones right after them, the needle haystacks after those (from one start, no token of
+    the windows), each of its length and in the phrasings and key seed asked; each group's rows
+    and steps as the settings ask. Text of exactly the tokens needed is enough, one fewer (for
+    the longest haystack) is refused."""
     from kcache_ops.eval import suite
     s = suite.Settings(ppl_rows=2, agree_rows=1, prefill=8, steps=3, long_rows=2, long_prefill=12,
                        long_steps=4, needle_lengths=(30, 60), needle_depths=(0.5,),
@@ -957,7 +957,7 @@ def test_out_that_is_a_file_fails_before_any_run(tmp_path, capsys):
 @pytest.mark.parametrize("engine", ["kcache_ops", "transformers"])
 def test_the_run_names_its_model_and_prints_the_recommendation(tmp_path, monkeypatch, capsys,
                                                                engine):
-    """eval.json's machine names the model by its folder (given with a trailing slash too) and
+    """eval.json's machine names the model by its folder (given with a trailing slash) and
     the engine that ran it, and the last lines say whether the recommended setting meets every
     target or what the closest one misses (the model and the suite stubbed: the command's own
     part)."""
@@ -972,16 +972,19 @@ def test_the_run_names_its_model_and_prints_the_recommendation(tmp_path, monkeyp
     monkeypatch.setattr(eval_cli, "evaluate", lambda *args: args[-1]([]) or [])
     saved = []
     monkeypatch.setattr(eval_cli, "save_json", lambda path, s, info, *rest: saved.append(info))
-    recs = iter([None, {"name": "kcache N=8", "meets_all": True},  # save's, then the verdict's
-                 None, {"name": "kcache N=16", "meets_all": False, "misses": ["needle", "ppl"]}])
-    monkeypatch.setattr(eval_cli.recommend, "recommend", lambda results: next(recs))
+    recommended = {}  # what recommend returns, set before each run
+    monkeypatch.setattr(eval_cli.recommend, "recommend", lambda results: recommended)
     parser = argparse.ArgumentParser()
     eval_cli.add_arguments(parser)
     folder = tmp_path / "my-model"
     args = ["--model", f"{folder}/", "--engine", engine, "--topn", "8", "--out", str(tmp_path)]
-    for verdict in ("kcache N=8 (meets every target)", "kcache N=16 (no configuration meets "
-                                                       "every target; this one is the closest, "
-                                                       "missing: needle; ppl)"):
+    for rec, verdict in (
+            ({"name": "kcache N=8", "meets_all": True}, "kcache N=8 (meets every target)"),
+            ({"name": "kcache N=16", "meets_all": False, "misses": ["needle", "ppl"]},
+             "kcache N=16 (no configuration meets every target; this one is the closest, "
+             "missing: needle; ppl)")):
+        recommended.clear()
+        recommended.update(rec)
         eval_cli.run(parser.parse_args(args))
         assert f"# recommended: {verdict}\n" in capsys.readouterr().out
     via = " via transformers" if engine == "transformers" else ""

@@ -192,7 +192,7 @@ def test_torch_qk_topn_past_the_keys_selects_them_all():
 def test_dense_candidates_each_run_their_own_backend(monkeypatch):
     """dense_candidates: SDPA restricted to each fused back-end under its own name (each
     candidate its own back-end, not the last one's), and split_kv at batch 1 only; each is
-    exact attention (on the CPU, sdpa_kernel recorded rather than entered)."""
+    exact attention (sdpa_kernel recorded rather than entered)."""
     used = []
     monkeypatch.setattr(baselines, "sdpa_kernel",
                         lambda backend: used.append(backend) or contextlib.nullcontext())
@@ -221,7 +221,6 @@ def test_short_kernel_names():
 def test_kernel_times_are_per_step_device_activity(monkeypatch):
     """kernel_times (on a fake profiler): each kernel's device µs and launches summed over the
     steps and divided by them; host events left out; no device event at all is an error."""
-    from types import SimpleNamespace
     from torch.autograd import DeviceType
     events = []
 
