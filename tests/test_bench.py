@@ -16,6 +16,13 @@ from kcache_ops.throughput import measure
 from kcache_ops.throughput import report as throughput_report
 
 
+def bench_parser():
+    """The `bench` command's argument parser."""
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser
+
+
 def cpu_ceilings(device):
     """measure_ceilings on a machine with no host-to-device copy to measure."""
     return {"device_copy_GBs": 1.0, "h2d_GBs": None}
@@ -25,8 +32,7 @@ def test_bench_small_on_cpu(tmp_path, monkeypatch):
     """A smoke run with no --out writes to the scratch folder (here tmp_path), never over the
     committed results."""
     monkeypatch.setattr(results, "SMOKE_DIR", str(tmp_path))
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    parser = bench_parser()
     bench.run(parser.parse_args(["--device", "cpu", "--small", "--steps", "2"]))
     data = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
     rows = {(r["context"], r["backend"]): r for r in data["rows"]}
@@ -55,8 +61,7 @@ def test_bench_small_on_cpu(tmp_path, monkeypatch):
 def test_bench_small_through_transformers(tmp_path):
     """--engine transformers: the same caches under transformers' model code of the same shapes
     give the same batches, memory and PCIe bytes per step (they depend on the cache alone)."""
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    parser = bench_parser()
     runs = {}
     for engine in ("kcache_ops", "transformers"):
         out = tmp_path / engine
@@ -84,8 +89,7 @@ def test_steps_given_are_the_steps_timed(argv, steps, tmp_path, monkeypatch):
         timed.append(args[5])
         raise KeyboardInterrupt  # stop before anything runs
     monkeypatch.setattr(bench, "measure", measure_only_steps)
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    parser = bench_parser()
     with pytest.raises(KeyboardInterrupt):
         bench.run(parser.parse_args(["--device", "cpu", "--out", str(tmp_path), *argv]))
     assert timed == [steps]
@@ -250,8 +254,7 @@ def test_models_may_have_spaces_after_commas(tmp_path, monkeypatch):
     ran = []
     monkeypatch.setattr(bench, "measure", lambda models, *a, **k: ran.append(models) or [])
     monkeypatch.setattr(throughput_report, "plot", lambda rows, path: None)
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    parser = bench_parser()
     bench.run(parser.parse_args(["--small", "--models", "tiny, tiny2", "--out", str(tmp_path)]))
     assert ran == [["tiny", "tiny2"]]
 
@@ -292,8 +295,7 @@ def test_report_says_how_the_decode_steps_were_timed():
 def test_report_of_a_bench_json_before_complete_was_recorded():
     """A bench.json written before ``complete`` was recorded is a whole run's: the report does not
     say it was cut off, and links its plot (bench_section's default: the plot drawn)."""
-    with open(f"{results.RESULTS_DIR}/bench.json", encoding="utf-8") as f:
-        data = json.load(f)  # the committed run's
+    data = results.load_json(f"{results.RESULTS_DIR}/bench.json")  # the committed run's
     del data["complete"]
     section = throughput_report.bench_section(data)
     assert results.CUT_OFF[0] not in section
@@ -376,8 +378,7 @@ def test_the_recorded_command_is_the_one_parsed(tmp_path):
     data = json.loads((tmp_path / "a b" / "bench.json").read_text(encoding="utf-8"))
     assert data["command"] == ("python -m kcache_ops bench --small --contexts 64 --steps 1 "
                                f"--no-hf --out '{tmp_path / 'a b'}'")
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    parser = bench_parser()
     bench.run(parser.parse_args(argv[1:]))
     data = json.loads((tmp_path / "a b" / "bench.json").read_text(encoding="utf-8"))
     assert data["command"] == "kcache_ops.cli.bench.run(args), from Python"
@@ -538,8 +539,7 @@ def test_a_run_cut_off_keeps_its_rows_and_a_report_of_them(tmp_path, monkeypatch
         return real(*args)
 
     monkeypatch.setattr(measure, "time_decode", time_decode)
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    parser = bench_parser()
     with pytest.raises(KeyboardInterrupt):
         bench.run(parser.parse_args(["--device", "cpu", "--small", "--steps", "2", "--no-hf",
                                      "--contexts", "64", "--out", str(tmp_path)]))
@@ -792,8 +792,7 @@ def test_default_contexts_are_each_models_own(tmp_path, monkeypatch):
                         or [])
     monkeypatch.setattr(bench, "measure_ceilings", cpu_ceilings)
     monkeypatch.setattr(throughput_report, "plot", lambda rows, path: None)
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    parser = bench_parser()
     for extra in ([], ["--contexts", "64,128"]):
         bench.run(parser.parse_args(["--device", "cpu", "--budget", "0.01", "--out",
                                      str(tmp_path), *extra]))
@@ -810,8 +809,7 @@ def test_a_plot_that_fails_leaves_no_link_to_it(tmp_path, monkeypatch, capsys):
     def broken(rows, path):
         raise RuntimeError("no display")
     monkeypatch.setattr(throughput_report, "plot", broken)
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    parser = bench_parser()
     bench.run(parser.parse_args(["--device", "cpu", "--small", "--steps", "1", "--no-hf",
                                  "--contexts", "64", "--out", str(tmp_path)]))
     out = capsys.readouterr().out
@@ -894,8 +892,7 @@ def test_flags_reach_the_measurement_and_bench_json(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "measure_ceilings", cpu_ceilings)
     monkeypatch.setattr(bench, "host_budget", lambda: 12345)
     monkeypatch.setattr(throughput_report, "plot", lambda rows, path: None)
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    parser = bench_parser()
     settings = []
     for flags in ([], ["--budget", "0.01", "--steps", "3", "--max-batch", "5", "--no-hf",
                        "--topn", "8", "--group-select"]):
@@ -930,8 +927,7 @@ def test_a_run_cut_off_before_its_first_row_leaves_the_previous_results(tmp_path
         raise KeyboardInterrupt
     monkeypatch.setattr(bench, "measure", interrupted)
     monkeypatch.setattr(bench, "measure_ceilings", cpu_ceilings)
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    parser = bench_parser()
     with pytest.raises(KeyboardInterrupt):
         bench.run(parser.parse_args(["--device", "cpu", "--small", "--out", str(tmp_path)]))
     assert {name: (tmp_path / name).read_text(encoding="utf-8") for name in files} == files

@@ -37,6 +37,13 @@ def tiny():
     return model, prefill_snapshot(model, prompts), first, targets
 
 
+def eval_parser():
+    """The `eval` command's argument parser."""
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    return parser
+
+
 def run(model, snapshot, config, first, forced):
     cache = fork(model, snapshot, config, forced.shape[1])
     return step_through(model, cache, first, forced)  # argmax, logprob [B, S]
@@ -162,8 +169,7 @@ def test_product_grid_order_and_size():
 
 
 def test_tails_flag():
-    parser = argparse.ArgumentParser()
-    eval_cli.add_arguments(parser)
+    parser = eval_parser()
     args = parser.parse_args(["--topn", "8,64", "--tails", "none,int2"])
     assert [c.options for c in eval_cli.configs(args)] == \
         [c.options for c in product_grid((8, 64), ("none", "int2"))]
@@ -175,8 +181,7 @@ def test_tails_flag():
 def test_an_empty_tails_flag_is_refused(capsys):
     """--tails of no tail (",") is refused, as --dense-layers of no layer: it would parse to ()
     and run the curated grid instead of the product asked for."""
-    parser = argparse.ArgumentParser()
-    eval_cli.add_arguments(parser)
+    parser = eval_parser()
     assert eval_cli.tail_list(" int2, none ,") == ("int2", "none")
     with pytest.raises(SystemExit):
         parser.parse_args(["--tails", ","])
@@ -186,8 +191,7 @@ def test_an_empty_tails_flag_is_refused(capsys):
 def test_an_empty_dense_layers_flag_is_refused(capsys):
     """--dense-layers of no layer (",", "") is refused: it parsed to () and, false, let the
     default grid run (47 minutes) instead of the product asked for."""
-    parser = argparse.ArgumentParser()
-    eval_cli.add_arguments(parser)
+    parser = eval_parser()
     assert eval_cli.configs(parser.parse_args(["--dense-layers", "0,2"]))[-1].options \
         .dense_layers == (0, 2)
     for text, message in ((",", "expected comma-separated integers, got ','"),
@@ -467,8 +471,7 @@ def test_save_json_keeps_what_the_report_reads(tmp_path):
 
 def test_default_settings_are_those_the_help_states():
     """Without size flags the evaluation runs the sizes --help gives as the defaults."""
-    parser = argparse.ArgumentParser()
-    eval_cli.add_arguments(parser)
+    parser = eval_parser()
     s = eval_cli.settings(parser.parse_args([]))
     stated = {a.option_strings[0]: a.dest for a in parser._actions
               if a.help and "(default " in a.help and hasattr(s, a.dest)}
@@ -596,8 +599,7 @@ def test_suite_on_the_default_model(tmp_path):
     it must equal dense on every measure, and the report must be written. On the CPU in float32
     where a GPU is there too (the command's default there is bfloat16 on CUDA, where dense and
     KCache attention, two kernels, round apart)."""
-    parser = argparse.ArgumentParser()
-    eval_cli.add_arguments(parser)
+    parser = eval_parser()
     eval_cli.run(parser.parse_args(["--quick", "--topn", "1024", "--device", "cpu", "--out",
                                     str(tmp_path)]))
     data = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
@@ -636,8 +638,7 @@ def test_each_preset_fits_the_essay_text(preset):
     from kcache_ops.model.gguf_loader import open_gguf
     from kcache_ops.model.load import default_model_path
     from kcache_ops.model.tokenizer import Tokenizer
-    parser = argparse.ArgumentParser()
-    eval_cli.add_arguments(parser)
+    parser = eval_parser()
     s = eval_cli.settings(parser.parse_args(preset))
     groups = build_groups(Tokenizer.from_gguf(open_gguf(default_model_path())), s)
     assert [len(g["prompts"]) for g in groups[:2]] == [s.ppl_rows + s.agree_rows, s.long_rows]
@@ -729,8 +730,7 @@ def test_report_only_quick_reads_the_smoke_folder(tmp_path, capsys, monkeypatch)
 def test_flags_reach_the_settings_and_the_grid():
     """--answer-steps sets the needle answers' length; --group-select adds group selection to
     the grid of the --topn given, beside per-head selection."""
-    parser = argparse.ArgumentParser()
-    eval_cli.add_arguments(parser)
+    parser = eval_parser()
     args = parser.parse_args(["--answer-steps", "5", "--topn", "8", "--group-select"])
     assert eval_cli.settings(args).answer_steps == 5
     assert [(c.options.topn, c.options.group_select) for c in eval_cli.configs(args)] == [
@@ -739,8 +739,7 @@ def test_flags_reach_the_settings_and_the_grid():
 
 def test_every_size_flag_wins_over_its_preset():
     """Each size flag sets its own size, with or without a preset; the rest are the preset's."""
-    parser = argparse.ArgumentParser()
-    eval_cli.add_arguments(parser)
+    parser = eval_parser()
     sizes = {"ppl_rows": 3, "agree_rows": 4, "prefill": 50, "steps": 6, "long_rows": 7,
              "long_prefill": 80, "long_steps": 9, "answer_steps": 10}
     flags = [x for name, value in sizes.items() for x in (f"--{name.replace('_', '-')}",
@@ -763,8 +762,7 @@ def test_any_product_flag_alone_runs_the_product(flags, grid):
     """--tails, --group-select or --dense-layers alone runs the product at N = 64 (each
     configuration without and with the dense layers), not the curated grid; --quick its own grid
     unless a product flag is given."""
-    parser = argparse.ArgumentParser()
-    eval_cli.add_arguments(parser)
+    parser = eval_parser()
     assert eval_cli.configs(parser.parse_args(flags)) == grid
 
 
@@ -974,8 +972,7 @@ def test_the_run_names_its_model_and_prints_the_recommendation(tmp_path, monkeyp
     monkeypatch.setattr(eval_cli, "save_json", lambda path, s, info, *rest: saved.append(info))
     recommended = {}  # what recommend returns, set before each run
     monkeypatch.setattr(eval_cli.recommend, "recommend", lambda results: recommended)
-    parser = argparse.ArgumentParser()
-    eval_cli.add_arguments(parser)
+    parser = eval_parser()
     folder = tmp_path / "my-model"
     args = ["--model", f"{folder}/", "--engine", engine, "--topn", "8", "--out", str(tmp_path)]
     for rec, verdict in (
