@@ -142,7 +142,7 @@ def gather_rows(src, indices, check_values=True):
 
     Parameters
     ----------
-    src : Tensor [B, Hs, S, D]
+    src : Tensor [B, Hs, S, D], any dtype (rows are copied as bytes)
         On the CUDA path: pinned, device-mapped host memory, read zero-copy in 16-byte pieces
         (rows of a multiple of 16 bytes, 16-byte aligned, under 2 GiB).
     indices : Tensor [B, H, N] int32
@@ -551,8 +551,10 @@ def _check_fake(op, args, host=(), group=None):
                                f"{_values(t.shape)}")
         _check_dtype(op, name, t, dtype)
         if name in host and t.device.type != "cpu" and t.device != first.device:
-            raise RuntimeError(f"{op}: {name} must be in host memory (on cpu) or on "
-                               f"{first.device} (the device of {first_name}), got {t.device}")
+            also = ("" if first.device.type == "cpu"
+                    else f" or on {first.device} (the device of {first_name})")
+            raise RuntimeError(f"{op}: {name} must be in host memory (on cpu){also}, got "
+                               f"{t.device}")
         if name not in host and t.device != first.device:
             raise RuntimeError(f"{op}: {name} must be on {first.device} (the device of "
                                f"{first_name}), got {t.device}")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import host_tensor, seq_lens_tensor
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import kcache_ops
 
@@ -77,8 +78,6 @@ def test_compile_decode_step(device):
 def test_fake_checks_name_the_argument():
     """Under FakeTensorMode (torch.compile's tracing) a bad shape or bits gets the eager op's
     message, not an error from inside the fake implementation."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     ops = torch.ops.kcache_ops
     with FakeTensorMode():
         q, k, lens = torch.randn(2, 4, 64), torch.randn(2, 2, 10, 64), torch.zeros(2).int()
@@ -138,8 +137,6 @@ def test_fake_checks_shapes_against_each_other(case):
     """Shapes that disagree with each other are refused while torch.compile traces (under
     FakeTensorMode), naming the argument, the size expected and where it comes from, as the eager
     op refuses them when it runs."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     call, message = _mismatched_calls()[case]
     with pytest.raises(RuntimeError, match="must have|must equal|must be a multiple|heads"):
         call()  # eager, on the CPU: refused for its shapes (not, say, a dtype)
@@ -344,7 +341,6 @@ def test_compile_names_a_numpy_or_tensor_scalar(call, value, message):
 def test_alloc_host_fake_refuses_what_eager_refuses(shape, dtype, message):
     """alloc_host's fake implementation (torch.compile's) refuses the dtypes and the sizes that
     the eager op does, with its message (it raised torch's own errors on them)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     with pytest.raises(RuntimeError, match=message):
         kcache_ops.alloc_host(shape, dtype)
     with FakeTensorMode(), pytest.raises(RuntimeError, match=message):
@@ -353,12 +349,19 @@ def test_alloc_host_fake_refuses_what_eager_refuses(shape, dtype, message):
 
 def test_meta_argument_among_real_ones():
     """A meta tensor among real ones is refused (the fake implementation would otherwise make
-    uninitialised outputs on the real tensors' device); every argument on meta gives the shapes."""
+    uninitialised outputs on the real tensors' device); every argument on meta gives the shapes.
+    Host memory is offered as the only place where the op runs on the CPU, and beside the device
+    where it runs on CUDA (fake CUDA tensors: no GPU needed)."""
     q, k, lens = torch.randn(2, 4, 64), torch.randn(2, 2, 10, 64), seq_lens_tensor([10, 3], "cpu")
     with pytest.raises(RuntimeError, match="seq_lens must be on cpu .* got meta"):
         kcache_ops.qk_topn(q, k, lens.to("meta"), 3)
-    with pytest.raises(RuntimeError, match="src must be in host memory .* got meta"):
+    with pytest.raises(RuntimeError, match=r"src must be in host memory \(on cpu\), got meta$"):
         kcache_ops.gather_rows(k.to("meta"), torch.zeros(2, 4, 3, dtype=torch.int32))
+    with FakeTensorMode(), pytest.raises(RuntimeError, match=(
+            r"src must be in host memory \(on cpu\) or on cuda:0 \(the device of indices\), "
+            r"got meta$")):
+        kcache_ops.gather_rows(torch.empty(2, 2, 10, 64, device="meta"),
+                               torch.empty(2, 4, 3, dtype=torch.int32, device="cuda"))
     scores, indices, lse = kcache_ops.qk_topn(q.to("meta"), k.to("meta"), lens.to("meta"), 3)
     assert scores.shape == indices.shape == (2, 4, 3) and lse.shape == (2, 4)
     assert scores.device.type == "meta"
