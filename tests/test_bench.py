@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kcache_ops import results
+from kcache_ops.__main__ import main
 from kcache_ops.caches import KCacheOptions
 from kcache_ops.cli import bench
 from kcache_ops.throughput import measure
@@ -223,7 +224,6 @@ def test_transformers_steps_make_no_tensor_from_host_data(monkeypatch):
 def test_models_given_twice_or_empty_are_an_error_line(models, message, capsys, tmp_path):
     """--models takes each shape once (a shape twice ran twice), as --contexts its values; an
     empty name is named as one."""
-    from kcache_ops.__main__ import main
     assert main(["bench", "--small", "--models", models, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
@@ -239,7 +239,6 @@ def test_bad_flags_are_refused_before_anything_is_made_or_measured(flags, messag
                                                                    tmp_path, monkeypatch):
     """A flag refused is an error line before the run makes its --out folder or measures its
     ceilings (a bad --topn came after both: an empty folder and a second of copying)."""
-    from kcache_ops.__main__ import main
     monkeypatch.setattr(bench, "measure_ceilings", lambda device: pytest.fail("measured"))
     out = tmp_path / "new"
     assert main(["bench", "--small", *flags, "--out", str(out)]) == 2
@@ -348,7 +347,6 @@ def test_an_untested_transformers_skips_the_comparison(untested_transformers, tm
     before the measurement, and the run completes (it measured, then failed on an ImportError,
     leaving no report); its version is not recorded, as no row ran on it. --engine transformers
     is an error line before anything is measured."""
-    from kcache_ops.__main__ import main
     argv = ["bench", "--small", "--contexts", "64", "--steps", "1", "--out", str(tmp_path)]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -371,7 +369,6 @@ def test_an_untested_transformers_skips_the_comparison(untested_transformers, tm
 def test_the_recorded_command_is_the_one_parsed(tmp_path):
     """bench.json records the command ``main`` parsed, to reproduce the run (it read sys.argv,
     which is pytest's here, or a caller's own); ``run(args)`` called from Python says so."""
-    from kcache_ops.__main__ import main
     argv = ["bench", "--small", "--contexts", "64", "--steps", "1", "--no-hf",
             "--out", str(tmp_path / "a b")]
     assert main(argv) == 0
@@ -757,7 +754,6 @@ def test_bench_json_records_the_settings_and_ceilings(tmp_path):
     """bench.json records the resolved settings and the ceilings beside the machine (the git
     commit of the checkout among them), and REPORT.md prints them. On the CPU where a GPU is
     there too (the command's default): a CPU run measures no PCIe ceiling."""
-    from kcache_ops.__main__ import main
     assert main(["bench", "--small", "--contexts", "64", "--steps", "1", "--no-hf",
                  "--max-batch", "3", "--device", "cpu", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
@@ -867,7 +863,6 @@ def test_report_only_draws_the_bench_plot_a_folder_lacks(tmp_path):
     GPU machine that gives back a few files) draws it and links it (REPORT.md said the run could
     not draw it); a plot that fails is a warning, and the report says so."""
     import shutil
-    from kcache_ops.__main__ import main
     shutil.copy(f"{results.RESULTS_DIR}/bench.json", tmp_path)  # the committed run's
     with pytest.MonkeyPatch.context() as m, \
             pytest.warns(UserWarning, match=f"^{tmp_path / 'bench_throughput.png'} could not be "

@@ -9,18 +9,22 @@ import os
 import re
 import warnings
 from dataclasses import asdict, replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from kcache_ops.__main__ import main
 from kcache_ops.cli import eval as eval_cli
 from kcache_ops.caches import KCacheOptions
 from kcache_ops.data import essays_text
 from kcache_ops.eval import agreement, needle, perplexity, recommend
 from kcache_ops.eval import report as eval_report
+from kcache_ops.eval import suite
 from kcache_ops.eval.grid import (PAPER_LITERAL, default_grid, display_name, product_grid,
                                   quick_grid)
 from kcache_ops.eval.runner import Config, fork, prefill_snapshot, step_through
+from kcache_ops.eval.suite import Settings, build_groups, evaluate, line, save_json
 from kcache_ops.model import Llama, LlamaConfig
 
 TINY = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=3,
@@ -113,7 +117,6 @@ def test_agreement_arithmetic():
 def test_step_through_feeds_the_forced_token_and_scores_it():
     """A forced token is fed and scored, token 0 too (an ordinary token in many vocabularies:
     "!" in Llama 3's); -1 feeds the argmax. The model here always puts token 1 first."""
-    from types import SimpleNamespace
     logits = torch.tensor([[0.0, 3.0, 1.0], [0.0, 3.0, 1.0]])  # [B, V]
     fed = []
 
@@ -221,7 +224,6 @@ class ByteTokenizer(FakeTokenizer):
 def test_eval_past_the_trained_positions_warns():
     """A group whose prompts and steps run past the model's trained positions is run, with a
     warning naming it (as generate warns); the groups within them give none."""
-    from kcache_ops.eval.suite import Settings, evaluate
     torch.manual_seed(0)
     model = Llama(replace(TINY, max_position_embeddings=128)).eval()
     s = Settings(ppl_rows=1, agree_rows=1, prefill=16, steps=2, long_rows=1, long_prefill=120,
@@ -239,7 +241,6 @@ def test_eval_past_the_trained_positions_warns():
 def test_options_only_a_capacity_refuses_fail_before_the_dense_run():
     """A reuse pool smaller than a step's rows at a group's capacity (N = min(topn, capacity))
     is refused before dense runs (the command's own check has no capacity)."""
-    from kcache_ops.eval.suite import Settings, evaluate
     s = Settings(ppl_rows=1, agree_rows=1, prefill=16, steps=2, long_rows=1, long_prefill=40,
                  long_steps=2, needle_lengths=(40,), needle_depths=(0.5,),
                  needle_phrasings=("vault",), answer_steps=2)
@@ -289,7 +290,6 @@ def test_costs_of_all_dense_layers_and_of_reuse():
 def test_text_too_short_names_the_flags_that_ask_for_it():
     """Sizes the essay text cannot hold are refused before any prefill with what each part needs
     and its flags (the error named a perplexity window's width, not the flags that set it)."""
-    from kcache_ops.eval.suite import Settings, build_groups
     tok = ByteTokenizer()
     have = len(tok.encode(essays_text(), add_special=False))
     s = Settings(ppl_rows=1, agree_rows=1, prefill=have // 2, steps=9, long_rows=1,
@@ -310,16 +310,15 @@ def test_groups_take_their_own_text_and_sizes(monkeypatch):
     the windows), each of its length and in the phrasings and key seed asked; each group's rows
     and steps as the settings ask. Text of exactly the tokens needed is enough, one fewer (for
     the longest haystack) is refused."""
-    from kcache_ops.eval import suite
-    s = suite.Settings(ppl_rows=2, agree_rows=1, prefill=8, steps=3, long_rows=2, long_prefill=12,
-                       long_steps=4, needle_lengths=(30, 60), needle_depths=(0.5,),
-                       needle_phrasings=("vault",), answer_steps=5, seed=7)
+    s = Settings(ppl_rows=2, agree_rows=1, prefill=8, steps=3, long_rows=2, long_prefill=12,
+                 long_steps=4, needle_lengths=(30, 60), needle_depths=(0.5,),
+                 needle_phrasings=("vault",), answer_steps=5, seed=7)
     short, long = 3 * 12, 2 * 17
     # letters alone: no ". " in the haystack, so each needle goes at its very start
     ids = torch.randint(ord("a"), ord("z") + 1, (short + long + 60,)).tolist()
     text = "".join(map(chr, ids))
     monkeypatch.setattr(suite, "essays_text", lambda: text)
-    groups = suite.build_groups(ByteTokenizer(), s)
+    groups = build_groups(ByteTokenizer(), s)
     assert [g["name"] for g in groups] == ["short", "long", "needle-30", "needle-60"]
     g = groups[0]
     assert g["prompts"] == [ids[r * 12: r * 12 + 8] for r in range(3)] and g["ppl_rows"] == 2
@@ -341,7 +340,7 @@ def test_groups_take_their_own_text_and_sizes(monkeypatch):
     monkeypatch.setattr(suite, "essays_text", lambda: text[:-1])
     with pytest.raises(ValueError, match=f"^eval needs {short + long + 60} tokens of essay text, "
                                          f"the text has {short + long + 59}: "):
-        suite.build_groups(ByteTokenizer(), s)
+        build_groups(ByteTokenizer(), s)
 
 
 def test_run_group_scores_each_kind_of_group(monkeypatch):
@@ -350,9 +349,6 @@ def test_run_group_scores_each_kind_of_group(monkeypatch):
     group of perplexity rows alone has neither; a needle answer starts with the prefill's argmax
     and runs to the first end token (not past it) or to its last step; KCache's attention mass
     recorded, each cache forked with room for the steps."""
-    from types import SimpleNamespace
-
-    from kcache_ops.eval import suite
     calls, steps = [], []  # steps: what each step_through returns, in turn
     mass = torch.rand(3).tolist()
 
@@ -412,7 +408,6 @@ def test_evaluate_saves_and_logs_each_configuration_as_it_finishes():
     cut short keeps what finished) and its line logged; each result's seconds measured, its
     attention mass apart from the groups' measures; a group that reaches exactly the trained
     positions runs without a warning."""
-    from kcache_ops.eval.suite import Settings, build_groups, evaluate, line
     s = Settings(ppl_rows=1, agree_rows=1, prefill=16, steps=2, long_rows=1, long_prefill=40,
                  long_steps=2, needle_lengths=(40,), needle_depths=(0.5,),
                  needle_phrasings=("vault",), answer_steps=2)
@@ -438,7 +433,6 @@ def test_line_of_a_result_by_hand():
     """The printed line of a configuration: its name, Δppl of each context under its own label,
     needle hits of the total, agreement in percent (dense has none), host rows and KiB per
     step, device KiB per token and its ratio to dense, seconds."""
-    from kcache_ops.eval.suite import line
     summary = {"dppl": {"short": 1.5, "long": -0.25}, "needle": 5, "needle_total": 6,
                "host_rows": 12.5, "host_bytes_per_step": 3072.0,
                "device_bytes_per_token": 2560.0, "device_ratio": 0.5, "device_ratio_bf16": 0.75}
@@ -456,7 +450,6 @@ def test_line_of_a_result_by_hand():
 def test_save_json_keeps_what_the_report_reads(tmp_path):
     """save_json writes the settings, the machine, the command, the planned configurations, the
     recommendation and the results as given (the report reads each back)."""
-    from kcache_ops.eval.suite import Settings, save_json
     s = Settings(ppl_rows=3, needle_lengths=(40, 80))
     info = {"cpu": "c", "cores": 2, "model": "/models/m", "model_name": "m"}
     results = [{"config": Config.dense().to_dict(), "seconds": 1.5}]
@@ -634,7 +627,6 @@ def test_suite_on_the_default_model(tmp_path):
 def test_each_preset_fits_the_essay_text(preset):
     """Every window and haystack of each size preset comes from the essay text with the default
     model's tokenizer (--gpu-sizes asked for 169,824 of its 154,028 tokens: it stopped at once)."""
-    from kcache_ops.eval.suite import build_groups
     from kcache_ops.model.gguf_loader import open_gguf
     from kcache_ops.model.load import default_model_path
     from kcache_ops.model.tokenizer import Tokenizer
@@ -700,7 +692,6 @@ def test_report_only_of_a_folder_without_results(tmp_path, capsys):
     """`eval --report-only --out DIR`: a DIR that does not exist is an error line, and is not made
     (a mistyped --out made it and wrote a report of nothing, exit 0); one without results gets
     the report of what has not run, and a line says it held no results."""
-    from kcache_ops.__main__ import main
     out = tmp_path / "new" / "folder"
     assert main(["eval", "--report-only", "--out", str(out)]) == 2
     assert capsys.readouterr().err == (f"error: --out {out} does not exist: --report-only rewrites "
@@ -719,7 +710,6 @@ def test_report_only_quick_reads_the_smoke_folder(tmp_path, capsys, monkeypatch)
     """`eval --report-only --quick` rewrites the report of the quick run's folder (the smoke
     folder), not the committed results'."""
     from kcache_ops import results as results_module
-    from kcache_ops.__main__ import main
     smoke, committed = tmp_path / "smoke", tmp_path / "results"
     monkeypatch.setattr(results_module, "SMOKE_DIR", str(smoke))
     monkeypatch.setattr(results_module, "RESULTS_DIR", str(committed))
@@ -769,7 +759,6 @@ def test_any_product_flag_alone_runs_the_product(flags, grid):
 def test_report_only_refuses_the_options_of_a_measurement(tmp_path, capsys):
     """--report-only measures nothing: a measurement's option given with it is an error line
     naming it (it was silently ignored), and no folder is made."""
-    from kcache_ops.__main__ import main
     out = tmp_path / "out"
     assert main(["eval", "--report-only", "--out", str(out), "--topn", "8", "--group-select",
                  "--engine", "transformers"]) == 2
@@ -832,7 +821,6 @@ def test_delta_se_and_the_report_noise():
     """Δ ppl's standard error from the windows paired with dense's, in the table and in the
     recommendation's verdict on the target; the agreement column lists each prompt's first
     mismatch."""
-    from kcache_ops.eval import perplexity
     from kcache_ops.eval.report import eval_section, recommendation
     dense_ppl = {"ppl": 10.0, "ppl_rows": [10.0, 10.0, 10.0]}
     ppl = {"ppl": 10.01, "ppl_rows": [10.0, 10.1, 9.93]}  # per window 0, +1, -0.7 %
@@ -887,7 +875,6 @@ def test_cli_options_the_model_cannot_take_fail_before_any_run(tmp_path, capsys,
     """--dense-layers past the model's layers, or a head dim the ops do not take, is an error
     line before dense and the first configuration run (it came after them), and nothing is
     written."""
-    from kcache_ops.__main__ import main
     from model_helpers import save_tiny_hf, save_tiny_tokenizer
     save_tiny_hf(tmp_path, num_key_value_heads=2, head_dim=head_dim)  # 2 layers
     save_tiny_tokenizer(tmp_path, 96)
@@ -901,7 +888,6 @@ def test_cli_options_the_model_cannot_take_fail_before_any_run(tmp_path, capsys,
 def test_report_only_refuses_json_it_did_not_write(tmp_path, capsys):
     """An eval.json that is not JSON, or lacks what the report reads, is one error line naming
     the file or the folder, not a traceback."""
-    from kcache_ops.__main__ import main
     for text, message in (("{", f"{tmp_path / 'eval.json'} is not valid JSON"),
                           ('{"results": [1, 2]}', f"{tmp_path / 'eval.json'} lacks settings, "
                                                   "machine, command: it is not a file this "
@@ -915,7 +901,6 @@ def test_report_only_refuses_json_it_did_not_write(tmp_path, capsys):
 def test_out_that_cannot_be_written_fails_before_any_run(tmp_path, capsys):
     """A --out that cannot be made (under a file) is refused before any model loads (it was
     found only when the results were saved, after the whole dense run); a new one is made."""
-    from kcache_ops.__main__ import main
     (tmp_path / "file").write_text("", encoding="utf-8")
     bad = tmp_path / "file" / "results"
     for argv in (["eval", "--quick"], ["bench", "--small"]):
@@ -943,7 +928,6 @@ def test_a_folder_no_file_can_be_made_in_is_refused(monkeypatch):
 
 
 def test_out_that_is_a_file_fails_before_any_run(tmp_path, capsys):
-    from kcache_ops.__main__ import main
     taken = tmp_path / "taken"
     taken.write_text("", encoding="utf-8")
     for argv in (["eval", "--quick"], ["bench", "--small"]):
@@ -959,7 +943,6 @@ def test_the_run_names_its_model_and_prints_the_recommendation(tmp_path, monkeyp
     the engine that ran it, and the last lines say whether the recommended setting meets every
     target or what the closest one misses (the model and the suite stubbed: the command's own
     part)."""
-    from types import SimpleNamespace
     if engine == "transformers":
         loader = pytest.importorskip("kcache_ops.integrations.transformers_engine")
         name = "load_transformers_model"
