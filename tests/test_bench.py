@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,8 +14,10 @@ from kcache_ops import results
 from kcache_ops.__main__ import main
 from kcache_ops.caches import KCacheOptions
 from kcache_ops.cli import bench
-from kcache_ops.throughput import measure
+from kcache_ops.throughput import ceilings, measure, transformers_baseline
 from kcache_ops.throughput import report as throughput_report
+from kcache_ops.throughput.ceilings import weight_bytes, weight_bytes_per_step
+from kcache_ops.throughput.report import bench_section
 
 
 def bench_parser():
@@ -110,7 +113,6 @@ def test_the_median_of_the_runs_is_returned(monkeypatch):
     """median_seconds on the CPU: each run on the host clock, the median of them returned (not
     the least, the mean or the last), on a clock that is read, not slept on."""
     import statistics
-    from types import SimpleNamespace
     from kcache_ops import devices
     durations = [9.0, 1.0, 4.0, 100.0, 2.0]  # the median neither the first, last, least nor mean
     runs = len(durations)
@@ -185,8 +187,7 @@ def test_transformers_steps_make_no_tensor_from_host_data(monkeypatch):
     tensor made before timing: no step makes a tensor from host data (on a GPU each would wait
     for the stream and lose transformers' launch/compute overlap)."""
     pytest.importorskip("transformers")
-    from kcache_ops.throughput import shapes, transformers_baseline
-    model = transformers_baseline.hf_model(shapes.SHAPES["tiny"], torch.device("cpu"),
+    model = transformers_baseline.hf_model(measure.SHAPES["tiny"], torch.device("cpu"),
                                            torch.float32, 64)
     positions, made = [], []
     real_call, real_tensor = type(model).__call__, torch.tensor
@@ -261,7 +262,6 @@ def test_models_may_have_spaces_after_commas(tmp_path, monkeypatch):
 def test_report_says_where_transformers_ran_out_of_memory():
     """A dense row whose transformers run ran out of device memory says so in the transformers
     column (it read "—", as where transformers is not installed)."""
-    from kcache_ops.throughput.report import bench_section
     row = {"model": "tiny", "context": 256, "backend": "dense", "batch": 7, "budget_bytes": 2**22,
            "cache_device_bytes": 2**22, "host_bytes": 0, "prefill_tok_s": 1.0,
            "decode_tok_s": 1.0, "pcie_bytes_per_step": 0}
@@ -276,7 +276,6 @@ def test_report_says_how_the_decode_steps_were_timed():
     """The report says whether a CUDA run's decode steps were graph replays or launched eagerly
     (rows written before decode_timed was recorded were all eager: an eager step of many small
     kernels times the host that launches them)."""
-    from kcache_ops.throughput.report import bench_section
     row = {"model": "tiny", "context": 256, "backend": "dense", "batch": 7, "budget_bytes": 2**22,
            "cache_device_bytes": 2**22, "host_bytes": 0, "prefill_tok_s": 1.0,
            "decode_tok_s": 1.0, "pcie_bytes_per_step": 0}
@@ -296,7 +295,7 @@ def test_report_of_a_bench_json_before_complete_was_recorded():
     say it was cut off, and links its plot (bench_section's default: the plot drawn)."""
     data = results.load_json(f"{results.RESULTS_DIR}/bench.json")  # the committed run's
     del data["complete"]
-    section = throughput_report.bench_section(data)
+    section = bench_section(data)
     assert results.CUT_OFF[0] not in section
     assert "![throughput vs context](bench_throughput.png)" in section
 
@@ -385,8 +384,7 @@ def test_transformers_with_a_context_shorter_than_its_prefill():
     """A context under 16 tokens: transformers' timing prefills that many tokens (it prefilled
     16 into a static cache of context + steps + 2, an IndexError at --contexts 8 --steps 2)."""
     pytest.importorskip("transformers")
-    from kcache_ops.throughput import shapes, transformers_baseline
-    model = transformers_baseline.hf_model(shapes.SHAPES["tiny"], torch.device("cpu"),
+    model = transformers_baseline.hf_model(measure.SHAPES["tiny"], torch.device("cpu"),
                                            torch.float32, 12)
     for context in (1, 8):
         assert transformers_baseline.time_hf(model, 2, context, 2) > 0
@@ -397,11 +395,9 @@ def test_transformers_model_is_the_shape_asked():
     and a tied or untied LM head among them), in the dtype asked, with SDPA attention and the
     positions asked; torch's default dtype is left as it was."""
     pytest.importorskip("transformers")
-    from kcache_ops.throughput import shapes, transformers_baseline
-    from kcache_ops.throughput.ceilings import weight_bytes
     default = torch.get_default_dtype()
     for name in ("tiny", "smollm2-135m"):  # an untied LM head, a tied one
-        config = shapes.SHAPES[name]
+        config = measure.SHAPES[name]
         model = transformers_baseline.hf_model(config, torch.device("meta"), torch.bfloat16, 100)
         assert torch.get_default_dtype() == default, name
         count = weight_bytes(config, torch.int8)  # one byte a parameter: the shape's count
@@ -415,8 +411,7 @@ def test_transformers_is_timed_at_the_batch_and_context_asked(monkeypatch):
     """time_hf: a static cache of context + steps + 2 rows (a step attends over all of them), a
     prefill of 16 tokens and every decode step at the batch asked."""
     transformers = pytest.importorskip("transformers")
-    from kcache_ops.throughput import shapes, transformers_baseline
-    model = transformers_baseline.hf_model(shapes.SHAPES["tiny"], torch.device("cpu"),
+    model = transformers_baseline.hf_model(measure.SHAPES["tiny"], torch.device("cpu"),
                                            torch.float32, 64)
     lengths, inputs = [], []
     real_call = type(model).__call__
@@ -440,7 +435,6 @@ def test_transformers_out_of_memory_is_the_rows_alone(monkeypatch):
     """compare_with_hf: one model addressing the longest context, each dense row timed at its
     own batch and context; a row that runs transformers out of device memory gets the error's
     first line and a line saying so, no rate (not the row before's), and the run goes on."""
-    from kcache_ops.throughput import transformers_baseline as tb
     built, timed = [], []
 
     def time_hf(model, batch, context, steps):
@@ -448,12 +442,13 @@ def test_transformers_out_of_memory_is_the_rows_alone(monkeypatch):
         if context == 128:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
         return 0.040
-    monkeypatch.setattr(tb, "hf_model", lambda *args: built.append(args))
-    monkeypatch.setattr(tb, "time_hf", time_hf)
+    monkeypatch.setattr(transformers_baseline, "hf_model", lambda *args: built.append(args))
+    monkeypatch.setattr(transformers_baseline, "time_hf", time_hf)
     rows = [{"model": "tiny", "context": c, "batch": b, "decode_step_ms": 10.0}
             for c, b in ((64, 4), (128, 2), (32, 8))]
     lines = []
-    tb.compare_with_hf("config", "cpu", torch.float32, rows, 3, log=lines.append)
+    transformers_baseline.compare_with_hf("config", "cpu", torch.float32, rows, 3,
+                                          log=lines.append)
     assert built == [("config", "cpu", torch.float32, 128 + 3 + 2)]
     assert timed == [(4, 64, 3), (2, 128, 3), (8, 32, 3)]
     assert rows[1]["hf_error"] == "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"
@@ -468,16 +463,13 @@ def test_no_device_memory_left_after_the_reserve_is_an_error(monkeypatch):
     """Free device memory at or under --reserve is an error naming both (the budget went
     negative: every configuration was skipped as not fitting, and the empty run passed); a
     negative budget fits a batch of 0, not a negative one."""
-    from types import SimpleNamespace
-
-    from kcache_ops.throughput.shapes import SHAPES
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 * 10**9, 80 * 10**9))
     with pytest.raises(ValueError, match=r"cuda has 4.000 GB free, not more than the 6.0 GB "
                                          r"reserved for activations \(--reserve\)"):
         measure.device_budget(torch.device("cuda"), None, 6.0)
     assert measure.device_budget(torch.device("cuda"), None, 1.5) == 25 * 10**8
-    model = SimpleNamespace(config=SHAPES["tiny"], dtype=torch.float32)
+    model = SimpleNamespace(config=measure.SHAPES["tiny"], dtype=torch.float32)
     for backend in ("dense", "kcache"):
         options = KCacheOptions(topn=8) if backend == "kcache" else None
         assert measure.fit_batch(model, backend, options, 64, -2 * 10**9, -1, 8) == (0, "device")
@@ -487,8 +479,7 @@ def test_a_model_the_reserve_leaves_no_room_for_is_skipped(monkeypatch):
     """Where one model's weights leave no budget after the reserve, that model is skipped with a
     line saying why and the next one is measured (the error ended the run before the smaller
     model); a run where nothing fits is an error, not an empty table."""
-    from kcache_ops.throughput.shapes import SHAPES
-    monkeypatch.setitem(SHAPES, "tiny2", SHAPES["tiny"])
+    monkeypatch.setitem(measure.SHAPES, "tiny2", measure.SHAPES["tiny"])
     real = measure.device_budget
     budgets = iter([ValueError("cuda has 1.000 GB free, not more than the 6.0 GB reserved"),
                     None])
@@ -547,7 +538,6 @@ def test_a_run_cut_off_keeps_its_rows_and_a_report_of_them(tmp_path, monkeypatch
     assert "**This run was cut off before its end**" in report
     table = [line for line in report.splitlines() if line.startswith("| tiny |")]
     row = data["rows"][0]
-    from kcache_ops.throughput.report import bench_section
     assert table == [line for line in bench_section(data) if line.startswith("| tiny |")]
     assert len(table) == 1 and table[0].startswith(f"| tiny | 64 | dense | {row['batch']} (")
     assert "bench_throughput.png" not in report
@@ -558,7 +548,6 @@ def test_no_vs_dense_where_max_batch_capped_a_batch(capsys):
     """--max-batch capped the batch (a batch the budget does not set): the two backends do not
     fill one device memory, so a KCache row has no vs_dense ratio (it had one), printed and
     tabled as "–" with a note saying why; uncapped, the ratio is there."""
-    from kcache_ops.throughput.report import bench_section
     lines = []
     # both capped; neither; only KCache's (the paper's options: K alone on the device, where
     # dense's batch is set by the budget)
@@ -621,29 +610,28 @@ def test_ceilings_are_measured_and_set_each_rows_floor(monkeypatch):
     """The run's own ceilings (DESIGN.md §6): a device copy's bytes read + written a second (no
     PCIe on the CPU), and per row the floor of its bytes at them over the measured step; the
     bytes are the weights read once and the cache's reads at the median timed step's keys."""
-    from kcache_ops.throughput import ceilings as c
-    assert c.d2d_bandwidth_gbs("cpu", 1 << 20, warmup=1, runs=3) > 0
-    monkeypatch.setattr(c, "d2d_bandwidth_gbs", lambda device, **kwargs: 20.0)
-    assert c.measure_ceilings("cpu") == {"device_copy_GBs": 20.0, "h2d_GBs": None}
+    assert ceilings.d2d_bandwidth_gbs("cpu", 1 << 20, warmup=1, runs=3) > 0
+    monkeypatch.setattr(ceilings, "d2d_bandwidth_gbs", lambda device, **kwargs: 20.0)
+    assert ceilings.measure_ceilings("cpu") == {"device_copy_GBs": 20.0, "h2d_GBs": None}
     # CUDA: the pinned host->device copy too (its copies stubbed: no GPU needed)
-    monkeypatch.setattr(c, "h2d_bandwidth_gbs", lambda device: 50.0)
-    assert c.measure_ceilings("cuda") == {"device_copy_GBs": 20.0, "h2d_GBs": 50.0}
+    monkeypatch.setattr(ceilings, "h2d_bandwidth_gbs", lambda device: 50.0)
+    assert ceilings.measure_ceilings("cuda") == {"device_copy_GBs": 20.0, "h2d_GBs": 50.0}
     # CUDA: the PCIe reads after the device reads; the CPU: one RAM
-    assert c.floor_seconds(4e9, 1e9, {"device_copy_GBs": 2000.0, "h2d_GBs": 50.0}) == \
+    assert ceilings.floor_seconds(4e9, 1e9, {"device_copy_GBs": 2000.0, "h2d_GBs": 50.0}) == \
         pytest.approx(2e-3 + 20e-3)
-    assert c.floor_seconds(4e9, 1e9, {"device_copy_GBs": 20.0, "h2d_GBs": None}) == \
+    assert ceilings.floor_seconds(4e9, 1e9, {"device_copy_GBs": 20.0, "h2d_GBs": None}) == \
         pytest.approx(0.25)
-    ceilings = {"device_copy_GBs": 20.0, "h2d_GBs": None}
+    cpu = {"device_copy_GBs": 20.0, "h2d_GBs": None}
     lines = []
     rows = measure.measure(["tiny"], [64], torch.device("cpu"), torch.float32,
                            KCacheOptions(topn=8), 2, budget_gb=0.01, max_batch=3, hf=False,
-                           log=lines.append, ceilings=ceilings)
+                           log=lines.append, ceilings=cpu)
     config = measure.SHAPES["tiny"]
     for row, line in zip(rows, lines[1:]):
         cache = measure.new_cache(measure.random_model(config, "cpu", torch.float32),
                                   row["backend"], KCacheOptions(topn=8) if row["options"] else None,
                                   row["batch"], 64 + 2 + 2)
-        device = (c.weight_bytes_per_step(config, row["batch"], torch.float32)
+        device = (weight_bytes_per_step(config, row["batch"], torch.float32)
                   + cache.device_bytes_read_per_step(64 + 3))  # the median of 2 timed steps
         assert row["device_bytes_per_step"] == device
         floor = (device + row["pcie_bytes_per_step"]) / 20e9
@@ -658,10 +646,9 @@ def test_rates_and_the_copy_ceiling_by_hand(monkeypatch):
     sequence), decode tokens of the whole batch over a step's seconds; the device copy counts
     the bytes read and written; transformers' tok/s at the dense row's batch, and dense's speed
     over it."""
-    from kcache_ops.throughput import ceilings as c
-    from kcache_ops.throughput import transformers_baseline as tb
-    monkeypatch.setattr(c, "median_seconds", lambda device, step, runs: 0.5)
-    assert c.d2d_bandwidth_gbs("cpu", 1 << 20, warmup=0, runs=1) == 2 * (1 << 20) / 0.5 / 1e9
+    monkeypatch.setattr(ceilings, "median_seconds", lambda device, step, runs: 0.5)
+    copied = 2 * (1 << 20)  # bytes read + written
+    assert ceilings.d2d_bandwidth_gbs("cpu", 1 << 20, warmup=0, runs=1) == copied / 0.5 / 1e9
     monkeypatch.setattr(measure, "time_prefill", lambda *args: 0.5)
     rows = measure.measure(["tiny"], [64], torch.device("cpu"), torch.float32,
                            KCacheOptions(topn=8), 2, budget_gb=0.01, max_batch=3, hf=False,
@@ -669,10 +656,11 @@ def test_rates_and_the_copy_ceiling_by_hand(monkeypatch):
     for row in rows:
         assert row["batch"] == 3 and row["prefill_tok_s"] == 64 / 0.5
         assert row["decode_tok_s"] == pytest.approx(3 / (row["decode_step_ms"] / 1e3))
-    monkeypatch.setattr(tb, "hf_model", lambda *args: None)
-    monkeypatch.setattr(tb, "time_hf", lambda model, batch, context, steps: 0.040)
+    monkeypatch.setattr(transformers_baseline, "hf_model", lambda *args: None)
+    monkeypatch.setattr(transformers_baseline, "time_hf",
+                        lambda model, batch, context, steps: 0.040)
     row = {"model": "tiny", "context": 64, "batch": 4, "decode_step_ms": 10.0}
-    tb.compare_with_hf(None, "cpu", None, [row], 2, log=lambda line: None)
+    transformers_baseline.compare_with_hf(None, "cpu", None, [row], 2, log=lambda line: None)
     assert row["hf_decode_tok_s"] == pytest.approx(4 / 0.040)
     assert row["dense_vs_hf"] == pytest.approx(4.0)  # 40 ms a step against our 10
 
@@ -680,7 +668,6 @@ def test_rates_and_the_copy_ceiling_by_hand(monkeypatch):
 def test_a_prefill_is_timed_by_the_median_of_its_runs_after_a_warm_up(monkeypatch):
     """time_prefill: a 64-token warm-up (5 s here) and three timed runs (1, 1 and 4 s) -> 1 s,
     the median of the timed runs alone."""
-    from types import SimpleNamespace
     clock, durations = [0.0], iter([5.0, 1.0, 1.0, 4.0])
 
     def prefill(tokens, lens, cache):
@@ -696,7 +683,6 @@ def test_the_batch_is_the_least_of_the_device_host_and_cap_limits(monkeypatch):
     """fit_batch: 100 device bytes and 1000 host bytes a sequence in 10 kB of device and 3 kB
     of host memory -> 3 sequences, set by the host; unchecked host memory -> the device's 100,
     or the cap below it; a tie goes to the device."""
-    from types import SimpleNamespace
     monkeypatch.setattr(measure, "sequence_bytes", lambda *args: (100, 1000))
     model = SimpleNamespace(config=None, dtype=None)
     fit = functools.partial(measure.fit_batch, model, "kcache", None, 67)
@@ -713,7 +699,6 @@ def test_weight_bytes_per_step_are_the_parameters_read(name, bias):
     """The weights a step reads: every parameter, of an untied input embedding only the batch's
     rows (a tied one is the LM head, read whole), against the model's own parameters."""
     from kcache_ops.model import Llama
-    from kcache_ops.throughput.ceilings import weight_bytes, weight_bytes_per_step
     config = dataclasses.replace(measure.SHAPES[name], **bias)
     with torch.device("meta"):
         model = Llama(config).to(torch.bfloat16)
@@ -727,7 +712,6 @@ def test_weight_bytes_per_step_are_the_parameters_read(name, bias):
 def test_shapes_are_the_published_models():
     """The benchmark's shapes are the models they are named for: their parameter counts are
     the published ones (Llama-3-8B's 8,030,261,248; SmolLM2-135M's 134,515,008, tied)."""
-    from kcache_ops.throughput.ceilings import weight_bytes
     for name, params in (("llama3-8b", 8_030_261_248), ("smollm2-135m", 134_515_008)):
         assert weight_bytes(measure.SHAPES[name], torch.int8) == params, name
 
