@@ -32,7 +32,6 @@ def test_defaults_and_normalization():
 def test_integers_of_any_type_are_ints():
     """Counts as NumPy integers or 0-d tensors (computed sizes) are taken and kept as ints, so the
     options equal, hash and print as those given as ints."""
-    import numpy as np
     o = KCacheOptions(topn=np.int64(8), sinks=torch.tensor(2), window=np.int32(6),
                       reuse=np.uint16(64), dense_layers=[np.int64(1), torch.tensor(0)])
     assert o == KCacheOptions(topn=8, sinks=2, window=6, reuse=64, dense_layers=(0, 1))
@@ -47,7 +46,6 @@ def test_integers_of_any_type_are_ints():
 def test_top_p_of_any_real_type_is_a_float():
     """top_p as a NumPy float or integer or a 0-d tensor is taken and kept as a float; a bool,
     a complex, a string, a 1-dim tensor or an int past the float range are refused."""
-    import numpy as np
     for value in (np.float32(0.5), np.float64(0.5), np.array(0.5), torch.tensor(0.5),
                   torch.tensor(0.5).half()):
         o = KCacheOptions(top_p=value)
@@ -63,7 +61,6 @@ def test_top_p_of_any_real_type_is_a_float():
 def test_flags_of_any_bool_type_are_bools():
     """group_select and renormalize as a NumPy bool or a 0-d bool tensor are taken and kept as a
     Python bool; an int, a string or a 1-dim tensor is refused."""
-    import numpy as np
     for value in (np.bool_(True), torch.tensor(True), np.array(True)):
         o = KCacheOptions(group_select=value, renormalize=value)
         assert o.group_select is True and o.renormalize is True

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import kcache_ops.cli.generate as command
 from kcache_ops.__main__ import main
 from kcache_ops.model import load_model, pad_prompts
 from kcache_ops.generate import generate, sample
@@ -317,7 +318,6 @@ def test_eos_ids_default_to_the_tokenizers(loaded):
 def test_ids_of_any_integer_type(loaded):
     """Token ids and EOS ids as NumPy integers or 0-d tensors are the same ids (a set of 0-d
     tensors never matched a sampled id, so generation ran past EOS)."""
-    import numpy as np
     model, _ = loaded
     free = generate(model, PROMPTS, 10).tokens
     eos = free[0][3]
@@ -343,7 +343,6 @@ def test_seed_of_any_integer_type_and_range(loaded):
     2^64); anything else is a ValueError naming it (before: a TypeError for a NumPy integer, a
     RuntimeError for a 0-d tensor or a float, an overflow message naming nothing past the
     range)."""
-    import numpy as np
     model, _ = loaded
     want = generate(model, PROMPTS, 4, temperature=1.0, seed=3).tokens
     for seed in (np.int64(3), torch.tensor(3), np.array(3)):
@@ -360,7 +359,6 @@ def test_sample_checks_its_arguments():
     """sample, public, checks what generate checks (the same function): a negative temperature
     drew the least likely token, top_k 0 or -3 failed deep in torch, top_p 2 was taken. Numbers
     of any type are taken."""
-    import numpy as np
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))  # [B, V]
     for kwargs, message in [({"temperature": -1.0}, "temperature must be a number >= 0"),
                             ({"temperature": math.inf}, "temperature must be a number >= 0"),
@@ -413,7 +411,6 @@ def test_float32_zero_temperature_or_top_p_is_greedy(loaded):
 def test_cli_says_when_a_sequence_ended_at_end_of_sequence(folder, capsys, monkeypatch):
     """A sequence that ends at an end-of-sequence token is said so in the summary (one that ended
     at once printed nothing and "decode 0 more", with no word of why)."""
-    import kcache_ops.cli.generate as command
     from kcache_ops.caches import make_cache
     from kcache_ops.generate import Generation
     args = ["generate", "--model", str(folder), "--prompt", "a", "--prompt", "b",
@@ -431,7 +428,6 @@ def test_cli_passes_its_flags_on(folder, capsys, monkeypatch):
     """Each flag reaches what it sets: --device and --dtype the model loaded, the sampling flags,
     --max-new-tokens, --backend and the cache options generate (a flag parsed and dropped
     leaves a run that still works, with the defaults)."""
-    import kcache_ops.cli.generate as command
     from kcache_ops.caches import make_cache
     from kcache_ops.generate import Generation
     seen = {}
@@ -646,7 +642,6 @@ def test_cli_prompt_of_no_token_is_an_error_line(folder, capsys, tmp_path):
 
 def test_cli_prompt_file_drops_a_bom(folder, monkeypatch, tmp_path):
     """A prompt file saved with a UTF-8 BOM (Windows editors) is the same prompt as without."""
-    import kcache_ops.cli.generate as command
     seen = []
 
     def load(*args):  # load_model, with a tokenizer that records the prompts it encodes
@@ -689,7 +684,6 @@ def test_cli_chat_without_a_template_warns(folder, tmp_path):
 def test_cli_interrupted_or_piped_is_quiet(monkeypatch, capsys, error, code, err):
     """Ctrl-C ends a command with "interrupted" and 130, a reader of stdout that left (`| head`)
     quietly with 141 (128 + SIGPIPE): no traceback, nor "error: [Errno 32] Broken pipe"."""
-    import kcache_ops.cli.generate as command
 
     def run(args):
         raise error()
@@ -710,7 +704,6 @@ def test_cli_names_a_missing_package_an_unreadable_file_or_memory(monkeypatch, c
     """An optional package a file needs and the machine lacks (gguf, for a GGUF model), a file
     the command cannot read, or memory the host or the GPU lacks, ends the command with its
     message and 2, not a traceback."""
-    import kcache_ops.cli.generate as command
 
     def run(args):
         raise error

@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file, save_file
 import torch
 
 gguf = pytest.importorskip("gguf")  # requirements.txt has it; a lent GPU machine may not
@@ -331,7 +332,6 @@ def test_malformed_config_is_a_checkpoint_error(tmp_path, edit, message):
 
 def test_non_finite_weights_are_a_checkpoint_error(tmp_path):
     """A file of the right size whose bytes are corrupt loads as NaN or inf: refused."""
-    from safetensors.torch import load_file, save_file
     save_tiny_hf(tmp_path)
     path = tmp_path / "model.safetensors"
     tensors = load_file(str(path))
@@ -540,7 +540,6 @@ def test_malformed_safetensors_header(tmp_path, header, message):
 def test_rotary_inv_freq_buffers_are_skipped(tmp_path):
     """Checkpoints of older transformers hold each layer's rotary_emb.inv_freq buffer: it is not a
     weight (the model computes its frequencies), and the folder loads with the oracle's logits."""
-    from safetensors.torch import load_file, save_file
     oracle = save_tiny_hf(tmp_path)
     path = tmp_path / "model.safetensors"
     weights = load_file(path)
@@ -557,7 +556,6 @@ def test_tied_config_with_its_own_lm_head(tmp_path):
     """A folder whose config.json ties the LM head but whose weights hold an lm_head.weight of
     other values is refused, naming both readings (it was dropped for the embeddings without a
     word; transformers 5 uses it, 4 ties); one equal to the embeddings loads, tied."""
-    from safetensors.torch import load_file, save_file
     oracle = save_tiny_hf(tmp_path, tie_word_embeddings=True)
     path = tmp_path / "model.safetensors"
     weights = load_file(path)
@@ -580,7 +578,6 @@ def test_tied_config_with_only_an_lm_head(tmp_path):
     """A tied folder that stores its one matrix as lm_head.weight (transformers loads it) loads
     with that as the embedding and the head (it was "the checkpoint lacks 1 tensors, e.g.
     ['embed_tokens.weight']", lm_head.weight dropped without a word)."""
-    from safetensors.torch import load_file, save_file
     oracle = save_tiny_hf(tmp_path, tie_word_embeddings=True)
     path = tmp_path / "model.safetensors"
     weights = load_file(path)
@@ -798,7 +795,6 @@ def test_gguf_rope_factor_without_a_type(key):
 def test_weights_that_are_not_floats_or_appear_twice(tmp_path):
     """An integer tensor (cast to floats it would compute garbage), or a tensor in two shards
     (the last would win), is a CheckpointError naming it."""
-    from safetensors.torch import load_file, save_file
     save_tiny_hf(tmp_path / "int")
     path = tmp_path / "int" / "model.safetensors"
     tensors = load_file(str(path))

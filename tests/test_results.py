@@ -2,14 +2,17 @@
 command writes them (a smoke run never over the committed results), and REPORT.md assembled from
 whichever JSON files are present (here only the GPU gather script's)."""
 import argparse
+import ctypes
+import json
 import os
 import pathlib
 import re
+import subprocess
 
 import pytest
 import torch
 
-from kcache_ops import report
+from kcache_ops import report, results
 from kcache_ops.cli import bench, eval as eval_cli
 from kcache_ops.eval.report import EVAL_JSON
 from kcache_ops.results import (RESULTS_DIR, SMOKE_DIR, load_json, machine, out_dir, ran_on,
@@ -50,8 +53,6 @@ def test_machine_records_the_commit_and_on_cuda_its_versions(tmp_path, monkeypat
     """The machine of a run records the commit of the checkout it ran from ("-dirty" with
     changes to tracked files; None, no error, outside a checkout or without git) and, on CUDA
     only, torch's CUDA runtime and the driver's CUDA version; the report line prints them."""
-    import subprocess
-    from kcache_ops import results
     head = subprocess.run(["git", "-C", results.PACKAGE_PARENT, "rev-parse", "HEAD"],
                           capture_output=True, text=True).stdout.strip()
     if head:  # the tests run from a checkout
@@ -83,8 +84,6 @@ def test_machine_records_the_commit_and_on_cuda_its_versions(tmp_path, monkeypat
 def test_the_commit_is_dirty_for_changed_tracked_files_only(tmp_path, monkeypatch):
     """git_commit marks "-dirty" a checkout whose tracked files differ from its commit, not one
     that merely holds untracked files (a results file a run just wrote, a build folder)."""
-    import subprocess
-    from kcache_ops import results
     for outer in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY"):
         monkeypatch.delenv(outer, raising=False)  # as in a git hook: the repository is tmp_path's
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)  # no signing or hooks of the user's
@@ -112,8 +111,6 @@ def test_the_commit_is_dirty_for_changed_tracked_files_only(tmp_path, monkeypatc
 def test_cuda_driver_reads_the_drivers_version(monkeypatch):
     """cuda_driver: cuDriverGetVersion's 1000 * major + 10 * minor as "major.minor"; None where
     the call fails or the library is not there (a machine without a driver)."""
-    import ctypes
-    from kcache_ops import results
     major, minor = 12, 4  # a minor version the reading could drop
 
     class Driver:
@@ -146,7 +143,6 @@ def test_a_broken_json_file_is_named(tmp_path, content):
 def test_json_is_standard_json(tmp_path):
     """A float that is not finite is written as null (standard JSON has no NaN or Infinity,
     which JSON.parse and other strict readers refuse); the committed results hold none."""
-    import json
 
     def strict(text):
         return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
@@ -283,7 +279,6 @@ def test_reports_of_files_from_earlier_versions(tmp_path):
     and the report reads them so (the paper's values, not today's defaults: a bench.json of
     options {topn, group_select, dense_layers} was reported with tail=int2, sinks=4, ...); a file
     lacking what a section reads is a ValueError naming it, not a KeyError."""
-    import json
     import shutil
     added = {"tail": "none", "top_p": 1.0, "sinks": 0, "window": 0, "reuse": 0}  # the paper's
     bench = json.loads(pathlib.Path(RESULTS_DIR, BENCH_JSON).read_text(encoding="utf-8"))
@@ -324,7 +319,6 @@ def test_reports_of_files_from_earlier_versions(tmp_path):
 def committed(folder, name, **changes):
     """The committed results file ``name`` (bench.json, eval.json), read, with ``changes`` to its
     top level, and written into ``folder``; what was written is returned."""
-    import json
     data = json.loads(pathlib.Path(RESULTS_DIR, name).read_text(encoding="utf-8"))
     data.update(changes)
     write_json(folder / name, data)
@@ -395,7 +389,6 @@ def test_a_nan_perplexity_is_reported_and_never_recommended(tmp_path):
     """A configuration whose perplexity is NaN (a float16 model's overflow; null in the JSON) is
     printed as nan, misses the targets, and is not recommended over a finite one (max(0, nan)
     had made its excess 0)."""
-    import torch
     from kcache_ops.eval import perplexity, recommend
     from kcache_ops.eval.summary import summarize
     data = committed(tmp_path, EVAL_JSON)
