@@ -174,7 +174,6 @@ def save_tiny_tokenizer(path, vocab_size):
     """tokenizer.json and tokenizer_config.json (with CHAT_TEMPLATE) for the byte-level vocabulary
     of :func:`byte_level_tokens`, as a Hugging Face folder holds them."""
     import json
-    import os
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers
     tokens = byte_level_tokens(vocab_size)

@@ -774,7 +774,6 @@ def test_cli_process_warnings_and_a_closed_pipe(folder, launcher):
     also where two prompts' texts wait in a buffered stdout until the end."""
     import os
     import subprocess
-    import sys
     argv = [sys.executable, *LAUNCHERS[launcher], "generate", "--model", str(folder),
             "--prompt", "a " * 200, "--prompt", "b", "--max-new-tokens", "4"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}

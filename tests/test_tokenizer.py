@@ -77,7 +77,6 @@ def test_decode_takes_integers_of_any_type(tmp_path):
     tokenizers library) and refuses by name a negative id (an OverflowError) or one that is not
     an integer."""
     import numpy as np
-    import torch
     tokens = ["<|endoftext|>", "a", "b", "ab"]
     tok = Tokenizer.from_gguf(open_gguf(str(write_tokenizer_gguf(tmp_path / "t.gguf", tokens,
                                                                  [3, 1, 1, 1]))))

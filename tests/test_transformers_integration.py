@@ -783,7 +783,6 @@ def test_engine_runs_the_eval_machinery_like_our_decoder(pair, config):
 def test_engine_logits_of_a_bfloat16_model_are_float32_sums():
     """The engine's logits come out of the head in float32, as our decoder's (transformers' own
     are rounded to bfloat16 first: steps of 0.125 near 30, noise the evaluation would count)."""
-    from kcache_ops.caches import make_cache
     from kcache_ops.integrations.transformers_engine import TransformersDecoder
     model = tiny_model("llama").to(torch.bfloat16)
     engine = TransformersDecoder(model)
