@@ -88,10 +88,11 @@ def cuda_driver():
 
 def machine(device):
     """What a run ran on -> {"cpu": model name, "cores": the CPUs this process may run on,
-    "threads": torch's threads (``--threads``), "torch": version,
-    "device": str(device), "git_commit": :func:`git_commit`, and where ``device`` is a CUDA
-    device "gpu": its name, "cuda_runtime": torch's CUDA version, "cuda_driver":
-    :func:`cuda_driver`}."""
+    "threads": torch's threads (``--threads``), "load_avg_1min": the host's 1-minute load
+    average as the run begins (pyperf records it too: a value near "cores" or above means other
+    work was sharing the CPUs), "torch": version, "device": str(device), "git_commit":
+    :func:`git_commit`, and where ``device`` is a CUDA device "gpu": its name, "cuda_runtime":
+    torch's CUDA version, "cuda_driver": :func:`cuda_driver`}."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -101,6 +102,8 @@ def machine(device):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info = {"cpu": cpu, "cores": cores, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "device": str(device), "git_commit": git_commit()}
+    if hasattr(os, "getloadavg"):  # not on Windows
+        info["load_avg_1min"] = round(os.getloadavg()[0], 2)
     if torch.device(device).type == "cuda":
         info.update(gpu=torch.cuda.get_device_name(device), cuda_runtime=torch.version.cuda,
                     cuda_driver=cuda_driver())
@@ -109,11 +112,13 @@ def machine(device):
 
 def ran_on(m, tail=""):
     """The machine line of a report section from a :func:`machine` dict ``m``: CPU, cores and
-    torch threads, device (GPU name), torch, the CUDA runtime and driver and the commit where
-    recorded (a file of an earlier version lacks them, and its "cores" are torch's threads),
-    then ``tail``."""
+    torch threads, the load average at the start, device (GPU name), torch, the CUDA runtime and
+    driver and the commit where recorded (a file of an earlier version lacks them, and its
+    "cores" are torch's threads), then ``tail``."""
     cpus = (f"{m['cores']} cores, torch threads: {m['threads']}" if "threads" in m
             else f"torch threads: {m['cores']}")
+    if m.get("load_avg_1min") is not None:
+        cpus += f", load average {m['load_avg_1min']:.2f} at the start"
     cuda = (f" (CUDA {m['cuda_runtime']}, driver CUDA {m.get('cuda_driver') or 'unknown'})"
             if m.get("cuda_runtime") else "")
     commit = f", commit {m['git_commit'][:12]}" if m.get("git_commit") else ""

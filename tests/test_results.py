@@ -25,7 +25,7 @@ def test_machine_and_json_round_trip(tmp_path):
     assert {"cpu", "cores", "threads", "torch", "device"} <= set(m) and "gpu" not in m
     assert m["threads"] == torch.get_num_threads()
     assert ran_on(m, ".").startswith(f"Ran on {m['cpu']} ({m['cores']} cores, torch threads: "
-                                     f"{m['threads']}), device cpu")
+                                     f"{m['threads']}, load average ")
     path = tmp_path / "new" / "x.json"
     write_json(path, {"machine": m, "rows": [1, 2]})
     assert load_json(path) == {"machine": m, "rows": [1, 2]}
@@ -37,6 +37,7 @@ def test_machine_counts_the_cores_apart_from_torch_threads(monkeypatch):
     machine of 3); a file written before "threads" was recorded kept torch's threads as
     "cores", and its line still says so."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.delattr(os, "getloadavg", raising=False)  # the line without a load average
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -47,6 +48,20 @@ def test_machine_counts_the_cores_apart_from_torch_threads(monkeypatch):
     assert "(3 cores, torch threads: 1), device cpu" in ran_on(m)
     old = {"cpu": "c", "cores": 2, "torch": "t", "device": "cpu"}
     assert ran_on(old).startswith("Ran on c (torch threads: 2), device cpu")
+
+
+def test_machine_records_the_load_average_at_the_start(monkeypatch):
+    """The host's 1-minute load average as the run begins is recorded (pyperf's metadata does
+    the same) and printed after the threads: a CPU run beside other work says so; a machine
+    without os.getloadavg records none."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.937, 0.5, 0.25), raising=False)
+    m = machine("cpu")
+    assert m["load_avg_1min"] == 1.94
+    assert f"(2 cores, torch threads: {m['threads']}, load average 1.94 at the start), device " \
+           f"cpu, torch" in ran_on(m)
+    monkeypatch.delattr(os, "getloadavg")
+    assert "load_avg_1min" not in machine("cpu")
 
 
 def test_machine_records_the_commit_and_on_cuda_its_versions(tmp_path, monkeypatch):
