@@ -16,7 +16,6 @@ from kcache_ops.caches import KCacheOptions
 from kcache_ops.cli import bench
 from kcache_ops.throughput import ceilings, measure, transformers_baseline
 from kcache_ops.throughput import report as throughput_report
-from kcache_ops.throughput.ceilings import weight_bytes, weight_bytes_per_step
 from kcache_ops.throughput.report import bench_section
 
 
@@ -400,7 +399,7 @@ def test_transformers_model_is_the_shape_asked():
         config = measure.SHAPES[name]
         model = transformers_baseline.hf_model(config, torch.device("meta"), torch.bfloat16, 100)
         assert torch.get_default_dtype() == default, name
-        count = weight_bytes(config, torch.int8)  # one byte a parameter: the shape's count
+        count = ceilings.weight_bytes(config, torch.int8)  # one byte a parameter: the shape's count
         assert sum(p.numel() for p in model.parameters()) == count, name
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}, name
         assert model.config._attn_implementation == "sdpa", name
@@ -631,7 +630,7 @@ def test_ceilings_are_measured_and_set_each_rows_floor(monkeypatch):
         cache = measure.new_cache(measure.random_model(config, "cpu", torch.float32),
                                   row["backend"], KCacheOptions(topn=8) if row["options"] else None,
                                   row["batch"], 64 + 2 + 2)
-        device = (weight_bytes_per_step(config, row["batch"], torch.float32)
+        device = (ceilings.weight_bytes_per_step(config, row["batch"], torch.float32)
                   + cache.device_bytes_read_per_step(64 + 3))  # the median of 2 timed steps
         assert row["device_bytes_per_step"] == device
         floor = (device + row["pcie_bytes_per_step"]) / 20e9
@@ -705,15 +704,15 @@ def test_weight_bytes_per_step_are_the_parameters_read(name, bias):
     params = sum(p.nbytes for p in model.parameters())  # a tied table counted once
     embedding = model.embed_tokens.weight.nbytes
     rows = 0 if config.tie_word_embeddings else embedding - 5 * config.hidden_size * 2
-    assert weight_bytes_per_step(config, 5, torch.bfloat16) == params - rows
-    assert weight_bytes(config, torch.bfloat16) == params
+    assert ceilings.weight_bytes_per_step(config, 5, torch.bfloat16) == params - rows
+    assert ceilings.weight_bytes(config, torch.bfloat16) == params
 
 
 def test_shapes_are_the_published_models():
     """The benchmark's shapes are the models they are named for: their parameter counts are
     the published ones (Llama-3-8B's 8,030,261,248; SmolLM2-135M's 134,515,008, tied)."""
     for name, params in (("llama3-8b", 8_030_261_248), ("smollm2-135m", 134_515_008)):
-        assert weight_bytes(measure.SHAPES[name], torch.int8) == params, name
+        assert ceilings.weight_bytes(measure.SHAPES[name], torch.int8) == params, name
 
 
 def test_random_model_weights_and_the_default_dtype():
