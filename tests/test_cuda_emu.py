@@ -1688,7 +1688,7 @@ def test_op_test_files_pass_on_the_emulated_kernels(race_exe):
     without a GPU. (qk_topn's and lowbit_tail's files take minutes there: the plugin's docstring
     gives the command; the next test runs the cases of theirs that no test here repeats.)"""
     summary = on_emulator("test_sparse_attn_v.py", "test_gather_rows.py", "test_reuse_rows.py")
-    assert int(re.search(r"(\d+) passed", summary)[1]) >= 178, summary
+    assert int(re.search(r"(\d+) passed", summary)[1]) >= 220, summary
 
 
 # The device cases of qk_topn's and lowbit_tail's test files whose options or values no test here
@@ -1704,6 +1704,7 @@ ONLY_IN_THE_OP_FILES = (
 
 
 def test_qk_topn_and_lowbit_tail_cases_pass_on_the_emulated_kernels(race_exe):
-    """Those cases through the CUDA kernels pass as the CPU op does (about two minutes)."""
+    """Those cases through the CUDA kernels pass as the CPU op does (about five minutes on 2
+    cores)."""
     summary = on_emulator("test_qk_topn.py", "test_lowbit_tail.py", "-k", ONLY_IN_THE_OP_FILES)
     assert int(re.search(r"(\d+) passed", summary)[1]) >= 216, summary
