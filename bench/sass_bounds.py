@@ -409,14 +409,16 @@ def markdown(result, label):
            "4 passes (select) |", "|---|---|---|"]
     for name, c in result["counts"].items():
         if "per_key" in c:
-            what = f"{c['per_key']} ({c['loop_insns']} in the loop / {c['keys_per_warp_iter']} keys)"
+            what = (f"{c['per_key']} ({c['loop_insns']} in the loop / "
+                    f"{c['keys_per_warp_iter']} keys)")
         else:
             what = (f"{c['passes_per_float']} per ranked float, 4 passes over keys "
                     f"({c['score_row_passes_per_float']} over a score row); group mass "
                     f"{c['mass_per_float']} per score float")
         out.append(f"| `{name}` | {c['regs']} | {what} |")
     out += ["", "| GPU | shape | tokens × batch | score blocks (per SM, waves) | score issue µs | "
-            "score bytes µs | bytes / issue | score latency µs (L 1 / 2 µs; KiB in flight per SM) | "
+            "score bytes µs | bytes / issue | "
+            "score latency µs (L 1 / 2 µs; KiB in flight per SM) | "
             "select (group) issue µs | select bytes µs |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

@@ -34,8 +34,8 @@ def ref_scores(q, k_cache, seq_lens, scale):
     for b in range(B):
         qg = q[b].float().view(Hkv, Hq // Hkv, D)  # [Hkv, G, D]
         s[b] = (qg @ k_cache[b].float().transpose(-1, -2)).reshape(Hq, S) * scale
-    s.masked_fill_(torch.arange(S, device=q.device)[None, None, :] >= seq_lens.long()[:, None, None],
-                   float("-inf"))
+    past = torch.arange(S, device=q.device)[None, None, :] >= seq_lens.long()[:, None, None]
+    s.masked_fill_(past, float("-inf"))  # [B, Hq, S]
     return s, torch.logsumexp(s, dim=-1)
 
 

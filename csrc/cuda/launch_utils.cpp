@@ -47,7 +47,9 @@ void check_vec16_aligned(const at::Tensor& t, const char* name) {
   // the row bytes even where t is empty (gather_rows' output is not: it would be copied in
   // 16-byte pieces of rows that are not made of them); the addresses only where there is data
   bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 || t.numel() == 0;
-  for (int64_t i = 0; i + 1 < t.dim(); ++i) ok = ok && (t.size(i) <= 1 || t.stride(i) * esize % 16 == 0);
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) {
+    ok = ok && (t.size(i) <= 1 || t.stride(i) * esize % 16 == 0);
+  }
   ok = (ok || t.numel() == 0) && t.size(-1) * esize % 16 == 0;
   TORCH_CHECK(ok, name, " rows must be 16-byte aligned for vector "
               "loads (data pointer, row bytes and every stride a multiple of 16 bytes), got ",

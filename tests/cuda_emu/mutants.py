@@ -165,7 +165,8 @@ def describe(message):
     text = m.group(1) if m else message
     text = re.split(r" \(byte | with thread |; access at |: every thread| \(it holds", text)[0]
     text = re.sub(r"kcache_ops::(\w+(?:<[^>]*>)?)\([^)]*\)::", r"\1::", text)
-    text = re.sub(r"read of shared memory (.+?) not written in this block", r"stale read of \1", text)
+    text = re.sub(r"read of shared memory (.+?) not written in this block", r"stale read of \1",
+                  text)
     text = text.replace(" race on shared memory ", " race on ")
     return re.sub(r"\s+", " ", text).strip()[:90]
 
