@@ -100,6 +100,7 @@
 # Exit status: 0 when every stage ran and passed; 1 when one failed, timed out at its own limit
 # ("TIMED OUT"), was cut short by BUDGET ("cut: budget") or did not start ("no time"); the last
 # lines printed are the stage table (gpu_logs/stages.txt).
+# 2 when a stage is unknown or $PYTHON (default python3) cannot import torch, before any stage.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -419,6 +420,11 @@ fi
 
 say "# bench/run_gpu.sh $(date -u '+%Y-%m-%d %H:%M UTC'), stages: ${STAGES[*]}, budget $BUDGET s$(
   [ "$DRY" = 1 ] && echo ', dry run')"
+if ! quick "$PY" -c "import torch" > /dev/null 2>&1; then
+  say "$PY cannot import torch: set PYTHON to a Python that has it (here, after make build:" \
+    "PYTHON=.venv/bin/python bash bench/run_gpu.sh ...)"
+  exit 2
+fi
 quick "$PY" -c "import gguf" 2> /dev/null ||
   say "WARNING: no gguf package here (carry .whl, from make gpu-wheels): the GGUF model tests \
 will skip or fail; the kernels' tests and benchmarks do not need it"

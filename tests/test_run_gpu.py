@@ -90,6 +90,21 @@ def test_unknown_stage_is_refused(tmp_path):
     assert run.returncode == 2 and "unknown stage 'bild'" in run.stdout
 
 
+def test_a_python_without_torch_is_refused_before_any_stage(tmp_path):
+    """PYTHON defaults to python3, which on a machine like CI's has no torch: the run says so and
+    how to name the one that has it, instead of failing every stage on an ImportError."""
+    bare = tmp_path / "python"  # this Python without its site-packages: no torch
+    bare.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S -I "$@"\n')
+    bare.chmod(0o755)
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "gpu_logs"),
+           "PYTHON": str(bare)}
+    run = subprocess.run(["bash", os.path.join(BENCH, "run_gpu.sh"), "--dry-run"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"{bare} cannot import torch" in run.stdout and "PYTHON=.venv/bin/python" in run.stdout
+    assert "====" not in run.stdout  # no stage started
+
+
 @pytest.mark.parametrize("log, ran", [
     ("....\n7 passed in 40.12s\n========= ERROR SUMMARY: 0 errors\n", True),
     ("7 passed in 3.1s\n========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n",
