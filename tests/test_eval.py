@@ -742,6 +742,7 @@ def test_every_size_flag_wins_over_its_preset():
 
 
 @pytest.mark.parametrize("flags, grid", [
+    (["--topn", "8,16"], [Config.kcache(topn=8), Config.kcache(topn=16)]),
     (["--tails", "int2"], [Config.kcache(topn=64, tail="int2")]),
     (["--group-select"], product_grid((64,), ("none",), (False, True))),
     (["--dense-layers", "0,2"], product_grid((64,), ("none",), (False,), ((), (0, 2)))),
@@ -749,9 +750,9 @@ def test_every_size_flag_wins_over_its_preset():
     (["--quick", "--topn", "8"], [Config.kcache(topn=8)]),
 ])
 def test_any_product_flag_alone_runs_the_product(flags, grid):
-    """--tails, --group-select or --dense-layers alone runs the product at N = 64 (each
-    configuration without and with the dense layers), not the curated grid; --quick its own grid
-    unless a product flag is given."""
+    """--topn alone runs the product at its Ns; --tails, --group-select or --dense-layers alone
+    at N = 64 (each configuration without and with the dense layers), not the curated grid;
+    --quick its own grid unless a product flag is given."""
     parser = eval_parser()
     assert eval_cli.configs(parser.parse_args(flags)) == grid
 

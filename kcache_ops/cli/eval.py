@@ -44,9 +44,9 @@ def add_arguments(parser):
     add_model_arguments(parser)
     add_engine_argument(parser)
     parser.add_argument("--topn", type=positive_int_list,
-                        help="comma-separated N values; with any of --tails, --group-select, "
-                             "--dense-layers: run the product of the values given (N default "
-                             "64) instead of the curated grid")
+                        help="comma-separated N values; this or any of --tails, "
+                             "--group-select, --dense-layers runs the product of the values "
+                             "given (N default 64) instead of the curated grid")
     parser.add_argument("--tails", type=tail_list,
                         help=f"comma-separated tails of the product ({', '.join(TAILS)}; "
                              "default none)")
