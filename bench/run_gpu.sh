@@ -420,9 +420,10 @@ fi
 
 say "# bench/run_gpu.sh $(date -u '+%Y-%m-%d %H:%M UTC'), stages: ${STAGES[*]}, budget $BUDGET s$(
   [ "$DRY" = 1 ] && echo ', dry run')"
-if ! quick "$PY" -c "import torch" > /dev/null 2>&1; then
-  say "$PY cannot import torch: set PYTHON to a Python that has it (here, after make build:" \
-    "PYTHON=.venv/bin/python bash bench/run_gpu.sh ...)"
+# its own limit, not LIMIT_QUICK: a cold torch import on a loaded machine takes several seconds
+if ! timeout -k 5 120 "$PY" -c "import torch" > /dev/null 2>&1; then
+  say "$PY cannot import torch (within 120 s): set PYTHON to a Python that has it" \
+    "(here, after make build: PYTHON=.venv/bin/python bash bench/run_gpu.sh ...)"
   exit 2
 fi
 quick "$PY" -c "import gguf" 2> /dev/null ||
