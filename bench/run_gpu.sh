@@ -420,8 +420,11 @@ fi
 
 say "# bench/run_gpu.sh $(date -u '+%Y-%m-%d %H:%M UTC'), stages: ${STAGES[*]}, budget $BUDGET s$(
   [ "$DRY" = 1 ] && echo ', dry run')"
-# its own limit, not LIMIT_QUICK: a cold torch import on a loaded machine takes several seconds
-if ! timeout -k 5 120 "$PY" -c "import torch" > /dev/null 2>&1; then
+# its own limit, not LIMIT_QUICK: a cold torch import on a loaded machine takes several seconds;
+# the version line it prints goes into env.txt below
+if ! TORCH=$(timeout -k 5 120 "$PY" -c \
+    "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2> /dev/null)
+then
   say "$PY cannot import torch (within 120 s): set PYTHON to a Python that has it" \
     "(here, after make build: PYTHON=.venv/bin/python bash bench/run_gpu.sh ...)"
   exit 2
@@ -440,7 +443,7 @@ if [ "$DRY" = 1 ]; then
   say "dry run: $("$PY" --version 2>&1), nvidia-smi $(command -v nvidia-smi || echo 'not found')"
 else
   { quick nvidia-smi; quick nvcc --version | tail -2
-    quick "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    echo "$TORCH"
   } 2>&1 | tee -a "$LOG" > "$WORK/env.txt"
   if quick "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2> /dev/null
   then

@@ -40,12 +40,17 @@ import timing  # noqa: E402
 STAGES = ("build", "tests", "e2e", "slow", "profile", "bench", "sanitize")
 
 
+def run_gpu_sh(tmp_path, *args, timeout, **env):
+    """bench/run_gpu.sh with args, this Python, $OUT and $WORK in tmp_path and env on top."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "gpu_logs"),
+           "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", os.path.join(BENCH, "run_gpu.sh"), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def test_dry_run_lists_every_stage_and_packs_out(tmp_path):
     out, work = tmp_path / "out", tmp_path / "gpu_logs"
-    env = {**os.environ, "OUT": str(out), "WORK": str(work), "PYTHON": sys.executable,
-           "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(["bash", os.path.join(BENCH, "run_gpu.sh"), "--dry-run"], env=env,
-                         capture_output=True, text=True, timeout=180)
+    run = run_gpu_sh(tmp_path, "--dry-run", timeout=180, OMP_NUM_THREADS="1")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     log = (out / "run_gpu.log").read_text(encoding="utf-8")
     assert "dry run" in log
@@ -74,19 +79,14 @@ def test_a_hanging_command_outside_the_stages_is_cut_off(tmp_path):
     fake.mkdir()
     (fake / "nvidia-smi").write_text("#!/bin/sh\nexec sleep 600\n")
     (fake / "nvidia-smi").chmod(0o755)
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "gpu_logs"),
-           "PYTHON": sys.executable, "PATH": f"{fake}:{os.environ['PATH']}", "LIMIT_QUICK": "2",
-           "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run(["bash", os.path.join(BENCH, "run_gpu.sh"), "build"], env=env,
-                         capture_output=True, text=True, timeout=60)
+    run = run_gpu_sh(tmp_path, "build", timeout=60, PATH=f"{fake}:{os.environ['PATH']}",
+                     LIMIT_QUICK="2", CUDA_VISIBLE_DEVICES="")
     assert run.returncode == 3, run.stdout[-3000:] + run.stderr[-3000:]
     assert "no GPU was visible" in run.stdout
 
 
 def test_unknown_stage_is_refused(tmp_path):
-    run = subprocess.run(["bash", os.path.join(BENCH, "run_gpu.sh"), "--dry-run", "bild"],
-                         env={**os.environ, "OUT": str(tmp_path)}, capture_output=True,
-                         text=True, timeout=30)
+    run = run_gpu_sh(tmp_path, "--dry-run", "bild", timeout=30)
     assert run.returncode == 2 and "unknown stage 'bild'" in run.stdout
 
 
@@ -96,10 +96,7 @@ def test_a_python_without_torch_is_refused_before_any_stage(tmp_path):
     bare = tmp_path / "python"  # this Python without its site-packages: no torch
     bare.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S -I "$@"\n')
     bare.chmod(0o755)
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "gpu_logs"),
-           "PYTHON": str(bare)}
-    run = subprocess.run(["bash", os.path.join(BENCH, "run_gpu.sh"), "--dry-run"], env=env,
-                         capture_output=True, text=True, timeout=60)
+    run = run_gpu_sh(tmp_path, "--dry-run", timeout=60, PYTHON=str(bare))
     assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
     assert f"{bare} cannot import torch" in run.stdout and "PYTHON=.venv/bin/python" in run.stdout
     assert "====" not in run.stdout  # no stage started
