@@ -95,7 +95,7 @@ def spread(t, *sizes):
 
 
 @pytest.mark.parametrize("op", ["gather_rows", "sparse_attn_v", "lowbit_tail", "quantize_rows",
-                                "qk_topn scratch"])
+                                "reuse_rows", "qk_topn scratch"])
 def test_outputs_past_host_memory_are_refused(op):
     """On the CPU an output or scratch larger than the inputs (gather_rows: a row for each 4-byte
     index; any op over inputs expanded with stride 0) that exceeds the free host memory is refused
@@ -107,6 +107,7 @@ def test_outputs_past_host_memory_are_refused(op):
     n = 1 << 20
     many = 2 * available // (n * D * 4) + 1  # heads (or rows of heads): twice what is free
     rows = 2 * available // (D // 4 + 4) + 1  # quantize_rows' rows: 2-bit codes and meta
+    entries = 2 * available // (n * 4) + 1  # reuse_rows' heads of n int32 slots
     keys = 2 ** 31 - 1  # the most seq_lens can say; 8 heads' scores: 64 GiB of scratch
     if op == "qk_topn scratch" and 8 * keys * 4 <= 2 * available:
         pytest.skip("the machine has more than half of the largest scratch available")
@@ -132,6 +133,11 @@ def test_outputs_past_host_memory_are_refused(op):
             lambda: kcache_ops.quantize_rows(spread(v, rows, D), 2),
             rf"quantize_rows: codes \[rows, {D // 4}\] and meta \[rows, 2\] of {rows} rows",
             rows * (D // 4 + 4)),
+        "reuse_rows": (  # a pool of n slots of 4 floats, the group's one list of n entries
+            lambda: kcache_ops.reuse_rows(
+                spread(zero, 1, entries, n), v[..., :4], zero[:1], torch.zeros(1, 1, n, 4),
+                *torch.full((2, 1, 1, n), -1, dtype=torch.int32), zero[:1], True),
+            rf"reuse_rows: pool_indices \[1, {entries}, {n}\] int32", entries * n * 4),
         "qk_topn scratch": (
             lambda: kcache_ops.qk_topn(torch.randn(1, 8, D), spread(v, 1, 1, keys, D),
                                        torch.tensor([keys], dtype=torch.int32), 1),

@@ -44,6 +44,9 @@ std::tuple<at::Tensor, at::Tensor> reuse_rows_cpu(
   KC_CHECK_CPU(held);
   KC_CHECK_CPU(used);
   KC_CHECK_CPU(step);
+  check_host_output(bytes_of({d.B, d.Hq, d.N}, 4), [&] {  // indices expanded with stride 0
+    return c10::str("pool_indices [", d.B, ", ", d.Hq, ", ", d.N, "] int32");
+  });
   check_index_values(indices, d.S, "v_host");
   at::Tensor pool_indices = at::empty({d.B, d.Hq, d.N}, indices.options());  // [B, Hq, N]
   at::Tensor counts = at::empty({d.B, d.Hkv, 2}, indices.options());       // [B, Hkv, 2]
