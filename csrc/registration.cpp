@@ -2,6 +2,7 @@
 // through named_op.h's NamedOp (its errors name the op): csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu
 // (CUDA), csrc/alloc_host.cpp (device-independent).
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 // check_values=False: the CUDA implementations skip the range check of seq_lens / indices, a
@@ -63,11 +64,63 @@ TORCH_LIBRARY(kcache_ops, m) {
   m.def("quantize_rows(Tensor v, int bits) -> (Tensor codes, Tensor meta)");
 }
 
+namespace {
+
+// f(name, tensor) for each argument of op on the stack that the op writes (schema Tensor(a!)).
+template <class F>
+void for_each_written(const c10::OperatorHandle& op, const torch::jit::Stack& stack, const F& f) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack.size() - args.size();
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (!args[i].alias_info() || !args[i].alias_info()->isWrite()) continue;
+    const at::Tensor& t = stack[first + i].toTensor();
+    if (t.defined()) f(args[i].name(), t);  // undefined (None): the op's own checks refuse it
+  }
+}
+
+// reuse_rows writes rows, held and used in place and returns int32 tensors, nothing to
+// differentiate. Autograd: a written tensor that requires grad is refused (a backward through it
+// would give the overwritten slots the gradient of the values they held); the call passes on to
+// ADInplaceOrView, which bumps the written tensors' version counters before the op writes them, as
+// torch's own in-place ops do: a backward that saved one raises instead of using the new values;
+// an inference tensor (it has no version counter) is refused outside torch.inference_mode.
+// (torch's fallbacks for these keys bump only outputs that alias an input; reuse_rows returns new
+// tensors.)
+void reuse_rows_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                         torch::jit::Stack* stack) {
+  for_each_written(op, *stack, [](const std::string& name, const at::Tensor& t) {
+    TORCH_CHECK_VALUE(!(t.requires_grad() && at::GradMode::is_enabled()), "reuse_rows: ", name,
+                      " must not require grad (the op writes it in place and is not ",
+                      "differentiable), got requires_grad=True");
+  });
+  at::AutoDispatchBelowAutograd below;
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+void reuse_rows_inplace(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                        torch::jit::Stack* stack) {
+  for_each_written(op, *stack, [](const std::string& name, const at::Tensor& t) {
+    TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), "reuse_rows: ", name,
+                " must not be an inference tensor outside torch.inference_mode (the op writes it ",
+                "in place), got one made under it: make the pool outside inference_mode, or call ",
+                "the op in it");
+    torch::autograd::impl::bump_version(t);
+  });
+  at::AutoDispatchBelowADInplaceOrView below;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+
+}  // namespace
+
 // No op is differentiable: a backward through an output raises that the derivative of
 // kcache_ops::<op> is not implemented, instead of passing with no gradient (torch's default for an
-// op without an autograd kernel only warns).
+// op without an autograd kernel only warns). reuse_rows' outputs are int32: see above.
 TORCH_LIBRARY_IMPL(kcache_ops, Autograd, m) {
-  for (const char* op : {"qk_topn", "sparse_attn_v", "gather_rows", "lowbit_tail", "quantize_rows",
-                          "reuse_rows"})
+  for (const char* op : {"qk_topn", "sparse_attn_v", "gather_rows", "lowbit_tail", "quantize_rows"})
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  m.impl("reuse_rows", torch::CppFunction::makeFromBoxedFunction<&reuse_rows_autograd>());
+}
+
+TORCH_LIBRARY_IMPL(kcache_ops, ADInplaceOrView, m) {
+  m.impl("reuse_rows", torch::CppFunction::makeFromBoxedFunction<&reuse_rows_inplace>());
 }

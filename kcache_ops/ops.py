@@ -182,7 +182,9 @@ def reuse_rows(indices, v_host, new_pos, rows, held, used, step, group_select,
     not hold ``new_pos`` before the step (KCache's never does: a prefill empties it, and a new
     token's slot is emptied after its step): a row found there would be read. On CUDA: one
     launch, no host synchronisation with ``check_values=False``, safe to capture in a CUDA graph
-    (the step number is read on the device).
+    (the step number is read on the device). As torch's own in-place ops do, it bumps the version
+    counters of ``rows``, ``held`` and ``used``; it refuses ``rows`` that require grad where grad
+    mode is on, and a pool of inference tensors outside ``torch.inference_mode``.
 
     Parameters
     ----------
@@ -220,9 +222,6 @@ def reuse_rows(indices, v_host, new_pos, rows, held, used, step, group_select,
     """
     check_tensors("reuse_rows", indices=indices, v_host=v_host, new_pos=new_pos, rows=rows,
                   held=held, used=used, step=step)
-    if rows.requires_grad and torch.is_grad_enabled():  # autograd would not see rows change
-        raise ValueError("reuse_rows: rows must not require grad (the op writes it in place and "
-                         "is not differentiable), got requires_grad=True")
     # torch would run the op on a resolved copy of one, then fail after writing the others
     # (dynamo cannot trace the test)
     for name, t in (("rows", rows), ("held", held), ("used", used)):

@@ -256,10 +256,10 @@ def test_pool_sharing_memory_is_refused(device):
 
 
 def test_rows_requiring_grad_are_refused(device):
-    """rows, written in place, requiring grad is refused by name where grad is on: a backward
-    through them gave the overwritten slots the gradient of the values they held. Under no_grad
-    the call runs; a V that requires grad is read (the caches' host V does where the model
-    runs with grad on), as the other ops read theirs."""
+    """rows, written in place, requiring grad is refused by name where grad is on, by the wrapper
+    and through torch.ops alike: a backward through them gave the overwritten slots the gradient
+    of the values they held. Under no_grad the call runs; a V that requires grad is read (the
+    caches' host V does where the model runs with grad on), as the other ops read theirs."""
     twins = Twins(1, 1, 8, 64, 6, device, torch.float32)
     rows, held, used = twins.op
     indices = torch.tensor([[[3, 5, -1]]], dtype=torch.int32, device=device)  # [1, 1, 3]
@@ -267,8 +267,9 @@ def test_rows_requiring_grad_are_refused(device):
     step = torch.zeros(1, dtype=torch.int32, device=device)
     pool = rows.clone().requires_grad_().clone()  # [1, 1, 6, 64], not a leaf (torch refuses
     # a leaf's in-place update itself)
-    with pytest.raises(ValueError, match="reuse_rows: rows must not require grad"):
-        kcache_ops.reuse_rows(indices, twins.v_host, new_pos, pool, held, used, step, False)
+    for op in (kcache_ops.reuse_rows, torch.ops.kcache_ops.reuse_rows):
+        with pytest.raises(ValueError, match="reuse_rows: rows must not require grad"):
+            op(indices, twins.v_host, new_pos, pool, held, used, step, False)
     assert held.eq(-1).all() and used.eq(-1).all()
     with torch.no_grad():
         pool_indices, _ = kcache_ops.reuse_rows(indices, twins.v_host, new_pos, pool, held,
@@ -280,6 +281,35 @@ def test_rows_requiring_grad_are_refused(device):
     pool_indices, _ = kcache_ops.reuse_rows(indices, v, new_pos, rows, held, used, step, False)
     slots = pool_indices[0, 0, :2].long()  # [2], the slots of rows 3 and 5
     assert torch.equal(rows[0, 0, slots].cpu(), v.detach().cpu()[0, 0, [3, 5]])
+
+
+def test_the_pool_is_written_in_place_as_autograd_knows_it(device):
+    """rows, held and used are written as by torch's own in-place ops: their version counters go
+    up, so a backward that saved rows raises (it ran, on the rows written since); a pool of
+    inference tensors is refused by name outside torch.inference_mode, unwritten (it was written
+    without a word), and is written inside it."""
+    twins = Twins(1, 1, 8, 64, 6, device, torch.float32)
+    rows, held, used = twins.op
+    indices = torch.tensor([[[3, 5, -1]]], dtype=torch.int32, device=device)  # [1, 1, 3]
+    new_pos = torch.zeros(1, dtype=torch.int32, device=device)
+    step = torch.zeros(1, dtype=torch.int32, device=device)
+    weight = torch.randn(rows.shape, device=device, requires_grad=True)  # [1, 1, 6, 64]
+    loss = (weight * rows).sum()  # saves rows for its backward
+    versions = [t._version for t in twins.op]
+    kcache_ops.reuse_rows(indices, twins.v_host, new_pos, rows, held, used, step, False)
+    assert [t._version for t in twins.op] == [v + 1 for v in versions]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with torch.inference_mode():
+        pool = [rows.clone(), torch.full_like(held, -1), torch.full_like(used, -1)]
+    with pytest.raises(RuntimeError, match="reuse_rows: rows must not be an inference tensor "
+                                           "outside torch.inference_mode"):
+        kcache_ops.reuse_rows(indices, twins.v_host, new_pos, *pool, step, False)
+    assert pool[1].eq(-1).all() and pool[2].eq(-1).all()
+    with torch.inference_mode():
+        pool_indices, _ = kcache_ops.reuse_rows(indices, twins.v_host, new_pos, *pool, step,
+                                                False)
+    assert pool_indices.ge(0).sum() == 2 and pool[1].ge(0).sum() == 2
 
 
 def test_rows_as_a_negated_or_conjugated_view_are_refused(device):
