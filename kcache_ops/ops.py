@@ -387,7 +387,7 @@ def check_tensors(owner, **tensors):
     op's wrapper, a cache) that is not a tensor, or not a dense one: an op's schema would take
     None as an undefined tensor (a shape check then says "got shape [0]", or no kernel is found
     where no argument is a tensor), a cache would fail on a missing attribute, and torch's
-    dispatcher finds no kernel for a sparse or nested tensor, naming no argument."""
+    dispatcher finds no kernel for a sparse, nested or quantized tensor, naming no argument."""
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             kind = type(t).__qualname__ if type(t).__module__ == "builtins" else \
@@ -397,6 +397,8 @@ def check_tensors(owner, **tensors):
         if t.layout != torch.strided or t.is_nested:  # torch's error names no argument
             raise TypeError(f"{owner}: {name} must be a dense (strided) tensor, got layout "
                             f"{t.layout}{' (nested)' if t.is_nested else ''}")
+        if t.is_quantized:  # strided, but torch's dispatcher finds no kernel either
+            raise TypeError(f"{owner}: {name} must not be a quantized tensor, got dtype {t.dtype}")
 
 
 # What torch.compile passes for a Python scalar argument: the value, or a symbol for it.

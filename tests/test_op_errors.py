@@ -720,17 +720,22 @@ def test_tensor_arguments_that_are_not_tensors(tensor_args, bad, got):
                 getattr(kcache_ops, op)(*change(args, i, bad))
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor.*deprecated")  # torch >= 2.14
 def test_tensor_arguments_that_are_not_dense(tensor_args):
-    """A sparse or nested tensor for a required tensor argument is refused by name (torch's
-    dispatcher said it found no kernel for the 'SparseCPU' backend, naming no argument)."""
+    """A sparse, nested or quantized tensor for a required tensor argument is refused by name
+    (torch's dispatcher said it found no kernel for the 'SparseCPU' or 'QuantizedCPU' backend,
+    naming no argument)."""
+    dense = r"must be a dense \(strided\) tensor, got layout"
     for op, (args, names) in tensor_args.items():
         for i, name in enumerate(names.split()):
-            for bad, layout in ((args[i].cpu().to_sparse(), r"torch.sparse_coo"),
-                                (torch.nested.nested_tensor([args[i].cpu()],
-                                                            layout=torch.jagged),
-                                 r"torch.jagged \(nested\)")):
-                with pytest.raises(TypeError, match=rf"{op}: {name} must be a dense \(strided\) "
-                                                    rf"tensor, got layout {layout}$"):
+            quantized = torch.quantize_per_tensor(torch.randn(args[i].shape), 0.1, 0, torch.qint8)
+            for bad, message in ((args[i].cpu().to_sparse(), rf"{dense} torch.sparse_coo"),
+                                 (torch.nested.nested_tensor([args[i].cpu()],
+                                                             layout=torch.jagged),
+                                  rf"{dense} torch.jagged \(nested\)"),
+                                 (quantized, r"must not be a quantized tensor, got dtype "
+                                             r"torch.qint8")):
+                with pytest.raises(TypeError, match=rf"{op}: {name} {message}$"):
                     getattr(kcache_ops, op)(*change(args, i, bad))
 
 
