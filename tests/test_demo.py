@@ -1,8 +1,10 @@
 """`python -m kcache_ops demo` end to end at a tiny size (a random Llama and tokenizer written by
 the test, a stand-in essay text), so the entry point cannot rot."""
 import argparse
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from kcache_ops.__main__ import main
 from kcache_ops.caches import KCacheOptions
@@ -123,10 +125,11 @@ def test_each_run_generates_the_new_tokens_asked_for_until_eos(monkeypatch):
     monkeypatch.setattr(demo, "generate", lambda *args, **kwargs: calls.append((args, kwargs))
                         or "generated")
     tokenizer, options = WordTokenizer(), KCacheOptions(topn=4)
-    assert demo.generate_with_progress("model", tokenizer, [5, 6], "kcache", options, 7) == \
+    model = SimpleNamespace(layers=torch.nn.ModuleList([torch.nn.Identity()]))  # for the bar
+    assert demo.generate_with_progress(model, tokenizer, [5, 6], "kcache", options, 7) == \
         "generated"
     (args, kwargs), = calls
-    assert args == ("model", [[5, 6]], 7)
+    assert args == (model, [[5, 6]], 7)
     assert {k: kwargs[k] for k in ("backend", "options", "eos_ids", "tokenizer")} == {
         "backend": "kcache", "options": options, "eos_ids": (0,), "tokenizer": tokenizer}
     assert kwargs.get("temperature", 0.0) == 0.0 and kwargs.get("top_k") is None

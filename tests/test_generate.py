@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kcache_ops.cli.generate as command
+from kcache_ops.cli.progress import PrefillProgress
 from kcache_ops.__main__ import main
 from kcache_ops.model import load_model, pad_prompts
 from kcache_ops.generate import generate, sample
@@ -257,6 +258,22 @@ def test_on_token_sees_each_new_token(loaded):
     assert seen == result.tokens and len(seen[1]) < len(first[1])
 
 
+def test_prefill_progress_counts_the_layers_of_the_prefill_alone(loaded):
+    """The command line's bar over a prefill: one count per layer of the next forward pass, then
+    closed and its hooks removed, so the decode steps run none; removed too where the pass
+    failed."""
+    model, _ = loaded
+    layers = model.config.num_layers
+    counts = []
+    with PrefillProgress(model) as progress:
+        generate(model, PROMPTS, 4, on_token=lambda *_: counts.append(progress.bar.n))
+        hooks = [len(layer._forward_hooks) for layer in model.layers]
+    assert counts and set(counts) == {layers} and hooks == [0] * layers
+    with pytest.raises(ValueError, match="need at least one prompt"), PrefillProgress(model):
+        generate(model, [[]], 4)
+    assert not any(layer._forward_hooks for layer in model.layers)
+
+
 def test_bad_arguments(loaded):
     model, tokenizer = loaded
     for kwargs in ({"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0},
@@ -461,6 +478,7 @@ def test_cli_dense_and_kcache(folder, capsys):
     dense = capsys.readouterr()
     assert "tokens/s" in dense.err and "dense on cpu float32" in dense.err
     assert re.search(r"prefill: \d+ prompt tokens \(1 sequence\) on cpu\n", dense.err)
+    assert re.search(r"prefill: +0%.* 0/2 ", dense.err)  # the bar of its layers
     assert main(args + ["--backend", "kcache", "--topn", "4", "--dense-layers", "0"]) == 0
     kcache = capsys.readouterr()
     assert "kcache on cpu" in kcache.err and "MiB host memory" in kcache.err

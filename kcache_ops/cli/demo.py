@@ -15,6 +15,7 @@ from ..generate import generate
 from ..model import describe_model, load_model
 from .args import (add_kcache_arguments, add_model_arguments, bounded_float, dtype_of,
                    kcache_options, positive_int)
+from .progress import PrefillProgress
 
 PASSKEY = "71432"
 
@@ -51,7 +52,7 @@ def build_prompt(tokenizer, n_tokens, depth, chat):
 def generate_with_progress(model, tokenizer, prompt, backend, options, new_tokens):
     """Greedy generation of ``new_tokens`` with ``backend`` -> Generation, with a progress bar."""
     with tqdm(total=new_tokens, desc=f"{backend:6s} prefill {len(prompt)} tokens + decode",
-              unit="tok", leave=False) as bar:
+              unit="tok", leave=False) as bar, PrefillProgress(model, f"{backend:6s} prefill"):
         result = generate(model, [prompt], new_tokens, backend=backend, options=options,
                           eos_ids=tokenizer.eos_ids, tokenizer=tokenizer,
                           on_token=lambda *_: bar.update(1))

@@ -13,6 +13,7 @@ from ..model import load_model
 from ..ops import as_float32
 from .args import (add_kcache_arguments, add_model_arguments, bounded_float, dtype_of,
                    given_kcache_flags, kcache_options, positive_int, seed)
+from .progress import PrefillProgress
 
 
 def temperature(text):
@@ -115,16 +116,15 @@ def run(args):
         sys.stdout.flush()
     counted = (f"{sum(map(len, prompts))} prompt tokens ({len(prompts)} "
                f"sequence{'s' if len(prompts) > 1 else ''})")
-    # said before the prefill, which shows no progress of its own (minutes for a long prompt on
-    # a CPU)
     print(f"prefill: {counted} on {model.device}", file=sys.stderr, flush=True)
-    result = generate(model, prompts, args.max_new_tokens, backend=args.backend,
-                      options=options, temperature=args.temperature,
-                      top_p=1.0 if args.top_p is None else args.top_p,
-                      top_k=args.top_k,
-                      seed=args.seed, eos_ids=tokenizer.eos_ids, tokenizer=tokenizer,
-                      on_text=show if stream else None,
-                      reuse_stats=options is not None and options.reuse > 0)  # printed below
+    with PrefillProgress(model):  # minutes for a long prompt on a CPU
+        result = generate(model, prompts, args.max_new_tokens, backend=args.backend,
+                          options=options, temperature=args.temperature,
+                          top_p=1.0 if args.top_p is None else args.top_p,
+                          top_k=args.top_k,
+                          seed=args.seed, eos_ids=tokenizer.eos_ids, tokenizer=tokenizer,
+                          on_text=show if stream else None,
+                          reuse_stats=options is not None and options.reuse > 0)  # shown below
     if stream:
         print()
     else:
