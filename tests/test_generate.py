@@ -643,6 +643,21 @@ def test_cli_caches_beyond_memory_are_an_error_line(folder, capsys, backend, own
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--dense-layers", "5"], r"dense_layers \[5\] out of range"),
+    (["--topn", "4", "--reuse", "2"], "reuse must hold the rows of a whole step"),
+])
+def test_cli_refuses_options_the_model_cannot_take_before_the_prefill(folder, capsys, flags,
+                                                                      message):
+    """--dense-layers past the model's 2 layers, or a reuse pool below a step's rows, is one
+    error line before the prefill is announced (the error came from the cache after "prefill:
+    ... prompt tokens", as if the prefill had begun)."""
+    assert main(["generate", "--model", str(folder), "--prompt", "the t", "--backend", "kcache",
+                 *flags]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err.splitlines()[-1]) and "prefill:" not in err
+
+
 @pytest.mark.filterwarnings("ignore:.*is not a token of the vocabulary")  # its tiny vocabulary
 def test_cli_prompt_of_no_token_is_an_error_line(folder, capsys, tmp_path):
     """A prompt none of whose characters the tokenizer knows (a BPE without an unknown token

@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from ..caches import BACKENDS
+from ..caches import BACKENDS, check_kcache
 from ..generate import generate
 from ..model import load_model
 from ..ops import as_float32
@@ -109,6 +109,9 @@ def run(args):
                 "--prompt" if len(prompts) == 1 else f"--prompt {empty[0]}")
         raise ValueError(f"{what} encodes to no token (none of its characters is in the "
                          f"tokenizer's vocabulary)")
+    if options is not None:  # what the KCache would refuse, before the prefill is announced
+        check_kcache(model.config, model.device, model.dtype, options,
+                     max(map(len, prompts)) + args.max_new_tokens)
     stream = len(prompts) == 1
 
     def show(index, text):
