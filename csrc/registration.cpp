@@ -5,6 +5,8 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include <vector>
+
 // check_values=False: the CUDA implementations skip the range check of seq_lens / indices, a
 // device->host read-back (a synchronisation) per call; their kernels clamp those values, so nothing
 // is read out of bounds, but a bad value is not reported. The CPU implementations read the values
@@ -66,7 +68,8 @@ TORCH_LIBRARY(kcache_ops, m) {
 
 namespace {
 
-// f(name, tensor) for each argument of op on the stack that the op writes (schema Tensor(a!)).
+// f(name, tensor) for each argument of op on the stack that the op writes (schema Tensor(a!); a
+// plain tensor, as reuse_rows' are, not an optional one or a list).
 template <class F>
 void for_each_written(const c10::OperatorHandle& op, const torch::jit::Stack& stack, const F& f) {
   const auto& args = op.schema().arguments();
@@ -81,11 +84,11 @@ void for_each_written(const c10::OperatorHandle& op, const torch::jit::Stack& st
 // reuse_rows writes rows, held and used in place and returns int32 tensors, nothing to
 // differentiate. Autograd: a written tensor that requires grad is refused (a backward through it
 // would give the overwritten slots the gradient of the values they held); the call passes on to
-// ADInplaceOrView, which bumps the written tensors' version counters before the op writes them, as
-// torch's own in-place ops do: a backward that saved one raises instead of using the new values;
-// an inference tensor (it has no version counter) is refused outside torch.inference_mode.
-// (torch's fallbacks for these keys bump only outputs that alias an input; reuse_rows returns new
-// tensors.)
+// ADInplaceOrView, which refuses an inference tensor (it has no version counter) outside
+// torch.inference_mode before the op runs, and bumps the written tensors' version counters after
+// it, as torch's own in-place ops do: a backward that saved one raises instead of using the new
+// values. (torch's fallbacks for these keys bump only outputs that alias an input; reuse_rows
+// returns new tensors.)
 void reuse_rows_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                          torch::jit::Stack* stack) {
   for_each_written(op, *stack, [](const std::string& name, const at::Tensor& t) {
@@ -99,15 +102,19 @@ void reuse_rows_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys
 
 void reuse_rows_inplace(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                         torch::jit::Stack* stack) {
-  for_each_written(op, *stack, [](const std::string& name, const at::Tensor& t) {
+  std::vector<at::Tensor> written;  // kept: once the op has run, the stack holds its outputs
+  for_each_written(op, *stack, [&](const std::string& name, const at::Tensor& t) {
     TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), "reuse_rows: ", name,
                 " must not be an inference tensor outside torch.inference_mode (the op writes it ",
                 "in place), got one made under it: make the pool outside inference_mode, or call ",
                 "the op in it");
-    torch::autograd::impl::bump_version(t);
+    written.push_back(t);
   });
-  at::AutoDispatchBelowADInplaceOrView below;
-  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written) torch::autograd::impl::bump_version(t);
 }
 
 }  // namespace

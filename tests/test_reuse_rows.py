@@ -285,9 +285,9 @@ def test_rows_requiring_grad_are_refused(device):
 
 def test_the_pool_is_written_in_place_as_autograd_knows_it(device):
     """rows, held and used are written as by torch's own in-place ops: their version counters go
-    up, so a backward that saved rows raises (it ran, on the rows written since); a pool of
-    inference tensors is refused by name outside torch.inference_mode, unwritten (it was written
-    without a word), and is written inside it."""
+    up, so a backward that saved rows raises (it ran, on the rows written since); a pool with an
+    inference tensor is refused by name outside torch.inference_mode, unwritten, its other
+    tensors' versions as they were (it was written without a word), and is written inside it."""
     twins = Twins(1, 1, 8, 64, 6, device, torch.float32)
     rows, held, used = twins.op
     indices = torch.tensor([[[3, 5, -1]]], dtype=torch.int32, device=device)  # [1, 1, 3]
@@ -302,9 +302,12 @@ def test_the_pool_is_written_in_place_as_autograd_knows_it(device):
         loss.backward()
     with torch.inference_mode():
         pool = [rows.clone(), torch.full_like(held, -1), torch.full_like(used, -1)]
-    with pytest.raises(RuntimeError, match="reuse_rows: rows must not be an inference tensor "
-                                           "outside torch.inference_mode"):
-        kcache_ops.reuse_rows(indices, twins.v_host, new_pos, *pool, step, False)
+    for mixed, name in ((pool, "rows"), ([rows, held, pool[2]], "used")):
+        versions = [t._version for t in mixed if not t.is_inference()]
+        with pytest.raises(RuntimeError, match=f"reuse_rows: {name} must not be an inference "
+                                               "tensor outside torch.inference_mode"):
+            kcache_ops.reuse_rows(indices, twins.v_host, new_pos, *mixed, step, False)
+        assert [t._version for t in mixed if not t.is_inference()] == versions
     assert pool[1].eq(-1).all() and pool[2].eq(-1).all()
     with torch.inference_mode():
         pool_indices, _ = kcache_ops.reuse_rows(indices, twins.v_host, new_pos, *pool, step,
