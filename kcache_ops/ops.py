@@ -131,6 +131,7 @@ def sparse_attn_v(scores, indices, v_cache, lse=None, renormalize=True, check_va
         valid entry and no tail.
     """
     check_tensors("sparse_attn_v", scores=scores, indices=indices, v_cache=v_cache)
+    check_optional_tensors("sparse_attn_v", lse=lse, v_sum=v_sum, seq_lens=seq_lens)
     renormalize, check_values = _scalars("sparse_attn_v", as_bool, renormalize=renormalize,
                                          check_values=check_values)
     return torch.ops.kcache_ops.sparse_attn_v(scores, indices, v_cache, lse, renormalize,
@@ -295,6 +296,7 @@ def lowbit_tail(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_val
     """
     check_tensors("lowbit_tail", scores=scores, seq_lens=seq_lens, lse=lse, indices=indices,
                   v_codes=v_codes, v_meta=v_meta)
+    check_optional_tensors("lowbit_tail", hot_v=hot_v, hot_pos=hot_pos)
     bits, skip_first, skip_last = _scalars("lowbit_tail", as_int, bits=bits,
                                            skip_first=skip_first, skip_last=skip_last)
     [check_values] = _scalars("lowbit_tail", as_bool, check_values=check_values)
@@ -399,6 +401,12 @@ def check_tensors(owner, **tensors):
                             f"{t.layout}{' (nested)' if t.is_nested else ''}")
         if t.is_quantized:  # strided, but torch's dispatcher finds no kernel either
             raise TypeError(f"{owner}: {name} must not be a quantized tensor, got dtype {t.dtype}")
+
+
+def check_optional_tensors(owner, **tensors):
+    """:func:`check_tensors` for the optional tensor arguments of ``owner``: those given (not
+    None)."""
+    check_tensors(owner, **{name: t for name, t in tensors.items() if t is not None})
 
 
 # What torch.compile passes for a Python scalar argument: the value, or a symbol for it.

@@ -739,6 +739,23 @@ def test_tensor_arguments_that_are_not_dense(tensor_args):
                     getattr(kcache_ops, op)(*change(args, i, bad))
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor.*deprecated")  # torch >= 2.14
+def test_optional_tensor_arguments_that_are_not_dense_tensors(attn, low_tail):
+    """An optional tensor argument given as a sparse or quantized tensor, or not as a tensor, is
+    refused by name as a required one is (torch's dispatcher found no kernel, naming none)."""
+    quantized = torch.quantize_per_tensor(torch.randn(2, 3), 0.1, 0, torch.qint8)
+    for op, args, name in (("sparse_attn_v", attn[:3], "lse"), ("sparse_attn_v", attn[:3], "v_sum"),
+                           ("sparse_attn_v", attn[:3], "seq_lens"),
+                           ("lowbit_tail", (*low_tail[:6], 2), "hot_v"),
+                           ("lowbit_tail", (*low_tail[:6], 2), "hot_pos")):
+        for bad, message in ((torch.randn(2, 3).to_sparse(), r"must be a dense \(strided\) tensor, "
+                                                             r"got layout torch.sparse_coo"),
+                             (quantized, "must not be a quantized tensor, got dtype torch.qint8"),
+                             ([1.0], "must be a tensor, got an object of type list")):
+            with pytest.raises(TypeError, match=rf"{op}: {name} {message}$"):
+                getattr(kcache_ops, op)(*args, **{name: bad})
+
+
 def test_none_for_a_tensor_through_torch_ops(tensor_args):
     """Called through torch.ops, past the wrappers, None for a required tensor (the schema's
     undefined tensor) is refused by name by the op itself: its checks said "seq_lens must be
