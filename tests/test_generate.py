@@ -4,6 +4,7 @@ from dataclasses import replace
 import math
 import re
 import sys
+from types import SimpleNamespace
 import warnings
 
 import numpy as np
@@ -272,6 +273,15 @@ def test_prefill_progress_counts_the_layers_of_the_prefill_alone(loaded):
     with pytest.raises(ValueError, match="need at least one prompt"), PrefillProgress(model):
         generate(model, [[]], 4)
     assert not any(layer._forward_hooks for layer in model.layers)
+    stack = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])  # any model's layers
+    with PrefillProgress(SimpleNamespace(layers=stack)) as progress:
+        stack[1](torch.zeros(1))  # the bar starts at whichever layer runs first
+        stack[0](torch.zeros(1))
+    assert progress.bar.n == 2
+    assert not any(layer._forward_hooks or layer._forward_pre_hooks for layer in stack)
+    with PrefillProgress(SimpleNamespace(layers=torch.nn.ModuleList())) as progress:
+        pass  # no layer: no bar
+    assert progress.bar is None
 
 
 def test_bad_arguments(loaded):

@@ -18,8 +18,9 @@ class PrefillProgress:
         self.hooks = []
 
     def __enter__(self):
-        self.hooks.append(self.layers[0].register_forward_pre_hook(self._start))
-        self.hooks.extend(layer.register_forward_hook(self._layer_done) for layer in self.layers)
+        for layer in self.layers:
+            self.hooks += [layer.register_forward_pre_hook(self._start),
+                           layer.register_forward_hook(self._layer_done)]
         return self
 
     def __exit__(self, *_):
