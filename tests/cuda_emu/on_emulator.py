@@ -36,8 +36,10 @@ KNOWN = {
     "test_reuse_rows.py::test_pool_sharing_memory_is_refused": "an argument check (launcher)",
     "test_reuse_rows.py::test_pool_smaller_than_a_step_is_refused": "an argument check "
                                                                      "(launcher)",
-    "test_reuse_rows.py::test_rows_requiring_grad_are_refused": "an argument check (the Python "
-                                                                "wrapper's, swapped out here)",
+    "test_reuse_rows.py::test_rows_requiring_grad_are_refused": "an argument check (the op's "
+                                                                "Autograd kernel, swapped out here)",
+    "test_reuse_rows.py::test_the_pool_is_written_in_place_as_autograd_knows_it": "autograd's "
+        "in-place bookkeeping (the op's Autograd and ADInplaceOrView kernels, swapped out here)",
     "test_reuse_rows.py::test_rows_as_a_negated_or_conjugated_view_are_refused": "an argument "
         "check (the Python wrapper's, swapped out here)",
     "test_lowbit_tail.py::test_weights_at_the_float_limits": "its tolerance is the device's (the "
