@@ -1,6 +1,7 @@
 """Bad input gets a Python exception naming the argument, what was expected and what came."""
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +12,16 @@ from cuda_checks import requires_cuda
 import kcache_ops
 
 B, HKV, G, S, D, N = 2, 2, 2, 16, 64, 4
+NOT_DENSE = r"must be a dense \(strided\) tensor, got layout"  # check_tensors' refusals
+NOT_QUANTIZED = "must not be a quantized tensor, got dtype torch.qint8"
+
+
+def quantized(shape):
+    """A qint8 tensor of ``shape`` (random values), without torch 2.14's deprecation warning of
+    quantize_per_tensor."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+        return torch.quantize_per_tensor(torch.randn(shape), 0.1, 0, torch.qint8)
 
 
 @pytest.fixture
@@ -720,37 +731,30 @@ def test_tensor_arguments_that_are_not_tensors(tensor_args, bad, got):
                 getattr(kcache_ops, op)(*change(args, i, bad))
 
 
-@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor.*deprecated")  # torch >= 2.14
 def test_tensor_arguments_that_are_not_dense(tensor_args):
     """A sparse, nested or quantized tensor for a required tensor argument is refused by name
     (torch's dispatcher said it found no kernel for the 'SparseCPU' or 'QuantizedCPU' backend,
     naming no argument)."""
-    dense = r"must be a dense \(strided\) tensor, got layout"
     for op, (args, names) in tensor_args.items():
         for i, name in enumerate(names.split()):
-            quantized = torch.quantize_per_tensor(torch.randn(args[i].shape), 0.1, 0, torch.qint8)
-            for bad, message in ((args[i].cpu().to_sparse(), rf"{dense} torch.sparse_coo"),
+            for bad, message in ((args[i].cpu().to_sparse(), rf"{NOT_DENSE} torch.sparse_coo"),
                                  (torch.nested.nested_tensor([args[i].cpu()],
                                                              layout=torch.jagged),
-                                  rf"{dense} torch.jagged \(nested\)"),
-                                 (quantized, r"must not be a quantized tensor, got dtype "
-                                             r"torch.qint8")):
+                                  rf"{NOT_DENSE} torch.jagged \(nested\)"),
+                                 (quantized(args[i].shape), NOT_QUANTIZED)):
                 with pytest.raises(TypeError, match=rf"{op}: {name} {message}$"):
                     getattr(kcache_ops, op)(*change(args, i, bad))
 
 
-@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor.*deprecated")  # torch >= 2.14
 def test_optional_tensor_arguments_that_are_not_dense_tensors(attn, low_tail):
     """An optional tensor argument given as a sparse or quantized tensor, or not as a tensor, is
     refused by name as a required one is (torch's dispatcher found no kernel, naming none)."""
-    quantized = torch.quantize_per_tensor(torch.randn(2, 3), 0.1, 0, torch.qint8)
     for op, args, name in (("sparse_attn_v", attn[:3], "lse"), ("sparse_attn_v", attn[:3], "v_sum"),
                            ("sparse_attn_v", attn[:3], "seq_lens"),
                            ("lowbit_tail", (*low_tail[:6], 2), "hot_v"),
                            ("lowbit_tail", (*low_tail[:6], 2), "hot_pos")):
-        for bad, message in ((torch.randn(2, 3).to_sparse(), r"must be a dense \(strided\) tensor, "
-                                                             r"got layout torch.sparse_coo"),
-                             (quantized, "must not be a quantized tensor, got dtype torch.qint8"),
+        for bad, message in ((torch.randn(2, 3).to_sparse(), rf"{NOT_DENSE} torch.sparse_coo"),
+                             (quantized((2, 3)), NOT_QUANTIZED),
                              ([1.0], "must be a tensor, got an object of type list")):
             with pytest.raises(TypeError, match=rf"{op}: {name} {message}$"):
                 getattr(kcache_ops, op)(*args, **{name: bad})
