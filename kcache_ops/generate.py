@@ -240,6 +240,10 @@ def generate(model, prompts, max_new_tokens, *, backend="dense", options=None,
         raise ValueError(f"reuse_stats needs backend='kcache' with options.reuse > 0, got "
                          f"backend={backend!r}, options.reuse="
                          f"{getattr(options, 'reuse', None)!r}")
+    for name, callback in (("on_text", on_text), ("on_token", on_token)):
+        if callback is not None and not callable(callback):
+            raise ValueError(f"{name} must be None or a callable (index, value), got "
+                             f"{callback!r}")
     if on_text is not None and tokenizer is None:
         raise ValueError("streaming (on_text) needs the tokenizer")
     device = model.device

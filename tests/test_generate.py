@@ -315,6 +315,9 @@ def test_bad_arguments(loaded):
             generate(model, PROMPTS, 4, temperature=1.0, top_p=top_p)
     with pytest.raises(ValueError, match="eos_ids must be token ids .* got 2.5"):
         generate(model, PROMPTS, 4, eos_ids=2.5)
+    for name in ("on_token", "on_text"):  # refused before the prefill, not at the first token
+        with pytest.raises(ValueError, match=f"{name} must be None or a callable .*, got 5$"):
+            generate(model, PROMPTS, 4, tokenizer=tokenizer, **{name: 5})
 
 
 def test_prompts_not_a_list_are_a_value_error(loaded):
