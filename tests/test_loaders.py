@@ -753,6 +753,22 @@ def test_gguf_tokenizer_values_of_the_wrong_kind(tmp_path, key, kind, value, mes
                        add_bos=None, raw=[(key, kind, value)])
 
 
+def test_a_gguf_without_a_tokenizer_says_so(tmp_path):
+    """A GGUF file of weights alone is refused as holding no tokenizer, not as holding an
+    unsupported one (model None)."""
+    from kcache_ops.model import Tokenizer
+    from kcache_ops.model.gguf_loader import open_gguf
+    path = tmp_path / "t.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: the GGUF file holds no "
+                                              f"tokenizer \\(no tokenizer.ggml.model\\): "):
+        Tokenizer.from_gguf(open_gguf(str(path)))
+
+
 def test_gguf_merges_that_make_the_tokenizers_library_panic(tmp_path):
     """A merge whose result the vocabulary lacks makes the tokenizers library panic (pyo3's
     PanicException, a BaseException an ``except Exception`` misses: a traceback from the CLI): a

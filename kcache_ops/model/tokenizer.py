@@ -276,6 +276,10 @@ class Tokenizer:
             f = reader.fields.get(key)
             return default if f is None else f.contents()
         kind, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre")
+        if kind is None:
+            raise CheckpointError("the GGUF file holds no tokenizer (no tokenizer.ggml.model): "
+                                  "convert the model with its tokenizer, as llama.cpp's "
+                                  "convert_hf_to_gguf.py does")
         if kind == "gpt2" and pre is None:  # converters older than the key wrote none
             warnings.warn(f"{reader.path}: no tokenizer.ggml.pre: splitting text as GPT-2 "
                           f"does, which may not be this model's split (llama.cpp warns that "
