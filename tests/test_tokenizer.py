@@ -190,12 +190,13 @@ def test_chat_template_sees_what_transformers_passes(tmp_path):
     """A plain chat renders as transformers' apply_chat_template renders it: ``tools`` and
     ``documents`` are none (not undefined), a special token the model lacks is undefined (not
     ""), {% break %} (jinja2's loop controls) works, and so do transformers' ``tojson`` (no HTML
-    escapes) and ``strftime_now``."""
+    escapes), ``strftime_now`` and ``{% generation %}`` (its body written, its ``set`` kept in)."""
     AutoTokenizer = pytest.importorskip("transformers").AutoTokenizer
     template = ("{% if tools is not none %}[TOOLS]{% endif %}"
                 "{% if documents is not none %}[DOCUMENTS]{% endif %}"
                 "{% if eos_token is defined %}[EOS]{% endif %}"
-                "{% for m in messages %}{{ m['content'] }}{% break %}!{% endfor %}"
+                "{% set x = '' %}{% for m in messages %}{% generation %}{% set x = '?' %}"
+                "{{ m['content'] }}{% endgeneration %}{{ x }}{% break %}!{% endfor %}"
                 "{{ {'a': '<é>'} | tojson }}{{ strftime_now('%Y') }}"
                 "{% if add_generation_prompt %}{{ bos_token }}{% endif %}")
     folder = folder_with_template(tmp_path, template)

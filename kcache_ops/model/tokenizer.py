@@ -8,6 +8,7 @@ from datetime import datetime
 
 import jinja2
 import jinja2.ext
+import jinja2.nodes
 import jinja2.sandbox
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
@@ -77,6 +78,17 @@ def _kind(value):
 def _raise_exception(message):
     """What a chat template calls to refuse its input (as transformers defines it)."""
     raise jinja2.TemplateError(message)
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """transformers' ``{% generation %}...{% endgeneration %}``, which marks the assistant's text
+    for training masks: rendering a prompt writes its body as it is, in a scope of its own."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
@@ -174,15 +186,17 @@ class Tokenizer:
                                   f"{e}") from e
 
     def _compiled_template(self) -> jinja2.Template:
-        """The chat template compiled as transformers compiles it (sandboxed, with ``{% break %}``
-        and ``{% continue %}``, its ``tojson``, ``raise_exception`` and ``strftime_now``);
+        """The chat template compiled as transformers compiles it (sandboxed, with ``{% break %}``,
+        ``{% continue %}`` and ``{% generation %}``, its ``tojson``, ``raise_exception`` and
+        ``strftime_now``);
         CheckpointError naming its source if it is not a string or does not parse."""
         source = self.template_source
         if not isinstance(self.chat_template, str):
             raise CheckpointError(f"the chat template in {source} must be a string, got "
                                   f"{type(self.chat_template).__name__}")
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+            trim_blocks=True, lstrip_blocks=True,
+            extensions=[jinja2.ext.loopcontrols, _GenerationTag])
         env.filters["tojson"] = _tojson
         env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
         try:
