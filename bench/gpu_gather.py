@@ -68,13 +68,15 @@ def parse_footprint(text):
     return gib, buffers
 
 
-def footprint_sets(gib, buffers, alloc, row_bytes=256, n_rows=1024, count=8):
-    """`count` (src, indices) sets over ``buffers`` host buffers of gib / buffers GiB each, each
-    from alloc(shape) (pinned, device-mapped, filled), set i from buffer i % buffers: src [B, H,
-    S, row_bytes / 2] bf16, indices [B, H, n_rows] int32."""
+def footprint_sets(gib, buffers, alloc, row_bytes=256, n_rows=1024):
+    """(src, indices) sets over ``buffers`` host buffers of gib / buffers GiB each, each from
+    alloc(shape) (pinned, device-mapped, filled), set i from buffer i % buffers, as many as make
+    a round read past L2 (timing.rotations, as the other rows): src [B, H, S, row_bytes / 2]
+    bf16, indices [B, H, n_rows] int32."""
     D = row_bytes // 2
     S = (gib << 30) // buffers // (B * H * row_bytes)  # rows per head of one buffer
     srcs = [alloc((B, H, S, D)) for _ in range(buffers)]
+    count = timing.rotations(B * H * n_rows * row_bytes)
     return [(srcs[i % buffers], index_sets(S, n_rows, 1)[0]) for i in range(count)]
 
 

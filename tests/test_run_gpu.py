@@ -508,6 +508,20 @@ def test_gather_bench_rates_its_time_against_the_ceiling_memcpy_and_torch(monkey
          "speedup_vs_torch": 2.5})
 
 
+def test_gather_bench_footprint_rows_rotate_past_l2(monkeypatch):
+    """bench/gpu_gather.py's footprint rows rotate as many sets of 4 MiB as its other rows (a
+    round past L2; 8 sets were 32 MiB, under it), set i from buffer i % buffers."""
+    monkeypatch.setattr(gpu_gather, "index_sets", lambda S, n, count: [
+        torch.zeros(gpu_gather.B, gpu_gather.H, n, dtype=torch.int32) for _ in range(count)])
+    sets = gpu_gather.footprint_sets(8, 8, lambda shape: torch.empty(shape, device="meta"))
+    set_bytes = gpu_gather.B * gpu_gather.H * 1024 * 256
+    assert len(sets) == timing.rotations(set_bytes) and len(sets) * set_bytes > 60 << 20
+    srcs = [src for src, _ in sets]
+    assert srcs[0].shape == (gpu_gather.B, gpu_gather.H, (1 << 30) // (set_bytes // 1024), 128)
+    assert all(srcs[i] is srcs[i % 8] for i in range(len(sets)))
+    assert len({id(src) for src in srcs}) == 8
+
+
 def test_host_row_bytes_reads_as_the_kernel_does():
     """The decode benchmark's host bytes: a slice of a group's heads (4, or 8 for groups past 4)
     reads each distinct row once where its entries fit the union (heads x N <= 2048) or its heads
