@@ -198,7 +198,8 @@ def default_step(rec, c, sets, dense, ceilings, options=DEFAULT):
     most_bytes = B * Hq * options.topn * D * 2  # every selected row read
     selections = [(i % len(sets), *layer.select(i % len(sets), torch.randn_like(sets[0][0])))
                   for i in range(timing.rotations(most_bytes))]  # (layer, scores, indices, lse)
-    host_bytes = decode_steps.host_row_bytes(selections[0][2], layer.cache.v_host[0])
+    host_bytes = sum(decode_steps.host_row_bytes(s[2], layer.cache.v_host[0])
+                     for s in selections) / len(selections)  # top_p: the sets' rows differ
     inputs = fresh_queries(layer.inputs, 1)  # (layer, q, new k, new v)
     t = Timer()
     us = t(layer.cache.decode, inputs)
