@@ -260,6 +260,28 @@ def test_gather_rows_is_a_copy(dtype, D):
     assert torch.equal(got.cpu(), reference.gather_rows(src, idx.cpu()))
 
 
+def test_torch_pinned_memory_stays_until_the_kernel_has_read_it():
+    """Rows in torch's own pinned memory (Tensor.pin_memory(), mapped under UVA), freed while the
+    op's kernel is still queued: the block is not handed to the next pinned tensor, whose writes
+    would reach the kernel (the op tells torch's pinned allocator the stream, as torch's
+    non_blocking copies do). The allocator hands back a block no stream uses at once."""
+    n = 2 * 8 * 1024 * 64  # floats of one block: src [2, 8, 1024, 64]
+    first = torch.randn(n).pin_memory()
+    ptr = first.data_ptr()
+    del first
+    assert torch.empty(n).pin_memory().data_ptr() == ptr
+    src = torch.randn(n).pin_memory().view(2, 8, 1024, 64)  # [B, Hs, S, D]
+    idx = torch.randint(0, 1024, (2, 8, 64), device="cuda", dtype=torch.int32)  # [B, H, N]
+    want = reference.gather_rows(src, idx.cpu())  # [B, H, N, D]
+    ptr = src.data_ptr()
+    torch.cuda._sleep(500_000_000)  # the current stream: ~0.25 s before the gather runs
+    got = kcache_ops.gather_rows(src, idx)  # [B, H, N, D]
+    del src
+    again = torch.full((n,), 7.0).pin_memory()  # written while the gather waits
+    assert again.data_ptr() != ptr
+    assert torch.equal(got.cpu(), want)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_reuse_rows_matches_reference(shape, group_select):

@@ -10,6 +10,8 @@
 #include <utility>
 
 #include <ATen/ATen.h>
+#include <ATen/core/CachingHostAllocator.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "../value_checks.h"
 #include "utils.cuh"
@@ -32,6 +34,13 @@ const void* host_mapped_device_ptr(const at::Tensor& t, const char* name) {
   // address); null when the pinned memory is not mapped into the device address space.
   TORCH_CHECK(attr.devicePointer != nullptr, name, " is pinned but not mapped into the "
               "device address space (allocate it with kcache_ops.alloc_host)");
+  // Memory of torch's pinned allocator (Tensor.pin_memory()) goes back to its cache when the
+  // tensor is freed, for the next pinned tensor to be written while the queued kernel may still
+  // read it, unless the allocator knows the stream: the current one, as torch's non_blocking
+  // copies tell it. alloc_host's memory is not the allocator's, which passes it over.
+  const c10::DataPtr& storage = t.storage().data_ptr();
+  at::getHostAllocator(at::kCUDA)->record_event(storage.get(), storage.get_context(),
+                                                c10::cuda::getCurrentCUDAStream());
   return attr.devicePointer;
 }
 

@@ -19,6 +19,8 @@ namespace kcache_ops {
 
 // The device address of a pinned, device-mapped CPU tensor (from kcache_ops.alloc_host), or an
 // error naming `name` that says how to allocate it. Never copies. nullptr for an empty tensor.
+// Memory of torch's pinned allocator is recorded as used by the current stream (call it under the
+// op's device guard), so that freeing the tensor does not hand it out before the kernel has read.
 const void* host_mapped_device_ptr(const at::Tensor& t, const char* name);
 
 // The device address of `t` for a kernel on `device` that reads it: host_mapped_device_ptr for a
