@@ -355,6 +355,29 @@ def test_value_checks():
                                                                         dtype=torch.int32))
 
 
+def test_value_checks_with_no_query_head():
+    """Hq = 0 leaves the ops nothing to compute, but seq_lens [B] and hot_pos hold values: bad ones
+    are refused as on the CPU, not passed over by an early return."""
+    def cuda(*shape, dtype=torch.float32):
+        return torch.zeros(*shape, device="cuda", dtype=dtype)
+
+    bad = torch.tensor([101, 5], device="cuda", dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"qk_topn: seq_lens\[0\] must be in \[0, 100\]"):
+        kcache_ops.qk_topn(cuda(2, 0, 64), cuda(2, 2, 100, 64), bad, 8)
+    v = host_copy(torch.randn(2, 2, 100, 64))
+    with pytest.raises(RuntimeError, match=r"sparse_attn_v: seq_lens\[0\] must be in"):
+        kcache_ops.sparse_attn_v(cuda(2, 0, 8), cuda(2, 0, 8, dtype=torch.int32), v, cuda(2, 0),
+                                 False, v_sum=cuda(2, 2, 64), seq_lens=bad)
+    codes, meta = cuda(2, 2, 100, 16, dtype=torch.uint8), cuda(2, 2, 100, 2, dtype=torch.bfloat16)
+    tail = (cuda(2, 0, 100), bad, cuda(2, 0), cuda(2, 0, 8, dtype=torch.int32), codes, meta, 2)
+    with pytest.raises(RuntimeError, match=r"lowbit_tail: seq_lens\[0\] must be in"):
+        kcache_ops.lowbit_tail(*tail)
+    hot_pos = torch.tensor([[0, 1, 200]] * 2, device="cuda", dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"lowbit_tail: hot_pos\[0, 2\] must be -1"):
+        kcache_ops.lowbit_tail(*tail[:1], bad.clamp(max=100), *tail[2:], hot_v=cuda(2, 2, 3, 64),
+                               hot_pos=hot_pos)
+
+
 def test_no_host_sync_without_value_checks(monkeypatch):
     """check_values=False, as the KCache decode path passes it: qk_topn and sparse_attn_v run under
     torch.cuda.set_sync_debug_mode("error"); with the checks on, the same call synchronises."""

@@ -64,12 +64,12 @@ at::Tensor lowbit_tail_cuda(const at::Tensor& scores,    // [B, Hq, S] float32, 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto fopts = scores.options();
   at::Tensor out = at::empty({dims.B, dims.Hq, dims.D}, fopts);  // [B, Hq, D]
-  if (out.numel() == 0) return out;
-  if (check_values && should_validate_values(stream)) {
+  if (check_values && should_validate_values(stream)) {  // as on the CPU, even with no output
     check_seq_lens_on_device(seq_lens, dims.S, "v_codes");
     check_indices_on_device(indices, dims.S, "v_codes");
     if (H > 0) check_indices_on_device(hot_pos, dims.S, "v_codes", "hot_pos", "an empty slot");
   }
+  if (out.numel() == 0) return out;
 
   const at::ScalarType hot_type = H > 0 ? hot_v.scalar_type() : at::kFloat;
   const LowbitTailArgs args = lowbit_tail_args(

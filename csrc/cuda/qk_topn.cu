@@ -52,9 +52,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_topn_cuda(
   // every score: the score pass's scratch [B, Hq, S rounded up to 4] seen as [B, Hq, S]
   at::Tensor scratch = at::empty({dims.B, dims.Hq, qk_score_stride(dims.S)}, fopts);
   at::Tensor all_scores = return_scores ? scratch.narrow(2, 0, dims.S) : at::empty({0}, fopts);
-  if (dims.B == 0 || dims.Hq == 0) return {scores, indices, lse, all_scores};
+  // the values first, as on the CPU: seq_lens [B] holds lengths where Hq == 0 leaves no work
   if (check_values && should_validate_values(stream))
     check_seq_lens_on_device(seq_lens, dims.S);
+  if (dims.B == 0 || dims.Hq == 0) return {scores, indices, lse, all_scores};
 
   const QkTopnArgs args = qk_topn_args(q, k_cache, seq_lens, scores, indices, lse, n, scale,
                                        group_select, skip_first, skip_last, top_p);

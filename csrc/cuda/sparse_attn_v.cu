@@ -57,11 +57,11 @@ at::Tensor sparse_attn_v_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor out = at::empty({dims.B, dims.Hq, dims.D},
                              scores.options().dtype(v_cache.scalar_type()));  // [B, Hq, D]
-  if (out.numel() == 0) return out;
-  if (check_values && should_validate_values(stream)) {
+  if (check_values && should_validate_values(stream)) {  // as on the CPU, even with no output
     check_indices_on_device(indices, dims.S, "v_cache");
     if (dims.tail) check_seq_lens_on_device(*seq_lens, dims.S, "v_cache");
   }
+  if (out.numel() == 0) return out;
 
   const SparseAttnVArgs args = sparse_attn_v_args(
       scores, indices, v_dev, v_cache, lse ? &*lse : nullptr, renormalize,
