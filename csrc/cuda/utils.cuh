@@ -7,10 +7,12 @@
 
 #include <c10/util/Exception.h>
 
-// A CUDA runtime call: an error names the call and CUDA's reason.
+// A CUDA runtime call: an error names the call and CUDA's reason, and is cleared (a sticky one
+// stays), so that the next launch's check does not report it as its own.
 #define KC_CUDA_CHECK(expr)                                                              \
   do {                                                                                   \
     cudaError_t err_ = (expr);                                                           \
+    if (err_ != cudaSuccess) cudaGetLastError();                                         \
     TORCH_CHECK(err_ == cudaSuccess, #expr " failed: ", cudaGetErrorString(err_));       \
   } while (0)
 
