@@ -64,8 +64,9 @@ def graphed(step, device):
             step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
+        try:  # captured on ``device``'s side stream: torch's default capture stream is made once,
+            # on the device current at the process's first capture, whatever device comes after
+            with torch.cuda.graph(graph, stream=side):
                 outputs = step()
         except RuntimeError as e:  # a failure inside the capture surfaces as the capture's end
             cause = e.__context__ if e.__context__ is not None else e
