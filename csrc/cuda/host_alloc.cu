@@ -39,7 +39,10 @@ at::Tensor alloc_pinned_mapped(at::IntArrayRef shape, at::ScalarType dtype, int6
                 "for shape ", shape, " ", dtype_name(dtype),
                 " (cudaHostAlloc: ", cudaGetErrorString(err), "); ", host_bytes_available_text());
   }
-  auto deleter = [](void* p) { cudaFreeHost(p); };
+  auto deleter = [](void* p) {  // a deleter cannot throw: a failed free (under a graph capture,
+    // at exit) is cleared, so that the next launch's check does not report it as its own
+    if (cudaFreeHost(p) != cudaSuccess) cudaGetLastError();
+  };
   return at::from_blob(ptr, shape, deleter, at::TensorOptions().dtype(dtype).device(at::kCPU));
 }
 
