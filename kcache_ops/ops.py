@@ -540,14 +540,15 @@ def _check_no_overlap(op, written, read):
                                    "updated in place), got views of the same memory")
 
 
-def _check_fake(op, args, host=(), group=None):
+def _check_fake(op, args, host=(), group=None, host_only=()):
     """The checks of an eager op that its fake implementation needs on each tensor argument, with
     messages that name the argument, the expected and the actual: each tensor of ``args`` (name ->
     (tensor or None, dims, dtype)) has that many dims, a dim named twice has one size throughout
     (dims name each dim, e.g. ("B", "Hq", "D"), or give its size), and it has ``dtype`` (as
     :func:`_check_dtype` takes it); each is on the device of the first, but those named in
-    ``host`` (V in host RAM), which may be on the CPU instead; ``group`` (query heads, KV heads)
-    names two dims whose first is a multiple of the second. Without them a bad argument fails
+    ``host`` (V in host RAM), which may be on the CPU instead, and those in ``host_only``, which
+    must be (gather_rows' src: its CUDA op reads host memory only); ``group`` (query heads, KV
+    heads) names two dims whose first is a multiple of the second. Without them a bad argument fails
     deep in the fake, or is traced into a graph the eager op refuses only when it runs, and a
     meta argument among real ones would give uninitialised outputs on the device of the others."""
     (first_name, (first, *_)), *_ = args.items()
@@ -559,6 +560,9 @@ def _check_fake(op, args, host=(), group=None):
             raise RuntimeError(f"{op}: {name} must have {len(dims)} dims, got shape "
                                f"{_values(t.shape)}")
         _check_dtype(op, name, t, dtype)
+        on_host = t.device.type == "cpu" or t.device.type == first.device.type == "meta"
+        if name in host_only and not on_host:  # all on meta: the shapes alone
+            raise RuntimeError(f"{op}: {name} must be in host memory (on cpu), got {t.device}")
         if name in host and t.device.type != "cpu" and t.device != first.device:
             also = ("" if first.device.type == "cpu"
                     else f" or on {first.device} (the device of {first_name})")
@@ -656,8 +660,8 @@ def _(scores, indices, v_cache, lse=None, renormalize=True, check_values=True, v
 @torch.library.register_fake("kcache_ops::gather_rows")
 def _(src, indices, check_values=True):
     _check_fake("gather_rows", {"indices": (indices, ("B", "H", "N"), torch.int32),
-                                "src": (src, ("B", "Hs", "S", "D"), None)}, host=("src",),
-                group=("H", "Hs"))
+                                "src": (src, ("B", "Hs", "S", "D"), None)},
+                host_only=("src",), group=("H", "Hs"))
     _check_last_contiguous("gather_rows", src=src, indices=indices)
     B, H, N = indices.shape
     return indices.new_empty((B, H, N, src.shape[-1]), dtype=src.dtype)

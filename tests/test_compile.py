@@ -351,17 +351,24 @@ def test_meta_argument_among_real_ones():
     """A meta tensor among real ones is refused (the fake implementation would otherwise make
     uninitialised outputs on the real tensors' device); every argument on meta gives the shapes.
     Host memory is offered as the only place where the op runs on the CPU, and beside the device
-    where it runs on CUDA (fake CUDA tensors: no GPU needed)."""
+    where it runs on CUDA (fake CUDA tensors: no GPU needed), but for gather_rows' src, which its
+    CUDA op reads from host memory only."""
     q, k, lens = torch.randn(2, 4, 64), torch.randn(2, 2, 10, 64), seq_lens_tensor([10, 3], "cpu")
     with pytest.raises(RuntimeError, match="seq_lens must be on cpu .* got meta"):
         kcache_ops.qk_topn(q, k, lens.to("meta"), 3)
     with pytest.raises(RuntimeError, match=r"src must be in host memory \(on cpu\), got meta$"):
         kcache_ops.gather_rows(k.to("meta"), torch.zeros(2, 4, 3, dtype=torch.int32))
     with FakeTensorMode(), pytest.raises(RuntimeError, match=(
-            r"src must be in host memory \(on cpu\) or on cuda:0 \(the device of indices\), "
+            r"v_cache must be in host memory \(on cpu\) or on cuda:0 \(the device of scores\), "
             r"got meta$")):
-        kcache_ops.gather_rows(torch.empty(2, 2, 10, 64, device="meta"),
-                               torch.empty(2, 4, 3, dtype=torch.int32, device="cuda"))
+        kcache_ops.sparse_attn_v(torch.empty(2, 4, 3, device="cuda"),
+                                 torch.empty(2, 4, 3, dtype=torch.int32, device="cuda"),
+                                 torch.empty(2, 2, 10, 64, device="meta"))
+    for src in ("meta", "cuda"):  # the CUDA gather_rows reads host memory only
+        with FakeTensorMode(), pytest.raises(RuntimeError, match=(
+                f"src must be in host memory \\(on cpu\\), got {src}")):
+            kcache_ops.gather_rows(torch.empty(2, 2, 10, 64, device=src),
+                                   torch.empty(2, 4, 3, dtype=torch.int32, device="cuda"))
     scores, indices, lse = kcache_ops.qk_topn(q.to("meta"), k.to("meta"), lens.to("meta"), 3)
     assert scores.shape == indices.shape == (2, 4, 3) and lse.shape == (2, 4)
     assert scores.device.type == "meta"
