@@ -10,7 +10,16 @@
 #include <utility>
 
 #include <ATen/ATen.h>
+// torch's pinned allocator (the record_event below); its header's alignas of
+// std::hardware_destructive_interference_size makes gcc 12 warn in every file that includes it
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Winterference-size"
+#endif
 #include <ATen/core/CachingHostAllocator.h>
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#pragma GCC diagnostic pop
+#endif
 #include <c10/cuda/CUDAStream.h>
 
 #include "../value_checks.h"
