@@ -568,7 +568,7 @@ def _check_fake(op, args, host=(), group=None, host_only=()):
                     else f" or on {first.device} (the device of {first_name})")
             raise RuntimeError(f"{op}: {name} must be in host memory (on cpu){also}, got "
                                f"{t.device}")
-        if name not in host and t.device != first.device:
+        if name not in host + host_only and t.device != first.device:
             raise RuntimeError(f"{op}: {name} must be on {first.device} (the device of "
                                f"{first_name}), got {t.device}")
         for i, (dim, size) in enumerate(zip(dims, t.shape)):

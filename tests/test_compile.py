@@ -369,6 +369,10 @@ def test_meta_argument_among_real_ones():
                 f"src must be in host memory \\(on cpu\\), got {src}")):
             kcache_ops.gather_rows(torch.empty(2, 2, 10, 64, device=src),
                                    torch.empty(2, 4, 3, dtype=torch.int32, device="cuda"))
+    with FakeTensorMode():  # its CUDA call: src in host memory, indices on the device
+        dst = kcache_ops.gather_rows(torch.empty(2, 2, 10, 64),
+                                     torch.empty(2, 4, 3, dtype=torch.int32, device="cuda"))
+    assert dst.shape == (2, 4, 3, 64) and dst.device == torch.device("cuda", 0)
     scores, indices, lse = kcache_ops.qk_topn(q.to("meta"), k.to("meta"), lens.to("meta"), 3)
     assert scores.shape == indices.shape == (2, 4, 3) and lse.shape == (2, 4)
     assert scores.device.type == "meta"
