@@ -36,9 +36,9 @@ at::Tensor gather_rows_cuda(const at::Tensor& src,      // [B, Hs, S, D], pinned
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor dst = at::empty({dims.B, dims.H, dims.N, dims.D},
                              indices.options().dtype(src.scalar_type()));  // [B, H, N, D]
-  if (dst.numel() == 0) return dst;
-  if (check_values && should_validate_values(stream))
+  if (check_values && should_validate_values(stream))  // as on the CPU, even with no output
     check_indices_on_device(indices, dims.S, "src");
+  if (dst.numel() == 0) return dst;
 
   const GatherRowsArgs args = gather_rows_args(src_dev, src, indices, dst);
   const GatherRowsPlan plan =
