@@ -275,7 +275,7 @@ def test_torch_pinned_memory_stays_until_the_kernel_has_read_it():
     want = reference.gather_rows(src, idx.cpu())  # [B, H, N, D]
     ptr = src.data_ptr()
     torch.cuda._sleep(500_000_000)  # the current stream: ~0.25 s before the gather runs
-    got = kcache_ops.gather_rows(src, idx)  # [B, H, N, D]
+    got = kcache_ops.gather_rows(src, idx, check_values=False)  # [B, H, N, D], not synced
     del src
     again = torch.full((n,), 7.0).pin_memory()  # written while the gather waits
     assert again.data_ptr() != ptr
