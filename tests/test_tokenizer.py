@@ -166,7 +166,9 @@ def test_special_tokens_map(tmp_path, settings):
     ("{{ raise_exception('no system message') }}", "fails: no system message"),
     ("{{ 1 // 0 }}", "fails: integer division or modulo by zero"),
     (5, "must be a string, got int"),
-], ids=["syntax", "undefined", "raise_exception", "division", "not_a_string"])
+    ("{% for m in messages %}{% generation %}{% break %}{% endgeneration %}{% endfor %}",
+     "does not compile: 'break' outside loop"),  # as transformers: no loop's in a call block
+], ids=["syntax", "undefined", "raise_exception", "division", "not_a_string", "break"])
 def test_chat_template_errors_name_the_file(tmp_path, template, problem):
     """A chat template jinja2 rejects gives a CheckpointError (one `error:` line in the CLI)
     naming the file it comes from and what is wrong."""

@@ -82,13 +82,17 @@ def _raise_exception(message):
 
 class _GenerationTag(jinja2.ext.Extension):
     """transformers' ``{% generation %}...{% endgeneration %}``, which marks the assistant's text
-    for training masks: rendering a prompt writes its body as it is, in a scope of its own."""
+    for training masks: rendering a prompt writes its body as it is, as a call block's body (its
+    own scope; a ``{% break %}`` in it is no loop's)."""
     tags = {"generation"}
 
     def parse(self, parser):
         lineno = next(parser.stream).lineno
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body, lineno=lineno)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
@@ -189,7 +193,8 @@ class Tokenizer:
         """The chat template compiled as transformers compiles it (sandboxed, with ``{% break %}``,
         ``{% continue %}`` and ``{% generation %}``, its ``tojson``, ``raise_exception`` and
         ``strftime_now``);
-        CheckpointError naming its source if it is not a string or does not parse."""
+        CheckpointError naming its source if it is not a string, does not parse or does not
+        compile."""
         source = self.template_source
         if not isinstance(self.chat_template, str):
             raise CheckpointError(f"the chat template in {source} must be a string, got "
@@ -204,6 +209,10 @@ class Tokenizer:
         except jinja2.TemplateSyntaxError as e:
             raise CheckpointError(f"the chat template in {source} does not parse: line "
                                   f"{e.lineno}: {e.message}") from e
+        except SyntaxError as e:  # the Python jinja2 writes for it does not compile: a {% break %}
+            # outside any loop (or in a macro's, a call block's or {% generation %}'s body)
+            raise CheckpointError(f"the chat template in {source} does not compile: "
+                                  f"{e.msg}") from e
 
     def encode_prompt(self, text: str, chat: bool) -> list[int]:
         """Token ids of a prompt: in the chat template if ``chat`` and the model has one (the
