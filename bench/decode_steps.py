@@ -61,6 +61,12 @@ def host_row_bytes(indices, v):
     return rows * v.shape[-1] * v.element_size()
 
 
+def mean_host_row_bytes(index_sets, v):
+    """host_row_bytes averaged over ``index_sets`` (each [B, Hq, N] int32), the selections a
+    benchmark rotates: with top_p, or where heads share rows by chance, their counts differ."""
+    return sum(host_row_bytes(indices, v) for indices in index_sets) / len(index_sets)
+
+
 class OpStep:
     """qk_topn + sparse_attn_v in one of :data:`MODES` over a fixed V.
 

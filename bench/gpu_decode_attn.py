@@ -158,9 +158,10 @@ def op_steps(rec, c, sets, v, n, dense, ceilings):
     v_sum = torch.randn(B, Hkv, D, device="cuda")  # the mean tail's row sums [B, Hkv, D]
     for group_select, tail in decode_steps.MODES:
         step = decode_steps.OpStep(v, lens, n, group_select, tail, v_sum)
-        host_bytes = decode_steps.host_row_bytes(step.select(*sets[0][:2])[1], v)
+        first = decode_steps.host_row_bytes(step.select(*sets[0][:2])[1], v)  # sizes the round
         selections = [step.select(torch.randn_like(q), k) for q, k, _ in
-                      (sets[i % len(sets)] for i in range(timing.rotations(host_bytes)))]
+                      (sets[i % len(sets)] for i in range(timing.rotations(first)))]
+        host_bytes = decode_steps.mean_host_row_bytes([s[1] for s in selections], v)
         t = Timer()
         queries = fresh_queries(sets, 0)
         us = t(lambda q, k, _v: step(q, k), queries)
@@ -198,8 +199,8 @@ def default_step(rec, c, sets, dense, ceilings, options=DEFAULT):
     most_bytes = B * Hq * options.topn * D * 2  # every selected row read
     selections = [(i % len(sets), *layer.select(i % len(sets), torch.randn_like(sets[0][0])))
                   for i in range(timing.rotations(most_bytes))]  # (layer, scores, indices, lse)
-    host_bytes = sum(decode_steps.host_row_bytes(s[2], layer.cache.v_host[0])
-                     for s in selections) / len(selections)  # top_p: the sets' rows differ
+    host_bytes = decode_steps.mean_host_row_bytes([s[2] for s in selections],
+                                                  layer.cache.v_host[0])
     inputs = fresh_queries(layer.inputs, 1)  # (layer, q, new k, new v)
     t = Timer()
     us = t(layer.cache.decode, inputs)

@@ -525,7 +525,7 @@ def test_gather_bench_footprint_rows_rotate_past_l2(monkeypatch):
 def test_host_row_bytes_reads_as_the_kernel_does():
     """The decode benchmark's host bytes: a slice of a group's heads (4, or 8 for groups past 4)
     reads each distinct row once where its entries fit the union (heads x N <= 2048) or its heads
-    share their rows, and every valid entry otherwise."""
+    share their rows, and every valid entry otherwise; a benchmark's rotated sets, on average."""
     row = 4 * 4  # D = 4 float32
     v = torch.zeros(1, 2, 10, 4)  # [B, Hkv, S, D]
     ix = torch.tensor([[[0, 1], [1, 2], [5, -1], [5, 6]]], dtype=torch.int32)  # [1, 4, 2]: G = 2
@@ -537,6 +537,8 @@ def test_host_row_bytes_reads_as_the_kernel_does():
         assert decode_steps.host_row_bytes(ix, v) == (union if n == 200 else 16 * n) * row
         shared = ix[:, :1].expand(1, 16, n)  # group_select: every head the same rows
         assert decode_steps.host_row_bytes(shared, v) == 2 * n * row
+        assert decode_steps.mean_host_row_bytes([ix, shared], v) == (
+            decode_steps.host_row_bytes(ix, v) + 2 * n * row) / 2  # over the rotated sets
 
 
 def test_step_ops_count_the_launches_of_a_decode_step():
