@@ -684,14 +684,15 @@ def test_tokenizer_config_faults_name_the_file(tmp_path, hf_folder):
 
 
 def gguf_tokenizer(path, tokens, pre="gpt2", bos=None, add_bos=True, merges=("a b",),
-                   types=None, eos=None, raw=()):
-    """Tokenizer.from_gguf of a GGUF file holding only tokenizer metadata (``pre`` None, no
-    ``merges``, ``add_bos`` None: that key left out; ``raw``: (key, GGUFWriter.add_<kind>, value)
-    written as they are, in place of the keys above)."""
+                   types=None, eos=None, raw=(), model="gpt2"):
+    """Tokenizer.from_gguf of a GGUF file holding only tokenizer metadata (``model`` or ``pre``
+    None, no ``merges``, ``add_bos`` None: that key left out; ``raw``: (key,
+    GGUFWriter.add_<kind>, value) written as they are, in place of the keys above)."""
     from kcache_ops.model import Tokenizer
     from kcache_ops.model.gguf_loader import open_gguf
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tokenizer_model("gpt2")
+    if model is not None:
+        w.add_tokenizer_model(model)
     for key, kind, value in raw:
         getattr(w, f"add_{kind}")(key, value)
     if pre is not None:
@@ -756,17 +757,10 @@ def test_gguf_tokenizer_values_of_the_wrong_kind(tmp_path, key, kind, value, mes
 def test_a_gguf_without_a_tokenizer_says_so(tmp_path):
     """A GGUF file of weights alone is refused as holding no tokenizer, not as holding an
     unsupported one (model None)."""
-    from kcache_ops.model import Tokenizer
-    from kcache_ops.model.gguf_loader import open_gguf
     path = tmp_path / "t.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
     with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: the GGUF file holds no "
                                               f"tokenizer \\(no tokenizer.ggml.model\\): "):
-        Tokenizer.from_gguf(open_gguf(str(path)))
+        gguf_tokenizer(path, None, pre=None, merges=(), model=None)
 
 
 def test_gguf_merges_that_make_the_tokenizers_library_panic(tmp_path):
