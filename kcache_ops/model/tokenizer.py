@@ -192,9 +192,8 @@ class Tokenizer:
     def _compiled_template(self) -> jinja2.Template:
         """The chat template compiled as transformers compiles it (sandboxed, with ``{% break %}``,
         ``{% continue %}`` and ``{% generation %}``, its ``tojson``, ``raise_exception`` and
-        ``strftime_now``);
-        CheckpointError naming its source if it is not a string, does not parse or does not
-        compile."""
+        ``strftime_now``); CheckpointError naming its source if it is not a string, does not parse
+        or does not compile."""
         source = self.template_source
         if not isinstance(self.chat_template, str):
             raise CheckpointError(f"the chat template in {source} must be a string, got "
