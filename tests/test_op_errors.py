@@ -241,6 +241,20 @@ def test_sparse_attn_v_bad_tail_arguments(attn, mean_tail, i, bad, message):
         kcache_ops.sparse_attn_v(*attn, renormalize=False, v_sum=v_sum, seq_lens=seq_lens)
 
 
+def test_expanded_indices_with_a_bad_value(device):
+    """indices expanded from one row to 2^41 entries, one of them out of range: the error names it
+    at once, on CUDA from a host copy of that row alone (a copy of the whole would be 8 TiB)."""
+    n, hq = 2 ** 20, 2 ** 20
+    row = torch.randint(0, S, (1, 1, n), dtype=torch.int32)  # [1, 1, n]
+    row[0, 0, 5] = S
+    indices = row.to(device).expand(B, hq, n)  # [B, hq, n], stride 0 in B and hq
+    scores = torch.randn(1, 1, n, device=device).expand(B, hq, n)  # [B, hq, n]
+    v = host_tensor(torch.randn(B, 1, S, D), device)  # [B, 1, S, D]
+    with refused("sparse_attn_v", rf"indices\[0, 0, 5\] must be -1 \(padding\) or in \[0, {S}\) "
+                 rf"\(v_cache capacity\), got {S}"):
+        kcache_ops.sparse_attn_v(scores, indices, v)
+
+
 def test_sparse_attn_v_tail_combinations(attn, mean_tail):
     """v_sum and seq_lens only together, only with renormalize=False, and with lse."""
     scores, indices, v, lse = attn

@@ -103,6 +103,17 @@ bool values_in_range(const at::Tensor& t, int64_t lo, int64_t hi) {
   return both[0].item<int64_t>() >= lo && both[1].item<int64_t>() <= hi;
 }
 
+// t with each expanded dim (stride 0, size > 1) from `first_dim` on cut to its first element: the
+// same values without the repeats, for a check to reduce and copy to the host (a copy of an
+// expanded tensor is as large as its shape). The first bad element of the cut tensor is the first
+// of t, at the same position.
+at::Tensor without_repeats(const at::Tensor& t, int64_t first_dim = 0) {
+  at::Tensor cut = t;
+  for (int64_t d = first_dim; d < t.dim(); ++d)
+    if (t.stride(d) == 0 && t.size(d) > 1) cut = cut.narrow(d, 0, 1);
+  return cut;
+}
+
 }  // namespace
 
 void check_seq_lens_on_device(const at::Tensor& seq_lens, int64_t S, const char* src_name) {
@@ -112,8 +123,8 @@ void check_seq_lens_on_device(const at::Tensor& seq_lens, int64_t S, const char*
 
 void check_indices_on_device(const at::Tensor& indices, int64_t S, const char* src_name,
                              const char* name, const char* minus_one) {
-  if (!values_in_range(indices, -1, S - 1))
-    check_index_values(indices.cpu(), S, src_name, name, minus_one);
+  const at::Tensor cut = without_repeats(indices);
+  if (!values_in_range(cut, -1, S - 1)) check_index_values(cut.cpu(), S, src_name, name, minus_one);
 }
 
 int resident_blocks_per_sm(const void* kernel, int threads) {

@@ -45,8 +45,8 @@ void check_element_aligned(std::initializer_list<NamedTensor> tensors);
 bool should_validate_values(cudaStream_t stream);
 
 // Error unless every seq_lens value lies in [0, S] / every index in [-1, S): one reduction and one
-// device->host copy. A bad value copies the tensor to the host and fails with the message of
-// csrc/value_checks.h, which names the first bad element.
+// device->host copy. A bad value copies the tensor to the host (an expanded dim's repeats left
+// out) and fails with the message of csrc/value_checks.h, which names the first bad element.
 void check_seq_lens_on_device(const at::Tensor& seq_lens, int64_t S,
                               const char* src_name = "k_cache");
 void check_indices_on_device(const at::Tensor& indices, int64_t S, const char* src_name,
