@@ -52,4 +52,24 @@ inline void check_index_values(const at::Tensor& indices, int64_t S, const char*
   }
 }
 
+// The mean tail's indices [B, H, N] int32 (each already -1 or in [0, S)) against seq_lens [B] int32
+// (each already in [0, S]), both on the host: every index of sequence b is -1 or below L_b, as
+// v_sum sums the rows j < L_b only (sparse_attn_v).
+inline void check_indices_below_lens(const at::Tensor& indices, const at::Tensor& seq_lens) {
+  const int32_t* p = indices.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < indices.size(0); ++b) {
+    const int32_t len = lens[b * seq_lens.stride(0)];
+    for (int64_t h = 0; h < indices.size(1); ++h) {
+      for (int64_t i = 0; i < indices.size(2); ++i) {
+        const int32_t value =
+            p[b * indices.stride(0) + h * indices.stride(1) + i * indices.stride(2)];
+        TORCH_CHECK(value < len, "indices[", b, ", ", h, ", ", i, "] must be -1 (padding) or in "
+                    "[0, ", len, ") (seq_lens[", b, "]: the mean tail's v_sum holds the rows "
+                    "j < L_b), got ", value);
+      }
+    }
+  }
+}
+
 }  // namespace kcache_ops

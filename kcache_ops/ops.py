@@ -108,19 +108,21 @@ def sparse_attn_v(scores, indices, v_cache, lse=None, renormalize=True, check_va
         True: softmax over the valid selected scores. False: ``exp(score − lse)``, the weights of
         the full softmax (the mass outside the top N is dropped, unless the mean tail adds it).
     check_values : bool
-        True: an index outside ``[-1, S)`` or a ``seq_lens`` value outside ``[0, S]`` raises an
-        error naming it. On CUDA this reads the values back, a device→host synchronisation per
-        call (also skipped under CUDA graph capture and with ``KCACHE_OPS_VALIDATE=0``). False
-        skips that read-back on CUDA: the kernel skips every index outside ``[0, S)`` like padding
-        and clamps each length to ``[0, S]``, so nothing is read out of bounds, but a bad value is
-        not reported. The CPU path always checks.
+        True: an index outside ``[-1, S)`` (with the mean tail, outside ``[-1, L_b)`` for
+        sequence ``b``) or a ``seq_lens`` value outside ``[0, S]`` raises an error naming it. On
+        CUDA this reads the values back, a device→host synchronisation per call (also skipped
+        under CUDA graph capture and with ``KCACHE_OPS_VALIDATE=0``). False skips that read-back
+        on CUDA: the kernel skips every index outside ``[0, S)`` like padding and clamps each
+        length to ``[0, S]``, so nothing is read out of bounds, but a bad value is not reported
+        (an index in ``[L_b, S)`` counts as a selected row). The CPU path always checks.
     v_sum : Tensor [B, Hkv, D] float32, optional
         The sum of the V rows ``j < L_b`` per sequence and KV head, on the device of ``scores``.
         Given with ``seq_lens`` (and ``renormalize=False``), the mean tail is added: the mass the
         selected rows miss, ``1 − Σ_i p_i`` (clamped at 0), times the mean of the rows not
         selected, ``(v_sum − Σ_i v_i) / (L_b − n)`` over the ``n`` valid entries; nothing where
         ``L_b <= n``. The rows are read once (the sum of the selected rows comes from the same
-        reads).
+        reads). A head's indices are taken to be distinct rows, as ``qk_topn`` gives them: a row
+        given twice counts twice in both sums.
     seq_lens : Tensor [B] int32, optional
         Valid rows per sequence ``L_b``, on the device of ``scores``; given with ``v_sum``.
 

@@ -241,6 +241,36 @@ def test_sparse_attn_v_bad_tail_arguments(attn, mean_tail, i, bad, message):
         kcache_ops.sparse_attn_v(*attn, renormalize=False, v_sum=v_sum, seq_lens=seq_lens)
 
 
+def test_sparse_attn_v_tail_indices_past_the_length(attn, mean_tail):
+    """With the mean tail an index must also lie below its sequence's length: v_sum holds the
+    rows j < L_b only, so a row past it (in the capacity, so not out of range otherwise) would be
+    taken from a sum it is not in. Without the tail the same indices are accepted."""
+    scores, indices, v, lse = attn
+    v_sum, seq_lens = mean_tail  # seq_lens [S, 3]
+    indices = indices.clone()
+    indices[1] = indices[1] % 3  # [Hq, N], all below L_1 = 3
+    kcache_ops.sparse_attn_v(scores, indices, v, lse, False, v_sum=v_sum, seq_lens=seq_lens)
+    indices[1, 2, 1] = 3
+    kcache_ops.sparse_attn_v(scores, indices, v, lse, False)
+    with refused("sparse_attn_v", r"indices\[1, 2, 1\] must be -1 \(padding\) or in \[0, 3\) "
+                 r"\(seq_lens\[1\]: the mean tail's v_sum holds the rows j < L_b\), got 3"):
+        kcache_ops.sparse_attn_v(scores, indices, v, lse, False, v_sum=v_sum, seq_lens=seq_lens)
+    padded = torch.full_like(indices, -1)  # [B, Hq, N]: nothing selected, with L_b = 0
+    kcache_ops.sparse_attn_v(scores, padded, v, lse, False, v_sum=v_sum,
+                             seq_lens=torch.zeros_like(seq_lens))
+    # one row of indices for every sequence (stride 0 in B): checked against each one's length
+    row = indices[1:] % 3  # [1, Hq, N]
+    row[0, 3, 2] = 5
+    with refused("sparse_attn_v", r"indices\[1, 3, 2\] must be -1 \(padding\) or in \[0, 3\) "):
+        kcache_ops.sparse_attn_v(scores, row.expand(B, -1, -1), v, lse, False, v_sum=v_sum,
+                                 seq_lens=seq_lens)
+    # a bad length and a bad index: the length is named first, on either device
+    with refused("sparse_attn_v", r"seq_lens\[1\] must be in \[0, 16\] \(v_cache capacity\), "
+                 r"got 17"):
+        kcache_ops.sparse_attn_v(scores, indices + S, v, lse, False, v_sum=v_sum,
+                                 seq_lens=seq_lens_tensor([S, S + 1], seq_lens.device))
+
+
 def test_expanded_indices_with_a_bad_value(device):
     """indices expanded from one row to 2^41 entries, one of them out of range: the error names it
     at once, on CUDA from a host copy of that row alone (a copy of the whole would be 8 TiB)."""

@@ -133,6 +133,7 @@ at::Tensor sparse_attn_v_cpu(const at::Tensor& scores,   // [B, Hq, N] float32
   });
   if (dims.tail) check_seq_lens_values(*seq_lens, dims.S, "v_cache");
   check_index_values(indices, dims.S, "v_cache");
+  if (dims.tail) check_indices_below_lens(indices, *seq_lens);
   at::Tensor out = at::empty({dims.B, dims.Hq, dims.D}, v_cache.options());  // [B, Hq, D]
   KC_DISPATCH_FLOAT_HALF_BF16(v_cache.scalar_type(), "sparse_attn_v", [&] {
     KC_HEAD_DIM_SWITCH(dims.D, [&] {

@@ -127,6 +127,13 @@ void check_indices_on_device(const at::Tensor& indices, int64_t S, const char* s
   if (!values_in_range(cut, -1, S - 1)) check_index_values(cut.cpu(), S, src_name, name, minus_one);
 }
 
+void check_indices_below_lens_on_device(const at::Tensor& indices, const at::Tensor& seq_lens) {
+  const at::Tensor cut = without_repeats(indices, 1);  // [B, H or 1, N or 1]: one bound per b
+  if (cut.numel() == 0) return;
+  if (cut.ge(seq_lens.reshape({-1, 1, 1})).any().item<bool>())  // vs [B, 1, 1]
+    check_indices_below_lens(cut.cpu(), seq_lens.cpu());
+}
+
 int resident_blocks_per_sm(const void* kernel, int threads) {
   int device = 0;
   KC_CUDA_CHECK(cudaGetDevice(&device));

@@ -51,6 +51,9 @@ void check_seq_lens_on_device(const at::Tensor& seq_lens, int64_t S,
                               const char* src_name = "k_cache");
 void check_indices_on_device(const at::Tensor& indices, int64_t S, const char* src_name,
                              const char* name = "indices", const char* minus_one = "padding");
+// Error unless every index of sequence b is below seq_lens[b] (the mean tail; both already in
+// range): one comparison and one device->host copy; the message is csrc/value_checks.h's.
+void check_indices_below_lens_on_device(const at::Tensor& indices, const at::Tensor& seq_lens);
 
 // Multiprocessors of the device.
 int multiprocessor_count(int device);

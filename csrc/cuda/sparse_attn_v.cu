@@ -58,8 +58,9 @@ at::Tensor sparse_attn_v_cuda(
   at::Tensor out = at::empty({dims.B, dims.Hq, dims.D},
                              scores.options().dtype(v_cache.scalar_type()));  // [B, Hq, D]
   if (check_values && should_validate_values(stream)) {  // as on the CPU, even with no output
-    check_indices_on_device(indices, dims.S, "v_cache");
     if (dims.tail) check_seq_lens_on_device(*seq_lens, dims.S, "v_cache");
+    check_indices_on_device(indices, dims.S, "v_cache");
+    if (dims.tail) check_indices_below_lens_on_device(indices, *seq_lens);
   }
   if (out.numel() == 0) return out;
 
