@@ -1,7 +1,8 @@
 """setup.py builds with a compiler that links the C++ runtime as torch does (libstdc++.so): one that
 links it statically (as a wrapper on one GPU machine did, crashing the first error message that
 formatted a number) is replaced by the system g++; KCACHE_OPS_CUDA is 0, 1 or unset; an sdist
-carries every source; a checkout without its compiled library says so."""
+carries every source and no partial test suite; a checkout without its compiled library says
+so."""
 import os
 import subprocess
 import sys
@@ -57,8 +58,12 @@ def test_the_sdist_holds_every_source(tmp_path):
     with tarfile.open(archive) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     for path in ("csrc/checks.h", "csrc/shape_checks.h", "csrc/cpu/isa.h",
-                 "csrc/cuda/qk_topn.cu", "csrc/cuda/qk_topn_kernel.cuh", "CMakeLists.txt"):
+                 "csrc/cuda/qk_topn.cu", "csrc/cuda/qk_topn_kernel.cuh", "CMakeLists.txt",
+                 "requirements.txt", "constraints.txt"):
         assert path in names, path
+    # the tests run from the repository: not setuptools' default of test files without the
+    # helpers they import
+    assert not [n for n in names if n.startswith("tests/")]
 
 
 def test_a_checkout_without_its_library_says_so(tmp_path):
