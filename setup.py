@@ -114,7 +114,13 @@ CUDA_HOME = find_cuda_home()
 if CUDA_HOME:
     os.environ["CUDA_HOME"] = CUDA_HOME
 
-import torch  # noqa: E402  (after CUDA_HOME is set)
+try:
+    import torch  # noqa: E402  (after CUDA_HOME is set)
+except ModuleNotFoundError as e:  # pip's --no-build-isolation builds against the installed torch
+    if e.name != "torch":  # torch there, one of its own imports missing: torch's error says which
+        raise
+    sys.exit(f"kcache_ops: the build compiles against the torch of this Python ({sys.executable}), "
+             f"which has none: install torch first (`pip install torch`), then build again")
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 WITH_CUDA = want_cuda(torch.version.cuda, CUDA_HOME, torch.cuda.is_available())

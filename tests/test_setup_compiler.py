@@ -1,8 +1,8 @@
 """setup.py builds with a compiler that links the C++ runtime as torch does (libstdc++.so): one that
 links it statically (as a wrapper on one GPU machine did, crashing the first error message that
 formatted a number) is replaced by the system g++; KCACHE_OPS_CUDA is 0, 1 or unset; an sdist
-carries every source and no partial test suite; a checkout without its compiled library says
-so."""
+carries every source and no partial test suite; a build without torch, a checkout without its
+compiled library and a library that does not load say so."""
 import os
 import subprocess
 import sys
@@ -66,6 +66,20 @@ def test_the_sdist_holds_every_source(tmp_path):
     assert not [n for n in names if n.startswith("tests/")]
 
 
+def test_a_build_without_torch_says_to_install_it():
+    """setup.py compiles against the torch already installed: where there is none, it says so
+    (not a traceback from the middle of pip's metadata step)."""
+    run_setup = ("import runpy, sys; sys.modules['torch'] = None; "  # import torch fails
+                 "sys.argv = ['setup.py', '--version']; runpy.run_path('setup.py', "
+                 "run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", run_setup], cwd=ROOT, text=True,
+                          capture_output=True)
+    assert done.returncode != 0
+    assert "kcache_ops: the build compiles against the torch of this Python" in done.stderr
+    assert "install torch first (`pip install torch`), then build again" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_checkout_without_its_library_says_so(tmp_path):
     """Importing kcache_ops from a folder that has its Python files but no compiled _C (a checkout
     not built yet) names what is missing and what to do, not a circular import."""
@@ -77,3 +91,20 @@ def test_a_checkout_without_its_library_says_so(tmp_path):
     assert done.returncode != 0
     assert "the compiled library _C is not in" in done.stderr
     assert "run `make build` there" in done.stderr
+
+
+def test_a_library_that_does_not_load_says_how_to_rebuild(tmp_path):
+    """A _C that fails to load (built against another torch, say) names the torch it met and
+    how to rebuild, with the loader's own message."""
+    import shutil
+    import sysconfig
+    shutil.copytree(ROOT / "kcache_ops", tmp_path / "kcache_ops",
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    library = tmp_path / "kcache_ops" / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    library.write_bytes(b"not a shared library")
+    done = subprocess.run([sys.executable, "-c", "import kcache_ops"], cwd=tmp_path, text=True,
+                          capture_output=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode != 0
+    assert "kcache_ops: the compiled library _C does not load beside torch" in done.stderr
+    assert str(library) in done.stderr  # the loader's message
+    assert "`pip install --no-build-isolation .` in its source folder" in done.stderr
