@@ -284,9 +284,15 @@ def test_report_says_how_the_decode_steps_were_timed():
         rows = [{**row, **({"decode_timed": t} if t else {})} for t in timed]
         return "\n".join(bench_section({"machine": machine, "command": "bench", "rows": rows}))
     assert "each captured once in a CUDA graph" in text(cuda, "graph", "graph")
+    # a device named by --device is recorded with its index
+    assert "each captured once in a CUDA graph" in text({**cuda, "device": "cuda:1"}, "graph")
     for timed in [("graph", None), ("eager",)]:
         assert "**Decode steps: launched eagerly from Python**" in text(cuda, *timed)
     assert "timed on the host clock" in text(results.machine("cpu"), None)
+    # the transformers column's steps are eager beside graphed ones: the report says so
+    row = {**row, "hf_decode_tok_s": 2.0, "dense_vs_hf": 0.5}
+    assert "each step launched eagerly from Python" in text(cuda, "graph")
+    assert "each step launched eagerly from Python" not in text(results.machine("cpu"), None)
 
 
 def test_report_of_a_bench_json_before_complete_was_recorded():

@@ -38,6 +38,12 @@ def bench_section(data, plot_drawn=True):
             "are not read).", ""]
     out += [timing_line(m.get("device"), [r.get("decode_timed", "eager") for r in data["rows"]]),
             ""]
+    if str(m.get("device")).startswith("cuda") and any("hf_decode_tok_s" in r
+                                                        for r in data["rows"]):
+        out += ["transformers tok/s: its LlamaForCausalLM of the same shape (static cache, SDPA) "
+                "at the dense row's batch, each step launched eagerly from Python, as it runs "
+                "without torch.compile; so \"dense N× of it\" also counts the launch time that "
+                "the graphs of the other columns remove.", ""]
     floors = any("floor_step_ms" in r for r in data["rows"])
     if floors:
         out += ["Floor ms: the least time a decode step's bytes take at this run's ceilings: the "
@@ -94,7 +100,7 @@ def timing_line(device, timed):
     """How the decode steps were timed, from the rows' decode_timed ("eager" in files written
     before it was recorded, when every step was launched eagerly; "eager" on CUDA since then
     for the transformers engine alone)."""
-    if device != "cuda":
+    if not str(device).startswith("cuda"):  # "cuda", or "cuda:1" where --device named one
         return ("Decode steps: run eagerly and timed on the host clock (the CPU's ops are "
                 "synchronous).")
     if all(t == "graph" for t in timed):
