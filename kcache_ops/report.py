@@ -66,10 +66,14 @@ def load_result(results_dir, name):
         raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a file this version of "
                          f"kcache_ops writes; rerun the command that wrote it")
     if data is not None:
-        saved = [r.get("config") for r in data.get("results", ()) if isinstance(r, dict)]
-        saved += list(data.get("planned", ()))
-        saved += [r.get("options") for r in data.get("rows", ())
-                  if isinstance(r, dict) and r.get("backend") == "kcache"]
+        try:
+            saved = [r.get("config") for r in data.get("results", ()) if isinstance(r, dict)]
+            saved += list(data.get("planned", ()))
+            saved += [r.get("options") for r in data.get("rows", ())
+                      if isinstance(r, dict) and r.get("backend") == "kcache"]
+        except TypeError as e:  # a list that is a null or a number: edited by hand
+            raise ValueError(f"{path} holds a value the report cannot read ({e}): an edited or "
+                             f"corrupt file; rerun the command that wrote it") from None
         if isinstance(data.get("recommended"), dict):
             saved.append(data["recommended"].get("config"))
         try:

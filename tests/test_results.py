@@ -355,6 +355,17 @@ def test_a_results_file_with_options_no_version_reads_is_named(tmp_path, options
         report.write(tmp_path)
 
 
+@pytest.mark.parametrize("name, key", [(BENCH_JSON, "rows"), (EVAL_JSON, "results"),
+                                       (EVAL_JSON, "planned")])
+def test_a_results_file_with_a_null_list_is_named(tmp_path, name, key):
+    """A list of a results file edited to a null is a ValueError naming the file (it was a
+    TypeError's traceback from reading the options the rows hold)."""
+    committed(tmp_path, name, **{key: None})
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / name))} holds a value the "
+                                         f"report cannot read .*: an edited or corrupt file"):
+        report.write(tmp_path)
+
+
 def test_the_bench_plot_is_drawn_only_where_missing_and_asked(tmp_path):
     """The report draws the plot of a complete bench.json only where the folder lacks it (a
     plot already there, the run's own, is kept as it is) and only with draw_bench (the bench
