@@ -36,10 +36,9 @@ def bench_section(data, plot_drawn=True):
             "and written; an upper bound: `top_p` < 1 cuts the N, and the CUDA kernel reads a row "
             "that several heads of a group chose once (and with `reuse`, the rows its pool holds "
             "are not read).", ""]
-    out += [timing_line(m.get("device"), [r.get("decode_timed", "eager") for r in data["rows"]]),
-            ""]
-    if str(m.get("device")).startswith("cuda") and any("hf_decode_tok_s" in r
-                                                        for r in data["rows"]):
+    cuda = str(m.get("device")).startswith("cuda")  # "cuda", or "cuda:1" where --device named one
+    out += [timing_line(cuda, [r.get("decode_timed", "eager") for r in data["rows"]]), ""]
+    if cuda and any("hf_decode_tok_s" in r for r in data["rows"]):
         out += ["transformers tok/s: its LlamaForCausalLM of the same shape (static cache, SDPA) "
                 "at the dense row's batch, each step launched eagerly from Python, as it runs "
                 "without torch.compile; so \"dense N× of it\" also counts the launch time that "
@@ -96,11 +95,11 @@ def bench_section(data, plot_drawn=True):
     return out + [""]
 
 
-def timing_line(device, timed):
-    """How the decode steps were timed, from the rows' decode_timed ("eager" in files written
-    before it was recorded, when every step was launched eagerly; "eager" on CUDA since then
-    for the transformers engine alone)."""
-    if not str(device).startswith("cuda"):  # "cuda", or "cuda:1" where --device named one
+def timing_line(cuda, timed):
+    """How the decode steps were timed (``cuda``: on a GPU), from the rows' decode_timed ("eager"
+    in files written before it was recorded, when every step was launched eagerly; "eager" on
+    CUDA since then for the transformers engine alone)."""
+    if not cuda:
         return ("Decode steps: run eagerly and timed on the host clock (the CPU's ops are "
                 "synchronous).")
     if all(t == "graph" for t in timed):
