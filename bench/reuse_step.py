@@ -70,7 +70,7 @@ def timed_steps(device, dtype, batch, context, layers, options, a):
     """Decode :func:`seeded_steps` on a cache of ``options`` -> median µs per layer step of the
     steps from ``warm`` on, recording nothing."""
     cache, inputs = seeded_steps(device, dtype, batch, context, layers, options, a)
-    cuda = device == "cuda"
+    cuda = torch.device(device).type == "cuda"  # "cuda" or "cuda:1"
     marks = []  # per timed step: (start, end) events, or seconds
     for i, (q, k, v) in enumerate(inputs):
         if cuda:
@@ -134,7 +134,9 @@ def main():
     if a.context <= a.warm + a.steps + hot:
         ap.error(f"--context must exceed --warm + --steps + the default hot rows "
                  f"({a.warm} + {a.steps} + {hot}), got {a.context}")
-    cuda = a.device == "cuda"
+    cuda = torch.device(a.device).type == "cuda"  # "cuda" or "cuda:1"
+    if cuda:  # the events, the ceiling's copy and the current stream: on the device named
+        torch.cuda.set_device(torch.device(a.device))
     dtype = torch.bfloat16 if cuda else torch.float32
     pcie = timing.h2d_bandwidth_gbs() if cuda else None  # GB/s, this run's ceiling
     settings = {"dtype": str(dtype).removeprefix("torch."), "Hq": Hq, "Hkv": Hkv, "D": D,
