@@ -39,8 +39,10 @@ def qk_topn(q, k_cache, seq_lens, n, scale=None, group_select=False, check_value
     group_select : bool
         False: each query head keeps its own top ``n``. True: one index set per KV head, ranked by
         the attention mass the key carries for the whole group, ``Σ_h exp(s_h − lse_h)`` (on
-        CUDA for groups of at most 128 heads). With ``top_p`` below 1 each head then cuts that
-        shared list to its own prefix, so the heads of a group may keep different lengths.
+        CUDA for groups of at most 128 heads). The mass is a float32 sum: keys whose every
+        ``s_h − lse_h`` is below about −103 carry 0 there, tie, and rank by index (their weights
+        round to 0 in the output). With ``top_p`` below 1 each head then cuts that shared list to
+        its own prefix, so the heads of a group may keep different lengths.
     check_values : bool
         True: a ``seq_lens`` value outside ``[0, S]`` raises an error naming it. On CUDA this reads
         the values back, a device→host synchronisation per call (also skipped under CUDA graph
