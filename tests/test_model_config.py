@@ -51,6 +51,38 @@ def test_llama3_original_length_beside_the_rope_dict():
     assert beside.rope_scaling["original_max_position_embeddings"] == 4096
 
 
+@pytest.mark.parametrize("change", [
+    {"hidden_act": "swish"},  # transformers' name for the same SiLU
+    {"rope_scaling": {"type": "linear", "factor": 1.0}},  # positions divided by 1
+    {"use_sliding_window": True},  # a Llama with no sliding_window: no window
+    # Qwen2's window on no layer: none from max_window_layers (28 by default) on, none in
+    # layer_types, or no window
+    {"model_type": "qwen2", "use_sliding_window": True},
+    {"model_type": "qwen2", "use_sliding_window": True, "num_hidden_layers": 2,
+     "layer_types": ["full_attention", "full_attention"], "max_window_layers": 0},
+    {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": None,
+     "max_window_layers": 0},
+])
+def test_keys_that_change_nothing(change):
+    """Keys that transformers 5 reads as the plain decoder's are taken as such (they were
+    refused), with the decoder's numbers."""
+    plain = {k: v for k, v in change.items() if k in ("model_type", "num_hidden_layers")}
+    assert LlamaConfig.from_hf({**BASE, **change}) == LlamaConfig.from_hf({**BASE, **plain})
+
+
+def test_llama3_original_length_defaults_to_the_positions():
+    """A Llama-3 scaling without original_max_position_embeddings takes max_position_embeddings
+    (where that is unset, transformers' default: Llama's 2048, Qwen2's 32768), as transformers 5
+    does (it was refused as missing)."""
+    rope = {k: v for k, v in LLAMA3.items() if k != "original_max_position_embeddings"}
+    for change, expected in (({"max_position_embeddings": 131072}, 131072), ({}, 2048),
+                             ({"model_type": "qwen2"}, 32768)):
+        c = LlamaConfig.from_hf({**BASE, "rope_scaling": rope, **change})
+        assert c.max_position_embeddings == expected
+        assert c.rope_scaling == {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": expected}
+
+
 def test_qwen2_has_qkv_bias():
     """Qwen2: a bias on Q, K and V, never on O (attention_bias or not); Llama with
     attention_bias: on all four."""
@@ -66,7 +98,17 @@ def test_qwen2_has_qkv_bias():
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling type 'linear'"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"mlp_bias": True}, "mlp_bias"),
-    ({"model_type": "qwen2", "use_sliding_window": True}, "sliding_window"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 0},
+     r"sliding window \(sliding_window 4096\) on layers \[0\]"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "num_hidden_layers": 3,
+      "layer_types": ["full_attention", "sliding_attention", "full_attention"],
+      "sliding_window": 64}, r"sliding window \(sliding_window 64\) on layers \[1\]"),
+    ({"rope_scaling": {"type": "linear", "factor": 1.5}}, "rope scaling type 'linear'"),
+    # a Llama's sliding_window: transformers' generate keeps that many keys of every layer
+    ({"sliding_window": 4, "num_hidden_layers": 2},
+     r"sliding window \(sliding_window 4\) on layers \[0, 1\]"),
+    ({"num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"]},
+     r"sliding window \(sliding_window None\) on layers \[0\]"),
     ({"num_key_value_heads": 3}, "multiple of num_kv_heads"),
     ({"head_dim": 3}, r"head_dim \(3\) must be even"),
     # a partial RoPE (transformers reads the factor beside the rope dict or in it)
@@ -213,6 +255,8 @@ def test_accepted_value_forms():
     ({"attention_bias": 1}, "attention_bias", 1),
     ({"mlp_bias": "no"}, "mlp_bias", "no"),
     ({"use_sliding_window": 0}, "use_sliding_window", 0),
+    ({"layer_types": ["chunked_attention"]}, "layer_types", ["chunked_attention"]),
+    ({"model_type": "qwen2", "layer_types": "full_attention"}, "layer_types", "full_attention"),
     ({"bos_token_id": -1}, "bos_token_id", -1),
     ({"eos_token_id": 2.0}, "eos_token_id", 2.0),
     ({"eos_token_id": [2, "</s>"]}, "eos_token_id", "</s>"),

@@ -70,6 +70,32 @@ def _rope_kind(rope: dict, theta) -> dict:
     return kind
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _sliding_layers(cfg: dict, model_type: str, layers: int) -> list[int]:
+    """The layers of ``layers`` that a sliding window limits, as transformers 5 reads a config.
+    Qwen2: with ``use_sliding_window`` (else none) and a ``sliding_window`` (default 4096; null:
+    none), the layers ``layer_types`` names "sliding_attention", or without that list those from
+    ``max_window_layers`` (default 28) on. Llama: every layer where it has a ``sliding_window``
+    (its forward without a cache ignores the key, but generate's cache keeps that many keys of
+    each layer, whatever ``use_sliding_window`` says), else those ``layer_types`` names."""
+    use = _flag("use_sliding_window", cfg.get("use_sliding_window"))
+    types = cfg.get("layer_types")
+    if types is not None and (not isinstance(types, list) or len(types) != layers
+                              or not set(types) <= set(LAYER_TYPES)):
+        raise CheckpointError(f"layer_types must be a list of num_hidden_layers = {layers} "
+                              f"names, each one of {LAYER_TYPES}, got {types!r}")
+    if model_type != "qwen2" and cfg.get("sliding_window") is not None:
+        return list(range(layers))
+    if model_type == "qwen2" and (not use or cfg.get("sliding_window", 4096) is None):
+        return []
+    if types is None:
+        return (list(range(_integer("max_window_layers", cfg.get("max_window_layers", 28), 0),
+                           layers)) if model_type == "qwen2" else [])
+    return [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+
+
 # the most elements of one weight: torch counts a tensor's bytes in an int64, 8 bytes an element
 # at most (float64)
 MAX_TENSOR_ELEMENTS = 2**59
@@ -147,6 +173,9 @@ class LlamaConfig:
         raises CheckpointError naming it. Sizes are ints >= 1; ``rms_norm_eps`` is at least
         FLOAT32_TINY (0 turns an all-zero hidden state into NaN); ``rope_theta`` and the Llama-3
         ``factor`` are at least 1 (smaller ones can overflow the float32 RoPE angles to NaN).
+        Read as transformers 5 reads them: ``hidden_act`` "swish" is SiLU; a Llama-3 scaling
+        without ``original_max_position_embeddings`` takes ``max_position_embeddings``; a linear
+        scaling of factor 1 is none; a sliding window is refused only where it limits a layer.
         """
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_HF_TYPES:
@@ -160,12 +189,19 @@ class LlamaConfig:
             raise UnsupportedModelError(f"unsupported: quantized weights (quantization_config."
                                         f"quant_method {method!r}); this decoder loads float "
                                         f"weights")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"unsupported hidden_act {cfg['hidden_act']!r} (need silu)")
+        if cfg.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers: both SiLU
+            raise UnsupportedModelError(f"unsupported hidden_act {cfg['hidden_act']!r} (need silu "
+                                        f"or swish)")
         if _flag("mlp_bias", cfg.get("mlp_bias")):
             raise UnsupportedModelError("unsupported: mlp_bias=true")
-        if _flag("use_sliding_window", cfg.get("use_sliding_window")):
-            raise UnsupportedModelError("unsupported: use_sliding_window=true")
+        layers = _integer("num_hidden_layers", cfg["num_hidden_layers"], 1, MAX_LAYERS)
+        sliding = _sliding_layers(cfg, model_type, layers)
+        if sliding:
+            window = cfg.get("sliding_window", 4096 if model_type == "qwen2" else None)
+            raise UnsupportedModelError(f"unsupported: a sliding window (sliding_window {window}) "
+                                        f"on layers {sliding} (this decoder attends every key)")
+        max_pos = _integer("max_position_embeddings", _or(cfg.get("max_position_embeddings"),
+                                                          32768 if model_type == "qwen2" else 2048))
         # transformers >= 5 writes "rope_parameters" (theta and scaling together); older versions
         # write "rope_theta" and "rope_scaling".
         for key in ("rope_parameters", "rope_scaling"):
@@ -201,6 +237,8 @@ class LlamaConfig:
                     f"{rope_key}.original_max_position_embeddings "
                     f"({rope['original_max_position_embeddings']}) disagree (transformers 5 "
                     f"takes the first, 4 the second)")
+            if "original_max_position_embeddings" not in rope:  # transformers 5's default
+                rope["original_max_position_embeddings"] = max_pos
             scaling = {
                 "factor": _number(f"{rope_key}.factor", rope.get("factor"), 1),
                 "low_freq_factor": _number(f"{rope_key}.low_freq_factor",
@@ -215,13 +253,14 @@ class LlamaConfig:
                 raise CheckpointError(f"{rope_key}.high_freq_factor ({rope['high_freq_factor']}) "
                                       f"must be greater than low_freq_factor "
                                       f"({rope['low_freq_factor']})")
+        elif rope_type == "linear" and rope.get("factor") == 1:  # positions divided by 1
+            scaling = None
         else:
             raise UnsupportedModelError(f"unsupported rope scaling type {rope_type!r} "
-                                        "(supported: default, llama3)")
+                                        "(supported: default, llama3, and linear of factor 1)")
         hidden = _integer("hidden_size", cfg["hidden_size"])
         heads = _integer("num_attention_heads", cfg["num_attention_heads"])
         bos = cfg.get("bos_token_id")
-        max_pos = cfg.get("max_position_embeddings")  # null: unset
         bias = _flag("attention_bias", cfg.get("attention_bias"))
         vocab = _integer("vocab_size", cfg["vocab_size"])
         eos = cfg.get("eos_token_id")
@@ -235,7 +274,7 @@ class LlamaConfig:
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=_integer("intermediate_size", cfg["intermediate_size"]),
-            num_layers=_integer("num_hidden_layers", cfg["num_hidden_layers"], 1, MAX_LAYERS),
+            num_layers=layers,
             num_heads=heads,
             # null as absent, as transformers reads them; 0 is refused, not taken for null
             num_kv_heads=_integer("num_key_value_heads",
@@ -244,8 +283,7 @@ class LlamaConfig:
             rope_theta=theta,
             rope_scaling=scaling,
             rms_norm_eps=_number("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6), FLOAT32_TINY),
-            max_position_embeddings=_integer("max_position_embeddings",
-                                             2048 if max_pos is None else max_pos),
+            max_position_embeddings=max_pos,  # transformers' default where unset (or null)
             tie_word_embeddings=_flag("tie_word_embeddings", cfg.get("tie_word_embeddings")),
             # Qwen2 always has a bias on Q, K and V, never on O; Llama one on all four only where
             # attention_bias says so
