@@ -247,6 +247,7 @@ def main():
               f"{' and with '.join(o.label for o in LAYER_OPTIONS)}")
         print(f"# dense candidates at batch 1: {', '.join(baselines.dense_candidates(1))}")
         return
+    timing.require_gpu(ap)
     os.environ["KCACHE_OPS_VALIDATE"] = "0"  # no host sync for the value range checks
     ceilings = timing.d2d_bandwidth_gbs(), timing.h2d_bandwidth_gbs()
     rec = timing.Recorder("gpu_decode_attn", args.out, "decode attention step", n=args.n,

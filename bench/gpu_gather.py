@@ -177,6 +177,7 @@ def main():
     if args.dry_run:
         timing.plan("gather_rows", todo)
         return
+    timing.require_gpu(ap)
     os.environ["KCACHE_OPS_VALIDATE"] = "0"  # no host sync for the index range check
     ceiling = timing.h2d_bandwidth_gbs()
     rec = timing.Recorder("gpu_gather", args.out, "gather_rows from pinned host memory",

@@ -49,6 +49,7 @@ def main():
     if args.dry_run:
         timing.plan("qk_topn", [{k: c[k] for k in ("shape", "S", "B", "bytes")} for c in todo])
         return
+    timing.require_gpu(ap)
     os.environ["KCACHE_OPS_VALIDATE"] = "0"  # no host sync for the seq_lens range check
     ceiling = timing.d2d_bandwidth_gbs()
     rec = timing.Recorder("gpu_qk_topn", args.out, "qk_topn", d2d_ceiling_GBs=ceiling)

@@ -163,6 +163,7 @@ def main():
         timing.plan(f"profile_step, method {args.method}, {args.steps} step(s) of each variant",
                     configs)
         return
+    timing.require_gpu(ap)
     os.environ["KCACHE_OPS_VALIDATE"] = "0"  # no host sync for the value range checks
     if args.method == "range":
         profile_range(args)

@@ -208,6 +208,14 @@ def add_common_arguments(parser):
                              "a GPU")
 
 
+def require_gpu(parser):
+    """A benchmark's real run on a machine where torch sees no CUDA device: the parser's usage
+    error (exit status 2) saying what runs where, not torch's traceback from the first tensor."""
+    if not torch.cuda.is_available():
+        parser.error("this benchmark needs a CUDA GPU, and torch sees none: --dry-run prints its "
+                     "plan anywhere; bash bench/run_gpu.sh runs it on a GPU machine")
+
+
 def plan(name, configs):
     """The dry run of a benchmark: one line per configuration (dicts with a "bytes" entry, the
     device memory it needs)."""

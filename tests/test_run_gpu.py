@@ -322,6 +322,20 @@ def test_profile_dry_run_counts_each_variants_device_bytes(monkeypatch, capsys):
                                 f"bytes={nbytes / 2**30:.2f}GiB"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a CUDA device")
+@pytest.mark.parametrize("script", ["gpu_qk_topn.py", "gpu_gather.py", "gpu_decode_attn.py",
+                                    "profile_step.py"])
+def test_gpu_benchmarks_without_a_gpu_say_so(script):
+    """A GPU benchmark run for real where torch sees no CUDA device: a usage error that says
+    what runs where (it was torch's traceback, "Found no NVIDIA driver"), before any work."""
+    run = subprocess.run([sys.executable, os.path.join(BENCH, script)], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.splitlines()[-1].endswith(
+        "error: this benchmark needs a CUDA GPU, and torch sees none: --dry-run prints its plan "
+        "anywhere; bash bench/run_gpu.sh runs it on a GPU machine"), run.stderr
+
+
 def test_cpu_ops_bench_prints_every_row(tmp_path):
     """bench/cpu_ops.py (make bench-cpu) at a tiny size: a line for each of its four rows, and
     its JSON and table."""
