@@ -152,6 +152,28 @@ def test_a_batch_the_step_cannot_hold_backs_off(monkeypatch, error):
     assert "tiny          ctx     64 kcache: one sequence does not fit the memory" in lines
 
 
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, MemoryError])
+def test_a_prefill_past_the_memory_leaves_its_configuration_out(monkeypatch, error):
+    """A prefill of one sequence that runs out of memory (its activations are in no budget)
+    leaves that configuration out with a line saying so, and the run goes on (it ended the run
+    with a traceback); the other backend's row is measured."""
+    real = measure.time_prefill
+
+    def time_prefill(model, backend, options, context):
+        if backend == "dense":
+            raise error("CUDA out of memory. Tried to allocate 8.00 GiB\nmore")
+        return real(model, backend, options, context)
+
+    monkeypatch.setattr(measure, "time_prefill", time_prefill)
+    lines = []
+    rows = measure.measure(["tiny"], [64], torch.device("cpu"), torch.float32,
+                           KCacheOptions(topn=8), 2, budget_gb=0.01, max_batch=2, hf=False,
+                           log=lines.append)
+    assert [(r["backend"], "vs_dense" in r) for r in rows] == [("kcache", False)]
+    assert "tiny          ctx     64 dense : the prefill of one sequence runs out of memory " \
+           "(CUDA out of memory. Tried to allocate 8.00 GiB); left out" in lines
+
+
 def test_a_budget_past_the_memory_skips_the_model_naming_it(monkeypatch):
     """--budget above what the device has (on the CPU: the host RAM available) skips the model
     with a line naming --budget (a batch fitted to it ended the run with a cache's MemoryError

@@ -171,9 +171,10 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
     floor over the measured step)). ``host_bytes``: the host RAM the caches may fill (None:
     :func:`host_budget`). A context whose ``context + steps + 2`` positions exceed a model's
     max_position_embeddings is skipped for that model with a line saying why, before any is measured
-    (ValueError where none is left). ``log`` gets one line per configuration, ``on_rows`` the rows
-    so far after each one (the bench command saves them, so that a run cut off keeps what it
-    measured)."""
+    (ValueError where none is left); a configuration whose prefill of one sequence runs out of
+    memory is left out with a line saying so. ``log`` gets one line per configuration,
+    ``on_rows`` the rows so far after each one (the bench command saves them, so that a run cut
+    off keeps what it measured)."""
     if not isinstance(contexts, dict):
         contexts = {name: contexts for name in models}
     model_contexts = {name: usable_contexts(name, contexts[name], steps, log) for name in models}
@@ -229,7 +230,16 @@ def measure(models, contexts, device, dtype, options, steps, budget_gb=None, res
                     log(f"{name:13s} ctx {context:6d} {backend:6s}: one sequence does not fit "
                         f"the budget")
                     continue
-                prefill_s = time_prefill(model, backend, backend_options, context)
+                try:
+                    prefill_s, error = time_prefill(model, backend, backend_options, context), None
+                except (torch.OutOfMemoryError, MemoryError) as e:  # one sequence's prefill:
+                    # what the budget does not count (the layer's activations, dense's K and V)
+                    error = str(e).splitlines()[0][:80]
+                if error is not None:  # here: the exception's frames held the prefill's tensors
+                    torch.cuda.empty_cache()
+                    log(f"{name:13s} ctx {context:6d} {backend:6s}: the prefill of one sequence "
+                        f"runs out of memory ({error}); left out")
+                    continue
                 batch, limit, (step_s, cache, peak, timed) = _decode_within_memory(
                     name, model, backend, backend_options, batch, limit, context, steps, log)
                 if cache is None:
