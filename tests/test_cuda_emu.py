@@ -126,6 +126,7 @@ def run_gather_rows(exe, src, indices, seeds=SEEDS, sms=SMS, per_thread=None):
     (torch.bfloat16, 128, 16, True),
     (torch.bfloat16, 128, 7, True),
     (torch.float16, 64, 7, False),
+    (torch.bfloat16, 64, 8, True),
 ], ids=lambda v: str(v).removeprefix("torch."))
 def test_qk_topn_matches_reference(race_exe, dtype, D, G, group_select):
     """Several score chunks (S > 512), L = S, L < S and L = 1 in one batch; G = 12 takes two
@@ -190,11 +191,13 @@ def test_qk_topn_ties_exact(race_exe, group_select, skip_first, skip_last):
     torch.testing.assert_close(lse, ref_lse)
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 @pytest.mark.parametrize("where", ["q", "k"])
-def test_qk_topn_nan_as_reference(race_exe, where, group_select):
+def test_qk_topn_nan_as_reference(race_exe, where, group_select, top_p):
     """NaN in, NaN out, as the reference (test_qk_topn.test_nan_as_reference), with the NaN key in
-    the second of three score chunks so that it crosses the merge of the chunks' partials."""
+    the second of three score chunks so that it crosses the merge of the chunks' partials; with
+    top_p < 1 too, where a NaN term of the mass counts 0."""
     B, Hkv, G, S, D, n = 2, 2, 4, 1100, 64, 40
     q = torch.randint(-2, 3, (B, Hkv, 1, D)).float().expand(B, Hkv, G, D).reshape(B, Hkv * G, D)
     q = q.clone()  # [B, Hq, D]
@@ -205,8 +208,8 @@ def test_qk_topn_nan_as_reference(race_exe, where, group_select):
     else:
         k[1, 1, 700, 3] = float("nan")  # a valid key of KV head 1 of sequence 1
     k[1, 0, 950, 0] = float("nan")  # past L_1 = 901: never read
-    scores, idx, lse = run_qk_topn(race_exe, q, k, lens, n, 1.0, group_select)
-    ref_scores, ref_idx, ref_lse = R.qk_topn(q, k, lens, n, 1.0, group_select)
+    scores, idx, lse = run_qk_topn(race_exe, q, k, lens, n, 1.0, group_select, top_p=top_p)
+    ref_scores, ref_idx, ref_lse = R.qk_topn(q, k, lens, n, 1.0, group_select, top_p=top_p)
     assert lse.isnan().sum() == (1 if where == "q" else G)
     torch.testing.assert_close(lse, ref_lse, equal_nan=True)
     assert torch.equal(idx, ref_idx)
@@ -336,6 +339,22 @@ def test_qk_topn_split_select_odd_slices(race_exe, group_select, S, slices):
     lens = seq_lens_tensor([S, S - 2500], "cpu")
     out = run_qk_topn(race_exe, q, k, lens, 60, 1 / 8, group_select, sms=132, slices=slices)
     check_topn(q, k, lens, 60, 1 / 8, group_select, out)
+
+
+@pytest.mark.parametrize("dtype, D, G", [(torch.bfloat16, 128, 4), (torch.float16, 64, 8)],
+                         ids=["bfloat16-128-4", "float16-64-8"])
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_qk_topn_split_select_after_each_score_kernel(race_exe, dtype, D, G, group_select):
+    """Rows split in slices after the score kernels of Llama-3-8B's shape (bfloat16, D = 128, 4
+    heads a KV head) and of float16 D = 64 with 8, which clear the select's slice counters (the
+    split tests above use float32 D = 64 alone), with lengths past S and below 0, which the
+    kernels clamp, among the split rows."""
+    S = 6200
+    q, k = make_qk(3, G, 1, S, D, dtype, "cpu")
+    out = run_qk_topn(race_exe, q, k, seq_lens_tensor([S + 50, -7, S - 2500], "cpu"), 60,
+                      1 / math.sqrt(D), group_select, sms=132, slices=3)
+    check_topn(q, k, seq_lens_tensor([S, 0, S - 2500], "cpu"), 60, 1 / math.sqrt(D),
+               group_select, out)
 
 
 @pytest.mark.parametrize("n", [1, 2, 5])
@@ -933,11 +952,13 @@ def test_quantize_rows_round_half_to_even(race_exe):
     check_quantize_emu(race_exe, row4, 4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bits", [2, 4])
-def test_quantize_rows_non_finite_as_cpu(race_exe, bits):
-    """NaN and inf elements, a row of NaN, a row of inf and -inf: the kernel follows the CPU op's
-    documented rules bit for bit (no read out of bounds, every code in range)."""
-    v = make_rows((6, 128), torch.float32, "cpu")
+def test_quantize_rows_non_finite_as_cpu(race_exe, bits, dtype):
+    """NaN and inf elements, a row of NaN, a row of inf and -inf, in every float dtype: the
+    kernel follows the CPU op's documented rules bit for bit (no read out of bounds, every code
+    in range)."""
+    v = make_rows((6, 128), dtype, "cpu")
     v[1, 7], v[2, :], v[3, 9], v[4, 0] = float("nan"), float("nan"), float("inf"), float("-inf")
     v[5, 3], v[5, 4] = float("inf"), float("-inf")
     codes, meta = run_quantize_rows(race_exe, v, bits)
@@ -1290,6 +1311,7 @@ def lowbit_case(B, Hkv, G, S, D, bits, dtype, lens, n, group_select, scale):
     (torch.bfloat16, 64, 12, 4, True),
     (torch.float16, 128, 16, 2, True),
     (torch.bfloat16, 128, 7, 2, False),
+    (torch.float32, 128, 8, 4, True),
 ], ids=lambda v: str(v).removeprefix("torch."))
 def test_lowbit_tail_matches_reference(race_exe, dtype, D, G, bits, group_select):
     """Several chunks (partials and the reduce kernel), L = S, odd, N + 1, N, 1 and 0 in one
@@ -1551,28 +1573,35 @@ def test_lowbit_tail_missing_barrier_is_caught(race_exe, site):
     assert all(re.search("race|not written in this block", e) for e in caught)
 
 
-@pytest.mark.parametrize("S, sms, H, dtype, G, D", [(700, 1, 5, torch.bfloat16, 3, 64),
-                                                    (700, SMS, 64, torch.float16, 3, 64),
-                                                    (700, SMS, 300, torch.float32, 3, 64),
-                                                    (250, 1, 300, torch.bfloat16, 3, 64),
-                                                    (700, SMS, 64, torch.bfloat16, 8, 128),
-                                                    (500, SMS, 64, torch.float32, 10, 128)])
-def test_lowbit_tail_hot_rows(race_exe, S, sms, H, dtype, G, D):
+@pytest.mark.parametrize("S, sms, H, dtype, G, D, bits", [
+    (700, 1, 5, torch.bfloat16, 3, 64, 2),
+    (700, SMS, 64, torch.float16, 3, 64, 2),
+    (700, SMS, 300, torch.float32, 3, 64, 2),
+    (250, 1, 300, torch.bfloat16, 3, 64, 2),
+    (700, SMS, 64, torch.bfloat16, 8, 128, 2),
+    (500, SMS, 64, torch.float32, 10, 128, 2),
+    (700, SMS, 64, torch.bfloat16, 8, 64, 2),
+    (700, 1, 64, torch.bfloat16, 8, 128, 2),
+    (700, 1, 64, torch.float16, 4, 64, 4),
+    (700, 1, 64, torch.bfloat16, 8, 64, 4),
+    (700, SMS, 64, torch.float32, 8, 128, 4)])
+def test_lowbit_tail_hot_rows(race_exe, S, sms, H, dtype, G, D, bits):
     """hot_v / hot_pos: each chunk's block adds its share of the slots (several chunks; one chunk
     of 250 keys taking 300 slots in 3 tiles of 128); empty slots with NaN rows, positions past
     L_b with inf rows, repeats, rows of every float dtype; slices of 4 and 8 heads, G = 10 (a
-    slice of 2 after one of 8); hot_v strided in its slots; against the reference at the
+    slice of 2 after one of 8); hot_v strided in its slots; 2-bit and 4-bit codes, and one
+    multiprocessor, whose long chunks wrap the key loop's staging; against the reference at the
     float32 tolerance."""
     lens, first, last = [S, 233, 0], 4, 60
-    args = skipped_lowbit_case(len(lens), 2, G, S, D, 2, torch.float32, "cpu", lens, 24,
+    args = skipped_lowbit_case(len(lens), 2, G, S, D, bits, torch.float32, "cpu", lens, 24,
                                first, last)
     hot_v, hot_pos = hot_rows_case(len(lens), 2, H, D, S, lens, dtype, "cpu")
     if G == 10:  # every other row of a buffer twice as long (NaN between): slot stride 2 · D
         nan = torch.full_like(hot_v, float("nan"))
         hot_v = torch.stack([hot_v, nan], 3).flatten(2, 3)[:, :, ::2]
-    out = run_lowbit_tail(race_exe, *args, 2, sms=sms, skip_first=first, skip_last=last,
+    out = run_lowbit_tail(race_exe, *args, bits, sms=sms, skip_first=first, skip_last=last,
                           hot_v=hot_v, hot_pos=hot_pos)
-    ref = R.lowbit_tail(*args, 2, first, last, hot_v, hot_pos)
+    ref = R.lowbit_tail(*args, bits, first, last, hot_v, hot_pos)
     assert not out.isnan().any()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
