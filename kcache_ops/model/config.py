@@ -73,6 +73,12 @@ def _rope_kind(rope: dict, theta) -> dict:
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
+def _sliding_window(cfg: dict, model_type: str):
+    """The config's ``sliding_window``, or where it has none the model type's default (Qwen2's
+    4096, as transformers' Qwen2Config; None for Llama)."""
+    return cfg.get("sliding_window", 4096 if model_type == "qwen2" else None)
+
+
 def _sliding_layers(cfg: dict, model_type: str, layers: int) -> list[int]:
     """The layers of ``layers`` that a sliding window limits, as transformers 5 reads a config.
     Qwen2: with ``use_sliding_window`` (else none) and a ``sliding_window`` (default 4096; null:
@@ -88,7 +94,7 @@ def _sliding_layers(cfg: dict, model_type: str, layers: int) -> list[int]:
                               f"names, each one of {LAYER_TYPES}, got {types!r}")
     if model_type != "qwen2" and cfg.get("sliding_window") is not None:
         return list(range(layers))
-    if model_type == "qwen2" and (not use or cfg.get("sliding_window", 4096) is None):
+    if model_type == "qwen2" and (not use or _sliding_window(cfg, model_type) is None):
         return []
     if types is None:
         return (list(range(_integer("max_window_layers", cfg.get("max_window_layers", 28), 0),
@@ -197,9 +203,9 @@ class LlamaConfig:
         layers = _integer("num_hidden_layers", cfg["num_hidden_layers"], 1, MAX_LAYERS)
         sliding = _sliding_layers(cfg, model_type, layers)
         if sliding:
-            window = cfg.get("sliding_window", 4096 if model_type == "qwen2" else None)
-            raise UnsupportedModelError(f"unsupported: a sliding window (sliding_window {window}) "
-                                        f"on layers {sliding} (this decoder attends every key)")
+            raise UnsupportedModelError(f"unsupported: a sliding window (sliding_window "
+                                        f"{_sliding_window(cfg, model_type)}) on layers "
+                                        f"{sliding} (this decoder attends every key)")
         max_pos = _integer("max_position_embeddings", _or(cfg.get("max_position_embeddings"),
                                                           32768 if model_type == "qwen2" else 2048))
         # transformers >= 5 writes "rope_parameters" (theta and scaling together); older versions
