@@ -304,6 +304,21 @@ def test_hot_rows(device, dtype, group_select, H):
     assert alone.abs().sum() > 0, "some hot row must count"
 
 
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_hot_rows_of_no_slot(device, dtype, group_select):
+    """hot_v [B, Hkv, 0, D] and hot_pos [B, 0] (a cache with no hot rows left to add) give the
+    same bits as no hot rows given, 1 chunk and several."""
+    lens = [2999, 333, 0, 1]
+    B, Hkv, G, S, D, first, last = len(lens), 2, 3, 3000, 64, 4, 60
+    args = skipped_case(B, Hkv, G, S, D, 2, dtype, device, lens, 24, first, last, group_select)
+    hot_v, hot_pos = hot_rows_case(B, Hkv, 0, D, S, lens, dtype, device)
+    out = kcache_ops.lowbit_tail(*args, 2, skip_first=first, skip_last=last, hot_v=hot_v,
+                                 hot_pos=hot_pos)
+    alone = kcache_ops.lowbit_tail(*args, 2, skip_first=first, skip_last=last)
+    assert alone[0].abs().sum() > 0, "the tail must count"
+    assert torch.equal(out, alone)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_hot_rows_nan_and_overflowing_weights(device, dtype):
     """A hot row whose score is NaN (at a valid position) weighs 0, its row adding nothing, and
