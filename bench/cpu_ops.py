@@ -17,6 +17,7 @@ Prints one line per configuration; writes cpu_ops.json (after each configuration
 to bench/results/ (the results folder of kcache_ops.results) or --out.
 """
 import argparse
+import glob
 import itertools
 import math
 import os
@@ -33,8 +34,26 @@ import baselines
 import decode_steps
 
 HQ, HKV, D, N = 32, 8, 128, 64
-ROTATE_BYTES = 256 << 20  # inputs rotate over at least this many bytes, beyond the 32 MiB L3
-COPY_BYTES = 1 << 30  # the memory-copy ceiling's copy, far beyond the L3
+COPY_BYTES = 1 << 30  # the memory-copy ceiling's copy (2 GiB touched), beyond the L3
+
+
+def last_level_cache_bytes():
+    """The size of CPU 0's largest cache as Linux's sysfs gives it (a VM may see its host's whole
+    shared L3: 480 MiB on a 2-core Xeon VM here); 0 where it gives none."""
+    sizes = [0]
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(index) as f:
+            size = f.read().strip()  # e.g. "491520K"
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        if size[:-1].isdigit() and size[-1] in units:
+            sizes.append(int(size[:-1]) * units[size[-1]])
+    return max(sizes)
+
+
+def rotate_bytes():
+    """The bytes a configuration's inputs rotate over, so that each is read from memory, not from
+    the last-level cache: twice that cache, and at least 256 MiB."""
+    return max(256 << 20, 2 * last_level_cache_bytes())
 
 
 def kcache_decode(q, k_cache, v_cache, seq_lens, n, scale):
@@ -57,13 +76,14 @@ def median_ms(fn, inputs, runs, warmup=2):
     return 1e3 * median_seconds("cpu", lambda: fn(*next(rotation)), runs)
 
 
-def bench_config(B, S, dtype, runs):
+def bench_config(B, S, dtype, runs, rotate):
     """One configuration's rows (the module's docstring), ours against the PyTorch way, and the
-    copy bandwidth measured right before (it drifts with the neighbours of a shared host)."""
+    copy bandwidth measured right before (it drifts with the neighbours of a shared host); the
+    inputs rotate over at least ``rotate`` bytes."""
     copy = d2d_bandwidth_gbs("cpu", nbytes=COPY_BYTES, runs=runs)
     scale = 1 / math.sqrt(D)
     k_bytes = B * HKV * S * D * dtype.itemsize
-    copies = max(1, math.ceil(ROTATE_BYTES / (2 * k_bytes)))
+    copies = max(1, math.ceil(rotate / (2 * k_bytes)))
     inputs = [(torch.randn(B, HQ, D).to(dtype), torch.randn(B, HKV, S, D).to(dtype),
                torch.randn(B, HKV, S, D).to(dtype), torch.full((B,), S, dtype=torch.int32))
               for _ in range(copies)]
@@ -75,7 +95,7 @@ def bench_config(B, S, dtype, runs):
     tail_bytes = B * HQ * S * 4 + codes.numel() + meta.numel() * meta.element_size()
     # the tail reads about a tenth of K: copies of its inputs rotate past the L3 as K's do
     tail_inputs = [tuple(x.clone() if torch.is_tensor(x) else x for x in tail[i % len(tail)])
-                   for i in range(max(1, math.ceil(ROTATE_BYTES / tail_bytes)))]
+                   for i in range(max(1, math.ceil(rotate / tail_bytes)))]
     rows = []
     for what, ours, base, args, nbytes in (
             ("qk_topn", kcache_ops.qk_topn, baselines.torch_qk_topn, qk_inputs, k_bytes),
@@ -105,7 +125,8 @@ def line(r):
 def markdown(info, rows):
     out = [results.ran_on(info, f" ({info['capability']}). Hq={HQ}, "
                           f"Hkv={HKV}, D={D}, N={N}. Copy: a 1 GiB tensor copy (read + write) "
-                          "right before each configuration."), "",
+                          f"right before each configuration. Inputs rotate over "
+                          f"{info['rotate_bytes'] >> 20} MiB."), "",
            "Rows: qk_topn and decode (the paper's step) read K; tail (lowbit_tail) the scores, "
            "the 2-bit codes and their meta (float32 scores and the same copy whatever the "
            "dtype); default (the default layer step, KCache.decode) the layer's device bytes. "
@@ -131,13 +152,14 @@ def main():
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args()
     torch.manual_seed(0)
-    info = {**results.machine("cpu"), "capability": torch.backends.cpu.get_cpu_capability()}
+    info = {**results.machine("cpu"), "capability": torch.backends.cpu.get_cpu_capability(),
+            "rotate_bytes": rotate_bytes()}
     print(results.ran_on(info, "; copy = GB/s of a 1 GiB copy (read + write) before each line"))
     rows = []
     for dtype in (getattr(torch, d) for d in args.dtypes):
         for S in args.tokens:
             for B in args.batch:
-                for r in bench_config(B, S, dtype, args.runs):
+                for r in bench_config(B, S, dtype, args.runs, info["rotate_bytes"]):
                     print(line(r), flush=True)
                     rows.append(r)
                 if not args.no_save:  # after each configuration: a run cut short keeps them
