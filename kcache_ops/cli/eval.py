@@ -7,8 +7,8 @@ eval.json, the plots and REPORT.md into bench/results (``--quick``: into
 results are saved after each configuration.
 
 The defaults run the curated grid (:func:`kcache_ops.eval.grid.default_grid`, 12 configurations +
-dense): with ``--threads 2`` on a 2-core machine about 12 minutes of prefill and 2-3 minutes per
-configuration, under an hour in all; ``--topn`` / ``--tails`` / ``--group-select`` /
+dense): with ``--threads 2`` on a 2-core machine about 12 minutes of prefill and 1.5-3.5 minutes
+per configuration, under an hour in all; ``--topn`` / ``--tails`` / ``--group-select`` /
 ``--dense-layers`` run their product instead; ``--quick`` is a smoke run, under a minute on an idle
 2-core CPU (``--threads 1`` where others share the cores); ``--gpu-sizes`` more and longer texts
 for a GPU.
