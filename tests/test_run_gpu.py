@@ -371,6 +371,20 @@ def test_the_benchmarks_ceilings_are_the_bench_commands():
     assert timing.h2d_bandwidth_gbs is ceilings.h2d_bandwidth_gbs
 
 
+@pytest.mark.parametrize("sizes, llc", [(["48K", "2048K", "491520K"], 491520 << 10),
+                                         (["32K", "1M", "64M"], 64 << 20), (["", "x"], 0)])
+def test_cpu_ops_inputs_rotate_past_the_last_level_cache(tmp_path, monkeypatch, sizes, llc):
+    """bench/cpu_ops.py reads the largest cache from sysfs' sizes (K, M or G; nothing it cannot
+    read) and rotates its inputs over twice that, 256 MiB at least."""
+    files = []
+    for i, size in enumerate(sizes):
+        files.append(tmp_path / f"index{i}_size")
+        files[-1].write_text(size + "\n")
+    monkeypatch.setattr(cpu_ops.glob, "glob", lambda pattern: [str(f) for f in files])
+    assert cpu_ops.last_level_cache_bytes() == llc
+    assert cpu_ops.rotate_bytes() == max(256 << 20, 2 * llc)
+
+
 def test_timed_runs_go_on_after_the_warm_up(monkeypatch):
     """bench/cpu_ops.py and bench/timing.py (its launch timing, on fake events) time the inputs
     after the warm-up's, not the ones it just left in the cache."""
