@@ -12,6 +12,7 @@ in the same run. One line per configuration and row:
   (SDPA); the bytes are the layer's device bytes (K, the 2-bit copy, the hot rows).
 
     python bench/cpu_ops.py [--batch 1 4 8] [--tokens 4096 16384 32768] [--runs 7] [--out DIR]
+                            [--rotate-mib MIB]
 
 Prints one line per configuration; writes cpu_ops.json (after each configuration) and cpu_ops.md
 to bench/results/ (the results folder of kcache_ops.results) or --out.
@@ -42,8 +43,11 @@ def last_level_cache_bytes():
     shared L3: 480 MiB on a 2-core Xeon VM here); 0 where it gives none."""
     sizes = [0]
     for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        with open(index) as f:
-            size = f.read().strip()  # e.g. "491520K"
+        try:
+            with open(index) as f:
+                size = f.read().strip()  # e.g. "491520K"
+        except OSError:  # a file the sandbox or the kernel will not give
+            continue
         units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
         if size[:-1].isdigit() and size[-1] in units:
             sizes.append(int(size[:-1]) * units[size[-1]])
@@ -150,10 +154,13 @@ def main():
     parser.add_argument("--out", default=results.RESULTS_DIR,
                         help=f"folder of cpu_ops.json and .md (default {results.RESULTS_DIR})")
     parser.add_argument("--no-save", action="store_true", help="print only")
+    parser.add_argument("--rotate-mib", type=positive_int, default=None,
+                        help="MiB of inputs each configuration rotates over (default: twice the "
+                             "last-level cache, at least 256; less lets caches serve the reads)")
     args = parser.parse_args()
     torch.manual_seed(0)
     info = {**results.machine("cpu"), "capability": torch.backends.cpu.get_cpu_capability(),
-            "rotate_bytes": rotate_bytes()}
+            "rotate_bytes": rotate_bytes() if args.rotate_mib is None else args.rotate_mib << 20}
     print(results.ran_on(info, "; copy = GB/s of a 1 GiB copy (read + write) before each line"))
     rows = []
     for dtype in (getattr(torch, d) for d in args.dtypes):

@@ -341,13 +341,15 @@ def test_cpu_ops_bench_prints_every_row(tmp_path):
     its JSON and table."""
     run = subprocess.run([sys.executable, os.path.join(BENCH, "cpu_ops.py"), "--batch", "1",
                           "--tokens", "256", "--dtypes", "bfloat16", "--runs", "1", "--out",
-                          str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          str(tmp_path), "--rotate-mib", "8"], capture_output=True, text=True,
+                         timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ops = [line.split()[0] for line in run.stdout.splitlines()[1:]]
     assert ops == ["qk_topn", "decode", "tail", "default"], run.stdout
     table = (tmp_path / "cpu_ops.md").read_text(encoding="utf-8")
     assert all(f"| {op} | 1 | 256 | bfloat16 |" in table for op in ops)
+    assert "Inputs rotate over 8 MiB." in table
 
 
 class FakeEvent:
@@ -372,15 +374,21 @@ def test_the_benchmarks_ceilings_are_the_bench_commands():
 
 
 @pytest.mark.parametrize("sizes, llc", [(["48K", "2048K", "491520K"], 491520 << 10),
-                                         (["32K", "1M", "64M"], 64 << 20), (["", "x"], 0)])
+                                         (["1G", "32K", "64M"], 1 << 30),
+                                         (["32K", "96M", "1M"], 96 << 20), (["", "x"], 0)])
 def test_cpu_ops_inputs_rotate_past_the_last_level_cache(tmp_path, monkeypatch, sizes, llc):
-    """bench/cpu_ops.py reads the largest cache from sysfs' sizes (K, M or G; nothing it cannot
-    read) and rotates its inputs over twice that, 256 MiB at least."""
+    """bench/cpu_ops.py reads the largest cache from sysfs' sizes (K, M or G; a size it cannot
+    parse or a file it cannot open counts nothing) and rotates its inputs over twice that, 256 MiB
+    at least."""
     files = []
     for i, size in enumerate(sizes):
         files.append(tmp_path / f"index{i}_size")
         files[-1].write_text(size + "\n")
-    monkeypatch.setattr(cpu_ops.glob, "glob", lambda pattern: [str(f) for f in files])
+    def glob(pattern):
+        assert pattern == "/sys/devices/system/cpu/cpu0/cache/index*/size"
+        return [str(f) for f in files] + [str(tmp_path / "unreadable")]  # a name with no file
+
+    monkeypatch.setattr(cpu_ops.glob, "glob", glob)
     assert cpu_ops.last_level_cache_bytes() == llc
     assert cpu_ops.rotate_bytes() == max(256 << 20, 2 * llc)
 
