@@ -101,9 +101,9 @@ struct Avx2Isa {
     constexpr int64_t kL2Ahead = kL2AheadBytes / kRowBytes;  // rows
     for (int64_t r = 0; r < kR; ++r) {
       const char* ahead = reinterpret_cast<const char*>(k + (r + kAhead) * k_stride);
-      const char* far = reinterpret_cast<const char*>(k + (r + kL2Ahead) * k_stride);
+      const char* l2 = reinterpret_cast<const char*>(k + (r + kL2Ahead) * k_stride);
       for (int64_t b = 0; b < kRowBytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
-      for (int64_t b = 0; b < kRowBytes; b += 64) _mm_prefetch(far + b, _MM_HINT_T1);
+      for (int64_t b = 0; b < kRowBytes; b += 64) _mm_prefetch(l2 + b, _MM_HINT_T1);
     }
   }
 

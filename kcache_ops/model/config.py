@@ -92,7 +92,7 @@ def _sliding_layers(cfg: dict, model_type: str, layers: int) -> list[int]:
                               or not set(types) <= set(LAYER_TYPES)):
         raise CheckpointError(f"layer_types must be a list of num_hidden_layers = {layers} "
                               f"names, each one of {LAYER_TYPES}, got {types!r}")
-    if model_type != "qwen2" and cfg.get("sliding_window") is not None:
+    if model_type != "qwen2" and _sliding_window(cfg, model_type) is not None:
         return list(range(layers))
     if model_type == "qwen2" and (not use or _sliding_window(cfg, model_type) is None):
         return []
