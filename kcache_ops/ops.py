@@ -465,6 +465,15 @@ def as_float32(x):
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes of q, K and V
 HEAD_DIMS = (64, 128)  # the head dims D of the kernels
+# kMaxTopN in csrc/cuda/qk_topn_kernel.cuh: the CUDA select sorts at most this many candidates per
+# head in shared memory, so N may not exceed it on a CUDA device (the CPU path has no limit).
+MAX_TOPN = 4096
+# the largest reuse pool, and step (G·N, or N with group_select), per sequence and KV head on CUDA:
+# what one block of kcache_ops.reuse_rows holds in shared memory (kReuseMaxSlots, kReuseMaxEntries)
+MAX_REUSE = 2048
+# kMaxGroupSelect in csrc/cuda/qk_topn_kernel.cuh: the query heads per KV head the CUDA select
+# ranks together with group_select (their lse in shared memory)
+MAX_GROUP_SELECT = 128
 
 
 # The dtypes the eager ops' messages spell as Python does (csrc/checks.h's dtype_name)
@@ -505,6 +514,14 @@ def _values(sizes):
     if isinstance(sizes, (torch.SymInt, int)):
         return int(sizes)
     return [int(n) for n in sizes]
+
+
+def _check_cuda_sizes(op, ok, limits, **sizes):
+    """A CUDA op's check that its sizes fit its kernels' int arithmetic (csrc/cuda/<op>.cu), with
+    its message: ``limits`` says which, ``sizes`` (name=size) what the call has."""
+    if not ok:
+        raise RuntimeError(f"{op}: sizes out of range for {limits}: "
+                           + ", ".join(f"{name}={_values(n)}" for name, n in sizes.items()))
 
 
 def _check_head_dim(op, name, d):
@@ -601,8 +618,10 @@ def _check_skip(op, skip_first, skip_last):
 
 
 # The fake implementations make every check of the eager ops (csrc/shape_checks.h, the CPU ops'
-# device checks) that does not read a tensor's values, so that torch.compile refuses a bad call
-# while it traces, and meta tensors get shapes only where the eager op would run.
+# device checks, the CUDA ops' limits on N, G, the reuse pool and the sizes but gather_rows' and
+# quantize_rows') that does not read a tensor's values or its address, so that torch.compile
+# refuses a bad call while it traces, and meta tensors get shapes only where the eager op would
+# run.
 
 
 @torch.library.register_fake("kcache_ops::qk_topn")
@@ -625,6 +644,15 @@ def _(q, k_cache, seq_lens, n, scale, group_select=False, check_values=True,
     _check_last_contiguous("qk_topn", q=q, k_cache=k_cache)
     B, Hq, _ = q.shape
     S = k_cache.shape[2]
+    if q.device.type == "cuda":  # the CUDA op's limits (csrc/cuda/qk_topn.cu)
+        if n > MAX_TOPN:
+            raise RuntimeError(f"qk_topn: n must be at most {MAX_TOPN} on CUDA, got {n}")
+        G = Hq // k_cache.shape[1]
+        if group_select and G > MAX_GROUP_SELECT:
+            raise RuntimeError(f"qk_topn: group_select supports at most {MAX_GROUP_SELECT} query "
+                               f"heads per KV head, got {_values(G)}")
+        _check_cuda_sizes("qk_topn", S <= 1 << 30 and B < 65536 and Hq < 65536,
+                          "the CUDA kernels (B, Hq < 65536, S <= 2^30)", B=B, Hq=Hq, S=S)
     if return_scores:  # [B, Hq, S] of [B, Hq, S rounded up to 4]
         row = (S + 3) // 4 * 4
         all_scores = q.new_empty((B, Hq, row), dtype=torch.float32)[..., :S]
@@ -657,7 +685,11 @@ def _(scores, indices, v_cache, lse=None, renormalize=True, check_values=True, v
     _check_head_dim("sparse_attn_v", "v_cache", v_cache.shape[3])
     _check_last_contiguous("sparse_attn_v", scores=scores, indices=indices, v_cache=v_cache,
                            v_sum=v_sum)
-    B, Hq, _ = scores.shape
+    B, Hq, N = scores.shape
+    S = v_cache.shape[2]
+    if scores.device.type == "cuda":
+        _check_cuda_sizes("sparse_attn_v", S < 1 << 31 and B < 65536 and N < 1 << 24,
+                          "the CUDA kernel (B < 65536, S < 2^31, N < 2^24)", B=B, S=S, N=N)
     return scores.new_empty((B, Hq, v_cache.shape[-1]), dtype=v_cache.dtype)
 
 
@@ -747,7 +779,15 @@ def _(scores, seq_lens, lse, indices, v_codes, v_meta, bits, check_values=True, 
                            f"{_values(hot_v.shape)}")
     _check_last_contiguous("lowbit_tail", indices=indices, v_codes=v_codes, v_meta=v_meta,
                            hot_v=hot_v)
-    B, Hq, _ = scores.shape
+    B, Hq, S = scores.shape
+    N = indices.shape[2]
+    if scores.device.type == "cuda":
+        _check_cuda_sizes("lowbit_tail", S <= 1 << 30 and B < 65536 and Hq < 65536 and N < 1 << 24,
+                          "the CUDA kernels (B, Hq < 65536, S <= 2^30, N < 2^24)", B=B, Hq=Hq,
+                          S=S, N=N)
+        if hot_v is not None and hot_v.shape[2] >= 1 << 30:
+            raise RuntimeError(f"lowbit_tail: hot_v rows out of range for the CUDA kernels (below "
+                               f"2^30): H={_values(hot_v.shape[2])}")
     return scores.new_empty((B, Hq, D))
 
 
@@ -775,6 +815,11 @@ def _(indices, v_host, new_pos, rows, held, used, step, group_select, check_valu
     if C >= 1 << 31:
         raise RuntimeError(f"reuse_rows: rows must have fewer than 2^31 slots (pool_indices are "
                            f"int32), got {_values(C)}")
+    if indices.device.type == "cuda" and C > MAX_REUSE:  # reuse_rows.cu's (E <= C, above)
+        raise RuntimeError(f"reuse_rows: the CUDA kernel holds a pool of at most {MAX_REUSE} "
+                           f"slots and a step of at most {MAX_REUSE} entries (G x N, or N with "
+                           f"group_select) per sequence and KV head in shared memory, got "
+                           f"{_values(C)} slots and {_values(E)} entries")
     _check_last_contiguous("reuse_rows", v_host=v_host, indices=indices)
     for name, pool in (("rows", rows), ("held", held), ("used", used)):
         if not pool.is_contiguous():

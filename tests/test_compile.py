@@ -8,6 +8,7 @@ from conftest import host_tensor, seq_lens_tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import kcache_ops
+from kcache_ops.ops import MAX_GROUP_SELECT, MAX_REUSE, MAX_TOPN
 
 
 def clones_stay_pinned():
@@ -345,6 +346,94 @@ def test_alloc_host_fake_refuses_what_eager_refuses(shape, dtype, message):
         kcache_ops.alloc_host(shape, dtype)
     with FakeTensorMode(), pytest.raises(RuntimeError, match=message):
         kcache_ops.alloc_host(shape, dtype)
+
+
+def test_fake_refuses_past_the_cuda_ops_limits():
+    """On fake CUDA tensors (no GPU needed) the fake implementations refuse, with the CUDA op's
+    message, what only the CUDA op refuses (csrc/cuda/qk_topn.cu, reuse_rows.cu,
+    sparse_attn_v.cu, lowbit_tail.cu): N past MAX_TOPN, group_select past MAX_GROUP_SELECT heads
+    per KV head, a reuse pool or step past MAX_REUSE, sizes past the kernels' (each at its bound
+    passes); on fake CPU tensors the same calls give shapes."""
+    def qk_topn(device, B=1, Hq=4, Hkv=2, S=8, n=3, group_select=False):
+        return kcache_ops.qk_topn(torch.empty(B, Hq, 64, device=device),
+                                  torch.empty(B, Hkv, S, 64, device=device),
+                                  torch.empty(B, dtype=torch.int32, device=device), n,
+                                  group_select=group_select)
+
+    def reuse_rows(device, N, C):  # G = 2 without group_select: a step of 2N entries
+        i32 = dict(dtype=torch.int32, device=device)
+        return kcache_ops.reuse_rows(torch.empty(1, 4, N, **i32), torch.empty(1, 2, 16, 64),
+                                     torch.empty(1, **i32), torch.empty(1, 2, C, 64, device=device),
+                                     torch.empty(1, 2, C, **i32), torch.empty(1, 2, C, **i32),
+                                     torch.empty(1, **i32), False)
+
+    def sparse_attn_v(device, B=1, S=8, N=3):
+        return kcache_ops.sparse_attn_v(torch.empty(B, 4, N, device=device),
+                                        torch.empty(B, 4, N, dtype=torch.int32, device=device),
+                                        torch.empty(B, 2, S, 64))
+
+    def lowbit_tail(device, B=1, Hq=4, S=8, N=3, H=None):
+        f32, i32 = dict(device=device), dict(dtype=torch.int32, device=device)
+        hot = {} if H is None else dict(hot_v=torch.empty(B, 2, H, 64, **f32),
+                                        hot_pos=torch.empty(B, H, **i32))
+        return kcache_ops.lowbit_tail(torch.empty(B, Hq, S, **f32), torch.empty(B, **i32),
+                                      torch.empty(B, Hq, **f32), torch.empty(B, Hq, N, **i32),
+                                      torch.empty(B, 2, S, 16, dtype=torch.uint8, device=device),
+                                      torch.empty(B, 2, S, 2, dtype=torch.bfloat16, device=device),
+                                      2, **hot)
+
+    refused = [
+        (dict(n=MAX_TOPN + 1),
+         f"qk_topn: n must be at most {MAX_TOPN} on CUDA, got {MAX_TOPN + 1}$"),
+        (dict(Hq=MAX_GROUP_SELECT + 1, Hkv=1, group_select=True),
+         f"qk_topn: group_select supports at most {MAX_GROUP_SELECT} query heads per KV head, got "
+         f"{MAX_GROUP_SELECT + 1}$"),
+        (dict(S=2**30 + 1), r"qk_topn: sizes out of range for the CUDA kernels \(B, Hq < 65536, "
+                            r"S <= 2\^30\): B=1, Hq=4, S=1073741825$"),
+        (dict(B=65536), "B=65536, Hq=4, S=8$"), (dict(Hq=65536), "B=1, Hq=65536, S=8$")]
+    with FakeTensorMode():
+        for args, message in refused:
+            assert qk_topn("cpu", **args)[0].device.type == "cpu"
+            with pytest.raises(RuntimeError, match=message):
+                qk_topn("cuda", **args)
+        assert qk_topn("cuda", n=MAX_TOPN)[0].shape == (1, 4, MAX_TOPN)
+        most = qk_topn("cuda", Hq=MAX_GROUP_SELECT, Hkv=1, group_select=True)[0]
+        assert most.shape[1] == MAX_GROUP_SELECT
+        per_head = qk_topn("cuda", Hq=MAX_GROUP_SELECT + 1, Hkv=1)[0]  # no limit per head
+        assert per_head.shape[1] == MAX_GROUP_SELECT + 1
+        assert qk_topn("cuda", S=2**30)[0].shape == (1, 4, 3)
+        for N, C in ((MAX_REUSE // 2 + 1, MAX_REUSE + 2), (4, MAX_REUSE + 1)):
+            assert reuse_rows("cpu", N, C)[0].shape == (1, 4, N)
+            with pytest.raises(RuntimeError, match=(
+                    f"reuse_rows: the CUDA kernel holds a pool of at most {MAX_REUSE} slots and a "
+                    f"step of at most {MAX_REUSE} entries .* got {C} slots and {2 * N} entries$")):
+                reuse_rows("cuda", N, C)
+        assert reuse_rows("cuda", MAX_REUSE // 2, MAX_REUSE)[0].shape == (1, 4, MAX_REUSE // 2)
+        for args, message in (
+                (dict(S=2**31), r"the CUDA kernel \(B < 65536, S < 2\^31, N < 2\^24\): B=1, "
+                                r"S=2147483648, N=3$"),
+                (dict(B=65536), "B=65536, S=8, N=3$"),
+                (dict(N=2**24), "B=1, S=8, N=16777216$")):
+            assert sparse_attn_v("cpu", **args).device.type == "cpu"
+            with pytest.raises(RuntimeError, match="sparse_attn_v: sizes out of range for .*" +
+                               message):
+                sparse_attn_v("cuda", **args)
+        assert sparse_attn_v("cuda", S=2**31 - 1, N=2**24 - 1).shape == (1, 4, 64)
+        for args, message in (
+                (dict(S=2**30 + 1), r"the CUDA kernels \(B, Hq < 65536, S <= 2\^30, "
+                                    r"N < 2\^24\): B=1, Hq=4, S=1073741825, N=3$"),
+                (dict(N=2**24), "B=1, Hq=4, S=8, N=16777216$"),
+                (dict(B=65536), "B=65536, Hq=4, S=8, N=3$"),
+                (dict(Hq=65536), "B=1, Hq=65536, S=8, N=3$")):
+            assert lowbit_tail("cpu", **args).device.type == "cpu"
+            with pytest.raises(RuntimeError, match="lowbit_tail: sizes out of range for .*" +
+                               message):
+                lowbit_tail("cuda", **args)
+        assert lowbit_tail("cpu", H=2**30).device.type == "cpu"
+        with pytest.raises(RuntimeError, match=r"lowbit_tail: hot_v rows out of range for the "
+                                               r"CUDA kernels \(below 2\^30\): H=1073741824$"):
+            lowbit_tail("cuda", H=2**30)
+        assert lowbit_tail("cuda", S=2**30, N=2**24 - 1, H=2**30 - 1).shape == (1, 4, 64)
 
 
 def test_meta_argument_among_real_ones():

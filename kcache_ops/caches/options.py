@@ -11,17 +11,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..integers import as_bool, as_int, as_real, int_at_least
-from ..ops import as_float32
-
-# kMaxTopN in csrc/cuda/qk_topn_kernel.cuh: the CUDA select sorts at most this many candidates per
-# head in shared memory, so N may not exceed it on a CUDA device (the CPU path has no limit).
-MAX_TOPN = 4096
-# the largest reuse pool, and step (G·N, or N with group_select), per sequence and KV head on CUDA:
-# what one block of kcache_ops.reuse_rows holds in shared memory
-MAX_REUSE = 2048
-# kMaxGroupSelect in csrc/cuda/qk_topn_kernel.cuh: the query heads per KV head the CUDA select
-# ranks together with group_select (their lse in shared memory)
-MAX_GROUP_SELECT = 128
+from ..ops import MAX_GROUP_SELECT, MAX_REUSE, MAX_TOPN, as_float32  # the CUDA ops' limits
 
 # the tail terms: none, the mean V of the rows not read, or a 2- / 4-bit copy of V on the device
 TAILS = ("none", "mean", "int2", "int4")
