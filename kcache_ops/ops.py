@@ -618,10 +618,9 @@ def _check_skip(op, skip_first, skip_last):
 
 
 # The fake implementations make every check of the eager ops (csrc/shape_checks.h, the CPU ops'
-# device checks, the CUDA ops' limits on N, G, the reuse pool and the sizes but gather_rows' and
-# quantize_rows') that does not read a tensor's values or its address, so that torch.compile
-# refuses a bad call while it traces, and meta tensors get shapes only where the eager op would
-# run.
+# device checks, the CUDA ops' limits on N, G, the reuse pool and the sizes) that does not read a
+# tensor's values or its address, so that torch.compile refuses a bad call while it traces, and
+# meta tensors get shapes only where the eager op would run.
 
 
 @torch.library.register_fake("kcache_ops::qk_topn")
@@ -700,6 +699,11 @@ def _(src, indices, check_values=True):
                 host_only=("src",), group=("H", "Hs"))
     _check_last_contiguous("gather_rows", src=src, indices=indices)
     B, H, N = indices.shape
+    if indices.device.type == "cuda":
+        S, row_bytes = src.shape[2], src.shape[3] * src.element_size()
+        _check_cuda_sizes("gather_rows", max(H, S, N, row_bytes) < 1 << 31,
+                          "the CUDA kernel (each below 2^31)", H=H, S=S, N=N,
+                          **{"a row's bytes": row_bytes})
     return indices.new_empty((B, H, N, src.shape[-1]), dtype=src.dtype)
 
 
@@ -743,6 +747,10 @@ def _(v, bits):
                            f"{per_byte} (8 / bits) for bits={bits}, got {_values(D)}")
     _check_last_contiguous("quantize_rows", v=v)
     lead = v.shape[:-1]
+    if v.device.type == "cuda":  # a block's 4 warps quantize a row each (kQuantWarps)
+        rows = math.prod(lead)
+        _check_cuda_sizes("quantize_rows", D <= 1 << 30 and -(-rows // 4) < 1 << 31,
+                          "the CUDA kernel (D <= 2^30, rows below 4 x 2^31)", rows=rows, D=D)
     return (v.new_empty((*lead, D * bits // 8), dtype=torch.uint8),
             v.new_empty((*lead, 2), dtype=torch.bfloat16))
 

@@ -351,7 +351,7 @@ def test_alloc_host_fake_refuses_what_eager_refuses(shape, dtype, message):
 def test_fake_refuses_past_the_cuda_ops_limits():
     """On fake CUDA tensors (no GPU needed) the fake implementations refuse, with the CUDA op's
     message, what only the CUDA op refuses (csrc/cuda/qk_topn.cu, reuse_rows.cu,
-    sparse_attn_v.cu, lowbit_tail.cu): N past MAX_TOPN, group_select past MAX_GROUP_SELECT heads
+    sparse_attn_v.cu, lowbit_tail.cu, gather_rows.cu, quantize_rows.cu): N past MAX_TOPN, group_select past MAX_GROUP_SELECT heads
     per KV head, a reuse pool or step past MAX_REUSE, sizes past the kernels' (each at its bound
     passes); on fake CPU tensors the same calls give shapes."""
     def qk_topn(device, B=1, Hq=4, Hkv=2, S=8, n=3, group_select=False):
@@ -434,6 +434,31 @@ def test_fake_refuses_past_the_cuda_ops_limits():
                                                r"CUDA kernels \(below 2\^30\): H=1073741824$"):
             lowbit_tail("cuda", H=2**30)
         assert lowbit_tail("cuda", S=2**30, N=2**24 - 1, H=2**30 - 1).shape == (1, 4, 64)
+        for src, indices, message in (
+                ([1, 1, 2**31, 64], [1, 2, 3], "H=2, S=2147483648, N=3, a row's bytes=256$"),
+                ([1, 1, 8, 64], [1, 2**31, 3], "H=2147483648, S=8, N=3, a row's bytes=256$"),
+                ([1, 1, 8, 64], [1, 2, 2**31], "H=2, S=8, N=2147483648, a row's bytes=256$"),
+                ([1, 1, 8, 2**29], [1, 2, 3], "H=2, S=8, N=3, a row's bytes=2147483648$")):
+            ints = dict(dtype=torch.int32)
+            assert kcache_ops.gather_rows(torch.empty(src), torch.empty(indices, **ints)).ndim == 4
+            with pytest.raises(RuntimeError, match=r"gather_rows: sizes out of range for the CUDA "
+                                                   r"kernel \(each below 2\^31\): " + message):
+                kcache_ops.gather_rows(torch.empty(src),
+                                       torch.empty(indices, **ints, device="cuda"))
+        for src, indices in (([1, 1, 2**31 - 1, 2**29 - 1], [1, 2**31 - 1, 1]),
+                             ([1, 1, 8, 64], [1, 1, 2**31 - 1])):  # each size at its edge
+            edge = kcache_ops.gather_rows(torch.empty(src), torch.empty(indices, dtype=torch.int32,
+                                                                        device="cuda"))
+            assert edge.shape == (*indices, src[-1])
+        for shape, message in (([2**33 - 3, 64], "rows=8589934589, D=64$"),  # 2^31 blocks
+                               ([1, 2**30 + 4], "rows=1, D=1073741828$")):
+            assert kcache_ops.quantize_rows(torch.empty(shape), 2)[0].shape[0] == shape[0]
+            with pytest.raises(RuntimeError, match=(
+                    r"quantize_rows: sizes out of range for the CUDA kernel \(D <= 2\^30, rows "
+                    r"below 4 x 2\^31\): " + message)):
+                kcache_ops.quantize_rows(torch.empty(shape, device="cuda"), 2)
+        for shape in ([4 * (2**31 - 1), 64], [1, 2**30]):  # each size at its edge
+            assert kcache_ops.quantize_rows(torch.empty(shape, device="cuda"), 2)[0].ndim == 2
 
 
 def test_meta_argument_among_real_ones():
