@@ -36,6 +36,7 @@ import decode_steps
 
 HQ, HKV, D, N = 32, 8, 128, 64
 COPY_BYTES = 1 << 30  # the memory-copy ceiling's copy (2 GiB touched), beyond the L3
+SYSFS_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}  # of a cache's size, e.g. "491520K"
 
 
 def last_level_cache_bytes():
@@ -48,9 +49,8 @@ def last_level_cache_bytes():
                 size = f.read().strip()  # e.g. "491520K"
         except OSError:  # a file the sandbox or the kernel will not give
             continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-        if size[:-1].isdigit() and size[-1] in units:
-            sizes.append(int(size[:-1]) * units[size[-1]])
+        if size[:-1].isdigit() and size[-1] in SYSFS_UNITS:
+            sizes.append(int(size[:-1]) * SYSFS_UNITS[size[-1]])
     return max(sizes)
 
 

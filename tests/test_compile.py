@@ -351,9 +351,10 @@ def test_alloc_host_fake_refuses_what_eager_refuses(shape, dtype, message):
 def test_fake_refuses_past_the_cuda_ops_limits():
     """On fake CUDA tensors (no GPU needed) the fake implementations refuse, with the CUDA op's
     message, what only the CUDA op refuses (csrc/cuda/qk_topn.cu, reuse_rows.cu,
-    sparse_attn_v.cu, lowbit_tail.cu, gather_rows.cu, quantize_rows.cu): N past MAX_TOPN, group_select past MAX_GROUP_SELECT heads
-    per KV head, a reuse pool or step past MAX_REUSE, sizes past the kernels' (each at its bound
-    passes); on fake CPU tensors the same calls give shapes."""
+    sparse_attn_v.cu, lowbit_tail.cu, gather_rows.cu, quantize_rows.cu): N past MAX_TOPN,
+    group_select past MAX_GROUP_SELECT heads per KV head, a reuse pool or step past MAX_REUSE,
+    sizes past the kernels' (each at its bound passes); on fake CPU tensors the same calls give
+    shapes."""
     def qk_topn(device, B=1, Hq=4, Hkv=2, S=8, n=3, group_select=False):
         return kcache_ops.qk_topn(torch.empty(B, Hq, 64, device=device),
                                   torch.empty(B, Hkv, S, 64, device=device),

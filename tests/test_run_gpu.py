@@ -384,6 +384,7 @@ def test_cpu_ops_inputs_rotate_past_the_last_level_cache(tmp_path, monkeypatch, 
     for i, size in enumerate(sizes):
         files.append(tmp_path / f"index{i}_size")
         files[-1].write_text(size + "\n")
+
     def glob(pattern):
         assert pattern == "/sys/devices/system/cpu/cpu0/cache/index*/size"
         return [str(f) for f in files] + [str(tmp_path / "unreadable")]  # a name with no file
